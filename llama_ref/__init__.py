@@ -1,0 +1,13 @@
+"""llama_ref: a readable pure-NumPy reference implementation of the Llama family."""
+
+from .config import ConfigError, ModelArgs, RopeScaling
+from .fetch import DEFAULT_MODEL, FetchError, fetch
+from .loading import load
+from .model import InputError, KVCache, Transformer
+from .tokenizer import TokenizerError
+from .weights.common import WeightsError
+
+__version__ = "0.1.0"
+
+__all__ = ["load", "fetch", "DEFAULT_MODEL", "ModelArgs", "RopeScaling", "Transformer", "KVCache",
+           "ConfigError", "FetchError", "InputError", "TokenizerError", "WeightsError"]

@@ -1,0 +1,176 @@
+"""The Llama forward pass. This file is the specification; it reads top to bottom.
+
+Weights live in one dict under Meta's names (tok_embeddings.weight, layers.{i}.attention.wq.weight, ...),
+with wq/wk rows in Meta's interleaved RoPE pairing; every loader converts to this layout. Every operation
+comes from a backend (`llama_ref.ops` for NumPy, `llama_ref.kernels` for Numba) with identical signatures.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Optional
+
+import numpy as np
+
+from . import ops
+from .config import ModelArgs
+
+
+class InputError(ValueError):
+    """Bad input from the caller: token ids, positions or lengths that the model cannot accept."""
+
+
+class KVCache:
+    """Keys and values of every layer for the positions seen so far.
+
+    Stored per layer as (B, capacity, KVH, HD). The capacity grows on demand up to max_seq_len, so a short
+    conversation with a long-context model does not reserve memory for its whole window.
+    """
+
+    def __init__(self, args: ModelArgs, batch_size: int = 1, dtype=np.float32, capacity: int = 256):
+        self.args, self.batch_size, self.dtype = args, batch_size, np.dtype(dtype)
+        self.max_seq_len = args.max_seq_len
+        self.capacity = 0
+        self.k: list[np.ndarray] = []
+        self.v: list[np.ndarray] = []
+        self._grow(min(capacity, self.max_seq_len))
+
+    def _grow(self, capacity: int) -> None:
+        shape = (self.batch_size, capacity, self.args.kv_heads, self.args.head_dim)  # (B, cap, KVH, HD)
+        old_k, old_v, n = self.k, self.v, self.capacity
+        self.k = [np.zeros(shape, self.dtype) for _ in range(self.args.n_layers)]
+        self.v = [np.zeros(shape, self.dtype) for _ in range(self.args.n_layers)]
+        for new, old in zip(self.k + self.v, old_k + old_v):
+            new[:, :n] = old
+        self.capacity = capacity
+
+    def reserve(self, length: int) -> None:
+        """Make room for positions 0 .. length-1."""
+        if length > self.max_seq_len:
+            raise InputError(f"sequence of {length} tokens exceeds the context window of {self.max_seq_len}")
+        if length > self.capacity:
+            self._grow(min(self.max_seq_len, max(length, 2 * self.capacity)))
+
+    def update(self, layer: int, start_pos: int, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Store k, v (B, T, KVH, HD) at start_pos.. and return all keys/values up to there: (B, S, KVH, HD)."""
+        end = start_pos + k.shape[1]
+        self.k[layer][:, start_pos:end] = k
+        self.v[layer][:, start_pos:end] = v
+        return self.k[layer][:, :end], self.v[layer][:, :end]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.k + self.v)
+
+
+class Transformer:
+    """A Llama model: config, weights in Meta's layout, a backend of operations, and a KV cache."""
+
+    def __init__(self, args: ModelArgs, weights: dict, *, backend: "str | ModuleType" = "numpy",
+                 dtype=np.float32, freq_divisors: Optional[np.ndarray] = None):
+        self.args = args
+        self.weights = weights
+        self.dtype = np.dtype(dtype)
+        if self.dtype not in (np.float32, np.float64):
+            raise InputError(f"dtype must be float32 or float64 for computation, got {self.dtype}")
+        self.backend_name, self.ops = _resolve_backend(backend)
+        self.freqs = ops.rope_frequencies(args, freq_divisors)  # (HD/2,) float64
+        self.cache: Optional[KVCache] = None
+        self.tokenizer = None  # attached by llama_ref.load
+        self.source = None
+
+    # ---- the forward pass ----------------------------------------------------------------------------
+    def forward(self, tokens, start_pos: int = 0, *, cache: Optional[KVCache] = None,
+                key_mask: Optional[np.ndarray] = None, last_only: bool = False) -> np.ndarray:
+        """Logits for a chunk of tokens placed at positions start_pos .. start_pos+T-1.
+
+        tokens: (T,) or (B, T) ints. Prefill, chunked prefill and one-token decode are all this call; the
+        chunk's keys and values join `cache` (the model's own cache if none is given; a call at start_pos 0
+        starts it afresh). Returns float logits (T, V) or (B, T, V); only the last position if last_only.
+        """
+        args, k_ops, w = self.args, self.ops, self.weights
+        tokens = np.asarray(tokens)
+        batched = tokens.ndim == 2
+        tokens = self._check_tokens(tokens, start_pos)  # (B, T)
+        B, T = tokens.shape
+        if cache is None:
+            if self.cache is None or start_pos == 0 or self.cache.batch_size != B:
+                if start_pos != 0:
+                    raise InputError("start_pos > 0 needs a cache holding the earlier positions")
+                self.cache = KVCache(args, B, self.dtype)
+            cache = self.cache
+        cache.reserve(start_pos + T)
+        H, KVH, HD = args.n_heads, args.kv_heads, args.head_dim
+        cos, sin = ops.rope_tables(self.freqs, start_pos, T, self.dtype)  # (T, HD/2) each
+
+        # Token embeddings: one row of the table per token.
+        h = k_ops.embedding(tokens, w["tok_embeddings.weight"], self.dtype)  # (B, T, D)
+
+        for i in range(args.n_layers):
+            p = f"layers.{i}."
+            # Attention block, pre-norm: normalise, project to queries, keys and values.
+            x = k_ops.rms_norm(h, w[p + "attention_norm.weight"], args.norm_eps)  # (B, T, D)
+            q = k_ops.linear(x, w[p + "attention.wq.weight"]).reshape(B, T, H, HD)  # (B, T, H, HD)
+            k = k_ops.linear(x, w[p + "attention.wk.weight"]).reshape(B, T, KVH, HD)  # (B, T, KVH, HD)
+            v = k_ops.linear(x, w[p + "attention.wv.weight"]).reshape(B, T, KVH, HD)  # (B, T, KVH, HD)
+            # Rotate queries and keys by their absolute positions (relative positions emerge in q.k).
+            q = k_ops.apply_rope(q, cos, sin)
+            k = k_ops.apply_rope(k, cos, sin)
+            # Append this chunk's keys and values to the cache and attend causally over all of them.
+            keys, values = cache.update(i, start_pos, k, v)  # (B, S, KVH, HD) each
+            attn = k_ops.attention(q, keys, values, start_pos, key_mask)  # (B, T, H, HD)
+            # Mix the heads back into the residual stream.
+            h = h + k_ops.linear(attn.reshape(B, T, H * HD), w[p + "attention.wo.weight"])  # (B, T, D)
+
+            # Feed-forward block, pre-norm: SwiGLU, w2(silu(w1 x) * w3 x).
+            x = k_ops.rms_norm(h, w[p + "ffn_norm.weight"], args.norm_eps)  # (B, T, D)
+            gate = k_ops.linear(x, w[p + "feed_forward.w1.weight"])  # (B, T, F)
+            up = k_ops.linear(x, w[p + "feed_forward.w3.weight"])  # (B, T, F)
+            h = h + k_ops.linear(k_ops.swiglu(gate, up), w[p + "feed_forward.w2.weight"])  # (B, T, D)
+
+        # Final norm, then the output head (the embedding table itself when the model ties them).
+        if last_only:
+            h = h[:, -1:]  # (B, 1, D)
+        h = k_ops.rms_norm(h, w["norm.weight"], args.norm_eps)
+        logits = k_ops.linear(h, w["output.weight"])  # (B, T, V)
+        return logits if batched else logits[0]
+
+    __call__ = forward
+
+    def _check_tokens(self, tokens: np.ndarray, start_pos: int) -> np.ndarray:
+        if tokens.ndim == 1:
+            tokens = tokens[None, :]
+        if tokens.ndim != 2:
+            raise InputError(f"tokens must have shape (T,) or (B, T), got {tokens.shape}")
+        if tokens.shape[1] == 0:
+            raise InputError("tokens is empty: the model needs at least one token")
+        if tokens.dtype.kind not in "iu":
+            if tokens.dtype.kind == "f" and np.all(tokens == np.round(tokens)):
+                tokens = tokens.astype(np.int64)
+            else:
+                raise InputError(f"tokens must be integer ids, got dtype {tokens.dtype}")
+        bad = (tokens < 0) | (tokens >= self.args.vocab_size)
+        if bad.any():
+            raise InputError(f"token id {int(tokens[bad][0])} is outside the vocabulary "
+                             f"(0 .. {self.args.vocab_size - 1})")
+        if not isinstance(start_pos, (int, np.integer)) or start_pos < 0:
+            raise InputError(f"start_pos must be a non-negative integer, got {start_pos!r}")
+        if start_pos + tokens.shape[1] > self.args.max_seq_len:
+            raise InputError(f"positions {start_pos}..{start_pos + tokens.shape[1] - 1} exceed the context "
+                             f"window of {self.args.max_seq_len} tokens")
+        return tokens.astype(np.int64, copy=False)
+
+    def reset(self) -> None:
+        """Forget the cached positions."""
+        self.cache = None
+
+
+def _resolve_backend(backend):
+    if isinstance(backend, ModuleType):
+        return backend.__name__, backend
+    if backend == "numpy":
+        return "numpy", ops
+    if backend == "numba":
+        from . import kernels  # imported lazily: compiling kernels is only paid for when asked
+        return "numba", kernels
+    raise InputError(f"backend must be 'numpy' or 'numba', got {backend!r}")

@@ -1,0 +1,117 @@
+"""The NumPy operations of the forward pass: the reference twins of the Numba kernels.
+
+Each function here has a Numba twin in `llama_ref.kernels` with the same signature; a backend is a set
+of these functions and never changes what is computed, only how fast. Shapes use the legend in config.py.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .config import ModelArgs
+
+
+def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    """x / sqrt(mean(x^2) + eps) * weight, over the last axis. x (..., D), weight (D,)."""
+    ms = np.mean(np.square(x), axis=-1, keepdims=True)  # (..., 1)
+    return (x / np.sqrt(ms + x.dtype.type(eps))) * weight.astype(x.dtype, copy=False)
+
+
+def linear(x: np.ndarray, w) -> np.ndarray:
+    """x @ w.T for a weight stored (out, in) like PyTorch's nn.Linear. x (..., in) -> (..., out).
+
+    `w` is a float array or a packed weight (16-bit or quantized) that converts itself to x's dtype
+    one matrix at a time, so packed weights are never expanded for the whole model at once.
+    """
+    if not isinstance(w, np.ndarray):
+        w = w.to_float(x.dtype)
+    elif w.dtype != x.dtype:
+        w = w.astype(x.dtype)
+    return x @ w.T
+
+
+def embedding(tokens: np.ndarray, table, dtype) -> np.ndarray:
+    """Rows of the embedding table for each token id. tokens (...,) -> (..., D)."""
+    if not isinstance(table, np.ndarray):
+        return table.rows(tokens, dtype)
+    return table[tokens].astype(dtype, copy=False)
+
+
+def rope_frequencies(args: ModelArgs, freq_divisors: "np.ndarray | None" = None) -> np.ndarray:
+    """Rotation speed of each pair of a head, in radians per position. Returns (HD/2,) float64.
+
+    Computed in float64 and rounded once by the caller, so the table is as exact as its dtype allows.
+    """
+    hd = args.head_dim
+    freqs = 1.0 / (args.rope_theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd))  # (HD/2,)
+    s = args.rope_scaling
+    if s is not None and s.kind == "linear":
+        freqs = freqs / s.factor
+    elif s is not None and s.kind == "llama3":
+        # Llama 3.1: long wavelengths (low frequencies) are slowed by `factor`, short ones kept as trained,
+        # and the band between the two cut-offs blends the two smoothly.
+        wavelen = 2 * np.pi / freqs
+        low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+        high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+        smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
+            s.high_freq_factor - s.low_freq_factor)
+        blended = (1 - smooth) * freqs / s.factor + smooth * freqs
+        freqs = np.where(wavelen < high_wavelen, freqs, np.where(wavelen > low_wavelen, freqs / s.factor, blended))
+    if freq_divisors is not None:
+        # GGUF files of Llama 3.1 carry the scaling precomputed as one divisor per frequency (rope_freqs).
+        freqs = freqs / np.asarray(freq_divisors, dtype=np.float64)
+    return freqs
+
+
+def rope_tables(freqs: np.ndarray, start_pos: int, length: int, dtype) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin of position * frequency for positions start_pos .. start_pos+length-1. Each (T, HD/2)."""
+    positions = np.arange(start_pos, start_pos + length, dtype=np.float64)  # (T,)
+    angles = np.outer(positions, freqs)  # (T, HD/2)
+    return np.cos(angles).astype(dtype), np.sin(angles).astype(dtype)
+
+
+def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """Rotate each adjacent pair (x[2i], x[2i+1]) of every head by its angle (Meta's pairing).
+
+    x (B, T, n, HD); cos, sin (T, HD/2). Returns a new array of x's shape.
+    """
+    pairs = x.reshape(*x.shape[:-1], -1, 2)  # (B, T, n, HD/2, 2)
+    even, odd = pairs[..., 0], pairs[..., 1]  # (B, T, n, HD/2) each
+    c, s = cos[:, None, :], sin[:, None, :]  # (T, 1, HD/2): the same angle for every head
+    out = np.empty_like(pairs)
+    out[..., 0] = even * c - odd * s
+    out[..., 1] = even * s + odd * c
+    return out.reshape(x.shape)  # (B, T, n, HD)
+
+
+def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start_pos: int,
+              key_mask: "np.ndarray | None" = None) -> np.ndarray:
+    """Causal grouped-query attention of a chunk of queries over all cached keys.
+
+    q (B, T, H, HD) for positions start_pos .. start_pos+T-1; k, v (B, S, KVH, HD) for positions 0 .. S-1,
+    S = start_pos + T. Query head h reads KV head h // (H // KVH); no KV head is copied. key_mask (B, S)
+    bool, optional, marks padding keys (False) that no query may attend to. Returns (B, T, H, HD).
+    """
+    B, T, H, HD = q.shape
+    S, KVH = k.shape[1], k.shape[2]
+    G = H // KVH  # query heads per KV head
+    qg = q.reshape(B, T, KVH, G, HD)  # (B, T, KVH, G, HD)
+    scores = np.einsum("btkgd,bskd->bkgts", qg, k) / q.dtype.type(np.sqrt(HD))  # (B, KVH, G, T, S)
+    # Query t sits at position start_pos + t and may see keys 0 .. start_pos + t.
+    visible = np.arange(S)[None, :] <= (start_pos + np.arange(T))[:, None]  # (T, S)
+    if key_mask is not None:
+        visible = visible[None] & key_mask[:, None, :]  # (B, T, S)
+        visible = visible[:, None, None]  # (B, 1, 1, T, S)
+    scores = np.where(visible, scores, -np.inf)
+    # Softmax over keys, shifted by the row maximum so exp never overflows.
+    scores = scores - scores.max(axis=-1, keepdims=True)
+    probs = np.exp(scores)
+    probs /= probs.sum(axis=-1, keepdims=True)
+    out = np.einsum("bkgts,bskd->btkgd", probs, v)  # (B, T, KVH, G, HD)
+    return out.reshape(B, T, H, HD)
+
+
+def swiglu(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+    """silu(gate) * up, the gated activation of Llama's feed-forward. Shapes (..., F)."""
+    with np.errstate(over="ignore"):  # exp(-gate) overflows to inf for gate << 0, giving silu = -0 exactly
+        return gate / (1 + np.exp(-gate)) * up

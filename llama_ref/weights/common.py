@@ -1,0 +1,66 @@
+"""What every checkpoint reader shares: the canonical tensor names and their expected shapes."""
+
+from __future__ import annotations
+
+from ..config import ModelArgs
+
+
+class WeightsError(ValueError):
+    """A checkpoint file is missing, damaged, or does not fit its config."""
+
+
+def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
+    """Every tensor of the canonical (Meta) layout with the shape the config implies."""
+    d, hd, f = args.dim, args.head_dim, args.ffn_hidden_dim
+    shapes = {"tok_embeddings.weight": (args.vocab_size, d), "norm.weight": (d,),
+              "output.weight": (args.vocab_size, d)}
+    for i in range(args.n_layers):
+        p = f"layers.{i}."
+        shapes.update({
+            p + "attention_norm.weight": (d,),
+            p + "attention.wq.weight": (args.n_heads * hd, d),
+            p + "attention.wk.weight": (args.kv_heads * hd, d),
+            p + "attention.wv.weight": (args.kv_heads * hd, d),
+            p + "attention.wo.weight": (d, args.n_heads * hd),
+            p + "ffn_norm.weight": (d,),
+            p + "feed_forward.w1.weight": (f, d),
+            p + "feed_forward.w2.weight": (d, f),
+            p + "feed_forward.w3.weight": (f, d),
+        })
+    return shapes
+
+
+def check_weights(args: ModelArgs, weights: dict, where: str) -> None:
+    """Every expected tensor present with its expected shape; nothing unexpected left over."""
+    shapes = expected_shapes(args)
+    missing = [name for name in shapes if name not in weights]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise WeightsError(f"{where}: tensor {missing[0]} is missing{more}")
+    for name, shape in shapes.items():
+        got = tuple(weights[name].shape)
+        if got != shape:
+            raise WeightsError(f"{where}: tensor {name} has shape {got}, the config implies {shape}")
+    extra = sorted(set(weights) - set(shapes))
+    if extra:
+        raise WeightsError(f"{where}: unexpected tensor {extra[0]} for this config")
+
+
+def permute_hf_to_meta(w, n_heads: int):
+    """Rows of an HF q/k projection (half-split RoPE order) -> Meta's interleaved-pair order.
+
+    Within each head, HF keeps the first halves of all pairs, then all second halves:
+        HF   rows of a head: [x0 x1 ... x(h/2-1) | y0 y1 ... y(h/2-1)]
+        Meta rows of a head: [x0 y0 x1 y1 ... ]
+    For wk pass n_kv_heads. Works on any array whose first axis is rows.
+    """
+    rows = w.shape[0]
+    hd = rows // n_heads
+    return w.reshape(n_heads, 2, hd // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def permute_meta_to_hf(w, n_heads: int):
+    """Inverse of permute_hf_to_meta (what HF's convert_llama_weights_to_hf applies)."""
+    rows = w.shape[0]
+    hd = rows // n_heads
+    return w.reshape(n_heads, hd // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)

@@ -85,6 +85,11 @@ class ModelArgs:
             raise ConfigError(f"norm_eps must be > 0, got {self.norm_eps}")
         if not self.rope_theta > 0:
             raise ConfigError(f"rope_theta must be > 0, got {self.rope_theta}")
+        if not isinstance(self.multiple_of, int) or self.multiple_of <= 0:
+            raise ConfigError(f"multiple_of must be a positive integer, got {self.multiple_of!r}")
+        m = self.ffn_dim_multiplier
+        if m is not None and (isinstance(m, bool) or not isinstance(m, (int, float)) or not m > 0):
+            raise ConfigError(f"ffn_dim_multiplier must be a positive number, got {m!r}")
 
     # ---- derived sizes -------------------------------------------------------------------------------
     @property
@@ -157,6 +162,8 @@ def _rope_scaling_from_dict(d: Optional[dict], where: str) -> Optional[RopeScali
         )
     except KeyError as e:
         raise ConfigError(f"{where}: rope scaling is missing {e}") from None
+    except (TypeError, ValueError) as e:  # ConfigError from RopeScaling included: say which file
+        raise ConfigError(f"{where}: rope scaling: {e}") from None
 
 
 def _read_json(path: Path) -> dict:
@@ -219,6 +226,7 @@ def from_hf_config(source: "str | Path | dict", *, where: str = "config.json") -
     arch = c.get("model_type", "llama")
     if arch != "llama":
         raise ConfigError(f"{where}: model_type {arch!r} is not a Llama model")
+    scaling = _rope_scaling_from_dict(c.get("rope_scaling"), where)
     try:
         dim, n_heads = int(c["hidden_size"]), int(c["num_attention_heads"])
         head_dim = c.get("head_dim")
@@ -229,7 +237,7 @@ def from_hf_config(source: "str | Path | dict", *, where: str = "config.json") -
             hidden_dim=int(c["intermediate_size"]),
             norm_eps=float(c.get("rms_norm_eps", 1e-6)),
             rope_theta=float(c.get("rope_theta", 10000.0)),
-            rope_scaling=_rope_scaling_from_dict(c.get("rope_scaling"), where),
+            rope_scaling=scaling,
             max_seq_len=int(c.get("max_position_embeddings", 2048)),
             tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
             head_dim_override=int(head_dim) if head_dim and int(head_dim) != dim // n_heads else None,

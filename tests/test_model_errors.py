@@ -1,0 +1,321 @@
+"""Bad input gives a clear error of the right class, naming the argument or the file, never a deep traceback:
+tokens, positions, model files (missing, corrupt, truncated, inconsistent), model names, and the CLI."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import llama_ref
+from llama_ref import presets
+from llama_ref.config import ConfigError
+from llama_ref.fetch import FetchError
+from llama_ref.generation import generate_ids
+from llama_ref.model import InputError, KVCache, Transformer
+from llama_ref.weights.common import WeightsError
+from llama_ref.weights.gguf import META_TO_GGUF
+
+from conftest import random_weights, tiny_args, tiny_model
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model()  # vocab 64, context 64
+
+
+# ---- tokens and positions -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("tokens, message", [
+    ([], "tokens is empty"),
+    (np.zeros((1, 0), np.int64), "tokens is empty"),
+    ([64], r"token id 64 is outside the vocabulary \(0 \.\. 63\)"),
+    ([3, -1], r"token id -1 is outside the vocabulary"),
+    ([[1, 2], [3, 99]], "token id 99 is outside the vocabulary"),
+    ([1.5, 2.0], "tokens must be integer ids, got dtype float64"),
+    (["a", "b"], "tokens must be integer ids"),
+    (np.zeros((1, 1, 2), np.int64), r"tokens must have shape \(T,\) or \(B, T\), got \(1, 1, 2\)"),
+    (np.int64(3), r"tokens must have shape \(T,\) or \(B, T\), got \(\)"),
+])
+def test_bad_tokens(model, tokens, message):
+    with pytest.raises(InputError, match=message):
+        model.forward(tokens, 0)
+
+
+def test_integral_float_tokens_are_accepted(model):
+    # Whole numbers in a float array are ids, not an error: the same logits as the int array.
+    np.testing.assert_array_equal(model.forward(np.array([1.0, 2.0]), 0), model.forward([1, 2], 0))
+
+
+@pytest.mark.parametrize("start_pos, message", [
+    (-1, "start_pos must be a non-negative integer, got -1"),
+    (1.5, "start_pos must be a non-negative integer, got 1.5"),
+    ("0", "start_pos must be a non-negative integer, got '0'"),
+])
+def test_bad_start_pos(model, start_pos, message):
+    with pytest.raises(InputError, match=message):
+        model.forward([1, 2], start_pos)
+
+
+def test_start_pos_without_a_cache():
+    fresh = tiny_model()
+    with pytest.raises(InputError, match="start_pos > 0 needs a cache"):
+        fresh.forward([1], 5)
+
+
+def test_start_pos_past_the_cached_positions_is_a_gap():
+    # Three positions cached; decoding at position 10 would attend to seven positions never computed.
+    m = tiny_model()
+    m.forward([1, 2, 3], 0)
+    with pytest.raises(InputError, match=r"start_pos 10 would leave a gap: the cache holds positions 0 \.\. 2"):
+        m.forward([4], 10)
+    cache = KVCache(m.args)
+    with pytest.raises(InputError, match="start_pos 1 would leave a gap"):
+        m.forward([4], 1, cache=cache)
+    # Continuing exactly where the cache ends, or rewinding into it, is fine.
+    assert m.forward([4], 3).shape == (1, 64)
+    assert m.forward([5], 1).shape == (1, 64)
+
+
+def test_longer_than_the_context(model):
+    with pytest.raises(InputError, match=r"positions 0\.\.64 exceed the context window of 64 tokens"):
+        model.forward(np.ones(65, np.int64), 0)
+    model.forward(np.ones(60, np.int64), 0)
+    with pytest.raises(InputError, match=r"positions 60\.\.64 exceed the context window of 64"):
+        model.forward(np.ones(5, np.int64), 60)
+    with pytest.raises(InputError, match="exceeds the context window of 64"):
+        KVCache(model.args).reserve(65)
+
+
+def test_generation_rejects_empty_and_overlong_prompts(model):
+    with pytest.raises(InputError, match="the prompt is empty"):
+        next(generate_ids(model, []))
+    with pytest.raises(InputError, match="the prompt has 64 tokens; the context window is 64"):
+        next(generate_ids(model, [1] * 64))
+
+
+def test_bad_backend_and_dtype():
+    args = tiny_args()
+    weights = random_weights(args)
+    with pytest.raises(InputError, match="backend must be 'numpy' or 'numba', got 'cuda'"):
+        Transformer(args, weights, backend="cuda")
+    with pytest.raises(InputError, match="dtype must be float32 or float64 for computation, got float16"):
+        Transformer(args, weights, dtype=np.float16)
+
+
+# ---- model files --------------------------------------------------------------------------------------
+
+def _byte_level_tokens() -> list[str]:
+    """GPT-2's byte-to-unicode alphabet: the 256 single-byte tokens of a byte-level BPE vocabulary."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return [chars[b] for b in range(256)]
+
+
+def write_tiny_gguf(path: Path, *, architecture: str = "llama", drop: str = "", reshape: str = "") -> dict:
+    """A small but complete Llama GGUF (tiny random weights, a byte-level BPE tokenizer) made with
+    gguf.GGUFWriter. `drop` leaves one Meta-named tensor out; `reshape` writes one with a wrong shape."""
+    import gguf
+
+    tokens = _byte_level_tokens() + ["Ġt"]
+    args = tiny_args(vocab_size=len(tokens), tie_word_embeddings=True)
+    weights = random_weights(args)
+    writer = gguf.GGUFWriter(str(path), architecture)
+    writer.add_block_count(args.n_layers)
+    writer.add_embedding_length(args.dim)
+    writer.add_feed_forward_length(args.ffn_hidden_dim)
+    writer.add_head_count(args.n_heads)
+    writer.add_head_count_kv(args.kv_heads)
+    writer.add_layer_norm_rms_eps(args.norm_eps)
+    writer.add_rope_freq_base(args.rope_theta)
+    writer.add_context_length(args.max_seq_len)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_merges(["Ġ t"])
+    writer.add_token_types([1] * len(tokens))
+    writer.add_bos_token_id(0)
+    writer.add_eos_token_id(1)
+    for name, value in weights.items():
+        if name == "output.weight" or name == drop:
+            continue  # tied: GGUF stores no output tensor
+        layer = re.match(r"layers\.(\d+)\.(.*)", name)
+        gguf_name = (META_TO_GGUF["layers.{i}." + layer.group(2)].format(i=layer.group(1)) if layer
+                     else META_TO_GGUF[name])
+        writer.add_tensor(gguf_name, value[..., :-1] if name == reshape else value)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return weights
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("gguf") / "tiny.gguf"
+    write_tiny_gguf(path)
+    return path
+
+
+def test_the_tiny_gguf_itself_loads(tiny_gguf):
+    # The control for every damaged copy below: intact, it loads and runs.
+    m = llama_ref.load(tiny_gguf)
+    assert m.args.vocab_size == 257 and m.args.tie_word_embeddings
+    assert m.forward(m.tokenizer.encode(" the"), 0).shape == (3, 257)
+
+
+def test_missing_model_file(tmp_path):
+    missing = tmp_path / "nowhere" / "model.gguf"
+    with pytest.raises(WeightsError, match="no such file or directory") as e:
+        llama_ref.load(missing)
+    assert str(missing) in str(e.value)
+
+
+def test_not_a_gguf_file(tmp_path):
+    path = tmp_path / "model.gguf"
+    path.write_bytes(b"PK\x03\x04" + bytes(range(256)) * 8)
+    with pytest.raises(WeightsError, match=r"not a GGUF file \(magic b'PK\\x03\\x04'\)") as e:
+        llama_ref.load(path)
+    assert str(path) in str(e.value)
+
+
+def test_empty_file(tmp_path):
+    path = tmp_path / "empty.gguf"
+    path.write_bytes(b"")
+    with pytest.raises(WeightsError, match="not a GGUF file") as e:
+        llama_ref.load(path)
+    assert str(path) in str(e.value)
+
+
+def test_corrupt_gguf_header(tmp_path, tiny_gguf):
+    # The right magic followed by garbage: the version and counts make no sense.
+    path = tmp_path / "corrupt.gguf"
+    data = bytearray(tiny_gguf.read_bytes())
+    data[4:24] = b"\xff" * 20
+    path.write_bytes(bytes(data))
+    with pytest.raises(WeightsError, match="damaged GGUF file") as e:
+        llama_ref.load(path)
+    assert str(path) in str(e.value)
+
+
+@pytest.mark.parametrize("fraction", [0.0001, 0.05, 0.3, 0.6, 0.999])
+def test_truncated_gguf(tmp_path, tiny_gguf, fraction):
+    # Cut inside the header, the metadata (the tokenizer's arrays) and the tensor data.
+    data = tiny_gguf.read_bytes()
+    path = tmp_path / "truncated.gguf"
+    path.write_bytes(data[: max(4, int(len(data) * fraction))])
+    with pytest.raises(WeightsError, match="damaged GGUF file|truncated") as e:
+        llama_ref.load(path)
+    assert str(path) in str(e.value)
+
+
+def test_truncated_copy_of_the_default_model(tmp_path, default_model_path):
+    # The first 10 MB: the metadata and tokenizer whole, the tensor data cut short.
+    path = tmp_path / "smollm2-truncated.gguf"
+    with open(default_model_path, "rb") as src, open(path, "wb") as dst:
+        dst.write(src.read(10 << 20))
+    with pytest.raises(WeightsError, match="damaged GGUF file|truncated") as e:
+        llama_ref.load(path)
+    assert str(path) in str(e.value)
+
+
+def test_gguf_with_a_missing_tensor(tmp_path):
+    path = tmp_path / "missing-tensor.gguf"
+    write_tiny_gguf(path, drop="layers.1.feed_forward.w2.weight")
+    with pytest.raises(WeightsError, match="tensor layers.1.feed_forward.w2.weight is missing") as e:
+        llama_ref.load(path)
+    assert str(path) in str(e.value)
+
+
+def test_gguf_with_a_wrongly_shaped_tensor(tmp_path):
+    path = tmp_path / "bad-shape.gguf"
+    write_tiny_gguf(path, reshape="layers.0.attention.wk.weight")
+    with pytest.raises(WeightsError, match=r"tensor layers.0.attention.wk.weight has shape \(16, 31\), "
+                                           r"the config implies \(16, 32\)") as e:
+        llama_ref.load(path)
+    assert str(path) in str(e.value)
+
+
+def test_gguf_of_another_architecture(tmp_path):
+    path = tmp_path / "gpt2.gguf"
+    write_tiny_gguf(path, architecture="gpt2")
+    with pytest.raises(ConfigError, match="general.architecture is 'gpt2', expected 'llama'") as e:
+        llama_ref.load(path)
+    assert str(path) in str(e.value)
+
+
+def test_a_directory_without_a_checkpoint(tmp_path):
+    with pytest.raises(WeightsError, match="checkpoint") as e:
+        llama_ref.load(tmp_path)
+    assert str(tmp_path) in str(e.value)
+
+
+# ---- names -------------------------------------------------------------------------------------------
+
+def test_unknown_model_name():
+    with pytest.raises(WeightsError, match="llama-9-7b: no such file or directory, and not a known model name "
+                                           r"\(.*smollm2-135m-instruct"):
+        llama_ref.load("llama-9-7b")
+    with pytest.raises(FetchError, match="unknown model name 'llama-9-7b'; known: .*smollm2-135m-instruct"):
+        llama_ref.fetch("llama-9-7b")
+    with pytest.raises(ConfigError, match="unknown preset 'llama-9-7b'"):
+        presets.get("llama-9-7b")
+
+
+def test_errors_are_value_errors_for_callers():
+    # One except clause catches every bad-input error of the library's core (FetchError is a download
+    # failure, a RuntimeError).
+    for cls in (ConfigError, InputError, WeightsError, llama_ref.TokenizerError):
+        assert issubclass(cls, ValueError)
+
+
+# ---- the command line ---------------------------------------------------------------------------------
+
+def _cli(*argv: str) -> subprocess.CompletedProcess:
+    exe = shutil.which("llama-ref")
+    cmd = [exe, *argv] if exe else [sys.executable, "-m", "llama_ref.cli", *argv]
+    # No loading progress bar: it is for terminals, and would interleave with the error line here.
+    env = dict(os.environ, TQDM_DISABLE="1")
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+
+
+def _one_line_error(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 2, result
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("llama-ref: error: "), result.stderr
+    assert "Traceback" not in result.stderr
+    return lines[0]
+
+
+def test_cli_empty_prompt():
+    assert "the prompt is empty" in _one_line_error(_cli("generate", ""))
+
+
+def test_cli_missing_model_file(tmp_path):
+    missing = tmp_path / "missing.gguf"
+    assert str(missing) in _one_line_error(_cli("generate", "--model", str(missing), "Hello"))
+
+
+def test_cli_truncated_model_file(tmp_path, tiny_gguf):
+    path = tmp_path / "cut.gguf"
+    path.write_bytes(tiny_gguf.read_bytes()[:5000])
+    line = _one_line_error(_cli("generate", "--model", str(path), "Hello"))
+    assert str(path) in line and ("damaged" in line or "truncated" in line)
+
+
+def test_cli_prompt_longer_than_the_context(tmp_path, tiny_gguf):
+    # 70 tokens of " t" against the tiny model's 64-token window.
+    line = _one_line_error(_cli("generate", "--model", str(tiny_gguf), " t" * 70))
+    assert re.search("70 tokens.*context window is 64", line), line

@@ -13,6 +13,7 @@ import numpy as np
 
 from ..config import ConfigError, ModelArgs, from_gguf_metadata
 from .common import WeightsError, check_weights
+from ..packed import from_gguf_tensor as packed_from_gguf_tensor
 
 # GGUF tensor name -> canonical (Meta) name. "{i}" is the layer index.
 GGUF_TO_META = {
@@ -87,8 +88,12 @@ def dequantize(tensor) -> np.ndarray:
     return np.asarray(data, dtype=np.float32).reshape(shape)
 
 
-def load_gguf(path: "str | Path", progress: bool = False):
-    """Read a Llama GGUF file. Returns (args, weights, extras); extras holds metadata and rope divisors."""
+def load_gguf(path: "str | Path", progress: bool = False, packed: bool = False):
+    """Read a Llama GGUF file. Returns (args, weights, extras); extras holds metadata and rope divisors.
+
+    packed: keep 16-bit and quantized matrices in their stored blocks (llama_ref.packed) instead of
+    dequantizing them to float32 here.
+    """
     path = Path(path)
     reader = open_gguf(path)
     meta = gguf_metadata(reader)
@@ -110,7 +115,8 @@ def load_gguf(path: "str | Path", progress: bool = False):
         name = gguf_name_to_meta(t.name)
         if name is None:
             raise WeightsError(f"{path}: unexpected tensor {t.name} for a Llama model")
-        weights[name] = dequantize(t)
+        kept = packed_from_gguf_tensor(t) if packed else None
+        weights[name] = kept if kept is not None else dequantize(t)
     if args.tie_word_embeddings:
         weights["output.weight"] = weights.get("tok_embeddings.weight")
     if "tok_embeddings.weight" not in weights:

@@ -1,0 +1,70 @@
+"""Checkpoint directories: tell Meta's layout from Hugging Face's and load either, with its tokenizer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .common import WeightsError
+
+# The tokenizer.* metadata of a GGUF file as JSON: `llama-ref convert` writes it next to weights converted
+# from GGUF, so the converted directory keeps the exact vocabulary, merges and chat template of the original.
+TOKENIZER_SIDECAR = "tokenizer_gguf.json"
+
+
+def detect_format(path: "str | Path") -> str:
+    """'gguf', 'meta' or 'hf' for a checkpoint path; WeightsError when it is none of them."""
+    path = Path(path)
+    if path.is_file():
+        with open(path, "rb") as f:
+            if f.read(4) == b"GGUF":
+                return "gguf"
+        raise WeightsError(f"{path}: not a GGUF file, and not a checkpoint directory")
+    if not path.is_dir():
+        raise WeightsError(f"{path}: no such file or directory")
+    if (path / "params.json").exists() or any(path.glob("consolidated.*.pth")):
+        return "meta"
+    if (path / "config.json").exists():
+        return "hf"
+    raise WeightsError(f"{path}: neither a Meta checkpoint (params.json + consolidated.NN.pth) nor a "
+                       f"Hugging Face one (config.json + model.safetensors)")
+
+
+def directory_tokenizer(path: Path):
+    """The directory's tokenizer, or None when it has none this package can read."""
+    from .. import tokenizer as tok
+
+    if (path / TOKENIZER_SIDECAR).is_file():
+        return tok.tokenizer_from_gguf(read_tokenizer_sidecar(path), where=str(path / TOKENIZER_SIDECAR))
+    from_dir = getattr(tok, "tokenizer_from_dir", None)  # tokenizer.model / tokenizer.json readers
+    if from_dir is None or not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
+        return None  # weights only (e.g. a test checkpoint): the model still runs on token ids
+    return from_dir(path)
+
+
+def read_tokenizer_sidecar(path: Path) -> dict:
+    """The GGUF tokenizer metadata saved beside converted weights ({key: value})."""
+    import json
+
+    try:
+        meta = json.loads((path / TOKENIZER_SIDECAR).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise WeightsError(f"{path / TOKENIZER_SIDECAR}: unreadable ({type(e).__name__}: {e})") from None
+    if not isinstance(meta, dict):
+        raise WeightsError(f"{path / TOKENIZER_SIDECAR}: expected a JSON object")
+    return meta
+
+
+def load_directory(path: "str | Path", keep: str = "stored", progress: bool = False, tokenizer: bool = True):
+    """(args, weights, extras) of a Meta or HF directory; extras["tokenizer"] is its tokenizer or None."""
+    path = Path(path)
+    kind = detect_format(path)
+    if kind == "meta":
+        from .meta import load_meta
+        args, weights, extras = load_meta(path, keep=keep, progress=progress)
+    elif kind == "hf":
+        from .hf import load_hf
+        args, weights, extras = load_hf(path, keep=keep, progress=progress)
+    else:
+        raise WeightsError(f"{path}: a GGUF file, not a directory")
+    extras["tokenizer"] = directory_tokenizer(path) if tokenizer else None
+    return args, weights, extras

@@ -1,0 +1,323 @@
+"""Writers of Meta, Hugging Face and GGUF checkpoints from weights in the canonical layout.
+
+Each writer fills a directory or file it is given; `llama_ref.convert` gives it a temporary name and
+renames it at the end, so a failed or interrupted conversion never leaves a checkpoint under the final name.
+
+Meta's .pth files are written without PyTorch: a zip archive (entries stored uncompressed, data aligned to
+64 bytes as torch.save does) whose data.pkl is emitted opcode by opcode, naming only the globals that
+weights.torch_zip accepts. torch.load(..., weights_only=True) reads the result.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import zipfile
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+
+from ..config import ModelArgs
+from .bf16 import float32_to_bf16_bits
+from .common import WeightsError, expected_shapes, permute_meta_to_hf
+
+# Output dtype name -> (numpy dtype of the raw elements, torch storage class, safetensors code)
+OUT_DTYPES = {
+    "bf16": (np.dtype("<u2"), "BFloat16Storage", "BF16"),
+    "f16": (np.dtype("<f2"), "HalfStorage", "F16"),
+    "f32": (np.dtype("<f4"), "FloatStorage", "F32"),
+}
+
+
+def weight_format(w) -> str:
+    """'bf16', 'f16' or 'f32' for a kept 16/32-bit weight; 'quantized' for anything else."""
+    if isinstance(w, np.ndarray):
+        return {"float16": "f16", "float32": "f32"}.get(w.dtype.name, "quantized")
+    return {"bf16": "bf16", "f16": "f16"}.get(getattr(w, "format", ""), "quantized")
+
+
+def raw_elements(w, out: str) -> np.ndarray:
+    """Weight `w` (array or packed) as C-contiguous raw elements of dtype `out` (bf16 as uint16 bits)."""
+    fmt = weight_format(w)
+    if fmt == out == "bf16" or fmt == out == "f16":
+        data = w.data if not isinstance(w, np.ndarray) else w
+        return np.ascontiguousarray(data).view(OUT_DTYPES[out][0]).reshape(w.shape)
+    x = np.asarray(w.to_float(np.float32) if not isinstance(w, np.ndarray) else w, dtype=np.float32)
+    if out == "bf16":
+        return float32_to_bf16_bits(x)
+    return np.ascontiguousarray(x, dtype=OUT_DTYPES[out][0])
+
+
+def canonical_items(args: ModelArgs, weights: dict) -> list[str]:
+    """Tensor names in canonical order; a tied output matrix is not listed separately."""
+    names = list(expected_shapes(args))
+    if args.tie_word_embeddings:
+        names.remove("output.weight")
+    missing = [n for n in names if n not in weights]
+    if missing:
+        raise WeightsError(f"cannot write: tensor {missing[0]} is missing")
+    return names
+
+
+# ---- Meta: params.json + consolidated.00.pth --------------------------------------------------------------
+
+class _PickleWriter:
+    """Just enough of pickle protocol 2 to write a state dict as torch.save does."""
+
+    def __init__(self):
+        self.out = bytearray(b"\x80\x02")  # PROTO 2
+
+    def glob(self, module: str, name: str):
+        self.out += b"c" + f"{module}\n{name}\n".encode()  # GLOBAL
+
+    def string(self, s: str):
+        b = s.encode("utf-8")
+        self.out += b"X" + struct.pack("<I", len(b)) + b  # BINUNICODE
+
+    def int(self, n: int):
+        if -(2 ** 31) <= n < 2 ** 31:
+            self.out += b"J" + struct.pack("<i", n)  # BININT
+        else:
+            b = n.to_bytes((n.bit_length() + 8) // 8, "little", signed=True)
+            self.out += b"\x8a" + bytes([len(b)]) + b  # LONG1
+
+    def ints(self, values):
+        self.out += b"("  # MARK
+        for v in values:
+            self.int(int(v))
+        self.out += b"t"  # TUPLE
+
+    def empty_ordered_dict(self):
+        self.glob("collections", "OrderedDict")
+        self.out += b")R"  # EMPTY_TUPLE, REDUCE
+
+    def tensor(self, storage_class: str, key: str, numel: int, shape, stride):
+        # torch._utils._rebuild_tensor_v2(storage, offset, size, stride, requires_grad, hooks)
+        self.glob("torch._utils", "_rebuild_tensor_v2")
+        self.out += b"("  # MARK: the argument tuple
+        self.out += b"("  # MARK: the persistent id ('storage', class, key, location, numel)
+        self.string("storage")
+        self.glob("torch", storage_class)
+        self.string(key)
+        self.string("cpu")
+        self.int(numel)
+        self.out += b"tQ"  # TUPLE, BINPERSID
+        self.int(0)
+        self.ints(shape)
+        self.ints(stride)
+        self.out += b"\x89"  # NEWFALSE: requires_grad
+        self.empty_ordered_dict()  # backward hooks
+        self.out += b"tR"  # TUPLE, REDUCE
+
+
+def write_torch_file(path: Path, tensors: list[tuple[str, np.ndarray, str]], archive: str = "consolidated",
+                     on_tensor: Optional[Callable] = None) -> None:
+    """torch.save's zip format. tensors: (name, raw elements, out dtype); arrays that are the same object
+    share one storage (how Llama 3.2 stores its tied output matrix)."""
+    pk = _PickleWriter()
+    pk.empty_ordered_dict()
+    pk.out += b"("  # MARK for SETITEMS
+    keys: dict[int, str] = {}
+    payloads = []
+    for name, raw, out in tensors:
+        key = keys.get(id(raw))
+        if key is None:
+            key = keys[id(raw)] = str(len(keys))
+            payloads.append((key, raw))
+        stride = [int(np.prod(raw.shape[i + 1:], dtype=np.int64)) for i in range(raw.ndim)]
+        pk.string(name)
+        pk.tensor(OUT_DTYPES[out][1], key, raw.size, raw.shape, stride)
+    pk.out += b"u."  # SETITEMS, STOP
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+        zf.writestr(f"{archive}/data.pkl", bytes(pk.out))
+        zf.writestr(f"{archive}/byteorder", b"little")
+        for key, raw in payloads:
+            info = zipfile.ZipInfo(f"{archive}/data/{key}", date_time=(1980, 1, 1, 0, 0, 0))
+            # torch aligns every storage to 64 bytes with a padding extra field, so it can memory-map them.
+            header_end = zf.fp.tell() + 30 + len(info.filename.encode())
+            pad = (-(header_end + 4)) % 64
+            info.extra = struct.pack("<HH", 0x4651, pad) + b"Z" * pad
+            with zf.open(info, "w", force_zip64=raw.nbytes > 2 ** 31) as f:
+                f.write(memoryview(np.ascontiguousarray(raw)).cast("B"))
+            if on_tensor:
+                on_tensor()
+        zf.writestr(f"{archive}/version", b"3\n")
+
+
+def write_meta(dst: Path, args: ModelArgs, weights: dict, out: str, on_tensor=None) -> None:
+    """dst/params.json + dst/consolidated.00.pth (one shard), every tensor in dtype `out`."""
+    dst.mkdir(parents=True, exist_ok=True)
+    params = args.to_params_json()
+    (dst / "params.json").write_text(json.dumps(params, indent=2) + "\n")
+    names = canonical_items(args, weights)
+    tensors = []
+    for name in names:
+        # Norms too are written in `out`, as Meta's own files do (bf16 norms widen exactly on load).
+        tensors.append((name, raw_elements(weights[name], out), out))
+    if args.tie_word_embeddings:
+        # As in Meta's Llama 3.2 files: output.weight is the embedding's own storage.
+        emb = next(t for t in tensors if t[0] == "tok_embeddings.weight")
+        tensors.append(("output.weight", emb[1], emb[2]))
+    write_torch_file(dst / "consolidated.00.pth", tensors, on_tensor=on_tensor)
+
+
+# ---- Hugging Face: config.json + model.safetensors ----------------------------------------------------------
+
+def hf_config(args: ModelArgs, out: str) -> dict:
+    config = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+        "hidden_size": args.dim, "intermediate_size": args.ffn_hidden_dim,
+        "num_attention_heads": args.n_heads, "num_key_value_heads": args.kv_heads,
+        "num_hidden_layers": args.n_layers, "vocab_size": args.vocab_size, "rms_norm_eps": args.norm_eps,
+        "rope_theta": args.rope_theta, "max_position_embeddings": args.max_seq_len,
+        "tie_word_embeddings": args.tie_word_embeddings,
+        "torch_dtype": {"bf16": "bfloat16", "f16": "float16", "f32": "float32"}[out],
+    }
+    if args.head_dim_override is not None:
+        config["head_dim"] = args.head_dim_override
+    s = args.rope_scaling
+    if s is not None:
+        config["rope_scaling"] = {"rope_type": s.kind, "factor": s.factor}
+        if s.kind == "llama3":
+            config["rope_scaling"].update(low_freq_factor=s.low_freq_factor, high_freq_factor=s.high_freq_factor,
+                                          original_max_position_embeddings=s.original_max_position_embeddings)
+    return config
+
+
+def write_safetensors(path: Path, tensors: list[tuple[str, np.ndarray, str]], metadata=None, on_tensor=None):
+    """One safetensors file: 8-byte header size, JSON header (padded to 8 bytes), then the data."""
+    header, offset = {}, 0
+    if metadata:
+        header["__metadata__"] = metadata
+    for name, raw, out in tensors:
+        header[name] = {"dtype": OUT_DTYPES[out][2], "shape": list(raw.shape),
+                        "data_offsets": [offset, offset + raw.nbytes]}
+        offset += raw.nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)) + blob)
+        for _, raw, _ in tensors:
+            f.write(memoryview(np.ascontiguousarray(raw)).cast("B"))
+            if on_tensor:
+                on_tensor()
+
+
+def write_hf(dst: Path, args: ModelArgs, weights: dict, out: str, on_tensor=None,
+             max_shard_bytes: int = 5 * 2 ** 30) -> None:
+    """dst/config.json + model.safetensors (or model-0000k-of-0000n.safetensors and an index)."""
+    from .hf import meta_name_to_hf
+
+    dst.mkdir(parents=True, exist_ok=True)
+    (dst / "config.json").write_text(json.dumps(hf_config(args, out), indent=2) + "\n")
+    shards: list[list] = [[]]
+    size = 0
+    for name in canonical_items(args, weights):
+        kind = out  # norms included, as HF's own files do
+        raw = raw_elements(weights[name], kind)
+        if name.endswith(("attention.wq.weight", "attention.wk.weight")):
+            # Back to HF's half-split RoPE row order (q with n_heads, k with n_kv_heads).
+            raw = permute_meta_to_hf(raw, args.n_heads if ".wq." in name else args.kv_heads).copy()
+        if size + raw.nbytes > max_shard_bytes and shards[-1]:
+            shards.append([])
+            size = 0
+        shards[-1].append((meta_name_to_hf(name), raw, kind))
+        size += raw.nbytes
+    if len(shards) == 1:
+        write_safetensors(dst / "model.safetensors", shards[0], {"format": "pt"}, on_tensor)
+        return
+    weight_map, total = {}, 0
+    for k, shard in enumerate(shards):
+        fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+        write_safetensors(dst / fname, shard, {"format": "pt"}, on_tensor)
+        weight_map.update({n: fname for n, _, _ in shard})
+        total += sum(r.nbytes for _, r, _ in shard)
+    (dst / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+
+
+# ---- GGUF ---------------------------------------------------------------------------------------------------
+
+def llama3_rope_divisors(args: ModelArgs) -> Optional[np.ndarray]:
+    """Llama 3.1 scaling as llama.cpp stores it: one divisor per frequency (the rope_freqs tensor)."""
+    s = args.rope_scaling
+    if s is None or s.kind != "llama3":
+        return None
+    from ..ops import rope_frequencies
+
+    plain = rope_frequencies(args.replace(rope_scaling=None))
+    return (plain / rope_frequencies(args)).astype(np.float32)  # (HD/2,)
+
+
+def _gguf_value_type(value):
+    """GGUF (type, array element type) for a metadata value as gguf_metadata returns it."""
+    from gguf import GGUFValueType as V
+
+    def scalar(v):
+        if isinstance(v, bool):
+            return V.BOOL
+        if isinstance(v, int):
+            return V.INT32 if v < 0 else V.UINT32
+        if isinstance(v, float):
+            return V.FLOAT32
+        return V.STRING
+
+    if isinstance(value, list):
+        if not value:
+            return V.ARRAY, V.INT32
+        sub = scalar(value[0])
+        if sub == V.UINT32:  # an id list: one signed type fits every element (token types, ...)
+            sub = V.INT32
+        return V.ARRAY, sub
+    return scalar(value), None
+
+
+def write_gguf(dst: Path, args: ModelArgs, weights: dict, out: str, metadata: Optional[dict] = None,
+               freq_divisors=None, on_tensor=None) -> None:
+    """A llama.cpp GGUF file with F32 or F16 matrices (norms always F32); the tokenizer.* keys of
+    `metadata` are copied when the source had them."""
+    import gguf
+
+    from .gguf import META_TO_GGUF
+
+    if out not in ("f32", "f16"):
+        raise WeightsError(f"GGUF output must be f32 or f16, got {out}")
+    w = gguf.GGUFWriter(str(dst), "llama")
+    w.add_block_count(args.n_layers)
+    w.add_context_length(args.max_seq_len)
+    w.add_embedding_length(args.dim)
+    w.add_feed_forward_length(args.ffn_hidden_dim)
+    w.add_head_count(args.n_heads)
+    w.add_head_count_kv(args.kv_heads)
+    w.add_layer_norm_rms_eps(args.norm_eps)
+    w.add_rope_freq_base(args.rope_theta)
+    w.add_rope_dimension_count(args.head_dim)
+    w.add_vocab_size(args.vocab_size)
+    w.add_file_type(gguf.LlamaFileType.ALL_F32 if out == "f32" else gguf.LlamaFileType.MOSTLY_F16)
+    if args.rope_scaling is not None and args.rope_scaling.kind == "linear":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(args.rope_scaling.factor)
+    for key, value in (metadata or {}).items():
+        if key.startswith("tokenizer."):
+            w.add_key_value(key, value, *_gguf_value_type(value))
+    divisors = freq_divisors if freq_divisors is not None else llama3_rope_divisors(args)
+    if divisors is not None:
+        w.add_tensor("rope_freqs.weight", np.asarray(divisors, dtype=np.float32))
+    for name in canonical_items(args, weights):
+        gname = _gguf_name(name, META_TO_GGUF)
+        kind = "f32" if name.endswith("norm.weight") else out
+        w.add_tensor(gname, raw_elements(weights[name], kind))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    if on_tensor:
+        on_tensor()
+
+
+def _gguf_name(name: str, table: dict) -> str:
+    if name.startswith("layers."):
+        _, i, rest = name.split(".", 2)
+        return table[f"layers.{{i}}.{rest}"].format(i=i)
+    return table[name]

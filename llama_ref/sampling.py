@@ -1,0 +1,144 @@
+"""Choosing the next token from logits: the controls people know from transformers and llama.cpp.
+
+The steps run in transformers' order: repetition penalty, temperature, top-k, top-p, min-p, then one draw.
+Every step works on float64 copies of the logits, and the draw is an inverse-CDF lookup of one uniform
+number from a NumPy Generator, so the same seed picks the same token whatever backend computed the logits
+(up to the logits themselves differing by more than the gap to a bucket edge, which is vanishingly rare).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Optional
+
+import numpy as np
+
+from .model import InputError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick each token. The defaults are greedy decoding with no filtering.
+
+    temperature: 0 picks the most likely token (greedy); > 0 divides the logits before the softmax.
+    top_k: keep only the k most likely tokens (0 = off).
+    top_p: keep the smallest set of most likely tokens whose probability adds up to at least top_p (1 = off).
+    min_p: keep tokens at least min_p times as likely as the most likely one (0 = off).
+    repetition_penalty: CTRL's penalty on tokens already in the context, > 1 discourages them (1 = off).
+    """
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+
+    def __post_init__(self):
+        checks = [
+            ("temperature", self.temperature >= 0, "must be >= 0"),
+            ("top_k", isinstance(self.top_k, (int, np.integer)) and self.top_k >= 0, "must be an integer >= 0"),
+            ("top_p", 0 < self.top_p <= 1, "must be in (0, 1]"),
+            ("min_p", 0 <= self.min_p <= 1, "must be in [0, 1]"),
+            ("repetition_penalty", self.repetition_penalty > 0, "must be > 0"),
+        ]
+        for name, ok, rule in checks:
+            if not ok:
+                raise InputError(f"{name} {rule}, got {getattr(self, name)!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def apply_repetition_penalty(logits: np.ndarray, previous_ids: Iterable[int], penalty: float) -> np.ndarray:
+    """CTRL's penalty as transformers applies it: a seen token's logit is divided by `penalty` when
+    positive and multiplied by it when negative, so it always moves down for penalty > 1. (V,) float64."""
+    logits = np.array(logits, dtype=np.float64)
+    if penalty == 1.0:
+        return logits
+    seen = np.unique(np.fromiter(previous_ids, dtype=np.int64))
+    if seen.size:
+        picked = logits[seen]
+        logits[seen] = np.where(picked > 0, picked / penalty, picked * penalty)
+    return logits
+
+
+def softmax(z: np.ndarray) -> np.ndarray:
+    """exp(z) normalised, shifted by the maximum so nothing overflows. (V,) float64; -inf gives 0."""
+    z = np.asarray(z, dtype=np.float64)
+    p = np.exp(z - z.max())
+    return p / p.sum()
+
+
+def log_softmax(z: np.ndarray) -> np.ndarray:
+    """log(softmax(z)) computed stably in float64, over the last axis."""
+    z = np.asarray(z, dtype=np.float64)
+    shifted = z - z.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def allowed_tokens(probs: np.ndarray, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0) -> np.ndarray:
+    """The tokens that survive top-k, then top-p, then min-p, as a boolean mask (V,).
+
+    probs: the softmax after temperature. Ties are broken by token id (the lower id ranks first), so the
+    set is a pure function of probs. The most likely token always survives.
+    """
+    V = probs.size
+    order = np.lexsort((np.arange(V), -probs))  # most likely first; equal probabilities by id
+    keep_ranked = np.ones(V, dtype=bool)  # over ranks, not ids
+    # top-k: only the k best ranks.
+    if top_k > 0:
+        keep_ranked[top_k:] = False
+    # top-p (nucleus) over the survivors, renormalised: keep a rank while the mass before it is < top_p.
+    if top_p < 1.0:
+        ranked = np.where(keep_ranked, probs[order], 0.0)
+        ranked = ranked / ranked.sum()
+        mass_before = np.cumsum(ranked) - ranked
+        keep_ranked &= mass_before < top_p
+    keep = np.zeros(V, dtype=bool)
+    keep[order] = keep_ranked
+    # min-p: a token must be at least min_p times as likely as the best one (a ratio, so no renormalising).
+    if min_p > 0:
+        keep &= probs >= min_p * probs[order[0]]
+    keep[order[0]] = True
+    return keep
+
+
+def next_token_distribution(logits: np.ndarray, params: SamplingParams,
+                            previous_ids: Iterable[int] = ()) -> np.ndarray:
+    """The probabilities the sampler draws from: (V,) float64, zero outside the allowed set, sum 1.
+
+    At temperature 0 this is a one-hot on the greedy token.
+    """
+    z = apply_repetition_penalty(logits, previous_ids, params.repetition_penalty)
+    if params.greedy:
+        p = np.zeros(z.size)
+        p[int(np.argmax(z))] = 1.0
+        return p
+    probs = softmax(z / params.temperature)
+    probs = np.where(allowed_tokens(probs, params.top_k, params.top_p, params.min_p), probs, 0.0)
+    return probs / probs.sum()
+
+
+def draw(probs: np.ndarray, rng: np.random.Generator) -> int:
+    """One token from probs by inverse CDF: the first id whose cumulative probability exceeds u.
+
+    Exactly one uniform number is used per token, so a sequence of draws depends only on the seed and the
+    probabilities. Zero-probability ids can never be picked (their bucket is empty).
+    """
+    cumulative = np.cumsum(probs)  # (V,)
+    u = rng.random() * cumulative[-1]
+    index = int(np.searchsorted(cumulative, u, side="right"))
+    if index >= probs.size or probs[index] == 0:  # u rounded onto the very top edge: take the last live id
+        index = int(np.flatnonzero(probs)[-1])
+    return index
+
+
+def sample(logits: np.ndarray, params: SamplingParams, rng: Optional[np.random.Generator] = None,
+           previous_ids: Iterable[int] = ()) -> int:
+    """The next token: greedy at temperature 0 (no random number used), else one draw."""
+    if params.greedy:
+        z = apply_repetition_penalty(logits, previous_ids, params.repetition_penalty)
+        return int(np.argmax(z))
+    probs = next_token_distribution(logits, params, previous_ids)
+    return draw(probs, rng if rng is not None else np.random.default_rng())

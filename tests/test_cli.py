@@ -1,0 +1,281 @@
+"""The llama-ref command line, run as a user runs it: a subprocess, its stdout, stderr and exit code.
+
+Most tests use a tiny random model written to a GGUF file with its own byte-level tokenizer and a ChatML
+template, so a run takes a second; the CLI's outputs are checked against the library called directly.
+One test scores a text with the real default model against transformers' perplexity.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import llama_ref
+from conftest import random_weights, tiny_args
+
+DATA = Path(__file__).parent / "data"
+SPEED_LINE = re.compile(r"\d+ new tokens, (nan|[\d.]+) tok/s")  # the line a run ends with, on stderr
+RATE = re.compile(r"[\d.]+ tok/s")
+CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+          "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def _gpt2_byte_chars() -> list[str]:
+    """GPT-2's printable stand-in character for each byte 0..255."""
+    from llama_ref.tokenizer import _gpt2_byte_decoder
+
+    chars = {b: ch for ch, b in _gpt2_byte_decoder().items()}
+    return [chars[b] for b in range(256)]
+
+
+def write_tiny_gguf(path: Path, seed: int = 0, context_length: int = 128) -> Path:
+    """A 2-layer random Llama with a byte-level BPE vocabulary (3 specials, 256 bytes, 2 merges)."""
+    import gguf
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tokens = specials + _gpt2_byte_chars() + ["Ġt", "he"]
+    args = tiny_args(vocab_size=len(tokens), max_seq_len=context_length)
+    weights = random_weights(args, seed, scale=1.0)
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_context_length(args.max_seq_len)
+    w.add_embedding_length(args.dim)
+    w.add_block_count(args.n_layers)
+    w.add_feed_forward_length(args.ffn_hidden_dim)
+    w.add_head_count(args.n_heads)
+    w.add_head_count_kv(args.kv_heads)
+    w.add_layer_norm_rms_eps(args.norm_eps)
+    w.add_rope_freq_base(args.rope_theta)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("smollm")
+    w.add_token_list(tokens)
+    w.add_token_types([3] * len(specials) + [1] * (len(tokens) - len(specials)))
+    w.add_token_merges(["Ġ t", "h e"])
+    w.add_bos_token_id(0)
+    w.add_eos_token_id(2)
+    w.add_add_bos_token(False)
+    w.add_chat_template(CHATML)
+    from llama_ref.weights.gguf import META_TO_GGUF
+
+    for name, value in weights.items():
+        template = name
+        if name.startswith("layers."):
+            _, i, rest = name.split(".", 2)
+            template = f"layers.{{i}}.{rest}"
+            w.add_tensor(META_TO_GGUF[template].format(i=i), value)
+        else:
+            w.add_tensor(META_TO_GGUF[template], value)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory) -> Path:
+    return write_tiny_gguf(tmp_path_factory.mktemp("tiny") / "tiny.gguf")
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_gguf):
+    return llama_ref.load(tiny_gguf)
+
+
+def run_cli(*argv, stdin: str = "", timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "llama_ref.cli", *map(str, argv)], input=stdin,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+# ---- generate -----------------------------------------------------------------------------------------
+
+def test_generate_json_equals_library(tiny_gguf, tiny):
+    flags = dict(max_new_tokens=12, temperature=0.9, top_k=50, top_p=0.9, min_p=0.01, repetition_penalty=1.3,
+                 seed=7)
+    done = run_cli("generate", "-m", tiny_gguf, "--json", "-q", "--top-logprobs", 3, "--ignore-eos",
+                   "-n", 12, "-t", 0.9, "--top-k", 50, "--top-p", 0.9, "--min-p", 0.01,
+                   "--repetition-penalty", 1.3, "--seed", 7, "the theme")
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    expected = tiny.generate("the theme", stop_ids=[], top_logprobs=3, **flags)
+    assert out["ids"] == expected.ids and len(out["ids"]) == 12
+    assert out["text"] == expected.text == tiny.tokenizer.decode(expected.ids)
+    assert out["finish_reason"] == "length"
+    assert out["prompt_ids"] == tiny.tokenizer.encode("the theme")
+    assert np.allclose(out["logprobs"], expected.logprobs)
+    assert [len(t) for t in out["top_logprobs"]] == [3] * 12
+
+
+def test_generate_streams_text_and_reports_speed(tiny_gguf, tiny):
+    done = run_cli("generate", "-m", tiny_gguf, "-n", 10, "--ignore-eos", "hello")
+    assert done.returncode == 0, done.stderr
+    expected = tiny.generate("hello", max_new_tokens=10, stop_ids=[])
+    assert done.stdout == "hello" + expected.text + "\n"
+    assert SPEED_LINE.search(done.stderr).group(0).startswith("10 new tokens")
+
+
+def test_generate_stop_string_and_chat_flag(tiny_gguf, tiny):
+    full = tiny.generate("abc", max_new_tokens=12, stop_ids=[])
+    stop = full.text[4:6]  # two characters from the middle of the greedy text
+    done = run_cli("generate", "-m", tiny_gguf, "--json", "-q", "-n", 12, "--ignore-eos", "--stop", stop, "abc")
+    out = json.loads(done.stdout)
+    assert out["finish_reason"] == "stop" and out["stop"] == stop
+    assert out["text"] == full.text[:full.text.find(stop)]
+    done = run_cli("generate", "-m", tiny_gguf, "--json", "-q", "-n", 5, "--chat", "--system", "S", "hi")
+    out = json.loads(done.stdout)
+    assert out["ids"] == tiny.chat("hi", system="S", max_new_tokens=5).ids
+    assert tiny.tokenizer.decode(out["prompt_ids"]) == (
+        "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
+
+
+# ---- chat ---------------------------------------------------------------------------------------------
+
+def test_chat_through_stdin_keeps_history_and_obeys_commands(tiny_gguf, tiny):
+    script = "hello\nand then?\n/reset\nagain\n/system Be brief.\nhi\n/exit\nnever read\n"
+    done = run_cli("chat", "-m", tiny_gguf, "--json", "-q", "-n", 6, "--seed", 3, "-t", 0.8, stdin=script)
+    assert done.returncode == 0, done.stderr
+    answers = [json.loads(line) for line in done.stdout.splitlines()]
+    assert len(answers) == 4  # /exit ends the session before "never read"
+    kw = dict(max_new_tokens=6, seed=3, temperature=0.8)
+    first = tiny.chat([{"role": "user", "content": "hello"}], **kw)
+    second = tiny.chat([{"role": "user", "content": "hello"}, {"role": "assistant", "content": first.text},
+                        {"role": "user", "content": "and then?"}], **kw)
+    third = tiny.chat("again", **kw)  # after /reset the history is gone
+    fourth = tiny.chat("hi", system="Be brief.", **kw)
+    assert [a["ids"] for a in answers] == [first.ids, second.ids, third.ids, fourth.ids]
+    assert "[conversation reset]" in done.stderr
+
+
+def test_chat_plain_output_and_eof(tiny_gguf, tiny):
+    done = run_cli("chat", "-m", tiny_gguf, "-n", 5, stdin="hello\n")  # ends at end of input
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == tiny.chat("hello", max_new_tokens=5).text + "\n"
+    assert SPEED_LINE.search(done.stderr)
+
+
+def test_ctrl_c_stops_the_answer_not_the_session(tmp_path):
+    # A long window and no end-of-text stop make an answer that runs until it is interrupted.
+    model = write_tiny_gguf(tmp_path / "long.gguf", context_length=1 << 16)
+    proc = subprocess.Popen([sys.executable, "-m", "llama_ref.cli", "chat", "-m", str(model), "-q",
+                             "--ignore-eos", "-n", "60000"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        proc.stdin.write("tell me everything\n")
+        proc.stdin.flush()
+        assert proc.stdout.read(1)  # the answer has started streaming
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        proc.stdin.write("/reset\n/exit\n")
+        proc.stdin.flush()
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert "finish: interrupted" in err  # the answer stopped ...
+    assert "[conversation reset]" in err  # ... and the session went on to the next commands
+
+
+# ---- score --------------------------------------------------------------------------------------------
+
+def test_score_json_equals_library(tiny_gguf, tiny, tmp_path):
+    text = "the heathen thought the theatre had the thing.\n"
+    path = tmp_path / "t.txt"
+    path.write_text(text, encoding="utf-8")
+    done = run_cli("score", str(path), "-m", tiny_gguf, "--json")
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    expected = tiny.score(text)
+    assert out["n_tokens"] == expected.n_tokens == len(tiny.tokenizer.encode(text)) - 1
+    assert out["perplexity"] == pytest.approx(expected.perplexity, rel=1e-12)
+    assert RATE.search(done.stderr)
+    plain = run_cli("score", "-", "-m", tiny_gguf, "-q", stdin=text)
+    assert plain.stdout.startswith(f"perplexity {expected.perplexity:.4f} over {expected.n_tokens} tokens")
+
+
+def test_score_matches_transformers_perplexity(default_model_path, tmp_path):
+    # The oracle: transformers' perplexity of the same GGUF (tests/fixtures/make_perplexity_reference.py).
+    ref = json.loads((DATA / "smollm2_perplexity.json").read_text(encoding="utf-8"))
+    path = tmp_path / "text.txt"
+    path.write_text(ref["text"], encoding="utf-8")
+    done = run_cli("score", str(path), "-m", default_model_path, "--json", "-q")
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert out["n_tokens"] == ref["n_tokens"]
+    assert out["perplexity"] == pytest.approx(ref["perplexity_float64"], rel=1e-3)
+
+
+# ---- fetch and help -----------------------------------------------------------------------------------
+
+def test_fetch_prints_the_cached_path(default_model_path):
+    done = run_cli("fetch", "--json", "-q")
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert Path(out["path"]) == Path(default_model_path) and out["bytes"] == os.path.getsize(default_model_path)
+    listed = json.loads(run_cli("fetch", "--list", "--json").stdout)
+    assert llama_ref.DEFAULT_MODEL in [m["name"] for m in listed]
+
+
+def test_help_has_examples_and_the_library_flags():
+    top = run_cli("--help")
+    assert top.returncode == 0
+    for command in ("generate", "chat", "score", "fetch", "teacher"):
+        assert command in top.stdout
+    assert "examples:" in top.stdout
+    gen = run_cli("generate", "--help").stdout
+    import inspect
+
+    # Every keyword of model.generate has its flag, spelled the same with dashes.
+    for name in inspect.signature(llama_ref.Transformer.generate).parameters:
+        if name in ("self", "prompt", "add_bos", "allow_special"):
+            continue
+        flag = {"stop_ids": "--stop-id"}.get(name, "--" + name.replace("_", "-"))
+        assert flag in gen, flag
+    assert "/reset" in run_cli("chat", "--help").stdout
+
+
+# ---- bad input: exit code 2 and one line naming the problem ---------------------------------------------
+
+@pytest.mark.parametrize("argv, needle", [
+    (["generate", "-m", "no/such/model.gguf", "hi"], "no/such/model.gguf"),
+    (["generate", "-m", "{tiny}", "-t", "-1", "hi"], "temperature"),
+    (["generate", "-m", "{tiny}", "--top-p", "0", "hi"], "top_p"),
+    (["generate", "-m", "{tiny}", "-n", "-3", "hi"], "max_new_tokens"),
+    (["generate", "-m", "{tiny}", "--stop-id", "99999", "hi"], None),  # an unused stop id is harmless
+    (["generate", "-m", "{tiny}", "x" * 200], "context window"),
+    (["generate", "-m", "{tiny}", ""], "prompt is empty"),
+    (["generate", "--no-such-flag", "hi"], "--no-such-flag"),
+    (["score", "-m", "{tiny}", "{missing}"], "missing.txt"),
+    (["score", "-m", "{tiny}", "{empty}"], "empty"),
+    (["chat", "-m", "{tiny}", "--top-k", "-2"], "top_k"),
+    (["fetch", "no-such-model"], "no-such-model"),
+])
+def test_bad_input_exits_2_with_one_line(tiny_gguf, tmp_path, argv, needle):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    argv = [a.format(tiny=tiny_gguf, missing=tmp_path / "missing.txt", empty=empty) for a in argv]
+    done = run_cli(*argv, "-q" if argv[0] != "fetch" and "--no-such-flag" not in argv else "--json",
+                   stdin="hello\n")
+    if needle is None:
+        assert done.returncode == 0, done.stderr
+        return
+    assert done.returncode == 2, (done.stdout, done.stderr)
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "error" in lines[0] and needle in lines[0], done.stderr
+    assert "Traceback" not in done.stderr and done.stdout == ""
+
+
+def test_truncate_flag_keeps_the_end_of_a_long_prompt(tiny_gguf, tiny):
+    prompt = "x" * 200  # 200 byte tokens, window 128
+    done = run_cli("generate", "-m", tiny_gguf, "--json", "-q", "-n", 4, "--truncate", "--ignore-eos", prompt)
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert out["prompt_ids"] == tiny.tokenizer.encode(prompt)[-(128 - 4):]
+    assert len(out["ids"]) == 4

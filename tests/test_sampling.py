@@ -1,0 +1,126 @@
+"""The samplers: each filter keeps exactly its set, draws never leave it, temperature 0 is greedy, and the
+same seed gives the same draws. The expected sets are computed here from the definitions, one token at a
+time, independently of the vectorised code in llama_ref.sampling."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+from hypothesis.extra.numpy import arrays
+
+from llama_ref.model import InputError
+from llama_ref.sampling import (SamplingParams, allowed_tokens, apply_repetition_penalty, draw,
+                                next_token_distribution, sample, softmax)
+
+logits_strategy = arrays(np.float32, st.integers(2, 40),
+                         elements=st.floats(-20, 20, width=32, allow_nan=False, allow_infinity=False))
+fast = settings(max_examples=60, deadline=None)
+
+
+def ranking(probs):
+    """Token ids from most to least likely, equal probabilities by id."""
+    return sorted(range(len(probs)), key=lambda i: (-probs[i], i))
+
+
+def expected_set(probs, top_k, top_p, min_p):
+    """The allowed set from the definitions: top-k ranks, then the nucleus of those, then min-p."""
+    ranks = ranking(probs)
+    kept = ranks[:top_k] if top_k > 0 else ranks
+    if top_p < 1.0:
+        total = sum(probs[i] for i in kept)
+        nucleus, mass = [], 0.0
+        for i in kept:
+            if mass >= top_p:  # the tokens so far already cover top_p
+                break
+            nucleus.append(i)
+            mass += probs[i] / total
+        kept = nucleus
+    if min_p > 0:
+        kept = [i for i in kept if probs[i] >= min_p * probs[ranks[0]]]
+    return set(kept) | {ranks[0]}
+
+
+@fast
+@given(logits_strategy, st.integers(0, 10), st.floats(0.05, 1.0), st.floats(0.0, 0.9),
+       st.floats(0.3, 3.0), st.integers(0, 2**32 - 1))
+def test_draws_never_leave_the_allowed_set(logits, top_k, top_p, min_p, temperature, seed):
+    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+    probs = softmax(logits.astype(np.float64) / temperature)
+    allowed = allowed_tokens(probs, top_k, top_p, min_p)
+    expected = expected_set(list(probs), top_k, top_p, min_p)
+    # Float rounding of cumulative sums may move a token sitting exactly on the top-p edge; nothing else.
+    differ = set(np.flatnonzero(allowed)) ^ expected
+    ranks = ranking(list(probs))
+    for i in differ:
+        before = sum(probs[j] for j in ranks[:ranks.index(i)])
+        assert top_p < 1 and math.isclose(before, top_p * sum(probs[j] for j in ranks[:top_k or None]),
+                                          rel_tol=1e-9, abs_tol=1e-12), (i, differ)
+    if top_k:
+        assert allowed.sum() <= top_k
+    rng = np.random.default_rng(seed)
+    for _ in range(30):
+        assert allowed[sample(logits, params, rng)]
+    dist = next_token_distribution(logits, params)
+    assert np.all(dist[~allowed] == 0) and math.isclose(dist.sum(), 1.0, rel_tol=1e-12)
+
+
+@fast
+@given(logits_strategy, st.integers(0, 10), st.floats(0.05, 1.0), st.floats(0.0, 1.0), st.floats(0.5, 2.0))
+def test_temperature_zero_is_greedy_whatever_the_filters(logits, top_k, top_p, min_p, penalty):
+    params = SamplingParams(temperature=0.0, top_k=top_k, top_p=top_p, min_p=min_p)
+    rng = np.random.default_rng(0)
+    assert sample(logits, params, rng) == int(np.argmax(logits))
+    assert rng.random() == np.random.default_rng(0).random()  # greedy consumes no random numbers
+    # With a repetition penalty, greedy is the argmax of the penalised logits.
+    seen = [0, 1]
+    penalised = SamplingParams(temperature=0.0, top_k=top_k, repetition_penalty=penalty)
+    assert sample(logits, penalised, rng, seen) == int(np.argmax(apply_repetition_penalty(logits, seen, penalty)))
+
+
+@fast
+@given(logits_strategy, st.integers(0, 2**32 - 1))
+def test_same_seed_same_draws(logits, seed):
+    params = SamplingParams(temperature=1.0, top_p=0.9)
+    a = [sample(logits, params, np.random.default_rng(seed)) for _ in range(3)]
+    r1, r2 = np.random.default_rng(seed), np.random.default_rng(seed)
+    assert [sample(logits, params, r1) for _ in range(10)] == [sample(logits, params, r2) for _ in range(10)]
+    assert len(set(a)) == 1
+
+
+def test_draw_frequencies_follow_the_probabilities():
+    probs = np.array([0.5, 0.0, 0.3, 0.15, 0.05])
+    rng = np.random.default_rng(1234)
+    counts = np.bincount([draw(probs, rng) for _ in range(20000)], minlength=5)
+    assert counts[1] == 0
+    # Within 4 standard deviations of the binomial count for each token.
+    sd = np.sqrt(20000 * probs * (1 - probs))
+    assert np.all(np.abs(counts - 20000 * probs) <= 4 * sd + 1e-9), counts
+
+
+def test_top_p_and_min_p_by_hand():
+    probs = np.array([0.1, 0.4, 0.3, 0.2])
+    assert list(np.flatnonzero(allowed_tokens(probs, top_p=0.5))) == [1, 2]  # 0.4 < 0.5, 0.4 + 0.3 >= 0.5
+    assert list(np.flatnonzero(allowed_tokens(probs, top_p=0.4))) == [1]
+    assert list(np.flatnonzero(allowed_tokens(probs, top_k=3, top_p=0.8))) == [1, 2, 3]
+    assert list(np.flatnonzero(allowed_tokens(probs, min_p=0.5))) == [1, 2, 3]  # >= 0.5 * 0.4
+    assert list(np.flatnonzero(allowed_tokens(probs, min_p=0.6))) == [1, 2]
+
+
+def test_repetition_penalty_follows_ctrl():
+    logits = np.array([2.0, -1.0, 0.5, 3.0])
+    out = apply_repetition_penalty(logits, [0, 1, 1], 2.0)
+    # Seen tokens: positive logits halved, negative ones doubled; unseen ones untouched; repeats count once.
+    assert out.tolist() == [1.0, -2.0, 0.5, 3.0]
+    assert apply_repetition_penalty(logits, [0], 1.0).tolist() == logits.tolist()
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    (dict(temperature=-0.1), "temperature"), (dict(top_k=-1), "top_k"), (dict(top_p=0.0), "top_p"),
+    (dict(top_p=1.5), "top_p"), (dict(min_p=-0.1), "min_p"), (dict(repetition_penalty=0), "repetition_penalty"),
+])
+def test_bad_parameters_name_themselves(kwargs, name):
+    with pytest.raises(InputError, match=name):
+        SamplingParams(**kwargs)

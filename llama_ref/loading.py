@@ -12,12 +12,23 @@ from .weights.common import WeightsError
 
 
 def load(path_or_name: "str | Path", *, backend: str = "numpy", dtype=np.float32,
-         progress: bool = False) -> Transformer:
+         progress: bool = False, weights: "str | None" = None, quantize: "str | None" = None) -> Transformer:
     """Load a Llama model from a GGUF file, a checkpoint directory, or a fetchable name.
 
     backend: "numpy" (the reference) or "numba" (the same computation, compiled).
     dtype: the computation dtype, float32 (default) or float64 (to measure rounding error).
+    weights: "float32" dequantizes every matrix at load; "packed" keeps 16-bit and quantized GGUF matrices
+        in their stored blocks (llama_ref.packed), converted one matrix at a time or in the kernels.
+        None (default): "packed" for Meta / Hugging Face directories (bf16 stays 16-bit in memory),
+        "float32" for GGUF files.
+    quantize: None, or "int8" | "q8_0" | "q4_0" | "q4_1" to quantize the float matrices after loading.
     """
+    if weights is not None and weights not in ("float32", "packed"):
+        raise WeightsError(f"weights must be 'float32' or 'packed', got {weights!r}")
+    if quantize is not None:
+        from .packed import QUANTIZERS
+        if quantize not in QUANTIZERS:
+            raise WeightsError(f"quantize must be one of {', '.join(QUANTIZERS)}, got {quantize!r}")
     source = str(path_or_name)
     path = Path(source).expanduser()
     if not path.exists():
@@ -30,14 +41,25 @@ def load(path_or_name: "str | Path", *, backend: str = "numpy", dtype=np.float32
         from .tokenizer import tokenizer_from_gguf
         from .weights.gguf import load_gguf
 
-        args, weights, extras = load_gguf(path, progress=progress)
+        args, tensors, extras = load_gguf(path, progress=progress, packed=weights == "packed")
         tokenizer = tokenizer_from_gguf(extras["metadata"], where=str(path))
+    elif path.is_dir():
+        # Meta (params.json + consolidated.NN.pth) or Hugging Face (config.json + safetensors).
+        from .weights.directory import load_directory
+
+        args, tensors, extras = load_directory(path, keep="float32" if weights == "float32" else "stored",
+                                               progress=progress)
+        tokenizer = extras["tokenizer"]
     else:
-        raise WeightsError(f"{path}: not a recognised checkpoint (expected a .gguf file)")
-    if tokenizer.vocab_size > args.vocab_size:
+        raise WeightsError(f"{path}: not a recognised checkpoint (expected a .gguf file or a Meta / "
+                           f"Hugging Face checkpoint directory)")
+    if tokenizer is not None and tokenizer.vocab_size > args.vocab_size:
         raise WeightsError(f"{path}: tokenizer has {tokenizer.vocab_size} tokens but the model only "
                            f"{args.vocab_size} embeddings")
-    model = Transformer(args, weights, backend=backend, dtype=dtype, freq_divisors=extras.get("freq_divisors"))
+    if quantize is not None:
+        from .packed import quantize_weights
+        tensors = quantize_weights(tensors, quantize, where=str(path))
+    model = Transformer(args, tensors, backend=backend, dtype=dtype, freq_divisors=extras.get("freq_divisors"))
     model.tokenizer = tokenizer
     model.source = path
     return model

@@ -31,6 +31,7 @@ class KVCache:
         self.args, self.batch_size, self.dtype = args, batch_size, np.dtype(dtype)
         self.max_seq_len = args.max_seq_len
         self.capacity = 0
+        self.length = 0  # positions 0 .. length-1 hold keys and values
         self.k: list[np.ndarray] = []
         self.v: list[np.ndarray] = []
         self._grow(min(capacity, self.max_seq_len))
@@ -54,6 +55,7 @@ class KVCache:
     def update(self, layer: int, start_pos: int, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Store k, v (B, T, KVH, HD) at start_pos.. and return all keys/values up to there: (B, S, KVH, HD)."""
         end = start_pos + k.shape[1]
+        self.length = end  # a rewind (start_pos < length) drops the later positions
         self.k[layer][:, start_pos:end] = k
         self.v[layer][:, start_pos:end] = v
         return self.k[layer][:, :end], self.v[layer][:, :end]
@@ -63,7 +65,11 @@ class KVCache:
         return sum(a.nbytes for a in self.k + self.v)
 
 
-class Transformer:
+# generate / stream / chat / logits / score (llama_ref.generation) use InputError and KVCache from above.
+from .generation import GenerationMixin  # noqa: E402
+
+
+class Transformer(GenerationMixin):
     """A Llama model: config, weights in Meta's layout, a backend of operations, and a KV cache."""
 
     def __init__(self, args: ModelArgs, weights: dict, *, backend: "str | ModuleType" = "numpy",
@@ -78,6 +84,7 @@ class Transformer:
         self.cache: Optional[KVCache] = None
         self.tokenizer = None  # attached by llama_ref.load
         self.source = None
+        self.capture = None  # set by llama_ref.capture to collect intermediate tensors by name
 
     # ---- the forward pass ----------------------------------------------------------------------------
     def forward(self, tokens, start_pos: int = 0, *, cache: Optional[KVCache] = None,
@@ -99,43 +106,68 @@ class Transformer:
                     raise InputError("start_pos > 0 needs a cache holding the earlier positions")
                 self.cache = KVCache(args, B, self.dtype)
             cache = self.cache
+        if start_pos > cache.length:
+            raise InputError(f"start_pos {start_pos} would leave a gap: the cache holds positions "
+                             f"0 .. {cache.length - 1} only")
         cache.reserve(start_pos + T)
         H, KVH, HD = args.n_heads, args.kv_heads, args.head_dim
         cos, sin = ops.rope_tables(self.freqs, start_pos, T, self.dtype)  # (T, HD/2) each
 
         # Token embeddings: one row of the table per token.
         h = k_ops.embedding(tokens, w["tok_embeddings.weight"], self.dtype)  # (B, T, D)
+        self._record("embeddings", h)
 
         for i in range(args.n_layers):
             p = f"layers.{i}."
             # Attention block, pre-norm: normalise, project to queries, keys and values.
             x = k_ops.rms_norm(h, w[p + "attention_norm.weight"], args.norm_eps)  # (B, T, D)
+            self._record(p + "attention_norm", x)
             q = k_ops.linear(x, w[p + "attention.wq.weight"]).reshape(B, T, H, HD)  # (B, T, H, HD)
             k = k_ops.linear(x, w[p + "attention.wk.weight"]).reshape(B, T, KVH, HD)  # (B, T, KVH, HD)
             v = k_ops.linear(x, w[p + "attention.wv.weight"]).reshape(B, T, KVH, HD)  # (B, T, KVH, HD)
             # Rotate queries and keys by their absolute positions (relative positions emerge in q.k).
             q = k_ops.apply_rope(q, cos, sin)
             k = k_ops.apply_rope(k, cos, sin)
+            self._record(p + "attention.q", q)
+            self._record(p + "attention.k", k)
+            self._record(p + "attention.v", v)
             # Append this chunk's keys and values to the cache and attend causally over all of them.
             keys, values = cache.update(i, start_pos, k, v)  # (B, S, KVH, HD) each
             attn = k_ops.attention(q, keys, values, start_pos, key_mask)  # (B, T, H, HD)
+            self._record(p + "attention.heads", attn)
             # Mix the heads back into the residual stream.
-            h = h + k_ops.linear(attn.reshape(B, T, H * HD), w[p + "attention.wo.weight"])  # (B, T, D)
+            out = k_ops.linear(attn.reshape(B, T, H * HD), w[p + "attention.wo.weight"])  # (B, T, D)
+            self._record(p + "attention.output", out)
+            h = h + out
+            self._record(p + "attention_residual", h)
 
             # Feed-forward block, pre-norm: SwiGLU, w2(silu(w1 x) * w3 x).
             x = k_ops.rms_norm(h, w[p + "ffn_norm.weight"], args.norm_eps)  # (B, T, D)
+            self._record(p + "ffn_norm", x)
             gate = k_ops.linear(x, w[p + "feed_forward.w1.weight"])  # (B, T, F)
             up = k_ops.linear(x, w[p + "feed_forward.w3.weight"])  # (B, T, F)
-            h = h + k_ops.linear(k_ops.swiglu(gate, up), w[p + "feed_forward.w2.weight"])  # (B, T, D)
+            self._record(p + "feed_forward.gate", gate)
+            self._record(p + "feed_forward.up", up)
+            out = k_ops.linear(k_ops.swiglu(gate, up), w[p + "feed_forward.w2.weight"])  # (B, T, D)
+            self._record(p + "feed_forward.output", out)
+            h = h + out
+            self._record(p + "residual", h)
 
         # Final norm, then the output head (the embedding table itself when the model ties them).
         if last_only:
             h = h[:, -1:]  # (B, 1, D)
         h = k_ops.rms_norm(h, w["norm.weight"], args.norm_eps)
+        self._record("norm", h)
         logits = k_ops.linear(h, w["output.weight"])  # (B, T, V)
+        self._record("logits", logits)
         return logits if batched else logits[0]
 
     __call__ = forward
+
+    def _record(self, name: str, x: np.ndarray) -> None:
+        """Hand an intermediate tensor to the active capture (see llama_ref.capture); a no-op otherwise."""
+        if self.capture is not None:
+            self.capture.record(name, x)
 
     def _check_tokens(self, tokens: np.ndarray, start_pos: int) -> np.ndarray:
         if tokens.ndim == 1:

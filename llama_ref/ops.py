@@ -104,9 +104,17 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start_pos: int,
         visible = visible[:, None, None]  # (B, 1, 1, T, S)
     scores = np.where(visible, scores, -np.inf)
     # Softmax over keys, shifted by the row maximum so exp never overflows.
-    scores = scores - scores.max(axis=-1, keepdims=True)
+    row_max = scores.max(axis=-1, keepdims=True)  # (B, KVH, G, T, 1)
+    if key_mask is not None:
+        # A left-padding query sees no key at all: its row is all -inf. Shift it by 0 instead of -inf so it
+        # gives zeros rather than NaN (NaN would leak into the real rows through the padding's values).
+        row_max = np.where(np.isneginf(row_max), row_max.dtype.type(0), row_max)
+    scores = scores - row_max
     probs = np.exp(scores)
-    probs /= probs.sum(axis=-1, keepdims=True)
+    total = probs.sum(axis=-1, keepdims=True)  # (B, KVH, G, T, 1)
+    if key_mask is not None:
+        total = np.where(total == 0, total.dtype.type(1), total)
+    probs /= total
     out = np.einsum("bkgts,bskd->btkgd", probs, v)  # (B, T, KVH, G, HD)
     return out.reshape(B, T, H, HD)
 

@@ -96,8 +96,10 @@ def test_longer_than_the_context(model):
 def test_generation_rejects_empty_and_overlong_prompts(model):
     with pytest.raises(InputError, match="the prompt is empty"):
         next(generate_ids(model, []))
-    with pytest.raises(InputError, match="the prompt has 64 tokens; the context window is 64"):
-        next(generate_ids(model, [1] * 64))
+    with pytest.raises(InputError, match="the prompt has 65 tokens but the context window is 64"):
+        next(generate_ids(model, [1] * 65))
+    # A prompt that fills the window exactly is accepted but leaves no room: nothing is generated.
+    assert list(generate_ids(model, [1] * 64)) == []
 
 
 def test_bad_backend_and_dtype():

@@ -29,6 +29,7 @@ class Fetchable:
     sha256: str
     description: str
     filename: str = ""  # name in the cache; default: the member's own name
+    kind: str = "model"  # "model" (loadable with llama_ref.load) or "tokenizer"
 
 
 MODELS = {
@@ -47,6 +48,7 @@ MODELS = {
         sha256="82e9d31979e92ab929cd544440f129d9ecd797b69e327f80f17e1c50d5551b55",
         description="Llama 3.x tokenizer.model (tiktoken BPE, 128000 tokens + 256 special), 2.2 MB",
         filename="llama3-tokenizer.model",
+        kind="tokenizer",
     ),
 }
 DEFAULT_MODEL = "smollm2-135m-instruct"

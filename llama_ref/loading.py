@@ -32,11 +32,15 @@ def load(path_or_name: "str | Path", *, backend: str = "numpy", dtype=np.float32
     source = str(path_or_name)
     path = Path(source).expanduser()
     if not path.exists():
-        if source.lower() in MODELS:
+        models = sorted(name for name, spec in MODELS.items() if spec.kind == "model")
+        if source.lower() in models:
             path = fetch(source, progress=progress)
+        elif source.lower() in MODELS:
+            raise WeightsError(f"{source}: this name is a {MODELS[source.lower()].kind} file, not a model "
+                               f"(models: {', '.join(models)})")
         else:
             raise WeightsError(f"{source}: no such file or directory, and not a known model name "
-                               f"({', '.join(sorted(MODELS))})")
+                               f"({', '.join(models)})")
     if path.is_file() and path.suffix == ".gguf" or path.is_file() and _is_gguf(path):
         from .tokenizer import tokenizer_from_gguf
         from .weights.gguf import load_gguf

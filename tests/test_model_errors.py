@@ -273,6 +273,9 @@ def test_unknown_model_name():
         llama_ref.fetch("llama-9-7b")
     with pytest.raises(ConfigError, match="unknown preset 'llama-9-7b'"):
         presets.get("llama-9-7b")
+    # A fetchable name that is only a tokenizer is refused by load before anything is downloaded.
+    with pytest.raises(WeightsError, match="llama3-tokenizer: this name is a tokenizer file, not a model"):
+        llama_ref.load("llama3-tokenizer")
 
 
 def test_errors_are_value_errors_for_callers():

@@ -370,7 +370,9 @@ def _run_tokenize(args) -> int:
         return 0
     print(f"{len(ids)} tokens: {ids}")
     for i, piece in zip(ids, pieces):
-        print(f"{i:>8}  {piece!r}{'  (special)' if i in tok.special_ids else ''}")
+        # The piece as the vocabulary spells it (byte-level vocabularies use stand-in characters), then the
+        # bytes it stands for, which may be part of a UTF-8 character.
+        print(f"{i:>8}  {piece!r:<24} {tok.decode_bytes([i])!r}{'  (special)' if i in tok.special_ids else ''}")
     return 0
 
 

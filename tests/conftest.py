@@ -2,7 +2,31 @@
 
 from __future__ import annotations
 
-import numpy as np
+import os
+
+
+def _share_cores_between_workers() -> None:
+    """Under pytest-xdist, give each worker its share of the cores for BLAS and Numba threads.
+
+    Two workers each running a 2-thread OpenBLAS on 2 cores oversubscribe them, and OpenBLAS threads that
+    spin while waiting for a core turn a 45 ms decode step into 700 ms. Children (CLI subprocesses,
+    notebook kernels) inherit the same limits through the environment.
+    """
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers <= 1:
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = str(max(1, cores // workers))
+    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
+        os.environ[var] = threads
+    from threadpoolctl import threadpool_limits  # numpy may already be imported: limit its pool directly
+
+    threadpool_limits(int(threads))
+
+
+_share_cores_between_workers()
+
+import numpy as np  # noqa: E402  (after the thread limits, so a first import of BLAS already sees them)
 import pytest
 
 import llama_ref

@@ -21,6 +21,7 @@ import pytest
 
 import llama_ref
 from conftest import random_weights, tiny_args
+from gguf_files import byte_level_tokens, write_llama_gguf
 
 DATA = Path(__file__).parent / "data"
 SPEED_LINE = re.compile(r"\d+ new tokens, (nan|[\d.]+) tok/s")  # the line a run ends with, on stderr
@@ -29,55 +30,22 @@ CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n
           "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 
 
-def _gpt2_byte_chars() -> list[str]:
-    """GPT-2's printable stand-in character for each byte 0..255."""
-    from llama_ref.tokenizer import _gpt2_byte_decoder
-
-    chars = {b: ch for ch, b in _gpt2_byte_decoder().items()}
-    return [chars[b] for b in range(256)]
-
-
 def write_tiny_gguf(path: Path, seed: int = 0, context_length: int = 128) -> Path:
     """A 2-layer random Llama with a byte-level BPE vocabulary (3 specials, 256 bytes, 2 merges)."""
-    import gguf
-
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    tokens = specials + _gpt2_byte_chars() + ["Ġt", "he"]
+    tokens = specials + byte_level_tokens() + ["Ġt", "he"]
     args = tiny_args(vocab_size=len(tokens), max_seq_len=context_length)
-    weights = random_weights(args, seed, scale=1.0)
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_context_length(args.max_seq_len)
-    w.add_embedding_length(args.dim)
-    w.add_block_count(args.n_layers)
-    w.add_feed_forward_length(args.ffn_hidden_dim)
-    w.add_head_count(args.n_heads)
-    w.add_head_count_kv(args.kv_heads)
-    w.add_layer_norm_rms_eps(args.norm_eps)
-    w.add_rope_freq_base(args.rope_theta)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("smollm")
-    w.add_token_list(tokens)
-    w.add_token_types([3] * len(specials) + [1] * (len(tokens) - len(specials)))
-    w.add_token_merges(["Ġ t", "h e"])
-    w.add_bos_token_id(0)
-    w.add_eos_token_id(2)
-    w.add_add_bos_token(False)
-    w.add_chat_template(CHATML)
-    from llama_ref.weights.gguf import META_TO_GGUF
-
-    for name, value in weights.items():
-        template = name
-        if name.startswith("layers."):
-            _, i, rest = name.split(".", 2)
-            template = f"layers.{{i}}.{rest}"
-            w.add_tensor(META_TO_GGUF[template].format(i=i), value)
-        else:
-            w.add_tensor(META_TO_GGUF[template], value)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+    return write_llama_gguf(path, args, random_weights(args, seed, scale=1.0), {
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.pre": "smollm",
+        "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.token_type": [3] * len(specials) + [1] * (len(tokens) - len(specials)),
+        "tokenizer.ggml.merges": ["Ġ t", "h e"],
+        "tokenizer.ggml.bos_token_id": 0,
+        "tokenizer.ggml.eos_token_id": 2,
+        "tokenizer.ggml.add_bos_token": False,
+        "tokenizer.chat_template": CHATML,
+    })
 
 
 @pytest.fixture(scope="module")

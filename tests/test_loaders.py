@@ -20,7 +20,7 @@ from llama_ref.config import ConfigError
 from llama_ref.convert import convert, write_checkpoint
 from llama_ref.model import Transformer
 from llama_ref.weights.common import WeightsError
-from llama_ref.weights.gguf import META_TO_GGUF, gguf_name_to_meta, load_gguf
+from llama_ref.weights.gguf import gguf_name_to_meta, load_gguf
 from llama_ref.weights.hf import load_hf, read_hf_tensors
 from llama_ref.weights.meta import load_meta
 from llama_ref.weights.torch_zip import read_torch_file
@@ -233,24 +233,17 @@ def test_gguf_weight_types(tmp_path, kind):
     from gguf import GGMLQuantizationType as T
 
     from conftest import random_weights, tiny_args
+    from gguf_files import write_llama_gguf
     from llama_ref.packed import from_gguf_tensor
 
     args = tiny_args(dim=256, n_heads=4, n_kv_heads=2, hidden_dim=256, n_layers=1, vocab_size=64)
     weights = random_weights(args, seed=3)
     qtype = T[kind]
     rng = np.random.default_rng(7)
-    path = tmp_path / f"{kind}.gguf"
-    w = gguf.GGUFWriter(str(path), "llama")
-    for add, value in [(w.add_block_count, 1), (w.add_context_length, 64), (w.add_embedding_length, 256),
-                       (w.add_feed_forward_length, 256), (w.add_head_count, 4), (w.add_head_count_kv, 2),
-                       (w.add_layer_norm_rms_eps, 1e-5), (w.add_rope_freq_base, 10000.0), (w.add_vocab_size, 64)]:
-        add(value)
-    originals = {}
+    originals, stored = {}, {}
     for name, x in weights.items():
-        gname = writers._gguf_name(name, META_TO_GGUF)
         if x.ndim == 1:
-            w.add_tensor(gname, x)
-            continue
+            continue  # norms stay float32
         originals[name] = x
         if kind in ("Q4_K", "Q5_K", "Q6_K"):
             # gguf-py cannot quantize K-quants: random blocks with small, finite fp16 scales instead.
@@ -260,14 +253,12 @@ def test_gguf_weight_types(tmp_path, kind):
             for at in d_at:
                 blocks[..., at:at + 2] = np.full(blocks.shape[:2], 0.01, np.float16).view(np.uint8).reshape(
                     *blocks.shape[:2], 2)
-            w.add_tensor(gname, blocks.reshape(x.shape[0], -1), raw_dtype=qtype)
+            stored[name] = (blocks.reshape(x.shape[0], -1), qtype)
         else:
             q = gguf.quants.quantize(x, qtype)
-            w.add_tensor(gname, q, raw_dtype=qtype if q.dtype == np.uint8 else None)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+            stored[name] = (q, qtype if q.dtype == np.uint8 else None)
+    path = write_llama_gguf(tmp_path / f"{kind}.gguf", args, weights, {"llama.vocab_size": args.vocab_size},
+                            raw=stored)
 
     loaded_args, loaded, _ = load_gguf(path)
     reader = gguf.GGUFReader(str(path))

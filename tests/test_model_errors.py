@@ -20,9 +20,9 @@ from llama_ref.fetch import FetchError
 from llama_ref.generation import generate_ids
 from llama_ref.model import InputError, KVCache, Transformer
 from llama_ref.weights.common import WeightsError
-from llama_ref.weights.gguf import META_TO_GGUF
 
 from conftest import random_weights, tiny_args, tiny_model
+from gguf_files import byte_level_tokens, write_llama_gguf
 
 
 @pytest.fixture(scope="module")
@@ -113,54 +113,19 @@ def test_bad_backend_and_dtype():
 
 # ---- model files --------------------------------------------------------------------------------------
 
-def _byte_level_tokens() -> list[str]:
-    """GPT-2's byte-to-unicode alphabet: the 256 single-byte tokens of a byte-level BPE vocabulary."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    chars, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            chars[b] = chr(b)
-        else:
-            chars[b] = chr(256 + extra)
-            extra += 1
-    return [chars[b] for b in range(256)]
-
-
-def write_tiny_gguf(path: Path, *, architecture: str = "llama", drop: str = "", reshape: str = "") -> dict:
-    """A small but complete Llama GGUF (tiny random weights, a byte-level BPE tokenizer) made with
-    gguf.GGUFWriter. `drop` leaves one Meta-named tensor out; `reshape` writes one with a wrong shape."""
-    import gguf
-
-    tokens = _byte_level_tokens() + ["Ġt"]
+def write_tiny_gguf(path: Path, **damage) -> Path:
+    """A small but complete Llama GGUF (tiny random weights, a byte-level BPE tokenizer, tied embeddings).
+    `damage`: write_llama_gguf's architecture=, drop= (a Meta tensor left out), reshape= (a wrong shape)."""
+    tokens = byte_level_tokens() + ["Ġt"]
     args = tiny_args(vocab_size=len(tokens), tie_word_embeddings=True)
-    weights = random_weights(args)
-    writer = gguf.GGUFWriter(str(path), architecture)
-    writer.add_block_count(args.n_layers)
-    writer.add_embedding_length(args.dim)
-    writer.add_feed_forward_length(args.ffn_hidden_dim)
-    writer.add_head_count(args.n_heads)
-    writer.add_head_count_kv(args.kv_heads)
-    writer.add_layer_norm_rms_eps(args.norm_eps)
-    writer.add_rope_freq_base(args.rope_theta)
-    writer.add_context_length(args.max_seq_len)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_token_list(tokens)
-    writer.add_token_merges(["Ġ t"])
-    writer.add_token_types([1] * len(tokens))
-    writer.add_bos_token_id(0)
-    writer.add_eos_token_id(1)
-    for name, value in weights.items():
-        if name == "output.weight" or name == drop:
-            continue  # tied: GGUF stores no output tensor
-        layer = re.match(r"layers\.(\d+)\.(.*)", name)
-        gguf_name = (META_TO_GGUF["layers.{i}." + layer.group(2)].format(i=layer.group(1)) if layer
-                     else META_TO_GGUF[name])
-        writer.add_tensor(gguf_name, value[..., :-1] if name == reshape else value)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return weights
+    return write_llama_gguf(path, args, random_weights(args), {
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.merges": ["Ġ t"],
+        "tokenizer.ggml.token_type": [1] * len(tokens),
+        "tokenizer.ggml.bos_token_id": 0,
+        "tokenizer.ggml.eos_token_id": 1,
+    }, **damage)
 
 
 @pytest.fixture(scope="module")

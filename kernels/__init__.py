@@ -1,1 +1,15 @@
-"""Numba CPU kernels, installed as llama_ref.kernels. Each has a NumPy twin in llama_ref.ops."""
+"""Numba CPU kernels, installed as llama_ref.kernels. Each has a NumPy twin in llama_ref.ops.
+
+A backend is a module with the functions the model calls: this one exports the same names and signatures
+as llama_ref.ops, so `backend="numba"` changes how fast the forward pass runs, never what it computes
+(beyond float32 rounding). Kernels compute in float32; other dtypes fall through to the NumPy twins.
+"""
+
+from llama_ref.ops import rope_frequencies, rope_tables
+
+from .attention import attention
+from .elementwise import apply_rope, rms_norm, swiglu
+from .linear import embedding, linear
+
+__all__ = ["rms_norm", "linear", "embedding", "apply_rope", "attention", "swiglu", "rope_frequencies",
+           "rope_tables"]

@@ -1,0 +1,50 @@
+"""Write the default model's GGUF again with every matrix in another format (F32, Q8_0, Q4_0).
+
+The shipped SmolLM2 GGUF is Q4_1 (embedding Q8_0). The F32 file holds exactly its dequantized values, so
+llama.cpp and llama_ref compare on the same numbers; the Q8_0 / Q4_0 files requantize those values with
+gguf.quants (bit-exact with llama.cpp's quantizer). Metadata and tokenizer are copied unchanged, except
+general.file_type. The file appears only once complete (written to a temporary name, then renamed).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+# llama_ftype values of llama.h, recorded in general.file_type
+FILE_TYPES = {"F32": 0, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7}
+
+
+def convert_gguf(src: "str | Path", dst: "str | Path", fmt: str) -> Path:
+    """Copy GGUF `src` to `dst` with every 2-D tensor stored as `fmt` (F32, Q8_0, Q4_0, Q4_1)."""
+    import gguf
+
+    src, dst = Path(src), Path(dst)
+    if fmt not in FILE_TYPES:
+        raise ValueError(f"format must be one of {', '.join(FILE_TYPES)}, got {fmt!r}")
+    qtype = getattr(gguf.GGMLQuantizationType, fmt)
+    reader = gguf.GGUFReader(str(src), "r")
+    arch = reader.fields["general.architecture"].contents()
+    tmp = dst.with_name(dst.name + ".partial")
+    writer = gguf.GGUFWriter(str(tmp), arch=arch)
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture":
+            continue  # written by the writer itself
+        value = FILE_TYPES[fmt] if key == "general.file_type" else field.contents()
+        sub_type = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(key, value, field.types[0], sub_type=sub_type)
+    for t in reader.tensors:
+        shape = tuple(int(n) for n in reversed(t.shape))  # (rows, cols), row-major like PyTorch
+        values = gguf.quants.dequantize(t.data, t.tensor_type).reshape(shape).astype(np.float32)
+        if len(shape) == 2 and fmt != "F32":
+            writer.add_tensor(t.name, gguf.quants.quantize(values, qtype), raw_dtype=qtype)
+        else:
+            writer.add_tensor(t.name, values)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    os.replace(tmp, dst)
+    return dst

@@ -1,0 +1,399 @@
+"""Prefill and decode speed of SmolLM2-135M: llama_ref (NumPy, Numba at each weight format) and its peers.
+
+    python benchmarks/run.py [--threads 2] [--decode 128] [--prefill 128 512] [--repeats 2] [--skip-peers]
+
+Measured in one run, on the same token ids, with the same thread count for everyone:
+  - llama_ref numpy (float32) and llama_ref numba at f32, int8, q8_0, q4_1, q4_0;
+  - llama.cpp through llama-cpp-python on GGUFs of the same weights (F32, Q8_0, Q4_1, Q4_0), when the
+    package imports here, in $LLAMA_CPP_PYTHON, or in /tmp/llamacpp-venv;
+  - Hugging Face transformers float32, when torch + transformers import in $HF_PYTHON or /tmp/oracle-venv;
+  - a memory-bandwidth probe, turned into the roofline decode speed of each format (bytes read per token);
+  - the Numba first-call latency with a cold and a warm on-disk cache.
+Each configuration runs in its own process, so its peak resident memory (ru_maxrss) is its own. Prefill
+tok/s is the best of `--repeats` runs (the machine may be shared); decode is 128 greedy steps after a
+128-token prompt. Writes results/bench.json and results/bench.md (and results/bench.png with matplotlib).
+
+Environment: OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE are removed from this process's environment (and so
+its children's) when set, so OpenBLAS picks its kernels for the real CPU; the report says whether they were.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+CACHE = Path(os.environ.get("LLAMA_REF_BENCH_CACHE", Path.home() / ".cache" / "llama_ref" / "bench"))
+PROMPT_TEXT = ("The history of computing is a story of people who wanted to calculate faster. "
+               "From the abacus to mechanical calculators, from vacuum tubes to transistors, each "
+               "generation of machines made the previous one look slow. ")
+LLAMA_REF_FORMATS = ["f32", "int8", "q8_0", "q4_1", "q4_0"]
+PEER_FORMATS = {"f32": "F32", "q8_0": "Q8_0", "q4_1": "Q4_1", "q4_0": "Q4_0"}
+
+
+# ---- the model files ----------------------------------------------------------------------------------
+
+def model_files() -> dict[str, Path]:
+    """GGUF of each format: the shipped Q4_1, and F32 / Q8_0 / Q4_0 rewritten from it (cached)."""
+    import llama_ref
+    sys.path.insert(0, str(HERE))
+    from convert import convert_gguf
+
+    shipped = Path(llama_ref.fetch(llama_ref.DEFAULT_MODEL, progress=False))
+    files = {"Q4_1": shipped}
+    CACHE.mkdir(parents=True, exist_ok=True)
+    for fmt in ("F32", "Q8_0", "Q4_0"):
+        path = CACHE / shipped.name.replace("Q4_1", fmt)
+        if not path.exists():
+            print(f"writing {path} ...", file=sys.stderr)
+            convert_gguf(shipped, path, fmt)
+        files[fmt] = path
+    return files
+
+
+def bytes_per_token(path: Path, position: int, int8: bool = False) -> int:
+    """Bytes a decode step reads: every tensor (the tied embedding is the output head) and the KV cache.
+
+    int8: the file's float32 matrices as llama_ref's int8 (one byte per weight + a float32 scale per row).
+    """
+    import gguf
+    reader = gguf.GGUFReader(str(path), "r")
+    weights = 0
+    for t in reader.tensors:
+        rows = int(np.prod(t.shape[1:])) if len(t.shape) > 1 else 0
+        weights += int(t.n_elements) + 4 * rows if int8 and rows else int(t.n_bytes)
+    meta = {k: f.contents() for k, f in reader.fields.items() if k.startswith("llama.")}
+    kv_heads, heads = meta["llama.attention.head_count_kv"], meta["llama.attention.head_count"]
+    head_dim = meta["llama.embedding_length"] // heads
+    kv = 2 * meta["llama.block_count"] * position * kv_heads * head_dim * 4  # float32 keys and values
+    return weights + kv
+
+
+# ---- the children: one configuration per process --------------------------------------------------------
+
+def child_llama_ref(spec: dict) -> dict:
+    import llama_ref
+
+    t0 = time.perf_counter()
+    model = llama_ref.load(spec["path"], backend=spec["backend"], weights=spec.get("weights", "float32"),
+                           quantize=spec.get("quantize"))
+    load_s = time.perf_counter() - t0
+    ids = np.load(spec["ids"])
+
+    def prefill(tokens):
+        model.reset()
+        return model.forward(tokens, 0, last_only=True)
+
+    def step(token, pos):
+        return model.forward([token], pos, last_only=True)
+
+    t0 = time.perf_counter()
+    prefill(ids[:16])
+    step(1, 16)
+    first_call_s = time.perf_counter() - t0
+    return {"load_s": load_s, "first_call_s": first_call_s, **_measure(spec, ids, prefill, step)}
+
+
+def child_llama_cpp(spec: dict) -> dict:
+    from llama_cpp import Llama
+
+    t0 = time.perf_counter()
+    llm = Llama(model_path=spec["path"], n_ctx=1024, n_batch=512, n_ubatch=512, n_threads=spec["threads"],
+                n_threads_batch=spec["threads"], verbose=False)
+    load_s = time.perf_counter() - t0
+    ids = np.load(spec["ids"])
+
+    def prefill(tokens):
+        llm.reset()
+        llm.eval([int(t) for t in tokens])
+        return llm.scores[llm.n_tokens - 1]
+
+    def step(token, pos):
+        llm.eval([int(token)])
+        return llm.scores[llm.n_tokens - 1]
+
+    prefill(ids[:16])
+    return {"load_s": load_s, "version": __import__("llama_cpp").__version__, **_measure(spec, ids, prefill, step)}
+
+
+def child_hf(spec: dict) -> dict:
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(spec["threads"])
+    path = Path(spec["path"])
+    t0 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    model.eval()
+    load_s = time.perf_counter() - t0
+    ids = np.load(spec["ids"])
+    state = {}
+
+    @torch.inference_mode()
+    def prefill(tokens):
+        out = model(torch.tensor(np.asarray(tokens)[None], dtype=torch.long), use_cache=True)
+        state["past"] = out.past_key_values
+        return out.logits[0, -1].numpy()
+
+    @torch.inference_mode()
+    def step(token, pos):
+        out = model(torch.tensor([[int(token)]]), past_key_values=state["past"], use_cache=True)
+        state["past"] = out.past_key_values
+        return out.logits[0, -1].numpy()
+
+    prefill(ids[:16])
+    return {"load_s": load_s, "version": f"torch {torch.__version__}, transformers {transformers.__version__}",
+            **_measure(spec, ids, prefill, step)}
+
+
+def _measure(spec: dict, ids: np.ndarray, prefill, step) -> dict:
+    """Prefill tok/s at each length (best of repeats), then greedy decode tok/s after a 128-token prompt."""
+    out = {}
+    for n in spec["prefill"]:
+        best = min(_timed(prefill, ids[:n]) for _ in range(spec["repeats"]))
+        out[f"prefill_{n}"] = n / best
+    logits = prefill(ids[:128])
+    token, steps = int(np.argmax(logits)), []
+    for i in range(spec["decode"]):
+        t0 = time.perf_counter()
+        logits = step(token, 128 + i)
+        steps.append(time.perf_counter() - t0)
+        token = int(np.argmax(logits))
+    out["decode"] = len(steps) / sum(steps)
+    out["decode_median_step"] = 1 / float(np.median(steps))
+    out["peak_rss_mib"] = peak_rss_mib()
+    return out
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory. VmHWM, not ru_maxrss: the latter keeps the parent's peak across exec."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _timed(fn, arg) -> float:
+    t0 = time.perf_counter()
+    fn(arg)
+    return time.perf_counter() - t0
+
+
+def child_bandwidth(spec: dict) -> dict:
+    """Read bandwidth with all threads: a parallel sum over 512 MiB (far beyond any cache), best of 5."""
+    from numba import njit, prange
+
+    @njit(parallel=True, fastmath=True, cache=False)
+    def total(a):
+        s = 0.0
+        for i in prange(a.shape[0]):
+            s += a[i]
+        return s
+
+    a = np.ones(128 * 2**20, np.float32)  # 512 MiB
+    total(a[:1024])
+    best = min(_timed(total, a) for _ in range(5))
+    return {"read_gb_s": a.nbytes / best / 1e9}
+
+
+CHILDREN = {"llama_ref": child_llama_ref, "llama_cpp": child_llama_cpp, "hf": child_hf, "bandwidth": child_bandwidth}
+
+
+def run_child(python: str, spec: dict, env: dict, timeout: int = 1800) -> dict:
+    """Run one configuration in a fresh process; its last stdout line is the JSON result."""
+    cmd = [python, str(Path(__file__).resolve()), "--child", json.dumps(spec)]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    if proc.returncode != 0 or not proc.stdout.strip():
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        return {"error": " | ".join(tail)}
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result["wall_s"] = time.perf_counter() - t0
+    return result
+
+
+def find_python(module: str, candidates: list[str]) -> "str | None":
+    for python in candidates:
+        if python and Path(python).exists():
+            ok = subprocess.run([python, "-c", f"import {module}"], capture_output=True).returncode == 0
+            if ok:
+                return python
+    return None
+
+
+# ---- the report ---------------------------------------------------------------------------------------
+
+def machine_info(threads: int) -> dict:
+    from threadpoolctl import threadpool_info
+    import numba
+
+    cpu = platform.processor()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    blas = [{k: d.get(k) for k in ("internal_api", "version", "threading_layer", "architecture", "num_threads")}
+            for d in threadpool_info() if d.get("user_api") == "blas"]
+    return {"cpu": cpu, "cores": os.cpu_count(), "threads": threads, "python": platform.python_version(),
+            "numpy": np.__version__, "numba": numba.__version__, "blas": blas,
+            "load_average": os.getloadavg()}
+
+
+def write_report(report: dict) -> None:
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "bench.json").write_text(json.dumps(report, indent=2))
+    rows = report["rows"]
+    m = report["machine"]
+    blas = ", ".join(f"{b['internal_api']} {b['version']} ({b['architecture']}, {b['threading_layer']})"
+                     for b in m["blas"])
+    lines = [
+        f"# SmolLM2-135M on {m['cpu']} ({m['threads']} threads of {m['cores']} cores)",
+        "",
+        f"BLAS: {blas}; "
+        f"numpy {m['numpy']}, numba {m['numba']}; load average at start {m['load_average'][0]:.1f}. "
+        f"Memory read bandwidth {report['bandwidth_gb_s']:.1f} GB/s ({m['threads']} threads). "
+        f"OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE unset by the script: {report['unset_env'] or 'none were set'}.",
+        "",
+        "| engine | format | prefill 128 tok/s | prefill 512 tok/s | decode tok/s | roofline tok/s | "
+        "% of roofline | vs llama.cpp (decode) | peak RSS MiB |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    cpp = {r["format"]: r for r in rows if r["engine"] == "llama.cpp" and "decode" in r}
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['engine']} | {r['format']} | error: {r['error'][:80]} | | | | | | |")
+            continue
+        roof = r.get("roofline")
+        ratio = (f"{r['decode'] / cpp[r['format']]['decode']:.2f}x" if r["format"] in cpp
+                 and r["engine"] != "llama.cpp" else "")
+        lines.append(f"| {r['engine']} | {r['format']} | {r.get('prefill_128', 0):.0f} | {r.get('prefill_512', 0):.0f} "
+                     f"| {r['decode']:.1f} | {roof:.0f} | {100 * r['decode'] / roof:.0f}% | {ratio} "
+                     f"| {r['peak_rss_mib']:.0f} |" if roof else
+                     f"| {r['engine']} | {r['format']} | {r.get('prefill_128', 0):.0f} | {r.get('prefill_512', 0):.0f} "
+                     f"| {r['decode']:.1f} | | | {ratio} | {r['peak_rss_mib']:.0f} |")
+    jit = report.get("jit")
+    if jit:
+        lines += ["", "Numba first call (prefill of 16 tokens + one decode step, q4_1 model, after loading): "
+                  f"cold cache {jit['cold']:.1f} s, warm cache {jit['warm']:.2f} s."]
+    lines += ["", "Prefill: best of the repeats; decode: 128 greedy steps after a 128-token prompt, mean rate. "
+              "Roofline = read bandwidth / bytes read per decoded token (all weights + the KV cache at the mean "
+              "position)."]
+    (RESULTS / "bench.md").write_text("\n".join(lines) + "\n")
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for r in rows:
+        if "decode" in r and r.get("roofline"):
+            ax.scatter(r["roofline"], r["decode"], label=f"{r['engine']} {r['format']}")
+    top = max(r.get("roofline", 0) for r in rows)
+    ax.plot([0, top], [0, top], "k--", lw=1, label="roofline")
+    ax.set_xlabel("roofline decode tok/s")
+    ax.set_ylabel("measured decode tok/s")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(RESULTS / "bench.png", dpi=120)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--decode", type=int, default=128)
+    p.add_argument("--prefill", type=int, nargs="+", default=[128, 512])
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--skip-peers", action="store_true")
+    p.add_argument("--formats", nargs="+", default=LLAMA_REF_FORMATS)
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.child:
+        spec = json.loads(a.child)
+        print(json.dumps(CHILDREN[spec["kind"]](spec)))
+        return
+
+    unset = [k for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE") if os.environ.pop(k, None) is not None]
+    env = dict(os.environ)
+    for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
+        env[k] = str(a.threads)
+    files = model_files()
+    with tempfile.TemporaryDirectory() as tmp:
+        ids_path = Path(tmp) / "ids.npy"
+        import llama_ref
+        tok = llama_ref.load(files["Q4_1"], weights="packed").tokenizer
+        ids = tok.encode(PROMPT_TEXT * 20)[: max(a.prefill + [128]) + 1]
+        np.save(ids_path, np.asarray(ids, np.int64))
+        base = {"ids": str(ids_path), "threads": a.threads, "prefill": a.prefill, "decode": a.decode,
+                "repeats": a.repeats}
+        report = {"machine": machine_info(a.threads), "unset_env": unset, "rows": [], "args": vars(a)}
+        report["bandwidth_gb_s"] = run_child(sys.executable, {"kind": "bandwidth"}, env)["read_gb_s"]
+        print(f"read bandwidth {report['bandwidth_gb_s']:.1f} GB/s", file=sys.stderr)
+
+        # llama_ref: the NumPy reference on float32 weights, then Numba at each weight format.
+        configs = [("llama_ref numpy", "f32", {"backend": "numpy", "path": str(files["F32"])})]
+        sources = {"f32": ("F32", None), "int8": ("F32", "int8"), "q8_0": ("Q8_0", None),
+                   "q4_1": ("Q4_1", None), "q4_0": ("Q4_0", None)}
+        for fmt in a.formats:
+            gguf_fmt, quantize = sources[fmt]
+            configs.append(("llama_ref numba", fmt, {"backend": "numba", "path": str(files[gguf_fmt]),
+                                                     "weights": "packed", "quantize": quantize}))
+        cpp_python = hf_python = None
+        if not a.skip_peers:
+            cpp_python = find_python("llama_cpp", [sys.executable, os.environ.get("LLAMA_CPP_PYTHON"),
+                                                   "/tmp/llamacpp-venv/bin/python"])
+            hf_python = find_python("transformers", [os.environ.get("HF_PYTHON"), "/tmp/oracle-venv/bin/python"])
+        if cpp_python:
+            for fmt, gguf_fmt in PEER_FORMATS.items():
+                configs.append(("llama.cpp", fmt, {"kind": "llama_cpp", "path": str(files[gguf_fmt]),
+                                                   "python": cpp_python}))
+        if hf_python:
+            configs.append(("HF transformers", "f32", {"kind": "hf", "path": str(files["Q4_1"]),
+                                                       "python": hf_python}))
+        report["peers"] = {"llama.cpp": cpp_python, "transformers": hf_python}
+        for engine, fmt, spec in configs:
+            spec = {"kind": "llama_ref", **base, **spec}
+            print(f"{engine} {fmt} ...", file=sys.stderr)
+            result = run_child(spec.pop("python", sys.executable), spec, env)
+            gguf_fmt = "F32" if fmt in ("f32", "int8") else PEER_FORMATS[fmt]
+            row = {"engine": engine, "format": fmt, **result}
+            if "decode" in row:
+                nbytes = bytes_per_token(files[gguf_fmt], 128 + a.decode // 2, int8=fmt == "int8")
+                row["bytes_per_token"] = nbytes
+                row["roofline"] = report["bandwidth_gb_s"] * 1e9 / nbytes
+            report["rows"].append(row)
+            print(f"  {json.dumps(row)}", file=sys.stderr)
+
+        # Numba JIT first-call latency: a fresh cache directory (cold), then the same one again (warm).
+        with tempfile.TemporaryDirectory() as cache_dir:
+            jit_env = {**env, "NUMBA_CACHE_DIR": cache_dir}
+            spec = {"kind": "llama_ref", **base, "backend": "numba", "path": str(files["Q4_1"]),
+                    "weights": "packed", "prefill": [16], "decode": 1, "repeats": 1}
+            cold = run_child(sys.executable, spec, jit_env)
+            warm = run_child(sys.executable, spec, jit_env)
+            if "first_call_s" in cold and "first_call_s" in warm:
+                report["jit"] = {"cold": cold["first_call_s"], "warm": warm["first_call_s"]}
+    write_report(report)
+    print((RESULTS / "bench.md").read_text())
+
+
+if __name__ == "__main__":
+    main()

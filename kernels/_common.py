@@ -1,0 +1,39 @@
+"""What every kernel module shares: compile options and the small helpers of the Python wrappers.
+
+Every kernel computes in float32; a call with any other dtype goes to its NumPy twin in llama_ref.ops, so
+only float32 variants are ever compiled. Arrays reach the compiled code in few, fixed types (C-contiguous,
+weights read-only) so that each kernel compiles once and loads from Numba's on-disk cache afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+# Numba's OpenMP threads spin after a parallel region before they sleep; libgomp's default spin (~300000
+# rounds, milliseconds) keeps both cores busy through the NumPy BLAS calls of a prefill and made them ~5x
+# slower here. 30000 rounds still covers the gap between two kernels of a decode step. Read by libgomp when
+# Numba first starts its threads, so it only applies if nothing set it before; a user's value wins.
+os.environ.setdefault("GOMP_SPINCOUNT", "30000")
+
+# Fast-math flags for the kernels that sum products: "reassoc" lets LLVM split a dot product over SIMD lanes
+# (a different summation order, within float32 rounding of the NumPy result) and "contract" fuses
+# multiply-adds. No flag that assumes away NaN or inf (nnan, ninf) or changes division or exp (arcp, afn).
+FAST = {"reassoc", "contract"}
+
+# Every kernel is cached on disk: JIT compilation is paid once per machine, not per process.
+JIT = dict(cache=True, nogil=True)
+
+
+def as_f32_rows(x: np.ndarray) -> np.ndarray:
+    """x (..., K) as a C-contiguous float32 matrix (N, K); no copy when it already is one."""
+    return np.ascontiguousarray(x.reshape(-1, x.shape[-1]), dtype=np.float32)
+
+
+def readonly(a: np.ndarray) -> np.ndarray:
+    """A read-only, C-contiguous view of a weight, so writable and file-mapped weights share one compiled type."""
+    if a.flags.writeable or not a.flags.c_contiguous:
+        a = np.ascontiguousarray(a).view()
+        a.flags.writeable = False
+    return a

@@ -1,0 +1,86 @@
+"""Causal grouped-query attention over the KV cache, for one-token decode and prefill chunks alike.
+
+One work item is (batch, query head, query position); the query head reads its group's KV head straight
+from the cache (no KV head is repeated or copied). Keys are visited in tiles with a running
+maximum, flash-attention style: scores of a tile, then the softmax numerator and the weighted sum of values
+are rescaled only when the maximum grows. Memory stays O(tile) whatever the context length.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from llama_ref import ops
+
+from ._common import FAST, JIT
+
+TILE = 64  # keys per tile
+
+
+@njit(parallel=True, fastmath=FAST, **JIT)
+def _attention(q, k, v, start_pos, key_mask, out):
+    """q, out (B, T, H, HD); k, v (B, S, KVH, HD); key_mask (B, S) bool (all True when the caller has none)."""
+    B, T, H, HD = q.shape
+    G = H // k.shape[2]  # query heads per KV head
+    root = np.float32(np.sqrt(HD))  # scores are divided by sqrt(HD) in float32, as in the reference
+    neg_inf = np.float32(-np.inf)
+    for item in prange(B * H * T):
+        # One (batch, query head, position) per item: a decode step still has H items to share out. Later
+        # queries see more keys, so position i is paired with T-1-i: every thread's share costs the same.
+        b, rest = item // (H * T), item % (H * T)
+        h, i = rest // T, rest % T
+        t = i // 2 if i % 2 == 0 else T - 1 - i // 2
+        kvh = h // G  # the KV head this query head reads, in place
+        last = start_pos + t  # this query may see keys 0 .. last
+        scores = np.empty(TILE, np.float32)  # (TILE,)
+        acc = np.zeros(HD, np.float32)  # (HD,) running sum of p * v
+        run_max, run_sum = neg_inf, np.float32(0)
+        for s0 in range(0, last + 1, TILE):
+            s1 = min(last + 1, s0 + TILE)
+            # Scores of this tile; masked keys score -inf.
+            tile_max = neg_inf
+            for s in range(s0, s1):
+                score = neg_inf
+                if key_mask[b, s]:
+                    dot = np.float32(0)
+                    for d in range(HD):
+                        dot += q[b, t, h, d] * k[b, s, kvh, d]
+                    score = dot / root
+                scores[s - s0] = score
+                tile_max = max(tile_max, score)
+            if tile_max == neg_inf:
+                continue  # every key of the tile is masked: nothing to add
+            # A larger maximum rescales what was summed so far: exp(old - new) <= 1.
+            if tile_max > run_max:
+                shrink = np.exp(run_max - tile_max)
+                run_sum *= shrink
+                for d in range(HD):
+                    acc[d] *= shrink
+                run_max = tile_max
+            for s in range(s0, s1):
+                p = np.exp(scores[s - s0] - run_max)
+                run_sum += p
+                for d in range(HD):
+                    acc[d] += p * v[b, s, kvh, d]
+        # A query that sees no key at all (left padding) gets zeros, as in the reference.
+        inv = np.float32(1) / run_sum if run_sum > 0 else np.float32(0)
+        for d in range(HD):
+            out[b, t, h, d] = acc[d] * inv
+
+
+def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start_pos: int,
+              key_mask: "np.ndarray | None" = None) -> np.ndarray:
+    """Causal grouped-query attention of a chunk of queries over all cached keys. Same contract as ops.
+
+    q (B, T, H, HD) at positions start_pos ..; k, v (B, S, KVH, HD), S = start_pos + T; key_mask (B, S).
+    """
+    if q.dtype != np.float32 or k.dtype != np.float32 or v.dtype != np.float32:
+        return ops.attention(q, k, v, start_pos, key_mask)
+    B, S = k.shape[0], k.shape[1]
+    if key_mask is None:
+        key_mask = np.ones((B, S), np.bool_)
+    out = np.empty(q.shape, np.float32)  # (B, T, H, HD)
+    _attention(np.ascontiguousarray(q), np.ascontiguousarray(k), np.ascontiguousarray(v), int(start_pos),
+               np.ascontiguousarray(key_mask, dtype=np.bool_), out)
+    return out

@@ -1,0 +1,95 @@
+"""RMSNorm, RoPE and SwiGLU: one pass over their input each, in float32.
+
+Each kernel is compiled twice from one source: serial for the few rows of a decode step (starting threads
+would cost more than the work) and parallel over rows for prefill chunks.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from llama_ref import ops
+
+from ._common import FAST, JIT, as_f32_rows, readonly
+
+PARALLEL_MIN = 1 << 15  # elements from which a kernel runs on all cores
+
+
+def _rms_norm(x, weight, eps, out):
+    """x, out (N, D); weight (D,) float32. out = x / sqrt(mean(x^2) + eps) * weight, row by row."""
+    N, D = x.shape
+    for n in prange(N):
+        ss = 0.0  # float64 accumulator: the mean of squares is as exact as NumPy's pairwise float32 sum
+        for d in range(D):
+            ss += np.float64(x[n, d]) * np.float64(x[n, d])
+        ms = np.float32(ss / D)
+        r = np.sqrt(ms + eps)  # float32, the same rounding as the reference
+        for d in range(D):
+            out[n, d] = (x[n, d] / r) * weight[d]
+
+
+def _rope(x, cos, sin, out):
+    """x, out (B, T, n, HD); cos, sin (T, HD/2). Rotates each adjacent pair (x[2i], x[2i+1])."""
+    B, T, NH, HD = x.shape
+    for bt in prange(B * T):
+        b, t = bt // T, bt % T
+        for h in range(NH):
+            for i in range(HD // 2):
+                e, o = x[b, t, h, 2 * i], x[b, t, h, 2 * i + 1]
+                c, s = cos[t, i], sin[t, i]
+                out[b, t, h, 2 * i] = e * c - o * s
+                out[b, t, h, 2 * i + 1] = e * s + o * c
+
+
+def _swiglu(gate, up, out):
+    """gate, up, out (N,) flat float32. out = gate / (1 + exp(-gate)) * up."""
+    n = gate.shape[0]
+    chunk = 4096
+    for c in prange((n + chunk - 1) // chunk):
+        for i in range(c * chunk, min(n, (c + 1) * chunk)):
+            g = gate[i]
+            out[i] = g / (np.float32(1) + np.exp(-g)) * up[i]  # exp(-g) = inf for g << 0 gives -0, as NumPy
+
+
+_rms_norm_serial = njit(**JIT)(_rms_norm)
+_rms_norm_parallel = njit(parallel=True, **JIT)(_rms_norm)
+_rope_serial = njit(**JIT)(_rope)
+_rope_parallel = njit(parallel=True, **JIT)(_rope)
+_swiglu_serial = njit(**JIT)(_swiglu)
+_swiglu_parallel = njit(parallel=True, **JIT)(_swiglu)
+
+
+def rms_norm(x: np.ndarray, weight, eps: float) -> np.ndarray:
+    """x / sqrt(mean(x^2) + eps) * weight, over the last axis. x (..., D), weight (D,)."""
+    if x.dtype != np.float32:
+        return ops.rms_norm(x, weight, eps)
+    x2 = as_f32_rows(x)  # (N, D)
+    w = readonly(np.asarray(weight, dtype=np.float32))
+    out = np.empty_like(x2)
+    kernel = _rms_norm_parallel if x2.size >= PARALLEL_MIN else _rms_norm_serial
+    kernel(x2, w, np.float32(eps), out)
+    return out.reshape(x.shape)
+
+
+def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """Rotate each adjacent pair of every head by its angle. x (B, T, n, HD); cos, sin (T, HD/2)."""
+    if x.dtype != np.float32 or cos.dtype != np.float32:
+        return ops.apply_rope(x, cos, sin)
+    x = np.ascontiguousarray(x)
+    out = np.empty_like(x)
+    kernel = _rope_parallel if x.size >= PARALLEL_MIN else _rope_serial
+    kernel(x, np.ascontiguousarray(cos), np.ascontiguousarray(sin), out)
+    return out
+
+
+def swiglu(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+    """silu(gate) * up, the gated activation of Llama's feed-forward. Shapes (..., F)."""
+    if gate.dtype != np.float32 or up.dtype != np.float32:
+        return ops.swiglu(gate, up)
+    g = np.ascontiguousarray(gate).reshape(-1)  # (N*F,)
+    u = np.ascontiguousarray(up).reshape(-1)  # (N*F,)
+    out = np.empty_like(g)
+    kernel = _swiglu_parallel if g.size >= PARALLEL_MIN else _swiglu_serial
+    kernel(g, u, out)
+    return out.reshape(gate.shape)

@@ -1,0 +1,270 @@
+"""Matrix products with weights in every stored format, and the embedding lookup.
+
+Decode (a few rows of x) reads each weight once, in its stored format, converted to float32 in registers;
+rows of the weight are split over the cores. float32 weights are then bound by memory bandwidth, 4- and
+8-bit ones by the conversions. Prefill (many rows of x) is bound by arithmetic: float32 weights go straight
+to NumPy's BLAS, and packed weights are decoded a tile of rows at a time into a small float32 buffer that
+BLAS then multiplies, so the full matrix never exists in float32.
+
+Every product is summed in float32 in a different order than BLAS (fast-math "reassoc"): results agree with
+ops.linear to a few float32 ulps of sum |x w|, which tests/test_kernels.py checks.
+
+Block layouts are described in llama_ref/packed.py.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from llama_ref import ops
+from llama_ref.packed import FP16_TO_F32
+
+from ._common import FAST, JIT, as_f32_rows, readonly
+
+BLAS_MIN_ROWS = 8     # rows of x from which the product goes to BLAS (decode and short chunks stay here)
+TILE_ROWS = 256       # weight rows decoded per BLAS call in prefill: 256 x 4K floats stay in L2
+ROWS = 16             # weight rows per parallel work item of the matrix-vector kernels
+
+
+# ---- matrix-vector products on stored formats (decode): out (N, R) = x (N, K) @ w.T ------------------------
+
+@njit(parallel=True, fastmath=FAST, **JIT)
+def _mv_f32(x, w, out):
+    """w (R, K) float32."""
+    N, K = x.shape
+    for r in prange(w.shape[0]):
+        for n in range(N):
+            acc = np.float32(0)
+            for k in range(K):
+                acc += x[n, k] * w[r, k]
+            out[n, r] = acc
+
+
+@njit(parallel=True, fastmath=FAST, **JIT)
+def _mv_int8(x, q, scale, out):
+    """q (R, K) int8, scale (R,) float32: w[r] = scale[r] * q[r]."""
+    N, K = x.shape
+    for r in prange(q.shape[0]):
+        for n in range(N):
+            acc = np.float32(0)
+            for k in range(K):
+                acc += x[n, k] * np.float32(q[r, k])
+            out[n, r] = acc * scale[r]
+
+
+@njit(parallel=True, fastmath=FAST, **JIT)
+def _mv_bf16(x, w, out):
+    """w (R, K) uint16 bfloat16 bits: float32 bits = bits << 16, widened a row at a time in a small buffer."""
+    N, K = x.shape
+    for r in prange(w.shape[0]):
+        bits = np.empty(K, np.uint32)
+        for k in range(K):
+            bits[k] = np.uint32(w[r, k]) << 16
+        row = bits.view(np.float32)  # (K,) the row as float32, in L1
+        for n in range(N):
+            acc = np.float32(0)
+            for k in range(K):
+                acc += x[n, k] * row[k]
+            out[n, r] = acc
+
+
+@njit(parallel=True, fastmath=FAST, **JIT)
+def _mv_f16(x, w, lut, out):
+    """w (R, K) uint16 fp16 bits, widened through the exact 65536-entry table."""
+    N, K = x.shape
+    for r in prange(w.shape[0]):
+        for n in range(N):
+            acc = np.float32(0)
+            for k in range(K):
+                acc += x[n, k] * lut[w[r, k]]
+            out[n, r] = acc
+
+
+@njit(parallel=True, fastmath=FAST, **JIT)
+def _mv_q8_0(x, qs, d, out):
+    """qs (R, K) int8 quants, d (R, K/32) float32 block scales: w[r, k] = d[r, k//32] * qs[r, k].
+
+    One flat loop over the row (the block's scale gathered from the row's scales) lets LLVM use full-width
+    SIMD; a loop per block of 32 would be unrolled and vectorized the wrong way.
+    """
+    N, K = x.shape
+    R = qs.shape[0]
+    for c in prange((R + ROWS - 1) // ROWS):
+        for r in range(c * ROWS, min(R, (c + 1) * ROWS)):
+            for n in range(N):
+                acc = np.float32(0)
+                for k in range(K):
+                    acc += x[n, k] * np.float32(qs[r, k]) * d[r, k >> 5]
+                out[n, r] = acc
+
+
+@njit(parallel=True, fastmath=FAST, **JIT)
+def _mv_q4(x, qs, d, m, has_min, out):
+    """Q4_1 (has_min) and Q4_0: qs (R, K/2) bytes, d and m (R, K/32) float32 block scales and offsets.
+
+    Byte i of a row holds the values of block i // 16 at j = i % 16 (low nibble) and j + 16 (high nibble).
+    Q4_1: w = d q + m; Q4_0: w = d (q - 8) = d q + m with m = -8 d. So
+        sum_k x_k w_k = sum_i (xlo_i lo_i + xhi_i hi_i) d[i // 16]  +  sum_b m_b (sum of x over block b),
+    where xlo / xhi are x regrouped once per call into the order of the low / high nibbles.
+    """
+    N, K = x.shape
+    R, nb, half = qs.shape[0], d.shape[1], K // 2
+    xlo = np.empty((N, half), np.float32)  # (N, K/2) x at the positions of the low nibbles
+    xhi = np.empty((N, half), np.float32)  # (N, K/2) ... of the high nibbles
+    xsum = np.zeros((N, nb), np.float32)  # (N, nb) sum of x over each block
+    for n in range(N):
+        for b in range(nb):
+            for j in range(16):
+                xlo[n, b * 16 + j] = x[n, b * 32 + j]
+                xhi[n, b * 16 + j] = x[n, b * 32 + 16 + j]
+                xsum[n, b] += x[n, b * 32 + j] + x[n, b * 32 + 16 + j]
+    for c in prange((R + ROWS - 1) // ROWS):
+        for r in range(c * ROWS, min(R, (c + 1) * ROWS)):
+            for n in range(N):
+                acc = np.float32(0)
+                for i in range(half):
+                    # Nibbles split in float32 (exact below 256): integer ops would widen to int64 lanes.
+                    both = np.float32(qs[r, i])
+                    hi = np.floor(both * np.float32(0.0625))
+                    lo = both - np.float32(16) * hi
+                    acc += (xlo[n, i] * lo + xhi[n, i] * hi) * d[r, i >> 4]
+                for b in range(nb):
+                    acc += (m[r, b] if has_min else np.float32(-8) * d[r, b]) * xsum[n, b]
+                out[n, r] = acc
+
+
+# ---- decoding rows of a packed weight to float32 (prefill tiles and embedding lookups) --------------------
+# No fast-math here: each value is computed exactly as llama_ref.packed (and gguf.quants) computes it.
+
+@njit(**JIT)
+def _rows_q8_0(qs, d, ids, out):
+    """out (len(ids), K) = rows ids of a Q8_0 matrix."""
+    for i in range(ids.shape[0]):
+        r = ids[i]
+        for k in range(out.shape[1]):
+            out[i, k] = np.float32(qs[r, k]) * d[r, k >> 5]
+
+
+@njit(**JIT)
+def _rows_q4(qs, d, m, has_min, ids, out):
+    for i in range(ids.shape[0]):
+        r = ids[i]
+        for b in range(out.shape[1] // 32):
+            scale, low = d[r, b], m[r, b]
+            for j in range(16):
+                byte = qs[r, b * 16 + j]
+                if has_min:
+                    out[i, b * 32 + j] = scale * np.float32(byte & 15) + low
+                    out[i, b * 32 + 16 + j] = scale * np.float32(byte >> 4) + low
+                else:
+                    out[i, b * 32 + j] = scale * np.float32(np.int32(byte & 15) - 8)
+                    out[i, b * 32 + 16 + j] = scale * np.float32(np.int32(byte >> 4) - 8)
+
+
+@njit(**JIT)
+def _rows_int8(q, scale, ids, out):
+    for i in range(ids.shape[0]):
+        r = ids[i]
+        for k in range(out.shape[1]):
+            out[i, k] = np.float32(q[r, k]) * scale[r]
+
+
+@njit(**JIT)
+def _rows_f16(w, lut, ids, out):
+    for i in range(ids.shape[0]):
+        for k in range(out.shape[1]):
+            out[i, k] = lut[w[ids[i], k]]
+
+
+@njit(**JIT)
+def _rows_bf16(w, ids, out):
+    bits = out.view(np.uint32)  # (n, K) the output's own bytes, filled with float32 bit patterns
+    for i in range(ids.shape[0]):
+        for k in range(out.shape[1]):
+            bits[i, k] = np.uint32(w[ids[i], k]) << 16
+
+
+@njit(**JIT)
+def _rows_f32(w, ids, out):
+    for i in range(ids.shape[0]):
+        for k in range(out.shape[1]):
+            out[i, k] = w[ids[i], k]
+
+
+# ---- dispatch on the stored format -------------------------------------------------------------------------
+# format -> (matrix-vector kernel, row decoder, the weight's arrays as the kernels take them)
+
+def _bf16_bits(w):
+    return getattr(w, "data", None) if getattr(w, "format", None) == "bf16" else w.bits
+
+
+KINDS = {
+    "q8_0": (_mv_q8_0, _rows_q8_0, lambda w: (w.qs.view(np.int8), w.d)),
+    "q4_0": (_mv_q4, _rows_q4, lambda w: (w.qs, w.d, w.d, False)),
+    "q4_1": (_mv_q4, _rows_q4, lambda w: (w.qs, w.d, w.m, True)),
+    "int8": (_mv_int8, _rows_int8, lambda w: (w.data, w.scale)),
+    "f16": (_mv_f16, _rows_f16, lambda w: (w.data, FP16_TO_F32)),
+    "bf16": (_mv_bf16, _rows_bf16, lambda w: (readonly(_bf16_bits(w)),)),
+}
+
+
+def _kind(w) -> "str | None":
+    """The stored format of a packed weight that the kernels read directly, or None."""
+    fmt = getattr(w, "format", None)
+    if fmt in KINDS:
+        return fmt
+    if getattr(w, "dtype_name", None) == "bfloat16" and getattr(w, "bits", None) is not None and w.bits.ndim == 2:
+        return "bf16"  # llama_ref.weights.bf16.BF16Weight, from safetensors checkpoints
+    return None
+
+
+def linear(x: np.ndarray, w) -> np.ndarray:
+    """x @ w.T for a weight stored (out, in). x (..., in) -> (..., out). Same contract as ops.linear."""
+    if x.dtype != np.float32:
+        return ops.linear(x, w)
+    x2 = as_f32_rows(x)  # (N, K)
+    N, R = x2.shape[0], w.shape[0]
+    kind = None if isinstance(w, np.ndarray) else _kind(w)
+    if kind is None and not isinstance(w, np.ndarray):
+        w = w.to_float(np.float32)  # a format without a kernel: one matrix at a time, like the reference
+    if kind is None:
+        w = readonly(np.asarray(w, dtype=np.float32))  # (R, K)
+        if N >= BLAS_MIN_ROWS:
+            out = x2 @ w.T  # (N, R) BLAS, the same call as the reference
+        else:
+            out = np.empty((N, R), np.float32)
+            _mv_f32(x2, w, out)
+        return out.reshape(*x.shape[:-1], R)
+    matvec, rows, arrays = KINDS[kind]
+    arrays = arrays(w)
+    out = np.empty((N, R), np.float32)  # (N, R)
+    if N < BLAS_MIN_ROWS:
+        matvec(x2, *arrays, out)
+    else:
+        # Decode TILE_ROWS weight rows to float32, let BLAS multiply them, and reuse the buffer.
+        tile = np.empty((min(TILE_ROWS, R), x2.shape[1]), np.float32)  # (TR, K)
+        for r0 in range(0, R, TILE_ROWS):
+            r1 = min(R, r0 + TILE_ROWS)
+            rows(*arrays, np.arange(r0, r1), tile[: r1 - r0])
+            out[:, r0:r1] = x2 @ tile[: r1 - r0].T  # (N, r1 - r0)
+    return out.reshape(*x.shape[:-1], R)
+
+
+def embedding(tokens: np.ndarray, table, dtype) -> np.ndarray:
+    """Rows of the embedding table for each token id. tokens (...,) -> (..., D). Same contract as ops."""
+    if np.dtype(dtype) != np.float32:
+        return ops.embedding(tokens, table, dtype)
+    tokens = np.asarray(tokens)
+    ids = np.ascontiguousarray(tokens.reshape(-1), dtype=np.int64)  # (N,)
+    D = table.shape[1]
+    out = np.empty((ids.shape[0], D), np.float32)  # (N, D)
+    kind = None if isinstance(table, np.ndarray) else _kind(table)
+    if kind is not None:
+        _, rows, arrays = KINDS[kind]
+        rows(*arrays(table), ids, out)
+    elif isinstance(table, np.ndarray) and table.dtype == np.float32:
+        _rows_f32(readonly(table), ids, out)
+    else:
+        return ops.embedding(tokens, table, dtype)
+    return out.reshape(*tokens.shape, D)

@@ -1,0 +1,360 @@
+"""Weights kept in their stored format: 16-bit floats, int8 with per-row scales, and GGUF quantized blocks.
+
+A packed weight is a matrix (rows, cols) that is never expanded for the whole model at once. The NumPy
+reference (`ops.linear`, `ops.embedding`) asks it for floats one matrix or a few rows at a time through
+`.to_float(dtype)` and `.rows(ids, dtype)`; the Numba kernels read its raw storage (`.data` and, for
+int8, `.scale`) and convert in registers.
+
+GGUF block layouts in the file (one block covers `block_size` consecutive values of a row; fp16 scales little-endian):
+    Q8_0  34 bytes / 32 values:  d fp16 | 32 x int8 q          value = d * q
+    Q4_0  18 bytes / 32 values:  d fp16 | 16 bytes of nibbles   value = d * (q - 8)
+    Q4_1  20 bytes / 32 values:  d fp16 | m fp16 | 16 bytes     value = d * q + m
+          byte j holds value j in its low nibble and value j + 16 in its high nibble.
+    Q4_K, Q5_K, Q6_K: 256-value super-blocks with 6- or 8-bit sub-block scales (see each class).
+Every dequantization below matches `gguf.quants.dequantize` bit for bit (tests/test_kernels.py checks).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .weights.common import WeightsError
+
+# fp16 bit pattern -> float32, every one of the 65536 values: exact, and a table small enough for L2.
+FP16_TO_F32 = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
+FP16_TO_F32.flags.writeable = False
+
+
+def _readonly(a: np.ndarray) -> np.ndarray:
+    """A read-only view: weights are never written, and one array type keeps Numba's compiled variants few."""
+    a = np.asarray(a).view()
+    a.flags.writeable = False
+    return a
+
+
+def _fp16(raw: np.ndarray) -> np.ndarray:
+    """Little-endian fp16 stored as two uint8 columns (..., 2) -> float32 (...)."""
+    return np.ascontiguousarray(raw).view(np.float16)[..., 0].astype(np.float32)
+
+
+class PackedWeight:
+    """A (rows, cols) matrix stored in a compact format. Subclasses define `_dequantize(data)`."""
+
+    format: str = ""           # "f16", "bf16", "int8", "q8_0", ... : what the kernels dispatch on
+    bits_per_weight: float = 0
+
+    def __init__(self, data: np.ndarray, shape: tuple[int, int]):
+        self.data = _readonly(data)
+        self.shape = (int(shape[0]), int(shape[1]))
+
+    # ---- what NumPy code sees ---------------------------------------------------------------------
+    ndim = 2
+
+    @property
+    def dtype(self) -> str:
+        """The storage format (not a NumPy dtype: these values only become floats on request)."""
+        return self.format
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.data.nbytes) + sum(int(a.nbytes) for a in self._extra_arrays())
+
+    def _extra_arrays(self) -> list:
+        return []
+
+    def to_float(self, dtype=np.float32) -> np.ndarray:
+        """The whole matrix as floats. (rows, cols)."""
+        return self._dequantize(self.data).astype(dtype, copy=False).reshape(self.shape)
+
+    def rows(self, ids, dtype=np.float32) -> np.ndarray:
+        """Rows `ids` (any integer shape) as floats: ids (...,) -> (..., cols). Only those rows are decoded."""
+        ids = np.asarray(ids)
+        flat = ids.reshape(-1)  # (N,)
+        out = self._dequantize_rows(flat).astype(dtype, copy=False)  # (N, cols)
+        return out.reshape(*ids.shape, self.shape[1])
+
+    def _dequantize_rows(self, flat_ids: np.ndarray) -> np.ndarray:
+        return self._dequantize(self.data[flat_ids]).reshape(len(flat_ids), self.shape[1])
+
+    def _dequantize(self, data: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(shape={self.shape}, {self.nbytes / 2**20:.1f} MiB)"
+
+
+# ---- 16-bit floats --------------------------------------------------------------------------------------
+
+class F16Weight(PackedWeight):
+    """IEEE half precision, stored as its uint16 bit patterns. data (rows, cols) uint16."""
+    format, bits_per_weight = "f16", 16
+
+    def _dequantize(self, data):
+        return data.view(np.float16).astype(np.float32)
+
+
+class BF16Weight(PackedWeight):
+    """bfloat16: the top 16 bits of a float32. data (rows, cols) uint16."""
+    format, bits_per_weight = "bf16", 16
+
+    def _dequantize(self, data):
+        return (data.astype(np.uint32) << 16).view(np.float32)
+
+
+# ---- int8 with one scale per row ------------------------------------------------------------------------
+
+class Int8Weight(PackedWeight):
+    """Symmetric int8 per output row: value = scale[row] * q. data (rows, cols) int8, scale (rows,) float32."""
+    format, bits_per_weight = "int8", 8
+
+    def __init__(self, data, scale, shape):
+        super().__init__(data, shape)
+        self.scale = _readonly(np.asarray(scale, dtype=np.float32))
+
+    def _extra_arrays(self):
+        return [self.scale]
+
+    def to_float(self, dtype=np.float32):
+        return (self.data.astype(np.float32) * self.scale[:, None]).astype(dtype, copy=False)
+
+    def _dequantize_rows(self, flat_ids):
+        return self.data[flat_ids].astype(np.float32) * self.scale[flat_ids][:, None]
+
+    @classmethod
+    def quantize(cls, w: np.ndarray) -> "Int8Weight":
+        """Round each row to int8 with scale max|row| / 127 (a zero row keeps scale 0)."""
+        w = np.asarray(w, dtype=np.float32)
+        scale = np.abs(w).max(axis=1) / np.float32(127)  # (rows,)
+        inv = np.divide(1, scale, out=np.zeros_like(scale), where=scale != 0)
+        q = np.clip(np.rint(w * inv[:, None]), -127, 127).astype(np.int8)  # (rows, cols)
+        return cls(q, scale, w.shape)
+
+
+# ---- GGUF blocks ----------------------------------------------------------------------------------------
+
+class GGUFBlockWeight(PackedWeight):
+    """Rows of GGUF blocks. K-quants keep the file's bytes: data (rows, cols / block_size * type_size) uint8.
+
+    Q8_0, Q4_0 and Q4_1 are split once at load into their parts ("struct of arrays") so that a kernel
+    streams a row's quants contiguously: `qs` (rows, quant bytes of the row), the file's bytes in the file's
+    order, and one float32 array (rows, blocks) per fp16 field of the block header (`d`, and `m` for Q4_1),
+    widened once here (exactly: every fp16 is a float32) because decoding fp16 scales in the kernels cost
+    more time than the wider scales cost in bandwidth (Q4_1: 24 bytes per 32 values in memory, 20 on file).
+    `raw_blocks()` puts the file's bytes back together, bit for bit.
+    """
+    block_size: int = 32
+    type_size: int = 0
+    ggml_type: str = ""
+    fields: tuple = ()  # fp16 fields that head each block, in file order; empty: keep the raw bytes
+
+    def __init__(self, data, shape):
+        rows, cols = int(shape[0]), int(shape[1])
+        if cols % self.block_size:
+            raise WeightsError(f"{self.format}: row length {cols} is not a multiple of the block size "
+                               f"{self.block_size}")
+        nb = cols // self.block_size
+        raw = np.asarray(data).view(np.uint8).reshape(rows, nb, self.type_size)  # (rows, blocks, bytes)
+        self.shape = (rows, cols)
+        if not self.fields:
+            self.data = _readonly(raw.reshape(rows, nb * self.type_size))  # (rows, row bytes)
+            return
+        h = 2 * len(self.fields)
+        for i, name in enumerate(self.fields):
+            setattr(self, name, _readonly(_fp16(raw[:, :, 2 * i:2 * i + 2])))  # (rows, blocks) float32
+        self.qs = _readonly(np.ascontiguousarray(raw[:, :, h:]).reshape(rows, nb * (self.type_size - h)))
+        self.data = self.qs
+
+    def _extra_arrays(self):
+        return [getattr(self, name) for name in self.fields]
+
+    def raw_blocks(self, ids=None) -> np.ndarray:
+        """The blocks of rows `ids` (all rows if None) exactly as the GGUF file stores them. (n, row bytes)."""
+        if not self.fields:
+            return self.data if ids is None else self.data[ids]
+        sel = slice(None) if ids is None else ids
+        parts = [getattr(self, name)[sel].astype(np.float16)[:, :, None].view(np.uint8)  # (n, nb, 2) exact
+                 for name in self.fields]
+        qs = self.qs[sel]
+        parts.append(qs.reshape(qs.shape[0], -1, self.type_size - 2 * len(self.fields)))  # (n, nb, quant bytes)
+        return np.concatenate(parts, axis=2).reshape(qs.shape[0], -1)
+
+    def to_float(self, dtype=np.float32):
+        return self._dequantize(self.raw_blocks()).astype(dtype, copy=False).reshape(self.shape)
+
+    def _dequantize_rows(self, flat_ids):
+        return self._dequantize(self.raw_blocks(flat_ids)).reshape(len(flat_ids), self.shape[1])
+
+    def _dequantize(self, data):
+        blocks = data.reshape(-1, self.type_size)  # (n_blocks, type_size)
+        return self._dequantize_blocks(blocks)  # (n_blocks, block_size)
+
+    def _dequantize_blocks(self, blocks):
+        raise NotImplementedError
+
+    @classmethod
+    def quantize(cls, w: np.ndarray) -> "GGUFBlockWeight":
+        """Quantize a float matrix with ggml's own rounding (gguf.quants is bit-exact with ggml-quants.c)."""
+        import gguf
+
+        w = np.ascontiguousarray(w, dtype=np.float32)
+        qtype = getattr(gguf.GGMLQuantizationType, cls.ggml_type)
+        return cls(gguf.quants.quantize(w, qtype), w.shape)
+
+
+class Q8_0Weight(GGUFBlockWeight):
+    format, ggml_type, block_size, type_size, bits_per_weight = "q8_0", "Q8_0", 32, 34, 8.5
+    fields = ("d",)
+
+    def _dequantize_blocks(self, b):
+        d = _fp16(b[:, 0:2])[:, None]  # (n, 1)
+        q = b[:, 2:].view(np.int8).astype(np.float32)  # (n, 32)
+        return q * d
+
+
+class Q4_0Weight(GGUFBlockWeight):
+    format, ggml_type, block_size, type_size, bits_per_weight = "q4_0", "Q4_0", 32, 18, 4.5
+    fields = ("d",)
+
+    def _dequantize_blocks(self, b):
+        d = _fp16(b[:, 0:2])[:, None]  # (n, 1)
+        q = _nibbles(b[:, 2:]).astype(np.int8) - np.int8(8)  # (n, 32)
+        return d * q.astype(np.float32)
+
+
+class Q4_1Weight(GGUFBlockWeight):
+    format, ggml_type, block_size, type_size, bits_per_weight = "q4_1", "Q4_1", 32, 20, 5.0
+    fields = ("d", "m")
+
+    def _dequantize_blocks(self, b):
+        d = _fp16(b[:, 0:2])[:, None]  # (n, 1)
+        m = _fp16(b[:, 2:4])[:, None]  # (n, 1)
+        q = _nibbles(b[:, 4:]).astype(np.float32)  # (n, 32)
+        return d * q + m
+
+
+def _nibbles(qs: np.ndarray) -> np.ndarray:
+    """(n, 16) bytes -> (n, 32) values: the 16 low nibbles, then the 16 high nibbles."""
+    return np.concatenate([qs & np.uint8(0x0F), qs >> np.uint8(4)], axis=1)
+
+
+# K-quants: a 256-value super-block in sub-blocks, each with its own 6-bit (Q4_K/Q5_K) or 8-bit (Q6_K) scale.
+QK_K = 256
+
+
+def kquant_scales(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_K/Q5_K: 12 bytes -> 8 six-bit scales and 8 six-bit mins. (n, 12) -> (n, 8), (n, 8).
+
+    Bytes 0-3 hold scales 0-3 in their low 6 bits, bytes 4-7 mins 0-3; scales/mins 4-7 take their low
+    4 bits from bytes 8-11 and their top 2 bits from the spare top bits of bytes 0-3 / 4-7.
+    """
+    d, m, md = scales[:, 0:4], scales[:, 4:8], scales[:, 8:12]  # (n, 4) each
+    sc = np.concatenate([d & 0x3F, (md & 0x0F) | ((d >> 2) & 0x30)], axis=1)
+    mn = np.concatenate([m & 0x3F, (md >> 4) | ((m >> 2) & 0x30)], axis=1)
+    return sc, mn
+
+
+class Q4_KWeight(GGUFBlockWeight):
+    """144 bytes / 256 values: d fp16 | dmin fp16 | 12 bytes scales | 128 bytes nibbles.
+
+    Sub-block j (32 values) = d * sc[j] * q - dmin * mn[j]; each 32-byte group of nibbles holds two
+    sub-blocks, the low nibbles first.
+    """
+    format, ggml_type, block_size, type_size, bits_per_weight = "q4_k", "Q4_K", QK_K, 144, 4.5
+
+    def _dequantize_blocks(self, b):
+        n = b.shape[0]
+        d, dmin = _fp16(b[:, 0:2]), _fp16(b[:, 2:4])  # (n,)
+        sc, mn = kquant_scales(b[:, 4:16])  # (n, 8)
+        scale = (d[:, None] * sc.astype(np.float32))[:, :, None]  # (n, 8, 1)
+        minimum = (dmin[:, None] * mn.astype(np.float32))[:, :, None]  # (n, 8, 1)
+        qs = b[:, 16:].reshape(n, 4, 1, 32)  # (n, 4 groups, 1, 32)
+        q = (qs >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1)) & np.uint8(0x0F)  # (n, 4, 2, 32)
+        q = q.reshape(n, 8, 32).astype(np.float32)  # (n, 8 sub-blocks, 32)
+        return (scale * q - minimum).reshape(n, QK_K)
+
+
+class Q5_KWeight(GGUFBlockWeight):
+    """176 bytes / 256 values: d | dmin | 12 bytes scales | 32 bytes high bits | 128 bytes nibbles.
+
+    Like Q4_K with a fifth bit per value: bit j of qh[i] is the high bit of value i of sub-block j.
+    """
+    format, ggml_type, block_size, type_size, bits_per_weight = "q5_k", "Q5_K", QK_K, 176, 5.5
+
+    def _dequantize_blocks(self, b):
+        n = b.shape[0]
+        d, dmin = _fp16(b[:, 0:2]), _fp16(b[:, 2:4])  # (n,)
+        sc, mn = kquant_scales(b[:, 4:16])  # (n, 8)
+        scale = (d[:, None] * sc.astype(np.float32))[:, :, None]  # (n, 8, 1)
+        minimum = (dmin[:, None] * mn.astype(np.float32))[:, :, None]  # (n, 8, 1)
+        qh = b[:, 16:48].reshape(n, 1, 32)  # (n, 1, 32)
+        qs = b[:, 48:].reshape(n, 4, 1, 32)  # (n, 4, 1, 32)
+        ql = ((qs >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1)) & np.uint8(0x0F)).reshape(n, 8, 32)
+        hi = ((qh >> np.arange(8, dtype=np.uint8).reshape(1, 8, 1)) & np.uint8(1))  # (n, 8, 32)
+        q = (ql | (hi << np.uint8(4))).astype(np.float32)  # (n, 8, 32)
+        return (scale * q - minimum).reshape(n, QK_K)
+
+
+class Q6_KWeight(GGUFBlockWeight):
+    """210 bytes / 256 values: 128 bytes low nibbles | 64 bytes 2-bit highs | 16 int8 scales | d fp16.
+
+    Value = d * scale[sub-block of 16] * (q - 32), q six bits; see ggml's dequantize_row_q6_K for the order.
+    """
+    format, ggml_type, block_size, type_size, bits_per_weight = "q6_k", "Q6_K", QK_K, 210, 6.5625
+
+    def _dequantize_blocks(self, b):
+        n = b.shape[0]
+        ql, qh = b[:, 0:128], b[:, 128:192]
+        scales = b[:, 192:208].view(np.int8).astype(np.float32)  # (n, 16)
+        d = _fp16(b[:, 208:210])  # (n,)
+        scale = (d[:, None] * scales).reshape(n, 16, 1)  # (n, 16, 1)
+        lo = (ql.reshape(n, 2, 1, 64) >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1)) & np.uint8(0x0F)
+        lo = lo.reshape(n, 8, 32)  # (n, 8, 32)
+        hi = (qh.reshape(n, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 4, 1)) & np.uint8(3)
+        hi = hi.reshape(n, 8, 32)  # (n, 8, 32)
+        q = (lo | (hi << np.uint8(4))).astype(np.int8) - np.int8(32)  # (n, 8, 32)
+        return (scale * q.reshape(n, 16, 16).astype(np.float32)).reshape(n, QK_K)
+
+
+BLOCK_TYPES = {cls.ggml_type: cls for cls in (Q8_0Weight, Q4_0Weight, Q4_1Weight, Q4_KWeight, Q5_KWeight,
+                                              Q6_KWeight)}
+QUANTIZERS = {"int8": Int8Weight, "q8_0": Q8_0Weight, "q4_0": Q4_0Weight, "q4_1": Q4_1Weight}
+
+
+def from_gguf_tensor(tensor):
+    """A GGUF tensor kept in its stored format: a packed weight, or a float32 array for F32 tensors.
+
+    Returns None for types we do not pack (the caller then dequantizes to float32).
+    """
+    rows_cols = tuple(int(n) for n in reversed(tensor.shape))  # GGUF lists the fastest axis first
+    kind = tensor.tensor_type.name
+    if len(rows_cols) != 2:
+        return None
+    if kind == "F16":
+        return F16Weight(np.asarray(tensor.data).view(np.uint16).reshape(rows_cols), rows_cols)
+    if kind == "BF16":
+        return BF16Weight(np.asarray(tensor.data).view(np.uint16).reshape(rows_cols), rows_cols)
+    if kind in BLOCK_TYPES:
+        return BLOCK_TYPES[kind](np.asarray(tensor.data), rows_cols)
+    return None
+
+
+def quantize_weights(weights: dict, kind: str, where: str = "quantize") -> dict:
+    """Quantize every float matrix of a weights dict to `kind` (int8, q8_0, q4_0, q4_1); norms stay float.
+
+    Matrices whose rows do not split into whole blocks stay as they are. Tied tensors stay tied.
+    """
+    if kind not in QUANTIZERS:
+        raise WeightsError(f"{where}: quantize must be one of {', '.join(QUANTIZERS)}, got {kind!r}")
+    cls = QUANTIZERS[kind]
+    done: dict[int, object] = {}  # id(original) -> quantized, so tied embeddings are quantized once
+    out = {}
+    for name, w in weights.items():
+        if getattr(w, "ndim", 0) != 2:
+            out[name] = w
+            continue
+        if id(w) not in done:
+            dense = w if isinstance(w, np.ndarray) else w.to_float(np.float32)
+            block = getattr(cls, "block_size", 1)
+            done[id(w)] = cls.quantize(dense) if dense.shape[1] % block == 0 else w
+        out[name] = done[id(w)]
+    return out

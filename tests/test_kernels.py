@@ -1,0 +1,225 @@
+"""Each Numba kernel equals its NumPy twin in llama_ref.ops; packed weights decode exactly as gguf does.
+
+Shapes are drawn by hypothesis, including odd sizes, sizes that are not a multiple of a block or of the
+SIMD width, GQA ratios 1/2/4/8 and queries at the very end of the cache. Kernels compile once (cached on
+disk), whatever the shapes: every call passes the same array types.
+"""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from llama_ref import kernels, ops, packed
+from llama_ref.config import ModelArgs
+
+FEW = settings(max_examples=12, deadline=None)
+
+BLOCK_TYPES = [packed.Q8_0Weight, packed.Q4_0Weight, packed.Q4_1Weight, packed.Q4_KWeight,
+               packed.Q5_KWeight, packed.Q6_KWeight]
+
+
+def dot_bound(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """A float32 rounding bound for x @ w.T: a few ulps of sum_k |x_k w_k|, whatever the summation order."""
+    k = x.shape[-1]
+    return 4 * k * np.finfo(np.float32).eps * (np.abs(x).astype(np.float64) @ np.abs(w).astype(np.float64).T)
+
+
+def random_packed(fmt: str, rows: int, cols: int, rng) -> packed.PackedWeight:
+    w = rng.standard_normal((rows, cols)).astype(np.float32)
+    if fmt == "f16":
+        return packed.F16Weight(w.astype(np.float16).view(np.uint16), w.shape)
+    if fmt == "bf16":
+        return packed.BF16Weight((w.view(np.uint32) >> 16).astype(np.uint16), w.shape)
+    return packed.QUANTIZERS[fmt].quantize(w)
+
+
+# ---- packed formats decode exactly as gguf.quants -------------------------------------------------------
+
+@pytest.mark.parametrize("cls", BLOCK_TYPES, ids=lambda c: c.format)
+@given(rows=st.integers(1, 5), blocks=st.integers(1, 3), seed=st.integers(0, 2**32 - 1))
+@FEW
+def test_block_dequantization_matches_gguf(cls, rows, blocks, seed):
+    # Random bytes cover every bit pattern of the scales and quants (NaN and inf scales included).
+    rng = np.random.default_rng(seed)
+    raw = rng.integers(0, 256, (rows, blocks * cls.type_size), dtype=np.uint8)
+    w = cls(raw, (rows, blocks * cls.block_size))
+    with np.errstate(invalid="ignore", over="ignore"):
+        expected = gguf.quants.dequantize(raw, getattr(gguf.GGMLQuantizationType, cls.ggml_type))
+        np.testing.assert_array_equal(w.to_float(np.float32), expected)
+        ids = rng.integers(0, rows, (2, 3))
+        np.testing.assert_array_equal(w.rows(ids, np.float32), expected[ids])
+
+
+@given(rows=st.integers(1, 6), cols=st.integers(1, 40), seed=st.integers(0, 2**32 - 1))
+@FEW
+def test_16bit_dequantization_matches_gguf(rows, cols, seed):
+    rng = np.random.default_rng(seed)
+    bits = rng.integers(0, 2**16, (rows, cols), dtype=np.uint16)
+    with np.errstate(invalid="ignore", over="ignore"):
+        np.testing.assert_array_equal(packed.F16Weight(bits, (rows, cols)).to_float(),
+                                      gguf.quants.dequantize(bits.view(np.uint8), gguf.GGMLQuantizationType.F16))
+        np.testing.assert_array_equal(packed.BF16Weight(bits, (rows, cols)).to_float(),
+                                      gguf.quants.dequantize(bits.view(np.uint8), gguf.GGMLQuantizationType.BF16))
+
+
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_0", "q4_1"])
+def test_quantize_matches_gguf_bytes(fmt):
+    # Quantizing at load must give the very blocks llama.cpp's own quantizer writes.
+    w = np.random.default_rng(1).standard_normal((7, 96)).astype(np.float32)
+    ours = packed.QUANTIZERS[fmt].quantize(w)
+    theirs = gguf.quants.quantize(w, getattr(gguf.GGMLQuantizationType, fmt.upper()))
+    np.testing.assert_array_equal(ours.raw_blocks(), theirs)
+
+
+def test_int8_quantization_error_is_half_a_step():
+    w = np.random.default_rng(2).standard_normal((9, 50)).astype(np.float32)
+    q = packed.Int8Weight.quantize(w)
+    step = np.abs(w).max(axis=1, keepdims=True) / 127
+    assert np.all(np.abs(q.to_float() - w) <= 0.5 * step * (1 + 1e-5))
+    assert np.all(np.abs(q.data) <= 127)
+
+
+def test_bad_block_shape_is_a_clear_error():
+    with pytest.raises(ValueError, match="multiple of the block size"):
+        packed.Q8_0Weight(np.zeros((2, 34), np.uint8), (2, 33))
+
+
+# ---- kernels equal their NumPy twins --------------------------------------------------------------------
+
+@given(n=st.integers(1, 9), d=st.integers(1, 130), seed=st.integers(0, 2**32 - 1))
+@FEW
+def test_rms_norm(n, d, seed):
+    rng = np.random.default_rng(seed)
+    x = (3 * rng.standard_normal((1, n, d))).astype(np.float32)
+    w = (1 + 0.1 * rng.standard_normal(d)).astype(np.float32)
+    np.testing.assert_allclose(kernels.rms_norm(x, w, 1e-5), ops.rms_norm(x, w, 1e-5), rtol=2e-6, atol=1e-6)
+
+
+def test_rms_norm_parallel_and_float64():
+    # Large chunks take the parallel variant; float64 goes to the NumPy twin unchanged.
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((1, 300, 150)).astype(np.float32)
+    w = rng.standard_normal(150).astype(np.float32)
+    np.testing.assert_allclose(kernels.rms_norm(x, w, 1e-6), ops.rms_norm(x, w, 1e-6), rtol=2e-6, atol=1e-6)
+    x64 = x.astype(np.float64)
+    np.testing.assert_array_equal(kernels.rms_norm(x64, w, 1e-6), ops.rms_norm(x64, w, 1e-6))
+
+
+FORMATS = ["f32", "f16", "bf16", "int8", "q8_0", "q4_0", "q4_1"]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@given(n=st.sampled_from([1, 2, 3, 8, 13]), rows=st.integers(1, 70), blocks=st.integers(1, 5),
+       extra=st.integers(0, 31), seed=st.integers(0, 2**32 - 1))
+@settings(max_examples=8, deadline=None)
+def test_linear(fmt, n, rows, blocks, extra, seed):
+    # n < 8 runs the matrix-vector kernels on the stored format, n >= 8 the tiled BLAS path.
+    rng = np.random.default_rng(seed)
+    block = 32 if fmt in ("q8_0", "q4_0", "q4_1") else 1
+    cols = blocks * 32 + (0 if block == 32 else extra)  # odd widths where the format allows them
+    x = rng.standard_normal((1, n, cols)).astype(np.float32)
+    w = rng.standard_normal((rows, cols)).astype(np.float32) if fmt == "f32" else random_packed(fmt, rows, cols, rng)
+    got, want = kernels.linear(x, w), ops.linear(x, w)
+    assert got.shape == want.shape == (1, n, rows)
+    dense = w if fmt == "f32" else w.to_float(np.float32)
+    assert np.all(np.abs(got - want)[0] <= dot_bound(x[0], dense) + 1e-30)
+
+
+def test_linear_float64_uses_the_reference():
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((2, 64))
+    w = random_packed("q8_0", 5, 64, rng)
+    np.testing.assert_array_equal(kernels.linear(x, w), ops.linear(x, w))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_embedding_is_exact(fmt):
+    rng = np.random.default_rng(5)
+    table = rng.standard_normal((40, 64)).astype(np.float32)
+    if fmt != "f32":
+        table = random_packed(fmt, 40, 64, rng)
+    tokens = rng.integers(0, 40, (2, 7))
+    got = kernels.embedding(tokens, table, np.float32)
+    assert got.shape == (2, 7, 64)
+    np.testing.assert_array_equal(got, ops.embedding(tokens, table, np.float32))
+
+
+@given(b=st.integers(1, 2), t=st.integers(1, 7), heads=st.integers(1, 3), hd=st.sampled_from([2, 6, 16, 64]),
+       start=st.integers(0, 40), seed=st.integers(0, 2**32 - 1))
+@FEW
+def test_apply_rope_is_exact(b, t, heads, hd, start, seed):
+    rng = np.random.default_rng(seed)
+    args = ModelArgs(dim=heads * hd, n_layers=1, n_heads=heads, vocab_size=8, rope_theta=500000.0)
+    cos, sin = ops.rope_tables(ops.rope_frequencies(args), start, t, np.float32)
+    x = rng.standard_normal((b, t, heads, hd)).astype(np.float32)
+    np.testing.assert_array_equal(kernels.apply_rope(x, cos, sin), ops.apply_rope(x, cos, sin))
+
+
+@given(shape=st.tuples(st.integers(1, 3), st.integers(1, 300)), seed=st.integers(0, 2**32 - 1))
+@FEW
+def test_swiglu(shape, seed):
+    rng = np.random.default_rng(seed)
+    gate = (10 * rng.standard_normal(shape)).astype(np.float32)
+    gate.flat[0] = -200.0  # exp overflows: silu must still be -0, not NaN
+    up = rng.standard_normal(shape).astype(np.float32)
+    got = kernels.swiglu(gate, up)
+    np.testing.assert_allclose(got, ops.swiglu(gate, up), rtol=3e-6, atol=1e-30)
+    assert not np.isnan(got).any()
+
+
+def test_swiglu_parallel():
+    rng = np.random.default_rng(6)
+    gate, up = rng.standard_normal((2, 40000)).astype(np.float32), rng.standard_normal((2, 40000)).astype(np.float32)
+    np.testing.assert_allclose(kernels.swiglu(gate, up), ops.swiglu(gate, up), rtol=3e-6, atol=1e-30)
+
+
+@given(b=st.integers(1, 2), t=st.integers(1, 6), kv_heads=st.integers(1, 3), group=st.sampled_from([1, 2, 4, 8]),
+       hd=st.sampled_from([4, 10, 64]), start=st.integers(0, 150), masked=st.booleans(),
+       seed=st.integers(0, 2**32 - 1))
+@FEW
+def test_attention(b, t, kv_heads, group, hd, start, masked, seed):
+    # start up to 150 crosses several key tiles of 64; S = start + t keys, the last query sees all of them.
+    rng = np.random.default_rng(seed)
+    s = start + t
+    q = rng.standard_normal((b, t, kv_heads * group, hd)).astype(np.float32)
+    k = (2 * rng.standard_normal((b, s, kv_heads, hd))).astype(np.float32)
+    v = rng.standard_normal((b, s, kv_heads, hd)).astype(np.float32)
+    mask = None
+    if masked:
+        mask = rng.random((b, s)) > 0.4
+        mask[:, 0] = True  # every query sees at least one key (a fully masked row is NaN in both)
+    got = kernels.attention(q, k, v, start, mask)
+    want = ops.attention(q, k, v, start, mask)
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-6)
+
+
+def test_attention_at_the_end_of_the_cache_reads_only_visible_keys():
+    # Keys past the query's position must not matter: poison them and compare with the reference.
+    rng = np.random.default_rng(7)
+    q = rng.standard_normal((1, 3, 8, 16)).astype(np.float32)
+    k = rng.standard_normal((1, 200, 2, 16)).astype(np.float32)
+    v = rng.standard_normal((1, 200, 2, 16)).astype(np.float32)
+    start = 197  # queries at positions 197, 198, 199: the last slots of a 200-position cache
+    want = ops.attention(q, k, v, start)
+    k2, v2 = k.copy(), v.copy()
+    k2[:, 198:], v2[:, 198:] = 1e30, np.nan  # invisible to the first query; visible to the later ones
+    got = kernels.attention(q, k, v, start)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-6)
+    first = kernels.attention(q[:, :1], k2, v2, start)  # the first query must read keys 0 .. 197 only
+    np.testing.assert_allclose(first, want[:, :1], rtol=1e-5, atol=2e-6)
+
+
+def test_fully_masked_query_gives_zeros_like_the_reference():
+    # A left-padding query sees no key; the padding's values must not leak NaN into it.
+    q = np.ones((1, 1, 2, 4), np.float32)
+    k = np.ones((1, 3, 1, 4), np.float32)
+    v = np.full((1, 3, 1, 4), np.nan, np.float32)
+    mask = np.zeros((1, 3), bool)
+    want = ops.attention(q, k, np.zeros_like(v), 2, mask)
+    np.testing.assert_array_equal(kernels.attention(q, k, v, 2, mask), want)
+    assert not np.isnan(want).any()

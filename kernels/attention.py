@@ -4,6 +4,9 @@ One work item is (batch, query head, query position); the query head reads its g
 from the cache (no KV head is repeated or copied). Keys are visited in tiles with a running
 maximum, flash-attention style: scores of a tile, then the softmax numerator and the weighted sum of values
 are rescaled only when the maximum grows. Memory stays O(tile) whatever the context length.
+
+Chunks of BLAS_MIN_QUERIES queries or more (prefill) go to NumPy's BLAS instead: two matrix products per KV
+head and a NumPy softmax, faster than the loops above once there are many queries to share each key.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from llama_ref import ops
 from ._common import FAST, JIT
 
 TILE = 64  # keys per tile
+BLAS_MIN_QUERIES = 16  # query positions from which a chunk's attention goes to BLAS
+SCORES_BUDGET = 1 << 24  # floats of scores held at once by the BLAS path (64 MiB)
 
 
 @njit(parallel=True, fastmath=FAST, **JIT)
@@ -69,6 +74,43 @@ def _attention(q, k, v, start_pos, key_mask, out):
             out[b, t, h, d] = acc[d] * inv
 
 
+def _attention_blas(q, k, v, start_pos, key_mask):
+    """Prefill chunks: each KV head's scores for a block of queries as one BLAS product.
+
+    The G query heads of a KV head are stacked as rows, so every KV head is read in place. Queries go in
+    blocks that keep the scores within SCORES_BUDGET floats; softmax is NumPy's, shifted by the row maximum.
+    """
+    B, T, H, HD = q.shape
+    S, KVH = k.shape[1], k.shape[2]
+    G = H // KVH
+    root = np.float32(np.sqrt(HD))
+    block = max(1, SCORES_BUDGET // (H * S))  # queries per block
+    out = np.empty(q.shape, np.float32)  # (B, T, H, HD)
+    for b in range(B):
+        keys = k[b].transpose(1, 2, 0)  # (KVH, HD, S) a view
+        values = v[b].transpose(1, 0, 2)  # (KVH, S, HD) a view
+        for t0 in range(0, T, block):
+            n = min(T, t0 + block) - t0
+            rows = q[b, t0:t0 + n].transpose(1, 0, 2).reshape(KVH, G * n, HD)  # (KVH, G*n, HD)
+            scores = np.matmul(rows, keys).reshape(KVH, G, n, S)  # (KVH, G, n, S)
+            scores /= root
+            # Query t0+i sits at position start_pos+t0+i and sees keys 0 .. that position (and unmasked).
+            visible = np.arange(S)[None, :] <= (start_pos + t0 + np.arange(n))[:, None]  # (n, S)
+            if key_mask is not None:
+                visible &= key_mask[b][None, :]
+            np.copyto(scores, np.float32(-np.inf), where=~visible)
+            top = scores.max(axis=-1, keepdims=True)  # (KVH, G, n, 1)
+            top[np.isneginf(top)] = 0  # a query that sees no key (left padding) gets zeros, as in ops
+            scores -= top
+            np.exp(scores, out=scores)
+            total = scores.sum(axis=-1, keepdims=True)
+            total[total == 0] = 1
+            scores /= total
+            heads = np.matmul(scores.reshape(KVH, G * n, S), values)  # (KVH, G*n, HD)
+            out[b, t0:t0 + n] = heads.reshape(H, n, HD).transpose(1, 0, 2)  # (n, H, HD)
+    return out
+
+
 def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start_pos: int,
               key_mask: "np.ndarray | None" = None) -> np.ndarray:
     """Causal grouped-query attention of a chunk of queries over all cached keys. Same contract as ops.
@@ -77,6 +119,8 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start_pos: int,
     """
     if q.dtype != np.float32 or k.dtype != np.float32 or v.dtype != np.float32:
         return ops.attention(q, k, v, start_pos, key_mask)
+    if q.shape[1] >= BLAS_MIN_QUERIES:
+        return _attention_blas(q, k, v, int(start_pos), key_mask)
     B, S = k.shape[0], k.shape[1]
     if key_mask is None:
         key_mask = np.ones((B, S), np.bool_)

@@ -195,28 +195,20 @@ def _rows_f32(w, ids, out):
 # ---- dispatch on the stored format -------------------------------------------------------------------------
 # format -> (matrix-vector kernel, row decoder, the weight's arrays as the kernels take them)
 
-def _bf16_bits(w):
-    return getattr(w, "data", None) if getattr(w, "format", None) == "bf16" else w.bits
-
-
 KINDS = {
     "q8_0": (_mv_q8_0, _rows_q8_0, lambda w: (w.qs.view(np.int8), w.d)),
     "q4_0": (_mv_q4, _rows_q4, lambda w: (w.qs, w.d, w.d, False)),
     "q4_1": (_mv_q4, _rows_q4, lambda w: (w.qs, w.d, w.m, True)),
     "int8": (_mv_int8, _rows_int8, lambda w: (w.data, w.scale)),
     "f16": (_mv_f16, _rows_f16, lambda w: (w.data, FP16_TO_F32)),
-    "bf16": (_mv_bf16, _rows_bf16, lambda w: (readonly(_bf16_bits(w)),)),
+    "bf16": (_mv_bf16, _rows_bf16, lambda w: (w.data,)),
 }
 
 
 def _kind(w) -> "str | None":
-    """The stored format of a packed weight that the kernels read directly, or None."""
+    """The stored format of a packed weight (llama_ref.packed) that the kernels read directly, or None."""
     fmt = getattr(w, "format", None)
-    if fmt in KINDS:
-        return fmt
-    if getattr(w, "dtype_name", None) == "bfloat16" and getattr(w, "bits", None) is not None and w.bits.ndim == 2:
-        return "bf16"  # llama_ref.weights.bf16.BF16Weight, from safetensors checkpoints
-    return None
+    return fmt if fmt in KINDS else None
 
 
 def linear(x: np.ndarray, w) -> np.ndarray:

@@ -54,6 +54,11 @@ def _model_options(p) -> None:
                    help="numpy (the reference, default) or numba (compiled kernels)")
     p.add_argument("--dtype", choices=["float32", "float64"], default="float32",
                    help="computation dtype (default float32)")
+    p.add_argument("--weights", choices=["float32", "packed"], default=None,
+                   help="packed: keep 16-bit / quantized matrices in their stored format (default: float32 "
+                        "for GGUF, packed for checkpoint directories)")
+    p.add_argument("--quantize", choices=["int8", "q8_0", "q4_0", "q4_1"], default=None,
+                   help="quantize the weight matrices at load (accuracy cost: README, Speed)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or speed line on stderr")
     p.add_argument("--json", action="store_true", help="print the result as JSON on stdout, for scripts")
 
@@ -93,7 +98,8 @@ def _load(args):
 
     from .loading import load
 
-    return load(args.model, backend=args.backend, dtype=np.dtype(args.dtype), progress=not args.quiet)
+    return load(args.model, backend=args.backend, dtype=np.dtype(args.dtype), progress=not args.quiet,
+                weights=args.weights, quantize=args.quantize)
 
 
 def _read_text(path: str, what: str) -> str:

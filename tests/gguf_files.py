@@ -14,7 +14,7 @@ from typing import Optional
 from llama_ref.config import ModelArgs
 from llama_ref.tokenizer import _gpt2_byte_decoder
 from llama_ref.weights.gguf import META_TO_GGUF
-from llama_ref.weights.writers import _gguf_name, _gguf_value_type
+from llama_ref.weights.writers import _gguf_name, _gguf_value_type, add_hyperparameters
 
 
 def byte_level_tokens() -> list[str]:
@@ -38,15 +38,7 @@ def write_llama_gguf(path: Path, args: ModelArgs, weights: dict, metadata: Optio
     import gguf
 
     w = gguf.GGUFWriter(str(path), architecture)
-    # The hyperparameters llama_ref reads back into ModelArgs.
-    w.add_block_count(args.n_layers)
-    w.add_context_length(args.max_seq_len)
-    w.add_embedding_length(args.dim)
-    w.add_feed_forward_length(args.ffn_hidden_dim)
-    w.add_head_count(args.n_heads)
-    w.add_head_count_kv(args.kv_heads)
-    w.add_layer_norm_rms_eps(args.norm_eps)
-    w.add_rope_freq_base(args.rope_theta)
+    add_hyperparameters(w, args)
     for key, value in (metadata or {}).items():
         w.add_key_value(key, value, *_gguf_value_type(value))
     for name, value in weights.items():

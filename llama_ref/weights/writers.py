@@ -273,6 +273,18 @@ def _gguf_value_type(value):
     return scalar(value), None
 
 
+def add_hyperparameters(w, args: ModelArgs) -> None:
+    """The architecture keys that llama_ref reads back into ModelArgs (see config.from_gguf_metadata)."""
+    w.add_block_count(args.n_layers)
+    w.add_context_length(args.max_seq_len)
+    w.add_embedding_length(args.dim)
+    w.add_feed_forward_length(args.ffn_hidden_dim)
+    w.add_head_count(args.n_heads)
+    w.add_head_count_kv(args.kv_heads)
+    w.add_layer_norm_rms_eps(args.norm_eps)
+    w.add_rope_freq_base(args.rope_theta)
+
+
 def write_gguf(dst: Path, args: ModelArgs, weights: dict, out: str, metadata: Optional[dict] = None,
                freq_divisors=None, on_tensor=None) -> None:
     """A llama.cpp GGUF file with F32 or F16 matrices (norms always F32); the tokenizer.* keys of
@@ -284,14 +296,7 @@ def write_gguf(dst: Path, args: ModelArgs, weights: dict, out: str, metadata: Op
     if out not in ("f32", "f16"):
         raise WeightsError(f"GGUF output must be f32 or f16, got {out}")
     w = gguf.GGUFWriter(str(dst), "llama")
-    w.add_block_count(args.n_layers)
-    w.add_context_length(args.max_seq_len)
-    w.add_embedding_length(args.dim)
-    w.add_feed_forward_length(args.ffn_hidden_dim)
-    w.add_head_count(args.n_heads)
-    w.add_head_count_kv(args.kv_heads)
-    w.add_layer_norm_rms_eps(args.norm_eps)
-    w.add_rope_freq_base(args.rope_theta)
+    add_hyperparameters(w, args)
     w.add_rope_dimension_count(args.head_dim)
     w.add_vocab_size(args.vocab_size)
     w.add_file_type(gguf.LlamaFileType.ALL_F32 if out == "f32" else gguf.LlamaFileType.MOSTLY_F16)

@@ -83,7 +83,8 @@ def _mv_f16(x, w, lut, out):
 
 @njit(parallel=True, fastmath=FAST, **JIT)
 def _mv_q8_0(x, qs, d, out):
-    """qs (R, K) int8 quants, d (R, K/32) float32 block scales: w[r, k] = d[r, k//32] * qs[r, k].
+    """qs (R, K) int8 quants as stored (uint8 bytes, reinterpreted in registers), d (R, K/32) float32 block
+    scales: w[r, k] = d[r, k//32] * qs[r, k].
 
     One flat loop over the row (the block's scale gathered from the row's scales) lets LLVM use full-width
     SIMD; a loop per block of 32 would be unrolled and vectorized the wrong way.
@@ -95,7 +96,7 @@ def _mv_q8_0(x, qs, d, out):
             for n in range(N):
                 acc = np.float32(0)
                 for k in range(K):
-                    acc += x[n, k] * np.float32(qs[r, k]) * d[r, k >> 5]
+                    acc += x[n, k] * np.float32(np.int8(qs[r, k])) * d[r, k >> 5]
                 out[n, r] = acc
 
 
@@ -110,15 +111,18 @@ def _mv_q4(x, qs, d, m, has_min, out):
     """
     N, K = x.shape
     R, nb, half = qs.shape[0], d.shape[1], K // 2
-    xlo = np.empty((N, half), np.float32)  # (N, K/2) x at the positions of the low nibbles
-    xhi = np.empty((N, half), np.float32)  # (N, K/2) ... of the high nibbles
-    xsum = np.zeros((N, nb), np.float32)  # (N, nb) sum of x over each block
+    xr = np.empty((3, N, half), np.float32)  # one allocation per call: the three views below
+    xlo = xr[0]  # (N, K/2) x at the positions of the low nibbles
+    xhi = xr[1]  # (N, K/2) ... of the high nibbles
+    xsum = xr[2]  # (N, K/2) its first nb columns: sum of x over each block
     for n in range(N):
         for b in range(nb):
+            s = np.float32(0)
             for j in range(16):
                 xlo[n, b * 16 + j] = x[n, b * 32 + j]
                 xhi[n, b * 16 + j] = x[n, b * 32 + 16 + j]
-                xsum[n, b] += x[n, b * 32 + j] + x[n, b * 32 + 16 + j]
+                s += x[n, b * 32 + j] + x[n, b * 32 + 16 + j]
+            xsum[n, b] = s
     for c in prange((R + ROWS - 1) // ROWS):
         for r in range(c * ROWS, min(R, (c + 1) * ROWS)):
             for n in range(N):
@@ -129,9 +133,13 @@ def _mv_q4(x, qs, d, m, has_min, out):
                     hi = np.floor(both * np.float32(0.0625))
                     lo = both - np.float32(16) * hi
                     acc += (xlo[n, i] * lo + xhi[n, i] * hi) * d[r, i >> 4]
+                out[n, r] = acc
+            # The offsets in a loop of their own: inside the loop above they made LLVM's code slower.
+            for n in range(N):
+                acc = np.float32(0)
                 for b in range(nb):
                     acc += (m[r, b] if has_min else np.float32(-8) * d[r, b]) * xsum[n, b]
-                out[n, r] = acc
+                out[n, r] += acc
 
 
 # ---- decoding rows of a packed weight to float32 (prefill tiles and embedding lookups) --------------------
@@ -139,11 +147,11 @@ def _mv_q4(x, qs, d, m, has_min, out):
 
 @njit(**JIT)
 def _rows_q8_0(qs, d, ids, out):
-    """out (len(ids), K) = rows ids of a Q8_0 matrix."""
+    """out (len(ids), K) = rows ids of a Q8_0 matrix; qs holds the int8 quants as uint8 bytes."""
     for i in range(ids.shape[0]):
         r = ids[i]
         for k in range(out.shape[1]):
-            out[i, k] = np.float32(qs[r, k]) * d[r, k >> 5]
+            out[i, k] = np.float32(np.int8(qs[r, k])) * d[r, k >> 5]
 
 
 @njit(**JIT)
@@ -196,7 +204,7 @@ def _rows_f32(w, ids, out):
 # format -> (matrix-vector kernel, row decoder, the weight's arrays as the kernels take them)
 
 KINDS = {
-    "q8_0": (_mv_q8_0, _rows_q8_0, lambda w: (w.qs.view(np.int8), w.d)),
+    "q8_0": (_mv_q8_0, _rows_q8_0, lambda w: (w.qs, w.d)),
     "q4_0": (_mv_q4, _rows_q4, lambda w: (w.qs, w.d, w.d, False)),
     "q4_1": (_mv_q4, _rows_q4, lambda w: (w.qs, w.d, w.m, True)),
     "int8": (_mv_int8, _rows_int8, lambda w: (w.data, w.scale)),
@@ -215,7 +223,8 @@ def linear(x: np.ndarray, w) -> np.ndarray:
     """x @ w.T for a weight stored (out, in). x (..., in) -> (..., out). Same contract as ops.linear."""
     if x.dtype != np.float32:
         return ops.linear(x, w)
-    x2 = as_f32_rows(x)  # (N, K)
+    # (N, K): a plain reshape (a view) when x is contiguous, which costs less per decode call.
+    x2 = x.reshape(-1, x.shape[-1]) if x.flags.c_contiguous else as_f32_rows(x)
     N, R = x2.shape[0], w.shape[0]
     kind = None if isinstance(w, np.ndarray) else _kind(w)
     if kind is None and not isinstance(w, np.ndarray):

@@ -44,26 +44,31 @@ def tiny_configs(draw, mha: "bool | None" = None):
 
 # ---- prefill, chunked prefill and decode are the same computation ----------------------------------------------
 
+# In float64 the three ways of feeding tokens must agree to 1e-10: they are the same arithmetic in another
+# order. In float32 the bound is 1e-5 on weights of realistic scale; with weight scale 1.0 a 4-wide model
+# can amplify float32 rounding past 1e-5 (seen: 2.3e-5 between paths, each within 4e-5 of float64), which
+# says nothing about the algorithm, so the large-scale weights are checked in float64 only.
 @FEW
+@pytest.mark.parametrize("dtype, scale, atol", [(np.float64, 1.0, 1e-10), (np.float32, 0.2, 1e-5)])
 @given(args=tiny_configs(), data=st.data())
-def test_chunked_prefill_and_decode_match_one_full_forward(args, data):
+def test_chunked_prefill_and_decode_match_one_full_forward(dtype, scale, atol, args, data):
     seed = data.draw(st.integers(0, 2**16))
     rng = np.random.default_rng(seed)
     T = data.draw(st.integers(2, 24))
     tokens = rng.integers(0, args.vocab_size, T)
-    model = Transformer(args, random_weights(args, seed, scale=1.0))
+    model = Transformer(args, random_weights(args, seed, scale=scale), dtype=dtype)
     full = model.forward(tokens, 0)  # (T, V)
 
     # Chunked prefill at random cut points.
     cuts = sorted(set(data.draw(st.lists(st.integers(1, T - 1), max_size=4))))
     bounds = [0, *cuts, T]
     chunked = np.concatenate([model.forward(tokens[a:b], a) for a, b in zip(bounds, bounds[1:])])
-    np.testing.assert_allclose(chunked, full, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(chunked, full, rtol=0, atol=atol)
 
     # One token at a time after a one-token prefill, through an explicit cache object.
-    cache = KVCache(args, 1, np.float32, capacity=1)  # starts small: growing must keep what is stored
+    cache = KVCache(args, 1, dtype, capacity=1)  # starts small: growing must keep what is stored
     decoded = np.concatenate([model.forward(tokens[t:t + 1], t, cache=cache) for t in range(T)])
-    np.testing.assert_allclose(decoded, full, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(decoded, full, rtol=0, atol=atol)
 
 
 @FEW

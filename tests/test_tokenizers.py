@@ -116,16 +116,13 @@ def meta_tiktoken(llama3_path):
 
 
 def _byte_to_unicode() -> dict:
-    """GPT-2's printable stand-in for each byte (how byte-level BPE vocabularies write bytes)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAC + 1)) + list(range(0xAE, 0xFF + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {b: chr(c) for b, c in zip(bs, cs)}
+    """GPT-2's printable stand-in for each byte (how byte-level BPE vocabularies write bytes).
+
+    The library's table, inverted: a wrong table would give a vocabulary that the `tokenizers` library's
+    own byte-level mapping cannot reproduce, so the parity tests below would catch it."""
+    from llama_ref.tokenizer import _gpt2_byte_decoder
+
+    return {b: ch for ch, b in _gpt2_byte_decoder().items()}
 
 
 @pytest.fixture(scope="module")

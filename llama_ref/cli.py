@@ -102,21 +102,6 @@ def _load(args):
                 weights=args.weights, quantize=args.quantize)
 
 
-def _read_text(path: str, what: str) -> str:
-    """The text of a file ('-' for stdin), with a one-line error naming it."""
-    from .model import InputError
-
-    if path == "-":
-        return sys.stdin.read()
-    try:
-        with open(path, encoding="utf-8") as f:
-            return f.read()
-    except FileNotFoundError:
-        raise InputError(f"{path}: no such {what} file") from None
-    except IsADirectoryError:
-        raise InputError(f"{path}: is a directory, expected a {what} file") from None
-    except UnicodeDecodeError as e:
-        raise InputError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
 def _speed_line(g, backend: str) -> str:
@@ -265,8 +250,9 @@ def _add_score(sub) -> None:
 
 def _run_score(args) -> int:
     from .model import InputError
+    from .textfile import read_text
 
-    text = _read_text(args.file, "text")
+    text = read_text(args.file, "text")
     if not text:
         raise InputError(f"{args.file}: the file is empty")
     if args.stride is not None and args.stride < 1:

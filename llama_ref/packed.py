@@ -253,6 +253,16 @@ def kquant_scales(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return sc, mn
 
 
+def _kquant_scale_and_min(b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per sub-block scale d*sc[j] and offset dmin*mn[j] of Q4_K/Q5_K blocks (both lay out d | dmin | 12
+    bytes of 6-bit scales first). b (n, bytes) -> two (n, 8, 1) float32 arrays."""
+    d, dmin = _fp16(b[:, 0:2]), _fp16(b[:, 2:4])  # (n,)
+    sc, mn = kquant_scales(b[:, 4:16])  # (n, 8)
+    scale = (d[:, None] * sc.astype(np.float32))[:, :, None]  # (n, 8, 1)
+    minimum = (dmin[:, None] * mn.astype(np.float32))[:, :, None]  # (n, 8, 1)
+    return scale, minimum
+
+
 class Q4_KWeight(GGUFBlockWeight):
     """144 bytes / 256 values: d fp16 | dmin fp16 | 12 bytes scales | 128 bytes nibbles.
 
@@ -263,10 +273,7 @@ class Q4_KWeight(GGUFBlockWeight):
 
     def _dequantize_blocks(self, b):
         n = b.shape[0]
-        d, dmin = _fp16(b[:, 0:2]), _fp16(b[:, 2:4])  # (n,)
-        sc, mn = kquant_scales(b[:, 4:16])  # (n, 8)
-        scale = (d[:, None] * sc.astype(np.float32))[:, :, None]  # (n, 8, 1)
-        minimum = (dmin[:, None] * mn.astype(np.float32))[:, :, None]  # (n, 8, 1)
+        scale, minimum = _kquant_scale_and_min(b)  # (n, 8, 1) each
         qs = b[:, 16:].reshape(n, 4, 1, 32)  # (n, 4 groups, 1, 32)
         q = (qs >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1)) & np.uint8(0x0F)  # (n, 4, 2, 32)
         q = q.reshape(n, 8, 32).astype(np.float32)  # (n, 8 sub-blocks, 32)
@@ -282,10 +289,7 @@ class Q5_KWeight(GGUFBlockWeight):
 
     def _dequantize_blocks(self, b):
         n = b.shape[0]
-        d, dmin = _fp16(b[:, 0:2]), _fp16(b[:, 2:4])  # (n,)
-        sc, mn = kquant_scales(b[:, 4:16])  # (n, 8)
-        scale = (d[:, None] * sc.astype(np.float32))[:, :, None]  # (n, 8, 1)
-        minimum = (dmin[:, None] * mn.astype(np.float32))[:, :, None]  # (n, 8, 1)
+        scale, minimum = _kquant_scale_and_min(b)  # (n, 8, 1) each
         qh = b[:, 16:48].reshape(n, 1, 32)  # (n, 1, 32)
         qs = b[:, 48:].reshape(n, 4, 1, 32)  # (n, 4, 1, 32)
         ql = ((qs >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1)) & np.uint8(0x0F)).reshape(n, 8, 32)

@@ -26,6 +26,7 @@ import numpy as np
 
 from .model import InputError
 from .sampling import log_softmax
+from .textfile import read_text
 
 if TYPE_CHECKING:
     from .model import Transformer
@@ -52,14 +53,7 @@ def check_teacher_input(path: "str | Path") -> list[str]:
     """Prompts of a text file (one per non-empty line) or a .jsonl file (a string, or an object with a
     "text" or "prompt" field, per line). Errors name the file and line."""
     path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise InputError(f"{path}: no such prompts file") from None
-    except IsADirectoryError:
-        raise InputError(f"{path}: is a directory, expected a prompts file") from None
-    except UnicodeDecodeError as e:
-        raise InputError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    lines = read_text(path, "prompts").splitlines()
     prompts = []
     for number, line in enumerate(lines, 1):
         if not line.strip():

@@ -17,6 +17,7 @@ from numba import njit, prange
 from llama_ref import ops
 
 from ._common import FAST, JIT
+from .expf import exp_shifted
 
 TILE = 64  # keys per tile
 BLAS_MIN_QUERIES = 16  # query positions from which a chunk's attention goes to BLAS
@@ -63,9 +64,11 @@ def _attention(q, k, v, start_pos, key_mask, out):
                 for d in range(HD):
                     acc[d] *= shrink
                 run_max = tile_max
+            exp_shifted(scores, s1 - s0, run_max)  # (s1 - s0,) softmax numerators, vectorized
+            for s in range(s1 - s0):
+                run_sum += scores[s]
             for s in range(s0, s1):
-                p = np.exp(scores[s - s0] - run_max)
-                run_sum += p
+                p = scores[s - s0]
                 for d in range(HD):
                     acc[d] += p * v[b, s, kvh, d]
         # A query that sees no key at all (left padding) gets zeros, as in the reference.

@@ -207,6 +207,7 @@ KINDS = {
     "q8_0": (_mv_q8_0, _rows_q8_0, lambda w: (w.qs, w.d)),
     "q4_0": (_mv_q4, _rows_q4, lambda w: (w.qs, w.d, w.d, False)),
     "q4_1": (_mv_q4, _rows_q4, lambda w: (w.qs, w.d, w.m, True)),
+    "q4_k": (_mv_q4, _rows_q4, lambda w: (w.qs, w.d, w.m, True)),  # regrouped as Q4_1 at load (packed.py)
     "int8": (_mv_int8, _rows_int8, lambda w: (w.data, w.scale)),
     "f16": (_mv_f16, _rows_f16, lambda w: (w.data, FP16_TO_F32)),
     "bf16": (_mv_bf16, _rows_bf16, lambda w: (w.data,)),

@@ -33,7 +33,7 @@ def read_source(src: Path, progress: bool = False):
         args, weights, extras = load_gguf(src, progress=progress)
         extras["tokenizer_meta"] = {k: v for k, v in extras["metadata"].items() if k.startswith("tokenizer.")}
         return kind, args, weights, extras
-    args, weights, extras = load_directory(src, keep="stored", progress=progress, tokenizer=False)
+    args, weights, extras = load_directory(src, keep="stored", progress=progress, tokenizer=False, mmap=True)
     if (src / TOKENIZER_SIDECAR).is_file():
         extras["tokenizer_meta"] = read_tokenizer_sidecar(src)
     return kind, args, weights, extras

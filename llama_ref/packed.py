@@ -10,7 +10,8 @@ GGUF block layouts in the file (one block covers `block_size` consecutive values
     Q4_0  18 bytes / 32 values:  d fp16 | 16 bytes of nibbles   value = d * (q - 8)
     Q4_1  20 bytes / 32 values:  d fp16 | m fp16 | 16 bytes     value = d * q + m
           byte j holds value j in its low nibble and value j + 16 in its high nibble.
-    Q4_K, Q5_K, Q6_K: 256-value super-blocks with 6- or 8-bit sub-block scales (see each class).
+    Q4_K, Q5_K, Q6_K: 256-value super-blocks with 6- or 8-bit sub-block scales (see each class); Q4_K is
+          regrouped at load into the Q4_1 layout the kernels read.
 Every dequantization below matches `gguf.quants.dequantize` bit for bit (tests/test_kernels.py checks).
 """
 
@@ -270,6 +271,40 @@ class Q4_KWeight(GGUFBlockWeight):
     sub-blocks, the low nibbles first.
     """
     format, ggml_type, block_size, type_size, bits_per_weight = "q4_k", "Q4_K", QK_K, 144, 4.5
+
+    # Kept as the Numba kernels read Q4_1 (see GGUFBlockWeight): every 32-value sub-block as 16 bytes
+    # holding values j and j + 16, its scale d*sc[j] in `d` and its offset -dmin*mn[j] in `m`, widened to
+    # float32 exactly as gguf.quants computes them (and d*q + (-o) is bit for bit d*q - o). The 16 header
+    # bytes of each super-block stay as they are, so raw_blocks() gives back the file's bytes.
+    def __init__(self, data, shape):
+        rows, cols = int(shape[0]), int(shape[1])
+        if cols % QK_K:
+            raise WeightsError(f"{self.format}: row length {cols} is not a multiple of the block size {QK_K}")
+        nb = cols // QK_K
+        raw = np.asarray(data).view(np.uint8).reshape(rows, nb, self.type_size)  # (rows, blocks, 144)
+        self.shape = (rows, cols)
+        self.head = _readonly(np.ascontiguousarray(raw[:, :, :16]))  # (rows, blocks, 16) d | dmin | scales
+        with np.errstate(invalid="ignore", over="ignore"):  # inf/NaN scales stay what gguf makes of them
+            scale, minimum = _kquant_scale_and_min(raw.reshape(rows * nb, self.type_size))  # (rows*nb, 8, 1)
+        self.d = _readonly(scale.reshape(rows, nb * 8))  # (rows, sub-blocks)
+        self.m = _readonly(np.negative(minimum).reshape(rows, nb * 8))  # (rows, sub-blocks)
+        # File order: 4 groups of 32 bytes; low nibbles are sub-block 2g, high nibbles sub-block 2g+1.
+        q = (raw[:, :, 16:].reshape(rows, nb, 4, 1, 32) >> np.array([0, 4], np.uint8).reshape(2, 1)) & 15
+        q = q.reshape(rows, nb * 8, 32)  # (rows, sub-blocks, 32 values)
+        self.qs = _readonly((q[:, :, :16] | (q[:, :, 16:] << np.uint8(4))).reshape(rows, cols // 2))
+        self.data = self.qs
+
+    def _extra_arrays(self):
+        return [self.head, self.d, self.m]
+
+    def raw_blocks(self, ids=None) -> np.ndarray:
+        sel = slice(None) if ids is None else ids
+        qs, head = self.qs[sel], self.head[sel]
+        n, nb = qs.shape[0], self.shape[1] // QK_K
+        v = qs.reshape(n, nb * 8, 16)
+        values = np.concatenate([v & np.uint8(15), v >> np.uint8(4)], axis=2).reshape(n, nb, 4, 2, 32)
+        file_qs = values[:, :, :, 0] | (values[:, :, :, 1] << np.uint8(4))  # (n, blocks, 4, 32)
+        return np.concatenate([head, file_qs.reshape(n, nb, 128)], axis=2).reshape(n, nb * self.type_size)
 
     def _dequantize_blocks(self, b):
         n = b.shape[0]

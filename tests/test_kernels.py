@@ -34,6 +34,11 @@ def random_packed(fmt: str, rows: int, cols: int, rng) -> packed.PackedWeight:
         return packed.F16Weight(w.astype(np.float16).view(np.uint16), w.shape)
     if fmt == "bf16":
         return packed.BF16Weight((w.view(np.uint32) >> 16).astype(np.uint16), w.shape)
+    if fmt == "q4_k":
+        # gguf.quants cannot quantize to Q4_K: random quants and scales under finite, realistic d and dmin.
+        blocks = rng.integers(0, 256, (rows, cols // 256, 144), dtype=np.uint8)
+        blocks[:, :, 0:4] = rng.uniform(0.001, 0.02, (rows, cols // 256, 2)).astype(np.float16)[..., None].view(np.uint8).reshape(rows, cols // 256, 4)
+        return packed.Q4_KWeight(blocks.reshape(rows, -1), (rows, cols))
     return packed.QUANTIZERS[fmt].quantize(w)
 
 
@@ -109,7 +114,7 @@ def test_rms_norm_parallel_and_float64():
     np.testing.assert_array_equal(kernels.rms_norm(x64, w, 1e-6), ops.rms_norm(x64, w, 1e-6))
 
 
-FORMATS = ["f32", "f16", "bf16", "int8", "q8_0", "q4_0", "q4_1"]
+FORMATS = ["f32", "f16", "bf16", "int8", "q8_0", "q4_0", "q4_1", "q4_k"]
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -119,8 +124,8 @@ FORMATS = ["f32", "f16", "bf16", "int8", "q8_0", "q4_0", "q4_1"]
 def test_linear(fmt, n, rows, blocks, extra, seed):
     # n < 8 runs the matrix-vector kernels on the stored format, n >= 8 the tiled BLAS path.
     rng = np.random.default_rng(seed)
-    block = 32 if fmt in ("q8_0", "q4_0", "q4_1") else 1
-    cols = blocks * 32 + (0 if block == 32 else extra)  # odd widths where the format allows them
+    block = {"q8_0": 32, "q4_0": 32, "q4_1": 32, "q4_k": 256}.get(fmt, 1)
+    cols = blocks * 32 + extra if block == 1 else blocks * block  # odd widths where the format allows them
     x = rng.standard_normal((1, n, cols)).astype(np.float32)
     w = rng.standard_normal((rows, cols)).astype(np.float32) if fmt == "f32" else random_packed(fmt, rows, cols, rng)
     got, want = kernels.linear(x, w), ops.linear(x, w)
@@ -139,12 +144,13 @@ def test_linear_float64_uses_the_reference():
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_embedding_is_exact(fmt):
     rng = np.random.default_rng(5)
-    table = rng.standard_normal((40, 64)).astype(np.float32)
+    cols = 256 if fmt == "q4_k" else 64
+    table = rng.standard_normal((40, cols)).astype(np.float32)
     if fmt != "f32":
-        table = random_packed(fmt, 40, 64, rng)
+        table = random_packed(fmt, 40, cols, rng)
     tokens = rng.integers(0, 40, (2, 7))
     got = kernels.embedding(tokens, table, np.float32)
-    assert got.shape == (2, 7, 64)
+    assert got.shape == (2, 7, cols)
     np.testing.assert_array_equal(got, ops.embedding(tokens, table, np.float32))
 
 
@@ -171,10 +177,43 @@ def test_swiglu(shape, seed):
     assert not np.isnan(got).any()
 
 
-def test_swiglu_parallel():
+def test_swiglu_prefill_sized():
     rng = np.random.default_rng(6)
     gate, up = rng.standard_normal((2, 40000)).astype(np.float32), rng.standard_normal((2, 40000)).astype(np.float32)
     np.testing.assert_allclose(kernels.swiglu(gate, up), ops.swiglu(gate, up), rtol=3e-6, atol=1e-30)
+
+
+def ulps_apart(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """How many float32 values lie between a and b (both finite and >= 0: their bit patterns are ordered)."""
+    return np.abs(a.view(np.int32).astype(np.int64) - b.view(np.int32).astype(np.int64))
+
+
+def test_expf_within_3_ulps_of_numpy_over_the_float32_range():
+    from llama_ref.kernels.expf import X_MAX, X_MIN, expf_array
+
+    rng = np.random.default_rng(7)
+    x = np.concatenate([rng.uniform(-110, 95, 2_000_000), rng.uniform(-1, 1, 500_000),
+                        np.linspace(X_MIN - 1, X_MIN + 30, 100_000),  # where results become subnormal
+                        np.linspace(X_MAX - 1, X_MAX + 1, 10_000)]).astype(np.float32)
+    got = np.empty_like(x)
+    expf_array(x, got)
+    with np.errstate(over="ignore", under="ignore"):
+        want = np.exp(x)
+    assert np.array_equal(np.isinf(got), np.isinf(want))
+    finite = np.isfinite(want)
+    # 3 ulps: NumPy's own exp is within 1 ulp of exact and this one within 2 (Cephes' polynomial).
+    assert ulps_apart(got[finite], want[finite]).max() <= 3
+    assert (got[want == 0] == 0).all() and (got[want > 0] > 0).all()
+
+
+def test_expf_special_values():
+    from llama_ref.kernels.expf import expf_array
+
+    x = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 89.0, -104.0, -1e30, 1e30, 1e-30], np.float32)
+    got = np.empty_like(x)
+    expf_array(x, got)
+    with np.errstate(over="ignore", under="ignore"):
+        np.testing.assert_array_equal(got, np.exp(x))
 
 
 @given(b=st.integers(1, 2), t=st.integers(1, 6), kv_heads=st.integers(1, 3), group=st.sampled_from([1, 2, 4, 8]),

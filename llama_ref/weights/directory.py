@@ -54,16 +54,19 @@ def read_tokenizer_sidecar(path: Path) -> dict:
     return meta
 
 
-def load_directory(path: "str | Path", keep: str = "stored", progress: bool = False, tokenizer: bool = True):
-    """(args, weights, extras) of a Meta or HF directory; extras["tokenizer"] is its tokenizer or None."""
+def load_directory(path: "str | Path", keep: str = "stored", progress: bool = False, tokenizer: bool = True,
+                   mmap: bool = False):
+    """(args, weights, extras) of a Meta or HF directory; extras["tokenizer"] is its tokenizer or None.
+
+    mmap: leave stored-precision tensors memory-mapped instead of reading them into memory."""
     path = Path(path)
     kind = detect_format(path)
     if kind == "meta":
         from .meta import load_meta
-        args, weights, extras = load_meta(path, keep=keep, progress=progress)
+        args, weights, extras = load_meta(path, keep=keep, progress=progress, mmap=mmap)
     elif kind == "hf":
         from .hf import load_hf
-        args, weights, extras = load_hf(path, keep=keep, progress=progress)
+        args, weights, extras = load_hf(path, keep=keep, progress=progress, mmap=mmap)
     else:
         raise WeightsError(f"{path}: a GGUF file, not a directory")
     extras["tokenizer"] = directory_tokenizer(path) if tokenizer else None

@@ -13,6 +13,7 @@ import numpy as np
 
 from ..config import ConfigError, ModelArgs, from_gguf_metadata
 from .common import WeightsError, check_weights
+from .torch_zip import _pread_into
 from ..packed import from_gguf_tensor as packed_from_gguf_tensor
 
 # GGUF tensor name -> canonical (Meta) name. "{i}" is the layer index.
@@ -88,11 +89,21 @@ def dequantize(tensor) -> np.ndarray:
     return np.asarray(data, dtype=np.float32).reshape(shape)
 
 
-def load_gguf(path: "str | Path", progress: bool = False, packed: bool = False):
+def _read_owned(path: Path, tensor):
+    """The tensor with its data read (pread) into an owned array instead of viewed through the map."""
+    data = np.empty(tensor.data.shape, tensor.data.dtype)
+    _pread_into(path, tensor.data_offset, data)
+    data.flags.writeable = False
+    return tensor._replace(data=data)
+
+
+def load_gguf(path: "str | Path", progress: bool = False, packed: bool = False, mmap: bool = False):
     """Read a Llama GGUF file. Returns (args, weights, extras); extras holds metadata and rope divisors.
 
     packed: keep 16-bit and quantized matrices in their stored blocks (llama_ref.packed) instead of
     dequantizing them to float32 here.
+    mmap: let tensors kept as stored (F32, and F16/BF16 when packed) stay views of the file's memory map;
+    by default they are read into memory the process owns (see llama_ref.load).
     """
     path = Path(path)
     reader = open_gguf(path)
@@ -115,6 +126,8 @@ def load_gguf(path: "str | Path", progress: bool = False, packed: bool = False):
         name = gguf_name_to_meta(t.name)
         if name is None:
             raise WeightsError(f"{path}: unexpected tensor {t.name} for a Llama model")
+        if not mmap and t.tensor_type.name in ("F32", "F16", "BF16"):
+            t = _read_owned(path, t)  # the kept array would otherwise be a view of the map
         kept = packed_from_gguf_tensor(t) if packed else None
         weights[name] = kept if kept is not None else dequantize(t)
     if args.tie_word_embeddings:

@@ -93,7 +93,7 @@ def read_hf_tensors(directory: Path) -> dict:
     return tensors
 
 
-def load_hf(directory: "str | Path", keep: str = "stored", progress: bool = False):
+def load_hf(directory: "str | Path", keep: str = "stored", progress: bool = False, mmap: bool = False):
     """Read a Hugging Face Llama checkpoint directory. Returns (args, weights, extras)."""
     directory = Path(directory)
     check_keep(keep)
@@ -123,7 +123,7 @@ def load_hf(directory: "str | Path", keep: str = "stored", progress: bool = Fals
             transform = partial(permute_hf_to_meta, n_heads=heads)
         if not name.endswith("norm.weight"):
             dtypes.add(t.dtype_name)
-        weights[name] = keep_tensor(t, keep, name, transform)
+        weights[name] = keep_tensor(t, keep, name, transform, mmap=mmap)
     if args.tie_word_embeddings and "tok_embeddings.weight" in weights:
         # Like HF's own tying: a stored lm_head.weight (some tied checkpoints keep a copy) is not used.
         weights["output.weight"] = weights["tok_embeddings.weight"]

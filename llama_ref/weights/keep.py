@@ -43,14 +43,15 @@ def finish(raw: np.ndarray, dtype_name: str, keep: str, name: str):
     return raw
 
 
-def keep_tensor(tensor, keep: str, name: str, transform: Optional[Callable] = None):
+def keep_tensor(tensor, keep: str, name: str, transform: Optional[Callable] = None, mmap: bool = False):
     """One lazy tensor (TorchTensor / SafeTensor) -> the kept weight.
 
-    With nothing to change (stored precision, no transform) the tensor stays a read-only memory map of
-    the file, so loading costs no copy; otherwise it is read once (pread, no map) and changed in place of
-    that copy.
+    The tensor is read once (pread, no map) into memory the process owns, and changed in place of that
+    copy. With mmap and nothing to change (stored precision, no transform) it stays a read-only memory map
+    of the file instead: loading costs no copy, but the model then reads its weights from the page cache,
+    which made decode ~20% slower here (see llama_ref.load).
     """
-    if transform is None and keep == "stored" and not name.endswith("norm.weight"):
+    if mmap and transform is None and keep == "stored" and not name.endswith("norm.weight"):
         raw = tensor.view()
         if raw.flags.c_contiguous:
             return finish(raw, tensor.dtype_name, keep, name)

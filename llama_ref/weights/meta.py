@@ -71,7 +71,7 @@ def read_meta_params(directory: Path, shards: list[dict]) -> ModelArgs:
     return from_params_json(params, where=str(directory / "params.json"))
 
 
-def load_meta(directory: "str | Path", keep: str = "stored", progress: bool = False):
+def load_meta(directory: "str | Path", keep: str = "stored", progress: bool = False, mmap: bool = False):
     """Read a Meta checkpoint directory. Returns (args, weights, extras) like load_gguf."""
     directory = Path(directory)
     check_keep(keep)
@@ -101,7 +101,7 @@ def load_meta(directory: "str | Path", keep: str = "stored", progress: bool = Fa
         names = tqdm(names, desc=f"loading {directory.name}", unit="tensor", leave=False)
     for name in names:
         if len(shards) == 1:
-            weights[name] = keep_tensor(first[name], keep, name)
+            weights[name] = keep_tensor(first[name], keep, name, mmap=mmap)
             continue
         axis = split_dim(name, first[name].shape, args.dim)
         # Read each shard's piece (owned copies) and join them: one tensor's pieces in memory at a time.

@@ -17,14 +17,21 @@ from .expf import expf
 PARALLEL_MIN = 1 << 15  # elements from which a kernel runs on all cores
 
 
+@njit(fastmath={"reassoc"}, **JIT)
+def _sum_of_squares(x, n):
+    """sum of x[n]^2 in float64, as exact as NumPy's pairwise float32 sum whatever the order; "reassoc"
+    (this function only) lets LLVM split it over SIMD lanes instead of one add after another."""
+    ss = 0.0
+    for d in range(x.shape[1]):
+        ss += np.float64(x[n, d]) * np.float64(x[n, d])
+    return ss
+
+
 def _rms_norm(x, weight, eps, out):
     """x, out (N, D); weight (D,) float32. out = x / sqrt(mean(x^2) + eps) * weight, row by row."""
     N, D = x.shape
     for n in prange(N):
-        ss = 0.0  # float64 accumulator: the mean of squares is as exact as NumPy's pairwise float32 sum
-        for d in range(D):
-            ss += np.float64(x[n, d]) * np.float64(x[n, d])
-        ms = np.float32(ss / D)
+        ms = np.float32(_sum_of_squares(x, n) / D)
         r = np.sqrt(ms + eps)  # float32, the same rounding as the reference
         for d in range(D):
             out[n, d] = (x[n, d] / r) * weight[d]

@@ -22,7 +22,9 @@ os.environ.setdefault("GOMP_SPINCOUNT", "30000")
 # multiply-adds. No flag that assumes away NaN or inf (nnan, ninf) or changes division or exp (arcp, afn).
 FAST = {"reassoc", "contract"}
 
-# Every kernel is cached on disk: JIT compilation is paid once per machine, not per process. NumPy's error
+# Every kernel is cached on disk: JIT compilation is paid once per machine, not per process. Numba checks a
+# cached kernel against its own source file only: after editing this file or expf.py (which other kernels
+# inline), delete kernels/__pycache__/*.nbi and *.nbc, or the old machine code keeps running. NumPy's error
 # model: a float division by zero gives inf or NaN as in NumPy, instead of a check-and-raise branch per
 # division that keeps LLVM from vectorizing the loop around it (SwiGLU, RMSNorm).
 JIT = dict(cache=True, nogil=True, error_model="numpy")

@@ -10,8 +10,8 @@ GGUF block layouts in the file (one block covers `block_size` consecutive values
     Q4_0  18 bytes / 32 values:  d fp16 | 16 bytes of nibbles   value = d * (q - 8)
     Q4_1  20 bytes / 32 values:  d fp16 | m fp16 | 16 bytes     value = d * q + m
           byte j holds value j in its low nibble and value j + 16 in its high nibble.
-    Q4_K, Q5_K, Q6_K: 256-value super-blocks with 6- or 8-bit sub-block scales (see each class); Q4_K is
-          regrouped at load into the Q4_1 layout the kernels read.
+    Q4_K, Q5_K, Q6_K: 256-value super-blocks with 6- or 8-bit sub-block scales (see each class); at load
+          Q4_K is regrouped into the Q4_1 layout the kernels read, Q5_K and Q6_K into one byte per value.
 Every dequantization below matches `gguf.quants.dequantize` bit for bit (tests/test_kernels.py checks).
 """
 
@@ -264,6 +264,15 @@ def _kquant_scale_and_min(b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return scale, minimum
 
 
+def _kquant_rows(weight, data, shape) -> tuple[int, int, np.ndarray]:
+    """Check a K-quant matrix's shape, set weight.shape, and view its bytes as (rows, blocks, type_size)."""
+    rows, cols = int(shape[0]), int(shape[1])
+    if cols % QK_K:
+        raise WeightsError(f"{weight.format}: row length {cols} is not a multiple of the block size {QK_K}")
+    weight.shape = (rows, cols)
+    return rows, cols, np.asarray(data).view(np.uint8).reshape(rows, cols // QK_K, weight.type_size)
+
+
 class Q4_KWeight(GGUFBlockWeight):
     """144 bytes / 256 values: d fp16 | dmin fp16 | 12 bytes scales | 128 bytes nibbles.
 
@@ -277,12 +286,8 @@ class Q4_KWeight(GGUFBlockWeight):
     # float32 exactly as gguf.quants computes them (and d*q + (-o) is bit for bit d*q - o). The 16 header
     # bytes of each super-block stay as they are, so raw_blocks() gives back the file's bytes.
     def __init__(self, data, shape):
-        rows, cols = int(shape[0]), int(shape[1])
-        if cols % QK_K:
-            raise WeightsError(f"{self.format}: row length {cols} is not a multiple of the block size {QK_K}")
+        rows, cols, raw = _kquant_rows(self, data, shape)  # raw (rows, blocks, 144)
         nb = cols // QK_K
-        raw = np.asarray(data).view(np.uint8).reshape(rows, nb, self.type_size)  # (rows, blocks, 144)
-        self.shape = (rows, cols)
         self.head = _readonly(np.ascontiguousarray(raw[:, :, :16]))  # (rows, blocks, 16) d | dmin | scales
         with np.errstate(invalid="ignore", over="ignore"):  # inf/NaN scales stay what gguf makes of them
             scale, minimum = _kquant_scale_and_min(raw.reshape(rows * nb, self.type_size))  # (rows*nb, 8, 1)
@@ -322,6 +327,38 @@ class Q5_KWeight(GGUFBlockWeight):
     """
     format, ggml_type, block_size, type_size, bits_per_weight = "q5_k", "Q5_K", QK_K, 176, 5.5
 
+    # Kept as the Numba kernels read Q8_0 with offsets: one byte per value (q, 0..31), the scale d*sc[j] of
+    # each 32-value sub-block in `d` and its offset -dmin*mn[j] in `m`, both float32 exactly as gguf.quants
+    # computes them. 1.25 bytes per value in memory (0.69 in the file): the price of reading 5-bit values
+    # without shuffling bits in the kernel. The 16 header bytes stay, so raw_blocks() rebuilds the file.
+    def __init__(self, data, shape):
+        rows, cols, raw = _kquant_rows(self, data, shape)  # raw (rows, blocks, 176)
+        nb = cols // QK_K
+        self.head = _readonly(np.ascontiguousarray(raw[:, :, :16]))  # (rows, blocks, 16) d | dmin | scales
+        with np.errstate(invalid="ignore", over="ignore"):  # inf/NaN scales stay what gguf makes of them
+            scale, minimum = _kquant_scale_and_min(raw.reshape(rows * nb, self.type_size))  # (rows*nb, 8, 1)
+        self.d = _readonly(scale.reshape(rows, nb * 8))  # (rows, sub-blocks)
+        self.m = _readonly(np.negative(minimum).reshape(rows, nb * 8))  # (rows, sub-blocks)
+        qh = raw[:, :, 16:48].reshape(rows, nb, 1, 32)  # bit j of qh[i]: high bit of value i of sub-block j
+        qs = raw[:, :, 48:].reshape(rows, nb, 4, 1, 32)  # group g: sub-block 2g low nibbles, 2g+1 high
+        low = ((qs >> np.array([0, 4], np.uint8).reshape(2, 1)) & 15).reshape(rows, nb, 8, 32)
+        high = (qh >> np.arange(8, dtype=np.uint8).reshape(8, 1)) & 1  # (rows, nb, 8, 32)
+        self.qs = _readonly((low | (high << np.uint8(4))).reshape(rows, cols))  # (rows, cols) values 0..31
+        self.data = self.qs
+
+    def _extra_arrays(self):
+        return [self.head, self.d, self.m]
+
+    def raw_blocks(self, ids=None) -> np.ndarray:
+        sel = slice(None) if ids is None else ids
+        q, head = self.qs[sel], self.head[sel]
+        n, nb = q.shape[0], self.shape[1] // QK_K
+        q = q.reshape(n, nb, 8, 32)
+        low, high = q & np.uint8(15), q >> np.uint8(4)  # (n, nb, 8, 32) each
+        qs = low[:, :, 0::2] | (low[:, :, 1::2] << np.uint8(4))  # (n, nb, 4, 32)
+        qh = (high << np.arange(8, dtype=np.uint8).reshape(8, 1)).sum(axis=2, dtype=np.uint8)  # (n, nb, 32)
+        return np.concatenate([head, qh, qs.reshape(n, nb, 128)], axis=2).reshape(n, nb * self.type_size)
+
     def _dequantize_blocks(self, b):
         n = b.shape[0]
         scale, minimum = _kquant_scale_and_min(b)  # (n, 8, 1) each
@@ -339,6 +376,38 @@ class Q6_KWeight(GGUFBlockWeight):
     Value = d * scale[sub-block of 16] * (q - 32), q six bits; see ggml's dequantize_row_q6_K for the order.
     """
     format, ggml_type, block_size, type_size, bits_per_weight = "q6_k", "Q6_K", QK_K, 210, 6.5625
+
+    # Kept as the Numba kernels read it: one int8 per value (q - 32) and the scale d*scale[j] of each
+    # 16-value sub-block in `d`, float32 exactly as gguf.quants computes it; 1.25 bytes per value in memory
+    # (0.82 in the file). The 18 bytes of scales and d stay, so raw_blocks() rebuilds the file.
+    def __init__(self, data, shape):
+        rows, cols, raw = _kquant_rows(self, data, shape)  # raw (rows, blocks, 210)
+        nb = cols // QK_K
+        self.head = _readonly(np.ascontiguousarray(raw[:, :, 192:]))  # (rows, blocks, 18) scales | d
+        d = _fp16(raw[:, :, 208:210])  # (rows, blocks)
+        with np.errstate(invalid="ignore", over="ignore"):
+            scale = d[:, :, None] * raw[:, :, 192:208].view(np.int8).astype(np.float32)  # (rows, blocks, 16)
+        self.d = _readonly(scale.reshape(rows, nb * 16))  # (rows, sub-blocks of 16)
+        lo = (raw[:, :, 0:128].reshape(rows, nb, 2, 1, 64) >> np.array([0, 4], np.uint8).reshape(2, 1)) & 15
+        hi = (raw[:, :, 128:192].reshape(rows, nb, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8).reshape(4, 1)) & 3
+        q = (lo.reshape(rows, nb, 256) | (hi.reshape(rows, nb, 256) << np.uint8(4))).astype(np.int8) - np.int8(32)
+        self.qs = _readonly(q.view(np.uint8).reshape(rows, cols))  # (rows, cols) int8 bytes, q - 32
+        self.data = self.qs
+
+    def _extra_arrays(self):
+        return [self.head, self.d]
+
+    def raw_blocks(self, ids=None) -> np.ndarray:
+        sel = slice(None) if ids is None else ids
+        q, head = self.qs[sel], self.head[sel]
+        n, nb = q.shape[0], self.shape[1] // QK_K
+        v = (q.view(np.int8) + np.int8(32)).view(np.uint8).reshape(n, nb, 256)  # 0..63
+        lo = (v & np.uint8(15)).reshape(n, nb, 2, 2, 64)
+        hi = (v >> np.uint8(4)).reshape(n, nb, 2, 4, 32)
+        ql = lo[:, :, :, 0] | (lo[:, :, :, 1] << np.uint8(4))  # (n, nb, 2, 64)
+        qh = (hi << np.array([0, 2, 4, 6], np.uint8).reshape(4, 1)).sum(axis=3, dtype=np.uint8)  # (n, nb, 2, 32)
+        return np.concatenate([ql.reshape(n, nb, 128), qh.reshape(n, nb, 64), head],
+                              axis=2).reshape(n, nb * self.type_size)
 
     def _dequantize_blocks(self, b):
         n = b.shape[0]

@@ -34,12 +34,20 @@ def random_packed(fmt: str, rows: int, cols: int, rng) -> packed.PackedWeight:
         return packed.F16Weight(w.astype(np.float16).view(np.uint16), w.shape)
     if fmt == "bf16":
         return packed.BF16Weight((w.view(np.uint32) >> 16).astype(np.uint16), w.shape)
-    if fmt == "q4_k":
-        # gguf.quants cannot quantize to Q4_K: random quants and scales under finite, realistic d and dmin.
-        blocks = rng.integers(0, 256, (rows, cols // 256, 144), dtype=np.uint8)
-        blocks[:, :, 0:4] = rng.uniform(0.001, 0.02, (rows, cols // 256, 2)).astype(np.float16)[..., None].view(np.uint8).reshape(rows, cols // 256, 4)
-        return packed.Q4_KWeight(blocks.reshape(rows, -1), (rows, cols))
+    if fmt in KQUANTS:
+        # gguf.quants cannot quantize to K-quants: random quants and sub-block scales under finite,
+        # realistic super-block scales (d, and dmin for Q4_K/Q5_K).
+        cls, fp16_at = KQUANTS[fmt]
+        blocks = rng.integers(0, 256, (rows, cols // 256, cls.type_size), dtype=np.uint8)
+        for at in fp16_at:
+            scale = rng.uniform(0.001, 0.02, (rows, cols // 256)).astype(np.float16)
+            blocks[:, :, at:at + 2] = scale[..., None].view(np.uint8)
+        return cls(blocks.reshape(rows, -1), (rows, cols))
     return packed.QUANTIZERS[fmt].quantize(w)
+
+
+KQUANTS = {"q4_k": (packed.Q4_KWeight, [0, 2]), "q5_k": (packed.Q5_KWeight, [0, 2]),
+           "q6_k": (packed.Q6_KWeight, [208])}
 
 
 # ---- packed formats decode exactly as gguf.quants -------------------------------------------------------
@@ -57,6 +65,9 @@ def test_block_dequantization_matches_gguf(cls, rows, blocks, seed):
         np.testing.assert_array_equal(w.to_float(np.float32), expected)
         ids = rng.integers(0, rows, (2, 3))
         np.testing.assert_array_equal(w.rows(ids, np.float32), expected[ids])
+    # Formats regrouped at load for the kernels still give back the file's bytes, bit for bit.
+    np.testing.assert_array_equal(w.raw_blocks(), raw)
+    np.testing.assert_array_equal(w.raw_blocks(ids[0]), raw[ids[0]])
 
 
 @given(rows=st.integers(1, 6), cols=st.integers(1, 40), seed=st.integers(0, 2**32 - 1))
@@ -114,7 +125,7 @@ def test_rms_norm_parallel_and_float64():
     np.testing.assert_array_equal(kernels.rms_norm(x64, w, 1e-6), ops.rms_norm(x64, w, 1e-6))
 
 
-FORMATS = ["f32", "f16", "bf16", "int8", "q8_0", "q4_0", "q4_1", "q4_k"]
+FORMATS = ["f32", "f16", "bf16", "int8", "q8_0", "q4_0", "q4_1", "q4_k", "q5_k", "q6_k"]
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -124,7 +135,7 @@ FORMATS = ["f32", "f16", "bf16", "int8", "q8_0", "q4_0", "q4_1", "q4_k"]
 def test_linear(fmt, n, rows, blocks, extra, seed):
     # n < 8 runs the matrix-vector kernels on the stored format, n >= 8 the tiled BLAS path.
     rng = np.random.default_rng(seed)
-    block = {"q8_0": 32, "q4_0": 32, "q4_1": 32, "q4_k": 256}.get(fmt, 1)
+    block = {"q8_0": 32, "q4_0": 32, "q4_1": 32, "q4_k": 256, "q5_k": 256, "q6_k": 256}.get(fmt, 1)
     cols = blocks * 32 + extra if block == 1 else blocks * block  # odd widths where the format allows them
     x = rng.standard_normal((1, n, cols)).astype(np.float32)
     w = rng.standard_normal((rows, cols)).astype(np.float32) if fmt == "f32" else random_packed(fmt, rows, cols, rng)
@@ -144,7 +155,7 @@ def test_linear_float64_uses_the_reference():
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_embedding_is_exact(fmt):
     rng = np.random.default_rng(5)
-    cols = 256 if fmt == "q4_k" else 64
+    cols = 256 if fmt in KQUANTS else 64
     table = rng.standard_normal((40, cols)).astype(np.float32)
     if fmt != "f32":
         table = random_packed(fmt, 40, cols, rng)

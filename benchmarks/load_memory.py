@@ -7,7 +7,7 @@ which reports:
   peak load  peak RSS (VmHWM) once load() has returned
   kept       bytes of the weights as kept in memory (tied matrices counted once)
   ratio      (peak load - baseline) / kept; the target is <= 1.25
-  after fwd  peak RSS after one 16-token forward pass, when memory-mapped weights are all resident
+  after fwd  peak RSS after one 16-token forward pass (memory-mapped weights, mode "mmap", are then resident)
              (includes the pass's temporaries: one matrix widened to float32 at a time, logits, KV cache)
 
     python benchmarks/load_memory.py [--work DIR] [--json out.json]
@@ -40,9 +40,9 @@ def peak_mib():
     # VmHWM: the peak RSS of this process image (ru_maxrss would carry the parent's peak across exec).
     return status_mib('VmHWM')
 
-path, keep = sys.argv[1], sys.argv[2]
+path, keep, mmap = sys.argv[1], sys.argv[2], sys.argv[3] == "mmap"
 baseline = rss_mib()
-args, weights, extras = load_directory(path, keep=keep, tokenizer=False)
+args, weights, extras = load_directory(path, keep=keep, tokenizer=False, mmap=mmap)
 peak_load, rss_load = peak_mib(), rss_mib()
 kept = sum({id(w): w.nbytes for w in weights.values()}.values()) / 2**20
 model = llama_ref.Transformer(args, weights)
@@ -77,15 +77,15 @@ def main() -> None:
     a = ap.parse_args()
     rows = []
     for label, path in prepare(a.work).items():
-        for keep in ("stored", "float32"):
-            out = subprocess.run([sys.executable, "-c", CHILD, str(path), keep], capture_output=True,
+        for keep, mode in (("stored", "read"), ("stored", "mmap"), ("float32", "read")):
+            out = subprocess.run([sys.executable, "-c", CHILD, str(path), keep, mode], capture_output=True,
                                  text=True, check=True)
             r = json.loads(out.stdout.strip().splitlines()[-1])
-            r.update(checkpoint=label, weights=keep,
+            r.update(checkpoint=label, weights=keep, mode=mode,
                      on_disk=sum(p.stat().st_size for p in Path(path).iterdir()) / 2**20,
                      ratio=(r["peak_load"] - r["baseline"]) / r["kept"])
             rows.append(r)
-            print(f"{label:10} {keep:8} kept {r['kept']:7.1f} MiB  baseline {r['baseline']:6.1f}  "
+            print(f"{label:10} {keep:8} {mode:5} kept {r['kept']:7.1f} MiB  baseline {r['baseline']:6.1f}  "
                   f"peak load {r['peak_load']:7.1f}  ratio {r['ratio']:.3f}  "
                   f"after fwd {r['peak_after_forward']:7.1f} (KV {r['kv']:.1f})", flush=True)
     if a.json:

@@ -82,6 +82,23 @@ def test_generate_json_equals_library(tiny_gguf, tiny):
     assert [len(t) for t in out["top_logprobs"]] == [3] * 12
 
 
+def test_generate_with_mmap_and_packed_weights_gives_the_same_text(tiny_gguf, tiny):
+    # --mmap leaves the float32 tensors mapped from the file; --weights packed keeps them as stored; the
+    # numba backend reads them: none of it may change what is generated.
+    done = run_cli("generate", "-m", tiny_gguf, "--mmap", "--weights", "packed", "--backend", "numba", "-q",
+                   "--json", "-n", 8, "--ignore-eos", "hello")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["ids"] == tiny.generate("hello", max_new_tokens=8, stop_ids=[]).ids
+
+    def mapped(a) -> bool:
+        while a is not None and not isinstance(a, np.memmap):
+            a = getattr(a, "base", None)
+        return a is not None
+
+    wq = "layers.0.attention.wq.weight"
+    assert mapped(llama_ref.load(tiny_gguf, mmap=True).weights[wq]) and not mapped(tiny.weights[wq])
+
+
 def test_generate_streams_text_and_reports_speed(tiny_gguf, tiny):
     done = run_cli("generate", "-m", tiny_gguf, "-n", 10, "--ignore-eos", "hello")
     assert done.returncode == 0, done.stderr

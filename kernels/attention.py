@@ -115,8 +115,8 @@ def _attention_blas(q, k, v, start_pos, key_mask):
 
     The G query heads of a KV head are stacked as rows, so every KV head is read in place. Queries go in
     blocks of QUERY_BLOCK, and a block multiplies only the keys its last query can see: causal attention
-    skips the upper triangle of the scores, about half of the work of a prompt. Softmax is NumPy's,
-    shifted by the row maximum.
+    skips the upper triangle of the scores, about half of the work of a prompt. The softmax in between
+    (_causal_softmax) masks each query's future keys as it goes, shifted by the row maximum.
     """
     B, T, H, HD = q.shape
     KVH = k.shape[2]

@@ -149,9 +149,12 @@ def test_chat_plain_output_and_eof(tiny_gguf, tiny):
 def test_ctrl_c_stops_the_answer_not_the_session(tmp_path):
     # A long window and no end-of-text stop make an answer that runs until it is interrupted.
     model = write_tiny_gguf(tmp_path / "long.gguf", context_length=1 << 16)
+    # SIGINT back to its default in the child: a runner started in the background (`cmd &`) ignores SIGINT,
+    # the child would inherit that, and Python then never turns Ctrl-C into KeyboardInterrupt.
     proc = subprocess.Popen([sys.executable, "-m", "llama_ref.cli", "chat", "-m", str(model), "-q",
                              "--ignore-eos", "-n", "60000"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         proc.stdin.write("tell me everything\n")
         proc.stdin.flush()

@@ -273,30 +273,26 @@ def _kquant_rows(weight, data, shape) -> tuple[int, int, np.ndarray]:
     return rows, cols, np.asarray(data).view(np.uint8).reshape(rows, cols // QK_K, weight.type_size)
 
 
-class Q4_KWeight(GGUFBlockWeight):
-    """144 bytes / 256 values: d fp16 | dmin fp16 | 12 bytes scales | 128 bytes nibbles.
+class _KQuantWithMin(GGUFBlockWeight):
+    """Q4_K and Q5_K: d fp16 | dmin fp16 | 12 bytes of 6-bit scales and mins | the quants.
 
-    Sub-block j (32 values) = d * sc[j] * q - dmin * mn[j]; each 32-byte group of nibbles holds two
-    sub-blocks, the low nibbles first.
+    Sub-block j (32 values) = d * sc[j] * q - dmin * mn[j]. Kept as the Numba kernels read it: the quants
+    in `qs` in the layout of `_kernel_layout`, the scale d*sc[j] of each sub-block in `d` and its offset
+    -dmin*mn[j] in `m`, float32 exactly as gguf.quants computes them (and d*q + (-o) is bit for bit
+    d*q - o). The 16 header bytes of each super-block stay as they are, so raw_blocks() gives back the
+    file's bytes. Subclasses say where the quants sit in a block (`_quants`, `_file_quants`) and how the
+    kernel reads them (`_kernel_layout`, `_kernel_values`).
     """
-    format, ggml_type, block_size, type_size, bits_per_weight = "q4_k", "Q4_K", QK_K, 144, 4.5
 
-    # Kept as the Numba kernels read Q4_1 (see GGUFBlockWeight): every 32-value sub-block as 16 bytes
-    # holding values j and j + 16, its scale d*sc[j] in `d` and its offset -dmin*mn[j] in `m`, widened to
-    # float32 exactly as gguf.quants computes them (and d*q + (-o) is bit for bit d*q - o). The 16 header
-    # bytes of each super-block stay as they are, so raw_blocks() gives back the file's bytes.
     def __init__(self, data, shape):
-        rows, cols, raw = _kquant_rows(self, data, shape)  # raw (rows, blocks, 144)
-        nb = cols // QK_K
+        rows, cols, raw = _kquant_rows(self, data, shape)  # raw (rows, blocks, type_size)
+        blocks = raw.reshape(-1, self.type_size)  # (rows * blocks, type_size)
         self.head = _readonly(np.ascontiguousarray(raw[:, :, :16]))  # (rows, blocks, 16) d | dmin | scales
         with np.errstate(invalid="ignore", over="ignore"):  # inf/NaN scales stay what gguf makes of them
-            scale, minimum = _kquant_scale_and_min(raw.reshape(rows * nb, self.type_size))  # (rows*nb, 8, 1)
-        self.d = _readonly(scale.reshape(rows, nb * 8))  # (rows, sub-blocks)
-        self.m = _readonly(np.negative(minimum).reshape(rows, nb * 8))  # (rows, sub-blocks)
-        # File order: 4 groups of 32 bytes; low nibbles are sub-block 2g, high nibbles sub-block 2g+1.
-        q = (raw[:, :, 16:].reshape(rows, nb, 4, 1, 32) >> np.array([0, 4], np.uint8).reshape(2, 1)) & 15
-        q = q.reshape(rows, nb * 8, 32)  # (rows, sub-blocks, 32 values)
-        self.qs = _readonly((q[:, :, :16] | (q[:, :, 16:] << np.uint8(4))).reshape(rows, cols // 2))
+            scale, minimum = _kquant_scale_and_min(blocks)  # (rows*blocks, 8, 1) each
+        self.d = _readonly(scale.reshape(rows, -1))  # (rows, sub-blocks)
+        self.m = _readonly(np.negative(minimum).reshape(rows, -1))  # (rows, sub-blocks)
+        self.qs = _readonly(self._kernel_layout(self._quants(blocks)).reshape(rows, -1))
         self.data = self.qs
 
     def _extra_arrays(self):
@@ -306,96 +302,113 @@ class Q4_KWeight(GGUFBlockWeight):
         sel = slice(None) if ids is None else ids
         qs, head = self.qs[sel], self.head[sel]
         n, nb = qs.shape[0], self.shape[1] // QK_K
-        v = qs.reshape(n, nb * 8, 16)
-        values = np.concatenate([v & np.uint8(15), v >> np.uint8(4)], axis=2).reshape(n, nb, 4, 2, 32)
-        file_qs = values[:, :, :, 0] | (values[:, :, :, 1] << np.uint8(4))  # (n, blocks, 4, 32)
-        return np.concatenate([head, file_qs.reshape(n, nb, 128)], axis=2).reshape(n, nb * self.type_size)
+        values = self._kernel_values(qs.reshape(n * nb, -1))  # (n*nb, 256)
+        quants = self._file_quants(values).reshape(n, nb, -1)  # (n, blocks, type_size - 16)
+        return np.concatenate([head, quants], axis=2).reshape(n, nb * self.type_size)
 
     def _dequantize_blocks(self, b):
         n = b.shape[0]
         scale, minimum = _kquant_scale_and_min(b)  # (n, 8, 1) each
-        qs = b[:, 16:].reshape(n, 4, 1, 32)  # (n, 4 groups, 1, 32)
-        q = (qs >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1)) & np.uint8(0x0F)  # (n, 4, 2, 32)
-        q = q.reshape(n, 8, 32).astype(np.float32)  # (n, 8 sub-blocks, 32)
+        q = self._quants(b).reshape(n, 8, 32).astype(np.float32)  # (n, 8 sub-blocks, 32)
         return (scale * q - minimum).reshape(n, QK_K)
 
 
-class Q5_KWeight(GGUFBlockWeight):
+class Q4_KWeight(_KQuantWithMin):
+    """144 bytes / 256 values: d fp16 | dmin fp16 | 12 bytes scales | 128 bytes nibbles.
+
+    Each 32-byte group of nibbles holds two sub-blocks, the low nibbles first. Kept in the Q4_1 layout
+    (see GGUFBlockWeight): every sub-block as 16 bytes holding values j and j + 16; 0.81 bytes per value in
+    memory, 0.56 in the file.
+    """
+    format, ggml_type, block_size, type_size, bits_per_weight = "q4_k", "Q4_K", QK_K, 144, 4.5
+
+    @staticmethod
+    def _quants(b):
+        """Blocks (n, 144) -> the values q, 0..15, in order (n, 256)."""
+        qs = b[:, 16:].reshape(-1, 4, 1, 32)  # (n, 4 groups, 1, 32)
+        return ((qs >> np.array([0, 4], np.uint8).reshape(2, 1)) & np.uint8(15)).reshape(-1, QK_K)
+
+    @staticmethod
+    def _file_quants(values):
+        v = values.reshape(-1, 4, 2, 32)  # (n, groups, low/high sub-block, 32)
+        return (v[:, :, 0] | (v[:, :, 1] << np.uint8(4))).reshape(-1, 128)
+
+    @staticmethod
+    def _kernel_layout(values):
+        v = values.reshape(-1, 8, 32)  # (n, sub-blocks, 32)
+        return v[:, :, :16] | (v[:, :, 16:] << np.uint8(4))  # (n, 8, 16)
+
+    @staticmethod
+    def _kernel_values(qs):
+        v = qs.reshape(-1, 8, 16)
+        return np.concatenate([v & np.uint8(15), v >> np.uint8(4)], axis=2).reshape(-1, QK_K)
+
+
+class Q5_KWeight(_KQuantWithMin):
     """176 bytes / 256 values: d | dmin | 12 bytes scales | 32 bytes high bits | 128 bytes nibbles.
 
-    Like Q4_K with a fifth bit per value: bit j of qh[i] is the high bit of value i of sub-block j.
+    Like Q4_K with a fifth bit per value: bit j of qh[i] is the high bit of value i of sub-block j. Kept as
+    the Numba kernels read Q8_0 with offsets: one byte per value (q, 0..31); 1.25 bytes per value in memory
+    (0.69 in the file), the price of reading 5-bit values without shuffling bits in the kernel.
     """
     format, ggml_type, block_size, type_size, bits_per_weight = "q5_k", "Q5_K", QK_K, 176, 5.5
 
-    # Kept as the Numba kernels read Q8_0 with offsets: one byte per value (q, 0..31), the scale d*sc[j] of
-    # each 32-value sub-block in `d` and its offset -dmin*mn[j] in `m`, both float32 exactly as gguf.quants
-    # computes them. 1.25 bytes per value in memory (0.69 in the file): the price of reading 5-bit values
-    # without shuffling bits in the kernel. The 16 header bytes stay, so raw_blocks() rebuilds the file.
-    def __init__(self, data, shape):
-        rows, cols, raw = _kquant_rows(self, data, shape)  # raw (rows, blocks, 176)
-        nb = cols // QK_K
-        self.head = _readonly(np.ascontiguousarray(raw[:, :, :16]))  # (rows, blocks, 16) d | dmin | scales
-        with np.errstate(invalid="ignore", over="ignore"):  # inf/NaN scales stay what gguf makes of them
-            scale, minimum = _kquant_scale_and_min(raw.reshape(rows * nb, self.type_size))  # (rows*nb, 8, 1)
-        self.d = _readonly(scale.reshape(rows, nb * 8))  # (rows, sub-blocks)
-        self.m = _readonly(np.negative(minimum).reshape(rows, nb * 8))  # (rows, sub-blocks)
-        qh = raw[:, :, 16:48].reshape(rows, nb, 1, 32)  # bit j of qh[i]: high bit of value i of sub-block j
-        qs = raw[:, :, 48:].reshape(rows, nb, 4, 1, 32)  # group g: sub-block 2g low nibbles, 2g+1 high
-        low = ((qs >> np.array([0, 4], np.uint8).reshape(2, 1)) & 15).reshape(rows, nb, 8, 32)
-        high = (qh >> np.arange(8, dtype=np.uint8).reshape(8, 1)) & 1  # (rows, nb, 8, 32)
-        self.qs = _readonly((low | (high << np.uint8(4))).reshape(rows, cols))  # (rows, cols) values 0..31
-        self.data = self.qs
+    @staticmethod
+    def _quants(b):
+        """Blocks (n, 176) -> the values q, 0..31, in order (n, 256)."""
+        qh = b[:, 16:48].reshape(-1, 1, 32)  # (n, 1, 32)
+        low = Q4_KWeight._quants(b[:, 32:])  # the nibbles sit as in Q4_K, 32 bytes later
+        high = (qh >> np.arange(8, dtype=np.uint8).reshape(8, 1)) & np.uint8(1)  # (n, 8, 32)
+        return low | (high.reshape(-1, QK_K) << np.uint8(4))
 
-    def _extra_arrays(self):
-        return [self.head, self.d, self.m]
+    @staticmethod
+    def _file_quants(values):
+        v = values.reshape(-1, 8, 32)
+        qh = ((v >> np.uint8(4)) << np.arange(8, dtype=np.uint8).reshape(8, 1)).sum(axis=1, dtype=np.uint8)
+        return np.concatenate([qh, Q4_KWeight._file_quants(v & np.uint8(15))], axis=1)  # (n, 32 + 128)
 
-    def raw_blocks(self, ids=None) -> np.ndarray:
-        sel = slice(None) if ids is None else ids
-        q, head = self.qs[sel], self.head[sel]
-        n, nb = q.shape[0], self.shape[1] // QK_K
-        q = q.reshape(n, nb, 8, 32)
-        low, high = q & np.uint8(15), q >> np.uint8(4)  # (n, nb, 8, 32) each
-        qs = low[:, :, 0::2] | (low[:, :, 1::2] << np.uint8(4))  # (n, nb, 4, 32)
-        qh = (high << np.arange(8, dtype=np.uint8).reshape(8, 1)).sum(axis=2, dtype=np.uint8)  # (n, nb, 32)
-        return np.concatenate([head, qh, qs.reshape(n, nb, 128)], axis=2).reshape(n, nb * self.type_size)
+    @staticmethod
+    def _kernel_layout(values):
+        return values
 
-    def _dequantize_blocks(self, b):
-        n = b.shape[0]
-        scale, minimum = _kquant_scale_and_min(b)  # (n, 8, 1) each
-        qh = b[:, 16:48].reshape(n, 1, 32)  # (n, 1, 32)
-        qs = b[:, 48:].reshape(n, 4, 1, 32)  # (n, 4, 1, 32)
-        ql = ((qs >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1)) & np.uint8(0x0F)).reshape(n, 8, 32)
-        hi = ((qh >> np.arange(8, dtype=np.uint8).reshape(1, 8, 1)) & np.uint8(1))  # (n, 8, 32)
-        q = (ql | (hi << np.uint8(4))).astype(np.float32)  # (n, 8, 32)
-        return (scale * q - minimum).reshape(n, QK_K)
+    @staticmethod
+    def _kernel_values(qs):
+        return qs
 
 
 class Q6_KWeight(GGUFBlockWeight):
     """210 bytes / 256 values: 128 bytes low nibbles | 64 bytes 2-bit highs | 16 int8 scales | d fp16.
 
     Value = d * scale[sub-block of 16] * (q - 32), q six bits; see ggml's dequantize_row_q6_K for the order.
+    Kept as the Numba kernels read it: one int8 per value (q - 32) and the scale d*scale[j] of each 16-value
+    sub-block in `d`, float32 exactly as gguf.quants computes it; 1.25 bytes per value in memory (0.82 in
+    the file). The 18 bytes of scales and d stay, so raw_blocks() rebuilds the file.
     """
     format, ggml_type, block_size, type_size, bits_per_weight = "q6_k", "Q6_K", QK_K, 210, 6.5625
 
-    # Kept as the Numba kernels read it: one int8 per value (q - 32) and the scale d*scale[j] of each
-    # 16-value sub-block in `d`, float32 exactly as gguf.quants computes it; 1.25 bytes per value in memory
-    # (0.82 in the file). The 18 bytes of scales and d stay, so raw_blocks() rebuilds the file.
     def __init__(self, data, shape):
         rows, cols, raw = _kquant_rows(self, data, shape)  # raw (rows, blocks, 210)
-        nb = cols // QK_K
+        blocks = raw.reshape(-1, self.type_size)  # (rows * blocks, 210)
         self.head = _readonly(np.ascontiguousarray(raw[:, :, 192:]))  # (rows, blocks, 18) scales | d
-        d = _fp16(raw[:, :, 208:210])  # (rows, blocks)
         with np.errstate(invalid="ignore", over="ignore"):
-            scale = d[:, :, None] * raw[:, :, 192:208].view(np.int8).astype(np.float32)  # (rows, blocks, 16)
-        self.d = _readonly(scale.reshape(rows, nb * 16))  # (rows, sub-blocks of 16)
-        lo = (raw[:, :, 0:128].reshape(rows, nb, 2, 1, 64) >> np.array([0, 4], np.uint8).reshape(2, 1)) & 15
-        hi = (raw[:, :, 128:192].reshape(rows, nb, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8).reshape(4, 1)) & 3
-        q = (lo.reshape(rows, nb, 256) | (hi.reshape(rows, nb, 256) << np.uint8(4))).astype(np.int8) - np.int8(32)
-        self.qs = _readonly(q.view(np.uint8).reshape(rows, cols))  # (rows, cols) int8 bytes, q - 32
+            self.d = _readonly(self._scales(blocks).reshape(rows, -1))  # (rows, sub-blocks of 16)
+        self.qs = _readonly(self._quants(blocks).view(np.uint8).reshape(rows, cols))  # int8 bytes, q - 32
         self.data = self.qs
 
     def _extra_arrays(self):
         return [self.head, self.d]
+
+    @staticmethod
+    def _scales(b):
+        """Blocks (n, 210) -> d * scale of each 16-value sub-block, (n, 16) float32."""
+        return _fp16(b[:, 208:210])[:, None] * b[:, 192:208].view(np.int8).astype(np.float32)
+
+    @staticmethod
+    def _quants(b):
+        """Blocks (n, 210) -> the values q - 32, int8, in order (n, 256)."""
+        lo = (b[:, 0:128].reshape(-1, 2, 1, 64) >> np.array([0, 4], np.uint8).reshape(2, 1)) & np.uint8(15)
+        hi = (b[:, 128:192].reshape(-1, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8).reshape(4, 1)) & np.uint8(3)
+        return (lo.reshape(-1, QK_K) | (hi.reshape(-1, QK_K) << np.uint8(4))).astype(np.int8) - np.int8(32)
 
     def raw_blocks(self, ids=None) -> np.ndarray:
         sel = slice(None) if ids is None else ids
@@ -411,16 +424,9 @@ class Q6_KWeight(GGUFBlockWeight):
 
     def _dequantize_blocks(self, b):
         n = b.shape[0]
-        ql, qh = b[:, 0:128], b[:, 128:192]
-        scales = b[:, 192:208].view(np.int8).astype(np.float32)  # (n, 16)
-        d = _fp16(b[:, 208:210])  # (n,)
-        scale = (d[:, None] * scales).reshape(n, 16, 1)  # (n, 16, 1)
-        lo = (ql.reshape(n, 2, 1, 64) >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1)) & np.uint8(0x0F)
-        lo = lo.reshape(n, 8, 32)  # (n, 8, 32)
-        hi = (qh.reshape(n, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 4, 1)) & np.uint8(3)
-        hi = hi.reshape(n, 8, 32)  # (n, 8, 32)
-        q = (lo | (hi << np.uint8(4))).astype(np.int8) - np.int8(32)  # (n, 8, 32)
-        return (scale * q.reshape(n, 16, 16).astype(np.float32)).reshape(n, QK_K)
+        scale = self._scales(b).reshape(n, 16, 1)  # (n, 16, 1)
+        q = self._quants(b).reshape(n, 16, 16).astype(np.float32)  # (n, 16 sub-blocks, 16)
+        return (scale * q).reshape(n, QK_K)
 
 
 BLOCK_TYPES = {cls.ggml_type: cls for cls in (Q8_0Weight, Q4_0Weight, Q4_1Weight, Q4_KWeight, Q5_KWeight,

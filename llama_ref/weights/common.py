@@ -1,6 +1,11 @@
-"""What every checkpoint reader shares: the canonical tensor names and their expected shapes."""
+"""What every checkpoint reader shares: the canonical tensor names and their expected shapes, and reading
+a tensor's bytes into memory."""
 
 from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
 
 from ..config import ModelArgs
 
@@ -64,3 +69,16 @@ def permute_meta_to_hf(w, n_heads: int):
     rows = w.shape[0]
     hd = rows // n_heads
     return w.reshape(n_heads, hd // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def pread_into(path: Path, offset: int, out: np.ndarray) -> None:
+    """Fill `out` with the bytes of `path` at `offset` (no memory map, so no file pages stay resident)."""
+    buf = memoryview(out.reshape(-1).view(np.uint8))
+    with open(path, "rb", buffering=0) as f:
+        f.seek(offset)
+        done = 0
+        while done < len(buf):
+            n = f.readinto(buf[done:])
+            if not n:
+                raise WeightsError(f"{path}: truncated: file ends inside a tensor's data")
+            done += n

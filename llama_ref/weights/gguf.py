@@ -12,8 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from ..config import ConfigError, ModelArgs, from_gguf_metadata
-from .common import WeightsError, check_weights
-from .torch_zip import _pread_into
+from .common import WeightsError, check_weights, pread_into
 from ..packed import from_gguf_tensor as packed_from_gguf_tensor
 
 # GGUF tensor name -> canonical (Meta) name. "{i}" is the layer index.
@@ -92,7 +91,7 @@ def dequantize(tensor) -> np.ndarray:
 def _read_owned(path: Path, tensor):
     """The tensor with its data read (pread) into an owned array instead of viewed through the map."""
     data = np.empty(tensor.data.shape, tensor.data.dtype)
-    _pread_into(path, tensor.data_offset, data)
+    pread_into(path, tensor.data_offset, data)
     data.flags.writeable = False
     return tensor._replace(data=data)
 

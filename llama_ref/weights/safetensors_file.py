@@ -14,8 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import WeightsError
-from .torch_zip import _pread_into
+from .common import WeightsError, pread_into
 
 # safetensors dtype -> (numpy dtype of the raw elements, dtype name); bf16 kept as uint16 bits.
 SAFETENSORS_DTYPES = {
@@ -44,7 +43,7 @@ class SafeTensor:
     def read(self) -> np.ndarray:
         """An owned copy (read with pread: no file pages stay mapped)."""
         out = np.empty(self.shape, dtype=self.dtype)
-        _pread_into(self.path, self.offset, out)
+        pread_into(self.path, self.offset, out)
         return out
 
     def view(self) -> np.ndarray:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import WeightsError
+from .common import WeightsError, pread_into
 
 # Storage classes torch.save names -> (numpy dtype of the raw elements, dtype name). bfloat16 is read as
 # its raw uint16 bits (see weights.bf16).
@@ -77,10 +77,10 @@ class TorchTensor:
         if self._is_contiguous():
             # The common case: read exactly the tensor's bytes, straight into the array that is kept.
             out = np.empty(self.shape, dtype=st.dtype)
-            _pread_into(st.path, st.offset + self.storage_offset * item, out)
+            pread_into(st.path, st.offset + self.storage_offset * item, out)
             return out
         whole = np.empty(st.numel, dtype=st.dtype)
-        _pread_into(st.path, st.offset, whole)
+        pread_into(st.path, st.offset, whole)
         return self._strided(whole).copy()
 
     def view(self) -> np.ndarray:
@@ -94,19 +94,6 @@ class TorchTensor:
         return np.lib.stride_tricks.as_strided(
             flat[self.storage_offset:], shape=self.shape, strides=tuple(s * item for s in self.stride),
             writeable=False)
-
-
-def _pread_into(path: Path, offset: int, out: np.ndarray) -> None:
-    """Fill `out` with the bytes of `path` at `offset` (no memory map, so no file pages stay resident)."""
-    buf = memoryview(out.reshape(-1).view(np.uint8))
-    with open(path, "rb", buffering=0) as f:
-        f.seek(offset)
-        done = 0
-        while done < len(buf):
-            n = f.readinto(buf[done:])
-            if not n:
-                raise WeightsError(f"{path}: truncated: file ends inside a tensor's data")
-            done += n
 
 
 class _RestrictedUnpickler(pickle.Unpickler):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 import os
 
 
@@ -78,3 +79,13 @@ def tiny_args(**overrides) -> ModelArgs:
 def tiny_model(seed: int = 0, dtype=np.float32, backend="numpy", **overrides) -> Transformer:
     args = tiny_args(**overrides)
     return Transformer(args, random_weights(args, seed), dtype=dtype, backend=backend)
+
+
+def file_backed(w) -> bool:
+    """Whether a kept weight (an array, or a packed weight's storage) is a view of a memory-mapped file."""
+    a = w if isinstance(w, np.ndarray) else getattr(w, "data", None)
+    while a is not None:
+        if isinstance(a, (np.memmap, mmap.mmap)):
+            return True
+        a = getattr(a, "base", None)
+    return False

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 import llama_ref
-from conftest import random_weights, tiny_args
+from conftest import file_backed, random_weights, tiny_args
 from gguf_files import byte_level_tokens, write_llama_gguf
 
 DATA = Path(__file__).parent / "data"
@@ -89,14 +89,8 @@ def test_generate_with_mmap_and_packed_weights_gives_the_same_text(tiny_gguf, ti
                    "--json", "-n", 8, "--ignore-eos", "hello")
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["ids"] == tiny.generate("hello", max_new_tokens=8, stop_ids=[]).ids
-
-    def mapped(a) -> bool:
-        while a is not None and not isinstance(a, np.memmap):
-            a = getattr(a, "base", None)
-        return a is not None
-
     wq = "layers.0.attention.wq.weight"
-    assert mapped(llama_ref.load(tiny_gguf, mmap=True).weights[wq]) and not mapped(tiny.weights[wq])
+    assert file_backed(llama_ref.load(tiny_gguf, mmap=True).weights[wq]) and not file_backed(tiny.weights[wq])
 
 
 def test_generate_streams_text_and_reports_speed(tiny_gguf, tiny):

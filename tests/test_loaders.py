@@ -4,7 +4,6 @@ PyTorch and logits computed by Meta's own model code (tests/fixtures/make_tiny_c
 from __future__ import annotations
 
 import json
-import mmap
 import os
 import pickle
 import shutil
@@ -26,6 +25,8 @@ from llama_ref.weights.hf import load_hf, read_hf_tensors
 from llama_ref.weights.meta import load_meta
 from llama_ref.weights.torch_zip import read_torch_file
 from llama_ref.weights import writers
+
+from conftest import file_backed
 
 DATA = Path(__file__).parent / "data" / "tiny_ckpt"
 MODELS = ["llama31_bf16", "llama2_fp16", "llama32_tied"]
@@ -125,16 +126,6 @@ def test_16bit_weights_stay_16bit():
     assert f32["norm.weight"].dtype == np.float32 and bf["norm.weight"].dtype == np.float32
 
 
-def _file_backed(a) -> bool:
-    """Whether an array (or a packed weight's storage) is a view of a memory-mapped file."""
-    a = getattr(a, "data", a) if not isinstance(a, np.ndarray) else a
-    while a is not None:
-        if isinstance(a, (np.memmap, mmap.mmap)):
-            return True
-        a = getattr(a, "base", None)
-    return False
-
-
 @pytest.mark.parametrize("form", ["gguf", "hf", "meta"])
 def test_weights_are_read_into_memory_unless_mmap_is_asked(form):
     """By default kept weights live in memory the process owns (decode streams them ~20% faster here than
@@ -147,7 +138,7 @@ def test_weights_are_read_into_memory_unless_mmap_is_asked(form):
         else:
             args, weights, extras = (load_hf if form == "hf" else load_meta)(path, mmap=mapped)
         matrices = [w for name, w in weights.items() if not name.endswith("norm.weight")]
-        backed = [_file_backed(w) for w in matrices]
+        backed = [file_backed(w) for w in matrices]
         # Mapped: every matrix kept as stored (HF's wq/wk are permuted, so read: they are the exception).
         assert (any(backed) if mapped else not any(backed)), (form, mapped)
         loaded[mapped] = Transformer(args, weights, freq_divisors=extras.get("freq_divisors")).forward(TOKENS)

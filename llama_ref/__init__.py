@@ -1,6 +1,7 @@
 """llama_ref: a readable pure-NumPy reference implementation of the Llama family."""
 
 from . import presets  # llama_ref.presets.get("llama-3.1-8b"): the architecture of every official model
+from .errors import LlamaRefError
 from .config import ConfigError, ModelArgs, RopeScaling
 from .fetch import DEFAULT_MODEL, FetchError, fetch
 from .loading import load
@@ -10,5 +11,5 @@ from .weights.common import WeightsError
 
 __version__ = "0.1.0"
 
-__all__ = ["load", "fetch", "DEFAULT_MODEL", "ModelArgs", "RopeScaling", "Transformer", "KVCache",
+__all__ = ["load", "LlamaRefError", "fetch", "DEFAULT_MODEL", "ModelArgs", "RopeScaling", "Transformer", "KVCache",
            "ConfigError", "FetchError", "InputError", "TokenizerError", "WeightsError"]

@@ -2,8 +2,8 @@
 
 Each subcommand is a pair: `_add_NAME(sub)` declares its arguments, `_run_NAME(args)` runs it and returns
 the exit code. To add one, write the pair and list it in SUBCOMMANDS (or add a block in _parser/main for
-a module that declares its own, like verify). Errors on bad input are ValueError/RuntimeError/OSError with
-a message naming the file or argument: main prints that one line and exits with status 2.
+a module that declares its own, like verify). Errors on bad input are LlamaRefError (llama_ref.errors) or
+OSError, with a message naming the file or argument: main prints that one line and exits with status 2.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import json
 import sys
 import time
 
+from .errors import LlamaRefError
 from .fetch import DEFAULT_MODEL
 
 EXAMPLES = """examples:
@@ -449,9 +450,9 @@ def main(argv=None) -> int:
         return 130
     except BrokenPipeError:  # e.g. piped into `head`: the reader left, nothing more to say
         return 0
-    except (ValueError, RuntimeError, OSError) as e:
-        # Every error llama_ref raises on bad input is a ValueError/RuntimeError subclass with a message
-        # naming the file or argument; the user gets that one line, not a traceback.
+    except (LlamaRefError, OSError) as e:
+        # Bad input (a LlamaRefError names its file or argument) or a file the system refused: one line.
+        # Any other exception is a bug in llama_ref and keeps its traceback.
         print(f"llama-ref: error: {e}", file=sys.stderr)
         return 2
     return 0

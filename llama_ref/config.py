@@ -19,8 +19,10 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional
 
+from .errors import LlamaRefError
 
-class ConfigError(ValueError):
+
+class ConfigError(LlamaRefError, ValueError):
     """A config file is missing, malformed or contradicts itself."""
 
 

@@ -16,8 +16,10 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import LlamaRefError
 
-class FetchError(RuntimeError):
+
+class FetchError(LlamaRefError, RuntimeError):
     """A named model could not be fetched or failed its checksum."""
 
 

@@ -14,9 +14,10 @@ import numpy as np
 
 from . import ops
 from .config import ModelArgs
+from .errors import LlamaRefError
 
 
-class InputError(ValueError):
+class InputError(LlamaRefError, ValueError):
     """Bad input from the caller: token ids, positions or lengths that the model cannot accept."""
 
 

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Iterator, Optional, Sequence
 
 import numpy as np
 
+from .errors import LlamaRefError
 from .model import InputError
 from .sampling import log_softmax
 from .textfile import read_text
@@ -35,7 +36,7 @@ MAGIC = b"LLAMA_REF_TEACH1"
 DTYPES = {"float16": np.float16, "float32": np.float32}
 
 
-class TeacherFileError(ValueError):
+class TeacherFileError(LlamaRefError, ValueError):
     """A teacher file is damaged, or was made with other settings than those asked for."""
 
 

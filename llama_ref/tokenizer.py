@@ -17,8 +17,10 @@ import operator
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
+from .errors import LlamaRefError
 
-class TokenizerError(ValueError):
+
+class TokenizerError(LlamaRefError, ValueError):
     """A tokenizer file is damaged, or ids/text cannot be handled."""
 
 

@@ -8,9 +8,10 @@ from pathlib import Path
 import numpy as np
 
 from ..config import ModelArgs
+from ..errors import LlamaRefError
 
 
-class WeightsError(ValueError):
+class WeightsError(LlamaRefError, ValueError):
     """A checkpoint file is missing, damaged, or does not fit its config."""
 
 

@@ -354,9 +354,9 @@ GOOD_PARAMS = {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_s
     ("{not json", "not valid JSON"),
     ("[1, 2, 3]", "expected a JSON object"),
     (b"\xff\xfe\x00garbage", "not valid JSON"),
-    (dict(GOOD_PARAMS, dim=None), "bad value"),
+    (dict(GOOD_PARAMS, dim=None), "dim must be an integer"),
     ({k: v for k, v in GOOD_PARAMS.items() if k != "n_layers"}, "missing required key 'n_layers'"),
-    (dict(GOOD_PARAMS, dim="wide"), "bad value"),
+    (dict(GOOD_PARAMS, dim="wide"), "dim must be an integer"),
     (dict(GOOD_PARAMS, n_kv_heads=3), "multiple of n_kv_heads"),
     (dict(GOOD_PARAMS, dim=66), "not divisible by n_heads"),
     (dict(GOOD_PARAMS, n_layers=0), "n_layers must be a positive integer"),
@@ -379,7 +379,7 @@ def test_bad_params_json_names_the_file(tmp_path, content, message):
 
 @pytest.mark.parametrize("change, message", [
     ({"model_type": "mistral"}, "model_type 'mistral' is not a Llama model"),
-    ({"hidden_size": None}, "bad value"),
+    ({"hidden_size": None}, "hidden_size must be an integer"),
     ({"num_attention_heads": 0}, "n_heads must be a positive integer"),
     ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 4.0, "high_freq_factor": 1.0}},
      "high_freq_factor > low_freq_factor"),

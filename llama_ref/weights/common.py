@@ -36,8 +36,21 @@ def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def check_layer_count(args: ModelArgs, names, where: str) -> None:
+    """The config's layer count against the layers the file holds, before anything loops over layers.
+
+    A damaged or hostile config may claim 10^9 layers; naming every expected tensor of every layer would
+    then run for hours. Only counting the file's own tensor names is bounded by the file.
+    """
+    layers = {name.split(".")[1] for name in names if name.startswith("layers.")}
+    if args.n_layers != len(layers):
+        raise WeightsError(f"{where}: the config says {args.n_layers} layers, the checkpoint holds tensors "
+                           f"of {len(layers)}")
+
+
 def check_weights(args: ModelArgs, weights: dict, where: str) -> None:
     """Every expected tensor present with its expected shape; nothing unexpected left over."""
+    check_layer_count(args, weights, where)
     shapes = expected_shapes(args)
     missing = [name for name in shapes if name not in weights]
     if missing:
@@ -83,3 +96,24 @@ def pread_into(path: Path, offset: int, out: np.ndarray) -> None:
             if not n:
                 raise WeightsError(f"{path}: truncated: file ends inside a tensor's data")
             done += n
+
+
+# Far more elements than any real tensor has (2**48 float32 = 1 PiB), and small enough that numpy's int64
+# byte counts never overflow: shapes and strides read from a file are held to it before numpy sees them.
+MAX_ELEMENTS = 2 ** 48
+
+
+def checked_shape(shape, where: str, name: str, what: str = "shape") -> tuple[int, ...]:
+    """A shape (or strides) read from a file header as a tuple of ints, refused unless every entry is a
+    non-negative int and their product (zeros counted as one, so an empty tensor cannot hide a huge
+    dimension) stays below MAX_ELEMENTS; otherwise numpy would fail from deep inside (or allocate)."""
+    if not isinstance(shape, (list, tuple)) or not all(type(n) is int for n in shape):
+        raise WeightsError(f"{where}: tensor {name} has a malformed {what} {shape!r}")
+    size = 1
+    for n in shape:
+        if n < 0:
+            raise WeightsError(f"{where}: tensor {name} has a negative entry in its {what} {tuple(shape)}")
+        size *= max(n, 1)
+        if size >= MAX_ELEMENTS:
+            raise WeightsError(f"{where}: tensor {name} has an impossibly large {what} {tuple(shape)}")
+    return tuple(shape)

@@ -164,24 +164,32 @@ def write_meta(dst: Path, args: ModelArgs, weights: dict, out: str, on_tensor=No
 
 # ---- Hugging Face: config.json + model.safetensors ----------------------------------------------------------
 
-def hf_config(args: ModelArgs, out: str) -> dict:
+def hf_config(args: ModelArgs, out: str, transformers: str = "4+5") -> dict:
+    """config.json for `args`. transformers "4": rope_theta and rope_scaling at the top level, as 4.x wrote
+    them; "5": both inside rope_parameters, as 5.x writes them; "4+5" (default): both forms, which agree,
+    so that either version reads the same RoPE (4.x ignores rope_parameters; 5.x reads either)."""
+    if transformers not in ("4", "5", "4+5"):
+        raise WeightsError(f"transformers must be '4', '5' or '4+5', got {transformers!r}")
+    dtype = {"bf16": "bfloat16", "f16": "float16", "f32": "float32"}[out]
     config = {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
         "hidden_size": args.dim, "intermediate_size": args.ffn_hidden_dim,
         "num_attention_heads": args.n_heads, "num_key_value_heads": args.kv_heads,
         "num_hidden_layers": args.n_layers, "vocab_size": args.vocab_size, "rms_norm_eps": args.norm_eps,
-        "rope_theta": args.rope_theta, "max_position_embeddings": args.max_seq_len,
-        "tie_word_embeddings": args.tie_word_embeddings,
-        "torch_dtype": {"bf16": "bfloat16", "f16": "float16", "f32": "float32"}[out],
+        "max_position_embeddings": args.max_seq_len, "tie_word_embeddings": args.tie_word_embeddings,
     }
     if args.head_dim_override is not None:
         config["head_dim"] = args.head_dim_override
     s = args.rope_scaling
-    if s is not None:
-        config["rope_scaling"] = {"rope_type": s.kind, "factor": s.factor}
-        if s.kind == "llama3":
-            config["rope_scaling"].update(low_freq_factor=s.low_freq_factor, high_freq_factor=s.high_freq_factor,
-                                          original_max_position_embeddings=s.original_max_position_embeddings)
+    scaling = None if s is None else {"rope_type": s.kind, "factor": s.factor}
+    if s is not None and s.kind == "llama3":
+        scaling.update(low_freq_factor=s.low_freq_factor, high_freq_factor=s.high_freq_factor,
+                       original_max_position_embeddings=s.original_max_position_embeddings)
+    if "4" in transformers:
+        config.update(rope_theta=args.rope_theta, rope_scaling=scaling, torch_dtype=dtype)
+    if "5" in transformers:
+        config.update(rope_parameters={"rope_type": "default", **(scaling or {}), "rope_theta": args.rope_theta},
+                      dtype=dtype)
     return config
 
 
@@ -283,6 +291,14 @@ def add_hyperparameters(w, args: ModelArgs) -> None:
     w.add_head_count_kv(args.kv_heads)
     w.add_layer_norm_rms_eps(args.norm_eps)
     w.add_rope_freq_base(args.rope_theta)
+    if args.head_dim_override is not None:  # llama.cpp's keys for a head width other than dim / n_heads
+        w.add_key_length(args.head_dim)
+        w.add_value_length(args.head_dim)
+    if args.rope_scaling is not None and args.rope_scaling.kind == "linear":
+        import gguf
+
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(args.rope_scaling.factor)
 
 
 def write_gguf(dst: Path, args: ModelArgs, weights: dict, out: str, metadata: Optional[dict] = None,
@@ -300,9 +316,6 @@ def write_gguf(dst: Path, args: ModelArgs, weights: dict, out: str, metadata: Op
     w.add_rope_dimension_count(args.head_dim)
     w.add_vocab_size(args.vocab_size)
     w.add_file_type(gguf.LlamaFileType.ALL_F32 if out == "f32" else gguf.LlamaFileType.MOSTLY_F16)
-    if args.rope_scaling is not None and args.rope_scaling.kind == "linear":
-        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-        w.add_rope_scaling_factor(args.rope_scaling.factor)
     for key, value in (metadata or {}).items():
         if key.startswith("tokenizer."):
             w.add_key_value(key, value, *_gguf_value_type(value))

@@ -376,17 +376,23 @@ def _add_info(sub) -> None:
     p = sub.add_parser("info", help="describe a checkpoint: format, config, parameters, dtype, memory",
                        formatter_class=_formatter)
     p.add_argument("path", help="GGUF file, Meta or Hugging Face checkpoint directory, or fetchable name")
+    p.add_argument("--checksum", action="store_true",
+                   help="hash the checkpoint's files (sha256) and check them against its manifest "
+                        "(checksums.sha256 or FILE.sha256, as convert writes; Meta's checklist.chk) when "
+                        "there is one; exit status 2 on a mismatch")
 
 
 def _run_info(args) -> int:
     from pathlib import Path
 
     from .fetch import MODELS, fetch
-    from .info import describe
+    from .info import checksum_report, describe
 
     path = args.path
     if not Path(path).exists() and path.lower() in MODELS:
         path = fetch(path, progress=False)
+    if args.checksum:
+        checksum_report(path)  # before reading headers: a damaged file is named as such
     print(describe(path))
     return 0
 
@@ -401,13 +407,17 @@ def _add_convert(sub) -> None:
     p.add_argument("--to", required=True, choices=["meta", "hf", "gguf-f32", "gguf-f16"])
     p.add_argument("--dtype", choices=["bf16", "f16", "f32"], default=None,
                    help="matrix precision for meta/hf (default: the source's own 16/32-bit type, else f32)")
+    p.add_argument("--no-checksums", action="store_true",
+                   help="do not write the manifest of sha256 checksums (DST/checksums.sha256, or DST.sha256 "
+                        "beside a GGUF file) that `info --checksum` and load(verify=True) check")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
 
 def _run_convert(args) -> int:
     from .convert import convert
 
-    dst = convert(args.src, args.dst, args.to, dtype=args.dtype, progress=not args.quiet)
+    dst = convert(args.src, args.dst, args.to, dtype=args.dtype, progress=not args.quiet,
+                  checksums=not args.no_checksums)
     print(f"wrote {dst}", file=sys.stderr)
     return 0
 

@@ -1,16 +1,32 @@
 """`llama-ref convert SRC DST --to {meta,hf,gguf-f32,gguf-f16}`: between checkpoint formats, atomically.
 
-The output is written under a temporary name beside DST (".DST.partial-<pid>") and renamed to DST only
-once every byte is written, so an interrupted or failed conversion never leaves a plausible but broken
-checkpoint under the final name. The tokenizer travels with the weights: tokenizer files are copied from a
-checkpoint directory; from a GGUF file its tokenizer keys go into the output GGUF, or into a tokenizer-only
-`tokenizer_gguf.json` inside a Meta/HF output directory (which llama_ref.load reads).
+The output is written under a temporary name beside DST (".DST.partial-<host>-<pid>"), every file and
+folder of it is fsync'ed, and only then is it renamed to DST (and the parent folder fsync'ed), so an
+interrupted or failed conversion never leaves a plausible but broken checkpoint under the final name, and a
+power cut after the rename cannot leave DST with holes. What is left of an interrupted run:
+
+- an exception or Ctrl-C (KeyboardInterrupt) removes the partial output before it propagates;
+- a run killed outright (SIGKILL, SIGTERM, a crash) cannot clean up after itself, so its partial output
+  stays; the next convert to the same DST removes every partial of DST whose writer is gone. The writer is
+  named in the partial's name: a partial written on this host (socket.gethostname()) by a pid that no
+  longer exists is stale. A partial of another host (a shared filesystem) or of a live pid is left alone:
+  that writer may still be running (a reused pid only delays the cleanup, it never removes live work).
+
+Unless checksums=False (`--no-checksums`), the output carries a manifest of the sha256 of every file it
+holds, in sha256sum's format (llama_ref.checksums): DST/checksums.sha256 inside a directory, written before
+the rename; DST.sha256 beside a GGUF file, renamed into place just after it (an interruption between the two
+renames leaves a complete DST without its manifest, never a manifest without its file).
+
+The tokenizer travels with the weights: tokenizer files are copied from a checkpoint directory; from a GGUF
+file its tokenizer keys go into the output GGUF, or into a tokenizer-only `tokenizer_gguf.json` inside a
+Meta/HF output directory (which llama_ref.load reads).
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import socket
 from pathlib import Path
 from typing import Optional
 
@@ -48,7 +64,7 @@ def _default_dtype(weights: dict) -> str:
 
 
 def convert(src: "str | Path", dst: "str | Path", to: str, dtype: Optional[str] = None,
-            progress: bool = False) -> Path:
+            progress: bool = False, checksums: bool = True) -> Path:
     """Convert checkpoint `src` to format `to` at `dst`. Returns dst."""
     src, dst = Path(src), Path(dst)
     _check_request(dst, to, dtype)
@@ -58,7 +74,7 @@ def convert(src: "str | Path", dst: "str | Path", to: str, dtype: Optional[str] 
     copy_from = src if kind != "gguf" else None
     return write_checkpoint(args, weights, dst, to, dtype, tokenizer_meta=extras.get("tokenizer_meta"),
                             freq_divisors=extras.get("freq_divisors"), copy_tokenizer_from=copy_from,
-                            progress=progress)
+                            progress=progress, checksums=checksums)
 
 
 def _check_request(dst: Path, to: str, dtype: Optional[str]) -> None:
@@ -70,25 +86,32 @@ def _check_request(dst: Path, to: str, dtype: Optional[str]) -> None:
         raise WeightsError(f"--to {to} fixes the dtype to {to[5:]}; --dtype {dtype} contradicts it")
     if dst.exists():
         raise WeightsError(f"{dst}: already exists; remove it or choose another name")
+    if to.startswith("gguf") and _file_manifest(dst).exists():
+        raise WeightsError(f"{_file_manifest(dst)}: already exists (the checksums of an earlier {dst.name}?); "
+                           f"remove it or choose another name")
     if not dst.parent.is_dir():
         raise WeightsError(f"{dst.parent}: output folder does not exist")
 
 
 def write_checkpoint(args, weights: dict, dst: "str | Path", to: str, dtype: Optional[str] = None, *,
                      tokenizer_meta: Optional[dict] = None, freq_divisors=None,
-                     copy_tokenizer_from: Optional[Path] = None, progress: bool = False) -> Path:
-    """Write loaded weights (canonical layout) as format `to` at `dst`, atomically. Returns dst."""
+                     copy_tokenizer_from: Optional[Path] = None, progress: bool = False,
+                     checksums: bool = True) -> Path:
+    """Write loaded weights (canonical layout) as format `to` at `dst`, atomically, with a manifest of
+    sha256 checksums unless checksums=False. Returns dst."""
     from .weights import writers
 
     dst = Path(dst)
     _check_request(dst, to, dtype)
     out = to[5:] if to.startswith("gguf") else (dtype or _default_dtype(weights))
+    remove_stale_partials(dst)
     bar = None
     if progress:
         from tqdm import tqdm
         bar = tqdm(total=len(weights), desc=f"writing {dst.name}", unit="tensor", leave=False)
     tick = bar.update if bar is not None else None
-    tmp = dst.parent / f".{dst.name}.partial-{os.getpid()}"
+    tmp = _partial_path(dst)
+    manifest_tmp = None
     try:
         if to == "meta":
             writers.write_meta(tmp, args, weights, out, on_tensor=tick)
@@ -99,14 +122,31 @@ def write_checkpoint(args, weights: dict, dst: "str | Path", to: str, dtype: Opt
                                on_tensor=tick)
         if tmp.is_dir():
             _carry_tokenizer(tmp, tokenizer_meta, copy_tokenizer_from)
+            if checksums:
+                from .checksums import MANIFEST, checkpoint_files, manifest_for
+
+                (tmp / MANIFEST).write_text(manifest_for(tmp, checkpoint_files(tmp)), encoding="utf-8")
+        elif checksums:
+            from .checksums import manifest_for
+
+            manifest_tmp = _partial_path(_file_manifest(dst))
+            manifest_tmp.write_text(manifest_for(dst.parent, [tmp], [dst.name]), encoding="utf-8")
+        # Every byte on disk before the rename makes the output visible.
+        _fsync_tree(tmp)
+        if manifest_tmp is not None:
+            _fsync_tree(manifest_tmp)
+        if dst.exists():  # created by someone else while we wrote: never replace it
+            raise WeightsError(f"{dst}: appeared while converting; the output was not written")
         # The one step that makes the output visible: a rename within the folder is atomic.
         os.rename(tmp, dst)
+        if manifest_tmp is not None:
+            os.rename(manifest_tmp, _file_manifest(dst))
+        _fsync_dir(dst.parent)  # the renames themselves survive a power cut
     except BaseException:
         # Interrupted (Ctrl-C included) or failed: remove the partial output; DST never appeared.
-        if tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
-        elif tmp.exists():
-            tmp.unlink()
+        _remove(tmp)
+        if manifest_tmp is not None:
+            _remove(manifest_tmp)
         raise
     finally:
         if bar is not None:
@@ -139,3 +179,98 @@ def _carry_tokenizer(tmp: Path, tokenizer_meta: Optional[dict], src_dir: Optiona
                 shutil.copyfile(src_dir / name, tmp / name)
     elif tokenizer_meta:
         (tmp / TOKENIZER_SIDECAR).write_text(json.dumps(tokenizer_meta, ensure_ascii=False), encoding="utf-8")
+
+
+# ---- partial outputs: naming, fsync, removal --------------------------------------------------------------
+
+_PARTIAL = ".partial-"
+
+
+def _file_manifest(dst: Path) -> Path:
+    """The checksum manifest beside a single-file output."""
+    return dst.with_name(dst.name + ".sha256")
+
+
+def _partial_path(final: Path) -> Path:
+    """The hidden name a file or directory is written under until it is complete: ".NAME.partial-HOST-PID"."""
+    return final.parent / f".{final.name}{_PARTIAL}{socket.gethostname()}-{os.getpid()}"
+
+
+def _pid_alive(pid: int) -> bool:
+    if os.name == "nt":
+        return True  # os.kill(pid, 0) would terminate the process there; never guess
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by another user
+    return True
+
+
+def remove_stale_partials(dst: "str | Path") -> list[Path]:
+    """Remove the partial outputs of DST (and of its manifest) whose writer was killed: written on this host
+    by a pid that no longer exists. Best effort: one that cannot be removed stays. Returns what was removed."""
+    dst = Path(dst)
+    host = socket.gethostname()
+    prefixes = (f".{dst.name}{_PARTIAL}", f".{dst.name}.sha256{_PARTIAL}")
+    try:
+        entries = list(os.scandir(dst.parent))
+    except OSError:
+        return []
+    removed = []
+    for entry in entries:
+        prefix = next((p for p in prefixes if entry.name.startswith(p)), None)
+        if prefix is None:
+            continue
+        writer_host, _, pid = entry.name[len(prefix):].rpartition("-")
+        if not pid.isdigit() or writer_host not in (host, ""):  # "": named before the host was part of it
+            continue
+        if int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            try:
+                _remove(Path(entry.path))
+            except OSError:
+                continue
+            removed.append(Path(entry.path))
+    return removed
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def _fsync_tree(path: Path) -> None:
+    """fsync a file, or every file and folder under a directory (the folder last)."""
+    if not path.is_dir():
+        _fsync_file(path)
+        return
+    for root, dirs, files in os.walk(path, topdown=False):
+        for name in files:
+            _fsync_file(Path(root) / name)
+        _fsync_dir(Path(root))
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDWR)  # write access: Windows' fsync (_commit) needs it
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    """fsync a folder, so the names created or renamed in it are on disk; a no-op where folders cannot be
+    opened (Windows) or fsync'ed (some filesystems answer EINVAL)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -102,6 +102,34 @@ def _mib(n: float) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
+def checksum_report(path: "str | Path", out=None) -> list:
+    """`info --checksum`: hash the checkpoint's files. With a manifest (or Meta's checklist.chk), print each
+    listed file as OK / MISMATCH / MISSING and raise WeightsError naming the first bad one; without, print
+    the sha256 of every file. Hashing reads 1 MiB at a time."""
+    import sys
+
+    from .checksums import check, checkpoint_files, checksum_lists, file_digest, require_ok
+
+    out = out or sys.stdout
+    path = Path(path)
+    root = path if path.is_dir() else path.parent
+    if not path.exists():
+        from .weights.common import WeightsError
+        raise WeightsError(f"{path}: no such file or directory")
+    if not checksum_lists(path):
+        print("checksums:   no manifest to check against; the sha256 of each file:", file=out, flush=True)
+        for f in checkpoint_files(path):
+            print(f"  {file_digest(f)}  {f.relative_to(root).as_posix()}", file=out, flush=True)
+        return []
+
+    def show(r):
+        name = r.path.relative_to(root).as_posix() if r.path.is_relative_to(root) else str(r.path)
+        print(f"  {name}: {r.status} ({r.algorithm}, {r.source})", file=out, flush=True)
+
+    print("checksums:", file=out, flush=True)
+    return require_ok(check(path, on_file=show))  # the same verdict and message as load(verify=True)
+
+
 def main_info(path: str) -> int:
     print(describe(path))
     return 0

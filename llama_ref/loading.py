@@ -13,7 +13,7 @@ from .weights.common import WeightsError
 
 def load(path_or_name: "str | Path", *, backend: str = "numpy", dtype=np.float32,
          progress: bool = False, weights: "str | None" = None, quantize: "str | None" = None,
-         mmap: bool = False) -> Transformer:
+         mmap: bool = False, verify: bool = False) -> Transformer:
     """Load a Llama model from a GGUF file, a checkpoint directory, or a fetchable name.
 
     backend: "numpy" (the reference) or "numba" (the same computation, compiled).
@@ -27,6 +27,10 @@ def load(path_or_name: "str | Path", *, backend: str = "numpy", dtype=np.float32
         of reading them into memory: loading is instant and pages are shared with the OS cache, but decode
         streams its weights from the page cache, which was ~20% slower for float32 on the machines measured
         (benchmarks/results). Quantized blocks are always repacked into owned memory.
+    verify: before loading, hash the checkpoint's files and check them against its manifest (the
+        checksums.sha256 or FILE.sha256 that `llama-ref convert` writes, Meta's checklist.chk, or the
+        pinned sha256 of a fetched model); WeightsError names the first file that does not match, or says
+        that there is no manifest to check against. Reads every byte once more (in 1 MiB chunks).
     """
     if weights is not None and weights not in ("float32", "packed"):
         raise WeightsError(f"weights must be 'float32' or 'packed', got {weights!r}")
@@ -46,6 +50,9 @@ def load(path_or_name: "str | Path", *, backend: str = "numpy", dtype=np.float32
         else:
             raise WeightsError(f"{source}: no such file or directory, and not a known model name "
                                f"({', '.join(models)})")
+    if verify:
+        from .checksums import verify as verify_checksums
+        verify_checksums(path)
     if path.is_file() and path.suffix == ".gguf" or path.is_file() and _is_gguf(path):
         from .tokenizer import tokenizer_from_gguf
         from .weights.gguf import load_gguf

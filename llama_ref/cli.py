@@ -90,7 +90,13 @@ def _sampling_options(p, max_new_tokens: int) -> None:
 
 
 def _sampling_kwargs(args) -> dict:
+    from .textfile import check_text
+
     stop_ids = [] if args.ignore_eos else args.stop_ids
+    for s in args.stop or []:
+        check_text(s, "--stop")
+    if args.system is not None:
+        check_text(args.system, "--system")
     return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                 top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
                 seed=args.seed, stop=args.stop, stop_ids=stop_ids, top_logprobs=args.top_logprobs,
@@ -141,8 +147,9 @@ def _add_generate(sub) -> None:
 
 def _run_generate(args) -> int:
     from .model import InputError
+    from .textfile import check_text, read_text
 
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    prompt = read_text("-", "prompt") if args.prompt == "-" else check_text(args.prompt, "the prompt")
     if not prompt:
         raise InputError("the prompt is empty")
     if args.system is not None and not args.chat:
@@ -181,9 +188,12 @@ def _add_chat(sub) -> None:
 
 
 def _run_chat(args) -> int:
+    from .model import InputError
+
     kwargs = _sampling_kwargs(args)
     model = _load(args)
     interactive = sys.stdin.isatty()
+    number = 0
     system = args.system
     history: list[dict] = []
     if interactive and not args.quiet:
@@ -194,15 +204,20 @@ def _run_chat(args) -> int:
             if interactive:
                 line = input("> ")
             else:
-                line = sys.stdin.readline()
-                if not line:
+                raw = sys.stdin.buffer.readline() if hasattr(sys.stdin, "buffer") else sys.stdin.readline()
+                if not raw:
                     break
-                line = line.rstrip("\n")
+                line = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+                line = line.rstrip("\n").removesuffix("\r")  # as text-mode stdin read it
         except EOFError:
             break
+        except UnicodeDecodeError as e:
+            raise InputError(f"standard input, line {number + 1}: not UTF-8 text "
+                             f"({e.reason} at byte {e.start})") from None
         except KeyboardInterrupt:  # at the prompt, Ctrl-C clears the line; Ctrl-D or /exit leaves
             print(file=sys.stderr)
             continue
+        number += 1
         if not line.strip():
             continue
         if line.startswith("/"):
@@ -358,8 +373,11 @@ def _add_tokenize(sub) -> None:
 def _run_tokenize(args) -> int:
     from .tokenizer import tokenizer_from_path
 
+    from .textfile import check_text
+
     tok = tokenizer_from_path(args.path)
-    ids = tok.encode(args.text, bos=False if args.no_bos else None, allow_special=args.allow_special)
+    ids = tok.encode(check_text(args.text, "the text to tokenize"), bos=False if args.no_bos else None,
+                     allow_special=args.allow_special)
     pieces = tok.pieces(ids)
     if args.json:
         _print_json({"ids": ids, "pieces": pieces})

@@ -10,6 +10,7 @@ live in GenerationMixin, which Transformer inherits; this keeps the forward pass
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Iterator, Optional, Sequence, Union
@@ -299,6 +300,24 @@ def _stop_strings(model: "Transformer", stop) -> list[str]:
     return stops
 
 
+def _integer(name: str, value, minimum: int) -> int:
+    """An integer argument (an int, or a float with an integral value), at least `minimum`; bools are refused."""
+    if isinstance(value, (float, np.floating)) and math.isfinite(value) and float(value).is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise InputError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    if value < minimum:
+        raise InputError(f"{name} must be an integer >= {minimum}, got {value}")
+    return int(value)
+
+
+def _number(name: str, value) -> float:
+    """A real-number argument; finiteness and range are SamplingParams' to check."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise InputError(f"{name} must be a number, got {value!r}")
+    return float(value)
+
+
 # ---- chat formats -----------------------------------------------------------------------------------
 
 def chat_prompt_ids(model: "Transformer", messages) -> list[int]:
@@ -347,15 +366,17 @@ class GenerationMixin:
     def _rows(self, prompts: list[Prompt], *, max_new_tokens=32, temperature=0.0, top_k=0, top_p=1.0,
               min_p=0.0, repetition_penalty=1.0, seed=None, stop=None, stop_ids=None, top_logprobs=0,
               truncate=False, add_bos=None, allow_special=False, prompt_ids=None) -> list[_Row]:
-        if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
-            raise InputError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-        if not isinstance(top_logprobs, (int, np.integer)) or top_logprobs < 0:
-            raise InputError(f"top_logprobs must be an integer >= 0, got {top_logprobs!r}")
-        params = SamplingParams(float(temperature), int(top_k), float(top_p), float(min_p),
-                                float(repetition_penalty))
+        # max_new_tokens may be huge (generation still ends at the context window); top_logprobs past the
+        # vocabulary reports the whole vocabulary.
+        max_new_tokens = _integer("max_new_tokens", max_new_tokens, 0)
+        top_logprobs = _integer("top_logprobs", top_logprobs, 0)
+        params = SamplingParams(_number("temperature", temperature), _integer("top_k", top_k, 0),
+                                _number("top_p", top_p), _number("min_p", min_p),
+                                _number("repetition_penalty", repetition_penalty))
         seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed] * len(prompts)
         if len(seeds) != len(prompts):
             raise InputError(f"{len(seeds)} seeds for {len(prompts)} prompts")
+        seeds = [None if s is None else _integer("seed", s, 0) for s in seeds]
         window = self.args.max_seq_len
         ids_list = prompt_ids or [encode_prompt(self, p, add_bos=add_bos, allow_special=allow_special)
                                   for p in prompts]
@@ -430,7 +451,16 @@ class GenerationMixin:
         if len(ids) < 2:
             raise InputError("scoring needs at least two tokens (the first one is never predicted)")
         window = self.args.max_seq_len
-        stride = stride or max(1, window // 2)
+        # Each window after the first starts `stride` tokens on and must overlap the tokens already scored
+        # by at least one (the context of its first new token): 1 <= stride <= window - 1. A stride of 0 or
+        # less never advanced (the loop never ended); one of window or more scored tokens against the
+        # wrong positions.
+        if stride is None:
+            stride = max(1, window // 2)
+        else:
+            stride = _integer("stride", stride, 1)
+            if stride >= window:
+                raise InputError(f"stride must be less than the context window ({window}), got {stride}")
         nll, scored, begin = 0.0, 1, 0  # tokens before `scored` have been predicted already
         while scored < len(ids):
             begin = max(0, min(begin, len(ids) - window))

@@ -8,6 +8,7 @@ number from a NumPy Generator, so the same seed picks the same token whatever ba
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Iterable, Optional
 
@@ -20,7 +21,8 @@ from .model import InputError
 class SamplingParams:
     """How to pick each token. The defaults are greedy decoding with no filtering.
 
-    temperature: 0 picks the most likely token (greedy); > 0 divides the logits before the softmax.
+    temperature: 0 picks the most likely token (greedy); > 0 divides the logits before the softmax (one too
+        small to divide by, see scale_by_temperature, is greedy too). All values must be finite.
     top_k: keep only the k most likely tokens (0 = off).
     top_p: keep the smallest set of most likely tokens whose probability adds up to at least top_p (1 = off).
     min_p: keep tokens at least min_p times as likely as the most likely one (0 = off).
@@ -34,9 +36,16 @@ class SamplingParams:
     repetition_penalty: float = 1.0
 
     def __post_init__(self):
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+                raise InputError(f"{name} must be a number, got {value!r}")
+            if not math.isfinite(value):  # NaN passes no comparison and inf breaks the arithmetic below
+                raise InputError(f"{name} must be a finite number, got {value!r}")
         checks = [
             ("temperature", self.temperature >= 0, "must be >= 0"),
-            ("top_k", isinstance(self.top_k, (int, np.integer)) and self.top_k >= 0, "must be an integer >= 0"),
+            ("top_k", isinstance(self.top_k, (int, np.integer)) and not isinstance(self.top_k, bool)
+             and self.top_k >= 0, "must be an integer >= 0"),
             ("top_p", 0 < self.top_p <= 1, "must be in (0, 1]"),
             ("min_p", 0 <= self.min_p <= 1, "must be in [0, 1]"),
             ("repetition_penalty", self.repetition_penalty > 0, "must be > 0"),
@@ -111,13 +120,33 @@ def next_token_distribution(logits: np.ndarray, params: SamplingParams,
     At temperature 0 this is a one-hot on the greedy token.
     """
     z = apply_repetition_penalty(logits, previous_ids, params.repetition_penalty)
-    if params.greedy:
+    scaled = None if params.greedy else scale_by_temperature(z, params.temperature)
+    if scaled is None:
         p = np.zeros(z.size)
         p[int(np.argmax(z))] = 1.0
         return p
-    probs = softmax(z / params.temperature)
+    probs = softmax(scaled)
     probs = np.where(allowed_tokens(probs, params.top_k, params.top_p, params.min_p), probs, 0.0)
     return probs / probs.sum()
+
+
+def scale_by_temperature(z: np.ndarray, temperature: float) -> Optional[np.ndarray]:
+    """z / temperature, shifted so its maximum is 0 (which softmax ignores); None when the temperature is
+    too small to divide by.
+
+    The shift comes first: (z - max) / T is finite or -inf for every T > 0, where z / T overflows to inf
+    for a tiny T (1e-308 with logits near 2) and inf - inf made the probabilities NaN. "Too small" is then
+    exact, not a chosen threshold: the division overflows float64 (|z_i - max| / T > 1.8e308 for some
+    finite logit), i.e. T is below that logit's gap to the best times 2**-1024. Every token but the best
+    ones then has probability exp(-inf) = 0, which is greedy decoding in all but tie-breaking and the
+    random number drawn, so such a temperature is greedy decoding: the argmax, no random number used.
+    """
+    shifted = z - z.max()
+    with np.errstate(over="ignore"):
+        scaled = shifted / temperature
+    if np.isinf(scaled[np.isfinite(shifted)]).any():
+        return None
+    return scaled
 
 
 def draw(probs: np.ndarray, rng: np.random.Generator) -> int:
@@ -136,9 +165,12 @@ def draw(probs: np.ndarray, rng: np.random.Generator) -> int:
 
 def sample(logits: np.ndarray, params: SamplingParams, rng: Optional[np.random.Generator] = None,
            previous_ids: Iterable[int] = ()) -> int:
-    """The next token: greedy at temperature 0 (no random number used), else one draw."""
-    if params.greedy:
-        z = apply_repetition_penalty(logits, previous_ids, params.repetition_penalty)
+    """The next token: greedy at temperature 0, or at one too small to divide by (scale_by_temperature),
+    with no random number used; else one draw."""
+    z = apply_repetition_penalty(logits, previous_ids, params.repetition_penalty)
+    scaled = None if params.greedy else scale_by_temperature(z, params.temperature)
+    if scaled is None:
         return int(np.argmax(z))
-    probs = next_token_distribution(logits, params, previous_ids)
-    return draw(probs, rng if rng is not None else np.random.default_rng())
+    probs = softmax(scaled)
+    probs = np.where(allowed_tokens(probs, params.top_k, params.top_p, params.min_p), probs, 0.0)
+    return draw(probs / probs.sum(), rng if rng is not None else np.random.default_rng())

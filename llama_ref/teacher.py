@@ -113,7 +113,7 @@ def export_teacher(model: "Transformer", prompts: Sequence[str], out: "str | Pat
     longer than the context window instead of refusing it. Returns a summary dict.
     """
     out = Path(out)
-    if not isinstance(top_k, (int, np.integer)) or not 1 <= top_k <= model.args.vocab_size:
+    if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or not 1 <= top_k <= model.args.vocab_size:
         raise InputError(f"top_k must be between 1 and the vocabulary size {model.args.vocab_size}, got {top_k}")
     if dtype not in DTYPES:
         raise InputError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -181,8 +181,9 @@ def _scan(path: Path) -> tuple[Optional[dict], list[TeacherRecord], int]:
         return None, [], 0
     try:
         header = json.loads(data[start:start + n].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise TeacherFileError(f"{path}: damaged header") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        raise TeacherFileError(f"{path}: damaged header (not UTF-8 JSON)") from None
+    _check_header(header, path)
     k, dtype = header["top_k"], np.dtype(DTYPES[header["dtype"]]).newbyteorder("<")
     records, pos = [], start + n
     while pos + 4 <= len(data):
@@ -205,6 +206,18 @@ def _scan(path: Path) -> tuple[Optional[dict], list[TeacherRecord], int]:
         records.append(TeacherRecord(index, ids, top_ids, top_lp))
         pos = end
     return header, records, pos
+
+
+def _check_header(header, path: Path) -> None:
+    """The fields the records are read by: top_k (an integer >= 1) and dtype (float16 or float32)."""
+    if not isinstance(header, dict):
+        raise TeacherFileError(f"{path}: damaged header (a JSON {type(header).__name__}, not an object)")
+    k = header.get("top_k")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise TeacherFileError(f"{path}: damaged header (top_k {k!r} is not an integer >= 1)")
+    if header.get("dtype") not in DTYPES:
+        raise TeacherFileError(f"{path}: damaged header (dtype {header.get('dtype')!r} is not one of "
+                               f"{', '.join(DTYPES)})")
 
 
 def read_teacher(path: "str | Path") -> tuple[dict, list[TeacherRecord]]:

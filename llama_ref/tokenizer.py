@@ -47,6 +47,10 @@ class Tokenizer:
         """
         if not isinstance(text, str):
             raise TokenizerError(f"text must be a str, got {type(text).__name__}")
+        try:
+            text.encode("utf-8")  # lone surrogates (how Python passes on undecodable bytes) are not text
+        except UnicodeEncodeError as e:
+            raise TokenizerError(f"text is not valid Unicode ({e.reason} at character {e.start})") from None
         ids = self._encode(text, allow_special)
         if bos if bos is not None else self.add_bos_default:
             if self.bos_id is None:
@@ -412,31 +416,22 @@ def check_vocab_size(tokenizer: Tokenizer, n_embeddings: int, where: str) -> Non
 
 
 def render_chat(template: str, messages: list[dict], add_generation_prompt: bool = True, **extra) -> str:
-    """Render a jinja chat template (from tokenizer_config.json or GGUF metadata) in a sandbox."""
+    """Render a jinja chat template (from tokenizer_config.json or GGUF metadata) in a sandbox bounded in
+    time and in the size of what it builds (llama_ref.template)."""
     from jinja2.exceptions import TemplateError
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-    def raise_exception(message):
-        raise TemplateError(message)
+    from .template import TemplateStopped, render_template
 
-    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-        # transformers' tojson: no HTML escaping, non-ASCII kept (jinja2's own filter escapes both)
-        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-    def strftime_now(fmt):
-        import datetime
-
-        return datetime.datetime.now().strftime(fmt)
-
-    # The same environment settings as transformers' apply_chat_template, so templates render identically.
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
-    env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = strftime_now
-    env.filters["tojson"] = tojson
     try:
-        return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                                **extra)
-    except (TemplateError, TypeError, ValueError, KeyError, AttributeError) as e:
+        return render_template(template, dict(messages=messages, add_generation_prompt=add_generation_prompt,
+                                              **extra))
+    except TemplateStopped as e:
+        raise TokenizerError(f"chat template stopped: {e}") from None
+    except RecursionError:
+        raise TokenizerError("chat template stopped: it recursed too deeply") from None
+    except MemoryError:
+        raise TokenizerError("chat template stopped: it ran out of memory") from None
+    except (TemplateError, TypeError, ValueError, LookupError, AttributeError, ArithmeticError) as e:
         # a template bug or messages the template does not expect: one line naming the template's complaint
         raise TokenizerError(f"chat template failed: {type(e).__name__}: {e}") from None
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import re
 from functools import partial
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from ..config import ModelArgs, from_hf_config
 from .common import WeightsError, check_weights, permute_hf_to_meta
@@ -59,10 +59,10 @@ def _read_index(path: Path) -> dict[str, str]:
     try:
         index = json.loads(path.read_text(encoding="utf-8"))
         weight_map = index["weight_map"]
-        if not isinstance(weight_map, dict):
-            raise TypeError("weight_map is not an object")
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise TypeError("weight_map is not an object of file names")
         return weight_map
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:  # ValueError: not UTF-8 / JSON
         raise WeightsError(f"{path}: unreadable index ({type(e).__name__}: {e})") from None
 
 
@@ -73,6 +73,12 @@ def hf_tensor_files(directory: Path) -> list[Path]:
         if (directory / index_name).exists():
             files = sorted(set(_read_index(directory / index_name).values()))
             for f in files:
+                # A shard is a file of this directory: refuse absolute paths and "..", which would read any
+                # file on the machine. Checked on the name, not with resolve(): Hugging Face's cache keeps
+                # shards as symlinks into a blobs/ folder outside the snapshot directory.
+                if PurePosixPath(f).is_absolute() or ".." in PurePosixPath(f).parts:
+                    raise WeightsError(f"{directory / index_name}: shard path {f!r} points outside "
+                                       f"{directory}")
                 if not (directory / f).is_file():
                     raise WeightsError(f"{directory / f}: shard listed in {index_name} is missing")
             return [directory / f for f in files]
@@ -103,29 +109,34 @@ def load_hf(directory: "str | Path", keep: str = "stored", progress: bool = Fals
     if "lm_head.weight" not in tensors and args.tie_word_embeddings is False:
         raise WeightsError(f"{where}: tensor lm_head.weight is missing (and config.json does not tie "
                            f"word embeddings)")
-    items = [(n, t) for n, t in tensors.items() if not IGNORED_RE.search(n)]
+    # Every name and shape is checked against the config from the headers alone, before any tensor is
+    # read, so a damaged or hostile file costs nothing (HF's q/k row reordering keeps the shape).
+    lazy = {}
+    for hf_name, t in tensors.items():
+        if IGNORED_RE.search(hf_name):
+            continue
+        name = hf_name_to_meta(hf_name)
+        if name is None:
+            raise WeightsError(f"{where}: unexpected tensor {hf_name} for a Llama model")
+        lazy[name] = t
+    if args.tie_word_embeddings and "tok_embeddings.weight" in lazy:
+        # Like HF's own tying: a stored lm_head.weight (some tied checkpoints keep a copy) is not used.
+        lazy["output.weight"] = lazy["tok_embeddings.weight"]
+    check_weights(args, lazy, where)
+    items = [(n, t) for n, t in lazy.items() if not (args.tie_word_embeddings and n == "output.weight")]
     if progress:
         from tqdm import tqdm
         items = tqdm(items, desc=f"loading {directory.name}", unit="tensor", leave=False)
     weights: dict = {}
     dtypes = set()
-    for hf_name, t in items:
-        name = hf_name_to_meta(hf_name)
-        if name is None:
-            raise WeightsError(f"{where}: unexpected tensor {hf_name} for a Llama model")
+    for name, t in items:
         transform = None
         if name.endswith(("attention.wq.weight", "attention.wk.weight")):
             heads = args.n_heads if name.endswith("wq.weight") else args.kv_heads
-            expected_rows = heads * args.head_dim
-            if t.shape[0] != expected_rows:
-                raise WeightsError(f"{where}: tensor {hf_name} has shape {t.shape}, the config implies "
-                                   f"{(expected_rows, args.dim)}")
             transform = partial(permute_hf_to_meta, n_heads=heads)
         if not name.endswith("norm.weight"):
             dtypes.add(t.dtype_name)
         weights[name] = keep_tensor(t, keep, name, transform, mmap=mmap)
-    if args.tie_word_embeddings and "tok_embeddings.weight" in weights:
-        # Like HF's own tying: a stored lm_head.weight (some tied checkpoints keep a copy) is not used.
+    if args.tie_word_embeddings:
         weights["output.weight"] = weights["tok_embeddings.weight"]
-    check_weights(args, weights, where)
     return args, weights, {"format": "hf", "dtype": "/".join(sorted(dtypes)), "files": hf_tensor_files(directory)}

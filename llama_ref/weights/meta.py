@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 from ..config import ModelArgs, _read_json, from_params_json
-from .common import WeightsError, check_weights
+from .common import WeightsError, check_weights, expected_shapes
 from .keep import check_keep, finish, keep_tensor, merge_raw
 from .torch_zip import read_torch_file
 
@@ -61,14 +62,64 @@ def read_meta_params(directory: Path, shards: list[dict]) -> ModelArgs:
     if params.get("vocab_size", -1) == -1:
         # Llama 1/2 left the vocabulary to the tokenizer; the output matrix (split on rows) knows it.
         head = "output.weight" if "output.weight" in shards[0] else "tok_embeddings.weight"
-        if head not in shards[0]:
-            raise WeightsError(f"{directory}: vocab_size is -1 and no output.weight to read it from")
+        if head not in shards[0] or len(shards[0][head].shape) != 2:
+            raise WeightsError(f"{directory}: vocab_size is -1 and no 2-D output.weight to read it from")
         if head == "output.weight":
             params["vocab_size"] = sum(s[head].shape[0] for s in shards)
         else:
             params["vocab_size"] = shards[0][head].shape[0] * (
                 len(shards) if shards[0][head].shape[1] == params.get("dim") else 1)
     return from_params_json(params, where=str(directory / "params.json"))
+
+
+def joined_shapes(args: ModelArgs, shards: list[dict], names: list[str], where: str) -> dict:
+    """name -> (shape once its shards are joined, split axis), from the headers alone: nothing is read."""
+    out = {}
+    for name in names:
+        parts = [s[name] for s in shards]
+        shape = parts[0].shape
+        if any(t.dtype_name != parts[0].dtype_name for t in parts):
+            raise WeightsError(f"{where}: tensor {name} has different dtypes in different shards")
+        if name == "tok_embeddings.weight" and len(shape) != 2:
+            raise WeightsError(f"{where}: tensor {name} has shape {shape}, expected a matrix")
+        axis = split_dim(name, shape, args.dim)
+        if axis is not None and axis >= len(shape):
+            axis = None  # a wrong-dimensional tensor: check_weights names it with its shape
+        joined = list(shape)
+        if axis is not None:
+            joined[axis] = sum(t.shape[axis] for t in parts)
+        if any(len(t.shape) != len(shape) or any(n != m for i, (n, m) in enumerate(zip(t.shape, shape))
+                                                 if i != axis) for t in parts):
+            raise WeightsError(f"{where}: shards of {name} do not fit together "
+                               f"(shapes {', '.join(str(t.shape) for t in parts)})")
+        out[name] = (tuple(joined), axis)
+    return out
+
+
+def check_missing_shard(args: ModelArgs, joined: dict, n_shards: int, where: str) -> None:
+    """A missing last shard (consolidated.01.pth of two, say) leaves no gap in the numbering; it shows as
+    every split tensor of the layers being the same whole fraction 1/k of its config shape along its
+    split axis. Said so, rather than reported as a shape mismatch. (One mismatching tensor, or different
+    fractions, is a config that contradicts the file: check_weights reports that.)"""
+    template = expected_shapes(args.replace(n_layers=1))  # one layer's shapes: any layer count is cheap
+    fractions, example = set(), None
+    for name, (shape, axis) in joined.items():
+        m = re.match(r"layers\.(\d+)\.(.*)$", name)
+        if axis is None or not m or int(m.group(1)) >= args.n_layers:
+            continue
+        want = template.get(f"layers.0.{m.group(2)}")
+        if want is None or len(want) != len(shape):
+            return
+        rest_fits = all(n == w for i, (n, w) in enumerate(zip(shape, want)) if i != axis)
+        if not rest_fits or shape[axis] == 0 or want[axis] % shape[axis]:
+            return
+        fractions.add(want[axis] // shape[axis])
+        example = example or (name, shape, want)
+    if len(fractions) == 1 and (k := fractions.pop()) > 1:
+        name, shape, want = example
+        raise WeightsError(f"{where}: a shard seems missing: tensor {name} has shape {shape}, 1/{k} of the "
+                           f"config's {want}, and so has every split tensor; {n_shards} consolidated.NN.pth "
+                           f"found, the config's shapes need {n_shards * k}")
 
 
 def load_meta(directory: "str | Path", keep: str = "stored", progress: bool = False, mmap: bool = False):
@@ -83,7 +134,6 @@ def load_meta(directory: "str | Path", keep: str = "stored", progress: bool = Fa
         if set(s) - IGNORED != set(names):
             diff = sorted((set(s) ^ set(shards[0])) - IGNORED)
             raise WeightsError(f"{p}: tensor {diff[0]} is in one shard but not the other")
-    dtypes = {shards[0][n].dtype_name for n in names if not n.endswith("norm.weight")}
 
     # Llama 3.2's small models save output.weight as the very same storage as tok_embeddings.weight.
     first = shards[0]
@@ -95,6 +145,16 @@ def load_meta(directory: "str | Path", keep: str = "stored", progress: bool = Fa
         names = [n for n in names if n != "output.weight"]
 
     where = str(directory)
+    # Every name and shape is checked against the config from the headers alone, before any tensor is
+    # read, so a damaged or hostile file costs nothing.
+    joined = joined_shapes(args, shards, names, where)
+    check_missing_shard(args, joined, len(shards), where)
+    lazy = {name: SimpleNamespace(shape=shape) for name, (shape, _) in joined.items()}
+    if args.tie_word_embeddings and "tok_embeddings.weight" in lazy:
+        lazy["output.weight"] = lazy["tok_embeddings.weight"]
+    check_weights(args, lazy, where)
+    dtypes = {shards[0][n].dtype_name for n in names if not n.endswith("norm.weight")}
+
     weights: dict = {}
     if progress:
         from tqdm import tqdm
@@ -103,16 +163,11 @@ def load_meta(directory: "str | Path", keep: str = "stored", progress: bool = Fa
         if len(shards) == 1:
             weights[name] = keep_tensor(first[name], keep, name, mmap=mmap)
             continue
-        axis = split_dim(name, first[name].shape, args.dim)
         # Read each shard's piece (owned copies) and join them: one tensor's pieces in memory at a time.
         pieces = [s[name].read() for s in shards]
-        dtype_name = first[name].dtype_name
-        if any(s[name].dtype_name != dtype_name for s in shards):
-            raise WeightsError(f"{where}: tensor {name} has different dtypes in different shards")
-        weights[name] = finish(merge_raw(pieces, axis, where, name), dtype_name, keep, name)
+        weights[name] = finish(merge_raw(pieces, joined[name][1], where, name), first[name].dtype_name, keep, name)
         del pieces
     if args.tie_word_embeddings and "tok_embeddings.weight" in weights:
         weights["output.weight"] = weights["tok_embeddings.weight"]
-    check_weights(args, weights, where)
     return args, weights, {"format": "meta", "dtype": "/".join(sorted(dtypes)), "shards": len(shards),
                            "files": paths}

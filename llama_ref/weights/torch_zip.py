@@ -12,15 +12,21 @@ an owned copy (`read`) or as a read-only memory map (`view`), so a loader decide
 
 from __future__ import annotations
 
+import io
+import lzma
+import math
 import pickle
+import pickletools
+import reprlib
 import struct
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .common import WeightsError, pread_into
+from .common import WeightsError, checked_shape, pread_into
 
 # Storage classes torch.save names -> (numpy dtype of the raw elements, dtype name). bfloat16 is read as
 # its raw uint16 bits (see weights.bf16).
@@ -29,6 +35,14 @@ STORAGE_DTYPES = {
     "HalfStorage": (np.dtype("<f2"), "float16"),
     "FloatStorage": (np.dtype("<f4"), "float32"),
 }
+# data.pkl holds one small record per tensor (~200 bytes): tens of KB for a real model, a few hundred KB
+# for the ~1,100 tensors of Llama 3 405B. 64 MiB is a generous bound that still keeps a hostile archive
+# from inflating an entry to GBs (a 4 MB file could otherwise make us inflate 4 GB).
+MAX_PICKLE_BYTES = 64 * 2 ** 20
+# ... and ~30 opcodes per tensor (~35K for Llama 3 405B). Bytes alone do not bound what unpickling allocates:
+# one byte (EMPTY_LIST) makes a 56-byte object. Each opcode makes at most one object, so 2**20 of them
+# bound the objects to ~100 MB, whatever the pickle is made of.
+MAX_PICKLE_OPCODES = 2 ** 20
 
 
 @dataclass(frozen=True)
@@ -62,7 +76,7 @@ class TorchTensor:
 
     @property
     def numel(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64))
+        return math.prod(self.shape)
 
     def _is_contiguous(self) -> bool:
         expected, step = [], 1
@@ -86,6 +100,8 @@ class TorchTensor:
     def view(self) -> np.ndarray:
         """A read-only memory map of the tensor (no copy when contiguous)."""
         st = self.storage
+        if st.numel == 0:
+            return np.empty(self.shape, dtype=st.dtype)  # nothing to map (and numpy cannot map 0 bytes)
         mm = np.memmap(st.path, dtype=st.dtype, mode="r", offset=st.offset, shape=(st.numel,))
         return self._strided(mm)
 
@@ -123,11 +139,12 @@ class _RestrictedUnpickler(pickle.Unpickler):
         # torch.save writes each storage as ('storage', storage_type, key, location, numel).
         if (not isinstance(pid, tuple) or len(pid) != 5 or pid[0] != "storage"
                 or not isinstance(pid[1], _StorageType)):
-            raise WeightsError(f"{self.path}: unexpected persistent id {pid!r} in data.pkl")
+            raise WeightsError(f"{self.path}: unexpected persistent id {reprlib.repr(pid)} in data.pkl")
         _, kind, key, _location, numel = pid
-        entry = self.entries.get(str(key))
-        if entry is None:
-            raise WeightsError(f"{self.path}: storage {key} is referenced but missing from the archive")
+        entry = self.entries.get(key) if isinstance(key, str) else None
+        if entry is None or type(numel) is not int:
+            raise WeightsError(f"{self.path}: storage {reprlib.repr(key)} is referenced but missing from the "
+                               f"archive, or has no element count")
         offset, nbytes = entry
         dtype, dtype_name = STORAGE_DTYPES[kind.torch_name]
         if nbytes != int(numel) * dtype.itemsize:
@@ -142,13 +159,21 @@ class _RestrictedUnpickler(pickle.Unpickler):
     def _rebuild_tensor(self, storage, storage_offset, size, stride):
         if not isinstance(storage, Storage):
             raise WeightsError(f"{self.path}: tensor without a storage in data.pkl")
-        size, stride = tuple(int(n) for n in size), tuple(int(s) for s in stride)
-        if len(size) != len(stride) or any(n < 0 for n in size) or any(s < 0 for s in stride):
-            raise WeightsError(f"{self.path}: malformed tensor (size {size}, stride {stride})")
-        last = int(storage_offset) + sum((n - 1) * s for n, s in zip(size, stride)) if all(size) else 0
-        if int(storage_offset) < 0 or last >= max(storage.numel, 1) and all(size):
-            raise WeightsError(f"{self.path}: tensor of size {size} runs past its storage of {storage.numel}")
-        return TorchTensor(storage, int(storage_offset), size, stride)
+        where, name = str(self.path), f"in storage {storage.key}"  # its name is not known yet
+        size, stride = checked_shape(size, where, name, "size"), checked_shape(stride, where, name, "stride")
+        if len(size) != len(stride) or type(storage_offset) is not int:
+            raise WeightsError(f"{where}: malformed tensor {name} (size {size}, stride {stride}, offset "
+                               f"{reprlib.repr(storage_offset)})")
+        # A tensor never has more elements than its storage. Strides of 0 (broadcasting) could otherwise
+        # make a few stored bytes stand for a tensor of any size, allocated in full when it is read.
+        numel = math.prod(size)
+        if numel > storage.numel:
+            raise WeightsError(f"{where}: tensor {name} of size {size} has more elements than its storage "
+                               f"({storage.numel})")
+        last = storage_offset + sum((n - 1) * s for n, s in zip(size, stride))
+        if numel and (storage_offset < 0 or last >= storage.numel):
+            raise WeightsError(f"{where}: tensor {name} of size {size} runs past its storage of {storage.numel}")
+        return TorchTensor(storage, storage_offset, size, stride)
 
 
 class _StateDict(dict):
@@ -171,6 +196,37 @@ def _local_data_offset(f, info: zipfile.ZipInfo) -> int:
     return info.header_offset + 30 + name_len + extra_len
 
 
+def _read_entry(zf: zipfile.ZipFile, name: str, limit: int, path: Path) -> bytes:
+    """An archive entry read whole, refused past `limit` bytes: by its declared size first, and by what it
+    really inflates to (the declared size is not trusted: at most limit + 1 bytes are ever decompressed)."""
+    info = zf.getinfo(name)
+    if info.file_size > limit:
+        raise WeightsError(f"{path}: {name} says it holds {info.file_size} bytes; more than {limit} is no "
+                           f"real checkpoint's")
+    with zf.open(info) as fp:
+        data = fp.read(limit + 1)
+    if len(data) > limit:
+        raise WeightsError(f"{path}: {name} inflates to more than {limit} bytes; no real checkpoint's does")
+    return data
+
+
+def _check_pickle_sizes(pickled: bytes, path: Path) -> None:
+    """Walk the opcodes once (pickletools, which allocates nothing beyond the data) before unpickling.
+
+    CPython's unpickler trusts two numbers in the pickle: a byte string's declared length (it allocates
+    that much, then reads: a 4-byte length is 4 GB) and a memo index (it grows the memo table to twice the
+    index). So every length must fit in the data, which genops checks as it reads each argument, and every
+    memo index must be one a pickler could have written: they count up from 0, one per stored object.
+    The opcodes are counted too (MAX_PICKLE_OPCODES).
+    """
+    for count, (op, arg, _) in enumerate(pickletools.genops(io.BytesIO(pickled))):
+        if count >= MAX_PICKLE_OPCODES:
+            raise WeightsError(f"{path}: data.pkl has more than {MAX_PICKLE_OPCODES} opcodes; no real "
+                               f"checkpoint's has")
+        if op.name in ("PUT", "BINPUT", "LONG_BINPUT") and not 0 <= arg <= count:
+            raise WeightsError(f"{path}: damaged data.pkl (memo index {arg} at opcode {count})")
+
+
 def read_torch_file(path: "str | Path") -> dict[str, TorchTensor]:
     """The state dict of a torch.save zip file: name -> TorchTensor. Nothing from the file is executed."""
     path = Path(path)
@@ -184,7 +240,8 @@ def read_torch_file(path: "str | Path") -> dict[str, TorchTensor]:
             if len(pkl) != 1:
                 raise WeightsError(f"{path}: not a PyTorch checkpoint (no <name>/data.pkl in the archive)")
             prefix = pkl[0][: -len("data.pkl")]
-            if f"{prefix}byteorder" in names and zf.read(f"{prefix}byteorder").strip() != b"little":
+            order = f"{prefix}byteorder"
+            if order in names and _read_entry(zf, order, 64, path).strip() != b"little":
                 raise WeightsError(f"{path}: big-endian checkpoints are not supported")
             # Locate every storage's bytes in the file (torch stores them uncompressed).
             entries = {}
@@ -197,18 +254,20 @@ def read_torch_file(path: "str | Path") -> dict[str, TorchTensor]:
                 if offset + info.file_size > size:
                     raise WeightsError(f"{path}: truncated: storage {info.filename} runs past the end of the file")
                 entries[info.filename[len(f"{prefix}data/"):]] = (offset, info.file_size)
-            with zf.open(pkl[0]) as fp:
-                state = _RestrictedUnpickler(fp, path, entries).load()
+            pickled = _read_entry(zf, pkl[0], MAX_PICKLE_BYTES, path)
+            _check_pickle_sizes(pickled, path)
+            state = _RestrictedUnpickler(io.BytesIO(pickled), path, entries).load()
     except WeightsError:
         raise
-    except zipfile.BadZipFile as e:
+    except (zipfile.BadZipFile, zlib.error, lzma.LZMAError, NotImplementedError, RuntimeError) as e:
+        # RuntimeError: an encrypted entry; NotImplementedError: an unknown compression method.
         raise WeightsError(f"{path}: truncated or not a PyTorch zip checkpoint ({e})") from None
     except (pickle.UnpicklingError, EOFError, TypeError, ValueError, AttributeError, IndexError,
-            KeyError, struct.error, OSError) as e:
-        raise WeightsError(f"{path}: damaged data.pkl ({type(e).__name__}: {e})") from None
+            KeyError, struct.error, OSError, OverflowError, RecursionError) as e:
+        raise WeightsError(f"{path}: damaged data.pkl ({type(e).__name__}: {reprlib.repr(str(e))})") from None
     if not isinstance(state, dict):
         raise WeightsError(f"{path}: expected a dict of tensors, found {type(state).__name__}")
     for name, value in state.items():
         if not isinstance(name, str) or not isinstance(value, TorchTensor):
-            raise WeightsError(f"{path}: entry {name!r} is not a tensor")
+            raise WeightsError(f"{path}: entry {reprlib.repr(name)} is not a tensor")
     return state

@@ -226,12 +226,32 @@ def _gpt2_byte_decoder() -> dict[str, int]:
     return {chr(c): b for b, c in zip(printable, chars)}
 
 
+def _check_gguf_vocabulary(meta: dict, where: str) -> None:
+    """The vocabulary arrays are lists of the right kind, and the per-token ones as long as the token list:
+    a damaged file otherwise fails deep inside a tokenizer build, or silently drops token types."""
+    def is_list_of(key, kinds):
+        value = meta.get(key)
+        return value is None or (isinstance(value, list)
+                                 and all(isinstance(v, kinds) and not isinstance(v, bool) for v in value))
+
+    for key, kinds, what in (("tokenizer.ggml.tokens", str, "strings"), ("tokenizer.ggml.merges", str, "strings"),
+                             ("tokenizer.ggml.token_type", int, "integers"),
+                             ("tokenizer.ggml.scores", (int, float), "numbers")):
+        if not is_list_of(key, kinds):
+            raise TokenizerError(f"{where}: {key} must be an array of {what}")
+    n = len(meta["tokenizer.ggml.tokens"])
+    for key, what in (("tokenizer.ggml.token_type", "token types"), ("tokenizer.ggml.scores", "scores")):
+        if key in meta and len(meta[key]) != n:
+            raise TokenizerError(f"{where}: {n} tokens but {len(meta[key])} {what} ({key})")
+
+
 def tokenizer_from_gguf(meta: dict, where: str = "GGUF") -> Tokenizer:
     """The tokenizer embedded in a GGUF file's metadata."""
     kind = meta.get("tokenizer.ggml.model")
     tokens = meta.get("tokenizer.ggml.tokens")
     if kind is None or tokens is None:
         raise TokenizerError(f"{where}: no embedded tokenizer (tokenizer.ggml.model/tokens missing)")
+    _check_gguf_vocabulary(meta, where)
     if kind == "gpt2":
         merges = meta.get("tokenizer.ggml.merges")
         if merges is None:

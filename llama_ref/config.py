@@ -498,7 +498,7 @@ def from_gguf_metadata(meta: dict, *, where: str = "GGUF", has_output_tensor: bo
             norm_eps=get("attention.layer_norm_rms_epsilon", _float_value),
             rope_theta=get("rope.freq_base", _float_value, 10000.0),
             rope_scaling=scaling,
-            max_seq_len=get("context_length", _int_value, 2048),
+            max_seq_len=get("context_length", _int_value),  # llama.cpp requires it too; no guessed window
             tie_word_embeddings=not has_output_tensor,
             head_dim_override=head_dim,
         )

@@ -243,6 +243,11 @@ def _check_gguf_vocabulary(meta: dict, where: str) -> None:
     for key, what in (("tokenizer.ggml.token_type", "token types"), ("tokenizer.ggml.scores", "scores")):
         if key in meta and len(meta[key]) != n:
             raise TokenizerError(f"{where}: {n} tokens but {len(meta[key])} {what} ({key})")
+    for key in sorted(k for k in meta if k.startswith("tokenizer.ggml.") and k.endswith("_token_id")):
+        value = meta[key]
+        # An id past the vocabulary would stop generation never (eos) or fail in the model (bos).
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < n:
+            raise TokenizerError(f"{where}: {key} = {value!r} is not a token id of this vocabulary (0 .. {n - 1})")
 
 
 def tokenizer_from_gguf(meta: dict, where: str = "GGUF") -> Tokenizer:

@@ -197,7 +197,7 @@ def test_params_json_keys_of_other_architectures_are_refused(change):
 
 GGUF_BASE = {"general.architecture": "llama", "llama.embedding_length": 64, "llama.block_count": 2,
              "llama.attention.head_count": 4, "llama.feed_forward_length": 160,
-             "llama.attention.layer_norm_rms_epsilon": 1e-5, "llama.vocab_size": 96}
+             "llama.attention.layer_norm_rms_epsilon": 1e-5, "llama.vocab_size": 96, "llama.context_length": 256}
 
 
 @pytest.mark.parametrize("change, message", [
@@ -211,10 +211,12 @@ GGUF_BASE = {"general.architecture": "llama", "llama.embedding_length": 64, "lla
     ({"llama.attention.layer_norm_rms_epsilon": float("nan")}, "layer_norm_rms_epsilon must be a finite"),
     ({"llama.embedding_length": 64.5}, "llama.embedding_length must be an integer"),
     ({"llama.attention.head_count": 0}, "n_heads must be a positive integer"),
+    ({"llama.context_length": None}, "metadata key llama.context_length is missing"),
 ])
 def test_gguf_metadata_that_is_not_llama_is_refused(change, message):
+    meta = {k: v for k, v in dict(GGUF_BASE, **change).items() if v is not None}
     with pytest.raises(ConfigError, match=message) as e:
-        from_gguf_metadata(dict(GGUF_BASE, **change), where="m.gguf")
+        from_gguf_metadata(meta, where="m.gguf")
     assert str(e.value).startswith("m.gguf: ")
 
 

@@ -82,6 +82,10 @@ def describe(path: "str | Path") -> str:
         f"  KV cache, float32: {_mib(kv_per_token * 1024)} per 1k tokens, "
         f"{_mib(kv_per_token * args.max_seq_len)} at the full context of {args.max_seq_len:,} tokens",
     ]
+    if params != args.param_count():
+        # info reads headers only; say so when they contradict the config instead of printing both quietly.
+        lines.append(f"warning:     the tensors hold {params:,} parameters, the config implies "
+                     f"{args.param_count():,}: this checkpoint will not load as it is")
     return "\n".join(lines)
 
 

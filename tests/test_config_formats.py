@@ -275,3 +275,7 @@ def test_huge_layer_count_is_refused_before_looping(tmp_path):
     with pytest.raises(llama_ref.WeightsError, match="the config says 4000000000 layers, the checkpoint holds "
                                                       "tensors of 2"):
         llama_ref.load(d)
+    # `info` reads headers only, and says that they contradict the config.
+    from llama_ref.info import describe
+    assert "warning:     the tensors hold 98,624 parameters" in describe(d)
+    assert "warning" not in describe(DATA / "hf5_llama3")

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,41 +103,21 @@ def _file_kind(path: Path) -> str:
     raise ReferenceError(f"{path}: a reference file must end in .npz or .safetensors")
 
 
-_SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64,
-                       "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
-
-
 def _read_safetensors(path: Path) -> tuple[dict[str, np.ndarray], Optional[str]]:
-    """Every tensor of a safetensors file; BF16 widened exactly to float32 (NumPy has no bfloat16)."""
-    data = path.read_bytes()
+    """Every tensor of a safetensors file, through the checkpoint reader's checks; BF16 widened exactly to
+    float32 (NumPy has no bfloat16)."""
+    from .weights.common import WeightsError
+    from .weights.safetensors_file import REFERENCE_DTYPES, read_safetensors_header
+
     try:
-        (n,) = struct.unpack("<Q", data[:8])
-        header = json.loads(data[8:8 + n])
-    except (struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ReferenceError(f"{path}: not a safetensors file ({e})") from None
-    body = memoryview(data)[8 + n:]
-    meta_text = (header.pop("__metadata__", None) or {}).get(META_KEY)
-    arrays = {}
-    for name, info in header.items():
-        try:
-            start, end = (int(x) for x in info["data_offsets"])
-            shape = [int(n) for n in info["shape"]]
-        except (KeyError, TypeError, ValueError) as e:
-            raise ReferenceError(f"{path}: damaged header entry for tensor {name!r} ({e!r})") from None
-        if end > len(body):
-            raise ReferenceError(f"{path}: truncated: tensor {name} runs past the end of the file")
-        raw = body[start:end]
-        if info["dtype"] == "BF16":
-            a = bf16_bits_to_float32(np.frombuffer(raw, np.uint16))
-        elif info["dtype"] in _SAFETENSORS_DTYPES:
-            a = np.frombuffer(raw, _SAFETENSORS_DTYPES[info["dtype"]])
-        else:
-            raise ReferenceError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
-        try:
-            arrays[name] = a.reshape(shape).copy()
-        except ValueError:
-            raise ReferenceError(f"{path}: tensor {name} holds {a.size} values, not shape {shape}") from None
-    return arrays, meta_text
+        tensors, metadata = read_safetensors_header(path, REFERENCE_DTYPES)
+    except WeightsError as e:
+        detail = str(e).removeprefix(f"{path}: ")
+        raise ReferenceError(f"{path}: not a safetensors file llama_ref can read ({detail})") from None
+    arrays = {name: bf16_bits_to_float32(t.read()) if t.dtype_name == "bfloat16" else t.read()
+              for name, t in tensors.items()}
+    meta_text = metadata.get(META_KEY)
+    return arrays, meta_text if isinstance(meta_text, str) else None
 
 
 def dump(model: Transformer, tokens, path: "str | Path", names: Optional[Iterable[str]] = None,

@@ -239,6 +239,12 @@ def test_bad_reference_files_are_reported_by_name(tmp_path):
     (tmp_path / "junk.safetensors").write_bytes(b"\x05")
     with pytest.raises(ReferenceError, match="junk.safetensors: not a safetensors"):
         load_reference(tmp_path / "junk.safetensors")
+    # Reference files go through the checkpoint reader's checks: here two tensors claim the same bytes.
+    header = json.dumps({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                         "b": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}).encode()
+    (tmp_path / "overlap.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + bytes(8))
+    with pytest.raises(ReferenceError, match="overlap.safetensors: not a safetensors.*overlaps"):
+        load_reference(tmp_path / "overlap.safetensors")
     model = tiny_model()
     save_reference(tmp_path / "notokens.npz", {"logits": np.zeros((2, 64))})
     with pytest.raises(ReferenceError, match="no 'tokens'"):

@@ -24,6 +24,11 @@ SAFETENSORS_DTYPES = {
     "F32": (np.dtype("<f4"), "float32"),
 }
 DTYPE_TO_SAFETENSORS = {name: code for code, (_, name) in SAFETENSORS_DTYPES.items()}
+# Every dtype a reference file of activations may hold (llama_ref.verify reads those with this reader too).
+REFERENCE_DTYPES = dict(SAFETENSORS_DTYPES, **{
+    code: (np.dtype(t), np.dtype(t).name) for code, t in (
+        ("F64", "<f8"), ("I64", "<i8"), ("I32", "<i4"), ("I16", "<i2"), ("I8", "i1"), ("U8", "u1"),
+        ("BOOL", "?"))})
 MAX_HEADER = 100_000_000  # the reference implementation's own limit (safetensors/src/tensor.rs)
 
 
@@ -65,8 +70,9 @@ def _refuse_duplicates(pairs: list) -> dict:
     return obj
 
 
-def read_safetensors_header(path: "str | Path") -> tuple[dict[str, SafeTensor], dict]:
-    """Every tensor of a safetensors file (lazy) and its __metadata__ dict.
+def read_safetensors_header(path: "str | Path", dtypes: dict = SAFETENSORS_DTYPES
+                            ) -> tuple[dict[str, SafeTensor], dict]:
+    """Every tensor of a safetensors file (lazy) and its __metadata__ dict; dtypes: the dtype codes accepted.
 
     Checked as the safetensors library checks (safetensors/src/tensor.rs, read_metadata and validate):
     the header is UTF-8 JSON starting with '{' and no key given twice; each tensor's offsets span exactly
@@ -105,10 +111,10 @@ def read_safetensors_header(path: "str | Path") -> tuple[dict[str, SafeTensor], 
             raise WeightsError(f"{path}: corrupt safetensors header entry {name!r} (needs dtype, shape, "
                                f"data_offsets)")
         code, offsets = entry["dtype"], entry["data_offsets"]
-        if not isinstance(code, str) or code not in SAFETENSORS_DTYPES:
+        if not isinstance(code, str) or code not in dtypes:
             raise WeightsError(f"{path}: tensor {name} has dtype {code}, which is not supported "
-                               f"({', '.join(SAFETENSORS_DTYPES)})")
-        dtype, dtype_name = SAFETENSORS_DTYPES[code]
+                               f"({', '.join(dtypes)})")
+        dtype, dtype_name = dtypes[code]
         shape = checked_shape(entry["shape"], str(path), name)
         nbytes = math.prod(shape) * dtype.itemsize
         if (not isinstance(offsets, list) or len(offsets) != 2 or any(type(o) is not int for o in offsets)

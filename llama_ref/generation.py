@@ -443,10 +443,13 @@ class GenerationMixin:
             raise InputError(f"{len(ids)} tokens exceed the context window of {self.args.max_seq_len}")
         return self.forward(np.asarray(ids), 0, cache=KVCache(self.args, 1, self.dtype))
 
-    def score(self, text, *, add_bos: Optional[bool] = None, stride: Optional[int] = None) -> Score:
+    def score(self, text, *, add_bos: Optional[bool] = None, stride: Optional[int] = None,
+              progress: bool = False) -> Score:
         """Negative log-likelihood and perplexity of a text (or ids): every token after the first,
         predicted from what precedes it. Texts longer than the window are scored in overlapping windows
-        that advance by `stride` tokens (default half the window), each token scored once."""
+        that advance by `stride` tokens (default half the window), each token scored once. Each window is
+        run through the model SCORE_CHUNK positions at a time (a chunked prefill over one cache: the
+        attention scores of a long window never fill memory, and progress=True can show a bar that moves)."""
         ids = encode_prompt(self, text, add_bos=add_bos)
         if len(ids) < 2:
             raise InputError("scoring needs at least two tokens (the first one is never predicted)")
@@ -461,17 +464,31 @@ class GenerationMixin:
             stride = _integer("stride", stride, 1)
             if stride >= window:
                 raise InputError(f"stride must be less than the context window ({window}), got {stride}")
+        bar = None
+        if progress:
+            from tqdm import tqdm
+            bar = tqdm(total=len(ids) - 1, desc="scoring", unit="tok", leave=False)
         nll, scored, begin = 0.0, 1, 0  # tokens before `scored` have been predicted already
         while scored < len(ids):
             begin = max(0, min(begin, len(ids) - window))
             chunk = ids[begin:begin + window]
-            logp = log_softmax(self.logits(chunk))  # (T, V) float64
-            # Position t predicts token t+1; take the tokens not yet scored.
-            targets = np.arange(scored - begin, len(chunk))
-            nll -= float(logp[targets - 1, np.asarray(chunk)[targets]].sum())
+            cache = KVCache(self.args, 1, self.dtype)
+            for at in range(0, len(chunk), SCORE_CHUNK):
+                piece = chunk[at:at + SCORE_CHUNK]
+                logp = log_softmax(self.forward(np.asarray(piece), at, cache=cache))  # (t, V) float64
+                # Position p of the window predicts token p+1; take the tokens not scored yet.
+                targets = np.arange(max(scored - begin, at + 1), min(at + len(piece) + 1, len(chunk)))
+                nll -= float(logp[targets - 1 - at, np.asarray(chunk)[targets]].sum())
+                if bar is not None:
+                    bar.update(len(targets))
             scored = begin + len(chunk)
             begin += stride
+        if bar is not None:
+            bar.close()
         return Score(n_tokens=len(ids) - 1, nll=nll, ids=ids)
+
+
+SCORE_CHUNK = 512  # positions per forward call in score()
 
 
 # ---- the plain token loop, for scripts that want (id, logprob) pairs ------------------------------------

@@ -13,7 +13,7 @@ from .weights.common import WeightsError
 
 def load(path_or_name: "str | Path", *, backend: str = "numpy", dtype=np.float32,
          progress: bool = False, weights: "str | None" = None, quantize: "str | None" = None,
-         mmap: bool = False, verify: bool = False) -> Transformer:
+         mmap: bool = False, verify: bool = False, max_seq_len: "int | None" = None) -> Transformer:
     """Load a Llama model from a GGUF file, a checkpoint directory, or a fetchable name.
 
     backend: "numpy" (the reference) or "numba" (the same computation, compiled).
@@ -31,7 +31,12 @@ def load(path_or_name: "str | Path", *, backend: str = "numpy", dtype=np.float32
         checksums.sha256 or FILE.sha256 that `llama-ref convert` writes, Meta's checklist.chk, or the
         pinned sha256 of a fetched model); WeightsError names the first file that does not match, or says
         that there is no manifest to check against. Reads every byte once more (in 1 MiB chunks).
+    max_seq_len: a context window shorter than the model's (less KV-cache memory, prompts truncated or
+        refused sooner); None keeps the model's own. A longer one is refused: RoPE was not trained there.
     """
+    if max_seq_len is not None and (isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int)
+                                    or max_seq_len < 1):
+        raise WeightsError(f"max_seq_len must be a positive integer, got {max_seq_len!r}")
     if weights is not None and weights not in ("float32", "packed"):
         raise WeightsError(f"weights must be 'float32' or 'packed', got {weights!r}")
     if quantize is not None:
@@ -75,6 +80,11 @@ def load(path_or_name: "str | Path", *, backend: str = "numpy", dtype=np.float32
     if quantize is not None:
         from .packed import quantize_weights
         tensors = quantize_weights(tensors, quantize, where=str(path))
+    if max_seq_len is not None:
+        if max_seq_len > args.max_seq_len:
+            raise WeightsError(f"{path}: a context of {max_seq_len} tokens is longer than the model's "
+                               f"{args.max_seq_len}")
+        args = args.replace(max_seq_len=max_seq_len)
     model = Transformer(args, tensors, backend=backend, dtype=dtype, freq_divisors=extras.get("freq_divisors"))
     model.tokenizer = tokenizer
     model.source = path

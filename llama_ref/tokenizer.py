@@ -475,14 +475,15 @@ def __getattr__(name):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def tokenizer_from_path(path_or_name: "str | Path") -> Tokenizer:
-    """The tokenizer of a checkpoint directory, a tokenizer/GGUF file, or a fetchable name."""
+def tokenizer_from_path(path_or_name: "str | Path", progress: bool = False) -> Tokenizer:
+    """The tokenizer of a checkpoint directory, a tokenizer/GGUF file, or a fetchable name (fetched on
+    first use, with a progress bar on stderr if progress)."""
     from .fetch import MODELS, fetch
 
     path = Path(path_or_name).expanduser()
     if not path.exists():
         if str(path_or_name).lower() in MODELS:
-            path = fetch(str(path_or_name), progress=False)
+            path = fetch(str(path_or_name), progress=progress)
         else:
             raise TokenizerError(f"{path_or_name}: no such file or directory, and not a known name "
                                  f"({', '.join(sorted(MODELS))})")

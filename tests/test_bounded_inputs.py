@@ -281,7 +281,7 @@ def assert_one_line_error(done, needle: str) -> None:
     (["chat", "-q", "-m", "{tiny}", "-n", "1"], b"\xff\n", "line 1: not UTF-8"),
     (["score", "-q", "-m", "{tiny}", "-"], b"\xff", "standard input: not UTF-8"),
     (["tokenize", "{tiny}", b"\xff"], b"", "not UTF-8"),
-    (["generate", "-q", "-m", "{tiny}", "-t", "nan", "hi"], b"", "temperature"),
+    (["generate", "-q", "-m", "{tiny}", "--temp", "nan", "hi"], b"", "temperature"),
     (["generate", "-q", "-m", "{tiny}", "--seed", "-1", "hi"], b"", "seed"),
 ])
 def test_cli_invalid_utf8_and_bad_numbers_exit_2(tiny_gguf, argv, stdin, needle):

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 import llama_ref
+from llama_ref.cli import CLI_SAMPLING
 from conftest import file_backed, random_weights, tiny_args
 from gguf_files import byte_level_tokens, write_llama_gguf
 
@@ -69,7 +70,7 @@ def test_generate_json_equals_library(tiny_gguf, tiny):
     flags = dict(max_new_tokens=12, temperature=0.9, top_k=50, top_p=0.9, min_p=0.01, repetition_penalty=1.3,
                  seed=7)
     done = run_cli("generate", "-m", tiny_gguf, "--json", "-q", "--top-logprobs", 3, "--ignore-eos",
-                   "-n", 12, "-t", 0.9, "--top-k", 50, "--top-p", 0.9, "--min-p", 0.01,
+                   "-n", 12, "--temp", 0.9, "--top-k", 50, "--top-p", 0.9, "--min-p", 0.01,
                    "--repetition-penalty", 1.3, "--seed", 7, "the theme")
     assert done.returncode == 0, done.stderr
     out = json.loads(done.stdout)
@@ -80,13 +81,18 @@ def test_generate_json_equals_library(tiny_gguf, tiny):
     assert out["prompt_ids"] == tiny.tokenizer.encode("the theme")
     assert np.allclose(out["logprobs"], expected.logprobs)
     assert [len(t) for t in out["top_logprobs"]] == [3] * 12
+    # Each alternative carries its token's text and bytes beside its id, as OpenAI's logprobs do.
+    for step, want in zip(out["top_logprobs"], expected.top_logprobs):
+        assert [(a["id"], a["token"], bytes(a["bytes"])) for a in step] == [
+            (i, tiny.tokenizer.decode([i]), tiny.tokenizer.decode_bytes([i])) for i, _ in want]
+        assert np.allclose([a["logprob"] for a in step], [lp for _, lp in want])
 
 
 def test_generate_with_mmap_and_packed_weights_gives_the_same_text(tiny_gguf, tiny):
     # --mmap leaves the float32 tensors mapped from the file; --weights packed keeps them as stored; the
     # numba backend reads them: none of it may change what is generated.
     done = run_cli("generate", "-m", tiny_gguf, "--mmap", "--weights", "packed", "--backend", "numba", "-q",
-                   "--json", "-n", 8, "--ignore-eos", "hello")
+                   "--json", "-n", 8, "--ignore-eos", "--temp", 0, "hello")
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["ids"] == tiny.generate("hello", max_new_tokens=8, stop_ids=[]).ids
     wq = "layers.0.attention.wq.weight"
@@ -94,7 +100,7 @@ def test_generate_with_mmap_and_packed_weights_gives_the_same_text(tiny_gguf, ti
 
 
 def test_generate_streams_text_and_reports_speed(tiny_gguf, tiny):
-    done = run_cli("generate", "-m", tiny_gguf, "-n", 10, "--ignore-eos", "hello")
+    done = run_cli("generate", "-m", tiny_gguf, "-n", 10, "--ignore-eos", "--temp", 0, "hello")
     assert done.returncode == 0, done.stderr
     expected = tiny.generate("hello", max_new_tokens=10, stop_ids=[])
     assert done.stdout == "hello" + expected.text + "\n"
@@ -104,11 +110,13 @@ def test_generate_streams_text_and_reports_speed(tiny_gguf, tiny):
 def test_generate_stop_string_and_chat_flag(tiny_gguf, tiny):
     full = tiny.generate("abc", max_new_tokens=12, stop_ids=[])
     stop = full.text[4:6]  # two characters from the middle of the greedy text
-    done = run_cli("generate", "-m", tiny_gguf, "--json", "-q", "-n", 12, "--ignore-eos", "--stop", stop, "abc")
+    done = run_cli("generate", "-m", tiny_gguf, "--json", "-q", "-n", 12, "--ignore-eos", "--stop", stop,
+                   "--temp", 0, "abc")
     out = json.loads(done.stdout)
     assert out["finish_reason"] == "stop" and out["stop"] == stop
     assert out["text"] == full.text[:full.text.find(stop)]
-    done = run_cli("generate", "-m", tiny_gguf, "--json", "-q", "-n", 5, "--chat", "--system", "S", "hi")
+    done = run_cli("generate", "-m", tiny_gguf, "--json", "-q", "-n", 5, "--chat", "--system", "S", "--temp", 0,
+                   "hi")
     out = json.loads(done.stdout)
     assert out["ids"] == tiny.chat("hi", system="S", max_new_tokens=5).ids
     assert tiny.tokenizer.decode(out["prompt_ids"]) == (
@@ -119,11 +127,11 @@ def test_generate_stop_string_and_chat_flag(tiny_gguf, tiny):
 
 def test_chat_through_stdin_keeps_history_and_obeys_commands(tiny_gguf, tiny):
     script = "hello\nand then?\n/reset\nagain\n/system Be brief.\nhi\n/exit\nnever read\n"
-    done = run_cli("chat", "-m", tiny_gguf, "--json", "-q", "-n", 6, "--seed", 3, "-t", 0.8, stdin=script)
+    done = run_cli("chat", "-m", tiny_gguf, "--json", "-q", "-n", 6, "--seed", 3, "--temp", 0.8, stdin=script)
     assert done.returncode == 0, done.stderr
     answers = [json.loads(line) for line in done.stdout.splitlines()]
     assert len(answers) == 4  # /exit ends the session before "never read"
-    kw = dict(max_new_tokens=6, seed=3, temperature=0.8)
+    kw = dict(CLI_SAMPLING, max_new_tokens=6, seed=3, temperature=0.8)  # the CLI's defaults for the rest
     first = tiny.chat([{"role": "user", "content": "hello"}], **kw)
     second = tiny.chat([{"role": "user", "content": "hello"}, {"role": "assistant", "content": first.text},
                         {"role": "user", "content": "and then?"}], **kw)
@@ -134,7 +142,7 @@ def test_chat_through_stdin_keeps_history_and_obeys_commands(tiny_gguf, tiny):
 
 
 def test_chat_plain_output_and_eof(tiny_gguf, tiny):
-    done = run_cli("chat", "-m", tiny_gguf, "-n", 5, stdin="hello\n")  # ends at end of input
+    done = run_cli("chat", "-m", tiny_gguf, "-n", 5, "--temp", 0, stdin="hello\n")  # ends at end of input
     assert done.returncode == 0, done.stderr
     assert done.stdout == tiny.chat("hello", max_new_tokens=5).text + "\n"
     assert SPEED_LINE.search(done.stderr)
@@ -227,7 +235,10 @@ def test_help_has_examples_and_the_library_flags():
 
 @pytest.mark.parametrize("argv, needle", [
     (["generate", "-m", "no/such/model.gguf", "hi"], "no/such/model.gguf"),
-    (["generate", "-m", "{tiny}", "-t", "-1", "hi"], "temperature"),
+    (["generate", "-m", "{tiny}", "--temp", "-1", "hi"], "temperature"),
+    (["generate", "-m", "{tiny}", "-t", "0", "hi"], "threads must be a positive integer"),
+    (["generate", "-m", "{tiny}", "-c", "100000", "hi"], "longer than the model's 128"),
+    (["generate", "-m", "{tiny}", "-p", "a", "b"], "give the prompt once"),
     (["generate", "-m", "{tiny}", "--top-p", "0", "hi"], "top_p"),
     (["generate", "-m", "{tiny}", "-n", "-3", "hi"], "max_new_tokens"),
     (["generate", "-m", "{tiny}", "--stop-id", "99999", "hi"], None),  # an unused stop id is harmless
@@ -256,7 +267,8 @@ def test_bad_input_exits_2_with_one_line(tiny_gguf, tmp_path, argv, needle):
 
 def test_truncate_flag_keeps_the_end_of_a_long_prompt(tiny_gguf, tiny):
     prompt = "x" * 200  # 200 byte tokens, window 128
-    done = run_cli("generate", "-m", tiny_gguf, "--json", "-q", "-n", 4, "--truncate", "--ignore-eos", prompt)
+    done = run_cli("generate", "-m", tiny_gguf, "--json", "-q", "-n", 4, "--truncate", "--ignore-eos", "--temp", 0,
+                   prompt)
     assert done.returncode == 0, done.stderr
     out = json.loads(done.stdout)
     assert out["prompt_ids"] == tiny.tokenizer.encode(prompt)[-(128 - 4):]

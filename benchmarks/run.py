@@ -1,7 +1,8 @@
 """Prefill and decode speed of SmolLM2-135M: llama_ref (NumPy, Numba at each weight format) and its peers.
 
-    python benchmarks/run.py [--threads 2] [--decode 128] [--prefill 128 512] [--repeats 2] [--rounds 2]
-                             [--skip-peers] [--formats f32 int8 q8_0 q4_1 q4_0]
+    python benchmarks/run.py [--threads 2] [--decode 128] [--decode-prompt 128] [--prefill 128 512]
+                             [--repeats 2] [--rounds 2] [--skip-peers] [--formats f32 int8 q8_0 q4_1 q4_0]
+                             [--update-readme-results]
 
 Measured in one run, on the same token ids, with the same thread count for everyone:
   - llama_ref numpy (float32) and llama_ref numba at f32, int8, q8_0, q4_1, q4_0;
@@ -12,8 +13,10 @@ Measured in one run, on the same token ids, with the same thread count for every
   - the Numba first-call latency with a cold and a warm on-disk cache.
 Each configuration runs in its own process, so its peak resident memory (VmHWM) is its own. Prefill tok/s
 is the best of `--repeats` runs, and every configuration runs `--rounds` times, interleaved, keeping its
-best (the machine may be shared); decode is 128 greedy steps after a 128-token prompt. Writes
-results/bench.json and results/bench.md (and results/bench.png with matplotlib).
+best (the machine may be shared); decode is `--decode` greedy steps after a `--decode-prompt`-token prompt.
+Writes bench.json and bench.md (and bench.png with matplotlib) to results/scratch/, or to results/ (the
+files the README and the speed notebook cite) with --update-readme-results; the table's columns are
+labelled from the arguments.
 
 Environment: OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE are removed from this process's environment (and so
 its children's) when set, so OpenBLAS picks its kernels for the real CPU; the report says whether they were.
@@ -35,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results"
+RESULTS = HERE / "results"  # the committed results the README cites; ad-hoc runs write to RESULTS / "scratch"
 CACHE = Path(os.environ.get("LLAMA_REF_BENCH_CACHE", Path.home() / ".cache" / "llama_ref" / "bench"))
 PROMPT_TEXT = ("The history of computing is a story of people who wanted to calculate faster. "
                "From the abacus to mechanical calculators, from vacuum tubes to transistors, each "
@@ -116,7 +119,8 @@ def child_llama_cpp(spec: dict) -> dict:
     t0 = time.perf_counter()
     # use_mmap=False: weights in the process's own memory, as llama_ref keeps them by default; a memory map
     # made llama.cpp's float32 decode ~15 % slower here, as it did ours.
-    llm = Llama(model_path=spec["path"], n_ctx=1024, n_batch=512, n_ubatch=512, n_threads=spec["threads"],
+    n_ctx = max(spec["prefill"] + [spec.get("decode_prompt", 128) + spec["decode"]]) + 16  # room for every run
+    llm = Llama(model_path=spec["path"], n_ctx=n_ctx, n_batch=512, n_ubatch=512, n_threads=spec["threads"],
                 n_threads_batch=spec["threads"], use_mmap=False, verbose=False)
     load_s = time.perf_counter() - t0
     ids = np.load(spec["ids"])
@@ -166,16 +170,18 @@ def child_hf(spec: dict) -> dict:
 
 
 def _measure(spec: dict, ids: np.ndarray, prefill, step) -> dict:
-    """Prefill tok/s at each length (best of repeats), then greedy decode tok/s after a 128-token prompt."""
+    """Prefill tok/s at each length (best of repeats), then greedy decode tok/s after a prompt of
+    spec["decode_prompt"] tokens."""
     out = {}
     for n in spec["prefill"]:
         best = min(_timed(prefill, ids[:n]) for _ in range(spec["repeats"]))
         out[f"prefill_{n}"] = n / best
-    logits = prefill(ids[:128])
+    start = spec.get("decode_prompt", 128)
+    logits = prefill(ids[:start])
     token, steps = int(np.argmax(logits)), []
     for i in range(spec["decode"]):
         t0 = time.perf_counter()
-        logits = step(token, 128 + i)
+        logits = step(token, start + i)
         steps.append(time.perf_counter() - t0)
         token = int(np.argmax(logits))
     out["decode"] = len(steps) / sum(steps)
@@ -264,11 +270,19 @@ def machine_info(threads: int) -> dict:
             "load_average": os.getloadavg()}
 
 
-def write_report(report: dict) -> None:
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "bench.json").write_text(json.dumps(report, indent=2))
+def output_folder(update_readme_results: bool) -> Path:
+    """Where a run writes: the committed results only when asked, so an ad-hoc run never replaces the
+    numbers the README and the speed notebook cite."""
+    return RESULTS if update_readme_results else RESULTS / "scratch"
+
+
+def write_report(report: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps(report, indent=2))
     rows = report["rows"]
     m = report["machine"]
+    args = report["args"]
+    lengths = args["prefill"]
     blas = ", ".join(f"{b['internal_api']} {b['version']} ({b['architecture']}, {b['threading_layer']})"
                      for b in m["blas"])
     lines = [
@@ -280,41 +294,43 @@ def write_report(report: dict) -> None:
         f"probes of each round: {', '.join(f'{b:.1f}' for b in report.get('bandwidth_runs_gb_s', []))}). "
         f"OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE unset by the script: {report['unset_env'] or 'none were set'}.",
         "",
-        "| engine | format | prefill 128 tok/s | prefill 512 tok/s | decode tok/s | roofline tok/s | "
-        "% of roofline | vs llama.cpp (decode) | peak RSS MiB |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| engine | format | " + " | ".join(f"prefill {n} tok/s" for n in lengths)
+        + " | decode tok/s | roofline tok/s | % of roofline | vs llama.cpp (decode) | peak RSS MiB |",
+        "|---|---|" + "---:|" * (len(lengths) + 5),
     ]
     cpp = {r["format"]: r for r in rows if r["engine"] == "llama.cpp" and "decode" in r}
     for r in rows:
-        if "error" in r:
-            lines.append(f"| {r['engine']} | {r['format']} | error: {r['error'][:80]} | | | | | | |")
+        if "error" in r:  # a peer that crashed is reported as crashed, not as an empty cell
+            lines.append(f"| {r['engine']} | {r['format']} | error: {r['error'][:80]} |" + " |" * (len(lengths) + 4))
             continue
         roof = r.get("roofline")
         ratio = (f"{r['decode'] / cpp[r['format']]['decode']:.2f}x" if r["format"] in cpp
                  and r["engine"] != "llama.cpp" else "")
-        lines.append(f"| {r['engine']} | {r['format']} | {r.get('prefill_128', 0):.0f} | {r.get('prefill_512', 0):.0f} "
-                     f"| {r['decode']:.1f} | {roof:.0f} | {100 * r['decode'] / roof:.0f}% | {ratio} "
-                     f"| {r['peak_rss_mib']:.0f} |" if roof else
-                     f"| {r['engine']} | {r['format']} | {r.get('prefill_128', 0):.0f} | {r.get('prefill_512', 0):.0f} "
-                     f"| {r['decode']:.1f} | | | {ratio} | {r['peak_rss_mib']:.0f} |")
-    # The prefill targets of issue 5: 512 tokens, numba float32 against llama.cpp F32 and HF float32.
-    by = {(r["engine"], r["format"]): r for r in rows if "prefill_512" in r}
+        prefill = " | ".join(f"{r.get(f'prefill_{n}', 0):.0f}" for n in lengths)
+        roofline = f"{roof:.0f} | {100 * r['decode'] / roof:.0f}%" if roof else " | "
+        lines.append(f"| {r['engine']} | {r['format']} | {prefill} | {r['decode']:.1f} | {roofline} | {ratio} "
+                     f"| {r['peak_rss_mib']:.0f} |")
+    # The prefill targets of issue 5, at the longest prefill measured: numba float32 against llama.cpp F32
+    # and HF float32.
+    n = max(lengths)
+    by = {(r["engine"], r["format"]): r for r in rows if f"prefill_{n}" in r}
     ours = by.get(("llama_ref numba", "f32"))
     peers = [(name, by.get(key)) for name, key in (("llama.cpp F32", ("llama.cpp", "f32")),
                                                    ("HF transformers float32", ("HF transformers", "f32")))]
     if ours and any(peer for _, peer in peers):
-        lines += ["", "Prefill of 512 tokens, llama_ref numba f32: " + ", ".join(
-            f"{ours['prefill_512'] / peer['prefill_512']:.2f}x {name}" for name, peer in peers if peer) + "."]
+        lines += ["", f"Prefill of {n} tokens, llama_ref numba f32: " + ", ".join(
+            f"{ours[f'prefill_{n}'] / peer[f'prefill_{n}']:.2f}x {name}" for name, peer in peers if peer) + "."]
     jit = report.get("jit")
     if jit:
         lines += ["", "Numba first call (prefill of 16 tokens + one decode step, q4_1 model, after loading): "
                   f"cold cache {jit['cold']:.1f} s, warm cache {jit['warm']:.2f} s "
                   f"(the same call once compiled: {jit['steady']:.2f} s)."]
-    lines += ["", f"Best of {report['args']['rounds']} rounds (every configuration once per round, one after the "
-              "other). Prefill: best of the repeats; decode: 128 greedy steps after a 128-token prompt, mean rate. "
+    lines += ["", f"Best of {args['rounds']} rounds (every configuration once per round, one after the "
+              f"other). Prefill: best of {args['repeats']} repeats; decode: {args['decode']} greedy steps after a "
+              f"{args['decode_prompt']}-token prompt, mean rate. "
               "Roofline = read bandwidth / bytes read per decoded token (all weights + the KV cache at the mean "
               "position)."]
-    (RESULTS / "bench.md").write_text("\n".join(lines) + "\n")
+    (out / "bench.md").write_text("\n".join(lines) + "\n")
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -333,18 +349,22 @@ def write_report(report: dict) -> None:
     ax.set_ylabel("measured decode tok/s")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(RESULTS / "bench.png", dpi=120)
+    fig.savefig(out / "bench.png", dpi=120)
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--decode", type=int, default=128)
+    p.add_argument("--decode", type=int, default=128, help="greedy decode steps measured")
+    p.add_argument("--decode-prompt", type=int, default=128, help="prompt tokens before the decode steps")
     p.add_argument("--prefill", type=int, nargs="+", default=[128, 512])
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--rounds", type=int, default=2, help="runs of every configuration; the best is kept")
     p.add_argument("--skip-peers", action="store_true")
     p.add_argument("--formats", nargs="+", default=LLAMA_REF_FORMATS)
+    p.add_argument("--update-readme-results", action="store_true",
+                   help="write to benchmarks/results/ (the results the README and notebooks cite) instead of "
+                        "benchmarks/results/scratch/")
     p.add_argument("--child", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.child:
@@ -361,10 +381,14 @@ def main(argv=None) -> None:
         ids_path = Path(tmp) / "ids.npy"
         import llama_ref
         tok = llama_ref.load(files["Q4_1"], weights="packed").tokenizer
-        ids = tok.encode(PROMPT_TEXT * 20)[: max(a.prefill + [128]) + 1]
+        need = max(a.prefill + [a.decode_prompt]) + 1
+        text = PROMPT_TEXT * 20
+        while len(tok.encode(text)) < need:  # long enough for the longest prefill asked for
+            text *= 2
+        ids = tok.encode(text)[:need]
         np.save(ids_path, np.asarray(ids, np.int64))
         base = {"ids": str(ids_path), "threads": a.threads, "prefill": a.prefill, "decode": a.decode,
-                "repeats": a.repeats}
+                "decode_prompt": a.decode_prompt, "repeats": a.repeats}
         report = {"machine": machine_info(a.threads), "unset_env": unset, "rows": [], "args": vars(a)}
         report["bandwidth_runs_gb_s"] = []
 
@@ -412,7 +436,7 @@ def main(argv=None) -> None:
             gguf_fmt = "F32" if fmt in ("f32", "int8") else PEER_FORMATS[fmt]
             row = {"engine": engine, "format": fmt, **results[i]}
             if "decode" in row:
-                nbytes = bytes_per_token(files[gguf_fmt], 128 + a.decode // 2, int8=fmt == "int8")
+                nbytes = bytes_per_token(files[gguf_fmt], a.decode_prompt + a.decode // 2, int8=fmt == "int8")
                 row["bytes_per_token"] = nbytes
                 row["roofline"] = report["bandwidth_gb_s"] * 1e9 / nbytes
             report["rows"].append(row)
@@ -427,8 +451,9 @@ def main(argv=None) -> None:
             if "first_call_s" in cold and all("first_call_s" in w for w in warm):
                 report["jit"] = {"cold": cold["first_call_s"], "warm": min(w["first_call_s"] for w in warm),
                                  "steady": min(w["second_call_s"] for w in warm)}
-    write_report(report)
-    print((RESULTS / "bench.md").read_text())
+    out = output_folder(a.update_readme_results)
+    write_report(report, out)
+    print((out / "bench.md").read_text())
 
 
 if __name__ == "__main__":

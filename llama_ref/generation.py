@@ -46,6 +46,7 @@ class Generation:
     stop: Optional[Union[str, int]] = None  # the stop string or id that ended it
     prompt_seconds: float = 0.0  # time to the first token (prefill)
     decode_seconds: float = 0.0  # time for the tokens after the first
+    cached_tokens: int = 0  # prompt tokens whose keys and values were reused from the model's cache
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -91,6 +92,7 @@ class _Row:
         self.finish_reason: Optional[str] = None
         self.stop = None
         self.started = self.first_token_at = self.ended_at = None
+        self.cached = 0  # prompt tokens not prefilled again: the model's cache held them
         self._check_room()
 
     @property
@@ -165,7 +167,8 @@ class _Row:
             text=self.text if self.finish_reason is not None else self.text[: self.emitted],
             ids=list(self.ids), finish_reason=self.finish_reason or "interrupted",
             prompt_ids=list(self.prompt_ids), logprobs=list(self.logprobs), top_logprobs=self.top,
-            stop=self.stop, prompt_seconds=first - (self.started or first), decode_seconds=end - first)
+            stop=self.stop, prompt_seconds=first - (self.started or first), decode_seconds=end - first,
+            cached_tokens=self.cached)
 
 
 def _held_back(text: str, stops: list[str]) -> int:
@@ -188,18 +191,61 @@ def _keep_rows(cache: KVCache, rows: list[int]) -> None:
     cache.batch_size = len(rows)
 
 
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _own_cache(model: "Transformer", seq: list[int]) -> tuple[KVCache, int]:
+    """The model's own cache for a prompt of one row, and how many of its first tokens the cache already
+    holds (their keys and values are reused; the rest is prefilled from there, rewinding what differs).
+
+    A prefill that starts at position p computes what a full prefill computes, in another order: logits
+    agree to float rounding (tests/test_properties.py: 1e-5 in float32, 1e-10 in float64), so greedy
+    tokens are the same unless two logits tie within that rounding.
+    """
+    cache = model.cache
+    if (cache is None or cache.ids is None or cache.batch_size != 1 or cache.dtype != model.dtype
+            or cache.max_seq_len != model.args.max_seq_len):
+        cache = model.cache = KVCache(model.args, 1, model.dtype)
+    # At least the last prompt token is fed again: its logits pick the first new token.
+    return cache, min(_common_prefix(cache.ids, seq), len(seq) - 1)
+
+
 def _decode(model: "Transformer", rows: list[_Row]) -> Iterator[tuple[int, str]]:
     """Run every row to its end, yielding (row index, text that became final, maybe "") after each step.
 
     Rows are left-padded to the longest and decoded together; finished rows leave the batch. When the
     padded batch reaches the context window while a shorter row still has room, the rows left are
-    prefilled again without the extra padding and carry on.
+    prefilled again without the extra padding and carry on. One row alone runs in the model's own cache
+    (unless another generation holds it): a prompt that starts with ids the cache holds from the previous
+    call (a chat's earlier turns, a shared system prompt) prefills only the rest.
     """
+    lock = getattr(model, "cache_lock", None)
+    own = len(rows) == 1 and lock is not None and lock.acquire(blocking=False)
+    try:
+        yield from _decode_rows(model, rows, own)
+    finally:
+        if own:
+            lock.release()
+
+
+def _decode_rows(model: "Transformer", rows: list[_Row], own: bool) -> Iterator[tuple[int, str]]:
     window = model.args.max_seq_len
     index = {id(r): i for i, r in enumerate(rows)}
     active = [r for r in rows if r.finish_reason is None]
     for r in rows:
         r.started = time.perf_counter()
+    if own and active:
+        seq = active[0].sequence
+        cache, reuse = _own_cache(model, seq)
+        active[0].cached = reuse
+        logits = model.forward(np.asarray([seq[reuse:]]), reuse, cache=cache, last_only=True)[:, -1]
+        active = yield from _steps(model, index, active, cache, logits, None, len(seq), window)
     while active:
         # Prefill: each row's whole sequence so far, right-aligned; the mask hides the padding on the left.
         width = max(len(r.sequence) for r in active)
@@ -213,28 +259,33 @@ def _decode(model: "Transformer", rows: list[_Row]) -> Iterator[tuple[int, str]]
         cache = KVCache(model.args, len(active), model.dtype)
         logits = model.forward(tokens, 0, cache=cache, key_mask=mask if padded else None,
                                last_only=True)[:, -1]  # (B, V)
-        pos = width
-        while active:
-            # Pick every row's next token; rows that end leave the batch.
-            keep = []
-            for b, r in enumerate(active):
-                yield index[id(r)], r.step(logits[b])
-                if r.finish_reason is None:
-                    keep.append(b)
-            if len(keep) < len(active):
-                active = [active[b] for b in keep]
-                if not active:
-                    break
-                _keep_rows(cache, keep)
-                mask = mask[keep]
-            if pos >= window:
-                break  # the padded batch is full: re-prefill what is left, tighter
-            # Decode: feed each row its newest token at the next shared position.
+        active = yield from _steps(model, index, active, cache, logits, mask if padded else None, width, window)
+
+
+def _steps(model, index, active, cache, logits, mask, pos, window):
+    """Decode the prefilled rows `active` until they end or the window is full; returns the rows left."""
+    while active:
+        # Pick every row's next token; rows that end leave the batch.
+        keep = []
+        for b, r in enumerate(active):
+            yield index[id(r)], r.step(logits[b])
+            if r.finish_reason is None:
+                keep.append(b)
+        if len(keep) < len(active):
+            active = [active[b] for b in keep]
+            if not active:
+                break
+            _keep_rows(cache, keep)
+            mask = mask[keep] if mask is not None else None
+        if pos >= window:
+            break  # the padded batch is full: re-prefill what is left, tighter
+        # Decode: feed each row its newest token at the next shared position.
+        if mask is not None:
             mask = np.concatenate([mask, np.ones((len(active), 1), dtype=bool)], axis=1)  # (B, S)
-            newest = np.array([[r.ids[-1]] for r in active], dtype=np.int64)  # (B, 1)
-            logits = model.forward(newest, pos, cache=cache, key_mask=mask if padded else None,
-                                   last_only=True)[:, -1]  # (B, V)
-            pos += 1
+        newest = np.array([[r.ids[-1]] for r in active], dtype=np.int64)  # (B, 1)
+        logits = model.forward(newest, pos, cache=cache, key_mask=mask, last_only=True)[:, -1]  # (B, V)
+        pos += 1
+    return active
 
 
 # ---- inputs -----------------------------------------------------------------------------------------
@@ -399,6 +450,8 @@ class GenerationMixin:
         stop: strings that end the text; stop_ids: token ids that end it (default: the tokenizer's EOS and
         end-of-turn ids; [] to run to max_new_tokens). top_logprobs: how many alternatives to report per
         token. A prompt longer than the context window is refused unless truncate=True (keep its end).
+        One prompt runs in the model's own KV cache (model.cache, kept afterwards; reset() frees it): the ids
+        it starts with that the cache holds from the last call are not prefilled again (cached_tokens).
         """
         batch = _is_batch(prompt)
         prompts = list(prompt) if batch else [prompt]
@@ -424,7 +477,9 @@ class GenerationMixin:
     def chat(self, messages, max_new_tokens: int = 256, *, system: Optional[str] = None,
              stream: bool = False, **kwargs):
         """Answer a conversation ([{"role": "user", "content": ...}, ...] or one user message as a
-        string) in the model's chat format. Returns a Generation, or a Stream when stream=True."""
+        string) in the model's chat format. Returns a Generation, or a Stream when stream=True. The
+        earlier turns (and the previous answer, as far as the conversation re-encodes it to the same ids)
+        stay in the model's KV cache, so each turn prefills only what is new: see generate."""
         messages = _as_messages(messages)
         if system is not None:
             messages = [{"role": "system", "content": system}] + messages

@@ -7,6 +7,7 @@ comes from a backend (`llama_ref.ops` for NumPy, `llama_ref.kernels` for Numba) 
 
 from __future__ import annotations
 
+import threading
 from types import ModuleType
 from typing import Optional
 
@@ -26,6 +27,10 @@ class KVCache:
 
     Stored per layer as (B, capacity, KVH, HD). The capacity grows on demand up to max_seq_len, so a short
     conversation with a long-context model does not reserve memory for its whole window.
+
+    ids: for a batch of one, the token id at each position 0 .. len(ids)-1 whose keys and values every layer
+    holds; generation compares a new prompt with it to prefill only what is new. None when unknown (a
+    batch, or a key mask hid positions).
     """
 
     def __init__(self, args: ModelArgs, batch_size: int = 1, dtype=np.float32, capacity: int = 256):
@@ -35,6 +40,7 @@ class KVCache:
         self.length = 0  # positions 0 .. length-1 hold keys and values
         self.k: list[np.ndarray] = []
         self.v: list[np.ndarray] = []
+        self.ids: Optional[list[int]] = [] if batch_size == 1 else None
         self._grow(min(capacity, self.max_seq_len))
 
     def _grow(self, capacity: int) -> None:
@@ -61,6 +67,18 @@ class KVCache:
         self.v[layer][:, start_pos:end] = v
         return self.k[layer][:, :end], self.v[layer][:, :end]
 
+    def forget_from(self, start_pos: int) -> None:
+        """Before positions start_pos.. are overwritten: their ids are no longer known to be complete."""
+        if self.ids is not None:
+            del self.ids[start_pos:]
+
+    def remember(self, start_pos: int, tokens: np.ndarray, masked: bool) -> None:
+        """After every layer stored tokens (B, T) at start_pos..: record their ids (a batch of one)."""
+        if self.ids is None or self.batch_size != 1 or masked or len(self.ids) != start_pos:
+            self.ids = None
+        else:
+            self.ids.extend(int(t) for t in tokens[0])
+
     @property
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.k + self.v)
@@ -83,6 +101,8 @@ class Transformer(GenerationMixin):
         self.backend_name, self.ops = _resolve_backend(backend)
         self.freqs = ops.rope_frequencies(args, freq_divisors)  # (HD/2,) float64
         self.cache: Optional[KVCache] = None
+        # Held by the generation that uses self.cache (llama_ref.generation); others get a cache of their own.
+        self.cache_lock = threading.Lock()
         self.tokenizer = None  # attached by llama_ref.load
         self.source = None
         self.capture = None  # set by llama_ref.capture to collect intermediate tensors by name
@@ -111,6 +131,7 @@ class Transformer(GenerationMixin):
             raise InputError(f"start_pos {start_pos} would leave a gap: the cache holds positions "
                              f"0 .. {cache.length - 1} only")
         cache.reserve(start_pos + T)
+        cache.forget_from(start_pos)  # an interrupted call leaves the ids of the positions before it only
         H, KVH, HD = args.n_heads, args.kv_heads, args.head_dim
         cos, sin = ops.rope_tables(self.freqs, start_pos, T, self.dtype)  # (T, HD/2) each
 
@@ -153,6 +174,7 @@ class Transformer(GenerationMixin):
             self._record(p + "feed_forward.output", out)
             h = h + out
             self._record(p + "residual", h)
+        cache.remember(start_pos, tokens, key_mask is not None)
 
         # Final norm, then the output head (the embedding table itself when the model ties them).
         if last_only:

@@ -56,10 +56,16 @@ TEACHER_EXAMPLES = """examples:
 CLI_SAMPLING = dict(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05, repetition_penalty=1.0)
 
 CHAT_HELP = """In a chat, each line you type is one message. Commands:
+  /help          show this list
   /system TEXT   set the system prompt (and start a new conversation)
   /reset         forget the conversation so far
+  /save FILE     save the conversation (system prompt and messages) as JSON
+  /load FILE     go on with a conversation saved by /save
   /exit, /quit   leave (so does Ctrl-D)
-Ctrl-C stops the answer being written; the conversation goes on.
+Ctrl-C stops the answer being written (the conversation goes on) or clears the line being typed.
+In a terminal, lines are edited as in a shell (arrows, Home/End, Ctrl-A/E/K/U/W) and Up/Down recall earlier
+ones, kept in CACHE/chat_history (CACHE: $LLAMA_REF_CACHE or ~/.cache/llama_ref; --no-history: this session
+only). Earlier turns stay in the model's KV cache: each turn prefills only its new tokens.
 """
 
 
@@ -169,7 +175,8 @@ def _load(args):
 def _speed_line(g, backend: str) -> str:
     n = len(g.ids)
     rate = (n - 1) / g.decode_seconds if n > 1 and g.decode_seconds > 0 else float("nan")
-    return (f"[{len(g.prompt_ids)} prompt tokens in {g.prompt_seconds:.2f} s, {n} new tokens, "
+    cached = f" ({g.cached_tokens} cached)" if g.cached_tokens else ""
+    return (f"[{len(g.prompt_ids)} prompt tokens{cached} in {g.prompt_seconds:.2f} s, {n} new tokens, "
             f"{rate:.1f} tok/s, finish: {g.finish_reason}, backend {backend}]")
 
 
@@ -278,74 +285,140 @@ def _add_chat(sub) -> None:
                        description="An interactive conversation in the model's chat format.\n\n" + CHAT_HELP,
                        epilog=EXAMPLES, formatter_class=_formatter)
     c.add_argument("--system", default=None, help="system prompt for the conversation")
+    c.add_argument("--no-history", action="store_true",
+                   help="keep the line history in memory for this session only (not in CACHE/chat_history)")
     _model_options(c)
     _sampling_options(c, max_new_tokens=256)
 
 
-def _run_chat(args) -> int:
+HISTORY_LINES = 1000  # lines kept in CACHE/chat_history
+
+
+def _line_editing(keep: bool):
+    """Line editing and history for input() in a terminal (the standard library's readline): returns a
+    function that saves the history at the end of the session, or None without readline."""
+    try:
+        import readline
+    except ImportError:  # a Python built without it: plain input()
+        return None
+    from .fetch import cache_dir
+
+    readline.set_history_length(HISTORY_LINES)
+    path = cache_dir() / "chat_history" if keep else None
+    if path is not None:
+        try:
+            readline.read_history_file(path)
+        except OSError:  # none yet, or unreadable: start empty
+            pass
+
+    def save() -> None:
+        if path is not None:
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                readline.write_history_file(path)
+            except OSError as e:
+                print(f"[history not saved: {path}: {e.strerror or e}]", file=sys.stderr)
+    return save
+
+
+def _read_line(interactive: bool, number: int):
+    """The next line typed (None at the end of input)."""
     from .model import InputError
+
+    if interactive:
+        try:
+            return input("> ")
+        except EOFError:
+            return None
+    raw = sys.stdin.buffer.readline() if hasattr(sys.stdin, "buffer") else sys.stdin.readline()
+    if not raw:
+        return None
+    try:
+        line = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+    except UnicodeDecodeError as e:
+        raise InputError(f"standard input, line {number}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    return line.rstrip("\n").removesuffix("\r")  # as text-mode stdin read it
+
+
+def _run_chat(args) -> int:
+    from .conversation import load_conversation, save_conversation
 
     kwargs = _sampling_kwargs(args)
     model = _load(args)
     interactive = sys.stdin.isatty()
+    save_history = _line_editing(not args.no_history) if interactive else None
     number = 0
     system = args.system
     history: list[dict] = []
     if interactive and not args.quiet:
-        print("chat with the model; /exit to leave, /reset to start over, Ctrl-C stops an answer.",
+        print("chat with the model; /help lists the commands, /exit leaves, Ctrl-C stops an answer.",
               file=sys.stderr)
-    while True:
-        try:
-            if interactive:
-                line = input("> ")
-            else:
-                raw = sys.stdin.buffer.readline() if hasattr(sys.stdin, "buffer") else sys.stdin.readline()
-                if not raw:
-                    break
-                line = raw.decode("utf-8") if isinstance(raw, bytes) else raw
-                line = line.rstrip("\n").removesuffix("\r")  # as text-mode stdin read it
-        except EOFError:
-            break
-        except UnicodeDecodeError as e:
-            raise InputError(f"standard input, line {number + 1}: not UTF-8 text "
-                             f"({e.reason} at byte {e.start})") from None
-        except KeyboardInterrupt:  # at the prompt, Ctrl-C clears the line; Ctrl-D or /exit leaves
-            print(file=sys.stderr)
-            continue
-        number += 1
-        if not line.strip():
-            continue
-        if line.startswith("/"):
-            command, _, rest = line.partition(" ")
-            if command in ("/exit", "/quit"):
+    try:
+        while True:
+            try:
+                line = _read_line(interactive, number + 1)
+            except KeyboardInterrupt:  # at the prompt, Ctrl-C clears the line; Ctrl-D or /exit leaves
+                print(file=sys.stderr)
+                continue
+            if line is None:
                 break
-            if command == "/reset":
-                history = []
-                print("[conversation reset]", file=sys.stderr)
-            elif command == "/system":
-                system, history = rest.strip() or None, []
-                print("[system prompt set; conversation reset]", file=sys.stderr)
+            number += 1
+            if not line.strip():
+                continue
+            if line.startswith("/"):
+                command, _, rest = line.partition(" ")
+                rest = rest.strip()
+                if command in ("/exit", "/quit"):
+                    break
+                if command == "/help":
+                    print(CHAT_HELP, end="", file=sys.stderr)
+                elif command == "/reset":
+                    history = []
+                    print("[conversation reset]", file=sys.stderr)
+                elif command == "/system":
+                    system, history = rest or None, []
+                    print("[system prompt set; conversation reset]", file=sys.stderr)
+                elif command in ("/save", "/load") and not rest:
+                    print(f"[{command} needs a file name: {command} FILE]", file=sys.stderr)
+                elif command == "/save":
+                    try:
+                        path = save_conversation(rest, system, history)
+                        print(f"[saved {len(history)} messages to {path}]", file=sys.stderr)
+                    except LlamaRefError as e:
+                        print(f"[error: {e}]", file=sys.stderr)
+                elif command == "/load":
+                    try:
+                        system, history = load_conversation(rest)
+                        print(f"[loaded {len(history)} messages{' and a system prompt' if system else ''} "
+                              f"from {rest}]", file=sys.stderr)
+                    except LlamaRefError as e:
+                        print(f"[error: {e}]", file=sys.stderr)
+                else:
+                    print(f"[unknown command {command}; /help lists the commands]", file=sys.stderr)
+                continue
+            history.append({"role": "user", "content": line})
+            # The conversation so far is re-rendered each turn; model.chat compares its ids with those its
+            # KV cache holds from the last turn and prefills only the new ones.
+            stream = model.chat(history, system=system, stream=True, **kwargs)
+            try:
+                for piece in stream:
+                    if not args.json:
+                        sys.stdout.write(piece)
+                        sys.stdout.flush()
+            except KeyboardInterrupt:
+                pass  # the answer so far stays in the conversation
+            result = stream.result
+            history.append({"role": "assistant", "content": result.text})
+            if args.json:
+                _print_json(_generation_json(result, model.backend_name, model.tokenizer))
             else:
-                print(f"[unknown command {command}]\n{CHAT_HELP}", file=sys.stderr)
-            continue
-        history.append({"role": "user", "content": line})
-        stream = model.chat(history, system=system, stream=True, **kwargs)
-        try:
-            for piece in stream:
-                if not args.json:
-                    sys.stdout.write(piece)
-                    sys.stdout.flush()
-        except KeyboardInterrupt:
-            pass  # the answer so far stays in the conversation
-        result = stream.result
-        history.append({"role": "assistant", "content": result.text})
-        if args.json:
-            _print_json(_generation_json(result, model.backend_name, model.tokenizer))
-        else:
-            sys.stdout.write("\n")
-            sys.stdout.flush()
-        if not args.quiet or result.finish_reason == "interrupted":
-            print(_speed_line(result, model.backend_name), file=sys.stderr)
+                sys.stdout.write("\n")
+                sys.stdout.flush()
+            if not args.quiet or result.finish_reason == "interrupted":
+                print(_speed_line(result, model.backend_name), file=sys.stderr)
+    finally:
+        if save_history is not None:
+            save_history()
     return 0
 
 

@@ -19,7 +19,9 @@ renames leaves a complete DST without its manifest, never a manifest without its
 
 The tokenizer travels with the weights: tokenizer files are copied from a checkpoint directory; from a GGUF
 file its tokenizer keys go into the output GGUF, or into a tokenizer-only `tokenizer_gguf.json` inside a
-Meta/HF output directory (which llama_ref.load reads).
+Meta/HF output directory (which llama_ref.load reads). An HF output also gets the tokenizer.json,
+tokenizer_config.json and generation_config.json that transformers reads, and a Meta output the
+tokenizer.model of a SentencePiece vocabulary (llama_ref.tokenizer_export).
 """
 
 from __future__ import annotations
@@ -121,7 +123,7 @@ def write_checkpoint(args, weights: dict, dst: "str | Path", to: str, dtype: Opt
             writers.write_gguf(tmp, args, weights, out, metadata=tokenizer_meta, freq_divisors=freq_divisors,
                                on_tensor=tick)
         if tmp.is_dir():
-            _carry_tokenizer(tmp, tokenizer_meta, copy_tokenizer_from)
+            _carry_tokenizer(tmp, tokenizer_meta, copy_tokenizer_from, to, args.max_seq_len)
             if checksums:
                 from .checksums import MANIFEST, checkpoint_files, manifest_for
 
@@ -170,8 +172,18 @@ def _scaling_from_divisors(args, divisors, src: Path):
     return guess
 
 
-def _carry_tokenizer(tmp: Path, tokenizer_meta: Optional[dict], src_dir: Optional[Path]) -> None:
+def _carry_tokenizer(tmp: Path, tokenizer_meta: Optional[dict], src_dir: Optional[Path], to: str = "",
+                     max_len: Optional[int] = None) -> None:
+    """Copy the source directory's tokenizer files (or write a GGUF's tokenizer as the sidecar), then add
+    what the target format's own tools read (llama_ref.tokenizer_export): for `hf` a tokenizer.json with
+    tokenizer_config.json and generation_config.json, for `meta` a tokenizer.model where the vocabulary has
+    one. A tokenizer that cannot be written in the target's form is a warning, not a failed conversion: the
+    weights and the copied files are still right."""
     import json
+    import warnings
+
+    from .tokenizer import TokenizerError
+    from .tokenizer_export import TOKENIZER_CONFIG, hf_tokenizer_files, meta_tokenizer_files
 
     if src_dir is not None:
         for name in TOKENIZER_FILES:
@@ -179,6 +191,52 @@ def _carry_tokenizer(tmp: Path, tokenizer_meta: Optional[dict], src_dir: Optiona
                 shutil.copyfile(src_dir / name, tmp / name)
     elif tokenizer_meta:
         (tmp / TOKENIZER_SIDECAR).write_text(json.dumps(tokenizer_meta, ensure_ascii=False), encoding="utf-8")
+    try:
+        if to == "hf":
+            files = hf_tokenizer_files(tokenizer_meta, src_dir, max_len)
+        elif to == "meta":
+            files = meta_tokenizer_files(tokenizer_meta, src_dir)
+        else:
+            files = {}
+    except TokenizerError as e:
+        warnings.warn(f"the tokenizer was not written in {to} form: {e}", stacklevel=3)
+        return
+    for name, data in files.items():
+        if name == TOKENIZER_CONFIG or not (tmp / name).exists():  # a source's config is rewritten (its class)
+            target = tmp / name
+            target.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
+    if to == "meta" and src_dir is not None:
+        _keep_llama3_special_names(tmp, src_dir)
+
+
+def _keep_llama3_special_names(tmp: Path, src_dir: Path) -> None:
+    """A Llama 3 tiktoken tokenizer.model is read with 3.1's special-token names when params.json has the
+    key use_scaled_rope (3.0's files lack it; tokenizer_from_dir). Our params.json writes the scaling out as
+    rope_scaling instead, so the key is added, true exactly when the scaling is Llama 3's, to keep the
+    names the source was read with (a 3.1 tokenizer would otherwise come back with 3.0's names)."""
+    import json
+
+    from .tokenizer import _read_json, is_tiktoken_file
+    from .tokenizer_export import source_tokenizer_model
+
+    model, params_path = tmp / "tokenizer.model", tmp / "params.json"
+    if not (model.is_file() and params_path.is_file() and is_tiktoken_file(model)):
+        return
+    # The names the source was read with: as an HF output of ours records them, else by tokenizer_from_dir's
+    # rule (no params.json: tokenizer_from_file's default, 3.1).
+    source = source_tokenizer_model(src_dir)
+    if source is not None:
+        version = source.get("llama3_version") or "3.1"
+    elif (src_dir / "params.json").is_file():
+        version = "3.1" if "use_scaled_rope" in _read_json(src_dir / "params.json") else "3.0"
+    else:
+        version = "3.1"
+    if version != "3.1":
+        return
+    params = json.loads(params_path.read_text(encoding="utf-8"))
+    if "use_scaled_rope" not in params:
+        params["use_scaled_rope"] = (params.get("rope_scaling") or {}).get("kind") == "llama3"
+        params_path.write_text(json.dumps(params, indent=2) + "\n")
 
 
 # ---- partial outputs: naming, fsync, removal --------------------------------------------------------------

@@ -35,6 +35,15 @@ def directory_tokenizer(path: Path):
 
     if (path / TOKENIZER_SIDECAR).is_file():
         return tok.tokenizer_from_gguf(read_tokenizer_sidecar(path), where=str(path / TOKENIZER_SIDECAR))
+    from ..tokenizer_export import source_tokenizer_model
+
+    source = source_tokenizer_model(path)
+    if source is not None:
+        # A tokenizer.json that convert built from this tokenizer.model: the original is read instead (Meta's
+        # chat formats and Code Llama infilling come with its tokenizer classes), with the config's template.
+        found = tok.tokenizer_from_file(path / "tokenizer.model", llama3_version=source.get("llama3_version"))
+        found.chat_template = tok._read_json(path / "tokenizer_config.json").get("chat_template") or None
+        return found
     from_dir = getattr(tok, "tokenizer_from_dir", None)  # tokenizer.model / tokenizer.json readers
     if from_dir is None or not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
         return None  # weights only (e.g. a test checkpoint): the model still runs on token ids

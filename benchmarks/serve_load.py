@@ -3,8 +3,9 @@
     python benchmarks/serve_load.py [--clients 8] [--tokens 64] [--requests 500] [--backend numpy]
 
 The server runs as its own process (`llama-ref serve`), so the clients' Python does not share its GIL.
-  1. one client: streamed completions, one after another; aggregate decode tok/s
-  2. N clients at once, the same requests: aggregate decode tok/s, and the ratio to one client
+  1. one client: streamed completions, one after another; decode tok/s
+  2. N clients at once: aggregate decode tok/s, and the ratio to one client
+     (1 and 2 alternate for --rounds rounds and the best of each is kept: the machine may be shared)
   3. --requests short greedy requests from N clients, a random fifth of them abandoned mid-stream: every
      answer that completes must equal that prompt's answer alone (nothing lost, nothing mixed up);
      the server's resident memory (RSS) before and after.
@@ -91,6 +92,7 @@ def main() -> int:
     p.add_argument("--backend", default="numpy")
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rounds", type=int, default=3, help="rounds of the throughput phases (best kept)")
     args = p.parse_args()
     rng = random.Random(args.seed)
 
@@ -111,19 +113,27 @@ def main() -> int:
         print(f"server pid {server.pid}, backend {args.backend}, {args.clients} clients, "
               f"{args.tokens} tokens per request")
 
-        single = [stream(url, PROMPTS[i], args.tokens) for i in range(min(3, args.clients))]
-        one = sum(decode_rate([r], args.tokens) for r in single) / len(single)
-        print(f"1 client:  {one:6.1f} decode tok/s")
+        # The machine is shared: each round measures one client then N, and the best of each is kept.
+        ones, aggs = [], []
+        for _ in range(args.rounds):
+            single = [stream(url, PROMPTS[i], args.tokens) for i in range(2)]
+            ones.append(sum(decode_rate([r], args.tokens) for r in single) / len(single))
+            many = run_clients(args.clients, lambda i: stream(url, PROMPTS[i % len(PROMPTS)], args.tokens))
+            aggs.append(decode_rate(many, args.tokens))
+            print(f"  round: 1 client {ones[-1]:.1f}, {args.clients} clients {aggs[-1]:.1f} decode tok/s")
+        one, agg = max(ones), max(aggs)
+        print(f"1 client:  {one:6.1f} decode tok/s (best of {args.rounds})")
+        print(f"{args.clients} clients: {agg:6.1f} decode tok/s aggregate (best of {args.rounds}) = "
+              f"{agg / one:.2f}x one client")
 
-        many = run_clients(args.clients, lambda i: stream(url, PROMPTS[i % len(PROMPTS)], args.tokens))
-        agg = decode_rate(many, args.tokens)
-        print(f"{args.clients} clients: {agg:6.1f} decode tok/s aggregate = {agg / one:.2f}x one client")
-
+        if args.requests <= 0:
+            return 0
         expected = {q: stream(url, q, args.short_tokens)["text"] for q in PROMPTS}
         rss_before = rss_mib(server.pid)
         todo = list(range(args.requests))
         lock = threading.Lock()
         tally = {"ok": 0, "abandoned": 0, "wrong": 0, "failed": 0}
+        rss_trace = []  # MiB after every 100 requests
 
         def worker(_):
             while True:
@@ -140,6 +150,8 @@ def main() -> int:
                     key = "failed"
                 with lock:
                     tally[key] += 1
+                    if sum(tally.values()) % 100 == 0:
+                        rss_trace.append(round(rss_mib(server.pid)))
 
         started = time.perf_counter()
         run_clients(args.clients, worker)
@@ -150,7 +162,8 @@ def main() -> int:
         left = [line for line in metrics.splitlines()
                 if line.startswith(("llama_ref_batch_rows", "llama_ref_queue_length", "llama_ref_cancelled_rows"))]
         print(f"{args.requests} requests in {elapsed:.0f} s: {tally}")
-        print(f"server RSS {rss_before:.0f} MiB before, {rss_after:.0f} MiB after; " + ", ".join(left))
+        print(f"server RSS {rss_before:.0f} MiB before, {rss_after:.0f} MiB after (every 100 requests: "
+              f"{rss_trace}); " + ", ".join(left))
         return 0 if tally["wrong"] == tally["failed"] == 0 else 1
     finally:
         server.terminate()

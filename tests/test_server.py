@@ -447,3 +447,28 @@ def test_batcher_joins_rows_mid_batch_both_ways(tiny):
         batcher.close()
     for (ids, n), job in zip(plan, jobs):
         assert job.rows[0].ids == tiny.generate(ids, max_new_tokens=n, stop_ids=[]).ids
+
+
+def test_batcher_drops_the_padding_rows_leave_behind(tiny, monkeypatch):
+    """A short prompt batched beside a long one sits behind padding; once the long one leaves, the batch
+    is prefilled again, tight, and the answer is still the prompt's answer alone."""
+    from llama_ref.server import batcher as batching
+
+    monkeypatch.setattr(batching, "COMPACT_AFTER", 8)
+    short, longer = tiny.tokenizer.encode("abc"), tiny.tokenizer.encode("the theme of the long prompt, the end")
+    b = batching.Batcher(tiny, max_batch=2)
+    try:
+        gate = threading.Event()
+        held = b.call(gate.wait)
+        ended = threading.Semaphore(0)
+        jobs = [batching.Job(tiny._rows([None], prompt_ids=[ids], max_new_tokens=n, stop_ids=[]),
+                             lambda i, piece, row, done: done and ended.release()) for ids, n in [(short, 30), (longer, 2)]]
+        for job in jobs:
+            b.submit(job)
+        gate.set()
+        held.result(timeout=30)
+        assert ended.acquire(timeout=60) and ended.acquire(timeout=60)
+    finally:
+        b.close()
+    assert b.metrics.compactions >= 1
+    assert jobs[0].rows[0].ids == tiny.generate(short, max_new_tokens=30, stop_ids=[]).ids

@@ -10,9 +10,13 @@ sits: greedy answers in a batch equal the answers alone (up to float32 rounding 
 Each step of the loop:
   1. every slot picks its next token from its logits; finished or cancelled slots leave the batch;
   2. the remaining slots' newest tokens are fed at position pos, one batched forward call;
-  3. waiting requests join: a prompt of L <= pos tokens is prefilled on its own at positions pos-L .. pos-1
-     and its cache row is stacked onto the batch; a longer prompt (or a batch that reached the context
-     window) makes the whole batch be prefilled afresh, right-aligned to the longest sequence.
+  3. waiting requests join: prompts of at most pos tokens are prefilled together (one forward call) so
+     that each ends at position pos-1, and their cache rows are stacked onto the batch's; a longer prompt
+     (or a batch that reached the context window) makes the whole batch be prefilled afresh,
+     right-aligned to the longest sequence.
+
+A batch that never empties would carry ever more padding on the left: past COMPACT_AFTER positions of it
+(and more than its longest row), its rows are prefilled again, tight (see _feed).
 
 Prefix reuse: when a slot ends, the keys and values of the tokens it fed are kept (the last few
 conversations). A request that arrives to an empty batch and starts with one of those token sequences
@@ -34,6 +38,9 @@ from ..errors import LlamaRefError
 from ..generation import _keep_rows, _Row
 from ..model import KVCache
 from .metrics import Metrics
+
+
+COMPACT_AFTER = 256  # positions of padding a batch may carry before it is prefilled again, tight
 
 
 class QueueFull(LlamaRefError):
@@ -181,10 +188,15 @@ class Batcher:
 
     def _feed(self) -> None:
         """One batched decode step: each slot's newest token at position pos."""
-        if self._pos >= self.model.args.max_seq_len:
-            # The padded batch reached the window while its rows still have room: prefill them again,
-            # right-aligned to the longest, which frees the padding's positions.
+        longest = max(len(s.row.sequence) for s in self._slots)
+        if self._pos >= self.model.args.max_seq_len or self._pos - longest >= max(COMPACT_AFTER, longest):
+            # Rows that join and leave make the batch's left padding grow with every step; the keys
+            # there are masked but still cost memory and attention time. When the batch reached the
+            # window, or the padding outgrew both COMPACT_AFTER and the longest row, prefill the rows
+            # again right-aligned to the longest (their keys can't just be moved: RoPE rotated them
+            # by their positions). This also bounds the cache at about 2x the longest row.
             self._prefill_all(self._slots)
+            self.metrics.compactions += 1
             return
         started = time.perf_counter()
         newest = np.array([[s.row.ids[-1]] for s in self._slots], dtype=np.int64)  # (B, 1)
@@ -225,8 +237,7 @@ class Batcher:
         if not self._slots or longest > self._pos:
             self._prefill_all(self._slots + joining)
         else:
-            for s in joining:
-                self._join(s)
+            self._join(joining)
         self.metrics.active_rows = len(self._slots)
 
     # ---- building the batch's cache ----------------------------------------------------------------------
@@ -249,29 +260,35 @@ class Batcher:
         self._logits = self._forward(tokens, 0, self._cache, mask)
         self._slots, self._mask, self._pos = list(slots), mask, width
 
-    def _join(self, slot: _Slot) -> None:
-        """Prefill one slot on its own at positions pos-L .. pos-1 and stack its cache row onto the batch."""
-        seq, pos = slot.row.sequence, self._pos
-        start = pos - len(seq)
-        cache = KVCache(self.model.args, 1, self.model.dtype, capacity=self._cache.capacity)
-        cache.length = start  # positions before `start` are padding, hidden by the mask
-        mask = np.zeros((1, pos), dtype=bool)
-        mask[0, start:] = True
-        logits = self._forward(np.array([seq], dtype=np.int64), start, cache, mask)
-        slot.fed = list(seq)
-        self._stack(cache, mask, logits, slot)
+    def _join(self, slots: list[_Slot]) -> None:
+        """Prefill the joining slots together, right-aligned to end at pos - 1 like the batch's rows, and
+        stack their cache rows onto the batch's."""
+        pos, width = self._pos, max(len(s.row.sequence) for s in slots)
+        start = pos - width  # the chunk covers positions start .. pos-1; earlier ones are padding
+        cache = KVCache(self.model.args, len(slots), self.model.dtype, capacity=self._cache.capacity)
+        cache.length = start
+        tokens = np.zeros((len(slots), width), dtype=np.int64)  # (k, T)
+        mask = np.zeros((len(slots), pos), dtype=bool)  # (k, S)
+        for b, s in enumerate(slots):
+            seq = s.row.sequence
+            tokens[b, width - len(seq):] = seq
+            mask[b, pos - len(seq):] = True
+            s.fed = list(seq)
+        logits = self._forward(tokens, start, cache, mask)
+        self._stack(cache, mask, logits, slots)
 
-    def _stack(self, cache: KVCache, mask: np.ndarray, logits: np.ndarray, slot: _Slot) -> None:
+    def _stack(self, cache: KVCache, mask: np.ndarray, logits: np.ndarray, slots: list[_Slot]) -> None:
         batch = self._cache
         for c in (batch, cache):  # the same capacity, so the rows stack
             if c.capacity < max(batch.capacity, cache.capacity):
                 c._grow(max(batch.capacity, cache.capacity))
         batch.k = [np.concatenate([a, b]) for a, b in zip(batch.k, cache.k)]
         batch.v = [np.concatenate([a, b]) for a, b in zip(batch.v, cache.v)]
-        batch.batch_size += 1
+        batch.batch_size += len(slots)
+        batch.ids = None  # a batch's cache records no token ids (see KVCache.ids)
         self._mask = np.concatenate([self._mask, mask])
         self._logits = np.concatenate([self._logits, logits])
-        self._slots.append(slot)
+        self._slots += slots
 
     def _resume(self, slot: _Slot) -> bool:
         """Start an empty batch from a kept prefix of this slot's prompt; False when none matches."""

@@ -23,6 +23,7 @@ class Metrics:
         self.decode_seconds = 0.0
         self.decode_row_tokens = 0  # tokens produced by decode steps (one per row per step)
         self.refusals = 0  # requests a guard refused
+        self.compactions = 0  # times the batch was prefilled again to drop its padding
         self.disconnects = 0  # requests whose client went away before the answer was complete
         self.cancelled_rows = 0  # rows the batcher dropped because their client went away
 
@@ -55,6 +56,8 @@ class Metrics:
                 ("decode_seconds_total", "counter", self.decode_seconds, "Time spent in decode steps."),
                 ("time_per_output_token_seconds", "gauge", per_token,
                  "Mean decode time per generated token (step time divided by the rows in the step)."),
+                ("batch_compactions_total", "counter", self.compactions,
+                 "Times the batch was prefilled again to drop the padding that rows leaving left behind."),
                 ("guard_refusals_total", "counter", self.refusals, "Requests refused by the guard."),
                 ("client_disconnects_total", "counter", self.disconnects,
                  "Requests whose client left before the answer was complete."),

@@ -19,16 +19,19 @@ import sys
 import threading
 import time
 
-import httpx
 import pytest
 
-import llama_ref
-from llama_ref.chat import GuardVerdict
-from llama_ref.server import BackgroundServer, LlamaGuard, create_app
-from llama_ref.server.app import _message_from
-from test_cli import write_tiny_gguf
+for _module in ("starlette", "uvicorn", "httpx", "openai"):  # the [server] and [test] extras
+    pytest.importorskip(_module)
 
-openai = pytest.importorskip("openai")
+import httpx  # noqa: E402
+import openai  # noqa: E402
+
+import llama_ref  # noqa: E402
+from llama_ref.chat import GuardVerdict  # noqa: E402
+from llama_ref.server import BackgroundServer, LlamaGuard, create_app  # noqa: E402
+from llama_ref.server.app import _message_from  # noqa: E402
+from test_cli import write_tiny_gguf  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -120,6 +123,16 @@ def test_sampled_completion_with_seed_equals_generate(tiny, client):
     ids = tiny.tokenizer.encode("the theme")
     r2 = client.completions.create(model="tiny", prompt=ids, max_tokens=10, echo=True, **kw)
     assert r2.choices[0].text == "the theme" + r.choices[0].text
+
+
+def test_streamed_completion_logprobs_equal_the_whole_ones(tiny, client):
+    kw = dict(model="tiny", prompt="the theme", max_tokens=8, temperature=0, logprobs=2, extra_body={"ignore_eos": True})
+    whole = client.completions.create(**kw).choices[0]
+    chunks = [c.choices[0] for c in client.completions.create(stream=True, **kw)]
+    assert "".join(c.text for c in chunks) == whole.text
+    values = [v for c in chunks if c.logprobs for v in c.logprobs.token_logprobs]
+    assert values == whole.logprobs.token_logprobs and len(values) == 8
+    assert [o for c in chunks if c.logprobs for o in c.logprobs.text_offset] == whole.logprobs.text_offset
 
 
 def test_completion_echo_logprobs_score_the_prompt(tiny, client):

@@ -213,8 +213,9 @@ def _finish_reason(row) -> str:
 def _token_logprobs(tokenizer, row, start: int, end: int) -> list[dict]:
     """Chat-style logprobs entries for tokens start..end-1 of a row."""
     def entry(i, lp):
-        text = tokenizer.decode([i])
-        return {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8"))}
+        # The token's own bytes: a byte-level token may hold part of a character, which its text can't show.
+        return {"token": tokenizer.decode([i]), "logprob": lp,
+                "bytes": list(tokenizer.decode_bytes([i], at_start=False))}
 
     out = []
     for t in range(start, end):
@@ -451,7 +452,7 @@ async def completions(server: Server, request: Request, body: dict):
             return _completion_response(server, prompts, rows, refusal=refusal)
     run = Run(server, rows)
     if stream:
-        return _sse(_completion_stream(server, request, run, prompts, echo))
+        return _sse(_completion_stream(server, request, run, prompts, echo, logprobs is not None))
     await run.wait(request)
     echoed = None
     if echo and logprobs is not None:  # the prompt's own log-probabilities (the first token has none)
@@ -497,23 +498,34 @@ def _completion_response(server: Server, prompts, rows, *, echo=False, logprobs=
                                    "total_tokens": prompt_tokens + completion}})
 
 
-async def _completion_stream(server: Server, request: Request, run: Run, prompts, echo: bool):
+async def _completion_stream(server: Server, request: Request, run: Run, prompts, echo: bool, want_logprobs: bool):
     ident, created, tokenizer = f"cmpl-{uuid.uuid4().hex}", int(time.time()), server.model.tokenizer
     per_prompt = len(run.rows) // len(prompts)
 
-    def chunk(index, text, reason=None):
+    def chunk(index, text, reason=None, logprobs=None):
         return "data: " + json.dumps({"id": ident, "object": "text_completion", "created": created,
                                       "model": server.name, "choices": [{"index": index, "text": text,
-                                      "logprobs": None, "finish_reason": reason}]}) + "\n\n"
+                                      "logprobs": logprobs, "finish_reason": reason}]}) + "\n\n"
 
+    sent = [0] * len(run.rows)  # tokens whose logprobs were sent, per choice
+    offset = [0] * len(run.rows)  # characters of text sent, per choice
     if echo:
         for c in range(len(run.rows)):
-            yield chunk(c, tokenizer.decode(prompts[c // per_prompt]))
-    async for i, piece, _, done in run.events(request):
-        if piece:
-            yield chunk(i, piece)
+            text = tokenizer.decode(prompts[c // per_prompt])
+            offset[c] = len(text)
+            yield chunk(c, text)
+    async for i, piece, n_ids, done in run.events(request):
+        row = run.rows[i]
+        if piece or (done and want_logprobs and n_ids > sent[i]):
+            logprobs = None
+            if want_logprobs:
+                top = row.top[sent[i]:n_ids] if row.top is not None else None
+                logprobs = _completion_logprobs(tokenizer, row.ids[sent[i]:n_ids], row.logprobs[sent[i]:n_ids],
+                                                top, offset[i])
+            sent[i], offset[i] = n_ids, offset[i] + len(piece)
+            yield chunk(i, piece, logprobs=logprobs)
         if done:
-            yield chunk(i, "", _finish_reason(run.rows[i]))
+            yield chunk(i, "", _finish_reason(row))
     yield "data: [DONE]\n\n"
 
 

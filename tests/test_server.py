@@ -87,6 +87,9 @@ CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": 
 def test_models_health_and_metrics(served, client):
     url, _ = served
     assert [m.id for m in client.models.list().data] == ["tiny"]
+    assert client.models.retrieve("tiny").id == "tiny"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4")
     assert httpx.get(url + "/health").json() == {"status": "ok"}
     text = httpx.get(url + "/metrics").text
     assert "# TYPE llama_ref_requests_total counter" in text and 'endpoint="/v1/models",status="200"' in text

@@ -581,10 +581,18 @@ async def detokenize(server: Server, request: Request, body: dict):
     return JSONResponse({"prompt": server.model.tokenizer.decode(ids)})
 
 
+def _model_card(server: Server) -> dict:
+    return {"id": server.name, "object": "model", "created": server.created, "owned_by": "llama_ref",
+            "max_model_len": server.window}
+
+
 async def models(server: Server, request: Request, body=None):
-    return JSONResponse({"object": "list", "data": [{"id": server.name, "object": "model",
-                                                     "created": server.created, "owned_by": "llama_ref",
-                                                     "max_model_len": server.window}]})
+    return JSONResponse({"object": "list", "data": [_model_card(server)]})
+
+
+async def retrieve_model(server: Server, request: Request, body=None):
+    server.check_model({"model": request.path_params["name"]})
+    return JSONResponse(_model_card(server))
 
 
 async def health(server: Server, request: Request, body=None):
@@ -623,7 +631,8 @@ def create_app(model, guard=None, *, name: Optional[str] = None, max_batch: int 
                     guard_output=guard_output)
     table = [("/v1/chat/completions", "POST", chat_completions), ("/v1/completions", "POST", completions),
              ("/v1/moderations", "POST", moderations), ("/tokenize", "POST", tokenize),
-             ("/detokenize", "POST", detokenize), ("/v1/models", "GET", models), ("/health", "GET", health),
+             ("/detokenize", "POST", detokenize), ("/v1/models", "GET", models),
+             ("/v1/models/{name:path}", "GET", retrieve_model), ("/health", "GET", health),
              ("/metrics", "GET", metrics)]
     routes = [Route(path, _endpoint(server, path, fn, method == "POST"), methods=[method])
               for path, method, fn in table]

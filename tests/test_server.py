@@ -488,3 +488,40 @@ def test_batcher_drops_the_padding_rows_leave_behind(tiny, monkeypatch):
         b.close()
     assert b.metrics.compactions >= 1
     assert jobs[0].rows[0].ids == tiny.generate(short, max_new_tokens=30, stop_ids=[]).ids
+
+
+def test_batcher_resumes_a_conversation_inside_a_running_batch(tiny):
+    """Turn 2 of a conversation joins a batch that is busy with another prompt: it starts from turn 1's
+    kept keys, rotated to the positions it joins at, and answers as it would alone."""
+    from llama_ref.server.batcher import Batcher, Job
+
+    b = Batcher(tiny, max_batch=4)
+    ended = threading.Semaphore(0)
+
+    def job(ids, n):
+        j = Job(tiny._rows([None], prompt_ids=[ids], max_new_tokens=n, stop_ids=[]),
+                lambda i, piece, row, done: done and ended.release())
+        b.submit(j)
+        return j
+
+    try:
+        turn1 = tiny.tokenizer.encode("the theme of the")
+        first = job(turn1, 6)
+        assert ended.acquire(timeout=60)
+        turn2 = turn1 + first.rows[0].ids + tiny.tokenizer.encode(" and then?")
+        gates = [threading.Event(), threading.Event()]
+        held = b.call(gates[0].wait)
+        busy = job(tiny.tokenizer.encode("a much longer prompt that keeps the batch busy, " * 2), 20)
+        wait_until(held.running, "the model thread to hold")
+        second_hold = b.call(gates[1].wait)  # the busy row joins alone, then the thread holds again
+        gates[0].set()
+        wait_until(second_hold.running, "the busy row to be in the batch")
+        reused = b.metrics.reused_prompt_tokens
+        second = job(turn2, 6)
+        gates[1].set()
+        assert ended.acquire(timeout=60) and ended.acquire(timeout=60)
+    finally:
+        b.close()
+    assert b.metrics.reused_prompt_tokens - reused == len(turn1) + len(first.rows[0].ids) - 1
+    assert second.rows[0].ids == tiny.generate(turn2, max_new_tokens=6, stop_ids=[]).ids
+    assert busy.rows[0].ids == tiny.generate(busy.rows[0].prompt_ids, max_new_tokens=20, stop_ids=[]).ids

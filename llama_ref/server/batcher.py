@@ -19,8 +19,9 @@ A batch that never empties would carry ever more padding on the left: past COMPA
 (and more than its longest row), its rows are prefilled again, tight (see _feed).
 
 Prefix reuse: when a slot ends, the keys and values of the tokens it fed are kept (the last few
-conversations). A request that arrives to an empty batch and starts with one of those token sequences
-(a chat that extends an earlier turn) starts from the kept cache and only prefills its new tokens.
+conversations). A request that starts with one of those token sequences (a chat that extends an earlier
+turn) starts from the kept cache and only prefills its new tokens: in an empty batch at the positions the
+prefix had, in a running batch at the positions it joins at (its keys rotated on, see _resume).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from .. import ops
 from ..errors import LlamaRefError
 from ..generation import _keep_rows, _Row
 from ..model import KVCache
@@ -233,6 +235,16 @@ class Batcher:
             return
         if not self._slots and len(joining) == 1 and self._resume(joining[0]):
             return
+        if self._slots:  # joining a running batch: a slot that continues a kept conversation starts from it
+            fresh = []
+            for s in joining:
+                fits = len(s.row.sequence) <= self._pos
+                if not (fits and self._resume(s, self._pos - len(s.row.sequence))):
+                    fresh.append(s)
+            joining = fresh
+            if not joining:
+                self.metrics.active_rows = len(self._slots)
+                return
         longest = max(len(s.row.sequence) for s in joining)
         if not self._slots or longest > self._pos:
             self._prefill_all(self._slots + joining)
@@ -290,8 +302,13 @@ class Batcher:
         self._logits = np.concatenate([self._logits, logits])
         self._slots += slots
 
-    def _resume(self, slot: _Slot) -> bool:
-        """Start an empty batch from a kept prefix of this slot's prompt; False when none matches."""
+    def _resume(self, slot: _Slot, start: Optional[int] = None) -> bool:
+        """Prefill a slot from a kept prefix of its prompt, so that its sequence begins at position `start`
+        (None: where the prefix was, in an empty batch), and add it to the batch. False when none matches.
+
+        The kept keys were rotated (RoPE) for the positions they had; placed elsewhere, they are rotated
+        on by the difference, which is exact in arithmetic (rotations add) and differs from recomputing
+        them by float32 rounding."""
         seq = slot.row.sequence
         best, shared = None, 0
         for p in self._prefixes:
@@ -299,21 +316,30 @@ class Batcher:
             if n > shared:
                 best, shared = p, n
         shared = min(shared, len(seq) - 1)  # at least one token must be computed, for its logits
-        if best is None or shared < 1 or best.offset + len(seq) > self.model.args.max_seq_len:
+        if best is None or shared < 1:
             return False
-        start = best.offset
-        cache = KVCache(self.model.args, 1, self.model.dtype, capacity=start + len(seq))
+        start = best.offset if start is None else start
+        end = start + len(seq)  # the slot's sequence ends at position end - 1
+        if start < 0 or end > self.model.args.max_seq_len:
+            return False
+        capacity = max(end, self._cache.capacity if self._cache is not None else 0)
+        cache = KVCache(self.model.args, 1, self.model.dtype, capacity=capacity)
+        shift = start - best.offset
+        cos, sin = ops.rope_tables(self.model.freqs, shift, 1, self.model.dtype)  # (1, HD/2): one angle
         for layer in range(self.model.args.n_layers):
-            cache.k[layer][:, start:start + shared] = best.k[layer][:, :shared]
+            keys = best.k[layer][:, :shared]
+            cache.k[layer][:, start:start + shared] = ops.apply_rope(keys, cos, sin) if shift else keys
             cache.v[layer][:, start:start + shared] = best.v[layer][:, :shared]
         cache.length = start + shared
-        mask = np.zeros((1, start + len(seq)), dtype=bool)
+        mask = np.zeros((1, end), dtype=bool)
         mask[0, start:] = True
-        self._cache = cache
-        self._logits = self._forward(np.array([seq[shared:]], dtype=np.int64), start + shared, cache, mask)
-        self._slots, self._mask, self._pos = [slot], mask, start + len(seq)
+        logits = self._forward(np.array([seq[shared:]], dtype=np.int64), start + shared, cache, mask)
         slot.fed = list(seq)
         self.metrics.reused_prompt_tokens += shared
+        if self._slots:
+            self._stack(cache, mask, logits, [slot])
+        else:
+            self._cache, self._logits, self._slots, self._mask, self._pos = cache, logits, [slot], mask, end
         return True
 
     def _remember(self, b: int, slot: _Slot) -> None:

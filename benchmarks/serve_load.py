@@ -160,7 +160,8 @@ def main() -> int:
         rss_after = rss_mib(server.pid)
         metrics = httpx.get(url + "/metrics").text
         left = [line for line in metrics.splitlines()
-                if line.startswith(("llama_ref_batch_rows", "llama_ref_queue_length", "llama_ref_cancelled_rows"))]
+                if line.startswith(("llama_ref_batch_rows", "llama_ref_queue_length", "llama_ref_cancelled_rows",
+                                    "llama_ref_prompt_tokens", "llama_ref_batch_compactions"))]
         print(f"{args.requests} requests in {elapsed:.0f} s: {tally}")
         print(f"server RSS {rss_before:.0f} MiB before, {rss_after:.0f} MiB after (every 100 requests: "
               f"{rss_trace}); " + ", ".join(left))

@@ -129,7 +129,8 @@ def test_sampled_completion_with_seed_equals_generate(tiny, client):
 
 
 def test_streamed_completion_logprobs_equal_the_whole_ones(tiny, client):
-    kw = dict(model="tiny", prompt="the theme", max_tokens=8, temperature=0, logprobs=2, extra_body={"ignore_eos": True})
+    kw = dict(model="tiny", prompt="the theme", max_tokens=8, temperature=0, logprobs=2,
+              extra_body={"ignore_eos": True})
     whole = client.completions.create(**kw).choices[0]
     chunks = [c.choices[0] for c in client.completions.create(stream=True, **kw)]
     assert "".join(c.text for c in chunks) == whole.text
@@ -478,7 +479,8 @@ def test_batcher_drops_the_padding_rows_leave_behind(tiny, monkeypatch):
         held = b.call(gate.wait)
         ended = threading.Semaphore(0)
         jobs = [batching.Job(tiny._rows([None], prompt_ids=[ids], max_new_tokens=n, stop_ids=[]),
-                             lambda i, piece, row, done: done and ended.release()) for ids, n in [(short, 30), (longer, 2)]]
+                             lambda i, piece, row, done: done and ended.release())
+                for ids, n in [(short, 30), (longer, 2)]]
         for job in jobs:
             b.submit(job)
         gate.set()

@@ -72,7 +72,8 @@ def _get(body: dict, name: str, kind: str, default=None, *, low=None, high=None,
     if not ok:
         raise APIError(f"'{name}' must be {wanted}, got {json.dumps(value)[:40]}", param=name)
     if (low is not None and (value <= low if low_open else value < low)) or (high is not None and value > high):
-        bounds = f"{'(' if low_open else '['}{low if low is not None else '-inf'}, {high if high is not None else 'inf'}]"
+        lower = "-inf" if low is None else low
+        bounds = f"{'(' if low_open else '['}{lower}, {'inf' if high is None else high}]"
         raise APIError(f"'{name}' must be in {bounds}, got {value}", param=name)
     return value
 

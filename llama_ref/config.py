@@ -50,7 +50,8 @@ class RopeScaling:
                 raise ConfigError(f"rope scaling {name} must be a finite number, got {getattr(self, name)!r}")
         if not self.factor > 0:
             raise ConfigError(f"rope scaling factor must be > 0, got {self.factor}")
-        if self.kind == "llama3" and not self.high_freq_factor > self.low_freq_factor:
+        # Equal factors (Llama 4 Scout's params.json: 1 and 1) leave no band between the cut-offs.
+        if self.kind == "llama3" and not self.high_freq_factor >= self.low_freq_factor:
             raise ConfigError("llama3 rope scaling needs high_freq_factor > low_freq_factor")
         if self.kind == "llama3" and not self.low_freq_factor > 0:
             raise ConfigError(f"llama3 rope scaling needs low_freq_factor > 0, got {self.low_freq_factor}")
@@ -79,6 +80,8 @@ class ModelArgs:
     # model's hidden_dim). When set it wins over the params.json formula; checked against it when both exist.
     hidden_dim: Optional[int] = None
     head_dim_override: Optional[int] = None
+    # Llama 4 (experts, NoPE layers, chunked attention, QK norm): a llama4_config.Llama4Args, None for a dense Llama.
+    llama4: Any = None
 
     def __post_init__(self):
         for name in ("dim", "n_layers", "n_heads", "vocab_size", "max_seq_len", "n_kv_heads", "hidden_dim",
@@ -126,6 +129,9 @@ class ModelArgs:
 
     def param_count(self) -> int:
         """Number of parameters, counting a tied output matrix once."""
+        if self.llama4 is not None:
+            from .llama4_config import param_counts
+            return param_counts(self)[0]
         d, hd, f = self.dim, self.head_dim, self.ffn_hidden_dim
         attention = d * self.n_heads * hd * 2 + d * self.kv_heads * hd * 2  # wq, wo, wk, wv
         feed_forward = 3 * d * f  # w1, w2, w3
@@ -301,6 +307,9 @@ def from_params_json(source: "str | Path | dict", *, where: str = "params.json")
     if p.get("vocab_size", -1) == -1:
         # Llama 1/2 params.json carry vocab_size -1: the tokenizer decides it. Loaders fill it from tensors.
         raise ConfigError(f"{where}: vocab_size is -1; pass the tokenizer's vocabulary size")
+    from .llama4_config import from_llama4_params, is_llama4_params
+    if is_llama4_params(p):  # Llama 4 keys: experts, NoPE layers, chunked attention (llama4_config)
+        return from_llama4_params(p, where)
     _refuse_unimplemented(p, PARAMS_PLAIN, where)
     scaling = _rope_scaling_from_dict(p.get("rope_scaling"), where)
     if scaling is None and _flag(p, "use_scaled_rope", where):
@@ -399,6 +408,9 @@ def from_hf_config(source: "str | Path | dict", *, where: str = "config.json") -
         source = _read_json(Path(source))
     c = source
     arch = c.get("model_type", "llama")
+    if arch in ("llama4", "llama4_text"):
+        from .llama4_config import from_llama4_hf
+        return from_llama4_hf(c, where)
     if arch != "llama":
         raise ConfigError(f"{where}: model_type {arch!r} is not a Llama model")
     _refuse_unimplemented(c, HF_PLAIN, where)

@@ -13,7 +13,7 @@ from typing import Optional
 
 import numpy as np
 
-from . import ops
+from . import llama4, ops
 from .config import ModelArgs
 from .errors import LlamaRefError
 
@@ -140,6 +140,9 @@ class Transformer(GenerationMixin):
         self._record("embeddings", h)
 
         for i in range(args.n_layers):
+            if args.llama4 is not None:  # Llama 4: experts, NoPE layers, chunked attention (llama_ref.llama4)
+                h = llama4.layer(self, i, h, start_pos, cache, key_mask, cos, sin)
+                continue
             p = f"layers.{i}."
             # Attention block, pre-norm: normalise, project to queries, keys and values.
             x = k_ops.rms_norm(h, w[p + "attention_norm.weight"], args.norm_eps)  # (B, T, D)

@@ -53,8 +53,8 @@ def rope_frequencies(args: ModelArgs, freq_divisors: "np.ndarray | None" = None)
         wavelen = 2 * np.pi / freqs
         low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
         high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
-        smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
-            s.high_freq_factor - s.low_freq_factor)
+        band = max(s.high_freq_factor - s.low_freq_factor, 1e-300)  # no band when equal (Llama 4 Scout)
+        smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / band
         blended = (1 - smooth) * freqs / s.factor + smooth * freqs
         freqs = np.where(wavelen < high_wavelen, freqs, np.where(wavelen > low_wavelen, freqs / s.factor, blended))
     if freq_divisors is not None:

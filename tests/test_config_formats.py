@@ -185,13 +185,22 @@ PARAMS_BASE = {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_s
 
 
 @pytest.mark.parametrize("change", [
-    {"moe_args": {"num_experts": 16}}, {"nope_layer_interval": 4}, {"attention_chunk_size": 8192},
-    {"use_qk_norm": True}, {"vision_chunk_size": 560}, {"vision_num_cross_attention_layers": 8},
+    {"vision_chunk_size": 560}, {"vision_num_cross_attention_layers": 8},
     {"quantization_args": {"scheme": "int4_weight_int8_dynamic_activation"}}, {"lora_args": {"rank": 8}},
 ])
 def test_params_json_keys_of_other_architectures_are_refused(change):
     key = next(iter(change))
     with pytest.raises(ConfigError, match=f"{key} = .* is not implemented"):
+        from_params_json(dict(PARAMS_BASE, **change))
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"moe_args": {"num_experts": 16}}, "moe_args needs ffn_exp"), ({"nope_layer_interval": 4}, "without moe_args"),
+    ({"attention_chunk_size": 8192}, "without moe_args"), ({"use_qk_norm": True}, "without moe_args"),
+])
+def test_params_json_with_llama4_keys_is_read_as_llama4(change, message):
+    """Llama 4's keys make a params.json a Llama 4 one (tests/test_llama4.py): incomplete ones are refused."""
+    with pytest.raises(ConfigError, match=message):
         from_params_json(dict(PARAMS_BASE, **change))
 
 

@@ -17,6 +17,9 @@ class WeightsError(LlamaRefError, ValueError):
 
 def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
     """Every tensor of the canonical (Meta) layout with the shape the config implies."""
+    if args.llama4 is not None:  # experts, their router and the shared expert
+        from ..llama4_config import expected_shapes as llama4_shapes
+        return llama4_shapes(args)
     d, hd, f = args.dim, args.head_dim, args.ffn_hidden_dim
     shapes = {"tok_embeddings.weight": (args.vocab_size, d), "norm.weight": (d,),
               "output.weight": (args.vocab_size, d)}

@@ -1,0 +1,162 @@
+"""One Llama 4 decoder layer: the dense Llama block of model.py with Llama 4's four changes.
+
+    attention   RoPE layers: RoPE, then L2 QK norm (use_qk_norm), then attention within their chunk of
+                attention_chunk_size positions. NoPE layers: no RoPE and no QK norm, queries scaled by the
+                temperature of their position (attn_temperature_tuning), attention over the whole past.
+    feed-forward  MoE layers: a shared SwiGLU expert for every token, plus the top_k routed experts, whose
+                input is scaled by the sigmoid of its router logit. Other layers: the dense SwiGLU.
+
+Weights use model.py's names; an MoE layer's are (llama4_config.expected_shapes):
+    layers.{i}.feed_forward.router.weight               (E, D)    router logits = x @ router.T
+    layers.{i}.feed_forward.shared_expert.w{1,2,3}.weight         the shared expert's SwiGLU
+    layers.{i}.feed_forward.experts.{e}.w{1,2,3}.weight           expert e's SwiGLU, (out, in) like any Linear
+
+Chunked attention and decoding. Meta's reference masks a prompt by chunks, but gives a single decoded token
+no mask at all: in a chunked layer it then attends to the whole cache, unlike the same position in a prompt
+(and unlike transformers). llama_ref follows the prompt's rule everywhere, so a token's logits do not depend
+on whether it was decoded or prefilled; `model.llama4_meta_decode = True` reproduces Meta's decode instead
+(one-token calls see the whole cache in chunked layers).
+
+Shapes: the legend of config.py, plus E experts, K = top_k, N = B*T tokens, FE the expert width.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import ops
+
+
+def layer(model, i: int, h: np.ndarray, start_pos: int, cache, key_mask, cos: np.ndarray,
+          sin: np.ndarray) -> np.ndarray:
+    """Layer i of a Llama 4 model on the residual stream h (B, T, D). Returns the new residual stream."""
+    args, k_ops, w = model.args, model.ops, model.weights
+    m = args.llama4
+    B, T, _ = h.shape
+    H, KVH, HD = args.n_heads, args.kv_heads, args.head_dim
+    p = f"layers.{i}."
+    use_rope = i not in m.nope_layers
+
+    # Attention block, pre-norm: normalise, project to queries, keys and values.
+    x = k_ops.rms_norm(h, w[p + "attention_norm.weight"], args.norm_eps)  # (B, T, D)
+    model._record(p + "attention_norm", x)
+    q = k_ops.linear(x, w[p + "attention.wq.weight"]).reshape(B, T, H, HD)  # (B, T, H, HD)
+    k = k_ops.linear(x, w[p + "attention.wk.weight"]).reshape(B, T, KVH, HD)  # (B, T, KVH, HD)
+    v = k_ops.linear(x, w[p + "attention.wv.weight"]).reshape(B, T, KVH, HD)  # (B, T, KVH, HD)
+    if use_rope:
+        # RoPE layers rotate queries and keys by position, then (QK norm) scale each head to unit RMS.
+        q = k_ops.apply_rope(q, cos, sin)
+        k = k_ops.apply_rope(k, cos, sin)
+        if m.use_qk_norm:
+            q = l2_norm(q, args.norm_eps)
+            k = l2_norm(k, args.norm_eps)
+    elif m.attn_temperature_tuning:
+        # NoPE layers sharpen attention far into a long context: 1 up to position floor_scale - 2, then
+        # growing with the log of the number of floor_scale blocks passed.
+        q = q * attention_temperature(start_pos, T, m.floor_scale, m.attn_scale, q.dtype)[None, :, None, None]
+    model._record(p + "attention.q", q)
+    model._record(p + "attention.k", k)
+    model._record(p + "attention.v", v)
+    keys, values = cache.update(i, start_pos, k, v)  # (B, S, KVH, HD) each
+    if use_rope and m.attention_chunk_size is not None:
+        meta_decode = T == 1 and getattr(model, "llama4_meta_decode", False)
+        attn = chunked_attention(k_ops, q, keys, values, start_pos, key_mask,
+                                 None if meta_decode else m.attention_chunk_size)  # (B, T, H, HD)
+    else:
+        attn = k_ops.attention(q, keys, values, start_pos, key_mask)  # (B, T, H, HD)
+    model._record(p + "attention.heads", attn)
+    out = k_ops.linear(attn.reshape(B, T, H * HD), w[p + "attention.wo.weight"])  # (B, T, D)
+    model._record(p + "attention.output", out)
+    h = h + out
+    model._record(p + "attention_residual", h)
+
+    # Feed-forward block, pre-norm: the mixture of experts, or a dense SwiGLU.
+    x = k_ops.rms_norm(h, w[p + "ffn_norm.weight"], args.norm_eps)  # (B, T, D)
+    model._record(p + "ffn_norm", x)
+    if i in m.moe_layers:
+        out = mixture_of_experts(model, p + "feed_forward.", x)  # (B, T, D)
+    else:
+        out = swiglu_ffn(k_ops, w, p + "feed_forward.", x)  # (B, T, D)
+    model._record(p + "feed_forward.output", out)
+    h = h + out
+    model._record(p + "residual", h)
+    return h
+
+
+def l2_norm(x: np.ndarray, eps: float) -> np.ndarray:
+    """x / sqrt(mean(x^2) + eps) over the last axis: RMSNorm without a weight. x (..., HD)."""
+    return ops.rms_norm(x, np.ones(x.shape[-1], x.dtype), eps)
+
+
+def attention_temperature(start_pos: int, T: int, floor_scale: float, attn_scale: float, dtype) -> np.ndarray:
+    """The query scale of positions start_pos .. start_pos+T-1 in NoPE layers: (T,)."""
+    positions = np.arange(start_pos, start_pos + T, dtype=np.float64)  # (T,)
+    return (np.log(np.floor((positions + 1) / floor_scale) + 1) * attn_scale + 1).astype(dtype)
+
+
+def chunked_attention(k_ops, q, keys, values, start_pos: int, key_mask, chunk: "int | None") -> np.ndarray:
+    """Causal attention in which each query sees only the keys of its own chunk of `chunk` positions.
+
+    Within one chunk that is ordinary causal attention over the keys from the chunk's first position, so
+    the queries are split where they cross a chunk boundary and each part runs the backend's attention on
+    its chunk's keys. chunk None: ordinary causal attention. q (B, T, H, HD), keys/values (B, S, KVH, HD).
+    """
+    if chunk is None:
+        return k_ops.attention(q, keys, values, start_pos, key_mask)
+    T = q.shape[1]
+    parts = []
+    t = 0
+    while t < T:
+        pos = start_pos + t
+        first = pos - pos % chunk  # the chunk's first position
+        end = min(T, first + chunk - start_pos)  # queries t .. end-1 share this chunk
+        mask = None if key_mask is None else key_mask[:, first:start_pos + end]
+        parts.append(k_ops.attention(q[:, t:end], keys[:, first:start_pos + end], values[:, first:start_pos + end],
+                                     pos - first, mask))  # (B, end - t, H, HD)
+        t = end
+    return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
+
+
+def swiglu_ffn(k_ops, w: dict, prefix: str, x: np.ndarray) -> np.ndarray:
+    """w2(silu(w1 x) * w3 x) with the weights under prefix (w1.weight, w2.weight, w3.weight). x (..., D)."""
+    gate = k_ops.linear(x, w[prefix + "w1.weight"])  # (..., F)
+    up = k_ops.linear(x, w[prefix + "w3.weight"])  # (..., F)
+    return k_ops.linear(k_ops.swiglu(gate, up), w[prefix + "w2.weight"])  # (..., D)
+
+
+def route(router_logits: np.ndarray, top_k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The experts each token goes to and their weights, as Meta's router chooses them.
+
+    router_logits (N, E). Returns chosen (N, K) expert ids, highest logit first, and weights (N, K): the
+    sigmoid of each chosen logit (not a softmax: each expert's weight is independent of the others).
+    """
+    chosen = np.argsort(-router_logits, axis=-1, kind="stable")[:, :top_k]  # (N, K)
+    chosen_logits = np.take_along_axis(router_logits, chosen, axis=-1)  # (N, K)
+    with np.errstate(over="ignore"):  # exp overflows to inf for very negative logits: weight 0 exactly
+        weights = 1 / (1 + np.exp(-chosen_logits))
+    return chosen, weights.astype(router_logits.dtype)
+
+
+def mixture_of_experts(model, prefix: str, x: np.ndarray) -> np.ndarray:
+    """The shared expert plus the top_k routed experts of each token. x (B, T, D) -> (B, T, D).
+
+    Only the experts some token chose are computed, each on its own tokens: the same sum as Meta's, where
+    every expert runs on every token and an expert not chosen gets an input of zeros, and so adds zero.
+    """
+    m, k_ops, w = model.args.llama4, model.ops, model.weights
+    B, T, D = x.shape
+    tokens = x.reshape(B * T, D)  # (N, D)
+    router_logits = k_ops.linear(tokens, w[prefix + "router.weight"])  # (N, E)
+    chosen, weights = route(router_logits, m.top_k)  # (N, K) each
+    name = prefix[:-len("feed_forward.")]
+    model._record(name + "feed_forward.router_logits", router_logits.reshape(B, T, -1))
+    model._record(name + "feed_forward.experts", chosen.reshape(B, T, -1))
+
+    # Every token passes through the shared expert.
+    out = swiglu_ffn(k_ops, w, prefix + "shared_expert.", tokens)  # (N, D)
+    # Each routed expert takes its tokens scaled by their router weights, and adds its output to theirs.
+    for e in np.unique(chosen):
+        rows, slot = np.nonzero(chosen == e)  # tokens routed to expert e (each at most once)
+        expert_in = tokens[rows] * weights[rows, slot][:, None]  # (n_e, D)
+        out[rows] += swiglu_ffn(k_ops, w, f"{prefix}experts.{e}.", expert_in)  # (n_e, D)
+    return out.reshape(B, T, D)

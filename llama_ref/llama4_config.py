@@ -1,0 +1,326 @@
+"""Llama 4's architecture settings, read from Meta's params.json or Hugging Face's config.json.
+
+A Llama 4 text model is a Llama decoder with four changes, each set by the model's own files:
+  * mixture of experts: in every `moe_layers` layer the feed-forward is a router choosing top_k of n_experts
+    SwiGLU experts per token, plus one shared expert every token passes through;
+  * NoPE layers: the `nope_layers` attend without RoPE (and, with temperature tuning, with their queries
+    scaled up by a slowly growing function of the position);
+  * chunked attention: the RoPE layers attend only to keys of their own chunk of attention_chunk_size
+    positions (positions 0..C-1, C..2C-1, ...);
+  * QK norm: the RoPE layers' queries and keys are L2-normalised (RMSNorm without a weight) after RoPE.
+
+The widths follow Meta's llama4 code: a dense layer's FFN uses the Llama formula (config.ffn_hidden_size);
+an expert's (and the shared expert's) width starts from ffn_exp * dim, then 2/3, ffn_dim_multiplier, and,
+with auto_scale_F, a division by capacity_factor + 1, rounded up to multiple_of. Hugging Face's config.json
+states both widths outright (intermediate_size for experts, intermediate_size_mlp for dense layers).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Optional
+
+from .config import (ConfigError, ModelArgs, RopeScaling, _flag, _float_value, _hf_rope, _int_value,
+                     _is_finite_number, _is_int, _refuse_unimplemented, ffn_hidden_size)
+
+
+@dataclass(frozen=True)
+class Llama4Args:
+    """The Llama 4 part of ModelArgs (ModelArgs.llama4). Layer sets are tuples of layer indices."""
+
+    n_experts: int
+    top_k: int
+    moe_layers: tuple  # layers whose feed-forward is the mixture of experts; the others are dense SwiGLU
+    expert_hidden_dim: int  # width of each routed expert and of the shared expert
+    nope_layers: tuple = ()  # layers without RoPE (and without chunking or QK norm)
+    attention_chunk_size: Optional[int] = None  # None: every layer attends to the whole causal past
+    use_qk_norm: bool = False
+    attn_temperature_tuning: bool = False
+    floor_scale: float = 8192.0
+    attn_scale: float = 0.1
+
+    def __post_init__(self):
+        for name in ("n_experts", "top_k", "expert_hidden_dim"):
+            value = getattr(self, name)
+            if not _is_int(value) or value <= 0:
+                raise ConfigError(f"Llama 4 field {name} must be a positive integer, got {value!r}")
+        if self.top_k > self.n_experts:
+            raise ConfigError(f"Llama 4 top_k ({self.top_k}) exceeds the number of experts ({self.n_experts})")
+        chunk = self.attention_chunk_size
+        if chunk is not None and (not _is_int(chunk) or chunk <= 0):
+            raise ConfigError(f"attention_chunk_size must be a positive integer, got {chunk!r}")
+        for name in ("floor_scale", "attn_scale"):
+            if not _is_finite_number(getattr(self, name)):
+                raise ConfigError(f"Llama 4 field {name} must be a finite number, got {getattr(self, name)!r}")
+        if not self.floor_scale > 0:
+            raise ConfigError(f"floor_scale must be > 0, got {self.floor_scale}")
+        for name in ("moe_layers", "nope_layers"):
+            layers = getattr(self, name)
+            if not isinstance(layers, tuple) or not all(_is_int(i) and i >= 0 for i in layers):
+                raise ConfigError(f"Llama 4 field {name} must be a tuple of layer indices, got {layers!r}")
+
+    def check_layers(self, n_layers: int) -> None:
+        for name in ("moe_layers", "nope_layers"):
+            bad = [i for i in getattr(self, name) if i >= n_layers]
+            if bad:
+                raise ConfigError(f"Llama 4 {name} names layer {bad[0]}, the model has {n_layers}")
+
+
+# ---- parameter counts ---------------------------------------------------------------------------------------
+
+def param_counts(args: ModelArgs) -> tuple[int, int]:
+    """(total, active) parameters of a Llama 4 text model; active = those one token's forward pass reads
+    (every expert it is routed to, top_k per MoE layer, and everything outside the routed experts)."""
+    m = args.llama4
+    d, hd = args.dim, args.head_dim
+    attention = d * args.n_heads * hd * 2 + d * args.kv_heads * hd * 2  # wq, wo, wk, wv
+    expert = 3 * d * m.expert_hidden_dim  # w1, w2, w3 of one expert (the shared expert has the same shape)
+    total = active = 0
+    for i in range(args.n_layers):
+        total += attention + 2 * d  # and the two norms
+        if i in m.moe_layers:
+            total += d * m.n_experts + expert * (1 + m.n_experts)  # router, shared expert, routed experts
+            active -= expert * (m.n_experts - m.top_k)  # the experts a token is not routed to
+        else:
+            total += 3 * d * args.ffn_hidden_dim
+    total += args.vocab_size * d * (1 if args.tie_word_embeddings else 2) + d
+    return total, total + active
+
+
+def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
+    """Every tensor of a Llama 4 text model in llama_ref's layout (Meta's names; each expert a matrix of its
+    own, stored (out, in) like every other weight; the router (n_experts, D) like a Linear)."""
+    m = args.llama4
+    d, hd, f, fe = args.dim, args.head_dim, args.ffn_hidden_dim, m.expert_hidden_dim
+    shapes = {"tok_embeddings.weight": (args.vocab_size, d), "norm.weight": (d,),
+              "output.weight": (args.vocab_size, d)}
+    for i in range(args.n_layers):
+        p = f"layers.{i}."
+        shapes.update({
+            p + "attention_norm.weight": (d,),
+            p + "attention.wq.weight": (args.n_heads * hd, d),
+            p + "attention.wk.weight": (args.kv_heads * hd, d),
+            p + "attention.wv.weight": (args.kv_heads * hd, d),
+            p + "attention.wo.weight": (d, args.n_heads * hd),
+            p + "ffn_norm.weight": (d,),
+        })
+        if i in m.moe_layers:
+            p += "feed_forward."
+            shapes[p + "router.weight"] = (m.n_experts, d)
+            for name in ("shared_expert", *(f"experts.{e}" for e in range(m.n_experts))):
+                shapes.update({f"{p}{name}.w1.weight": (fe, d), f"{p}{name}.w2.weight": (d, fe),
+                               f"{p}{name}.w3.weight": (fe, d)})
+        else:
+            shapes.update({p + "feed_forward.w1.weight": (f, d), p + "feed_forward.w2.weight": (d, f),
+                           p + "feed_forward.w3.weight": (f, d)})
+    return shapes
+
+
+# ---- Meta's params.json -------------------------------------------------------------------------------------
+
+# Keys of a params.json that only Llama 4 writes (llama-models llama4/args.py): their presence makes it one.
+PARAMS_LLAMA4_KEYS = ("moe_args", "nope_layer_interval", "attention_chunk_size", "use_qk_norm",
+                      "attn_temperature_tuning", "ffn_exp", "floor_scale", "attn_scale")
+MOE_ARGS_KEYS = {"num_experts", "capacity_factor", "auto_scale_F", "top_k", "interleave_moe_layer_step"}
+# Still refused in a Llama 4 params.json (a quantized checkpoint's tensors, LoRA adapters). vision_args is
+# accepted: Llama 4 fuses images early, into the token embeddings, so the text path is the same without
+# images; llama_ref runs text only and skips the vision tensors.
+PARAMS_LLAMA4_REFUSED = {"quantization_args": (), "lora_args": ()}
+
+
+def is_llama4_params(p: dict) -> bool:
+    return any(p.get(key) not in (None, False) for key in PARAMS_LLAMA4_KEYS)
+
+
+def moe_hidden_size(dim: int, ffn_exp: float, ffn_dim_multiplier: float, multiple_of: int,
+                    capacity_factor: float, auto_scale: bool) -> int:
+    """An expert's width as Meta's llama4 MoE derives it."""
+    hidden = int(ffn_exp * dim)
+    hidden = int(2 * hidden / 3)
+    hidden = int(ffn_dim_multiplier * hidden)
+    if auto_scale:  # keep the activated parameters those of a dense layer: routed + shared expert
+        hidden = int(hidden / (capacity_factor + 1))
+    return hidden + (-hidden % multiple_of)
+
+
+def from_llama4_params(p: dict, where: str) -> ModelArgs:
+    """A Llama 4 params.json (llama-models llama4/args.py keys and defaults)."""
+    _refuse_unimplemented(p, PARAMS_LLAMA4_REFUSED, where)
+    try:
+        dim, n_heads = _int_value(p["dim"], "dim", where), _int_value(p["n_heads"], "n_heads", where)
+        n_layers = _int_value(p["n_layers"], "n_layers", where)
+        if p.get("head_dim") is not None and _int_value(p["head_dim"], "head_dim", where) != dim // n_heads:
+            # Meta's Attention uses dim // n_heads whatever head_dim says.
+            raise ConfigError(f"{where}: head_dim {p['head_dim']} differs from dim // n_heads, which Meta's "
+                              f"llama4 attention would use instead; refusing to guess")
+        multiple_of = _int_value(p.get("multiple_of", 256), "multiple_of", where)
+        multiplier = p.get("ffn_dim_multiplier")
+        multiplier = None if multiplier is None else _float_value(multiplier, "ffn_dim_multiplier", where)
+        moe = p.get("moe_args")
+        if moe is None:
+            raise ConfigError(f"{where}: a Llama 4 params.json without moe_args (a dense Llama 4) is not "
+                              f"implemented by llama_ref")
+        if not isinstance(moe, dict):
+            raise ConfigError(f"{where}: moe_args must be a JSON object, got {json.dumps(moe)}")
+        unknown = sorted(set(moe) - MOE_ARGS_KEYS)
+        if unknown:
+            raise ConfigError(f"{where}: moe_args.{unknown[0]} is not implemented by llama_ref")
+        n_experts = _int_value(moe.get("num_experts", -1), "moe_args.num_experts", where)
+        step = _int_value(moe.get("interleave_moe_layer_step", 1), "moe_args.interleave_moe_layer_step", where)
+        if step <= 0:
+            raise ConfigError(f"{where}: moe_args.interleave_moe_layer_step must be > 0, got {step}")
+        if p.get("ffn_exp") is None or multiplier is None:
+            raise ConfigError(f"{where}: moe_args needs ffn_exp and ffn_dim_multiplier (the experts' width)")
+        auto_scale = _flag(moe, "auto_scale_F", where, default=True)
+        expert_hidden = moe_hidden_size(dim, _float_value(p["ffn_exp"], "ffn_exp", where), multiplier,
+                                        multiple_of, _float_value(moe.get("capacity_factor", 1.0),
+                                                                  "moe_args.capacity_factor", where), auto_scale)
+        interval = p.get("nope_layer_interval")
+        interval = None if interval is None else _int_value(interval, "nope_layer_interval", where)
+        if interval is not None and interval <= 0:
+            raise ConfigError(f"{where}: nope_layer_interval must be > 0, got {interval}")
+        chunk = p.get("attention_chunk_size")
+        llama4 = Llama4Args(
+            n_experts=n_experts, top_k=_int_value(moe.get("top_k", 1), "moe_args.top_k", where),
+            moe_layers=tuple(i for i in range(n_layers) if (i + 1) % step == 0),
+            expert_hidden_dim=expert_hidden,
+            nope_layers=() if interval is None else tuple(i for i in range(n_layers) if (i + 1) % interval == 0),
+            attention_chunk_size=None if chunk is None else _int_value(chunk, "attention_chunk_size", where),
+            use_qk_norm=_flag(p, "use_qk_norm", where),
+            attn_temperature_tuning=_flag(p, "attn_temperature_tuning", where),
+            floor_scale=_float_value(p.get("floor_scale", 8192.0), "floor_scale", where),
+            attn_scale=_float_value(p.get("attn_scale", 0.1), "attn_scale", where),
+        )
+        scaling = None
+        if _flag(p, "use_scaled_rope", where):
+            # Meta's llama4 apply_scaling: low_freq_factor 1 and an original context of 8192, fixed in the code;
+            # the factor and high_freq_factor default to Scout's 16 and 1 (llama4/args.py), not Llama 3.1's.
+            scaling = RopeScaling("llama3", _float_value(p.get("rope_scaling_factor", 16.0), "rope_scaling_factor",
+                                                         where), 1.0,
+                                  _float_value(p.get("rope_high_freq_factor", 1.0), "rope_high_freq_factor", where),
+                                  8192)
+        kv = p.get("n_kv_heads")
+        args = ModelArgs(
+            dim=dim, n_layers=n_layers, n_heads=n_heads,
+            vocab_size=_int_value(p["vocab_size"], "vocab_size", where),
+            n_kv_heads=None if kv is None else _int_value(kv, "n_kv_heads", where),
+            multiple_of=multiple_of, ffn_dim_multiplier=multiplier,
+            norm_eps=_float_value(p.get("norm_eps", 1e-5), "norm_eps", where),
+            rope_theta=_float_value(p.get("rope_theta", 500000.0), "rope_theta", where),  # llama4/args.py default
+            rope_scaling=scaling,
+            max_seq_len=_int_value(p.get("max_seq_len", 2048), "max_seq_len", where),
+            hidden_dim=ffn_hidden_size(dim, multiple_of, multiplier),
+            llama4=llama4,
+        )
+        llama4.check_layers(n_layers)
+        return args
+    except KeyError as e:
+        raise ConfigError(f"{where}: missing required key {e}") from None
+    except ConfigError as e:
+        message = str(e)
+        raise ConfigError(message if message.startswith(where) else f"{where}: {message}") from None
+
+
+# ---- Hugging Face's config.json -----------------------------------------------------------------------------
+
+# Llama4TextConfig keys that would change the mathematics, with the values llama_ref implements.
+HF_LLAMA4_PLAIN = {
+    "hidden_act": ("silu",),
+    "attention_bias": (False,),
+    "quantization_config": (),
+}
+# transformers' Llama4TextConfig defaults, which a config.json that omits a key means.
+HF_LLAMA4_DEFAULTS = {"num_experts_per_tok": 1, "num_local_experts": 16, "interleave_moe_layer_step": 1,
+                      "use_qk_norm": True, "no_rope_layer_interval": 4, "attention_chunk_size": 8192,
+                      "attn_temperature_tuning": True, "floor_scale": 8192, "attn_scale": 0.1,
+                      "rms_norm_eps": 1e-5, "max_position_embeddings": 4096 * 32, "intermediate_size_mlp": 16384}
+
+
+def text_config(c: dict, where: str) -> dict:
+    """The text part of a Llama 4 config.json: the file itself (llama4_text) or its text_config (llama4)."""
+    if c.get("model_type") == "llama4":
+        text = c.get("text_config")
+        if not isinstance(text, dict):
+            raise ConfigError(f"{where}: a llama4 config.json without a text_config object")
+        return text
+    return c
+
+
+def from_llama4_hf(c: dict, where: str) -> ModelArgs:
+    """A transformers Llama4TextConfig (model_type llama4_text, or the text_config of a llama4 config)."""
+    c = text_config(c, where)
+    _refuse_unimplemented(c, HF_LLAMA4_PLAIN, where)
+    c = {**HF_LLAMA4_DEFAULTS, **{k: v for k, v in c.items() if v is not None}}
+    try:
+        dim = _int_value(c["hidden_size"], "hidden_size", where)
+        n_heads = _int_value(c["num_attention_heads"], "num_attention_heads", where)
+        n_layers = _int_value(c["num_hidden_layers"], "num_hidden_layers", where)
+        max_pos = _int_value(c["max_position_embeddings"], "max_position_embeddings", where)
+        if c.get("rope_theta") is None and not (c.get("rope_parameters") or {}).get("rope_theta"):
+            c["rope_theta"] = 500000.0  # Llama4TextConfig's default_theta
+        theta, scaling = _hf_rope(c, where, max_pos)
+
+        def layer_list(key):
+            value = c.get(key)
+            if not isinstance(value, list) or len(value) != n_layers:
+                raise ConfigError(f"{where}: {key} must list one entry per layer ({n_layers}), got "
+                                  f"{json.dumps(value)}")
+            return value
+
+        step = _int_value(c["interleave_moe_layer_step"], "interleave_moe_layer_step", where)
+        if c.get("moe_layers") is not None:
+            moe_layers = tuple(_int_value(i, "moe_layers", where) for i in c["moe_layers"])
+        else:
+            moe_layers = tuple(range(step - 1, n_layers, step))
+        if c.get("no_rope_layers"):  # 1 = the layer uses RoPE, 0 = a NoPE layer (transformers' convention)
+            flags = layer_list("no_rope_layers")
+            if not all(_is_int(v) and v in (0, 1) for v in flags):
+                raise ConfigError(f"{where}: no_rope_layers must hold 0 or 1 per layer, got {json.dumps(flags)}")
+            uses_rope = [v == 1 for v in flags]
+        else:
+            interval = _int_value(c["no_rope_layer_interval"], "no_rope_layer_interval", where)
+            uses_rope = [(i + 1) % interval != 0 for i in range(n_layers)]
+        chunk = c.get("attention_chunk_size")
+        chunk = None if chunk is None else _int_value(chunk, "attention_chunk_size", where)
+        if c.get("layer_types") is not None:
+            implied = ["chunked_attention" if rope and chunk is not None else "full_attention" for rope in uses_rope]
+            if layer_list("layer_types") != implied:
+                raise ConfigError(f"{where}: layer_types {json.dumps(c['layer_types'])} differ from the chunked "
+                                  f"RoPE layers and full NoPE layers llama_ref implements")
+        tuning = c["attn_temperature_tuning"]
+        if _is_int(tuning):  # some Llama 4 config.json files write 4 here; transformers only tests truth
+            tuning = bool(tuning)
+        llama4 = Llama4Args(
+            n_experts=_int_value(c["num_local_experts"], "num_local_experts", where),
+            top_k=_int_value(c["num_experts_per_tok"], "num_experts_per_tok", where),
+            moe_layers=moe_layers,
+            expert_hidden_dim=_int_value(c["intermediate_size"], "intermediate_size", where),
+            nope_layers=tuple(i for i, rope in enumerate(uses_rope) if not rope),
+            attention_chunk_size=chunk,
+            use_qk_norm=_flag(c, "use_qk_norm", where),
+            attn_temperature_tuning=_flag({"t": tuning}, "t", where),
+            floor_scale=_float_value(c["floor_scale"], "floor_scale", where),
+            attn_scale=_float_value(c["attn_scale"], "attn_scale", where),
+        )
+        head_dim = c.get("head_dim")
+        head_dim = None if head_dim is None else _int_value(head_dim, "head_dim", where)
+        kv = c.get("num_key_value_heads")
+        args = ModelArgs(
+            dim=dim, n_layers=n_layers, n_heads=n_heads,
+            vocab_size=_int_value(c["vocab_size"], "vocab_size", where),
+            n_kv_heads=n_heads if kv is None else _int_value(kv, "num_key_value_heads", where),
+            hidden_dim=_int_value(c["intermediate_size_mlp"], "intermediate_size_mlp", where),
+            norm_eps=_float_value(c["rms_norm_eps"], "rms_norm_eps", where),
+            rope_theta=theta, rope_scaling=scaling, max_seq_len=max_pos,
+            tie_word_embeddings=_flag(c, "tie_word_embeddings", where),
+            head_dim_override=head_dim if head_dim is not None and head_dim != dim // n_heads else None,
+            llama4=llama4,
+        )
+        llama4.check_layers(n_layers)
+        return args
+    except KeyError as e:
+        raise ConfigError(f"{where}: missing required key {e}") from None
+    except ConfigError as e:
+        message = str(e)
+        raise ConfigError(message if message.startswith(where) else f"{where}: {message}") from None

@@ -1,0 +1,284 @@
+"""Llama 4 text models: config, forward pass and loaders, against Meta's llama4 reference and transformers' Llama4.
+
+tests/data/tiny_ckpt/llama4_{meta,hf} hold one tiny random model in both formats, and llama4_logits.npz the
+logits Meta's code and transformers computed for it (tests/fixtures/make_llama4_checkpoint.py says how; neither
+library is needed here). Every Llama 4 feature is on in it and changes its logits (test_each_feature_matters).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import llama_ref
+from llama_ref.capture import run_and_capture
+from llama_ref.config import ConfigError, from_hf_config, from_params_json
+from llama_ref.llama4 import chunked_attention, route
+from llama_ref.weights.common import WeightsError
+
+DATA = Path(__file__).parent / "data" / "tiny_ckpt"
+META, HF = DATA / "llama4_meta", DATA / "llama4_hf"
+REF = np.load(DATA / "llama4_logits.npz")
+TOKENS = REF["tokens"]
+PROMPT = json.loads(str(REF["meta"]))["prompt"]
+PIECES = [tuple(p) for p in json.loads(str(REF["meta"]))["pieces"]]
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module", params=["meta", "hf"])
+def model(request):
+    return llama_ref.load(META if request.param == "meta" else HF)
+
+
+def run_in_steps(model, meta_decode=False):
+    """Prefill in PIECES, then decode one token at a time to the end of TOKENS."""
+    model.llama4_meta_decode = meta_decode
+    try:
+        steps = PIECES + [(t, t + 1) for t in range(PIECES[-1][1], len(TOKENS))]
+        return np.concatenate([model.forward(TOKENS[s:e], s) for s, e in steps])
+    finally:
+        model.llama4_meta_decode = False
+
+
+# ---- config --------------------------------------------------------------------------------------------------
+
+def test_meta_and_hf_configs_describe_the_same_model():
+    meta = from_params_json(META / "params.json")
+    hf = from_hf_config(HF / "config.json")
+    assert meta.llama4 == hf.llama4
+    assert meta.llama4.moe_layers == (1, 3) and meta.llama4.nope_layers == (2,)
+    assert meta.llama4.expert_hidden_dim == 32  # Meta's formula: 2*32 -> 42 -> /2 = 21 -> multiple of 16
+    assert meta.ffn_hidden_dim == hf.ffn_hidden_dim == 96  # dense layers: Llama's formula / intermediate_size_mlp
+    assert meta.rope_scaling == hf.rope_scaling and meta.rope_scaling.factor == 16.0
+    for field in ("dim", "n_layers", "n_heads", "kv_heads", "head_dim", "vocab_size", "norm_eps", "rope_theta",
+                  "max_seq_len"):
+        assert getattr(meta, field) == getattr(hf, field), field
+
+
+def test_llama4_params_json_defaults_follow_meta():
+    """use_scaled_rope alone means Scout's factor 16 and high_freq_factor 1 (llama4/args.py), not 3.1's 8/4."""
+    params = json.loads((META / "params.json").read_text())
+    for key in ("rope_scaling_factor", "rope_high_freq_factor"):
+        del params[key]
+    scaling = from_params_json(params).rope_scaling
+    assert (scaling.factor, scaling.low_freq_factor, scaling.high_freq_factor) == (16.0, 1.0, 1.0)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"quantization_args": {"scheme": "int4_weight_int8_dynamic_activation"}}, "quantization_args"),
+    ({"lora_args": {"rank": 8, "scale": 1.0}}, "lora_args"),
+    ({"moe_args": {"num_experts": 4, "router_jitter": 0.1}}, "moe_args.router_jitter is not implemented"),
+    ({"moe_args": None}, "without moe_args"),
+    ({"ffn_exp": None}, "needs ffn_exp"),
+    ({"head_dim": 16}, "head_dim 16 differs"),
+    ({"nope_layer_interval": 0}, "nope_layer_interval must be > 0"),
+    ({"attention_chunk_size": 0}, "attention_chunk_size must be a positive integer"),
+    ({"moe_args": {"num_experts": 2, "top_k": 3}}, "top_k .3. exceeds"),
+])
+def test_llama4_params_json_refusals(change, message):
+    params = json.loads((META / "params.json").read_text())
+    params.update(change)
+    with pytest.raises(ConfigError, match=message):
+        from_params_json(params)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"hidden_act": "gelu"}, "hidden_act"),
+    ({"attention_bias": True}, "attention_bias"),
+    ({"layer_types": ["full_attention"] * 4}, "layer_types"),
+    ({"no_rope_layers": [1, 1, 2, 1]}, "no_rope_layers must hold 0 or 1"),
+    ({"no_rope_layers": [1, 0]}, "one entry per layer"),
+    ({"moe_layers": [1, 7]}, "moe_layers names layer 7"),
+    ({"quantization_config": {"quant_method": "fp8"}}, "quantization_config"),
+])
+def test_llama4_config_json_refusals(change, message):
+    config = json.loads((HF / "config.json").read_text())
+    config.update(change)
+    with pytest.raises(ConfigError, match=message):
+        from_hf_config(config)
+
+
+def test_config_json_omitted_keys_take_transformers_defaults():
+    """A Llama4TextConfig without no_rope_layers means NoPE every 4th layer, chunk 8192, QK norm on."""
+    config = json.loads((HF / "config.json").read_text())
+    for key in ("no_rope_layers", "no_rope_layer_interval", "attention_chunk_size", "use_qk_norm", "layer_types",
+                "attn_temperature_tuning", "floor_scale", "attn_scale"):
+        del config[key]
+    m = from_hf_config(config).llama4
+    assert (m.nope_layers, m.attention_chunk_size, m.use_qk_norm) == ((3,), 8192, True)
+    assert (m.attn_temperature_tuning, m.floor_scale, m.attn_scale) == (True, 8192.0, 0.1)
+
+
+def test_multimodal_config_json_reads_its_text_config():
+    text = json.loads((HF / "config.json").read_text())
+    wrapped = {"model_type": "llama4", "text_config": text, "vision_config": {"hidden_size": 16}}
+    assert from_hf_config(wrapped) == from_hf_config(text)
+
+
+# ---- the forward pass against Meta's and transformers' logits ---------------------------------------------
+
+def test_prompt_pass_matches_meta_and_transformers(model):
+    logits = model.forward(TOKENS, 0)
+    assert np.abs(logits - REF["meta_full"]).max() < TOL
+    assert np.abs(logits - REF["hf_full"]).max() < TOL
+
+
+def test_chunked_prefill_and_decode_match_the_prompt_pass(model):
+    """Prefill pieces crossing chunk boundaries, then decode across one: the prompt pass's chunk rule.
+    Meta's forward cannot prefill in pieces; transformers can, and agrees, as does Meta's full prompt pass."""
+    logits = run_in_steps(model)
+    assert np.abs(logits - REF["hf_steps"]).max() < TOL
+    assert np.abs(logits - REF["meta_full"]).max() < TOL
+
+
+def test_meta_decode_option_reproduces_metas_decode(model):
+    """With llama4_meta_decode a one-token step attends to the whole cache in chunked layers, as Meta's decode
+    does; the two rules disagree by whole logits once decoding passes a chunk boundary."""
+    prefill = slice(0, PIECES[-1][1])
+    assert PIECES[-1][1] == PROMPT
+    logits = run_in_steps(model, meta_decode=True)
+    assert np.abs(logits[prefill] - REF["meta_full"][prefill]).max() < TOL  # prefill follows the chunks
+    assert np.abs(logits[PROMPT:] - REF["meta_decode"]).max() < TOL
+    assert np.abs(REF["meta_decode"] - REF["meta_full"][PROMPT:]).max() > 1.0  # the disagreement is real
+
+
+def test_expert_choices_match_meta_and_transformers(model):
+    acts = run_and_capture(model, TOKENS, ["layers.*.feed_forward.experts", "layers.*.feed_forward.router_logits"])
+    moe = model.args.llama4.moe_layers
+    chosen = np.stack([acts[f"layers.{i}.feed_forward.experts"][:, 0] for i in moe])  # (n_moe, T)
+    np.testing.assert_array_equal(chosen, REF["meta_experts"])
+    np.testing.assert_array_equal(chosen, REF["hf_experts"])
+    assert acts[f"layers.{moe[0]}.feed_forward.router_logits"].shape == (len(TOKENS), model.args.llama4.n_experts)
+    assert len(np.unique(chosen)) > 1  # the routing is not trivially one expert
+
+
+def test_meta_and_hf_files_give_identical_logits():
+    meta, hf = llama_ref.load(META), llama_ref.load(HF)
+    np.testing.assert_array_equal(meta.forward(TOKENS, 0), hf.forward(TOKENS, 0))
+
+
+@pytest.mark.parametrize("backend, dtype", [("numba", np.float32), ("numpy", np.float64)])
+def test_other_backends_and_float64(backend, dtype):
+    model = llama_ref.load(HF, backend=backend, dtype=dtype)
+    assert np.abs(model.forward(TOKENS, 0) - REF["meta_full"]).max() < TOL
+    assert np.abs(run_in_steps(model) - REF["hf_steps"]).max() < TOL
+
+
+@pytest.mark.parametrize("change", [
+    {"attention_chunk_size": None}, {"nope_layers": ()}, {"use_qk_norm": False},
+    {"attn_temperature_tuning": False}, {"top_k": 2},
+])
+def test_each_feature_matters(change):
+    """Switching any one Llama 4 feature off moves the logits far beyond the tolerance: the reference logits
+    test every one of them."""
+    model = llama_ref.load(HF)
+    model.args = model.args.replace(llama4=model.args.llama4.__class__(**{**model.args.llama4.__dict__, **change}))
+    assert np.abs(model.forward(TOKENS, 0) - REF["meta_full"]).max() > 100 * TOL
+
+
+def test_scaled_rope_matters():
+    """Scout's scaling slows only the slowest frequencies, which turn little within 28 positions: ignoring it
+    moves the logits by ~1e-3, still several times the tolerance."""
+    from llama_ref import ops
+    model = llama_ref.load(HF)
+    model.freqs = ops.rope_frequencies(model.args.replace(rope_scaling=None))
+    assert np.abs(model.forward(TOKENS, 0) - REF["meta_full"]).max() > 5 * TOL
+
+
+# ---- pieces ----------------------------------------------------------------------------------------------
+
+def test_route_takes_sigmoid_of_the_top_logits():
+    logits = np.array([[0.5, 2.0, -1.0, 1.0], [-3.0, -2.0, -4.0, -5.0]], np.float32)
+    chosen, weights = route(logits, 2)
+    np.testing.assert_array_equal(chosen, [[1, 3], [1, 0]])
+    np.testing.assert_allclose(weights, 1 / (1 + np.exp(-np.array([[2.0, 1.0], [-2.0, -3.0]]))), rtol=1e-6)
+
+
+def test_chunked_attention_equals_a_chunk_mask():
+    """Splitting the queries at chunk boundaries is attention under the mask Meta builds for a prompt."""
+    from llama_ref import ops
+    rng = np.random.default_rng(0)
+    B, T, H, KVH, HD, C = 2, 11, 4, 2, 8, 3
+    q = rng.standard_normal((B, T, H, HD))
+    k, v = rng.standard_normal((2, B, 20, KVH, HD))
+    for start in (0, 2, 7):
+        keys, values = k[:, :start + T], v[:, :start + T]
+        got = chunked_attention(ops, q, keys, values, start, None, C)
+        pos = start + np.arange(T)
+        visible = (np.arange(start + T)[None] <= pos[:, None]) & (np.arange(start + T)[None] // C == pos[:, None] // C)
+        G = H // KVH
+        scores = np.einsum("bthd,bshd->bhts", q, np.repeat(keys, G, axis=2)) / np.sqrt(HD)
+        scores = np.where(visible, scores, -np.inf)
+        probs = np.exp(scores - scores.max(-1, keepdims=True))
+        probs /= probs.sum(-1, keepdims=True)
+        want = np.einsum("bhts,bshd->bthd", probs, np.repeat(values, G, axis=2))
+        np.testing.assert_allclose(got, want, atol=1e-12)
+
+
+# ---- loaders -----------------------------------------------------------------------------------------------
+
+def test_meta_files_with_their_stored_names_load_the_same(tmp_path):
+    """Meta's files may hold the names its modules' load hooks rename (wqkv, moe_w_in_eD_F, router_DE, ...)."""
+    from llama_ref.weights.torch_zip import read_torch_file
+    from llama_ref.weights.writers import write_torch_file
+
+    src = read_torch_file(META / "consolidated.00.pth")
+    raw = {name: t.read() for name, t in src.items()}
+    dtype = {"bfloat16": "bf16", "float32": "f32"}[next(iter(src.values())).dtype_name]
+    renamed = {}
+    for name, a in raw.items():
+        p, _, rest = name.partition(".feed_forward.")
+        if name.endswith("attention.wq.weight"):
+            base = name[:-len("wq.weight")]
+            renamed[base + "wqkv.weight"] = np.concatenate([a, raw[base + "wk.weight"], raw[base + "wv.weight"]])
+        elif name.endswith(("attention.wk.weight", "attention.wv.weight")):
+            continue
+        elif name.endswith("attention_norm.weight"):
+            renamed[name.replace("attention_norm.weight", "attention.wqkv.layer_norm_weight")] = a
+        elif name.endswith("ffn_norm.weight"):
+            renamed[name.replace("ffn_norm.weight", "feed_forward.norm.weight")] = a
+        elif rest in ("experts.w1", "experts.w3", "experts.w2"):
+            flat = {"experts.w1": "moe_w_in_eD_F", "experts.w3": "moe_w_swiglu_eD_F", "experts.w2": "moe_w_out_eF_D"}
+            renamed[f"{p}.feed_forward.experts.{flat[rest]}"] = a.reshape(-1, a.shape[-1])
+        elif rest.startswith("shared_expert."):
+            stored = {"w1": "w_in_shared_FD", "w3": "w_swiglu_FD", "w2": "w_out_shared_DF"}[rest.split(".")[1]]
+            renamed[f"{p}.feed_forward.{stored}.weight"] = a
+        else:
+            renamed[name] = a
+    out = tmp_path / "stored_names"
+    out.mkdir()
+    (out / "params.json").write_text((META / "params.json").read_text())
+    write_torch_file(out / "consolidated.00.pth", [(n, np.ascontiguousarray(a), dtype) for n, a in renamed.items()])
+    np.testing.assert_array_equal(llama_ref.load(out).forward(TOKENS, 0), llama_ref.load(META).forward(TOKENS, 0))
+
+
+def test_a_wrong_expert_shape_is_refused_naming_the_tensor(tmp_path):
+    from llama_ref.weights.safetensors_file import read_safetensors_header
+    from llama_ref.weights.writers import write_safetensors
+
+    tensors = {n: t.read() for n, t in read_safetensors_header(HF / "model.safetensors")[0].items()}
+    tensors["model.layers.1.feed_forward.experts.down_proj"] = tensors[
+        "model.layers.1.feed_forward.experts.down_proj"][:3]
+    out = tmp_path / "bad"
+    out.mkdir()
+    (out / "config.json").write_text((HF / "config.json").read_text())
+    write_safetensors(out / "model.safetensors", [(n, np.ascontiguousarray(a), "bf16") for n, a in tensors.items()])
+    with pytest.raises(WeightsError, match=r"experts.down_proj has shape \(3, 32, 32\)"):
+        llama_ref.load(out)
+
+
+def test_a_missing_expert_is_refused(tmp_path):
+    from llama_ref.weights.safetensors_file import read_safetensors_header
+    from llama_ref.weights.writers import write_safetensors
+
+    tensors = {n: t.read() for n, t in read_safetensors_header(HF / "model.safetensors")[0].items()}
+    del tensors["model.layers.3.feed_forward.router.weight"]
+    out = tmp_path / "missing"
+    out.mkdir()
+    (out / "config.json").write_text((HF / "config.json").read_text())
+    write_safetensors(out / "model.safetensors", [(n, np.ascontiguousarray(a), "bf16") for n, a in tensors.items()])
+    with pytest.raises(WeightsError, match="layers.3.feed_forward.router.weight is missing"):
+        llama_ref.load(out)

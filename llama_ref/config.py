@@ -155,6 +155,8 @@ class ModelArgs:
             out["head_dim"] = self.head_dim_override
         if self.rope_scaling is not None:
             out["rope_scaling"] = asdict(self.rope_scaling)
+        if self.llama4 is not None:  # llama_ref's own block (Meta's files derive these; see llama4_config)
+            out["llama4"] = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self.llama4).items()}
         return {k: v for k, v in out.items() if v is not None}
 
     def replace(self, **changes) -> "ModelArgs":
@@ -307,9 +309,10 @@ def from_params_json(source: "str | Path | dict", *, where: str = "params.json")
     if p.get("vocab_size", -1) == -1:
         # Llama 1/2 params.json carry vocab_size -1: the tokenizer decides it. Loaders fill it from tensors.
         raise ConfigError(f"{where}: vocab_size is -1; pass the tokenizer's vocabulary size")
-    from .llama4_config import from_llama4_params, is_llama4_params
+    from .llama4_config import from_llama4_params, is_llama4_params, llama4_block
     if is_llama4_params(p):  # Llama 4 keys: experts, NoPE layers, chunked attention (llama4_config)
         return from_llama4_params(p, where)
+    llama4 = p.pop("llama4", None)  # the Llama 4 block of a params.json llama_ref wrote (to_params_json)
     _refuse_unimplemented(p, PARAMS_PLAIN, where)
     scaling = _rope_scaling_from_dict(p.get("rope_scaling"), where)
     if scaling is None and _flag(p, "use_scaled_rope", where):
@@ -339,6 +342,7 @@ def from_params_json(source: "str | Path | dict", *, where: str = "params.json")
             tie_word_embeddings=_flag(p, "tie_word_embeddings", where),
             hidden_dim=optional_int("hidden_dim") or None,
             head_dim_override=optional_int("head_dim") or None,
+            llama4=None if llama4 is None else llama4_block(llama4, _int_value(p["n_layers"], "n_layers", where), where),
         )
     except KeyError as e:
         raise ConfigError(f"{where}: missing required key {e}") from None

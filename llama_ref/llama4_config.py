@@ -129,6 +129,29 @@ MOE_ARGS_KEYS = {"num_experts", "capacity_factor", "auto_scale_F", "top_k", "int
 PARAMS_LLAMA4_REFUSED = {"quantization_args": (), "lora_args": ()}
 
 
+def llama4_block(block, n_layers: int, where: str) -> Llama4Args:
+    """The "llama4" object of a params.json written by llama_ref (ModelArgs.to_params_json)."""
+    if not isinstance(block, dict):
+        raise ConfigError(f"{where}: llama4 must be a JSON object, got {json.dumps(block)}")
+    fields = set(Llama4Args.__dataclass_fields__)
+    unknown = sorted(set(block) - fields)
+    if unknown:
+        raise ConfigError(f"{where}: llama4.{unknown[0]} is not implemented by llama_ref")
+    try:
+        args = Llama4Args(**{k: tuple(v) if isinstance(v, list) else v for k, v in block.items()})
+    except TypeError as e:
+        raise ConfigError(f"{where}: llama4 block: {e}") from None
+    args.check_layers(n_layers)
+    return args
+
+
+def refuse_writing(args: ModelArgs, what: str) -> None:
+    """Writers of other formats' files know dense Llama only: a Llama 4 model would be written as another."""
+    if args.llama4 is not None:
+        from .weights.common import WeightsError
+        raise WeightsError(f"writing a Llama 4 model as {what} is not implemented by llama_ref")
+
+
 def is_llama4_params(p: dict) -> bool:
     return any(p.get(key) not in (None, False) for key in PARAMS_LLAMA4_KEYS)
 

@@ -23,11 +23,13 @@ Usage: `llama_ref.presets.get("llama-3.1-8b")` -> ModelArgs; `llama_ref.presets.
 from __future__ import annotations
 
 from .config import ConfigError, ModelArgs, RopeScaling
+from .llama4_config import Llama4Args
 
 # Vocabulary sizes (llama-configs.md section 3).
 SENTENCEPIECE_VOCAB = 32000  # Llama 1, Llama 2, Llama Guard 1, Code Llama 34B and Python variants
 CODE_LLAMA_VOCAB = 32016  # Code Llama 7B/13B/70B: 16 extra infilling/special pieces
 TIKTOKEN_VOCAB = 128256  # Llama 3.x and Guard 2/3: 128000 BPE ranks + 256 special tokens
+LLAMA4_VOCAB = 202048  # Llama 4: HF config.json vocab_size (Meta's tokenizer: 200000 ranks + 1135 special)
 
 
 def _llama3_scaling(factor: float) -> RopeScaling:
@@ -145,7 +147,43 @@ PRESETS: dict[str, ModelArgs] = {
     "llama-guard-3-1b-int4": ModelArgs(dim=2048, n_layers=12, n_heads=32, n_kv_heads=8, vocab_size=TIKTOKEN_VOCAB,
                                        hidden_dim=6400, norm_eps=1e-5, rope_theta=500000.0,
                                        rope_scaling=_llama3_scaling(8.0)),
+
+    # ---- Llama 4 (Apr 2025), text model (llama_ref skips the vision encoder; see LLAMA4_VISION_PARAMS).
+    # HFL4 = transformers' Llama4TextConfig defaults (configuration_llama4.py, documented as
+    # meta-llama/Llama-4-Scout-17B-16E) and copies of the text_config of the models' config.json; REF4M = Meta's
+    # llama4 code (args.py, model.py, moe.py in the llama-models 0.3.0 wheel). Both widths are stated outright
+    # as HF's config.json states them: experts 8192 (intermediate_size), dense layers 16384
+    # (intermediate_size_mlp). NoPE every 4th layer (HFL4 no_rope_layer_interval 4; Scout's no_rope_layers).
+    # Scout: 16 experts, every layer MoE, QK norm. RoPE scaling factor 16, high_freq_factor 1 as Meta's code
+    # sets for Scout (REF4M args.py: "Only Llama-4-Scout uses scaled rope"); Scout's HF config.json says
+    # llama3 factor 8, high_freq_factor 4 instead (a discrepancy between the sources: Meta's code is followed).
+    # Context 262144 = the base model's HF max_position_embeddings (the model card advertises 10M).
+    "llama-4-scout-17b-16e": ModelArgs(
+        dim=5120, n_layers=48, n_heads=40, n_kv_heads=8, vocab_size=LLAMA4_VOCAB, hidden_dim=16384, norm_eps=1e-5,
+        rope_theta=500000.0, rope_scaling=RopeScaling("llama3", 16.0, 1.0, 1.0, 8192), max_seq_len=262144,
+        llama4=Llama4Args(n_experts=16, top_k=1, moe_layers=tuple(range(48)), expert_hidden_dim=8192,
+                          nope_layers=tuple(range(3, 48, 4)), attention_chunk_size=8192, use_qk_norm=True,
+                          attn_temperature_tuning=True, floor_scale=8192.0, attn_scale=0.1)),
+    # Maverick: 128 experts in every other layer (interleave_moe_layer_step 2: layers 1, 3, ...; the others
+    # dense), no QK norm (use_qk_norm false), no RoPE scaling (rope_scaling null), context 1048576: the
+    # Maverick config.json as NVIDIA/TensorRT-LLM's Llama 4 test copies it (reduced there to 2 layers).
+    "llama-4-maverick-17b-128e": ModelArgs(
+        dim=5120, n_layers=48, n_heads=40, n_kv_heads=8, vocab_size=LLAMA4_VOCAB, hidden_dim=16384, norm_eps=1e-5,
+        rope_theta=500000.0, max_seq_len=1048576,
+        llama4=Llama4Args(n_experts=128, top_k=1, moe_layers=tuple(range(1, 48, 2)), expert_hidden_dim=8192,
+                          nope_layers=tuple(range(3, 48, 4)), attention_chunk_size=8192, use_qk_norm=False,
+                          attn_temperature_tuning=True, floor_scale=8192.0, attn_scale=0.1)),
 }
+
+# Llama 4's vision encoder, which the published totals (Scout 109B, Maverick 400B) include and llama_ref does
+# not load: HF vision_config (34 layers, width 1408, MLP 5632, 14x14 patches of 336x336 images, pixel shuffle
+# 0.5, projector to 4096 and then to the text width 5120). Per layer: q, k, v, o with biases, fc1 and fc2 with
+# biases, two LayerNorms; around them: patch embedding, class and position embeddings, two LayerNorms, the
+# adapter MLP (4 * 1408 -> 4096 -> 4096) and the projector (4096 -> 5120).
+_V, _VI = 1408, 5632
+LLAMA4_VISION_PARAMS = (34 * (4 * _V * _V + 4 * _V + 2 * _V * _VI + _VI + _V + 4 * _V)
+                        + 3 * 14 * 14 * _V + _V + ((336 // 14) ** 2 + 1) * _V + 4 * _V
+                        + 4 * _V * 4096 + 4096 * 4096 + 4096 * 5120)
 
 
 def names() -> list[str]:

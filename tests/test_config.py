@@ -58,6 +58,7 @@ PRESET_FFN = {
     "llama-3.1-405b": 53248, "llama-3.2-1b": 8192, "llama-3.2-3b": 8192, "llama-3.3-70b": 28672,
     "llama-guard-7b": 11008, "llama-guard-2-8b": 14336, "llama-guard-3-8b": 14336, "llama-guard-3-1b": 8192,
     "llama-guard-3-1b-int4": 6400,
+    "llama-4-scout-17b-16e": 16384, "llama-4-maverick-17b-128e": 16384,  # dense layers (intermediate_size_mlp)
 }
 
 
@@ -70,7 +71,7 @@ def test_every_preset_has_its_official_ffn_width():
 def test_presets_derive_ffn_from_params_json_fields():
     # Only a model that states hidden_dim outright carries one; the rest go through the formula.
     stated = [n for n in presets.names() if presets.get(n).hidden_dim is not None]
-    assert stated == ["llama-guard-3-1b-int4"]
+    assert stated == ["llama-4-maverick-17b-128e", "llama-4-scout-17b-16e", "llama-guard-3-1b-int4"]
 
 
 # ---- presets against published parameter counts --------------------------------------------------------

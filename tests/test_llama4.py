@@ -282,3 +282,70 @@ def test_a_missing_expert_is_refused(tmp_path):
     write_safetensors(out / "model.safetensors", [(n, np.ascontiguousarray(a), "bf16") for n, a in tensors.items()])
     with pytest.raises(WeightsError, match="layers.3.feed_forward.router.weight is missing"):
         llama_ref.load(out)
+
+
+# ---- presets against the published sizes ---------------------------------------------------------------
+
+def test_llama4_presets_match_published_parameter_counts():
+    """Model cards: Scout 17B active / 109B total, Maverick 17B active / 400B total. The totals include the
+    vision encoder (presets.LLAMA4_VISION_PARAMS, 0.87B), which llama_ref does not load; the text models
+    alone are 107.77B and 400.71B. "400B" is rounded to two significant digits (the sum is 401.6B)."""
+    from llama_ref import presets
+    from llama_ref.llama4_config import param_counts
+
+    scout, maverick = presets.get("llama-4-scout-17b-16e"), presets.get("llama-4-maverick-17b-128e")
+    (scout_total, scout_active), (mav_total, mav_active) = param_counts(scout), param_counts(maverick)
+    assert round(scout_active / 1e9) == round(mav_active / 1e9) == 17
+    assert round((scout_total + presets.LLAMA4_VISION_PARAMS) / 1e9) == 109
+    assert round((mav_total + presets.LLAMA4_VISION_PARAMS) / 1e10) * 10 == 400
+    assert scout.param_count() == scout_total
+    # The counts follow from the structure: 48 layers of 16 + 1 experts of 3 x 5120 x 8192 dominate Scout.
+    expert = 3 * 5120 * 8192
+    assert scout_total - scout_active == 48 * 15 * expert
+    assert mav_total - mav_active == 24 * 127 * expert
+    assert maverick.llama4.moe_layers == tuple(range(1, 48, 2)) and not maverick.llama4.use_qk_norm
+
+
+def test_llama4_presets_run_at_a_reduced_size():
+    """The presets' structure runs end to end: Scout's shape with 2 layers, narrow widths and few experts."""
+    from llama_ref import presets
+    from llama_ref.llama4_config import Llama4Args, expected_shapes
+    from llama_ref.model import Transformer
+
+    base = presets.get("llama-4-scout-17b-16e")
+    m = base.llama4
+    small = base.replace(dim=64, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=50, hidden_dim=48,
+                         max_seq_len=64, llama4=Llama4Args(**{**m.__dict__, "n_experts": 3, "expert_hidden_dim": 16,
+                                                              "moe_layers": (0, 1, 2, 3), "nope_layers": (3,),
+                                                              "attention_chunk_size": 4}))
+    rng = np.random.default_rng(0)
+    weights = {n: (1 + 0.1 * rng.standard_normal(s) if n.endswith("norm.weight") else
+                   rng.standard_normal(s) / np.sqrt(s[-1])).astype(np.float32)
+               for n, s in expected_shapes(small).items()}
+    model = Transformer(small, weights)
+    full = model.forward(np.arange(10) % 50, 0)
+    stepped = np.concatenate([model.forward(np.arange(10)[t:t + 1] % 50, t) for t in range(10)])
+    assert np.isfinite(full).all() and np.abs(full - stepped).max() < TOL
+
+
+def test_writers_refuse_llama4_instead_of_writing_a_dense_model(tmp_path):
+    from llama_ref import presets
+    from llama_ref.convert import write_checkpoint
+    from llama_ref.weights.writers import hf_config
+
+    model = llama_ref.load(HF)
+    with pytest.raises(WeightsError, match="writing a Llama 4 model as a config.json is not implemented"):
+        hf_config(presets.get("llama-4-scout-17b-16e"), "bf16")
+    for to in ("meta", "hf", "gguf-f32"):
+        with pytest.raises(WeightsError, match="writing a Llama 4 model"):
+            write_checkpoint(model.args, model.weights, tmp_path / to, to)
+
+
+def test_params_json_written_by_llama_ref_round_trips_llama4():
+    from llama_ref import presets
+    for name in ("llama-4-scout-17b-16e", "llama-4-maverick-17b-128e"):
+        args = presets.get(name)
+        assert from_params_json(json.loads(json.dumps(args.to_params_json()))) == args.replace(
+            n_kv_heads=args.kv_heads)
+    with pytest.raises(ConfigError, match="llama4.experts is not implemented"):
+        from_params_json(dict(presets.get("llama-4-scout-17b-16e").to_params_json(), llama4={"experts": 3}))

@@ -19,6 +19,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from ..config import ModelArgs
+from ..llama4_config import refuse_writing
 from .bf16 import float32_to_bf16_bits
 from .common import WeightsError, expected_shapes, permute_meta_to_hf
 
@@ -51,6 +52,7 @@ def raw_elements(w, out: str) -> np.ndarray:
 
 def canonical_items(args: ModelArgs, weights: dict) -> list[str]:
     """Tensor names in canonical order; a tied output matrix is not listed separately."""
+    refuse_writing(args, "a checkpoint")
     names = list(expected_shapes(args))
     if args.tie_word_embeddings:
         names.remove("output.weight")
@@ -168,6 +170,7 @@ def hf_config(args: ModelArgs, out: str, transformers: str = "4+5") -> dict:
     """config.json for `args`. transformers "4": rope_theta and rope_scaling at the top level, as 4.x wrote
     them; "5": both inside rope_parameters, as 5.x writes them; "4+5" (default): both forms, which agree,
     so that either version reads the same RoPE (4.x ignores rope_parameters; 5.x reads either)."""
+    refuse_writing(args, "a config.json")
     if transformers not in ("4", "5", "4+5"):
         raise WeightsError(f"transformers must be '4', '5' or '4+5', got {transformers!r}")
     dtype = {"bf16": "bfloat16", "f16": "float16", "f32": "float32"}[out]
@@ -283,6 +286,7 @@ def _gguf_value_type(value):
 
 def add_hyperparameters(w, args: ModelArgs) -> None:
     """The architecture keys that llama_ref reads back into ModelArgs (see config.from_gguf_metadata)."""
+    refuse_writing(args, "GGUF metadata")
     w.add_block_count(args.n_layers)
     w.add_context_length(args.max_seq_len)
     w.add_embedding_length(args.dim)

@@ -70,6 +70,7 @@ def test_numba_matches_numpy_on_the_default_model(default_model, prompt_ids, ref
     np.testing.assert_allclose(np.stack(got_logits), np.stack(logits), rtol=0, atol=TOLERANCE)
 
 
+@pytest.mark.slow
 def test_packed_gguf_weights_on_both_backends(default_model_path, prompt_ids, reference_run):
     prefill, tokens, _ = reference_run
     model = llama_ref.load(default_model_path, weights="packed", backend="numba")

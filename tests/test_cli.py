@@ -190,6 +190,7 @@ def test_score_json_equals_library(tiny_gguf, tiny, tmp_path):
     assert plain.stdout.startswith(f"perplexity {expected.perplexity:.4f} over {expected.n_tokens} tokens")
 
 
+@pytest.mark.slow
 def test_score_matches_transformers_perplexity(default_model_path, tmp_path):
     # The oracle: transformers' perplexity of the same GGUF (tests/fixtures/make_perplexity_reference.py).
     ref = json.loads((DATA / "smollm2_perplexity.json").read_text(encoding="utf-8"))

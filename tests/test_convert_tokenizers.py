@@ -38,6 +38,8 @@ from conftest import random_weights, tiny_args
 
 DATA = Path(__file__).parent / "data" / "tokenizers"
 
+pytestmark = pytest.mark.slow  # the shared fixture converts five tokenizers (~20 s on 2 cores)
+
 # Meta's Llama 3 pre-tokenizer pattern, copied from llama-models (models/llama3/tokenizer.py) for the oracle.
 META_PAT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
             r"|\s*[\r\n]+|\s+(?!\S)|\s+")

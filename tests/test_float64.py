@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from hypothesis import given, settings, strategies as st
 
 import llama_ref
@@ -59,6 +60,7 @@ def test_float64_differs_from_float32_only_by_rounding():
     assert np.any(logits != logits.astype(np.float32).astype(np.float64))
 
 
+@pytest.mark.slow
 def test_default_model_float64_vs_float32_under_1e_3(default_model_path, default_model):
     """The measured rounding error of float32 on the default model (docs/verification.md reports it)."""
     m64 = llama_ref.load(default_model_path, dtype=np.float64)

@@ -189,7 +189,7 @@ def test_pickle_bomb_lying_about_its_size(tmp_path, monkeypatch):
     # A memo index of 2**28: CPython's unpickler would grow its memo table to 2**29 entries (4 GB).
     (b"\x80\x02)r\xff\xff\xff\x0f.", "memo index"),
     # 1 MiB of EMPTY_LIST: each byte a 56-byte list (a 64 MiB pickle of them would be 3.5 GB).
-    (b"\x80\x02" + b"]" * (2 ** 20 + 1) + b".", "opcodes"),
+    pytest.param(b"\x80\x02" + b"]" * (2 ** 20 + 1) + b".", "opcodes", marks=pytest.mark.slow),
 ], ids=["bytes-length", "memo-index", "many-objects"])
 def test_pickle_allocation_bombs(tmp_path, pickled, match):
     path = tmp_path / "consolidated.00.pth"
@@ -411,6 +411,7 @@ def fuzz_once(ckpts: Path, kind: str, filename: str, mutation, fix=None):
         return outcome(d)
 
 
+@pytest.mark.slow
 @FUZZ
 @given(data=st.data())
 def test_fuzz_safetensors(ckpts, data):
@@ -455,6 +456,7 @@ def fix_pickle_crc(blob: bytes) -> bytes:
     return bytes(out)
 
 
+@pytest.mark.slow
 @FUZZ
 @given(data=st.data())
 def test_fuzz_meta_pth(ckpts, data):

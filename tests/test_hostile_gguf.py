@@ -340,6 +340,7 @@ def apply(data: bytes, edits, truncate) -> bytes:
     return bytes(out[:truncate] if truncate is not None else out)
 
 
+@pytest.mark.slow
 @settings(max_examples=150, deadline=5000, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                   HealthCheck.too_slow])
 @given(data=st.data())

@@ -184,6 +184,7 @@ def test_written_meta_file_is_read_like_torch_writes_it(tmp_path):
     assert ours["output.weight"].storage == ours["tok_embeddings.weight"].storage
 
 
+@pytest.mark.slow
 def test_smollm2_converted_to_meta_and_hf_matches_gguf(tmp_path, default_model_path, default_model):
     """The real model: GGUF -> Meta (the full `convert` path, tokenizer carried along) and the loaded model
     -> HF (write_checkpoint), each loaded back, give the GGUF's logits exactly (float32 throughout)."""

@@ -22,6 +22,8 @@ NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
 sys.path.insert(0, str(NOTEBOOK_DIR))
 from execute import execute  # noqa: E402  (notebooks/execute.py)
 
+pytestmark = pytest.mark.slow  # each notebook runs 7-25 s; the fast tier checks the code they call
+
 # A hang guard, not a speed target: each notebook takes well under a minute on an idle 2-core machine, but
 # the suite runs them beside other tests on the same two cores.
 NOTEBOOK_BUDGET_S = 600

@@ -20,6 +20,8 @@ attribute test, so the normal path is not slowed. Names, in the order the forwar
     layers.{i}.feed_forward.gate     (T, F)       w1 x
     layers.{i}.feed_forward.up       (T, F)       w3 x
     layers.{i}.feed_forward.output   (T, D)       w2 (silu(gate) * up)
+    layers.{i}.feed_forward.router_logits  (T, E)  Llama 4 MoE layers, in place of gate and up: router logits
+    layers.{i}.feed_forward.experts  (T, K) int   the top_k experts each token is routed to (llama_ref.llama4)
     layers.{i}.residual              (T, D)       residual stream after layer i (the layer's output)
     norm                             (T, D)       final RMSNorm (last position only when last_only)
     logits                           (T, V)
@@ -40,11 +42,19 @@ LAYER_NAMES = ("attention_norm", "attention.q", "attention.k", "attention.v", "a
                "feed_forward.output", "residual")
 
 
-def activation_names(n_layers: int) -> list[str]:
-    """Every capture name of a model with n_layers layers, in the order the forward pass makes them."""
+MOE_NAMES = ("feed_forward.router_logits", "feed_forward.experts")  # Llama 4's MoE layers, after ffn_norm
+
+
+def activation_names(n_layers: int, moe_layers=()) -> list[str]:
+    """Every capture name of a model with n_layers layers, in the order the forward pass makes them.
+
+    moe_layers: the layers with a mixture of experts (Llama 4): router logits and experts instead of gate, up."""
     names = ["embeddings"]
     for i in range(n_layers):
-        names += [f"layers.{i}.{name}" for name in LAYER_NAMES]
+        layer = [n for n in LAYER_NAMES if i not in moe_layers or n not in ("feed_forward.gate", "feed_forward.up")]
+        if i in moe_layers:
+            layer[layer.index("ffn_norm") + 1:layer.index("ffn_norm") + 1] = MOE_NAMES
+        names += [f"layers.{i}.{name}" for name in layer]
     return names + ["norm", "logits"]
 
 

@@ -106,6 +106,16 @@ def _model_options(p) -> None:
     p.add_argument("--json", action="store_true", help="print the result as JSON on stdout, for scripts")
 
 
+def _parallel_options(p) -> None:
+    m = p.add_argument_group("across MPI ranks (under mpirun -n N; README, Past one machine)")
+    m.add_argument("--parallel", choices=["mpi"], default=None,
+                   help="split the model across the MPI ranks: each rank reads and keeps its slice of every "
+                        "matrix (Meta's model-parallel split); rank 0 prints")
+    m.add_argument("--tensor-parallel", type=int, default=None, metavar="K",
+                   help="with --parallel: groups of K ranks each hold the whole model, and the prompts are "
+                        "shared out between the groups (default: all ranks one model)")
+
+
 def _sampling_options(p, max_new_tokens: int) -> None:
     """The flags of model.generate, one for one (dashes for underscores), with llama.cpp's short names."""
     d = CLI_SAMPLING
@@ -167,7 +177,8 @@ def _load(args):
         if notice:
             print(notice, file=sys.stderr, flush=True)
     return load(args.model, backend=args.backend, dtype=np.dtype(args.dtype), progress=not args.quiet,
-                weights=args.weights, quantize=args.quantize, mmap=args.mmap, max_seq_len=args.ctx_size)
+                weights=args.weights, quantize=args.quantize, mmap=args.mmap, max_seq_len=args.ctx_size,
+                parallel=getattr(args, "parallel", None), tensor_parallel=getattr(args, "tensor_parallel", None))
 
 
 
@@ -214,6 +225,7 @@ def _add_generate(sub) -> None:
     g.add_argument("--system", default=None, help="with --chat: a system prompt")
     _model_options(g)
     _sampling_options(g, max_new_tokens=32)
+    _parallel_options(g)
 
 
 def _run_generate(args) -> int:
@@ -433,6 +445,7 @@ def _add_score(sub) -> None:
     s.add_argument("--stride", type=int, default=None,
                    help="for texts longer than the window: tokens between windows (default: half)")
     _model_options(s)
+    _parallel_options(s)
 
 
 def _run_score(args) -> int:
@@ -473,6 +486,7 @@ def _add_teacher(sub) -> None:
     t.add_argument("--truncate", action="store_true", help="keep the start of prompts longer than the window")
     t.add_argument("--restart", action="store_true", help="overwrite the output instead of resuming it")
     _model_options(t)
+    _parallel_options(t)
 
 
 def _run_teacher(args) -> int:
@@ -602,6 +616,9 @@ def _add_convert(sub) -> None:
     p.add_argument("--to", required=True, choices=["meta", "hf", "gguf-f32", "gguf-f16"])
     p.add_argument("--dtype", choices=["bf16", "f16", "f32"], default=None,
                    help="matrix precision for meta/hf (default: the source's own 16/32-bit type, else f32)")
+    p.add_argument("--shards", type=int, default=1, metavar="N",
+                   help="with --to meta: write N model-parallel shards consolidated.00.pth .. (Meta's layout, "
+                        "one per rank of `mpirun -n N llama-ref ... --parallel mpi`)")
     p.add_argument("--no-checksums", action="store_true",
                    help="do not write the manifest of sha256 checksums (DST/checksums.sha256, or DST.sha256 "
                         "beside a GGUF file) that `info --checksum` and load(verify=True) check")
@@ -612,7 +629,7 @@ def _run_convert(args) -> int:
     from .convert import convert
 
     dst = convert(args.src, args.dst, args.to, dtype=args.dtype, progress=not args.quiet,
-                  checksums=not args.no_checksums)
+                  checksums=not args.no_checksums, shards=args.shards)
     print(f"wrote {dst}", file=sys.stderr)
     return 0
 
@@ -703,6 +720,13 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
+    if getattr(args, "parallel", None):
+        from .parallel import run_rank
+        return run_rank(args, _run)
+    return _run(args)
+
+
+def _run(args) -> int:
     try:
         if args.command in SUBCOMMANDS:
             return SUBCOMMANDS[args.command][1](args)

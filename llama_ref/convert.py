@@ -66,22 +66,29 @@ def _default_dtype(weights: dict) -> str:
 
 
 def convert(src: "str | Path", dst: "str | Path", to: str, dtype: Optional[str] = None,
-            progress: bool = False, checksums: bool = True) -> Path:
-    """Convert checkpoint `src` to format `to` at `dst`. Returns dst."""
+            progress: bool = False, checksums: bool = True, shards: int = 1) -> Path:
+    """Convert checkpoint `src` to format `to` at `dst`. Returns dst.
+
+    shards: for --to meta, write that many model-parallel shards consolidated.00.pth .. (Meta's layout,
+    for `mpirun -n N ... --parallel mpi` to read one each)."""
     src, dst = Path(src), Path(dst)
-    _check_request(dst, to, dtype)
+    _check_request(dst, to, dtype, shards)
     kind, args, weights, extras = read_source(src, progress=progress)
     if not to.startswith("gguf") and extras.get("freq_divisors") is not None:
         args = args.replace(rope_scaling=_scaling_from_divisors(args, extras["freq_divisors"], src))
     copy_from = src if kind != "gguf" else None
     return write_checkpoint(args, weights, dst, to, dtype, tokenizer_meta=extras.get("tokenizer_meta"),
                             freq_divisors=extras.get("freq_divisors"), copy_tokenizer_from=copy_from,
-                            progress=progress, checksums=checksums)
+                            progress=progress, checksums=checksums, shards=shards)
 
 
-def _check_request(dst: Path, to: str, dtype: Optional[str]) -> None:
+def _check_request(dst: Path, to: str, dtype: Optional[str], shards: int = 1) -> None:
     if to not in TARGETS:
         raise WeightsError(f"--to must be one of {', '.join(TARGETS)}, got {to!r}")
+    if isinstance(shards, bool) or not isinstance(shards, int) or shards < 1:
+        raise WeightsError(f"--shards must be a positive integer, got {shards!r}")
+    if shards != 1 and to != "meta":
+        raise WeightsError(f"--shards {shards}: only Meta's format (--to meta) is written as model-parallel shards")
     if dtype is not None and dtype not in DTYPES:
         raise WeightsError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if to.startswith("gguf") and dtype is not None and dtype != to[5:]:
@@ -98,25 +105,27 @@ def _check_request(dst: Path, to: str, dtype: Optional[str]) -> None:
 def write_checkpoint(args, weights: dict, dst: "str | Path", to: str, dtype: Optional[str] = None, *,
                      tokenizer_meta: Optional[dict] = None, freq_divisors=None,
                      copy_tokenizer_from: Optional[Path] = None, progress: bool = False,
-                     checksums: bool = True) -> Path:
+                     checksums: bool = True, shards: int = 1) -> Path:
     """Write loaded weights (canonical layout) as format `to` at `dst`, atomically, with a manifest of
     sha256 checksums unless checksums=False. Returns dst."""
     from .weights import writers
 
     dst = Path(dst)
-    _check_request(dst, to, dtype)
+    _check_request(dst, to, dtype, shards)
+    if shards != 1:
+        writers.meta_shard_plans(args, shards)  # a count that cannot split this model fails before writing
     out = to[5:] if to.startswith("gguf") else (dtype or _default_dtype(weights))
     remove_stale_partials(dst)
     bar = None
     if progress:
         from tqdm import tqdm
-        bar = tqdm(total=len(weights), desc=f"writing {dst.name}", unit="tensor", leave=False)
+        bar = tqdm(total=len(weights) * shards, desc=f"writing {dst.name}", unit="tensor", leave=False)
     tick = bar.update if bar is not None else None
     tmp = _partial_path(dst)
     manifest_tmp = None
     try:
         if to == "meta":
-            writers.write_meta(tmp, args, weights, out, on_tensor=tick)
+            writers.write_meta(tmp, args, weights, out, on_tensor=tick, shards=shards)
         elif to == "hf":
             writers.write_hf(tmp, args, weights, out, on_tensor=tick)
         else:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Iterator, Optional, Sequence, Union
 import numpy as np
 
 from .model import InputError, KVCache
+from .parallel import SINGLE
 from .sampling import SamplingParams, log_softmax, sample
 
 if TYPE_CHECKING:
@@ -93,6 +94,7 @@ class _Row:
         self.stop = None
         self.started = self.first_token_at = self.ended_at = None
         self.cached = 0  # prompt tokens not prefilled again: the model's cache held them
+        self.parallel = SINGLE  # the model's ranks (llama_ref.parallel), set by the model that decodes the row
         self._check_room()
 
     @property
@@ -111,7 +113,9 @@ class _Row:
         if self.finish_reason is not None:
             return ""
         history = self.sequence if self.params.repetition_penalty != 1.0 else ()
-        token = sample(logits, self.params, self.rng, history)
+        # Sampled once: under tensor parallelism (llama_ref.parallel) every rank holds the same logits, and
+        # rank 0's token is the one every rank continues with. The identity in one process.
+        token = self.parallel.bcast(sample(logits, self.params, self.rng, history))
         if self.first_token_at is None:
             self.first_token_at = time.perf_counter()
         if token in self.stop_ids:
@@ -434,8 +438,11 @@ class GenerationMixin:
         common = dict(params=params, max_new_tokens=int(max_new_tokens), window=window,
                       stop_ids=_stop_ids(self, stop_ids), stop_strings=_stop_strings(self, stop),
                       top_logprobs=int(top_logprobs), tokenizer=self.tokenizer)
-        return [_Row(fit_to_window(ids, window, int(max_new_tokens), truncate), seed=s, **common)
+        rows = [_Row(fit_to_window(ids, window, int(max_new_tokens), truncate), seed=s, **common)
                 for ids, s in zip(ids_list, seeds)]
+        for row in rows:
+            row.parallel = getattr(self, "parallel", SINGLE)
+        return rows
 
     def generate(self, prompt, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,

@@ -36,6 +36,8 @@ def layer(model, i: int, h: np.ndarray, start_pos: int, cache, key_mask, cos: np
     H, KVH, HD = args.n_heads, args.kv_heads, args.head_dim
     p = f"layers.{i}."
     use_rope = i not in m.nope_layers
+    if i == 0:
+        check_supported(model, key_mask)
 
     # Attention block, pre-norm: normalise, project to queries, keys and values.
     x = k_ops.rms_norm(h, w[p + "attention_norm.weight"], args.norm_eps)  # (B, T, D)
@@ -76,11 +78,28 @@ def layer(model, i: int, h: np.ndarray, start_pos: int, cache, key_mask, cos: np
     if i in m.moe_layers:
         out = mixture_of_experts(model, p + "feed_forward.", x)  # (B, T, D)
     else:
-        out = swiglu_ffn(k_ops, w, p + "feed_forward.", x)  # (B, T, D)
+        gate = k_ops.linear(x, w[p + "feed_forward.w1.weight"])  # (B, T, F)
+        up = k_ops.linear(x, w[p + "feed_forward.w3.weight"])  # (B, T, F)
+        model._record(p + "feed_forward.gate", gate)
+        model._record(p + "feed_forward.up", up)
+        out = k_ops.linear(k_ops.swiglu(gate, up), w[p + "feed_forward.w2.weight"])  # (B, T, D)
     model._record(p + "feed_forward.output", out)
     h = h + out
     model._record(p + "residual", h)
     return h
+
+
+def check_supported(model, key_mask) -> None:
+    """Refuse what this module does not compute correctly rather than compute it wrongly."""
+    from .model import InputError
+
+    if key_mask is not None and not np.all(key_mask):
+        # A left-padded row's tokens sit at shifted positions; chunks and temperatures depend on the absolute one.
+        raise InputError("Llama 4 cannot run a left-padded batch (its chunked attention and attention "
+                         "temperature depend on absolute positions); run prompts of unequal length one at a time")
+    parallel = getattr(model, "parallel", None)
+    if parallel is not None and getattr(parallel, "size", 1) != 1:
+        raise InputError("tensor parallelism is not implemented for Llama 4 models")
 
 
 def l2_norm(x: np.ndarray, eps: float) -> np.ndarray:

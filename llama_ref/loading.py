@@ -13,7 +13,8 @@ from .weights.common import WeightsError
 
 def load(path_or_name: "str | Path", *, backend: str = "numpy", dtype=np.float32,
          progress: bool = False, weights: "str | None" = None, quantize: "str | None" = None,
-         mmap: bool = False, verify: bool = False, max_seq_len: "int | None" = None) -> Transformer:
+         mmap: bool = False, verify: bool = False, max_seq_len: "int | None" = None,
+         parallel: "str | None" = None, tensor_parallel: "int | None" = None) -> Transformer:
     """Load a Llama model from a GGUF file, a checkpoint directory, or a fetchable name.
 
     backend: "numpy" (the reference) or "numba" (the same computation, compiled).
@@ -33,6 +34,10 @@ def load(path_or_name: "str | Path", *, backend: str = "numpy", dtype=np.float32
         that there is no manifest to check against. Reads every byte once more (in 1 MiB chunks).
     max_seq_len: a context window shorter than the model's (less KV-cache memory, prompts truncated or
         refused sooner); None keeps the model's own. A longer one is refused: RoPE was not trained there.
+    parallel: "mpi" to run under `mpirun -n N`: each rank reads and keeps only its slice of every matrix
+        (Meta's model-parallel split, llama_ref.parallel) and the ranks compute every forward pass
+        together; tensor_parallel=K makes groups of K ranks, each a whole model (data parallel across
+        groups). The logits are the single-process ones up to float rounding of the sums.
     """
     if max_seq_len is not None and (isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int)
                                     or max_seq_len < 1):
@@ -58,6 +63,13 @@ def load(path_or_name: "str | Path", *, backend: str = "numpy", dtype=np.float32
     if verify:
         from .checksums import verify as verify_checksums
         verify_checksums(path)
+    if parallel is not None:
+        from .parallel import load_parallel, parallel_options
+
+        parallel_options(parallel, quantize=quantize, mmap=mmap, weights=weights)
+        return load_parallel(path, tensor_parallel=tensor_parallel, backend=backend, dtype=dtype,
+                             keep="float32" if weights == "float32" else "stored", progress=progress,
+                             max_seq_len=max_seq_len)
     if path.is_file() and path.suffix == ".gguf" or path.is_file() and _is_gguf(path):
         from .tokenizer import tokenizer_from_gguf
         from .weights.gguf import load_gguf

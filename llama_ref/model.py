@@ -16,6 +16,7 @@ import numpy as np
 from . import llama4, ops
 from .config import ModelArgs
 from .errors import LlamaRefError
+from .parallel import SINGLE
 
 
 class InputError(LlamaRefError, ValueError):
@@ -106,6 +107,9 @@ class Transformer(GenerationMixin):
         self.tokenizer = None  # attached by llama_ref.load
         self.source = None
         self.capture = None  # set by llama_ref.capture to collect intermediate tensors by name
+        # The ranks this model's matrices are split across (llama_ref.parallel); in one process SINGLE, whose
+        # all_reduce and all_gather return their argument.
+        self.parallel = SINGLE
 
     # ---- the forward pass ----------------------------------------------------------------------------
     def forward(self, tokens, start_pos: int = 0, *, cache: Optional[KVCache] = None,
@@ -137,6 +141,7 @@ class Transformer(GenerationMixin):
 
         # Token embeddings: one row of the table per token.
         h = k_ops.embedding(tokens, w["tok_embeddings.weight"], self.dtype)  # (B, T, D)
+        h = self.parallel.all_reduce(h)  # tensor parallel: each rank looked up its part of the table
         self._record("embeddings", h)
 
         for i in range(args.n_layers):
@@ -162,6 +167,7 @@ class Transformer(GenerationMixin):
             self._record(p + "attention.heads", attn)
             # Mix the heads back into the residual stream.
             out = k_ops.linear(attn.reshape(B, T, H * HD), w[p + "attention.wo.weight"])  # (B, T, D)
+            out = self.parallel.all_reduce(out)  # tensor parallel: add the terms of every rank's heads
             self._record(p + "attention.output", out)
             h = h + out
             self._record(p + "attention_residual", h)
@@ -174,6 +180,7 @@ class Transformer(GenerationMixin):
             self._record(p + "feed_forward.gate", gate)
             self._record(p + "feed_forward.up", up)
             out = k_ops.linear(k_ops.swiglu(gate, up), w[p + "feed_forward.w2.weight"])  # (B, T, D)
+            out = self.parallel.all_reduce(out)  # tensor parallel: add the terms of every rank's FFN columns
             self._record(p + "feed_forward.output", out)
             h = h + out
             self._record(p + "residual", h)
@@ -185,6 +192,7 @@ class Transformer(GenerationMixin):
         h = k_ops.rms_norm(h, w["norm.weight"], args.norm_eps)
         self._record("norm", h)
         logits = k_ops.linear(h, w["output.weight"])  # (B, T, V)
+        logits = self.parallel.all_gather(logits)  # tensor parallel: join every rank's slice of the vocabulary
         self._record("logits", logits)
         return logits if batched else logits[0]
 

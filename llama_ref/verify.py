@@ -22,7 +22,7 @@ from typing import Iterable, Optional
 
 import numpy as np
 
-from .capture import activation_names, layer_of, run_and_capture
+from .capture import MOE_NAMES, activation_names, layer_of, run_and_capture
 from .model import InputError, Transformer
 from .sampling import log_softmax
 from .weights.bf16 import bf16_bits_to_float32
@@ -197,7 +197,11 @@ class Report:
 def _forward_order(names: list[str]) -> list[str]:
     """Capture names in the order the forward pass makes them; any other names last, alphabetically."""
     n_layers = max((layer_of(n) for n in names if layer_of(n) is not None), default=-1) + 1
-    order = {name: i for i, name in enumerate(activation_names(n_layers))}
+    order = {}
+    for name in activation_names(n_layers):
+        order[name] = len(order)
+        if name.endswith(".ffn_norm"):  # a Llama 4 MoE layer's router follows its ffn_norm
+            order.update({name[:-len("ffn_norm")] + moe: len(order) + k for k, moe in enumerate(MOE_NAMES)})
     return sorted(names, key=lambda n: (order.get(n, len(order)), n))
 
 

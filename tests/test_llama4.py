@@ -349,3 +349,38 @@ def test_params_json_written_by_llama_ref_round_trips_llama4():
             n_kv_heads=args.kv_heads)
     with pytest.raises(ConfigError, match="llama4.experts is not implemented"):
         from_params_json(dict(presets.get("llama-4-scout-17b-16e").to_params_json(), llama4={"experts": 3}))
+
+
+# ---- capture, verify, batches --------------------------------------------------------------------------
+
+def test_capture_names_of_a_llama4_model_follow_activation_names():
+    from llama_ref.capture import activation_names
+    model = llama_ref.load(HF)
+    acts = run_and_capture(model, TOKENS[:6])
+    assert list(acts) == activation_names(4, moe_layers=model.args.llama4.moe_layers)
+    assert acts["layers.1.feed_forward.experts"].dtype.kind == "i"
+
+
+def test_verify_localises_a_routing_difference():
+    """A router that sends some tokens elsewhere: verify's first divergence is that layer's router logits."""
+    from llama_ref.verify import compare
+
+    model = llama_ref.load(HF, weights="float32")
+    reference = {"tokens": TOKENS, **run_and_capture(model, TOKENS)}
+    router = model.weights["layers.3.feed_forward.router.weight"]
+    model.weights["layers.3.feed_forward.router.weight"] = router[::-1].copy()  # experts renumbered
+    report = compare(run_and_capture(model, TOKENS), reference)
+    assert report.first_divergence.name == "layers.3.feed_forward.router_logits"
+    experts = next(t for t in report.tensors if t.name == "layers.3.feed_forward.experts")
+    assert experts.max_abs > 0
+
+
+def test_batches_of_equal_length_match_single_rows_and_padding_is_refused():
+    from llama_ref.model import InputError
+    model = llama_ref.load(HF)
+    rows = np.stack([TOKENS[:12], TOKENS[4:16]])
+    batch = model.forward(rows, 0)
+    for b in range(2):
+        assert np.abs(batch[b] - model.forward(rows[b], 0)).max() < TOL
+    with pytest.raises(InputError, match="left-padded batch"):
+        model.generate([[1, 2, 3], [4, 5, 6, 7, 8]], max_new_tokens=2)

@@ -99,10 +99,9 @@ def read_hf_tensors(directory: Path) -> dict:
     return tensors
 
 
-def load_hf(directory: "str | Path", keep: str = "stored", progress: bool = False, mmap: bool = False):
-    """Read a Hugging Face Llama checkpoint directory. Returns (args, weights, extras)."""
-    directory = Path(directory)
-    check_keep(keep)
+def open_hf(directory: Path):
+    """(args, lazy) of an HF checkpoint: its config and every tensor (not yet read) under Meta's names,
+    checked against the config from the headers alone; a tied output matrix is the embedding's tensor."""
     args: ModelArgs = from_hf_config(directory / "config.json")
     tensors = read_hf_tensors(directory)
     where = str(directory)
@@ -123,6 +122,14 @@ def load_hf(directory: "str | Path", keep: str = "stored", progress: bool = Fals
         # Like HF's own tying: a stored lm_head.weight (some tied checkpoints keep a copy) is not used.
         lazy["output.weight"] = lazy["tok_embeddings.weight"]
     check_weights(args, lazy, where)
+    return args, lazy
+
+
+def load_hf(directory: "str | Path", keep: str = "stored", progress: bool = False, mmap: bool = False):
+    """Read a Hugging Face Llama checkpoint directory. Returns (args, weights, extras)."""
+    directory = Path(directory)
+    check_keep(keep)
+    args, lazy = open_hf(directory)
     items = [(n, t) for n, t in lazy.items() if not (args.tie_word_embeddings and n == "output.weight")]
     if progress:
         from tqdm import tqdm

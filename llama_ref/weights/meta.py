@@ -122,10 +122,13 @@ def check_missing_shard(args: ModelArgs, joined: dict, n_shards: int, where: str
                            f"found, the config's shapes need {n_shards * k}")
 
 
-def load_meta(directory: "str | Path", keep: str = "stored", progress: bool = False, mmap: bool = False):
-    """Read a Meta checkpoint directory. Returns (args, weights, extras) like load_gguf."""
+def open_meta(directory: "str | Path") -> SimpleNamespace:
+    """A Meta checkpoint's config and shard headers, every name and shape checked; no tensor is read.
+
+    Returns a namespace: args, paths, shards (name -> TorchTensor per shard), names (the tensors to read:
+    a tied output matrix is not among them), joined (name -> (joined shape, split axis)), where, dtypes.
+    """
     directory = Path(directory)
-    check_keep(keep)
     paths = shard_paths(directory)
     shards = [read_torch_file(p) for p in paths]
     args = read_meta_params(directory, shards)
@@ -154,6 +157,18 @@ def load_meta(directory: "str | Path", keep: str = "stored", progress: bool = Fa
         lazy["output.weight"] = lazy["tok_embeddings.weight"]
     check_weights(args, lazy, where)
     dtypes = {shards[0][n].dtype_name for n in names if not n.endswith("norm.weight")}
+    return SimpleNamespace(args=args, paths=paths, shards=shards, names=names, joined=joined, where=where,
+                           dtypes=dtypes)
+
+
+def load_meta(directory: "str | Path", keep: str = "stored", progress: bool = False, mmap: bool = False):
+    """Read a Meta checkpoint directory. Returns (args, weights, extras) like load_gguf."""
+    directory = Path(directory)
+    check_keep(keep)
+    ckpt = open_meta(directory)
+    args, paths, shards, names, joined, where = (ckpt.args, ckpt.paths, ckpt.shards, ckpt.names, ckpt.joined,
+                                                 ckpt.where)
+    first, dtypes = shards[0], ckpt.dtypes
 
     weights: dict = {}
     if progress:

@@ -147,21 +147,55 @@ def write_torch_file(path: Path, tensors: list[tuple[str, np.ndarray, str]], arc
         zf.writestr(f"{archive}/version", b"3\n")
 
 
-def write_meta(dst: Path, args: ModelArgs, weights: dict, out: str, on_tensor=None) -> None:
-    """dst/params.json + dst/consolidated.00.pth (one shard), every tensor in dtype `out`."""
+def write_meta(dst: Path, args: ModelArgs, weights: dict, out: str, on_tensor=None, shards: int = 1) -> None:
+    """dst/params.json + dst/consolidated.00.pth .. consolidated.NN.pth (`shards` model-parallel shards, cut
+    as Meta's fairscale layers cut them: see meta_shard_plans), every tensor in dtype `out`."""
+    plans = meta_shard_plans(args, shards)
     dst.mkdir(parents=True, exist_ok=True)
     params = args.to_params_json()
     (dst / "params.json").write_text(json.dumps(params, indent=2) + "\n")
     names = canonical_items(args, weights)
-    tensors = []
-    for name in names:
-        # Norms too are written in `out`, as Meta's own files do (bf16 norms widen exactly on load).
-        tensors.append((name, raw_elements(weights[name], out), out))
-    if args.tie_word_embeddings:
-        # As in Meta's Llama 3.2 files: output.weight is the embedding's own storage.
-        emb = next(t for t in tensors if t[0] == "tok_embeddings.weight")
-        tensors.append(("output.weight", emb[1], emb[2]))
-    write_torch_file(dst / "consolidated.00.pth", tensors, on_tensor=on_tensor)
+    for k, plan in enumerate(plans):
+        tensors = []
+        for name in names:
+            # Norms too are written in `out`, as Meta's own files do (bf16 norms widen exactly on load).
+            raw = raw_elements(weights[name], out)
+            if plan is not None and plan[name] is not None:
+                axis, lo, hi = plan[name]
+                raw = np.ascontiguousarray(raw[(slice(None),) * axis + (slice(lo, hi),)])
+            tensors.append((name, raw, out))
+        if args.tie_word_embeddings:
+            # As in Meta's Llama 3.2 files: output.weight is the embedding's own storage.
+            emb = next(t for t in tensors if t[0] == "tok_embeddings.weight")
+            tensors.append(("output.weight", emb[1], emb[2]))
+        write_torch_file(dst / f"consolidated.{k:02d}.pth", tensors, on_tensor=on_tensor)
+        del tensors
+
+
+def meta_shard_plans(args: ModelArgs, shards: int) -> list:
+    """For each of `shards` model-parallel shards, name -> (axis, lo, hi) of its slice (None: a copy);
+    [None] for one shard. fairscale's split: wq/wk/wv/w1/w3/output by rows, wo/w2 by columns, the embedding
+    by vocabulary rows (Llama 3's VocabParallelEmbedding; by columns, Llama 2's ParallelEmbedding, when the
+    shards divide the width but not the vocabulary). Each count must divide what it splits, as fairscale
+    requires."""
+    from ..parallel import rank_plan
+
+    if isinstance(shards, bool) or not isinstance(shards, int) or shards < 1:
+        raise WeightsError(f"--shards must be a positive integer, got {shards!r}")
+    if shards == 1:
+        return [None]
+    sizes = {"n_heads": args.n_heads, "n_kv_heads": args.kv_heads, "the FFN width": args.ffn_hidden_dim}
+    for what, n in sizes.items():
+        if n % shards:
+            raise WeightsError(f"--shards {shards}: Meta's layout needs the shard count to divide {what} ({n})")
+    if args.vocab_size % shards == 0:
+        embedding_axis = 0
+    elif args.dim % shards == 0 and not args.tie_word_embeddings:
+        embedding_axis = 1
+    else:
+        raise WeightsError(f"--shards {shards}: Meta's layout needs the shard count to divide the vocabulary "
+                           f"({args.vocab_size})")
+    return [rank_plan(args, k, shards, "--shards", embedding_axis) for k in range(shards)]
 
 
 # ---- Hugging Face: config.json + model.safetensors ----------------------------------------------------------

@@ -1,0 +1,342 @@
+"""Tensor and data parallelism across MPI ranks (llama_ref.parallel), checked against one process.
+
+The tests marked `mpi` run `mpirun -n 2` and `mpirun -n 4 --oversubscribe` (Open MPI with mpi4py) and skip,
+saying why, when either is missing; .ci/run installs both. The others check the slicing and the shard
+writer in one process, with the ranks simulated by threads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import llama_ref
+from llama_ref.model import Transformer
+from llama_ref.parallel import (EmbeddingPart, ParallelError, head_ranges, load_rank_weights, local_args, part,
+                                rank_plan)
+from llama_ref.weights.common import WeightsError, expected_shapes
+from llama_ref.weights.writers import meta_shard_plans, write_gguf, write_hf, write_meta
+from conftest import random_weights, tiny_args
+from gguf_files import byte_level_tokens, write_llama_gguf
+
+HERE = Path(__file__).parent
+TINY = HERE / "data" / "tiny_ckpt"
+TOKENS = [1, 17, 90, 5, 42, 7, 63, 88, 3, 11, 77, 31]
+
+
+def _mpi_missing() -> "str | None":
+    mpirun = shutil.which("mpirun")
+    if mpirun is None:
+        return "mpirun is not installed (apt-get install openmpi-bin libopenmpi-dev)"
+    try:
+        import mpi4py  # noqa: F401  (its MPI module is imported in a child: that starts MPI)
+    except ImportError:
+        return "mpi4py is not installed (pip install 'llama_ref[mpi]')"
+    child = subprocess.run([sys.executable, "-c", "from mpi4py import MPI"], capture_output=True, text=True,
+                           env=dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1"))
+    if child.returncode:
+        return f"mpi4py cannot load its MPI library: {child.stderr.strip().splitlines()[-1:]}"
+    version = subprocess.run([mpirun, "--version"], capture_output=True, text=True).stdout
+    if "Open MPI" not in version:
+        return f"these tests drive Open MPI's mpirun; found {version.splitlines()[:1]}"
+    return None
+
+
+MPI_MISSING = _mpi_missing()
+needs_mpi = pytest.mark.skipif(MPI_MISSING is not None, reason=str(MPI_MISSING))
+
+
+def mpirun(n: int, *argv, timeout: float = 240, check: bool = True, **popen) -> subprocess.CompletedProcess:
+    """`mpirun -n n --oversubscribe python argv...`, as root too (Open MPI refuses root unless told)."""
+    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
+               OMPI_MCA_btl_vader_single_copy_mechanism="none")  # containers often forbid CMA (ptrace)
+    cmd = ["mpirun", "-n", str(n), "--oversubscribe", sys.executable, *map(str, argv)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, **popen)
+    if check:
+        assert done.returncode == 0, f"{' '.join(cmd)} failed:\n{done.stdout}\n{done.stderr}"
+    return done
+
+
+# ---- checkpoints -------------------------------------------------------------------------------------
+
+CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+          "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def gqa_args(**overrides):
+    """8 query heads over 4 KV heads: 2 and 4 ranks each hold whole KV heads (no copies)."""
+    return tiny_args(**{"dim": 64, "n_heads": 8, "n_kv_heads": 4, "vocab_size": 96, **overrides})
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory) -> dict:
+    """The same GQA model as one Meta file, Meta shards (2 and 4), HF safetensors, and a GGUF with a
+    byte-level tokenizer (vocabulary 261, split unevenly) with its Meta shards written by convert."""
+    root = tmp_path_factory.mktemp("parallel")
+    args = gqa_args()
+    w = random_weights(args, seed=3, scale=0.5)
+    out = {}
+    for n in (1, 2, 4):
+        write_meta(root / f"meta{n}", args, w, "f32", shards=n)
+        out[f"meta{n}"] = root / f"meta{n}"
+    write_hf(root / "hf", args, w, "bf16")
+    out["hf"] = root / "hf"
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tokens = specials + byte_level_tokens() + ["Ġt", "he"]
+    targs = gqa_args(vocab_size=len(tokens), max_seq_len=128)
+    out["gguf"] = write_llama_gguf(root / "tok.gguf", targs, random_weights(targs, 0, scale=1.0), {
+        "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "smollm", "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.token_type": [3] * len(specials) + [1] * (len(tokens) - len(specials)),
+        "tokenizer.ggml.merges": ["Ġ t", "h e"], "tokenizer.ggml.bos_token_id": 0,
+        "tokenizer.ggml.eos_token_id": 2, "tokenizer.ggml.add_bos_token": False,
+        "tokenizer.chat_template": CHATML})
+    from llama_ref.convert import convert
+    out["tok_meta2"] = convert(out["gguf"], root / "tok_meta2", "meta", shards=2)
+    return out
+
+
+def single_logits(src, tokens=TOKENS) -> np.ndarray:
+    """One process: a prefill of all but the last 3 tokens, then 3 one-token steps (as mpi_worker.py)."""
+    model = llama_ref.load(src)
+    prefill = model.forward(tokens[:-3], 0)
+    steps = [model.forward([t], len(tokens) - 3 + j) for j, t in enumerate(tokens[-3:])]
+    return np.concatenate([prefill, *steps])
+
+
+# ---- one process: the slices --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n", [1, 2, 4, 8])
+def test_rank_slices_tile_every_tensor(n):
+    """The ranks' parts of each split tensor are disjoint and cover it; the replicated ones are whole."""
+    args = gqa_args()
+    shapes = expected_shapes(args)
+    plans = [rank_plan(args, r, n, "test") for r in range(n)]
+    for name, shape in shapes.items():
+        slots = [p[name] for p in plans]
+        if slots[0] is None:
+            assert all(s is None for s in slots), name
+            continue
+        axis = slots[0][0]
+        covered = np.zeros(shape[axis], int)
+        for a, lo, hi in slots:
+            assert a == axis
+            covered[lo:hi] += 1
+        assert (covered == 1).all() or name.endswith(("wk.weight", "wv.weight")) and n > args.kv_heads, name
+
+
+def test_kv_heads_are_copied_when_ranks_outnumber_them():
+    args = tiny_args(n_heads=4, n_kv_heads=2)  # 4 ranks: one query head each, two ranks per KV head
+    assert [head_ranges(args, r, 4, "x") for r in range(4)] == [((0, 1), (0, 1)), ((1, 2), (0, 1)),
+                                                                ((2, 3), (1, 2)), ((3, 4), (1, 2))]
+
+
+@pytest.mark.parametrize("n, overrides, match", [
+    (3, {}, "3 ranks do not divide the model's 8 attention heads"),
+    (4, {"n_heads": 12, "n_kv_heads": 3, "dim": 96}, "unevenly"),
+])
+def test_ranks_that_do_not_fit_are_refused(n, overrides, match):
+    with pytest.raises(ParallelError, match=match):
+        rank_plan(gqa_args(**overrides), 0, n, "ckpt")
+
+
+def test_uneven_parts_cover_the_vocabulary():
+    assert [part(261, r, 4) for r in range(4)] == [(0, 65), (65, 130), (130, 195), (195, 261)]
+
+
+class _Threads:
+    """Collectives among threads: what MPIGroup does across processes, for tests without MPI."""
+
+    def __init__(self, n):
+        self.n, self.barrier, self.slots = n, threading.Barrier(n), [None] * n
+
+    def group(self, rank):
+        threads = self
+
+        class Group:
+            size = threads.n
+
+            def _exchange(self, x):
+                threads.slots[rank] = x
+                threads.barrier.wait()
+                got = list(threads.slots)
+                threads.barrier.wait()
+                return got
+
+            def all_reduce(self, x):
+                terms = self._exchange(x)
+                out = terms[0].copy()
+                for t in terms[1:]:
+                    out += t
+                return out
+
+            def all_gather(self, x):
+                return np.concatenate(self._exchange(x), axis=-1)
+
+            def bcast(self, obj):
+                return self._exchange(obj)[0]
+
+        g = Group()
+        g.rank = rank
+        return g
+
+
+def threaded_logits(src, n) -> list:
+    """Every rank's logits with n ranks simulated by threads, each rank reading only its part of `src`."""
+    threads, results, errors = _Threads(n), [None] * n, []
+
+    def rank(r):
+        try:
+            _, mine, weights, extras = load_rank_weights(Path(src), r, n)
+            model = Transformer(mine, weights, freq_divisors=extras.get("freq_divisors"))
+            model.parallel = threads.group(r)
+            prefill = model.forward(TOKENS[:-3], 0)
+            steps = [model.forward([t], len(TOKENS) - 3 + j) for j, t in enumerate(TOKENS[-3:])]
+            results[r] = np.concatenate([prefill, *steps])
+        except BaseException as e:  # noqa: BLE001  (reported by the test)
+            errors.append(e)
+            threads.barrier.abort()
+
+    workers = [threading.Thread(target=rank, args=(r,)) for r in range(n)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+    if errors:
+        raise errors[0]
+    return results
+
+
+@pytest.mark.parametrize("src, n", [("meta2", 2), ("meta4", 4), ("meta1", 2), ("meta1", 4), ("meta4", 2),
+                                    ("meta2", 4), ("hf", 4), ("gguf", 2), ("gguf", 4), ("tok_meta2", 2),
+                                    (TINY / "llama31_bf16_mp2_meta", 2), (TINY / "llama31_bf16_mp2_meta", 4),
+                                    (TINY / "llama2_fp16_mp2_meta", 2), (TINY / "llama32_tied_hf", 2)])
+def test_threaded_ranks_match_one_process(ckpts, src, n):
+    """Each source read as n slices (its own shard, or re-sliced from other shard counts and single files)
+    gives the single-process logits within 1e-5 on every rank, and the same bits on every rank."""
+    src = ckpts.get(src, src)
+    want = single_logits(src)
+    got = threaded_logits(src, n)
+    for r in range(n):
+        assert np.array_equal(got[r], got[0])
+    np.testing.assert_allclose(got[0], want, rtol=0, atol=1e-5)
+
+
+def test_rank_reads_only_its_own_shard(ckpts, monkeypatch):
+    """With as many ranks as shards, rank r opens the tensors of consolidated.r.pth only."""
+    from llama_ref.weights import torch_zip
+
+    read = []
+    original = torch_zip.TorchTensor.read
+    monkeypatch.setattr(torch_zip.TorchTensor, "read", lambda self: read.append(self.storage.path.name)
+                        or original(self))
+    monkeypatch.setattr(torch_zip.TorchTensor, "view", lambda self: pytest.fail("a slice of a shard was mapped"))
+    _, mine, weights, _ = load_rank_weights(ckpts["meta4"], 2, 4)
+    assert set(read) == {"consolidated.02.pth"}
+    assert mine.n_heads == 2 and mine.n_kv_heads == 1
+    assert isinstance(weights["tok_embeddings.weight"], EmbeddingPart)
+
+
+def test_local_args_are_the_slice():
+    mine = local_args(gqa_args(), 1, 4, "x")
+    assert (mine.n_heads, mine.kv_heads, mine.head_dim, mine.dim) == (2, 1, 8, 64)
+
+
+# ---- convert --shards -----------------------------------------------------------------------------------
+
+def test_meta_shards_are_fairscale_slices(ckpts):
+    """Shard k of convert's output holds fairscale's k-th slice: the merged checkpoint is the original."""
+    one = llama_ref.load(ckpts["meta1"])
+    for n in (2, 4):
+        merged = llama_ref.load(ckpts[f"meta{n}"])
+        for name, w in one.weights.items():
+            assert np.array_equal(np.asarray(w), np.asarray(merged.weights[name])), name
+    from llama_ref.weights.torch_zip import read_torch_file
+
+    shard = read_torch_file(ckpts["meta2"] / "consolidated.01.pth")
+    assert shard["layers.0.attention.wk.weight"].shape == (2 * 8, 64)  # 2 of the 4 KV heads
+    assert shard["layers.0.attention.wo.weight"].shape == (64, 4 * 8)
+    assert shard["tok_embeddings.weight"].shape == (48, 64)  # Llama 3's vocabulary split
+
+
+def test_shards_that_do_not_divide_are_refused(tmp_path):
+    args = gqa_args()
+    with pytest.raises(WeightsError, match="--shards 3: Meta's layout needs the shard count to divide n_heads"):
+        meta_shard_plans(args, 3)
+    with pytest.raises(WeightsError, match="--shards 16: .* n_kv_heads"):
+        meta_shard_plans(gqa_args(n_heads=16, dim=128), 16)
+    from llama_ref.convert import convert
+
+    with pytest.raises(WeightsError, match="only Meta's format"):
+        convert(TINY / "llama31_bf16_meta", tmp_path / "x", "hf", shards=2)
+    assert not (tmp_path / "x").exists()
+
+
+# ---- across MPI ranks ---------------------------------------------------------------------------------------
+
+def run_worker(n, sources, tmp_path):
+    mpirun(n, HERE / "mpi_worker.py", tmp_path, ",".join(map(str, TOKENS)), *sources)
+    ranks = json.loads((tmp_path / "ranks.json").read_text())
+    return [np.load(tmp_path / f"logits_{i}.npy") for i in range(len(sources))], ranks
+
+
+@needs_mpi
+@pytest.mark.parametrize("n", [2, 4])
+def test_mpi_logits_match_one_process(ckpts, tmp_path, n):
+    """Under mpirun, logits equal the single-process ones within 1e-5 (float32), the same bits on every
+    rank: Meta shards read one per rank, re-sliced from other shard counts and single files, HF, GGUF, and
+    the shards Meta's layout script wrote (tests/fixtures/make_tiny_checkpoints.py), KV heads split."""
+    sources = [ckpts[f"meta{n}"], ckpts["meta1"], ckpts["meta4" if n == 2 else "meta2"], ckpts["hf"],
+               ckpts["gguf"], TINY / "llama31_bf16_mp2_meta"]
+    got, ranks = run_worker(n, sources, tmp_path)
+    for src, logits in zip(sources, got):
+        np.testing.assert_allclose(logits, single_logits(src), rtol=0, atol=1e-5, err_msg=str(src))
+    for rank_reports in ranks:
+        for report in rank_reports:
+            assert report["same_as_rank0"], report
+    assert [r[0]["local_heads"] for r in ranks] == [8 // n] * n
+    assert [r[0]["local_kv_heads"] for r in ranks] == [4 // n] * n
+
+
+def cli(*argv, timeout=120):
+    return subprocess.run([sys.executable, "-m", "llama_ref.cli", *map(str, argv)], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@needs_mpi
+@pytest.mark.parametrize("n, src", [(2, "tok_meta2"), (4, "gguf")])
+def test_mpi_generate_and_score_match_one_process(ckpts, tmp_path, n, src):
+    """Greedy text (and sampled text with a seed) is the single-process text; a score agrees to 1e-6."""
+    src = ckpts[src]
+    for flags in (["--temp", "0"], ["--temp", "0.9", "--seed", "5"]):
+        common = ["generate", "-m", src, "-q", "--json", "-n", 24, "--ignore-eos", *flags, "the theme"]
+        one = cli(*common)
+        assert one.returncode == 0, one.stderr
+        many = mpirun(n, "-m", "llama_ref.cli", *common, "--parallel", "mpi")
+        assert json.loads(many.stdout)["ids"] == json.loads(one.stdout)["ids"]
+        assert json.loads(many.stdout)["text"] == json.loads(one.stdout)["text"]
+    text = tmp_path / "t.txt"
+    text.write_text("the theme of the thesis: the heat, the height, the path there. " * 6)
+    one = json.loads(cli("score", "-m", src, "-q", "--json", text).stdout)
+    many = json.loads(mpirun(n, "-m", "llama_ref.cli", "score", "-m", src, "-q", "--json", text,
+                             "--parallel", "mpi").stdout)
+    assert many["n_tokens"] == one["n_tokens"]
+    assert many["perplexity"] == pytest.approx(one["perplexity"], rel=1e-6)
+
+
+@needs_mpi
+def test_mpi_ranks_that_do_not_divide_the_heads_fail_on_every_rank(ckpts):
+    done = mpirun(3, "-m", "llama_ref.cli", "generate", "-m", ckpts["meta1"], "-n", 2, "--parallel", "mpi",
+                  "hello", check=False, timeout=120)
+    assert done.returncode != 0
+    assert "3 ranks do not divide the model's 8 attention heads" in done.stderr
+    assert "ending every rank of the job" in done.stderr

@@ -322,6 +322,9 @@ def chat_tokens(tokenizer: Tokenizer, messages: list[dict], add_generation_promp
                            bos_token=piece(tokenizer.bos_id), eos_token=piece(tokenizer.eos_id))
         # The template writes BOS itself where it wants one.
         return tokenizer.encode(text, bos=False, allow_special=True)
+    from .tokenizer_llama4 import Llama4Tokenizer, llama4_chat_tokens
+    if isinstance(tokenizer, Llama4Tokenizer):  # a Llama3Tokenizer too: checked first
+        return llama4_chat_tokens(tokenizer, messages, add_generation_prompt)
     if isinstance(tokenizer, Llama3Tokenizer):
         return llama3_chat_tokens(tokenizer, messages, add_generation_prompt)
     if isinstance(tokenizer, SentencePieceTokenizer):

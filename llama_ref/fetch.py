@@ -52,6 +52,16 @@ MODELS = {
         filename="llama3-tokenizer.model",
         kind="tokenizer",
     ),
+    # Meta's official Llama 4 tokenizer (tiktoken format, 200000 ranks), from the same wheel.
+    "llama4-tokenizer": Fetchable(
+        name="llama4-tokenizer",
+        package="llama-models==0.3.0",
+        member="llama_models/llama4/tokenizer.model",
+        sha256="d0bdbaf59b0762c8c807617e2d8ea51420eb1b1de266df2495be755c8e0ed6ed",
+        description="Llama 4 tokenizer.model (tiktoken BPE, 200000 tokens + 2048 special), 3.6 MB",
+        filename="llama4-tokenizer.model",
+        kind="tokenizer",
+    ),
 }
 DEFAULT_MODEL = "smollm2-135m-instruct"
 

@@ -408,9 +408,13 @@ def tokenizer_from_file(path: "str | Path", llama3_version: Optional[str] = None
 
         return tokenizer_from_gguf(gguf_metadata(open_gguf(path)), where=str(path))
     if is_tiktoken_file(path):
-        from .tokenizer_tiktoken import Llama3Tokenizer
+        from .tokenizer_llama4 import Llama4Tokenizer, is_llama4_ranks
+        from .tokenizer_tiktoken import Llama3Tokenizer, load_tiktoken_ranks
 
-        return Llama3Tokenizer.from_file(path, version=llama3_version or "3.1")
+        ranks = load_tiktoken_ranks(path)
+        if llama3_version == "4" or (llama3_version is None and is_llama4_ranks(ranks)):  # Llama 4's 200000
+            return Llama4Tokenizer(ranks, where=str(path))
+        return Llama3Tokenizer(ranks, version=llama3_version or "3.1", where=str(path))
     from .tokenizer_sp import SentencePieceTokenizer
 
     return SentencePieceTokenizer.from_file(path)
@@ -429,7 +433,10 @@ def tokenizer_from_dir(path: "str | Path") -> Tokenizer:
     if (path / "params.json").is_file():
         # Llama 3.0's params.json has no use_scaled_rope; 3.1 and later set it. The special-token names
         # (not ids) of 3.0 differ from 3.1's.
-        version = "3.1" if "use_scaled_rope" in _read_json(path / "params.json") else "3.0"
+        from .llama4_config import is_llama4_params
+
+        params = _read_json(path / "params.json")
+        version = "4" if is_llama4_params(params) else "3.1" if "use_scaled_rope" in params else "3.0"
     return tokenizer_from_file(model, llama3_version=version)
 
 

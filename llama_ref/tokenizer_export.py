@@ -306,7 +306,11 @@ def hf_files_from_tokenizer_model(path: Path, tok: Tokenizer, max_len: Optional[
     from .tokenizer_sp import SentencePieceTokenizer
     from .tokenizer_tiktoken import Llama3Tokenizer, load_tiktoken_ranks
 
+    from .tokenizer_llama4 import Llama4Tokenizer
+
     template = (base_config or {}).get("chat_template") or tok.chat_template
+    if isinstance(tok, Llama4Tokenizer):  # its own pattern and special tokens: not written yet
+        raise TokenizerError(f"{path}: writing a tokenizer.json for the Llama 4 tokenizer is not implemented")
     if isinstance(tok, Llama3Tokenizer):
         tk = tiktoken_tokenizer(load_tiktoken_ranks(path), tok.special_tokens, tok.bos_id, add_bos=True)
         tokens = [tk.id_to_token(i) for i in range(tok.vocab_size)]

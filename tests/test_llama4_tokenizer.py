@@ -1,0 +1,82 @@
+"""Llama 4's tokenizer and chat format against Meta's own (tests/data/tokenizers/llama4-cases.json, written by
+tests/fixtures/make_llama4_tokenizer_cases.py from llama-models' llama4 Tokenizer and ChatFormat). The official
+tokenizer.model is fetched from PyPI (llama-models 0.3.0, sha256-pinned); without it these tests skip."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+import llama_ref
+from llama_ref.chat import chat_tokens
+from llama_ref.tokenizer import tokenizer_from_dir, tokenizer_from_file
+from llama_ref.tokenizer_llama4 import Llama4Tokenizer, llama4_chat_tokens, parse_llama4_reply
+
+CASES = json.loads((Path(__file__).parent / "data" / "tokenizers" / "llama4-cases.json").read_text(encoding="utf-8"))
+
+
+@pytest.fixture(scope="module")
+def llama4_path():
+    try:
+        return llama_ref.fetch("llama4-tokenizer", progress=False)
+    except llama_ref.FetchError as e:
+        pytest.skip(f"the official Llama 4 tokenizer.model could not be fetched from PyPI: {e}")
+
+
+@pytest.fixture(scope="module")
+def tok(llama4_path):
+    return tokenizer_from_file(llama4_path)
+
+
+def test_the_file_is_recognised_as_llama4_and_its_special_tokens_are_metas(tok):
+    assert isinstance(tok, Llama4Tokenizer) and tok.vocab_size == CASES["n_words"] == 202048
+    for name, i in CASES["special_tokens"].items():
+        assert tok.special_tokens[name] == i, name
+    table = "\n".join(f"{name} {i}" for name, i in sorted(tok.special_tokens.items(), key=lambda kv: kv[1]))
+    assert hashlib.sha256(table.encode()).hexdigest() == CASES["special_table_sha256"]
+    assert sorted(tok.stop_ids) == sorted(CASES["stop_tokens"])
+
+
+def test_ids_equal_metas_on_the_corpus(tok):
+    for case in CASES["cases"]:
+        assert tok.encode(case["text"], bos=False) == case["ids"], case["text"]
+        assert tok.encode(case["text"], bos=True, eos=True, allow_special=True) == case["ids_special"], case["text"]
+        assert tok.decode(case["ids"]) == case["text"]
+
+
+def test_special_token_text_in_user_input_stays_text(tok):
+    ids = tok.encode("<|eot|>", bos=False)
+    assert tok.eot_id not in ids and tok.decode(ids) == "<|eot|>"
+    assert tok.encode("<|eot|>", bos=False, allow_special=True) == [tok.eot_id]
+
+
+def test_chat_format_equals_metas_encode_dialog_prompt(tok):
+    for dialog in CASES["dialogs"]:
+        assert llama4_chat_tokens(tok, dialog["messages"]) == dialog["ids"], dialog["messages"]
+        assert chat_tokens(tok, dialog["messages"]) == dialog["ids"]  # chosen by the tokenizer's family
+
+
+def test_replies_parse_as_metas_decode_assistant_message():
+    for reply in CASES["replies"]:
+        got = parse_llama4_reply(reply["text"])
+        assert (got["content"], got["stop_reason"]) == (reply["content"], reply["stop_reason"]), reply["text"]
+        assert got["tool_calls"] == reply["tool_calls"], reply["text"]
+
+
+def test_a_llama4_params_json_directory_reads_its_tokenizer_as_llama4(tmp_path, llama4_path):
+    """Scout's params.json sets use_scaled_rope, which marks Llama 3.1 for Llama 3 directories."""
+    (tmp_path / "tokenizer.model").write_bytes(Path(llama4_path).read_bytes())
+    params = json.loads((Path(__file__).parent / "data" / "tiny_ckpt" / "llama4_meta" / "params.json").read_text())
+    (tmp_path / "params.json").write_text(json.dumps(params))
+    assert isinstance(tokenizer_from_dir(tmp_path), Llama4Tokenizer)
+
+
+def test_exporting_it_as_tokenizer_json_is_refused(tok, llama4_path):
+    from llama_ref.tokenizer import TokenizerError
+    from llama_ref.tokenizer_export import hf_files_from_tokenizer_model
+
+    with pytest.raises(TokenizerError, match="Llama 4 tokenizer is not implemented"):
+        hf_files_from_tokenizer_model(Path(llama4_path), tok)

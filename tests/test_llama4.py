@@ -384,3 +384,48 @@ def test_batches_of_equal_length_match_single_rows_and_padding_is_refused():
         assert np.abs(batch[b] - model.forward(rows[b], 0)).max() < TOL
     with pytest.raises(InputError, match="left-padded batch"):
         model.generate([[1, 2, 3], [4, 5, 6, 7, 8]], max_new_tokens=2)
+
+
+def test_a_multimodal_hf_checkpoint_loads_its_language_model(tmp_path):
+    """Llama4ForConditionalGeneration files: text_config, language_model.* tensors; vision tensors skipped."""
+    from llama_ref.weights.safetensors_file import read_safetensors_header
+    from llama_ref.weights.writers import write_safetensors
+
+    tensors = [("language_model." + n, np.ascontiguousarray(t.read()), "bf16")
+               for n, t in read_safetensors_header(HF / "model.safetensors")[0].items()]
+    tensors.append(("vision_model.patch_embedding.linear.weight", np.zeros((8, 4), np.uint16), "bf16"))
+    out = tmp_path / "multimodal"
+    out.mkdir()
+    text = json.loads((HF / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({"model_type": "llama4", "text_config": text,
+                                                 "vision_config": {"hidden_size": 8}}))
+    write_safetensors(out / "model.safetensors", tensors)
+    np.testing.assert_array_equal(llama_ref.load(out).forward(TOKENS, 0), llama_ref.load(HF).forward(TOKENS, 0))
+
+
+class _Spy:
+    """A weight that records whether anything read it (ops.linear asks it for its floats)."""
+
+    def __init__(self, name, w, log):
+        self.name, self.w, self.log, self.shape, self.ndim = name, w, log, w.shape, 2
+
+    def to_float(self, dtype):
+        self.log.add(self.name)
+        return self.w.astype(dtype)
+
+
+def test_a_decode_step_reads_only_the_chosen_experts():
+    """Decode cost follows the active parameters: an expert no token chose is never read."""
+    model = llama_ref.load(HF, weights="float32")
+    read = set()
+    for name in [n for n in model.weights if ".experts." in n]:
+        model.weights[name] = _Spy(name, model.weights[name], read)
+    model.forward(TOKENS[:PROMPT], 0)
+    read.clear()
+    from llama_ref.capture import capture
+    with capture(model, ["layers.*.feed_forward.experts"]) as acts:
+        model.forward(TOKENS[PROMPT:PROMPT + 1], PROMPT)
+    chosen = {f"layers.{i}.feed_forward.experts.{int(e)}.{w}.weight"
+              for i in model.args.llama4.moe_layers for e in acts[f"layers.{i}.feed_forward.experts"].ravel()
+              for w in ("w1", "w2", "w3")}
+    assert read == chosen and len(read) == 3 * len(model.args.llama4.moe_layers)  # top-1: one expert a layer

@@ -512,3 +512,28 @@ def run_rank(args, run) -> int:
     if code:
         abort(f"failed (status {code}, see the error above); ending every rank of the job", code)
     return code
+
+
+def map_in_order(model, items, compute):
+    """(item, compute(item)) for every item, in order.
+
+    In one process, one after another. Across MPI ranks with data-parallel groups (load(tensor_parallel=K):
+    G = ranks / K model copies), copy g computes items g, g + G, g + 2G, ... (all K ranks of the copy
+    together), and world rank 0 receives every result and yields them in order; the other ranks yield
+    nothing. The groups advance in rounds of G items, so world rank 0 holds at most G results at a time.
+    """
+    world = getattr(model, "world", None)
+    if world is None:
+        for item in items:
+            yield item, compute(item)
+        return
+    g, G = model.data_parallel
+    per_group = world.size // G
+    items = list(items)
+    for start in range(0, len(items), G):
+        mine = start + g
+        result = compute(items[mine]) if mine < len(items) else None
+        results = world.comm.gather(result if model.parallel.rank == 0 else None, root=0)
+        if world.rank == 0:
+            for k in range(min(G, len(items) - start)):
+                yield items[start + k], results[k * per_group]  # group k's rank 0 is world rank k * K

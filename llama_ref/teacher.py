@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import struct
 import zlib
 from dataclasses import dataclass
@@ -136,34 +137,56 @@ def export_teacher(model: "Transformer", prompts: Sequence[str], out: "str | Pat
                 "vocab_size": model.args.vocab_size, "top_k": int(top_k), "dtype": dtype,
                 "prompts": len(prompts), "prompts_sha256": _digest(prompts), "truncate": bool(truncate)}
 
+    # Across MPI ranks (llama_ref.parallel) world rank 0 alone reads and writes the file; the prompts are
+    # shared out between the ranks' model copies, and their records come back to it in order.
+    world = getattr(model, "world", None)
+    writer = world is None or world.rank == 0
+    done = _prepare_output(out, settings, resume) if writer else 0
+    if world is not None:
+        done = world.bcast(done)  # a count, or the error rank 0 met, raised on every rank
+    if isinstance(done, Exception):
+        raise done
+
+    def compute(i):
+        return top_logprobs_of(model.logits(np.asarray(encoded[i], dtype=np.int64)), int(top_k))
+
+    from .parallel import map_in_order
+
+    results = map_in_order(model, range(done, len(encoded)), compute)
+    if progress and writer:
+        from tqdm import tqdm
+        results = tqdm(results, desc=f"teacher {out.name}", unit="prompt", initial=done, total=len(encoded))
+    tokens = 0
+    with open(out, "ab") if writer else open(os.devnull, "wb") as f:
+        for i, (top_ids, top_lp) in results:
+            ids = np.asarray(encoded[i], dtype=np.int64)
+            f.write(_encode_record(i, ids, top_ids, top_lp.astype(DTYPES[dtype])))
+            f.flush()  # each record reaches the file whole before the next one starts
+            tokens += len(ids)
+    return {"output": str(out), "records": len(encoded), "skipped": done, "tokens": tokens}
+
+
+def _prepare_output(out: Path, settings: dict, resume: bool) -> "int | TeacherFileError":
+    """Open `out` for appending: the number of complete records kept, after writing the header to a new
+    file; a TeacherFileError (returned, for the caller to raise on every rank) when it cannot resume."""
     done = 0
     if resume and out.exists():
-        header, records, good_end = _scan(out)
+        try:
+            header, records, good_end = _scan(out)
+        except TeacherFileError as e:
+            return e
         if header is None:
             good_end = 0  # not even a whole header: nothing worth keeping
         elif header != settings:
             differ = sorted(k for k in settings if header.get(k) != settings[k])
-            raise TeacherFileError(f"{out}: made with other settings ({', '.join(differ)} differ); "
-                                   f"use another output file or restart it")
+            return TeacherFileError(f"{out}: made with other settings ({', '.join(differ)} differ); "
+                                    f"use another output file or restart it")
         done = len(records)
         with open(out, "r+b") as f:
             f.truncate(good_end)  # drop a record cut short
     if not (resume and out.exists() and out.stat().st_size > 0):
         out.write_bytes(_encode_header(settings))
-
-    todo = range(done, len(encoded))
-    if progress:
-        from tqdm import tqdm
-        todo = tqdm(todo, desc=f"teacher {out.name}", unit="prompt", initial=done, total=len(encoded))
-    tokens = 0
-    with open(out, "ab") as f:
-        for i in todo:
-            ids = np.asarray(encoded[i], dtype=np.int64)
-            top_ids, top_lp = top_logprobs_of(model.logits(ids), int(top_k))
-            f.write(_encode_record(i, ids, top_ids, top_lp.astype(DTYPES[dtype])))
-            f.flush()  # each record reaches the file whole before the next one starts
-            tokens += len(ids)
-    return {"output": str(out), "records": len(encoded), "skipped": done, "tokens": tokens}
+    return done
 
 
 # ---- reading ----------------------------------------------------------------------------------------

@@ -340,3 +340,84 @@ def test_mpi_ranks_that_do_not_divide_the_heads_fail_on_every_rank(ckpts):
     assert done.returncode != 0
     assert "3 ranks do not divide the model's 8 attention heads" in done.stderr
     assert "ending every rank of the job" in done.stderr
+
+
+def _prompts(path: Path, n: int, seed: int = 2) -> Path:
+    rng = np.random.default_rng(seed)
+    words = ["the", "theme", "heat", "path", "there", "height", "a", "of"]
+    path.write_text("\n".join(" ".join(rng.choice(words, rng.integers(3, 25))) for _ in range(n)) + "\n")
+    return path
+
+
+@needs_mpi
+def test_mpi_teacher_data_parallel_writes_the_single_process_bytes(ckpts, tmp_path):
+    """Two whole-model copies (--tensor-parallel 1) share the prompts out; one file, byte for byte the
+    single-process one. Two ranks splitting one model write the same file as each other every time."""
+    prompts = _prompts(tmp_path / "p.txt", 30)
+    one, dp, tp, tp_again = (tmp_path / f"{name}.bin" for name in ("one", "dp", "tp", "tp_again"))
+    done = cli("teacher", prompts, "-m", ckpts["tok_meta2"], "-o", one, "-q")
+    assert done.returncode == 0, done.stderr
+    common = ["-m", "llama_ref.cli", "teacher", prompts, "-m", ckpts["tok_meta2"], "-q", "--parallel", "mpi"]
+    mpirun(2, *common, "-o", dp, "--tensor-parallel", "1")
+    assert dp.read_bytes() == one.read_bytes()
+    mpirun(2, *common, "-o", tp)
+    mpirun(4, *common, "-o", tp_again, "--tensor-parallel", "2")  # two copies, each split over two ranks
+    assert tp.read_bytes() == tp_again.read_bytes()
+    from llama_ref.teacher import read_teacher
+
+    (_, split), (_, whole) = read_teacher(tp), read_teacher(one)
+    assert [r.index for r in split] == list(range(30))
+    for a, b in zip(split, whole):  # float16 log-probabilities of logits within 1e-5
+        np.testing.assert_allclose(a.top_logprobs.astype(float), b.top_logprobs.astype(float), atol=2e-2)
+
+
+def _rank_pids(mpirun_pid: int, n: int, timeout: float = 60) -> dict:
+    """World rank -> pid of the processes mpirun started (its children, by OMPI_COMM_WORLD_RANK)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ranks = {}
+        for pid in Path(f"/proc/{mpirun_pid}/task/{mpirun_pid}/children").read_text().split():
+            try:
+                env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            for entry in env:
+                if entry.startswith(b"OMPI_COMM_WORLD_RANK="):
+                    ranks[int(entry.split(b"=")[1])] = int(pid)
+        if len(ranks) == n:
+            return ranks
+        time.sleep(0.1)
+    raise AssertionError("mpirun's ranks did not start")
+
+
+@pytest.mark.slow
+@needs_mpi
+@pytest.mark.parametrize("victim", [0, 1])
+def test_mpi_killed_rank_ends_the_job_and_the_export_resumes(ckpts, tmp_path, victim):
+    """SIGKILL one rank mid-export: mpirun ends the job within seconds (no hang), the surviving rank says
+    why, and running the command again resumes to the bytes of an uninterrupted run."""
+    prompts = _prompts(tmp_path / "p.txt", 400, seed=victim)
+    out, full = tmp_path / "out.bin", tmp_path / "full.bin"
+    common = ["-m", "llama_ref.cli", "teacher", prompts, "-m", ckpts["tok_meta2"], "-q", "--parallel", "mpi"]
+    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    job = subprocess.Popen(["mpirun", "-n", "2", sys.executable, *map(str, common), "-o", str(out)],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        ranks = _rank_pids(job.pid, 2)
+        deadline = time.monotonic() + 120
+        while not (out.exists() and out.stat().st_size > 1000) and job.poll() is None:
+            assert time.monotonic() < deadline, "no record was written"
+            time.sleep(0.05)
+        assert job.poll() is None, "the export finished before a rank could be killed"
+        os.kill(ranks[victim], signal.SIGKILL)
+        _, stderr = job.communicate(timeout=60)  # a hang fails here
+    finally:
+        if job.poll() is None:
+            job.kill()
+            job.wait()
+    assert job.returncode != 0
+    assert f"rank {victim} with PID" in stderr and "signal 9" in stderr, stderr
+    assert f"llama-ref rank {1 - victim} of 2: stopped by mpirun" in stderr, stderr
+    mpirun(2, *common, "-o", out)
+    mpirun(2, *common, "-o", full)
+    assert out.read_bytes() == full.read_bytes()

@@ -31,6 +31,7 @@ FORMAT = "llama_ref.activations"
 FORMAT_VERSION = 1
 META_KEY = "__metadata__"  # npz member holding the JSON metadata (safetensors: the header's metadata)
 DEFAULT_TOLERANCE = 1e-3
+BUDGET_PROMPT = "The capital of France is"  # `verify --against float64` runs it when given no prompt
 
 
 class ReferenceError(InputError):
@@ -378,7 +379,8 @@ CLI_EXAMPLES = """examples:
   llama-ref dump smollm2-135m-instruct --prompt "The capital of France is" -o ref.npz
   llama-ref verify smollm2-135m-instruct --reference ref.npz --dtype float64
   llama-ref verify path/to/model.gguf --reference theirs.safetensors --tolerance 1e-2 --all
-file format: docs/verification.md
+  llama-ref verify smollm2-135m-instruct --against float64 --prompt "Once upon a time" --backend numba
+file format: docs/verification.md; --against float64: the float32 error budget per layer and operation
 """
 
 
@@ -390,28 +392,37 @@ def add_subcommands(sub) -> None:
 
     fmt = argparse.RawDescriptionHelpFormatter
     for name, text in (("dump", "write a model's activations for a prompt to a reference file"),
-                       ("verify", "compare a model's activations with a reference file")):
+                       ("verify", "compare a model's activations with a reference file, or its float32 "
+                                  "forward pass with its own float64 one (--against float64)")):
         c = sub.add_parser(name, help=text, description=text, epilog=CLI_EXAMPLES, formatter_class=fmt)
         c.add_argument("model", nargs="?", default=DEFAULT_MODEL,
                        help=f"GGUF file, model directory or name (default: {DEFAULT_MODEL})")
         c.add_argument("--dtype", choices=["float32", "float64"], default="float32",
                        help="computation dtype (default float32)")
         c.add_argument("--backend", choices=["numpy", "numba"], default="numpy")
+        src = c.add_mutually_exclusive_group(required=name == "dump")
+        src.add_argument("--prompt", help="text to run (encoded with the model's tokenizer)"
+                         + ("" if name == "dump" else f"; with --against (default {BUDGET_PROMPT!r})"))
+        src.add_argument("--tokens", help="comma-separated token ids to run instead of a prompt")
+        c.add_argument("--bos", action=argparse.BooleanOptionalAction, default=None,
+                       help="add the BOS token to --prompt (default: the model's own convention)")
         if name == "dump":
-            src = c.add_mutually_exclusive_group(required=True)
-            src.add_argument("--prompt", help="text to run (encoded with the model's tokenizer)")
-            src.add_argument("--tokens", help="comma-separated token ids to run instead of a prompt")
-            c.add_argument("--bos", action=argparse.BooleanOptionalAction, default=None,
-                           help="add the BOS token to --prompt (default: the model's own convention)")
             c.add_argument("--names", nargs="+", default=None, metavar="PATTERN",
                            help="keep only these capture names (fnmatch patterns, e.g. 'layers.*.residual')")
             c.add_argument("-o", "--output", required=True, help="file to write (.npz or .safetensors)")
         else:
-            c.add_argument("--reference", required=True, help="reference file (.npz or .safetensors)")
+            against = c.add_mutually_exclusive_group(required=True)
+            against.add_argument("--reference", help="reference file (.npz or .safetensors)")
+            against.add_argument("--against", choices=["float64"],
+                                 help="print the float32 pass's error budget against the same model in float64: "
+                                      "per layer and operation, its own rounding and the accumulated error")
             c.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
                            help=f"largest relative difference accepted per tensor (default {DEFAULT_TOLERANCE:g})")
             c.add_argument("--top-k", type=int, default=5, help="k of the top-k agreement (default 5)")
             c.add_argument("--all", action="store_true", help="one row per tensor instead of per layer")
+            c.add_argument("--no-attribution", dest="attribution", action="store_false",
+                           help="with --against: skip the float64 passes that attribute the logits' error to "
+                                "each kind of operation")
 
 
 def run_subcommand(args) -> int:
@@ -423,27 +434,58 @@ def run_subcommand(args) -> int:
             raise InputError(f"--tolerance must be >= 0, got {args.tolerance}")
         if args.top_k < 1:
             raise InputError(f"--top-k must be >= 1, got {args.top_k}")
+        if args.against is not None:
+            return _run_budget(args)
+        if args.prompt is not None or args.tokens is not None:
+            raise InputError("--prompt and --tokens go with --against (a reference file holds its own tokens)")
         load_reference(args.reference)  # a bad reference file is reported before the model is loaded
     else:
         _file_kind(Path(args.output))
     model = load(args.model, backend=args.backend, dtype=np.dtype(args.dtype), progress=True)
     if args.command == "dump":
-        meta = {}
-        if args.tokens is not None:
-            try:
-                tokens = [int(t) for t in args.tokens.replace(" ", "").split(",") if t]
-            except ValueError:
-                raise InputError(f"--tokens must be comma-separated integers, got {args.tokens!r}") from None
-        else:
-            if not args.prompt:
-                raise InputError("--prompt is empty")
-            tokens = model.tokenizer.encode(args.prompt, bos=args.bos)
-            meta["prompt"] = args.prompt
-        if not tokens:
-            raise InputError("no tokens to run")
+        meta = {} if args.tokens is not None else {"prompt": args.prompt}
+        tokens = _cli_tokens(args, model)
         path = dump(model, tokens, args.output, args.names, meta)
         print(f"wrote {path} ({len(tokens)} tokens, dtype {model.dtype.name})")
         return 0
     report = verify(model, args.reference, args.tolerance, args.top_k)
     print(format_report(report, args.all))
     return 0 if report.passed else 1
+
+
+def _cli_tokens(args, model) -> list:
+    """The token ids of --tokens, or of --prompt (BUDGET_PROMPT when neither is given)."""
+    if args.tokens is not None:
+        try:
+            tokens = [int(t) for t in args.tokens.replace(" ", "").split(",") if t]
+        except ValueError:
+            raise InputError(f"--tokens must be comma-separated integers, got {args.tokens!r}") from None
+    else:
+        prompt = BUDGET_PROMPT if args.prompt is None else args.prompt
+        if not prompt:
+            raise InputError("--prompt is empty")
+        tokens = model.tokenizer.encode(prompt, bos=args.bos)
+    if not tokens:
+        raise InputError("no tokens to run")
+    return tokens
+
+
+def _run_budget(args) -> int:
+    """`llama-ref verify MODEL --against float64`: the float32 model's error budget (llama_ref.precision);
+    1 when some tensor's accumulated relative error is past --tolerance."""
+    from .loading import load
+    from .precision import error_budget
+
+    if args.dtype != "float32":
+        raise InputError("--against float64 measures the float32 forward pass: leave --dtype at float32")
+    model32 = load(args.model, backend=args.backend, dtype=np.float32, progress=True)
+    model64 = load(args.model, backend="numpy", dtype=np.float64, progress=False)
+    budget = error_budget(model32, model64, _cli_tokens(args, model32), attribute=args.attribution)
+    print(budget.table(args.all))
+    worst = max(budget.steps, key=lambda s: s.accumulated)
+    if worst.accumulated > args.tolerance:
+        print(f"FAIL: {worst.name} is {worst.accumulated:.3g} from float64, past tolerance {args.tolerance:g}")
+        return 1
+    print(f"PASS: every tensor within relative tolerance {args.tolerance:g} of float64 "
+          f"(largest {worst.accumulated:.3g}, {worst.name})")
+    return 0

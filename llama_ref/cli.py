@@ -441,7 +441,8 @@ def _add_score(sub) -> None:
                        description="Perplexity of a text under a model: exp of the mean negative "
                                    "log-likelihood of every token after the first.",
                        epilog=SCORE_EXAMPLES, formatter_class=_formatter)
-    s.add_argument("file", help="UTF-8 text file ('-' for stdin)")
+    s.add_argument("file", nargs="+", help="UTF-8 text file ('-' for stdin); several are scored apart, then "
+                                           "together")
     s.add_argument("--stride", type=int, default=None,
                    help="for texts longer than the window: tokens between windows (default: half)")
     _model_options(s)
@@ -449,26 +450,46 @@ def _add_score(sub) -> None:
 
 
 def _run_score(args) -> int:
+    import numpy as np
+
     from .model import InputError
+    from .parallel import map_in_order
     from .textfile import read_text
 
-    text = read_text(args.file, "text")
-    if not text:
-        raise InputError(f"{args.file}: the file is empty")
+    texts = []
+    for name in args.file:
+        texts.append(read_text(name, "text"))
+        if not texts[-1]:
+            raise InputError(f"{name}: the file is empty")
     if args.stride is not None and args.stride < 1:
         raise InputError(f"--stride must be >= 1, got {args.stride}")
     model = _load(args)
     start = time.perf_counter()
-    score = model.score(text, stride=args.stride, progress=not args.quiet)
+    # Several files: under --parallel mpi --tensor-parallel K, the model copies score different files.
+    scores = [score for _, score in map_in_order(
+        model, range(len(texts)), lambda i: model.score(texts[i], stride=args.stride, progress=not args.quiet))]
     seconds = time.perf_counter() - start
+    if not scores:  # an MPI rank other than 0: rank 0 reports
+        return 0
+    n_tokens, nll = sum(s.n_tokens for s in scores), sum(s.nll for s in scores)
     if args.json:
-        _print_json({"file": args.file, **score.to_dict(), "seconds": seconds})
+        if len(scores) == 1:
+            _print_json({"file": args.file[0], **scores[0].to_dict(), "seconds": seconds})
+        else:
+            _print_json({"files": [{"file": f, **s.to_dict()} for f, s in zip(args.file, scores)],
+                         "n_tokens": n_tokens, "nll": nll, "mean_nll": nll / n_tokens,
+                         "perplexity": float(np.exp(nll / n_tokens)), "seconds": seconds})
     else:
-        print(f"perplexity {score.perplexity:.4f} over {score.n_tokens} tokens "
-              f"(mean NLL {score.mean_nll:.4f} nats/token)")
+        for name, score in zip(args.file, scores):
+            where = f" in {name}" if len(scores) > 1 else ""
+            print(f"perplexity {score.perplexity:.4f} over {score.n_tokens} tokens{where} "
+                  f"(mean NLL {score.mean_nll:.4f} nats/token)")
+        if len(scores) > 1:
+            print(f"perplexity {np.exp(nll / n_tokens):.4f} over all {n_tokens} tokens "
+                  f"(mean NLL {nll / n_tokens:.4f} nats/token)")
     if not args.quiet:
-        print(f"[{score.n_tokens + 1} tokens in {seconds:.2f} s, {(score.n_tokens + 1) / seconds:.1f} tok/s, "
-              f"backend {model.backend_name}]", file=sys.stderr)
+        print(f"[{n_tokens + len(scores)} tokens in {seconds:.2f} s, {(n_tokens + len(scores)) / seconds:.1f} "
+              f"tok/s, backend {model.backend_name}]", file=sys.stderr)
     return 0
 
 

@@ -430,7 +430,8 @@ def load_rank_weights(path: Path, rank: int, size: int, keep: str = "stored", pr
     e_axis, e_lo, e_hi = plan["tok_embeddings.weight"]
     if args.tie_word_embeddings:
         weights["output.weight"] = table  # the same vocabulary rows: part(V) on both
-    weights["tok_embeddings.weight"] = EmbeddingPart(table, e_axis, e_lo, e_hi, (args.vocab_size, args.dim))
+    if size > 1:  # one rank keeps the whole table, looked up as in one process
+        weights["tok_embeddings.weight"] = EmbeddingPart(table, e_axis, e_lo, e_hi, (args.vocab_size, args.dim))
     extras["vocab_widths"] = [b - a for a, b in (part(args.vocab_size, r, size) for r in range(size))]
     return args, mine, weights, extras
 
@@ -459,7 +460,8 @@ def load_parallel(path: Path, *, comm=None, tensor_parallel: "int | None" = None
                                f"{args.max_seq_len}")
         args, mine = args.replace(max_seq_len=max_seq_len), mine.replace(max_seq_len=max_seq_len)
     model = Transformer(mine, weights, backend=backend, dtype=dtype, freq_divisors=extras.get("freq_divisors"))
-    model.parallel = MPIGroup(group_comm, gather_widths=extras["vocab_widths"])
+    # A copy on one rank computes exactly as one process does (the same arrays, so the same bits).
+    model.parallel = MPIGroup(group_comm, gather_widths=extras["vocab_widths"]) if tp > 1 else SINGLE
     model.world = MPIGroup(world)
     model.data_parallel = (color, size // tp)
     model.full_args = args

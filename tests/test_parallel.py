@@ -421,3 +421,14 @@ def test_mpi_killed_rank_ends_the_job_and_the_export_resumes(ckpts, tmp_path, vi
     mpirun(2, *common, "-o", out)
     mpirun(2, *common, "-o", full)
     assert out.read_bytes() == full.read_bytes()
+
+
+@needs_mpi
+def test_mpi_score_shares_files_between_model_copies(ckpts, tmp_path):
+    """Three files over two whole-model copies: each file's NLL is the single-process one exactly."""
+    files = [_prompts(tmp_path / f"{i}.txt", 8 + 5 * i, seed=i) for i in range(3)]
+    one = json.loads(cli("score", "-m", ckpts["tok_meta2"], "-q", "--json", *files).stdout)
+    many = json.loads(mpirun(2, "-m", "llama_ref.cli", "score", "-m", ckpts["tok_meta2"], "-q", "--json", *files,
+                             "--parallel", "mpi", "--tensor-parallel", "1").stdout)
+    assert [f["nll"] for f in many["files"]] == [f["nll"] for f in one["files"]]
+    assert many["perplexity"] == one["perplexity"] and many["n_tokens"] == one["n_tokens"]

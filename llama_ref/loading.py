@@ -69,7 +69,7 @@ def load(path_or_name: "str | Path", *, backend: str = "numpy", dtype=np.float32
         parallel_options(parallel, quantize=quantize, mmap=mmap, weights=weights)
         return load_parallel(path, tensor_parallel=tensor_parallel, backend=backend, dtype=dtype,
                              keep="float32" if weights == "float32" else "stored", progress=progress,
-                             max_seq_len=max_seq_len)
+                             max_seq_len=max_seq_len, quantize=quantize)
     if path.is_file() and path.suffix == ".gguf" or path.is_file() and _is_gguf(path):
         from .tokenizer import tokenizer_from_gguf
         from .weights.gguf import load_gguf

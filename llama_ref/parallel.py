@@ -398,8 +398,12 @@ def _open_source(path: Path):
     return args, tensors, transforms, extras
 
 
-def load_rank_weights(path: Path, rank: int, size: int, keep: str = "stored", progress: bool = False):
-    """(full args, rank's args, rank's weights, extras): rank `rank` of `size` reads only its part."""
+def load_rank_weights(path: Path, rank: int, size: int, keep: str = "stored", progress: bool = False,
+                      quantize: "str | None" = None):
+    """(full args, rank's args, rank's weights, extras): rank `rank` of `size` reads only its part.
+
+    quantize: quantize each slice as it is read (llama_ref.packed); q8_0 / q4_0 / q4_1 blocks are those of
+    one process wherever a slice starts at a multiple of 32 columns, int8's per-row scales are per slice."""
     from .weights.keep import finish
 
     path = Path(path)
@@ -424,6 +428,9 @@ def load_rank_weights(path: Path, rank: int, size: int, keep: str = "stored", pr
         if name in transforms:
             raw = transforms[name](raw)
         kept = finish(raw, tensors[name].dtype_name, "float32" if extras["format"] == "gguf" else keep, name)
+        if quantize is not None:
+            from .packed import quantize_weights
+            kept = quantize_weights({name: kept}, quantize, where=where)[name]
         weights[name] = kept
         del raw
     table = weights["tok_embeddings.weight"]
@@ -437,7 +444,8 @@ def load_rank_weights(path: Path, rank: int, size: int, keep: str = "stored", pr
 
 
 def load_parallel(path: Path, *, comm=None, tensor_parallel: "int | None" = None, backend="numpy",
-                  dtype=np.float32, keep: str = "stored", progress: bool = False, max_seq_len=None):
+                  dtype=np.float32, keep: str = "stored", progress: bool = False, max_seq_len=None,
+                  quantize: "str | None" = None):
     """The model slice of this MPI rank. Ranks form groups of `tensor_parallel` consecutive ranks (all of
     them by default), each group one copy of the model split across its ranks; model.parallel is this rank's
     group, model.world all ranks, model.data_parallel (group index, group count)."""
@@ -453,7 +461,7 @@ def load_parallel(path: Path, *, comm=None, tensor_parallel: "int | None" = None
     color = rank // tp
     group_comm = world.Split(color, rank) if tp != size else world
     args, mine, weights, extras = load_rank_weights(path, group_comm.Get_rank(), tp, keep=keep,
-                                                    progress=progress)
+                                                    progress=progress, quantize=quantize)
     if max_seq_len is not None:
         if max_seq_len > args.max_seq_len:
             raise WeightsError(f"{path}: a context of {max_seq_len} tokens is longer than the model's "
@@ -485,15 +493,12 @@ def describe(model) -> SimpleNamespace:
 
 
 def parallel_options(parallel, *, quantize=None, mmap=False, weights=None) -> None:
-    """The load() options a parallel run takes; ParallelError naming any other."""
+    """The load() options a parallel run takes; ParallelError naming any other. (GGUF slices are always
+    dequantized to float32, whatever `weights` asks.)"""
     if parallel != "mpi":
         raise ParallelError(f"parallel must be None or 'mpi', got {parallel!r}")
-    if quantize is not None:
-        raise ParallelError("quantize is not supported with parallel='mpi' (each rank keeps its slice as stored)")
     if mmap:
         raise ParallelError("mmap is not supported with parallel='mpi' (each rank reads its slice into memory)")
-    if weights == "packed":
-        pass  # the default for Meta / HF directories; GGUF slices are always dequantized to float32
 
 
 def run_rank(args, run) -> int:

@@ -432,3 +432,28 @@ def test_mpi_score_shares_files_between_model_copies(ckpts, tmp_path):
                              "--parallel", "mpi", "--tensor-parallel", "1").stdout)
     assert [f["nll"] for f in many["files"]] == [f["nll"] for f in one["files"]]
     assert many["perplexity"] == one["perplexity"] and many["n_tokens"] == one["n_tokens"]
+
+
+def test_quantized_slices_are_one_process_blocks(ckpts):
+    """q8_0 over slices that start at multiples of 32 columns: the single-process quantized logits."""
+    src = ckpts["meta1"]
+    model = llama_ref.load(src, quantize="q8_0")
+    prefill = model.forward(TOKENS[:-3], 0)
+    steps = [model.forward([t], len(TOKENS) - 3 + j) for j, t in enumerate(TOKENS[-3:])]
+    want = np.concatenate([prefill, *steps])
+    threads, results = _Threads(2), [None] * 2
+
+    def rank(r):
+        _, mine, weights, _ = load_rank_weights(Path(src), r, 2, quantize="q8_0")
+        m = Transformer(mine, weights)
+        m.parallel = threads.group(r)
+        out = [m.forward(TOKENS[:-3], 0)] + [m.forward([t], len(TOKENS) - 3 + j) for j, t in enumerate(TOKENS[-3:])]
+        results[r] = np.concatenate(out)
+
+    workers = [threading.Thread(target=rank, args=(r,)) for r in range(2)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+    np.testing.assert_allclose(results[0], want, rtol=0, atol=1e-5)
+    assert type(model.weights["layers.0.attention.wo.weight"]).__name__ == "Q8_0Weight"

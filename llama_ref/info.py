@@ -74,6 +74,7 @@ def describe(path: "str | Path") -> str:
         f"format:      {names[kind]}" + (f", {len(list(path.glob('consolidated.*.pth')))} shard(s)" if kind == "meta" else ""),
         f"config:      {_config_line(args)}",
         f"parameters:  {params:,} ({params / 1e9:.3f} B; config implies {args.param_count():,})",
+        *([f"llama 4:     {_llama4_line(args)}"] if args.llama4 is not None else []),
         f"dtype:       {dtypes}",
         f"on disk:     {_mib(on_disk)}",
         "memory:",
@@ -87,6 +88,18 @@ def describe(path: "str | Path") -> str:
         lines.append(f"warning:     the tensors hold {params:,} parameters, the config implies "
                      f"{args.param_count():,}: this checkpoint will not load as it is")
     return "\n".join(lines)
+
+
+def _llama4_line(args) -> str:
+    """Experts, NoPE layers, chunking and the parameters one token reads, of a Llama 4 config."""
+    from .llama4_config import param_counts
+
+    m = args.llama4
+    active = param_counts(args)[1]
+    return (f"{m.n_experts} experts of width {m.expert_hidden_dim} (top-{m.top_k}, plus a shared one) in "
+            f"{len(m.moe_layers)} of {args.n_layers} layers; NoPE layers {list(m.nope_layers)}; attention chunk "
+            f"{m.attention_chunk_size}; QK norm {'on' if m.use_qk_norm else 'off'}; temperature tuning "
+            f"{'on' if m.attn_temperature_tuning else 'off'}; active parameters {active:,} ({active / 1e9:.3f} B)")
 
 
 def _config_line(args: ModelArgs) -> str:

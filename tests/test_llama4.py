@@ -429,3 +429,11 @@ def test_a_decode_step_reads_only_the_chosen_experts():
               for i in model.args.llama4.moe_layers for e in acts[f"layers.{i}.feed_forward.experts"].ravel()
               for w in ("w1", "w2", "w3")}
     assert read == chosen and len(read) == 3 * len(model.args.llama4.moe_layers)  # top-1: one expert a layer
+
+
+def test_info_describes_the_experts():
+    from llama_ref.info import describe
+    text = describe(META)
+    assert "4 experts of width 32 (top-1, plus a shared one) in 2 of 4 layers; NoPE layers [2]" in text
+    assert "active parameters 51,744" in text  # 70,176 less the 3 experts a token skips in 2 layers: 6 x 3072
+    assert 70176 - 51744 == 2 * 3 * 3 * 32 * 32

@@ -437,3 +437,42 @@ def test_info_describes_the_experts():
     assert "4 experts of width 32 (top-1, plus a shared one) in 2 of 4 layers; NoPE layers [2]" in text
     assert "active parameters 51,744" in text  # 70,176 less the 3 experts a token skips in 2 layers: 6 x 3072
     assert 70176 - 51744 == 2 * 3 * 3 * 32 * 32
+
+
+def _cut_meta_shards(out: Path, n: int) -> None:
+    """llama4_meta cut into n consolidated.NN.pth as Meta's model-parallel code cuts it: each tensor along the
+    axis its modules split at that world size (llama4_mp2_layout.json, read from Meta's model at world size 2
+    and checked there to reproduce the 1-rank logits), rank r holding the r-th contiguous block."""
+    from llama_ref.weights.torch_zip import read_torch_file
+    from llama_ref.weights.writers import write_torch_file
+
+    layout = json.loads((DATA / "llama4_mp2_layout.json").read_text())
+    src = read_torch_file(META / "consolidated.00.pth")
+    out.mkdir()
+    (out / "params.json").write_text((META / "params.json").read_text())
+    for r in range(n):
+        tensors = []
+        for name, t in src.items():
+            raw, axis = t.read(), layout[name]
+            if axis is not None:
+                size = raw.shape[axis] // n
+                raw = np.take(raw, np.arange(r * size, (r + 1) * size), axis=axis)
+            tensors.append((name, np.ascontiguousarray(raw), "bf16"))
+        write_torch_file(out / f"consolidated.{r:02d}.pth", tensors)
+
+
+def test_model_parallel_meta_shards_join_to_the_same_model(tmp_path):
+    _cut_meta_shards(tmp_path / "mp2", 2)
+    model = llama_ref.load(tmp_path / "mp2")
+    np.testing.assert_array_equal(model.forward(TOKENS, 0), llama_ref.load(META).forward(TOKENS, 0))
+    assert np.abs(model.forward(TOKENS, 0) - REF["meta_full"]).max() < TOL
+
+
+def test_shards_that_cannot_divide_the_heads_are_refused(tmp_path):
+    out = tmp_path / "mp3"
+    out.mkdir()
+    (out / "params.json").write_text((META / "params.json").read_text())
+    for r in range(3):
+        (out / f"consolidated.{r:02d}.pth").write_bytes((META / "consolidated.00.pth").read_bytes())
+    with pytest.raises(WeightsError, match="3 model-parallel shards do not divide n_heads"):
+        llama_ref.load(out)

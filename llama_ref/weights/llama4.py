@@ -20,7 +20,7 @@ Hugging Face (Llama4ForCausalLM, or the language_model of Llama4ForConditionalGe
     Queries and keys keep Meta's adjacent RoPE pairs (transformers' Llama 4 rotates complex pairs like Meta's),
     so no row is permuted, unlike a Llama checkpoint.
 Vision tensors (Meta's vision_embeddings / vision_projection, HF's vision_model / multi_modal_projector) are
-skipped: llama_ref runs the text model. Model-parallel Meta shards of Llama 4 are not implemented (refused).
+skipped: llama_ref runs the text model. Model-parallel Meta shards are joined along the axes Meta's fairscale layers cut (split_axis).
 """
 
 from __future__ import annotations
@@ -52,8 +52,9 @@ class _Plan:
         self.items[name] = (source, tuple(source_shape), fn)
 
 
-def _read_plan(plan: _Plan, tensors: dict, args, keep: str, progress: bool, label: str) -> dict:
-    """Check every source against its expected shape and every canonical tensor present, then read."""
+def _read_plan(plan: _Plan, tensors: dict, args, progress: bool, label: str) -> dict:
+    """Check every source against its expected shape and every canonical tensor present, then read.
+    Returns canonical name -> (raw elements, stored dtype name)."""
     where = plan.where
     want = expected_shapes(args)
     missing = [n for n in want if n not in plan.items]
@@ -76,10 +77,10 @@ def _read_plan(plan: _Plan, tensors: dict, args, keep: str, progress: bool, labe
     for name, (source, _, fn) in order:
         if source != current:
             current, raw = source, tensors[source].read()
-        part = raw if fn is None else fn(raw)
-        weights[name] = finish(np.ascontiguousarray(part), tensors[source].dtype_name, keep, name)
-        if tuple(weights[name].shape) != want[name]:  # a bug in the plan, never the file's fault
-            raise AssertionError(f"{name}: made {weights[name].shape}, expected {want[name]}")
+        part = np.ascontiguousarray(raw if fn is None else fn(raw))
+        if part.shape != want[name]:  # a bug in the plan, never the file's fault
+            raise AssertionError(f"{name}: made {part.shape}, expected {want[name]}")
+        weights[name] = (part, tensors[source].dtype_name)
     return weights
 
 
@@ -92,23 +93,32 @@ def _expert(e: int, rows: "slice | None" = None, cols: "slice | None" = None):
     return lambda raw: raw[e][rows or slice(None), cols or slice(None)].T
 
 
-def load_llama4_meta(directory: Path, keep: str = "stored", progress: bool = False):
-    """A Meta Llama 4 checkpoint directory. Returns (args, weights, extras) like load_meta."""
-    from .meta import shard_paths
-    from .torch_zip import read_torch_file
+def split_axis(name: str) -> "int | None":
+    """The axis along which Meta's model-parallel layers cut canonical tensor `name` (None: each rank holds it
+    whole). Column-parallel (wq, wk, wv, w1, w3 of dense layers and experts, output, the vocabulary-parallel
+    embedding) cut output rows; row-parallel (wo, w2) input columns; norms and the router are replicated."""
+    if name.endswith(("norm.weight", "router.weight")):
+        return None
+    return 1 if name.endswith(("attention.wo.weight", "w2.weight")) else 0
 
-    directory = Path(directory)
-    check_keep(keep)
-    paths = shard_paths(directory)
-    if len(paths) > 1:
-        raise WeightsError(f"{directory}: {len(paths)} model-parallel shards; joining Llama 4 shards (its expert "
-                           f"tensors) is not implemented by llama_ref")
-    where = str(directory)
-    args = from_params_json(_read_json(directory / "params.json"), where=str(directory / "params.json"))
+
+def shard_args(args, n: int, where: str):
+    """The config one of n model-parallel shards holds: heads, vocabulary and FFN widths divided by n."""
+    from dataclasses import replace
+
     m = args.llama4
-    tensors = {n: t for n, t in read_torch_file(paths[0]).items()
-               if n != "rope.freqs" and not n.startswith(VISION_PREFIXES) and not n.endswith("._extra_state")}
-    check_layer_count(args, tensors, where)
+    for what, value in (("n_heads", args.n_heads), ("n_kv_heads", args.kv_heads), ("vocab_size", args.vocab_size),
+                        ("the dense FFN width", args.ffn_hidden_dim), ("the expert width", m.expert_hidden_dim)):
+        if value % n:
+            raise WeightsError(f"{where}: {n} model-parallel shards do not divide {what} ({value})")
+    return args.replace(n_heads=args.n_heads // n, n_kv_heads=args.kv_heads // n, vocab_size=args.vocab_size // n,
+                        hidden_dim=args.ffn_hidden_dim // n, head_dim_override=args.head_dim,
+                        llama4=replace(m, expert_hidden_dim=m.expert_hidden_dim // n))
+
+
+def _meta_plan(args, tensors: dict, where: str) -> _Plan:
+    """Where each canonical tensor comes from in one Meta shard whose config (its slice) is args."""
+    m = args.llama4
     d, hd, E, FE = args.dim, args.head_dim, m.n_experts, m.expert_hidden_dim
     q_rows, kv_rows = args.n_heads * hd, args.kv_heads * hd
     want = expected_shapes(args)
@@ -156,9 +166,36 @@ def load_llama4_meta(directory: Path, keep: str = "stored", progress: bool = Fal
             plan.add(source, source, want.get(source, t.shape))  # already canonical (attention.wq.weight, ...)
     if args.tie_word_embeddings and "output.weight" not in plan.items:
         plan.add("output.weight", "tok_embeddings.weight", (args.vocab_size, d))
-    weights = _read_plan(plan, tensors, args, keep, progress, directory.name)
-    dtypes = {t.dtype_name for n, t in tensors.items() if not n.endswith(("norm.weight", "norm_weight"))}
-    return args, weights, {"format": "meta", "dtype": "/".join(sorted(dtypes)), "shards": 1, "files": paths}
+    return plan
+
+
+def load_llama4_meta(directory: Path, keep: str = "stored", progress: bool = False):
+    """A Meta Llama 4 checkpoint directory, one file or model-parallel shards. Returns (args, weights, extras)
+    like load_meta. Shards are read whole and joined (split_axis), one shard's pieces beside the others'."""
+    from .keep import merge_raw
+    from .meta import shard_paths
+    from .torch_zip import read_torch_file
+
+    directory = Path(directory)
+    check_keep(keep)
+    paths = shard_paths(directory)
+    where = str(directory)
+    args = from_params_json(_read_json(directory / "params.json"), where=str(directory / "params.json"))
+    shards = [{n: t for n, t in read_torch_file(p).items()
+               if n != "rope.freqs" and not n.startswith(VISION_PREFIXES) and not n.endswith("._extra_state")}
+              for p in paths]
+    for p, tensors in zip(paths, shards):
+        check_layer_count(args, tensors, str(p))
+    local = args if len(shards) == 1 else shard_args(args, len(shards), where)
+    plans = [_meta_plan(local, tensors, str(p)) for p, tensors in zip(paths, shards)]  # all checked before reading
+    pieces = [_read_plan(plan, tensors, local, progress, p.name) for p, plan, tensors in zip(paths, plans, shards)]
+    weights = {}
+    for name in pieces[0]:
+        raw = merge_raw([piece[name][0] for piece in pieces], split_axis(name), where, name)
+        weights[name] = finish(raw, pieces[0][name][1], keep, name)
+    dtypes = {t.dtype_name for n, t in shards[0].items() if not n.endswith(("norm.weight", "norm_weight"))}
+    return args, weights, {"format": "meta", "dtype": "/".join(sorted(dtypes)), "shards": len(shards),
+                           "files": paths}
 
 
 HF_LAYER = {
@@ -220,7 +257,8 @@ def load_llama4_hf(directory: Path, keep: str = "stored", progress: bool = False
     elif "output.weight" not in plan.items:
         raise WeightsError(f"{where}: tensor lm_head.weight is missing (and config.json does not tie word "
                            f"embeddings)")
-    weights = _read_plan(plan, tensors, args, keep, progress, directory.name)
+    weights = {name: finish(raw, dtype, keep, name)
+               for name, (raw, dtype) in _read_plan(plan, tensors, args, progress, directory.name).items()}
     dtypes = {t.dtype_name for n, t in tensors.items() if not n.endswith("norm.weight")}
     return args, weights, {"format": "hf", "dtype": "/".join(sorted(dtypes)), "files": hf_tensor_files(directory)}
 

@@ -476,3 +476,9 @@ def test_shards_that_cannot_divide_the_heads_are_refused(tmp_path):
         (out / f"consolidated.{r:02d}.pth").write_bytes((META / "consolidated.00.pth").read_bytes())
     with pytest.raises(WeightsError, match="3 model-parallel shards do not divide n_heads"):
         llama_ref.load(out)
+
+
+def test_llama4_gguf_is_refused_by_name():
+    from llama_ref.config import from_gguf_metadata
+    with pytest.raises(ConfigError, match="Llama 4 GGUF files .general.architecture llama4. are not implemented"):
+        from_gguf_metadata({"general.architecture": "llama4", "llama4.block_count": 48})

@@ -457,3 +457,25 @@ def test_quantized_slices_are_one_process_blocks(ckpts):
         t.join()
     np.testing.assert_allclose(results[0], want, rtol=0, atol=1e-5)
     assert type(model.weights["layers.0.attention.wo.weight"]).__name__ == "Q8_0Weight"
+
+
+@pytest.mark.slow
+@needs_mpi
+@pytest.mark.parametrize("layout", ["own shard", "re-sliced file"])
+def test_mpi_rank_memory_is_its_share_of_the_weights(tmp_path_factory, tmp_path, layout):
+    """Each of 2 ranks grows by at most 1/2 of the weights + 10% while loading (peak RSS, VmHWM, over the
+    RSS after its imports) from a ~150 MB bf16 checkpoint: its own shard, or its rows / columns of one file."""
+    root = tmp_path_factory.mktemp("memory")
+    args = tiny_args(dim=768, n_layers=8, n_heads=8, n_kv_heads=4, vocab_size=16384, multiple_of=256)
+    rng = np.random.default_rng(0)
+    weights = {name: (rng.standard_normal(shape, dtype=np.float32) * 0.02 if len(shape) == 2
+                      else np.ones(shape, np.float32)) for name, shape in expected_shapes(args).items()}
+    src = root / "ckpt"
+    write_meta(src, args, weights, "bf16", shards=2 if layout == "own shard" else 1)
+    del weights
+    _, ranks = run_worker(2, [src], tmp_path)
+    share = 2 * args.param_count() / 2
+    for (report,) in ranks:
+        grown = (report["peak_loaded_kib"] - report["rss_before_kib"]) * 1024
+        assert report["weight_bytes"] == pytest.approx(share, rel=0.01)
+        assert grown <= 1.10 * share, (layout, report)

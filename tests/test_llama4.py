@@ -482,3 +482,31 @@ def test_llama4_gguf_is_refused_by_name():
     from llama_ref.config import from_gguf_metadata
     with pytest.raises(ConfigError, match="Llama 4 GGUF files .general.architecture llama4. are not implemented"):
         from_gguf_metadata({"general.architecture": "llama4", "llama4.block_count": 48})
+
+
+# The text_config of Llama-4-Scout-17B-16E's config.json as published copies quote it (presets.py sources).
+SCOUT_TEXT_CONFIG = {
+    "attention_bias": False, "attention_chunk_size": 8192, "attention_dropout": 0.0, "attn_scale": 0.1,
+    "attn_temperature_tuning": 4, "bos_token_id": 200000, "eos_token_id": [200001, 200007, 200008],
+    "floor_scale": 8192, "for_llm_compressor": False, "head_dim": 128, "hidden_act": "silu", "hidden_size": 5120,
+    "initializer_range": 0.02, "interleave_moe_layer_step": 1, "intermediate_size": 8192,
+    "intermediate_size_mlp": 16384, "max_position_embeddings": 262144, "model_type": "llama4_text",
+    "moe_layers": list(range(48)), "no_rope_layers": [int((i + 1) % 4 != 0) for i in range(48)],
+    "num_attention_heads": 40, "num_experts_per_tok": 1, "num_hidden_layers": 48, "num_key_value_heads": 8,
+    "num_local_experts": 16, "output_router_logits": False, "pad_token_id": 200018, "rms_norm_eps": 1e-05,
+    "rope_scaling": {"factor": 8.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                     "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+    "rope_theta": 500000.0, "router_aux_loss_coef": 0.001, "router_jitter_noise": 0.0, "torch_dtype": "bfloat16",
+    "use_cache": True, "use_qk_norm": True, "vocab_size": 202048,
+}
+
+
+def test_scouts_config_json_reads_as_the_preset_but_for_its_rope_scaling():
+    """The HF file says llama3 scaling factor 8 / high_freq_factor 4 where Meta's code uses 16 / 1 for Scout
+    (presets.py follows Meta); everything else agrees."""
+    from llama_ref import presets
+    wrapped = {"model_type": "llama4", "text_config": SCOUT_TEXT_CONFIG, "vision_config": {}}
+    args = from_hf_config(wrapped)
+    preset = presets.get("llama-4-scout-17b-16e")
+    assert args.replace(rope_scaling=preset.rope_scaling) == preset.replace(n_kv_heads=8)
+    assert (args.rope_scaling.factor, args.rope_scaling.high_freq_factor) == (8.0, 4.0)

@@ -274,7 +274,7 @@ def from_llama4_hf(c: dict, where: str) -> ModelArgs:
     """A transformers Llama4TextConfig (model_type llama4_text, or the text_config of a llama4 config)."""
     c = text_config(c, where)
     _refuse_unimplemented(c, HF_LLAMA4_PLAIN, where)
-    c = {**HF_LLAMA4_DEFAULTS, **{k: v for k, v in c.items() if v is not None}}
+    c = {**HF_LLAMA4_DEFAULTS, **c}  # an absent key means transformers' default; an explicit null stays null
     try:
         dim = _int_value(c["hidden_size"], "hidden_size", where)
         n_heads = _int_value(c["num_attention_heads"], "num_attention_heads", where)

@@ -510,3 +510,10 @@ def test_scouts_config_json_reads_as_the_preset_but_for_its_rope_scaling():
     preset = presets.get("llama-4-scout-17b-16e")
     assert args.replace(rope_scaling=preset.rope_scaling) == preset.replace(n_kv_heads=8)
     assert (args.rope_scaling.factor, args.rope_scaling.high_freq_factor) == (8.0, 4.0)
+
+
+def test_config_json_null_chunk_size_means_no_chunking():
+    config = json.loads((HF / "config.json").read_text())
+    config.update(attention_chunk_size=None, layer_types=None, moe_layers=None)
+    m = from_hf_config(config).llama4
+    assert m.attention_chunk_size is None and m.moe_layers == (1, 3)

@@ -517,3 +517,14 @@ def test_config_json_null_chunk_size_means_no_chunking():
     config.update(attention_chunk_size=None, layer_types=None, moe_layers=None)
     m = from_hf_config(config).llama4
     assert m.attention_chunk_size is None and m.moe_layers == (1, 3)
+
+
+@pytest.mark.parametrize("quantize", ["int8", "q4_0"])
+def test_quantized_experts_run_the_same_on_both_backends(quantize):
+    """Experts are matrices like any other: quantized, the Numba kernels read their blocks as NumPy does."""
+    from llama_ref.packed import PackedWeight
+    numpy_model = llama_ref.load(HF, quantize=quantize)
+    numba_model = llama_ref.load(HF, quantize=quantize, backend="numba")
+    assert isinstance(numpy_model.weights["layers.1.feed_forward.experts.0.w1.weight"], PackedWeight)
+    a, b = numpy_model.forward(TOKENS, 0), numba_model.forward(TOKENS, 0)
+    assert np.abs(a - b).max() < TOL

@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings, strategies as st
 
 import llama_ref
 from llama_ref.chat import chat_tokens
@@ -80,3 +81,21 @@ def test_exporting_it_as_tokenizer_json_is_refused(tok, llama4_path):
 
     with pytest.raises(TokenizerError, match="Llama 4 tokenizer is not implemented"):
         hf_files_from_tokenizer_model(Path(llama4_path), tok)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=200))
+def test_decode_inverts_encode_and_special_text_stays_text(llama4_path, text):
+    tok = _cached(llama4_path)
+    ids = tok.encode(text, bos=False)
+    assert tok.decode(ids) == text
+    assert not set(ids) & tok.special_ids  # special-token text typed by a user never becomes a special token
+
+
+_TOKENIZERS: dict = {}
+
+
+def _cached(path):
+    if path not in _TOKENIZERS:
+        _TOKENIZERS[path] = tokenizer_from_file(path)
+    return _TOKENIZERS[path]

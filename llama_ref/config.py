@@ -112,6 +112,11 @@ class ModelArgs:
             raise ConfigError(f"tie_word_embeddings must be true or false, got {self.tie_word_embeddings!r}")
         if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
             raise ConfigError(f"rope_scaling must be a RopeScaling, got {self.rope_scaling!r}")
+        if self.llama4 is not None:
+            from .llama4_config import Llama4Args
+            if not isinstance(self.llama4, Llama4Args):
+                raise ConfigError(f"llama4 must be a Llama4Args, got {self.llama4!r}")
+            self.llama4.check_layers(self.n_layers)
 
     # ---- derived sizes -------------------------------------------------------------------------------
     @property

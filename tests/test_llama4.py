@@ -528,3 +528,11 @@ def test_quantized_experts_run_the_same_on_both_backends(quantize):
     assert isinstance(numpy_model.weights["layers.1.feed_forward.experts.0.w1.weight"], PackedWeight)
     a, b = numpy_model.forward(TOKENS, 0), numba_model.forward(TOKENS, 0)
     assert np.abs(a - b).max() < TOL
+
+
+def test_model_args_check_the_llama4_layers_against_n_layers():
+    args = from_hf_config(HF / "config.json")
+    with pytest.raises(ConfigError, match="moe_layers names layer 3, the model has 2"):
+        args.replace(n_layers=2)
+    with pytest.raises(ConfigError, match="llama4 must be a Llama4Args"):
+        args.replace(llama4={"n_experts": 4})

@@ -95,7 +95,9 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start_pos: int,
     B, T, H, HD = q.shape
     S, KVH = k.shape[1], k.shape[2]
     G = H // KVH  # query heads per KV head
-    qg = q.reshape(B, T, KVH, G, HD)  # (B, T, KVH, G, HD)
+    # einsum sums q.k in SIMD lanes over a contiguous head axis; a strided q (from a transposed matrix product)
+    # was summed otherwise, with 2-3x this step's float32 rounding error on the default model.
+    qg = np.ascontiguousarray(q).reshape(B, T, KVH, G, HD)  # (B, T, KVH, G, HD)
     scores = np.einsum("btkgd,bskd->bkgts", qg, k) / q.dtype.type(np.sqrt(HD))  # (B, KVH, G, T, S)
     # Query t sits at position start_pos + t and may see keys 0 .. start_pos + t.
     visible = np.arange(S)[None, :] <= (start_pos + np.arange(T))[:, None]  # (T, S)

@@ -27,7 +27,12 @@ def linear(x: np.ndarray, w) -> np.ndarray:
         w = w.to_float(x.dtype)
     elif w.dtype != x.dtype:
         w = w.astype(x.dtype)
-    return x @ w.T
+    # All rows as one matrix product, so w is read once: `x @ w.T` on a (B, 1, in) batch of decode rows is a
+    # stack of B matrix-vector products, each reading all of w. Written as w @ rows.T, which OpenBLAS ran
+    # faster than rows @ w.T for 3 to 256 rows (one thread, the default model's layers: 81 against 131 ms
+    # for 8 rows; 1 row: the same matrix-vector product either way).
+    rows = x.reshape(-1, x.shape[-1])  # (N, in)
+    return (w @ rows.T).T.reshape(*x.shape[:-1], w.shape[0])  # (..., out)
 
 
 def embedding(tokens: np.ndarray, table, dtype) -> np.ndarray:

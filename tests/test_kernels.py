@@ -129,11 +129,12 @@ FORMATS = ["f32", "f16", "bf16", "int8", "q8_0", "q4_0", "q4_1", "q4_k", "q5_k",
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-@given(n=st.sampled_from([1, 2, 3, 8, 13]), rows=st.integers(1, 70), blocks=st.integers(1, 5),
+@given(n=st.sampled_from([1, 2, 3, 8, 13, 16, 21]), rows=st.integers(1, 70), blocks=st.integers(1, 5),
        extra=st.integers(0, 31), seed=st.integers(0, 2**32 - 1))
 @settings(max_examples=8, deadline=None)
 def test_linear(fmt, n, rows, blocks, extra, seed):
-    # n < 8 runs the matrix-vector kernels on the stored format, n >= 8 the tiled BLAS path.
+    # n < 8 runs the matrix-vector kernels on the stored format, n >= 8 the tiled BLAS path; float32 weights
+    # stay in their kernel (pairs of x rows and an odd one left, blocks of 4 weight rows) up to n = 15.
     rng = np.random.default_rng(seed)
     block = {"q8_0": 32, "q4_0": 32, "q4_1": 32, "q4_k": 256, "q5_k": 256, "q6_k": 256}.get(fmt, 1)
     cols = blocks * 32 + extra if block == 1 else blocks * block  # odd widths where the format allows them
@@ -143,6 +144,19 @@ def test_linear(fmt, n, rows, blocks, extra, seed):
     assert got.shape == want.shape == (1, n, rows)
     dense = w if fmt == "f32" else w.to_float(np.float32)
     assert np.all(np.abs(got - want)[0] <= dot_bound(x[0], dense) + 1e-30)
+
+
+def test_linear_f32_every_decode_batch_size():
+    # A batch of decode rows (B, 1, K), as the server feeds it: every B up to the BLAS switch and past it,
+    # with weights whose rows fill the kernel's blocks of 4 partly (1, 3, 6) or not (8).
+    rng = np.random.default_rng(6)
+    for rows in (1, 3, 6, 8):
+        w = rng.standard_normal((rows, 45)).astype(np.float32)
+        for b in range(1, 18):
+            x = rng.standard_normal((b, 1, 45)).astype(np.float32)
+            got, want = kernels.linear(x, w), ops.linear(x, w)
+            assert got.shape == want.shape == (b, 1, rows)
+            assert np.all(np.abs(got - want)[:, 0] <= dot_bound(x[:, 0], w) + 1e-30), (rows, b)
 
 
 def test_linear_float64_uses_the_reference():

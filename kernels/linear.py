@@ -23,8 +23,8 @@ from llama_ref.packed import FP16_TO_F32
 from ._common import FAST, JIT, as_f32_rows, readonly
 
 BLAS_MIN_ROWS = 8     # rows of x from which a packed weight's product goes to BLAS (decode stays here)
-# ... and a float32 weight's: below it _mv_f32 beat OpenBLAS's sgemm at every row count measured (one
-# thread: 60 against 115 ms for 8 rows, 106 against 146 ms for 16 over the default model's layers), and
+# ... and a float32 weight's: _mv_f32 beat OpenBLAS's sgemm up to ~32 rows (one thread, the default model's
+# layers: 60 against 115 ms for 8 rows, 106 against 146 ms for 16, even at 32, slower at 48), and
 # it equals attention's BLAS_MIN_QUERIES, so a decode step of up to 15 rows never calls BLAS at all and
 # never meets OpenBLAS's spinning threads (see attention.py).
 F32_BLAS_MIN_ROWS = 16
@@ -39,11 +39,11 @@ def _mv_f32(x, w, out):
     """w (R, K) float32.
 
     Register-blocked for a batch of decode rows: each pass over k reads 4 weight rows and 2 rows of x and
-    keeps 8 sums, 6 loads for 8 multiply-adds where one sum at a time needs 2 loads for each. A weight
-    row is read from memory once whatever N is; with one sum at a time, 8 rows of x (8 clients decoding
-    together) took ~2.6x one row's time here, blocked ~1.8x (1 thread, tests/.. none: measured on the default
-    model). Rows of x left over (N odd) take 4 sums. The last block of a weight with R % 4 != 0 repeats its
-    last row, which writes the same value twice.
+    keeps 8 sums, 6 loads for 8 multiply-adds where one sum at a time needs 2 loads for each; a weight row
+    is read from memory once whatever N is. On the default model (one thread, CPU time) 8 rows of x took
+    81 ms a step against 124 ms with one sum at a time, 1 row 44 against 48 ms. Rows of x left over (N
+    odd) take 4 sums. The last block of a weight with R % 4 != 0 repeats its last row, which writes the
+    same value twice.
     """
     N, K = x.shape
     R = w.shape[0]

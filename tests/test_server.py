@@ -139,6 +139,29 @@ def test_streamed_completion_logprobs_equal_the_whole_ones(tiny, client):
     assert [o for c in chunks if c.logprobs for o in c.logprobs.text_offset] == whole.logprobs.text_offset
 
 
+def test_llama_stack_client_works_unchanged(tiny, served):
+    # Meta's llama-stack-client, when installed (not a test dependency: it needs Python 3.12 from 0.3 on).
+    # Releases before 0.3 call Llama Stack's older paths (/v1/openai/v1/...), which this server does not serve.
+    lsc = pytest.importorskip("llama_stack_client")
+    if tuple(int(p) for p in re.findall(r"\d+", lsc.__version__)[:2]) < (0, 3):
+        pytest.skip(f"llama-stack-client {lsc.__version__} predates the /v1/chat/completions paths")
+    c = lsc.LlamaStackClient(base_url=served[0], max_retries=0, timeout=60)
+    assert [m.id for m in c.models.list()] == ["tiny"] and c.models.retrieve("tiny").id == "tiny"
+    expected = tiny.chat(CHAT, max_new_tokens=12, stop_ids=[])
+    r = c.chat.completions.create(model="tiny", messages=CHAT, max_tokens=12, temperature=0)
+    assert r.choices[0].message.content == expected.text
+    assert r.usage.completion_tokens == len(expected.ids)
+    chunks = c.chat.completions.create(model="tiny", messages=CHAT, max_tokens=12, temperature=0, stream=True)
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == expected.text
+    want = tiny.generate("Once upon", max_new_tokens=6, stop_ids=[])
+    r = c.completions.create(model="tiny", prompt="Once upon", max_tokens=6, temperature=0)
+    assert r.choices[0].text == want.text
+    with pytest.raises(lsc.NotFoundError, match="model_not_found"):
+        c.completions.create(model="another", prompt="x", max_tokens=2)
+    with pytest.raises(lsc.BadRequestError, match="no guard model"):
+        c.moderations.create(input="hello", model="tiny")
+
+
 def test_completion_echo_logprobs_score_the_prompt(tiny, client):
     r = client.completions.create(model="tiny", prompt="the theme", max_tokens=3, temperature=0, echo=True,
                                   logprobs=1)

@@ -8,8 +8,9 @@ per rank:
   peak load   peak RSS (VmHWM) once load() has returned
   kept        bytes of the weights this rank keeps (its slice)
   ratio       (peak load - baseline) / (all weights / N); the target is <= 1.10
-then a prefill of --prefill tokens and --decode one-token steps (greedy), timed on rank 0, with the bytes
-each rank sent to the collectives per decoded token. BLAS threads per rank: cores // N (at least 1).
+then, after a warm-up, a prefill of --prefill tokens and --decode one-token steps (greedy) on --backend,
+timed on rank 0, with the bytes each rank put into the collectives per decoded token (its own terms and
+logits; it receives N - 1 times as much). BLAS and Numba threads per rank: cores // N (at least 1).
 
     python benchmarks/parallel.py [--work DIR] [--ranks 1 2 4] [--json out.json] [--md out.md]
 """
@@ -35,15 +36,19 @@ def status_mib(key):
         if line.startswith(key + ':'):
             return int(line.split()[1]) / 1024
 
-src, prefill, decode = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+src, prefill, decode, backend = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 comm = MPI.COMM_WORLD
+if backend == 'numba':
+    import llama_ref.kernels  # imported by load(); part of the process, not of the weights
 baseline = status_mib('VmRSS')
 t0 = time.perf_counter()
-model = llama_ref.load(src, parallel='mpi')
+model = llama_ref.load(src, parallel='mpi', backend=backend)
 load_s = time.perf_counter() - t0
 peak = status_mib('VmHWM')
 kept = describe(model).weight_bytes
 ids = list(np.random.default_rng(0).integers(0, model.args.vocab_size, prefill))
+model.forward(ids, 0)  # warm up (the Numba kernels compile, or load from their cache, on first use)
+model.forward(ids[:1], prefill)
 comm.Barrier()
 t0 = time.perf_counter()
 logits = model.forward(ids, 0, last_only=True)
@@ -91,17 +96,20 @@ def make_checkpoints(work: Path, ranks: list[int], args_kw: dict) -> dict:
     return {"args": args, "paths": paths}
 
 
-def run(n: int, src: Path, prefill: int, decode: int) -> list:
+def run(n: int, src: Path, prefill: int, decode: int, backend: str) -> list:
     cores = len(os.sched_getaffinity(0))
     threads = str(max(1, cores // n))
     env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
-               OPENBLAS_NUM_THREADS=threads, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+               OPENBLAS_NUM_THREADS=threads, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads,
+               NUMBA_NUM_THREADS=threads, OMPI_MCA_mpi_yield_when_idle="1")  # a waiting rank yields its core
     cmd = ["mpirun", "-n", str(n), "--oversubscribe", "--bind-to", "none", sys.executable, "-c", CHILD, str(src),
-           str(prefill), str(decode)]
+           str(prefill), str(decode), backend]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
     if done.returncode:
         raise SystemExit(f"{' '.join(cmd[:6])} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    # The JSON line of rank 0 (Numba may leave terminal escape codes in front of it).
+    line = next(line for line in reversed(done.stdout.splitlines()) if "[{" in line)
+    return json.JSONDecoder().raw_decode(line[line.index("[{"):])[0]
 
 
 def main() -> None:
@@ -113,6 +121,7 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=1024)
     ap.add_argument("--layers", type=int, default=12)
     ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--backend", choices=["numpy", "numba"], default="numba")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--md", type=Path, default=None)
     opts = ap.parse_args()
@@ -127,7 +136,7 @@ def main() -> None:
         for layout, src in (("own shard", made["paths"][n]), ("re-sliced file", made["paths"][1])):
             if n == 1 and layout == "re-sliced file":
                 continue
-            rows = run(n, src, opts.prefill, opts.decode)
+            rows = run(n, src, opts.prefill, opts.decode, opts.backend)
             results.append({"ranks": n, "layout": layout, "rows": rows})
             r0 = rows[0]
             worst = max((r["peak_load_mib"] - r["baseline_mib"]) / (total_mib / n) for r in rows)
@@ -137,14 +146,14 @@ def main() -> None:
                   flush=True)
     summary = {"params": args.param_count(), "weights_mib": total_mib, "dim": args.dim, "layers": args.n_layers,
                "heads": args.n_heads, "kv_heads": args.kv_heads, "vocab": args.vocab_size,
-               "prefill": opts.prefill, "decode": opts.decode, "cores": len(os.sched_getaffinity(0)),
+               "prefill": opts.prefill, "decode": opts.decode, "backend": opts.backend, "cores": len(os.sched_getaffinity(0)),
                "results": results}
     if opts.json:
         opts.json.write_text(json.dumps(summary, indent=1) + "\n")
     if opts.md:
         lines = [f"Random bf16 Llama: {args.param_count() / 1e6:.0f}M parameters ({total_mib:.0f} MiB), dim "
                  f"{args.dim}, {args.n_layers} layers, {args.n_heads} heads / {args.kv_heads} KV heads, vocabulary "
-                 f"{args.vocab_size}; {summary['cores']} cores, BLAS threads per rank = cores / N; prefill "
+                 f"{args.vocab_size}; {summary['cores']} cores, backend {opts.backend}, BLAS/Numba threads per rank = cores / N; prefill "
                  f"{opts.prefill} tokens, {opts.decode} greedy decode steps.", "",
                  "| ranks | weights read from | decode tok/s | prefill tok/s | sent per token per rank | "
                  "collectives per token | kept per rank (MiB) | peak load - baseline (MiB) | / (weights / N) | "

@@ -264,18 +264,50 @@ def _index(ndim: int, axis: int, lo: int, hi: int) -> tuple:
     return tuple(idx)
 
 
-def read_block(tensor, axis, lo, hi) -> np.ndarray:
-    """Elements lo..hi-1 along `axis` of a lazy tensor (TorchTensor / SafeTensor) as an owned array.
+COLUMN_CHUNK_BYTES = 64 * 2 ** 20  # rows read at a time when a rank keeps columns of a matrix
 
-    The whole tensor is read (pread) only when the block is all of it; otherwise only the block is copied
-    out of a memory map, which is dropped again (rows: only their bytes are touched; columns: the pages of
-    every row, briefly)."""
+
+def _file_span(tensor):
+    """(path, byte offset of the first element, dtype) of a C-contiguous tensor stored in a file, else None."""
+    from .weights.safetensors_file import SafeTensor
+    from .weights.torch_zip import TorchTensor
+
+    if isinstance(tensor, TorchTensor) and tensor._is_contiguous():
+        st = tensor.storage
+        return st.path, st.offset + tensor.storage_offset * st.dtype.itemsize, st.dtype
+    if isinstance(tensor, SafeTensor):
+        return tensor.path, tensor.offset, tensor.dtype
+    return None
+
+
+def read_block(tensor, axis, lo, hi) -> np.ndarray:
+    """Elements lo..hi-1 along `axis` of a lazy tensor (TorchTensor / SafeTensor) as an owned array, read
+    with pread: rows as one read of their bytes; columns of a matrix from rows read COLUMN_CHUNK_BYTES at a
+    time (only the kept columns stay). A whole tensor is read whole."""
     if axis is None or (lo, hi) == (0, tensor.shape[axis]):
         return tensor.read()
-    view = tensor.view()
-    block = np.array(view[_index(len(tensor.shape), axis, lo, hi)])
-    del view
-    return block
+    from .weights.common import pread_into
+
+    span = _file_span(tensor)
+    if span is None or axis > 1:  # not stored contiguously: copy the block out of a memory map
+        view = tensor.view()
+        return np.array(view[_index(len(tensor.shape), axis, lo, hi)])
+    path, base, dtype = span
+    shape = tuple(tensor.shape)
+    row_bytes = math.prod(shape[1:]) * dtype.itemsize
+    if axis == 0:
+        out = np.empty((hi - lo, *shape[1:]), dtype)
+        pread_into(path, base + lo * row_bytes, out)
+        return out
+    rows = shape[0]
+    out = np.empty((rows, hi - lo), dtype)
+    step = max(1, min(rows, COLUMN_CHUNK_BYTES // max(row_bytes, 1)))
+    buf = np.empty((step, shape[1]), dtype)
+    for r0 in range(0, rows, step):
+        n = min(step, rows - r0)
+        pread_into(path, base + r0 * row_bytes, buf[:n])
+        out[r0:r0 + n] = buf[:n, lo:hi]
+    return out
 
 
 class _Whole:
@@ -355,7 +387,7 @@ def _open_source(path: Path):
         if is_llama4_directory(path, kind):
             raise ParallelError(f"{path}: Llama 4 (mixtures of experts) is not supported with parallel='mpi'")
     if kind == "meta":
-        from .weights.meta import IGNORED, open_meta  # noqa: F401
+        from .weights.meta import open_meta
 
         ckpt = open_meta(path)
         tensors = {n: _Pieces([s[n] for s in ckpt.shards], ckpt.joined[n][1], ckpt.joined[n][0])

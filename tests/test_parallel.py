@@ -479,3 +479,19 @@ def test_mpi_rank_memory_is_its_share_of_the_weights(tmp_path_factory, tmp_path,
         grown = (report["peak_loaded_kib"] - report["rss_before_kib"]) * 1024
         assert report["weight_bytes"] == pytest.approx(share, rel=0.01)
         assert grown <= 1.10 * share, (layout, report)
+
+
+@pytest.mark.parametrize("axis, lo, hi", [(0, 3, 40), (1, 5, 29), (1, 0, 64)])
+def test_read_block_reads_only_the_block(ckpts, monkeypatch, axis, lo, hi):
+    """Rows or columns of a stored matrix, columns gathered a few rows at a time: the same elements as
+    slicing the whole tensor."""
+    import llama_ref.parallel as parallel
+    from llama_ref.weights.safetensors_file import read_safetensors_header
+    from llama_ref.weights.torch_zip import read_torch_file
+
+    monkeypatch.setattr(parallel, "COLUMN_CHUNK_BYTES", 3 * 64 * 2)  # 3 rows of 64 bf16 values per read
+    tensors = [read_safetensors_header(ckpts["hf"] / "model.safetensors")[0]["model.layers.0.mlp.down_proj.weight"],
+               read_torch_file(ckpts["meta1"] / "consolidated.00.pth")["layers.0.attention.wo.weight"]]
+    for t in tensors:
+        want = t.read()[(slice(None),) * axis + (slice(lo, hi),)]
+        np.testing.assert_array_equal(parallel.read_block(t, axis, lo, hi), want)

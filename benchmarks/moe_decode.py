@@ -18,10 +18,10 @@ import time
 import numpy as np
 
 from llama_ref import presets
-from llama_ref.llama4_config import Llama4Args, expected_shapes, param_counts
+from llama_ref.llama4_config import Llama4Args, param_counts
+from llama_ref.weights.common import expected_shapes
 from llama_ref.packed import BF16Weight
 from llama_ref.weights.bf16 import float32_to_bf16_bits
-from llama_ref.weights.common import expected_shapes as dense_shapes
 
 
 def random_weights(shapes: dict, seed: int = 0) -> dict:
@@ -72,7 +72,7 @@ def main() -> None:
     dense_args = moe_args.replace(llama4=None, hidden_dim=2 * m.expert_hidden_dim)
     results = {}
     for label, args, shapes in (("Llama 4 MoE (16 experts, top-1, shared)", moe_args, expected_shapes(moe_args)),
-                                ("dense, same active size", dense_args, dense_shapes(dense_args))):
+                                ("dense, same active size", dense_args, expected_shapes(dense_args))):
         model = Transformer(args, random_weights(shapes), backend=a.backend)
         total, active = param_counts(args) if args.llama4 else (args.param_count(),) * 2
         results[label] = (tokens_per_second(model, a.prompt, a.steps), total, active)

@@ -6,7 +6,7 @@
     feed-forward  MoE layers: a shared SwiGLU expert for every token, plus the top_k routed experts, whose
                 input is scaled by the sigmoid of its router logit. Other layers: the dense SwiGLU.
 
-Weights use model.py's names; an MoE layer's are (llama4_config.expected_shapes):
+Weights use model.py's names; an MoE layer's are (weights.common.expected_shapes):
     layers.{i}.feed_forward.router.weight               (E, D)    router logits = x @ router.T
     layers.{i}.feed_forward.shared_expert.w{1,2,3}.weight         the shared expert's SwiGLU
     layers.{i}.feed_forward.experts.{e}.w{1,2,3}.weight           expert e's SwiGLU, (out, in) like any Linear

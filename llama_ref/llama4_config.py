@@ -88,32 +88,16 @@ def param_counts(args: ModelArgs) -> tuple[int, int]:
     return total, total + active
 
 
-def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
-    """Every tensor of a Llama 4 text model in llama_ref's layout (Meta's names; each expert a matrix of its
-    own, stored (out, in) like every other weight; the router (n_experts, D) like a Linear)."""
+def moe_shapes(args: ModelArgs, prefix: str) -> dict[str, tuple[int, ...]]:
+    """The feed-forward tensors of one MoE layer in llama_ref's layout, names starting with `prefix` (Meta's
+    names; each expert a matrix of its own, stored (out, in) like every other weight; the router
+    (n_experts, D) like a Linear). weights.common.expected_shapes puts them in place of the dense w1/w2/w3."""
     m = args.llama4
-    d, hd, f, fe = args.dim, args.head_dim, args.ffn_hidden_dim, m.expert_hidden_dim
-    shapes = {"tok_embeddings.weight": (args.vocab_size, d), "norm.weight": (d,),
-              "output.weight": (args.vocab_size, d)}
-    for i in range(args.n_layers):
-        p = f"layers.{i}."
-        shapes.update({
-            p + "attention_norm.weight": (d,),
-            p + "attention.wq.weight": (args.n_heads * hd, d),
-            p + "attention.wk.weight": (args.kv_heads * hd, d),
-            p + "attention.wv.weight": (args.kv_heads * hd, d),
-            p + "attention.wo.weight": (d, args.n_heads * hd),
-            p + "ffn_norm.weight": (d,),
-        })
-        if i in m.moe_layers:
-            p += "feed_forward."
-            shapes[p + "router.weight"] = (m.n_experts, d)
-            for name in ("shared_expert", *(f"experts.{e}" for e in range(m.n_experts))):
-                shapes.update({f"{p}{name}.w1.weight": (fe, d), f"{p}{name}.w2.weight": (d, fe),
-                               f"{p}{name}.w3.weight": (fe, d)})
-        else:
-            shapes.update({p + "feed_forward.w1.weight": (f, d), p + "feed_forward.w2.weight": (d, f),
-                           p + "feed_forward.w3.weight": (f, d)})
+    d, fe = args.dim, m.expert_hidden_dim
+    shapes = {prefix + "router.weight": (m.n_experts, d)}
+    for name in ("shared_expert", *(f"experts.{e}" for e in range(m.n_experts))):
+        shapes.update({f"{prefix}{name}.w1.weight": (fe, d), f"{prefix}{name}.w2.weight": (d, fe),
+                       f"{prefix}{name}.w3.weight": (fe, d)})
     return shapes
 
 

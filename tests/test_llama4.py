@@ -309,7 +309,8 @@ def test_llama4_presets_match_published_parameter_counts():
 def test_llama4_presets_run_at_a_reduced_size():
     """The presets' structure runs end to end: Scout's shape with 2 layers, narrow widths and few experts."""
     from llama_ref import presets
-    from llama_ref.llama4_config import Llama4Args, expected_shapes
+    from llama_ref.llama4_config import Llama4Args
+    from llama_ref.weights.common import expected_shapes
     from llama_ref.model import Transformer
 
     base = presets.get("llama-4-scout-17b-16e")

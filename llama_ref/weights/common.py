@@ -17,9 +17,6 @@ class WeightsError(LlamaRefError, ValueError):
 
 def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
     """Every tensor of the canonical (Meta) layout with the shape the config implies."""
-    if args.llama4 is not None:  # experts, their router and the shared expert
-        from ..llama4_config import expected_shapes as llama4_shapes
-        return llama4_shapes(args)
     d, hd, f = args.dim, args.head_dim, args.ffn_hidden_dim
     shapes = {"tok_embeddings.weight": (args.vocab_size, d), "norm.weight": (d,),
               "output.weight": (args.vocab_size, d)}
@@ -32,10 +29,16 @@ def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
             p + "attention.wv.weight": (args.kv_heads * hd, d),
             p + "attention.wo.weight": (d, args.n_heads * hd),
             p + "ffn_norm.weight": (d,),
-            p + "feed_forward.w1.weight": (f, d),
-            p + "feed_forward.w2.weight": (d, f),
-            p + "feed_forward.w3.weight": (f, d),
         })
+        if args.llama4 is not None and i in args.llama4.moe_layers:  # experts, their router, the shared expert
+            from ..llama4_config import moe_shapes
+            shapes.update(moe_shapes(args, p + "feed_forward."))
+        else:
+            shapes.update({
+                p + "feed_forward.w1.weight": (f, d),
+                p + "feed_forward.w2.weight": (d, f),
+                p + "feed_forward.w3.weight": (f, d),
+            })
     return shapes
 
 

@@ -1,4 +1,4 @@
-"""Llama 4 checkpoints, Meta's and Hugging Face's, read into llama_ref's layout (llama4_config.expected_shapes).
+"""Llama 4 checkpoints, Meta's and Hugging Face's, read into llama_ref's layout (weights.common.expected_shapes).
 
 Both formats store the experts of a layer as stacked 3-D tensors multiplied from the left (x @ W); llama_ref
 keeps each expert as matrices of its own, stored (out, in) like every other weight, so the packed-weight and
@@ -32,8 +32,7 @@ import numpy as np
 
 from ..config import _read_json, from_hf_config, from_params_json
 from ..errors import LlamaRefError
-from ..llama4_config import expected_shapes
-from .common import WeightsError, check_layer_count
+from .common import WeightsError, check_layer_count, expected_shapes
 from .keep import check_keep, finish
 
 VISION_PREFIXES = ("vision_embeddings.", "vision_projection.", "vision_model.", "multi_modal_projector.")

@@ -1,0 +1,337 @@
+"""Llama 4 GGUF files (general.architecture "llama4"), read as llama.cpp reads them.
+
+llama.cpp's llama4 architecture stores only part of a Llama 4 config in the file; the rest is fixed in its
+code (src/models/llama4.cpp, llama-cpp-python 0.3.36's vendored tree). llama_ref takes every value from the
+same place llama.cpp does, and refuses a file whose keys ask for something llama.cpp's llama4 would not
+compute, or would silently ignore:
+
+  value                         from                         llama_ref reads
+  ----------------------------  ---------------------------  ----------------------------------------------
+  layers, width, heads, KV      the file                     block_count, embedding_length, attention.head_count
+  heads, head size, eps, theta                               (_kv), attention.key_length, .layer_norm_rms_epsilon,
+                                                             rope.freq_base, context_length, vocab_size
+  dense FFN width               the file                     feed_forward_length
+  experts, top-k, MoE layers    the file                     expert_count, expert_used_count,
+                                                             interleave_moe_layer_step: layer i is MoE when
+                                                             (i + 1) % step == 0
+  expert (and shared) width     the file                     expert_feed_forward_length; the shared expert has
+                                                             the same width (llama.cpp: n_ff_shexp = n_ff_exp)
+  RoPE scaling                  the file                     the rope_freqs tensor (Llama 3.1-style divisors,
+                                                             as for dense GGUF files), or rope.scaling.type
+                                                             none / linear
+  chunk size                    llama.cpp's code: 8192       refused unless attention.sliding_window is absent
+                                                             (or 8192): llama.cpp overwrites any other non-zero
+                                                             value with 8192; 0 (its "no chunking" switch) is
+                                                             refused, as llama.cpp then runs a model that is no
+                                                             Llama 4 (and asserts on temperature tuning)
+  NoPE layers                   llama.cpp's code: every 4th  layer i has no RoPE when (i + 1) % 4 == 0; no key
+  chunked layers                llama.cpp's code: pattern 4  attention.sliding_window_pattern, if present, must
+                                (3 chunked, 1 full)          name exactly the RoPE layers (llama_ref chunks the
+                                                             RoPE layers), else refused
+  temperature tuning            llama.cpp's code             on, floor_scale 8192, attn_scale 0.1 (its offset 1
+                                                             is Meta's position + 1)
+  QK norm                       llama.cpp's code             on unless expert_count is 128 (llama.cpp's
+                                                             LLM_TYPE_17B_128E, Maverick, has none)
+  router                        llama.cpp's code             sigmoid of the top-k logits, applied to the
+                                                             expert's input: what llama_ref.model.llama4 does
+  attention scale               llama.cpp's code             1/sqrt(head size); attention.scale is refused
+
+Keys llama.cpp's llama4 does not read but that would change the model if honoured (expert_weights_scale,
+expert_gating_func, expert_shared_count, expert_shared_feed_forward_length, attention.scale,
+rope.freq_base_swa different from rope.freq_base, ...) are refused unless they hold the value llama.cpp uses.
+
+Tensors (ggml lists the fastest axis first; shapes below are numpy's, slowest first):
+    token_embd, output_norm, output (absent: tied to token_embd, as llama.cpp does), rope_freqs
+    blk.{i}.attn_norm / attn_q / attn_k / attn_v / attn_output, or attn_qkv (rows q, then k, then v)
+    blk.{i}.ffn_norm; dense layers blk.{i}.ffn_gate / ffn_up / ffn_down
+    MoE layers  blk.{i}.ffn_gate_inp (E, D)  router
+                blk.{i}.ffn_gate_exps, ffn_up_exps (E, FE, D), ffn_down_exps (E, D, FE): expert e is [e], a
+                matrix stored (out, in) like every other weight, so no transpose is needed
+                blk.{i}.ffn_gate_shexp / ffn_up_shexp / ffn_down_shexp   the shared expert
+llama.cpp's converter writes Llama 4's q/k rows unpermuted (Llama4Model.undo_permute = False): Meta's, HF's
+and GGUF's llama4 rows are all in the same adjacent-pair order, which is llama_ref's.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..model.config import ConfigError, ModelArgs, RopeScaling, _float_value, _int_value
+from ..model.llama4_config import Llama4Args
+from .common import WeightsError
+
+ARCH = "llama4"
+# What llama.cpp's llama4 architecture fixes in code (src/models/llama4.cpp, src/llama-hparams.h).
+LLAMA_CPP_CHUNK = 8192
+LLAMA_CPP_NOPE_STEP = 4  # hparams.n_no_rope_layer_step's default, never read from the file
+LLAMA_CPP_SWA_PATTERN = 4  # load_swa_pattern(ml, 4): layers i % 4 < 3 chunked
+LLAMA_CPP_FLOOR_SCALE = 8192.0
+LLAMA_CPP_ATTN_SCALE = 0.1
+LLAMA_CPP_NO_QK_NORM_EXPERTS = 128  # use_kq_norm = type != LLM_TYPE_17B_128E
+# llama4.* keys llama.cpp's llama4 ignores or fixes, with the values that mean what it computes.
+PLAIN = {
+    "attention.clamp_kqv": (0.0,),
+    "attention.causal": (True,),
+    "logit_scale": (1.0,),
+    "rope.scaling.attn_factor": (1.0,),
+    "expert_weights_scale": (0.0, 1.0),
+    "expert_weights_norm": (False,),
+    "expert_gating_func": (2,),  # LLAMA_EXPERT_GATING_FUNC_TYPE_SIGMOID
+    "expert_shared_count": (1,),
+    "expert_group_count": (0,),
+    "expert_group_used_count": (0,),
+    "attention.scale": (0.0,),
+    "attention.q_lora_rank": (0,),
+    "attention.kv_lora_rank": (0,),
+    "nextn_predict_layers": (0,),
+}
+
+# GGUF tensor name -> canonical name; "{i}" is the layer index. Experts and attn_qkv are split separately.
+GGUF_TO_META = {
+    "token_embd.weight": "tok_embeddings.weight",
+    "output_norm.weight": "norm.weight",
+    "output.weight": "output.weight",
+    "blk.{i}.attn_norm.weight": "layers.{i}.attention_norm.weight",
+    "blk.{i}.attn_q.weight": "layers.{i}.attention.wq.weight",
+    "blk.{i}.attn_k.weight": "layers.{i}.attention.wk.weight",
+    "blk.{i}.attn_v.weight": "layers.{i}.attention.wv.weight",
+    "blk.{i}.attn_output.weight": "layers.{i}.attention.wo.weight",
+    "blk.{i}.ffn_norm.weight": "layers.{i}.ffn_norm.weight",
+    "blk.{i}.ffn_gate.weight": "layers.{i}.feed_forward.w1.weight",
+    "blk.{i}.ffn_down.weight": "layers.{i}.feed_forward.w2.weight",
+    "blk.{i}.ffn_up.weight": "layers.{i}.feed_forward.w3.weight",
+    "blk.{i}.ffn_gate_inp.weight": "layers.{i}.feed_forward.router.weight",
+    "blk.{i}.ffn_gate_shexp.weight": "layers.{i}.feed_forward.shared_expert.w1.weight",
+    "blk.{i}.ffn_down_shexp.weight": "layers.{i}.feed_forward.shared_expert.w2.weight",
+    "blk.{i}.ffn_up_shexp.weight": "layers.{i}.feed_forward.shared_expert.w3.weight",
+}
+EXPERTS = {"ffn_gate_exps.weight": "w1", "ffn_down_exps.weight": "w2", "ffn_up_exps.weight": "w3"}
+META_TO_GGUF = {v: k for k, v in GGUF_TO_META.items()}
+
+
+def _uniform(value, key: str, where: str, layers=None):
+    """A key llama.cpp reads as a scalar or a per-layer array (get_key_or_arr): llama_ref needs one value
+    (over `layers` when given, the layers the value applies to)."""
+    if isinstance(value, list):
+        values = value if layers is None else [value[i] for i in layers if i < len(value)]
+        if len(set(values)) > 1:
+            raise ConfigError(f"{where}: {key} differs between layers ({value}); llama_ref's Llama 4 has one value")
+        if not values:
+            return None
+        value = values[0]
+    return value
+
+
+def from_llama4_gguf(meta: dict, where: str, has_output_tensor: bool) -> ModelArgs:
+    """ModelArgs of a llama4 GGUF file, with the values llama.cpp's code fixes (module docstring)."""
+    def key(name):
+        return f"{ARCH}.{name}"
+
+    def get(name, read, default=KeyError):
+        if key(name) not in meta:
+            if default is KeyError:
+                raise ConfigError(f"{where}: metadata key {key(name)} is missing")
+            return default
+        return read(meta[key(name)], key(name), where)
+
+    def scalar(read):
+        return lambda v, k, w: read(_uniform(v, k, w), k, w)
+
+    for name, values in PLAIN.items():
+        value = meta.get(key(name))
+        if value is not None and not any(value == v for v in values):
+            raise ConfigError(f"{where}: {key(name)} = {value!r}: llama.cpp's llama4 architecture does not read "
+                              f"this key (it uses {values[0]!r}); refusing to guess which the file means")
+    n_layers = get("block_count", _int_value)
+    dim = get("embedding_length", _int_value)
+    n_heads = get("attention.head_count", scalar(_int_value))
+    n_experts = get("expert_count", _int_value, 0)
+    if n_experts <= 0:
+        raise ConfigError(f"{where}: {key('expert_count')} is {n_experts}: llama.cpp's llama4 requires experts "
+                          f"(a dense Llama 4 is not implemented by llama_ref)")
+    step = get("interleave_moe_layer_step", _int_value)
+    moe_layers = tuple(i for i in range(n_layers) if step > 0 and (i + 1) % step == 0)
+    dense_layers = [i for i in range(n_layers) if i not in moe_layers]
+
+    # The chunk, NoPE and temperature values are llama.cpp's code, not the file's.
+    window = meta.get(key("attention.sliding_window"))
+    if window is not None and window != LLAMA_CPP_CHUNK:
+        what = ("0 switches llama.cpp's llama4 to no chunking and RoPE in every layer but the last (its "
+                "MobileLLM variant), which is not a Llama 4 model" if window == 0 else
+                f"llama.cpp's llama4 ignores it and chunks by {LLAMA_CPP_CHUNK}")
+        raise ConfigError(f"{where}: {key('attention.sliding_window')} = {window!r}: {what}; refusing to guess "
+                          f"which chunk size the file means")
+    nope = tuple(i for i in range(n_layers) if (i + 1) % LLAMA_CPP_NOPE_STEP == 0)
+    pattern = meta.get(key("attention.sliding_window_pattern"), LLAMA_CPP_SWA_PATTERN)
+    if isinstance(pattern, list):
+        chunked = [i for i in range(n_layers) if i < len(pattern) and pattern[i]]
+    elif isinstance(pattern, int) and not isinstance(pattern, bool) and pattern >= 0:
+        chunked = [i for i in range(n_layers) if pattern == 0 or i % pattern < pattern - 1]
+    else:
+        raise ConfigError(f"{where}: {key('attention.sliding_window_pattern')} = {pattern!r} is not a layer "
+                          f"pattern")
+    rope_layers = [i for i in range(n_layers) if i not in nope]
+    if chunked != rope_layers:
+        raise ConfigError(f"{where}: {key('attention.sliding_window_pattern')} = {pattern!r} chunks layers "
+                          f"{chunked}, but llama.cpp's RoPE layers (every layer but each 4th) are {rope_layers}; "
+                          f"llama_ref chunks exactly the RoPE layers, as Meta's Llama 4 does")
+    base = get("rope.freq_base", _float_value, 10000.0)
+    if get("rope.freq_base_swa", _float_value, base) != base:
+        raise ConfigError(f"{where}: {key('rope.freq_base_swa')} differs from {key('rope.freq_base')}: "
+                          f"Llama 4 uses one RoPE theta in every layer")
+
+    scaling = None
+    kind = meta.get(key("rope.scaling.type"), "none")
+    factor = meta.get(key("rope.scaling.factor"), meta.get(key("rope.scale_linear")))
+    if kind == "linear" and factor not in (None, 0, 0.0, 1, 1.0):
+        scaling = RopeScaling("linear", _float_value(factor, key("rope.scaling.factor"), where))
+    elif kind not in ("none", "linear"):
+        raise ConfigError(f"{where}: {key('rope.scaling.type')} {kind!r} is not supported (none, linear; Llama 4's "
+                          f"scaling comes as the rope_freqs tensor)")
+    head_dim = get("attention.key_length", _int_value, dim // n_heads if n_heads > 0 else 0)
+    if get("attention.value_length", _int_value, head_dim) != head_dim:
+        raise ConfigError(f"{where}: {key('attention.value_length')} differs from {key('attention.key_length')}")
+    if get("rope.dimension_count", _int_value, head_dim) != head_dim:
+        raise ConfigError(f"{where}: {key('rope.dimension_count')} differs from the head size {head_dim}: llama.cpp's "
+                          f"llama4 rotates whole heads")
+    vocab = get("vocab_size", _int_value, None)
+    if vocab is None:
+        tokens = meta.get("tokenizer.ggml.tokens")
+        if not isinstance(tokens, list):
+            raise ConfigError(f"{where}: neither {key('vocab_size')} nor tokenizer.ggml.tokens is present")
+        vocab = len(tokens)
+    expert_width = get("expert_feed_forward_length", lambda v, k, w: _int_value(_uniform(v, k, w, moe_layers), k, w))
+    shared = meta.get(key("expert_shared_feed_forward_length"))
+    if shared is not None and shared != expert_width:
+        raise ConfigError(f"{where}: {key('expert_shared_feed_forward_length')} = {shared!r}: llama.cpp's llama4 "
+                          f"gives the shared expert the routed experts' width ({expert_width})")
+    dense_width = meta.get(key("feed_forward_length"))
+    dense_width = _uniform(dense_width, key("feed_forward_length"), where, dense_layers) if dense_layers else None
+    try:
+        llama4 = Llama4Args(
+            n_experts=n_experts, top_k=get("expert_used_count", scalar(_int_value)), moe_layers=moe_layers,
+            expert_hidden_dim=expert_width, nope_layers=nope, attention_chunk_size=LLAMA_CPP_CHUNK,
+            use_qk_norm=n_experts != LLAMA_CPP_NO_QK_NORM_EXPERTS, attn_temperature_tuning=True,
+            floor_scale=LLAMA_CPP_FLOOR_SCALE, attn_scale=LLAMA_CPP_ATTN_SCALE)
+        return ModelArgs(
+            dim=dim, n_layers=n_layers, n_heads=n_heads, vocab_size=vocab,
+            n_kv_heads=get("attention.head_count_kv", scalar(_int_value), n_heads),
+            hidden_dim=None if dense_width is None else _int_value(dense_width, key("feed_forward_length"), where),
+            norm_eps=get("attention.layer_norm_rms_epsilon", _float_value),
+            rope_theta=base, rope_scaling=scaling,
+            max_seq_len=get("context_length", _int_value),
+            tie_word_embeddings=not has_output_tensor,
+            head_dim_override=head_dim if n_heads > 0 and head_dim != dim // n_heads else None,
+            llama4=llama4,
+        )
+    except ConfigError as e:
+        message = str(e)
+        raise ConfigError(message if message.startswith(where) else f"{where}: {message}") from None
+
+
+def llama4_tensors(args: ModelArgs, tensor) -> "list[tuple[str, object]]":
+    """The canonical tensors one GGUF tensor holds, as (name, function of the tensor giving the part).
+
+    The function maps a gguf ReaderTensor-like object (its data the stored bytes or elements) to the part's
+    own tensor of the same kind, so that packed and dequantized loading share one plan. [] for rope_freqs;
+    None for a name llama4 does not have."""
+    name = tensor.name
+    parts = name.split(".", 2)
+    if name == "rope_freqs.weight":
+        return []
+    if parts[0] != "blk" or len(parts) != 3:
+        canonical = GGUF_TO_META.get(name)
+        return None if canonical is None else [(canonical, None)]
+    _, i, rest = parts
+    p = f"layers.{i}."
+    if rest in EXPERTS:
+        return [(f"{p}feed_forward.experts.{e}.{EXPERTS[rest]}.weight", e) for e in range(int(tensor.shape[-1]))]
+    if rest == "attn_qkv.weight":
+        hd = args.head_dim
+        q, kv = args.n_heads * hd, args.kv_heads * hd
+        return [(p + "attention.wq.weight", (0, q)), (p + "attention.wk.weight", (q, q + kv)),
+                (p + "attention.wv.weight", (q + kv, q + 2 * kv))]
+    canonical = GGUF_TO_META.get(f"blk.{{i}}.{rest}")
+    return None if canonical is None else [(canonical.format(i=i), None)]
+
+
+def slice_tensor(tensor, part):
+    """Part of a GGUF tensor as a tensor of its own: expert e of a 3-D one (an int), or a row range (a pair)
+    of a matrix. Works on the stored data (elements or block bytes), so quantized experts stay packed."""
+    dims = [int(n) for n in tensor.shape]  # fastest axis first
+    if isinstance(part, int):
+        data = tensor.data[part]
+        new_dims = dims[:2]
+    else:
+        start, stop = part
+        data = tensor.data[start:stop]
+        new_dims = [dims[0], stop - start]
+    n_elements = int(np.prod(new_dims))
+    return tensor._replace(data=data, shape=np.array(new_dims, dtype=np.uint64), n_elements=n_elements,
+                           n_bytes=data.nbytes, data_offset=tensor.data_offset)
+
+
+def check_tensor_types(args: ModelArgs, reader_tensors, where: str) -> None:
+    """Before anything is read: every tensor's name is one of llama4's and its shape the config's."""
+    from .common import expected_shapes
+
+    want = expected_shapes(args)
+    for t in reader_tensors:
+        plan = llama4_tensors(args, t)
+        if plan is None:
+            raise WeightsError(f"{where}: unexpected tensor {t.name} for a llama4 model")
+        dims = tuple(int(n) for n in reversed(t.shape))
+        for canonical, part in plan:
+            if canonical not in want:
+                raise WeightsError(f"{where}: unexpected tensor {t.name} for this llama4 config")
+            if isinstance(part, int):
+                shape = dims[1:]
+                if len(dims) != 3 or dims[0] != args.llama4.n_experts:
+                    raise WeightsError(f"{where}: tensor {t.name} has shape {dims}, expected "
+                                       f"({args.llama4.n_experts}, ...) experts")
+            elif part is not None:
+                shape = (part[1] - part[0], dims[1]) if len(dims) == 2 else None
+                if dims[0] != sum(n for n in (args.n_heads * args.head_dim, 2 * args.kv_heads * args.head_dim)):
+                    raise WeightsError(f"{where}: tensor {t.name} has shape {dims}, the config implies "
+                                       f"({args.n_heads * args.head_dim + 2 * args.kv_heads * args.head_dim}, "
+                                       f"{args.dim})")
+            else:
+                shape = dims
+            if shape != want[canonical]:
+                raise WeightsError(f"{where}: tensor {t.name} has shape {dims}, the config implies "
+                                   f"{want[canonical]} for {canonical}")
+
+
+def load_llama4_gguf(path, reader, meta: dict, progress: bool = False, packed: bool = False, mmap: bool = False):
+    """The weights of a llama4 GGUF file, as weights.gguf.load_gguf returns them (args, weights, extras)."""
+    from .common import check_weights
+    from .gguf import _read_owned, dequantize
+    from .packed import from_gguf_tensor as packed_from_gguf_tensor
+
+    where = str(path)
+    names = {t.name for t in reader.tensors}
+    args = from_llama4_gguf(meta, where, has_output_tensor="output.weight" in names)
+    check_tensor_types(args, reader.tensors, where)  # names and shapes, before any byte is read
+    tensors = reader.tensors
+    if progress:
+        from tqdm import tqdm
+        tensors = tqdm(tensors, desc=f"loading {path.name}", unit="tensor", leave=False)
+    weights, freq_divisors = {}, None
+    for t in tensors:
+        if t.name == "rope_freqs.weight":
+            freq_divisors = dequantize(t).reshape(-1)  # (HD/2,) the Llama 3.1-style divisors
+            continue
+        if not mmap and t.tensor_type.name in ("F32", "F16", "BF16"):
+            t = _read_owned(path, t)  # a kept array would otherwise be a view of the map
+        for canonical, part in llama4_tensors(args, t):
+            piece = t if part is None else slice_tensor(t, part)
+            kept = packed_from_gguf_tensor(piece) if packed else None
+            weights[canonical] = kept if kept is not None else np.ascontiguousarray(dequantize(piece))
+    if args.tie_word_embeddings:
+        weights["output.weight"] = weights.get("tok_embeddings.weight")
+    if "tok_embeddings.weight" not in weights:
+        raise WeightsError(f"{where}: tensor token_embd.weight is missing")
+    check_weights(args, weights, where)
+    if freq_divisors is not None and freq_divisors.shape != (args.head_dim // 2,):
+        raise WeightsError(f"{where}: rope_freqs has {freq_divisors.size} values, expected {args.head_dim // 2}")
+    return args, weights, {"metadata": meta, "freq_divisors": freq_divisors, "format": "gguf"}

@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 
 # llama_ftype values of llama.h, recorded in general.file_type
-FILE_TYPES = {"F32": 0, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7}
+FILE_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "BF16": 32}
 
 
 def convert_gguf(src: "str | Path", dst: "str | Path", fmt: str) -> Path:
-    """Copy GGUF `src` to `dst` with every 2-D tensor stored as `fmt` (F32, Q8_0, Q4_0, Q4_1)."""
+    """Copy GGUF `src` to `dst` with every 2-D tensor stored as `fmt` (F32, F16, BF16, Q8_0, Q4_0, Q4_1)."""
     import gguf
 
     src, dst = Path(src), Path(dst)

@@ -55,7 +55,7 @@ print(json.dumps(dict(baseline=baseline, peak_load=peak_load, rss_after_load=rss
 def prepare(work: Path) -> dict:
     """Meta/HF checkpoints of the default model, in bf16 and f32 (converted once, then reused)."""
     import llama_ref
-    from llama_ref.convert import convert
+    from llama_ref.tools.convert import convert
 
     src = llama_ref.fetch(llama_ref.DEFAULT_MODEL, progress=False)
     work.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,7 @@
 """Decode speed of a Llama 4 mixture of experts against a dense model of the same active size.
 
 A synthetic model with Llama 4 Scout's layer shape (dim 5120, 40 heads, 8 KV heads, 16 experts of width 8192
-plus the shared expert, top-1; llama_ref.presets) but fewer layers and a small vocabulary, its weights random
+plus the shared expert, top-1; llama_ref.model.presets) but fewer layers and a small vocabulary, its weights random
 bfloat16, is decoded token by token; so is a dense Llama with the same attention and one SwiGLU of width
 2 x 8192 (the shared expert plus the one routed expert a token reads). If decode reads only the experts a token
 is routed to, both move about the same bytes per token and run at about the same speed, although the MoE holds
@@ -17,10 +17,10 @@ import time
 
 import numpy as np
 
-from llama_ref import presets
-from llama_ref.llama4_config import Llama4Args, param_counts
+from llama_ref.model import presets
+from llama_ref.model.llama4_config import Llama4Args, param_counts
 from llama_ref.weights.common import expected_shapes
-from llama_ref.packed import BF16Weight
+from llama_ref.weights.packed import BF16Weight
 from llama_ref.weights.bf16 import float32_to_bf16_bits
 
 
@@ -60,8 +60,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--backend", default="numba")
     a = ap.parse_args()
-    from llama_ref.model import Transformer
-    from llama_ref.runtime import set_threads
+    from llama_ref.model.transformer import Transformer
+    from llama_ref.runtime.threads import set_threads
 
     set_threads(a.threads)
     scout = presets.get("llama-4-scout-17b-16e")

@@ -29,7 +29,7 @@ import json, sys, time
 from mpi4py import MPI
 import numpy as np
 import llama_ref
-from llama_ref.parallel import describe
+from llama_ref.runtime.parallel import describe
 
 def status_mib(key):
     for line in open('/proc/self/status'):
@@ -75,7 +75,7 @@ if comm.Get_rank() == 0:
 def make_checkpoints(work: Path, ranks: list[int], args_kw: dict) -> dict:
     import numpy as np
 
-    from llama_ref.config import ModelArgs
+    from llama_ref.model.config import ModelArgs
     from llama_ref.weights.common import expected_shapes
     from llama_ref.weights.writers import write_meta
 

@@ -98,7 +98,7 @@ def main() -> int:
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen([sys.executable, "-m", "llama_ref.cli", "serve", args.model, "--port", str(port),
+    server = subprocess.Popen([sys.executable, "-m", "llama_ref.tools.cli", "serve", args.model, "--port", str(port),
                                "--max-batch", str(args.clients), "--max-queue", str(4 * args.clients),
                                "--backend", args.backend, "-q"])
     try:

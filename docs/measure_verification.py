@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 
 import llama_ref
-from llama_ref.model import Transformer
-from llama_ref.verify import logits_diff
+from llama_ref.model.transformer import Transformer
+from llama_ref.tools.verify import logits_diff
 
 DATA = Path(__file__).resolve().parent.parent / "tests" / "data"
 
@@ -98,7 +98,7 @@ def float64_vs_float32() -> None:
 def formats(kinds=("gguf", "q8_0", "int8", "q4_0", "q4_1")) -> None:
     """Each weight format: float32 arithmetic (NumPy, Numba kernels) vs float64 on the same weights, and
     the format's own quantization error (float64, requantized weights vs the GGUF's own weights)."""
-    from llama_ref.packed import quantize_weights
+    from llama_ref.weights.packed import quantize_weights
 
     base = llama_ref.load(llama_ref.DEFAULT_MODEL, weights="packed")
     for kind in kinds:

@@ -1,11 +1,11 @@
-"""Numba CPU kernels, installed as llama_ref.kernels. Each has a NumPy twin in llama_ref.ops.
+"""Numba CPU kernels, installed as llama_ref.kernels. Each has a NumPy twin in llama_ref.model.ops.
 
 A backend is a module with the functions the model calls: this one exports the same names and signatures
-as llama_ref.ops, so `backend="numba"` changes how fast the forward pass runs, never what it computes
+as llama_ref.model.ops, so `backend="numba"` changes how fast the forward pass runs, never what it computes
 (beyond float32 rounding). Kernels compute in float32; other dtypes fall through to the NumPy twins.
 """
 
-from llama_ref.ops import rope_frequencies, rope_tables
+from llama_ref.model.ops import rope_frequencies, rope_tables
 
 from .attention import attention
 from .elementwise import apply_rope, rms_norm, swiglu

@@ -1,6 +1,6 @@
 """What every kernel module shares: compile options and the small helpers of the Python wrappers.
 
-Every kernel computes in float32; a call with any other dtype goes to its NumPy twin in llama_ref.ops, so
+Every kernel computes in float32; a call with any other dtype goes to its NumPy twin in llama_ref.model.ops, so
 only float32 variants are ever compiled. Arrays reach the compiled code in few, fixed types (C-contiguous,
 weights read-only) so that each kernel compiles once and loads from Numba's on-disk cache afterwards.
 """

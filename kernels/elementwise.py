@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from llama_ref import ops
+from llama_ref.model import ops
 
 from ._common import FAST, JIT, as_f32_rows, readonly
 from .expf import expf

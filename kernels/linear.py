@@ -9,7 +9,7 @@ BLAS then multiplies, so the full matrix never exists in float32.
 Every product is summed in float32 in a different order than BLAS (fast-math "reassoc"): results agree with
 ops.linear to a few float32 ulps of sum |x w|, which tests/test_kernels.py checks.
 
-Block layouts are described in llama_ref/packed.py.
+Block layouts are described in llama_ref/weights/packed.py.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from llama_ref import ops
-from llama_ref.packed import FP16_TO_F32
+from llama_ref.model import ops
+from llama_ref.weights.packed import FP16_TO_F32
 
 from ._common import FAST, JIT, as_f32_rows, readonly
 
@@ -213,7 +213,7 @@ def _mv_q4(x, qs, d, m, has_min, out):
 
 
 # ---- decoding rows of a packed weight to float32 (prefill tiles and embedding lookups) --------------------
-# No fast-math here: each value is computed exactly as llama_ref.packed (and gguf.quants) computes it.
+# No fast-math here: each value is computed exactly as llama_ref.weights.packed (and gguf.quants) computes it.
 
 @njit(**JIT)
 def _rows_q8(qs, d, m, has_min, ids, out):
@@ -300,7 +300,7 @@ KINDS = {
 
 
 def _kind(w) -> "str | None":
-    """The stored format of a packed weight (llama_ref.packed) that the kernels read directly, or None."""
+    """The stored format of a packed weight (llama_ref.weights.packed) that the kernels read directly, or None."""
     fmt = getattr(w, "format", None)
     return fmt if fmt in KINDS else None
 

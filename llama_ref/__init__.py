@@ -1,12 +1,14 @@
 """llama_ref: a readable pure-NumPy reference implementation of the Llama family."""
 
-from . import presets  # llama_ref.presets.get("llama-3.1-8b"): the architecture of every official model
+from .model import presets  # llama_ref.presets.get("llama-3.1-8b"): the architecture of every official model
 from .errors import LlamaRefError
-from .config import ConfigError, ModelArgs, RopeScaling
-from .fetch import DEFAULT_MODEL, FetchError, fetch
+from .model.config import ConfigError, ModelArgs, RopeScaling
+from .weights.fetch import DEFAULT_MODEL, FetchError, fetch
 from .loading import load
-from .model import InputError, KVCache, Transformer
-from .tokenizer import TokenizerError
+from .errors import InputError
+from .model.cache import KVCache
+from .model.transformer import Transformer
+from .text.tokenizer import TokenizerError
 from .weights.common import WeightsError
 
 __version__ = "0.1.0"

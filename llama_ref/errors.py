@@ -9,3 +9,7 @@ root existed, so code that caught those still works.
 
 class LlamaRefError(Exception):
     """Bad input to llama_ref: a file, a config value, an argument. The message names which."""
+
+
+class InputError(LlamaRefError, ValueError):
+    """Bad input from the caller: token ids, positions or lengths that the model cannot accept."""

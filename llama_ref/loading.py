@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .fetch import MODELS, fetch
-from .model import Transformer
+from .weights.fetch import MODELS, fetch
+from .model.transformer import Transformer
 from .weights.common import WeightsError
 
 
@@ -20,7 +20,7 @@ def load(path_or_name: "str | Path", *, backend: str = "numpy", dtype=np.float32
     backend: "numpy" (the reference) or "numba" (the same computation, compiled).
     dtype: the computation dtype, float32 (default) or float64 (to measure rounding error).
     weights: "float32" dequantizes every matrix at load; "packed" keeps 16-bit and quantized GGUF matrices
-        in their stored blocks (llama_ref.packed), converted one matrix at a time or in the kernels.
+        in their stored blocks (llama_ref.weights.packed), converted one matrix at a time or in the kernels.
         None (default): "packed" for Meta / Hugging Face directories (bf16 stays 16-bit in memory),
         "float32" for GGUF files.
     quantize: None, or "int8" | "q8_0" | "q4_0" | "q4_1" to quantize the float matrices after loading.
@@ -35,7 +35,7 @@ def load(path_or_name: "str | Path", *, backend: str = "numpy", dtype=np.float32
     max_seq_len: a context window shorter than the model's (less KV-cache memory, prompts truncated or
         refused sooner); None keeps the model's own. A longer one is refused: RoPE was not trained there.
     parallel: "mpi" to run under `mpirun -n N`: each rank reads and keeps only its slice of every matrix
-        (Meta's model-parallel split, llama_ref.parallel) and the ranks compute every forward pass
+        (Meta's model-parallel split, llama_ref.runtime.parallel) and the ranks compute every forward pass
         together; tensor_parallel=K makes groups of K ranks, each a whole model (data parallel across
         groups). The logits are the single-process ones up to float rounding of the sums.
     """
@@ -45,7 +45,7 @@ def load(path_or_name: "str | Path", *, backend: str = "numpy", dtype=np.float32
     if weights is not None and weights not in ("float32", "packed"):
         raise WeightsError(f"weights must be 'float32' or 'packed', got {weights!r}")
     if quantize is not None:
-        from .packed import QUANTIZERS
+        from .weights.packed import QUANTIZERS
         if quantize not in QUANTIZERS:
             raise WeightsError(f"quantize must be one of {', '.join(QUANTIZERS)}, got {quantize!r}")
     source = str(path_or_name)
@@ -61,17 +61,17 @@ def load(path_or_name: "str | Path", *, backend: str = "numpy", dtype=np.float32
             raise WeightsError(f"{source}: no such file or directory, and not a known model name "
                                f"({', '.join(models)})")
     if verify:
-        from .checksums import verify as verify_checksums
+        from .weights.checksums import verify as verify_checksums
         verify_checksums(path)
     if parallel is not None:
-        from .parallel import load_parallel, parallel_options
+        from .runtime.parallel import load_parallel, parallel_options
 
         parallel_options(parallel, quantize=quantize, mmap=mmap, weights=weights)
         return load_parallel(path, tensor_parallel=tensor_parallel, backend=backend, dtype=dtype,
                              keep="float32" if weights == "float32" else "stored", progress=progress,
                              max_seq_len=max_seq_len, quantize=quantize)
     if path.is_file() and path.suffix == ".gguf" or path.is_file() and _is_gguf(path):
-        from .tokenizer import tokenizer_from_gguf
+        from .text.tokenizer import tokenizer_from_gguf
         from .weights.gguf import load_gguf
 
         args, tensors, extras = load_gguf(path, progress=progress, packed=weights == "packed", mmap=mmap)
@@ -90,7 +90,7 @@ def load(path_or_name: "str | Path", *, backend: str = "numpy", dtype=np.float32
         raise WeightsError(f"{path}: tokenizer has {tokenizer.vocab_size} tokens but the model only "
                            f"{args.vocab_size} embeddings")
     if quantize is not None:
-        from .packed import quantize_weights
+        from .weights.packed import quantize_weights
         tensors = quantize_weights(tensors, quantize, where=str(path))
     if max_seq_len is not None:
         if max_seq_len > args.max_seq_len:

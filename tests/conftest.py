@@ -38,8 +38,8 @@ if os.environ.get("CI"):
 import pytest
 
 import llama_ref
-from llama_ref.config import ModelArgs
-from llama_ref.model import Transformer
+from llama_ref.model.config import ModelArgs
+from llama_ref.model.transformer import Transformer
 from llama_ref.weights.common import expected_shapes
 
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from llama_ref.config import ModelArgs
-from llama_ref.tokenizer import _gpt2_byte_decoder
+from llama_ref.model.config import ModelArgs
+from llama_ref.text.tokenizer import _gpt2_byte_decoder
 from llama_ref.weights.gguf import META_TO_GGUF
 from llama_ref.weights.writers import _gguf_name, _gguf_value_type, add_hyperparameters
 

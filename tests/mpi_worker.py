@@ -31,7 +31,7 @@ def memory_kib() -> dict:
 def main() -> None:
     out_dir, tokens, sources = Path(sys.argv[1]), [int(t) for t in sys.argv[2].split(",")], sys.argv[3:]
     import llama_ref
-    from llama_ref.parallel import describe, mpi_world
+    from llama_ref.runtime.parallel import describe, mpi_world
 
     comm = mpi_world()
     reports = []

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 import llama_ref
-from llama_ref.model import Transformer
-from llama_ref.packed import quantize_weights
+from llama_ref.model.transformer import Transformer
+from llama_ref.weights.packed import quantize_weights
 from llama_ref.weights.common import WeightsError
 from llama_ref.weights.gguf import open_gguf
 

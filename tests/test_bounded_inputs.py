@@ -17,13 +17,13 @@ import sys
 import numpy as np
 import pytest
 
-import llama_ref.template as template
+import llama_ref.text.template as template
 from conftest import tiny_model
 from llama_ref.errors import LlamaRefError
-from llama_ref.model import InputError
-from llama_ref.sampling import SamplingParams, next_token_distribution, sample, scale_by_temperature
-from llama_ref.teacher import MAGIC, TeacherFileError, read_teacher
-from llama_ref.tokenizer import TokenizerError, render_chat
+from llama_ref.errors import InputError
+from llama_ref.generation.sampling import SamplingParams, next_token_distribution, sample, scale_by_temperature
+from llama_ref.generation.teacher import MAGIC, TeacherFileError, read_teacher
+from llama_ref.text.tokenizer import TokenizerError, render_chat
 
 CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
           "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
@@ -261,7 +261,7 @@ def test_teacher_record_with_huge_sizes_is_dropped_not_allocated(tmp_path):
 def run_cli_bytes(*argv: "str | bytes", stdin: bytes = b"") -> subprocess.CompletedProcess:
     """The CLI with raw bytes on argv and stdin, as a shell passes $'\\xff'."""
     args = [a if isinstance(a, bytes) else str(a).encode() for a in argv]
-    return subprocess.run([sys.executable.encode(), b"-m", b"llama_ref.cli", *args], input=stdin,
+    return subprocess.run([sys.executable.encode(), b"-m", b"llama_ref.tools.cli", *args], input=stdin,
                           capture_output=True, timeout=300)
 
 

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from llama_ref import ops
-from llama_ref.capture import LAYER_NAMES, activation_names, capture, layer_of, run_and_capture
-from llama_ref.model import InputError
+from llama_ref.model import ops
+from llama_ref.tools.capture import LAYER_NAMES, activation_names, capture, layer_of, run_and_capture
+from llama_ref.errors import InputError
 
 from conftest import tiny_model
 

@@ -18,11 +18,11 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import llama_ref
-from llama_ref.chat import (GuardVerdict, chat_tokens, encode_tool_call, infilling_tokens, llama2_chat_tokens,
+from llama_ref.text.chat import (GuardVerdict, chat_tokens, encode_tool_call, infilling_tokens, llama2_chat_tokens,
                             llama3_chat_tokens, llama3_message_tokens, llama_guard_text, llama_guard_tokens,
                             parse_llama3_reply, parse_llama_guard)
-from llama_ref.model import InputError
-from llama_ref.tokenizer import (Llama3Tokenizer, SentencePieceTokenizer, TokenizerError, render_chat,
+from llama_ref.errors import InputError
+from llama_ref.text.tokenizer import (Llama3Tokenizer, SentencePieceTokenizer, TokenizerError, render_chat,
                                  tokenizer_from_gguf)
 
 DATA = Path(__file__).parent / "data" / "tokenizers"

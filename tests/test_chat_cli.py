@@ -29,11 +29,11 @@ import pytest
 
 import llama_ref
 from conftest import random_weights, tiny_args
-from llama_ref.cli import CHAT_HELP, CLI_SAMPLING
-from llama_ref.conversation import ConversationError, load_conversation, save_conversation
+from llama_ref.tools.cli import CHAT_HELP, CLI_SAMPLING
+from llama_ref.text.conversation import ConversationError, load_conversation, save_conversation
 from llama_ref.errors import LlamaRefError
-from llama_ref.generation import chat_prompt_ids
-from llama_ref.model import Transformer
+from llama_ref.generation.generate import chat_prompt_ids
+from llama_ref.model.transformer import Transformer
 from test_cli import run_cli, write_tiny_gguf
 
 DATA = Path(__file__).parent / "data"
@@ -55,13 +55,13 @@ def tiny_gguf(tmp_path_factory) -> Path:
 
 def _llama3_tokenizer():
     try:
-        return llama_ref.tokenizer.Llama3Tokenizer.from_file(llama_ref.fetch("llama3-tokenizer", progress=False))
+        return llama_ref.text.tokenizer.Llama3Tokenizer.from_file(llama_ref.fetch("llama3-tokenizer", progress=False))
     except llama_ref.FetchError as e:
         pytest.skip(f"the Llama 3 tokenizer.model could not be fetched from PyPI: {e}")
 
 
 def _llama2_tokenizer():
-    from llama_ref.tokenizer import SentencePieceTokenizer
+    from llama_ref.text.tokenizer import SentencePieceTokenizer
 
     return SentencePieceTokenizer(lzma.decompress((DATA / "tokenizers" / "llama2-tokenizer.model.xz").read_bytes()))
 
@@ -229,7 +229,7 @@ BAD_FILES = [
     ("open.json", b'{"messages": [{"role": "user", "content": "q"}]}', "ends with the assistant's answer"),
     ("surrogate.json", b'{"messages": [{"role": "user", "content": "\\ud800"}, {"role": "assistant", "content": ""}]}',
      "not UTF-8 text"),
-    ("version.json", b'{"format": "llama_ref.chat", "version": 9, "messages": []}', "version 9"),
+    ("version.json", b'{"format": "llama_ref.text.chat", "version": 9, "messages": []}', "version 9"),
 ]
 
 
@@ -271,7 +271,7 @@ class Terminal:
                 # Ctrl-C must reach Python as SIGINT even when the test runner ignores it (started with `&`).
                 signal.signal(signal.SIGINT, signal.SIG_DFL)
                 fcntl.ioctl(0, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 200, 0, 0))
-                os.execve(sys.executable, [sys.executable, "-m", "llama_ref.cli", *map(str, argv)], env)
+                os.execve(sys.executable, [sys.executable, "-m", "llama_ref.tools.cli", *map(str, argv)], env)
             finally:
                 os._exit(127)
         self.pid, self.fd, self.out, self.at = pid, fd, b"", 0

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 import llama_ref
-from llama_ref.cli import CLI_SAMPLING
+from llama_ref.tools.cli import CLI_SAMPLING
 from conftest import file_backed, random_weights, tiny_args
 from gguf_files import byte_level_tokens, write_llama_gguf
 
@@ -60,7 +60,7 @@ def tiny(tiny_gguf):
 
 
 def run_cli(*argv, stdin: str = "", timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "llama_ref.cli", *map(str, argv)], input=stdin,
+    return subprocess.run([sys.executable, "-m", "llama_ref.tools.cli", *map(str, argv)], input=stdin,
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -153,7 +153,7 @@ def test_ctrl_c_stops_the_answer_not_the_session(tmp_path):
     model = write_tiny_gguf(tmp_path / "long.gguf", context_length=1 << 16)
     # SIGINT back to its default in the child: a runner started in the background (`cmd &`) ignores SIGINT,
     # the child would inherit that, and Python then never turns Ctrl-C into KeyboardInterrupt.
-    proc = subprocess.Popen([sys.executable, "-m", "llama_ref.cli", "chat", "-m", str(model), "-q",
+    proc = subprocess.Popen([sys.executable, "-m", "llama_ref.tools.cli", "chat", "-m", str(model), "-q",
                              "--ignore-eos", "-n", "60000"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))

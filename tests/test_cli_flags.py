@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 import llama_ref
-from llama_ref import generation
-from llama_ref.cli import CLI_SAMPLING
-from llama_ref.runtime import compile_notice
-from llama_ref.sampling import log_softmax
+from llama_ref.generation import generate as generation
+from llama_ref.tools.cli import CLI_SAMPLING
+from llama_ref.runtime.threads import compile_notice
+from llama_ref.generation.sampling import log_softmax
 from test_cli import run_cli, write_tiny_gguf
 
 
@@ -51,7 +51,7 @@ def test_prompt_from_argument_option_file_and_stdin_alike(tiny_gguf, tmp_path):
 
 def test_threads_and_context_flags(tiny_gguf, tiny):
     # -t sets the BLAS threads of the process; -c a shorter window, which truncation then respects.
-    code = ("import llama_ref.runtime as r, threadpoolctl; r.set_threads(1); "
+    code = ("import llama_ref.runtime.threads as r, threadpoolctl; r.set_threads(1); "
             "print(max(p['num_threads'] for p in threadpoolctl.threadpool_info()))")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "1"
     done = run_cli("generate", "-m", tiny_gguf, "-t", 1, "-c", 32, "--json", "-q", "-n", 4, "--truncate",
@@ -77,7 +77,7 @@ def test_truncation_is_announced_and_only_the_kept_prompt_echoed(tiny_gguf, tiny
 def test_long_prompt_is_announced(tiny_gguf, monkeypatch, capsys):
     from types import SimpleNamespace
 
-    from llama_ref import cli
+    from llama_ref.tools import cli
 
     model = llama_ref.load(tiny_gguf)
     monkeypatch.setattr(cli, "LONG_PROMPT", 10)

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 import llama_ref
-from llama_ref import presets
-from llama_ref.config import (ConfigError, ModelArgs, RopeScaling, ffn_hidden_size, from_gguf_metadata,
+from llama_ref.model import presets
+from llama_ref.model.config import (ConfigError, ModelArgs, RopeScaling, ffn_hidden_size, from_gguf_metadata,
                               from_hf_config, from_params_json, read_config)
-from llama_ref.model import Transformer
+from llama_ref.model.transformer import Transformer
 
 from conftest import random_weights, tiny_args
 
@@ -174,7 +174,7 @@ def test_presets_keep_the_known_discrepancies_straight():
 
 def test_presets_get_is_case_insensitive_and_unknown_names_are_clear():
     assert presets.get("Llama-3.1-8B") is presets.get("llama-3.1-8b")
-    assert llama_ref.presets.get("llama-3.2-1b") is presets.PRESETS["llama-3.2-1b"]  # reachable from the package
+    assert llama_ref.model.presets.get("llama-3.2-1b") is presets.PRESETS["llama-3.2-1b"]  # reachable from the package
     with pytest.raises(ConfigError, match=r"unknown preset 'llama-9-7b'.*llama-3\.1-8b"):
         presets.get("llama-9-7b")
 
@@ -424,7 +424,7 @@ def test_forward_reads_theta_eps_and_scaling_from_the_config(change, backend):
 
 def test_llama3_scaling_parameters_each_matter():
     # Every number of the llama3 scaling reaches the frequencies: change any one and some frequency moves.
-    from llama_ref.ops import rope_frequencies
+    from llama_ref.model.ops import rope_frequencies
 
     base = tiny_args(dim=256, n_heads=2, rope_theta=500000.0,
                      rope_scaling=RopeScaling("llama3", 8.0, 1.0, 4.0, 8192))
@@ -443,7 +443,7 @@ def test_model_code_has_no_model_constants():
     # The forward pass and its kernels take theta, eps, scaling and context sizes from the config only:
     # none of the official values appears as a literal number in their code (docstrings aside).
     root = Path(llama_ref.__file__).parent
-    files = [root / "model.py", root / "ops.py"] + sorted((root.parent / "kernels").glob("*.py"))
+    files = [root / "model" / f for f in ("transformer.py", "ops.py", "llama4.py")] + sorted((root.parent / "kernels").glob("*.py"))
     try:
         import llama_ref.kernels as kernels
         files += sorted(Path(kernels.__file__).parent.glob("*.py"))

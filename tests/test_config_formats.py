@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 import llama_ref
-from llama_ref import presets
-from llama_ref.config import ConfigError, ModelArgs, from_gguf_metadata, from_hf_config, from_params_json
-from llama_ref.ops import rope_frequencies
+from llama_ref.model import presets
+from llama_ref.model.config import ConfigError, ModelArgs, from_gguf_metadata, from_hf_config, from_params_json
+from llama_ref.model.ops import rope_frequencies
 from llama_ref.weights.writers import add_hyperparameters, hf_config, llama3_rope_divisors
 
 DATA = Path(__file__).parent / "data" / "tiny_ckpt"
@@ -286,6 +286,6 @@ def test_huge_layer_count_is_refused_before_looping(tmp_path):
                                                       "tensors of 2"):
         llama_ref.load(d)
     # `info` reads headers only, and says that they contradict the config.
-    from llama_ref.info import describe
+    from llama_ref.tools.info import describe
     assert "warning:     the tensors hold 98,624 parameters" in describe(d)
     assert "warning" not in describe(DATA / "hf5_llama3")

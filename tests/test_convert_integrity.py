@@ -18,10 +18,11 @@ import pytest
 
 import llama_ref
 from conftest import random_weights, tiny_args
-from llama_ref import checksums, convert as convert_module
-from llama_ref.cli import main
-from llama_ref.convert import convert, remove_stale_partials, write_checkpoint
-from llama_ref.model import Transformer
+from llama_ref.weights import checksums
+from llama_ref.tools import convert as convert_module
+from llama_ref.tools.cli import main
+from llama_ref.tools.convert import convert, remove_stale_partials, write_checkpoint
+from llama_ref.model.transformer import Transformer
 from llama_ref.weights import writers
 from llama_ref.weights.common import WeightsError
 
@@ -127,7 +128,7 @@ def test_output_that_appears_meanwhile_is_never_replaced(tmp_path, monkeypatch):
 KILL_SCRIPT = """
 import os, signal, sys
 from pathlib import Path
-import llama_ref.convert as c
+import llama_ref.tools.convert as c
 from llama_ref.weights import writers
 
 src, dst, to, when = sys.argv[1:]
@@ -372,8 +373,8 @@ def test_meta_checklist_chk_is_checked(tmp_path):
 
 
 def test_a_fetched_model_is_checked_against_its_pinned_sha256(tmp_path, monkeypatch):
-    """A file in llama_ref.fetch's cache has a published checksum: the sha256 pinned for it."""
-    from llama_ref.fetch import MODELS
+    """A file in llama_ref.weights.fetch's cache has a published checksum: the sha256 pinned for it."""
+    from llama_ref.weights.fetch import MODELS
 
     monkeypatch.setenv("LLAMA_REF_CACHE", str(tmp_path))
     spec = MODELS[llama_ref.DEFAULT_MODEL]

@@ -1,4 +1,4 @@
-"""`llama-ref convert` carries the tokenizer in the target format's own form (llama_ref.tokenizer_export).
+"""`llama-ref convert` carries the tokenizer in the target format's own form (llama_ref.text.tokenizer_export).
 
 --to hf: the tokenizer.json written is loaded by the `tokenizers` library itself and must give the source
 tokenizer's ids on a varied corpus (special tokens, scripts, emoji, digits, whitespace runs, code), with and
@@ -26,11 +26,11 @@ from pathlib import Path
 import pytest
 
 import llama_ref
-from llama_ref.chat import chat_tokens
-from llama_ref.convert import convert, write_checkpoint
-from llama_ref.tokenizer import (Llama3Tokenizer, SentencePieceTokenizer, TokenizerError, tokenizer_from_dir,
+from llama_ref.text.chat import chat_tokens
+from llama_ref.tools.convert import convert, write_checkpoint
+from llama_ref.text.tokenizer import (Llama3Tokenizer, SentencePieceTokenizer, TokenizerError, tokenizer_from_dir,
                                  tokenizer_from_file, tokenizer_from_gguf)
-from llama_ref.tokenizer_export import sentencepiece_spec, sentencepiece_tokenizer
+from llama_ref.text.tokenizer_export import sentencepiece_spec, sentencepiece_tokenizer
 from llama_ref.weights.directory import directory_tokenizer
 from llama_ref.weights.gguf import gguf_metadata, open_gguf
 

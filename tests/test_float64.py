@@ -7,9 +7,9 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import llama_ref
-from llama_ref import ops
-from llama_ref.capture import activation_names, run_and_capture
-from llama_ref.verify import logits_diff
+from llama_ref.model import ops
+from llama_ref.tools.capture import activation_names, run_and_capture
+from llama_ref.tools.verify import logits_diff
 
 from conftest import tiny_args, tiny_model
 

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 from conftest import tiny_model
-from llama_ref import ops
-from llama_ref.generation import chat_prompt_ids
-from llama_ref.model import InputError
-from llama_ref.sampling import log_softmax
+from llama_ref.model import ops
+from llama_ref.generation.generate import chat_prompt_ids
+from llama_ref.errors import InputError
+from llama_ref.generation.sampling import log_softmax
 
 DATA = Path(__file__).parent / "data"
 PROMPTS = [[1, 2, 3], [5], [7, 8, 9, 10, 11, 12, 13], [40, 41]]

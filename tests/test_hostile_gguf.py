@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import llama_ref
 from llama_ref import LlamaRefError
-from llama_ref.tokenizer import TokenizerError
+from llama_ref.text.tokenizer import TokenizerError
 from llama_ref.weights.common import WeightsError
 from llama_ref.weights.gguf import open_gguf
 

@@ -1,4 +1,4 @@
-"""Each Numba kernel equals its NumPy twin in llama_ref.ops; packed weights decode exactly as gguf does.
+"""Each Numba kernel equals its NumPy twin in llama_ref.model.ops; packed weights decode exactly as gguf does.
 
 Shapes are drawn by hypothesis, including odd sizes, sizes that are not a multiple of a block or of the
 SIMD width, GQA ratios 1/2/4/8 and queries at the very end of the cache. Kernels compile once (cached on
@@ -13,8 +13,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llama_ref import kernels, ops, packed
-from llama_ref.config import ModelArgs
+from llama_ref import kernels
+from llama_ref.model import ops
+from llama_ref.weights import packed
+from llama_ref.model.config import ModelArgs
 
 FEW = settings(max_examples=12, deadline=None)
 

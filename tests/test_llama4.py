@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 import llama_ref
-from llama_ref.capture import run_and_capture
-from llama_ref.config import ConfigError, from_hf_config, from_params_json
-from llama_ref.llama4 import chunked_attention, route
+from llama_ref.tools.capture import run_and_capture
+from llama_ref.model.config import ConfigError, from_hf_config, from_params_json
+from llama_ref.model.llama4 import chunked_attention, route
 from llama_ref.weights.common import WeightsError
 
 DATA = Path(__file__).parent / "data" / "tiny_ckpt"
@@ -182,7 +182,7 @@ def test_each_feature_matters(change):
 def test_scaled_rope_matters():
     """Scout's scaling slows only the slowest frequencies, which turn little within 28 positions: ignoring it
     moves the logits by ~1e-3, still several times the tolerance."""
-    from llama_ref import ops
+    from llama_ref.model import ops
     model = llama_ref.load(HF)
     model.freqs = ops.rope_frequencies(model.args.replace(rope_scaling=None))
     assert np.abs(model.forward(TOKENS, 0) - REF["meta_full"]).max() > 5 * TOL
@@ -199,7 +199,7 @@ def test_route_takes_sigmoid_of_the_top_logits():
 
 def test_chunked_attention_equals_a_chunk_mask():
     """Splitting the queries at chunk boundaries is attention under the mask Meta builds for a prompt."""
-    from llama_ref import ops
+    from llama_ref.model import ops
     rng = np.random.default_rng(0)
     B, T, H, KVH, HD, C = 2, 11, 4, 2, 8, 3
     q = rng.standard_normal((B, T, H, HD))
@@ -290,8 +290,8 @@ def test_llama4_presets_match_published_parameter_counts():
     """Model cards: Scout 17B active / 109B total, Maverick 17B active / 400B total. The totals include the
     vision encoder (presets.LLAMA4_VISION_PARAMS, 0.87B), which llama_ref does not load; the text models
     alone are 107.77B and 400.71B. "400B" is rounded to two significant digits (the sum is 401.6B)."""
-    from llama_ref import presets
-    from llama_ref.llama4_config import param_counts
+    from llama_ref.model import presets
+    from llama_ref.model.llama4_config import param_counts
 
     scout, maverick = presets.get("llama-4-scout-17b-16e"), presets.get("llama-4-maverick-17b-128e")
     (scout_total, scout_active), (mav_total, mav_active) = param_counts(scout), param_counts(maverick)
@@ -308,10 +308,10 @@ def test_llama4_presets_match_published_parameter_counts():
 
 def test_llama4_presets_run_at_a_reduced_size():
     """The presets' structure runs end to end: Scout's shape with 2 layers, narrow widths and few experts."""
-    from llama_ref import presets
-    from llama_ref.llama4_config import Llama4Args
+    from llama_ref.model import presets
+    from llama_ref.model.llama4_config import Llama4Args
     from llama_ref.weights.common import expected_shapes
-    from llama_ref.model import Transformer
+    from llama_ref.model.transformer import Transformer
 
     base = presets.get("llama-4-scout-17b-16e")
     m = base.llama4
@@ -330,8 +330,8 @@ def test_llama4_presets_run_at_a_reduced_size():
 
 
 def test_writers_refuse_llama4_instead_of_writing_a_dense_model(tmp_path):
-    from llama_ref import presets
-    from llama_ref.convert import write_checkpoint
+    from llama_ref.model import presets
+    from llama_ref.tools.convert import write_checkpoint
     from llama_ref.weights.writers import hf_config
 
     model = llama_ref.load(HF)
@@ -343,7 +343,7 @@ def test_writers_refuse_llama4_instead_of_writing_a_dense_model(tmp_path):
 
 
 def test_params_json_written_by_llama_ref_round_trips_llama4():
-    from llama_ref import presets
+    from llama_ref.model import presets
     for name in ("llama-4-scout-17b-16e", "llama-4-maverick-17b-128e"):
         args = presets.get(name)
         assert from_params_json(json.loads(json.dumps(args.to_params_json()))) == args.replace(
@@ -355,7 +355,7 @@ def test_params_json_written_by_llama_ref_round_trips_llama4():
 # ---- capture, verify, batches --------------------------------------------------------------------------
 
 def test_capture_names_of_a_llama4_model_follow_activation_names():
-    from llama_ref.capture import activation_names
+    from llama_ref.tools.capture import activation_names
     model = llama_ref.load(HF)
     acts = run_and_capture(model, TOKENS[:6])
     assert list(acts) == activation_names(4, moe_layers=model.args.llama4.moe_layers)
@@ -364,7 +364,7 @@ def test_capture_names_of_a_llama4_model_follow_activation_names():
 
 def test_verify_localises_a_routing_difference():
     """A router that sends some tokens elsewhere: verify's first divergence is that layer's router logits."""
-    from llama_ref.verify import compare
+    from llama_ref.tools.verify import compare
 
     model = llama_ref.load(HF, weights="float32")
     reference = {"tokens": TOKENS, **run_and_capture(model, TOKENS)}
@@ -377,7 +377,7 @@ def test_verify_localises_a_routing_difference():
 
 
 def test_batches_of_equal_length_match_single_rows_and_padding_is_refused():
-    from llama_ref.model import InputError
+    from llama_ref.errors import InputError
     model = llama_ref.load(HF)
     rows = np.stack([TOKENS[:12], TOKENS[4:16]])
     batch = model.forward(rows, 0)
@@ -423,7 +423,7 @@ def test_a_decode_step_reads_only_the_chosen_experts():
         model.weights[name] = _Spy(name, model.weights[name], read)
     model.forward(TOKENS[:PROMPT], 0)
     read.clear()
-    from llama_ref.capture import capture
+    from llama_ref.tools.capture import capture
     with capture(model, ["layers.*.feed_forward.experts"]) as acts:
         model.forward(TOKENS[PROMPT:PROMPT + 1], PROMPT)
     chosen = {f"layers.{i}.feed_forward.experts.{int(e)}.{w}.weight"
@@ -433,7 +433,7 @@ def test_a_decode_step_reads_only_the_chosen_experts():
 
 
 def test_info_describes_the_experts():
-    from llama_ref.info import describe
+    from llama_ref.tools.info import describe
     text = describe(META)
     assert "4 experts of width 32 (top-1, plus a shared one) in 2 of 4 layers; NoPE layers [2]" in text
     assert "active parameters 51,744" in text  # 70,176 less the 3 experts a token skips in 2 layers: 6 x 3072
@@ -480,7 +480,7 @@ def test_shards_that_cannot_divide_the_heads_are_refused(tmp_path):
 
 
 def test_llama4_gguf_is_refused_by_name():
-    from llama_ref.config import from_gguf_metadata
+    from llama_ref.model.config import from_gguf_metadata
     with pytest.raises(ConfigError, match="Llama 4 GGUF files .general.architecture llama4. are not implemented"):
         from_gguf_metadata({"general.architecture": "llama4", "llama4.block_count": 48})
 
@@ -505,7 +505,7 @@ SCOUT_TEXT_CONFIG = {
 def test_scouts_config_json_reads_as_the_preset_but_for_its_rope_scaling():
     """The HF file says llama3 scaling factor 8 / high_freq_factor 4 where Meta's code uses 16 / 1 for Scout
     (presets.py follows Meta); everything else agrees."""
-    from llama_ref import presets
+    from llama_ref.model import presets
     wrapped = {"model_type": "llama4", "text_config": SCOUT_TEXT_CONFIG, "vision_config": {}}
     args = from_hf_config(wrapped)
     preset = presets.get("llama-4-scout-17b-16e")
@@ -523,7 +523,7 @@ def test_config_json_null_chunk_size_means_no_chunking():
 @pytest.mark.parametrize("quantize", ["int8", "q4_0"])
 def test_quantized_experts_run_the_same_on_both_backends(quantize):
     """Experts are matrices like any other: quantized, the Numba kernels read their blocks as NumPy does."""
-    from llama_ref.packed import PackedWeight
+    from llama_ref.weights.packed import PackedWeight
     numpy_model = llama_ref.load(HF, quantize=quantize)
     numba_model = llama_ref.load(HF, quantize=quantize, backend="numba")
     assert isinstance(numpy_model.weights["layers.1.feed_forward.experts.0.w1.weight"], PackedWeight)

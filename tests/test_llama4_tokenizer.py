@@ -12,9 +12,9 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import llama_ref
-from llama_ref.chat import chat_tokens
-from llama_ref.tokenizer import tokenizer_from_dir, tokenizer_from_file
-from llama_ref.tokenizer_llama4 import Llama4Tokenizer, llama4_chat_tokens, parse_llama4_reply
+from llama_ref.text.chat import chat_tokens
+from llama_ref.text.tokenizer import tokenizer_from_dir, tokenizer_from_file
+from llama_ref.text.tokenizer_llama4 import Llama4Tokenizer, llama4_chat_tokens, parse_llama4_reply
 
 CASES = json.loads((Path(__file__).parent / "data" / "tokenizers" / "llama4-cases.json").read_text(encoding="utf-8"))
 
@@ -76,8 +76,8 @@ def test_a_llama4_params_json_directory_reads_its_tokenizer_as_llama4(tmp_path, 
 
 
 def test_exporting_it_as_tokenizer_json_is_refused(tok, llama4_path):
-    from llama_ref.tokenizer import TokenizerError
-    from llama_ref.tokenizer_export import hf_files_from_tokenizer_model
+    from llama_ref.text.tokenizer import TokenizerError
+    from llama_ref.text.tokenizer_export import hf_files_from_tokenizer_model
 
     with pytest.raises(TokenizerError, match="Llama 4 tokenizer is not implemented"):
         hf_files_from_tokenizer_model(Path(llama4_path), tok)

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 
 import llama_ref
-from llama_ref.config import ConfigError
-from llama_ref.convert import convert, write_checkpoint
-from llama_ref.model import Transformer
+from llama_ref.model.config import ConfigError
+from llama_ref.tools.convert import convert, write_checkpoint
+from llama_ref.model.transformer import Transformer
 from llama_ref.weights.common import WeightsError
 from llama_ref.weights.gguf import gguf_name_to_meta, load_gguf
 from llama_ref.weights.hf import load_hf, read_hf_tensors
@@ -61,7 +61,7 @@ import sys, json
 sys.modules['torch'] = None; sys.modules['transformers'] = None
 import numpy as np, llama_ref
 from llama_ref.weights.gguf import META_TO_GGUF, gguf_name_to_meta, load_gguf
-from llama_ref.model import Transformer
+from llama_ref.model.transformer import Transformer
 try:
     import torch
     raise SystemExit('torch importable')
@@ -231,7 +231,7 @@ def test_convert_refuses_existing_output_and_bad_target(tmp_path):
 # ---- info and the command line ------------------------------------------------------------------------------
 
 def test_info_and_cli(tmp_path, capsys):
-    from llama_ref.cli import main
+    from llama_ref.tools.cli import main
 
     assert main(["info", str(DATA / "llama2_fp16_mp2_meta")]) == 0
     out = capsys.readouterr().out
@@ -256,7 +256,7 @@ def test_gguf_weight_types(tmp_path, kind):
 
     from conftest import random_weights, tiny_args
     from gguf_files import write_llama_gguf
-    from llama_ref.packed import from_gguf_tensor
+    from llama_ref.weights.packed import from_gguf_tensor
 
     args = tiny_args(dim=256, n_heads=4, n_kv_heads=2, hidden_dim=256, n_layers=1, vocab_size=64)
     weights = random_weights(args, seed=3)
@@ -285,7 +285,7 @@ def test_gguf_weight_types(tmp_path, kind):
     loaded_args, loaded, _ = load_gguf(path)
     reader = gguf.GGUFReader(str(path))
     assert {t.tensor_type.name for t in reader.tensors if len(t.shape) == 2} == {kind}
-    # A second, independent decoder (llama_ref.packed) agrees with what the loader produced.
+    # A second, independent decoder (llama_ref.weights.packed) agrees with what the loader produced.
     for t in reader.tensors:
         if len(t.shape) != 2:
             continue

@@ -14,11 +14,13 @@ import numpy as np
 import pytest
 
 import llama_ref
-from llama_ref import presets
-from llama_ref.config import ConfigError
-from llama_ref.fetch import FetchError
-from llama_ref.generation import generate_ids
-from llama_ref.model import InputError, KVCache, Transformer
+from llama_ref.model import presets
+from llama_ref.model.config import ConfigError
+from llama_ref.weights.fetch import FetchError
+from llama_ref.generation.generate import generate_ids
+from llama_ref.errors import InputError
+from llama_ref.model.cache import KVCache
+from llama_ref.model.transformer import Transformer
 from llama_ref.weights.common import WeightsError
 
 from conftest import random_weights, tiny_args, tiny_model
@@ -254,7 +256,7 @@ def test_errors_are_value_errors_for_callers():
 
 def _cli(*argv: str) -> subprocess.CompletedProcess:
     exe = shutil.which("llama-ref")
-    cmd = [exe, *argv] if exe else [sys.executable, "-m", "llama_ref.cli", *argv]
+    cmd = [exe, *argv] if exe else [sys.executable, "-m", "llama_ref.tools.cli", *argv]
     # No loading progress bar: it is for terminals, and would interleave with the error line here.
     env = dict(os.environ, TQDM_DISABLE="1")
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)

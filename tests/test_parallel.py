@@ -1,4 +1,4 @@
-"""Tensor and data parallelism across MPI ranks (llama_ref.parallel), checked against one process.
+"""Tensor and data parallelism across MPI ranks (llama_ref.runtime.parallel), checked against one process.
 
 The tests marked `mpi` run `mpirun -n 2` and `mpirun -n 4 --oversubscribe` (Open MPI with mpi4py) and skip,
 saying why, when either is missing; .ci/run installs both. The others check the slicing and the shard
@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 
 import llama_ref
-from llama_ref.model import Transformer
-from llama_ref.parallel import (EmbeddingPart, ParallelError, head_ranges, load_rank_weights, local_args, part,
+from llama_ref.model.transformer import Transformer
+from llama_ref.runtime.parallel import (EmbeddingPart, ParallelError, head_ranges, load_rank_weights, local_args, part,
                                 rank_plan)
 from llama_ref.weights.common import WeightsError, expected_shapes
 from llama_ref.weights.writers import meta_shard_plans, write_gguf, write_hf, write_meta
@@ -100,7 +100,7 @@ def ckpts(tmp_path_factory) -> dict:
         "tokenizer.ggml.merges": ["Ġ t", "h e"], "tokenizer.ggml.bos_token_id": 0,
         "tokenizer.ggml.eos_token_id": 2, "tokenizer.ggml.add_bos_token": False,
         "tokenizer.chat_template": CHATML})
-    from llama_ref.convert import convert
+    from llama_ref.tools.convert import convert
     out["tok_meta2"] = convert(out["gguf"], root / "tok_meta2", "meta", shards=2)
     return out
 
@@ -274,7 +274,7 @@ def test_shards_that_do_not_divide_are_refused(tmp_path):
         meta_shard_plans(args, 3)
     with pytest.raises(WeightsError, match="--shards 16: .* n_kv_heads"):
         meta_shard_plans(gqa_args(n_heads=16, dim=128), 16)
-    from llama_ref.convert import convert
+    from llama_ref.tools.convert import convert
 
     with pytest.raises(WeightsError, match="only Meta's format"):
         convert(TINY / "llama31_bf16_meta", tmp_path / "x", "hf", shards=2)
@@ -308,7 +308,7 @@ def test_mpi_logits_match_one_process(ckpts, tmp_path, n):
 
 
 def cli(*argv, timeout=120):
-    return subprocess.run([sys.executable, "-m", "llama_ref.cli", *map(str, argv)], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "llama_ref.tools.cli", *map(str, argv)], capture_output=True,
                           text=True, timeout=timeout)
 
 
@@ -321,13 +321,13 @@ def test_mpi_generate_and_score_match_one_process(ckpts, tmp_path, n, src):
         common = ["generate", "-m", src, "-q", "--json", "-n", 24, "--ignore-eos", *flags, "the theme"]
         one = cli(*common)
         assert one.returncode == 0, one.stderr
-        many = mpirun(n, "-m", "llama_ref.cli", *common, "--parallel", "mpi")
+        many = mpirun(n, "-m", "llama_ref.tools.cli", *common, "--parallel", "mpi")
         assert json.loads(many.stdout)["ids"] == json.loads(one.stdout)["ids"]
         assert json.loads(many.stdout)["text"] == json.loads(one.stdout)["text"]
     text = tmp_path / "t.txt"
     text.write_text("the theme of the thesis: the heat, the height, the path there. " * 6)
     one = json.loads(cli("score", "-m", src, "-q", "--json", text).stdout)
-    many = json.loads(mpirun(n, "-m", "llama_ref.cli", "score", "-m", src, "-q", "--json", text,
+    many = json.loads(mpirun(n, "-m", "llama_ref.tools.cli", "score", "-m", src, "-q", "--json", text,
                              "--parallel", "mpi").stdout)
     assert many["n_tokens"] == one["n_tokens"]
     assert many["perplexity"] == pytest.approx(one["perplexity"], rel=1e-6)
@@ -335,7 +335,7 @@ def test_mpi_generate_and_score_match_one_process(ckpts, tmp_path, n, src):
 
 @needs_mpi
 def test_mpi_ranks_that_do_not_divide_the_heads_fail_on_every_rank(ckpts):
-    done = mpirun(3, "-m", "llama_ref.cli", "generate", "-m", ckpts["meta1"], "-n", 2, "--parallel", "mpi",
+    done = mpirun(3, "-m", "llama_ref.tools.cli", "generate", "-m", ckpts["meta1"], "-n", 2, "--parallel", "mpi",
                   "hello", check=False, timeout=120)
     assert done.returncode != 0
     assert "3 ranks do not divide the model's 8 attention heads" in done.stderr
@@ -357,13 +357,13 @@ def test_mpi_teacher_data_parallel_writes_the_single_process_bytes(ckpts, tmp_pa
     one, dp, tp, tp_again = (tmp_path / f"{name}.bin" for name in ("one", "dp", "tp", "tp_again"))
     done = cli("teacher", prompts, "-m", ckpts["tok_meta2"], "-o", one, "-q")
     assert done.returncode == 0, done.stderr
-    common = ["-m", "llama_ref.cli", "teacher", prompts, "-m", ckpts["tok_meta2"], "-q", "--parallel", "mpi"]
+    common = ["-m", "llama_ref.tools.cli", "teacher", prompts, "-m", ckpts["tok_meta2"], "-q", "--parallel", "mpi"]
     mpirun(2, *common, "-o", dp, "--tensor-parallel", "1")
     assert dp.read_bytes() == one.read_bytes()
     mpirun(2, *common, "-o", tp)
     mpirun(4, *common, "-o", tp_again, "--tensor-parallel", "2")  # two copies, each split over two ranks
     assert tp.read_bytes() == tp_again.read_bytes()
-    from llama_ref.teacher import read_teacher
+    from llama_ref.generation.teacher import read_teacher
 
     (_, split), (_, whole) = read_teacher(tp), read_teacher(one)
     assert [r.index for r in split] == list(range(30))
@@ -398,7 +398,7 @@ def test_mpi_killed_rank_ends_the_job_and_the_export_resumes(ckpts, tmp_path, vi
     why, and running the command again resumes to the bytes of an uninterrupted run."""
     prompts = _prompts(tmp_path / "p.txt", 400, seed=victim)
     out, full = tmp_path / "out.bin", tmp_path / "full.bin"
-    common = ["-m", "llama_ref.cli", "teacher", prompts, "-m", ckpts["tok_meta2"], "-q", "--parallel", "mpi"]
+    common = ["-m", "llama_ref.tools.cli", "teacher", prompts, "-m", ckpts["tok_meta2"], "-q", "--parallel", "mpi"]
     env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
     job = subprocess.Popen(["mpirun", "-n", "2", sys.executable, *map(str, common), "-o", str(out)],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
@@ -428,7 +428,7 @@ def test_mpi_score_shares_files_between_model_copies(ckpts, tmp_path):
     """Three files over two whole-model copies: each file's NLL is the single-process one exactly."""
     files = [_prompts(tmp_path / f"{i}.txt", 8 + 5 * i, seed=i) for i in range(3)]
     one = json.loads(cli("score", "-m", ckpts["tok_meta2"], "-q", "--json", *files).stdout)
-    many = json.loads(mpirun(2, "-m", "llama_ref.cli", "score", "-m", ckpts["tok_meta2"], "-q", "--json", *files,
+    many = json.loads(mpirun(2, "-m", "llama_ref.tools.cli", "score", "-m", ckpts["tok_meta2"], "-q", "--json", *files,
                              "--parallel", "mpi", "--tensor-parallel", "1").stdout)
     assert [f["nll"] for f in many["files"]] == [f["nll"] for f in one["files"]]
     assert many["perplexity"] == one["perplexity"] and many["n_tokens"] == one["n_tokens"]
@@ -485,7 +485,7 @@ def test_mpi_rank_memory_is_its_share_of_the_weights(tmp_path_factory, tmp_path,
 def test_read_block_reads_only_the_block(ckpts, monkeypatch, axis, lo, hi):
     """Rows or columns of a stored matrix, columns gathered a few rows at a time: the same elements as
     slicing the whole tensor."""
-    import llama_ref.parallel as parallel
+    import llama_ref.runtime.parallel as parallel
     from llama_ref.weights.safetensors_file import read_safetensors_header
     from llama_ref.weights.torch_zip import read_torch_file
 

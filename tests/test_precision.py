@@ -1,4 +1,4 @@
-"""llama_ref.precision: the float32 error budget against float64, and float32's distance from float64 on the
+"""llama_ref.tools.precision: the float32 error budget against float64, and float32's distance from float64 on the
 default model next to Hugging Face transformers' (tests/data/float64_distance.json)."""
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 import llama_ref
-from llama_ref import ops
-from llama_ref.capture import activation_names
-from llama_ref.cli import main
-from llama_ref.precision import ADD, OPS, error_budget
+from llama_ref.model import ops
+from llama_ref.tools.capture import activation_names
+from llama_ref.tools.cli import main
+from llama_ref.tools.precision import ADD, OPS, error_budget
 
 from conftest import tiny_model
 
@@ -40,7 +40,7 @@ def test_budget_of_a_float32_pass_is_float32_rounding(backend):
 
 
 def _float16_output(name: str) -> types.ModuleType:
-    """llama_ref.ops with one operation's result rounded to float16: a port that loses precision there."""
+    """llama_ref.model.ops with one operation's result rounded to float16: a port that loses precision there."""
     backend = types.ModuleType(f"lossy_{name}")
     for fn in OPS + ("rope_frequencies", "rope_tables"):
         setattr(backend, fn, getattr(ops, fn))

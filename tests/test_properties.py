@@ -11,9 +11,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llama_ref import ops
-from llama_ref.config import ModelArgs, RopeScaling
-from llama_ref.model import KVCache, Transformer
+from llama_ref.model import ops
+from llama_ref.model.config import ModelArgs, RopeScaling
+from llama_ref.model.cache import KVCache
+from llama_ref.model.transformer import Transformer
 from llama_ref.weights.common import permute_hf_to_meta, permute_meta_to_hf
 
 from conftest import random_weights, tiny_args
@@ -273,7 +274,7 @@ def test_llama3_scaling_matches_the_published_formula(hd, theta, factor, low, hi
 
 
 def test_llama31_8b_frequencies_keep_high_and_slow_low_frequencies():
-    from llama_ref import presets
+    from llama_ref.model import presets
 
     args = presets.get("llama-3.1-8b")
     scaled, unscaled = ops.rope_frequencies(args), ops.rope_frequencies(args.replace(rope_scaling=None))

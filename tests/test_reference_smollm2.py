@@ -31,7 +31,7 @@ def our_logits(default_model, ref):
 
 
 def test_fixture_is_for_this_model(ref, default_model_path):
-    from llama_ref.fetch import MODELS, DEFAULT_MODEL
+    from llama_ref.weights.fetch import MODELS, DEFAULT_MODEL
 
     meta = json.loads(str(ref["meta"]))
     assert meta["gguf_sha256"] == MODELS[DEFAULT_MODEL].sha256
@@ -72,7 +72,7 @@ def test_top64_and_argmax_match_hf(our_logits, ref, prompt):
 @pytest.mark.parametrize("prompt", ["p0", "p4"])
 def test_greedy_continuation_matches_hf(default_model, ref, prompt):
     """32 greedy tokens through the KV cache (prefill, then one-token decode) equal HF's argmax chain."""
-    from llama_ref.generation import generate_ids
+    from llama_ref.generation.generate import generate_ids
 
     expected = ref[f"{prompt}_greedy32_ids"].tolist()
     got = [t for t, _ in generate_ids(default_model, ref[f"{prompt}_ids"].tolist(), 32, stop_ids=set())]

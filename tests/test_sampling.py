@@ -1,6 +1,6 @@
 """The samplers: each filter keeps exactly its set, draws never leave it, temperature 0 is greedy, and the
 same seed gives the same draws. The expected sets are computed here from the definitions, one token at a
-time, independently of the vectorised code in llama_ref.sampling."""
+time, independently of the vectorised code in llama_ref.generation.sampling."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 from hypothesis.extra.numpy import arrays
 
-from llama_ref.model import InputError
-from llama_ref.sampling import (SamplingParams, allowed_tokens, apply_repetition_penalty, draw,
+from llama_ref.errors import InputError
+from llama_ref.generation.sampling import (SamplingParams, allowed_tokens, apply_repetition_penalty, draw,
                                 next_token_distribution, sample, softmax)
 
 logits_strategy = arrays(np.float32, st.integers(2, 40),

@@ -28,7 +28,7 @@ import httpx  # noqa: E402
 import openai  # noqa: E402
 
 import llama_ref  # noqa: E402
-from llama_ref.chat import GuardVerdict  # noqa: E402
+from llama_ref.text.chat import GuardVerdict  # noqa: E402
 from llama_ref.server import BackgroundServer, LlamaGuard, create_app  # noqa: E402
 from llama_ref.server.app import _message_from  # noqa: E402
 from test_cli import write_tiny_gguf  # noqa: E402
@@ -439,7 +439,7 @@ def _free_port() -> int:
 def test_cli_serve(tmp_path):
     path = write_tiny_gguf(tmp_path / "tiny.gguf")
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "llama_ref.cli", "serve", str(path), "--port", str(port), "-q"],
+    proc = subprocess.Popen([sys.executable, "-m", "llama_ref.tools.cli", "serve", str(path), "--port", str(port), "-q"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -456,7 +456,7 @@ def test_cli_serve(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
-    bad = subprocess.run([sys.executable, "-m", "llama_ref.cli", "serve", str(path), "--guard-output"],
+    bad = subprocess.run([sys.executable, "-m", "llama_ref.tools.cli", "serve", str(path), "--guard-output"],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "--guard-output needs --guard" in bad.stderr
 

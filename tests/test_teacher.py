@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 import llama_ref
-from llama_ref.model import InputError
-from llama_ref.sampling import log_softmax
-from llama_ref.teacher import (TeacherFileError, check_teacher_input, export_teacher, read_teacher)
+from llama_ref.errors import InputError
+from llama_ref.generation.sampling import log_softmax
+from llama_ref.generation.teacher import (TeacherFileError, check_teacher_input, export_teacher, read_teacher)
 
 PROMPTS = ["the theme", "hello there, how are you?", "x", "a longer line with several words in it"]
 

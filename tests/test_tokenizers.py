@@ -21,10 +21,10 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import llama_ref
-from llama_ref.tokenizer import (ByteLevelBPETokenizer, HFTokenizer, Llama3Tokenizer, SentencePieceTokenizer,
+from llama_ref.text.tokenizer import (ByteLevelBPETokenizer, HFTokenizer, Llama3Tokenizer, SentencePieceTokenizer,
                                  TokenizerError, check_vocab_size, tokenizer_from_dir, tokenizer_from_file,
                                  tokenizer_from_gguf)
-from llama_ref.tokenizer_tiktoken import SPECIAL_TOKENS_31
+from llama_ref.text.tokenizer_tiktoken import SPECIAL_TOKENS_31
 
 DATA = Path(__file__).parent / "data" / "tokenizers"
 
@@ -120,7 +120,7 @@ def _byte_to_unicode() -> dict:
 
     The library's table, inverted: a wrong table would give a vocabulary that the `tokenizers` library's
     own byte-level mapping cannot reproduce, so the parity tests below would catch it."""
-    from llama_ref.tokenizer import _gpt2_byte_decoder
+    from llama_ref.text.tokenizer import _gpt2_byte_decoder
 
     return {b: ch for ch, b in _gpt2_byte_decoder().items()}
 
@@ -523,7 +523,7 @@ def test_decode_rejects_bad_ids(llama2, llama3):
 
 
 def test_cli_tokenize(capsys, tmp_path, llama3_path):
-    from llama_ref.cli import main
+    from llama_ref.tools.cli import main
 
     assert main(["tokenize", str(llama3_path), "--json", "This is a test sentence."]) == 0
     out = json.loads(capsys.readouterr().out)

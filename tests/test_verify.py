@@ -1,4 +1,4 @@
-"""llama_ref.verify: reference files, comparisons, and finding the layer where an injected bug enters."""
+"""llama_ref.tools.verify: reference files, comparisons, and finding the layer where an injected bug enters."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from llama_ref import ops
-from llama_ref.capture import run_and_capture
-from llama_ref.cli import main
-from llama_ref.model import Transformer
-from llama_ref.verify import (ReferenceError, compare, dump, load_reference, logits_diff, save_reference,
+from llama_ref.model import ops
+from llama_ref.tools.capture import run_and_capture
+from llama_ref.tools.cli import main
+from llama_ref.model.transformer import Transformer
+from llama_ref.tools.verify import (ReferenceError, compare, dump, load_reference, logits_diff, save_reference,
                               tensor_diff, verify)
 
 from conftest import tiny_model

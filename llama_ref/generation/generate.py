@@ -1,6 +1,6 @@
 """Text generation, chat and scoring on top of Transformer.forward.
 
-Prefill the prompt, then decode one token at a time, each picked by llama_ref.sampling. Several prompts can
+Prefill the prompt, then decode one token at a time, each picked by llama_ref.generation.sampling. Several prompts can
 run as one batch: they are left-padded to the same length, the padding is hidden from attention with a key
 mask, and every prompt carries its own random generator, so each gives the tokens it would give alone.
 
@@ -17,12 +17,13 @@ from typing import TYPE_CHECKING, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
-from .model import InputError, KVCache
-from .parallel import SINGLE
+from ..errors import InputError
+from ..model.cache import KVCache
+from ..runtime.parallel import SINGLE
 from .sampling import SamplingParams, log_softmax, sample
 
 if TYPE_CHECKING:
-    from .model import Transformer
+    from ..model.transformer import Transformer
 
 Prompt = Union[str, Sequence[int]]
 
@@ -94,7 +95,7 @@ class _Row:
         self.stop = None
         self.started = self.first_token_at = self.ended_at = None
         self.cached = 0  # prompt tokens not prefilled again: the model's cache held them
-        self.parallel = SINGLE  # the model's ranks (llama_ref.parallel), set by the model that decodes the row
+        self.parallel = SINGLE  # the model's ranks (llama_ref.runtime.parallel), set by the model that decodes the row
         self._check_room()
 
     @property
@@ -113,7 +114,7 @@ class _Row:
         if self.finish_reason is not None:
             return ""
         history = self.sequence if self.params.repetition_penalty != 1.0 else ()
-        # Sampled once: under tensor parallelism (llama_ref.parallel) every rank holds the same logits, and
+        # Sampled once: under tensor parallelism (llama_ref.runtime.parallel) every rank holds the same logits, and
         # rank 0's token is the one every rank continues with. The identity in one process.
         token = self.parallel.bcast(sample(logits, self.params, self.rng, history))
         if self.first_token_at is None:
@@ -378,10 +379,10 @@ def _number(name: str, value) -> float:
 def chat_prompt_ids(model: "Transformer", messages) -> list[int]:
     """Token ids of a conversation in the model's chat format, ending where the assistant's turn starts.
 
-    llama_ref.chat picks the format: the model's own jinja template when it has one, else Meta's Llama 2
+    llama_ref.text.chat picks the format: the model's own jinja template when it has one, else Meta's Llama 2
     or Llama 3 layout for its tokenizer. One string stands for one user message.
     """
-    from .chat import chat_tokens
+    from ..text.chat import chat_tokens
 
     if model.tokenizer is None:
         raise InputError("this model has no tokenizer, so it has no chat format")

@@ -14,7 +14,7 @@ from typing import Iterable, Optional
 
 import numpy as np
 
-from .model import InputError
+from ..errors import InputError
 
 
 @dataclass(frozen=True)

@@ -25,13 +25,13 @@ from typing import TYPE_CHECKING, Iterator, Optional, Sequence
 
 import numpy as np
 
-from .errors import LlamaRefError
-from .model import InputError
+from ..errors import LlamaRefError
+from ..errors import InputError
 from .sampling import log_softmax
-from .textfile import read_text
+from ..text.textfile import read_text
 
 if TYPE_CHECKING:
-    from .model import Transformer
+    from ..model.transformer import Transformer
 
 MAGIC = b"LLAMA_REF_TEACH1"
 DTYPES = {"float16": np.float16, "float32": np.float32}
@@ -137,7 +137,7 @@ def export_teacher(model: "Transformer", prompts: Sequence[str], out: "str | Pat
                 "vocab_size": model.args.vocab_size, "top_k": int(top_k), "dtype": dtype,
                 "prompts": len(prompts), "prompts_sha256": _digest(prompts), "truncate": bool(truncate)}
 
-    # Across MPI ranks (llama_ref.parallel) world rank 0 alone reads and writes the file; the prompts are
+    # Across MPI ranks (llama_ref.runtime.parallel) world rank 0 alone reads and writes the file; the prompts are
     # shared out between the ranks' model copies, and their records come back to it in order.
     world = getattr(model, "world", None)
     writer = world is None or world.rank == 0
@@ -150,7 +150,7 @@ def export_teacher(model: "Transformer", prompts: Sequence[str], out: "str | Pat
     def compute(i):
         return top_logprobs_of(model.logits(np.asarray(encoded[i], dtype=np.int64)), int(top_k))
 
-    from .parallel import map_in_order
+    from ..runtime.parallel import map_in_order
 
     results = map_in_order(model, range(done, len(encoded)), compute)
     if progress and writer:

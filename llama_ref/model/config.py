@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional
 
-from .errors import LlamaRefError
+from ..errors import LlamaRefError
 
 
 class ConfigError(LlamaRefError, ValueError):

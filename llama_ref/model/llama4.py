@@ -91,7 +91,7 @@ def layer(model, i: int, h: np.ndarray, start_pos: int, cache, key_mask, cos: np
 
 def check_supported(model, key_mask) -> None:
     """Refuse what this module does not compute correctly rather than compute it wrongly."""
-    from .model import InputError
+    from ..errors import InputError
 
     if key_mask is not None and not np.all(key_mask):
         # A left-padded row's tokens sit at shifted positions; chunks and temperatures depend on the absolute one.

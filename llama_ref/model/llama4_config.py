@@ -132,7 +132,7 @@ def llama4_block(block, n_layers: int, where: str) -> Llama4Args:
 def refuse_writing(args: ModelArgs, what: str) -> None:
     """Writers of other formats' files know dense Llama only: a Llama 4 model would be written as another."""
     if args.llama4 is not None:
-        from .weights.common import WeightsError
+        from ..weights.common import WeightsError
         raise WeightsError(f"writing a Llama 4 model as {what} is not implemented by llama_ref")
 
 

@@ -17,7 +17,7 @@ Known traps, each checked against its source:
   * Llama Guard 3 1B uses factor 8 and untied embeddings, unlike the Llama 3.2 1B it derives from.
   * Llama Guard 2's SKU entry says vocab 32000; every HF config says 128256.
 
-Usage: `llama_ref.presets.get("llama-3.1-8b")` -> ModelArgs; `llama_ref.presets.names()` lists them.
+Usage: `llama_ref.model.presets.get("llama-3.1-8b")` -> ModelArgs; `llama_ref.model.presets.names()` lists them.
 """
 
 from __future__ import annotations

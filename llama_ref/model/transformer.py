@@ -2,7 +2,7 @@
 
 Weights live in one dict under Meta's names (tok_embeddings.weight, layers.{i}.attention.wq.weight, ...),
 with wq/wk rows in Meta's interleaved RoPE pairing; every loader converts to this layout. Every operation
-comes from a backend (`llama_ref.ops` for NumPy, `llama_ref.kernels` for Numba) with identical signatures.
+comes from a backend (`llama_ref.model.ops` for NumPy, `llama_ref.kernels` for Numba) with identical signatures.
 """
 
 from __future__ import annotations
@@ -14,79 +14,11 @@ from typing import Optional
 import numpy as np
 
 from . import llama4, ops
+from .cache import KVCache
 from .config import ModelArgs
-from .errors import LlamaRefError
-from .parallel import SINGLE
-
-
-class InputError(LlamaRefError, ValueError):
-    """Bad input from the caller: token ids, positions or lengths that the model cannot accept."""
-
-
-class KVCache:
-    """Keys and values of every layer for the positions seen so far.
-
-    Stored per layer as (B, capacity, KVH, HD). The capacity grows on demand up to max_seq_len, so a short
-    conversation with a long-context model does not reserve memory for its whole window.
-
-    ids: for a batch of one, the token id at each position 0 .. len(ids)-1 whose keys and values every layer
-    holds; generation compares a new prompt with it to prefill only what is new. None when unknown (a
-    batch, or a key mask hid positions).
-    """
-
-    def __init__(self, args: ModelArgs, batch_size: int = 1, dtype=np.float32, capacity: int = 256):
-        self.args, self.batch_size, self.dtype = args, batch_size, np.dtype(dtype)
-        self.max_seq_len = args.max_seq_len
-        self.capacity = 0
-        self.length = 0  # positions 0 .. length-1 hold keys and values
-        self.k: list[np.ndarray] = []
-        self.v: list[np.ndarray] = []
-        self.ids: Optional[list[int]] = [] if batch_size == 1 else None
-        self._grow(min(capacity, self.max_seq_len))
-
-    def _grow(self, capacity: int) -> None:
-        shape = (self.batch_size, capacity, self.args.kv_heads, self.args.head_dim)  # (B, cap, KVH, HD)
-        old_k, old_v, n = self.k, self.v, self.capacity
-        self.k = [np.zeros(shape, self.dtype) for _ in range(self.args.n_layers)]
-        self.v = [np.zeros(shape, self.dtype) for _ in range(self.args.n_layers)]
-        for new, old in zip(self.k + self.v, old_k + old_v):
-            new[:, :n] = old
-        self.capacity = capacity
-
-    def reserve(self, length: int) -> None:
-        """Make room for positions 0 .. length-1."""
-        if length > self.max_seq_len:
-            raise InputError(f"sequence of {length} tokens exceeds the context window of {self.max_seq_len}")
-        if length > self.capacity:
-            self._grow(min(self.max_seq_len, max(length, 2 * self.capacity)))
-
-    def update(self, layer: int, start_pos: int, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Store k, v (B, T, KVH, HD) at start_pos.. and return all keys/values up to there: (B, S, KVH, HD)."""
-        end = start_pos + k.shape[1]
-        self.length = end  # a rewind (start_pos < length) drops the later positions
-        self.k[layer][:, start_pos:end] = k
-        self.v[layer][:, start_pos:end] = v
-        return self.k[layer][:, :end], self.v[layer][:, :end]
-
-    def forget_from(self, start_pos: int) -> None:
-        """Before positions start_pos.. are overwritten: their ids are no longer known to be complete."""
-        if self.ids is not None:
-            del self.ids[start_pos:]
-
-    def remember(self, start_pos: int, tokens: np.ndarray, masked: bool) -> None:
-        """After every layer stored tokens (B, T) at start_pos..: record their ids (a batch of one)."""
-        if self.ids is None or self.batch_size != 1 or masked or len(self.ids) != start_pos:
-            self.ids = None
-        else:
-            self.ids.extend(int(t) for t in tokens[0])
-
-    @property
-    def nbytes(self) -> int:
-        return sum(a.nbytes for a in self.k + self.v)
-
-
-# generate / stream / chat / logits / score (llama_ref.generation) use InputError and KVCache from above.
-from .generation import GenerationMixin  # noqa: E402
+from ..errors import InputError
+from ..generation.generate import GenerationMixin
+from ..runtime.parallel import SINGLE
 
 
 class Transformer(GenerationMixin):
@@ -102,12 +34,12 @@ class Transformer(GenerationMixin):
         self.backend_name, self.ops = _resolve_backend(backend)
         self.freqs = ops.rope_frequencies(args, freq_divisors)  # (HD/2,) float64
         self.cache: Optional[KVCache] = None
-        # Held by the generation that uses self.cache (llama_ref.generation); others get a cache of their own.
+        # Held by the generation that uses self.cache (llama_ref.generation.generate); others get a cache of their own.
         self.cache_lock = threading.Lock()
         self.tokenizer = None  # attached by llama_ref.load
         self.source = None
-        self.capture = None  # set by llama_ref.capture to collect intermediate tensors by name
-        # The ranks this model's matrices are split across (llama_ref.parallel); in one process SINGLE, whose
+        self.capture = None  # set by llama_ref.tools.capture to collect intermediate tensors by name
+        # The ranks this model's matrices are split across (llama_ref.runtime.parallel); in one process SINGLE, whose
         # all_reduce and all_gather return their argument.
         self.parallel = SINGLE
 
@@ -145,7 +77,7 @@ class Transformer(GenerationMixin):
         self._record("embeddings", h)
 
         for i in range(args.n_layers):
-            if args.llama4 is not None:  # Llama 4: experts, NoPE layers, chunked attention (llama_ref.llama4)
+            if args.llama4 is not None:  # Llama 4: experts, NoPE layers, chunked attention (llama_ref.model.llama4)
                 h = llama4.layer(self, i, h, start_pos, cache, key_mask, cos, sin)
                 continue
             p = f"layers.{i}."
@@ -199,7 +131,7 @@ class Transformer(GenerationMixin):
     __call__ = forward
 
     def _record(self, name: str, x: np.ndarray) -> None:
-        """Hand an intermediate tensor to the active capture (see llama_ref.capture); a no-op otherwise."""
+        """Hand an intermediate tensor to the active capture (see llama_ref.tools.capture); a no-op otherwise."""
         if self.capture is not None:
             self.capture.record(name, x)
 
@@ -237,6 +169,6 @@ def _resolve_backend(backend):
     if backend == "numpy":
         return "numpy", ops
     if backend == "numba":
-        from . import kernels  # imported lazily: compiling kernels is only paid for when asked
+        from .. import kernels  # imported lazily: compiling kernels is only paid for when asked
         return "numba", kernels
     raise InputError(f"backend must be 'numpy' or 'numba', got {backend!r}")

@@ -40,7 +40,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from .errors import LlamaRefError
+from ..errors import LlamaRefError
 
 
 class ParallelError(LlamaRefError, ValueError):
@@ -240,7 +240,7 @@ class EmbeddingPart:
         return int(self.table.nbytes)
 
     def rows(self, ids, dtype=np.float32) -> np.ndarray:
-        from . import ops
+        from ..model import ops
 
         ids = np.asarray(ids)
         out = np.zeros((*ids.shape, self.shape[1]), dtype)  # (..., D)
@@ -269,8 +269,8 @@ COLUMN_CHUNK_BYTES = 64 * 2 ** 20  # rows read at a time when a rank keeps colum
 
 def _file_span(tensor):
     """(path, byte offset of the first element, dtype) of a C-contiguous tensor stored in a file, else None."""
-    from .weights.safetensors_file import SafeTensor
-    from .weights.torch_zip import TorchTensor
+    from ..weights.safetensors_file import SafeTensor
+    from ..weights.torch_zip import TorchTensor
 
     if isinstance(tensor, TorchTensor) and tensor._is_contiguous():
         st = tensor.storage
@@ -286,7 +286,7 @@ def read_block(tensor, axis, lo, hi) -> np.ndarray:
     time (only the kept columns stay). A whole tensor is read whole."""
     if axis is None or (lo, hi) == (0, tensor.shape[axis]):
         return tensor.read()
-    from .weights.common import pread_into
+    from ..weights.common import pread_into
 
     span = _file_span(tensor)
     if span is None or axis > 1:  # not stored contiguously: copy the block out of a memory map
@@ -355,7 +355,7 @@ class _GGUFTensor:
         self.shape = tuple(int(n) for n in reversed(tensor.shape))
 
     def _rows(self, r0: int, r1: int) -> np.ndarray:
-        from .weights.gguf import dequantize
+        from ..weights.gguf import dequantize
 
         t = self.tensor
         dims = [int(n) for n in t.shape]
@@ -378,16 +378,16 @@ class _GGUFTensor:
 
 def _open_source(path: Path):
     """(args, {name: lazy}, transforms, extras) of any checkpoint, from its headers; nothing is read yet."""
-    from .weights.directory import detect_format
+    from ..weights.directory import detect_format
 
     kind = detect_format(path)
     transforms, extras = {}, {"format": kind}
     if kind != "gguf":
-        from .weights.llama4 import is_llama4_directory
+        from ..weights.llama4 import is_llama4_directory
         if is_llama4_directory(path, kind):
             raise ParallelError(f"{path}: Llama 4 (mixtures of experts) is not supported with parallel='mpi'")
     if kind == "meta":
-        from .weights.meta import open_meta
+        from ..weights.meta import open_meta
 
         ckpt = open_meta(path)
         tensors = {n: _Pieces([s[n] for s in ckpt.shards], ckpt.joined[n][1], ckpt.joined[n][0])
@@ -395,8 +395,8 @@ def _open_source(path: Path):
         extras.update(shards=len(ckpt.paths), files=ckpt.paths, dtype="/".join(sorted(ckpt.dtypes)))
         return ckpt.args, tensors, transforms, extras
     if kind == "hf":
-        from .weights.common import permute_hf_to_meta
-        from .weights.hf import open_hf
+        from ..weights.common import permute_hf_to_meta
+        from ..weights.hf import open_hf
 
         args, lazy = open_hf(path)
         tensors = {n: _Whole(t) for n, t in lazy.items() if not (args.tie_word_embeddings and n == "output.weight")}
@@ -405,9 +405,9 @@ def _open_source(path: Path):
                 # HF's per-head row order, undone per head: a rank's rows are whole heads.
                 transforms[n] = lambda raw: permute_hf_to_meta(raw, raw.shape[0] // args.head_dim)
         return args, tensors, transforms, extras
-    from .config import from_gguf_metadata
-    from .weights.common import WeightsError, check_weights
-    from .weights.gguf import dequantize, gguf_metadata, gguf_name_to_meta, open_gguf
+    from ..model.config import from_gguf_metadata
+    from ..weights.common import WeightsError, check_weights
+    from ..weights.gguf import dequantize, gguf_metadata, gguf_name_to_meta, open_gguf
 
     reader = open_gguf(path)
     meta = gguf_metadata(reader)
@@ -434,9 +434,9 @@ def load_rank_weights(path: Path, rank: int, size: int, keep: str = "stored", pr
                       quantize: "str | None" = None):
     """(full args, rank's args, rank's weights, extras): rank `rank` of `size` reads only its part.
 
-    quantize: quantize each slice as it is read (llama_ref.packed); q8_0 / q4_0 / q4_1 blocks are those of
+    quantize: quantize each slice as it is read (llama_ref.weights.packed); q8_0 / q4_0 / q4_1 blocks are those of
     one process wherever a slice starts at a multiple of 32 columns, int8's per-row scales are per slice."""
-    from .weights.keep import finish
+    from ..weights.keep import finish
 
     path = Path(path)
     args, tensors, transforms, extras = _open_source(path)
@@ -461,7 +461,7 @@ def load_rank_weights(path: Path, rank: int, size: int, keep: str = "stored", pr
             raw = transforms[name](raw)
         kept = finish(raw, tensors[name].dtype_name, "float32" if extras["format"] == "gguf" else keep, name)
         if quantize is not None:
-            from .packed import quantize_weights
+            from ..weights.packed import quantize_weights
             kept = quantize_weights({name: kept}, quantize, where=where)[name]
         weights[name] = kept
         del raw
@@ -481,9 +481,9 @@ def load_parallel(path: Path, *, comm=None, tensor_parallel: "int | None" = None
     """The model slice of this MPI rank. Ranks form groups of `tensor_parallel` consecutive ranks (all of
     them by default), each group one copy of the model split across its ranks; model.parallel is this rank's
     group, model.world all ranks, model.data_parallel (group index, group count)."""
-    from .model import Transformer
-    from .weights.common import WeightsError
-    from .weights.directory import directory_tokenizer
+    from ..model.transformer import Transformer
+    from ..weights.common import WeightsError
+    from ..weights.directory import directory_tokenizer
 
     world = comm if comm is not None else mpi_world()
     size, rank = world.Get_size(), world.Get_rank()
@@ -506,7 +506,7 @@ def load_parallel(path: Path, *, comm=None, tensor_parallel: "int | None" = None
     model.data_parallel = (color, size // tp)
     model.full_args = args
     if extras["format"] == "gguf":
-        from .tokenizer import tokenizer_from_gguf
+        from ..text.tokenizer import tokenizer_from_gguf
         model.tokenizer = tokenizer_from_gguf(extras["metadata"], where=str(path))
     else:
         model.tokenizer = directory_tokenizer(Path(path))

@@ -6,7 +6,7 @@ import os
 import sys
 from pathlib import Path
 
-from .model import InputError
+from ..errors import InputError
 
 
 def set_threads(n: int) -> int:

@@ -22,9 +22,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.routing import Route
 
-from ..chat import encode_tool_call, parse_llama3_reply
+from ..text.chat import encode_tool_call, parse_llama3_reply
 from ..errors import LlamaRefError
-from ..generation import chat_prompt_ids, encode_prompt
+from ..generation.generate import chat_prompt_ids, encode_prompt
 from .batcher import Batcher, Job, QueueFull
 from .guard import GuardError, moderation_result, refusal_text
 from .metrics import Metrics
@@ -243,7 +243,7 @@ def _content_text(content, where: str) -> str:
 
 
 def _messages(server: Server, body: dict) -> tuple[list[dict], bool]:
-    """The request's messages in llama_ref.chat's form (and whether tools were offered)."""
+    """The request's messages in llama_ref.text.chat's form (and whether tools were offered)."""
     raw = body.get("messages")
     if not isinstance(raw, list) or not raw:
         raise APIError("'messages' must be a non-empty list of messages", param="messages")
@@ -261,7 +261,7 @@ def _messages(server: Server, body: dict) -> tuple[list[dict], bool]:
         message = {"role": role, "content": _content_text(m.get("content"), where)}
         calls = [_tool_call(c, f"{where}.tool_calls") for c in m.get("tool_calls") or []] if role == "assistant" else []
         if calls and llama3:
-            message["tool_calls"] = calls  # llama_ref.chat writes them in Meta's format
+            message["tool_calls"] = calls  # llama_ref.text.chat writes them in Meta's format
         elif calls:  # a jinja template: the calls as the text the model would have written
             message["content"] += "".join(encode_tool_call(c) for c in calls)
         out.append(message)
@@ -463,7 +463,7 @@ async def completions(server: Server, request: Request, body: dict):
 
 
 def _prompt_logprobs(model, ids: list[int], top: int):
-    from ..sampling import log_softmax
+    from ..generation.sampling import log_softmax
 
     logp = log_softmax(model.logits(ids))  # (T, V)
     values = [None] + [float(logp[t - 1, ids[t]]) for t in range(1, len(ids))]

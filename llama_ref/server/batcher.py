@@ -3,7 +3,7 @@
 The forward pass is not thread-safe, so nothing but this thread calls it (guard checks are queued to it
 too, see Batcher.call). Each request contributes one row (one "slot") per choice. The batch shares one KV
 cache and one position counter `pos`; rows are right-aligned so that they all end at pos - 1, and the
-positions to the left of a row's first token are padding that a key mask hides (as in llama_ref.generation).
+positions to the left of a row's first token are padding that a key mask hides (as in llama_ref.generation.generate).
 Because RoPE makes attention depend only on relative positions, a row's answer does not depend on where it
 sits: greedy answers in a batch equal the answers alone (up to float32 rounding of the same sums).
 
@@ -35,10 +35,10 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from .. import ops
+from ..model import ops
 from ..errors import LlamaRefError
-from ..generation import _keep_rows, _Row
-from ..model import KVCache
+from ..generation.generate import _keep_rows, _Row
+from ..model.cache import KVCache
 from .metrics import Metrics
 
 

@@ -1,17 +1,17 @@
 """Llama Guard as a shield: judge a conversation's last message, as Llama Stack's input/output shields do.
 
-A guard is any object with `check(messages) -> llama_ref.chat.GuardVerdict`. LlamaGuard runs a loaded
-model on Meta's Llama Guard 3 prompt (llama_ref.chat.llama_guard_tokens) and parses its verdict. A model
+A guard is any object with `check(messages) -> llama_ref.text.chat.GuardVerdict`. LlamaGuard runs a loaded
+model on Meta's Llama Guard 3 prompt (llama_ref.text.chat.llama_guard_tokens) and parses its verdict. A model
 whose tokenizer has no Llama 3 special tokens gets the same classification request as one user message in
 its own chat format. A reply that is not a verdict is reported as such (GuardError), never read as "safe".
 """
 
 from __future__ import annotations
 
-from ..chat import (LLAMA_GUARD_3_CATEGORIES, GuardVerdict, chat_tokens, llama_guard_text, llama_guard_tokens,
+from ..text.chat import (LLAMA_GUARD_3_CATEGORIES, GuardVerdict, chat_tokens, llama_guard_text, llama_guard_tokens,
                     parse_llama_guard)
 from ..errors import LlamaRefError
-from ..model import InputError
+from ..errors import InputError
 
 # Llama Guard 3's categories S1-S14 as the OpenAI moderation categories they fall under (None: no OpenAI
 # category covers it; it is still reported under its Llama Guard name).

@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Optional
 
-from .model import InputError
+from ..errors import InputError
 from .tokenizer import Tokenizer, render_chat
 
 # ---- Llama 2 chat -------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from .model import InputError
+from ..errors import InputError
 
 
 def read_text(path: "str | Path", what: str) -> str:

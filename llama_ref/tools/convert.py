@@ -13,7 +13,7 @@ power cut after the rename cannot leave DST with holes. What is left of an inter
   that writer may still be running (a reused pid only delays the cleanup, it never removes live work).
 
 Unless checksums=False (`--no-checksums`), the output carries a manifest of the sha256 of every file it
-holds, in sha256sum's format (llama_ref.checksums): DST/checksums.sha256 inside a directory, written before
+holds, in sha256sum's format (llama_ref.weights.checksums): DST/checksums.sha256 inside a directory, written before
 the rename; DST.sha256 beside a GGUF file, renamed into place just after it (an interruption between the two
 renames leaves a complete DST without its manifest, never a manifest without its file).
 
@@ -21,7 +21,7 @@ The tokenizer travels with the weights: tokenizer files are copied from a checkp
 file its tokenizer keys go into the output GGUF, or into a tokenizer-only `tokenizer_gguf.json` inside a
 Meta/HF output directory (which llama_ref.load reads). An HF output also gets the tokenizer.json,
 tokenizer_config.json and generation_config.json that transformers reads, and a Meta output the
-tokenizer.model of a SentencePiece vocabulary (llama_ref.tokenizer_export).
+tokenizer.model of a SentencePiece vocabulary (llama_ref.text.tokenizer_export).
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ import socket
 from pathlib import Path
 from typing import Optional
 
-from .weights.common import WeightsError
-from .weights.directory import TOKENIZER_SIDECAR, detect_format, load_directory, read_tokenizer_sidecar
+from ..weights.common import WeightsError
+from ..weights.directory import TOKENIZER_SIDECAR, detect_format, load_directory, read_tokenizer_sidecar
 
 TARGETS = ("meta", "hf", "gguf-f32", "gguf-f16")
 DTYPES = ("bf16", "f16", "f32")
@@ -46,7 +46,7 @@ def read_source(src: Path, progress: bool = False):
     16-bit Meta/HF matrices stay 16-bit."""
     kind = detect_format(src)
     if kind == "gguf":
-        from .weights.gguf import load_gguf
+        from ..weights.gguf import load_gguf
 
         args, weights, extras = load_gguf(src, progress=progress)
         extras["tokenizer_meta"] = {k: v for k, v in extras["metadata"].items() if k.startswith("tokenizer.")}
@@ -59,7 +59,7 @@ def read_source(src: Path, progress: bool = False):
 
 def _default_dtype(weights: dict) -> str:
     """The source's own matrix precision when it is one 16/32-bit float type; float32 otherwise."""
-    from .weights.writers import weight_format
+    from ..weights.writers import weight_format
 
     kinds = {weight_format(w) for name, w in weights.items() if not name.endswith("norm.weight")}
     return kinds.pop() if len(kinds) == 1 and "quantized" not in kinds else "f32"
@@ -108,7 +108,7 @@ def write_checkpoint(args, weights: dict, dst: "str | Path", to: str, dtype: Opt
                      checksums: bool = True, shards: int = 1) -> Path:
     """Write loaded weights (canonical layout) as format `to` at `dst`, atomically, with a manifest of
     sha256 checksums unless checksums=False. Returns dst."""
-    from .weights import writers
+    from ..weights import writers
 
     dst = Path(dst)
     _check_request(dst, to, dtype, shards)
@@ -134,11 +134,11 @@ def write_checkpoint(args, weights: dict, dst: "str | Path", to: str, dtype: Opt
         if tmp.is_dir():
             _carry_tokenizer(tmp, tokenizer_meta, copy_tokenizer_from, to, args.max_seq_len)
             if checksums:
-                from .checksums import MANIFEST, checkpoint_files, manifest_for
+                from ..weights.checksums import MANIFEST, checkpoint_files, manifest_for
 
                 (tmp / MANIFEST).write_text(manifest_for(tmp, checkpoint_files(tmp)), encoding="utf-8")
         elif checksums:
-            from .checksums import manifest_for
+            from ..weights.checksums import manifest_for
 
             manifest_tmp = _partial_path(_file_manifest(dst))
             manifest_tmp.write_text(manifest_for(dst.parent, [tmp], [dst.name]), encoding="utf-8")
@@ -170,8 +170,8 @@ def _scaling_from_divisors(args, divisors, src: Path):
     scaling as numbers, not as a tensor). Tries Meta's published constants with the factor read off."""
     import numpy as np
 
-    from .config import RopeScaling
-    from .weights.writers import llama3_rope_divisors
+    from ..model.config import RopeScaling
+    from ..weights.writers import llama3_rope_divisors
 
     guess = RopeScaling("llama3", float(np.max(divisors)), 1.0, 4.0, 8192)
     again = llama3_rope_divisors(args.replace(rope_scaling=guess))
@@ -184,15 +184,15 @@ def _scaling_from_divisors(args, divisors, src: Path):
 def _carry_tokenizer(tmp: Path, tokenizer_meta: Optional[dict], src_dir: Optional[Path], to: str = "",
                      max_len: Optional[int] = None) -> None:
     """Copy the source directory's tokenizer files (or write a GGUF's tokenizer as the sidecar), then add
-    what the target format's own tools read (llama_ref.tokenizer_export): for `hf` a tokenizer.json with
+    what the target format's own tools read (llama_ref.text.tokenizer_export): for `hf` a tokenizer.json with
     tokenizer_config.json and generation_config.json, for `meta` a tokenizer.model where the vocabulary has
     one. A tokenizer that cannot be written in the target's form is a warning, not a failed conversion: the
     weights and the copied files are still right."""
     import json
     import warnings
 
-    from .tokenizer import TokenizerError
-    from .tokenizer_export import TOKENIZER_CONFIG, hf_tokenizer_files, meta_tokenizer_files
+    from ..text.tokenizer import TokenizerError
+    from ..text.tokenizer_export import TOKENIZER_CONFIG, hf_tokenizer_files, meta_tokenizer_files
 
     if src_dir is not None:
         for name in TOKENIZER_FILES:
@@ -225,8 +225,8 @@ def _keep_llama3_special_names(tmp: Path, src_dir: Path) -> None:
     names the source was read with (a 3.1 tokenizer would otherwise come back with 3.0's names)."""
     import json
 
-    from .tokenizer import _read_json, is_tiktoken_file
-    from .tokenizer_export import source_tokenizer_model
+    from ..text.tokenizer import _read_json, is_tiktoken_file
+    from ..text.tokenizer_export import source_tokenizer_model
 
     model, params_path = tmp / "tokenizer.model", tmp / "params.json"
     if not (model.is_file() and params_path.is_file() and is_tiktoken_file(model)):

@@ -5,16 +5,16 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from .config import ModelArgs
-from .weights.directory import detect_format
+from ..model.config import ModelArgs
+from ..weights.directory import detect_format
 
 
 def _tensor_table(path: Path, kind: str):
     """(args, {name: (dtype name, numel, stored bytes)}) from headers; tied outputs counted once."""
     table = {}
     if kind == "gguf":
-        from .config import from_gguf_metadata
-        from .weights.gguf import gguf_metadata, open_gguf
+        from ..model.config import from_gguf_metadata
+        from ..weights.gguf import gguf_metadata, open_gguf
 
         reader = open_gguf(path)
         names = {t.name for t in reader.tensors}
@@ -25,8 +25,8 @@ def _tensor_table(path: Path, kind: str):
             table[t.name] = (t.tensor_type.name, int(t.n_elements), int(t.n_bytes))
         return args, table
     if kind == "meta":
-        from .weights.meta import IGNORED, read_meta_params, shard_paths
-        from .weights.torch_zip import read_torch_file
+        from ..weights.meta import IGNORED, read_meta_params, shard_paths
+        from ..weights.torch_zip import read_torch_file
 
         paths = shard_paths(path)
         shards = [read_torch_file(p) for p in paths]
@@ -44,8 +44,8 @@ def _tensor_table(path: Path, kind: str):
         if "output.weight" in shards[0] and "output.weight" not in table:
             args = args.replace(tie_word_embeddings=True)
         return args, table
-    from .config import from_hf_config
-    from .weights.hf import read_hf_tensors
+    from ..model.config import from_hf_config
+    from ..weights.hf import read_hf_tensors
 
     args = from_hf_config(path / "config.json")
     for name, t in read_hf_tensors(path).items():
@@ -92,7 +92,7 @@ def describe(path: "str | Path") -> str:
 
 def _llama4_line(args) -> str:
     """Experts, NoPE layers, chunking and the parameters one token reads, of a Llama 4 config."""
-    from .llama4_config import param_counts
+    from ..model.llama4_config import param_counts
 
     m = args.llama4
     active = param_counts(args)[1]
@@ -125,13 +125,13 @@ def checksum_report(path: "str | Path", out=None) -> list:
     the sha256 of every file. Hashing reads 1 MiB at a time."""
     import sys
 
-    from .checksums import check, checkpoint_files, checksum_lists, file_digest, require_ok
+    from ..weights.checksums import check, checkpoint_files, checksum_lists, file_digest, require_ok
 
     out = out or sys.stdout
     path = Path(path)
     root = path if path.is_dir() else path.parent
     if not path.exists():
-        from .weights.common import WeightsError
+        from ..weights.common import WeightsError
         raise WeightsError(f"{path}: no such file or directory")
     if not checksum_lists(path):
         print("checksums:   no manifest to check against; the sha256 of each file:", file=out, flush=True)

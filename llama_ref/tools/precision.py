@@ -1,7 +1,7 @@
 """Where a float32 forward pass loses precision: its error budget against the same model in float64.
 
 The float64 forward pass of the NumPy backend is the truth (rounding ~1e-16, far below float32's ~6e-8). For
-one token sequence, `error_budget` reports for every step of the forward pass (the names of llama_ref.capture):
+one token sequence, `error_budget` reports for every step of the forward pass (the names of llama_ref.tools.capture):
 
   own         the rounding error of the step's own operations alone: each operation of the float32 backend
               applied to the float64 truth's inputs rounded to float32, against the float64 operation on
@@ -15,7 +15,7 @@ runs in float32 (on its inputs rounded to float32), i.e. how much of the float32
 alone would cause. The steps and kinds come from watching the backend's calls, so any model the forward
 pass runs (Llama 4's experts too) is covered without a second copy of the forward pass here.
 
-    from llama_ref.precision import error_budget
+    from .precision import error_budget
     budget = error_budget(model32, model64, tokens)       # same weights; model64 has dtype float64
     print(budget.table())
 """
@@ -28,9 +28,11 @@ from typing import Optional
 
 import numpy as np
 
-from . import ops
+from ..model import ops
 from .capture import Capture, capture, layer_of
-from .model import InputError, KVCache, Transformer
+from ..errors import InputError
+from ..model.cache import KVCache
+from ..model.transformer import Transformer
 
 # The backend functions that compute something (rope_frequencies and rope_tables are computed in float64 by
 # both passes and rounded once; a backend reuses ops' for them).

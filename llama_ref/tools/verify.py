@@ -1,6 +1,6 @@
 """Compare a model's activations with a reference file, and find where two implementations part ways.
 
-A reference file holds named arrays (the names of llama_ref.capture) for one token sequence; see
+A reference file holds named arrays (the names of llama_ref.tools.capture) for one token sequence; see
 docs/verification.md for the format. `dump` writes one from a llama_ref model; any other implementation can
 write one too. `verify` runs a model on the file's tokens, compares every tensor both sides have, and reports:
 
@@ -23,9 +23,10 @@ from typing import Iterable, Optional
 import numpy as np
 
 from .capture import MOE_NAMES, activation_names, layer_of, run_and_capture
-from .model import InputError, Transformer
-from .sampling import log_softmax
-from .weights.bf16 import bf16_bits_to_float32
+from ..errors import InputError
+from ..model.transformer import Transformer
+from ..generation.sampling import log_softmax
+from ..weights.bf16 import bf16_bits_to_float32
 
 FORMAT = "llama_ref.activations"
 FORMAT_VERSION = 1
@@ -107,8 +108,8 @@ def _file_kind(path: Path) -> str:
 def _read_safetensors(path: Path) -> tuple[dict[str, np.ndarray], Optional[str]]:
     """Every tensor of a safetensors file, through the checkpoint reader's checks; BF16 widened exactly to
     float32 (NumPy has no bfloat16)."""
-    from .weights.common import WeightsError
-    from .weights.safetensors_file import REFERENCE_DTYPES, read_safetensors_header
+    from ..weights.common import WeightsError
+    from ..weights.safetensors_file import REFERENCE_DTYPES, read_safetensors_header
 
     try:
         tensors, metadata = read_safetensors_header(path, REFERENCE_DTYPES)
@@ -259,7 +260,7 @@ def logits_diff(ours: np.ndarray, ref: np.ndarray, k: int = 5) -> LogitsDiff:
 
 def compare(ours: dict, reference: dict, tolerance: float = DEFAULT_TOLERANCE, top_k: int = 5,
             qk_layout: str = "interleaved") -> Report:
-    """Compare every tensor both dicts hold (names of llama_ref.capture, each (T, ...))."""
+    """Compare every tensor both dicts hold (names of llama_ref.tools.capture, each (T, ...))."""
     if qk_layout not in ("interleaved", "half_split"):
         raise ReferenceError(f"qk_layout must be 'interleaved' or 'half_split', got {qk_layout!r}")
     tensors, missing, mismatched = [], [], []
@@ -388,7 +389,7 @@ def add_subcommands(sub) -> None:
     """Add `dump` and `verify` to the llama-ref argument parser's subcommands."""
     import argparse
 
-    from .fetch import DEFAULT_MODEL
+    from ..weights.fetch import DEFAULT_MODEL
 
     fmt = argparse.RawDescriptionHelpFormatter
     for name, text in (("dump", "write a model's activations for a prompt to a reference file"),
@@ -427,7 +428,7 @@ def add_subcommands(sub) -> None:
 
 def run_subcommand(args) -> int:
     """Run `llama-ref dump` or `llama-ref verify`; verify returns 1 when past the tolerance."""
-    from .loading import load
+    from ..loading import load
 
     if args.command == "verify":
         if not args.tolerance >= 0:
@@ -471,9 +472,9 @@ def _cli_tokens(args, model) -> list:
 
 
 def _run_budget(args) -> int:
-    """`llama-ref verify MODEL --against float64`: the float32 model's error budget (llama_ref.precision);
+    """`llama-ref verify MODEL --against float64`: the float32 model's error budget (llama_ref.tools.precision);
     1 when some tensor's accumulated relative error is past --tolerance."""
-    from .loading import load
+    from ..loading import load
     from .precision import error_budget
 
     if args.dtype != "float32":

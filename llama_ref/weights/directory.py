@@ -31,11 +31,11 @@ def detect_format(path: "str | Path") -> str:
 
 def directory_tokenizer(path: Path):
     """The directory's tokenizer, or None when it has none this package can read."""
-    from .. import tokenizer as tok
+    from ..text import tokenizer as tok
 
     if (path / TOKENIZER_SIDECAR).is_file():
         return tok.tokenizer_from_gguf(read_tokenizer_sidecar(path), where=str(path / TOKENIZER_SIDECAR))
-    from ..tokenizer_export import source_tokenizer_model
+    from ..text.tokenizer_export import source_tokenizer_model
 
     source = source_tokenizer_model(path)
     if source is not None:

@@ -16,7 +16,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import LlamaRefError
+from ..errors import LlamaRefError
 
 
 class FetchError(LlamaRefError, RuntimeError):

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import ConfigError, ModelArgs, from_gguf_metadata
+from ..model.config import ConfigError, ModelArgs, from_gguf_metadata
 from .common import WeightsError, check_weights, pread_into
-from ..packed import from_gguf_tensor as packed_from_gguf_tensor
+from .packed import from_gguf_tensor as packed_from_gguf_tensor
 
 # GGUF tensor name -> canonical (Meta) name. "{i}" is the layer index.
 GGUF_TO_META = {
@@ -299,7 +299,7 @@ def _read_owned(path: Path, tensor):
 def load_gguf(path: "str | Path", progress: bool = False, packed: bool = False, mmap: bool = False):
     """Read a Llama GGUF file. Returns (args, weights, extras); extras holds metadata and rope divisors.
 
-    packed: keep 16-bit and quantized matrices in their stored blocks (llama_ref.packed) instead of
+    packed: keep 16-bit and quantized matrices in their stored blocks (llama_ref.weights.packed) instead of
     dequantizing them to float32 here.
     mmap: let tensors kept as stored (F32, and F16/BF16 when packed) stay views of the file's memory map;
     by default they are read into memory the process owns (see llama_ref.load).

@@ -15,7 +15,7 @@ import re
 from functools import partial
 from pathlib import Path, PurePosixPath
 
-from ..config import ModelArgs, from_hf_config
+from ..model.config import ModelArgs, from_hf_config
 from .common import WeightsError, check_weights, permute_hf_to_meta
 from .keep import check_keep, keep_tensor
 from .safetensors_file import read_safetensors_header

@@ -1,6 +1,6 @@
 """How a tensor read from a checkpoint is kept in memory: in its stored precision, or as float32.
 
-"stored" keeps bfloat16 and float16 as 16-bit packed weights (llama_ref.packed BF16Weight / F16Weight) and
+"stored" keeps bfloat16 and float16 as 16-bit packed weights (llama_ref.weights.packed BF16Weight / F16Weight) and
 float32 as is; the model widens one matrix at a time when it multiplies. "float32" widens everything at load time. Norm weights
 are tiny and read by rms_norm directly, so they are always float32.
 """
@@ -34,7 +34,7 @@ def finish(raw: np.ndarray, dtype_name: str, keep: str, name: str):
     """Wrap raw elements as the object the model keeps for tensor `name`."""
     if keep == "float32" or name.endswith("norm.weight"):
         return np.ascontiguousarray(to_float32(raw, dtype_name))
-    from ..packed import BF16Weight, F16Weight
+    from .packed import BF16Weight, F16Weight
 
     if dtype_name == "bfloat16":
         return BF16Weight(raw, raw.shape)

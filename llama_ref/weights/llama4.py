@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import _read_json, from_hf_config, from_params_json
+from ..model.config import _read_json, from_hf_config, from_params_json
 from ..errors import LlamaRefError
 from .common import WeightsError, check_layer_count, expected_shapes
 from .keep import check_keep, finish
@@ -264,7 +264,7 @@ def load_llama4_hf(directory: Path, keep: str = "stored", progress: bool = False
 
 def is_llama4_directory(path: Path, kind: str) -> bool:
     """Whether a Meta / HF checkpoint directory holds a Llama 4 model (by its config file alone)."""
-    from ..llama4_config import is_llama4_params
+    from ..model.llama4_config import is_llama4_params
 
     try:
         if kind == "meta" and (path / "params.json").is_file():

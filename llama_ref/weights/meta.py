@@ -17,7 +17,7 @@ import re
 from pathlib import Path
 from types import SimpleNamespace
 
-from ..config import ModelArgs, _read_json, from_params_json
+from ..model.config import ModelArgs, _read_json, from_params_json
 from .common import WeightsError, check_weights, expected_shapes
 from .keep import check_keep, finish, keep_tensor, merge_raw
 from .torch_zip import read_torch_file

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .weights.common import WeightsError
+from .common import WeightsError
 
 # fp16 bit pattern -> float32, every one of the 65536 values: exact, and a table small enough for L2.
 FP16_TO_F32 = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)

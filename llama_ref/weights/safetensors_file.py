@@ -24,7 +24,7 @@ SAFETENSORS_DTYPES = {
     "F32": (np.dtype("<f4"), "float32"),
 }
 DTYPE_TO_SAFETENSORS = {name: code for code, (_, name) in SAFETENSORS_DTYPES.items()}
-# Every dtype a reference file of activations may hold (llama_ref.verify reads those with this reader too).
+# Every dtype a reference file of activations may hold (llama_ref.tools.verify reads those with this reader too).
 REFERENCE_DTYPES = dict(SAFETENSORS_DTYPES, **{
     code: (np.dtype(t), np.dtype(t).name) for code, t in (
         ("F64", "<f8"), ("I64", "<i8"), ("I32", "<i4"), ("I16", "<i2"), ("I8", "i1"), ("U8", "u1"),

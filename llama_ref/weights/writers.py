@@ -1,6 +1,6 @@
 """Writers of Meta, Hugging Face and GGUF checkpoints from weights in the canonical layout.
 
-Each writer fills a directory or file it is given; `llama_ref.convert` gives it a temporary name and
+Each writer fills a directory or file it is given; `llama_ref.tools.convert` gives it a temporary name and
 renames it at the end, so a failed or interrupted conversion never leaves a checkpoint under the final name.
 
 Meta's .pth files are written without PyTorch: a zip archive (entries stored uncompressed, data aligned to
@@ -18,8 +18,8 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from ..config import ModelArgs
-from ..llama4_config import refuse_writing
+from ..model.config import ModelArgs
+from ..model.llama4_config import refuse_writing
 from .bf16 import float32_to_bf16_bits
 from .common import WeightsError, expected_shapes, permute_meta_to_hf
 
@@ -178,7 +178,7 @@ def meta_shard_plans(args: ModelArgs, shards: int) -> list:
     by vocabulary rows (Llama 3's VocabParallelEmbedding; by columns, Llama 2's ParallelEmbedding, when the
     shards divide the width but not the vocabulary). Each count must divide what it splits, as fairscale
     requires."""
-    from ..parallel import rank_plan
+    from ..runtime.parallel import rank_plan
 
     if isinstance(shards, bool) or not isinstance(shards, int) or shards < 1:
         raise WeightsError(f"--shards must be a positive integer, got {shards!r}")
@@ -289,7 +289,7 @@ def llama3_rope_divisors(args: ModelArgs) -> Optional[np.ndarray]:
     s = args.rope_scaling
     if s is None or s.kind != "llama3":
         return None
-    from ..ops import rope_frequencies
+    from ..model.ops import rope_frequencies
 
     plain = rope_frequencies(args.replace(rope_scaling=None))
     return (plain / rope_frequencies(args)).astype(np.float32)  # (HD/2,)

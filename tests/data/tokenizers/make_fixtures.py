@@ -1,7 +1,7 @@
 """Regenerate the tokenizer fixtures in this folder (run by hand; needs network access to PyPI).
 
 llama2-tokenizer.model.xz: the Llama 1/2 SentencePiece vocabulary (32000 pieces with scores and types) as a
-    SentencePiece ModelProto, built by llama_ref.tokenizer_sp.model_proto_from_gguf from
+    SentencePiece ModelProto, built by llama_ref.text.tokenizer_sp.model_proto_from_gguf from
     `vendor/llama.cpp/models/ggml-vocab-llama-spm.gguf` in the llama-cpp-python 0.3.36 sdist on PyPI
     (llama.cpp's vocab-only GGUF converted from Meta's tokenizer.model), xz-compressed.
 llama2-llamacpp-cases.json: that GGUF's `.inp`/`.out` test pairs (texts and the ids Hugging Face's
@@ -17,7 +17,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from llama_ref.tokenizer_sp import model_proto_from_gguf
+from llama_ref.text.tokenizer_sp import model_proto_from_gguf
 from llama_ref.weights.gguf import gguf_metadata, open_gguf
 
 HERE = Path(__file__).parent

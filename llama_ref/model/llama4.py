@@ -30,7 +30,7 @@ from . import ops
 def layer(model, i: int, h: np.ndarray, start_pos: int, cache, key_mask, cos: np.ndarray,
           sin: np.ndarray) -> np.ndarray:
     """Layer i of a Llama 4 model on the residual stream h (B, T, D). Returns the new residual stream."""
-    args, k_ops, w = model.args, model.ops, model.weights
+    args, op, w = model.args, model.ops, model.weights
     m = args.llama4
     B, T, _ = h.shape
     H, KVH, HD = args.n_heads, args.kv_heads, args.head_dim
@@ -40,15 +40,15 @@ def layer(model, i: int, h: np.ndarray, start_pos: int, cache, key_mask, cos: np
         check_supported(model, key_mask)
 
     # Attention block, pre-norm: normalise, project to queries, keys and values.
-    x = k_ops.rms_norm(h, w[p + "attention_norm.weight"], args.norm_eps)  # (B, T, D)
+    x = op.rms_norm(h, w[p + "attention_norm.weight"], args.norm_eps)  # (B, T, D)
     model._record(p + "attention_norm", x)
-    q = k_ops.linear(x, w[p + "attention.wq.weight"]).reshape(B, T, H, HD)  # (B, T, H, HD)
-    k = k_ops.linear(x, w[p + "attention.wk.weight"]).reshape(B, T, KVH, HD)  # (B, T, KVH, HD)
-    v = k_ops.linear(x, w[p + "attention.wv.weight"]).reshape(B, T, KVH, HD)  # (B, T, KVH, HD)
+    q = op.linear(x, w[p + "attention.wq.weight"]).reshape(B, T, H, HD)  # (B, T, H, HD)
+    k = op.linear(x, w[p + "attention.wk.weight"]).reshape(B, T, KVH, HD)  # (B, T, KVH, HD)
+    v = op.linear(x, w[p + "attention.wv.weight"]).reshape(B, T, KVH, HD)  # (B, T, KVH, HD)
     if use_rope:
         # RoPE layers rotate queries and keys by position, then (QK norm) scale each head to unit RMS.
-        q = k_ops.apply_rope(q, cos, sin)
-        k = k_ops.apply_rope(k, cos, sin)
+        q = op.apply_rope(q, cos, sin)
+        k = op.apply_rope(k, cos, sin)
         if m.use_qk_norm:
             q = l2_norm(q, args.norm_eps)
             k = l2_norm(k, args.norm_eps)
@@ -62,27 +62,27 @@ def layer(model, i: int, h: np.ndarray, start_pos: int, cache, key_mask, cos: np
     keys, values = cache.update(i, start_pos, k, v)  # (B, S, KVH, HD) each
     if use_rope and m.attention_chunk_size is not None:
         meta_decode = T == 1 and getattr(model, "llama4_meta_decode", False)
-        attn = chunked_attention(k_ops, q, keys, values, start_pos, key_mask,
+        attn = chunked_attention(op, q, keys, values, start_pos, key_mask,
                                  None if meta_decode else m.attention_chunk_size)  # (B, T, H, HD)
     else:
-        attn = k_ops.attention(q, keys, values, start_pos, key_mask)  # (B, T, H, HD)
+        attn = op.attention(q, keys, values, start_pos, key_mask)  # (B, T, H, HD)
     model._record(p + "attention.heads", attn)
-    out = k_ops.linear(attn.reshape(B, T, H * HD), w[p + "attention.wo.weight"])  # (B, T, D)
+    out = op.linear(attn.reshape(B, T, H * HD), w[p + "attention.wo.weight"])  # (B, T, D)
     model._record(p + "attention.output", out)
     h = h + out
     model._record(p + "attention_residual", h)
 
     # Feed-forward block, pre-norm: the mixture of experts, or a dense SwiGLU.
-    x = k_ops.rms_norm(h, w[p + "ffn_norm.weight"], args.norm_eps)  # (B, T, D)
+    x = op.rms_norm(h, w[p + "ffn_norm.weight"], args.norm_eps)  # (B, T, D)
     model._record(p + "ffn_norm", x)
     if i in m.moe_layers:
         out = mixture_of_experts(model, p + "feed_forward.", x)  # (B, T, D)
     else:
-        gate = k_ops.linear(x, w[p + "feed_forward.w1.weight"])  # (B, T, F)
-        up = k_ops.linear(x, w[p + "feed_forward.w3.weight"])  # (B, T, F)
+        gate = op.linear(x, w[p + "feed_forward.w1.weight"])  # (B, T, F)
+        up = op.linear(x, w[p + "feed_forward.w3.weight"])  # (B, T, F)
         model._record(p + "feed_forward.gate", gate)
         model._record(p + "feed_forward.up", up)
-        out = k_ops.linear(k_ops.swiglu(gate, up), w[p + "feed_forward.w2.weight"])  # (B, T, D)
+        out = op.linear(op.swiglu(gate, up), w[p + "feed_forward.w2.weight"])  # (B, T, D)
     model._record(p + "feed_forward.output", out)
     h = h + out
     model._record(p + "residual", h)
@@ -113,7 +113,7 @@ def attention_temperature(start_pos: int, T: int, floor_scale: float, attn_scale
     return (np.log(np.floor((positions + 1) / floor_scale) + 1) * attn_scale + 1).astype(dtype)
 
 
-def chunked_attention(k_ops, q, keys, values, start_pos: int, key_mask, chunk: "int | None") -> np.ndarray:
+def chunked_attention(op, q, keys, values, start_pos: int, key_mask, chunk: "int | None") -> np.ndarray:
     """Causal attention in which each query sees only the keys of its own chunk of `chunk` positions.
 
     Within one chunk that is ordinary causal attention over the keys from the chunk's first position, so
@@ -121,7 +121,7 @@ def chunked_attention(k_ops, q, keys, values, start_pos: int, key_mask, chunk: "
     its chunk's keys. chunk None: ordinary causal attention. q (B, T, H, HD), keys/values (B, S, KVH, HD).
     """
     if chunk is None:
-        return k_ops.attention(q, keys, values, start_pos, key_mask)
+        return op.attention(q, keys, values, start_pos, key_mask)
     T = q.shape[1]
     parts = []
     t = 0
@@ -130,17 +130,17 @@ def chunked_attention(k_ops, q, keys, values, start_pos: int, key_mask, chunk: "
         first = pos - pos % chunk  # the chunk's first position
         end = min(T, first + chunk - start_pos)  # queries t .. end-1 share this chunk
         mask = None if key_mask is None else key_mask[:, first:start_pos + end]
-        parts.append(k_ops.attention(q[:, t:end], keys[:, first:start_pos + end], values[:, first:start_pos + end],
+        parts.append(op.attention(q[:, t:end], keys[:, first:start_pos + end], values[:, first:start_pos + end],
                                      pos - first, mask))  # (B, end - t, H, HD)
         t = end
     return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
 
 
-def swiglu_ffn(k_ops, w: dict, prefix: str, x: np.ndarray) -> np.ndarray:
+def swiglu_ffn(op, w: dict, prefix: str, x: np.ndarray) -> np.ndarray:
     """w2(silu(w1 x) * w3 x) with the weights under prefix (w1.weight, w2.weight, w3.weight). x (..., D)."""
-    gate = k_ops.linear(x, w[prefix + "w1.weight"])  # (..., F)
-    up = k_ops.linear(x, w[prefix + "w3.weight"])  # (..., F)
-    return k_ops.linear(k_ops.swiglu(gate, up), w[prefix + "w2.weight"])  # (..., D)
+    gate = op.linear(x, w[prefix + "w1.weight"])  # (..., F)
+    up = op.linear(x, w[prefix + "w3.weight"])  # (..., F)
+    return op.linear(op.swiglu(gate, up), w[prefix + "w2.weight"])  # (..., D)
 
 
 def route(router_logits: np.ndarray, top_k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -162,20 +162,20 @@ def mixture_of_experts(model, prefix: str, x: np.ndarray) -> np.ndarray:
     Only the experts some token chose are computed, each on its own tokens: the same sum as Meta's, where
     every expert runs on every token and an expert not chosen gets an input of zeros, and so adds zero.
     """
-    m, k_ops, w = model.args.llama4, model.ops, model.weights
+    m, op, w = model.args.llama4, model.ops, model.weights
     B, T, D = x.shape
     tokens = x.reshape(B * T, D)  # (N, D)
-    router_logits = k_ops.linear(tokens, w[prefix + "router.weight"])  # (N, E)
+    router_logits = op.linear(tokens, w[prefix + "router.weight"])  # (N, E)
     chosen, weights = route(router_logits, m.top_k)  # (N, K) each
     name = prefix[:-len("feed_forward.")]
     model._record(name + "feed_forward.router_logits", router_logits.reshape(B, T, -1))
     model._record(name + "feed_forward.experts", chosen.reshape(B, T, -1))
 
     # Every token passes through the shared expert.
-    out = swiglu_ffn(k_ops, w, prefix + "shared_expert.", tokens)  # (N, D)
+    out = swiglu_ffn(op, w, prefix + "shared_expert.", tokens)  # (N, D)
     # Each routed expert takes its tokens scaled by their router weights, and adds its output to theirs.
     for e in np.unique(chosen):
         rows, slot = np.nonzero(chosen == e)  # tokens routed to expert e (each at most once)
         expert_in = tokens[rows] * weights[rows, slot][:, None]  # (n_e, D)
-        out[rows] += swiglu_ffn(k_ops, w, f"{prefix}experts.{e}.", expert_in)  # (n_e, D)
+        out[rows] += swiglu_ffn(op, w, f"{prefix}experts.{e}.", expert_in)  # (n_e, D)
     return out.reshape(B, T, D)

@@ -39,6 +39,8 @@ class Transformer(GenerationMixin):
         self.tokenizer = None  # attached by llama_ref.load
         self.source = None
         self.capture = None  # set by llama_ref.tools.capture to collect intermediate tensors by name
+        # Llama 3.2 Vision (llama_ref.vision.model): a block run before text layer i, (i, h, start_pos, cache) -> h.
+        self.cross_attention = None
         # The ranks this model's matrices are split across (llama_ref.runtime.parallel); in one process SINGLE, whose
         # all_reduce and all_gather return their argument.
         self.parallel = SINGLE
@@ -52,7 +54,66 @@ class Transformer(GenerationMixin):
         chunk's keys and values join `cache` (the model's own cache if none is given; a call at start_pos 0
         starts it afresh). Returns float logits (T, V) or (B, T, V); only the last position if last_only.
         """
-        args, k_ops, w = self.args, self.ops, self.weights
+        args, op, w, rec = self.args, self.ops, self.weights, self._record  # op: the backend (ops or kernels)
+        tokens, batched, cache = self._prepare(tokens, start_pos, cache)  # tokens (B, T)
+        B, T = tokens.shape
+        H, KVH, HD = args.n_heads, args.kv_heads, args.head_dim
+        cos, sin = ops.rope_tables(self.freqs, start_pos, T, self.dtype)  # (T, HD/2) each
+
+        # Token embeddings: one row of the table per token (tensor parallel: each rank holds part of it).
+        h = op.embedding(tokens, w["tok_embeddings.weight"], self.dtype)  # (B, T, D)
+        h = rec("embeddings", self.parallel.all_reduce(h))
+
+        for i in range(args.n_layers):
+            if self.cross_attention is not None:  # Llama 3.2 Vision: gated cross-attention to the images
+                h = self.cross_attention(i, h, start_pos, cache)
+            if args.llama4 is not None:  # Llama 4: experts, NoPE layers, chunked attention (model/llama4.py)
+                h = llama4.layer(self, i, h, start_pos, cache, key_mask, cos, sin)
+                continue
+            p = f"layers.{i}."
+            # Attention block, pre-norm: normalise, project to queries, keys and values.
+            x = rec(p + "attention_norm", op.rms_norm(h, w[p + "attention_norm.weight"], args.norm_eps))  # (B, T, D)
+            q = op.linear(x, w[p + "attention.wq.weight"]).reshape(B, T, H, HD)  # (B, T, H, HD)
+            k = op.linear(x, w[p + "attention.wk.weight"]).reshape(B, T, KVH, HD)  # (B, T, KVH, HD)
+            # Rotate queries and keys by their absolute positions (relative positions emerge in q.k).
+            q = rec(p + "attention.q", op.apply_rope(q, cos, sin))  # (B, T, H, HD)
+            k = rec(p + "attention.k", op.apply_rope(k, cos, sin))  # (B, T, KVH, HD)
+            v = rec(p + "attention.v", op.linear(x, w[p + "attention.wv.weight"]).reshape(B, T, KVH, HD))  # not rotated
+            # Append this chunk's keys and values to the cache and attend causally over all of them.
+            keys, values = cache.update(i, start_pos, k, v)  # (B, S, KVH, HD) each
+            attn = rec(p + "attention.heads", op.attention(q, keys, values, start_pos, key_mask))  # (B, T, H, HD)
+            # Mix the heads back into the residual stream (tensor parallel: add every rank's heads).
+            out = op.linear(attn.reshape(B, T, H * HD), w[p + "attention.wo.weight"])  # (B, T, D)
+            out = rec(p + "attention.output", self.parallel.all_reduce(out))
+            h = rec(p + "attention_residual", h + out)  # (B, T, D)
+
+            # Feed-forward block, pre-norm: SwiGLU, w2(silu(w1 x) * w3 x).
+            x = rec(p + "ffn_norm", op.rms_norm(h, w[p + "ffn_norm.weight"], args.norm_eps))  # (B, T, D)
+            gate = rec(p + "feed_forward.gate", op.linear(x, w[p + "feed_forward.w1.weight"]))  # (B, T, F)
+            up = rec(p + "feed_forward.up", op.linear(x, w[p + "feed_forward.w3.weight"]))  # (B, T, F)
+            out = op.linear(op.swiglu(gate, up), w[p + "feed_forward.w2.weight"])  # (B, T, D)
+            out = rec(p + "feed_forward.output", self.parallel.all_reduce(out))  # tensor parallel: add the ranks' terms
+            h = rec(p + "residual", h + out)  # (B, T, D)
+        cache.remember(start_pos, tokens, key_mask is not None)
+
+        # Final norm, then the output head (the embedding table itself when the model ties them).
+        if last_only:
+            h = h[:, -1:]  # (B, 1, D)
+        h = rec("norm", op.rms_norm(h, w["norm.weight"], args.norm_eps))  # (B, T, D)
+        logits = op.linear(h, w["output.weight"])  # (B, T, V)
+        logits = rec("logits", self.parallel.all_gather(logits))  # tensor parallel: join the ranks' vocabulary slices
+        return logits if batched else logits[0]
+
+    __call__ = forward
+
+    def _record(self, name: str, x: np.ndarray) -> np.ndarray:
+        """Hand an intermediate tensor to the active capture (tools/capture.py), and return it."""
+        if self.capture is not None:
+            self.capture.record(name, x)
+        return x
+
+    def _prepare(self, tokens, start_pos: int, cache: Optional[KVCache]) -> tuple[np.ndarray, bool, KVCache]:
+        """Check the call and make room in the cache: (tokens (B, T) int64, whether a batch was given, cache)."""
         tokens = np.asarray(tokens)
         batched = tokens.ndim == 2
         tokens = self._check_tokens(tokens, start_pos)  # (B, T)
@@ -61,79 +122,14 @@ class Transformer(GenerationMixin):
             if self.cache is None or start_pos == 0 or self.cache.batch_size != B:
                 if start_pos != 0:
                     raise InputError("start_pos > 0 needs a cache holding the earlier positions")
-                self.cache = KVCache(args, B, self.dtype)
+                self.cache = KVCache(self.args, B, self.dtype)
             cache = self.cache
         if start_pos > cache.length:
             raise InputError(f"start_pos {start_pos} would leave a gap: the cache holds positions "
                              f"0 .. {cache.length - 1} only")
         cache.reserve(start_pos + T)
         cache.forget_from(start_pos)  # an interrupted call leaves the ids of the positions before it only
-        H, KVH, HD = args.n_heads, args.kv_heads, args.head_dim
-        cos, sin = ops.rope_tables(self.freqs, start_pos, T, self.dtype)  # (T, HD/2) each
-
-        # Token embeddings: one row of the table per token.
-        h = k_ops.embedding(tokens, w["tok_embeddings.weight"], self.dtype)  # (B, T, D)
-        h = self.parallel.all_reduce(h)  # tensor parallel: each rank looked up its part of the table
-        self._record("embeddings", h)
-
-        for i in range(args.n_layers):
-            if args.llama4 is not None:  # Llama 4: experts, NoPE layers, chunked attention (llama_ref.model.llama4)
-                h = llama4.layer(self, i, h, start_pos, cache, key_mask, cos, sin)
-                continue
-            p = f"layers.{i}."
-            # Attention block, pre-norm: normalise, project to queries, keys and values.
-            x = k_ops.rms_norm(h, w[p + "attention_norm.weight"], args.norm_eps)  # (B, T, D)
-            self._record(p + "attention_norm", x)
-            q = k_ops.linear(x, w[p + "attention.wq.weight"]).reshape(B, T, H, HD)  # (B, T, H, HD)
-            k = k_ops.linear(x, w[p + "attention.wk.weight"]).reshape(B, T, KVH, HD)  # (B, T, KVH, HD)
-            v = k_ops.linear(x, w[p + "attention.wv.weight"]).reshape(B, T, KVH, HD)  # (B, T, KVH, HD)
-            # Rotate queries and keys by their absolute positions (relative positions emerge in q.k).
-            q = k_ops.apply_rope(q, cos, sin)
-            k = k_ops.apply_rope(k, cos, sin)
-            self._record(p + "attention.q", q)
-            self._record(p + "attention.k", k)
-            self._record(p + "attention.v", v)
-            # Append this chunk's keys and values to the cache and attend causally over all of them.
-            keys, values = cache.update(i, start_pos, k, v)  # (B, S, KVH, HD) each
-            attn = k_ops.attention(q, keys, values, start_pos, key_mask)  # (B, T, H, HD)
-            self._record(p + "attention.heads", attn)
-            # Mix the heads back into the residual stream.
-            out = k_ops.linear(attn.reshape(B, T, H * HD), w[p + "attention.wo.weight"])  # (B, T, D)
-            out = self.parallel.all_reduce(out)  # tensor parallel: add the terms of every rank's heads
-            self._record(p + "attention.output", out)
-            h = h + out
-            self._record(p + "attention_residual", h)
-
-            # Feed-forward block, pre-norm: SwiGLU, w2(silu(w1 x) * w3 x).
-            x = k_ops.rms_norm(h, w[p + "ffn_norm.weight"], args.norm_eps)  # (B, T, D)
-            self._record(p + "ffn_norm", x)
-            gate = k_ops.linear(x, w[p + "feed_forward.w1.weight"])  # (B, T, F)
-            up = k_ops.linear(x, w[p + "feed_forward.w3.weight"])  # (B, T, F)
-            self._record(p + "feed_forward.gate", gate)
-            self._record(p + "feed_forward.up", up)
-            out = k_ops.linear(k_ops.swiglu(gate, up), w[p + "feed_forward.w2.weight"])  # (B, T, D)
-            out = self.parallel.all_reduce(out)  # tensor parallel: add the terms of every rank's FFN columns
-            self._record(p + "feed_forward.output", out)
-            h = h + out
-            self._record(p + "residual", h)
-        cache.remember(start_pos, tokens, key_mask is not None)
-
-        # Final norm, then the output head (the embedding table itself when the model ties them).
-        if last_only:
-            h = h[:, -1:]  # (B, 1, D)
-        h = k_ops.rms_norm(h, w["norm.weight"], args.norm_eps)
-        self._record("norm", h)
-        logits = k_ops.linear(h, w["output.weight"])  # (B, T, V)
-        logits = self.parallel.all_gather(logits)  # tensor parallel: join every rank's slice of the vocabulary
-        self._record("logits", logits)
-        return logits if batched else logits[0]
-
-    __call__ = forward
-
-    def _record(self, name: str, x: np.ndarray) -> None:
-        """Hand an intermediate tensor to the active capture (see llama_ref.tools.capture); a no-op otherwise."""
-        if self.capture is not None:
-            self.capture.record(name, x)
+        return tokens, batched, cache
 
     def _check_tokens(self, tokens: np.ndarray, start_pos: int) -> np.ndarray:
         if tokens.ndim == 1:

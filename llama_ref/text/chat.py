@@ -8,7 +8,9 @@
 - Any other model: the jinja chat template from its tokenizer_config.json or GGUF metadata.
 
 A message is a dict: {"role": "system" | "user" | "assistant" | "ipython" | "tool", "content": str}; Llama 3
-assistant messages may also carry "tool_calls" and "stop_reason".
+assistant messages may also carry "tool_calls" and "stop_reason". In the Llama 3 format a message's content
+may also be a list of parts, {"type": "text", "text": str} and (Llama 3.2 Vision, `llama3_vision_prompt`)
+{"type": "image", "image": file path | PIL.Image | uint8 array}.
 """
 
 from __future__ import annotations
@@ -106,9 +108,11 @@ def _python_value(value) -> str:
     raise InputError(f"tool argument of type {type(value).__name__} cannot be written")
 
 
-def llama3_message_tokens(tokenizer: Tokenizer, message: dict, tool_prompt_format: str = "json") -> list[int]:
+def llama3_message_tokens(tokenizer: Tokenizer, message: dict, tool_prompt_format: str = "json",
+                          images: Optional[list] = None) -> list[int]:
     """One message: header, content, tool calls, then <|eot_id|> (or <|eom_id|> when an assistant message
-    stops for a tool's answer, stop_reason "end_of_message")."""
+    stops for a tool's answer, stop_reason "end_of_message"). Images in the content are appended to `images`
+    (refused when it is None: a text-only prompt)."""
     role = message["role"]
     if role not in ("system", "user", "assistant", "ipython", "tool"):
         raise InputError(f"Llama 3 roles are system, user, assistant, ipython (tool); got {role!r}")
@@ -118,7 +122,7 @@ def llama3_message_tokens(tokenizer: Tokenizer, message: dict, tool_prompt_forma
     # documented prompt format shows for replayed assistant turns.
     if role == "assistant" and calls and calls[0]["tool_name"] in BUILTIN_TOOLS:
         ids.append(_special(tokenizer, "<|python_tag|>"))
-    ids += tokenizer.encode(message.get("content") or "", bos=False)
+    ids += _content_tokens(tokenizer, message.get("content") or "", images, f"{role} message")
     if role == "assistant":
         for call in calls:
             ids += tokenizer.encode(encode_tool_call(call, tool_prompt_format), bos=False)
@@ -130,13 +134,106 @@ def llama3_message_tokens(tokenizer: Tokenizer, message: dict, tool_prompt_forma
 def llama3_chat_tokens(tokenizer: Tokenizer, messages: list[dict], add_generation_prompt: bool = True,
                        tool_prompt_format: str = "json") -> list[int]:
     """<|begin_of_text|>, each message, then the assistant header the model completes (encode_dialog_prompt)."""
-    _check_messages(messages)
+    _check_messages(messages, parts=True)
     ids = [_special(tokenizer, "<|begin_of_text|>")]
     for m in messages:
         ids += llama3_message_tokens(tokenizer, m, tool_prompt_format)
     if add_generation_prompt:
         ids += llama3_header_tokens(tokenizer, "assistant")
     return ids
+
+
+# ---- Llama 3.2 Vision: images in the Llama 3 format ----------------------------------------------------------
+# Meta's llama-models, models/llama3/chat_format.py (_encode_content, _model_input_from_tokens_images,
+# create_vision_mask); the prompt format in models/llama3_2/vision_prompt_format.md. An image is one
+# <|image|> token where its part stands in the content (Meta's advice: in a user message, before the text
+# about it); the vision encoder's output reaches the text only through cross-attention.
+
+# The id the vision model reads for <|image|>: Meta's chat format replaces the tokenizer's <|image|> (128011)
+# by 128256, the first row of the model's extra, trainable embedding; Hugging Face's Mllama tokenizer gives
+# <|image|> this id itself.
+IMAGE_TOKEN_ID = 128256
+
+
+@dataclass
+class VisionPrompt:
+    """A prompt with images, as Meta's LLMInput holds it.
+
+    ids          prompt ids, IMAGE_TOKEN_ID where each image stands
+    images       the images as given (path, PIL.Image or array), in the order of their tokens
+    image_spans  Meta's vision mask: for image i, [start, end) of the token positions that attend to it; end
+                 -1 means to the end of the sequence, generated tokens included (only with a single image)
+    """
+    ids: list[int]
+    images: list
+    image_spans: list[list[int]]
+
+
+def _content_tokens(tokenizer: Tokenizer, content, images: Optional[list], where: str) -> list[int]:
+    """A message's content: a string, one part, or a list of parts. Each text part is encoded on its own, as
+    Meta's _encode_content does ("a" + "b" as two parts need not give the ids of "ab")."""
+    if isinstance(content, str):
+        return tokenizer.encode(content, bos=False)
+    ids: list[int] = []
+    for k, part in enumerate([content] if isinstance(content, dict) else content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            ids += tokenizer.encode(part["text"], bos=False)
+        elif kind == "image" and part.get("image") is not None:
+            if images is None:
+                raise InputError(f"{where}, part {k}, is an image: a text-only prompt cannot hold images "
+                                 "(llama3_vision_prompt builds prompts for Llama 3.2 Vision)")
+            ids.append(_special(tokenizer, "<|image|>"))
+            images.append(part["image"])
+        else:
+            raise InputError(f"{where}, part {k}: want {{'type': 'text', 'text': str}} or {{'type': 'image', "
+                             f"'image': path | PIL.Image | array}}, got {part!r:.200}")
+    return ids
+
+
+def image_spans(ids: list[int], image_id: int = IMAGE_TOKEN_ID) -> list[list[int]]:
+    """Meta's create_vision_mask: which token positions attend to which image. One image: from its token to the
+    end of everything, generated tokens included ([pos, -1]). Several: each from its token to the next image's;
+    the last to the end of the prompt, so generated tokens see no image; images in a row all reach the text
+    after the last of them."""
+    where = [i for i, t in enumerate(ids) if t == image_id]
+    if len(where) <= 1:
+        return [[where[0], -1]] if where else []
+    spans = [[a, b] for a, b in zip(where[:-1], where[1:])] + [[where[-1], len(ids)]]
+    end = spans[-1][1]
+    for span in reversed(spans):
+        if span[0] == span[1] - 1:  # the next token is an image too
+            span[1] = end
+        end = span[1]
+    return spans
+
+
+def _vision_prompt(tokenizer: Tokenizer, ids: list[int], images: list) -> VisionPrompt:
+    image = _special(tokenizer, "<|image|>")
+    ids = [IMAGE_TOKEN_ID if t == image else t for t in ids]
+    return VisionPrompt(ids=ids, images=images, image_spans=image_spans(ids))
+
+
+def llama3_vision_prompt(tokenizer: Tokenizer, messages: list[dict], add_generation_prompt: bool = True,
+                         tool_prompt_format: str = "json") -> VisionPrompt:
+    """A Llama 3.2 Vision chat (Meta's encode_dialog_prompt): the Llama 3 format with one <|image|> per image
+    part; the images are returned in prompt order."""
+    _check_messages(messages, parts=True)
+    images: list = []
+    ids = [_special(tokenizer, "<|begin_of_text|>")]
+    for m in messages:
+        ids += llama3_message_tokens(tokenizer, m, tool_prompt_format, images=images)
+    if add_generation_prompt:
+        ids += llama3_header_tokens(tokenizer, "assistant")
+    return _vision_prompt(tokenizer, ids, images)
+
+
+def llama3_vision_completion(tokenizer: Tokenizer, content) -> VisionPrompt:
+    """A completion prompt with images for the base Vision models (Meta's encode_content): <|begin_of_text|>
+    then the parts, e.g. [{"type": "image", ...}, {"type": "text", "text": "If I had to write a haiku"}]."""
+    images: list = []
+    ids = [_special(tokenizer, "<|begin_of_text|>")] + _content_tokens(tokenizer, content, images, "prompt")
+    return _vision_prompt(tokenizer, ids, images)
 
 
 BUILTIN_CALL = re.compile(r'\b(?P<tool_name>\w+)\.call\(query="(?P<query>[^"]*)"\)')
@@ -332,11 +429,16 @@ def chat_tokens(tokenizer: Tokenizer, messages: list[dict], add_generation_promp
     raise InputError("the model has no chat template and its tokenizer is not a Llama 2/3 one")
 
 
-def _check_messages(messages) -> None:
+def _check_messages(messages, parts: bool = False) -> None:
+    """Messages are dicts with a role and string content (or, where `parts`, a list of content parts)."""
     if not isinstance(messages, list) or not messages:
         raise InputError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
     for m in messages:
-        if not isinstance(m, dict) or "role" not in m or not isinstance(m.get("content", ""), str):
+        content = m.get("content", "") if isinstance(m, dict) else None
+        if isinstance(content, (list, dict)) and not parts:
+            raise InputError(f"chat message {m!r:.200}: content as a list of parts (text, images) is read by the "
+                             "Llama 3 format only; give this model a string")
+        if "role" not in (m if isinstance(m, dict) else {}) or not isinstance(content, (str, list, dict)):
             raise InputError(f"bad chat message {m!r}: want {{'role': str, 'content': str}}")
         if "content" not in m and not m.get("tool_calls"):
             raise InputError(f"chat message {m!r} has no content")

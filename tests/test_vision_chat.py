@@ -1,0 +1,108 @@
+"""Llama 3.2 Vision prompts (llama_ref.text.chat.llama3_vision_prompt / llama3_vision_completion) against Meta's
+ChatFormat: tests/data/vision/chat_cases.json holds what llama-models' models/llama3/chat_format.py makes of
+the same dialogs (tests/fixtures/make_vision_chat_cases.py): the ids the model reads, Meta's vision mask spans
+and the images in order. Equality is exact: these are integers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import llama_ref
+from llama_ref.errors import InputError
+from llama_ref.text.chat import (IMAGE_TOKEN_ID, chat_tokens, image_spans, llama2_chat_tokens, llama3_chat_tokens,
+                                 llama3_vision_completion, llama3_vision_prompt)
+from llama_ref.text.tokenizer_tiktoken import Llama3Tokenizer
+
+DATA = Path(__file__).parent / "data" / "vision"
+CASES = json.loads((DATA / "chat_cases.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def llama3():
+    try:
+        return Llama3Tokenizer.from_file(llama_ref.fetch("llama3-tokenizer", progress=False))
+    except Exception as e:  # noqa: BLE001 - no network or registry: nothing to compare against
+        pytest.skip(f"the official Llama 3 tokenizer.model could not be fetched from PyPI: {e}")
+
+
+def with_paths(content):
+    """The fixture names files; llama_ref is given their paths."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, dict):
+        return with_paths([content])[0]
+    return [dict(p, image=DATA / "images" / p["image"]) if p["type"] == "image" else p for p in content]
+
+
+def test_image_token_is_metas(llama3):
+    assert llama3.special_tokens["<|image|>"] == CASES["image_token"] == 128011
+
+
+@pytest.mark.parametrize("case", CASES["dialogs"], ids=lambda c: f"{len(c['messages'])}msg-{len(c['images'])}img")
+def test_dialogs_equal_metas(llama3, case):
+    messages = [dict(m, content=with_paths(m["content"])) for m in case["messages"]]
+    prompt = llama3_vision_prompt(llama3, messages)
+    assert prompt.ids == case["ids"]
+    assert prompt.image_spans == case["mask"]
+    assert [Path(p).name for p in prompt.images] == case["images"]
+
+
+@pytest.mark.parametrize("case", CASES["completions"], ids=lambda c: f"{len(c['content'])}parts")
+def test_completions_equal_metas(llama3, case):
+    prompt = llama3_vision_completion(llama3, with_paths(case["content"]))
+    assert prompt.ids == case["ids"]
+    assert prompt.image_spans == case["mask"]
+    assert [Path(p).name for p in prompt.images] == case["images"]
+
+
+def test_images_come_back_as_given(llama3):
+    pil = Image.open(DATA / "images" / "chelsea.png")
+    arr = np.zeros((5, 7, 3), np.uint8)
+    prompt = llama3_vision_prompt(llama3, [{"role": "user", "content": [
+        {"type": "image", "image": pil}, {"type": "text", "text": "and"}, {"type": "image", "image": arr}]}])
+    assert prompt.images[0] is pil and prompt.images[1] is arr
+    assert prompt.ids.count(IMAGE_TOKEN_ID) == 2
+
+
+def test_text_parts_and_strings(llama3):
+    """Text-only part lists are read by the plain Llama 3 format too; one part is one string."""
+    one = [{"role": "user", "content": "Hello there"}]
+    parts = [{"role": "user", "content": [{"type": "text", "text": "Hello there"}]}]
+    assert llama3_chat_tokens(llama3, parts) == llama3_chat_tokens(llama3, one)
+    assert llama3_vision_prompt(llama3, one).ids == llama3_chat_tokens(llama3, one)
+    assert llama3_vision_prompt(llama3, one).image_spans == []
+
+
+def test_images_refused_where_they_cannot_go(llama3):
+    msg = [{"role": "user", "content": [{"type": "image", "image": "x.png"}, {"type": "text", "text": "hi"}]}]
+    with pytest.raises(InputError, match="user message, part 0, is an image"):
+        llama3_chat_tokens(llama3, msg)
+    with pytest.raises(InputError, match="user message, part 0, is an image"):
+        chat_tokens(llama3, msg)
+
+
+@pytest.mark.parametrize("part", [{"type": "video", "video": "x.mp4"}, {"type": "text", "text": 3}, "plain",
+                                  {"type": "image"}, {"type": "image", "image": None}])
+def test_bad_parts_are_named(llama3, part):
+    with pytest.raises(InputError, match="part 1"):
+        llama3_vision_prompt(llama3, [{"role": "user", "content": [{"type": "text", "text": "a"}, part]}])
+
+
+def test_llama2_format_refuses_part_lists():
+    with pytest.raises(InputError, match="Llama 3 format only"):
+        llama2_chat_tokens(None, [{"role": "user", "content": [{"type": "text", "text": "hi"}]}])
+
+
+def test_image_spans_rules():
+    I = IMAGE_TOKEN_ID  # noqa: E741
+    assert image_spans([1, 2, 3]) == []
+    assert image_spans([1, I, 5, 6]) == [[1, -1]]
+    assert image_spans([1, I, 5, I, 6, 7]) == [[1, 3], [3, 6]]
+    # images in a row share the text after the last one
+    assert image_spans([1, I, I, 5, I, 6]) == [[1, 4], [2, 4], [4, 6]]
+    assert image_spans([I, I, I]) == [[0, 3], [1, 3], [2, 3]]

@@ -468,9 +468,9 @@ _MISSING = object()
 def from_gguf_metadata(meta: dict, *, where: str = "GGUF", has_output_tensor: bool = True) -> ModelArgs:
     """Read the llama.* keys of a GGUF file's metadata (a plain dict of key -> value)."""
     arch = meta.get("general.architecture")
-    if arch == "llama4":  # llama.cpp fixes its chunk size, NoPE layers and temperatures in code, not the file
-        raise ConfigError(f"{where}: Llama 4 GGUF files (general.architecture llama4) are not implemented by "
-                          f"llama_ref; load the model from Meta's or Hugging Face's files")
+    if arch == "llama4":  # its chunk size, NoPE layers and temperatures are llama.cpp's code, not the file's
+        from .llama4_config import from_llama4_gguf
+        return from_llama4_gguf(meta, where, has_output_tensor)
     if arch != "llama":
         raise ConfigError(f"{where}: general.architecture is {arch!r}, expected 'llama'")
 

@@ -307,6 +307,9 @@ def load_gguf(path: "str | Path", progress: bool = False, packed: bool = False, 
     path = Path(path)
     reader = open_gguf(path)
     meta = gguf_metadata(reader)
+    if meta.get("general.architecture") == "llama4":  # experts and llama.cpp's fixed values: gguf_llama4
+        from .gguf_llama4 import load_llama4_gguf
+        return load_llama4_gguf(path, reader, meta, progress=progress, packed=packed, mmap=mmap)
     names = {t.name for t in reader.tensors}
     try:
         args = from_gguf_metadata(meta, where=str(path), has_output_tensor="output.weight" in names)

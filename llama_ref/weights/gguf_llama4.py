@@ -56,35 +56,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..model.config import ConfigError, ModelArgs, RopeScaling, _float_value, _int_value
-from ..model.llama4_config import Llama4Args
+from ..model.config import ModelArgs
+from ..model.llama4_config import from_llama4_gguf
 from .common import WeightsError
-
-ARCH = "llama4"
-# What llama.cpp's llama4 architecture fixes in code (src/models/llama4.cpp, src/llama-hparams.h).
-LLAMA_CPP_CHUNK = 8192
-LLAMA_CPP_NOPE_STEP = 4  # hparams.n_no_rope_layer_step's default, never read from the file
-LLAMA_CPP_SWA_PATTERN = 4  # load_swa_pattern(ml, 4): layers i % 4 < 3 chunked
-LLAMA_CPP_FLOOR_SCALE = 8192.0
-LLAMA_CPP_ATTN_SCALE = 0.1
-LLAMA_CPP_NO_QK_NORM_EXPERTS = 128  # use_kq_norm = type != LLM_TYPE_17B_128E
-# llama4.* keys llama.cpp's llama4 ignores or fixes, with the values that mean what it computes.
-PLAIN = {
-    "attention.clamp_kqv": (0.0,),
-    "attention.causal": (True,),
-    "logit_scale": (1.0,),
-    "rope.scaling.attn_factor": (1.0,),
-    "expert_weights_scale": (0.0, 1.0),
-    "expert_weights_norm": (False,),
-    "expert_gating_func": (2,),  # LLAMA_EXPERT_GATING_FUNC_TYPE_SIGMOID
-    "expert_shared_count": (1,),
-    "expert_group_count": (0,),
-    "expert_group_used_count": (0,),
-    "attention.scale": (0.0,),
-    "attention.q_lora_rank": (0,),
-    "attention.kv_lora_rank": (0,),
-    "nextn_predict_layers": (0,),
-}
 
 # GGUF tensor name -> canonical name; "{i}" is the layer index. Experts and attn_qkv are split separately.
 GGUF_TO_META = {
@@ -107,126 +81,6 @@ GGUF_TO_META = {
 }
 EXPERTS = {"ffn_gate_exps.weight": "w1", "ffn_down_exps.weight": "w2", "ffn_up_exps.weight": "w3"}
 META_TO_GGUF = {v: k for k, v in GGUF_TO_META.items()}
-
-
-def _uniform(value, key: str, where: str, layers=None):
-    """A key llama.cpp reads as a scalar or a per-layer array (get_key_or_arr): llama_ref needs one value
-    (over `layers` when given, the layers the value applies to)."""
-    if isinstance(value, list):
-        values = value if layers is None else [value[i] for i in layers if i < len(value)]
-        if len(set(values)) > 1:
-            raise ConfigError(f"{where}: {key} differs between layers ({value}); llama_ref's Llama 4 has one value")
-        if not values:
-            return None
-        value = values[0]
-    return value
-
-
-def from_llama4_gguf(meta: dict, where: str, has_output_tensor: bool) -> ModelArgs:
-    """ModelArgs of a llama4 GGUF file, with the values llama.cpp's code fixes (module docstring)."""
-    def key(name):
-        return f"{ARCH}.{name}"
-
-    def get(name, read, default=KeyError):
-        if key(name) not in meta:
-            if default is KeyError:
-                raise ConfigError(f"{where}: metadata key {key(name)} is missing")
-            return default
-        return read(meta[key(name)], key(name), where)
-
-    def scalar(read):
-        return lambda v, k, w: read(_uniform(v, k, w), k, w)
-
-    for name, values in PLAIN.items():
-        value = meta.get(key(name))
-        if value is not None and not any(value == v for v in values):
-            raise ConfigError(f"{where}: {key(name)} = {value!r}: llama.cpp's llama4 architecture does not read "
-                              f"this key (it uses {values[0]!r}); refusing to guess which the file means")
-    n_layers = get("block_count", _int_value)
-    dim = get("embedding_length", _int_value)
-    n_heads = get("attention.head_count", scalar(_int_value))
-    n_experts = get("expert_count", _int_value, 0)
-    if n_experts <= 0:
-        raise ConfigError(f"{where}: {key('expert_count')} is {n_experts}: llama.cpp's llama4 requires experts "
-                          f"(a dense Llama 4 is not implemented by llama_ref)")
-    step = get("interleave_moe_layer_step", _int_value)
-    moe_layers = tuple(i for i in range(n_layers) if step > 0 and (i + 1) % step == 0)
-    dense_layers = [i for i in range(n_layers) if i not in moe_layers]
-
-    # The chunk, NoPE and temperature values are llama.cpp's code, not the file's.
-    window = meta.get(key("attention.sliding_window"))
-    if window is not None and window != LLAMA_CPP_CHUNK:
-        what = ("0 switches llama.cpp's llama4 to no chunking and RoPE in every layer but the last (its "
-                "MobileLLM variant), which is not a Llama 4 model" if window == 0 else
-                f"llama.cpp's llama4 ignores it and chunks by {LLAMA_CPP_CHUNK}")
-        raise ConfigError(f"{where}: {key('attention.sliding_window')} = {window!r}: {what}; refusing to guess "
-                          f"which chunk size the file means")
-    nope = tuple(i for i in range(n_layers) if (i + 1) % LLAMA_CPP_NOPE_STEP == 0)
-    pattern = meta.get(key("attention.sliding_window_pattern"), LLAMA_CPP_SWA_PATTERN)
-    if isinstance(pattern, list):
-        chunked = [i for i in range(n_layers) if i < len(pattern) and pattern[i]]
-    elif isinstance(pattern, int) and not isinstance(pattern, bool) and pattern >= 0:
-        chunked = [i for i in range(n_layers) if pattern == 0 or i % pattern < pattern - 1]
-    else:
-        raise ConfigError(f"{where}: {key('attention.sliding_window_pattern')} = {pattern!r} is not a layer "
-                          f"pattern")
-    rope_layers = [i for i in range(n_layers) if i not in nope]
-    if chunked != rope_layers:
-        raise ConfigError(f"{where}: {key('attention.sliding_window_pattern')} = {pattern!r} chunks layers "
-                          f"{chunked}, but llama.cpp's RoPE layers (every layer but each 4th) are {rope_layers}; "
-                          f"llama_ref chunks exactly the RoPE layers, as Meta's Llama 4 does")
-    base = get("rope.freq_base", _float_value, 10000.0)
-    if get("rope.freq_base_swa", _float_value, base) != base:
-        raise ConfigError(f"{where}: {key('rope.freq_base_swa')} differs from {key('rope.freq_base')}: "
-                          f"Llama 4 uses one RoPE theta in every layer")
-
-    scaling = None
-    kind = meta.get(key("rope.scaling.type"), "none")
-    factor = meta.get(key("rope.scaling.factor"), meta.get(key("rope.scale_linear")))
-    if kind == "linear" and factor not in (None, 0, 0.0, 1, 1.0):
-        scaling = RopeScaling("linear", _float_value(factor, key("rope.scaling.factor"), where))
-    elif kind not in ("none", "linear"):
-        raise ConfigError(f"{where}: {key('rope.scaling.type')} {kind!r} is not supported (none, linear; Llama 4's "
-                          f"scaling comes as the rope_freqs tensor)")
-    head_dim = get("attention.key_length", _int_value, dim // n_heads if n_heads > 0 else 0)
-    if get("attention.value_length", _int_value, head_dim) != head_dim:
-        raise ConfigError(f"{where}: {key('attention.value_length')} differs from {key('attention.key_length')}")
-    if get("rope.dimension_count", _int_value, head_dim) != head_dim:
-        raise ConfigError(f"{where}: {key('rope.dimension_count')} differs from the head size {head_dim}: llama.cpp's "
-                          f"llama4 rotates whole heads")
-    vocab = get("vocab_size", _int_value, None)
-    if vocab is None:
-        tokens = meta.get("tokenizer.ggml.tokens")
-        if not isinstance(tokens, list):
-            raise ConfigError(f"{where}: neither {key('vocab_size')} nor tokenizer.ggml.tokens is present")
-        vocab = len(tokens)
-    expert_width = get("expert_feed_forward_length", lambda v, k, w: _int_value(_uniform(v, k, w, moe_layers), k, w))
-    shared = meta.get(key("expert_shared_feed_forward_length"))
-    if shared is not None and shared != expert_width:
-        raise ConfigError(f"{where}: {key('expert_shared_feed_forward_length')} = {shared!r}: llama.cpp's llama4 "
-                          f"gives the shared expert the routed experts' width ({expert_width})")
-    dense_width = meta.get(key("feed_forward_length"))
-    dense_width = _uniform(dense_width, key("feed_forward_length"), where, dense_layers) if dense_layers else None
-    try:
-        llama4 = Llama4Args(
-            n_experts=n_experts, top_k=get("expert_used_count", scalar(_int_value)), moe_layers=moe_layers,
-            expert_hidden_dim=expert_width, nope_layers=nope, attention_chunk_size=LLAMA_CPP_CHUNK,
-            use_qk_norm=n_experts != LLAMA_CPP_NO_QK_NORM_EXPERTS, attn_temperature_tuning=True,
-            floor_scale=LLAMA_CPP_FLOOR_SCALE, attn_scale=LLAMA_CPP_ATTN_SCALE)
-        return ModelArgs(
-            dim=dim, n_layers=n_layers, n_heads=n_heads, vocab_size=vocab,
-            n_kv_heads=get("attention.head_count_kv", scalar(_int_value), n_heads),
-            hidden_dim=None if dense_width is None else _int_value(dense_width, key("feed_forward_length"), where),
-            norm_eps=get("attention.layer_norm_rms_epsilon", _float_value),
-            rope_theta=base, rope_scaling=scaling,
-            max_seq_len=get("context_length", _int_value),
-            tie_word_embeddings=not has_output_tensor,
-            head_dim_override=head_dim if n_heads > 0 and head_dim != dim // n_heads else None,
-            llama4=llama4,
-        )
-    except ConfigError as e:
-        message = str(e)
-        raise ConfigError(message if message.startswith(where) else f"{where}: {message}") from None
 
 
 def llama4_tensors(args: ModelArgs, tensor) -> "list[tuple[str, object]]":

@@ -193,3 +193,18 @@ def test_damaged_expert_tensors_are_refused_naming_them(tmp_path, edit, message)
 def test_versions_of_the_oracles_are_recorded():
     meta = json.loads(str(REF["meta"]))
     assert meta["llama_cpp_python"] == "0.3.36" and meta["llama_cpp_kv_cache"] == "f32"
+
+
+def test_llama4_pre_tokenizer_splits_text_as_metas_pattern():
+    """Real Llama 4 GGUF files say tokenizer.ggml.pre = "llama4" (llama.cpp's name for the pattern of Meta's
+    llama4 tokenizer); the text is split by that pattern, then mapped to GPT-2's byte-level characters."""
+    regex = pytest.importorskip("regex")
+    from llama_ref.text.tokenizer import _pre_tokenizer
+    from llama_ref.text.tokenizer_llama4 import LLAMA4_PATTERN
+
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    chars = {b: chr(b) for b in printable}
+    chars.update({b: chr(256 + n) for n, b in enumerate(b for b in range(256) if b not in chars)})
+    for text in ("Hello's WORLD123456 it's  done\n\n x/y", "ÉTÉ été\t\tdéjà-vu 3.14159 CamelCaseWord's", "a\r\nb  \n"):
+        want = ["".join(chars[b] for b in piece.encode()) for piece in regex.findall(LLAMA4_PATTERN, text)]
+        assert [p for p, _ in _pre_tokenizer("llama4").pre_tokenize_str(text)] == want, text

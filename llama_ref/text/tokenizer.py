@@ -142,7 +142,7 @@ def _complete_prefix_length(data: bytes) -> int:
 
 # tokenizer.ggml.pre -> how text is split before BPE, as the model's original tokenizer.json does it.
 # "smollm": digits one by one, then GPT-2's byte-level regex (llama.cpp's LLAMA_VOCAB_PRE_TYPE_SMOLLM).
-# "llama-bpe": Llama 3's pattern. "gpt-2"/"default": GPT-2's byte-level regex alone.
+# "llama-bpe": Llama 3's pattern. "llama4": Llama 4's. "gpt-2"/"default": GPT-2's byte-level regex alone.
 LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                   r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 
@@ -157,7 +157,11 @@ def _pre_tokenizer(pre: str):
     if pre in ("llama-bpe", "llama3"):
         return pt.Sequence([pt.Split(Regex(LLAMA3_PATTERN), behavior="isolated", invert=False),
                             pt.ByteLevel(add_prefix_space=False, use_regex=False)])
-    raise TokenizerError(f"GGUF pre-tokenizer {pre!r} is not supported (smollm, gpt-2, llama-bpe)")
+    if pre == "llama4":  # llama.cpp's Llama 4 GGUF files: Meta's llama4 pattern (tokenizer_llama4)
+        from .tokenizer_llama4 import LLAMA4_PATTERN
+        return pt.Sequence([pt.Split(Regex(LLAMA4_PATTERN), behavior="isolated", invert=False),
+                            pt.ByteLevel(add_prefix_space=False, use_regex=False)])
+    raise TokenizerError(f"GGUF pre-tokenizer {pre!r} is not supported (smollm, gpt-2, llama-bpe, llama4)")
 
 
 class ByteLevelBPETokenizer(Tokenizer):

@@ -63,6 +63,11 @@ def load(path_or_name: "str | Path", *, backend: str = "numpy", dtype=np.float32
     if verify:
         from .weights.checksums import verify as verify_checksums
         verify_checksums(path)
+    if path.is_dir():
+        from .vision.load import is_vision_checkpoint, load_vision
+        if is_vision_checkpoint(path):  # Llama 3.2 Vision: an image encoder and cross-attention (llama_ref.vision)
+            return load_vision(path, backend=backend, dtype=dtype, progress=progress, weights=weights,
+                               quantize=quantize, mmap=mmap, max_seq_len=max_seq_len, parallel=parallel)
     if parallel is not None:
         from .runtime.parallel import load_parallel, parallel_options
 

@@ -449,7 +449,7 @@ class GenerationMixin:
                  top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
                  seed: "int | list | None" = None, stop: "str | list[str] | None" = None,
                  stop_ids: "int | list[int] | None" = None, top_logprobs: int = 0, truncate: bool = False,
-                 add_bos: Optional[bool] = None, allow_special: bool = False):
+                 add_bos: Optional[bool] = None, allow_special: bool = False, images=None):
         """Continue a prompt (text or token ids), or a list of prompts as one batch.
 
         Returns a Generation, or a list of them for a list of prompts. Greedy by default; temperature > 0
@@ -460,7 +460,11 @@ class GenerationMixin:
         token. A prompt longer than the context window is refused unless truncate=True (keep its end).
         One prompt runs in the model's own KV cache (model.cache, kept afterwards; reset() frees it): the ids
         it starts with that the cache holds from the last call are not prefilled again (cached_tokens).
+        images: only a Llama 3.2 Vision model (llama_ref.vision.model.VisionModel) reads them.
         """
+        if images:
+            raise InputError(f"images: {self.source or 'this model'} is a text-only model; images need a "
+                             f"Llama 3.2 Vision checkpoint")
         batch = _is_batch(prompt)
         prompts = list(prompt) if batch else [prompt]
         rows = self._rows(prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,

@@ -137,6 +137,8 @@ class VisionModel(Transformer):
                                  f"{v.max_num_chunks} tiles of {v.chunk_size} pixels")
             tiles.append(image.tiles)
             ars.append(tuple(int(a) for a in image.aspect_ratio))
+        if images or self.images is not None:
+            self.reset()  # cached keys and values of earlier text were computed with other images (or none)
         self.images = ImagePrompt(tiles, ars, image_spans(tokens, v.image_token_id), len(tokens), rule) \
             if images else None
         return self.images
@@ -219,6 +221,70 @@ class VisionModel(Transformer):
         h = h + np.tanh(w[p + "gate_ffwd"].astype(h.dtype)) * (out * has_image[None, :, None])
         self._record(p + "residual", h)
         return h
+
+    # ---- generation with images -----------------------------------------------------------------------
+    def prompt_ids(self, prompt, images: Sequence) -> list[int]:
+        """Token ids of a completion prompt with images (Meta's encode_content for the base models): text with
+        one "<|image|>" per image where it stands, or, without any, the images first and then the text; each
+        text piece is encoded on its own. Ids (a list of ints) are taken as they are."""
+        image_id = self.vision.image_token_id
+        if not isinstance(prompt, str):
+            return [int(t) for t in prompt]
+        if self.tokenizer is None:
+            raise InputError("this model has no tokenizer: pass token ids (with the image token "
+                             f"{image_id} where each image stands) instead of text")
+        pieces = prompt.split("<|image|>")
+        if len(pieces) == 1:
+            pieces = [""] * len(images) + pieces
+        ids = self.tokenizer.encode("", bos=True)
+        for k, piece in enumerate(pieces):
+            if k:
+                ids.append(image_id)
+            if piece:
+                ids += self.tokenizer.encode(piece, bos=False)
+        return ids
+
+    def generate(self, prompt, max_new_tokens: int = 32, *, images: "Sequence | None" = None, rule: str = "meta",
+                 **kwargs):
+        """GenerationMixin.generate with images: `images` (paths, PIL images, arrays or ImageTiles) go with
+        one prompt, one <|image|> each (see prompt_ids); rule picks whose cross-attention masks to follow
+        ("meta", default, or "hf", see the module docstring). Without images it is the text model's generate
+        (the cross-attention blocks are skipped)."""
+        if not images and not (isinstance(prompt, str) and "<|image|>" in prompt) and (
+                isinstance(prompt, str) or not any(int(t) == self.vision.image_token_id for t in np.ravel(prompt))):
+            self.attach_images([], [])
+            return super().generate(prompt, max_new_tokens, **kwargs)
+        if isinstance(prompt, (list, tuple)) and prompt and not isinstance(prompt[0], (int, np.integer)):
+            raise InputError("images go with one prompt, not a batch of prompts")
+        ids = self.prompt_ids(prompt, images or [])
+        self.attach_images(images or [], ids, rule=rule)
+        return self._run_ids(ids, max_new_tokens, kwargs)
+
+    def chat(self, messages, max_new_tokens: int = 256, *, system: Optional[str] = None, rule: str = "meta",
+             stream: bool = False, **kwargs):
+        """GenerationMixin.chat where a message's content may hold image parts ({"type": "image", "image": path
+        | PIL.Image | array}), in Meta's Llama 3.2 Vision chat format (llama_ref.text.chat)."""
+        from ..generation.generate import Stream, _as_messages
+        from ..text.chat import IMAGE_TOKEN_ID, llama3_vision_prompt
+        if self.tokenizer is None:
+            raise InputError("this model has no tokenizer, so it has no chat format")
+        messages = _as_messages(messages)
+        if system is not None:
+            messages = [{"role": "system", "content": system}] + messages
+        vp = llama3_vision_prompt(self.tokenizer, messages)
+        ids = [self.vision.image_token_id if t == IMAGE_TOKEN_ID else t for t in vp.ids]  # the same for 128256 vocab
+        self.attach_images(vp.images, ids, rule=rule)
+        if stream:
+            row, = self._rows([None], max_new_tokens=max_new_tokens, prompt_ids=[ids], **kwargs)
+            return Stream(self, row)
+        return self._run_ids(ids, max_new_tokens, kwargs)
+
+    def _run_ids(self, ids: list[int], max_new_tokens: int, kwargs: dict):
+        from ..generation.generate import _decode
+        row, = self._rows([None], max_new_tokens=max_new_tokens, prompt_ids=[ids], **kwargs)
+        for _ in _decode(self, [row]):
+            pass
+        return row.result()
 
     # ---- tokens ------------------------------------------------------------------------------------------
     def _check_tokens(self, tokens: np.ndarray, start_pos: int) -> np.ndarray:

@@ -18,7 +18,8 @@ code fails or where it decides nothing:
   MllamaImageProcessor does (Meta's code asks Pillow for a 0-pixel image and raises);
 - decoding: `load_image` only opens common raster formats and refuses images above MAX_PIXELS before
   decoding them.
-Colour conversion is Meta's `image.convert("RGB")` (models/llama3/chat_format.py): an alpha channel is
+EXIF orientation tags are not applied (neither reference applies them: a phone photo stored sideways reaches
+the model sideways). Colour conversion is Meta's `image.convert("RGB")` (models/llama3/chat_format.py): an alpha channel is
 dropped, not composited. Hugging Face's processor composites RGBA onto white instead, so for images with
 transparency the two references differ and this module follows Meta.
 

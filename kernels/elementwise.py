@@ -11,7 +11,7 @@ from numba import njit, prange
 
 from llama_ref.model import ops
 
-from ._common import FAST, JIT, as_f32_rows, readonly
+from ._common import JIT, as_f32_rows, readonly
 from .expf import expf
 
 PARALLEL_MIN = 1 << 15  # elements from which a kernel runs on all cores

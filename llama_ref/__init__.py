@@ -13,5 +13,5 @@ from .weights.common import WeightsError
 
 __version__ = "0.1.0"
 
-__all__ = ["load", "LlamaRefError", "fetch", "DEFAULT_MODEL", "ModelArgs", "RopeScaling", "Transformer", "KVCache",
-           "ConfigError", "FetchError", "InputError", "TokenizerError", "WeightsError"]
+__all__ = ["load", "presets", "LlamaRefError", "fetch", "DEFAULT_MODEL", "ModelArgs", "RopeScaling", "Transformer",
+           "KVCache", "ConfigError", "FetchError", "InputError", "TokenizerError", "WeightsError"]

@@ -1,8 +1,8 @@
-"""Shared fixtures: the real default model (loaded once per session) and tiny random models."""
+"""Shared fixtures: thread limits per xdist worker and the real default model (loaded once per session).
+Tiny random models and other helpers are in tests/tiny.py."""
 
 from __future__ import annotations
 
-import mmap
 import os
 
 
@@ -27,20 +27,18 @@ def _share_cores_between_workers() -> None:
 
 _share_cores_between_workers()
 
-import numpy as np  # noqa: E402  (after the thread limits, so a first import of BLAS already sees them)
+# Imported after the thread limits, so that a first import of BLAS already sees them.
+import numpy  # noqa: E402, F401
+import pytest  # noqa: E402
 from hypothesis import settings  # noqa: E402
+
+import llama_ref  # noqa: E402
 
 # CI draws the same hypothesis examples on every run, so a red CI can be reproduced; local runs keep
 # exploring new examples (and hypothesis keeps any failure it finds in .hypothesis/ to replay).
 settings.register_profile("ci", derandomize=True)
 if os.environ.get("CI"):
     settings.load_profile("ci")
-import pytest
-
-import llama_ref
-from llama_ref.model.config import ModelArgs
-from llama_ref.model.transformer import Transformer
-from llama_ref.weights.common import expected_shapes
 
 
 @pytest.fixture(scope="session")
@@ -53,39 +51,3 @@ def default_model_path():
 def default_model(default_model_path):
     """SmolLM2-135M-Instruct on the NumPy backend. Shared: tests must not keep state in its cache."""
     return llama_ref.load(default_model_path)
-
-
-def random_weights(args: ModelArgs, seed: int = 0, scale: float = 0.2) -> dict:
-    """Random weights in Meta's layout; norms near 1 so activations stay in a realistic range."""
-    rng = np.random.default_rng(seed)
-    weights = {}
-    for name, shape in expected_shapes(args).items():
-        if name.endswith("norm.weight"):
-            weights[name] = (1 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
-        else:
-            weights[name] = (scale * rng.standard_normal(shape) / np.sqrt(shape[-1])).astype(np.float32)
-    if args.tie_word_embeddings:
-        weights["output.weight"] = weights["tok_embeddings.weight"]
-    return weights
-
-
-def tiny_args(**overrides) -> ModelArgs:
-    base = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, multiple_of=16,
-                norm_eps=1e-5, rope_theta=10000.0, max_seq_len=64)
-    base.update(overrides)
-    return ModelArgs(**base)
-
-
-def tiny_model(seed: int = 0, dtype=np.float32, backend="numpy", **overrides) -> Transformer:
-    args = tiny_args(**overrides)
-    return Transformer(args, random_weights(args, seed), dtype=dtype, backend=backend)
-
-
-def file_backed(w) -> bool:
-    """Whether a kept weight (an array, or a packed weight's storage) is a view of a memory-mapped file."""
-    a = w if isinstance(w, np.ndarray) else getattr(w, "data", None)
-    while a is not None:
-        if isinstance(a, (np.memmap, mmap.mmap)):
-            return True
-        a = getattr(a, "base", None)
-    return False

@@ -22,7 +22,7 @@ from llama_ref.weights.packed import quantize_weights
 from llama_ref.weights.common import WeightsError
 from llama_ref.weights.gguf import open_gguf
 
-from conftest import random_weights, tiny_args
+from tiny import random_weights, tiny_args
 
 PROMPT = "The capital of France is Paris, and the capital of Germany is"
 TOLERANCE = 1e-4  # numba vs numpy logits at float32, absolute (logits of this model reach ~30)

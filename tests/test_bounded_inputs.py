@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import llama_ref.text.template as template
-from conftest import tiny_model
+from tiny import tiny_model
 from llama_ref.errors import LlamaRefError
 from llama_ref.errors import InputError
 from llama_ref.generation.sampling import SamplingParams, next_token_distribution, sample, scale_by_temperature

@@ -10,7 +10,7 @@ from llama_ref.model import ops
 from llama_ref.tools.capture import LAYER_NAMES, activation_names, capture, layer_of, run_and_capture
 from llama_ref.errors import InputError
 
-from conftest import tiny_model
+from tiny import tiny_model
 
 TOKENS = [3, 17, 42, 5, 9, 60]
 

@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 
 import llama_ref
-from conftest import random_weights, tiny_args
+from tiny import random_weights, tiny_args
 from llama_ref.tools.cli import CHAT_HELP, CLI_SAMPLING
 from llama_ref.text.conversation import ConversationError, load_conversation, save_conversation
 from llama_ref.errors import LlamaRefError
@@ -99,6 +99,7 @@ def test_each_chat_turn_prefills_only_its_new_tokens(fmt, tiny_gguf):
     # is not part of the answer: the next turn's prompt renders the end of that turn its own way.
     turns = [("Hello there", dict(max_new_tokens=6)), ("And then?", dict(max_new_tokens=5, temperature=0.9, seed=4)),
              ("Go on", dict(max_new_tokens=8)), ("Last one", dict(max_new_tokens=6))]
+    previous = None  # the answer of the turn before
     for n, (text, kw) in enumerate(turns):
         messages.append({"role": "user", "content": text})
         fresh.reset()
@@ -128,7 +129,7 @@ def test_each_chat_turn_prefills_only_its_new_tokens(fmt, tiny_gguf):
 
 
 def test_prompt_reuse_rewinds_and_leaves_batches_alone():
-    from conftest import tiny_model
+    from tiny import tiny_model
 
     model, fresh = tiny_model(seed=2), tiny_model(seed=2)
     first = model.generate([5, 6, 7, 8, 9, 10], max_new_tokens=4, stop_ids=[])

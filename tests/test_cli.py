@@ -21,7 +21,7 @@ import pytest
 
 import llama_ref
 from llama_ref.tools.cli import CLI_SAMPLING
-from conftest import file_backed, random_weights, tiny_args
+from tiny import file_backed, random_weights, tiny_args
 from gguf_files import byte_level_tokens, write_llama_gguf
 
 DATA = Path(__file__).parent / "data"

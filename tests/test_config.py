@@ -17,7 +17,7 @@ from llama_ref.model.config import (ConfigError, ModelArgs, RopeScaling, ffn_hid
                               from_hf_config, from_params_json, read_config)
 from llama_ref.model.transformer import Transformer
 
-from conftest import random_weights, tiny_args
+from tiny import random_weights, tiny_args
 
 # ---- the FFN width formula ---------------------------------------------------------------------------------
 

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import llama_ref
-from conftest import random_weights, tiny_args
+from tiny import random_weights, tiny_args
 from llama_ref.weights import checksums
 from llama_ref.tools import convert as convert_module
 from llama_ref.tools.cli import main

@@ -34,7 +34,7 @@ from llama_ref.text.tokenizer_export import sentencepiece_spec, sentencepiece_to
 from llama_ref.weights.directory import directory_tokenizer
 from llama_ref.weights.gguf import gguf_metadata, open_gguf
 
-from conftest import random_weights, tiny_args
+from tiny import random_weights, tiny_args
 
 DATA = Path(__file__).parent / "data" / "tokenizers"
 

@@ -11,7 +11,7 @@ from llama_ref.model import ops
 from llama_ref.tools.capture import activation_names, run_and_capture
 from llama_ref.tools.verify import logits_diff
 
-from conftest import tiny_args, tiny_model
+from tiny import tiny_args, tiny_model
 
 TOKENS = [3, 17, 42, 5, 9, 60, 1]
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import tiny_model
+from tiny import tiny_model
 from llama_ref.model import ops
 from llama_ref.generation.generate import chat_prompt_ids
 from llama_ref.errors import InputError

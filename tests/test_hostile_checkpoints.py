@@ -35,7 +35,7 @@ from llama_ref.weights.meta import load_meta
 from llama_ref.weights.safetensors_file import SafeTensor
 from llama_ref.weights.torch_zip import TorchTensor, read_torch_file
 
-from conftest import random_weights, tiny_args
+from tiny import random_weights, tiny_args
 
 DATA = Path(__file__).parent / "data" / "tiny_ckpt"
 TOKENS = [1, 5, 9, 2]

@@ -21,7 +21,7 @@ from llama_ref.text.tokenizer import TokenizerError
 from llama_ref.weights.common import WeightsError
 from llama_ref.weights.gguf import open_gguf
 
-from conftest import random_weights, tiny_args
+from tiny import random_weights, tiny_args
 from gguf_files import byte_level_tokens, write_llama_gguf
 
 HUGE = 1 << 60

@@ -26,7 +26,7 @@ from llama_ref.weights.meta import load_meta
 from llama_ref.weights.torch_zip import read_torch_file
 from llama_ref.weights import writers
 
-from conftest import file_backed
+from tiny import file_backed
 
 DATA = Path(__file__).parent / "data" / "tiny_ckpt"
 MODELS = ["llama31_bf16", "llama2_fp16", "llama32_tied"]
@@ -254,7 +254,7 @@ def test_gguf_weight_types(tmp_path, kind):
     import gguf
     from gguf import GGMLQuantizationType as T
 
-    from conftest import random_weights, tiny_args
+    from tiny import random_weights, tiny_args
     from gguf_files import write_llama_gguf
     from llama_ref.weights.packed import from_gguf_tensor
 

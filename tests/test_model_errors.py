@@ -23,7 +23,7 @@ from llama_ref.model.cache import KVCache
 from llama_ref.model.transformer import Transformer
 from llama_ref.weights.common import WeightsError
 
-from conftest import random_weights, tiny_args, tiny_model
+from tiny import random_weights, tiny_args, tiny_model
 from gguf_files import byte_level_tokens, write_llama_gguf
 
 

@@ -25,8 +25,8 @@ from llama_ref.model.transformer import Transformer
 from llama_ref.runtime.parallel import (EmbeddingPart, ParallelError, head_ranges, load_rank_weights, local_args, part,
                                 rank_plan)
 from llama_ref.weights.common import WeightsError, expected_shapes
-from llama_ref.weights.writers import meta_shard_plans, write_gguf, write_hf, write_meta
-from conftest import random_weights, tiny_args
+from llama_ref.weights.writers import meta_shard_plans, write_hf, write_meta
+from tiny import random_weights, tiny_args
 from gguf_files import byte_level_tokens, write_llama_gguf
 
 HERE = Path(__file__).parent

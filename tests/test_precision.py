@@ -16,7 +16,7 @@ from llama_ref.tools.capture import activation_names
 from llama_ref.tools.cli import main
 from llama_ref.tools.precision import ADD, OPS, error_budget
 
-from conftest import tiny_model
+from tiny import tiny_model
 
 TOKENS = [3, 17, 42, 5, 9, 60, 1, 33, 12, 7, 50, 2]
 DISTANCES = Path(__file__).parent / "data" / "float64_distance.json"

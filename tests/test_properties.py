@@ -17,7 +17,7 @@ from llama_ref.model.cache import KVCache
 from llama_ref.model.transformer import Transformer
 from llama_ref.weights.common import permute_hf_to_meta, permute_meta_to_hf
 
-from conftest import random_weights, tiny_args
+from tiny import random_weights, tiny_args
 
 FEW = settings(max_examples=25, deadline=None)
 SOME = settings(max_examples=60, deadline=None)

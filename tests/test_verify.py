@@ -18,7 +18,7 @@ from llama_ref.model.transformer import Transformer
 from llama_ref.tools.verify import (ReferenceError, compare, dump, load_reference, logits_diff, save_reference,
                               tensor_diff, verify)
 
-from conftest import tiny_model
+from tiny import tiny_model
 
 TOKENS = [1, 5, 9, 3, 7, 2, 40, 11]
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..model.config import ConfigError, ModelArgs, from_gguf_metadata
+from ..model.config import ConfigError, from_gguf_metadata
 from .common import WeightsError, check_weights, pread_into
 from .packed import from_gguf_tensor as packed_from_gguf_tensor
 

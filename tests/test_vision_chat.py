@@ -6,6 +6,7 @@ and the images in order. Equality is exact: these are integers."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ from PIL import Image
 import llama_ref
 from llama_ref.errors import InputError
 from llama_ref.text.chat import (IMAGE_TOKEN_ID, chat_tokens, image_spans, llama2_chat_tokens, llama3_chat_tokens,
-                                 llama3_vision_completion, llama3_vision_prompt)
+                                 llama3_vision_completion, llama3_vision_prompt, vision_chat_prompt)
 from llama_ref.text.tokenizer_tiktoken import Llama3Tokenizer
 
 DATA = Path(__file__).parent / "data" / "vision"
@@ -106,3 +107,34 @@ def test_image_spans_rules():
     # images in a row share the text after the last one
     assert image_spans([1, I, I, 5, I, 6]) == [[1, 4], [2, 4], [4, 6]]
     assert image_spans([I, I, I]) == [[0, 3], [1, 3], [2, 3]]
+
+
+# Hugging Face's Llama 3.2 Vision template, reduced to its message layout (the released one adds a default
+# system prompt with dates and tools): the image parts become <|image|>, text parts are written as they are.
+HF_LIKE = ("{{- bos_token }}{%- for message in messages %}"
+           "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' }}"
+           "{%- if message['content'] is string %}{{- message['content'] }}{%- else %}"
+           "{%- for content in message['content'] %}{%- if content['type'] == 'image' %}{{- '<|image|>' }}"
+           "{%- elif content['type'] == 'text' %}{{- content['text'] }}{%- endif %}{%- endfor %}{%- endif %}"
+           "{{- '<|eot_id|>' }}{%- endfor %}"
+           "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}")
+
+
+@pytest.mark.parametrize("case", [c for c in CASES["dialogs"] if c["images"]],
+                         ids=lambda c: f"{len(c['messages'])}msg-{len(c['images'])}img")
+def test_template_prompts_equal_metas(llama3, case):
+    """Through a jinja template the same dialogs give Meta's ids, spans and images (each text part here sits
+    between special tokens, so encoding parts one by one or together gives the same ids)."""
+    messages = [dict(m, content=with_paths(m["content"])) for m in case["messages"]]
+    prompt = vision_chat_prompt(llama3, messages, template=HF_LIKE)
+    assert prompt.ids == case["ids"]
+    assert prompt.image_spans == case["mask"]
+    assert [Path(p).name for p in prompt.images] == case["images"]
+    assert vision_chat_prompt(llama3, messages).ids == case["ids"]  # no template: Meta's format
+
+
+def test_template_that_drops_images_is_refused(llama3):
+    text_only = HF_LIKE.replace("{{- '<|image|>' }}", "")
+    msg = [{"role": "user", "content": [{"type": "image", "image": "a.png"}, {"type": "text", "text": "hi"}]}]
+    with pytest.raises(InputError, match=re.escape("wrote 0 <|image|> tokens for 1 images")):
+        vision_chat_prompt(llama3, msg, template=text_only)

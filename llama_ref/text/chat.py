@@ -236,6 +236,47 @@ def llama3_vision_completion(tokenizer: Tokenizer, content) -> VisionPrompt:
     return _vision_prompt(tokenizer, ids, images)
 
 
+def vision_chat_prompt(tokenizer: Tokenizer, messages: list[dict], add_generation_prompt: bool = True,
+                       template: Optional[str] = None) -> VisionPrompt:
+    """A Vision model's chat prompt: its jinja template if it has one (or `template`; Hugging Face's Llama 3.2
+    Vision template writes `<|image|>` for each {"type": "image"} part), else Meta's format above. The template
+    sees image parts without their pixels, as transformers' processor passes them."""
+    template = template or getattr(tokenizer, "chat_template", None)
+    if not template:
+        return llama3_vision_prompt(tokenizer, messages, add_generation_prompt)
+    _check_messages(messages, parts=True)
+    images: list = []
+    for m in messages:  # validates the parts and gathers the images in order
+        _content_tokens(_NoTokens(), m.get("content") or "", images, f"{m['role']} message")
+    shown = [dict(m, content=_without_pixels(m.get("content") or "")) for m in messages]
+    piece = lambda i: tokenizer.id_to_piece(i) if i is not None else ""  # noqa: E731
+    text = render_chat(template, shown, add_generation_prompt=add_generation_prompt,
+                       bos_token=piece(tokenizer.bos_id), eos_token=piece(tokenizer.eos_id))
+    ids = tokenizer.encode(text, bos=False, allow_special=True)
+    image = tokenizer.encode("<|image|>", bos=False, allow_special=True)
+    if len(image) != 1:
+        raise InputError("this tokenizer has no <|image|> token: not a Llama 3.2 Vision tokenizer")
+    if ids.count(image[0]) != len(images):
+        raise InputError(f"the chat template wrote {ids.count(image[0])} <|image|> tokens for {len(images)} images")
+    ids = [IMAGE_TOKEN_ID if t == image[0] else t for t in ids]
+    return VisionPrompt(ids=ids, images=images, image_spans=image_spans(ids))
+
+
+class _NoTokens:
+    """Stands in for a tokenizer where only the structure of the content is wanted."""
+    special_tokens = {"<|image|>": -1}
+
+    def encode(self, text, bos=False):
+        return []
+
+
+def _without_pixels(content):
+    if isinstance(content, str):
+        return content
+    parts = [content] if isinstance(content, dict) else content
+    return [{"type": "image"} if p.get("type") == "image" else p for p in parts]
+
+
 BUILTIN_CALL = re.compile(r'\b(?P<tool_name>\w+)\.call\(query="(?P<query>[^"]*)"\)')
 CUSTOM_CALL = re.compile(r"<function=(?P<function_name>[^}]+)>(?P<args>{.*?})")
 

@@ -85,16 +85,16 @@ def assert_refused(tmp_path: Path, data: bytes, match: str, error=WeightsError) 
     path = tmp_path / "hostile.gguf"
     path.write_bytes(data)
     tracemalloc.start()
-    start = time.perf_counter()
+    start = time.process_time()  # CPU time of this process: other work on a shared machine does not count
     try:
         with pytest.raises(error, match=re.escape(str(path))) as info:
             llama_ref.load(path)
-        elapsed = time.perf_counter() - start
+        elapsed = time.process_time() - start
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
     assert re.search(match, str(info.value)), info.value
-    assert elapsed < TIME_LIMIT_S, f"refusing took {elapsed:.1f} s"
+    assert elapsed < TIME_LIMIT_S, f"refusing took {elapsed:.1f} s of CPU time"
     assert peak < MEMORY_LIMIT, f"refusing allocated {peak >> 20} MiB"
     return info.value
 

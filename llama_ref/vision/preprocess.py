@@ -19,9 +19,9 @@ code fails or where it decides nothing:
 - decoding: `load_image` only opens common raster formats and refuses images above MAX_PIXELS before
   decoding them.
 EXIF orientation tags are not applied (neither reference applies them: a phone photo stored sideways reaches
-the model sideways). Colour conversion is Meta's `image.convert("RGB")` (models/llama3/chat_format.py): an alpha channel is
-dropped, not composited. Hugging Face's processor composites RGBA onto white instead, so for images with
-transparency the two references differ and this module follows Meta.
+the model sideways). Colour conversion is Meta's `image.convert("RGB")` (models/llama3/chat_format.py): an
+alpha channel is dropped, not composited. Hugging Face's processor composites RGBA onto white instead, so for
+images with transparency the two references differ and this module follows Meta.
 
 Aspect-ratio ids are numbered as Hugging Face's Mllama numbers them (1-based, 0 for a missing image), which is
 how its checkpoints index their tile-position embeddings; Meta's model takes (h_tiles, w_tiles) directly.

@@ -254,3 +254,39 @@ def to_params_json(text: ModelArgs, vision: VisionArgs) -> dict:
     if enc != META_ENCODER:
         p["vision_encoder"] = enc
     return json.loads(json.dumps(p))
+
+
+# ---- presets -----------------------------------------------------------------------------------------------
+# params.json arch_args of llama-models 0.3.0's sku_list.py (llama3_2_base_models, llama3_2_instruct_models,
+# safety_models); the encoder is Meta's constants (META_ENCODER). max_seq_len is the 131072 positions of the
+# released HF configs (max_position_embeddings; Meta's params.json leave it to its 2048 default).
+# Tile size: the SKU list gives the 11B *base* model 448 and every other Vision model 560; Hugging Face's
+# configs of the Instruct models say image_size 560 (vision_config), and their preprocessor 560 too.
+_VISION_TEXT_11B = {"dim": 4096, "n_layers": 32, "n_heads": 32, "n_kv_heads": 8, "vocab_size": 128256,
+                    "ffn_dim_multiplier": 1.3, "multiple_of": 1024, "norm_eps": 1e-5, "rope_theta": 500000.0,
+                    "use_scaled_rope": True, "max_seq_len": 131072, "vision_max_num_chunks": 4}
+_VISION_TEXT_90B = dict(_VISION_TEXT_11B, dim=8192, n_layers=80, n_heads=64, multiple_of=4096)
+PRESETS = {
+    # name: (params.json, source)
+    "llama-3.2-11b-vision": (dict(_VISION_TEXT_11B, vision_chunk_size=448, vision_num_cross_attention_layers=8),
+                             "sku_list.py L366-383 (Llama3.2-11B-Vision)"),
+    "llama-3.2-11b-vision-instruct": (dict(_VISION_TEXT_11B, vision_chunk_size=560,
+                                           vision_num_cross_attention_layers=8),
+                                      "sku_list.py L725-742 (Llama3.2-11B-Vision-Instruct)"),
+    "llama-3.2-90b-vision": (dict(_VISION_TEXT_90B, vision_chunk_size=560, vision_num_cross_attention_layers=20),
+                             "sku_list.py L387-404 (Llama3.2-90B-Vision)"),
+    "llama-3.2-90b-vision-instruct": (dict(_VISION_TEXT_90B, vision_chunk_size=560,
+                                           vision_num_cross_attention_layers=20),
+                                      "sku_list.py L746-763 (Llama3.2-90B-Vision-Instruct)"),
+    "llama-guard-3-11b-vision": (dict(_VISION_TEXT_11B, vision_chunk_size=560, vision_num_cross_attention_layers=8),
+                                 "sku_list.py L803-820 (Llama-Guard-3-11B-Vision)"),
+}
+# Parameter counts the model cards publish (Meta's layout: one tile-embedding entry per tile slot).
+PUBLISHED_PARAMS = {"llama-3.2-11b-vision": 10.6e9, "llama-3.2-90b-vision": 88.6e9}
+
+
+def preset(name: str) -> tuple[ModelArgs, VisionArgs]:
+    """The (ModelArgs, VisionArgs) of a released Llama 3.2 Vision model by name (see PRESETS)."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown vision preset {name!r} (known: {', '.join(PRESETS)})")
+    return from_params_json(PRESETS[name][0], where=f"preset {name}")

@@ -112,23 +112,26 @@ def encoder_layer(model, p: str, x: np.ndarray, real: np.ndarray, gated: bool) -
     return x + out
 
 
-def encode_image(model, tiles: np.ndarray, ar: tuple[int, int]) -> np.ndarray:
+def encode_image(model, tiles: np.ndarray, ar: tuple[int, int], name: str = "vision.0.") -> np.ndarray:
     """Features of one image for the text model's cross-attention: (S, N, D).
 
     tiles (n, 3, C, C) float, the image's n = h*w tiles in row-major order (llama_ref.vision.preprocess);
     ar (h, w) their arrangement. Rows of the result for empty slots exist (Meta computes them) but the
-    cross-attention masks never let text see them."""
+    cross-attention masks never let text see them. Intermediates are captured as name + "patch_embeddings",
+    "embeddings", "layers.{i}", "global_layers.{i}", "features", "projection" (with a leading axis of 1, like
+    the text model's batch axis)."""
     v, w, k_ops, dtype = model.vision, model.weights, model.ops, model.dtype
     S, C = v.max_num_chunks, v.chunk_size
     h, wd = ar
     n = tiles.shape[0]
-    rec = model._record
+    def rec(step: str, x: np.ndarray) -> None:
+        model._record(name + step, x[None])
     # Every tile slot up to the maximum goes through the encoder: empty slots are black (zero) tiles.
     slots = np.zeros((S, 3, C, C), dtype)  # (S, 3, C, C)
     slots[:n] = tiles
     # Patch embedding: a matrix product per patch.
     x = patch_features(slots, w[E + "conv1._linear.weight"], v.patch_size, k_ops)  # (S, P, W)
-    rec("vision.patch_embeddings", x)
+    rec("patch_embeddings", x)
     # Tile-position embedding before the class token (gated): where in the arrangement each tile sits.
     x = x + tile_position_embedding(w[E + "pre_tile_pos_embed.embedding"], w[E + "pre_tile_pos_embed.gate"],
                                     ar, S, dtype)  # (S, P, W)
@@ -141,7 +144,7 @@ def encode_image(model, tiles: np.ndarray, ar: tuple[int, int]) -> np.ndarray:
     x = x + w[E + "positional_embedding"].astype(dtype) * (1 - g)  # (S, N, W)
     N = x.shape[1]
     x[: h * wd] += w[E + "gated_positional_embedding"][:h, :wd].reshape(h * wd, N, -1).astype(dtype) * g
-    rec("vision.embeddings", x)
+    rec("embeddings", x)
     x = layer_norm(x, w[E + "ln_pre.weight"], w[E + "ln_pre.bias"], v.layer_norm_eps)  # (S, N, W)
     # Pad every tile's tokens to a multiple of 8 with zeros (Meta: 8 - N % 8 of them, never 0).
     npad = 8 - N % 8
@@ -157,7 +160,7 @@ def encode_image(model, tiles: np.ndarray, ar: tuple[int, int]) -> np.ndarray:
         if i in v.intermediate_layers:
             kept.append(x)
         x = encoder_layer(model, f"{E}transformer.resblocks.{i}.", x, real, gated=False)
-        rec(f"vision.layers.{i}", x)
+        rec(f"layers.{i}", x)
     x = layer_norm(x, w[E + "ln_post.weight"], w[E + "ln_post.bias"], v.layer_norm_eps)  # (1, S*N8, W)
     # Tile-position embedding again (gated), padding tokens included, then the gated global layers.
     x = x.reshape(S, N8, -1) + tile_position_embedding(w[E + "post_tile_pos_embed.embedding"],
@@ -165,14 +168,14 @@ def encode_image(model, tiles: np.ndarray, ar: tuple[int, int]) -> np.ndarray:
     x = x.reshape(1, S * N8, -1)  # (1, S*N8, W)
     for i in range(v.global_layers):
         x = encoder_layer(model, f"{E}global_transformer.resblocks.{i}.", x, real, gated=True)
-        rec(f"vision.global_layers.{i}", x)
+        rec(f"global_layers.{i}", x)
     # Drop the padding tokens; append the intermediate features, interleaved (width-major, layer-minor).
     x = x.reshape(S, N8, -1)[:, :N]  # (S, N, W)
     inter = np.stack(kept, axis=-1).reshape(S, N8, -1)[:, :N]  # (S, N, W * n_intermediate)
     x = np.concatenate([x, inter], axis=-1)  # (S, N, W * (1 + n_intermediate))
-    rec("vision.features", x)
+    rec("features", x)
     # Project into the text model's width.
     out = k_ops.linear(np.ascontiguousarray(x), w["vision_model.vision_projection.weight"])  # (S, N, D)
     out = out + w["vision_model.vision_projection.bias"].astype(dtype)
-    rec("vision.projection", out)
+    rec("projection", out)
     return out

@@ -147,7 +147,8 @@ class VisionModel(Transformer):
         """The attached images' features (n_images, S, N, D), computed once per prompt."""
         ip = self.images
         if ip is not None and ip.features is None:
-            ip.features = np.stack([encode_image(self, t, ar) for t, ar in zip(ip.tiles, ip.aspect_ratios)])
+            ip.features = np.stack([encode_image(self, t, ar, f"vision.{j}.")
+                                    for j, (t, ar) in enumerate(zip(ip.tiles, ip.aspect_ratios))])
         return None if ip is None else ip.features
 
     def _image_kv(self, cache) -> list:

@@ -15,7 +15,7 @@ from llama_ref.model import ops
 from llama_ref.tools.capture import run_and_capture
 from llama_ref.tools.cli import main
 from llama_ref.model.transformer import Transformer
-from llama_ref.tools.verify import (ReferenceError, compare, dump, load_reference, logits_diff, save_reference,
+from llama_ref.tools.verify import (ReferenceFileError, compare, dump, load_reference, logits_diff, save_reference,
                               tensor_diff, verify)
 
 from tiny import tiny_model
@@ -229,33 +229,33 @@ def test_bf16_safetensors_reference_is_widened_exactly(tmp_path):
 
 
 def test_bad_reference_files_are_reported_by_name(tmp_path):
-    with pytest.raises(ReferenceError, match=r"ref\.txt.*\.npz or \.safetensors"):
+    with pytest.raises(ReferenceFileError, match=r"ref\.txt.*\.npz or \.safetensors"):
         load_reference(tmp_path / "ref.txt")
-    with pytest.raises(ReferenceError, match="missing.npz: file not found"):
+    with pytest.raises(ReferenceFileError, match="missing.npz: file not found"):
         load_reference(tmp_path / "missing.npz")
     (tmp_path / "junk.npz").write_bytes(b"not a zip")
-    with pytest.raises(ReferenceError, match="junk.npz: not a readable"):
+    with pytest.raises(ReferenceFileError, match="junk.npz: not a readable"):
         load_reference(tmp_path / "junk.npz")
     (tmp_path / "junk.safetensors").write_bytes(b"\x05")
-    with pytest.raises(ReferenceError, match="junk.safetensors: not a safetensors"):
+    with pytest.raises(ReferenceFileError, match="junk.safetensors: not a safetensors"):
         load_reference(tmp_path / "junk.safetensors")
     # Reference files go through the checkpoint reader's checks: here two tensors claim the same bytes.
     header = json.dumps({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
                          "b": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}).encode()
     (tmp_path / "overlap.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + bytes(8))
-    with pytest.raises(ReferenceError, match="overlap.safetensors: not a safetensors.*overlaps"):
+    with pytest.raises(ReferenceFileError, match="overlap.safetensors: not a safetensors.*overlaps"):
         load_reference(tmp_path / "overlap.safetensors")
     model = tiny_model()
     save_reference(tmp_path / "notokens.npz", {"logits": np.zeros((2, 64))})
-    with pytest.raises(ReferenceError, match="no 'tokens'"):
+    with pytest.raises(ReferenceFileError, match="no 'tokens'"):
         verify(model, tmp_path / "notokens.npz")
     save_reference(tmp_path / "foreign.npz", {"tokens": np.array([1, 2]), "model.layers.0.mlp": np.zeros(2)})
-    with pytest.raises(ReferenceError, match="capture name"):
+    with pytest.raises(ReferenceFileError, match="capture name"):
         verify(model, tmp_path / "foreign.npz")
 
 
 def test_failed_write_leaves_no_file(tmp_path, monkeypatch):
-    with pytest.raises(ReferenceError, match="'bad' has dtype object"):
+    with pytest.raises(ReferenceFileError, match="'bad' has dtype object"):
         save_reference(tmp_path / "ref.npz", {"bad": np.array([object()])})
 
     def savez_then_fail(f, **arrays):

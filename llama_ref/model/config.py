@@ -272,16 +272,20 @@ def _no_duplicate_keys(pairs: list) -> dict:
     return dict(pairs)
 
 
-def _read_json(path: Path) -> dict:
+def _read_json(path: Path, error: type = ConfigError) -> dict:
+    """The JSON object in `path`, or `error` naming the file. The one JSON reader of llama_ref's model files
+    (params.json, config.json, tokenizer_config.json, ...): a key given twice is refused, not resolved."""
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f, object_pairs_hook=_no_duplicate_keys)
     except FileNotFoundError:
-        raise ConfigError(f"{path}: file not found") from None
+        raise error(f"{path}: file not found") from None
     except (json.JSONDecodeError, UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        raise error(f"{path}: not valid JSON ({e})") from None
+    except OSError as e:
+        raise error(f"{path}: cannot be read ({e.strerror or e})") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a JSON object")
+        raise error(f"{path}: expected a JSON object")
     return data
 
 

@@ -12,7 +12,6 @@ classes are importable from here too. Chat formats are in chat.py.
 
 from __future__ import annotations
 
-import json
 import operator
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
@@ -378,10 +377,8 @@ class TextStreamDecoder:
 # ---- finding the tokenizer of a checkpoint -----------------------------------------------------------------
 
 def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise TokenizerError(f"{path}: cannot read JSON ({e})") from None
+    from ..model.config import _read_json as read_json  # the one JSON reader, here raising TokenizerError
+    return read_json(path, TokenizerError)
 
 
 def is_tiktoken_file(path: "str | Path") -> bool:

@@ -35,7 +35,7 @@ DEFAULT_TOLERANCE = 1e-3
 BUDGET_PROMPT = "The capital of France is"  # `verify --against float64` runs it when given no prompt
 
 
-class ReferenceError(InputError):
+class ReferenceFileError(InputError):
     """A reference file is missing, unreadable or does not fit the model it is compared with."""
 
 
@@ -48,10 +48,10 @@ def save_reference(path: "str | Path", arrays: dict, meta: Optional[dict] = None
     meta = {"format": FORMAT, "version": FORMAT_VERSION, **(meta or {})}
     arrays = {name: np.ascontiguousarray(a) for name, a in arrays.items()}
     if META_KEY in arrays:
-        raise ReferenceError(f"{path}: {META_KEY} is reserved for the metadata")
+        raise ReferenceFileError(f"{path}: {META_KEY} is reserved for the metadata")
     for name, a in arrays.items():
         if a.dtype.kind not in "biuf":
-            raise ReferenceError(f"{path}: array {name!r} has dtype {a.dtype}; only numbers can be stored")
+            raise ReferenceFileError(f"{path}: array {name!r} has dtype {a.dtype}; only numbers can be stored")
     # Written beside the target and renamed into place, so a failure never leaves a partial file.
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent if str(path.parent) else ".")
     os.close(fd)
@@ -77,13 +77,13 @@ def load_reference(path: "str | Path") -> tuple[dict[str, np.ndarray], dict]:
     path = Path(path)
     kind = _file_kind(path)
     if not path.is_file():
-        raise ReferenceError(f"{path}: file not found")
+        raise ReferenceFileError(f"{path}: file not found")
     if kind == "npz":
         try:
             with np.load(path, allow_pickle=False) as f:
                 arrays = {name: f[name] for name in f.files}
         except Exception as e:  # zip and format errors come in many types; all mean "not a valid npz"
-            raise ReferenceError(f"{path}: not a readable .npz file ({type(e).__name__}: {e})") from None
+            raise ReferenceFileError(f"{path}: not a readable .npz file ({type(e).__name__}: {e})") from None
         raw = arrays.pop(META_KEY, None)
         meta_text = str(raw) if raw is not None else None
     else:
@@ -93,7 +93,7 @@ def load_reference(path: "str | Path") -> tuple[dict[str, np.ndarray], dict]:
         try:
             meta = json.loads(meta_text)
         except json.JSONDecodeError as e:
-            raise ReferenceError(f"{path}: metadata is not valid JSON ({e})") from None
+            raise ReferenceFileError(f"{path}: metadata is not valid JSON ({e})") from None
     return arrays, meta
 
 
@@ -102,7 +102,7 @@ def _file_kind(path: Path) -> str:
         return "npz"
     if path.suffix == ".safetensors":
         return "safetensors"
-    raise ReferenceError(f"{path}: a reference file must end in .npz or .safetensors")
+    raise ReferenceFileError(f"{path}: a reference file must end in .npz or .safetensors")
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, np.ndarray], Optional[str]]:
@@ -115,7 +115,7 @@ def _read_safetensors(path: Path) -> tuple[dict[str, np.ndarray], Optional[str]]
         tensors, metadata = read_safetensors_header(path, REFERENCE_DTYPES)
     except WeightsError as e:
         detail = str(e).removeprefix(f"{path}: ")
-        raise ReferenceError(f"{path}: not a safetensors file llama_ref can read ({detail})") from None
+        raise ReferenceFileError(f"{path}: not a safetensors file llama_ref can read ({detail})") from None
     arrays = {name: bf16_bits_to_float32(t.read()) if t.dtype_name == "bfloat16" else t.read()
               for name, t in tensors.items()}
     meta_text = metadata.get(META_KEY)
@@ -262,7 +262,7 @@ def compare(ours: dict, reference: dict, tolerance: float = DEFAULT_TOLERANCE, t
             qk_layout: str = "interleaved") -> Report:
     """Compare every tensor both dicts hold (names of llama_ref.tools.capture, each (T, ...))."""
     if qk_layout not in ("interleaved", "half_split"):
-        raise ReferenceError(f"qk_layout must be 'interleaved' or 'half_split', got {qk_layout!r}")
+        raise ReferenceFileError(f"qk_layout must be 'interleaved' or 'half_split', got {qk_layout!r}")
     tensors, missing, mismatched = [], [], []
     worst_before = 0.0
     for name in _forward_order([n for n in reference if n != "tokens"]):
@@ -302,17 +302,17 @@ def verify(model: Transformer, reference: "str | Path | dict", tolerance: float 
         where = str(reference)
         reference, meta = load_reference(reference)
     if "tokens" not in reference:
-        raise ReferenceError(f"{where}: has no 'tokens' array: the token ids the tensors were computed for")
+        raise ReferenceFileError(f"{where}: has no 'tokens' array: the token ids the tensors were computed for")
     tokens = np.asarray(reference["tokens"]).reshape(-1)
     if tokens.dtype.kind not in "iu":
-        raise ReferenceError(f"{where}: 'tokens' must hold integer ids, got dtype {tokens.dtype}")
+        raise ReferenceFileError(f"{where}: 'tokens' must hold integer ids, got dtype {tokens.dtype}")
     names = [n for n in reference if n != "tokens"]
     if not names:
-        raise ReferenceError(f"{where}: holds no tensors to compare besides 'tokens'")
+        raise ReferenceFileError(f"{where}: holds no tensors to compare besides 'tokens'")
     ours = run_and_capture(model, tokens, names)
     report = compare(ours, reference, tolerance, top_k, qk_layout or meta.get("qk_layout", "interleaved"))
     if not report.tensors and not report.mismatched:
-        raise ReferenceError(f"{where}: none of its tensors has a llama_ref capture name "
+        raise ReferenceFileError(f"{where}: none of its tensors has a llama_ref capture name "
                              f"(e.g. {names[0]!r}); see docs/verification.md")
     return report
 

@@ -274,3 +274,15 @@ def test_unimplemented_load_options_are_refused():
 
 def test_vision_model_class():
     assert isinstance(llama_ref.load(FORMATS["hf"]), VisionModel)
+
+
+# ---- command line -------------------------------------------------------------------------------------------
+
+def test_cli_image_errors(capsys):
+    from llama_ref.tools.cli import main
+    assert main(["generate", "--model", str(FORMATS["meta"]), "hi", "--image", "/no/such/picture.png"]) != 0
+    assert "--image /no/such/picture.png: no such file" in capsys.readouterr().err
+    picture = Path(__file__).parent / "data" / "vision" / "images" / "coffee.jpg"
+    assert main(["generate", "--model", str(DATA / "llama31_bf16_meta"), "hi", "--image", str(picture),
+                 "--quiet"]) != 0
+    assert "text-only model" in capsys.readouterr().err

@@ -223,6 +223,9 @@ def _add_generate(sub) -> None:
     g.add_argument("-f", "--file", default=None, metavar="FILE", help="read the prompt from a UTF-8 text file")
     g.add_argument("--chat", action="store_true", help="send the prompt as a user message in the chat format")
     g.add_argument("--system", default=None, help="with --chat: a system prompt")
+    g.add_argument("--image", action="append", default=None, metavar="FILE",
+                   help="an image for a Llama 3.2 Vision model (repeat for several); it stands where the prompt "
+                        "says <|image|>, or before the text")
     _model_options(g)
     _sampling_options(g, max_new_tokens=32)
     _parallel_options(g)
@@ -246,9 +249,24 @@ def _run_generate(args) -> int:
     if args.system is not None and not args.chat:
         raise InputError("--system needs --chat")
     kwargs = _sampling_kwargs(args)
+    images = args.image or []
+    if images:
+        from pathlib import Path
+
+        from ..vision.preprocess import ImageError
+        for f in images:  # before the model loads: a wrong path should not cost a minute of loading
+            if not Path(f).is_file():
+                raise ImageError(f"--image {f}: no such file")
     model = _load(args)
-    if args.chat:
+    if images and not hasattr(model, "attach_images"):
+        raise InputError(f"--image: {args.model} is a text-only model; images need a Llama 3.2 Vision checkpoint")
+    if args.chat and images:
+        parts = [{"type": "image", "image": f} for f in images] + [{"type": "text", "text": prompt}]
+        stream = model.chat([{"role": "user", "content": parts}], system=args.system, stream=True, **kwargs)
+    elif args.chat:
         stream = model.chat(prompt, system=args.system, stream=True, **kwargs)
+    elif images:
+        stream = model.stream(prompt, images=images, **kwargs)
     else:
         stream = model.stream(prompt, **kwargs)
         prompt = _announce_prompt(model, prompt, args)

@@ -261,6 +261,18 @@ class VisionModel(Transformer):
         self.attach_images(images or [], ids, rule=rule)
         return self._run_ids(ids, max_new_tokens, kwargs)
 
+    def stream(self, prompt, max_new_tokens: int = 32, *, images: "Sequence | None" = None, rule: str = "meta",
+               **kwargs):
+        """GenerationMixin.stream with images, as generate takes them."""
+        from ..generation.generate import Stream
+        if not images:
+            self.attach_images([], [])
+            return super().stream(prompt, max_new_tokens, **kwargs)
+        ids = self.prompt_ids(prompt, images)
+        self.attach_images(images, ids, rule=rule)
+        row, = self._rows([None], max_new_tokens=max_new_tokens, prompt_ids=[ids], **kwargs)
+        return Stream(self, row)
+
     def chat(self, messages, max_new_tokens: int = 256, *, system: Optional[str] = None, rule: str = "meta",
              stream: bool = False, **kwargs):
         """GenerationMixin.chat where a message's content may hold image parts ({"type": "image", "image": path

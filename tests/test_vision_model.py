@@ -286,3 +286,53 @@ def test_cli_image_errors(capsys):
     assert main(["generate", "--model", str(DATA / "llama31_bf16_meta"), "hi", "--image", str(picture),
                  "--quiet"]) != 0
     assert "text-only model" in capsys.readouterr().err
+
+
+class TinyTokenizer:
+    """A stand-in Llama 3 tokenizer for the 128-token test model: one id per character, Meta's specials low."""
+    special_tokens = {"<|begin_of_text|>": 1, "<|end_of_text|>": 2, "<|start_header_id|>": 3,
+                      "<|end_header_id|>": 4, "<|eot_id|>": 5, "<|eom_id|>": 6, "<|python_tag|>": 7, "<|image|>": 9}
+    stop_ids = (5,)
+    chat_template = None
+    bos_id = 1
+
+    def encode(self, text, bos=False, allow_special=False):
+        return ([1] if bos else []) + [16 + ord(c) % 100 for c in text]
+
+    def decode(self, ids):
+        return "".join(chr(i) for i in ids)
+
+    def stream_decoder(self):
+        class D:
+            def push(self, token):
+                return chr(token)
+
+            def flush(self):
+                return ""
+        return D()
+
+
+def test_chat_with_an_image_part_is_metas_prompt(models):
+    """model.chat builds Meta's vision chat prompt (llama_ref.text.chat), attaches the image at its
+    <|image|> token and gives the logits of the same ids and image fed by hand."""
+    m = llama_ref.load(FORMATS["meta"])
+    m.tokenizer = TinyTokenizer()
+    picture = REF["one_wide/image0"]
+    messages = [{"role": "user", "content": [{"type": "image", "image": picture}, {"type": "text", "text": "hi"}]}]
+    out = m.chat(messages, max_new_tokens=2, stop_ids=[])
+    ids = [1, 3] + m.tokenizer.encode("user") + [4] + m.tokenizer.encode("\n\n") + [m.vision.image_token_id] + \
+        m.tokenizer.encode("hi") + [5, 3] + m.tokenizer.encode("assistant") + [4] + m.tokenizer.encode("\n\n")
+    assert list(out.prompt_ids) == ids
+    m.attach_images([picture], ids)
+    first = int(np.argmax(m.forward(ids, 0)[-1]))
+    assert out.ids[0] == first
+
+
+def test_text_prompt_places_the_images():
+    m = llama_ref.load(FORMATS["meta"])
+    m.tokenizer = TinyTokenizer()
+    I, enc = m.vision.image_token_id, m.tokenizer.encode
+    assert m.prompt_ids("ab<|image|>c", ["x"]) == [1] + enc("ab") + [I] + enc("c")
+    assert m.prompt_ids("abc", ["x", "y"]) == [1, I, I] + enc("abc")  # no marker: the images lead
+    out = m.generate("abc", 2, images=[REF["two/image0"], REF["two/image1"]], stop_ids=[])
+    assert list(out.prompt_ids) == [1, I, I] + enc("abc") and len(out.ids) == 2

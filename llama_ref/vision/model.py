@@ -276,15 +276,16 @@ class VisionModel(Transformer):
     def chat(self, messages, max_new_tokens: int = 256, *, system: Optional[str] = None, rule: str = "meta",
              stream: bool = False, **kwargs):
         """GenerationMixin.chat where a message's content may hold image parts ({"type": "image", "image": path
-        | PIL.Image | array}), in Meta's Llama 3.2 Vision chat format (llama_ref.text.chat)."""
+        | PIL.Image | array}), through the model's chat template or Meta's Llama 3.2 Vision format
+        (llama_ref.text.chat.vision_chat_prompt)."""
         from ..generation.generate import Stream, _as_messages
-        from ..text.chat import IMAGE_TOKEN_ID, llama3_vision_prompt
+        from ..text.chat import IMAGE_TOKEN_ID, vision_chat_prompt
         if self.tokenizer is None:
             raise InputError("this model has no tokenizer, so it has no chat format")
         messages = _as_messages(messages)
         if system is not None:
             messages = [{"role": "system", "content": system}] + messages
-        vp = llama3_vision_prompt(self.tokenizer, messages)
+        vp = vision_chat_prompt(self.tokenizer, messages)  # the model's template, else Meta's format
         ids = [self.vision.image_token_id if t == IMAGE_TOKEN_ID else t for t in vp.ids]  # the same for 128256 vocab
         self.attach_images(vp.images, ids, rule=rule)
         if stream:

@@ -167,18 +167,20 @@ def write_checkpoint(args, weights: dict, dst: "str | Path", to: str, dtype: Opt
 
 def _scaling_from_divisors(args, divisors, src: Path):
     """The Llama 3.1 rope_scaling that gives a GGUF's rope_freqs divisors (Meta and HF files state the
-    scaling as numbers, not as a tensor). Tries Meta's published constants with the factor read off."""
+    scaling as numbers, not as a tensor). Tries Meta's published constants with the factor read off: Llama
+    3.1's high_freq_factor 4, or Llama 4 Scout's 1 (llama4/args.py)."""
     import numpy as np
 
     from ..model.config import RopeScaling
     from ..weights.writers import llama3_rope_divisors
 
-    guess = RopeScaling("llama3", float(np.max(divisors)), 1.0, 4.0, 8192)
-    again = llama3_rope_divisors(args.replace(rope_scaling=guess))
-    if again is None or not np.allclose(again, divisors, rtol=1e-5, atol=0):
-        raise WeightsError(f"{src}: its rope_freqs tensor matches no Llama 3 rope scaling; cannot write it "
-                           f"as a config")
-    return guess
+    for high in ((1.0, 4.0) if args.llama4 is not None else (4.0,)):
+        guess = RopeScaling("llama3", float(np.max(divisors)), 1.0, high, 8192)
+        again = llama3_rope_divisors(args.replace(rope_scaling=guess))
+        if again is not None and np.allclose(again, divisors, rtol=1e-5, atol=0):
+            return guess
+    raise WeightsError(f"{src}: its rope_freqs tensor matches no Llama 3 rope scaling; cannot write it "
+                       f"as a config")
 
 
 def _carry_tokenizer(tmp: Path, tokenizer_meta: Optional[dict], src_dir: Optional[Path], to: str = "",

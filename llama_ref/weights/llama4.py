@@ -268,7 +268,8 @@ def is_llama4_directory(path: Path, kind: str) -> bool:
 
     try:
         if kind == "meta" and (path / "params.json").is_file():
-            return is_llama4_params(_read_json(path / "params.json"))
+            params = _read_json(path / "params.json")  # Meta's keys, or the llama4 block llama_ref writes
+            return is_llama4_params(params) or params.get("llama4") is not None
         if kind == "hf" and (path / "config.json").is_file():
             return _read_json(path / "config.json").get("model_type") in ("llama4", "llama4_text")
     except LlamaRefError:  # an unreadable config: the format's own loader reports it with its file name

@@ -150,6 +150,17 @@ def write_torch_file(path: Path, tensors: list[tuple[str, np.ndarray, str]], arc
 def write_meta(dst: Path, args: ModelArgs, weights: dict, out: str, on_tensor=None, shards: int = 1) -> None:
     """dst/params.json + dst/consolidated.00.pth .. consolidated.NN.pth (`shards` model-parallel shards, cut
     as Meta's fairscale layers cut them: see meta_shard_plans), every tensor in dtype `out`."""
+    if args.llama4 is not None:
+        if shards != 1:
+            raise WeightsError(f"--shards {shards}: writing a Llama 4 model as model-parallel shards is not "
+                               f"implemented by llama_ref (one consolidated.00.pth is)")
+        from .writers_llama4 import meta_tensors
+
+        dst.mkdir(parents=True, exist_ok=True)
+        (dst / "params.json").write_text(json.dumps(args.to_params_json(), indent=2) + "\n")
+        tensors = [(name, raw, out) for name, raw in meta_tensors(args, weights, out, raw_elements)]
+        write_torch_file(dst / "consolidated.00.pth", tensors, on_tensor=on_tensor)
+        return
     plans = meta_shard_plans(args, shards)
     dst.mkdir(parents=True, exist_ok=True)
     params = args.to_params_json()
@@ -255,19 +266,30 @@ def write_hf(dst: Path, args: ModelArgs, weights: dict, out: str, on_tensor=None
     from .hf import meta_name_to_hf
 
     dst.mkdir(parents=True, exist_ok=True)
-    (dst / "config.json").write_text(json.dumps(hf_config(args, out), indent=2) + "\n")
+    if args.llama4 is not None:  # Llama4ForCausalLM: stacked experts, q/k rows as they are (writers_llama4)
+        from . import writers_llama4
+
+        rope = {k: v for k, v in hf_config(args.replace(llama4=None), out).items()
+                if k.startswith("rope_") or k in ("torch_dtype", "dtype")}
+        config = writers_llama4.hf_config(args, out, rope)
+        items = writers_llama4.hf_tensors(args, weights, out, raw_elements)
+    else:
+        config = hf_config(args, out)
+        items = []
+        for name in canonical_items(args, weights):
+            raw = raw_elements(weights[name], out)  # norms included, as HF's own files do
+            if name.endswith(("attention.wq.weight", "attention.wk.weight")):
+                # Back to HF's half-split RoPE row order (q with n_heads, k with n_kv_heads).
+                raw = permute_meta_to_hf(raw, args.n_heads if ".wq." in name else args.kv_heads).copy()
+            items.append((meta_name_to_hf(name), raw))
+    (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     shards: list[list] = [[]]
     size = 0
-    for name in canonical_items(args, weights):
-        kind = out  # norms included, as HF's own files do
-        raw = raw_elements(weights[name], kind)
-        if name.endswith(("attention.wq.weight", "attention.wk.weight")):
-            # Back to HF's half-split RoPE row order (q with n_heads, k with n_kv_heads).
-            raw = permute_meta_to_hf(raw, args.n_heads if ".wq." in name else args.kv_heads).copy()
+    for hf_name, raw in items:
         if size + raw.nbytes > max_shard_bytes and shards[-1]:
             shards.append([])
             size = 0
-        shards[-1].append((meta_name_to_hf(name), raw, kind))
+        shards[-1].append((hf_name, raw, out))
         size += raw.nbytes
     if len(shards) == 1:
         write_safetensors(dst / "model.safetensors", shards[0], {"format": "pt"}, on_tensor)
@@ -349,9 +371,19 @@ def write_gguf(dst: Path, args: ModelArgs, weights: dict, out: str, metadata: Op
 
     if out not in ("f32", "f16"):
         raise WeightsError(f"GGUF output must be f32 or f16, got {out}")
-    w = gguf.GGUFWriter(str(dst), "llama")
-    add_hyperparameters(w, args)
-    w.add_rope_dimension_count(args.head_dim)
+    if args.llama4 is not None:
+        from . import writers_llama4
+
+        writers_llama4.check_gguf_expressible(args)  # before the file exists
+        w = gguf.GGUFWriter(str(dst), "llama4")
+        writers_llama4.add_gguf_hyperparameters(w, args)
+        items = writers_llama4.gguf_tensors(args, weights, out, raw_elements)
+    else:
+        w = gguf.GGUFWriter(str(dst), "llama")
+        add_hyperparameters(w, args)
+        w.add_rope_dimension_count(args.head_dim)
+        items = [(_gguf_name(name, META_TO_GGUF), raw_elements(weights[name], "f32" if name.endswith("norm.weight")
+                                                               else out)) for name in canonical_items(args, weights)]
     w.add_vocab_size(args.vocab_size)
     w.add_file_type(gguf.LlamaFileType.ALL_F32 if out == "f32" else gguf.LlamaFileType.MOSTLY_F16)
     for key, value in (metadata or {}).items():
@@ -360,10 +392,8 @@ def write_gguf(dst: Path, args: ModelArgs, weights: dict, out: str, metadata: Op
     divisors = freq_divisors if freq_divisors is not None else llama3_rope_divisors(args)
     if divisors is not None:
         w.add_tensor("rope_freqs.weight", np.asarray(divisors, dtype=np.float32))
-    for name in canonical_items(args, weights):
-        gname = _gguf_name(name, META_TO_GGUF)
-        kind = "f32" if name.endswith("norm.weight") else out
-        w.add_tensor(gname, raw_elements(weights[name], kind))
+    for gname, raw in items:
+        w.add_tensor(gname, raw)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

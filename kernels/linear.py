@@ -282,20 +282,19 @@ def _rows_f32(w, ids, out):
 
 
 # ---- dispatch on the stored format -------------------------------------------------------------------------
-# format -> (matrix-vector kernel, row decoder, the weight's arrays as the kernels take them)
+# format -> (matrix-vector kernel, row decoder); both take the weight's `kernel_args()` (weights/packed.py).
+# K-quants are regrouped at load: Q4_K runs the Q4_1 kernels, Q5_K the Q8 kernels with offsets.
 
 KINDS = {
-    "q8_0": (_mv_q8, _rows_q8, lambda w: (w.qs, w.d, w.d, False)),
-    "q4_0": (_mv_q4, _rows_q4, lambda w: (w.qs, w.d, w.d, False)),
-    "q4_1": (_mv_q4, _rows_q4, lambda w: (w.qs, w.d, w.m, True)),
-    # K-quants, regrouped at load (packed.py): Q4_K as Q4_1, Q5_K as Q8_0 with offsets, Q6_K as int8 with
-    # a scale per 16 values.
-    "q4_k": (_mv_q4, _rows_q4, lambda w: (w.qs, w.d, w.m, True)),
-    "q5_k": (_mv_q8, _rows_q8, lambda w: (w.qs, w.d, w.m, True)),
-    "q6_k": (_mv_q6_k, _rows_q6_k, lambda w: (w.qs, w.d)),
-    "int8": (_mv_int8, _rows_int8, lambda w: (w.data, w.scale)),
-    "f16": (_mv_f16, _rows_f16, lambda w: (w.data, FP16_TO_F32)),
-    "bf16": (_mv_bf16, _rows_bf16, lambda w: (w.data,)),
+    "q8_0": (_mv_q8, _rows_q8),
+    "q4_0": (_mv_q4, _rows_q4),
+    "q4_1": (_mv_q4, _rows_q4),
+    "q4_k": (_mv_q4, _rows_q4),
+    "q5_k": (_mv_q8, _rows_q8),
+    "q6_k": (_mv_q6_k, _rows_q6_k),
+    "int8": (_mv_int8, _rows_int8),
+    "f16": (_mv_f16, _rows_f16),
+    "bf16": (_mv_bf16, _rows_bf16),
 }
 
 
@@ -323,8 +322,8 @@ def linear(x: np.ndarray, w) -> np.ndarray:
             out = np.empty((N, R), np.float32)
             _mv_f32(x2, w, out)
         return out.reshape(*x.shape[:-1], R)
-    matvec, rows, arrays = KINDS[kind]
-    arrays = arrays(w)
+    matvec, rows = KINDS[kind]
+    arrays = w.kernel_args()
     out = np.empty((N, R), np.float32)  # (N, R)
     if N < BLAS_MIN_ROWS:
         matvec(x2, *arrays, out)
@@ -348,8 +347,8 @@ def embedding(tokens: np.ndarray, table, dtype) -> np.ndarray:
     out = np.empty((ids.shape[0], D), np.float32)  # (N, D)
     kind = None if isinstance(table, np.ndarray) else _kind(table)
     if kind is not None:
-        _, rows, arrays = KINDS[kind]
-        rows(*arrays(table), ids, out)
+        _, rows = KINDS[kind]
+        rows(*table.kernel_args(), ids, out)
     elif isinstance(table, np.ndarray) and table.dtype == np.float32:
         _rows_f32(readonly(table), ids, out)
     else:

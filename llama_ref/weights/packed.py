@@ -48,6 +48,10 @@ class PackedWeight:
         self.data = _readonly(data)
         self.shape = (int(shape[0]), int(shape[1]))
 
+    def kernel_args(self) -> tuple:
+        """The arrays the Numba kernels for this format take (kernels/linear.py), in their argument order."""
+        return (self.data,)  # 16-bit formats: the stored bits themselves
+
     # ---- what NumPy code sees ---------------------------------------------------------------------
     ndim = 2
 
@@ -107,6 +111,9 @@ class BF16Weight(PackedWeight):
 class Int8Weight(PackedWeight):
     """Symmetric int8 per output row: value = scale[row] * q. data (rows, cols) int8, scale (rows,) float32."""
     format, bits_per_weight = "int8", 8
+
+    def kernel_args(self):
+        return self.data, self.scale  # int8 (rows, cols), float32 scale per row
 
     def __init__(self, data, scale, shape):
         super().__init__(data, shape)
@@ -206,6 +213,9 @@ class Q8_0Weight(GGUFBlockWeight):
     format, ggml_type, block_size, type_size, bits_per_weight = "q8_0", "Q8_0", 32, 34, 8.5
     fields = ("d",)
 
+    def kernel_args(self):
+        return self.qs, self.d, self.d, False  # the Q8/Q4 kernels' (qs, d, m, has_min): no offsets here
+
     def _dequantize_blocks(self, b):
         d = _fp16(b[:, 0:2])[:, None]  # (n, 1)
         q = b[:, 2:].view(np.int8).astype(np.float32)  # (n, 32)
@@ -216,6 +226,9 @@ class Q4_0Weight(GGUFBlockWeight):
     format, ggml_type, block_size, type_size, bits_per_weight = "q4_0", "Q4_0", 32, 18, 4.5
     fields = ("d",)
 
+    def kernel_args(self):
+        return self.qs, self.d, self.d, False  # (qs, d, m, has_min): no offsets; the -8 is in the kernel
+
     def _dequantize_blocks(self, b):
         d = _fp16(b[:, 0:2])[:, None]  # (n, 1)
         q = _nibbles(b[:, 2:]).astype(np.int8) - np.int8(8)  # (n, 32)
@@ -225,6 +238,9 @@ class Q4_0Weight(GGUFBlockWeight):
 class Q4_1Weight(GGUFBlockWeight):
     format, ggml_type, block_size, type_size, bits_per_weight = "q4_1", "Q4_1", 32, 20, 5.0
     fields = ("d", "m")
+
+    def kernel_args(self):
+        return self.qs, self.d, self.m, True  # (qs, d, m, has_min)
 
     def _dequantize_blocks(self, b):
         d = _fp16(b[:, 0:2])[:, None]  # (n, 1)
@@ -283,6 +299,10 @@ class _KQuantWithMin(GGUFBlockWeight):
     file's bytes. Subclasses say where the quants sit in a block (`_quants`, `_file_quants`) and how the
     kernel reads them (`_kernel_layout`, `_kernel_values`).
     """
+
+    def kernel_args(self):
+        # Regrouped at load: Q4_K as Q4_1 sub-blocks, Q5_K as one byte per value with offsets.
+        return self.qs, self.d, self.m, True  # (qs, d, m, has_min)
 
     def __init__(self, data, shape):
         rows, cols, raw = _kquant_rows(self, data, shape)  # raw (rows, blocks, type_size)
@@ -385,6 +405,9 @@ class Q6_KWeight(GGUFBlockWeight):
     the file). The 18 bytes of scales and d stay, so raw_blocks() rebuilds the file.
     """
     format, ggml_type, block_size, type_size, bits_per_weight = "q6_k", "Q6_K", QK_K, 210, 6.5625
+
+    def kernel_args(self):
+        return self.qs, self.d  # int8 q - 32 per value, a scale per 16 values
 
     def __init__(self, data, shape):
         rows, cols, raw = _kquant_rows(self, data, shape)  # raw (rows, blocks, 210)

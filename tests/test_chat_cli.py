@@ -230,7 +230,7 @@ BAD_FILES = [
     ("open.json", b'{"messages": [{"role": "user", "content": "q"}]}', "ends with the assistant's answer"),
     ("surrogate.json", b'{"messages": [{"role": "user", "content": "\\ud800"}, {"role": "assistant", "content": ""}]}',
      "not UTF-8 text"),
-    ("version.json", b'{"format": "llama_ref.text.chat", "version": 9, "messages": []}', "version 9"),
+    ("version.json", b'{"format": "llama_ref.chat", "version": 9, "messages": []}', "version 9"),
 ]
 
 

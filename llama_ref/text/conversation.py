@@ -1,6 +1,6 @@
 """A chat conversation saved to a file and read back: `llama-ref chat`'s /save and /load.
 
-The file is JSON: {"format": "llama_ref.text.chat", "version": 1, "system": str or null, "messages": [{"role":
+The file is JSON: {"format": "llama_ref.chat", "version": 1, "system": str or null, "messages": [{"role":
 "user" | "assistant", "content": str}, ...]}, user and assistant messages alternating, starting with the user
 and ending with the assistant's answer (complete turns). A plain list of such messages, OpenAI style, with an
 optional system message first, is read too. Anything else is a ConversationError naming the file and what is
@@ -17,7 +17,7 @@ from typing import Optional
 
 from ..errors import LlamaRefError
 
-FORMAT, VERSION = "llama_ref.text.chat", 1
+FORMAT, VERSION = "llama_ref.chat", 1
 MAX_BYTES = 64 << 20  # a conversation file larger than this is refused before it is read
 
 

@@ -75,12 +75,28 @@ def test_a_llama4_params_json_directory_reads_its_tokenizer_as_llama4(tmp_path, 
     assert isinstance(tokenizer_from_dir(tmp_path), Llama4Tokenizer)
 
 
-def test_exporting_it_as_tokenizer_json_is_refused(tok, llama4_path):
-    from llama_ref.text.tokenizer import TokenizerError
+@pytest.mark.slow  # about 7 s: merges recovered from 200000 ranks
+def test_exported_tokenizer_json_gives_metas_ids(tok, llama4_path, tmp_path):
+    """The tokenizer.json `llama-ref convert --to hf` writes for it, run by the tokenizers library (as
+    transformers runs it): Meta's ids on the corpus. Special-token text in the input is a special token there,
+    as in every tokenizer.json, so those cases are compared with allow_special's ids."""
+    from tokenizers import Tokenizer
+
+    from llama_ref.weights.directory import directory_tokenizer
     from llama_ref.text.tokenizer_export import hf_files_from_tokenizer_model
 
-    with pytest.raises(TokenizerError, match="Llama 4 tokenizer is not implemented"):
-        hf_files_from_tokenizer_model(Path(llama4_path), tok)
+    files = hf_files_from_tokenizer_model(Path(llama4_path), tok)
+    tk = Tokenizer.from_str(files["tokenizer.json"])
+    for case in CASES["cases"]:
+        with_special = tk.encode(case["text"], add_special_tokens=True).ids + [tok.eos_id]
+        assert with_special == case["ids_special"], case["text"]
+        if not any(name in case["text"] for name in tok.special_tokens):
+            assert tk.encode(case["text"], add_special_tokens=False).ids == case["ids"], case["text"]
+    # A directory holding both files reads back as the Llama 4 tokenizer (the tokenizer.model it came from).
+    for name, text in files.items():
+        (tmp_path / name).write_text(text, encoding="utf-8")
+    (tmp_path / "tokenizer.model").write_bytes(Path(llama4_path).read_bytes())
+    assert isinstance(directory_tokenizer(tmp_path), Llama4Tokenizer)
 
 
 @settings(max_examples=200, deadline=None)

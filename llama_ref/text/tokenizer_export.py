@@ -79,11 +79,13 @@ def _byte_to_unicode() -> dict[int, str]:
     return {b: ch for ch, b in _gpt2_byte_decoder().items()}
 
 
-def tiktoken_tokenizer(ranks: dict, special_tokens: dict, bos_id: Optional[int] = None, add_bos: bool = True):
-    """Meta's Llama 3 tiktoken ranks as byte-level BPE (what transformers' TikTokenConverter and llama.cpp's
-    converter write): token i is the bytes of rank i; a merge (a, b) exists where a + b is a token and both
-    parts rank below it, and merges are ordered by the rank of what they make. Split by Llama 3's regex
-    first; whole words in the vocabulary are taken as they are (ignore_merges), as tiktoken does."""
+def tiktoken_tokenizer(ranks: dict, special_tokens: dict, bos_id: Optional[int] = None, add_bos: bool = True,
+                       pre: str = "llama-bpe"):
+    """Meta's Llama 3 (or, pre "llama4", Llama 4) tiktoken ranks as byte-level BPE (what transformers'
+    TikTokenConverter and llama.cpp's converter write): token i is the bytes of rank i; a merge (a, b) exists
+    where a + b is a token and both parts rank below it, and merges are ordered by the rank of what they make.
+    Split by the model's regex first; whole words in the vocabulary are taken as they are (ignore_merges), as
+    tiktoken does."""
     b2u = _byte_to_unicode()
 
     def spell(b: bytes) -> str:
@@ -105,7 +107,7 @@ def tiktoken_tokenizer(ranks: dict, special_tokens: dict, bos_id: Optional[int] 
         raise TokenizerError(f"special token ids must follow the {n} ranks without gaps")
     tokens += names
     return byte_level_tokenizer(tokens, [(tokens[a], tokens[b]) for _, a, b in merges], range(n, len(tokens)),
-                                "llama-bpe", bos_id=bos_id, add_bos=add_bos, ignore_merges=True)
+                                pre, bos_id=bos_id, add_bos=add_bos, ignore_merges=True)
 
 
 # ---- SentencePiece BPE --------------------------------------------------------------------------------------
@@ -309,13 +311,13 @@ def hf_files_from_tokenizer_model(path: Path, tok: Tokenizer, max_len: Optional[
     from .tokenizer_llama4 import Llama4Tokenizer
 
     template = (base_config or {}).get("chat_template") or tok.chat_template
-    if isinstance(tok, Llama4Tokenizer):  # its own pattern and special tokens: not written yet
-        raise TokenizerError(f"{path}: writing a tokenizer.json for the Llama 4 tokenizer is not implemented")
-    if isinstance(tok, Llama3Tokenizer):
-        tk = tiktoken_tokenizer(load_tiktoken_ranks(path), tok.special_tokens, tok.bos_id, add_bos=True)
+    if isinstance(tok, Llama3Tokenizer):  # Llama 4's too (a Llama3Tokenizer with its own pattern and names)
+        llama4 = isinstance(tok, Llama4Tokenizer)
+        tk = tiktoken_tokenizer(load_tiktoken_ranks(path), tok.special_tokens, tok.bos_id, add_bos=True,
+                                pre="llama4" if llama4 else "llama-bpe")
         tokens = [tk.id_to_token(i) for i in range(tok.vocab_size)]
         config = tokenizer_config(tokens, tok.bos_id, tok.eos_id, None, None, True, template, max_len, base_config)
-        config[SOURCE_KEY] = {"file": "tokenizer.model", "llama3_version": tok.version}
+        config[SOURCE_KEY] = {"file": "tokenizer.model", "llama3_version": "4" if llama4 else tok.version}
         return _files(tk, config, generation_config(tok.bos_id, tok.stop_ids))
     if isinstance(tok, SentencePieceTokenizer):
         tk = sentencepiece_tokenizer(Path(path).read_bytes(), add_bos=True, where=str(path))
@@ -364,8 +366,8 @@ def source_tokenizer_model(path: Path) -> Optional[dict]:
     source = _read_json(path / TOKENIZER_CONFIG).get(SOURCE_KEY)
     if not isinstance(source, dict) or source.get("file") != "tokenizer.model":
         return None
-    if source.get("llama3_version") not in (None, "3.0", "3.1"):
-        raise TokenizerError(f"{path / TOKENIZER_CONFIG}: {SOURCE_KEY}.llama3_version must be 3.0 or 3.1")
+    if source.get("llama3_version") not in (None, "3.0", "3.1", "4"):
+        raise TokenizerError(f"{path / TOKENIZER_CONFIG}: {SOURCE_KEY}.llama3_version must be 3.0, 3.1 or 4")
     return source
 
 

@@ -296,9 +296,10 @@ def test_too_many_images():
         check_image_count(3, 2, what="chat message 2")
 
 
-def test_bad_settings():
+@pytest.mark.parametrize("tile, chunks", [(0, 4), (28, 0), (28, 65), (20000, 1), (4096, 8)])
+def test_bad_settings(tile, chunks):
     with pytest.raises(ImageError, match="tile_size"):
-        preprocess_image(IMAGES / "one_pixel.png", tile_size=0, max_num_chunks=4)
+        preprocess_image(IMAGES / "one_pixel.png", tile_size=tile, max_num_chunks=chunks)
 
 
 def test_animated_gif_reads_its_first_frame():

@@ -56,6 +56,9 @@ STD = (0.26862954, 0.26130258, 0.27577711)
 # image, well above any camera photo's use here: the largest canvas of Llama 3.2 Vision is 2240 x 2240.
 MAX_PIXELS = 1 << 26
 
+# The most tiles an image may be cut into (the released models take 4); bounds the arrangement search.
+MAX_CHUNKS = 64
+
 # Formats Pillow opens itself. Others it knows (EPS needs Ghostscript, an external program) are refused.
 FORMATS = ("PNG", "JPEG", "GIF", "BMP", "WEBP", "TIFF", "PPM", "ICO", "TGA")
 
@@ -244,8 +247,10 @@ class ImageTiles:
 def preprocess_image(image: ImageSource, *, tile_size: int, max_num_chunks: int,
                      name: str = "image") -> ImageTiles:
     """Meta's VariableSizeImageTransform(size=tile_size)(image, max_num_chunks), as NumPy."""
-    if tile_size < 1 or max_num_chunks < 1:
-        raise ImageError(f"tile_size ({tile_size}) and max_num_chunks ({max_num_chunks}) must be positive")
+    if not (1 <= tile_size and 1 <= max_num_chunks <= MAX_CHUNKS and tile_size ** 2 * max_num_chunks <= MAX_PIXELS):
+        # Bounds on what a config can ask for: the released models use 560-pixel tiles, at most 4 of them.
+        raise ImageError(f"tile_size ({tile_size}) and max_num_chunks ({max_num_chunks}) must be positive, with "
+                         f"at most {MAX_CHUNKS} tiles and {MAX_PIXELS} pixels on the largest canvas")
     Image = _pil()
     img = load_image(image, name=name)                        # RGB, width x height
     width, height = img.size

@@ -305,3 +305,26 @@ def test_bad_settings(tile, chunks):
 def test_animated_gif_reads_its_first_frame():
     first = np.asarray(Image.open(IMAGES / "palette_anim.gif").convert("RGB"))
     np.testing.assert_array_equal(np.asarray(load_image(IMAGES / "palette_anim.gif")), first)
+
+
+SMALL_FILES = ["one_pixel.png", "palette.png", "grey_alpha.png", "palette_anim.gif", "tall_9x1500.png",
+               "rocket_tall.jpg", "grey16.png"]
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.sampled_from(SMALL_FILES), st.lists(st.tuples(st.floats(0, 1, exclude_max=True), st.integers(0, 255)),
+                                              min_size=1, max_size=8), st.floats(0.05, 1))
+def test_damaged_files_give_image_errors_or_images(tmp_path_factory, name, flips, keep):
+    """Bytes changed anywhere and the end cut off: either a picture comes back or an ImageError naming the file,
+    never another exception (a corrupt chunk, a bad palette index, a decoder's own complaint)."""
+    data = bytearray((IMAGES / name).read_bytes())
+    for where, value in flips:
+        data[int(where * len(data))] = value
+    path = tmp_path_factory.mktemp("damaged") / name
+    path.write_bytes(bytes(data[:max(1, int(len(data) * keep))]))
+    try:
+        img = load_image(path)
+    except ImageError as e:
+        assert str(path) in str(e)
+    else:
+        assert img.mode == "RGB" and img.size[0] * img.size[1] >= 1

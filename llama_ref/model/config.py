@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+from contextlib import contextmanager
 import numbers
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -25,6 +26,19 @@ from ..errors import LlamaRefError
 
 class ConfigError(LlamaRefError, ValueError):
     """A config file is missing, malformed or contradicts itself."""
+
+
+@contextmanager
+def naming_errors(where: str, missing: str = "missing required key", prefix: str = ""):
+    """Inside, a missing key (KeyError) becomes a ConfigError naming `where` (the file), and a ConfigError that
+    does not name it yet gets `where` put in front: every reader of a config file reports errors the same way."""
+    try:
+        yield
+    except KeyError as e:
+        raise ConfigError(f"{where}: {missing} {e}") from None
+    except ConfigError as e:
+        message = str(e)
+        raise ConfigError(message if message.startswith(where) else f"{where}: {prefix}{message}") from None
 
 
 @dataclass(frozen=True)
@@ -245,7 +259,7 @@ def _rope_scaling_from_dict(d, where: str, max_position_embeddings: Optional[int
     if kind not in ("linear", "llama3"):
         raise ConfigError(f"{where}: rope scaling type {kind!r} is not supported (llama_ref implements "
                           f"default, linear and llama3, the kinds Llama checkpoints use)")
-    try:
+    with naming_errors(where, missing="rope scaling is missing", prefix="rope scaling: "):
         if kind == "linear":
             return RopeScaling("linear", _float_value(d["factor"], "rope scaling factor", where))
         factors = {k: _float_value(d[k], f"rope scaling {k}", where)
@@ -256,11 +270,6 @@ def _rope_scaling_from_dict(d, where: str, max_position_embeddings: Optional[int
             raise KeyError("original_max_position_embeddings")
         return RopeScaling("llama3", **factors, original_max_position_embeddings=_int_value(
             original, "rope scaling original_max_position_embeddings", where))
-    except KeyError as e:
-        raise ConfigError(f"{where}: rope scaling is missing {e}") from None
-    except ConfigError as e:
-        message = str(e)
-        raise ConfigError(message if message.startswith(where) else f"{where}: rope scaling: {message}") from None
 
 
 def _no_duplicate_keys(pairs: list) -> dict:
@@ -335,7 +344,7 @@ def from_params_json(source: "str | Path | dict", *, where: str = "params.json")
     def optional_int(key):
         return _int_value(p[key], key, where) if p.get(key) is not None else None
 
-    try:
+    with naming_errors(where):
         return ModelArgs(
             dim=_int_value(p["dim"], "dim", where), n_layers=_int_value(p["n_layers"], "n_layers", where),
             n_heads=_int_value(p["n_heads"], "n_heads", where),
@@ -353,11 +362,6 @@ def from_params_json(source: "str | Path | dict", *, where: str = "params.json")
             head_dim_override=optional_int("head_dim") or None,
             llama4=None if llama4 is None else llama4_block(llama4, _int_value(p["n_layers"], "n_layers", where), where),
         )
-    except KeyError as e:
-        raise ConfigError(f"{where}: missing required key {e}") from None
-    except ConfigError as e:
-        message = str(e)
-        raise ConfigError(message if message.startswith(where) else f"{where}: {message}") from None
 
 
 def _flag(config: dict, key: str, where: str, default: bool = False) -> bool:
@@ -427,7 +431,7 @@ def from_hf_config(source: "str | Path | dict", *, where: str = "config.json") -
     if arch != "llama":
         raise ConfigError(f"{where}: model_type {arch!r} is not a Llama model")
     _refuse_unimplemented(c, HF_PLAIN, where)
-    try:
+    with naming_errors(where):
         dim = _int_value(c["hidden_size"], "hidden_size", where)
         n_heads = _int_value(c["num_attention_heads"], "num_attention_heads", where)
         max_pos = _int_value(c.get("max_position_embeddings", 2048), "max_position_embeddings", where)
@@ -446,11 +450,6 @@ def from_hf_config(source: "str | Path | dict", *, where: str = "config.json") -
             tie_word_embeddings=_flag(c, "tie_word_embeddings", where),
             head_dim_override=head_dim if head_dim is not None and n_heads and head_dim != dim // n_heads else None,
         )
-    except KeyError as e:
-        raise ConfigError(f"{where}: missing required key {e}") from None
-    except ConfigError as e:
-        message = str(e)
-        raise ConfigError(message if message.startswith(where) else f"{where}: {message}") from None
 
 
 # ---- GGUF metadata -----------------------------------------------------------------------------------------

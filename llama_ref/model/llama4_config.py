@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from .config import (ConfigError, ModelArgs, RopeScaling, _flag, _float_value, _hf_rope, _int_value,
-                     _is_finite_number, _is_int, _refuse_unimplemented, ffn_hidden_size)
+                     _is_finite_number, _is_int, _refuse_unimplemented, ffn_hidden_size, naming_errors)
 
 
 @dataclass(frozen=True)
@@ -154,7 +154,7 @@ def moe_hidden_size(dim: int, ffn_exp: float, ffn_dim_multiplier: float, multipl
 def from_llama4_params(p: dict, where: str) -> ModelArgs:
     """A Llama 4 params.json (llama-models llama4/args.py keys and defaults)."""
     _refuse_unimplemented(p, PARAMS_LLAMA4_REFUSED, where)
-    try:
+    with naming_errors(where):
         dim, n_heads = _int_value(p["dim"], "dim", where), _int_value(p["n_heads"], "n_heads", where)
         n_layers = _int_value(p["n_layers"], "n_layers", where)
         if p.get("head_dim") is not None and _int_value(p["head_dim"], "head_dim", where) != dim // n_heads:
@@ -222,11 +222,6 @@ def from_llama4_params(p: dict, where: str) -> ModelArgs:
         )
         llama4.check_layers(n_layers)
         return args
-    except KeyError as e:
-        raise ConfigError(f"{where}: missing required key {e}") from None
-    except ConfigError as e:
-        message = str(e)
-        raise ConfigError(message if message.startswith(where) else f"{where}: {message}") from None
 
 
 # ---- Hugging Face's config.json -----------------------------------------------------------------------------
@@ -259,7 +254,7 @@ def from_llama4_hf(c: dict, where: str) -> ModelArgs:
     c = text_config(c, where)
     _refuse_unimplemented(c, HF_LLAMA4_PLAIN, where)
     c = {**HF_LLAMA4_DEFAULTS, **c}  # an absent key means transformers' default; an explicit null stays null
-    try:
+    with naming_errors(where):
         dim = _int_value(c["hidden_size"], "hidden_size", where)
         n_heads = _int_value(c["num_attention_heads"], "num_attention_heads", where)
         n_layers = _int_value(c["num_hidden_layers"], "num_hidden_layers", where)
@@ -326,11 +321,6 @@ def from_llama4_hf(c: dict, where: str) -> ModelArgs:
         )
         llama4.check_layers(n_layers)
         return args
-    except KeyError as e:
-        raise ConfigError(f"{where}: missing required key {e}") from None
-    except ConfigError as e:
-        message = str(e)
-        raise ConfigError(message if message.startswith(where) else f"{where}: {message}") from None
 
 
 # ---- llama.cpp's GGUF metadata (general.architecture llama4) ----------------------------------------------------

@@ -81,10 +81,14 @@ def test_text_parts_and_strings(llama3):
 
 def test_images_refused_where_they_cannot_go(llama3):
     msg = [{"role": "user", "content": [{"type": "image", "image": "x.png"}, {"type": "text", "text": "hi"}]}]
-    with pytest.raises(InputError, match="user message, part 0, is an image"):
+    with pytest.raises(InputError, match=re.escape("user message, part 0, is an image (x.png)")):
         llama3_chat_tokens(llama3, msg)
-    with pytest.raises(InputError, match="user message, part 0, is an image"):
+    with pytest.raises(InputError, match=re.escape("message 0, part 0, is an image (x.png): this model reads")):
         chat_tokens(llama3, msg)
+    # a model with a jinja template would otherwise write <|image|> with no image behind it
+    two = [{"role": "user", "content": "hi"}, {"role": "user", "content": {"type": "image", "image": np.zeros(3)}}]
+    with pytest.raises(InputError, match=re.escape("message 1, part 0, is an image (a ndarray)")):
+        chat_tokens(llama3, two, template=HF_LIKE)
 
 
 @pytest.mark.parametrize("part", [{"type": "video", "video": "x.mp4"}, {"type": "text", "text": 3}, "plain",

@@ -16,6 +16,7 @@ may also be a list of parts, {"type": "text", "text": str} and (Llama 3.2 Vision
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Optional
@@ -181,8 +182,8 @@ def _content_tokens(tokenizer: Tokenizer, content, images: Optional[list], where
             ids += tokenizer.encode(part["text"], bos=False)
         elif kind == "image" and part.get("image") is not None:
             if images is None:
-                raise InputError(f"{where}, part {k}, is an image: a text-only prompt cannot hold images "
-                                 "(llama3_vision_prompt builds prompts for Llama 3.2 Vision)")
+                raise InputError(f"{where}, part {k}, is an image ({_describe(part['image'])}): a text-only "
+                                 "prompt cannot hold images (llama3_vision_prompt builds Llama 3.2 Vision prompts)")
             ids.append(_special(tokenizer, "<|image|>"))
             images.append(part["image"])
         else:
@@ -453,6 +454,7 @@ def chat_tokens(tokenizer: Tokenizer, messages: list[dict], add_generation_promp
     from .tokenizer_sp import SentencePieceTokenizer
     from .tokenizer_tiktoken import Llama3Tokenizer
 
+    _refuse_images(messages)
     template = template or tokenizer.chat_template
     if template:
         piece = lambda i: tokenizer.id_to_piece(i) if i is not None else ""  # noqa: E731
@@ -468,6 +470,24 @@ def chat_tokens(tokenizer: Tokenizer, messages: list[dict], add_generation_promp
     if isinstance(tokenizer, SentencePieceTokenizer):
         return llama2_chat_tokens(tokenizer, messages)
     raise InputError("the model has no chat template and its tokenizer is not a Llama 2/3 one")
+
+
+def _refuse_images(messages) -> None:
+    """A text-only chat: an image part is an error naming it (a template might otherwise write <|image|> with
+    no image behind it)."""
+    for i, m in enumerate(messages if isinstance(messages, list) else []):
+        content = m.get("content") if isinstance(m, dict) else None
+        parts = [content] if isinstance(content, dict) else content if isinstance(content, list) else []
+        for k, part in enumerate(parts):
+            if isinstance(part, dict) and part.get("type") == "image":
+                raise InputError(f"message {i}, part {k}, is an image ({_describe(part.get('image'))}): this model "
+                                 "reads text only")
+
+
+def _describe(image) -> str:
+    if isinstance(image, (str, os.PathLike)):
+        return os.fspath(image)
+    return f"a {type(image).__name__}"
 
 
 def _check_messages(messages, parts: bool = False) -> None:

@@ -146,8 +146,3 @@ def checksum_report(path: "str | Path", out=None) -> list:
     print("checksums:", file=out, flush=True)
     return require_ok(check(path, on_file=show))  # the same verdict and message as load(verify=True)
 
-
-def main_info(path: str) -> int:
-    print(describe(path))
-    return 0
-

@@ -2,8 +2,8 @@
 
 A packed weight is a matrix (rows, cols) that is never expanded for the whole model at once. The NumPy
 reference (`ops.linear`, `ops.embedding`) asks it for floats one matrix or a few rows at a time through
-`.to_float(dtype)` and `.rows(ids, dtype)`; the Numba kernels read its raw storage (`.data` and, for
-int8, `.scale`) and convert in registers.
+`.to_float(dtype)` and `.rows(ids, dtype)`; the Numba kernels read the arrays its `kernel_args()` names
+and convert in registers.
 
 GGUF block layouts in the file (one block covers `block_size` consecutive values of a row; fp16 scales little-endian):
     Q8_0  34 bytes / 32 values:  d fp16 | 32 x int8 q          value = d * q
@@ -141,7 +141,7 @@ class Int8Weight(PackedWeight):
 # ---- GGUF blocks ----------------------------------------------------------------------------------------
 
 class GGUFBlockWeight(PackedWeight):
-    """Rows of GGUF blocks. K-quants keep the file's bytes: data (rows, cols / block_size * type_size) uint8.
+    """Rows of GGUF blocks, split at load into arrays that the kernels stream (K-quants: see their classes).
 
     Q8_0, Q4_0 and Q4_1 are split once at load into their parts ("struct of arrays") so that a kernel
     streams a row's quants contiguously: `qs` (rows, quant bytes of the row), the file's bytes in the file's
@@ -153,7 +153,7 @@ class GGUFBlockWeight(PackedWeight):
     block_size: int = 32
     type_size: int = 0
     ggml_type: str = ""
-    fields: tuple = ()  # fp16 fields that head each block, in file order; empty: keep the raw bytes
+    fields: tuple = ()  # fp16 fields that head each block, in file order (K-quants split their blocks themselves)
 
     def __init__(self, data, shape):
         rows, cols = int(shape[0]), int(shape[1])
@@ -163,9 +163,6 @@ class GGUFBlockWeight(PackedWeight):
         nb = cols // self.block_size
         raw = np.asarray(data).view(np.uint8).reshape(rows, nb, self.type_size)  # (rows, blocks, bytes)
         self.shape = (rows, cols)
-        if not self.fields:
-            self.data = _readonly(raw.reshape(rows, nb * self.type_size))  # (rows, row bytes)
-            return
         h = 2 * len(self.fields)
         for i, name in enumerate(self.fields):
             setattr(self, name, _readonly(_fp16(raw[:, :, 2 * i:2 * i + 2])))  # (rows, blocks) float32
@@ -177,8 +174,6 @@ class GGUFBlockWeight(PackedWeight):
 
     def raw_blocks(self, ids=None) -> np.ndarray:
         """The blocks of rows `ids` (all rows if None) exactly as the GGUF file stores them. (n, row bytes)."""
-        if not self.fields:
-            return self.data if ids is None else self.data[ids]
         sel = slice(None) if ids is None else ids
         parts = [getattr(self, name)[sel].astype(np.float16)[:, :, None].view(np.uint8)  # (n, nb, 2) exact
                  for name in self.fields]

@@ -35,7 +35,6 @@ how its checkpoints index their tile-position embeddings; Meta's model takes (h_
 
 from __future__ import annotations
 
-import io
 import math
 import os
 import warnings
@@ -110,21 +109,23 @@ def _decode_file(path: Path, max_pixels: int):
     if path.is_dir():
         raise ImageError(f"{path}: is a directory, not an image file")
     try:
-        data = path.read_bytes()
+        f = open(path, "rb")  # read by Pillow as it decodes: a huge file is not loaded whole
     except OSError as e:
         raise ImageError(f"{path}: cannot read image file: {e.strerror or e}") from e
-    if not data:
-        raise ImageError(f"{path}: empty file, not an image")
     try:
-        # Image.open reads only the header: the size check below comes before any pixel is decoded. Pillow's
-        # own warning for big headers is ours to give (MAX_PIXELS is below its threshold).
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(data), formats=FORMATS)
-        with im:
-            _check_pixels(im.size, max_pixels, str(path))
-            im.load()  # decode now, inside the try: a truncated file fails here
-            return im.convert("RGB")
+        with f:
+            if not f.read(1):
+                raise ImageError(f"{path}: empty file, not an image")
+            f.seek(0)
+            # Image.open reads only the header: the size check below comes before any pixel is decoded.
+            # Pillow's own warning for big headers is ours to give (MAX_PIXELS is below its threshold).
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                im = Image.open(f, formats=FORMATS)
+            with im:
+                _check_pixels(im.size, max_pixels, str(path))
+                im.load()  # decode now, inside the try: a truncated file fails here
+                return im.convert("RGB")
     except ImageError:
         raise
     except Image.DecompressionBombError as e:  # Pillow's own cap, checked in Image.open for huge headers

@@ -336,3 +336,15 @@ def test_text_prompt_places_the_images():
     assert m.prompt_ids("abc", ["x", "y"]) == [1, I, I] + enc("abc")  # no marker: the images lead
     out = m.generate("abc", 2, images=[REF["two/image0"], REF["two/image1"]], stop_ids=[])
     assert list(out.prompt_ids) == [1, I, I] + enc("abc") and len(out.ids) == 2
+
+
+def test_a_tensor_whose_strides_multiply_past_the_element_cap_loads(tmp_path):
+    """Strides are offsets: the product of (1, 2, 512, 1024)'s strides is 2^49, yet the tensor has 1M elements
+    (the 11B's (4, 4, 1601, 1280) positional embedding was refused as 'impossibly large' before)."""
+    from llama_ref.weights.torch_zip import read_torch_file
+    from llama_ref.weights.writers import write_torch_file
+    x = np.arange(2 * 512 * 1024, dtype=np.uint16).reshape(1, 2, 512, 1024)
+    write_torch_file(tmp_path / "t.pth", [("w", x, "bf16")])
+    t = read_torch_file(tmp_path / "t.pth")["w"]
+    assert t.shape == (1, 2, 512, 1024)
+    np.testing.assert_array_equal(t.read(), x)

@@ -23,6 +23,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, StreamingRespon
 from starlette.routing import Route
 
 from ..text.chat import encode_tool_call, parse_llama3_reply
+from ..text.tokenizer_llama4 import parse_llama4_reply
 from ..errors import LlamaRefError
 from ..generation.generate import chat_prompt_ids, encode_prompt
 from .batcher import Batcher, Job, QueueFull
@@ -247,8 +248,9 @@ def _messages(server: Server, body: dict) -> tuple[list[dict], bool]:
     raw = body.get("messages")
     if not isinstance(raw, list) or not raw:
         raise APIError("'messages' must be a non-empty list of messages", param="messages")
-    llama3 = hasattr(server.model.tokenizer, "special_tokens") and "<|eom_id|>" in getattr(
-        server.model.tokenizer, "special_tokens", {}) and not server.model.tokenizer.chat_template
+    # Meta's own chat formats (Llama 3.x, Llama 4) write structured tool calls themselves.
+    specials = getattr(server.model.tokenizer, "special_tokens", None) or {}
+    meta_format = ("<|eom_id|>" in specials or "<|eom|>" in specials) and not server.model.tokenizer.chat_template
     out = []
     for i, m in enumerate(raw):
         where = f"messages[{i}]"
@@ -260,8 +262,8 @@ def _messages(server: Server, body: dict) -> tuple[list[dict], bool]:
                            f"{m['role']!r}", param=f"{where}.role")
         message = {"role": role, "content": _content_text(m.get("content"), where)}
         calls = [_tool_call(c, f"{where}.tool_calls") for c in m.get("tool_calls") or []] if role == "assistant" else []
-        if calls and llama3:
-            message["tool_calls"] = calls  # llama_ref.text.chat writes them in Meta's format
+        if calls and meta_format:
+            message["tool_calls"] = calls  # llama_ref.text.chat / tokenizer_llama4 write them in Meta's format
         elif calls:  # a jinja template: the calls as the text the model would have written
             message["content"] += "".join(encode_tool_call(c) for c in calls)
         out.append(message)
@@ -295,10 +297,16 @@ def _tool_call(call, where: str) -> dict:
                        f"'arguments': JSON text}}}}", param=where) from None
 
 
-def _message_from(text: str, tools_offered: bool) -> tuple[dict, Optional[str]]:
-    """The assistant message of a reply; with tools offered, a reply that is a tool call becomes one."""
+def _is_llama4(tokenizer) -> bool:
+    from ..text.tokenizer_llama4 import Llama4Tokenizer
+    return isinstance(tokenizer, Llama4Tokenizer) and not tokenizer.chat_template
+
+
+def _message_from(text: str, tools_offered: bool, llama4: bool = False) -> tuple[dict, Optional[str]]:
+    """The assistant message of a reply; with tools offered, a reply that is a tool call becomes one (read as
+    Meta's Llama 4 ChatFormat reads it for a Llama 4 model, else as its Llama 3 one)."""
     if tools_offered:
-        parsed = parse_llama3_reply(text)
+        parsed = parse_llama4_reply(text) if llama4 else parse_llama3_reply(text)
         if parsed["tool_calls"]:
             calls = [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
                       "function": {"name": c["tool_name"], "arguments": json.dumps(c["arguments"])}}
@@ -343,7 +351,7 @@ async def chat_completions(server: Server, request: Request, body: dict):
     await run.wait(request)
     choices = []
     for i, row in enumerate(rows):
-        message, reason = _message_from(row.text, tools_offered)
+        message, reason = _message_from(row.text, tools_offered, _is_llama4(server.model.tokenizer))
         if server.guard is not None and server.guard_output and message["content"]:
             blocked = await server.shield(judged + [{"role": "assistant", "content": row.text}])
             if blocked is not None:

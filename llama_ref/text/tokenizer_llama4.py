@@ -153,6 +153,8 @@ def parse_llama4_reply(text: str) -> dict:
             call = None
     elif _json_call(content) is not None:
         call = _json_call(content)
+    elif _python_list_call(content) is not None:
+        call = _python_list_call(content)
     if call is not None and call["tool_name"] in BUILTIN_TOOLS and call["arguments"]:
         # A built-in tool called in the custom format: Meta keeps its first argument as the query.
         call = {"tool_name": call["tool_name"], "arguments": {"query": next(iter(call["arguments"].values()))}}
@@ -163,3 +165,23 @@ def parse_llama4_reply(text: str) -> dict:
     if call is not None:
         return {"role": "assistant", "content": "", "stop_reason": stop_reason, "tool_calls": [call]}
     return {"role": "assistant", "content": content, "stop_reason": stop_reason, "tool_calls": []}
+
+
+def _python_list_call(content: str) -> "dict | None":
+    """The first call of a pythonic tool-call list, `[name(key=value, ...), ...]` (Llama 4's documented
+    format; Meta's ToolUtils.is_valid_python_list / parse_python_list_for_function_calls): every element a call
+    of a plain name with keyword arguments only, each value a Python literal. None for anything else."""
+    import ast
+
+    try:
+        tree = ast.parse(content)
+        if len(tree.body) != 1 or not isinstance(tree.body[0], ast.Expr) or not isinstance(tree.body[0].value, ast.List):
+            return None
+        calls = tree.body[0].value.elts
+        if not calls or not all(isinstance(c, ast.Call) and isinstance(c.func, ast.Name) and not c.args
+                                and all(k.arg is not None for k in c.keywords) for c in calls):
+            return None
+        first = calls[0]
+        return {"tool_name": first.func.id, "arguments": {k.arg: ast.literal_eval(k.value) for k in first.keywords}}
+    except (SyntaxError, ValueError, TypeError, RecursionError, MemoryError):  # not a literal, or not Python
+        return None

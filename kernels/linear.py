@@ -1,10 +1,12 @@
 """Matrix products with weights in every stored format, and the embedding lookup.
 
 Decode (a few rows of x) reads each weight once, in its stored format, converted to float32 in registers;
-rows of the weight are split over the cores. float32 weights are then bound by memory bandwidth, 4- and
-8-bit ones by the conversions. Prefill (many rows of x) is bound by arithmetic: float32 weights go straight
-to NumPy's BLAS, and packed weights are decoded a tile of rows at a time into a small float32 buffer that
-BLAS then multiplies, so the full matrix never exists in float32.
+rows of the weight are split over the cores. float32 and 16-bit weights are then bound by memory bandwidth
+(16-bit ones widen in registers: kernels.halfbits), 4- and 8-bit ones by the conversions. Prefill (many
+rows of x) is bound by arithmetic: float32 weights go straight to NumPy's BLAS, and packed weights are
+decoded a tile of rows at a time into a reused float32 buffer that BLAS then multiplies, so the full matrix
+never exists in float32. 16-bit tiles are decoded by every core (a copy with a shift, bound by memory) and
+hold TILE_FLOATS values; quantized ones TILE_ROWS rows, decoded on one core.
 
 Every product is summed in float32 in a different order than BLAS (fast-math "reassoc"): results agree with
 ops.linear to a few float32 ulps of sum |x w|, which tests/test_kernels.py checks.
@@ -14,13 +16,14 @@ Block layouts are described in llama_ref/weights/packed.py.
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 from numba import njit, prange
 
 from llama_ref.model import ops
-from llama_ref.weights.packed import FP16_TO_F32
-
 from ._common import FAST, JIT, as_f32_rows, readonly
+from .halfbits import bf16_to_f32, f16_to_f32
 
 BLAS_MIN_ROWS = 8     # rows of x from which a packed weight's product goes to BLAS (decode stays here)
 # ... and a float32 weight's: _mv_f32 beat OpenBLAS's sgemm up to ~32 rows (one thread, the default model's
@@ -29,6 +32,10 @@ BLAS_MIN_ROWS = 8     # rows of x from which a packed weight's product goes to B
 # never meets OpenBLAS's spinning threads (see attention.py).
 F32_BLAS_MIN_ROWS = 16
 TILE_ROWS = 256       # weight rows decoded per BLAS call in prefill: 256 x 4K floats stay in L2
+# ... and for 16-bit weights, values per tile: 16 MiB of float32. Tiles of 256 rows made BLAS repack x for
+# every 256 weight rows; at the 1B shape (512 x 2048 @ 2048 x 8192, 2 threads) 4 Mi-value tiles took 190
+# against 256 ms (float32 BLAS on the whole matrix: 133 ms).
+TILE_FLOATS = 1 << 22
 ROWS = 16             # weight rows per parallel work item of the matrix-vector kernels
 
 
@@ -92,30 +99,33 @@ def _mv_int8(x, q, scale, out):
 
 @njit(parallel=True, fastmath=FAST, **JIT)
 def _mv_bf16(x, w, out):
-    """w (R, K) uint16 bfloat16 bits: float32 bits = bits << 16, widened a row at a time in a small buffer."""
+    """w (R, K) uint16 bfloat16 bits, widened in registers (a shift). Blocks of ROWS weight rows per work
+    item: one row per item with a row buffer allocated in each (the earlier kernel) ran at a third of this
+    speed (1B shape, 8192 x 2048, 2 threads: 22 against 65 ms)."""
     N, K = x.shape
-    for r in prange(w.shape[0]):
-        bits = np.empty(K, np.uint32)
-        for k in range(K):
-            bits[k] = np.uint32(w[r, k]) << 16
-        row = bits.view(np.float32)  # (K,) the row as float32, in L1
-        for n in range(N):
-            acc = np.float32(0)
-            for k in range(K):
-                acc += x[n, k] * row[k]
-            out[n, r] = acc
+    R = w.shape[0]
+    for c in prange((R + ROWS - 1) // ROWS):
+        for r in range(c * ROWS, min(R, (c + 1) * ROWS)):
+            for n in range(N):
+                acc = np.float32(0)
+                for k in range(K):
+                    acc += x[n, k] * bf16_to_f32(w[r, k])
+                out[n, r] = acc
 
 
 @njit(parallel=True, fastmath=FAST, **JIT)
-def _mv_f16(x, w, lut, out):
-    """w (R, K) uint16 fp16 bits, widened through the exact 65536-entry table."""
+def _mv_f16(x, w, out):
+    """w (R, K) uint16 IEEE half bits, widened in registers (vcvtph2ps); was a 65536-entry table, read one
+    gather at a time (1B shape: 40 against 70 ms)."""
     N, K = x.shape
-    for r in prange(w.shape[0]):
-        for n in range(N):
-            acc = np.float32(0)
-            for k in range(K):
-                acc += x[n, k] * lut[w[r, k]]
-            out[n, r] = acc
+    R = w.shape[0]
+    for c in prange((R + ROWS - 1) // ROWS):
+        for r in range(c * ROWS, min(R, (c + 1) * ROWS)):
+            for n in range(N):
+                acc = np.float32(0)
+                for k in range(K):
+                    acc += x[n, k] * f16_to_f32(w[r, k])
+                out[n, r] = acc
 
 
 @njit(parallel=True, fastmath=FAST, **JIT)
@@ -259,19 +269,18 @@ def _rows_int8(q, scale, ids, out):
             out[i, k] = np.float32(q[r, k]) * scale[r]
 
 
-@njit(**JIT)
-def _rows_f16(w, lut, ids, out):
-    for i in range(ids.shape[0]):
+@njit(parallel=True, **JIT)
+def _rows_f16(w, ids, out):
+    for i in prange(ids.shape[0]):  # every core: a 16-bit tile is a copy, bound by memory, not arithmetic
         for k in range(out.shape[1]):
-            out[i, k] = lut[w[ids[i], k]]
+            out[i, k] = f16_to_f32(w[ids[i], k])
 
 
-@njit(**JIT)
+@njit(parallel=True, **JIT)
 def _rows_bf16(w, ids, out):
-    bits = out.view(np.uint32)  # (n, K) the output's own bytes, filled with float32 bit patterns
-    for i in range(ids.shape[0]):
+    for i in prange(ids.shape[0]):
         for k in range(out.shape[1]):
-            bits[i, k] = np.uint32(w[ids[i], k]) << 16
+            out[i, k] = bf16_to_f32(w[ids[i], k])
 
 
 @njit(**JIT)
@@ -328,13 +337,28 @@ def linear(x: np.ndarray, w) -> np.ndarray:
     if N < BLAS_MIN_ROWS:
         matvec(x2, *arrays, out)
     else:
-        # Decode TILE_ROWS weight rows to float32, let BLAS multiply them, and reuse the buffer.
-        tile = np.empty((min(TILE_ROWS, R), x2.shape[1]), np.float32)  # (TR, K)
-        for r0 in range(0, R, TILE_ROWS):
-            r1 = min(R, r0 + TILE_ROWS)
+        # Decode a tile of weight rows to float32, let BLAS multiply them, and reuse the buffer.
+        K = x2.shape[1]
+        step = max(1, TILE_FLOATS // K) if kind in ("bf16", "f16") else TILE_ROWS  # weight rows per tile
+        tile = _tile(min(step, R), K)  # (TR, K)
+        for r0 in range(0, R, step):
+            r1 = min(R, r0 + step)
             rows(*arrays, np.arange(r0, r1), tile[: r1 - r0])
             out[:, r0:r1] = x2 @ tile[: r1 - r0].T  # (N, r1 - r0)
     return out.reshape(*x.shape[:-1], R)
+
+
+_scratch = threading.local()  # each thread's tile buffer, kept between calls
+
+
+def _tile(rows: int, cols: int) -> np.ndarray:
+    """A (rows, cols) float32 buffer for prefill tiles, reused across calls: a fresh 16 MiB array per call
+    is zeroed page by page by the kernel."""
+    need = rows * cols
+    buf = getattr(_scratch, "buf", None)
+    if buf is None or buf.size < need:
+        buf = _scratch.buf = np.empty(need, np.float32)
+    return buf[:need].reshape(rows, cols)
 
 
 def embedding(tokens: np.ndarray, table, dtype) -> np.ndarray:

@@ -14,7 +14,8 @@ from .weights.common import WeightsError
 def load(path_or_name: "str | Path", *, backend: str = "numpy", dtype=np.float32,
          progress: bool = False, weights: "str | None" = None, quantize: "str | None" = None,
          mmap: bool = False, verify: bool = False, max_seq_len: "int | None" = None,
-         parallel: "str | None" = None, tensor_parallel: "int | None" = None) -> Transformer:
+         parallel: "str | None" = None, tensor_parallel: "int | None" = None,
+         threads: "int | None" = None) -> Transformer:
     """Load a Llama model from a GGUF file, a checkpoint directory, or a fetchable name.
 
     backend: "numpy" (the reference) or "numba" (the same computation, compiled).
@@ -38,7 +39,14 @@ def load(path_or_name: "str | Path", *, backend: str = "numpy", dtype=np.float32
         (Meta's model-parallel split, llama_ref.runtime.parallel) and the ranks compute every forward pass
         together; tensor_parallel=K makes groups of K ranks, each a whole model (data parallel across
         groups). The logits are the single-process ones up to float rounding of the sums.
+    threads: threads for BLAS and the Numba kernels alike, for the whole process (runtime.threads). None:
+        the count set earlier in this process, else $LLAMA_REF_THREADS (or OMP_/OPENBLAS_/NUMBA_NUM_THREADS),
+        else the physical cores.
     """
+    if parallel is None or threads is not None:  # MPI ranks keep the count their launcher gave each
+        from .runtime.threads import apply_threads
+
+        apply_threads(threads)
     if max_seq_len is not None and (isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int)
                                     or max_seq_len < 1):
         raise WeightsError(f"max_seq_len must be a positive integer, got {max_seq_len!r}")

@@ -1,4 +1,13 @@
-"""How llama_ref uses the machine: threads for the matrix products and kernels, and Numba's compile cache."""
+"""How llama_ref uses the machine: threads for the matrix products and kernels, and Numba's compile cache.
+
+One thread policy for NumPy's BLAS and the Numba kernels together: both get the same count, by default the
+physical cores this process may run on (hyper-thread siblings share one core's arithmetic units, and
+decode is bound by memory anyway), or what the user asked for: load(..., threads=N), `llama-ref -t N`,
+or $LLAMA_REF_THREADS / $OMP_NUM_THREADS / $OPENBLAS_NUM_THREADS / $NUMBA_NUM_THREADS when set. The two
+pools take turns (a BLAS call, then a kernel, never both at once), so equal counts never put more running
+threads than cores; what is left between turns is spinning: Numba's OpenMP threads are told to spin only
+briefly (GOMP_SPINCOUNT, kernels/_common.py), and the kernels a decode step runs do not call BLAS at all.
+"""
 
 from __future__ import annotations
 
@@ -9,15 +18,83 @@ from pathlib import Path
 from ..errors import InputError
 
 
+# Environment variables that state a thread count, in the order they are believed.
+THREAD_VARIABLES = ("LLAMA_REF_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
+                    "NUMBA_NUM_THREADS")
+_chosen: "int | None" = None  # the count set_threads last set in this process
+
+
+def _cpus() -> set:
+    try:
+        return os.sched_getaffinity(0)
+    except (AttributeError, OSError):
+        return set(range(os.cpu_count() or 1))
+
+
+def physical_cores() -> int:
+    """Cores (not hyper-threads) among the CPUs this process may run on; the CPU count where Linux's
+    topology files are missing."""
+    cpus, cores = _cpus(), set()
+    for cpu in cpus:
+        try:
+            siblings = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list").read_text()
+        except OSError:
+            return max(1, len(cpus))
+        cores.add(siblings.strip())
+    return max(1, len(cores))
+
+
+def default_threads() -> int:
+    """The count to use when none was given: the first of THREAD_VARIABLES that is set to a positive
+    integer, else the physical cores."""
+    for var in THREAD_VARIABLES:
+        value = os.environ.get(var, "").strip()
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    return physical_cores()
+
+
+def apply_threads(n: "int | None" = None) -> int:
+    """What load() calls: n threads, or (None) the count set_threads set earlier in this process, or
+    default_threads(). Returns the count set."""
+    if n is None:
+        n = _chosen if _chosen is not None else default_threads()
+    return set_threads(n)
+
+
+def describe() -> str:
+    """The policy in force, as one line: '2 threads (2 physical cores, 2 logical); BLAS openblas 2; ...'."""
+    from threadpoolctl import threadpool_info
+
+    n = _chosen if _chosen is not None else default_threads()
+    blas = ", ".join(f"{p.get('internal_api')} {p.get('num_threads')}" for p in threadpool_info()
+                     if p.get("user_api") == "blas") or "none found"
+    if "numba" in sys.modules:
+        import numba
+
+        try:
+            layer = numba.threading_layer()
+        except ValueError:  # no parallel region has run yet
+            layer = f"{numba.config.THREADING_LAYER} (not started)"
+        numba_part = f"Numba {numba.get_num_threads()} ({layer})"
+    else:
+        numba_part = f"Numba {os.environ.get('NUMBA_NUM_THREADS', 'not imported')}"
+    return (f"{n} thread{'s' if n != 1 else ''} ({physical_cores()} physical cores, {len(_cpus())} logical "
+            f"CPUs); BLAS {blas}; {numba_part}; GOMP_SPINCOUNT {os.environ.get('GOMP_SPINCOUNT', 'unset')}")
+
+
 def set_threads(n: int) -> int:
     """Use n threads for NumPy's BLAS and for the Numba kernels, for the rest of the process.
 
-    By default both use every core the process may run on. On a machine busy with other work that can be
-    far slower than fewer threads: BLAS threads spin while they wait for a core another process holds.
+    Without a call, load() sets default_threads() (the physical cores, or the environment's count). On a
+    machine busy with other work fewer threads can be faster: BLAS threads spin while they wait for a core
+    another process holds.
     Returns the number of Numba threads set (at most the cores Numba was started with).
     """
+    global _chosen
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise InputError(f"threads must be a positive integer, got {n!r}")
+    _chosen = n
     from threadpoolctl import threadpool_limits
 
     threadpool_limits(n)  # called as a function, the limit stays for the process

@@ -1,0 +1,532 @@
+"""Speed at the sizes people run: Llama 3.2 1B, 3.2 3B and 3.1 8B shapes with seeded random weights.
+
+    python benchmarks/shapes.py --shape llama-3.2-1b [--threads N] [--formats bf16 f16 q8_0 q4_0]
+                                [--prefill 128 512 2048] [--decode 128] [--sweep] [--skip-peers] [--numpy]
+
+Speed does not depend on the weights' values, so a checkpoint of the official shape (llama_ref.model.presets)
+with random weights measures real sizes without downloading anything. It is built once and cached under
+$LLAMA_REF_BENCH_CACHE/shapes/<shape> (default ~/.cache/llama_ref/bench/shapes):
+  - hf-bf16/: Hugging Face safetensors in bfloat16, written by llama_ref's own writer (weights.writers);
+  - F16.gguf: written by llama_ref's converter (write_checkpoint --to gguf-f16);
+  - BF16.gguf, Q8_0.gguf, Q4_0.gguf: the F16 file rewritten per tensor with gguf.quants (benchmarks/convert.py,
+    bit-exact with llama.cpp's quantizer);
+  - Q4_K.gguf: llama.cpp's own quantizer (llama-cpp-python), when that package is available.
+Weights: normal, std 0.02 (norms 1), seeded per tensor name: activations stay finite through every layer.
+The GGUF files carry a synthetic SentencePiece vocabulary of the model's size (byte pieces + placeholders):
+the benchmark feeds token ids, never text.
+
+Measured in one run, each configuration in its own process (its peak RSS is its own), with the same thread
+count for everyone: llama_ref numba at each format (bf16 from the safetensors directory, the others from the
+GGUF files), llama_ref numpy (bf16, with --numpy: the reference's long-context prefill), llama.cpp through
+llama-cpp-python on the same GGUF file of each format, HF transformers float32 and bfloat16 on the
+safetensors directory (a subprocess in the oracle venv). A configuration that does not fit in the memory
+available now is skipped with a message; a peer that crashes is reported as crashed. --sweep adds a thread
+sweep (1, 2, 4, ... all cores) of decode and prefill for llama_ref numba bf16 and llama.cpp F16.
+
+Writes results/shapes-<shape>.md/.json (and -threads.png with matplotlib) to results/scratch/, or to
+results/ with --update-results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import run as bench  # noqa: E402  the children, the measurement loop and the machine report are shared
+
+CACHE = Path(os.environ.get("LLAMA_REF_BENCH_CACHE", Path.home() / ".cache" / "llama_ref" / "bench")) / "shapes"
+SHAPES = ("llama-3.2-1b", "llama-3.2-3b", "llama-3.1-8b")
+GGUF_FORMATS = ("F16", "BF16", "Q8_0", "Q4_0", "Q4_K")
+LLAMA_REF_FORMATS = ("bf16", "f16", "q8_0", "q4_0")
+PEER_FORMATS = ("f16", "bf16", "q8_0", "q4_0", "q4_k")
+MAX_CONTEXT = 4096  # the context every engine is given: enough for the longest prefill measured
+LLAMA_CPP_PYTHON = ["/tmp/llamacpp-venv/bin/python"]
+HF_PYTHON = ["/tmp/oracle/bin/python", "/tmp/oracle-venv/bin/python"]
+
+
+# ---- the checkpoint -----------------------------------------------------------------------------------------
+
+def shape_args(shape: str):
+    from llama_ref.model import presets
+
+    return presets.get(shape)
+
+
+def n_params(args) -> int:
+    from llama_ref.weights.common import expected_shapes
+
+    shapes = expected_shapes(args)
+    if args.tie_word_embeddings:
+        shapes = {k: v for k, v in shapes.items() if k != "output.weight"}
+    return sum(int(np.prod(s)) for s in shapes.values())
+
+
+class RandomWeights(dict):
+    """The canonical tensors of a shape, made on first use from a seed and the tensor's name (so the same
+    name gives the same values in every file), kept as bfloat16: one tensor at a time in float32."""
+
+    def __init__(self, args, seed: int = 0):
+        from llama_ref.weights.common import expected_shapes
+
+        super().__init__()
+        self.shapes, self.seed = expected_shapes(args), seed
+
+    def __contains__(self, name):
+        return name in self.shapes
+
+    def __iter__(self):
+        return iter(self.shapes)
+
+    def __len__(self):
+        return len(self.shapes)
+
+    def items(self):
+        return ((name, self[name]) for name in self.shapes)
+
+    def __getitem__(self, name):
+        from llama_ref.weights.bf16 import float32_to_bf16_bits
+        from llama_ref.weights.packed import BF16Weight
+
+        shape = self.shapes[name]
+        if name.endswith("norm.weight"):
+            return np.ones(shape, np.float32)
+        rng = np.random.default_rng([self.seed, zlib.crc32(name.encode())])
+        values = rng.standard_normal(shape, dtype=np.float32)  # (out, in)
+        values *= np.float32(0.02)
+        return BF16Weight(float32_to_bf16_bits(values), shape)
+
+
+def synthetic_vocabulary(n: int) -> dict:
+    """GGUF tokenizer keys for a SentencePiece vocabulary of n pieces: unk, bos, eos, the 256 byte pieces
+    (llama.cpp needs them), then placeholders. Enough for both engines to load; never used for text."""
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+    types = [2, 3, 3] + [6] * 256
+    tokens += [f"\u2581t{i}" for i in range(n - len(tokens))]
+    types += [1] * (n - len(types))
+    return {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": tokens,
+            "tokenizer.ggml.scores": [float(-i) for i in range(n)], "tokenizer.ggml.token_type": types,
+            "tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": 2,
+            "tokenizer.ggml.unknown_token_id": 0, "tokenizer.ggml.add_bos_token": True}
+
+
+def free_bytes() -> tuple[int, int]:
+    """(memory available now, disk free in the cache folder's file system)."""
+    mem = 0
+    for line in open("/proc/meminfo"):
+        if line.startswith("MemAvailable:"):
+            mem = int(line.split()[1]) * 1024
+    CACHE.mkdir(parents=True, exist_ok=True)
+    return mem, shutil.disk_usage(CACHE).free
+
+
+def build(shape: str, formats=GGUF_FORMATS) -> "dict[str, Path] | str":
+    """The cached files of a shape (built when missing); a message string when memory or disk is short."""
+    from llama_ref.tools.convert import write_checkpoint
+
+    sys.path.insert(0, str(HERE))
+    from convert import convert_gguf
+
+    args = shape_args(shape)
+    params = n_params(args)
+    folder = CACHE / shape
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {"hf": folder / "hf-bf16", **{f: folder / f"{f}.gguf" for f in formats}}
+    missing = [k for k, p in files.items() if not p.exists()]
+    if not missing:
+        return files
+    mem, disk = free_bytes()
+    # Disk: 2 bytes a weight for each 16-bit file, ~1.1 / 0.6 for Q8_0 / Q4_0 (+ Q4_K). Memory: the GGUF
+    # writer holds a file's tensors until it writes them (2 bytes a weight at most), + one float32 tensor.
+    need_disk = int(params * sum({"hf": 2, "F16": 2, "BF16": 2, "Q8_0": 1.07, "Q4_0": 0.57, "Q4_K": 0.6}[k]
+                                 for k in missing))
+    need_mem = int(params * 2.2) + 2 * 2**30
+    if need_disk > disk or need_mem > mem:
+        return (f"{shape}: skipped, building its files needs {need_mem / 2**30:.1f} GiB of memory and "
+                f"{need_disk / 2**30:.1f} GiB of disk; {mem / 2**30:.1f} GiB and {disk / 2**30:.1f} GiB are free")
+    weights = RandomWeights(args)
+    if not files["hf"].exists():
+        print(f"{shape}: writing {files['hf']} ({params / 1e9:.2f} B weights) ...", file=sys.stderr)
+        write_checkpoint(args, weights, files["hf"], "hf", "bf16", checksums=False)
+    if not files["F16"].exists():
+        print(f"{shape}: writing {files['F16']} ...", file=sys.stderr)
+        write_checkpoint(args, weights, files["F16"], "gguf-f16", tokenizer_meta=synthetic_vocabulary(args.vocab_size),
+                         checksums=False)
+    for fmt in ("BF16", "Q8_0", "Q4_0"):
+        if fmt in files and not files[fmt].exists():
+            print(f"{shape}: writing {files[fmt]} ...", file=sys.stderr)
+            convert_gguf(files["F16"], files[fmt], fmt)
+    if "Q4_K" in files and not files["Q4_K"].exists():
+        python = bench.find_python("llama_cpp", LLAMA_CPP_PYTHON)
+        if python is None:
+            del files["Q4_K"]
+        else:
+            print(f"{shape}: writing {files['Q4_K']} (llama.cpp's quantizer) ...", file=sys.stderr)
+            tmp = files["Q4_K"].with_name("Q4_K.gguf.partial")
+            code = ("import ctypes, sys, llama_cpp as c; p = c.llama_model_quantize_default_params(); "
+                    "p.ftype = c.LLAMA_FTYPE_MOSTLY_Q4_K_M; "
+                    "sys.exit(c.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), ctypes.byref(p)))")
+            done = subprocess.run([python, "-c", code, str(files["F16"]), str(tmp)], capture_output=True, text=True)
+            if done.returncode == 0 and tmp.exists():
+                os.replace(tmp, files["Q4_K"])
+            else:
+                print(f"  Q4_K not written: {(done.stderr or '').strip()[-300:]}", file=sys.stderr)
+                tmp.unlink(missing_ok=True)
+                del files["Q4_K"]
+    return files
+
+
+# ---- the children (run in their own processes by run.run_child's protocol) --------------------------------
+
+def child_llama_ref(spec: dict) -> dict:
+    import llama_ref
+
+    t0 = time.perf_counter()
+    model = llama_ref.load(spec["path"], backend=spec["backend"], weights="packed", max_seq_len=MAX_CONTEXT,
+                           threads=spec["threads"])
+    load_s = time.perf_counter() - t0
+    ids = np.load(spec["ids"])
+
+    def prefill(tokens):
+        model.reset()
+        return model.forward(tokens, 0, last_only=True)
+
+    def step(token, pos):
+        return model.forward([token], pos, last_only=True)
+
+    prefill(ids[:16])  # compiles (or loads from Numba's cache) every kernel
+    step(1, 16)
+    from threadpoolctl import threadpool_info
+    blas = max((p["num_threads"] for p in threadpool_info() if p.get("user_api") == "blas"), default=None)
+    out = bench._measure(spec, ids, prefill, step)
+    return {"load_s": load_s, "blas_threads": blas, **out}
+
+
+def child_hf(spec: dict) -> dict:
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(spec["threads"])
+    t0 = time.perf_counter()
+    dtype = {"f32": torch.float32, "bf16": torch.bfloat16}[spec["dtype"]]
+    model = AutoModelForCausalLM.from_pretrained(spec["path"], dtype=dtype)
+    model.eval()
+    load_s = time.perf_counter() - t0
+    ids = np.load(spec["ids"])
+    state = {}
+
+    @torch.inference_mode()
+    def prefill(tokens):
+        out = model(torch.tensor(np.asarray(tokens)[None], dtype=torch.long), use_cache=True, logits_to_keep=1)
+        state["past"] = out.past_key_values
+        return out.logits[0, -1].float().numpy()
+
+    @torch.inference_mode()
+    def step(token, pos):
+        out = model(torch.tensor([[int(token)]]), past_key_values=state["past"], use_cache=True)
+        state["past"] = out.past_key_values
+        return out.logits[0, -1].float().numpy()
+
+    prefill(ids[:16])
+    return {"load_s": load_s, "version": f"torch {torch.__version__}, transformers {transformers.__version__}",
+            **bench._measure(spec, ids, prefill, step)}
+
+
+CHILDREN = {"llama_ref": child_llama_ref, "hf": child_hf, "llama_cpp": bench.child_llama_cpp,
+            "bandwidth": bench.child_bandwidth}
+
+
+def run_child(python: str, spec: dict, env: dict, timeout: int = 3600) -> dict:
+    cmd = [python, str(Path(__file__).resolve()), "--child", json.dumps(spec)]
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout} s"}
+    if proc.returncode != 0 or not proc.stdout.strip():
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        how = f"crashed (exit {proc.returncode})" if proc.returncode else "no result"
+        return {"error": f"{how}: " + " | ".join(tail)}
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result["wall_s"] = time.perf_counter() - t0
+    return result
+
+
+# ---- the run ----------------------------------------------------------------------------------------------
+
+def memory_needed(engine: str, fmt: str, params: int) -> int:
+    """Bytes a configuration needs resident, roughly: its weights in memory + 1.5 GiB of working room."""
+    per_weight = {"f32": 4, "bf16": 2, "f16": 2, "q8_0": 1.07, "q4_0": 0.57, "q4_k": 0.6}[fmt]
+    if engine == "HF transformers":
+        per_weight *= 1.1  # the loader's own copies
+    return int(params * per_weight) + int(1.5 * 2**30)
+
+
+def sweep_counts(cores: int) -> list[int]:
+    counts, n = [], 1
+    while n < cores:
+        counts.append(n)
+        n *= 2
+    return counts + [cores]
+
+
+def environment(threads: int) -> dict:
+    env = dict(os.environ)
+    for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
+        env[k] = str(threads)
+    return env
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shape", choices=SHAPES, nargs="+", default=["llama-3.2-1b"])
+    p.add_argument("--threads", type=int, default=None, help="default: llama_ref's policy (physical cores)")
+    p.add_argument("--formats", nargs="+", default=list(LLAMA_REF_FORMATS))
+    p.add_argument("--peer-formats", nargs="+", default=list(PEER_FORMATS))
+    p.add_argument("--prefill", type=int, nargs="+", default=[128, 512, 2048])
+    p.add_argument("--decode", type=int, default=128)
+    p.add_argument("--decode-prompt", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--numpy", action="store_true", help="also llama_ref numpy (bf16): the reference's prefill")
+    p.add_argument("--sweep", action="store_true", help="thread sweep of decode and prefill")
+    p.add_argument("--skip-peers", action="store_true")
+    p.add_argument("--skip-hf", action="store_true")
+    p.add_argument("--build-only", action="store_true")
+    p.add_argument("--update-results", action="store_true", help="write to benchmarks/results/ (else scratch/)")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.child:
+        spec = json.loads(a.child)
+        print(json.dumps(CHILDREN[spec["kind"]](spec)))
+        return
+
+    unset = [k for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE") if os.environ.pop(k, None) is not None]
+    threads = a.threads
+    if threads is None and not a.build_only:
+        from llama_ref.runtime.threads import default_threads
+
+        threads = default_threads()
+    out_dir = bench.output_folder(a.update_results)
+    for shape in a.shape:
+        files = build(shape)
+        if isinstance(files, str):
+            print(files, file=sys.stderr)
+            out_dir.mkdir(parents=True, exist_ok=True)
+            (out_dir / f"shapes-{shape}.md").write_text(f"# {shape}\n\n{files}\n")
+            continue
+        if a.build_only:
+            continue
+        report = measure(shape, files, a, threads, unset)
+        write_report(report, out_dir / f"shapes-{shape}")
+        print((out_dir / f"shapes-{shape}.md").read_text())
+
+
+def measure(shape: str, files: dict, a, threads: int, unset: list) -> dict:
+    import tempfile
+
+    args = shape_args(shape)
+    params = n_params(args)
+    env = environment(threads)
+    tmp = tempfile.mkdtemp()
+    ids_path = Path(tmp) / "ids.npy"
+    need = max(a.prefill + [a.decode_prompt + a.decode]) + 1
+    rng = np.random.default_rng(1)
+    np.save(ids_path, rng.integers(259, args.vocab_size, need).astype(np.int64))  # placeholder pieces
+    base = {"ids": str(ids_path), "threads": threads, "prefill": a.prefill, "decode": a.decode,
+            "decode_prompt": a.decode_prompt, "repeats": a.repeats}
+    gguf = {"f16": "F16", "bf16": "BF16", "q8_0": "Q8_0", "q4_0": "Q4_0", "q4_k": "Q4_K"}
+    configs = []
+    for fmt in a.formats:
+        path = files["hf"] if fmt == "bf16" else files.get(gguf[fmt])
+        if path is not None:
+            configs.append(("llama_ref numba", fmt, {"kind": "llama_ref", "backend": "numba", "path": str(path)}))
+    if a.numpy:
+        configs.append(("llama_ref numpy", "bf16", {"kind": "llama_ref", "backend": "numpy",
+                                                    "path": str(files["hf"])}))
+    cpp = hf = None
+    if not a.skip_peers:
+        cpp = bench.find_python("llama_cpp", LLAMA_CPP_PYTHON)
+        hf = None if a.skip_hf else bench.find_python("transformers", HF_PYTHON)
+    for fmt in a.peer_formats if cpp else []:
+        if gguf[fmt] in files:
+            configs.append(("llama.cpp", fmt, {"kind": "llama_cpp", "path": str(files[gguf[fmt]]), "python": cpp}))
+    for dtype in ("bf16", "f32") if hf else []:
+        configs.append(("HF transformers", dtype, {"kind": "hf", "path": str(files["hf"]), "dtype": dtype,
+                                                   "python": hf}))
+    report = {"shape": shape, "params": params, "machine": bench.machine_info(threads), "unset_env": unset,
+              "policy": thread_policy(), "args": {k: v for k, v in vars(a).items() if k != "child"},
+              "peers": {"llama.cpp": cpp, "transformers": hf}, "rows": [], "sweep": []}
+    probe = run_child(sys.executable, {"kind": "bandwidth"}, env)
+    report["bandwidth_gb_s"] = probe.get("read_gb_s")
+    for engine, fmt, spec in configs:
+        row = {"engine": engine, "format": fmt}
+        mem, _ = free_bytes()
+        needed = memory_needed(engine, fmt, params)
+        if needed > mem:
+            row["skipped"] = f"needs ~{needed / 2**30:.1f} GiB, {mem / 2**30:.1f} GiB available"
+        else:
+            spec = {**base, **spec}
+            print(f"{shape}: {engine} {fmt} ...", file=sys.stderr)
+            row.update(run_child(spec.pop("python", sys.executable), spec, env))
+            print(f"  {json.dumps(row)}", file=sys.stderr)
+        report["rows"].append(row)
+    if a.sweep:
+        counts = sweep_counts(os.cpu_count() or 1)
+        sweep_configs = [c for c in configs if (c[0], c[1]) in (("llama_ref numba", "bf16"), ("llama.cpp", "f16"))]
+        for engine, fmt, spec in sweep_configs:
+            for n in counts:
+                spec_n = {**base, **spec, "threads": n, "prefill": [128], "decode": 32, "repeats": 1}
+                print(f"{shape}: sweep {engine} {fmt} {n} threads ...", file=sys.stderr)
+                row = {"engine": engine, "format": fmt, "threads": n,
+                       **run_child(spec_n.pop("python", sys.executable), spec_n, environment(n))}
+                print(f"  {json.dumps(row)}", file=sys.stderr)
+                report["sweep"].append(row)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return report
+
+
+def thread_policy() -> str:
+    from llama_ref.runtime.threads import describe
+
+    return describe()
+
+
+def decode_bytes(files: dict, fmt: str, args, position: int) -> int:
+    """Bytes a decode step reads: the GGUF file's tensors (the stored format) + the float32 KV cache."""
+    gguf = {"f16": "F16", "bf16": "BF16", "q8_0": "Q8_0", "q4_0": "Q4_0", "q4_k": "Q4_K", "f32": "F16"}[fmt]
+    path = files.get(gguf)
+    if path is None:
+        return 0
+    n = bench.bytes_per_token(path, position)
+    return n * 2 if fmt == "f32" else n  # HF float32: every weight twice the F16 file's bytes (roughly)
+
+
+def write_report(report: dict, stem: Path) -> None:
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=2))
+    m, a, rows = report["machine"], report["args"], report["rows"]
+    lengths = a["prefill"]
+    blas = ", ".join(f"{b['internal_api']} {b['version']} ({b['architecture']}, {b['threading_layer']})"
+                     for b in m["blas"])
+    flags = cpu_flags()
+    bw = report.get("bandwidth_gb_s")
+    lines = [f"# {report['shape']} shape ({report['params'] / 1e9:.2f} B weights, seeded random) on {m['cpu']}",
+             "", f"{m['threads']} threads of {m['cores']} logical cores; load average at start "
+             f"{m['load_average'][0]:.1f}. BLAS: {blas}; numpy {m['numpy']}, numba {m['numba']}. "
+             f"Thread policy: {report['policy']}. CPU flags (matrix/vector): {', '.join(flags) or 'none'}. "
+             f"Read bandwidth {bw:.1f} GB/s (all threads). " if bw else "",
+             f"OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE unset by the script: {report['unset_env'] or 'none were set'}.",
+             "", "| engine | format | " + " | ".join(f"prefill {n} tok/s" for n in lengths)
+             + " | decode tok/s | % of roofline | vs llama.cpp same format (decode) | vs HF bf16 (decode) "
+             "| load s | peak RSS MiB |", "|---|---|" + "---:|" * (len(lengths) + 6)]
+    cpp = {r["format"]: r for r in rows if r["engine"] == "llama.cpp" and "decode" in r}
+    hf16 = next((r for r in rows if r["engine"] == "HF transformers" and r["format"] == "bf16" and "decode" in r), None)
+    args = shape_args(report["shape"])
+    files = {f: CACHE / report["shape"] / f"{f}.gguf" for f in GGUF_FORMATS}
+    files = {k: v for k, v in files.items() if v.exists()}
+    for r in rows:
+        if "decode" not in r:
+            why = r.get("skipped") or r.get("error", "no result")
+            lines.append(f"| {r['engine']} | {r['format']} | {why[:160]} |" + " |" * (len(lengths) + 5))
+            continue
+        nbytes = decode_bytes(files, r["format"], args, a["decode_prompt"] + a["decode"] // 2)
+        roof = f"{100 * r['decode'] * nbytes / (bw * 1e9):.0f}%" if bw and nbytes else ""
+        vs_cpp = (f"{r['decode'] / cpp[r['format']]['decode']:.2f}x"
+                  if r["format"] in cpp and r["engine"] != "llama.cpp" else "")
+        vs_hf = f"{r['decode'] / hf16['decode']:.2f}x" if hf16 and r is not hf16 else ""
+        pre = " | ".join(f"{r[f'prefill_{n}']:.1f}" if f"prefill_{n}" in r else "" for n in lengths)
+        lines.append(f"| {r['engine']} | {r['format']} | {pre} | {r['decode']:.2f} | {roof} | {vs_cpp} | {vs_hf} "
+                     f"| {r.get('load_s', 0):.1f} | {r['peak_rss_mib']:.0f} |")
+    by = {(r["engine"], r["format"]): r for r in rows if "decode" in r}
+    ours = by.get(("llama_ref numba", "bf16")) or by.get(("llama_ref numba", "f16"))
+    notes = []
+    for n in lengths:
+        if ours and f"prefill_{n}" in ours:
+            peers = [(name, by.get(key)) for name, key in (("llama.cpp F16", ("llama.cpp", "f16")),
+                                                           ("llama.cpp BF16", ("llama.cpp", "bf16")),
+                                                           ("HF bf16", ("HF transformers", "bf16")),
+                                                           ("HF float32", ("HF transformers", "f32")))]
+            got = [f"{ours[f'prefill_{n}'] / peer[f'prefill_{n}']:.2f}x {name}" for name, peer in peers
+                   if peer and f"prefill_{n}" in peer]
+            if got:
+                notes.append(f"Prefill {n}, llama_ref numba {ours['format']}: " + ", ".join(got) + ".")
+    npy = by.get(("llama_ref numpy", "bf16"))
+    if npy and f"prefill_{max(lengths)}" in npy and "prefill_512" in npy:
+        notes.append(f"llama_ref numpy prefill {max(lengths)} / prefill 512: "
+                     f"{npy[f'prefill_{max(lengths)}'] / npy['prefill_512']:.2f}x.")
+    if notes:
+        lines += [""] + notes
+    if report["sweep"]:
+        lines += ["", "Thread sweep (prefill 128, decode 32 steps after 128 tokens):", "",
+                  "| engine | format | threads | prefill 128 tok/s | decode tok/s | decode vs threads x 1-thread |",
+                  "|---|---|---:|---:|---:|---:|"]
+        one = {}
+        for r in report["sweep"]:
+            if "decode" not in r:
+                lines.append(f"| {r['engine']} | {r['format']} | {r['threads']} | {r.get('error', '')[:120]} | | |")
+                continue
+            base = one.setdefault((r["engine"], r["format"]), r["decode"] if r["threads"] == 1 else None)
+            eff = f"{r['decode'] / (r['threads'] * base):.2f}" if base else ""
+            lines.append(f"| {r['engine']} | {r['format']} | {r['threads']} | {r['prefill_128']:.1f} | "
+                         f"{r['decode']:.2f} | {eff} |")
+    lines += ["", f"Prefill: best of {a['repeats']} (token ids drawn at random, seed 1); decode: {a['decode']} "
+              f"greedy steps after a {a['decode_prompt']}-token prompt, mean rate. Each configuration in its own "
+              "process, one after the other. Roofline: read bandwidth / bytes of the stored weights + float32 KV "
+              "cache per decoded token (HF float32: twice the F16 bytes)."]
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    plot_sweep(report, stem)
+
+
+def cpu_flags() -> list[str]:
+    wanted = ("avx2", "fma", "f16c", "avx512f", "avx512_bf16", "avx512_fp16", "avx512_vnni", "avx_vnni",
+              "amx_bf16", "amx_tile", "amx_int8", "asimd", "sve", "bf16")
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith(("flags", "Features")):
+                have = set(line.split(":", 1)[1].split())
+                return [f for f in wanted if f in have]
+    except OSError:
+        pass
+    return []
+
+
+def plot_sweep(report: dict, stem: Path) -> None:
+    if not report["sweep"]:
+        return
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no thread-sweep plot", file=sys.stderr)
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    for key in sorted({(r["engine"], r["format"]) for r in report["sweep"]}):
+        pts = [r for r in report["sweep"] if (r["engine"], r["format"]) == key and "decode" in r]
+        if not pts:
+            continue
+        t = [r["threads"] for r in pts]
+        axes[0].plot(t, [r["decode"] for r in pts], "o-", label=" ".join(key))
+        axes[1].plot(t, [r["prefill_128"] for r in pts], "o-", label=" ".join(key))
+    for ax, what in zip(axes, ("decode tok/s", "prefill 128 tok/s")):
+        ax.set_xlabel("threads")
+        ax.set_ylabel(what)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{report['shape']}: thread sweep")
+    fig.tight_layout()
+    fig.savefig(stem.with_name(stem.name + "-threads.png"), dpi=110)
+
+
+if __name__ == "__main__":
+    main()

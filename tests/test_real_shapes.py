@@ -1,0 +1,153 @@
+"""The 16-bit kernels at real sizes and the thread policy (issue 13).
+
+- The in-register 16-bit conversions (kernels.halfbits) give every one of the 65536 bit patterns exactly
+  as NumPy does (packed.BF16Weight / F16Weight, the kernels' NumPy twins).
+- Prefill on 16-bit weights goes through a reused float32 tile; a tile smaller than the matrix (several
+  tiles and a remainder) gives the reference's product.
+- A real-shape smoke test: two layers of the Llama 3.2 1B shape (dim 2048, FFN 8192, 32 query and 8 KV
+  heads, bf16 weights) give the same logits on the numba and numpy backends, for a prefill and a decode step.
+- load(..., threads=N) and set_threads set BLAS and Numba alike, as threadpoolctl reports them.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from numba import njit
+
+from llama_ref import kernels
+from llama_ref.kernels.halfbits import bf16_to_f32, f16_to_f32
+from llama_ref.model import ops
+from llama_ref.weights import packed
+
+
+@njit(cache=False)
+def _widen(bits, bf16):
+    out = np.empty(bits.shape[0], np.float32)
+    for i in range(bits.shape[0]):
+        out[i] = bf16_to_f32(bits[i]) if bf16 else f16_to_f32(bits[i])
+    return out
+
+
+def test_16bit_conversions_are_exact_for_every_bit_pattern():
+    bits = np.arange(65536, dtype=np.uint32).astype(np.uint16)
+    want_bf16 = (bits.astype(np.uint32) << 16).view(np.float32)
+    want_f16 = bits.view(np.float16).astype(np.float32)
+    got_bf16, got_f16 = _widen(bits, True), _widen(bits, False)
+    # Bit for bit, NaNs included (quiet NaNs keep their payload; signalling ones are quieted either way).
+    finite = ~np.isnan(want_f16)
+    np.testing.assert_array_equal(got_bf16.view(np.uint32), want_bf16.view(np.uint32))
+    np.testing.assert_array_equal(got_f16[finite].view(np.uint32), want_f16[finite].view(np.uint32))
+    assert np.isnan(got_f16[~finite]).all()
+
+
+def _random_16bit(fmt, rows, cols, rng):
+    w = rng.standard_normal((rows, cols)).astype(np.float32)
+    if fmt == "f16":
+        return packed.F16Weight(w.astype(np.float16).view(np.uint16), w.shape)
+    return packed.BF16Weight((w.view(np.uint32) >> 16).astype(np.uint16), w.shape)
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "f16"])
+@given(n=st.integers(8, 40), rows=st.integers(1, 90), cols=st.integers(1, 70), seed=st.integers(0, 2**32 - 1))
+@settings(max_examples=10, deadline=None)
+def test_prefill_through_small_tiles_equals_the_reference(fmt, n, rows, cols, seed):
+    lin = importlib.import_module("llama_ref.kernels.linear")  # the module (the package exports the function)
+    rng = np.random.default_rng(seed)
+    w = _random_16bit(fmt, rows, cols, rng)
+    x = rng.standard_normal((n, cols)).astype(np.float32)
+    want = ops.linear(x, w)
+    old = lin.TILE_FLOATS
+    lin.TILE_FLOATS = 7 * cols  # 7 rows a tile (at least one): several tiles and a remainder
+    try:
+        got = kernels.linear(x, w)
+    finally:
+        lin.TILE_FLOATS = old
+    dense = w.to_float(np.float32)
+    bound = 4 * cols * np.finfo(np.float32).eps * (np.abs(x).astype(np.float64) @ np.abs(dense).astype(np.float64).T)
+    assert got.shape == want.shape == (n, rows)
+    assert np.all(np.abs(got - want) <= bound + 1e-30)
+
+
+def _one_b_layers(n_layers=2, vocab=512):
+    """The Llama 3.2 1B shape with n_layers layers and a small vocabulary (the embedding is not what is
+    tested, and 128256 rows would cost 0.5 GB), random bf16 weights at std 0.02."""
+    from llama_ref.model import presets
+    from llama_ref.weights.common import expected_shapes
+
+    args = presets.get("llama-3.2-1b").replace(n_layers=n_layers, vocab_size=vocab, max_seq_len=256)
+    rng = np.random.default_rng(0)
+    weights = {}
+    for name, shape in expected_shapes(args).items():
+        if name.endswith("norm.weight"):
+            weights[name] = np.ones(shape, np.float32)
+            continue
+        w = rng.standard_normal(shape, dtype=np.float32) * np.float32(0.02)
+        weights[name] = packed.BF16Weight((w.view(np.uint32) >> 16).astype(np.uint16), shape)
+    if args.tie_word_embeddings:
+        weights["output.weight"] = weights["tok_embeddings.weight"]
+    return args, weights
+
+
+@pytest.mark.slow
+def test_two_layers_of_the_1b_shape_agree_across_backends():
+    from llama_ref.model.transformer import Transformer
+
+    args, weights = _one_b_layers()
+    tokens = np.random.default_rng(1).integers(0, args.vocab_size, 40)
+    logits = {}
+    for backend in ("numpy", "numba"):
+        model = Transformer(args, weights, backend=backend)
+        prefill = model.forward(tokens, 0)  # (T, V): the tiled BLAS path and blocked attention
+        step = model.forward(tokens[:1], len(tokens))  # (1, V): the matrix-vector kernels
+        logits[backend] = np.concatenate([prefill.reshape(-1, args.vocab_size), step.reshape(-1, args.vocab_size)])
+    assert np.isfinite(logits["numpy"]).all()
+    np.testing.assert_allclose(logits["numba"], logits["numpy"], rtol=0, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory):
+    from test_cli import write_tiny_gguf
+
+    return write_tiny_gguf(tmp_path_factory.mktemp("tiny") / "tiny.gguf")
+
+
+def _in_subprocess(code: str) -> dict:
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_load_threads_sets_blas_and_numba(tiny_gguf):
+    # In a fresh process: the setting is process-wide, and the test process keeps its own.
+    got = _in_subprocess(
+        "import json, numba, threadpoolctl, llama_ref; "
+        f"m = llama_ref.load({str(tiny_gguf)!r}, backend='numba', threads=1); m.forward([1, 2], 0); "
+        # NumPy's own BLAS: Numba's first compile also loads SciPy's copy (for np.dot in compiled code,
+        # which no kernel calls), after the limit was set.
+        "blas = [p['num_threads'] for p in threadpoolctl.threadpool_info() "
+        "        if p['user_api'] == 'blas' and 'numpy' in p['filepath']]; "
+        "from llama_ref.runtime.threads import describe; "
+        "print(json.dumps({'blas': blas, 'numba': numba.get_num_threads(), 'policy': describe()}))")
+    assert got["blas"] and set(got["blas"]) == {1}
+    assert got["numba"] == 1
+    assert got["policy"].startswith("1 thread")
+
+
+def test_default_threads_is_the_physical_cores_unless_told(monkeypatch):
+    from llama_ref.runtime import threads
+
+    for var in threads.THREAD_VARIABLES:
+        monkeypatch.delenv(var, raising=False)
+    assert 1 <= threads.default_threads() == threads.physical_cores() <= (len(threads._cpus()) or 1)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert threads.default_threads() == 1
+    monkeypatch.setenv("LLAMA_REF_THREADS", "3")
+    assert threads.default_threads() == 3

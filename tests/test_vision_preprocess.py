@@ -257,6 +257,14 @@ def test_truncated_files(tmp_path, name, keep):
     raises_naming(bad, "truncated|corrupt")
 
 
+def test_truncated_pil_image_opened_by_the_caller(tmp_path):
+    """A PIL image the caller opened lazily is decoded here: a truncated one names its file."""
+    bad = tmp_path / "cut.jpg"
+    bad.write_bytes((IMAGES / "coffee.jpg").read_bytes()[:5000])
+    with pytest.raises(ImageError, match="cut.jpg: corrupt or truncated"):
+        preprocess_image(Image.open(bad), tile_size=32, max_num_chunks=4)
+
+
 def test_corrupt_png_stream(tmp_path):
     data = bytearray((IMAGES / "chelsea.png").read_bytes())
     start = data.index(b"IDAT") + 4

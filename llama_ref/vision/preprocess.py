@@ -88,8 +88,13 @@ def load_image(src: ImageSource, *, max_pixels: int = MAX_PIXELS, name: str = "i
     if isinstance(src, (str, os.PathLike)):
         return _decode_file(Path(src), max_pixels)
     if isinstance(src, Image.Image):
+        name = getattr(src, "filename", "") or name  # an image opened from a file and not yet decoded
         _check_pixels(src.size, max_pixels, name)
-        return src if src.mode == "RGB" else src.convert("RGB")
+        try:
+            src.load()
+            return src if src.mode == "RGB" else src.convert("RGB")
+        except (OSError, SyntaxError, ValueError, EOFError) as e:
+            raise ImageError(f"{name}: corrupt or truncated image ({type(e).__name__}: {e})") from e
     if isinstance(src, np.ndarray):
         return _from_array(src, max_pixels, name)
     raise ImageError(f"{name}: expected a file path, a PIL.Image or a numpy array, got {type(src).__name__}")

@@ -348,3 +348,15 @@ def test_a_tensor_whose_strides_multiply_past_the_element_cap_loads(tmp_path):
     t = read_torch_file(tmp_path / "t.pth")["w"]
     assert t.shape == (1, 2, 512, 1024)
     np.testing.assert_array_equal(t.read(), x)
+
+
+def test_verify_compares_the_vision_path(models, tmp_path):
+    """tools.verify: a dump of the Meta copy with images, checked against the HF copy given the same images."""
+    from llama_ref.tools.verify import dump, verify
+    tokens = REF["two/tokens"][: int(REF["two/prompt_len"])]
+    models["meta"].attach_images(case_images("two"), tokens)
+    ref = dump(models["meta"], tokens, tmp_path / "ref.safetensors")
+    models["hf"].attach_images(case_images("two"), tokens)
+    report = verify(models["hf"], ref)
+    assert report.passed
+    assert {"vision.1.projection", "cross_attention_layers.1.residual"} <= {d.name for d in report.tensors}

@@ -412,6 +412,8 @@ def _open_source(path: Path):
     reader = open_gguf(path)
     meta = gguf_metadata(reader)
     names = {t.name for t in reader.tensors}
+    if meta.get("general.architecture") == "llama4":
+        raise ParallelError(f"{path}: Llama 4 (mixtures of experts) is not supported with parallel='mpi'")
     args = from_gguf_metadata(meta, where=str(path), has_output_tensor="output.weight" in names)
     tensors = {}
     for t in reader.tensors:

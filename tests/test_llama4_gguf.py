@@ -151,8 +151,8 @@ def _rewrite(tmp_path, edit):
         if not key.startswith(("general.architecture", "GGUF.")) and key != "general.alignment":
             w.add_key_value(key, value, *_gguf_value_type(value))
     for t in reader.tensors:
-        for name, array in edit(t.name, np.array(t.data)):
-            w.add_tensor(name, array)
+        for name, array, *raw_dtype in edit(t.name, np.array(t.data)):
+            w.add_tensor(name, array, raw_dtype=raw_dtype[0] if raw_dtype else None)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -219,3 +219,31 @@ def test_mpi_tensor_parallel_refuses_llama4_in_every_format(path):
     from llama_ref.runtime.parallel import ParallelError, _open_source
     with pytest.raises(ParallelError, match="Llama 4 .mixtures of experts. is not supported with parallel='mpi'"):
         _open_source(path)
+
+
+def test_quantized_expert_tensors_are_cut_per_expert_in_their_blocks(tmp_path, gguf_model):
+    """Q8_0 experts (3-D block tensors, as llama.cpp quantizes them): each expert is its slice of the blocks,
+    kept packed or dequantized; both give the logits of the weights gguf's own dequantizer makes."""
+    import gguf
+
+    def quantize(name, array):
+        if "_exps." in name or name.endswith(("attn_q.weight", "ffn_gate.weight")):
+            blocks = gguf.quants.quantize(array, gguf.GGMLQuantizationType.Q8_0)
+            return [(name, blocks, gguf.GGMLQuantizationType.Q8_0)]
+        return [(name, array)]
+
+    path = _rewrite(tmp_path, quantize)
+    reader = open_gguf(path)
+    stacked = next(t for t in reader.tensors if t.name == "blk.1.ffn_down_exps.weight")
+    assert stacked.tensor_type.name == "Q8_0" and len(stacked.shape) == 3
+    want = gguf.quants.dequantize(np.asarray(stacked.data), stacked.tensor_type)  # (E, D, FE) as a whole
+    as_float = llama_ref.load(path, weights="float32")
+    packed = llama_ref.load(path, weights="packed")
+    for e in range(4):
+        name = f"layers.1.feed_forward.experts.{e}.w2.weight"
+        assert np.array_equal(as_float.weights[name], want[e])
+        assert type(packed.weights[name]).__name__ == "Q8_0Weight"
+        assert np.array_equal(packed.weights[name].to_float(np.float32), want[e])
+    ids = TOKENS[:12]
+    assert np.abs(packed.forward(ids) - as_float.forward(ids)).max() < 1e-5
+    assert np.abs(as_float.forward(ids) - gguf_model.forward(ids)).max() > 1e-4  # the quantization shows

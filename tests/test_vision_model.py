@@ -360,3 +360,13 @@ def test_verify_compares_the_vision_path(models, tmp_path):
     report = verify(models["hf"], ref)
     assert report.passed
     assert {"vision.1.projection", "cross_attention_layers.1.residual"} <= {d.name for d in report.tensors}
+
+
+def test_gelu_kernel_is_the_numpy_twin():
+    from llama_ref.kernels.vision import gelu as fast
+    from llama_ref.vision.encoder import gelu
+    x = np.concatenate([np.linspace(-12, 12, 40001), [0.0, -0.0, 1e-30, -40, 40]]).astype(np.float32)
+    np.testing.assert_array_equal(fast(x), gelu(x))  # the same libm erf in float64, rounded once
+    big = np.random.default_rng(0).standard_normal((3, 40000)).astype(np.float32)  # the parallel loop
+    np.testing.assert_array_equal(fast(big), gelu(big))
+    assert fast(x.astype(np.float64)).dtype == np.float64

@@ -38,8 +38,10 @@ def layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float) 
 
 
 def gelu(x: np.ndarray) -> np.ndarray:
-    """x * Phi(x) with the exact normal CDF (torch's nn.GELU default), erf from the C library."""
-    return (x * 0.5 * (1.0 + _erf(x / math.sqrt(2.0)))).astype(x.dtype)
+    """x * Phi(x) with the exact normal CDF (torch's nn.GELU default): in float64 with the C library's erf,
+    rounded once to x's dtype. Numba twin: llama_ref.kernels.vision.gelu."""
+    v = x.astype(np.float64)
+    return (v * 0.5 * (1.0 + _erf(v / math.sqrt(2.0)))).astype(x.dtype)
 
 
 def attend_all(k_ops, q: np.ndarray, k: np.ndarray, v: np.ndarray, key_mask: "np.ndarray | None" = None):
@@ -105,7 +107,8 @@ def encoder_layer(model, p: str, x: np.ndarray, real: np.ndarray, gated: bool) -
     x = x + out
     # MLP: LayerNorm, W -> F with GELU -> W, both with biases.
     y = layer_norm(x, w[p + "ln_2.weight"], w[p + "ln_2.bias"], eps)
-    hidden = gelu(k_ops.linear(y, w[p + "mlp.c_fc.weight"]) + w[p + "mlp.c_fc.bias"].astype(x.dtype))  # (1, L, F)
+    act = model.vision_gelu  # this function, or its Numba twin on the numba backend
+    hidden = act(k_ops.linear(y, w[p + "mlp.c_fc.weight"]) + w[p + "mlp.c_fc.bias"].astype(x.dtype))  # (1, L, F)
     out = k_ops.linear(hidden, w[p + "mlp.c_proj.weight"]) + w[p + "mlp.c_proj.bias"].astype(x.dtype)  # (1, L, W)
     if gated:
         out = out * np.tanh(w[p + "gate_ffn"].astype(x.dtype))

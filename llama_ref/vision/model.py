@@ -107,6 +107,11 @@ class VisionModel(Transformer):
                                                            weights["learnable_embedding.weight"])
         super().__init__(args, weights, backend=backend, dtype=dtype, freq_divisors=freq_divisors)
         self.vision = vision
+        if self.backend_name == "numba":
+            from ..kernels.vision import gelu as vision_gelu  # the encoder's one function outside ops/kernels
+        else:
+            from .encoder import gelu as vision_gelu
+        self.vision_gelu = vision_gelu
         self.images: Optional[ImagePrompt] = None
         self.cross_attention = self._cross_attention  # the hook Transformer.forward calls before each layer
 

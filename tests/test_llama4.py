@@ -375,15 +375,43 @@ def test_verify_localises_a_routing_difference():
     assert experts.max_abs > 0
 
 
-def test_batches_of_equal_length_match_single_rows_and_padding_is_refused():
-    from llama_ref.errors import InputError
+def test_batches_of_equal_length_match_single_rows():
     model = llama_ref.load(HF)
     rows = np.stack([TOKENS[:12], TOKENS[4:16]])
     batch = model.forward(rows, 0)
     for b in range(2):
         assert np.abs(batch[b] - model.forward(rows[b], 0)).max() < TOL
-    with pytest.raises(InputError, match="left-padded batch"):
-        model.generate([[1, 2, 3], [4, 5, 6, 7, 8]], max_new_tokens=2)
+
+
+def test_left_padded_batches_match_single_rows_across_chunk_boundaries():
+    """Prompts of 13 and 20 tokens in one batch (the first padded by 7), then 8 decode steps: each row's chunks
+    (of 8) and NoPE temperatures count from its own first token, as in a batch of one (measured 2.5e-6)."""
+    from llama_ref.model.cache import KVCache
+
+    model = llama_ref.load(HF)
+    a, b = TOKENS[:13], TOKENS[3:23]
+    rows = np.stack([np.concatenate([np.zeros(7, np.int64), a]), b])
+    mask = np.stack([np.arange(20) >= 7, np.ones(20, bool)])
+    cache, alone = KVCache(model.args, 2, np.float32), [KVCache(model.args, 1, np.float32) for _ in range(2)]
+    batch = model.forward(rows, 0, cache=cache, key_mask=mask)
+    assert np.abs(batch[0, 7:] - model.forward(a[None], 0, cache=alone[0])[0]).max() < 1e-5
+    assert np.abs(batch[1] - model.forward(b[None], 0, cache=alone[1])[0]).max() < 1e-5
+    for step, token in enumerate(TOKENS[:8]):  # row 0 crosses position 16, row 1 position 24
+        mask = np.concatenate([mask, np.ones((2, 1), bool)], axis=1)
+        both = model.forward(np.full((2, 1), token), 20 + step, cache=cache, key_mask=mask)
+        for r, start in ((0, 13), (1, 20)):
+            single = model.forward(np.full((1, 1), token), start + step, cache=alone[r])
+            assert np.abs(both[r] - single[0]).max() < 1e-5, (step, r)
+    # generate pads on the left and gives each prompt its own greedy continuation.
+    together = model.generate([list(a), list(b)], max_new_tokens=6, temperature=0)
+    assert [g.ids for g in together] == [model.generate(list(p), max_new_tokens=6, temperature=0).ids for p in (a, b)]
+
+
+def test_padding_other_than_on_the_left_is_refused():
+    from llama_ref.errors import InputError
+    model = llama_ref.load(HF)
+    with pytest.raises(InputError, match="padded on the left only"):
+        model.forward(np.stack([TOKENS[:6], TOKENS[:6]]), 0, key_mask=np.array([[True] * 5 + [False], [True] * 6]))
 
 
 def test_a_multimodal_hf_checkpoint_loads_its_language_model(tmp_path):

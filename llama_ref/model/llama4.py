@@ -37,7 +37,10 @@ def layer(model, i: int, h: np.ndarray, start_pos: int, cache, key_mask, cos: np
     p = f"layers.{i}."
     use_rope = i not in m.nope_layers
     if i == 0:
-        check_supported(model, key_mask)
+        check_supported(model)
+    # Left padding: row b's tokens sit pad[b] cache slots later than in a batch of one. RoPE sees only relative
+    # positions, but the chunks and temperatures are counted from each row's own first token.
+    pad = left_padding(key_mask, start_pos + T)  # (B,)
 
     # Attention block, pre-norm: normalise, project to queries, keys and values.
     x = op.rms_norm(h, w[p + "attention_norm.weight"], args.norm_eps)  # (B, T, D)
@@ -55,15 +58,21 @@ def layer(model, i: int, h: np.ndarray, start_pos: int, cache, key_mask, cos: np
     elif m.attn_temperature_tuning:
         # NoPE layers sharpen attention far into a long context: 1 up to position floor_scale - 2, then
         # growing with the log of the number of floor_scale blocks passed.
-        q = q * attention_temperature(start_pos, T, m.floor_scale, m.attn_scale, q.dtype)[None, :, None, None]
+        temperature = np.stack([attention_temperature(start_pos - n, T, m.floor_scale, m.attn_scale, q.dtype)
+                                for n in pad])  # (B or 1, T)
+        q = q * temperature[:, :, None, None]
     model._record(p + "attention.q", q)
     model._record(p + "attention.k", k)
     model._record(p + "attention.v", v)
     keys, values = cache.update(i, start_pos, k, v)  # (B, S, KVH, HD) each
     if use_rope and m.attention_chunk_size is not None:
         meta_decode = T == 1 and getattr(model, "llama4_meta_decode", False)
-        attn = chunked_attention(op, q, keys, values, start_pos, key_mask,
-                                 None if meta_decode else m.attention_chunk_size)  # (B, T, H, HD)
+        chunk = None if meta_decode else m.attention_chunk_size
+        if not pad.any():
+            attn = chunked_attention(op, q, keys, values, start_pos, key_mask, chunk)  # (B, T, H, HD)
+        else:  # each row's chunks start at its own first token
+            attn = np.concatenate([chunked_attention(op, q[b:b + 1], keys[b:b + 1], values[b:b + 1], start_pos,
+                                                     key_mask[b:b + 1], chunk, int(pad[b])) for b in range(B)])
     else:
         attn = op.attention(q, keys, values, start_pos, key_mask)  # (B, T, H, HD)
     model._record(p + "attention.heads", attn)
@@ -89,14 +98,10 @@ def layer(model, i: int, h: np.ndarray, start_pos: int, cache, key_mask, cos: np
     return h
 
 
-def check_supported(model, key_mask) -> None:
+def check_supported(model) -> None:
     """Refuse what this module does not compute correctly rather than compute it wrongly."""
     from ..errors import InputError
 
-    if key_mask is not None and not np.all(key_mask):
-        # A left-padded row's tokens sit at shifted positions; chunks and temperatures depend on the absolute one.
-        raise InputError("Llama 4 cannot run a left-padded batch (its chunked attention and attention "
-                         "temperature depend on absolute positions); run prompts of unequal length one at a time")
     parallel = getattr(model, "parallel", None)
     if parallel is not None and getattr(parallel, "size", 1) != 1:
         raise InputError("tensor parallelism is not implemented for Llama 4 models")
@@ -107,18 +112,37 @@ def l2_norm(x: np.ndarray, eps: float) -> np.ndarray:
     return ops.rms_norm(x, np.ones(x.shape[-1], x.dtype), eps)
 
 
+def left_padding(key_mask, S: int) -> np.ndarray:
+    """(B,) the padding slots before each row's first token: key_mask (B, S) must be False then True for
+    good (left padding); None means no padding. Any other mask is refused: its positions would be guesses."""
+    from ..errors import InputError
+
+    if key_mask is None:
+        return np.zeros(1, np.int64)
+    mask = np.asarray(key_mask, bool)[:, :S]  # (B, S)
+    pad = np.argmax(mask, axis=1)  # the first True of each row (0 when a row is all padding)
+    if not np.array_equal(mask, np.arange(mask.shape[1])[None, :] >= pad[:, None]) or not mask[:, -1].all():
+        raise InputError("Llama 4 runs batches padded on the left only (a key_mask of False then True per row): "
+                         "its chunks and temperatures are counted from each row's first token")
+    return pad
+
+
 def attention_temperature(start_pos: int, T: int, floor_scale: float, attn_scale: float, dtype) -> np.ndarray:
-    """The query scale of positions start_pos .. start_pos+T-1 in NoPE layers: (T,)."""
-    positions = np.arange(start_pos, start_pos + T, dtype=np.float64)  # (T,)
+    """The query scale of positions start_pos .. start_pos+T-1 in NoPE layers: (T,). Negative positions
+    (left padding, which no query reads) get 1."""
+    positions = np.maximum(np.arange(start_pos, start_pos + T, dtype=np.float64), 0)  # (T,)
     return (np.log(np.floor((positions + 1) / floor_scale) + 1) * attn_scale + 1).astype(dtype)
 
 
-def chunked_attention(op, q, keys, values, start_pos: int, key_mask, chunk: "int | None") -> np.ndarray:
+def chunked_attention(op, q, keys, values, start_pos: int, key_mask, chunk: "int | None",
+                      offset: int = 0) -> np.ndarray:
     """Causal attention in which each query sees only the keys of its own chunk of `chunk` positions.
 
     Within one chunk that is ordinary causal attention over the keys from the chunk's first position, so
     the queries are split where they cross a chunk boundary and each part runs the backend's attention on
     its chunk's keys. chunk None: ordinary causal attention. q (B, T, H, HD), keys/values (B, S, KVH, HD).
+    offset: the slots of left padding before the first token; chunks count from there (the padding slots
+    form one chunk of their own, which key_mask hides).
     """
     if chunk is None:
         return op.attention(q, keys, values, start_pos, key_mask)
@@ -127,7 +151,13 @@ def chunked_attention(op, q, keys, values, start_pos: int, key_mask, chunk: "int
     t = 0
     while t < T:
         pos = start_pos + t
-        first = pos - pos % chunk  # the chunk's first position
+        if pos < offset:  # padding queries (they see no key): up to the first token
+            end = min(T, offset - start_pos)
+            parts.append(op.attention(q[:, t:end], keys[:, :start_pos + end], values[:, :start_pos + end], pos,
+                                      None if key_mask is None else key_mask[:, :start_pos + end]))
+            t = end
+            continue
+        first = pos - (pos - offset) % chunk  # the chunk's first slot
         end = min(T, first + chunk - start_pos)  # queries t .. end-1 share this chunk
         mask = None if key_mask is None else key_mask[:, first:start_pos + end]
         parts.append(op.attention(q[:, t:end], keys[:, first:start_pos + end], values[:, first:start_pos + end],

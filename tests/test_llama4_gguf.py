@@ -126,6 +126,8 @@ def test_qk_norm_follows_llama_cpp_s_expert_count_rule(metadata):
     ({"llama4.rope.scaling.type": "yarn"}, "rope.scaling.type 'yarn' is not supported"),
     ({"llama4.expert_feed_forward_length": [32, 32, 32, 64]}, "expert_feed_forward_length differs between layers"),
     ({"llama4.rope.dimension_count": 4}, "rope.dimension_count differs from the head size"),
+    ({"llama4.block_count": 2 ** 40}, "block_count is 1099511627776; llama.cpp accepts 1 .. 512"),  # no 2^40 loop
+    ({"llama4.expert_count": 2 ** 40}, "expert_count is 1099511627776; llama.cpp accepts at most 1024"),
 ])
 def test_files_llama_cpp_would_run_differently_are_refused(metadata, change, message):
     with pytest.raises(ConfigError, match=message):

@@ -334,6 +334,7 @@ LLAMA_CPP_SWA_PATTERN = 4  # load_swa_pattern(ml, 4): layers i % 4 < 3 chunked
 LLAMA_CPP_FLOOR_SCALE = 8192.0
 LLAMA_CPP_ATTN_SCALE = 0.1
 LLAMA_CPP_NO_QK_NORM_EXPERTS = 128  # use_kq_norm = type != LLM_TYPE_17B_128E
+LLAMA_CPP_MAX_LAYERS, LLAMA_CPP_MAX_EXPERTS = 512, 1024  # llama-hparams.h: llama.cpp refuses more
 # llama4.* keys llama.cpp's llama4 ignores or fixes, with the values that mean what it computes.
 GGUF_PLAIN = {
     "attention.clamp_kqv": (0.0,),
@@ -388,12 +389,17 @@ def from_llama4_gguf(meta: dict, where: str, has_output_tensor: bool) -> ModelAr
             raise ConfigError(f"{where}: {key(name)} = {value!r}: llama.cpp's llama4 architecture does not read "
                               f"this key (it uses {values[0]!r}); refusing to guess which the file means")
     n_layers = get("block_count", _int_value)
+    if not 0 < n_layers <= LLAMA_CPP_MAX_LAYERS:  # before any loop over the layers
+        raise ConfigError(f"{where}: {key('block_count')} is {n_layers}; llama.cpp accepts 1 .. {LLAMA_CPP_MAX_LAYERS}")
     dim = get("embedding_length", _int_value)
     n_heads = get("attention.head_count", scalar(_int_value))
     n_experts = get("expert_count", _int_value, 0)
     if n_experts <= 0:
         raise ConfigError(f"{where}: {key('expert_count')} is {n_experts}: llama.cpp's llama4 requires experts "
                           f"(a dense Llama 4 is not implemented by llama_ref)")
+    if n_experts > LLAMA_CPP_MAX_EXPERTS:
+        raise ConfigError(f"{where}: {key('expert_count')} is {n_experts}; llama.cpp accepts at most "
+                          f"{LLAMA_CPP_MAX_EXPERTS}")
     step = get("interleave_moe_layer_step", _int_value)
     if step < 0:
         raise ConfigError(f"{where}: {key('interleave_moe_layer_step')} must be >= 0, got {step}")

@@ -99,7 +99,8 @@ def llama4_tensors(args: ModelArgs, tensor) -> "list[tuple[str, object]]":
     _, i, rest = parts
     p = f"layers.{i}."
     if rest in EXPERTS:
-        return [(f"{p}feed_forward.experts.{e}.{EXPERTS[rest]}.weight", e) for e in range(int(tensor.shape[-1]))]
+        # One entry per configured expert (at most llama.cpp's 1024); check_tensor_types holds the file to it.
+        return [(f"{p}feed_forward.experts.{e}.{EXPERTS[rest]}.weight", e) for e in range(args.llama4.n_experts)]
     if rest == "attn_qkv.weight":
         hd = args.head_dim
         q, kv = args.n_heads * hd, args.kv_heads * hd

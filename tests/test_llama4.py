@@ -77,6 +77,7 @@ def test_llama4_params_json_defaults_follow_meta():
     ({"nope_layer_interval": 0}, "nope_layer_interval must be > 0"),
     ({"attention_chunk_size": 0}, "attention_chunk_size must be a positive integer"),
     ({"moe_args": {"num_experts": 2, "top_k": 3}}, "top_k .3. exceeds"),
+    ({"n_layers": 2 ** 40}, "n_layers is 1099511627776: a Llama 4 model has 1 .. 4096 layers"),  # no 2^40 loop
 ])
 def test_llama4_params_json_refusals(change, message):
     params = json.loads((META / "params.json").read_text())
@@ -93,6 +94,8 @@ def test_llama4_params_json_refusals(change, message):
     ({"no_rope_layers": [1, 0]}, "one entry per layer"),
     ({"moe_layers": [1, 7]}, "moe_layers names layer 7"),
     ({"quantization_config": {"quant_method": "fp8"}}, "quantization_config"),
+    ({"num_hidden_layers": 2 ** 40, "no_rope_layers": None, "layer_types": None, "moe_layers": None},
+     "num_hidden_layers is 1099511627776: a Llama 4 model has 1 .. 4096 layers"),  # no 2^40-entry tables
 ])
 def test_llama4_config_json_refusals(change, message):
     config = json.loads((HF / "config.json").read_text())

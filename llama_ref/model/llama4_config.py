@@ -136,6 +136,17 @@ def refuse_writing(args: ModelArgs, what: str) -> None:
         raise WeightsError(f"writing a Llama 4 model as {what} is not implemented by llama_ref")
 
 
+# The per-layer tables (MoE and NoPE layers) are built from the config, before any tensor is seen: a damaged or
+# hostile layer count must not make them unbounded. Far above any Llama (Llama 3.1 405B: 126 layers).
+MAX_LAYERS = 4096
+
+
+def _layer_count(n: int, key: str) -> int:
+    if not 0 < n <= MAX_LAYERS:
+        raise ConfigError(f"{key} is {n}: a Llama 4 model has 1 .. {MAX_LAYERS} layers")
+    return n
+
+
 def is_llama4_params(p: dict) -> bool:
     return any(p.get(key) not in (None, False) for key in PARAMS_LLAMA4_KEYS)
 
@@ -156,7 +167,7 @@ def from_llama4_params(p: dict, where: str) -> ModelArgs:
     _refuse_unimplemented(p, PARAMS_LLAMA4_REFUSED, where)
     with naming_errors(where):
         dim, n_heads = _int_value(p["dim"], "dim", where), _int_value(p["n_heads"], "n_heads", where)
-        n_layers = _int_value(p["n_layers"], "n_layers", where)
+        n_layers = _layer_count(_int_value(p["n_layers"], "n_layers", where), "n_layers")
         if p.get("head_dim") is not None and _int_value(p["head_dim"], "head_dim", where) != dim // n_heads:
             # Meta's Attention uses dim // n_heads whatever head_dim says.
             raise ConfigError(f"{where}: head_dim {p['head_dim']} differs from dim // n_heads, which Meta's "
@@ -257,7 +268,7 @@ def from_llama4_hf(c: dict, where: str) -> ModelArgs:
     with naming_errors(where):
         dim = _int_value(c["hidden_size"], "hidden_size", where)
         n_heads = _int_value(c["num_attention_heads"], "num_attention_heads", where)
-        n_layers = _int_value(c["num_hidden_layers"], "num_hidden_layers", where)
+        n_layers = _layer_count(_int_value(c["num_hidden_layers"], "num_hidden_layers", where), "num_hidden_layers")
         max_pos = _int_value(c["max_position_embeddings"], "max_position_embeddings", where)
         if c.get("rope_theta") is None and not (c.get("rope_parameters") or {}).get("rope_theta"):
             c["rope_theta"] = 500000.0  # Llama4TextConfig's default_theta

@@ -215,14 +215,6 @@ def test_llama4_pre_tokenizer_splits_text_as_metas_pattern():
         assert [p for p, _ in _pre_tokenizer("llama4").pre_tokenize_str(text)] == want, text
 
 
-@pytest.mark.parametrize("path", [GGUF, HF, DATA / "llama4_meta"], ids=["gguf", "hf", "meta"])
-def test_mpi_tensor_parallel_refuses_llama4_in_every_format(path):
-    """Meta's model-parallel cut of the experts is implemented for reading shards, not for running ranks."""
-    from llama_ref.runtime.parallel import ParallelError, _open_source
-    with pytest.raises(ParallelError, match="Llama 4 .mixtures of experts. is not supported with parallel='mpi'"):
-        _open_source(path)
-
-
 def test_quantized_expert_tensors_are_cut_per_expert_in_their_blocks(tmp_path, gguf_model):
     """Q8_0 experts (3-D block tensors, as llama.cpp quantizes them): each expert is its slice of the blocks,
     kept packed or dequantized; both give the logits of the weights gguf's own dequantizer makes."""

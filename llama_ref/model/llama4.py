@@ -36,8 +36,6 @@ def layer(model, i: int, h: np.ndarray, start_pos: int, cache, key_mask, cos: np
     H, KVH, HD = args.n_heads, args.kv_heads, args.head_dim
     p = f"layers.{i}."
     use_rope = i not in m.nope_layers
-    if i == 0:
-        check_supported(model)
     # Left padding: row b's tokens sit pad[b] cache slots later than in a batch of one. RoPE sees only relative
     # positions, but the chunks and temperatures are counted from each row's own first token.
     pad = left_padding(key_mask, start_pos + T)  # (B,)
@@ -77,6 +75,7 @@ def layer(model, i: int, h: np.ndarray, start_pos: int, cache, key_mask, cos: np
         attn = op.attention(q, keys, values, start_pos, key_mask)  # (B, T, H, HD)
     model._record(p + "attention.heads", attn)
     out = op.linear(attn.reshape(B, T, H * HD), w[p + "attention.wo.weight"])  # (B, T, D)
+    out = model.parallel.all_reduce(out)  # tensor parallel: add every rank's heads
     model._record(p + "attention.output", out)
     h = h + out
     model._record(p + "attention_residual", h)
@@ -92,19 +91,11 @@ def layer(model, i: int, h: np.ndarray, start_pos: int, cache, key_mask, cos: np
         model._record(p + "feed_forward.gate", gate)
         model._record(p + "feed_forward.up", up)
         out = op.linear(op.swiglu(gate, up), w[p + "feed_forward.w2.weight"])  # (B, T, D)
+    out = model.parallel.all_reduce(out)  # tensor parallel: add the ranks' terms (experts cut by hidden width)
     model._record(p + "feed_forward.output", out)
     h = h + out
     model._record(p + "residual", h)
     return h
-
-
-def check_supported(model) -> None:
-    """Refuse what this module does not compute correctly rather than compute it wrongly."""
-    from ..errors import InputError
-
-    parallel = getattr(model, "parallel", None)
-    if parallel is not None and getattr(parallel, "size", 1) != 1:
-        raise InputError("tensor parallelism is not implemented for Llama 4 models")
 
 
 def l2_norm(x: np.ndarray, eps: float) -> np.ndarray:

@@ -201,6 +201,15 @@ def rank_plan(args, rank: int, size: int, where: str, embedding_axis: int = 0) -
     emb = part(V if embedding_axis == 0 else args.dim, rank, size)
     plan = {"tok_embeddings.weight": (embedding_axis, *emb), "norm.weight": None,
             "output.weight": (0, *part(V, rank, size))}
+    if args.llama4 is not None:  # Llama 4's experts and shared expert: cut along their hidden width, like w1/w3/w2
+        m = args.llama4
+        e0, e1 = part(m.expert_hidden_dim, rank, size)
+        for i in m.moe_layers:
+            p = f"layers.{i}.feed_forward."
+            plan[p + "router.weight"] = None  # every rank routes every token, the same way
+            for name in ("shared_expert", *(f"experts.{e}" for e in range(m.n_experts))):
+                plan.update({f"{p}{name}.w1.weight": (0, e0, e1), f"{p}{name}.w3.weight": (0, e0, e1),
+                             f"{p}{name}.w2.weight": (1, e0, e1)})
     for i in range(args.n_layers):
         p = f"layers.{i}."
         plan.update({
@@ -220,8 +229,14 @@ def local_args(args, rank: int, size: int, where: str):
     """The config of rank `rank`'s slice: its heads and FFN columns (the vocabulary stays whole)."""
     (q0, q1), (k0, k1) = head_ranges(args, rank, size, where)
     f0, f1 = part(args.ffn_hidden_dim, rank, size)
+    llama4 = args.llama4
+    if llama4 is not None:
+        from dataclasses import replace
+
+        e0, e1 = part(llama4.expert_hidden_dim, rank, size)
+        llama4 = replace(llama4, expert_hidden_dim=e1 - e0)
     return args.replace(n_heads=q1 - q0, n_kv_heads=k1 - k0, head_dim_override=args.head_dim,
-                        hidden_dim=f1 - f0)
+                        hidden_dim=f1 - f0, llama4=llama4)
 
 
 class EmbeddingPart:
@@ -320,6 +335,38 @@ class _Whole:
         return read_block(self.tensor, axis, lo, hi)
 
 
+class _InMemory:
+    """A tensor already read whole (Llama 4: its experts are cut out of stacked tensors by weights.llama4)."""
+
+    dtype_name = "float32"
+
+    def __init__(self, array):
+        self.array, self.shape = array, tuple(array.shape)
+
+    def block(self, axis, lo, hi, rank):
+        return self.array if axis is None else np.ascontiguousarray(self.array[_index(self.array.ndim, axis, lo, hi)])
+
+
+def _open_llama4(path: Path, kind: str):
+    """A Llama 4 checkpoint for the ranks: each rank reads it whole (in float32) through the ordinary loader
+    and keeps its slice. Simpler than reading slices of the stacked expert tensors, but a rank's peak memory
+    while loading is the whole model's, not its share."""
+    if kind == "gguf":
+        from ..weights.gguf import load_gguf
+        args, weights, extras = load_gguf(path)
+    else:
+        from ..weights.directory import load_directory
+        args, weights, extras = load_directory(path, keep="float32", tokenizer=False)
+    tensors = {n: _InMemory(np.asarray(w, np.float32)) for n, w in weights.items()
+               if not (args.tie_word_embeddings and n == "output.weight")}
+    out = {"format": kind}
+    if extras.get("freq_divisors") is not None:
+        out["freq_divisors"] = extras["freq_divisors"]
+    if kind == "gguf":
+        out["metadata"] = extras["metadata"]
+    return args, tensors, {}, out
+
+
 class _Pieces:
     """A tensor stored as model-parallel pieces along `split` (Meta's shards); None: a copy in each."""
 
@@ -385,7 +432,7 @@ def _open_source(path: Path):
     if kind != "gguf":
         from ..weights.llama4 import is_llama4_directory
         if is_llama4_directory(path, kind):
-            raise ParallelError(f"{path}: Llama 4 (mixtures of experts) is not supported with parallel='mpi'")
+            return _open_llama4(path, kind)
     if kind == "meta":
         from ..weights.meta import open_meta
 
@@ -413,7 +460,7 @@ def _open_source(path: Path):
     meta = gguf_metadata(reader)
     names = {t.name for t in reader.tensors}
     if meta.get("general.architecture") == "llama4":
-        raise ParallelError(f"{path}: Llama 4 (mixtures of experts) is not supported with parallel='mpi'")
+        return _open_llama4(path, kind)
     args = from_gguf_metadata(meta, where=str(path), has_output_tensor="output.weight" in names)
     tensors = {}
     for t in reader.tensors:

@@ -122,7 +122,18 @@ def test_gguf_expressibility_checks_qk_norm_and_moe_layers():
             check_gguf_expressible(args.replace(llama4=dataclasses.replace(m, **change)))
 
 
-def test_llama4_meta_shards_are_refused(tmp_path):
-    with pytest.raises(WeightsError, match="writing a Llama 4 model as model-parallel shards is not implemented"):
-        convert(HF, tmp_path / "out", "meta", shards=2)
-    assert list(tmp_path.iterdir()) == []
+def test_meta_shards_are_cut_as_metas_model_parallel_code_cuts_them(tmp_path):
+    """--shards 2 writes, tensor for tensor and byte for byte, the shards tests/test_llama4.py cuts along the
+    axes read from Meta's own llama4 modules at world size 2 (llama4_mp2_layout.json); they load back to the
+    single file's logits, and a count that does not divide the heads is refused before anything is written."""
+    from test_llama4 import _cut_meta_shards
+
+    out = convert(HF, tmp_path / "out", "meta", shards=2)
+    _cut_meta_shards(tmp_path / "metas", 2)
+    for r in range(2):
+        name = f"consolidated.{r:02d}.pth"
+        assert _torch_file(out / name) == _torch_file(tmp_path / "metas" / name)
+    assert np.array_equal(llama_ref.load(out).forward(IDS), llama_ref.load(HF).forward(IDS))
+    with pytest.raises(WeightsError, match="3 model-parallel shards do not divide n_heads"):
+        convert(HF, tmp_path / "three", "meta", shards=3)
+    assert not (tmp_path / "three").exists()

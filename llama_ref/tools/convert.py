@@ -113,7 +113,11 @@ def write_checkpoint(args, weights: dict, dst: "str | Path", to: str, dtype: Opt
     dst = Path(dst)
     _check_request(dst, to, dtype, shards)
     if shards != 1:
-        writers.meta_shard_plans(args, shards)  # a count that cannot split this model fails before writing
+        if args.llama4 is not None:  # a count that cannot split this model fails before writing
+            from ..weights.llama4 import shard_args
+            shard_args(args, shards, f"--shards {shards}")
+        else:
+            writers.meta_shard_plans(args, shards)
     out = to[5:] if to.startswith("gguf") else (dtype or _default_dtype(weights))
     remove_stale_partials(dst)
     bar = None

@@ -150,16 +150,16 @@ def write_torch_file(path: Path, tensors: list[tuple[str, np.ndarray, str]], arc
 def write_meta(dst: Path, args: ModelArgs, weights: dict, out: str, on_tensor=None, shards: int = 1) -> None:
     """dst/params.json + dst/consolidated.00.pth .. consolidated.NN.pth (`shards` model-parallel shards, cut
     as Meta's fairscale layers cut them: see meta_shard_plans), every tensor in dtype `out`."""
-    if args.llama4 is not None:
-        if shards != 1:
-            raise WeightsError(f"--shards {shards}: writing a Llama 4 model as model-parallel shards is not "
-                               f"implemented by llama_ref (one consolidated.00.pth is)")
-        from .writers_llama4 import meta_tensors
+    if args.llama4 is not None:  # router_DE, stacked experts (writers_llama4)
+        from .writers_llama4 import meta_shard_tensors, meta_tensors
 
+        plans = ([meta_tensors(args, weights, out, raw_elements)] if shards == 1 else
+                 meta_shard_tensors(args, weights, out, raw_elements, shards))
         dst.mkdir(parents=True, exist_ok=True)
         (dst / "params.json").write_text(json.dumps(args.to_params_json(), indent=2) + "\n")
-        tensors = [(name, raw, out) for name, raw in meta_tensors(args, weights, out, raw_elements)]
-        write_torch_file(dst / "consolidated.00.pth", tensors, on_tensor=on_tensor)
+        for k, items in enumerate(plans):
+            write_torch_file(dst / f"consolidated.{k:02d}.pth", [(name, raw, out) for name, raw in items],
+                             on_tensor=on_tensor)
         return
     plans = meta_shard_plans(args, shards)
     dst.mkdir(parents=True, exist_ok=True)

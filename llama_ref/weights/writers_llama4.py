@@ -51,6 +51,27 @@ def meta_tensors(args: ModelArgs, weights: dict, out: str, raw_elements) -> list
     return items
 
 
+def meta_shard_tensors(args: ModelArgs, weights: dict, out: str, raw_elements, shards: int) -> list[list]:
+    """Meta's llama4 state dict cut into `shards` model-parallel shards, as its fairscale layers cut it
+    (weights.llama4.split_axis: the axis load_llama4_meta joins shards along; each count must divide what it
+    cuts, as fairscale requires). Returns, per shard, (name, raw elements) like meta_tensors."""
+    from .llama4 import shard_args, split_axis
+
+    local = shard_args(args, shards, f"--shards {shards}")  # refuses a count that does not divide
+    plans = []
+    for k in range(shards):
+        sliced = {}
+        for name in meta_names(args) + [n for n in weights if ".experts." in n]:
+            raw = raw_elements(weights[name], out)
+            axis = split_axis(name)
+            if axis is not None:
+                size = raw.shape[axis] // shards
+                raw = np.ascontiguousarray(raw[(slice(None),) * axis + (slice(k * size, (k + 1) * size),)])
+            sliced[name] = raw
+        plans.append(meta_tensors(local, sliced, out, lambda raw, _out: raw))
+    return plans
+
+
 def hf_config(args: ModelArgs, out: str, rope: dict) -> dict:
     """config.json of a Llama4ForCausalLM. rope: the RoPE keys writers.hf_config writes for dense models."""
     m = args.llama4

@@ -38,7 +38,10 @@ compute, or would silently ignore:
 
 Keys llama.cpp's llama4 does not read but that would change the model if honoured (expert_weights_scale,
 expert_gating_func, expert_shared_count, expert_shared_feed_forward_length, attention.scale,
-rope.freq_base_swa different from rope.freq_base, ...) are refused unless they hold the value llama.cpp uses.
+rope.freq_base_swa different from rope.freq_base, ...) are refused unless they hold the value llama.cpp uses;
+block_count and expert_count are held to llama.cpp's limits (512, 1024). The keys are read by
+model/llama4_config.py (from_llama4_gguf); this module maps the tensors. The tokenizer of a real Llama 4 GGUF
+(tokenizer.ggml.pre "llama4") splits text by Meta's llama4 pattern (text/tokenizer.py).
 
 Tensors (ggml lists the fastest axis first; shapes below are numpy's, slowest first):
     token_embd, output_norm, output (absent: tied to token_embd, as llama.cpp does), rope_freqs

@@ -11,7 +11,7 @@ from .model.transformer import Transformer
 from .weights.common import WeightsError
 
 
-def load(path_or_name: "str | Path", *, backend: str = "numpy", dtype=np.float32,
+def load(path_or_name: "str | Path", *, backend: str = "numpy", arithmetic: str = "exact", dtype=np.float32,
          progress: bool = False, weights: "str | None" = None, quantize: "str | None" = None,
          mmap: bool = False, verify: bool = False, max_seq_len: "int | None" = None,
          parallel: "str | None" = None, tensor_parallel: "int | None" = None,
@@ -19,6 +19,11 @@ def load(path_or_name: "str | Path", *, backend: str = "numpy", dtype=np.float32
     """Load a Llama model from a GGUF file, a checkpoint directory, or a fetchable name.
 
     backend: "numpy" (the reference) or "numba" (the same computation, compiled).
+    arithmetic: "exact" (default): quantized weights are widened to float32 and multiplied with float32
+        activations. "ggml": llama.cpp's CPU arithmetic (llama_ref.model.ggml, the specification): the
+        activations are quantized to 8-bit blocks and multiplied in integers, with an fp16 KV cache and
+        ggml's own softmax, RMSNorm, RoPE and SiLU; logits equal llama.cpp's token-at-a-time decode bit for
+        bit on Q8_0/Q4_0/Q4_1 GGUFs (docs/verification.md). Keeps weights packed; float32 only.
     dtype: the computation dtype, float32 (default) or float64 (to measure rounding error).
     weights: "float32" dequantizes every matrix at load; "packed" keeps 16-bit and quantized GGUF matrices
         in their stored blocks (llama_ref.weights.packed), converted one matrix at a time or in the kernels.
@@ -52,6 +57,11 @@ def load(path_or_name: "str | Path", *, backend: str = "numpy", dtype=np.float32
         raise WeightsError(f"max_seq_len must be a positive integer, got {max_seq_len!r}")
     if weights is not None and weights not in ("float32", "packed"):
         raise WeightsError(f"weights must be 'float32' or 'packed', got {weights!r}")
+    if arithmetic not in ("exact", "ggml"):
+        raise WeightsError(f"arithmetic must be 'exact' or 'ggml', got {arithmetic!r}")
+    if arithmetic == "ggml":
+        from .model.ggml import check_options
+        weights = check_options(weights=weights, dtype=dtype, parallel=parallel)
     if quantize is not None:
         from .weights.packed import QUANTIZERS
         if quantize not in QUANTIZERS:
@@ -110,7 +120,12 @@ def load(path_or_name: "str | Path", *, backend: str = "numpy", dtype=np.float32
             raise WeightsError(f"{path}: a context of {max_seq_len} tokens is longer than the model's "
                                f"{args.max_seq_len}")
         args = args.replace(max_seq_len=max_seq_len)
+    name = backend
+    if arithmetic == "ggml":
+        from .model.ggml import backend_for
+        backend = backend_for(backend, tensors, where=str(path))
     model = Transformer(args, tensors, backend=backend, dtype=dtype, freq_divisors=extras.get("freq_divisors"))
+    model.backend_name, model.arithmetic = name, arithmetic
     model.tokenizer = tokenizer
     model.source = path
     return model

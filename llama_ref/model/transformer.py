@@ -24,6 +24,8 @@ from ..runtime.parallel import SINGLE
 class Transformer(GenerationMixin):
     """A Llama model: config, weights in Meta's layout, a backend of operations, and a KV cache."""
 
+    arithmetic = "exact"  # or "ggml": llama.cpp's quantized arithmetic (set by llama_ref.load, model/ggml.py)
+
     def __init__(self, args: ModelArgs, weights: dict, *, backend: "str | ModuleType" = "numpy",
                  dtype=np.float32, freq_divisors: Optional[np.ndarray] = None):
         self.args = args
@@ -32,7 +34,7 @@ class Transformer(GenerationMixin):
         if self.dtype not in (np.float32, np.float64):
             raise InputError(f"dtype must be float32 or float64 for computation, got {self.dtype}")
         self.backend_name, self.ops = _resolve_backend(backend)
-        self.freqs = ops.rope_frequencies(args, freq_divisors)  # (HD/2,) float64
+        self.freqs = self.ops.rope_frequencies(args, freq_divisors)  # (HD/2,) float64
         self.cache: Optional[KVCache] = None
         # Held by the generation that uses self.cache (llama_ref.generation.generate); others get a cache of their own.
         self.cache_lock = threading.Lock()
@@ -58,7 +60,7 @@ class Transformer(GenerationMixin):
         tokens, batched, cache = self._prepare(tokens, start_pos, cache)  # tokens (B, T)
         B, T = tokens.shape
         H, KVH, HD = args.n_heads, args.kv_heads, args.head_dim
-        cos, sin = ops.rope_tables(self.freqs, start_pos, T, self.dtype)  # (T, HD/2) each
+        cos, sin = self.ops.rope_tables(self.freqs, start_pos, T, self.dtype)  # (T, HD/2) each
 
         # Token embeddings: one row of the table per token (tensor parallel: each rank holds part of it).
         h = op.embedding(tokens, w["tok_embeddings.weight"], self.dtype)  # (B, T, D)

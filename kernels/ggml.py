@@ -1,0 +1,140 @@
+"""Numba twin of llama_ref.model.ggml: the integer block dot products of arithmetic="ggml", compiled.
+
+The NumPy module is the specification; this one computes the same numbers bit for bit (tests/
+test_ggml_arithmetic.py): the activations are quantized by the specification's own quantize_row_q8_0 /
+q8_1 (O(K) per row, against O(R K) for the product), and the kernels below take the integer sums of each
+block, exact in int32 whatever order LLVM adds them in, then scale and add them in ggml's float order with
+the same float64 operations as the NumPy fma(). No fast-math: LLVM may not reorder or fuse float operations.
+
+Only linear() is compiled; the other functions of the backend are the specification's (one token's
+attention, norms and RoPE cost little beside the matrix products).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from llama_ref.model import ggml as spec
+from llama_ref.model.ggml import (apply_rope, attention, embedding, rms_norm, rope_frequencies,  # noqa: F401
+                                  rope_tables, swiglu)
+
+from ._common import JIT, readonly
+
+ROWS = 16  # weight rows per parallel work item
+
+
+@njit(inline="always", **JIT)
+def _fma(a, b, c):
+    """float32 a * b + c rounded once, as llama_ref.model.ggml.fma computes it (through float64)."""
+    return np.float32(np.float64(a) * np.float64(b) + np.float64(c))
+
+
+@njit(inline="always", **JIT)
+def _hsum8(acc):
+    """hsum_float_8: (lane i + lane i+4), then (0 + 2) + (1 + 3)."""
+    r0 = acc[0] + acc[4]
+    r1 = acc[1] + acc[5]
+    r2 = acc[2] + acc[6]
+    r3 = acc[3] + acc[7]
+    return (r0 + r2) + (r1 + r3)
+
+
+@njit(parallel=True, **JIT)
+def _dot_q8_0(xq, xd, qs, d, out):
+    """ggml_vec_dot_q8_0_q8_0: xq (N, K) int8, xd (N, nb) float32; qs (R, K) uint8 holding int8 quants,
+    d (R, nb) float32. out (N, R): 8 lanes of 4 products per block, fma into each lane, hsum_float_8."""
+    N, K = xq.shape
+    R, nb = d.shape
+    for c in prange((R + ROWS - 1) // ROWS):
+        acc = np.empty(8, np.float32)
+        for r in range(c * ROWS, min(R, (c + 1) * ROWS)):
+            for n in range(N):
+                acc[:] = 0
+                for b in range(nb):
+                    scale = d[r, b] * xd[n, b]  # float32 product
+                    for lane in range(8):
+                        k0 = b * 32 + lane * 4
+                        s = np.int32(0)
+                        for t in range(4):
+                            s += np.int32(np.int8(qs[r, k0 + t])) * np.int32(xq[n, k0 + t])
+                        acc[lane] = _fma(scale, np.float32(s), acc[lane])
+                out[n, r] = _hsum8(acc)
+
+
+@njit(parallel=True, **JIT)
+def _dot_q4_0(xq, xd, qs, d, out):
+    """ggml_gemv_q4_0_8x8_q8_0: qs (R, K/2) bytes, block b's value j in the low nibble of byte 16b + j and
+    value j + 16 in its high nibble, minus 8. One integer per block, fma(d_w d_x, sumi, acc)."""
+    N, K = xq.shape
+    R, nb = d.shape
+    for c in prange((R + ROWS - 1) // ROWS):
+        for r in range(c * ROWS, min(R, (c + 1) * ROWS)):
+            for n in range(N):
+                acc = np.float32(0)
+                for b in range(nb):
+                    s = np.int32(0)
+                    for j in range(16):
+                        byte = np.int32(qs[r, b * 16 + j])
+                        s += ((byte & 15) - 8) * np.int32(xq[n, b * 32 + j])
+                        s += ((byte >> 4) - 8) * np.int32(xq[n, b * 32 + 16 + j])
+                    acc = _fma(d[r, b] * xd[n, b], np.float32(s), acc)
+                out[n, r] = acc
+
+
+@njit(parallel=True, **JIT)
+def _dot_q4_lanes(xq, xd, xs, qs, d, m, has_min, out):
+    """ggml_vec_dot_q4_1_q8_1 (has_min: + sum_b m_w s_x, summed apart and added last) and
+    ggml_vec_dot_q4_0_q8_0 (values - 8): 8 lanes of 4 products per block, as _dot_q8_0."""
+    N, K = xq.shape
+    R, nb = d.shape
+    off = np.int32(0) if has_min else np.int32(8)
+    for c in prange((R + ROWS - 1) // ROWS):
+        acc = np.empty(8, np.float32)
+        for r in range(c * ROWS, min(R, (c + 1) * ROWS)):
+            for n in range(N):
+                acc[:] = 0
+                summs = np.float32(0)
+                for b in range(nb):
+                    scale = d[r, b] * xd[n, b]
+                    if has_min:
+                        summs = _fma(m[r, b], xs[n, b], summs)
+                    for lane in range(8):
+                        s = np.int32(0)
+                        for t in range(4):
+                            j = lane * 4 + t  # value j of the block: low nibble of byte j, or high of j - 16
+                            byte = np.int32(qs[r, b * 16 + (j & 15)])
+                            v = (byte & 15) if j < 16 else (byte >> 4)
+                            s += (v - off) * np.int32(xq[n, b * 32 + j])
+                        acc[lane] = _fma(scale, np.float32(s), acc[lane])
+                out[n, r] = _hsum8(acc) + summs
+
+
+def quantized_linear(x2: np.ndarray, w) -> np.ndarray:
+    """x2 (N, K) float32 @ w.T in ggml's arithmetic, for a Q8_0 / Q4_0 / Q4_1 weight. -> (N, R)."""
+    N, R = x2.shape[0], w.shape[0]
+    out = np.empty((N, R), np.float32)
+    if w.format == "q4_1":
+        xd, xq, xs = spec.quantize_row_q8_1(x2)
+        _dot_q4_lanes(xq.reshape(N, -1), xd, xs, readonly(w.qs), readonly(w.d), readonly(w.m), True, out)
+        return out
+    xd, xq = spec.quantize_row_q8_0(x2)  # (N, nb), (N, nb, 32)
+    xq = xq.reshape(N, -1)  # (N, K)
+    if w.format == "q8_0":
+        _dot_q8_0(xq, xd, readonly(w.qs), readonly(w.d), out)
+    elif R % 8 == 0:  # llama.cpp repacks Q4_0 matrices whose rows come in groups of 8
+        _dot_q4_0(xq, xd, readonly(w.qs), readonly(w.d), out)
+    else:
+        _dot_q4_lanes(xq, xd, xd, readonly(w.qs), readonly(w.d), readonly(w.d), False, out)
+    return out
+
+
+def linear(x: np.ndarray, w) -> np.ndarray:
+    """x @ w.T in ggml's arithmetic: llama_ref.model.ggml.linear with the quantized products compiled."""
+    if not spec.supported(w):
+        return spec.linear(x, w)
+    rows = np.ascontiguousarray(x.reshape(-1, x.shape[-1]), dtype=np.float32)  # (N, in)
+    return quantized_linear(rows, w).reshape(*x.shape[:-1], w.shape[0])
+
+
+__all__ = spec.__all__

@@ -1,0 +1,274 @@
+"""arithmetic="ggml": llama.cpp's quantized arithmetic (llama_ref/model/ggml.py) and its Numba twin.
+
+Each routine is checked against gguf.quants (a quantizer we did not write) or a block computed by hand; the
+Numba kernels against the NumPy specification bit for bit; and the whole model against llama.cpp's own
+logits (tests/data/llamacpp_ggml_logits.npz, made once by tests/fixtures/make_llamacpp_logits.py).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import llama_ref
+from llama_ref.errors import InputError, LlamaRefError
+from llama_ref.model import ggml
+from llama_ref.model.transformer import Transformer
+from llama_ref.weights.packed import Q4_0Weight, Q4_1Weight, Q8_0Weight, quantize_weights
+
+from tiny import random_weights, tiny_args
+
+FIXTURE = Path(__file__).parent / "data" / "llamacpp_ggml_logits.npz"
+TYPES = {"q8_0": Q8_0Weight, "q4_0": Q4_0Weight, "q4_1": Q4_1Weight}
+
+
+def compiled():
+    from llama_ref.kernels import ggml as kernels_ggml
+    return kernels_ggml
+
+
+def f32_arrays(rows, cols, scale=1.0):
+    """Float32 matrices (rows, cols) of moderate values, sometimes with zero blocks and large outliers."""
+    values = st.floats(-4, 4, width=32, allow_subnormal=False)
+    return st.lists(values, min_size=rows * cols, max_size=rows * cols).map(
+        lambda v: (np.array(v, np.float32) * np.float32(scale)).reshape(rows, cols))
+
+
+# ---- activations ---------------------------------------------------------------------------------------------
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data(), nb=st.integers(1, 4), scale=st.sampled_from([1e-6, 1e-3, 1.0, 300.0]))
+def test_quantize_row_q8_0_ref_is_gguf_quantizer(data, nb, scale):
+    import gguf
+
+    x = data.draw(f32_arrays(2, 32 * nb, scale))
+    d, q = ggml.quantize_row_q8_0_ref(x)
+    raw = gguf.quants.quantize(x, gguf.GGMLQuantizationType.Q8_0).reshape(2, nb, 34)  # d fp16 | 32 x int8
+    assert np.array_equal(d, raw[:, :, :2].copy().view(np.float16)[..., 0].astype(np.float32))
+    assert np.array_equal(q, raw[:, :, 2:].view(np.int8))
+
+
+def test_quantize_row_q8_0_x86_rounds_ties_to_even_by_127_over_amax():
+    """Worked by hand: amax = 127 gives d = 1 and id = 1, so x is rounded as it stands."""
+    x = np.zeros((1, 32), np.float32)
+    x[0, :6] = [127, 2.5, 1.5, -0.5, -2.5, 0.49]
+    d, q = ggml.quantize_row_q8_0(x)
+    assert d[0, 0] == 1 and list(q[0, 0, :6]) == [127, 2, 2, 0, -2, 0]  # ties to even (_mm256_round_ps)
+    d_ref, q_ref = ggml.quantize_row_q8_0_ref(x)
+    assert d_ref[0, 0] == 1 and list(q_ref[0, 0, :6]) == [127, 3, 2, -1, -3, 0]  # roundf: ties away from 0
+    # The scale is kept as fp16: amax = 1 gives d = 1/127 rounded to fp16, q = x * (127 / amax).
+    x[0, :6] = [1, 0.5, -0.25, 0, 0, 0]
+    d, q = ggml.quantize_row_q8_0(x)
+    assert d[0, 0] == np.float32(np.float16(np.float32(1) / np.float32(127)))
+    assert list(q[0, 0, :3]) == [127, 64, -32]  # 63.5 -> 64 (even), -31.75 -> -32
+
+
+def test_quantize_row_q8_0_zero_block():
+    d, q = ggml.quantize_row_q8_0(np.zeros((1, 64), np.float32))
+    assert not d.any() and not q.any()
+
+
+def test_quantize_row_q8_1_sum_uses_unrounded_scale():
+    x = np.zeros((1, 32), np.float32)
+    x[0, :3] = [1, 0.5, -0.25]
+    d, q, s = ggml.quantize_row_q8_1(x)
+    d0, q0 = ggml.quantize_row_q8_0(x)
+    assert np.array_equal(d, d0) and np.array_equal(q, q0)
+    assert s[0, 0] == np.float32(np.float16(np.float32(1) / np.float32(127) * np.float32(127 + 64 - 32)))
+
+
+# ---- dot products --------------------------------------------------------------------------------------------
+
+def test_block_dots_by_hand():
+    wq = np.arange(32, dtype=np.int8).reshape(1, 1, 32) - np.int8(16)  # -16 .. 15
+    xq = np.full((1, 1, 32), 3, np.int8)
+    lanes = ggml.block_dots(wq, xq, 8)  # lane j: 3 * (4 (4j - 16) + 6)
+    assert lanes.tolist() == [[[[3 * (16 * j - 64 + 6) for j in range(8)]]]]
+    assert ggml.block_dots(wq, xq, 1)[0, 0, 0, 0] == 3 * (-16)
+
+
+def test_vec_dot_q8_0_by_hand():
+    """Two blocks with power-of-two scales: every float step is exact, so the result is d_w d_x sum(q q)."""
+    wq = np.ones((1, 2, 32), np.int8)
+    xq = np.ones((1, 2, 32), np.int8) * np.int8(2)
+    wd = np.array([[0.5, 0.25]], np.float32)
+    xd = np.array([[2.0, 4.0]], np.float32)
+    assert ggml.ggml_vec_dot_q8_0_q8_0(wq, wd, xq, xd)[0, 0] == 0.5 * 2 * 64 + 0.25 * 4 * 64
+    assert ggml.ggml_gemv_q4_0_8x8_q8_0(wq, wd, xq, xd)[0, 0] == 0.5 * 2 * 64 + 0.25 * 4 * 64
+
+
+def test_vec_dot_lanes_sum_in_avx2_order():
+    """hsum_float_8 adds lane i to lane i + 4 first: with 1e8 in lane 0 and 4, and 1 in lane 1, the float32
+    result keeps the 1 only because the large lanes cancel before it is added."""
+    sumi = np.zeros((1, 1, 1, 8), np.int32)
+    scale = np.ones((1, 1, 1), np.float32)
+    sumi[..., 0], sumi[..., 4], sumi[..., 1] = 2 ** 20, -(2 ** 20), 1
+    scale[:] = 2.0 ** 10  # lanes 2^30, -2^30, 2^10
+    assert ggml.vec_dot_lanes(sumi, scale)[0, 0] == 2.0 ** 10
+
+
+def test_linear_matches_dequantized_product_closely():
+    """ggml's product is the exact one up to the activations' 8-bit rounding: within a few % of sum |x w|."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3, 256)).astype(np.float32)
+    for cls in TYPES.values():
+        w = cls.quantize(rng.standard_normal((24, 256)).astype(np.float32))
+        exact = x @ w.to_float().T
+        bound = np.abs(x) @ np.abs(w.to_float()).T
+        assert np.all(np.abs(ggml.linear(x, w) - exact) <= 0.02 * bound)
+
+
+@settings(max_examples=25, deadline=None)
+@given(data=st.data(), kind=st.sampled_from(sorted(TYPES)), n=st.integers(1, 3), rows=st.integers(1, 20),
+       nb=st.integers(1, 3), scale=st.sampled_from([1e-3, 1.0, 50.0]))
+def test_numba_equals_numpy_bit_for_bit(data, kind, n, rows, nb, scale):
+    w = TYPES[kind].quantize(data.draw(f32_arrays(rows, 32 * nb)))
+    x = data.draw(f32_arrays(n, 32 * nb, scale))
+    expected = ggml.linear(x, w)
+    got = compiled().linear(x, w)
+    assert got.dtype == np.float32 and np.array_equal(got.view(np.uint32), expected.view(np.uint32))
+
+
+def test_numba_q4_0_both_paths_equal_numpy():
+    """Q4_0 with rows in groups of 8 takes the repacked (one-lane) order, otherwise the 8-lane one."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2, 128)).astype(np.float32)
+    for rows in (16, 13):
+        w = Q4_0Weight.quantize(rng.standard_normal((rows, 128)).astype(np.float32))
+        assert np.array_equal(compiled().linear(x, w), ggml.linear(x, w))
+    lanes8 = ggml.ggml_vec_dot_q4_0_q8_0(*ggml.weight_blocks(w, slice(None))[:2], *ggml.quantize_row_q8_0(x)[::-1])
+    assert np.array_equal(ggml.linear(x, w), lanes8)
+
+
+# ---- the other operations --------------------------------------------------------------------------------------
+
+def test_ggml_v_expf_close_to_exp():
+    x = np.linspace(-87, 0, 20001, dtype=np.float32)
+    e = ggml.ggml_v_expf(x)
+    assert np.all(np.abs(e / np.exp(x.astype(np.float64)) - 1) < 3e-7)
+    assert ggml.ggml_v_expf(np.array([-np.inf, -200.0], np.float32)).tolist() == [0.0, 0.0]
+
+
+def test_vec_dot_f16_order():
+    """Element i goes to lane i % 16 of accumulator (i % 64) // 16: 2^24 in lane 0 absorbs a 1 added to the
+    same lane, but not a 1 in another accumulator that meets it only after 2^24 - 2^24 cancel."""
+    x = np.zeros(64, np.float32)
+    x[0], x[32], x[16] = 2.0 ** 11, -(2.0 ** 11), 1  # accumulators 0, 2, 1
+    y = np.zeros(64, np.float32)
+    y[0], y[32], y[16] = 2.0 ** 13, 2.0 ** 13, 1
+    assert ggml.ggml_vec_dot_f16(x, y) == 1
+
+
+def test_rope_tables_follow_ggml_power_series():
+    args = tiny_args()
+    freqs = ggml.rope_frequencies(args)
+    cos, sin = ggml.rope_tables(freqs, 7, 2, np.float32)
+    ref_cos, ref_sin = llama_ref.model.ops.rope_tables(freqs, 7, 2, np.float32)
+    assert cos.shape == ref_cos.shape and np.allclose(cos, ref_cos, atol=1e-5) and np.allclose(sin, ref_sin, atol=1e-5)
+
+
+# ---- the model ---------------------------------------------------------------------------------------------
+
+def test_tiny_model_numba_equals_numpy_in_ggml_mode():
+    args = tiny_args()
+    weights = quantize_weights(random_weights(args, seed=3), "q8_0")
+    a = Transformer(args, weights, backend=ggml.backend_for("numpy", weights, "tiny"))
+    b = Transformer(args, weights, backend=ggml.backend_for("numba", weights, "tiny"))
+    tokens = np.array([1, 5, 9, 2, 7])
+    la = np.concatenate([a.forward(tokens[:3]), a.forward(tokens[3:], start_pos=3)])
+    lb = np.concatenate([b.forward(tokens[:3]), b.forward(tokens[3:], start_pos=3)])
+    assert np.array_equal(la, lb)
+    exact = Transformer(args, weights).forward(tokens)
+    assert not np.array_equal(la, exact) and np.allclose(la, exact, atol=0.1)
+
+
+def test_load_refuses_what_ggml_mode_cannot_do(default_model_path):
+    with pytest.raises(LlamaRefError, match="arithmetic must be"):
+        llama_ref.load(default_model_path, arithmetic="fast")
+    with pytest.raises(InputError, match="weights must be 'packed'"):
+        llama_ref.load(default_model_path, arithmetic="ggml", weights="float32")
+    with pytest.raises(InputError, match="float32"):
+        llama_ref.load(default_model_path, arithmetic="ggml", dtype=np.float64)
+    args = tiny_args()
+    weights = quantize_weights(random_weights(args), "int8")
+    with pytest.raises(InputError, match="is int8; arithmetic='ggml' implements"):
+        ggml.backend_for("numpy", weights, "tiny")
+
+
+@pytest.mark.slow
+def test_load_in_ggml_mode(default_model_path):
+    m = llama_ref.load(default_model_path, arithmetic="ggml", backend="numba")
+    assert m.arithmetic == "ggml" and m.backend_name == "numba"
+    assert Transformer.arithmetic == "exact"
+
+
+# ---- against llama.cpp -----------------------------------------------------------------------------------------
+
+def _fixture_script():
+    spec = importlib.util.spec_from_file_location("make_llamacpp_logits",
+                                                  Path(__file__).parent / "fixtures" / "make_llamacpp_logits.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def llamacpp():
+    return np.load(FIXTURE)
+
+
+@pytest.fixture(scope="module")
+def ggufs(default_model_path, tmp_path_factory):
+    """The fixture's GGUFs, rebuilt with the fixture script's quantizer (the files are not committed)."""
+    script = _fixture_script()
+    work = tmp_path_factory.mktemp("ggml_ggufs")
+    return {kind: script.quantized_gguf(Path(default_model_path), work / f"{kind}.gguf", kind)
+            for kind in script.TYPES}
+
+
+def test_fixture_meta(llamacpp):
+    meta = json.loads(str(llamacpp["meta"]))
+    assert meta["type_k"] == meta["type_v"] == "f16" and meta["one_token_per_call"] and meta["n_threads"] == 2
+
+
+def _decode(model, ids):
+    """Logits of every position, one token per forward call (the path ggml mode mirrors)."""
+    return np.concatenate([model.forward(ids[t:t + 1], start_pos=t) for t in range(len(ids))])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["q8_0", "q4_0", "q4_1"])
+def test_logits_and_greedy_chains_equal_llamacpp(kind, ggufs, llamacpp):
+    """Bit for bit: the 64 largest logits at every prompt position, every logit at the last position of
+    prompt 0, the argmax everywhere, and 32 greedy tokens (Numba backend; it equals NumPy bit for bit)."""
+    script = _fixture_script()
+    assert script.sha256(ggufs[kind]) == str(llamacpp[f"{kind}_sha256"])
+    model = llama_ref.load(ggufs[kind], arithmetic="ggml", backend="numba")
+    for i in range(len(script.PROMPTS)):
+        ids = llamacpp[f"prompt_ids_{i}"]
+        logits = _decode(model, ids)
+        top_ids = llamacpp[f"{kind}_p{i}_top_ids"]
+        assert np.array_equal(np.take_along_axis(logits, top_ids, axis=1), llamacpp[f"{kind}_p{i}_top"])
+        assert np.array_equal(logits.argmax(axis=1), llamacpp[f"{kind}_p{i}_argmax"])
+        if i == 0:
+            assert np.array_equal(logits[-1], llamacpp[f"{kind}_p0_last"])
+        chain, pos, nxt = [], len(ids), int(logits[-1].argmax())
+        for _ in range(script.GREEDY):
+            chain.append(nxt)
+            nxt = int(model.forward(np.array([nxt]), start_pos=pos)[-1].argmax())
+            pos += 1
+        assert chain == llamacpp[f"{kind}_p{i}_greedy"].tolist()
+
+
+@pytest.mark.slow
+def test_numpy_specification_equals_llamacpp(ggufs, llamacpp):
+    """The NumPy specification itself, on the shortest prompt, Q8_0 and Q4_0."""
+    for kind in ("q8_0", "q4_0"):
+        model = llama_ref.load(ggufs[kind], arithmetic="ggml", backend="numpy")
+        logits = _decode(model, llamacpp["prompt_ids_0"])
+        assert np.array_equal(logits[-1], llamacpp[f"{kind}_p0_last"])

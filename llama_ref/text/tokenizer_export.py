@@ -330,6 +330,33 @@ def hf_files_from_tokenizer_model(path: Path, tok: Tokenizer, max_len: Optional[
     raise TokenizerError(f"{path}: cannot write a tokenizer.json for a {type(tok).__name__}")
 
 
+def gguf_metadata_from_tokenizer_model(path: Path, tok: Tokenizer) -> dict:
+    """The tokenizer.* keys of a GGUF file for a Llama 3 or Llama 4 tiktoken tokenizer.model (`tok`: llama_ref's
+    tokenizer of that file), as llama.cpp's converter writes them: model "gpt2", the byte-level tokens and
+    merges of tiktoken_tokenizer, special tokens as control tokens (type 3), pre "llama-bpe" (Llama 3) or
+    "llama4" (llama.cpp's names for the two patterns), BOS added. Anything else is a TokenizerError."""
+    from .tokenizer_llama4 import Llama4Tokenizer
+    from .tokenizer_tiktoken import Llama3Tokenizer, load_tiktoken_ranks
+
+    if not isinstance(tok, Llama3Tokenizer):
+        raise TokenizerError(f"{path}: only a Llama 3 or Llama 4 tiktoken tokenizer.model is written into a GGUF "
+                             f"file here, not a {type(tok).__name__}")
+    pre = "llama4" if isinstance(tok, Llama4Tokenizer) else "llama-bpe"
+    ranks = load_tiktoken_ranks(path)
+    tk = tiktoken_tokenizer(ranks, tok.special_tokens, tok.bos_id, add_bos=True, pre=pre)
+    model = json.loads(tk.to_str())["model"]
+    tokens = [tk.id_to_token(i) for i in range(tok.vocab_size)]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    meta = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": pre, "tokenizer.ggml.tokens": tokens,
+            "tokenizer.ggml.token_type": [3 if i >= len(ranks) else 1 for i in range(len(tokens))],
+            "tokenizer.ggml.merges": merges, "tokenizer.ggml.bos_token_id": tok.bos_id,
+            "tokenizer.ggml.eos_token_id": tok.eos_id, "tokenizer.ggml.eot_token_id": tok.eot_id,
+            "tokenizer.ggml.add_bos_token": True}
+    if tok.eom_id is not None:
+        meta["tokenizer.ggml.eom_token_id"] = tok.eom_id
+    return meta
+
+
 def hf_tokenizer_files(gguf_meta: Optional[dict] = None, src_dir: Optional[Path] = None,
                        max_len: Optional[int] = None) -> dict[str, str]:
     """The Hugging Face tokenizer files a converted checkpoint should carry, beyond what is copied from a

@@ -21,7 +21,8 @@ The tokenizer travels with the weights: tokenizer files are copied from a checkp
 file its tokenizer keys go into the output GGUF, or into a tokenizer-only `tokenizer_gguf.json` inside a
 Meta/HF output directory (which llama_ref.load reads). An HF output also gets the tokenizer.json,
 tokenizer_config.json and generation_config.json that transformers reads, and a Meta output the
-tokenizer.model of a SentencePiece vocabulary (llama_ref.text.tokenizer_export).
+tokenizer.model of a SentencePiece vocabulary (llama_ref.text.tokenizer_export); a GGUF output from a
+directory with a Llama 3 or Llama 4 tiktoken tokenizer.model gets its vocabulary as tokenizer.* keys.
 """
 
 from __future__ import annotations
@@ -74,12 +75,33 @@ def convert(src: "str | Path", dst: "str | Path", to: str, dtype: Optional[str] 
     src, dst = Path(src), Path(dst)
     _check_request(dst, to, dtype, shards)
     kind, args, weights, extras = read_source(src, progress=progress)
+    if to.startswith("gguf") and kind != "gguf" and extras.get("tokenizer_meta") is None:
+        extras["tokenizer_meta"] = _gguf_tokenizer_of(src)
     if not to.startswith("gguf") and extras.get("freq_divisors") is not None:
         args = args.replace(rope_scaling=_scaling_from_divisors(args, extras["freq_divisors"], src))
     copy_from = src if kind != "gguf" else None
     return write_checkpoint(args, weights, dst, to, dtype, tokenizer_meta=extras.get("tokenizer_meta"),
                             freq_divisors=extras.get("freq_divisors"), copy_tokenizer_from=copy_from,
                             progress=progress, checksums=checksums, shards=shards)
+
+
+def _gguf_tokenizer_of(src: Path) -> Optional[dict]:
+    """The tokenizer.* GGUF keys for a directory's Llama 3 / Llama 4 tiktoken tokenizer.model (llama.cpp
+    cannot load a GGUF without a vocabulary); None when it has none. One that cannot be written is a warning:
+    the weights are still right."""
+    import warnings
+
+    from ..text.tokenizer import TokenizerError, is_tiktoken_file, tokenizer_from_dir
+    from ..text.tokenizer_export import gguf_metadata_from_tokenizer_model
+
+    model = src / "tokenizer.model"
+    if not (model.is_file() and is_tiktoken_file(model)):
+        return None
+    try:
+        return gguf_metadata_from_tokenizer_model(model, tokenizer_from_dir(src))
+    except TokenizerError as e:
+        warnings.warn(f"the tokenizer was not written into the GGUF file: {e}", stacklevel=3)
+        return None
 
 
 def _check_request(dst: Path, to: str, dtype: Optional[str], shards: int = 1) -> None:

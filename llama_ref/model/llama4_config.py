@@ -1,4 +1,5 @@
-"""Llama 4's architecture settings, read from Meta's params.json or Hugging Face's config.json.
+"""Llama 4's architecture settings, read from Meta's params.json, Hugging Face's config.json or the llama4.*
+keys of a GGUF file (with the values llama.cpp fixes in its code: weights/gguf_llama4.py).
 
 A Llama 4 text model is a Llama decoder with four changes, each set by the model's own files:
   * mixture of experts: in every `moe_layers` layer the feed-forward is a router choosing top_k of n_experts

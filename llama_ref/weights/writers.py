@@ -2,6 +2,7 @@
 
 Each writer fills a directory or file it is given; `llama_ref.tools.convert` gives it a temporary name and
 renames it at the end, so a failed or interrupted conversion never leaves a checkpoint under the final name.
+Llama 4's tensors and configs (stacked experts, llama.cpp's llama4 keys) come from writers_llama4.py.
 
 Meta's .pth files are written without PyTorch: a zip archive (entries stored uncompressed, data aligned to
 64 bytes as torch.save does) whose data.pkl is emitted opcode by opcode, naming only the globals that

@@ -215,29 +215,34 @@ def test_llama4_pre_tokenizer_splits_text_as_metas_pattern():
         assert [p for p, _ in _pre_tokenizer("llama4").pre_tokenize_str(text)] == want, text
 
 
-def test_quantized_expert_tensors_are_cut_per_expert_in_their_blocks(tmp_path, gguf_model):
-    """Q8_0 experts (3-D block tensors, as llama.cpp quantizes them): each expert is its slice of the blocks,
-    kept packed or dequantized; both give the logits of the weights gguf's own dequantizer makes."""
+@pytest.mark.parametrize("kind", ["Q8_0", "F16", "BF16"])
+def test_quantized_and_16_bit_expert_tensors_are_cut_per_expert(tmp_path, gguf_model, kind):
+    """Q8_0 / F16 / BF16 experts (3-D tensors, as llama.cpp stores them): each expert is its slice of the
+    stored blocks or elements, kept packed or dequantized; both give the weights gguf's own dequantizer makes
+    of the whole tensor, and the same logits."""
     import gguf
 
-    def quantize(name, array):
+    qtype = gguf.GGMLQuantizationType[kind]
+
+    def store(name, array):
         if "_exps." in name or name.endswith(("attn_q.weight", "ffn_gate.weight")):
-            blocks = gguf.quants.quantize(array, gguf.GGMLQuantizationType.Q8_0)
-            return [(name, blocks, gguf.GGMLQuantizationType.Q8_0)]
+            return [(name, gguf.quants.quantize(array, qtype), qtype)]
         return [(name, array)]
 
-    path = _rewrite(tmp_path, quantize)
+    path = _rewrite(tmp_path, store)
     reader = open_gguf(path)
     stacked = next(t for t in reader.tensors if t.name == "blk.1.ffn_down_exps.weight")
-    assert stacked.tensor_type.name == "Q8_0" and len(stacked.shape) == 3
+    assert stacked.tensor_type.name == kind and len(stacked.shape) == 3
     want = gguf.quants.dequantize(np.asarray(stacked.data), stacked.tensor_type)  # (E, D, FE) as a whole
     as_float = llama_ref.load(path, weights="float32")
     packed = llama_ref.load(path, weights="packed")
     for e in range(4):
         name = f"layers.1.feed_forward.experts.{e}.w2.weight"
         assert np.array_equal(as_float.weights[name], want[e])
-        assert type(packed.weights[name]).__name__ == "Q8_0Weight"
+        assert type(packed.weights[name]).__name__ == f"{kind}Weight"
         assert np.array_equal(packed.weights[name].to_float(np.float32), want[e])
     ids = TOKENS[:12]
     assert np.abs(packed.forward(ids) - as_float.forward(ids)).max() < 1e-5
-    assert np.abs(as_float.forward(ids) - gguf_model.forward(ids)).max() > 1e-4  # the quantization shows
+    diff = np.abs(as_float.forward(ids) - gguf_model.forward(ids)).max()
+    # The weights were born bfloat16: BF16 and F16 hold them exactly; Q8_0's rounding shows.
+    assert diff > 1e-4 if kind == "Q8_0" else diff == 0

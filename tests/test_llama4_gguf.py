@@ -247,3 +247,28 @@ def test_quantized_and_16_bit_expert_tensors_are_cut_per_expert(tmp_path, gguf_m
     diff = np.abs(as_float.forward(ids) - gguf_model.forward(ids)).max()
     # The weights were born bfloat16: BF16 and F16 hold them exactly; Q8_0's rounding shows.
     assert diff > 1e-4 if kind == "Q8_0" else diff == 0
+
+
+@pytest.mark.parametrize("name", ["llama-4-scout-17b-16e", "llama-4-maverick-17b-128e"])
+def test_scout_and_maverick_are_expressible_and_their_keys_read_back(tmp_path, name):
+    """Both published models have llama.cpp's fixed values (Maverick: 128 experts, no QK norm); the llama4.*
+    keys written for them read back as the same model (Scout's RoPE scaling travels as the rope_freqs tensor)."""
+    import gguf
+
+    from llama_ref.model import presets
+    from llama_ref.weights.writers_llama4 import add_gguf_hyperparameters
+
+    args = presets.get(name)
+    w = gguf.GGUFWriter(str(tmp_path / "keys.gguf"), "llama4")
+    add_gguf_hyperparameters(w, args)
+    w.add_vocab_size(args.vocab_size)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    back = from_gguf_metadata(gguf_metadata(open_gguf(tmp_path / "keys.gguf")),
+                              has_output_tensor=not args.tie_word_embeddings)
+    assert back.llama4 == args.llama4 and back.ffn_hidden_dim == args.ffn_hidden_dim
+    assert back.norm_eps == pytest.approx(args.norm_eps, rel=1e-7)  # float32 in the file
+    for field in ("dim", "n_layers", "n_heads", "kv_heads", "head_dim", "vocab_size", "rope_theta", "max_seq_len"):
+        assert getattr(back, field) == getattr(args, field), field

@@ -471,7 +471,8 @@ def from_llama4_gguf(meta: dict, where: str, has_output_tensor: bool) -> ModelAr
         raise ConfigError(f"{where}: {key('expert_shared_feed_forward_length')} = {shared!r}: llama.cpp's llama4 "
                           f"gives the shared expert the routed experts' width ({expert_width})")
     dense_width = meta.get(key("feed_forward_length"))
-    dense_width = _uniform(dense_width, key("feed_forward_length"), where, dense_layers) if dense_layers else None
+    # The dense layers' width (kept, as stated, even when every layer is an MoE layer and none uses it).
+    dense_width = _uniform(dense_width, key("feed_forward_length"), where, dense_layers or None)
     try:
         llama4 = Llama4Args(
             n_experts=n_experts, top_k=get("expert_used_count", scalar(_int_value)), moe_layers=moe_layers,

@@ -38,7 +38,7 @@ def layer(model, i: int, h: np.ndarray, start_pos: int, cache, key_mask, cos: np
     use_rope = i not in m.nope_layers
     # Left padding: row b's tokens sit pad[b] cache slots later than in a batch of one. RoPE sees only relative
     # positions, but the chunks and temperatures are counted from each row's own first token.
-    pad = left_padding(key_mask, start_pos + T)  # (B,)
+    pad = left_padding(key_mask, start_pos + T)  # (B,); (1,) of zeros without a mask
 
     # Attention block, pre-norm: normalise, project to queries, keys and values.
     x = op.rms_norm(h, w[p + "attention_norm.weight"], args.norm_eps)  # (B, T, D)

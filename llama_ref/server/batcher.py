@@ -308,7 +308,7 @@ class Batcher:
 
         The kept keys were rotated (RoPE) for the positions they had; placed elsewhere, they are rotated
         on by the difference, which is exact in arithmetic (rotations add) and differs from recomputing
-        them by float32 rounding."""
+        them by float32 rounding. Llama 4's NoPE layers' keys were never rotated and stay as they are."""
         seq = slot.row.sequence
         best, shared = None, 0
         for p in self._prefixes:
@@ -326,9 +326,12 @@ class Batcher:
         cache = KVCache(self.model.args, 1, self.model.dtype, capacity=capacity)
         shift = start - best.offset
         cos, sin = ops.rope_tables(self.model.freqs, shift, 1, self.model.dtype)  # (1, HD/2): one angle
+        llama4 = self.model.args.llama4
+        unrotated = set(llama4.nope_layers) if llama4 is not None else set()  # Llama 4's NoPE layers' keys
         for layer in range(self.model.args.n_layers):
             keys = best.k[layer][:, :shared]
-            cache.k[layer][:, start:start + shared] = ops.apply_rope(keys, cos, sin) if shift else keys
+            rotate = shift and layer not in unrotated
+            cache.k[layer][:, start:start + shared] = ops.apply_rope(keys, cos, sin) if rotate else keys
             cache.v[layer][:, start:start + shared] = best.v[layer][:, :shared]
         cache.length = start + shared
         mask = np.zeros((1, end), dtype=bool)

@@ -40,44 +40,84 @@ def _hsum8(acc):
     return (r0 + r2) + (r1 + r3)
 
 
+@njit(inline="always", **JIT)
+def _lanes_f32(lanes, scale, nb):
+    """The float part of an 8-lane dot product: lanes (nb * 8,) int32 partial sums, scale (nb,) float32;
+    acc[l] = fma(scale[b], lanes[8b + l], acc[l]) block after block, then hsum_float_8. Eight scalars
+    (not an array) keep the accumulators in registers."""
+    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = np.float32(0)
+    for b in range(nb):
+        sc = scale[b]
+        i = 8 * b
+        a0 = _fma(sc, np.float32(lanes[i]), a0)
+        a1 = _fma(sc, np.float32(lanes[i + 1]), a1)
+        a2 = _fma(sc, np.float32(lanes[i + 2]), a2)
+        a3 = _fma(sc, np.float32(lanes[i + 3]), a3)
+        a4 = _fma(sc, np.float32(lanes[i + 4]), a4)
+        a5 = _fma(sc, np.float32(lanes[i + 5]), a5)
+        a6 = _fma(sc, np.float32(lanes[i + 6]), a6)
+        a7 = _fma(sc, np.float32(lanes[i + 7]), a7)
+    return ((a0 + a4) + (a2 + a6)) + ((a1 + a5) + (a3 + a7))
+
+
 @njit(parallel=True, **JIT)
 def _dot_q8_0(xq, xd, qs, d, out):
     """ggml_vec_dot_q8_0_q8_0: xq (N, K) int8, xd (N, nb) float32; qs (R, K) uint8 holding int8 quants,
-    d (R, nb) float32. out (N, R): 8 lanes of 4 products per block, fma into each lane, hsum_float_8."""
+    d (R, nb) float32. out (N, R): 8 lanes of 4 products per block, fma into each lane, hsum_float_8.
+
+    The products of a row go through a small int32 buffer first (one loop over K that LLVM vectorizes),
+    then each lane's four are added: integer sums, exact in any order."""
     N, K = xq.shape
     R, nb = d.shape
     for c in prange((R + ROWS - 1) // ROWS):
-        acc = np.empty(8, np.float32)
+        prod = np.empty(K, np.int32)
+        lanes = np.empty(K // 4, np.int32)
+        scale = np.empty(nb, np.float32)
         for r in range(c * ROWS, min(R, (c + 1) * ROWS)):
+            w = qs[r].view(np.int8)
             for n in range(N):
-                acc[:] = 0
+                x = xq[n]
+                for k in range(K):
+                    prod[k] = np.int32(w[k]) * np.int32(x[k])
+                for i in range(K // 4):
+                    lanes[i] = (prod[4 * i] + prod[4 * i + 1]) + (prod[4 * i + 2] + prod[4 * i + 3])
                 for b in range(nb):
-                    scale = d[r, b] * xd[n, b]  # float32 product
-                    for lane in range(8):
-                        k0 = b * 32 + lane * 4
-                        s = np.int32(0)
-                        for t in range(4):
-                            s += np.int32(np.int8(qs[r, k0 + t])) * np.int32(xq[n, k0 + t])
-                        acc[lane] = _fma(scale, np.float32(s), acc[lane])
-                out[n, r] = _hsum8(acc)
+                    scale[b] = d[r, b] * xd[n, b]  # float32 product
+                out[n, r] = _lanes_f32(lanes, scale, nb)
 
 
 @njit(parallel=True, **JIT)
 def _dot_q4_0(xq, xd, qs, d, out):
     """ggml_gemv_q4_0_8x8_q8_0: qs (R, K/2) bytes, block b's value j in the low nibble of byte 16b + j and
-    value j + 16 in its high nibble, minus 8. One integer per block, fma(d_w d_x, sumi, acc)."""
+    value j + 16 in its high nibble, minus 8. One integer per block, fma(d_w d_x, sumi, acc).
+
+    sumi = sum_j lo_j x_j + hi_j x_(j+16) - 8 sum(x): the activations are regrouped once per call into the
+    nibbles' order (xlo, xhi), so the loop over a weight row's bytes is one flat, vectorizable loop."""
     N, K = xq.shape
     R, nb = d.shape
+    half = K // 2
+    xlo = np.empty((N, half), np.int32)
+    xhi = np.empty((N, half), np.int32)
+    xsum = np.zeros((N, nb), np.int32)
+    for n in range(N):
+        for b in range(nb):
+            for j in range(16):
+                lo, hi = np.int32(xq[n, b * 32 + j]), np.int32(xq[n, b * 32 + 16 + j])
+                xlo[n, b * 16 + j], xhi[n, b * 16 + j] = lo, hi
+                xsum[n, b] += lo + hi
     for c in prange((R + ROWS - 1) // ROWS):
+        prod = np.empty(half, np.int32)
         for r in range(c * ROWS, min(R, (c + 1) * ROWS)):
+            w = qs[r]
             for n in range(N):
+                for i in range(half):
+                    byte = np.int32(w[i])
+                    prod[i] = (byte & 15) * xlo[n, i] + (byte >> 4) * xhi[n, i]
                 acc = np.float32(0)
                 for b in range(nb):
-                    s = np.int32(0)
+                    s = np.int32(-8) * xsum[n, b]
                     for j in range(16):
-                        byte = np.int32(qs[r, b * 16 + j])
-                        s += ((byte & 15) - 8) * np.int32(xq[n, b * 32 + j])
-                        s += ((byte >> 4) - 8) * np.int32(xq[n, b * 32 + 16 + j])
+                        s += prod[b * 16 + j]
                     acc = _fma(d[r, b] * xd[n, b], np.float32(s), acc)
                 out[n, r] = acc
 

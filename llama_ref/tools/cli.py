@@ -87,6 +87,9 @@ def _model_options(p) -> None:
                    help=f"GGUF file, model directory or fetchable name (default: {DEFAULT_MODEL})")
     p.add_argument("--backend", choices=["numpy", "numba"], default="numpy",
                    help="numpy (the reference, default) or numba (compiled kernels)")
+    p.add_argument("--arithmetic", choices=["exact", "ggml"], default="exact",
+                   help="exact (default): quantized weights widened to float32; ggml: llama.cpp's CPU "
+                        "arithmetic, 8-bit activations and integer products (llama_ref/model/ggml.py)")
     p.add_argument("--dtype", choices=["float32", "float64"], default="float32",
                    help="computation dtype (default float32)")
     p.add_argument("--weights", choices=["float32", "packed"], default=None,
@@ -176,7 +179,8 @@ def _load(args):
         notice = compile_notice()
         if notice:
             print(notice, file=sys.stderr, flush=True)
-    return load(args.model, backend=args.backend, dtype=np.dtype(args.dtype), progress=not args.quiet,
+    return load(args.model, backend=args.backend, arithmetic=getattr(args, "arithmetic", "exact"),
+                dtype=np.dtype(args.dtype), progress=not args.quiet,
                 weights=args.weights, quantize=args.quantize, mmap=args.mmap, max_seq_len=args.ctx_size,
                 parallel=getattr(args, "parallel", None), tensor_parallel=getattr(args, "tensor_parallel", None))
 

@@ -207,6 +207,19 @@ def test_arrays_of_grey_and_rgba_convert_as_meta():
     np.testing.assert_array_equal(np.asarray(load_image(rgba)), rgba[..., :3])  # alpha dropped
 
 
+@pytest.mark.parametrize("mode", ["1", "L", "P", "CMYK", "YCbCr", "HSV", "I", "F", "LA", "PA", "RGBX", "I;16"])
+def test_every_pillow_mode_converts_as_metas(mode):
+    img = Image.new(mode, (5, 4)) if mode in ("HSV", "PA", "I;16") else Image.open(IMAGES / "chelsea.png").convert(mode)
+    out = load_image(img)
+    assert out.mode == "RGB" and out.size == img.size
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(img.convert("RGB")))  # Meta's conversion
+
+
+def test_unconvertible_mode_is_named():
+    with pytest.raises(ImageError, match="my picture: Pillow cannot convert its La pixels to RGB"):
+        load_image(Image.new("La", (3, 3)), name="my picture")
+
+
 def test_padded_tiles_and_mask():
     out = preprocess_image(IMAGES / "coffee.jpg", tile_size=32, max_num_chunks=8)
     tiles, mask = out.padded()

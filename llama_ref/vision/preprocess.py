@@ -92,12 +92,22 @@ def load_image(src: ImageSource, *, max_pixels: int = MAX_PIXELS, name: str = "i
         _check_pixels(src.size, max_pixels, name)
         try:
             src.load()
-            return src if src.mode == "RGB" else src.convert("RGB")
         except (OSError, SyntaxError, ValueError, EOFError) as e:
             raise ImageError(f"{name}: corrupt or truncated image ({type(e).__name__}: {e})") from e
+        return _to_rgb(src, name)
     if isinstance(src, np.ndarray):
         return _from_array(src, max_pixels, name)
     raise ImageError(f"{name}: expected a file path, a PIL.Image or a numpy array, got {type(src).__name__}")
+
+
+def _to_rgb(im, name: str):
+    """Meta's image.convert("RGB"); the few modes Pillow cannot convert (premultiplied "La") are named."""
+    if im.mode == "RGB":
+        return im
+    try:
+        return im.convert("RGB")
+    except ValueError as e:
+        raise ImageError(f"{name}: Pillow cannot convert its {im.mode} pixels to RGB ({e})") from e
 
 
 def _check_pixels(size: tuple[int, int], max_pixels: int, name: str) -> None:
@@ -130,7 +140,7 @@ def _decode_file(path: Path, max_pixels: int):
             with im:
                 _check_pixels(im.size, max_pixels, str(path))
                 im.load()  # decode now, inside the try: a truncated file fails here
-                return im.convert("RGB")
+                return _to_rgb(im, str(path))
     except ImageError:
         raise
     except Image.DecompressionBombError as e:  # Pillow's own cap, checked in Image.open for huge headers
@@ -154,7 +164,7 @@ def _from_array(a: np.ndarray, max_pixels: int, name: str):
         raise ImageError(f"{name}: image arrays are [H, W] (grey), [H, W, 3] (RGB) or [H, W, 4] (RGBA); "
                          f"got shape {a.shape}")
     _check_pixels((a.shape[1], a.shape[0]), max_pixels, name)
-    return Image.fromarray(np.ascontiguousarray(a)).convert("RGB")  # uint8 [H, W] / [..., 3] / [..., 4]: L, RGB, RGBA
+    return _to_rgb(Image.fromarray(np.ascontiguousarray(a)), name)  # uint8 [H, W] / [..., 3] / [..., 4]: L, RGB, RGBA
 
 
 def check_image_count(n: int, max_images: int, what: str = "prompt") -> None:

@@ -51,3 +51,17 @@ def default_model_path():
 def default_model(default_model_path):
     """SmolLM2-135M-Instruct on the NumPy backend. Shared: tests must not keep state in its cache."""
     return llama_ref.load(default_model_path)
+
+
+# The fast tier (`pytest -m "not slow"`) runs on tiny random models only: a test that uses the real default
+# model (135M parameters, seconds per test on 2 cores) or starts MPI ranks (a process per rank, numba
+# imported in each) belongs to the full suite, which CI runs.
+SLOW_FIXTURES = {"default_model", "default_model_path"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        uses_real_model = SLOW_FIXTURES & set(getattr(item, "fixturenames", ()))
+        starts_mpi_ranks = item.path.name == "test_parallel.py" and item.name.startswith("test_mpi_")
+        if uses_real_model or starts_mpi_ranks:
+            item.add_marker(pytest.mark.slow)

@@ -370,3 +370,23 @@ def test_gelu_kernel_is_the_numpy_twin():
     big = np.random.default_rng(0).standard_normal((3, 40000)).astype(np.float32)  # the parallel loop
     np.testing.assert_array_equal(fast(big), gelu(big))
     assert fast(x.astype(np.float64)).dtype == np.float64
+
+
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+def test_attend_all_is_unmasked_attention_in_blocks(backend):
+    """attend_all (every query sees every visible key) over several query blocks, against softmax by hand."""
+    from llama_ref.model import ops
+    from llama_ref.vision.encoder import attend_all
+    k_ops = ops if backend == "numpy" else __import__("llama_ref.kernels", fromlist=["attention"])
+    rng = np.random.default_rng(1)
+    q = rng.standard_normal((1, 150, 4, 8)).astype(np.float32)
+    k, v = (rng.standard_normal((1, 100, 2, 8)).astype(np.float32) for _ in range(2))
+    mask = rng.random((1, 100)) < 0.7
+    out = attend_all(k_ops, q, k, v, mask)
+    kk = np.repeat(k, 2, axis=2)[0]  # (S, H, HD): query head h reads KV head h // 2
+    vv = np.repeat(v, 2, axis=2)[0]
+    scores = np.einsum("thd,shd->hts", q[0].astype(np.float64), kk) / np.sqrt(8)
+    scores[:, :, ~mask[0]] = -np.inf
+    p = np.exp(scores - scores.max(-1, keepdims=True))
+    want = np.einsum("hts,shd->thd", p / p.sum(-1, keepdims=True), vv)
+    assert np.abs(out[0] - want).max() < 1e-5

@@ -44,22 +44,30 @@ def gelu(x: np.ndarray) -> np.ndarray:
     return (v * 0.5 * (1.0 + _erf(v / math.sqrt(2.0)))).astype(x.dtype)
 
 
+QUERY_BLOCK = 64  # queries per call of the backend's attention in attend_all
+
+
 def attend_all(k_ops, q: np.ndarray, k: np.ndarray, v: np.ndarray, key_mask: "np.ndarray | None" = None):
     """Attention where every query sees every key (but those key_mask marks False), through the backend's
-    causal attention: after the S keys come T-1 hidden slots and the queries sit at positions S-1 .. S+T-2,
-    so query t may see keys 0 .. S-1+t, of which only the S real ones are visible.
+    causal attention: after the S keys come n-1 hidden slots and a block of n queries sits at positions
+    S-1 .. S+n-2, so query t may see keys 0 .. S-1+t, of which only the S real ones are visible. Blocks of
+    QUERY_BLOCK queries keep the hidden slots (work the causal kernel does for nothing) few.
 
     q (B, T, H, HD); k, v (B, S, KVH, HD); key_mask (B, S) bool or None. Returns (B, T, H, HD)."""
     B, T = q.shape[:2]
     S = k.shape[1]
-    if T == 0:
-        return np.zeros(q.shape, q.dtype)
-    pad = np.zeros((B, T - 1, *k.shape[2:]), k.dtype)  # (B, T-1, KVH, HD)
-    keys = np.concatenate([k, pad], axis=1)  # (B, S+T-1, KVH, HD)
-    values = np.concatenate([v, pad], axis=1)  # (B, S+T-1, KVH, HD)
+    n = min(T, QUERY_BLOCK)
+    keys = np.concatenate([k, np.zeros((B, n - 1, *k.shape[2:]), k.dtype)], axis=1)  # (B, S+n-1, KVH, HD)
+    values = np.concatenate([v, np.zeros((B, n - 1, *v.shape[2:]), v.dtype)], axis=1)  # (B, S+n-1, KVH, HD)
     visible = np.ones((B, S), bool) if key_mask is None else key_mask
-    visible = np.concatenate([visible, np.zeros((B, T - 1), bool)], axis=1)  # (B, S+T-1)
-    return k_ops.attention(np.ascontiguousarray(q), keys, values, S - 1, visible)
+    visible = np.concatenate([visible, np.zeros((B, n - 1), bool)], axis=1)  # (B, S+n-1)
+    out = np.empty(q.shape, q.dtype)  # (B, T, H, HD)
+    for t0 in range(0, T, n):
+        t1 = min(T, t0 + n)
+        end = S + (t1 - t0) - 1  # the causal contract: keys up to the last query's position
+        out[:, t0:t1] = k_ops.attention(np.ascontiguousarray(q[:, t0:t1]), keys[:, :end], values[:, :end], S - 1,
+                                        visible[:, :end])
+    return out
 
 
 def patch_features(tiles: np.ndarray, weight, patch: int, k_ops) -> np.ndarray:

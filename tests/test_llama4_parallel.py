@@ -28,6 +28,29 @@ def test_threaded_ranks_match_one_process(src, n):
     np.testing.assert_allclose(got[0], want, rtol=0, atol=1e-5)
 
 
+def test_hf_and_single_meta_files_are_read_stacked_tensor_by_stacked_tensor(monkeypatch):
+    """Ranks reading an HF directory or one Meta file never load the whole model (the ordinary loader is
+    not called): each source tensor, stacked experts included, is read once per rank, in turn, and only the
+    rank's slices are kept."""
+    import llama_ref.weights.directory as directory
+    from llama_ref.weights.torch_zip import TorchTensor, read_torch_file
+
+    want = {src: single_logits(SOURCES[src]) for src in ("hf", "meta")}
+
+    def whole(*a, **k):
+        raise AssertionError("the whole checkpoint was loaded")
+
+    reads = []
+    original = TorchTensor.read
+    monkeypatch.setattr(directory, "load_directory", whole)
+    key = lambda t: (t.storage.offset, t.storage_offset, t.shape)  # noqa: E731  (a tensor's place in the file)
+    monkeypatch.setattr(TorchTensor, "read", lambda self: reads.append(key(self)) or original(self))
+    for src in ("hf", "meta"):
+        np.testing.assert_allclose(threaded_logits(SOURCES[src], 2)[0], want[src], rtol=0, atol=1e-5)
+    tensors = [key(t) for t in read_torch_file(SOURCES["meta"] / "consolidated.00.pth").values()]
+    assert sorted(reads) == sorted(tensors * 2)  # 2 ranks, each reading each tensor of the file once
+
+
 def test_rank_slices_tile_every_expert():
     args = _open_source(SOURCES["hf"])[0]
     for n in (2, 4):

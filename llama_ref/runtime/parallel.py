@@ -347,10 +347,39 @@ class _InMemory:
         return self.array if axis is None else np.ascontiguousarray(self.array[_index(self.array.ndim, axis, lo, hi)])
 
 
+class _Planned:
+    """A canonical Llama 4 tensor cut out of a source tensor (weights.llama4's plan: an expert of a stacked
+    tensor, a part of a fused one). The sources are read one at a time through a one-entry cache, in source
+    order, so a rank holds at most one stacked tensor beside the slices it keeps."""
+
+    def __init__(self, cache: dict, sources: dict, source: str, fn, shape: tuple):
+        self.cache, self.sources, self.source, self.fn, self.shape = cache, sources, source, fn, shape
+        self.dtype_name = sources[source].dtype_name
+
+    def block(self, axis, lo, hi, rank):
+        if self.cache.get("name") != self.source:
+            self.cache.clear()  # the previous source's array goes before the next is read
+            self.cache.update(name=self.source, raw=self.sources[self.source].read())
+        raw = self.cache["raw"] if self.fn is None else self.fn(self.cache["raw"])
+        return np.ascontiguousarray(raw if axis is None else raw[_index(raw.ndim, axis, lo, hi)])
+
+
 def _open_llama4(path: Path, kind: str):
-    """A Llama 4 checkpoint for the ranks: each rank reads it whole (in float32) through the ordinary loader
-    and keeps its slice. Simpler than reading slices of the stacked expert tensors, but a rank's peak memory
-    while loading is the whole model's, not its share."""
+    """A Llama 4 checkpoint for the ranks. An HF directory or a single Meta file is planned like
+    weights.llama4 loads it and each rank reads the stacked tensors one at a time, keeping its slices; GGUF
+    files and Meta's model-parallel shards are read whole (in float32) through the ordinary loader, each rank
+    then keeping its slice (a rank's peak memory while loading is then the whole model's, not its share)."""
+    from ..weights import llama4 as l4
+    from ..weights.meta import shard_paths
+
+    if kind == "hf" or (kind == "meta" and len(shard_paths(path)) == 1):
+        args, sources, plan = (l4.open_llama4_hf if kind == "hf" else l4.open_llama4_meta)(path)
+        l4.check_plan(plan, sources, args)
+        want, cache = l4.expected_shapes(args), {}
+        order = sorted(plan.items.items(), key=lambda item: item[1][0])  # each source read once
+        tensors = {name: _Planned(cache, sources, source, fn, want[name]) for name, (source, _, fn) in order
+                   if not (args.tie_word_embeddings and name == "output.weight")}
+        return args, tensors, {}, {"format": kind}
     if kind == "gguf":
         from ..weights.gguf import load_gguf
         args, weights, extras = load_gguf(path)

@@ -51,9 +51,8 @@ class _Plan:
         self.items[name] = (source, tuple(source_shape), fn)
 
 
-def _read_plan(plan: _Plan, tensors: dict, args, progress: bool, label: str) -> dict:
-    """Check every source against its expected shape and every canonical tensor present, then read.
-    Returns canonical name -> (raw elements, stored dtype name)."""
+def check_plan(plan: _Plan, tensors: dict, args) -> None:
+    """Every canonical tensor planned, nothing else, and every source of the shape the config implies."""
     where = plan.where
     want = expected_shapes(args)
     missing = [n for n in want if n not in plan.items]
@@ -67,6 +66,12 @@ def _read_plan(plan: _Plan, tensors: dict, args, progress: bool, label: str) -> 
         got = tuple(tensors[source].shape)
         if got != shape:
             raise WeightsError(f"{where}: tensor {source} has shape {got}, the config implies {shape}")
+
+
+def _read_plan(plan: _Plan, tensors: dict, args, progress: bool, label: str) -> dict:
+    """Check the plan (check_plan), then read. Returns canonical name -> (raw elements, stored dtype name)."""
+    check_plan(plan, tensors, args)
+    want = expected_shapes(args)
     # Read each source once (sorted by source, so a stacked expert tensor is in memory once at a time).
     order = sorted(plan.items.items(), key=lambda item: item[1][0])
     if progress:
@@ -197,6 +202,23 @@ def load_llama4_meta(directory: Path, keep: str = "stored", progress: bool = Fal
                            "files": paths}
 
 
+def open_llama4_meta(directory: Path):
+    """(args, lazy tensors by source name, plan) of a single-file Meta Llama 4 checkpoint; nothing is read yet.
+    (Model-parallel shards are joined by load_llama4_meta.)"""
+    from .meta import shard_paths
+    from .torch_zip import read_torch_file
+
+    directory = Path(directory)
+    paths = shard_paths(directory)
+    if len(paths) != 1:
+        raise WeightsError(f"{directory}: {len(paths)} model-parallel shards; open_llama4_meta reads one file")
+    args = from_params_json(_read_json(directory / "params.json"), where=str(directory / "params.json"))
+    tensors = {n: t for n, t in read_torch_file(paths[0]).items()
+               if n != "rope.freqs" and not n.startswith(VISION_PREFIXES) and not n.endswith("._extra_state")}
+    check_layer_count(args, tensors, str(paths[0]))
+    return args, tensors, _meta_plan(args, tensors, str(paths[0]))
+
+
 HF_LAYER = {
     "self_attn.q_proj.weight": "attention.wq.weight", "self_attn.k_proj.weight": "attention.wk.weight",
     "self_attn.v_proj.weight": "attention.wv.weight", "self_attn.o_proj.weight": "attention.wo.weight",
@@ -214,10 +236,21 @@ HF_TOP = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weig
 
 def load_llama4_hf(directory: Path, keep: str = "stored", progress: bool = False):
     """A Hugging Face Llama 4 checkpoint directory. Returns (args, weights, extras) like load_hf."""
-    from .hf import hf_tensor_files, read_hf_tensors
+    from .hf import hf_tensor_files
 
     directory = Path(directory)
     check_keep(keep)
+    args, tensors, plan = open_llama4_hf(directory)
+    weights = {name: finish(raw, dtype, keep, name)
+               for name, (raw, dtype) in _read_plan(plan, tensors, args, progress, directory.name).items()}
+    dtypes = {t.dtype_name for n, t in tensors.items() if not n.endswith("norm.weight")}
+    return args, weights, {"format": "hf", "dtype": "/".join(sorted(dtypes)), "files": hf_tensor_files(directory)}
+
+
+def open_llama4_hf(directory: Path):
+    """(args, lazy tensors by source name, plan) of a Hugging Face Llama 4 directory; nothing is read yet."""
+    from .hf import read_hf_tensors
+
     where = str(directory)
     args = from_hf_config(directory / "config.json")
     m = args.llama4
@@ -256,10 +289,7 @@ def load_llama4_hf(directory: Path, keep: str = "stored", progress: bool = False
     elif "output.weight" not in plan.items:
         raise WeightsError(f"{where}: tensor lm_head.weight is missing (and config.json does not tie word "
                            f"embeddings)")
-    weights = {name: finish(raw, dtype, keep, name)
-               for name, (raw, dtype) in _read_plan(plan, tensors, args, progress, directory.name).items()}
-    dtypes = {t.dtype_name for n, t in tensors.items() if not n.endswith("norm.weight")}
-    return args, weights, {"format": "hf", "dtype": "/".join(sorted(dtypes)), "files": hf_tensor_files(directory)}
+    return args, tensors, plan
 
 
 def is_llama4_directory(path: Path, kind: str) -> bool:

@@ -146,14 +146,16 @@ def main() -> None:
                   flush=True)
     summary = {"params": args.param_count(), "weights_mib": total_mib, "dim": args.dim, "layers": args.n_layers,
                "heads": args.n_heads, "kv_heads": args.kv_heads, "vocab": args.vocab_size,
-               "prefill": opts.prefill, "decode": opts.decode, "backend": opts.backend, "cores": len(os.sched_getaffinity(0)),
+               "prefill": opts.prefill, "decode": opts.decode, "backend": opts.backend,
+               "cores": len(os.sched_getaffinity(0)),
                "results": results}
     if opts.json:
         opts.json.write_text(json.dumps(summary, indent=1) + "\n")
     if opts.md:
         lines = [f"Random bf16 Llama: {args.param_count() / 1e6:.0f}M parameters ({total_mib:.0f} MiB), dim "
                  f"{args.dim}, {args.n_layers} layers, {args.n_heads} heads / {args.kv_heads} KV heads, vocabulary "
-                 f"{args.vocab_size}; {summary['cores']} cores, backend {opts.backend}, BLAS/Numba threads per rank = cores / N; prefill "
+                 f"{args.vocab_size}; {summary['cores']} cores, backend {opts.backend}, "
+                 f"BLAS/Numba threads per rank = cores / N; prefill "
                  f"{opts.prefill} tokens, {opts.decode} greedy decode steps.", "",
                  "| ranks | weights read from | decode tok/s | prefill tok/s | sent per token per rank | "
                  "collectives per token | kept per rank (MiB) | peak load - baseline (MiB) | / (weights / N) | "

@@ -121,7 +121,8 @@ def test_real_templates_render_as_before():
     # the idioms chat templates use: loop variables, namespaces, filters, string methods, tojson
     source = ("{% set ns = namespace(n=0) %}{% for m in messages %}{% set ns.n = ns.n + 1 %}"
               "{{ loop.index }}:{{ m.role | upper }}:{{ m.content[:3] | trim }}|{% endfor %}{{ ns.n }}|"
-              "{{ messages[0] | tojson | length }}|{{ ' a b '.strip().split(' ') | join(',') }}|{{ '%d-%s' % (3, 'z') }}|"
+              "{{ messages[0] | tojson | length }}|{{ ' a b '.strip().split(' ') | join(',') }}|"
+              "{{ '%d-%s' % (3, 'z') }}|"
               "{{ '{}+{}'.format(1, 2) }}|{{ 'ab' * 3 }}|{{ 2 ** 10 }}|{{ 'q'.center(5) }}")
     out = render_chat(source, messages)
     assert out == (f"1:USER:xxx|2:ASSISTANT:ééé|3:USER:<|i|3|{len(json.dumps(messages[0]))}|a,b|3-z|1+2|ababab|1024|"

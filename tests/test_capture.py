@@ -54,12 +54,15 @@ def test_captured_tensors_are_the_steps_of_the_forward_pass():
         q = (x @ w[p + "attention.wq.weight"].T).reshape(len(TOKENS), a.n_heads, a.head_dim)
         np.testing.assert_allclose(acts[p + "attention.q"], ops.apply_rope(q[None], cos, sin)[0], rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(acts[p + "attention.output"],
-                                   acts[p + "attention.heads"].reshape(len(TOKENS), -1) @ w[p + "attention.wo.weight"].T,
+                                   acts[p + "attention.heads"].reshape(len(TOKENS), -1)
+                                   @ w[p + "attention.wo.weight"].T,
                                    rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(acts[p + "attention_residual"], residual + acts[p + "attention.output"], rtol=1e-6)
-        np.testing.assert_allclose(acts[p + "feed_forward.gate"], acts[p + "ffn_norm"] @ w[p + "feed_forward.w1.weight"].T,
+        np.testing.assert_allclose(acts[p + "feed_forward.gate"],
+                                   acts[p + "ffn_norm"] @ w[p + "feed_forward.w1.weight"].T,
                                    rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(acts[p + "feed_forward.up"], acts[p + "ffn_norm"] @ w[p + "feed_forward.w3.weight"].T,
+        np.testing.assert_allclose(acts[p + "feed_forward.up"],
+                                   acts[p + "ffn_norm"] @ w[p + "feed_forward.w3.weight"].T,
                                    rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(acts[p + "residual"],
                                    acts[p + "attention_residual"] + acts[p + "feed_forward.output"], rtol=1e-6)

@@ -205,7 +205,8 @@ def test_save_and_load_a_conversation(tiny_gguf, tmp_path):
     history = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": first.text}]
     second = model.chat(history + [{"role": "user", "content": "and then?"}], system="Be brief.", **kw)
     assert [a["ids"] for a in answers] == [first.ids, second.ids]  # the loaded conversation went on
-    assert f"[saved 2 messages to {saved}]" in done.stderr and f"[loaded 2 messages and a system prompt from {saved}]" in done.stderr
+    assert f"[saved 2 messages to {saved}]" in done.stderr
+    assert f"[loaded 2 messages and a system prompt from {saved}]" in done.stderr
     data = json.loads(saved.read_text(encoding="utf-8"))
     assert data["system"] == "Be brief." and data["messages"] == history + [
         {"role": "user", "content": "and then?"}, {"role": "assistant", "content": second.text}]
@@ -214,7 +215,8 @@ def test_save_and_load_a_conversation(tiny_gguf, tmp_path):
     listed = tmp_path / "list.json"
     listed.write_text(json.dumps([{"role": "system", "content": "S"}] + history), encoding="utf-8")
     assert load_conversation(listed) == ("S", history)
-    assert save_conversation(tmp_path / "none.json", None, []) and load_conversation(tmp_path / "none.json") == (None, [])
+    assert save_conversation(tmp_path / "none.json", None, [])
+    assert load_conversation(tmp_path / "none.json") == (None, [])
 
 
 BAD_FILES = [
@@ -225,7 +227,8 @@ BAD_FILES = [
     ("number.json", b"42", "got a int"),
     ("nomessages.json", b'{"system": "s"}', "no 'messages' list"),
     ("extra.json", b'{"messages": [], "temperature": 1}', "unknown key 'temperature'"),
-    ("roles.json", b'{"messages": [{"role": "assistant", "content": "a"}]}', "message 1: role 'assistant' where 'user'"),
+    ("roles.json", b'{"messages": [{"role": "assistant", "content": "a"}]}',
+     "message 1: role 'assistant' where 'user'"),
     ("content.json", b'{"messages": [{"role": "user", "content": 3}]}', "message 1: content must be a string"),
     ("open.json", b'{"messages": [{"role": "user", "content": "q"}]}', "ends with the assistant's answer"),
     ("surrogate.json", b'{"messages": [{"role": "user", "content": "\\ud800"}, {"role": "assistant", "content": ""}]}',

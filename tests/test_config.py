@@ -443,7 +443,8 @@ def test_model_code_has_no_model_constants():
     # The forward pass and its kernels take theta, eps, scaling and context sizes from the config only:
     # none of the official values appears as a literal number in their code (docstrings aside).
     root = Path(llama_ref.__file__).parent
-    files = [root / "model" / f for f in ("transformer.py", "ops.py", "llama4.py")] + sorted((root.parent / "kernels").glob("*.py"))
+    files = [root / "model" / f for f in ("transformer.py", "ops.py", "llama4.py")]
+    files += sorted((root.parent / "kernels").glob("*.py"))
     try:
         import llama_ref.kernels as kernels
         files += sorted(Path(kernels.__file__).parent.glob("*.py"))

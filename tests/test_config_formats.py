@@ -103,8 +103,10 @@ def test_rope_parameters_of_transformers_5_are_read():
 @pytest.mark.parametrize("change, message", [
     ({"rope_theta": 10000.0}, "rope_theta is given twice with different values"),
     ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                       "original_max_position_embeddings": 8192}}, "rope_scaling and rope_parameters disagree on factor"),
-    ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4, "original_max_position_embeddings": 8}},
+                       "original_max_position_embeddings": 8192}},
+     "rope_scaling and rope_parameters disagree on factor"),
+    ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4,
+                          "original_max_position_embeddings": 8}},
      "rope scaling type 'yarn' is not supported"),
     ({"rope_parameters": {"rope_type": "dynamic", "factor": 2.0}}, "'dynamic' is not supported"),
     ({"rope_parameters": {"rope_type": "longrope", "factor": 2.0}}, "'longrope' is not supported"),

@@ -283,7 +283,8 @@ def test_vocabulary_arrays_of_the_wrong_kind(tmp_path):
     assert_refused(tmp_path, data, "tokenizer.ggml.token_type must be an array of integers", TokenizerError)
 
 
-@pytest.mark.parametrize("key, value", [("tokenizer.ggml.bos_token_id", 257), ("tokenizer.ggml.eos_token_id", 4294967295),
+@pytest.mark.parametrize("key, value", [("tokenizer.ggml.bos_token_id", 257),
+                                        ("tokenizer.ggml.eos_token_id", 4294967295),
                                         ("tokenizer.ggml.padding_token_id", 1000)])
 def test_special_token_ids_outside_the_vocabulary(tmp_path, key, value):
     data = write_tiny(tmp_path / "vocab.gguf", **{key: value}).read_bytes()

@@ -90,8 +90,8 @@ def meta_reference(name, path) -> Transformer:
 
     A GGUF file stores Llama 3.1's RoPE scaling as one float32 divisor per frequency (rope_freqs), not as the
     formula's parameters: its frequencies are the formula's to the float32 rounding of the divisors (computed in
-    float32 by the file's writer: checked here within two float32 ulps, 2^-22 relative), and a model read from it is bit for bit the same weights with those
-    frequencies, not with the formula's."""
+    float32 by the file's writer: checked here within two float32 ulps, 2^-22 relative), and a model read from
+    it is bit for bit the same weights with those frequencies, not with the formula's."""
     meta = model_from(DATA / f"{name}_meta")
     path = Path(path)
     divisors = load_gguf(path)[2].get("freq_divisors") if path.is_file() else None
@@ -428,7 +428,8 @@ def test_unknown_dtype(tmp_path):
     try:
         d = _rewrite_meta(DATA / "llama31_bf16_meta", tmp_path / "m", to_double)
         h = _rewrite_hf(DATA / "llama31_bf16_hf", tmp_path / "h",
-                        lambda raw: raw.update({"model.norm.weight": (raw["model.norm.weight"][0].astype(np.float64), "f64")}))
+                        lambda raw: raw.update(
+                            {"model.norm.weight": (raw["model.norm.weight"][0].astype(np.float64), "f64")}))
     finally:
         del writers.OUT_DTYPES["f64"]
     with pytest.raises(WeightsError, match="consolidated.00.pth: .*DoubleStorage.*not supported"):

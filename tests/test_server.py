@@ -439,7 +439,7 @@ def _free_port() -> int:
 def test_cli_serve(tmp_path):
     path = write_tiny_gguf(tmp_path / "tiny.gguf")
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "llama_ref.tools.cli", "serve", str(path), "--port", str(port), "-q"],
+    proc = subprocess.Popen([sys.executable, "-m", "llama_ref", "serve", str(path), "--port", str(port), "-q"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:

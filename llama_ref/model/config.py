@@ -360,7 +360,8 @@ def from_params_json(source: "str | Path | dict", *, where: str = "params.json")
             tie_word_embeddings=_flag(p, "tie_word_embeddings", where),
             hidden_dim=optional_int("hidden_dim") or None,
             head_dim_override=optional_int("head_dim") or None,
-            llama4=None if llama4 is None else llama4_block(llama4, _int_value(p["n_layers"], "n_layers", where), where),
+            llama4=None if llama4 is None else llama4_block(llama4, _int_value(p["n_layers"], "n_layers", where),
+                                                            where),
         )
 
 

@@ -405,7 +405,8 @@ def llama_guard_tokens(tokenizer: Tokenizer, messages: list[dict], categories: O
     text inside a judged message cannot forge the prompt's structure."""
     sp = lambda name: _special(tokenizer, name)  # noqa: E731
     return ([sp("<|begin_of_text|>"), sp("<|start_header_id|>")] + tokenizer.encode("user", bos=False)
-            + [sp("<|end_header_id|>")] + tokenizer.encode(llama_guard_text(messages, categories, with_policy), bos=False)
+            + [sp("<|end_header_id|>")]
+            + tokenizer.encode(llama_guard_text(messages, categories, with_policy), bos=False)
             + [sp("<|eot_id|>"), sp("<|start_header_id|>")] + tokenizer.encode("assistant", bos=False)
             + [sp("<|end_header_id|>")])
 

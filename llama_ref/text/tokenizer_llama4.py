@@ -91,7 +91,8 @@ def _special(tokenizer: Tokenizer, name: str) -> int:
 
 def llama4_header_tokens(tokenizer: Tokenizer, role: str) -> list[int]:
     """<|header_start|>{role}<|header_end|>\\n\\n; the "tool" role is written "ipython"."""
-    return ([_special(tokenizer, "<|header_start|>")] + tokenizer.encode("ipython" if role == "tool" else role, bos=False)
+    return ([_special(tokenizer, "<|header_start|>")]
+            + tokenizer.encode("ipython" if role == "tool" else role, bos=False)
             + [_special(tokenizer, "<|header_end|>")] + tokenizer.encode("\n\n", bos=False))
 
 
@@ -175,7 +176,8 @@ def _python_list_call(content: str) -> "dict | None":
 
     try:
         tree = ast.parse(content)
-        if len(tree.body) != 1 or not isinstance(tree.body[0], ast.Expr) or not isinstance(tree.body[0].value, ast.List):
+        if (len(tree.body) != 1 or not isinstance(tree.body[0], ast.Expr)
+                or not isinstance(tree.body[0].value, ast.List)):
             return None
         calls = tree.body[0].value.elts
         if not calls or not all(isinstance(c, ast.Call) and isinstance(c.func, ast.Name) and not c.args

@@ -714,7 +714,8 @@ def _run_serve(args) -> int:
     try:
         from ..server import LlamaGuard, serve
     except ImportError as e:
-        raise InputError(f'serve needs the server extra ({e.name} is missing): pip install "llama_ref[server]"') from None
+        raise InputError(f'serve needs the server extra ({e.name} is missing): '
+                         f'pip install "llama_ref[server]"') from None
     if args.model_arg:
         args.model = args.model_arg
     for name in ("port", "max_batch", "max_queue"):

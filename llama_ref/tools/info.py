@@ -71,7 +71,8 @@ def describe(path: "str | Path") -> str:
              "hf": "Hugging Face (config.json + safetensors)"}
     lines = [
         f"path:        {path}",
-        f"format:      {names[kind]}" + (f", {len(list(path.glob('consolidated.*.pth')))} shard(s)" if kind == "meta" else ""),
+        f"format:      {names[kind]}"
+        + (f", {len(list(path.glob('consolidated.*.pth')))} shard(s)" if kind == "meta" else ""),
         f"config:      {_config_line(args)}",
         f"parameters:  {params:,} ({params / 1e9:.3f} B; config implies {args.param_count():,})",
         *([f"llama 4:     {_llama4_line(args)}"] if args.llama4 is not None else []),

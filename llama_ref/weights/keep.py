@@ -1,8 +1,8 @@
 """How a tensor read from a checkpoint is kept in memory: in its stored precision, or as float32.
 
-"stored" keeps bfloat16 and float16 as 16-bit packed weights (llama_ref.weights.packed BF16Weight / F16Weight) and
-float32 as is; the model widens one matrix at a time when it multiplies. "float32" widens everything at load time. Norm weights
-are tiny and read by rms_norm directly, so they are always float32.
+"stored" keeps bfloat16 and float16 as 16-bit packed weights (llama_ref.weights.packed BF16Weight / F16Weight)
+and float32 as is; the model widens one matrix at a time when it multiplies. "float32" widens everything at load
+time. Norm weights are tiny and read by rms_norm directly, so they are always float32.
 """
 
 from __future__ import annotations

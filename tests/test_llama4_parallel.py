@@ -51,6 +51,16 @@ def test_hf_and_single_meta_files_are_read_stacked_tensor_by_stacked_tensor(monk
     assert sorted(reads) == sorted(tensors * 2)  # 2 ranks, each reading each tensor of the file once
 
 
+def test_gguf_experts_are_read_as_views_of_their_stacked_tensors(monkeypatch):
+    import llama_ref.weights.gguf as gguf_module
+
+    want = single_logits(SOURCES["gguf"])
+    monkeypatch.setattr(gguf_module, "load_gguf", lambda *a, **k: (_ for _ in ()).throw(AssertionError("whole")))
+    got = threaded_logits(SOURCES["gguf"], 2)
+    np.testing.assert_allclose(got[0], want, rtol=0, atol=1e-5)
+    assert np.array_equal(got[0], got[1])
+
+
 def test_rank_slices_tile_every_expert():
     args = _open_source(SOURCES["hf"])[0]
     for n in (2, 4):

@@ -366,9 +366,10 @@ class _Planned:
 
 def _open_llama4(path: Path, kind: str):
     """A Llama 4 checkpoint for the ranks. An HF directory or a single Meta file is planned like
-    weights.llama4 loads it and each rank reads the stacked tensors one at a time, keeping its slices; GGUF
-    files and Meta's model-parallel shards are read whole (in float32) through the ordinary loader, each rank
-    then keeping its slice (a rank's peak memory while loading is then the whole model's, not its share)."""
+    weights.llama4 loads it and each rank reads the stacked tensors one at a time, keeping its slices; a GGUF
+    file's experts are views of its stacked tensors, read a block of rows at a time like any GGUF tensor.
+    Meta's model-parallel shards are read whole (in float32) through the ordinary loader, each rank then
+    keeping its slice (a rank's peak memory while loading is then the whole model's, not its share)."""
     from ..weights import llama4 as l4
     from ..weights.meta import shard_paths
 
@@ -380,6 +381,29 @@ def _open_llama4(path: Path, kind: str):
         tensors = {name: _Planned(cache, sources, source, fn, want[name]) for name, (source, _, fn) in order
                    if not (args.tie_word_embeddings and name == "output.weight")}
         return args, tensors, {}, {"format": kind}
+    if kind == "gguf":  # each expert a 2-D view of its stacked tensor, dequantized a block of rows at a time
+        from ..model.config import from_gguf_metadata
+        from ..weights.common import check_weights
+        from ..weights.gguf import dequantize, gguf_metadata, open_gguf
+        from ..weights.gguf_llama4 import check_tensor_types, llama4_tensors, slice_tensor
+
+        reader = open_gguf(path)
+        meta = gguf_metadata(reader)
+        args = from_gguf_metadata(meta, where=str(path),
+                                  has_output_tensor=any(t.name == "output.weight" for t in reader.tensors))
+        check_tensor_types(args, reader.tensors, str(path))
+        tensors, extras = {}, {"format": kind, "metadata": meta}
+        for t in reader.tensors:
+            if t.name == "rope_freqs.weight":
+                extras["freq_divisors"] = dequantize(t).reshape(-1)
+                continue
+            for name, piece in llama4_tensors(args, t):
+                tensors[name] = _GGUFTensor(t if piece is None else slice_tensor(t, piece))
+        lazy = dict(tensors)
+        if args.tie_word_embeddings and "tok_embeddings.weight" in lazy:
+            lazy["output.weight"] = lazy["tok_embeddings.weight"]
+        check_weights(args, lazy, str(path))
+        return args, tensors, {}, extras
     if kind == "gguf":
         from ..weights.gguf import load_gguf
         args, weights, extras = load_gguf(path)

@@ -373,7 +373,7 @@ def test_gelu_kernel_is_the_numpy_twin():
 
 
 @pytest.mark.parametrize("backend", ["numpy", "numba"])
-def test_attend_all_is_unmasked_attention_in_blocks(backend):
+def test_attend_all_is_unmasked_attention_in_blocks(backend, monkeypatch):
     """attend_all (every query sees every visible key) over several query blocks, against softmax by hand."""
     from llama_ref.model import ops
     from llama_ref.vision.encoder import attend_all
@@ -383,6 +383,10 @@ def test_attend_all_is_unmasked_attention_in_blocks(backend):
     k, v = (rng.standard_normal((1, 100, 2, 8)).astype(np.float32) for _ in range(2))
     mask = rng.random((1, 100)) < 0.7
     out = attend_all(k_ops, q, k, v, mask)
+    if backend == "numba":
+        from llama_ref.kernels import vision as kv
+        monkeypatch.setattr(kv, "QUERY_BLOCK", 64)  # several blocks
+        assert np.abs(kv.bidirectional_attention(q, k, v, mask) - out).max() < 1e-6  # the BLAS twin
     kk = np.repeat(k, 2, axis=2)[0]  # (S, H, HD): query head h reads KV head h // 2
     vv = np.repeat(v, 2, axis=2)[0]
     scores = np.einsum("thd,shd->hts", q[0].astype(np.float64), kk) / np.sqrt(8)

@@ -47,6 +47,14 @@ def gelu(x: np.ndarray) -> np.ndarray:
 QUERY_BLOCK = 64  # queries per call of the backend's attention in attend_all
 
 
+def bidirectional_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, key_mask: "np.ndarray | None" = None):
+    """Attention where every query sees every key but those key_mask hides: the reference's causal
+    attention (ops.attention) applied as attend_all explains. Numba twin: llama_ref.kernels.vision.
+    q (B, T, H, HD); k, v (B, S, KVH, HD); key_mask (B, S) bool or None. Returns (B, T, H, HD)."""
+    from ..model import ops
+    return attend_all(ops, q, k, v, key_mask)
+
+
 def attend_all(k_ops, q: np.ndarray, k: np.ndarray, v: np.ndarray, key_mask: "np.ndarray | None" = None):
     """Attention where every query sees every key (but those key_mask marks False), through the backend's
     causal attention: after the S keys come n-1 hidden slots and a block of n queries sits at positions
@@ -56,6 +64,8 @@ def attend_all(k_ops, q: np.ndarray, k: np.ndarray, v: np.ndarray, key_mask: "np
     q (B, T, H, HD); k, v (B, S, KVH, HD); key_mask (B, S) bool or None. Returns (B, T, H, HD)."""
     B, T = q.shape[:2]
     S = k.shape[1]
+    if T == 0:
+        return np.zeros(q.shape, q.dtype)
     n = min(T, QUERY_BLOCK)
     keys = np.concatenate([k, np.zeros((B, n - 1, *k.shape[2:]), k.dtype)], axis=1)  # (B, S+n-1, KVH, HD)
     values = np.concatenate([v, np.zeros((B, n - 1, *v.shape[2:]), v.dtype)], axis=1)  # (B, S+n-1, KVH, HD)
@@ -106,9 +116,10 @@ def encoder_layer(model, p: str, x: np.ndarray, real: np.ndarray, gated: bool) -
     q = k_ops.linear(y, w[p + "attn.wq.weight"]).reshape(1, L, heads, hd)  # (1, L, heads, hd)
     k = k_ops.linear(y, w[p + "attn.wk.weight"]).reshape(1, L, heads, hd)
     v = k_ops.linear(y, w[p + "attn.wv.weight"]).reshape(1, L, heads, hd)
+    attend = model.vision_attention  # bidirectional_attention, or its Numba twin on the numba backend
     heads_out = np.empty_like(q)  # (1, L, heads, hd)
-    heads_out[:, real] = attend_all(k_ops, q[:, real], k, v)  # real tokens: every key
-    heads_out[:, ~real] = attend_all(k_ops, q[:, ~real], k, v, real[None])  # padding: only real keys
+    heads_out[:, real] = attend(q[:, real], k, v)  # real tokens: every key
+    heads_out[:, ~real] = attend(q[:, ~real], k, v, real[None])  # padding: only real keys
     out = k_ops.linear(heads_out.reshape(1, L, W), w[p + "attn.wo.weight"])  # (1, L, W)
     if gated:
         out = out * np.tanh(w[p + "gate_attn"].astype(x.dtype))

@@ -107,11 +107,13 @@ class VisionModel(Transformer):
                                                            weights["learnable_embedding.weight"])
         super().__init__(args, weights, backend=backend, dtype=dtype, freq_divisors=freq_divisors)
         self.vision = vision
+        # The encoder's two operations the text model lacks (GELU, attention without a causal mask): NumPy
+        # references in vision.encoder, Numba/BLAS twins in kernels/vision.py.
         if self.backend_name == "numba":
-            from ..kernels.vision import gelu as vision_gelu  # the encoder's one function outside ops/kernels
+            from ..kernels import vision as encoder_ops
         else:
-            from .encoder import gelu as vision_gelu
-        self.vision_gelu = vision_gelu
+            from . import encoder as encoder_ops
+        self.vision_gelu, self.vision_attention = encoder_ops.gelu, encoder_ops.bidirectional_attention
         self.images: Optional[ImagePrompt] = None
         self.cross_attention = self._cross_attention  # the hook Transformer.forward calls before each layer
 

@@ -394,3 +394,21 @@ def test_attend_all_is_unmasked_attention_in_blocks(backend, monkeypatch):
     p = np.exp(scores - scores.max(-1, keepdims=True))
     want = np.einsum("hts,shd->thd", p / p.sum(-1, keepdims=True), vv)
     assert np.abs(out[0] - want).max() < 1e-5
+
+
+def test_param_count_is_the_tensors_of_the_checkpoint():
+    from llama_ref.weights.mllama import load_mllama
+    text, vision, weights, _ = load_mllama(FORMATS["meta"], "meta", keep="float32")
+    assert param_count(text, vision) == sum(w.size for w in weights.values()) == 114_859
+
+
+def test_info_describes_a_vision_checkpoint():
+    from llama_ref.tools.info import describe
+    report = describe(FORMATS["hf"])
+    assert "Llama 3.2 Vision" in report and "114,859" in report and "cross-attention before text layers [1, 3]" in report
+
+
+def test_text_only_tools_name_a_vision_checkpoint():
+    from llama_ref.weights.directory import load_directory
+    with pytest.raises(WeightsError, match="a Llama 3.2 Vision checkpoint"):
+        load_directory(FORMATS["meta"])

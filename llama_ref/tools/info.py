@@ -57,6 +57,9 @@ def describe(path: "str | Path") -> str:
     """A human-readable report on a checkpoint."""
     path = Path(path)
     kind = detect_format(path)
+    from ..weights.mllama import is_mllama_directory
+    if is_mllama_directory(path, kind):
+        return _describe_vision(path, kind)
     args, table = _tensor_table(path, kind)
     params = sum(n for _, n, _ in table.values())
     stored = sum(b for _, _, b in table.values())
@@ -89,6 +92,29 @@ def describe(path: "str | Path") -> str:
         lines.append(f"warning:     the tensors hold {params:,} parameters, the config implies "
                      f"{args.param_count():,}: this checkpoint will not load as it is")
     return "\n".join(lines)
+
+
+def _describe_vision(path: Path, kind: str) -> str:
+    """A Llama 3.2 Vision checkpoint, from its config: the text decoder, the encoder, the sizes."""
+    from ..vision import config as vc
+
+    text, vision = (vc.from_params_json(path / "params.json") if kind == "meta"
+                    else vc.from_hf_config(path / "config.json"))
+    params = vc.param_count(text, vision)
+    on_disk = sum(p.stat().st_size for p in path.iterdir() if p.is_file())
+    return "\n".join([
+        f"path:        {path}",
+        f"format:      {'Meta (params.json + consolidated.NN.pth)' if kind == 'meta' else 'Hugging Face (Mllama)'}",
+        f"model:       Llama 3.2 Vision (image encoder + gated cross-attention, llama_ref.vision)",
+        f"config:      {_config_line(text)}",
+        f"vision:      tiles {vision.chunk_size} px (patch {vision.patch_size}), up to {vision.max_num_chunks} per "
+        f"image; encoder width {vision.width}, {vision.layers} + {vision.global_layers} global layers, "
+        f"{vision.heads} heads, features of layers {list(vision.intermediate_layers)}; cross-attention before "
+        f"text layers {list(vision.cross_layers)}",
+        f"parameters:  {params:,} ({params / 1e9:.3f} B, from the config)",
+        f"on disk:     {_mib(on_disk)}",
+        f"memory:      {_mib(2 * params)} in bfloat16, {_mib(4 * params)} as float32",
+    ])
 
 
 def _llama4_line(args) -> str:

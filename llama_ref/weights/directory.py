@@ -70,6 +70,10 @@ def load_directory(path: "str | Path", keep: str = "stored", progress: bool = Fa
     mmap: leave stored-precision tensors memory-mapped instead of reading them into memory."""
     path = Path(path)
     kind = detect_format(path)
+    from .mllama import is_mllama_directory
+    if is_mllama_directory(path, kind):
+        raise WeightsError(f"{path}: a Llama 3.2 Vision checkpoint: llama_ref.load (and generate, chat) read it "
+                           f"as a VisionModel; this tool handles text models only")
     from .llama4 import is_llama4_directory, load_llama4_hf, load_llama4_meta
     if is_llama4_directory(path, kind):  # Llama 4: expert tensors and their own names (weights.llama4)
         args, weights, extras = (load_llama4_meta if kind == "meta" else load_llama4_hf)(path, keep, progress)

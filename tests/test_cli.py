@@ -227,7 +227,7 @@ def test_help_has_examples_and_the_library_flags():
     for name in inspect.signature(llama_ref.Transformer.generate).parameters:
         if name in ("self", "prompt", "add_bos", "allow_special"):
             continue
-        flag = {"stop_ids": "--stop-id"}.get(name, "--" + name.replace("_", "-"))
+        flag = {"stop_ids": "--stop-id", "images": "--image"}.get(name, "--" + name.replace("_", "-"))
         assert flag in gen, flag
     assert "/reset" in run_cli("chat", "--help").stdout
 

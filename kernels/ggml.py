@@ -87,6 +87,31 @@ def _dot_q8_0(xq, xd, qs, d, out):
 
 
 @njit(parallel=True, **JIT)
+def _dot_q5_1(xq, xd, xs, qs, d, m, out):
+    """ggml_vec_dot_q5_1_q8_1: qs (R, K) one byte per value q (0..31), d, m (R, nb); xs (N, nb) the Q8_1
+    sums. The 8 lanes of _dot_q8_0, plus sum_b fma(m_w, s_x) kept apart and added last."""
+    N, K = xq.shape
+    R, nb = d.shape
+    for c in prange((R + ROWS - 1) // ROWS):
+        prod = np.empty(K, np.int32)
+        lanes = np.empty(K // 4, np.int32)
+        scale = np.empty(nb, np.float32)
+        for r in range(c * ROWS, min(R, (c + 1) * ROWS)):
+            w = qs[r]
+            for n in range(N):
+                x = xq[n]
+                for k in range(K):
+                    prod[k] = np.int32(w[k]) * np.int32(x[k])
+                for i in range(K // 4):
+                    lanes[i] = (prod[4 * i] + prod[4 * i + 1]) + (prod[4 * i + 2] + prod[4 * i + 3])
+                summs = np.float32(0)
+                for b in range(nb):
+                    scale[b] = d[r, b] * xd[n, b]
+                    summs = _fma(m[r, b], xs[n, b], summs)
+                out[n, r] = _lanes_f32(lanes, scale, nb) + summs
+
+
+@njit(parallel=True, **JIT)
 def _dot_q4_0(xq, xd, qs, d, out):
     """ggml_gemv_q4_0_8x8_q8_0: qs (R, K/2) bytes, block b's value j in the low nibble of byte 16b + j and
     value j + 16 in its high nibble, minus 8. One integer per block, fma(d_w d_x, sumi, acc).
@@ -151,16 +176,19 @@ def _dot_q4_lanes(xq, xd, xs, qs, d, m, has_min, out):
 
 
 def quantized_linear(x2: np.ndarray, w) -> np.ndarray:
-    """x2 (N, K) float32 @ w.T in ggml's arithmetic, for a Q8_0 / Q4_0 / Q4_1 weight. -> (N, R)."""
+    """x2 (N, K) float32 @ w.T in ggml's arithmetic, for a Q8_0 / Q4_0 / Q4_1 / Q5_0 / Q5_1 weight. -> (N, R)."""
     N, R = x2.shape[0], w.shape[0]
     out = np.empty((N, R), np.float32)
-    if w.format == "q4_1":
+    if w.format in ("q4_1", "q5_1"):
         xd, xq, xs = spec.quantize_row_q8_1(x2)
-        _dot_q4_lanes(xq.reshape(N, -1), xd, xs, readonly(w.qs), readonly(w.d), readonly(w.m), True, out)
+        if w.format == "q5_1":
+            _dot_q5_1(xq.reshape(N, -1), xd, xs, readonly(w.qs), readonly(w.d), readonly(w.m), out)
+        else:
+            _dot_q4_lanes(xq.reshape(N, -1), xd, xs, readonly(w.qs), readonly(w.d), readonly(w.m), True, out)
         return out
     xd, xq = spec.quantize_row_q8_0(x2)  # (N, nb), (N, nb, 32)
     xq = xq.reshape(N, -1)  # (N, K)
-    if w.format == "q8_0":
+    if w.format in ("q8_0", "q5_0"):  # Q5_0 is kept as int8 values q - 16: the Q8_0 kernel
         _dot_q8_0(xq, xd, readonly(w.qs), readonly(w.d), out)
     elif R % 8 == 0:  # llama.cpp repacks Q4_0 matrices whose rows come in groups of 8
         _dot_q4_0(xq, xd, readonly(w.qs), readonly(w.d), out)

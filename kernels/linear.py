@@ -298,6 +298,8 @@ KINDS = {
     "q8_0": (_mv_q8, _rows_q8),
     "q4_0": (_mv_q4, _rows_q4),
     "q4_1": (_mv_q4, _rows_q4),
+    "q5_0": (_mv_q8, _rows_q8),  # one byte per value at load (weights/packed.py), as Q8_0 ...
+    "q5_1": (_mv_q8, _rows_q8),  # ... and with offsets, as Q5_K
     "q4_k": (_mv_q4, _rows_q4),
     "q5_k": (_mv_q8, _rows_q8),
     "q6_k": (_mv_q6_k, _rows_q6_k),

@@ -23,7 +23,7 @@ def load(path_or_name: "str | Path", *, backend: str = "numpy", arithmetic: str 
         activations. "ggml": llama.cpp's CPU arithmetic (llama_ref.model.ggml, the specification): the
         activations are quantized to 8-bit blocks and multiplied in integers, with an fp16 KV cache and
         ggml's own softmax, RMSNorm, RoPE and SiLU; logits equal llama.cpp's token-at-a-time decode bit for
-        bit on Q8_0/Q4_0/Q4_1 GGUFs (docs/verification.md). Keeps weights packed; float32 only.
+        bit on Q8_0/Q4_0/Q4_1/Q5_0/Q5_1 GGUFs (docs/verification.md). Keeps weights packed; float32 only.
     dtype: the computation dtype, float32 (default) or float64 (to measure rounding error).
     weights: "float32" dequantizes every matrix at load; "packed" keeps 16-bit and quantized GGUF matrices
         in their stored blocks (llama_ref.weights.packed), converted one matrix at a time or in the kernels.

@@ -111,12 +111,13 @@ def quantize_row_q8_0_ref(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 # ---- weights as signed integers per block ------------------------------------------------------------------
 
 def weight_blocks(w, rows: slice) -> tuple[np.ndarray, np.ndarray, "np.ndarray | None"]:
-    """The quants of rows `rows` of a Q8_0 / Q4_0 / Q4_1 weight (llama_ref.weights.packed) as ggml's dot
-    products read them: q (R, nb, 32) int8 in value order, d (R, nb) and m (R, nb) or None, float32 (fp16
-    values). Q4_0's nibbles are offset to -8..7 (ggml subtracts 8 before multiplying); Q4_1's stay 0..15."""
-    if w.format == "q8_0":
+    """The quants of rows `rows` of a Q8_0 / Q4_0 / Q4_1 / Q5_0 / Q5_1 weight (llama_ref.weights.packed) as
+    ggml's dot products read them: q (R, nb, 32) int8 in value order, d (R, nb) and m (R, nb) or None,
+    float32 (fp16 values). Q4_0's and Q5_0's values are offset to -8..7 and -16..15 (ggml subtracts 8 or 16
+    before multiplying); Q4_1's and Q5_1's stay 0..15 and 0..31, their offset m apart."""
+    if w.format in ("q8_0", "q5_0", "q5_1"):  # one byte per value (Q5_0: q - 16, Q5_1: q), weights/packed.py
         q = w.qs[rows].view(np.int8)  # (R, K)
-        return q.reshape(q.shape[0], -1, QK), w.d[rows], None
+        return q.reshape(q.shape[0], -1, QK), w.d[rows], (w.m[rows] if w.format == "q5_1" else None)
     if w.format in ("q4_0", "q4_1"):
         b = w.qs[rows].reshape(-1, w.d.shape[1], QK // 2)  # (R, nb, 16): value j low nibble, j + 16 high
         q = np.concatenate([b & np.uint8(15), b >> np.uint8(4)], axis=2).astype(np.int8)  # (R, nb, 32)
@@ -177,7 +178,7 @@ def ggml_vec_dot_q4_0_q8_0(wq, wd, xq, xd) -> np.ndarray:
 
 
 def ggml_vec_dot_q4_1_q8_1(wq, wd, wm, xq, xd, xs) -> np.ndarray:
-    """Q4_1 (q 0..15, d, m) by Q8_1 (q, d, s) -> (N, R): sum_b d_w d_x sumi_b over 8 lanes, plus the offsets
+    """Q4_1 (q 0..15, d, m) or Q5_1 (ggml_vec_dot_q5_1_q8_1: q 0..31) by Q8_1 (q, d, s) -> (N, R): sum_b d_w d_x sumi_b over 8 lanes, plus the offsets
     sum_b m_w * s_x summed in float32 separately (`summs`, contracted to an FMA by the compiler), added last."""
     scale = wd[None, :, :] * xd[:, None, :]  # (N, R, nb)
     main = vec_dot_lanes(block_dots(wq, xq, LANES), scale)
@@ -189,14 +190,15 @@ def ggml_vec_dot_q4_1_q8_1(wq, wd, wm, xq, xd, xs) -> np.ndarray:
 
 # ---- the backend: llama_ref.model.ops's functions in ggml's arithmetic -------------------------------------
 
-DOTS = {"q8_0": ggml_vec_dot_q8_0_q8_0, "q4_0": ggml_gemv_q4_0_8x8_q8_0}
+# ggml_vec_dot_q5_0_q8_0 is ggml_vec_dot_q8_0_q8_0 on the values q - 16 (the same 8 lanes, the same FMAs).
+DOTS = {"q8_0": ggml_vec_dot_q8_0_q8_0, "q4_0": ggml_gemv_q4_0_8x8_q8_0, "q5_0": ggml_vec_dot_q8_0_q8_0}
 
 
 def quantized_linear(x2: np.ndarray, w) -> np.ndarray:
-    """x2 (N, K) float32 @ w.T for a Q8_0 / Q4_0 / Q4_1 weight w (R, K), in ggml's arithmetic. -> (N, R)."""
+    """x2 (N, K) float32 @ w.T for a Q8_0 / Q4_0 / Q4_1 / Q5_0 / Q5_1 weight w (R, K), in ggml's arithmetic."""
     R = w.shape[0]
     out = np.empty((x2.shape[0], R), np.float32)
-    if w.format == "q4_1":
+    if w.format in ("q4_1", "q5_1"):  # the types with an offset m pair with Q8_1 (its s = d * sum(q))
         xd, xq, xs = quantize_row_q8_1(x2)
         for r0 in range(0, R, TILE):
             wq, wd, wm = weight_blocks(w, slice(r0, r0 + TILE))
@@ -214,7 +216,7 @@ def quantized_linear(x2: np.ndarray, w) -> np.ndarray:
 
 def supported(w) -> bool:
     """Whether ggml mode multiplies by this weight in integers (else: as in exact mode, see linear)."""
-    return getattr(w, "format", None) in ("q8_0", "q4_0", "q4_1")
+    return getattr(w, "format", None) in ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
 
 
 def linear(x: np.ndarray, w) -> np.ndarray:
@@ -413,9 +415,9 @@ def backend_for(backend: str, weights: dict, where: str):
     once every matrix of `weights` is of a type it implements (else an InputError naming the tensor)."""
     for name, w in weights.items():
         fmt = "f32" if isinstance(w, np.ndarray) and w.dtype == np.float32 else getattr(w, "format", None)
-        if getattr(w, "ndim", 0) == 2 and fmt not in ("q8_0", "q4_0", "q4_1", "f16", "f32"):
+        if getattr(w, "ndim", 0) == 2 and not supported(w) and fmt not in ("f16", "f32"):
             raise InputError(f"{where}: tensor {name} is {fmt or w.dtype}; arithmetic='ggml' implements "
-                             f"Q8_0, Q4_0, Q4_1, F16 and F32 matrices")
+                             f"Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, F16 and F32 matrices")
     if backend == "numpy":
         import sys
         return sys.modules[__name__]

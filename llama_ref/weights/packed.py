@@ -244,6 +244,68 @@ class Q4_1Weight(GGUFBlockWeight):
         return d * q + m
 
 
+class _Q5Weight(GGUFBlockWeight):
+    """Q5_0 and Q5_1: the fields (d; Q5_1 also m, fp16) | qh, 4 bytes | 16 bytes of nibbles laid out as Q4_0's.
+    Value j of a block has q = nibble | (bit j of qh, little-endian) << 4; Q5_0: d * (q - 16), Q5_1: d * q + m.
+
+    Kept as the Q8 kernels read Q8_0 (Q5_0) or Q5_K (Q5_1): one byte per value in `qs` (Q5_0: q - 16 as int8;
+    Q5_1: q), in value order; 1 byte per value in memory against 0.69 / 0.75 in the file, the price of reading
+    5-bit values without shuffling bits in the kernels. raw_blocks() rebuilds the file's bytes."""
+    offset = 0  # 16 for Q5_0
+
+    def __init__(self, data, shape):
+        rows, cols = int(shape[0]), int(shape[1])
+        if cols % 32:
+            raise WeightsError(f"{self.format}: row length {cols} is not a multiple of the block size 32")
+        nb = cols // 32
+        raw = np.asarray(data).view(np.uint8).reshape(rows, nb, self.type_size)  # (rows, blocks, bytes)
+        self.shape = (rows, cols)
+        h = 2 * len(self.fields)
+        for i, name in enumerate(self.fields):
+            setattr(self, name, _readonly(_fp16(raw[:, :, 2 * i:2 * i + 2])))  # (rows, blocks) float32
+        self.qs = _readonly(self._values(raw.reshape(rows * nb, -1)[:, h:]).reshape(rows, cols))
+        self.data = self.qs
+
+    def _values(self, b):
+        """(n, 20) bytes qh | nibbles -> (n, 32) uint8: q, or for Q5_0 the int8 bytes of q - 16."""
+        qh = np.ascontiguousarray(b[:, :4]).view("<u4")  # (n, 1)
+        high = ((qh >> np.arange(32, dtype=np.uint32)) & np.uint32(1)).astype(np.uint8)  # (n, 32)
+        q = _nibbles(b[:, 4:]) | (high << np.uint8(4))
+        return (q.astype(np.int8) - np.int8(self.offset)).view(np.uint8)
+
+    def kernel_args(self):
+        return (self.qs, self.d, self.m, True) if self.fields == ("d", "m") else (self.qs, self.d, self.d, False)
+
+    def raw_blocks(self, ids=None) -> np.ndarray:
+        sel = slice(None) if ids is None else ids
+        qs = self.qs[sel]
+        n, nb = qs.shape[0], self.shape[1] // 32
+        q = (qs.view(np.int8) + np.int8(self.offset)).view(np.uint8).reshape(n, nb, 32)  # 0..31
+        qh = (((q >> np.uint8(4)) & np.uint8(1)).astype(np.uint32) << np.arange(32, dtype=np.uint32)).sum(
+            axis=2, dtype=np.uint32).astype("<u4")[:, :, None].view(np.uint8)  # (n, nb, 4)
+        low = q & np.uint8(15)
+        nibbles = low[:, :, :16] | (low[:, :, 16:] << np.uint8(4))  # (n, nb, 16)
+        parts = [getattr(self, name)[sel].astype(np.float16)[:, :, None].view(np.uint8) for name in self.fields]
+        return np.concatenate(parts + [qh, nibbles], axis=2).reshape(n, -1)
+
+    def _dequantize_blocks(self, b):
+        d = _fp16(b[:, 0:2])[:, None]  # (n, 1)
+        q = self._values(b[:, 2 * len(self.fields):]).view(np.int8).astype(np.float32)  # (n, 32)
+        if self.fields == ("d", "m"):
+            return d * q + _fp16(b[:, 2:4])[:, None]
+        return d * q
+
+
+class Q5_0Weight(_Q5Weight):
+    format, ggml_type, block_size, type_size, bits_per_weight = "q5_0", "Q5_0", 32, 22, 5.5
+    fields, offset = ("d",), 16
+
+
+class Q5_1Weight(_Q5Weight):
+    format, ggml_type, block_size, type_size, bits_per_weight = "q5_1", "Q5_1", 32, 24, 6.0
+    fields = ("d", "m")
+
+
 def _nibbles(qs: np.ndarray) -> np.ndarray:
     """(n, 16) bytes -> (n, 32) values: the 16 low nibbles, then the 16 high nibbles."""
     return np.concatenate([qs & np.uint8(0x0F), qs >> np.uint8(4)], axis=1)
@@ -447,7 +509,8 @@ class Q6_KWeight(GGUFBlockWeight):
         return (scale * q).reshape(n, QK_K)
 
 
-BLOCK_TYPES = {cls.ggml_type: cls for cls in (Q8_0Weight, Q4_0Weight, Q4_1Weight, Q4_KWeight, Q5_KWeight,
+BLOCK_TYPES = {cls.ggml_type: cls for cls in (Q8_0Weight, Q4_0Weight, Q4_1Weight, Q5_0Weight, Q5_1Weight,
+                                              Q4_KWeight, Q5_KWeight,
                                               Q6_KWeight)}
 QUANTIZERS = {"int8": Int8Weight, "q8_0": Q8_0Weight, "q4_0": Q4_0Weight, "q4_1": Q4_1Weight}
 

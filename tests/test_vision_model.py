@@ -412,3 +412,9 @@ def test_text_only_tools_name_a_vision_checkpoint():
     from llama_ref.weights.directory import load_directory
     with pytest.raises(WeightsError, match="a Llama 3.2 Vision checkpoint"):
         load_directory(FORMATS["meta"])
+
+
+def test_float64_runs_the_same_path():
+    m = llama_ref.load(FORMATS["hf"], dtype=np.float64)
+    out = run(m, "two", steps=True)
+    assert out.dtype == np.float64 and np.abs(out - REF["two/meta_steps"]).max() < TOL

@@ -30,6 +30,7 @@ import numpy as np
 from ..errors import InputError
 from ..model.config import ModelArgs
 from ..model.transformer import Transformer
+from ..text.chat import image_spans  # Meta's create_vision_mask, shared with the chat format
 from .config import LEARNABLE_EMBEDDINGS, VisionArgs
 from .encoder import attend_all, encode_image
 
@@ -53,23 +54,6 @@ class JoinedEmbedding:
         out = ops.embedding(np.where(extra, 0, tokens), self.table, dtype)  # (..., D)
         out[extra] = self.learnable[tokens[extra] - V].astype(dtype)
         return out
-
-
-def image_spans(tokens: Sequence[int], image_id: int) -> list[list[int]]:
-    """[start, end) of the prompt positions that see each image (end -1: to the end of everything), as
-    Meta's create_vision_mask (and transformers' get_cross_attention_token_mask) compute them."""
-    locs = [i for i, t in enumerate(tokens) if t == image_id]
-    if not locs:
-        return []
-    if len(locs) == 1:
-        return [[locs[0], -1]]
-    spans = [[a, b] for a, b in zip(locs[:-1], locs[1:])] + [[locs[-1], len(tokens)]]
-    end = spans[-1][1]
-    for span in spans[::-1]:  # consecutive image tokens all see the text after the last of them
-        if span[0] == span[1] - 1:
-            span[1] = end
-        end = span[1]
-    return spans
 
 
 @dataclass

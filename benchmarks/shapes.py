@@ -35,6 +35,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import zlib
 from pathlib import Path
@@ -208,11 +209,15 @@ def child_llama_ref(spec: dict) -> dict:
     step(1, 16)
     from threadpoolctl import threadpool_info
     blas = max((p["num_threads"] for p in threadpool_info() if p.get("user_api") == "blas"), default=None)
+    from llama_ref.runtime.threads import describe
+    policy = describe()  # after the first forward: Numba's threads have started
     out = bench._measure(spec, ids, prefill, step)
-    return {"load_s": load_s, "blas_threads": blas, **out}
+    return {"load_s": load_s, "blas_threads": blas, "policy": policy, **out}
 
 
 def child_hf(spec: dict) -> dict:
+    # This script's folder (benchmarks/: run.py, convert.py, parallel.py ...) shadows modules transformers imports.
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
     import torch
     import transformers
     from transformers import AutoModelForCausalLM
@@ -243,7 +248,26 @@ def child_hf(spec: dict) -> dict:
             **bench._measure(spec, ids, prefill, step)}
 
 
-CHILDREN = {"llama_ref": child_llama_ref, "hf": child_hf, "llama_cpp": bench.child_llama_cpp,
+def child_llama_cpp(spec: dict) -> dict:
+    """run.py's llama.cpp child, with a logical batch as long as the longest prompt: llama-cpp-python keeps
+    n_batch rows of logits and indexes them by position, so a 2048-token prefill failed with n_batch 512
+    (the compute batch, n_ubatch, stays 512)."""
+    import llama_cpp
+
+    real = llama_cpp.Llama
+
+    def with_batch(*args, **kw):
+        kw["n_batch"] = max(kw.get("n_batch", 512), max(spec["prefill"] + [spec["decode_prompt"] + spec["decode"]]))
+        return real(*args, **kw)
+
+    llama_cpp.Llama = with_batch
+    try:
+        return bench.child_llama_cpp(spec)
+    finally:
+        llama_cpp.Llama = real
+
+
+CHILDREN = {"llama_ref": child_llama_ref, "hf": child_hf, "llama_cpp": child_llama_cpp,
             "bandwidth": bench.child_bandwidth}
 
 
@@ -251,7 +275,9 @@ def run_child(python: str, spec: dict, env: dict, timeout: int = 3600) -> dict:
     cmd = [python, str(Path(__file__).resolve()), "--child", json.dumps(spec)]
     t0 = time.perf_counter()
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+        # Run outside the repository: transformers takes the repository's kernels/ folder for the Hugging Face
+        # `kernels` package and fails to import LlamaConfig.
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=tempfile.gettempdir())
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout} s"}
     if proc.returncode != 0 or not proc.stdout.strip():
@@ -292,8 +318,8 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shape", choices=SHAPES, nargs="+", default=["llama-3.2-1b"])
     p.add_argument("--threads", type=int, default=None, help="default: llama_ref's policy (physical cores)")
-    p.add_argument("--formats", nargs="+", default=list(LLAMA_REF_FORMATS))
-    p.add_argument("--peer-formats", nargs="+", default=list(PEER_FORMATS))
+    p.add_argument("--formats", nargs="*", default=list(LLAMA_REF_FORMATS))
+    p.add_argument("--peer-formats", nargs="*", default=list(PEER_FORMATS))
     p.add_argument("--prefill", type=int, nargs="+", default=[128, 512, 2048])
     p.add_argument("--decode", type=int, default=128)
     p.add_argument("--decode-prompt", type=int, default=128)
@@ -304,8 +330,13 @@ def main(argv=None) -> None:
     p.add_argument("--skip-hf", action="store_true")
     p.add_argument("--build-only", action="store_true")
     p.add_argument("--update-results", action="store_true", help="write to benchmarks/results/ (else scratch/)")
+    p.add_argument("--render", metavar="JSON", help="write the .md (and plot) again from a run's .json")
     p.add_argument("--child", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    if a.render:
+        path = Path(a.render)
+        write_report(json.loads(path.read_text()), path.with_name(path.name[:-len(".json")]))
+        return
     if a.child:
         spec = json.loads(a.child)
         print(json.dumps(CHILDREN[spec["kind"]](spec)))
@@ -352,7 +383,8 @@ def measure(shape: str, files: dict, a, threads: int, unset: list) -> dict:
         if path is not None:
             configs.append(("llama_ref numba", fmt, {"kind": "llama_ref", "backend": "numba", "path": str(path)}))
     if a.numpy:
-        configs.append(("llama_ref numpy", "bf16", {"kind": "llama_ref", "backend": "numpy",
+        # The reference converts each 16-bit matrix whole per call: a decode step takes seconds; 4 are enough.
+        configs.append(("llama_ref numpy", "bf16", {"kind": "llama_ref", "backend": "numpy", "decode": 4,
                                                     "path": str(files["hf"])}))
     cpp = hf = None
     if not a.skip_peers:
@@ -414,17 +446,18 @@ def decode_bytes(files: dict, fmt: str, args, position: int) -> int:
 
 def write_report(report: dict, stem: Path) -> None:
     stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2))
+    stem.with_name(stem.name + ".json").write_text(json.dumps(report, indent=2))
     m, a, rows = report["machine"], report["args"], report["rows"]
     lengths = a["prefill"]
     blas = ", ".join(f"{b['internal_api']} {b['version']} ({b['architecture']}, {b['threading_layer']})"
                      for b in m["blas"])
     flags = cpu_flags()
+    policy = next((r["policy"] for r in rows if r.get("policy")), report["policy"])
     bw = report.get("bandwidth_gb_s")
     lines = [f"# {report['shape']} shape ({report['params'] / 1e9:.2f} B weights, seeded random) on {m['cpu']}",
              "", f"{m['threads']} threads of {m['cores']} logical cores; load average at start "
              f"{m['load_average'][0]:.1f}. BLAS: {blas}; numpy {m['numpy']}, numba {m['numba']}. "
-             f"Thread policy: {report['policy']}. CPU flags (matrix/vector): {', '.join(flags) or 'none'}. "
+             f"Thread policy (as a llama_ref child reports it): {policy}. CPU flags (matrix/vector): {', '.join(flags) or 'none'}. "
              f"Read bandwidth {bw:.1f} GB/s (all threads). " if bw else "",
              f"OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE unset by the script: {report['unset_env'] or 'none were set'}.",
              "", "| engine | format | " + " | ".join(f"prefill {n} tok/s" for n in lengths)
@@ -484,7 +517,7 @@ def write_report(report: dict, stem: Path) -> None:
               f"greedy steps after a {a['decode_prompt']}-token prompt, mean rate. Each configuration in its own "
               "process, one after the other. Roofline: read bandwidth / bytes of the stored weights + float32 KV "
               "cache per decoded token (HF float32: twice the F16 bytes)."]
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    stem.with_name(stem.name + ".md").write_text("\n".join(lines) + "\n")
     plot_sweep(report, stem)
 
 

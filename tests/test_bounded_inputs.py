@@ -290,6 +290,7 @@ def test_cli_invalid_utf8_and_bad_numbers_exit_2(tiny_gguf, argv, stdin, needle)
     assert_one_line_error(run_cli_bytes(*argv, stdin=stdin), needle)
 
 
+@pytest.mark.slow  # a CLI subprocess or more: seconds on 2 cores
 def test_cli_damaged_teacher_output_exits_2(tiny_gguf, tmp_path):
     prompts = tmp_path / "p.txt"
     prompts.write_text("hello world\n")

@@ -90,6 +90,7 @@ class ForwardLog:
         return self._forward(tokens, start_pos, **kw)
 
 
+@pytest.mark.slow  # a CLI subprocess or more: seconds on 2 cores
 @pytest.mark.parametrize("fmt", ["jinja", "llama3", "llama2"])
 def test_each_chat_turn_prefills_only_its_new_tokens(fmt, tiny_gguf):
     kept, fresh = _model_pair(fmt, tiny_gguf)
@@ -159,6 +160,7 @@ def test_prompt_reuse_rewinds_and_leaves_batches_alone():
 
 # ---- the command line through stdin -----------------------------------------------------------------------
 
+@pytest.mark.slow  # a CLI subprocess or more: seconds on 2 cores
 def test_cli_second_turn_reuses_the_cache_and_answers_as_a_fresh_prefill(tiny_gguf):
     script = "hello\nand then?\nthe third\n"
     done = run_cli("chat", "-m", tiny_gguf, "--json", "-q", "-n", 6, "--temp", 0, stdin=script)
@@ -373,6 +375,7 @@ def _user_text(model, out: dict) -> str:
 LEFT, UP, CTRL_A, CTRL_E, CTRL_R, CTRL_C = "\x1b[D", "\x1b[A", "\x01", "\x05", "\x12", "\x03"
 
 
+@pytest.mark.slow  # a CLI subprocess or more: seconds on 2 cores
 def test_terminal_line_editing_history_help_and_ctrl_c_at_the_prompt(tiny_gguf, tmp_path):
     model = llama_ref.load(tiny_gguf)
     saved = tmp_path / "talk.json"

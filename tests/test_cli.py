@@ -88,6 +88,7 @@ def test_generate_json_equals_library(tiny_gguf, tiny):
         assert np.allclose([a["logprob"] for a in step], [lp for _, lp in want])
 
 
+@pytest.mark.slow  # a CLI subprocess or more: seconds on 2 cores
 def test_generate_with_mmap_and_packed_weights_gives_the_same_text(tiny_gguf, tiny):
     # --mmap leaves the float32 tensors mapped from the file; --weights packed keeps them as stored; the
     # numba backend reads them: none of it may change what is generated.
@@ -148,6 +149,7 @@ def test_chat_plain_output_and_eof(tiny_gguf, tiny):
     assert SPEED_LINE.search(done.stderr)
 
 
+@pytest.mark.slow  # a CLI subprocess or more: seconds on 2 cores
 def test_ctrl_c_stops_the_answer_not_the_session(tmp_path):
     # A long window and no end-of-text stop make an answer that runs until it is interrupted.
     model = write_tiny_gguf(tmp_path / "long.gguf", context_length=1 << 16)

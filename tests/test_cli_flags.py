@@ -29,6 +29,7 @@ def tiny(tiny_gguf):
     return llama_ref.load(tiny_gguf)
 
 
+@pytest.mark.slow  # a CLI subprocess or more: seconds on 2 cores
 def test_cli_samples_with_llama_cpp_defaults(tiny_gguf, tiny):
     done = run_cli("generate", "-m", tiny_gguf, "--json", "-q", "-n", 10, "--ignore-eos", "-s", 11, "the theme")
     assert done.returncode == 0, done.stderr
@@ -39,6 +40,7 @@ def test_cli_samples_with_llama_cpp_defaults(tiny_gguf, tiny):
     assert json.loads(greedy.stdout)["ids"] == tiny.generate("the theme", max_new_tokens=10, stop_ids=[]).ids
 
 
+@pytest.mark.slow  # a CLI subprocess or more: seconds on 2 cores
 def test_prompt_from_argument_option_file_and_stdin_alike(tiny_gguf, tmp_path):
     (tmp_path / "p.txt").write_text("the theme", encoding="utf-8")
     common = ["generate", "-m", tiny_gguf, "--json", "-q", "--n-predict", 6, "--ignore-eos", "--temp", 0]
@@ -99,6 +101,7 @@ def test_score_in_chunks_equals_one_forward(tiny, monkeypatch):
     assert tiny.score(ids).nll == pytest.approx(want, rel=1e-6)
 
 
+@pytest.mark.slow  # a CLI subprocess or more: seconds on 2 cores
 def test_score_shows_progress(tiny_gguf, tmp_path):
     (tmp_path / "t.txt").write_text("the theme of the text " * 8, encoding="utf-8")
     done = run_cli("score", tmp_path / "t.txt", "-m", tiny_gguf)
@@ -107,6 +110,7 @@ def test_score_shows_progress(tiny_gguf, tmp_path):
     assert "scoring" not in run_cli("score", tmp_path / "t.txt", "-m", tiny_gguf, "-q").stderr
 
 
+@pytest.mark.slow  # a CLI subprocess or more: seconds on 2 cores
 def test_version_and_subcommand_help():
     done = run_cli("--version")
     assert done.returncode == 0 and done.stdout.strip() == f"llama-ref {llama_ref.__version__}"

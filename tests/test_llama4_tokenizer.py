@@ -67,6 +67,7 @@ def test_replies_parse_as_metas_decode_assistant_message():
         assert got["tool_calls"] == reply["tool_calls"], reply["text"]
 
 
+@pytest.mark.slow  # a CLI subprocess or more: seconds on 2 cores
 def test_a_llama4_params_json_directory_reads_its_tokenizer_as_llama4(tmp_path, llama4_path):
     """Scout's params.json sets use_scaled_rope, which marks Llama 3.1 for Llama 3 directories."""
     (tmp_path / "tokenizer.model").write_bytes(Path(llama4_path).read_bytes())

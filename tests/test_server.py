@@ -436,6 +436,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # a CLI subprocess or more: seconds on 2 cores
 def test_cli_serve(tmp_path):
     path = write_tiny_gguf(tmp_path / "tiny.gguf")
     port = _free_port()

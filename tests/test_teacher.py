@@ -108,6 +108,7 @@ def test_long_prompt_refused_before_writing(model, tmp_path):
     assert read_teacher(out)[1][1].ids.size == model.args.max_seq_len
 
 
+@pytest.mark.slow  # a CLI subprocess or more: seconds on 2 cores
 def test_cli_teacher(tmp_path):
     from test_cli import run_cli, write_tiny_gguf
 

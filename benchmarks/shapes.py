@@ -218,6 +218,9 @@ def child_llama_ref(spec: dict) -> dict:
 def child_hf(spec: dict) -> dict:
     # This script's folder (benchmarks/: run.py, convert.py, parallel.py ...) shadows modules transformers imports.
     sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
+    # A torchvision that does not match the venv's torch (its operators missing) breaks transformers' import of
+    # every model class; the text models need none of it.
+    sys.modules["torchvision"] = None
     import torch
     import transformers
     from transformers import AutoModelForCausalLM
@@ -469,17 +472,19 @@ def write_report(report: dict, stem: Path) -> None:
     files = {f: CACHE / report["shape"] / f"{f}.gguf" for f in GGUF_FORMATS}
     files = {k: v for k, v in files.items() if v.exists()}
     for r in rows:
+        engine = r["engine"] + (f" (run {r['run']})" if r.get("run") else "")
         if "decode" not in r:
             why = r.get("skipped") or r.get("error", "no result")
-            lines.append(f"| {r['engine']} | {r['format']} | {why[:160]} |" + " |" * (len(lengths) + 5))
+            lines.append(f"| {engine} | {r['format']} | {why[:160]} |" + " |" * (len(lengths) + 5))
             continue
         nbytes = decode_bytes(files, r["format"], args, a["decode_prompt"] + a["decode"] // 2)
-        roof = f"{100 * r['decode'] * nbytes / (bw * 1e9):.0f}%" if bw and nbytes else ""
+        row_bw = r.get("bandwidth_gb_s", bw)  # a merged report keeps each run's own probe
+        roof = f"{100 * r['decode'] * nbytes / (row_bw * 1e9):.0f}%" if row_bw and nbytes else ""
         vs_cpp = (f"{r['decode'] / cpp[r['format']]['decode']:.2f}x"
                   if r["format"] in cpp and r["engine"] != "llama.cpp" else "")
         vs_hf = f"{r['decode'] / hf16['decode']:.2f}x" if hf16 and r is not hf16 else ""
         pre = " | ".join(f"{r[f'prefill_{n}']:.1f}" if f"prefill_{n}" in r else "" for n in lengths)
-        lines.append(f"| {r['engine']} | {r['format']} | {pre} | {r['decode']:.2f} | {roof} | {vs_cpp} | {vs_hf} "
+        lines.append(f"| {engine} | {r['format']} | {pre} | {r['decode']:.2f} | {roof} | {vs_cpp} | {vs_hf} "
                      f"| {r.get('load_s', 0):.1f} | {r['peak_rss_mib']:.0f} |")
     by = {(r["engine"], r["format"]): r for r in rows if "decode" in r}
     ours = by.get(("llama_ref numba", "bf16")) or by.get(("llama_ref numba", "f16"))
@@ -498,6 +503,8 @@ def write_report(report: dict, stem: Path) -> None:
     if npy and f"prefill_{max(lengths)}" in npy and "prefill_512" in npy:
         notes.append(f"llama_ref numpy prefill {max(lengths)} / prefill 512: "
                      f"{npy[f'prefill_{max(lengths)}'] / npy['prefill_512']:.2f}x.")
+    for run, about in sorted(report.get("runs", {}).items()):
+        notes.append(f"Run {run}: {about}")
     if notes:
         lines += [""] + notes
     if report["sweep"]:

@@ -460,7 +460,8 @@ def write_report(report: dict, stem: Path) -> None:
     lines = [f"# {report['shape']} shape ({report['params'] / 1e9:.2f} B weights, seeded random) on {m['cpu']}",
              "", f"{m['threads']} threads of {m['cores']} logical cores; load average at start "
              f"{m['load_average'][0]:.1f}. BLAS: {blas}; numpy {m['numpy']}, numba {m['numba']}. "
-             f"Thread policy (as a llama_ref child reports it): {policy}. CPU flags (matrix/vector): {', '.join(flags) or 'none'}. "
+             f"Thread policy (as a llama_ref child reports it): {policy}. "
+             f"CPU flags (matrix/vector): {', '.join(flags) or 'none'}. "
              f"Read bandwidth {bw:.1f} GB/s (all threads). " if bw else "",
              f"OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE unset by the script: {report['unset_env'] or 'none were set'}.",
              "", "| engine | format | " + " | ".join(f"prefill {n} tok/s" for n in lengths)

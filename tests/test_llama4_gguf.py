@@ -186,7 +186,8 @@ def test_a_fused_qkv_tensor_loads_as_its_three_parts(tmp_path, gguf_model):
      "tensor blk.1.ffn_gate_exps.weight has shape .3, 32, 32., expected .4, .... experts"),
     (lambda n, a: [(n, a[:, :16])] if n == "blk.1.ffn_down_exps.weight" else [(n, a)],
      "tensor blk.1.ffn_down_exps.weight has shape .4, 16, 32., the config implies .32, 32."),
-    (lambda n, a: [] if n == "blk.3.ffn_up_exps.weight" else [(n, a)], "layers.3.feed_forward.experts.0.w3.weight is missing"),
+    (lambda n, a: [] if n == "blk.3.ffn_up_exps.weight" else [(n, a)],
+     "layers.3.feed_forward.experts.0.w3.weight is missing"),
     (lambda n, a: [(n, a)] + ([("blk.1.exp_probs_b.bias", np.zeros(4, np.float32))] if n == "output.weight" else []),
      "unexpected tensor blk.1.exp_probs_b.bias for a llama4 model"),
 ])

@@ -62,7 +62,8 @@ def test_tool_calls_in_the_history_are_written_in_metas_llama4_format(model, ser
     system = TOOL_PROMPT + json.dumps(TOOLS[0]["function"])
     want = llama4_chat_tokens(model.tokenizer, [
         {"role": "system", "content": system}, {"role": "user", "content": "weather in Paris?"},
-        {"role": "assistant", "content": "", "tool_calls": [{"tool_name": "get_weather", "arguments": {"city": "Paris"}}]},
+        {"role": "assistant", "content": "",
+         "tool_calls": [{"tool_name": "get_weather", "arguments": {"city": "Paris"}}]},
         {"role": "tool", "content": "18 C"}])
     assert ids == want
     text = model.tokenizer.decode(ids)

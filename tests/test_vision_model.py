@@ -143,10 +143,10 @@ def test_fusion_schedule_is_metas():
 
 
 def test_image_spans_follow_create_vision_mask():
-    I = 9
-    assert image_spans([1, I, 2, 3], I) == [[1, -1]]
-    assert image_spans([1, I, 2, I, 3], I) == [[1, 3], [3, 5]]
-    assert image_spans([I, I, 2, 3], I) == [[0, 4], [1, 4]]  # consecutive images share the text after them
+    IMG = 9
+    assert image_spans([1, IMG, 2, 3], IMG) == [[1, -1]]
+    assert image_spans([1, IMG, 2, IMG, 3], IMG) == [[1, 3], [3, 5]]
+    assert image_spans([IMG, IMG, 2, 3], IMG) == [[0, 4], [1, 4]]  # consecutive images share the text after them
 
 
 @pytest.mark.parametrize("name", PRESETS)
@@ -331,11 +331,11 @@ def test_chat_with_an_image_part_is_metas_prompt(models):
 def test_text_prompt_places_the_images():
     m = llama_ref.load(FORMATS["meta"])
     m.tokenizer = TinyTokenizer()
-    I, enc = m.vision.image_token_id, m.tokenizer.encode
-    assert m.prompt_ids("ab<|image|>c", ["x"]) == [1] + enc("ab") + [I] + enc("c")
-    assert m.prompt_ids("abc", ["x", "y"]) == [1, I, I] + enc("abc")  # no marker: the images lead
+    IMG, enc = m.vision.image_token_id, m.tokenizer.encode
+    assert m.prompt_ids("ab<|image|>c", ["x"]) == [1] + enc("ab") + [IMG] + enc("c")
+    assert m.prompt_ids("abc", ["x", "y"]) == [1, IMG, IMG] + enc("abc")  # no marker: the images lead
     out = m.generate("abc", 2, images=[REF["two/image0"], REF["two/image1"]], stop_ids=[])
-    assert list(out.prompt_ids) == [1, I, I] + enc("abc") and len(out.ids) == 2
+    assert list(out.prompt_ids) == [1, IMG, IMG] + enc("abc") and len(out.ids) == 2
 
 
 def test_a_tensor_whose_strides_multiply_past_the_element_cap_loads(tmp_path):
@@ -405,7 +405,8 @@ def test_param_count_is_the_tensors_of_the_checkpoint():
 def test_info_describes_a_vision_checkpoint():
     from llama_ref.tools.info import describe
     report = describe(FORMATS["hf"])
-    assert "Llama 3.2 Vision" in report and "114,859" in report and "cross-attention before text layers [1, 3]" in report
+    assert "Llama 3.2 Vision" in report and "114,859" in report
+    assert "cross-attention before text layers [1, 3]" in report
 
 
 def test_text_only_tools_name_a_vision_checkpoint():

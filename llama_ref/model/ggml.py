@@ -178,8 +178,9 @@ def ggml_vec_dot_q4_0_q8_0(wq, wd, xq, xd) -> np.ndarray:
 
 
 def ggml_vec_dot_q4_1_q8_1(wq, wd, wm, xq, xd, xs) -> np.ndarray:
-    """Q4_1 (q 0..15, d, m) or Q5_1 (ggml_vec_dot_q5_1_q8_1: q 0..31) by Q8_1 (q, d, s) -> (N, R): sum_b d_w d_x sumi_b over 8 lanes, plus the offsets
-    sum_b m_w * s_x summed in float32 separately (`summs`, contracted to an FMA by the compiler), added last."""
+    """Q4_1 (q 0..15, d, m) or Q5_1 (ggml_vec_dot_q5_1_q8_1: q 0..31) by Q8_1 (q, d, s) -> (N, R):
+    sum_b d_w d_x sumi_b over 8 lanes, plus the offsets sum_b m_w * s_x summed in float32 separately
+    (`summs`, contracted to an FMA by the compiler), added last."""
     scale = wd[None, :, :] * xd[:, None, :]  # (N, R, nb)
     main = vec_dot_lanes(block_dots(wq, xq, LANES), scale)
     summs = np.zeros(main.shape, np.float32)
@@ -336,7 +337,8 @@ def ggml_v_expf(x: np.ndarray) -> np.ndarray:
         n = z - r
         b = fma(-n, _c("0x1.7f7d1cp-20"), fma(-n, _c("0x1.62e4p-1"), x))
         u = b * b
-        j = fma(fma(fma(_c("0x1.0e4020p-7"), b, _c("0x1.573e2ep-5")), u, fma(_c("0x1.555e66p-3"), b, _c("0x1.fffdb6p-2"))),
+        j = fma(fma(fma(_c("0x1.0e4020p-7"), b, _c("0x1.573e2ep-5")), u,
+                    fma(_c("0x1.555e66p-3"), b, _c("0x1.fffdb6p-2"))),
                 u, fma(_c("0x1.ffffecp-1"), b, np.float32(1)))
         res = np.ldexp(j, np.nan_to_num(n, nan=0, posinf=0, neginf=0).astype(np.int32)).astype(np.float32)
         big = ~(np.abs(n) <= 192)  # also NaN n, from x = -inf

@@ -105,7 +105,7 @@ def _describe_vision(path: Path, kind: str) -> str:
     return "\n".join([
         f"path:        {path}",
         f"format:      {'Meta (params.json + consolidated.NN.pth)' if kind == 'meta' else 'Hugging Face (Mllama)'}",
-        f"model:       Llama 3.2 Vision (image encoder + gated cross-attention, llama_ref.vision)",
+        "model:       Llama 3.2 Vision (image encoder + gated cross-attention, llama_ref.vision)",
         f"config:      {_config_line(text)}",
         f"vision:      tiles {vision.chunk_size} px (patch {vision.patch_size}), up to {vision.max_num_chunks} per "
         f"image; encoder width {vision.width}, {vision.layers} + {vision.global_layers} global layers, "

@@ -211,7 +211,8 @@ def from_hf_config(source: "str | Path | dict", *, where: str = "config.json") -
                               f"the first of the learnable embeddings")
         vision = VisionArgs(
             chunk_size=_int_value(v.get("image_size", 448), "image_size", where), max_num_chunks=max_tiles,
-            cross_layers=cross, width=width, layers=_int_value(v.get("num_hidden_layers", 32), "num_hidden_layers", where),
+            cross_layers=cross, width=width,
+            layers=_int_value(v.get("num_hidden_layers", 32), "num_hidden_layers", where),
             heads=_int_value(v.get("attention_heads", v.get("num_attention_heads", 16)), "attention_heads", where),
             global_layers=_int_value(v.get("num_global_layers", 8), "num_global_layers", where),
             intermediate_layers=tuple(inter), patch_size=_int_value(v.get("patch_size", 14), "patch_size", where),

@@ -20,7 +20,8 @@ Hugging Face (Llama4ForCausalLM, or the language_model of Llama4ForConditionalGe
     Queries and keys keep Meta's adjacent RoPE pairs (transformers' Llama 4 rotates complex pairs like Meta's),
     so no row is permuted, unlike a Llama checkpoint.
 Vision tensors (Meta's vision_embeddings / vision_projection, HF's vision_model / multi_modal_projector) are
-skipped: llama_ref runs the text model. Model-parallel Meta shards are joined along the axes Meta's fairscale layers cut (split_axis).
+skipped: llama_ref runs the text model. Model-parallel Meta shards are joined along the axes Meta's fairscale
+layers cut (split_axis).
 """
 
 from __future__ import annotations
@@ -273,8 +274,10 @@ def open_llama4_hf(directory: Path):
         p, rest = f"layers.{match.group(1)}.", match.group(2)
         if rest == "feed_forward.experts.gate_up_proj":
             for e in range(E):
-                plan.add(f"{p}feed_forward.experts.{e}.w1.weight", source, (E, d, 2 * FE), _expert(e, None, slice(0, FE)))
-                plan.add(f"{p}feed_forward.experts.{e}.w3.weight", source, (E, d, 2 * FE), _expert(e, None, slice(FE, None)))
+                plan.add(f"{p}feed_forward.experts.{e}.w1.weight", source, (E, d, 2 * FE),
+                         _expert(e, None, slice(0, FE)))
+                plan.add(f"{p}feed_forward.experts.{e}.w3.weight", source, (E, d, 2 * FE),
+                         _expert(e, None, slice(FE, None)))
         elif rest == "feed_forward.experts.down_proj":
             for e in range(E):
                 plan.add(f"{p}feed_forward.experts.{e}.w2.weight", source, (E, FE, d), _expert(e))

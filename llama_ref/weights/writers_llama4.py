@@ -117,8 +117,10 @@ def hf_tensors(args: ModelArgs, weights: dict, out: str, raw_elements) -> list[t
             f = p + "feed_forward."
             gate = _experts(args, weights, f, "w1", out, raw_elements, True)  # (E, D, FE)
             up = _experts(args, weights, f, "w3", out, raw_elements, True)
-            items.append((h + "feed_forward.experts.gate_up_proj", np.ascontiguousarray(np.concatenate([gate, up], -1))))
-            items.append((h + "feed_forward.experts.down_proj", _experts(args, weights, f, "w2", out, raw_elements, True)))
+            gate_up = np.ascontiguousarray(np.concatenate([gate, up], -1))
+            items.append((h + "feed_forward.experts.gate_up_proj", gate_up))
+            items.append((h + "feed_forward.experts.down_proj",
+                          _experts(args, weights, f, "w2", out, raw_elements, True)))
     items.append((top["norm.weight"], raw_elements(weights["norm.weight"], out)))
     if not args.tie_word_embeddings:
         items.append((top["output.weight"], raw_elements(weights["output.weight"], out)))

@@ -62,21 +62,12 @@ import numpy as np
 from ..model.config import ModelArgs
 from ..model.llama4_config import from_llama4_gguf
 from .common import WeightsError
+from .gguf import GGUF_TO_META as DENSE_GGUF_TO_META
 
-# GGUF tensor name -> canonical name; "{i}" is the layer index. Experts and attn_qkv are split separately.
+# GGUF tensor name -> canonical name; "{i}" is the layer index: the dense names, and Llama 4's router and
+# shared expert. Experts and attn_qkv are split separately.
 GGUF_TO_META = {
-    "token_embd.weight": "tok_embeddings.weight",
-    "output_norm.weight": "norm.weight",
-    "output.weight": "output.weight",
-    "blk.{i}.attn_norm.weight": "layers.{i}.attention_norm.weight",
-    "blk.{i}.attn_q.weight": "layers.{i}.attention.wq.weight",
-    "blk.{i}.attn_k.weight": "layers.{i}.attention.wk.weight",
-    "blk.{i}.attn_v.weight": "layers.{i}.attention.wv.weight",
-    "blk.{i}.attn_output.weight": "layers.{i}.attention.wo.weight",
-    "blk.{i}.ffn_norm.weight": "layers.{i}.ffn_norm.weight",
-    "blk.{i}.ffn_gate.weight": "layers.{i}.feed_forward.w1.weight",
-    "blk.{i}.ffn_down.weight": "layers.{i}.feed_forward.w2.weight",
-    "blk.{i}.ffn_up.weight": "layers.{i}.feed_forward.w3.weight",
+    **DENSE_GGUF_TO_META,
     "blk.{i}.ffn_gate_inp.weight": "layers.{i}.feed_forward.router.weight",
     "blk.{i}.ffn_gate_shexp.weight": "layers.{i}.feed_forward.shared_expert.w1.weight",
     "blk.{i}.ffn_down_shexp.weight": "layers.{i}.feed_forward.shared_expert.w2.weight",

@@ -104,39 +104,8 @@ def test_a_resumed_conversation_inside_a_running_batch_answers_as_alone():
     """Turn 2 joins a busy batch from turn 1's kept keys, moved to the positions it joins at: the RoPE
     layers' keys are rotated on by the shift, the NoPE layers' are not (they were never rotated), and its
     chunks and temperatures count from its own first token (left padding)."""
-    import threading
-
-    from llama_ref.server.batcher import Batcher, Job
-    from test_server import wait_until
+    from test_server import assert_resumed_inside_busy_batch
 
     tiny = llama_ref.load(DATA / "tiny_ckpt" / "llama4_hf")
-    b = Batcher(tiny, max_batch=4)
-    ended = threading.Semaphore(0)
-
-    def job(ids, n):
-        j = Job(tiny._rows([None], prompt_ids=[ids], max_new_tokens=n, stop_ids=[]),
-                lambda i, piece, row, done: done and ended.release())
-        b.submit(j)
-        return j
-
-    try:
-        turn1 = [5, 17, 90, 42, 7, 63, 88, 3, 11, 77]
-        first = job(turn1, 6)
-        assert ended.acquire(timeout=60)
-        turn2 = turn1 + first.rows[0].ids + [31, 64, 9]
-        gates = [threading.Event(), threading.Event()]
-        held = b.call(gates[0].wait)
-        busy = job([(7 * i + 3) % 128 for i in range(30)], 20)
-        wait_until(held.running, "the model thread to hold")
-        second_hold = b.call(gates[1].wait)
-        gates[0].set()
-        wait_until(second_hold.running, "the busy row to be in the batch")
-        reused = b.metrics.reused_prompt_tokens
-        second = job(turn2, 6)
-        gates[1].set()
-        assert ended.acquire(timeout=60) and ended.acquire(timeout=60)
-    finally:
-        b.close()
-    assert b.metrics.reused_prompt_tokens - reused == len(turn1) + len(first.rows[0].ids) - 1
-    assert second.rows[0].ids == tiny.generate(turn2, max_new_tokens=6, stop_ids=[]).ids
-    assert busy.rows[0].ids == tiny.generate(busy.rows[0].prompt_ids, max_new_tokens=20, stop_ids=[]).ids
+    assert_resumed_inside_busy_batch(tiny, [5, 17, 90, 42, 7, 63, 88, 3, 11, 77], [31, 64, 9],
+                                     [(7 * i + 3) % 128 for i in range(30)])

@@ -519,25 +519,32 @@ def test_batcher_drops_the_padding_rows_leave_behind(tiny, monkeypatch):
 def test_batcher_resumes_a_conversation_inside_a_running_batch(tiny):
     """Turn 2 of a conversation joins a batch that is busy with another prompt: it starts from turn 1's
     kept keys, rotated to the positions it joins at, and answers as it would alone."""
+    enc = tiny.tokenizer.encode
+    assert_resumed_inside_busy_batch(tiny, enc("the theme of the"), enc(" and then?"),
+                                     enc("a much longer prompt that keeps the batch busy, " * 2))
+
+
+def assert_resumed_inside_busy_batch(model, turn1, follow_up, busy_prompt):
+    """Turn 1 runs alone; turn 2 (turn 1, its answer, follow_up) joins while busy_prompt keeps the batch busy.
+    The prompt tokens reused are exactly turn 1 and its answer, and both rows answer as they would alone."""
     from llama_ref.server.batcher import Batcher, Job
 
-    b = Batcher(tiny, max_batch=4)
+    b = Batcher(model, max_batch=4)
     ended = threading.Semaphore(0)
 
     def job(ids, n):
-        j = Job(tiny._rows([None], prompt_ids=[ids], max_new_tokens=n, stop_ids=[]),
+        j = Job(model._rows([None], prompt_ids=[ids], max_new_tokens=n, stop_ids=[]),
                 lambda i, piece, row, done: done and ended.release())
         b.submit(j)
         return j
 
     try:
-        turn1 = tiny.tokenizer.encode("the theme of the")
         first = job(turn1, 6)
         assert ended.acquire(timeout=60)
-        turn2 = turn1 + first.rows[0].ids + tiny.tokenizer.encode(" and then?")
+        turn2 = turn1 + first.rows[0].ids + follow_up
         gates = [threading.Event(), threading.Event()]
         held = b.call(gates[0].wait)
-        busy = job(tiny.tokenizer.encode("a much longer prompt that keeps the batch busy, " * 2), 20)
+        busy = job(busy_prompt, 20)
         wait_until(held.running, "the model thread to hold")
         second_hold = b.call(gates[1].wait)  # the busy row joins alone, then the thread holds again
         gates[0].set()
@@ -549,5 +556,5 @@ def test_batcher_resumes_a_conversation_inside_a_running_batch(tiny):
     finally:
         b.close()
     assert b.metrics.reused_prompt_tokens - reused == len(turn1) + len(first.rows[0].ids) - 1
-    assert second.rows[0].ids == tiny.generate(turn2, max_new_tokens=6, stop_ids=[]).ids
-    assert busy.rows[0].ids == tiny.generate(busy.rows[0].prompt_ids, max_new_tokens=20, stop_ids=[]).ids
+    assert second.rows[0].ids == model.generate(turn2, max_new_tokens=6, stop_ids=[]).ids
+    assert busy.rows[0].ids == model.generate(busy.rows[0].prompt_ids, max_new_tokens=20, stop_ids=[]).ids

@@ -177,6 +177,9 @@ def _dot_q4_lanes(xq, xd, xs, qs, d, m, has_min, out):
 
 def quantized_linear(x2: np.ndarray, w) -> np.ndarray:
     """x2 (N, K) float32 @ w.T in ggml's arithmetic, for a Q8_0 / Q4_0 / Q4_1 / Q5_0 / Q5_1 weight. -> (N, R)."""
+    if w.format in ("q4_k", "q5_k", "q6_k"):  # Q8_K activations and 256-value super-blocks: their own module
+        from . import ggml_kquants
+        return ggml_kquants.quantized_linear(x2, w)
     N, R = x2.shape[0], w.shape[0]
     out = np.empty((N, R), np.float32)
     if w.format in ("q4_1", "q5_1"):

@@ -196,7 +196,11 @@ DOTS = {"q8_0": ggml_vec_dot_q8_0_q8_0, "q4_0": ggml_gemv_q4_0_8x8_q8_0, "q5_0":
 
 
 def quantized_linear(x2: np.ndarray, w) -> np.ndarray:
-    """x2 (N, K) float32 @ w.T for a Q8_0 / Q4_0 / Q4_1 / Q5_0 / Q5_1 weight w (R, K), in ggml's arithmetic."""
+    """x2 (N, K) float32 @ w.T for a Q8_0 / Q4_0 / Q4_1 / Q5_0 / Q5_1 weight w (R, K), in ggml's arithmetic;
+    Q4_K / Q5_K / Q6_K in model/ggml_kquants.py."""
+    if w.format in ("q4_k", "q5_k", "q6_k"):  # 256-value super-blocks by Q8_K activations: their own module
+        from . import ggml_kquants
+        return ggml_kquants.quantized_linear(x2, w)
     R = w.shape[0]
     out = np.empty((x2.shape[0], R), np.float32)
     if w.format in ("q4_1", "q5_1"):  # the types with an offset m pair with Q8_1 (its s = d * sum(q))
@@ -217,7 +221,7 @@ def quantized_linear(x2: np.ndarray, w) -> np.ndarray:
 
 def supported(w) -> bool:
     """Whether ggml mode multiplies by this weight in integers (else: as in exact mode, see linear)."""
-    return getattr(w, "format", None) in ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
+    return getattr(w, "format", None) in ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k")
 
 
 def linear(x: np.ndarray, w) -> np.ndarray:
@@ -419,7 +423,7 @@ def backend_for(backend: str, weights: dict, where: str):
         fmt = "f32" if isinstance(w, np.ndarray) and w.dtype == np.float32 else getattr(w, "format", None)
         if getattr(w, "ndim", 0) == 2 and not supported(w) and fmt not in ("f16", "f32"):
             raise InputError(f"{where}: tensor {name} is {fmt or w.dtype}; arithmetic='ggml' implements "
-                             f"Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, F16 and F32 matrices")
+                             f"Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K, F16 and F32 matrices")
     if backend == "numpy":
         import sys
         return sys.modules[__name__]

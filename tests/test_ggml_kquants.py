@@ -1,0 +1,247 @@
+"""arithmetic="ggml" on K-quants: Q4_K / Q5_K / Q6_K by Q8_K (llama_ref/model/ggml_kquants.py) and its Numba
+twin (kernels/ggml_kquants.py).
+
+The Q8_K rounding and the weights' integers are checked by hand and against gguf.quants' dequantization; the
+Numba kernels against the NumPy specification bit for bit; the whole model against llama.cpp's own logits on
+tiny GGUFs that llama.cpp's quantizer made (tests/data/tiny_ckpt/kquant_*.gguf and
+tests/data/llamacpp_kquant_logits.npz, tests/fixtures/make_llamacpp_kquant_logits.py).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import llama_ref
+from llama_ref.model import ggml, ggml_kquants as gk
+from llama_ref.weights.packed import Q4_KWeight, Q5_KWeight, Q6_KWeight
+
+TYPES = {"q4_k": Q4_KWeight, "q5_k": Q5_KWeight, "q6_k": Q6_KWeight}
+FIXTURE = Path(__file__).parent / "data" / "llamacpp_kquant_logits.npz"
+
+
+def compiled():
+    from llama_ref.kernels import ggml_kquants
+    return ggml_kquants
+
+
+def random_kquant(cls, rows: int, cols: int, seed: int):
+    """A K-quant matrix of random blocks: every quant and 6/8-bit scale drawn from all its values, the fp16
+    super-block scales from a sane range (random bits would give inf and NaN)."""
+    rng = np.random.default_rng(seed)
+    nb = cols // 256
+    raw = rng.integers(0, 256, (rows, nb, cls.type_size), dtype=np.uint8)
+    scales = rng.uniform(1e-4, 3e-2, (rows, nb, 2)).astype(np.float16).view(np.uint8)  # (rows, nb, 4)
+    if cls is Q6_KWeight:
+        raw[:, :, 208:210] = scales[:, :, :2]
+    else:
+        raw[:, :, 0:4] = scales
+    return cls(raw.reshape(rows, -1), (rows, cols))
+
+
+def activations(n: int, cols: int, seed: int) -> np.ndarray:
+    """Normal rows, with a zero super-block, an outlier, or values on the half-integer grid by seed."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, cols)).astype(np.float32)
+    kind = seed % 4
+    if kind == 1:
+        x[:, :256] = 0
+    elif kind == 2:
+        x[0, rng.integers(cols)] *= -100
+    elif kind == 3:
+        x = np.round(x * 4) / 2
+    return x
+
+
+# ---- Q8_K ------------------------------------------------------------------------------------------------------
+
+def test_quantize_row_q8_K_by_hand():
+    """The first value of largest magnitude sets iscale = -127 / max: max = -127 gives iscale = 1 (q = x,
+    rounded half to even), max = +127 gives iscale = -1 (q = -x, and a later -127 becomes +127, kept by the
+    min(127, .)); bsums are the sums of each 16 quants."""
+    x = np.zeros((2, 256), np.float32)
+    x[0, :7] = [-127, 2.5, 1.5, -0.5, -2.5, 0.49, 127]
+    x[1, :7] = [127, 2.5, 1.5, -0.5, -2.5, 0.49, -127]
+    d, q, bsums = gk.quantize_row_q8_K(x)
+    assert d[:, 0].tolist() == [1, -1] and d.dtype == np.float32
+    assert q[0, 0, :7].tolist() == [-127, 2, 2, 0, -2, 0, 127]  # ties to even: 2.5 -> 2, -2.5 -> -2
+    assert q[1, 0, :7].tolist() == [-127, -2, -2, 0, 2, 0, 127]
+    assert bsums[:, 0, 0].tolist() == [2, -2] and not bsums[:, 0, 1:].any()
+
+
+def test_quantize_row_q8_K_scale_is_float32_and_signed():
+    """d = 1 / (-127 / max) in float32 (not fp16, unlike Q8_0), negative when the largest value is positive."""
+    x = np.zeros((2, 256), np.float32)
+    x[0, 0], x[0, 1] = 0.3, -0.15
+    d, q, _ = gk.quantize_row_q8_K(x)
+    iscale = np.float32(-127) / np.float32(0.3)
+    assert d[0, 0] == np.float32(1) / iscale and d[0, 0] < 0 and d[0, 0] != np.float16(d[0, 0])
+    assert q[0, 0, 0] == -127 and q[0, 0, 1] == np.rint(np.float32(-0.15) * iscale)
+    assert not d[1].any() and not q[1].any()  # a zero block: d = 0, q = 0
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), nb=st.integers(1, 3))
+def test_quantize_row_q8_K_round_trip(seed, nb):
+    x = activations(2, 256 * nb, seed)
+    d, q, bsums = gk.quantize_row_q8_K(x)
+    blocks = x.reshape(2, nb, 256)
+    err = np.abs(d[:, :, None] * q.astype(np.float32) - blocks)
+    assert np.all(err <= np.abs(d)[:, :, None] * 0.5001 + 1e-30)
+    assert np.array_equal(bsums, q.reshape(2, nb, 16, 16).sum(axis=3))
+    assert q.min() >= -127 and q.max() <= 127
+
+
+# ---- the weights' integers ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", sorted(TYPES))
+def test_weight_superblocks_rebuild_gguf_dequantization(kind):
+    """The integers ggml mode reads give back gguf.quants' float values: d sc q - dmin mn (Q4_K, Q5_K),
+    d sc (q - 32) (Q6_K), each step in float32 as ggml's dequantize_row_*."""
+    import gguf
+
+    w = random_kquant(TYPES[kind], 5, 512, seed=7)
+    expected = gguf.quants.dequantize(w.raw_blocks(), getattr(gguf.GGMLQuantizationType, kind.upper()))
+    wb = gk.weight_superblocks(w, slice(None))
+    if kind == "q6_k":
+        scale = (wb["d"][:, :, None] * wb["sc"].astype(np.float32))[:, :, :, None]  # (5, 2, 16, 1)
+        q = wb["q"].reshape(5, 2, 16, 16).astype(np.float32) - 32
+        got = scale * q
+    else:
+        scale = wb["d"][:, :, None] * wb["sc"].astype(np.float32)  # (5, 2, 8)
+        minimum = wb["dmin"][:, :, None] * wb["mn"].astype(np.float32)
+        got = scale[..., None] * wb["q"].astype(np.float32) - minimum[..., None]
+        assert wb["q"].max() <= (15 if kind == "q4_k" else 31)
+    assert np.array_equal(got.reshape(5, 512), expected.reshape(5, 512))
+
+
+# ---- dot products ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind,rows", [("q4_k", 16), ("q4_k", 13), ("q5_k", 16), ("q6_k", 13)])
+def test_dot_products_close_to_dequantized_product(kind, rows):
+    """ggml's product is the exact one up to the activations' 8-bit rounding."""
+    w = random_kquant(TYPES[kind], rows, 512, seed=3)
+    x = activations(3, 512, seed=4)
+    dense = w.to_float()
+    bound = np.abs(x) @ np.abs(dense).T
+    assert np.all(np.abs(gk.quantized_linear(x, w) - x @ dense.T) <= 0.02 * bound)
+    assert np.array_equal(ggml.linear(x, w), gk.quantized_linear(x, w))  # model/ggml.py's dispatch
+
+
+def test_q4_K_paths():
+    """llama.cpp repacks Q4_K matrices whose rows come in groups of 8; the two orders differ."""
+    assert gk.dot_for(random_kquant(Q4_KWeight, 16, 256, 0)) is gk.ggml_gemv_q4_K_8x8_q8_K
+    assert gk.dot_for(random_kquant(Q4_KWeight, 13, 256, 0)) is gk.ggml_vec_dot_q4_K_q8_K
+    assert gk.dot_for(random_kquant(Q6_KWeight, 16, 256, 0)) is gk.ggml_vec_dot_q6_K_q8_K
+    w = random_kquant(Q4_KWeight, 64, 1024, 1)
+    x = activations(4, 1024, 2)
+    wb = gk.weight_superblocks(w, slice(None))
+    a = gk.ggml_gemv_q4_K_8x8_q8_K(wb, *gk.quantize_row_q8_K(x))
+    b = gk.ggml_vec_dot_q4_K_q8_K(wb, *gk.quantize_row_q8_K(x))
+    assert not np.array_equal(a, b) and np.allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_q6_K_lanes_by_hand():
+    """Scales that are powers of two make every float step exact: the result is d_w d_x sum(sc (q-32) x)."""
+    raw = np.zeros((1, 210), np.uint8)
+    raw[0, 0:128] = 0x21  # low nibbles 1, high nibbles 2
+    raw[0, 128:192] = 0b10_01_00_11  # high bits 3, 0, 1, 2 for the four 32-value groups
+    raw[0, 192:208] = np.arange(16, dtype=np.int8).view(np.uint8) - 8  # scales -8 .. 7
+    raw[0, 208:210] = np.array([0.5], np.float16).view(np.uint8)
+    w = Q6_KWeight(raw, (1, 256))
+    x = np.zeros((1, 256), np.float32)
+    x[0, :] = np.tile(np.arange(-4, 4, dtype=np.float32), 32) / 4
+    x[0, 5] = -127 / 32  # the largest magnitude, negative: d_x = 1/32 exactly
+    expected = (x.astype(np.float64) @ w.to_float().T.astype(np.float64))[0, 0]
+    xd, xq, _ = gk.quantize_row_q8_K(x)
+    assert xd[0, 0] == np.float32(1 / 32) and np.array_equal(xq[0, 0] / np.float32(32), x[0])
+    assert gk.quantized_linear(x, w)[0, 0] == expected
+
+
+# ---- Numba equals NumPy ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", sorted(TYPES))
+def test_numba_equals_numpy_fixed_shapes(kind):
+    """The fast tier's copy of the hypothesis test: rows in groups of 8 and not, one and three rows of x."""
+    for n, rows, cols, seed in ((1, 24, 256, 1), (3, 13, 768, 2)):
+        w = random_kquant(TYPES[kind], rows, cols, seed)
+        x = activations(n, cols, seed + 10)
+        got, expected = compiled().quantized_linear(x, w), gk.quantized_linear(x, w)
+        assert np.array_equal(got.view(np.uint32), expected.view(np.uint32))
+
+
+@pytest.mark.slow
+@settings(max_examples=30, deadline=None)
+@given(kind=st.sampled_from(sorted(TYPES)), n=st.integers(1, 3), rows=st.integers(1, 40), nb=st.integers(1, 3),
+       wseed=st.integers(0, 2**32 - 1), xseed=st.integers(0, 2**32 - 1),
+       scale=st.sampled_from([1e-3, 1.0, 50.0]))
+def test_numba_equals_numpy_bit_for_bit(kind, n, rows, nb, wseed, xseed, scale):
+    w = random_kquant(TYPES[kind], rows, 256 * nb, wseed)
+    x = activations(n, 256 * nb, xseed) * np.float32(scale)
+    from llama_ref.kernels import ggml as kernels_ggml  # the hook in kernels/ggml.py's dispatch
+
+    got, expected = kernels_ggml.linear(x, w), ggml.linear(x, w)
+    assert got.dtype == np.float32 and np.array_equal(got.view(np.uint32), expected.view(np.uint32))
+
+
+# ---- against llama.cpp ----------------------------------------------------------------------------------------
+
+def _fixture_script():
+    spec = importlib.util.spec_from_file_location(
+        "make_llamacpp_kquant_logits", Path(__file__).parent / "fixtures" / "make_llamacpp_kquant_logits.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def llamacpp():
+    return np.load(FIXTURE)
+
+
+def _decode(model, ids):
+    """Logits of every position, one token per forward call (the path ggml mode mirrors)."""
+    return np.concatenate([model.forward(ids[t:t + 1], start_pos=t) for t in range(len(ids))])
+
+
+def test_fixture_files(llamacpp):
+    script = _fixture_script()
+    meta = json.loads(str(llamacpp["meta"]))
+    assert meta["type_k"] == "f16" and meta["one_token_per_call"] and meta["n_threads"] == 2
+    for kind in script.TYPES:
+        path = script.gguf_path(kind)
+        assert script.sha256(path) == str(llamacpp[f"{kind}_sha256"])
+        weights = llama_ref.load(path, arithmetic="ggml").weights
+        assert {w.format for w in weights.values() if getattr(w, "ndim", 0) == 2} == {kind}  # "pure"
+
+
+@pytest.mark.parametrize("kind", ["q4_k", "q5_k", "q6_k"])
+def test_logits_equal_llamacpp_first_prompt(kind, llamacpp):
+    """Fast tier: the 7-token prompt, every logit bit for bit (Numba backend)."""
+    script = _fixture_script()
+    model = llama_ref.load(script.gguf_path(kind), arithmetic="ggml", backend="numba")
+    assert np.array_equal(_decode(model, llamacpp["prompt_ids_0"]), llamacpp[f"{kind}_p0_logits"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["numba", "numpy"])
+@pytest.mark.parametrize("kind", ["q4_k", "q5_k", "q6_k"])
+def test_logits_and_greedy_chains_equal_llamacpp(kind, backend, llamacpp):
+    """Bit for bit: every logit at every position of both prompts, and the 32-token greedy chains."""
+    script = _fixture_script()
+    model = llama_ref.load(script.gguf_path(kind), arithmetic="ggml", backend=backend)
+    for i in range(len(script.PROMPT_LENGTHS)):
+        ids = llamacpp[f"prompt_ids_{i}"]
+        logits = _decode(model, ids)
+        assert np.array_equal(logits, llamacpp[f"{kind}_p{i}_logits"])
+        chain, pos, nxt = [], len(ids), int(logits[-1].argmax())
+        for _ in range(script.GREEDY):
+            chain.append(nxt)
+            nxt = int(model.forward(np.array([nxt]), start_pos=pos)[-1].argmax())
+            pos += 1
+        assert chain == llamacpp[f"{kind}_p{i}_greedy"].tolist()

@@ -251,26 +251,7 @@ def child_hf(spec: dict) -> dict:
             **bench._measure(spec, ids, prefill, step)}
 
 
-def child_llama_cpp(spec: dict) -> dict:
-    """run.py's llama.cpp child, with a logical batch as long as the longest prompt: llama-cpp-python keeps
-    n_batch rows of logits and indexes them by position, so a 2048-token prefill failed with n_batch 512
-    (the compute batch, n_ubatch, stays 512)."""
-    import llama_cpp
-
-    real = llama_cpp.Llama
-
-    def with_batch(*args, **kw):
-        kw["n_batch"] = max(kw.get("n_batch", 512), max(spec["prefill"] + [spec["decode_prompt"] + spec["decode"]]))
-        return real(*args, **kw)
-
-    llama_cpp.Llama = with_batch
-    try:
-        return bench.child_llama_cpp(spec)
-    finally:
-        llama_cpp.Llama = real
-
-
-CHILDREN = {"llama_ref": child_llama_ref, "hf": child_hf, "llama_cpp": child_llama_cpp,
+CHILDREN = {"llama_ref": child_llama_ref, "hf": child_hf, "llama_cpp": bench.child_llama_cpp,
             "bandwidth": bench.child_bandwidth}
 
 
@@ -352,8 +333,10 @@ def main(argv=None) -> None:
 
         threads = default_threads()
     out_dir = bench.output_folder(a.update_results)
+    # Only the GGUF files some configuration reads (F16 always: the others are written from it).
+    wanted = {"F16"} | {f.upper() for f in a.peer_formats} | {f.upper() for f in a.formats if f != "bf16"}
     for shape in a.shape:
-        files = build(shape)
+        files = build(shape, tuple(f for f in GGUF_FORMATS if f in wanted))
         if isinstance(files, str):
             print(files, file=sys.stderr)
             out_dir.mkdir(parents=True, exist_ok=True)

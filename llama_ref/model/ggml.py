@@ -23,10 +23,8 @@ Rounding rules, all of them:
   mirrors): d = amax / 127 and id = 127 / amax, both float32; q = x * id rounded to nearest, ties to EVEN
   (_mm256_round_ps); the block keeps fp16(d). The scalar reference instead multiplies by 1 / d and rounds
   ties away from zero (roundf); both are here, the reference one for the weights' own quantization.
-- A fused multiply-add rounds once: float32(acc + d * sumi) is computed exactly in float64 (the product of a
-  float32 and an integer below 2^20 has at most 44 significant bits) and rounded once to float32. Double
-  rounding can differ from a true FMA only when the float64 sum is itself inexact and lands on a float32
-  tie: not seen in any test, and the Numba twin (kernels/ggml.py) does the same float64 operations.
+- A fused multiply-add rounds once: fma() below computes float32(a * b + c) with one rounding, exactly
+  (float64 with round-to-odd), as the Numba twin's llvm.fma.f32 (the CPU's vfmadd) does.
 
 Outside the products, ggml mode follows llama.cpp's CPU graph where it reaches the logits (measured in
 docs/verification.md): RMSNorm sums squares in float64 and multiplies by 1/sqrtf(mean + eps); the KV cache
@@ -59,9 +57,18 @@ def fp16(x: np.ndarray) -> np.ndarray:
 
 
 def fma(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
-    """float32 a * b + c rounded once (vfmadd): the product of two float32 is exact in float64, the sum is
-    rounded to float64 and then to float32 (see the module docstring on double rounding)."""
-    return (a.astype(np.float64) * b.astype(np.float64) + c.astype(np.float64)).astype(np.float32)
+    """float32 a * b + c rounded once (vfmadd), exactly. The product of two float32 is exact in float64; the
+    float64 sum s = p + c is rounded, but to odd (TwoSum's error e says which way s was rounded; if s is
+    inexact and its last bit even, it moves one ulp towards e): a number rounded to odd with 53 >= 24 + 2
+    bits rounds to float32 as the exact sum would, so there is one rounding in effect, never two."""
+    a, b, c = (np.asarray(v, np.float32).astype(np.float64) for v in (a, b, c))
+    p = a * b  # exact
+    s = p + c
+    t = s - p
+    e = (p - (s - t)) + (c - t)  # TwoSum: p + c = s + e exactly
+    step = np.isfinite(s) & (e != 0) & ((s.view(np.int64) & 1) == 0)
+    s = np.where(step, np.nextafter(s, np.where(e > 0, np.inf, -np.inf)), s)
+    return s.astype(np.float32)
 
 
 # ---- activations: quantize_row_q8_0 / q8_1 -----------------------------------------------------------------
@@ -247,10 +254,11 @@ def embedding(tokens: np.ndarray, table, dtype) -> np.ndarray:
 
 
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
-    """ggml_compute_forward_rms_norm_f32 then ggml_mul: mean = float32(sum(x*x in float64) / n),
+    """ggml_compute_forward_rms_norm_f32 then ggml_mul: mean = float32(sum(x*x in float64, in order) / n),
     y = x * (1 / sqrtf(mean + eps)) * weight, each step rounded to float32. x (..., D)."""
-    sq = np.square(x, dtype=np.float32).astype(np.float64)  # the float32 product, summed in float64
-    mean = (sq.sum(axis=-1, keepdims=True) / x.shape[-1]).astype(np.float32)  # (..., 1)
+    sq = np.square(x, dtype=np.float32).astype(np.float64)  # the float32 product, widened
+    total = np.cumsum(sq, axis=-1)[..., -1:]  # (..., 1): added one after another, as ggml's loop (not pairwise)
+    mean = (total / x.shape[-1]).astype(np.float32)  # (..., 1)
     scale = np.float32(1) / np.sqrt(mean + np.float32(eps))  # float32 sqrt and division
     return (x * scale) * weight.astype(np.float32, copy=False)
 
@@ -260,16 +268,24 @@ def rope_frequencies(args, freq_divisors=None) -> np.ndarray:
     return ops.rope_frequencies(args, freq_divisors)
 
 
+def rope_scale_factors(freqs: np.ndarray) -> tuple[np.float32, np.ndarray]:
+    """ggml's theta_scale (float32) and the per-pair factors (HD/2,) float32 that divide the angle, from the
+    float64 frequencies of rope_frequencies: theta_scale is their ratio, the factors what remains (1 for
+    plain RoPE; Llama 3.1's rope_freqs otherwise)."""
+    n = freqs.shape[0]
+    theta_scale = np.float32(freqs[1] / freqs[0]) if n > 1 else np.float32(1)
+    factor = (float(theta_scale) ** np.arange(n) / freqs).astype(np.float32)  # (HD/2,)
+    factor[np.abs(factor - 1) < 1e-5] = 1  # plain RoPE: the two series differ by float rounding only
+    return theta_scale, factor
+
+
 def rope_tables(freqs: np.ndarray, start_pos: int, length: int, dtype) -> tuple[np.ndarray, np.ndarray]:
     """ggml_rope_cache_init: for position p, theta_i = p * theta_scale^i built by float32 multiplication
     (theta *= theta_scale), theta_scale = powf(base, -2/n_dims), divided by the model's frequency factor;
     cos and sin in float32. freqs (HD/2,) float64 from rope_frequencies: theta_scale is its ratio and the
     per-pair factors are what remains of it (1 for plain RoPE). Returns cos, sin (T, HD/2)."""
+    theta_scale, factor = rope_scale_factors(freqs)
     n = freqs.shape[0]
-    theta_scale = np.float32(freqs[1] / freqs[0]) if n > 1 else np.float32(1)
-    # What the model's frequencies hold beyond the plain power series: 1 / (freq_factor / freq_scale) per pair.
-    factor = (float(theta_scale) ** np.arange(n) / freqs).astype(np.float32)  # (HD/2,)
-    factor[np.abs(factor - 1) < 1e-5] = 1  # plain RoPE: the two series differ by float rounding only
     cos = np.empty((length, n), np.float32)
     sin = np.empty((length, n), np.float32)
     for t in range(length):

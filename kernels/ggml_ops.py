@@ -1,0 +1,232 @@
+"""Numba twins of llama_ref.model.ggml's operations outside the matrix products: attention over the fp16
+cache (ggml_vec_dot_f16, ggml's softmax with ggml_v_expf), RMSNorm, the RoPE tables and rotation, SwiGLU.
+
+Each computes what the NumPy specification computes, bit for bit (tests/test_ggml_kernels.py): the same
+float32 operations in the same order, fused multiply-adds by llvm.fma (kernels/ggml_simd.py), float64 where
+the specification widens. No fast-math. Where a loop's lanes are independent (the 64 accumulators of
+ggml_vec_dot_f16, a row of RMSNorm's products) LLVM vectorizes it without changing any rounding.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit, prange
+
+from llama_ref.model import ggml as spec
+
+from ._common import JIT
+from .ggml_simd import fma32, fp16_round
+
+_R = np.float32(float.fromhex("0x1.8p23"))
+_LOG2E = np.float32(float.fromhex("0x1.715476p+0"))
+_LN2_HI = np.float32(float.fromhex("0x1.62e4p-1"))
+_LN2_LO = np.float32(float.fromhex("0x1.7f7d1cp-20"))
+_C4 = np.float32(float.fromhex("0x1.0e4020p-7"))
+_C5 = np.float32(float.fromhex("0x1.573e2ep-5"))
+_C6 = np.float32(float.fromhex("0x1.555e66p-3"))
+_C7 = np.float32(float.fromhex("0x1.fffdb6p-2"))
+_C8 = np.float32(float.fromhex("0x1.ffffecp-1"))
+
+
+@njit(inline="always", **JIT)
+def _expf(x):
+    """ggml_v_expf on one float32 (llama_ref.model.ggml.ggml_v_expf)."""
+    z = fma32(x, _LOG2E, _R)
+    n = z - _R
+    b = fma32(-n, _LN2_LO, fma32(-n, _LN2_HI, x))
+    u = b * b
+    j = fma32(fma32(fma32(_C4, b, _C5), u, fma32(_C6, b, _C7)), u, fma32(_C8, b, np.float32(1)))
+    if not abs(n) <= 192:  # also NaN n
+        return np.float32(0) if n <= 0 else np.float32(np.inf)
+    return np.float32(math.ldexp(np.float64(j), int(n)))  # exact in float64, one rounding to float32
+
+
+@njit(inline="always", **JIT)
+def _reduce16(v, o):
+    """_mm512_reduce_add_ps of v[o .. o+16]: halves added 16 -> 8 -> 4 -> 2, then the two."""
+    a0 = v[o] + v[o + 8]
+    a1 = v[o + 1] + v[o + 9]
+    a2 = v[o + 2] + v[o + 10]
+    a3 = v[o + 3] + v[o + 11]
+    a4 = v[o + 4] + v[o + 12]
+    a5 = v[o + 5] + v[o + 13]
+    a6 = v[o + 6] + v[o + 14]
+    a7 = v[o + 7] + v[o + 15]
+    b0, b1, b2, b3 = a0 + a4, a1 + a5, a2 + a6, a3 + a7
+    return (b0 + b2) + (b1 + b3)
+
+
+@njit(inline="always", **JIT)
+def _finish_f16(acc, c):
+    """The end of ggml_vec_dot_f16: accumulators (64, ...) column c: (0 + 2) + (1 + 3), reduce_add_16."""
+    t = np.empty(16, np.float32)
+    for i in range(16):
+        t[i] = (acc[i, c] + acc[32 + i, c]) + (acc[16 + i, c] + acc[48 + i, c])
+    return _reduce16(t, 0)
+
+
+@njit(parallel=True, **JIT)
+def _attention(q, k, v, start_pos, scale, out):
+    """q (B, T, H, HD), k, v (B, S, KVH, HD) float32 -> out (B, T, H, HD): llama_ref.model.ggml.attention
+    without a key mask. One work item per (batch, position, head)."""
+    B, T, H, HD = q.shape
+    S, KVH = k.shape[1], k.shape[2]
+    G = H // KVH
+    P = (S + 63) // 64 * 64
+    m = HD - HD % 64
+    for item in prange(B * T * H):
+        b, rest = item // (T * H), item % (T * H)
+        t, h = rest // H, rest % H
+        kvh = h // G
+        last = start_pos + t  # the last visible key
+        qh = np.empty(HD, np.float32)
+        for d in range(HD):
+            qh[d] = fp16_round(q[b, t, h, d])
+        # scores: ggml_vec_dot_f16(q, k_p) for every visible key, times the scale; -inf for the others
+        w = np.full(P, -np.inf, np.float32)
+        acc = np.zeros((64, 1), np.float32)
+        for p in range(min(S, last + 1)):
+            acc[:, 0] = 0
+            for s0 in range(0, m, 64):
+                for i in range(64):
+                    acc[i, 0] = acc[i, 0] + qh[s0 + i] * fp16_round(k[b, p, kvh, s0 + i])
+            total = np.float64(_finish_f16(acc, 0))
+            for i in range(m, HD):
+                total += np.float64(qh[i] * fp16_round(k[b, p, kvh, i]))
+            w[p] = np.float32(total) * scale
+        # softmax: minus the maximum, ggml_v_expf, sums of 16 in float32 added in float64, times 1 / sum
+        row_max = w[0]
+        for p in range(1, P):
+            if w[p] > row_max:
+                row_max = w[p]
+        for p in range(P):
+            w[p] = _expf(w[p] - row_max)
+        total = np.float64(0)
+        for c in range(P // 16):
+            total += np.float64(_reduce16(w, 16 * c))
+        inv = np.float32(1.0 / total)
+        for p in range(P):
+            w[p] = fp16_round(w[p] * inv)
+        # the probabilities times each column of V (transposed in llama.cpp): ggml_vec_dot_f16 over P keys
+        accv = np.zeros((64, HD), np.float32)
+        for p in range(S):
+            lane, pw = p % 64, w[p]
+            for d in range(HD):
+                accv[lane, d] = accv[lane, d] + pw * fp16_round(v[b, p, kvh, d])
+        # (the padding p >= S adds 0 * 0 = +0 to each accumulator, which leaves it as it is; P % 64 == 0: no
+        # leftover products, and the float64 sum of one float32 rounds back to it)
+        for d in range(HD):
+            out[b, t, h, d] = _finish_f16(accv, d)
+
+
+def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start_pos: int,
+              key_mask: "np.ndarray | None" = None) -> np.ndarray:
+    """llama_ref.model.ggml.attention, compiled (a batch with a key mask: the specification's)."""
+    if key_mask is not None or q.dtype != np.float32:
+        return spec.attention(q, k, v, start_pos, key_mask)
+    out = np.empty(q.shape, np.float32)
+    HD = q.shape[-1]
+    _attention(np.ascontiguousarray(q), np.ascontiguousarray(k, np.float32), np.ascontiguousarray(v, np.float32),
+               start_pos, np.float32(1 / np.sqrt(HD)), out)
+    return out
+
+
+@njit(parallel=True, **JIT)
+def _rms_norm(x, weight, eps, out):
+    N, D = x.shape
+    for n in prange(N):
+        total = np.float64(0)
+        for i in range(D):
+            total += np.float64(x[n, i] * x[n, i])
+        mean = np.float32(total / D)
+        scale = np.float32(1) / np.sqrt(mean + eps)
+        for i in range(D):
+            out[n, i] = (x[n, i] * scale) * weight[i]
+
+
+def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    """llama_ref.model.ggml.rms_norm, compiled. x (..., D)."""
+    if x.dtype != np.float32:
+        return spec.rms_norm(x, weight, eps)
+    rows = np.ascontiguousarray(x.reshape(-1, x.shape[-1]))
+    out = np.empty(rows.shape, np.float32)
+    _rms_norm(rows, np.ascontiguousarray(weight, np.float32), np.float32(eps), out)
+    return out.reshape(x.shape)
+
+
+@njit(**JIT)
+def _rope_tables(theta_scale, factor, start_pos, cos, sin):
+    T, n = cos.shape
+    for t in range(T):
+        theta = np.float32(start_pos + t)
+        for i in range(n):
+            angle = theta / factor[i] if factor[i] != 1 else theta
+            cos[t, i] = np.float32(math.cos(np.float64(angle)))
+            sin[t, i] = np.float32(math.sin(np.float64(angle)))
+            theta = theta * theta_scale
+
+
+def rope_tables(freqs: np.ndarray, start_pos: int, length: int, dtype) -> tuple[np.ndarray, np.ndarray]:
+    """llama_ref.model.ggml.rope_tables, compiled: cos, sin (T, HD/2)."""
+    theta_scale, factor = spec.rope_scale_factors(freqs)
+    cos = np.empty((length, freqs.shape[0]), np.float32)
+    sin = np.empty((length, freqs.shape[0]), np.float32)
+    _rope_tables(theta_scale, factor, start_pos, cos, sin)
+    return cos.astype(dtype, copy=False), sin.astype(dtype, copy=False)
+
+
+@njit(parallel=True, **JIT)
+def _apply_rope(x, cos, sin, out):
+    """x (B, T, n, HD): each pair (x0, x1) -> (fma(x0, cos, -(x1 sin)), fma(x0, sin, x1 cos))."""
+    B, T, n, HD = x.shape
+    for bt in prange(B * T):
+        b, t = bt // T, bt % T
+        for h in range(n):
+            for i in range(HD // 2):
+                x0, x1 = x[b, t, h, 2 * i], x[b, t, h, 2 * i + 1]
+                c, s = cos[t, i], sin[t, i]
+                out[b, t, h, 2 * i] = fma32(x0, c, -(x1 * s))
+                out[b, t, h, 2 * i + 1] = fma32(x0, s, x1 * c)
+
+
+def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """llama_ref.model.ggml.apply_rope, compiled. x (B, T, n, HD), cos, sin (T, HD/2)."""
+    if x.dtype != np.float32 or cos.dtype != np.float32:
+        return spec.apply_rope(x, cos, sin)
+    out = np.empty(x.shape, np.float32)
+    _apply_rope(np.ascontiguousarray(x), np.ascontiguousarray(cos), np.ascontiguousarray(sin), out)
+    return out
+
+
+@njit(parallel=True, **JIT)
+def _swiglu(g, u, out):
+    N, F = g.shape
+    for n in prange(N):
+        for i in range(F):
+            out[n, i] = (g[n, i] / (np.float32(1) + _expf(-g[n, i]))) * u[n, i]
+
+
+def swiglu(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+    """llama_ref.model.ggml.swiglu, compiled: ggml_v_silu(gate) * up."""
+    if gate.dtype != np.float32 or up.dtype != np.float32 or gate.shape != up.shape:
+        return spec.swiglu(gate, up)
+    g = np.ascontiguousarray(gate.reshape(-1, gate.shape[-1]))
+    out = np.empty(g.shape, np.float32)
+    _swiglu(g, np.ascontiguousarray(up.reshape(g.shape)), out)
+    return out.reshape(gate.shape)
+
+
+def expf(x: np.ndarray) -> np.ndarray:
+    """ggml_v_expf elementwise, compiled (for the tests)."""
+    x = np.ascontiguousarray(x, np.float32)
+    return _expf_array(x.reshape(-1)).reshape(x.shape)
+
+
+@njit(**JIT)
+def _expf_array(x):
+    out = np.empty_like(x)
+    for i in range(x.shape[0]):
+        out[i] = _expf(x[i])
+    return out

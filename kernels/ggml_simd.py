@@ -1,0 +1,260 @@
+"""LLVM IR for the inner loops of arithmetic="ggml": a true fused multiply-add, fp16 rounding, and the
+integer block dot products of ggml's quantized matrix products, as Numba intrinsics.
+
+Scalar Numba code neither fuses a multiply-add (math.fma is not supported) nor vectorizes a dot product
+whose float part must keep ggml's 8-lane order, so the loops that decide the speed are written here in
+LLVM's vector IR, one function per weight format and row count, and called from kernels/ggml.py:
+
+- fma32(a, b, c): llvm.fma.f32, float32 a * b + c rounded once (vfmadd; libm's fmaf where the CPU has none).
+  llama_ref.model.ggml.fma computes the same rounding exactly in NumPy (round to odd).
+- fp16_round(x): float32 -> fp16 (round to nearest even, vcvtps2ph) -> float32.
+- roundeven32(x): float32 rounded to the nearest integer, ties to even (_mm256_round_ps).
+- dot_rows(kind, rows): ggml's dot product of `rows` weight rows with one quantized activation row:
+  per 32-value block, the 8 int32 lanes of 4 products each (or, for repacked Q4_0, their sum), then
+  acc = fma(d_w * d_x, lanes, acc) block after block in float32, then hsum_float_8 (see model/ggml.py).
+  The integer part is exact in any order, so two implementations give identical results: vpdpbusd
+  (AVX-512 VNNI / AVX-VNNI: |w| as unsigned bytes times x with w's sign, ggml's own trick) when the CPU has
+  it, and portable IR (widen to int16, multiply, add pairs twice: LLVM selects vpmaddwd on x86) otherwise.
+  The choice is an argument (`simd`) at run time, so the tests run both on a VNNI machine;
+  the VNNI branch is only emitted when the host CPU has the instruction (Numba compiles for the host).
+
+Numba's on-disk cache checks a kernel against its own file only: after editing this file delete
+kernels/__pycache__/ggml*.nbi and *.nbc (see _common.py).
+"""
+
+from __future__ import annotations
+
+import llvmlite.binding as llvm_binding
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic
+
+F32 = ir.FloatType()
+I8, I16, I32, I64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
+
+
+def host_has_vnni() -> bool:
+    """Whether this CPU has vpdpbusd on 256-bit registers (AVX-VNNI, or AVX-512 VNNI with VL)."""
+    feats = set(llvm_binding.get_host_cpu_features().flatten().split(","))
+    return "+avxvnni" in feats or {"+avx512vnni", "+avx512vl"} <= feats
+
+
+HAS_VNNI = host_has_vnni()
+
+
+# ---- scalar intrinsics -----------------------------------------------------------------------------------------
+
+@intrinsic
+def fma32(typingctx, a, b, c):
+    """float32 a * b + c with one rounding (llvm.fma.f32)."""
+    sig = types.float32(types.float32, types.float32, types.float32)
+
+    def codegen(context, builder, signature, args):
+        return builder.call(_declare(builder.module, "llvm.fma.f32", F32, [F32] * 3), args)
+    return sig, codegen
+
+
+@intrinsic
+def fp16_round(typingctx, x):
+    """float32 -> nearest fp16 (ties to even; inf past 65504) -> float32: fptrunc then fpext."""
+    sig = types.float32(types.float32)
+
+    def codegen(context, builder, signature, args):
+        return builder.fpext(builder.fptrunc(args[0], ir.HalfType()), F32)
+    return sig, codegen
+
+
+@intrinsic
+def roundeven32(typingctx, x):
+    """float32 rounded to the nearest integer, ties to even (llvm.roundeven.f32)."""
+    sig = types.float32(types.float32)
+
+    def codegen(context, builder, signature, args):
+        return builder.call(_declare(builder.module, "llvm.roundeven.f32", F32, [F32]), args)
+    return sig, codegen
+
+
+# ---- the block dot products --------------------------------------------------------------------------------------
+
+# kind: (bytes per block of a weight row, nibbles?, signed values?, offset subtracted from nibbles, 8 lanes?,
+#        has a min term (Q4_1 / Q5_1: + sum_b fma(m_w, s_x)))
+KINDS = {
+    "q8_0": (32, False, True, 0, True, False),  # also Q5_0, kept as int8 values q - 16
+    "q5_1": (32, False, False, 0, True, True),  # one byte per value 0..31
+    "q4_0": (16, True, True, 8, True, False),  # not repacked: 8 lanes
+    "q4_0r": (16, True, True, 8, False, False),  # repacked (ggml_gemv_q4_0_8x8_q8_0): one integer per block
+    "q4_1": (16, True, False, 0, True, True),
+}
+
+
+def _declare(module, name, ret, args):
+    """The function `name` of `module` (an LLVM intrinsic), declared on first use."""
+    fn = module.globals.get(name)
+    return fn if fn is not None else ir.Function(module, ir.FunctionType(ret, args), name)
+
+
+def _ptr(builder, addr, ty):
+    return builder.inttoptr(addr, ir.PointerType(ty))
+
+
+def _gep_load(builder, base, offset, ty, align):
+    """Load a `ty` at byte address base + offset (both i64)."""
+    p = _ptr(builder, builder.add(base, offset), ty)
+    return builder.load(p, align=align)
+
+
+def _shuffle(builder, v, idx):
+    return builder.shuffle_vector(v, ir.Constant(v.type, ir.Undefined), ir.Constant(ir.VectorType(I32, len(idx)), idx))
+
+
+def _weight_values(builder, raw, nibbles, offset):
+    """A weight block's raw bytes -> <32 x i8> values in value order."""
+    if not nibbles:
+        return raw
+    v16 = ir.VectorType(I8, 16)
+    lo = builder.and_(raw, ir.Constant(v16, [15] * 16))
+    hi = builder.lshr(raw, ir.Constant(v16, [4] * 16))
+    vals = builder.shuffle_vector(lo, hi, ir.Constant(ir.VectorType(I32, 32), list(range(32))))
+    if offset:
+        vals = builder.sub(vals, ir.Constant(ir.VectorType(I8, 32), [offset] * 32))
+    return vals
+
+
+def _lanes_portable(builder, w, x, signed):
+    """<32 x i8> w, x -> <8 x i32>, lane j = sum of products 4j .. 4j+3: widen, multiply neighbours and add
+    them (the pattern LLVM selects as vpmaddwd), then add neighbouring pairs."""
+    v32_16, v16_32 = ir.VectorType(I16, 32), ir.VectorType(I32, 16)
+    w16 = builder.sext(w, v32_16) if signed else builder.zext(w, v32_16)
+    x16 = builder.sext(x, v32_16)
+    even, odd = list(range(0, 32, 2)), list(range(1, 32, 2))
+
+    def products(idx):
+        return builder.mul(builder.sext(_shuffle(builder, w16, idx), v16_32), builder.sext(_shuffle(builder, x16, idx),
+                                                                                            v16_32))
+    pairs = builder.add(products(even), products(odd))  # (16,) int32
+    return builder.add(_shuffle(builder, pairs, list(range(0, 16, 2))), _shuffle(builder, pairs, list(range(1, 16, 2))))
+
+
+def _lanes_vnni(builder, w, x, signed):
+    """The same lanes by vpdpbusd (unsigned bytes times signed bytes, 4 at a time): for signed w, |w| times x
+    with w's sign (x is never -128: ggml's activations lie in -127..127)."""
+    v32 = ir.VectorType(I8, 32)
+    v8 = ir.VectorType(I32, 8)
+    if signed:
+        neg = builder.icmp_signed("<", w, ir.Constant(v32, [0] * 32))
+        zero = ir.Constant(v32, [0] * 32)
+        w = builder.select(neg, builder.sub(zero, w), w)  # -(-128) wraps to 0x80: 128 as an unsigned byte
+        x = builder.select(neg, builder.sub(zero, x), x)
+    fn = _declare(builder.module, "llvm.x86.avx512.vpdpbusd.256", v8, [v8, v8, v8])
+    return builder.call(fn, [ir.Constant(v8, [0] * 8), builder.bitcast(w, v8), builder.bitcast(x, v8)])
+
+
+def _hsum8(builder, acc):
+    """hsum_float_8: (lane i + lane i+4), then (0 + 2) + (1 + 3)."""
+    r = builder.fadd(_shuffle(builder, acc, [0, 1, 2, 3]), _shuffle(builder, acc, [4, 5, 6, 7]))
+    r = builder.fadd(_shuffle(builder, r, [0, 1]), _shuffle(builder, r, [2, 3]))
+    first, second = (builder.extract_element(r, ir.Constant(I32, i)) for i in (0, 1))
+    return builder.fadd(first, second)
+
+
+def _define_dot(module, kind, rows, vnni):
+    """void f(w, w_stride, wd, wm, wd_stride, x, xd, xs, nb, out): `rows` weight rows from byte address w
+    (rows w_stride bytes apart; scales wd and mins wm, float32, wd_stride bytes apart) times the activation
+    row x (nb * 32 int8, scales xd, sums xs) -> out[0 .. rows-1] float32."""
+    name = f"llama_ref_ggml_dot_{kind}_{rows}_{'vnni' if vnni else 'portable'}"
+    if name in module.globals:
+        return module.globals[name]
+    block, nibbles, signed, offset, lanes8, has_min = KINDS[kind]
+    fn = ir.Function(module, ir.FunctionType(ir.VoidType(), [I64] * 10), name)
+    fn.linkage = "internal"
+    w, ws, wd, wm, wds, x, xd, xs, nb, out = fn.args
+    entry = fn.append_basic_block("entry")
+    loop = fn.append_basic_block("loop")
+    done = fn.append_basic_block("done")
+    b = ir.IRBuilder(entry)
+    v8f = ir.VectorType(F32, 8)
+    acc_ty = v8f if lanes8 else F32
+    zero_acc = ir.Constant(acc_ty, [0.0] * 8 if lanes8 else 0.0)
+    b.cbranch(b.icmp_signed(">", nb, ir.Constant(I64, 0)), loop, done)
+
+    b = ir.IRBuilder(loop)
+    i = b.phi(I64)
+    accs = [b.phi(acc_ty) for _ in range(rows)]
+    mins = [b.phi(F32) for _ in range(rows)] if has_min else []
+    xq = _gep_load(b, x, b.mul(i, ir.Constant(I64, 32)), ir.VectorType(I8, 32), 1)
+    xdb = _gep_load(b, xd, b.mul(i, ir.Constant(I64, 4)), F32, 4)
+    xsb = _gep_load(b, xs, b.mul(i, ir.Constant(I64, 4)), F32, 4) if has_min else None
+    fma_s = _declare(module, "llvm.fma.f32", F32, [F32] * 3)
+    fma_v = _declare(module, "llvm.fma.v8f32", v8f, [v8f] * 3)
+    new_accs, new_mins = [], []
+    for r in range(rows):
+        wrow = b.add(w, b.mul(ir.Constant(I64, r), ws))
+        raw = _gep_load(b, wrow, b.mul(i, ir.Constant(I64, block)), ir.VectorType(I8, block), 1)
+        wq = _weight_values(b, raw, nibbles, offset)
+        lanes = (_lanes_vnni if vnni else _lanes_portable)(b, wq, xq, signed)
+        scale_off = b.add(b.mul(ir.Constant(I64, r), wds), b.mul(i, ir.Constant(I64, 4)))
+        scale = b.fmul(_gep_load(b, wd, scale_off, F32, 4), xdb)  # float32 d_w * d_x
+        if lanes8:
+            splat = b.insert_element(ir.Constant(v8f, ir.Undefined), scale, ir.Constant(I32, 0))
+            splat = _shuffle(b, splat, [0] * 8)
+            new_accs.append(b.call(fma_v, [splat, b.sitofp(lanes, v8f), accs[r]]))
+        else:
+            v8i = ir.VectorType(I32, 8)
+            sumi = b.call(_declare(module, "llvm.vector.reduce.add.v8i32", I32, [v8i]), [lanes])
+            new_accs.append(b.call(fma_s, [scale, b.sitofp(sumi, F32), accs[r]]))
+        if has_min:
+            new_mins.append(b.call(fma_s, [_gep_load(b, wm, scale_off, F32, 4), xsb, mins[r]]))
+    i1 = b.add(i, ir.Constant(I64, 1))
+    b.cbranch(b.icmp_signed("<", i1, nb), loop, done)
+    i.add_incoming(ir.Constant(I64, 0), entry)
+    i.add_incoming(i1, loop)
+    for r in range(rows):
+        accs[r].add_incoming(zero_acc, entry)
+        accs[r].add_incoming(new_accs[r], loop)
+        if has_min:
+            mins[r].add_incoming(ir.Constant(F32, 0.0), entry)
+            mins[r].add_incoming(new_mins[r], loop)
+
+    b = ir.IRBuilder(done)
+    finals, final_mins = [], []
+    for r in range(rows):  # the phis first, as LLVM requires
+        acc = b.phi(acc_ty)
+        acc.add_incoming(zero_acc, entry)
+        acc.add_incoming(new_accs[r], loop)
+        finals.append(acc)
+        if has_min:
+            m = b.phi(F32)
+            m.add_incoming(ir.Constant(F32, 0.0), entry)
+            m.add_incoming(new_mins[r], loop)
+            final_mins.append(m)
+    for r in range(rows):
+        total = _hsum8(b, finals[r]) if lanes8 else finals[r]
+        if has_min:
+            total = b.fadd(total, final_mins[r])  # the offsets' float32 sum, added last
+        b.store(total, _ptr(b, b.add(out, ir.Constant(I64, 4 * r)), F32), align=4)
+    b.ret_void()
+    return fn
+
+
+def make_dot(kind: str, rows: int):
+    """The intrinsic dot(w, w_stride, wd, wm, wd_stride, x, xd, xs, nb, out, simd) for `kind` and `rows`
+    (addresses and strides in bytes as int64; simd != 0 takes vpdpbusd where this CPU has it)."""
+    @intrinsic
+    def dot(typingctx, w, ws, wd, wm, wds, x, xd, xs, nb, out, simd):
+        sig = types.void(*([types.int64] * 10), types.int64)
+
+        def codegen(context, builder, signature, args):
+            portable = _define_dot(builder.module, kind, rows, False)
+            if not HAS_VNNI:
+                builder.call(portable, args[:10])
+                return context.get_dummy_value()
+            fast = _define_dot(builder.module, kind, rows, True)
+            use = builder.icmp_signed("!=", args[10], ir.Constant(I64, 0))
+            with builder.if_else(use) as (then, otherwise):
+                with then:
+                    builder.call(fast, args[:10])
+                with otherwise:
+                    builder.call(portable, args[:10])
+            return context.get_dummy_value()
+        return sig, codegen
+    return dot

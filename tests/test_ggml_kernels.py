@@ -1,0 +1,267 @@
+"""arithmetic="ggml" compiled: kernels/ggml.py, ggml_simd.py and ggml_ops.py against the NumPy specification
+(llama_ref/model/ggml.py) bit for bit, and the specification's fused multiply-add against exact arithmetic.
+
+The integer block sums run two ways (vpdpbusd where the CPU has it, portable IR otherwise, or forced with
+use_simd=0 / LLAMA_REF_GGML_PORTABLE=1); both are checked on every format.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import subprocess
+import sys
+from fractions import Fraction
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from llama_ref.model import ggml
+from llama_ref.weights.packed import Q4_0Weight, Q4_1Weight, Q5_0Weight, Q5_1Weight, Q8_0Weight
+
+TYPES = {"q8_0": Q8_0Weight, "q4_0": Q4_0Weight, "q4_1": Q4_1Weight, "q5_0": Q5_0Weight, "q5_1": Q5_1Weight}
+
+
+def kernels():
+    from llama_ref.kernels import ggml as kernels_ggml
+    return kernels_ggml
+
+
+def ops():
+    from llama_ref.kernels import ggml_ops
+    return ggml_ops
+
+
+def same_bits(a, b) -> bool:
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    return a.shape == b.shape and np.array_equal(a.view(np.uint32), b.view(np.uint32))
+
+
+# ---- the fused multiply-add ----------------------------------------------------------------------------------
+
+def exact_fma(a, b, c) -> np.float32:
+    """float32(a * b + c) rounded once to nearest, ties to even, from the exact rational value."""
+    f = Fraction(float(a)) * Fraction(float(b)) + Fraction(float(c))
+    near = np.float32(float(f))  # within one float32 step of the answer
+    cands = [np.nextafter(near, np.float32(-np.inf)), near, np.nextafter(near, np.float32(np.inf))]
+    return min(cands, key=lambda v: (abs(Fraction(float(v)) - f), int(np.float32(v).view(np.uint32)) & 1))
+
+
+@functools.lru_cache(maxsize=None)
+def _fma_kernel():
+    from numba import njit
+
+    from llama_ref.kernels.ggml_simd import fma32
+
+    @njit
+    def run(a, b, c):
+        out = np.empty_like(a)
+        for i in range(a.shape[0]):
+            out[i] = fma32(a[i], b[i], c[i])
+        return out
+    return run
+
+
+def compiled_fma(a, b, c):
+    """llvm.fma.f32 elementwise: the CPU's vfmadd."""
+    return _fma_kernel()(*(np.ascontiguousarray(v, np.float32) for v in (a, b, c)))
+
+
+def tie_cases():
+    """a * b + c just above or below a float32 tie, closer to it than float64 can tell: float64(a*b + c) lands
+    on the tie and ties-to-even then picks the wrong neighbour. Built from (1 + m 2^-23)(1 - n 2^-23) =
+    1 + (m - n) 2^-23 - mn 2^-46 with m - n = 1 and mn just off 2^23, scaled so the product is ~2^-24."""
+    cases = []
+    for m, n, c in ((2896, 2895, 1.0),  # product 1 + 4688 2^-46: just above the tie 1 + 2^-24
+                    (2897, 2896, 1 + 2.0 ** -23)):  # product 1 - 1104 2^-46: just below 1 + 2^-23 + 2^-24
+        for scale in (1.0, 2.0 ** -30, 2.0 ** 40):
+            for sign in (1, -1):
+                a = np.float32(sign * (1 + m * 2.0 ** -23) * 2.0 ** -24 * scale)
+                b = np.float32(1 - n * 2.0 ** -23)
+                cases.append((a, b, np.float32(sign * c * scale)))
+    return cases
+
+
+def test_fma_single_rounding_on_hand_made_ties():
+    a, b, c = (np.array(v, np.float32) for v in zip(*tie_cases()))
+    expected = np.array([exact_fma(*t) for t in zip(a, b, c)], np.float32)
+    naive = (a.astype(np.float64) * b + c).astype(np.float32)  # two roundings
+    assert not np.any(naive == expected)  # each case is one where rounding twice goes wrong
+    assert same_bits(ggml.fma(a, b, c), expected)
+    assert same_bits(compiled_fma(a, b, c), expected)
+
+
+finite32 = st.floats(width=32, allow_nan=False, allow_infinity=False, min_value=-2.0 ** 60, max_value=2.0 ** 60)
+
+
+@settings(max_examples=150, deadline=None)
+@given(a=finite32, b=finite32, c=finite32, near=st.booleans())
+def test_fma_equals_exact_rounding(a, b, c, near):
+    if near:  # c close to -a*b: cancellation, where the low bits of the product decide
+        c = float(np.float32(-(np.float64(a) * b) * (1 + 2.0 ** -20)) + np.float32(c) * np.float32(2.0 ** -30))
+    a, b, c = (np.array([v], np.float32) for v in (a, b, c))
+    expected = exact_fma(a[0], b[0], c[0])
+    assert ggml.fma(a, b, c)[0] == expected
+    assert same_bits(compiled_fma(a, b, c), ggml.fma(a, b, c))
+
+
+# ---- activations and the products ------------------------------------------------------------------------------
+
+def f32_rows(rows, cols, scale=1.0):
+    """Float32 (rows, cols) from a drawn seed: normal values, a zero block, an outlier, or half-integers
+    (ties of the 8-bit rounding)."""
+    def build(seed):
+        rng = np.random.default_rng(seed)
+        x = rng.standard_normal((rows, cols)).astype(np.float32)
+        kind = seed % 4
+        if kind == 1:
+            x[:, :32] = 0
+        elif kind == 2:
+            x[rng.integers(rows), rng.integers(cols)] *= 100
+        elif kind == 3:
+            x = np.round(x * 4) / 2
+        return (x * np.float32(scale)).astype(np.float32)
+    return st.integers(0, 2**32 - 1).map(build)
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=st.data(), n=st.integers(1, 5), nb=st.integers(1, 6), scale=st.sampled_from([1e-30, 1e-3, 1.0, 1e4]))
+def test_quantize_q8_equals_specification(data, n, nb, scale):
+    x = data.draw(f32_rows(n, 32 * nb, scale))
+    xq, xd, xs = kernels().quantize_q8(x)
+    d1, q1, s1 = ggml.quantize_row_q8_1(x)
+    d0, q0 = ggml.quantize_row_q8_0(x)
+    assert np.array_equal(xq, q0.reshape(n, -1)) and np.array_equal(q0, q1)
+    assert same_bits(xd, d0) and same_bits(xd, d1) and same_bits(xs, s1)
+
+
+@pytest.mark.parametrize("kind", sorted(TYPES))
+@pytest.mark.parametrize("use_simd", [0, 1])
+def test_linear_both_integer_paths_equal_specification(kind, use_simd):
+    """Rows in groups of 4 and 8 and not, one block and many, one activation row and several."""
+    rng = np.random.default_rng(11)
+    for n, rows, k in ((1, 24, 64), (3, 7, 96), (2, 16, 576), (5, 13, 32), (1, 40, 1536)):
+        w = TYPES[kind].quantize(rng.standard_normal((rows, k)).astype(np.float32))
+        x = rng.standard_normal((n, k)).astype(np.float32)
+        x[0, 3] = 40
+        assert same_bits(kernels().quantized_linear(x, w, use_simd), ggml.linear(x, w))
+
+
+@pytest.mark.slow
+@settings(max_examples=30, deadline=None)
+@given(data=st.data(), kind=st.sampled_from(sorted(TYPES)), n=st.integers(1, 6), rows=st.integers(1, 37),
+       nb=st.integers(1, 9), scale=st.sampled_from([1e-3, 1.0, 50.0]), use_simd=st.sampled_from([0, 1]))
+def test_linear_equals_specification_hypothesis(data, kind, n, rows, nb, scale, use_simd):
+    w = TYPES[kind].quantize(data.draw(f32_rows(rows, 32 * nb)))
+    x = data.draw(f32_rows(n, 32 * nb, scale))
+    assert same_bits(kernels().quantized_linear(x, w, use_simd), ggml.linear(x, w))
+
+
+def test_simd_path_is_vpdpbusd_where_the_cpu_has_it():
+    """The integer part reaches the CPU's integer dot product: vpdpbusd in the VNNI branch (on a CPU that
+    has it), and the portable branch without it."""
+    from numba import njit, types
+
+    from llama_ref.kernels import ggml_simd
+
+    q8_4 = kernels()._q8_4
+
+    @njit
+    def dot(w, ws, wd, wm, wds, x, xd, xs, nb, out, use_simd):
+        q8_4(w, ws, wd, wm, wds, x, xd, xs, nb, out, use_simd)
+    dot.compile((types.int64,) * 11)
+    asm = dot.inspect_asm(dot.signatures[0])
+    assert ("vpdpbusd" in asm) == ggml_simd.HAS_VNNI
+    assert "vfmadd" in asm  # the float part: true fused multiply-adds
+
+
+@pytest.mark.slow
+def test_portable_environment_variable():
+    code = "import llama_ref.kernels.ggml as k; print(k.SIMD)"
+    env = dict(os.environ, LLAMA_REF_GGML_PORTABLE="1")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.stdout.strip() == "0", out.stderr
+
+
+# ---- the other operations -----------------------------------------------------------------------------------------
+
+def test_expf_equals_specification():
+    x = np.concatenate([np.linspace(-120, 100, 40001, dtype=np.float32),
+                        np.array([-np.inf, np.inf, np.nan, 0, -0.0, 88.7, 88.8, -103.9, -87.4], np.float32),
+                        np.random.default_rng(0).standard_normal(5000).astype(np.float32) * 20])
+    assert same_bits(ops().expf(x), ggml.ggml_v_expf(x))
+
+
+attention_shapes = st.tuples(st.integers(1, 2), st.integers(1, 5), st.sampled_from([(1, 1), (4, 2), (9, 3), (6, 6)]),
+                             st.sampled_from([32, 64, 80, 128]), st.integers(0, 140), st.integers(0, 2**32 - 1))
+
+
+def _attention_case(shape):
+    B, T, (H, KVH), HD, start, seed = shape
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((B, T, H, HD)).astype(np.float32) * 2
+    k = rng.standard_normal((B, start + T, KVH, HD)).astype(np.float32) * 3
+    v = rng.standard_normal((B, start + T, KVH, HD)).astype(np.float32)
+    return q, k, v, start
+
+
+@pytest.mark.parametrize("shape", [(1, 1, (9, 3), 64, 127, 0), (1, 1, (9, 3), 64, 0, 1), (2, 4, (4, 2), 80, 61, 2),
+                                   (1, 3, (6, 6), 128, 64, 3)])
+def test_attention_equals_specification(shape):
+    q, k, v, start = _attention_case(shape)
+    assert same_bits(ops().attention(q, k, v, start), ggml.attention(q, k, v, start))
+
+
+@pytest.mark.slow
+@settings(max_examples=30, deadline=None)
+@given(shape=attention_shapes)
+def test_attention_equals_specification_hypothesis(shape):
+    q, k, v, start = _attention_case(shape)
+    assert same_bits(ops().attention(q, k, v, start), ggml.attention(q, k, v, start))
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), n=st.integers(1, 4), d=st.sampled_from([8, 64, 576, 1000]),
+       scale=st.sampled_from([1e-20, 1e-3, 1.0, 1e10]))
+def test_rms_norm_and_swiglu_equal_specification(seed, n, d, scale):
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((1, n, d)) * scale).astype(np.float32)
+    weight = rng.standard_normal(d).astype(np.float32)
+    assert same_bits(ops().rms_norm(x, weight, 1e-5), ggml.rms_norm(x, weight, 1e-5))
+    gate = (rng.standard_normal((n, d)) * 8).astype(np.float32)
+    assert same_bits(ops().swiglu(gate, x[0]), ggml.swiglu(gate, x[0]))
+
+
+@pytest.mark.parametrize("theta, head_dim, factors, window", [
+    (10000.0, 64, False, 512), (500000.0, 128, True, 256),
+    pytest.param(100000.0, 64, False, 8192, marks=pytest.mark.slow),
+    pytest.param(500000.0, 128, True, 8192, marks=pytest.mark.slow)])
+def test_rope_tables_every_position(theta, head_dim, factors, window):
+    """Every position of a window (and a late stretch), plain and with Llama 3.1's frequency factors; then
+    the rotation with those tables."""
+    freqs = 1.0 / theta ** (np.arange(0, head_dim, 2) / head_dim)
+    if factors:
+        freqs = freqs / np.linspace(1, 8, head_dim // 2)
+    for start, length in ((0, window), (60000, 64)):
+        cos, sin = ops().rope_tables(freqs, start, length, np.float32)
+        ref_cos, ref_sin = ggml.rope_tables(freqs, start, length, np.float32)
+        assert same_bits(cos, ref_cos) and same_bits(sin, ref_sin)
+    x = np.random.default_rng(4).standard_normal((2, 5, 3, head_dim)).astype(np.float32)
+    assert same_bits(ops().apply_rope(x, cos[:5], sin[:5]), ggml.apply_rope(x, cos[:5], sin[:5]))
+
+
+def test_tiny_model_portable_path_equals_numpy(monkeypatch):
+    from llama_ref.model.transformer import Transformer
+    from llama_ref.weights.packed import quantize_weights
+    from tiny import random_weights, tiny_args
+
+    args = tiny_args()
+    weights = quantize_weights(random_weights(args, seed=4), "q4_1")
+    a = Transformer(args, weights, backend=ggml.backend_for("numpy", weights, "tiny"))
+    monkeypatch.setattr(kernels(), "SIMD", 0)
+    b = Transformer(args, weights, backend=ggml.backend_for("numba", weights, "tiny"))
+    tokens = np.array([3, 1, 4, 1, 5, 9])
+    la = np.concatenate([a.forward(tokens[:4]), a.forward(tokens[4:], start_pos=4)])
+    lb = np.concatenate([b.forward(tokens[:4]), b.forward(tokens[4:], start_pos=4)])
+    assert same_bits(la, lb)

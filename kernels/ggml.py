@@ -33,13 +33,13 @@ SIMD = int(simd.HAS_VNNI and os.environ.get("LLAMA_REF_GGML_PORTABLE", "") != "1
 _q8_4, _q8_1 = simd.make_dot("q8_0", 4), simd.make_dot("q8_0", 1)
 _q5_1_4, _q5_1_1 = simd.make_dot("q5_1", 4), simd.make_dot("q5_1", 1)
 _q4_0_4, _q4_0_1 = simd.make_dot("q4_0", 4), simd.make_dot("q4_0", 1)
-_q4_0r_4, _q4_0r_1 = simd.make_dot("q4_0r", 4), simd.make_dot("q4_0r", 1)
+_q4_0r_8 = simd.make_dot("q4_0r", 8)  # repacked Q4_0 comes in groups of 8 rows
 _q4_1_4, _q4_1_1 = simd.make_dot("q4_1", 4), simd.make_dot("q4_1", 1)
 
 
 @njit(inline="always", **JIT)
 def _dot(kind, four, w, ws, wd, wm, wds, x, xd, xs, nb, out, use_simd):
-    """One call of kernels/ggml_simd.py's dot for this weight kind, on 4 rows (four) or 1."""
+    """One call of kernels/ggml_simd.py's dot for this weight kind, on 4 rows (four) or 1; 8 for kind 3."""
     if kind == 0:
         if four:
             _q8_4(w, ws, wd, wm, wds, x, xd, xs, nb, out, use_simd)
@@ -55,11 +55,8 @@ def _dot(kind, four, w, ws, wd, wm, wds, x, xd, xs, nb, out, use_simd):
             _q4_0_4(w, ws, wd, wm, wds, x, xd, xs, nb, out, use_simd)
         else:
             _q4_0_1(w, ws, wd, wm, wds, x, xd, xs, nb, out, use_simd)
-    elif kind == 3:
-        if four:
-            _q4_0r_4(w, ws, wd, wm, wds, x, xd, xs, nb, out, use_simd)
-        else:
-            _q4_0r_1(w, ws, wd, wm, wds, x, xd, xs, nb, out, use_simd)
+    elif kind == 3:  # 8 rows at once (_linear's step)
+        _q4_0r_8(w, ws, wd, wm, wds, x, xd, xs, nb, out, use_simd)
     else:
         if four:
             _q4_1_4(w, ws, wd, wm, wds, x, xd, xs, nb, out, use_simd)
@@ -71,7 +68,7 @@ def _dot(kind, four, w, ws, wd, wm, wds, x, xd, xs, nb, out, use_simd):
 def _linear(kind, xq, xd, xs, qs, d, m, out, use_simd):
     """out (N, R) = ggml's dot product of every weight row (qs (R, bytes) with scales d, mins m (R, nb)) with
     every quantized activation row (xq (N, K) int8, scales xd, Q8_1 sums xs (N, nb)). Parallel over tiles of
-    ROWS weight rows; within a tile, every activation row meets the tile's rows 4 at a time."""
+    ROWS weight rows; within a tile, every activation row meets the tile's rows 4 (repacked Q4_0: 8) at a time."""
     N, K = xq.shape
     R, nb = d.shape
     ws, wds = np.int64(qs.shape[1]), np.int64(4 * nb)
@@ -83,10 +80,11 @@ def _linear(kind, xq, xd, xs, qs, d, m, out, use_simd):
         for n in range(N):
             x, xdn, xsn = x0 + n * np.int64(K), xd0 + n * wds, xs0 + n * wds
             r = np.int64(c * ROWS)
-            while r + 4 <= r1:
+            step = 8 if kind == 3 else 4  # repacked Q4_0: R % 8 == 0, so every tile is whole groups of 8
+            while r + step <= r1:
                 _dot(kind, True, w0 + r * ws, ws, d0 + r * wds, m0 + r * wds, wds, x, xdn, xsn, nb,
                      o0 + 4 * (n * np.int64(R) + r), use_simd)
-                r += 4
+                r += step
             while r < r1:
                 _dot(kind, False, w0 + r * ws, ws, d0 + r * wds, m0 + r * wds, wds, x, xdn, xsn, nb,
                      o0 + 4 * (n * np.int64(R) + r), use_simd)

@@ -149,6 +149,23 @@ def _lanes_vnni(builder, w, x, signed):
     return builder.call(fn, [ir.Constant(v8, [0] * 8), builder.bitcast(w, v8), builder.bitcast(x, v8)])
 
 
+def _offset_lanes(builder, x, offset):
+    """offset * (the sums of x's 4-value groups) as <8 x i32>, once per activation block: with VNNI the
+    nibbles of Q4_0 enter vpdpbusd unsigned (0..15) and the offset 8 is taken off afterwards, exactly,
+    instead of applying each weight's sign to x."""
+    ones = ir.Constant(ir.VectorType(I8, 32), [1] * 32)
+    sums = _lanes_vnni(builder, ones, x, False)
+    return builder.mul(sums, ir.Constant(ir.VectorType(I32, 8), [offset] * 8))
+
+
+def _row_lanes(builder, raw, x, kind, vnni, offsets):
+    """The 8 int32 lanes of one weight block (raw bytes) with the activation block x."""
+    block, nibbles, signed, offset, lanes8, has_min = KINDS[kind]
+    if vnni and offset:
+        return builder.sub(_lanes_vnni(builder, _weight_values(builder, raw, nibbles, 0), x, False), offsets)
+    return (_lanes_vnni if vnni else _lanes_portable)(builder, _weight_values(builder, raw, nibbles, offset), x, signed)
+
+
 def _hsum8(builder, acc):
     """hsum_float_8: (lane i + lane i+4), then (0 + 2) + (1 + 3)."""
     r = builder.fadd(_shuffle(builder, acc, [0, 1, 2, 3]), _shuffle(builder, acc, [4, 5, 6, 7]))
@@ -184,14 +201,14 @@ def _define_dot(module, kind, rows, vnni):
     xq = _gep_load(b, x, b.mul(i, ir.Constant(I64, 32)), ir.VectorType(I8, 32), 1)
     xdb = _gep_load(b, xd, b.mul(i, ir.Constant(I64, 4)), F32, 4)
     xsb = _gep_load(b, xs, b.mul(i, ir.Constant(I64, 4)), F32, 4) if has_min else None
+    offsets = _offset_lanes(b, xq, offset) if vnni and offset else None
     fma_s = _declare(module, "llvm.fma.f32", F32, [F32] * 3)
     fma_v = _declare(module, "llvm.fma.v8f32", v8f, [v8f] * 3)
     new_accs, new_mins = [], []
     for r in range(rows):
         wrow = b.add(w, b.mul(ir.Constant(I64, r), ws))
         raw = _gep_load(b, wrow, b.mul(i, ir.Constant(I64, block)), ir.VectorType(I8, block), 1)
-        wq = _weight_values(b, raw, nibbles, offset)
-        lanes = (_lanes_vnni if vnni else _lanes_portable)(b, wq, xq, signed)
+        lanes = _row_lanes(b, raw, xq, kind, vnni, offsets)
         scale_off = b.add(b.mul(ir.Constant(I64, r), wds), b.mul(i, ir.Constant(I64, 4)))
         scale = b.fmul(_gep_load(b, wd, scale_off, F32, 4), xdb)  # float32 d_w * d_x
         if lanes8:
@@ -236,6 +253,66 @@ def _define_dot(module, kind, rows, vnni):
     return fn
 
 
+def _combine(builder, a, b):
+    """<8 x i32> a, b -> the sums of neighbouring pairs, a's four then b's four (vphaddd)."""
+    evens, odds = list(range(0, 16, 2)), list(range(1, 16, 2))
+    v8 = ir.Constant(ir.VectorType(I32, 8), evens)
+    return builder.add(builder.shuffle_vector(a, b, v8), builder.shuffle_vector(a, b, ir.Constant(v8.type, odds)))
+
+
+def _define_dot_rows8(module, kind, vnni):
+    """Repacked Q4_0 (ggml_gemv_q4_0_8x8_q8_0): 8 rows side by side, one float32 lane per row. Per block the
+    8 rows' integer sums are gathered into one vector (a tree of pair sums) and acc = fma(d_w d_x, sumi,
+    acc) is one vector FMA: lane r computes what a scalar chain over row r's blocks would. Same arguments
+    as _define_dot."""
+    name = f"llama_ref_ggml_dot8_{kind}_{'vnni' if vnni else 'portable'}"
+    if name in module.globals:
+        return module.globals[name]
+    block, nibbles, signed, offset, lanes8, has_min = KINDS[kind]
+    assert not lanes8 and not has_min
+    fn = ir.Function(module, ir.FunctionType(ir.VoidType(), [I64] * 10), name)
+    fn.linkage = "internal"
+    w, ws, wd, wm, wds, x, xd, xs, nb, out = fn.args
+    entry, loop, done = (fn.append_basic_block(n) for n in ("entry", "loop", "done"))
+    v8f = ir.VectorType(F32, 8)
+    zero = ir.Constant(v8f, [0.0] * 8)
+    b = ir.IRBuilder(entry)
+    b.cbranch(b.icmp_signed(">", nb, ir.Constant(I64, 0)), loop, done)
+
+    b = ir.IRBuilder(loop)
+    i = b.phi(I64)
+    acc = b.phi(v8f)
+    xq = _gep_load(b, x, b.mul(i, ir.Constant(I64, 32)), ir.VectorType(I8, 32), 1)
+    xdb = _gep_load(b, xd, b.mul(i, ir.Constant(I64, 4)), F32, 4)
+    sums, scales = [], ir.Constant(v8f, ir.Undefined)
+    offsets = _offset_lanes(b, xq, offset) if vnni and offset else None
+    for r in range(8):
+        raw = _gep_load(b, b.add(w, b.mul(ir.Constant(I64, r), ws)), b.mul(i, ir.Constant(I64, block)),
+                        ir.VectorType(I8, block), 1)
+        sums.append(_row_lanes(b, raw, xq, kind, vnni, offsets))
+        d = _gep_load(b, wd, b.add(b.mul(ir.Constant(I64, r), wds), b.mul(i, ir.Constant(I64, 4))), F32, 4)
+        scales = b.insert_element(scales, d, ir.Constant(I32, r))
+    while len(sums) > 1:  # 8 vectors of 8 lanes -> one vector of 8 row sums (exact integers)
+        sums = [_combine(b, sums[j], sums[j + 1]) for j in range(0, len(sums), 2)]
+    splat = _shuffle(b, b.insert_element(ir.Constant(v8f, ir.Undefined), xdb, ir.Constant(I32, 0)), [0] * 8)
+    scale = b.fmul(scales, splat)  # float32 d_w * d_x per row
+    new_acc = b.call(_declare(module, "llvm.fma.v8f32", v8f, [v8f] * 3), [scale, b.sitofp(sums[0], v8f), acc])
+    i1 = b.add(i, ir.Constant(I64, 1))
+    b.cbranch(b.icmp_signed("<", i1, nb), loop, done)
+    i.add_incoming(ir.Constant(I64, 0), entry)
+    i.add_incoming(i1, loop)
+    acc.add_incoming(zero, entry)
+    acc.add_incoming(new_acc, loop)
+
+    b = ir.IRBuilder(done)
+    final = b.phi(v8f)
+    final.add_incoming(zero, entry)
+    final.add_incoming(new_acc, loop)
+    b.store(final, _ptr(b, out, v8f), align=4)
+    b.ret_void()
+    return fn
+
+
 def make_dot(kind: str, rows: int):
     """The intrinsic dot(w, w_stride, wd, wm, wd_stride, x, xd, xs, nb, out, simd) for `kind` and `rows`
     (addresses and strides in bytes as int64; simd != 0 takes vpdpbusd where this CPU has it)."""
@@ -244,11 +321,12 @@ def make_dot(kind: str, rows: int):
         sig = types.void(*([types.int64] * 10), types.int64)
 
         def codegen(context, builder, signature, args):
-            portable = _define_dot(builder.module, kind, rows, False)
+            define = _define_dot_rows8 if rows == 8 else (lambda module, k, v: _define_dot(module, k, rows, v))
+            portable = define(builder.module, kind, False)
             if not HAS_VNNI:
                 builder.call(portable, args[:10])
                 return context.get_dummy_value()
-            fast = _define_dot(builder.module, kind, rows, True)
+            fast = define(builder.module, kind, True)
             use = builder.icmp_signed("!=", args[10], ir.Constant(I64, 0))
             with builder.if_else(use) as (then, otherwise):
                 with then:

@@ -3,7 +3,7 @@
 The NumPy module is the specification; these kernels compute the same numbers bit for bit
 (tests/test_ggml_kquants.py): the activations are quantized by the specification's quantize_row_q8_K (O(K)
 per row), the integer sums are exact in int32 in any order, and the float steps are the specification's, in
-its order, with the same float64 fused multiply-add. No fast-math.
+its order, each fused multiply-add one rounding (llvm.fma.f32). No fast-math.
 
 The weights are read as llama_ref.weights.packed keeps them, nothing copied: `qs` (Q4_K: Q4_1-style
 sub-blocks of 16 bytes, value j in the low nibble of byte j and j + 16 in its high nibble; Q5_K: one byte per
@@ -19,6 +19,7 @@ from numba import njit, prange
 from llama_ref.model import ggml_kquants as spec
 
 from ._common import JIT, readonly
+from .ggml_simd import fma32
 from .halfbits import f16_to_f32
 
 ROWS = 16  # weight rows per parallel work item (a multiple of 8: the repacked Q4_K's groups)
@@ -26,8 +27,8 @@ ROWS = 16  # weight rows per parallel work item (a multiple of 8: the repacked Q
 
 @njit(inline="always", **JIT)
 def _fma(a, b, c):
-    """float32 a * b + c rounded once, as llama_ref.model.ggml.fma computes it (through float64)."""
-    return np.float32(np.float64(a) * np.float64(b) + np.float64(c))
+    """float32 a * b + c rounded once (llvm.fma.f32), as llama_ref.model.ggml.fma computes it."""
+    return fma32(np.float32(a), np.float32(b), np.float32(c))
 
 
 @njit(inline="always", **JIT)

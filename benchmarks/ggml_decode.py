@@ -1,6 +1,7 @@
-"""Decode speed in arithmetic="ggml" beside arithmetic="exact" and llama.cpp, on the same quantized GGUFs.
+"""Decode and prefill speed in arithmetic="ggml" beside arithmetic="exact" and llama.cpp, on the same GGUFs.
 
-    python benchmarks/ggml_decode.py [--threads 2] [--rounds 3] [--formats q8_0 q4_0 q4_1]
+    python benchmarks/ggml_decode.py [--threads 2] [--rounds 3] [--formats q8_0 q4_0 q4_1 q5_0 q5_1]
+                                     [--prefill 512] [--decode 32] [--decode-prompt 64]
 
 The GGUFs are the default model requantized by tests/fixtures/make_llamacpp_logits.py (the files the
 fidelity fixture was made from), written once into --work. Each configuration runs in a fresh process
@@ -8,7 +9,8 @@ fidelity fixture was made from), written once into --work. Each configuration ru
 with the same thread count; every round runs every configuration once, so each round's ratios compare
 runs made minutes apart on this shared machine, and the table keeps each configuration's best round.
 Roofline: the weights' bytes read once per token at the read bandwidth measured in the same round
-(run.py's bandwidth child).
+(run.py's bandwidth child). Writes the JSON (--out) and a Markdown table beside it (.md), with the load
+average before each round: on a shared machine the ratios of one round are what can be compared.
 """
 
 from __future__ import annotations
@@ -87,10 +89,10 @@ def main(argv=None) -> None:
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--formats", nargs="+", default=["q8_0", "q4_0", "q4_1"])
+    ap.add_argument("--formats", nargs="+", default=["q8_0", "q4_0", "q4_1", "q5_0", "q5_1"])
     ap.add_argument("--decode", type=int, default=32, help="decode steps per run")
     ap.add_argument("--decode-prompt", type=int, default=64, help="prompt length before decoding")
-    ap.add_argument("--prefill", type=int, nargs="*", default=[64], help="prefill lengths to time")
+    ap.add_argument("--prefill", type=int, nargs="*", default=[512], help="prefill lengths to time")
     ap.add_argument("--work", type=Path, default=Path("/tmp/llama_ref_ggml_bench"))
     ap.add_argument("--out", type=Path, default=HERE / "results" / "ggml_decode.json")
     a = ap.parse_args(argv)
@@ -109,7 +111,7 @@ def main(argv=None) -> None:
               "decode_prompt": a.decode_prompt}
     rounds = []
     for r in range(a.rounds):
-        result = {"bandwidth": run_child(sys.executable, {"kind": "bandwidth"}, env)}
+        result = {"load_average": os.getloadavg(), "bandwidth": run_child(sys.executable, {"kind": "bandwidth"}, env)}
         for kind, path in files.items():
             for name, spec, python in (("ggml", {"kind": "ggml", "arithmetic": "ggml"}, sys.executable),
                                        ("exact", {"kind": "ggml", "arithmetic": "exact"}, sys.executable),
@@ -126,23 +128,48 @@ def main(argv=None) -> None:
               "settings": common, "load_average": os.getloadavg()}
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(report, indent=1))
+    a.out.with_suffix(".md").write_text(table(report) + "\n")
     print(table(report))
 
 
+def _best(report: dict, kind: str, name: str, key: str) -> float:
+    return max((r.get(f"{kind} {name}", {}).get(key, 0) for r in report["rounds"]), default=0)
+
+
+def _best_ratio(report: dict, kind: str, name: str, key: str) -> float:
+    """The best over rounds of (name's speed / llama.cpp's speed in the same round)."""
+    return max((r[f"{kind} {name}"].get(key, 0) / r[f"{kind} llama.cpp"][key] for r in report["rounds"]
+                if r.get(f"{kind} llama.cpp", {}).get(key) and f"{kind} {name}" in r), default=0)
+
+
 def table(report: dict) -> str:
-    """Best round per configuration; ratios to llama.cpp within each round, best round's shown."""
-    rows = ["| format | ggml tok/s | exact tok/s | llama.cpp tok/s | ggml / llama.cpp (best round) | "
-            "exact / llama.cpp | ggml % of roofline |", "|---|---|---|---|---|---|---|"]
+    """Best round per configuration; ratios to llama.cpp within each round, the best round's shown."""
+    m = report["machine"]
+    loads = ", ".join(f"{r['load_average'][0]:.1f}" for r in report["rounds"] if "load_average" in r)
+    lines = [f"{m.get('cpu', '?')}, {report['threads']} threads per engine, numba {m.get('numba', '?')}; "
+             f"load average before each round: {loads or '?'}; {len(report['rounds'])} rounds, best of each.", ""]
+    pre = [k for k in report["rounds"][0].get(f"{next(iter(report['formats']))} ggml", {}) if k.startswith("prefill_")]
+    head = "| format | decode ggml | exact | llama.cpp | ggml / llama.cpp | exact / llama.cpp | ggml % of roofline |"
+    sep = "|---|---|---|---|---|---|---|"
+    for key in pre:
+        head += f" {key.replace('_', ' ')} ggml | exact | llama.cpp | ggml / llama.cpp | exact / llama.cpp |"
+        sep += "---|---|---|---|---|"
+    lines += [head, sep]
     for kind, f in report["formats"].items():
-        best = {n: max((r.get(f"{kind} {n}", {}).get("decode", 0) for r in report["rounds"]), default=0)
-                for n in ("ggml", "exact", "llama.cpp")}
-        ratio = {n: max((r[f"{kind} {n}"].get("decode", 0) / r[f"{kind} llama.cpp"]["decode"]
-                         for r in report["rounds"] if r.get(f"{kind} llama.cpp", {}).get("decode")), default=0)
-                 for n in ("ggml", "exact")}
         roof = max(r["bandwidth"].get("read_gb_s", 0) * 1e9 / f["bytes"] for r in report["rounds"])
-        rows.append(f"| {kind} | {best['ggml']:.1f} | {best['exact']:.1f} | {best['llama.cpp']:.1f} | "
-                    f"{ratio['ggml']:.2f}x | {ratio['exact']:.2f}x | {100 * best['ggml'] / roof:.0f}% |")
-    return "\n".join(rows)
+        best = {n: _best(report, kind, n, "decode") for n in ("ggml", "exact", "llama.cpp")}
+        row = (f"| {kind} | {best['ggml']:.1f} | {best['exact']:.1f} | {best['llama.cpp']:.1f} "
+               f"| {_best_ratio(report, kind, 'ggml', 'decode'):.2f}x "
+               f"| {_best_ratio(report, kind, 'exact', 'decode'):.2f}x "
+               f"| {100 * best['ggml'] / roof:.0f}% |")
+        for key in pre:
+            row += (f" {_best(report, kind, 'ggml', key):.0f} | {_best(report, kind, 'exact', key):.0f} "
+                    f"| {_best(report, kind, 'llama.cpp', key):.0f} | {_best_ratio(report, kind, 'ggml', key):.2f}x "
+                    f"| {_best_ratio(report, kind, 'exact', key):.2f}x |")
+        lines.append(row)
+    lines += ["", "Speeds in tokens/s. Roofline: the GGUF's bytes read once per token at the read bandwidth "
+              "measured in the same run (best round)."]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

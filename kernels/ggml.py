@@ -91,27 +91,37 @@ def _linear(kind, xq, xd, xs, qs, d, m, out, use_simd):
                 r += 1
 
 
+@njit(inline="always", **JIT)
+def _quantize_q8_row(x, xq, xd, xs, n):
+    """x86 quantize_row_q8_0 (xd, xq) and quantize_row_q8_1's sums (xs) of row n of x (N, K) float32, as
+    llama_ref.model.ggml computes them: d = amax / 127, q = roundeven(x * (127 / amax)), fp16(d), fp16(d sum q)."""
+    for b in range(x.shape[1] // 32):
+        amax = np.float32(0)
+        for j in range(b * 32, b * 32 + 32):
+            a = abs(x[n, j])
+            if not a <= amax:
+                amax = a
+        d = amax / np.float32(127)
+        inv = np.float32(127) / amax if amax != 0 else np.float32(0)
+        s = 0
+        for j in range(b * 32, b * 32 + 32):
+            q = np.int32(simd.roundeven32(x[n, j] * inv))
+            xq[n, j] = q
+            s += q
+        xd[n, b] = simd.fp16_round(d)
+        xs[n, b] = simd.fp16_round(d * np.float32(s))
+
+
 @njit(parallel=True, **JIT)
 def _quantize_q8(x, xq, xd, xs):
-    """x86 quantize_row_q8_0 (xd, xq) and quantize_row_q8_1's sums (xs) of x (N, K) float32, as
-    llama_ref.model.ggml computes them: d = amax / 127, q = roundeven(x * (127 / amax)), fp16(d), fp16(d sum q)."""
-    N, K = x.shape
-    for n in prange(N):
-        for b in range(K // 32):
-            amax = np.float32(0)
-            for j in range(b * 32, b * 32 + 32):
-                a = abs(x[n, j])
-                if not a <= amax:
-                    amax = a
-            d = amax / np.float32(127)
-            inv = np.float32(127) / amax if amax != 0 else np.float32(0)
-            s = 0
-            for j in range(b * 32, b * 32 + 32):
-                q = np.int32(simd.roundeven32(x[n, j] * inv))
-                xq[n, j] = q
-                s += q
-            xd[n, b] = simd.fp16_round(d)
-            xs[n, b] = simd.fp16_round(d * np.float32(s))
+    for n in prange(x.shape[0]):
+        _quantize_q8_row(x, xq, xd, xs, n)
+
+
+@njit(**JIT)
+def _quantize_q8_serial(x, xq, xd, xs):
+    for n in range(x.shape[0]):
+        _quantize_q8_row(x, xq, xd, xs, n)
 
 
 def quantize_q8(x2: np.ndarray):
@@ -120,7 +130,7 @@ def quantize_q8(x2: np.ndarray):
     xq = np.empty((N, K), np.int8)
     xd = np.empty((N, K // 32), np.float32)
     xs = np.empty((N, K // 32), np.float32)
-    _quantize_q8(x2, xq, xd, xs)
+    (_quantize_q8 if N >= 16 else _quantize_q8_serial)(x2, xq, xd, xs)
     return xq, xd, xs
 
 

@@ -17,7 +17,9 @@ from numba import njit, prange
 from llama_ref.model import ggml as spec
 
 from ._common import JIT
-from .ggml_simd import fma32, fp16_round
+from .ggml_simd import fma32, fp16_round, ldexp32
+
+PARALLEL_ROWS = 16  # fewer rows than this (a decode step): one thread, no parallel region to start
 
 _R = np.float32(float.fromhex("0x1.8p23"))
 _LOG2E = np.float32(float.fromhex("0x1.715476p+0"))
@@ -40,7 +42,7 @@ def _expf(x):
     j = fma32(fma32(fma32(_C4, b, _C5), u, fma32(_C6, b, _C7)), u, fma32(_C8, b, np.float32(1)))
     if not abs(n) <= 192:  # also NaN n
         return np.float32(0) if n <= 0 else np.float32(np.inf)
-    return np.float32(math.ldexp(np.float64(j), int(n)))  # exact in float64, one rounding to float32
+    return ldexp32(j, np.int32(n))  # j * 2^n exact in float64, then one rounding to float32
 
 
 @njit(inline="always", **JIT)
@@ -58,19 +60,34 @@ def _reduce16(v, o):
     return (b0 + b2) + (b1 + b3)
 
 
+@njit(**JIT)
+def _to_fp16(x, out):
+    """out = x rounded to fp16 (as float32), x and out flat (vcvtps2ph, vcvtph2ps: memory speed, one thread)."""
+    for i in range(x.shape[0]):
+        out[i] = fp16_round(x[i])
+
+
 @njit(inline="always", **JIT)
-def _finish_f16(acc, c):
-    """The end of ggml_vec_dot_f16: accumulators (64, ...) column c: (0 + 2) + (1 + 3), reduce_add_16."""
-    t = np.empty(16, np.float32)
+def _finish_columns(acc, out):
+    """The end of ggml_vec_dot_f16 for every column of acc (64, HD) at once -> out (HD,): accumulators
+    (0 + 2) + (1 + 3), then reduce_add_16 (16 -> 8 -> 4 -> 2 -> 1). Column d is what _finish_f16 gives."""
+    HD = acc.shape[1]
+    t = np.empty((16, HD), np.float32)
     for i in range(16):
-        t[i] = (acc[i, c] + acc[32 + i, c]) + (acc[16 + i, c] + acc[48 + i, c])
-    return _reduce16(t, 0)
+        for d in range(HD):
+            t[i, d] = (acc[i, d] + acc[32 + i, d]) + (acc[16 + i, d] + acc[48 + i, d])
+    for half in (8, 4, 2, 1):
+        for i in range(half):
+            for d in range(HD):
+                t[i, d] = t[i, d] + t[i + half, d]
+    for d in range(HD):
+        out[d] = t[0, d]
 
 
 @njit(parallel=True, **JIT)
 def _attention(q, k, v, start_pos, scale, out):
-    """q (B, T, H, HD), k, v (B, S, KVH, HD) float32 -> out (B, T, H, HD): llama_ref.model.ggml.attention
-    without a key mask. One work item per (batch, position, head)."""
+    """q (B, T, H, HD) float32, k, v (B, S, KVH, HD) float32 holding fp16 values -> out (B, T, H, HD):
+    llama_ref.model.ggml.attention without a key mask. One work item per (batch, position, head)."""
     B, T, H, HD = q.shape
     S, KVH = k.shape[1], k.shape[2]
     G = H // KVH
@@ -86,15 +103,19 @@ def _attention(q, k, v, start_pos, scale, out):
             qh[d] = fp16_round(q[b, t, h, d])
         # scores: ggml_vec_dot_f16(q, k_p) for every visible key, times the scale; -inf for the others
         w = np.full(P, -np.inf, np.float32)
-        acc = np.zeros((64, 1), np.float32)
+        acc = np.empty(64, np.float32)
+        scratch = np.empty(16, np.float32)
         for p in range(min(S, last + 1)):
-            acc[:, 0] = 0
+            kr = k[b, p, kvh]  # (HD,)
+            acc[:] = 0
             for s0 in range(0, m, 64):
                 for i in range(64):
-                    acc[i, 0] = acc[i, 0] + qh[s0 + i] * fp16_round(k[b, p, kvh, s0 + i])
-            total = np.float64(_finish_f16(acc, 0))
+                    acc[i] = acc[i] + qh[s0 + i] * kr[s0 + i]
+            for i in range(16):
+                scratch[i] = (acc[i] + acc[32 + i]) + (acc[16 + i] + acc[48 + i])
+            total = np.float64(_reduce16(scratch, 0))
             for i in range(m, HD):
-                total += np.float64(qh[i] * fp16_round(k[b, p, kvh, i]))
+                total += np.float64(qh[i] * kr[i])
             w[p] = np.float32(total) * scale
         # softmax: minus the maximum, ggml_v_expf, sums of 16 in float32 added in float64, times 1 / sum
         row_max = w[0]
@@ -109,16 +130,16 @@ def _attention(q, k, v, start_pos, scale, out):
         inv = np.float32(1.0 / total)
         for p in range(P):
             w[p] = fp16_round(w[p] * inv)
-        # the probabilities times each column of V (transposed in llama.cpp): ggml_vec_dot_f16 over P keys
+        # the probabilities times each column of V (transposed in llama.cpp): ggml_vec_dot_f16 over P keys,
+        # key p into accumulator lane p % 64 of every column
         accv = np.zeros((64, HD), np.float32)
         for p in range(S):
-            lane, pw = p % 64, w[p]
+            lane, pw, vr = p % 64, w[p], v[b, p, kvh]
             for d in range(HD):
-                accv[lane, d] = accv[lane, d] + pw * fp16_round(v[b, p, kvh, d])
+                accv[lane, d] = accv[lane, d] + pw * vr[d]
         # (the padding p >= S adds 0 * 0 = +0 to each accumulator, which leaves it as it is; P % 64 == 0: no
         # leftover products, and the float64 sum of one float32 rounds back to it)
-        for d in range(HD):
-            out[b, t, h, d] = _finish_f16(accv, d)
+        _finish_columns(accv, out[b, t, h])
 
 
 def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start_pos: int,
@@ -128,22 +149,36 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start_pos: int,
         return spec.attention(q, k, v, start_pos, key_mask)
     out = np.empty(q.shape, np.float32)
     HD = q.shape[-1]
-    _attention(np.ascontiguousarray(q), np.ascontiguousarray(k, np.float32), np.ascontiguousarray(v, np.float32),
-               start_pos, np.float32(1 / np.sqrt(HD)), out)
+    kh, vh = np.empty(k.shape, np.float32), np.empty(v.shape, np.float32)  # the F16 cache's values
+    _to_fp16(np.ascontiguousarray(k, np.float32).reshape(-1), kh.reshape(-1))
+    _to_fp16(np.ascontiguousarray(v, np.float32).reshape(-1), vh.reshape(-1))
+    _attention(np.ascontiguousarray(q), kh, vh, start_pos, np.float32(1 / np.sqrt(HD)), out)
     return out
+
+
+@njit(inline="always", **JIT)
+def _rms_norm_row(x, weight, eps, out, n):
+    D = x.shape[1]
+    total = np.float64(0)
+    for i in range(D):
+        total += np.float64(x[n, i] * x[n, i])  # float32 products, summed in order in float64
+    mean = np.float32(total / D)
+    scale = np.float32(1) / np.sqrt(mean + eps)
+    for i in range(D):
+        out[n, i] = (x[n, i] * scale) * weight[i]
 
 
 @njit(parallel=True, **JIT)
 def _rms_norm(x, weight, eps, out):
-    N, D = x.shape
-    for n in prange(N):
-        total = np.float64(0)
-        for i in range(D):
-            total += np.float64(x[n, i] * x[n, i])
-        mean = np.float32(total / D)
-        scale = np.float32(1) / np.sqrt(mean + eps)
-        for i in range(D):
-            out[n, i] = (x[n, i] * scale) * weight[i]
+    for n in prange(x.shape[0]):
+        _rms_norm_row(x, weight, eps, out, n)
+
+
+@njit(**JIT)
+def _rms_norm_serial(x, weight, eps, out):
+    """The same for a few rows: a parallel region costs more than one decode row's work."""
+    for n in range(x.shape[0]):
+        _rms_norm_row(x, weight, eps, out, n)
 
 
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
@@ -152,7 +187,8 @@ def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
         return spec.rms_norm(x, weight, eps)
     rows = np.ascontiguousarray(x.reshape(-1, x.shape[-1]))
     out = np.empty(rows.shape, np.float32)
-    _rms_norm(rows, np.ascontiguousarray(weight, np.float32), np.float32(eps), out)
+    (_rms_norm if rows.shape[0] >= PARALLEL_ROWS else _rms_norm_serial)(
+        rows, np.ascontiguousarray(weight, np.float32), np.float32(eps), out)
     return out.reshape(x.shape)
 
 
@@ -177,18 +213,29 @@ def rope_tables(freqs: np.ndarray, start_pos: int, length: int, dtype) -> tuple[
     return cos.astype(dtype, copy=False), sin.astype(dtype, copy=False)
 
 
+@njit(inline="always", **JIT)
+def _rope_row(x, cos, sin, out, bt):
+    """x (B, T, n, HD): each pair (x0, x1) -> (fma(x0, cos, -(x1 sin)), fma(x0, sin, x1 cos))."""
+    T, n, HD = x.shape[1], x.shape[2], x.shape[3]
+    b, t = bt // T, bt % T
+    for h in range(n):
+        for i in range(HD // 2):
+            x0, x1 = x[b, t, h, 2 * i], x[b, t, h, 2 * i + 1]
+            c, s = cos[t, i], sin[t, i]
+            out[b, t, h, 2 * i] = fma32(x0, c, -(x1 * s))
+            out[b, t, h, 2 * i + 1] = fma32(x0, s, x1 * c)
+
+
 @njit(parallel=True, **JIT)
 def _apply_rope(x, cos, sin, out):
-    """x (B, T, n, HD): each pair (x0, x1) -> (fma(x0, cos, -(x1 sin)), fma(x0, sin, x1 cos))."""
-    B, T, n, HD = x.shape
-    for bt in prange(B * T):
-        b, t = bt // T, bt % T
-        for h in range(n):
-            for i in range(HD // 2):
-                x0, x1 = x[b, t, h, 2 * i], x[b, t, h, 2 * i + 1]
-                c, s = cos[t, i], sin[t, i]
-                out[b, t, h, 2 * i] = fma32(x0, c, -(x1 * s))
-                out[b, t, h, 2 * i + 1] = fma32(x0, s, x1 * c)
+    for bt in prange(x.shape[0] * x.shape[1]):
+        _rope_row(x, cos, sin, out, bt)
+
+
+@njit(**JIT)
+def _apply_rope_serial(x, cos, sin, out):
+    for bt in range(x.shape[0] * x.shape[1]):
+        _rope_row(x, cos, sin, out, bt)
 
 
 def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
@@ -196,7 +243,8 @@ def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
     if x.dtype != np.float32 or cos.dtype != np.float32:
         return spec.apply_rope(x, cos, sin)
     out = np.empty(x.shape, np.float32)
-    _apply_rope(np.ascontiguousarray(x), np.ascontiguousarray(cos), np.ascontiguousarray(sin), out)
+    rope = _apply_rope if x.shape[0] * x.shape[1] >= PARALLEL_ROWS else _apply_rope_serial
+    rope(np.ascontiguousarray(x), np.ascontiguousarray(cos), np.ascontiguousarray(sin), out)
     return out
 
 
@@ -208,13 +256,21 @@ def _swiglu(g, u, out):
             out[n, i] = (g[n, i] / (np.float32(1) + _expf(-g[n, i]))) * u[n, i]
 
 
+@njit(**JIT)
+def _swiglu_serial(g, u, out):
+    N, F = g.shape
+    for n in range(N):
+        for i in range(F):
+            out[n, i] = (g[n, i] / (np.float32(1) + _expf(-g[n, i]))) * u[n, i]
+
+
 def swiglu(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
     """llama_ref.model.ggml.swiglu, compiled: ggml_v_silu(gate) * up."""
     if gate.dtype != np.float32 or up.dtype != np.float32 or gate.shape != up.shape:
         return spec.swiglu(gate, up)
     g = np.ascontiguousarray(gate.reshape(-1, gate.shape[-1]))
     out = np.empty(g.shape, np.float32)
-    _swiglu(g, np.ascontiguousarray(up.reshape(g.shape)), out)
+    (_swiglu if g.shape[0] >= PARALLEL_ROWS else _swiglu_serial)(g, np.ascontiguousarray(up.reshape(g.shape)), out)
     return out.reshape(gate.shape)
 
 

@@ -74,6 +74,20 @@ def roundeven32(typingctx, x):
     return sig, codegen
 
 
+@intrinsic
+def ldexp32(typingctx, j, n):
+    """float32 j * 2^n for -1022 <= n <= 1023: the power of two built from its float64 bits, the product
+    exact in float64, rounded once to float32 (what ldexpf gives, without a libm call)."""
+    sig = types.float32(types.float32, types.int32)
+
+    def codegen(context, builder, signature, args):
+        F64 = ir.DoubleType()
+        bits = builder.shl(builder.add(builder.sext(args[1], I64), ir.Constant(I64, 1023)), ir.Constant(I64, 52))
+        prod = builder.fmul(builder.fpext(args[0], F64), builder.bitcast(bits, F64))
+        return builder.fptrunc(prod, F32)
+    return sig, codegen
+
+
 # ---- the block dot products --------------------------------------------------------------------------------------
 
 # kind: (bytes per block of a weight row, nibbles?, signed values?, offset subtracted from nibbles, 8 lanes?,

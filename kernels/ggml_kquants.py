@@ -14,7 +14,9 @@ Q4_K/Q5_K d | dmin | 12 bytes of 6-bit scales and mins, Q6_K 16 int8 scales | d)
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic
 
 from llama_ref.model import ggml_kquants as spec
 
@@ -23,6 +25,56 @@ from .ggml_simd import fma32
 from .halfbits import f16_to_f32
 
 ROWS = 16  # weight rows per parallel work item (a multiple of 8: the repacked Q4_K's groups)
+
+I8, I16, I32 = ir.IntType(8), ir.IntType(16), ir.IntType(32)
+
+
+def _shuffle(builder, v, idx):
+    return builder.shuffle_vector(v, ir.Constant(v.type, ir.Undefined), ir.Constant(ir.VectorType(I32, len(idx)), idx))
+
+
+@intrinsic
+def _add_subblock_lanes(typingctx, acc, w, x, scale_lo, scale_hi, kind):
+    """acc[u] += scale * lane u of one 32-value sub-block, u = 0..7: lane u is the sum of products 4u .. 4u+3
+    (what _mm256_maddubs_epi16 then _mm256_madd_epi16 leave), scale is scale_lo for lanes 0..3 and scale_hi
+    for 4..7 (Q6_K's two 16-value scales; Q4_K/Q5_K pass one scale twice); exact in int32. acc, w and x are
+    byte addresses: acc 8 int32, x 32 int8 activations, w the weights as `kind` (a literal) stores them:
+    0 Q4_K (16 bytes, value j in the low nibble of byte j and j + 16 in the high one), 1 Q5_K (32 bytes,
+    0..31), 2 Q6_K (32 int8 q - 32, taken back to 0..63 as ggml does). Vector IR: LLVM selects vpmaddwd."""
+    if not isinstance(kind, types.IntegerLiteral):
+        return None
+    k = kind.literal_value
+    sig = types.void(types.int64, types.int64, types.int64, types.int32, types.int32, kind)
+
+    def codegen(context, builder, signature, args):
+        v16, v32, v8_32 = ir.VectorType(I8, 16), ir.VectorType(I8, 32), ir.VectorType(I32, 8)
+        raw = builder.load(builder.inttoptr(args[1], ir.PointerType(v16 if k == 0 else v32)), align=1)
+        if k == 0:
+            lo = builder.and_(raw, ir.Constant(v16, [15] * 16))
+            hi = builder.lshr(raw, ir.Constant(v16, [4] * 16))
+            wv = builder.shuffle_vector(lo, hi, ir.Constant(ir.VectorType(I32, 32), list(range(32))))
+        elif k == 2:
+            wv = builder.add(raw, ir.Constant(v32, [32] * 32))
+        else:
+            wv = raw
+        xv = builder.load(builder.inttoptr(args[2], ir.PointerType(v32)), align=1)
+        w16 = builder.zext(wv, ir.VectorType(I16, 32))  # unsigned values
+        x16 = builder.sext(xv, ir.VectorType(I16, 32))
+        v16_32 = ir.VectorType(I32, 16)
+
+        def products(idx):
+            return builder.mul(builder.sext(_shuffle(builder, w16, idx), v16_32),
+                               builder.sext(_shuffle(builder, x16, idx), v16_32))
+        pairs = builder.add(products(list(range(0, 32, 2))), products(list(range(1, 32, 2))))  # (16,)
+        lanes = builder.add(_shuffle(builder, pairs, list(range(0, 16, 2))),
+                            _shuffle(builder, pairs, list(range(1, 16, 2))))  # (8,)
+        scale = ir.Constant(v8_32, ir.Undefined)
+        for u in range(8):
+            scale = builder.insert_element(scale, args[3] if u < 4 else args[4], ir.Constant(I32, u))
+        accp = builder.inttoptr(args[0], ir.PointerType(v8_32))
+        builder.store(builder.add(builder.load(accp, align=4), builder.mul(lanes, scale)), accp, align=4)
+        return context.get_dummy_value()
+    return sig, codegen
 
 
 @njit(inline="always", **JIT)
@@ -52,13 +104,6 @@ def _row_scales(head, r, sc, mn, dw, dminw):
             mn[b, 4 + j] = (np.int32(h[12 + j]) >> 4) | ((np.int32(h[8 + j]) >> 6) << 4)
 
 
-@njit(inline="always", **JIT)
-def _quads(prod, quads):
-    """quads[i] = the sum of products 4i .. 4i+3 (one lane's share of a sub-block); exact in int32."""
-    for i in range(quads.shape[0]):
-        quads[i] = (prod[4 * i] + prod[4 * i + 1]) + (prod[4 * i + 2] + prod[4 * i + 3])
-
-
 @njit(parallel=True, **JIT)
 def _dot_q45_k(xq, xd, xbs, qs, head, four_bit, out):
     """ggml_vec_dot_q4_K_q8_K (four_bit) and ggml_vec_dot_q5_K_q8_K: xq (N, K) int8, xd (N, nb) float32,
@@ -69,40 +114,35 @@ def _dot_q45_k(xq, xd, xbs, qs, head, four_bit, out):
     N, K = xq.shape
     R = qs.shape[0]
     nb = K // 256
+    step = 16 if four_bit else 32  # weight bytes per sub-block
     for c in prange((R + ROWS - 1) // ROWS):
-        prod = np.empty(K, np.int32)
-        quads = np.empty(K // 4, np.int32)
         sc = np.empty((nb, 8), np.int32)
         mn = np.empty((nb, 8), np.int32)
         dw = np.empty(nb, np.float32)
         dminw = np.empty(nb, np.float32)
+        lanes = np.empty(8, np.int32)
         acc = np.empty(8, np.float32)
         s = np.empty(8, np.int32)
+        la = lanes.ctypes.data
         for r in range(c * ROWS, min(R, (c + 1) * ROWS)):
             _row_scales(head, r, sc, mn, dw, dminw)
-            w = qs[r]
+            wa = qs[r].ctypes.data
             for n in range(N):
-                x = xq[n]
-                if four_bit:  # 16 bytes per sub-block: value j low nibble, j + 16 high nibble
-                    for i in range(K // 2):
-                        v = (i // 16) * 32 + i % 16  # the value in byte i's low nibble
-                        byte = np.int32(w[i])
-                        prod[v] = (byte & 15) * np.int32(x[v])
-                        prod[v + 16] = (byte >> 4) * np.int32(x[v + 16])
-                else:
-                    for k in range(K):
-                        prod[k] = np.int32(w[k]) * np.int32(x[k])
-                _quads(prod, quads)
+                xa = xq[n].ctypes.data
                 acc[:] = 0
                 m0 = m1 = m2 = m3 = summs = np.float32(0)
                 for b in range(nb):
+                    lanes[:] = 0
+                    for j in range(8):
+                        sub = b * 8 + j
+                        if four_bit:
+                            _add_subblock_lanes(la, wa + 16 * sub, xa + 32 * sub, sc[b, j], sc[b, j], 0)
+                        else:
+                            _add_subblock_lanes(la, wa + step * sub, xa + 32 * sub, sc[b, j], sc[b, j], 1)
                     d = xd[n, b] * dw[b]
-                    dmin = -(xd[n, b] * dminw[b])
                     for u in range(8):
-                        lane = np.int32(0)
-                        for j in range(8):
-                            lane += sc[b, j] * quads[b * 64 + j * 8 + u]
-                        acc[u] = _fma(d, np.float32(lane), acc[u])
+                        acc[u] = _fma(d, np.float32(lanes[u]), acc[u])
+                    dmin = -(xd[n, b] * dminw[b])
                     for j in range(8):
                         s[j] = mn[b, j] * (xbs[n, b, 2 * j] + xbs[n, b, 2 * j + 1])
                     if four_bit:
@@ -118,46 +158,34 @@ def _dot_q45_k(xq, xd, xbs, qs, head, four_bit, out):
 
 @njit(parallel=True, **JIT)
 def _gemv_q4_k(xq, xd, xbs, qs, head, out):
-    """ggml_gemv_q4_K_8x8_q8_K (rows in groups of 8): one integer per super-block for the values, one for
-    the mins; acc = fma(iacc, d_w d_x, acc), acc_min likewise with dmin; out = acc - acc_min.
-
-    The activations are regrouped once per call into the nibbles' order (xlo: values j, xhi: values j + 16
-    of each sub-block) so that a weight row is one flat loop over its bytes."""
+    """ggml_gemv_q4_K_8x8_q8_K (rows in groups of 8): one integer per super-block for the values (the sum
+    of the 8 lanes of sc-scaled sub-blocks), one for the mins; acc = fma(iacc, d_w d_x, acc), acc_min
+    likewise with dmin; out = acc - acc_min."""
     N, K = xq.shape
     R = qs.shape[0]
     nb = K // 256
-    half = K // 2
-    xlo = np.empty((N, half), np.int32)
-    xhi = np.empty((N, half), np.int32)
-    for n in range(N):
-        for i in range(half):
-            v = (i // 16) * 32 + i % 16
-            xlo[n, i] = xq[n, v]
-            xhi[n, i] = xq[n, v + 16]
     for c in prange((R + ROWS - 1) // ROWS):
-        prod = np.empty(half, np.int32)
         sc = np.empty((nb, 8), np.int32)
         mn = np.empty((nb, 8), np.int32)
         dw = np.empty(nb, np.float32)
         dminw = np.empty(nb, np.float32)
+        lanes = np.empty(8, np.int32)
+        la = lanes.ctypes.data
         for r in range(c * ROWS, min(R, (c + 1) * ROWS)):
             _row_scales(head, r, sc, mn, dw, dminw)
-            w = qs[r]
+            wa = qs[r].ctypes.data
             for n in range(N):
-                for i in range(half):
-                    byte = np.int32(w[i])
-                    prod[i] = (byte & 15) * xlo[n, i] + (byte >> 4) * xhi[n, i]
+                xa = xq[n].ctypes.data
                 acc = np.float32(0)
                 acc_min = np.float32(0)
                 for b in range(nb):
-                    iacc = np.int32(0)
+                    lanes[:] = 0
                     imin = np.int32(0)
                     for j in range(8):
-                        s = np.int32(0)
-                        for t in range(16):
-                            s += prod[b * 128 + j * 16 + t]
-                        iacc += sc[b, j] * s
+                        sub = b * 8 + j
+                        _add_subblock_lanes(la, wa + 16 * sub, xa + 32 * sub, sc[b, j], sc[b, j], 0)
                         imin += mn[b, j] * (xbs[n, b, 2 * j] + xbs[n, b, 2 * j + 1])
+                    iacc = lanes.sum()
                     acc = _fma(np.float32(iacc), dw[b] * xd[n, b], acc)
                     acc_min = _fma(np.float32(imin), dminw[b] * xd[n, b], acc_min)
                 out[n, r] = acc - acc_min
@@ -173,33 +201,30 @@ def _dot_q6_k(xq, xd, xbs, qs, head, out):
     R = qs.shape[0]
     nb = K // 256
     for c in prange((R + ROWS - 1) // ROWS):
-        prod = np.empty(K, np.int32)
-        quads = np.empty(K // 4, np.int32)
         sc = np.empty((nb, 16), np.int32)
         dw = np.empty(nb, np.float32)
+        lanes = np.empty(8, np.int32)
         acc = np.empty(8, np.float32)
+        la = lanes.ctypes.data
         for r in range(c * ROWS, min(R, (c + 1) * ROWS)):
             for b in range(nb):
                 h = head[r, b]
                 for j in range(16):
                     sc[b, j] = np.int32(np.int8(h[j]))
                 dw[b] = _f16(h[16], h[17])
-            w = qs[r].view(np.int8)
+            wa = qs[r].ctypes.data
             for n in range(N):
-                x = xq[n]
-                for k in range(K):
-                    prod[k] = (np.int32(w[k]) + 32) * np.int32(x[k])
-                _quads(prod, quads)
+                xa = xq[n].ctypes.data
                 acc[:] = 0
                 for b in range(nb):
+                    lanes[:] = 0
+                    for j in range(8):
+                        sub = b * 8 + j
+                        _add_subblock_lanes(la, wa + 32 * sub, xa + 32 * sub, sc[b, 2 * j], sc[b, 2 * j + 1], 2)
                     d = xd[n, b] * dw[b]
-                    for u in range(8):
-                        half = 1 if u >= 4 else 0
-                        lane = np.int32(0)
-                        for j in range(8):
-                            lane += sc[b, 2 * j + half] * quads[b * 64 + j * 8 + u]
-                        lane -= 32 * (sc[b, 2 * u] * xbs[n, b, 2 * u] + sc[b, 2 * u + 1] * xbs[n, b, 2 * u + 1])
-                        acc[u] = _fma(d, np.float32(lane), acc[u])
+                    for u in range(8):  # the -32 of every value, by the bsums (_mm256_madd_epi16 << 5)
+                        off = sc[b, 2 * u] * xbs[n, b, 2 * u] + sc[b, 2 * u + 1] * xbs[n, b, 2 * u + 1]
+                        acc[u] = _fma(d, np.float32(lanes[u] - 32 * off), acc[u])
                 out[n, r] = ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]))
 
 

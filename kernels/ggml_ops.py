@@ -17,8 +17,9 @@ from numba import njit, prange
 from llama_ref.model import ggml as spec
 
 from ._common import JIT
-from .ggml_simd import fma32, fp16_round, ldexp32
+from .ggml_simd import f16_dots16, fma32, fp16_round, ldexp32
 
+KEYS = 16  # keys per step of attention's scores (kernels/ggml_simd.f16_dots16): one per vector lane
 PARALLEL_ROWS = 16  # fewer rows than this (a decode step): one thread, no parallel region to start
 
 _R = np.float32(float.fromhex("0x1.8p23"))
@@ -84,12 +85,26 @@ def _finish_columns(acc, out):
         out[d] = t[0, d]
 
 
+@njit(**JIT)
+def _transpose_keys(k, kt):
+    """kt[b, kvh, d, p] = fp16(k[b, p, kvh, d]); kt is zero past the keys (the padded cache view)."""
+    B, S, KVH, HD = k.shape
+    for b in range(B):
+        for h in range(KVH):
+            for d in range(HD):
+                for p in range(S):
+                    kt[b, h, d, p] = fp16_round(k[b, p, h, d])
+                for p in range(S, kt.shape[3]):
+                    kt[b, h, d, p] = 0
+
+
 @njit(parallel=True, **JIT)
-def _attention(q, k, v, start_pos, scale, out):
-    """q (B, T, H, HD) float32, k, v (B, S, KVH, HD) float32 holding fp16 values -> out (B, T, H, HD):
-    llama_ref.model.ggml.attention without a key mask. One work item per (batch, position, head)."""
+def _attention(q, kt, v, start_pos, scale, out):
+    """q (B, T, H, HD) float32; kt (B, KVH, HD, P) the keys transposed, v (B, S, KVH, HD), both float32 holding
+    fp16 values -> out (B, T, H, HD): llama_ref.model.ggml.attention without a key mask. One work item per
+    (batch, position, head); keys KEYS at a time, each key's ggml_vec_dot_f16 in its own vector lane."""
     B, T, H, HD = q.shape
-    S, KVH = k.shape[1], k.shape[2]
+    S, KVH = v.shape[1], v.shape[2]
     G = H // KVH
     P = (S + 63) // 64 * 64
     m = HD - HD % 64
@@ -103,20 +118,17 @@ def _attention(q, k, v, start_pos, scale, out):
             qh[d] = fp16_round(q[b, t, h, d])
         # scores: ggml_vec_dot_f16(q, k_p) for every visible key, times the scale; -inf for the others
         w = np.full(P, -np.inf, np.float32)
-        acc = np.empty(64, np.float32)
-        scratch = np.empty(16, np.float32)
-        for p in range(min(S, last + 1)):
-            kr = k[b, p, kvh]  # (HD,)
-            acc[:] = 0
-            for s0 in range(0, m, 64):
-                for i in range(64):
-                    acc[i] = acc[i] + qh[s0 + i] * kr[s0 + i]
-            for i in range(16):
-                scratch[i] = (acc[i] + acc[32 + i]) + (acc[16 + i] + acc[48 + i])
-            total = np.float64(_reduce16(scratch, 0))
-            for i in range(m, HD):
-                total += np.float64(qh[i] * kr[i])
-            w[p] = np.float32(total) * scale
+        sums = np.empty(KEYS, np.float32)
+        visible = min(S, last + 1)
+        keys = kt[b, kvh]  # (HD, P)
+        kp, ks, qp = np.int64(keys.ctypes.data), np.int64(4 * keys.shape[1]), np.int64(qh.ctypes.data)
+        for j0 in range(0, visible, KEYS):  # KEYS keys side by side: lane j of each vector is key j0 + j
+            f16_dots16(qp, kp + 4 * j0, ks, np.int64(m // 64), np.int64(sums.ctypes.data))
+            for j in range(min(KEYS, visible - j0)):
+                total = np.float64(sums[j])
+                for i in range(m, HD):  # the leftovers of HD % 64, one by one in float64
+                    total += np.float64(qh[i] * keys[i, j0 + j])
+                w[j0 + j] = np.float32(total) * scale
         # softmax: minus the maximum, ggml_v_expf, sums of 16 in float32 added in float64, times 1 / sum
         row_max = w[0]
         for p in range(1, P):
@@ -149,10 +161,12 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start_pos: int,
         return spec.attention(q, k, v, start_pos, key_mask)
     out = np.empty(q.shape, np.float32)
     HD = q.shape[-1]
-    kh, vh = np.empty(k.shape, np.float32), np.empty(v.shape, np.float32)  # the F16 cache's values
-    _to_fp16(np.ascontiguousarray(k, np.float32).reshape(-1), kh.reshape(-1))
+    B, S, KVH, _ = k.shape
+    kt = np.empty((B, KVH, HD, -(-S // 64) * 64), np.float32)  # the F16 cache's keys, transposed and padded
+    _transpose_keys(np.ascontiguousarray(k, np.float32), kt)
+    vh = np.empty(v.shape, np.float32)  # the F16 cache's values
     _to_fp16(np.ascontiguousarray(v, np.float32).reshape(-1), vh.reshape(-1))
-    _attention(np.ascontiguousarray(q), kh, vh, start_pos, np.float32(1 / np.sqrt(HD)), out)
+    _attention(np.ascontiguousarray(q), kt, vh, start_pos, np.float32(1 / np.sqrt(HD)), out)
     return out
 
 

@@ -88,6 +88,57 @@ def ldexp32(typingctx, j, n):
     return sig, codegen
 
 
+@intrinsic
+def f16_dots16(typingctx, q, k, k_stride, steps, out):
+    """ggml_vec_dot_f16's first part for 16 keys at once, one key per vector lane: q (steps * 64 float32
+    holding fp16 values) and keys transposed, k + d * k_stride bytes holding the 16 keys' value d. For each
+    key: accumulators c = 0..3 of 16 lanes, lane i of accumulator c summing q[64 s + 16 c + i] * key[...] over
+    the steps s (from 0: 0 + p first), then (acc0 + acc2) + (acc1 + acc3) and _mm512_reduce_add_ps's
+    halving -> out[0 .. 15] float32 (addresses and strides in bytes, int64)."""
+    sig = types.void(types.int64, types.int64, types.int64, types.int64, types.int64)
+
+    def codegen(context, builder, signature, args):
+        qp, kp, ks, nsteps, outp = args
+        v16 = ir.VectorType(F32, 16)
+        zero = ir.Constant(v16, [0.0] * 16)
+        entry = builder.basic_block
+        fn = builder.function
+        loop, done = fn.append_basic_block("f16_steps"), fn.append_basic_block("f16_done")
+        t_phis = []
+        builder.cbranch(builder.icmp_signed(">", nsteps, ir.Constant(I64, 0)), loop, done)
+        builder.position_at_end(loop)
+        s = builder.phi(I64)
+        accs = [builder.phi(v16) for _ in range(64)]  # accumulator c lane i: accs[16 c + i], one vector of keys
+        new = []
+        for e in range(64):
+            d = builder.add(builder.mul(s, ir.Constant(I64, 64)), ir.Constant(I64, e))
+            qv = _gep_load(builder, qp, builder.mul(d, ir.Constant(I64, 4)), F32, 4)
+            kv = _gep_load(builder, kp, builder.mul(d, ks), v16, 4)
+            splat = _shuffle(builder, builder.insert_element(ir.Constant(v16, ir.Undefined), qv,
+                                                             ir.Constant(I32, 0)), [0] * 16)
+            new.append(builder.fadd(accs[e], builder.fmul(splat, kv)))  # fp16 x fp16: the product is exact
+        s1 = builder.add(s, ir.Constant(I64, 1))
+        builder.cbranch(builder.icmp_signed("<", s1, nsteps), loop, done)
+        s.add_incoming(ir.Constant(I64, 0), entry)
+        s.add_incoming(s1, loop)
+        for e in range(64):
+            accs[e].add_incoming(zero, entry)
+            accs[e].add_incoming(new[e], loop)
+        builder.position_at_end(done)
+        for e in range(64):
+            phi = builder.phi(v16)
+            phi.add_incoming(zero, entry)
+            phi.add_incoming(new[e], loop)
+            t_phis.append(phi)
+        t = [builder.fadd(builder.fadd(t_phis[i], t_phis[32 + i]), builder.fadd(t_phis[16 + i], t_phis[48 + i]))
+             for i in range(16)]
+        for half in (8, 4, 2, 1):
+            t = [builder.fadd(t[i], t[i + half]) for i in range(half)]
+        builder.store(t[0], _ptr(builder, outp, v16), align=4)
+        return context.get_dummy_value()
+    return sig, codegen
+
+
 # ---- the block dot products --------------------------------------------------------------------------------------
 
 # kind: (bytes per block of a weight row, nibbles?, signed values?, offset subtracted from nibbles, 8 lanes?,

@@ -13,6 +13,8 @@ Q4_K/Q5_K d | dmin | 12 bytes of 6-bit scales and mins, Q6_K 16 int8 scales | d)
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
@@ -21,58 +23,103 @@ from numba.extending import intrinsic
 from llama_ref.model import ggml_kquants as spec
 
 from ._common import JIT, readonly
-from .ggml_simd import fma32
+from .ggml_simd import HAS_VNNI, fma32
 from .halfbits import f16_to_f32
 
 ROWS = 16  # weight rows per parallel work item (a multiple of 8: the repacked Q4_K's groups)
 
-I8, I16, I32 = ir.IntType(8), ir.IntType(16), ir.IntType(32)
+I8, I16, I32, I64, F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64), ir.FloatType()
+# vpdpbusd where the CPU has it, unless LLAMA_REF_GGML_PORTABLE=1 asks for the portable integer code (same results).
+SIMD = int(HAS_VNNI and os.environ.get("LLAMA_REF_GGML_PORTABLE", "") != "1")
 
 
 def _shuffle(builder, v, idx):
     return builder.shuffle_vector(v, ir.Constant(v.type, ir.Undefined), ir.Constant(ir.VectorType(I32, len(idx)), idx))
 
 
-@intrinsic
-def _add_subblock_lanes(typingctx, acc, w, x, scale_lo, scale_hi, kind):
-    """acc[u] += scale * lane u of one 32-value sub-block, u = 0..7: lane u is the sum of products 4u .. 4u+3
-    (what _mm256_maddubs_epi16 then _mm256_madd_epi16 leave), scale is scale_lo for lanes 0..3 and scale_hi
-    for 4..7 (Q6_K's two 16-value scales; Q4_K/Q5_K pass one scale twice); exact in int32. acc, w and x are
-    byte addresses: acc 8 int32, x 32 int8 activations, w the weights as `kind` (a literal) stores them:
-    0 Q4_K (16 bytes, value j in the low nibble of byte j and j + 16 in the high one), 1 Q5_K (32 bytes,
-    0..31), 2 Q6_K (32 int8 q - 32, taken back to 0..63 as ggml does). Vector IR: LLVM selects vpmaddwd."""
-    if not isinstance(kind, types.IntegerLiteral):
-        return None
-    k = kind.literal_value
-    sig = types.void(types.int64, types.int64, types.int64, types.int32, types.int32, kind)
+def _lanes_ir(builder, wv, xv, vnni):
+    """<32 x i8> unsigned weight values and signed activations -> <8 x i32>, lane u = the sum of products
+    4u .. 4u+3: vpdpbusd (unsigned times signed bytes, 4 at a time: the K-quants' values are unsigned), or
+    portable IR (widen to int16, multiply neighbours and add them: LLVM selects vpmaddwd; add pairs)."""
+    v8_32 = ir.VectorType(I32, 8)
+    if vnni:
+        fn = builder.module.globals.get("llvm.x86.avx512.vpdpbusd.256") or ir.Function(
+            builder.module, ir.FunctionType(v8_32, [v8_32] * 3), "llvm.x86.avx512.vpdpbusd.256")
+        return builder.call(fn, [ir.Constant(v8_32, [0] * 8), builder.bitcast(wv, v8_32), builder.bitcast(xv, v8_32)])
+    w16 = builder.zext(wv, ir.VectorType(I16, 32))
+    x16 = builder.sext(xv, ir.VectorType(I16, 32))
+    v16_32 = ir.VectorType(I32, 16)
 
-    def codegen(context, builder, signature, args):
-        v16, v32, v8_32 = ir.VectorType(I8, 16), ir.VectorType(I8, 32), ir.VectorType(I32, 8)
-        raw = builder.load(builder.inttoptr(args[1], ir.PointerType(v16 if k == 0 else v32)), align=1)
-        if k == 0:
+    def products(idx):
+        return builder.mul(builder.sext(_shuffle(builder, w16, idx), v16_32),
+                           builder.sext(_shuffle(builder, x16, idx), v16_32))
+    pairs = builder.add(products(list(range(0, 32, 2))), products(list(range(1, 32, 2))))  # (16,)
+    return builder.add(_shuffle(builder, pairs, list(range(0, 16, 2))), _shuffle(builder, pairs, list(range(1, 16, 2))))
+
+
+def _superblock_ir(builder, args, kind, vnni):
+    """The body of _superblock (below) for one choice of integer instructions."""
+    acc_a, w_a, x_a, sc_a, off_a, d = args[:6]
+    store_int, kind = kind == 3, (0 if kind == 3 else kind)  # 3: Q4_K, the integer lanes stored, no fma
+    v16, v32, v8_32, v8_f = ir.VectorType(I8, 16), ir.VectorType(I8, 32), ir.VectorType(I32, 8), ir.VectorType(F32, 8)
+    step = 16 if kind == 0 else 32
+    total = ir.Constant(v8_32, [0] * 8)
+    for j in range(8):
+        wp = builder.inttoptr(builder.add(w_a, ir.Constant(I64, step * j)), ir.PointerType(v16 if kind == 0 else v32))
+        raw = builder.load(wp, align=1)
+        if kind == 0:  # Q4_K: 16 bytes, value i low nibble of byte i, value i + 16 its high nibble
             lo = builder.and_(raw, ir.Constant(v16, [15] * 16))
             hi = builder.lshr(raw, ir.Constant(v16, [4] * 16))
             wv = builder.shuffle_vector(lo, hi, ir.Constant(ir.VectorType(I32, 32), list(range(32))))
-        elif k == 2:
+        elif kind == 2:  # Q6_K: stored as q - 32; ggml multiplies the unsigned q
             wv = builder.add(raw, ir.Constant(v32, [32] * 32))
         else:
             wv = raw
-        xv = builder.load(builder.inttoptr(args[2], ir.PointerType(v32)), align=1)
-        w16 = builder.zext(wv, ir.VectorType(I16, 32))  # unsigned values
-        x16 = builder.sext(xv, ir.VectorType(I16, 32))
-        v16_32 = ir.VectorType(I32, 16)
+        xv = builder.load(builder.inttoptr(builder.add(x_a, ir.Constant(I64, 32 * j)), ir.PointerType(v32)), align=1)
+        scp = builder.inttoptr(builder.add(sc_a, ir.Constant(I64, 8 * j)), ir.PointerType(ir.VectorType(I32, 2)))
+        sc2 = builder.load(scp, align=4)  # the scales of the sub-block's two 16-value halves
+        scale = builder.shuffle_vector(sc2, sc2, ir.Constant(v8_32, [0, 0, 0, 0, 1, 1, 1, 1]))
+        total = builder.add(total, builder.mul(_lanes_ir(builder, wv, xv, vnni), scale))
+    total = builder.sub(total, builder.load(builder.inttoptr(off_a, ir.PointerType(v8_32)), align=4))
+    if store_int:
+        builder.store(total, builder.inttoptr(acc_a, ir.PointerType(v8_32)), align=4)
+        return
+    accp = builder.inttoptr(acc_a, ir.PointerType(v8_f))
+    dv = builder.insert_element(ir.Constant(v8_f, ir.Undefined), d, ir.Constant(I32, 0))
+    dv = builder.shuffle_vector(dv, dv, ir.Constant(v8_32, [0] * 8))
+    fma = builder.module.globals.get("llvm.fma.v8f32") or ir.Function(
+        builder.module, ir.FunctionType(v8_f, [v8_f] * 3), "llvm.fma.v8f32")
+    builder.store(builder.call(fma, [dv, builder.sitofp(total, v8_f), builder.load(accp, align=4)]), accp, align=4)
 
-        def products(idx):
-            return builder.mul(builder.sext(_shuffle(builder, w16, idx), v16_32),
-                               builder.sext(_shuffle(builder, x16, idx), v16_32))
-        pairs = builder.add(products(list(range(0, 32, 2))), products(list(range(1, 32, 2))))  # (16,)
-        lanes = builder.add(_shuffle(builder, pairs, list(range(0, 16, 2))),
-                            _shuffle(builder, pairs, list(range(1, 16, 2))))  # (8,)
-        scale = ir.Constant(v8_32, ir.Undefined)
-        for u in range(8):
-            scale = builder.insert_element(scale, args[3] if u < 4 else args[4], ir.Constant(I32, u))
-        accp = builder.inttoptr(args[0], ir.PointerType(v8_32))
-        builder.store(builder.add(builder.load(accp, align=4), builder.mul(lanes, scale)), accp, align=4)
+
+@intrinsic
+def _superblock(typingctx, acc, w, x, sc, off, d, use_vnni, kind):
+    """One super-block of a K-quant row into ggml's 8 float32 lanes: acc[u] = fma(d, lane u, acc[u]) with
+    lane u = sum_j sc[2j + (u >= 4)] * (products 4u .. 4u+3 of sub-block j) - off[u], exact in int32.
+
+    acc (8 float32), w (the row's bytes of this super-block, as `kind` stores them: 0 Q4_K, 16 bytes per
+    sub-block, value i in the low nibble of byte i and i + 16 in the high one; 1 Q5_K, one byte per value
+    0..31; 2 Q6_K, int8 q - 32, taken back to 0..63 as ggml does), x (256 int8 activations), sc (16 int32:
+    the scale of each 16-value half sub-block; Q4_K/Q5_K repeat each sub-block's scale twice), off (8 int32)
+    are byte addresses; d float32 (d_x * d_w); use_vnni (int): vpdpbusd where the host has it, else portable
+    IR, same integers. kind 3: Q4_K's bytes, and the integer lanes are stored at acc (8 int32) instead
+    (the repacked gemv sums them). One call keeps the 8 lanes in registers across the super-block."""
+    if not isinstance(kind, types.IntegerLiteral):
+        return None
+    k = kind.literal_value
+    sig = types.void(types.int64, types.int64, types.int64, types.int64, types.int64, types.float32,
+                     types.int64, kind)
+
+    def codegen(context, builder, signature, args):
+        if not HAS_VNNI:
+            _superblock_ir(builder, args, k, False)
+            return context.get_dummy_value()
+        use = builder.icmp_signed("!=", args[6], ir.Constant(I64, 0))
+        with builder.if_else(use) as (then, otherwise):
+            with then:
+                _superblock_ir(builder, args, k, True)
+            with otherwise:
+                _superblock_ir(builder, args, k, False)
         return context.get_dummy_value()
     return sig, codegen
 
@@ -90,58 +137,55 @@ def _f16(lo, hi):
 
 
 @njit(**JIT)
-def _row_scales(head, r, sc, mn, dw, dminw):
-    """Q4_K/Q5_K: decode row r's super-block headers (head (R, nb, 16)) into sc, mn (nb, 8) int32 (6-bit
-    scales and mins, as weights.packed.kquant_scales) and dw, dminw (nb,) float32 (the fp16 d and dmin)."""
+def _row_scales(head, r, sc16, mn, dw, dminw):
+    """Q4_K/Q5_K: decode row r's super-block headers (head (R, nb, 16)) into sc16 (nb, 16) int32 (each 6-bit
+    sub-block scale twice, once per 16-value half, as _superblock reads them), mn (nb, 8) int32 (the 6-bit
+    mins, as weights.packed.kquant_scales) and dw, dminw (nb,) float32 (the fp16 d and dmin)."""
     for b in range(head.shape[1]):
         h = head[r, b]
         dw[b] = _f16(h[0], h[1])
         dminw[b] = _f16(h[2], h[3])
         for j in range(4):
-            sc[b, j] = np.int32(h[4 + j]) & 63
+            lo = np.int32(h[4 + j]) & 63
+            hi = (np.int32(h[12 + j]) & 15) | ((np.int32(h[4 + j]) >> 6) << 4)
+            sc16[b, 2 * j] = sc16[b, 2 * j + 1] = lo
+            sc16[b, 8 + 2 * j] = sc16[b, 9 + 2 * j] = hi
             mn[b, j] = np.int32(h[8 + j]) & 63
-            sc[b, 4 + j] = (np.int32(h[12 + j]) & 15) | ((np.int32(h[4 + j]) >> 6) << 4)
             mn[b, 4 + j] = (np.int32(h[12 + j]) >> 4) | ((np.int32(h[8 + j]) >> 6) << 4)
 
 
 @njit(parallel=True, **JIT)
-def _dot_q45_k(xq, xd, xbs, qs, head, four_bit, out):
+def _dot_q45_k(xq, xd, xbs, qs, head, four_bit, use_vnni, out):
     """ggml_vec_dot_q4_K_q8_K (four_bit) and ggml_vec_dot_q5_K_q8_K: xq (N, K) int8, xd (N, nb) float32,
     xbs (N, nb, 16) int32 bsums; qs, head as packed. out (N, R).
 
     8 lanes per super-block, lane u = sum_j sc[j] * (products 4u .. 4u+3 of sub-block j), fma(d_x d_w, lane,
-    acc[u]); the mins: Q4_K in 4 float lanes (pairs of sub-blocks), Q5_K in one float32 scalar."""
+    acc[u]) (_superblock); the mins: Q4_K in 4 float lanes (pairs of sub-blocks), Q5_K in one float32."""
     N, K = xq.shape
     R = qs.shape[0]
     nb = K // 256
-    step = 16 if four_bit else 32  # weight bytes per sub-block
     for c in prange((R + ROWS - 1) // ROWS):
-        sc = np.empty((nb, 8), np.int32)
+        sc16 = np.empty((nb, 16), np.int32)
         mn = np.empty((nb, 8), np.int32)
         dw = np.empty(nb, np.float32)
         dminw = np.empty(nb, np.float32)
-        lanes = np.empty(8, np.int32)
         acc = np.empty(8, np.float32)
+        zero = np.zeros(8, np.int32)
         s = np.empty(8, np.int32)
-        la = lanes.ctypes.data
+        aa, za, sa = acc.ctypes.data, zero.ctypes.data, sc16.ctypes.data
         for r in range(c * ROWS, min(R, (c + 1) * ROWS)):
-            _row_scales(head, r, sc, mn, dw, dminw)
+            _row_scales(head, r, sc16, mn, dw, dminw)
             wa = qs[r].ctypes.data
             for n in range(N):
                 xa = xq[n].ctypes.data
                 acc[:] = 0
                 m0 = m1 = m2 = m3 = summs = np.float32(0)
                 for b in range(nb):
-                    lanes[:] = 0
-                    for j in range(8):
-                        sub = b * 8 + j
-                        if four_bit:
-                            _add_subblock_lanes(la, wa + 16 * sub, xa + 32 * sub, sc[b, j], sc[b, j], 0)
-                        else:
-                            _add_subblock_lanes(la, wa + step * sub, xa + 32 * sub, sc[b, j], sc[b, j], 1)
                     d = xd[n, b] * dw[b]
-                    for u in range(8):
-                        acc[u] = _fma(d, np.float32(lanes[u]), acc[u])
+                    if four_bit:
+                        _superblock(aa, wa + 128 * b, xa + 256 * b, sa + 64 * b, za, d, use_vnni, 0)
+                    else:
+                        _superblock(aa, wa + 256 * b, xa + 256 * b, sa + 64 * b, za, d, use_vnni, 1)
                     dmin = -(xd[n, b] * dminw[b])
                     for j in range(8):
                         s[j] = mn[b, j] * (xbs[n, b, 2 * j] + xbs[n, b, 2 * j + 1])
@@ -157,7 +201,7 @@ def _dot_q45_k(xq, xd, xbs, qs, head, four_bit, out):
 
 
 @njit(parallel=True, **JIT)
-def _gemv_q4_k(xq, xd, xbs, qs, head, out):
+def _gemv_q4_k(xq, xd, xbs, qs, head, use_vnni, out):
     """ggml_gemv_q4_K_8x8_q8_K (rows in groups of 8): one integer per super-block for the values (the sum
     of the 8 lanes of sc-scaled sub-blocks), one for the mins; acc = fma(iacc, d_w d_x, acc), acc_min
     likewise with dmin; out = acc - acc_min."""
@@ -165,34 +209,32 @@ def _gemv_q4_k(xq, xd, xbs, qs, head, out):
     R = qs.shape[0]
     nb = K // 256
     for c in prange((R + ROWS - 1) // ROWS):
-        sc = np.empty((nb, 8), np.int32)
+        sc16 = np.empty((nb, 16), np.int32)
         mn = np.empty((nb, 8), np.int32)
         dw = np.empty(nb, np.float32)
         dminw = np.empty(nb, np.float32)
         lanes = np.empty(8, np.int32)
-        la = lanes.ctypes.data
+        zero = np.zeros(8, np.int32)
+        la, za, sa = lanes.ctypes.data, zero.ctypes.data, sc16.ctypes.data
         for r in range(c * ROWS, min(R, (c + 1) * ROWS)):
-            _row_scales(head, r, sc, mn, dw, dminw)
+            _row_scales(head, r, sc16, mn, dw, dminw)
             wa = qs[r].ctypes.data
             for n in range(N):
                 xa = xq[n].ctypes.data
                 acc = np.float32(0)
                 acc_min = np.float32(0)
                 for b in range(nb):
-                    lanes[:] = 0
+                    _superblock(la, wa + 128 * b, xa + 256 * b, sa + 64 * b, za, np.float32(0), use_vnni, 3)
                     imin = np.int32(0)
                     for j in range(8):
-                        sub = b * 8 + j
-                        _add_subblock_lanes(la, wa + 16 * sub, xa + 32 * sub, sc[b, j], sc[b, j], 0)
                         imin += mn[b, j] * (xbs[n, b, 2 * j] + xbs[n, b, 2 * j + 1])
-                    iacc = lanes.sum()
-                    acc = _fma(np.float32(iacc), dw[b] * xd[n, b], acc)
+                    acc = _fma(np.float32(lanes.sum()), dw[b] * xd[n, b], acc)
                     acc_min = _fma(np.float32(imin), dminw[b] * xd[n, b], acc_min)
                 out[n, r] = acc - acc_min
 
 
 @njit(parallel=True, **JIT)
-def _dot_q6_k(xq, xd, xbs, qs, head, out):
+def _dot_q6_k(xq, xd, xbs, qs, head, use_vnni, out):
     """ggml_vec_dot_q6_K_q8_K: qs (R, K) int8 bytes q - 32, head (R, nb, 18) 16 int8 scales | d fp16.
 
     Lane u of a super-block: sum_c sc[2c + (u >= 4)] * (products 32c + 4u .. 32c + 4u + 3 of the unsigned
@@ -203,9 +245,9 @@ def _dot_q6_k(xq, xd, xbs, qs, head, out):
     for c in prange((R + ROWS - 1) // ROWS):
         sc = np.empty((nb, 16), np.int32)
         dw = np.empty(nb, np.float32)
-        lanes = np.empty(8, np.int32)
+        off = np.empty(8, np.int32)
         acc = np.empty(8, np.float32)
-        la = lanes.ctypes.data
+        aa, oa, sa = acc.ctypes.data, off.ctypes.data, sc.ctypes.data
         for r in range(c * ROWS, min(R, (c + 1) * ROWS)):
             for b in range(nb):
                 h = head[r, b]
@@ -217,28 +259,26 @@ def _dot_q6_k(xq, xd, xbs, qs, head, out):
                 xa = xq[n].ctypes.data
                 acc[:] = 0
                 for b in range(nb):
-                    lanes[:] = 0
-                    for j in range(8):
-                        sub = b * 8 + j
-                        _add_subblock_lanes(la, wa + 32 * sub, xa + 32 * sub, sc[b, 2 * j], sc[b, 2 * j + 1], 2)
-                    d = xd[n, b] * dw[b]
                     for u in range(8):  # the -32 of every value, by the bsums (_mm256_madd_epi16 << 5)
-                        off = sc[b, 2 * u] * xbs[n, b, 2 * u] + sc[b, 2 * u + 1] * xbs[n, b, 2 * u + 1]
-                        acc[u] = _fma(d, np.float32(lanes[u] - 32 * off), acc[u])
+                        off[u] = 32 * (sc[b, 2 * u] * xbs[n, b, 2 * u] + sc[b, 2 * u + 1] * xbs[n, b, 2 * u + 1])
+                    _superblock(aa, wa + 256 * b, xa + 256 * b, sa + 64 * b, oa, xd[n, b] * dw[b], use_vnni, 2)
                 out[n, r] = ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]))
 
 
-def quantized_linear(x2: np.ndarray, w) -> np.ndarray:
-    """x2 (N, K) float32 @ w.T in ggml's arithmetic for a Q4_K / Q5_K / Q6_K weight w (R, K). -> (N, R)."""
+def quantized_linear(x2: np.ndarray, w, simd: "int | None" = None) -> np.ndarray:
+    """x2 (N, K) float32 @ w.T in ggml's arithmetic for a Q4_K / Q5_K / Q6_K weight w (R, K). -> (N, R).
+    simd: 1 vpdpbusd (where the CPU has it), 0 the portable integer code; default as kernels/ggml.py
+    (LLAMA_REF_GGML_PORTABLE=1 forces the portable one). Both give the same integers, so the same floats."""
     N, R = x2.shape[0], w.shape[0]
     xd, xq, xbs = spec.quantize_row_q8_K(x2)  # (N, nb), (N, nb, 256), (N, nb, 16)
     xq = xq.reshape(N, -1)
     out = np.empty((N, R), np.float32)
     qs, head = readonly(w.qs), readonly(w.head)
+    use = SIMD if simd is None else int(simd)
     if w.format == "q6_k":
-        _dot_q6_k(xq, xd, xbs, qs, head, out)
+        _dot_q6_k(xq, xd, xbs, qs, head, use, out)
     elif w.format == "q4_k" and R % 8 == 0:  # repacked by llama.cpp (spec.dot_for)
-        _gemv_q4_k(xq, xd, xbs, qs, head, out)
+        _gemv_q4_k(xq, xd, xbs, qs, head, use, out)
     else:
-        _dot_q45_k(xq, xd, xbs, qs, head, w.format == "q4_k", out)
+        _dot_q45_k(xq, xd, xbs, qs, head, w.format == "q4_k", use, out)
     return out

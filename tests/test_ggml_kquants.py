@@ -165,13 +165,15 @@ def test_q6_K_lanes_by_hand():
 
 # ---- Numba equals NumPy ---------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("simd", [0, 1])
 @pytest.mark.parametrize("kind", sorted(TYPES))
-def test_numba_equals_numpy_fixed_shapes(kind):
-    """The fast tier's copy of the hypothesis test: rows in groups of 8 and not, one and three rows of x."""
+def test_numba_equals_numpy_fixed_shapes(kind, simd):
+    """The fast tier's copy of the hypothesis test: rows in groups of 8 and not, one and three rows of x;
+    the portable integer code (simd=0) and vpdpbusd (simd=1, where the CPU has it; else portable again)."""
     for n, rows, cols, seed in ((1, 24, 256, 1), (3, 13, 768, 2)):
         w = random_kquant(TYPES[kind], rows, cols, seed)
         x = activations(n, cols, seed + 10)
-        got, expected = compiled().quantized_linear(x, w), gk.quantized_linear(x, w)
+        got, expected = compiled().quantized_linear(x, w, simd=simd), gk.quantized_linear(x, w)
         assert np.array_equal(got.view(np.uint32), expected.view(np.uint32))
 
 
@@ -179,13 +181,11 @@ def test_numba_equals_numpy_fixed_shapes(kind):
 @settings(max_examples=30, deadline=None)
 @given(kind=st.sampled_from(sorted(TYPES)), n=st.integers(1, 3), rows=st.integers(1, 40), nb=st.integers(1, 3),
        wseed=st.integers(0, 2**32 - 1), xseed=st.integers(0, 2**32 - 1),
-       scale=st.sampled_from([1e-3, 1.0, 50.0]))
-def test_numba_equals_numpy_bit_for_bit(kind, n, rows, nb, wseed, xseed, scale):
+       scale=st.sampled_from([1e-3, 1.0, 50.0]), simd=st.sampled_from([0, 1]))
+def test_numba_equals_numpy_bit_for_bit(kind, n, rows, nb, wseed, xseed, scale, simd):
     w = random_kquant(TYPES[kind], rows, 256 * nb, wseed)
     x = activations(n, 256 * nb, xseed) * np.float32(scale)
-    from llama_ref.kernels import ggml as kernels_ggml  # the hook in kernels/ggml.py's dispatch
-
-    got, expected = kernels_ggml.linear(x, w), ggml.linear(x, w)
+    got, expected = compiled().quantized_linear(x, w, simd=simd), ggml.linear(x, w)
     assert got.dtype == np.float32 and np.array_equal(got.view(np.uint32), expected.view(np.uint32))
 
 

@@ -129,28 +129,30 @@ def _attention(q, kt, v, start_pos, scale, out):
                 for i in range(m, HD):  # the leftovers of HD % 64, one by one in float64
                     total += np.float64(qh[i] * keys[i, j0 + j])
                 w[j0 + j] = np.float32(total) * scale
-        # softmax: minus the maximum, ggml_v_expf, sums of 16 in float32 added in float64, times 1 / sum
+        # softmax: minus the maximum, ggml_v_expf, sums of 16 in float32 added in float64, times 1 / sum.
+        # Past the visible keys exp(-inf) = 0: whole chunks of zeros add 0 to the float64 sum and zero
+        # probabilities add +0 to V's accumulators, both exactly nothing, so the loops stop at `used`.
+        used = min(P, (visible + 15) // 16 * 16)
         row_max = w[0]
-        for p in range(1, P):
+        for p in range(1, visible):
             if w[p] > row_max:
                 row_max = w[p]
-        for p in range(P):
+        for p in range(used):
             w[p] = _expf(w[p] - row_max)
         total = np.float64(0)
-        for c in range(P // 16):
+        for c in range(used // 16):
             total += np.float64(_reduce16(w, 16 * c))
         inv = np.float32(1.0 / total)
-        for p in range(P):
+        for p in range(visible):
             w[p] = fp16_round(w[p] * inv)
         # the probabilities times each column of V (transposed in llama.cpp): ggml_vec_dot_f16 over P keys,
         # key p into accumulator lane p % 64 of every column
         accv = np.zeros((64, HD), np.float32)
-        for p in range(S):
+        for p in range(visible):
             lane, pw, vr = p % 64, w[p], v[b, p, kvh]
             for d in range(HD):
                 accv[lane, d] = accv[lane, d] + pw * vr[d]
-        # (the padding p >= S adds 0 * 0 = +0 to each accumulator, which leaves it as it is; P % 64 == 0: no
-        # leftover products, and the float64 sum of one float32 rounds back to it)
+        # (P % 64 == 0: no leftover products, and the float64 sum of one float32 rounds back to it)
         _finish_columns(accv, out[b, t, h])
 
 

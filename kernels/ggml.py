@@ -30,65 +30,103 @@ KIND = {"q8_0": 0, "q5_0": 0, "q5_1": 1, "q4_0": 2, "q4_0r": 3, "q4_1": 4}  # Q5
 # vpdpbusd where the CPU has it, unless LLAMA_REF_GGML_PORTABLE=1 asks for the portable integer code (same results).
 SIMD = int(simd.HAS_VNNI and os.environ.get("LLAMA_REF_GGML_PORTABLE", "") != "1")
 
-_q8_4, _q8_1 = simd.make_dot("q8_0", 4), simd.make_dot("q8_0", 1)
-_q5_1_4, _q5_1_1 = simd.make_dot("q5_1", 4), simd.make_dot("q5_1", 1)
-_q4_0_4, _q4_0_1 = simd.make_dot("q4_0", 4), simd.make_dot("q4_0", 1)
-_q4_0r_8 = simd.make_dot("q4_0r", 8)  # repacked Q4_0 comes in groups of 8 rows
-_q4_1_4, _q4_1_1 = simd.make_dot("q4_1", 4), simd.make_dot("q4_1", 1)
+ACTS = 4  # activation rows per tile of a prefill: each weight block loaded once for 4 of them
+
+
+def _tiles(kind):
+    """(rows x acts tiles of kind): (4 x 4, 4 x 1, 1 x 4, 1 x 1); repacked Q4_0: (8 x 4, 8 x 1)."""
+    rows = 8 if kind == "q4_0r" else 4
+    return (simd.make_dot(kind, rows, ACTS), simd.make_dot(kind, rows, 1),
+            simd.make_dot(kind, 1, ACTS) if rows == 4 else None, simd.make_dot(kind, 1, 1) if rows == 4 else None)
+
+
+_q8_RA, _q8_R1, _q8_1A, _q8_11 = _tiles("q8_0")
+_q5_1_RA, _q5_1_R1, _q5_1_1A, _q5_1_11 = _tiles("q5_1")
+_q4_0_RA, _q4_0_R1, _q4_0_1A, _q4_0_11 = _tiles("q4_0")
+_q4_0r_RA, _q4_0r_R1, _, _ = _tiles("q4_0r")
+_q4_1_RA, _q4_1_R1, _q4_1_1A, _q4_1_11 = _tiles("q4_1")
 
 
 @njit(inline="always", **JIT)
-def _dot(kind, four, w, ws, wd, wm, wds, x, xd, xs, nb, out, use_simd):
-    """One call of kernels/ggml_simd.py's dot for this weight kind, on 4 rows (four) or 1; 8 for kind 3."""
+def _dot(kind, many_rows, many_acts, w, ws, wd, wm, wds, x, xst, xd, xs, xds, nb, out, ost, use_simd):
+    """One call of kernels/ggml_simd.py's tile for this weight kind: 4 rows (8 for kind 3) or 1, by ACTS
+    activation rows or 1."""
     if kind == 0:
-        if four:
-            _q8_4(w, ws, wd, wm, wds, x, xd, xs, nb, out, use_simd)
+        if many_rows:
+            if many_acts:
+                _q8_RA(w, ws, wd, wm, wds, x, xst, xd, xs, xds, nb, out, ost, use_simd)
+            else:
+                _q8_R1(w, ws, wd, wm, wds, x, xst, xd, xs, xds, nb, out, ost, use_simd)
+        elif many_acts:
+            _q8_1A(w, ws, wd, wm, wds, x, xst, xd, xs, xds, nb, out, ost, use_simd)
         else:
-            _q8_1(w, ws, wd, wm, wds, x, xd, xs, nb, out, use_simd)
+            _q8_11(w, ws, wd, wm, wds, x, xst, xd, xs, xds, nb, out, ost, use_simd)
     elif kind == 1:
-        if four:
-            _q5_1_4(w, ws, wd, wm, wds, x, xd, xs, nb, out, use_simd)
+        if many_rows:
+            if many_acts:
+                _q5_1_RA(w, ws, wd, wm, wds, x, xst, xd, xs, xds, nb, out, ost, use_simd)
+            else:
+                _q5_1_R1(w, ws, wd, wm, wds, x, xst, xd, xs, xds, nb, out, ost, use_simd)
+        elif many_acts:
+            _q5_1_1A(w, ws, wd, wm, wds, x, xst, xd, xs, xds, nb, out, ost, use_simd)
         else:
-            _q5_1_1(w, ws, wd, wm, wds, x, xd, xs, nb, out, use_simd)
+            _q5_1_11(w, ws, wd, wm, wds, x, xst, xd, xs, xds, nb, out, ost, use_simd)
     elif kind == 2:
-        if four:
-            _q4_0_4(w, ws, wd, wm, wds, x, xd, xs, nb, out, use_simd)
+        if many_rows:
+            if many_acts:
+                _q4_0_RA(w, ws, wd, wm, wds, x, xst, xd, xs, xds, nb, out, ost, use_simd)
+            else:
+                _q4_0_R1(w, ws, wd, wm, wds, x, xst, xd, xs, xds, nb, out, ost, use_simd)
+        elif many_acts:
+            _q4_0_1A(w, ws, wd, wm, wds, x, xst, xd, xs, xds, nb, out, ost, use_simd)
         else:
-            _q4_0_1(w, ws, wd, wm, wds, x, xd, xs, nb, out, use_simd)
-    elif kind == 3:  # 8 rows at once (_linear's step)
-        _q4_0r_8(w, ws, wd, wm, wds, x, xd, xs, nb, out, use_simd)
+            _q4_0_11(w, ws, wd, wm, wds, x, xst, xd, xs, xds, nb, out, ost, use_simd)
+    elif kind == 3:  # repacked Q4_0: always 8 rows (R % 8 == 0)
+        if many_acts:
+            _q4_0r_RA(w, ws, wd, wm, wds, x, xst, xd, xs, xds, nb, out, ost, use_simd)
+        else:
+            _q4_0r_R1(w, ws, wd, wm, wds, x, xst, xd, xs, xds, nb, out, ost, use_simd)
     else:
-        if four:
-            _q4_1_4(w, ws, wd, wm, wds, x, xd, xs, nb, out, use_simd)
+        if many_rows:
+            if many_acts:
+                _q4_1_RA(w, ws, wd, wm, wds, x, xst, xd, xs, xds, nb, out, ost, use_simd)
+            else:
+                _q4_1_R1(w, ws, wd, wm, wds, x, xst, xd, xs, xds, nb, out, ost, use_simd)
+        elif many_acts:
+            _q4_1_1A(w, ws, wd, wm, wds, x, xst, xd, xs, xds, nb, out, ost, use_simd)
         else:
-            _q4_1_1(w, ws, wd, wm, wds, x, xd, xs, nb, out, use_simd)
+            _q4_1_11(w, ws, wd, wm, wds, x, xst, xd, xs, xds, nb, out, ost, use_simd)
 
 
 @njit(parallel=True, **JIT)
 def _linear(kind, xq, xd, xs, qs, d, m, out, use_simd):
     """out (N, R) = ggml's dot product of every weight row (qs (R, bytes) with scales d, mins m (R, nb)) with
     every quantized activation row (xq (N, K) int8, scales xd, Q8_1 sums xs (N, nb)). Parallel over tiles of
-    ROWS weight rows; within a tile, every activation row meets the tile's rows 4 (repacked Q4_0: 8) at a time."""
+    ROWS weight rows; within a tile, the activation rows pass ACTS at a time, meeting the tile's rows 4
+    (repacked Q4_0: 8) at a time while their bytes are in cache."""
     N, K = xq.shape
     R, nb = d.shape
-    ws, wds = np.int64(qs.shape[1]), np.int64(4 * nb)
+    ws, wds, xst, ost = np.int64(qs.shape[1]), np.int64(4 * nb), np.int64(K), np.int64(4 * R)
     w0, d0, m0 = np.int64(qs.ctypes.data), np.int64(d.ctypes.data), np.int64(m.ctypes.data)
     x0, xd0, xs0, o0 = (np.int64(xq.ctypes.data), np.int64(xd.ctypes.data), np.int64(xs.ctypes.data),
                         np.int64(out.ctypes.data))
+    step = 8 if kind == 3 else 4  # repacked Q4_0: R % 8 == 0, so every tile is whole groups of 8
     for c in prange((R + ROWS - 1) // ROWS):
         r1 = min(R, (c + 1) * ROWS)
-        for n in range(N):
-            x, xdn, xsn = x0 + n * np.int64(K), xd0 + n * wds, xs0 + n * wds
+        n = np.int64(0)
+        while n < N:
+            many = n + ACTS <= N
+            x, xdn, xsn, on = x0 + n * xst, xd0 + n * wds, xs0 + n * wds, o0 + n * ost
             r = np.int64(c * ROWS)
-            step = 8 if kind == 3 else 4  # repacked Q4_0: R % 8 == 0, so every tile is whole groups of 8
             while r + step <= r1:
-                _dot(kind, True, w0 + r * ws, ws, d0 + r * wds, m0 + r * wds, wds, x, xdn, xsn, nb,
-                     o0 + 4 * (n * np.int64(R) + r), use_simd)
+                _dot(kind, True, many, w0 + r * ws, ws, d0 + r * wds, m0 + r * wds, wds, x, xst, xdn, xsn, wds,
+                     nb, on + 4 * r, ost, use_simd)
                 r += step
             while r < r1:
-                _dot(kind, False, w0 + r * ws, ws, d0 + r * wds, m0 + r * wds, wds, x, xdn, xsn, nb,
-                     o0 + 4 * (n * np.int64(R) + r), use_simd)
+                _dot(kind, False, many, w0 + r * ws, ws, d0 + r * wds, m0 + r * wds, wds, x, xst, xdn, xsn, wds,
+                     nb, on + 4 * r, ost, use_simd)
                 r += 1
+            n += ACTS if many else 1
 
 
 @njit(inline="always", **JIT)

@@ -223,99 +223,12 @@ def _offset_lanes(builder, x, offset):
     return builder.mul(sums, ir.Constant(ir.VectorType(I32, 8), [offset] * 8))
 
 
-def _row_lanes(builder, raw, x, kind, vnni, offsets):
-    """The 8 int32 lanes of one weight block (raw bytes) with the activation block x."""
-    block, nibbles, signed, offset, lanes8, has_min = KINDS[kind]
-    if vnni and offset:
-        return builder.sub(_lanes_vnni(builder, _weight_values(builder, raw, nibbles, 0), x, False), offsets)
-    return (_lanes_vnni if vnni else _lanes_portable)(builder, _weight_values(builder, raw, nibbles, offset), x, signed)
-
-
 def _hsum8(builder, acc):
     """hsum_float_8: (lane i + lane i+4), then (0 + 2) + (1 + 3)."""
     r = builder.fadd(_shuffle(builder, acc, [0, 1, 2, 3]), _shuffle(builder, acc, [4, 5, 6, 7]))
     r = builder.fadd(_shuffle(builder, r, [0, 1]), _shuffle(builder, r, [2, 3]))
     first, second = (builder.extract_element(r, ir.Constant(I32, i)) for i in (0, 1))
     return builder.fadd(first, second)
-
-
-def _define_dot(module, kind, rows, vnni):
-    """void f(w, w_stride, wd, wm, wd_stride, x, xd, xs, nb, out): `rows` weight rows from byte address w
-    (rows w_stride bytes apart; scales wd and mins wm, float32, wd_stride bytes apart) times the activation
-    row x (nb * 32 int8, scales xd, sums xs) -> out[0 .. rows-1] float32."""
-    name = f"llama_ref_ggml_dot_{kind}_{rows}_{'vnni' if vnni else 'portable'}"
-    if name in module.globals:
-        return module.globals[name]
-    block, nibbles, signed, offset, lanes8, has_min = KINDS[kind]
-    fn = ir.Function(module, ir.FunctionType(ir.VoidType(), [I64] * 10), name)
-    fn.linkage = "internal"
-    w, ws, wd, wm, wds, x, xd, xs, nb, out = fn.args
-    entry = fn.append_basic_block("entry")
-    loop = fn.append_basic_block("loop")
-    done = fn.append_basic_block("done")
-    b = ir.IRBuilder(entry)
-    v8f = ir.VectorType(F32, 8)
-    acc_ty = v8f if lanes8 else F32
-    zero_acc = ir.Constant(acc_ty, [0.0] * 8 if lanes8 else 0.0)
-    b.cbranch(b.icmp_signed(">", nb, ir.Constant(I64, 0)), loop, done)
-
-    b = ir.IRBuilder(loop)
-    i = b.phi(I64)
-    accs = [b.phi(acc_ty) for _ in range(rows)]
-    mins = [b.phi(F32) for _ in range(rows)] if has_min else []
-    xq = _gep_load(b, x, b.mul(i, ir.Constant(I64, 32)), ir.VectorType(I8, 32), 1)
-    xdb = _gep_load(b, xd, b.mul(i, ir.Constant(I64, 4)), F32, 4)
-    xsb = _gep_load(b, xs, b.mul(i, ir.Constant(I64, 4)), F32, 4) if has_min else None
-    offsets = _offset_lanes(b, xq, offset) if vnni and offset else None
-    fma_s = _declare(module, "llvm.fma.f32", F32, [F32] * 3)
-    fma_v = _declare(module, "llvm.fma.v8f32", v8f, [v8f] * 3)
-    new_accs, new_mins = [], []
-    for r in range(rows):
-        wrow = b.add(w, b.mul(ir.Constant(I64, r), ws))
-        raw = _gep_load(b, wrow, b.mul(i, ir.Constant(I64, block)), ir.VectorType(I8, block), 1)
-        lanes = _row_lanes(b, raw, xq, kind, vnni, offsets)
-        scale_off = b.add(b.mul(ir.Constant(I64, r), wds), b.mul(i, ir.Constant(I64, 4)))
-        scale = b.fmul(_gep_load(b, wd, scale_off, F32, 4), xdb)  # float32 d_w * d_x
-        if lanes8:
-            splat = b.insert_element(ir.Constant(v8f, ir.Undefined), scale, ir.Constant(I32, 0))
-            splat = _shuffle(b, splat, [0] * 8)
-            new_accs.append(b.call(fma_v, [splat, b.sitofp(lanes, v8f), accs[r]]))
-        else:
-            v8i = ir.VectorType(I32, 8)
-            sumi = b.call(_declare(module, "llvm.vector.reduce.add.v8i32", I32, [v8i]), [lanes])
-            new_accs.append(b.call(fma_s, [scale, b.sitofp(sumi, F32), accs[r]]))
-        if has_min:
-            new_mins.append(b.call(fma_s, [_gep_load(b, wm, scale_off, F32, 4), xsb, mins[r]]))
-    i1 = b.add(i, ir.Constant(I64, 1))
-    b.cbranch(b.icmp_signed("<", i1, nb), loop, done)
-    i.add_incoming(ir.Constant(I64, 0), entry)
-    i.add_incoming(i1, loop)
-    for r in range(rows):
-        accs[r].add_incoming(zero_acc, entry)
-        accs[r].add_incoming(new_accs[r], loop)
-        if has_min:
-            mins[r].add_incoming(ir.Constant(F32, 0.0), entry)
-            mins[r].add_incoming(new_mins[r], loop)
-
-    b = ir.IRBuilder(done)
-    finals, final_mins = [], []
-    for r in range(rows):  # the phis first, as LLVM requires
-        acc = b.phi(acc_ty)
-        acc.add_incoming(zero_acc, entry)
-        acc.add_incoming(new_accs[r], loop)
-        finals.append(acc)
-        if has_min:
-            m = b.phi(F32)
-            m.add_incoming(ir.Constant(F32, 0.0), entry)
-            m.add_incoming(new_mins[r], loop)
-            final_mins.append(m)
-    for r in range(rows):
-        total = _hsum8(b, finals[r]) if lanes8 else finals[r]
-        if has_min:
-            total = b.fadd(total, final_mins[r])  # the offsets' float32 sum, added last
-        b.store(total, _ptr(b, b.add(out, ir.Constant(I64, 4 * r)), F32), align=4)
-    b.ret_void()
-    return fn
 
 
 def _combine(builder, a, b):
@@ -325,79 +238,151 @@ def _combine(builder, a, b):
     return builder.add(builder.shuffle_vector(a, b, v8), builder.shuffle_vector(a, b, ir.Constant(v8.type, odds)))
 
 
-def _define_dot_rows8(module, kind, vnni):
-    """Repacked Q4_0 (ggml_gemv_q4_0_8x8_q8_0): 8 rows side by side, one float32 lane per row. Per block the
-    8 rows' integer sums are gathered into one vector (a tree of pair sums) and acc = fma(d_w d_x, sumi,
-    acc) is one vector FMA: lane r computes what a scalar chain over row r's blocks would. Same arguments
-    as _define_dot."""
-    name = f"llama_ref_ggml_dot8_{kind}_{'vnni' if vnni else 'portable'}"
+def _define_tile(module, kind, rows, acts, vnni):
+    """void f(w, ws, wd, wm, wds, x, xstride, xd, xs, xds, nb, out, ostride): the dot products of `rows`
+    weight rows (from byte address w, ws bytes apart; scales wd and mins wm float32, wds bytes apart) with
+    `acts` activation rows (int8 from x, xstride bytes apart; scales xd and sums xs, xds bytes apart), nb
+    blocks each -> out[a * ostride + 4 r] float32. Each (row, activation) pair keeps its own accumulators and
+    sums in exactly the order of a lone dot product; the tile only shares the loads (and, with VNNI, the work
+    that depends on one side only) between pairs.
+
+    8-lane kinds: acc[r][a] = fma(d_w d_x, lanes, acc) per block, hsum_float_8 (+ the mins' sum) at the end.
+    Repacked Q4_0 (rows = 8): the 8 rows' integer sums gathered into one vector, one float32 lane per row."""
+    name = f"llama_ref_ggml_tile_{kind}_{rows}x{acts}_{'vnni' if vnni else 'portable'}"
     if name in module.globals:
         return module.globals[name]
     block, nibbles, signed, offset, lanes8, has_min = KINDS[kind]
-    assert not lanes8 and not has_min
-    fn = ir.Function(module, ir.FunctionType(ir.VoidType(), [I64] * 10), name)
+    fn = ir.Function(module, ir.FunctionType(ir.VoidType(), [I64] * 13), name)
     fn.linkage = "internal"
-    w, ws, wd, wm, wds, x, xd, xs, nb, out = fn.args
+    w, ws, wd, wm, wds, x, xstride, xd, xs, xds, nb, out, ostride = fn.args
     entry, loop, done = (fn.append_basic_block(n) for n in ("entry", "loop", "done"))
-    v8f = ir.VectorType(F32, 8)
-    zero = ir.Constant(v8f, [0.0] * 8)
+    v8f, v8i, v32 = ir.VectorType(F32, 8), ir.VectorType(I32, 8), ir.VectorType(I8, 32)
+    c64 = lambda v: ir.Constant(I64, v)  # noqa: E731
+    zero8 = ir.Constant(v8f, [0.0] * 8)
+    fma_s = _declare(module, "llvm.fma.f32", F32, [F32] * 3)
+    fma_v = _declare(module, "llvm.fma.v8f32", v8f, [v8f] * 3)
     b = ir.IRBuilder(entry)
-    b.cbranch(b.icmp_signed(">", nb, ir.Constant(I64, 0)), loop, done)
+    b.cbranch(b.icmp_signed(">", nb, c64(0)), loop, done)
 
     b = ir.IRBuilder(loop)
     i = b.phi(I64)
-    acc = b.phi(v8f)
-    xq = _gep_load(b, x, b.mul(i, ir.Constant(I64, 32)), ir.VectorType(I8, 32), 1)
-    xdb = _gep_load(b, xd, b.mul(i, ir.Constant(I64, 4)), F32, 4)
-    sums, scales = [], ir.Constant(v8f, ir.Undefined)
-    offsets = _offset_lanes(b, xq, offset) if vnni and offset else None
-    for r in range(8):
-        raw = _gep_load(b, b.add(w, b.mul(ir.Constant(I64, r), ws)), b.mul(i, ir.Constant(I64, block)),
-                        ir.VectorType(I8, block), 1)
-        sums.append(_row_lanes(b, raw, xq, kind, vnni, offsets))
-        d = _gep_load(b, wd, b.add(b.mul(ir.Constant(I64, r), wds), b.mul(i, ir.Constant(I64, 4))), F32, 4)
-        scales = b.insert_element(scales, d, ir.Constant(I32, r))
-    while len(sums) > 1:  # 8 vectors of 8 lanes -> one vector of 8 row sums (exact integers)
-        sums = [_combine(b, sums[j], sums[j + 1]) for j in range(0, len(sums), 2)]
-    splat = _shuffle(b, b.insert_element(ir.Constant(v8f, ir.Undefined), xdb, ir.Constant(I32, 0)), [0] * 8)
-    scale = b.fmul(scales, splat)  # float32 d_w * d_x per row
-    new_acc = b.call(_declare(module, "llvm.fma.v8f32", v8f, [v8f] * 3), [scale, b.sitofp(sums[0], v8f), acc])
-    i1 = b.add(i, ir.Constant(I64, 1))
+    n_acc = acts if not lanes8 else rows * acts  # repacked Q4_0: one vector (8 rows) per activation
+    accs = [b.phi(v8f) for _ in range(n_acc)]
+    mins = [b.phi(F32) for _ in range(rows * acts)] if has_min else []
+    four = b.mul(i, c64(4))
+
+    def splat(v):
+        return _shuffle(b, b.insert_element(ir.Constant(v8f, ir.Undefined), v, ir.Constant(I32, 0)), [0] * 8)
+
+    # the activation side, once per block: quants, scale, sum; with VNNI what vpdpbusd needs of x alone
+    xq, xdv, xsv, x_off, x_u8 = [], [], [], [], []
+    for a_ in range(acts):
+        xa = b.add(x, b.mul(c64(a_), xstride))
+        xq.append(_gep_load(b, xa, b.mul(i, c64(32)), v32, 1))
+        xdv.append(_gep_load(b, b.add(xd, b.mul(c64(a_), xds)), four, F32, 4))
+        xsv.append(_gep_load(b, b.add(xs, b.mul(c64(a_), xds)), four, F32, 4) if has_min else None)
+        x_off.append(_offset_lanes(b, xq[a_], offset) if vnni and offset else None)
+        # signed 8-bit weights by VNNI: (x + 128) as unsigned bytes times w, less 128 sum(w) per lane
+        x_u8.append(b.xor(xq[a_], ir.Constant(v32, [-128] * 32)) if vnni and signed and not nibbles else None)
+    # the weight side, once per block
+    wvals, w_corr, wdv = [], [], []
+    for r in range(rows):
+        raw = _gep_load(b, b.add(w, b.mul(c64(r), ws)), b.mul(i, c64(block)), ir.VectorType(I8, block), 1)
+        wvals.append(_weight_values(b, raw, nibbles, 0 if (vnni and offset) else offset))
+        if vnni and signed and not nibbles:
+            ones = ir.Constant(v32, [1] * 32)
+            w_corr.append(b.shl(_lanes_vnni(b, ones, wvals[r], False), ir.Constant(v8i, [7] * 8)))
+        else:
+            w_corr.append(None)
+        wdv.append(_gep_load(b, b.add(wd, b.mul(c64(r), wds)), four, F32, 4))
+
+    def lanes(r, a_):
+        if vnni and signed and not nibbles:
+            return b.sub(_lanes_vnni(b, x_u8[a_], wvals[r], False), w_corr[r])
+        if vnni and offset:
+            return b.sub(_lanes_vnni(b, wvals[r], xq[a_], False), x_off[a_])
+        if vnni:
+            return _lanes_vnni(b, wvals[r], xq[a_], False)  # unsigned weights: vpdpbusd as it stands
+        return _lanes_portable(b, wvals[r], xq[a_], signed)
+
+    new_accs, new_mins = [None] * n_acc, [None] * len(mins)
+    for a_ in range(acts):
+        if lanes8:
+            for r in range(rows):
+                scale = b.fmul(wdv[r], xdv[a_])  # float32 d_w * d_x
+                k = r * acts + a_
+                new_accs[k] = b.call(fma_v, [splat(scale), b.sitofp(lanes(r, a_), v8f), accs[k]])
+        else:
+            sums = [lanes(r, a_) for r in range(rows)]
+            while len(sums) > 1:  # 8 vectors of 8 lanes -> one vector of the 8 rows' sums (exact integers)
+                sums = [_combine(b, sums[j], sums[j + 1]) for j in range(0, len(sums), 2)]
+            scales = ir.Constant(v8f, ir.Undefined)
+            for r in range(rows):
+                scales = b.insert_element(scales, wdv[r], ir.Constant(I32, r))
+            new_accs[a_] = b.call(fma_v, [b.fmul(scales, splat(xdv[a_])), b.sitofp(sums[0], v8f), accs[a_]])
+        if has_min:
+            for r in range(rows):
+                m = _gep_load(b, b.add(wm, b.mul(c64(r), wds)), four, F32, 4)
+                k = r * acts + a_
+                new_mins[k] = b.call(fma_s, [m, xsv[a_], mins[k]])
+    i1 = b.add(i, c64(1))
     b.cbranch(b.icmp_signed("<", i1, nb), loop, done)
-    i.add_incoming(ir.Constant(I64, 0), entry)
+    i.add_incoming(c64(0), entry)
     i.add_incoming(i1, loop)
-    acc.add_incoming(zero, entry)
-    acc.add_incoming(new_acc, loop)
+    for phi, val in zip(accs, new_accs):
+        phi.add_incoming(zero8, entry)
+        phi.add_incoming(val, loop)
+    for phi, val in zip(mins, new_mins):
+        phi.add_incoming(ir.Constant(F32, 0.0), entry)
+        phi.add_incoming(val, loop)
 
     b = ir.IRBuilder(done)
-    final = b.phi(v8f)
-    final.add_incoming(zero, entry)
-    final.add_incoming(new_acc, loop)
-    b.store(final, _ptr(b, out, v8f), align=4)
+    finals, final_mins = [], []
+    for val in new_accs:  # the phis first, as LLVM requires
+        phi = b.phi(v8f)
+        phi.add_incoming(zero8, entry)
+        phi.add_incoming(val, loop)
+        finals.append(phi)
+    for val in new_mins:
+        phi = b.phi(F32)
+        phi.add_incoming(ir.Constant(F32, 0.0), entry)
+        phi.add_incoming(val, loop)
+        final_mins.append(phi)
+    for a_ in range(acts):
+        row_out = b.add(out, b.mul(c64(a_), ostride))
+        if not lanes8:
+            b.store(finals[a_], _ptr(b, row_out, v8f), align=4)
+            continue
+        for r in range(rows):
+            k = r * acts + a_
+            total = _hsum8(b, finals[k])
+            if has_min:
+                total = b.fadd(total, final_mins[k])  # the offsets' float32 sum, added last
+            b.store(total, _ptr(b, b.add(row_out, c64(4 * r)), F32), align=4)
     b.ret_void()
     return fn
 
 
-def make_dot(kind: str, rows: int):
-    """The intrinsic dot(w, w_stride, wd, wm, wd_stride, x, xd, xs, nb, out, simd) for `kind` and `rows`
-    (addresses and strides in bytes as int64; simd != 0 takes vpdpbusd where this CPU has it)."""
+def make_dot(kind: str, rows: int, acts: int):
+    """The intrinsic dot(w, ws, wd, wm, wds, x, xstride, xd, xs, xds, nb, out, ostride, simd) for `kind`, a
+    tile of `rows` weight rows by `acts` activation rows (see _define_tile; addresses and strides in bytes as
+    int64; simd != 0 takes vpdpbusd where this CPU has it)."""
     @intrinsic
-    def dot(typingctx, w, ws, wd, wm, wds, x, xd, xs, nb, out, simd):
-        sig = types.void(*([types.int64] * 10), types.int64)
+    def dot(typingctx, w, ws, wd, wm, wds, x, xstride, xd, xs, xds, nb, out, ostride, simd):
+        sig = types.void(*([types.int64] * 14))
 
         def codegen(context, builder, signature, args):
-            define = _define_dot_rows8 if rows == 8 else (lambda module, k, v: _define_dot(module, k, rows, v))
-            portable = define(builder.module, kind, False)
+            portable = _define_tile(builder.module, kind, rows, acts, False)
             if not HAS_VNNI:
-                builder.call(portable, args[:10])
+                builder.call(portable, args[:13])
                 return context.get_dummy_value()
-            fast = define(builder.module, kind, True)
-            use = builder.icmp_signed("!=", args[10], ir.Constant(I64, 0))
+            fast = _define_tile(builder.module, kind, rows, acts, True)
+            use = builder.icmp_signed("!=", args[13], ir.Constant(I64, 0))
             with builder.if_else(use) as (then, otherwise):
                 with then:
-                    builder.call(fast, args[:10])
+                    builder.call(fast, args[:13])
                 with otherwise:
-                    builder.call(portable, args[:10])
+                    builder.call(portable, args[:13])
             return context.get_dummy_value()
         return sig, codegen
     return dot

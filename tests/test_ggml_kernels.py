@@ -139,9 +139,10 @@ def test_quantize_q8_equals_specification(data, n, nb, scale):
 @pytest.mark.parametrize("kind", sorted(TYPES))
 @pytest.mark.parametrize("use_simd", [0, 1])
 def test_linear_both_integer_paths_equal_specification(kind, use_simd):
-    """Rows in groups of 4 and 8 and not, one block and many, one activation row and several."""
+    """Rows in groups of 4 and 8 and not, one block and many, activation rows one, several, and in tiles of 4
+    with a remainder."""
     rng = np.random.default_rng(11)
-    for n, rows, k in ((1, 24, 64), (3, 7, 96), (2, 16, 576), (5, 13, 32), (1, 40, 1536)):
+    for n, rows, k in ((1, 24, 64), (3, 7, 96), (2, 16, 576), (5, 13, 32), (1, 40, 1536), (9, 37, 160)):
         w = TYPES[kind].quantize(rng.standard_normal((rows, k)).astype(np.float32))
         x = rng.standard_normal((n, k)).astype(np.float32)
         x[0, 3] = 40
@@ -165,12 +166,12 @@ def test_simd_path_is_vpdpbusd_where_the_cpu_has_it():
 
     from llama_ref.kernels import ggml_simd
 
-    q8_4 = kernels()._q8_4
+    tile = kernels()._q8_RA
 
     @njit
-    def dot(w, ws, wd, wm, wds, x, xd, xs, nb, out, use_simd):
-        q8_4(w, ws, wd, wm, wds, x, xd, xs, nb, out, use_simd)
-    dot.compile((types.int64,) * 11)
+    def dot(w, ws, wd, wm, wds, x, xst, xd, xs, xds, nb, out, ost, use_simd):
+        tile(w, ws, wd, wm, wds, x, xst, xd, xs, xds, nb, out, ost, use_simd)
+    dot.compile((types.int64,) * 14)
     asm = dot.inspect_asm(dot.signatures[0])
     assert ("vpdpbusd" in asm) == ggml_simd.HAS_VNNI
     assert "vfmadd" in asm  # the float part: true fused multiply-adds

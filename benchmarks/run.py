@@ -182,12 +182,16 @@ def _measure(spec: dict, ids: np.ndarray, prefill, step) -> dict:
     start = spec.get("decode_prompt", 128)
     logits = prefill(ids[:start])
     token, steps = int(np.argmax(logits)), []
+    cpu0 = time.process_time()
     for i in range(spec["decode"]):
         t0 = time.perf_counter()
         logits = step(token, start + i)
         steps.append(time.perf_counter() - t0)
         token = int(np.argmax(logits))
     out["decode"] = len(steps) / sum(steps)
+    # Per second of this process's CPU time (all its threads): on a shared machine, with one thread, the
+    # rate it would have on a core of its own (time waiting for a core is not counted; a slower memory is).
+    out["decode_cpu"] = len(steps) / max(time.process_time() - cpu0, 1e-9)
     out["decode_median_step"] = 1 / float(np.median(steps))
     out["peak_rss_mib"] = peak_rss_mib()
     return out

@@ -9,6 +9,7 @@ per ggml routine (the names are ggml's; file references are to ggml/src/ in llam
        Q8_0, Q4_0, Q5_0 weights  x Q8_0 activations   (quantize_row_q8_0)
        Q4_1, Q5_1 weights        x Q8_1 activations   (quantize_row_q8_1: Q8_0 plus s = d * sum(q))
        F16 weights               x F16 activations    (the row rounded to fp16)
+       Q4_K, Q5_K, Q6_K weights  x Q8_K activations   (256 values per block: model/ggml_kquants.py)
 2. Each 32-value block contributes an integer dot product of the two blocks' quants, exact in int32.
 3. The integers are scaled by the product of the two blocks' fp16 scales (a float32 product) and summed in
    float32, in the order of the SIMD code that runs on an x86 CPU with AVX2 (ggml-cpu/arch/x86/quants.c):

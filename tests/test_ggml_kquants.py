@@ -1,10 +1,12 @@
 """arithmetic="ggml" on K-quants: Q4_K / Q5_K / Q6_K by Q8_K (llama_ref/model/ggml_kquants.py) and its Numba
 twin (kernels/ggml_kquants.py).
 
-The Q8_K rounding and the weights' integers are checked by hand and against gguf.quants' dequantization; the
-Numba kernels against the NumPy specification bit for bit; the whole model against llama.cpp's own logits on
-tiny GGUFs that llama.cpp's quantizer made (tests/data/tiny_ckpt/kquant_*.gguf and
-tests/data/llamacpp_kquant_logits.npz, tests/fixtures/make_llamacpp_kquant_logits.py).
+The Q8_K rounding and the weights' integers are checked by hand and against gguf.quants' dequantization; every
+routine against llama.cpp's own, called one by one (tests/data/llamacpp_kquant_dots.npz,
+tests/fixtures/make_llamacpp_kquant_dots.py); the Numba kernels against the NumPy specification bit for bit;
+the whole model against llama.cpp's own logits on tiny GGUFs that llama.cpp's quantizer made
+(tests/data/tiny_ckpt/kquant_*.gguf and tests/data/llamacpp_kquant_logits.npz,
+tests/fixtures/make_llamacpp_kquant_logits.py).
 """
 
 from __future__ import annotations
@@ -161,6 +163,45 @@ def test_q6_K_lanes_by_hand():
     xd, xq, _ = gk.quantize_row_q8_K(x)
     assert xd[0, 0] == np.float32(1 / 32) and np.array_equal(xq[0, 0] / np.float32(32), x[0])
     assert gk.quantized_linear(x, w)[0, 0] == expected
+
+
+# ---- each routine against llama.cpp's own, called through ctypes ----------------------------------------------
+
+@pytest.fixture(scope="module")
+def dots():
+    """tests/data/llamacpp_kquant_dots.npz (tests/fixtures/make_llamacpp_kquant_dots.py): random blocks and
+    activation rows with edge cases, and what llama.cpp's quantize_row_q8_K, ggml_vec_dot_q*_K_q8_K and
+    ggml_gemv_q4_K_8x8_q8_K return for them on this x86 build."""
+    return np.load(Path(__file__).parent / "data" / "llamacpp_kquant_dots.npz")
+
+
+def test_quantize_row_q8_K_equals_llamacpp(dots):
+    d, q, bsums = gk.quantize_row_q8_K(dots["x"])
+    assert np.array_equal(d.view(np.uint32), dots["q8k_d"].view(np.uint32))
+    assert np.array_equal(q, dots["q8k_qs"]) and np.array_equal(bsums, dots["q8k_bsums"])
+
+
+@pytest.mark.parametrize("kind", sorted(TYPES))
+def test_dot_products_equal_llamacpp(kind, dots):
+    """Every routine bit for bit, the specification and the Numba kernels (both integer code paths)."""
+    raw, x = dots[f"{kind}_raw"], dots["x"]
+    w = TYPES[kind](raw, (raw.shape[0], x.shape[1]))
+    wb = gk.weight_superblocks(w, slice(None))
+    q8 = gk.quantize_row_q8_K(x)
+    vec_dot = {"q4_k": gk.ggml_vec_dot_q4_K_q8_K, "q5_k": gk.ggml_vec_dot_q5_K_q8_K,
+               "q6_k": gk.ggml_vec_dot_q6_K_q8_K}[kind]
+    expected = dots[f"{kind}_vec_dot"]
+    assert np.array_equal(vec_dot(wb, *q8).view(np.uint32), expected.view(np.uint32))
+    if kind == "q4_k":  # the rows come in groups of 8: llama.cpp's model path is the repacked gemv
+        assert np.array_equal(gk.ggml_gemv_q4_K_8x8_q8_K(wb, *q8), dots["q4_k_gemv"])
+        expected = dots["q4_k_gemv"]
+        w13 = TYPES[kind](raw[:13], (13, x.shape[1]))  # 13 rows: not repacked, the vec_dot order
+        for simd in (0, 1):
+            got = compiled().quantized_linear(x, w13, simd=simd)
+            assert np.array_equal(got.view(np.uint32), dots["q4_k_vec_dot"][:, :13].view(np.uint32))
+    for simd in (0, 1):
+        assert np.array_equal(compiled().quantized_linear(x, w, simd=simd).view(np.uint32), expected.view(np.uint32))
+    assert np.array_equal(gk.quantized_linear(x, w).view(np.uint32), expected.view(np.uint32))
 
 
 # ---- Numba equals NumPy ---------------------------------------------------------------------------------------

@@ -17,9 +17,8 @@ from numba import njit, prange
 from llama_ref.model import ggml as spec
 
 from ._common import JIT
-from .ggml_simd import f16_dots16, fma32, fp16_round, ldexp32
+from .ggml_simd import axpy32, f16_dots, fma32, fp16_round, ldexp32
 
-KEYS = 16  # keys per step of attention's scores (kernels/ggml_simd.f16_dots16): one per vector lane
 PARALLEL_ROWS = 16  # fewer rows than this (a decode step): one thread, no parallel region to start
 
 _R = np.float32(float.fromhex("0x1.8p23"))
@@ -61,13 +60,6 @@ def _reduce16(v, o):
     return (b0 + b2) + (b1 + b3)
 
 
-@njit(**JIT)
-def _to_fp16(x, out):
-    """out = x rounded to fp16 (as float32), x and out flat (vcvtps2ph, vcvtph2ps: memory speed, one thread)."""
-    for i in range(x.shape[0]):
-        out[i] = fp16_round(x[i])
-
-
 @njit(inline="always", **JIT)
 def _finish_columns(acc, out):
     """The end of ggml_vec_dot_f16 for every column of acc (64, HD) at once -> out (HD,): accumulators
@@ -86,23 +78,17 @@ def _finish_columns(acc, out):
 
 
 @njit(**JIT)
-def _transpose_keys(k, kt):
-    """kt[b, kvh, d, p] = fp16(k[b, p, kvh, d]); kt is zero past the keys (the padded cache view)."""
-    B, S, KVH, HD = k.shape
-    for b in range(B):
-        for h in range(KVH):
-            for d in range(HD):
-                for p in range(S):
-                    kt[b, h, d, p] = fp16_round(k[b, p, h, d])
-                for p in range(S, kt.shape[3]):
-                    kt[b, h, d, p] = 0
+def _to_fp16(x, out):
+    """out = x rounded to fp16 (as float32), x and out flat (vcvtps2ph, vcvtph2ps: memory speed, one thread)."""
+    for i in range(x.shape[0]):
+        out[i] = fp16_round(x[i])
 
 
 @njit(parallel=True, **JIT)
-def _attention(q, kt, v, start_pos, scale, out):
-    """q (B, T, H, HD) float32; kt (B, KVH, HD, P) the keys transposed, v (B, S, KVH, HD), both float32 holding
-    fp16 values -> out (B, T, H, HD): llama_ref.model.ggml.attention without a key mask. One work item per
-    (batch, position, head); keys KEYS at a time, each key's ggml_vec_dot_f16 in its own vector lane."""
+def _attention(q, k, v, start_pos, scale, out):
+    """q (B, T, H, HD), k, v (B, S, KVH, HD) float32 (v holding fp16 values) -> out (B, T, H, HD):
+    llama_ref.model.ggml.attention without a key mask, K rounded to fp16 as it is read. One work item per
+    (batch, position, head)."""
     B, T, H, HD = q.shape
     S, KVH = v.shape[1], v.shape[2]
     G = H // KVH
@@ -118,17 +104,15 @@ def _attention(q, kt, v, start_pos, scale, out):
             qh[d] = fp16_round(q[b, t, h, d])
         # scores: ggml_vec_dot_f16(q, k_p) for every visible key, times the scale; -inf for the others
         w = np.full(P, -np.inf, np.float32)
-        sums = np.empty(KEYS, np.float32)
         visible = min(S, last + 1)
-        keys = kt[b, kvh]  # (HD, P)
-        kp, ks, qp = np.int64(keys.ctypes.data), np.int64(4 * keys.shape[1]), np.int64(qh.ctypes.data)
-        for j0 in range(0, visible, KEYS):  # KEYS keys side by side: lane j of each vector is key j0 + j
-            f16_dots16(qp, kp + 4 * j0, ks, np.int64(m // 64), np.int64(sums.ctypes.data))
-            for j in range(min(KEYS, visible - j0)):
-                total = np.float64(sums[j])
-                for i in range(m, HD):  # the leftovers of HD % 64, one by one in float64
-                    total += np.float64(qh[i] * keys[i, j0 + j])
-                w[j0 + j] = np.float32(total) * scale
+        keys = k[b, :, kvh]  # (S, HD), rows KVH * HD apart
+        f16_dots(np.int64(qh.ctypes.data), np.int64(keys.ctypes.data), np.int64(4 * KVH * HD), np.int64(visible),
+                 np.int64(m // 64), np.int64(w.ctypes.data))
+        for p in range(visible):
+            total = np.float64(w[p])
+            for i in range(m, HD):  # the leftovers of HD % 64, one by one in float64
+                total += np.float64(qh[i] * fp16_round(keys[p, i]))
+            w[p] = np.float32(total) * scale
         # softmax: minus the maximum, ggml_v_expf, sums of 16 in float32 added in float64, times 1 / sum.
         # Past the visible keys exp(-inf) = 0: whole chunks of zeros add 0 to the float64 sum and zero
         # probabilities add +0 to V's accumulators, both exactly nothing, so the loops stop at `used`.
@@ -148,10 +132,9 @@ def _attention(q, kt, v, start_pos, scale, out):
         # the probabilities times each column of V (transposed in llama.cpp): ggml_vec_dot_f16 over P keys,
         # key p into accumulator lane p % 64 of every column
         accv = np.zeros((64, HD), np.float32)
-        for p in range(visible):
-            lane, pw, vr = p % 64, w[p], v[b, p, kvh]
-            for d in range(HD):
-                accv[lane, d] = accv[lane, d] + pw * vr[d]
+        a0, vrow = np.int64(accv.ctypes.data), np.int64(v[b, 0, kvh].ctypes.data)
+        for p in range(visible):  # accv[p % 64] += w[p] * v[p]
+            axpy32(a0 + 4 * HD * (p % 64), w[p], vrow + 4 * KVH * HD * p, np.int64(HD))
         # (P % 64 == 0: no leftover products, and the float64 sum of one float32 rounds back to it)
         _finish_columns(accv, out[b, t, h])
 
@@ -163,12 +146,10 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start_pos: int,
         return spec.attention(q, k, v, start_pos, key_mask)
     out = np.empty(q.shape, np.float32)
     HD = q.shape[-1]
-    B, S, KVH, _ = k.shape
-    kt = np.empty((B, KVH, HD, -(-S // 64) * 64), np.float32)  # the F16 cache's keys, transposed and padded
-    _transpose_keys(np.ascontiguousarray(k, np.float32), kt)
-    vh = np.empty(v.shape, np.float32)  # the F16 cache's values
+    vh = np.empty(v.shape, np.float32)  # the F16 cache's values (the keys are rounded as they are read)
     _to_fp16(np.ascontiguousarray(v, np.float32).reshape(-1), vh.reshape(-1))
-    _attention(np.ascontiguousarray(q), kt, vh, start_pos, np.float32(1 / np.sqrt(HD)), out)
+    _attention(np.ascontiguousarray(q), np.ascontiguousarray(k, np.float32), vh, start_pos,
+               np.float32(1 / np.sqrt(HD)), out)
     return out
 
 

@@ -89,52 +89,111 @@ def ldexp32(typingctx, j, n):
 
 
 @intrinsic
-def f16_dots16(typingctx, q, k, k_stride, steps, out):
-    """ggml_vec_dot_f16's first part for 16 keys at once, one key per vector lane: q (steps * 64 float32
-    holding fp16 values) and keys transposed, k + d * k_stride bytes holding the 16 keys' value d. For each
-    key: accumulators c = 0..3 of 16 lanes, lane i of accumulator c summing q[64 s + 16 c + i] * key[...] over
-    the steps s (from 0: 0 + p first), then (acc0 + acc2) + (acc1 + acc3) and _mm512_reduce_add_ps's
-    halving -> out[0 .. 15] float32 (addresses and strides in bytes, int64)."""
-    sig = types.void(types.int64, types.int64, types.int64, types.int64, types.int64)
+def f16_dots(typingctx, q, k, k_stride, keys, steps, out):
+    """ggml_vec_dot_f16's SIMD part (AVX-512: 4 accumulators of 16 lanes) of q with each of `keys` rows:
+    q is steps * 64 float32 holding fp16 values; row j starts at byte k + j * k_stride and is rounded to fp16
+    here (the F16 cache). Per row: acc[c] = 0, then acc[c] += q[64 s + 16 c ..] * row[64 s + 16 c ..] over the
+    steps (fp16 products are exact in float32: one rounding per add), (acc0 + acc2) + (acc1 + acc3), and
+    _mm512_reduce_add_ps -> out[j] float32 (the caller adds the HD % 64 leftovers in float64).
+    Addresses and strides in bytes, int64."""
+    sig = types.void(types.int64, types.int64, types.int64, types.int64, types.int64, types.int64)
 
     def codegen(context, builder, signature, args):
-        qp, kp, ks, nsteps, outp = args
+        qp, kp, ks, nkeys, nsteps, outp = args
         v16 = ir.VectorType(F32, 16)
+        v16h = ir.VectorType(ir.HalfType(), 16)
         zero = ir.Constant(v16, [0.0] * 16)
-        entry = builder.basic_block
         fn = builder.function
-        loop, done = fn.append_basic_block("f16_steps"), fn.append_basic_block("f16_done")
-        t_phis = []
-        builder.cbranch(builder.icmp_signed(">", nsteps, ir.Constant(I64, 0)), loop, done)
-        builder.position_at_end(loop)
+        before = builder.basic_block
+        head, body, steps_done, after = (fn.append_basic_block(n) for n in ("keys", "steps", "reduce", "after"))
+        builder.branch(head)
+        # for j in range(nkeys)
+        builder.position_at_end(head)
+        j = builder.phi(I64)
+        builder.cbranch(builder.icmp_signed("<", j, nkeys), body, after)
+        builder.position_at_end(body)
+        row = builder.add(kp, builder.mul(j, ks))
+        # for s in range(nsteps): the 4 accumulators (the loop is entered with nsteps >= 0)
+        steps_head = fn.append_basic_block("steps_head")
+        steps_body = fn.append_basic_block("steps_body")
+        builder.branch(steps_head)
+        builder.position_at_end(steps_head)
         s = builder.phi(I64)
-        accs = [builder.phi(v16) for _ in range(64)]  # accumulator c lane i: accs[16 c + i], one vector of keys
+        accs = [builder.phi(v16) for _ in range(4)]
+        builder.cbranch(builder.icmp_signed("<", s, nsteps), steps_body, steps_done)
+        builder.position_at_end(steps_body)
         new = []
-        for e in range(64):
-            d = builder.add(builder.mul(s, ir.Constant(I64, 64)), ir.Constant(I64, e))
-            qv = _gep_load(builder, qp, builder.mul(d, ir.Constant(I64, 4)), F32, 4)
-            kv = _gep_load(builder, kp, builder.mul(d, ks), v16, 4)
-            splat = _shuffle(builder, builder.insert_element(ir.Constant(v16, ir.Undefined), qv,
-                                                             ir.Constant(I32, 0)), [0] * 16)
-            new.append(builder.fadd(accs[e], builder.fmul(splat, kv)))  # fp16 x fp16: the product is exact
+        for c in range(4):
+            off = builder.mul(builder.add(builder.mul(s, ir.Constant(I64, 64)), ir.Constant(I64, 16 * c)),
+                              ir.Constant(I64, 4))
+            qv = _gep_load(builder, qp, off, v16, 4)
+            kv = builder.fpext(builder.fptrunc(_gep_load(builder, row, off, v16, 4), v16h), v16)
+            new.append(builder.fadd(accs[c], builder.fmul(qv, kv)))
         s1 = builder.add(s, ir.Constant(I64, 1))
-        builder.cbranch(builder.icmp_signed("<", s1, nsteps), loop, done)
-        s.add_incoming(ir.Constant(I64, 0), entry)
-        s.add_incoming(s1, loop)
-        for e in range(64):
-            accs[e].add_incoming(zero, entry)
-            accs[e].add_incoming(new[e], loop)
-        builder.position_at_end(done)
-        for e in range(64):
-            phi = builder.phi(v16)
-            phi.add_incoming(zero, entry)
-            phi.add_incoming(new[e], loop)
-            t_phis.append(phi)
-        t = [builder.fadd(builder.fadd(t_phis[i], t_phis[32 + i]), builder.fadd(t_phis[16 + i], t_phis[48 + i]))
-             for i in range(16)]
-        for half in (8, 4, 2, 1):
-            t = [builder.fadd(t[i], t[i + half]) for i in range(half)]
-        builder.store(t[0], _ptr(builder, outp, v16), align=4)
+        builder.branch(steps_head)
+        s.add_incoming(ir.Constant(I64, 0), body)
+        s.add_incoming(s1, steps_body)
+        for c in range(4):
+            accs[c].add_incoming(zero, body)
+            accs[c].add_incoming(new[c], steps_body)
+        builder.position_at_end(steps_done)
+        t = builder.fadd(builder.fadd(accs[0], accs[2]), builder.fadd(accs[1], accs[3]))
+        for width in (8, 4, 2):  # reduce_add_16: the halves added, 16 -> 8 -> 4 -> 2
+            low, high = list(range(width)), list(range(width, 2 * width))
+            t = builder.fadd(_shuffle(builder, t, low), _shuffle(builder, t, high))
+        first, second = (builder.extract_element(t, ir.Constant(I32, i)) for i in (0, 1))
+        total = builder.fadd(first, second)
+        builder.store(total, _ptr(builder, builder.add(outp, builder.mul(j, ir.Constant(I64, 4))), F32), align=4)
+        j1 = builder.add(j, ir.Constant(I64, 1))
+        builder.branch(head)
+        j.add_incoming(ir.Constant(I64, 0), before)
+        j.add_incoming(j1, steps_done)
+        builder.position_at_end(after)
+        return context.get_dummy_value()
+    return sig, codegen
+
+
+@intrinsic
+def axpy32(typingctx, acc, a, x, n):
+    """acc[i] = acc[i] + a * x[i] for i < n, float32 (a product, then a sum: two roundings, no FMA), 16 lanes
+    at a time: acc and x byte addresses (int64), a float32, n int64."""
+    sig = types.void(types.int64, types.float32, types.int64, types.int64)
+
+    def codegen(context, builder, signature, args):
+        accp, a, xp, n = args
+        v16 = ir.VectorType(F32, 16)
+        fn = builder.function
+        before = builder.basic_block
+        head, body, tail_head, tail_body, after = (fn.append_basic_block(f"axpy_{x}")
+                                                   for x in ("head", "body", "tail_head", "tail_body", "after"))
+        splat = _shuffle(builder, builder.insert_element(ir.Constant(v16, ir.Undefined), a, ir.Constant(I32, 0)),
+                         [0] * 16)
+        n16 = builder.sub(n, builder.srem(n, ir.Constant(I64, 16)))
+        builder.branch(head)
+        builder.position_at_end(head)
+        i = builder.phi(I64)
+        builder.cbranch(builder.icmp_signed("<", i, n16), body, tail_head)
+        builder.position_at_end(body)
+        off = builder.mul(i, ir.Constant(I64, 4))
+        prod = builder.fmul(splat, _gep_load(builder, xp, off, v16, 4))
+        r = builder.fadd(_gep_load(builder, accp, off, v16, 4), prod)
+        builder.store(r, _ptr(builder, builder.add(accp, off), v16), align=4)
+        i1 = builder.add(i, ir.Constant(I64, 16))
+        builder.branch(head)
+        i.add_incoming(ir.Constant(I64, 0), before)
+        i.add_incoming(i1, body)
+        builder.position_at_end(tail_head)
+        t = builder.phi(I64)
+        builder.cbranch(builder.icmp_signed("<", t, n), tail_body, after)
+        builder.position_at_end(tail_body)
+        off = builder.mul(t, ir.Constant(I64, 4))
+        r = builder.fadd(_gep_load(builder, accp, off, F32, 4), builder.fmul(a, _gep_load(builder, xp, off, F32, 4)))
+        builder.store(r, _ptr(builder, builder.add(accp, off), F32), align=4)
+        t1 = builder.add(t, ir.Constant(I64, 1))
+        builder.branch(tail_head)
+        t.add_incoming(n16, head)
+        t.add_incoming(t1, tail_body)
+        builder.position_at_end(after)
         return context.get_dummy_value()
     return sig, codegen
 

@@ -35,6 +35,83 @@ def linear(x: np.ndarray, w) -> np.ndarray:
     return (w @ rows.T).T.reshape(*x.shape[:-1], w.shape[0])  # (..., out)
 
 
+# Matrix products with shorter float32 sums: load(..., sums="blocked"). BLAS sums each output in one chain of
+# fused multiply-adds per block of its own (OpenBLAS: 288 of the default model's 576 inputs, 448 of 1536), and
+# nearly all of a float32 forward pass's distance from float64 is made there (docs/verification.md, 2b).
+SUM_BLOCK = 96  # inputs per chain: chunks of a product, each one BLAS call, added pairwise
+SUM_APART = 8  # columns of x with its largest entries, summed apart and added last
+
+
+def linear_blocked(x: np.ndarray, w) -> np.ndarray:
+    """linear(x, w) with each output summed in chains of SUM_BLOCK inputs, the largest terms added last.
+
+    Two orders of the same float32 sum: (1) in a chain, every term after a large one is rounded at the large
+    one's scale, and a token's activations hold a few entries 10-40x their row's rms (a column of w2's input,
+    the first token's massive activations), so the SUM_APART columns of x with the largest entries are summed
+    by themselves and added to the rest at the end; (2) the rest is cut into chunks of SUM_BLOCK inputs, one
+    BLAS product each, added pairwise. On the default model this puts the float32 logits about 1.5x closer
+    to float64 than transformers' float32, at a cost in speed (benchmarks/float32_sums.py).
+    """
+    if not isinstance(w, np.ndarray):
+        w = w.to_float(x.dtype)
+    elif w.dtype != x.dtype:
+        w = w.astype(x.dtype)
+    rows = x.reshape(-1, x.shape[-1])  # (N, K)
+    N, K = rows.shape
+    R = w.shape[0]
+    C = K // SUM_BLOCK  # whole chunks; a remainder joins the last one
+    if C < 2:
+        return linear(x, w)
+    # The columns holding the largest entries, and x with them zeroed (a zero term adds nothing to a sum).
+    apart = np.argpartition(np.abs(rows).max(axis=0), K - SUM_APART)[K - SUM_APART:]  # (SUM_APART,)
+    rest = rows.copy()
+    rest[:, apart] = 0
+    main = C * SUM_BLOCK
+    chunks_x = rest[:, :main].reshape(N, C, SUM_BLOCK).transpose(1, 2, 0)  # (C, SUM_BLOCK, N) views, no copy
+    out = np.empty((R, N), x.dtype)  # (R, N), transposed at the end like linear's w @ rows.T
+    # Weight rows a block at a time, so that the C partial products of a block stay in cache.
+    block = max(16, min(R, (1 << 18) // (C * N)))
+    parts = np.empty((C, block, N), x.dtype)  # (C, block, N)
+    for r0 in range(0, R, block):
+        r1 = min(R, r0 + block)
+        p = parts[:, : r1 - r0]
+        chunks_w = w[r0:r1, :main].reshape(r1 - r0, C, SUM_BLOCK).transpose(1, 0, 2)  # (C, rows, SUM_BLOCK)
+        np.matmul(chunks_w, chunks_x, out=p)  # one BLAS call per chunk
+        if main < K:
+            p[-1] += w[r0:r1, main:] @ rest[:, main:].T
+        n = C
+        while n > 1:  # pairwise: fold the upper half onto the lower
+            half = n // 2
+            p[:half] += p[n - half:n]
+            n -= half
+        out[r0:r1] = p[0]
+    out += w[:, apart] @ rows[:, apart].T  # the largest terms, last
+    return out.T.reshape(*x.shape[:-1], R)  # (..., out)
+
+
+def with_blocked_sums(backend):
+    """A copy of a backend (ops, or llama_ref.kernels) whose float32 matrix products are linear_blocked's.
+
+    The Numba backend keeps its own kernels for packed weights and for fewer than F32_BLAS_MIN_ROWS rows of
+    x with float32 weights: they sum in SIMD lanes already. Everything else is the backend's."""
+    import sys
+    import types
+
+    blocked = types.ModuleType(f"{backend.__name__}+blocked_sums")
+    blocked.__dict__.update({k: v for k, v in vars(backend).items() if not k.startswith("__")})
+    own = backend.linear
+    small = getattr(sys.modules[own.__module__], "F32_BLAS_MIN_ROWS", 0)  # kernels.linear's; ops has none
+
+    def blocked_linear(x, w):
+        packed_kernel = own is not linear and not isinstance(w, np.ndarray)
+        if x.dtype != np.float32 or packed_kernel or x.size // x.shape[-1] < small:
+            return own(x, w)
+        return linear_blocked(x, w)
+
+    blocked.linear = blocked_linear
+    return blocked
+
+
 def embedding(tokens: np.ndarray, table, dtype) -> np.ndarray:
     """Rows of the embedding table for each token id. tokens (...,) -> (..., D)."""
     if not isinstance(table, np.ndarray):

@@ -40,7 +40,6 @@ import numpy as np
 from .ggml import fma, vec_dot_lanes
 
 QK_K = 256  # values per super-block of Q4_K / Q5_K / Q6_K / Q8_K
-KQUANTS = ("q4_k", "q5_k", "q6_k")
 TILE_BYTES = 64 << 20  # int32 temporaries per step of quantized_linear (rows tiled to stay under this)
 
 

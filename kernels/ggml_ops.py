@@ -195,9 +195,9 @@ def _rope_tables(theta_scale, factor, start_pos, cos, sin):
     for t in range(T):
         theta = np.float32(start_pos + t)
         for i in range(n):
-            angle = theta / factor[i] if factor[i] != 1 else theta
-            cos[t, i] = np.float32(math.cos(np.float64(angle)))
-            sin[t, i] = np.float32(math.sin(np.float64(angle)))
+            angle = np.float32(theta / factor[i]) if factor[i] != 1 else theta
+            cos[t, i] = np.float32(math.cos(angle))  # a float32 argument: libm's cosf, as ggml and the spec
+            sin[t, i] = np.float32(math.sin(angle))
             theta = theta * theta_scale
 
 

@@ -280,11 +280,44 @@ def rope_scale_factors(freqs: np.ndarray) -> tuple[np.float32, np.ndarray]:
     return theta_scale, factor
 
 
+def _c_math_library():
+    """The C library's cosf and sinf, the functions ggml_rope_cache_init calls; None where none is found."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("m")
+    try:
+        lib = ctypes.CDLL(name)
+        cos_f, sin_f = lib.cosf, lib.sinf
+    except (OSError, AttributeError, TypeError):
+        return None
+    for f in (cos_f, sin_f):
+        f.restype, f.argtypes = ctypes.c_float, [ctypes.c_float]
+    return cos_f, sin_f
+
+
+_LIBM = _c_math_library()
+
+
+def cosf(x: np.float32) -> np.float32:
+    """The C library's cosf, as llama.cpp calls it. glibc's is not correctly rounded: it differs by one ulp
+    from the float32-rounded cosine at ~2.6% of angles (glibc 2.36), and a RoPE table one ulp off can change
+    llama.cpp's logits (docs/verification.md, section 5b). Without a C math library: the correctly rounded
+    value. The Numba twin calls the same function (math.cos on a float32 compiles to a call of cosf)."""
+    return np.float32(_LIBM[0](float(x))) if _LIBM else np.float32(np.cos(np.float64(x)))
+
+
+def sinf(x: np.float32) -> np.float32:
+    """The C library's sinf (see cosf)."""
+    return np.float32(_LIBM[1](float(x))) if _LIBM else np.float32(np.sin(np.float64(x)))
+
+
 def rope_tables(freqs: np.ndarray, start_pos: int, length: int, dtype) -> tuple[np.ndarray, np.ndarray]:
     """ggml_rope_cache_init: for position p, theta_i = p * theta_scale^i built by float32 multiplication
     (theta *= theta_scale), theta_scale = powf(base, -2/n_dims), divided by the model's frequency factor;
-    cos and sin in float32. freqs (HD/2,) float64 from rope_frequencies: theta_scale is its ratio and the
-    per-pair factors are what remains of it (1 for plain RoPE). Returns cos, sin (T, HD/2)."""
+    cos and sin by the C library's cosf and sinf (glibc's are not correctly rounded). freqs (HD/2,) float64
+    from rope_frequencies: theta_scale is its ratio and the per-pair factors are what remains of it (1 for
+    plain RoPE). Returns cos, sin (T, HD/2)."""
     theta_scale, factor = rope_scale_factors(freqs)
     n = freqs.shape[0]
     cos = np.empty((length, n), np.float32)
@@ -293,7 +326,7 @@ def rope_tables(freqs: np.ndarray, start_pos: int, length: int, dtype) -> tuple[
         theta = np.float32(start_pos + t)
         for i in range(n):
             angle = np.float32(theta / factor[i]) if factor[i] != 1 else theta
-            cos[t, i], sin[t, i] = np.cos(np.float64(angle)), np.sin(np.float64(angle))  # cosf, sinf
+            cos[t, i], sin[t, i] = cosf(angle), sinf(angle)
             theta = np.float32(theta * theta_scale)
     return cos.astype(dtype, copy=False), sin.astype(dtype, copy=False)
 

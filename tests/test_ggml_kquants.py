@@ -204,6 +204,31 @@ def test_dot_products_equal_llamacpp(kind, dots):
     assert np.array_equal(gk.quantized_linear(x, w).view(np.uint32), expected.view(np.uint32))
 
 
+def test_rope_tables_take_the_c_library_cosf():
+    """llama.cpp's RoPE cache calls cosf / sinf; glibc's are not correctly rounded, and a table one ulp off
+    changed llama.cpp's logits on the default model's Q4_K_M file (docs/verification.md, section 5b). The
+    specification takes the C library's values, and so does the Numba twin."""
+    import ctypes
+    import ctypes.util
+
+    from llama_ref.kernels import ggml_ops
+    from tiny import tiny_args
+
+    libm = ctypes.CDLL(ctypes.util.find_library("m"))
+    libm.cosf.restype, libm.cosf.argtypes = ctypes.c_float, [ctypes.c_float]
+    libm.sinf.restype, libm.sinf.argtypes = ctypes.c_float, [ctypes.c_float]
+    freqs = ggml.rope_frequencies(tiny_args(dim=576, n_heads=9, n_kv_heads=3, rope_theta=100000.0))
+    cos, sin = ggml.rope_tables(freqs, 0, 64, np.float32)
+    theta_scale = np.float32(freqs[1] / freqs[0])
+    for t in range(64):
+        theta = np.float32(t)
+        for i in range(freqs.shape[0]):
+            assert cos[t, i] == np.float32(libm.cosf(float(theta))) and sin[t, i] == np.float32(libm.sinf(float(theta)))
+            theta = np.float32(theta * theta_scale)
+    ncos, nsin = ggml_ops.rope_tables(freqs, 0, 64, np.float32)
+    assert np.array_equal(ncos, cos) and np.array_equal(nsin, sin)
+
+
 # ---- Numba equals NumPy ---------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("simd", [0, 1])

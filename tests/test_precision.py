@@ -98,7 +98,8 @@ def test_blocked_sums_round_closer_than_one_chain(seed):
 
 def test_blocked_sums_keep_what_is_already_summed_in_short_chains():
     """Products over fewer than two blocks stay linear's; the Numba backend keeps its own SIMD-lane kernels
-    for a few rows (decode) and packed weights, and sums longer float32 products as the NumPy backend does."""
+    for a few rows and packed weights, either backend its own product for one row (decode: BLAS's sgemv),
+    and both sum longer float32 products in blocks alike."""
     from llama_ref import kernels
     from llama_ref.kernels.linear import F32_BLAS_MIN_ROWS
     from llama_ref.weights.packed import Q8_0Weight
@@ -117,6 +118,7 @@ def test_blocked_sums_keep_what_is_already_summed_in_short_chains():
     packed = Q8_0Weight.quantize(w)
     assert np.array_equal(blocked.linear(many, packed), kernels.linear(many, packed))
     assert np.array_equal(ops.with_blocked_sums(ops).linear(few, w), ops.linear_blocked(few, w))
+    assert np.array_equal(ops.with_blocked_sums(ops).linear(few[:1], w), ops.linear(few[:1], w))  # decode
     with pytest.raises(llama_ref.LlamaRefError, match="sums must be 'blas' or 'blocked'"):
         llama_ref.load("no-such-model", sums="kahan")
     with pytest.raises(llama_ref.LlamaRefError, match="arithmetic='exact' in one process"):

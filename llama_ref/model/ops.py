@@ -93,14 +93,17 @@ def with_blocked_sums(backend):
     """A copy of a backend (ops, or llama_ref.kernels) whose float32 matrix products are linear_blocked's.
 
     The Numba backend keeps its own kernels for packed weights and for fewer than F32_BLAS_MIN_ROWS rows of
-    x with float32 weights: they sum in SIMD lanes already. Everything else is the backend's."""
+    x with float32 weights, and either backend linear's product for one row (a decode step): those sum in
+    SIMD lanes already (OpenBLAS's sgemv in 8 partial sums of 72 of 576 inputs), and the weights' memory
+    traffic, not arithmetic, bounds them (blocks added 44 % to a NumPy decode step). Everything else is the
+    backend's."""
     import sys
     import types
 
     blocked = types.ModuleType(f"{backend.__name__}+blocked_sums")
     blocked.__dict__.update({k: v for k, v in vars(backend).items() if not k.startswith("__")})
     own = backend.linear
-    small = getattr(sys.modules[own.__module__], "F32_BLAS_MIN_ROWS", 0)  # kernels.linear's; ops has none
+    small = max(2, getattr(sys.modules[own.__module__], "F32_BLAS_MIN_ROWS", 0))  # kernels.linear's; ops has none
 
     def blocked_linear(x, w):
         packed_kernel = own is not linear and not isinstance(w, np.ndarray)

@@ -1,0 +1,90 @@
+"""What load(..., sums="blocked") costs: prefill and decode of the default model, sums="blas" against "blocked".
+
+    python benchmarks/float32_sums.py [--rounds 5] [--threads 2] [--backends numpy numba]
+
+The 200-token prompt of issue 21 (tests/data/float64_distance.json): its prefill (logits of the last
+position, as generation asks for them, and of every position, as the float64-distance test does), and one
+decode step after it (best of 3 steps). Every configuration runs once per round, interleaved with the
+others, and keeps its best time; the ratio blocked / blas is of those bests, in the same run. Wall time (or
+--clock cpu); the
+BLAS library and thread counts (threadpoolctl) and the load average before and after are printed, since this
+machine is shared. OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE are removed from the environment before NumPy
+loads, so OpenBLAS picks its kernels for the real CPU (the report says whether they were set).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+UNSET = [v for v in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE") if os.environ.pop(v, None) is not None]
+
+import numpy as np  # noqa: E402  (after the environment is cleaned)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--backends", nargs="+", default=["numpy", "numba"])
+    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                    help="cpu: this process's CPU time (all its threads), steadier than wall time on a busy "
+                         "machine with --threads 1; with more threads it counts their spinning too")
+    a = ap.parse_args()
+
+    import llama_ref
+    from llama_ref.model.cache import KVCache
+    from threadpoolctl import threadpool_info
+
+    ids = json.loads((ROOT / "tests/data/float64_distance.json").read_text())["prompts"]["issue21_200"]
+    models = {(b, s): llama_ref.load(llama_ref.DEFAULT_MODEL, backend=b, sums=s, threads=a.threads)
+              for b in a.backends for s in ("blas", "blocked")}
+    clock = time.perf_counter if a.clock == "wall" else time.process_time
+    next_token = 28  # any id: the decode step's cost does not depend on it
+
+    def prefill(model, last_only):
+        cache = KVCache(model.args, 1, np.float32, capacity=len(ids) + 4)
+        t = clock()
+        model.forward(ids, 0, cache=cache, last_only=last_only)
+        return clock() - t, cache
+
+    def decode(model):
+        _, cache = prefill(model, True)
+        best = float("inf")
+        for i in range(3):
+            t = clock()
+            model.forward([next_token], len(ids) + i, cache=cache, last_only=True)
+            best = min(best, clock() - t)
+        return best
+
+    measures = {"prefill 200, last logits": lambda m: prefill(m, True)[0],
+                "prefill 200, all logits": lambda m: prefill(m, False)[0],
+                "decode step after 200": decode}
+    for m in models.values():  # warm-up: Numba compilation, first-touch of the weights
+        decode(m)
+    load_before = os.getloadavg()
+    best: dict = {}
+    for _ in range(a.rounds):
+        for key, model in models.items():
+            for name, fn in measures.items():
+                best[key, name] = min(best.get((key, name), float("inf")), fn(model))
+    load_after = os.getloadavg()
+
+    blas = [(i["internal_api"], i["version"], i.get("architecture"), i["num_threads"]) for i in threadpool_info()]
+    print(f"BLAS / thread pools: {blas}; threads {a.threads}; rounds {a.rounds} (best of each); {a.clock} time")
+    print(f"load average before {load_before[0]:.2f}, after {load_after[0]:.2f} (1 min); "
+          f"OPENBLAS_CORETYPE/L2_SIZE unset here: {UNSET or 'none were set'}")
+    print(f"{'backend':8s} {'measure':28s} {'blas ms':>9s} {'blocked ms':>11s} {'blocked/blas':>13s}")
+    for b in a.backends:
+        for name in measures:
+            old, new = best[(b, "blas"), name], best[(b, "blocked"), name]
+            print(f"{b:8s} {name:28s} {old * 1e3:9.1f} {new * 1e3:11.1f} {new / old:13.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,9 +1,10 @@
 """Numba twin of llama_ref.model.ggml_kquants: Q4_K, Q5_K and Q6_K weights by Q8_K activations, compiled.
 
 The NumPy module is the specification; these kernels compute the same numbers bit for bit
-(tests/test_ggml_kquants.py): the activations are quantized by the specification's quantize_row_q8_K (O(K)
-per row), the integer sums are exact in int32 in any order, and the float steps are the specification's, in
-its order, each fused multiply-add one rounding (llvm.fma.f32). No fast-math.
+(tests/test_ggml_kquants.py): the activations are quantized to Q8_K as the specification does (compiled:
+NumPy's version costs ~40 us a call, and a decode step makes ~7 per layer), the integer sums are exact in
+int32 in any order, and the float steps are the specification's, in its order, each fused multiply-add one
+rounding (llvm.fma.f32). No fast-math.
 
 The weights are read as llama_ref.weights.packed keeps them, nothing copied: `qs` (Q4_K: Q4_1-style
 sub-blocks of 16 bytes, value j in the low nibble of byte j and j + 16 in its high nibble; Q5_K: one byte per
@@ -20,10 +21,8 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
-from llama_ref.model import ggml_kquants as spec
-
 from ._common import JIT, readonly
-from .ggml_simd import HAS_VNNI, fma32
+from .ggml_simd import HAS_VNNI, fma32, roundeven32
 from .halfbits import f16_to_f32
 
 ROWS = 16  # weight rows per parallel work item (a multiple of 8: the repacked Q4_K's groups)
@@ -265,19 +264,59 @@ def _dot_q6_k(xq, xd, xbs, qs, head, use_vnni, out):
                 out[n, r] = ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]))
 
 
+@njit(**JIT)
+def _quantize_q8_K(x, xq, xd, xbs):
+    """quantize_row_q8_K (x86: quantize_row_q8_K_ref), as llama_ref.model.ggml_kquants computes it: per 256
+    values, max = the first value of largest magnitude, iscale = -127 / max, q = min(127, roundeven(iscale x)),
+    d = 1 / iscale, bsums of each 16; a zero block keeps d = 0, q = 0, bsums = 0. x (N, K) float32."""
+    N, K = x.shape
+    for n in range(N):
+        for b in range(K // 256):
+            amax = np.float32(0)
+            vmax = np.float32(0)
+            for j in range(b * 256, b * 256 + 256):
+                a = abs(x[n, j])
+                if a > amax:
+                    amax = a
+                    vmax = x[n, j]
+            if amax == 0:
+                xd[n, b] = 0
+                xq[n, b * 256:b * 256 + 256] = 0
+                xbs[n, b] = 0
+                continue
+            iscale = np.float32(-127) / vmax
+            xd[n, b] = np.float32(1) / iscale
+            for g in range(16):
+                s = np.int32(0)
+                for j in range(b * 256 + 16 * g, b * 256 + 16 * g + 16):
+                    q = np.int32(min(roundeven32(x[n, j] * iscale), np.float32(127)))
+                    xq[n, j] = q
+                    s += q
+                xbs[n, b, g] = s
+
+
+def quantize_q8_K(x2: np.ndarray):
+    """llama_ref.model.ggml_kquants.quantize_row_q8_K, compiled: d (N, nb), q (N, K) int8, bsums (N, nb, 16)."""
+    N, K = x2.shape
+    xq = np.empty((N, K), np.int8)
+    xd = np.empty((N, K // 256), np.float32)
+    xbs = np.empty((N, K // 256, 16), np.int32)
+    _quantize_q8_K(np.ascontiguousarray(x2, np.float32), xq, xd, xbs)
+    return xd, xq, xbs
+
+
 def quantized_linear(x2: np.ndarray, w, simd: "int | None" = None) -> np.ndarray:
     """x2 (N, K) float32 @ w.T in ggml's arithmetic for a Q4_K / Q5_K / Q6_K weight w (R, K). -> (N, R).
     simd: 1 vpdpbusd (where the CPU has it), 0 the portable integer code; default as kernels/ggml.py
     (LLAMA_REF_GGML_PORTABLE=1 forces the portable one). Both give the same integers, so the same floats."""
     N, R = x2.shape[0], w.shape[0]
-    xd, xq, xbs = spec.quantize_row_q8_K(x2)  # (N, nb), (N, nb, 256), (N, nb, 16)
-    xq = xq.reshape(N, -1)
+    xd, xq, xbs = quantize_q8_K(x2)  # (N, nb), (N, K), (N, nb, 16)
     out = np.empty((N, R), np.float32)
     qs, head = readonly(w.qs), readonly(w.head)
     use = SIMD if simd is None else int(simd)
     if w.format == "q6_k":
         _dot_q6_k(xq, xd, xbs, qs, head, use, out)
-    elif w.format == "q4_k" and R % 8 == 0:  # repacked by llama.cpp (spec.dot_for)
+    elif w.format == "q4_k" and R % 8 == 0:  # repacked by llama.cpp (model/ggml_kquants.dot_for)
         _gemv_q4_k(xq, xd, xbs, qs, head, use, out)
     else:
         _dot_q45_k(xq, xd, xbs, qs, head, w.format == "q4_k", use, out)

@@ -179,6 +179,19 @@ def test_quantize_row_q8_K_equals_llamacpp(dots):
     d, q, bsums = gk.quantize_row_q8_K(dots["x"])
     assert np.array_equal(d.view(np.uint32), dots["q8k_d"].view(np.uint32))
     assert np.array_equal(q, dots["q8k_qs"]) and np.array_equal(bsums, dots["q8k_bsums"])
+    cd, cq, cbs = compiled().quantize_q8_K(dots["x"])  # the Numba twin
+    assert np.array_equal(cd.view(np.uint32), d.view(np.uint32))
+    assert np.array_equal(cq, q.reshape(cq.shape)) and np.array_equal(cbs, bsums)
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), nb=st.integers(1, 3), n=st.integers(1, 3))
+def test_quantize_q8_K_numba_equals_numpy(seed, nb, n):
+    x = activations(n, 256 * nb, seed)
+    d, q, bsums = gk.quantize_row_q8_K(x)
+    cd, cq, cbs = compiled().quantize_q8_K(x)
+    assert np.array_equal(cd.view(np.uint32), d.view(np.uint32))
+    assert np.array_equal(cq, q.reshape(n, -1)) and np.array_equal(cbs, bsums)
 
 
 @pytest.mark.parametrize("kind", sorted(TYPES))

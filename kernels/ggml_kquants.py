@@ -10,6 +10,14 @@ The weights are read as llama_ref.weights.packed keeps them, nothing copied: `qs
 sub-blocks of 16 bytes, value j in the low nibble of byte j and j + 16 in its high nibble; Q5_K: one byte per
 value, 0..31; Q6_K: one int8 per value, q - 32) and `head` (the file's scale bytes of every super-block:
 Q4_K/Q5_K d | dmin | 12 bytes of 6-bit scales and mins, Q6_K 16 int8 scales | d), decoded per row here.
+
+The inner loop is one LLVM vector-IR intrinsic per super-block (_superblock): the 8 int32 lanes of each
+32-value sub-block (vpdpbusd where the CPU has AVX-512 VNNI / AVX-VNNI: the K-quants' values are unsigned, so
+ggml's sign trick is not needed; portable IR otherwise, which LLVM turns into vpmaddwd), scaled by the
+sub-block scales and summed in registers, then one 8-lane llvm.fma. Which integer code runs is chosen at run
+time (LLAMA_REF_GGML_PORTABLE=1 forces the portable one, as in kernels/ggml.py); both give the same integers.
+Numba's on-disk cache checks a kernel against its own file only: after editing kernels/ggml_simd.py delete
+kernels/__pycache__/ggml_kquants*.nbi and *.nbc.
 """
 
 from __future__ import annotations

@@ -167,6 +167,14 @@ def table(report: dict) -> str:
                     f"| {_best(report, kind, 'llama.cpp', key):.0f} | {_best_ratio(report, kind, 'ggml', key):.2f}x "
                     f"| {_best_ratio(report, kind, 'exact', key):.2f}x |")
         lines.append(row)
+    if report["threads"] == 1:  # one thread: CPU time is the time a core of its own would take
+        lines += ["", "| format | decode per CPU second: ggml | exact | llama.cpp | ggml / llama.cpp "
+                      "| exact / llama.cpp |", "|---|---|---|---|---|---|"]
+        for kind in report["formats"]:
+            best = {n: _best(report, kind, n, "decode_cpu") for n in ("ggml", "exact", "llama.cpp")}
+            lines.append(f"| {kind} | {best['ggml']:.1f} | {best['exact']:.1f} | {best['llama.cpp']:.1f} "
+                         f"| {_best_ratio(report, kind, 'ggml', 'decode_cpu'):.2f}x "
+                         f"| {_best_ratio(report, kind, 'exact', 'decode_cpu'):.2f}x |")
     lines += ["", "Speeds in tokens/s. Roofline: the GGUF's bytes read once per token at the read bandwidth "
               "measured in the same run (best round)."]
     return "\n".join(lines)

@@ -1,7 +1,8 @@
 """Speed at the sizes people run: Llama 3.2 1B, 3.2 3B and 3.1 8B shapes with seeded random weights.
 
     python benchmarks/shapes.py --shape llama-3.2-1b [--threads N] [--formats bf16 f16 q8_0 q4_0]
-                                [--prefill 128 512 2048] [--decode 128] [--sweep] [--skip-peers] [--numpy]
+                                [--prefill 128 512 2048] [--decode 128] [--rounds R] [--sweep | --sweep-only]
+                                [--peer-formats f16 bf16 ...] [--hf-dtypes bf16 f32] [--skip-peers] [--numpy]
 
 Speed does not depend on the weights' values, so a checkpoint of the official shape (llama_ref.model.presets)
 with random weights measures real sizes without downloading anything. It is built once and cached under
@@ -21,7 +22,8 @@ GGUF files), llama_ref numpy (bf16, with --numpy: the reference's long-context p
 llama-cpp-python on the same GGUF file of each format, HF transformers float32 and bfloat16 on the
 safetensors directory (a subprocess in the oracle venv). A configuration that does not fit in the memory
 available now is skipped with a message; a peer that crashes is reported as crashed. --sweep adds a thread
-sweep (1, 2, 4, ... all cores) of decode and prefill for llama_ref numba bf16 and llama.cpp F16.
+sweep (1, 2, 4, ... all cores) of decode and prefill for llama_ref numba and llama.cpp at the run's 16-bit formats
+(--sweep-only: the sweep alone).
 
 Writes results/shapes-<shape>.md/.json (and -threads.png with matplotlib) to results/scratch/, or to
 results/ with --update-results.
@@ -311,6 +313,7 @@ def main(argv=None) -> None:
     p.add_argument("--rounds", type=int, default=1, help="run every configuration this many times, interleaved")
     p.add_argument("--numpy", action="store_true", help="also llama_ref numpy (bf16): the reference's prefill")
     p.add_argument("--sweep", action="store_true", help="thread sweep of decode and prefill")
+    p.add_argument("--sweep-only", action="store_true", help="the thread sweep without the main table")
     p.add_argument("--skip-peers", action="store_true")
     p.add_argument("--skip-hf", action="store_true")
     p.add_argument("--hf-dtypes", nargs="*", default=["bf16", "f32"], choices=["bf16", "f32"])
@@ -392,7 +395,7 @@ def measure(shape: str, files: dict, a, threads: int, unset: list) -> dict:
     # Rounds: every configuration once per round, in the same order, so that a burst of other work on the
     # machine slows one round of each engine rather than all of one engine; each rate is the best of rounds.
     best = {}
-    for rnd in range(a.rounds):
+    for rnd in range(0 if a.sweep_only else a.rounds):
         for engine, fmt, spec in configs:
             row = {"engine": engine, "format": fmt}
             mem, _ = free_bytes()
@@ -406,9 +409,9 @@ def measure(shape: str, files: dict, a, threads: int, unset: list) -> dict:
                 print(f"  {json.dumps(row)}", file=sys.stderr)
             best[(engine, fmt)] = merge_rounds(best.get((engine, fmt)), row)
     report["rows"] = list(best.values())
-    if a.sweep:
+    if a.sweep or a.sweep_only:
         counts = sweep_counts(os.cpu_count() or 1)
-        sweep_configs = [c for c in configs if (c[0], c[1]) in (("llama_ref numba", "bf16"), ("llama.cpp", "f16"))]
+        sweep_configs = [c for c in configs if c[0] in ("llama_ref numba", "llama.cpp") and c[1] in ("bf16", "f16")]
         for engine, fmt, spec in sweep_configs:
             for n in counts:
                 spec_n = {**base, **spec, "threads": n, "prefill": [128], "decode": 32, "repeats": 1}
@@ -470,13 +473,23 @@ def write_report(report: dict, stem: Path) -> None:
              + (f"Read bandwidth {bw:.1f} GB/s (all threads). " if bw else "")
              + ("Per CPU s: decode steps per second of the process's CPU time (1 thread: the rate on a core of "
                 "its own, time spent waiting for a core not counted). " if m["threads"] == 1 else ""),
-             f"OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE unset by the script: {report['unset_env'] or 'none were set'}.",
+             f"OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE unset by the script: {report['unset_env'] or 'none were set'}."
+             + (f" The load average ({m['load_average'][0]:.1f}) exceeded the {m['cores']} cores at the start: other "
+                "work took turns on them, so wall-clock rates (and their ratios and roofline %) vary from round to "
+                "round; compare the per-CPU-s columns." if m["load_average"][0] > m["cores"] else ""),
              "", "| engine | format | " + " | ".join(f"prefill {n} tok/s" for n in lengths)
              + " | decode tok/s | % of roofline | vs llama.cpp same format (decode) | vs HF bf16 (decode) "
              "| decode tok per CPU s | vs llama.cpp (per CPU s) | vs HF bf16 (per CPU s) | load s | peak RSS MiB |",
              "|---|---|" + "---:|" * (len(lengths) + 9)]
-    cpp = {r["format"]: r for r in rows if r["engine"] == "llama.cpp" and "decode" in r}
-    hf16 = next((r for r in rows if r["engine"] == "HF transformers" and r["format"] == "bf16" and "decode" in r), None)
+
+    def peer(r, engine, fmt):
+        """The row a ratio divides by: of the same run as r when the report merges runs."""
+        found = [q for q in rows if q["engine"] == engine and q["format"] == fmt and "decode" in q and q is not r]
+        return next((q for q in found if q.get("run") == r.get("run")), found[-1] if found else None)
+
+    def ratio(r, q, key):
+        return f"{r[key] / q[key]:.2f}x" if q and key in r and key in q else ""
+
     args = shape_args(report["shape"])
     files = {f: CACHE / report["shape"] / f"{f}.gguf" for f in GGUF_FORMATS}
     files = {k: v for k, v in files.items() if v.exists()}
@@ -489,15 +502,12 @@ def write_report(report: dict, stem: Path) -> None:
         nbytes = decode_bytes(files, r["format"], args, a["decode_prompt"] + a["decode"] // 2)
         row_bw = r.get("bandwidth_gb_s", bw)  # a merged report keeps each run's own probe
         roof = f"{100 * r['decode'] * nbytes / (row_bw * 1e9):.0f}%" if row_bw and nbytes else ""
-        vs_cpp = (f"{r['decode'] / cpp[r['format']]['decode']:.2f}x"
-                  if r["format"] in cpp and r["engine"] != "llama.cpp" else "")
-        vs_hf = f"{r['decode'] / hf16['decode']:.2f}x" if hf16 and r is not hf16 else ""
+        cpp = peer(r, "llama.cpp", r["format"]) if r["engine"] != "llama.cpp" else None
+        hf16 = peer(r, "HF transformers", "bf16") if (r["engine"], r["format"]) != ("HF transformers", "bf16") else None
         pre = " | ".join(f"{r[f'prefill_{n}']:.1f}" if f"prefill_{n}" in r else "" for n in lengths)
         cpu = f"{r['decode_cpu']:.2f}" if "decode_cpu" in r else ""
-        cpu_cpp = (f"{r['decode_cpu'] / cpp[r['format']]['decode_cpu']:.2f}x" if r["format"] in cpp and cpu
-                   and "decode_cpu" in cpp[r["format"]] and r["engine"] != "llama.cpp" else "")
-        cpu_hf = (f"{r['decode_cpu'] / hf16['decode_cpu']:.2f}x" if hf16 and r is not hf16 and cpu
-                  and "decode_cpu" in hf16 else "")
+        vs_cpp, vs_hf, cpu_cpp, cpu_hf = (ratio(r, cpp, "decode"), ratio(r, hf16, "decode"),
+                                          ratio(r, cpp, "decode_cpu"), ratio(r, hf16, "decode_cpu"))
         lines.append(f"| {engine} | {r['format']} | {pre} | {r['decode']:.2f} | {roof} | {vs_cpp} | {vs_hf} "
                      f"| {cpu} | {cpu_cpp} | {cpu_hf} | {r.get('load_s', 0):.1f} | {r['peak_rss_mib']:.0f} |")
     by = {(r["engine"], r["format"]): r for r in rows if "decode" in r}

@@ -118,6 +118,12 @@ def _linear(kind, xq, xd, xs, qs, d, m, out, use_simd):
             many = n + ACTS <= N
             x, xdn, xsn, on = x0 + n * xst, xd0 + n * wds, xs0 + n * wds, o0 + n * ost
             r = np.int64(c * ROWS)
+            if N == 1:  # decode: ask for the next tile's weights while this one is summed (one row = K bytes)
+                ahead = min(R, r1 + ROWS)
+                for off in range(r1 * ws, ahead * ws, 64):
+                    simd.prefetch(w0 + off)
+                for off in range(r1 * wds, ahead * wds, 64):
+                    simd.prefetch(d0 + off)
             while r + step <= r1:
                 _dot(kind, True, many, w0 + r * ws, ws, d0 + r * wds, m0 + r * wds, wds, x, xst, xdn, xsn, wds,
                      nb, on + 4 * r, ost, use_simd)

@@ -75,6 +75,20 @@ def roundeven32(typingctx, x):
 
 
 @intrinsic
+def prefetch(typingctx, addr):
+    """A read prefetch of the cache line at byte address addr (int64) into all cache levels (llvm.prefetch)."""
+    sig = types.void(types.int64)
+
+    def codegen(context, builder, signature, args):
+        i8p = ir.PointerType(I8)
+        fn = _declare(builder.module, "llvm.prefetch.p0", ir.VoidType(), [i8p, I32, I32, I32])
+        builder.call(fn, [builder.inttoptr(args[0], i8p), ir.Constant(I32, 0), ir.Constant(I32, 3),
+                          ir.Constant(I32, 1)])
+        return context.get_dummy_value()
+    return sig, codegen
+
+
+@intrinsic
 def ldexp32(typingctx, j, n):
     """float32 j * 2^n for -1022 <= n <= 1023: the power of two built from its float64 bits, the product
     exact in float64, rounded once to float32 (what ldexpf gives, without a libm call)."""

@@ -109,6 +109,7 @@ def test_blocked_sums_keep_what_is_already_summed_in_short_chains():
     x_short = rng.standard_normal((5, ops.SUM_BLOCK + 1), dtype=np.float32)
     w_short = rng.standard_normal((64, ops.SUM_BLOCK + 1), dtype=np.float32)
     assert np.array_equal(ops.linear_blocked(x_short, w_short), ops.linear(x_short, w_short))
+    assert ops.linear_blocked(np.zeros((0, w.shape[1]), np.float32), w).shape == (0, w.shape[0])
     blocked = ops.with_blocked_sums(kernels)
     assert blocked.attention is kernels.attention and blocked.linear is not kernels.linear
     few = rng.standard_normal((F32_BLAS_MIN_ROWS - 1, w.shape[1]), dtype=np.float32)

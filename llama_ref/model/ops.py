@@ -60,7 +60,7 @@ def linear_blocked(x: np.ndarray, w) -> np.ndarray:
     N, K = rows.shape
     R = w.shape[0]
     C = K // SUM_BLOCK  # whole chunks; a remainder joins the last one
-    if C < 2:
+    if C < 2 or N == 0:  # (no rows: an expert no token was routed to)
         return linear(x, w)
     # The columns holding the largest entries, and x with them zeroed (a zero term adds nothing to a sum).
     apart = np.argpartition(np.abs(rows).max(axis=0), K - SUM_APART)[K - SUM_APART:]  # (SUM_APART,)

@@ -148,6 +148,26 @@ def test_cli_verify_against_float64(monkeypatch, capsys):
     assert "--prompt and --tokens go with --against" in capsys.readouterr().err
 
 
+def test_cli_passes_sums_to_load(monkeypatch, capsys):
+    seen = []
+
+    def fake_load(name, backend="numpy", dtype=np.float32, sums="blas", **kw):
+        seen.append((np.dtype(dtype).name, sums))
+        return tiny_model(dtype=dtype, backend=backend)
+    monkeypatch.setattr("llama_ref.loading.load", fake_load)
+    assert main(["verify", "tiny", "--against", "float64", "--sums", "blocked", "--tokens", "3,17"]) == 0
+    assert ("float32", "blocked") in seen  # the float32 model is the one measured with blocked sums
+
+    def recording_load(name, backend="numpy", dtype=np.float32, sums="blas", **kw):
+        seen.append((name, sums))
+        raise llama_ref.LlamaRefError("stop after load")  # main reports it and returns 2
+    monkeypatch.setattr("llama_ref.loading.load", recording_load)
+    assert main(["generate", "-m", "tiny", "--sums", "blocked", "Hello", "-n", "1"]) == 2
+    assert seen[-1] == ("tiny", "blocked")
+    assert main(["generate", "-m", "tiny", "Hello", "-n", "1"]) == 2
+    assert seen[-1] == ("tiny", "blas")
+
+
 # ---- the default model: llama_ref's float32 next to transformers' float32 ------------------------------
 
 @pytest.fixture(scope="module")

@@ -401,6 +401,8 @@ def add_subcommands(sub) -> None:
         c.add_argument("--dtype", choices=["float32", "float64"], default="float32",
                        help="computation dtype (default float32)")
         c.add_argument("--backend", choices=["numpy", "numba"], default="numpy")
+        c.add_argument("--sums", choices=["blas", "blocked"], default="blas",
+                       help="how the float32 matrix products are summed (llama_ref.load's sums)")
         src = c.add_mutually_exclusive_group(required=name == "dump")
         src.add_argument("--prompt", help="text to run (encoded with the model's tokenizer)"
                          + ("" if name == "dump" else f"; with --against (default {BUDGET_PROMPT!r})"))
@@ -442,7 +444,7 @@ def run_subcommand(args) -> int:
         load_reference(args.reference)  # a bad reference file is reported before the model is loaded
     else:
         _file_kind(Path(args.output))
-    model = load(args.model, backend=args.backend, dtype=np.dtype(args.dtype), progress=True)
+    model = load(args.model, backend=args.backend, dtype=np.dtype(args.dtype), progress=True, sums=args.sums)
     if args.command == "dump":
         meta = {} if args.tokens is not None else {"prompt": args.prompt}
         tokens = _cli_tokens(args, model)
@@ -479,7 +481,7 @@ def _run_budget(args) -> int:
 
     if args.dtype != "float32":
         raise InputError("--against float64 measures the float32 forward pass: leave --dtype at float32")
-    model32 = load(args.model, backend=args.backend, dtype=np.float32, progress=True)
+    model32 = load(args.model, backend=args.backend, dtype=np.float32, progress=True, sums=args.sums)
     model64 = load(args.model, backend="numpy", dtype=np.float64, progress=False)
     budget = error_budget(model32, model64, _cli_tokens(args, model32), attribute=args.attribution)
     print(budget.table(args.all))

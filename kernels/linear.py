@@ -220,17 +220,33 @@ def _mv_q6_k(x, qs, d, out):
     sub-blocks: w[r, k] = d[r, k//16] * qs[r, k].
 
     _mv_q8 with the block size as an argument instead of this near copy measured ~7x slower: a shift LLVM
-    cannot see at compile time turns the scale lookup into a gather.
+    cannot see at compile time turns the scale lookup into a gather. 4 rows a pass with prefetch, as _mv_q8:
+    6.2 -> 8.4 GB/s (one thread, 4096 x 2048 matrices cycled over 320 MiB).
     """
     N, K = x.shape
     R = qs.shape[0]
     for c in prange((R + ROWS - 1) // ROWS):
-        for r in range(c * ROWS, min(R, (c + 1) * ROWS)):
+        for r0 in range(c * ROWS, min(R, (c + 1) * ROWS), 4):  # 4 rows a pass, as _mv_q8
+            r1, r2, r3 = min(r0 + 1, R - 1), min(r0 + 2, R - 1), min(r0 + 3, R - 1)
+            next0, next3 = min(r0 + 4, R - 1), min(r0 + 7, R - 1)
             for n in range(N):
-                acc = np.float32(0)
-                for k in range(K):
-                    acc += x[n, k] * np.float32(np.int8(qs[r, k])) * d[r, k >> 4]
-                out[n, r] = acc
+                a0 = a1 = a2 = a3 = np.float32(0)
+                for k0 in range(0, K, PREFETCH):
+                    k1 = min(K, k0 + PREFETCH)
+                    if n == 0:
+                        for p in range(next0, next3 + 1):
+                            for k in range(k0, k1, 64):
+                                prefetch(qs, p, k)
+                    b0, b1 = k0 >> 4, (k1 + 15) >> 4
+                    xs, q0, q1, q2, q3 = x[n, k0:k1], qs[r0, k0:k1], qs[r1, k0:k1], qs[r2, k0:k1], qs[r3, k0:k1]
+                    d0, d1, d2, d3 = d[r0, b0:b1], d[r1, b0:b1], d[r2, b0:b1], d[r3, b0:b1]
+                    for k in range(k1 - k0):
+                        xk = xs[k]
+                        a0 += xk * np.float32(np.int8(q0[k])) * d0[k >> 4]
+                        a1 += xk * np.float32(np.int8(q1[k])) * d1[k >> 4]
+                        a2 += xk * np.float32(np.int8(q2[k])) * d2[k >> 4]
+                        a3 += xk * np.float32(np.int8(q3[k])) * d3[k >> 4]
+                out[n, r0], out[n, r1], out[n, r2], out[n, r3] = a0, a1, a2, a3
 
 
 @njit(parallel=True, fastmath=FAST, **JIT)

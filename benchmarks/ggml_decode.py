@@ -21,7 +21,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -34,20 +33,9 @@ import run as bench  # noqa: E402  (benchmarks/run.py: children, measurement, ma
 
 def child_ggml(spec: dict) -> dict:
     """run.py's llama_ref child with the arithmetic as a load option."""
-    import llama_ref
-
-    t0 = time.perf_counter()
-    model = llama_ref.load(spec["path"], backend="numba", arithmetic=spec["arithmetic"], weights="packed")
-    load_s = time.perf_counter() - t0
+    load_s, prefill, step = bench.load_llama_ref(spec["path"], backend="numba", arithmetic=spec["arithmetic"],
+                                                 weights="packed")
     ids = np.load(spec["ids"])
-
-    def prefill(tokens):
-        model.reset()
-        return model.forward(tokens, 0, last_only=True)
-
-    def step(token, pos):
-        return model.forward([token], pos, last_only=True)
-
     prefill(ids[:4])  # compile or load the kernels
     step(1, 4)
     return {"load_s": load_s, **bench._measure(spec, ids, prefill, step)}

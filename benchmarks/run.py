@@ -87,14 +87,15 @@ def bytes_per_token(path: Path, position: int, int8: bool = False) -> int:
 
 # ---- the children: one configuration per process --------------------------------------------------------
 
-def child_llama_ref(spec: dict) -> dict:
+def load_llama_ref(path: str, **options):
+    """llama_ref.load(path, **options), timed, and the two calls every benchmark makes of it: a prefill from
+    position 0 and one decode step, each returning the last position's logits.
+    -> (load seconds, prefill(tokens), step(token, pos))."""
     import llama_ref
 
     t0 = time.perf_counter()
-    model = llama_ref.load(spec["path"], backend=spec["backend"], weights=spec.get("weights", "float32"),
-                           quantize=spec.get("quantize"))
+    model = llama_ref.load(path, **options)
     load_s = time.perf_counter() - t0
-    ids = np.load(spec["ids"])
 
     def prefill(tokens):
         model.reset()
@@ -102,7 +103,13 @@ def child_llama_ref(spec: dict) -> dict:
 
     def step(token, pos):
         return model.forward([token], pos, last_only=True)
+    return load_s, prefill, step
 
+
+def child_llama_ref(spec: dict) -> dict:
+    load_s, prefill, step = load_llama_ref(spec["path"], backend=spec["backend"],
+                                           weights=spec.get("weights", "float32"), quantize=spec.get("quantize"))
+    ids = np.load(spec["ids"])
     calls = []
     for _ in range(2):  # the first call compiles or loads the kernels; the second is the steady state
         t0 = time.perf_counter()

@@ -192,21 +192,9 @@ def build(shape: str, formats=GGUF_FORMATS) -> "dict[str, Path] | str":
 # ---- the children (run in their own processes by run.run_child's protocol) --------------------------------
 
 def child_llama_ref(spec: dict) -> dict:
-    import llama_ref
-
-    t0 = time.perf_counter()
-    model = llama_ref.load(spec["path"], backend=spec["backend"], weights="packed", max_seq_len=MAX_CONTEXT,
-                           threads=spec["threads"])
-    load_s = time.perf_counter() - t0
+    load_s, prefill, step = bench.load_llama_ref(spec["path"], backend=spec["backend"], weights="packed",
+                                                 max_seq_len=MAX_CONTEXT, threads=spec["threads"])
     ids = np.load(spec["ids"])
-
-    def prefill(tokens):
-        model.reset()
-        return model.forward(tokens, 0, last_only=True)
-
-    def step(token, pos):
-        return model.forward([token], pos, last_only=True)
-
     prefill(ids[:16])  # compiles (or loads from Numba's cache) every kernel
     step(1, 16)
     from threadpoolctl import threadpool_info

@@ -108,6 +108,14 @@ def _mv_int8(x, q, scale, out):
 PREFETCH = 128  # values of each row summed between two rounds of prefetch hints (4 cache lines of bf16)
 
 
+@njit(inline="always", **JIT)
+def _prefetch_rows(a, first, last, k0, k1, line):
+    """Prefetch hints for columns k0 .. k1 - 1 of rows first .. last of a, one per cache line (`line` values)."""
+    for p in range(first, last + 1):
+        for k in range(k0, k1, line):
+            prefetch(a, p, k)
+
+
 @njit(parallel=True, fastmath=FAST, **JIT)
 def _mv_bf16(x, w, out):
     """w (R, K) uint16 bfloat16 bits, widened in registers (a shift)."""
@@ -122,9 +130,7 @@ def _mv_bf16(x, w, out):
                 for k0 in range(0, K, PREFETCH):
                     k1 = min(K, k0 + PREFETCH)
                     if n == 0:
-                        for p in range(next0, next3 + 1):
-                            for k in range(k0, k1, 32):  # 32 values: one 64-byte cache line
-                                prefetch(w, p, k)
+                        _prefetch_rows(w, next0, next3, k0, k1, 32)  # 32 values: one 64-byte cache line
                     xs, w0, w1, w2, w3 = x[n, k0:k1], w[r0, k0:k1], w[r1, k0:k1], w[r2, k0:k1], w[r3, k0:k1]
                     for k in range(k1 - k0):
                         xk = xs[k]
@@ -151,9 +157,7 @@ def _mv_f16(x, w, out):
                 for k0 in range(0, K, PREFETCH):
                     k1 = min(K, k0 + PREFETCH)
                     if n == 0:
-                        for p in range(next0, next3 + 1):
-                            for k in range(k0, k1, 32):
-                                prefetch(w, p, k)
+                        _prefetch_rows(w, next0, next3, k0, k1, 32)
                     xs, w0, w1, w2, w3 = x[n, k0:k1], w[r0, k0:k1], w[r1, k0:k1], w[r2, k0:k1], w[r3, k0:k1]
                     for k in range(k1 - k0):
                         xk = xs[k]
@@ -187,9 +191,7 @@ def _mv_q8(x, qs, d, m, has_min, out):
                 for k0 in range(0, K, PREFETCH):
                     k1 = min(K, k0 + PREFETCH)
                     if n == 0:
-                        for p in range(next0, next3 + 1):
-                            for k in range(k0, k1, 64):  # 64 values: one cache line
-                                prefetch(qs, p, k)
+                        _prefetch_rows(qs, next0, next3, k0, k1, 64)  # 64 values: one cache line
                     b0, b1 = k0 >> 5, (k1 + 31) >> 5  # the blocks of this chunk (k0 is a multiple of 32)
                     xs, q0, q1, q2, q3 = x[n, k0:k1], qs[r0, k0:k1], qs[r1, k0:k1], qs[r2, k0:k1], qs[r3, k0:k1]
                     d0, d1, d2, d3 = d[r0, b0:b1], d[r1, b0:b1], d[r2, b0:b1], d[r3, b0:b1]
@@ -234,9 +236,7 @@ def _mv_q6_k(x, qs, d, out):
                 for k0 in range(0, K, PREFETCH):
                     k1 = min(K, k0 + PREFETCH)
                     if n == 0:
-                        for p in range(next0, next3 + 1):
-                            for k in range(k0, k1, 64):
-                                prefetch(qs, p, k)
+                        _prefetch_rows(qs, next0, next3, k0, k1, 64)
                     b0, b1 = k0 >> 4, (k1 + 15) >> 4
                     xs, q0, q1, q2, q3 = x[n, k0:k1], qs[r0, k0:k1], qs[r1, k0:k1], qs[r2, k0:k1], qs[r3, k0:k1]
                     d0, d1, d2, d3 = d[r0, b0:b1], d[r1, b0:b1], d[r2, b0:b1], d[r3, b0:b1]
@@ -283,9 +283,7 @@ def _mv_q4(x, qs, d, m, has_min, out):
                 for i0 in range(0, half, PREFETCH):
                     i1 = min(half, i0 + PREFETCH)
                     if n == 0:
-                        for p in range(next0, next3 + 1):
-                            for i in range(i0, i1, 64):  # 64 bytes: one cache line
-                                prefetch(qs, p, i)
+                        _prefetch_rows(qs, next0, next3, i0, i1, 64)  # 64 bytes: one cache line
                     b0, b1 = i0 >> 4, (i1 + 15) >> 4  # the blocks of this chunk (i0 is a multiple of 16)
                     xl, xh = xlo[n, i0:i1], xhi[n, i0:i1]
                     q0, q1, q2, q3 = qs[r0, i0:i1], qs[r1, i0:i1], qs[r2, i0:i1], qs[r3, i0:i1]

@@ -511,6 +511,14 @@ def write_report(report: dict, stem: Path) -> None:
                    if peer and f"prefill_{n}" in peer]
             if got:
                 notes.append(f"Prefill {n}, llama_ref numba {ours['format']}: " + ", ".join(got) + ".")
+            # Per CPU second (run.py's prefill_N_cpu): on a loaded machine the wall-clock ratios above swing
+            # with other work; with one thread these are the rates on a core of one's own.
+            key = f"prefill_{n}_cpu"
+            rates = [f"{r['engine']} {r['format']} {r[key]:.1f}" for r in rows if key in r and "decode" in r]
+            got = [f"{ours[key] / peer[key]:.2f}x {name}" for name, peer in peers if peer and key in peer]
+            if key in ours and rates:
+                notes.append(f"Prefill {n} per CPU s (tok per CPU s): " + ", ".join(rates) + "; llama_ref numba "
+                             f"{ours['format']}: " + (", ".join(got) or "no peer") + ".")
     npy = by.get(("llama_ref numpy", "bf16"))
     if npy and f"prefill_{max(lengths)}" in npy and "prefill_512" in npy:
         notes.append(f"llama_ref numpy prefill {max(lengths)} / prefill 512: "

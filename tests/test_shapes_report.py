@@ -41,3 +41,19 @@ def test_a_merged_report_divides_by_the_peer_of_the_same_run(tmp_path, monkeypat
     assert [cells[8].strip() for cells in table] == ["1.50x", "0.50x"]  # 3 / 2 and 5 / 10, never 3 / 10
     assert table[0][11].strip() == "1.50x" and table[1][11].strip() == ""  # per CPU s: 6 / 4; run 2 has none
     assert "compare the per-CPU-s columns" in text  # a load above the core count is called out
+
+
+def test_prefill_per_cpu_second_is_reported_beside_the_wall_clock_ratios(tmp_path, monkeypatch):
+    monkeypatch.setattr(shapes, "CACHE", tmp_path / "no-files")
+    report = json.loads((BENCH / "results" / "shapes-llama-3.2-1b.json").read_text())
+    rows = [{"engine": "llama_ref numba", "format": "bf16", "decode": 3.0, "prefill_512": 20.0,
+             "prefill_512_cpu": 30.0, "peak_rss_mib": 1.0},
+            {"engine": "llama.cpp", "format": "f16", "decode": 2.0, "prefill_512": 40.0, "prefill_512_cpu": 24.0,
+             "peak_rss_mib": 1.0}]
+    report.update(rows=rows, sweep=[], runs={})
+    report["args"]["prefill"] = [512]
+    shapes.write_report(report, tmp_path / "out")
+    text = (tmp_path / "out.md").read_text()
+    assert "Prefill 512, llama_ref numba bf16: 0.50x llama.cpp F16." in text  # wall clock: 20 / 40
+    assert ("Prefill 512 per CPU s (tok per CPU s): llama_ref numba bf16 30.0, llama.cpp f16 24.0; "
+            "llama_ref numba bf16: 1.25x llama.cpp F16.") in text  # 30 / 24

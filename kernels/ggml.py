@@ -12,8 +12,6 @@ RMSNorm, RoPE, SwiGLU) are kernels/ggml_ops.py's. No fast-math anywhere.
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 from numba import njit, prange
 
@@ -27,8 +25,9 @@ from .ggml_ops import apply_rope, attention, rms_norm, rope_tables, swiglu  # no
 ROWS = 16  # weight rows per parallel work item: their bytes stay in cache while every activation row passes
 KIND = {"q8_0": 0, "q5_0": 0, "q5_1": 1, "q4_0": 2, "q4_0r": 3, "q4_1": 4}  # Q5_0: int8 values q - 16
 
-# vpdpbusd where the CPU has it, unless LLAMA_REF_GGML_PORTABLE=1 asks for the portable integer code (same results).
-SIMD = int(simd.HAS_VNNI and os.environ.get("LLAMA_REF_GGML_PORTABLE", "") != "1")
+# The best integer instructions of this CPU (VNNI, else AVX2), unless LLAMA_REF_GGML_PORTABLE=1 asks for the
+# portable integer code (same results).
+SIMD = simd.simd_default()
 
 ACTS = 4  # activation rows per tile of a prefill: each weight block loaded once for 4 of them
 
@@ -180,10 +179,11 @@ def quantize_q8(x2: np.ndarray):
 
 def quantized_linear(x2: np.ndarray, w, use_simd: "int | None" = None) -> np.ndarray:
     """x2 (N, K) float32 @ w.T in ggml's arithmetic, for a Q8_0 / Q4_0 / Q4_1 / Q5_0 / Q5_1 weight. -> (N, R).
-    use_simd: 1 vpdpbusd where the CPU has it, 0 the portable integer code; default SIMD."""
+    use_simd: 0 the portable integer code, 2 AVX2's (where the CPU has it), 1 the best this CPU has (vpdpbusd,
+    else AVX2); default SIMD. All give the same integers, so the same floats."""
     if w.format in ("q4_k", "q5_k", "q6_k"):  # Q8_K activations and 256-value super-blocks: their own module
         from . import ggml_kquants
-        return ggml_kquants.quantized_linear(x2, w)
+        return ggml_kquants.quantized_linear(x2, w, use_simd)
     N, R = x2.shape[0], w.shape[0]
     out = np.empty((N, R), np.float32)
     xq, xd, xs = quantize_q8(x2)
@@ -192,7 +192,7 @@ def quantized_linear(x2: np.ndarray, w, use_simd: "int | None" = None) -> np.nda
         fmt = "q4_0r"
     m = w.m if fmt in ("q4_1", "q5_1") else w.d
     _linear(KIND[fmt], xq, xd, xs, readonly(w.qs), readonly(w.d), readonly(m), out,
-            SIMD if use_simd is None else int(use_simd and simd.HAS_VNNI))
+            SIMD if use_simd is None else int(use_simd))
     return out
 
 

@@ -12,17 +12,17 @@ value, 0..31; Q6_K: one int8 per value, q - 32) and `head` (the file's scale byt
 Q4_K/Q5_K d | dmin | 12 bytes of 6-bit scales and mins, Q6_K 16 int8 scales | d), decoded per row here.
 
 The inner loop is one LLVM vector-IR intrinsic per super-block (_superblock): the 8 int32 lanes of each
-32-value sub-block (vpdpbusd where the CPU has AVX-512 VNNI / AVX-VNNI: the K-quants' values are unsigned, so
-ggml's sign trick is not needed; portable IR otherwise, which LLVM turns into vpmaddwd), scaled by the
-sub-block scales and summed in registers, then one 8-lane llvm.fma. Which integer code runs is chosen at run
-time (LLAMA_REF_GGML_PORTABLE=1 forces the portable one, as in kernels/ggml.py); both give the same integers.
+32-value sub-block, scaled by the sub-block scales and summed in registers, then one 8-lane llvm.fma. The
+K-quants' values are unsigned, so they enter the unsigned side of the integer instructions as they stand:
+vpdpbusd where the CPU has AVX-512 VNNI / AVX-VNNI, else AVX2's vpmaddubsw (pairs into int16, exact: see
+ggml_simd._lanes_u8s8) then vpmaddwd by the scales (pairs into int32, as llama.cpp's AVX2 code does), else
+portable IR. Which integer code runs is chosen at run time as in kernels/ggml.py (simd 0 portable, 2 AVX2,
+1 the best; LLAMA_REF_GGML_PORTABLE=1 forces the portable one); all give the same integers.
 Numba's on-disk cache checks a kernel against its own file only: after editing kernels/ggml_simd.py delete
 kernels/__pycache__/ggml_kquants*.nbi and *.nbc.
 """
 
 from __future__ import annotations
-
-import os
 
 import numpy as np
 from llvmlite import ir
@@ -30,42 +30,20 @@ from numba import njit, prange, types
 from numba.extending import intrinsic
 
 from ._common import JIT, readonly
-from .ggml_simd import HAS_VNNI, fma32, roundeven32
+from .ggml_simd import dispatch, fma32, lanes_portable, lanes_u8s8, madd16, pairs_u8s8, roundeven32, simd_default
 from .halfbits import f16_to_f32
 
 ROWS = 16  # weight rows per parallel work item (a multiple of 8: the repacked Q4_K's groups)
 
 I8, I16, I32, I64, F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64), ir.FloatType()
-# vpdpbusd where the CPU has it, unless LLAMA_REF_GGML_PORTABLE=1 asks for the portable integer code (same results).
-SIMD = int(HAS_VNNI and os.environ.get("LLAMA_REF_GGML_PORTABLE", "") != "1")
+# The best integer instructions of this CPU (VNNI, else AVX2), unless LLAMA_REF_GGML_PORTABLE=1 asks for the
+# portable integer code (same results).
+SIMD = simd_default()
 
 
-def _shuffle(builder, v, idx):
-    return builder.shuffle_vector(v, ir.Constant(v.type, ir.Undefined), ir.Constant(ir.VectorType(I32, len(idx)), idx))
-
-
-def _lanes_ir(builder, wv, xv, vnni):
-    """<32 x i8> unsigned weight values and signed activations -> <8 x i32>, lane u = the sum of products
-    4u .. 4u+3: vpdpbusd (unsigned times signed bytes, 4 at a time: the K-quants' values are unsigned), or
-    portable IR (widen to int16, multiply neighbours and add them: LLVM selects vpmaddwd; add pairs)."""
-    v8_32 = ir.VectorType(I32, 8)
-    if vnni:
-        fn = builder.module.globals.get("llvm.x86.avx512.vpdpbusd.256") or ir.Function(
-            builder.module, ir.FunctionType(v8_32, [v8_32] * 3), "llvm.x86.avx512.vpdpbusd.256")
-        return builder.call(fn, [ir.Constant(v8_32, [0] * 8), builder.bitcast(wv, v8_32), builder.bitcast(xv, v8_32)])
-    w16 = builder.zext(wv, ir.VectorType(I16, 32))
-    x16 = builder.sext(xv, ir.VectorType(I16, 32))
-    v16_32 = ir.VectorType(I32, 16)
-
-    def products(idx):
-        return builder.mul(builder.sext(_shuffle(builder, w16, idx), v16_32),
-                           builder.sext(_shuffle(builder, x16, idx), v16_32))
-    pairs = builder.add(products(list(range(0, 32, 2))), products(list(range(1, 32, 2))))  # (16,)
-    return builder.add(_shuffle(builder, pairs, list(range(0, 16, 2))), _shuffle(builder, pairs, list(range(1, 16, 2))))
-
-
-def _superblock_ir(builder, args, kind, vnni):
-    """The body of _superblock (below) for one choice of integer instructions."""
+def _superblock_ir(builder, args, kind, isa):
+    """The body of _superblock (below) for one choice of integer instructions (isa: "vnni", "avx2",
+    "portable")."""
     acc_a, w_a, x_a, sc_a, off_a, d = args[:6]
     store_int, kind = kind == 3, (0 if kind == 3 else kind)  # 3: Q4_K, the integer lanes stored, no fma
     v16, v32, v8_32, v8_f = ir.VectorType(I8, 16), ir.VectorType(I8, 32), ir.VectorType(I32, 8), ir.VectorType(F32, 8)
@@ -85,8 +63,14 @@ def _superblock_ir(builder, args, kind, vnni):
         xv = builder.load(builder.inttoptr(builder.add(x_a, ir.Constant(I64, 32 * j)), ir.PointerType(v32)), align=1)
         scp = builder.inttoptr(builder.add(sc_a, ir.Constant(I64, 8 * j)), ir.PointerType(ir.VectorType(I32, 2)))
         sc2 = builder.load(scp, align=4)  # the scales of the sub-block's two 16-value halves
+        if isa == "avx2":  # vpmaddwd multiplies by the scales as it adds pairs: |sc| <= 128, exact in int32
+            sc16 = builder.trunc(sc2, ir.VectorType(I16, 2))
+            sc16 = builder.shuffle_vector(sc16, sc16, ir.Constant(ir.VectorType(I32, 16), [0] * 8 + [1] * 8))
+            total = builder.add(total, madd16(builder, pairs_u8s8(builder, wv, xv), sc16))
+            continue
         scale = builder.shuffle_vector(sc2, sc2, ir.Constant(v8_32, [0, 0, 0, 0, 1, 1, 1, 1]))
-        total = builder.add(total, builder.mul(_lanes_ir(builder, wv, xv, vnni), scale))
+        lanes = lanes_u8s8(builder, wv, xv, isa) if isa == "vnni" else lanes_portable(builder, wv, xv, False)
+        total = builder.add(total, builder.mul(lanes, scale))
     total = builder.sub(total, builder.load(builder.inttoptr(off_a, ir.PointerType(v8_32)), align=4))
     if store_int:
         builder.store(total, builder.inttoptr(acc_a, ir.PointerType(v8_32)), align=4)
@@ -108,9 +92,10 @@ def _superblock(typingctx, acc, w, x, sc, off, d, use_vnni, kind):
     sub-block, value i in the low nibble of byte i and i + 16 in the high one; 1 Q5_K, one byte per value
     0..31; 2 Q6_K, int8 q - 32, taken back to 0..63 as ggml does), x (256 int8 activations), sc (16 int32:
     the scale of each 16-value half sub-block; Q4_K/Q5_K repeat each sub-block's scale twice), off (8 int32)
-    are byte addresses; d float32 (d_x * d_w); use_vnni (int): vpdpbusd where the host has it, else portable
-    IR, same integers. kind 3: Q4_K's bytes, and the integer lanes are stored at acc (8 int32) instead
-    (the repacked gemv sums them). One call keeps the 8 lanes in registers across the super-block."""
+    are byte addresses; d float32 (d_x * d_w); use_vnni (int): the integer instructions, as
+    ggml_simd.dispatch chooses them (0 portable, 2 AVX2, else the best of this CPU), same integers. kind 3:
+    Q4_K's bytes, and the integer lanes are stored at acc (8 int32) instead (the repacked gemv sums them).
+    One call keeps the 8 lanes in registers across the super-block."""
     if not isinstance(kind, types.IntegerLiteral):
         return None
     k = kind.literal_value
@@ -118,15 +103,7 @@ def _superblock(typingctx, acc, w, x, sc, off, d, use_vnni, kind):
                      types.int64, kind)
 
     def codegen(context, builder, signature, args):
-        if not HAS_VNNI:
-            _superblock_ir(builder, args, k, False)
-            return context.get_dummy_value()
-        use = builder.icmp_signed("!=", args[6], ir.Constant(I64, 0))
-        with builder.if_else(use) as (then, otherwise):
-            with then:
-                _superblock_ir(builder, args, k, True)
-            with otherwise:
-                _superblock_ir(builder, args, k, False)
+        dispatch(builder, args[6], lambda isa: _superblock_ir(builder, args, k, isa))
         return context.get_dummy_value()
     return sig, codegen
 
@@ -315,8 +292,9 @@ def quantize_q8_K(x2: np.ndarray):
 
 def quantized_linear(x2: np.ndarray, w, simd: "int | None" = None) -> np.ndarray:
     """x2 (N, K) float32 @ w.T in ggml's arithmetic for a Q4_K / Q5_K / Q6_K weight w (R, K). -> (N, R).
-    simd: 1 vpdpbusd (where the CPU has it), 0 the portable integer code; default as kernels/ggml.py
-    (LLAMA_REF_GGML_PORTABLE=1 forces the portable one). Both give the same integers, so the same floats."""
+    simd: 0 the portable integer code, 2 AVX2's (where the CPU has it), 1 the best this CPU has (vpdpbusd,
+    else AVX2); default as kernels/ggml.py (LLAMA_REF_GGML_PORTABLE=1 forces the portable one). All give the
+    same integers, so the same floats."""
     N, R = x2.shape[0], w.shape[0]
     xd, xq, xbs = quantize_q8_K(x2)  # (N, nb), (N, K), (N, nb, 16)
     out = np.empty((N, R), np.float32)

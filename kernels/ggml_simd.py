@@ -12,17 +12,22 @@ LLVM's vector IR, one function per weight format and row count, and called from 
 - dot_rows(kind, rows): ggml's dot product of `rows` weight rows with one quantized activation row:
   per 32-value block, the 8 int32 lanes of 4 products each (or, for repacked Q4_0, their sum), then
   acc = fma(d_w * d_x, lanes, acc) block after block in float32, then hsum_float_8 (see model/ggml.py).
-  The integer part is exact in any order, so two implementations give identical results: vpdpbusd
-  (AVX-512 VNNI / AVX-VNNI: |w| as unsigned bytes times x with w's sign, ggml's own trick) when the CPU has
-  it, and portable IR (widen to int16, multiply, add pairs twice: LLVM selects vpmaddwd on x86) otherwise.
-  The choice is an argument (`simd`) at run time, so the tests run both on a VNNI machine;
-  the VNNI branch is only emitted when the host CPU has the instruction (Numba compiles for the host).
+  The integer part is exact in any order, so three implementations give identical results, chosen at run
+  time by an argument (`simd`): vpdpbusd (AVX-512 VNNI / AVX-VNNI: unsigned bytes times signed bytes, four
+  at a time), AVX2's vpmaddubsw + vpmaddwd (what llama.cpp runs on AVX2: unsigned times signed byte pairs
+  summed into int16, then pairs of those into int32; see lanes_u8s8 for why nothing saturates), and
+  portable IR (widen and multiply; on x86 LLVM makes vpmovsxbd + vpmulld of it, not vpmaddwd, so it is the
+  slow one). simd = 0 takes the portable code, 2 AVX2 where the CPU has it (so that a VNNI machine tests
+  that branch too), any other value the best this CPU has: VNNI, then AVX2, then portable. A branch is only
+  emitted when the host CPU has its instructions (Numba compiles for the host).
 
 Numba's on-disk cache checks a kernel against its own file only: after editing this file delete
 kernels/__pycache__/ggml*.nbi and *.nbc (see _common.py).
 """
 
 from __future__ import annotations
+
+import os
 
 import llvmlite.binding as llvm_binding
 from llvmlite import ir
@@ -39,7 +44,42 @@ def host_has_vnni() -> bool:
     return "+avxvnni" in feats or {"+avx512vnni", "+avx512vl"} <= feats
 
 
+def host_has_avx2() -> bool:
+    """Whether this CPU has AVX2's 256-bit vpmaddubsw, vpmaddwd and vpsignb."""
+    return "+avx2" in llvm_binding.get_host_cpu_features().flatten().split(",")
+
+
 HAS_VNNI = host_has_vnni()
+HAS_AVX2 = host_has_avx2()
+# The integer instructions `simd` != 0 selects on this CPU, best first; "portable" where it has neither.
+BEST = "vnni" if HAS_VNNI else "avx2" if HAS_AVX2 else "portable"
+HAS_SIMD = BEST != "portable"
+
+
+def simd_default() -> int:
+    """The `simd` argument the kernels take by default: 1 (the best integer instructions of this CPU) unless
+    it has neither VNNI nor AVX2 or LLAMA_REF_GGML_PORTABLE=1 asks for the portable code (same results)."""
+    return int(HAS_SIMD and os.environ.get("LLAMA_REF_GGML_PORTABLE", "") != "1")
+
+
+def dispatch(builder, use, emit) -> None:
+    """Emit emit(isa) once for each integer instruction set this CPU has, and branch between them on `use`
+    (an i64 at run time: 0 "portable", 2 "avx2" where the CPU has it, else BEST)."""
+    if BEST == "portable":
+        emit("portable")
+        return
+    with builder.if_else(builder.icmp_signed("==", use, ir.Constant(I64, 0))) as (portable, fast):
+        with portable:
+            emit("portable")
+        with fast:
+            if BEST == "vnni" and HAS_AVX2:
+                with builder.if_else(builder.icmp_signed("==", use, ir.Constant(I64, 2))) as (avx2, vnni):
+                    with avx2:
+                        emit("avx2")
+                    with vnni:
+                        emit("vnni")
+            else:
+                emit(BEST)
 
 
 # ---- scalar intrinsics -----------------------------------------------------------------------------------------
@@ -258,9 +298,9 @@ def _weight_values(builder, raw, nibbles, offset):
     return vals
 
 
-def _lanes_portable(builder, w, x, signed):
-    """<32 x i8> w, x -> <8 x i32>, lane j = sum of products 4j .. 4j+3: widen, multiply neighbours and add
-    them (the pattern LLVM selects as vpmaddwd), then add neighbouring pairs."""
+def lanes_portable(builder, w, x, signed):
+    """<32 x i8> w, x -> <8 x i32>, lane j = sum of products 4j .. 4j+3: widen to int32, multiply, add
+    neighbours twice (on x86, LLVM makes vpmovsxbd + vpmulld of this)."""
     v32_16, v16_32 = ir.VectorType(I16, 32), ir.VectorType(I32, 16)
     w16 = builder.sext(w, v32_16) if signed else builder.zext(w, v32_16)
     x16 = builder.sext(x, v32_16)
@@ -273,26 +313,52 @@ def _lanes_portable(builder, w, x, signed):
     return builder.add(_shuffle(builder, pairs, list(range(0, 16, 2))), _shuffle(builder, pairs, list(range(1, 16, 2))))
 
 
-def _lanes_vnni(builder, w, x, signed):
-    """The same lanes by vpdpbusd (unsigned bytes times signed bytes, 4 at a time): for signed w, |w| times x
-    with w's sign (x is never -128: ggml's activations lie in -127..127)."""
+def pairs_u8s8(builder, u, s):
+    """vpmaddubsw: <32 x i8> u (unsigned) and s (signed) -> <16 x i16>, u[2i] s[2i] + u[2i+1] s[2i+1]
+    saturated to int16. Exact where |u| <= 128 and |s| <= 127 (2 * 128 * 127 = 32512 < 32767); every caller
+    stays inside that (see lanes_u8s8)."""
+    v16_16 = ir.VectorType(I16, 16)
     v32 = ir.VectorType(I8, 32)
+    return builder.call(_declare(builder.module, "llvm.x86.avx2.pmadd.ub.sw", v16_16, [v32, v32]), [u, s])
+
+
+def madd16(builder, a, b):
+    """vpmaddwd: <16 x i16> a, b -> <8 x i32>, a[2i] b[2i] + a[2i+1] b[2i+1] (exact unless all four are -32768)."""
+    v16_16 = ir.VectorType(I16, 16)
+    return builder.call(_declare(builder.module, "llvm.x86.avx2.pmadd.wd", ir.VectorType(I32, 8), [v16_16] * 2),
+                        [a, b])
+
+
+def sign8(builder, s, by):
+    """vpsignb: <32 x i8> s with the sign of `by`: -s where by < 0, 0 where by == 0, s where by > 0. sign8(w, w)
+    is |w|, with |-128| = 128 as an unsigned byte."""
+    v32 = ir.VectorType(I8, 32)
+    return builder.call(_declare(builder.module, "llvm.x86.avx2.psign.b", v32, [v32, v32]), [s, by])
+
+
+def lanes_u8s8(builder, u, s, isa):
+    """<32 x i8> u (unsigned bytes) and s (signed bytes) -> <8 x i32>, lane j = the sum of products 4j .. 4j+3,
+    in one instruction with VNNI (vpdpbusd), in two with AVX2 (vpmaddubsw, then vpmaddwd by ones).
+
+    AVX2 sums two products in int16 with saturation, so every use is bounded here (s is an activation of
+    -127..127: ggml's Q8_0 / Q8_1 / Q8_K quantization never gives -128): unsigned weights Q4_1 0..15 and
+    Q5_1 0..31 (at most 2 * 31 * 127 = 7874), Q4_0's nibbles 0..15 before their offset 8 is taken off
+    (3810), Q8_0 / Q5_0's signed values by ggml's sign trick, |w| <= 128 times x with w's sign (32512), and
+    the ones that sum the activations (254); the K-quants (kernels/ggml_kquants.py) Q4_K 0..15, Q5_K 0..31,
+    Q6_K 0..63 (16002). All under 32767: the int16 sums are exact, and so the int32 lanes."""
     v8 = ir.VectorType(I32, 8)
-    if signed:
-        neg = builder.icmp_signed("<", w, ir.Constant(v32, [0] * 32))
-        zero = ir.Constant(v32, [0] * 32)
-        w = builder.select(neg, builder.sub(zero, w), w)  # -(-128) wraps to 0x80: 128 as an unsigned byte
-        x = builder.select(neg, builder.sub(zero, x), x)
-    fn = _declare(builder.module, "llvm.x86.avx512.vpdpbusd.256", v8, [v8, v8, v8])
-    return builder.call(fn, [ir.Constant(v8, [0] * 8), builder.bitcast(w, v8), builder.bitcast(x, v8)])
+    if isa == "vnni":
+        fn = _declare(builder.module, "llvm.x86.avx512.vpdpbusd.256", v8, [v8, v8, v8])
+        return builder.call(fn, [ir.Constant(v8, [0] * 8), builder.bitcast(u, v8), builder.bitcast(s, v8)])
+    return madd16(builder, pairs_u8s8(builder, u, s), ir.Constant(ir.VectorType(I16, 16), [1] * 16))
 
 
-def _offset_lanes(builder, x, offset):
-    """offset * (the sums of x's 4-value groups) as <8 x i32>, once per activation block: with VNNI the
-    nibbles of Q4_0 enter vpdpbusd unsigned (0..15) and the offset 8 is taken off afterwards, exactly,
+def _offset_lanes(builder, x, offset, isa):
+    """offset * (the sums of x's 4-value groups) as <8 x i32>, once per activation block: with VNNI or AVX2
+    the nibbles of Q4_0 enter the unsigned side (0..15) and the offset 8 is taken off afterwards, exactly,
     instead of applying each weight's sign to x."""
     ones = ir.Constant(ir.VectorType(I8, 32), [1] * 32)
-    sums = _lanes_vnni(builder, ones, x, False)
+    sums = lanes_u8s8(builder, ones, x, isa)
     return builder.mul(sums, ir.Constant(ir.VectorType(I32, 8), [offset] * 8))
 
 
@@ -311,17 +377,17 @@ def _combine(builder, a, b):
     return builder.add(builder.shuffle_vector(a, b, v8), builder.shuffle_vector(a, b, ir.Constant(v8.type, odds)))
 
 
-def _define_tile(module, kind, rows, acts, vnni):
+def _define_tile(module, kind, rows, acts, isa):
     """void f(w, ws, wd, wm, wds, x, xstride, xd, xs, xds, nb, out, ostride): the dot products of `rows`
     weight rows (from byte address w, ws bytes apart; scales wd and mins wm float32, wds bytes apart) with
     `acts` activation rows (int8 from x, xstride bytes apart; scales xd and sums xs, xds bytes apart), nb
     blocks each -> out[a * ostride + 4 r] float32. Each (row, activation) pair keeps its own accumulators and
-    sums in exactly the order of a lone dot product; the tile only shares the loads (and, with VNNI, the work
-    that depends on one side only) between pairs.
+    sums in exactly the order of a lone dot product; the tile only shares the loads (and, with VNNI or AVX2,
+    the work that depends on one side only) between pairs. isa: "vnni", "avx2" or "portable" (lanes_u8s8).
 
     8-lane kinds: acc[r][a] = fma(d_w d_x, lanes, acc) per block, hsum_float_8 (+ the mins' sum) at the end.
     Repacked Q4_0 (rows = 8): the 8 rows' integer sums gathered into one vector, one float32 lane per row."""
-    name = f"llama_ref_ggml_tile_{kind}_{rows}x{acts}_{'vnni' if vnni else 'portable'}"
+    name = f"llama_ref_ggml_tile_{kind}_{rows}x{acts}_{isa}"
     if name in module.globals:
         return module.globals[name]
     block, nibbles, signed, offset, lanes8, has_min = KINDS[kind]
@@ -347,36 +413,42 @@ def _define_tile(module, kind, rows, acts, vnni):
     def splat(v):
         return _shuffle(b, b.insert_element(ir.Constant(v8f, ir.Undefined), v, ir.Constant(I32, 0)), [0] * 8)
 
-    # the activation side, once per block: quants, scale, sum; with VNNI what vpdpbusd needs of x alone
+    # Signed 8-bit weights (Q8_0, Q5_0): VNNI takes (x + 128) as unsigned bytes times w, less 128 sum(w) per
+    # lane; AVX2 cannot (255 * 128 twice saturates int16) and takes ggml's sign trick, |w| times x with w's
+    # sign. Q4_0's nibbles enter both unsigned, less 8 sum(x).
+    fast = isa != "portable"
+    by_x128 = isa == "vnni" and signed and not nibbles
+    by_sign = isa == "avx2" and signed and not nibbles
+    unsigned_offset = fast and offset
+    # the activation side, once per block: quants, scale, sum, and what the integer instructions need of x alone
     xq, xdv, xsv, x_off, x_u8 = [], [], [], [], []
     for a_ in range(acts):
         xa = b.add(x, b.mul(c64(a_), xstride))
         xq.append(_gep_load(b, xa, b.mul(i, c64(32)), v32, 1))
         xdv.append(_gep_load(b, b.add(xd, b.mul(c64(a_), xds)), four, F32, 4))
         xsv.append(_gep_load(b, b.add(xs, b.mul(c64(a_), xds)), four, F32, 4) if has_min else None)
-        x_off.append(_offset_lanes(b, xq[a_], offset) if vnni and offset else None)
-        # signed 8-bit weights by VNNI: (x + 128) as unsigned bytes times w, less 128 sum(w) per lane
-        x_u8.append(b.xor(xq[a_], ir.Constant(v32, [-128] * 32)) if vnni and signed and not nibbles else None)
+        x_off.append(_offset_lanes(b, xq[a_], offset, isa) if unsigned_offset else None)
+        x_u8.append(b.xor(xq[a_], ir.Constant(v32, [-128] * 32)) if by_x128 else None)
     # the weight side, once per block
-    wvals, w_corr, wdv = [], [], []
+    wvals, w_corr, w_abs, wdv = [], [], [], []
     for r in range(rows):
         raw = _gep_load(b, b.add(w, b.mul(c64(r), ws)), b.mul(i, c64(block)), ir.VectorType(I8, block), 1)
-        wvals.append(_weight_values(b, raw, nibbles, 0 if (vnni and offset) else offset))
-        if vnni and signed and not nibbles:
-            ones = ir.Constant(v32, [1] * 32)
-            w_corr.append(b.shl(_lanes_vnni(b, ones, wvals[r], False), ir.Constant(v8i, [7] * 8)))
-        else:
-            w_corr.append(None)
+        wvals.append(_weight_values(b, raw, nibbles, 0 if unsigned_offset else offset))
+        ones = ir.Constant(v32, [1] * 32)
+        w_corr.append(b.shl(lanes_u8s8(b, ones, wvals[r], isa), ir.Constant(v8i, [7] * 8)) if by_x128 else None)
+        w_abs.append(sign8(b, wvals[r], wvals[r]) if by_sign else None)
         wdv.append(_gep_load(b, b.add(wd, b.mul(c64(r), wds)), four, F32, 4))
 
     def lanes(r, a_):
-        if vnni and signed and not nibbles:
-            return b.sub(_lanes_vnni(b, x_u8[a_], wvals[r], False), w_corr[r])
-        if vnni and offset:
-            return b.sub(_lanes_vnni(b, wvals[r], xq[a_], False), x_off[a_])
-        if vnni:
-            return _lanes_vnni(b, wvals[r], xq[a_], False)  # unsigned weights: vpdpbusd as it stands
-        return _lanes_portable(b, wvals[r], xq[a_], signed)
+        if not fast:
+            return lanes_portable(b, wvals[r], xq[a_], signed)
+        if by_x128:
+            return b.sub(lanes_u8s8(b, x_u8[a_], wvals[r], isa), w_corr[r])
+        if by_sign:
+            return lanes_u8s8(b, w_abs[r], sign8(b, xq[a_], wvals[r]), isa)
+        if unsigned_offset:
+            return b.sub(lanes_u8s8(b, wvals[r], xq[a_], isa), x_off[a_])
+        return lanes_u8s8(b, wvals[r], xq[a_], isa)  # unsigned weights as they stand
 
     new_accs, new_mins = [None] * n_acc, [None] * len(mins)
     for a_ in range(acts):
@@ -439,23 +511,15 @@ def _define_tile(module, kind, rows, acts, vnni):
 def make_dot(kind: str, rows: int, acts: int):
     """The intrinsic dot(w, ws, wd, wm, wds, x, xstride, xd, xs, xds, nb, out, ostride, simd) for `kind`, a
     tile of `rows` weight rows by `acts` activation rows (see _define_tile; addresses and strides in bytes as
-    int64; simd != 0 takes vpdpbusd where this CPU has it)."""
+    int64; simd chooses the integer instructions as `dispatch` says)."""
     @intrinsic
     def dot(typingctx, w, ws, wd, wm, wds, x, xstride, xd, xs, xds, nb, out, ostride, simd):
         sig = types.void(*([types.int64] * 14))
 
         def codegen(context, builder, signature, args):
-            portable = _define_tile(builder.module, kind, rows, acts, False)
-            if not HAS_VNNI:
-                builder.call(portable, args[:13])
-                return context.get_dummy_value()
-            fast = _define_tile(builder.module, kind, rows, acts, True)
-            use = builder.icmp_signed("!=", args[13], ir.Constant(I64, 0))
-            with builder.if_else(use) as (then, otherwise):
-                with then:
-                    builder.call(fast, args[:13])
-                with otherwise:
-                    builder.call(portable, args[:13])
+            def emit(isa):
+                builder.call(_define_tile(builder.module, kind, rows, acts, isa), args[:13])
+            dispatch(builder, args[13], emit)
             return context.get_dummy_value()
         return sig, codegen
     return dot

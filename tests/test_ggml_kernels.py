@@ -1,8 +1,10 @@
 """arithmetic="ggml" compiled: kernels/ggml.py, ggml_simd.py and ggml_ops.py against the NumPy specification
 (llama_ref/model/ggml.py) bit for bit, and the specification's fused multiply-add against exact arithmetic.
 
-The integer block sums run two ways (vpdpbusd where the CPU has it, portable IR otherwise, or forced with
-use_simd=0 / LLAMA_REF_GGML_PORTABLE=1); both are checked on every format.
+The integer block sums run three ways (vpdpbusd where the CPU has VNNI, AVX2's vpmaddubsw + vpmaddwd, and
+portable IR, forced with use_simd=0 / LLAMA_REF_GGML_PORTABLE=1); use_simd=2 asks for AVX2 even on a VNNI
+CPU, so every path this CPU can run is checked on every format, with the extreme values that would overflow
+AVX2's 16-bit pair sums if the sign trick or the offsets were wrong.
 """
 
 from __future__ import annotations
@@ -137,8 +139,8 @@ def test_quantize_q8_equals_specification(data, n, nb, scale):
 
 
 @pytest.mark.parametrize("kind", sorted(TYPES))
-@pytest.mark.parametrize("use_simd", [0, 1])
-def test_linear_both_integer_paths_equal_specification(kind, use_simd):
+@pytest.mark.parametrize("use_simd", [0, 1, 2])
+def test_linear_every_integer_path_equals_specification(kind, use_simd):
     """Rows in groups of 4 and 8 and not, one block and many, activation rows one, several, and in tiles of 4
     with a remainder."""
     rng = np.random.default_rng(11)
@@ -149,14 +151,80 @@ def test_linear_both_integer_paths_equal_specification(kind, use_simd):
         assert same_bits(kernels().quantized_linear(x, w, use_simd), ggml.linear(x, w))
 
 
+def raw_blocks(kind, rows, nb, seed, pattern="random", scale=(1e-3, 1.0)):
+    """(rows, nb) blocks of `kind` as a GGUF stores them, the quant bytes drawn from every value (so Q8_0's
+    -128, Q4's 0 and 15, Q5's 0 and 31 all occur) or set to one extreme ("min": every byte 0x00, Q8_0 0;
+    "max": 0xff, Q8_0 -1, nibbles 15, Q5 31; "q8_edges": Q8_0 -128 and 127 alternating, the pairs AVX2 sums
+    nearest to int16's limit), the fp16 fields (d, and m) drawn from `scale` with random signs."""
+    cls = TYPES[kind]
+    rng = np.random.default_rng(seed)
+    raw = rng.integers(0, 256, (rows, nb, cls.type_size), dtype=np.uint8)
+    h = 2 * len(cls.fields)
+    if pattern == "min":
+        raw[:, :, h:] = 0
+    elif pattern == "max":
+        raw[:, :, h:] = 0xFF
+    elif pattern == "q8_edges":
+        raw[:, :, h:] = np.array([0x80, 0x7F] * 16, np.uint8) if kind == "q8_0" else 0xFF
+    fields = rng.uniform(np.log(scale[0]), np.log(scale[1]), (rows, nb, len(cls.fields)))
+    fields = (np.exp(fields) * rng.choice([-1, 1], fields.shape)).astype(np.float16)
+    raw[:, :, :h] = fields.view(np.uint8).reshape(rows, nb, h)
+    return cls(raw.reshape(rows, -1), (rows, 32 * nb))
+
+
+def extreme_activations(n, k, seed, scale=1.0):
+    """Rows whose every value has the block's largest magnitude, with random signs: every 8-bit activation is
+    -127 or 127 (the largest products), and one row of zeros."""
+    rng = np.random.default_rng(seed)
+    x = (rng.choice([-1, 1], (n, k)) * np.float32(scale)).astype(np.float32)
+    x[-1] = 0 if n > 1 else x[-1]
+    return x
+
+
+@pytest.mark.parametrize("kind", sorted(TYPES))
+@pytest.mark.parametrize("use_simd", [0, 1, 2])
+def test_linear_extreme_values_equal_specification(kind, use_simd):
+    """Blocks at the ends of each format's range by activations of magnitude 127: AVX2's pair sums
+    (vpmaddubsw, saturating int16) come within 255 of their limit (Q8_0: 2 * 128 * 127 = 32512), and would
+    be clipped by a wrong sign trick or offset; scales from fp16's subnormals to its largest."""
+    xq = kernels().quantize_q8(extreme_activations(3, 96, 1))[0]
+    assert set(np.unique(xq[:2])) == {-127, 127}  # the activations really are the extremes
+    for pattern in ("min", "max", "q8_edges", "random"):
+        for scale in ((6e-8, 1e-6), (1e-3, 1.0), (1e3, 65504.0)):
+            w = raw_blocks(kind, 13, 3, seed=len(pattern), pattern=pattern, scale=scale)
+            for n, xscale in ((1, 1.0), (3, 1e-5), (6, 3e6)):
+                x = extreme_activations(n, 96, n, xscale)
+                assert same_bits(kernels().quantized_linear(x, w, use_simd), ggml.linear(x, w))
+
+
+@settings(max_examples=25, deadline=None)
+@given(data=st.data(), kind=st.sampled_from(sorted(TYPES)), n=st.integers(1, 6), rows=st.integers(1, 20),
+       nb=st.integers(1, 5), pattern=st.sampled_from(["random", "min", "max", "q8_edges"]),
+       extreme=st.booleans(), use_simd=st.sampled_from([0, 1, 2]))
+def test_linear_raw_blocks_equal_specification_hypothesis(data, kind, n, rows, nb, pattern, extreme, use_simd):
+    """Blocks of any bytes (not only what the quantizer writes), odd shapes, activations at the extremes or
+    drawn as above."""
+    w = raw_blocks(kind, rows, nb, data.draw(st.integers(0, 2**32 - 1)), pattern)
+    x = (extreme_activations(n, 32 * nb, data.draw(st.integers(0, 2**32 - 1))) if extreme
+         else data.draw(f32_rows(n, 32 * nb)))
+    assert same_bits(kernels().quantized_linear(x, w, use_simd), ggml.linear(x, w))
+
+
 @pytest.mark.slow
 @settings(max_examples=30, deadline=None)
 @given(data=st.data(), kind=st.sampled_from(sorted(TYPES)), n=st.integers(1, 6), rows=st.integers(1, 37),
-       nb=st.integers(1, 9), scale=st.sampled_from([1e-3, 1.0, 50.0]), use_simd=st.sampled_from([0, 1]))
+       nb=st.integers(1, 9), scale=st.sampled_from([1e-3, 1.0, 50.0]), use_simd=st.sampled_from([0, 1, 2]))
 def test_linear_equals_specification_hypothesis(data, kind, n, rows, nb, scale, use_simd):
     w = TYPES[kind].quantize(data.draw(f32_rows(rows, 32 * nb)))
     x = data.draw(f32_rows(n, 32 * nb, scale))
     assert same_bits(kernels().quantized_linear(x, w, use_simd), ggml.linear(x, w))
+
+
+def mnemonics(dispatcher) -> set:
+    """The instruction mnemonics of a compiled function (only those: symbol names carry the test's own name,
+    which may say vpdpbusd)."""
+    asm = dispatcher.inspect_asm(dispatcher.signatures[0])
+    return {line.split()[0] for line in asm.splitlines() if line.startswith("\t") and not line.startswith("\t.")}
 
 
 def test_simd_path_is_vpdpbusd_where_the_cpu_has_it():
@@ -172,19 +240,42 @@ def test_simd_path_is_vpdpbusd_where_the_cpu_has_it():
     def dot(w, ws, wd, wm, wds, x, xst, xd, xs, xds, nb, out, ost, use_simd):
         tile(w, ws, wd, wm, wds, x, xst, xd, xs, xds, nb, out, ost, use_simd)
     dot.compile((types.int64,) * 14)
-    asm = dot.inspect_asm(dot.signatures[0])
-    # Instructions only: symbol names carry this test's own name, which says vpdpbusd.
-    mnemonics = {line.split()[0] for line in asm.splitlines() if line.startswith("\t") and not line.startswith("\t.")}
-    assert ("vpdpbusd" in mnemonics) == ggml_simd.HAS_VNNI
-    assert any(m.startswith("vfmadd") for m in mnemonics)  # the float part: true fused multiply-adds
+    found = mnemonics(dot)
+    assert ("vpdpbusd" in found) == ggml_simd.HAS_VNNI
+    assert any(m.startswith("vfmadd") for m in found)  # the float part: true fused multiply-adds
+
+
+@pytest.mark.parametrize("tile", ["_q8_RA", "_q8_R1", "_q4_0_R1", "_q4_0r_R1", "_q4_1_RA", "_q5_1_R1"])
+def test_avx2_path_is_vpmaddubsw(tile):
+    """On an AVX2 CPU, use_simd=2 (and, without VNNI, the default 1) builds the tile's integers from
+    vpmaddubsw + vpmaddwd, as llama.cpp does, and not from 32-bit multiplies (vpmulld, vpmovsxbd: the
+    portable code on x86). The sign trick of the signed 8-bit weights is vpsignb."""
+    from numba import njit, types
+
+    from llama_ref.kernels import ggml_simd
+
+    if not ggml_simd.HAS_AVX2:
+        pytest.skip("the CPU has no AVX2")
+    fn = getattr(kernels(), tile)
+    for use in (1, 2):
+        if use == 1 and ggml_simd.HAS_VNNI:
+            continue
+
+        @njit
+        def dot(w, ws, wd, wm, wds, x, xst, xd, xs, xds, nb, out, ost):
+            fn(w, ws, wd, wm, wds, x, xst, xd, xs, xds, nb, out, ost, use)  # a constant: one branch remains
+        dot.compile((types.int64,) * 13)
+        found = mnemonics(dot)
+        assert {"vpmaddubsw", "vpmaddwd"} <= found and not found & {"vpmulld", "vpmovsxbd", "vpdpbusd"}, found
+        assert ("vpsignb" in found) == tile.startswith("_q8")
 
 
 @pytest.mark.slow
 def test_portable_environment_variable():
-    code = "import llama_ref.kernels.ggml as k; print(k.SIMD)"
+    code = "import llama_ref.kernels.ggml as k, llama_ref.kernels.ggml_kquants as kk; print(k.SIMD, kk.SIMD)"
     env = dict(os.environ, LLAMA_REF_GGML_PORTABLE="1")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert out.stdout.strip() == "0", out.stderr
+    assert out.stdout.strip() == "0 0", out.stderr
 
 
 # ---- the other operations -----------------------------------------------------------------------------------------

@@ -196,7 +196,7 @@ def test_quantize_q8_K_numba_equals_numpy(seed, nb, n):
 
 @pytest.mark.parametrize("kind", sorted(TYPES))
 def test_dot_products_equal_llamacpp(kind, dots):
-    """Every routine bit for bit, the specification and the Numba kernels (both integer code paths)."""
+    """Every routine bit for bit, the specification and the Numba kernels (every integer code path)."""
     raw, x = dots[f"{kind}_raw"], dots["x"]
     w = TYPES[kind](raw, (raw.shape[0], x.shape[1]))
     wb = gk.weight_superblocks(w, slice(None))
@@ -209,10 +209,10 @@ def test_dot_products_equal_llamacpp(kind, dots):
         assert np.array_equal(gk.ggml_gemv_q4_K_8x8_q8_K(wb, *q8), dots["q4_k_gemv"])
         expected = dots["q4_k_gemv"]
         w13 = TYPES[kind](raw[:13], (13, x.shape[1]))  # 13 rows: not repacked, the vec_dot order
-        for simd in (0, 1):
+        for simd in (0, 1, 2):
             got = compiled().quantized_linear(x, w13, simd=simd)
             assert np.array_equal(got.view(np.uint32), dots["q4_k_vec_dot"][:, :13].view(np.uint32))
-    for simd in (0, 1):
+    for simd in (0, 1, 2):
         assert np.array_equal(compiled().quantized_linear(x, w, simd=simd).view(np.uint32), expected.view(np.uint32))
     assert np.array_equal(gk.quantized_linear(x, w).view(np.uint32), expected.view(np.uint32))
 
@@ -244,11 +244,12 @@ def test_rope_tables_take_the_c_library_cosf():
 
 # ---- Numba equals NumPy ---------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("simd", [0, 1])
+@pytest.mark.parametrize("simd", [0, 1, 2])
 @pytest.mark.parametrize("kind", sorted(TYPES))
 def test_numba_equals_numpy_fixed_shapes(kind, simd):
     """The fast tier's copy of the hypothesis test: rows in groups of 8 and not, one and three rows of x;
-    the portable integer code (simd=0) and vpdpbusd (simd=1, where the CPU has it; else portable again)."""
+    the portable integer code (simd=0), AVX2's (simd=2, where the CPU has it) and the best of this CPU
+    (simd=1: vpdpbusd, else AVX2, else portable again)."""
     for n, rows, cols, seed in ((1, 24, 256, 1), (3, 13, 768, 2)):
         w = random_kquant(TYPES[kind], rows, cols, seed)
         x = activations(n, cols, seed + 10)
@@ -256,11 +257,62 @@ def test_numba_equals_numpy_fixed_shapes(kind, simd):
         assert np.array_equal(got.view(np.uint32), expected.view(np.uint32))
 
 
+def extreme_kquant(cls, rows: int, cols: int, fill: int, d: float):
+    """A K-quant matrix with every quant and scale byte `fill` (0xff: the largest values, Q4_K 15, Q5_K 31,
+    Q6_K 63, 6-bit scales and mins 63, Q6_K's int8 scales -1; 0x00 the smallest; 0x80: 0xff, but Q6_K's
+    scales alternate -128 and 127) and the fp16 d (and dmin) = d."""
+    raw = np.full((rows, cols // 256, cls.type_size), 0xFF if fill == 0x80 else fill, np.uint8)
+    dd = np.array([d, d], np.float16).view(np.uint8)
+    if cls is Q6_KWeight:
+        if fill == 0x80:
+            raw[:, :, 192:208] = np.array([0x80, 0x7F] * 8, np.uint8)
+        raw[:, :, 208:210] = dd[:2]
+    else:
+        raw[:, :, 0:4] = dd
+    return cls(raw.reshape(rows, -1), (rows, cols))
+
+
+@pytest.mark.parametrize("simd", [0, 1, 2])
+@pytest.mark.parametrize("kind", sorted(TYPES))
+def test_numba_equals_numpy_extreme_values(kind, simd):
+    """The largest quants by activations of magnitude 127, where AVX2's int16 pair sums (vpmaddubsw) come
+    nearest their limit (Q6_K: 2 * 63 * 127 = 16002) and the scales multiply them in vpmaddwd (Q6_K's -128
+    and 127); fp16 super-block scales from subnormal to the largest."""
+    rng = np.random.default_rng(5)
+    for fill in (0xFF, 0x80, 0x00):
+        for d in (6e-8, 0.01, 65504.0):
+            w = extreme_kquant(TYPES[kind], 16, 512, fill, d)
+            x = rng.choice([-1, 1], (3, 512)).astype(np.float32) * np.float32(3.0)
+            assert set(np.unique(compiled().quantize_q8_K(x)[1])) == {-127, 127}
+            got, expected = compiled().quantized_linear(x, w, simd=simd), gk.quantized_linear(x, w)
+            assert np.array_equal(got.view(np.uint32), expected.view(np.uint32))
+
+
+def test_kquant_avx2_path_is_vpmaddubsw():
+    """On an AVX2 CPU, simd=2 builds each sub-block from vpmaddubsw and vpmaddwd by the scales (as llama.cpp
+    does), with no 32-bit multiply (vpmulld) left."""
+    from numba import njit, types
+
+    from llama_ref.kernels import ggml_simd
+
+    if not ggml_simd.HAS_AVX2:
+        pytest.skip("the CPU has no AVX2")
+    superblock = compiled()._superblock
+    for kind in range(4):
+        @njit
+        def run(acc, w, x, sc, off, d):
+            superblock(acc, w, x, sc, off, d, 2, kind)
+        run.compile((types.int64,) * 5 + (types.float32,))
+        asm = run.inspect_asm(run.signatures[0])
+        found = {line.split()[0] for line in asm.splitlines() if line.startswith("\t") and not line.startswith("\t.")}
+        assert {"vpmaddubsw", "vpmaddwd"} <= found and not found & {"vpmulld", "vpmovsxbd", "vpdpbusd"}, found
+
+
 @pytest.mark.slow
 @settings(max_examples=30, deadline=None)
 @given(kind=st.sampled_from(sorted(TYPES)), n=st.integers(1, 3), rows=st.integers(1, 40), nb=st.integers(1, 3),
        wseed=st.integers(0, 2**32 - 1), xseed=st.integers(0, 2**32 - 1),
-       scale=st.sampled_from([1e-3, 1.0, 50.0]), simd=st.sampled_from([0, 1]))
+       scale=st.sampled_from([1e-3, 1.0, 50.0]), simd=st.sampled_from([0, 1, 2]))
 def test_numba_equals_numpy_bit_for_bit(kind, n, rows, nb, wseed, xseed, scale, simd):
     w = random_kquant(TYPES[kind], rows, 256 * nb, wseed)
     x = activations(n, 256 * nb, xseed) * np.float32(scale)

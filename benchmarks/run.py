@@ -270,11 +270,19 @@ def child_bandwidth(spec: dict) -> dict:
         return t.sum()
 
     a = np.ones((32768, 4096), np.float32)  # 512 MiB
-    rates = {}
+    rates, cpu_rates = {}, {}
     for name, fn in (("rows", rows), ("rows_ahead", rows_ahead)):
         fn(a[:8])
-        rates[name] = a.nbytes / min(_timed(fn, a) for _ in range(10)) / 1e9
-    return {"read_gb_s": max(rates.values()), "probes_gb_s": rates}
+        walls, cpus = [], []
+        for _ in range(10):
+            cpu0 = time.process_time()
+            walls.append(_timed(fn, a))
+            cpus.append(time.process_time() - cpu0)
+        rates[name] = a.nbytes / min(walls) / 1e9
+        cpu_rates[name] = a.nbytes / max(min(cpus), 1e-9) / 1e9
+    # Also per second of CPU time (all threads): on a loaded machine, with one thread, what a core reads when
+    # it runs, the bound for a decode rate per CPU second (decode_cpu).
+    return {"read_gb_s": max(rates.values()), "probes_gb_s": rates, "read_gb_s_cpu": max(cpu_rates.values())}
 
 
 CHILDREN = {"llama_ref": child_llama_ref, "llama_cpp": child_llama_cpp, "hf": child_hf, "bandwidth": child_bandwidth}

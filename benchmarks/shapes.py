@@ -380,6 +380,7 @@ def measure(shape: str, files: dict, a, threads: int, unset: list) -> dict:
               "peers": {"llama.cpp": cpp, "transformers": hf}, "rows": [], "sweep": []}
     probe = run_child(sys.executable, {"kind": "bandwidth"}, env)
     report["bandwidth_gb_s"] = probe.get("read_gb_s")
+    report["bandwidth_gb_s_cpu"] = probe.get("read_gb_s_cpu")
     # Rounds: every configuration once per round, in the same order, so that a burst of other work on the
     # machine slows one round of each engine rather than all of one engine; each rate is the best of rounds.
     best = {}
@@ -458,7 +459,9 @@ def write_report(report: dict, stem: Path) -> None:
              f"{m['load_average'][0]:.1f}. BLAS: {blas}; numpy {m['numpy']}, numba {m['numba']}. "
              f"Thread policy (as a llama_ref child reports it): {policy}. "
              f"CPU flags (matrix/vector): {', '.join(flags) or 'none'}. "
-             + (f"Read bandwidth {bw:.1f} GB/s (all threads). " if bw else "")
+             + (f"Read bandwidth {bw:.1f} GB/s (all threads"
+                + (f"; {report['bandwidth_gb_s_cpu']:.1f} GB per CPU s" if report.get("bandwidth_gb_s_cpu") else "")
+                + "). " if bw else "")
              + ("Per CPU s: decode steps per second of the process's CPU time (1 thread: the rate on a core of "
                 "its own, time spent waiting for a core not counted). " if m["threads"] == 1 else ""),
              f"OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE unset by the script: {report['unset_env'] or 'none were set'}."
@@ -466,8 +469,9 @@ def write_report(report: dict, stem: Path) -> None:
                 "work took turns on them, so wall-clock rates (and their ratios and roofline %) vary from round to "
                 "round; compare the per-CPU-s columns." if m["load_average"][0] > m["cores"] else ""),
              "", "| engine | format | " + " | ".join(f"prefill {n} tok/s" for n in lengths)
-             + " | decode tok/s | % of roofline | vs llama.cpp same format (decode) | vs HF bf16 (decode) "
-             "| decode tok per CPU s | vs llama.cpp (per CPU s) | vs HF bf16 (per CPU s) | load s | peak RSS MiB |",
+             + " | decode tok/s | % of roofline (wall / per CPU s) | vs llama.cpp same format (decode) "
+             "| vs HF bf16 (decode) | decode tok per CPU s | vs llama.cpp (per CPU s) | vs HF bf16 (per CPU s) "
+             "| load s | peak RSS MiB |",
              "|---|---|" + "---:|" * (len(lengths) + 9)]
 
     def peer(r, engine, fmt):
@@ -490,6 +494,9 @@ def write_report(report: dict, stem: Path) -> None:
         nbytes = decode_bytes(files, r["format"], args, a["decode_prompt"] + a["decode"] // 2)
         row_bw = r.get("bandwidth_gb_s", bw)  # a merged report keeps each run's own probe
         roof = f"{100 * r['decode'] * nbytes / (row_bw * 1e9):.0f}%" if row_bw and nbytes else ""
+        row_bw_cpu = r.get("bandwidth_gb_s_cpu", report.get("bandwidth_gb_s_cpu"))
+        if roof and row_bw_cpu and "decode_cpu" in r:  # the same per CPU second: decode_cpu / the probe's
+            roof += f" / {100 * r['decode_cpu'] * nbytes / (row_bw_cpu * 1e9):.0f}%"
         cpp = peer(r, "llama.cpp", r["format"]) if r["engine"] != "llama.cpp" else None
         hf16 = peer(r, "HF transformers", "bf16") if (r["engine"], r["format"]) != ("HF transformers", "bf16") else None
         pre = " | ".join(f"{r[f'prefill_{n}']:.1f}" if f"prefill_{n}" in r else "" for n in lengths)
@@ -543,7 +550,8 @@ def write_report(report: dict, stem: Path) -> None:
     lines += ["", f"Prefill: best of {a['repeats']} (token ids drawn at random, seed 1); decode: {a['decode']} "
               f"greedy steps after a {a['decode_prompt']}-token prompt, mean rate. Each configuration in its own "
               "process, one after the other. Roofline: read bandwidth / bytes of the stored weights + float32 KV "
-              "cache per decoded token (HF float32: twice the F16 bytes)."]
+              "cache per decoded token (HF float32: twice the F16 bytes); its per-CPU-s share: decode steps per CPU "
+              "second x those bytes / the probe's bytes read per CPU second."]
     stem.with_name(stem.name + ".md").write_text("\n".join(lines) + "\n")
     plot_sweep(report, stem)
 

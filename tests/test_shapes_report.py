@@ -57,3 +57,19 @@ def test_prefill_per_cpu_second_is_reported_beside_the_wall_clock_ratios(tmp_pat
     assert "Prefill 512, llama_ref numba bf16: 0.50x llama.cpp F16." in text  # wall clock: 20 / 40
     assert ("Prefill 512 per CPU s (tok per CPU s): llama_ref numba bf16 30.0, llama.cpp f16 24.0; "
             "llama_ref numba bf16: 1.25x llama.cpp F16.") in text  # 30 / 24
+
+
+def test_the_roofline_share_is_also_given_per_cpu_second(tmp_path, monkeypatch):
+    folder = tmp_path / "cache"
+    monkeypatch.setattr(shapes, "CACHE", folder)
+    monkeypatch.setattr(shapes.bench, "bytes_per_token", lambda path, position: 2 * 10**9)
+    (folder / "llama-3.2-1b").mkdir(parents=True)
+    (folder / "llama-3.2-1b" / "BF16.gguf").write_bytes(b"")
+    report = json.loads((BENCH / "results" / "shapes-llama-3.2-1b.json").read_text())
+    report.update(rows=[{"engine": "llama.cpp", "format": "bf16", "decode": 2.0, "decode_cpu": 5.0,
+                         "peak_rss_mib": 1.0}], sweep=[], runs={}, bandwidth_gb_s=8.0, bandwidth_gb_s_cpu=20.0)
+    shapes.write_report(report, tmp_path / "out")
+    text = (tmp_path / "out.md").read_text()
+    row = next(line.split("|") for line in text.splitlines() if line.startswith("| llama.cpp"))
+    assert row[-9].strip() == "50% / 50%"  # 2 x 2 GB / 8 GB/s and 5 x 2 GB / 20 GB per CPU s
+    assert "20.0 GB per CPU s" in text

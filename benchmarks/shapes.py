@@ -377,7 +377,7 @@ def measure(shape: str, files: dict, a, threads: int, unset: list) -> dict:
                                                    "python": hf}))
     report = {"shape": shape, "params": params, "machine": bench.machine_info(threads), "unset_env": unset,
               "policy": thread_policy(), "args": {k: v for k, v in vars(a).items() if k != "child"},
-              "peers": {"llama.cpp": cpp, "transformers": hf}, "rows": [], "sweep": []}
+              "peers": {"llama.cpp": cpp, "transformers": hf}, "rows": [], "sweep": [], "cpu_flags": cpu_flags()}
     probe = run_child(sys.executable, {"kind": "bandwidth"}, env)
     report["bandwidth_gb_s"] = probe.get("read_gb_s")
     report["bandwidth_gb_s_cpu"] = probe.get("read_gb_s_cpu")
@@ -440,8 +440,14 @@ def decode_bytes(files: dict, fmt: str, args, position: int) -> int:
     path = files.get(gguf)
     if path is None:
         return 0
-    n = bench.bytes_per_token(path, position)
+    key = (path, position)
+    if key not in _decode_bytes:  # the reader parses the whole vocabulary: minutes on a loaded machine
+        _decode_bytes[key] = bench.bytes_per_token(path, position)
+    n = _decode_bytes[key]
     return n * 2 if fmt == "f32" else n  # HF float32: every weight twice the F16 file's bytes (roughly)
+
+
+_decode_bytes: dict = {}  # decode_bytes' (path, position) -> bytes, once per process
 
 
 def write_report(report: dict, stem: Path) -> None:
@@ -451,7 +457,7 @@ def write_report(report: dict, stem: Path) -> None:
     lengths = a["prefill"]
     blas = ", ".join(f"{b['internal_api']} {b['version']} ({b['architecture']}, {b['threading_layer']})"
                      for b in m["blas"])
-    flags = cpu_flags()
+    flags = report.get("cpu_flags", cpu_flags())  # the measuring machine's; older reports did not keep them
     policy = next((r["policy"] for r in rows if r.get("policy")), report["policy"])
     bw = report.get("bandwidth_gb_s")
     lines = [f"# {report['shape']} shape ({report['params'] / 1e9:.2f} B weights, seeded random) on {m['cpu']}",
@@ -505,31 +511,11 @@ def write_report(report: dict, stem: Path) -> None:
                                           ratio(r, cpp, "decode_cpu"), ratio(r, hf16, "decode_cpu"))
         lines.append(f"| {engine} | {r['format']} | {pre} | {r['decode']:.2f} | {roof} | {vs_cpp} | {vs_hf} "
                      f"| {cpu} | {cpu_cpp} | {cpu_hf} | {r.get('load_s', 0):.1f} | {r['peak_rss_mib']:.0f} |")
-    by = {(r["engine"], r["format"]): r for r in rows if "decode" in r}
-    ours = by.get(("llama_ref numba", "bf16")) or by.get(("llama_ref numba", "f16"))
     notes = []
-    for n in lengths:
-        if ours and f"prefill_{n}" in ours:
-            peers = [(name, by.get(key)) for name, key in (("llama.cpp F16", ("llama.cpp", "f16")),
-                                                           ("llama.cpp BF16", ("llama.cpp", "bf16")),
-                                                           ("HF bf16", ("HF transformers", "bf16")),
-                                                           ("HF float32", ("HF transformers", "f32")))]
-            got = [f"{ours[f'prefill_{n}'] / peer[f'prefill_{n}']:.2f}x {name}" for name, peer in peers
-                   if peer and f"prefill_{n}" in peer]
-            if got:
-                notes.append(f"Prefill {n}, llama_ref numba {ours['format']}: " + ", ".join(got) + ".")
-            # Per CPU second (run.py's prefill_N_cpu): on a loaded machine the wall-clock ratios above swing
-            # with other work; with one thread these are the rates on a core of one's own.
-            key = f"prefill_{n}_cpu"
-            rates = [f"{r['engine']} {r['format']} {r[key]:.1f}" for r in rows if key in r and "decode" in r]
-            got = [f"{ours[key] / peer[key]:.2f}x {name}" for name, peer in peers if peer and key in peer]
-            if key in ours and rates:
-                notes.append(f"Prefill {n} per CPU s (tok per CPU s): " + ", ".join(rates) + "; llama_ref numba "
-                             f"{ours['format']}: " + (", ".join(got) or "no peer") + ".")
-    npy = by.get(("llama_ref numpy", "bf16"))
-    if npy and f"prefill_{max(lengths)}" in npy and "prefill_512" in npy:
-        notes.append(f"llama_ref numpy prefill {max(lengths)} / prefill 512: "
-                     f"{npy[f'prefill_{max(lengths)}'] / npy['prefill_512']:.2f}x.")
+    # Ratios between rows of the same run (a report that merges runs measured each under its own load).
+    for run in sorted({r.get("run") for r in rows}, key=lambda v: (v is not None, v)):
+        notes += prefill_notes([r for r in rows if r.get("run") == run and "decode" in r], lengths,
+                               f"Run {run}, " if run is not None else "")
     for run, about in sorted(report.get("runs", {}).items()):
         notes.append(f"Run {run}: {about}")
     if notes:
@@ -554,6 +540,37 @@ def write_report(report: dict, stem: Path) -> None:
               "second x those bytes / the probe's bytes read per CPU second."]
     stem.with_name(stem.name + ".md").write_text("\n".join(lines) + "\n")
     plot_sweep(report, stem)
+
+
+def prefill_notes(rows: list, lengths: list, prefix: str) -> list[str]:
+    """Notes on one run's rows: llama_ref numba's prefill against each peer's (wall clock, and per CPU s
+    where the run has it), and the NumPy reference's longest prefill against its 512."""
+    by = {(r["engine"], r["format"]): r for r in rows}
+    ours = by.get(("llama_ref numba", "bf16")) or by.get(("llama_ref numba", "f16"))
+    notes = []
+    for n in lengths:
+        if ours and f"prefill_{n}" in ours:
+            peers = [(name, by.get(key)) for name, key in (("llama.cpp F16", ("llama.cpp", "f16")),
+                                                           ("llama.cpp BF16", ("llama.cpp", "bf16")),
+                                                           ("HF bf16", ("HF transformers", "bf16")),
+                                                           ("HF float32", ("HF transformers", "f32")))]
+            got = [f"{ours[f'prefill_{n}'] / peer[f'prefill_{n}']:.2f}x {name}" for name, peer in peers
+                   if peer and f"prefill_{n}" in peer]
+            if got:
+                notes.append(f"{prefix}Prefill {n}, llama_ref numba {ours['format']}: " + ", ".join(got) + ".")
+            # Per CPU second (run.py's prefill_N_cpu): on a loaded machine the wall-clock ratios above swing
+            # with other work; with one thread these are the rates on a core of one's own.
+            key = f"prefill_{n}_cpu"
+            rates = [f"{r['engine']} {r['format']} {r[key]:.1f}" for r in rows if key in r]
+            got = [f"{ours[key] / peer[key]:.2f}x {name}" for name, peer in peers if peer and key in peer]
+            if key in ours and rates:
+                notes.append(f"{prefix}Prefill {n} per CPU s (tok per CPU s): " + ", ".join(rates)
+                             + f"; llama_ref numba {ours['format']}: " + (", ".join(got) or "no peer") + ".")
+    npy = by.get(("llama_ref numpy", "bf16"))
+    if npy and f"prefill_{max(lengths)}" in npy and "prefill_512" in npy:
+        notes.append(f"{prefix}llama_ref numpy prefill {max(lengths)} / prefill 512: "
+                     f"{npy[f'prefill_{max(lengths)}'] / npy['prefill_512']:.2f}x.")
+    return notes
 
 
 def cpu_flags() -> list[str]:

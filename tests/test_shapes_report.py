@@ -73,3 +73,14 @@ def test_the_roofline_share_is_also_given_per_cpu_second(tmp_path, monkeypatch):
     row = next(line.split("|") for line in text.splitlines() if line.startswith("| llama.cpp"))
     assert row[-9].strip() == "50% / 50%"  # 2 x 2 GB / 8 GB/s and 5 x 2 GB / 20 GB per CPU s
     assert "20.0 GB per CPU s" in text
+
+
+def test_prefill_ratios_compare_rows_of_the_same_run():
+    rows = [{"engine": "llama_ref numba", "format": "bf16", "run": 1, "decode": 1.0, "prefill_512": 30.0},
+            {"engine": "llama.cpp", "format": "f16", "run": 1, "decode": 1.0, "prefill_512": 20.0},
+            {"engine": "llama_ref numba", "format": "bf16", "run": 2, "decode": 1.0, "prefill_512": 10.0},
+            {"engine": "llama.cpp", "format": "f16", "run": 2, "decode": 1.0, "prefill_512": 40.0}]
+    notes = [n for run in (1, 2) for n in shapes.prefill_notes([r for r in rows if r["run"] == run], [512],
+                                                               f"Run {run}, ")]
+    assert notes == ["Run 1, Prefill 512, llama_ref numba bf16: 1.50x llama.cpp F16.",
+                     "Run 2, Prefill 512, llama_ref numba bf16: 0.25x llama.cpp F16."]

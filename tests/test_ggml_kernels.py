@@ -151,6 +151,27 @@ def test_linear_every_integer_path_equals_specification(kind, use_simd):
         assert same_bits(kernels().quantized_linear(x, w, use_simd), ggml.linear(x, w))
 
 
+@pytest.mark.parametrize("kind", sorted(TYPES))
+@pytest.mark.parametrize("use_simd", [0, 1, 2])
+def test_decode_one_thread_equals_specification(kind, use_simd):
+    """One activation row on one thread takes its own compiled path (quantize and every row in one call);
+    on more threads the parallel one. Both equal the specification, rows in groups of 8 (repacked Q4_0) and
+    not."""
+    import numba
+
+    rng = np.random.default_rng(12)
+    before = numba.get_num_threads()
+    try:
+        for threads in sorted({1, before}):
+            numba.set_num_threads(threads)
+            for rows, k in ((24, 64), (7, 96), (40, 1536), (13, 32)):
+                w = TYPES[kind].quantize(rng.standard_normal((rows, k)).astype(np.float32))
+                x = rng.standard_normal((1, k)).astype(np.float32)
+                assert same_bits(kernels().quantized_linear(x, w, use_simd), ggml.linear(x, w))
+    finally:
+        numba.set_num_threads(before)
+
+
 def raw_blocks(kind, rows, nb, seed, pattern="random", scale=(1e-3, 1.0)):
     """(rows, nb) blocks of `kind` as a GGUF stores them, the quant bytes drawn from every value (so Q8_0's
     -128, Q4's 0 and 15, Q5's 0 and 31 all occur) or set to one extreme ("min": every byte 0x00, Q8_0 0;

@@ -2,7 +2,10 @@
 
 Each routine is checked against gguf.quants (a quantizer we did not write) or a block computed by hand; the
 Numba kernels against the NumPy specification bit for bit; and the whole model against llama.cpp's own
-logits (tests/data/llamacpp_ggml_logits.npz, made once by tests/fixtures/make_llamacpp_logits.py).
+logits (tests/data/llamacpp_ggml_logits.npz, made once by tests/fixtures/make_llamacpp_logits.py with
+llama.cpp built for AVX-512, and tests/data/llamacpp_ggml_logits_avx2.npz, the same with llama.cpp built for
+AVX2 only: the two builds differ, and each is checked against the specification's order for its `isa` on
+any CPU).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from llama_ref.weights.packed import Q4_0Weight, Q4_1Weight, Q5_0Weight, Q5_1Wei
 from tiny import random_weights, tiny_args
 
 FIXTURE = Path(__file__).parent / "data" / "llamacpp_ggml_logits.npz"
+FIXTURES = {"avx512": FIXTURE, "avx2": Path(__file__).parent / "data" / "llamacpp_ggml_logits_avx2.npz"}
 TYPES = {"q8_0": Q8_0Weight, "q4_0": Q4_0Weight, "q4_1": Q4_1Weight, "q5_0": Q5_0Weight, "q5_1": Q5_1Weight}
 
 
@@ -170,21 +174,92 @@ def test_numba_q4_0_both_paths_equal_numpy():
 
 # ---- the other operations --------------------------------------------------------------------------------------
 
-def test_ggml_v_expf_close_to_exp():
+@pytest.mark.parametrize("isa", ggml.ISAS)
+def test_ggml_v_expf_close_to_exp(isa):
     x = np.linspace(-87, 0, 20001, dtype=np.float32)
-    e = ggml.ggml_v_expf(x)
+    e = ggml.ggml_v_expf(x, isa)
     assert np.all(np.abs(e / np.exp(x.astype(np.float64)) - 1) < 3e-7)
-    assert ggml.ggml_v_expf(np.array([-np.inf, -200.0], np.float32)).tolist() == [0.0, 0.0]
+    assert ggml.ggml_v_expf(np.array([-np.inf, -200.0], np.float32), isa).tolist() == [0.0, 0.0]
+    assert ggml.ggml_v_expf(np.array([np.inf, 100.0], np.float32), isa).tolist() == [np.inf, np.inf]
+    nan = np.array([np.nan], np.float32)
+    assert ggml.ggml_v_expf(nan, isa).view(np.uint32) == nan.view(np.uint32)  # the argument itself
+    tiny = np.array([-90.0, -100.0, -103.0], np.float32)  # subnormal results (126 < |n|: AVX2's split scaling)
+    assert np.allclose(ggml.ggml_v_expf(tiny, isa), np.exp(tiny.astype(np.float64)), rtol=1e-6, atol=2.0 ** -149)
+
+
+def test_ggml_v_expf_avx2_and_avx512_differ_in_the_last_rounding():
+    """The two builds' polynomials round differently (AVX-512 adds the 1 inside the last FMA, AVX2 in
+    fma(k, j, k)): about a quarter of the values of a grid differ, by one ulp at most."""
+    x = np.linspace(-87, 0, 20001, dtype=np.float32)
+    a, b = ggml.ggml_v_expf(x, "avx2"), ggml.ggml_v_expf(x, "avx512")
+    ulps = np.abs(a.view(np.int32).astype(np.int64) - b.view(np.int32))
+    assert 0.1 < (ulps != 0).mean() < 0.5 and ulps.max() == 1
 
 
 def test_vec_dot_f16_order():
-    """Element i goes to lane i % 16 of accumulator (i % 64) // 16: 2^24 in lane 0 absorbs a 1 added to the
-    same lane, but not a 1 in another accumulator that meets it only after 2^24 - 2^24 cancel."""
+    """AVX-512: element i goes to lane i % 16 of accumulator (i % 64) // 16: 2^24 in lane 0 absorbs a 1 added
+    to the same lane, but not a 1 in another accumulator that meets it only after 2^24 - 2^24 cancel.
+    AVX2: lane i % 8 of accumulator (i % 32) // 8: element 8 is another accumulator, element 32 the same one."""
     x = np.zeros(64, np.float32)
-    x[0], x[32], x[16] = 2.0 ** 11, -(2.0 ** 11), 1  # accumulators 0, 2, 1
+    x[0], x[32], x[16] = 2.0 ** 11, -(2.0 ** 11), 1  # AVX-512: accumulators 0, 2, 1
     y = np.zeros(64, np.float32)
     y[0], y[32], y[16] = 2.0 ** 13, 2.0 ** 13, 1
-    assert ggml.ggml_vec_dot_f16(x, y) == 1
+    assert ggml.ggml_vec_dot_f16(x, y, "avx512") == 1
+    for one, expected in ((8, 1), (32, 0)):  # AVX2: 2^24 (accumulator 0), -2^24 (accumulator 2), the 1
+        x = np.zeros(64, np.float32)
+        y = np.zeros(64, np.float32)
+        x[0], x[16], x[one] = 2.0 ** 11, -(2.0 ** 11), 1
+        y[0], y[16], y[one] = 2.0 ** 13, 2.0 ** 13, 1
+        assert ggml.ggml_vec_dot_f16(x, y, "avx2") == expected
+
+
+def test_vec_dot_f16_lane_reduction():
+    """GGML_F32x8_REDUCE (AVX2) ends by adding the 128-bit halves, then neighbours: (0 + 1) + (2 + 3), where
+    _mm512_reduce_add_ps ends with (0 + 2) + (1 + 3). Lanes 0, 1, 2 = 2^24, 1, -2^24: the AVX2 sum rounds the
+    1 away, the AVX-512 one keeps it."""
+    x = np.zeros(64, np.float32)
+    y = np.ones(64, np.float32)
+    x[0], x[1], x[2] = 2.0 ** 12, 1, -(2.0 ** 12)
+    y[0], y[2] = 2.0 ** 12, 2.0 ** 12
+    assert ggml.ggml_vec_dot_f16(x, y, "avx2") == 0
+    assert ggml.ggml_vec_dot_f16(x, y, "avx512") == 1
+
+
+def test_isa_choice(monkeypatch):
+    """The build mirrored by default is the host's (AVX-512 F and DQ, else AVX2); LLAMA_REF_GGML_ISA chooses."""
+    from numpy._core._multiarray_umath import __cpu_features__ as features
+
+    monkeypatch.delenv("LLAMA_REF_GGML_ISA", raising=False)
+    assert ggml.host_isa() == ("avx512" if features["AVX512F"] and features["AVX512DQ"] else "avx2")
+    for isa in ggml.ISAS:
+        monkeypatch.setenv("LLAMA_REF_GGML_ISA", isa)
+        assert ggml.host_isa() == isa
+    monkeypatch.setenv("LLAMA_REF_GGML_ISA", "neon")
+    with pytest.raises(InputError, match="LLAMA_REF_GGML_ISA"):
+        ggml.host_isa()
+    with pytest.raises(InputError, match="isa must be"):
+        ggml.ggml_v_expf(np.zeros(8, np.float32), "sse")
+
+
+@pytest.mark.parametrize("isa", ggml.ISAS)
+def test_numba_ops_equal_numpy_for_both_isas(isa):
+    """kernels/ggml_ops.py's expf, attention and SwiGLU in either build's order, bit for bit."""
+    from llama_ref.kernels import ggml_ops
+
+    rng = np.random.default_rng(14)
+    x = np.concatenate([np.linspace(-200, 100, 60001, dtype=np.float32),
+                        np.array([-np.inf, np.inf, np.nan, 0, -0.0, -87.34, -103.97, 88.38], np.float32)])
+    assert np.array_equal(ggml_ops.expf(x, isa).view(np.uint32), ggml.ggml_v_expf(x, isa).view(np.uint32))
+    for B, T, H, KVH, HD, S in ((1, 1, 9, 3, 64, 70), (1, 3, 9, 3, 64, 3), (2, 5, 4, 2, 80, 40)):
+        q = rng.standard_normal((B, T, H, HD)).astype(np.float32) * 3
+        k = rng.standard_normal((B, S, KVH, HD)).astype(np.float32) * 3
+        v = rng.standard_normal((B, S, KVH, HD)).astype(np.float32)
+        got, expected = ggml_ops.attention(q, k, v, S - T, isa=isa), ggml.attention(q, k, v, S - T, isa=isa)
+        assert np.array_equal(got.view(np.uint32), expected.view(np.uint32))
+    for n in (2, 20):  # the serial and the parallel kernel
+        g = rng.standard_normal((n, 256)).astype(np.float32) * 10
+        u = rng.standard_normal((n, 256)).astype(np.float32)
+        assert np.array_equal(ggml_ops.swiglu(g, u, isa).view(np.uint32), ggml.swiglu(g, u, isa).view(np.uint32))
 
 
 def test_rope_tables_follow_ggml_power_series():
@@ -193,6 +268,33 @@ def test_rope_tables_follow_ggml_power_series():
     cos, sin = ggml.rope_tables(freqs, 7, 2, np.float32)
     ref_cos, ref_sin = llama_ref.model.ops.rope_tables(freqs, 7, 2, np.float32)
     assert cos.shape == ref_cos.shape and np.allclose(cos, ref_cos, atol=1e-5) and np.allclose(sin, ref_sin, atol=1e-5)
+
+
+def test_simd_routines_equal_llamacpp_avx2():
+    """llama.cpp's AVX2 build's ggml_vec_dot_f16, ggml_vec_soft_max_f32, ggml_vec_silu_f32 and
+    ggml_vec_swiglu_f32, called one by one (tests/data/llamacpp_simd_ops_avx2.npz,
+    tests/fixtures/make_llamacpp_simd_ops.py): the specification with isa="avx2" and its Numba twin equal them
+    bit for bit, and the AVX-512 order does not (on every routine: the test can fail)."""
+    from llama_ref.kernels import ggml_ops
+
+    f = np.load(Path(__file__).parent / "data" / "llamacpp_simd_ops_avx2.npz")
+    assert json.loads(str(f["meta"]))["isa"] == "avx2"
+
+    def same(a, b):
+        return np.array_equal(np.asarray(a).view(np.uint8), np.asarray(b).view(np.uint8))
+
+    x, g = f["silu_x"], f["swiglu_g"]
+    sm = f["soft_max_x"]
+    for isa, equal in (("avx2", True), ("avx512", False)):
+        for n in (64, 80, 200):
+            got = ggml.ggml_vec_dot_f16(f[f"f16_x_{n}"].astype(np.float32), f[f"f16_y_{n}"].astype(np.float32), isa)
+            assert same(got, f[f"f16_dot_{n}"]) == equal, (isa, n)
+        e, total = ggml.ggml_vec_soft_max_f32(sm, sm.max(axis=1, keepdims=True), isa)
+        assert same(e, f["soft_max_y"]) == equal and same(total[:, 0], f["soft_max_sum"]) == equal
+        silu = x / (np.float32(1) + ggml.ggml_v_expf(-x, isa))
+        assert same(silu, f["silu_y"]) == equal
+        assert same(ggml.swiglu(x, g, isa), f["swiglu_y"]) == equal
+        assert same(ggml_ops.swiglu(x[None], g[None], isa)[0], f["swiglu_y"]) == equal
 
 
 # ---- the model ---------------------------------------------------------------------------------------------
@@ -245,6 +347,12 @@ def llamacpp():
     return np.load(FIXTURE)
 
 
+@pytest.fixture(scope="module", params=ggml.ISAS)
+def build(request):
+    """(isa, fixture): each build's llama.cpp logits, with the order the specification mirrors for it."""
+    return request.param, np.load(FIXTURES[request.param])
+
+
 @pytest.fixture(scope="module")
 def ggufs(default_model_path, tmp_path_factory):
     """The fixture's GGUFs, rebuilt with the fixture script's quantizer (the files are not committed)."""
@@ -254,9 +362,11 @@ def ggufs(default_model_path, tmp_path_factory):
             for kind in script.TYPES}
 
 
-def test_fixture_meta(llamacpp):
-    meta = json.loads(str(llamacpp["meta"]))
+def test_fixture_meta(build):
+    isa, fixture = build
+    meta = json.loads(str(fixture["meta"]))
     assert meta["type_k"] == meta["type_v"] == "f16" and meta["one_token_per_call"] and meta["n_threads"] == 2
+    assert ("AVX512 = 1" in meta["system_info"]) == (isa == "avx512") and "AVX2 = 1" in meta["system_info"]
 
 
 def _decode(model, ids):
@@ -266,10 +376,13 @@ def _decode(model, ids):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["q8_0", "q4_0", "q4_1", "q5_0", "q5_1"])
-def test_logits_and_greedy_chains_equal_llamacpp(kind, ggufs, llamacpp):
-    """Bit for bit: the 64 largest logits at every prompt position, every logit at the last position of
-    prompt 0, the argmax everywhere, and 32 greedy tokens (Numba backend; it equals NumPy bit for bit).
-    The fixture holds every prompt's chain for every type; all of them matched when this was written."""
+def test_logits_and_greedy_chains_equal_llamacpp(kind, ggufs, build, monkeypatch):
+    """Bit for bit, for each build of llama.cpp (AVX-512, AVX2) with the specification in its order: the 64
+    largest logits at every prompt position, every logit at the last position of prompt 0, the argmax
+    everywhere, and 32 greedy tokens (Numba backend; it equals NumPy bit for bit). The fixtures hold every
+    prompt's chain for every type; all of them matched when this was written."""
+    isa, llamacpp = build
+    monkeypatch.setattr(ggml, "ISA", isa)
     script = _fixture_script()
     assert script.sha256(ggufs[kind]) == str(llamacpp[f"{kind}_sha256"])
     model = llama_ref.load(ggufs[kind], arithmetic="ggml", backend="numba")
@@ -292,8 +405,10 @@ def test_logits_and_greedy_chains_equal_llamacpp(kind, ggufs, llamacpp):
 
 
 @pytest.mark.slow
-def test_numpy_specification_equals_llamacpp(ggufs, llamacpp):
-    """The NumPy specification itself, on the shortest prompt, Q8_0 and Q4_0."""
+def test_numpy_specification_equals_llamacpp(ggufs, build, monkeypatch):
+    """The NumPy specification itself, on the shortest prompt, Q8_0 and Q4_0, for each build."""
+    isa, llamacpp = build
+    monkeypatch.setattr(ggml, "ISA", isa)
     for kind in ("q8_0", "q4_0"):
         model = llama_ref.load(ggufs[kind], arithmetic="ggml", backend="numpy")
         logits = _decode(model, llamacpp["prompt_ids_0"])
@@ -301,15 +416,31 @@ def test_numpy_specification_equals_llamacpp(ggufs, llamacpp):
 
 
 @pytest.mark.slow
+def test_the_two_builds_differ(ggufs, monkeypatch):
+    """The AVX-512 and the AVX2 build's logits are not the same numbers, and the specification in one
+    build's order does not give the other's: a test of either fixture can fail. Q8_0, prompt 1 (18 tokens)."""
+    avx512, avx2 = np.load(FIXTURES["avx512"]), np.load(FIXTURES["avx2"])
+    assert not np.array_equal(avx512["q8_0_p1_top"], avx2["q8_0_p1_top"])
+    ids = avx512["prompt_ids_1"]
+    for isa, other in (("avx512", avx2), ("avx2", avx512)):
+        monkeypatch.setattr(ggml, "ISA", isa)
+        logits = _decode(llama_ref.load(ggufs["q8_0"], arithmetic="ggml", backend="numba"), ids)
+        assert not np.array_equal(np.take_along_axis(logits, other["q8_0_p1_top_ids"], axis=1), other["q8_0_p1_top"])
+
+
+@pytest.mark.slow
 def test_cli_generates_llamacpp_greedy_chain(ggufs, llamacpp):
-    """`llama-ref generate --arithmetic ggml` (a batch prefill, then decode) gives llama.cpp's greedy tokens."""
+    """`llama-ref generate --arithmetic ggml` (a batch prefill, then decode) gives llama.cpp's greedy tokens
+    (the AVX-512 build's, chosen by LLAMA_REF_GGML_ISA)."""
+    import os
     import subprocess
     import sys
 
     prompt = _fixture_script().PROMPTS[0]
     done = subprocess.run([sys.executable, "-m", "llama_ref.tools.cli", "generate", "-m", str(ggufs["q8_0"]),
                            "--arithmetic", "ggml", "--backend", "numba", "--temp", "0", "--ignore-eos", "-n", "12",
-                           "--json", "-q", prompt], capture_output=True, text=True, timeout=600)
+                           "--json", "-q", prompt], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "LLAMA_REF_GGML_ISA": "avx512"})
     assert done.returncode == 0, done.stderr
     out = json.loads(done.stdout)
     assert out["prompt_ids"] == llamacpp["prompt_ids_0"].tolist()

@@ -6,7 +6,8 @@ routine against llama.cpp's own, called one by one (tests/data/llamacpp_kquant_d
 tests/fixtures/make_llamacpp_kquant_dots.py); the Numba kernels against the NumPy specification bit for bit;
 the whole model against llama.cpp's own logits on tiny GGUFs that llama.cpp's quantizer made
 (tests/data/tiny_ckpt/kquant_*.gguf and tests/data/llamacpp_kquant_logits.npz,
-tests/fixtures/make_llamacpp_kquant_logits.py).
+tests/fixtures/make_llamacpp_kquant_logits.py), from its AVX-512 build and from its AVX2 build
+(tests/data/llamacpp_kquant_logits_avx2.npz: the same GGUFs and routines, other logits; model/ggml.py's ISA).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from llama_ref.weights.packed import Q4_KWeight, Q5_KWeight, Q6_KWeight
 
 TYPES = {"q4_k": Q4_KWeight, "q5_k": Q5_KWeight, "q6_k": Q6_KWeight}
 FIXTURE = Path(__file__).parent / "data" / "llamacpp_kquant_logits.npz"
+FIXTURES = {"avx512": FIXTURE, "avx2": Path(__file__).parent / "data" / "llamacpp_kquant_logits_avx2.npz"}
 
 
 def compiled():
@@ -330,9 +332,11 @@ def _fixture_script():
     return module
 
 
-@pytest.fixture(scope="module")
-def llamacpp():
-    return np.load(FIXTURE)
+@pytest.fixture(scope="module", params=ggml.ISAS)
+def llamacpp(request):
+    """(isa, fixture): llama.cpp's logits from its AVX-512 and its AVX2 build, on the same GGUFs (llama.cpp's
+    quantizer wrote the same bytes on both machines), each to be met by the specification in its order."""
+    return request.param, np.load(FIXTURES[request.param])
 
 
 def _decode(model, ids):
@@ -341,9 +345,11 @@ def _decode(model, ids):
 
 
 def test_fixture_files(llamacpp):
+    isa, llamacpp = llamacpp
     script = _fixture_script()
     meta = json.loads(str(llamacpp["meta"]))
     assert meta["type_k"] == "f16" and meta["one_token_per_call"] and meta["n_threads"] == 2
+    assert ("AVX512 = 1" in meta["system_info"]) == (isa == "avx512")
     for kind in script.TYPES:
         path = script.gguf_path(kind)
         assert script.sha256(path) == str(llamacpp[f"{kind}_sha256"])
@@ -352,18 +358,25 @@ def test_fixture_files(llamacpp):
 
 
 @pytest.mark.parametrize("kind", ["q4_k", "q5_k", "q6_k"])
-def test_logits_equal_llamacpp_first_prompt(kind, llamacpp):
-    """Fast tier: the 7-token prompt, every logit bit for bit (Numba backend)."""
+def test_logits_equal_llamacpp_first_prompt(kind, llamacpp, monkeypatch):
+    """Fast tier: the 7-token prompt, every logit bit for bit (Numba backend), in the fixture's build's order;
+    the other build's order does not give them."""
+    isa, llamacpp = llamacpp
     script = _fixture_script()
-    model = llama_ref.load(script.gguf_path(kind), arithmetic="ggml", backend="numba")
-    assert np.array_equal(_decode(model, llamacpp["prompt_ids_0"]), llamacpp[f"{kind}_p0_logits"])
+    for order in ggml.ISAS:
+        monkeypatch.setattr(ggml, "ISA", order)
+        model = llama_ref.load(script.gguf_path(kind), arithmetic="ggml", backend="numba")
+        logits = _decode(model, llamacpp["prompt_ids_0"])
+        assert np.array_equal(logits, llamacpp[f"{kind}_p0_logits"]) == (order == isa)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["numba", "numpy"])
 @pytest.mark.parametrize("kind", ["q4_k", "q5_k", "q6_k"])
-def test_logits_and_greedy_chains_equal_llamacpp(kind, backend, llamacpp):
+def test_logits_and_greedy_chains_equal_llamacpp(kind, backend, llamacpp, monkeypatch):
     """Bit for bit: every logit at every position of both prompts, and the 32-token greedy chains."""
+    isa, llamacpp = llamacpp
+    monkeypatch.setattr(ggml, "ISA", isa)
     script = _fixture_script()
     model = llama_ref.load(script.gguf_path(kind), arithmetic="ggml", backend=backend)
     for i in range(len(script.PROMPT_LENGTHS)):

@@ -35,11 +35,25 @@ the reciprocal; the probabilities are rounded to fp16 for the product with the f
 p * theta_scale^i with theta_scale = powf(base, -2/n_dims), the power built by repeated float32
 multiplication as ggml_rope_cache_init does.
 
+Which x86 build is mirrored (ISA, below). llama.cpp compiles its CPU backend for one instruction set, and
+outside the quantized products (whose integers are exact and whose float order is the AVX2 code's on both)
+the vector width changes the order of three float32 computations: ggml_vec_dot_f16 (attention), the sums of
+ggml's softmax, and ggml_v_expf (softmax, SiLU), a different polynomial evaluation at each width:
+    "avx512"  a build with AVX-512 F and DQ: 16-lane vectors (measured against llama.cpp on an Intel CPU
+              with AVX-512 VNNI: tests/data/llamacpp_ggml_logits.npz)
+    "avx2"    a build with AVX2 and FMA only: 8-lane vectors (measured on an AMD EPYC znver3:
+              tests/data/llamacpp_ggml_logits_avx2.npz)
+The two builds' logits differ (docs/verification.md, section 5). ISA defaults to what this host would run
+(host_isa(); LLAMA_REF_GGML_ISA=avx2 or avx512 chooses), and every function that depends on it also takes
+`isa` to compute either order on any CPU.
+
 This module is itself a backend (the functions of llama_ref.model.ops with their signatures), used by
 llama_ref.load(..., arithmetic="ggml", backend="numpy"); kernels/ggml.py is its Numba twin.
 """
 
 from __future__ import annotations
+
+import os
 
 import numpy as np
 
@@ -49,6 +63,34 @@ from . import ops
 QK = 32  # values per block of Q8_0 / Q8_1 / Q4_0 / Q4_1 / Q5_0 / Q5_1
 LANES = 8  # float32 lanes of an AVX2 register: the partial sums of ggml's x86 dot products
 TILE = 4096  # weight rows per step of linear(): bounds the int32 temporaries to ~TILE * K * 4 bytes
+ISAS = ("avx512", "avx2")  # the x86 builds of llama.cpp whose arithmetic this module can mirror
+
+
+def host_isa() -> str:
+    """The build of llama.cpp's CPU backend this host runs at its best: "avx512" where the CPU has AVX-512 F
+    and DQ (llama.cpp's condition for its 16-lane expf, softmax and SiLU), else "avx2" (any other x86 CPU
+    with AVX2 and FMA; elsewhere llama.cpp runs other code, which this module does not claim to mirror).
+    LLAMA_REF_GGML_ISA overrides it."""
+    chosen = os.environ.get("LLAMA_REF_GGML_ISA", "")
+    if chosen:
+        if chosen not in ISAS:
+            raise InputError(f"LLAMA_REF_GGML_ISA must be one of {ISAS}, got {chosen!r}")
+        return chosen
+    try:  # NumPy's own run-time CPU detection
+        from numpy._core._multiarray_umath import __cpu_features__ as features
+    except ImportError:
+        features = {}
+    return "avx512" if features.get("AVX512F") and features.get("AVX512DQ") else "avx2"
+
+
+ISA = host_isa()  # the build mirrored when a function's `isa` is None; a caller may set it
+
+
+def _isa(isa: "str | None") -> str:
+    isa = ISA if isa is None else isa
+    if isa not in ISAS:
+        raise InputError(f"isa must be one of {ISAS}, got {isa!r}")
+    return isa
 
 
 def fp16(x: np.ndarray) -> np.ndarray:
@@ -353,25 +395,35 @@ def reduce_add_16(v: np.ndarray) -> np.ndarray:
     return v[..., 0] + v[..., 1]
 
 
-def ggml_vec_dot_f16(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """ggml_vec_dot_f16 on AVX-512 (ggml-cpu/vec.cpp, GGML_F16_STEP 64, GGML_F16_EPR 16): x, y (..., n)
-    float32 holding fp16 values -> (...,) float32.
+def reduce_add_8(v: np.ndarray) -> np.ndarray:
+    """The end of GGML_F32x8_REDUCE (AVX, ggml-cpu/simd-mappings.h): 8 lanes (..., 8) -> (...,): the two
+    128-bit halves added (lane i + lane i+4), then _mm_hadd_ps twice: (0 + 1) + (2 + 3). (hsum_float_8, which
+    quants.c and the AVX2 softmax use, adds (0 + 2) + (1 + 3) instead.)"""
+    r = v[..., :4] + v[..., 4:]
+    return (r[..., 0] + r[..., 1]) + (r[..., 2] + r[..., 3])
 
-    Four accumulators of 16 lanes; element i < n - n % 64 goes to accumulator (i % 64) // 16, lane i % 16,
-    added in order of i (an FMA of an exact fp16 x fp16 product: one float32 rounding); then accumulators
-    0 + 2 and 1 + 3, their sum, and _mm512_reduce_add_ps, into a float64 sum; the last n % 64 products are
-    added to it one by one in float64, and the sum is rounded to float32."""
+
+def ggml_vec_dot_f16(x: np.ndarray, y: np.ndarray, isa: "str | None" = None) -> np.ndarray:
+    """ggml_vec_dot_f16 (ggml-cpu/vec.cpp): x, y (..., n) float32 holding fp16 values -> (...,) float32.
+
+    Four accumulators of L lanes (GGML_F16_EPR: L = 16 on AVX-512, 8 on AVX2; GGML_F16_STEP = 4 L): element
+    i < n - n % 4L goes to accumulator (i % 4L) // L, lane i % L, added in order of i (an FMA of an exact
+    fp16 x fp16 product: one float32 rounding); then accumulators 0 + 2 and 1 + 3, their sum, and its lanes
+    (reduce_add_16 or reduce_add_8) into a float64 sum; the last n % 4L products are added to it one by one
+    in float64, and the sum is rounded to float32."""
+    lanes = 16 if _isa(isa) == "avx512" else 8
+    step = 4 * lanes
     x, y = np.broadcast_arrays(x, y)
     n = x.shape[-1]
-    m = n - n % 64
+    m = n - n % step
     p = x[..., :m] * y[..., :m]  # (..., m) exact in float32
-    p = p.reshape(*p.shape[:-1], m // 64, 4, 16)  # (..., steps, 4 accumulators, 16 lanes)
-    acc = np.zeros(p.shape[:-3] + (4, 16), np.float32)
-    for step in range(m // 64):
-        acc = acc + p[..., step, :, :]
+    p = p.reshape(*p.shape[:-1], m // step, 4, lanes)  # (..., steps, 4 accumulators, lanes)
+    acc = np.zeros(p.shape[:-3] + (4, lanes), np.float32)
+    for s in range(m // step):
+        acc = acc + p[..., s, :, :]
     a = acc[..., 0, :] + acc[..., 2, :]
     b = acc[..., 1, :] + acc[..., 3, :]
-    total = reduce_add_16(a + b).astype(np.float64)
+    total = (reduce_add_16 if lanes == 16 else reduce_add_8)(a + b).astype(np.float64)
     for i in range(m, n):  # leftovers: sumf += (ggml_float)(x[i] * y[i])
         total = total + (x[..., i] * y[..., i]).astype(np.float64)
     return total.astype(np.float32)
@@ -381,40 +433,79 @@ def _c(h: str) -> np.float32:
     return np.float32(float.fromhex(h))
 
 
-def ggml_v_expf(x: np.ndarray) -> np.ndarray:
-    """ggml_v_expf (ggml-cpu/vec.h, AVX-512): exp(x) in float32 by a degree-5 polynomial on the reduced
-    argument, n = round(x / ln 2), result j * 2^n; |n| > 192 gives 0 or inf. Every FMA rounds once."""
+def _bits(x: np.ndarray) -> np.ndarray:
+    return np.asarray(x, np.float32).view(np.uint32)
+
+
+def _float(bits: np.ndarray) -> np.ndarray:
+    return np.asarray(bits, np.uint32).view(np.float32)
+
+
+def ggml_v_expf(x: np.ndarray, isa: "str | None" = None) -> np.ndarray:
+    """ggml_v_expf (ggml-cpu/vec.h): exp(x) in float32 by a degree-5 polynomial on the reduced argument
+    b = x - n ln 2, n = round(x / ln 2). Every FMA rounds once. The two x86 versions evaluate it differently:
+
+    avx512: j = 1 + b c1 + ... (the 1 inside the polynomial's last FMA), result j * 2^n (vscalefps, one
+            rounding); |n| > 192 gives 0 or inf.
+    avx2:   j = b c1 + ... WITHOUT the 1 (c1 b a plain product), result fma(j, k, k) = k (1 + j) rounded once,
+            k = 2^n built in the exponent bits of z; for 126 < |n| <= 192 the scaling is split in two
+            (s2 (1 + j) rounded, then times s1, so a subnormal result is rounded twice); |n| > 192: s1 * s1,
+            0 or inf. The same j and b, so the two differ by the last roundings only.
+    A NaN argument comes back as itself (x86 passes the first NaN operand through every step)."""
     x = np.asarray(x, np.float32)
-    with np.errstate(invalid="ignore", over="ignore"):
+    with np.errstate(invalid="ignore", over="ignore", under="ignore"):
         r = _c("0x1.8p23")
         z = fma(x, _c("0x1.715476p+0"), r)
         n = z - r
         b = fma(-n, _c("0x1.7f7d1cp-20"), fma(-n, _c("0x1.62e4p-1"), x))
         u = b * b
-        j = fma(fma(fma(_c("0x1.0e4020p-7"), b, _c("0x1.573e2ep-5")), u,
-                    fma(_c("0x1.555e66p-3"), b, _c("0x1.fffdb6p-2"))),
-                u, fma(_c("0x1.ffffecp-1"), b, np.float32(1)))
-        res = np.ldexp(j, np.nan_to_num(n, nan=0, posinf=0, neginf=0).astype(np.int32)).astype(np.float32)
-        big = ~(np.abs(n) <= 192)  # also NaN n, from x = -inf
-        return np.where(big, np.where(n <= 0, np.float32(0), np.float32(np.inf)), res).astype(np.float32)
+        p = fma(fma(_c("0x1.0e4020p-7"), b, _c("0x1.573e2ep-5")), u, fma(_c("0x1.555e66p-3"), b, _c("0x1.fffdb6p-2")))
+        if _isa(isa) == "avx512":
+            j = fma(p, u, fma(_c("0x1.ffffecp-1"), b, np.float32(1)))
+            res = np.ldexp(j, np.nan_to_num(n, nan=0, posinf=0, neginf=0).astype(np.int32)).astype(np.float32)
+            big = np.abs(n) > 192  # also x = -inf (n = -inf)
+            res = np.where(big, np.where(n <= 0, np.float32(0), np.float32(np.inf)), res)
+            return np.where(np.isnan(x), x, res).astype(np.float32)
+        j = fma(p, u, _c("0x1.ffffecp-1") * b)
+        e = _bits(z) << np.uint32(23)  # n in the exponent field (z = 1.5 * 2^23 + n: n in its low bits)
+        k = _float(e + _bits(np.float32(1)))  # 2^n for |n| <= 126
+        g = np.where(n <= 0, np.uint32(0x82000000), np.uint32(0))  # split 2^n = s2 * s1 when 126 < |n|
+        s1 = _float(g + np.uint32(0x7F000000))  # 2^-125 (n <= 0) or 2^127
+        s2 = _float(e - g)
+        out = fma(k, j, k)  # |n| <= 126
+        out = np.where(np.abs(n) > 126, fma(s2, j, s2) * s1, out)
+        out = np.where(np.abs(n) > 192, s1 * s1, out)
+        return np.where(np.isnan(x), x, out).astype(np.float32)
 
 
-def soft_max(scores: np.ndarray, scale: np.float32, visible: np.ndarray) -> np.ndarray:
-    """ggml_compute_forward_soft_max_f32 over the last axis (a multiple of 16 long): x * scale + mask
-    (0 or -inf), minus the row maximum, ggml_v_expf, sum of each 16 values (_mm512_reduce_add_ps) added in
-    float64, times float32(1 / sum)."""
-    w = np.where(visible, scores * scale, np.float32(-np.inf))
-    row_max = w.max(axis=-1, keepdims=True)
-    e = ggml_v_expf(w - row_max)  # (..., S)
-    chunks = reduce_add_16(e.reshape(*e.shape[:-1], -1, 16)).astype(np.float64)  # (..., S/16)
+def ggml_vec_soft_max_f32(x: np.ndarray, row_max: np.ndarray, isa: "str | None" = None):
+    """ggml_vec_soft_max_f32 (ggml-cpu/vec.cpp) over the last axis (a multiple of 16 long): e = ggml_v_expf(x -
+    max), and the float64 sum of the float32 sums of its vectors (16 lanes by _mm512_reduce_add_ps on
+    AVX-512, 8 in hsum_float_8's order on AVX2), vector after vector. x (..., S), row_max (..., 1) ->
+    e (..., S) float32, total (..., 1) float64."""
+    isa = _isa(isa)
+    e = ggml_v_expf(x - row_max, isa)  # (..., S)
+    if isa == "avx512":
+        chunks = reduce_add_16(e.reshape(*e.shape[:-1], -1, 16))  # (..., S/16)
+    else:
+        chunks = hsum_float_8(e.reshape(*e.shape[:-1], -1, 8))  # (..., S/8)
+    chunks = chunks.astype(np.float64)
     total = np.zeros(e.shape[:-1] + (1,), np.float64)
     for c in range(chunks.shape[-1]):
         total[..., 0] += chunks[..., c]
+    return e, total
+
+
+def soft_max(scores: np.ndarray, scale: np.float32, visible: np.ndarray, isa: "str | None" = None) -> np.ndarray:
+    """ggml_compute_forward_soft_max_f32 over the last axis (a multiple of 16 long): x * scale + mask
+    (0 or -inf), ggml_vec_soft_max_f32 with the row maximum, times float32(1 / sum)."""
+    w = np.where(visible, scores * scale, np.float32(-np.inf))
+    e, total = ggml_vec_soft_max_f32(w, w.max(axis=-1, keepdims=True), isa)
     return e * (1.0 / total).astype(np.float32)
 
 
 def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start_pos: int,
-              key_mask: "np.ndarray | None" = None) -> np.ndarray:
+              key_mask: "np.ndarray | None" = None, isa: "str | None" = None) -> np.ndarray:
     """llama.cpp's attention without flash attention, over an F16 KV cache, as its one-token decode sums.
 
     q (B, T, H, HD), k, v (B, S, KVH, HD) -> (B, T, H, HD). K and V are rounded to fp16 (the cache type) and
@@ -423,6 +514,7 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start_pos: int,
     and multiplied with each column of the fp16 values (llama.cpp keeps V transposed) by ggml_vec_dot_f16.
     The keys are padded with masked zeros to a multiple of 64, as llama.cpp's cache view is (n_kv).
     """
+    isa = _isa(isa)
     B, T, H, HD = q.shape
     S, KVH = k.shape[1], k.shape[2]
     G = H // KVH
@@ -432,24 +524,26 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start_pos: int,
     kp[:, :S], vp[:, :S] = fp16(k), fp16(v)
     qg = fp16(q).reshape(B, T, KVH, G, 1, HD).transpose(0, 2, 3, 1, 4, 5)  # (B, KVH, G, T, 1, HD)
     kk = kp.transpose(0, 2, 1, 3)[:, :, None, None]  # (B, KVH, 1, 1, P, HD)
-    scores = ggml_vec_dot_f16(qg, kk)  # (B, KVH, G, T, P)
+    scores = ggml_vec_dot_f16(qg, kk, isa)  # (B, KVH, G, T, P)
     visible = np.arange(P)[None, :] <= (start_pos + np.arange(T))[:, None]  # (T, P)
     if key_mask is not None:
         km = np.zeros((B, P), bool)
         km[:, :S] = key_mask
         visible = (visible[None] & km[:, None, :])[:, None, None]  # (B, 1, 1, T, P)
-    probs = fp16(soft_max(scores, np.float32(1 / np.sqrt(HD)), visible))  # (B, KVH, G, T, P)
+    probs = fp16(soft_max(scores, np.float32(1 / np.sqrt(HD)), visible, isa))  # (B, KVH, G, T, P)
     if key_mask is not None:
         probs = np.nan_to_num(probs)  # a padding query that sees no key: zeros, not NaN
     vt = vp.transpose(0, 2, 3, 1)[:, :, None, None]  # (B, KVH, 1, 1, HD, P): V transposed
-    out = ggml_vec_dot_f16(probs[:, :, :, :, None, :], vt)  # (B, KVH, G, T, HD)
+    out = ggml_vec_dot_f16(probs[:, :, :, :, None, :], vt, isa)  # (B, KVH, G, T, HD)
     return out.transpose(0, 3, 1, 2, 4).reshape(B, T, H, HD)
 
 
-def swiglu(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
-    """ggml_vec_swiglu_f32 (AVX-512): ggml_v_silu(gate) * up with ggml_v_silu(x) = x / (1 + ggml_v_expf(-x))."""
+def swiglu(gate: np.ndarray, up: np.ndarray, isa: "str | None" = None) -> np.ndarray:
+    """ggml_vec_swiglu_f32: ggml_v_silu(gate) * up with ggml_v_silu(x) = x / (1 + ggml_v_expf(-x)), in vectors
+    of 16 (AVX-512) or 8 (AVX2) values; the rows here are multiples of that long (ggml's scalar tail, with
+    libm's expf, is not mirrored)."""
     g = np.asarray(gate, np.float32)
-    return (g / (np.float32(1) + ggml_v_expf(-g))) * up
+    return (g / (np.float32(1) + ggml_v_expf(-g, isa))) * up
 
 
 # ---- choosing this arithmetic at load (llama_ref.load(..., arithmetic="ggml")) -------------------------------

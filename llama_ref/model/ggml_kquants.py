@@ -2,8 +2,9 @@
 
 The K-quant half of the specification of `arithmetic="ggml"` (llama_ref/model/ggml.py has the 32-value block
 types and says what the mode is). File references are to ggml/src/ in the llama.cpp that llama-cpp-python
-0.3.36 vendors, built for this x86 CPU (AVX2, AVX-512, AVX-512 VNNI, F16C, FMA; GCC, floating-point
-contraction on).
+0.3.36 vendors, built for x86 (GCC, floating-point contraction on). Everything here is the same in a build for
+AVX-512 (VNNI) and one for AVX2 only: both run these routines' AVX2 code (measured: every routine's output
+bit for bit equal on the two builds); what differs between them is model/ggml.py's `isa`.
 
 1. The activation row is quantized to Q8_K (type_traits_cpu[...].vec_dot_type = GGML_TYPE_Q8_K): 256 values
    per block, a float32 scale d (NOT fp16, unlike Q8_0), int8 quants, and bsums, the integer sums of each 16

@@ -4,13 +4,19 @@
                                      [--prefill 512] [--decode 32] [--decode-prompt 64]
 
 The GGUFs are the default model requantized by tests/fixtures/make_llamacpp_logits.py (the files the
-fidelity fixture was made from), written once into --work. Each configuration runs in a fresh process
-(benchmarks/run.py's children: one llama_ref load + measure, or llama-cpp-python with use_mmap=False), all
-with the same thread count; every round runs every configuration once, so each round's ratios compare
-runs made minutes apart on this shared machine, and the table keeps each configuration's best round.
-Roofline: the weights' bytes read once per token at the read bandwidth measured in the same round
-(run.py's bandwidth child). Writes the JSON (--out) and a Markdown table beside it (.md), with the load
-average before each round: on a shared machine the ratios of one round are what can be compared.
+fidelity fixture was made from), written once into --work; the K-quant formats (q4_k_m, q5_k_m, q6_k) are
+llama.cpp's own quantizations of it with their usual fallbacks (its rows of 576 values are not whole
+256-value super-blocks, so most matrices fall back to Q5_0 / Q5_1 / Q8_0: tests/fixtures/
+make_llamacpp_kquant_logits.py's default files, which need llama-cpp-python to make).
+Each configuration runs in a fresh process (benchmarks/run.py's children: one llama_ref load + measure,
+or llama-cpp-python with use_mmap=False), all with the same thread count; every round runs every
+configuration once, so each round's ratios compare runs made minutes apart on this shared machine, and the
+table keeps each configuration's best round. Roofline: the weights' bytes read once per token at the read
+bandwidth measured in the same round (run.py's bandwidth child). With one thread, the table also gives
+decode and prefill per CPU second of the process (run._measure: on a shared machine, the rate on a core of
+its own, time spent waiting for a core not counted). Writes the JSON (--out) and a Markdown table beside
+it (.md), with the load average before each round: on a shared machine the ratios of one round are what can
+be compared.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ def child_ggml(spec: dict) -> dict:
 
 
 CHILDREN = {"ggml": child_ggml, "llama_cpp": bench.child_llama_cpp, "bandwidth": bench.child_bandwidth}
+KQUANTS = ("q4_k_m", "q5_k_m", "q6_k")  # made by llama.cpp's quantizer (make_llamacpp_kquant_logits.py)
 
 
 def run_child(python: str, spec: dict, env: dict) -> dict:
@@ -52,11 +59,32 @@ def run_child(python: str, spec: dict, env: dict) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def ggufs(work: Path, formats: list[str]) -> dict:
-    spec = importlib.util.spec_from_file_location("make_llamacpp_logits",
-                                                  ROOT / "tests" / "fixtures" / "make_llamacpp_logits.py")
+def _fixture_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tests" / "fixtures" / f"{name}.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
+    return script
+
+
+def kquant_gguf(src: Path, work: Path, kind: str, cpp_python: "str | None") -> Path:
+    """The default model (GGUF src) quantized by llama.cpp to `kind` (KQUANTS), through an F32 GGUF."""
+    f32 = work / "smollm2-f32.gguf"
+    if not f32.exists():
+        subprocess.run([sys.executable, "-m", "llama_ref.tools.cli", "convert", str(src), str(f32), "--to",
+                        "gguf-f32"], check=True, cwd=ROOT)
+    dst = work / f"smollm2-{kind}.gguf"
+    if cpp_python is None:
+        raise SystemExit(f"{kind}: making the file needs llama-cpp-python (LLAMA_CPP_PYTHON)")
+    script = ROOT / "tests" / "fixtures" / "make_llamacpp_kquant_logits.py"
+    code = ("import importlib.util, sys; s = importlib.util.spec_from_file_location('k', sys.argv[1]); "
+            "m = importlib.util.module_from_spec(s); s.loader.exec_module(m); "
+            "m.quantize(sys.argv[2], sys.argv[3], m.DEFAULT_FTYPES[sys.argv[4]], pure=False)")
+    subprocess.run([cpp_python, "-c", code, str(script), str(f32), str(dst), kind], check=True)
+    return dst
+
+
+def ggufs(work: Path, formats: list[str], cpp_python: "str | None" = None) -> dict:
+    script = _fixture_script("make_llamacpp_logits")
     sys.path.insert(0, str(ROOT))
     from llama_ref import DEFAULT_MODEL
     from llama_ref.weights.fetch import fetch
@@ -67,7 +95,10 @@ def ggufs(work: Path, formats: list[str]) -> dict:
     for kind in formats:
         path = work / f"smollm2-{kind}.gguf"
         if not path.exists():
-            script.quantized_gguf(src, path, kind)
+            if kind in KQUANTS:
+                kquant_gguf(src, work, kind, cpp_python)
+            else:
+                script.quantized_gguf(src, path, kind)
         out[kind] = path
     return out
 
@@ -77,7 +108,8 @@ def main(argv=None) -> None:
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--formats", nargs="+", default=["q8_0", "q4_0", "q4_1", "q5_0", "q5_1"])
+    ap.add_argument("--formats", nargs="+", default=["q8_0", "q4_0", "q4_1", "q5_0", "q5_1"],
+                    help=f"also {', '.join(KQUANTS)} (llama.cpp's quantizations of the default model)")
     ap.add_argument("--decode", type=int, default=32, help="decode steps per run")
     ap.add_argument("--decode-prompt", type=int, default=64, help="prompt length before decoding")
     ap.add_argument("--prefill", type=int, nargs="*", default=[512], help="prefill lengths to time")
@@ -88,13 +120,13 @@ def main(argv=None) -> None:
         spec = json.loads(a.child)
         print(json.dumps(CHILDREN[spec["kind"]](spec)))
         return
-    files = ggufs(a.work, a.formats)
+    cpp = bench.find_python("llama_cpp", [sys.executable, os.environ.get("LLAMA_CPP_PYTHON"),
+                                          "/tmp/llamacpp-venv/bin/python"])
+    files = ggufs(a.work, a.formats, cpp)
     ids = a.work / "ids.npy"
     np.save(ids, np.random.default_rng(0).integers(100, 40000, size=600))
     env = dict(os.environ, LLAMA_REF_THREADS=str(a.threads), OMP_NUM_THREADS=str(a.threads),
                OPENBLAS_NUM_THREADS=str(a.threads), NUMBA_NUM_THREADS=str(a.threads))
-    cpp = bench.find_python("llama_cpp", [sys.executable, os.environ.get("LLAMA_CPP_PYTHON"),
-                                          "/tmp/llamacpp-venv/bin/python"])
     common = {"ids": str(ids), "threads": a.threads, "prefill": a.prefill, "repeats": 2, "decode": a.decode,
               "decode_prompt": a.decode_prompt}
     rounds = []
@@ -111,13 +143,22 @@ def main(argv=None) -> None:
                 print(f"round {r} {kind} {name}: " + ", ".join(f"{k} {v:.3g}" for k, v in res.items()
                                                                if isinstance(v, float)), flush=True)
         rounds.append(result)
-    report = {"machine": bench.machine_info(a.threads), "threads": a.threads, "rounds": rounds,
-              "formats": {k: {"path": str(p), "bytes": p.stat().st_size} for k, p in files.items()},
-              "settings": common, "load_average": os.getloadavg()}
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(report, indent=1))
-    a.out.with_suffix(".md").write_text(table(report) + "\n")
+        # written after every round: a run stopped early keeps the rounds it finished
+        report = {"machine": bench.machine_info(a.threads), "threads": a.threads, "rounds": rounds,
+                  "ggml_integer_code": integer_code(),
+                  "formats": {k: {"path": str(p), "bytes": p.stat().st_size} for k, p in files.items()},
+                  "settings": common, "load_average": os.getloadavg()}
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        a.out.write_text(json.dumps(report, indent=1))
+        a.out.with_suffix(".md").write_text(table(report) + "\n")
     print(table(report))
+
+
+def integer_code() -> str:
+    """The integer instructions arithmetic="ggml" runs here (kernels/ggml_simd.py): vnni, avx2 or portable."""
+    from llama_ref.kernels import ggml_simd
+
+    return ggml_simd.BEST if ggml_simd.simd_default() else "portable"
 
 
 def _best(report: dict, kind: str, name: str, key: str) -> float:
@@ -134,9 +175,11 @@ def table(report: dict) -> str:
     """Best round per configuration; ratios to llama.cpp within each round, the best round's shown."""
     m = report["machine"]
     loads = ", ".join(f"{r['load_average'][0]:.1f}" for r in report["rounds"] if "load_average" in r)
-    lines = [f"{m.get('cpu', '?')}, {report['threads']} threads per engine, numba {m.get('numba', '?')}; "
-             f"load average before each round: {loads or '?'}; {len(report['rounds'])} rounds, best of each.", ""]
-    pre = [k for k in report["rounds"][0].get(f"{next(iter(report['formats']))} ggml", {}) if k.startswith("prefill_")]
+    lines = [f"{m.get('cpu', '?')}, {report['threads']} threads per engine, numba {m.get('numba', '?')}, "
+             f"ggml integer code {report.get('ggml_integer_code', '?')}; load average before each round: "
+             f"{loads or '?'}; {len(report['rounds'])} rounds, best of each.", ""]
+    pre = [k for k in report["rounds"][0].get(f"{next(iter(report['formats']))} ggml", {})
+           if k.startswith("prefill_") and not k.endswith("_cpu")]
     head = "| format | decode ggml | exact | llama.cpp | ggml / llama.cpp | exact / llama.cpp | ggml % of roofline |"
     sep = "|---|---|---|---|---|---|---|"
     for key in pre:
@@ -156,13 +199,17 @@ def table(report: dict) -> str:
                     f"| {_best_ratio(report, kind, 'exact', key):.2f}x |")
         lines.append(row)
     if report["threads"] == 1:  # one thread: CPU time is the time a core of its own would take
-        lines += ["", "| format | decode per CPU second: ggml | exact | llama.cpp | ggml / llama.cpp "
-                      "| exact / llama.cpp |", "|---|---|---|---|---|---|"]
-        for kind in report["formats"]:
-            best = {n: _best(report, kind, n, "decode_cpu") for n in ("ggml", "exact", "llama.cpp")}
-            lines.append(f"| {kind} | {best['ggml']:.1f} | {best['exact']:.1f} | {best['llama.cpp']:.1f} "
-                         f"| {_best_ratio(report, kind, 'ggml', 'decode_cpu'):.2f}x "
-                         f"| {_best_ratio(report, kind, 'exact', 'decode_cpu'):.2f}x |")
+        for key in ["decode_cpu"] + [f"{k}_cpu" for k in pre]:
+            if not any(key in r.get(f"{kind} ggml", {}) for r in report["rounds"] for kind in report["formats"]):
+                continue  # a report from before prefill was timed in CPU seconds
+            what = key[:-4].replace("_", " ")
+            lines += ["", f"| format | {what} per CPU second: ggml | exact | llama.cpp | ggml / llama.cpp "
+                          "| exact / llama.cpp |", "|---|---|---|---|---|---|"]
+            for kind in report["formats"]:
+                best = {n: _best(report, kind, n, key) for n in ("ggml", "exact", "llama.cpp")}
+                lines.append(f"| {kind} | {best['ggml']:.1f} | {best['exact']:.1f} | {best['llama.cpp']:.1f} "
+                             f"| {_best_ratio(report, kind, 'ggml', key):.2f}x "
+                             f"| {_best_ratio(report, kind, 'exact', key):.2f}x |")
     lines += ["", "Speeds in tokens/s. Roofline: the GGUF's bytes read once per token at the read bandwidth "
               "measured in the same run (best round)."]
     return "\n".join(lines)

@@ -1,15 +1,16 @@
-"""What load(..., sums="blocked") costs: prefill and decode of the default model, sums="blas" against "blocked".
+"""What load(..., sums=...) costs: prefill and decode of the default model, each sums against "blas".
 
-    python benchmarks/float32_sums.py [--rounds 5] [--threads 2] [--backends numpy numba]
+    python benchmarks/float32_sums.py [--rounds 5] [--threads 2] [--backends numpy numba] [--clock cpu]
+        [--sums blas apart blocked]
 
 The 200-token prompt of issue 21 (tests/data/float64_distance.json): its prefill (logits of the last
 position, as generation asks for them, and of every position, as the float64-distance test does), and one
 decode step after it (best of 3 steps). Every configuration runs once per round, interleaved with the
-others, and keeps its best time; the ratio blocked / blas is of those bests, in the same run. Wall time (or
---clock cpu); the
-BLAS library and thread counts (threadpoolctl) and the load average before and after are printed, since this
-machine is shared. OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE are removed from the environment before NumPy
-loads, so OpenBLAS picks its kernels for the real CPU (the report says whether they were set).
+others, and keeps its best time; the ratios to the first --sums are of those bests, in the same run. Wall
+time (or --clock cpu); the BLAS library and thread counts (threadpoolctl) and the load average before and
+after are printed, since this machine is shared. OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE are removed from the
+environment before NumPy loads, so OpenBLAS picks its kernels for the real CPU (the report says whether they
+were set).
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--backends", nargs="+", default=["numpy", "numba"])
+    ap.add_argument("--sums", nargs="+", default=["blas", "apart", "blocked"], choices=["blas", "apart", "blocked"],
+                    help="the first is the one the others are divided by")
     ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                     help="cpu: this process's CPU time (all its threads), steadier than wall time on a busy "
                          "machine with --threads 1; with more threads it counts their spinning too")
@@ -43,7 +46,7 @@ def main() -> None:
 
     ids = json.loads((ROOT / "tests/data/float64_distance.json").read_text())["prompts"]["issue21_200"]
     models = {(b, s): llama_ref.load(llama_ref.DEFAULT_MODEL, backend=b, sums=s, threads=a.threads)
-              for b in a.backends for s in ("blas", "blocked")}
+              for b in a.backends for s in a.sums}
     clock = time.perf_counter if a.clock == "wall" else time.process_time
     next_token = 28  # any id: the decode step's cost does not depend on it
 
@@ -79,11 +82,14 @@ def main() -> None:
     print(f"BLAS / thread pools: {blas}; threads {a.threads}; rounds {a.rounds} (best of each); {a.clock} time")
     print(f"load average before {load_before[0]:.2f}, after {load_after[0]:.2f} (1 min); "
           f"OPENBLAS_CORETYPE/L2_SIZE unset here: {UNSET or 'none were set'}")
-    print(f"{'backend':8s} {'measure':28s} {'blas ms':>9s} {'blocked ms':>11s} {'blocked/blas':>13s}")
+    first = a.sums[0]
+    print(f"{'backend':8s} {'measure':28s} " + " ".join(f"{s + ' ms':>11s}" for s in a.sums)
+          + " " + " ".join(f"{s + '/' + first:>15s}" for s in a.sums[1:]))
     for b in a.backends:
         for name in measures:
-            old, new = best[(b, "blas"), name], best[(b, "blocked"), name]
-            print(f"{b:8s} {name:28s} {old * 1e3:9.1f} {new * 1e3:11.1f} {new / old:13.2f}")
+            ms = [best[(b, s), name] for s in a.sums]
+            print(f"{b:8s} {name:28s} " + " ".join(f"{t * 1e3:11.1f}" for t in ms)
+                  + " " + " ".join(f"{t / ms[0]:15.2f}" for t in ms[1:]))
 
 
 if __name__ == "__main__":

@@ -45,10 +45,12 @@ def load(path_or_name: "str | Path", *, backend: str = "numpy", arithmetic: str 
         together; tensor_parallel=K makes groups of K ranks, each a whole model (data parallel across
         groups). The logits are the single-process ones up to float rounding of the sums.
     sums: how float32 matrix products are summed. "blas" (default): as NumPy's BLAS sums them, in chains of
-        up to a few hundred inputs (OpenBLAS: 288 of 576). "blocked": chains of 96 inputs added pairwise,
-        the largest terms of each product added last (model.ops.linear_blocked): float32 logits about 1.5x
-        closer to float64 than transformers' float32 on the default model, prefill slower
-        (docs/verification.md, 2b). Not with arithmetic="ggml", parallel or vision checkpoints.
+        up to a few hundred inputs (OpenBLAS: 288 of 576). "apart": the 16 columns of the input with its
+        largest entries summed by themselves and added last (model.ops.linear_apart), for products of 16
+        rows or more: float32 logits closer to float64 than transformers' float32 on the default model,
+        prefill ~1.15x slower. "blocked": the 8 largest columns apart and chains of 96 inputs added pairwise
+        (model.ops.linear_blocked): closer still, prefill 1.2-1.5x slower (docs/verification.md, 2b). Not
+        with arithmetic="ggml", parallel or vision checkpoints.
     threads: threads for BLAS and the Numba kernels alike, for the whole process (runtime.threads). None:
         the count set earlier in this process, else $LLAMA_REF_THREADS (or OMP_/OPENBLAS_/NUMBA_NUM_THREADS),
         else the physical cores.
@@ -64,10 +66,10 @@ def load(path_or_name: "str | Path", *, backend: str = "numpy", arithmetic: str 
         raise WeightsError(f"weights must be 'float32' or 'packed', got {weights!r}")
     if arithmetic not in ("exact", "ggml"):
         raise WeightsError(f"arithmetic must be 'exact' or 'ggml', got {arithmetic!r}")
-    if sums not in ("blas", "blocked"):
-        raise WeightsError(f"sums must be 'blas' or 'blocked', got {sums!r}")
-    if sums == "blocked" and (arithmetic == "ggml" or parallel is not None):
-        raise WeightsError("sums='blocked' is implemented for arithmetic='exact' in one process only")
+    if sums not in ("blas", "apart", "blocked"):
+        raise WeightsError(f"sums must be 'apart', 'blocked' or 'blas', got {sums!r}")
+    if sums in ("apart", "blocked") and (arithmetic == "ggml" or parallel is not None):
+        raise WeightsError(f"sums={sums!r} is implemented for arithmetic='exact' in one process only")
     if arithmetic == "ggml":
         from .model.ggml import check_options
         weights = check_options(weights=weights, dtype=dtype, parallel=parallel)
@@ -94,7 +96,7 @@ def load(path_or_name: "str | Path", *, backend: str = "numpy", arithmetic: str 
         from .vision.load import is_vision_checkpoint, load_vision
         if is_vision_checkpoint(path):  # Llama 3.2 Vision: an image encoder and cross-attention (llama_ref.vision)
             if sums != "blas":
-                raise WeightsError(f"{path}: sums='blocked' is not implemented for vision checkpoints")
+                raise WeightsError(f"{path}: sums={sums!r} is not implemented for vision checkpoints")
             return load_vision(path, backend=backend, dtype=dtype, progress=progress, weights=weights,
                                quantize=quantize, mmap=mmap, max_seq_len=max_seq_len, parallel=parallel)
     if parallel is not None:
@@ -135,10 +137,10 @@ def load(path_or_name: "str | Path", *, backend: str = "numpy", arithmetic: str 
     if arithmetic == "ggml":
         from .model.ggml import backend_for
         backend = backend_for(backend, tensors, where=str(path))
-    if sums == "blocked":
-        from .model.ops import with_blocked_sums
+    if sums != "blas":
+        from .model.ops import with_sums
         from .model.transformer import _resolve_backend
-        backend = with_blocked_sums(_resolve_backend(backend)[1])
+        backend = with_sums(_resolve_backend(backend)[1], sums)
     model = Transformer(args, tensors, backend=backend, dtype=dtype, freq_divisors=extras.get("freq_divisors"))
     model.backend_name, model.arithmetic = name, arithmetic
     model.tokenizer = tokenizer

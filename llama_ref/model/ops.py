@@ -35,11 +35,46 @@ def linear(x: np.ndarray, w) -> np.ndarray:
     return (w @ rows.T).T.reshape(*x.shape[:-1], w.shape[0])  # (..., out)
 
 
-# Matrix products with shorter float32 sums: load(..., sums="blocked"). BLAS sums each output in one chain of
-# fused multiply-adds per block of its own (OpenBLAS: 288 of the default model's 576 inputs, 448 of 1536), and
-# nearly all of a float32 forward pass's distance from float64 is made there (docs/verification.md, 2b).
-SUM_BLOCK = 96  # inputs per chain: chunks of a product, each one BLAS call, added pairwise
-SUM_APART = 8  # columns of x with its largest entries, summed apart and added last
+# Matrix products with shorter float32 sums: load(..., sums=...). BLAS sums each output in one chain of fused
+# multiply-adds per block of its own (OpenBLAS: 288 of the default model's 576 inputs, 448 of 1536), and nearly
+# all of a float32 forward pass's distance from float64 is made there (docs/verification.md, 2b). In a chain,
+# every term after a large one is rounded at the large one's scale, and a token's activations hold a few
+# entries 10-40x their row's rms (massive activations, w2's inputs): summing those columns apart ("apart") is
+# the cheaper half of the remedy, shorter chains ("blocked", which does both) the costlier one.
+SUM_BLOCK = 96  # inputs per chain in linear_blocked: chunks of a product, each one BLAS call, added pairwise
+SUM_APART = 8  # columns of x with its largest entries that linear_blocked sums apart and adds last
+APART = 16  # the same for linear_apart; 8 alone: 0.97x/0.84x transformers' distance (NumPy/Numba), 16: 0.74x/0.87x
+
+
+def _apart(rows: np.ndarray, n: int) -> "tuple[np.ndarray, np.ndarray]":
+    """The n columns of rows (N, K) holding its largest |entries| (n,), and rows with them zeroed (N, K): a
+    zero term adds nothing to a sum, so the zeroed rows' product is the product of the other columns."""
+    K = rows.shape[1]
+    cols = np.argpartition(np.abs(rows).max(axis=0), K - n)[K - n:]  # (n,)
+    rest = rows.copy()
+    rest[:, cols] = 0
+    return cols, rest
+
+
+def linear_apart(x: np.ndarray, w) -> np.ndarray:
+    """linear(x, w) with the APART columns of x holding its largest entries summed by themselves and added last.
+
+    One BLAS product over x with those columns zeroed, one product of APART inputs for them, and one addition:
+    the same chains as linear's without their largest terms. On the default model this puts the float32
+    logits closer to float64 than transformers' float32, for ~1.15x linear's time on its products (the passes
+    over x, w's columns and the output cost 5-20 % of BLAS's time there; benchmarks/float32_sums.py).
+    """
+    if not isinstance(w, np.ndarray):
+        w = w.to_float(x.dtype)
+    elif w.dtype != x.dtype:
+        w = w.astype(x.dtype)
+    rows = x.reshape(-1, x.shape[-1])  # (N, K)
+    if rows.shape[0] == 0 or rows.shape[1] < 4 * APART:  # no rows (an unrouted expert), or too few inputs
+        return linear(x, w)
+    cols, rest = _apart(rows, APART)
+    out = w @ rest.T  # (R, N), like linear's w @ rows.T
+    out += w[:, cols] @ rows[:, cols].T  # the largest terms, last: (R, APART) @ (APART, N)
+    return out.T.reshape(*x.shape[:-1], w.shape[0])  # (..., out)
 
 
 def linear_blocked(x: np.ndarray, w) -> np.ndarray:
@@ -63,9 +98,7 @@ def linear_blocked(x: np.ndarray, w) -> np.ndarray:
     if C < 2 or N == 0:  # (no rows: an expert no token was routed to)
         return linear(x, w)
     # The columns holding the largest entries, and x with them zeroed (a zero term adds nothing to a sum).
-    apart = np.argpartition(np.abs(rows).max(axis=0), K - SUM_APART)[K - SUM_APART:]  # (SUM_APART,)
-    rest = rows.copy()
-    rest[:, apart] = 0
+    apart, rest = _apart(rows, SUM_APART)
     main = C * SUM_BLOCK
     chunks_x = rest[:, :main].reshape(N, C, SUM_BLOCK).transpose(1, 2, 0)  # (C, SUM_BLOCK, N) views, no copy
     out = np.empty((R, N), x.dtype)  # (R, N), transposed at the end like linear's w @ rows.T
@@ -90,30 +123,38 @@ def linear_blocked(x: np.ndarray, w) -> np.ndarray:
     return out.T.reshape(*x.shape[:-1], R)  # (..., out)
 
 
-def with_blocked_sums(backend):
-    """A copy of a backend (ops, or llama_ref.kernels) whose float32 matrix products are linear_blocked's.
+SUMS = {"apart": linear_apart, "blocked": linear_blocked}  # load(..., sums=...) other than "blas"
+SUMS_MIN_ROWS = {"apart": 16, "blocked": 2}  # fewer rows of x keep the backend's own product (see with_sums)
 
-    The Numba backend keeps its own kernels for packed weights and for fewer than F32_BLAS_MIN_ROWS rows of
-    x with float32 weights, and either backend linear's product for one row (a decode step): those sum in
-    SIMD lanes already (OpenBLAS's sgemv in 8 partial sums of 72 of 576 inputs), and the weights' memory
-    traffic, not arithmetic, bounds them (blocks added 44 % to a NumPy decode step). Everything else is the
-    backend's."""
+
+def with_sums(backend, sums: str):
+    """A copy of a backend (ops, or llama_ref.kernels) whose float32 matrix products are summed as
+    SUMS[sums] sums them ("apart": linear_apart, "blocked": linear_blocked).
+
+    Products of fewer than SUMS_MIN_ROWS[sums] rows of x (one row: a decode step; "apart": up to 15, a few
+    prompt tokens or a batch of decode rows), fewer than the Numba backend's F32_BLAS_MIN_ROWS (its own
+    kernels), and packed weights in the Numba kernels keep the backend's own product: the weights' memory
+    traffic, not arithmetic, bounds those (blocks added 44 % to a NumPy decode step; gathering APART columns
+    of the output matrix reads up to 16 of the 36 cache lines of each of its rows again), and the Numba
+    kernels sum them in SIMD lanes already (OpenBLAS's sgemv in 8 partial sums of 72 of 576 inputs).
+    Everything else is the backend's."""
     import sys
     import types
 
-    blocked = types.ModuleType(f"{backend.__name__}+blocked_sums")
-    blocked.__dict__.update({k: v for k, v in vars(backend).items() if not k.startswith("__")})
+    product = SUMS[sums]
+    copy = types.ModuleType(f"{backend.__name__}+{sums}_sums")
+    copy.__dict__.update({k: v for k, v in vars(backend).items() if not k.startswith("__")})
     own = backend.linear
-    small = max(2, getattr(sys.modules[own.__module__], "F32_BLAS_MIN_ROWS", 0))  # kernels.linear's; ops has none
+    small = max(SUMS_MIN_ROWS[sums], getattr(sys.modules[own.__module__], "F32_BLAS_MIN_ROWS", 0))
 
-    def blocked_linear(x, w):
+    def summed_linear(x, w):
         packed_kernel = own is not linear and not isinstance(w, np.ndarray)
         if x.dtype != np.float32 or packed_kernel or x.size // x.shape[-1] < small:
             return own(x, w)
-        return linear_blocked(x, w)
+        return product(x, w)
 
-    blocked.linear = blocked_linear
-    return blocked
+    copy.linear = summed_linear
+    return copy
 
 
 def embedding(tokens: np.ndarray, table, dtype) -> np.ndarray:

@@ -195,6 +195,8 @@ def test_cli_passes_sums_to_load(monkeypatch, capsys):
     monkeypatch.setattr("llama_ref.loading.load", recording_load)
     assert main(["generate", "-m", "tiny", "--sums", "blocked", "Hello", "-n", "1"]) == 2
     assert seen[-1] == ("tiny", "blocked")
+    assert main(["generate", "-m", "tiny", "--sums", "apart", "Hello", "-n", "1"]) == 2
+    assert seen[-1] == ("tiny", "apart")
     assert main(["generate", "-m", "tiny", "Hello", "-n", "1"]) == 2
     assert seen[-1] == ("tiny", "blas")
 

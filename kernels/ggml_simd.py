@@ -386,8 +386,7 @@ def _define_tile(module, kind, rows, acts, isa):
     the work that depends on one side only) between pairs. isa: "vnni", "avx2" or "portable" (lanes_u8s8).
 
     8-lane kinds: acc[r][a] = fma(d_w d_x, lanes, acc) per block, hsum_float_8 (+ the mins' sum) at the end.
-    Repacked Q4_0 (rows = 8): the 8 rows' integer sums gathered into one vector, one float32 lane per row;
-    rows = 1: the one row's integer sum in lane 0, the same float steps as its lane of the 8-row tile."""
+    Repacked Q4_0 (rows = 8): the 8 rows' integer sums gathered into one vector, one float32 lane per row."""
     name = f"llama_ref_ggml_tile_{kind}_{rows}x{acts}_{isa}"
     if name in module.globals:
         return module.globals[name]
@@ -460,9 +459,6 @@ def _define_tile(module, kind, rows, acts, isa):
                 new_accs[k] = b.call(fma_v, [splat(scale), b.sitofp(lanes(r, a_), v8f), accs[k]])
         else:
             sums = [lanes(r, a_) for r in range(rows)]
-            if rows == 1:  # the row's 8 lanes summed into lane 0 (exact integers)
-                for half in (4, 2, 1):
-                    sums[0] = b.add(sums[0], _shuffle(b, sums[0], list(range(half, 8)) + list(range(half))))
             while len(sums) > 1:  # 8 vectors of 8 lanes -> one vector of the 8 rows' sums (exact integers)
                 sums = [_combine(b, sums[j], sums[j + 1]) for j in range(0, len(sums), 2)]
             scales = ir.Constant(v8f, ir.Undefined)
@@ -499,9 +495,6 @@ def _define_tile(module, kind, rows, acts, isa):
         final_mins.append(phi)
     for a_ in range(acts):
         row_out = b.add(out, b.mul(c64(a_), ostride))
-        if not lanes8 and rows == 1:
-            b.store(b.extract_element(finals[a_], ir.Constant(I32, 0)), _ptr(b, row_out, F32), align=4)
-            continue
         if not lanes8:
             b.store(finals[a_], _ptr(b, row_out, v8f), align=4)
             continue

@@ -518,6 +518,7 @@ def write_report(report: dict, stem: Path) -> None:
                                f"Run {run}, " if run is not None else "")
     for run, about in sorted(report.get("runs", {}).items()):
         notes.append(f"Run {run}: {about}")
+    notes += report.get("notes", [])  # what a merged report adds by hand (measurements outside this script)
     if notes:
         lines += [""] + notes
     if report["sweep"]:

@@ -37,14 +37,21 @@ _C8 = np.float32(float.fromhex("0x1.ffffecp-1"))
 
 
 @njit(inline="always", **JIT)
+def _expf_reduce(x):
+    """ggml_v_expf's argument reduction, the same in both builds: x = n ln2 + b, n an integer (as float32),
+    and u = b^2."""
+    z = fma32(x, _LOG2E, _R)
+    n = z - _R
+    b = fma32(-n, _LN2_LO, fma32(-n, _LN2_HI, x))
+    return n, b, b * b
+
+
+@njit(inline="always", **JIT)
 def _expf(x):
     """ggml_v_expf on one float32 (llama_ref.model.ggml.ggml_v_expf)."""
     if x != x:  # NaN: itself
         return x
-    z = fma32(x, _LOG2E, _R)
-    n = z - _R
-    b = fma32(-n, _LN2_LO, fma32(-n, _LN2_HI, x))
-    u = b * b
+    n, b, u = _expf_reduce(x)
     j = fma32(fma32(fma32(_C4, b, _C5), u, fma32(_C6, b, _C7)), u, fma32(_C8, b, np.float32(1)))
     if abs(n) > 192:
         return np.float32(0) if n <= 0 else np.float32(np.inf)
@@ -59,10 +66,7 @@ def _expf_avx2(x):
     exact (ldexp32 of 1), as the exponent bits the C code writes are."""
     if x != x:  # NaN: itself
         return x
-    z = fma32(x, _LOG2E, _R)
-    n = z - _R
-    b = fma32(-n, _LN2_LO, fma32(-n, _LN2_HI, x))
-    u = b * b
+    n, b, u = _expf_reduce(x)
     j = fma32(fma32(fma32(_C4, b, _C5), u, fma32(_C6, b, _C7)), u, _C8 * b)  # _C8 * b: its own rounding
     a = abs(n)
     if a <= 126:

@@ -76,24 +76,31 @@ def test_attention_rounds_the_same_whatever_the_layout_of_q():
     assert np.array_equal(ops.attention(strided, k, v, 0), ops.attention(q, k, v, 0))
 
 
+def _closer_than_one_chain(product, x, rng):
+    """product(x, w) on x (24, K) given as (2, 12, K) and random w (200, K): float32, its error against float64
+    under a quarter of one float32 chain's over all inputs, and within one float32 rounding of sum |x w|."""
+    N, K, R = x.shape[0], x.shape[1], 200
+    w = rng.standard_normal((R, K), dtype=np.float32) / np.float32(np.sqrt(K))
+    exact = x.astype(np.float64) @ w.astype(np.float64).T  # (N, R)
+    one_chain = np.add.accumulate(x[:, None, :] * w[None], axis=-1, dtype=np.float32)[..., -1]  # (N, R)
+    ours = product(x.reshape(2, 12, K), w).reshape(N, R)
+    assert ours.dtype == np.float32
+    err = np.abs(ours - exact).max()
+    assert err < 0.25 * np.abs(one_chain - exact).max()
+    assert err < EPS32 * (np.abs(x).astype(np.float64) @ np.abs(w.astype(np.float64)).T).max()
+
+
 @pytest.mark.parametrize("seed", range(3))
 def test_blocked_sums_round_closer_than_one_chain(seed):
     """linear_blocked on activations with a few large columns (like a first token's massive activations):
     its float32 sums are far closer to float64 than one float32 chain over all inputs, and within one float32
     rounding of sum |x w| of it; a remainder of K past the last whole block is summed too."""
     rng = np.random.default_rng(seed)
-    N, K, R = 24, 6 * ops.SUM_BLOCK + 40, 200
+    N, K = 24, 6 * ops.SUM_BLOCK + 40
     x = rng.standard_normal((N, K), dtype=np.float32)
     x[:, 5] *= 40
     x[0, 300] = 60
-    w = rng.standard_normal((R, K), dtype=np.float32) / np.float32(np.sqrt(K))
-    exact = x.astype(np.float64) @ w.astype(np.float64).T  # (N, R)
-    one_chain = np.add.accumulate(x[:, None, :] * w[None], axis=-1, dtype=np.float32)[..., -1]  # (N, R)
-    ours = ops.linear_blocked(x.reshape(2, 12, K), w).reshape(N, R)
-    assert ours.dtype == np.float32
-    err = np.abs(ours - exact).max()
-    assert err < 0.25 * np.abs(one_chain - exact).max()
-    assert err < EPS32 * (np.abs(x).astype(np.float64) @ np.abs(w.astype(np.float64)).T).max()
+    _closer_than_one_chain(ops.linear_blocked, x, rng)
 
 
 @pytest.mark.parametrize("seed", range(3))
@@ -102,19 +109,12 @@ def test_apart_sums_take_the_largest_terms_out_of_the_chains(seed):
     in its chains is of the other columns' scale, so the float32 result is far closer to float64 than one
     float32 chain over all inputs, and within one float32 rounding of sum |x w|."""
     rng = np.random.default_rng(seed)
-    N, K, R = 24, 616, 200
+    N, K = 24, 616
     x = rng.standard_normal((N, K), dtype=np.float32)
     x[:, 5] *= 40
     x[0, 300] = 60
     x[:, 600] *= -30
-    w = rng.standard_normal((R, K), dtype=np.float32) / np.float32(np.sqrt(K))
-    exact = x.astype(np.float64) @ w.astype(np.float64).T  # (N, R)
-    one_chain = np.add.accumulate(x[:, None, :] * w[None], axis=-1, dtype=np.float32)[..., -1]  # (N, R)
-    ours = ops.linear_apart(x.reshape(2, 12, K), w).reshape(N, R)
-    assert ours.dtype == np.float32
-    err = np.abs(ours - exact).max()
-    assert err < 0.25 * np.abs(one_chain - exact).max()
-    assert err < EPS32 * (np.abs(x).astype(np.float64) @ np.abs(w.astype(np.float64)).T).max()
+    _closer_than_one_chain(ops.linear_apart, x, rng)
     cols, rest = ops._apart(x, ops.APART)
     assert {5, 300, 600} <= set(cols.tolist()) and not rest[:, cols].any()
     assert np.array_equal(np.delete(rest, cols, axis=1), np.delete(x, cols, axis=1))

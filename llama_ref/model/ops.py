@@ -17,16 +17,20 @@ def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     return (x / np.sqrt(ms + x.dtype.type(eps))) * weight.astype(x.dtype, copy=False)
 
 
+def _float_weight(w, dtype) -> np.ndarray:
+    """w as a float array of dtype: a packed weight (16-bit or quantized) converts itself, one matrix at a time."""
+    if not isinstance(w, np.ndarray):
+        return w.to_float(dtype)
+    return w if w.dtype == dtype else w.astype(dtype)
+
+
 def linear(x: np.ndarray, w) -> np.ndarray:
     """x @ w.T for a weight stored (out, in) like PyTorch's nn.Linear. x (..., in) -> (..., out).
 
     `w` is a float array or a packed weight (16-bit or quantized) that converts itself to x's dtype
     one matrix at a time, so packed weights are never expanded for the whole model at once.
     """
-    if not isinstance(w, np.ndarray):
-        w = w.to_float(x.dtype)
-    elif w.dtype != x.dtype:
-        w = w.astype(x.dtype)
+    w = _float_weight(w, x.dtype)
     # All rows as one matrix product, so w is read once: `x @ w.T` on a (B, 1, in) batch of decode rows is a
     # stack of B matrix-vector products, each reading all of w. Written as w @ rows.T, which OpenBLAS ran
     # faster than rows @ w.T for 3 to 256 rows (one thread, the default model's layers: 81 against 131 ms
@@ -64,10 +68,7 @@ def linear_apart(x: np.ndarray, w) -> np.ndarray:
     logits closer to float64 than transformers' float32, for ~1.15x linear's time on its products (the passes
     over x, w's columns and the output cost 5-20 % of BLAS's time there; benchmarks/float32_sums.py).
     """
-    if not isinstance(w, np.ndarray):
-        w = w.to_float(x.dtype)
-    elif w.dtype != x.dtype:
-        w = w.astype(x.dtype)
+    w = _float_weight(w, x.dtype)
     rows = x.reshape(-1, x.shape[-1])  # (N, K)
     if rows.shape[0] == 0 or rows.shape[1] < 4 * APART:  # no rows (an unrouted expert), or too few inputs
         return linear(x, w)
@@ -87,10 +88,7 @@ def linear_blocked(x: np.ndarray, w) -> np.ndarray:
     BLAS product each, added pairwise. On the default model this puts the float32 logits about 1.5x closer
     to float64 than transformers' float32, at a cost in speed (benchmarks/float32_sums.py).
     """
-    if not isinstance(w, np.ndarray):
-        w = w.to_float(x.dtype)
-    elif w.dtype != x.dtype:
-        w = w.astype(x.dtype)
+    w = _float_weight(w, x.dtype)
     rows = x.reshape(-1, x.shape[-1])  # (N, K)
     N, K = rows.shape
     R = w.shape[0]

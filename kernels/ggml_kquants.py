@@ -15,7 +15,7 @@ The inner loop is one LLVM vector-IR intrinsic per super-block (_superblock): th
 32-value sub-block, scaled by the sub-block scales and summed in registers, then one 8-lane llvm.fma. The
 K-quants' values are unsigned, so they enter the unsigned side of the integer instructions as they stand:
 vpdpbusd where the CPU has AVX-512 VNNI / AVX-VNNI, else AVX2's vpmaddubsw (pairs into int16, exact: see
-ggml_simd._lanes_u8s8) then vpmaddwd by the scales (pairs into int32, as llama.cpp's AVX2 code does), else
+ggml_simd.lanes_u8s8) then vpmaddwd by the scales (pairs into int32, as llama.cpp's AVX2 code does), else
 portable IR. Which integer code runs is chosen at run time as in kernels/ggml.py (simd 0 portable, 2 AVX2,
 1 the best; LLAMA_REF_GGML_PORTABLE=1 forces the portable one); all give the same integers.
 Numba's on-disk cache checks a kernel against its own file only: after editing kernels/ggml_simd.py delete
@@ -84,7 +84,7 @@ def _superblock_ir(builder, args, kind, isa):
 
 
 @intrinsic
-def _superblock(typingctx, acc, w, x, sc, off, d, use_vnni, kind):
+def _superblock(typingctx, acc, w, x, sc, off, d, simd, kind):
     """One super-block of a K-quant row into ggml's 8 float32 lanes: acc[u] = fma(d, lane u, acc[u]) with
     lane u = sum_j sc[2j + (u >= 4)] * (products 4u .. 4u+3 of sub-block j) - off[u], exact in int32.
 
@@ -92,7 +92,7 @@ def _superblock(typingctx, acc, w, x, sc, off, d, use_vnni, kind):
     sub-block, value i in the low nibble of byte i and i + 16 in the high one; 1 Q5_K, one byte per value
     0..31; 2 Q6_K, int8 q - 32, taken back to 0..63 as ggml does), x (256 int8 activations), sc (16 int32:
     the scale of each 16-value half sub-block; Q4_K/Q5_K repeat each sub-block's scale twice), off (8 int32)
-    are byte addresses; d float32 (d_x * d_w); use_vnni (int): the integer instructions, as
+    are byte addresses; d float32 (d_x * d_w); simd (int): the integer instructions, as
     ggml_simd.dispatch chooses them (0 portable, 2 AVX2, else the best of this CPU), same integers. kind 3:
     Q4_K's bytes, and the integer lanes are stored at acc (8 int32) instead (the repacked gemv sums them).
     One call keeps the 8 lanes in registers across the super-block."""
@@ -139,7 +139,7 @@ def _row_scales(head, r, sc16, mn, dw, dminw):
 
 
 @njit(parallel=True, **JIT)
-def _dot_q45_k(xq, xd, xbs, qs, head, four_bit, use_vnni, out):
+def _dot_q45_k(xq, xd, xbs, qs, head, four_bit, simd, out):
     """ggml_vec_dot_q4_K_q8_K (four_bit) and ggml_vec_dot_q5_K_q8_K: xq (N, K) int8, xd (N, nb) float32,
     xbs (N, nb, 16) int32 bsums; qs, head as packed. out (N, R).
 
@@ -167,9 +167,9 @@ def _dot_q45_k(xq, xd, xbs, qs, head, four_bit, use_vnni, out):
                 for b in range(nb):
                     d = xd[n, b] * dw[b]
                     if four_bit:
-                        _superblock(aa, wa + 128 * b, xa + 256 * b, sa + 64 * b, za, d, use_vnni, 0)
+                        _superblock(aa, wa + 128 * b, xa + 256 * b, sa + 64 * b, za, d, simd, 0)
                     else:
-                        _superblock(aa, wa + 256 * b, xa + 256 * b, sa + 64 * b, za, d, use_vnni, 1)
+                        _superblock(aa, wa + 256 * b, xa + 256 * b, sa + 64 * b, za, d, simd, 1)
                     dmin = -(xd[n, b] * dminw[b])
                     for j in range(8):
                         s[j] = mn[b, j] * (xbs[n, b, 2 * j] + xbs[n, b, 2 * j + 1])
@@ -185,7 +185,7 @@ def _dot_q45_k(xq, xd, xbs, qs, head, four_bit, use_vnni, out):
 
 
 @njit(parallel=True, **JIT)
-def _gemv_q4_k(xq, xd, xbs, qs, head, use_vnni, out):
+def _gemv_q4_k(xq, xd, xbs, qs, head, simd, out):
     """ggml_gemv_q4_K_8x8_q8_K (rows in groups of 8): one integer per super-block for the values (the sum
     of the 8 lanes of sc-scaled sub-blocks), one for the mins; acc = fma(iacc, d_w d_x, acc), acc_min
     likewise with dmin; out = acc - acc_min."""
@@ -208,7 +208,7 @@ def _gemv_q4_k(xq, xd, xbs, qs, head, use_vnni, out):
                 acc = np.float32(0)
                 acc_min = np.float32(0)
                 for b in range(nb):
-                    _superblock(la, wa + 128 * b, xa + 256 * b, sa + 64 * b, za, np.float32(0), use_vnni, 3)
+                    _superblock(la, wa + 128 * b, xa + 256 * b, sa + 64 * b, za, np.float32(0), simd, 3)
                     imin = np.int32(0)
                     for j in range(8):
                         imin += mn[b, j] * (xbs[n, b, 2 * j] + xbs[n, b, 2 * j + 1])
@@ -218,7 +218,7 @@ def _gemv_q4_k(xq, xd, xbs, qs, head, use_vnni, out):
 
 
 @njit(parallel=True, **JIT)
-def _dot_q6_k(xq, xd, xbs, qs, head, use_vnni, out):
+def _dot_q6_k(xq, xd, xbs, qs, head, simd, out):
     """ggml_vec_dot_q6_K_q8_K: qs (R, K) int8 bytes q - 32, head (R, nb, 18) 16 int8 scales | d fp16.
 
     Lane u of a super-block: sum_c sc[2c + (u >= 4)] * (products 32c + 4u .. 32c + 4u + 3 of the unsigned
@@ -245,7 +245,7 @@ def _dot_q6_k(xq, xd, xbs, qs, head, use_vnni, out):
                 for b in range(nb):
                     for u in range(8):  # the -32 of every value, by the bsums (_mm256_madd_epi16 << 5)
                         off[u] = 32 * (sc[b, 2 * u] * xbs[n, b, 2 * u] + sc[b, 2 * u + 1] * xbs[n, b, 2 * u + 1])
-                    _superblock(aa, wa + 256 * b, xa + 256 * b, sa + 64 * b, oa, xd[n, b] * dw[b], use_vnni, 2)
+                    _superblock(aa, wa + 256 * b, xa + 256 * b, sa + 64 * b, oa, xd[n, b] * dw[b], simd, 2)
                 out[n, r] = ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]))
 
 

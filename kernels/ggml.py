@@ -143,7 +143,8 @@ def _linear(kind, xq, xd, xs, qs, d, m, out, use_simd):
 @njit(inline="always", **JIT)
 def _decode_rows(kind, xq, xd, xs, qs, d, m, out, use_simd, r0, r1):
     """Rows r0 .. r1 - 1 of a decode (one activation row), one at a time, asking for the row PREFETCH_ROWS
-    ahead (see _linear); repacked Q4_0 8 at a time, asking for the next 8."""
+    ahead (see _linear); repacked Q4_0 8 at a time, its tile asking for the weights ahead block by block
+    (ggml_simd.AHEAD_TILES; the portable and VNNI builds of it do not: the decode runs AVX2's here)."""
     R, nb = d.shape
     ws, wds = np.int64(qs.shape[1]), np.int64(4 * nb)
     w0, d0, m0 = np.int64(qs.ctypes.data), np.int64(d.ctypes.data), np.int64(m.ctypes.data)
@@ -153,8 +154,8 @@ def _decode_rows(kind, xq, xd, xs, qs, d, m, out, use_simd, r0, r1):
     # before its fma, and took 1.6x longer (model, one thread); rows r0, r1 are multiples of 8 there.
     step = 8 if kind == 3 else 1
     for r in range(r0, r1, step):
-        ahead = r + (step if kind == 3 else PREFETCH_ROWS)
-        if ahead < R:
+        ahead = r + PREFETCH_ROWS
+        if kind != 3 and ahead < R:  # repacked Q4_0's tile asks for the next tile itself, block by block
             for off in range(ahead * ws, (ahead + step) * ws, 64):
                 simd.prefetch(w0 + off)
             for off in range(ahead * wds, (ahead + step) * wds, 64):
@@ -234,7 +235,8 @@ def quantized_linear(x2: np.ndarray, w, use_simd: "int | None" = None) -> np.nda
         fmt = "q4_0r"
     m = w.m if fmt in ("q4_1", "q5_1") else w.d
     use = SIMD if use_simd is None else int(use_simd)
-    if N == 1 and numba.get_num_threads() == 1:
+    # NUMBA_NUM_THREADS=1 first: get_num_threads() costs ~2 us a call, 0.4 ms of a decode step's 211 products
+    if N == 1 and (numba.config.NUMBA_NUM_THREADS == 1 or numba.get_num_threads() == 1):
         _decode_serial(KIND[fmt], x2, readonly(w.qs), readonly(w.d), readonly(m), out, use)
         return out
     xq, xd, xs = quantize_q8(x2)

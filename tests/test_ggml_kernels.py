@@ -218,6 +218,21 @@ def test_linear_extreme_values_equal_specification(kind, use_simd):
                 assert same_bits(kernels().quantized_linear(x, w, use_simd), ggml.linear(x, w))
 
 
+@pytest.mark.parametrize("use_simd", [0, 1, 2])
+def test_repacked_q4_0_extreme_sums_equal_specification(use_simd):
+    """Repacked Q4_0 (rows in groups of 8) on AVX2 adds a block's 16 int16 pair sums of nibble products per
+    row before one vpmaddwd: nibbles 15 by activations all 127 (or all -127) take them to +-30480, 2287 short of
+    int16's limit; a tile summing more before widening would wrap. Each activation row alone (the decode's
+    tile) and all together (the prefill's)."""
+    x = np.array([[1] * 96, [-1] * 96, [1, -1] * 48, [-1] * 32 + [1] * 64, [0] * 96], np.float32)
+    for pattern in ("max", "min", "random"):
+        for scale in ((6e-8, 1e-6), (1e-3, 1.0), (1e3, 65504.0)):
+            w = raw_blocks("q4_0", 16, 3, seed=len(pattern), pattern=pattern, scale=scale)
+            assert same_bits(kernels().quantized_linear(x, w, use_simd), ggml.linear(x, w))
+            for row in x:
+                assert same_bits(kernels().quantized_linear(row[None], w, use_simd), ggml.linear(row[None], w))
+
+
 @settings(max_examples=25, deadline=None)
 @given(data=st.data(), kind=st.sampled_from(sorted(TYPES)), n=st.integers(1, 6), rows=st.integers(1, 20),
        nb=st.integers(1, 5), pattern=st.sampled_from(["random", "min", "max", "q8_edges"]),

@@ -21,7 +21,10 @@ from numba import njit, prange
 from llama_ref.model import ggml as spec
 
 from ._common import JIT
-from .ggml_simd import axpy32, f16_dots, fma32, fp16_round, ldexp32
+from .ggml_simd import fma32, fp16_round, ldexp32
+from .ggml_vec import (exp_sums8, exp_sums16, expf_array8, expf_array16, f16_columns8_1, f16_columns8_2,
+                       f16_columns8_3, f16_columns16_1, f16_columns16_2, f16_columns16_3, f16_scores8_1,
+                       f16_scores8_2, f16_scores8_3, f16_scores16_1, f16_scores16_2, f16_scores16_3)
 
 PARALLEL_ROWS = 16  # fewer rows than this (a decode step): one thread, no parallel region to start
 
@@ -81,171 +84,120 @@ def _expf_avx2(x):
     return np.float32(0) if n <= 0 else np.float32(np.inf)  # s1 * s1: 2^-250 or 2^254
 
 
-@njit(inline="always", **JIT)
-def _hsum8(v, o):
-    """hsum_float_8 of v[o .. o+8] (the AVX2 softmax's sum of a vector): (i + i+4), then (0 + 2) + (1 + 3)."""
-    a0, a1 = v[o] + v[o + 4], v[o + 1] + v[o + 5]
-    a2, a3 = v[o + 2] + v[o + 6], v[o + 3] + v[o + 7]
-    return (a0 + a2) + (a1 + a3)
-
-
-@njit(inline="always", **JIT)
-def _reduce8(t0, t1, t2, t3, t4, t5, t6, t7):
-    """The end of GGML_F32x8_REDUCE: (i + i+4), then _mm_hadd_ps twice: (0 + 1) + (2 + 3)."""
-    a0, a1, a2, a3 = t0 + t4, t1 + t5, t2 + t6, t3 + t7
-    return (a0 + a1) + (a2 + a3)
-
-
-@njit(inline="always", **JIT)
-def _reduce16(v, o):
-    """_mm512_reduce_add_ps of v[o .. o+16]: halves added 16 -> 8 -> 4 -> 2, then the two."""
-    a0 = v[o] + v[o + 8]
-    a1 = v[o + 1] + v[o + 9]
-    a2 = v[o + 2] + v[o + 10]
-    a3 = v[o + 3] + v[o + 11]
-    a4 = v[o + 4] + v[o + 12]
-    a5 = v[o + 5] + v[o + 13]
-    a6 = v[o + 6] + v[o + 14]
-    a7 = v[o + 7] + v[o + 15]
-    b0, b1, b2, b3 = a0 + a4, a1 + a5, a2 + a6, a3 + a7
-    return (b0 + b2) + (b1 + b3)
-
-
-@njit(inline="always", **JIT)
-def _finish_columns(acc, out):
-    """The end of ggml_vec_dot_f16 for every column of acc (64, HD) at once -> out (HD,): accumulators
-    (0 + 2) + (1 + 3), then reduce_add_16 (16 -> 8 -> 4 -> 2 -> 1). Column d is what _finish_f16 gives."""
-    HD = acc.shape[1]
-    t = np.empty((16, HD), np.float32)
-    for i in range(16):
-        for d in range(HD):
-            t[i, d] = (acc[i, d] + acc[32 + i, d]) + (acc[16 + i, d] + acc[48 + i, d])
-    for half in (8, 4, 2, 1):
-        for i in range(half):
-            for d in range(HD):
-                t[i, d] = t[i, d] + t[i + half, d]
-    for d in range(HD):
-        out[d] = t[0, d]
-
-
-@njit(inline="always", **JIT)
-def _finish_columns_avx2(acc, out):
-    """The end of ggml_vec_dot_f16 on AVX2 for every column of acc (32, HD): accumulator c is rows 8c .. 8c+7;
-    (0 + 2) + (1 + 3), then GGML_F32x8_REDUCE's lanes (_reduce8)."""
-    for d in range(acc.shape[1]):
-        out[d] = _reduce8(_acc_lane(acc, 0, d), _acc_lane(acc, 1, d), _acc_lane(acc, 2, d), _acc_lane(acc, 3, d),
-                          _acc_lane(acc, 4, d), _acc_lane(acc, 5, d), _acc_lane(acc, 6, d), _acc_lane(acc, 7, d))
-
-
-@njit(inline="always", **JIT)
-def _acc_lane(acc, i, d):
-    """Lane i of (accumulator 0 + 2) + (1 + 3), accumulator c being rows 8c .. 8c+7 of acc (32, HD)."""
-    return (acc[i, d] + acc[16 + i, d]) + (acc[8 + i, d] + acc[24 + i, d])
-
-
-@njit(inline="always", **JIT)
-def _f16_dot_avx2(qh, keys, p, m, acc):
-    """ggml_vec_dot_f16's SIMD part on AVX2 of q (fp16 values) with key row p (rounded to fp16 here): 4
-    accumulators of 8 lanes (acc (32, 1), the caller's scratch) over the first m = HD - HD % 32 values,
-    (0 + 2) + (1 + 3), _reduce8."""
-    acc[:] = 0
-    for s in range(0, m, 32):
-        for i in range(32):
-            acc[i, 0] += qh[s + i] * fp16_round(keys[p, s + i])  # exact product, one rounding
-    return _reduce8(_acc_lane(acc, 0, 0), _acc_lane(acc, 1, 0), _acc_lane(acc, 2, 0), _acc_lane(acc, 3, 0),
-                    _acc_lane(acc, 4, 0), _acc_lane(acc, 5, 0), _acc_lane(acc, 6, 0), _acc_lane(acc, 7, 0))
-
-
 @njit(**JIT)
-def _to_fp16(x, out):
-    """out = x rounded to fp16 (as float32), x and out flat (vcvtps2ph, vcvtph2ps: memory speed, one thread)."""
-    for i in range(x.shape[0]):
-        out[i] = fp16_round(x[i])
+def _fp16_heads(x, out):
+    """out (B, KVH, S, HD) = x (B, S, KVH, HD) rounded to fp16 (as float32): the F16 cache's values, each
+    head's rows contiguous (vcvtps2ph, vcvtph2ps)."""
+    B, S, KVH, HD = x.shape
+    for b in range(B):
+        for s in range(S):
+            for h in range(KVH):
+                for d in range(HD):
+                    out[b, h, s, d] = fp16_round(x[b, s, h, d])
+
+
+@njit(inline="always", **JIT)
+def _scores(wide, rows, q, keys, row, visible, HD, scale, w, w_stride):
+    """kernels/ggml_vec.f16_scores for `rows` (1 to 3) query heads in the build's lane order."""
+    args = (q, keys, row, np.int64(visible), np.int64(HD), scale, w, w_stride)
+    if wide:
+        if rows == 3:
+            f16_scores16_3(*args)
+        elif rows == 2:
+            f16_scores16_2(*args)
+        else:
+            f16_scores16_1(*args)
+    elif rows == 3:
+        f16_scores8_3(*args)
+    elif rows == 2:
+        f16_scores8_2(*args)
+    else:
+        f16_scores8_1(*args)
+
+
+@njit(inline="always", **JIT)
+def _columns(wide, rows, w, w_stride, values, row, visible, HD, acc, out):
+    """kernels/ggml_vec.f16_columns for `rows` (1 to 3) probability rows in the build's lane order."""
+    args = (w, w_stride, values, row, np.int64(visible), np.int64(HD), acc, out)
+    if wide:
+        if rows == 3:
+            f16_columns16_3(*args)
+        elif rows == 2:
+            f16_columns16_2(*args)
+        else:
+            f16_columns16_1(*args)
+    elif rows == 3:
+        f16_columns8_3(*args)
+    elif rows == 2:
+        f16_columns8_2(*args)
+    else:
+        f16_columns8_1(*args)
 
 
 @njit(parallel=True, **JIT)
 def _attention(q, k, v, start_pos, scale, wide, out):
-    """q (B, T, H, HD), k, v (B, S, KVH, HD) float32 (v holding fp16 values) -> out (B, T, H, HD):
-    llama_ref.model.ggml.attention without a key mask, K rounded to fp16 as it is read, in the AVX-512
-    build's order (wide) or the AVX2 build's. One work item per (batch, position, head)."""
+    """q (B, T, H, HD) float32, k, v (B, KVH, S, HD) fp16 values as float32 (HD a multiple of 8) -> out
+    (B, T, H, HD): llama_ref.model.ggml.attention without a key mask, in the AVX-512 build's order (wide) or
+    the AVX2 build's, by kernels/ggml_vec.py's vectors. One work item per (batch, KV head, position): its G
+    query heads in groups of R (3, 2 or 1) that share every key and value row loaded."""
     B, T, H, HD = q.shape
-    S, KVH = v.shape[1], v.shape[2]
+    KVH, S = k.shape[1], k.shape[2]
     G = H // KVH
-    P = (S + 63) // 64 * 64
+    R = 3 if G % 3 == 0 else 2 if G % 2 == 0 else 1
+    P = (S + 63) // 64 * 64  # ggml's cache view, padded
     step = 64 if wide else 32  # GGML_F16_STEP: 4 accumulators of 16 or 8 lanes
     width = 16 if wide else 8  # the lanes of one softmax vector
-    m = HD - HD % step
-    for item in prange(B * T * H):
-        b, rest = item // (T * H), item % (T * H)
-        t, h = rest // H, rest % H
-        kvh = h // G
-        last = start_pos + t  # the last visible key
-        qh = np.empty(HD, np.float32)
-        for d in range(HD):
-            qh[d] = fp16_round(q[b, t, h, d])
-        # scores: ggml_vec_dot_f16(q, k_p) for every visible key, times the scale; -inf for the others
-        w = np.full(P, -np.inf, np.float32)
-        visible = min(S, last + 1)
-        keys = k[b, :, kvh]  # (S, HD), rows KVH * HD apart
-        if wide:
-            f16_dots(np.int64(qh.ctypes.data), np.int64(keys.ctypes.data), np.int64(4 * KVH * HD),
-                     np.int64(visible), np.int64(m // 64), np.int64(w.ctypes.data))
-        else:
-            acc = np.empty((32, 1), np.float32)
-            for p in range(visible):
-                w[p] = _f16_dot_avx2(qh, keys, p, m, acc)
-        for p in range(visible):
-            total = np.float64(w[p])
-            for i in range(m, HD):  # the leftovers of HD % 64, one by one in float64
-                total += np.float64(qh[i] * fp16_round(keys[p, i]))
-            w[p] = np.float32(total) * scale
-        # softmax: minus the maximum, ggml_v_expf, sums of 16 (8) in float32 added in float64, times 1 / sum.
-        # Past the visible keys exp(-inf) = 0: whole chunks of zeros add 0 to the float64 sum and zero
-        # probabilities add +0 to V's accumulators, both exactly nothing, so the loops stop at `used`.
+    row = np.int64(4 * HD)  # bytes from one key (value) row to the next
+    for item in prange(B * KVH * T):
+        b, kvh, t = item // (KVH * T), item // T % KVH, item % T
+        qh = np.empty((R, HD), np.float32)
+        w = np.empty((R, P), np.float32)
+        acc = np.empty((R, step, HD), np.float32)
+        keys, values = np.int64(k[b, kvh].ctypes.data), np.int64(v[b, kvh].ctypes.data)
+        wp, qp, ap = np.int64(w.ctypes.data), np.int64(qh.ctypes.data), np.int64(acc.ctypes.data)
+        visible = min(S, start_pos + t + 1)  # keys up to the query's own position
+        # past the visible keys exp(-inf) = 0: whole vectors of zeros add 0 to the float64 sum and zero
+        # probabilities add +0 to V's accumulators, both nothing, so the loops stop at `used` / `visible`
         used = min(P, (visible + width - 1) // width * width)
-        row_max = w[0]
-        for p in range(1, visible):
-            if w[p] > row_max:
-                row_max = w[p]
-        total = np.float64(0)
-        if wide:
-            for p in range(used):
-                w[p] = _expf(w[p] - row_max)
-            for c in range(used // 16):
-                total += np.float64(_reduce16(w, 16 * c))
-        else:
-            for p in range(used):
-                w[p] = _expf_avx2(w[p] - row_max)
-            for c in range(used // 8):
-                total += np.float64(_hsum8(w, 8 * c))
-        inv = np.float32(1.0 / total)
-        for p in range(visible):
-            w[p] = fp16_round(w[p] * inv)
-        # the probabilities times each column of V (transposed in llama.cpp): ggml_vec_dot_f16 over P keys,
-        # key p into accumulator lane p % 64 (AVX2: p % 32) of every column
-        accv = np.zeros((step, HD), np.float32)
-        a0, vrow = np.int64(accv.ctypes.data), np.int64(v[b, 0, kvh].ctypes.data)
-        for p in range(visible):  # accv[p % step] += w[p] * v[p]
-            axpy32(a0 + 4 * HD * (p % step), w[p], vrow + 4 * KVH * HD * p, np.int64(HD))
-        # (P % 64 == 0: no leftover products, and the float64 sum of one float32 rounds back to it)
-        if wide:
-            _finish_columns(accv, out[b, t, h])
-        else:
-            _finish_columns_avx2(accv, out[b, t, h])
+        for h0 in range(kvh * G, kvh * G + G, R):
+            for r in range(R):
+                for d in range(HD):
+                    qh[r, d] = fp16_round(q[b, t, h0 + r, d])
+            # scores: ggml_vec_dot_f16(q, k_p) * scale for every visible key, -inf for the others
+            _scores(wide, R, qp, keys, row, visible, HD, scale, wp, np.int64(4 * P))
+            for r in range(R):
+                for p in range(visible, used):
+                    w[r, p] = -np.inf
+                row_max = w[r, 0]
+                for p in range(1, visible):
+                    if w[r, p] > row_max:
+                        row_max = w[r, p]
+                # softmax: ggml_v_expf(x - max), the vectors' sums added in float64, times float32(1 / sum)
+                wr = wp + 4 * P * r
+                total = exp_sums16(wr, np.int64(used), row_max) if wide else exp_sums8(wr, np.int64(used), row_max)
+                inv = np.float32(1.0 / total)
+                for p in range(visible):
+                    w[r, p] = fp16_round(w[r, p] * inv)
+            # the probabilities times each column of V (transposed in llama.cpp)
+            op = np.int64(out.ctypes.data) + 4 * (((b * T + t) * H + h0) * HD)
+            _columns(wide, R, wp, np.int64(4 * P), values, row, visible, HD, ap, op)
 
 
 def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start_pos: int,
               key_mask: "np.ndarray | None" = None, isa: "str | None" = None) -> np.ndarray:
-    """llama_ref.model.ggml.attention, compiled (a batch with a key mask: the specification's)."""
+    """llama_ref.model.ggml.attention, compiled (a batch with a key mask, or a head size that is no multiple
+    of 8: the specification's)."""
     isa = spec._isa(isa)
-    if key_mask is not None or q.dtype != np.float32:
-        return spec.attention(q, k, v, start_pos, key_mask, isa)
-    out = np.empty(q.shape, np.float32)
     HD = q.shape[-1]
-    vh = np.empty(v.shape, np.float32)  # the F16 cache's values (the keys are rounded as they are read)
-    _to_fp16(np.ascontiguousarray(v, np.float32).reshape(-1), vh.reshape(-1))
-    _attention(np.ascontiguousarray(q), np.ascontiguousarray(k, np.float32), vh, start_pos,
-               np.float32(1 / np.sqrt(HD)), isa == "avx512", out)
+    if key_mask is not None or q.dtype != np.float32 or HD % 8:
+        return spec.attention(q, k, v, start_pos, key_mask, isa)
+    B, S, KVH = k.shape[:3]
+    kh = np.empty((B, KVH, S, HD), np.float32)  # the F16 cache: rounded once, each head's rows together
+    vh = np.empty((B, KVH, S, HD), np.float32)
+    _fp16_heads(np.ascontiguousarray(k, np.float32), kh)
+    _fp16_heads(np.ascontiguousarray(v, np.float32), vh)
+    out = np.empty(q.shape, np.float32)
+    _attention(np.ascontiguousarray(q), kh, vh, start_pos, np.float32(1 / np.sqrt(HD)), isa == "avx512", out)
     return out
 
 
@@ -376,14 +328,18 @@ def swiglu(gate: np.ndarray, up: np.ndarray, isa: "str | None" = None) -> np.nda
 
 
 def expf(x: np.ndarray, isa: "str | None" = None) -> np.ndarray:
-    """ggml_v_expf elementwise, compiled (for the tests)."""
+    """ggml_v_expf elementwise, compiled (kernels/ggml_vec.py's vectors; for the tests)."""
     x = np.ascontiguousarray(x, np.float32)
-    return _expf_array(x.reshape(-1), spec._isa(isa) == "avx512").reshape(x.shape)
+    flat = np.zeros(-(-x.size // 16) * 16, np.float32)  # whole vectors
+    flat[:x.size] = x.reshape(-1)
+    out = np.empty_like(flat)
+    _expf_array(flat, spec._isa(isa) == "avx512", out)
+    return out[:x.size].reshape(x.shape)
 
 
 @njit(**JIT)
-def _expf_array(x, wide):
-    out = np.empty_like(x)
-    for i in range(x.shape[0]):
-        out[i] = _expf(x[i]) if wide else _expf_avx2(x[i])
-    return out
+def _expf_array(x, wide, out):
+    if wide:
+        expf_array16(np.int64(x.ctypes.data), np.int64(x.shape[0]), np.int64(out.ctypes.data))
+    else:
+        expf_array8(np.int64(x.ctypes.data), np.int64(x.shape[0]), np.int64(out.ctypes.data))

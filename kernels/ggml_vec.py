@@ -1,0 +1,333 @@
+"""LLVM vector IR for ggml mode's attention (kernels/ggml_ops.py): ggml_vec_dot_f16 over the fp16 cache,
+ggml_v_expf and the softmax sums, in the lane order of llama.cpp's AVX2 build (8 lanes) or its AVX-512
+build (16 lanes), as Numba intrinsics.
+
+Scalar Numba code neither fuses a multiply-add nor keeps a reduction's lanes apart once LLVM vectorizes it
+(no fast-math: it does not vectorize at all), so each routine here writes ggml's vectors as LLVM vectors:
+one <L x float> per ggml register, llvm.fma where ggml fuses, shuffles for its horizontal sums in its order.
+Where ggml multiplies fp16 values and adds the product (GGML_F16_VEC_FMA), fma(a, b, acc) and acc + a * b
+are the same number: the product of two fp16 values is exact in float32, so either rounds once.
+
+- f16_scores(lanes): one query (fp16 values as float32) against a run of key rows: ggml_vec_dot_f16
+  (4 accumulators of `lanes` lanes over the first HD - HD % 4L values, (0 + 2) + (1 + 3), the lanes summed
+  by reduce_add_16 / GGML_F32x8_REDUCE, then the leftovers one by one in float64), times the softmax scale.
+- f16_columns(lanes): probabilities (fp16 values) times V (transposed in llama.cpp): ggml_vec_dot_f16 of
+  the probability row with every column of V, key p into accumulator lane p % 4L. Each accumulator lane of
+  each column is a chain over the keys p = a, a + 4L, ...; the chains of 8 columns share a vector, up to 8
+  vectors in flight, then the lanes of every column are reduced as ggml_vec_dot_f16 does.
+- exp_sums(lanes): a softmax row's e = ggml_v_expf(x - max) in place, and the float64 sum of its vectors'
+  float32 sums (hsum_float_8 on AVX2, _mm512_reduce_add_ps on AVX-512), vector after vector.
+- expf_vector(builder, x, wide): ggml_v_expf on an LLVM vector (either build's; llama_ref.model.ggml.ggml_v_expf
+  is the specification).
+
+Numba's on-disk cache checks a kernel against its own file only: after editing this file delete
+kernels/__pycache__/ggml_ops*.nbi and *.nbc (see _common.py).
+"""
+
+from __future__ import annotations
+
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from .ggml_simd import F32, I32, I64, _declare, _gep_load, _ptr, _shuffle
+
+F64 = ir.DoubleType()
+
+
+def _c64(v):
+    return ir.Constant(I64, v)
+
+
+def _splat(builder, value, n):
+    """<n x float> with every lane `value` (an LLVM float)."""
+    vt = ir.VectorType(value.type, n)
+    return _shuffle(builder, builder.insert_element(ir.Constant(vt, ir.Undefined), value, ir.Constant(I32, 0)),
+                    [0] * n)
+
+
+def _vconst(ty, value, n):
+    return ir.Constant(ir.VectorType(ty, n), [value] * n)
+
+
+def _fma(builder, a, b, c):
+    """llvm.fma on vectors (or scalars) of float: a * b + c rounded once."""
+    name = f"llvm.fma.v{a.type.count}f32" if isinstance(a.type, ir.VectorType) else "llvm.fma.f32"
+    return builder.call(_declare(builder.module, name, a.type, [a.type] * 3), [a, b, c])
+
+
+def _halves(builder, v):
+    """v (2k lanes) -> lanes 0 .. k-1 plus lanes k .. 2k-1, lane by lane."""
+    k = v.type.count // 2
+    return builder.fadd(_shuffle(builder, v, list(range(k))), _shuffle(builder, v, list(range(k, 2 * k))))
+
+
+def _lane(builder, v, i):
+    return builder.extract_element(v, ir.Constant(I32, i))
+
+
+def reduce_add_16(builder, v):
+    """_mm512_reduce_add_ps (llama_ref.model.ggml.reduce_add_16): halves added 16 -> 8 -> 4 -> 2, then the two."""
+    for _ in range(3):
+        v = _halves(builder, v)
+    return builder.fadd(_lane(builder, v, 0), _lane(builder, v, 1))
+
+
+def reduce_add_8(builder, v):
+    """The end of GGML_F32x8_REDUCE (llama_ref.model.ggml.reduce_add_8): (i + i+4), then (0 + 1) + (2 + 3)."""
+    r = _halves(builder, v)
+    return builder.fadd(builder.fadd(_lane(builder, r, 0), _lane(builder, r, 1)),
+                        builder.fadd(_lane(builder, r, 2), _lane(builder, r, 3)))
+
+
+def hsum_float_8(builder, v):
+    """hsum_float_8 (the AVX2 softmax's vector sum): (i + i+4), then (0 + 2) + (1 + 3)."""
+    r = _halves(builder, v)
+    return builder.fadd(builder.fadd(_lane(builder, r, 0), _lane(builder, r, 2)),
+                        builder.fadd(_lane(builder, r, 1), _lane(builder, r, 3)))
+
+
+# ---- ggml_v_expf ------------------------------------------------------------------------------------------------
+
+_EXPF = {name: float.fromhex(h) for name, h in (
+    ("r", "0x1.8p23"), ("log2e", "0x1.715476p+0"), ("ln2_hi", "0x1.62e4p-1"), ("ln2_lo", "0x1.7f7d1cp-20"),
+    ("c4", "0x1.0e4020p-7"), ("c5", "0x1.573e2ep-5"), ("c6", "0x1.555e66p-3"), ("c7", "0x1.fffdb6p-2"),
+    ("c8", "0x1.ffffecp-1"))}
+
+
+def expf_vector(builder, x, wide):
+    """ggml_v_expf of the float vector x, every lane as llama_ref.model.ggml.ggml_v_expf(isa) computes it:
+    wide, the AVX-512 build's (j = 1 + b c1 + ..., j * 2^n rounded once: here in float64, where it is
+    exact); else the AVX2 build's (j without its 1, fma(k, j, k) with k = 2^n from z's bits; past |n| = 126
+    the power split as s2 * s1; past 192, s1 * s1). Both branches of every select are computed, as in the C
+    code; a NaN lane comes back as itself."""
+    n_l = x.type.count
+    b = builder
+
+    def c(name):
+        return _vconst(F32, _EXPF[name], n_l)
+    z = _fma(b, x, c("log2e"), c("r"))
+    n = b.fsub(z, c("r"))
+    neg_n = b.fneg(n)
+    red = _fma(b, neg_n, c("ln2_lo"), _fma(b, neg_n, c("ln2_hi"), x))
+    u = b.fmul(red, red)
+    p = _fma(b, _fma(b, c("c4"), red, c("c5")), u, _fma(b, c("c6"), red, c("c7")))
+    fabs = _declare(b.module, f"llvm.fabs.v{n_l}f32", x.type, [x.type])
+    a = b.call(fabs, [n])
+    zero, inf = _vconst(F32, 0.0, n_l), _vconst(F32, float("inf"), n_l)
+    n_le_0 = b.fcmp_ordered("<=", n, zero)
+    if wide:
+        j = _fma(b, p, u, _fma(b, c("c8"), red, _vconst(F32, 1.0, n_l)))
+        # j * 2^n: 2^n from its float64 bits (n clamped first where it is past 192 or NaN: selected away below)
+        small = b.fcmp_ordered("<=", a, _vconst(F32, 192.0, n_l))
+        ni = b.fptosi(b.select(small, n, zero), ir.VectorType(I64, n_l))
+        bits = b.shl(b.add(ni, _vconst(I64, 1023, n_l)), _vconst(I64, 52, n_l))
+        pow2 = b.bitcast(bits, ir.VectorType(F64, n_l))
+        out = b.fptrunc(b.fmul(b.fpext(j, ir.VectorType(F64, n_l)), pow2), x.type)
+        out = b.select(small, out, b.select(n_le_0, zero, inf))
+    else:
+        i32v = ir.VectorType(I32, n_l)
+        j = _fma(b, p, u, b.fmul(c("c8"), red))  # c8 * b: its own rounding
+        e = b.shl(b.bitcast(z, i32v), _vconst(I32, 23, n_l))  # n in the exponent field
+        k = b.bitcast(b.add(e, _vconst(I32, 0x3F800000, n_l)), x.type)  # 2^n for |n| <= 126
+        g = b.select(n_le_0, _vconst(I32, 0x82000000 - 2**32, n_l), _vconst(I32, 0, n_l))
+        s1 = b.bitcast(b.add(g, _vconst(I32, 0x7F000000, n_l)), x.type)  # 2^-125 (n <= 0) or 2^127
+        s2 = b.bitcast(b.sub(e, g), x.type)
+        out = _fma(b, k, j, k)
+        out = b.select(b.fcmp_ordered(">", a, _vconst(F32, 126.0, n_l)), b.fmul(_fma(b, s2, j, s2), s1), out)
+        out = b.select(b.fcmp_ordered(">", a, _vconst(F32, 192.0, n_l)), b.fmul(s1, s1), out)
+    return b.select(b.fcmp_unordered("uno", x, x), x, out)
+
+
+def _make_expf_array(lanes):
+    @intrinsic
+    def expf_array(typingctx, x, n, out):
+        """out[i] = ggml_v_expf(x[i]) for i < n, `lanes` at a time (n a multiple of lanes; byte addresses)."""
+        sig = types.void(types.int64, types.int64, types.int64)
+
+        def codegen(context, builder, signature, args):
+            xp, n, outp = args
+            vt = ir.VectorType(F32, lanes)
+            with cgutils.for_range_slice(builder, _c64(0), n, _c64(lanes), intp=I64) as (i, _):
+                off = builder.mul(i, _c64(4))
+                e = expf_vector(builder, _gep_load(builder, xp, off, vt, 4), lanes == 16)
+                builder.store(e, _ptr(builder, builder.add(outp, off), vt), align=4)
+            return context.get_dummy_value()
+        return sig, codegen
+    return expf_array
+
+
+expf_array8 = _make_expf_array(8)
+expf_array16 = _make_expf_array(16)
+
+
+# ---- the softmax's exponentials and sum ---------------------------------------------------------------------------
+
+def _make_exp_sums(lanes):
+    @intrinsic
+    def exp_sums(typingctx, w, n, row_max):
+        """w[i] = ggml_v_expf(w[i] - row_max) for i < n (a multiple of `lanes`; w a byte address), and the
+        float64 sum of each vector's float32 sum (hsum_float_8 / _mm512_reduce_add_ps), in order -> float64."""
+        sig = types.float64(types.int64, types.int64, types.float32)
+
+        def codegen(context, builder, signature, args):
+            wp, n, row_max = args
+            vt = ir.VectorType(F32, lanes)
+            m = _splat(builder, row_max, lanes)
+            total = cgutils.alloca_once_value(builder, ir.Constant(F64, 0.0))
+            with cgutils.for_range_slice(builder, _c64(0), n, _c64(lanes), intp=I64) as (i, _):
+                addr = builder.add(wp, builder.mul(i, _c64(4)))
+                e = expf_vector(builder, builder.fsub(builder.load(_ptr(builder, addr, vt), align=4), m), lanes == 16)
+                builder.store(e, _ptr(builder, addr, vt), align=4)
+                s = reduce_add_16(builder, e) if lanes == 16 else hsum_float_8(builder, e)
+                builder.store(builder.fadd(builder.load(total), builder.fpext(s, F64)), total)
+            return builder.load(total)
+        return sig, codegen
+    return exp_sums
+
+
+exp_sums8 = _make_exp_sums(8)
+exp_sums16 = _make_exp_sums(16)
+
+
+# ---- q . k ------------------------------------------------------------------------------------------------------
+
+ROWS = (1, 2, 3)  # query heads per call (heads of one KV head share each key and value row loaded)
+
+
+def _make_scores(lanes, rows):
+    @intrinsic
+    def f16_scores(typingctx, q, k, k_stride, nkeys, hd, scale, out, out_stride):
+        """out[r, j] = ggml_vec_dot_f16(q[r], key row j) * scale for r < `rows`, j < nkeys, float32: q rows
+        of hd float32 holding fp16 values, one after the other; key row j at byte address k + j * k_stride
+        (fp16 values as float32); out row r at out + r * out_stride. Per dot product: 4 accumulators of
+        `lanes` over the first hd - hd % (4 lanes) values, (0 + 2) + (1 + 3), reduce_add_16 (16 lanes) or
+        GGML_F32x8_REDUCE's end (8), then the leftovers q[i] k[i] (float32 products) added one by one in
+        float64, rounded to float32, times scale (ggml_soft_max_ext's). Each key vector is loaded once for
+        the `rows` queries. Addresses and strides in bytes, int64."""
+        sig = types.void(types.int64, types.int64, types.int64, types.int64, types.int64, types.float32,
+                         types.int64, types.int64)
+
+        def codegen(context, builder, signature, args):
+            qp, kp, ks, nkeys, hd, scale, outp, os_ = args
+            b = builder
+            vt = ir.VectorType(F32, lanes)
+            step = 4 * lanes
+            m = b.sub(hd, b.srem(hd, _c64(step)))
+            qs = b.mul(hd, _c64(4))  # bytes from one query row to the next
+            zero = ir.Constant(vt, [0.0] * lanes)
+            accs = [[cgutils.alloca_once(b, vt) for _ in range(4)] for _ in range(rows)]
+            total = cgutils.alloca_once(b, F64)
+            with cgutils.for_range_slice(b, _c64(0), nkeys, _c64(1), intp=I64) as (j, _):
+                row = b.add(kp, b.mul(j, ks))
+                for acc in sum(accs, []):
+                    b.store(zero, acc)
+                with cgutils.for_range_slice(b, _c64(0), m, _c64(step), intp=I64) as (s, _):
+                    for c in range(4):
+                        off = b.mul(b.add(s, _c64(lanes * c)), _c64(4))
+                        kv = _gep_load(b, row, off, vt, 4)
+                        for r in range(rows):
+                            qv = _gep_load(b, b.add(qp, b.mul(_c64(r), qs)), off, vt, 4)
+                            b.store(_fma(b, qv, kv, b.load(accs[r][c])), accs[r][c])
+                for r in range(rows):
+                    a0, a1, a2, a3 = (b.load(acc) for acc in accs[r])
+                    t = b.fadd(b.fadd(a0, a2), b.fadd(a1, a3))
+                    b.store(b.fpext(reduce_add_16(b, t) if lanes == 16 else reduce_add_8(b, t), F64), total)
+                    qr = b.add(qp, b.mul(_c64(r), qs))
+                    with cgutils.for_range_slice(b, m, hd, _c64(1), intp=I64) as (i, _):  # leftovers, in float64
+                        off = b.mul(i, _c64(4))
+                        prod = b.fmul(_gep_load(b, qr, off, F32, 4), _gep_load(b, row, off, F32, 4))
+                        b.store(b.fadd(b.load(total), b.fpext(prod, F64)), total)
+                    score = b.fmul(b.fptrunc(b.load(total), F32), scale)
+                    dst = b.add(b.add(outp, b.mul(_c64(r), os_)), b.mul(j, _c64(4)))
+                    b.store(score, _ptr(b, dst, F32), align=4)
+            return context.get_dummy_value()
+        return sig, codegen
+    return f16_scores
+
+
+f16_scores8_1, f16_scores8_2, f16_scores8_3 = (_make_scores(8, r) for r in ROWS)
+f16_scores16_1, f16_scores16_2, f16_scores16_3 = (_make_scores(16, r) for r in ROWS)
+
+
+# ---- probabilities . V --------------------------------------------------------------------------------------------
+
+def _chains(builder, w, ws, v, v_stride, nkeys, step, a, col, width, rows, acc_out, hd):
+    """The accumulator-lane chains of lane a, for `rows` probability rows (w + r ws) and `width` vectors of
+    8 columns from column col: acc = fma(w[r, p], v[p, col ..], acc) over p = a, a + step, ... < nkeys,
+    each (row, vector) its own chain, each value vector loaded once for the rows; stored at acc_out +
+    4 ((r step + a) hd + col)."""
+    b = builder
+    v8 = ir.VectorType(F32, 8)
+    accs = [[cgutils.alloca_once_value(b, ir.Constant(v8, [0.0] * 8)) for _ in range(width)] for _ in range(rows)]
+    with cgutils.for_range_slice(b, a, nkeys, _c64(step), intp=I64) as (p, _):
+        wps = [_splat(b, _gep_load(b, b.add(w, b.mul(_c64(r), ws)), b.mul(p, _c64(4)), F32, 4), 8)
+               for r in range(rows)]
+        row = b.add(v, b.add(b.mul(p, v_stride), b.mul(col, _c64(4))))
+        for x in range(width):
+            vv = _gep_load(b, row, _c64(32 * x), v8, 4)
+            for r in range(rows):
+                b.store(_fma(b, wps[r], vv, b.load(accs[r][x])), accs[r][x])
+    for r in range(rows):
+        base = b.add(acc_out, b.mul(b.add(b.mul(b.add(_c64(r * step), a), hd), col), _c64(4)))
+        for x in range(width):
+            b.store(b.load(accs[r][x]), _ptr(b, b.add(base, _c64(32 * x)), v8), align=4)
+
+
+def _make_columns(lanes, rows):
+    @intrinsic
+    def f16_columns(typingctx, w, w_stride, v, v_stride, nkeys, hd, acc, out):
+        """out[r, d] = ggml_vec_dot_f16(w[r], column d of V) for r < `rows`, d < hd (a multiple of 8), over
+        nkeys keys (the rest of ggml's padded row is zero probabilities): key p into lane p % 4L (L =
+        `lanes`); the 4L lanes of each column summed as ggml_vec_dot_f16 sums its accumulators' lanes.
+        w rows (w + r w_stride) of float32 fp16 values; V row p at byte address v + p * v_stride; acc
+        scratch of rows * 4L * hd float32; out rows of hd float32, one after the other. Addresses in bytes."""
+        sig = types.void(*([types.int64] * 8))
+
+        def codegen(context, builder, signature, args):
+            wp, ws, vp, vs, nkeys, hd, accp, outp = args
+            b = builder
+            step = 4 * lanes
+            wide = min(8, 12 // rows)  # vectors of 8 columns per pass: up to 12 chains in registers
+            with cgutils.for_range_slice(b, _c64(0), _c64(step), _c64(1), intp=I64) as (a, _):
+                col = cgutils.alloca_once_value(b, _c64(0))
+                for width in (wide, 1):  # `wide` vectors at a time, then single ones
+                    cond = b.append_basic_block("cols_cond")
+                    body = b.append_basic_block("cols_body")
+                    done = b.append_basic_block("cols_done")
+                    b.branch(cond)
+                    b.position_at_end(cond)
+                    c = b.load(col)
+                    b.cbranch(b.icmp_signed("<=", b.add(c, _c64(8 * width)), hd), body, done)
+                    b.position_at_end(body)
+                    _chains(b, wp, ws, vp, vs, nkeys, step, a, c, width, rows, accp, hd)
+                    b.store(b.add(c, _c64(8 * width)), col)
+                    b.branch(cond)
+                    b.position_at_end(done)
+            # each column's lanes, 8 columns at a time: lane i of accumulator c is row c L + i of acc
+            v8 = ir.VectorType(F32, 8)
+            for r in range(rows):
+                with cgutils.for_range_slice(b, _c64(0), hd, _c64(8), intp=I64) as (col, _):
+                    def lane(i):
+                        return _gep_load(b, accp, b.mul(b.add(b.mul(_c64(r * step + i), hd), col), _c64(4)), v8, 4)
+                    if lanes == 8:  # lane i = (acc0 + acc2) + (acc1 + acc3); then (i + i+4), (0 + 1) + (2 + 3)
+                        t = [b.fadd(b.fadd(lane(i), lane(16 + i)), b.fadd(lane(8 + i), lane(24 + i))) for i in range(8)]
+                        h = [b.fadd(t[i], t[i + 4]) for i in range(4)]
+                        res = b.fadd(b.fadd(h[0], h[1]), b.fadd(h[2], h[3]))
+                    else:  # lane i = (acc0 + acc2) + (acc1 + acc3); then halves 16 -> 8 -> 4 -> 2 -> 1
+                        t = [b.fadd(b.fadd(lane(i), lane(32 + i)), b.fadd(lane(16 + i), lane(48 + i)))
+                             for i in range(16)]
+                        while len(t) > 1:
+                            half = len(t) // 2
+                            t = [b.fadd(t[i], t[i + half]) for i in range(half)]
+                        res = t[0]
+                    dst = b.add(outp, b.mul(b.add(b.mul(_c64(r), hd), col), _c64(4)))
+                    b.store(res, _ptr(b, dst, v8), align=4)
+            return context.get_dummy_value()
+        return sig, codegen
+    return f16_columns
+
+
+f16_columns8_1, f16_columns8_2, f16_columns8_3 = (_make_columns(8, r) for r in ROWS)
+f16_columns16_1, f16_columns16_2, f16_columns16_3 = (_make_columns(16, r) for r in ROWS)

@@ -113,6 +113,8 @@ def main(argv=None) -> None:
     ap.add_argument("--decode", type=int, default=32, help="decode steps per run")
     ap.add_argument("--decode-prompt", type=int, default=64, help="prompt length before decoding")
     ap.add_argument("--prefill", type=int, nargs="*", default=[512], help="prefill lengths to time")
+    ap.add_argument("--prefill-only", action="store_true",
+                    help="time prefill alone (ggml and llama.cpp; the children's decode cut to one step)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/llama_ref_ggml_bench"))
     ap.add_argument("--out", type=Path, default=HERE / "results" / "ggml_decode.json")
     a = ap.parse_args(argv)
@@ -129,6 +131,8 @@ def main(argv=None) -> None:
                OPENBLAS_NUM_THREADS=str(a.threads), NUMBA_NUM_THREADS=str(a.threads))
     common = {"ids": str(ids), "threads": a.threads, "prefill": a.prefill, "repeats": 2, "decode": a.decode,
               "decode_prompt": a.decode_prompt}
+    if a.prefill_only:
+        common.update(decode=1, decode_prompt=1, prefill_only=True)
     rounds = []
     for r in range(a.rounds):
         result = {"load_average": os.getloadavg(), "bandwidth": run_child(sys.executable, {"kind": "bandwidth"}, env)}
@@ -136,7 +140,7 @@ def main(argv=None) -> None:
             for name, spec, python in (("ggml", {"kind": "ggml", "arithmetic": "ggml"}, sys.executable),
                                        ("exact", {"kind": "ggml", "arithmetic": "exact"}, sys.executable),
                                        ("llama.cpp", {"kind": "llama_cpp"}, cpp)):
-                if python is None:
+                if python is None or (a.prefill_only and name == "exact"):
                     continue
                 res = run_child(python, {**common, **spec, "path": str(path)}, env)
                 result[f"{kind} {name}"] = res
@@ -178,6 +182,19 @@ def _ratio_range(report: dict, kind: str, name: str, key: str) -> str:
     return f"{min(r):.2f}-{max(r):.2f}" if r else "-"
 
 
+def prefill_rows(report: dict) -> list[str]:
+    """--prefill-only: each prefill length's speed, wall and per CPU second (one thread), ggml / llama.cpp."""
+    lines = []
+    keys = [k for k in report["rounds"][0].get(f"{next(iter(report['formats']))} ggml", {}) if k.startswith("prefill_")]
+    for key in keys:
+        lines += [f"| format | {key.replace('_', ' ')}: ggml | llama.cpp | ggml / llama.cpp | its range over rounds |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {kind} | {_best(report, kind, 'ggml', key):.1f} | {_best(report, kind, 'llama.cpp', key):.1f} "
+                  f"| {_best_ratio(report, kind, 'ggml', key):.2f}x | {_ratio_range(report, kind, 'ggml', key)} |"
+                  for kind in report["formats"]] + [""]
+    return lines + ["Tokens/s (_cpu: per CPU second of the process). Ratios within a round; the best shown."]
+
+
 def table(report: dict) -> str:
     """Best round per configuration; ratios to llama.cpp within each round, the best round's shown."""
     m = report["machine"]
@@ -185,6 +202,8 @@ def table(report: dict) -> str:
     lines = [f"{m.get('cpu', '?')}, {report['threads']} threads per engine, numba {m.get('numba', '?')}, "
              f"ggml integer code {report.get('ggml_integer_code', '?')}; load average before each round: "
              f"{loads or '?'}; {len(report['rounds'])} rounds, best of each.", ""]
+    if report["settings"].get("prefill_only"):
+        return "\n".join(lines + prefill_rows(report))
     pre = [k for k in report["rounds"][0].get(f"{next(iter(report['formats']))} ggml", {})
            if k.startswith("prefill_") and not k.endswith("_cpu")]
     head = "| format | decode ggml | exact | llama.cpp | ggml / llama.cpp | exact / llama.cpp | ggml % of roofline |"

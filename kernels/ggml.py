@@ -32,7 +32,6 @@ KIND = {"q8_0": 0, "q5_0": 0, "q5_1": 1, "q4_0": 2, "q4_0r": 3, "q4_1": 4}  # Q5
 SIMD = simd.simd_default()
 
 ACTS = 4  # activation rows per tile of a prefill: each weight block loaded once for 4 of them
-PREFETCH_ROWS = 4  # a decode asks for the weight row this far ahead (about 1-6 KB for 576-1536 columns)
 
 
 def _tiles(kind):
@@ -108,7 +107,7 @@ def _linear(kind, xq, xd, xs, qs, d, m, out, use_simd):
     (repacked Q4_0: 8) at a time while their bytes are in cache.
 
     A decode (N = 1) walks the rows one at a time instead (repacked Q4_0: 8 at a time, see _decode_rows),
-    asking for the row PREFETCH_ROWS ahead: a weight read once streams from memory, and one row after another
+    asking for the weights ~4 KB ahead: a weight read once streams from memory, and one row after another
     is what the CPU's prefetchers follow. Rows 4 at a time are as fast in cache but took 1.3-2.4x longer out
     of it on an AVX2 EPYC (Q8_0 and Q4_1, 576 and 1536 columns, one thread). Every row's sums are the same
     either way, bit for bit."""
@@ -142,9 +141,8 @@ def _linear(kind, xq, xd, xs, qs, d, m, out, use_simd):
 
 @njit(inline="always", **JIT)
 def _decode_rows(kind, xq, xd, xs, qs, d, m, out, use_simd, r0, r1):
-    """Rows r0 .. r1 - 1 of a decode (one activation row), one at a time, asking for the row PREFETCH_ROWS
-    ahead (see _linear); repacked Q4_0 8 at a time, its tile asking for the weights ahead block by block
-    (ggml_simd.AHEAD_TILES; the portable and VNNI builds of it do not: the decode runs AVX2's here)."""
+    """Rows r0 .. r1 - 1 of a decode (one activation row), one at a time (repacked Q4_0 8 at a time), each
+    tile asking for the weights ~4 KB ahead block by block (ggml_simd._prefetch_ahead)."""
     R, nb = d.shape
     ws, wds = np.int64(qs.shape[1]), np.int64(4 * nb)
     w0, d0, m0 = np.int64(qs.ctypes.data), np.int64(d.ctypes.data), np.int64(m.ctypes.data)
@@ -154,13 +152,6 @@ def _decode_rows(kind, xq, xd, xs, qs, d, m, out, use_simd, r0, r1):
     # before its fma, and took 1.6x longer (model, one thread); rows r0, r1 are multiples of 8 there.
     step = 8 if kind == 3 else 1
     for r in range(r0, r1, step):
-        ahead = r + PREFETCH_ROWS
-        if kind != 3 and ahead < R:  # repacked Q4_0's tile asks for the next tile itself, block by block
-            for off in range(ahead * ws, (ahead + step) * ws, 64):
-                simd.prefetch(w0 + off)
-            for off in range(ahead * wds, (ahead + step) * wds, 64):
-                simd.prefetch(d0 + off)
-            simd.prefetch(m0 + ahead * wds)
         _dot(kind, kind == 3, False, w0 + r * ws, ws, d0 + r * wds, m0 + r * wds, wds, x0, np.int64(xq.shape[1]),
              xd0, xs0, wds, nb, o0 + 4 * r, 4 * R, use_simd)
 

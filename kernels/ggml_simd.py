@@ -411,6 +411,7 @@ def _define_tile(module, kind, rows, acts, isa):
     fma_s = _declare(module, "llvm.fma.f32", F32, [F32] * 3)
     fma_v = _declare(module, "llvm.fma.v8f32", v8f, [v8f] * 3)
     b = ir.IRBuilder(entry)
+    ahead = _rows_ahead(b, ws, rows)
     b.cbranch(b.icmp_signed(">", nb, c64(0)), loop, done)
 
     b = ir.IRBuilder(loop)
@@ -418,6 +419,8 @@ def _define_tile(module, kind, rows, acts, isa):
     n_acc = acts if not lanes8 else rows * acts  # repacked Q4_0: one vector (8 rows) per activation
     accs = [b.phi(v8f) for _ in range(n_acc)]
     mins = [b.phi(F32) for _ in range(rows * acts)] if has_min else []
+    if acts == 1:
+        _prefetch_ahead(b, w, ws, wd, wds, wm if has_min else None, i, rows, block, ahead)
     four = b.mul(i, c64(4))
 
     def splat(v):
@@ -518,7 +521,30 @@ def _define_tile(module, kind, rows, acts, isa):
     return fn
 
 
-AHEAD_TILES = 2  # a repacked Q4_0 decode asks for the weights this many 8-row tiles ahead
+# How far ahead a decode tile asks for the weights, in bytes (rounded up to whole tiles).
+AHEAD_BYTES = 4096  # 2048 and 8192 measured no faster (Q8_0, Q5_1, repacked Q4_0 streamed, one thread)
+
+
+def _rows_ahead(builder, ws, rows):
+    """The rows between a tile and the one it prefetches: `rows` times the tiles in AHEAD_BYTES (at least 1),
+    rows ws bytes apart (i64)."""
+    tile = builder.mul(ws, ir.Constant(I64, rows))
+    tiles = builder.sdiv(builder.add(ir.Constant(I64, AHEAD_BYTES - 1), tile), tile)
+    return builder.mul(tiles, ir.Constant(I64, rows))
+
+
+def _prefetch_ahead(builder, w, ws, wd, wds, wm, i, rows, block, ahead):
+    """A decode streams its weights once: block i of a tile of `rows` rows asks for its share of the tile
+    `ahead` rows on (rows * block quant bytes, rows * 4 bytes of scales and of mins: the rows of a tile are
+    one run of bytes in each array), so that the requests spread over the loop. A burst for the next rows
+    before each tile left the loop waiting on memory (repacked Q4_0, 1536 x 576 streamed, one thread: 80-117 us
+    against 45-64 us so; 38-42 us in cache). Prefetching past the end of an array is harmless (never faults)."""
+    c64 = lambda v: ir.Constant(I64, v)  # noqa: E731
+    qs = builder.add(builder.add(w, builder.mul(ws, ahead)), builder.mul(i, c64(rows * block)))
+    for off in range(0, rows * block, 64):
+        _prefetch(builder, builder.add(qs, c64(off)))
+    for base in (wd, wm) if wm is not None else (wd,):
+        _prefetch(builder, builder.add(builder.add(base, builder.mul(wds, ahead)), builder.mul(i, c64(rows * 4))))
 
 
 def _define_q4_0r_avx2(module, name, acts):
@@ -541,6 +567,7 @@ def _define_q4_0r_avx2(module, name, acts):
     zero8 = ir.Constant(v8f, [0.0] * 8)
     fma_v = _declare(module, "llvm.fma.v8f32", v8f, [v8f] * 3)
     b = ir.IRBuilder(entry)
+    ahead = _rows_ahead(b, ws, 8)
     b.cbranch(b.icmp_signed(">", nb, c64(0)), loop, done)
 
     b = ir.IRBuilder(loop)
@@ -566,15 +593,7 @@ def _define_q4_0r_avx2(module, name, acts):
         scales = b.insert_element(scales, _gep_load(b, b.add(wd, b.mul(c64(r), wds)), four, F32, 4),
                                   ir.Constant(I32, r))
     if acts == 1:
-        # A decode streams the weights: the 8 rows are one run of 128 nb bytes (scales 32 nb), so each block
-        # asks for its share of the tile AHEAD_TILES on, 2 lines (and half a line of scales): requests spread
-        # over the loop. One burst for the next tile at the start of each tile left the loop waiting on memory
-        # (1536 x 576 streamed: 80-117 us against 45-64 us so, in cache 38-42 us; 2 tiles ahead beat 1 and 3).
-        # Prefetching past the end of the matrix is harmless: a prefetch never faults.
-        qs_ahead = b.add(b.add(w, b.mul(ws, c64(8 * AHEAD_TILES))), b.mul(i, c64(128)))
-        for off in (0, 64):
-            _prefetch(b, b.add(qs_ahead, c64(off)))
-        _prefetch(b, b.add(b.add(wd, b.mul(wds, c64(8 * AHEAD_TILES))), b.mul(i, c64(32))))
+        _prefetch_ahead(b, w, ws, wd, wds, None, i, 8, 16, ahead)
 
     ones16, eights16 = ir.Constant(v16_16, [1] * 16), ir.Constant(v16_16, [8] * 16)
     new_accs = []

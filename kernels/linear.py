@@ -5,8 +5,9 @@ rows of the weight are split over the cores. float32 and 16-bit weights are then
 (16-bit ones widen in registers: kernels.halfbits), 4- and 8-bit ones by the conversions. Prefill (many
 rows of x) is bound by arithmetic: float32 weights go straight to NumPy's BLAS, and packed weights are
 decoded a tile of rows at a time into a reused float32 buffer that BLAS then multiplies, so the full matrix
-never exists in float32. 16-bit tiles are decoded by every core (a copy with a shift, bound by memory) and
-hold TILE_FLOATS values; quantized ones TILE_ROWS rows, decoded on one core.
+never exists in float32. Every thread of the policy (llama_ref.runtime.threads.each_thread) takes tiles in
+turn, decodes one on its own core and multiplies it with a one-thread BLAS call: one pool, no hand-off
+between Numba's threads and OpenBLAS's. 16-bit tiles hold TILE_FLOATS values, quantized ones TILE_ROWS rows.
 
 Every product is summed in float32 in a different order than BLAS (fast-math "reassoc"): results agree with
 ops.linear to a few float32 ulps of sum |x w|, which tests/test_kernels.py checks.
@@ -22,6 +23,7 @@ import numpy as np
 from numba import njit, prange
 
 from llama_ref.model import ops
+from llama_ref.runtime import threads
 from ._common import FAST, JIT, as_f32_rows, readonly
 from .halfbits import bf16_to_f32, f16_to_f32, prefetch
 
@@ -32,9 +34,10 @@ BLAS_MIN_ROWS = 8     # rows of x from which a packed weight's product goes to B
 # never meets OpenBLAS's spinning threads (see attention.py).
 F32_BLAS_MIN_ROWS = 16
 TILE_ROWS = 256       # weight rows decoded per BLAS call in prefill: 256 x 4K floats stay in L2
-# ... and for 16-bit weights, values per tile: 16 MiB of float32. Tiles of 256 rows made BLAS repack x for
-# every 256 weight rows; at the 1B shape (512 x 2048 @ 2048 x 8192, 2 threads) 4 Mi-value tiles took 190
-# against 256 ms (float32 BLAS on the whole matrix: 133 ms).
+# ... and for 16-bit weights, values per tile: 16 MiB of float32 (one buffer per thread). Tiles of 256 rows
+# made BLAS repack x for every 256 weight rows; at the 1B shape (512 x 2048 @ 2048 x 8192, 2 threads) 4
+# Mi-value tiles took 190 against 256 ms (float32 BLAS on the whole matrix: 133 ms). A weight smaller than
+# threads x TILE_FLOATS is cut into one tile per thread, so that every thread has one.
 TILE_FLOATS = 1 << 22
 ROWS = 16             # weight rows per parallel work item of the matrix-vector kernels
 
@@ -360,16 +363,16 @@ def _rows_int8(q, scale, ids, out):
             out[i, k] = np.float32(q[r, k]) * scale[r]
 
 
-@njit(parallel=True, **JIT)
+@njit(**JIT)
 def _rows_f16(w, ids, out):
-    for i in prange(ids.shape[0]):  # every core: a 16-bit tile is a copy, bound by memory, not arithmetic
+    for i in range(ids.shape[0]):  # one core: each thread of each_thread decodes its own tiles
         for k in range(out.shape[1]):
             out[i, k] = f16_to_f32(w[ids[i], k])
 
 
-@njit(parallel=True, **JIT)
+@njit(**JIT)
 def _rows_bf16(w, ids, out):
-    for i in prange(ids.shape[0]):
+    for i in range(ids.shape[0]):
         for k in range(out.shape[1]):
             out[i, k] = bf16_to_f32(w[ids[i], k])
 
@@ -430,18 +433,30 @@ def linear(x: np.ndarray, w) -> np.ndarray:
     if N < BLAS_MIN_ROWS:
         matvec(x2, *arrays, out)
     else:
-        # Decode a tile of weight rows to float32, let BLAS multiply them, and reuse the buffer.
-        K = x2.shape[1]
-        step = max(1, TILE_FLOATS // K) if kind in ("bf16", "f16") else TILE_ROWS  # weight rows per tile
-        tile = _tile(min(step, R), K)  # (TR, K)
-        for r0 in range(0, R, step):
-            r1 = min(R, r0 + step)
-            rows(*arrays, np.arange(r0, r1), tile[: r1 - r0])
-            out[:, r0:r1] = x2 @ tile[: r1 - r0].T  # (N, r1 - r0)
+        _tiled(x2, rows, arrays, kind in ("bf16", "f16"), out)
     return out.reshape(*x.shape[:-1], R)
 
 
-_scratch = threading.local()  # each thread's tile buffer, kept between calls
+def _tiled(x2: np.ndarray, rows, arrays: tuple, half: bool, out: np.ndarray) -> None:
+    """out (N, R) = x2 (N, K) @ w.T, a tile of weight rows at a time: decoded to float32 by `rows` into a
+    buffer each thread reuses, then multiplied by BLAS. Every output column is one BLAS dot product over
+    the whole K, whichever thread computes it, so the result does not depend on the thread count."""
+    K, R = x2.shape[1], out.shape[1]
+    n = threads.count()
+    step = min(max(1, TILE_FLOATS // K), -(-R // n)) if half else TILE_ROWS  # weight rows per tile
+    starts = iter(range(0, R, step))  # shared by the threads: next() on it is atomic under the GIL
+
+    def work():
+        tile = _tile(min(step, R), K)  # (TR, K) this thread's buffer
+        for r0 in starts:
+            r1 = min(R, r0 + step)
+            rows(*arrays, np.arange(r0, r1), tile[: r1 - r0])
+            out[:, r0:r1] = x2 @ tile[: r1 - r0].T  # (N, r1 - r0), BLAS on this thread alone
+
+    threads.each_thread(work, min(n, -(-R // step)))
+
+
+_scratch = threading.local()  # each thread's tile buffer, kept between calls (the pool's threads are too)
 
 
 def _tile(rows: int, cols: int) -> np.ndarray:

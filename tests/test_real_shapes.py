@@ -7,6 +7,9 @@
 - A real-shape smoke test: two layers of the Llama 3.2 1B shape (dim 2048, FFN 8192, 32 query and 8 KV
   heads, bf16 weights) give the same logits on the numba and numpy backends, for a prefill and a decode step.
 - load(..., threads=N) and set_threads set BLAS and Numba alike, as threadpoolctl reports them.
+- Prefill tiles are shared by one pool of threads (runtime.threads.each_thread, BLAS at one thread inside):
+  every thread runs at once, BLAS's count comes back after, errors reach the caller, and the product equals
+  the reference's, bit for bit the one-thread product wherever the tiles are the same.
 """
 
 from __future__ import annotations
@@ -15,12 +18,14 @@ import importlib
 import json
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from numba import njit
+from test_kernels import dot_bound, random_packed
 
 from llama_ref import kernels
 from llama_ref.kernels.halfbits import bf16_to_f32, f16_to_f32
@@ -151,3 +156,61 @@ def test_default_threads_is_the_physical_cores_unless_told(monkeypatch):
     assert threads.default_threads() == 1
     monkeypatch.setenv("LLAMA_REF_THREADS", "3")
     assert threads.default_threads() == 3
+
+
+def _numpy_blas_threads() -> int:
+    from threadpoolctl import threadpool_info
+
+    return next(p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas" and "numpy" in p["filepath"])
+
+
+def test_each_thread_runs_every_call_at_once_with_one_blas_thread():
+    from llama_ref.runtime import threads
+
+    before = _numpy_blas_threads()
+    together = threading.Barrier(3, timeout=30)  # broken (an error) unless 3 calls run at the same time
+    seen, lock = [], threading.Lock()
+
+    def work():
+        together.wait()
+        with lock:
+            seen.append((threading.get_ident(), _numpy_blas_threads()))
+
+    threads.each_thread(work, 3)
+    assert len({ident for ident, _ in seen}) == 3
+    assert [blas for _, blas in seen] == [1, 1, 1]
+    assert _numpy_blas_threads() == before
+
+    def fails():
+        if threading.current_thread() is not threading.main_thread():
+            raise ValueError("a helper's error")
+
+    with pytest.raises(ValueError, match="a helper's error"):
+        threads.each_thread(fails, 2)
+    assert _numpy_blas_threads() == before
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "f16", "q8_0", "q4_k"])
+@given(n=st.integers(8, 30), rows=st.integers(1, 60), blocks=st.integers(1, 3), seed=st.integers(0, 2**32 - 1))
+@settings(max_examples=6, deadline=None)
+def test_prefill_tiles_shared_by_three_threads(fmt, n, rows, blocks, seed):
+    from llama_ref.runtime import threads
+
+    lin = importlib.import_module("llama_ref.kernels.linear")
+    rng = np.random.default_rng(seed)
+    cols = blocks * 256
+    w = random_packed(fmt, rows, cols, rng)
+    x = rng.standard_normal((n, cols)).astype(np.float32)
+    old = lin.TILE_FLOATS, lin.TILE_ROWS, threads._chosen
+    lin.TILE_FLOATS, lin.TILE_ROWS = 5 * cols, 5  # 5 rows a tile: more tiles than threads, and a remainder
+    try:
+        threads._chosen = 3  # more threads than this machine may have cores: each takes tiles in turn
+        got = kernels.linear(x, w)
+        threads._chosen = 1
+        alone = kernels.linear(x, w)
+    finally:
+        lin.TILE_FLOATS, lin.TILE_ROWS, threads._chosen = old
+    assert got.shape == (n, rows)
+    assert np.all(np.abs(got - ops.linear(x, w)) <= dot_bound(x, w.to_float(np.float32)) + 1e-30)
+    if rows >= 15 or fmt not in ("bf16", "f16"):  # the same tiles as one thread's (16-bit: 5 rows each)
+        np.testing.assert_array_equal(got, alone)

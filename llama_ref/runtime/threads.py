@@ -7,12 +7,20 @@ or $LLAMA_REF_THREADS / $OMP_NUM_THREADS / $OPENBLAS_NUM_THREADS / $NUMBA_NUM_TH
 pools take turns (a BLAS call, then a kernel, never both at once), so equal counts never put more running
 threads than cores; what is left between turns is spinning: Numba's OpenMP threads are told to spin only
 briefly (GOMP_SPINCOUNT, kernels/_common.py), and the kernels a decode step runs do not call BLAS at all.
+
+Prefill's products with packed weights (decode a tile of weight rows to float32, multiply it with BLAS) do
+not alternate between the two pools at all: each_thread() runs them on one pool of Python threads, each
+decoding its own tiles and multiplying them with a one-thread BLAS call (NumPy and the Numba kernels
+release the GIL). Handing every tile from Numba's threads to OpenBLAS's and back lost ~1/3 of a 2-thread
+prefill here: the idle pool's threads spin (OpenBLAS's for up to ~0.1 s) on the cores the other one needs.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 
 from ..errors import InputError
@@ -106,6 +114,54 @@ def set_threads(n: int) -> int:
     else:  # read by Numba when it is first imported (the numba backend imports it lazily)
         os.environ["NUMBA_NUM_THREADS"] = str(n)
     return n
+
+
+def count() -> int:
+    """The thread count in force: what set_threads last set in this process, else default_threads()."""
+    return _chosen if _chosen is not None else default_threads()
+
+
+_pool: "ThreadPoolExecutor | None" = None  # each_thread's helper threads, made on first use ...
+_pool_size = 0  # ... and how many
+_pool_lock = threading.Lock()  # one each_thread at a time: its BLAS limit is process-wide
+_blas: list = []  # threadpoolctl's controllers of the BLAS libraries loaded, found on first use
+
+
+def each_thread(work, n: int) -> None:
+    """Run work() on n threads at once, the calling one and n - 1 of a pool kept for the process, with
+    BLAS limited to one thread meanwhile; return when every call has returned (raising the first error).
+
+    work() must share its items out itself (each call takes the next item not yet taken) and spend its
+    time in code that releases the GIL (NumPy's BLAS, the nogil Numba kernels). One thread per core and
+    no BLAS thread besides them: nothing waits for a core, and nothing spins.
+    """
+    global _pool, _pool_size
+    if n <= 1:
+        work()
+        return
+    with _pool_lock:
+        if _pool_size < n - 1:
+            if _pool is not None:
+                _pool.shutdown()
+            _pool, _pool_size = ThreadPoolExecutor(n - 1, thread_name_prefix="llama_ref"), n - 1
+        if not _blas:
+            from threadpoolctl import ThreadpoolController
+
+            _blas.extend(ThreadpoolController().select(user_api="blas").lib_controllers)
+        before = [lib.num_threads for lib in _blas]
+        for lib in _blas:
+            lib.set_num_threads(1)  # a few microseconds; OpenBLAS keeps its threads, idle
+        try:
+            helpers = [_pool.submit(work) for _ in range(n - 1)]
+            try:
+                work()
+            finally:
+                wait(helpers)  # none may still write into the caller's arrays after this returns
+            for done in helpers:
+                done.result()
+        finally:
+            for lib, k in zip(_blas, before):
+                lib.set_num_threads(k)
 
 
 def compile_notice() -> "str | None":

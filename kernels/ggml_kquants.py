@@ -24,13 +24,15 @@ kernels/__pycache__/ggml_kquants*.nbi and *.nbc.
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
 from ._common import JIT, readonly
-from .ggml_simd import dispatch, fma32, lanes_portable, lanes_u8s8, madd16, pairs_u8s8, roundeven32, simd_default
+from .ggml_simd import (AHEAD_BYTES, dispatch, fma32, lanes_portable, lanes_u8s8, madd16, pairs_u8s8, prefetch,
+                        roundeven32, simd_default)
 from .halfbits import f16_to_f32
 
 ROWS = 16  # weight rows per parallel work item (a multiple of 8: the repacked Q4_K's groups)
@@ -46,6 +48,7 @@ def _superblock_ir(builder, args, kind, isa):
     "portable")."""
     acc_a, w_a, x_a, sc_a, off_a, d = args[:6]
     store_int, kind = kind == 3, (0 if kind == 3 else kind)  # 3: Q4_K, the integer lanes stored, no fma
+    q6_head, kind = kind == 4, (2 if kind == 4 else kind)  # 4: Q6_K, scales and offsets from the file's bytes
     v16, v32, v8_32, v8_f = ir.VectorType(I8, 16), ir.VectorType(I8, 32), ir.VectorType(I32, 8), ir.VectorType(F32, 8)
     step = 16 if kind == 0 else 32
     total = ir.Constant(v8_32, [0] * 8)
@@ -61,8 +64,12 @@ def _superblock_ir(builder, args, kind, isa):
         else:
             wv = raw
         xv = builder.load(builder.inttoptr(builder.add(x_a, ir.Constant(I64, 32 * j)), ir.PointerType(v32)), align=1)
-        scp = builder.inttoptr(builder.add(sc_a, ir.Constant(I64, 8 * j)), ir.PointerType(ir.VectorType(I32, 2)))
-        sc2 = builder.load(scp, align=4)  # the scales of the sub-block's two 16-value halves
+        if q6_head:  # the file's int8 scales, two per sub-block
+            scp = builder.inttoptr(builder.add(sc_a, ir.Constant(I64, 2 * j)), ir.PointerType(ir.VectorType(I8, 2)))
+            sc2 = builder.sext(builder.load(scp, align=1), ir.VectorType(I32, 2))
+        else:
+            scp = builder.inttoptr(builder.add(sc_a, ir.Constant(I64, 8 * j)), ir.PointerType(ir.VectorType(I32, 2)))
+            sc2 = builder.load(scp, align=4)  # the scales of the sub-block's two 16-value halves
         if isa == "avx2":  # vpmaddwd multiplies by the scales as it adds pairs: |sc| <= 128, exact in int32
             sc16 = builder.trunc(sc2, ir.VectorType(I16, 2))
             sc16 = builder.shuffle_vector(sc16, sc16, ir.Constant(ir.VectorType(I32, 16), [0] * 8 + [1] * 8))
@@ -71,7 +78,10 @@ def _superblock_ir(builder, args, kind, isa):
         scale = builder.shuffle_vector(sc2, sc2, ir.Constant(v8_32, [0, 0, 0, 0, 1, 1, 1, 1]))
         lanes = lanes_u8s8(builder, wv, xv, isa) if isa == "vnni" else lanes_portable(builder, wv, xv, False)
         total = builder.add(total, builder.mul(lanes, scale))
-    total = builder.sub(total, builder.load(builder.inttoptr(off_a, ir.PointerType(v8_32)), align=4))
+    if q6_head:
+        total = builder.sub(total, _q6_k_offsets(builder, sc_a, off_a, isa))
+    else:
+        total = builder.sub(total, builder.load(builder.inttoptr(off_a, ir.PointerType(v8_32)), align=4))
     if store_int:
         builder.store(total, builder.inttoptr(acc_a, ir.PointerType(v8_32)), align=4)
         return
@@ -83,6 +93,22 @@ def _superblock_ir(builder, args, kind, isa):
     builder.store(builder.call(fma, [dv, builder.sitofp(total, v8_f), builder.load(accp, align=4)]), accp, align=4)
 
 
+def _q6_k_offsets(builder, sc_a, bsums_a, isa):
+    """The -32 of every Q6_K value as 8 int32 lanes: 32 (sc[2u] bsum[2u] + sc[2u+1] bsum[2u+1]), from the 16
+    int8 scales at sc_a and the 16 int32 bsums at bsums_a (ggml: _mm256_madd_epi16(bsums, scales) << 5; exact,
+    |bsum| <= 16 * 127 fits int16)."""
+    v16_16, v16_32 = ir.VectorType(I16, 16), ir.VectorType(I32, 16)
+    sc = builder.load(builder.inttoptr(sc_a, ir.PointerType(ir.VectorType(I8, 16))), align=1)
+    bs = builder.load(builder.inttoptr(bsums_a, ir.PointerType(v16_32)), align=4)
+    if isa == "portable":
+        prod = builder.mul(builder.sext(sc, v16_32), bs)
+        even, odd = (ir.Constant(ir.VectorType(I32, 8), list(range(k, 16, 2))) for k in (0, 1))
+        pairs = builder.add(builder.shuffle_vector(prod, prod, even), builder.shuffle_vector(prod, prod, odd))
+    else:
+        pairs = madd16(builder, builder.sext(sc, v16_16), builder.trunc(bs, v16_16))
+    return builder.shl(pairs, ir.Constant(ir.VectorType(I32, 8), [5] * 8))
+
+
 @intrinsic
 def _superblock(typingctx, acc, w, x, sc, off, d, simd, kind):
     """One super-block of a K-quant row into ggml's 8 float32 lanes: acc[u] = fma(d, lane u, acc[u]) with
@@ -92,7 +118,8 @@ def _superblock(typingctx, acc, w, x, sc, off, d, simd, kind):
     sub-block, value i in the low nibble of byte i and i + 16 in the high one; 1 Q5_K, one byte per value
     0..31; 2 Q6_K, int8 q - 32, taken back to 0..63 as ggml does), x (256 int8 activations), sc (16 int32:
     the scale of each 16-value half sub-block; Q4_K/Q5_K repeat each sub-block's scale twice), off (8 int32)
-    are byte addresses; d float32 (d_x * d_w); simd (int): the integer instructions, as
+    are byte addresses (kind 4: Q6_K with sc the file's 16 int8 scales and off the activation's 16 int32
+    bsums, the offsets of the -32 made here); d float32 (d_x * d_w); simd (int): the integer instructions, as
     ggml_simd.dispatch chooses them (0 portable, 2 AVX2, else the best of this CPU), same integers. kind 3:
     Q4_K's bytes, and the integer lanes are stored at acc (8 int32) instead (the repacked gemv sums them).
     One call keeps the 8 lanes in registers across the super-block."""
@@ -217,6 +244,38 @@ def _gemv_q4_k(xq, xd, xbs, qs, head, simd, out):
                 out[n, r] = acc - acc_min
 
 
+@njit(inline="always", **JIT)
+def _q6_k_rows(xq, xd, xbs, qs, head, simd, out, r0, r1, dw, acc, ahead):
+    """Rows r0 .. r1 - 1 of _dot_q6_k, with its scratch arrays dw (nb,) float32 and acc (8,) float32.
+    ahead > 0 (a decode, the weights streamed once): each super-block asks for the bytes of the row `ahead`
+    rows on (4 lines of quants, its scales with the first), spread over the loop as
+    ggml_simd._prefetch_ahead does (a prefetch past the end of the matrix never faults)."""
+    N, K = xq.shape
+    nb = K // 256
+    aa = acc.ctypes.data
+    for r in range(r0, r1):
+        for b in range(nb):
+            h = head[r, b]
+            dw[b] = _f16(h[16], h[17])
+        wa = qs[r].ctypes.data
+        ha = head[r].ctypes.data
+        for n in range(N):
+            xa = xq[n].ctypes.data
+            ba = xbs[n].ctypes.data
+            acc[:] = 0
+            for b in range(nb):
+                if ahead:
+                    pa = wa + ahead * K + 256 * b
+                    prefetch(pa)
+                    prefetch(pa + 64)
+                    prefetch(pa + 128)
+                    prefetch(pa + 192)
+                    prefetch(ha + ahead * 18 * nb + 18 * b)
+                # the scales as the file's int8 and the -32 of every value by the bsums, in the intrinsic
+                _superblock(aa, wa + 256 * b, xa + 256 * b, ha + 18 * b, ba + 64 * b, xd[n, b] * dw[b], simd, 4)
+            out[n, r] = ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]))
+
+
 @njit(parallel=True, **JIT)
 def _dot_q6_k(xq, xd, xbs, qs, head, simd, out):
     """ggml_vec_dot_q6_K_q8_K: qs (R, K) int8 bytes q - 32, head (R, nb, 18) 16 int8 scales | d fp16.
@@ -227,26 +286,17 @@ def _dot_q6_k(xq, xd, xbs, qs, head, simd, out):
     R = qs.shape[0]
     nb = K // 256
     for c in prange((R + ROWS - 1) // ROWS):
-        sc = np.empty((nb, 16), np.int32)
-        dw = np.empty(nb, np.float32)
-        off = np.empty(8, np.int32)
-        acc = np.empty(8, np.float32)
-        aa, oa, sa = acc.ctypes.data, off.ctypes.data, sc.ctypes.data
-        for r in range(c * ROWS, min(R, (c + 1) * ROWS)):
-            for b in range(nb):
-                h = head[r, b]
-                for j in range(16):
-                    sc[b, j] = np.int32(np.int8(h[j]))
-                dw[b] = _f16(h[16], h[17])
-            wa = qs[r].ctypes.data
-            for n in range(N):
-                xa = xq[n].ctypes.data
-                acc[:] = 0
-                for b in range(nb):
-                    for u in range(8):  # the -32 of every value, by the bsums (_mm256_madd_epi16 << 5)
-                        off[u] = 32 * (sc[b, 2 * u] * xbs[n, b, 2 * u] + sc[b, 2 * u + 1] * xbs[n, b, 2 * u + 1])
-                    _superblock(aa, wa + 256 * b, xa + 256 * b, sa + 64 * b, oa, xd[n, b] * dw[b], simd, 2)
-                out[n, r] = ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]))
+        _q6_k_rows(xq, xd, xbs, qs, head, simd, out, c * ROWS, min(R, (c + 1) * ROWS), np.empty(nb, np.float32),
+                   np.empty(8, np.float32), 0)
+
+
+@njit(**JIT)
+def _decode_q6_k(xq, xd, xbs, qs, head, simd, out):
+    """_dot_q6_k of one activation row on one thread: no parallel region (~15 us a call), the weights asked
+    for ~4 KB ahead (ggml_simd.AHEAD_BYTES)."""
+    nb = xq.shape[1] // 256
+    _q6_k_rows(xq, xd, xbs, qs, head, simd, out, 0, qs.shape[0], np.empty(nb, np.float32), np.empty(8, np.float32),
+               max(1, (AHEAD_BYTES + xq.shape[1] - 1) // xq.shape[1]))
 
 
 @njit(**JIT)
@@ -301,7 +351,8 @@ def quantized_linear(x2: np.ndarray, w, simd: "int | None" = None) -> np.ndarray
     qs, head = readonly(w.qs), readonly(w.head)
     use = SIMD if simd is None else int(simd)
     if w.format == "q6_k":
-        _dot_q6_k(xq, xd, xbs, qs, head, use, out)
+        one = N == 1 and (numba.config.NUMBA_NUM_THREADS == 1 or numba.get_num_threads() == 1)
+        (_decode_q6_k if one else _dot_q6_k)(xq, xd, xbs, qs, head, use, out)
     elif w.format == "q4_k" and R % 8 == 0:  # repacked by llama.cpp (model/ggml_kquants.dot_for)
         _gemv_q4_k(xq, xd, xbs, qs, head, use, out)
     else:

@@ -259,6 +259,30 @@ def test_numba_equals_numpy_fixed_shapes(kind, simd):
         assert np.array_equal(got.view(np.uint32), expected.view(np.uint32))
 
 
+@pytest.mark.parametrize("simd", [0, 1, 2])
+@pytest.mark.parametrize("kind", sorted(TYPES))
+def test_decode_one_thread_equals_numpy(kind, simd):
+    """One activation row on one thread takes Q6_K's serial decode (no parallel region, the weights asked for
+    ahead); it and the parallel path equal the specification, on random blocks and the extremes (Q6_K's int8
+    scales -128 and 127 by bsums of +-127 values)."""
+    import numba
+
+    rng = np.random.default_rng(7)
+    before = numba.get_num_threads()
+    try:
+        for threads in sorted({1, before}):
+            numba.set_num_threads(threads)
+            for rows, cols in ((24, 256), (13, 768), (40, 1536)):
+                ws = [random_kquant(TYPES[kind], rows, cols, rows)]
+                ws += [extreme_kquant(TYPES[kind], rows, cols, fill, 0.01) for fill in (0xFF, 0x80, 0x00)]
+                for w in ws:
+                    for x in (activations(1, cols, cols), rng.choice([-1, 1], (1, cols)).astype(np.float32)):
+                        got, expected = compiled().quantized_linear(x, w, simd=simd), gk.quantized_linear(x, w)
+                        assert np.array_equal(got.view(np.uint32), expected.view(np.uint32))
+    finally:
+        numba.set_num_threads(before)
+
+
 def extreme_kquant(cls, rows: int, cols: int, fill: int, d: float):
     """A K-quant matrix with every quant and scale byte `fill` (0xff: the largest values, Q4_K 15, Q5_K 31,
     Q6_K 63, 6-bit scales and mins 63, Q6_K's int8 scales -1; 0x00 the smallest; 0x80: 0xff, but Q6_K's

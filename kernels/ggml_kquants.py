@@ -165,6 +165,61 @@ def _row_scales(head, r, sc16, mn, dw, dminw):
             mn[b, 4 + j] = (np.int32(h[12 + j]) >> 4) | ((np.int32(h[8 + j]) >> 6) << 4)
 
 
+@njit(inline="always", **JIT)
+def _prefetch_superblock(wa, ha, ahead, row_bytes, head_bytes, b, sb_bytes):
+    """Ask for super-block b of the row `ahead` rows on (its quants, sb_bytes at wa, and its 16-byte header
+    at ha): a decode's weights, streamed once, requested spread over the loop as ggml_simd._prefetch_ahead
+    does (a prefetch past the end of a matrix never faults)."""
+    pa = wa + ahead * row_bytes + sb_bytes * b
+    for off in range(0, sb_bytes, 64):
+        prefetch(pa + off)
+    prefetch(ha + ahead * head_bytes + 16 * b)
+
+
+@njit(inline="always", **JIT)
+def _q45_k_rows(xq, xd, xbs, qs, head, four_bit, simd, out, r0, r1, ahead):
+    """Rows r0 .. r1 - 1 of _dot_q45_k; ahead > 0: a decode, asking for the row `ahead` rows on."""
+    N, K = xq.shape
+    nb = K // 256
+    sc16 = np.empty((nb, 16), np.int32)
+    mn = np.empty((nb, 8), np.int32)
+    dw = np.empty(nb, np.float32)
+    dminw = np.empty(nb, np.float32)
+    acc = np.empty(8, np.float32)
+    zero = np.zeros(8, np.int32)
+    s = np.empty(8, np.int32)
+    aa, za, sa = acc.ctypes.data, zero.ctypes.data, sc16.ctypes.data
+    sb_bytes = 128 if four_bit else 256
+    for r in range(r0, r1):
+        _row_scales(head, r, sc16, mn, dw, dminw)
+        wa = qs[r].ctypes.data
+        ha = head[r].ctypes.data
+        for n in range(N):
+            xa = xq[n].ctypes.data
+            acc[:] = 0
+            m0 = m1 = m2 = m3 = summs = np.float32(0)
+            for b in range(nb):
+                if ahead:
+                    _prefetch_superblock(wa, ha, ahead, qs.shape[1], 16 * nb, b, sb_bytes)
+                d = xd[n, b] * dw[b]
+                if four_bit:
+                    _superblock(aa, wa + 128 * b, xa + 256 * b, sa + 64 * b, za, d, simd, 0)
+                else:
+                    _superblock(aa, wa + 256 * b, xa + 256 * b, sa + 64 * b, za, d, simd, 1)
+                dmin = -(xd[n, b] * dminw[b])
+                for j in range(8):
+                    s[j] = mn[b, j] * (xbs[n, b, 2 * j] + xbs[n, b, 2 * j + 1])
+                if four_bit:
+                    m0 = _fma(dmin, np.float32(s[0] + s[1]), m0)
+                    m1 = _fma(dmin, np.float32(s[2] + s[3]), m1)
+                    m2 = _fma(dmin, np.float32(s[4] + s[5]), m2)
+                    m3 = _fma(dmin, np.float32(s[6] + s[7]), m3)
+                else:
+                    summs = _fma(dmin, np.float32(s.sum()), summs)
+            main = ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]))
+            out[n, r] = main + ((m0 + m2) + (m1 + m3)) if four_bit else main + summs
+
+
 @njit(parallel=True, **JIT)
 def _dot_q45_k(xq, xd, xbs, qs, head, four_bit, simd, out):
     """ggml_vec_dot_q4_K_q8_K (four_bit) and ggml_vec_dot_q5_K_q8_K: xq (N, K) int8, xd (N, nb) float32,
@@ -172,43 +227,41 @@ def _dot_q45_k(xq, xd, xbs, qs, head, four_bit, simd, out):
 
     8 lanes per super-block, lane u = sum_j sc[j] * (products 4u .. 4u+3 of sub-block j), fma(d_x d_w, lane,
     acc[u]) (_superblock); the mins: Q4_K in 4 float lanes (pairs of sub-blocks), Q5_K in one float32."""
-    N, K = xq.shape
     R = qs.shape[0]
-    nb = K // 256
     for c in prange((R + ROWS - 1) // ROWS):
-        sc16 = np.empty((nb, 16), np.int32)
-        mn = np.empty((nb, 8), np.int32)
-        dw = np.empty(nb, np.float32)
-        dminw = np.empty(nb, np.float32)
-        acc = np.empty(8, np.float32)
-        zero = np.zeros(8, np.int32)
-        s = np.empty(8, np.int32)
-        aa, za, sa = acc.ctypes.data, zero.ctypes.data, sc16.ctypes.data
-        for r in range(c * ROWS, min(R, (c + 1) * ROWS)):
-            _row_scales(head, r, sc16, mn, dw, dminw)
-            wa = qs[r].ctypes.data
-            for n in range(N):
-                xa = xq[n].ctypes.data
-                acc[:] = 0
-                m0 = m1 = m2 = m3 = summs = np.float32(0)
-                for b in range(nb):
-                    d = xd[n, b] * dw[b]
-                    if four_bit:
-                        _superblock(aa, wa + 128 * b, xa + 256 * b, sa + 64 * b, za, d, simd, 0)
-                    else:
-                        _superblock(aa, wa + 256 * b, xa + 256 * b, sa + 64 * b, za, d, simd, 1)
-                    dmin = -(xd[n, b] * dminw[b])
-                    for j in range(8):
-                        s[j] = mn[b, j] * (xbs[n, b, 2 * j] + xbs[n, b, 2 * j + 1])
-                    if four_bit:
-                        m0 = _fma(dmin, np.float32(s[0] + s[1]), m0)
-                        m1 = _fma(dmin, np.float32(s[2] + s[3]), m1)
-                        m2 = _fma(dmin, np.float32(s[4] + s[5]), m2)
-                        m3 = _fma(dmin, np.float32(s[6] + s[7]), m3)
-                    else:
-                        summs = _fma(dmin, np.float32(s.sum()), summs)
-                main = ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]))
-                out[n, r] = main + ((m0 + m2) + (m1 + m3)) if four_bit else main + summs
+        _q45_k_rows(xq, xd, xbs, qs, head, four_bit, simd, out, c * ROWS, min(R, (c + 1) * ROWS), 0)
+
+
+@njit(inline="always", **JIT)
+def _gemv_q4_k_rows(xq, xd, xbs, qs, head, simd, out, r0, r1, ahead):
+    """Rows r0 .. r1 - 1 of _gemv_q4_k; ahead > 0: a decode, asking for the row `ahead` rows on."""
+    N, K = xq.shape
+    nb = K // 256
+    sc16 = np.empty((nb, 16), np.int32)
+    mn = np.empty((nb, 8), np.int32)
+    dw = np.empty(nb, np.float32)
+    dminw = np.empty(nb, np.float32)
+    lanes = np.empty(8, np.int32)
+    zero = np.zeros(8, np.int32)
+    la, za, sa = lanes.ctypes.data, zero.ctypes.data, sc16.ctypes.data
+    for r in range(r0, r1):
+        _row_scales(head, r, sc16, mn, dw, dminw)
+        wa = qs[r].ctypes.data
+        ha = head[r].ctypes.data
+        for n in range(N):
+            xa = xq[n].ctypes.data
+            acc = np.float32(0)
+            acc_min = np.float32(0)
+            for b in range(nb):
+                if ahead:
+                    _prefetch_superblock(wa, ha, ahead, qs.shape[1], 16 * nb, b, 128)
+                _superblock(la, wa + 128 * b, xa + 256 * b, sa + 64 * b, za, np.float32(0), simd, 3)
+                imin = np.int32(0)
+                for j in range(8):
+                    imin += mn[b, j] * (xbs[n, b, 2 * j] + xbs[n, b, 2 * j + 1])
+                acc = _fma(np.float32(lanes.sum()), dw[b] * xd[n, b], acc)
+                acc_min = _fma(np.float32(imin), dminw[b] * xd[n, b], acc_min)
+            out[n, r] = acc - acc_min
 
 
 @njit(parallel=True, **JIT)
@@ -216,32 +269,20 @@ def _gemv_q4_k(xq, xd, xbs, qs, head, simd, out):
     """ggml_gemv_q4_K_8x8_q8_K (rows in groups of 8): one integer per super-block for the values (the sum
     of the 8 lanes of sc-scaled sub-blocks), one for the mins; acc = fma(iacc, d_w d_x, acc), acc_min
     likewise with dmin; out = acc - acc_min."""
-    N, K = xq.shape
     R = qs.shape[0]
-    nb = K // 256
     for c in prange((R + ROWS - 1) // ROWS):
-        sc16 = np.empty((nb, 16), np.int32)
-        mn = np.empty((nb, 8), np.int32)
-        dw = np.empty(nb, np.float32)
-        dminw = np.empty(nb, np.float32)
-        lanes = np.empty(8, np.int32)
-        zero = np.zeros(8, np.int32)
-        la, za, sa = lanes.ctypes.data, zero.ctypes.data, sc16.ctypes.data
-        for r in range(c * ROWS, min(R, (c + 1) * ROWS)):
-            _row_scales(head, r, sc16, mn, dw, dminw)
-            wa = qs[r].ctypes.data
-            for n in range(N):
-                xa = xq[n].ctypes.data
-                acc = np.float32(0)
-                acc_min = np.float32(0)
-                for b in range(nb):
-                    _superblock(la, wa + 128 * b, xa + 256 * b, sa + 64 * b, za, np.float32(0), simd, 3)
-                    imin = np.int32(0)
-                    for j in range(8):
-                        imin += mn[b, j] * (xbs[n, b, 2 * j] + xbs[n, b, 2 * j + 1])
-                    acc = _fma(np.float32(lanes.sum()), dw[b] * xd[n, b], acc)
-                    acc_min = _fma(np.float32(imin), dminw[b] * xd[n, b], acc_min)
-                out[n, r] = acc - acc_min
+        _gemv_q4_k_rows(xq, xd, xbs, qs, head, simd, out, c * ROWS, min(R, (c + 1) * ROWS), 0)
+
+
+@njit(**JIT)
+def _decode_q45_k(xq, xd, xbs, qs, head, kind, simd, out):
+    """One activation row on one thread, Q4_K (kind 0: 4-bit, 1: Q5_K, 3: Q4_K's repacked gemv): no parallel
+    region (~15 us a call), the weights asked for ~4 KB ahead (ggml_simd.AHEAD_BYTES)."""
+    ahead = max(1, (AHEAD_BYTES + qs.shape[1] - 1) // qs.shape[1])
+    if kind == 3:
+        _gemv_q4_k_rows(xq, xd, xbs, qs, head, simd, out, 0, qs.shape[0], ahead)
+    else:
+        _q45_k_rows(xq, xd, xbs, qs, head, kind == 0, simd, out, 0, qs.shape[0], ahead)
 
 
 @njit(inline="always", **JIT)
@@ -350,10 +391,13 @@ def quantized_linear(x2: np.ndarray, w, simd: "int | None" = None) -> np.ndarray
     out = np.empty((N, R), np.float32)
     qs, head = readonly(w.qs), readonly(w.head)
     use = SIMD if simd is None else int(simd)
+    one = N == 1 and (numba.config.NUMBA_NUM_THREADS == 1 or numba.get_num_threads() == 1)  # a serial decode
+    repacked = w.format == "q4_k" and R % 8 == 0  # repacked by llama.cpp (model/ggml_kquants.dot_for)
     if w.format == "q6_k":
-        one = N == 1 and (numba.config.NUMBA_NUM_THREADS == 1 or numba.get_num_threads() == 1)
         (_decode_q6_k if one else _dot_q6_k)(xq, xd, xbs, qs, head, use, out)
-    elif w.format == "q4_k" and R % 8 == 0:  # repacked by llama.cpp (model/ggml_kquants.dot_for)
+    elif one:
+        _decode_q45_k(xq, xd, xbs, qs, head, 3 if repacked else 0 if w.format == "q4_k" else 1, use, out)
+    elif repacked:
         _gemv_q4_k(xq, xd, xbs, qs, head, use, out)
     else:
         _dot_q45_k(xq, xd, xbs, qs, head, w.format == "q4_k", use, out)

@@ -2,6 +2,7 @@
 
     python benchmarks/shapes.py --shape llama-3.2-1b [--threads N] [--formats bf16 f16 q8_0 q4_0]
                                 [--prefill 128 512 2048] [--decode 128] [--rounds R] [--sweep | --sweep-only]
+                                [--sweep-prefill 128 512] [--sweep-decode 32]
                                 [--peer-formats f16 bf16 ...] [--hf-dtypes bf16 f32] [--skip-peers] [--numpy]
 
 Speed does not depend on the weights' values, so a checkpoint of the official shape (llama_ref.model.presets)
@@ -23,7 +24,9 @@ llama-cpp-python on the same GGUF file of each format, HF transformers float32 a
 safetensors directory (a subprocess in the oracle venv). A configuration that does not fit in the memory
 available now is skipped with a message; a peer that crashes is reported as crashed. --sweep adds a thread
 sweep (1, 2, 4, ... all cores) of decode and prefill for llama_ref numba and llama.cpp at the run's 16-bit formats
-(--sweep-only: the sweep alone).
+(--sweep-only: the sweep alone), thread counts interleaved over --rounds (best kept). Its scaling column divides
+each rate by the thread count x the one-thread rate; for decode, by the smaller of that and the read-bandwidth
+roofline (the probe's all-thread bandwidth / bytes per token): past that bound more cores cannot help.
 
 Writes results/shapes-<shape>.md/.json (and -threads.png with matplotlib) to results/scratch/, or to
 results/ with --update-results.
@@ -302,6 +305,8 @@ def main(argv=None) -> None:
     p.add_argument("--numpy", action="store_true", help="also llama_ref numpy (bf16): the reference's prefill")
     p.add_argument("--sweep", action="store_true", help="thread sweep of decode and prefill")
     p.add_argument("--sweep-only", action="store_true", help="the thread sweep without the main table")
+    p.add_argument("--sweep-prefill", type=int, nargs="+", default=[128], help="prefill lengths of the sweep")
+    p.add_argument("--sweep-decode", type=int, default=32, help="decode steps of the sweep")
     p.add_argument("--skip-peers", action="store_true")
     p.add_argument("--skip-hf", action="store_true")
     p.add_argument("--hf-dtypes", nargs="*", default=["bf16", "f32"], choices=["bf16", "f32"])
@@ -401,14 +406,21 @@ def measure(shape: str, files: dict, a, threads: int, unset: list) -> dict:
     if a.sweep or a.sweep_only:
         counts = sweep_counts(os.cpu_count() or 1)
         sweep_configs = [c for c in configs if c[0] in ("llama_ref numba", "llama.cpp") and c[1] in ("bf16", "f16")]
-        for engine, fmt, spec in sweep_configs:
+        swept = {}  # (engine, format, threads) -> the best of rounds
+        # Rounds, and in each every thread count of every configuration: a burst of other work slows one
+        # round of a configuration rather than one of its thread counts.
+        for rnd in range(max(1, a.rounds)):
             for n in counts:
-                spec_n = {**base, **spec, "threads": n, "prefill": [128], "decode": 32, "repeats": 1}
-                print(f"{shape}: sweep {engine} {fmt} {n} threads ...", file=sys.stderr)
-                row = {"engine": engine, "format": fmt, "threads": n,
-                       **run_child(spec_n.pop("python", sys.executable), spec_n, environment(n))}
-                print(f"  {json.dumps(row)}", file=sys.stderr)
-                report["sweep"].append(row)
+                for engine, fmt, spec in sweep_configs:
+                    spec_n = {**base, **spec, "threads": n, "prefill": a.sweep_prefill, "decode": a.sweep_decode,
+                              "repeats": 1}
+                    print(f"{shape}: sweep round {rnd + 1}: {engine} {fmt} {n} threads ...", file=sys.stderr)
+                    row = {"engine": engine, "format": fmt, "threads": n,
+                           **run_child(spec_n.pop("python", sys.executable), spec_n, environment(n))}
+                    print(f"  {json.dumps(row)}", file=sys.stderr)
+                    key = (engine, fmt, n)
+                    swept[key] = merge_rounds(swept.get(key), row)
+        report["sweep"] = [swept[(e, f, n)] for e, f, _ in sweep_configs for n in counts if (e, f, n) in swept]
     shutil.rmtree(tmp, ignore_errors=True)
     return report
 
@@ -522,18 +534,7 @@ def write_report(report: dict, stem: Path) -> None:
     if notes:
         lines += [""] + notes
     if report["sweep"]:
-        lines += ["", "Thread sweep (prefill 128, decode 32 steps after 128 tokens):", "",
-                  "| engine | format | threads | prefill 128 tok/s | decode tok/s | decode vs threads x 1-thread |",
-                  "|---|---|---:|---:|---:|---:|"]
-        one = {}
-        for r in report["sweep"]:
-            if "decode" not in r:
-                lines.append(f"| {r['engine']} | {r['format']} | {r['threads']} | {r.get('error', '')[:120]} | | |")
-                continue
-            base = one.setdefault((r["engine"], r["format"]), r["decode"] if r["threads"] == 1 else None)
-            eff = f"{r['decode'] / (r['threads'] * base):.2f}" if base else ""
-            lines.append(f"| {r['engine']} | {r['format']} | {r['threads']} | {r['prefill_128']:.1f} | "
-                         f"{r['decode']:.2f} | {eff} |")
+        lines += sweep_table(report, files, args)
     lines += ["", f"Prefill: best of {a['repeats']} (token ids drawn at random, seed 1); decode: {a['decode']} "
               f"greedy steps after a {a['decode_prompt']}-token prompt, mean rate. Each configuration in its own "
               "process, one after the other. Roofline: read bandwidth / bytes of the stored weights + float32 KV "
@@ -541,6 +542,47 @@ def write_report(report: dict, stem: Path) -> None:
               "second x those bytes / the probe's bytes read per CPU second."]
     stem.with_name(stem.name + ".md").write_text("\n".join(lines) + "\n")
     plot_sweep(report, stem)
+
+
+def sweep_table(report: dict, files: dict, args) -> list[str]:
+    """The thread sweep's table: each rate, and its share of threads x the one-thread rate (for decode, of
+    the smaller of that and the read-bandwidth roofline: bandwidth bounds decode whatever the cores)."""
+    a = report["args"]
+    lengths = a.get("sweep_prefill", [128])
+    steps = a.get("sweep_decode", 32)
+    rounds = max(1, a.get("rounds", 1)) if "sweep_prefill" in a else 1  # earlier sweeps ran once
+    bw = report.get("bandwidth_gb_s")
+    lines = ["", f"Thread sweep (decode {steps} steps after {a['decode_prompt']} tokens; best of {rounds} "
+             "interleaved round(s)). Scaling: rate / (threads x the 1-thread rate); decode's divides by the smaller "
+             "of that and the roofline (read bandwidth " + (f"{bw:.1f} GB/s" if bw else "unknown")
+             + " / bytes per token; left out where it is below the 1-thread rate: a probe slowed by other work):",
+             "",
+             "| engine | format | threads | " + " | ".join(f"prefill {n} tok/s | scaling" for n in lengths)
+             + " | decode tok/s | decode roofline tok/s | scaling |",
+             "|---|---|---:|" + "---:|---:|" * len(lengths) + "---:|---:|---:|"]
+    one = {}
+    for r in report["sweep"]:
+        if "decode" not in r:
+            lines.append(f"| {r['engine']} | {r['format']} | {r['threads']} | {r.get('error', '')[:120]} |"
+                         + " |" * (2 * len(lengths) + 2))
+            continue
+        base = one.setdefault((r["engine"], r["format"]), r if r["threads"] == 1 else None)
+        cells = []
+        for n in lengths:
+            rate = r.get(f"prefill_{n}")
+            first = base.get(f"prefill_{n}") if base else None
+            cells += [f"{rate:.1f}" if rate else "", f"{rate / (r['threads'] * first):.2f}" if rate and first else ""]
+        nbytes = decode_bytes(files, r["format"], args, a["decode_prompt"] + steps // 2) if bw else 0
+        roof = bw * 1e9 / nbytes if nbytes else None
+        bound = None
+        if base:
+            bound = r["threads"] * base["decode"]
+            if roof and roof >= base["decode"]:
+                bound = min(bound, roof)
+        lines.append(f"| {r['engine']} | {r['format']} | {r['threads']} | " + " | ".join(cells)
+                     + f" | {r['decode']:.2f} | {f'{roof:.2f}' if roof else ''} | "
+                     + (f"{r['decode'] / bound:.2f}" if bound else "") + " |")
+    return lines
 
 
 def prefill_notes(rows: list, lengths: list, prefix: str) -> list[str]:
@@ -597,6 +639,7 @@ def plot_sweep(report: dict, stem: Path) -> None:
     except ImportError:
         print("matplotlib is not installed: no thread-sweep plot", file=sys.stderr)
         return
+    first = report["args"].get("sweep_prefill", [128])[0]
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
     for key in sorted({(r["engine"], r["format"]) for r in report["sweep"]}):
         pts = [r for r in report["sweep"] if (r["engine"], r["format"]) == key and "decode" in r]
@@ -604,8 +647,8 @@ def plot_sweep(report: dict, stem: Path) -> None:
             continue
         t = [r["threads"] for r in pts]
         axes[0].plot(t, [r["decode"] for r in pts], "o-", label=" ".join(key))
-        axes[1].plot(t, [r["prefill_128"] for r in pts], "o-", label=" ".join(key))
-    for ax, what in zip(axes, ("decode tok/s", "prefill 128 tok/s")):
+        axes[1].plot(t, [r.get(f"prefill_{first}") for r in pts], "o-", label=" ".join(key))
+    for ax, what in zip(axes, ("decode tok/s", f"prefill {first} tok/s")):
         ax.set_xlabel("threads")
         ax.set_ylabel(what)
         ax.legend(fontsize=7)

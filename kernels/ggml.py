@@ -13,6 +13,8 @@ cache, softmax, RMSNorm, RoPE, SwiGLU) are kernels/ggml_ops.py's. No fast-math a
 
 from __future__ import annotations
 
+import weakref
+
 import numba
 import numpy as np
 from numba import njit, prange
@@ -212,6 +214,23 @@ def quantize_q8(x2: np.ndarray):
     return xq, xd, xs
 
 
+# weight -> (kind, qs, d, m) as the kernels take them, made once per weight: a decode step makes 211 products of
+# ~15-100 us, and rebuilding these (format checks, read-only views) with the reshapes around them cost ~13 us a
+# call (~2.7 ms a step on the default model, one thread).
+_ARGS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _weight_args(w) -> tuple:
+    args = _ARGS.get(w)
+    if args is None:
+        fmt = w.format
+        if fmt == "q4_0" and w.shape[0] % 8 == 0:  # llama.cpp repacks Q4_0 matrices whose rows come in groups of 8
+            fmt = "q4_0r"
+        m = w.m if fmt in ("q4_1", "q5_1") else w.d
+        args = _ARGS[w] = (KIND[fmt], readonly(w.qs), readonly(w.d), readonly(m))
+    return args
+
+
 def quantized_linear(x2: np.ndarray, w, use_simd: "int | None" = None) -> np.ndarray:
     """x2 (N, K) float32 @ w.T in ggml's arithmetic, for a Q8_0 / Q4_0 / Q4_1 / Q5_0 / Q5_1 weight. -> (N, R).
     use_simd: 0 the portable integer code, 2 AVX2's (where the CPU has it), 1 the best this CPU has (vpdpbusd,
@@ -219,19 +238,16 @@ def quantized_linear(x2: np.ndarray, w, use_simd: "int | None" = None) -> np.nda
     if w.format in ("q4_k", "q5_k", "q6_k"):  # Q8_K activations and 256-value super-blocks: their own module
         from . import ggml_kquants
         return ggml_kquants.quantized_linear(x2, w, use_simd)
-    N, R = x2.shape[0], w.shape[0]
-    out = np.empty((N, R), np.float32)
-    fmt = w.format
-    if fmt == "q4_0" and R % 8 == 0:  # llama.cpp repacks Q4_0 matrices whose rows come in groups of 8
-        fmt = "q4_0r"
-    m = w.m if fmt in ("q4_1", "q5_1") else w.d
+    kind, qs, d, m = _weight_args(w)
+    N = x2.shape[0]
+    out = np.empty((N, d.shape[0]), np.float32)
     use = SIMD if use_simd is None else int(use_simd)
     # NUMBA_NUM_THREADS=1 first: get_num_threads() costs ~2 us a call, 0.4 ms of a decode step's 211 products
     if N == 1 and (numba.config.NUMBA_NUM_THREADS == 1 or numba.get_num_threads() == 1):
-        _decode_serial(KIND[fmt], x2, readonly(w.qs), readonly(w.d), readonly(m), out, use)
+        _decode_serial(kind, x2, qs, d, m, out, use)
         return out
     xq, xd, xs = quantize_q8(x2)
-    _linear(KIND[fmt], xq, xd, xs, readonly(w.qs), readonly(w.d), readonly(m), out, use)
+    _linear(kind, xq, xd, xs, qs, d, m, out, use)
     return out
 
 
@@ -239,8 +255,11 @@ def linear(x: np.ndarray, w) -> np.ndarray:
     """x @ w.T in ggml's arithmetic: llama_ref.model.ggml.linear with the quantized products compiled."""
     if not spec.supported(w):
         return spec.linear(x, w)
-    rows = np.ascontiguousarray(x.reshape(-1, x.shape[-1]), dtype=np.float32)  # (N, in)
-    return quantized_linear(rows, w).reshape(*x.shape[:-1], w.shape[0])
+    rows = x.reshape(-1, x.shape[-1])  # (N, in)
+    if rows.dtype != np.float32 or not rows.flags.c_contiguous:
+        rows = np.ascontiguousarray(rows, dtype=np.float32)
+    out = quantized_linear(rows, w)
+    return out if x.ndim == 2 else out.reshape(x.shape[:-1] + (w.shape[0],))
 
 
 __all__ = spec.__all__

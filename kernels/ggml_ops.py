@@ -1,14 +1,14 @@
 """Numba twins of llama_ref.model.ggml's operations outside the matrix products: attention over the fp16
 cache (ggml_vec_dot_f16, ggml's softmax with ggml_v_expf), RMSNorm, the RoPE tables and rotation, SwiGLU.
 
-Each computes what the NumPy specification computes, bit for bit (tests/test_ggml_kernels.py): the same
-float32 operations in the same order, fused multiply-adds by llvm.fma (kernels/ggml_simd.py), float64 where
-the specification widens. No fast-math. Where a loop's lanes are independent (the 64 accumulators of
-ggml_vec_dot_f16, a row of RMSNorm's products) LLVM vectorizes it without changing any rounding.
+Each computes what the NumPy specification computes, bit for bit (tests/test_ggml_kernels.py,
+tests/test_ggml_arithmetic.py): the same float32 operations in the same order, fused multiply-adds by
+llvm.fma (kernels/ggml_simd.py), float64 where the specification widens. No fast-math. Where a loop's lanes
+are independent (a row of RMSNorm's products) LLVM vectorizes it without changing any rounding.
 
 Attention and SwiGLU follow the specification's `isa` (llama_ref.model.ggml.ISA unless given): the AVX-512
-build's 16-lane order (ggml_vec_dot_f16's SIMD part by kernels/ggml_simd.f16_dots) or the AVX2 build's
-8-lane order and expf (loops here; tests/test_ggml_arithmetic.py checks both against the specification).
+build's 16-lane order and expf or the AVX2 build's 8-lane order and expf. Their vectors are written in LLVM
+IR (kernels/ggml_vec.py): ggml_vec_dot_f16 for q.k and probabilities.V, ggml_v_expf, the softmax's sums.
 """
 
 from __future__ import annotations
@@ -21,67 +21,13 @@ from numba import njit, prange
 from llama_ref.model import ggml as spec
 
 from ._common import JIT
-from .ggml_simd import fma32, fp16_round, ldexp32
-from .ggml_vec import (exp_sums8, exp_sums16, expf_array8, expf_array16, f16_columns8_1, f16_columns8_2,
-                       f16_columns8_3, f16_columns16_1, f16_columns16_2, f16_columns16_3, f16_scores8_1,
-                       f16_scores8_2, f16_scores8_3, f16_scores16_1, f16_scores16_2, f16_scores16_3)
+from .ggml_simd import fma32, fp16_round
+from .ggml_vec import (expf_array8, expf_array16, f16_columns8_1, f16_columns8_2, f16_columns8_3, f16_columns16_1,
+                       f16_columns16_2, f16_columns16_3, f16_scores8_1, f16_scores8_2, f16_scores8_3, f16_scores16_1,
+                       f16_scores16_2, f16_scores16_3, soft_max_row8, soft_max_row16, swiglu_row_avx2,
+                       swiglu_row_avx512)
 
 PARALLEL_ROWS = 16  # fewer rows than this (a decode step): one thread, no parallel region to start
-
-_R = np.float32(float.fromhex("0x1.8p23"))
-_LOG2E = np.float32(float.fromhex("0x1.715476p+0"))
-_LN2_HI = np.float32(float.fromhex("0x1.62e4p-1"))
-_LN2_LO = np.float32(float.fromhex("0x1.7f7d1cp-20"))
-_C4 = np.float32(float.fromhex("0x1.0e4020p-7"))
-_C5 = np.float32(float.fromhex("0x1.573e2ep-5"))
-_C6 = np.float32(float.fromhex("0x1.555e66p-3"))
-_C7 = np.float32(float.fromhex("0x1.fffdb6p-2"))
-_C8 = np.float32(float.fromhex("0x1.ffffecp-1"))
-
-
-@njit(inline="always", **JIT)
-def _expf_reduce(x):
-    """ggml_v_expf's argument reduction, the same in both builds: x = n ln2 + b, n an integer (as float32),
-    and u = b^2."""
-    z = fma32(x, _LOG2E, _R)
-    n = z - _R
-    b = fma32(-n, _LN2_LO, fma32(-n, _LN2_HI, x))
-    return n, b, b * b
-
-
-@njit(inline="always", **JIT)
-def _expf(x):
-    """ggml_v_expf on one float32 (llama_ref.model.ggml.ggml_v_expf)."""
-    if x != x:  # NaN: itself
-        return x
-    n, b, u = _expf_reduce(x)
-    j = fma32(fma32(fma32(_C4, b, _C5), u, fma32(_C6, b, _C7)), u, fma32(_C8, b, np.float32(1)))
-    if abs(n) > 192:
-        return np.float32(0) if n <= 0 else np.float32(np.inf)
-    return ldexp32(j, np.int32(n))  # j * 2^n exact in float64, then one rounding to float32
-
-
-@njit(inline="always", **JIT)
-def _expf_avx2(x):
-    """ggml_v_expf on one float32 as the AVX2 build computes it (llama_ref.model.ggml.ggml_v_expf, isa
-    "avx2"): the polynomial without its 1, then fma(k, j, k) with k = 2^n; for 126 < |n| <= 192 the power
-    split as s2 * s1 (fma(s2, j, s2) rounded, then times s1); past 192, 0 or inf. Every power of two here is
-    exact (ldexp32 of 1), as the exponent bits the C code writes are."""
-    if x != x:  # NaN: itself
-        return x
-    n, b, u = _expf_reduce(x)
-    j = fma32(fma32(fma32(_C4, b, _C5), u, fma32(_C6, b, _C7)), u, _C8 * b)  # _C8 * b: its own rounding
-    a = abs(n)
-    if a <= 126:
-        k = ldexp32(np.float32(1), np.int32(n))
-        return fma32(k, j, k)
-    if a <= 192:
-        if n <= 0:
-            s2 = ldexp32(np.float32(1), np.int32(np.int32(n) + 125))
-            return fma32(s2, j, s2) * ldexp32(np.float32(1), np.int32(-125))
-        s2 = ldexp32(np.float32(1), np.int32(np.int32(n) - 127))
-        return fma32(s2, j, s2) * ldexp32(np.float32(1), np.int32(127))
-    return np.float32(0) if n <= 0 else np.float32(np.inf)  # s1 * s1: 2^-250 or 2^254
 
 
 @njit(**JIT)
@@ -134,12 +80,15 @@ def _columns(wide, rows, w, w_stride, values, row, visible, HD, acc, out):
         f16_columns8_1(*args)
 
 
+QUERIES = 16  # positions per work item
+
+
 @njit(parallel=True, **JIT)
 def _attention(q, k, v, start_pos, scale, wide, out):
     """q (B, T, H, HD) float32, k, v (B, KVH, S, HD) fp16 values as float32 (HD a multiple of 8) -> out
     (B, T, H, HD): llama_ref.model.ggml.attention without a key mask, in the AVX-512 build's order (wide) or
-    the AVX2 build's, by kernels/ggml_vec.py's vectors. One work item per (batch, KV head, position): its G
-    query heads in groups of R (3, 2 or 1) that share every key and value row loaded."""
+    the AVX2 build's, by kernels/ggml_vec.py's vectors. A work item is QUERIES positions of one KV head;
+    its G query heads go in groups of R (3, 2 or 1) that share every key and value row loaded."""
     B, T, H, HD = q.shape
     KVH, S = k.shape[1], k.shape[2]
     G = H // KVH
@@ -148,39 +97,33 @@ def _attention(q, k, v, start_pos, scale, wide, out):
     step = 64 if wide else 32  # GGML_F16_STEP: 4 accumulators of 16 or 8 lanes
     width = 16 if wide else 8  # the lanes of one softmax vector
     row = np.int64(4 * HD)  # bytes from one key (value) row to the next
-    for item in prange(B * KVH * T):
-        b, kvh, t = item // (KVH * T), item // T % KVH, item % T
+    blocks = (T + QUERIES - 1) // QUERIES
+    for item in prange(B * KVH * blocks):
+        b, kvh, t0 = item // (KVH * blocks), item // blocks % KVH, item % blocks * QUERIES
         qh = np.empty((R, HD), np.float32)
         w = np.empty((R, P), np.float32)
         acc = np.empty((R, step, HD), np.float32)
         keys, values = np.int64(k[b, kvh].ctypes.data), np.int64(v[b, kvh].ctypes.data)
         wp, qp, ap = np.int64(w.ctypes.data), np.int64(qh.ctypes.data), np.int64(acc.ctypes.data)
-        visible = min(S, start_pos + t + 1)  # keys up to the query's own position
-        # past the visible keys exp(-inf) = 0: whole vectors of zeros add 0 to the float64 sum and zero
-        # probabilities add +0 to V's accumulators, both nothing, so the loops stop at `used` / `visible`
-        used = min(P, (visible + width - 1) // width * width)
-        for h0 in range(kvh * G, kvh * G + G, R):
-            for r in range(R):
-                for d in range(HD):
-                    qh[r, d] = fp16_round(q[b, t, h0 + r, d])
-            # scores: ggml_vec_dot_f16(q, k_p) * scale for every visible key, -inf for the others
-            _scores(wide, R, qp, keys, row, visible, HD, scale, wp, np.int64(4 * P))
-            for r in range(R):
-                for p in range(visible, used):
-                    w[r, p] = -np.inf
-                row_max = w[r, 0]
-                for p in range(1, visible):
-                    if w[r, p] > row_max:
-                        row_max = w[r, p]
-                # softmax: ggml_v_expf(x - max), the vectors' sums added in float64, times float32(1 / sum)
-                wr = wp + 4 * P * r
-                total = exp_sums16(wr, np.int64(used), row_max) if wide else exp_sums8(wr, np.int64(used), row_max)
-                inv = np.float32(1.0 / total)
-                for p in range(visible):
-                    w[r, p] = fp16_round(w[r, p] * inv)
-            # the probabilities times each column of V (transposed in llama.cpp)
-            op = np.int64(out.ctypes.data) + 4 * (((b * T + t) * H + h0) * HD)
-            _columns(wide, R, wp, np.int64(4 * P), values, row, visible, HD, ap, op)
+        for t in range(t0, min(T, t0 + QUERIES)):
+            visible = min(S, start_pos + t + 1)  # keys up to the query's own position
+            used = min(P, (visible + width - 1) // width * width)  # whole softmax vectors (zeros past P)
+            for h0 in range(kvh * G, kvh * G + G, R):
+                for r in range(R):
+                    for d in range(HD):
+                        qh[r, d] = fp16_round(q[b, t, h0 + r, d])
+                # scores: ggml_vec_dot_f16(q, k_p) * scale for every visible key
+                _scores(wide, R, qp, keys, row, visible, HD, scale, wp, np.int64(4 * P))
+                # softmax with the causal mask, the probabilities rounded to fp16
+                for r in range(R):
+                    if wide:
+                        soft_max_row16(wp + 4 * P * r, np.int64(visible), np.int64(used))
+                    else:
+                        soft_max_row8(wp + 4 * P * r, np.int64(visible), np.int64(used))
+                # the probabilities times each column of V (transposed in llama.cpp); masked keys' zero
+                # probabilities add +0 to V's accumulators: nothing, so the products stop at `visible`
+                op = np.int64(out.ctypes.data) + 4 * (((b * T + t) * H + h0) * HD)
+                _columns(wide, R, wp, np.int64(4 * P), values, row, visible, HD, ap, op)
 
 
 def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start_pos: int,
@@ -294,25 +237,24 @@ def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
 
 
 @njit(inline="always", **JIT)
-def _silu(x, wide):
-    """ggml_v_silu: x / (1 + ggml_v_expf(-x)) (the AVX-512 or the AVX2 expf)."""
-    return x / (np.float32(1) + (_expf(-x) if wide else _expf_avx2(-x)))
+def _swiglu_row(g, u, wide, out, n):
+    args = (np.int64(g[n].ctypes.data), np.int64(u[n].ctypes.data), np.int64(g.shape[1]), np.int64(out[n].ctypes.data))
+    if wide:
+        swiglu_row_avx512(*args)
+    else:
+        swiglu_row_avx2(*args)
 
 
 @njit(parallel=True, **JIT)
 def _swiglu(g, u, wide, out):
-    N, F = g.shape
-    for n in prange(N):
-        for i in range(F):
-            out[n, i] = _silu(g[n, i], wide) * u[n, i]
+    for n in prange(g.shape[0]):
+        _swiglu_row(g, u, wide, out, n)
 
 
 @njit(**JIT)
 def _swiglu_serial(g, u, wide, out):
-    N, F = g.shape
-    for n in range(N):
-        for i in range(F):
-            out[n, i] = _silu(g[n, i], wide) * u[n, i]
+    for n in range(g.shape[0]):
+        _swiglu_row(g, u, wide, out, n)
 
 
 def swiglu(gate: np.ndarray, up: np.ndarray, isa: "str | None" = None) -> np.ndarray:
@@ -335,6 +277,30 @@ def expf(x: np.ndarray, isa: "str | None" = None) -> np.ndarray:
     out = np.empty_like(flat)
     _expf_array(flat, spec._isa(isa) == "avx512", out)
     return out[:x.size].reshape(x.shape)
+
+
+def soft_max(x: np.ndarray, visible: np.ndarray, isa: "str | None" = None) -> tuple[np.ndarray, np.ndarray]:
+    """ggml's softmax of each row of x (N, S) over its first visible[n] values, as the attention computes it
+    (for the tests): -> the probabilities rounded to fp16 (N, S; zero past each row's visible values) and
+    each row's float64 sum of exponentials (N,)."""
+    wide = spec._isa(isa) == "avx512"
+    N, S = x.shape
+    w = np.zeros((N, -(-S // 64) * 64), np.float32)  # rows padded as ggml's cache view is
+    w[:, :S] = x
+    totals = np.empty(N, np.float64)
+    _soft_max_rows(w, np.asarray(visible, np.int64), wide, totals)
+    probs = w[:, :S].copy()
+    probs[np.arange(S)[None, :] >= np.asarray(visible)[:, None]] = 0  # masked: exp(-inf) = 0
+    return probs, totals
+
+
+@njit(**JIT)
+def _soft_max_rows(w, visible, wide, totals):
+    width = 16 if wide else 8
+    for n in range(w.shape[0]):
+        used = min(w.shape[1], (visible[n] + width - 1) // width * width)
+        p = np.int64(w[n].ctypes.data)
+        totals[n] = soft_max_row16(p, visible[n], used) if wide else soft_max_row8(p, visible[n], used)
 
 
 @njit(**JIT)

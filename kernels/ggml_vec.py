@@ -15,8 +15,10 @@ are the same number: the product of two fp16 values is exact in float32, so eith
   the probability row with every column of V, key p into accumulator lane p % 4L. Each accumulator lane of
   each column is a chain over the keys p = a, a + 4L, ...; the chains of 8 columns share a vector, up to 8
   vectors in flight, then the lanes of every column are reduced as ggml_vec_dot_f16 does.
-- exp_sums(lanes): a softmax row's e = ggml_v_expf(x - max) in place, and the float64 sum of its vectors'
-  float32 sums (hsum_float_8 on AVX2, _mm512_reduce_add_ps on AVX-512), vector after vector.
+- soft_max_row(lanes): a row of ggml's softmax in place: the mask, the maximum, e = ggml_v_expf(x - max), the
+  float64 sum of its vectors' float32 sums (hsum_float_8 on AVX2, _mm512_reduce_add_ps on AVX-512), vector
+  after vector, and the probabilities e * float32(1 / sum) rounded to fp16.
+- swiglu_row(wide): ggml_v_silu(g) * u over a row, 8 lanes at a time.
 - expf_vector(builder, x, wide): ggml_v_expf on an LLVM vector (either build's; llama_ref.model.ggml.ggml_v_expf
   is the specification).
 
@@ -162,33 +164,85 @@ expf_array8 = _make_expf_array(8)
 expf_array16 = _make_expf_array(16)
 
 
-# ---- the softmax's exponentials and sum ---------------------------------------------------------------------------
-
-def _make_exp_sums(lanes):
+def _make_swiglu(wide):
     @intrinsic
-    def exp_sums(typingctx, w, n, row_max):
-        """w[i] = ggml_v_expf(w[i] - row_max) for i < n (a multiple of `lanes`; w a byte address), and the
-        float64 sum of each vector's float32 sum (hsum_float_8 / _mm512_reduce_add_ps), in order -> float64."""
-        sig = types.float64(types.int64, types.int64, types.float32)
+    def swiglu_row(typingctx, g, u, n, out):
+        """out[i] = ggml_v_silu(g[i]) * u[i] = (g / (1 + ggml_v_expf(-g))) * u for i < n, float32: 8 lanes at a
+        time, then the last n % 8 one lane at a time (each value on its own: the lanes only choose the speed);
+        the expf of the AVX-512 build (wide) or the AVX2 build's. Byte addresses, int64."""
+        sig = types.void(types.int64, types.int64, types.int64, types.int64)
 
         def codegen(context, builder, signature, args):
-            wp, n, row_max = args
-            vt = ir.VectorType(F32, lanes)
-            m = _splat(builder, row_max, lanes)
-            total = cgutils.alloca_once_value(builder, ir.Constant(F64, 0.0))
-            with cgutils.for_range_slice(builder, _c64(0), n, _c64(lanes), intp=I64) as (i, _):
-                addr = builder.add(wp, builder.mul(i, _c64(4)))
-                e = expf_vector(builder, builder.fsub(builder.load(_ptr(builder, addr, vt), align=4), m), lanes == 16)
-                builder.store(e, _ptr(builder, addr, vt), align=4)
-                s = reduce_add_16(builder, e) if lanes == 16 else hsum_float_8(builder, e)
-                builder.store(builder.fadd(builder.load(total), builder.fpext(s, F64)), total)
-            return builder.load(total)
+            gp, up, n, outp = args
+            b = builder
+            whole = b.sub(n, b.srem(n, _c64(8)))
+            for lanes, start, stop in ((8, _c64(0), whole), (1, whole, n)):
+                vt = ir.VectorType(F32, lanes)
+                with cgutils.for_range_slice(b, start, stop, _c64(lanes), intp=I64) as (i, _):
+                    off = b.mul(i, _c64(4))
+                    x = _gep_load(b, gp, off, vt, 4)
+                    e = expf_vector(b, b.fneg(x), wide)
+                    silu = b.fdiv(x, b.fadd(_vconst(F32, 1.0, lanes), e))
+                    b.store(b.fmul(silu, _gep_load(b, up, off, vt, 4)), _ptr(b, b.add(outp, off), vt), align=4)
+            return context.get_dummy_value()
         return sig, codegen
-    return exp_sums
+    return swiglu_row
 
 
-exp_sums8 = _make_exp_sums(8)
-exp_sums16 = _make_exp_sums(16)
+swiglu_row_avx2 = _make_swiglu(False)
+swiglu_row_avx512 = _make_swiglu(True)
+
+
+# ---- the softmax's exponentials and sum ---------------------------------------------------------------------------
+
+def _make_softmax(lanes):
+    @intrinsic
+    def soft_max_row(typingctx, w, visible, used):
+        """One row of ggml's softmax over scores w[0 .. visible) (w a byte address; used: visible rounded up
+        to a whole vector of `lanes`): w[visible .. used) = -inf (the mask), the row maximum (NaN if any
+        score is NaN, as NumPy's), e = ggml_v_expf(w - max), the float64 sum of each vector's float32 sum
+        (hsum_float_8 / _mm512_reduce_add_ps) in order, and w[i] = fp16(e[i] * float32(1 / sum)) for i < used:
+        the probabilities as the F16 product with V reads them. Past the visible keys exp(-inf) = 0: the
+        zero vectors past `used` would add 0 to the sum, so the row stops there. -> the sum (float64)."""
+        sig = types.float64(types.int64, types.int64, types.int64)
+
+        def codegen(context, builder, signature, args):
+            wp, visible, used = args
+            b = builder
+            vt = ir.VectorType(F32, lanes)
+            with cgutils.for_range_slice(b, visible, used, _c64(1), intp=I64) as (i, _):
+                b.store(ir.Constant(F32, float("-inf")), _ptr(b, b.add(wp, b.mul(i, _c64(4))), F32), align=4)
+
+            def take(x, m):  # max(x, m) that keeps a NaN x, as np.max does
+                return b.select(b.or_(b.fcmp_unordered("uno", x, x), b.fcmp_ordered(">", x, m)), x, m)
+            vmax = cgutils.alloca_once_value(b, ir.Constant(vt, [float("-inf")] * lanes))
+            with cgutils.for_range_slice(b, _c64(0), used, _c64(lanes), intp=I64) as (i, _):
+                b.store(take(_gep_load(b, wp, b.mul(i, _c64(4)), vt, 4), b.load(vmax)), vmax)
+            v = b.load(vmax)
+            row_max = _lane(b, v, 0)
+            for i in range(1, lanes):
+                row_max = take(_lane(b, v, i), row_max)
+            m = _splat(b, row_max, lanes)
+            total = cgutils.alloca_once_value(b, ir.Constant(F64, 0.0))
+            with cgutils.for_range_slice(b, _c64(0), used, _c64(lanes), intp=I64) as (i, _):
+                addr = b.add(wp, b.mul(i, _c64(4)))
+                e = expf_vector(b, b.fsub(b.load(_ptr(b, addr, vt), align=4), m), lanes == 16)
+                b.store(e, _ptr(b, addr, vt), align=4)
+                s = reduce_add_16(b, e) if lanes == 16 else hsum_float_8(b, e)
+                b.store(b.fadd(b.load(total), b.fpext(s, F64)), total)
+            inv = _splat(b, b.fptrunc(b.fdiv(ir.Constant(F64, 1.0), b.load(total)), F32), lanes)
+            half = ir.VectorType(ir.HalfType(), lanes)
+            with cgutils.for_range_slice(b, _c64(0), used, _c64(lanes), intp=I64) as (i, _):
+                addr = b.add(wp, b.mul(i, _c64(4)))
+                p = b.fmul(b.load(_ptr(b, addr, vt), align=4), inv)
+                b.store(b.fpext(b.fptrunc(p, half), vt), _ptr(b, addr, vt), align=4)
+            return b.load(total)
+        return sig, codegen
+    return soft_max_row
+
+
+soft_max_row8 = _make_softmax(8)
+soft_max_row16 = _make_softmax(16)
 
 
 # ---- q . k ------------------------------------------------------------------------------------------------------
@@ -196,16 +250,33 @@ exp_sums16 = _make_exp_sums(16)
 ROWS = (1, 2, 3)  # query heads per call (heads of one KV head share each key and value row loaded)
 
 
+def _key_sums8(builder, t):
+    """GGML_F32x8_REDUCE's end for 8 keys at once: t, 8 vectors (one per key) -> one vector of their 8 sums
+    in key order, each lane's additions those of reduce_add_8: (i + i+4), then (0 + 1) + (2 + 3)."""
+    b = builder
+    lo, hi = [0, 1, 2, 3, 8, 9, 10, 11], [4, 5, 6, 7, 12, 13, 14, 15]
+    evens, odds = list(range(0, 16, 2)), list(range(1, 16, 2))
+
+    def pair(x, y, first, second):
+        mask = ir.VectorType(I32, 8)
+        return b.fadd(b.shuffle_vector(x, y, ir.Constant(mask, first)),
+                      b.shuffle_vector(x, y, ir.Constant(mask, second)))
+    u = [pair(t[2 * i], t[2 * i + 1], lo, hi) for i in range(4)]  # keys 2i, 2i+1: their lanes i + i+4
+    v = [pair(u[0], u[1], evens, odds), pair(u[2], u[3], evens, odds)]  # keys 0-3, 4-7: (0 + 1), (2 + 3)
+    return pair(v[0], v[1], evens, odds)  # (0 + 1) + (2 + 3), keys 0 .. 7
+
+
 def _make_scores(lanes, rows):
     @intrinsic
     def f16_scores(typingctx, q, k, k_stride, nkeys, hd, scale, out, out_stride):
         """out[r, j] = ggml_vec_dot_f16(q[r], key row j) * scale for r < `rows`, j < nkeys, float32: q rows
         of hd float32 holding fp16 values, one after the other; key row j at byte address k + j * k_stride
-        (fp16 values as float32); out row r at out + r * out_stride. Per dot product: 4 accumulators of
-        `lanes` over the first hd - hd % (4 lanes) values, (0 + 2) + (1 + 3), reduce_add_16 (16 lanes) or
-        GGML_F32x8_REDUCE's end (8), then the leftovers q[i] k[i] (float32 products) added one by one in
-        float64, rounded to float32, times scale (ggml_soft_max_ext's). Each key vector is loaded once for
-        the `rows` queries. Addresses and strides in bytes, int64."""
+        (fp16 values as float32); out row r at out + r * out_stride, room for nkeys rounded up to 8 (the
+        values past nkeys are left undefined). Per dot product: 4 accumulators of `lanes` over the first
+        hd - hd % (4 lanes) values, (0 + 2) + (1 + 3), reduce_add_16 (16 lanes) or GGML_F32x8_REDUCE's end
+        (8), then the leftovers q[i] k[i] (float32 products) added one by one in float64, rounded to float32,
+        times scale (ggml_soft_max_ext's). Each key vector is loaded once for the `rows` queries; keys go 8 at
+        a time, their lanes summed together (_key_sums8 with 8 lanes). Addresses and strides in bytes."""
         sig = types.void(types.int64, types.int64, types.int64, types.int64, types.int64, types.float32,
                          types.int64, types.int64)
 
@@ -213,35 +284,54 @@ def _make_scores(lanes, rows):
             qp, kp, ks, nkeys, hd, scale, outp, os_ = args
             b = builder
             vt = ir.VectorType(F32, lanes)
+            v8 = ir.VectorType(F32, 8)
             step = 4 * lanes
             m = b.sub(hd, b.srem(hd, _c64(step)))
             qs = b.mul(hd, _c64(4))  # bytes from one query row to the next
             zero = ir.Constant(vt, [0.0] * lanes)
             accs = [[cgutils.alloca_once(b, vt) for _ in range(4)] for _ in range(rows)]
+            sums = [cgutils.alloca_once(b, vt, size=8) for _ in range(rows)]  # a chunk's (0 + 2) + (1 + 3)
+            scores = cgutils.alloca_once(b, F32, size=8)
             total = cgutils.alloca_once(b, F64)
-            with cgutils.for_range_slice(b, _c64(0), nkeys, _c64(1), intp=I64) as (j, _):
-                row = b.add(kp, b.mul(j, ks))
-                for acc in sum(accs, []):
-                    b.store(zero, acc)
-                with cgutils.for_range_slice(b, _c64(0), m, _c64(step), intp=I64) as (s, _):
-                    for c in range(4):
-                        off = b.mul(b.add(s, _c64(lanes * c)), _c64(4))
-                        kv = _gep_load(b, row, off, vt, 4)
-                        for r in range(rows):
-                            qv = _gep_load(b, b.add(qp, b.mul(_c64(r), qs)), off, vt, 4)
-                            b.store(_fma(b, qv, kv, b.load(accs[r][c])), accs[r][c])
+            with cgutils.for_range_slice(b, _c64(0), nkeys, _c64(8), intp=I64) as (j0, _):
+                n = b.select(b.icmp_signed("<", b.sub(nkeys, j0), _c64(8)), b.sub(nkeys, j0), _c64(8))
+                with cgutils.for_range_slice(b, _c64(0), _c64(8), _c64(1), intp=I64) as (jj, _):
+                    for r in range(rows):
+                        b.store(zero, b.gep(sums[r], [jj]))  # keys past nkeys: sums of nothing
+                with cgutils.for_range_slice(b, _c64(0), n, _c64(1), intp=I64) as (jj, _):
+                    row = b.add(kp, b.mul(b.add(j0, jj), ks))
+                    for acc in sum(accs, []):
+                        b.store(zero, acc)
+                    with cgutils.for_range_slice(b, _c64(0), m, _c64(step), intp=I64) as (s, _):
+                        for c in range(4):
+                            off = b.mul(b.add(s, _c64(lanes * c)), _c64(4))
+                            kv = _gep_load(b, row, off, vt, 4)
+                            for r in range(rows):
+                                qv = _gep_load(b, b.add(qp, b.mul(_c64(r), qs)), off, vt, 4)
+                                b.store(_fma(b, qv, kv, b.load(accs[r][c])), accs[r][c])
+                    for r in range(rows):
+                        a0, a1, a2, a3 = (b.load(acc) for acc in accs[r])
+                        b.store(b.fadd(b.fadd(a0, a2), b.fadd(a1, a3)), b.gep(sums[r], [jj]))
                 for r in range(rows):
-                    a0, a1, a2, a3 = (b.load(acc) for acc in accs[r])
-                    t = b.fadd(b.fadd(a0, a2), b.fadd(a1, a3))
-                    b.store(b.fpext(reduce_add_16(b, t) if lanes == 16 else reduce_add_8(b, t), F64), total)
+                    if lanes == 8:
+                        t = [b.load(b.gep(sums[r], [_c64(i)])) for i in range(8)]
+                        b.store(_key_sums8(b, t), b.bitcast(scores, ir.PointerType(v8)), align=4)
+                    else:
+                        for i in range(8):
+                            b.store(reduce_add_16(b, b.load(b.gep(sums[r], [_c64(i)]))), b.gep(scores, [_c64(i)]))
                     qr = b.add(qp, b.mul(_c64(r), qs))
-                    with cgutils.for_range_slice(b, m, hd, _c64(1), intp=I64) as (i, _):  # leftovers, in float64
-                        off = b.mul(i, _c64(4))
-                        prod = b.fmul(_gep_load(b, qr, off, F32, 4), _gep_load(b, row, off, F32, 4))
-                        b.store(b.fadd(b.load(total), b.fpext(prod, F64)), total)
-                    score = b.fmul(b.fptrunc(b.load(total), F32), scale)
-                    dst = b.add(b.add(outp, b.mul(_c64(r), os_)), b.mul(j, _c64(4)))
-                    b.store(score, _ptr(b, dst, F32), align=4)
+                    with b.if_then(b.icmp_signed("<", m, hd), likely=False):  # leftovers, in float64
+                        with cgutils.for_range_slice(b, _c64(0), n, _c64(1), intp=I64) as (jj, _):
+                            row = b.add(kp, b.mul(b.add(j0, jj), ks))
+                            b.store(b.fpext(b.load(b.gep(scores, [jj])), F64), total)
+                            with cgutils.for_range_slice(b, m, hd, _c64(1), intp=I64) as (i, _):
+                                off = b.mul(i, _c64(4))
+                                prod = b.fmul(_gep_load(b, qr, off, F32, 4), _gep_load(b, row, off, F32, 4))
+                                b.store(b.fadd(b.load(total), b.fpext(prod, F64)), total)
+                            b.store(b.fptrunc(b.load(total), F32), b.gep(scores, [jj]))
+                    res = b.fmul(b.load(b.bitcast(scores, ir.PointerType(v8)), align=4), _splat(b, scale, 8))
+                    dst = b.add(b.add(outp, b.mul(_c64(r), os_)), b.mul(j0, _c64(4)))
+                    b.store(res, _ptr(b, dst, v8), align=4)
             return context.get_dummy_value()
         return sig, codegen
     return f16_scores

@@ -262,6 +262,93 @@ def test_numba_ops_equal_numpy_for_both_isas(isa):
         assert np.array_equal(ggml_ops.swiglu(g, u, isa).view(np.uint32), ggml.swiglu(g, u, isa).view(np.uint32))
 
 
+@settings(max_examples=40, deadline=None)
+@given(isa=st.sampled_from(ggml.ISAS), B=st.integers(1, 2), T=st.integers(1, 11), start=st.integers(0, 150),
+       heads=st.sampled_from([(1, 1), (4, 2), (9, 3), (8, 2), (5, 5), (12, 2)]),
+       HD=st.sampled_from([8, 24, 40, 64, 72, 80, 128]), scale=st.sampled_from([0.1, 3.0, 30.0]),
+       seed=st.integers(0, 2**32 - 1))
+def test_numba_attention_equals_numpy_hypothesis(isa, B, T, start, heads, HD, scale, seed):
+    """kernels/ggml_vec.py's attention (through ggml_ops.attention) against the specification, bit for bit,
+    in both builds' orders: key counts that are no multiple of 8, 32 or 64 (the last vector of 8 keys partly
+    empty, the softmax's last vector partly masked), head sizes with leftovers past 4 x 8 or 4 x 16 lanes
+    (float64 tails), 1, 2 and 3 query heads per KV head row loaded (G = 1 .. 6), and scores from mild to
+    large (probabilities that round to 0 in fp16)."""
+    from llama_ref.kernels import ggml_ops
+
+    H, KVH = heads
+    rng = np.random.default_rng(seed)
+    q = (rng.standard_normal((B, T, H, HD)) * scale).astype(np.float32)
+    k = (rng.standard_normal((B, start + T, KVH, HD)) * 2).astype(np.float32)
+    v = rng.standard_normal((B, start + T, KVH, HD)).astype(np.float32)
+    got, expected = ggml_ops.attention(q, k, v, start, isa=isa), ggml.attention(q, k, v, start, isa=isa)
+    assert np.array_equal(got.view(np.uint32), expected.view(np.uint32))
+
+
+@settings(max_examples=30, deadline=None)
+@given(isa=st.sampled_from(ggml.ISAS), n=st.integers(1, 100), scale=st.sampled_from([1.0, 30.0, 120.0]),
+       seed=st.integers(0, 2**32 - 1))
+def test_numba_expf_equals_numpy_hypothesis(isa, n, scale, seed):
+    """The vector ggml_v_expf on any length (whole vectors of 8 or 16 lanes and a padded last one), with the
+    special values among the lanes: NaN, infinities, the subnormal range (AVX2's split scaling past |n| 126)
+    and past 192."""
+    from llama_ref.kernels import ggml_ops
+
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal(n) * scale).astype(np.float32)
+    special = np.array([np.nan, -np.inf, np.inf, -0.0, -95.0, -103.5, -140.0, 88.8, -200.0], np.float32)
+    x[rng.integers(0, n, size=min(n, 4))] = rng.choice(special, size=min(n, 4))
+    assert np.array_equal(ggml_ops.expf(x, isa).view(np.uint32), ggml.ggml_v_expf(x, isa).view(np.uint32))
+
+
+@settings(max_examples=30, deadline=None)
+@given(isa=st.sampled_from(ggml.ISAS), N=st.integers(1, 6), S=st.integers(1, 150),
+       scale=st.sampled_from([1.0, 10.0, 60.0]), seed=st.integers(0, 2**32 - 1))
+def test_numba_soft_max_equals_numpy_hypothesis(isa, N, S, scale, seed):
+    """The attention's softmax rows (kernels/ggml_vec.soft_max_row): the float64 sum of the vectors' sums
+    in the build's order (hsum_float_8 or _mm512_reduce_add_ps) and the fp16 probabilities, bit for bit,
+    on any row length and any number of visible (unmasked) values."""
+    from llama_ref.kernels import ggml_ops
+
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((N, S)) * scale).astype(np.float32)
+    visible = rng.integers(1, S + 1, size=N)
+    probs, totals = ggml_ops.soft_max(x, visible, isa)
+    P = -(-S // 64) * 64
+    w = np.full((N, P), -np.inf, np.float32)
+    w[:, :S] = np.where(np.arange(S)[None, :] < visible[:, None], x, np.float32(-np.inf))
+    e, total = ggml.ggml_vec_soft_max_f32(w, w.max(axis=1, keepdims=True), isa)
+    assert np.array_equal(totals.view(np.uint64), total[:, 0].view(np.uint64))
+    expected = ggml.fp16(e * (1.0 / total).astype(np.float32))[:, :S]
+    assert np.array_equal(probs.view(np.uint32), expected.view(np.uint32))
+
+
+@settings(max_examples=20, deadline=None)
+@given(isa=st.sampled_from(ggml.ISAS), N=st.sampled_from([1, 3, 17]), F=st.integers(1, 70),
+       scale=st.sampled_from([1.0, 20.0, 100.0]), seed=st.integers(0, 2**32 - 1))
+def test_numba_swiglu_equals_numpy_hypothesis(isa, N, F, scale, seed):
+    """SwiGLU's rows in vectors of 8 and the last F % 8 values one by one, serial and parallel, bit for bit
+    (gates far enough out for expf's subnormal and overflow branches)."""
+    from llama_ref.kernels import ggml_ops
+
+    rng = np.random.default_rng(seed)
+    g = (rng.standard_normal((N, F)) * scale).astype(np.float32)
+    u = rng.standard_normal((N, F)).astype(np.float32)
+    assert np.array_equal(ggml_ops.swiglu(g, u, isa).view(np.uint32), ggml.swiglu(g, u, isa).view(np.uint32))
+
+
+def test_numba_attention_can_fail():
+    """The check above sees a one-ulp change: the other build's order gives other bits on the same inputs."""
+    from llama_ref.kernels import ggml_ops
+
+    rng = np.random.default_rng(5)
+    q = rng.standard_normal((1, 8, 9, 64)).astype(np.float32) * 3
+    k = rng.standard_normal((1, 140, 3, 64)).astype(np.float32) * 2
+    v = rng.standard_normal((1, 140, 3, 64)).astype(np.float32)
+    avx2, avx512 = (ggml_ops.attention(q, k, v, 132, isa=isa) for isa in ("avx2", "avx512"))
+    assert not np.array_equal(avx2.view(np.uint32), avx512.view(np.uint32))
+    assert np.array_equal(avx2.view(np.uint32), ggml.attention(q, k, v, 132, isa="avx2").view(np.uint32))
+
+
 def test_rope_tables_follow_ggml_power_series():
     args = tiny_args()
     freqs = ggml.rope_frequencies(args)
@@ -295,6 +382,10 @@ def test_simd_routines_equal_llamacpp_avx2():
         assert same(silu, f["silu_y"]) == equal
         assert same(ggml.swiglu(x, g, isa), f["swiglu_y"]) == equal
         assert same(ggml_ops.swiglu(x[None], g[None], isa)[0], f["swiglu_y"]) == equal
+        probs, totals = ggml_ops.soft_max(sm, np.full(len(sm), sm.shape[1]), isa)  # the attention's vectors
+        assert same(totals, f["soft_max_sum"]) == equal
+        expected = ggml.fp16(f["soft_max_y"] * (1.0 / f["soft_max_sum"]).astype(np.float32)[:, None])
+        assert same(probs, expected) or not equal
 
 
 # ---- the model ---------------------------------------------------------------------------------------------

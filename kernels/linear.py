@@ -415,16 +415,19 @@ def linear(x: np.ndarray, w) -> np.ndarray:
         return ops.linear(x, w)
     # (N, K): a plain reshape (a view) when x is contiguous, which costs less per decode call.
     x2 = x.reshape(-1, x.shape[-1]) if x.flags.c_contiguous else as_f32_rows(x)
-    N, R = x2.shape[0], w.shape[0]
+    (N, K), R = x2.shape, w.shape[0]
     kind = None if isinstance(w, np.ndarray) else _kind(w)
     if kind is None and not isinstance(w, np.ndarray):
         w = w.to_float(np.float32)  # a format without a kernel: one matrix at a time, like the reference
+    n = threads.count()
     if kind is None:
         w = readonly(np.asarray(w, dtype=np.float32))  # (R, K)
+        if N >= F32_BLAS_MIN_ROWS and n == 1:
+            return (x2 @ w.T).reshape(*x.shape[:-1], R)  # (N, R) BLAS; the reference's w @ rows.T, transposed
+        out = np.empty((N, R), np.float32)
         if N >= F32_BLAS_MIN_ROWS:
-            out = x2 @ w.T  # (N, R) BLAS, C-contiguous; the reference's w @ rows.T, transposed
+            _by_row_blocks(x2, out, -(-R // n), lambda r0, r1: w[r0:r1])  # one block of w's rows per thread
         else:
-            out = np.empty((N, R), np.float32)
             _mv_f32(x2, w, out)
         return out.reshape(*x.shape[:-1], R)
     matvec, rows = KINDS[kind]
@@ -432,28 +435,35 @@ def linear(x: np.ndarray, w) -> np.ndarray:
     out = np.empty((N, R), np.float32)  # (N, R)
     if N < BLAS_MIN_ROWS:
         matvec(x2, *arrays, out)
-    else:
-        _tiled(x2, rows, arrays, kind in ("bf16", "f16"), out)
+        return out.reshape(*x.shape[:-1], R)
+    # Tiles of weight rows decoded to float32 into each thread's reused buffer. 16-bit tiles are cut smaller
+    # when the weight has fewer than one per thread; quantized ones are the same whatever the thread count.
+    step = min(R, max(1, TILE_FLOATS // K), -(-R // n)) if kind in ("bf16", "f16") else min(R, TILE_ROWS)
+
+    def decoded(r0, r1):
+        tile = _tile(step, K)[: r1 - r0]  # (r1 - r0, K) this thread's buffer
+        rows(*arrays, np.arange(r0, r1), tile)
+        return tile
+
+    _by_row_blocks(x2, out, step, decoded)
     return out.reshape(*x.shape[:-1], R)
 
 
-def _tiled(x2: np.ndarray, rows, arrays: tuple, half: bool, out: np.ndarray) -> None:
-    """out (N, R) = x2 (N, K) @ w.T, a tile of weight rows at a time: decoded to float32 by `rows` into a
-    buffer each thread reuses, then multiplied by BLAS. Every output column is one BLAS dot product over
-    the whole K, whichever thread computes it, so the result does not depend on the thread count."""
-    K, R = x2.shape[1], out.shape[1]
-    n = threads.count()
-    step = min(max(1, TILE_FLOATS // K), -(-R // n)) if half else TILE_ROWS  # weight rows per tile
+def _by_row_blocks(x2: np.ndarray, out: np.ndarray, step: int, weight_rows) -> None:
+    """out (N, R) = x2 (N, K) @ w.T, `step` rows of w at a time: weight_rows(r0, r1) gives rows r0 .. r1 - 1
+    in float32 (r1 - r0, K), and BLAS, limited to one thread, multiplies them. The blocks are shared by
+    the threads of runtime.threads.each_thread, each taking the next one not yet taken. Every product is
+    then one single-thread BLAS call on the same block whatever the thread count, so where the blocks are
+    the same the result is too, bit for bit."""
+    R = out.shape[1]
     starts = iter(range(0, R, step))  # shared by the threads: next() on it is atomic under the GIL
 
     def work():
-        tile = _tile(min(step, R), K)  # (TR, K) this thread's buffer
         for r0 in starts:
             r1 = min(R, r0 + step)
-            rows(*arrays, np.arange(r0, r1), tile[: r1 - r0])
-            out[:, r0:r1] = x2 @ tile[: r1 - r0].T  # (N, r1 - r0), BLAS on this thread alone
+            out[:, r0:r1] = x2 @ weight_rows(r0, r1).T  # (N, r1 - r0)
 
-    threads.each_thread(work, min(n, -(-R // step)))
+    threads.each_thread(work, min(threads.count(), -(-R // step)))
 
 
 _scratch = threading.local()  # each thread's tile buffer, kept between calls (the pool's threads are too)

@@ -190,7 +190,7 @@ def test_each_thread_runs_every_call_at_once_with_one_blas_thread():
     assert _numpy_blas_threads() == before
 
 
-@pytest.mark.parametrize("fmt", ["bf16", "f16", "q8_0", "q4_k"])
+@pytest.mark.parametrize("fmt", ["f32", "bf16", "f16", "q8_0", "q4_k"])
 @given(n=st.integers(8, 30), rows=st.integers(1, 60), blocks=st.integers(1, 3), seed=st.integers(0, 2**32 - 1))
 @settings(max_examples=6, deadline=None)
 def test_prefill_tiles_shared_by_three_threads(fmt, n, rows, blocks, seed):
@@ -199,8 +199,8 @@ def test_prefill_tiles_shared_by_three_threads(fmt, n, rows, blocks, seed):
     lin = importlib.import_module("llama_ref.kernels.linear")
     rng = np.random.default_rng(seed)
     cols = blocks * 256
-    w = random_packed(fmt, rows, cols, rng)
-    x = rng.standard_normal((n, cols)).astype(np.float32)
+    w = rng.standard_normal((rows, cols)).astype(np.float32) if fmt == "f32" else random_packed(fmt, rows, cols, rng)
+    x = rng.standard_normal((n + 8 * (fmt == "f32"), cols)).astype(np.float32)  # float32: BLAS from 16 rows
     old = lin.TILE_FLOATS, lin.TILE_ROWS, threads._chosen
     lin.TILE_FLOATS, lin.TILE_ROWS = 5 * cols, 5  # 5 rows a tile: more tiles than threads, and a remainder
     try:
@@ -210,7 +210,9 @@ def test_prefill_tiles_shared_by_three_threads(fmt, n, rows, blocks, seed):
         alone = kernels.linear(x, w)
     finally:
         lin.TILE_FLOATS, lin.TILE_ROWS, threads._chosen = old
-    assert got.shape == (n, rows)
-    assert np.all(np.abs(got - ops.linear(x, w)) <= dot_bound(x, w.to_float(np.float32)) + 1e-30)
-    if rows >= 15 or fmt not in ("bf16", "f16"):  # the same tiles as one thread's (16-bit: 5 rows each)
+    assert got.shape == (x.shape[0], rows)
+    dense = w if fmt == "f32" else w.to_float(np.float32)
+    assert np.all(np.abs(got - ops.linear(x, w)) <= dot_bound(x, dense) + 1e-30)
+    # The same tiles as one thread's (16-bit: 5 rows each; float32 is one block per thread, not the same)
+    if fmt != "f32" and (rows >= 15 or fmt not in ("bf16", "f16")):
         np.testing.assert_array_equal(got, alone)

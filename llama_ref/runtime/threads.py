@@ -8,11 +8,12 @@ pools take turns (a BLAS call, then a kernel, never both at once), so equal coun
 threads than cores; what is left between turns is spinning: Numba's OpenMP threads are told to spin only
 briefly (GOMP_SPINCOUNT, kernels/_common.py), and the kernels a decode step runs do not call BLAS at all.
 
-Prefill's products with packed weights (decode a tile of weight rows to float32, multiply it with BLAS) do
-not alternate between the two pools at all: each_thread() runs them on one pool of Python threads, each
-decoding its own tiles and multiplying them with a one-thread BLAS call (NumPy and the Numba kernels
-release the GIL). Handing every tile from Numba's threads to OpenBLAS's and back lost ~1/3 of a 2-thread
-prefill here: the idle pool's threads spin (OpenBLAS's for up to ~0.1 s) on the cores the other one needs.
+Prefill's products with weights (kernels/linear.py: packed ones decoded a tile of rows at a time to float32,
+float32 ones a block of rows per thread) do not alternate between the two pools at all: each_thread() runs
+them on one pool of Python threads, each decoding its own tiles and multiplying them with a one-thread BLAS
+call (NumPy and the Numba kernels release the GIL). Handing every tile from Numba's threads to OpenBLAS's
+and back made a 2-thread prefill of the 1B shape half as fast here (6.4 against 13.1 tok/s, load ~5): the
+idle pool's threads spin (OpenBLAS's for up to ~0.1 s after a call) on the cores the other one needs.
 """
 
 from __future__ import annotations

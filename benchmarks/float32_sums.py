@@ -1,7 +1,7 @@
 """What load(..., sums=...) costs: prefill and decode of the default model, each sums against "blas".
 
     python benchmarks/float32_sums.py [--rounds 5] [--threads 2] [--backends numpy numba] [--clock cpu]
-        [--sums blas apart blocked]
+        [--sums blas apart blocked] [--checkpoint DIR --layers 4 --tokens 128 512]
 
 The 200-token prompt of issue 21 (tests/data/float64_distance.json): its prefill (logits of the last
 position, as generation asks for them, and of every position, as the float64-distance test does), and one
@@ -11,6 +11,11 @@ time (or --clock cpu); the BLAS library and thread counts (threadpoolctl) and th
 after are printed, since this machine is shared. OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE are removed from the
 environment before NumPy loads, so OpenBLAS picks its kernels for the real CPU (the report says whether they
 were set).
+
+--checkpoint: another model's first --layers layers instead (e.g. the Llama 3.2 1B shape's
+~/.cache/llama_ref/bench/shapes/llama-3.2-1b/hf-bf16, K = 2048 and 8192), its weights in float32 and its
+vocabulary cut to 512 rows (the output head is not what is measured); the prefill of each --tokens count
+(random token ids: what a product costs does not depend on them), last logits only, and no decode step.
 """
 
 from __future__ import annotations
@@ -38,6 +43,9 @@ def main() -> None:
     ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                     help="cpu: this process's CPU time (all its threads), steadier than wall time on a busy "
                          "machine with --threads 1; with more threads it counts their spinning too")
+    ap.add_argument("--checkpoint", help="a checkpoint whose first --layers layers are measured instead")
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--tokens", type=int, nargs="+", default=[128, 512], help="prompt lengths (--checkpoint)")
     a = ap.parse_args()
 
     import llama_ref
@@ -45,8 +53,11 @@ def main() -> None:
     from threadpoolctl import threadpool_info
 
     ids = json.loads((ROOT / "tests/data/float64_distance.json").read_text())["prompts"]["issue21_200"]
-    models = {(b, s): llama_ref.load(llama_ref.DEFAULT_MODEL, backend=b, sums=s, threads=a.threads)
-              for b in a.backends for s in a.sums}
+    if a.checkpoint:
+        models = _first_layers(a)
+    else:
+        models = {(b, s): llama_ref.load(llama_ref.DEFAULT_MODEL, backend=b, sums=s, threads=a.threads)
+                  for b in a.backends for s in a.sums}
     clock = time.perf_counter if a.clock == "wall" else time.process_time
     next_token = 28  # any id: the decode step's cost does not depend on it
 
@@ -68,8 +79,20 @@ def main() -> None:
     measures = {"prefill 200, last logits": lambda m: prefill(m, True)[0],
                 "prefill 200, all logits": lambda m: prefill(m, False)[0],
                 "decode step after 200": decode}
+    if a.checkpoint:
+        rng = np.random.default_rng(0)
+        prompts = {T: rng.integers(0, 512, T).tolist() for T in a.tokens}
+
+        def prefill_of(T):
+            def run(model):
+                cache = KVCache(model.args, 1, np.float32, capacity=T)
+                t = clock()
+                model.forward(prompts[T], 0, cache=cache, last_only=True)
+                return clock() - t
+            return run
+        measures = {f"prefill {T}, last logits": prefill_of(T) for T in a.tokens}
     for m in models.values():  # warm-up: Numba compilation, first-touch of the weights
-        decode(m)
+        next(iter(measures.values()))(m)
     load_before = os.getloadavg()
     best: dict = {}
     for _ in range(a.rounds):
@@ -90,6 +113,26 @@ def main() -> None:
             ms = [best[(b, s), name] for s in a.sums]
             print(f"{b:8s} {name:28s} " + " ".join(f"{t * 1e3:11.1f}" for t in ms)
                   + " " + " ".join(f"{t / ms[0]:15.2f}" for t in ms[1:]))
+
+
+def _first_layers(a) -> dict:
+    """{(backend, sums): model} of the checkpoint's first a.layers layers, float32, 512 vocabulary rows."""
+    import llama_ref
+    from llama_ref.model.ops import with_sums
+    from llama_ref.model.transformer import _resolve_backend
+
+    full = llama_ref.load(a.checkpoint, weights="packed", threads=a.threads)
+    args = full.args.replace(n_layers=a.layers, vocab_size=512)
+    keep = [k for k in full.weights if not k.startswith("layers.") or int(k.split(".")[1]) < a.layers]
+    weights = {}
+    for k in keep:
+        w = full.weights[k]
+        w = w if isinstance(w, np.ndarray) else w.to_float(np.float32)
+        weights[k] = np.ascontiguousarray(w[:512] if k in ("tok_embeddings.weight", "output.weight") else w)
+    del full
+    return {(b, s): llama_ref.Transformer(args, weights, backend=_resolve_backend(b)[1] if s == "blas"
+                                          else with_sums(_resolve_backend(b)[1], s))
+            for b in a.backends for s in a.sums}
 
 
 if __name__ == "__main__":

@@ -48,9 +48,9 @@ def load(path_or_name: "str | Path", *, backend: str = "numpy", arithmetic: str 
         up to a few hundred inputs (OpenBLAS: 288 of 576). "apart": the 16 columns of the input with its
         largest entries summed by themselves and added last (model.ops.linear_apart), for products of 16
         rows or more: float32 logits closer to float64 than transformers' float32 on the default model,
-        prefill 1.1-1.3x slower. "blocked": the 8 largest columns apart and chains of 96 inputs added pairwise
-        (model.ops.linear_blocked): closer still, prefill 1.2-1.55x slower (docs/verification.md, 2b). Not
-        with arithmetic="ggml", parallel or vision checkpoints.
+        prefill ~1.1x slower (one thread, AVX2). "blocked": the 8 largest columns apart and chains of 96
+        inputs added pairwise (model.ops.linear_blocked): closer still, prefill 1.2-1.55x slower
+        (docs/verification.md, 2b). Not with arithmetic="ggml", parallel or vision checkpoints.
     threads: threads for BLAS and the Numba kernels alike, for the whole process (runtime.threads). None:
         the count set earlier in this process, else $LLAMA_REF_THREADS (or OMP_/OPENBLAS_/NUMBA_NUM_THREADS),
         else the physical cores.

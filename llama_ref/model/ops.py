@@ -43,39 +43,109 @@ def linear(x: np.ndarray, w) -> np.ndarray:
 # multiply-adds per block of its own (OpenBLAS: 288 of the default model's 576 inputs, 448 of 1536), and nearly
 # all of a float32 forward pass's distance from float64 is made there (docs/verification.md, 2b). In a chain,
 # every term after a large one is rounded at the large one's scale, and a token's activations hold a few
-# entries 10-40x their row's rms (massive activations, w2's inputs): summing those columns apart ("apart") is
-# the cheaper half of the remedy, shorter chains ("blocked", which does both) the costlier one.
+# entries 10-40x their row's rms (massive activations, w2's inputs; every product's input has columns 10-25x
+# its rms): summing those columns apart ("apart") is the cheaper half of the remedy, shorter chains
+# ("blocked", which does both) the costlier one.
 SUM_BLOCK = 96  # inputs per chain in linear_blocked: chunks of a product, each one BLAS call, added pairwise
 SUM_APART = 8  # columns of x with its largest entries that linear_blocked sums apart and adds last
-APART = 16  # the same for linear_apart; 8 alone: 0.97x/0.84x transformers' distance (NumPy/Numba), 16: 0.74x/0.87x
+# The same for linear_apart. Mean max |dlogit| from float64 over the six prompts of tests/data/float64_distance.json
+# (NumPy/Numba, x transformers' recorded float32; in brackets the mean |dlogit|, steadier: one position decides
+# a max): 8 columns 0.91x/0.85x (0.82x/0.77x), 16 columns 0.97x/0.84x (0.80x/0.74x), BLAS's own 1.11x/1.02x
+# (1.01x/0.93x); 16 columns cost ~1.5x what 8 do in their own products, 1-2 % of a prefill.
+APART = 16
 
 
 def _apart(rows: np.ndarray, n: int) -> "tuple[np.ndarray, np.ndarray]":
-    """The n columns of rows (N, K) holding its largest |entries| (n,), and rows with them zeroed (N, K): a
-    zero term adds nothing to a sum, so the zeroed rows' product is the product of the other columns."""
+    """The n columns of rows (N, K) holding its largest |entries| (n,), and rows with them zeroed (N, K), in
+    rows' memory order: a zero term adds nothing to a sum, so the zeroed rows' product is the others' product."""
     K = rows.shape[1]
-    cols = np.argpartition(np.abs(rows).max(axis=0), K - n)[K - n:]  # (n,)
-    rest = rows.copy()
+    cols = np.sort(np.argpartition(np.abs(rows).max(axis=0), K - n)[K - n:])  # (n,) ascending: gathers in order
+    rest = rows.copy(order="K")  # (N, K); a transposed product's output stays transposed (no transposing copy)
     rest[:, cols] = 0
     return cols, rest
 
 
-def linear_apart(x: np.ndarray, w) -> np.ndarray:
-    """linear(x, w) with the APART columns of x holding its largest entries summed by themselves and added last.
+def _sgemm():
+    """NumPy's own BLAS's cblas_sgemm as a ctypes function, or None where it cannot be found.
 
-    One BLAS product over x with those columns zeroed, one product of APART inputs for them, and one addition:
-    the same chains as linear's without their largest terms. On the default model this puts the float32
-    logits closer to float64 than transformers' float32, for ~1.15x linear's time on its products (the passes
-    over x, w's columns and the output cost 5-20 % of BLAS's time there; benchmarks/float32_sums.py).
+    NumPy's wheels bundle OpenBLAS with a 64-bit integer interface under a prefixed name (scipy-openblas:
+    scipy_cblas_sgemm64_; NumPy 1.x: cblas_sgemm64_). Integers are passed as 64-bit: on x86-64 and arm64
+    a 32-bit interface reads the low half of the same register or stack slot. A self-check against NumPy's
+    own product decides whether it is used at all."""
+    import ctypes
+    import glob
+    import os
+
+    here = os.path.dirname(np.__file__)
+    libs = sorted(glob.glob(os.path.join(here + ".libs", "*openblas*"))  # Linux and Windows wheels
+                  + glob.glob(os.path.join(here, ".dylibs", "*openblas*")))  # macOS
+    for path in libs:
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for name in ("scipy_cblas_sgemm64_", "cblas_sgemm64_", "scipy_cblas_sgemm", "cblas_sgemm"):
+            fn = getattr(lib, name, None)
+            if fn is None:
+                continue
+            i64, ptr, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
+            fn.argtypes = [ctypes.c_int] * 3 + [i64] * 3 + [f32, ptr, i64, ptr, i64, f32, ptr, i64]
+            fn.restype = None
+            a, b = np.arange(6, dtype=np.float32).reshape(3, 2), np.arange(8, dtype=np.float32).reshape(4, 2)
+            c = np.ones((3, 4), np.float32)
+            fn(101, 111, 112, 3, 4, 2, 1.0, a.ctypes.data, 2, b.ctypes.data, 2, 1.0, c.ctypes.data, 4)
+            if np.array_equal(c, a @ b.T + 1):
+                return fn
+    return None
+
+
+_SGEMM: list = []  # [cblas_sgemm or None], found on first use
+
+
+def _add_product(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """out += a @ b.T for float32 a (M, K), b (N, K) and out (M, N), C-contiguous (a and b: or F), and out.
+
+    NumPy's own BLAS adds its product onto out as it writes it (sgemm with beta = 1), where `out += a @ b.T`
+    writes a second (M, N) array and reads both again (~1/3 of a 16-input product's time on the default
+    model's layers at 200 rows, memory-bound on its output). Its sums are the same: each output's K products
+    in one chain, then added to out's value (OpenBLAS, a K of 16: the same bits; tests/test_precision.py).
+    NumPy's `out += a @ b.T` where that BLAS is not found, and for other arrays."""
+    if not _SGEMM:
+        _SGEMM.append(_sgemm())
+    layouts = [v.flags.c_contiguous or v.flags.f_contiguous for v in (a, b)]
+    usable = all(v.dtype == np.float32 and min(v.shape) > 0 for v in (a, b, out))
+    if _SGEMM[0] is None or not (all(layouts) and usable and out.flags.c_contiguous and out.flags.writeable):
+        out += a @ b.T
+        return out
+    (M, K), N = a.shape, b.shape[0]
+    ta, lda = (111, K) if a.flags.c_contiguous else (112, M)  # row-major a, or a.T row-major
+    tb, ldb = (112, K) if b.flags.c_contiguous else (111, N)  # b.T is b transposed, or b.T row-major
+    _SGEMM[0](101, ta, tb, M, N, K, 1.0, a.ctypes.data, lda, b.ctypes.data, ldb, 1.0, out.ctypes.data, N)
+    return out
+
+
+def linear_apart(x: np.ndarray, w, by_rows: bool = False) -> np.ndarray:
+    """linear(x, w) with the APART columns of x holding its largest entries summed by themselves, added last.
+
+    One BLAS product over x with those columns zeroed, then one of APART inputs for them, which BLAS adds
+    onto the first (_add_product): the same chains as linear's without their largest terms. On the default
+    model this puts the float32 logits closer to float64 than transformers' float32, for ~1.1-1.15x linear's
+    time on its products (benchmarks/float32_sums.py). by_rows: the output as a C-contiguous (N, out)
+    product, the Numba backend's layout (its kernels would copy linear's transposed one), instead of
+    linear's (out, N) product, transposed; the BLAS calls differ, so the last bits can too.
     """
     w = _float_weight(w, x.dtype)
     rows = x.reshape(-1, x.shape[-1])  # (N, K)
     if rows.shape[0] == 0 or rows.shape[1] < 4 * APART:  # no rows (an unrouted expert), or too few inputs
         return linear(x, w)
     cols, rest = _apart(rows, APART)
-    out = w @ rest.T  # (R, N), like linear's w @ rows.T
-    out += w[:, cols] @ rows[:, cols].T  # the largest terms, last: (R, APART) @ (APART, N)
-    return out.T.reshape(*x.shape[:-1], w.shape[0])  # (..., out)
+    out = rest @ w.T if by_rows else w @ rest.T  # (N, R), or (R, N) like linear's w @ rows.T
+    # w's columns gathered after its product, which left them in cache (before it: 16 scattered reads per
+    # row from memory, which cost more than the product of 16 inputs itself)
+    w_apart, x_apart = w[:, cols], rows[:, cols]  # (R, APART), (N, APART)
+    if by_rows:
+        return _add_product(x_apart, w_apart, out).reshape(*x.shape[:-1], w.shape[0])  # (..., out)
+    return _add_product(w_apart, x_apart, out).T.reshape(*x.shape[:-1], w.shape[0])  # (..., out)
 
 
 def linear_blocked(x: np.ndarray, w) -> np.ndarray:
@@ -135,11 +205,15 @@ def with_sums(backend, sums: str):
     traffic, not arithmetic, bounds those (blocks added 44 % to a NumPy decode step; gathering APART columns
     of the output matrix reads up to 16 of the 36 cache lines of each of its rows again), and the Numba
     kernels sum them in SIMD lanes already (OpenBLAS's sgemv in 8 partial sums of 72 of 576 inputs).
-    Everything else is the backend's."""
+    A backend other than ops gets linear_apart's output in its rows' layout (by_rows), as the Numba
+    backend's own linear gives it. Everything else is the backend's."""
+    import functools
     import sys
     import types
 
     product = SUMS[sums]
+    if sums == "apart" and backend.linear is not linear:
+        product = functools.partial(linear_apart, by_rows=True)
     copy = types.ModuleType(f"{backend.__name__}+{sums}_sums")
     copy.__dict__.update({k: v for k, v in vars(backend).items() if not k.startswith("__")})
     own = backend.linear

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
+import signal
 import subprocess
 import sys
 import threading
@@ -188,6 +190,23 @@ def test_each_thread_runs_every_call_at_once_with_one_blas_thread():
     with pytest.raises(ValueError, match="a helper's error"):
         threads.each_thread(fails, 2)
     assert _numpy_blas_threads() == before
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork here")
+def test_each_thread_works_in_a_forked_child():
+    from llama_ref.runtime import threads
+
+    calls = []
+    threads.each_thread(lambda: calls.append(1), 2)  # the parent's pool exists now
+    pid = os.fork()
+    if pid == 0:  # the child: a fresh pool, or this call would wait forever (the alarm ends it)
+        signal.alarm(20)
+        done = []
+        threads.each_thread(lambda: done.append(1), 2)
+        os._exit(0 if len(done) == 2 else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert len(calls) == 2
 
 
 @pytest.mark.parametrize("fmt", ["f32", "bf16", "f16", "q8_0", "q4_k"])

@@ -128,6 +128,16 @@ _pool_lock = threading.Lock()  # one each_thread at a time: its BLAS limit is pr
 _blas: list = []  # threadpoolctl's controllers of the BLAS libraries loaded, found on first use
 
 
+def _forget_pool() -> None:
+    """In a forked child: the parent's pool threads do not exist there, and work given to them would wait forever."""
+    global _pool, _pool_size, _pool_lock
+    _pool, _pool_size, _pool_lock = None, 0, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool)
+
+
 def each_thread(work, n: int) -> None:
     """Run work() on n threads at once, the calling one and n - 1 of a pool kept for the process, with
     BLAS limited to one thread meanwhile; return when every call has returned (raising the first error).

@@ -17,6 +17,7 @@ import numpy as np
 from numba import njit, prange
 
 from llama_ref.model import ops
+from llama_ref.runtime import threads
 
 from ._common import FAST, JIT
 from .expf import exp_shifted
@@ -116,7 +117,10 @@ def _attention_blas(q, k, v, start_pos, key_mask):
     The G query heads of a KV head are stacked as rows, so every KV head is read in place. Queries go in
     blocks of QUERY_BLOCK, and a block multiplies only the keys its last query can see: causal attention
     skips the upper triangle of the scores, about half of the work of a prompt. The softmax in between
-    (_causal_softmax) masks each query's future keys as it goes, shifted by the row maximum.
+    (_causal_softmax) masks each query's future keys as it goes, shifted by the row maximum. The (batch,
+    block, KV head) items are shared by the threads of runtime.threads.each_thread, each multiplying with
+    a one-thread BLAS: a multi-threaded BLAS call here left OpenBLAS's threads spinning (~0.1 s) through
+    the projections that follow, which run on that same pool (kernels/linear.py).
     """
     B, T, H, HD = q.shape
     KVH = k.shape[2]
@@ -124,20 +128,24 @@ def _attention_blas(q, k, v, start_pos, key_mask):
     root = np.float32(np.sqrt(HD))
     block = max(1, min(QUERY_BLOCK, SCORES_BUDGET // (H * k.shape[1])))  # queries per block
     out = np.empty(q.shape, np.float32)  # (B, T, H, HD)
-    for b in range(B):
-        for t0 in range(0, T, block):
+    items = iter([(b, t0, h) for b in range(B) for t0 in range(0, T, block) for h in range(KVH)])
+
+    def work():
+        for b, t0, h in items:  # shared by the threads: next() on it is atomic under the GIL
             n = min(T, t0 + block) - t0
             S = start_pos + t0 + n  # keys 0 .. S-1 are visible to some query of the block
-            keys = k[b, :S].transpose(1, 2, 0)  # (KVH, HD, S) a view
-            values = v[b, :S].transpose(1, 0, 2)  # (KVH, S, HD) a view
-            rows = q[b, t0:t0 + n].transpose(1, 0, 2).reshape(KVH, G * n, HD)  # (KVH, G*n, HD)
-            scores = np.matmul(rows, keys)  # (KVH, G*n, S)
+            keys = k[b, :S, h].T  # (HD, S) a view
+            values = v[b, :S, h]  # (S, HD) a view
+            rows = q[b, t0:t0 + n, h * G:(h + 1) * G].transpose(1, 0, 2).reshape(G * n, HD)  # (G*n, HD)
+            scores = rows @ keys  # (G*n, S)
             if key_mask is not None and not key_mask[b, :S].all():
-                scores[..., ~key_mask[b, :S]] = -np.inf
+                scores[:, ~key_mask[b, :S]] = -np.inf
             # Query t0+i sits at position start_pos+t0+i and sees keys 0 .. that position.
-            _causal_softmax(scores.reshape(KVH * G * n, S), n, root)
-            heads = np.matmul(scores, values)  # (KVH, G*n, HD)
-            out[b, t0:t0 + n] = heads.reshape(H, n, HD).transpose(1, 0, 2)  # (n, H, HD)
+            _causal_softmax(scores, n, root)
+            heads = scores @ values  # (G*n, HD)
+            out[b, t0:t0 + n, h * G:(h + 1) * G] = heads.reshape(G, n, HD).transpose(1, 0, 2)  # (n, G, HD)
+
+    threads.each_thread(work, threads.count())
     return out
 
 

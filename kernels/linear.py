@@ -355,33 +355,40 @@ def _rows_q4(qs, d, m, has_min, ids, out):
                     out[i, b * 32 + 16 + j] = scale * np.float32(np.int32(byte >> 4) - 8)
 
 
+# The row decoders below index one row at a time through 1-D views (src = w[r], dst = out[i]): LLVM then
+# vectorizes the inner loop (vcvtph2ps / vpslld on 8 values); indexed as w[ids[i], k] it stayed scalar, 7-18x
+# slower (one thread, 256 rows of 8192: f16 4.3 -> 0.23 ms, bf16 1.7 -> 0.25 ms). The same values either way.
+
 @njit(**JIT)
 def _rows_int8(q, scale, ids, out):
     for i in range(ids.shape[0]):
-        r = ids[i]
-        for k in range(out.shape[1]):
-            out[i, k] = np.float32(q[r, k]) * scale[r]
+        src, dst, s = q[ids[i]], out[i], scale[ids[i]]
+        for k in range(dst.shape[0]):
+            dst[k] = np.float32(src[k]) * s
 
 
 @njit(**JIT)
 def _rows_f16(w, ids, out):
     for i in range(ids.shape[0]):  # one core: each thread of each_thread decodes its own tiles
-        for k in range(out.shape[1]):
-            out[i, k] = f16_to_f32(w[ids[i], k])
+        src, dst = w[ids[i]], out[i]
+        for k in range(dst.shape[0]):
+            dst[k] = f16_to_f32(src[k])
 
 
 @njit(**JIT)
 def _rows_bf16(w, ids, out):
     for i in range(ids.shape[0]):
-        for k in range(out.shape[1]):
-            out[i, k] = bf16_to_f32(w[ids[i], k])
+        src, dst = w[ids[i]], out[i]
+        for k in range(dst.shape[0]):
+            dst[k] = bf16_to_f32(src[k])
 
 
 @njit(**JIT)
 def _rows_f32(w, ids, out):
     for i in range(ids.shape[0]):
-        for k in range(out.shape[1]):
-            out[i, k] = w[ids[i], k]
+        src, dst = w[ids[i]], out[i]
+        for k in range(dst.shape[0]):
+            dst[k] = src[k]
 
 
 # ---- dispatch on the stored format -------------------------------------------------------------------------

@@ -127,25 +127,8 @@ def prefetch(typingctx, addr):
     sig = types.void(types.int64)
 
     def codegen(context, builder, signature, args):
-        i8p = ir.PointerType(I8)
-        fn = _declare(builder.module, "llvm.prefetch.p0", ir.VoidType(), [i8p, I32, I32, I32])
-        builder.call(fn, [builder.inttoptr(args[0], i8p), ir.Constant(I32, 0), ir.Constant(I32, 3),
-                          ir.Constant(I32, 1)])
+        _prefetch(builder, args[0])
         return context.get_dummy_value()
-    return sig, codegen
-
-
-@intrinsic
-def ldexp32(typingctx, j, n):
-    """float32 j * 2^n for -1022 <= n <= 1023: the power of two built from its float64 bits, the product
-    exact in float64, rounded once to float32 (what ldexpf gives, without a libm call)."""
-    sig = types.float32(types.float32, types.int32)
-
-    def codegen(context, builder, signature, args):
-        F64 = ir.DoubleType()
-        bits = builder.shl(builder.add(builder.sext(args[1], I64), ir.Constant(I64, 1023)), ir.Constant(I64, 52))
-        prod = builder.fmul(builder.fpext(args[0], F64), builder.bitcast(bits, F64))
-        return builder.fptrunc(prod, F32)
     return sig, codegen
 
 

@@ -386,3 +386,28 @@ def test_a_fetched_model_is_checked_against_its_pinned_sha256(tmp_path, monkeypa
     shutil.copyfile(cached, other)  # the same bytes outside the cache: no checksum known
     with pytest.raises(WeightsError, match="no checksum manifest"):
         checksums.verify(other)
+
+
+def test_gguf_writer_holds_one_tensor_at_a_time(tmp_path):
+    """gguf's writer keeps every tensor handed to it until the end: a model converted whole would sit in memory
+    (16 GB for an 8B model in F16). The dense writer hands it lazy tensors, made as each is copied to the file."""
+    import tracemalloc
+
+    args = tiny_args(dim=256, n_layers=8, n_heads=4, n_kv_heads=2, vocab_size=256)
+    weights = random_weights(args, seed=5)
+    total_f16 = sum(w.size * 2 for w in weights.values())
+    writers.write_gguf(tmp_path / "warm.gguf", tiny_args(), random_weights(tiny_args(), seed=5), "f16")  # imports
+    tracemalloc.start()
+    try:
+        writers.write_gguf(tmp_path / "m.gguf", args, weights, "f16")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    largest = max(w.size * 4 for w in weights.values())  # a float32 tensor: room for one conversion at a time
+    assert peak < total_f16 / 4 and peak < 3 * largest, (peak, total_f16, largest)
+    from llama_ref.weights.gguf import load_gguf
+
+    back = load_gguf(tmp_path / "m.gguf")[1]  # and the file holds the weights, each under its name
+    for name, w in weights.items():
+        kept = w if name.endswith("norm.weight") else w.astype(np.float16)  # norms stay float32 in the file
+        np.testing.assert_array_equal(np.asarray(back[name], dtype=np.float32), kept.astype(np.float32))

@@ -51,6 +51,22 @@ def raw_elements(w, out: str) -> np.ndarray:
     return np.ascontiguousarray(x, dtype=OUT_DTYPES[out][0])
 
 
+class _LazyRaw:
+    """raw_elements(w, out), made only when gguf's writer copies it to the file: the writer keeps every tensor it
+    is given until the end, so a whole model converted (16 GB at 8B in F16) would sit in memory at once."""
+
+    def __init__(self, w, out: str):
+        self.w, self.out = w, out
+        self.shape = tuple(w.shape)
+        self.dtype = np.dtype(OUT_DTYPES[out][0])
+        self.nbytes = int(np.prod(self.shape)) * self.dtype.itemsize
+
+    def tofile(self, f) -> None:
+        raw = raw_elements(self.w, self.out)
+        assert raw.shape == self.shape and raw.dtype == self.dtype
+        raw.tofile(f)
+
+
 def canonical_items(args: ModelArgs, weights: dict) -> list[str]:
     """Tensor names in canonical order; a tied output matrix is not listed separately."""
     refuse_writing(args, "a checkpoint")
@@ -383,8 +399,8 @@ def write_gguf(dst: Path, args: ModelArgs, weights: dict, out: str, metadata: Op
         w = gguf.GGUFWriter(str(dst), "llama")
         add_hyperparameters(w, args)
         w.add_rope_dimension_count(args.head_dim)
-        items = [(_gguf_name(name, META_TO_GGUF), raw_elements(weights[name], "f32" if name.endswith("norm.weight")
-                                                               else out)) for name in canonical_items(args, weights)]
+        items = [(_gguf_name(name, META_TO_GGUF), _LazyRaw(weights[name], "f32" if name.endswith("norm.weight")
+                                                           else out)) for name in canonical_items(args, weights)]
     w.add_vocab_size(args.vocab_size)
     w.add_file_type(gguf.LlamaFileType.ALL_F32 if out == "f32" else gguf.LlamaFileType.MOSTLY_F16)
     for key, value in (metadata or {}).items():

@@ -6,13 +6,15 @@ NumPy's version costs ~40 us a call, and a decode step makes ~7 per layer), the 
 int32 in any order, and the float steps are the specification's, in its order, each fused multiply-add one
 rounding (llvm.fma.f32). No fast-math.
 
-The weights are read as llama_ref.weights.packed keeps them, nothing copied: `qs` (Q4_K: Q4_1-style
-sub-blocks of 16 bytes, value j in the low nibble of byte j and j + 16 in its high nibble; Q5_K: one byte per
-value, 0..31; Q6_K: one int8 per value, q - 32) and `head` (the file's scale bytes of every super-block:
-Q4_K/Q5_K d | dmin | 12 bytes of 6-bit scales and mins, Q6_K 16 int8 scales | d), decoded per row here.
+The weights are read as llama_ref.weights.packed keeps them, nothing copied. Q4_K / Q5_K: `qs` (Q4_K:
+Q4_1-style sub-blocks of 16 bytes, value j in the low nibble of byte j and j + 16 in its high nibble; Q5_K:
+one byte per value, 0..31) and `head` (the file's d | dmin | 12 bytes of 6-bit scales and mins of every
+super-block), decoded per row here. Q6_K: `blocks`, the file's bytes, its six bits unpacked in registers.
 
-The inner loop is one LLVM vector-IR intrinsic per super-block (_superblock): the 8 int32 lanes of each
-32-value sub-block, scaled by the sub-block scales and summed in registers, then one 8-lane llvm.fma. The
+Q4_K / Q5_K's inner loop is one LLVM vector-IR intrinsic per super-block (_superblock): the 8 int32 lanes of
+each 32-value sub-block, scaled by the sub-block scales and summed in registers, then one 8-lane llvm.fma.
+Q6_K's is one function per tile of a weight row by ACTS activation rows over the whole row
+(_define_q6_k_tile: each super-block unpacked once for all of them, lanes and accumulators in registers). The
 K-quants' values are unsigned, so they enter the unsigned side of the integer instructions as they stand:
 vpdpbusd where the CPU has AVX-512 VNNI / AVX-VNNI, else AVX2's vpmaddubsw (pairs into int16, exact: see
 ggml_simd.lanes_u8s8) then vpmaddwd by the scales (pairs into int32, as llama.cpp's AVX2 code does), else
@@ -31,8 +33,8 @@ from numba import njit, prange, types
 from numba.extending import intrinsic
 
 from ._common import JIT, readonly
-from .ggml_simd import (AHEAD_BYTES, dispatch, fma32, lanes_portable, lanes_u8s8, madd16, pairs_u8s8, prefetch,
-                        roundeven32, simd_default)
+from .ggml_simd import (AHEAD_BYTES, _declare, _gep_load, _hsum8, _prefetch, _ptr, _rows_ahead, _shuffle, dispatch,
+                        fma32, lanes_portable, lanes_u8s8, madd16, pairs_u8s8, prefetch, roundeven32, simd_default)
 from .halfbits import f16_to_f32
 
 ROWS = 16  # weight rows per parallel work item (a multiple of 8: the repacked Q4_K's groups)
@@ -48,7 +50,6 @@ def _superblock_ir(builder, args, kind, isa):
     "portable")."""
     acc_a, w_a, x_a, sc_a, off_a, d = args[:6]
     store_int, kind = kind == 3, (0 if kind == 3 else kind)  # 3: Q4_K, the integer lanes stored, no fma
-    q6_head, kind = kind == 4, (2 if kind == 4 else kind)  # 4: Q6_K, scales and offsets from the file's bytes
     v16, v32, v8_32, v8_f = ir.VectorType(I8, 16), ir.VectorType(I8, 32), ir.VectorType(I32, 8), ir.VectorType(F32, 8)
     step = 16 if kind == 0 else 32
     total = ir.Constant(v8_32, [0] * 8)
@@ -59,17 +60,11 @@ def _superblock_ir(builder, args, kind, isa):
             lo = builder.and_(raw, ir.Constant(v16, [15] * 16))
             hi = builder.lshr(raw, ir.Constant(v16, [4] * 16))
             wv = builder.shuffle_vector(lo, hi, ir.Constant(ir.VectorType(I32, 32), list(range(32))))
-        elif kind == 2:  # Q6_K: stored as q - 32; ggml multiplies the unsigned q
-            wv = builder.add(raw, ir.Constant(v32, [32] * 32))
         else:
             wv = raw
         xv = builder.load(builder.inttoptr(builder.add(x_a, ir.Constant(I64, 32 * j)), ir.PointerType(v32)), align=1)
-        if q6_head:  # the file's int8 scales, two per sub-block
-            scp = builder.inttoptr(builder.add(sc_a, ir.Constant(I64, 2 * j)), ir.PointerType(ir.VectorType(I8, 2)))
-            sc2 = builder.sext(builder.load(scp, align=1), ir.VectorType(I32, 2))
-        else:
-            scp = builder.inttoptr(builder.add(sc_a, ir.Constant(I64, 8 * j)), ir.PointerType(ir.VectorType(I32, 2)))
-            sc2 = builder.load(scp, align=4)  # the scales of the sub-block's two 16-value halves
+        scp = builder.inttoptr(builder.add(sc_a, ir.Constant(I64, 8 * j)), ir.PointerType(ir.VectorType(I32, 2)))
+        sc2 = builder.load(scp, align=4)  # the scales of the sub-block's two 16-value halves
         if isa == "avx2":  # vpmaddwd multiplies by the scales as it adds pairs: |sc| <= 128, exact in int32
             sc16 = builder.trunc(sc2, ir.VectorType(I16, 2))
             sc16 = builder.shuffle_vector(sc16, sc16, ir.Constant(ir.VectorType(I32, 16), [0] * 8 + [1] * 8))
@@ -78,10 +73,7 @@ def _superblock_ir(builder, args, kind, isa):
         scale = builder.shuffle_vector(sc2, sc2, ir.Constant(v8_32, [0, 0, 0, 0, 1, 1, 1, 1]))
         lanes = lanes_u8s8(builder, wv, xv, isa) if isa == "vnni" else lanes_portable(builder, wv, xv, False)
         total = builder.add(total, builder.mul(lanes, scale))
-    if q6_head:
-        total = builder.sub(total, _q6_k_offsets(builder, sc_a, off_a, isa))
-    else:
-        total = builder.sub(total, builder.load(builder.inttoptr(off_a, ir.PointerType(v8_32)), align=4))
+    total = builder.sub(total, builder.load(builder.inttoptr(off_a, ir.PointerType(v8_32)), align=4))
     if store_int:
         builder.store(total, builder.inttoptr(acc_a, ir.PointerType(v8_32)), align=4)
         return
@@ -93,22 +85,6 @@ def _superblock_ir(builder, args, kind, isa):
     builder.store(builder.call(fma, [dv, builder.sitofp(total, v8_f), builder.load(accp, align=4)]), accp, align=4)
 
 
-def _q6_k_offsets(builder, sc_a, bsums_a, isa):
-    """The -32 of every Q6_K value as 8 int32 lanes: 32 (sc[2u] bsum[2u] + sc[2u+1] bsum[2u+1]), from the 16
-    int8 scales at sc_a and the 16 int32 bsums at bsums_a (ggml: _mm256_madd_epi16(bsums, scales) << 5; exact,
-    |bsum| <= 16 * 127 fits int16)."""
-    v16_16, v16_32 = ir.VectorType(I16, 16), ir.VectorType(I32, 16)
-    sc = builder.load(builder.inttoptr(sc_a, ir.PointerType(ir.VectorType(I8, 16))), align=1)
-    bs = builder.load(builder.inttoptr(bsums_a, ir.PointerType(v16_32)), align=4)
-    if isa == "portable":
-        prod = builder.mul(builder.sext(sc, v16_32), bs)
-        even, odd = (ir.Constant(ir.VectorType(I32, 8), list(range(k, 16, 2))) for k in (0, 1))
-        pairs = builder.add(builder.shuffle_vector(prod, prod, even), builder.shuffle_vector(prod, prod, odd))
-    else:
-        pairs = madd16(builder, builder.sext(sc, v16_16), builder.trunc(bs, v16_16))
-    return builder.shl(pairs, ir.Constant(ir.VectorType(I32, 8), [5] * 8))
-
-
 @intrinsic
 def _superblock(typingctx, acc, w, x, sc, off, d, simd, kind):
     """One super-block of a K-quant row into ggml's 8 float32 lanes: acc[u] = fma(d, lane u, acc[u]) with
@@ -116,10 +92,9 @@ def _superblock(typingctx, acc, w, x, sc, off, d, simd, kind):
 
     acc (8 float32), w (the row's bytes of this super-block, as `kind` stores them: 0 Q4_K, 16 bytes per
     sub-block, value i in the low nibble of byte i and i + 16 in the high one; 1 Q5_K, one byte per value
-    0..31; 2 Q6_K, int8 q - 32, taken back to 0..63 as ggml does), x (256 int8 activations), sc (16 int32:
-    the scale of each 16-value half sub-block; Q4_K/Q5_K repeat each sub-block's scale twice), off (8 int32)
-    are byte addresses (kind 4: Q6_K with sc the file's 16 int8 scales and off the activation's 16 int32
-    bsums, the offsets of the -32 made here); d float32 (d_x * d_w); simd (int): the integer instructions, as
+    0..31), x (256 int8 activations), sc (16 int32: the scale of each 16-value half sub-block, each
+    sub-block's scale twice), off (8 int32) are byte addresses; d float32 (d_x * d_w); simd (int): the integer
+    instructions, as
     ggml_simd.dispatch chooses them (0 portable, 2 AVX2, else the best of this CPU), same integers. kind 3:
     Q4_K's bytes, and the integer lanes are stored at acc (8 int32) instead (the repacked gemv sums them).
     One call keeps the 8 lanes in registers across the super-block."""
@@ -285,59 +260,197 @@ def _decode_q45_k(xq, xd, xbs, qs, head, kind, simd, out):
         _q45_k_rows(xq, xd, xbs, qs, head, kind == 0, simd, out, 0, qs.shape[0], ahead)
 
 
+# ---- Q6_K: the file's bytes, unpacked in registers -----------------------------------------------------------
+
+# A Q6_K prefill tile: one weight row by ACTS activation rows, each super-block of the row unpacked once for
+# all of them. Measured (576 x 1536, N = 512, one thread, against the kernel before it, interleaved): 1 x 6
+# 1.77-1.92x, 1 x 5 1.65-1.87x, 1 x 4 1.45-1.69x, 1 x 8 1.18-1.34x, 2 x 4 1.39x, 4 x 2 1.01-1.17x (more rows or
+# activations than AVX2's 16 registers hold, and LLVM spills the lanes to the stack).
+ACTS = 6
+Q6_BYTES = 210  # a super-block in the file: 128 bytes ql (low nibbles) | 64 bytes qh (2 high bits) | 16 int8
+# scales | d fp16
+
+
+def _q6_k_value_chunk(b, ql, qh, k):
+    """Chunk k (0..3, 32 values) of a 128-value half of a Q6_K super-block from the file's bytes -> <32 x i8>
+    values 0..63 in value order: the low (k < 2) or high nibble of ql (the half's ql bytes 32 (k % 2) ..
+    32 (k % 2) + 31) and bits 2k, 2k+1 of qh (its 32 qh bytes). ggml's q4bits / q4bitsH: shifts, ands and
+    ors (byte shifts are word shifts and a mask on x86, as in llama.cpp)."""
+    v32 = ir.VectorType(I8, 32)
+
+    def const(v):
+        return ir.Constant(v32, [v] * 32)
+    low = b.and_(ql, const(15)) if k < 2 else b.lshr(ql, const(4))
+    high = b.shl(b.and_(qh if k == 0 else b.lshr(qh, const(2 * k)), const(3)), const(4))
+    return b.or_(low, high)
+
+
+def _define_q6_k_tile(module, rows, acts, isa):
+    """void f(w, ws, x, xstride, xd, bs, xds, bss, nb, out, ostride): ggml_vec_dot_q6_K_q8_K of `rows` weight
+    rows (the file's Q6_K blocks from byte address w, rows ws bytes apart) with `acts` activation rows (Q8_K:
+    int8 from x, xstride bytes apart; float32 scales xd, xds bytes apart; int32 bsums bs, bss bytes apart),
+    nb super-blocks each -> out[a * ostride + 4 r] float32.
+
+    Per super-block each weight row is unpacked once (_q6_k_values) and its scales widened once, and meet
+    every activation row of the tile; each (row, activation) pair keeps its own 8 float32 lanes in ggml's
+    order: lane u = sum_c sc[2c + (u >= 4)] * (products 32c + 4u .. 32c + 4u + 3 of the unsigned q) -
+    32 (sc[2u] bsum[2u] + sc[2u+1] bsum[2u+1]), exact in int32 (AVX2: vpmaddubsw, then vpmaddwd by the
+    scales, as llama.cpp; the offsets _mm256_madd_epi16(bsums, scales) << 5, here by the scales times 32,
+    the same integers); acc[u] = fma(d_x d_w, lane u, acc[u]); hsum_float_8 at the end. acts == 1 tiles
+    (a decode) ask for the weights ~4 KB ahead, a super-block's share per super-block."""
+    name = f"llama_ref_ggml_q6_k_{rows}x{acts}_{isa}"
+    if name in module.globals:
+        return module.globals[name]
+    fn = ir.Function(module, ir.FunctionType(ir.VoidType(), [I64] * 11), name)
+    fn.linkage = "internal"
+    w, ws, x, xstride, xd, bs, xds, bss, nb, out, ostride = fn.args
+    entry, loop, done = (fn.append_basic_block(n) for n in ("entry", "loop", "done"))
+    v8f, v32, v16 = ir.VectorType(F32, 8), ir.VectorType(I8, 32), ir.VectorType(I8, 16)
+    v16_16, v16_32 = ir.VectorType(I16, 16), ir.VectorType(I32, 16)
+    c64 = lambda v: ir.Constant(I64, v)  # noqa: E731
+    zero8 = ir.Constant(v8f, [0.0] * 8)
+    fma_v = _declare(module, "llvm.fma.v8f32", v8f, [v8f] * 3)
+    b = ir.IRBuilder(entry)
+    ahead = _rows_ahead(b, ws, rows)
+    b.cbranch(b.icmp_signed(">", nb, c64(0)), loop, done)
+
+    b = ir.IRBuilder(loop)
+    i = b.phi(I64)
+    accs = [b.phi(v8f) for _ in range(rows * acts)]  # pair (r, a) at r * acts + a
+    blk = b.mul(i, c64(Q6_BYTES))
+    if acts == 1:  # a decode: this super-block's share of the rows `ahead` on (210 bytes: 4 lines)
+        pa = b.add(b.add(w, b.mul(ws, ahead)), b.mul(blk, c64(rows)))
+        for off in range(0, rows * Q6_BYTES, 64):
+            _prefetch(b, b.add(pa, c64(off)))
+
+    def splat(v):
+        return _shuffle(b, b.insert_element(ir.Constant(v8f, ir.Undefined), v, ir.Constant(I32, 0)), [0] * 8)
+
+    # Emitted chunk by chunk (32 values), in the order the registers allow: each row's chunk is unpacked
+    # from its bytes and meets each activation's chunk, into the (row, activation) pair's integer lanes.
+    # The scales as the instructions take them: AVX2 <16 x i16> per chunk, sc[2c] for its first 16 values
+    # and sc[2c+1] for the rest (vpmaddwd); else <8 x i32>.
+    wb = [b.add(b.add(w, b.mul(c64(r), ws)), blk) for r in range(rows)]
+    xa = [b.add(b.add(x, b.mul(c64(a), xstride)), b.mul(i, c64(256))) for a in range(acts)]
+    sc = [b.sext(_gep_load(b, wb[r], c64(192), v16, 1), v16_16 if isa == "avx2" else v16_32) for r in range(rows)]
+    totals = [None] * (rows * acts)  # pair (r, a) at r * acts + a
+    for c in range(8):
+        h, k = divmod(c, 4)  # chunk k of the 128-value half h
+        for r in range(rows):
+            ql = _gep_load(b, wb[r], c64(64 * h + 32 * (k % 2)), v32, 1)
+            qh = _gep_load(b, wb[r], c64(128 + 32 * h), v32, 1)
+            vals = _q6_k_value_chunk(b, ql, qh, k)
+            if isa == "avx2":
+                scale = _shuffle(b, sc[r], [2 * c] * 8 + [2 * c + 1] * 8)
+            else:
+                scale = _shuffle(b, sc[r], [2 * c] * 4 + [2 * c + 1] * 4)
+            for a in range(acts):
+                xv = _gep_load(b, xa[a], c64(32 * c), v32, 1)
+                if isa == "avx2":
+                    part = madd16(b, pairs_u8s8(b, vals, xv), scale)
+                else:
+                    lanes = (lanes_u8s8(b, vals, xv, isa) if isa == "vnni" else lanes_portable(b, vals, xv, False))
+                    part = b.mul(lanes, scale)
+                t = r * acts + a
+                totals[t] = part if totals[t] is None else b.add(totals[t], part)
+
+    # the -32 of every value: 32 (sc[2u] bsum[2u] + sc[2u+1] bsum[2u+1]) per lane (|32 sc| <= 4096 and
+    # |bsum| <= 16 * 127: int16 for vpmaddwd), then the float lanes
+    even, odd = list(range(0, 16, 2)), list(range(1, 16, 2))
+    five = ir.Constant(sc[0].type, [5] * 16)
+    sc32 = [b.shl(sc[r], five) for r in range(rows)]
+    dw = [b.fpext(_gep_load(b, wb[r], c64(208), ir.HalfType(), 1), F32) for r in range(rows)]
+    new_accs = [None] * (rows * acts)
+    for a in range(acts):
+        bsum = _gep_load(b, b.add(bs, b.mul(c64(a), bss)), b.mul(i, c64(64)), v16_32, 4)
+        xdv = _gep_load(b, b.add(xd, b.mul(c64(a), xds)), b.mul(i, c64(4)), F32, 4)
+        for r in range(rows):
+            if isa == "avx2":
+                offset = madd16(b, sc32[r], b.trunc(bsum, v16_16))
+            else:
+                prod = b.mul(sc32[r], bsum)  # (16,) int32: 32 sc[k] bsum[k]
+                offset = b.add(_shuffle(b, prod, even), _shuffle(b, prod, odd))
+            t = r * acts + a
+            d = b.fmul(xdv, dw[r])  # float32 d_x * d_w
+            new_accs[t] = b.call(fma_v, [splat(d), b.sitofp(b.sub(totals[t], offset), v8f), accs[t]])
+    i1 = b.add(i, c64(1))
+    b.cbranch(b.icmp_signed("<", i1, nb), loop, done)
+    i.add_incoming(c64(0), entry)
+    i.add_incoming(i1, loop)
+    for phi, val in zip(accs, new_accs):
+        phi.add_incoming(zero8, entry)
+        phi.add_incoming(val, loop)
+
+    b = ir.IRBuilder(done)
+    finals = []
+    for val in new_accs:  # the phis first, as LLVM requires
+        phi = b.phi(v8f)
+        phi.add_incoming(zero8, entry)
+        phi.add_incoming(val, loop)
+        finals.append(phi)
+    for r in range(rows):
+        for a in range(acts):
+            at = b.add(b.add(out, b.mul(c64(a), ostride)), c64(4 * r))
+            b.store(_hsum8(b, finals[r * acts + a]), _ptr(b, at, F32), align=4)
+    b.ret_void()
+    return fn
+
+
+def _q6_k_tile(rows, acts):
+    """The intrinsic tile(w, ws, x, xstride, xd, bs, xds, bss, nb, out, ostride, simd) of _define_q6_k_tile
+    (byte addresses and strides as int64; simd chooses the integer instructions as ggml_simd.dispatch says)."""
+    @intrinsic
+    def tile(typingctx, w, ws, x, xstride, xd, bs, xds, bss, nb, out, ostride, simd):
+        sig = types.void(*([types.int64] * 12))
+
+        def codegen(context, builder, signature, args):
+            dispatch(builder, args[11], lambda isa: builder.call(
+                _define_q6_k_tile(builder.module, rows, acts, isa), args[:11]))
+            return context.get_dummy_value()
+        return sig, codegen
+    return tile
+
+
+_q6_1A, _q6_11 = _q6_k_tile(1, ACTS), _q6_k_tile(1, 1)
+
+
 @njit(inline="always", **JIT)
-def _q6_k_rows(xq, xd, xbs, qs, head, simd, out, r0, r1, dw, acc, ahead):
-    """Rows r0 .. r1 - 1 of _dot_q6_k, with its scratch arrays dw (nb,) float32 and acc (8,) float32.
-    ahead > 0 (a decode, the weights streamed once): each super-block asks for the bytes of the row `ahead`
-    rows on (4 lines of quants, its scales with the first), spread over the loop as
-    ggml_simd._prefetch_ahead does (a prefetch past the end of the matrix never faults)."""
+def _q6_k_rows(xq, xd, xbs, blocks, simd, out, r0, r1):
+    """Rows r0 .. r1 - 1 of _dot_q6_k: the activation rows pass ACTS at a time (the rest one by one), meeting
+    each row while the rows' bytes are in cache. One activation row (a decode): the rows one after another,
+    the weights asked for ahead (_define_q6_k_tile)."""
     N, K = xq.shape
     nb = K // 256
-    aa = acc.ctypes.data
-    for r in range(r0, r1):
-        for b in range(nb):
-            h = head[r, b]
-            dw[b] = _f16(h[16], h[17])
-        wa = qs[r].ctypes.data
-        ha = head[r].ctypes.data
-        for n in range(N):
-            xa = xq[n].ctypes.data
-            ba = xbs[n].ctypes.data
-            acc[:] = 0
-            for b in range(nb):
-                if ahead:
-                    pa = wa + ahead * K + 256 * b
-                    prefetch(pa)
-                    prefetch(pa + 64)
-                    prefetch(pa + 128)
-                    prefetch(pa + 192)
-                    prefetch(ha + ahead * 18 * nb + 18 * b)
-                # the scales as the file's int8 and the -32 of every value by the bsums, in the intrinsic
-                _superblock(aa, wa + 256 * b, xa + 256 * b, ha + 18 * b, ba + 64 * b, xd[n, b] * dw[b], simd, 4)
-            out[n, r] = ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]))
+    ws, xst, xds, bss, ost = (np.int64(blocks.shape[1]), np.int64(K), np.int64(4 * nb), np.int64(64 * nb),
+                              np.int64(4 * out.shape[1]))
+    w0, x0, xd0, bs0, o0 = (np.int64(blocks.ctypes.data), np.int64(xq.ctypes.data), np.int64(xd.ctypes.data),
+                            np.int64(xbs.ctypes.data), np.int64(out.ctypes.data))
+    n = np.int64(0)
+    while n < N:
+        many = n + ACTS <= N
+        x, xdn, bsn, on = x0 + n * xst, xd0 + n * xds, bs0 + n * bss, o0 + n * ost
+        for r in range(r0, r1):
+            if many:
+                _q6_1A(w0 + r * ws, ws, x, xst, xdn, bsn, xds, bss, nb, on + 4 * r, ost, simd)
+            else:
+                _q6_11(w0 + r * ws, ws, x, xst, xdn, bsn, xds, bss, nb, on + 4 * r, ost, simd)
+        n += ACTS if many else 1
 
 
 @njit(parallel=True, **JIT)
-def _dot_q6_k(xq, xd, xbs, qs, head, simd, out):
-    """ggml_vec_dot_q6_K_q8_K: qs (R, K) int8 bytes q - 32, head (R, nb, 18) 16 int8 scales | d fp16.
-
-    Lane u of a super-block: sum_c sc[2c + (u >= 4)] * (products 32c + 4u .. 32c + 4u + 3 of the unsigned
-    q = 0..63) - 32 (sc[2u] bsum[2u] + sc[2u+1] bsum[2u+1]); fma(d_x d_w, lane, acc[u]); hsum_float_8."""
-    N, K = xq.shape
-    R = qs.shape[0]
-    nb = K // 256
+def _dot_q6_k(xq, xd, xbs, blocks, simd, out):
+    """ggml_vec_dot_q6_K_q8_K of every weight row (blocks (R, nb * 210), the file's bytes) with every Q8_K
+    activation row (xq (N, K) int8, xd (N, nb) float32, xbs (N, nb, 16) int32 bsums) -> out (N, R), parallel
+    over tiles of ROWS rows (_define_q6_k_tile)."""
+    R = blocks.shape[0]
     for c in prange((R + ROWS - 1) // ROWS):
-        _q6_k_rows(xq, xd, xbs, qs, head, simd, out, c * ROWS, min(R, (c + 1) * ROWS), np.empty(nb, np.float32),
-                   np.empty(8, np.float32), 0)
+        _q6_k_rows(xq, xd, xbs, blocks, simd, out, c * ROWS, min(R, (c + 1) * ROWS))
 
 
 @njit(**JIT)
-def _decode_q6_k(xq, xd, xbs, qs, head, simd, out):
-    """_dot_q6_k of one activation row on one thread: no parallel region (~15 us a call), the weights asked
-    for ~4 KB ahead (ggml_simd.AHEAD_BYTES)."""
-    nb = xq.shape[1] // 256
-    _q6_k_rows(xq, xd, xbs, qs, head, simd, out, 0, qs.shape[0], np.empty(nb, np.float32), np.empty(8, np.float32),
-               max(1, (AHEAD_BYTES + xq.shape[1] - 1) // xq.shape[1]))
+def _decode_q6_k(xq, xd, xbs, blocks, simd, out):
+    """_dot_q6_k of one activation row on one thread: no parallel region (~15 us a call)."""
+    _q6_k_rows(xq, xd, xbs, blocks, simd, out, 0, blocks.shape[0])
 
 
 @njit(**JIT)
@@ -389,13 +502,14 @@ def quantized_linear(x2: np.ndarray, w, simd: "int | None" = None) -> np.ndarray
     N, R = x2.shape[0], w.shape[0]
     xd, xq, xbs = quantize_q8_K(x2)  # (N, nb), (N, K), (N, nb, 16)
     out = np.empty((N, R), np.float32)
-    qs, head = readonly(w.qs), readonly(w.head)
     use = SIMD if simd is None else int(simd)
     one = N == 1 and (numba.config.NUMBA_NUM_THREADS == 1 or numba.get_num_threads() == 1)  # a serial decode
-    repacked = w.format == "q4_k" and R % 8 == 0  # repacked by llama.cpp (model/ggml_kquants.dot_for)
     if w.format == "q6_k":
-        (_decode_q6_k if one else _dot_q6_k)(xq, xd, xbs, qs, head, use, out)
-    elif one:
+        (_decode_q6_k if one else _dot_q6_k)(xq, xd, xbs, readonly(w.blocks), use, out)
+        return out
+    qs, head = readonly(w.qs), readonly(w.head)
+    repacked = w.format == "q4_k" and R % 8 == 0  # repacked by llama.cpp (model/ggml_kquants.dot_for)
+    if one:
         _decode_q45_k(xq, xd, xbs, qs, head, 3 if repacked else 0 if w.format == "q4_k" else 1, use, out)
     elif repacked:
         _gemv_q4_k(xq, xd, xbs, qs, head, use, out)

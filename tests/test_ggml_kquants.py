@@ -283,6 +283,33 @@ def test_decode_one_thread_equals_numpy(kind, simd):
         numba.set_num_threads(before)
 
 
+@pytest.mark.parametrize("simd", [0, 1, 2])
+def test_q6_K_prefill_tiles_equal_numpy(simd):
+    """Q6_K's prefill tile (one weight row by ACTS activation rows, kernels/ggml_kquants._define_q6_k_tile) and
+    the rows left over one by one: activation counts below, at and past ACTS (and its multiples), row counts
+    that split unevenly over the parallel tiles; random blocks and the extremes."""
+    acts = compiled().ACTS
+    for n, rows, cols in ((acts, 13, 256), (acts + 1, 16, 512), (2 * acts + 3, 37, 768), (acts - 1, 3, 1536)):
+        ws = [random_kquant(Q6_KWeight, rows, cols, n), extreme_kquant(Q6_KWeight, rows, cols, 0x80, 0.01)]
+        for w in ws:
+            x = activations(n, cols, rows + n)
+            got, expected = compiled().quantized_linear(x, w, simd=simd), gk.quantized_linear(x, w)
+            assert np.array_equal(got.view(np.uint32), expected.view(np.uint32)), (n, rows, cols)
+
+
+def test_q6_K_keeps_the_file_bytes():
+    """Q6_K is kept at its true width (the file's 210 bytes per 256 values) until exact mode's kernels ask for
+    one int8 per value (kernel_args), which are then counted in nbytes."""
+    import gguf
+
+    w = random_kquant(Q6_KWeight, 5, 512, 3)
+    assert w.blocks.shape == (5, 2 * 210) and w.nbytes == 5 * 2 * 210
+    qs, d = w.kernel_args()
+    assert qs.shape == (5, 512) and d.shape == (5, 32) and w.nbytes == 5 * 2 * 210 + qs.nbytes + d.nbytes
+    expected = gguf.quants.dequantize(w.raw_blocks(), gguf.GGMLQuantizationType.Q6_K)
+    assert np.array_equal((d.reshape(5, 32, 1) * qs.view(np.int8).reshape(5, 32, 16)).reshape(5, 512), expected)
+
+
 def extreme_kquant(cls, rows: int, cols: int, fill: int, d: float):
     """A K-quant matrix with every quant and scale byte `fill` (0xff: the largest values, Q4_K 15, Q5_K 31,
     Q6_K 63, 6-bit scales and mins 63, Q6_K's int8 scales -1; 0x00 the smallest; 0x80: 0xff, but Q6_K's
@@ -332,6 +359,15 @@ def test_kquant_avx2_path_is_vpmaddubsw():
         asm = run.inspect_asm(run.signatures[0])
         found = {line.split()[0] for line in asm.splitlines() if line.startswith("\t") and not line.startswith("\t.")}
         assert {"vpmaddubsw", "vpmaddwd"} <= found and not found & {"vpmulld", "vpmovsxbd", "vpdpbusd"}, found
+    for tile in (compiled()._q6_1A, compiled()._q6_11):  # Q6_K: the file's bits unpacked by shifts, ands, ors
+        @njit
+        def run_q6(w, ws, x, xst, xd, bs, xds, bss, nb, out, ost):
+            tile(w, ws, x, xst, xd, bs, xds, bss, nb, out, ost, 2)
+        run_q6.compile((types.int64,) * 11)
+        asm = run_q6.inspect_asm(run_q6.signatures[0])
+        found = {line.split()[0] for line in asm.splitlines() if line.startswith("\t") and not line.startswith("\t.")}
+        assert {"vpmaddubsw", "vpmaddwd", "vpor", "vpsrlw"} <= found, found
+        assert not found & {"vpmulld", "vpmovsxbd", "vpdpbusd"}, found
 
 
 @pytest.mark.slow

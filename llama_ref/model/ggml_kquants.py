@@ -30,8 +30,8 @@ bit for bit equal on the two builds); what differs between them is model/ggml.py
 Rounding rules: int32 -> float32 conversions round to nearest even (vcvtdq2ps; NumPy's astype); a fused
 multiply-add is model/ggml.py's fma (float64, rounded once); other float32 operations round each step.
 
-The weights' integer parts are read per tile of rows from what llama_ref.weights.packed keeps (`head`: the
-file's scale bytes of every super-block, `qs`: the quants), so exact mode's layout is unchanged.
+The weights' integer parts are read per tile of rows from what llama_ref.weights.packed keeps (Q4_K / Q5_K:
+`head`, the file's scale bytes of every super-block, and `qs`, the quants; Q6_K: `blocks`, the file's bytes).
 """
 
 from __future__ import annotations
@@ -77,11 +77,12 @@ def weight_superblocks(w, rows: slice) -> dict:
     sc (R, nb, 16) int32 (signed 8-bit, one per 16 values), d (R, nb) float32 (fp16 value).
     """
     if w.format == "q6_k":
-        head = w.head[rows]  # (R, nb, 18): 16 int8 scales | d fp16
-        R, nb = head.shape[:2]
-        q = (w.qs[rows].view(np.int8) + np.int8(32)).view(np.uint8).reshape(R, nb, QK_K)  # stored as q - 32
-        sc = head[:, :, :16].view(np.int8).astype(np.int32)
-        d = np.ascontiguousarray(head[:, :, 16:18]).view("<f2")[:, :, 0].astype(np.float32)
+        blocks = w.blocks[rows]  # the file's bytes: (R, nb * 210)
+        R, nb = blocks.shape[0], w.shape[1] // QK_K
+        b = blocks.reshape(R * nb, w.type_size)  # 128 bytes ql | 64 bytes qh | 16 int8 scales | d fp16
+        q = w.values(b).reshape(R, nb, QK_K)  # the six bits, 0..63
+        sc = b[:, 192:208].view(np.int8).astype(np.int32).reshape(R, nb, 16)
+        d = np.ascontiguousarray(b[:, 208:210]).view("<f2")[:, 0].astype(np.float32).reshape(R, nb)
         return {"q": q, "sc": sc, "d": d}
     if w.format not in ("q4_k", "q5_k"):
         raise TypeError(f"no K-quant dot product for {w.format}")

@@ -11,7 +11,8 @@ GGUF block layouts in the file (one block covers `block_size` consecutive values
     Q4_1  20 bytes / 32 values:  d fp16 | m fp16 | 16 bytes     value = d * q + m
           byte j holds value j in its low nibble and value j + 16 in its high nibble.
     Q4_K, Q5_K, Q6_K: 256-value super-blocks with 6- or 8-bit sub-block scales (see each class); at load
-          Q4_K is regrouped into the Q4_1 layout the kernels read, Q5_K and Q6_K into one byte per value.
+          Q4_K is regrouped into the Q4_1 layout the kernels read, Q5_K into one byte per value; Q6_K stays
+          as the file has it.
 Every dequantization below matches `gguf.quants.dequantize` bit for bit (tests/test_kernels.py checks).
 """
 
@@ -457,26 +458,32 @@ class Q6_KWeight(GGUFBlockWeight):
     """210 bytes / 256 values: 128 bytes low nibbles | 64 bytes 2-bit highs | 16 int8 scales | d fp16.
 
     Value = d * scale[sub-block of 16] * (q - 32), q six bits; see ggml's dequantize_row_q6_K for the order.
-    Kept as the Numba kernels read it: one int8 per value (q - 32) and the scale d*scale[j] of each 16-value
-    sub-block in `d`, float32 exactly as gguf.quants computes it; 1.25 bytes per value in memory (0.82 in
-    the file). The 18 bytes of scales and d stay, so raw_blocks() rebuilds the file.
+    Kept at its true width: `blocks` (rows, blocks * 210) holds the file's bytes as they are (6.5625 bits per
+    value), and arithmetic="ggml"'s kernels (kernels/ggml_kquants.py) unpack the six bits in registers as
+    llama.cpp does. kernels/linear.py's Q6_K kernels (arithmetic="exact") read one int8 per value (q - 32)
+    and a float32 scale per 16 values instead: kernel_args() decodes those on first use and keeps them
+    (1.25 bytes per value more; nbytes counts them once they exist).
     """
     format, ggml_type, block_size, type_size, bits_per_weight = "q6_k", "Q6_K", QK_K, 210, 6.5625
 
-    def kernel_args(self):
-        return self.qs, self.d  # int8 q - 32 per value, a scale per 16 values
-
     def __init__(self, data, shape):
         rows, cols, raw = _kquant_rows(self, data, shape)  # raw (rows, blocks, 210)
-        blocks = raw.reshape(-1, self.type_size)  # (rows * blocks, 210)
-        self.head = _readonly(np.ascontiguousarray(raw[:, :, 192:]))  # (rows, blocks, 18) scales | d
-        with np.errstate(invalid="ignore", over="ignore"):
-            self.d = _readonly(self._scales(blocks).reshape(rows, -1))  # (rows, sub-blocks of 16)
-        self.qs = _readonly(self._quants(blocks).view(np.uint8).reshape(rows, cols))  # int8 bytes, q - 32
-        self.data = self.qs
+        self.blocks = _readonly(np.ascontiguousarray(raw).reshape(rows, -1))  # (rows, nb * 210): the file's bytes
+        self.data = self.blocks
+        self._unpacked = None  # (qs, d) for kernels/linear.py, made by kernel_args() when asked
+
+    def kernel_args(self):
+        """(qs (rows, cols) int8 bytes q - 32, d (rows, cols / 16) float32 d * scale): kernels/linear.py's."""
+        if self._unpacked is None:
+            rows, cols = self.shape
+            blocks = self.blocks.reshape(-1, self.type_size)  # (rows * blocks, 210)
+            with np.errstate(invalid="ignore", over="ignore"):
+                d = self._scales(blocks).reshape(rows, -1)  # (rows, sub-blocks of 16)
+            self._unpacked = (_readonly(self._quants(blocks).view(np.uint8).reshape(rows, cols)), _readonly(d))
+        return self._unpacked
 
     def _extra_arrays(self):
-        return [self.head, self.d]
+        return list(self._unpacked) if self._unpacked is not None else []
 
     @staticmethod
     def _scales(b):
@@ -486,21 +493,18 @@ class Q6_KWeight(GGUFBlockWeight):
     @staticmethod
     def _quants(b):
         """Blocks (n, 210) -> the values q - 32, int8, in order (n, 256)."""
+        return Q6_KWeight.values(b).astype(np.int8) - np.int8(32)
+
+    @staticmethod
+    def values(b):
+        """Blocks (n, 210) -> the six-bit values q, 0..63, uint8, in order (n, 256): value 32k + l of each
+        128-value half takes nibble (k >= 2) of ql byte l + 32 (k % 2) and bits 2k, 2k + 1 of qh byte l."""
         lo = (b[:, 0:128].reshape(-1, 2, 1, 64) >> np.array([0, 4], np.uint8).reshape(2, 1)) & np.uint8(15)
         hi = (b[:, 128:192].reshape(-1, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8).reshape(4, 1)) & np.uint8(3)
-        return (lo.reshape(-1, QK_K) | (hi.reshape(-1, QK_K) << np.uint8(4))).astype(np.int8) - np.int8(32)
+        return lo.reshape(-1, QK_K) | (hi.reshape(-1, QK_K) << np.uint8(4))
 
     def raw_blocks(self, ids=None) -> np.ndarray:
-        sel = slice(None) if ids is None else ids
-        q, head = self.qs[sel], self.head[sel]
-        n, nb = q.shape[0], self.shape[1] // QK_K
-        v = (q.view(np.int8) + np.int8(32)).view(np.uint8).reshape(n, nb, 256)  # 0..63
-        lo = (v & np.uint8(15)).reshape(n, nb, 2, 2, 64)
-        hi = (v >> np.uint8(4)).reshape(n, nb, 2, 4, 32)
-        ql = lo[:, :, :, 0] | (lo[:, :, :, 1] << np.uint8(4))  # (n, nb, 2, 64)
-        qh = (hi << np.array([0, 2, 4, 6], np.uint8).reshape(4, 1)).sum(axis=3, dtype=np.uint8)  # (n, nb, 2, 32)
-        return np.concatenate([ql.reshape(n, nb, 128), qh.reshape(n, nb, 64), head],
-                              axis=2).reshape(n, nb * self.type_size)
+        return self.blocks if ids is None else self.blocks[ids]
 
     def _dequantize_blocks(self, b):
         n = b.shape[0]

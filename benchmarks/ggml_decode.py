@@ -2,12 +2,16 @@
 
     python benchmarks/ggml_decode.py [--threads 2] [--rounds 3] [--formats q8_0 q4_0 q4_1 q5_0 q5_1]
                                      [--prefill 512] [--decode 32] [--decode-prompt 64]
+                                     [--shape llama-3.2-1b --formats q8_0 q4_0 q4_k ...]
 
 The GGUFs are the default model requantized by tests/fixtures/make_llamacpp_logits.py (the files the
 fidelity fixture was made from), written once into --work; the K-quant formats (q4_k_m, q5_k_m, q6_k) are
 llama.cpp's own quantizations of it with their usual fallbacks (its rows of 576 values are not whole
 256-value super-blocks, so most matrices fall back to Q5_0 / Q5_1 / Q8_0: tests/fixtures/
 make_llamacpp_kquant_logits.py's default files, which need llama-cpp-python to make).
+--shape takes instead the GGUFs of benchmarks/shapes.py's checkpoint of that shape (seeded random weights, the
+official sizes; built there when missing, shapes.quantized_gguf): q8_0 .. q5_1 every matrix in the one format,
+q4_k / q5_k llama.cpp's Q4_K_M / Q5_K_M mixtures, q6_k llama.cpp's Q6_K.
 Each configuration runs in a fresh process (benchmarks/run.py's children: one llama_ref load + measure,
 or llama-cpp-python with use_mmap=False), all with the same thread count; every round runs every
 configuration once, so each round's ratios compare runs made minutes apart on this shared machine, and the
@@ -39,8 +43,9 @@ import run as bench  # noqa: E402  (benchmarks/run.py: children, measurement, ma
 
 def child_ggml(spec: dict) -> dict:
     """run.py's llama_ref child with the arithmetic as a load option."""
+    extra = {"max_seq_len": spec["max_seq_len"]} if spec.get("max_seq_len") else {}
     load_s, prefill, step = bench.load_llama_ref(spec["path"], backend="numba", arithmetic=spec["arithmetic"],
-                                                 weights="packed")
+                                                 weights="packed", **extra)
     ids = np.load(spec["ids"])
     prefill(ids[:4])  # compile or load the kernels
     step(1, 4)
@@ -48,6 +53,7 @@ def child_ggml(spec: dict) -> dict:
 
 
 CHILDREN = {"ggml": child_ggml, "llama_cpp": bench.child_llama_cpp, "bandwidth": bench.child_bandwidth}
+THREAD_ENV = ("LLAMA_REF_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS")
 KQUANTS = ("q4_k_m", "q5_k_m", "q6_k")  # made by llama.cpp's quantizer (make_llamacpp_kquant_logits.py)
 
 
@@ -103,6 +109,16 @@ def ggufs(work: Path, formats: list[str], cpp_python: "str | None" = None) -> di
     return out
 
 
+def shape_ggufs(shape: str, formats: list[str]) -> dict:
+    """The GGUFs of benchmarks/shapes.py's checkpoint of `shape` in each format, made when missing."""
+    import shapes
+
+    files = shapes.build(shape, ("F16",) + tuple(f.upper() for f in formats))
+    if isinstance(files, str):
+        raise SystemExit(files)  # not enough memory or disk to build them
+    return {f: files[f.upper()] for f in formats if f.upper() in files}
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--child", help=argparse.SUPPRESS)
@@ -113,8 +129,17 @@ def main(argv=None) -> None:
     ap.add_argument("--decode", type=int, default=32, help="decode steps per run")
     ap.add_argument("--decode-prompt", type=int, default=64, help="prompt length before decoding")
     ap.add_argument("--prefill", type=int, nargs="*", default=[512], help="prefill lengths to time")
+    ap.add_argument("--repeats", type=int, default=2, help="prefill runs per length, the best kept")
+    ap.add_argument("--compare-threads", type=int, help="also run every configuration at this thread count, "
+                    "right after its --threads run (the table compares the two within each round)")
+    ap.add_argument("--engines", nargs="+", default=["ggml", "exact", "llama.cpp"], help="which of the three to run")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE,...",
+                    help='an extra arithmetic="ggml" configuration run with these environment variables (e.g. '
+                    "spin:GOMP_SPINCOUNT=300000, or PYTHONPATH=another source tree)")
     ap.add_argument("--prefill-only", action="store_true",
                     help="time prefill alone (ggml and llama.cpp; the children's decode cut to one step)")
+    ap.add_argument("--shape", help="the GGUFs of benchmarks/shapes.py's checkpoint of this shape (e.g. "
+                    "llama-3.2-1b; formats q8_0 q4_0 q4_1 q5_0 q5_1 q4_k q5_k q6_k) instead of the default model's")
     ap.add_argument("--work", type=Path, default=Path("/tmp/llama_ref_ggml_bench"))
     ap.add_argument("--out", type=Path, default=HERE / "results" / "ggml_decode.json")
     a = ap.parse_args(argv)
@@ -124,31 +149,46 @@ def main(argv=None) -> None:
         return
     cpp = bench.find_python("llama_cpp", [sys.executable, os.environ.get("LLAMA_CPP_PYTHON"),
                                           "/tmp/llamacpp-venv/bin/python"])
-    files = ggufs(a.work, a.formats, cpp)
+    files = shape_ggufs(a.shape, a.formats) if a.shape else ggufs(a.work, a.formats, cpp)
+    a.work.mkdir(parents=True, exist_ok=True)
     ids = a.work / "ids.npy"
     np.save(ids, np.random.default_rng(0).integers(100, 40000, size=600))
-    env = dict(os.environ, LLAMA_REF_THREADS=str(a.threads), OMP_NUM_THREADS=str(a.threads),
-               OPENBLAS_NUM_THREADS=str(a.threads), NUMBA_NUM_THREADS=str(a.threads))
-    common = {"ids": str(ids), "threads": a.threads, "prefill": a.prefill, "repeats": 2, "decode": a.decode,
+    env = dict(os.environ, **{v: str(max(a.threads, a.compare_threads or 1)) for v in THREAD_ENV})
+    common = {"ids": str(ids), "threads": a.threads, "prefill": a.prefill, "repeats": a.repeats, "decode": a.decode,
               "decode_prompt": a.decode_prompt}
+    if a.shape:  # the shape's own context (Llama 3.2: 131072) would size the cache past what is timed
+        common.update(shape=a.shape, max_seq_len=max(a.prefill + [a.decode_prompt + a.decode]) + 16)
     if a.prefill_only:
         common.update(decode=1, decode_prompt=1, prefill_only=True)
+    engines = [("ggml", {"kind": "ggml", "arithmetic": "ggml"}, sys.executable, {}),
+               ("exact", {"kind": "ggml", "arithmetic": "exact"}, sys.executable, {}),
+               ("llama.cpp", {"kind": "llama_cpp"}, cpp, {})]
+    engines = [e for e in engines if e[0] in a.engines and e[2] is not None
+               and not (a.prefill_only and e[0] == "exact")]
+    for variant in a.variant:  # "name:KEY=VALUE,KEY=VALUE": arithmetic="ggml" with its own environment
+        name, _, assignments = variant.partition(":")
+        engines.append((f"ggml {name}", {"kind": "ggml", "arithmetic": "ggml"}, sys.executable,
+                        dict(kv.split("=", 1) for kv in assignments.split(",") if kv)))
+    counts = [a.threads] + ([a.compare_threads] if a.compare_threads else [])
     rounds = []
     for r in range(a.rounds):
         result = {"load_average": os.getloadavg(), "bandwidth": run_child(sys.executable, {"kind": "bandwidth"}, env)}
         for kind, path in files.items():
-            for name, spec, python in (("ggml", {"kind": "ggml", "arithmetic": "ggml"}, sys.executable),
-                                       ("exact", {"kind": "ggml", "arithmetic": "exact"}, sys.executable),
-                                       ("llama.cpp", {"kind": "llama_cpp"}, cpp)):
-                if python is None or (a.prefill_only and name == "exact"):
-                    continue
-                res = run_child(python, {**common, **spec, "path": str(path)}, env)
-                result[f"{kind} {name}"] = res
-                print(f"round {r} {kind} {name}: " + ", ".join(f"{k} {v:.3g}" for k, v in res.items()
-                                                               if isinstance(v, float)), flush=True)
+            for name, spec, python, extra in engines:
+                # --compare-threads: the same configuration again at that count right after (same round, the
+                # machine's load as alike as it gets), kept as "<format> <engine> @<count>"
+                for n in counts:
+                    key = f"{kind} {name}" + (f" @{n}" if n != a.threads else "")
+                    env_n = dict(env, **extra, **{v: str(n) for v in THREAD_ENV})
+                    res = run_child(python, {**common, **spec, "threads": n, "path": str(path)}, env_n)
+                    result[key] = res
+                    print(f"round {r} {key}: " + ", ".join(f"{k} {v:.3g}" for k, v in res.items()
+                                                           if isinstance(v, float)), flush=True)
         rounds.append(result)
         # written after every round: a run stopped early keeps the rounds it finished
         report = {"machine": bench.machine_info(a.threads), "threads": a.threads, "rounds": rounds,
+                  "compare_threads": a.compare_threads, "engines": [e[0] for e in engines],
+                  "variants": {e[0]: e[3] for e in engines if e[3]},
                   "ggml_integer_code": integer_code(),
                   "formats": {k: {"path": str(p), "bytes": p.stat().st_size} for k, p in files.items()},
                   "settings": common, "load_average": os.getloadavg()}
@@ -182,6 +222,38 @@ def _ratio_range(report: dict, kind: str, name: str, key: str) -> str:
     return f"{min(r):.2f}-{max(r):.2f}" if r else "-"
 
 
+def _within_rounds(report: dict, key: str, over: str, field: str) -> str:
+    """key's field / over's field in each round where both ran: 'median (lowest-highest)'."""
+    r = [x[key][field] / x[over][field] for x in report["rounds"]
+         if x.get(key, {}).get(field) and x.get(over, {}).get(field)]
+    return f"{np.median(r):.2f}x ({min(r):.2f}-{max(r):.2f})" if r else "-"
+
+
+def threads_rows(report: dict) -> list[str]:
+    """--compare-threads / --variant: decode of every engine at each thread count; each count's rate over the
+    first count's, and each engine's over llama.cpp's at the same count, within each round."""
+    base, other = report["threads"], report.get("compare_threads")
+    counts = [base] + ([other] if other else [])
+    lines = ["", f"Decode at {' and '.join(map(str, counts))} threads (each configuration's runs one after the "
+             "other in each round). Ratios within a round: median (range) over rounds.", "",
+             "| format | engine | threads | decode tok/s (best) | per CPU s (best) | over " + f"{base} thread(s) "
+             "| over llama.cpp (same threads) |", "|---|---|---|---|---|---|---|"]
+    for kind in report["formats"]:
+        for engine in report.get("engines", ["ggml", "exact", "llama.cpp"]):
+            for n in counts:
+                at = f" @{n}" if n != base else ""
+                key = f"{kind} {engine}{at}"
+                if not any(key in r for r in report["rounds"]):
+                    continue
+                lines.append(f"| {kind} | {engine} | {n} | {_best(report, kind, engine + at, 'decode'):.2f} "
+                             f"| {_best(report, kind, engine + at, 'decode_cpu'):.2f} "
+                             f"| {_within_rounds(report, key, f'{kind} {engine}', 'decode') if at else ''} "
+                             f"| {_within_rounds(report, key, f'{kind} llama.cpp{at}', 'decode')} |")
+    for name, env in report.get("variants", {}).items():
+        lines.append(f"\n{name}: {', '.join(f'{k}={v}' for k, v in env.items())}")
+    return lines
+
+
 def prefill_rows(report: dict) -> list[str]:
     """--prefill-only: each prefill length's speed, wall and per CPU second (one thread), ggml / llama.cpp."""
     lines = []
@@ -199,7 +271,9 @@ def table(report: dict) -> str:
     """Best round per configuration; ratios to llama.cpp within each round, the best round's shown."""
     m = report["machine"]
     loads = ", ".join(f"{r['load_average'][0]:.1f}" for r in report["rounds"] if "load_average" in r)
-    lines = [f"{m.get('cpu', '?')}, {report['threads']} threads per engine, numba {m.get('numba', '?')}, "
+    model = report["settings"].get("shape")
+    model = f"{model} shape (seeded random weights, benchmarks/shapes.py)" if model else "the default model"
+    lines = [f"{model} on {m.get('cpu', '?')}, {report['threads']} threads per engine, numba {m.get('numba', '?')}, "
              f"ggml integer code {report.get('ggml_integer_code', '?')}; load average before each round: "
              f"{loads or '?'}; {len(report['rounds'])} rounds, best of each.", ""]
     if report["settings"].get("prefill_only"):
@@ -237,6 +311,8 @@ def table(report: dict) -> str:
                              f"| {_best_ratio(report, kind, 'ggml', key):.2f}x "
                              f"| {_ratio_range(report, kind, 'ggml', key)} "
                              f"| {_best_ratio(report, kind, 'exact', key):.2f}x |")
+    if report.get("compare_threads") or report.get("variants"):
+        lines += threads_rows(report)
     lines += ["", "Speeds in tokens/s. Roofline: the GGUF's bytes read once per token at the read bandwidth "
               "measured in the same run (best round). Ratios: the best round's; with one thread, also the range "
               "over rounds."]

@@ -10,9 +10,11 @@ with random weights measures real sizes without downloading anything. It is buil
 $LLAMA_REF_BENCH_CACHE/shapes/<shape> (default ~/.cache/llama_ref/bench/shapes):
   - hf-bf16/: Hugging Face safetensors in bfloat16, written by llama_ref's own writer (weights.writers);
   - F16.gguf: written by llama_ref's converter (write_checkpoint --to gguf-f16);
-  - BF16.gguf, Q8_0.gguf, Q4_0.gguf: the F16 file rewritten per tensor with gguf.quants (benchmarks/convert.py,
-    bit-exact with llama.cpp's quantizer);
-  - Q4_K.gguf: llama.cpp's own quantizer (llama-cpp-python), when that package is available.
+  - BF16.gguf, Q8_0.gguf, Q4_0.gguf (and Q4_1, Q5_0, Q5_1 when asked for, as benchmarks/ggml_decode.py
+    --shape does): the F16 file rewritten per tensor with gguf.quants (benchmarks/convert.py, bit-exact with
+    llama.cpp's quantizer);
+  - Q4_K.gguf (Q4_K_M; Q5_K.gguf Q5_K_M and Q6_K.gguf when asked for): llama.cpp's own quantizer
+    (llama-cpp-python), when that package is available. quantized_gguf() makes each.
 Weights: normal, std 0.02 (norms 1), seeded per tensor name: activations stay finite through every layer.
 The GGUF files carry a synthetic SentencePiece vocabulary of the model's size (byte pieces + placeholders):
 the benchmark feeds token ids, never text.
@@ -136,12 +138,45 @@ def free_bytes() -> tuple[int, int]:
     return mem, shutil.disk_usage(CACHE).free
 
 
+# How each GGUF format is made from the shape's F16 file: rewritten per tensor by benchmarks/convert.py
+# (gguf.quants, every matrix in the one format), or by llama.cpp's own quantizer (its usual mixture: Q4_K_M
+# keeps some matrices in Q6_K, and a tied embedding (the output head) in Q6_K).
+BY_CONVERT = ("BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
+BY_LLAMA_CPP = {"Q4_K": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "Q5_K": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
+                "Q6_K": "LLAMA_FTYPE_MOSTLY_Q6_K"}
+BYTES_PER_WEIGHT = {"hf": 2, "F16": 2, "BF16": 2, "Q8_0": 1.07, "Q4_0": 0.57, "Q4_1": 0.63, "Q5_0": 0.69,
+                    "Q5_1": 0.75, "Q4_K": 0.6, "Q5_K": 0.7, "Q6_K": 0.83}  # disk estimates (with the mixtures)
+
+
+def quantized_gguf(f16: Path, dst: Path, fmt: str) -> bool:
+    """Write dst: the F16 GGUF f16 in format fmt (BY_CONVERT or BY_LLAMA_CPP). False, with a message, where
+    llama.cpp's quantizer is needed and llama-cpp-python is not installed or fails."""
+    if fmt in BY_CONVERT:
+        sys.path.insert(0, str(HERE))
+        from convert import convert_gguf
+
+        convert_gguf(f16, dst, fmt)
+        return True
+    python = bench.find_python("llama_cpp", LLAMA_CPP_PYTHON)
+    if python is None:
+        print(f"  {fmt} not written: llama-cpp-python is not installed", file=sys.stderr)
+        return False
+    tmp = dst.with_name(dst.name + ".partial")
+    code = ("import ctypes, sys, llama_cpp as c; p = c.llama_model_quantize_default_params(); "
+            "p.ftype = getattr(c, sys.argv[3]); "
+            "sys.exit(c.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), ctypes.byref(p)))")
+    done = subprocess.run([python, "-c", code, str(f16), str(tmp), BY_LLAMA_CPP[fmt]], capture_output=True, text=True)
+    if done.returncode == 0 and tmp.exists():
+        os.replace(tmp, dst)
+        return True
+    print(f"  {fmt} not written: {(done.stderr or '').strip()[-300:]}", file=sys.stderr)
+    tmp.unlink(missing_ok=True)
+    return False
+
+
 def build(shape: str, formats=GGUF_FORMATS) -> "dict[str, Path] | str":
     """The cached files of a shape (built when missing); a message string when memory or disk is short."""
     from llama_ref.tools.convert import write_checkpoint
-
-    sys.path.insert(0, str(HERE))
-    from convert import convert_gguf
 
     args = shape_args(shape)
     params = n_params(args)
@@ -154,8 +189,7 @@ def build(shape: str, formats=GGUF_FORMATS) -> "dict[str, Path] | str":
     mem, disk = free_bytes()
     # Disk: 2 bytes a weight for each 16-bit file, ~1.1 / 0.6 for Q8_0 / Q4_0 (+ Q4_K). Memory: the GGUF
     # writer holds a file's tensors until it writes them (2 bytes a weight at most), + one float32 tensor.
-    need_disk = int(params * sum({"hf": 2, "F16": 2, "BF16": 2, "Q8_0": 1.07, "Q4_0": 0.57, "Q4_K": 0.6}[k]
-                                 for k in missing))
+    need_disk = int(params * sum(BYTES_PER_WEIGHT[k] for k in missing))
     need_mem = int(params * 2.2) + 2 * 2**30
     if need_disk > disk or need_mem > mem:
         return (f"{shape}: skipped, building its files needs {need_mem / 2**30:.1f} GiB of memory and "
@@ -168,27 +202,11 @@ def build(shape: str, formats=GGUF_FORMATS) -> "dict[str, Path] | str":
         print(f"{shape}: writing {files['F16']} ...", file=sys.stderr)
         write_checkpoint(args, weights, files["F16"], "gguf-f16", tokenizer_meta=synthetic_vocabulary(args.vocab_size),
                          checksums=False)
-    for fmt in ("BF16", "Q8_0", "Q4_0"):
-        if fmt in files and not files[fmt].exists():
+    for fmt in formats:
+        if fmt != "F16" and not files[fmt].exists():
             print(f"{shape}: writing {files[fmt]} ...", file=sys.stderr)
-            convert_gguf(files["F16"], files[fmt], fmt)
-    if "Q4_K" in files and not files["Q4_K"].exists():
-        python = bench.find_python("llama_cpp", LLAMA_CPP_PYTHON)
-        if python is None:
-            del files["Q4_K"]
-        else:
-            print(f"{shape}: writing {files['Q4_K']} (llama.cpp's quantizer) ...", file=sys.stderr)
-            tmp = files["Q4_K"].with_name("Q4_K.gguf.partial")
-            code = ("import ctypes, sys, llama_cpp as c; p = c.llama_model_quantize_default_params(); "
-                    "p.ftype = c.LLAMA_FTYPE_MOSTLY_Q4_K_M; "
-                    "sys.exit(c.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), ctypes.byref(p)))")
-            done = subprocess.run([python, "-c", code, str(files["F16"]), str(tmp)], capture_output=True, text=True)
-            if done.returncode == 0 and tmp.exists():
-                os.replace(tmp, files["Q4_K"])
-            else:
-                print(f"  Q4_K not written: {(done.stderr or '').strip()[-300:]}", file=sys.stderr)
-                tmp.unlink(missing_ok=True)
-                del files["Q4_K"]
+            if not quantized_gguf(files["F16"], files[fmt], fmt):
+                del files[fmt]
     return files
 
 

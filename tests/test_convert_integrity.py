@@ -390,11 +390,16 @@ def test_a_fetched_model_is_checked_against_its_pinned_sha256(tmp_path, monkeypa
 
 def test_gguf_writer_holds_one_tensor_at_a_time(tmp_path):
     """gguf's writer keeps every tensor handed to it until the end: a model converted whole would sit in memory
-    (16 GB for an 8B model in F16). The dense writer hands it lazy tensors, made as each is copied to the file."""
+    (16 GB for an 8B model in F16). The dense writer hands it lazy tensors, looked up and made as each is copied
+    to the file."""
     import tracemalloc
 
+    class MadeOnAccess(dict):  # as benchmarks/shapes.py's RandomWeights: a new array at every lookup
+        def __getitem__(self, name):
+            return dict.__getitem__(self, name).copy()
+
     args = tiny_args(dim=256, n_layers=8, n_heads=4, n_kv_heads=2, vocab_size=256)
-    weights = random_weights(args, seed=5)
+    weights = MadeOnAccess(random_weights(args, seed=5))
     total_f16 = sum(w.size * 2 for w in weights.values())
     writers.write_gguf(tmp_path / "warm.gguf", tiny_args(), random_weights(tiny_args(), seed=5), "f16")  # imports
     tracemalloc.start()

@@ -52,18 +52,20 @@ def raw_elements(w, out: str) -> np.ndarray:
 
 
 class _LazyRaw:
-    """raw_elements(w, out), made only when gguf's writer copies it to the file: the writer keeps every tensor it
-    is given until the end, so a whole model converted (16 GB at 8B in F16) would sit in memory at once."""
+    """raw_elements(weights[name], out), made only when gguf's writer copies it to the file: the writer keeps
+    every tensor it is given until the end, so a whole model converted (16 GB at 8B in F16) would sit in memory
+    at once. The tensor is looked up then too: a mapping may make its values on access."""
 
-    def __init__(self, w, out: str):
-        self.w, self.out = w, out
-        self.shape = tuple(w.shape)
+    def __init__(self, weights, name: str, shape: tuple, out: str):
+        self.weights, self.name, self.out = weights, name, out
+        self.shape = tuple(shape)
         self.dtype = np.dtype(OUT_DTYPES[out][0])
         self.nbytes = int(np.prod(self.shape)) * self.dtype.itemsize
 
     def tofile(self, f) -> None:
-        raw = raw_elements(self.w, self.out)
-        assert raw.shape == self.shape and raw.dtype == self.dtype
+        raw = raw_elements(self.weights[self.name], self.out)
+        if raw.shape != self.shape:
+            raise WeightsError(f"cannot write: tensor {self.name} has shape {raw.shape}, expected {self.shape}")
         raw.tofile(f)
 
 
@@ -399,8 +401,9 @@ def write_gguf(dst: Path, args: ModelArgs, weights: dict, out: str, metadata: Op
         w = gguf.GGUFWriter(str(dst), "llama")
         add_hyperparameters(w, args)
         w.add_rope_dimension_count(args.head_dim)
-        items = [(_gguf_name(name, META_TO_GGUF), _LazyRaw(weights[name], "f32" if name.endswith("norm.weight")
-                                                           else out)) for name in canonical_items(args, weights)]
+        shapes = expected_shapes(args)
+        items = [(_gguf_name(name, META_TO_GGUF), _LazyRaw(weights, name, shapes[name], "f32" if name.endswith(
+                  "norm.weight") else out)) for name in canonical_items(args, weights)]
     w.add_vocab_size(args.vocab_size)
     w.add_file_type(gguf.LlamaFileType.ALL_F32 if out == "f32" else gguf.LlamaFileType.MOSTLY_F16)
     for key, value in (metadata or {}).items():

@@ -81,14 +81,16 @@ def _columns(wide, rows, w, w_stride, values, row, visible, HD, acc, out):
 
 
 QUERIES = 16  # positions per work item
+# Attention's work (query rows x visible keys x head size, summed over query heads) below which it runs on one
+# thread: a decode step's attention (1B shape, 32 heads, ~100 keys: ~0.1 ms) is less than what starting and
+# joining a parallel region costs it on a busy machine (2 threads, load ~9: 2 ms of CPU, 9.6 ms wall a call,
+# against 0.1 ms on one). 2^20 is about 0.8 ms of one thread's work (AVX2 EPYC); past it the threads share it.
+SERIAL_WORK = 1 << 20
 
 
-@njit(parallel=True, **JIT)
-def _attention(q, k, v, start_pos, scale, wide, out):
-    """q (B, T, H, HD) float32, k, v (B, KVH, S, HD) fp16 values as float32 (HD a multiple of 8) -> out
-    (B, T, H, HD): llama_ref.model.ggml.attention without a key mask, in the AVX-512 build's order (wide) or
-    the AVX2 build's, by kernels/ggml_vec.py's vectors. A work item is QUERIES positions of one KV head;
-    its G query heads go in groups of R (3, 2 or 1) that share every key and value row loaded."""
+@njit(inline="always", **JIT)
+def _attention_item(q, k, v, start_pos, scale, wide, out, item):
+    """One work item of _attention: QUERIES positions of one KV head (item over B x KVH x position blocks)."""
     B, T, H, HD = q.shape
     KVH, S = k.shape[1], k.shape[2]
     G = H // KVH
@@ -98,32 +100,50 @@ def _attention(q, k, v, start_pos, scale, wide, out):
     width = 16 if wide else 8  # the lanes of one softmax vector
     row = np.int64(4 * HD)  # bytes from one key (value) row to the next
     blocks = (T + QUERIES - 1) // QUERIES
-    for item in prange(B * KVH * blocks):
-        b, kvh, t0 = item // (KVH * blocks), item // blocks % KVH, item % blocks * QUERIES
-        qh = np.empty((R, HD), np.float32)
-        w = np.empty((R, P), np.float32)
-        acc = np.empty((R, step, HD), np.float32)
-        keys, values = np.int64(k[b, kvh].ctypes.data), np.int64(v[b, kvh].ctypes.data)
-        wp, qp, ap = np.int64(w.ctypes.data), np.int64(qh.ctypes.data), np.int64(acc.ctypes.data)
-        for t in range(t0, min(T, t0 + QUERIES)):
-            visible = min(S, start_pos + t + 1)  # keys up to the query's own position
-            used = min(P, (visible + width - 1) // width * width)  # whole softmax vectors (zeros past P)
-            for h0 in range(kvh * G, kvh * G + G, R):
-                for r in range(R):
-                    for d in range(HD):
-                        qh[r, d] = fp16_round(q[b, t, h0 + r, d])
-                # scores: ggml_vec_dot_f16(q, k_p) * scale for every visible key
-                _scores(wide, R, qp, keys, row, visible, HD, scale, wp, np.int64(4 * P))
-                # softmax with the causal mask, the probabilities rounded to fp16
-                for r in range(R):
-                    if wide:
-                        soft_max_row16(wp + 4 * P * r, np.int64(visible), np.int64(used))
-                    else:
-                        soft_max_row8(wp + 4 * P * r, np.int64(visible), np.int64(used))
-                # the probabilities times each column of V (transposed in llama.cpp); masked keys' zero
-                # probabilities add +0 to V's accumulators: nothing, so the products stop at `visible`
-                op = np.int64(out.ctypes.data) + 4 * (((b * T + t) * H + h0) * HD)
-                _columns(wide, R, wp, np.int64(4 * P), values, row, visible, HD, ap, op)
+    b, kvh, t0 = item // (KVH * blocks), item // blocks % KVH, item % blocks * QUERIES
+    qh = np.empty((R, HD), np.float32)
+    w = np.empty((R, P), np.float32)
+    acc = np.empty((R, step, HD), np.float32)
+    keys, values = np.int64(k[b, kvh].ctypes.data), np.int64(v[b, kvh].ctypes.data)
+    wp, qp, ap = np.int64(w.ctypes.data), np.int64(qh.ctypes.data), np.int64(acc.ctypes.data)
+    for t in range(t0, min(T, t0 + QUERIES)):
+        visible = min(S, start_pos + t + 1)  # keys up to the query's own position
+        used = min(P, (visible + width - 1) // width * width)  # whole softmax vectors (zeros past P)
+        for h0 in range(kvh * G, kvh * G + G, R):
+            for r in range(R):
+                for d in range(HD):
+                    qh[r, d] = fp16_round(q[b, t, h0 + r, d])
+            # scores: ggml_vec_dot_f16(q, k_p) * scale for every visible key
+            _scores(wide, R, qp, keys, row, visible, HD, scale, wp, np.int64(4 * P))
+            # softmax with the causal mask, the probabilities rounded to fp16
+            for r in range(R):
+                if wide:
+                    soft_max_row16(wp + 4 * P * r, np.int64(visible), np.int64(used))
+                else:
+                    soft_max_row8(wp + 4 * P * r, np.int64(visible), np.int64(used))
+            # the probabilities times each column of V (transposed in llama.cpp); masked keys' zero
+            # probabilities add +0 to V's accumulators: nothing, so the products stop at `visible`
+            op = np.int64(out.ctypes.data) + 4 * (((b * T + t) * H + h0) * HD)
+            _columns(wide, R, wp, np.int64(4 * P), values, row, visible, HD, ap, op)
+
+
+@njit(parallel=True, **JIT)
+def _attention(q, k, v, start_pos, scale, wide, out):
+    """q (B, T, H, HD) float32, k, v (B, KVH, S, HD) fp16 values as float32 (HD a multiple of 8) -> out
+    (B, T, H, HD): llama_ref.model.ggml.attention without a key mask, in the AVX-512 build's order (wide) or
+    the AVX2 build's, by kernels/ggml_vec.py's vectors. A work item is QUERIES positions of one KV head;
+    its G query heads go in groups of R (3, 2 or 1) that share every key and value row loaded."""
+    B, T = q.shape[0], q.shape[1]
+    for item in prange(B * k.shape[1] * ((T + QUERIES - 1) // QUERIES)):
+        _attention_item(q, k, v, start_pos, scale, wide, out, item)
+
+
+@njit(**JIT)
+def _attention_serial(q, k, v, start_pos, scale, wide, out):
+    """_attention on the calling thread: the same items, so the same bits (SERIAL_WORK)."""
+    B, T = q.shape[0], q.shape[1]
+    for item in range(B * k.shape[1] * ((T + QUERIES - 1) // QUERIES)):
+        _attention_item(q, k, v, start_pos, scale, wide, out, item)
 
 
 def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start_pos: int,
@@ -140,7 +160,9 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start_pos: int,
     _fp16_heads(np.ascontiguousarray(k, np.float32), kh)
     _fp16_heads(np.ascontiguousarray(v, np.float32), vh)
     out = np.empty(q.shape, np.float32)
-    _attention(np.ascontiguousarray(q), kh, vh, start_pos, np.float32(1 / np.sqrt(HD)), isa == "avx512", out)
+    B, T, H = q.shape[:3]
+    kernel = _attention_serial if B * T * H * S * HD < SERIAL_WORK else _attention
+    kernel(np.ascontiguousarray(q), kh, vh, start_pos, np.float32(1 / np.sqrt(HD)), isa == "avx512", out)
     return out
 
 

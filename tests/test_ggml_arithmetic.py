@@ -262,6 +262,28 @@ def test_numba_ops_equal_numpy_for_both_isas(isa):
         assert np.array_equal(ggml_ops.swiglu(g, u, isa).view(np.uint32), ggml.swiglu(g, u, isa).view(np.uint32))
 
 
+@pytest.mark.parametrize("isa", ggml.ISAS)
+def test_numba_attention_serial_and_parallel_kernels_agree(isa):
+    """A decode's attention runs on one thread (ggml_ops.SERIAL_WORK: no parallel region for ~0.1 ms of work),
+    a long one on all: both kernels give the specification's bits, and the dispatch picks each where meant."""
+    from llama_ref.kernels import ggml_ops
+
+    rng = np.random.default_rng(7)
+    for B, T, H, KVH, HD, S in ((1, 1, 32, 8, 64, 97), (2, 19, 6, 2, 72, 40), (1, 3, 9, 3, 64, 5)):
+        q = rng.standard_normal((B, T, H, HD)).astype(np.float32) * 3
+        k = rng.standard_normal((B, S, KVH, HD)).astype(np.float32) * 3
+        v = rng.standard_normal((B, S, KVH, HD)).astype(np.float32)
+        expected = ggml.attention(q, k, v, S - T, isa=isa).view(np.uint32)
+        kh, vh = (np.empty((B, KVH, S, HD), np.float32) for _ in range(2))
+        ggml_ops._fp16_heads(k, kh)
+        ggml_ops._fp16_heads(v, vh)
+        for kernel in (ggml_ops._attention, ggml_ops._attention_serial):
+            out = np.full(q.shape, np.nan, np.float32)
+            kernel(q, kh, vh, S - T, np.float32(1 / np.sqrt(HD)), isa == "avx512", out)
+            assert np.array_equal(out.view(np.uint32), expected), kernel
+    assert 1 * 1 * 32 * 4096 * 64 >= ggml_ops.SERIAL_WORK > 1 * 1 * 32 * 256 * 64  # 1B decode: serial to 256 keys
+
+
 @settings(max_examples=40, deadline=None)
 @given(isa=st.sampled_from(ggml.ISAS), B=st.integers(1, 2), T=st.integers(1, 11), start=st.integers(0, 150),
        heads=st.sampled_from([(1, 1), (4, 2), (9, 3), (8, 2), (5, 5), (12, 2)]),

@@ -103,8 +103,9 @@ def _dot(kind, many_rows, many_acts, w, ws, wd, wm, wds, x, xst, xd, xs, xds, nb
 
 @njit(parallel=True, **JIT)
 def _linear(kind, xq, xd, xs, qs, d, m, out, use_simd):
-    """out (N, R) = ggml's dot product of every weight row (qs (R, bytes) with scales d, mins m (R, nb)) with
-    every quantized activation row (xq (N, K) int8, scales xd, Q8_1 sums xs (N, nb)). Parallel over tiles of
+    """out (N, R) = ggml's dot product of every weight row (qs (R, bytes) with scales d, mins m (R, nb);
+    repacked Q4_0: d = m its fp16 scales in tiles, see _weight_args) with every quantized activation row
+    (xq (N, K) int8, scales xd, Q8_1 sums xs (N, nb)). Parallel over tiles of
     ROWS weight rows; within a tile, the activation rows pass ACTS at a time, meeting the tile's rows 4
     (repacked Q4_0: 8) at a time while their bytes are in cache.
 
@@ -115,60 +116,85 @@ def _linear(kind, xq, xd, xs, qs, d, m, out, use_simd):
     either way, bit for bit."""
     N, K = xq.shape
     R, nb = d.shape
-    ws, wds, xst, ost = np.int64(qs.shape[1]), np.int64(4 * nb), np.int64(K), np.int64(4 * R)
+    # wds: bytes between the scales of two weight rows (float32, or repacked Q4_0's fp16); xds: between two
+    # activation rows' float32 scales
+    ws, wds, xds = np.int64(qs.shape[1]), np.int64(nb * d.itemsize), np.int64(4 * nb)
+    xst, ost = np.int64(K), np.int64(4 * R)
     w0, d0, m0 = np.int64(qs.ctypes.data), np.int64(d.ctypes.data), np.int64(m.ctypes.data)
     x0, xd0, xs0, o0 = (np.int64(xq.ctypes.data), np.int64(xd.ctypes.data), np.int64(xs.ctypes.data),
                         np.int64(out.ctypes.data))
+    off = _x_offsets(xq, kind == 3)  # repacked Q4_0's tiles take 8 sum(x) per block from here, not xs
+    if kind == 3:
+        xs0 = np.int64(off.ctypes.data)
     step = 8 if kind == 3 else 4  # repacked Q4_0: R % 8 == 0, so every tile is whole groups of 8
     for c in prange((R + ROWS - 1) // ROWS):
         r1 = min(R, (c + 1) * ROWS)
         if N == 1:
-            _decode_rows(kind, xq, xd, xs, qs, d, m, out, use_simd, c * ROWS, r1)
+            _decode_rows(kind, xq, xd, xs, off, qs, d, m, out, use_simd, c * ROWS, r1)
             continue
         n = np.int64(0)
         while n < N:
             many = n + ACTS <= N
-            x, xdn, xsn, on = x0 + n * xst, xd0 + n * wds, xs0 + n * wds, o0 + n * ost
+            x, xdn, xsn, on = x0 + n * xst, xd0 + n * xds, xs0 + n * xds, o0 + n * ost
             r = np.int64(c * ROWS)
             while r + step <= r1:
-                _dot(kind, True, many, w0 + r * ws, ws, d0 + r * wds, m0 + r * wds, wds, x, xst, xdn, xsn, wds,
+                _dot(kind, True, many, w0 + r * ws, ws, d0 + r * wds, m0 + r * wds, wds, x, xst, xdn, xsn, xds,
                      nb, on + 4 * r, ost, use_simd)
                 r += step
             while r < r1:
-                _dot(kind, False, many, w0 + r * ws, ws, d0 + r * wds, m0 + r * wds, wds, x, xst, xdn, xsn, wds,
+                _dot(kind, False, many, w0 + r * ws, ws, d0 + r * wds, m0 + r * wds, wds, x, xst, xdn, xsn, xds,
                      nb, on + 4 * r, ost, use_simd)
                 r += 1
             n += ACTS if many else 1
 
 
 @njit(inline="always", **JIT)
-def _decode_rows(kind, xq, xd, xs, qs, d, m, out, use_simd, r0, r1):
-    """Rows r0 .. r1 - 1 of a decode (one activation row), one at a time (repacked Q4_0 8 at a time), each
-    tile asking for the weights ~4 KB ahead block by block (ggml_simd._prefetch_ahead)."""
+def _decode_rows(kind, xq, xd, xs, off, qs, d, m, out, use_simd, r0, r1):
+    """Rows r0 .. r1 - 1 of a decode (one activation row xq (1, K), its scales xd and Q8_1 sums xs; repacked
+    Q4_0 takes off, its _x_offsets, for xs), one at a time (repacked Q4_0 8 at a time), each tile asking for
+    the weights ~4 KB ahead block by block (ggml_simd._prefetch_ahead)."""
     R, nb = d.shape
-    ws, wds = np.int64(qs.shape[1]), np.int64(4 * nb)
+    K = xq.shape[1]
+    ws, wds = np.int64(qs.shape[1]), np.int64(nb * d.itemsize)
     w0, d0, m0 = np.int64(qs.ctypes.data), np.int64(d.ctypes.data), np.int64(m.ctypes.data)
-    x0, xd0, xs0, o0 = (np.int64(xq.ctypes.data), np.int64(xd.ctypes.data), np.int64(xs.ctypes.data),
-                        np.int64(out.ctypes.data))
+    x0, xd0, o0 = np.int64(xq.ctypes.data), np.int64(xd.ctypes.data), np.int64(out.ctypes.data)
+    xs0 = np.int64(off.ctypes.data) if kind == 3 else np.int64(xs.ctypes.data)
     # Repacked Q4_0 keeps its 8-row tile: one row at a time it must sum each block's lanes into one integer
     # before its fma, and took 1.6x longer (model, one thread); rows r0, r1 are multiples of 8 there.
     step = 8 if kind == 3 else 1
     for r in range(r0, r1, step):
-        _dot(kind, kind == 3, False, w0 + r * ws, ws, d0 + r * wds, m0 + r * wds, wds, x0, np.int64(xq.shape[1]),
-             xd0, xs0, wds, nb, o0 + 4 * r, 4 * R, use_simd)
+        _dot(kind, kind == 3, False, w0 + r * ws, ws, d0 + r * wds, m0 + r * wds, wds, x0, np.int64(K),
+             xd0, xs0, np.int64(4 * nb), nb, o0 + 4 * r, 4 * R, use_simd)
+
+
+@njit(inline="always", **JIT)
+def _x_offsets(xq, wanted):
+    """8 times the sum of each 32-value block of xq (N, K) int8, as int32 (N, K // 32): what repacked Q4_0's
+    nibbles 0..15 owe for their offset 8, made once per activation row for all its tiles (an empty array
+    unless wanted)."""
+    N, nb = (xq.shape[0], xq.shape[1] // 32) if wanted else (0, 0)
+    off = np.empty((N, nb), np.int32)
+    for n in range(N):
+        for b in range(nb):
+            s = 0
+            for j in range(b * 32, b * 32 + 32):
+                s += np.int32(xq[n, j])
+            off[n, b] = 8 * s
+    return off
 
 
 @njit(**JIT)
 def _decode_serial(kind, x, qs, d, m, out, use_simd):
-    """A decode on one thread in one compiled call: x (1, K) quantized, then every row (_decode_rows). Saves
-    the ~15 us per matrix of two calls and a parallel region (a decode step of the default model makes
-    211 products)."""
-    K = x.shape[1]
+    """A decode on one thread in one compiled call: x (..., K) one row quantized, then every row of the weight
+    into out (..., R) (_decode_rows). Saves the ~15 us per matrix of two calls and a parallel region (a decode
+    step of the default model makes 211 products)."""
+    K = x.shape[-1]
+    x = x.reshape((1, K))
     xq = np.empty((1, K), np.int8)
     xd = np.empty((1, K // 32), np.float32)
     xs = np.empty((1, K // 32), np.float32)
     _quantize_q8_row(x, xq, xd, xs, 0)
-    _decode_rows(kind, xq, xd, xs, qs, d, m, out, use_simd, 0, d.shape[0])
+    _decode_rows(kind, xq, xd, xs, _x_offsets(xq, kind == 3), qs, d, m, out, use_simd, 0, d.shape[0])
 
 
 @njit(inline="always", **JIT)
@@ -214,21 +240,39 @@ def quantize_q8(x2: np.ndarray):
     return xq, xd, xs
 
 
-# weight -> (kind, qs, d, m) as the kernels take them, made once per weight: a decode step makes 211 products of
-# ~15-100 us, and rebuilding these (format checks, read-only views) with the reshapes around them cost ~13 us a
-# call (~2.7 ms a step on the default model, one thread).
-_ARGS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+# id(weight) -> (kind, qs, d, m) as the kernels take them, made once per weight: a decode step makes 211
+# products of ~7-50 us, and rebuilding these (format checks, read-only views) with the reshapes around them
+# cost ~13 us a call (~2.7 ms a step on the default model, one thread). Keyed by id, a plain dict look-up
+# (a WeakKeyDictionary's took ~0.5 us); weakref.finalize drops the entry when the weight goes, before its id
+# can be reused.
+_ARGS: dict = {}
 
 
 def _weight_args(w) -> tuple:
-    args = _ARGS.get(w)
+    args = _ARGS.get(id(w))
     if args is None:
         fmt = w.format
         if fmt == "q4_0" and w.shape[0] % 8 == 0:  # llama.cpp repacks Q4_0 matrices whose rows come in groups of 8
             fmt = "q4_0r"
-        m = w.m if fmt in ("q4_1", "q5_1") else w.d
-        args = _ARGS[w] = (KIND[fmt], readonly(w.qs), readonly(w.d), readonly(m))
+        d = _repack_scales(w.d) if fmt == "q4_0r" else readonly(w.d)
+        m = readonly(w.m) if fmt in ("q4_1", "q5_1") else d
+        args = _ARGS[id(w)] = (KIND[fmt], readonly(w.qs), d, m)
+        weakref.finalize(w, _ARGS.pop, id(w), None)
     return args
+
+
+def _repack_scales(d: np.ndarray) -> np.ndarray:
+    """Repacked Q4_0's scales d (R, nb) float32 as its tiles read them: the 8 scales of rows 8g .. 8g + 7 in
+    block b side by side in fp16 (16 bytes at element 8 (g nb + b)), as llama.cpp's block_q4_0x8 keeps them.
+    Viewed as (R, nb), so that the tile at row r = 8g finds its scales r rows in. One load and a vcvtph2ps per
+    block instead of 8 loads from 8 rows; 2 bytes per block beside the float32 d (which the specification and
+    the other paths keep using); 18 bytes a block streamed, as llama.cpp's, instead of 20. Exact: every GGUF
+    scale is an fp16 (checked)."""
+    R, nb = d.shape
+    d16 = np.ascontiguousarray(d.reshape(R // 8, 8, nb).transpose(0, 2, 1)).astype(np.float16)  # (R/8, nb, 8)
+    if not np.array_equal(d16.astype(np.float32), d.reshape(R // 8, 8, nb).transpose(0, 2, 1), equal_nan=True):
+        raise ValueError("Q4_0 scales that are not fp16 values")
+    return readonly(d16.view(np.uint16).reshape(R, nb))  # the fp16 bits: Numba's arrays have no float16
 
 
 def quantized_linear(x2: np.ndarray, w, use_simd: "int | None" = None) -> np.ndarray:
@@ -242,8 +286,7 @@ def quantized_linear(x2: np.ndarray, w, use_simd: "int | None" = None) -> np.nda
     N = x2.shape[0]
     out = np.empty((N, d.shape[0]), np.float32)
     use = SIMD if use_simd is None else int(use_simd)
-    # NUMBA_NUM_THREADS=1 first: get_num_threads() costs ~2 us a call, 0.4 ms of a decode step's 211 products
-    if N == 1 and (numba.config.NUMBA_NUM_THREADS == 1 or numba.get_num_threads() == 1):
+    if N == 1 and _one_thread():
         _decode_serial(kind, x2, qs, d, m, out, use)
         return out
     xq, xd, xs = quantize_q8(x2)
@@ -251,8 +294,23 @@ def quantized_linear(x2: np.ndarray, w, use_simd: "int | None" = None) -> np.nda
     return out
 
 
+def _one_thread() -> bool:
+    """Whether Numba runs one thread here. NUMBA_NUM_THREADS=1 first: get_num_threads() costs ~2 us a call,
+    0.4 ms of a decode step's 211 products."""
+    return numba.config.NUMBA_NUM_THREADS == 1 or numba.get_num_threads() == 1
+
+
 def linear(x: np.ndarray, w) -> np.ndarray:
     """x @ w.T in ggml's arithmetic: llama_ref.model.ggml.linear with the quantized products compiled."""
+    args = _ARGS.get(id(w))
+    if args is not None and x.size == x.shape[-1] and x.dtype == np.float32 and x.flags.c_contiguous \
+            and _one_thread():
+        # One row on one thread (a decode step's product, ~4 us of Python here before): straight to its one
+        # compiled call, x and the output in the caller's shape (B, T, D) -> (B, T, R).
+        kind, qs, d, m = args
+        out = np.empty(x.shape[:-1] + (d.shape[0],), np.float32)
+        _decode_serial(kind, x, qs, d, m, out, SIMD)
+        return out
     if not spec.supported(w):
         return spec.linear(x, w)
     rows = x.reshape(-1, x.shape[-1])  # (N, in)

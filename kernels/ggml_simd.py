@@ -267,7 +267,8 @@ def _define_tile(module, kind, rows, acts, isa):
 
     8-lane kinds: acc[r][a] = fma(d_w d_x, lanes, acc) per block, hsum_float_8 (+ the mins' sum) at the end.
     Repacked Q4_0 (rows = 8): the 8 rows' integer sums gathered into one vector, one float32 lane per row
-    (on AVX2 _define_q4_0r_avx2 builds them so from the start)."""
+    (on AVX2 _define_q4_0r_avx2 builds them so from the start); its scales come repacked too (REPACKED_SCALES:
+    wd points at the tile's 8 fp16 scales of block 0, the next block's 16 bytes on)."""
     name = f"llama_ref_ggml_tile_{kind}_{rows}x{acts}_{isa}"
     if name in module.globals:
         return module.globals[name]
@@ -293,7 +294,8 @@ def _define_tile(module, kind, rows, acts, isa):
     accs = [b.phi(v8f) for _ in range(n_acc)]
     mins = [b.phi(F32) for _ in range(rows * acts)] if has_min else []
     if acts == 1:
-        _prefetch_ahead(b, w, ws, wd, wds, wm if has_min else None, i, rows, block, ahead)
+        _prefetch_ahead(b, w, ws, wd, wds, wm if has_min else None, i, rows, block, ahead,
+                        16 if kind == "q4_0r" else 4 * rows)
     four = b.mul(i, c64(4))
 
     def splat(v):
@@ -323,7 +325,7 @@ def _define_tile(module, kind, rows, acts, isa):
         ones = ir.Constant(v32, [1] * 32)
         w_corr.append(b.shl(lanes_u8s8(b, ones, wvals[r], isa), ir.Constant(v8i, [7] * 8)) if by_x128 else None)
         w_abs.append(sign8(b, wvals[r], wvals[r]) if by_sign else None)
-        wdv.append(_gep_load(b, b.add(wd, b.mul(c64(r), wds)), four, F32, 4))
+        wdv.append(_gep_load(b, b.add(wd, b.mul(c64(r), wds)), four, F32, 4) if lanes8 else None)
 
     def lanes(r, a_):
         if not fast:
@@ -347,9 +349,7 @@ def _define_tile(module, kind, rows, acts, isa):
             sums = [lanes(r, a_) for r in range(rows)]
             while len(sums) > 1:  # 8 vectors of 8 lanes -> one vector of the 8 rows' sums (exact integers)
                 sums = [_combine(b, sums[j], sums[j + 1]) for j in range(0, len(sums), 2)]
-            scales = ir.Constant(v8f, ir.Undefined)
-            for r in range(rows):
-                scales = b.insert_element(scales, wdv[r], ir.Constant(I32, r))
+            scales = _repacked_scales(b, wd, i)
             new_accs[a_] = b.call(fma_v, [b.fmul(scales, splat(xdv[a_])), b.sitofp(sums[0], v8f), accs[a_]])
         if has_min:
             for r in range(rows):
@@ -406,18 +406,26 @@ def _rows_ahead(builder, ws, rows):
     return builder.mul(tiles, ir.Constant(I64, rows))
 
 
-def _prefetch_ahead(builder, w, ws, wd, wds, wm, i, rows, block, ahead):
+def _prefetch_ahead(builder, w, ws, wd, wds, wm, i, rows, block, ahead, scale_bytes):
     """A decode streams its weights once: block i of a tile of `rows` rows asks for its share of the tile
-    `ahead` rows on (rows * block quant bytes, rows * 4 bytes of scales and of mins: the rows of a tile are
-    one run of bytes in each array), so that the requests spread over the loop. A burst for the next rows
-    before each tile left the loop waiting on memory (repacked Q4_0, 1536 x 576 streamed, one thread: 80-117 us
-    against 45-64 us so; 38-42 us in cache). Prefetching past the end of an array is harmless (never faults)."""
+    `ahead` rows on (rows * block quant bytes, scale_bytes of scales and of mins: rows * 4 bytes of float32, 16
+    of repacked Q4_0's fp16; the rows of a tile are one run of bytes in each array), so that the requests
+    spread over the loop. A burst for the next rows before each tile left the loop waiting on memory
+    (repacked Q4_0, 1536 x 576 streamed, one thread: 80-117 us against 45-64 us so; 38-42 us in cache).
+    Prefetching past the end of an array is harmless (never faults)."""
     c64 = lambda v: ir.Constant(I64, v)  # noqa: E731
     qs = builder.add(builder.add(w, builder.mul(ws, ahead)), builder.mul(i, c64(rows * block)))
     for off in range(0, rows * block, 64):
         _prefetch(builder, builder.add(qs, c64(off)))
     for base in (wd, wm) if wm is not None else (wd,):
-        _prefetch(builder, builder.add(builder.add(base, builder.mul(wds, ahead)), builder.mul(i, c64(rows * 4))))
+        _prefetch(builder, builder.add(builder.add(base, builder.mul(wds, ahead)), builder.mul(i, c64(scale_bytes))))
+
+
+def _repacked_scales(builder, wd, i):
+    """Repacked Q4_0's 8 weight scales of block i as <8 x float>: 8 fp16 at byte address wd + 16 i (one
+    vcvtph2ps; see kernels/ggml.py's _weight_args for the layout)."""
+    half8 = _gep_load(builder, wd, builder.mul(i, ir.Constant(I64, 16)), ir.VectorType(ir.HalfType(), 8), 2)
+    return builder.fpext(half8, ir.VectorType(F32, 8))
 
 
 def _define_q4_0r_avx2(module, name, acts):
@@ -429,7 +437,12 @@ def _define_q4_0r_avx2(module, name, acts):
     each nibble vector meets the activation's 4 matching values broadcast to every lane (vpmaddubsw, nibbles
     0..15 unsigned). The 8 products of pairs summed in int16 stay exact (8 * 2 * 15 * 127 = 30480 < 32767),
     one vpmaddwd by ones makes each lane the row's sum of 32 products, and 8 sum(x) is taken off (the offset
-    8 of the nibbles). Then, as every path: fma(d_w d_x, sumi, acc) with one float32 lane per row."""
+    8 of the nibbles). Then, as every path: fma(d_w d_x, sumi, acc) with one float32 lane per row.
+
+    The scales come repacked, the tile's 8 fp16 of a block side by side (_repacked_scales: one load and a
+    vcvtph2ps, where gathering 8 float32 from 8 rows took 8 loads, 7 inserts and spilled row pointers).
+    8 sum(x) of each block comes from xs (int32 per block, xds bytes between activation rows: kernels/ggml.py's
+    _x_offsets), made once per activation row instead of once per tile and block."""
     fn = ir.Function(module, ir.FunctionType(ir.VoidType(), [I64] * 13), name)
     fn.linkage = "internal"
     w, ws, wd, wm, wds, x, xstride, xd, xs, xds, nb, out, ostride = fn.args
@@ -461,21 +474,16 @@ def _define_q4_0r_avx2(module, name, acts):
     low4 = ir.Constant(v8i, [0x0F0F0F0F] * 8)
     lows = [b.bitcast(b.and_(v, low4), v32) for v in words]  # values 4k .. 4k+3 of each row
     highs = [b.bitcast(b.and_(b.lshr(v, ir.Constant(v8i, [4] * 8)), low4), v32) for v in words]  # 16+4k ..
-    scales = ir.Constant(v8f, ir.Undefined)
-    for r in range(8):
-        scales = b.insert_element(scales, _gep_load(b, b.add(wd, b.mul(c64(r), wds)), four, F32, 4),
-                                  ir.Constant(I32, r))
+    scales = _repacked_scales(b, wd, i)
     if acts == 1:
-        _prefetch_ahead(b, w, ws, wd, wds, None, i, 8, 16, ahead)
+        _prefetch_ahead(b, w, ws, wd, wds, None, i, 8, 16, ahead, 16)
 
-    ones16, eights16 = ir.Constant(v16_16, [1] * 16), ir.Constant(v16_16, [8] * 16)
+    ones16 = ir.Constant(v16_16, [1] * 16)
     new_accs = []
     for a_ in range(acts):
         xq = b.bitcast(_gep_load(b, b.add(x, b.mul(c64(a_), xstride)), b.mul(i, c64(32)), v32, 1), v8i)
-        # 8 sum(x) in every lane: the 4-value groups' sums (times 8), then added across the lanes
-        off = madd16(b, pairs_u8s8(b, ir.Constant(v32, [1] * 32), b.bitcast(xq, v32)), eights16)
-        for idx in ([1, 0, 3, 2, 5, 4, 7, 6], [2, 3, 0, 1, 6, 7, 4, 5], [4, 5, 6, 7, 0, 1, 2, 3]):
-            off = b.add(off, _shuffle(b, off, idx))
+        xs_a = _gep_load(b, b.add(xs, b.mul(c64(a_), xds)), four, I32, 4)  # 8 sum(x), made beforehand
+        off = _shuffle(b, b.insert_element(ir.Constant(v8i, ir.Undefined), xs_a, ir.Constant(I32, 0)), [0] * 8)
         pairs = None
         for k in range(4):
             for vals, word in ((lows[k], k), (highs[k], 4 + k)):

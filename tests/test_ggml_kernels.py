@@ -172,6 +172,39 @@ def test_decode_one_thread_equals_specification(kind, use_simd):
         numba.set_num_threads(before)
 
 
+def test_linear_one_row_fast_path_equals_specification():
+    """linear() sends one row on one thread straight to the compiled decode once the weight's arguments are
+    made (x (1, 1, K) -> (1, 1, R), no reshapes around it): the same bits as the specification on the first
+    call (the general path) and the next (the fast one), every format, rows in groups of 8 and not."""
+    import numba
+
+    rng = np.random.default_rng(13)
+    before = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        for kind in sorted(TYPES):
+            for rows in (24, 13):
+                w = TYPES[kind].quantize(rng.standard_normal((rows, 96)).astype(np.float32))
+                x = rng.standard_normal((1, 1, 96)).astype(np.float32)
+                for _ in range(2):
+                    got = kernels().linear(x, w)
+                    assert got.shape == (1, 1, rows) and same_bits(got, ggml.linear(x, w))
+    finally:
+        numba.set_num_threads(before)
+
+
+def test_repacked_q4_0_scales():
+    """Repacked Q4_0's scales: rows 8g .. 8g + 7 of block b side by side as fp16, exactly the float32 d; a
+    scale that is no fp16 value is refused rather than rounded."""
+    w = Q4_0Weight.quantize(np.random.default_rng(14).standard_normal((16, 96)).astype(np.float32))
+    d16 = kernels()._repack_scales(w.d)
+    assert d16.shape == w.d.shape and d16.dtype == np.uint16
+    got = d16.view(np.float16).astype(np.float32).reshape(2, 3, 8)  # (groups, blocks, rows of the group)
+    assert same_bits(got, w.d.reshape(2, 8, 3).transpose(0, 2, 1))
+    with pytest.raises(ValueError):
+        kernels()._repack_scales(w.d * np.float32(1 + 2**-20))
+
+
 def raw_blocks(kind, rows, nb, seed, pattern="random", scale=(1e-3, 1.0)):
     """(rows, nb) blocks of `kind` as a GGUF stores them, the quant bytes drawn from every value (so Q8_0's
     -128, Q4's 0 and 15, Q5's 0 and 31 all occur) or set to one extreme ("min": every byte 0x00, Q8_0 0;

@@ -6,15 +6,16 @@ NumPy's version costs ~40 us a call, and a decode step makes ~7 per layer), the 
 int32 in any order, and the float steps are the specification's, in its order, each fused multiply-add one
 rounding (llvm.fma.f32). No fast-math.
 
-The weights are read as llama_ref.weights.packed keeps them, nothing copied. Q4_K / Q5_K: `qs` (Q4_K:
-Q4_1-style sub-blocks of 16 bytes, value j in the low nibble of byte j and j + 16 in its high nibble; Q5_K:
-one byte per value, 0..31) and `head` (the file's d | dmin | 12 bytes of 6-bit scales and mins of every
-super-block), decoded per row here. Q6_K: `blocks`, the file's bytes, its six bits unpacked in registers.
+The weights are read as llama_ref.weights.packed keeps them, nothing copied. Q4_K: `qs` (Q4_1-style sub-blocks
+of 16 bytes, value j in the low nibble of byte j and j + 16 in its high nibble) and `head` (the file's d | dmin
+| 12 bytes of 6-bit scales and mins of every super-block), decoded per row here. Q5_K and Q6_K: `blocks`, the
+file's bytes, their five or six bits and their headers unpacked in registers.
 
-Q4_K / Q5_K's inner loop is one LLVM vector-IR intrinsic per super-block (_superblock): the 8 int32 lanes of
-each 32-value sub-block, scaled by the sub-block scales and summed in registers, then one 8-lane llvm.fma.
-Q6_K's is one function per tile of a weight row by ACTS activation rows over the whole row
-(_define_q6_k_tile: each super-block unpacked once for all of them, lanes and accumulators in registers). The
+Q4_K's inner loop is one LLVM vector-IR intrinsic per super-block (_superblock): the 8 int32 lanes of each
+32-value sub-block, scaled by the sub-block scales and summed in registers, then one 8-lane llvm.fma. Q5_K's
+and Q6_K's are one function per tile of a weight row by ACTS activation rows over the whole row
+(_define_q5_k_tile, _define_q6_k_tile: each super-block unpacked once for all of them, lanes and
+accumulators in registers). The
 K-quants' values are unsigned, so they enter the unsigned side of the integer instructions as they stand:
 vpdpbusd where the CPU has AVX-512 VNNI / AVX-VNNI, else AVX2's vpmaddubsw (pairs into int16, exact: see
 ggml_simd.lanes_u8s8) then vpmaddwd by the scales (pairs into int32, as llama.cpp's AVX2 code does), else
@@ -49,19 +50,14 @@ def _superblock_ir(builder, args, kind, isa):
     """The body of _superblock (below) for one choice of integer instructions (isa: "vnni", "avx2",
     "portable")."""
     acc_a, w_a, x_a, sc_a, off_a, d = args[:6]
-    store_int, kind = kind == 3, (0 if kind == 3 else kind)  # 3: Q4_K, the integer lanes stored, no fma
+    store_int = kind == 3  # 3: the integer lanes stored, no fma
     v16, v32, v8_32, v8_f = ir.VectorType(I8, 16), ir.VectorType(I8, 32), ir.VectorType(I32, 8), ir.VectorType(F32, 8)
-    step = 16 if kind == 0 else 32
     total = ir.Constant(v8_32, [0] * 8)
-    for j in range(8):
-        wp = builder.inttoptr(builder.add(w_a, ir.Constant(I64, step * j)), ir.PointerType(v16 if kind == 0 else v32))
-        raw = builder.load(wp, align=1)
-        if kind == 0:  # Q4_K: 16 bytes, value i low nibble of byte i, value i + 16 its high nibble
-            lo = builder.and_(raw, ir.Constant(v16, [15] * 16))
-            hi = builder.lshr(raw, ir.Constant(v16, [4] * 16))
-            wv = builder.shuffle_vector(lo, hi, ir.Constant(ir.VectorType(I32, 32), list(range(32))))
-        else:
-            wv = raw
+    for j in range(8):  # Q4_K: 16 bytes per sub-block, value i low nibble of byte i, value i + 16 its high nibble
+        raw = builder.load(builder.inttoptr(builder.add(w_a, ir.Constant(I64, 16 * j)), ir.PointerType(v16)), align=1)
+        lo = builder.and_(raw, ir.Constant(v16, [15] * 16))
+        hi = builder.lshr(raw, ir.Constant(v16, [4] * 16))
+        wv = builder.shuffle_vector(lo, hi, ir.Constant(ir.VectorType(I32, 32), list(range(32))))
         xv = builder.load(builder.inttoptr(builder.add(x_a, ir.Constant(I64, 32 * j)), ir.PointerType(v32)), align=1)
         scp = builder.inttoptr(builder.add(sc_a, ir.Constant(I64, 8 * j)), ir.PointerType(ir.VectorType(I32, 2)))
         sc2 = builder.load(scp, align=4)  # the scales of the sub-block's two 16-value halves
@@ -87,16 +83,15 @@ def _superblock_ir(builder, args, kind, isa):
 
 @intrinsic
 def _superblock(typingctx, acc, w, x, sc, off, d, simd, kind):
-    """One super-block of a K-quant row into ggml's 8 float32 lanes: acc[u] = fma(d, lane u, acc[u]) with
+    """One super-block of a Q4_K row into ggml's 8 float32 lanes: acc[u] = fma(d, lane u, acc[u]) with
     lane u = sum_j sc[2j + (u >= 4)] * (products 4u .. 4u+3 of sub-block j) - off[u], exact in int32.
 
-    acc (8 float32), w (the row's bytes of this super-block, as `kind` stores them: 0 Q4_K, 16 bytes per
-    sub-block, value i in the low nibble of byte i and i + 16 in the high one; 1 Q5_K, one byte per value
-    0..31), x (256 int8 activations), sc (16 int32: the scale of each 16-value half sub-block, each
-    sub-block's scale twice), off (8 int32) are byte addresses; d float32 (d_x * d_w); simd (int): the integer
-    instructions, as
-    ggml_simd.dispatch chooses them (0 portable, 2 AVX2, else the best of this CPU), same integers. kind 3:
-    Q4_K's bytes, and the integer lanes are stored at acc (8 int32) instead (the repacked gemv sums them).
+    acc (8 float32), w (the row's Q4_K bytes of this super-block as weights.packed keeps them: 16 bytes per
+    sub-block, value i in the low nibble of byte i and i + 16 in the high one), x (256 int8 activations), sc
+    (16 int32: the scale of each 16-value half sub-block, each sub-block's scale twice), off (8 int32) are byte
+    addresses; d float32 (d_x * d_w); simd (int): the integer instructions, as ggml_simd.dispatch chooses them
+    (0 portable, 2 AVX2, else the best of this CPU), same integers. kind 0: the fma; kind 3: the integer
+    lanes are stored at acc (8 int32) instead (the repacked gemv sums them).
     One call keeps the 8 lanes in registers across the super-block."""
     if not isinstance(kind, types.IntegerLiteral):
         return None
@@ -124,7 +119,7 @@ def _f16(lo, hi):
 
 @njit(**JIT)
 def _row_scales(head, r, sc16, mn, dw, dminw):
-    """Q4_K/Q5_K: decode row r's super-block headers (head (R, nb, 16)) into sc16 (nb, 16) int32 (each 6-bit
+    """Q4_K: decode row r's super-block headers (head (R, nb, 16)) into sc16 (nb, 16) int32 (each 6-bit
     sub-block scale twice, once per 16-value half, as _superblock reads them), mn (nb, 8) int32 (the 6-bit
     mins, as weights.packed.kquant_scales) and dw, dminw (nb,) float32 (the fp16 d and dmin)."""
     for b in range(head.shape[1]):
@@ -152,8 +147,8 @@ def _prefetch_superblock(wa, ha, ahead, row_bytes, head_bytes, b, sb_bytes):
 
 
 @njit(inline="always", **JIT)
-def _q45_k_rows(xq, xd, xbs, qs, head, four_bit, simd, out, r0, r1, ahead):
-    """Rows r0 .. r1 - 1 of _dot_q45_k; ahead > 0: a decode, asking for the row `ahead` rows on."""
+def _q4_k_rows(xq, xd, xbs, qs, head, simd, out, r0, r1, ahead):
+    """Rows r0 .. r1 - 1 of _dot_q4_k; ahead > 0: a decode, asking for the row `ahead` rows on."""
     N, K = xq.shape
     nb = K // 256
     sc16 = np.empty((nb, 16), np.int32)
@@ -164,7 +159,6 @@ def _q45_k_rows(xq, xd, xbs, qs, head, four_bit, simd, out, r0, r1, ahead):
     zero = np.zeros(8, np.int32)
     s = np.empty(8, np.int32)
     aa, za, sa = acc.ctypes.data, zero.ctypes.data, sc16.ctypes.data
-    sb_bytes = 128 if four_bit else 256
     for r in range(r0, r1):
         _row_scales(head, r, sc16, mn, dw, dminw)
         wa = qs[r].ctypes.data
@@ -172,39 +166,32 @@ def _q45_k_rows(xq, xd, xbs, qs, head, four_bit, simd, out, r0, r1, ahead):
         for n in range(N):
             xa = xq[n].ctypes.data
             acc[:] = 0
-            m0 = m1 = m2 = m3 = summs = np.float32(0)
+            m0 = m1 = m2 = m3 = np.float32(0)
             for b in range(nb):
                 if ahead:
-                    _prefetch_superblock(wa, ha, ahead, qs.shape[1], 16 * nb, b, sb_bytes)
-                d = xd[n, b] * dw[b]
-                if four_bit:
-                    _superblock(aa, wa + 128 * b, xa + 256 * b, sa + 64 * b, za, d, simd, 0)
-                else:
-                    _superblock(aa, wa + 256 * b, xa + 256 * b, sa + 64 * b, za, d, simd, 1)
+                    _prefetch_superblock(wa, ha, ahead, qs.shape[1], 16 * nb, b, 128)
+                _superblock(aa, wa + 128 * b, xa + 256 * b, sa + 64 * b, za, xd[n, b] * dw[b], simd, 0)
                 dmin = -(xd[n, b] * dminw[b])
                 for j in range(8):
                     s[j] = mn[b, j] * (xbs[n, b, 2 * j] + xbs[n, b, 2 * j + 1])
-                if four_bit:
-                    m0 = _fma(dmin, np.float32(s[0] + s[1]), m0)
-                    m1 = _fma(dmin, np.float32(s[2] + s[3]), m1)
-                    m2 = _fma(dmin, np.float32(s[4] + s[5]), m2)
-                    m3 = _fma(dmin, np.float32(s[6] + s[7]), m3)
-                else:
-                    summs = _fma(dmin, np.float32(s.sum()), summs)
+                m0 = _fma(dmin, np.float32(s[0] + s[1]), m0)
+                m1 = _fma(dmin, np.float32(s[2] + s[3]), m1)
+                m2 = _fma(dmin, np.float32(s[4] + s[5]), m2)
+                m3 = _fma(dmin, np.float32(s[6] + s[7]), m3)
             main = ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]))
-            out[n, r] = main + ((m0 + m2) + (m1 + m3)) if four_bit else main + summs
+            out[n, r] = main + ((m0 + m2) + (m1 + m3))
 
 
 @njit(parallel=True, **JIT)
-def _dot_q45_k(xq, xd, xbs, qs, head, four_bit, simd, out):
-    """ggml_vec_dot_q4_K_q8_K (four_bit) and ggml_vec_dot_q5_K_q8_K: xq (N, K) int8, xd (N, nb) float32,
-    xbs (N, nb, 16) int32 bsums; qs, head as packed. out (N, R).
+def _dot_q4_k(xq, xd, xbs, qs, head, simd, out):
+    """ggml_vec_dot_q4_K_q8_K (rows not in groups of 8): xq (N, K) int8, xd (N, nb) float32, xbs (N, nb, 16)
+    int32 bsums; qs, head as packed. out (N, R).
 
     8 lanes per super-block, lane u = sum_j sc[j] * (products 4u .. 4u+3 of sub-block j), fma(d_x d_w, lane,
-    acc[u]) (_superblock); the mins: Q4_K in 4 float lanes (pairs of sub-blocks), Q5_K in one float32."""
+    acc[u]) (_superblock); the mins in 4 float lanes (pairs of sub-blocks)."""
     R = qs.shape[0]
     for c in prange((R + ROWS - 1) // ROWS):
-        _q45_k_rows(xq, xd, xbs, qs, head, four_bit, simd, out, c * ROWS, min(R, (c + 1) * ROWS), 0)
+        _q4_k_rows(xq, xd, xbs, qs, head, simd, out, c * ROWS, min(R, (c + 1) * ROWS), 0)
 
 
 @njit(inline="always", **JIT)
@@ -250,14 +237,14 @@ def _gemv_q4_k(xq, xd, xbs, qs, head, simd, out):
 
 
 @njit(**JIT)
-def _decode_q45_k(xq, xd, xbs, qs, head, kind, simd, out):
-    """One activation row on one thread, Q4_K (kind 0: 4-bit, 1: Q5_K, 3: Q4_K's repacked gemv): no parallel
-    region (~15 us a call), the weights asked for ~4 KB ahead (ggml_simd.AHEAD_BYTES)."""
+def _decode_q4_k(xq, xd, xbs, qs, head, repacked, simd, out):
+    """One activation row on one thread, Q4_K (repacked: the gemv's order): no parallel region (~15 us a
+    call), the weights asked for ~4 KB ahead (ggml_simd.AHEAD_BYTES)."""
     ahead = max(1, (AHEAD_BYTES + qs.shape[1] - 1) // qs.shape[1])
-    if kind == 3:
+    if repacked:
         _gemv_q4_k_rows(xq, xd, xbs, qs, head, simd, out, 0, qs.shape[0], ahead)
     else:
-        _q45_k_rows(xq, xd, xbs, qs, head, kind == 0, simd, out, 0, qs.shape[0], ahead)
+        _q4_k_rows(xq, xd, xbs, qs, head, simd, out, 0, qs.shape[0], ahead)
 
 
 # ---- Q6_K: the file's bytes, unpacked in registers -----------------------------------------------------------
@@ -267,6 +254,7 @@ def _decode_q45_k(xq, xd, xbs, qs, head, kind, simd, out):
 # 1.77-1.92x, 1 x 5 1.65-1.87x, 1 x 4 1.45-1.69x, 1 x 8 1.18-1.34x, 2 x 4 1.39x, 4 x 2 1.01-1.17x (more rows or
 # activations than AVX2's 16 registers hold, and LLVM spills the lanes to the stack).
 ACTS = 6
+Q5_BYTES = 176  # a Q5_K super-block in the file: d | dmin | 12 bytes scales | 32 bytes qh | 128 bytes ql
 Q6_BYTES = 210  # a super-block in the file: 128 bytes ql (low nibbles) | 64 bytes qh (2 high bits) | 16 int8
 # scales | d fp16
 
@@ -396,29 +384,146 @@ def _define_q6_k_tile(module, rows, acts, isa):
     return fn
 
 
-def _q6_k_tile(rows, acts):
-    """The intrinsic tile(w, ws, x, xstride, xd, bs, xds, bss, nb, out, ostride, simd) of _define_q6_k_tile
-    (byte addresses and strides as int64; simd chooses the integer instructions as ggml_simd.dispatch says)."""
+def _define_q5_k_tile(module, acts, isa):
+    """void f(w, ws, x, xstride, xd, bs, xds, bss, nb, out, ostride): ggml_vec_dot_q5_K_q8_K of one weight row
+    (the file's Q5_K blocks at byte address w; ws, the row's bytes, sets how far ahead a decode asks for
+    them) with `acts` activation rows (as _define_q6_k_tile's), nb super-blocks -> out[a * ostride].
+
+    Per super-block the row's header is decoded once in registers (llama.cpp's utmp / kmask words: the 6-bit
+    scales sc and mins mn from 12 bytes, fp16 d and dmin) and its values unpacked once (low or high nibble
+    of ql | bit j of qh << 4), and meet every activation row: lane u = sum_j sc[j] * (products 4u .. 4u+3 of
+    sub-block j), exact in int32 (AVX2: vpmaddubsw, then vpmaddwd by the scales), acc[u] = fma(d_x d_w,
+    lane u, acc[u]); the mins as one integer sum_j mn[j] (bsum[2j] + bsum[2j+1]) (exact in any order),
+    summs = fma(-(d_x dmin_w), that, summs). Result hsum_float_8(acc) + summs."""
+    name = f"llama_ref_ggml_q5_k_1x{acts}_{isa}"
+    if name in module.globals:
+        return module.globals[name]
+    fn = ir.Function(module, ir.FunctionType(ir.VoidType(), [I64] * 11), name)
+    fn.linkage = "internal"
+    w, ws, x, xstride, xd, bs, xds, bss, nb, out, ostride = fn.args
+    entry, loop, done = (fn.append_basic_block(n) for n in ("entry", "loop", "done"))
+    v8f, v32, v4 = ir.VectorType(F32, 8), ir.VectorType(I8, 32), ir.VectorType(I8, 4)
+    v8i, v16_32 = ir.VectorType(I32, 8), ir.VectorType(I32, 16)
+    c64 = lambda v: ir.Constant(I64, v)  # noqa: E731
+    zero8 = ir.Constant(v8f, [0.0] * 8)
+    fma_v = _declare(module, "llvm.fma.v8f32", v8f, [v8f] * 3)
+    fma_s = _declare(module, "llvm.fma.f32", F32, [F32] * 3)
+    b = ir.IRBuilder(entry)
+    ahead = _rows_ahead(b, ws, 1)
+    b.cbranch(b.icmp_signed(">", nb, c64(0)), loop, done)
+
+    b = ir.IRBuilder(loop)
+    i = b.phi(I64)
+    accs = [b.phi(v8f) for _ in range(acts)]
+    summs = [b.phi(F32) for _ in range(acts)]
+    wb = b.add(w, b.mul(i, c64(Q5_BYTES)))
+    if acts == 1:  # a decode: this super-block of the row `ahead` on (176 bytes: 3-4 lines)
+        for off in range(0, Q5_BYTES, 64):
+            _prefetch(b, b.add(b.add(wb, b.mul(ws, ahead)), c64(off)))
+
+    def splat(v):
+        return _shuffle(b, b.insert_element(ir.Constant(v8f, ir.Undefined), v, ir.Constant(I32, 0)), [0] * 8)
+
+    def bytes4(off):
+        return _gep_load(b, wb, c64(off), v4, 1)
+
+    def c4(v):
+        return ir.Constant(v4, [v] * 4)
+    # the header: d | dmin | bytes 4..7 (scales 0..3, top bits of 4..7) | 8..11 (mins 0..3, top bits) | 12..15
+    dw, dminw = (b.fpext(_gep_load(b, wb, c64(off), ir.HalfType(), 1), F32) for off in (0, 2))
+    s03, m03, md = bytes4(4), bytes4(8), bytes4(12)
+    sc_hi = b.or_(b.and_(md, c4(15)), b.and_(b.lshr(s03, c4(2)), c4(0x30)))
+    mn_hi = b.or_(b.lshr(md, c4(4)), b.and_(b.lshr(m03, c4(2)), c4(0x30)))
+    eight = ir.Constant(ir.VectorType(I32, 8), list(range(8)))
+    sc8 = b.shuffle_vector(b.and_(s03, c4(63)), sc_hi, eight)  # <8 x i8>, 0..63
+    mn8 = b.zext(b.shuffle_vector(b.and_(m03, c4(63)), mn_hi, eight), v8i)
+    if isa == "avx2":
+        sc = b.zext(sc8, ir.VectorType(I16, 8))
+        scales = [_shuffle(b, sc, [j] * 16) for j in range(8)]  # vpmaddwd's <16 x i16>, sc[j] everywhere
+    else:
+        sc = b.zext(sc8, v8i)
+        scales = [_shuffle(b, sc, [j] * 8) for j in range(8)]
+
+    xa = [b.add(b.add(x, b.mul(c64(a), xstride)), b.mul(i, c64(256))) for a in range(acts)]
+    totals = [None] * acts
+    qh = _gep_load(b, wb, c64(16), v32, 1)
+    for j in range(8):  # sub-block j: nibbles of ql bytes 32 (j // 2) .., low for even j; bit j of qh
+        ql = _gep_load(b, wb, c64(48 + 32 * (j // 2)), v32, 1)
+        low = b.and_(ql, ir.Constant(v32, [15] * 32)) if j % 2 == 0 else b.lshr(ql, ir.Constant(v32, [4] * 32))
+        bit = b.and_(b.lshr(qh, ir.Constant(v32, [j] * 32)) if j else qh, ir.Constant(v32, [1] * 32))
+        vals = b.or_(low, b.shl(bit, ir.Constant(v32, [4] * 32)))
+        for a in range(acts):
+            xv = _gep_load(b, xa[a], c64(32 * j), v32, 1)
+            if isa == "avx2":
+                part = madd16(b, pairs_u8s8(b, vals, xv), scales[j])
+            else:
+                lanes = lanes_u8s8(b, vals, xv, isa) if isa == "vnni" else lanes_portable(b, vals, xv, False)
+                part = b.mul(lanes, scales[j])
+            totals[a] = part if totals[a] is None else b.add(totals[a], part)
+
+    even, odd = list(range(0, 16, 2)), list(range(1, 16, 2))
+    new_accs, new_summs = [], []
+    for a in range(acts):
+        bsum = _gep_load(b, b.add(bs, b.mul(c64(a), bss)), b.mul(i, c64(64)), v16_32, 4)
+        prod = b.mul(mn8, b.add(_shuffle(b, bsum, even), _shuffle(b, bsum, odd)))  # (8,) mn[j] (S[2j] + S[2j+1])
+        prod = b.add(_shuffle(b, prod, [0, 1, 2, 3]), _shuffle(b, prod, [4, 5, 6, 7]))
+        prod = b.add(_shuffle(b, prod, [0, 1]), _shuffle(b, prod, [2, 3]))
+        imin = b.add(b.extract_element(prod, ir.Constant(I32, 0)), b.extract_element(prod, ir.Constant(I32, 1)))
+        xdv = _gep_load(b, b.add(xd, b.mul(c64(a), xds)), b.mul(i, c64(4)), F32, 4)
+        new_accs.append(b.call(fma_v, [splat(b.fmul(xdv, dw)), b.sitofp(totals[a], v8f), accs[a]]))
+        dmin = b.fneg(b.fmul(xdv, dminw))  # -(d_x * dmin_w)
+        new_summs.append(b.call(fma_s, [dmin, b.sitofp(imin, F32), summs[a]]))
+    i1 = b.add(i, c64(1))
+    b.cbranch(b.icmp_signed("<", i1, nb), loop, done)
+    i.add_incoming(c64(0), entry)
+    i.add_incoming(i1, loop)
+    for phis, vals_, zero in ((accs, new_accs, zero8), (summs, new_summs, ir.Constant(F32, 0.0))):
+        for phi, val in zip(phis, vals_):
+            phi.add_incoming(zero, entry)
+            phi.add_incoming(val, loop)
+
+    b = ir.IRBuilder(done)
+    finals = []
+    for vals_, zero, ty in ((new_accs, zero8, v8f), (new_summs, ir.Constant(F32, 0.0), F32)):
+        for val in vals_:  # the phis first, as LLVM requires
+            phi = b.phi(ty)
+            phi.add_incoming(zero, entry)
+            phi.add_incoming(val, loop)
+            finals.append(phi)
+    for a in range(acts):
+        total = b.fadd(_hsum8(b, finals[a]), finals[acts + a])  # the mins' float32 sum, added last
+        b.store(total, _ptr(b, b.add(out, b.mul(c64(a), ostride)), F32), align=4)
+    b.ret_void()
+    return fn
+
+
+def _kquant_tile(kind, acts):
+    """The intrinsic tile(w, ws, x, xstride, xd, bs, xds, bss, nb, out, ostride, simd) of one weight row by
+    `acts` activation rows, kind "q5_k" (_define_q5_k_tile) or "q6_k" (_define_q6_k_tile); byte addresses and
+    strides as int64; simd chooses the integer instructions as ggml_simd.dispatch says."""
     @intrinsic
     def tile(typingctx, w, ws, x, xstride, xd, bs, xds, bss, nb, out, ostride, simd):
         sig = types.void(*([types.int64] * 12))
 
+        def define(module, isa):
+            return _define_q5_k_tile(module, acts, isa) if kind == "q5_k" else _define_q6_k_tile(module, 1, acts, isa)
+
         def codegen(context, builder, signature, args):
-            dispatch(builder, args[11], lambda isa: builder.call(
-                _define_q6_k_tile(builder.module, rows, acts, isa), args[:11]))
+            dispatch(builder, args[11], lambda isa: builder.call(define(builder.module, isa), args[:11]))
             return context.get_dummy_value()
         return sig, codegen
     return tile
 
 
-_q6_1A, _q6_11 = _q6_k_tile(1, ACTS), _q6_k_tile(1, 1)
+_q6_1A, _q6_11 = _kquant_tile("q6_k", ACTS), _kquant_tile("q6_k", 1)
+_q5_1A, _q5_11 = _kquant_tile("q5_k", ACTS), _kquant_tile("q5_k", 1)
 
 
 @njit(inline="always", **JIT)
-def _q6_k_rows(xq, xd, xbs, blocks, simd, out, r0, r1):
-    """Rows r0 .. r1 - 1 of _dot_q6_k: the activation rows pass ACTS at a time (the rest one by one), meeting
+def _tile_rows(five, xq, xd, xbs, blocks, simd, out, r0, r1):
+    """Rows r0 .. r1 - 1 of _dot_q56_k: the activation rows pass ACTS at a time (the rest one by one), meeting
     each row while the rows' bytes are in cache. One activation row (a decode): the rows one after another,
-    the weights asked for ahead (_define_q6_k_tile)."""
+    the weights asked for ahead (in the tiles). five: Q5_K's tiles, else Q6_K's."""
     N, K = xq.shape
     nb = K // 256
     ws, xst, xds, bss, ost = (np.int64(blocks.shape[1]), np.int64(K), np.int64(4 * nb), np.int64(64 * nb),
@@ -430,27 +535,33 @@ def _q6_k_rows(xq, xd, xbs, blocks, simd, out, r0, r1):
         many = n + ACTS <= N
         x, xdn, bsn, on = x0 + n * xst, xd0 + n * xds, bs0 + n * bss, o0 + n * ost
         for r in range(r0, r1):
-            if many:
-                _q6_1A(w0 + r * ws, ws, x, xst, xdn, bsn, xds, bss, nb, on + 4 * r, ost, simd)
+            w = w0 + r * ws
+            if five:
+                if many:
+                    _q5_1A(w, ws, x, xst, xdn, bsn, xds, bss, nb, on + 4 * r, ost, simd)
+                else:
+                    _q5_11(w, ws, x, xst, xdn, bsn, xds, bss, nb, on + 4 * r, ost, simd)
+            elif many:
+                _q6_1A(w, ws, x, xst, xdn, bsn, xds, bss, nb, on + 4 * r, ost, simd)
             else:
-                _q6_11(w0 + r * ws, ws, x, xst, xdn, bsn, xds, bss, nb, on + 4 * r, ost, simd)
+                _q6_11(w, ws, x, xst, xdn, bsn, xds, bss, nb, on + 4 * r, ost, simd)
         n += ACTS if many else 1
 
 
 @njit(parallel=True, **JIT)
-def _dot_q6_k(xq, xd, xbs, blocks, simd, out):
-    """ggml_vec_dot_q6_K_q8_K of every weight row (blocks (R, nb * 210), the file's bytes) with every Q8_K
-    activation row (xq (N, K) int8, xd (N, nb) float32, xbs (N, nb, 16) int32 bsums) -> out (N, R), parallel
-    over tiles of ROWS rows (_define_q6_k_tile)."""
+def _dot_q56_k(five, xq, xd, xbs, blocks, simd, out):
+    """ggml_vec_dot_q5_K_q8_K (five) or ggml_vec_dot_q6_K_q8_K of every weight row (blocks (R, nb * 176 or
+    210), the file's bytes) with every Q8_K activation row (xq (N, K) int8, xd (N, nb) float32, xbs (N, nb, 16)
+    int32 bsums) -> out (N, R), parallel over tiles of ROWS rows (_define_q5_k_tile, _define_q6_k_tile)."""
     R = blocks.shape[0]
     for c in prange((R + ROWS - 1) // ROWS):
-        _q6_k_rows(xq, xd, xbs, blocks, simd, out, c * ROWS, min(R, (c + 1) * ROWS))
+        _tile_rows(five, xq, xd, xbs, blocks, simd, out, c * ROWS, min(R, (c + 1) * ROWS))
 
 
 @njit(**JIT)
-def _decode_q6_k(xq, xd, xbs, blocks, simd, out):
-    """_dot_q6_k of one activation row on one thread: no parallel region (~15 us a call)."""
-    _q6_k_rows(xq, xd, xbs, blocks, simd, out, 0, blocks.shape[0])
+def _decode_q56_k(five, xq, xd, xbs, blocks, simd, out):
+    """_dot_q56_k of one activation row on one thread: no parallel region (~15 us a call)."""
+    _tile_rows(five, xq, xd, xbs, blocks, simd, out, 0, blocks.shape[0])
 
 
 @njit(**JIT)
@@ -504,15 +615,15 @@ def quantized_linear(x2: np.ndarray, w, simd: "int | None" = None) -> np.ndarray
     out = np.empty((N, R), np.float32)
     use = SIMD if simd is None else int(simd)
     one = N == 1 and (numba.config.NUMBA_NUM_THREADS == 1 or numba.get_num_threads() == 1)  # a serial decode
-    if w.format == "q6_k":
-        (_decode_q6_k if one else _dot_q6_k)(xq, xd, xbs, readonly(w.blocks), use, out)
+    if w.format in ("q5_k", "q6_k"):  # the file's bytes
+        (_decode_q56_k if one else _dot_q56_k)(w.format == "q5_k", xq, xd, xbs, readonly(w.blocks), use, out)
         return out
     qs, head = readonly(w.qs), readonly(w.head)
-    repacked = w.format == "q4_k" and R % 8 == 0  # repacked by llama.cpp (model/ggml_kquants.dot_for)
+    repacked = R % 8 == 0  # Q4_K repacked by llama.cpp (model/ggml_kquants.dot_for)
     if one:
-        _decode_q45_k(xq, xd, xbs, qs, head, 3 if repacked else 0 if w.format == "q4_k" else 1, use, out)
+        _decode_q4_k(xq, xd, xbs, qs, head, repacked, use, out)
     elif repacked:
         _gemv_q4_k(xq, xd, xbs, qs, head, use, out)
     else:
-        _dot_q45_k(xq, xd, xbs, qs, head, w.format == "q4_k", use, out)
+        _dot_q4_k(xq, xd, xbs, qs, head, use, out)
     return out

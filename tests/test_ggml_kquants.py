@@ -284,22 +284,24 @@ def test_decode_one_thread_equals_numpy(kind, simd):
 
 
 @pytest.mark.parametrize("simd", [0, 1, 2])
-def test_q6_K_prefill_tiles_equal_numpy(simd):
-    """Q6_K's prefill tile (one weight row by ACTS activation rows, kernels/ggml_kquants._define_q6_k_tile) and
-    the rows left over one by one: activation counts below, at and past ACTS (and its multiples), row counts
-    that split unevenly over the parallel tiles; random blocks and the extremes."""
+@pytest.mark.parametrize("cls", [Q5_KWeight, Q6_KWeight], ids=lambda c: c.format)
+def test_q56_K_prefill_tiles_equal_numpy(cls, simd):
+    """Q5_K's and Q6_K's prefill tile (one weight row by ACTS activation rows, kernels/ggml_kquants.
+    _define_q5_k_tile, _define_q6_k_tile) and the activation rows left over one by one: counts below, at and
+    past ACTS (and its multiples), row counts that split unevenly over the parallel tiles; random blocks and
+    the extremes."""
     acts = compiled().ACTS
     for n, rows, cols in ((acts, 13, 256), (acts + 1, 16, 512), (2 * acts + 3, 37, 768), (acts - 1, 3, 1536)):
-        ws = [random_kquant(Q6_KWeight, rows, cols, n), extreme_kquant(Q6_KWeight, rows, cols, 0x80, 0.01)]
+        ws = [random_kquant(cls, rows, cols, n), extreme_kquant(cls, rows, cols, 0x80, 0.01)]
         for w in ws:
             x = activations(n, cols, rows + n)
             got, expected = compiled().quantized_linear(x, w, simd=simd), gk.quantized_linear(x, w)
             assert np.array_equal(got.view(np.uint32), expected.view(np.uint32)), (n, rows, cols)
 
 
-def test_q6_K_keeps_the_file_bytes():
-    """Q6_K is kept at its true width (the file's 210 bytes per 256 values) until exact mode's kernels ask for
-    one int8 per value (kernel_args), which are then counted in nbytes."""
+def test_q56_K_keep_the_file_bytes():
+    """Q5_K and Q6_K are kept at their true width (the file's 176 / 210 bytes per 256 values) until exact
+    mode's kernels ask for one byte per value (kernel_args), which are then counted in nbytes."""
     import gguf
 
     w = random_kquant(Q6_KWeight, 5, 512, 3)
@@ -308,6 +310,16 @@ def test_q6_K_keeps_the_file_bytes():
     assert qs.shape == (5, 512) and d.shape == (5, 32) and w.nbytes == 5 * 2 * 210 + qs.nbytes + d.nbytes
     expected = gguf.quants.dequantize(w.raw_blocks(), gguf.GGMLQuantizationType.Q6_K)
     assert np.array_equal((d.reshape(5, 32, 1) * qs.view(np.int8).reshape(5, 32, 16)).reshape(5, 512), expected)
+
+    w = random_kquant(Q5_KWeight, 5, 512, 4)
+    assert w.blocks.shape == (5, 2 * 176) and w.nbytes == 5 * 2 * 176
+    assert np.array_equal(w.head, w.blocks.reshape(5, 2, 176)[:, :, :16])
+    qs, d, m, has_min = w.kernel_args()
+    assert qs.shape == (5, 512) and d.shape == m.shape == (5, 16) and has_min
+    assert w.nbytes == 5 * 2 * 176 + qs.nbytes + d.nbytes + m.nbytes
+    expected = gguf.quants.dequantize(w.raw_blocks(), gguf.GGMLQuantizationType.Q5_K)
+    got = d.reshape(5, 16, 1) * qs.reshape(5, 16, 32).astype(np.float32) + m.reshape(5, 16, 1)
+    assert np.array_equal(got.reshape(5, 512), expected)
 
 
 def extreme_kquant(cls, rows: int, cols: int, fill: int, d: float):
@@ -351,7 +363,7 @@ def test_kquant_avx2_path_is_vpmaddubsw():
     if not ggml_simd.HAS_AVX2:
         pytest.skip("the CPU has no AVX2")
     superblock = compiled()._superblock
-    for kind in range(4):
+    for kind in (0, 3):  # Q4_K's fma, and its integer lanes for the repacked gemv
         @njit
         def run(acc, w, x, sc, off, d):
             superblock(acc, w, x, sc, off, d, 2, kind)
@@ -359,7 +371,8 @@ def test_kquant_avx2_path_is_vpmaddubsw():
         asm = run.inspect_asm(run.signatures[0])
         found = {line.split()[0] for line in asm.splitlines() if line.startswith("\t") and not line.startswith("\t.")}
         assert {"vpmaddubsw", "vpmaddwd"} <= found and not found & {"vpmulld", "vpmovsxbd", "vpdpbusd"}, found
-    for tile in (compiled()._q6_1A, compiled()._q6_11):  # Q6_K: the file's bits unpacked by shifts, ands, ors
+    # Q5_K and Q6_K: the file's bits unpacked by shifts, ands, ors
+    for tile in (compiled()._q5_1A, compiled()._q5_11, compiled()._q6_1A, compiled()._q6_11):
         @njit
         def run_q6(w, ws, x, xst, xd, bs, xds, bss, nb, out, ost):
             tile(w, ws, x, xst, xd, bs, xds, bss, nb, out, ost, 2)
@@ -367,7 +380,7 @@ def test_kquant_avx2_path_is_vpmaddubsw():
         asm = run_q6.inspect_asm(run_q6.signatures[0])
         found = {line.split()[0] for line in asm.splitlines() if line.startswith("\t") and not line.startswith("\t.")}
         assert {"vpmaddubsw", "vpmaddwd", "vpor", "vpsrlw"} <= found, found
-        assert not found & {"vpmulld", "vpmovsxbd", "vpdpbusd"}, found
+        assert not found & {"vpmovsxbd", "vpdpbusd"}, found  # (Q5_K's 8 mins by vpmulld, once per super-block)
 
 
 @pytest.mark.slow

@@ -31,7 +31,8 @@ Rounding rules: int32 -> float32 conversions round to nearest even (vcvtdq2ps; N
 multiply-add is model/ggml.py's fma (float64, rounded once); other float32 operations round each step.
 
 The weights' integer parts are read per tile of rows from what llama_ref.weights.packed keeps (Q4_K / Q5_K:
-`head`, the file's scale bytes of every super-block, and `qs`, the quants; Q6_K: `blocks`, the file's bytes).
+`head`, the file's scale bytes of every super-block; Q4_K's quants `qs`; Q5_K and Q6_K: `blocks`, the file's
+bytes).
 """
 
 from __future__ import annotations
@@ -92,12 +93,11 @@ def weight_superblocks(w, rows: slice) -> dict:
 
     h16 = np.ascontiguousarray(head[:, :, :4]).view("<f2").astype(np.float32)  # (R, nb, 2): d, dmin
     sc, mn = kquant_scales(head.reshape(R * nb, 16)[:, 4:16])  # (R * nb, 8) each
-    qs = w.qs[rows]
     if w.format == "q4_k":  # kept as Q4_1 sub-blocks: 16 bytes, value j low nibble, j + 16 high
-        b = qs.reshape(R, nb, 8, 16)
+        b = w.qs[rows].reshape(R, nb, 8, 16)
         q = np.concatenate([b & np.uint8(15), b >> np.uint8(4)], axis=3)  # (R, nb, 8, 32)
-    else:  # Q5_K: one byte per value
-        q = qs.reshape(R, nb, 8, 32)
+    else:  # Q5_K: the file's bytes, the five bits of each value
+        q = w.values(w.blocks[rows].reshape(R * nb, w.type_size)).reshape(R, nb, 8, 32)
     return {"q": q, "sc": sc.reshape(R, nb, 8).astype(np.int32), "mn": mn.reshape(R, nb, 8).astype(np.int32),
             "d": h16[:, :, 0], "dmin": h16[:, :, 1]}
 

@@ -11,8 +11,7 @@ GGUF block layouts in the file (one block covers `block_size` consecutive values
     Q4_1  20 bytes / 32 values:  d fp16 | m fp16 | 16 bytes     value = d * q + m
           byte j holds value j in its low nibble and value j + 16 in its high nibble.
     Q4_K, Q5_K, Q6_K: 256-value super-blocks with 6- or 8-bit sub-block scales (see each class); at load
-          Q4_K is regrouped into the Q4_1 layout the kernels read, Q5_K into one byte per value; Q6_K stays
-          as the file has it.
+          Q4_K is regrouped into the Q4_1 layout the kernels read; Q5_K and Q6_K stay as the file has them.
 Every dequantization below matches `gguf.quants.dequantize` bit for bit (tests/test_kernels.py checks).
 """
 
@@ -355,7 +354,7 @@ class _KQuantWithMin(GGUFBlockWeight):
     -dmin*mn[j] in `m`, float32 exactly as gguf.quants computes them (and d*q + (-o) is bit for bit
     d*q - o). The 16 header bytes of each super-block stay as they are, so raw_blocks() gives back the
     file's bytes. Subclasses say where the quants sit in a block (`_quants`, `_file_quants`) and how the
-    kernel reads them (`_kernel_layout`, `_kernel_values`).
+    kernel reads them (`_kernel_layout`, `_kernel_values`); Q5_K keeps the file's bytes instead (its class).
     """
 
     def kernel_args(self):
@@ -425,33 +424,51 @@ class Q4_KWeight(_KQuantWithMin):
 class Q5_KWeight(_KQuantWithMin):
     """176 bytes / 256 values: d | dmin | 12 bytes scales | 32 bytes high bits | 128 bytes nibbles.
 
-    Like Q4_K with a fifth bit per value: bit j of qh[i] is the high bit of value i of sub-block j. Kept as
-    the Numba kernels read Q8_0 with offsets: one byte per value (q, 0..31); 1.25 bytes per value in memory
-    (0.69 in the file), the price of reading 5-bit values without shuffling bits in the kernel.
+    Like Q4_K with a fifth bit per value: bit j of qh[i] is the high bit of value i of sub-block j. Kept at
+    its true width: `blocks` (rows, blocks * 176) holds the file's bytes as they are (5.5 bits per value),
+    and arithmetic="ggml"'s kernels (kernels/ggml_kquants.py) unpack the five bits in registers as llama.cpp
+    does; `head` is a view of each block's 16 header bytes. kernels/linear.py's kernels (arithmetic="exact")
+    read Q5_K as Q8_0 with offsets instead, one byte per value (q, 0..31) and float32 scales and offsets per
+    sub-block: kernel_args() makes those on first use and keeps them (nbytes counts them once they exist).
     """
     format, ggml_type, block_size, type_size, bits_per_weight = "q5_k", "Q5_K", QK_K, 176, 5.5
 
+    def __init__(self, data, shape):
+        rows, cols, raw = _kquant_rows(self, data, shape)  # raw (rows, blocks, 176)
+        self.blocks = _readonly(np.ascontiguousarray(raw).reshape(rows, -1))  # (rows, nb * 176): the file's bytes
+        self.data = self.blocks
+        self._unpacked = None  # (qs, d, m, True) for kernels/linear.py, made by kernel_args() when asked
+
+    @property
+    def head(self) -> np.ndarray:
+        """(rows, blocks, 16): d fp16 | dmin fp16 | 12 bytes of 6-bit scales and mins, a view of `blocks`."""
+        return self.blocks.reshape(self.shape[0], -1, self.type_size)[:, :, :16]
+
+    def kernel_args(self):
+        if self._unpacked is None:
+            rows = self.shape[0]
+            blocks = self.blocks.reshape(-1, self.type_size)  # (rows * blocks, 176)
+            with np.errstate(invalid="ignore", over="ignore"):  # inf/NaN scales stay what gguf makes of them
+                scale, minimum = _kquant_scale_and_min(blocks)  # (rows * blocks, 8, 1) each
+            self._unpacked = (_readonly(self._quants(blocks).reshape(rows, -1)), _readonly(scale.reshape(rows, -1)),
+                              _readonly(np.negative(minimum).reshape(rows, -1)), True)
+        return self._unpacked
+
+    def _extra_arrays(self):
+        return list(self._unpacked[:3]) if self._unpacked is not None else []
+
+    def raw_blocks(self, ids=None) -> np.ndarray:
+        return self.blocks if ids is None else self.blocks[ids]
+
     @staticmethod
-    def _quants(b):
-        """Blocks (n, 176) -> the values q, 0..31, in order (n, 256)."""
+    def values(b):
+        """Blocks (n, 176) -> the values q, 0..31, uint8, in order (n, 256)."""
         qh = b[:, 16:48].reshape(-1, 1, 32)  # (n, 1, 32)
         low = Q4_KWeight._quants(b[:, 32:])  # the nibbles sit as in Q4_K, 32 bytes later
         high = (qh >> np.arange(8, dtype=np.uint8).reshape(8, 1)) & np.uint8(1)  # (n, 8, 32)
         return low | (high.reshape(-1, QK_K) << np.uint8(4))
 
-    @staticmethod
-    def _file_quants(values):
-        v = values.reshape(-1, 8, 32)
-        qh = ((v >> np.uint8(4)) << np.arange(8, dtype=np.uint8).reshape(8, 1)).sum(axis=1, dtype=np.uint8)
-        return np.concatenate([qh, Q4_KWeight._file_quants(v & np.uint8(15))], axis=1)  # (n, 32 + 128)
-
-    @staticmethod
-    def _kernel_layout(values):
-        return values
-
-    @staticmethod
-    def _kernel_values(qs):
-        return qs
+    _quants = values  # what _KQuantWithMin's dequantization calls
 
 
 class Q6_KWeight(GGUFBlockWeight):

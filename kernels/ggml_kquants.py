@@ -7,20 +7,19 @@ int32 in any order, and the float steps are the specification's, in its order, e
 rounding (llvm.fma.f32). No fast-math.
 
 The weights are read as llama_ref.weights.packed keeps them, nothing copied. Q4_K: `qs` (Q4_1-style sub-blocks
-of 16 bytes, value j in the low nibble of byte j and j + 16 in its high nibble) and `head` (the file's d | dmin
-| 12 bytes of 6-bit scales and mins of every super-block), decoded per row here. Q5_K and Q6_K: `blocks`, the
-file's bytes, their five or six bits and their headers unpacked in registers.
+of 16 bytes, value j in the low nibble of byte j and j + 16 in its high nibble) and `head` (the file's d |
+dmin | 12 bytes of 6-bit scales and mins of every super-block). Q5_K and Q6_K: `blocks`, the file's bytes.
 
-Q4_K's inner loop is one LLVM vector-IR intrinsic per super-block (_superblock): the 8 int32 lanes of each
-32-value sub-block, scaled by the sub-block scales and summed in registers, then one 8-lane llvm.fma. Q5_K's
-and Q6_K's are one function per tile of a weight row by ACTS activation rows over the whole row
-(_define_q5_k_tile, _define_q6_k_tile: each super-block unpacked once for all of them, lanes and
-accumulators in registers). The
-K-quants' values are unsigned, so they enter the unsigned side of the integer instructions as they stand:
-vpdpbusd where the CPU has AVX-512 VNNI / AVX-VNNI, else AVX2's vpmaddubsw (pairs into int16, exact: see
-ggml_simd.lanes_u8s8) then vpmaddwd by the scales (pairs into int32, as llama.cpp's AVX2 code does), else
-portable IR. Which integer code runs is chosen at run time as in kernels/ggml.py (simd 0 portable, 2 AVX2,
-1 the best; LLAMA_REF_GGML_PORTABLE=1 forces the portable one); all give the same integers.
+Each format's inner loop is one LLVM vector-IR function per tile of one weight row by ACTS activation rows (a
+decode: by one), over the whole row (_define_q4_k_tile, _define_q5_k_tile, _define_q6_k_tile): per super-block
+the row's header is decoded and its values unpacked in registers once (shifts, ands and ors, as llama.cpp's
+AVX2 code) for every activation row of the tile; the 8 int32 lanes of each 32-value sub-block, scaled by the
+sub-block scales, summed in registers, and ggml's float steps; the accumulators stay in registers across the
+row. The K-quants' values are unsigned, so they enter the unsigned side of the integer instructions as they
+stand: vpdpbusd where the CPU has AVX-512 VNNI / AVX-VNNI, else AVX2's vpmaddubsw (pairs into int16, exact:
+see ggml_simd.lanes_u8s8) then vpmaddwd by the scales (pairs into int32, as llama.cpp's AVX2 code does), else
+portable IR. Which integer code runs is chosen at run time as in kernels/ggml.py (simd 0 portable, 2 AVX2, 1
+the best; LLAMA_REF_GGML_PORTABLE=1 forces the portable one); all give the same integers.
 Numba's on-disk cache checks a kernel against its own file only: after editing kernels/ggml_simd.py delete
 kernels/__pycache__/ggml_kquants*.nbi and *.nbc.
 """
@@ -34,11 +33,10 @@ from numba import njit, prange, types
 from numba.extending import intrinsic
 
 from ._common import JIT, readonly
-from .ggml_simd import (AHEAD_BYTES, _declare, _gep_load, _hsum8, _prefetch, _ptr, _rows_ahead, _shuffle, dispatch,
-                        fma32, lanes_portable, lanes_u8s8, madd16, pairs_u8s8, prefetch, roundeven32, simd_default)
-from .halfbits import f16_to_f32
+from .ggml_simd import (_declare, _gep_load, _hsum8, _prefetch, _ptr, _rows_ahead, _shuffle, dispatch, lanes_portable,
+                        lanes_u8s8, madd16, pairs_u8s8, roundeven32, simd_default)
 
-ROWS = 16  # weight rows per parallel work item (a multiple of 8: the repacked Q4_K's groups)
+ROWS = 16  # weight rows per parallel work item
 
 I8, I16, I32, I64, F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64), ir.FloatType()
 # The best integer instructions of this CPU (VNNI, else AVX2), unless LLAMA_REF_GGML_PORTABLE=1 asks for the
@@ -46,208 +44,7 @@ I8, I16, I32, I64, F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntTy
 SIMD = simd_default()
 
 
-def _superblock_ir(builder, args, kind, isa):
-    """The body of _superblock (below) for one choice of integer instructions (isa: "vnni", "avx2",
-    "portable")."""
-    acc_a, w_a, x_a, sc_a, off_a, d = args[:6]
-    store_int = kind == 3  # 3: the integer lanes stored, no fma
-    v16, v32, v8_32, v8_f = ir.VectorType(I8, 16), ir.VectorType(I8, 32), ir.VectorType(I32, 8), ir.VectorType(F32, 8)
-    total = ir.Constant(v8_32, [0] * 8)
-    for j in range(8):  # Q4_K: 16 bytes per sub-block, value i low nibble of byte i, value i + 16 its high nibble
-        raw = builder.load(builder.inttoptr(builder.add(w_a, ir.Constant(I64, 16 * j)), ir.PointerType(v16)), align=1)
-        lo = builder.and_(raw, ir.Constant(v16, [15] * 16))
-        hi = builder.lshr(raw, ir.Constant(v16, [4] * 16))
-        wv = builder.shuffle_vector(lo, hi, ir.Constant(ir.VectorType(I32, 32), list(range(32))))
-        xv = builder.load(builder.inttoptr(builder.add(x_a, ir.Constant(I64, 32 * j)), ir.PointerType(v32)), align=1)
-        scp = builder.inttoptr(builder.add(sc_a, ir.Constant(I64, 8 * j)), ir.PointerType(ir.VectorType(I32, 2)))
-        sc2 = builder.load(scp, align=4)  # the scales of the sub-block's two 16-value halves
-        if isa == "avx2":  # vpmaddwd multiplies by the scales as it adds pairs: |sc| <= 128, exact in int32
-            sc16 = builder.trunc(sc2, ir.VectorType(I16, 2))
-            sc16 = builder.shuffle_vector(sc16, sc16, ir.Constant(ir.VectorType(I32, 16), [0] * 8 + [1] * 8))
-            total = builder.add(total, madd16(builder, pairs_u8s8(builder, wv, xv), sc16))
-            continue
-        scale = builder.shuffle_vector(sc2, sc2, ir.Constant(v8_32, [0, 0, 0, 0, 1, 1, 1, 1]))
-        lanes = lanes_u8s8(builder, wv, xv, isa) if isa == "vnni" else lanes_portable(builder, wv, xv, False)
-        total = builder.add(total, builder.mul(lanes, scale))
-    total = builder.sub(total, builder.load(builder.inttoptr(off_a, ir.PointerType(v8_32)), align=4))
-    if store_int:
-        builder.store(total, builder.inttoptr(acc_a, ir.PointerType(v8_32)), align=4)
-        return
-    accp = builder.inttoptr(acc_a, ir.PointerType(v8_f))
-    dv = builder.insert_element(ir.Constant(v8_f, ir.Undefined), d, ir.Constant(I32, 0))
-    dv = builder.shuffle_vector(dv, dv, ir.Constant(v8_32, [0] * 8))
-    fma = builder.module.globals.get("llvm.fma.v8f32") or ir.Function(
-        builder.module, ir.FunctionType(v8_f, [v8_f] * 3), "llvm.fma.v8f32")
-    builder.store(builder.call(fma, [dv, builder.sitofp(total, v8_f), builder.load(accp, align=4)]), accp, align=4)
-
-
-@intrinsic
-def _superblock(typingctx, acc, w, x, sc, off, d, simd, kind):
-    """One super-block of a Q4_K row into ggml's 8 float32 lanes: acc[u] = fma(d, lane u, acc[u]) with
-    lane u = sum_j sc[2j + (u >= 4)] * (products 4u .. 4u+3 of sub-block j) - off[u], exact in int32.
-
-    acc (8 float32), w (the row's Q4_K bytes of this super-block as weights.packed keeps them: 16 bytes per
-    sub-block, value i in the low nibble of byte i and i + 16 in the high one), x (256 int8 activations), sc
-    (16 int32: the scale of each 16-value half sub-block, each sub-block's scale twice), off (8 int32) are byte
-    addresses; d float32 (d_x * d_w); simd (int): the integer instructions, as ggml_simd.dispatch chooses them
-    (0 portable, 2 AVX2, else the best of this CPU), same integers. kind 0: the fma; kind 3: the integer
-    lanes are stored at acc (8 int32) instead (the repacked gemv sums them).
-    One call keeps the 8 lanes in registers across the super-block."""
-    if not isinstance(kind, types.IntegerLiteral):
-        return None
-    k = kind.literal_value
-    sig = types.void(types.int64, types.int64, types.int64, types.int64, types.int64, types.float32,
-                     types.int64, kind)
-
-    def codegen(context, builder, signature, args):
-        dispatch(builder, args[6], lambda isa: _superblock_ir(builder, args, k, isa))
-        return context.get_dummy_value()
-    return sig, codegen
-
-
-@njit(inline="always", **JIT)
-def _fma(a, b, c):
-    """float32 a * b + c rounded once (llvm.fma.f32), as llama_ref.model.ggml.fma computes it."""
-    return fma32(np.float32(a), np.float32(b), np.float32(c))
-
-
-@njit(inline="always", **JIT)
-def _f16(lo, hi):
-    """Two little-endian bytes of an fp16 -> float32, exactly."""
-    return f16_to_f32(np.uint16(np.uint16(lo) | (np.uint16(hi) << np.uint16(8))))
-
-
-@njit(**JIT)
-def _row_scales(head, r, sc16, mn, dw, dminw):
-    """Q4_K: decode row r's super-block headers (head (R, nb, 16)) into sc16 (nb, 16) int32 (each 6-bit
-    sub-block scale twice, once per 16-value half, as _superblock reads them), mn (nb, 8) int32 (the 6-bit
-    mins, as weights.packed.kquant_scales) and dw, dminw (nb,) float32 (the fp16 d and dmin)."""
-    for b in range(head.shape[1]):
-        h = head[r, b]
-        dw[b] = _f16(h[0], h[1])
-        dminw[b] = _f16(h[2], h[3])
-        for j in range(4):
-            lo = np.int32(h[4 + j]) & 63
-            hi = (np.int32(h[12 + j]) & 15) | ((np.int32(h[4 + j]) >> 6) << 4)
-            sc16[b, 2 * j] = sc16[b, 2 * j + 1] = lo
-            sc16[b, 8 + 2 * j] = sc16[b, 9 + 2 * j] = hi
-            mn[b, j] = np.int32(h[8 + j]) & 63
-            mn[b, 4 + j] = (np.int32(h[12 + j]) >> 4) | ((np.int32(h[8 + j]) >> 6) << 4)
-
-
-@njit(inline="always", **JIT)
-def _prefetch_superblock(wa, ha, ahead, row_bytes, head_bytes, b, sb_bytes):
-    """Ask for super-block b of the row `ahead` rows on (its quants, sb_bytes at wa, and its 16-byte header
-    at ha): a decode's weights, streamed once, requested spread over the loop as ggml_simd._prefetch_ahead
-    does (a prefetch past the end of a matrix never faults)."""
-    pa = wa + ahead * row_bytes + sb_bytes * b
-    for off in range(0, sb_bytes, 64):
-        prefetch(pa + off)
-    prefetch(ha + ahead * head_bytes + 16 * b)
-
-
-@njit(inline="always", **JIT)
-def _q4_k_rows(xq, xd, xbs, qs, head, simd, out, r0, r1, ahead):
-    """Rows r0 .. r1 - 1 of _dot_q4_k; ahead > 0: a decode, asking for the row `ahead` rows on."""
-    N, K = xq.shape
-    nb = K // 256
-    sc16 = np.empty((nb, 16), np.int32)
-    mn = np.empty((nb, 8), np.int32)
-    dw = np.empty(nb, np.float32)
-    dminw = np.empty(nb, np.float32)
-    acc = np.empty(8, np.float32)
-    zero = np.zeros(8, np.int32)
-    s = np.empty(8, np.int32)
-    aa, za, sa = acc.ctypes.data, zero.ctypes.data, sc16.ctypes.data
-    for r in range(r0, r1):
-        _row_scales(head, r, sc16, mn, dw, dminw)
-        wa = qs[r].ctypes.data
-        ha = head[r].ctypes.data
-        for n in range(N):
-            xa = xq[n].ctypes.data
-            acc[:] = 0
-            m0 = m1 = m2 = m3 = np.float32(0)
-            for b in range(nb):
-                if ahead:
-                    _prefetch_superblock(wa, ha, ahead, qs.shape[1], 16 * nb, b, 128)
-                _superblock(aa, wa + 128 * b, xa + 256 * b, sa + 64 * b, za, xd[n, b] * dw[b], simd, 0)
-                dmin = -(xd[n, b] * dminw[b])
-                for j in range(8):
-                    s[j] = mn[b, j] * (xbs[n, b, 2 * j] + xbs[n, b, 2 * j + 1])
-                m0 = _fma(dmin, np.float32(s[0] + s[1]), m0)
-                m1 = _fma(dmin, np.float32(s[2] + s[3]), m1)
-                m2 = _fma(dmin, np.float32(s[4] + s[5]), m2)
-                m3 = _fma(dmin, np.float32(s[6] + s[7]), m3)
-            main = ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]))
-            out[n, r] = main + ((m0 + m2) + (m1 + m3))
-
-
-@njit(parallel=True, **JIT)
-def _dot_q4_k(xq, xd, xbs, qs, head, simd, out):
-    """ggml_vec_dot_q4_K_q8_K (rows not in groups of 8): xq (N, K) int8, xd (N, nb) float32, xbs (N, nb, 16)
-    int32 bsums; qs, head as packed. out (N, R).
-
-    8 lanes per super-block, lane u = sum_j sc[j] * (products 4u .. 4u+3 of sub-block j), fma(d_x d_w, lane,
-    acc[u]) (_superblock); the mins in 4 float lanes (pairs of sub-blocks)."""
-    R = qs.shape[0]
-    for c in prange((R + ROWS - 1) // ROWS):
-        _q4_k_rows(xq, xd, xbs, qs, head, simd, out, c * ROWS, min(R, (c + 1) * ROWS), 0)
-
-
-@njit(inline="always", **JIT)
-def _gemv_q4_k_rows(xq, xd, xbs, qs, head, simd, out, r0, r1, ahead):
-    """Rows r0 .. r1 - 1 of _gemv_q4_k; ahead > 0: a decode, asking for the row `ahead` rows on."""
-    N, K = xq.shape
-    nb = K // 256
-    sc16 = np.empty((nb, 16), np.int32)
-    mn = np.empty((nb, 8), np.int32)
-    dw = np.empty(nb, np.float32)
-    dminw = np.empty(nb, np.float32)
-    lanes = np.empty(8, np.int32)
-    zero = np.zeros(8, np.int32)
-    la, za, sa = lanes.ctypes.data, zero.ctypes.data, sc16.ctypes.data
-    for r in range(r0, r1):
-        _row_scales(head, r, sc16, mn, dw, dminw)
-        wa = qs[r].ctypes.data
-        ha = head[r].ctypes.data
-        for n in range(N):
-            xa = xq[n].ctypes.data
-            acc = np.float32(0)
-            acc_min = np.float32(0)
-            for b in range(nb):
-                if ahead:
-                    _prefetch_superblock(wa, ha, ahead, qs.shape[1], 16 * nb, b, 128)
-                _superblock(la, wa + 128 * b, xa + 256 * b, sa + 64 * b, za, np.float32(0), simd, 3)
-                imin = np.int32(0)
-                for j in range(8):
-                    imin += mn[b, j] * (xbs[n, b, 2 * j] + xbs[n, b, 2 * j + 1])
-                acc = _fma(np.float32(lanes.sum()), dw[b] * xd[n, b], acc)
-                acc_min = _fma(np.float32(imin), dminw[b] * xd[n, b], acc_min)
-            out[n, r] = acc - acc_min
-
-
-@njit(parallel=True, **JIT)
-def _gemv_q4_k(xq, xd, xbs, qs, head, simd, out):
-    """ggml_gemv_q4_K_8x8_q8_K (rows in groups of 8): one integer per super-block for the values (the sum
-    of the 8 lanes of sc-scaled sub-blocks), one for the mins; acc = fma(iacc, d_w d_x, acc), acc_min
-    likewise with dmin; out = acc - acc_min."""
-    R = qs.shape[0]
-    for c in prange((R + ROWS - 1) // ROWS):
-        _gemv_q4_k_rows(xq, xd, xbs, qs, head, simd, out, c * ROWS, min(R, (c + 1) * ROWS), 0)
-
-
-@njit(**JIT)
-def _decode_q4_k(xq, xd, xbs, qs, head, repacked, simd, out):
-    """One activation row on one thread, Q4_K (repacked: the gemv's order): no parallel region (~15 us a
-    call), the weights asked for ~4 KB ahead (ggml_simd.AHEAD_BYTES)."""
-    ahead = max(1, (AHEAD_BYTES + qs.shape[1] - 1) // qs.shape[1])
-    if repacked:
-        _gemv_q4_k_rows(xq, xd, xbs, qs, head, simd, out, 0, qs.shape[0], ahead)
-    else:
-        _q4_k_rows(xq, xd, xbs, qs, head, simd, out, 0, qs.shape[0], ahead)
-
-
-# ---- Q6_K: the file's bytes, unpacked in registers -----------------------------------------------------------
+# ---- the tiles: a weight row by activation rows, unpacked in registers ----------------------------------------
 
 # A Q6_K prefill tile: one weight row by ACTS activation rows, each super-block of the row unpacked once for
 # all of them. Measured (576 x 1536, N = 512, one thread, against the kernel before it, interleaved): 1 x 6
@@ -402,8 +199,7 @@ def _define_q5_k_tile(module, acts, isa):
     fn.linkage = "internal"
     w, ws, x, xstride, xd, bs, xds, bss, nb, out, ostride = fn.args
     entry, loop, done = (fn.append_basic_block(n) for n in ("entry", "loop", "done"))
-    v8f, v32, v4 = ir.VectorType(F32, 8), ir.VectorType(I8, 32), ir.VectorType(I8, 4)
-    v8i, v16_32 = ir.VectorType(I32, 8), ir.VectorType(I32, 16)
+    v8f, v32, v16_32 = ir.VectorType(F32, 8), ir.VectorType(I8, 32), ir.VectorType(I32, 16)
     c64 = lambda v: ir.Constant(I64, v)  # noqa: E731
     zero8 = ir.Constant(v8f, [0.0] * 8)
     fma_v = _declare(module, "llvm.fma.v8f32", v8f, [v8f] * 3)
@@ -424,25 +220,7 @@ def _define_q5_k_tile(module, acts, isa):
     def splat(v):
         return _shuffle(b, b.insert_element(ir.Constant(v8f, ir.Undefined), v, ir.Constant(I32, 0)), [0] * 8)
 
-    def bytes4(off):
-        return _gep_load(b, wb, c64(off), v4, 1)
-
-    def c4(v):
-        return ir.Constant(v4, [v] * 4)
-    # the header: d | dmin | bytes 4..7 (scales 0..3, top bits of 4..7) | 8..11 (mins 0..3, top bits) | 12..15
-    dw, dminw = (b.fpext(_gep_load(b, wb, c64(off), ir.HalfType(), 1), F32) for off in (0, 2))
-    s03, m03, md = bytes4(4), bytes4(8), bytes4(12)
-    sc_hi = b.or_(b.and_(md, c4(15)), b.and_(b.lshr(s03, c4(2)), c4(0x30)))
-    mn_hi = b.or_(b.lshr(md, c4(4)), b.and_(b.lshr(m03, c4(2)), c4(0x30)))
-    eight = ir.Constant(ir.VectorType(I32, 8), list(range(8)))
-    sc8 = b.shuffle_vector(b.and_(s03, c4(63)), sc_hi, eight)  # <8 x i8>, 0..63
-    mn8 = b.zext(b.shuffle_vector(b.and_(m03, c4(63)), mn_hi, eight), v8i)
-    if isa == "avx2":
-        sc = b.zext(sc8, ir.VectorType(I16, 8))
-        scales = [_shuffle(b, sc, [j] * 16) for j in range(8)]  # vpmaddwd's <16 x i16>, sc[j] everywhere
-    else:
-        sc = b.zext(sc8, v8i)
-        scales = [_shuffle(b, sc, [j] * 8) for j in range(8)]
+    dw, dminw, scales, mn8 = _kquant_header(b, wb, isa)  # the block's 16 header bytes
 
     xa = [b.add(b.add(x, b.mul(c64(a), xstride)), b.mul(i, c64(256))) for a in range(acts)]
     totals = [None] * acts
@@ -497,6 +275,153 @@ def _define_q5_k_tile(module, acts, isa):
     return fn
 
 
+def _kquant_header(b, hb, isa):
+    """A Q4_K / Q5_K super-block's 16 header bytes at byte address hb -> (d, dmin float32, the 8 six-bit
+    scales as the integer instructions take them, <8 x i32> mins): llama.cpp's utmp / kmask words, as
+    <4 x i8> pieces. Scales: AVX2's vpmaddwd wants <16 x i16> with sc[j] everywhere, the rest <8 x i32>."""
+    v4 = ir.VectorType(I8, 4)
+
+    def c4(v):
+        return ir.Constant(v4, [v] * 4)
+    dw, dminw = (b.fpext(_gep_load(b, hb, ir.Constant(I64, off), ir.HalfType(), 1), F32) for off in (0, 2))
+    s03, m03, md = (_gep_load(b, hb, ir.Constant(I64, off), v4, 1) for off in (4, 8, 12))
+    sc_hi = b.or_(b.and_(md, c4(15)), b.and_(b.lshr(s03, c4(2)), c4(0x30)))
+    mn_hi = b.or_(b.lshr(md, c4(4)), b.and_(b.lshr(m03, c4(2)), c4(0x30)))
+    eight = ir.Constant(ir.VectorType(I32, 8), list(range(8)))
+    sc8 = b.shuffle_vector(b.and_(s03, c4(63)), sc_hi, eight)  # <8 x i8>, 0..63
+    mn8 = b.zext(b.shuffle_vector(b.and_(m03, c4(63)), mn_hi, eight), ir.VectorType(I32, 8))
+    if isa == "avx2":
+        sc = b.zext(sc8, ir.VectorType(I16, 8))
+        return dw, dminw, [_shuffle(b, sc, [j] * 16) for j in range(8)], mn8
+    sc = b.zext(sc8, ir.VectorType(I32, 8))
+    return dw, dminw, [_shuffle(b, sc, [j] * 8) for j in range(8)], mn8
+
+
+def _define_q4_k_tile(module, acts, repacked, isa):
+    """void f(w, ws, h, x, xstride, xd, bs, xds, bss, nb, out, ostride): Q4_K by Q8_K of one weight row (its
+    quants as weights.packed keeps them at byte address w, 128 bytes a super-block, ws bytes a row; its
+    headers at h, 16 bytes a super-block) with `acts` activation rows (as _define_q6_k_tile's) -> out[a *
+    ostride]. The header decoded in registers once per super-block (_kquant_header) and each sub-block's
+    nibbles unpacked once for every activation row; lanes as the other tiles'.
+
+    repacked (ggml_gemv_q4_K_8x8_q8_K's order): iacc = the lanes' sum, acc = fma(iacc, d_w d_x, acc);
+    iacc_min = sum_j mn[j] (bsum[2j] + bsum[2j+1]), acc_min = fma(iacc_min, dmin_w d_x, acc_min); result
+    acc - acc_min. Else ggml_vec_dot_q4_K_q8_K's: acc[u] = fma(d_x d_w, lane u, acc[u]); the mins in 4 lanes
+    m[k] = fma(-(d_x dmin_w), mn[2k] S[2k] + mn[2k+1] S[2k+1], m[k]); hsum_float_8(acc) + ((m0 + m2) + (m1 + m3))."""
+    name = f"llama_ref_ggml_q4_k{'r' if repacked else ''}_1x{acts}_{isa}"
+    if name in module.globals:
+        return module.globals[name]
+    fn = ir.Function(module, ir.FunctionType(ir.VoidType(), [I64] * 12), name)
+    fn.linkage = "internal"
+    w, ws, h, x, xstride, xd, bs, xds, bss, nb, out, ostride = fn.args
+    entry, loop, done = (fn.append_basic_block(n) for n in ("entry", "loop", "done"))
+    v8f, v4f, v16, v16_32 = ir.VectorType(F32, 8), ir.VectorType(F32, 4), ir.VectorType(I8, 16), ir.VectorType(I32, 16)
+    c64 = lambda v: ir.Constant(I64, v)  # noqa: E731
+    fma_v = _declare(module, "llvm.fma.v8f32", v8f, [v8f] * 3)
+    fma_4 = _declare(module, "llvm.fma.v4f32", v4f, [v4f] * 3)
+    fma_s = _declare(module, "llvm.fma.f32", F32, [F32] * 3)
+    # the accumulators of each activation row: repacked acc, acc_min (float32); else acc (8 lanes), m (4 lanes)
+    kinds = (F32, F32) if repacked else (v8f, v4f)
+    b = ir.IRBuilder(entry)
+    ahead = _rows_ahead(b, ws, 1)
+    b.cbranch(b.icmp_signed(">", nb, c64(0)), loop, done)
+
+    b = ir.IRBuilder(loop)
+    i = b.phi(I64)
+    phis = [[b.phi(ty) for ty in kinds] for _ in range(acts)]
+    wq, hb = b.add(w, b.mul(i, c64(128))), b.add(h, b.mul(i, c64(16)))
+    if acts == 1:  # a decode: this super-block of the row `ahead` on (2 lines, and its header's)
+        for off in (0, 64):
+            _prefetch(b, b.add(b.add(wq, b.mul(ws, ahead)), c64(off)))
+        _prefetch(b, b.add(hb, b.mul(b.mul(nb, c64(16)), ahead)))
+
+    def splat(v, ty=v8f):
+        return _shuffle(b, b.insert_element(ir.Constant(ty, ir.Undefined), v, ir.Constant(I32, 0)),
+                        [0] * ty.count)
+    dw, dminw, scales, mn8 = _kquant_header(b, hb, isa)
+    xa = [b.add(b.add(x, b.mul(c64(a), xstride)), b.mul(i, c64(256))) for a in range(acts)]
+    totals = [None] * acts
+    for j in range(8):  # sub-block j: 16 bytes, value i the low nibble of byte i, i + 16 its high nibble
+        raw = _gep_load(b, wq, c64(16 * j), v16, 1)
+        lo, hi = b.and_(raw, ir.Constant(v16, [15] * 16)), b.lshr(raw, ir.Constant(v16, [4] * 16))
+        vals = b.shuffle_vector(lo, hi, ir.Constant(ir.VectorType(I32, 32), list(range(32))))
+        for a in range(acts):
+            xv = _gep_load(b, xa[a], c64(32 * j), ir.VectorType(I8, 32), 1)
+            if isa == "avx2":
+                part = madd16(b, pairs_u8s8(b, vals, xv), scales[j])
+            else:
+                lanes = lanes_u8s8(b, vals, xv, isa) if isa == "vnni" else lanes_portable(b, vals, xv, False)
+                part = b.mul(lanes, scales[j])
+            totals[a] = part if totals[a] is None else b.add(totals[a], part)
+
+    def hsum_int(v, n):  # exact: the order of an integer sum does not matter
+        while n > 1:
+            n //= 2
+            v = b.add(_shuffle(b, v, list(range(n))), _shuffle(b, v, list(range(n, 2 * n))))
+        return b.extract_element(v, ir.Constant(I32, 0))
+    even, odd = list(range(0, 16, 2)), list(range(1, 16, 2))
+    new = []
+    for a in range(acts):
+        bsum = _gep_load(b, b.add(bs, b.mul(c64(a), bss)), b.mul(i, c64(64)), v16_32, 4)
+        prod = b.mul(mn8, b.add(_shuffle(b, bsum, even), _shuffle(b, bsum, odd)))  # (8,) mn[j] (S[2j] + S[2j+1])
+        xdv = _gep_load(b, b.add(xd, b.mul(c64(a), xds)), b.mul(i, c64(4)), F32, 4)
+        acc, accm = phis[a]
+        if repacked:
+            acc = b.call(fma_s, [b.sitofp(hsum_int(totals[a], 8), F32), b.fmul(dw, xdv), acc])
+            accm = b.call(fma_s, [b.sitofp(hsum_int(prod, 8), F32), b.fmul(dminw, xdv), accm])
+        else:
+            acc = b.call(fma_v, [splat(b.fmul(xdv, dw)), b.sitofp(totals[a], v8f), acc])
+            pairs = b.add(_shuffle(b, prod, [0, 2, 4, 6]), _shuffle(b, prod, [1, 3, 5, 7]))  # (4,) lanes k
+            dmin = b.fneg(b.fmul(xdv, dminw))  # -(d_x * dmin_w)
+            accm = b.call(fma_4, [splat(dmin, v4f), b.sitofp(pairs, v4f), accm])
+        new.append((acc, accm))
+    i1 = b.add(i, c64(1))
+    b.cbranch(b.icmp_signed("<", i1, nb), loop, done)
+    i.add_incoming(c64(0), entry)
+    i.add_incoming(i1, loop)
+    zeros = [ir.Constant(ty, 0.0 if ty is F32 else [0.0] * ty.count) for ty in kinds]
+    for pa, na in zip(phis, new):
+        for phi, val, zero in zip(pa, na, zeros):
+            phi.add_incoming(zero, entry)
+            phi.add_incoming(val, loop)
+
+    b = ir.IRBuilder(done)
+    finals = []
+    for na in new:  # the phis first, as LLVM requires
+        row = []
+        for val, zero, ty in zip(na, zeros, kinds):
+            phi = b.phi(ty)
+            phi.add_incoming(zero, entry)
+            phi.add_incoming(val, loop)
+            row.append(phi)
+        finals.append(row)
+    for a in range(acts):
+        acc, accm = finals[a]
+        if repacked:
+            total = b.fsub(acc, accm)
+        else:
+            m = [b.extract_element(accm, ir.Constant(I32, k)) for k in range(4)]
+            total = b.fadd(_hsum8(b, acc), b.fadd(b.fadd(m[0], m[2]), b.fadd(m[1], m[3])))
+        b.store(total, _ptr(b, b.add(out, b.mul(c64(a), ostride)), F32), align=4)
+    b.ret_void()
+    return fn
+
+
+def _q4_k_tile(acts, repacked):
+    """The intrinsic tile(w, ws, h, x, xstride, xd, bs, xds, bss, nb, out, ostride, simd) of
+    _define_q4_k_tile (byte addresses and strides as int64; simd as ggml_simd.dispatch says)."""
+    @intrinsic
+    def tile(typingctx, w, ws, h, x, xstride, xd, bs, xds, bss, nb, out, ostride, simd):
+        sig = types.void(*([types.int64] * 13))
+
+        def codegen(context, builder, signature, args):
+            dispatch(builder, args[12], lambda isa: builder.call(
+                _define_q4_k_tile(builder.module, acts, repacked, isa), args[:12]))
+            return context.get_dummy_value()
+        return sig, codegen
+    return tile
+
+
 def _kquant_tile(kind, acts):
     """The intrinsic tile(w, ws, x, xstride, xd, bs, xds, bss, nb, out, ostride, simd) of one weight row by
     `acts` activation rows, kind "q5_k" (_define_q5_k_tile) or "q6_k" (_define_q6_k_tile); byte addresses and
@@ -517,6 +442,52 @@ def _kquant_tile(kind, acts):
 
 _q6_1A, _q6_11 = _kquant_tile("q6_k", ACTS), _kquant_tile("q6_k", 1)
 _q5_1A, _q5_11 = _kquant_tile("q5_k", ACTS), _kquant_tile("q5_k", 1)
+
+
+_q4_1A, _q4_11 = _q4_k_tile(ACTS, False), _q4_k_tile(1, False)
+_q4r_1A, _q4r_11 = _q4_k_tile(ACTS, True), _q4_k_tile(1, True)
+
+
+@njit(inline="always", **JIT)
+def _q4_k_tile_rows(repacked, xq, xd, xbs, qs, head, simd, out, r0, r1):
+    """Rows r0 .. r1 - 1 of _dot_q4_k, as _tile_rows walks Q5_K's and Q6_K's (_define_q4_k_tile); repacked:
+    the gemv's order."""
+    N, K = xq.shape
+    nb = K // 256
+    ws, hs, xst, xds, bss, ost = (np.int64(qs.shape[1]), np.int64(16 * nb), np.int64(K), np.int64(4 * nb),
+                                  np.int64(64 * nb), np.int64(4 * out.shape[1]))
+    w0, h0, x0, xd0, bs0, o0 = (np.int64(qs.ctypes.data), np.int64(head.ctypes.data), np.int64(xq.ctypes.data),
+                                np.int64(xd.ctypes.data), np.int64(xbs.ctypes.data), np.int64(out.ctypes.data))
+    n = np.int64(0)
+    while n < N:
+        many = n + ACTS <= N
+        x, xdn, bsn, on = x0 + n * xst, xd0 + n * xds, bs0 + n * bss, o0 + n * ost
+        for r in range(r0, r1):
+            w, h = w0 + r * ws, h0 + r * hs
+            if repacked:
+                if many:
+                    _q4r_1A(w, ws, h, x, xst, xdn, bsn, xds, bss, nb, on + 4 * r, ost, simd)
+                else:
+                    _q4r_11(w, ws, h, x, xst, xdn, bsn, xds, bss, nb, on + 4 * r, ost, simd)
+            elif many:
+                _q4_1A(w, ws, h, x, xst, xdn, bsn, xds, bss, nb, on + 4 * r, ost, simd)
+            else:
+                _q4_11(w, ws, h, x, xst, xdn, bsn, xds, bss, nb, on + 4 * r, ost, simd)
+        n += ACTS if many else 1
+
+
+@njit(parallel=True, **JIT)
+def _dot_q4_k_tiles(repacked, xq, xd, xbs, qs, head, simd, out):
+    """Q4_K by Q8_K (qs, head as weights.packed keeps them) -> out (N, R), parallel over tiles of ROWS rows."""
+    R = qs.shape[0]
+    for c in prange((R + ROWS - 1) // ROWS):
+        _q4_k_tile_rows(repacked, xq, xd, xbs, qs, head, simd, out, c * ROWS, min(R, (c + 1) * ROWS))
+
+
+@njit(**JIT)
+def _decode_q4_k_tiles(repacked, xq, xd, xbs, qs, head, simd, out):
+    """_dot_q4_k_tiles of one activation row on one thread: no parallel region (~15 us a call)."""
+    _q4_k_tile_rows(repacked, xq, xd, xbs, qs, head, simd, out, 0, qs.shape[0])
 
 
 @njit(inline="always", **JIT)
@@ -618,12 +589,7 @@ def quantized_linear(x2: np.ndarray, w, simd: "int | None" = None) -> np.ndarray
     if w.format in ("q5_k", "q6_k"):  # the file's bytes
         (_decode_q56_k if one else _dot_q56_k)(w.format == "q5_k", xq, xd, xbs, readonly(w.blocks), use, out)
         return out
-    qs, head = readonly(w.qs), readonly(w.head)
-    repacked = R % 8 == 0  # Q4_K repacked by llama.cpp (model/ggml_kquants.dot_for)
-    if one:
-        _decode_q4_k(xq, xd, xbs, qs, head, repacked, use, out)
-    elif repacked:
-        _gemv_q4_k(xq, xd, xbs, qs, head, use, out)
-    else:
-        _dot_q4_k(xq, xd, xbs, qs, head, use, out)
+    repacked = R % 8 == 0  # Q4_K repacked by llama.cpp (model/ggml_kquants.dot_for): the gemv's order
+    (_decode_q4_k_tiles if one else _dot_q4_k_tiles)(repacked, xq, xd, xbs, readonly(w.qs), readonly(w.head), use,
+                                                     out)
     return out

@@ -284,14 +284,15 @@ def test_decode_one_thread_equals_numpy(kind, simd):
 
 
 @pytest.mark.parametrize("simd", [0, 1, 2])
-@pytest.mark.parametrize("cls", [Q5_KWeight, Q6_KWeight], ids=lambda c: c.format)
-def test_q56_K_prefill_tiles_equal_numpy(cls, simd):
-    """Q5_K's and Q6_K's prefill tile (one weight row by ACTS activation rows, kernels/ggml_kquants.
+@pytest.mark.parametrize("cls", [Q4_KWeight, Q5_KWeight, Q6_KWeight], ids=lambda c: c.format)
+def test_kquant_prefill_tiles_equal_numpy(cls, simd):
+    """The prefill tiles (one weight row by ACTS activation rows, kernels/ggml_kquants._define_q4_k_tile,
     _define_q5_k_tile, _define_q6_k_tile) and the activation rows left over one by one: counts below, at and
-    past ACTS (and its multiples), row counts that split unevenly over the parallel tiles; random blocks and
-    the extremes."""
+    past ACTS (and its multiples), row counts that split unevenly over the parallel tiles (Q4_K: in groups of
+    8, the gemv's order, and not); random blocks and the extremes."""
     acts = compiled().ACTS
-    for n, rows, cols in ((acts, 13, 256), (acts + 1, 16, 512), (2 * acts + 3, 37, 768), (acts - 1, 3, 1536)):
+    for n, rows, cols in ((acts, 13, 256), (acts + 1, 16, 512), (2 * acts + 3, 37, 768), (acts - 1, 3, 1536),
+                          (acts + 2, 24, 256)):
         ws = [random_kquant(cls, rows, cols, n), extreme_kquant(cls, rows, cols, 0x80, 0.01)]
         for w in ws:
             x = activations(n, cols, rows + n)
@@ -355,32 +356,29 @@ def test_numba_equals_numpy_extreme_values(kind, simd):
 
 def test_kquant_avx2_path_is_vpmaddubsw():
     """On an AVX2 CPU, simd=2 builds each sub-block from vpmaddubsw and vpmaddwd by the scales (as llama.cpp
-    does), with no 32-bit multiply (vpmulld) left."""
+    does), the file's bits unpacked by shifts, ands and ors, with no byte widening (vpmovsxbd) left."""
     from numba import njit, types
 
     from llama_ref.kernels import ggml_simd
 
     if not ggml_simd.HAS_AVX2:
         pytest.skip("the CPU has no AVX2")
-    superblock = compiled()._superblock
-    for kind in (0, 3):  # Q4_K's fma, and its integer lanes for the repacked gemv
-        @njit
-        def run(acc, w, x, sc, off, d):
-            superblock(acc, w, x, sc, off, d, 2, kind)
-        run.compile((types.int64,) * 5 + (types.float32,))
+    k = compiled()
+    for tile, nargs in ((k._q4_1A, 12), (k._q4r_11, 12), (k._q5_1A, 11), (k._q5_11, 11), (k._q6_1A, 11),
+                        (k._q6_11, 11)):
+        if nargs == 12:
+            @njit
+            def run(w, ws, h, x, xst, xd, bs, xds, bss, nb, out, ost):
+                tile(w, ws, h, x, xst, xd, bs, xds, bss, nb, out, ost, 2)
+        else:
+            @njit
+            def run(w, ws, x, xst, xd, bs, xds, bss, nb, out, ost):
+                tile(w, ws, x, xst, xd, bs, xds, bss, nb, out, ost, 2)
+        run.compile((types.int64,) * nargs)
         asm = run.inspect_asm(run.signatures[0])
         found = {line.split()[0] for line in asm.splitlines() if line.startswith("\t") and not line.startswith("\t.")}
-        assert {"vpmaddubsw", "vpmaddwd"} <= found and not found & {"vpmulld", "vpmovsxbd", "vpdpbusd"}, found
-    # Q5_K and Q6_K: the file's bits unpacked by shifts, ands, ors
-    for tile in (compiled()._q5_1A, compiled()._q5_11, compiled()._q6_1A, compiled()._q6_11):
-        @njit
-        def run_q6(w, ws, x, xst, xd, bs, xds, bss, nb, out, ost):
-            tile(w, ws, x, xst, xd, bs, xds, bss, nb, out, ost, 2)
-        run_q6.compile((types.int64,) * 11)
-        asm = run_q6.inspect_asm(run_q6.signatures[0])
-        found = {line.split()[0] for line in asm.splitlines() if line.startswith("\t") and not line.startswith("\t.")}
-        assert {"vpmaddubsw", "vpmaddwd", "vpor", "vpsrlw"} <= found, found
-        assert not found & {"vpmovsxbd", "vpdpbusd"}, found  # (Q5_K's 8 mins by vpmulld, once per super-block)
+        assert {"vpmaddubsw", "vpmaddwd", "vpsrlw"} <= found, found
+        assert not found & {"vpmovsxbd", "vpdpbusd"}, found  # (the 8 mins of Q4_K / Q5_K by vpmulld, once a block)
 
 
 @pytest.mark.slow

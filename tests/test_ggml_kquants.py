@@ -321,6 +321,9 @@ def test_q56_K_keep_the_file_bytes():
     expected = gguf.quants.dequantize(w.raw_blocks(), gguf.GGMLQuantizationType.Q5_K)
     got = d.reshape(5, 16, 1) * qs.reshape(5, 16, 32).astype(np.float32) + m.reshape(5, 16, 1)
     assert np.array_equal(got.reshape(5, 512), expected)
+    for cls in (Q5_KWeight, Q6_KWeight):  # copied: a GGUF tensor is a view of the file's memory map
+        raw = random_kquant(cls, 2, 256, 5).raw_blocks()
+        assert not np.shares_memory(cls(raw, (2, 256)).blocks, raw)
 
 
 def extreme_kquant(cls, rows: int, cols: int, fill: int, d: float):

@@ -435,7 +435,8 @@ class Q5_KWeight(_KQuantWithMin):
 
     def __init__(self, data, shape):
         rows, cols, raw = _kquant_rows(self, data, shape)  # raw (rows, blocks, 176)
-        self.blocks = _readonly(np.ascontiguousarray(raw).reshape(rows, -1))  # (rows, nb * 176): the file's bytes
+        # (rows, nb * 176): the file's bytes, copied (a GGUF tensor arrives as a view of the file's memory map)
+        self.blocks = _readonly(np.array(raw.reshape(rows, -1), copy=True))
         self.data = self.blocks
         self._unpacked = None  # (qs, d, m, True) for kernels/linear.py, made by kernel_args() when asked
 
@@ -485,7 +486,9 @@ class Q6_KWeight(GGUFBlockWeight):
 
     def __init__(self, data, shape):
         rows, cols, raw = _kquant_rows(self, data, shape)  # raw (rows, blocks, 210)
-        self.blocks = _readonly(np.ascontiguousarray(raw).reshape(rows, -1))  # (rows, nb * 210): the file's bytes
+        # (rows, nb * 210): the file's bytes, copied (a GGUF tensor arrives as a view of the file's memory map;
+        # the weights live in memory the process owns, as the other formats' arrays do)
+        self.blocks = _readonly(np.array(raw.reshape(rows, -1), copy=True))
         self.data = self.blocks
         self._unpacked = None  # (qs, d) for kernels/linear.py, made by kernel_args() when asked
 

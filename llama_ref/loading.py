@@ -45,12 +45,12 @@ def load(path_or_name: "str | Path", *, backend: str = "numpy", arithmetic: str 
         together; tensor_parallel=K makes groups of K ranks, each a whole model (data parallel across
         groups). The logits are the single-process ones up to float rounding of the sums.
     sums: how float32 matrix products are summed. "blas" (default): as NumPy's BLAS sums them, in chains of
-        up to a few hundred inputs (OpenBLAS: 288 of 576). "apart": the 16 columns of the input with its
+        up to a few hundred inputs (OpenBLAS: 288 of 576). "apart": the 8 columns of the input with its
         largest entries summed by themselves and added last (model.ops.linear_apart), for products of 16
         rows or more: float32 logits closer to float64 than transformers' float32 on the default model,
-        prefill ~1.1x slower (one thread, AVX2). "blocked": the 8 largest columns apart and chains of 96
-        inputs added pairwise (model.ops.linear_blocked): closer still, prefill 1.2-1.55x slower
-        (docs/verification.md, 2b). Not with arithmetic="ggml", parallel or vision checkpoints.
+        prefill 1.0-1.1x slower (NumPy), 1.1-1.2x (Numba; one thread, AVX2). "blocked": the 8 largest
+        columns apart and chains of 96 inputs added pairwise (model.ops.linear_blocked): closer still,
+        prefill 1.2-1.55x slower (docs/verification.md, 2b). Not with arithmetic="ggml", parallel or vision checkpoints.
     threads: threads for BLAS and the Numba kernels alike, for the whole process (runtime.threads). None:
         the count set earlier in this process, else $LLAMA_REF_THREADS (or OMP_/OPENBLAS_/NUMBA_NUM_THREADS),
         else the physical cores.

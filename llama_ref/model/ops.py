@@ -50,9 +50,10 @@ SUM_BLOCK = 96  # inputs per chain in linear_blocked: chunks of a product, each 
 SUM_APART = 8  # columns of x with its largest entries that linear_blocked sums apart and adds last
 # The same for linear_apart. Mean max |dlogit| from float64 over the six prompts of tests/data/float64_distance.json
 # (NumPy/Numba, x transformers' recorded float32; in brackets the mean |dlogit|, steadier: one position decides
-# a max): 8 columns 0.91x/0.85x (0.82x/0.77x), 16 columns 0.97x/0.84x (0.80x/0.74x), BLAS's own 1.11x/1.02x
-# (1.01x/0.93x); 16 columns cost ~1.5x what 8 do in their own products, 1-2 % of a prefill.
-APART = 16
+# a max): 8 columns 0.91x/0.89x (0.82x/0.78x), 16 columns 0.97x/0.84x (0.80x/0.74x), BLAS's own 1.11x/1.02x
+# (1.01x/0.93x). 8 columns, since 16 cost more (their gather from w and their product: ~13 ms of a Numba
+# prefill of 200 tokens) for the same closeness on the two backends' mean, and left NumPy 3 % from 1.0x.
+APART = 8
 
 
 def _apart(rows: np.ndarray, n: int) -> "tuple[np.ndarray, np.ndarray]":
@@ -63,6 +64,13 @@ def _apart(rows: np.ndarray, n: int) -> "tuple[np.ndarray, np.ndarray]":
     rest = rows.copy(order="K")  # (N, K); a transposed product's output stays transposed (no transposing copy)
     rest[:, cols] = 0
     return cols, rest
+
+
+def _apart_rows(rows: np.ndarray, n: int) -> "tuple[np.ndarray, np.ndarray, np.ndarray]":
+    """_apart's columns (n,) and zeroed rows (N, K), and rows' values in those columns (N, n): what
+    linear_apart needs. The Numba backend's twin, in two passes over rows: kernels/sums.py."""
+    cols, rest = _apart(rows, n)
+    return cols, rest, rows[:, cols]
 
 
 def _sgemm():
@@ -108,7 +116,7 @@ def _add_product(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> np.ndarray:
     NumPy's own BLAS adds its product onto out as it writes it (sgemm with beta = 1), where `out += a @ b.T`
     writes a second (M, N) array and reads both again (~1/3 of a 16-input product's time on the default
     model's layers at 200 rows, memory-bound on its output). Its sums are the same: each output's K products
-    in one chain, then added to out's value (OpenBLAS, a K of 16: the same bits; tests/test_precision.py).
+    in one chain, then added to out's value (OpenBLAS, a K of APART: the same bits; tests/test_precision.py).
     NumPy's `out += a @ b.T` where that BLAS is not found, and for other arrays."""
     if not _SGEMM:
         _SGEMM.append(_sgemm())
@@ -124,7 +132,7 @@ def _add_product(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> np.ndarray:
     return out
 
 
-def linear_apart(x: np.ndarray, w, by_rows: bool = False) -> np.ndarray:
+def linear_apart(x: np.ndarray, w, by_rows: bool = False, apart=_apart_rows) -> np.ndarray:
     """linear(x, w) with the APART columns of x holding its largest entries summed by themselves, added last.
 
     One BLAS product over x with those columns zeroed, then one of APART inputs for them, which BLAS adds
@@ -132,17 +140,18 @@ def linear_apart(x: np.ndarray, w, by_rows: bool = False) -> np.ndarray:
     model this puts the float32 logits closer to float64 than transformers' float32, for ~1.1-1.15x linear's
     time on its products (benchmarks/float32_sums.py). by_rows: the output as a C-contiguous (N, out)
     product, the Numba backend's layout (its kernels would copy linear's transposed one), instead of
-    linear's (out, N) product, transposed; the BLAS calls differ, so the last bits can too.
+    linear's (out, N) product, transposed; the BLAS calls differ, so the last bits can too. apart: the
+    function that chooses the columns (_apart_rows, or the Numba backend's twin).
     """
     w = _float_weight(w, x.dtype)
     rows = x.reshape(-1, x.shape[-1])  # (N, K)
     if rows.shape[0] == 0 or rows.shape[1] < 4 * APART:  # no rows (an unrouted expert), or too few inputs
         return linear(x, w)
-    cols, rest = _apart(rows, APART)
+    cols, rest, x_apart = apart(rows, APART)  # (APART,), (N, K), (N, APART)
     out = rest @ w.T if by_rows else w @ rest.T  # (N, R), or (R, N) like linear's w @ rows.T
-    # w's columns gathered after its product, which left them in cache (before it: 16 scattered reads per
-    # row from memory, which cost more than the product of 16 inputs itself)
-    w_apart, x_apart = w[:, cols], rows[:, cols]  # (R, APART), (N, APART)
+    # w's columns gathered after its product, which left them in cache (before it: APART scattered reads per
+    # row from memory, which cost more than the product of APART inputs itself)
+    w_apart = w[:, cols]  # (R, APART)
     if by_rows:
         return _add_product(x_apart, w_apart, out).reshape(*x.shape[:-1], w.shape[0])  # (..., out)
     return _add_product(w_apart, x_apart, out).T.reshape(*x.shape[:-1], w.shape[0])  # (..., out)
@@ -205,15 +214,18 @@ def with_sums(backend, sums: str):
     traffic, not arithmetic, bounds those (blocks added 44 % to a NumPy decode step; gathering APART columns
     of the output matrix reads up to 16 of the 36 cache lines of each of its rows again), and the Numba
     kernels sum them in SIMD lanes already (OpenBLAS's sgemv in 8 partial sums of 72 of 576 inputs).
-    A backend other than ops gets linear_apart's output in its rows' layout (by_rows), as the Numba
-    backend's own linear gives it. Everything else is the backend's."""
+    A backend other than ops (the Numba backend) gets linear_apart's output in its rows' layout (by_rows),
+    as its own linear gives it, and the columns chosen by its kernel (kernels/sums.py). Everything else
+    is the backend's."""
     import functools
     import sys
     import types
 
     product = SUMS[sums]
     if sums == "apart" and backend.linear is not linear:
-        product = functools.partial(linear_apart, by_rows=True)
+        from llama_ref.kernels.sums import apart_rows  # the Numba backend's column choice, in two passes
+
+        product = functools.partial(linear_apart, by_rows=True, apart=apart_rows)
     copy = types.ModuleType(f"{backend.__name__}+{sums}_sums")
     copy.__dict__.update({k: v for k, v in vars(backend).items() if not k.startswith("__")})
     own = backend.linear

@@ -142,7 +142,12 @@ def main(argv=None) -> None:
                     "llama-3.2-1b; formats q8_0 q4_0 q4_1 q5_0 q5_1 q4_k q5_k q6_k) instead of the default model's")
     ap.add_argument("--work", type=Path, default=Path("/tmp/llama_ref_ggml_bench"))
     ap.add_argument("--out", type=Path, default=HERE / "results" / "ggml_decode.json")
+    ap.add_argument("--render", type=Path, metavar="JSON", help="write the .md again from a run's .json")
     a = ap.parse_args(argv)
+    if a.render:
+        report = json.loads(a.render.read_text())
+        a.render.with_suffix(".md").write_text(table(report) + "\n")
+        return
     if a.child:
         spec = json.loads(a.child)
         print(json.dumps(CHILDREN[spec["kind"]](spec)))
@@ -303,20 +308,29 @@ def table(report: dict) -> str:
             if not any(key in r.get(f"{kind} ggml", {}) for r in report["rounds"] for kind in report["formats"]):
                 continue  # a report from before prefill was timed in CPU seconds
             what = key[:-4].replace("_", " ")
+            # decode's roofline per CPU second: the probe's bytes read per CPU second (on a shared machine the
+            # wall-clock probe, and so the wall-clock roofline, is whatever share of a core it got)
+            roof = key == "decode_cpu" and all(r["bandwidth"].get("read_gb_s_cpu") for r in report["rounds"])
             lines += ["", f"| format | {what} per CPU second: ggml | exact | llama.cpp | ggml / llama.cpp "
-                          "| its range over rounds | exact / llama.cpp |", "|---|---|---|---|---|---|---|"]
-            for kind in report["formats"]:
+                          "| its range over rounds | exact / llama.cpp |" + (" ggml % of roofline per CPU s |"
+                                                                          if roof else ""),
+                      "|---|---|---|---|---|---|---|" + ("---|" if roof else "")]
+            for kind, f in report["formats"].items():
                 best = {n: _best(report, kind, n, key) for n in ("ggml", "exact", "llama.cpp")}
+                cell = ""
+                if roof:
+                    bound = max(r["bandwidth"]["read_gb_s_cpu"] for r in report["rounds"]) * 1e9 / f["bytes"]
+                    cell = f" {100 * best['ggml'] / bound:.0f}% |"
                 lines.append(f"| {kind} | {best['ggml']:.1f} | {best['exact']:.1f} | {best['llama.cpp']:.1f} "
                              f"| {_best_ratio(report, kind, 'ggml', key):.2f}x "
                              f"| {_ratio_range(report, kind, 'ggml', key)} "
-                             f"| {_best_ratio(report, kind, 'exact', key):.2f}x |")
+                             f"| {_best_ratio(report, kind, 'exact', key):.2f}x |" + cell)
     if report.get("compare_threads") or report.get("variants"):
         lines += threads_rows(report)
     lines += ["", "Speeds in tokens/s. Roofline: the GGUF's bytes read once per token at the read bandwidth "
               "measured in the same run (best round). Ratios: the best round's; with one thread, also the range "
               "over rounds."]
-    return "\n".join(lines)
+    return "\n".join(lines + [""] + report.get("notes", []))  # notes: what a person adds to the .json by hand
 
 
 if __name__ == "__main__":

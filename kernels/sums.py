@@ -1,9 +1,9 @@
 """The column choice of load(..., sums="apart") for the Numba backend: the twin of llama_ref.model.ops._apart_rows.
 
 linear_apart (model/ops.py) sums the columns of x holding its largest entries by themselves: it needs those
-columns, x with them zeroed, and x's values in them. NumPy makes them in five passes over x (|x|, its
-maximum per column, the copy, the zeroing, the gather); this kernel makes them in two, one reading x (the
-maximum of |x| per column) and one copying it, zeroing and gathering on the way, while the row is in cache.
+columns, x with them zeroed, and x's values in them. NumPy writes |x| to a new array, reads it for the
+maximum per column, copies x, then zeroes and gathers the columns; this kernel reads x once for the maximum
+of |x| per column and once more to copy it, zeroing and gathering on the way, while the row is in cache.
 """
 
 from __future__ import annotations
@@ -23,6 +23,9 @@ def _largest_columns(rows, n, cols):
         row = rows[i]
         for k in range(K):  # np.maximum vectorizes (8 columns at a time); max() and a select stayed scalar
             top[k] = np.maximum(np.abs(row[k]), top[k])
+    for k in range(K):  # a NaN column counts as the largest, as NumPy's argpartition sorts NaN last
+        if np.isnan(top[k]):
+            top[k] = np.inf
     cut = np.partition(top, K - n)[K - n]  # the n-th largest value
     j = 0
     for k in range(K):  # the columns above the cut, then those at it (ties) in order, up to n

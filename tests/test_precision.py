@@ -124,7 +124,7 @@ def test_apart_sums_take_the_largest_terms_out_of_the_chains(seed):
 def test_numba_apart_columns_are_numpys(seed):
     """kernels/sums.py's apart_rows, the Numba backend's choice of columns, is ops._apart_rows's: the same
     columns, zeroed rows and gathered values, for C- and Fortran-ordered rows; where columns tie at the cut
-    (all-zero columns), it takes the lowest of them, and every column it takes is as large as any it leaves."""
+    (all-zero columns), it takes the lowest of them; a column holding a NaN counts as the largest."""
     from llama_ref.kernels.sums import apart_rows
 
     rng = np.random.default_rng(seed)
@@ -143,6 +143,10 @@ def test_numba_apart_columns_are_numpys(seed):
     zeros = [k for k in range(64) if k not in (3, 40)]
     assert cols.tolist() == sorted({3, 40} | set(zeros[:ops.APART - 2]))
     assert not rest.any() and np.array_equal(x_apart, x[:, cols])
+    x[5, 20] = np.nan  # a NaN column counts as the largest, as in NumPy's argpartition
+    cols, rest, x_apart = apart_rows(x, ops.APART)
+    assert {3, 20, 40} <= set(cols.tolist()) and len(set(cols.tolist())) == ops.APART
+    assert {3, 20, 40} <= set(ops._apart_rows(x, ops.APART)[0].tolist())
 
 
 @pytest.mark.parametrize("seed", range(3))

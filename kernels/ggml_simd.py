@@ -168,29 +168,30 @@ def _shuffle(builder, v, idx):
 
 
 def _weight_values(builder, raw, nibbles, offset, high=False):
-    """A weight block's raw bytes -> <32 x i8> values in value order. high: raw is Q5_0 / Q5_1's 20 bytes,
-    qh (bit j: value j's fifth bit) then the nibbles."""
+    """A weight block's raw bytes -> <32 x i8> values in value order. high: raw is Q5_0 / Q5_1's (qh: i32, bit
+    j value j's fifth bit; the 16 bytes of nibbles)."""
     if not nibbles:
         return raw
     v16 = ir.VectorType(I8, 16)
-    nib = _shuffle(builder, raw, list(range(4, 20))) if high else raw
+    nib = raw[1] if high else raw
     lo = builder.and_(nib, ir.Constant(v16, [15] * 16))
     hi = builder.lshr(nib, ir.Constant(v16, [4] * 16))
     vals = builder.shuffle_vector(lo, hi, ir.Constant(ir.VectorType(I32, 32), list(range(32))))
     if high:  # Q5_0 signed as llama.cpp makes it: nibble | 0xF0 where the bit is clear is nibble - 16 as int8
-        return builder.or_(vals, _fifth_bits(builder, raw, 0 if offset else 16, 0xF0 if offset else 0))
+        return builder.or_(vals, _fifth_bits(builder, raw[0], 0 if offset else 16, 0xF0 if offset else 0))
     if offset:
         vals = builder.sub(vals, ir.Constant(ir.VectorType(I8, 32), [offset] * 32))
     return vals
 
 
-def _fifth_bits(builder, raw, if_set, if_clear):
-    """Q5's qh (raw's first 4 bytes, little-endian bit j for value j) -> <32 x i8>, byte j if_set where bit j is
+def _fifth_bits(builder, qh, if_set, if_clear):
+    """Q5's qh (i32, bit j for value j) -> <32 x i8>, byte j if_set where bit j is
     set, else if_clear (one of them 0): llama.cpp's bytes_from_bits_32 (byte j takes qh's byte j / 8, vpshufb;
     keeps bit j % 8, vpand; compares, vpcmpeqb), then the compare's 0 / -1 bytes and the wanted byte (vpand,
     or vpandn for if_clear: Q5_0's 0xF0, llama.cpp's `~bxhi & 0xF0`)."""
     v32 = ir.VectorType(I8, 32)
-    spread = _shuffle(builder, raw, [j // 8 for j in range(32)])  # byte j: qh's byte j // 8
+    qh4 = builder.bitcast(qh, ir.VectorType(I8, 4))  # little-endian: byte k holds bits 8k .. 8k + 7
+    spread = _shuffle(builder, qh4, [j // 8 for j in range(32)])  # byte j: qh's byte j // 8
     bit = ir.Constant(v32, [1 << (j % 8) for j in range(32)])
     mask = builder.sext(builder.icmp_unsigned("==", builder.and_(spread, bit), bit), v32)  # -1 where set
     if if_clear:
@@ -345,7 +346,11 @@ def _define_tile(module, kind, rows, acts, isa):
     # the weight side, once per block
     wvals, w_corr, w_abs, wdv = [], [], [], []
     for r in range(rows):
-        raw = _gep_load(b, b.add(w, b.mul(c64(r), ws)), b.mul(i, c64(block)), ir.VectorType(I8, block), 1)
+        row_block = b.add(b.add(w, b.mul(c64(r), ws)), b.mul(i, c64(block)))
+        if high:  # qh and the nibbles as two loads (one <20 x i8> load became vmovd + vpalignr)
+            raw = (_gep_load(b, row_block, c64(0), I32, 1), _gep_load(b, row_block, c64(4), ir.VectorType(I8, 16), 1))
+        else:
+            raw = _gep_load(b, row_block, c64(0), ir.VectorType(I8, block), 1)
         wvals.append(_weight_values(b, raw, nibbles, 0 if unsigned_offset else offset, high))
         ones = ir.Constant(v32, [1] * 32)
         w_corr.append(b.shl(lanes_u8s8(b, ones, wvals[r], isa), ir.Constant(v8i, [7] * 8)) if by_x128 else None)

@@ -7,15 +7,11 @@ weights read-only) so that each kernel compiles once and loads from Numba's on-d
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
-# Numba's OpenMP threads spin after a parallel region before they sleep; libgomp's default spin (~300000
-# rounds, milliseconds) keeps both cores busy through the NumPy BLAS calls of a prefill and made them ~5x
-# slower here. 30000 rounds still covers the gap between two kernels of a decode step. Read by libgomp when
-# Numba first starts its threads, so it only applies if nothing set it before; a user's value wins.
-os.environ.setdefault("GOMP_SPINCOUNT", "30000")
+# Importing the thread policy sets GOMP_SPINCOUNT (how long Numba's OpenMP threads spin between kernels)
+# before Numba can start its threads.
+from llama_ref.runtime import threads as _threads  # noqa: F401
 
 # Fast-math flags for the kernels that sum products: "reassoc" lets LLVM split a dot product over SIMD lanes
 # (a different summation order, within float32 rounding of the NumPy result) and "contract" fuses

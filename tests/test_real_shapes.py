@@ -148,6 +148,20 @@ def test_load_threads_sets_blas_and_numba(tiny_gguf):
     assert got["policy"].startswith("1 thread")
 
 
+@pytest.mark.parametrize("user_value", [None, "7"])
+def test_spin_count_is_set_before_numba_can_start_its_threads(user_value):
+    """set_threads() may start Numba's OpenMP threads (numba.set_num_threads) before any kernel module is
+    imported; libgomp reads GOMP_SPINCOUNT then, so importing llama_ref sets it. A user's value is kept."""
+    env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}
+    if user_value is not None:
+        env["GOMP_SPINCOUNT"] = user_value
+    code = ("import os, sys, numba, llama_ref; from llama_ref.runtime.threads import set_threads; "
+            "assert 'llama_ref.kernels' not in sys.modules; set_threads(1); print(os.environ.get('GOMP_SPINCOUNT'))")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == (user_value or "30000")
+
+
 def test_default_threads_is_the_physical_cores_unless_told(monkeypatch):
     from llama_ref.runtime import threads
 

@@ -6,7 +6,7 @@ decode is bound by memory anyway), or what the user asked for: load(..., threads
 or $LLAMA_REF_THREADS / $OMP_NUM_THREADS / $OPENBLAS_NUM_THREADS / $NUMBA_NUM_THREADS when set. The two
 pools take turns (a BLAS call, then a kernel, never both at once), so equal counts never put more running
 threads than cores; what is left between turns is spinning: Numba's OpenMP threads are told to spin only
-briefly (GOMP_SPINCOUNT, kernels/_common.py), and the kernels a decode step runs do not call BLAS at all.
+briefly (GOMP_SPINCOUNT, set below), and the kernels a decode step runs do not call BLAS at all.
 
 Prefill's products with weights (kernels/linear.py: packed ones decoded a tile of rows at a time to float32,
 float32 ones a block of rows per thread) do not alternate between the two pools at all: each_thread() runs
@@ -25,6 +25,13 @@ from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 
 from ..errors import InputError
+
+# Numba's OpenMP threads spin after a parallel region before they sleep; libgomp's default spin (~300000
+# rounds, milliseconds) keeps both cores busy through the NumPy BLAS calls of a prefill and made them ~5x
+# slower here. 30000 rounds still covers the gap between two kernels of a decode step. libgomp reads it when
+# Numba first starts its threads, which set_threads() below may do (numba.set_num_threads), before any kernel
+# module is imported: so it is set here, on import. A value set before (the user's) wins.
+os.environ.setdefault("GOMP_SPINCOUNT", "30000")
 
 
 # Environment variables that state a thread count, in the order they are believed.

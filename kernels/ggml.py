@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import weakref
 
-import numba
 import numpy as np
 from numba import njit, prange
 
@@ -24,7 +23,7 @@ from llama_ref.model.ggml import embedding, rope_frequencies  # noqa: F401  (the
 
 from . import ggml_simd as simd
 from ._common import JIT, readonly
-from .ggml_ops import apply_rope, attention, rms_norm, rope_tables, swiglu  # noqa: F401
+from .ggml_ops import apply_rope, attention, rms_norm, rope_tables, serial_product, swiglu  # noqa: F401
 
 ROWS = 16  # weight rows per parallel work item: their bytes stay in cache while every activation row passes
 KIND = {"q8_0": 0, "q5_1": 1, "q4_0": 2, "q4_0r": 3, "q4_1": 4, "q5_0": 5}  # Q5: the file's qh and nibbles
@@ -297,7 +296,7 @@ def quantized_linear(x2: np.ndarray, w, use_simd: "int | None" = None) -> np.nda
     N = x2.shape[0]
     out = np.empty((N, d.shape[0]), np.float32)
     use = SIMD if use_simd is None else int(use_simd)
-    if N == 1 and _one_thread():
+    if serial_product(N, d.shape[0] * x2.shape[1]):
         _decode_serial(kind, x2, qs, d, m, out, use)
         return out
     xq, xd, xs = quantize_q8(x2)
@@ -305,19 +304,13 @@ def quantized_linear(x2: np.ndarray, w, use_simd: "int | None" = None) -> np.nda
     return out
 
 
-def _one_thread() -> bool:
-    """Whether Numba runs one thread here. NUMBA_NUM_THREADS=1 first: get_num_threads() costs ~2 us a call,
-    0.4 ms of a decode step's 211 products."""
-    return numba.config.NUMBA_NUM_THREADS == 1 or numba.get_num_threads() == 1
-
-
 def linear(x: np.ndarray, w) -> np.ndarray:
     """x @ w.T in ggml's arithmetic: llama_ref.model.ggml.linear with the quantized products compiled."""
     args = _ARGS.get(id(w))
     if args is not None and x.size == x.shape[-1] and x.dtype == np.float32 and x.flags.c_contiguous \
-            and _one_thread():
-        # One row on one thread (a decode step's product, ~4 us of Python here before): straight to its one
-        # compiled call, x and the output in the caller's shape (B, T, D) -> (B, T, R).
+            and serial_product(1, args[2].shape[0] * x.shape[-1]):
+        # One row on the calling thread (a decode step's product, ~4 us of Python here before): straight to its
+        # one compiled call, x and the output in the caller's shape (B, T, D) -> (B, T, R).
         kind, qs, d, m = args
         out = np.empty(x.shape[:-1] + (d.shape[0],), np.float32)
         _decode_serial(kind, x, qs, d, m, out, SIMD)

@@ -26,13 +26,13 @@ kernels/__pycache__/ggml_kquants*.nbi and *.nbc.
 
 from __future__ import annotations
 
-import numba
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
 from ._common import JIT, readonly
+from .ggml_ops import serial_product
 from .ggml_simd import (_declare, _gep_load, _hsum8, _prefetch, _ptr, _rows_ahead, _shuffle, dispatch, lanes_portable,
                         lanes_u8s8, madd16, pairs_u8s8, roundeven32, simd_default)
 
@@ -585,7 +585,7 @@ def quantized_linear(x2: np.ndarray, w, simd: "int | None" = None) -> np.ndarray
     xd, xq, xbs = quantize_q8_K(x2)  # (N, nb), (N, K), (N, nb, 16)
     out = np.empty((N, R), np.float32)
     use = SIMD if simd is None else int(simd)
-    one = N == 1 and (numba.config.NUMBA_NUM_THREADS == 1 or numba.get_num_threads() == 1)  # a serial decode
+    one = serial_product(N, R * x2.shape[1])  # a decode on the calling thread
     if w.format in ("q5_k", "q6_k"):  # the file's bytes
         (_decode_q56_k if one else _dot_q56_k)(w.format == "q5_k", xq, xd, xbs, readonly(w.blocks), use, out)
         return out

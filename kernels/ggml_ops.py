@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 
+import numba
 import numpy as np
 from numba import njit, prange
 
@@ -86,6 +87,21 @@ QUERIES = 16  # positions per work item
 # joining a parallel region costs it on a busy machine (2 threads, load ~9: 2 ms of CPU, 9.6 ms wall a call,
 # against 0.1 ms on one). 2^20 is about 0.8 ms of one thread's work (AVX2 EPYC); past it the threads share it.
 SERIAL_WORK = 1 << 20
+# The same for a quantized product of one activation row (kernels/ggml.py, ggml_kquants.py): a weight of fewer
+# values runs on the calling thread. On the default model (matrices of 0.1-0.9 M values, ~10-60 us each) alone on
+# 2 cores, a 2-thread decode ran at 0.63-0.89x of one thread's rate in six of eight formats (0.55-0.88x llama.cpp's
+# 2 threads; benchmarks/results/ggml_decode_avx2_s28_quiet.md):
+# a region's start and join cost what it shares. The 1B shape's smallest matrices (k, v: 2^20 values) and every
+# larger one still use the threads.
+SERIAL_WEIGHTS = 1 << 20
+
+
+def serial_product(n_rows: int, n_weights: int) -> bool:
+    """Whether a quantized product runs on the calling thread: one thread, or one row of x and a small weight.
+    The rows are the same work items either way, so the same bits."""
+    if n_rows != 1:
+        return False
+    return n_weights < SERIAL_WEIGHTS or numba.config.NUMBA_NUM_THREADS == 1 or numba.get_num_threads() == 1
 
 
 @njit(inline="always", **JIT)

@@ -153,7 +153,7 @@ def test_linear_every_integer_path_equals_specification(kind, use_simd):
 
 @pytest.mark.parametrize("kind", sorted(TYPES))
 @pytest.mark.parametrize("use_simd", [0, 1, 2])
-def test_decode_one_thread_equals_specification(kind, use_simd):
+def test_decode_one_thread_equals_specification(kind, use_simd, monkeypatch):
     """One activation row on one thread takes its own compiled path (quantize and every row in one call);
     on more threads the parallel one. Both equal the specification, rows in groups of 8 (repacked Q4_0) and
     not."""
@@ -162,8 +162,13 @@ def test_decode_one_thread_equals_specification(kind, use_simd):
     rng = np.random.default_rng(12)
     before = numba.get_num_threads()
     try:
-        for threads in sorted({1, before}):
+        from llama_ref.kernels import ggml_ops
+
+        # On more threads, small products run on the calling thread too (ggml_ops.SERIAL_WEIGHTS): with the
+        # limit at 0 every one takes the parallel path.
+        for threads, limit in sorted({(1, ggml_ops.SERIAL_WEIGHTS), (before, ggml_ops.SERIAL_WEIGHTS), (before, 0)}):
             numba.set_num_threads(threads)
+            monkeypatch.setattr(ggml_ops, "SERIAL_WEIGHTS", limit)
             for rows, k in ((24, 64), (7, 96), (40, 1536), (13, 32)):
                 w = TYPES[kind].quantize(rng.standard_normal((rows, k)).astype(np.float32))
                 x = rng.standard_normal((1, k)).astype(np.float32)

@@ -261,7 +261,7 @@ def test_numba_equals_numpy_fixed_shapes(kind, simd):
 
 @pytest.mark.parametrize("simd", [0, 1, 2])
 @pytest.mark.parametrize("kind", sorted(TYPES))
-def test_decode_one_thread_equals_numpy(kind, simd):
+def test_decode_one_thread_equals_numpy(kind, simd, monkeypatch):
     """One activation row on one thread takes Q6_K's serial decode (no parallel region, the weights asked for
     ahead); it and the parallel path equal the specification, on random blocks and the extremes (Q6_K's int8
     scales -128 and 127 by bsums of +-127 values)."""
@@ -270,8 +270,13 @@ def test_decode_one_thread_equals_numpy(kind, simd):
     rng = np.random.default_rng(7)
     before = numba.get_num_threads()
     try:
-        for threads in sorted({1, before}):
+        from llama_ref.kernels import ggml_ops
+
+        # On more threads, small products run on the calling thread too (ggml_ops.SERIAL_WEIGHTS): with the
+        # limit at 0 every one takes the parallel path.
+        for threads, limit in sorted({(1, ggml_ops.SERIAL_WEIGHTS), (before, ggml_ops.SERIAL_WEIGHTS), (before, 0)}):
             numba.set_num_threads(threads)
+            monkeypatch.setattr(ggml_ops, "SERIAL_WEIGHTS", limit)
             for rows, cols in ((24, 256), (13, 768), (40, 1536)):
                 ws = [random_kquant(TYPES[kind], rows, cols, rows)]
                 ws += [extreme_kquant(TYPES[kind], rows, cols, fill, 0.01) for fill in (0xFF, 0x80, 0x00)]

@@ -210,6 +210,11 @@ def integer_code() -> str:
     return ggml_simd.BEST if ggml_simd.simd_default() else "portable"
 
 
+
+def _cell(value: float, spec: str, unit: str = "") -> str:
+    """A table cell; '-' for an engine the run left out (--engines), whose rate reads 0."""
+    return f"{value:{spec}}{unit}" if value else "-"
+
 def _best(report: dict, kind: str, name: str, key: str) -> float:
     return max((r.get(f"{kind} {name}", {}).get(key, 0) for r in report["rounds"]), default=0)
 
@@ -294,14 +299,14 @@ def table(report: dict) -> str:
     for kind, f in report["formats"].items():
         roof = max(r["bandwidth"].get("read_gb_s", 0) * 1e9 / f["bytes"] for r in report["rounds"])
         best = {n: _best(report, kind, n, "decode") for n in ("ggml", "exact", "llama.cpp")}
-        row = (f"| {kind} | {best['ggml']:.1f} | {best['exact']:.1f} | {best['llama.cpp']:.1f} "
+        row = (f"| {kind} | {best['ggml']:.1f} | {_cell(best['exact'], '.1f')} | {best['llama.cpp']:.1f} "
                f"| {_best_ratio(report, kind, 'ggml', 'decode'):.2f}x "
-               f"| {_best_ratio(report, kind, 'exact', 'decode'):.2f}x "
+               f"| {_cell(_best_ratio(report, kind, 'exact', 'decode'), '.2f', 'x')} "
                f"| {100 * best['ggml'] / roof:.0f}% |")
         for key in pre:
-            row += (f" {_best(report, kind, 'ggml', key):.0f} | {_best(report, kind, 'exact', key):.0f} "
+            row += (f" {_best(report, kind, 'ggml', key):.0f} | {_cell(_best(report, kind, 'exact', key), '.0f')} "
                     f"| {_best(report, kind, 'llama.cpp', key):.0f} | {_best_ratio(report, kind, 'ggml', key):.2f}x "
-                    f"| {_best_ratio(report, kind, 'exact', key):.2f}x |")
+                    f"| {_cell(_best_ratio(report, kind, 'exact', key), '.2f', 'x')} |")
         lines.append(row)
     if report["threads"] == 1:  # one thread: CPU time is the time a core of its own would take
         for key in ["decode_cpu"] + [f"{k}_cpu" for k in pre]:
@@ -321,10 +326,10 @@ def table(report: dict) -> str:
                 if roof:
                     bound = max(r["bandwidth"]["read_gb_s_cpu"] for r in report["rounds"]) * 1e9 / f["bytes"]
                     cell = f" {100 * best['ggml'] / bound:.0f}% |"
-                lines.append(f"| {kind} | {best['ggml']:.1f} | {best['exact']:.1f} | {best['llama.cpp']:.1f} "
+                lines.append(f"| {kind} | {best['ggml']:.1f} | {_cell(best['exact'], '.1f')} | {best['llama.cpp']:.1f} "
                              f"| {_best_ratio(report, kind, 'ggml', key):.2f}x "
                              f"| {_ratio_range(report, kind, 'ggml', key)} "
-                             f"| {_best_ratio(report, kind, 'exact', key):.2f}x |" + cell)
+                             f"| {_cell(_best_ratio(report, kind, 'exact', key), '.2f', 'x')} |" + cell)
     if report.get("compare_threads") or report.get("variants"):
         lines += threads_rows(report)
     lines += ["", "Speeds in tokens/s. Roofline: the GGUF's bytes read once per token at the read bandwidth "

@@ -187,10 +187,15 @@ def build(shape: str, formats=GGUF_FORMATS) -> "dict[str, Path] | str":
     if not missing:
         return files
     mem, disk = free_bytes()
-    # Disk: 2 bytes a weight for each 16-bit file, ~1.1 / 0.6 for Q8_0 / Q4_0 (+ Q4_K). Memory: the GGUF
-    # writer holds a file's tensors until it writes them (2 bytes a weight at most), + one float32 tensor.
+    # Disk: 2 bytes a weight for each 16-bit file, ~1.1 / 0.6 for Q8_0 / Q4_0 (+ Q4_K). Memory: one tensor at a
+    # time in float32 with its 16-bit copies (the safetensors and F16 writers take them one by one), and, for a
+    # file that convert.py writes, all of that file's tensors (gguf's writer holds them until the end).
+    from llama_ref.weights.common import expected_shapes
+
     need_disk = int(params * sum(BYTES_PER_WEIGHT[k] for k in missing))
-    need_mem = int(params * 2.2) + 2 * 2**30
+    largest = max(int(np.prod(s)) for s in expected_shapes(args).values())
+    held = max([BYTES_PER_WEIGHT[k] for k in missing if k in BY_CONVERT], default=0)
+    need_mem = int(params * held) + 12 * largest + 2 * 2**30
     if need_disk > disk or need_mem > mem:
         return (f"{shape}: skipped, building its files needs {need_mem / 2**30:.1f} GiB of memory and "
                 f"{need_disk / 2**30:.1f} GiB of disk; {mem / 2**30:.1f} GiB and {disk / 2**30:.1f} GiB are free")

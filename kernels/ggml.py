@@ -26,7 +26,7 @@ from ._common import JIT, readonly
 from .ggml_ops import apply_rope, attention, rms_norm, rope_tables, serial_product, swiglu  # noqa: F401
 
 ROWS = 16  # weight rows per parallel work item: their bytes stay in cache while every activation row passes
-KIND = {"q8_0": 0, "q5_1": 1, "q4_0": 2, "q4_0r": 3, "q4_1": 4, "q5_0": 5}  # Q5: the file's qh and nibbles
+KIND = {"q8_0": 0, "q5_0": 0, "q5_1": 1, "q4_0": 2, "q4_0r": 3, "q4_1": 4}  # Q5_0: int8 values q - 16
 
 # The best integer instructions of this CPU (VNNI, else AVX2), unless LLAMA_REF_GGML_PORTABLE=1 asks for the
 # portable integer code (same results).
@@ -47,7 +47,6 @@ _q5_1_RA, _q5_1_R1, _q5_1_1A, _q5_1_11 = _tiles("q5_1")
 _q4_0_RA, _q4_0_R1, _q4_0_1A, _q4_0_11 = _tiles("q4_0")
 _q4_0r_RA, _q4_0r_R1, _, _ = _tiles("q4_0r")
 _q4_1_RA, _q4_1_R1, _q4_1_1A, _q4_1_11 = _tiles("q4_1")
-_q5_0_RA, _q5_0_R1, _q5_0_1A, _q5_0_11 = _tiles("q5_0")
 
 
 @njit(inline="always", **JIT)
@@ -89,16 +88,6 @@ def _dot(kind, many_rows, many_acts, w, ws, wd, wm, wds, x, xst, xd, xs, xds, nb
             _q4_0r_RA(w, ws, wd, wm, wds, x, xst, xd, xs, xds, nb, out, ost, use_simd)
         else:
             _q4_0r_R1(w, ws, wd, wm, wds, x, xst, xd, xs, xds, nb, out, ost, use_simd)
-    elif kind == 5:
-        if many_rows:
-            if many_acts:
-                _q5_0_RA(w, ws, wd, wm, wds, x, xst, xd, xs, xds, nb, out, ost, use_simd)
-            else:
-                _q5_0_R1(w, ws, wd, wm, wds, x, xst, xd, xs, xds, nb, out, ost, use_simd)
-        elif many_acts:
-            _q5_0_1A(w, ws, wd, wm, wds, x, xst, xd, xs, xds, nb, out, ost, use_simd)
-        else:
-            _q5_0_11(w, ws, wd, wm, wds, x, xst, xd, xs, xds, nb, out, ost, use_simd)
     else:
         if many_rows:
             if many_acts:

@@ -135,15 +135,13 @@ def prefetch(typingctx, addr):
 # ---- the block dot products --------------------------------------------------------------------------------------
 
 # kind: (bytes per block of a weight row, nibbles?, signed values?, offset subtracted from nibbles, 8 lanes?,
-#        has a min term (Q4_1 / Q5_1: + sum_b fma(m_w, s_x)), fifth bits (Q5_0 / Q5_1: qh, 4 bytes, before the
-#        nibbles, as the file has them: weights/packed.py's _Q5Weight))
+#        has a min term (Q4_1 / Q5_1: + sum_b fma(m_w, s_x)))
 KINDS = {
-    "q8_0": (32, False, True, 0, True, False, False),
-    "q5_0": (20, True, True, 16, True, False, True),  # values (nibble | bit << 4) - 16
-    "q5_1": (20, True, False, 0, True, True, True),  # values nibble | bit << 4, 0..31
-    "q4_0": (16, True, True, 8, True, False, False),  # not repacked: 8 lanes
-    "q4_0r": (16, True, True, 8, False, False, False),  # repacked (ggml_gemv_q4_0_8x8_q8_0): one integer per block
-    "q4_1": (16, True, False, 0, True, True, False),
+    "q8_0": (32, False, True, 0, True, False),  # also Q5_0, kept as int8 values q - 16
+    "q5_1": (32, False, False, 0, True, True),  # one byte per value 0..31
+    "q4_0": (16, True, True, 8, True, False),  # not repacked: 8 lanes
+    "q4_0r": (16, True, True, 8, False, False),  # repacked (ggml_gemv_q4_0_8x8_q8_0): one integer per block
+    "q4_1": (16, True, False, 0, True, True),
 }
 
 
@@ -167,36 +165,17 @@ def _shuffle(builder, v, idx):
     return builder.shuffle_vector(v, ir.Constant(v.type, ir.Undefined), ir.Constant(ir.VectorType(I32, len(idx)), idx))
 
 
-def _weight_values(builder, raw, nibbles, offset, high=False):
-    """A weight block's raw bytes -> <32 x i8> values in value order. high: raw is Q5_0 / Q5_1's (qh: i32, bit
-    j value j's fifth bit; the 16 bytes of nibbles)."""
+def _weight_values(builder, raw, nibbles, offset):
+    """A weight block's raw bytes -> <32 x i8> values in value order."""
     if not nibbles:
         return raw
     v16 = ir.VectorType(I8, 16)
-    nib = raw[1] if high else raw
-    lo = builder.and_(nib, ir.Constant(v16, [15] * 16))
-    hi = builder.lshr(nib, ir.Constant(v16, [4] * 16))
+    lo = builder.and_(raw, ir.Constant(v16, [15] * 16))
+    hi = builder.lshr(raw, ir.Constant(v16, [4] * 16))
     vals = builder.shuffle_vector(lo, hi, ir.Constant(ir.VectorType(I32, 32), list(range(32))))
-    if high:  # Q5_0 signed as llama.cpp makes it: nibble | 0xF0 where the bit is clear is nibble - 16 as int8
-        return builder.or_(vals, _fifth_bits(builder, raw[0], 0 if offset else 16, 0xF0 if offset else 0))
     if offset:
         vals = builder.sub(vals, ir.Constant(ir.VectorType(I8, 32), [offset] * 32))
     return vals
-
-
-def _fifth_bits(builder, qh, if_set, if_clear):
-    """Q5's qh (i32, bit j for value j) -> <32 x i8>, byte j if_set where bit j is
-    set, else if_clear (one of them 0): llama.cpp's bytes_from_bits_32 (byte j takes qh's byte j / 8, vpshufb;
-    keeps bit j % 8, vpand; compares, vpcmpeqb), then the compare's 0 / -1 bytes and the wanted byte (vpand,
-    or vpandn for if_clear: Q5_0's 0xF0, llama.cpp's `~bxhi & 0xF0`)."""
-    v32 = ir.VectorType(I8, 32)
-    qh4 = builder.bitcast(qh, ir.VectorType(I8, 4))  # little-endian: byte k holds bits 8k .. 8k + 7
-    spread = _shuffle(builder, qh4, [j // 8 for j in range(32)])  # byte j: qh's byte j // 8
-    bit = ir.Constant(v32, [1 << (j % 8) for j in range(32)])
-    mask = builder.sext(builder.icmp_unsigned("==", builder.and_(spread, bit), bit), v32)  # -1 where set
-    if if_clear:
-        return builder.and_(builder.not_(mask), ir.Constant(v32, [if_clear] * 32))
-    return builder.and_(mask, ir.Constant(v32, [if_set] * 32))
 
 
 def lanes_portable(builder, w, x, signed):
@@ -243,9 +222,8 @@ def lanes_u8s8(builder, u, s, isa):
 
     AVX2 sums two products in int16 with saturation, so every use is bounded here (s is an activation of
     -127..127: ggml's Q8_0 / Q8_1 / Q8_K quantization never gives -128): unsigned weights Q4_1 0..15 and
-    Q5_1 0..31 (at most 2 * 31 * 127 = 7874), Q4_0's nibbles 0..15 and Q5_0's values 0..31 before their
-    offset 8 or 16 is taken off (7874), Q8_0's signed values by ggml's sign trick, |w| <= 128 times x with w's
-    sign (32512), and
+    Q5_1 0..31 (at most 2 * 31 * 127 = 7874), Q4_0's nibbles 0..15 before their offset 8 is taken off
+    (3810), Q8_0 / Q5_0's signed values by ggml's sign trick, |w| <= 128 times x with w's sign (32512), and
     the ones that sum the activations (254); the K-quants (kernels/ggml_kquants.py) Q4_K 0..15, Q5_K 0..31,
     Q6_K 0..63 (16002). All under 32767: the int16 sums are exact, and so the int32 lanes."""
     v8 = ir.VectorType(I32, 8)
@@ -257,9 +235,8 @@ def lanes_u8s8(builder, u, s, isa):
 
 def _offset_lanes(builder, x, offset, isa):
     """offset * (the sums of x's 4-value groups) as <8 x i32>, once per activation block: with VNNI or AVX2
-    the nibbles of Q4_0 (0..15) and Q5_0's values (0..31) enter the unsigned side and the offset 8 or 16 is
-    taken off afterwards, exactly, instead of applying each weight's sign to x (llama.cpp's Q5_0 takes the
-    sign trick; the integers are the same)."""
+    the nibbles of Q4_0 enter the unsigned side (0..15) and the offset 8 is taken off afterwards, exactly,
+    instead of applying each weight's sign to x."""
     ones = ir.Constant(ir.VectorType(I8, 32), [1] * 32)
     sums = lanes_u8s8(builder, ones, x, isa)
     return builder.mul(sums, ir.Constant(ir.VectorType(I32, 8), [offset] * 8))
@@ -297,7 +274,7 @@ def _define_tile(module, kind, rows, acts, isa):
         return module.globals[name]
     if kind == "q4_0r" and isa == "avx2":
         return _define_q4_0r_avx2(module, name, acts)
-    block, nibbles, signed, offset, lanes8, has_min, high = KINDS[kind]
+    block, nibbles, signed, offset, lanes8, has_min = KINDS[kind]
     fn = ir.Function(module, ir.FunctionType(ir.VoidType(), [I64] * 13), name)
     fn.linkage = "internal"
     w, ws, wd, wm, wds, x, xstride, xd, xs, xds, nb, out, ostride = fn.args
@@ -324,16 +301,13 @@ def _define_tile(module, kind, rows, acts, isa):
     def splat(v):
         return _shuffle(b, b.insert_element(ir.Constant(v8f, ir.Undefined), v, ir.Constant(I32, 0)), [0] * 8)
 
-    # Signed 8-bit weights (Q8_0): VNNI takes (x + 128) as unsigned bytes times w, less 128 sum(w) per
+    # Signed 8-bit weights (Q8_0, Q5_0): VNNI takes (x + 128) as unsigned bytes times w, less 128 sum(w) per
     # lane; AVX2 cannot (255 * 128 twice saturates int16) and takes ggml's sign trick, |w| times x with w's
-    # sign. Q4_0's nibbles and Q5_0's 5-bit values enter both unsigned, less 8 or 16 sum(x).
+    # sign. Q4_0's nibbles enter both unsigned, less 8 sum(x).
     fast = isa != "portable"
     by_x128 = isa == "vnni" and signed and not nibbles
-    # Q5_0 too on AVX2 in a decode (acts 1): its signed values (nibble | 0xF0 where the fifth bit is clear, as
-    # llama.cpp makes them) by the sign trick take 2 vpsignb per block where the offset took 4 instructions;
-    # with 4 activation rows the offset's lanes, made once per activation block, cost less.
-    by_sign = isa == "avx2" and signed and (not nibbles or (high and acts == 1))
-    unsigned_offset = fast and offset and not by_sign
+    by_sign = isa == "avx2" and signed and not nibbles
+    unsigned_offset = fast and offset
     # the activation side, once per block: quants, scale, sum, and what the integer instructions need of x alone
     xq, xdv, xsv, x_off, x_u8 = [], [], [], [], []
     for a_ in range(acts):
@@ -346,12 +320,8 @@ def _define_tile(module, kind, rows, acts, isa):
     # the weight side, once per block
     wvals, w_corr, w_abs, wdv = [], [], [], []
     for r in range(rows):
-        row_block = b.add(b.add(w, b.mul(c64(r), ws)), b.mul(i, c64(block)))
-        if high:  # qh and the nibbles as two loads (one <20 x i8> load became vmovd + vpalignr)
-            raw = (_gep_load(b, row_block, c64(0), I32, 1), _gep_load(b, row_block, c64(4), ir.VectorType(I8, 16), 1))
-        else:
-            raw = _gep_load(b, row_block, c64(0), ir.VectorType(I8, block), 1)
-        wvals.append(_weight_values(b, raw, nibbles, 0 if unsigned_offset else offset, high))
+        raw = _gep_load(b, b.add(w, b.mul(c64(r), ws)), b.mul(i, c64(block)), ir.VectorType(I8, block), 1)
+        wvals.append(_weight_values(b, raw, nibbles, 0 if unsigned_offset else offset))
         ones = ir.Constant(v32, [1] * 32)
         w_corr.append(b.shl(lanes_u8s8(b, ones, wvals[r], isa), ir.Constant(v8i, [7] * 8)) if by_x128 else None)
         w_abs.append(sign8(b, wvals[r], wvals[r]) if by_sign else None)

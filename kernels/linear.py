@@ -393,14 +393,15 @@ def _rows_f32(w, ids, out):
 
 # ---- dispatch on the stored format -------------------------------------------------------------------------
 # format -> (matrix-vector kernel, row decoder); both take the weight's `kernel_args()` (weights/packed.py).
-# Q4_K is regrouped at load and runs the Q4_1 kernels; Q5_0, Q5_1, Q5_K keep the file's bytes for
-# arithmetic="ggml" and hand these kernels a one-byte-per-value copy, made on first use (kernel_args()).
+# Q4_K is regrouped at load and runs the Q4_1 kernels; Q5_0 and Q5_1 are kept one byte per value; Q5_K and
+# Q6_K keep the file's bytes for arithmetic="ggml" and hand these kernels a one-byte-per-value copy, made on
+# first use (kernel_args()).
 
 KINDS = {
     "q8_0": (_mv_q8, _rows_q8),
     "q4_0": (_mv_q4, _rows_q4),
     "q4_1": (_mv_q4, _rows_q4),
-    "q5_0": (_mv_q8, _rows_q8),  # one byte per value (kernel_args()), as Q8_0 ...
+    "q5_0": (_mv_q8, _rows_q8),  # one byte per value at load (weights/packed.py), as Q8_0 ...
     "q5_1": (_mv_q8, _rows_q8),  # ... and with offsets, as Q5_K
     "q4_k": (_mv_q4, _rows_q4),
     "q5_k": (_mv_q8, _rows_q8),

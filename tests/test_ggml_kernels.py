@@ -210,18 +210,6 @@ def test_repacked_q4_0_scales():
         kernels()._repack_scales(w.d * np.float32(1 + 2**-20))
 
 
-@pytest.mark.parametrize("kind", ["q5_0", "q5_1"])
-def test_q5_streams_the_files_width(kind):
-    """Q5_0 / Q5_1 keep the file's qh and nibbles (20 bytes a block) and the kernels read those: no one byte per
-    value is made for arithmetic="ggml" (exact mode's expansion only on its own first use)."""
-    w = raw_blocks(kind, 5, 3, seed=4)
-    assert w.qs.shape == (5, 3 * 20) and w.qs.dtype == np.uint8
-    assert np.array_equal(w.qs.reshape(5, 3, 20), w.raw_blocks().reshape(5, 3, -1)[:, :, -20:])
-    kind_, qs, _, _ = kernels()._weight_args(w)
-    assert qs.shape == (5, 60) and kind_ == kernels().KIND[kind]
-    assert "_wide" not in vars(w) and w.nbytes == 5 * 3 * (20 + 4 * len(w.fields))
-
-
 def raw_blocks(kind, rows, nb, seed, pattern="random", scale=(1e-3, 1.0)):
     """(rows, nb) blocks of `kind` as a GGUF stores them, the quant bytes drawn from every value (so Q8_0's
     -128, Q4's 0 and 15, Q5's 0 and 31 all occur) or set to one extreme ("min": every byte 0x00, Q8_0 0;
@@ -331,13 +319,11 @@ def test_simd_path_is_vpdpbusd_where_the_cpu_has_it():
     assert any(m.startswith("vfmadd") for m in found)  # the float part: true fused multiply-adds
 
 
-@pytest.mark.parametrize("tile", ["_q8_RA", "_q8_R1", "_q4_0_R1", "_q4_0r_R1", "_q4_1_RA", "_q5_0_R1", "_q5_0_RA",
-                                  "_q5_1_R1"])
+@pytest.mark.parametrize("tile", ["_q8_RA", "_q8_R1", "_q4_0_R1", "_q4_0r_R1", "_q4_1_RA", "_q5_1_R1"])
 def test_avx2_path_is_vpmaddubsw(tile):
     """On an AVX2 CPU, use_simd=2 (and, without VNNI, the default 1) builds the tile's integers from
     vpmaddubsw + vpmaddwd, as llama.cpp does, and not from 32-bit multiplies (vpmulld, vpmovsxbd: the
-    portable code on x86). The sign trick of the signed 8-bit weights is vpsignb (Q5_0's signed values too, in
-    a decode's tiles of one activation row; with 4, the unsigned values less 16 sum(x))."""
+    portable code on x86). The sign trick of the signed 8-bit weights is vpsignb."""
     from numba import njit, types
 
     from llama_ref.kernels import ggml_simd
@@ -355,7 +341,7 @@ def test_avx2_path_is_vpmaddubsw(tile):
         dot.compile((types.int64,) * 13)
         found = mnemonics(dot)
         assert {"vpmaddubsw", "vpmaddwd"} <= found and not found & {"vpmulld", "vpmovsxbd", "vpdpbusd"}, found
-        assert ("vpsignb" in found) == (tile.startswith("_q8") or tile == "_q5_0_R1")
+        assert ("vpsignb" in found) == tile.startswith("_q8")
 
 
 @pytest.mark.slow

@@ -166,7 +166,7 @@ def weight_blocks(w, rows: slice) -> tuple[np.ndarray, np.ndarray, "np.ndarray |
     float32 (fp16 values). Q4_0's and Q5_0's values are offset to -8..7 and -16..15 (ggml subtracts 8 or 16
     before multiplying); Q4_1's and Q5_1's stay 0..15 and 0..31, their offset m apart."""
     if w.format in ("q8_0", "q5_0", "q5_1"):  # one byte per value (Q5_0: q - 16, Q5_1: q), weights/packed.py
-        q = (w.qs[rows] if w.format == "q8_0" else w.values(rows)).view(np.int8)  # (R, K)
+        q = w.qs[rows].view(np.int8)  # (R, K)
         return q.reshape(q.shape[0], -1, QK), w.d[rows], (w.m[rows] if w.format == "q5_1" else None)
     if w.format in ("q4_0", "q4_1"):
         b = w.qs[rows].reshape(-1, w.d.shape[1], QK // 2)  # (R, nb, 16): value j low nibble, j + 16 high

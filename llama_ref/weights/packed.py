@@ -248,19 +248,23 @@ class _Q5Weight(GGUFBlockWeight):
     """Q5_0 and Q5_1: the fields (d; Q5_1 also m, fp16) | qh, 4 bytes | 16 bytes of nibbles laid out as Q4_0's.
     Value j of a block has q = nibble | (bit j of qh, little-endian) << 4; Q5_0: d * (q - 16), Q5_1: d * q + m.
 
-    Stored at the file's width: `qs` (rows, 20 nb) holds each block's qh and nibbles as the file has them
-    (GGUFBlockWeight's split), so that arithmetic="ggml" streams 20 quant bytes a block (and 4 or 8 of float32
-    scales) as llama.cpp streams 22 / 24; its tiles put the fifth bits back in registers (kernels/ggml_simd.py).
-    `values(rows)` gives one byte per value, in value order (Q5_0: q - 16 as int8; Q5_1: q), for the NumPy
-    specification; exact mode's kernels (kernels/linear.py reads these as Q8_0's / Q5_K's bytes) get that
-    expansion made once, on first use (`kernel_args`), 32 more bytes a block held while the weight lives."""
+    Kept as the Q8 kernels read Q8_0 (Q5_0) or Q5_K (Q5_1): one byte per value in `qs` (Q5_0: q - 16 as int8;
+    Q5_1: q), in value order; 1 byte per value in memory against 0.69 / 0.75 in the file, the price of reading
+    5-bit values without shuffling bits in the kernels. raw_blocks() rebuilds the file's bytes."""
     offset = 0  # 16 for Q5_0
 
-    def values(self, rows=slice(None)) -> np.ndarray:
-        """Rows `rows` as one byte per value: (R, cols) uint8, q, or for Q5_0 the int8 bytes of q - 16."""
-        qs = self.qs[rows]
-        n = qs.shape[0]
-        return self._values(qs.reshape(-1, 20)).reshape(n, self.shape[1])
+    def __init__(self, data, shape):
+        rows, cols = int(shape[0]), int(shape[1])
+        if cols % 32:
+            raise WeightsError(f"{self.format}: row length {cols} is not a multiple of the block size 32")
+        nb = cols // 32
+        raw = np.asarray(data).view(np.uint8).reshape(rows, nb, self.type_size)  # (rows, blocks, bytes)
+        self.shape = (rows, cols)
+        h = 2 * len(self.fields)
+        for i, name in enumerate(self.fields):
+            setattr(self, name, _readonly(_fp16(raw[:, :, 2 * i:2 * i + 2])))  # (rows, blocks) float32
+        self.qs = _readonly(self._values(raw.reshape(rows * nb, -1)[:, h:]).reshape(rows, cols))
+        self.data = self.qs
 
     def _values(self, b):
         """(n, 20) bytes qh | nibbles -> (n, 32) uint8: q, or for Q5_0 the int8 bytes of q - 16."""
@@ -270,11 +274,19 @@ class _Q5Weight(GGUFBlockWeight):
         return (q.astype(np.int8) - np.int8(self.offset)).view(np.uint8)
 
     def kernel_args(self):
-        # exact mode's Q8-style kernels (kernels/linear.py) read one byte per value: expanded once, kept
-        wide = self.__dict__.get("_wide")
-        if wide is None:
-            wide = self._wide = _readonly(self.values())
-        return (wide, self.d, self.m, True) if self.fields == ("d", "m") else (wide, self.d, self.d, False)
+        return (self.qs, self.d, self.m, True) if self.fields == ("d", "m") else (self.qs, self.d, self.d, False)
+
+    def raw_blocks(self, ids=None) -> np.ndarray:
+        sel = slice(None) if ids is None else ids
+        qs = self.qs[sel]
+        n, nb = qs.shape[0], self.shape[1] // 32
+        q = (qs.view(np.int8) + np.int8(self.offset)).view(np.uint8).reshape(n, nb, 32)  # 0..31
+        qh = (((q >> np.uint8(4)) & np.uint8(1)).astype(np.uint32) << np.arange(32, dtype=np.uint32)).sum(
+            axis=2, dtype=np.uint32).astype("<u4")[:, :, None].view(np.uint8)  # (n, nb, 4)
+        low = q & np.uint8(15)
+        nibbles = low[:, :, :16] | (low[:, :, 16:] << np.uint8(4))  # (n, nb, 16)
+        parts = [getattr(self, name)[sel].astype(np.float16)[:, :, None].view(np.uint8) for name in self.fields]
+        return np.concatenate(parts + [qh, nibbles], axis=2).reshape(n, -1)
 
     def _dequantize_blocks(self, b):
         d = _fp16(b[:, 0:2])[:, None]  # (n, 1)

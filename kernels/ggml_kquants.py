@@ -33,8 +33,8 @@ from numba.extending import intrinsic
 
 from ._common import JIT, readonly
 from .ggml_ops import serial_product
-from .ggml_simd import (_declare, _gep_load, _hsum8, _prefetch, _ptr, _rows_ahead, _shuffle, dispatch, lanes_portable,
-                        lanes_u8s8, madd16, pairs_u8s8, roundeven32, simd_default)
+from .ggml_simd import (_close_loop, _declare, _gep_load, _hsum8, _prefetch, _ptr, _rows_ahead, _shuffle, dispatch,
+                        lanes_portable, lanes_u8s8, madd16, pairs_u8s8, roundeven32, simd_default)
 
 ROWS = 16  # weight rows per parallel work item
 
@@ -158,21 +158,7 @@ def _define_q6_k_tile(module, rows, acts, isa):
             t = r * acts + a
             d = b.fmul(xdv, dw[r])  # float32 d_x * d_w
             new_accs[t] = b.call(fma_v, [splat(d), b.sitofp(b.sub(totals[t], offset), v8f), accs[t]])
-    i1 = b.add(i, c64(1))
-    b.cbranch(b.icmp_signed("<", i1, nb), loop, done)
-    i.add_incoming(c64(0), entry)
-    i.add_incoming(i1, loop)
-    for phi, val in zip(accs, new_accs):
-        phi.add_incoming(zero8, entry)
-        phi.add_incoming(val, loop)
-
-    b = ir.IRBuilder(done)
-    finals = []
-    for val in new_accs:  # the phis first, as LLVM requires
-        phi = b.phi(v8f)
-        phi.add_incoming(zero8, entry)
-        phi.add_incoming(val, loop)
-        finals.append(phi)
+    b, finals = _close_loop(b, i, nb, entry, loop, done, [(p, v, zero8) for p, v in zip(accs, new_accs)])
     for r in range(rows):
         for a in range(acts):
             at = b.add(b.add(out, b.mul(c64(a), ostride)), c64(4 * r))
@@ -251,23 +237,9 @@ def _define_q5_k_tile(module, acts, isa):
         new_accs.append(b.call(fma_v, [splat(b.fmul(xdv, dw)), b.sitofp(totals[a], v8f), accs[a]]))
         dmin = b.fneg(b.fmul(xdv, dminw))  # -(d_x * dmin_w)
         new_summs.append(b.call(fma_s, [dmin, b.sitofp(imin, F32), summs[a]]))
-    i1 = b.add(i, c64(1))
-    b.cbranch(b.icmp_signed("<", i1, nb), loop, done)
-    i.add_incoming(c64(0), entry)
-    i.add_incoming(i1, loop)
-    for phis, vals_, zero in ((accs, new_accs, zero8), (summs, new_summs, ir.Constant(F32, 0.0))):
-        for phi, val in zip(phis, vals_):
-            phi.add_incoming(zero, entry)
-            phi.add_incoming(val, loop)
-
-    b = ir.IRBuilder(done)
-    finals = []
-    for vals_, zero, ty in ((new_accs, zero8, v8f), (new_summs, ir.Constant(F32, 0.0), F32)):
-        for val in vals_:  # the phis first, as LLVM requires
-            phi = b.phi(ty)
-            phi.add_incoming(zero, entry)
-            phi.add_incoming(val, loop)
-            finals.append(phi)
+    zero = ir.Constant(F32, 0.0)
+    b, finals = _close_loop(b, i, nb, entry, loop, done, [(p, v, zero8) for p, v in zip(accs, new_accs)]
+                            + [(p, v, zero) for p, v in zip(summs, new_summs)])
     for a in range(acts):
         total = b.fadd(_hsum8(b, finals[a]), finals[acts + a])  # the mins' float32 sum, added last
         b.store(total, _ptr(b, b.add(out, b.mul(c64(a), ostride)), F32), align=4)
@@ -375,26 +347,10 @@ def _define_q4_k_tile(module, acts, repacked, isa):
             dmin = b.fneg(b.fmul(xdv, dminw))  # -(d_x * dmin_w)
             accm = b.call(fma_4, [splat(dmin, v4f), b.sitofp(pairs, v4f), accm])
         new.append((acc, accm))
-    i1 = b.add(i, c64(1))
-    b.cbranch(b.icmp_signed("<", i1, nb), loop, done)
-    i.add_incoming(c64(0), entry)
-    i.add_incoming(i1, loop)
     zeros = [ir.Constant(ty, 0.0 if ty is F32 else [0.0] * ty.count) for ty in kinds]
-    for pa, na in zip(phis, new):
-        for phi, val, zero in zip(pa, na, zeros):
-            phi.add_incoming(zero, entry)
-            phi.add_incoming(val, loop)
-
-    b = ir.IRBuilder(done)
-    finals = []
-    for na in new:  # the phis first, as LLVM requires
-        row = []
-        for val, zero, ty in zip(na, zeros, kinds):
-            phi = b.phi(ty)
-            phi.add_incoming(zero, entry)
-            phi.add_incoming(val, loop)
-            row.append(phi)
-        finals.append(row)
+    b, ends = _close_loop(b, i, nb, entry, loop, done,
+                          [(phi, val, zero) for pa, na in zip(phis, new) for phi, val, zero in zip(pa, na, zeros)])
+    finals = [ends[k:k + len(kinds)] for k in range(0, len(ends), len(kinds))]  # per activation row, as `new`
     for a in range(acts):
         acc, accm = finals[a]
         if repacked:

@@ -257,6 +257,27 @@ def _combine(builder, a, b):
     return builder.add(builder.shuffle_vector(a, b, v8), builder.shuffle_vector(a, b, ir.Constant(v8.type, odds)))
 
 
+def _close_loop(b, i, nb, entry, loop, done, carried):
+    """End a loop over blocks i = 0 .. nb - 1: i + 1, back to `loop` while below nb, else on to `done`. Each
+    (phi, next value, zero) in `carried` gets its incomings (zero from entry, the next value from the loop).
+    -> a builder in `done` and the values leaving the loop, in carried's order (phis first, as LLVM requires)."""
+    i1 = b.add(i, ir.Constant(I64, 1))
+    b.cbranch(b.icmp_signed("<", i1, nb), loop, done)
+    i.add_incoming(ir.Constant(I64, 0), entry)
+    i.add_incoming(i1, loop)
+    for phi, val, zero in carried:
+        phi.add_incoming(zero, entry)
+        phi.add_incoming(val, loop)
+    b = ir.IRBuilder(done)
+    finals = []
+    for _, val, zero in carried:
+        phi = b.phi(val.type)
+        phi.add_incoming(zero, entry)
+        phi.add_incoming(val, loop)
+        finals.append(phi)
+    return b, finals
+
+
 def _define_tile(module, kind, rows, acts, isa):
     """void f(w, ws, wd, wm, wds, x, xstride, xd, xs, xds, nb, out, ostride): the dot products of `rows`
     weight rows (from byte address w, ws bytes apart; scales wd and mins wm float32, wds bytes apart) with
@@ -356,29 +377,10 @@ def _define_tile(module, kind, rows, acts, isa):
                 m = _gep_load(b, b.add(wm, b.mul(c64(r), wds)), four, F32, 4)
                 k = r * acts + a_
                 new_mins[k] = b.call(fma_s, [m, xsv[a_], mins[k]])
-    i1 = b.add(i, c64(1))
-    b.cbranch(b.icmp_signed("<", i1, nb), loop, done)
-    i.add_incoming(c64(0), entry)
-    i.add_incoming(i1, loop)
-    for phi, val in zip(accs, new_accs):
-        phi.add_incoming(zero8, entry)
-        phi.add_incoming(val, loop)
-    for phi, val in zip(mins, new_mins):
-        phi.add_incoming(ir.Constant(F32, 0.0), entry)
-        phi.add_incoming(val, loop)
-
-    b = ir.IRBuilder(done)
-    finals, final_mins = [], []
-    for val in new_accs:  # the phis first, as LLVM requires
-        phi = b.phi(v8f)
-        phi.add_incoming(zero8, entry)
-        phi.add_incoming(val, loop)
-        finals.append(phi)
-    for val in new_mins:
-        phi = b.phi(F32)
-        phi.add_incoming(ir.Constant(F32, 0.0), entry)
-        phi.add_incoming(val, loop)
-        final_mins.append(phi)
+    zero = ir.Constant(F32, 0.0)
+    b, ends = _close_loop(b, i, nb, entry, loop, done, [(p, v, zero8) for p, v in zip(accs, new_accs)]
+                          + [(p, v, zero) for p, v in zip(mins, new_mins)])
+    finals, final_mins = ends[:len(accs)], ends[len(accs):]
     for a_ in range(acts):
         row_out = b.add(out, b.mul(c64(a_), ostride))
         if not lanes8:
@@ -494,21 +496,7 @@ def _define_q4_0r_avx2(module, name, acts):
         xdv = _gep_load(b, b.add(xd, b.mul(c64(a_), xds)), four, F32, 4)
         xsplat = _shuffle(b, b.insert_element(ir.Constant(v8f, ir.Undefined), xdv, ir.Constant(I32, 0)), [0] * 8)
         new_accs.append(b.call(fma_v, [b.fmul(scales, xsplat), b.sitofp(sumi, v8f), accs[a_]]))
-    i1 = b.add(i, c64(1))
-    b.cbranch(b.icmp_signed("<", i1, nb), loop, done)
-    i.add_incoming(c64(0), entry)
-    i.add_incoming(i1, loop)
-    for phi, val in zip(accs, new_accs):
-        phi.add_incoming(zero8, entry)
-        phi.add_incoming(val, loop)
-
-    b = ir.IRBuilder(done)
-    finals = []
-    for val in new_accs:
-        phi = b.phi(v8f)
-        phi.add_incoming(zero8, entry)
-        phi.add_incoming(val, loop)
-        finals.append(phi)
+    b, finals = _close_loop(b, i, nb, entry, loop, done, [(p, v, zero8) for p, v in zip(accs, new_accs)])
     for a_ in range(acts):
         b.store(finals[a_], _ptr(b, b.add(out, b.mul(c64(a_), ostride)), v8f), align=4)
     b.ret_void()

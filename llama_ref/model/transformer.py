@@ -75,12 +75,13 @@ class Transformer(GenerationMixin):
             p = f"layers.{i}."
             # Attention block, pre-norm: normalise, project to queries, keys and values.
             x = rec(p + "attention_norm", op.rms_norm(h, w[p + "attention_norm.weight"], args.norm_eps))  # (B, T, D)
-            q = op.linear(x, w[p + "attention.wq.weight"]).reshape(B, T, H, HD)  # (B, T, H, HD)
-            k = op.linear(x, w[p + "attention.wk.weight"]).reshape(B, T, KVH, HD)  # (B, T, KVH, HD)
+            q, k, v = linears(op, x, w[p + "attention.wq.weight"], w[p + "attention.wk.weight"],
+                              w[p + "attention.wv.weight"])  # (B, T, H*HD), (B, T, KVH*HD), (B, T, KVH*HD)
+            q, k, v = q.reshape(B, T, H, HD), k.reshape(B, T, KVH, HD), v.reshape(B, T, KVH, HD)
             # Rotate queries and keys by their absolute positions (relative positions emerge in q.k).
             q = rec(p + "attention.q", op.apply_rope(q, cos, sin))  # (B, T, H, HD)
             k = rec(p + "attention.k", op.apply_rope(k, cos, sin))  # (B, T, KVH, HD)
-            v = rec(p + "attention.v", op.linear(x, w[p + "attention.wv.weight"]).reshape(B, T, KVH, HD))  # not rotated
+            v = rec(p + "attention.v", v)  # (B, T, KVH, HD), not rotated
             # Append this chunk's keys and values to the cache and attend causally over all of them.
             keys, values = cache.update(i, start_pos, k, v)  # (B, S, KVH, HD) each
             attn = rec(p + "attention.heads", op.attention(q, keys, values, start_pos, key_mask))  # (B, T, H, HD)
@@ -91,8 +92,8 @@ class Transformer(GenerationMixin):
 
             # Feed-forward block, pre-norm: SwiGLU, w2(silu(w1 x) * w3 x).
             x = rec(p + "ffn_norm", op.rms_norm(h, w[p + "ffn_norm.weight"], args.norm_eps))  # (B, T, D)
-            gate = rec(p + "feed_forward.gate", op.linear(x, w[p + "feed_forward.w1.weight"]))  # (B, T, F)
-            up = rec(p + "feed_forward.up", op.linear(x, w[p + "feed_forward.w3.weight"]))  # (B, T, F)
+            gate, up = linears(op, x, w[p + "feed_forward.w1.weight"], w[p + "feed_forward.w3.weight"])  # (B, T, F)
+            gate, up = rec(p + "feed_forward.gate", gate), rec(p + "feed_forward.up", up)
             out = op.linear(op.swiglu(gate, up), w[p + "feed_forward.w2.weight"])  # (B, T, D)
             out = rec(p + "feed_forward.output", self.parallel.all_reduce(out))  # tensor parallel: add the ranks' terms
             h = rec(p + "residual", h + out)  # (B, T, D)
@@ -159,6 +160,14 @@ class Transformer(GenerationMixin):
     def reset(self) -> None:
         """Forget the cached positions."""
         self.cache = None
+
+
+def linears(op, x: np.ndarray, *ws) -> tuple:
+    """op.linear(x, w) for each w: the projections that read the same x (wq, wk, wv; w1, w3). A backend with a
+    `linears(x, *ws)` of its own computes them together, the same values (one parallel region, one quantized
+    copy of x, one choice of the columns to sum apart); any other backend takes them one by one."""
+    together = getattr(op, "linears", None)
+    return together(x, *ws) if together is not None else tuple(op.linear(x, w) for w in ws)
 
 
 def _resolve_backend(backend):

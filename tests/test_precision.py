@@ -224,6 +224,42 @@ def test_sums_keep_what_is_already_summed_in_short_chains():
             llama_ref.load("no-such-model", sums=sums, arithmetic="ggml")
 
 
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+def test_apart_linears_share_one_column_choice(backend, monkeypatch):
+    """with_sums(backend, "apart").linears(x, *ws), the products that read the same x (wq, wk, wv; w1, w3):
+    x's columns chosen once, each weight's product the bits of .linear(x, w) (the choice depends on x only);
+    packed weights in the Numba backend, a decode row and float64 take the backend's own product as before,
+    and "blocked" takes them one by one."""
+    from llama_ref import kernels
+    from llama_ref.kernels import sums as numba_sums
+    from llama_ref.weights.packed import Q8_0Weight
+
+    own = kernels if backend == "numba" else ops
+    rng = np.random.default_rng(1)
+    K = 192  # whole Q8_0 blocks of 32
+    x = rng.standard_normal((2, 20, K), dtype=np.float32)
+    x[..., 7] *= 30
+    x[1, 4, 150] = 80
+    ws = [rng.standard_normal((R, K), dtype=np.float32) / np.float32(np.sqrt(K)) for R in (96, 32, 32)]
+    calls = []  # the column choices made: NumPy's _apart, the Numba backend's _largest_columns
+    module, name = (numba_sums, "_largest_columns") if backend == "numba" else (ops, "_apart")
+    monkeypatch.setattr(module, name, lambda *a, f=getattr(module, name): calls.append(1) or f(*a))
+    summed = ops.with_sums(own, "apart")
+    one_by_one = [summed.linear(x, w) for w in ws]
+    assert len(calls) == 3
+    got = summed.linears(x, *ws)
+    assert len(calls) == 4  # one choice for the three
+    assert all(np.array_equal(a, b) and a.shape == b.shape for a, b in zip(got, one_by_one))
+    assert not np.array_equal(got[0], own.linear(x, ws[0]))  # summed apart, not the backend's own
+    packed = Q8_0Weight.quantize(ws[1])
+    mixed = summed.linears(x, ws[0], packed, ws[2])
+    assert all(np.array_equal(a, summed.linear(x, w)) for a, w in zip(mixed, (ws[0], packed, ws[2])))
+    for few in (x[:1, :1], x[:1, :15], x.astype(np.float64)):  # a decode row, under 16 rows, float64
+        assert all(np.array_equal(a, own.linear(few, w)) for a, w in zip(summed.linears(few, *ws), ws))
+    blocked = ops.with_sums(own, "blocked")
+    assert all(np.array_equal(a, blocked.linear(x, w)) for a, w in zip(blocked.linears(x, *ws), ws))
+
+
 def test_error_budget_needs_a_float32_and_a_float64_model():
     with pytest.raises(llama_ref.LlamaRefError, match="float32 model and a float64 model"):
         error_budget(tiny_model(dtype=np.float64), tiny_model(dtype=np.float64), TOKENS)

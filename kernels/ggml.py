@@ -313,4 +313,16 @@ def linear(x: np.ndarray, w) -> np.ndarray:
     return out if x.ndim == 2 else out.reshape(x.shape[:-1] + (w.shape[0],))
 
 
+def linears(x: np.ndarray, *ws) -> tuple:
+    """tuple(linear(x, w) for w in ws), the same bits: the projections that read the same x (wq, wk, wv; w1, w3)
+    of a decode step in one compiled call, x quantized once, one parallel region (kernels/ggml_linears.py)."""
+    global _together
+    if _together is None:  # imported on first use, as the K-quant products are (it imports this module)
+        from .ggml_linears import linears as _together
+    return _together(x, *ws)
+
+
+_together = None
+
+
 __all__ = spec.__all__

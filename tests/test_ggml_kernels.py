@@ -198,6 +198,91 @@ def test_linear_one_row_fast_path_equals_specification():
         numba.set_num_threads(before)
 
 
+
+# ---- several products of one x (kernels/ggml_linears.py) -----------------------------------------------------
+
+def _linears_weights(formats, rows, k, seed):
+    """One matrix per format, rows each (Q4_K / Q5_K / Q6_K: random blocks, see test_ggml_kquants)."""
+    from test_ggml_kquants import TYPES as KTYPES, random_kquant
+
+    rng = np.random.default_rng(seed)
+    ws = []
+    for i, (fmt, r) in enumerate(zip(formats, rows)):
+        if fmt in KTYPES:
+            ws.append(random_kquant(KTYPES[fmt], r, k, seed + i))
+        else:
+            ws.append(TYPES[fmt].quantize(rng.standard_normal((r, k)).astype(np.float32)))
+    return ws
+
+
+def _check_linears(ws, x, monkeypatch, use_simd=None):
+    """linears(x, *ws) equals the specification's product weight by weight, bit for bit and shape, with the
+    serial path forced (the limit past all the work) and the parallel one (limit 0), on the threads there are
+    and on one."""
+    import numba
+
+    from llama_ref.kernels import ggml_linears, ggml_ops
+
+    before = numba.get_num_threads()
+    expected = [ggml.linear(x, w) for w in ws]
+    try:
+        for threads, limit in sorted({(1, 1 << 62), (before, 1 << 62), (before, 0)}):
+            numba.set_num_threads(threads)
+            monkeypatch.setattr(ggml_ops, "SERIAL_WEIGHTS", limit)
+            got = ggml_linears.linears(x, *ws, use_simd=use_simd)
+            assert len(got) == len(ws)
+            for g, e, w in zip(got, expected, ws):
+                assert same_bits(g, e), (w.format, w.shape, threads, limit)
+    finally:
+        numba.set_num_threads(before)
+
+
+@pytest.mark.parametrize("formats", [
+    ("q8_0", "q8_0", "q8_0"),  # wq, wk, wv of a Q8_0 file
+    ("q4_0", "q4_0"),  # repacked Q4_0 (rows in 8s) and not
+    ("q4_1", "q5_1", "q5_0"),
+    ("q4_k", "q4_k", "q6_k"),  # a Q4_K_M file's wq, wk, wv
+    ("q5_k", "q6_k"),
+    ("q4_k", "q5_0", "q6_k", "q8_0"),  # Q8_K and Q8_0 / Q8_1 activations in one call
+    ("q4_0", "q4_k", "q5_1", "q5_k", "q4_1"),
+])
+@pytest.mark.parametrize("use_simd", [0, 1])
+def test_linears_equal_linear_weight_by_weight(formats, use_simd, monkeypatch):
+    """Rows that fill ROWS-row tiles and not, in groups of 8 and not (repacked Q4_0 and Q4_K), x (1, 1, K) and
+    (1, K)."""
+    rows = [24, 13, 40, 16, 7][:len(formats)]
+    ws = _linears_weights(formats, rows, 512, seed=len(formats))
+    x = np.random.default_rng(5).standard_normal((1, 1, 512)).astype(np.float32)
+    x[0, 0, 7] = 30
+    _check_linears(ws, x, monkeypatch, use_simd)
+    _check_linears(ws, x[0], monkeypatch, use_simd)
+
+
+@settings(max_examples=25, deadline=None)
+@given(data=st.data(), formats=st.lists(st.sampled_from(sorted(TYPES) + ["q4_k", "q5_k", "q6_k"]), min_size=1,
+                                        max_size=4),
+       nsb=st.integers(1, 3), seed=st.integers(0, 2**16))
+def test_linears_equal_linear_hypothesis(data, formats, nsb, seed):
+    """Any mix of formats and row counts (1 .. 41), columns 256 .. 768; x with a zero block, an outlier or
+    rounding ties (f32_rows)."""
+    rows = [data.draw(st.integers(1, 41)) for _ in formats]
+    ws = _linears_weights(formats, rows, 256 * nsb, seed)
+    x = data.draw(f32_rows(1, 256 * nsb))
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        _check_linears(ws, x, monkeypatch)
+
+
+def test_linears_falls_back_weight_by_weight(monkeypatch):
+    """More than one row of x, or a float32 weight among them: linear weight by weight, the same values."""
+    rng = np.random.default_rng(6)
+    ws = _linears_weights(("q8_0", "q4_0"), (24, 16), 256, seed=6)
+    x = rng.standard_normal((2, 3, 256)).astype(np.float32)
+    for g, w in zip(kernels().linears(x, *ws), ws):
+        assert same_bits(g, ggml.linear(x, w))
+    f = rng.standard_normal((5, 256)).astype(np.float32)
+    got = kernels().linears(x[:1, :1], ws[0], f)
+    assert same_bits(got[0], ggml.linear(x[:1, :1], ws[0])) and same_bits(got[1], ggml.linear(x[:1, :1], f))
+
 def test_repacked_q4_0_scales():
     """Repacked Q4_0's scales: rows 8g .. 8g + 7 of block b side by side as fp16, exactly the float32 d; a
     scale that is no fp16 value is refused rather than rounded."""

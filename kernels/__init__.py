@@ -9,7 +9,7 @@ from llama_ref.model.ops import rope_frequencies, rope_tables
 
 from .attention import attention
 from .elementwise import apply_rope, rms_norm, swiglu
-from .linear import embedding, linear
+from .linear import embedding, linear, linears
 
-__all__ = ["rms_norm", "linear", "embedding", "apply_rope", "attention", "swiglu", "rope_frequencies",
+__all__ = ["rms_norm", "linear", "linears", "embedding", "apply_rope", "attention", "swiglu", "rope_frequencies",
            "rope_tables"]

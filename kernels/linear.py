@@ -119,12 +119,26 @@ def _prefetch_rows(a, first, last, k0, k1, line):
             prefetch(a, p, k)
 
 
+# Each 16-bit kernel takes up to three weights that read the same x (linears: wq, wk, wv; w1, w3) and runs
+# over the rows of all of them in one parallel region: one fork and one join of the threads instead of one
+# per weight, and the rows shared out over the threads as a whole. A single weight (linear) is the same
+# kernel with two empty ones (_NO_W, 0 rows), so a row's sum is the same code, hence the same bits, whether
+# it was computed alone or together.
+
 @njit(parallel=True, fastmath=FAST, **JIT)
-def _mv_bf16(x, w, out):
-    """w (R, K) uint16 bfloat16 bits, widened in registers (a shift)."""
+def _mv_bf16(x, wa, wb, wc, oa, ob, oc):
+    """w* (R*, K) uint16 bfloat16 bits, widened in registers (a shift); o* (N, R*) = x (N, K) @ w*.T."""
     N, K = x.shape
-    R = w.shape[0]
-    for c in prange((R + ROWS - 1) // ROWS):
+    ca, cb, cc = (wa.shape[0] + ROWS - 1) // ROWS, (wb.shape[0] + ROWS - 1) // ROWS, (wc.shape[0] + ROWS - 1) // ROWS
+    for item in prange(ca + cb + cc):
+        # Work item -> (weight, its output, chunk c of ROWS rows of that weight).
+        if item < ca:
+            w, out, c = wa, oa, item
+        elif item < ca + cb:
+            w, out, c = wb, ob, item - ca
+        else:
+            w, out, c = wc, oc, item - ca - cb
+        R = w.shape[0]
         for r0 in range(c * ROWS, min(R, (c + 1) * ROWS), 4):
             r1, r2, r3 = min(r0 + 1, R - 1), min(r0 + 2, R - 1), min(r0 + 3, R - 1)
             next0, next3 = min(r0 + 4, R - 1), min(r0 + 7, R - 1)  # the rows of the next pass
@@ -145,13 +159,20 @@ def _mv_bf16(x, w, out):
 
 
 @njit(parallel=True, fastmath=FAST, **JIT)
-def _mv_f16(x, w, out):
-    """w (R, K) uint16 IEEE half bits, widened in registers (vcvtph2ps; a 65536-entry table read one gather
+def _mv_f16(x, wa, wb, wc, oa, ob, oc):
+    """w* (R*, K) uint16 IEEE half bits, widened in registers (vcvtph2ps; a 65536-entry table read one gather
     at a time was 1.75x slower). _mv_bf16 with the other widening: LLVM vectorizes only what it sees at
     compile time, and Numba caches no kernel made by a function that takes the widening as an argument."""
     N, K = x.shape
-    R = w.shape[0]
-    for c in prange((R + ROWS - 1) // ROWS):
+    ca, cb, cc = (wa.shape[0] + ROWS - 1) // ROWS, (wb.shape[0] + ROWS - 1) // ROWS, (wc.shape[0] + ROWS - 1) // ROWS
+    for item in prange(ca + cb + cc):
+        if item < ca:
+            w, out, c = wa, oa, item
+        elif item < ca + cb:
+            w, out, c = wb, ob, item - ca
+        else:
+            w, out, c = wc, oc, item - ca - cb
+        R = w.shape[0]
         for r0 in range(c * ROWS, min(R, (c + 1) * ROWS), 4):
             r1, r2, r3 = min(r0 + 1, R - 1), min(r0 + 2, R - 1), min(r0 + 3, R - 1)
             next0, next3 = min(r0 + 4, R - 1), min(r0 + 7, R - 1)
@@ -169,6 +190,21 @@ def _mv_f16(x, w, out):
                         a2 += xk * f16_to_f32(w2[k])
                         a3 += xk * f16_to_f32(w3[k])
                 out[n, r0], out[n, r1], out[n, r2], out[n, r3] = a0, a1, a2, a3
+
+
+_NO_W = readonly(np.empty((0, 0), np.uint16))  # an empty weight slot of the 16-bit kernels ...
+_NO_OUT = np.empty((0, 0), np.float32)  # ... and its empty output
+
+
+def _mv_bf16_one(x, w, out):
+    _mv_bf16(x, w, _NO_W, _NO_W, out, _NO_OUT, _NO_OUT)
+
+
+def _mv_f16_one(x, w, out):
+    _mv_f16(x, w, _NO_W, _NO_W, out, _NO_OUT, _NO_OUT)
+
+
+SIXTEEN = {"f16": _mv_f16, "bf16": _mv_bf16}  # the formats that linears computes together
 
 
 @njit(parallel=True, fastmath=FAST, **JIT)
@@ -407,8 +443,8 @@ KINDS = {
     "q5_k": (_mv_q8, _rows_q8),
     "q6_k": (_mv_q6_k, _rows_q6_k),
     "int8": (_mv_int8, _rows_int8),
-    "f16": (_mv_f16, _rows_f16),
-    "bf16": (_mv_bf16, _rows_bf16),
+    "f16": (_mv_f16_one, _rows_f16),
+    "bf16": (_mv_bf16_one, _rows_bf16),
 }
 
 
@@ -456,6 +492,25 @@ def linear(x: np.ndarray, w) -> np.ndarray:
 
     _by_row_blocks(x2, out, step, decoded)
     return out.reshape(*x.shape[:-1], R)
+
+
+def linears(x: np.ndarray, *ws) -> tuple:
+    """tuple(linear(x, w) for w in ws), the same values bit for bit: the projections that read the same x
+    (wq, wk, wv; w1, w3; model/transformer.linears). A decode step (fewer than BLAS_MIN_ROWS rows of x) on
+    two or three 16-bit weights of one format runs their rows in one parallel region (_mv_bf16, _mv_f16);
+    anything else takes them one by one."""
+    kinds = {None if isinstance(w, np.ndarray) else _kind(w) for w in ws}
+    kind = kinds.pop() if len(kinds) == 1 else None
+    if x.dtype != np.float32 or kind not in SIXTEEN or not 2 <= len(ws) <= 3:
+        return tuple(linear(x, w) for w in ws)
+    x2 = x.reshape(-1, x.shape[-1]) if x.flags.c_contiguous else as_f32_rows(x)  # (N, K)
+    if x2.shape[0] >= BLAS_MIN_ROWS:
+        return tuple(linear(x, w) for w in ws)
+    outs = [np.empty((x2.shape[0], w.shape[0]), np.float32) for w in ws]  # (N, R) each
+    arrays = [w.kernel_args()[0] for w in ws]
+    pad = 3 - len(ws)
+    SIXTEEN[kind](x2, *arrays, *[_NO_W] * pad, *outs, *[_NO_OUT] * pad)
+    return tuple(out.reshape(*x.shape[:-1], out.shape[1]) for out in outs)
 
 
 def _by_row_blocks(x2: np.ndarray, out: np.ndarray, step: int, weight_rows) -> None:

@@ -7,6 +7,8 @@ disk), whatever the shapes: every call passes the same array types.
 
 from __future__ import annotations
 
+import importlib
+
 import gguf
 import numpy as np
 import pytest
@@ -166,6 +168,50 @@ def test_linear_float64_uses_the_reference():
     x = rng.standard_normal((2, 64))
     w = random_packed("q8_0", 5, 64, rng)
     np.testing.assert_array_equal(kernels.linear(x, w), ops.linear(x, w))
+
+
+LINEAR = importlib.import_module("llama_ref.kernels.linear")  # the module: kernels.linear is the function
+
+
+@pytest.mark.parametrize("fmt", ["f16", "bf16"])
+@given(n=st.sampled_from([1, 2, 7]), rows=st.lists(st.integers(1, 70), min_size=2, max_size=3),
+       cols=st.integers(1, 300), seed=st.integers(0, 2**32 - 1))
+@settings(max_examples=12, deadline=None)
+def test_linears_16bit_one_region_is_linear_bit_for_bit(fmt, n, rows, cols, seed):
+    # wq/wk/wv (or w1/w3) in one parallel region: the rows of every weight, each weight's last block of 4
+    # rows partly filled or not, give exactly what linear gives them one at a time.
+    rng = np.random.default_rng(seed)
+    ws = [random_packed(fmt, r, cols, rng) for r in rows]
+    x = rng.standard_normal((1, n, cols)).astype(np.float32)
+    calls = []
+    together = LINEAR.SIXTEEN[fmt]
+    with pytest.MonkeyPatch.context() as mp:  # hypothesis runs many examples per function-scoped fixture
+        mp.setitem(LINEAR.SIXTEEN, fmt, lambda *a: calls.append(1) or together(*a))
+        got = kernels.linears(x, *ws)
+    assert calls == [1]  # one kernel call for all the weights
+    assert len(got) == len(ws)
+    for g, w in zip(got, ws):
+        assert g.shape == (1, n, w.shape[0])
+        np.testing.assert_array_equal(g, kernels.linear(x, w))
+
+
+def test_linears_falls_back_to_linear_one_by_one(monkeypatch):
+    # float32 weights, mixed formats, prefill-sized x (BLAS), one or four weights and float64 x: linear
+    # per weight, the same values.
+    rng = np.random.default_rng(8)
+    monkeypatch.setattr(LINEAR, "SIXTEEN", {})  # the one-region path would now fail: it must not be taken
+    f32 = [rng.standard_normal((r, 96)).astype(np.float32) for r in (5, 3)]
+    f16 = [random_packed("f16", r, 96, rng) for r in (6, 7, 9, 2)]
+    cases = [(1, f32), (1, [f16[0], random_packed("bf16", 6, 96, rng)]), (1, f16), (1, f16[:1]), (9, f16[:3])]
+    for n, ws in cases:
+        x = rng.standard_normal((n, 96)).astype(np.float32)
+        got = kernels.linears(x, *ws)
+        assert len(got) == len(ws)
+        for g, w in zip(got, ws):
+            np.testing.assert_array_equal(g, kernels.linear(x, w))
+    x64 = rng.standard_normal((1, 96))
+    for g, w in zip(kernels.linears(x64, *f16[:3]), f16[:3]):
+        np.testing.assert_array_equal(g, ops.linear(x64, w))
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

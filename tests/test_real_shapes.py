@@ -5,7 +5,8 @@
 - Prefill on 16-bit weights goes through a reused float32 tile; a tile smaller than the matrix (several
   tiles and a remainder) gives the reference's product.
 - A real-shape smoke test: two layers of the Llama 3.2 1B shape (dim 2048, FFN 8192, 32 query and 8 KV
-  heads, bf16 weights) give the same logits on the numba and numpy backends, for a prefill and a decode step.
+  heads, bf16 weights) give the same logits on the numba and numpy backends, for a prefill and a decode step;
+  the decode step's projections in one region each (kernels.linears) give the bits of one at a time.
 - load(..., threads=N) and set_threads set BLAS and Numba alike, as threadpoolctl reports them.
 - Prefill tiles are shared by one pool of threads (runtime.threads.each_thread, BLAS at one thread inside):
   every thread runs at once, BLAS's count comes back after, errors reach the caller, and the product equals
@@ -21,6 +22,7 @@ import signal
 import subprocess
 import sys
 import threading
+import types
 
 import numpy as np
 import pytest
@@ -117,6 +119,14 @@ def test_two_layers_of_the_1b_shape_agree_across_backends():
         logits[backend] = np.concatenate([prefill.reshape(-1, args.vocab_size), step.reshape(-1, args.vocab_size)])
     assert np.isfinite(logits["numpy"]).all()
     np.testing.assert_allclose(logits["numba"], logits["numpy"], rtol=0, atol=1e-4)
+    # The decode step's wq/wk/wv and w1/w3 in one parallel region each (kernels.linears) give the same bits
+    # as the Numba backend without linears, which takes them one at a time.
+    one_by_one = types.ModuleType("one_by_one")
+    one_by_one.__dict__.update({k: v for k, v in vars(kernels).items() if k != "linears"})
+    model = Transformer(args, weights, backend=one_by_one)
+    model.forward(tokens, 0)
+    step = model.forward(tokens[:1], len(tokens)).reshape(-1, args.vocab_size)
+    np.testing.assert_array_equal(logits["numba"][-1:], step)
 
 
 @pytest.fixture(scope="module")

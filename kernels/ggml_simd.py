@@ -257,6 +257,13 @@ def _combine(builder, a, b):
     return builder.add(builder.shuffle_vector(a, b, v8), builder.shuffle_vector(a, b, ir.Constant(v8.type, odds)))
 
 
+def opaque(builder, v):
+    """v, through an empty inline asm that LLVM cannot see into: a splat it would otherwise fold back into a
+    scalar product and a broadcast (fmul(splat a, splat b) -> splat(a * b), two instructions a pair where the
+    vector product is one)."""
+    return builder.asm(ir.FunctionType(v.type, [v.type]), "", "=x,0", [v], False)
+
+
 def _close_loop(b, i, nb, entry, loop, done, carried):
     """End a loop over blocks i = 0 .. nb - 1: i + 1, back to `loop` while below nb, else on to `done`. Each
     (phi, next value, zero) in `carried` gets its incomings (zero from entry, the next value from the loop).
@@ -296,6 +303,8 @@ def _define_tile(module, kind, rows, acts, isa):
     if kind == "q4_0r" and isa == "avx2":
         return _define_q4_0r_avx2(module, name, acts)
     block, nibbles, signed, offset, lanes8, has_min = KINDS[kind]
+    if lanes8 and isa == "avx2" and acts > SPLIT_ACTS and acts % SPLIT_ACTS == 0:
+        return _define_split(module, name, kind, rows, acts, isa)
     fn = ir.Function(module, ir.FunctionType(ir.VoidType(), [I64] * 13), name)
     fn.linkage = "internal"
     w, ws, wd, wm, wds, x, xstride, xd, xs, xds, nb, out, ostride = fn.args
@@ -338,15 +347,17 @@ def _define_tile(module, kind, rows, acts, isa):
         xsv.append(_gep_load(b, b.add(xs, b.mul(c64(a_), xds)), four, F32, 4) if has_min else None)
         x_off.append(_offset_lanes(b, xq[a_], offset, isa) if unsigned_offset else None)
         x_u8.append(b.xor(xq[a_], ir.Constant(v32, [-128] * 32)) if by_x128 else None)
-    # the weight side, once per block
-    wvals, w_corr, w_abs, wdv = [], [], [], []
-    for r in range(rows):
+    # the weight side, once per block: emitted row by row next to the row's products (below), so that LLVM's
+    # schedule keeps one row's values live at a time
+    wvals, w_corr, w_abs, wdv = [None] * rows, [None] * rows, [None] * rows, [None] * rows
+
+    def weight_row(r):
         raw = _gep_load(b, b.add(w, b.mul(c64(r), ws)), b.mul(i, c64(block)), ir.VectorType(I8, block), 1)
-        wvals.append(_weight_values(b, raw, nibbles, 0 if unsigned_offset else offset))
+        wvals[r] = _weight_values(b, raw, nibbles, 0 if unsigned_offset else offset)
         ones = ir.Constant(v32, [1] * 32)
-        w_corr.append(b.shl(lanes_u8s8(b, ones, wvals[r], isa), ir.Constant(v8i, [7] * 8)) if by_x128 else None)
-        w_abs.append(sign8(b, wvals[r], wvals[r]) if by_sign else None)
-        wdv.append(_gep_load(b, b.add(wd, b.mul(c64(r), wds)), four, F32, 4) if lanes8 else None)
+        w_corr[r] = b.shl(lanes_u8s8(b, ones, wvals[r], isa), ir.Constant(v8i, [7] * 8)) if by_x128 else None
+        w_abs[r] = sign8(b, wvals[r], wvals[r]) if by_sign else None
+        wdv[r] = _gep_load(b, b.add(wd, b.mul(c64(r), wds)), four, F32, 4) if lanes8 else None
 
     def lanes(r, a_):
         if not fast:
@@ -360,23 +371,30 @@ def _define_tile(module, kind, rows, acts, isa):
         return lanes_u8s8(b, wvals[r], xq[a_], isa)  # unsigned weights as they stand
 
     new_accs, new_mins = [None] * n_acc, [None] * len(mins)
-    for a_ in range(acts):
-        if lanes8:
-            for r in range(rows):
-                scale = b.fmul(wdv[r], xdv[a_])  # float32 d_w * d_x
+    if lanes8:  # row by row, each row's products with every activation row
+        # d_x as a vector LLVM cannot see is a splat: d_w * d_x then takes one vmulps of two broadcasts
+        # (the same float32 product in every lane) instead of vmulss + vbroadcastss
+        xsplat = [opaque(b, splat(v)) for v in xdv]
+        for r in range(rows):
+            weight_row(r)
+            for a_ in range(acts):
+                scale = b.fmul(splat(wdv[r]), xsplat[a_])  # float32 d_w * d_x
                 k = r * acts + a_
-                new_accs[k] = b.call(fma_v, [splat(scale), b.sitofp(lanes(r, a_), v8f), accs[k]])
-        else:
+                new_accs[k] = b.call(fma_v, [scale, b.sitofp(lanes(r, a_), v8f), accs[k]])
+    else:
+        for r in range(rows):
+            weight_row(r)
+        for a_ in range(acts):
             sums = [lanes(r, a_) for r in range(rows)]
             while len(sums) > 1:  # 8 vectors of 8 lanes -> one vector of the 8 rows' sums (exact integers)
                 sums = [_combine(b, sums[j], sums[j + 1]) for j in range(0, len(sums), 2)]
             scales = _repacked_scales(b, wd, i)
             new_accs[a_] = b.call(fma_v, [b.fmul(scales, splat(xdv[a_])), b.sitofp(sums[0], v8f), accs[a_]])
-        if has_min:
-            for r in range(rows):
-                m = _gep_load(b, b.add(wm, b.mul(c64(r), wds)), four, F32, 4)
-                k = r * acts + a_
-                new_mins[k] = b.call(fma_s, [m, xsv[a_], mins[k]])
+    for a_ in range(acts if has_min else 0):
+        for r in range(rows):
+            m = _gep_load(b, b.add(wm, b.mul(c64(r), wds)), four, F32, 4)
+            k = r * acts + a_
+            new_mins[k] = b.call(fma_s, [m, xsv[a_], mins[k]])
     zero = ir.Constant(F32, 0.0)
     b, ends = _close_loop(b, i, nb, entry, loop, done, [(p, v, zero8) for p, v in zip(accs, new_accs)]
                           + [(p, v, zero) for p, v in zip(mins, new_mins)])
@@ -392,6 +410,30 @@ def _define_tile(module, kind, rows, acts, isa):
             if has_min:
                 total = b.fadd(total, final_mins[k])  # the offsets' float32 sum, added last
             b.store(total, _ptr(b, b.add(row_out, c64(4 * r)), F32), align=4)
+    b.ret_void()
+    return fn
+
+
+# Activation rows per pass of an 8-lane AVX2 tile. 16 ymm registers: a 4 x 4 tile's 16 accumulators alone
+# fill them, and LLVM spilled ~30 of them a block (Q8_0, 4 x 4: 179 instructions a block, 32 stack
+# loads and stores); 4 rows x 2 activations, as llama.cpp's tinyBLAS_Q0_AVX runs on AVX2 (gemm4xN<2>), keeps 8
+# accumulators, and a 4 x 4 call makes two such passes over the blocks, the second reading the 4 weight rows
+# again from L1. Each output's sums are untouched: the same fma chain over the blocks, in the same order.
+SPLIT_ACTS = 2
+
+
+def _define_split(module, name, kind, rows, acts, isa):
+    """The `rows` x `acts` tile as acts / SPLIT_ACTS calls of the rows x SPLIT_ACTS tile, one after the other
+    (arguments as _define_tile's)."""
+    fn = ir.Function(module, ir.FunctionType(ir.VoidType(), [I64] * 13), name)
+    fn.linkage = "internal"
+    w, ws, wd, wm, wds, x, xstride, xd, xs, xds, nb, out, ostride = fn.args
+    b = ir.IRBuilder(fn.append_basic_block("entry"))
+    part = _define_tile(module, kind, rows, SPLIT_ACTS, isa)
+    for a0 in range(0, acts, SPLIT_ACTS):
+        c = ir.Constant(I64, a0)
+        b.call(part, [w, ws, wd, wm, wds, b.add(x, b.mul(c, xstride)), xstride, b.add(xd, b.mul(c, xds)),
+                      b.add(xs, b.mul(c, xds)), xds, nb, b.add(out, b.mul(c, ostride)), ostride])
     b.ret_void()
     return fn
 

@@ -1,0 +1,63 @@
+"""The machine code of arithmetic="ggml"'s prefill tiles (kernels/ggml_simd.py) on AVX2: what LLVM made of the
+IR, checked where speed depends on it and no test of values can see it. The values themselves are
+tests/test_ggml_kernels.py's (bit for bit against the NumPy specification and llama.cpp).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from llama_ref.kernels import ggml_simd
+
+pytestmark = pytest.mark.skipif(not ggml_simd.HAS_AVX2, reason="the AVX2 tiles are emitted only on an AVX2 CPU")
+
+
+def tile_asm(kind: str, rows: int, acts: int) -> str:
+    """The assembly of one call of ggml_simd's `kind` tile of rows x acts, AVX2 branch (simd=2)."""
+    from numba import njit, types
+
+    tile = ggml_simd.make_dot(kind, rows, acts)
+
+    @njit
+    def run(w, ws, wd, wm, wds, x, xst, xd, xs, xds, nb, out, ost):
+        tile(w, ws, wd, wm, wds, x, xst, xd, xs, xds, nb, out, ost, 2)
+    run.compile((types.int64,) * 13)
+    return run.inspect_asm(run.signatures[0])
+
+
+def block_loops(asm: str) -> list[list[str]]:
+    """The instructions of each loop body: a basic block that jumps back to its own label."""
+    loops, label, body = [], None, []
+    for line in asm.splitlines():
+        if not line.startswith("\t") and line.endswith(":"):
+            label, body = line[:-1], []
+        elif line.startswith("\t") and not line.startswith("\t.") and not line.startswith("\t#"):
+            body.append(line.strip())
+            parts = line.split()
+            if parts[0].startswith("j") and len(parts) > 1 and parts[1] == label:
+                loops.append(body)
+    return loops
+
+
+@pytest.mark.parametrize("kind", ["q8_0"])  # also Q5_0's (int8 values q - 16)
+def test_prefill_tile_keeps_its_accumulators_in_registers(kind):
+    """A 4 x 4 prefill tile runs as passes of 4 rows x 2 activations (ggml_simd.SPLIT_ACTS): 8 accumulators
+    and the block's values fit AVX2's 16 ymm registers. As one pass of 16 accumulators, LLVM spilled 30 to 60
+    stack loads and stores a block (Q8_0: 60 of 199 instructions). (Q4_1 / Q5_1 still spill some: their 8 float
+sums of the mins share the same registers.)"""
+    loops = block_loops(tile_asm(kind, 4, 4))
+    assert loops, "no block loop found"
+    for body in loops:
+        stack = [ins for ins in body if "(%rsp)" in ins or "(%rbp)" in ins]
+        assert len(stack) <= 6, (len(stack), len(body))
+        # 8 products of weight row by activation a block: one fma each
+        assert sum(ins.startswith("vfmadd") for ins in body) == 8, body
+
+
+def test_q8_0_scales_multiply_as_vectors():
+    """d_w * d_x of each (row, activation) pair is one vmulps of the two broadcast scales (the same float32
+    product in every lane), not vmulss then vbroadcastss: LLVM folds a product of two splats back to the
+    scalar form unless one side is opaque to it (ggml_simd.opaque)."""
+    for body in block_loops(tile_asm("q8_0", 4, 4)):
+        names = [ins.split()[0] for ins in body]
+        assert names.count("vmulps") == 8 and "vmulss" not in names, names

@@ -504,8 +504,8 @@ def linears(x: np.ndarray, *ws) -> tuple:
     if x.dtype != np.float32 or kind not in SIXTEEN or not 2 <= len(ws) <= 3:
         return tuple(linear(x, w) for w in ws)
     x2 = x.reshape(-1, x.shape[-1]) if x.flags.c_contiguous else as_f32_rows(x)  # (N, K)
-    if x2.shape[0] >= BLAS_MIN_ROWS:
-        return tuple(linear(x, w) for w in ws)
+    if x2.shape[0] >= BLAS_MIN_ROWS or any(w.shape[1] != x2.shape[1] for w in ws):
+        return tuple(linear(x, w) for w in ws)  # (a weight of another width: whatever linear does with it)
     outs = [np.empty((x2.shape[0], w.shape[0]), np.float32) for w in ws]  # (N, R) each
     arrays = [w.kernel_args()[0] for w in ws]
     pad = 3 - len(ws)

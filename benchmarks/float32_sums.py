@@ -6,7 +6,8 @@
 The 200-token prompt of issue 21 (tests/data/float64_distance.json): its prefill (logits of the last
 position, as generation asks for them, and of every position, as the float64-distance test does), and one
 decode step after it (best of 3 steps). Every configuration runs once per round, interleaved with the
-others, and keeps its best time; the ratios to the first --sums are of those bests, in the same run. Wall
+others; the report gives each one's best and median time over the rounds, and the ratios of both to the
+first --sums, in the same run (the median is steadier under load: one quiet round makes a best). Wall
 time (or --clock cpu); the BLAS library and thread counts (threadpoolctl) and the load average before and
 after are printed, since this machine is shared. OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE are removed from the
 environment before NumPy loads, so OpenBLAS picks its kernels for the real CPU (the report says whether they
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -94,25 +96,33 @@ def main() -> None:
     for m in models.values():  # warm-up: Numba compilation, first-touch of the weights
         next(iter(measures.values()))(m)
     load_before = os.getloadavg()
-    best: dict = {}
-    for _ in range(a.rounds):
-        for key, model in models.items():
+    times: dict = {}  # (key, measure) -> [seconds, one per round]
+    for r in range(a.rounds):
+        # each round in another order of the models (rotated), so none always runs right after the same one
+        order = list(models.items())
+        order = order[r % len(order):] + order[:r % len(order)]
+        for key, model in order:
             for name, fn in measures.items():
-                best[key, name] = min(best.get((key, name), float("inf")), fn(model))
+                times.setdefault((key, name), []).append(fn(model))
+        print(f"round {r + 1}/{a.rounds} done, load {os.getloadavg()[0]:.1f}", file=sys.stderr, flush=True)
     load_after = os.getloadavg()
+    best = {k: min(v) for k, v in times.items()}
+    median = {k: float(np.median(v)) for k, v in times.items()}
 
     blas = [(i["internal_api"], i["version"], i.get("architecture"), i["num_threads"]) for i in threadpool_info()]
-    print(f"BLAS / thread pools: {blas}; threads {a.threads}; rounds {a.rounds} (best of each); {a.clock} time")
+    print(f"BLAS / thread pools: {blas}; threads {a.threads}; rounds {a.rounds} (best and median of each); "
+          f"{a.clock} time")
     print(f"load average before {load_before[0]:.2f}, after {load_after[0]:.2f} (1 min); "
           f"OPENBLAS_CORETYPE/L2_SIZE unset here: {UNSET or 'none were set'}")
     first = a.sums[0]
-    print(f"{'backend':8s} {'measure':28s} " + " ".join(f"{s + ' ms':>11s}" for s in a.sums)
-          + " " + " ".join(f"{s + '/' + first:>15s}" for s in a.sums[1:]))
-    for b in a.backends:
-        for name in measures:
-            ms = [best[(b, s), name] for s in a.sums]
-            print(f"{b:8s} {name:28s} " + " ".join(f"{t * 1e3:11.1f}" for t in ms)
-                  + " " + " ".join(f"{t / ms[0]:15.2f}" for t in ms[1:]))
+    for label, stat in (("best", best), ("median", median)):
+        print(f"{label:8s} {'measure':28s} " + " ".join(f"{s + ' ms':>11s}" for s in a.sums)
+              + " " + " ".join(f"{s + '/' + first:>15s}" for s in a.sums[1:]))
+        for b in a.backends:
+            for name in measures:
+                ms = [stat[(b, s), name] for s in a.sums]
+                print(f"{b:8s} {name:28s} " + " ".join(f"{t * 1e3:11.1f}" for t in ms)
+                      + " " + " ".join(f"{t / ms[0]:15.2f}" for t in ms[1:]))
 
 
 def _first_layers(a) -> dict:

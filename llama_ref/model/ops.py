@@ -234,8 +234,9 @@ def with_sums(backend, sums: str):
     of the output matrix reads up to 16 of the 36 cache lines of each of its rows again), and the Numba
     kernels sum them in SIMD lanes already (OpenBLAS's sgemv in 8 partial sums of 72 of 576 inputs).
     A backend other than ops (the Numba backend) gets linear_apart's output in its rows' layout (by_rows),
-    as its own linear gives it, and the columns chosen by its kernel (kernels/sums.py). Everything else
-    is the backend's."""
+    as its own linear gives it, and the columns chosen by its kernel (kernels/sums.py). Its linears (the
+    forward pass's wq/wk/wv and w1/w3, which read the same x) choose x's columns once for all of them
+    (linears_apart), the same bits as its linear one weight at a time. Everything else is the backend's."""
     import functools
     import sys
     import types

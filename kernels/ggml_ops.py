@@ -105,10 +105,10 @@ def serial_product(n_rows: int, n_weights: int) -> bool:
 
 
 @njit(inline="always", **JIT)
-def _attention_item(q, k, v, S, start_pos, scale, wide, out, item):
+def _attention_item(q, k, v, start_pos, scale, wide, out, item):
     """One work item of _attention: QUERIES positions of one KV head (item over B x KVH x position blocks)."""
     B, T, H, HD = q.shape
-    KVH = k.shape[1]
+    KVH, S = k.shape[1], k.shape[2]
     G = H // KVH
     R = 3 if G % 3 == 0 else 2 if G % 2 == 0 else 1
     P = (S + 63) // 64 * 64  # ggml's cache view, padded
@@ -144,38 +144,22 @@ def _attention_item(q, k, v, S, start_pos, scale, wide, out, item):
 
 
 @njit(parallel=True, **JIT)
-def _attention(q, k, v, S, start_pos, scale, wide, out):
-    """q (B, T, H, HD) float32, k, v (B, KVH, n, HD) fp16 values as float32 (HD a multiple of 8), of which
-    the first S rows of each head are the keys and values (n > S: the cache's whole store) -> out
+def _attention(q, k, v, start_pos, scale, wide, out):
+    """q (B, T, H, HD) float32, k, v (B, KVH, S, HD) fp16 values as float32 (HD a multiple of 8) -> out
     (B, T, H, HD): llama_ref.model.ggml.attention without a key mask, in the AVX-512 build's order (wide) or
     the AVX2 build's, by kernels/ggml_vec.py's vectors. A work item is QUERIES positions of one KV head;
     its G query heads go in groups of R (3, 2 or 1) that share every key and value row loaded."""
     B, T = q.shape[0], q.shape[1]
     for item in prange(B * k.shape[1] * ((T + QUERIES - 1) // QUERIES)):
-        _attention_item(q, k, v, S, start_pos, scale, wide, out, item)
+        _attention_item(q, k, v, start_pos, scale, wide, out, item)
 
 
 @njit(**JIT)
-def _attention_serial(q, k, v, S, start_pos, scale, wide, out):
+def _attention_serial(q, k, v, start_pos, scale, wide, out):
     """_attention on the calling thread: the same items, so the same bits (SERIAL_WORK)."""
     B, T = q.shape[0], q.shape[1]
     for item in range(B * k.shape[1] * ((T + QUERIES - 1) // QUERIES)):
-        _attention_item(q, k, v, S, start_pos, scale, wide, out, item)
-
-
-def _f16_heads(x: np.ndarray) -> np.ndarray:
-    """x (B, S, KVH, HD) -> its fp16 values (float32) head-major, C-contiguous (B, KVH, n, HD), n >= S, whose
-    first S rows of each head are x's, as _attention reads them: the store of KVCache(fp16=True) as it lies
-    (x.heads, set by KVCache.update on the F16Values it returns: rounded when stored); anything else rounded
-    and transposed here (the whole cache, at every call). The store itself, not its (B, KVH, S, HD) slice:
-    Numba's dispatch of a non-contiguous array costs ~15 us a call (a layer's attention at 600 keys: ~60)."""
-    B, S, KVH, HD = x.shape
-    heads = getattr(x, "heads", None)
-    if heads is not None and heads.shape[:2] == (B, KVH) and heads.shape[2] >= S and heads.shape[3] == HD:
-        return heads
-    out = np.empty((B, KVH, S, HD), np.float32)
-    _fp16_heads(np.ascontiguousarray(x, np.float32), out)
-    return out
+        _attention_item(q, k, v, start_pos, scale, wide, out, item)
 
 
 def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start_pos: int,
@@ -186,12 +170,15 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start_pos: int,
     HD = q.shape[-1]
     if key_mask is not None or q.dtype != np.float32 or HD % 8:
         return spec.attention(q, k, v, start_pos, key_mask, isa)
-    kh, vh = _f16_heads(k), _f16_heads(v)
+    B, S, KVH = k.shape[:3]
+    kh = np.empty((B, KVH, S, HD), np.float32)  # the F16 cache: rounded once, each head's rows together
+    vh = np.empty((B, KVH, S, HD), np.float32)
+    _fp16_heads(np.ascontiguousarray(k, np.float32), kh)
+    _fp16_heads(np.ascontiguousarray(v, np.float32), vh)
     out = np.empty(q.shape, np.float32)
     B, T, H = q.shape[:3]
-    S = k.shape[1]
     kernel = _attention_serial if B * T * H * S * HD < SERIAL_WORK else _attention
-    kernel(np.ascontiguousarray(q), kh, vh, S, start_pos, np.float32(1 / np.sqrt(HD)), isa == "avx512", out)
+    kernel(np.ascontiguousarray(q), kh, vh, start_pos, np.float32(1 / np.sqrt(HD)), isa == "avx512", out)
     return out
 
 

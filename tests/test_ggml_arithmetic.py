@@ -279,7 +279,7 @@ def test_numba_attention_serial_and_parallel_kernels_agree(isa):
         ggml_ops._fp16_heads(v, vh)
         for kernel in (ggml_ops._attention, ggml_ops._attention_serial):
             out = np.full(q.shape, np.nan, np.float32)
-            kernel(q, kh, vh, S, S - T, np.float32(1 / np.sqrt(HD)), isa == "avx512", out)
+            kernel(q, kh, vh, S - T, np.float32(1 / np.sqrt(HD)), isa == "avx512", out)
             assert np.array_equal(out.view(np.uint32), expected), kernel
     assert 1 * 1 * 32 * 4096 * 64 >= ggml_ops.SERIAL_WORK > 1 * 1 * 32 * 256 * 64  # 1B decode: serial to 256 keys
 

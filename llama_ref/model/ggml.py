@@ -99,37 +99,6 @@ def fp16(x: np.ndarray) -> np.ndarray:
         return np.asarray(x, np.float32).astype(np.float16).astype(np.float32)
 
 
-class F16Values(np.ndarray):
-    """A float32 array every value of which is an fp16 value: llama.cpp's F16 KV cache, rounded once when a
-    position is stored (llama_ref.model.cache.KVCache with fp16=True) instead of at every attention call.
-
-    Assigning through an index rounds (a[i] = x stores fp16(x)), and so does a ufunc writing into one
-    (out=); a ufunc's new result is a plain ndarray (RoPE on cached keys is no longer fp16 values). Views,
-    copies and concatenations of fp16 values stay fp16 values. Attention (here and kernels/ggml_ops.py)
-    reads one without rounding it again: rounding is idempotent, so the bits are those of rounding a plain
-    float32 cache. Writes around numpy's indexing (np.copyto, .fill, a Numba kernel) must round themselves."""
-
-    def __setitem__(self, index, value):
-        super().__setitem__(index, fp16(value))
-
-    def __array_ufunc__(self, ufunc, method, *inputs, out=None, **kwargs):
-        plain = tuple(x.view(np.ndarray) if isinstance(x, F16Values) else x for x in inputs)
-        if out is not None:
-            kwargs["out"] = tuple(o.view(np.ndarray) if isinstance(o, F16Values) else o for o in out)
-        result = getattr(ufunc, method)(*plain, **kwargs)
-        if out is None:
-            return result
-        for o in out:
-            if isinstance(o, F16Values):
-                o.view(np.ndarray)[...] = fp16(o.view(np.ndarray))
-        return out[0] if len(out) == 1 else out
-
-
-def f16_values(x: np.ndarray) -> np.ndarray:
-    """x's values rounded to fp16, as a plain float32 ndarray: F16Values as they are (a view), others rounded."""
-    return x.view(np.ndarray) if isinstance(x, F16Values) else fp16(x)
-
-
 def fma(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
     """float32 a * b + c rounded once (vfmadd), exactly. The product of two float32 is exact in float64; the
     float64 sum s = p + c is rounded, but to odd (TwoSum's error e says which way s was rounded; if s is
@@ -540,8 +509,7 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start_pos: int,
     """llama.cpp's attention without flash attention, over an F16 KV cache, as its one-token decode sums.
 
     q (B, T, H, HD), k, v (B, S, KVH, HD) -> (B, T, H, HD). K and V are rounded to fp16 (the cache type) and
-    q too (ggml_mul_mat of an F16 matrix converts the other operand to F16); a cache of F16Values is read as
-    it is (KVCache(fp16=True) rounded each position once, when it was stored): q.k by ggml_vec_dot_f16, scaled
+    q too (ggml_mul_mat of an F16 matrix converts the other operand to F16): q.k by ggml_vec_dot_f16, scaled
     after the product (ggml_soft_max_ext's scale), softmax as ggml's; the probabilities are rounded to fp16
     and multiplied with each column of the fp16 values (llama.cpp keeps V transposed) by ggml_vec_dot_f16.
     The keys are padded with masked zeros to a multiple of 64, as llama.cpp's cache view is (n_kv).
@@ -553,7 +521,7 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start_pos: int,
     P = -(-S // 64) * 64  # n_kv: the cache view, padded
     kp = np.zeros((B, P, KVH, HD), np.float32)
     vp = np.zeros((B, P, KVH, HD), np.float32)
-    kp[:, :S], vp[:, :S] = f16_values(k), f16_values(v)  # the cache's fp16 values (F16Values: stored rounded)
+    kp[:, :S], vp[:, :S] = fp16(k), fp16(v)
     qg = fp16(q).reshape(B, T, KVH, G, 1, HD).transpose(0, 2, 3, 1, 4, 5)  # (B, KVH, G, T, 1, HD)
     kk = kp.transpose(0, 2, 1, 3)[:, :, None, None]  # (B, KVH, 1, 1, P, HD)
     scores = ggml_vec_dot_f16(qg, kk, isa)  # (B, KVH, G, T, P)

@@ -125,7 +125,7 @@ class Transformer(GenerationMixin):
             if self.cache is None or start_pos == 0 or self.cache.batch_size != B:
                 if start_pos != 0:
                     raise InputError("start_pos > 0 needs a cache holding the earlier positions")
-                self.cache = KVCache.for_model(self, B)
+                self.cache = KVCache(self.args, B, self.dtype)
             cache = self.cache
         if start_pos > cache.length:
             raise InputError(f"start_pos {start_pos} would leave a gap: the cache holds positions "

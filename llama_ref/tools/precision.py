@@ -152,7 +152,7 @@ def error_budget(model32: Transformer, model64: Transformer, tokens, attribute: 
     def run(model, backend, watch=None):
         saved = model.ops
         model.ops = backend
-        cache = KVCache.for_model(model, 1, capacity=max(1, len(tokens)))
+        cache = KVCache(model.args, 1, model.dtype, capacity=max(1, len(tokens)))
         try:
             if watch is None:
                 with capture(model) as acts:

@@ -8,6 +8,8 @@ of |x| per column and once more to copy it, zeroing and gathering on the way, wh
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 from numba import njit
 
@@ -68,3 +70,50 @@ def apart_rows(rows: np.ndarray, n: int) -> "tuple[np.ndarray, np.ndarray, np.nd
     _copy_apart(rows, cols, rest, x_apart)
     return cols, rest, x_apart
 
+
+
+def apart_product(rest: np.ndarray, x_apart: np.ndarray, cols: np.ndarray, w: np.ndarray) -> "np.ndarray | None":
+    """ops.linear_apart's two products in the Numba backend's layout, out (N, R) = rest @ w.T, then
+    x_apart @ w[:, cols].T added onto it by sgemm (beta = 1), on n threads: blocks of w's rows shared out by
+    runtime.threads.each_thread with BLAS at one thread, as the backend's own products run (kernels/linear.py
+    _by_row_blocks). NumPy's OpenBLAS on its own 2 threads, between the kernels' OpenMP regions, made a 2-thread
+    prefill 4-8x slower (benchmarks/results/float32_sums_amd_epyc_s29.txt). None where NumPy's sgemm is not
+    found, the arrays are not C-contiguous float32, or one thread is in force: the caller then takes
+    ops.linear_apart's own path (one thread: the same BLAS call)."""
+    import ctypes
+
+    from llama_ref.model import ops
+    from llama_ref.runtime import threads
+
+    n = threads.count()
+    if n <= 1:
+        return None
+    if not ops._SGEMM:
+        ops._SGEMM.append(ops._sgemm())
+    sgemm = ops._SGEMM[0]
+    arrays = (rest, x_apart, w)
+    if sgemm is None or not all(a.dtype == np.float32 and a.flags.c_contiguous for a in arrays):
+        return None
+    (N, K), R, m = rest.shape, w.shape[0], x_apart.shape[1]
+    out = np.empty((N, R), np.float32)  # (N, R)
+    step = -(-R // n)  # one block of w's rows per thread
+    starts = iter(range(0, R, step))
+    lock = threading.Lock()
+    f32 = ctypes.sizeof(ctypes.c_float)
+
+    def work():
+        while True:
+            with lock:
+                r0 = next(starts, None)
+            if r0 is None:
+                return
+            r1 = min(R, r0 + step)
+            c = out.ctypes.data + r0 * f32  # out[:, r0:r1]: rows R apart
+            sgemm(101, 111, 112, N, r1 - r0, K, 1.0, rest.ctypes.data, K, w.ctypes.data + r0 * K * f32, K,
+                  0.0, c, R)
+            # (r1 - r0, m), gathered after the product read w's rows; C-contiguous (a fancy index can give F)
+            w_apart = np.ascontiguousarray(w[r0:r1, cols])
+            sgemm(101, 111, 112, N, r1 - r0, m, 1.0, x_apart.ctypes.data, m, w_apart.ctypes.data, m, 1.0, c, R)
+
+    threads.each_thread(work, n)
+    return out

@@ -186,7 +186,7 @@ def test_apart_sums_blas_adds_the_largest_terms_onto_the_rest(seed, monkeypatch)
     assert np.allclose(ops.linear_apart(x64, w64), x64 @ w64.T, rtol=0, atol=1e-12)
 
 
-def test_sums_keep_what_is_already_summed_in_short_chains():
+def test_sums_keep_what_is_already_summed_in_short_chains(monkeypatch):
     """Products over fewer than two blocks stay linear's; the Numba backend keeps its own SIMD-lane kernels
     for a few rows and packed weights, either backend its own product for one row (decode: BLAS's sgemv),
     "apart" for fewer than 16 rows, and both sum longer float32 products alike."""
@@ -204,6 +204,13 @@ def test_sums_keep_what_is_already_summed_in_short_chains():
     few = rng.standard_normal((F32_BLAS_MIN_ROWS - 1, w.shape[1]), dtype=np.float32)
     many = rng.standard_normal((F32_BLAS_MIN_ROWS, w.shape[1]), dtype=np.float32)
     packed = Q8_0Weight.quantize(w)
+    from llama_ref.runtime import threads
+    two = ops.with_sums(kernels, "apart")
+    monkeypatch.setattr(threads, "count", lambda: 2)  # kernels/sums.apart_product: blocks of w's rows, 2 threads
+    at_two = two.linear(many, w)
+    monkeypatch.setattr(threads, "count", lambda: 1)  # below: one thread, ops.linear_apart's own BLAS calls
+    bound = 2 * EPS32 * (np.abs(many).astype(np.float64) @ np.abs(w.astype(np.float64)).T)  # (N, R)
+    assert at_two.flags.c_contiguous and np.all(np.abs(at_two - two.linear(many, w)) <= bound)
     for sums, product in ops.SUMS.items():
         numba, numpy = ops.with_sums(kernels, sums), ops.with_sums(ops, sums)
         assert numba.attention is kernels.attention and numba.linear is not kernels.linear
@@ -348,7 +355,8 @@ def test_apart_sums_closer_to_float64_than_transformers(default_model_path, reco
     """load(..., sums="apart"): float32 logits no further from float64 than transformers' float32 on the mean
     over the six prompts, and closer on at least half of them. Measured on the AVX2 AMD EPYC with the 8
     columns apart (ops.APART): means 0.91x (NumPy) and 0.89x (Numba) transformers' recorded ones, closer on
-    4 of 6 (mean |dlogit|: 0.82x, 0.78x); with 16 columns 0.97x and 0.86x, closer on 4 and 5 (0.80x,
+    4 of 6 (mean |dlogit|: 0.82x, 0.78x); Numba at two threads, its products by blocks of w's rows
+    (kernels/sums.apart_product), 0.91x, closer on 4; with 16 columns 0.97x and 0.86x, closer on 4 and 5 (0.80x,
     0.76x); before BLAS added the apart terms onto the rest's product (a second pass) 0.86x and 0.87x: the
     last bit of a sum decides which prompt rounds worse."""
     ours = _distances(llama_ref.load(default_model_path, backend=backend, sums="apart"), recorded, truth)

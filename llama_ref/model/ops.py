@@ -132,7 +132,8 @@ def _add_product(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> np.ndarray:
     return out
 
 
-def linear_apart(x: np.ndarray, w, by_rows: bool = False, apart=_apart_rows, chosen=None) -> np.ndarray:
+def linear_apart(x: np.ndarray, w, by_rows: bool = False, apart=_apart_rows, chosen=None,
+                 products=None) -> np.ndarray:
     """linear(x, w) with the APART columns of x holding its largest entries summed by themselves, added last.
 
     One BLAS product over x with those columns zeroed, then one of APART inputs for them, which BLAS adds
@@ -142,13 +143,17 @@ def linear_apart(x: np.ndarray, w, by_rows: bool = False, apart=_apart_rows, cho
     product, the Numba backend's layout (its kernels would copy linear's transposed one), instead of
     linear's (out, N) product, transposed; the BLAS calls differ, so the last bits can too. apart: the
     function that chooses the columns (_apart_rows, or the Numba backend's twin). chosen: apart(rows, APART)
-    of this x, made already (linears_apart: one choice for the products that read the same x).
+    of this x, made already (linears_apart: one choice for the products that read the same x). products: the
+    Numba backend's two products on its threads (kernels/sums.apart_product; by_rows), or None to make them here.
     """
     w = _float_weight(w, x.dtype)
     rows = x.reshape(-1, x.shape[-1])  # (N, K)
     if not _apart_fits(rows):
         return linear(x, w)
     cols, rest, x_apart = apart(rows, APART) if chosen is None else chosen  # (APART,), (N, K), (N, APART)
+    done = products(rest, x_apart, cols, w) if by_rows and products is not None else None  # (N, R) or None
+    if done is not None:
+        return done.reshape(*x.shape[:-1], w.shape[0])  # (..., out)
     out = rest @ w.T if by_rows else w @ rest.T  # (N, R), or (R, N) like linear's w @ rows.T
     # w's columns gathered after its product, which left them in cache (before it: APART scattered reads per
     # row from memory, which cost more than the product of APART inputs itself)
@@ -163,7 +168,7 @@ def _apart_fits(rows: np.ndarray) -> bool:
     return rows.shape[0] > 0 and rows.shape[1] >= 4 * APART
 
 
-def linears_apart(x: np.ndarray, *ws, by_rows: bool = False, apart=_apart_rows) -> tuple:
+def linears_apart(x: np.ndarray, *ws, by_rows: bool = False, apart=_apart_rows, products=None) -> tuple:
     """linear_apart(x, w, by_rows, apart) for each w, the columns of x chosen once: the same bits.
 
     The choice depends on x alone (its largest |entries| per column), so the products that read the same x
@@ -173,7 +178,7 @@ def linears_apart(x: np.ndarray, *ws, by_rows: bool = False, apart=_apart_rows) 
     if not _apart_fits(rows):
         return tuple(linear(x, w) for w in ws)
     chosen = apart(rows, APART)  # (APART,), (N, K), (N, APART)
-    return tuple(linear_apart(rows, w, by_rows, apart, chosen).reshape(*x.shape[:-1], -1) for w in ws)
+    return tuple(linear_apart(rows, w, by_rows, apart, chosen, products).reshape(*x.shape[:-1], -1) for w in ws)
 
 
 def linear_blocked(x: np.ndarray, w) -> np.ndarray:
@@ -243,10 +248,10 @@ def with_sums(backend, sums: str):
 
     product, together = SUMS[sums], linears_apart if sums == "apart" else None
     if sums == "apart" and backend.linear is not linear:
-        from llama_ref.kernels.sums import apart_rows  # the Numba backend's column choice, in two passes
+        from llama_ref.kernels.sums import apart_product, apart_rows  # its column choice; products on its threads
 
-        product = functools.partial(linear_apart, by_rows=True, apart=apart_rows)
-        together = functools.partial(linears_apart, by_rows=True, apart=apart_rows)
+        product = functools.partial(linear_apart, by_rows=True, apart=apart_rows, products=apart_product)
+        together = functools.partial(linears_apart, by_rows=True, apart=apart_rows, products=apart_product)
     copy = types.ModuleType(f"{backend.__name__}+{sums}_sums")
     copy.__dict__.update({k: v for k, v in vars(backend).items() if not k.startswith("__")})
     own, own_together = backend.linear, getattr(backend, "linears", None)

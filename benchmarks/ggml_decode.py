@@ -299,13 +299,14 @@ def table(report: dict) -> str:
     for kind, f in report["formats"].items():
         roof = max(r["bandwidth"].get("read_gb_s", 0) * 1e9 / f["bytes"] for r in report["rounds"])
         best = {n: _best(report, kind, n, "decode") for n in ("ggml", "exact", "llama.cpp")}
-        row = (f"| {kind} | {best['ggml']:.1f} | {_cell(best['exact'], '.1f')} | {best['llama.cpp']:.1f} "
-               f"| {_best_ratio(report, kind, 'ggml', 'decode'):.2f}x "
+        row = (f"| {kind} | {_cell(best['ggml'], '.1f')} | {_cell(best['exact'], '.1f')} | {best['llama.cpp']:.1f} "
+               f"| {_cell(_best_ratio(report, kind, 'ggml', 'decode'), '.2f', 'x')} "
                f"| {_cell(_best_ratio(report, kind, 'exact', 'decode'), '.2f', 'x')} "
-               f"| {100 * best['ggml'] / roof:.0f}% |")
+               f"| {_cell(100 * best['ggml'] / roof, '.0f', '%')} |")
         for key in pre:
-            row += (f" {_best(report, kind, 'ggml', key):.0f} | {_cell(_best(report, kind, 'exact', key), '.0f')} "
-                    f"| {_best(report, kind, 'llama.cpp', key):.0f} | {_best_ratio(report, kind, 'ggml', key):.2f}x "
+            row += (f" {_cell(_best(report, kind, 'ggml', key), '.0f')} "
+                    f"| {_cell(_best(report, kind, 'exact', key), '.0f')} | {_best(report, kind, 'llama.cpp', key):.0f} "
+                    f"| {_cell(_best_ratio(report, kind, 'ggml', key), '.2f', 'x')} "
                     f"| {_cell(_best_ratio(report, kind, 'exact', key), '.2f', 'x')} |")
         lines.append(row)
     if report["threads"] == 1:  # one thread: CPU time is the time a core of its own would take

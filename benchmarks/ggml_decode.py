@@ -305,7 +305,8 @@ def table(report: dict) -> str:
                f"| {_cell(100 * best['ggml'] / roof, '.0f', '%')} |")
         for key in pre:
             row += (f" {_cell(_best(report, kind, 'ggml', key), '.0f')} "
-                    f"| {_cell(_best(report, kind, 'exact', key), '.0f')} | {_best(report, kind, 'llama.cpp', key):.0f} "
+                    f"| {_cell(_best(report, kind, 'exact', key), '.0f')} "
+                    f"| {_best(report, kind, 'llama.cpp', key):.0f} "
                     f"| {_cell(_best_ratio(report, kind, 'ggml', key), '.2f', 'x')} "
                     f"| {_cell(_best_ratio(report, kind, 'exact', key), '.2f', 'x')} |")
         lines.append(row)

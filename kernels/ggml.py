@@ -5,9 +5,11 @@ The matrix products: the activation rows are quantized to Q8_0 / Q8_1 blocks her
 specification's x86 quantize_row_q8_0 / q8_1), and each weight row's dot product with them runs in
 kernels/ggml_simd.py's vector IR: the integers of each block (vpdpbusd, AVX2's vpmaddubsw + vpmaddwd, or
 portable IR, exact every way), then ggml's float order with true fused multiply-adds (llvm.fma). Work is
-split over tiles of ROWS weight rows (prange); in a prefill four rows are summed side by side and every
+split over tiles of ROWS weight rows (prange); in a prefill four rows are summed side by side against four
+activation rows (on AVX2 as two passes of two, ggml_simd.SPLIT_ACTS, so the sums fit the 16 registers) and every
 activation row passes the tile while its bytes are in cache; a decode reads the rows one after another (on
-one thread, quantization and all rows in one compiled call). The other operations (attention over the fp16
+one thread, quantization and all rows in one compiled call; the projections that read the same x, in one call
+and one parallel region: kernels/ggml_linears.py). The other operations (attention over the fp16
 cache, softmax, RMSNorm, RoPE, SwiGLU) are kernels/ggml_ops.py's. No fast-math anywhere.
 """
 

@@ -125,19 +125,29 @@ def _prefetch_rows(a, first, last, k0, k1, line):
 # kernel with two empty ones (_NO_W, 0 rows), so a row's sum is the same code, hence the same bits, whether
 # it was computed alone or together.
 
+@njit(inline="always", **JIT)
+def _chunks(w):
+    """The work items of one weight slot: its rows in chunks of ROWS."""
+    return (w.shape[0] + ROWS - 1) // ROWS
+
+
+@njit(inline="always", **JIT)
+def _slot(item, ca, cb, wa, wb, wc, oa, ob, oc):
+    """Work item -> (weight, its output, chunk c of ROWS rows of that weight), ca and cb the first two slots'."""
+    if item < ca:
+        return wa, oa, item
+    if item < ca + cb:
+        return wb, ob, item - ca
+    return wc, oc, item - ca - cb
+
+
 @njit(parallel=True, fastmath=FAST, **JIT)
 def _mv_bf16(x, wa, wb, wc, oa, ob, oc):
     """w* (R*, K) uint16 bfloat16 bits, widened in registers (a shift); o* (N, R*) = x (N, K) @ w*.T."""
     N, K = x.shape
-    ca, cb, cc = (wa.shape[0] + ROWS - 1) // ROWS, (wb.shape[0] + ROWS - 1) // ROWS, (wc.shape[0] + ROWS - 1) // ROWS
+    ca, cb, cc = _chunks(wa), _chunks(wb), _chunks(wc)
     for item in prange(ca + cb + cc):
-        # Work item -> (weight, its output, chunk c of ROWS rows of that weight).
-        if item < ca:
-            w, out, c = wa, oa, item
-        elif item < ca + cb:
-            w, out, c = wb, ob, item - ca
-        else:
-            w, out, c = wc, oc, item - ca - cb
+        w, out, c = _slot(item, ca, cb, wa, wb, wc, oa, ob, oc)
         R = w.shape[0]
         for r0 in range(c * ROWS, min(R, (c + 1) * ROWS), 4):
             r1, r2, r3 = min(r0 + 1, R - 1), min(r0 + 2, R - 1), min(r0 + 3, R - 1)
@@ -164,14 +174,9 @@ def _mv_f16(x, wa, wb, wc, oa, ob, oc):
     at a time was 1.75x slower). _mv_bf16 with the other widening: LLVM vectorizes only what it sees at
     compile time, and Numba caches no kernel made by a function that takes the widening as an argument."""
     N, K = x.shape
-    ca, cb, cc = (wa.shape[0] + ROWS - 1) // ROWS, (wb.shape[0] + ROWS - 1) // ROWS, (wc.shape[0] + ROWS - 1) // ROWS
+    ca, cb, cc = _chunks(wa), _chunks(wb), _chunks(wc)
     for item in prange(ca + cb + cc):
-        if item < ca:
-            w, out, c = wa, oa, item
-        elif item < ca + cb:
-            w, out, c = wb, ob, item - ca
-        else:
-            w, out, c = wc, oc, item - ca - cb
+        w, out, c = _slot(item, ca, cb, wa, wb, wc, oa, ob, oc)
         R = w.shape[0]
         for r0 in range(c * ROWS, min(R, (c + 1) * ROWS), 4):
             r1, r2, r3 = min(r0 + 1, R - 1), min(r0 + 2, R - 1), min(r0 + 3, R - 1)

@@ -155,17 +155,24 @@ def _decode_rows(kind, xq, xd, xs, off, qs, d, m, out, use_simd, r0, r1):
     Q4_0 takes off, its _x_offsets, for xs), one at a time (repacked Q4_0 8 at a time), each tile asking for
     the weights ~4 KB ahead block by block (ggml_simd._prefetch_ahead)."""
     R, nb = d.shape
-    K = xq.shape[1]
     ws, wds = np.int64(qs.shape[1]), np.int64(nb * d.itemsize)
     w0, d0, m0 = np.int64(qs.ctypes.data), np.int64(d.ctypes.data), np.int64(m.ctypes.data)
     x0, xd0, o0 = np.int64(xq.ctypes.data), np.int64(xd.ctypes.data), np.int64(out.ctypes.data)
     xs0 = np.int64(off.ctypes.data) if kind == 3 else np.int64(xs.ctypes.data)
+    _rows_at(kind, w0, ws, d0, wds, m0, nb, x0, np.int64(xq.shape[1]), xd0, xs0, o0, np.int64(4 * R), use_simd, r0, r1)
+
+
+@njit(inline="always", **JIT)
+def _rows_at(kind, w0, ws, d0, wds, m0, nb, x0, K, xd0, xs0, o0, ost, use_simd, r0, r1):
+    """_decode_rows by address (also kernels/ggml_linears.py's work items): weight rows r0 .. r1 - 1 (bytes at
+    w0, ws apart; scales d0 and mins m0, wds apart; nb blocks) by one quantized activation row (x0, K values;
+    scales xd0; Q8_1 sums or repacked Q4_0's offsets xs0) into out at o0 (ost bytes a row)."""
     # Repacked Q4_0 keeps its 8-row tile: one row at a time it must sum each block's lanes into one integer
     # before its fma, and took 1.6x longer (model, one thread); rows r0, r1 are multiples of 8 there.
     step = 8 if kind == 3 else 1
     for r in range(r0, r1, step):
-        _dot(kind, kind == 3, False, w0 + r * ws, ws, d0 + r * wds, m0 + r * wds, wds, x0, np.int64(K),
-             xd0, xs0, np.int64(4 * nb), nb, o0 + 4 * r, 4 * R, use_simd)
+        _dot(kind, kind == 3, False, w0 + r * ws, ws, d0 + r * wds, m0 + r * wds, wds, x0, K, xd0, xs0,
+             np.int64(4 * nb), nb, o0 + 4 * r, ost, use_simd)
 
 
 @njit(inline="always", **JIT)

@@ -46,14 +46,10 @@ def _item(c, table, xq, xd, xs, off, kq8, kd, kbs, out, use_simd):
     r0 = (c - table[i, TILEF]) * ROWS
     r1 = min(R, r0 + ROWS)
     ost = np.int64(4 * R)
-    if kind < Q4_K:  # kernels/ggml.py's _decode_rows: Q8_0 / Q8_1 activations
-        K = np.int64(xq.shape[1])
-        x0, xd0 = np.int64(xq.ctypes.data), np.int64(xd.ctypes.data)
+    if kind < Q4_K:  # kernels/ggml.py's decode rows: Q8_0 / Q8_1 activations
         xs0 = np.int64(off.ctypes.data) if kind == 3 else np.int64(xs.ctypes.data)
-        step = 8 if kind == 3 else 1  # repacked Q4_0 keeps its 8-row tile (r0, r1 are multiples of 8 there)
-        for r in range(r0, r1, step):
-            legacy._dot(kind, kind == 3, False, w0 + r * ws, ws, d0 + r * wds, m0 + r * wds, wds, x0, K, xd0, xs0,
-                        np.int64(4 * nb), nb, o0 + 4 * r, ost, use_simd)
+        legacy._rows_at(kind, w0, ws, d0, wds, m0, nb, np.int64(xq.ctypes.data), np.int64(xq.shape[1]),
+                        np.int64(xd.ctypes.data), xs0, o0, ost, use_simd, r0, r1)
         return
     # ggml_kquants' tile rows with one activation row: Q8_K activations
     K = np.int64(kq8.shape[1])

@@ -88,9 +88,7 @@ def apart_product(rest: np.ndarray, x_apart: np.ndarray, cols: np.ndarray, w: np
     n = threads.count()
     if n <= 1:
         return None
-    if not ops._SGEMM:
-        ops._SGEMM.append(ops._sgemm())
-    sgemm = ops._SGEMM[0]
+    sgemm = ops.cblas_sgemm()
     arrays = (rest, x_apart, w)
     if sgemm is None or not all(a.dtype == np.float32 and a.flags.c_contiguous for a in arrays):
         return None

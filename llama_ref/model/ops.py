@@ -110,6 +110,13 @@ def _sgemm():
 _SGEMM: list = []  # [cblas_sgemm or None], found on first use
 
 
+def cblas_sgemm():
+    """NumPy's own BLAS's cblas_sgemm through ctypes (_sgemm), or None where it is not found; looked up once."""
+    if not _SGEMM:
+        _SGEMM.append(_sgemm())
+    return _SGEMM[0]
+
+
 def _add_product(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> np.ndarray:
     """out += a @ b.T for float32 a (M, K), b (N, K) and out (M, N), C-contiguous (a and b: or F), and out.
 
@@ -118,17 +125,16 @@ def _add_product(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> np.ndarray:
     model's layers at 200 rows, memory-bound on its output). Its sums are the same: each output's K products
     in one chain, then added to out's value (OpenBLAS, a K of APART: the same bits; tests/test_precision.py).
     NumPy's `out += a @ b.T` where that BLAS is not found, and for other arrays."""
-    if not _SGEMM:
-        _SGEMM.append(_sgemm())
+    sgemm = cblas_sgemm()
     layouts = [v.flags.c_contiguous or v.flags.f_contiguous for v in (a, b)]
     usable = all(v.dtype == np.float32 and min(v.shape) > 0 for v in (a, b, out))
-    if _SGEMM[0] is None or not (all(layouts) and usable and out.flags.c_contiguous and out.flags.writeable):
+    if sgemm is None or not (all(layouts) and usable and out.flags.c_contiguous and out.flags.writeable):
         out += a @ b.T
         return out
     (M, K), N = a.shape, b.shape[0]
     ta, lda = (111, K) if a.flags.c_contiguous else (112, M)  # row-major a, or a.T row-major
     tb, ldb = (112, K) if b.flags.c_contiguous else (111, N)  # b.T is b transposed, or b.T row-major
-    _SGEMM[0](101, ta, tb, M, N, K, 1.0, a.ctypes.data, lda, b.ctypes.data, ldb, 1.0, out.ctypes.data, N)
+    sgemm(101, ta, tb, M, N, K, 1.0, a.ctypes.data, lda, b.ctypes.data, ldb, 1.0, out.ctypes.data, N)
     return out
 
 

@@ -44,7 +44,7 @@ def test_prefill_tile_keeps_its_accumulators_in_registers(kind):
     """A 4 x 4 prefill tile runs as passes of 4 rows x 2 activations (ggml_simd.SPLIT_ACTS): 8 accumulators
     and the block's values fit AVX2's 16 ymm registers. As one pass of 16 accumulators, LLVM spilled 30 to 60
     stack loads and stores a block (Q8_0: 60 of 199 instructions). (Q4_1 / Q5_1 still spill some: their 8 float
-sums of the mins share the same registers.)"""
+    sums of the mins share the same registers.)"""
     loops = block_loops(tile_asm(kind, 4, 4))
     assert loops, "no block loop found"
     for body in loops:

@@ -3,7 +3,11 @@ Tiny random models and other helpers are in tests/tiny.py."""
 
 from __future__ import annotations
 
+import functools
 import os
+import shutil
+import subprocess
+import sys
 
 
 def _share_cores_between_workers() -> None:
@@ -51,6 +55,34 @@ def default_model_path():
 def default_model(default_model_path):
     """SmolLM2-135M-Instruct on the NumPy backend. Shared: tests must not keep state in its cache."""
     return llama_ref.load(default_model_path)
+
+
+@functools.cache
+def mpi_missing() -> "str | None":
+    """Why the MPI tests cannot run here (None when they can): Open MPI's mpirun and a working mpi4py."""
+    mpirun = shutil.which("mpirun")
+    if mpirun is None:
+        return "mpirun is not installed (apt-get install openmpi-bin libopenmpi-dev)"
+    try:
+        import mpi4py  # noqa: F401  (its MPI module is imported in a child: that starts MPI)
+    except ImportError:
+        return "mpi4py is not installed (pip install 'llama_ref[mpi]')"
+    child = subprocess.run([sys.executable, "-c", "from mpi4py import MPI"], capture_output=True, text=True,
+                           env=dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1"))
+    if child.returncode:
+        return f"mpi4py cannot load its MPI library: {child.stderr.strip().splitlines()[-1:]}"
+    version = subprocess.run([mpirun, "--version"], capture_output=True, text=True).stdout
+    if "Open MPI" not in version:
+        return f"these tests drive Open MPI's mpirun; found {version.splitlines()[:1]}"
+    return None
+
+
+@pytest.fixture(scope="session")
+def mpi():
+    """Skips a test that starts MPI ranks (tests/test_parallel.py's `needs_mpi`) where mpi_missing() says why."""
+    why = mpi_missing()
+    if why is not None:
+        pytest.skip(why)
 
 
 # The fast tier (`pytest -m "not slow"`) runs on tiny random models only: a test that uses the real default

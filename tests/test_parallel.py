@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -34,26 +33,10 @@ TINY = HERE / "data" / "tiny_ckpt"
 TOKENS = [1, 17, 90, 5, 42, 7, 63, 88, 3, 11, 77, 31]
 
 
-def _mpi_missing() -> "str | None":
-    mpirun = shutil.which("mpirun")
-    if mpirun is None:
-        return "mpirun is not installed (apt-get install openmpi-bin libopenmpi-dev)"
-    try:
-        import mpi4py  # noqa: F401  (its MPI module is imported in a child: that starts MPI)
-    except ImportError:
-        return "mpi4py is not installed (pip install 'llama_ref[mpi]')"
-    child = subprocess.run([sys.executable, "-c", "from mpi4py import MPI"], capture_output=True, text=True,
-                           env=dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1"))
-    if child.returncode:
-        return f"mpi4py cannot load its MPI library: {child.stderr.strip().splitlines()[-1:]}"
-    version = subprocess.run([mpirun, "--version"], capture_output=True, text=True).stdout
-    if "Open MPI" not in version:
-        return f"these tests drive Open MPI's mpirun; found {version.splitlines()[:1]}"
-    return None
-
-
-MPI_MISSING = _mpi_missing()
-needs_mpi = pytest.mark.skipif(MPI_MISSING is not None, reason=str(MPI_MISSING))
+# Tests that start MPI ranks skip, saying why, where Open MPI or mpi4py is missing. The probe (a child process
+# importing mpi4py, and `mpirun --version`) runs once per session, when the first such test is set up (the `mpi`
+# fixture in conftest.py), not at import: every xdist worker imports every module, and the fast tier runs none.
+needs_mpi = pytest.mark.usefixtures("mpi")
 
 
 def mpirun(n: int, *argv, timeout: float = 240, check: bool = True, **popen) -> subprocess.CompletedProcess:

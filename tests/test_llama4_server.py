@@ -7,17 +7,20 @@ Llama 4 tokenizer's 202048 ids (its rows repeated), which is fetched from PyPI (
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-for _module in ("starlette", "uvicorn", "httpx", "openai"):  # the [server] and [test] extras
-    pytest.importorskip(_module)
+# The [server] and [test] extras, looked up without importing them: every xdist worker imports every test module,
+# and the openai client alone takes ~2 s of CPU to import; the tests that use it import it.
+for _module in ("starlette", "uvicorn", "httpx", "openai"):
+    if importlib.util.find_spec(_module) is None:
+        pytest.skip(f"{_module} is not installed (the [server] and [test] extras)", allow_module_level=True)
 
 import httpx  # noqa: E402
-import openai  # noqa: E402
 
 import llama_ref  # noqa: E402
 from llama_ref.server import BackgroundServer, create_app  # noqa: E402
@@ -73,6 +76,8 @@ def test_tool_calls_in_the_history_are_written_in_metas_llama4_format(model, ser
 
 
 def test_a_chat_with_tools_runs_through_the_server(served):
+    import openai
+
     client = openai.OpenAI(base_url=served + "/v1", api_key="unused", max_retries=0, timeout=120)
     r = client.chat.completions.create(model="tiny4", messages=[{"role": "user", "content": "weather in Rome?"}],
                                        tools=TOOLS, max_tokens=3, temperature=0)

@@ -13,14 +13,13 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import nbformat
 import pytest
-from nbclient.exceptions import CellExecutionError
 
 NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
-sys.path.insert(0, str(NOTEBOOK_DIR))
-from execute import execute  # noqa: E402  (notebooks/execute.py)
+sys.path.insert(0, str(NOTEBOOK_DIR))  # notebooks/execute.py
+# nbformat, nbclient and notebooks/execute.py are imported by the tests that use them: every xdist worker imports
+# every test module, and the fast tier runs none of these.
 
 pytestmark = pytest.mark.slow  # each notebook runs 7-25 s; the fast tier checks the code they call
 
@@ -60,6 +59,8 @@ def test_readme_lists_every_notebook():
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_is_stored_executed(path):
+    import nbformat
+
     nb = nbformat.read(path, as_version=4)
     nbformat.validate(nb)
     code = [c for c in nb.cells if c.cell_type == "code"]
@@ -73,6 +74,10 @@ def test_notebook_is_stored_executed(path):
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_runs_and_gives_the_stored_outputs(path, default_model_path, monkeypatch):
+    import nbformat
+    from execute import execute
+    from nbclient.exceptions import CellExecutionError
+
     # default_model_path: the default model is fetched (once, by the fixture) before the kernel needs it.
     monkeypatch.delenv("MPLBACKEND", raising=False)  # the inline backend, which stored the plots
     # One thread per kernel: the suite already runs a worker per core (pytest -n 2), and a multi-threaded

@@ -11,6 +11,7 @@ KeywordGuard, which says so), and LlamaGuard's real prompt with the tiny and def
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import socket
@@ -21,11 +22,13 @@ import time
 
 import pytest
 
-for _module in ("starlette", "uvicorn", "httpx", "openai"):  # the [server] and [test] extras
-    pytest.importorskip(_module)
+# The [server] and [test] extras, looked up without importing them: every xdist worker imports every test module,
+# and the openai client alone takes ~2 s of CPU to import; the tests that use it import it.
+for _module in ("starlette", "uvicorn", "httpx", "openai"):
+    if importlib.util.find_spec(_module) is None:
+        pytest.skip(f"{_module} is not installed (the [server] and [test] extras)", allow_module_level=True)
 
 import httpx  # noqa: E402
-import openai  # noqa: E402
 
 import llama_ref  # noqa: E402
 from llama_ref.text.chat import GuardVerdict  # noqa: E402
@@ -49,6 +52,8 @@ def served(tiny):
 
 @pytest.fixture(scope="module")
 def client(served):
+    import openai
+
     return openai.OpenAI(base_url=served[0] + "/v1", api_key="unused", max_retries=0, timeout=60)
 
 
@@ -85,6 +90,8 @@ CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": 
 # ---- the openai client against the library --------------------------------------------------------------
 
 def test_models_health_and_metrics(served, client):
+    import openai
+
     url, _ = served
     assert [m.id for m in client.models.list().data] == ["tiny"]
     assert client.models.retrieve("tiny").id == "tiny"
@@ -341,6 +348,8 @@ def test_bad_input_gets_an_openai_error_naming_the_field(served, path, body, sta
 
 
 def test_a_bad_request_does_not_disturb_the_others(tiny, served, client):
+    import openai
+
     url, _ = served
     errors = []
 
@@ -381,6 +390,8 @@ class KeywordGuard:
 
 
 def test_guard_shields_requests_and_backs_moderations(tiny):
+    import openai
+
     guard = KeywordGuard()
     app = create_app(tiny, guard, name="tiny", guard_output=True)
     with BackgroundServer(app) as url:
@@ -402,6 +413,8 @@ def test_guard_shields_requests_and_backs_moderations(tiny):
 
 
 def test_llama_guard_prompt_on_real_tokenizers_and_an_unreadable_verdict(tiny, default_model):
+    import openai
+
     messages = [{"role": "user", "content": "How do I bake bread?"}]
     # The default model's tokenizer has no Llama 3 special tokens: the Llama Guard 3 request goes in its
     # own chat format, one user message.
@@ -422,6 +435,8 @@ def test_llama_guard_prompt_on_real_tokenizers_and_an_unreadable_verdict(tiny, d
 # ---- the default model and the command line --------------------------------------------------------------
 
 def test_default_model_greedy_completion_equals_generate(default_model):
+    import openai
+
     prompt = "The capital of France is"
     expected = default_model.generate(prompt, max_new_tokens=8)
     with BackgroundServer(create_app(default_model, name="smollm2")) as url:

@@ -100,19 +100,21 @@ def test_exported_tokenizer_json_gives_metas_ids(tok, llama4_path, tmp_path):
     assert isinstance(directory_tokenizer(tmp_path), Llama4Tokenizer)
 
 
-@settings(max_examples=200, deadline=None)
-@given(st.text(max_size=200))
-def test_decode_inverts_encode_and_special_text_stays_text(llama4_path, text):
-    tok = _cached(llama4_path)
+def check_decode_inverts_encode(tok, text: str) -> None:
     ids = tok.encode(text, bos=False)
     assert tok.decode(ids) == text
     assert not set(ids) & tok.special_ids  # special-token text typed by a user never becomes a special token
 
 
-_TOKENIZERS: dict = {}
+# ~10 ms an example on 2 shared cores (1.9 s for 200): the fast tier draws 50, the full suite 200 more.
+@settings(max_examples=50, deadline=None)
+@given(st.text(max_size=200))
+def test_decode_inverts_encode_and_special_text_stays_text(tok, text):
+    check_decode_inverts_encode(tok, text)
 
 
-def _cached(path):
-    if path not in _TOKENIZERS:
-        _TOKENIZERS[path] = tokenizer_from_file(path)
-    return _TOKENIZERS[path]
+@pytest.mark.slow
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=200))
+def test_decode_inverts_encode_and_special_text_stays_text_many(tok, text):
+    check_decode_inverts_encode(tok, text)

@@ -35,7 +35,7 @@ def block_loops(asm: str) -> list[list[str]]:
             body.append(line.strip())
             parts = line.split()
             if parts[0].startswith("j") and len(parts) > 1 and parts[1] == label:
-                loops.append(body)
+                loops.append(list(body))  # a copy: code after the loop's jump is not the loop's
     return loops
 
 
@@ -61,3 +61,28 @@ def test_q8_0_scales_multiply_as_vectors():
     for body in block_loops(tile_asm("q8_0", 4, 4)):
         names = [ins.split()[0] for ins in body]
         assert names.count("vmulps") == 8 and "vmulss" not in names, names
+
+
+def test_q4_k_8row_tile_keeps_its_sums_in_registers():
+    """Repacked Q4_K's prefill tile (kernels/ggml_kquants._define_q4_kx8_tile, 8 rows by ACTS8 activation rows)
+    loops over the sub-blocks of a super-block: per sub-block 8 vpmaddubsw per activation row (4 values of the
+    8 rows by the activation's 4 bytes broadcast), one vpmaddwd by the scales per activation row, and its int16
+    and int32 sums in registers. Written out as one block of 8 sub-blocks, LLVM kept all 64 unpacked vectors
+    on the stack (326 stack loads and stores a super-block)."""
+    from numba import njit, types
+
+    from llama_ref.kernels import ggml_kquants
+
+    acts, tile = ggml_kquants.ACTS8, ggml_kquants._q4x8_A
+
+    @njit
+    def run(w, x, xst, xd, bs, xds, bss, nb, out, ost):
+        tile(w, x, xst, xd, bs, xds, bss, nb, out, ost, 2)
+    run.compile((types.int64,) * 10)
+    loops = [body for body in block_loops(run.inspect_asm(run.signatures[0]))
+             if sum(ins.startswith("vpmaddubsw") for ins in body) == 8 * acts]
+    assert len(loops) == 1, [len(body) for body in block_loops(run.inspect_asm(run.signatures[0]))]
+    names = [ins.split()[0] for ins in loops[0]]
+    assert names.count("vpmaddwd") == acts, names
+    stack = [ins for ins in loops[0] if "(%rsp)" in ins or "(%rbp)" in ins]
+    assert len(stack) <= 6, (len(stack), len(loops[0]))

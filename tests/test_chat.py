@@ -17,13 +17,11 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings, strategies as st
 
-import llama_ref
 from llama_ref.text.chat import (GuardVerdict, chat_tokens, encode_tool_call, infilling_tokens, llama2_chat_tokens,
                             llama3_chat_tokens, llama3_message_tokens, llama_guard_text, llama_guard_tokens,
                             parse_llama3_reply, parse_llama_guard)
 from llama_ref.errors import InputError
-from llama_ref.text.tokenizer import (Llama3Tokenizer, SentencePieceTokenizer, TokenizerError, render_chat,
-                                 tokenizer_from_gguf)
+from llama_ref.text.tokenizer import SentencePieceTokenizer, TokenizerError, render_chat, tokenizer_from_gguf
 
 DATA = Path(__file__).parent / "data" / "tokenizers"
 LLAMA2_PROTO = DATA / "llama2-tokenizer.model.xz"
@@ -31,14 +29,6 @@ LLAMA2_PROTO = DATA / "llama2-tokenizer.model.xz"
 contents = st.lists(st.one_of(st.sampled_from(["Hello", " ", "\n\n", "<|eot_id|>", "<|start_header_id|>", "🦙",
                                                "ipython", "  x  ", "{\"a\": 1}", "中文", "12345"]),
                               st.text(max_size=8)), min_size=1, max_size=5).map("".join)
-
-
-@pytest.fixture(scope="module")
-def llama3():
-    try:
-        return Llama3Tokenizer.from_file(llama_ref.fetch("llama3-tokenizer", progress=False))
-    except llama_ref.FetchError as e:
-        pytest.skip(f"the official Llama 3 tokenizer.model could not be fetched from PyPI: {e}")
 
 
 @pytest.fixture(scope="module")

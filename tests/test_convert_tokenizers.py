@@ -25,7 +25,6 @@ from pathlib import Path
 
 import pytest
 
-import llama_ref
 from llama_ref.text.chat import chat_tokens
 from llama_ref.tools.convert import convert, write_checkpoint
 from llama_ref.text.tokenizer import (Llama3Tokenizer, SentencePieceTokenizer, TokenizerError, tokenizer_from_dir,
@@ -157,14 +156,6 @@ def llama2_gguf_meta(llama2_sp):
             "tokenizer.ggml.bos_token_id": sp.bos_id(), "tokenizer.ggml.eos_token_id": sp.eos_id(),
             "tokenizer.ggml.unknown_token_id": sp.unk_id(), "tokenizer.ggml.add_bos_token": True,
             "tokenizer.chat_template": "{% for m in messages %}[INST] {{ m['content'] }} [/INST]{% endfor %}"}
-
-
-@pytest.fixture(scope="module")
-def llama3_path():
-    try:
-        return llama_ref.fetch("llama3-tokenizer", progress=False)
-    except llama_ref.FetchError as e:
-        pytest.skip(f"the official Llama 3 tokenizer.model could not be fetched from PyPI: {e}")
 
 
 @pytest.fixture(scope="module")

@@ -34,13 +34,8 @@ TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": 
 
 
 @pytest.fixture(scope="module")
-def model():
-    from llama_ref.text.tokenizer import tokenizer_from_file
-    try:
-        path = llama_ref.fetch("llama4-tokenizer", progress=False)
-    except llama_ref.FetchError as e:
-        pytest.skip(f"the official Llama 4 tokenizer.model could not be fetched from PyPI: {e}")
-    tok = tokenizer_from_file(path)
+def model(llama4_tokenizer):
+    tok = llama4_tokenizer
     small = llama_ref.load(DATA / "tiny_ckpt" / "llama4_hf", weights="float32")
     weights = dict(small.weights)
     for name in ("tok_embeddings.weight", "output.weight"):  # the 128 rows repeated to the tokenizer's size

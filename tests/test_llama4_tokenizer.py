@@ -11,25 +11,16 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings, strategies as st
 
-import llama_ref
 from llama_ref.text.chat import chat_tokens
-from llama_ref.text.tokenizer import tokenizer_from_dir, tokenizer_from_file
+from llama_ref.text.tokenizer import tokenizer_from_dir
 from llama_ref.text.tokenizer_llama4 import Llama4Tokenizer, llama4_chat_tokens, parse_llama4_reply
 
 CASES = json.loads((Path(__file__).parent / "data" / "tokenizers" / "llama4-cases.json").read_text(encoding="utf-8"))
 
 
 @pytest.fixture(scope="module")
-def llama4_path():
-    try:
-        return llama_ref.fetch("llama4-tokenizer", progress=False)
-    except llama_ref.FetchError as e:
-        pytest.skip(f"the official Llama 4 tokenizer.model could not be fetched from PyPI: {e}")
-
-
-@pytest.fixture(scope="module")
-def tok(llama4_path):
-    return tokenizer_from_file(llama4_path)
+def tok(llama4_tokenizer):
+    return llama4_tokenizer  # conftest's, loaded once per worker (test_llama4_server uses it too)
 
 
 def test_the_file_is_recognised_as_llama4_and_its_special_tokens_are_metas(tok):

@@ -20,7 +20,6 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings, strategies as st
 
-import llama_ref
 from llama_ref.text.tokenizer import (ByteLevelBPETokenizer, HFTokenizer, Llama3Tokenizer, SentencePieceTokenizer,
                                  TokenizerError, check_vocab_size, tokenizer_from_dir, tokenizer_from_file,
                                  tokenizer_from_gguf)
@@ -85,19 +84,6 @@ def _train_tiny_sp(**extra) -> bytes:
 @pytest.fixture(scope="module")
 def tiny_sp_proto():
     return _train_tiny_sp()
-
-
-@pytest.fixture(scope="module")
-def llama3_path():
-    try:
-        return llama_ref.fetch("llama3-tokenizer", progress=False)
-    except llama_ref.FetchError as e:
-        pytest.skip(f"the official Llama 3 tokenizer.model could not be fetched from PyPI: {e}")
-
-
-@pytest.fixture(scope="module")
-def llama3(llama3_path):
-    return Llama3Tokenizer.from_file(llama3_path)
 
 
 @pytest.fixture(scope="module")

@@ -13,22 +13,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import llama_ref
 from llama_ref.errors import InputError
 from llama_ref.text.chat import (IMAGE_TOKEN_ID, chat_tokens, image_spans, llama2_chat_tokens, llama3_chat_tokens,
                                  llama3_vision_completion, llama3_vision_prompt, vision_chat_prompt)
-from llama_ref.text.tokenizer_tiktoken import Llama3Tokenizer
 
 DATA = Path(__file__).parent / "data" / "vision"
 CASES = json.loads((DATA / "chat_cases.json").read_text())
-
-
-@pytest.fixture(scope="module")
-def llama3():
-    try:
-        return Llama3Tokenizer.from_file(llama_ref.fetch("llama3-tokenizer", progress=False))
-    except Exception as e:  # noqa: BLE001 - no network or registry: nothing to compare against
-        pytest.skip(f"the official Llama 3 tokenizer.model could not be fetched from PyPI: {e}")
 
 
 def with_paths(content):

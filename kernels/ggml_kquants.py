@@ -409,6 +409,38 @@ def repack_q4_k(qs: np.ndarray, head: np.ndarray) -> np.ndarray:
     return np.concatenate([quants, scales, mins, d, dmin], axis=2).reshape(G, nb * Q4X8_BYTES)
 
 
+@njit(parallel=True, **JIT)
+def _repack_q4_k(qs, head, out):
+    """repack_q4_k compiled (the same bytes, tests/test_ggml_kquants.py): its NumPy form costs ~90 ms per 16 M
+    values, ~4 s for a 1B model's Q4_K matrices on their first prefill. Parallel over groups of 8 rows."""
+    R, nb = head.shape[0], head.shape[1]
+    for g in prange(R // 8):
+        for i in range(nb):
+            o = i * 1248
+            for r in range(8):
+                row = 8 * g + r
+                q = qs[row, 128 * i:128 * i + 128]  # 8 sub-blocks of 16 bytes: value v low, v + 16 high
+                for p in range(4):
+                    for v in range(32):  # value v of sub-blocks 2p (low nibble) and 2p + 1 (high)
+                        lo, hi = q[32 * p + v % 16], q[32 * p + 16 + v % 16]
+                        if v >= 16:
+                            lo, hi = lo >> 4, hi >> 4
+                        out[g, o + 256 * p + 32 * (v // 4) + 4 * r + v % 4] = (lo & 15) | ((hi & 15) << 4)
+                h = head[row, i]  # d | dmin | 12 bytes: kquant_scales' 6-bit scales and mins
+                for j in range(8):
+                    if j < 4:
+                        sc, mn = h[4 + j] & 63, h[8 + j] & 63
+                    else:
+                        sc = (h[8 + j] & 15) | ((h[j] >> 2) & 48)
+                        mn = (h[8 + j] >> 4) | ((h[4 + j] >> 2) & 48)
+                    out[g, o + 1024 + 16 * j + 2 * r] = sc
+                    out[g, o + 1024 + 16 * j + 2 * r + 1] = sc
+                    out[g, o + 1152 + 16 * (j // 2) + 2 * r + j % 2] = mn
+                for c in range(2):
+                    out[g, o + 1216 + 2 * r + c] = h[c]
+                    out[g, o + 1232 + 2 * r + c] = h[2 + c]
+
+
 def _define_q4_kx8_tile(module, acts, isa):
     """void f(w, x, xstride, xd, bs, xds, bss, nb, out, ostride): ggml_gemm_q4_K_8x8_q8_K's products of 8 weight
     rows (one group of repack_q4_k, from byte address w) with `acts` Q8_K activation rows (as
@@ -774,6 +806,9 @@ def q4_kx8(w) -> np.ndarray:
     """The repacked copy of a Q4_K weight with rows % 8 == 0 that the prefill kernel reads (repack_q4_k)."""
     packed = _Q4X8.get(id(w))
     if packed is None:
-        packed = _Q4X8[id(w)] = readonly(repack_q4_k(w.qs, w.head))
+        qs, head = readonly(w.qs), readonly(w.head)
+        packed = np.empty((qs.shape[0] // 8, head.shape[1] * Q4X8_BYTES), np.uint8)
+        _repack_q4_k(qs, head, packed)
+        packed = _Q4X8[id(w)] = readonly(packed)
         weakref.finalize(w, _Q4X8.pop, id(w), None)
     return packed

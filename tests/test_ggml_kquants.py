@@ -325,6 +325,15 @@ def test_repack_q4_k_layout_by_hand():
         assert blk[1232 + 2 * r:1234 + 2 * r].view("<f2")[0] == wb["dmin"][row, i]
 
 
+def test_repack_q4_k_compiled_equals_numpy():
+    """The compiled repack the prefill reads (q4_kx8: _repack_q4_k) gives repack_q4_k's bytes: random blocks,
+    every byte 0xff and every byte 0x00, groups split over threads."""
+    k = compiled()
+    for w in (random_kquant(Q4_KWeight, 64, 768, 5), extreme_kquant(Q4_KWeight, 16, 512, 0x80, 0.01),
+              extreme_kquant(Q4_KWeight, 8, 256, 0x00, 0.01)):
+        assert np.array_equal(k.q4_kx8(w), k.repack_q4_k(w.qs, w.head))
+
+
 @pytest.mark.parametrize("simd", [0, 1, 2])
 def test_q4_k_8row_prefill_tile_equals_numpy(simd):
     """Repacked Q4_K's prefill (rows % 8 == 0, more than one activation row): tiles of 8 rows by ACTS8

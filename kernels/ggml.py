@@ -7,10 +7,11 @@ kernels/ggml_simd.py's vector IR: the integers of each block (vpdpbusd, AVX2's v
 portable IR, exact every way), then ggml's float order with true fused multiply-adds (llvm.fma). Work is
 split over tiles of ROWS weight rows (prange); in a prefill four rows are summed side by side against four
 activation rows (on AVX2 as two passes of two, ggml_simd.SPLIT_ACTS, so the sums fit the 16 registers) and every
-activation row passes the tile while its bytes are in cache; a decode reads the rows one after another (on
-one thread, quantization and all rows in one compiled call; the projections that read the same x, in one call
-and one parallel region: kernels/ggml_linears.py). The other operations (attention over the fp16
-cache, softmax, RMSNorm, RoPE, SwiGLU) are kernels/ggml_ops.py's. No fast-math anywhere.
+activation row passes the tile while its bytes are in cache; a decode reads the rows one after another, each
+product of one row in one compiled call that quantizes x too, on the calling thread or in one parallel region
+(kernels/ggml_linears.py, which also takes the projections that read the same x together). The other
+operations (attention over the fp16 cache, softmax, RMSNorm, RoPE, SwiGLU) are kernels/ggml_ops.py's. No
+fast-math anywhere.
 """
 
 from __future__ import annotations
@@ -304,15 +305,18 @@ def quantized_linear(x2: np.ndarray, w, use_simd: "int | None" = None) -> np.nda
 
 def linear(x: np.ndarray, w) -> np.ndarray:
     """x @ w.T in ggml's arithmetic: llama_ref.model.ggml.linear with the quantized products compiled."""
-    args = _ARGS.get(id(w))
-    if args is not None and x.size == x.shape[-1] and x.dtype == np.float32 and x.flags.c_contiguous \
-            and serial_product(1, args[2].shape[0] * x.shape[-1]):
-        # One row on the calling thread (a decode step's product, ~4 us of Python here before): straight to its
-        # one compiled call, x and the output in the caller's shape (B, T, D) -> (B, T, R).
-        kind, qs, d, m = args
-        out = np.empty(x.shape[:-1] + (d.shape[0],), np.float32)
-        _decode_serial(kind, x, qs, d, m, out, SIMD)
-        return out
+    if x.size == x.shape[-1]:
+        # One row (a decode step's wo, w2 and output head): kernels/ggml_linears.py's one compiled call, x quantized
+        # inside it (Q8_0 / Q8_1 or Q8_K), then every row on the calling thread or in one parallel region, x and
+        # the output in the caller's shape (B, T, D) -> (B, T, R). Before, a parallel product made two calls
+        # (quantize, then the region) and a K-quant one two on the calling thread too.
+        return linears(x, w)[0]
+    return _rows_linear(x, w)
+
+
+def _rows_linear(x: np.ndarray, w) -> np.ndarray:
+    """linear for any x (N rows: quantized_linear; a weight ggml mode keeps in floats: the specification's);
+    kernels/ggml_linears.py's fallback."""
     if not spec.supported(w):
         return spec.linear(x, w)
     rows = x.reshape(-1, x.shape[-1])  # (N, in)

@@ -1,5 +1,6 @@
-"""Several one-row products that read the same x in one compiled call: kernels/ggml.py's `linears` (wq, wk, wv;
-w1, w3 of a decode step), the same bits as kernels/ggml.py's `linear` weight by weight.
+"""One-row products in one compiled call: kernels/ggml.py's `linears` (wq, wk, wv; w1, w3 of a decode step, that
+read the same x) and its `linear` of one row (wo, w2, the output head), the same bits as kernels/ggml.py's
+quantized_linear weight by weight.
 
 A decode step's products are small (the default model: 0.1-0.9 M values, ~10-60 us each on one thread), and
 on two threads a Numba parallel region costs ~15-20 us to start and join (omp, quiet machine), so each product
@@ -104,9 +105,9 @@ def _linears_serial(x, table, tiles, legacy_acts, k_acts, repacked, out, use_sim
         _item(c, table, xq, xd, xs, off, kq8, kd, kbs, out, use_simd)
 
 
-# tuple(id(w) for w in ws) -> (table, tiles, legacy_acts, k_acts, repacked, offsets, weights' values, the weights'
-# arrays), made once per group of weights (as kernels/ggml.py's _ARGS per weight); an entry goes when any of its
-# weights goes, before an id can be reused.
+# tuple(id(w) for w in ws) -> (table, tiles, legacy_acts, k_acts, repacked, offsets, weights' rows, the weights'
+# arrays, their columns K), made once per group of weights (as kernels/ggml.py's _ARGS per weight); an entry goes
+# when any of its weights goes, before an id can be reused.
 _GROUPS: dict = {}
 
 
@@ -148,7 +149,8 @@ def _group(ws) -> tuple:
             tile += (w.shape[0] + ROWS - 1) // ROWS
         table = np.array(rows, np.int64)
         table.flags.writeable = False
-        group = _GROUPS[key] = (table, tile, legacy_acts, k_acts, repacked, tuple(offsets), out_at, keep)
+        group = _GROUPS[key] = (table, tile, legacy_acts, k_acts, repacked, tuple(offsets), out_at, keep,
+                                 ws[0].shape[1])
         for w in ws:
             weakref.finalize(w, _GROUPS.pop, key, None)
     return group
@@ -158,15 +160,21 @@ def linears(x: np.ndarray, *ws, use_simd: "int | None" = None) -> tuple:
     """tuple(kernels.ggml.linear(x, w) for w in ws), bit for bit: for one row of x (a decode step) and weights
     in the integer formats, in one compiled call (x quantized once per activation type, one parallel region
     over all the rows, or none where serial_product says the whole work is small); otherwise weight by
-    weight."""
+    weight. kernels/ggml.py's linear sends its one-row products here too (ws one weight)."""
     K = x.shape[-1]
-    if x.size != K or x.dtype != np.float32 or not x.flags.c_contiguous \
-            or not all(legacy.spec.supported(w) and w.shape[1] == K for w in ws):
-        return tuple(legacy.linear(x, w) for w in ws)
-    table, tiles, legacy_acts, k_acts, repacked, offsets, total, _ = _group(ws)
+    group = _GROUPS.get(tuple(map(id, ws)))  # a decode step's products: made on the first step
+    if group is None:
+        if not all(legacy.spec.supported(w) and w.shape[1] == K for w in ws):
+            return tuple(legacy._rows_linear(x, w) for w in ws)
+        group = _group(ws)
+    if x.size != K or x.dtype != np.float32 or not x.flags.c_contiguous or group[8] != K:
+        return tuple(legacy._rows_linear(x, w) for w in ws)
+    table, tiles, legacy_acts, k_acts, repacked, offsets, total, _, _ = group
     out = np.empty(total, np.float32)
     use = legacy.SIMD if use_simd is None else int(use_simd)
     run = _linears_serial if serial_product(1, total * K) else _linears_parallel
     run(x.reshape(1, K), table, tiles, legacy_acts, k_acts, repacked, out, use)
     lead = x.shape[:-1]
+    if len(ws) == 1:
+        return (out.reshape(lead + (total,)),)  # no slice to take
     return tuple(out[o:o + w.shape[0]].reshape(lead + (w.shape[0],)) for o, w in zip(offsets, ws))

@@ -177,26 +177,37 @@ def test_decode_one_thread_equals_specification(kind, use_simd, monkeypatch):
         numba.set_num_threads(before)
 
 
-def test_linear_one_row_fast_path_equals_specification():
-    """linear() sends one row on one thread straight to the compiled decode once the weight's arguments are
-    made (x (1, 1, K) -> (1, 1, R), no reshapes around it): the same bits as the specification on the first
-    call (the general path) and the next (the fast one), every format, rows in groups of 8 and not."""
+@pytest.mark.parametrize("fmt", sorted(TYPES) + ["q4_k", "q5_k", "q6_k"])
+def test_linear_one_row_equals_specification(fmt, monkeypatch):
+    """linear() sends one row (a decode step's wo, w2, output head) to kernels/ggml_linears.py's one compiled
+    call: x (1, 1, K), (1, K) and (K,) -> the caller's shape, the same bits as the specification on the first
+    call (the weight's work list made) and the next, rows in groups of 8 and 16 and not, on the calling thread
+    and in a parallel region (the limit 0), on one thread and the threads there are."""
     import numba
+
+    from llama_ref.kernels import ggml_ops
 
     rng = np.random.default_rng(13)
     before = numba.get_num_threads()
     try:
-        numba.set_num_threads(1)
-        for kind in sorted(TYPES):
-            for rows in (24, 13):
-                w = TYPES[kind].quantize(rng.standard_normal((rows, 96)).astype(np.float32))
-                x = rng.standard_normal((1, 1, 96)).astype(np.float32)
-                for _ in range(2):
-                    got = kernels().linear(x, w)
-                    assert got.shape == (1, 1, rows) and same_bits(got, ggml.linear(x, w))
+        for threads, limit in sorted({(1, ggml_ops.SERIAL_WEIGHTS), (before, 1 << 62), (before, 0)}):
+            numba.set_num_threads(threads)
+            monkeypatch.setattr(ggml_ops, "SERIAL_WEIGHTS", limit)
+            for rows in (24, 13, 48):
+                w = _linears_weights((fmt,), (rows,), 512, seed=rows)[0]
+                x = rng.standard_normal((1, 1, 512)).astype(np.float32)
+                x[0, 0, 5] = 25
+                for xs in (x, x[0], x[0, 0], x, x[0, 0]):
+                    got = kernels().linear(xs, w)
+                    assert got.shape == xs.shape[:-1] + (rows,) and same_bits(got, ggml.linear(xs, w)), \
+                        (fmt, rows, threads, limit, xs.shape)
+                # one row that is not float32 and contiguous, and a float32 weight: the general path's values
+                wide = np.stack([x[0, 0], x[0, 0]], axis=1)[:, 0]  # (K,) strided
+                f = rng.standard_normal((rows, 512)).astype(np.float32)
+                for xs, wt in ((x.astype(np.float64), w), (wide, w), (x, f)):
+                    assert same_bits(kernels().linear(xs, wt), ggml.linear(xs, wt)), (fmt, rows, xs.dtype)
     finally:
         numba.set_num_threads(before)
-
 
 
 # ---- several products of one x (kernels/ggml_linears.py) -----------------------------------------------------

@@ -10,6 +10,14 @@ import subprocess
 import sys
 
 
+# Compiled bytecode is kept even where PYTHONDONTWRITEBYTECODE is set (as on the development machines): without it
+# every xdist worker compiles llama_ref's modules and pytest rewrites all ~50 test modules again on every run
+# (collection then takes ~8 s of CPU per worker instead of ~3.5 s), and every CLI subprocess a test starts
+# compiles the modules it imports. __pycache__/ is ignored by git. Subprocesses still inherit the variable: they
+# read what the workers wrote.
+sys.dont_write_bytecode = False
+
+
 def _share_cores_between_workers() -> None:
     """Under pytest-xdist, give each worker its share of the cores for BLAS and Numba threads.
 

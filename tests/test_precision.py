@@ -149,6 +149,61 @@ def test_numba_apart_columns_are_numpys(seed):
     assert {3, 20, 40} <= set(ops._apart_rows(x, ops.APART)[0].tolist())
 
 
+def _fma32(a, b, c):
+    """float32 a * b + c with one rounding, emulated in float64 (a float32 product is exact there)."""
+    return (a.astype(np.float64) * b + c).astype(np.float32)
+
+
+def _numba_apart_twins(x: np.ndarray, w: np.ndarray) -> list:
+    """The Numba backend's sums="apart" product at one thread in NumPy: `rest @ w.T` (the same BLAS call), then
+    the APART terms added as kernels/sums._add_apart sums them, in four fused multiply-add pairs added as a
+    tree. Which product of a pair LLVM rounds and which it fuses is its choice: one twin per choice (16)."""
+    import itertools
+
+    cols, rest, x_apart = ops._apart_rows(x.reshape(-1, x.shape[-1]), ops.APART)  # (8,), (N, K), (N, 8)
+    t = [(x_apart[:, j:j + 1], w[:, cols[j]]) for j in range(ops.APART)]  # (N, 1), (R,)
+    twins = []
+    for fused in itertools.product((0, 1), repeat=4):  # which of a pair's two terms is fused into the add
+        pairs = [_fma32(*t[2 * i + f], t[2 * i + 1 - f][0] * t[2 * i + 1 - f][1]) for i, f in enumerate(fused)]
+        twins.append(rest @ w.T + ((pairs[0] + pairs[1]) + (pairs[2] + pairs[3])))
+    return twins
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_numba_apart_terms_are_summed_by_themselves_added_last(seed, monkeypatch):
+    """kernels/sums.apart_product, the Numba backend's two products: at one thread the bits of its NumPy twin
+    (BLAS for the rest, then the APART terms summed by themselves, a tree of fused pairs, added); at 2
+    threads (blocks of w's rows, BLAS at one thread each) and against ops.linear_apart (BLAS adds the terms)
+    within two float32 roundings of sum |x w|; any number of columns apart (the kernel's general loop), and
+    w's rows not a multiple of SIMD lanes."""
+    from llama_ref.kernels import sums as numba_sums
+    from llama_ref.runtime import threads
+
+    rng = np.random.default_rng(seed)
+    for N, R, K in [(16, 8, 32), (40, 301, 616), (200, 1536, 576)]:
+        x = rng.standard_normal((N, K), dtype=np.float32)
+        x[:, 5] *= 40
+        x[N // 2, K // 3] = -60
+        w = rng.standard_normal((R, K), dtype=np.float32) / np.float32(np.sqrt(K))
+        cols, rest, x_apart = numba_sums.apart_rows(x, ops.APART)
+        monkeypatch.setattr(threads, "count", lambda: 1)
+        one = numba_sums.apart_product(rest, x_apart, cols, w)
+        assert one.flags.c_contiguous and any(np.array_equal(one, t) for t in _numba_apart_twins(x, w))
+        monkeypatch.setattr(threads, "count", lambda: 2)
+        two = numba_sums.apart_product(rest, x_apart, cols, w)
+        bound = 2 * EPS32 * (np.abs(x).astype(np.float64) @ np.abs(w.astype(np.float64)).T)  # (N, R)
+        assert np.all(np.abs(two - one) <= bound)
+        assert np.all(np.abs(one - ops.linear_apart(x, w, by_rows=True)) <= bound)
+    x, w = rng.standard_normal((20, 64), dtype=np.float32), rng.standard_normal((33, 64), dtype=np.float32)
+    cols, rest, x_apart = numba_sums.apart_rows(x, 5)  # 5 columns: the general loop, one fused chain
+    out = rest @ w.T
+    numba_sums._add_apart(x_apart, w, cols, out, 0, w.shape[0])
+    chain = x_apart[:, :1] * w[:, cols[0]]
+    for j in range(1, 5):
+        chain = _fma32(x_apart[:, j:j + 1], w[:, cols[j]], chain)
+    assert np.array_equal(out, rest @ w.T + chain)
+
+
 @pytest.mark.parametrize("seed", range(3))
 def test_apart_sums_blas_adds_the_largest_terms_onto_the_rest(seed, monkeypatch):
     """linear_apart's second product (the largest terms, added onto the first by sgemm with beta = 1) is made
@@ -215,8 +270,11 @@ def test_sums_keep_what_is_already_summed_in_short_chains(monkeypatch):
         numba, numpy = ops.with_sums(kernels, sums), ops.with_sums(ops, sums)
         assert numba.attention is kernels.attention and numba.linear is not kernels.linear
         assert np.array_equal(numba.linear(few, w), kernels.linear(few, w))
-        by_rows = {"by_rows": True} if sums == "apart" else {}  # in the Numba backend's layout (N, out)
-        assert np.array_equal(numba.linear(many, w), product(many, w, **by_rows))
+        if sums == "apart":  # the Numba backend adds its apart terms in its own chain (kernels/sums._add_apart)
+            assert any(np.array_equal(numba.linear(many, w), t) for t in _numba_apart_twins(many, w))
+            assert np.all(np.abs(numba.linear(many, w) - product(many, w, by_rows=True)) <= bound)
+        else:
+            assert np.array_equal(numba.linear(many, w), product(many, w))
         assert np.array_equal(numba.linear(many, packed), kernels.linear(many, packed))
         assert np.array_equal(numpy.linear(many, w), product(many, w))
         assert np.array_equal(numpy.linear(many, packed), product(many, packed))
@@ -356,9 +414,10 @@ def test_apart_sums_closer_to_float64_than_transformers(default_model_path, reco
     over the six prompts, and closer on at least half of them. Measured on the AVX2 AMD EPYC with the 8
     columns apart (ops.APART): means 0.91x (NumPy) and 0.89x (Numba) transformers' recorded ones, closer on
     4 of 6 (mean |dlogit|: 0.82x, 0.78x); Numba at two threads, its products by blocks of w's rows
-    (kernels/sums.apart_product), 0.91x, closer on 4; with 16 columns 0.97x and 0.86x, closer on 4 and 5 (0.80x,
-    0.76x); before BLAS added the apart terms onto the rest's product (a second pass) 0.86x and 0.87x: the
-    last bit of a sum decides which prompt rounds worse."""
+    (kernels/sums.apart_product), 0.91x, closer on 4; with its own addition of the apart terms (a tree of
+    fused pairs, kernels/sums._add_apart) 0.81x at two threads, closer on 5, and 0.87x at one; with 16
+    columns 0.97x and 0.86x, closer on 4 and 5 (0.80x, 0.76x); before BLAS added the apart terms onto the
+    rest's product (a second pass) 0.86x and 0.87x: the last bit of a sum decides which prompt rounds worse."""
     ours = _distances(llama_ref.load(default_model_path, backend=backend, sums="apart"), recorded, truth)
     hf = _hf(recorded)
     print(f"\n{backend} apart sums vs float64: " + " ".join(f"{ours[n]:.2e} (HF {hf[n]:.2e})" for n in hf))

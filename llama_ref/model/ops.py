@@ -68,7 +68,7 @@ def _apart(rows: np.ndarray, n: int) -> "tuple[np.ndarray, np.ndarray]":
 
 def _apart_rows(rows: np.ndarray, n: int) -> "tuple[np.ndarray, np.ndarray, np.ndarray]":
     """_apart's columns (n,) and zeroed rows (N, K), and rows' values in those columns (N, n): what
-    linear_apart needs. The Numba backend's twin, in two passes over rows: kernels/sums.py."""
+    linear_apart needs. The Numba backend's twin, in one pass over rows: kernels/sums.py."""
     cols, rest = _apart(rows, n)
     return cols, rest, rows[:, cols]
 
@@ -150,7 +150,9 @@ def linear_apart(x: np.ndarray, w, by_rows: bool = False, apart=_apart_rows, cho
     linear's (out, N) product, transposed; the BLAS calls differ, so the last bits can too. apart: the
     function that chooses the columns (_apart_rows, or the Numba backend's twin). chosen: apart(rows, APART)
     of this x, made already (linears_apart: one choice for the products that read the same x). products: the
-    Numba backend's two products on its threads (kernels/sums.apart_product; by_rows), or None to make them here.
+    Numba backend's two products (kernels/sums.apart_product; by_rows): the rest's by BLAS on its threads, the
+    apart terms summed by themselves by its kernel, then added (not BLAS's rank-APART sgemm: float32 rounding
+    apart), or None to make them here.
     """
     w = _float_weight(w, x.dtype)
     rows = x.reshape(-1, x.shape[-1])  # (N, K)
@@ -245,9 +247,9 @@ def with_sums(backend, sums: str):
     of the output matrix reads up to 16 of the 36 cache lines of each of its rows again), and the Numba
     kernels sum them in SIMD lanes already (OpenBLAS's sgemv in 8 partial sums of 72 of 576 inputs).
     A backend other than ops (the Numba backend) gets linear_apart's output in its rows' layout (by_rows),
-    as its own linear gives it, and the columns chosen by its kernel (kernels/sums.py). Its linears (the
-    forward pass's wq/wk/wv and w1/w3, which read the same x) choose x's columns once for all of them
-    (linears_apart), the same bits as its linear one weight at a time. Everything else is the backend's."""
+    as its own linear gives it, the columns chosen and the apart terms added by its kernels (kernels/sums.py).
+    Its linears (the forward pass's wq/wk/wv and w1/w3, which read the same x) choose x's columns once for all
+    of them (linears_apart), the same bits as its linear one weight at a time. Everything else is the backend's."""
     import functools
     import sys
     import types

@@ -119,32 +119,49 @@ def _define_q6_k_tile(module, rows, acts, isa):
         return _shuffle(b, b.insert_element(ir.Constant(v8f, ir.Undefined), v, ir.Constant(I32, 0)), [0] * 8)
 
     # Emitted chunk by chunk (32 values), in the order the registers allow: each row's chunk is unpacked
-    # from its bytes and meets each activation's chunk, into the (row, activation) pair's integer lanes.
-    # The scales as the instructions take them: AVX2 <16 x i16> per chunk, sc[2c] for its first 16 values
-    # and sc[2c+1] for the rest (vpmaddwd); else <8 x i32>.
+    # from its bytes and meets each activation's chunk, into the (row, activation) pair's integer lanes. A loop
+    # over the two 128-value halves (the integer lanes carried), so that LLVM keeps one half's chunks in
+    # registers. The scales as the instructions take them: AVX2 <16 x i16> per chunk, sc[2c] for its first 16
+    # values and sc[2c+1] for the rest (vpmaddwd); else <8 x i32>.
     wb = [b.add(b.add(w, b.mul(c64(r), ws)), blk) for r in range(rows)]
     xa = [b.add(b.add(x, b.mul(c64(a), xstride)), b.mul(i, c64(256))) for a in range(acts)]
-    sc = [b.sext(_gep_load(b, wb[r], c64(192), v16, 1), v16_16 if isa == "avx2" else v16_32) for r in range(rows)]
-    totals = [None] * (rows * acts)  # pair (r, a) at r * acts + a
-    for c in range(8):
-        h, k = divmod(c, 4)  # chunk k of the 128-value half h
+    outer, half, tail = loop, fn.append_basic_block("half"), fn.append_basic_block("tail")
+    b.branch(half)
+    b = ir.IRBuilder(half)
+    h = b.phi(I64)
+    lanes_in = [b.phi(ir.VectorType(I32, 8)) for _ in range(rows * acts)]  # pair (r, a) at r * acts + a
+    totals = list(lanes_in)
+    wh = [b.add(wb[r], b.mul(h, c64(64))) for r in range(rows)]  # the half's ql bytes; its qh 32 h on
+    xh = [b.add(xa[a], b.mul(h, c64(128))) for a in range(acts)]
+    sch = [b.sext(_gep_load(b, b.add(wb[r], b.mul(h, c64(8))), c64(192), ir.VectorType(I8, 8), 1),
+                  ir.VectorType(I16, 8) if isa == "avx2" else ir.VectorType(I32, 8)) for r in range(rows)]
+    for k in range(4):  # chunk k of the half
         for r in range(rows):
-            ql = _gep_load(b, wb[r], c64(64 * h + 32 * (k % 2)), v32, 1)
-            qh = _gep_load(b, wb[r], c64(128 + 32 * h), v32, 1)
+            ql = _gep_load(b, wh[r], c64(32 * (k % 2)), v32, 1)
+            qh = _gep_load(b, b.add(wh[r], b.mul(h, c64(-32))), c64(128), v32, 1)  # 128 + 32 h
             vals = _q6_k_value_chunk(b, ql, qh, k)
             if isa == "avx2":
-                scale = _shuffle(b, sc[r], [2 * c] * 8 + [2 * c + 1] * 8)
+                scale = _shuffle(b, sch[r], [2 * k] * 8 + [2 * k + 1] * 8)
             else:
-                scale = _shuffle(b, sc[r], [2 * c] * 4 + [2 * c + 1] * 4)
+                scale = _shuffle(b, sch[r], [2 * k] * 4 + [2 * k + 1] * 4)
             for a in range(acts):
-                xv = _gep_load(b, xa[a], c64(32 * c), v32, 1)
+                xv = _gep_load(b, xh[a], c64(32 * k), v32, 1)
                 if isa == "avx2":
                     part = madd16(b, pairs_u8s8(b, vals, xv), scale)
                 else:
                     lanes = (lanes_u8s8(b, vals, xv, isa) if isa == "vnni" else lanes_portable(b, vals, xv, False))
                     part = b.mul(lanes, scale)
                 t = r * acts + a
-                totals[t] = part if totals[t] is None else b.add(totals[t], part)
+                totals[t] = b.add(totals[t], part)
+    h1 = b.add(h, c64(1))
+    b.cbranch(b.icmp_signed("<", h1, c64(2)), half, tail)
+    h.add_incoming(c64(0), outer)
+    h.add_incoming(h1, half)
+    for phi, v in zip(lanes_in, totals):
+        phi.add_incoming(ir.Constant(ir.VectorType(I32, 8), [0] * 8), outer)
+        phi.add_incoming(v, half)
+    b = ir.IRBuilder(tail)
+    sc = [b.sext(_gep_load(b, wb[r], c64(192), v16, 1), v16_16 if isa == "avx2" else v16_32) for r in range(rows)]
 
     # the -32 of every value: 32 (sc[2u] bsum[2u] + sc[2u+1] bsum[2u+1]) per lane (|32 sc| <= 4096 and
     # |bsum| <= 16 * 127: int16 for vpmaddwd), then the float lanes
@@ -165,7 +182,18 @@ def _define_q6_k_tile(module, rows, acts, isa):
             t = r * acts + a
             d = b.fmul(xdv, dw[r])  # float32 d_x * d_w
             new_accs[t] = b.call(fma_v, [splat(d), b.sitofp(b.sub(totals[t], offset), v8f), accs[t]])
-    b, finals = _close_loop(b, i, nb, entry, loop, done, [(p, v, zero8) for p, v in zip(accs, new_accs)])
+    i1 = b.add(i, c64(1))  # the super-block loop closes in `tail`
+    b.cbranch(b.icmp_signed("<", i1, nb), outer, done)
+    i.add_incoming(c64(0), entry)
+    i.add_incoming(i1, tail)
+    for phi, v in zip(accs, new_accs):
+        phi.add_incoming(zero8, entry)
+        phi.add_incoming(v, tail)
+    b = ir.IRBuilder(done)
+    finals = [b.phi(v8f) for _ in new_accs]
+    for phi, v in zip(finals, new_accs):
+        phi.add_incoming(zero8, entry)
+        phi.add_incoming(v, tail)
     for r in range(rows):
         for a in range(acts):
             at = b.add(b.add(out, b.mul(c64(a), ostride)), c64(4 * r))

@@ -86,3 +86,24 @@ def test_q4_k_8row_tile_keeps_its_sums_in_registers():
     assert names.count("vpmaddwd") == acts, names
     stack = [ins for ins in loops[0] if "(%rsp)" in ins or "(%rbp)" in ins]
     assert len(stack) <= 6, (len(stack), len(loops[0]))
+
+
+def test_q6_k_prefill_tile_loops_over_halves():
+    """The Q6_K prefill tile (kernels/ggml_kquants._define_q6_k_tile, 1 row by ACTS activation rows) loops over
+    the two 128-value halves of a super-block: 4 chunks x ACTS vpmaddubsw a pass, few stack loads and stores
+    (13 when written; the 8 chunks in one block made 42 a super-block)."""
+    from numba import njit, types
+
+    from llama_ref.kernels import ggml_kquants
+
+    acts, tile = ggml_kquants.ACTS, ggml_kquants._q6_1A
+
+    @njit
+    def run(w, ws, x, xst, xd, bs, xds, bss, nb, out, ost):
+        tile(w, ws, x, xst, xd, bs, xds, bss, nb, out, ost, 2)
+    run.compile((types.int64,) * 11)
+    loops = [body for body in block_loops(run.inspect_asm(run.signatures[0]))
+             if sum(ins.startswith("vpmaddubsw") for ins in body) == 4 * acts]
+    assert len(loops) == 1
+    stack = [ins for ins in loops[0] if "(%rsp)" in ins or "(%rbp)" in ins]
+    assert len(stack) <= 20, (len(stack), len(loops[0]))

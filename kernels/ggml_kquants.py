@@ -444,7 +444,7 @@ def _repack_q4_k(qs, head, out):
     R, nb = head.shape[0], head.shape[1]
     for g in prange(R // 8):
         for i in range(nb):
-            o = i * 1248
+            o = i * Q4X8_BYTES
             for r in range(8):
                 row = 8 * g + r
                 q = qs[row, 128 * i:128 * i + 128]  # 8 sub-blocks of 16 bytes: value v low, v + 16 high
@@ -644,15 +644,22 @@ _q4r_11 = _q4_k_tile(1, True)  # repacked Q4_K's decode; its prefill is the 8-ro
 
 
 @njit(inline="always", **JIT)
+def _act_addresses(xq, xd, xbs, out):
+    """What every tile walk takes of the Q8_K activations (xq (N, K), xd (N, nb), xbs (N, nb, 16)) and of out
+    (N, R): (nb, xq's, xd's, xbs' and out's row strides in bytes, then their addresses)."""
+    K = xq.shape[1]
+    nb = K // 256
+    return (nb, np.int64(K), np.int64(4 * nb), np.int64(64 * nb), np.int64(4 * out.shape[1]),
+            np.int64(xq.ctypes.data), np.int64(xd.ctypes.data), np.int64(xbs.ctypes.data), np.int64(out.ctypes.data))
+
+
+@njit(inline="always", **JIT)
 def _q4_k_tile_rows(repacked, xq, xd, xbs, qs, head, simd, out, r0, r1):
     """Rows r0 .. r1 - 1 of _dot_q4_k, as _tile_rows walks Q5_K's and Q6_K's (_define_q4_k_tile); repacked:
     the gemv's order, one activation row at a time (a decode; more rows go to _dot_q4_kx8)."""
-    N, K = xq.shape
-    nb = K // 256
-    ws, hs, xst, xds, bss, ost = (np.int64(qs.shape[1]), np.int64(16 * nb), np.int64(K), np.int64(4 * nb),
-                                  np.int64(64 * nb), np.int64(4 * out.shape[1]))
-    w0, h0, x0, xd0, bs0, o0 = (np.int64(qs.ctypes.data), np.int64(head.ctypes.data), np.int64(xq.ctypes.data),
-                                np.int64(xd.ctypes.data), np.int64(xbs.ctypes.data), np.int64(out.ctypes.data))
+    N = xq.shape[0]
+    nb, xst, xds, bss, ost, x0, xd0, bs0, o0 = _act_addresses(xq, xd, xbs, out)
+    ws, hs, w0, h0 = np.int64(qs.shape[1]), np.int64(16 * nb), np.int64(qs.ctypes.data), np.int64(head.ctypes.data)
     n = np.int64(0)
     while n < N:
         many = n + ACTS <= N and not repacked
@@ -689,12 +696,9 @@ _q4x8_A, _q4x8_1 = _q4_kx8_tile(ACTS8), _q4_kx8_tile(1)
 def _q4_kx8_groups(xq, xd, xbs, packed, simd, out, g0, g1):
     """Groups g0 .. g1 - 1 of 8 rows of a repacked Q4_K weight (packed, repack_q4_k's) by every activation row:
     ACTS8 activation rows at a time (the rest one by one) meet each group while its bytes are in cache."""
-    N, K = xq.shape
-    nb = K // 256
-    gs, xst, xds, bss, ost = (np.int64(packed.shape[1]), np.int64(K), np.int64(4 * nb), np.int64(64 * nb),
-                              np.int64(4 * out.shape[1]))
-    w0, x0, xd0, bs0, o0 = (np.int64(packed.ctypes.data), np.int64(xq.ctypes.data), np.int64(xd.ctypes.data),
-                            np.int64(xbs.ctypes.data), np.int64(out.ctypes.data))
+    N = xq.shape[0]
+    nb, xst, xds, bss, ost, x0, xd0, bs0, o0 = _act_addresses(xq, xd, xbs, out)
+    gs, w0 = np.int64(packed.shape[1]), np.int64(packed.ctypes.data)
     n = np.int64(0)
     while n < N:
         many = n + ACTS8 <= N
@@ -721,12 +725,9 @@ def _tile_rows(five, xq, xd, xbs, blocks, simd, out, r0, r1):
     """Rows r0 .. r1 - 1 of _dot_q56_k: the activation rows pass ACTS at a time (the rest one by one), meeting
     each row while the rows' bytes are in cache. One activation row (a decode): the rows one after another,
     the weights asked for ahead (in the tiles). five: Q5_K's tiles, else Q6_K's."""
-    N, K = xq.shape
-    nb = K // 256
-    ws, xst, xds, bss, ost = (np.int64(blocks.shape[1]), np.int64(K), np.int64(4 * nb), np.int64(64 * nb),
-                              np.int64(4 * out.shape[1]))
-    w0, x0, xd0, bs0, o0 = (np.int64(blocks.ctypes.data), np.int64(xq.ctypes.data), np.int64(xd.ctypes.data),
-                            np.int64(xbs.ctypes.data), np.int64(out.ctypes.data))
+    N = xq.shape[0]
+    nb, xst, xds, bss, ost, x0, xd0, bs0, o0 = _act_addresses(xq, xd, xbs, out)
+    ws, w0 = np.int64(blocks.shape[1]), np.int64(blocks.ctypes.data)
     n = np.int64(0)
     while n < N:
         many = n + ACTS <= N

@@ -521,18 +521,13 @@ def linears(x: np.ndarray, *ws) -> tuple:
 def _by_row_blocks(x2: np.ndarray, out: np.ndarray, step: int, weight_rows) -> None:
     """out (N, R) = x2 (N, K) @ w.T, `step` rows of w at a time: weight_rows(r0, r1) gives rows r0 .. r1 - 1
     in float32 (r1 - r0, K), and BLAS, limited to one thread, multiplies them. The blocks are shared by
-    the threads of runtime.threads.each_thread, each taking the next one not yet taken. Every product is
+    the threads of runtime.threads.each_block, each taking the next one not yet taken. Every product is
     then one single-thread BLAS call on the same block whatever the thread count, so where the blocks are
     the same the result is too, bit for bit."""
-    R = out.shape[1]
-    starts = iter(range(0, R, step))  # shared by the threads: next() on it is atomic under the GIL
+    def block(r0, r1):
+        out[:, r0:r1] = x2 @ weight_rows(r0, r1).T  # (N, r1 - r0)
 
-    def work():
-        for r0 in starts:
-            r1 = min(R, r0 + step)
-            out[:, r0:r1] = x2 @ weight_rows(r0, r1).T  # (N, r1 - r0)
-
-    threads.each_thread(work, min(threads.count(), -(-R // step)))
+    threads.each_block(out.shape[1], step, block, threads.count())
 
 
 _scratch = threading.local()  # each thread's tile buffer, kept between calls (the pool's threads are too)

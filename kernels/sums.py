@@ -8,8 +8,6 @@ taking the maximum of |x| per column on the way, then zero and gather the chosen
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 from numba import njit
 
@@ -143,7 +141,7 @@ def apart_product(rest: np.ndarray, x_apart: np.ndarray, cols: np.ndarray, w: np
     x_apart @ w[:, cols].T added onto it by _add_apart, its terms summed by themselves, then added.
 
     One thread: NumPy's `rest @ w.T`, as ops.linear_apart's. n threads: blocks of w's rows shared out by
-    runtime.threads.each_thread with BLAS at one thread, as the backend's own products run (kernels/linear.py
+    runtime.threads.each_block with BLAS at one thread, as the backend's own products run (kernels/linear.py
     _by_row_blocks); NumPy's OpenBLAS on its own 2 threads, between the kernels' OpenMP regions, made a 2-thread
     prefill 4-8x slower (benchmarks/results/float32_sums_amd_epyc_s29.txt). A block's terms are added while
     its output is in cache. None where NumPy's sgemm is not found or the arrays are not C-contiguous float32:
@@ -164,22 +162,13 @@ def apart_product(rest: np.ndarray, x_apart: np.ndarray, cols: np.ndarray, w: np
         _add_apart(x_apart, w, cols, out, 0, R)
         return out
     out = np.empty((N, R), np.float32)  # (N, R)
-    step = -(-R // n)  # one block of w's rows per thread
-    starts = iter(range(0, R, step))
-    lock = threading.Lock()
     f32 = ctypes.sizeof(ctypes.c_float)
 
-    def work():
-        while True:
-            with lock:
-                r0 = next(starts, None)
-            if r0 is None:
-                return
-            r1 = min(R, r0 + step)
-            c = out.ctypes.data + r0 * f32  # out[:, r0:r1]: rows R apart
-            sgemm(101, 111, 112, N, r1 - r0, K, 1.0, rest.ctypes.data, K, w.ctypes.data + r0 * K * f32, K,
-                  0.0, c, R)
-            _add_apart(x_apart, w, cols, out, r0, r1)  # w's rows r0:r1 just read, out's block just written
+    def block(r0, r1):
+        c = out.ctypes.data + r0 * f32  # out[:, r0:r1]: rows R apart
+        sgemm(101, 111, 112, N, r1 - r0, K, 1.0, rest.ctypes.data, K, w.ctypes.data + r0 * K * f32, K,
+              0.0, c, R)
+        _add_apart(x_apart, w, cols, out, r0, r1)  # w's rows r0:r1 just read, out's block just written
 
-    threads.each_thread(work, n)
+    threads.each_block(R, -(-R // n), block, n)  # one block of w's rows per thread
     return out

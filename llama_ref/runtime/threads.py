@@ -182,6 +182,18 @@ def each_thread(work, n: int) -> None:
                 lib.set_num_threads(k)
 
 
+def each_block(total: int, step: int, block, n: int) -> None:
+    """block(i0, i1) for every block of range(total), step at a time, on each_thread's threads (n, at most one
+    per block): each takes the next block not yet taken (next() on the shared iterator is atomic under the GIL)."""
+    starts = iter(range(0, total, step))
+
+    def work():
+        for i0 in starts:
+            block(i0, min(total, i0 + step))
+
+    each_thread(work, min(n, -(-total // step)))
+
+
 def compile_notice() -> "str | None":
     """A line to show before the numba backend's first use on this machine, when its kernels are not in
     Numba's on-disk cache yet (they then compile for several seconds); None when they are cached."""

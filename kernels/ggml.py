@@ -338,4 +338,16 @@ def linears(x: np.ndarray, *ws) -> tuple:
 _together = None
 
 
+def decode_layer(model, i, h, start_pos, cache, cos, sin):
+    """Dense layer i of a one-token step in one compiled call, bit for bit the forward pass's lines, or None where
+    it declines (kernels/ggml_step.py; the forward pass's hook, llama_ref/model/transformer.py)."""
+    global _step
+    if _step is None:  # imported on first use, as linears
+        from .ggml_step import decode_layer as _step
+    return _step(model, i, h, start_pos, cache, cos, sin)
+
+
+_step = None
+
+
 __all__ = spec.__all__

@@ -1,0 +1,238 @@
+"""A dense layer of a one-token step in arithmetic="ggml" in one compiled call: kernels/ggml.py's `decode_layer`,
+which the forward pass (llama_ref/model/transformer.py) calls for each layer of a decode step in place of the
+layer's lines.
+
+Per op, a decode step of the default model (30 layers) makes ~14 compiled calls a layer, each a few to tens of
+microseconds of work behind Python's dispatch, allocations and wrappers; on two threads each product also starts
+a parallel region after the threads may have gone back to sleep. Here one call does what the lines do, in their
+order: RMSNorm; x quantized; wq, wk, wv (kernels/ggml_linears.py's work items: the same tiles, so the same bits);
+RoPE of q and k; k, v stored into the cache at start_pos; the attention of the one query row (an item per KV
+head, which rounds that head's keys and values to fp16 as ggml_ops._fp16_heads does, then ggml_ops'
+_attention_item); wo; the residual add; RMSNorm; w1, w3; SwiGLU; w2; the residual add. The products and the
+attention run in parallel regions (prange) that follow each other closely, so the threads stay awake in between;
+at one Numba thread the same function compiled without them runs.
+
+Every value is computed by the same code as the per-op lines (the same float32 operations in the same order), so
+the layer's output and the cache are the lines', bit for bit (tests/test_ggml_step.py). Where that cannot be
+promised the call declines (returns None) and the lines run: a batch, anything other than float32, a matrix
+the one-row products do not take (F32 / F16), a head size that is no multiple of 8, shapes that disagree.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import numba
+import numpy as np
+from numba import njit, prange
+
+from llama_ref.model import ggml as spec
+
+from . import ggml as legacy
+from . import ggml_linears as gl
+from ._common import JIT
+from .ggml_ops import _attention_item, _rms_norm_row, _rope_row, _swiglu_row
+from .ggml_simd import fp16_round
+
+# The products of a layer, in the order the lines make them: (wq, wk, wv), (wo,), (w1, w3), (w2,).
+QKV, WO, W13, W2 = range(4)
+# The columns of a plan's `groups` (int64, one row per product group): its rows in the joined work table, its
+# work items (tiles), which activations it quantizes x to (ggml_linears._quantize), its outputs.
+T0, T1, TILES, LEGACY, KACTS, REPACKED, TOTAL = range(7)
+# `serial` bits: group g's products run on the calling thread when bit g is set, the attention when bit 4 is.
+ATTENTION = 4
+
+# Below these a region's work runs on the calling thread, as kernels/ggml_ops' SERIAL_WEIGHTS / SERIAL_WORK do for
+# the lines: weights of a product group (rows x columns), attention's heads x visible keys x head size. Within one
+# call the threads stay hot between regions (each ~4 us on a quiet machine, not the ~15-20 us of a region after
+# Python), so the limits are far lower than the lines'; chosen by measurement (benchmarks/results/
+# ggml_decode_fused_layer_s31.md). The rows are the same work items either way: the same bits.
+SERIAL_WEIGHTS = 0
+SERIAL_WORK = 1 << 14
+
+
+@njit(**JIT)
+def _tiles(c0, c1, t, xq, xd, xs, off, kq8, kd, kbs, out, use_simd):
+    """ggml_linears' work items c0 .. c1 - 1 of the work table t. A function of its own, called, not inlined:
+    _item inlines every kind's tiles, and four product groups, each a serial and a parallel loop, took minutes
+    to compile with it inlined in each."""
+    for c in range(c0, c1):
+        gl._item(c, t, xq, xd, xs, off, kq8, kd, kbs, out, use_simd)
+
+
+@njit(inline="always", **JIT)
+def _products(g, x, table, groups, out, use_simd, serial):
+    """Product group g of the layer by the one row x (1, K) into out (its total,): x quantized as its weights ask
+    (ggml_linears._quantize), then ggml_linears' work items over the group's own rows of the joined table."""
+    t = table[groups[g, T0]:groups[g, T1]]
+    xq, xd, xs, off, kq8, kd, kbs = gl._quantize(x, groups[g, LEGACY] != 0, groups[g, KACTS] != 0,
+                                                 groups[g, REPACKED] != 0)
+    tiles = groups[g, TILES]
+    if serial:
+        _tiles(0, tiles, t, xq, xd, xs, off, kq8, kd, kbs, out, use_simd)
+    else:
+        for c in prange(tiles):
+            _tiles(c, c + 1, t, xq, xd, xs, off, kq8, kd, kbs, out, use_simd)
+
+
+@njit(**JIT)
+def _attend_head(kc, vc, S, q, kh, vh, pos, scale, wide, attn, j):
+    """KV head j of the one query row: its S cached keys and values rounded to fp16 into kh, vh (1, KVH, S, HD)
+    (ggml_ops._fp16_heads, this head only), then ggml_ops' work item for it (T = 1: item j is head j)."""
+    for s in range(S):
+        for d in range(kc.shape[3]):
+            kh[0, j, s, d] = fp16_round(kc[0, s, j, d])
+            vh[0, j, s, d] = fp16_round(vc[0, s, j, d])
+    _attention_item(q, kh, vh, pos, scale, wide, attn, j)
+
+
+@njit(inline="always", **JIT)
+def _layer(h, kc, vc, pos, cos, sin, table, groups, norms, use_simd, wide, serial):
+    """The layer's lines for h (1, 1, D) at position pos -> the new h (1, 1, D); k, v stored into kc, vc (1,
+    capacity, KVH, HD). norms: (2, D + 2) float32, the attention and feed-forward norms' weights, each row
+    followed by eps and attention's scale. The regions are prange loops: parallel in _layer_parallel."""
+    D = h.shape[2]
+    KVH, HD = kc.shape[2], kc.shape[3]
+    H = (groups[QKV, TOTAL] - 2 * KVH * HD) // HD
+    F = groups[W13, TOTAL] // 2
+    eps, scale = norms[0, D], norms[0, D + 1]
+    h2 = h.reshape((1, D))
+
+    # attention block: norm, q k v, RoPE, the cache, attention, wo, residual
+    x = np.empty((1, D), np.float32)
+    _rms_norm_row(h2, norms[0, :D], eps, x, 0)
+    qkv = np.empty(groups[QKV, TOTAL], np.float32)
+    _products(QKV, x, table, groups, qkv, use_simd, serial & 1)
+    q = np.empty((1, 1, H, HD), np.float32)
+    _rope_row(qkv[:H * HD].reshape((1, 1, H, HD)), cos, sin, q, 0)
+    _rope_row(qkv[H * HD:(H + KVH) * HD].reshape((1, 1, KVH, HD)), cos, sin, kc[:, pos:pos + 1], 0)
+    vc[0, pos] = qkv[(H + KVH) * HD:].reshape((KVH, HD))
+    S = pos + 1
+    kh = np.empty((1, KVH, S, HD), np.float32)
+    vh = np.empty((1, KVH, S, HD), np.float32)
+    attn = np.empty((1, 1, H, HD), np.float32)
+    if serial & (1 << ATTENTION):
+        for j in range(KVH):
+            _attend_head(kc, vc, S, q, kh, vh, pos, scale, wide, attn, j)
+    else:
+        for j in prange(KVH):
+            _attend_head(kc, vc, S, q, kh, vh, pos, scale, wide, attn, j)
+    o = np.empty(D, np.float32)
+    _products(WO, attn.reshape((1, H * HD)), table, groups, o, use_simd, serial & 2)
+    h1 = np.empty((1, D), np.float32)
+    for d in range(D):
+        h1[0, d] = h2[0, d] + o[d]
+
+    # feed-forward block: norm, w1 w3, SwiGLU, w2, residual
+    _rms_norm_row(h1, norms[1, :D], eps, x, 0)
+    gu = np.empty(2 * F, np.float32)
+    _products(W13, x, table, groups, gu, use_simd, serial & 4)
+    act = np.empty((1, F), np.float32)
+    _swiglu_row(gu[:F].reshape((1, F)), gu[F:].reshape((1, F)), wide, act, 0)
+    _products(W2, act, table, groups, o, use_simd, serial & 8)
+    out = np.empty((1, 1, D), np.float32)
+    for d in range(D):
+        out[0, 0, d] = h1[0, d] + o[d]
+    return out
+
+
+@njit(parallel=True, **JIT)
+def _layer_parallel(h, kc, vc, pos, cos, sin, table, groups, norms, use_simd, wide, serial):
+    return _layer(h, kc, vc, pos, cos, sin, table, groups, norms, use_simd, wide, serial)
+
+
+@njit(**JIT)
+def _layer_serial(h, kc, vc, pos, cos, sin, table, groups, norms, use_simd, wide, serial):
+    """_layer on the calling thread (prange is range without parallel=True): the same items in order. A function
+    of its own, not _layer_parallel's Python function compiled again: Numba's on-disk cache keys a kernel by its
+    Python function and signature, not its flags, so a twin would load the other's machine code."""
+    return _layer(h, kc, vc, pos, cos, sin, table, groups, norms, use_simd, wide, serial)
+
+
+# tuple of ids of a layer's 9 tensors (7 matrices, 2 norms) -> its plan (table, groups, norms, the groups of
+# ggml_linears that keep the weights' arrays alive, weights per group) or False where the layer declines; made on
+# the first step, dropped when any matrix goes (before its id can be reused), as ggml_linears' _GROUPS.
+_PLANS: dict = {}
+_NAMES: list = []  # layer i -> the names of its 9 tensors in the weights dict
+
+
+def _names(i: int) -> tuple:
+    while len(_NAMES) <= i:
+        p = f"layers.{len(_NAMES)}."
+        _NAMES.append(tuple(p + n for n in (
+            "attention.wq.weight", "attention.wk.weight", "attention.wv.weight", "attention.wo.weight",
+            "feed_forward.w1.weight", "feed_forward.w3.weight", "feed_forward.w2.weight",
+            "attention_norm.weight", "ffn_norm.weight")))
+    return _NAMES[i]
+
+
+def _plan(model, tensors, key):
+    """The layer's plan, or False when it must decline: every matrix in a format ggml_linears takes in one call,
+    with the shapes the model's config gives them."""
+    args = model.args
+    D, H, KVH, HD = args.dim, args.n_heads, args.kv_heads, args.head_dim
+    wq, wk, wv, wo, w1, w3, w2, an, fn = tensors
+    mats = (wq, wk, wv, wo, w1, w3, w2)
+    F = w1.shape[0] if getattr(w1, "ndim", 0) == 2 else -1
+    shapes = ((H * HD, D), (KVH * HD, D), (KVH * HD, D), (D, H * HD), (F, D), (F, D), (D, F))
+    plan = False
+    if (HD % 8 == 0 and all(spec.supported(w) and tuple(w.shape) == s for w, s in zip(mats, shapes))
+            and all(np.shape(n) == (D,) for n in (an, fn))):
+        groups_w = ((wq, wk, wv), (wo,), (w1, w3), (w2,))
+        made = [gl._group(ws) for ws in groups_w]
+        tables, rows, at = [], [], 0
+        for g in made:
+            table, tiles, legacy_acts, k_acts, repacked, _, total, _, _ = g
+            rows.append([at, at + table.shape[0], tiles, legacy_acts, k_acts, repacked, total])
+            tables.append(table)
+            at += table.shape[0]
+        table = np.concatenate(tables)
+        groups = np.array(rows, np.int64)
+        norms = np.empty((2, D + 2), np.float32)
+        norms[0, :D] = np.ascontiguousarray(an, np.float32)  # as ggml_ops.rms_norm converts them
+        norms[1, :D] = np.ascontiguousarray(fn, np.float32)
+        norms[:, D] = np.float32(args.norm_eps)
+        norms[:, D + 1] = np.float32(1 / np.sqrt(HD))  # ggml_ops.attention's scale
+        for a in (table, groups, norms):
+            a.flags.writeable = False
+        weights = [sum(w.shape[0] for w in ws) * ws[0].shape[1] for ws in groups_w]
+        plan = (table, groups, norms, made, weights, (KVH, HD))
+    try:
+        for t in tensors:  # every tensor, norms too: a stale id must not find this plan
+            weakref.finalize(t, _PLANS.pop, key, None)
+    except TypeError:  # a tensor without weak references: not cached, so never stale
+        return plan
+    _PLANS[key] = plan
+    return plan
+
+
+def decode_layer(model, i: int, h: np.ndarray, start_pos: int, cache, cos: np.ndarray, sin: np.ndarray):
+    """Dense layer i of a one-token step (h (1, 1, D) at position start_pos) in one compiled call: -> the new h
+    (1, 1, D), k and v stored into cache at start_pos, bit for bit as the forward pass's lines with kernels/ggml
+    compute them; None where it cannot promise that (then the lines run)."""
+    w = model.weights
+    tensors = tuple(w[n] for n in _names(i))
+    key = tuple(map(id, tensors))
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _plan(model, tensors, key)
+    kc, vc = cache.k[i], cache.v[i]
+    if (not plan or h.shape[:2] != (1, 1) or h.dtype != np.float32 or not h.flags.c_contiguous
+            or kc.dtype != np.float32 or kc.shape[0] != 1 or start_pos >= kc.shape[1]
+            or kc.shape[2:] != plan[5] or not kc.flags.c_contiguous or not vc.flags.c_contiguous
+            or cos.dtype != np.float32 or not cos.flags.c_contiguous or not sin.flags.c_contiguous):
+        return None
+    table, groups, norms, _, weights, _ = plan
+    KVH, HD = kc.shape[2], kc.shape[3]
+    threads = numba.get_num_threads()
+    if threads == 1:
+        run, serial = _layer_serial, 0
+    else:
+        run = _layer_parallel
+        serial = sum(1 << g for g in range(4) if weights[g] < SERIAL_WEIGHTS)
+        if (groups[QKV, TOTAL] - 2 * KVH * HD) * (start_pos + 1) < SERIAL_WORK:  # heads x keys x head size
+            serial |= 1 << ATTENTION
+    out = run(h, kc, vc, start_pos, cos, sin, table, groups, norms, legacy.SIMD, spec._isa(None) == "avx512",
+              serial)
+    cache.length = start_pos + 1  # as cache.update: a rewind drops the later positions
+    return out

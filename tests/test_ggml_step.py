@@ -1,0 +1,152 @@
+"""kernels/ggml_step.py: a dense layer of a one-token step in one compiled call (kernels/ggml.py's decode_layer)
+gives the forward pass's per-op lines' logits and cache, bit for bit, in every integer format, on one thread and
+two, with its regions forced onto the calling thread or into parallel loops; it declines (None) where it must,
+and the lines then give the answer."""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+import pytest
+
+from llama_ref.model import ggml
+from llama_ref.model.transformer import Transformer
+from test_ggml_kernels import TYPES as LEGACY
+from test_ggml_kquants import TYPES as KQUANTS, random_kquant
+from tiny import random_weights, tiny_args
+
+MATRICES = ("attention.wq", "attention.wk", "attention.wv", "attention.wo", "feed_forward.w1", "feed_forward.w3",
+            "feed_forward.w2")
+# A Q4_K_M file's mix (wv and w2 in Q6_K), and legacy and K-quant products in one group (Q8_0 / Q8_1 and Q8_K
+# activations of one x).
+Q4_K_M = ("q4_k", "q4_k", "q6_k", "q4_k", "q4_k", "q4_k", "q6_k")
+MIXED = ("q4_k", "q8_0", "q5_1", "q4_0", "q5_k", "q4_1", "q5_0")
+
+
+def step():
+    from llama_ref.kernels import ggml_step
+    return ggml_step
+
+
+def kernels():
+    from llama_ref.kernels import ggml as kernels_ggml
+    return kernels_ggml
+
+
+def model_in(formats, seed=0, floats=()):
+    """A 2-layer model of dim 256 (head size 64, 4 query and 2 KV heads, FFN 256) whose layers' 7 matrices are in
+    formats (one format for all, or one per matrix in MATRICES' order); the layers in floats keep float32 ones."""
+    args = tiny_args(dim=256, n_heads=4, n_kv_heads=2, hidden_dim=256, vocab_size=64)
+    weights = random_weights(args, seed)
+    if isinstance(formats, str):
+        formats = (formats,) * len(MATRICES)
+    for i in range(args.n_layers):
+        if i in floats:
+            continue
+        for j, (name, fmt) in enumerate(zip(MATRICES, formats)):
+            key = f"layers.{i}.{name}.weight"
+            rows, cols = weights[key].shape
+            if fmt in KQUANTS:  # random blocks (no K-quant quantizer here)
+                weights[key] = random_kquant(KQUANTS[fmt], rows, cols, seed + 10 * i + j)
+            else:
+                weights[key] = LEGACY[fmt].quantize(weights[key])
+    return Transformer(args, weights, backend=ggml.backend_for("numba", weights, "tiny"))
+
+
+def decode(model, tokens, steps=4):
+    """Logits of a prefill of tokens (B, T), then of `steps` one-token steps, then of a step that rewinds one
+    position (a regenerated token), concatenated along positions; and the cache's keys and values."""
+    B, T = tokens.shape
+    out = [model.forward(tokens)]
+    for s in range(steps):
+        out.append(model.forward(np.full((B, 1), 7 + 3 * s), start_pos=T + s))
+    out.append(model.forward(np.full((B, 1), 5), start_pos=T + steps - 1))
+    n = model.cache.length
+    return np.concatenate(out, axis=1), [a[:, :n].copy() for a in model.cache.k + model.cache.v]
+
+
+class Hook:
+    """kernels.ggml.decode_layer, counting the layers it computed and the ones it declined; off: always None."""
+
+    def __init__(self, on=True):
+        self.real, self.on, self.done, self.declined = step().decode_layer, on, 0, 0
+
+    def __call__(self, *a):
+        if not self.on:
+            return None
+        out = self.real(*a)
+        self.done += out is not None
+        self.declined += out is None
+        return out
+
+
+def same(a, b) -> bool:
+    return a[0].dtype == b[0].dtype and np.array_equal(a[0], b[0]) and len(a[1]) == len(b[1]) \
+        and all(np.array_equal(x, y) for x, y in zip(a[1], b[1]))
+
+
+def check(model, tokens, monkeypatch, configs):
+    """The fused layer's logits and cache equal the lines' in each (threads, forced, twin) of configs: forced
+    "serial" every region on the calling thread, "parallel" every one a parallel loop; twin "parallel" runs the
+    parallel twin at one thread too."""
+    mod = step()
+    lines = Hook(on=False)
+    monkeypatch.setattr(kernels(), "decode_layer", lines)
+    expected = decode(model, tokens)
+    assert np.isfinite(expected[0]).all()
+    before = numba.get_num_threads()
+    serial_twin = mod._layer_serial
+    try:
+        for threads, forced, twin in configs:
+            numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+            limit = 1 << 62 if forced == "serial" else 0
+            monkeypatch.setattr(mod, "SERIAL_WEIGHTS", limit)
+            monkeypatch.setattr(mod, "SERIAL_WORK", limit)
+            monkeypatch.setattr(mod, "_layer_serial", mod._layer_parallel if twin == "parallel" else serial_twin)
+            hook = Hook()
+            monkeypatch.setattr(kernels(), "decode_layer", hook)
+            got = decode(model, tokens)
+            assert hook.done == 5 * model.args.n_layers and hook.declined == 0  # every decode layer fused
+            assert same(got, expected), (threads, forced, twin)
+    finally:
+        numba.set_num_threads(before)
+
+
+ALL = [(1, "serial", "serial"), (1, "parallel", "parallel"), (2, "serial", "serial"), (2, "parallel", "serial")]
+TOKENS = np.array([[3, 1, 4, 1, 5]])
+
+
+def test_q8_0_and_q4_k_m_equal_the_lines(monkeypatch):
+    """The fast twin of the slow test below: two formats, a configuration each."""
+    check(model_in("q8_0"), TOKENS, monkeypatch, [(1, "serial", "serial")])
+    check(model_in(Q4_K_M), TOKENS, monkeypatch, [(2, "parallel", "serial")])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("formats", ["q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k", Q4_K_M, MIXED])
+def test_every_format_equals_the_lines(formats, monkeypatch):
+    check(model_in(formats, seed=1), TOKENS, monkeypatch, ALL)
+
+
+def test_declines_float_matrices_and_batches(monkeypatch):
+    """A layer with F32 matrices and a batch of 2 go to the lines (None), and the answers are the lines'."""
+    mod = step()
+    model = model_in("q8_0", floats=(0,))  # layer 0 in float32: declined; layer 1 fused
+    lines = Hook(on=False)
+    monkeypatch.setattr(kernels(), "decode_layer", lines)
+    expected = decode(model, TOKENS)
+    hook = Hook()
+    monkeypatch.setattr(kernels(), "decode_layer", hook)
+    assert same(decode(model, TOKENS), expected)
+    assert hook.done == 5 and hook.declined == 5
+
+    model = model_in("q4_0")
+    batch = np.array([[3, 1, 4, 1, 5], [2, 7, 1, 8, 2]])
+    monkeypatch.setattr(kernels(), "decode_layer", lines)
+    expected = decode(model, batch)
+    hook = Hook()
+    monkeypatch.setattr(kernels(), "decode_layer", hook)
+    assert same(decode(model, batch), expected)
+    assert hook.done == 0 and hook.declined == 10
+    assert mod.decode_layer(model, 0, np.zeros((1, 1, 256), np.float64), 0, model.cache, *model.ops.rope_tables(
+        model.freqs, 0, 1, np.float32)) is None  # float64 activations

@@ -130,6 +130,16 @@ def llama4_tokenizer(llama4_path):
     return tokenizer_from_file(llama4_path)
 
 
+@pytest.fixture(params=["in-process", pytest.param("subprocess", marks=pytest.mark.slow)])
+def cli(request):
+    """The llama-ref command line, run_cli's way (tests/cli_run.py): through main(argv) in this process in the fast
+    tier, and again as a child process in the slow tier. One test body, so the two cannot drift apart; a child
+    costs ~0.5 s of CPU (Python, NumPy and llama_ref imported again), an in-process run ~0.05 s."""
+    from cli_run import run_cli, run_cli_in_process
+
+    return run_cli_in_process if request.param == "in-process" else run_cli
+
+
 # The fast tier (`pytest -m "not slow"`) runs on tiny random models only: a test that uses the real default
 # model (135M parameters, seconds per test on 2 cores) or starts MPI ranks (a process per rank, numba
 # imported in each) belongs to the full suite, which CI runs.

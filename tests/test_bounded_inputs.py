@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import struct
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -259,14 +257,8 @@ def test_teacher_record_with_huge_sizes_is_dropped_not_allocated(tmp_path):
 
 # ---- the command line: one line on stderr, exit status 2 ----------------------------------------------------
 
-def run_cli_bytes(*argv: "str | bytes", stdin: bytes = b"") -> subprocess.CompletedProcess:
-    """The CLI with raw bytes on argv and stdin, as a shell passes $'\\xff'."""
-    args = [a if isinstance(a, bytes) else str(a).encode() for a in argv]
-    return subprocess.run([sys.executable.encode(), b"-m", b"llama_ref.tools.cli", *args], input=stdin,
-                          capture_output=True, timeout=300)
-
-
 def assert_one_line_error(done, needle: str) -> None:
+    """done: a run of the `cli` fixture with bytes for stdin (and so bytes out), as a shell passes $'\\xff'."""
     err = done.stderr.decode("utf-8", "replace")
     assert done.returncode == 2, (done.stdout, err)
     assert "Traceback" not in err
@@ -285,16 +277,15 @@ def assert_one_line_error(done, needle: str) -> None:
     (["generate", "-q", "-m", "{tiny}", "--temp", "nan", "hi"], b"", "temperature"),
     (["generate", "-q", "-m", "{tiny}", "--seed", "-1", "hi"], b"", "seed"),
 ])
-def test_cli_invalid_utf8_and_bad_numbers_exit_2(tiny_gguf, argv, stdin, needle):
+def test_cli_invalid_utf8_and_bad_numbers_exit_2(cli, tiny_gguf, argv, stdin, needle):
     argv = [a.format(tiny=tiny_gguf) if isinstance(a, str) else a for a in argv]
-    assert_one_line_error(run_cli_bytes(*argv, stdin=stdin), needle)
+    assert_one_line_error(cli(*argv, stdin=stdin), needle)
 
 
-@pytest.mark.slow  # a CLI subprocess or more: seconds on 2 cores
-def test_cli_damaged_teacher_output_exits_2(tiny_gguf, tmp_path):
+def test_cli_damaged_teacher_output_exits_2(cli, tiny_gguf, tmp_path):
     prompts = tmp_path / "p.txt"
     prompts.write_text("hello world\n")
     for header, needle in [(b"[1]", "not an object"), (b'{"top_k": 3, "dtype": "int8"}', "dtype"),
                            (b"\xff", "not UTF-8 JSON")]:
         out = _teacher_file(tmp_path / "out.bin", header)
-        assert_one_line_error(run_cli_bytes("teacher", "-q", "-m", tiny_gguf, prompts, "-o", out), needle)
+        assert_one_line_error(cli("teacher", "-q", "-m", tiny_gguf, prompts, "-o", out, stdin=b""), needle)

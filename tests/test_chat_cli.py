@@ -34,7 +34,7 @@ from llama_ref.text.conversation import ConversationError, load_conversation, sa
 from llama_ref.errors import LlamaRefError
 from llama_ref.generation.generate import chat_prompt_ids
 from llama_ref.model.transformer import Transformer
-from test_cli import run_cli, write_tiny_gguf
+from test_cli import write_tiny_gguf
 
 DATA = Path(__file__).parent / "data"
 
@@ -160,10 +160,9 @@ def test_prompt_reuse_rewinds_and_leaves_batches_alone():
 
 # ---- the command line through stdin -----------------------------------------------------------------------
 
-@pytest.mark.slow  # a CLI subprocess or more: seconds on 2 cores
-def test_cli_second_turn_reuses_the_cache_and_answers_as_a_fresh_prefill(tiny_gguf):
+def test_cli_second_turn_reuses_the_cache_and_answers_as_a_fresh_prefill(cli, tiny_gguf):
     script = "hello\nand then?\nthe third\n"
-    done = run_cli("chat", "-m", tiny_gguf, "--json", "-q", "-n", 6, "--temp", 0, stdin=script)
+    done = cli("chat", "-m", tiny_gguf, "--json", "-q", "-n", 6, "--temp", 0, stdin=script)
     assert done.returncode == 0, done.stderr
     answers = [json.loads(line) for line in done.stdout.splitlines()]
     fresh, kept = llama_ref.load(tiny_gguf), llama_ref.load(tiny_gguf)
@@ -181,25 +180,25 @@ def test_cli_second_turn_reuses_the_cache_and_answers_as_a_fresh_prefill(tiny_gg
             assert out["cached_tokens"] == 0
         messages.append({"role": "assistant", "content": want.text})
     # The speed line says how much was reused.
-    plain = run_cli("chat", "-m", tiny_gguf, "-n", 4, "--temp", 0, stdin="hello\nmore\n")
+    plain = cli("chat", "-m", tiny_gguf, "-n", 4, "--temp", 0, stdin="hello\nmore\n")
     lines = [line for line in plain.stderr.splitlines() if "prompt tokens" in line]
     assert len(lines) == 2 and lines[0].startswith(f"[{len(answers[0]['prompt_ids'])} prompt tokens in ")
     assert re.match(r"\[\d+ prompt tokens \(\d+ cached\) in ", lines[1])
 
 
-def test_help_and_unknown_commands(tiny_gguf):
-    done = run_cli("chat", "-m", tiny_gguf, "-q", stdin="/help\n/nope\n")
+def test_help_and_unknown_commands(cli, tiny_gguf):
+    done = cli("chat", "-m", tiny_gguf, "-q", stdin="/help\n/nope\n")
     assert done.returncode == 0 and done.stdout == ""
     assert CHAT_HELP in done.stderr and "/save FILE" in CHAT_HELP and "/load FILE" in CHAT_HELP
     assert "[unknown command /nope; /help lists the commands]" in done.stderr
-    assert "/help" in run_cli("chat", "--help").stdout
+    assert "/help" in cli("chat", "--help").stdout
 
 
-def test_save_and_load_a_conversation(tiny_gguf, tmp_path):
+def test_save_and_load_a_conversation(cli, tiny_gguf, tmp_path):
     saved = tmp_path / "talk.json"
     kw = dict(CLI_SAMPLING, max_new_tokens=5, temperature=0)
     script = f"/system Be brief.\nhello\n/save {saved}\n/reset\n/load {saved}\nand then?\n/save {saved}\n"
-    done = run_cli("chat", "-m", tiny_gguf, "--json", "-q", "-n", 5, "--temp", 0, stdin=script)
+    done = cli("chat", "-m", tiny_gguf, "--json", "-q", "-n", 5, "--temp", 0, stdin=script)
     assert done.returncode == 0, done.stderr
     answers = [json.loads(line) for line in done.stdout.splitlines()]
     model = llama_ref.load(tiny_gguf)
@@ -239,7 +238,7 @@ BAD_FILES = [
 ]
 
 
-def test_bad_conversation_files_are_one_line_errors_and_the_session_goes_on(tiny_gguf, tmp_path):
+def test_bad_conversation_files_are_one_line_errors_and_the_session_goes_on(cli, tiny_gguf, tmp_path):
     script = []
     for name, content, _ in BAD_FILES:
         path = tmp_path / name
@@ -249,7 +248,7 @@ def test_bad_conversation_files_are_one_line_errors_and_the_session_goes_on(tiny
             path.write_bytes(content)
         script.append(f"/load {path}\n")
     script += ["/load\n", f"/save {tmp_path / 'no' / 'such' / 'dir.json'}\n", "hello\n"]
-    done = run_cli("chat", "-m", tiny_gguf, "--json", "-q", "-n", 3, "--temp", 0, stdin="".join(script))
+    done = cli("chat", "-m", tiny_gguf, "--json", "-q", "-n", 3, "--temp", 0, stdin="".join(script))
     assert done.returncode == 0, done.stderr
     errors = done.stderr.splitlines()
     assert len(errors) == len(BAD_FILES) + 2

@@ -1,4 +1,6 @@
-"""The llama-ref command line, run as a user runs it: a subprocess, its stdout, stderr and exit code.
+"""The llama-ref command line: its stdout, stderr and exit code, through the `cli` fixture (tests/conftest.py):
+main(argv) in the test's process in the fast tier, and again as a user runs it, a subprocess, in the slow tier.
+test_the_installed_commands_run starts the console script and `python -m llama_ref` in the fast tier too.
 
 Most tests use a tiny random model written to a GGUF file with its own byte-level tokenizer and a ChatML
 template, so a run takes a second; the CLI's outputs are checked against the library called directly.
@@ -10,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,6 +24,7 @@ import pytest
 
 import llama_ref
 from llama_ref.tools.cli import CLI_SAMPLING
+from cli_run import run_cli
 from tiny import file_backed, random_weights, tiny_args
 from gguf_files import byte_level_tokens, write_llama_gguf
 
@@ -59,19 +63,14 @@ def tiny(tiny_gguf):
     return llama_ref.load(tiny_gguf)
 
 
-def run_cli(*argv, stdin: str = "", timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "llama_ref.tools.cli", *map(str, argv)], input=stdin,
-                          capture_output=True, text=True, timeout=timeout)
-
-
 # ---- generate -----------------------------------------------------------------------------------------
 
-def test_generate_json_equals_library(tiny_gguf, tiny):
+def test_generate_json_equals_library(cli, tiny_gguf, tiny):
     flags = dict(max_new_tokens=12, temperature=0.9, top_k=50, top_p=0.9, min_p=0.01, repetition_penalty=1.3,
                  seed=7)
-    done = run_cli("generate", "-m", tiny_gguf, "--json", "-q", "--top-logprobs", 3, "--ignore-eos",
-                   "-n", 12, "--temp", 0.9, "--top-k", 50, "--top-p", 0.9, "--min-p", 0.01,
-                   "--repetition-penalty", 1.3, "--seed", 7, "the theme")
+    done = cli("generate", "-m", tiny_gguf, "--json", "-q", "--top-logprobs", 3, "--ignore-eos",
+               "-n", 12, "--temp", 0.9, "--top-k", 50, "--top-p", 0.9, "--min-p", 0.01,
+               "--repetition-penalty", 1.3, "--seed", 7, "the theme")
     assert done.returncode == 0, done.stderr
     out = json.loads(done.stdout)
     expected = tiny.generate("the theme", stop_ids=[], top_logprobs=3, **flags)
@@ -88,36 +87,80 @@ def test_generate_json_equals_library(tiny_gguf, tiny):
         assert np.allclose([a["logprob"] for a in step], [lp for _, lp in want])
 
 
+# The two ways a user starts the command, as child processes in the fast tier too (the `cli` fixture's in-process
+# runs call main(argv) directly; an error exit through the console script is test_model_errors's).
+@pytest.mark.parametrize("launcher", ["llama-ref", "python -m llama_ref"])
+def test_the_installed_commands_run(tiny_gguf, tiny, launcher):
+    if launcher == "llama-ref":
+        exe = shutil.which("llama-ref")
+        if exe is None:
+            pytest.skip("the llama-ref console script is not on PATH (pip install -e .)")
+        command = [exe]
+    else:
+        command = [sys.executable, "-m", "llama_ref"]
+    done = run_cli("generate", "-m", tiny_gguf, "--json", "-q", "-n", 6, "--ignore-eos", "--temp", 0, "hello",
+                   launcher=command)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["ids"] == tiny.generate("hello", max_new_tokens=6, stop_ids=[]).ids
+
+
+def test_in_process_runs_leave_the_process_as_they_found_it(tiny_gguf, monkeypatch, tmp_path):
+    # The fast tier's CLI runs share their process with the tests after them: what a run sets (-t's thread counts,
+    # an environment variable, the streams, argv) must be put back, and an error must not escape as an exception.
+    import llama_ref.runtime.threads as threads
+    from threadpoolctl import threadpool_info
+
+    from cli_run import run_cli_in_process
+
+    def blas():  # and Numba's count, where it is imported
+        numba = sys.modules.get("numba")
+        return (sorted(p["num_threads"] for p in threadpool_info() if p.get("user_api") == "blas"),
+                numba and numba.get_num_threads())
+
+    monkeypatch.chdir(tmp_path)
+    threads.set_threads(2)
+    before = (threads._chosen, blas(), dict(os.environ), os.getcwd(), sys.argv[:], sys.stdin, sys.stdout,
+              sys.stderr, signal.getsignal(signal.SIGINT))
+    done = run_cli_in_process("generate", "-m", tiny_gguf, "-t", 1, "-q", "-n", 2, "--temp", 0, "hi",
+                              env={"LLAMA_REF_THREADS": "1"})
+    assert done.returncode == 0, done.stderr
+    assert (threads._chosen, blas(), dict(os.environ), os.getcwd(), sys.argv[:], sys.stdin, sys.stdout,
+            sys.stderr, signal.getsignal(signal.SIGINT)) == before
+    bad = run_cli_in_process("generate", "-m", tiny_gguf, "-t", 0, "hi")
+    assert bad.returncode == 2 and bad.stderr.startswith("llama-ref: error: threads must be")
+    assert run_cli_in_process("--no-such-flag").returncode == 2  # argparse's SystemExit, as a status
+
+
 @pytest.mark.slow  # a CLI subprocess or more: seconds on 2 cores
-def test_generate_with_mmap_and_packed_weights_gives_the_same_text(tiny_gguf, tiny):
+def test_generate_with_mmap_and_packed_weights_gives_the_same_text(cli, tiny_gguf, tiny):
     # --mmap leaves the float32 tensors mapped from the file; --weights packed keeps them as stored; the
     # numba backend reads them: none of it may change what is generated.
-    done = run_cli("generate", "-m", tiny_gguf, "--mmap", "--weights", "packed", "--backend", "numba", "-q",
-                   "--json", "-n", 8, "--ignore-eos", "--temp", 0, "hello")
+    done = cli("generate", "-m", tiny_gguf, "--mmap", "--weights", "packed", "--backend", "numba", "-q",
+               "--json", "-n", 8, "--ignore-eos", "--temp", 0, "hello")
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["ids"] == tiny.generate("hello", max_new_tokens=8, stop_ids=[]).ids
     wq = "layers.0.attention.wq.weight"
     assert file_backed(llama_ref.load(tiny_gguf, mmap=True).weights[wq]) and not file_backed(tiny.weights[wq])
 
 
-def test_generate_streams_text_and_reports_speed(tiny_gguf, tiny):
-    done = run_cli("generate", "-m", tiny_gguf, "-n", 10, "--ignore-eos", "--temp", 0, "hello")
+def test_generate_streams_text_and_reports_speed(cli, tiny_gguf, tiny):
+    done = cli("generate", "-m", tiny_gguf, "-n", 10, "--ignore-eos", "--temp", 0, "hello")
     assert done.returncode == 0, done.stderr
     expected = tiny.generate("hello", max_new_tokens=10, stop_ids=[])
     assert done.stdout == "hello" + expected.text + "\n"
     assert SPEED_LINE.search(done.stderr).group(0).startswith("10 new tokens")
 
 
-def test_generate_stop_string_and_chat_flag(tiny_gguf, tiny):
+def test_generate_stop_string_and_chat_flag(cli, tiny_gguf, tiny):
     full = tiny.generate("abc", max_new_tokens=12, stop_ids=[])
     stop = full.text[4:6]  # two characters from the middle of the greedy text
-    done = run_cli("generate", "-m", tiny_gguf, "--json", "-q", "-n", 12, "--ignore-eos", "--stop", stop,
-                   "--temp", 0, "abc")
+    done = cli("generate", "-m", tiny_gguf, "--json", "-q", "-n", 12, "--ignore-eos", "--stop", stop,
+               "--temp", 0, "abc")
     out = json.loads(done.stdout)
     assert out["finish_reason"] == "stop" and out["stop"] == stop
     assert out["text"] == full.text[:full.text.find(stop)]
-    done = run_cli("generate", "-m", tiny_gguf, "--json", "-q", "-n", 5, "--chat", "--system", "S", "--temp", 0,
-                   "hi")
+    done = cli("generate", "-m", tiny_gguf, "--json", "-q", "-n", 5, "--chat", "--system", "S", "--temp", 0,
+               "hi")
     out = json.loads(done.stdout)
     assert out["ids"] == tiny.chat("hi", system="S", max_new_tokens=5).ids
     assert tiny.tokenizer.decode(out["prompt_ids"]) == (
@@ -126,9 +169,9 @@ def test_generate_stop_string_and_chat_flag(tiny_gguf, tiny):
 
 # ---- chat ---------------------------------------------------------------------------------------------
 
-def test_chat_through_stdin_keeps_history_and_obeys_commands(tiny_gguf, tiny):
+def test_chat_through_stdin_keeps_history_and_obeys_commands(cli, tiny_gguf, tiny):
     script = "hello\nand then?\n/reset\nagain\n/system Be brief.\nhi\n/exit\nnever read\n"
-    done = run_cli("chat", "-m", tiny_gguf, "--json", "-q", "-n", 6, "--seed", 3, "--temp", 0.8, stdin=script)
+    done = cli("chat", "-m", tiny_gguf, "--json", "-q", "-n", 6, "--seed", 3, "--temp", 0.8, stdin=script)
     assert done.returncode == 0, done.stderr
     answers = [json.loads(line) for line in done.stdout.splitlines()]
     assert len(answers) == 4  # /exit ends the session before "never read"
@@ -142,8 +185,8 @@ def test_chat_through_stdin_keeps_history_and_obeys_commands(tiny_gguf, tiny):
     assert "[conversation reset]" in done.stderr
 
 
-def test_chat_plain_output_and_eof(tiny_gguf, tiny):
-    done = run_cli("chat", "-m", tiny_gguf, "-n", 5, "--temp", 0, stdin="hello\n")  # ends at end of input
+def test_chat_plain_output_and_eof(cli, tiny_gguf, tiny):
+    done = cli("chat", "-m", tiny_gguf, "-n", 5, "--temp", 0, stdin="hello\n")  # ends at end of input
     assert done.returncode == 0, done.stderr
     assert done.stdout == tiny.chat("hello", max_new_tokens=5).text + "\n"
     assert SPEED_LINE.search(done.stderr)
@@ -177,18 +220,18 @@ def test_ctrl_c_stops_the_answer_not_the_session(tmp_path):
 
 # ---- score --------------------------------------------------------------------------------------------
 
-def test_score_json_equals_library(tiny_gguf, tiny, tmp_path):
+def test_score_json_equals_library(cli, tiny_gguf, tiny, tmp_path):
     text = "the heathen thought the theatre had the thing.\n"
     path = tmp_path / "t.txt"
     path.write_text(text, encoding="utf-8")
-    done = run_cli("score", str(path), "-m", tiny_gguf, "--json")
+    done = cli("score", str(path), "-m", tiny_gguf, "--json")
     assert done.returncode == 0, done.stderr
     out = json.loads(done.stdout)
     expected = tiny.score(text)
     assert out["n_tokens"] == expected.n_tokens == len(tiny.tokenizer.encode(text)) - 1
     assert out["perplexity"] == pytest.approx(expected.perplexity, rel=1e-12)
     assert RATE.search(done.stderr)
-    plain = run_cli("score", "-", "-m", tiny_gguf, "-q", stdin=text)
+    plain = cli("score", "-", "-m", tiny_gguf, "-q", stdin=text)
     assert plain.stdout.startswith(f"perplexity {expected.perplexity:.4f} over {expected.n_tokens} tokens")
 
 
@@ -216,13 +259,13 @@ def test_fetch_prints_the_cached_path(default_model_path):
     assert llama_ref.DEFAULT_MODEL in [m["name"] for m in listed]
 
 
-def test_help_has_examples_and_the_library_flags():
-    top = run_cli("--help")
+def test_help_has_examples_and_the_library_flags(cli):
+    top = cli("--help")
     assert top.returncode == 0
     for command in ("generate", "chat", "score", "fetch", "teacher"):
         assert command in top.stdout
     assert "examples:" in top.stdout
-    gen = run_cli("generate", "--help").stdout
+    gen = cli("generate", "--help").stdout
     import inspect
 
     # Every keyword of model.generate has its flag, spelled the same with dashes.
@@ -231,7 +274,7 @@ def test_help_has_examples_and_the_library_flags():
             continue
         flag = {"stop_ids": "--stop-id", "images": "--image"}.get(name, "--" + name.replace("_", "-"))
         assert flag in gen, flag
-    assert "/reset" in run_cli("chat", "--help").stdout
+    assert "/reset" in cli("chat", "--help").stdout
 
 
 # ---- bad input: exit code 2 and one line naming the problem ---------------------------------------------
@@ -253,12 +296,12 @@ def test_help_has_examples_and_the_library_flags():
     (["chat", "-m", "{tiny}", "--top-k", "-2"], "top_k"),
     (["fetch", "no-such-model"], "no-such-model"),
 ])
-def test_bad_input_exits_2_with_one_line(tiny_gguf, tmp_path, argv, needle):
+def test_bad_input_exits_2_with_one_line(cli, tiny_gguf, tmp_path, argv, needle):
     empty = tmp_path / "empty.txt"
     empty.write_text("")
     argv = [a.format(tiny=tiny_gguf, missing=tmp_path / "missing.txt", empty=empty) for a in argv]
-    done = run_cli(*argv, "-q" if argv[0] != "fetch" and "--no-such-flag" not in argv else "--json",
-                   stdin="hello\n")
+    done = cli(*argv, "-q" if argv[0] != "fetch" and "--no-such-flag" not in argv else "--json",
+               stdin="hello\n")
     if needle is None:
         assert done.returncode == 0, done.stderr
         return
@@ -268,10 +311,10 @@ def test_bad_input_exits_2_with_one_line(tiny_gguf, tmp_path, argv, needle):
     assert "Traceback" not in done.stderr and done.stdout == ""
 
 
-def test_truncate_flag_keeps_the_end_of_a_long_prompt(tiny_gguf, tiny):
+def test_truncate_flag_keeps_the_end_of_a_long_prompt(cli, tiny_gguf, tiny):
     prompt = "x" * 200  # 200 byte tokens, window 128
-    done = run_cli("generate", "-m", tiny_gguf, "--json", "-q", "-n", 4, "--truncate", "--ignore-eos", "--temp", 0,
-                   prompt)
+    done = cli("generate", "-m", tiny_gguf, "--json", "-q", "-n", 4, "--truncate", "--ignore-eos", "--temp", 0,
+               prompt)
     assert done.returncode == 0, done.stderr
     out = json.loads(done.stdout)
     assert out["prompt_ids"] == tiny.tokenizer.encode(prompt)[-(128 - 4):]

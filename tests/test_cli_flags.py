@@ -16,7 +16,7 @@ from llama_ref.generation import generate as generation
 from llama_ref.tools.cli import CLI_SAMPLING
 from llama_ref.runtime.threads import compile_notice
 from llama_ref.generation.sampling import log_softmax
-from test_cli import run_cli, write_tiny_gguf
+from test_cli import write_tiny_gguf
 
 
 @pytest.fixture(scope="module")
@@ -29,35 +29,33 @@ def tiny(tiny_gguf):
     return llama_ref.load(tiny_gguf)
 
 
-@pytest.mark.slow  # a CLI subprocess or more: seconds on 2 cores
-def test_cli_samples_with_llama_cpp_defaults(tiny_gguf, tiny):
-    done = run_cli("generate", "-m", tiny_gguf, "--json", "-q", "-n", 10, "--ignore-eos", "-s", 11, "the theme")
+def test_cli_samples_with_llama_cpp_defaults(cli, tiny_gguf, tiny):
+    done = cli("generate", "-m", tiny_gguf, "--json", "-q", "-n", 10, "--ignore-eos", "-s", 11, "the theme")
     assert done.returncode == 0, done.stderr
     expected = tiny.generate("the theme", max_new_tokens=10, stop_ids=[], seed=11, **CLI_SAMPLING)
     assert json.loads(done.stdout)["ids"] == expected.ids
     assert CLI_SAMPLING == dict(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05, repetition_penalty=1.0)
-    greedy = run_cli("generate", "-m", tiny_gguf, "--json", "-q", "-n", 10, "--ignore-eos", "--temp", 0, "the theme")
+    greedy = cli("generate", "-m", tiny_gguf, "--json", "-q", "-n", 10, "--ignore-eos", "--temp", 0, "the theme")
     assert json.loads(greedy.stdout)["ids"] == tiny.generate("the theme", max_new_tokens=10, stop_ids=[]).ids
 
 
-@pytest.mark.slow  # a CLI subprocess or more: seconds on 2 cores
-def test_prompt_from_argument_option_file_and_stdin_alike(tiny_gguf, tmp_path):
+def test_prompt_from_argument_option_file_and_stdin_alike(cli, tiny_gguf, tmp_path):
     (tmp_path / "p.txt").write_text("the theme", encoding="utf-8")
     common = ["generate", "-m", tiny_gguf, "--json", "-q", "--n-predict", 6, "--ignore-eos", "--temp", 0]
-    outs = [run_cli(*common, "the theme"), run_cli(*common, "-p", "the theme"),
-            run_cli(*common, "-f", tmp_path / "p.txt"), run_cli(*common, "-", stdin="the theme")]
+    outs = [cli(*common, "the theme"), cli(*common, "-p", "the theme"),
+            cli(*common, "-f", tmp_path / "p.txt"), cli(*common, "-", stdin="the theme")]
     assert all(o.returncode == 0 for o in outs), [o.stderr for o in outs]
     results = [json.loads(o.stdout) for o in outs]
     assert len({(tuple(r["prompt_ids"]), tuple(r["ids"])) for r in results}) == 1
 
 
-def test_threads_and_context_flags(tiny_gguf, tiny):
+def test_threads_and_context_flags(cli, tiny_gguf, tiny):
     # -t sets the BLAS threads of the process; -c a shorter window, which truncation then respects.
     code = ("import llama_ref.runtime.threads as r, threadpoolctl; r.set_threads(1); "
             "print(max(p['num_threads'] for p in threadpoolctl.threadpool_info()))")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "1"
-    done = run_cli("generate", "-m", tiny_gguf, "-t", 1, "-c", 32, "--json", "-q", "-n", 4, "--truncate",
-                   "--ignore-eos", "--temp", 0, "x" * 50)
+    done = cli("generate", "-m", tiny_gguf, "-t", 1, "-c", 32, "--json", "-q", "-n", 4, "--truncate",
+               "--ignore-eos", "--temp", 0, "x" * 50)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["prompt_ids"] == tiny.tokenizer.encode("x" * 50)[-(32 - 4):]
     short = llama_ref.load(tiny_gguf, max_seq_len=32)
@@ -66,9 +64,9 @@ def test_threads_and_context_flags(tiny_gguf, tiny):
         llama_ref.load(tiny_gguf, max_seq_len=129)
 
 
-def test_truncation_is_announced_and_only_the_kept_prompt_echoed(tiny_gguf, tiny):
+def test_truncation_is_announced_and_only_the_kept_prompt_echoed(cli, tiny_gguf, tiny):
     prompt = "ab" * 100  # 200 byte tokens, window 128
-    done = run_cli("generate", "-m", tiny_gguf, "-n", 4, "--truncate", "--ignore-eos", "--temp", 0, prompt)
+    done = cli("generate", "-m", tiny_gguf, "-n", 4, "--truncate", "--ignore-eos", "--temp", 0, prompt)
     assert done.returncode == 0, done.stderr
     assert "[prompt truncated: kept its last 124 of 200 tokens" in done.stderr
     kept = tiny.tokenizer.decode(tiny.tokenizer.encode(prompt)[-124:])
@@ -101,21 +99,19 @@ def test_score_in_chunks_equals_one_forward(tiny, monkeypatch):
     assert tiny.score(ids).nll == pytest.approx(want, rel=1e-6)
 
 
-@pytest.mark.slow  # a CLI subprocess or more: seconds on 2 cores
-def test_score_shows_progress(tiny_gguf, tmp_path):
+def test_score_shows_progress(cli, tiny_gguf, tmp_path):
     (tmp_path / "t.txt").write_text("the theme of the text " * 8, encoding="utf-8")
-    done = run_cli("score", tmp_path / "t.txt", "-m", tiny_gguf)
+    done = cli("score", tmp_path / "t.txt", "-m", tiny_gguf)
     assert done.returncode == 0, done.stderr
     assert "scoring" in done.stderr  # tqdm's bar, on stderr
-    assert "scoring" not in run_cli("score", tmp_path / "t.txt", "-m", tiny_gguf, "-q").stderr
+    assert "scoring" not in cli("score", tmp_path / "t.txt", "-m", tiny_gguf, "-q").stderr
 
 
-@pytest.mark.slow  # a CLI subprocess or more: seconds on 2 cores
-def test_version_and_subcommand_help():
-    done = run_cli("--version")
+def test_version_and_subcommand_help(cli):
+    done = cli("--version")
     assert done.returncode == 0 and done.stdout.strip() == f"llama-ref {llama_ref.__version__}"
     for command in ("generate", "chat", "score", "teacher", "fetch", "info", "convert", "tokenize"):
-        text = run_cli(command, "--help").stdout
+        text = cli(command, "--help").stdout
         assert "examples:" in text and f"llama-ref {command}" in text.split("examples:")[1], command
 
 

@@ -3,11 +3,9 @@ tokens, positions, model files (missing, corrupt, truncated, inconsistent), mode
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +21,7 @@ from llama_ref.model.cache import KVCache
 from llama_ref.model.transformer import Transformer
 from llama_ref.weights.common import WeightsError
 
+from cli_run import run_cli
 from tiny import random_weights, tiny_args, tiny_model
 from gguf_files import byte_level_tokens, write_llama_gguf
 
@@ -254,12 +253,13 @@ def test_errors_are_value_errors_for_callers():
 
 # ---- the command line ---------------------------------------------------------------------------------
 
+NO_BAR = {"TQDM_DISABLE": "1"}  # no loading progress bar: it is for terminals, and would interleave with the error line
+
+
 def _cli(*argv: str) -> subprocess.CompletedProcess:
+    """`llama-ref ARGS` as a user runs it: the installed console script where there is one, a child process."""
     exe = shutil.which("llama-ref")
-    cmd = [exe, *argv] if exe else [sys.executable, "-m", "llama_ref.tools.cli", *argv]
-    # No loading progress bar: it is for terminals, and would interleave with the error line here.
-    env = dict(os.environ, TQDM_DISABLE="1")
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    return run_cli(*argv, timeout=120, env=NO_BAR, launcher=[exe] if exe else None)
 
 
 def _one_line_error(result: subprocess.CompletedProcess) -> str:
@@ -271,23 +271,26 @@ def _one_line_error(result: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
-def test_cli_empty_prompt():
-    assert "the prompt is empty" in _one_line_error(_cli("generate", ""))
+def test_cli_empty_prompt(cli):
+    assert "the prompt is empty" in _one_line_error(cli("generate", "", env=NO_BAR))
 
 
-def test_cli_missing_model_file(tmp_path):
+def test_cli_missing_model_file(cli, tmp_path):
     missing = tmp_path / "missing.gguf"
-    assert str(missing) in _one_line_error(_cli("generate", "--model", str(missing), "Hello"))
+    assert str(missing) in _one_line_error(cli("generate", "--model", str(missing), "Hello", env=NO_BAR))
 
 
 def test_cli_truncated_model_file(tmp_path, tiny_gguf):
+    # A child process in the fast tier too: the console script runs, and an error exits with status 2.
     path = tmp_path / "cut.gguf"
     path.write_bytes(tiny_gguf.read_bytes()[:5000])
     line = _one_line_error(_cli("generate", "--model", str(path), "Hello"))
     assert str(path) in line and ("damaged" in line or "truncated" in line)
 
 
-def test_cli_prompt_longer_than_the_context(tmp_path, tiny_gguf):
+def test_cli_prompt_longer_than_the_context(cli, tmp_path, tiny_gguf):
     # 70 tokens of " t" against the tiny model's 64-token window.
-    line = _one_line_error(_cli("generate", "--model", str(tiny_gguf), " t" * 70))
+    # -q: the model loads before the prompt is refused, and an in-process run cannot take TQDM_DISABLE (tqdm reads
+    # it once, on import) to keep its loading bar off stderr.
+    line = _one_line_error(cli("generate", "-q", "--model", str(tiny_gguf), " t" * 70, env=NO_BAR))
     assert re.search("70 tokens.*context window is 64", line), line

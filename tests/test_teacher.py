@@ -108,18 +108,17 @@ def test_long_prompt_refused_before_writing(model, tmp_path):
     assert read_teacher(out)[1][1].ids.size == model.args.max_seq_len
 
 
-@pytest.mark.slow  # a CLI subprocess or more: seconds on 2 cores
-def test_cli_teacher(tmp_path):
-    from test_cli import run_cli, write_tiny_gguf
+def test_cli_teacher(cli, tmp_path):
+    from test_cli import write_tiny_gguf
 
     gguf = write_tiny_gguf(tmp_path / "m.gguf")
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("\n".join(json.dumps({"text": p}) for p in PROMPTS) + "\n", encoding="utf-8")
-    done = run_cli("teacher", prompts, "-o", tmp_path / "o.bin", "-m", gguf, "-k", 4, "--json", "-q")
+    done = cli("teacher", prompts, "-o", tmp_path / "o.bin", "-m", gguf, "-k", 4, "--json", "-q")
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["records"] == 4
     assert len(read_teacher(tmp_path / "o.bin")[1]) == 4
-    again = run_cli("teacher", prompts, "-o", tmp_path / "o.bin", "-m", gguf, "-k", 4, "--json", "-q")
+    again = cli("teacher", prompts, "-o", tmp_path / "o.bin", "-m", gguf, "-k", 4, "--json", "-q")
     assert json.loads(again.stdout)["skipped"] == 4
-    bad = run_cli("teacher", tmp_path / "none.jsonl", "-o", tmp_path / "x.bin", "-m", gguf)
+    bad = cli("teacher", tmp_path / "none.jsonl", "-o", tmp_path / "x.bin", "-m", gguf)
     assert bad.returncode == 2 and "none.jsonl" in bad.stderr and not (tmp_path / "x.bin").exists()

@@ -7,12 +7,22 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 sys.path.insert(0, str(BENCH))
 import run  # noqa: E402  (benchmarks/run.py)
 
 
-def test_report_columns_and_notes_follow_the_arguments(tmp_path):
+# The plot (matplotlib, ~1.5 s of CPU to import and draw) in the slow tier; the fast tier renders the report as
+# where matplotlib is not installed, which write_report supports by leaving the plot out.
+@pytest.mark.parametrize("plot", [pytest.param(False, id="no-matplotlib"),
+                                  pytest.param(True, id="with-plot", marks=pytest.mark.slow)])
+def test_report_columns_and_notes_follow_the_arguments(tmp_path, monkeypatch, plot):
+    if plot:
+        pytest.importorskip("matplotlib")
+    else:
+        monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
     report = json.loads((BENCH / "results" / "bench.json").read_text())
     report["args"].update(prefill=[64, 256], decode=32, decode_prompt=64, repeats=3)
     for row in report["rows"]:
@@ -29,6 +39,7 @@ def test_report_columns_and_notes_follow_the_arguments(tmp_path):
     assert any("decode: 32 greedy steps after a 64-token prompt" in line and "best of 3 repeats" in line
                for line in lines)
     assert json.loads((tmp_path / "out" / "bench.json").read_text())["args"]["decode_prompt"] == 64
+    assert (tmp_path / "out" / "bench.png").exists() == plot
 
 
 def test_ad_hoc_runs_do_not_overwrite_the_cited_results():

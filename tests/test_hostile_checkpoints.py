@@ -109,9 +109,9 @@ def pickle_of_one_tensor(storage_class: str, key: str, numel: int, shape, stride
     return bytes(pk.out)
 
 
-def write_raw_pth(path: Path, entries: dict, compression=zipfile.ZIP_STORED) -> None:
+def write_raw_pth(path: Path, entries: dict, compression=zipfile.ZIP_STORED, compresslevel=None) -> None:
     """A zip of {entry name: bytes, or an iterable of byte chunks (streamed)}."""
-    with zipfile.ZipFile(path, "w", compression=compression) as zf:
+    with zipfile.ZipFile(path, "w", compression=compression, compresslevel=compresslevel) as zf:
         for name, content in entries.items():
             with zf.open(name, "w", force_zip64=True) as f:
                 for chunk in ([content] if isinstance(content, bytes) else content):
@@ -166,20 +166,22 @@ def test_malformed_tensor_geometry(tmp_path, shape, stride, match):
 
 
 def test_pickle_bomb_declared_size(tmp_path):
-    """A deflated data.pkl that inflates to 128 MiB (from a ~130 KB file) is refused by its declared size."""
+    """A deflated data.pkl that inflates to 128 MiB (from a ~0.6 MB file) is refused by its declared size."""
     path = tmp_path / "consolidated.00.pth"
     zeros = bytes(2 ** 20)
-    write_raw_pth(path, {"c/data.pkl": (zeros for _ in range(128))}, compression=zipfile.ZIP_DEFLATED)
+    # compresslevel 1 deflates the 128 MiB in a third of the default's CPU time (0.3 s against 0.8 s here)
+    write_raw_pth(path, {"c/data.pkl": (zeros for _ in range(128))}, compression=zipfile.ZIP_DEFLATED,
+                  compresslevel=1)
     assert path.stat().st_size < 2 ** 20
     refused(lambda: read_torch_file(path), path, "data.pkl says it holds 134217728 bytes")
 
 
 def test_pickle_bomb_lying_about_its_size(tmp_path, monkeypatch):
-    """The same bomb with its declared size forged small: what is really inflated is bounded, whatever the
-    archive claims (here the bound is lowered to 1 MiB and the claim set just below it)."""
+    """A bomb with its declared size forged small: what is really inflated is bounded, whatever the archive
+    claims (here the bound is lowered to 1 MiB, the claim set just below it, and the entry inflates to 8 MiB)."""
     monkeypatch.setattr(torch_zip, "MAX_PICKLE_BYTES", 2 ** 20)
     path = tmp_path / "consolidated.00.pth"
-    write_raw_pth(path, {"c/data.pkl": (bytes(2 ** 20) for _ in range(128))}, compression=zipfile.ZIP_DEFLATED)
+    write_raw_pth(path, {"c/data.pkl": (bytes(2 ** 20) for _ in range(8))}, compression=zipfile.ZIP_DEFLATED)
     set_declared_size(path, "c/data.pkl", 2 ** 20 - 1)
     refused(lambda: read_torch_file(path), path)
 
@@ -205,7 +207,7 @@ def test_pickle_allocation_bombs(tmp_path, pickled, match, monkeypatch):
 def test_byteorder_bomb(tmp_path):
     path = tmp_path / "consolidated.00.pth"
     write_raw_pth(path, {"c/data.pkl": pickle_of_one_tensor("FloatStorage", "0", 1, (1,), (1,)),
-                         "c/byteorder": (bytes(2 ** 20) for _ in range(64)), "c/data/0": bytes(4)},
+                         "c/byteorder": bytes(2 ** 20), "c/data/0": bytes(4)},  # 1 MiB where 64 bytes are read
                   compression=zipfile.ZIP_DEFLATED)
     refused(lambda: read_torch_file(path), path, "byteorder says it holds")
 

@@ -116,19 +116,19 @@ def llama3_bpe_vocab(meta_tiktoken):
     """The Llama 3 ranks as a byte-level BPE vocabulary + merges (what llama.cpp's converter and
     transformers' TikTokenConverter write into GGUF / tokenizer.json): merge (a, b) ranks as a+b does."""
     _, ranks = meta_tiktoken
-    b2u = _byte_to_unicode()
-    text = lambda b: "".join(b2u[x] for x in b)  # noqa: E731
+    # bytes -> their stand-in characters through str.translate (in C; a join per token took ~0.8 s more)
+    table = str.maketrans({chr(b): ch for b, ch in _byte_to_unicode().items()})
     tokens = [""] * len(ranks)
     for tok, r in ranks.items():
-        tokens[r] = text(tok)
-    merges = []
+        tokens[r] = tok.decode("latin-1").translate(table)
+    merges = []  # (rank of a+b, rank of a, rank of b)
     for tok, r in ranks.items():
         for i in range(1, len(tok)):
-            left, right = tok[:i], tok[i:]
-            if left in ranks and right in ranks and ranks[left] < r and ranks[right] < r:
-                merges.append((r, ranks[left], ranks[right], f"{text(left)} {text(right)}"))
+            left, right = ranks.get(tok[:i]), ranks.get(tok[i:])
+            if left is not None and right is not None and left < r and right < r:
+                merges.append((r, left, right))
     merges.sort()
-    return tokens, [m[3] for m in merges]
+    return tokens, [f"{tokens[left]} {tokens[right]}" for _, left, right in merges]
 
 
 # ---- Llama 1/2 SentencePiece ----------------------------------------------------------------------------

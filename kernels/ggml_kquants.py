@@ -15,6 +15,11 @@ Repacked Q4_K (rows % 8 == 0) prefills as llama.cpp's ggml_gemm_q4_K_8x8_q8_K: a
 decoded, and a tile of 8 rows by ACTS8 activation rows keeps the rows in the 8 lanes (_define_q4_kx8_tile);
 kernel level (8192 x 2048 by 128-512 rows, one thread) 2.7-3.2x the 1 x 6 tile it replaces.
 
+Q5_K and Q6_K prefill with their activations in groups (group_acts: GROUP rows' quants, int16 bsums and scales
+in one record per super-block), a tile of one weight row by a group (_define_q5_k_gtile, _define_q6_k_gtile),
+SEG super-blocks at a time so that the group's bytes stay in L1 while the rows pass; kernel level (Q6_K 8192 x
+2048 and 2048 x 8192 by 120 rows, one thread) 1.10-1.20x the 1 x ACTS tile on the plain arrays, Q5_K 1.86-1.93x.
+
 Every other inner loop is one LLVM vector-IR function per tile of one weight row by ACTS activation rows (a
 decode: by one), over the whole row (_define_q4_k_tile, _define_q5_k_tile, _define_q6_k_tile): per super-block
 the row's header is decoded and its values unpacked in registers once (shifts, ands and ors, as llama.cpp's
@@ -202,6 +207,249 @@ def _define_q6_k_tile(module, rows, acts, isa):
     return fn
 
 
+# ---- prefill: a weight row by a group of activation rows, the group's bytes in one record per super-block ------
+
+# A prefill's Q8_K activations as the grouped tiles read them (group_acts): ACTS rows at a time, one record
+# per super-block of their quants (ACTS x 256 int8), bsums as int16 (ACTS x 16; |bsum| <= 16 x 127) and scales
+# (ACTS float32), padded to whole cache lines. One address per super-block where the plain layout took three
+# per activation row (with 6 rows LLVM kept those 18 on the stack and reloaded them every super-block); the
+# bsums as vpmaddwd takes them (int32 ones cost four packing instructions per activation row and super-block);
+# and one stream of bytes, read SEG super-blocks at a time so that a group's segment stays in L1 while the
+# weight rows pass it (K = 8192: 6 rows' 8 KB each did not; 1.3x the time per block pair of K = 2048).
+SEG = 8
+# Activation rows per group. Measured (Q6_K, 8192 x 2048 and 2048 x 8192 by 120 rows, one thread, against the
+# plain 1 x 6 tile, interleaved, 15 rounds): 6 1.10-1.15x, 8 1.07-1.14x, 4 0.70-0.75x.
+GROUP = 6
+
+
+def act_record(acts: int) -> int:
+    """The bytes of one super-block of a group of `acts` Q8_K activation rows (group_acts)."""
+    return -(-acts * 292 // 64) * 64
+
+
+GROUP_RECORD = act_record(GROUP)
+
+
+def _define_q6_k_gtile(module, acts, isa):
+    """void f(w, x, nb, out, ostride, acc, part): ggml_vec_dot_q6_K_q8_K of one weight row (the file's Q6_K
+    blocks from byte address w) with a group of `acts` activation rows (group_acts' records from byte address
+    x), nb super-blocks, in _define_q6_k_tile's order (the same lanes, the same float steps). A row may come in
+    segments of super-blocks: part & 1, its first (the float32 lanes start at zero, else from acc: 8 per
+    activation row, 32 bytes apart); part & 2, its last (hsum_float_8 of the lanes -> out[a * ostride], else
+    the lanes -> acc). Stored and loaded whole, the lanes carry the same chain of fma's as one call."""
+    name = f"llama_ref_ggml_q6_k_g{acts}_{isa}"
+    if name in module.globals:
+        return module.globals[name]
+    fn = ir.Function(module, ir.FunctionType(ir.VoidType(), [I64] * 7), name)
+    fn.linkage = "internal"
+    w, x, nb, out, ostride, acc, part = fn.args
+    entry, loop, half, tail, done, last, keep = (fn.append_basic_block(n) for n in (
+        "entry", "loop", "half", "tail", "done", "last", "keep"))
+    v8f, v32, v16 = ir.VectorType(F32, 8), ir.VectorType(I8, 32), ir.VectorType(I8, 16)
+    v8i, v16_16, v16_32 = ir.VectorType(I32, 8), ir.VectorType(I16, 16), ir.VectorType(I32, 16)
+    c64 = lambda v: ir.Constant(I64, v)  # noqa: E731
+    zero8 = ir.Constant(v8f, [0.0] * 8)
+    fma_v = _declare(module, "llvm.fma.v8f32", v8f, [v8f] * 3)
+    rec, bso, xdo = act_record(acts), 256 * acts, 288 * acts  # a record; its bsums, its scales
+    b = ir.IRBuilder(entry)
+    first = b.icmp_signed("!=", b.and_(part, c64(1)), c64(0))
+    init = [b.select(first, zero8, _gep_load(b, acc, c64(32 * a), v8f, 4)) for a in range(acts)]
+    b.cbranch(b.icmp_signed(">", nb, c64(0)), loop, done)
+
+    b = ir.IRBuilder(loop)
+    i = b.phi(I64)
+    accs = [b.phi(v8f) for _ in range(acts)]
+    blk, xr = b.add(w, b.mul(i, c64(Q6_BYTES))), b.add(x, b.mul(i, c64(rec)))
+    b.branch(half)
+
+    # the two 128-value halves in a loop, as _define_q6_k_tile's, the integer lanes carried
+    b = ir.IRBuilder(half)
+    h = b.phi(I64)
+    lanes_in = [b.phi(v8i) for _ in range(acts)]
+    totals = list(lanes_in)
+    wh, xh = b.add(blk, b.mul(h, c64(64))), b.add(xr, b.mul(h, c64(128)))  # the half's ql bytes, its x
+    qh = _gep_load(b, b.add(blk, b.mul(h, c64(32))), c64(128), v32, 1)
+    sch = b.sext(_gep_load(b, b.add(blk, b.mul(h, c64(8))), c64(192), ir.VectorType(I8, 8), 1),
+                 ir.VectorType(I16, 8) if isa == "avx2" else ir.VectorType(I32, 8))
+    for k in range(4):
+        vals = _q6_k_value_chunk(b, _gep_load(b, wh, c64(32 * (k % 2)), v32, 1), qh, k)
+        scale = _shuffle(b, sch, [2 * k] * 8 + [2 * k + 1] * 8 if isa == "avx2" else [2 * k] * 4 + [2 * k + 1] * 4)
+        for a in range(acts):
+            xv = _gep_load(b, xh, c64(256 * a + 32 * k), v32, 1)
+            if isa == "avx2":
+                p = madd16(b, pairs_u8s8(b, vals, xv), scale)
+            else:
+                p = b.mul(lanes_u8s8(b, vals, xv, isa) if isa == "vnni" else lanes_portable(b, vals, xv, False), scale)
+            totals[a] = b.add(totals[a], p)
+    h1 = b.add(h, c64(1))
+    b.cbranch(b.icmp_signed("<", h1, c64(2)), half, tail)
+    h.add_incoming(c64(0), loop)
+    h.add_incoming(h1, half)
+    for phi, v in zip(lanes_in, totals):
+        phi.add_incoming(ir.Constant(v8i, [0] * 8), loop)
+        phi.add_incoming(v, half)
+
+    # the -32 of every value (as _define_q6_k_tile's), then the float lanes
+    b = ir.IRBuilder(tail)
+    sc = b.sext(_gep_load(b, blk, c64(192), v16, 1), v16_16 if isa == "avx2" else v16_32)
+    sc32 = b.shl(sc, ir.Constant(sc.type, [5] * 16))
+    dw = b.fpext(_gep_load(b, blk, c64(208), ir.HalfType(), 1), F32)
+    even, odd = list(range(0, 16, 2)), list(range(1, 16, 2))
+    new_accs = []
+    for a in range(acts):
+        bsum = _gep_load(b, xr, c64(bso + 32 * a), v16_16, 2)
+        if isa == "avx2":
+            offset = madd16(b, sc32, bsum)
+        else:
+            prod = b.mul(sc32, b.sext(bsum, v16_32))
+            offset = b.add(_shuffle(b, prod, even), _shuffle(b, prod, odd))
+        d = b.fmul(_gep_load(b, xr, c64(xdo + 4 * a), F32, 4), dw)  # float32 d_x * d_w
+        d8 = _shuffle(b, b.insert_element(ir.Constant(v8f, ir.Undefined), d, ir.Constant(I32, 0)), [0] * 8)
+        new_accs.append(b.call(fma_v, [d8, b.sitofp(b.sub(totals[a], offset), v8f), accs[a]]))
+    i1 = b.add(i, c64(1))
+    b.cbranch(b.icmp_signed("<", i1, nb), loop, done)
+    i.add_incoming(c64(0), entry)
+    i.add_incoming(i1, tail)
+    for phi, v0, v in zip(accs, init, new_accs):
+        phi.add_incoming(v0, entry)
+        phi.add_incoming(v, tail)
+
+    b = ir.IRBuilder(done)
+    finals = [b.phi(v8f) for _ in new_accs]
+    for phi, v0, v in zip(finals, init, new_accs):
+        phi.add_incoming(v0, entry)
+        phi.add_incoming(v, tail)
+    b.cbranch(b.icmp_signed("!=", b.and_(part, c64(2)), c64(0)), last, keep)
+    b = ir.IRBuilder(last)
+    for a in range(acts):
+        b.store(_hsum8(b, finals[a]), _ptr(b, b.add(out, b.mul(c64(a), ostride)), F32), align=4)
+    b.ret_void()
+    b = ir.IRBuilder(keep)
+    for a in range(acts):
+        b.store(finals[a], _ptr(b, b.add(acc, c64(32 * a)), v8f), align=4)
+    b.ret_void()
+    return fn
+
+
+def _define_q5_k_gtile(module, acts, isa):
+    """void f(w, x, nb, out, ostride, acc, part): ggml_vec_dot_q5_K_q8_K of one weight row (the file's Q5_K
+    blocks from byte address w) with a group of `acts` activation rows (group_acts' records from byte address
+    x), in _define_q5_k_tile's order; segments and acc (per activation row 64 bytes: the 8 float32 lanes, then
+    summs) as _define_q6_k_gtile's. Per super-block a loop over its 4 pairs of sub-blocks (the integer lanes,
+    qh shifted on by 2 and the scales on by 2 carried), so that LLVM keeps one pair's values in registers
+    while the activation rows pass them (written out as one block of 8 sub-blocks it spilled them)."""
+    name = f"llama_ref_ggml_q5_k_g{acts}_{isa}"
+    if name in module.globals:
+        return module.globals[name]
+    fn = ir.Function(module, ir.FunctionType(ir.VoidType(), [I64] * 7), name)
+    fn.linkage = "internal"
+    w, x, nb, out, ostride, acc, part = fn.args
+    entry, loop, pairs_, tail, done, last, keep = (fn.append_basic_block(n) for n in (
+        "entry", "loop", "pairs", "tail", "done", "last", "keep"))
+    v8f, v32, v8i = ir.VectorType(F32, 8), ir.VectorType(I8, 32), ir.VectorType(I32, 8)
+    v16_16, v16_32 = ir.VectorType(I16, 16), ir.VectorType(I32, 16)
+    c64 = lambda v: ir.Constant(I64, v)  # noqa: E731
+    zero8, zero = ir.Constant(v8f, [0.0] * 8), ir.Constant(F32, 0.0)
+    fma_v = _declare(module, "llvm.fma.v8f32", v8f, [v8f] * 3)
+    fma_s = _declare(module, "llvm.fma.f32", F32, [F32] * 3)
+    rec, bso, xdo = act_record(acts), 256 * acts, 288 * acts
+    b = ir.IRBuilder(entry)
+    first = b.icmp_signed("!=", b.and_(part, c64(1)), c64(0))
+    init = [b.select(first, zero8, _gep_load(b, acc, c64(64 * a), v8f, 4)) for a in range(acts)]
+    init += [b.select(first, zero, _gep_load(b, acc, c64(64 * a + 32), F32, 4)) for a in range(acts)]
+    b.cbranch(b.icmp_signed(">", nb, c64(0)), loop, done)
+
+    b = ir.IRBuilder(loop)
+    i = b.phi(I64)
+    accs = [b.phi(v8f) for _ in range(acts)] + [b.phi(F32) for _ in range(acts)]  # lanes, then summs
+    blk, xr = b.add(w, b.mul(i, c64(Q5_BYTES))), b.add(x, b.mul(i, c64(rec)))
+    dw, dminw, sc8, mn8 = _kquant_header(b, blk, isa, whole=True)
+    qh0 = _gep_load(b, blk, c64(16), v32, 1)
+    b.branch(pairs_)
+
+    b = ir.IRBuilder(pairs_)
+    p = b.phi(I64)
+    qh, scs = b.phi(v32), b.phi(sc8.type)
+    lanes_in = [b.phi(v8i) for _ in range(acts)]
+    totals = list(lanes_in)
+    ql = _gep_load(b, b.add(blk, b.mul(p, c64(32))), c64(48), v32, 1)
+    one, four = ir.Constant(v32, [1] * 32), ir.Constant(v32, [4] * 32)
+    xp = b.add(xr, b.mul(p, c64(64)))
+    for j in range(2):  # sub-block 2p + j: the low (j = 0) or high nibbles of ql, bit 2p + j of qh
+        low = b.and_(ql, ir.Constant(v32, [15] * 32)) if j == 0 else b.lshr(ql, four)
+        bit = b.and_(b.lshr(qh, one) if j else qh, one)
+        vals = b.or_(low, b.shl(bit, four))
+        scale = _shuffle(b, scs, [j] * (16 if isa == "avx2" else 8))
+        for a in range(acts):
+            xv = _gep_load(b, xp, c64(256 * a + 32 * j), v32, 1)
+            if isa == "avx2":
+                part_ = madd16(b, pairs_u8s8(b, vals, xv), scale)
+            else:
+                part_ = b.mul(lanes_u8s8(b, vals, xv, isa) if isa == "vnni" else lanes_portable(b, vals, xv, False),
+                              scale)
+            totals[a] = b.add(totals[a], part_)
+    p1 = b.add(p, c64(1))
+    qh1, scs1 = b.lshr(qh, ir.Constant(v32, [2] * 32)), _shuffle(b, scs, [2, 3, 4, 5, 6, 7, 0, 1])
+    b.cbranch(b.icmp_signed("<", p1, c64(4)), pairs_, tail)
+    p.add_incoming(c64(0), loop)
+    p.add_incoming(p1, pairs_)
+    qh.add_incoming(qh0, loop)
+    qh.add_incoming(qh1, pairs_)
+    scs.add_incoming(sc8, loop)
+    scs.add_incoming(scs1, pairs_)
+    for phi, v in zip(lanes_in, totals):
+        phi.add_incoming(ir.Constant(v8i, [0] * 8), loop)
+        phi.add_incoming(v, pairs_)
+
+    # the mins: sum_j mn[j] (S[2j] + S[2j+1]) (exact in any order), then the float steps
+    b = ir.IRBuilder(tail)
+    even, odd = list(range(0, 16, 2)), list(range(1, 16, 2))
+    new_accs, new_summs = [], []
+    for a in range(acts):
+        bsum = _gep_load(b, xr, c64(bso + 32 * a), v16_16, 2)
+        if isa == "avx2":
+            s = madd16(b, bsum, ir.Constant(v16_16, [1] * 16))  # (8,) S[2j] + S[2j+1]
+        else:
+            s32 = b.sext(bsum, v16_32)
+            s = b.add(_shuffle(b, s32, even), _shuffle(b, s32, odd))
+        prod = b.mul(mn8, s)
+        prod = b.add(_shuffle(b, prod, [0, 1, 2, 3]), _shuffle(b, prod, [4, 5, 6, 7]))
+        prod = b.add(_shuffle(b, prod, [0, 1]), _shuffle(b, prod, [2, 3]))
+        imin = b.add(b.extract_element(prod, ir.Constant(I32, 0)), b.extract_element(prod, ir.Constant(I32, 1)))
+        xdv = _gep_load(b, xr, c64(xdo + 4 * a), F32, 4)
+        d8 = _shuffle(b, b.insert_element(ir.Constant(v8f, ir.Undefined), b.fmul(xdv, dw), ir.Constant(I32, 0)),
+                      [0] * 8)
+        new_accs.append(b.call(fma_v, [d8, b.sitofp(totals[a], v8f), accs[a]]))
+        dmin = b.fneg(b.fmul(xdv, dminw))  # -(d_x * dmin_w)
+        new_summs.append(b.call(fma_s, [dmin, b.sitofp(imin, F32), accs[acts + a]]))
+    new = new_accs + new_summs
+    i1 = b.add(i, c64(1))
+    b.cbranch(b.icmp_signed("<", i1, nb), loop, done)
+    i.add_incoming(c64(0), entry)
+    i.add_incoming(i1, tail)
+    for phi, v0, v in zip(accs, init, new):
+        phi.add_incoming(v0, entry)
+        phi.add_incoming(v, tail)
+
+    b = ir.IRBuilder(done)
+    finals = [b.phi(v.type) for v in new]
+    for phi, v0, v in zip(finals, init, new):
+        phi.add_incoming(v0, entry)
+        phi.add_incoming(v, tail)
+    b.cbranch(b.icmp_signed("!=", b.and_(part, c64(2)), c64(0)), last, keep)
+    b = ir.IRBuilder(last)
+    for a in range(acts):
+        total = b.fadd(_hsum8(b, finals[a]), finals[acts + a])  # the mins' float32 sum, added last
+        b.store(total, _ptr(b, b.add(out, b.mul(c64(a), ostride)), F32), align=4)
+    b.ret_void()
+    b = ir.IRBuilder(keep)
+    for a in range(acts):
+        b.store(finals[a], _ptr(b, b.add(acc, c64(64 * a)), v8f), align=4)
+        b.store(finals[acts + a], _ptr(b, b.add(acc, c64(64 * a + 32)), F32), align=4)
+    b.ret_void()
+    return fn
+
+
 def _define_q5_k_tile(module, acts, isa):
     """void f(w, ws, x, xstride, xd, bs, xds, bss, nb, out, ostride): ggml_vec_dot_q5_K_q8_K of one weight row
     (the file's Q5_K blocks at byte address w; ws, the row's bytes, sets how far ahead a decode asks for
@@ -282,10 +530,11 @@ def _define_q5_k_tile(module, acts, isa):
     return fn
 
 
-def _kquant_header(b, hb, isa):
+def _kquant_header(b, hb, isa, whole=False):
     """A Q4_K / Q5_K super-block's 16 header bytes at byte address hb -> (d, dmin float32, the 8 six-bit
     scales as the integer instructions take them, <8 x i32> mins): llama.cpp's utmp / kmask words, as
-    <4 x i8> pieces. Scales: AVX2's vpmaddwd wants <16 x i16> with sc[j] everywhere, the rest <8 x i32>."""
+    <4 x i8> pieces. Scales: AVX2's vpmaddwd wants <16 x i16> with sc[j] everywhere, the rest <8 x i32>;
+    whole: the 8 in one vector instead (<8 x i16> on AVX2, else <8 x i32>)."""
     v4 = ir.VectorType(I8, 4)
 
     def c4(v):
@@ -297,11 +546,10 @@ def _kquant_header(b, hb, isa):
     eight = ir.Constant(ir.VectorType(I32, 8), list(range(8)))
     sc8 = b.shuffle_vector(b.and_(s03, c4(63)), sc_hi, eight)  # <8 x i8>, 0..63
     mn8 = b.zext(b.shuffle_vector(b.and_(m03, c4(63)), mn_hi, eight), ir.VectorType(I32, 8))
-    if isa == "avx2":
-        sc = b.zext(sc8, ir.VectorType(I16, 8))
-        return dw, dminw, [_shuffle(b, sc, [j] * 16) for j in range(8)], mn8
-    sc = b.zext(sc8, ir.VectorType(I32, 8))
-    return dw, dminw, [_shuffle(b, sc, [j] * 8) for j in range(8)], mn8
+    sc = b.zext(sc8, ir.VectorType(I16 if isa == "avx2" else I32, 8))
+    if whole:  # the 8 scales in one vector: <8 x i16> on AVX2, else <8 x i32>
+        return dw, dminw, sc, mn8
+    return dw, dminw, [_shuffle(b, sc, [j] * (16 if isa == "avx2" else 8)) for j in range(8)], mn8
 
 
 def _define_q4_k_tile(module, acts, repacked, isa):
@@ -636,6 +884,25 @@ def _kquant_tile(kind, acts):
 
 
 _q6_1A, _q6_11 = _kquant_tile("q6_k", ACTS), _kquant_tile("q6_k", 1)
+
+
+def _kquant_gtile(kind, acts):
+    """The intrinsic tile(w, x, nb, out, ostride, acc, part, simd) of a weight row by a group of `acts`
+    activation rows, kind "q5_k" (_define_q5_k_gtile) or "q6_k" (_define_q6_k_gtile)."""
+    define = _define_q5_k_gtile if kind == "q5_k" else _define_q6_k_gtile
+
+    @intrinsic
+    def tile(typingctx, w, x, nb, out, ostride, acc, part, simd):
+        sig = types.void(*([types.int64] * 8))
+
+        def codegen(context, builder, signature, args):
+            dispatch(builder, args[7], lambda isa: builder.call(define(builder.module, acts, isa), args[:7]))
+            return context.get_dummy_value()
+        return sig, codegen
+    return tile
+
+
+_q5_G, _q6_G = _kquant_gtile("q5_k", GROUP), _kquant_gtile("q6_k", GROUP)
 _q5_1A, _q5_11 = _kquant_tile("q5_k", ACTS), _kquant_tile("q5_k", 1)
 
 
@@ -722,7 +989,7 @@ def _dot_q4_kx8(xq, xd, xbs, packed, simd, out):
 
 @njit(inline="always", **JIT)
 def _tile_rows(five, xq, xd, xbs, blocks, simd, out, r0, r1):
-    """Rows r0 .. r1 - 1 of _dot_q56_k: the activation rows pass ACTS at a time (the rest one by one), meeting
+    """Rows r0 .. r1 - 1 of _decode_q56_k: the activation rows pass ACTS at a time (the rest one by one), meeting
     each row while the rows' bytes are in cache. One activation row (a decode): the rows one after another,
     the weights asked for ahead (in the tiles). five: Q5_K's tiles, else Q6_K's."""
     N = xq.shape[0]
@@ -746,20 +1013,82 @@ def _tile_rows(five, xq, xd, xbs, blocks, simd, out, r0, r1):
         n += ACTS if many else 1
 
 
-@njit(parallel=True, **JIT)
-def _dot_q56_k(five, xq, xd, xbs, blocks, simd, out):
+@njit(**JIT)
+def _decode_q56_k(five, xq, xd, xbs, blocks, simd, out):
     """ggml_vec_dot_q5_K_q8_K (five) or ggml_vec_dot_q6_K_q8_K of every weight row (blocks (R, nb * 176 or
     210), the file's bytes) with every Q8_K activation row (xq (N, K) int8, xd (N, nb) float32, xbs (N, nb, 16)
-    int32 bsums) -> out (N, R), parallel over tiles of ROWS rows (_define_q5_k_tile, _define_q6_k_tile)."""
+    int32 bsums) -> out (N, R), on the calling thread (a decode: no parallel region, ~15 us a call)."""
+    _tile_rows(five, xq, xd, xbs, blocks, simd, out, 0, blocks.shape[0])
+
+
+@njit(inline="always", **JIT)
+def _group_rows(five, xg, xq, xd, xbs, blocks, simd, out, acc, r0, r1):
+    """Rows r0 .. r1 - 1 of a Q5_K (five) or Q6_K prefill: each group of GROUP activation rows (xg: group_acts'
+    records) meets the rows SEG super-blocks at a time, the group's segment in L1 while they pass it, each
+    row's float sums carried in acc (64 bytes per activation row) from segment to segment; the activation rows
+    left over one by one (_define_q5_k_tile / _define_q6_k_tile on the plain arrays)."""
+    N, G = xq.shape[0], xg.shape[0]
+    nb, xst, xds, bss, ost, x0, xd0, bs0, o0 = _act_addresses(xq, xd, xbs, out)
+    ws, w0 = np.int64(blocks.shape[1]), np.int64(blocks.ctypes.data)
+    gs, g0, a0 = np.int64(xg.shape[1]), np.int64(xg.ctypes.data), np.int64(acc.ctypes.data)
+    rec, size = np.int64(GROUP_RECORD), np.int64(Q5_BYTES if five else Q6_BYTES)
+    for g in range(G):
+        on = o0 + g * GROUP * ost
+        for s in range(0, nb, SEG):
+            m = min(SEG, nb - s)
+            part = (1 if s == 0 else 0) | (2 if s + m == nb else 0)
+            for r in range(r0, r1):
+                w, x, a = w0 + r * ws + s * size, g0 + g * gs + s * rec, a0 + (r - r0) * (64 * GROUP)
+                if five:
+                    _q5_G(w, x, m, on + 4 * r, ost, a, part, simd)
+                else:
+                    _q6_G(w, x, m, on + 4 * r, ost, a, part, simd)
+    for n in range(G * GROUP, N):
+        x, xdn, bsn, on = x0 + n * xst, xd0 + n * xds, bs0 + n * bss, o0 + n * ost
+        for r in range(r0, r1):
+            if five:
+                _q5_11(w0 + r * ws, ws, x, xst, xdn, bsn, xds, bss, nb, on + 4 * r, ost, simd)
+            else:
+                _q6_11(w0 + r * ws, ws, x, xst, xdn, bsn, xds, bss, nb, on + 4 * r, ost, simd)
+
+
+@njit(parallel=True, **JIT)
+def _dot_groups(five, xg, xq, xd, xbs, blocks, simd, out):
+    """ggml_vec_dot_q5_K_q8_K (five) or ggml_vec_dot_q6_K_q8_K of every weight row (blocks, the file's bytes)
+    with every Q8_K activation row (xg, group_acts' records of its groups; xq, xd, xbs, the rows) -> out
+    (N, R), parallel over tiles of ROWS rows (_define_q5_k_gtile, _define_q6_k_gtile)."""
     R = blocks.shape[0]
     for c in prange((R + ROWS - 1) // ROWS):
-        _tile_rows(five, xq, xd, xbs, blocks, simd, out, c * ROWS, min(R, (c + 1) * ROWS))
+        acc = np.empty(ROWS * GROUP * 16, np.float32)  # each (row, activation row)'s float sums between segments
+        _group_rows(five, xg, xq, xd, xbs, blocks, simd, out, acc, c * ROWS, min(R, (c + 1) * ROWS))
 
 
 @njit(**JIT)
-def _decode_q56_k(five, xq, xd, xbs, blocks, simd, out):
-    """_dot_q56_k of one activation row on one thread: no parallel region (~15 us a call)."""
-    _tile_rows(five, xq, xd, xbs, blocks, simd, out, 0, blocks.shape[0])
+def _group_acts(xq, xd, xbs, acts, q, b16, d):
+    """group_acts' records from the Q8_K rows: q, b16 and d view the same bytes as int8, int16 and float32."""
+    nb = xq.shape[1] // 256
+    rec = q.shape[0] // max(1, (xq.shape[0] // acts) * nb)
+    for g in range(xq.shape[0] // acts):
+        for i in range(nb):
+            o = (g * nb + i) * rec
+            for a in range(acts):
+                n = g * acts + a
+                q[o + 256 * a:o + 256 * a + 256] = xq[n, 256 * i:256 * i + 256]
+                for j in range(16):
+                    b16[(o + 256 * acts + 32 * a) // 2 + j] = xbs[n, i, j]
+                d[(o + 288 * acts + 4 * a) // 4] = xd[n, i]
+
+
+def group_acts(xq, xd, xbs, acts: int = GROUP) -> np.ndarray:
+    """Q8_K activation rows (quantize_q8_K's) -> (N // acts, nb * act_record(acts)) int8: per group of `acts`
+    rows and super-block i, at (g, i * act_record(acts)): the rows' quants (256 bytes each), their 16 bsums as
+    int16 (32 bytes each), their scales (float32), zeros to the record's end. The rows past the last whole
+    group are not in it."""
+    N, K = xq.shape
+    G, nb, rec = N // acts, K // 256, act_record(acts)
+    buf = np.zeros(G * nb * rec, np.int8)
+    _group_acts(xq, xd, xbs, acts, buf, buf.view(np.int16), buf.view(np.float32))
+    return buf.reshape(G, nb * rec)
 
 
 @njit(**JIT)
@@ -813,8 +1142,11 @@ def quantized_linear(x2: np.ndarray, w, simd: "int | None" = None) -> np.ndarray
     out = np.empty((N, R), np.float32)
     use = SIMD if simd is None else int(simd)
     one = serial_product(N, R * x2.shape[1])  # a decode on the calling thread
-    if w.format in ("q5_k", "q6_k"):  # the file's bytes
-        (_decode_q56_k if one else _dot_q56_k)(w.format == "q5_k", xq, xd, xbs, readonly(w.blocks), use, out)
+    if w.format in ("q5_k", "q6_k") and not one:  # a prefill: the activations in groups (group_acts)
+        _dot_groups(w.format == "q5_k", group_acts(xq, xd, xbs), xq, xd, xbs, readonly(w.blocks), use, out)
+        return out
+    if w.format in ("q5_k", "q6_k"):  # a decode, on the calling thread
+        _decode_q56_k(w.format == "q5_k", xq, xd, xbs, readonly(w.blocks), use, out)
         return out
     repacked = R % 8 == 0  # Q4_K repacked by llama.cpp (model/ggml_kquants.dot_for): the gemv's order
     if repacked and not one:  # a prefill: 8 rows by 4 activation rows, as llama.cpp's gemm (the same order)

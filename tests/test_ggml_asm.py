@@ -88,22 +88,43 @@ def test_q4_k_8row_tile_keeps_its_sums_in_registers():
     assert len(stack) <= 6, (len(stack), len(loops[0]))
 
 
-def test_q6_k_prefill_tile_loops_over_halves():
-    """The Q6_K prefill tile (kernels/ggml_kquants._define_q6_k_tile, 1 row by ACTS activation rows) loops over
-    the two 128-value halves of a super-block: 4 chunks x ACTS vpmaddubsw a pass, few stack loads and stores
-    (13 when written; the 8 chunks in one block made 42 a super-block)."""
+def grouped_tile_loops(tile) -> list[list[str]]:
+    """The loop bodies of a K-quant prefill tile by a group of activation rows (kernels/ggml_kquants.
+    _kquant_gtile's intrinsic), AVX2 branch."""
     from numba import njit, types
 
+    @njit
+    def run(w, x, nb, out, ost, acc, part):
+        tile(w, x, nb, out, ost, acc, part, 2)
+    run.compile((types.int64,) * 7)
+    return block_loops(run.inspect_asm(run.signatures[0]))
+
+
+def test_q6_k_prefill_tile_loops_over_halves():
+    """The Q6_K prefill tile (kernels/ggml_kquants._define_q6_k_gtile, 1 row by GROUP activation rows) loops over
+    the two 128-value halves of a super-block: 4 chunks x GROUP vpmaddubsw a pass, few stack loads and stores
+    (12 when written; the 8 chunks in one block made 42 a super-block)."""
     from llama_ref.kernels import ggml_kquants
 
-    acts, tile = ggml_kquants.ACTS, ggml_kquants._q6_1A
-
-    @njit
-    def run(w, ws, x, xst, xd, bs, xds, bss, nb, out, ost):
-        tile(w, ws, x, xst, xd, bs, xds, bss, nb, out, ost, 2)
-    run.compile((types.int64,) * 11)
-    loops = [body for body in block_loops(run.inspect_asm(run.signatures[0]))
-             if sum(ins.startswith("vpmaddubsw") for ins in body) == 4 * acts]
+    loops = [body for body in grouped_tile_loops(ggml_kquants._q6_G)
+             if sum(ins.startswith("vpmaddubsw") for ins in body) == 4 * ggml_kquants.GROUP]
     assert len(loops) == 1
     stack = [ins for ins in loops[0] if "(%rsp)" in ins or "(%rbp)" in ins]
     assert len(stack) <= 20, (len(stack), len(loops[0]))
+
+
+def test_q5_k_prefill_tile_loops_over_pairs_of_sub_blocks():
+    """The Q5_K prefill tile (kernels/ggml_kquants._define_q5_k_gtile) loops over a super-block's 4 pairs of
+    sub-blocks: 2 x GROUP vpmaddubsw and vpmaddwd a pass, nothing on the stack (none when written). Its 8
+    sub-blocks written out in one block (the 1 x ACTS tile before it) made 107 stack loads and stores a
+    super-block, in 419 instructions."""
+    from llama_ref.kernels import ggml_kquants
+
+    acts = ggml_kquants.GROUP
+    loops = [body for body in grouped_tile_loops(ggml_kquants._q5_G)
+             if sum(ins.startswith("vpmaddubsw") for ins in body) == 2 * acts]
+    assert len(loops) == 1, [len(body) for body in grouped_tile_loops(ggml_kquants._q5_G)]
+    names = [ins.split()[0] for ins in loops[0]]
+    assert names.count("vpmaddwd") == 2 * acts, names
+    stack = [ins for ins in loops[0] if "(%rsp)" in ins or "(%rbp)" in ins]
+    assert len(stack) <= 6, (len(stack), len(loops[0]))

@@ -291,18 +291,43 @@ def test_decode_one_thread_equals_numpy(kind, simd, monkeypatch):
 @pytest.mark.parametrize("simd", [0, 1, 2])
 @pytest.mark.parametrize("cls", [Q4_KWeight, Q5_KWeight, Q6_KWeight], ids=lambda c: c.format)
 def test_kquant_prefill_tiles_equal_numpy(cls, simd):
-    """The prefill tiles (one weight row by ACTS activation rows, kernels/ggml_kquants._define_q4_k_tile,
-    _define_q5_k_tile, _define_q6_k_tile) and the activation rows left over one by one: counts below, at and
-    past ACTS (and its multiples), row counts that split unevenly over the parallel tiles (Q4_K: in groups of
-    8, the gemv's order, and not); random blocks and the extremes."""
-    acts = compiled().ACTS
+    """The prefill tiles (one weight row by ACTS activation rows, kernels/ggml_kquants._define_q4_k_tile; Q5_K
+    and Q6_K by a group of GROUP, _define_q5_k_gtile, _define_q6_k_gtile, SEG super-blocks at a time) and the
+    activation rows left over one by one: counts below, at and past ACTS and GROUP (and their multiples), rows
+    of one segment, of a whole number of them and of a part one more, row counts that split unevenly over the
+    parallel tiles (Q4_K: in groups of 8, the gemv's order, and not); random blocks and the extremes."""
+    acts, group, seg = compiled().ACTS, compiled().GROUP, 256 * compiled().SEG
     for n, rows, cols in ((acts, 13, 256), (acts + 1, 16, 512), (2 * acts + 3, 37, 768), (acts - 1, 3, 1536),
-                          (acts + 2, 24, 256)):
+                          (acts + 2, 24, 256), (group, 5, seg), (group + 1, 17, 2 * seg), (2 * group + 5, 9, seg + 512),
+                          (group - 1, 4, seg + 256)):
         ws = [random_kquant(cls, rows, cols, n), extreme_kquant(cls, rows, cols, 0x80, 0.01)]
         for w in ws:
             x = activations(n, cols, rows + n)
             got, expected = compiled().quantized_linear(x, w, simd=simd), gk.quantized_linear(x, w)
             assert np.array_equal(got.view(np.uint32), expected.view(np.uint32)), (n, rows, cols)
+
+
+def test_group_acts_layout_by_hand():
+    """group_acts' records read back as the Q8_K rows: per group of GROUP rows and super-block, each row's 256
+    quants, its 16 bsums as int16, its scale as float32, zeros to the record's end (a whole number of cache
+    lines); the rows past the last whole group left out."""
+    k = compiled()
+    g, nb = k.GROUP, 3
+    x = activations(2 * g + 1, 256 * nb, 7)
+    xd, xq, xbs = k.quantize_q8_K(x)
+    rec = k.act_record(g)
+    assert rec % 64 == 0 and rec >= g * (256 + 32 + 4)
+    got = k.group_acts(xq, xd, xbs)
+    assert got.shape == (2, nb * rec) and got.dtype == np.int8
+    for grp in range(2):
+        for i in range(nb):
+            r = got[grp, i * rec:(i + 1) * rec]
+            for a in range(g):
+                n = grp * g + a
+                assert np.array_equal(r[256 * a:256 * a + 256], xq[n, 256 * i:256 * i + 256])
+                assert np.array_equal(r[256 * g + 32 * a:256 * g + 32 * a + 32].view(np.int16), xbs[n, i])
+                assert r[288 * g + 4 * a:288 * g + 4 * a + 4].view(np.float32)[0] == xd[n, i]
+            assert not r[292 * g:].any()
 
 
 def test_repack_q4_k_layout_by_hand():
@@ -427,8 +452,12 @@ def test_kquant_avx2_path_is_vpmaddubsw():
         pytest.skip("the CPU has no AVX2")
     k = compiled()
     for tile, nargs in ((k._q4_1A, 12), (k._q4r_11, 12), (k._q5_1A, 11), (k._q5_11, 11), (k._q6_1A, 11),
-                        (k._q6_11, 11)):
-        if nargs == 12:
+                        (k._q6_11, 11), (k._q5_G, 7), (k._q6_G, 7)):
+        if nargs == 7:
+            @njit
+            def run(w, x, nb, out, ost, acc, part):
+                tile(w, x, nb, out, ost, acc, part, 2)
+        elif nargs == 12:
             @njit
             def run(w, ws, h, x, xst, xd, bs, xds, bss, nb, out, ost):
                 tile(w, ws, h, x, xst, xd, bs, xds, bss, nb, out, ost, 2)

@@ -13,6 +13,15 @@ after are printed, since this machine is shared. OPENBLAS_CORETYPE and OPENBLAS_
 environment before NumPy loads, so OpenBLAS picks its kernels for the real CPU (the report says whether they
 were set).
 
+--products: no model; kernels/sgemm.py's float32 product (the Numba backend's sums="apart" product) against
+NumPy's OpenBLAS `x @ w.T` on the default model's and the Llama 3.2 1B shape's (N, K, R) (random float32), at
+--threads (BLAS by threadpoolctl, ours on runtime.threads' pool); w cold from memory as in a forward pass
+(each call takes the next of copies of w that hold 64 MiB or more together, twice the L3 of the EPYC here:
+with w warm in cache, OpenBLAS and ours ranked differently on the 576-wide shapes); each configuration's best
+call, the configurations interleaved call by call (order reversed every other call), minima over the rounds;
+--clock as above (cpu: the per-CPU-second rate). `--products-apart` adds ours with the 8 apart columns (left
+out while packing x, added in registers before the store), against ours without.
+
 --checkpoint: another model's first --layers layers instead (e.g. the Llama 3.2 1B shape's
 ~/.cache/llama_ref/bench/shapes/llama-3.2-1b/hf-bf16, K = 2048 and 8192), its weights in float32 and its
 vocabulary cut to 512 rows (the output head is not what is measured); the prefill of each --tokens count
@@ -48,7 +57,12 @@ def main() -> None:
     ap.add_argument("--checkpoint", help="a checkpoint whose first --layers layers are measured instead")
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--tokens", type=int, nargs="+", default=[128, 512], help="prompt lengths (--checkpoint)")
+    ap.add_argument("--products", action="store_true", help="the products alone: kernels/sgemm against OpenBLAS")
+    ap.add_argument("--products-apart", action="store_true", help="with --products: ours with apart columns too")
+    ap.add_argument("--shapes", nargs="+", help="N,K,R of --products (default: the two models' shapes)")
     a = ap.parse_args()
+    if a.products:
+        return products(a)
 
     import llama_ref
     from llama_ref.model.cache import KVCache
@@ -123,6 +137,77 @@ def main() -> None:
                 ms = [stat[(b, s), name] for s in a.sums]
                 print(f"{b:8s} {name:28s} " + " ".join(f"{t * 1e3:11.1f}" for t in ms)
                       + " " + " ".join(f"{t / ms[0]:15.2f}" for t in ms[1:]))
+
+
+# (N, K, R): the default model's products (wq/wo 576 -> 576, wk/wv -> 192, w1/w3 -> 1536, w2 1536 -> 576, the
+# output head -> 49152) at 64, 200 and 512 rows, and the Llama 3.2 1B shape's (wk/wv -> 512, wq/wo 2048,
+# w1/w3 -> 8192, w2 8192 -> 2048) at 200 rows
+SHAPES = [(n, k, r) for n in (64, 200, 512) for k, r in ((576, 192), (576, 576), (576, 1536), (1536, 576))]
+SHAPES += [(200, 576, 49152), (200, 2048, 512), (200, 2048, 2048), (200, 2048, 8192), (200, 8192, 2048)]
+
+
+def products(a) -> None:
+    """--products: kernels/sgemm.sgemm against NumPy's x @ w.T, per shape and in sum over the shapes."""
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    from llama_ref.kernels.sgemm import sgemm
+
+    shapes = [tuple(int(v) for v in s.split(",")) for s in a.shapes] if a.shapes else SHAPES
+    clock = time.perf_counter if a.clock == "wall" else time.process_time
+    rng = np.random.default_rng(0)
+    n = a.threads
+    with threadpool_limits(n):
+        blas = [(i["internal_api"], i["version"], i.get("architecture"), i["num_threads"]) for i in threadpool_info()]
+        confs = {"blas": lambda x, w, c, xa: x @ w.T, "sgemm": lambda x, w, c, xa: sgemm(x, w, threads=n)}
+        if a.products_apart:
+            confs["sgemm apart"] = lambda x, w, c, xa: sgemm(x, w, c, xa, threads=n)
+        best: dict = {}
+        load_before = os.getloadavg()
+        for r in range(a.rounds):
+            for N, K, R in shapes:
+                x = rng.standard_normal((N, K), dtype=np.float32)
+                x[:, rng.choice(K, 3, replace=False)] *= 25
+                copies = max(2, -(-(64 << 20) // (R * K * 4)))  # w's copies, each call the next: cold
+                ws = [rng.standard_normal((R, K), dtype=np.float32) for _ in range(copies)]
+                cols = np.sort(np.argsort(-np.abs(x).max(axis=0))[:8]).astype(np.int64)
+                xa = np.ascontiguousarray(x[:, cols])
+                for f in confs.values():
+                    f(x, ws[0], cols, xa)  # compiled, its buffers made
+                calls = max(2, min(len(ws), int(3e8 / (2 * N * K * R))))  # more calls of the small ones
+                for i in range(calls):
+                    order = list(confs.items()) if i % 2 == 0 else list(confs.items())[::-1]
+                    for j, (name, f) in enumerate(order):
+                        w = ws[(i * len(confs) + j) % len(ws)]
+                        t = clock()
+                        f(x, w, cols, xa)
+                        t = clock() - t
+                        best[name, (N, K, R)] = min(best.get((name, (N, K, R)), t), t)
+                del ws
+            print(f"round {r + 1}/{a.rounds} done, load {os.getloadavg()[0]:.1f}", file=sys.stderr, flush=True)
+    load_after = os.getloadavg()
+    print(f"BLAS / thread pools: {blas}; threads {n}; rounds {a.rounds} (minima); {a.clock} time")
+    print(f"load average before {load_before[0]:.2f}, after {load_after[0]:.2f} (1 min); "
+          f"OPENBLAS_CORETYPE/L2_SIZE unset here: {UNSET or 'none were set'}")
+    names = list(confs)
+    print(f"{'N,K,R':>16s} {'blas ms':>9s} {'GFLOP/s':>8s} " + " ".join(f"{v + ' ms':>15s}" for v in names[1:])
+          + " " + " ".join(f"{'blas/' + v:>17s}" for v in names[1:]) + ("  apart/sgemm" if a.products_apart else ""))
+    groups = {"default model": [s for s in shapes if s[1] in (576, 1536) and s[2] != 49152],
+              "output head": [s for s in shapes if s[2] == 49152], "1B shape": [s for s in shapes if s[1] >= 2048]}
+    for s in shapes:
+        b = best["blas", s]
+        line = f"{','.join(map(str, s)):>16s} {b * 1e3:9.3f} {2 * s[0] * s[1] * s[2] / b / 1e9:8.1f} "
+        line += " ".join(f"{best[v, s] * 1e3:15.3f}" for v in names[1:])
+        line += " " + " ".join(f"{b / best[v, s]:17.3f}" for v in names[1:])
+        if a.products_apart:
+            line += f"  {best['sgemm apart', s] / best['sgemm', s]:11.3f}"
+        print(line)
+    for g, ss in groups.items():
+        if ss:
+            tb = sum(best["blas", s] for s in ss)
+            print(f"{'sum ' + g:>16s} {tb * 1e3:9.3f} {'':8s} " + " ".join(f"{sum(best[v, s] for s in ss) * 1e3:15.3f}"
+                                                                     for v in names[1:])
+                  + " " + " ".join(f"{tb / sum(best[v, s] for s in ss):17.3f}" for v in names[1:]))
+    print("blas/X > 1: X faster (per " + ("CPU second" if a.clock == "cpu" else "wall second") + ")")
 
 
 def _first_layers(a) -> dict:

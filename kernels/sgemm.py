@@ -10,7 +10,7 @@ block's chain is one fused multiply-add chain in increasing k, acc = fma(x[n, k]
 and the output is the sum of the blocks' chains in block order, ((c0 + c1) + c2) + ... in float32. Between
 K panels (whole blocks) the total waits in `out` or `part` (float32 both ways: exact), so the panel width,
 the tile an output falls in, and the split of w's rows over threads never change a bit. Blocks, not one
-chain over K: one chain of 576 or 1536 terms put the default model's logits 1.25x further from float64 than
+chain over K: one chain of 576 or 1536 terms put the default model's logits 1.27x further from float64 than
 transformers' float32 (its BLAS sums in shorter chains); the blocks' adds take the FP add units, beside the
 fused multiply-adds. With apart columns (cols, x_apart (N, 8)), x[:, cols] counts as zero in those chains,
 and the 8 apart terms are then added as ops.linear_apart's NumPy specification adds them last, summed by
@@ -445,7 +445,7 @@ _NO_APART = np.zeros((0, APART), np.float32)
 
 
 def sgemm(x: np.ndarray, w: np.ndarray, cols=None, x_apart=None, threads: int = 1, blocking=None) -> np.ndarray:
-    """out (N, R) = x (N, K) @ w (R, K).T, float32 C-contiguous both, in the fixed chain of the module
+    """out (N, R) = x (N, K) @ w (R, K).T, float32 C-contiguous both, in the fixed sums of the module
     docstring; with cols (8,) int64 and x_apart (N, 8): x's columns cols left out, x_apart's terms added last.
     `threads` > 1: w's rows shared out in blocks (runtime.threads.each_block); the same bits."""
     N, K = x.shape

@@ -16,6 +16,10 @@ Every value is computed by the same code as the per-op lines (the same float32 o
 the layer's output and the cache are the lines', bit for bit (tests/test_ggml_step.py). Where that cannot be
 promised the call declines (returns None) and the lines run: a batch, anything other than float32, a matrix
 the one-row products do not take (F32 / F16), a head size that is no multiple of 8, shapes that disagree.
+
+The two compiled layers inline code of ggml_linears, ggml.py, ggml_kquants, ggml_ops, ggml_vec and ggml_simd, and
+Numba's on-disk cache checks a kernel against its own file only: after editing any of those delete
+kernels/__pycache__/ggml_step*.nbi and *.nbc too. A first compile of both takes ~1-4 minutes (2-core EPYC).
 """
 
 from __future__ import annotations
@@ -45,8 +49,10 @@ ATTENTION = 4
 # Below these a region's work runs on the calling thread, as kernels/ggml_ops' SERIAL_WEIGHTS / SERIAL_WORK do for
 # the lines: weights of a product group (rows x columns), attention's heads x visible keys x head size. Within one
 # call the threads stay hot between regions (each ~4 us on a quiet machine, not the ~15-20 us of a region after
-# Python), so the limits are far lower than the lines'; chosen by measurement (benchmarks/results/
-# ggml_decode_fused_layer_s31.md). The rows are the same work items either way: the same bits.
+# Python), so the limits are far lower than the lines'. Measured under other helpers' load (benchmarks/results/
+# ggml_decode_fused_layer_s31.md) neither 0 nor the lines' 2^20 won in every format; 0, as the lead's quiet
+# measurement of the lines favoured (every product in a region). The rows are the same work items either way:
+# the same bits.
 SERIAL_WEIGHTS = 0
 SERIAL_WORK = 1 << 14
 

@@ -1,7 +1,10 @@
 """RMSNorm, RoPE and SwiGLU: one pass over their input each, in float32.
 
 RMSNorm and RoPE are compiled twice from one source: serial for the few rows of a decode step (starting
-threads would cost more than the work) and parallel over rows for prefill chunks.
+threads would cost more than the work) and parallel over rows for prefill chunks. Each twin is a function of its
+own that inlines the shared body: Numba's on-disk cache keys a kernel by its Python function and signature, not
+by parallel=True, so one function compiled both ways shared one cache entry, and whichever was compiled first
+was loaded for both (the serial twin could start a parallel region).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ def _sum_of_squares(x, n):
     return ss
 
 
+@njit(inline="always", **JIT)
 def _rms_norm(x, weight, eps, out):
     """x, out (N, D); weight (D,) float32. out = x / sqrt(mean(x^2) + eps) * weight, row by row."""
     N, D = x.shape
@@ -37,6 +41,7 @@ def _rms_norm(x, weight, eps, out):
             out[n, d] = (x[n, d] / r) * weight[d]
 
 
+@njit(inline="always", **JIT)
 def _rope(x, cos, sin, out):
     """x, out (B, T, n, HD); cos, sin (T, HD/2). Rotates each adjacent pair (x[2i], x[2i+1])."""
     B, T, NH, HD = x.shape
@@ -62,10 +67,24 @@ def _swiglu(gate, up, out):
         out[i] = g / (np.float32(1) + expf(-g)) * up[i]  # exp(-g) = inf for g << 0 gives -0, as NumPy
 
 
-_rms_norm_serial = njit(**JIT)(_rms_norm)
-_rms_norm_parallel = njit(parallel=True, **JIT)(_rms_norm)
-_rope_serial = njit(**JIT)(_rope)
-_rope_parallel = njit(parallel=True, **JIT)(_rope)
+@njit(**JIT)
+def _rms_norm_serial(x, weight, eps, out):
+    _rms_norm(x, weight, eps, out)  # prange is range here
+
+
+@njit(parallel=True, **JIT)
+def _rms_norm_parallel(x, weight, eps, out):
+    _rms_norm(x, weight, eps, out)
+
+
+@njit(**JIT)
+def _rope_serial(x, cos, sin, out):
+    _rope(x, cos, sin, out)
+
+
+@njit(parallel=True, **JIT)
+def _rope_parallel(x, cos, sin, out):
+    _rope(x, cos, sin, out)
 
 
 def rms_norm(x: np.ndarray, weight, eps: float) -> np.ndarray:

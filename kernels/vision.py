@@ -21,6 +21,7 @@ from .expf import exp_shifted
 PARALLEL_MIN = 1 << 15  # elements from which the loop runs on all cores
 
 
+@njit(inline="always", **JIT)
 def _gelu(x, out):
     """x, out (N,) float32: x * Phi(x) with the exact normal CDF, in float64, rounded once."""
     for i in prange(x.shape[0]):
@@ -28,8 +29,16 @@ def _gelu(x, out):
         out[i] = np.float32(v * 0.5 * (1.0 + math.erf(v / math.sqrt(2.0))))
 
 
-_gelu_serial = njit(**JIT)(_gelu)
-_gelu_parallel = njit(parallel=True, **JIT)(_gelu)
+# Two functions, not _gelu compiled twice: Numba's on-disk cache keys a kernel by function and signature, not by
+# parallel=True, so the two compilations would share one cache entry (kernels/elementwise.py).
+@njit(**JIT)
+def _gelu_serial(x, out):
+    _gelu(x, out)  # prange is range here
+
+
+@njit(parallel=True, **JIT)
+def _gelu_parallel(x, out):
+    _gelu(x, out)
 
 
 def gelu(x: np.ndarray) -> np.ndarray:

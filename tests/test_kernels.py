@@ -353,3 +353,21 @@ def test_fully_masked_query_gives_zeros_like_the_reference():
     want = ops.attention(q, k, np.zeros_like(v), 2, mask)
     np.testing.assert_array_equal(kernels.attention(q, k, v, 2, mask), want)
     assert not np.isnan(want).any()
+
+
+def test_no_python_function_is_compiled_twice():
+    """Numba's on-disk cache keys a kernel by its Python function and signature, not by its flags: one function
+    compiled as a serial and a parallel twin shares one cache entry, and whichever compiled first is loaded for
+    both. Every dispatcher of every kernel module must wrap a function of its own."""
+    from pathlib import Path
+
+    from numba.core.registry import CPUDispatcher
+
+    seen: dict = {}
+    for path in sorted(Path(kernels.__file__).parent.glob("*.py")):
+        module = importlib.import_module(f"llama_ref.kernels.{path.stem}")
+        for name, value in vars(module).items():
+            if isinstance(value, CPUDispatcher) and value.__module__ == module.__name__:
+                first = seen.setdefault(id(value.py_func), (module.__name__, name, value))
+                assert first[2] is value, (f"{module.__name__}.{name} and {first[0]}.{first[1]} compile the same "
+                                           f"Python function {value.py_func.__qualname__}")

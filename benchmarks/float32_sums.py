@@ -22,6 +22,11 @@ call, the configurations interleaved call by call (order reversed every other ca
 --clock as above (cpu: the per-CPU-second rate). `--products-apart` adds ours with the 8 apart columns (left
 out while packing x, added in registers before the store), against ours without.
 
+--sums apart-layers: "apart" with the output head left to the backend's own product, to split apart's cost
+between the layers and the head (issue 21, session 31: the head's apart terms are ~10 ms of a NumPy prefill's
++90-150, and leaving them out took the distance from float64 from 0.91x to 0.98x transformers' (NumPy), 0.66x to
+0.84x (Numba)).
+
 --checkpoint: another model's first --layers layers instead (e.g. the Llama 3.2 1B shape's
 ~/.cache/llama_ref/bench/shapes/llama-3.2-1b/hf-bf16, K = 2048 and 8192), its weights in float32 and its
 vocabulary cut to 512 rows (the output head is not what is measured); the prefill of each --tokens count
@@ -49,8 +54,10 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--backends", nargs="+", default=["numpy", "numba"])
-    ap.add_argument("--sums", nargs="+", default=["blas", "apart", "blocked"], choices=["blas", "apart", "blocked"],
-                    help="the first is the one the others are divided by")
+    ap.add_argument("--sums", nargs="+", default=["blas", "apart", "blocked"],
+                    choices=["blas", "apart", "blocked", "apart-layers"],
+                    help="the first is the one the others are divided by; apart-layers: apart with the output "
+                         "head left to the backend's own product (what the head's apart terms cost)")
     ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                     help="cpu: this process's CPU time (all its threads), steadier than wall time on a busy "
                          "machine with --threads 1; with more threads it counts their spinning too")
@@ -63,8 +70,9 @@ def main() -> None:
     a = ap.parse_args()
     if a.products:
         return products(a)
+    if a.checkpoint and "apart-layers" in a.sums:
+        ap.error("--sums apart-layers is for the default model (--checkpoint cuts the output head to 512 rows)")
 
-    import llama_ref
     from llama_ref.model.cache import KVCache
     from threadpoolctl import threadpool_info
 
@@ -72,8 +80,7 @@ def main() -> None:
     if a.checkpoint:
         models = _first_layers(a)
     else:
-        models = {(b, s): llama_ref.load(llama_ref.DEFAULT_MODEL, backend=b, sums=s, threads=a.threads)
-                  for b in a.backends for s in a.sums}
+        models = {(b, s): _load(b, s, a.threads) for b in a.backends for s in a.sums}
     clock = time.perf_counter if a.clock == "wall" else time.process_time
     next_token = 28  # any id: the decode step's cost does not depend on it
 
@@ -208,6 +215,18 @@ def products(a) -> None:
                                                                      for v in names[1:])
                   + " " + " ".join(f"{tb / sum(best[v, s] for s in ss):17.3f}" for v in names[1:]))
     print("blas/X > 1: X faster (per " + ("CPU second" if a.clock == "cpu" else "wall second") + ")")
+
+
+def _load(backend: str, sums: str, threads: int):
+    """The default model with these sums; "apart-layers": "apart", its output head by the backend's own linear."""
+    import llama_ref
+    from llama_ref.model.transformer import _resolve_backend
+
+    model = llama_ref.load(llama_ref.DEFAULT_MODEL, backend=backend, sums=sums.split("-")[0], threads=threads)
+    if sums == "apart-layers":  # model.ops is with_sums' own copy of the backend: patching it touches no other model
+        own, summed, head = _resolve_backend(backend)[1].linear, model.ops.linear, model.weights["output.weight"]
+        model.ops.linear = lambda x, w: own(x, w) if w is head else summed(x, w)
+    return model
 
 
 def _first_layers(a) -> dict:

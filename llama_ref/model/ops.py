@@ -144,15 +144,22 @@ def linear_apart(x: np.ndarray, w, by_rows: bool = False, apart=_apart_rows, cho
 
     One BLAS product over x with those columns zeroed, then one of APART inputs for them, which BLAS adds
     onto the first (_add_product): the same chains as linear's without their largest terms. On the default
-    model this puts the float32 logits closer to float64 than transformers' float32, for ~1.1-1.15x linear's
-    time on its products (benchmarks/float32_sums.py). by_rows: the output as a C-contiguous (N, out)
-    product, the Numba backend's layout (its kernels would copy linear's transposed one), instead of
-    linear's (out, N) product, transposed; the BLAS calls differ, so the last bits can too. apart: the
-    function that chooses the columns (_apart_rows, or the Numba backend's twin). chosen: apart(rows, APART)
-    of this x, made already (linears_apart: one choice for the products that read the same x). products: the
-    Numba backend's two products (kernels/sums.apart_product; by_rows): the rest's by BLAS on its threads, the
-    apart terms summed by themselves by its kernel, then added (not BLAS's rank-APART sgemm: float32 rounding
-    apart), or None to make them here.
+    model this puts the float32 logits closer to float64 than transformers' float32 (0.91x its distance;
+    0.66x with the Numba backend's products), for 1.03-1.17x linear's prefill time (one thread, load 3-5:
+    benchmarks/float32_sums.py). Every product of 16 rows or more, the output head's too: left to the
+    backend's own product, the head put the logits at 0.98x (NumPy) and 0.84x (Numba) transformers'
+    distance, and its apart terms are ~10 ms of NumPy's +90-150 ms on a 200-token prefill (issue 21,
+    session 31); the rest is the layers' column choice, w's gathered columns and their product added.
+
+    by_rows: the output as a C-contiguous (N, out) product, the Numba backend's layout (its kernels would
+    copy linear's transposed one), instead of linear's (out, N) product, transposed; the BLAS calls differ,
+    so the last bits can too. apart: the function that chooses the columns (_apart_rows, or the Numba
+    backend's twin). chosen: apart(rows, APART) of this x, made already (linears_apart: one choice for the
+    products that read the same x). products: the Numba backend's two products in one
+    (kernels/sums.apart_product; by_rows): kernels/sgemm.py's own float32 product on runtime.threads' pool,
+    the rest's sums in chains of 64 k's added in order and the apart terms summed by themselves and added in
+    registers before each tile is stored (the same bits at any thread count), or None (other than float32
+    or APART columns) to make them here, by BLAS.
     """
     w = _float_weight(w, x.dtype)
     rows = x.reshape(-1, x.shape[-1])  # (N, K)
@@ -247,7 +254,8 @@ def with_sums(backend, sums: str):
     of the output matrix reads up to 16 of the 36 cache lines of each of its rows again), and the Numba
     kernels sum them in SIMD lanes already (OpenBLAS's sgemv in 8 partial sums of 72 of 576 inputs).
     A backend other than ops (the Numba backend) gets linear_apart's output in its rows' layout (by_rows),
-    as its own linear gives it, the columns chosen and the apart terms added by its kernels (kernels/sums.py).
+    as its own linear gives it, the columns chosen by its kernel and both products made by its own float32
+    gemm in one pass (kernels/sums.py, kernels/sgemm.py).
     Its linears (the forward pass's wq/wk/wv and w1/w3, which read the same x) choose x's columns once for all
     of them (linears_apart), the same bits as its linear one weight at a time. Everything else is the backend's."""
     import functools

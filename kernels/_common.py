@@ -7,6 +7,10 @@ weights read-only) so that each kernel compiles once and loads from Numba's on-d
 
 from __future__ import annotations
 
+import hashlib
+import os
+from pathlib import Path
+
 import numpy as np
 
 # Importing the thread policy sets GOMP_SPINCOUNT (how long Numba's OpenMP threads spin between kernels)
@@ -18,12 +22,71 @@ from llama_ref.runtime import threads as _threads  # noqa: F401
 # multiply-adds. No flag that assumes away NaN or inf (nnan, ninf) or changes division or exp (arcp, afn).
 FAST = {"reassoc", "contract"}
 
-# Every kernel is cached on disk: JIT compilation is paid once per machine, not per process. Numba checks a
-# cached kernel against its own source file only: after editing this file or expf.py (which other kernels
-# inline), delete kernels/__pycache__/*.nbi and *.nbc, or the old machine code keeps running. NumPy's error
-# model: a float division by zero gives inf or NaN as in NumPy, instead of a check-and-raise branch per
-# division that keeps LLVM from vectorizing the loop around it (SwiGLU, RMSNorm).
+# Every kernel is cached on disk: JIT compilation is paid once per machine, not per process (drop_stale_cache
+# below keeps that cache honest). NumPy's error model: a float division by zero gives inf or NaN as in NumPy,
+# instead of a check-and-raise branch per division that keeps LLVM from vectorizing the loop around it (SwiGLU,
+# RMSNorm).
 JIT = dict(cache=True, nogil=True, error_model="numpy")
+
+# The sources a compiled kernel can hold code or constants of: every kernel module (this folder's *.py), and the
+# specification modules they import (in the llama_ref package).
+SPECIFICATION = ("model/ops.py", "model/ggml.py", "model/ggml_kquants.py", "vision/encoder.py")
+
+
+def _cache_folder() -> "Path | None":
+    """Where Numba keeps this folder's compiled kernels: what its first cache locator that accepts a file here
+    chooses (kernels/__pycache__ in a source tree, else a user-wide or $NUMBA_CACHE_DIR folder); None if unknown."""
+    try:
+        from numba.core.caching import FunctionCache
+
+        return Path(FunctionCache(_cache_folder).cache_path)
+    except Exception:  # another Numba's internals: keep its own checks only
+        return None
+
+
+def _sources() -> list:
+    """This folder's kernel modules and the specification modules they import (SPECIFICATION)."""
+    import llama_ref
+
+    package = Path(llama_ref.__file__).resolve().parent
+    return sorted(Path(__file__).resolve().parent.glob("*.py")) + [package / name for name in SPECIFICATION]
+
+
+def drop_stale_cache(folder: "Path | None" = None, sources: "list | None" = None) -> bool:
+    """Drop the compiled kernels of other sources; True if it did. Numba checks a cached kernel against its own
+    file only, but kernels inline each other's code (kernels/ggml_step.py inlines six modules), so after an edit or
+    a `git pull` into an editable install a kernel whose own file did not change would load its old machine code:
+    silently the old arithmetic. So a hash of all the sources is kept beside the cache, and on import a cache made
+    from other sources (or of unknown ones) is deleted: its kernels compile again, once."""
+    folder = _cache_folder() if folder is None else Path(folder)
+    if folder is None:
+        return False
+    digest = hashlib.sha256()
+    for path in (_sources() if sources is None else sources):
+        path = Path(path)
+        try:
+            digest.update(f"{path.parent.name}/{path.name}".encode() + b"\0" + path.read_bytes())
+        except OSError:  # not there (a trimmed install): its absence is part of the hash
+            digest.update(f"{path.parent.name}/{path.name}".encode() + b"\0missing")
+    stamp = folder / "llama_ref_sources.sha256"
+    try:
+        if stamp.read_text() == digest.hexdigest():
+            return False
+    except OSError:
+        pass
+    try:
+        for old in [*folder.glob("*.nbi"), *folder.glob("*.nbc")]:
+            old.unlink(missing_ok=True)
+        folder.mkdir(parents=True, exist_ok=True)
+        mine = folder / f"{stamp.name}.{os.getpid()}"
+        mine.write_text(digest.hexdigest())
+        os.replace(mine, stamp)  # whole or not at all: another process may read it now
+    except OSError:  # a read-only install: Numba then keeps its cache elsewhere or none
+        return False
+    return True
+
+
+drop_stale_cache()
 
 
 def as_f32_rows(x: np.ndarray) -> np.ndarray:

@@ -371,3 +371,34 @@ def test_no_python_function_is_compiled_twice():
                 first = seen.setdefault(id(value.py_func), (module.__name__, name, value))
                 assert first[2] is value, (f"{module.__name__}.{name} and {first[0]}.{first[1]} compile the same "
                                            f"Python function {value.py_func.__qualname__}")
+
+
+def test_a_cache_of_other_sources_is_dropped(tmp_path):
+    """kernels/_common.drop_stale_cache: Numba checks a cached kernel against its own file only, so a cache made
+    before any source changed (a kernel inlined from another file, a constant of the specification) goes whole."""
+    from llama_ref.kernels._common import drop_stale_cache
+
+    cache, src = tmp_path / "cache", tmp_path / "src"
+    src.mkdir()
+    sources = [src / "a.py", src / "b.py"]
+    for path in sources:
+        path.write_text("x = 1\n")
+
+    def compiled():  # what Numba would have written meanwhile
+        cache.mkdir(exist_ok=True)
+        for name in ("k-1.py311.nbi", "k-1.py311.1.nbc"):
+            (cache / name).write_bytes(b"old")
+        return sorted(p.name for p in cache.glob("*.nb?"))
+
+    compiled()
+    assert drop_stale_cache(cache, sources)  # no record of its sources: unknown, dropped
+    assert not list(cache.glob("*.nb?"))
+    kept = compiled()
+    assert not drop_stale_cache(cache, sources)  # the same sources: kept
+    assert sorted(p.name for p in cache.glob("*.nb?")) == kept
+    sources[1].write_text("x = 2\n")  # one source edited, the other's kernels inline it
+    assert drop_stale_cache(cache, sources)
+    assert not list(cache.glob("*.nb?"))
+    compiled()
+    sources[1].unlink()  # a source gone counts as a change too
+    assert drop_stale_cache(cache, sources) and not list(cache.glob("*.nb?"))

@@ -15,7 +15,7 @@ def load(path_or_name: "str | Path", *, backend: str = "numpy", arithmetic: str 
          progress: bool = False, weights: "str | None" = None, quantize: "str | None" = None,
          mmap: bool = False, verify: bool = False, max_seq_len: "int | None" = None,
          parallel: "str | None" = None, tensor_parallel: "int | None" = None,
-         threads: "int | None" = None, sums: str = "blas") -> Transformer:
+         threads: "int | None" = None, sums: "str | None" = None) -> Transformer:
     """Load a Llama model from a GGUF file, a checkpoint directory, or a fetchable name.
 
     backend: "numpy" (the reference) or "numba" (the same computation, compiled).
@@ -44,13 +44,15 @@ def load(path_or_name: "str | Path", *, backend: str = "numpy", arithmetic: str 
         (Meta's model-parallel split, llama_ref.runtime.parallel) and the ranks compute every forward pass
         together; tensor_parallel=K makes groups of K ranks, each a whole model (data parallel across
         groups). The logits are the single-process ones up to float rounding of the sums.
-    sums: how float32 matrix products are summed. "blas" (default): as NumPy's BLAS sums them, in chains of
-        up to a few hundred inputs (OpenBLAS: 288 of 576). "apart": the 8 columns of the input with its
-        largest entries summed by themselves and added last (model.ops.linear_apart), for products of 16
-        rows or more: float32 logits closer to float64 than transformers' float32 on the default model,
-        prefill 1.0-1.1x slower (NumPy), 1.1-1.2x (Numba; one thread, AVX2). "blocked": the 8 largest
-        columns apart and chains of 96 inputs added pairwise (model.ops.linear_blocked): closer still,
-        prefill 1.2-1.55x slower (docs/verification.md, 2b). Not with arithmetic="ggml", parallel or vision checkpoints.
+    sums: how float32 matrix products are summed. "apart": the 8 columns of the input with its largest
+        entries summed by themselves and added last (model.ops.linear_apart), for products of 16 rows or
+        more: float32 logits closer to float64 than transformers' float32 on the default model, prefill at
+        0.96-1.03x the time of "blas" (Numba: its own float32 product, kernels/sgemm.py) and 1.03-1.09x
+        (NumPy; one thread, AVX2). "blas": as NumPy's BLAS sums them, in chains of up to a few hundred
+        inputs (OpenBLAS: 288 of 576). "blocked": the 8 largest columns apart and chains of 96 inputs added
+        pairwise (model.ops.linear_blocked): closer still, prefill 1.2-1.55x slower (docs/verification.md,
+        2b). None (default): "apart" for arithmetic="exact" in one process, "blas" where "apart" is not
+        implemented (arithmetic="ggml", parallel, vision checkpoints), which refuse "apart" and "blocked".
     threads: threads for BLAS and the Numba kernels alike, for the whole process (runtime.threads). None:
         the count set earlier in this process, else $LLAMA_REF_THREADS (or OMP_/OPENBLAS_/NUMBA_NUM_THREADS),
         else the physical cores.
@@ -66,7 +68,7 @@ def load(path_or_name: "str | Path", *, backend: str = "numpy", arithmetic: str 
         raise WeightsError(f"weights must be 'float32' or 'packed', got {weights!r}")
     if arithmetic not in ("exact", "ggml"):
         raise WeightsError(f"arithmetic must be 'exact' or 'ggml', got {arithmetic!r}")
-    if sums not in ("blas", "apart", "blocked"):
+    if sums is not None and sums not in ("blas", "apart", "blocked"):
         raise WeightsError(f"sums must be 'apart', 'blocked' or 'blas', got {sums!r}")
     if sums in ("apart", "blocked") and (arithmetic == "ggml" or parallel is not None):
         raise WeightsError(f"sums={sums!r} is implemented for arithmetic='exact' in one process only")
@@ -95,7 +97,7 @@ def load(path_or_name: "str | Path", *, backend: str = "numpy", arithmetic: str 
     if path.is_dir():
         from .vision.load import is_vision_checkpoint, load_vision
         if is_vision_checkpoint(path):  # Llama 3.2 Vision: an image encoder and cross-attention (llama_ref.vision)
-            if sums != "blas":
+            if sums not in (None, "blas"):
                 raise WeightsError(f"{path}: sums={sums!r} is not implemented for vision checkpoints")
             return load_vision(path, backend=backend, dtype=dtype, progress=progress, weights=weights,
                                quantize=quantize, mmap=mmap, max_seq_len=max_seq_len, parallel=parallel)
@@ -137,6 +139,8 @@ def load(path_or_name: "str | Path", *, backend: str = "numpy", arithmetic: str 
     if arithmetic == "ggml":
         from .model.ggml import backend_for
         backend = backend_for(backend, tensors, where=str(path))
+    if sums is None:  # the default: the closest float32 sums where they are implemented
+        sums = "apart" if arithmetic == "exact" else "blas"
     if sums != "blas":
         from .model.ops import with_sums
         from .model.transformer import _resolve_backend

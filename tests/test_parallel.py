@@ -340,7 +340,8 @@ def test_mpi_teacher_data_parallel_writes_the_single_process_bytes(ckpts, tmp_pa
     one, dp, tp, tp_again = (tmp_path / f"{name}.bin" for name in ("one", "dp", "tp", "tp_again"))
     # One thread everywhere: each rank takes its share of the cores (one here), and NumPy's BLAS may round a
     # product's last bit differently at another thread count, so "the same bytes" holds at the same threads.
-    done = cli("teacher", prompts, "-m", ckpts["tok_meta2"], "-o", one, "-q", "--threads", "1")
+    # And BLAS's sums on both sides: one process defaults to sums="apart", which MPI ranks do not implement.
+    done = cli("teacher", prompts, "-m", ckpts["tok_meta2"], "-o", one, "-q", "--threads", "1", "--sums", "blas")
     assert done.returncode == 0, done.stderr
     common = ["-m", "llama_ref.tools.cli", "teacher", prompts, "-m", ckpts["tok_meta2"], "-q", "--parallel", "mpi",
               "--threads", "1"]
@@ -414,7 +415,8 @@ def test_mpi_score_shares_files_between_model_copies(ckpts, tmp_path):
     """Three files over two whole-model copies: each file's NLL is the single-process one exactly (at the same
     threads, one, as in test_mpi_teacher_data_parallel_writes_the_single_process_bytes)."""
     files = [_prompts(tmp_path / f"{i}.txt", 8 + 5 * i, seed=i) for i in range(3)]
-    one = json.loads(cli("score", "-m", ckpts["tok_meta2"], "-q", "--json", "--threads", "1", *files).stdout)
+    one = json.loads(cli("score", "-m", ckpts["tok_meta2"], "-q", "--json", "--threads", "1", "--sums", "blas",
+                         *files).stdout)  # BLAS's sums, as the ranks' (one process defaults to "apart")
     many = json.loads(mpirun(2, "-m", "llama_ref.tools.cli", "score", "-m", ckpts["tok_meta2"], "-q", "--json", *files,
                              "--parallel", "mpi", "--tensor-parallel", "1", "--threads", "1").stdout)
     assert [f["nll"] for f in many["files"]] == [f["nll"] for f in one["files"]]

@@ -369,8 +369,10 @@ def test_cli_passes_sums_to_load(monkeypatch, capsys):
     assert seen[-1] == ("tiny", "blocked")
     assert main(["generate", "-m", "tiny", "--sums", "apart", "Hello", "-n", "1"]) == 2
     assert seen[-1] == ("tiny", "apart")
-    assert main(["generate", "-m", "tiny", "Hello", "-n", "1"]) == 2
+    assert main(["generate", "-m", "tiny", "--sums", "blas", "Hello", "-n", "1"]) == 2
     assert seen[-1] == ("tiny", "blas")
+    assert main(["generate", "-m", "tiny", "Hello", "-n", "1"]) == 2
+    assert seen[-1] == ("tiny", None)  # load's own default: "apart" where it is implemented
 
 
 # ---- the default model: llama_ref's float32 next to transformers' float32 ------------------------------
@@ -472,3 +474,24 @@ def test_float32_without_blas_sums_is_closer_than_transformers(default_model_pat
 
 def _hf(recorded) -> dict:
     return {name: d["max_abs"] for name, d in recorded["engines"]["hf_float32"]["distance"].items()}
+
+
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+def test_default_sums_are_apart_where_implemented(tmp_path, backend):
+    """load()'s default sums: "apart" for arithmetic="exact" in one process (its float32 logits the closest to
+    float64 at the speed of BLAS's own sums: docs/verification.md, 2b), the same bits as asking for it; asking for
+    "blas" still gives BLAS's own sums, and a prompt of 20 tokens (16 rows or more) tells the two apart. A tiny
+    GGUF (float32 matrices, so the Numba backend sums them too); the default model's distances: the slow tests
+    above."""
+    from test_cli import write_tiny_gguf
+
+    path = write_tiny_gguf(tmp_path / "tiny.gguf")
+    ids = np.arange(1, 21) * 3  # (20,)
+    default = llama_ref.load(path, backend=backend).forward(ids)
+    apart = llama_ref.load(path, backend=backend, sums="apart").forward(ids)
+    blas = llama_ref.load(path, backend=backend, sums="blas").forward(ids)
+    assert np.array_equal(default, apart)
+    assert not np.array_equal(default, blas)
+    np.testing.assert_allclose(default, blas, atol=1e-3)
+    ggml = pytest.importorskip("gguf") and llama_ref.load(path, backend=backend, arithmetic="ggml")
+    assert ggml.ops.__name__.endswith("ggml")  # "apart" is not implemented there: BLAS's sums, no error

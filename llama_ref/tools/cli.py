@@ -92,9 +92,10 @@ def _model_options(p) -> None:
                         "arithmetic, 8-bit activations and integer products (llama_ref/model/ggml.py)")
     p.add_argument("--dtype", choices=["float32", "float64"], default="float32",
                    help="computation dtype (default float32)")
-    p.add_argument("--sums", choices=["blas", "apart", "blocked"], default="blas",
-                   help="float32 matrix products: blas (default); apart (largest terms added last) or blocked "
-                        "(also short chains), each closer to float64 and slower to prefill (docs/verification.md, 2b)")
+    p.add_argument("--sums", choices=["blas", "apart", "blocked"], default=None,
+                   help="float32 matrix products: apart (the default where implemented: the largest terms added "
+                        "last, closer to float64), blas (BLAS's own chains), blocked (also short chains: closer "
+                        "still, slower to prefill); docs/verification.md, 2b")
     p.add_argument("--weights", choices=["float32", "packed"], default=None,
                    help="packed: keep 16-bit / quantized matrices in their stored format (default: float32 "
                         "for GGUF, packed for checkpoint directories)")

@@ -401,8 +401,9 @@ def add_subcommands(sub) -> None:
         c.add_argument("--dtype", choices=["float32", "float64"], default="float32",
                        help="computation dtype (default float32)")
         c.add_argument("--backend", choices=["numpy", "numba"], default="numpy")
-        c.add_argument("--sums", choices=["blas", "apart", "blocked"], default="blas",
-                       help="how the float32 matrix products are summed (llama_ref.load's sums)")
+        c.add_argument("--sums", choices=["blas", "apart", "blocked"], default=None,
+                       help="how the float32 matrix products are summed (llama_ref.load's sums; default: its "
+                            "default)")
         src = c.add_mutually_exclusive_group(required=name == "dump")
         src.add_argument("--prompt", help="text to run (encoded with the model's tokenizer)"
                          + ("" if name == "dump" else f"; with --against (default {BUDGET_PROMPT!r})"))

@@ -272,26 +272,21 @@ def _define_pack(module, rows):
     return fn
 
 
-@intrinsic
-def _pack16(typingctx, src, ld, dst, n8):
-    """16 rows' 8 n8 values transposed (see _define_pack): all arguments int64."""
-    sig = types.void(*([types.int64] * 4))
+def _pack_intrinsic(rows):
+    """_define_pack's packing of `rows` rows as an intrinsic (src, ld, dst, n8: all int64)."""
+    @intrinsic
+    def pack(typingctx, src, ld, dst, n8):
+        sig = types.void(*([types.int64] * 4))
 
-    def codegen(context, builder, signature, args):
-        builder.call(_define_pack(builder.module, NR), args)
-        return context.get_dummy_value()
-    return sig, codegen
+        def codegen(context, builder, signature, args):
+            builder.call(_define_pack(builder.module, rows), args)
+            return context.get_dummy_value()
+        return sig, codegen
+    return pack
 
 
-@intrinsic
-def _pack6(typingctx, src, ld, dst, n8):
-    """6 rows' 8 n8 values transposed (see _define_pack; writes 2 floats past the last): all int64."""
-    sig = types.void(*([types.int64] * 4))
-
-    def codegen(context, builder, signature, args):
-        builder.call(_define_pack(builder.module, MR), args)
-        return context.get_dummy_value()
-    return sig, codegen
+_pack16 = _pack_intrinsic(NR)  # 16 rows' 8 n8 values transposed
+_pack6 = _pack_intrinsic(MR)  # 6 rows' (writes 2 floats past the last)
 
 
 @njit(**JIT)

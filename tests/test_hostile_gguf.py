@@ -119,6 +119,18 @@ def test_huge_string_array_count(tmp_path, tiny):
                    "tokenizer.ggml.tokens, an array of 1152921504606846976 strings: ")
 
 
+def test_string_array_items(tmp_path, tiny):
+    """A string array's items are read by one loop over the bytes (gguf._strings): a length past the end of the
+    file, or bytes that are not UTF-8, in an item after the first get the messages a single string gets."""
+    first = after_key(tiny, "tokenizer.ggml.tokens") + 4 + 4 + 8  # item 0's length
+    second = first + 8 + struct.unpack_from("<Q", tiny, first)[0]
+    assert struct.unpack_from("<Q", tiny, second)[0] >= 1
+    assert_refused(tmp_path, patched(tiny, second, "<Q", HUGE),
+                   "item 1 of tokenizer.ggml.tokens: 1152921504606846976 bytes needed")
+    assert_refused(tmp_path, patched(tiny, second + 8, "<B", 0xFF),
+                   "item 1 of tokenizer.ggml.tokens is not valid UTF-8")
+
+
 def test_huge_number_array_count(tmp_path, tiny):
     at = after_key(tiny, "tokenizer.ggml.token_type") + 4 + 4
     assert_refused(tmp_path, patched(tiny, at, "<Q", HUGE),

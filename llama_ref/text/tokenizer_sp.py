@@ -175,7 +175,13 @@ def model_proto_from_gguf(meta: dict, where: str = "GGUF") -> bytes:
     return pieces + _field_bytes(2, trainer) + _field_bytes(3, normalizer)
 
 
+_ONE_BYTE = [bytes((v,)) for v in range(0x80)]  # the varints of 0 .. 127: most of a vocabulary's fields
+_F32 = struct.Struct("<f").pack
+
+
 def _varint(v: int) -> bytes:
+    if 0 <= v < 0x80:
+        return _ONE_BYTE[v]
     v &= (1 << 64) - 1  # negative int32 values are written as 10-byte two's complement
     out = bytearray()
     while True:
@@ -190,7 +196,7 @@ def _field_varint(field: int, v: int) -> bytes:
 
 
 def _field_float(field: int, v: float) -> bytes:
-    return _varint(field << 3 | 5) + struct.pack("<f", v)
+    return _varint(field << 3 | 5) + _F32(v)
 
 
 def _field_bytes(field: int, data: bytes) -> bytes:

@@ -176,6 +176,8 @@ def load_llama4_gguf(path, reader, meta: dict, progress: bool = False, packed: b
             piece = t if part is None else slice_tensor(t, part)
             kept = packed_from_gguf_tensor(piece) if packed else None
             weights[canonical] = kept if kept is not None else np.ascontiguousarray(dequantize(piece))
+        if not mmap:
+            reader.release(t)  # the map's pages of a tensor copied out (gguf.GGUFFile.release)
     if args.tie_word_embeddings:
         weights["output.weight"] = weights.get("tok_embeddings.weight")
     if "tok_embeddings.weight" not in weights:

@@ -244,6 +244,9 @@ class Q4_1Weight(GGUFBlockWeight):
         return d * q + m
 
 
+BLOCKS_PER_PIECE = 1 << 14  # blocks unpacked at a time on load (Q5_0 / Q5_1): 512 KiB of values
+
+
 class _Q5Weight(GGUFBlockWeight):
     """Q5_0 and Q5_1: the fields (d; Q5_1 also m, fp16) | qh, 4 bytes | 16 bytes of nibbles laid out as Q4_0's.
     Value j of a block has q = nibble | (bit j of qh, little-endian) << 4; Q5_0: d * (q - 16), Q5_1: d * q + m.
@@ -267,11 +270,16 @@ class _Q5Weight(GGUFBlockWeight):
         self.data = self.qs
 
     def _values(self, b):
-        """(n, 20) bytes qh | nibbles -> (n, 32) uint8: q, or for Q5_0 the int8 bytes of q - 16."""
-        qh = np.ascontiguousarray(b[:, :4]).view("<u4")  # (n, 1)
-        high = ((qh >> np.arange(32, dtype=np.uint32)) & np.uint32(1)).astype(np.uint8)  # (n, 32)
-        q = _nibbles(b[:, 4:]) | (high << np.uint8(4))
-        return (q.astype(np.int8) - np.int8(self.offset)).view(np.uint8)
+        """(n, 20) bytes qh | nibbles -> (n, 32) uint8: q, or for Q5_0 the int8 bytes of q - 16 (q - 16 mod 256).
+
+        In pieces of BLOCKS_PER_PIECE blocks, so that the temporaries stay small (whole, a 1B model's embedding
+        made 1 GB of them)."""
+        out = np.empty((b.shape[0], 32), np.uint8)
+        for s in range(0, b.shape[0], BLOCKS_PER_PIECE):
+            piece = b[s:s + BLOCKS_PER_PIECE]  # (p, 20)
+            high = np.unpackbits(np.ascontiguousarray(piece[:, :4]), axis=1, bitorder="little")  # (p, 32): bit j
+            out[s:s + BLOCKS_PER_PIECE] = (_nibbles(piece[:, 4:]) | (high << np.uint8(4))) - np.uint8(self.offset)
+        return out
 
     def kernel_args(self):
         return (self.qs, self.d, self.m, True) if self.fields == ("d", "m") else (self.qs, self.d, self.d, False)

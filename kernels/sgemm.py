@@ -290,44 +290,32 @@ _pack6 = _pack_intrinsic(MR)  # 6 rows' (writes 2 floats past the last)
 
 
 @njit(**JIT)
-def _pack_w(w, r0, r1, k0, kc, bp):
-    """bp[(t * kc + k) * 16 + j] = w[r0 + 16 t + j, k0 + k]; rows past r1 are zeros."""
-    nt = (r1 - r0 + NR - 1) // NR
-    K = w.shape[1]
+def _pack(src, n0, n1, k0, kc, dst, width, cols):
+    """dst[(t * kc + k) * width + i] = src[n0 + width t + i, k0 + k], zero past row n1 and in the columns cols:
+    width NR packs a micro-panel of w's rows (no cols), MR a block of x's (its apart columns zeroed). A whole
+    tile's k's 8 at a time by _pack16 / _pack6, the rest value by value; x's dst holds 8 floats more than the
+    packed values (_pack6 writes 2 past its last)."""
+    nt = (n1 - n0 + width - 1) // width
+    K = src.shape[1]
     k8 = kc // 8 * 8
     for t in range(nt):
-        base = t * kc * NR
-        rr = r0 + t * NR
-        full = rr + NR <= r1
+        base = t * kc * width
+        n = n0 + t * width
+        full = n + width <= n1
         if full:
-            _pack16(w.ctypes.data + (rr * K + k0) * 4, K * 4, bp.ctypes.data + base * 4, k8 // 8)
-        for k in range(0 if not full else k8, kc):
-            o = base + k * NR
-            for j in range(NR):
-                bp[o + j] = w[rr + j, k0 + k] if rr + j < r1 else 0
-
-
-@njit(**JIT)
-def _pack_x(x, n0, n1, k0, kc, ap, cols):
-    """ap[(t * kc + k) * 6 + i] = x[n0 + 6 t + i, k0 + k], zero past n1 and in the columns cols. ap holds 8
-    floats more than the packed values (_pack6 writes 2 past its last)."""
-    nt = (n1 - n0 + MR - 1) // MR
-    K = x.shape[1]
-    k8 = kc // 8 * 8
-    for t in range(nt):
-        base = t * kc * MR
-        n = n0 + t * MR
-        full = n + MR <= n1
-        if full:
-            _pack6(x.ctypes.data + (n * K + k0) * 4, K * 4, ap.ctypes.data + base * 4, k8 // 8)
+            at, to = src.ctypes.data + (n * K + k0) * 4, dst.ctypes.data + base * 4
+            if width == NR:
+                _pack16(at, K * 4, to, k8 // 8)
+            else:
+                _pack6(at, K * 4, to, k8 // 8)
         for k in range(k8 if full else 0, kc):
-            for i in range(MR):
-                ap[base + k * MR + i] = x[n + i, k0 + k] if n + i < n1 else 0
+            for i in range(width):
+                dst[base + k * width + i] = src[n + i, k0 + k] if n + i < n1 else 0
         for j in range(cols.shape[0]):
             c = cols[j] - k0
             if 0 <= c < kc:
-                for i in range(MR):
-                    ap[base + c * MR + i] = 0
+                for i in range(width):
+                    dst[base + c * width + i] = 0
 
 
 @njit(**JIT)
@@ -386,12 +374,12 @@ def _gemm_rows(x, w, out, r0, r1, cols, x_apart, KC, MC, NC, PF, CP, work):
             via = part.shape[0] > 0  # partial sums in part (else in out)
             for nb in range(0, N, MC):
                 nb1 = min(N, nb + MC)
-                _pack_x(x, nb, nb1, k0, kc, ap, cols)
+                _pack(x, nb, nb1, k0, kc, ap, MR, cols)
                 for t in range((rb1 - rb + NR - 1) // NR):
                     r = rb + t * NR
                     bt = bp0 + t * kc * NR * 4
                     if nb == 0:  # packed right before its first use, while x's first block runs: in L1 then
-                        _pack_w(w, r, min(r + NR, rb1), k0, kc, bp[t * kc * NR:])
+                        _pack(w, r, min(r + NR, rb1), k0, kc, bp[t * kc * NR:], NR, cols[:0])
                         for j in range(cols.shape[0] if apart else 0):  # w's apart columns in this panel:
                             c = cols[j] - k0  # 16 values side by side in the panel just packed (a gather
                             if 0 <= c < kc:  # from w's rows beforehand read 8 lines a row from memory)

@@ -6,14 +6,18 @@ NumPy's version costs ~40 us a call, and a decode step makes ~7 per layer), the 
 int32 in any order, and the float steps are the specification's, in its order, each fused multiply-add one
 rounding (llvm.fma.f32). No fast-math.
 
-The weights are read as llama_ref.weights.packed keeps them, nothing copied. Q4_K: `qs` (Q4_1-style sub-blocks
-of 16 bytes, value j in the low nibble of byte j and j + 16 in its high nibble) and `head` (the file's d |
-dmin | 12 bytes of 6-bit scales and mins of every super-block). Q5_K and Q6_K: `blocks`, the file's bytes.
+The weights are read as llama_ref.weights.packed keeps them, nothing copied. Q4_K whose rows do not come in
+groups of 8: `qs` (Q4_1-style sub-blocks of 16 bytes, value j in the low nibble of byte j and j + 16 in its
+high nibble) and `head` (the file's d | dmin | 12 bytes of 6-bit scales and mins of every super-block). Q5_K
+and Q6_K: `blocks`, the file's bytes.
 
-Repacked Q4_K (rows % 8 == 0) prefills as llama.cpp's ggml_gemm_q4_K_8x8_q8_K: a copy of the weight made once
-(repack_q4_k, cached per weight) interleaves 8 rows so that one 32-byte load feeds all 8, their scales and mins
-decoded, and a tile of 8 rows by ACTS8 activation rows keeps the rows in the 8 lanes (_define_q4_kx8_tile);
-kernel level (8192 x 2048 by 128-512 rows, one thread) 2.7-3.2x the 1 x 6 tile it replaces.
+Repacked Q4_K (rows % 8 == 0, as llama.cpp repacks them): a copy of the weight made on its first product
+(q4_kx8: repack_q4_k) interleaves 8 rows so that one 32-byte load feeds all 8, their scales and mins decoded;
+the weight then keeps only that copy (weights.packed.Q4_KWeight.hold_x8). A prefill runs as llama.cpp's
+ggml_gemm_q4_K_8x8_q8_K, a tile of 8 rows by ACTS8 activation rows keeping the rows in the 8 lanes
+(_define_q4_kx8_tile; kernel level, 8192 x 2048 by 128-512 rows, one thread, 2.7-3.2x the 1 x 6 tile it
+replaced); a decode as its gemv, a tile of 8 rows by one activation row that asks for the weights ahead
+(1.14-1.35x the one-row tile on qs / head, kernel level); kernels/ggml_linears.py's work items use it too.
 
 Q5_K and Q6_K prefill with their activations in groups (group_acts: GROUP rows' quants, int16 bsums and scales
 in one record per super-block), a tile of one weight row by a group (_define_q5_k_gtile, _define_q6_k_gtile),
@@ -689,6 +693,34 @@ def repack_q4_k(qs: np.ndarray, head: np.ndarray) -> np.ndarray:
     return np.concatenate([quants, scales, mins, d, dmin], axis=2).reshape(G, nb * Q4X8_BYTES)
 
 
+def unpack_q4_kx8(packed: np.ndarray, ids: np.ndarray) -> tuple:
+    """repack_q4_k undone for rows ids (int array, n rows) of the weight: packed (R / 8, nb * 1248) -> qs
+    (n, nb * 128) and head (n, nb, 16) as weights.packed keeps them, bit for bit (the 6-bit scales and mins
+    packed back into the file's 12 bytes: kquant_scales inverted). Only those rows are read: a Q4_K weight
+    that keeps only this copy (weights.packed.Q4_KWeight.hold_x8) serves an embedding's lookups from it."""
+    G, nb, n = packed.shape[0], packed.shape[1] // Q4X8_BYTES, ids.shape[0]
+    g, r = ids // 8, ids % 8  # each row's group and its place in it
+    blk = packed.reshape(G, nb, Q4X8_BYTES)
+
+    def part(lo, hi, *inner):  # bytes lo..hi of every super-block, (G, nb, *inner), a view
+        return blk[:, :, lo:hi].reshape(G, nb, *inner)
+    q = part(Q4X8_QS, Q4X8_SC, 4, 8, 8, 4)[g, :, :, :, r]  # (n, nb, pair p, step t, i): row r at 4 r + i
+    values = np.stack([q & np.uint8(15), q >> np.uint8(4)], axis=3)  # (n, nb, p, low/high, t, i)
+    values = values.reshape(n, nb, 8, 32)  # (n, nb, sub-block 2p / 2p + 1, value 4t + i)
+    qs = values[..., :16] | (values[..., 16:] << np.uint8(4))  # (n, nb, 8, 16): value v low, v + 16 high
+    sc = part(Q4X8_SC, Q4X8_MN, 8, 8, 2)[g, :, :, r, 0]  # (n, nb, j), each written twice
+    mn = part(Q4X8_MN, Q4X8_D, 4, 8, 2)[g, :, :, r].reshape(n, nb, 8)  # (n, nb, j = 2p + k)
+    d = part(Q4X8_D, Q4X8_DMIN, 8, 2)[g, :, r]  # (n, nb, 2 bytes)
+    dmin = part(Q4X8_DMIN, Q4X8_BYTES, 8, 2)[g, :, r]
+    top = np.uint8(0x30)  # scales and mins 4..7 keep their top 2 bits in the top bits of bytes 0..7
+    low = np.uint8(15)
+    scales = np.concatenate([sc[..., :4] | ((sc[..., 4:] & top) << np.uint8(2)),
+                             mn[..., :4] | ((mn[..., 4:] & top) << np.uint8(2)),
+                             (sc[..., 4:] & low) | ((mn[..., 4:] & low) << np.uint8(4))], axis=2)  # (n, nb, 12)
+    head = np.concatenate([d, dmin, scales], axis=2)  # (n, nb, 16)
+    return qs.reshape(n, nb * 128), head
+
+
 @njit(parallel=True, **JIT)
 def _repack_q4_k(qs, head, out):
     """repack_q4_k compiled (the same bytes, tests/test_ggml_kquants.py): its NumPy form costs ~90 ms per 16 M
@@ -914,7 +946,10 @@ _q5_1A, _q5_11 = _kquant_tile("q5_k", ACTS), _kquant_tile("q5_k", 1)
 
 
 _q4_1A, _q4_11 = _q4_k_tile(ACTS, False), _q4_k_tile(1, False)
-_q4r_11 = _q4_k_tile(1, True)  # repacked Q4_K's decode; its prefill is the 8-row tile's (_q4_kx8_tile)
+# The gemv's order on qs / head, one row by one activation row. No product runs it: repacked Q4_K (rows % 8 ==
+# 0) decodes from its 8-row copy (_q4x8_1, the same bits, tests/test_ggml_q4k_decode.py checks the two tile by
+# tile); kept as that cross-check.
+_q4r_11 = _q4_k_tile(1, True)
 
 
 @njit(inline="always", **JIT)
@@ -928,21 +963,19 @@ def _act_addresses(xq, xd, xbs, out):
 
 
 @njit(inline="always", **JIT)
-def _q4_k_tile_rows(repacked, xq, xd, xbs, qs, head, simd, out, r0, r1):
-    """Rows r0 .. r1 - 1 of _dot_q4_k, as _tile_rows walks Q5_K's and Q6_K's (_define_q4_k_tile); repacked:
-    the gemv's order, one activation row at a time (a decode; more rows go to _dot_q4_kx8)."""
+def _q4_k_tile_rows(xq, xd, xbs, qs, head, simd, out, r0, r1):
+    """Rows r0 .. r1 - 1 of a Q4_K weight whose rows do not come in groups of 8 (qs, head), as _tile_rows walks
+    Q5_K's and Q6_K's (_define_q4_k_tile)."""
     N = xq.shape[0]
     nb, xst, xds, bss, ost, x0, xd0, bs0, o0 = _act_addresses(xq, xd, xbs, out)
     ws, hs, w0, h0 = np.int64(qs.shape[1]), np.int64(16 * nb), np.int64(qs.ctypes.data), np.int64(head.ctypes.data)
     n = np.int64(0)
     while n < N:
-        many = n + ACTS <= N and not repacked
+        many = n + ACTS <= N
         x, xdn, bsn, on = x0 + n * xst, xd0 + n * xds, bs0 + n * bss, o0 + n * ost
         for r in range(r0, r1):
             w, h = w0 + r * ws, h0 + r * hs
-            if repacked:
-                _q4r_11(w, ws, h, x, xst, xdn, bsn, xds, bss, nb, on + 4 * r, ost, simd)
-            elif many:
+            if many:
                 _q4_1A(w, ws, h, x, xst, xdn, bsn, xds, bss, nb, on + 4 * r, ost, simd)
             else:
                 _q4_11(w, ws, h, x, xst, xdn, bsn, xds, bss, nb, on + 4 * r, ost, simd)
@@ -950,17 +983,17 @@ def _q4_k_tile_rows(repacked, xq, xd, xbs, qs, head, simd, out, r0, r1):
 
 
 @njit(parallel=True, **JIT)
-def _dot_q4_k_tiles(repacked, xq, xd, xbs, qs, head, simd, out):
+def _dot_q4_k_tiles(xq, xd, xbs, qs, head, simd, out):
     """Q4_K by Q8_K (qs, head as weights.packed keeps them) -> out (N, R), parallel over tiles of ROWS rows."""
     R = qs.shape[0]
     for c in prange((R + ROWS - 1) // ROWS):
-        _q4_k_tile_rows(repacked, xq, xd, xbs, qs, head, simd, out, c * ROWS, min(R, (c + 1) * ROWS))
+        _q4_k_tile_rows(xq, xd, xbs, qs, head, simd, out, c * ROWS, min(R, (c + 1) * ROWS))
 
 
 @njit(**JIT)
-def _decode_q4_k_tiles(repacked, xq, xd, xbs, qs, head, simd, out):
+def _decode_q4_k_tiles(xq, xd, xbs, qs, head, simd, out):
     """_dot_q4_k_tiles of one activation row on one thread: no parallel region (~15 us a call)."""
-    _q4_k_tile_rows(repacked, xq, xd, xbs, qs, head, simd, out, 0, qs.shape[0])
+    _q4_k_tile_rows(xq, xd, xbs, qs, head, simd, out, 0, qs.shape[0])
 
 
 _q4x8_A, _q4x8_1 = _q4_kx8_tile(ACTS8), _q4_kx8_tile(1)
@@ -992,6 +1025,12 @@ def _dot_q4_kx8(xq, xd, xbs, packed, simd, out):
     G, step = packed.shape[0], ROWS // 8
     for c in prange((G + step - 1) // step):
         _q4_kx8_groups(xq, xd, xbs, packed, simd, out, c * step, min(G, (c + 1) * step))
+
+
+@njit(**JIT)
+def _decode_q4_kx8(xq, xd, xbs, packed, simd, out):
+    """_dot_q4_kx8 of one activation row on one thread: no parallel region."""
+    _q4_kx8_groups(xq, xd, xbs, packed, simd, out, 0, packed.shape[0])
 
 
 @njit(inline="always", **JIT)
@@ -1155,28 +1194,33 @@ def quantized_linear(x2: np.ndarray, w, simd: "int | None" = None) -> np.ndarray
     if w.format in ("q5_k", "q6_k"):  # a decode, on the calling thread
         _decode_q56_k(w.format == "q5_k", xq, xd, xbs, readonly(w.blocks), use, out)
         return out
-    repacked = R % 8 == 0  # Q4_K repacked by llama.cpp (model/ggml_kquants.dot_for): the gemv's order
-    if repacked and not one:  # a prefill: 8 rows by 4 activation rows, as llama.cpp's gemm (the same order)
-        _dot_q4_kx8(xq, xd, xbs, q4_kx8(w), use, out)
+    if R % 8 == 0:  # repacked by llama.cpp (model/ggml_kquants.dot_for): 8 rows by 4 activation rows (its gemm),
+        # the activation rows left over and a decode's by 8 rows x 1 (its gemv): the same order either way
+        (_decode_q4_kx8 if one else _dot_q4_kx8)(xq, xd, xbs, q4_kx8(w), use, out)
         return out
-    (_decode_q4_k_tiles if one else _dot_q4_k_tiles)(repacked, xq, xd, xbs, readonly(w.qs), readonly(w.head), use,
-                                                     out)
+    (_decode_q4_k_tiles if one else _dot_q4_k_tiles)(xq, xd, xbs, readonly(w.qs), readonly(w.head), use, out)
     return out
 
 
-# id(weight) -> repack_q4_k of its rows, made on the first prefill that reads it (as kernels/ggml.py's _ARGS);
-# weakref.finalize drops it when the weight goes, before its id can be reused. 156 bytes per 256 values beside
-# the weight's own qs and head, which the decode kernels read.
+# id(weight) -> repack_q4_k of its rows, made on the first product that reads it (as kernels/ggml.py's _ARGS);
+# weakref.finalize drops it when the weight goes, before its id can be reused.
 _Q4X8: dict = {}
 
 
 def q4_kx8(w) -> np.ndarray:
-    """The repacked copy of a Q4_K weight with rows % 8 == 0 that the prefill kernel reads (repack_q4_k)."""
+    """The repacked copy of a Q4_K weight with rows % 8 == 0 that every product of it reads (repack_q4_k): made
+    on first use and handed to the weight (weights.packed.Q4_KWeight.hold_x8), which then drops its qs and head
+    (156 bytes per 256 values in place of 144: the weight is held once)."""
     packed = _Q4X8.get(id(w))
     if packed is None:
-        qs, head = readonly(w.qs), readonly(w.head)
-        packed = np.empty((qs.shape[0] // 8, head.shape[1] * Q4X8_BYTES), np.uint8)
-        _repack_q4_k(qs, head, packed)
-        packed = _Q4X8[id(w)] = readonly(packed)
+        packed = w.x8
+        if packed is None:
+            qs, head = readonly(w.qs), readonly(w.head)
+            packed = np.empty((qs.shape[0] // 8, head.shape[1] * Q4X8_BYTES), np.uint8)
+            _repack_q4_k(qs, head, packed)
+            del qs, head
+            w.hold_x8(packed)
+            packed = w.x8
+        _Q4X8[id(w)] = packed
         weakref.finalize(w, _Q4X8.pop, id(w), None)
     return packed

@@ -8,8 +8,9 @@ alone either runs on the calling thread or pays a region for a few tens of micro
 quantized once per activation type (Q8_0 / Q8_1 for the legacy formats, Q8_K for the K-quants: a Q4_K_M file
 mixes both), then one prange runs over the tiles of ROWS rows of all the matrices, one work list. Each weight
 row meets the same quantized x in the same tile code as in its own product (kernels/ggml.py _decode_rows,
-ggml_kquants._tile_rows / _q4_k_tile_rows), so every output is bit for bit the one `linear` gives; only the
-split of rows over threads differs, and no row's sum depends on it.
+ggml_kquants._tile_rows / _q4_k_tile_rows, and for Q4_K with rows in groups of 8 ggml_kquants' 8-row tile on the
+weight's repacked copy), so every output is bit for bit the one `linear` gives; only the split of rows over
+threads differs, and no row's sum depends on it.
 """
 
 from __future__ import annotations
@@ -26,11 +27,12 @@ from .ggml_ops import serial_product
 
 ROWS = 16  # weight rows per work item, as both modules' products split them
 # The kinds of the work list: kernels/ggml.py's KIND (0-4: Q8_0 and Q5_0, Q5_1, Q4_0, repacked Q4_0, Q4_1),
-# then the K-quants, whose activations are Q8_K.
+# then the K-quants, whose activations are Q8_K; Q4_KR, Q4_K with rows in groups of 8, read from its repacked
+# copy (ggml_kquants.q4_kx8).
 Q4_K, Q4_KR, Q5_K, Q6_K = 5, 6, 7, 8
 # The columns of the work list (one int64 row per weight): its kind, rows, blocks per row, the addresses and row
-# strides of its bytes (qs / blocks), scales (d, or Q4_K's head) and mins (m), where its rows start in the
-# output, and the first work item (tile) that is its.
+# strides of its bytes (qs / blocks; Q4_KR: the repacked copy and its stride per group of 8 rows), scales (d, or
+# Q4_K's head) and mins (m), where its rows start in the output, and the first work item (tile) that is its.
 KINDF, RF, NBF, WF, WSF, DF, DSF, MF, OUTF, TILEF = range(10)
 
 
@@ -56,12 +58,14 @@ def _item(c, table, xq, xd, xs, off, kq8, kd, kbs, out, use_simd):
     K = np.int64(kq8.shape[1])
     x0, xd0, bs0 = np.int64(kq8.ctypes.data), np.int64(kd.ctypes.data), np.int64(kbs.ctypes.data)
     xds, bss = np.int64(4 * nb), np.int64(64 * nb)
+    if kind == Q4_KR:  # the repacked copy: groups of 8 rows (ROWS is a multiple of 8, and so is R)
+        for g in range(r0 // 8, r1 // 8):
+            kq._q4x8_1(w0 + g * ws, x0, K, xd0, bs0, xds, bss, nb, o0 + 32 * g, ost, use_simd)
+        return
     for r in range(r0, r1):
         w = w0 + r * ws
         if kind == Q4_K:
             kq._q4_11(w, ws, d0 + r * wds, x0, K, xd0, bs0, xds, bss, nb, o0 + 4 * r, ost, use_simd)
-        elif kind == Q4_KR:
-            kq._q4r_11(w, ws, d0 + r * wds, x0, K, xd0, bs0, xds, bss, nb, o0 + 4 * r, ost, use_simd)
         elif kind == Q5_K:
             kq._q5_11(w, ws, x0, K, xd0, bs0, xds, bss, nb, o0 + 4 * r, ost, use_simd)
         else:
@@ -119,10 +123,12 @@ def _row(w) -> "tuple[list, bool, bool, tuple]":
         b = readonly(w.blocks)
         kind = Q5_K if w.format == "q5_k" else Q6_K
         return [kind, R, K // 256, b.ctypes.data, b.shape[1], 0, 0, 0], True, False, (b,)
+    if w.format == "q4_k" and R % 8 == 0:  # llama.cpp's repacked Q4_K: its copy, as its own product reads it
+        x8 = kq.q4_kx8(w)
+        return [Q4_KR, R, K // 256, x8.ctypes.data, x8.shape[1], 0, 0, 0], True, False, (x8,)
     if w.format == "q4_k":
         qs, head = readonly(w.qs), readonly(w.head)
-        kind = Q4_KR if R % 8 == 0 else Q4_K  # llama.cpp's repacked Q4_K: the gemv's order, as its own product
-        return [kind, R, K // 256, qs.ctypes.data, qs.shape[1], head.ctypes.data, 16 * (K // 256), 0], True, False, \
+        return [Q4_K, R, K // 256, qs.ctypes.data, qs.shape[1], head.ctypes.data, 16 * (K // 256), 0], True, False, \
             (qs, head)
     kind, qs, d, m = legacy._weight_args(w)
     nb = d.shape[1]

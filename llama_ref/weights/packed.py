@@ -357,39 +357,12 @@ def _kquant_rows(weight, data, shape) -> tuple[int, int, np.ndarray]:
 class _KQuantWithMin(GGUFBlockWeight):
     """Q4_K and Q5_K: d fp16 | dmin fp16 | 12 bytes of 6-bit scales and mins | the quants.
 
-    Sub-block j (32 values) = d * sc[j] * q - dmin * mn[j]. Kept as the Numba kernels read it: the quants
-    in `qs` in the layout of `_kernel_layout`, the scale d*sc[j] of each sub-block in `d` and its offset
-    -dmin*mn[j] in `m`, float32 exactly as gguf.quants computes them (and d*q + (-o) is bit for bit
-    d*q - o). The 16 header bytes of each super-block stay as they are, so raw_blocks() gives back the
-    file's bytes. Subclasses say where the quants sit in a block (`_quants`, `_file_quants`) and how the
-    kernel reads them (`_kernel_layout`, `_kernel_values`); Q5_K keeps the file's bytes instead (its class).
+    Sub-block j (32 values) = d * sc[j] * q - dmin * mn[j]. exact mode's kernels (kernels/linear.py) read it
+    as Q4_1 / Q8_0 with offsets: the quants one sub-block at a time, the scale d*sc[j] of each sub-block in `d`
+    and its offset -dmin*mn[j] in `m`, float32 exactly as gguf.quants computes them (and d*q + (-o) is bit for
+    bit d*q - o). Subclasses say where the quants sit in a block (`_quants`, `_file_quants`) and how they
+    keep them (each class).
     """
-
-    def kernel_args(self):
-        # Regrouped at load: Q4_K as Q4_1 sub-blocks, Q5_K as one byte per value with offsets.
-        return self.qs, self.d, self.m, True  # (qs, d, m, has_min)
-
-    def __init__(self, data, shape):
-        rows, cols, raw = _kquant_rows(self, data, shape)  # raw (rows, blocks, type_size)
-        blocks = raw.reshape(-1, self.type_size)  # (rows * blocks, type_size)
-        self.head = _readonly(np.ascontiguousarray(raw[:, :, :16]))  # (rows, blocks, 16) d | dmin | scales
-        with np.errstate(invalid="ignore", over="ignore"):  # inf/NaN scales stay what gguf makes of them
-            scale, minimum = _kquant_scale_and_min(blocks)  # (rows*blocks, 8, 1) each
-        self.d = _readonly(scale.reshape(rows, -1))  # (rows, sub-blocks)
-        self.m = _readonly(np.negative(minimum).reshape(rows, -1))  # (rows, sub-blocks)
-        self.qs = _readonly(self._kernel_layout(self._quants(blocks)).reshape(rows, -1))
-        self.data = self.qs
-
-    def _extra_arrays(self):
-        return [self.head, self.d, self.m]
-
-    def raw_blocks(self, ids=None) -> np.ndarray:
-        sel = slice(None) if ids is None else ids
-        qs, head = self.qs[sel], self.head[sel]
-        n, nb = qs.shape[0], self.shape[1] // QK_K
-        values = self._kernel_values(qs.reshape(n * nb, -1))  # (n*nb, 256)
-        quants = self._file_quants(values).reshape(n, nb, -1)  # (n, blocks, type_size - 16)
-        return np.concatenate([head, quants], axis=2).reshape(n, nb * self.type_size)
 
     def _dequantize_blocks(self, b):
         n = b.shape[0]
@@ -401,11 +374,83 @@ class _KQuantWithMin(GGUFBlockWeight):
 class Q4_KWeight(_KQuantWithMin):
     """144 bytes / 256 values: d fp16 | dmin fp16 | 12 bytes scales | 128 bytes nibbles.
 
-    Each 32-byte group of nibbles holds two sub-blocks, the low nibbles first. Kept in the Q4_1 layout
-    (see GGUFBlockWeight): every sub-block as 16 bytes holding values j and j + 16; 0.81 bytes per value in
-    memory, 0.56 in the file.
+    Each 32-byte group of nibbles holds two sub-blocks, the low nibbles first. Kept in one of two forms, each
+    holding the file's integers and fp16 scales, so either gives back the file's bytes (raw_blocks()):
+    - as loaded: `qs` (rows, blocks * 128) in the Q4_1 layout (see GGUFBlockWeight: every sub-block as 16
+      bytes holding values j and j + 16) and `head` (rows, blocks, 16), the file's header bytes of each
+      super-block; 0.56 bytes per value, as the file.
+    - `x8`, the copy of 8 rows interleaved that arithmetic="ggml"'s kernels read when rows % 8 == 0 (as
+      llama.cpp repacks them: kernels/ggml_kquants.repack_q4_k, 0.61 bytes per value). Those kernels make it on
+      first use and hand it to hold_x8(), which drops qs and head: in ggml mode a weight is held once.
+      raw_blocks(ids) (rows(): the embedding's lookups) then unpacks only those rows from it; reading `qs` or
+      `head` (exact mode or the NumPy specification on the same object) unpacks them all and keeps them.
+    exact mode's kernels also ask for float32 scales and offsets per sub-block (`d`, `m`: 0.25 bytes per
+    value), made by kernel_args() on first use and kept (nbytes counts what is held).
     """
     format, ggml_type, block_size, type_size, bits_per_weight = "q4_k", "Q4_K", QK_K, 144, 4.5
+
+    def __init__(self, data, shape):
+        rows, cols, raw = _kquant_rows(self, data, shape)  # raw (rows, blocks, 144)
+        blocks = raw.reshape(-1, self.type_size)  # (rows * blocks, 144)
+        self._head = _readonly(np.ascontiguousarray(raw[:, :, :16]))  # (rows, blocks, 16) d | dmin | scales
+        self._qs = _readonly(self._kernel_layout(self._quants(blocks)).reshape(rows, -1))  # (rows, blocks * 128)
+        self._scales = None  # (d, m) for exact mode's kernels, made by kernel_args() when asked
+        self.x8 = None  # the ggml kernels' 8-row copy once they have made it (hold_x8)
+
+    def hold_x8(self, x8: np.ndarray) -> None:
+        """Keep x8 (kernels/ggml_kquants.repack_q4_k of this weight) in place of qs and head."""
+        self.x8 = _readonly(x8)
+        self._qs = self._head = None
+
+    def _unpacked(self, ids) -> tuple:
+        """qs and head of rows ids (an int array) from x8 (kernels/ggml_kquants.unpack_q4_kx8)."""
+        from ..kernels.ggml_kquants import unpack_q4_kx8  # x8 exists only where those kernels made it
+
+        return unpack_q4_kx8(self.x8, ids)
+
+    def _originals(self) -> tuple:
+        """(qs, head), unpacked from x8 and kept if the ggml kernels dropped them."""
+        if self._qs is None:
+            qs, head = self._unpacked(np.arange(self.shape[0]))
+            self._qs, self._head = _readonly(qs), _readonly(head)
+        return self._qs, self._head
+
+    qs = property(lambda self: self._originals()[0], doc="(rows, blocks * 128): the quants, Q4_1's layout")
+    head = property(lambda self: self._originals()[1], doc="(rows, blocks, 16): the file's header bytes")
+    data = qs
+
+    @property
+    def d(self) -> np.ndarray:
+        return self.kernel_args()[1]
+
+    @property
+    def m(self) -> np.ndarray:
+        return self.kernel_args()[2]
+
+    def kernel_args(self):
+        """exact mode's (qs, d, m, has_min): the Q4_1 kernels' arrays."""
+        if self._scales is None:
+            rows = self.shape[0]
+            with np.errstate(invalid="ignore", over="ignore"):  # inf/NaN scales stay what gguf makes of them
+                scale, minimum = _kquant_scale_and_min(self.head.reshape(-1, 16))  # (rows * blocks, 8, 1) each
+            self._scales = (_readonly(scale.reshape(rows, -1)), _readonly(np.negative(minimum).reshape(rows, -1)))
+        return self.qs, self._scales[0], self._scales[1], True
+
+    @property
+    def nbytes(self) -> int:
+        held = [self._qs, self._head, self.x8] + list(self._scales or ())
+        return sum(int(a.nbytes) for a in held if a is not None)
+
+    def raw_blocks(self, ids=None) -> np.ndarray:
+        sel = slice(None) if ids is None else ids
+        if self._qs is not None:
+            qs, head = self._qs[sel], self._head[sel]
+        else:  # only x8: unpack just these rows (an embedding's lookups), keep nothing
+            qs, head = self._unpacked(np.arange(self.shape[0])[sel].reshape(-1))
+        n, nb = qs.shape[0], self.shape[1] // QK_K
+        values = self._kernel_values(qs.reshape(n * nb, -1))  # (n*nb, 256)
+        quants = self._file_quants(values).reshape(n, nb, -1)  # (n, blocks, 128)
+        return np.concatenate([head, quants], axis=2).reshape(n, nb * self.type_size)
 
     @staticmethod
     def _quants(b):

@@ -30,6 +30,10 @@ from .ggml_ops import apply_rope, attention, rms_norm, rope_tables, serial_produ
 
 ROWS = 16  # weight rows per parallel work item: their bytes stay in cache while every activation row passes
 KIND = {"q8_0": 0, "q5_0": 0, "q5_1": 1, "q4_0": 2, "q4_0r": 3, "q4_1": 4}  # Q5_0: int8 values q - 16
+# Q5_1 in a prefill (more than one activation row): its values one byte each as weights/packed.py keeps them, not
+# the file's 5 bits that a decode streams (kind 1). Only kernels/ggml.py's _linear sees this kind, never
+# kernels/ggml_linears.py's work list (one row of x: kind 1).
+Q5_1_BYTES = 5
 
 # The best integer instructions of this CPU (VNNI, else AVX2), unless LLAMA_REF_GGML_PORTABLE=1 asks for the
 # portable integer code (same results).
@@ -46,10 +50,11 @@ def _tiles(kind):
 
 
 _q8_RA, _q8_R1, _q8_1A, _q8_11 = _tiles("q8_0")
-_q5_1_RA, _q5_1_R1, _q5_1_1A, _q5_1_11 = _tiles("q5_1")
+_q5_1_RA, _q5_1_R1, _q5_1_1A, _q5_1_11 = _tiles("q5_1c")  # Q5_1 in its file's 24 bytes a block (_weight_args)
+_q5_1x_RA, _q5_1x_R1, _q5_1x_1A, _q5_1x_11 = _tiles("q5_1")  # one byte per value: a prefill's (_prefill_args)
 _q4_0_RA, _q4_0_R1, _q4_0_1A, _q4_0_11 = _tiles("q4_0")
 _q4_0r_RA, _q4_0r_R1, _, _ = _tiles("q4_0r")
-_q4_1_RA, _q4_1_R1, _q4_1_1A, _q4_1_11 = _tiles("q4_1")
+_q4_1_RA, _q4_1_R1, _q4_1_1A, _q4_1_11 = _tiles("q4_1h")  # Q4_1 with fp16 d, m pairs (_weight_args)
 
 
 @njit(inline="always", **JIT)
@@ -86,6 +91,16 @@ def _dot(kind, many_rows, many_acts, w, ws, wd, wm, wds, x, xst, xd, xs, xds, nb
             _q4_0_1A(w, ws, wd, wm, wds, x, xst, xd, xs, xds, nb, out, ost, use_simd)
         else:
             _q4_0_11(w, ws, wd, wm, wds, x, xst, xd, xs, xds, nb, out, ost, use_simd)
+    elif kind == Q5_1_BYTES:  # Q5_1 one byte per value (a prefill's: _prefill_args)
+        if many_rows:
+            if many_acts:
+                _q5_1x_RA(w, ws, wd, wm, wds, x, xst, xd, xs, xds, nb, out, ost, use_simd)
+            else:
+                _q5_1x_R1(w, ws, wd, wm, wds, x, xst, xd, xs, xds, nb, out, ost, use_simd)
+        elif many_acts:
+            _q5_1x_1A(w, ws, wd, wm, wds, x, xst, xd, xs, xds, nb, out, ost, use_simd)
+        else:
+            _q5_1x_11(w, ws, wd, wm, wds, x, xst, xd, xs, xds, nb, out, ost, use_simd)
     elif kind == 3:  # repacked Q4_0: always 8 rows (R % 8 == 0)
         if many_acts:
             _q4_0r_RA(w, ws, wd, wm, wds, x, xst, xd, xs, xds, nb, out, ost, use_simd)
@@ -106,7 +121,8 @@ def _dot(kind, many_rows, many_acts, w, ws, wd, wm, wds, x, xst, xd, xs, xds, nb
 @njit(parallel=True, **JIT)
 def _linear(kind, xq, xd, xs, qs, d, m, out, use_simd):
     """out (N, R) = ggml's dot product of every weight row (qs (R, bytes) with scales d, mins m (R, nb);
-    repacked Q4_0: d = m its fp16 scales in tiles, see _weight_args) with every quantized activation row
+    repacked Q4_0: d = m its fp16 scales in tiles; Q4_1, Q5_1: d = m their fp16 pairs; see _weight_args and
+    _prefill_args) with every quantized activation row
     (xq (N, K) int8, scales xd, Q8_1 sums xs (N, nb)). Parallel over tiles of
     ROWS weight rows; within a tile, the activation rows pass ACTS at a time, meeting the tile's rows 4
     (repacked Q4_0: 8) at a time while their bytes are in cache.
@@ -263,10 +279,32 @@ def _weight_args(w) -> tuple:
         fmt = w.format
         if fmt == "q4_0" and w.shape[0] % 8 == 0:  # llama.cpp repacks Q4_0 matrices whose rows come in groups of 8
             fmt = "q4_0r"
-        d = _repack_scales(w.d) if fmt == "q4_0r" else readonly(w.d)
-        m = readonly(w.m) if fmt in ("q4_1", "q5_1") else d
-        args = _ARGS[id(w)] = (KIND[fmt], readonly(w.qs), d, m)
+        qs = readonly(w.qs)
+        if fmt in ("q4_1", "q5_1"):
+            # As llama.cpp streams them: d and m as one fp16 pair per block (d = m: the tiles read both from d),
+            # and Q5_1 as its file's 20 bytes of fifth bits and nibbles, not one byte per value. A decode streams
+            # its weights from memory once a token: 20 and 24 bytes a block instead of 24 and 40.
+            d = m = _scale_pairs(w.d, w.m)
+            if fmt == "q5_1":
+                qs = _q5_blocks(w.qs)
+        else:
+            d = m = _repack_scales(w.d) if fmt == "q4_0r" else readonly(w.d)
+        args = _ARGS[id(w)] = (KIND[fmt], qs, d, m)
         weakref.finalize(w, _ARGS.pop, id(w), None)
+    return args
+
+
+def _prefill_args(w) -> tuple:
+    """_weight_args for more than one activation row. Q5_1 keeps one byte per value there (Q5_1_BYTES): a prefill's
+    tile meets each weight block with 4 activation rows from cache, so what it streams counts for little, and
+    rebuilding the values from the file's 5 bits took ~1.25x the time (default model, one thread, under load: 103
+    against 126-132 tokens per CPU second)."""
+    if w.format != "q5_1":
+        return _weight_args(w)
+    args = _ARGS.get((id(w), "prefill"))
+    if args is None:
+        args = _ARGS[(id(w), "prefill")] = (Q5_1_BYTES, readonly(w.qs), readonly(w.d), readonly(w.m))
+        weakref.finalize(w, _ARGS.pop, (id(w), "prefill"), None)
     return args
 
 
@@ -284,6 +322,34 @@ def _repack_scales(d: np.ndarray) -> np.ndarray:
     return readonly(d16.view(np.uint16).reshape(R, nb))  # the fp16 bits: Numba's arrays have no float16
 
 
+def _scale_pairs(d: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """Q4_1's / Q5_1's d and m (R, nb) float32 as the tiles read them (kernels/ggml_simd.py's fp16 pairs): one
+    uint32 per block, fp16 d in its low half (its lower address) and fp16 m in its high half, as a block of the
+    file begins. Exact: every GGUF d and m is an fp16 (checked, as _repack_scales)."""
+    d16, m16 = d.astype(np.float16), m.astype(np.float16)
+    for a, a16 in ((d, d16), (m, m16)):
+        if not np.array_equal(a16.astype(np.float32), a, equal_nan=True):
+            raise ValueError("Q4_1 / Q5_1 scales that are not fp16 values")
+    pairs = d16.view(np.uint16).astype(np.uint32) | (m16.view(np.uint16).astype(np.uint32) << np.uint32(16))
+    return readonly(pairs)  # (R, nb)
+
+
+def _q5_blocks(qs: np.ndarray, chunk: int = 4096) -> np.ndarray:
+    """Q5_1's values (R, K) uint8 0..31 (weights/packed.py keeps one byte per value) back in its file's layout
+    without the header: per block the fifth bits (bit j of a little-endian uint32 for value j), then 16 bytes of
+    nibbles (value j < 16 in the low nibble of byte j, value j + 16 in its high nibble). (R, K // 32 * 20) uint8,
+    made a few thousand rows at a time (the temporaries stay small)."""
+    R, K = qs.shape
+    nb = K // 32
+    out = np.empty((R, nb, 20), np.uint8)
+    for r0 in range(0, R, chunk):
+        q = qs[r0:r0 + chunk].reshape(-1, nb, 32)  # (n, nb, 32)
+        out[r0:r0 + chunk, :, :4] = np.packbits((q >> np.uint8(4)) & np.uint8(1), axis=2, bitorder="little")
+        low = q & np.uint8(15)
+        out[r0:r0 + chunk, :, 4:] = low[:, :, :16] | (low[:, :, 16:] << np.uint8(4))
+    return readonly(out.reshape(R, nb * 20))
+
+
 def quantized_linear(x2: np.ndarray, w, use_simd: "int | None" = None) -> np.ndarray:
     """x2 (N, K) float32 @ w.T in ggml's arithmetic, for a Q8_0 / Q4_0 / Q4_1 / Q5_0 / Q5_1 weight. -> (N, R).
     use_simd: 0 the portable integer code, 2 AVX2's (where the CPU has it), 1 the best this CPU has (vpdpbusd,
@@ -291,8 +357,8 @@ def quantized_linear(x2: np.ndarray, w, use_simd: "int | None" = None) -> np.nda
     if w.format in ("q4_k", "q5_k", "q6_k"):  # Q8_K activations and 256-value super-blocks: their own module
         from . import ggml_kquants
         return ggml_kquants.quantized_linear(x2, w, use_simd)
-    kind, qs, d, m = _weight_args(w)
     N = x2.shape[0]
+    kind, qs, d, m = _weight_args(w) if N == 1 else _prefill_args(w)
     out = np.empty((N, d.shape[0]), np.float32)
     use = SIMD if use_simd is None else int(use_simd)
     if serial_product(N, d.shape[0] * x2.shape[1]):

@@ -134,14 +134,21 @@ def prefetch(typingctx, addr):
 
 # ---- the block dot products --------------------------------------------------------------------------------------
 
-# kind: (bytes per block of a weight row, nibbles?, signed values?, offset subtracted from nibbles, 8 lanes?,
-#        has a min term (Q4_1 / Q5_1: + sum_b fma(m_w, s_x)))
+# kind: (bytes per block of a weight row, nibbles? (True: 16 bytes of them; Q5: 4 bytes of fifth bits, then 16 of
+#        nibbles), signed values?, offset subtracted from nibbles, 8 lanes?, has a min term (Q4_1 / Q5_1: + sum_b
+#        fma(m_w, s_x)), scales as fp16 pairs? (wd: one 32-bit word per block, d in its low half, m in its high
+#        half; wm unused), else float32 d at wd and m at wm)
 KINDS = {
-    "q8_0": (32, False, True, 0, True, False),  # also Q5_0, kept as int8 values q - 16
-    "q5_1": (32, False, False, 0, True, True),  # one byte per value 0..31
-    "q4_0": (16, True, True, 8, True, False),  # not repacked: 8 lanes
-    "q4_0r": (16, True, True, 8, False, False),  # repacked (ggml_gemv_q4_0_8x8_q8_0): one integer per block
-    "q4_1": (16, True, False, 0, True, True),
+    "q8_0": (32, False, True, 0, True, False, False),  # also Q5_0, kept as int8 values q - 16
+    "q5_1": (32, False, False, 0, True, True, False),  # one byte per value 0..31
+    "q4_0": (16, True, True, 8, True, False, False),  # not repacked: 8 lanes
+    "q4_0r": (16, True, True, 8, False, False, False),  # repacked (ggml_gemv_q4_0_8x8_q8_0): one integer per block
+    "q4_1": (16, True, False, 0, True, True, False),
+    # As llama.cpp streams them (kernels/ggml.py _weight_args): Q4_1's nibbles with d, m as an fp16 pair (20
+    # bytes a block, against 24 with float32 d and m); Q5_1 as its file's blocks without the header, fifth bits
+    # then nibbles, with the fp16 pair (24 bytes a block, against 40 as one byte per value and float32 d, m).
+    "q4_1h": (16, True, False, 0, True, True, True),
+    "q5_1c": (20, "q5", False, 0, True, True, True),
 }
 
 
@@ -176,6 +183,25 @@ def _weight_values(builder, raw, nibbles, offset):
     if offset:
         vals = builder.sub(vals, ir.Constant(ir.VectorType(I8, 32), [offset] * 32))
     return vals
+
+
+def _fifth_bits(builder, qh):
+    """Q5's high bits: qh (i32, bit j for value j, little-endian) -> <32 x i8>, 16 where bit j is set, else 0
+    (llama.cpp's bytes_from_bits_32: byte j // 8 of qh broadcast to value j, tested against its bit)."""
+    v32 = ir.VectorType(I8, 32)
+    qb = builder.bitcast(qh, ir.VectorType(I8, 4))
+    sel = builder.shuffle_vector(qb, ir.Constant(qb.type, ir.Undefined),
+                                 ir.Constant(ir.VectorType(I32, 32), [j // 8 for j in range(32)]))
+    bit = ir.Constant(v32, [1 << (j % 8) for j in range(32)])
+    is_set = builder.icmp_unsigned("==", builder.and_(sel, bit), bit)
+    return builder.select(is_set, ir.Constant(v32, [16] * 32), ir.Constant(v32, [0] * 32))
+
+
+def _scale_pair(builder, addr):
+    """An fp16 pair (d low, m high) at byte address addr -> (d, m) as float32 (exact: vcvtph2ps)."""
+    pair = builder.fpext(_gep_load(builder, addr, ir.Constant(I64, 0), ir.VectorType(ir.HalfType(), 2), 2),
+                         ir.VectorType(F32, 2))
+    return tuple(builder.extract_element(pair, ir.Constant(I32, k)) for k in (0, 1))
 
 
 def lanes_portable(builder, w, x, signed):
@@ -302,7 +328,7 @@ def _define_tile(module, kind, rows, acts, isa):
         return module.globals[name]
     if kind == "q4_0r" and isa == "avx2":
         return _define_q4_0r_avx2(module, name, acts)
-    block, nibbles, signed, offset, lanes8, has_min = KINDS[kind]
+    block, nibbles, signed, offset, lanes8, has_min, pairs = KINDS[kind]
     if lanes8 and isa == "avx2" and acts > SPLIT_ACTS and acts % SPLIT_ACTS == 0:
         return _define_split(module, name, kind, rows, acts, isa)
     fn = ir.Function(module, ir.FunctionType(ir.VoidType(), [I64] * 13), name)
@@ -324,7 +350,7 @@ def _define_tile(module, kind, rows, acts, isa):
     accs = [b.phi(v8f) for _ in range(n_acc)]
     mins = [b.phi(F32) for _ in range(rows * acts)] if has_min else []
     if acts == 1:
-        _prefetch_ahead(b, w, ws, wd, wds, wm if has_min else None, i, rows, block, ahead,
+        _prefetch_ahead(b, w, ws, wd, wds, wm if has_min and not pairs else None, i, rows, block, ahead,
                         16 if kind == "q4_0r" else 4 * rows)
     four = b.mul(i, c64(4))
 
@@ -349,15 +375,23 @@ def _define_tile(module, kind, rows, acts, isa):
         x_u8.append(b.xor(xq[a_], ir.Constant(v32, [-128] * 32)) if by_x128 else None)
     # the weight side, once per block: emitted row by row next to the row's products (below), so that LLVM's
     # schedule keeps one row's values live at a time
-    wvals, w_corr, w_abs, wdv = [None] * rows, [None] * rows, [None] * rows, [None] * rows
+    wvals, w_corr, w_abs, wdv, wmv = [None] * rows, [None] * rows, [None] * rows, [None] * rows, [None] * rows
 
     def weight_row(r):
-        raw = _gep_load(b, b.add(w, b.mul(c64(r), ws)), b.mul(i, c64(block)), ir.VectorType(I8, block), 1)
-        wvals[r] = _weight_values(b, raw, nibbles, 0 if unsigned_offset else offset)
+        row, at = b.add(w, b.mul(c64(r), ws)), b.mul(i, c64(block))
+        if nibbles == "q5":  # 4 bytes of fifth bits, then 16 of nibbles
+            raw = _gep_load(b, row, b.add(at, c64(4)), ir.VectorType(I8, 16), 1)
+            wvals[r] = b.or_(_weight_values(b, raw, True, 0), _fifth_bits(b, _gep_load(b, row, at, I32, 1)))
+        else:
+            raw = _gep_load(b, row, at, ir.VectorType(I8, block), 1)
+            wvals[r] = _weight_values(b, raw, nibbles, 0 if unsigned_offset else offset)
         ones = ir.Constant(v32, [1] * 32)
         w_corr[r] = b.shl(lanes_u8s8(b, ones, wvals[r], isa), ir.Constant(v8i, [7] * 8)) if by_x128 else None
         w_abs[r] = sign8(b, wvals[r], wvals[r]) if by_sign else None
-        wdv[r] = _gep_load(b, b.add(wd, b.mul(c64(r), wds)), four, F32, 4) if lanes8 else None
+        if pairs:
+            wdv[r], wmv[r] = _scale_pair(b, b.add(b.add(wd, b.mul(c64(r), wds)), four))
+        elif lanes8:
+            wdv[r] = _gep_load(b, b.add(wd, b.mul(c64(r), wds)), four, F32, 4)
 
     def lanes(r, a_):
         if not fast:
@@ -392,7 +426,7 @@ def _define_tile(module, kind, rows, acts, isa):
             new_accs[a_] = b.call(fma_v, [b.fmul(scales, splat(xdv[a_])), b.sitofp(sums[0], v8f), accs[a_]])
     for a_ in range(acts if has_min else 0):
         for r in range(rows):
-            m = _gep_load(b, b.add(wm, b.mul(c64(r), wds)), four, F32, 4)
+            m = wmv[r] if pairs else _gep_load(b, b.add(wm, b.mul(c64(r), wds)), four, F32, 4)
             k = r * acts + a_
             new_mins[k] = b.call(fma_s, [m, xsv[a_], mins[k]])
     zero = ir.Constant(F32, 0.0)

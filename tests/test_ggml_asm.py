@@ -147,3 +147,16 @@ def test_q4_k_8row_decode_tile_asks_for_the_weights_ahead():
         asm = run.inspect_asm(run.signatures[0])
         names = [line.split()[0] for line in asm.splitlines() if line.startswith("\t") and not line.startswith("\t.")]
         assert names.count("prefetcht0") == wanted, (names.count("prefetcht0"), wanted)
+
+
+@pytest.mark.parametrize("kind, prefetches", [("q4_1h", 2), ("q5_1c", 2)])
+def test_q4_1_q5_1_decode_tiles_read_fp16_pairs(kind, prefetches):
+    """The decode tiles of Q4_1 / Q5_1 (one row by one activation row) read a block's d and m as one fp16 pair
+    (vcvtph2ps, the 4 bytes llama.cpp streams; float32 d and m took 8) and ask for two streams ahead, the quants and
+    the pairs (the old tile asked for three: quants, d, m). Q5_1's fifth bits are spread to bytes by one vpshufb."""
+    loops = block_loops(tile_asm(kind, 1, 1))
+    assert len(loops) == 1, [len(body) for body in loops]
+    names = [ins.split()[0] for ins in loops[0]]
+    assert names.count("vcvtph2ps") == 1 and names.count("prefetcht0") == prefetches, names
+    assert names.count("vpshufb") == (kind == "q5_1c"), names
+    assert not [ins for ins in loops[0] if "(%rsp)" in ins or "(%rbp)" in ins], loops[0]

@@ -306,6 +306,27 @@ def test_repacked_q4_0_scales():
         kernels()._repack_scales(w.d * np.float32(1 + 2**-20))
 
 
+@pytest.mark.parametrize("kind", ["q4_1", "q5_1"])
+def test_decode_layout_is_the_files_blocks(kind):
+    """A decode streams Q4_1 / Q5_1 as the file stores them (kernels/ggml.py _weight_args): the fp16 pair d, m is a
+    block's first 4 bytes, and Q5_1's 20 bytes of fifth bits and nibbles the rest; a prefill keeps Q5_1's one byte
+    per value (_prefill_args). Scales that are no fp16 are refused, not rounded."""
+    w = raw_blocks(kind, 13, 5, seed=21)
+    raw = w.raw_blocks().reshape(13, 5, TYPES[kind].type_size)  # (rows, blocks, bytes) of the file
+    k, qs, d, m = kernels()._weight_args(w)
+    assert d is m and d.dtype == np.uint32 and d.shape == (13, 5)
+    assert np.array_equal(d.view(np.uint8).reshape(13, 5, 4), raw[:, :, :4])
+    if kind == "q5_1":
+        assert np.array_equal(qs.reshape(13, 5, 20), raw[:, :, 4:])
+        pk, pqs, pd, pm = kernels()._prefill_args(w)
+        assert pk == kernels().Q5_1_BYTES != k and pqs.shape == (13, 160) and pd.dtype == np.float32
+        assert np.array_equal(pqs, w.qs) and np.array_equal(pm, w.m)
+    else:
+        assert np.array_equal(qs, w.qs) and kernels()._prefill_args(w) is kernels()._weight_args(w)
+    with pytest.raises(ValueError):
+        kernels()._scale_pairs(w.d * np.float32(1 + 2**-20), w.m)
+
+
 def raw_blocks(kind, rows, nb, seed, pattern="random", scale=(1e-3, 1.0)):
     """(rows, nb) blocks of `kind` as a GGUF stores them, the quant bytes drawn from every value (so Q8_0's
     -128, Q4's 0 and 15, Q5's 0 and 31 all occur) or set to one extreme ("min": every byte 0x00, Q8_0 0;

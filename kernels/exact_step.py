@@ -255,7 +255,8 @@ _SUMS_COPIES = frozenset(f"{__name__.rpartition('.')[0]}+{s}_sums" for s in spec
 def _own_products(backend) -> bool:
     """Whether backend's products of one decode row are this backend's kernels: this module's package itself, or
     a sums= copy of it that keeps them."""
-    return (backend.linear is lin.linear and backend.linears is lin.linears) or backend.__name__ in _SUMS_COPIES
+    own = getattr(backend, "linear", None) is lin.linear and getattr(backend, "linears", None) is lin.linears
+    return own or backend.__name__ in _SUMS_COPIES  # a copy without linears (one product at a time) declines
 
 
 def decode_layer(model, i: int, h: np.ndarray, start_pos: int, cache, cos: np.ndarray, sin: np.ndarray):

@@ -188,6 +188,15 @@ def test_declines_what_it_cannot_promise(monkeypatch):
     expected, got, hook = lines_and_fused(model, TOKENS, monkeypatch, backend=other)
     assert same(got, expected) and hook.done == 0 and hook.declined == 2 * STEPS
 
+    # A copy of the whole module, its name included, without linears (each product on its own: the lines take
+    # wq, wk, wv one at a time): it declines rather than fail (tests/test_real_shapes.py builds one).
+    model = model_in("f32")
+    one_by_one = types.ModuleType("one_by_one")
+    one_by_one.__dict__.update({k: v for k, v in vars(kernels).items() if k != "linears"})
+    model.ops = one_by_one
+    expected, got, hook = lines_and_fused(model, TOKENS, monkeypatch, backend=one_by_one)
+    assert same(got, expected) and hook.done == 0 and hook.declined == 2 * STEPS
+
 
 def test_a_replaced_weight_makes_a_new_plan(monkeypatch):
     """The plans are kept per model and layer; a matrix replaced in model.weights between steps is read."""

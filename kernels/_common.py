@@ -100,3 +100,18 @@ def readonly(a: np.ndarray) -> np.ndarray:
         a = np.ascontiguousarray(a).view()
         a.flags.writeable = False
     return a
+
+
+_LAYER_NAMES: list = []  # layer i -> the names of its 9 tensors in the weights dict
+
+
+def layer_tensor_names(i: int) -> tuple:
+    """The weights-dict names of dense layer i's 7 matrices and 2 norms, in the order the decode layers take them
+    (kernels/ggml_step.py, kernels/exact_step.py)."""
+    while len(_LAYER_NAMES) <= i:
+        p = f"layers.{len(_LAYER_NAMES)}."
+        _LAYER_NAMES.append(tuple(p + n for n in (
+            "attention.wq.weight", "attention.wk.weight", "attention.wv.weight", "attention.wo.weight",
+            "feed_forward.w1.weight", "feed_forward.w3.weight", "feed_forward.w2.weight",
+            "attention_norm.weight", "ffn_norm.weight")))
+    return _LAYER_NAMES[i]

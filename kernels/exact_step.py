@@ -37,7 +37,7 @@ from numba.extending import overload
 from llama_ref.model import ops as spec
 
 from . import linear as lin
-from ._common import JIT, readonly
+from ._common import JIT, layer_tensor_names, readonly
 from .attention import _attention
 from .elementwise import PARALLEL_MIN, _rms_norm_serial, _rope_serial, _swiglu
 
@@ -196,17 +196,6 @@ def _layer(h, kc, vc, keys, values, pos, cos, sin, an, fn, eps, n_heads, qkv, wo
 # ids are checked on every step: a weight replaced in model.weights makes a new plan (the old one holds the old
 # tensors, so their ids are not reused meanwhile).
 _PLANS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-_NAMES: list = []  # layer i -> the names of its 9 tensors in the weights dict
-
-
-def _names(i: int) -> tuple:
-    while len(_NAMES) <= i:
-        p = f"layers.{len(_NAMES)}."
-        _NAMES.append(tuple(p + n for n in (
-            "attention.wq.weight", "attention.wk.weight", "attention.wv.weight", "attention.wo.weight",
-            "feed_forward.w1.weight", "feed_forward.w3.weight", "feed_forward.w2.weight",
-            "attention_norm.weight", "ffn_norm.weight")))
-    return _NAMES[i]
 
 
 def _describe(w):
@@ -264,7 +253,7 @@ def decode_layer(model, i: int, h: np.ndarray, start_pos: int, cache, cos: np.nd
     (1, 1, D), k and v stored into cache at start_pos, bit for bit as the forward pass's lines with this backend
     compute them; None where it cannot promise that (then the lines run)."""
     w = model.weights
-    tensors = tuple(w[n] for n in _names(i))
+    tensors = tuple(w[n] for n in layer_tensor_names(i))
     key = tuple(map(id, tensors))
     plans = _PLANS.get(model)
     if plans is None:

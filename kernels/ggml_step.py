@@ -34,7 +34,7 @@ from llama_ref.model import ggml as spec
 
 from . import ggml as legacy
 from . import ggml_linears as gl
-from ._common import JIT
+from ._common import JIT, layer_tensor_names
 from .ggml_ops import _attention_item, _rms_norm_row, _rope_row, _swiglu_row
 from .ggml_simd import fp16_round
 
@@ -159,17 +159,6 @@ def _layer_serial(h, kc, vc, pos, cos, sin, table, groups, norms, use_simd, wide
 # ggml_linears that keep the weights' arrays alive, weights per group) or False where the layer declines; made on
 # the first step, dropped when any matrix goes (before its id can be reused), as ggml_linears' _GROUPS.
 _PLANS: dict = {}
-_NAMES: list = []  # layer i -> the names of its 9 tensors in the weights dict
-
-
-def _names(i: int) -> tuple:
-    while len(_NAMES) <= i:
-        p = f"layers.{len(_NAMES)}."
-        _NAMES.append(tuple(p + n for n in (
-            "attention.wq.weight", "attention.wk.weight", "attention.wv.weight", "attention.wo.weight",
-            "feed_forward.w1.weight", "feed_forward.w3.weight", "feed_forward.w2.weight",
-            "attention_norm.weight", "ffn_norm.weight")))
-    return _NAMES[i]
 
 
 def _plan(model, tensors, key):
@@ -217,7 +206,7 @@ def decode_layer(model, i: int, h: np.ndarray, start_pos: int, cache, cos: np.nd
     (1, 1, D), k and v stored into cache at start_pos, bit for bit as the forward pass's lines with kernels/ggml
     compute them; None where it cannot promise that (then the lines run)."""
     w = model.weights
-    tensors = tuple(w[n] for n in _names(i))
+    tensors = tuple(w[n] for n in layer_tensor_names(i))
     key = tuple(map(id, tensors))
     plan = _PLANS.get(key)
     if plan is None:

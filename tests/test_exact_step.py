@@ -149,7 +149,7 @@ def test_every_format_equals_the_lines(formats, monkeypatch):
 def test_16_bit_matrices_on_the_block_shape(monkeypatch):
     """F16 on rows of 256 values (two prefetch chunks), every product one 16-bit call (qkv and w1 w3 together)."""
     model = model_in("f16", shape=SQUARE)
-    plan = exact_step._plan(model, tuple(model.weights[n] for n in exact_step._names(0)))
+    plan = exact_step._plan(model, tuple(model.weights[n] for n in exact_step.layer_tensor_names(0)))
     assert plan[8] == 3  # both groups together, as kernels/linear.linears takes them
     check(model, TOKENS, monkeypatch, threads=(2,))
 

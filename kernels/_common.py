@@ -115,3 +115,11 @@ def layer_tensor_names(i: int) -> tuple:
             "feed_forward.w1.weight", "feed_forward.w3.weight", "feed_forward.w2.weight",
             "attention_norm.weight", "ffn_norm.weight")))
     return _LAYER_NAMES[i]
+
+
+def layer_matrix_shapes(args, w1) -> tuple:
+    """The (rows, cols) the model's config gives a dense layer's 7 matrices, in layer_tensor_names' order. The
+    hidden size is read from w1 (-1 where w1 is not a matrix, which then matches nothing)."""
+    D, H, KVH, HD = args.dim, args.n_heads, args.kv_heads, args.head_dim
+    F = w1.shape[0] if getattr(w1, "ndim", 0) == 2 else -1
+    return ((H * HD, D), (KVH * HD, D), (KVH * HD, D), (D, H * HD), (F, D), (F, D), (D, F))

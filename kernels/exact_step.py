@@ -37,7 +37,7 @@ from numba.extending import overload
 from llama_ref.model import ops as spec
 
 from . import linear as lin
-from ._common import JIT, layer_tensor_names, readonly
+from ._common import JIT, layer_matrix_shapes, layer_tensor_names, readonly
 from .attention import _attention
 from .elementwise import PARALLEL_MIN, _rms_norm_serial, _rope_serial, _swiglu
 
@@ -224,8 +224,7 @@ def _plan(model, tensors):
     D, H, KVH, HD = args.dim, args.n_heads, args.kv_heads, args.head_dim
     wq, wk, wv, wo, w1, w3, w2, an, fn = tensors
     mats = (wq, wk, wv, wo, w1, w3, w2)
-    F = w1.shape[0] if getattr(w1, "ndim", 0) == 2 else -1
-    shapes = ((H * HD, D), (KVH * HD, D), (KVH * HD, D), (D, H * HD), (F, D), (F, D), (D, F))
+    shapes = layer_matrix_shapes(args, w1)
     described = [_describe(w) for w in mats]
     plan = False
     if (all(d is not None for d in described) and all(tuple(w.shape) == s for w, s in zip(mats, shapes))

@@ -34,7 +34,7 @@ from llama_ref.model import ggml as spec
 
 from . import ggml as legacy
 from . import ggml_linears as gl
-from ._common import JIT, layer_tensor_names
+from ._common import JIT, layer_matrix_shapes, layer_tensor_names
 from .ggml_ops import _attention_item, _rms_norm_row, _rope_row, _swiglu_row
 from .ggml_simd import fp16_round
 
@@ -165,11 +165,10 @@ def _plan(model, tensors, key):
     """The layer's plan, or False when it must decline: every matrix in a format ggml_linears takes in one call,
     with the shapes the model's config gives them."""
     args = model.args
-    D, H, KVH, HD = args.dim, args.n_heads, args.kv_heads, args.head_dim
+    D, KVH, HD = args.dim, args.kv_heads, args.head_dim
     wq, wk, wv, wo, w1, w3, w2, an, fn = tensors
     mats = (wq, wk, wv, wo, w1, w3, w2)
-    F = w1.shape[0] if getattr(w1, "ndim", 0) == 2 else -1
-    shapes = ((H * HD, D), (KVH * HD, D), (KVH * HD, D), (D, H * HD), (F, D), (F, D), (D, F))
+    shapes = layer_matrix_shapes(args, w1)
     plan = False
     if (HD % 8 == 0 and all(spec.supported(w) and tuple(w.shape) == s for w, s in zip(mats, shapes))
             and all(np.shape(n) == (D,) for n in (an, fn))):

@@ -22,7 +22,7 @@ import numpy as np
 from numba import njit, prange
 
 from llama_ref.model import ggml as spec
-from llama_ref.model.ggml import embedding, rope_frequencies  # noqa: F401  (the specification's own)
+from llama_ref.model.ggml import cache_values, embedding, rope_frequencies  # noqa: F401  (the specification's own)
 
 from . import ggml_simd as simd
 from ._common import JIT, readonly

@@ -114,7 +114,7 @@ def _attention_item(q, k, v, start_pos, scale, wide, out, item):
     P = (S + 63) // 64 * 64  # ggml's cache view, padded
     step = 64 if wide else 32  # GGML_F16_STEP: 4 accumulators of 16 or 8 lanes
     width = 16 if wide else 8  # the lanes of one softmax vector
-    row = np.int64(4 * HD)  # bytes from one key (value) row to the next
+    row = np.int64(k.strides[2])  # bytes from one key (value) row to the next: 4 * HD, or more in a cache's view
     blocks = (T + QUERIES - 1) // QUERIES
     b, kvh, t0 = item // (KVH * blocks), item // blocks % KVH, item % blocks * QUERIES
     qh = np.empty((R, HD), np.float32)

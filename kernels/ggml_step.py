@@ -6,16 +6,19 @@ Per op, a decode step of the default model (30 layers) makes ~14 compiled calls 
 microseconds of work behind Python's dispatch, allocations and wrappers; on two threads each product also starts
 a parallel region after the threads may have gone back to sleep. Here one call does what the lines do, in their
 order: RMSNorm; x quantized; wq, wk, wv (kernels/ggml_linears.py's work items: the same tiles, so the same bits);
-RoPE of q and k; k, v stored into the cache at start_pos; the attention of the one query row (an item per KV
-head, which rounds that head's keys and values to fp16 as ggml_ops._fp16_heads does, then ggml_ops'
-_attention_item); wo; the residual add; RMSNorm; w1, w3; SwiGLU; w2; the residual add. The products and the
-attention run in parallel regions (prange) that follow each other closely, so the threads stay awake in between;
-at one Numba thread the same function compiled without them runs.
+RoPE of q and k; k, v rounded to fp16 and stored into the cache at start_pos (model/cache.py: the cache of
+arithmetic="ggml" holds fp16 values, as cache.store rounds them); the attention of the one query row (ggml_ops'
+_attention_item per KV head, reading the head's keys and values where they lie in the cache: no copy, unlike
+the lines' attention, which rounds and gathers every head's rows each call); wo; the residual add; RMSNorm;
+w1, w3; SwiGLU; w2; the residual add. The products and the attention run in parallel regions (prange) that
+follow each other closely, so the threads stay awake in between; at one Numba thread the same function compiled
+without them runs.
 
 Every value is computed by the same code as the per-op lines (the same float32 operations in the same order), so
 the layer's output and the cache are the lines', bit for bit (tests/test_ggml_step.py). Where that cannot be
 promised the call declines (returns None) and the lines run: a batch, anything other than float32, a matrix
-the one-row products do not take (F32 / F16), a head size that is no multiple of 8, shapes that disagree.
+the one-row products do not take (F32 / F16), a head size that is no multiple of 8, shapes that disagree, a
+cache not known to hold fp16 values (one made without Transformer.new_cache).
 
 The two compiled layers inline code of ggml_linears, ggml.py, ggml_kquants, ggml_ops, ggml_vec and ggml_simd, and
 Numba's on-disk cache checks a kernel against its own file only: after editing any of those delete
@@ -82,14 +85,11 @@ def _products(g, x, table, groups, out, use_simd, serial):
 
 
 @njit(**JIT)
-def _attend_head(kc, vc, S, q, kh, vh, pos, scale, wide, attn, j):
-    """KV head j of the one query row: its S cached keys and values rounded to fp16 into kh, vh (1, KVH, S, HD)
-    (ggml_ops._fp16_heads, this head only), then ggml_ops' work item for it (T = 1: item j is head j)."""
-    for s in range(S):
-        for d in range(kc.shape[3]):
-            kh[0, j, s, d] = fp16_round(kc[0, s, j, d])
-            vh[0, j, s, d] = fp16_round(vc[0, s, j, d])
-    _attention_item(q, kh, vh, pos, scale, wide, attn, j)
+def _attend_head(kc, vc, S, q, pos, scale, wide, attn, j):
+    """KV head j of the one query row: ggml_ops' work item for it (T = 1: item j is head j) on the cache's first S
+    positions seen as (1, KVH, S, HD), the layout it takes (a view: one key row to the next is KVH * HD floats)."""
+    _attention_item(q, kc[:, :S].transpose((0, 2, 1, 3)), vc[:, :S].transpose((0, 2, 1, 3)), pos, scale, wide,
+                    attn, j)
 
 
 @njit(inline="always", **JIT)
@@ -112,17 +112,19 @@ def _layer(h, kc, vc, pos, cos, sin, table, groups, norms, use_simd, wide, seria
     q = np.empty((1, 1, H, HD), np.float32)
     _rope_row(qkv[:H * HD].reshape((1, 1, H, HD)), cos, sin, q, 0)
     _rope_row(qkv[H * HD:(H + KVH) * HD].reshape((1, 1, KVH, HD)), cos, sin, kc[:, pos:pos + 1], 0)
-    vc[0, pos] = qkv[(H + KVH) * HD:].reshape((KVH, HD))
+    v = qkv[(H + KVH) * HD:].reshape((KVH, HD))
+    for j in range(KVH):  # stored as the cache's values: fp16 (cache.store)
+        for d in range(HD):
+            kc[0, pos, j, d] = fp16_round(kc[0, pos, j, d])
+            vc[0, pos, j, d] = fp16_round(v[j, d])
     S = pos + 1
-    kh = np.empty((1, KVH, S, HD), np.float32)
-    vh = np.empty((1, KVH, S, HD), np.float32)
     attn = np.empty((1, 1, H, HD), np.float32)
     if serial & (1 << ATTENTION):
         for j in range(KVH):
-            _attend_head(kc, vc, S, q, kh, vh, pos, scale, wide, attn, j)
+            _attend_head(kc, vc, S, q, pos, scale, wide, attn, j)
     else:
         for j in prange(KVH):
-            _attend_head(kc, vc, S, q, kh, vh, pos, scale, wide, attn, j)
+            _attend_head(kc, vc, S, q, pos, scale, wide, attn, j)
     o = np.empty(D, np.float32)
     _products(WO, attn.reshape((1, H * HD)), table, groups, o, use_simd, serial & 2)
     h1 = np.empty((1, D), np.float32)
@@ -212,6 +214,7 @@ def decode_layer(model, i: int, h: np.ndarray, start_pos: int, cache, cos: np.nd
         plan = _plan(model, tensors, key)
     kc, vc = cache.k[i], cache.v[i]
     if (not plan or h.shape[:2] != (1, 1) or h.dtype != np.float32 or not h.flags.c_contiguous
+            or cache.values is not spec.cache_values  # its older positions hold fp16 values: read as they are
             or kc.dtype != np.float32 or kc.shape[0] != 1 or start_pos >= kc.shape[1]
             or kc.shape[2:] != plan[5] or not kc.flags.c_contiguous or not vc.flags.c_contiguous
             or cos.dtype != np.float32 or not cos.flags.c_contiguous or not sin.flags.c_contiguous):

@@ -150,3 +150,41 @@ def test_declines_float_matrices_and_batches(monkeypatch):
     assert hook.done == 0 and hook.declined == 10
     assert mod.decode_layer(model, 0, np.zeros((1, 1, 256), np.float64), 0, model.cache, *model.ops.rope_tables(
         model.freqs, 0, 1, np.float32)) is None  # float64 activations
+
+
+def test_the_cache_holds_fp16_values_and_the_step_reads_it_only_then(monkeypatch):
+    """arithmetic="ggml" stores keys and values rounded to fp16 (llama.cpp's F16 cache; Transformer.new_cache), in
+    both backends, and an exact model's cache stores them as computed. The step reads the cache's older positions
+    as they are, so a cache made without new_cache (no fp16 promise) makes it decline; the lines then answer
+    alike, since their attention rounds whatever it is handed."""
+    from llama_ref.model.cache import KVCache
+
+    model = model_in("q8_0")
+    tokens = np.array([[3, 1, 4, 1, 5, 9, 2]])
+    model.forward(tokens)
+    stored = [a[:, :model.cache.length] for a in model.cache.k + model.cache.v]
+    assert model.cache.values is ggml.cache_values
+    assert all(np.array_equal(a, ggml.fp16(a)) for a in stored)
+    assert all(np.abs(a).max() > 0 for a in stored)
+    spec = Transformer(model.args, model.weights, backend=ggml.backend_for("numpy", model.weights, "tiny"))
+    spec.forward(tokens)
+    assert spec.cache.values is ggml.cache_values
+    assert all(np.array_equal(a, b[:, :7]) for a, b in zip(stored, spec.cache.k + spec.cache.v))
+    exact = Transformer(model.args, random_weights(model.args, 0))
+    exact.forward(tokens)
+    assert exact.cache.values is None
+    assert not all(np.array_equal(a, ggml.fp16(a)) for a in exact.cache.k[0][:, :7])
+
+    lines = Hook(on=False)
+    monkeypatch.setattr(kernels(), "decode_layer", lines)
+    expected = model.forward(np.array([[6]]), start_pos=7)
+    plain = KVCache(model.args, 1, model.dtype)  # float32 as computed: the step must not trust it
+    model.forward(tokens, cache=plain)
+    hook = Hook()
+    monkeypatch.setattr(kernels(), "decode_layer", hook)
+    assert np.array_equal(model.forward(np.array([[6]]), start_pos=7, cache=plain), expected)
+    assert hook.done == 0 and hook.declined == model.args.n_layers
+    hook = Hook()
+    monkeypatch.setattr(kernels(), "decode_layer", hook)
+    assert np.array_equal(model.forward(np.array([[6]]), start_pos=7), expected)
+    assert hook.done == model.args.n_layers

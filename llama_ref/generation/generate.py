@@ -215,8 +215,9 @@ def _own_cache(model: "Transformer", seq: list[int]) -> tuple[KVCache, int]:
     """
     cache = model.cache
     if (cache is None or cache.ids is None or cache.batch_size != 1 or cache.dtype != model.dtype
-            or cache.max_seq_len != model.args.max_seq_len):
-        cache = model.cache = KVCache(model.args, 1, model.dtype)
+            or cache.max_seq_len != model.args.max_seq_len
+            or cache.values is not getattr(model.ops, "cache_values", None)):
+        cache = model.cache = model.new_cache(1)
     # At least the last prompt token is fed again: its logits pick the first new token.
     return cache, min(_common_prefix(cache.ids, seq), len(seq) - 1)
 
@@ -261,7 +262,7 @@ def _decode_rows(model: "Transformer", rows: list[_Row], own: bool) -> Iterator[
             tokens[b, width - len(seq):] = seq
             mask[b, width - len(seq):] = True
         padded = not mask.all()
-        cache = KVCache(model.args, len(active), model.dtype)
+        cache = model.new_cache(len(active))
         logits = model.forward(tokens, 0, cache=cache, key_mask=mask if padded else None,
                                last_only=True)[:, -1]  # (B, V)
         active = yield from _steps(model, index, active, cache, logits, mask if padded else None, width, window)
@@ -508,7 +509,7 @@ class GenerationMixin:
         ids = encode_prompt(self, ids, add_bos=add_bos)
         if len(ids) > self.args.max_seq_len:
             raise InputError(f"{len(ids)} tokens exceed the context window of {self.args.max_seq_len}")
-        return self.forward(np.asarray(ids), 0, cache=KVCache(self.args, 1, self.dtype))
+        return self.forward(np.asarray(ids), 0, cache=self.new_cache(1))
 
     def score(self, text, *, add_bos: Optional[bool] = None, stride: Optional[int] = None,
               progress: bool = False) -> Score:
@@ -539,7 +540,7 @@ class GenerationMixin:
         while scored < len(ids):
             begin = max(0, min(begin, len(ids) - window))
             chunk = ids[begin:begin + window]
-            cache = KVCache(self.args, 1, self.dtype)
+            cache = self.new_cache(1)
             for at in range(0, len(chunk), SCORE_CHUNK):
                 piece = chunk[at:at + SCORE_CHUNK]
                 logp = log_softmax(self.forward(np.asarray(piece), at, cache=cache))  # (t, V) float64

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -16,13 +16,18 @@ class KVCache:
     Stored per layer as (B, capacity, KVH, HD). The capacity grows on demand up to max_seq_len, so a short
     conversation with a long-context model does not reserve memory for its whole window.
 
+    values: None, or the function every key and value passes on its way in: arithmetic="ggml" gives
+    llama.cpp's F16 cache its fp16 rounding here (model/ggml.cache_values), so the cache holds what llama.cpp's
+    holds and a reader (kernels/ggml_step.py) can take it as it is.
+
     ids: for a batch of one, the token id at each position 0 .. len(ids)-1 whose keys and values every layer
     holds; generation compares a new prompt with it to prefill only what is new. None when unknown (a
     batch, or a key mask hid positions).
     """
 
-    def __init__(self, args: ModelArgs, batch_size: int = 1, dtype=np.float32, capacity: int = 256):
-        self.args, self.batch_size, self.dtype = args, batch_size, np.dtype(dtype)
+    def __init__(self, args: ModelArgs, batch_size: int = 1, dtype=np.float32, capacity: int = 256,
+                 values: Optional[Callable[[np.ndarray], np.ndarray]] = None):
+        self.args, self.batch_size, self.dtype, self.values = args, batch_size, np.dtype(dtype), values
         self.max_seq_len = args.max_seq_len
         self.capacity = 0
         self.length = 0  # positions 0 .. length-1 hold keys and values
@@ -47,12 +52,19 @@ class KVCache:
         if length > self.capacity:
             self._grow(min(self.max_seq_len, max(length, 2 * self.capacity)))
 
+    def store(self, layer: int, start_pos: int, k: np.ndarray, v: np.ndarray) -> None:
+        """Write k, v (B, T, KVH, HD) at positions start_pos.. of a layer (through `values` where given)."""
+        end = start_pos + k.shape[1]
+        if self.values is not None:
+            k, v = self.values(k), self.values(v)
+        self.k[layer][:, start_pos:end] = k
+        self.v[layer][:, start_pos:end] = v
+
     def update(self, layer: int, start_pos: int, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Store k, v (B, T, KVH, HD) at start_pos.. and return all keys/values up to there: (B, S, KVH, HD)."""
         end = start_pos + k.shape[1]
         self.length = end  # a rewind (start_pos < length) drops the later positions
-        self.k[layer][:, start_pos:end] = k
-        self.v[layer][:, start_pos:end] = v
+        self.store(layer, start_pos, k, v)
         return self.k[layer][:, :end], self.v[layer][:, :end]
 
     def forget_from(self, start_pos: int) -> None:

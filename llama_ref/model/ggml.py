@@ -504,6 +504,12 @@ def soft_max(scores: np.ndarray, scale: np.float32, visible: np.ndarray, isa: "s
     return e * (1.0 / total).astype(np.float32)
 
 
+# What the KV cache holds (Transformer.new_cache, model/cache.py): llama.cpp's default cache type is F16, so keys
+# and values are rounded to fp16 as they are stored. attention() below rounds them again, which changes nothing
+# for them (fp16 values are their own rounding) and keeps it right for any k, v it is handed.
+cache_values = fp16
+
+
 def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start_pos: int,
               key_mask: "np.ndarray | None" = None, isa: "str | None" = None) -> np.ndarray:
     """llama.cpp's attention without flash attention, over an F16 KV cache, as its one-token decode sums.
@@ -578,4 +584,4 @@ def backend_for(backend: str, weights: dict, where: str):
 
 
 __all__ = ["rms_norm", "linear", "embedding", "apply_rope", "attention", "swiglu", "rope_frequencies",
-           "rope_tables"]
+           "rope_tables", "cache_values"]

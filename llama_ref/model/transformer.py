@@ -131,7 +131,7 @@ class Transformer(GenerationMixin):
             if self.cache is None or start_pos == 0 or self.cache.batch_size != B:
                 if start_pos != 0:
                     raise InputError("start_pos > 0 needs a cache holding the earlier positions")
-                self.cache = KVCache(self.args, B, self.dtype)
+                self.cache = self.new_cache(B)
             cache = self.cache
         if start_pos > cache.length:
             raise InputError(f"start_pos {start_pos} would leave a gap: the cache holds positions "
@@ -166,6 +166,11 @@ class Transformer(GenerationMixin):
     def reset(self) -> None:
         """Forget the cached positions."""
         self.cache = None
+
+    def new_cache(self, batch_size: int = 1, capacity: int = 256) -> KVCache:
+        """An empty KV cache for this model: its dtype, and what its arithmetic stores (the backend's
+        cache_values: arithmetic="ggml" rounds keys and values to fp16, as llama.cpp's F16 cache holds them)."""
+        return KVCache(self.args, batch_size, self.dtype, capacity, values=getattr(self.ops, "cache_values", None))
 
 
 def linears(op, x: np.ndarray, *ws) -> tuple:

@@ -268,7 +268,7 @@ class Batcher:
             tokens[b, width - len(seq):] = seq
             mask[b, width - len(seq):] = True
             s.fed = list(seq)
-        self._cache = KVCache(self.model.args, len(slots), self.model.dtype)
+        self._cache = self.model.new_cache(len(slots))
         self._logits = self._forward(tokens, 0, self._cache, mask)
         self._slots, self._mask, self._pos = list(slots), mask, width
 
@@ -277,7 +277,7 @@ class Batcher:
         stack their cache rows onto the batch's."""
         pos, width = self._pos, max(len(s.row.sequence) for s in slots)
         start = pos - width  # the chunk covers positions start .. pos-1; earlier ones are padding
-        cache = KVCache(self.model.args, len(slots), self.model.dtype, capacity=self._cache.capacity)
+        cache = self.model.new_cache(len(slots), capacity=self._cache.capacity)
         cache.length = start
         tokens = np.zeros((len(slots), width), dtype=np.int64)  # (k, T)
         mask = np.zeros((len(slots), pos), dtype=bool)  # (k, S)
@@ -323,7 +323,7 @@ class Batcher:
         if start < 0 or end > self.model.args.max_seq_len:
             return False
         capacity = max(end, self._cache.capacity if self._cache is not None else 0)
-        cache = KVCache(self.model.args, 1, self.model.dtype, capacity=capacity)
+        cache = self.model.new_cache(1, capacity=capacity)
         shift = start - best.offset
         cos, sin = ops.rope_tables(self.model.freqs, shift, 1, self.model.dtype)  # (1, HD/2): one angle
         llama4 = self.model.args.llama4
@@ -331,8 +331,7 @@ class Batcher:
         for layer in range(self.model.args.n_layers):
             keys = best.k[layer][:, :shared]
             rotate = shift and layer not in unrotated
-            cache.k[layer][:, start:start + shared] = ops.apply_rope(keys, cos, sin) if rotate else keys
-            cache.v[layer][:, start:start + shared] = best.v[layer][:, :shared]
+            cache.store(layer, start, ops.apply_rope(keys, cos, sin) if rotate else keys, best.v[layer][:, :shared])
         cache.length = start + shared
         mask = np.zeros((1, end), dtype=bool)
         mask[0, start:] = True

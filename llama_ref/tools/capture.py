@@ -36,7 +36,6 @@ from typing import Iterable, Iterator, Optional
 import numpy as np
 
 from ..errors import InputError
-from ..model.cache import KVCache
 from ..model.transformer import Transformer
 
 LAYER_NAMES = ("attention_norm", "attention.q", "attention.k", "attention.v", "attention.heads",
@@ -107,7 +106,7 @@ def run_and_capture(model: Transformer, tokens, names: Optional[Iterable[str]] =
     tokens = np.asarray(tokens)
     if tokens.ndim != 1:
         raise InputError(f"tokens must be one sequence of shape (T,), got shape {tokens.shape}")
-    cache = KVCache(model.args, 1, model.dtype, capacity=max(1, len(tokens)))
+    cache = model.new_cache(1, capacity=max(1, len(tokens)))
     with capture(model, names) as acts:
         model.forward(tokens, 0, cache=cache)
     return {name: a[0] for name, a in acts.items()}  # drop the batch axis: (T, ...)

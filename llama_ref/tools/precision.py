@@ -31,7 +31,6 @@ import numpy as np
 from ..model import ops
 from .capture import Capture, capture, layer_of
 from ..errors import InputError
-from ..model.cache import KVCache
 from ..model.transformer import Transformer
 
 # The backend functions that compute something (rope_frequencies and rope_tables are computed in float64 by
@@ -152,7 +151,7 @@ def error_budget(model32: Transformer, model64: Transformer, tokens, attribute: 
     def run(model, backend, watch=None):
         saved = model.ops
         model.ops = backend
-        cache = KVCache(model.args, 1, model.dtype, capacity=max(1, len(tokens)))
+        cache = model.new_cache(1, capacity=max(1, len(tokens)))
         try:
             if watch is None:
                 with capture(model) as acts:

@@ -29,11 +29,14 @@ from ._common import JIT, readonly
 from .ggml_ops import apply_rope, attention, rms_norm, rope_tables, serial_product, swiglu  # noqa: F401
 
 ROWS = 16  # weight rows per parallel work item: their bytes stay in cache while every activation row passes
-KIND = {"q8_0": 0, "q5_0": 0, "q5_1": 1, "q4_0": 2, "q4_0r": 3, "q4_1": 4}  # Q5_0: int8 values q - 16
-# Q5_1 in a prefill (more than one activation row): its values one byte each as weights/packed.py keeps them, not
-# the file's 5 bits that a decode streams (kind 1). Only kernels/ggml.py's _linear sees this kind, never
-# kernels/ggml_linears.py's work list (one row of x: kind 1).
-Q5_1_BYTES = 5
+# Q5_0 (kind 5) and Q5_1 (kind 1) in their file's blocks (_weight_args): a decode's tile spreads the fifth bits
+# and nibbles in registers, as llama.cpp's does.
+KIND = {"q8_0": 0, "q5_1": 1, "q4_0": 2, "q4_0r": 3, "q4_1": 4, "q5_0": 5}
+Q5 = (1, 5)
+# A prefill (more than one activation row) first unpacks each tile's ROWS rows of a Q5 weight to one byte per value
+# (ggml_simd.unpack_q5_row, a scratch of the thread's own), then runs the byte tiles on them: Q5_1 this kind, Q5_0
+# Q8_0's (its int8 values q - 16). Only _linear sees this kind, never kernels/ggml_linears.py's work list.
+Q5_1_BYTES = 6
 
 # The best integer instructions of this CPU (VNNI, else AVX2), unless LLAMA_REF_GGML_PORTABLE=1 asks for the
 # portable integer code (same results).
@@ -50,8 +53,11 @@ def _tiles(kind):
 
 
 _q8_RA, _q8_R1, _q8_1A, _q8_11 = _tiles("q8_0")
-_q5_1_RA, _q5_1_R1, _q5_1_1A, _q5_1_11 = _tiles("q5_1c")  # Q5_1 in its file's 24 bytes a block (_weight_args)
-_q5_1x_RA, _q5_1x_R1, _q5_1x_1A, _q5_1x_11 = _tiles("q5_1")  # one byte per value: a prefill's (_prefill_args)
+# Q5_1 and Q5_0 in their file's 24 / 22 bytes a block (_weight_args). _dot takes the one row by one activation row
+# tile only, a decode's (a prefill unpacks to one byte per value: Q5_1_BYTES and Q8_0's tiles)
+_q5_1_RA, _q5_1_R1, _q5_1_1A, _q5_1_11 = _tiles("q5_1c")
+_q5_0_RA, _q5_0_R1, _q5_0_1A, _q5_0_11 = _tiles("q5_0c")
+_q5_1x_RA, _q5_1x_R1, _q5_1x_1A, _q5_1x_11 = _tiles("q5_1")  # one byte per value: a prefill's
 _q4_0_RA, _q4_0_R1, _q4_0_1A, _q4_0_11 = _tiles("q4_0")
 _q4_0r_RA, _q4_0r_R1, _, _ = _tiles("q4_0r")
 _q4_1_RA, _q4_1_R1, _q4_1_1A, _q4_1_11 = _tiles("q4_1h")  # Q4_1 with fp16 d, m pairs (_weight_args)
@@ -71,16 +77,10 @@ def _dot(kind, many_rows, many_acts, w, ws, wd, wm, wds, x, xst, xd, xs, xds, nb
             _q8_1A(w, ws, wd, wm, wds, x, xst, xd, xs, xds, nb, out, ost, use_simd)
         else:
             _q8_11(w, ws, wd, wm, wds, x, xst, xd, xs, xds, nb, out, ost, use_simd)
-    elif kind == 1:
-        if many_rows:
-            if many_acts:
-                _q5_1_RA(w, ws, wd, wm, wds, x, xst, xd, xs, xds, nb, out, ost, use_simd)
-            else:
-                _q5_1_R1(w, ws, wd, wm, wds, x, xst, xd, xs, xds, nb, out, ost, use_simd)
-        elif many_acts:
-            _q5_1_1A(w, ws, wd, wm, wds, x, xst, xd, xs, xds, nb, out, ost, use_simd)
-        else:
-            _q5_1_11(w, ws, wd, wm, wds, x, xst, xd, xs, xds, nb, out, ost, use_simd)
+    elif kind == 1:  # Q5_1's file blocks: one row by one activation row (a decode's)
+        _q5_1_11(w, ws, wd, wm, wds, x, xst, xd, xs, xds, nb, out, ost, use_simd)
+    elif kind == 5:  # Q5_0's, the same
+        _q5_0_11(w, ws, wd, wm, wds, x, xst, xd, xs, xds, nb, out, ost, use_simd)
     elif kind == 2:
         if many_rows:
             if many_acts:
@@ -91,7 +91,7 @@ def _dot(kind, many_rows, many_acts, w, ws, wd, wm, wds, x, xst, xd, xs, xds, nb
             _q4_0_1A(w, ws, wd, wm, wds, x, xst, xd, xs, xds, nb, out, ost, use_simd)
         else:
             _q4_0_11(w, ws, wd, wm, wds, x, xst, xd, xs, xds, nb, out, ost, use_simd)
-    elif kind == Q5_1_BYTES:  # Q5_1 one byte per value (a prefill's: _prefill_args)
+    elif kind == Q5_1_BYTES:  # Q5_1 one byte per value (a prefill's, unpacked: _linear)
         if many_rows:
             if many_acts:
                 _q5_1x_RA(w, ws, wd, wm, wds, x, xst, xd, xs, xds, nb, out, ost, use_simd)
@@ -121,11 +121,14 @@ def _dot(kind, many_rows, many_acts, w, ws, wd, wm, wds, x, xst, xd, xs, xds, nb
 @njit(parallel=True, **JIT)
 def _linear(kind, xq, xd, xs, qs, d, m, out, use_simd):
     """out (N, R) = ggml's dot product of every weight row (qs (R, bytes) with scales d, mins m (R, nb);
-    repacked Q4_0: d = m its fp16 scales in tiles; Q4_1, Q5_1: d = m their fp16 pairs; see _weight_args and
-    _prefill_args) with every quantized activation row
+    repacked Q4_0: d = m its fp16 scales in tiles; Q4_1, Q5_1: d = m their fp16 pairs; Q5_0: d = m its fp16 d;
+    see _weight_args) with every quantized activation row
     (xq (N, K) int8, scales xd, Q8_1 sums xs (N, nb)). Parallel over tiles of
     ROWS weight rows; within a tile, the activation rows pass ACTS at a time, meeting the tile's rows 4
-    (repacked Q4_0: 8) at a time while their bytes are in cache.
+    (repacked Q4_0: 8) at a time while their bytes are in cache. A Q5 tile is unpacked first, once, to one byte per
+    value and float32 scales in a scratch of its own (_q5_tile), for the byte tiles: spreading the bits in
+    every tile call instead cost a prefill ~1.25x the time (the 4 x 4 tile runs as two passes on AVX2, each
+    spreading them again).
 
     A decode (N = 1) walks the rows one at a time instead (repacked Q4_0: 8 at a time, see _decode_rows),
     asking for the weights ~4 KB ahead: a weight read once streams from memory, and one row after another
@@ -134,36 +137,63 @@ def _linear(kind, xq, xd, xs, qs, d, m, out, use_simd):
     either way, bit for bit."""
     N, K = xq.shape
     R, nb = d.shape
-    # wds: bytes between the scales of two weight rows (float32, or repacked Q4_0's fp16); xds: between two
-    # activation rows' float32 scales
-    ws, wds, xds = np.int64(qs.shape[1]), np.int64(nb * d.itemsize), np.int64(4 * nb)
-    xst, ost = np.int64(K), np.int64(4 * R)
+    # wds: bytes between the scales of two weight rows (float32, or the fp16 scales and pairs)
+    ws, wds = np.int64(qs.shape[1]), np.int64(nb * d.itemsize)
     w0, d0, m0 = np.int64(qs.ctypes.data), np.int64(d.ctypes.data), np.int64(m.ctypes.data)
     x0, xd0, xs0, o0 = (np.int64(xq.ctypes.data), np.int64(xd.ctypes.data), np.int64(xs.ctypes.data),
                         np.int64(out.ctypes.data))
     off = _x_offsets(xq, kind == 3)  # repacked Q4_0's tiles take 8 sum(x) per block from here, not xs
     if kind == 3:
         xs0 = np.int64(off.ctypes.data)
-    step = 8 if kind == 3 else 4  # repacked Q4_0: R % 8 == 0, so every tile is whole groups of 8
     for c in prange((R + ROWS - 1) // ROWS):
-        r1 = min(R, (c + 1) * ROWS)
+        r0, r1 = np.int64(c * ROWS), min(R, (c + 1) * ROWS)
         if N == 1:
-            _decode_rows(kind, xq, xd, xs, off, qs, d, m, out, use_simd, c * ROWS, r1)
-            continue
-        n = np.int64(0)
-        while n < N:
-            many = n + ACTS <= N
-            x, xdn, xsn, on = x0 + n * xst, xd0 + n * xds, xs0 + n * xds, o0 + n * ost
-            r = np.int64(c * ROWS)
-            while r + step <= r1:
-                _dot(kind, True, many, w0 + r * ws, ws, d0 + r * wds, m0 + r * wds, wds, x, xst, xdn, xsn, xds,
-                     nb, on + 4 * r, ost, use_simd)
-                r += step
-            while r < r1:
-                _dot(kind, False, many, w0 + r * ws, ws, d0 + r * wds, m0 + r * wds, wds, x, xst, xdn, xsn, xds,
-                     nb, on + 4 * r, ost, use_simd)
-                r += 1
-            n += ACTS if many else 1
+            _decode_rows(kind, xq, xd, xs, off, qs, d, m, out, use_simd, r0, r1)
+        elif kind == 1 or kind == 5:
+            _q5_tile(kind, w0 + r0 * ws, ws, d0 + r0 * wds, wds, nb, K, r0, r1, x0, xd0, xs0, o0, N, R, use_simd,
+                     np.empty(ROWS * K, np.uint8), np.empty(2 * ROWS * nb, np.float32))
+        else:
+            _tile(kind, w0 + r0 * ws, ws, d0 + r0 * wds, m0 + r0 * wds, wds, nb, K, r0, r1, x0, xd0, xs0, o0, N, R,
+                  use_simd)
+
+
+@njit(inline="always", **JIT)
+def _tile(kind, w, ws, wd, wm, wds, nb, K, r0, r1, x0, xd0, xs0, o0, N, R, use_simd):
+    """A prefill's work item: weight rows r0 .. r1 - 1 (the first at byte address w, ws bytes apart; scales wd and
+    mins wm, wds apart; nb blocks of K values) by all N activation rows (int8 at x0, K apart; scales xd0, sums xs0,
+    4 nb bytes apart) into out at o0 (R float32 a row), ACTS activation rows at a time meeting the rows 4
+    (repacked Q4_0: 8) at a time."""
+    xst, xds, ost = np.int64(K), np.int64(4 * nb), np.int64(4 * R)
+    step = 8 if kind == 3 else 4  # repacked Q4_0: R % 8 == 0, so every tile is whole groups of 8
+    n = np.int64(0)
+    while n < N:
+        many = n + ACTS <= N
+        x, xdn, xsn, on = x0 + n * xst, xd0 + n * xds, xs0 + n * xds, o0 + n * ost
+        r = r0
+        while r + step <= r1:
+            _dot(kind, True, many, w + (r - r0) * ws, ws, wd + (r - r0) * wds, wm + (r - r0) * wds, wds, x, xst,
+                 xdn, xsn, xds, nb, on + 4 * r, ost, use_simd)
+            r += step
+        while r < r1:
+            _dot(kind, False, many, w + (r - r0) * ws, ws, wd + (r - r0) * wds, wm + (r - r0) * wds, wds, x, xst,
+                 xdn, xsn, xds, nb, on + 4 * r, ost, use_simd)
+            r += 1
+        n += ACTS if many else 1
+
+
+@njit(**JIT)
+def _q5_tile(kind, w, ws, wd, wds, nb, K, r0, r1, x0, xd0, xs0, o0, N, R, use_simd, sq, sdm):
+    """_tile for a Q5 weight in its file's blocks (kind 1 or 5; its fp16 scales, or pairs, at wd, wds apart): rows
+    r0 .. r1 - 1 unpacked once into sq (ROWS K bytes: one byte per value) and sdm (float32 d, then m, ROWS nb
+    each), then the byte tiles on them (Q5_1_BYTES, or Q8_0's for Q5_0's int8 q - 16): the integers and scales
+    those tiles read from a byte layout, so the same bits. A function of its own, not inlined: sq and sdm are its
+    arguments, so they live until it returns (only their addresses are used)."""
+    q, dm, sds = np.int64(sq.ctypes.data), np.int64(sdm.ctypes.data), np.int64(4 * nb)
+    for r in range(r0, r1):
+        simd.unpack_q5_row(w + (r - r0) * ws, wd + (r - r0) * wds, nb, np.int64(kind == 5), q + (r - r0) * K,
+                           dm + (r - r0) * sds, dm + (ROWS + r - r0) * sds)
+    _tile(Q5_1_BYTES if kind == 1 else 0, q, np.int64(K), dm, dm + ROWS * sds, sds, nb, K, r0, r1, x0, xd0, xs0, o0,
+          N, R, use_simd)
 
 
 @njit(inline="always", **JIT)
@@ -279,32 +309,24 @@ def _weight_args(w) -> tuple:
         fmt = w.format
         if fmt == "q4_0" and w.shape[0] % 8 == 0:  # llama.cpp repacks Q4_0 matrices whose rows come in groups of 8
             fmt = "q4_0r"
-        qs = readonly(w.qs)
-        if fmt in ("q4_1", "q5_1"):
-            # As llama.cpp streams them: d and m as one fp16 pair per block (d = m: the tiles read both from d),
-            # and Q5_1 as its file's 20 bytes of fifth bits and nibbles, not one byte per value. A decode streams
-            # its weights from memory once a token: 20 and 24 bytes a block instead of 24 and 40.
+        if fmt in ("q5_0", "q5_1"):
+            # As llama.cpp streams them and the weight holds them (weights/packed.py file_form): each block's 20
+            # bytes of fifth bits and nibbles, and its fp16 d (Q5_0) or fp16 pair d, m (Q5_1; d = m: the tiles
+            # read both from d). 22 / 24 bytes a block, the file's, where one byte per value and float32 scales
+            # took 36 / 40; and the weight holds no other copy.
+            qs, d = w.file_form()
+            qs, d = readonly(qs), readonly(d)
+            m = d
+        elif fmt == "q4_1":
+            # As llama.cpp streams it: d and m as one fp16 pair per block (d = m: the tiles read both from d). A
+            # decode streams its weights from memory once a token: 20 bytes a block instead of 24.
+            qs = readonly(w.qs)
             d = m = _scale_pairs(w.d, w.m)
-            if fmt == "q5_1":
-                qs = _q5_blocks(w.qs)
         else:
+            qs = readonly(w.qs)
             d = m = _repack_scales(w.d) if fmt == "q4_0r" else readonly(w.d)
         args = _ARGS[id(w)] = (KIND[fmt], qs, d, m)
         weakref.finalize(w, _ARGS.pop, id(w), None)
-    return args
-
-
-def _prefill_args(w) -> tuple:
-    """_weight_args for more than one activation row. Q5_1 keeps one byte per value there (Q5_1_BYTES): a prefill's
-    tile meets each weight block with 4 activation rows from cache, so what it streams counts for little, and
-    rebuilding the values from the file's 5 bits took ~1.25x the time (default model, one thread, under load: 103
-    against 126-132 tokens per CPU second)."""
-    if w.format != "q5_1":
-        return _weight_args(w)
-    args = _ARGS.get((id(w), "prefill"))
-    if args is None:
-        args = _ARGS[(id(w), "prefill")] = (Q5_1_BYTES, readonly(w.qs), readonly(w.d), readonly(w.m))
-        weakref.finalize(w, _ARGS.pop, (id(w), "prefill"), None)
     return args
 
 
@@ -323,31 +345,15 @@ def _repack_scales(d: np.ndarray) -> np.ndarray:
 
 
 def _scale_pairs(d: np.ndarray, m: np.ndarray) -> np.ndarray:
-    """Q4_1's / Q5_1's d and m (R, nb) float32 as the tiles read them (kernels/ggml_simd.py's fp16 pairs): one
+    """Q4_1's d and m (R, nb) float32 as the tiles read them (kernels/ggml_simd.py's fp16 pairs): one
     uint32 per block, fp16 d in its low half (its lower address) and fp16 m in its high half, as a block of the
     file begins. Exact: every GGUF d and m is an fp16 (checked, as _repack_scales)."""
     d16, m16 = d.astype(np.float16), m.astype(np.float16)
     for a, a16 in ((d, d16), (m, m16)):
         if not np.array_equal(a16.astype(np.float32), a, equal_nan=True):
-            raise ValueError("Q4_1 / Q5_1 scales that are not fp16 values")
+            raise ValueError("Q4_1 scales that are not fp16 values")
     pairs = d16.view(np.uint16).astype(np.uint32) | (m16.view(np.uint16).astype(np.uint32) << np.uint32(16))
     return readonly(pairs)  # (R, nb)
-
-
-def _q5_blocks(qs: np.ndarray, chunk: int = 4096) -> np.ndarray:
-    """Q5_1's values (R, K) uint8 0..31 (weights/packed.py keeps one byte per value) back in its file's layout
-    without the header: per block the fifth bits (bit j of a little-endian uint32 for value j), then 16 bytes of
-    nibbles (value j < 16 in the low nibble of byte j, value j + 16 in its high nibble). (R, K // 32 * 20) uint8,
-    made a few thousand rows at a time (the temporaries stay small)."""
-    R, K = qs.shape
-    nb = K // 32
-    out = np.empty((R, nb, 20), np.uint8)
-    for r0 in range(0, R, chunk):
-        q = qs[r0:r0 + chunk].reshape(-1, nb, 32)  # (n, nb, 32)
-        out[r0:r0 + chunk, :, :4] = np.packbits((q >> np.uint8(4)) & np.uint8(1), axis=2, bitorder="little")
-        low = q & np.uint8(15)
-        out[r0:r0 + chunk, :, 4:] = low[:, :, :16] | (low[:, :, 16:] << np.uint8(4))
-    return readonly(out.reshape(R, nb * 20))
 
 
 def quantized_linear(x2: np.ndarray, w, use_simd: "int | None" = None) -> np.ndarray:
@@ -358,7 +364,7 @@ def quantized_linear(x2: np.ndarray, w, use_simd: "int | None" = None) -> np.nda
         from . import ggml_kquants
         return ggml_kquants.quantized_linear(x2, w, use_simd)
     N = x2.shape[0]
-    kind, qs, d, m = _weight_args(w) if N == 1 else _prefill_args(w)
+    kind, qs, d, m = _weight_args(w)
     out = np.empty((N, d.shape[0]), np.float32)
     use = SIMD if use_simd is None else int(use_simd)
     if serial_product(N, d.shape[0] * x2.shape[1]):

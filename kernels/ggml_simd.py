@@ -135,20 +135,23 @@ def prefetch(typingctx, addr):
 # ---- the block dot products --------------------------------------------------------------------------------------
 
 # kind: (bytes per block of a weight row, nibbles? (True: 16 bytes of them; Q5: 4 bytes of fifth bits, then 16 of
-#        nibbles), signed values?, offset subtracted from nibbles, 8 lanes?, has a min term (Q4_1 / Q5_1: + sum_b
-#        fma(m_w, s_x)), scales as fp16 pairs? (wd: one 32-bit word per block, d in its low half, m in its high
-#        half; wm unused), else float32 d at wd and m at wm)
+#        nibbles), signed values? (Q5_0: the fifth bits make int8 q - 16 of the nibbles), offset subtracted from
+#        nibbles, 8 lanes?, has a min term (Q4_1 / Q5_1: + sum_b fma(m_w, s_x)), how the scales come: False float32
+#        d at wd and m at wm; "pair" one fp16 pair per block (wd: one 32-bit word, d in its low half, m in its
+#        high half; wm unused); "half" one fp16 d per block at wd)
 KINDS = {
-    "q8_0": (32, False, True, 0, True, False, False),  # also Q5_0, kept as int8 values q - 16
-    "q5_1": (32, False, False, 0, True, True, False),  # one byte per value 0..31
+    "q8_0": (32, False, True, 0, True, False, False),  # also Q5_0 in a prefill, unpacked to int8 values q - 16
+    "q5_1": (32, False, False, 0, True, True, False),  # one byte per value 0..31 (Q5_1 in a prefill, unpacked)
     "q4_0": (16, True, True, 8, True, False, False),  # not repacked: 8 lanes
     "q4_0r": (16, True, True, 8, False, False, False),  # repacked (ggml_gemv_q4_0_8x8_q8_0): one integer per block
     "q4_1": (16, True, False, 0, True, True, False),
     # As llama.cpp streams them (kernels/ggml.py _weight_args): Q4_1's nibbles with d, m as an fp16 pair (20
-    # bytes a block, against 24 with float32 d and m); Q5_1 as its file's blocks without the header, fifth bits
-    # then nibbles, with the fp16 pair (24 bytes a block, against 40 as one byte per value and float32 d, m).
-    "q4_1h": (16, True, False, 0, True, True, True),
-    "q5_1c": (20, "q5", False, 0, True, True, True),
+    # bytes a block, against 24 with float32 d and m); Q5_1 and Q5_0 as their file's blocks without the header,
+    # fifth bits then nibbles, with the fp16 pair (24 bytes a block, against 40 as one byte per value and float32
+    # d, m) or the fp16 d (22 bytes, against 36 as int8 values and a float32 d).
+    "q4_1h": (16, True, False, 0, True, True, "pair"),
+    "q5_1c": (20, "q5", False, 0, True, True, "pair"),
+    "q5_0c": (20, "q5", True, 0, True, False, "half"),
 }
 
 
@@ -185,16 +188,27 @@ def _weight_values(builder, raw, nibbles, offset):
     return vals
 
 
-def _fifth_bits(builder, qh):
+def _fifth_bits(builder, qh, signed=False):
     """Q5's high bits: qh (i32, bit j for value j, little-endian) -> <32 x i8>, 16 where bit j is set, else 0
-    (llama.cpp's bytes_from_bits_32: byte j // 8 of qh broadcast to value j, tested against its bit)."""
+    (llama.cpp's bytes_from_bits_32: byte j // 8 of qh broadcast to value j, tested against its bit). signed
+    (Q5_0): 0 where bit j is set, else 0xF0, so that ORed into a nibble n it makes the int8 q - 16 (n where q =
+    n + 16, n - 16 where q = n), as llama.cpp's AVX2 ggml_vec_dot_q5_0_q8_0 does (andnot with 0xF0)."""
     v32 = ir.VectorType(I8, 32)
     qb = builder.bitcast(qh, ir.VectorType(I8, 4))
     sel = builder.shuffle_vector(qb, ir.Constant(qb.type, ir.Undefined),
                                  ir.Constant(ir.VectorType(I32, 32), [j // 8 for j in range(32)]))
     bit = ir.Constant(v32, [1 << (j % 8) for j in range(32)])
     is_set = builder.icmp_unsigned("==", builder.and_(sel, bit), bit)
-    return builder.select(is_set, ir.Constant(v32, [16] * 32), ir.Constant(v32, [0] * 32))
+    on, off = (0, -16) if signed else (16, 0)
+    return builder.select(is_set, ir.Constant(v32, [on] * 32), ir.Constant(v32, [off] * 32))
+
+
+def q5_values(builder, block, signed):
+    """A Q5 block without its header (4 bytes of fifth bits, then 16 of nibbles, at byte address block, i64) ->
+    its 32 values as <32 x i8>: q 0..31 (Q5_1), or signed the int8 q - 16 (Q5_0)."""
+    raw = _gep_load(builder, block, ir.Constant(I64, 4), ir.VectorType(I8, 16), 1)
+    qh = _gep_load(builder, block, ir.Constant(I64, 0), I32, 1)
+    return builder.or_(_weight_values(builder, raw, True, 0), _fifth_bits(builder, qh, signed))
 
 
 def _scale_pair(builder, addr):
@@ -202,6 +216,64 @@ def _scale_pair(builder, addr):
     pair = builder.fpext(_gep_load(builder, addr, ir.Constant(I64, 0), ir.VectorType(ir.HalfType(), 2), 2),
                          ir.VectorType(F32, 2))
     return tuple(builder.extract_element(pair, ir.Constant(I32, k)) for k in (0, 1))
+
+
+def _scale_half(builder, addr):
+    """An fp16 at byte address addr -> float32 (exact)."""
+    return builder.fpext(_gep_load(builder, addr, ir.Constant(I64, 0), ir.HalfType(), 2), F32)
+
+
+@intrinsic
+def unpack_q5_row(typingctx, src, scales, nb, signed, qs, d, m):
+    """One row of a Q5 weight in its file's form (kernels/ggml.py _weight_args) unpacked as the prefill tiles of one
+    byte per value read it: nb blocks of 20 bytes at src (fifth bits, nibbles) -> 32 nb bytes at qs (q 0..31, or
+    for signed != 0 (Q5_0) the int8 q - 16), and the block scales at `scales` (signed: one fp16 d a block; else
+    Q5_1's fp16 pair d, m) -> float32 at d (and m), exactly. All addresses int64."""
+    sig = types.void(*([types.int64] * 7))
+
+    def codegen(context, builder, signature, args):
+        src_, sc, nb_, signed_, qs_, d_, m_ = args
+        fn = _define_unpack_q5(builder.module)
+        builder.call(fn, [src_, sc, nb_, signed_, qs_, d_, m_])
+        return context.get_dummy_value()
+    return sig, codegen
+
+
+def _define_unpack_q5(module):
+    """void f(src, scales, nb, signed, qs, d, m): unpack_q5_row's loop over the blocks."""
+    name = "llama_ref_ggml_unpack_q5"
+    if name in module.globals:
+        return module.globals[name]
+    fn = ir.Function(module, ir.FunctionType(ir.VoidType(), [I64] * 7), name)
+    fn.linkage = "internal"
+    src, sc, nb, signed, qs, d, m = fn.args
+    entry, loop, done = (fn.append_basic_block(n) for n in ("entry", "loop", "done"))
+    c64 = lambda v: ir.Constant(I64, v)  # noqa: E731
+    b = ir.IRBuilder(entry)
+    b.cbranch(b.icmp_signed(">", nb, c64(0)), loop, done)
+    b = ir.IRBuilder(loop)
+    i = b.phi(I64)
+    four = b.mul(i, c64(4))
+    block = b.add(src, b.mul(i, c64(20)))
+    is_signed = b.icmp_signed("!=", signed, c64(0))
+    with b.if_else(is_signed) as (q5_0, q5_1):
+        with q5_0:
+            b.store(q5_values(b, block, True), _ptr(b, b.add(qs, b.mul(i, c64(32))), ir.VectorType(I8, 32)), align=1)
+            b.store(_scale_half(b, b.add(sc, b.mul(i, c64(2)))), _ptr(b, b.add(d, four), F32), align=4)
+        with q5_1:
+            b.store(q5_values(b, block, False), _ptr(b, b.add(qs, b.mul(i, c64(32))), ir.VectorType(I8, 32)),
+                    align=1)
+            dm = _scale_pair(b, b.add(sc, four))
+            b.store(dm[0], _ptr(b, b.add(d, four), F32), align=4)
+            b.store(dm[1], _ptr(b, b.add(m, four), F32), align=4)
+    body_end = b.block
+    i1 = b.add(i, c64(1))
+    b.cbranch(b.icmp_signed("<", i1, nb), loop, done)
+    i.add_incoming(c64(0), entry)
+    i.add_incoming(i1, body_end)
+    b = ir.IRBuilder(done)
+    b.ret_void()
+    return fn
 
 
 def lanes_portable(builder, w, x, signed):
@@ -328,7 +400,7 @@ def _define_tile(module, kind, rows, acts, isa):
         return module.globals[name]
     if kind == "q4_0r" and isa == "avx2":
         return _define_q4_0r_avx2(module, name, acts)
-    block, nibbles, signed, offset, lanes8, has_min, pairs = KINDS[kind]
+    block, nibbles, signed, offset, lanes8, has_min, scales = KINDS[kind]
     if lanes8 and isa == "avx2" and acts > SPLIT_ACTS and acts % SPLIT_ACTS == 0:
         return _define_split(module, name, kind, rows, acts, isa)
     fn = ir.Function(module, ir.FunctionType(ir.VoidType(), [I64] * 13), name)
@@ -350,8 +422,8 @@ def _define_tile(module, kind, rows, acts, isa):
     accs = [b.phi(v8f) for _ in range(n_acc)]
     mins = [b.phi(F32) for _ in range(rows * acts)] if has_min else []
     if acts == 1:
-        _prefetch_ahead(b, w, ws, wd, wds, wm if has_min and not pairs else None, i, rows, block, ahead,
-                        16 if kind == "q4_0r" else 4 * rows)
+        _prefetch_ahead(b, w, ws, wd, wds, wm if has_min and not scales else None, i, rows, block, ahead,
+                        16 if kind == "q4_0r" else 2 * rows if scales == "half" else 4 * rows)
     four = b.mul(i, c64(4))
 
     def splat(v):
@@ -361,8 +433,9 @@ def _define_tile(module, kind, rows, acts, isa):
     # lane; AVX2 cannot (255 * 128 twice saturates int16) and takes ggml's sign trick, |w| times x with w's
     # sign. Q4_0's nibbles enter both unsigned, less 8 sum(x).
     fast = isa != "portable"
-    by_x128 = isa == "vnni" and signed and not nibbles
-    by_sign = isa == "avx2" and signed and not nibbles
+    signed_bytes = signed and nibbles is not True  # Q8_0's bytes, Q5_0's q - 16; not Q4_0's nibbles
+    by_x128 = isa == "vnni" and signed_bytes
+    by_sign = isa == "avx2" and signed_bytes
     unsigned_offset = fast and offset
     # the activation side, once per block: quants, scale, sum, and what the integer instructions need of x alone
     xq, xdv, xsv, x_off, x_u8 = [], [], [], [], []
@@ -380,16 +453,17 @@ def _define_tile(module, kind, rows, acts, isa):
     def weight_row(r):
         row, at = b.add(w, b.mul(c64(r), ws)), b.mul(i, c64(block))
         if nibbles == "q5":  # 4 bytes of fifth bits, then 16 of nibbles
-            raw = _gep_load(b, row, b.add(at, c64(4)), ir.VectorType(I8, 16), 1)
-            wvals[r] = b.or_(_weight_values(b, raw, True, 0), _fifth_bits(b, _gep_load(b, row, at, I32, 1)))
+            wvals[r] = q5_values(b, b.add(row, at), signed)
         else:
             raw = _gep_load(b, row, at, ir.VectorType(I8, block), 1)
             wvals[r] = _weight_values(b, raw, nibbles, 0 if unsigned_offset else offset)
         ones = ir.Constant(v32, [1] * 32)
         w_corr[r] = b.shl(lanes_u8s8(b, ones, wvals[r], isa), ir.Constant(v8i, [7] * 8)) if by_x128 else None
         w_abs[r] = sign8(b, wvals[r], wvals[r]) if by_sign else None
-        if pairs:
+        if scales == "pair":
             wdv[r], wmv[r] = _scale_pair(b, b.add(b.add(wd, b.mul(c64(r), wds)), four))
+        elif scales == "half":
+            wdv[r] = _scale_half(b, b.add(b.add(wd, b.mul(c64(r), wds)), b.mul(i, c64(2))))
         elif lanes8:
             wdv[r] = _gep_load(b, b.add(wd, b.mul(c64(r), wds)), four, F32, 4)
 
@@ -426,7 +500,7 @@ def _define_tile(module, kind, rows, acts, isa):
             new_accs[a_] = b.call(fma_v, [b.fmul(scales, splat(xdv[a_])), b.sitofp(sums[0], v8f), accs[a_]])
     for a_ in range(acts if has_min else 0):
         for r in range(rows):
-            m = wmv[r] if pairs else _gep_load(b, b.add(wm, b.mul(c64(r), wds)), four, F32, 4)
+            m = wmv[r] if scales == "pair" else _gep_load(b, b.add(wm, b.mul(c64(r), wds)), four, F32, 4)
             k = r * acts + a_
             new_mins[k] = b.call(fma_s, [m, xsv[a_], mins[k]])
     zero = ir.Constant(F32, 0.0)

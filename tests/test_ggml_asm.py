@@ -160,3 +160,17 @@ def test_q4_1_q5_1_decode_tiles_read_fp16_pairs(kind, prefetches):
     assert names.count("vcvtph2ps") == 1 and names.count("prefetcht0") == prefetches, names
     assert names.count("vpshufb") == (kind == "q5_1c"), names
     assert not [ins for ins in loops[0] if "(%rsp)" in ins or "(%rbp)" in ins], loops[0]
+
+
+def test_q5_0_decode_tile_reads_the_files_blocks():
+    """The Q5_0 decode tile (one row by one activation row, kind "q5_0c") reads a block as the file holds it: one fp16
+    d (vcvtph2ps), the fifth bits spread to bytes by one vpshufb and ORed into the nibbles as 0xF0 where clear (the
+    int8 q - 16), then ggml's sign trick (two vpsignb) before vpmaddubsw + vpmaddwd, as llama.cpp's AVX2
+    ggml_vec_dot_q5_0_q8_0; two streams asked for ahead (the blocks, the scales), nothing on the stack."""
+    loops = block_loops(tile_asm("q5_0c", 1, 1))
+    assert len(loops) == 1, [len(body) for body in loops]
+    names = [ins.split()[0] for ins in loops[0]]
+    assert names.count("vcvtph2ps") == 1 and names.count("prefetcht0") == 2, names
+    assert names.count("vpshufb") == 1 and names.count("vpsignb") == 2, names
+    assert names.count("vpmaddubsw") == 1 and names.count("vpmaddwd") == 1, names
+    assert not [ins for ins in loops[0] if "(%rsp)" in ins or "(%rbp)" in ins], loops[0]

@@ -306,25 +306,26 @@ def test_repacked_q4_0_scales():
         kernels()._repack_scales(w.d * np.float32(1 + 2**-20))
 
 
-@pytest.mark.parametrize("kind", ["q4_1", "q5_1"])
+@pytest.mark.parametrize("kind", ["q4_1", "q5_1", "q5_0"])
 def test_decode_layout_is_the_files_blocks(kind):
-    """A decode streams Q4_1 / Q5_1 as the file stores them (kernels/ggml.py _weight_args): the fp16 pair d, m is a
-    block's first 4 bytes, and Q5_1's 20 bytes of fifth bits and nibbles the rest; a prefill keeps Q5_1's one byte
-    per value (_prefill_args). Scales that are no fp16 are refused, not rounded."""
+    """The products stream Q4_1 / Q5_1 / Q5_0 as the file stores them (kernels/ggml.py _weight_args): the fp16 pair
+    d, m is a block's first 4 bytes (Q5_0: its fp16 d, 2 bytes), and Q5's 20 bytes of fifth bits and nibbles the
+    rest, the very arrays the weight holds (no second copy; tests/test_ggml_q5_layout.py). Q4_1's scales that are
+    no fp16 are refused, not rounded."""
     w = raw_blocks(kind, 13, 5, seed=21)
     raw = w.raw_blocks().reshape(13, 5, TYPES[kind].type_size)  # (rows, blocks, bytes) of the file
     k, qs, d, m = kernels()._weight_args(w)
-    assert d is m and d.dtype == np.uint32 and d.shape == (13, 5)
-    assert np.array_equal(d.view(np.uint8).reshape(13, 5, 4), raw[:, :, :4])
-    if kind == "q5_1":
-        assert np.array_equal(qs.reshape(13, 5, 20), raw[:, :, 4:])
-        pk, pqs, pd, pm = kernels()._prefill_args(w)
-        assert pk == kernels().Q5_1_BYTES != k and pqs.shape == (13, 160) and pd.dtype == np.float32
-        assert np.array_equal(pqs, w.qs) and np.array_equal(pm, w.m)
+    h = 2 if kind == "q5_0" else 4
+    assert d is m and d.dtype == (np.uint16 if h == 2 else np.uint32) and d.shape == (13, 5)
+    assert np.array_equal(d.view(np.uint8).reshape(13, 5, h), raw[:, :, :h])
+    if kind in ("q5_1", "q5_0"):
+        assert np.array_equal(qs.reshape(13, 5, 20), raw[:, :, h:])
+        blocks, scales = w.file_form()
+        assert qs is blocks and d is scales and w._exact is None
     else:
-        assert np.array_equal(qs, w.qs) and kernels()._prefill_args(w) is kernels()._weight_args(w)
-    with pytest.raises(ValueError):
-        kernels()._scale_pairs(w.d * np.float32(1 + 2**-20), w.m)
+        assert np.array_equal(qs, w.qs)
+        with pytest.raises(ValueError):
+            kernels()._scale_pairs(w.d * np.float32(1 + 2**-20), w.m)
 
 
 def raw_blocks(kind, rows, nb, seed, pattern="random", scale=(1e-3, 1.0)):
@@ -436,7 +437,8 @@ def test_simd_path_is_vpdpbusd_where_the_cpu_has_it():
     assert any(m.startswith("vfmadd") for m in found)  # the float part: true fused multiply-adds
 
 
-@pytest.mark.parametrize("tile", ["_q8_RA", "_q8_R1", "_q4_0_R1", "_q4_0r_R1", "_q4_1_RA", "_q5_1_R1"])
+@pytest.mark.parametrize("tile", ["_q8_RA", "_q8_R1", "_q4_0_R1", "_q4_0r_R1", "_q4_1_RA", "_q5_1_R1", "_q5_1_11",
+                                  "_q5_0_11", "_q5_1x_RA"])
 def test_avx2_path_is_vpmaddubsw(tile):
     """On an AVX2 CPU, use_simd=2 (and, without VNNI, the default 1) builds the tile's integers from
     vpmaddubsw + vpmaddwd, as llama.cpp does, and not from 32-bit multiplies (vpmulld, vpmovsxbd: the
@@ -458,7 +460,7 @@ def test_avx2_path_is_vpmaddubsw(tile):
         dot.compile((types.int64,) * 13)
         found = mnemonics(dot)
         assert {"vpmaddubsw", "vpmaddwd"} <= found and not found & {"vpmulld", "vpmovsxbd", "vpdpbusd"}, found
-        assert ("vpsignb" in found) == tile.startswith("_q8")
+        assert ("vpsignb" in found) == tile.startswith(("_q8", "_q5_0"))
 
 
 @pytest.mark.slow

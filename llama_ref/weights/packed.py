@@ -251,23 +251,58 @@ class _Q5Weight(GGUFBlockWeight):
     """Q5_0 and Q5_1: the fields (d; Q5_1 also m, fp16) | qh, 4 bytes | 16 bytes of nibbles laid out as Q4_0's.
     Value j of a block has q = nibble | (bit j of qh, little-endian) << 4; Q5_0: d * (q - 16), Q5_1: d * q + m.
 
-    Kept as the Q8 kernels read Q8_0 (Q5_0) or Q5_K (Q5_1): one byte per value in `qs` (Q5_0: q - 16 as int8;
-    Q5_1: q), in value order; 1 byte per value in memory against 0.69 / 0.75 in the file, the price of reading
-    5-bit values without shuffling bits in the kernels. raw_blocks() rebuilds the file's bytes."""
+    Held in one of two forms, each the file's integers and fp16 scales, so either gives back the file's bytes
+    (raw_blocks()):
+    - as loaded, the file's: file_form() = (blocks (rows, nb * 20), each block's qh then nibbles; scales (rows,
+      nb), its fp16 d as uint16 bits (Q5_0) or its fp16 pair d | m << 16 as uint32 (Q5_1), the block's first bytes
+      read little-endian). 22 / 24 bytes a block, as the file; arithmetic="ggml"'s kernels read these (kernels/
+      ggml.py _weight_args), as llama.cpp does.
+    - exact mode's: `qs` one byte per value in value order (Q5_0: the int8 bytes of q - 16; Q5_1: q), read as the Q8
+      kernels read Q8_0 (Q5_0) or Q5_K (Q5_1), and float32 `d` (and `m`): 36 / 40 bytes a block, the price of
+      reading 5-bit values without shuffling bits there. Made on first use (qs, d, m, kernel_args(), data), and the
+      file's form is let go then (what a kernel already holds of it stays its); file_form() makes it again from
+      them if asked. A weight one mode reads is held once.
+    """
     offset = 0  # 16 for Q5_0
 
     def __init__(self, data, shape):
         rows, cols = int(shape[0]), int(shape[1])
         if cols % 32:
             raise WeightsError(f"{self.format}: row length {cols} is not a multiple of the block size 32")
-        nb = cols // 32
-        raw = np.asarray(data).view(np.uint8).reshape(rows, nb, self.type_size)  # (rows, blocks, bytes)
+        raw = np.asarray(data).view(np.uint8).reshape(rows, cols // 32, self.type_size)  # (rows, blocks, bytes)
         self.shape = (rows, cols)
-        h = 2 * len(self.fields)
-        for i, name in enumerate(self.fields):
-            setattr(self, name, _readonly(_fp16(raw[:, :, 2 * i:2 * i + 2])))  # (rows, blocks) float32
-        self.qs = _readonly(self._values(raw.reshape(rows * nb, -1)[:, h:]).reshape(rows, cols))
-        self.data = self.qs
+        self._exact = None  # (qs, d, m or None) once made
+        self._hold_file_form(raw)
+
+    def _hold_file_form(self, raw) -> None:
+        """Keep the blocks raw (rows, blocks, type_size) of the file as file_form() gives them (copies: a GGUF tensor
+        arrives as a view of the file's memory map)."""
+        rows, nb, h = raw.shape[0], raw.shape[1], 2 * len(self.fields)
+        scale_type = np.uint16 if h == 2 else np.uint32
+        self._scales16 = _readonly(np.ascontiguousarray(raw[:, :, :h]).view(scale_type).reshape(rows, nb))
+        self._blocks = _readonly(np.ascontiguousarray(raw[:, :, h:]).reshape(rows, nb * 20))
+
+    def file_form(self) -> tuple:
+        """(blocks (rows, nb * 20) uint8, scales (rows, nb) uint16 / uint32): see the class."""
+        if self._blocks is None:
+            self._hold_file_form(self.raw_blocks().reshape(self.shape[0], -1, self.type_size))
+        return self._blocks, self._scales16
+
+    def _unpacked(self) -> tuple:
+        """(qs, d, m or None): exact mode's form, made from the file's on first use, which is then let go."""
+        if self._exact is None:
+            rows, cols = self.shape
+            nb, h = cols // 32, 2 * len(self.fields)
+            head = self._scales16.reshape(rows, nb, 1).view(np.uint8)  # (rows, nb, h): the file's fp16 fields
+            fields = [_readonly(_fp16(head[:, :, 2 * i:2 * i + 2])) for i in range(len(self.fields))]
+            qs = _readonly(self._values(self._blocks.reshape(rows * nb, 20)).reshape(rows, cols))
+            self._exact = (qs, fields[0], fields[1] if h == 4 else None)
+            self._blocks = self._scales16 = None
+        return self._exact
+
+    qs = property(lambda self: self._unpacked()[0], doc="(rows, cols) uint8: one byte per value (Q5_0: q - 16)")
+    data = qs
+    d = property(lambda self: self._unpacked()[1], doc="(rows, blocks) float32: each block's d")
 
     def _values(self, b):
         """(n, 20) bytes qh | nibbles -> (n, 32) uint8: q, or for Q5_0 the int8 bytes of q - 16 (q - 16 mod 256).
@@ -282,10 +317,22 @@ class _Q5Weight(GGUFBlockWeight):
         return out
 
     def kernel_args(self):
-        return (self.qs, self.d, self.m, True) if self.fields == ("d", "m") else (self.qs, self.d, self.d, False)
+        qs, d, m = self._unpacked()
+        return (qs, d, m, True) if m is not None else (qs, d, d, False)
+
+    @property
+    def nbytes(self) -> int:
+        held = [self._blocks, self._scales16] + list(self._exact or ())
+        return sum(int(a.nbytes) for a in held if a is not None)
 
     def raw_blocks(self, ids=None) -> np.ndarray:
         sel = slice(None) if ids is None else ids
+        h = 2 * len(self.fields)
+        if self._blocks is not None:  # the file's form: its bytes as they are
+            blocks = self._blocks[sel]
+            n = blocks.shape[0]
+            head = self._scales16[sel].reshape(n, -1, 1).view(np.uint8)  # (n, nb, h)
+            return np.concatenate([head, blocks.reshape(n, -1, 20)], axis=2).reshape(n, -1)
         qs = self.qs[sel]
         n, nb = qs.shape[0], self.shape[1] // 32
         q = (qs.view(np.int8) + np.int8(self.offset)).view(np.uint8).reshape(n, nb, 32)  # 0..31
@@ -293,7 +340,8 @@ class _Q5Weight(GGUFBlockWeight):
             axis=2, dtype=np.uint32).astype("<u4")[:, :, None].view(np.uint8)  # (n, nb, 4)
         low = q & np.uint8(15)
         nibbles = low[:, :, :16] | (low[:, :, 16:] << np.uint8(4))  # (n, nb, 16)
-        parts = [getattr(self, name)[sel].astype(np.float16)[:, :, None].view(np.uint8) for name in self.fields]
+        fields = self._exact[1:1 + h // 2]
+        parts = [f[sel].astype(np.float16)[:, :, None].view(np.uint8) for f in fields]
         return np.concatenate(parts + [qh, nibbles], axis=2).reshape(n, -1)
 
     def _dequantize_blocks(self, b):
@@ -312,6 +360,8 @@ class Q5_0Weight(_Q5Weight):
 class Q5_1Weight(_Q5Weight):
     format, ggml_type, block_size, type_size, bits_per_weight = "q5_1", "Q5_1", 32, 24, 6.0
     fields = ("d", "m")
+
+    m = property(lambda self: self._unpacked()[2], doc="(rows, blocks) float32: each block's m")
 
 
 def _nibbles(qs: np.ndarray) -> np.ndarray:

@@ -1,0 +1,151 @@
+"""Q5_0 / Q5_1 held in their file's 5 bits (weights/packed.py _Q5Weight) and arithmetic="ggml"'s products on them
+(kernels/ggml.py: a decode's tiles spread the bits in registers, a prefill unpacks each tile's rows once to one byte
+per value, ggml_simd.unpack_q5_row), bit for bit against the NumPy specification (llama_ref/model/ggml.py) on every
+integer path (use_simd 0 is the portable code; the portable default is also checked with LLAMA_REF_GGML_PORTABLE=1).
+A weight that only ggml mode reads keeps no second copy; exact mode's one byte per value is made on demand.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import gguf
+import numpy as np
+import pytest
+
+from llama_ref.model import ggml
+from llama_ref.weights.packed import Q5_0Weight, Q5_1Weight
+from test_ggml_kernels import extreme_activations, raw_blocks, same_bits
+
+TYPES = {"q5_0": Q5_0Weight, "q5_1": Q5_1Weight}
+
+
+def kernels():
+    from llama_ref.kernels import ggml as kernels_ggml
+    return kernels_ggml
+
+
+@pytest.mark.parametrize("kind", sorted(TYPES))
+def test_weight_holds_the_files_form_until_exact_mode_asks(kind):
+    """As loaded, the weight holds the file's bytes split in two (its nbytes is the file's size) and the ggml
+    kernels read exactly those arrays; exact mode's qs, d (m) unpack on first use, equal to gguf's values, and the
+    file's form is let go; raw_blocks() gives the file's bytes from either form, and file_form() makes it again."""
+    cls = TYPES[kind]
+    w = raw_blocks(kind, 13, 5, seed=3)
+    raw = w.raw_blocks().reshape(13, 5, cls.type_size)
+    h = 2 * len(cls.fields)
+    assert w._exact is None and w.nbytes == 13 * 5 * cls.type_size
+    blocks, scales = w.file_form()
+    assert np.array_equal(blocks.reshape(13, 5, 20), raw[:, :, h:])
+    assert np.array_equal(scales.reshape(13, 5, 1).view(np.uint8), raw[:, :, :h])
+    k, qs, d, m = kernels()._weight_args(w)
+    assert k == kernels().KIND[kind] and qs is blocks and d is scales and m is d
+    x = np.random.default_rng(4).standard_normal((5, 160)).astype(np.float32)
+    kernels().quantized_linear(x, w)  # a prefill
+    kernels().quantized_linear(x[:1], w)  # a decode
+    assert w._exact is None, "ggml mode made the one-byte copy"
+    rows = w.rows(np.array([[3, 0], [12, 3]]))  # an embedding's lookups, from the file's form
+    dense = gguf.quants.dequantize(raw.reshape(13, -1), gguf.GGMLQuantizationType[cls.ggml_type]).reshape(13, 160)
+    assert same_bits(rows, dense[[[3, 0], [12, 3]]]) and w._exact is None
+    # exact mode: one byte per value, float32 scales, made now; the file's form let go
+    qs8, d8, m8, has_min = w.kernel_args()
+    assert w._blocks is None and has_min == (kind == "q5_1")
+    q = raw_values(raw[:, :, h:])  # (13, 5, 32) 0..31
+    assert np.array_equal(qs8.reshape(13, 5, 32), (q - (16 if kind == "q5_0" else 0)).astype(np.uint8))
+    assert same_bits(d8, raw[:, :, 0:2].copy().view(np.float16)[..., 0].astype(np.float32))
+    if kind == "q5_1":
+        assert same_bits(m8, raw[:, :, 2:4].copy().view(np.float16)[..., 0].astype(np.float32))
+    assert w.nbytes == qs8.nbytes + d8.nbytes + (m8.nbytes if kind == "q5_1" else 0)
+    assert np.array_equal(w.raw_blocks().reshape(13, 5, -1), raw) and same_bits(w.to_float(), dense)
+    b2, s2 = w.file_form()  # made again from exact's form: the same bytes
+    assert np.array_equal(b2, blocks) and np.array_equal(s2, scales)
+
+
+def raw_values(b):
+    """(..., 20) bytes qh | nibbles -> (..., 32) int values 0..31, bit by bit."""
+    qh = b[..., :4].astype(np.uint32)
+    bits = qh[..., 0] | qh[..., 1] << 8 | qh[..., 2] << 16 | qh[..., 3] << 24
+    nib = np.concatenate([b[..., 4:] & 15, b[..., 4:] >> 4], axis=-1).astype(np.int64)
+    high = (bits[..., None] >> np.arange(32, dtype=np.uint32)) & 1
+    return nib | (high.astype(np.int64) << 4)
+
+
+@pytest.mark.parametrize("kind", sorted(TYPES))
+def test_unpack_row_is_one_byte_per_value(kind):
+    """ggml_simd.unpack_q5_row: a row of file blocks -> the values a prefill's byte tiles read (Q5_0 int8 q - 16,
+    Q5_1 q) and the fp16 scales as float32, exactly."""
+    from numba import njit
+
+    from llama_ref.kernels import ggml_simd
+
+    @njit
+    def unpack(blocks, scales, signed, qs, d, m):
+        for r in range(blocks.shape[0]):
+            ggml_simd.unpack_q5_row(blocks[r].ctypes.data, scales[r].ctypes.data, scales.shape[1], signed,
+                                    qs[r].ctypes.data, d[r].ctypes.data, m[r].ctypes.data)
+
+    for pattern in ("random", "min", "max"):
+        w = raw_blocks(kind, 7, 9, seed=8, pattern=pattern)
+        blocks, scales = w.file_form()
+        qs = np.zeros((7, 9 * 32), np.uint8)
+        d, m = np.zeros((7, 9), np.float32), np.zeros((7, 9), np.float32)
+        unpack(blocks, scales, int(kind == "q5_0"), qs, d, m)
+        assert np.array_equal(qs, w.qs) and same_bits(d, w.d)
+        assert same_bits(m, w.m) if kind == "q5_1" else not m.any()
+
+
+@pytest.mark.parametrize("kind", sorted(TYPES))
+@pytest.mark.parametrize("use_simd", [0, 1, 2])
+def test_products_on_the_files_form_equal_specification(kind, use_simd, monkeypatch):
+    """Decode (one row, on the calling thread and in parallel) and prefill (activation rows in ACTS and not, row
+    tiles of ROWS and not) from the file's form, blocks at the ends of the range by activations of magnitude 127, bit
+    for bit the specification's. The specification runs first on a second weight of the same bytes, so the kernels'
+    weight keeps only the file's form throughout."""
+    import numba
+
+    from llama_ref.kernels import ggml_ops
+
+    before = numba.get_num_threads()
+    try:
+        for pattern, rows, nb in (("random", 37, 5), ("max", 16, 3), ("min", 13, 2), ("random", 40, 48)):
+            w = raw_blocks(kind, rows, nb, seed=rows, pattern=pattern)
+            spec_w = TYPES[kind](w.raw_blocks(), w.shape)
+            for n in (1, 2, 5, 9):
+                x = extreme_activations(n, 32 * nb, n) if pattern != "random" else \
+                    np.random.default_rng(n).standard_normal((n, 32 * nb)).astype(np.float32)
+                want = ggml.linear(x, spec_w)
+                for threads in sorted({1, before}):
+                    numba.set_num_threads(threads)
+                    for limit in (1 << 62, 0):  # one row on the calling thread, and in a parallel region
+                        monkeypatch.setattr(ggml_ops, "SERIAL_WEIGHTS", limit)
+                        assert same_bits(kernels().quantized_linear(x, w, use_simd), want), (pattern, n, threads)
+            assert w._exact is None
+    finally:
+        numba.set_num_threads(before)
+
+
+def test_portable_default_equals_specification():
+    """With LLAMA_REF_GGML_PORTABLE=1 the default integer code is the portable one (SIMD 0); the Q5 products from
+    the file's form, decode and prefill, still equal the specification bit for bit."""
+    code = """
+import numpy as np, sys
+sys.path.insert(0, 'tests')
+from test_ggml_kernels import raw_blocks, same_bits
+from llama_ref.kernels import ggml as k
+from llama_ref.model import ggml
+from llama_ref.weights.packed import Q5_0Weight, Q5_1Weight
+assert k.SIMD == 0
+for kind, cls in (("q5_0", Q5_0Weight), ("q5_1", Q5_1Weight)):
+    w = raw_blocks(kind, 21, 4, seed=2)
+    s = cls(w.raw_blocks(), w.shape)
+    for n in (1, 6):
+        x = np.random.default_rng(n).standard_normal((n, 128)).astype(np.float32)
+        assert same_bits(k.quantized_linear(x, w), ggml.linear(x, s)), (kind, n)
+print("ok")
+"""
+    env = dict(os.environ, LLAMA_REF_GGML_PORTABLE="1")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600, cwd=root)
+    assert out.stdout.strip() == "ok", out.stderr[-3000:]

@@ -219,8 +219,14 @@ def _scale_pair(builder, addr):
 
 
 def _scale_half(builder, addr):
-    """An fp16 at byte address addr -> float32 (exact)."""
-    return builder.fpext(_gep_load(builder, addr, ir.Constant(I64, 0), ir.HalfType(), 2), F32)
+    """An fp16 at byte address addr -> float32 (exact). Loaded into a general register (movzwl) and moved over
+    whole (vmovd): a 2-byte load into a vector register is vpinsrw, which keeps the rest of its destination, and
+    LLVM picked the decode tile's accumulator for it, chaining each block's scale to the previous block's sums
+    (the Q5_0 tile ran ~1.2x the time of Q8_0's one byte per value)."""
+    bits = builder.zext(_gep_load(builder, addr, ir.Constant(I64, 0), ir.IntType(16), 2), I32)
+    bits = builder.asm(ir.FunctionType(I32, [I32]), "", "=r,0", [bits], False)  # stays in a general register
+    pair = builder.fpext(builder.bitcast(bits, ir.VectorType(ir.HalfType(), 2)), ir.VectorType(F32, 2))
+    return builder.extract_element(pair, ir.Constant(I32, 0))
 
 
 @intrinsic
@@ -383,6 +389,51 @@ def _close_loop(b, i, nb, entry, loop, done, carried):
     return b, finals
 
 
+def _close_pair_loop(b, i, nb, blocks, carried, step, first, zeros):
+    """End a loop that takes blocks i and i + 1 an iteration (the builder b in `loop`, block i's products made:
+    first = (accs, mins)), then block nb - 1 alone where nb is odd. blocks: (entry, loop, after, tail, done); the
+    entry branches to `loop` when nb > 1, else to `after`. carried: the loop's phis (accs, then mins), zeros their
+    values before any block. step(b, i, accs, mins) -> (accs, mins) emits one block's products.
+    -> a builder in `done` and the values leaving, in carried's order."""
+    entry, loop, after, tail, done = blocks
+    c64 = lambda v: ir.Constant(I64, v)  # noqa: E731
+    n_acc = len(first[0])
+    accs2, mins2 = step(b, b.add(i, c64(1)), list(first[0]), list(first[1]))
+    vals = list(accs2) + list(mins2)
+    i2 = b.add(i, c64(2))
+    b.cbranch(b.icmp_signed("<", b.add(i2, c64(1)), nb), loop, after)  # two more blocks to go
+    loop_end = b.block
+    i.add_incoming(c64(0), entry)
+    i.add_incoming(i2, loop_end)
+    for phi, val, zero in zip(carried, vals, zeros):
+        phi.add_incoming(zero, entry)
+        phi.add_incoming(val, loop_end)
+    b = ir.IRBuilder(after)
+    i_n = b.phi(I64)
+    i_n.add_incoming(c64(0), entry)
+    i_n.add_incoming(i2, loop_end)
+    mid = []
+    for val, zero in zip(vals, zeros):
+        phi = b.phi(val.type)
+        phi.add_incoming(zero, entry)
+        phi.add_incoming(val, loop_end)
+        mid.append(phi)
+    b.cbranch(b.icmp_signed("<", i_n, nb), tail, done)
+    b = ir.IRBuilder(tail)
+    accs3, mins3 = step(b, i_n, mid[:n_acc], mid[n_acc:])
+    last = list(accs3) + list(mins3)
+    b.branch(done)
+    tail_end = b.block
+    b = ir.IRBuilder(done)
+    finals = []
+    for m, val in zip(mid, last):
+        phi = b.phi(val.type)
+        phi.add_incoming(m, after)
+        phi.add_incoming(val, tail_end)
+        finals.append(phi)
+    return b, finals
+
+
 def _define_tile(module, kind, rows, acts, isa):
     """void f(w, ws, wd, wm, wds, x, xstride, xd, xs, xds, nb, out, ostride): the dot products of `rows`
     weight rows (from byte address w, ws bytes apart; scales wd and mins wm float32, wds bytes apart) with
@@ -412,100 +463,119 @@ def _define_tile(module, kind, rows, acts, isa):
     zero8 = ir.Constant(v8f, [0.0] * 8)
     fma_s = _declare(module, "llvm.fma.f32", F32, [F32] * 3)
     fma_v = _declare(module, "llvm.fma.v8f32", v8f, [v8f] * 3)
+    # A decode's Q5 tile (one row by one activation row) takes two blocks an iteration (then the last block of an
+    # odd count alone): the loop's pointer steps and the requests ahead shared by two blocks. Each block's fma
+    # follows the last in block order, as one at a time: the same sums.
+    pairs = rows == 1 and acts == 1 and nibbles == "q5"
+    after, tail = (fn.append_basic_block("after"), fn.append_basic_block("tail")) if pairs else (None, None)
     b = ir.IRBuilder(entry)
     ahead = _rows_ahead(b, ws, rows)
-    b.cbranch(b.icmp_signed(">", nb, c64(0)), loop, done)
+    if pairs:  # into the loop with two blocks to go, else to the last one alone (or none)
+        b.cbranch(b.icmp_signed(">", nb, c64(1)), loop, after)
+    else:
+        b.cbranch(b.icmp_signed(">", nb, c64(0)), loop, done)
+
+    n_acc = acts if not lanes8 else rows * acts  # repacked Q4_0: one vector (8 rows) per activation
+    n_min = rows * acts if has_min else 0
+    zero = ir.Constant(F32, 0.0)
+
+    def block_step(b, i, accs, mins):
+        """Block i's products added to accs (and mins): -> the new accs, mins."""
+        four = b.mul(i, c64(4))
+
+        def splat(v):
+            return _shuffle(b, b.insert_element(ir.Constant(v8f, ir.Undefined), v, ir.Constant(I32, 0)), [0] * 8)
+
+        # Signed 8-bit weights (Q8_0, Q5_0): VNNI takes (x + 128) as unsigned bytes times w, less 128 sum(w) per
+        # lane; AVX2 cannot (255 * 128 twice saturates int16) and takes ggml's sign trick, |w| times x with w's
+        # sign. Q4_0's nibbles enter both unsigned, less 8 sum(x).
+        fast = isa != "portable"
+        signed_bytes = signed and nibbles is not True  # Q8_0's bytes, Q5_0's q - 16; not Q4_0's nibbles
+        by_x128 = isa == "vnni" and signed_bytes
+        by_sign = isa == "avx2" and signed_bytes
+        unsigned_offset = fast and offset
+        # the activation side, once per block: quants, scale, sum, and what the integer instructions need of x alone
+        xq, xdv, xsv, x_off, x_u8 = [], [], [], [], []
+        for a_ in range(acts):
+            xa = b.add(x, b.mul(c64(a_), xstride))
+            xq.append(_gep_load(b, xa, b.mul(i, c64(32)), v32, 1))
+            xdv.append(_gep_load(b, b.add(xd, b.mul(c64(a_), xds)), four, F32, 4))
+            xsv.append(_gep_load(b, b.add(xs, b.mul(c64(a_), xds)), four, F32, 4) if has_min else None)
+            x_off.append(_offset_lanes(b, xq[a_], offset, isa) if unsigned_offset else None)
+            x_u8.append(b.xor(xq[a_], ir.Constant(v32, [-128] * 32)) if by_x128 else None)
+        # the weight side, once per block: emitted row by row next to the row's products (below), so that LLVM's
+        # schedule keeps one row's values live at a time
+        wvals, w_corr, w_abs, wdv, wmv = [None] * rows, [None] * rows, [None] * rows, [None] * rows, [None] * rows
+
+        def weight_row(r):
+            row, at = b.add(w, b.mul(c64(r), ws)), b.mul(i, c64(block))
+            if nibbles == "q5":  # 4 bytes of fifth bits, then 16 of nibbles
+                wvals[r] = q5_values(b, b.add(row, at), signed)
+            else:
+                raw = _gep_load(b, row, at, ir.VectorType(I8, block), 1)
+                wvals[r] = _weight_values(b, raw, nibbles, 0 if unsigned_offset else offset)
+            ones = ir.Constant(v32, [1] * 32)
+            w_corr[r] = b.shl(lanes_u8s8(b, ones, wvals[r], isa), ir.Constant(v8i, [7] * 8)) if by_x128 else None
+            w_abs[r] = sign8(b, wvals[r], wvals[r]) if by_sign else None
+            if scales == "pair":
+                wdv[r], wmv[r] = _scale_pair(b, b.add(b.add(wd, b.mul(c64(r), wds)), four))
+            elif scales == "half":
+                wdv[r] = _scale_half(b, b.add(b.add(wd, b.mul(c64(r), wds)), b.mul(i, c64(2))))
+            elif lanes8:
+                wdv[r] = _gep_load(b, b.add(wd, b.mul(c64(r), wds)), four, F32, 4)
+
+        def lanes(r, a_):
+            if not fast:
+                return lanes_portable(b, wvals[r], xq[a_], signed)
+            if by_x128:
+                return b.sub(lanes_u8s8(b, x_u8[a_], wvals[r], isa), w_corr[r])
+            if by_sign:
+                return lanes_u8s8(b, w_abs[r], sign8(b, xq[a_], wvals[r]), isa)
+            if unsigned_offset:
+                return b.sub(lanes_u8s8(b, wvals[r], xq[a_], isa), x_off[a_])
+            return lanes_u8s8(b, wvals[r], xq[a_], isa)  # unsigned weights as they stand
+
+        new_accs, new_mins = [None] * n_acc, [None] * len(mins)
+        if lanes8:  # row by row, each row's products with every activation row
+            # d_x as a vector LLVM cannot see is a splat: d_w * d_x then takes one vmulps of two broadcasts
+            # (the same float32 product in every lane) instead of vmulss + vbroadcastss
+            xsplat = [opaque(b, splat(v)) for v in xdv]
+            for r in range(rows):
+                weight_row(r)
+                for a_ in range(acts):
+                    scale = b.fmul(splat(wdv[r]), xsplat[a_])  # float32 d_w * d_x
+                    k = r * acts + a_
+                    new_accs[k] = b.call(fma_v, [scale, b.sitofp(lanes(r, a_), v8f), accs[k]])
+        else:
+            for r in range(rows):
+                weight_row(r)
+            for a_ in range(acts):
+                sums = [lanes(r, a_) for r in range(rows)]
+                while len(sums) > 1:  # 8 vectors of 8 lanes -> one vector of the 8 rows' sums (exact integers)
+                    sums = [_combine(b, sums[j], sums[j + 1]) for j in range(0, len(sums), 2)]
+                rscales = _repacked_scales(b, wd, i)
+                new_accs[a_] = b.call(fma_v, [b.fmul(rscales, splat(xdv[a_])), b.sitofp(sums[0], v8f), accs[a_]])
+        for a_ in range(acts if has_min else 0):
+            for r in range(rows):
+                m = wmv[r] if scales == "pair" else _gep_load(b, b.add(wm, b.mul(c64(r), wds)), four, F32, 4)
+                k = r * acts + a_
+                new_mins[k] = b.call(fma_s, [m, xsv[a_], mins[k]])
+        return new_accs, new_mins
 
     b = ir.IRBuilder(loop)
     i = b.phi(I64)
-    n_acc = acts if not lanes8 else rows * acts  # repacked Q4_0: one vector (8 rows) per activation
     accs = [b.phi(v8f) for _ in range(n_acc)]
-    mins = [b.phi(F32) for _ in range(rows * acts)] if has_min else []
+    mins = [b.phi(F32) for _ in range(n_min)]
     if acts == 1:
         _prefetch_ahead(b, w, ws, wd, wds, wm if has_min and not scales else None, i, rows, block, ahead,
                         16 if kind == "q4_0r" else 2 * rows if scales == "half" else 4 * rows)
-    four = b.mul(i, c64(4))
-
-    def splat(v):
-        return _shuffle(b, b.insert_element(ir.Constant(v8f, ir.Undefined), v, ir.Constant(I32, 0)), [0] * 8)
-
-    # Signed 8-bit weights (Q8_0, Q5_0): VNNI takes (x + 128) as unsigned bytes times w, less 128 sum(w) per
-    # lane; AVX2 cannot (255 * 128 twice saturates int16) and takes ggml's sign trick, |w| times x with w's
-    # sign. Q4_0's nibbles enter both unsigned, less 8 sum(x).
-    fast = isa != "portable"
-    signed_bytes = signed and nibbles is not True  # Q8_0's bytes, Q5_0's q - 16; not Q4_0's nibbles
-    by_x128 = isa == "vnni" and signed_bytes
-    by_sign = isa == "avx2" and signed_bytes
-    unsigned_offset = fast and offset
-    # the activation side, once per block: quants, scale, sum, and what the integer instructions need of x alone
-    xq, xdv, xsv, x_off, x_u8 = [], [], [], [], []
-    for a_ in range(acts):
-        xa = b.add(x, b.mul(c64(a_), xstride))
-        xq.append(_gep_load(b, xa, b.mul(i, c64(32)), v32, 1))
-        xdv.append(_gep_load(b, b.add(xd, b.mul(c64(a_), xds)), four, F32, 4))
-        xsv.append(_gep_load(b, b.add(xs, b.mul(c64(a_), xds)), four, F32, 4) if has_min else None)
-        x_off.append(_offset_lanes(b, xq[a_], offset, isa) if unsigned_offset else None)
-        x_u8.append(b.xor(xq[a_], ir.Constant(v32, [-128] * 32)) if by_x128 else None)
-    # the weight side, once per block: emitted row by row next to the row's products (below), so that LLVM's
-    # schedule keeps one row's values live at a time
-    wvals, w_corr, w_abs, wdv, wmv = [None] * rows, [None] * rows, [None] * rows, [None] * rows, [None] * rows
-
-    def weight_row(r):
-        row, at = b.add(w, b.mul(c64(r), ws)), b.mul(i, c64(block))
-        if nibbles == "q5":  # 4 bytes of fifth bits, then 16 of nibbles
-            wvals[r] = q5_values(b, b.add(row, at), signed)
-        else:
-            raw = _gep_load(b, row, at, ir.VectorType(I8, block), 1)
-            wvals[r] = _weight_values(b, raw, nibbles, 0 if unsigned_offset else offset)
-        ones = ir.Constant(v32, [1] * 32)
-        w_corr[r] = b.shl(lanes_u8s8(b, ones, wvals[r], isa), ir.Constant(v8i, [7] * 8)) if by_x128 else None
-        w_abs[r] = sign8(b, wvals[r], wvals[r]) if by_sign else None
-        if scales == "pair":
-            wdv[r], wmv[r] = _scale_pair(b, b.add(b.add(wd, b.mul(c64(r), wds)), four))
-        elif scales == "half":
-            wdv[r] = _scale_half(b, b.add(b.add(wd, b.mul(c64(r), wds)), b.mul(i, c64(2))))
-        elif lanes8:
-            wdv[r] = _gep_load(b, b.add(wd, b.mul(c64(r), wds)), four, F32, 4)
-
-    def lanes(r, a_):
-        if not fast:
-            return lanes_portable(b, wvals[r], xq[a_], signed)
-        if by_x128:
-            return b.sub(lanes_u8s8(b, x_u8[a_], wvals[r], isa), w_corr[r])
-        if by_sign:
-            return lanes_u8s8(b, w_abs[r], sign8(b, xq[a_], wvals[r]), isa)
-        if unsigned_offset:
-            return b.sub(lanes_u8s8(b, wvals[r], xq[a_], isa), x_off[a_])
-        return lanes_u8s8(b, wvals[r], xq[a_], isa)  # unsigned weights as they stand
-
-    new_accs, new_mins = [None] * n_acc, [None] * len(mins)
-    if lanes8:  # row by row, each row's products with every activation row
-        # d_x as a vector LLVM cannot see is a splat: d_w * d_x then takes one vmulps of two broadcasts
-        # (the same float32 product in every lane) instead of vmulss + vbroadcastss
-        xsplat = [opaque(b, splat(v)) for v in xdv]
-        for r in range(rows):
-            weight_row(r)
-            for a_ in range(acts):
-                scale = b.fmul(splat(wdv[r]), xsplat[a_])  # float32 d_w * d_x
-                k = r * acts + a_
-                new_accs[k] = b.call(fma_v, [scale, b.sitofp(lanes(r, a_), v8f), accs[k]])
+    new_accs, new_mins = block_step(b, i, accs, mins)
+    zeros = [zero8] * n_acc + [zero] * n_min
+    if pairs:
+        b, ends = _close_pair_loop(b, i, nb, (entry, loop, after, tail, done), accs + mins, block_step,
+                                   (new_accs, new_mins), zeros)
     else:
-        for r in range(rows):
-            weight_row(r)
-        for a_ in range(acts):
-            sums = [lanes(r, a_) for r in range(rows)]
-            while len(sums) > 1:  # 8 vectors of 8 lanes -> one vector of the 8 rows' sums (exact integers)
-                sums = [_combine(b, sums[j], sums[j + 1]) for j in range(0, len(sums), 2)]
-            scales = _repacked_scales(b, wd, i)
-            new_accs[a_] = b.call(fma_v, [b.fmul(scales, splat(xdv[a_])), b.sitofp(sums[0], v8f), accs[a_]])
-    for a_ in range(acts if has_min else 0):
-        for r in range(rows):
-            m = wmv[r] if scales == "pair" else _gep_load(b, b.add(wm, b.mul(c64(r), wds)), four, F32, 4)
-            k = r * acts + a_
-            new_mins[k] = b.call(fma_s, [m, xsv[a_], mins[k]])
-    zero = ir.Constant(F32, 0.0)
-    b, ends = _close_loop(b, i, nb, entry, loop, done, [(p, v, zero8) for p, v in zip(accs, new_accs)]
-                          + [(p, v, zero) for p, v in zip(mins, new_mins)])
+        b, ends = _close_loop(b, i, nb, entry, loop, done, list(zip(accs + mins, new_accs + new_mins, zeros)))
     finals, final_mins = ends[:len(accs)], ends[len(accs):]
     for a_ in range(acts):
         row_out = b.add(out, b.mul(c64(a_), ostride))

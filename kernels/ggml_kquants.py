@@ -226,12 +226,18 @@ SEG = 8
 GROUP = 6
 
 
-def act_record(acts: int) -> int:
-    """The bytes of one super-block of a group of `acts` Q8_K activation rows (group_acts)."""
-    return -(-acts * 292 // 64) * 64
+def act_record(acts: int, five: bool = False) -> int:
+    """The bytes of one super-block of a group of `acts` Q8_K activation rows (group_acts; five: with the
+    sub-block sums for Q5_K's mins at pair_sums(acts))."""
+    return -(-(pair_sums(acts) + 128 if five else acts * 292) // 64) * 64
 
 
-GROUP_RECORD = act_record(GROUP)
+def pair_sums(acts: int) -> int:
+    """Where a five record (group_acts) keeps its sub-block sums: after the scales, 32-byte aligned."""
+    return -(-acts * 292 // 32) * 32
+
+
+GROUP_RECORD, GROUP_RECORD5 = act_record(GROUP), act_record(GROUP, True)
 
 
 def _define_q6_k_gtile(module, acts, isa):
@@ -337,11 +343,21 @@ def _define_q6_k_gtile(module, acts, isa):
 
 def _define_q5_k_gtile(module, acts, isa):
     """void f(w, x, nb, out, ostride, acc, part): ggml_vec_dot_q5_K_q8_K of one weight row (the file's Q5_K
-    blocks from byte address w) with a group of `acts` activation rows (group_acts' records from byte address
-    x), in _define_q5_k_tile's order; segments and acc (per activation row 64 bytes: the 8 float32 lanes, then
-    summs) as _define_q6_k_gtile's. Per super-block a loop over its 4 pairs of sub-blocks (the integer lanes,
-    qh shifted on by 2 and the scales on by 2 carried), so that LLVM keeps one pair's values in registers
-    while the activation rows pass them (written out as one block of 8 sub-blocks it spilled them)."""
+    blocks from byte address w) with a group of `acts` activation rows (group_acts' records in the pair order,
+    five=True, from byte address x), in _define_q5_k_tile's order; segments and acc (per activation row 64
+    bytes: the 8 float32 lanes, then summs) as _define_q6_k_gtile's.
+
+    Two sub-blocks j = 2p, j' = 2p + 1 share one vpmaddwd: their values are unpacked in value order (c, c'),
+    then woven by 16-bit words into V1 (dword u: word 2u of c, word 2u of c') and V2 (words 2u + 1), the
+    activations stored woven the same way (X1, X2); vpmaddubsw(V1, X1) + vpmaddubsw(V2, X2) holds P[j, u] at
+    int16 2u and P[j', u] at 2u + 1 (P: the 4 products 4u .. 4u + 3 of a sub-block, |P| <= 4 x 31 x 127 =
+    15748: exact), and vpmaddwd by (sc[j], sc[j']) gives lane u = sc[j] P[j, u] + sc[j'] P[j', u], exact in
+    int32: the same lanes as one vpmaddubsw and one vpmaddwd per sub-block, with 3 multiplies per activation
+    row and pair of sub-blocks instead of 4 (the multiplies bound this loop). Per super-block a loop over the 4
+    pairs (the lanes, qh shifted on by 2 and the scales on by 2 carried), so that LLVM keeps one pair's values
+    in registers while the activation rows pass them. The mins: one vpmaddwd of (mn[j], mn[j]) by the int16
+    bsums per activation row, its 8 int32 summed (exact in any order). The portable code computes the same
+    int16 and int32 sums in plain IR."""
     name = f"llama_ref_ggml_q5_k_g{acts}_{isa}"
     if name in module.globals:
         return module.globals[name]
@@ -353,21 +369,36 @@ def _define_q5_k_gtile(module, acts, isa):
     v8f, v32, v8i = ir.VectorType(F32, 8), ir.VectorType(I8, 32), ir.VectorType(I32, 8)
     v16_16, v16_32 = ir.VectorType(I16, 16), ir.VectorType(I32, 16)
     c64 = lambda v: ir.Constant(I64, v)  # noqa: E731
-    zero8, zero = ir.Constant(v8f, [0.0] * 8), ir.Constant(F32, 0.0)
+    zero8 = ir.Constant(v8f, [0.0] * 8)
     fma_v = _declare(module, "llvm.fma.v8f32", v8f, [v8f] * 3)
-    fma_s = _declare(module, "llvm.fma.f32", F32, [F32] * 3)
-    rec, bso, xdo = act_record(acts), 256 * acts, 288 * acts
+    rec, xdo, spo = act_record(acts, True), 288 * acts, pair_sums(acts)
+    assert acts <= 8  # the mins and summs: one int32 / float32 lane per activation row
+    even16, odd16 = list(range(0, 16, 2)), list(range(1, 16, 2))
+    even32, odd32 = list(range(0, 32, 2)), list(range(1, 32, 2))
+
+    def pairs(b, u, s):  # vpmaddubsw, or the same int16 sums in plain IR (never saturating here)
+        if isa != "portable":
+            return pairs_u8s8(b, u, s)
+        prod = b.mul(b.zext(u, ir.VectorType(I16, 32)), b.sext(s, ir.VectorType(I16, 32)))
+        return b.add(_shuffle(b, prod, even32), _shuffle(b, prod, odd32))
+
+    def madd(b, p, q):  # vpmaddwd, or the same in plain IR
+        if isa != "portable":
+            return madd16(b, p, q)
+        prod = b.mul(b.sext(p, v16_32), b.sext(q, v16_32))
+        return b.add(_shuffle(b, prod, even16), _shuffle(b, prod, odd16))
+
     b = ir.IRBuilder(entry)
     first = b.icmp_signed("!=", b.and_(part, c64(1)), c64(0))
     init = [b.select(first, zero8, _gep_load(b, acc, c64(64 * a), v8f, 4)) for a in range(acts)]
-    init += [b.select(first, zero, _gep_load(b, acc, c64(64 * a + 32), F32, 4)) for a in range(acts)]
+    init.append(b.select(first, zero8, _gep_load(b, acc, c64(32), v8f, 4)))  # summs, activation row a in lane a
     b.cbranch(b.icmp_signed(">", nb, c64(0)), loop, done)
 
     b = ir.IRBuilder(loop)
     i = b.phi(I64)
-    accs = [b.phi(v8f) for _ in range(acts)] + [b.phi(F32) for _ in range(acts)]  # lanes, then summs
+    accs = [b.phi(v8f) for _ in range(acts + 1)]  # each activation row's 8 lanes, then the summs of all
     blk, xr = b.add(w, b.mul(i, c64(Q5_BYTES))), b.add(x, b.mul(i, c64(rec)))
-    dw, dminw, sc8, mn8 = _kquant_header(b, blk, isa, whole=True)
+    dw, dminw, sc8, mn8 = _kquant_header(b, blk, "avx2", whole=True)  # sc8 <8 x i16>, mn8 <8 x i32>
     qh0 = _gep_load(b, blk, c64(16), v32, 1)
     b.branch(pairs_)
 
@@ -377,23 +408,27 @@ def _define_q5_k_gtile(module, acts, isa):
     lanes_in = [b.phi(v8i) for _ in range(acts)]
     totals = list(lanes_in)
     ql = _gep_load(b, b.add(blk, b.mul(p, c64(32))), c64(48), v32, 1)
-    one, four = ir.Constant(v32, [1] * 32), ir.Constant(v32, [4] * 32)
+
+    def const(v):
+        return ir.Constant(v32, [v] * 32)
+    # the two sub-blocks' values in value order: low / high nibbles of ql, bits 2p / 2p + 1 of qh (qh >> 2p)
+    c = b.or_(b.and_(ql, const(15)), b.and_(b.shl(qh, const(4)), const(16)))
+    c_ = b.or_(b.and_(b.lshr(ql, const(4)), const(15)), b.and_(b.shl(qh, const(3)), const(16)))
+    c32, c_32, sixteen = b.bitcast(c, v8i), b.bitcast(c_, v8i), ir.Constant(v8i, [16] * 8)
+    weave = [k + (16 if k % 2 else 0) for k in range(16)]  # words: even from the first, odd from the second
+    v1 = b.bitcast(b.shuffle_vector(b.bitcast(c32, v16_16), b.bitcast(b.shl(c_32, sixteen), v16_16),
+                                    ir.Constant(ir.VectorType(I32, 16), weave)), v32)
+    v2 = b.bitcast(b.shuffle_vector(b.bitcast(b.lshr(c32, sixteen), v16_16), b.bitcast(c_32, v16_16),
+                                    ir.Constant(ir.VectorType(I32, 16), weave)), v32)
+    scale = _shuffle(b, scs, [0, 1] * 8)  # (sc[2p], sc[2p + 1]) in every dword
     xp = b.add(xr, b.mul(p, c64(64)))
-    for j in range(2):  # sub-block 2p + j: the low (j = 0) or high nibbles of ql, bit 2p + j of qh
-        low = b.and_(ql, ir.Constant(v32, [15] * 32)) if j == 0 else b.lshr(ql, four)
-        bit = b.and_(b.lshr(qh, one) if j else qh, one)
-        vals = b.or_(low, b.shl(bit, four))
-        scale = _shuffle(b, scs, [j] * (16 if isa == "avx2" else 8))
-        for a in range(acts):
-            xv = _gep_load(b, xp, c64(256 * a + 32 * j), v32, 1)
-            if isa == "avx2":
-                part_ = madd16(b, pairs_u8s8(b, vals, xv), scale)
-            else:
-                part_ = b.mul(lanes_u8s8(b, vals, xv, isa) if isa == "vnni" else lanes_portable(b, vals, xv, False),
-                              scale)
-            totals[a] = b.add(totals[a], part_)
+    for a in range(acts):
+        x1 = _gep_load(b, xp, c64(256 * a), v32, 1)
+        x2 = _gep_load(b, xp, c64(256 * a + 32), v32, 1)
+        both = b.add(pairs(b, v1, x1), pairs(b, v2, x2))  # int16 2u: P[2p, u], 2u + 1: P[2p + 1, u]
+        totals[a] = b.add(totals[a], madd(b, both, scale))
     p1 = b.add(p, c64(1))
-    qh1, scs1 = b.lshr(qh, ir.Constant(v32, [2] * 32)), _shuffle(b, scs, [2, 3, 4, 5, 6, 7, 0, 1])
+    qh1, scs1 = b.lshr(qh, const(2)), _shuffle(b, scs, [2, 3, 4, 5, 6, 7, 0, 1])
     b.cbranch(b.icmp_signed("<", p1, c64(4)), pairs_, tail)
     p.add_incoming(c64(0), loop)
     p.add_incoming(p1, pairs_)
@@ -405,28 +440,25 @@ def _define_q5_k_gtile(module, acts, isa):
         phi.add_incoming(ir.Constant(v8i, [0] * 8), loop)
         phi.add_incoming(v, pairs_)
 
-    # the mins: sum_j mn[j] (S[2j] + S[2j+1]) (exact in any order), then the float steps
+    # the mins of all the activation rows at once, lane a for row a: sum_p (mn[2p] S[2p] + mn[2p+1] S[2p+1]),
+    # four vpmaddwd of (mn[2p], mn[2p+1]) by the record's (S[2p], S[2p+1]) of each row (exact in any order:
+    # |mn| <= 63, |S| <= 32 x 127); summs = fma(-(d_x dmin_w), that, summs) lane by lane, as ggml's scalar
     b = ir.IRBuilder(tail)
-    even, odd = list(range(0, 16, 2)), list(range(1, 16, 2))
-    new_accs, new_summs = [], []
+    mn16 = b.bitcast(b.trunc(mn8, ir.VectorType(I16, 8)), ir.VectorType(I32, 4))  # (mn[2p], mn[2p+1]) at p
+    imin = None
+    for q in range(4):
+        part_ = madd(b, b.bitcast(_shuffle(b, mn16, [q] * 8), v16_16), _gep_load(b, xr, c64(spo + 32 * q), v16_16, 2))
+        imin = part_ if imin is None else b.add(imin, part_)
+    xd8 = _gep_load(b, xr, c64(xdo), v8f, 4)  # the rows' d_x (zeros past the last row)
+    dmin = b.fneg(b.fmul(xd8, _shuffle(b, b.insert_element(ir.Constant(v8f, ir.Undefined), dminw,
+                                                           ir.Constant(I32, 0)), [0] * 8)))  # -(d_x * dmin_w)
+    new = []
     for a in range(acts):
-        bsum = _gep_load(b, xr, c64(bso + 32 * a), v16_16, 2)
-        if isa == "avx2":
-            s = madd16(b, bsum, ir.Constant(v16_16, [1] * 16))  # (8,) S[2j] + S[2j+1]
-        else:
-            s32 = b.sext(bsum, v16_32)
-            s = b.add(_shuffle(b, s32, even), _shuffle(b, s32, odd))
-        prod = b.mul(mn8, s)
-        prod = b.add(_shuffle(b, prod, [0, 1, 2, 3]), _shuffle(b, prod, [4, 5, 6, 7]))
-        prod = b.add(_shuffle(b, prod, [0, 1]), _shuffle(b, prod, [2, 3]))
-        imin = b.add(b.extract_element(prod, ir.Constant(I32, 0)), b.extract_element(prod, ir.Constant(I32, 1)))
         xdv = _gep_load(b, xr, c64(xdo + 4 * a), F32, 4)
         d8 = _shuffle(b, b.insert_element(ir.Constant(v8f, ir.Undefined), b.fmul(xdv, dw), ir.Constant(I32, 0)),
                       [0] * 8)
-        new_accs.append(b.call(fma_v, [d8, b.sitofp(totals[a], v8f), accs[a]]))
-        dmin = b.fneg(b.fmul(xdv, dminw))  # -(d_x * dmin_w)
-        new_summs.append(b.call(fma_s, [dmin, b.sitofp(imin, F32), accs[acts + a]]))
-    new = new_accs + new_summs
+        new.append(b.call(fma_v, [d8, b.sitofp(totals[a], v8f), accs[a]]))
+    new.append(b.call(fma_v, [dmin, b.sitofp(imin, v8f), accs[acts]]))
     i1 = b.add(i, c64(1))
     b.cbranch(b.icmp_signed("<", i1, nb), loop, done)
     i.add_incoming(c64(0), entry)
@@ -443,13 +475,14 @@ def _define_q5_k_gtile(module, acts, isa):
     b.cbranch(b.icmp_signed("!=", b.and_(part, c64(2)), c64(0)), last, keep)
     b = ir.IRBuilder(last)
     for a in range(acts):
-        total = b.fadd(_hsum8(b, finals[a]), finals[acts + a])  # the mins' float32 sum, added last
+        summs = b.extract_element(finals[acts], ir.Constant(I32, a))
+        total = b.fadd(_hsum8(b, finals[a]), summs)  # the mins' float32 sum, added last
         b.store(total, _ptr(b, b.add(out, b.mul(c64(a), ostride)), F32), align=4)
     b.ret_void()
     b = ir.IRBuilder(keep)
     for a in range(acts):
         b.store(finals[a], _ptr(b, b.add(acc, c64(64 * a)), v8f), align=4)
-        b.store(finals[acts + a], _ptr(b, b.add(acc, c64(64 * a + 32)), F32), align=4)
+    b.store(finals[acts], _ptr(b, b.add(acc, c64(32)), v8f), align=4)
     b.ret_void()
     return fn
 
@@ -1077,7 +1110,7 @@ def _group_rows(five, xg, xq, xd, xbs, blocks, simd, out, acc, r0, r1):
     nb, xst, xds, bss, ost, x0, xd0, bs0, o0 = _act_addresses(xq, xd, xbs, out)
     ws, w0 = np.int64(blocks.shape[1]), np.int64(blocks.ctypes.data)
     gs, g0, a0 = np.int64(xg.shape[1]), np.int64(xg.ctypes.data), np.int64(acc.ctypes.data)
-    rec, size = np.int64(GROUP_RECORD), np.int64(Q5_BYTES if five else Q6_BYTES)
+    rec, size = np.int64(GROUP_RECORD5 if five else GROUP_RECORD), np.int64(Q5_BYTES if five else Q6_BYTES)
     for g in range(G):
         on = o0 + g * GROUP * ost
         for s in range(0, nb, SEG):
@@ -1110,30 +1143,44 @@ def _dot_groups(five, xg, xq, xd, xbs, blocks, simd, out):
 
 
 @njit(**JIT)
-def _group_acts(xq, xd, xbs, acts, q, b16, d):
+def _group_acts(xq, xd, xbs, acts, five, q, b16, d):
     """group_acts' records from the Q8_K rows: q, b16 and d view the same bytes as int8, int16 and float32."""
     nb = xq.shape[1] // 256
     rec = q.shape[0] // max(1, (xq.shape[0] // acts) * nb)
+    spo = -(-acts * 292 // 32) * 32  # pair_sums(acts)
     for g in range(xq.shape[0] // acts):
         for i in range(nb):
             o = (g * nb + i) * rec
             for a in range(acts):
                 n = g * acts + a
-                q[o + 256 * a:o + 256 * a + 256] = xq[n, 256 * i:256 * i + 256]
+                src, dst = 256 * i, o + 256 * a
+                if five:  # per pair of sub-blocks (64 values), X1 then X2 (see group_acts)
+                    for t in range(256):
+                        pair, k = t // 64, t % 64
+                        half, u, b = k // 32, (k % 32) // 4, k % 4  # X2 for half 1; dword u; byte b of it
+                        sub = 2 * pair + b // 2  # bytes 0, 1 of the dword from sub-block 2p, 2, 3 from 2p + 1
+                        q[dst + t] = xq[n, src + 32 * sub + 4 * u + 2 * half + b % 2]
+                else:
+                    q[dst:dst + 256] = xq[n, src:src + 256]
                 for j in range(16):
                     b16[(o + 256 * acts + 32 * a) // 2 + j] = xbs[n, i, j]
                 d[(o + 288 * acts + 4 * a) // 4] = xd[n, i]
+                if five:  # (S[2p], S[2p + 1]) of row a at dword a of 32 bytes p, S[j] = bsum[2j] + bsum[2j + 1]
+                    for j in range(8):
+                        b16[(o + spo + 32 * (j // 2) + 4 * a) // 2 + j % 2] = xbs[n, i, 2 * j] + xbs[n, i, 2 * j + 1]
 
 
-def group_acts(xq, xd, xbs, acts: int = GROUP) -> np.ndarray:
+def group_acts(xq, xd, xbs, acts: int = GROUP, five: bool = False) -> np.ndarray:
     """Q8_K activation rows (quantize_q8_K's) -> (N // acts, nb * act_record(acts)) int8: per group of `acts`
     rows and super-block i, at (g, i * act_record(acts)): the rows' quants (256 bytes each), their 16 bsums as
     int16 (32 bytes each), their scales (float32), zeros to the record's end. The rows past the last whole
-    group are not in it."""
+    group are not in it. The quants in value order, or five (Q5_K's tile, _define_q5_k_gtile): per pair of
+    sub-blocks j = 2p, j' = 2p + 1 (64 bytes from 64 p), woven by 16-bit words, X1 (32 bytes: dword u = values
+    4u, 4u + 1 of j, then of j') and X2 (dword u = values 4u + 2, 4u + 3 of j, then of j')."""
     N, K = xq.shape
-    G, nb, rec = N // acts, K // 256, act_record(acts)
+    G, nb, rec = N // acts, K // 256, act_record(acts, five)
     buf = np.zeros(G * nb * rec, np.int8)
-    _group_acts(xq, xd, xbs, acts, buf, buf.view(np.int16), buf.view(np.float32))
+    _group_acts(xq, xd, xbs, acts, five, buf, buf.view(np.int16), buf.view(np.float32))
     return buf.reshape(G, nb * rec)
 
 
@@ -1189,7 +1236,8 @@ def quantized_linear(x2: np.ndarray, w, simd: "int | None" = None) -> np.ndarray
     use = SIMD if simd is None else int(simd)
     one = serial_product(N, R * x2.shape[1])  # a decode on the calling thread
     if w.format in ("q5_k", "q6_k") and not one:  # a prefill: the activations in groups (group_acts)
-        _dot_groups(w.format == "q5_k", group_acts(xq, xd, xbs), xq, xd, xbs, readonly(w.blocks), use, out)
+        five = w.format == "q5_k"
+        _dot_groups(five, group_acts(xq, xd, xbs, five=five), xq, xd, xbs, readonly(w.blocks), use, out)
         return out
     if w.format in ("q5_k", "q6_k"):  # a decode, on the calling thread
         _decode_q56_k(w.format == "q5_k", xq, xd, xbs, readonly(w.blocks), use, out)

@@ -292,7 +292,8 @@ def test_decode_one_thread_equals_numpy(kind, simd, monkeypatch):
 @pytest.mark.parametrize("cls", [Q4_KWeight, Q5_KWeight, Q6_KWeight], ids=lambda c: c.format)
 def test_kquant_prefill_tiles_equal_numpy(cls, simd):
     """The prefill tiles (one weight row by ACTS activation rows, kernels/ggml_kquants._define_q4_k_tile; Q5_K
-    and Q6_K by a group of GROUP, _define_q5_k_gtile, _define_q6_k_gtile, SEG super-blocks at a time) and the
+    and Q6_K by a group of GROUP, _define_q5_k_gtile (two sub-blocks per vpmaddwd, the mins of the group in one
+    vector), _define_q6_k_gtile, SEG super-blocks at a time) and the
     activation rows left over one by one: counts below, at and past ACTS and GROUP (and their multiples), rows
     of one segment, of a whole number of them and of a part one more, row counts that split unevenly over the
     parallel tiles (Q4_K: in groups of 8, the gemv's order, and not); random blocks and the extremes."""
@@ -328,6 +329,37 @@ def test_group_acts_layout_by_hand():
                 assert np.array_equal(r[256 * g + 32 * a:256 * g + 32 * a + 32].view(np.int16), xbs[n, i])
                 assert r[288 * g + 4 * a:288 * g + 4 * a + 4].view(np.float32)[0] == xd[n, i]
             assert not r[292 * g:].any()
+
+
+def test_group_acts_five_layout_by_hand():
+    """Q5_K's records (group_acts five=True, _define_q5_k_gtile): per pair p of sub-blocks, 32 bytes X1 (dword u:
+    values 4u, 4u + 1 of sub-block 2p, then of 2p + 1) and 32 bytes X2 (values 4u + 2, 4u + 3); the bsums and
+    scales where the plain record has them; after them (pair_sums, 32-byte aligned) per pair p 32 bytes of
+    (S[2p], S[2p + 1]) of each row (int16, row a at dword a, zeros past the last), S[j] = bsum[2j] + bsum[2j + 1]."""
+    k = compiled()
+    g, nb = k.GROUP, 2
+    x = activations(2 * g + 3, 256 * nb, 9)
+    xd, xq, xbs = k.quantize_q8_K(x)
+    rec, spo = k.act_record(g, True), k.pair_sums(g)
+    assert rec % 64 == 0 and spo % 32 == 0 and spo >= 292 * g and rec >= spo + 128
+    got = k.group_acts(xq, xd, xbs, five=True)
+    assert got.shape == (2, nb * rec) and got.dtype == np.int8
+    for grp in range(2):
+        for i in range(nb):
+            r = got[grp, i * rec:(i + 1) * rec]
+            sums = r[spo:spo + 128].view(np.int16).reshape(4, 8, 2)  # (pair p, row a, S[2p] / S[2p + 1])
+            for a in range(g):
+                n = grp * g + a
+                v = xq[n, 256 * i:256 * i + 256].reshape(8, 8, 4)  # (sub-block j, u, value 4u + t)
+                woven = r[256 * a:256 * a + 256].reshape(4, 2, 8, 2, 2)  # (p, X1 / X2, u, j = 2p / 2p + 1, 2)
+                for p in range(4):
+                    for h in range(2):
+                        for j in range(2):
+                            assert np.array_equal(woven[p, h, :, j], v[2 * p + j, :, 2 * h:2 * h + 2])
+                assert np.array_equal(r[256 * g + 32 * a:256 * g + 32 * a + 32].view(np.int16), xbs[n, i])
+                assert r[288 * g + 4 * a:288 * g + 4 * a + 4].view(np.float32)[0] == xd[n, i]
+                assert np.array_equal(sums[:, a].reshape(8), xbs[n, i, 0::2] + xbs[n, i, 1::2])
+            assert not sums[:, g:].any() and not r[292 * g:spo].any() and not r[spo + 128:].any()
 
 
 def test_repack_q4_k_layout_by_hand():

@@ -62,6 +62,44 @@ SIMD = simd_default()
 
 # ---- the tiles: a weight row by activation rows, unpacked in registers ----------------------------------------
 
+def _pairs(b, u, s, isa):
+    """vpmaddubsw (ggml_simd.pairs_u8s8), or the same int16 sums in plain IR (portable; never saturating here)."""
+    if isa != "portable":
+        return pairs_u8s8(b, u, s)
+    prod = b.mul(b.zext(u, ir.VectorType(I16, 32)), b.sext(s, ir.VectorType(I16, 32)))
+    return b.add(_shuffle(b, prod, list(range(0, 32, 2))), _shuffle(b, prod, list(range(1, 32, 2))))
+
+
+def _madd(b, p, q, isa):
+    """vpmaddwd (ggml_simd.madd16) of <16 x i16> p, q, or the same in plain IR (portable)."""
+    if isa != "portable":
+        return madd16(b, p, q)
+    v16_32 = ir.VectorType(I32, 16)
+    prod = b.mul(b.sext(p, v16_32), b.sext(q, v16_32))
+    return b.add(_shuffle(b, prod, list(range(0, 16, 2))), _shuffle(b, prod, list(range(1, 16, 2))))
+
+
+def _weave(b, c, c_):
+    """Two 32-value pieces' values (<32 x i8>, value order) -> V1, V2 woven by 16-bit words for one vpmaddwd of
+    both (group_acts' woven records hold the activations the same way): dword u of V1 = values 4u, 4u + 1 of c,
+    then of c_; of V2 = values 4u + 2, 4u + 3 of c, then of c_ (vpslld / vpsrld by 16 and vpblendw)."""
+    v8i, v16_16, v32 = ir.VectorType(I32, 8), ir.VectorType(I16, 16), ir.VectorType(I8, 32)
+    c32, c_32, sixteen = b.bitcast(c, v8i), b.bitcast(c_, v8i), ir.Constant(v8i, [16] * 8)
+    weave = ir.Constant(ir.VectorType(I32, 16), [k + (16 if k % 2 else 0) for k in range(16)])  # even words
+    # from the first, odd from the second
+    v1 = b.shuffle_vector(b.bitcast(c32, v16_16), b.bitcast(b.shl(c_32, sixteen), v16_16), weave)
+    v2 = b.shuffle_vector(b.bitcast(b.lshr(c32, sixteen), v16_16), b.bitcast(c_32, v16_16), weave)
+    return b.bitcast(v1, v32), b.bitcast(v2, v32)
+
+
+def _woven_lanes(b, v1, v2, x1, x2, scale, isa):
+    """The int32 lanes of two woven pieces by one activation row: vpmaddubsw(V1, X1) + vpmaddubsw(V2, X2) holds
+    the 4-product sums P of the first piece at int16 2u and of the second at 2u + 1 (exact where |P| <= 32767:
+    Q5_K 4 x 31 x 127, Q6_K 4 x 63 x 127 = 32004), then one vpmaddwd by their scales (16 x i16, the first
+    piece's at 2u, the second's at 2u + 1): lane u = s P + s' P', the sum of the two pieces' own lanes."""
+    return _madd(b, b.add(_pairs(b, v1, x1, isa), _pairs(b, v2, x2, isa)), scale, isa)
+
+
 # A Q6_K prefill tile: one weight row by ACTS activation rows, each super-block of the row unpacked once for
 # all of them. Measured (576 x 1536, N = 512, one thread, against the kernel before it, interleaved): 1 x 6
 # 1.77-1.92x, 1 x 5 1.65-1.87x, 1 x 4 1.45-1.69x, 1 x 8 1.18-1.34x, 2 x 4 1.39x, 4 x 2 1.01-1.17x (more rows or
@@ -226,27 +264,29 @@ SEG = 8
 GROUP = 6
 
 
-def act_record(acts: int, five: bool = False) -> int:
-    """The bytes of one super-block of a group of `acts` Q8_K activation rows (group_acts; five: with the
+def act_record(acts: int, woven: bool = False) -> int:
+    """The bytes of one super-block of a group of `acts` Q8_K activation rows (group_acts; woven: with the
     sub-block sums for Q5_K's mins at pair_sums(acts))."""
-    return -(-(pair_sums(acts) + 128 if five else acts * 292) // 64) * 64
+    return -(-(pair_sums(acts) + 128 if woven else acts * 292) // 64) * 64
 
 
 def pair_sums(acts: int) -> int:
-    """Where a five record (group_acts) keeps its sub-block sums: after the scales, 32-byte aligned."""
+    """Where a woven record (group_acts) keeps its sub-block sums: after the scales, 32-byte aligned."""
     return -(-acts * 292 // 32) * 32
 
 
-GROUP_RECORD, GROUP_RECORD5 = act_record(GROUP), act_record(GROUP, True)
+GROUP_RECORD = act_record(GROUP, True)  # the prefill tiles' (woven)
 
 
 def _define_q6_k_gtile(module, acts, isa):
     """void f(w, x, nb, out, ostride, acc, part): ggml_vec_dot_q6_K_q8_K of one weight row (the file's Q6_K
-    blocks from byte address w) with a group of `acts` activation rows (group_acts' records from byte address
-    x), nb super-blocks, in _define_q6_k_tile's order (the same lanes, the same float steps). A row may come in
-    segments of super-blocks: part & 1, its first (the float32 lanes start at zero, else from acc: 8 per
+    blocks from byte address w) with a group of `acts` activation rows (group_acts' woven records from byte
+    address x), nb super-blocks, in _define_q6_k_tile's order (the same lanes, the same float steps). A row may
+    come in segments of super-blocks: part & 1, its first (the float32 lanes start at zero, else from acc: 8 per
     activation row, 32 bytes apart); part & 2, its last (hsum_float_8 of the lanes -> out[a * ostride], else
-    the lanes -> acc). Stored and loaded whole, the lanes carry the same chain of fma's as one call."""
+    the lanes -> acc). Stored and loaded whole, the lanes carry the same chain of fma's as one call. Chunks
+    2q, 2q + 1 of 32 values share one vpmaddwd (_weave, _woven_lanes: scales sc[2c + (u >= 4)] of each chunk c
+    at lane u), as _define_q5_k_gtile's sub-blocks."""
     name = f"llama_ref_ggml_q6_k_g{acts}_{isa}"
     if name in module.globals:
         return module.globals[name]
@@ -260,7 +300,7 @@ def _define_q6_k_gtile(module, acts, isa):
     c64 = lambda v: ir.Constant(I64, v)  # noqa: E731
     zero8 = ir.Constant(v8f, [0.0] * 8)
     fma_v = _declare(module, "llvm.fma.v8f32", v8f, [v8f] * 3)
-    rec, bso, xdo = act_record(acts), 256 * acts, 288 * acts  # a record; its bsums, its scales
+    rec, bso, xdo = act_record(acts, True), 256 * acts, 288 * acts  # a record; its bsums, its scales
     b = ir.IRBuilder(entry)
     first = b.icmp_signed("!=", b.and_(part, c64(1)), c64(0))
     init = [b.select(first, zero8, _gep_load(b, acc, c64(32 * a), v8f, 4)) for a in range(acts)]
@@ -280,17 +320,15 @@ def _define_q6_k_gtile(module, acts, isa):
     wh, xh = b.add(blk, b.mul(h, c64(64))), b.add(xr, b.mul(h, c64(128)))  # the half's ql bytes, its x
     qh = _gep_load(b, b.add(blk, b.mul(h, c64(32))), c64(128), v32, 1)
     sch = b.sext(_gep_load(b, b.add(blk, b.mul(h, c64(8))), c64(192), ir.VectorType(I8, 8), 1),
-                 ir.VectorType(I16, 8) if isa == "avx2" else ir.VectorType(I32, 8))
-    for k in range(4):
-        vals = _q6_k_value_chunk(b, _gep_load(b, wh, c64(32 * (k % 2)), v32, 1), qh, k)
-        scale = _shuffle(b, sch, [2 * k] * 8 + [2 * k + 1] * 8 if isa == "avx2" else [2 * k] * 4 + [2 * k + 1] * 4)
+                 ir.VectorType(I16, 8))
+    for k in (0, 2):  # chunks k, k + 1 of the half
+        vals = [_q6_k_value_chunk(b, _gep_load(b, wh, c64(32 * (c % 2)), v32, 1), qh, c) for c in (k, k + 1)]
+        v1, v2 = _weave(b, *vals)
+        # int16 2u: chunk k's scale sc[2k + (u >= 4)], 2u + 1: chunk k + 1's
+        scale = _shuffle(b, sch, [2 * k, 2 * k + 2] * 4 + [2 * k + 1, 2 * k + 3] * 4)
         for a in range(acts):
-            xv = _gep_load(b, xh, c64(256 * a + 32 * k), v32, 1)
-            if isa == "avx2":
-                p = madd16(b, pairs_u8s8(b, vals, xv), scale)
-            else:
-                p = b.mul(lanes_u8s8(b, vals, xv, isa) if isa == "vnni" else lanes_portable(b, vals, xv, False), scale)
-            totals[a] = b.add(totals[a], p)
+            x1, x2 = (_gep_load(b, xh, c64(256 * a + 32 * (k + c)), v32, 1) for c in range(2))
+            totals[a] = b.add(totals[a], _woven_lanes(b, v1, v2, x1, x2, scale, isa))
     h1 = b.add(h, c64(1))
     b.cbranch(b.icmp_signed("<", h1, c64(2)), half, tail)
     h.add_incoming(c64(0), loop)
@@ -343,8 +381,8 @@ def _define_q6_k_gtile(module, acts, isa):
 
 def _define_q5_k_gtile(module, acts, isa):
     """void f(w, x, nb, out, ostride, acc, part): ggml_vec_dot_q5_K_q8_K of one weight row (the file's Q5_K
-    blocks from byte address w) with a group of `acts` activation rows (group_acts' records in the pair order,
-    five=True, from byte address x), in _define_q5_k_tile's order; segments and acc (per activation row 64
+    blocks from byte address w) with a group of `acts` activation rows (group_acts' woven records from byte
+    address x), in _define_q5_k_tile's order; segments and acc (per activation row 64
     bytes: the 8 float32 lanes, then summs) as _define_q6_k_gtile's.
 
     Two sub-blocks j = 2p, j' = 2p + 1 share one vpmaddwd: their values are unpacked in value order (c, c'),
@@ -367,27 +405,12 @@ def _define_q5_k_gtile(module, acts, isa):
     entry, loop, pairs_, tail, done, last, keep = (fn.append_basic_block(n) for n in (
         "entry", "loop", "pairs", "tail", "done", "last", "keep"))
     v8f, v32, v8i = ir.VectorType(F32, 8), ir.VectorType(I8, 32), ir.VectorType(I32, 8)
-    v16_16, v16_32 = ir.VectorType(I16, 16), ir.VectorType(I32, 16)
+    v16_16 = ir.VectorType(I16, 16)
     c64 = lambda v: ir.Constant(I64, v)  # noqa: E731
     zero8 = ir.Constant(v8f, [0.0] * 8)
     fma_v = _declare(module, "llvm.fma.v8f32", v8f, [v8f] * 3)
     rec, xdo, spo = act_record(acts, True), 288 * acts, pair_sums(acts)
     assert acts <= 8  # the mins and summs: one int32 / float32 lane per activation row
-    even16, odd16 = list(range(0, 16, 2)), list(range(1, 16, 2))
-    even32, odd32 = list(range(0, 32, 2)), list(range(1, 32, 2))
-
-    def pairs(b, u, s):  # vpmaddubsw, or the same int16 sums in plain IR (never saturating here)
-        if isa != "portable":
-            return pairs_u8s8(b, u, s)
-        prod = b.mul(b.zext(u, ir.VectorType(I16, 32)), b.sext(s, ir.VectorType(I16, 32)))
-        return b.add(_shuffle(b, prod, even32), _shuffle(b, prod, odd32))
-
-    def madd(b, p, q):  # vpmaddwd, or the same in plain IR
-        if isa != "portable":
-            return madd16(b, p, q)
-        prod = b.mul(b.sext(p, v16_32), b.sext(q, v16_32))
-        return b.add(_shuffle(b, prod, even16), _shuffle(b, prod, odd16))
-
     b = ir.IRBuilder(entry)
     first = b.icmp_signed("!=", b.and_(part, c64(1)), c64(0))
     init = [b.select(first, zero8, _gep_load(b, acc, c64(64 * a), v8f, 4)) for a in range(acts)]
@@ -414,19 +437,12 @@ def _define_q5_k_gtile(module, acts, isa):
     # the two sub-blocks' values in value order: low / high nibbles of ql, bits 2p / 2p + 1 of qh (qh >> 2p)
     c = b.or_(b.and_(ql, const(15)), b.and_(b.shl(qh, const(4)), const(16)))
     c_ = b.or_(b.and_(b.lshr(ql, const(4)), const(15)), b.and_(b.shl(qh, const(3)), const(16)))
-    c32, c_32, sixteen = b.bitcast(c, v8i), b.bitcast(c_, v8i), ir.Constant(v8i, [16] * 8)
-    weave = [k + (16 if k % 2 else 0) for k in range(16)]  # words: even from the first, odd from the second
-    v1 = b.bitcast(b.shuffle_vector(b.bitcast(c32, v16_16), b.bitcast(b.shl(c_32, sixteen), v16_16),
-                                    ir.Constant(ir.VectorType(I32, 16), weave)), v32)
-    v2 = b.bitcast(b.shuffle_vector(b.bitcast(b.lshr(c32, sixteen), v16_16), b.bitcast(c_32, v16_16),
-                                    ir.Constant(ir.VectorType(I32, 16), weave)), v32)
+    v1, v2 = _weave(b, c, c_)
     scale = _shuffle(b, scs, [0, 1] * 8)  # (sc[2p], sc[2p + 1]) in every dword
     xp = b.add(xr, b.mul(p, c64(64)))
     for a in range(acts):
-        x1 = _gep_load(b, xp, c64(256 * a), v32, 1)
-        x2 = _gep_load(b, xp, c64(256 * a + 32), v32, 1)
-        both = b.add(pairs(b, v1, x1), pairs(b, v2, x2))  # int16 2u: P[2p, u], 2u + 1: P[2p + 1, u]
-        totals[a] = b.add(totals[a], madd(b, both, scale))
+        x1, x2 = (_gep_load(b, xp, c64(256 * a + 32 * k), v32, 1) for k in range(2))
+        totals[a] = b.add(totals[a], _woven_lanes(b, v1, v2, x1, x2, scale, isa))
     p1 = b.add(p, c64(1))
     qh1, scs1 = b.lshr(qh, const(2)), _shuffle(b, scs, [2, 3, 4, 5, 6, 7, 0, 1])
     b.cbranch(b.icmp_signed("<", p1, c64(4)), pairs_, tail)
@@ -447,7 +463,8 @@ def _define_q5_k_gtile(module, acts, isa):
     mn16 = b.bitcast(b.trunc(mn8, ir.VectorType(I16, 8)), ir.VectorType(I32, 4))  # (mn[2p], mn[2p+1]) at p
     imin = None
     for q in range(4):
-        part_ = madd(b, b.bitcast(_shuffle(b, mn16, [q] * 8), v16_16), _gep_load(b, xr, c64(spo + 32 * q), v16_16, 2))
+        part_ = _madd(b, b.bitcast(_shuffle(b, mn16, [q] * 8), v16_16), _gep_load(b, xr, c64(spo + 32 * q), v16_16, 2),
+                      isa)
         imin = part_ if imin is None else b.add(imin, part_)
     xd8 = _gep_load(b, xr, c64(xdo), v8f, 4)  # the rows' d_x (zeros past the last row)
     dmin = b.fneg(b.fmul(xd8, _shuffle(b, b.insert_element(ir.Constant(v8f, ir.Undefined), dminw,
@@ -1110,7 +1127,7 @@ def _group_rows(five, xg, xq, xd, xbs, blocks, simd, out, acc, r0, r1):
     nb, xst, xds, bss, ost, x0, xd0, bs0, o0 = _act_addresses(xq, xd, xbs, out)
     ws, w0 = np.int64(blocks.shape[1]), np.int64(blocks.ctypes.data)
     gs, g0, a0 = np.int64(xg.shape[1]), np.int64(xg.ctypes.data), np.int64(acc.ctypes.data)
-    rec, size = np.int64(GROUP_RECORD5 if five else GROUP_RECORD), np.int64(Q5_BYTES if five else Q6_BYTES)
+    rec, size = np.int64(GROUP_RECORD), np.int64(Q5_BYTES if five else Q6_BYTES)
     for g in range(G):
         on = o0 + g * GROUP * ost
         for s in range(0, nb, SEG):
@@ -1143,7 +1160,7 @@ def _dot_groups(five, xg, xq, xd, xbs, blocks, simd, out):
 
 
 @njit(**JIT)
-def _group_acts(xq, xd, xbs, acts, five, q, b16, d):
+def _group_acts(xq, xd, xbs, acts, woven, q, b16, d):
     """group_acts' records from the Q8_K rows: q, b16 and d view the same bytes as int8, int16 and float32."""
     nb = xq.shape[1] // 256
     rec = q.shape[0] // max(1, (xq.shape[0] // acts) * nb)
@@ -1154,7 +1171,7 @@ def _group_acts(xq, xd, xbs, acts, five, q, b16, d):
             for a in range(acts):
                 n = g * acts + a
                 src, dst = 256 * i, o + 256 * a
-                if five:  # per pair of sub-blocks (64 values), X1 then X2 (see group_acts)
+                if woven:  # per pair of 32-value pieces (64 values), X1 then X2 (see group_acts)
                     for t in range(256):
                         pair, k = t // 64, t % 64
                         half, u, b = k // 32, (k % 32) // 4, k % 4  # X2 for half 1; dword u; byte b of it
@@ -1165,22 +1182,24 @@ def _group_acts(xq, xd, xbs, acts, five, q, b16, d):
                 for j in range(16):
                     b16[(o + 256 * acts + 32 * a) // 2 + j] = xbs[n, i, j]
                 d[(o + 288 * acts + 4 * a) // 4] = xd[n, i]
-                if five:  # (S[2p], S[2p + 1]) of row a at dword a of 32 bytes p, S[j] = bsum[2j] + bsum[2j + 1]
+                if woven:  # (S[2p], S[2p + 1]) of row a at dword a of 32 bytes p, S[j] = bsum[2j] + bsum[2j + 1]
                     for j in range(8):
                         b16[(o + spo + 32 * (j // 2) + 4 * a) // 2 + j % 2] = xbs[n, i, 2 * j] + xbs[n, i, 2 * j + 1]
 
 
-def group_acts(xq, xd, xbs, acts: int = GROUP, five: bool = False) -> np.ndarray:
-    """Q8_K activation rows (quantize_q8_K's) -> (N // acts, nb * act_record(acts)) int8: per group of `acts`
-    rows and super-block i, at (g, i * act_record(acts)): the rows' quants (256 bytes each), their 16 bsums as
-    int16 (32 bytes each), their scales (float32), zeros to the record's end. The rows past the last whole
-    group are not in it. The quants in value order, or five (Q5_K's tile, _define_q5_k_gtile): per pair of
-    sub-blocks j = 2p, j' = 2p + 1 (64 bytes from 64 p), woven by 16-bit words, X1 (32 bytes: dword u = values
-    4u, 4u + 1 of j, then of j') and X2 (dword u = values 4u + 2, 4u + 3 of j, then of j')."""
+def group_acts(xq, xd, xbs, acts: int = GROUP, woven: bool = True) -> np.ndarray:
+    """Q8_K activation rows (quantize_q8_K's) -> (N // acts, nb * act_record(acts, woven)) int8: per group of
+    `acts` rows and super-block i, at (g, i * act_record(acts, woven)): the rows' quants (256 bytes each), their
+    16 bsums as int16 (32 bytes each), their scales (float32), zeros to the record's end. The rows past the last
+    whole group are not in it. The quants in value order, or woven (the prefill tiles', _define_q5_k_gtile and
+    _define_q6_k_gtile): per pair of 32-value pieces j = 2p, j' = 2p + 1 (64 bytes from 64 p), woven by 16-bit
+    words, X1 (32 bytes: dword u = values 4u, 4u + 1 of j, then of j') and X2 (dword u = values 4u + 2, 4u + 3
+    of j, then of j'); and after the scales (pair_sums) per pair p 32 bytes of (S[2p], S[2p + 1]) of each row
+    (int16, row a at dword a, zeros past the last), S[j] = bsum[2j] + bsum[2j + 1] (Q5_K's mins)."""
     N, K = xq.shape
-    G, nb, rec = N // acts, K // 256, act_record(acts, five)
+    G, nb, rec = N // acts, K // 256, act_record(acts, woven)
     buf = np.zeros(G * nb * rec, np.int8)
-    _group_acts(xq, xd, xbs, acts, five, buf, buf.view(np.int16), buf.view(np.float32))
+    _group_acts(xq, xd, xbs, acts, woven, buf, buf.view(np.int16), buf.view(np.float32))
     return buf.reshape(G, nb * rec)
 
 
@@ -1236,8 +1255,7 @@ def quantized_linear(x2: np.ndarray, w, simd: "int | None" = None) -> np.ndarray
     use = SIMD if simd is None else int(simd)
     one = serial_product(N, R * x2.shape[1])  # a decode on the calling thread
     if w.format in ("q5_k", "q6_k") and not one:  # a prefill: the activations in groups (group_acts)
-        five = w.format == "q5_k"
-        _dot_groups(five, group_acts(xq, xd, xbs, five=five), xq, xd, xbs, readonly(w.blocks), use, out)
+        _dot_groups(w.format == "q5_k", group_acts(xq, xd, xbs), xq, xd, xbs, readonly(w.blocks), use, out)
         return out
     if w.format in ("q5_k", "q6_k"):  # a decode, on the calling thread
         _decode_q56_k(w.format == "q5_k", xq, xd, xbs, readonly(w.blocks), use, out)

@@ -23,6 +23,10 @@ Q5_K and Q6_K prefill with their activations in groups (group_acts: GROUP rows' 
 in one record per super-block), a tile of one weight row by a group (_define_q5_k_gtile, _define_q6_k_gtile),
 SEG super-blocks at a time so that the group's bytes stay in L1 while the rows pass; kernel level (Q6_K 8192 x
 2048 and 2048 x 8192 by 120 rows, one thread) 1.10-1.20x the 1 x ACTS tile on the plain arrays, Q5_K 1.86-1.93x.
+Q5_K's records are woven (group_acts woven=True) so that two sub-blocks share one vpmaddwd (_weave, _woven_lanes:
+3 multiplies per 64 values and activation row instead of 4; the multiplies bound these tiles on AVX2) and carry
+the sub-block sums for the group's mins in one vector; 1.16-1.29x the tile before (1B shapes by 512 rows, one
+thread, best of 3 interleaved rounds). The same weave on Q6_K's tile measured 0.87-0.96x: not taken.
 
 Every other inner loop is one LLVM vector-IR function per tile of one weight row by ACTS activation rows (a
 decode: by one), over the whole row (_define_q4_k_tile, _define_q5_k_tile, _define_q6_k_tile): per super-block
@@ -81,8 +85,9 @@ def _madd(b, p, q, isa):
 
 def _weave(b, c, c_):
     """Two 32-value pieces' values (<32 x i8>, value order) -> V1, V2 woven by 16-bit words for one vpmaddwd of
-    both (group_acts' woven records hold the activations the same way): dword u of V1 = values 4u, 4u + 1 of c,
-    then of c_; of V2 = values 4u + 2, 4u + 3 of c, then of c_ (vpslld / vpsrld by 16 and vpblendw)."""
+    both (_define_q5_k_gtile; group_acts' woven records hold the activations the same way): dword u of V1 =
+    values 4u, 4u + 1 of c, then of c_; of V2 = values 4u + 2, 4u + 3 of c, then of c_ (vpslld / vpsrld by 16
+    and vpblendw)."""
     v8i, v16_16, v32 = ir.VectorType(I32, 8), ir.VectorType(I16, 16), ir.VectorType(I8, 32)
     c32, c_32, sixteen = b.bitcast(c, v8i), b.bitcast(c_, v8i), ir.Constant(v8i, [16] * 8)
     weave = ir.Constant(ir.VectorType(I32, 16), [k + (16 if k % 2 else 0) for k in range(16)])  # even words
@@ -95,8 +100,8 @@ def _weave(b, c, c_):
 def _woven_lanes(b, v1, v2, x1, x2, scale, isa):
     """The int32 lanes of two woven pieces by one activation row: vpmaddubsw(V1, X1) + vpmaddubsw(V2, X2) holds
     the 4-product sums P of the first piece at int16 2u and of the second at 2u + 1 (exact where |P| <= 32767:
-    Q5_K 4 x 31 x 127, Q6_K 4 x 63 x 127 = 32004), then one vpmaddwd by their scales (16 x i16, the first
-    piece's at 2u, the second's at 2u + 1): lane u = s P + s' P', the sum of the two pieces' own lanes."""
+    Q5_K 4 x 31 x 127 = 15748), then one vpmaddwd by their scales (16 x i16, the first piece's at 2u, the
+    second's at 2u + 1): lane u = s P + s' P', the sum of the two pieces' own lanes."""
     return _madd(b, b.add(_pairs(b, v1, x1, isa), _pairs(b, v2, x2, isa)), scale, isa)
 
 
@@ -275,18 +280,16 @@ def pair_sums(acts: int) -> int:
     return -(-acts * 292 // 32) * 32
 
 
-GROUP_RECORD = act_record(GROUP, True)  # the prefill tiles' (woven)
+GROUP_RECORD, GROUP_RECORD5 = act_record(GROUP), act_record(GROUP, True)  # Q6_K's plain, Q5_K's woven
 
 
 def _define_q6_k_gtile(module, acts, isa):
     """void f(w, x, nb, out, ostride, acc, part): ggml_vec_dot_q6_K_q8_K of one weight row (the file's Q6_K
-    blocks from byte address w) with a group of `acts` activation rows (group_acts' woven records from byte
-    address x), nb super-blocks, in _define_q6_k_tile's order (the same lanes, the same float steps). A row may
-    come in segments of super-blocks: part & 1, its first (the float32 lanes start at zero, else from acc: 8 per
+    blocks from byte address w) with a group of `acts` activation rows (group_acts' records from byte address
+    x), nb super-blocks, in _define_q6_k_tile's order (the same lanes, the same float steps). A row may come in
+    segments of super-blocks: part & 1, its first (the float32 lanes start at zero, else from acc: 8 per
     activation row, 32 bytes apart); part & 2, its last (hsum_float_8 of the lanes -> out[a * ostride], else
-    the lanes -> acc). Stored and loaded whole, the lanes carry the same chain of fma's as one call. Chunks
-    2q, 2q + 1 of 32 values share one vpmaddwd (_weave, _woven_lanes: scales sc[2c + (u >= 4)] of each chunk c
-    at lane u), as _define_q5_k_gtile's sub-blocks."""
+    the lanes -> acc). Stored and loaded whole, the lanes carry the same chain of fma's as one call."""
     name = f"llama_ref_ggml_q6_k_g{acts}_{isa}"
     if name in module.globals:
         return module.globals[name]
@@ -300,7 +303,7 @@ def _define_q6_k_gtile(module, acts, isa):
     c64 = lambda v: ir.Constant(I64, v)  # noqa: E731
     zero8 = ir.Constant(v8f, [0.0] * 8)
     fma_v = _declare(module, "llvm.fma.v8f32", v8f, [v8f] * 3)
-    rec, bso, xdo = act_record(acts, True), 256 * acts, 288 * acts  # a record; its bsums, its scales
+    rec, bso, xdo = act_record(acts), 256 * acts, 288 * acts  # a record; its bsums, its scales
     b = ir.IRBuilder(entry)
     first = b.icmp_signed("!=", b.and_(part, c64(1)), c64(0))
     init = [b.select(first, zero8, _gep_load(b, acc, c64(32 * a), v8f, 4)) for a in range(acts)]
@@ -320,15 +323,17 @@ def _define_q6_k_gtile(module, acts, isa):
     wh, xh = b.add(blk, b.mul(h, c64(64))), b.add(xr, b.mul(h, c64(128)))  # the half's ql bytes, its x
     qh = _gep_load(b, b.add(blk, b.mul(h, c64(32))), c64(128), v32, 1)
     sch = b.sext(_gep_load(b, b.add(blk, b.mul(h, c64(8))), c64(192), ir.VectorType(I8, 8), 1),
-                 ir.VectorType(I16, 8))
-    for k in (0, 2):  # chunks k, k + 1 of the half
-        vals = [_q6_k_value_chunk(b, _gep_load(b, wh, c64(32 * (c % 2)), v32, 1), qh, c) for c in (k, k + 1)]
-        v1, v2 = _weave(b, *vals)
-        # int16 2u: chunk k's scale sc[2k + (u >= 4)], 2u + 1: chunk k + 1's
-        scale = _shuffle(b, sch, [2 * k, 2 * k + 2] * 4 + [2 * k + 1, 2 * k + 3] * 4)
+                 ir.VectorType(I16, 8) if isa == "avx2" else ir.VectorType(I32, 8))
+    for k in range(4):
+        vals = _q6_k_value_chunk(b, _gep_load(b, wh, c64(32 * (k % 2)), v32, 1), qh, k)
+        scale = _shuffle(b, sch, [2 * k] * 8 + [2 * k + 1] * 8 if isa == "avx2" else [2 * k] * 4 + [2 * k + 1] * 4)
         for a in range(acts):
-            x1, x2 = (_gep_load(b, xh, c64(256 * a + 32 * (k + c)), v32, 1) for c in range(2))
-            totals[a] = b.add(totals[a], _woven_lanes(b, v1, v2, x1, x2, scale, isa))
+            xv = _gep_load(b, xh, c64(256 * a + 32 * k), v32, 1)
+            if isa == "avx2":
+                p = madd16(b, pairs_u8s8(b, vals, xv), scale)
+            else:
+                p = b.mul(lanes_u8s8(b, vals, xv, isa) if isa == "vnni" else lanes_portable(b, vals, xv, False), scale)
+            totals[a] = b.add(totals[a], p)
     h1 = b.add(h, c64(1))
     b.cbranch(b.icmp_signed("<", h1, c64(2)), half, tail)
     h.add_incoming(c64(0), loop)
@@ -829,19 +834,6 @@ def _define_q4_kx8_tile(module, acts, isa):
     zero8 = ir.Constant(v8f, [0.0] * 8)
     fma_v = _declare(module, "llvm.fma.v8f32", v8f, [v8f] * 3)
     even16, odd16 = list(range(0, 16, 2)), list(range(1, 16, 2))
-    even32, odd32 = list(range(0, 32, 2)), list(range(1, 32, 2))
-
-    def pairs(b, u, s):  # vpmaddubsw, or the same int16 sums in plain IR (never saturating here)
-        if isa != "portable":
-            return pairs_u8s8(b, u, s)
-        prod = b.mul(b.zext(u, ir.VectorType(I16, 32)), b.sext(s, ir.VectorType(I16, 32)))
-        return b.add(_shuffle(b, prod, even32), _shuffle(b, prod, odd32))
-
-    def madd(b, p, q):  # vpmaddwd, or the same in plain IR
-        if isa != "portable":
-            return madd16(b, p, q)
-        prod = b.mul(b.sext(p, v16_32), b.sext(q, v16_32))
-        return b.add(_shuffle(b, prod, even16), _shuffle(b, prod, odd16))
 
     # Two nested loops: super-blocks i (the float sums carried), and in each its 8 sub-blocks j (the int32 sums
     # carried). One sub-block's 8 unpacked vectors then stay in registers while the activation rows pass them;
@@ -877,10 +869,10 @@ def _define_q4_kx8_tile(module, acts, isa):
             x4 = _gep_load(b, xj[a], c64(4 * t), I32, 1)  # the activation's values 4t .. 4t + 3 of sub-block j
             xb = b.bitcast(_shuffle(b, b.insert_element(ir.Constant(v8, ir.Undefined), x4, ir.Constant(I32, 0)),
                                     [0] * 8), v32)
-            part = pairs(b, vals, xb)
+            part = _pairs(b, vals, xb, isa)
             sums[a] = part if sums[a] is None else b.add(sums[a], part)
     sc = b.zext(_gep_load(b, b.add(blk, b.mul(j, c64(16))), c64(Q4X8_SC), v16, 1), v16_16)  # sc[r, j] at lane r
-    new_iacc = [b.add(iacc[a], madd(b, sums[a], sc)) for a in range(acts)]
+    new_iacc = [b.add(iacc[a], _madd(b, sums[a], sc, isa)) for a in range(acts)]
     j1 = b.add(j, c64(1))
     b.cbranch(b.icmp_signed("<", j1, c64(8)), inner, tail)
     j.add_incoming(c64(0), outer)
@@ -900,7 +892,7 @@ def _define_q4_kx8_tile(module, acts, isa):
         s = b.bitcast(b.trunc(s, ir.VectorType(I16, 8)), ir.VectorType(I32, 4))  # (S[2p], S[2p + 1]) at p
         imin = None
         for p in range(4):
-            part = madd(b, mins[p], b.bitcast(_shuffle(b, s, [p] * 8), v16_16))
+            part = _madd(b, mins[p], b.bitcast(_shuffle(b, s, [p] * 8), v16_16), isa)
             imin = part if imin is None else b.add(imin, part)
         xdv = _gep_load(b, b.add(xd, b.mul(c64(a), xds)), b.mul(i, c64(4)), F32, 4)
         xs = _shuffle(b, b.insert_element(ir.Constant(v8f, ir.Undefined), xdv, ir.Constant(I32, 0)), [0] * 8)
@@ -1127,7 +1119,7 @@ def _group_rows(five, xg, xq, xd, xbs, blocks, simd, out, acc, r0, r1):
     nb, xst, xds, bss, ost, x0, xd0, bs0, o0 = _act_addresses(xq, xd, xbs, out)
     ws, w0 = np.int64(blocks.shape[1]), np.int64(blocks.ctypes.data)
     gs, g0, a0 = np.int64(xg.shape[1]), np.int64(xg.ctypes.data), np.int64(acc.ctypes.data)
-    rec, size = np.int64(GROUP_RECORD), np.int64(Q5_BYTES if five else Q6_BYTES)
+    rec, size = np.int64(GROUP_RECORD5 if five else GROUP_RECORD), np.int64(Q5_BYTES if five else Q6_BYTES)
     for g in range(G):
         on = o0 + g * GROUP * ost
         for s in range(0, nb, SEG):
@@ -1187,12 +1179,12 @@ def _group_acts(xq, xd, xbs, acts, woven, q, b16, d):
                         b16[(o + spo + 32 * (j // 2) + 4 * a) // 2 + j % 2] = xbs[n, i, 2 * j] + xbs[n, i, 2 * j + 1]
 
 
-def group_acts(xq, xd, xbs, acts: int = GROUP, woven: bool = True) -> np.ndarray:
+def group_acts(xq, xd, xbs, acts: int = GROUP, woven: bool = False) -> np.ndarray:
     """Q8_K activation rows (quantize_q8_K's) -> (N // acts, nb * act_record(acts, woven)) int8: per group of
     `acts` rows and super-block i, at (g, i * act_record(acts, woven)): the rows' quants (256 bytes each), their
     16 bsums as int16 (32 bytes each), their scales (float32), zeros to the record's end. The rows past the last
-    whole group are not in it. The quants in value order, or woven (the prefill tiles', _define_q5_k_gtile and
-    _define_q6_k_gtile): per pair of 32-value pieces j = 2p, j' = 2p + 1 (64 bytes from 64 p), woven by 16-bit
+    whole group are not in it. The quants in value order (_define_q6_k_gtile's), or woven (_define_q5_k_gtile's):
+    per pair of 32-value pieces j = 2p, j' = 2p + 1 (64 bytes from 64 p), woven by 16-bit
     words, X1 (32 bytes: dword u = values 4u, 4u + 1 of j, then of j') and X2 (dword u = values 4u + 2, 4u + 3
     of j, then of j'); and after the scales (pair_sums) per pair p 32 bytes of (S[2p], S[2p + 1]) of each row
     (int16, row a at dword a, zeros past the last), S[j] = bsum[2j] + bsum[2j + 1] (Q5_K's mins)."""
@@ -1255,7 +1247,8 @@ def quantized_linear(x2: np.ndarray, w, simd: "int | None" = None) -> np.ndarray
     use = SIMD if simd is None else int(simd)
     one = serial_product(N, R * x2.shape[1])  # a decode on the calling thread
     if w.format in ("q5_k", "q6_k") and not one:  # a prefill: the activations in groups (group_acts)
-        _dot_groups(w.format == "q5_k", group_acts(xq, xd, xbs), xq, xd, xbs, readonly(w.blocks), use, out)
+        five = w.format == "q5_k"
+        _dot_groups(five, group_acts(xq, xd, xbs, woven=five), xq, xd, xbs, readonly(w.blocks), use, out)
         return out
     if w.format in ("q5_k", "q6_k"):  # a decode, on the calling thread
         _decode_q56_k(w.format == "q5_k", xq, xd, xbs, readonly(w.blocks), use, out)

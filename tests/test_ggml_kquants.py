@@ -292,8 +292,8 @@ def test_decode_one_thread_equals_numpy(kind, simd, monkeypatch):
 @pytest.mark.parametrize("cls", [Q4_KWeight, Q5_KWeight, Q6_KWeight], ids=lambda c: c.format)
 def test_kquant_prefill_tiles_equal_numpy(cls, simd):
     """The prefill tiles (one weight row by ACTS activation rows, kernels/ggml_kquants._define_q4_k_tile; Q5_K
-    and Q6_K by a group of GROUP, _define_q5_k_gtile and _define_q6_k_gtile: two 32-value pieces per vpmaddwd, Q5_K's
-    mins of the group in one vector; SEG super-blocks at a time) and the
+    and Q6_K by a group of GROUP, _define_q5_k_gtile (two sub-blocks per vpmaddwd, the group's mins in one vector)
+    and _define_q6_k_gtile, SEG super-blocks at a time) and the
     activation rows left over one by one: counts below, at and past ACTS and GROUP (and their multiples), rows
     of one segment, of a whole number of them and of a part one more, row counts that split unevenly over the
     parallel tiles (Q4_K: in groups of 8, the gemv's order, and not); random blocks and the extremes."""
@@ -332,10 +332,9 @@ def test_group_acts_layout_by_hand():
 
 
 def test_group_acts_woven_layout_by_hand():
-    """The prefill tiles' records (group_acts woven=True, _define_q5_k_gtile, _define_q6_k_gtile): per pair p of
-    32-value pieces, 32 bytes X1 (dword u:
-    values 4u, 4u + 1 of sub-block 2p, then of 2p + 1) and 32 bytes X2 (values 4u + 2, 4u + 3); the bsums and
-    scales where the plain record has them; after them (pair_sums, 32-byte aligned) per pair p 32 bytes of
+    """Q5_K's prefill records (group_acts woven=True, _define_q5_k_gtile): per pair p of sub-blocks, 32 bytes
+    X1 (dword u: values 4u, 4u + 1 of sub-block 2p, then of 2p + 1) and 32 bytes X2 (values 4u + 2, 4u + 3);
+    the bsums and scales where the plain record has them; after them (pair_sums, 32-byte aligned) per pair p 32 bytes of
     (S[2p], S[2p + 1]) of each row (int16, row a at dword a, zeros past the last), S[j] = bsum[2j] + bsum[2j + 1]."""
     k = compiled()
     g, nb = k.GROUP, 2
@@ -343,7 +342,7 @@ def test_group_acts_woven_layout_by_hand():
     xd, xq, xbs = k.quantize_q8_K(x)
     rec, spo = k.act_record(g, True), k.pair_sums(g)
     assert rec % 64 == 0 and spo % 32 == 0 and spo >= 292 * g and rec >= spo + 128
-    got = k.group_acts(xq, xd, xbs)
+    got = k.group_acts(xq, xd, xbs, woven=True)
     assert got.shape == (2, nb * rec) and got.dtype == np.int8
     for grp in range(2):
         for i in range(nb):

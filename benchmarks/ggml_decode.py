@@ -157,7 +157,10 @@ def main(argv=None) -> None:
     files = shape_ggufs(a.shape, a.formats) if a.shape else ggufs(a.work, a.formats, cpp)
     a.work.mkdir(parents=True, exist_ok=True)
     ids = a.work / "ids.npy"
-    np.save(ids, np.random.default_rng(0).integers(100, 40000, size=600))
+    # enough ids for the longest prefill and for the decode prompt with its steps (600 was fixed: a longer
+    # --decode-prompt gave llama.cpp a 600-token prompt and failed ours)
+    need = max(a.prefill + [a.decode_prompt + a.decode]) + 1
+    np.save(ids, np.random.default_rng(0).integers(100, 40000, size=max(600, need)))
     env = dict(os.environ, **{v: str(max(a.threads, a.compare_threads or 1)) for v in THREAD_ENV})
     common = {"ids": str(ids), "threads": a.threads, "prefill": a.prefill, "repeats": a.repeats, "decode": a.decode,
               "decode_prompt": a.decode_prompt}

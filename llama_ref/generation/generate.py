@@ -216,7 +216,7 @@ def _own_cache(model: "Transformer", seq: list[int]) -> tuple[KVCache, int]:
     cache = model.cache
     if (cache is None or cache.ids is None or cache.batch_size != 1 or cache.dtype != model.dtype
             or cache.max_seq_len != model.args.max_seq_len
-            or cache.values is not getattr(model.ops, "cache_values", None)):
+            or cache.values is not model.cache_values):
         cache = model.cache = model.new_cache(1)
     # At least the last prompt token is fed again: its logits pick the first new token.
     return cache, min(_common_prefix(cache.ids, seq), len(seq) - 1)

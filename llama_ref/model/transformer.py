@@ -167,10 +167,15 @@ class Transformer(GenerationMixin):
         """Forget the cached positions."""
         self.cache = None
 
+    @property
+    def cache_values(self):
+        """What this model's arithmetic stores in its KV cache: the backend's cache_values (arithmetic="ggml":
+        keys and values rounded to fp16, as llama.cpp's F16 cache holds them), or None (as computed)."""
+        return getattr(self.ops, "cache_values", None)
+
     def new_cache(self, batch_size: int = 1, capacity: int = 256) -> KVCache:
-        """An empty KV cache for this model: its dtype, and what its arithmetic stores (the backend's
-        cache_values: arithmetic="ggml" rounds keys and values to fp16, as llama.cpp's F16 cache holds them)."""
-        return KVCache(self.args, batch_size, self.dtype, capacity, values=getattr(self.ops, "cache_values", None))
+        """An empty KV cache for this model: its dtype, and what its arithmetic stores (cache_values)."""
+        return KVCache(self.args, batch_size, self.dtype, capacity, values=self.cache_values)
 
 
 def linears(op, x: np.ndarray, *ws) -> tuple:

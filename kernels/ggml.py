@@ -53,10 +53,10 @@ def _tiles(kind):
 
 
 _q8_RA, _q8_R1, _q8_1A, _q8_11 = _tiles("q8_0")
-# Q5_1 and Q5_0 in their file's 24 / 22 bytes a block (_weight_args). _dot takes the one row by one activation row
-# tile only, a decode's (a prefill unpacks to one byte per value: Q5_1_BYTES and Q8_0's tiles)
-_q5_1_RA, _q5_1_R1, _q5_1_1A, _q5_1_11 = _tiles("q5_1c")
-_q5_0_RA, _q5_0_R1, _q5_0_1A, _q5_0_11 = _tiles("q5_0c")
+# Q5_1 and Q5_0 in their file's 24 / 22 bytes a block (_weight_args): only the one row by one activation row tile,
+# a decode's (a prefill unpacks to one byte per value: Q5_1_BYTES and Q8_0's tiles)
+_q5_1_11 = simd.make_dot("q5_1c", 1, 1)
+_q5_0_11 = simd.make_dot("q5_0c", 1, 1)
 _q5_1x_RA, _q5_1x_R1, _q5_1x_1A, _q5_1x_11 = _tiles("q5_1")  # one byte per value: a prefill's
 _q4_0_RA, _q4_0_R1, _q4_0_1A, _q4_0_11 = _tiles("q4_0")
 _q4_0r_RA, _q4_0r_R1, _, _ = _tiles("q4_0r")

@@ -241,9 +241,29 @@ def test_apart_sums_blas_adds_the_largest_terms_onto_the_rest(seed, monkeypatch)
     a, b = w[:, ::2].copy(), x.reshape(N, K)[:, 1::2]  # (R, K/2) and a strided (N, K/2)
     out = rng.standard_normal((R, N), dtype=np.float32)
     assert np.array_equal(ops._add_product(a, b, out.copy()), out + a @ b.T)
+    a, b = w[:, 64:128], x.reshape(N, K)[:, 64:128]  # slices of columns: BLAS reads them in place
+    assert ops._blas_layout(a) == (False, K) and ops._blas_layout(b.T) == (True, K)
+    assert np.array_equal(ops._add_product(a, b, out.copy()), out + a @ b.T)
     x64, w64 = x.astype(np.float64), w.astype(np.float64)
     assert ops.linear_apart(x64, w64).dtype == np.float64
     assert np.allclose(ops.linear_apart(x64, w64), x64 @ w64.T, rtol=0, atol=1e-12)
+
+
+def test_apart_rest_is_summed_in_chains_added_in_order():
+    """linear_apart's product of x with its apart columns zeroed: chains of CHAIN k's from k = 0, each chain
+    one product, their sums added in order (+0 first); the Numba backend's kernels/sgemm.py has the same
+    chains (KB), and a K that is not a whole number of chains ends in a shorter one."""
+    from llama_ref.kernels import sgemm
+
+    assert sgemm.KB == ops.CHAIN
+    rng = np.random.default_rng(0)
+    for N, R, K in [(20, 33, 616), (17, 40, 64), (5, 9, 130)]:
+        a, b = rng.standard_normal((R, K), dtype=np.float32), rng.standard_normal((N, K), dtype=np.float32)
+        expected = np.zeros((R, N), np.float32)
+        for k0 in range(0, K, ops.CHAIN):
+            expected = expected + a[:, k0:k0 + ops.CHAIN] @ b[:, k0:k0 + ops.CHAIN].T
+        assert np.array_equal(ops._product_in_chains(a, b), expected)
+        assert np.array_equal(ops._product_in_chains(a, np.asfortranarray(b)), expected)
 
 
 def test_sums_keep_what_is_already_summed_in_short_chains(monkeypatch):
@@ -428,7 +448,11 @@ def test_apart_sums_closer_to_float64_than_transformers(default_model_path, reco
     Since session 31 the Numba backend's products are kernels/sgemm.py's (chains of 64 k's added in order,
     the apart terms added in registers): 0.66x, closer on 5; one chain over all of K instead put it at 1.27x
     (fails here), further than transformers' BLAS (chains of its K panel). The output head's product is summed
-    apart too: left to the backend's own, 0.98x (NumPy, closer on 3) and 0.84x (Numba, closer on 5)."""
+    apart too: left to the backend's own, 0.98x (NumPy, closer on 3) and 0.84x (Numba, closer on 5).
+    On an AVX-512 AMD EPYC (OpenBLAS's SkylakeX kernels) NumPy's apart sums with BLAS's own chains were 1.25x
+    (closer on 2: failed here), Numba's 0.62x (closer on 6); since session 34 NumPy sums the rest in the
+    Numba backend's chains of 64 (ops.CHAIN) and rms_norm's squares in float64: 0.91x, closer on 4 (the two
+    prompts of fewer than 16 tokens keep BLAS's product: 2.9x and 3.0x transformers' there)."""
     ours = _distances(llama_ref.load(default_model_path, backend=backend, sums="apart"), recorded, truth)
     hf = _hf(recorded)
     print(f"\n{backend} apart sums vs float64: " + " ".join(f"{ours[n]:.2e} (HF {hf[n]:.2e})" for n in hf))

@@ -12,8 +12,12 @@ from .config import ModelArgs
 
 
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
-    """x / sqrt(mean(x^2) + eps) * weight, over the last axis. x (..., D), weight (D,)."""
-    ms = np.mean(np.square(x), axis=-1, keepdims=True)  # (..., 1)
+    """x / sqrt(mean(x^2) + eps) * weight, over the last axis. x (..., D), weight (D,).
+
+    The mean of squares is summed in float64 and rounded once to x's dtype, as the Numba kernel does: one
+    cheap pass, and NumPy's pairwise float32 sum made the norms alone put the default model's logits 1.5x
+    further from float64 (1.7e-5 against 1.1e-5, the 200-token prompt: llama-ref verify --against float64)."""
+    ms = np.mean(np.square(x, dtype=np.float64), axis=-1, keepdims=True).astype(x.dtype)  # (..., 1)
     return (x / np.sqrt(ms + x.dtype.type(eps))) * weight.astype(x.dtype, copy=False)
 
 
@@ -54,6 +58,11 @@ SUM_APART = 8  # columns of x with its largest entries that linear_blocked sums 
 # (1.01x/0.93x). 8 columns, since 16 cost more (their gather from w and their product: ~13 ms of a Numba
 # prefill of 200 tokens) for the same closeness on the two backends' mean, and left NumPy 3 % from 1.0x.
 APART = 8
+# The rest of linear_apart's product is summed in chains of CHAIN k's, added in order (kernels/sgemm.KB, the
+# Numba backend's): with BLAS's own chains (OpenBLAS's K panels) NumPy's apart sums were 0.91x transformers'
+# distance with OpenBLAS's Haswell kernels (AVX2 AMD EPYC) and 1.25x with its SkylakeX ones (AVX-512 AMD EPYC),
+# where the products' chains of 64 put it at 0.91x (with rms_norm's float64 sums; 1.01x without them).
+CHAIN = 64
 
 
 def _apart(rows: np.ndarray, n: int) -> "tuple[np.ndarray, np.ndarray]":
@@ -126,15 +135,41 @@ def _add_product(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> np.ndarray:
     in one chain, then added to out's value (OpenBLAS, a K of APART: the same bits; tests/test_precision.py).
     NumPy's `out += a @ b.T` where that BLAS is not found, and for other arrays."""
     sgemm = cblas_sgemm()
-    layouts = [v.flags.c_contiguous or v.flags.f_contiguous for v in (a, b)]
     usable = all(v.dtype == np.float32 and min(v.shape) > 0 for v in (a, b, out))
-    if sgemm is None or not (all(layouts) and usable and out.flags.c_contiguous and out.flags.writeable):
+    layouts = [_blas_layout(v) for v in (a, b)] if usable else [None]
+    if sgemm is None or None in layouts or not (out.flags.c_contiguous and out.flags.writeable):
         out += a @ b.T
         return out
     (M, K), N = a.shape, b.shape[0]
-    ta, lda = (111, K) if a.flags.c_contiguous else (112, M)  # row-major a, or a.T row-major
-    tb, ldb = (112, K) if b.flags.c_contiguous else (111, N)  # b.T is b transposed, or b.T row-major
+    (a_t, lda), (b_t, ldb) = layouts
+    ta = 112 if a_t else 111  # a row-major, or a.T row-major
+    tb = 111 if b_t else 112  # b row-major (b.T is b transposed), or b.T row-major
     sgemm(101, ta, tb, M, N, K, 1.0, a.ctypes.data, lda, b.ctypes.data, ldb, 1.0, out.ctypes.data, N)
+    return out
+
+
+def _blas_layout(v: np.ndarray) -> "tuple[bool, int] | None":
+    """How BLAS reads the 2-D float32 array v in place: (False, row stride) for rows of contiguous values (a
+    slice of a matrix's columns too), (True, column stride) for contiguous columns; None for other strides."""
+    (R, C), (s0, s1), size = v.shape, v.strides, v.itemsize
+    if (s1 == size or C == 1) and s0 % size == 0 and s0 // size >= max(C, 1):
+        return False, s0 // size
+    if (s0 == size or R == 1) and s1 % size == 0 and s1 // size >= max(R, 1):
+        return True, s1 // size
+    return None
+
+
+def _product_in_chains(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """a @ b.T for a (M, K), b (N, K), each output summed in chains of CHAIN k's from k = 0, the chains' sums
+    added in order: ((c0 + c1) + c2) + ..., as kernels/sgemm.py sums the Numba backend's products. Each chain
+    is one BLAS product of CHAIN columns, added onto the total by sgemm with beta = 1 (_add_product)."""
+    # Row-major both: OpenBLAS sums a transposed operand's chains in another order (its kernels differ with
+    # the transposition flags at these sizes), so x's layout in memory would change the bits; the copy of a
+    # transposed x (a transposed product's output) costs ~1 % of the product.
+    a, b = np.ascontiguousarray(a), np.ascontiguousarray(b)  # (M, K), (N, K)
+    out = np.zeros((a.shape[0], b.shape[0]), np.result_type(a, b))  # (M, N); +0 plus the first chain is it
+    for k0 in range(0, a.shape[1], CHAIN):
+        _add_product(a[:, k0:k0 + CHAIN], b[:, k0:k0 + CHAIN], out)  # (M, CHAIN) by (N, CHAIN) views
     return out
 
 
@@ -142,11 +177,12 @@ def linear_apart(x: np.ndarray, w, by_rows: bool = False, apart=_apart_rows, cho
                  products=None) -> np.ndarray:
     """linear(x, w) with the APART columns of x holding its largest entries summed by themselves, added last.
 
-    One BLAS product over x with those columns zeroed, then one of APART inputs for them, which BLAS adds
-    onto the first (_add_product): the same chains as linear's without their largest terms. On the default
-    model this puts the float32 logits closer to float64 than transformers' float32 (0.91x its distance;
-    0.66x with the Numba backend's products), for 1.03-1.17x linear's prefill time (one thread, load 3-5:
-    benchmarks/float32_sums.py). Every product of 16 rows or more, the output head's too: left to the
+    The product over x with those columns zeroed, in chains of CHAIN k's added in order (_product_in_chains:
+    the Numba backend's chains, whatever the BLAS's own blocking), then one of APART inputs for them, which
+    BLAS adds onto the first (_add_product). On the default model this puts the float32 logits closer to
+    float64 than transformers' float32 (0.91x its distance; 0.62-0.66x with the Numba backend's products),
+    for 1.03-1.17x linear's prefill time (one thread, load 3-5, BLAS's own chains then:
+    benchmarks/float32_sums.py; the chains of 64 measured no slower on a 512-token prefill, 2.39 s both). Every product of 16 rows or more, the output head's too: left to the
     backend's own product, the head put the logits at 0.98x (NumPy) and 0.84x (Numba) transformers'
     distance, and its apart terms are ~10 ms of NumPy's +90-150 ms on a 200-token prefill (issue 21,
     session 31); the rest is the layers' column choice, w's gathered columns and their product added.
@@ -169,7 +205,7 @@ def linear_apart(x: np.ndarray, w, by_rows: bool = False, apart=_apart_rows, cho
     done = products(rest, x_apart, cols, w) if by_rows and products is not None else None  # (N, R) or None
     if done is not None:
         return done.reshape(*x.shape[:-1], w.shape[0])  # (..., out)
-    out = rest @ w.T if by_rows else w @ rest.T  # (N, R), or (R, N) like linear's w @ rows.T
+    out = _product_in_chains(rest, w) if by_rows else _product_in_chains(w, rest)  # (N, R), or (R, N) like linear's
     # w's columns gathered after its product, which left them in cache (before it: APART scattered reads per
     # row from memory, which cost more than the product of APART inputs itself)
     w_apart = w[:, cols]  # (R, APART)

@@ -9,7 +9,10 @@ table (packed.FP16_TO_F32) gives the same values but is read one gather at a tim
 NumPy twins: `(bits.astype(np.uint32) << 16).view(np.float32)` and `bits.view(np.float16).astype(np.float32)`
 (weights.packed.BF16Weight / F16Weight), checked against these in tests/test_kernels.py.
 
-Also here, as another single LLVM instruction: `prefetch`, the memory hint the 16-bit decode kernels use.
+Also here, as another single LLVM instruction: `prefetch`, the memory hint the quantized decode kernels use;
+and `f16_row_dot` / `bf16_row_dot` (one row) and `f16_row_dots4` / `bf16_row_dots4` (4 rows at once), the dot
+products of a float32 vector with rows of 16-bit weights that the 16-bit decode kernels (kernels/linear.py)
+are made of, written as LLVM vector IR.
 """
 
 from __future__ import annotations
@@ -68,3 +71,105 @@ def prefetch(typingctx, ary, r, k):
         return context.get_dummy_value()
 
     return types.void(ary, r, k), codegen
+
+
+# ---- rows of 16-bit weights by a float32 vector ---------------------------------------------------------------
+
+# The sums' order, fixed by the IR whatever the CPU (LLVM splits a 16-lane vector in two on AVX2): a row's
+# accumulators are `accs` vectors of LANES float32 lanes; accumulator j, lane l sums x[k] w[k] for
+# k = LANES accs i + LANES j + l in increasing i, one fused multiply-add chain (llvm.fma); then the accumulators
+# pairwise ((a0 + a1) + (a2 + a3), or a0 + a1) lane by lane, then the lanes by halves (16 -> 8 -> 4 -> 2 -> 1).
+# One row: 4 accumulators (4 chains in flight); 4 rows at once: 2 each, x's values loaded once for the 4.
+LANES = 16
+SHAPES = {1: 4, 4: 2}  # rows at once: accumulators a row
+STEP1, STEP4 = LANES * SHAPES[1], LANES * SHAPES[4]  # values a row an iteration: 64 (128 bytes), 32
+
+
+def _define_row_dots(module, fmt: str, rows: int):
+    """void f(x, w, ws, nk, sums): the dot products of nk * LANES * SHAPES[rows] float32 at byte address x with
+    as many 16-bit weights ("f16": IEEE half, "bf16": bfloat16) of each of `rows` rows (the first at w, ws
+    bytes apart), in the order above, stored as float32 at sums, sums + 4, ..."""
+    name = f"llama_ref_row_dots_{fmt}_{rows}"
+    if name in module.globals:
+        return module.globals[name]
+    accs_a_row = SHAPES[rows]
+    f32, i16, i32, i64 = ir.FloatType(), ir.IntType(16), ir.IntType(32), ir.IntType(64)
+    vf, vh = ir.VectorType(f32, LANES), ir.VectorType(i16, LANES)
+    fn = ir.Function(module, ir.FunctionType(ir.VoidType(), [i64] * 5), name)
+    fn.linkage = "internal"
+    x, w, ws, nk, sums = fn.args
+    fma = module.globals.get(f"llvm.fma.v{LANES}f32") or ir.Function(
+        module, ir.FunctionType(vf, [vf] * 3), f"llvm.fma.v{LANES}f32")
+    c64 = lambda v: ir.Constant(i64, v)  # noqa: E731
+    entry, loop, done = (fn.append_basic_block(n) for n in ("entry", "loop", "done"))
+    b = ir.IRBuilder(entry)
+    b.cbranch(b.icmp_signed(">", nk, c64(0)), loop, done)
+
+    b = ir.IRBuilder(loop)
+    i = b.phi(i64)
+    accs = [[b.phi(vf) for _ in range(accs_a_row)] for _ in range(rows)]
+
+    def load(addr, ty):
+        return b.load(b.inttoptr(addr, ir.PointerType(ty)), align=2)
+
+    def widen(h):  # <LANES x i16> bits -> <LANES x float>, exactly
+        if fmt == "f16":
+            return b.fpext(b.bitcast(h, ir.VectorType(ir.HalfType(), LANES)), vf)  # vcvtph2ps
+        wide = b.zext(h, ir.VectorType(i32, LANES))
+        return b.bitcast(b.shl(wide, ir.Constant(wide.type, [16] * LANES)), vf)  # the top half of a float32
+
+    step = LANES * accs_a_row
+    xi, wi = b.add(x, b.mul(i, c64(4 * step))), b.add(w, b.mul(i, c64(2 * step)))
+    xs = [load(b.add(xi, c64(4 * LANES * j)), vf) for j in range(accs_a_row)]
+    new = [[b.call(fma, [xs[j], widen(load(b.add(b.add(wi, b.mul(ws, c64(r))), c64(2 * LANES * j)), vh)), accs[r][j]])
+            for j in range(accs_a_row)] for r in range(rows)]
+    after = b.add(i, c64(1))
+    zero = ir.Constant(vf, [0.0] * LANES)
+    i.add_incoming(c64(0), entry)
+    i.add_incoming(after, loop)
+    for r in range(rows):
+        for acc, nxt in zip(accs[r], new[r]):
+            acc.add_incoming(zero, entry)
+            acc.add_incoming(nxt, loop)
+    b.cbranch(b.icmp_signed("<", after, nk), loop, done)
+
+    b = ir.IRBuilder(done)
+    finals = []
+    for r in range(rows):
+        finals.append([])
+        for nxt in new[r]:
+            acc = b.phi(vf)
+            acc.add_incoming(zero, entry)
+            acc.add_incoming(nxt, loop)
+            finals[r].append(acc)
+    for r in range(rows):
+        vs = finals[r]
+        while len(vs) > 1:  # pairwise: (a0 + a1) + (a2 + a3)
+            vs = [b.fadd(vs[j], vs[j + 1]) for j in range(0, len(vs), 2)]
+        v, n = vs[0], LANES
+        while n > 1:
+            n //= 2
+            low, high = (b.shuffle_vector(v, ir.Constant(v.type, ir.Undefined),
+                                          ir.Constant(ir.VectorType(i32, n), list(range(o, o + n)))) for o in (0, n))
+            v = b.fadd(low, high)
+        b.store(b.extract_element(v, ir.Constant(i32, 0)), b.inttoptr(b.add(sums, c64(4 * r)), ir.PointerType(f32)),
+                align=4)
+    b.ret_void()
+    return fn
+
+
+def _row_dots(fmt: str, rows: int):
+    @intrinsic
+    def row_dots(typingctx, x, w, ws, nk, sums):
+        """Byte addresses x (float32), w (16-bit rows, ws bytes apart), sums (float32 out); nk iterations."""
+        sig = types.void(*([types.int64] * 5))
+
+        def codegen(context, builder, signature, args):
+            builder.call(_define_row_dots(builder.module, fmt, rows), args)
+            return context.get_dummy_value()
+        return sig, codegen
+    return row_dots
+
+
+f16_row_dot, f16_row_dots4 = _row_dots("f16", 1), _row_dots("f16", 4)
+bf16_row_dot, bf16_row_dots4 = _row_dots("bf16", 1), _row_dots("bf16", 4)

@@ -25,7 +25,8 @@ from numba import njit, prange
 from llama_ref.model import ops
 from llama_ref.runtime import threads
 from ._common import FAST, JIT, as_f32_rows, readonly
-from .halfbits import bf16_to_f32, f16_to_f32, prefetch
+from .halfbits import (STEP1, STEP4, bf16_row_dot, bf16_row_dots4, bf16_to_f32, f16_row_dot, f16_row_dots4,
+                       f16_to_f32, prefetch)
 
 BLAS_MIN_ROWS = 8     # rows of x from which a packed weight's product goes to BLAS (decode stays here)
 # ... and a float32 weight's: _mv_f32 beat OpenBLAS's sgemm up to ~32 rows (one thread, the default model's
@@ -100,12 +101,13 @@ def _mv_int8(x, q, scale, out):
             out[n, r] = acc * scale[r]
 
 
-# The 16-bit kernels: one core keeps too few reads in flight to reach its memory bandwidth when it reads one
-# row after the other (Intel's hardware prefetcher stops at each 4 KiB page, a 1B-shape row of 2048 values).
-# So each pass reads 4 weight rows at once (4 streams, 4 sums; x read once for the 4) and, every PREFETCH
-# values of a row, asks for the same columns of the next 4 rows (kernels.halfbits.prefetch). Measured on
-# this 2-core Xeon (8192 x 2048 bf16 matrices, 512 MiB cycled, 1 thread, best of rounds on a loaded
-# machine): one row at a time 5.7, 4 rows 7.5, 4 rows + prefetch 7.4-8.4 GB/s; 2 threads 6.6 / 9.0 / 10.7.
+# The quantized decode kernels: one core keeps too few reads in flight to reach its memory bandwidth when it
+# reads one row after the other (Intel's hardware prefetcher stops at each 4 KiB page, a 1B-shape row of 2048
+# values). So each pass reads 4 weight rows at once (4 streams, 4 sums; x read once for the 4) and, every
+# PREFETCH values of a row, asks for the same columns of the next 4 rows (kernels.halfbits.prefetch). Measured
+# on a 2-core Xeon (8192 x 2048 bf16 matrices, 512 MiB cycled, 1 thread, best of rounds on a loaded machine):
+# one row at a time 5.7, 4 rows 7.5, 4 rows + prefetch 7.4-8.4 GB/s; 2 threads 6.6 / 9.0 / 10.7. (The 16-bit
+# kernels did the same until session 34: see _mv_f16.)
 # Chunks are slices, indexed from 0, so that Numba emits no negative-index code and the loop stays SIMD.
 # A last block of fewer than 4 rows repeats row R - 1, writing the same value again.
 PREFETCH = 128  # values of each row summed between two rounds of prefetch hints (4 cache lines of bf16)
@@ -141,60 +143,82 @@ def _slot(item, ca, cb, wa, wb, wc, oa, ob, oc):
     return wc, oc, item - ca - cb
 
 
-@njit(parallel=True, fastmath=FAST, **JIT)
+# The 16-bit decode kernels' rows of x (float32) at most this wide go one weight row at a time, wider ones 4 rows
+# at once. One row at a time, a thread's rows are one sequential stream the hardware prefetchers follow; but x
+# is read again for every row, and once x passes ~12 KiB (3072 values) it no longer stays in L1 (32 KiB) beside
+# the weights streaming through, and 4 rows at once, x read once for the 4, streamed faster. Measured on an
+# AVX-512 AMD EPYC (Zen 4), 2 threads, matrices cycled over 512 MiB, the two kernels alternated in one process
+# (medians, GB/s of weights): K = 2048: 30 against 25 (8192 rows), 25 against 18 (2048 rows); K = 3072: 27
+# against 23; K = 4096: 18-20 against 22; K = 8192: 17 against 29; K = 14336: 16 against 23. Two rows at once was
+# slower than both everywhere.
+ONE_ROW_MAX_K = 3072
+
+
+@njit(inline="always", **JIT)
+def _row_tail(x, n, w, r, k0, acc, bf16):
+    """acc + x[n, k] w[r, k] for k = k0 .. K - 1, one after another: what a row's vector iterations leave."""
+    for k in range(k0, x.shape[1]):
+        acc += x[n, k] * (bf16_to_f32(w[r, k]) if bf16 else f16_to_f32(w[r, k]))
+    return acc
+
+
+@njit(inline="always", **JIT)
+def _mv16(x, wa, wb, wc, oa, ob, oc, bf16):
+    """_mv_f16 / _mv_bf16 (bf16: which widening, a compile-time constant)."""
+    N, K = x.shape
+    side_by_side = x.strides[1] == 4  # x's values contiguous: else every value through _row_tail
+    x0, xs = np.int64(x.ctypes.data), np.int64(x.strides[0])  # byte address and row stride
+    ca, cb, cc = _chunks(wa), _chunks(wb), _chunks(wc)
+    for item in prange(ca + cb + cc):
+        w, out, c = _slot(item, ca, cb, wa, wb, wc, oa, ob, oc)
+        w0, ws = np.int64(w.ctypes.data), np.int64(w.strides[0])
+        vector = side_by_side and w.strides[1] == 2
+        sums = np.empty(4, np.float32)
+        sa = np.int64(sums.ctypes.data)
+        r, r1 = np.int64(c * ROWS), np.int64(min(w.shape[0], (c + 1) * ROWS))
+        if vector and K > ONE_ROW_MAX_K:
+            nk = K // STEP4
+            while r + 4 <= r1:
+                for n in range(N):
+                    if bf16:
+                        bf16_row_dots4(x0 + n * xs, w0 + r * ws, ws, nk, sa)
+                    else:
+                        f16_row_dots4(x0 + n * xs, w0 + r * ws, ws, nk, sa)
+                    for j in range(4):
+                        out[n, r + j] = _row_tail(x, n, w, r + j, nk * STEP4, sums[j], bf16)
+                r += 4
+        nk = K // STEP1 if vector else 0
+        while r < r1:  # one row at a time (or the rows a 4-row pass left)
+            for n in range(N):
+                if bf16:
+                    bf16_row_dot(x0 + n * xs, w0 + r * ws, ws, nk, sa)
+                else:
+                    f16_row_dot(x0 + n * xs, w0 + r * ws, ws, nk, sa)
+                out[n, r] = _row_tail(x, n, w, r, nk * STEP1, sums[0], bf16)
+            r += 1
+
+
+@njit(parallel=True, **JIT)
 def _mv_bf16(x, wa, wb, wc, oa, ob, oc):
-    """w* (R*, K) uint16 bfloat16 bits, widened in registers (a shift); o* (N, R*) = x (N, K) @ w*.T."""
-    N, K = x.shape
-    ca, cb, cc = _chunks(wa), _chunks(wb), _chunks(wc)
-    for item in prange(ca + cb + cc):
-        w, out, c = _slot(item, ca, cb, wa, wb, wc, oa, ob, oc)
-        R = w.shape[0]
-        for r0 in range(c * ROWS, min(R, (c + 1) * ROWS), 4):
-            r1, r2, r3 = min(r0 + 1, R - 1), min(r0 + 2, R - 1), min(r0 + 3, R - 1)
-            next0, next3 = min(r0 + 4, R - 1), min(r0 + 7, R - 1)  # the rows of the next pass
-            for n in range(N):
-                a0 = a1 = a2 = a3 = np.float32(0)
-                for k0 in range(0, K, PREFETCH):
-                    k1 = min(K, k0 + PREFETCH)
-                    if n == 0:
-                        _prefetch_rows(w, next0, next3, k0, k1, 32)  # 32 values: one 64-byte cache line
-                    xs, w0, w1, w2, w3 = x[n, k0:k1], w[r0, k0:k1], w[r1, k0:k1], w[r2, k0:k1], w[r3, k0:k1]
-                    for k in range(k1 - k0):
-                        xk = xs[k]
-                        a0 += xk * bf16_to_f32(w0[k])
-                        a1 += xk * bf16_to_f32(w1[k])
-                        a2 += xk * bf16_to_f32(w2[k])
-                        a3 += xk * bf16_to_f32(w3[k])
-                out[n, r0], out[n, r1], out[n, r2], out[n, r3] = a0, a1, a2, a3
+    """w* (R*, K) uint16 bfloat16 bits, widened in registers (a shift); o* (N, R*) = x (N, K) @ w*.T. _mv_f16 with
+    the other widening."""
+    _mv16(x, wa, wb, wc, oa, ob, oc, True)
 
 
-@njit(parallel=True, fastmath=FAST, **JIT)
+@njit(parallel=True, **JIT)
 def _mv_f16(x, wa, wb, wc, oa, ob, oc):
-    """w* (R*, K) uint16 IEEE half bits, widened in registers (vcvtph2ps; a 65536-entry table read one gather
-    at a time was 1.75x slower). _mv_bf16 with the other widening: LLVM vectorizes only what it sees at
-    compile time, and Numba caches no kernel made by a function that takes the widening as an argument."""
-    N, K = x.shape
-    ca, cb, cc = _chunks(wa), _chunks(wb), _chunks(wc)
-    for item in prange(ca + cb + cc):
-        w, out, c = _slot(item, ca, cb, wa, wb, wc, oa, ob, oc)
-        R = w.shape[0]
-        for r0 in range(c * ROWS, min(R, (c + 1) * ROWS), 4):
-            r1, r2, r3 = min(r0 + 1, R - 1), min(r0 + 2, R - 1), min(r0 + 3, R - 1)
-            next0, next3 = min(r0 + 4, R - 1), min(r0 + 7, R - 1)
-            for n in range(N):
-                a0 = a1 = a2 = a3 = np.float32(0)
-                for k0 in range(0, K, PREFETCH):
-                    k1 = min(K, k0 + PREFETCH)
-                    if n == 0:
-                        _prefetch_rows(w, next0, next3, k0, k1, 32)
-                    xs, w0, w1, w2, w3 = x[n, k0:k1], w[r0, k0:k1], w[r1, k0:k1], w[r2, k0:k1], w[r3, k0:k1]
-                    for k in range(k1 - k0):
-                        xk = xs[k]
-                        a0 += xk * f16_to_f32(w0[k])
-                        a1 += xk * f16_to_f32(w1[k])
-                        a2 += xk * f16_to_f32(w2[k])
-                        a3 += xk * f16_to_f32(w3[k])
-                out[n, r0], out[n, r1], out[n, r2], out[n, r3] = a0, a1, a2, a3
+    """w* (R*, K) uint16 IEEE half bits, widened in registers (vcvtph2ps); o* (N, R*) = x (N, K) @ w*.T.
+
+    Each row's dot product is kernels.halfbits' LLVM vector IR (16-lane vectors, fused multiply-add chains, its
+    order fixed whatever the CPU), one row at a time for rows up to ONE_ROW_MAX_K values and 4 at once for wider
+    ones; the rest of a row (K % the step) is added after it, one value at a time. Until session 34 each pass
+    read 4 rows at once with 128-value chunks and asked for the next 4 rows' (the quantized kernels still do,
+    see PREFETCH), in a loop LLVM vectorized itself: with AVX-512's 16-lane vectors it reduced 16 vectors every
+    128 values. On an AVX-512 AMD EPYC (Zen 4), 8192 x 2048 matrices cycled over 512 MiB, medians of rounds: 14
+    GB/s on one thread and 24 on two, where these read 25 and 37 (30 against 19 GB/s a thread in L2); llama.cpp's
+    F16 decode of the 1B shape streams 31 GB/s there. Prefetching, ahead in the stream or the next rows,
+    measured no faster with these."""
+    _mv16(x, wa, wb, wc, oa, ob, oc, False)
 
 
 _NO_W = readonly(np.empty((0, 0), np.uint16))  # an empty weight slot of the 16-bit kernels ...

@@ -1,7 +1,9 @@
 """The 16-bit kernels at real sizes and the thread policy (issue 13).
 
 - The in-register 16-bit conversions (kernels.halfbits) give every one of the 65536 bit patterns exactly
-  as NumPy does (packed.BF16Weight / F16Weight, the kernels' NumPy twins).
+  as NumPy does (packed.BF16Weight / F16Weight, the kernels' NumPy twins); the decode kernels' row dot product
+  (halfbits.f16_row_dot / bf16_row_dot) sums in its documented order, bit for bit, and the matrix-vector
+  kernels built on it agree with the reference for any K (a remainder past the last STEP) and strides.
 - Prefill on 16-bit weights goes through a reused float32 tile; a tile smaller than the matrix (several
   tiles and a remainder) gives the reference's product.
 - A real-shape smoke test: two layers of the Llama 3.2 1B shape (dim 2048, FFN 8192, 32 query and 8 KV
@@ -32,7 +34,8 @@ from numba import njit
 from test_kernels import dot_bound, random_packed
 
 from llama_ref import kernels
-from llama_ref.kernels.halfbits import bf16_to_f32, f16_to_f32
+from llama_ref.kernels.halfbits import (STEP1, STEP4, bf16_row_dot, bf16_row_dots4, bf16_to_f32, f16_row_dot,
+                                       f16_row_dots4, f16_to_f32)
 from llama_ref.model import ops
 from llama_ref.weights import packed
 
@@ -55,6 +58,89 @@ def test_16bit_conversions_are_exact_for_every_bit_pattern():
     np.testing.assert_array_equal(got_bf16.view(np.uint32), want_bf16.view(np.uint32))
     np.testing.assert_array_equal(got_f16[finite].view(np.uint32), want_f16[finite].view(np.uint32))
     assert np.isnan(got_f16[~finite]).all()
+
+
+@njit(cache=False)
+def _row_dots(x, w, bf16, four):
+    """halfbits' dot products of x (K,) float32 with the rows of w (R, K) uint16, R a multiple of 4 (four: 4 rows a
+    call), over the first K // step * step values."""
+    out = np.empty(w.shape[0], np.float32)
+    step = STEP4 if four else STEP1
+    nk, ws = x.shape[0] // step, np.int64(w.strides[0])
+    a = np.int64(x.ctypes.data)
+    for r in range(0, w.shape[0], 4 if four else 1):
+        b, o = np.int64(w[r].ctypes.data), np.int64(out[r:].ctypes.data)
+        if four:
+            bf16_row_dots4(a, b, ws, nk, o) if bf16 else f16_row_dots4(a, b, ws, nk, o)
+        else:
+            bf16_row_dot(a, b, ws, nk, o) if bf16 else f16_row_dot(a, b, ws, nk, o)
+    return out
+
+
+def _fma32(a, b, c):
+    """float32 fma(a, b, c) through float64: a * b is exact there; the sum is rounded to float64 and then to
+    float32, which differs from one rounding only when the float64 sum falls exactly halfway between two float32
+    (a chance of about 2^-29 per operation)."""
+    return (a.astype(np.float64) * b + c).astype(np.float32)
+
+
+@pytest.mark.parametrize("four", [False, True])
+@pytest.mark.parametrize("fmt", ["f16", "bf16"])
+def test_row_dots_sum_in_their_documented_order(fmt, four):
+    """halfbits' row dot products: A = SHAPES[rows] chains of LANES lanes a row, value k in chain (k // LANES) % A,
+    lane k % LANES, one fused multiply-add chain each in increasing k; then the chains pairwise and the lanes by
+    halves. The same bits on every x86 CPU (LLVM splits the 16-lane vectors on AVX2, and no step is reordered),
+    and for a row alone or among 4."""
+    from llama_ref.kernels.halfbits import LANES, SHAPES
+
+    A = SHAPES[4 if four else 1]
+    rng = np.random.default_rng(3)
+    K = 5 * STEP1
+    x = rng.standard_normal(K, dtype=np.float32)
+    w32 = rng.standard_normal((8, K), dtype=np.float32)
+    bits = (w32.view(np.uint32) >> 16).astype(np.uint16) if fmt == "bf16" else w32.astype(np.float16).view(np.uint16)
+    w = _widen(bits.reshape(-1), fmt == "bf16").reshape(bits.shape)
+    acc = np.zeros((8, A, LANES), np.float32)
+    for i in range(K // (A * LANES)):
+        for j in range(A):
+            k = (i * A + j) * LANES
+            acc[:, j] = _fma32(x[k:k + LANES], w[:, k:k + LANES], acc[:, j])
+    vs = [acc[:, j] for j in range(A)]
+    while len(vs) > 1:
+        vs = [vs[j] + vs[j + 1] for j in range(0, len(vs), 2)]
+    v = vs[0]  # (8, LANES)
+    while v.shape[1] > 1:
+        half = v.shape[1] // 2
+        v = v[:, :half] + v[:, half:]
+    np.testing.assert_array_equal(_row_dots(x, bits, fmt == "bf16", four).view(np.uint32), v[:, 0].view(np.uint32))
+
+
+@pytest.mark.parametrize("fmt", ["f16", "bf16"])
+@pytest.mark.parametrize("K", [1, 63, 64, 130, 576, 3104, 4099])
+def test_16bit_decode_kernels_any_width_and_strides(fmt, K):
+    """The 16-bit matrix-vector kernels (kernels/linear.py _mv_f16 / _mv_bf16, three weights at once as linears
+    calls them): within float32 rounding of the float64 product for K not a multiple of the step (the rest of a
+    row added one value at a time), one row at a time or (K > ONE_ROW_MAX_K) 4 at once with a remainder of rows,
+    and the same values, summed one value at a time, from a strided x or w."""
+    lin = importlib.import_module("llama_ref.kernels.linear")  # (kernels.linear is its function)
+    rng = np.random.default_rng(K)
+    mv = lin._mv_f16 if fmt == "f16" else lin._mv_bf16
+    x = rng.standard_normal((3, K), dtype=np.float32)
+    ws = [_random_16bit(fmt, rows, K, rng).kernel_args()[0] for rows in (5, 37, 16)]
+    outs = [np.empty((3, w.shape[0]), np.float32) for w in ws]
+    mv(x, *ws, *outs)
+    for w, out in zip(ws, outs):
+        w64 = _widen(w.reshape(-1), fmt == "bf16").reshape(w.shape).astype(np.float64)
+        exact = x.astype(np.float64) @ w64.T
+        bound = dot_bound(x, w64)
+        assert np.all(np.abs(out - exact) <= bound)
+    wide = [np.repeat(w, 2, axis=1)[:, ::2] for w in ws]  # the same values, 4 bytes apart
+    xs = np.repeat(x, 2, axis=1)[:, ::2]
+    strided = [np.empty_like(o) for o in outs]
+    mv(xs, *wide, *strided)
+    for w, out in zip(ws, strided):
+        w64 = _widen(w.reshape(-1), fmt == "bf16").reshape(w.shape).astype(np.float64)
+        assert np.all(np.abs(out - x.astype(np.float64) @ w64.T) <= dot_bound(x, w64))
 
 
 def _random_16bit(fmt, rows, cols, rng):

@@ -182,10 +182,11 @@ def linear_apart(x: np.ndarray, w, by_rows: bool = False, apart=_apart_rows, cho
     BLAS adds onto the first (_add_product). On the default model this puts the float32 logits closer to
     float64 than transformers' float32 (0.91x its distance; 0.62-0.66x with the Numba backend's products),
     for 1.03-1.17x linear's prefill time (one thread, load 3-5, BLAS's own chains then:
-    benchmarks/float32_sums.py; the chains of 64 measured no slower on a 512-token prefill, 2.39 s both). Every product of 16 rows or more, the output head's too: left to the
-    backend's own product, the head put the logits at 0.98x (NumPy) and 0.84x (Numba) transformers'
-    distance, and its apart terms are ~10 ms of NumPy's +90-150 ms on a 200-token prefill (issue 21,
-    session 31); the rest is the layers' column choice, w's gathered columns and their product added.
+    benchmarks/float32_sums.py; the chains of 64 measured no slower on a 512-token prefill, 2.39 s both).
+    Every product of 16 rows or more, the output head's too: left to the backend's own product, the head put
+    the logits at 0.98x (NumPy) and 0.84x (Numba) transformers' distance, and its apart terms are ~10 ms of
+    NumPy's +90-150 ms on a 200-token prefill (issue 21, session 31); the rest is the layers' column choice,
+    w's gathered columns and their product added.
 
     by_rows: the output as a C-contiguous (N, out) product, the Numba backend's layout (its kernels would
     copy linear's transposed one), instead of linear's (out, N) product, transposed; the BLAS calls differ,

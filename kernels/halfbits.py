@@ -76,55 +76,61 @@ def prefetch(typingctx, ary, r, k):
 # ---- rows of 16-bit weights by a float32 vector ---------------------------------------------------------------
 
 # The sums' order, fixed by the IR whatever the CPU (LLVM splits a 16-lane vector in two on AVX2): a row's
-# accumulators are `accs` vectors of LANES float32 lanes; accumulator j, lane l sums x[k] w[k] for
-# k = LANES accs i + LANES j + l in increasing i, one fused multiply-add chain (llvm.fma); then the accumulators
-# pairwise ((a0 + a1) + (a2 + a3), or a0 + a1) lane by lane, then the lanes by halves (16 -> 8 -> 4 -> 2 -> 1).
+# accumulators are A = SHAPES[rows] vectors of LANES float32 lanes; the row's first K // LANES * LANES values go
+# in groups of LANES, group g to accumulator g % A (value k to lane k % LANES), each lane one fused multiply-add
+# chain (llvm.fma) in increasing k; then the accumulators pairwise ((a0 + a1) + (a2 + a3), or a0 + a1) lane by
+# lane, then the lanes by halves (16 -> 8 -> 4 -> 2 -> 1). The caller adds the last K % LANES values one by one.
 # One row: 4 accumulators (4 chains in flight); 4 rows at once: 2 each, x's values loaded once for the 4.
 LANES = 16
 SHAPES = {1: 4, 4: 2}  # rows at once: accumulators a row
-STEP1, STEP4 = LANES * SHAPES[1], LANES * SHAPES[4]  # values a row an iteration: 64 (128 bytes), 32
 
 
 def _define_row_dots(module, fmt: str, rows: int):
-    """void f(x, w, ws, nk, sums): the dot products of nk * LANES * SHAPES[rows] float32 at byte address x with
-    as many 16-bit weights ("f16": IEEE half, "bf16": bfloat16) of each of `rows` rows (the first at w, ws
-    bytes apart), in the order above, stored as float32 at sums, sums + 4, ..."""
+    """void f(x, w, ws, ng, sums): the dot products of ng * LANES float32 at byte address x with as many 16-bit
+    weights ("f16": IEEE half, "bf16": bfloat16) of each of `rows` rows (the first at w, ws bytes apart), in the
+    order above, stored as float32 at sums, sums + 4, ..."""
     name = f"llama_ref_row_dots_{fmt}_{rows}"
     if name in module.globals:
         return module.globals[name]
-    accs_a_row = SHAPES[rows]
+    A = SHAPES[rows]
     f32, i16, i32, i64 = ir.FloatType(), ir.IntType(16), ir.IntType(32), ir.IntType(64)
     vf, vh = ir.VectorType(f32, LANES), ir.VectorType(i16, LANES)
     fn = ir.Function(module, ir.FunctionType(ir.VoidType(), [i64] * 5), name)
     fn.linkage = "internal"
-    x, w, ws, nk, sums = fn.args
+    x, w, ws, ng, sums = fn.args
     fma = module.globals.get(f"llvm.fma.v{LANES}f32") or ir.Function(
         module, ir.FunctionType(vf, [vf] * 3), f"llvm.fma.v{LANES}f32")
     c64 = lambda v: ir.Constant(i64, v)  # noqa: E731
+    zero = ir.Constant(vf, [0.0] * LANES)
     entry, loop, done = (fn.append_basic_block(n) for n in ("entry", "loop", "done"))
     b = ir.IRBuilder(entry)
+    nk = b.sdiv(ng, c64(A))  # whole iterations of A groups
     b.cbranch(b.icmp_signed(">", nk, c64(0)), loop, done)
+
+    def group(b, g, j, accs):
+        """Group g (i64) of every row into its accumulator j: -> the rows' new accumulators j."""
+        def load(addr, ty):
+            return b.load(b.inttoptr(addr, ir.PointerType(ty)), align=2)
+
+        def widen(h):  # <LANES x i16> bits -> <LANES x float>, exactly
+            if fmt == "f16":
+                return b.fpext(b.bitcast(h, ir.VectorType(ir.HalfType(), LANES)), vf)  # vcvtph2ps
+            wide = b.zext(h, ir.VectorType(i32, LANES))
+            return b.bitcast(b.shl(wide, ir.Constant(wide.type, [16] * LANES)), vf)  # the top half of a float32
+
+        xv = load(b.add(x, b.mul(g, c64(4 * LANES))), vf)
+        wo = b.mul(g, c64(2 * LANES))
+        return [b.call(fma, [xv, widen(load(b.add(b.add(w, b.mul(ws, c64(r))), wo), vh)), accs[r][j]])
+                for r in range(rows)]
 
     b = ir.IRBuilder(loop)
     i = b.phi(i64)
-    accs = [[b.phi(vf) for _ in range(accs_a_row)] for _ in range(rows)]
-
-    def load(addr, ty):
-        return b.load(b.inttoptr(addr, ir.PointerType(ty)), align=2)
-
-    def widen(h):  # <LANES x i16> bits -> <LANES x float>, exactly
-        if fmt == "f16":
-            return b.fpext(b.bitcast(h, ir.VectorType(ir.HalfType(), LANES)), vf)  # vcvtph2ps
-        wide = b.zext(h, ir.VectorType(i32, LANES))
-        return b.bitcast(b.shl(wide, ir.Constant(wide.type, [16] * LANES)), vf)  # the top half of a float32
-
-    step = LANES * accs_a_row
-    xi, wi = b.add(x, b.mul(i, c64(4 * step))), b.add(w, b.mul(i, c64(2 * step)))
-    xs = [load(b.add(xi, c64(4 * LANES * j)), vf) for j in range(accs_a_row)]
-    new = [[b.call(fma, [xs[j], widen(load(b.add(b.add(wi, b.mul(ws, c64(r))), c64(2 * LANES * j)), vh)), accs[r][j]])
-            for j in range(accs_a_row)] for r in range(rows)]
+    accs = [[b.phi(vf) for _ in range(A)] for _ in range(rows)]
+    new = [list(row) for row in accs]
+    for j in range(A):
+        for r, v in enumerate(group(b, b.add(b.mul(i, c64(A)), c64(j)), j, accs)):
+            new[r][j] = v
     after = b.add(i, c64(1))
-    zero = ir.Constant(vf, [0.0] * LANES)
     i.add_incoming(c64(0), entry)
     i.add_incoming(after, loop)
     for r in range(rows):
@@ -134,16 +140,30 @@ def _define_row_dots(module, fmt: str, rows: int):
     b.cbranch(b.icmp_signed("<", after, nk), loop, done)
 
     b = ir.IRBuilder(done)
-    finals = []
+    cur = [[None] * A for _ in range(rows)]
     for r in range(rows):
-        finals.append([])
-        for nxt in new[r]:
+        for j in range(A):
             acc = b.phi(vf)
             acc.add_incoming(zero, entry)
-            acc.add_incoming(nxt, loop)
-            finals[r].append(acc)
+            acc.add_incoming(new[r][j], loop)
+            cur[r][j] = acc
+    # the groups past the last whole iteration (ng % A of them), group nk A + j into accumulator j
+    rest = b.sub(ng, b.mul(nk, c64(A)))
+    for j in range(A - 1):
+        take, join = fn.append_basic_block(f"rest{j}"), fn.append_basic_block(f"rest{j}_done")
+        here = b.block
+        b.cbranch(b.icmp_signed(">", rest, c64(j)), take, join)
+        b = ir.IRBuilder(take)
+        taken = group(b, b.add(b.mul(nk, c64(A)), c64(j)), j, cur)
+        b.branch(join)
+        b = ir.IRBuilder(join)
+        for r in range(rows):
+            acc = b.phi(vf)
+            acc.add_incoming(cur[r][j], here)
+            acc.add_incoming(taken[r], take)
+            cur[r][j] = acc
     for r in range(rows):
-        vs = finals[r]
+        vs = cur[r]
         while len(vs) > 1:  # pairwise: (a0 + a1) + (a2 + a3)
             vs = [b.fadd(vs[j], vs[j + 1]) for j in range(0, len(vs), 2)]
         v, n = vs[0], LANES
@@ -161,7 +181,7 @@ def _define_row_dots(module, fmt: str, rows: int):
 def _row_dots(fmt: str, rows: int):
     @intrinsic
     def row_dots(typingctx, x, w, ws, nk, sums):
-        """Byte addresses x (float32), w (16-bit rows, ws bytes apart), sums (float32 out); nk iterations."""
+        """Byte addresses x (float32), w (16-bit rows, ws bytes apart), sums (float32 out); ng groups of LANES."""
         sig = types.void(*([types.int64] * 5))
 
         def codegen(context, builder, signature, args):

@@ -25,8 +25,8 @@ from numba import njit, prange
 from llama_ref.model import ops
 from llama_ref.runtime import threads
 from ._common import FAST, JIT, as_f32_rows, readonly
-from .halfbits import (STEP1, STEP4, bf16_row_dot, bf16_row_dots4, bf16_to_f32, f16_row_dot, f16_row_dots4,
-                       f16_to_f32, prefetch)
+from .halfbits import (LANES, bf16_row_dot, bf16_row_dots4, bf16_to_f32, f16_row_dot, f16_row_dots4, f16_to_f32,
+                       prefetch)
 
 BLAS_MIN_ROWS = 8     # rows of x from which a packed weight's product goes to BLAS (decode stays here)
 # ... and a float32 weight's: _mv_f32 beat OpenBLAS's sgemm up to ~32 rows (one thread, the default model's
@@ -156,7 +156,7 @@ ONE_ROW_MAX_K = 3072
 
 @njit(inline="always", **JIT)
 def _row_tail(x, n, w, r, k0, acc, bf16):
-    """acc + x[n, k] w[r, k] for k = k0 .. K - 1, one after another: what a row's vector iterations leave."""
+    """acc + x[n, k] w[r, k] for k = k0 .. K - 1, one after another: what the row dots leave (K % LANES)."""
     for k in range(k0, x.shape[1]):
         acc += x[n, k] * (bf16_to_f32(w[r, k]) if bf16 else f16_to_f32(w[r, k]))
     return acc
@@ -176,25 +176,24 @@ def _mv16(x, wa, wb, wc, oa, ob, oc, bf16):
         sums = np.empty(4, np.float32)
         sa = np.int64(sums.ctypes.data)
         r, r1 = np.int64(c * ROWS), np.int64(min(w.shape[0], (c + 1) * ROWS))
-        if vector and K > ONE_ROW_MAX_K:
-            nk = K // STEP4
+        ng = K // LANES if vector else 0  # groups of LANES values the row dots take; the rest: _row_tail
+        if ng and K > ONE_ROW_MAX_K:
             while r + 4 <= r1:
                 for n in range(N):
                     if bf16:
-                        bf16_row_dots4(x0 + n * xs, w0 + r * ws, ws, nk, sa)
+                        bf16_row_dots4(x0 + n * xs, w0 + r * ws, ws, ng, sa)
                     else:
-                        f16_row_dots4(x0 + n * xs, w0 + r * ws, ws, nk, sa)
+                        f16_row_dots4(x0 + n * xs, w0 + r * ws, ws, ng, sa)
                     for j in range(4):
-                        out[n, r + j] = _row_tail(x, n, w, r + j, nk * STEP4, sums[j], bf16)
+                        out[n, r + j] = _row_tail(x, n, w, r + j, ng * LANES, sums[j], bf16)
                 r += 4
-        nk = K // STEP1 if vector else 0
         while r < r1:  # one row at a time (or the rows a 4-row pass left)
             for n in range(N):
                 if bf16:
-                    bf16_row_dot(x0 + n * xs, w0 + r * ws, ws, nk, sa)
+                    bf16_row_dot(x0 + n * xs, w0 + r * ws, ws, ng, sa)
                 else:
-                    f16_row_dot(x0 + n * xs, w0 + r * ws, ws, nk, sa)
-                out[n, r] = _row_tail(x, n, w, r, nk * STEP1, sums[0], bf16)
+                    f16_row_dot(x0 + n * xs, w0 + r * ws, ws, ng, sa)
+                out[n, r] = _row_tail(x, n, w, r, ng * LANES, sums[0], bf16)
             r += 1
 
 
@@ -211,7 +210,7 @@ def _mv_f16(x, wa, wb, wc, oa, ob, oc):
 
     Each row's dot product is kernels.halfbits' LLVM vector IR (16-lane vectors, fused multiply-add chains, its
     order fixed whatever the CPU), one row at a time for rows up to ONE_ROW_MAX_K values and 4 at once for wider
-    ones; the rest of a row (K % the step) is added after it, one value at a time. Until session 34 each pass
+    ones; the last K % LANES values of a row are added after it, one at a time. Until session 34 each pass
     read 4 rows at once with 128-value chunks and asked for the next 4 rows' (the quantized kernels still do,
     see PREFETCH), in a loop LLVM vectorized itself: with AVX-512's 16-lane vectors it reduced 16 vectors every
     128 values. On an AVX-512 AMD EPYC (Zen 4), 8192 x 2048 matrices cycled over 512 MiB, medians of rounds: 14

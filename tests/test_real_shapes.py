@@ -34,7 +34,7 @@ from numba import njit
 from test_kernels import dot_bound, random_packed
 
 from llama_ref import kernels
-from llama_ref.kernels.halfbits import (STEP1, STEP4, bf16_row_dot, bf16_row_dots4, bf16_to_f32, f16_row_dot,
+from llama_ref.kernels.halfbits import (LANES, bf16_row_dot, bf16_row_dots4, bf16_to_f32, f16_row_dot,
                                        f16_row_dots4, f16_to_f32)
 from llama_ref.model import ops
 from llama_ref.weights import packed
@@ -63,17 +63,16 @@ def test_16bit_conversions_are_exact_for_every_bit_pattern():
 @njit(cache=False)
 def _row_dots(x, w, bf16, four):
     """halfbits' dot products of x (K,) float32 with the rows of w (R, K) uint16, R a multiple of 4 (four: 4 rows a
-    call), over the first K // step * step values."""
+    call), over the first K // LANES * LANES values."""
     out = np.empty(w.shape[0], np.float32)
-    step = STEP4 if four else STEP1
-    nk, ws = x.shape[0] // step, np.int64(w.strides[0])
+    ng, ws = x.shape[0] // LANES, np.int64(w.strides[0])
     a = np.int64(x.ctypes.data)
     for r in range(0, w.shape[0], 4 if four else 1):
         b, o = np.int64(w[r].ctypes.data), np.int64(out[r:].ctypes.data)
         if four:
-            bf16_row_dots4(a, b, ws, nk, o) if bf16 else f16_row_dots4(a, b, ws, nk, o)
+            bf16_row_dots4(a, b, ws, ng, o) if bf16 else f16_row_dots4(a, b, ws, ng, o)
         else:
-            bf16_row_dot(a, b, ws, nk, o) if bf16 else f16_row_dot(a, b, ws, nk, o)
+            bf16_row_dot(a, b, ws, ng, o) if bf16 else f16_row_dot(a, b, ws, ng, o)
     return out
 
 
@@ -84,27 +83,26 @@ def _fma32(a, b, c):
     return (a.astype(np.float64) * b + c).astype(np.float32)
 
 
+@pytest.mark.parametrize("K", [16, 32, 48, 5 * 64, 5 * 64 + 48, 5 * 64 + 57])
 @pytest.mark.parametrize("four", [False, True])
 @pytest.mark.parametrize("fmt", ["f16", "bf16"])
-def test_row_dots_sum_in_their_documented_order(fmt, four):
-    """halfbits' row dot products: A = SHAPES[rows] chains of LANES lanes a row, value k in chain (k // LANES) % A,
-    lane k % LANES, one fused multiply-add chain each in increasing k; then the chains pairwise and the lanes by
-    halves. The same bits on every x86 CPU (LLVM splits the 16-lane vectors on AVX2, and no step is reordered),
-    and for a row alone or among 4."""
-    from llama_ref.kernels.halfbits import LANES, SHAPES
+def test_row_dots_sum_in_their_documented_order(fmt, four, K):
+    """halfbits' row dot products: the first K // LANES groups of LANES values, group g into accumulator g % A
+    (A = SHAPES[rows]), value k into lane k % LANES, one fused multiply-add chain each in increasing k (the groups
+    past the last whole A too); then the accumulators pairwise and the lanes by halves. The same bits on every
+    x86 CPU (LLVM splits the 16-lane vectors on AVX2, and no step is reordered), for a row alone or among 4."""
+    from llama_ref.kernels.halfbits import SHAPES
 
     A = SHAPES[4 if four else 1]
-    rng = np.random.default_rng(3)
-    K = 5 * STEP1
+    rng = np.random.default_rng(K)
     x = rng.standard_normal(K, dtype=np.float32)
     w32 = rng.standard_normal((8, K), dtype=np.float32)
     bits = (w32.view(np.uint32) >> 16).astype(np.uint16) if fmt == "bf16" else w32.astype(np.float16).view(np.uint16)
     w = _widen(bits.reshape(-1), fmt == "bf16").reshape(bits.shape)
     acc = np.zeros((8, A, LANES), np.float32)
-    for i in range(K // (A * LANES)):
-        for j in range(A):
-            k = (i * A + j) * LANES
-            acc[:, j] = _fma32(x[k:k + LANES], w[:, k:k + LANES], acc[:, j])
+    for g in range(K // LANES):
+        k = g * LANES
+        acc[:, g % A] = _fma32(x[k:k + LANES], w[:, k:k + LANES], acc[:, g % A])
     vs = [acc[:, j] for j in range(A)]
     while len(vs) > 1:
         vs = [vs[j] + vs[j + 1] for j in range(0, len(vs), 2)]
@@ -119,7 +117,7 @@ def test_row_dots_sum_in_their_documented_order(fmt, four):
 @pytest.mark.parametrize("K", [1, 63, 64, 130, 576, 3104, 4099])
 def test_16bit_decode_kernels_any_width_and_strides(fmt, K):
     """The 16-bit matrix-vector kernels (kernels/linear.py _mv_f16 / _mv_bf16, three weights at once as linears
-    calls them): within float32 rounding of the float64 product for K not a multiple of the step (the rest of a
+    calls them): within float32 rounding of the float64 product for K not a multiple of LANES (the rest of a
     row added one value at a time), one row at a time or (K > ONE_ROW_MAX_K) 4 at once with a remainder of rows,
     and the same values, summed one value at a time, from a strided x or w."""
     lin = importlib.import_module("llama_ref.kernels.linear")  # (kernels.linear is its function)

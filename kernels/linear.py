@@ -9,8 +9,9 @@ never exists in float32. Every thread of the policy (llama_ref.runtime.threads.e
 turn, decodes one on its own core and multiplies it with a one-thread BLAS call: one pool, no hand-off
 between Numba's threads and OpenBLAS's. 16-bit tiles hold TILE_FLOATS values, quantized ones TILE_ROWS rows.
 
-Every product is summed in float32 in a different order than BLAS (fast-math "reassoc"): results agree with
-ops.linear to a few float32 ulps of sum |x w|, which tests/test_kernels.py checks.
+Every product is summed in float32 in a different order than BLAS (fast-math "reassoc"; the 16-bit decode
+kernels in an order of their own, fixed on every CPU: kernels/halfbits.py): results agree with ops.linear to a
+few float32 ulps of sum |x w|, which tests/test_kernels.py checks.
 
 Block layouts are described in llama_ref/weights/packed.py.
 """

@@ -22,6 +22,8 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from .ggml_simd import _declare, _shuffle
+
 
 @intrinsic
 def bf16_to_f32(typingctx, bits):
@@ -98,8 +100,7 @@ def _define_row_dots(module, fmt: str, rows: int):
     fn = ir.Function(module, ir.FunctionType(ir.VoidType(), [i64] * 5), name)
     fn.linkage = "internal"
     x, w, ws, ng, sums = fn.args
-    fma = module.globals.get(f"llvm.fma.v{LANES}f32") or ir.Function(
-        module, ir.FunctionType(vf, [vf] * 3), f"llvm.fma.v{LANES}f32")
+    fma = _declare(module, f"llvm.fma.v{LANES}f32", vf, [vf] * 3)
     c64 = lambda v: ir.Constant(i64, v)  # noqa: E731
     zero = ir.Constant(vf, [0.0] * LANES)
     entry, loop, done = (fn.append_basic_block(n) for n in ("entry", "loop", "done"))
@@ -169,9 +170,7 @@ def _define_row_dots(module, fmt: str, rows: int):
         v, n = vs[0], LANES
         while n > 1:
             n //= 2
-            low, high = (b.shuffle_vector(v, ir.Constant(v.type, ir.Undefined),
-                                          ir.Constant(ir.VectorType(i32, n), list(range(o, o + n)))) for o in (0, n))
-            v = b.fadd(low, high)
+            v = b.fadd(_shuffle(b, v, list(range(n))), _shuffle(b, v, list(range(n, 2 * n))))
         b.store(b.extract_element(v, ir.Constant(i32, 0)), b.inttoptr(b.add(sums, c64(4 * r)), ir.PointerType(f32)),
                 align=4)
     b.ret_void()
@@ -180,7 +179,7 @@ def _define_row_dots(module, fmt: str, rows: int):
 
 def _row_dots(fmt: str, rows: int):
     @intrinsic
-    def row_dots(typingctx, x, w, ws, nk, sums):
+    def row_dots(typingctx, x, w, ws, ng, sums):
         """Byte addresses x (float32), w (16-bit rows, ws bytes apart), sums (float32 out); ng groups of LANES."""
         sig = types.void(*([types.int64] * 5))
 

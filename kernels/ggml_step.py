@@ -79,9 +79,11 @@ def _products(g, x, table, groups, out, use_simd, serial):
     tiles = groups[g, TILES]
     if serial:
         _tiles(0, tiles, t, xq, xd, xs, off, kq8, kd, kbs, out, use_simd)
-    else:
-        for c in prange(tiles):
-            _tiles(c, c + 1, t, xq, xd, xs, off, kq8, kd, kbs, out, use_simd)
+    else:  # one call per thread, its share of the tiles as prange's static schedule would give it: a call per
+        # tile (its table walk, its arrays' reference counts) cost ~0.1 us, 8-10 % of a 1B Q4_K product
+        n = numba.get_num_threads()
+        for p in prange(n):
+            _tiles(tiles * p // n, tiles * (p + 1) // n, t, xq, xd, xs, off, kq8, kd, kbs, out, use_simd)
 
 
 @njit(**JIT)

@@ -203,7 +203,10 @@ def main(argv=None) -> None:
         a.out.parent.mkdir(parents=True, exist_ok=True)
         a.out.write_text(json.dumps(report, indent=1))
         a.out.with_suffix(".md").write_text(table(report) + "\n")
-    print(table(report))
+    if rounds:
+        print(table(report))
+    else:  # --rounds 0: the GGUFs made, nothing measured
+        print("files in " + ", ".join(str(p) for p in files.values()))
 
 
 def integer_code() -> str:

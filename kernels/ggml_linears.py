@@ -173,7 +173,9 @@ def linears(x: np.ndarray, *ws, use_simd: "int | None" = None) -> tuple:
         if not all(legacy.spec.supported(w) and w.shape[1] == K for w in ws):
             return tuple(legacy._rows_linear(x, w) for w in ws)
         group = _group(ws)
-    if x.size != K or x.dtype != np.float32 or not x.flags.c_contiguous or group[8] != K:
+    if x.size != K:  # a prefill's rows
+        return legacy._rows_linears(x, ws)
+    if x.dtype != np.float32 or not x.flags.c_contiguous or group[8] != K:
         return tuple(legacy._rows_linear(x, w) for w in ws)
     table, tiles, legacy_acts, k_acts, repacked, offsets, total, _, _ = group
     out = np.empty(total, np.float32)

@@ -294,6 +294,26 @@ def test_linears_falls_back_weight_by_weight(monkeypatch):
     got = kernels().linears(x[:1, :1], ws[0], f)
     assert same_bits(got[0], ggml.linear(x[:1, :1], ws[0])) and same_bits(got[1], ggml.linear(x[:1, :1], f))
 
+
+@pytest.mark.parametrize("formats", [("q8_0", "q8_0", "q8_0"), ("q4_0", "q4_1", "q5_0", "q5_1"),
+                                     ("q5_0", "q6_k", "q8_0"), ("q4_k", "q4_k")])
+@pytest.mark.parametrize("simd", [0, 1])
+def test_linears_of_a_prefill_equal_linear(formats, simd, monkeypatch):
+    """A prefill's rows (x (2, 3, K) and (17, K)): the legacy formats' products quantize x once for all of them
+    (kernels/ggml._rows_linears), a mix with K-quants takes them one by one; either way each output is the
+    specification's, bit for bit, on the portable and the best integer code."""
+    monkeypatch.setattr(kernels(), "SIMD", simd)
+    ws = _linears_weights(formats, [24, 13, 40, 16][:len(formats)], 512, seed=11)
+    rng = np.random.default_rng(12)
+    for x in (rng.standard_normal((2, 3, 512)).astype(np.float32), rng.standard_normal((17, 512)).astype(np.float32)):
+        x.reshape(-1, 512)[1, 3] = 40  # an outlier block
+        x.reshape(-1, 512)[0, 64:96] = 0  # a zero block
+        got = kernels().linears(x, *ws)
+        assert len(got) == len(ws)
+        for g, w in zip(got, ws):
+            assert g.shape == x.shape[:-1] + (w.shape[0],)
+            assert same_bits(g, ggml.linear(x, w)), (w.format, x.shape)
+
 def test_repacked_q4_0_scales():
     """Repacked Q4_0's scales: rows 8g .. 8g + 7 of block b side by side as fp16, exactly the float32 d; a
     scale that is no fp16 value is refused rather than rounded."""

@@ -216,7 +216,7 @@ def decode_layer(model, i: int, h: np.ndarray, start_pos: int, cache, cos: np.nd
         plan = _plan(model, tensors, key)
     kc, vc = cache.k[i], cache.v[i]
     if (not plan or h.shape[:2] != (1, 1) or h.dtype != np.float32 or not h.flags.c_contiguous
-            or cache.values is not spec.cache_values  # its older positions hold fp16 values: read as they are
+            or cache.values not in (legacy.cache_values, spec.cache_values)  # its older positions hold fp16 values
             or kc.dtype != np.float32 or kc.shape[0] != 1 or start_pos >= kc.shape[1]
             or kc.shape[2:] != plan[5] or not kc.flags.c_contiguous or not vc.flags.c_contiguous
             or cos.dtype != np.float32 or not cos.flags.c_contiguous or not sin.flags.c_contiguous):

@@ -572,3 +572,30 @@ def test_tiny_model_portable_path_equals_numpy(monkeypatch):
     la = np.concatenate([a.forward(tokens[:4]), a.forward(tokens[4:], start_pos=4)])
     lb = np.concatenate([b.forward(tokens[:4]), b.forward(tokens[4:], start_pos=4)])
     assert same_bits(la, lb)
+
+
+def test_cache_values_round_as_the_specification():
+    """The compiled fp16 rounding of a prefill's keys and values (kernels/ggml.cache_values, parallel past
+    FP16_MIN_VALUES) gives the specification's values bit for bit: ties to even, subnormals, past 65504 inf,
+    signed zeros, infinities; NaN stays NaN; below the limit and for float64 it is the specification's own."""
+    from llama_ref.kernels import ggml as kg
+
+    rng = np.random.default_rng(21)
+    x = (rng.standard_normal((3, 700, 4, 16)) * np.float32(4.0) ** rng.integers(-12, 9, (3, 700, 4, 16)))
+    x = x.astype(np.float32)
+    flat = x.reshape(-1)
+    ties = np.float16(rng.standard_normal(64)).astype(np.float32)  # fp16 values, then halfway to the next one
+    flat[:64] = ties + np.spacing(np.float16(ties)).astype(np.float32) / 2
+    flat[64:72] = [65504, 65519.99, 65520, -70000, np.inf, -np.inf, 0.0, -0.0]
+    flat[72:80] = np.float32(2.0 ** -24) * np.array([0.5, 1.5, 2.5, 0.49, 3, -0.5, -1.5, 1], np.float32)
+    flat[80] = np.nan
+    assert x.size >= kg.FP16_MIN_VALUES
+    got, want = kg.cache_values(x), ggml.cache_values(x)
+    assert got.dtype == np.float32 and got.shape == x.shape
+    assert np.isnan(got.reshape(-1)[80])
+    flat_got, flat_want = got.reshape(-1), want.reshape(-1)
+    keep = ~np.isnan(flat_want)
+    assert np.array_equal(flat_got[keep].view(np.uint32), flat_want[keep].view(np.uint32))
+    small = x.reshape(-1)[:100].reshape(4, 25)
+    assert same_bits(kg.cache_values(small), ggml.cache_values(small))
+    assert kg.cache_values(x.astype(np.float64)).dtype == ggml.cache_values(x.astype(np.float64)).dtype

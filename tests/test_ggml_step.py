@@ -163,7 +163,7 @@ def test_the_cache_holds_fp16_values_and_the_step_reads_it_only_then(monkeypatch
     tokens = np.array([[3, 1, 4, 1, 5, 9, 2]])
     model.forward(tokens)
     stored = [a[:, :model.cache.length] for a in model.cache.k + model.cache.v]
-    assert model.cache.values is ggml.cache_values
+    assert model.cache.values is kernels().cache_values  # the specification's rounding, compiled
     assert all(np.array_equal(a, ggml.fp16(a)) for a in stored)
     assert all(np.abs(a).max() > 0 for a in stored)
     spec = Transformer(model.args, model.weights, backend=ggml.backend_for("numpy", model.weights, "tiny"))

@@ -379,10 +379,11 @@ def _scale_pairs(d: np.ndarray, m: np.ndarray) -> np.ndarray:
     return readonly(pairs)  # (R, nb)
 
 
-def quantized_linear(x2: np.ndarray, w, use_simd: "int | None" = None) -> np.ndarray:
+def quantized_linear(x2: np.ndarray, w, use_simd: "int | None" = None, acts: "tuple | None" = None) -> np.ndarray:
     """x2 (N, K) float32 @ w.T in ggml's arithmetic, for a Q8_0 / Q4_0 / Q4_1 / Q5_0 / Q5_1 weight. -> (N, R).
     use_simd: 0 the portable integer code, 2 AVX2's (where the CPU has it), 1 the best this CPU has (vpdpbusd,
-    else AVX2); default SIMD. All give the same integers, so the same floats."""
+    else AVX2); default SIMD. All give the same integers, so the same floats. acts: quantize_q8(x2) of N > 1
+    rows, where the caller has made it already (_rows_linears)."""
     if w.format in ("q4_k", "q5_k", "q6_k"):  # Q8_K activations and 256-value super-blocks: their own module
         from . import ggml_kquants
         return ggml_kquants.quantized_linear(x2, w, use_simd)
@@ -390,10 +391,10 @@ def quantized_linear(x2: np.ndarray, w, use_simd: "int | None" = None) -> np.nda
     kind, qs, d, m = _weight_args(w)
     out = np.empty((N, d.shape[0]), np.float32)
     use = SIMD if use_simd is None else int(use_simd)
-    if serial_product(N, d.shape[0] * x2.shape[1]):
+    if acts is None and serial_product(N, d.shape[0] * x2.shape[1]):
         _decode_serial(kind, x2, qs, d, m, out, use)
         return out
-    xq, xd, xs = quantize_q8(x2)
+    xq, xd, xs = quantize_q8(x2) if acts is None else acts
     _linear(kind, xq, xd, xs, qs, d, m, out, use)
     return out
 
@@ -440,10 +441,8 @@ def _rows_linears(x: np.ndarray, ws) -> tuple:
             q8k = ggml_kquants.quantize_q8_K(rows) if q8k is None else q8k
             out = ggml_kquants.quantized_linear(rows, w, acts=q8k)
         else:
-            xq, xd, xs = q8 = quantize_q8(rows) if q8 is None else q8  # quantized_linear's blocks for N > 1 rows
-            kind, qs, d, m = _weight_args(w)
-            out = np.empty((rows.shape[0], d.shape[0]), np.float32)  # (N, R)
-            _linear(kind, xq, xd, xs, qs, d, m, out, SIMD)
+            q8 = quantize_q8(rows) if q8 is None else q8
+            out = quantized_linear(rows, w, acts=q8)  # (N, R)
         outs.append(out if x.ndim == 2 else out.reshape(x.shape[:-1] + (w.shape[0],)))
     return tuple(outs)
 

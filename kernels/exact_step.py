@@ -1,6 +1,6 @@
 """A dense layer of a one-token step in arithmetic="exact" in one compiled call: the Numba backend's `decode_layer`,
-which the forward pass (llama_ref/model/transformer.py) calls for each layer of a decode step in place of the
-layer's lines.
+which the forward pass (llama_ref/model/transformer.py) calls through `decode_layers` for each layer of a decode
+step in place of the layer's lines.
 
 Per op, a decode step makes ~14 calls into compiled code a layer, each behind Python's dispatch, wrappers and
 allocations (on the default model's 30 small layers a fair share of the step), and on two threads every product
@@ -274,3 +274,11 @@ def decode_layer(model, i: int, h: np.ndarray, start_pos: int, cache, cos: np.nd
                  together, lin._NO_W, lin._NO_OUT)
     cache.length = S  # as cache.update: a rewind drops the later positions
     return out
+
+
+def decode_layers(model, i: int, h: np.ndarray, start_pos: int, cache, cos: np.ndarray, sin: np.ndarray):
+    """The forward pass's hook (llama_ref/model/transformer.py): layer i by decode_layer -> (the new h, i + 1), or
+    None where it declines. One layer a call: an exact step's products take milliseconds, so a return to Python
+    between layers costs little here."""
+    out = decode_layer(model, i, h, start_pos, cache, cos, sin)
+    return None if out is None else (out, i + 1)

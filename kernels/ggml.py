@@ -459,12 +459,13 @@ def linears(x: np.ndarray, *ws) -> tuple:
 _together = None
 
 
-def decode_layer(model, i, h, start_pos, cache, cos, sin):
-    """Dense layer i of a one-token step in one compiled call, bit for bit the forward pass's lines, or None where
-    it declines (kernels/ggml_step.py; the forward pass's hook, llama_ref/model/transformer.py)."""
+def decode_layers(model, i, h, start_pos, cache, cos, sin):
+    """Dense layers i .. end - 1 of a one-token step in one compiled call, bit for bit the forward pass's lines:
+    (h, end), or None where layer i declines (kernels/ggml_step.py; the forward pass's hook,
+    llama_ref/model/transformer.py)."""
     global _step
     if _step is None:  # imported on first use, as linears
-        from .ggml_step import decode_layer as _step
+        from .ggml_step import decode_layers as _step
     return _step(model, i, h, start_pos, cache, cos, sin)
 
 

@@ -1,6 +1,5 @@
-"""A dense layer of a one-token step in arithmetic="ggml" in one compiled call: kernels/ggml.py's `decode_layer`,
-which the forward pass (llama_ref/model/transformer.py) calls for each layer of a decode step in place of the
-layer's lines.
+"""The dense layers of a one-token step in arithmetic="ggml" in one compiled call: kernels/ggml.py's
+`decode_layers`, which the forward pass (llama_ref/model/transformer.py) calls in place of the layers' lines.
 
 Per op, a decode step of the default model (30 layers) makes ~14 compiled calls a layer, each a few to tens of
 microseconds of work behind Python's dispatch, allocations and wrappers; on two threads each product also starts
@@ -12,7 +11,9 @@ _attention_item per KV head, reading the head's keys and values where they lie i
 the lines' attention, which rounds and gathers every head's rows each call); wo; the residual add; RMSNorm;
 w1, w3; SwiGLU; w2; the residual add. The products and the attention run in parallel regions (prange) that
 follow each other closely, so the threads stay awake in between; at one Numba thread the same function compiled
-without them runs.
+without them runs. One call runs every layer of the step (the cache's layers are views of one array,
+KVCache.layers): a call per layer returned to Python between layers, ~15 us each with its checks, and the threads
+could fall asleep meanwhile (measured 1.06-1.3x on a 1B Q4_K step, ~1.1x on the default model's Q4_0).
 
 Every value is computed by the same code as the per-op lines (the same float32 operations in the same order), so
 the layer's output and the cache are the lines', bit for bit (tests/test_ggml_step.py). Where that cannot be
@@ -27,6 +28,7 @@ kernels/__pycache__/ggml_step*.nbi and *.nbc too. A first compile of both takes 
 
 from __future__ import annotations
 
+import functools
 import weakref
 
 import numba
@@ -70,9 +72,10 @@ def _tiles(c0, c1, t, xq, xd, xs, off, kq8, kd, kbs, out, use_simd):
 
 
 @njit(inline="always", **JIT)
-def _products(g, x, table, groups, out, use_simd, serial):
+def _products(g, x, table, groups, out, use_simd, serial, threads):
     """Product group g of the layer by the one row x (1, K) into out (its total,): x quantized as its weights ask
-    (ggml_linears._quantize), then ggml_linears' work items over the group's own rows of the joined table."""
+    (ggml_linears._quantize), then ggml_linears' work items over the group's own rows of the joined table, split
+    in `threads` shares."""
     t = table[groups[g, T0]:groups[g, T1]]
     xq, xd, xs, off, kq8, kd, kbs = gl._quantize(x, groups[g, LEGACY] != 0, groups[g, KACTS] != 0,
                                                  groups[g, REPACKED] != 0)
@@ -80,8 +83,9 @@ def _products(g, x, table, groups, out, use_simd, serial):
     if serial:
         _tiles(0, tiles, t, xq, xd, xs, off, kq8, kd, kbs, out, use_simd)
     else:  # one call per thread, its share of the tiles as prange's static schedule would give it: a call per
-        # tile (its table walk, its arrays' reference counts) cost ~0.1 us, 8-10 % of a 1B Q4_K product
-        n = numba.get_num_threads()
+        # tile (its table walk, its arrays' reference counts) cost ~0.1 us, 8-10 % of a 1B Q4_K product. The
+        # count comes from Python: numba.get_num_threads() here is a ctypes call, which Numba's disk cache refuses
+        n = threads
         for p in prange(n):
             _tiles(tiles * p // n, tiles * (p + 1) // n, t, xq, xd, xs, off, kq8, kd, kbs, out, use_simd)
 
@@ -95,10 +99,10 @@ def _attend_head(kc, vc, S, q, pos, scale, wide, attn, j):
 
 
 @njit(inline="always", **JIT)
-def _layer(h, kc, vc, pos, cos, sin, table, groups, norms, use_simd, wide, serial):
+def _layer(h, kc, vc, pos, cos, sin, table, groups, norms, use_simd, wide, serial, threads):
     """The layer's lines for h (1, 1, D) at position pos -> the new h (1, 1, D); k, v stored into kc, vc (1,
     capacity, KVH, HD). norms: (2, D + 2) float32, the attention and feed-forward norms' weights, each row
-    followed by eps and attention's scale. The regions are prange loops: parallel in _layer_parallel."""
+    followed by eps and attention's scale. The regions are prange loops: parallel in _layers_parallel."""
     D = h.shape[2]
     KVH, HD = kc.shape[2], kc.shape[3]
     H = (groups[QKV, TOTAL] - 2 * KVH * HD) // HD
@@ -110,7 +114,7 @@ def _layer(h, kc, vc, pos, cos, sin, table, groups, norms, use_simd, wide, seria
     x = np.empty((1, D), np.float32)
     _rms_norm_row(h2, norms[0, :D], eps, x, 0)
     qkv = np.empty(groups[QKV, TOTAL], np.float32)
-    _products(QKV, x, table, groups, qkv, use_simd, serial & 1)
+    _products(QKV, x, table, groups, qkv, use_simd, serial & 1, threads)
     q = np.empty((1, 1, H, HD), np.float32)
     _rope_row(qkv[:H * HD].reshape((1, 1, H, HD)), cos, sin, q, 0)
     _rope_row(qkv[H * HD:(H + KVH) * HD].reshape((1, 1, KVH, HD)), cos, sin, kc[:, pos:pos + 1], 0)
@@ -128,7 +132,7 @@ def _layer(h, kc, vc, pos, cos, sin, table, groups, norms, use_simd, wide, seria
         for j in prange(KVH):
             _attend_head(kc, vc, S, q, pos, scale, wide, attn, j)
     o = np.empty(D, np.float32)
-    _products(WO, attn.reshape((1, H * HD)), table, groups, o, use_simd, serial & 2)
+    _products(WO, attn.reshape((1, H * HD)), table, groups, o, use_simd, serial & 2, threads)
     h1 = np.empty((1, D), np.float32)
     for d in range(D):
         h1[0, d] = h2[0, d] + o[d]
@@ -136,27 +140,36 @@ def _layer(h, kc, vc, pos, cos, sin, table, groups, norms, use_simd, wide, seria
     # feed-forward block: norm, w1 w3, SwiGLU, w2, residual
     _rms_norm_row(h1, norms[1, :D], eps, x, 0)
     gu = np.empty(2 * F, np.float32)
-    _products(W13, x, table, groups, gu, use_simd, serial & 4)
+    _products(W13, x, table, groups, gu, use_simd, serial & 4, threads)
     act = np.empty((1, F), np.float32)
     _swiglu_row(gu[:F].reshape((1, F)), gu[F:].reshape((1, F)), wide, act, 0)
-    _products(W2, act, table, groups, o, use_simd, serial & 8)
+    _products(W2, act, table, groups, o, use_simd, serial & 8, threads)
     out = np.empty((1, 1, D), np.float32)
     for d in range(D):
         out[0, 0, d] = h1[0, d] + o[d]
     return out
 
 
+@njit(inline="always", **JIT)
+def _layers(h, kb, vb, pos, cos, sin, table, groups, norms, use_simd, wide, serial, threads):
+    """Consecutive layers, the first from h (1, 1, D): layer j's cache kb[j], vb[j] (1, capacity, KVH, HD), its
+    product groups groups[j] (4, 7; rows of the joined table), its norms norms[j] (2, D + 2)."""
+    for j in range(kb.shape[0]):
+        h = _layer(h, kb[j], vb[j], pos, cos, sin, table, groups[j], norms[j], use_simd, wide, serial, threads)
+    return h
+
+
 @njit(parallel=True, **JIT)
-def _layer_parallel(h, kc, vc, pos, cos, sin, table, groups, norms, use_simd, wide, serial):
-    return _layer(h, kc, vc, pos, cos, sin, table, groups, norms, use_simd, wide, serial)
+def _layers_parallel(h, kb, vb, pos, cos, sin, table, groups, norms, use_simd, wide, serial, threads):
+    return _layers(h, kb, vb, pos, cos, sin, table, groups, norms, use_simd, wide, serial, threads)
 
 
 @njit(**JIT)
-def _layer_serial(h, kc, vc, pos, cos, sin, table, groups, norms, use_simd, wide, serial):
-    """_layer on the calling thread (prange is range without parallel=True): the same items in order. A function
-    of its own, not _layer_parallel's Python function compiled again: Numba's on-disk cache keys a kernel by its
+def _layers_serial(h, kb, vb, pos, cos, sin, table, groups, norms, use_simd, wide, serial, threads):
+    """_layers on the calling thread (prange is range without parallel=True): the same items in order. A function
+    of its own, not _layers_parallel's Python function compiled again: Numba's on-disk cache keys a kernel by its
     Python function and signature, not its flags, so a twin would load the other's machine code."""
-    return _layer(h, kc, vc, pos, cos, sin, table, groups, norms, use_simd, wide, serial)
+    return _layers(h, kb, vb, pos, cos, sin, table, groups, norms, use_simd, wide, serial, threads)
 
 
 # tuple of ids of a layer's 9 tensors (7 matrices, 2 norms) -> its plan (table, groups, norms, the groups of
@@ -204,34 +217,83 @@ def _plan(model, tensors, key):
     return plan
 
 
-def decode_layer(model, i: int, h: np.ndarray, start_pos: int, cache, cos: np.ndarray, sin: np.ndarray):
-    """Dense layer i of a one-token step (h (1, 1, D) at position start_pos) in one compiled call: -> the new h
-    (1, 1, D), k and v stored into cache at start_pos, bit for bit as the forward pass's lines with kernels/ggml
-    compute them; None where it cannot promise that (then the lines run)."""
+# tuple of ids of the 9 tensors of each of layers i .. end - 1 -> their run (below) or False where layer i declines;
+# dropped, as a plan, when any of those tensors goes.
+_RUNS: dict = {}
+
+
+def _run(model, tensors, key):
+    """The run of the layers whose tensors these are, from the first as far as they have plans, as one compiled
+    call takes it: (its layers n, the joined work table, groups (n, 4, 7) with rows in that table, norms (n, 2,
+    D + 2), weights per product group, (KVH, HD), the plans, which keep the weights' arrays alive); False where
+    the first layer declines."""
+    plans = []
+    for at in range(0, len(tensors), 9):
+        plan = _PLANS.get(key[at:at + 9])
+        if plan is None:
+            plan = _plan(model, tensors[at:at + 9], key[at:at + 9])
+        if not plan:
+            break
+        plans.append(plan)
+    run = False
+    if plans:
+        groups = np.stack([p[1] for p in plans])  # (n, 4, 7)
+        starts = np.cumsum([0] + [p[0].shape[0] for p in plans[:-1]])  # where each layer's rows go in the table
+        groups[:, :, T0] += starts[:, None]
+        groups[:, :, T1] += starts[:, None]
+        table, norms = np.concatenate([p[0] for p in plans]), np.stack([p[2] for p in plans])
+        for a in (table, groups, norms):
+            a.flags.writeable = False
+        run = (len(plans), table, groups, norms, plans[0][4], plans[0][5], plans)  # every layer has the same shapes
+    try:
+        for t in tensors:
+            weakref.finalize(t, _RUNS.pop, key, None)
+    except TypeError:  # a tensor without weak references: not cached, so never stale
+        return run
+    _RUNS[key] = run
+    return run
+
+
+@functools.lru_cache(maxsize=256)
+def _names(i: int, end: int) -> tuple:
+    return tuple(n for layer in range(i, end) for n in layer_tensor_names(layer))
+
+
+def decode_layers(model, i: int, h: np.ndarray, start_pos: int, cache, cos: np.ndarray, sin: np.ndarray):
+    """Dense layers i .. end - 1 of a one-token step (h (1, 1, D) at position start_pos) in one compiled call: ->
+    (the new h (1, 1, D), end), each layer's k and v stored into cache at start_pos, bit for bit as the forward
+    pass's lines with kernels/ggml compute them; None where layer i cannot promise that (then its lines run).
+    The run goes on to the last layer, or up to one that declines, or only to layer i when a vision block runs
+    before each layer (model.cross_attention) or the cache's layers are not views of one array (KVCache.layers)."""
     w = model.weights
-    tensors = tuple(w[n] for n in layer_tensor_names(i))
+    end = model.args.n_layers if model.cross_attention is None else i + 1
+    tensors = tuple(map(w.__getitem__, _names(i, end)))
     key = tuple(map(id, tensors))
-    plan = _PLANS.get(key)
-    if plan is None:
-        plan = _plan(model, tensors, key)
-    kc, vc = cache.k[i], cache.v[i]
-    if (not plan or h.shape[:2] != (1, 1) or h.dtype != np.float32 or not h.flags.c_contiguous
+    run = _RUNS.get(key)
+    if run is None:
+        run = _run(model, tensors, key)
+    if (not run or h.shape[:2] != (1, 1) or h.dtype != np.float32 or not h.flags.c_contiguous
             or cache.values not in (legacy.cache_values, spec.cache_values)  # its older positions hold fp16 values
-            or kc.dtype != np.float32 or kc.shape[0] != 1 or start_pos >= kc.shape[1]
-            or kc.shape[2:] != plan[5] or not kc.flags.c_contiguous or not vc.flags.c_contiguous
             or cos.dtype != np.float32 or not cos.flags.c_contiguous or not sin.flags.c_contiguous):
         return None
-    table, groups, norms, _, weights, _ = plan
-    KVH, HD = kc.shape[2], kc.shape[3]
+    n, table, groups, norms, weights, (KVH, HD), _ = run
+    blocks = cache.layers(i, i + n) if hasattr(cache, "layers") else None
+    if blocks is None:  # this layer alone, its cache as it lies
+        n, blocks = 1, (cache.k[i][None], cache.v[i][None])
+    kb, vb = blocks  # (n, 1, capacity, KVH, HD) each
+    if (kb.dtype != np.float32 or vb.dtype != np.float32 or kb.shape != vb.shape or kb.shape[1] != 1
+            or start_pos >= kb.shape[2] or kb.shape[3:] != (KVH, HD) or not kb.flags.c_contiguous
+            or not vb.flags.c_contiguous):
+        return None
     threads = numba.get_num_threads()
     if threads == 1:
-        run, serial = _layer_serial, 0
+        step, serial = _layers_serial, 0
     else:
-        run = _layer_parallel
+        step = _layers_parallel
         serial = sum(1 << g for g in range(4) if weights[g] < SERIAL_WEIGHTS)
-        if (groups[QKV, TOTAL] - 2 * KVH * HD) * (start_pos + 1) < SERIAL_WORK:  # heads x keys x head size
+        if (groups[0, QKV, TOTAL] - 2 * KVH * HD) * (start_pos + 1) < SERIAL_WORK:  # heads x keys x head size
             serial |= 1 << ATTENTION
-    out = run(h, kc, vc, start_pos, cos, sin, table, groups, norms, legacy.SIMD, spec._isa(None) == "avx512",
-              serial)
+    out = step(h, kb, vb, start_pos, cos, sin, table, groups[:n], norms[:n], legacy.SIMD,
+               spec._isa(None) == "avx512", serial, threads)
     cache.length = start_pos + 1  # as cache.update: a rewind drops the later positions
-    return out
+    return out, i + n

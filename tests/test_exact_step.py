@@ -83,18 +83,19 @@ STEPS = 5  # one-token steps in decode()
 
 
 class Hook:
-    """exact_step.decode_layer, counting the layers it computed and the ones it declined; off: always None."""
+    """The forward pass's hook decode_layers by exact_step.decode_layer, counting the layers it computed and the
+    ones it declined; off: always None."""
 
     def __init__(self, on=True):
         self.on, self.done, self.declined = on, 0, 0
 
-    def __call__(self, *a):
+    def __call__(self, model, i, *a):
         if not self.on:
             return None
-        out = exact_step.decode_layer(*a)
+        out = exact_step.decode_layer(model, i, *a)
         self.done += out is not None
         self.declined += out is None
-        return out
+        return None if out is None else (out, i + 1)
 
 
 def same(a, b) -> bool:
@@ -104,12 +105,12 @@ def same(a, b) -> bool:
 
 def lines_and_fused(model, tokens, monkeypatch, backend=kernels):
     """(the lines' answer, the fused layers' answer, the hook) for decode(model, tokens); backend: the module
-    model.ops is, whose decode_layer the forward pass asks for."""
-    monkeypatch.setattr(backend, "decode_layer", Hook(on=False))
+    model.ops is, whose decode_layers the forward pass asks for."""
+    monkeypatch.setattr(backend, "decode_layers", Hook(on=False))
     expected = decode(model, tokens)
     assert np.isfinite(expected[0]).all()
     hook = Hook()
-    monkeypatch.setattr(backend, "decode_layer", hook)
+    monkeypatch.setattr(backend, "decode_layers", hook)
     return expected, decode(model, tokens), hook
 
 
@@ -131,6 +132,7 @@ TOKENS = np.array([[3, 1, 4, 1, 5]])
 
 def test_the_backend_exports_it():
     assert kernels.decode_layer is exact_step.decode_layer and "decode_layer" in kernels.__all__
+    assert kernels.decode_layers is exact_step.decode_layers and "decode_layers" in kernels.__all__
 
 
 @pytest.mark.parametrize("formats", ["f16", "bf16", "f32", "q4_1"])
@@ -156,7 +158,7 @@ def test_16_bit_matrices_on_the_block_shape(monkeypatch):
 
 @pytest.mark.parametrize("sums", ["apart", "blocked"])
 def test_under_the_sums_copies(sums, monkeypatch):
-    """load()'s default backend for arithmetic="exact" is a sums= copy (model/ops.with_sums) holding decode_layer;
+    """load()'s default backend for arithmetic="exact" is a sums= copy (model/ops.with_sums) holding decode_layers;
     a one-row product there is the backend's own, so the fused layer is its lines too."""
     model = model_in("bf16")
     model.ops = ops.with_sums(kernels, sums)
@@ -201,7 +203,7 @@ def test_declines_what_it_cannot_promise(monkeypatch):
 def test_a_replaced_weight_makes_a_new_plan(monkeypatch):
     """The plans are kept per model and layer; a matrix replaced in model.weights between steps is read."""
     model = model_in("q4_1")
-    monkeypatch.setattr(kernels, "decode_layer", Hook())
+    monkeypatch.setattr(kernels, "decode_layers", Hook())
     decode(model, TOKENS)
     fresh = model_in("q4_0", seed=2).weights["layers.1.feed_forward.w2.weight"]
     model.weights["layers.1.feed_forward.w2.weight"] = fresh

@@ -5,7 +5,7 @@ keeps only that copy (weights.packed.Q4_KWeight.hold_x8).
 Checked against the NumPy specification (llama_ref/model/ggml_kquants.py, on a separate weight object that still
 holds the file's layout) bit for bit: single products on the calling thread and in parallel regions,
 kernels/ggml_linears.py's work lists mixing repacked Q4_K with other formats, and a tiny model's logits through
-the per-op lines and through decode_layer (kernels/ggml_step.py), portable integer code forced too. The copy
+the per-op lines and through decode_layers (kernels/ggml_step.py), portable integer code forced too. The copy
 unpacks back to the file's bytes exactly, so everything else that reads the weight (embedding lookups,
 to_float, exact mode's kernels) still gets the file's values.
 """
@@ -177,7 +177,7 @@ def test_linears_work_list_with_repacked_q4_k_equals_numpy(simd, monkeypatch):
     assert ws[0].x8 is not None and ws[0]._qs is None and ws[1].x8 is None  # the work list holds the copy
 
 
-# ---- a model: the lines and decode_layer against the NumPy backend -----------------------------------------------
+# ---- a model: the lines and decode_layers against the NumPy backend ----------------------------------------------
 
 def q4_k_model(backend: str) -> Transformer:
     """A 2-layer model of dim 256 (head size 64, 4 query and 2 KV heads, FFN 512) with every matrix in Q4_K, rows in
@@ -201,7 +201,7 @@ def run(model, steps=4) -> np.ndarray:
 @pytest.mark.parametrize("portable", [False, True])
 def test_q4_k_model_decode_equals_numpy_backend(portable, monkeypatch):
     """A Q4_K model's prefill and decode logits through the Numba backend equal the NumPy backend's bit for bit,
-    with decode_layer (one compiled call a layer) and with the per-op lines, on 1 and 2 threads, the integer code
+    with decode_layers (one compiled call a step) and with the per-op lines, on 1 and 2 threads, the integer code
     portable or this CPU's; afterwards every Q4_K matrix, the tied embedding too, holds only its repacked copy."""
     from llama_ref.kernels import ggml as kernels_ggml
 
@@ -209,22 +209,22 @@ def test_q4_k_model_decode_equals_numpy_backend(portable, monkeypatch):
     if portable:
         monkeypatch.setattr(kernels_ggml, "SIMD", 0)
         monkeypatch.setattr(kernels(), "SIMD", 0)
-    fused, fused_layers = kernels_ggml.decode_layer, []
+    fused, fused_layers = kernels_ggml.decode_layers, []
 
-    def counted(*a):
-        out = fused(*a)
-        fused_layers.append(out is not None)
+    def counted(model, i, *a):
+        out = fused(model, i, *a)
+        fused_layers.append(0 if out is None else out[1] - i)  # the layers this call computed
         return out
     before = numba.get_num_threads()
     try:
         for threads in sorted({1, min(2, numba.config.NUMBA_NUM_THREADS)}):
             numba.set_num_threads(threads)
             for layer in (counted, lambda *a: None):
-                monkeypatch.setattr(kernels_ggml, "decode_layer", layer)
+                monkeypatch.setattr(kernels_ggml, "decode_layers", layer)
                 fused_layers.clear()
                 model = q4_k_model("numba")
                 assert same_bits(run(model), expected), (threads, layer is counted)
-                assert fused_layers == ([True] * 4 * 2 if layer is counted else [])  # every decode layer fused
+                assert fused_layers == ([2] * 4 if layer is counted else [])  # a step's 2 layers in one call
                 held = {id(w): w for w in model.weights.values() if isinstance(w, Q4_KWeight)}.values()
                 assert len(held) == 15 and all(w._qs is None and w.nbytes == w.x8.nbytes for w in held)
     finally:

@@ -1,4 +1,4 @@
-"""kernels/ggml_step.py: a dense layer of a one-token step in one compiled call (kernels/ggml.py's decode_layer)
+"""kernels/ggml_step.py: the dense layers of a one-token step in one compiled call (kernels/ggml.py's decode_layers)
 gives the forward pass's per-op lines' logits and cache, bit for bit, in every integer format, on one thread and
 two, with its regions forced onto the calling thread or into parallel loops; it declines (None) where it must,
 and the lines then give the answer."""
@@ -66,16 +66,20 @@ def decode(model, tokens, steps=4):
 
 
 class Hook:
-    """kernels.ggml.decode_layer, counting the layers it computed and the ones it declined; off: always None."""
+    """kernels.ggml.decode_layers, counting the layers it computed, the calls that computed them and the layers
+    it declined; off: always None."""
 
     def __init__(self, on=True):
-        self.real, self.on, self.done, self.declined = step().decode_layer, on, 0, 0
+        self.real, self.on, self.done, self.calls, self.declined = step().decode_layers, on, 0, 0, 0
 
-    def __call__(self, *a):
+    def __call__(self, model, i, *a):
         if not self.on:
             return None
-        out = self.real(*a)
-        self.done += out is not None
+        out = self.real(model, i, *a)
+        if out is not None:
+            assert i < out[1] <= model.args.n_layers
+            self.done += out[1] - i
+            self.calls += 1
         self.declined += out is None
         return out
 
@@ -91,22 +95,23 @@ def check(model, tokens, monkeypatch, configs):
     parallel twin at one thread too."""
     mod = step()
     lines = Hook(on=False)
-    monkeypatch.setattr(kernels(), "decode_layer", lines)
+    monkeypatch.setattr(kernels(), "decode_layers", lines)
     expected = decode(model, tokens)
     assert np.isfinite(expected[0]).all()
     before = numba.get_num_threads()
-    serial_twin = mod._layer_serial
+    serial_twin = mod._layers_serial
     try:
         for threads, forced, twin in configs:
             numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
             limit = 1 << 62 if forced == "serial" else 0
             monkeypatch.setattr(mod, "SERIAL_WEIGHTS", limit)
             monkeypatch.setattr(mod, "SERIAL_WORK", limit)
-            monkeypatch.setattr(mod, "_layer_serial", mod._layer_parallel if twin == "parallel" else serial_twin)
+            monkeypatch.setattr(mod, "_layers_serial", mod._layers_parallel if twin == "parallel" else serial_twin)
             hook = Hook()
-            monkeypatch.setattr(kernels(), "decode_layer", hook)
+            monkeypatch.setattr(kernels(), "decode_layers", hook)
             got = decode(model, tokens)
             assert hook.done == 5 * model.args.n_layers and hook.declined == 0  # every decode layer fused
+            assert hook.calls == 5  # all of a step's layers in one call
             assert same(got, expected), (threads, forced, twin)
     finally:
         numba.set_num_threads(before)
@@ -131,24 +136,25 @@ def test_every_format_equals_the_lines(formats, monkeypatch):
 def test_declines_float_matrices_and_batches(monkeypatch):
     """A layer with F32 matrices and a batch of 2 go to the lines (None), and the answers are the lines'."""
     mod = step()
-    model = model_in("q8_0", floats=(0,))  # layer 0 in float32: declined; layer 1 fused
-    lines = Hook(on=False)
-    monkeypatch.setattr(kernels(), "decode_layer", lines)
-    expected = decode(model, TOKENS)
-    hook = Hook()
-    monkeypatch.setattr(kernels(), "decode_layer", hook)
-    assert same(decode(model, TOKENS), expected)
-    assert hook.done == 5 and hook.declined == 5
+    for floats in (0,), (1,):  # that layer in float32: declined; the other fused (a run stops before it)
+        model = model_in("q8_0", floats=floats)
+        lines = Hook(on=False)
+        monkeypatch.setattr(kernels(), "decode_layers", lines)
+        expected = decode(model, TOKENS)
+        hook = Hook()
+        monkeypatch.setattr(kernels(), "decode_layers", hook)
+        assert same(decode(model, TOKENS), expected)
+        assert hook.done == 5 and hook.declined == 5
 
     model = model_in("q4_0")
     batch = np.array([[3, 1, 4, 1, 5], [2, 7, 1, 8, 2]])
-    monkeypatch.setattr(kernels(), "decode_layer", lines)
+    monkeypatch.setattr(kernels(), "decode_layers", lines)
     expected = decode(model, batch)
     hook = Hook()
-    monkeypatch.setattr(kernels(), "decode_layer", hook)
+    monkeypatch.setattr(kernels(), "decode_layers", hook)
     assert same(decode(model, batch), expected)
     assert hook.done == 0 and hook.declined == 10
-    assert mod.decode_layer(model, 0, np.zeros((1, 1, 256), np.float64), 0, model.cache, *model.ops.rope_tables(
+    assert mod.decode_layers(model, 0, np.zeros((1, 1, 256), np.float64), 0, model.cache, *model.ops.rope_tables(
         model.freqs, 0, 1, np.float32)) is None  # float64 activations
 
 
@@ -176,15 +182,69 @@ def test_the_cache_holds_fp16_values_and_the_step_reads_it_only_then(monkeypatch
     assert not all(np.array_equal(a, ggml.fp16(a)) for a in exact.cache.k[0][:, :7])
 
     lines = Hook(on=False)
-    monkeypatch.setattr(kernels(), "decode_layer", lines)
+    monkeypatch.setattr(kernels(), "decode_layers", lines)
     expected = model.forward(np.array([[6]]), start_pos=7)
     plain = KVCache(model.args, 1, model.dtype)  # float32 as computed: the step must not trust it
     model.forward(tokens, cache=plain)
     hook = Hook()
-    monkeypatch.setattr(kernels(), "decode_layer", hook)
+    monkeypatch.setattr(kernels(), "decode_layers", hook)
     assert np.array_equal(model.forward(np.array([[6]]), start_pos=7, cache=plain), expected)
     assert hook.done == 0 and hook.declined == model.args.n_layers
     hook = Hook()
-    monkeypatch.setattr(kernels(), "decode_layer", hook)
+    monkeypatch.setattr(kernels(), "decode_layers", hook)
     assert np.array_equal(model.forward(np.array([[6]]), start_pos=7), expected)
     assert hook.done == model.args.n_layers
+
+
+def test_one_layer_a_call_before_vision_blocks_and_in_a_cache_of_other_arrays(monkeypatch):
+    """A vision block runs before each layer (model.cross_attention), so a call stops after its layer; a cache whose
+    layers are no longer views of one array (generation's batch code replaced them: KVCache.layers is None) is
+    read layer by layer where it lies. Both give the lines' bits."""
+    from llama_ref.generation.generate import _keep_rows
+
+    seen = []
+
+    def block(i, h, start_pos, cache):  # stands for a gated cross-attention: it records where it ran
+        seen.append(i)
+        return h
+
+    def run(model, kept):
+        """decode(), the cache's rows taken anew after the prefill when kept, as generation drops finished rows."""
+        out = [model.forward(TOKENS)]
+        if kept:
+            _keep_rows(model.cache, [0])
+            assert model.cache.layers(0, model.args.n_layers) is None
+        for s in range(3):
+            out.append(model.forward(np.array([[7 + 3 * s]]), start_pos=5 + s))
+        return np.concatenate(out, axis=1), [a[:, :8].copy() for a in model.cache.k + model.cache.v]
+
+    model = model_in(Q4_K_M, seed=2)
+    for vision, kept in ((True, False), (False, True)):
+        model.cross_attention = block if vision else None
+        monkeypatch.setattr(kernels(), "decode_layers", Hook(on=False))
+        expected = run(model, kept)
+        hook = Hook()
+        monkeypatch.setattr(kernels(), "decode_layers", hook)
+        seen.clear()
+        assert same(run(model, kept), expected), vision
+        assert hook.done == hook.calls == 3 * model.args.n_layers and hook.declined == 0
+        assert seen == (list(range(model.args.n_layers)) * 4 if vision else [])  # the prefill and 3 steps
+
+
+def test_the_compiled_step_can_be_kept_in_numbas_disk_cache():
+    """Machine code that holds an address of this process (a ctypes call such as numba.get_num_threads() inside
+    the step, a large global array) is never written to Numba's disk cache: every process would compile the step
+    anew, 30-60 s before its first decode token (sessions 35-36). Checked on the compiled code itself, which a
+    cold compile (a clean checkout, as CI's) makes."""
+    mod = step()
+    model = model_in("q8_0")
+    before = numba.get_num_threads()
+    try:
+        for threads in sorted({1, min(2, numba.config.NUMBA_NUM_THREADS)}):
+            numba.set_num_threads(threads)
+            model.forward(TOKENS)
+            model.forward(np.array([[7]]), start_pos=5)
+    finally:
+        numba.set_num_threads(before)
+    compiled = [c for f in (mod._layers_serial, mod._layers_parallel) for c in f.overloads.values()]
+    assert compiled and not any(c.library.has_dynamic_globals for c in compiled)

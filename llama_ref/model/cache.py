@@ -13,8 +13,9 @@ from ..errors import InputError
 class KVCache:
     """Keys and values of every layer for the positions seen so far.
 
-    Stored per layer as (B, capacity, KVH, HD). The capacity grows on demand up to max_seq_len, so a short
-    conversation with a long-context model does not reserve memory for its whole window.
+    Stored per layer as (B, capacity, KVH, HD): k[i], v[i], views of two arrays (L, B, capacity, KVH, HD) that a
+    compiled step of several layers takes whole (`layers`). The capacity grows on demand up to max_seq_len, so a
+    short conversation with a long-context model does not reserve memory for its whole window.
 
     values: None, or the function every key and value passes on its way in: arithmetic="ggml" gives
     llama.cpp's F16 cache its fp16 rounding here (model/ggml.cache_values), so the cache holds what llama.cpp's
@@ -37,13 +38,22 @@ class KVCache:
         self._grow(min(capacity, self.max_seq_len))
 
     def _grow(self, capacity: int) -> None:
-        shape = (self.batch_size, capacity, self.args.kv_heads, self.args.head_dim)  # (B, cap, KVH, HD)
+        shape = (self.args.n_layers, self.batch_size, capacity, self.args.kv_heads, self.args.head_dim)
         old_k, old_v, n = self.k, self.v, self.capacity
-        self.k = [np.zeros(shape, self.dtype) for _ in range(self.args.n_layers)]
-        self.v = [np.zeros(shape, self.dtype) for _ in range(self.args.n_layers)]
+        self._blocks = np.zeros(shape, self.dtype), np.zeros(shape, self.dtype)  # (L, B, cap, KVH, HD) each
+        self.k, self.v = list(self._blocks[0]), list(self._blocks[1])  # layer i: (B, cap, KVH, HD), a view
+        self._views = tuple(self.k), tuple(self.v)
         for new, old in zip(self.k + self.v, old_k + old_v):
             new[:, :n] = old
         self.capacity = capacity
+
+    def layers(self, start: int, end: int) -> Optional[tuple[np.ndarray, np.ndarray]]:
+        """Keys and values of layers start .. end-1 as two arrays (end - start, B, capacity, KVH, HD) whose rows are
+        k[i], v[i]; None once the lists hold other arrays (generation's batch code replaces them)."""
+        if not all(a is b for a, b in zip(self.k[start:end] + self.v[start:end],
+                                          self._views[0][start:end] + self._views[1][start:end])):
+            return None
+        return self._blocks[0][start:end], self._blocks[1][start:end]
 
     def reserve(self, length: int) -> None:
         """Make room for positions 0 .. length-1."""

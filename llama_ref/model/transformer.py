@@ -65,18 +65,21 @@ class Transformer(GenerationMixin):
         # Token embeddings: one row of the table per token (tensor parallel: each rank holds part of it).
         h = op.embedding(tokens, w["tok_embeddings.weight"], self.dtype)  # (B, T, D)
         h = rec("embeddings", self.parallel.all_reduce(h))
-        # A backend may compute a whole layer of a one-token step in one compiled call (kernels/ggml_step.py): the
-        # values of the lines below, bit for bit, without a return to Python between them. None where it does not.
-        fused = _fused_layer(self, key_mask) if T == 1 else None
+        # A backend may compute layers of a one-token step in one compiled call (kernels/ggml_step.py, exact_step.py):
+        # the values of the lines below, bit for bit, without a return to Python between them. None where it does not.
+        fused = _fused_layers(self, key_mask) if T == 1 else None
+        fused_to = 0  # layers below this one are done
 
         for i in range(args.n_layers):
+            if i < fused_to:
+                continue
             if self.cross_attention is not None:  # Llama 3.2 Vision: gated cross-attention to the images
                 h = self.cross_attention(i, h, start_pos, cache)
             if args.llama4 is not None:  # Llama 4: experts, NoPE layers, chunked attention (model/llama4.py)
                 h = llama4.layer(self, i, h, start_pos, cache, key_mask, cos, sin)
                 continue
             if fused is not None and (done := fused(self, i, h, start_pos, cache, cos, sin)) is not None:
-                h = done  # (B, 1, D): this layer, as the lines below compute it
+                h, fused_to = done  # (B, 1, D): layers i .. fused_to - 1, as the lines below compute them
                 continue
             p = f"layers.{i}."
             # Attention block, pre-norm: normalise, project to queries, keys and values.
@@ -186,12 +189,13 @@ def linears(op, x: np.ndarray, *ws) -> tuple:
     return together(x, *ws) if together is not None else tuple(op.linear(x, w) for w in ws)
 
 
-def _fused_layer(model, key_mask):
-    """The backend's `decode_layer(model, i, h, start_pos, cache, cos, sin) -> h or None`, where one may stand in for
-    a layer's lines: not while a capture records the steps between them, under a key mask, or split over ranks."""
+def _fused_layers(model, key_mask):
+    """The backend's `decode_layers(model, i, h, start_pos, cache, cos, sin) -> (h, end) or None`, where one call may
+    stand in for the lines of layers i .. end - 1 (at least layer i; only it when a vision block runs before each
+    layer): not while a capture records the steps between them, under a key mask, or split over ranks."""
     if model.capture is not None or key_mask is not None or model.parallel is not SINGLE:
         return None
-    return getattr(model.ops, "decode_layer", None)
+    return getattr(model.ops, "decode_layers", None)
 
 
 def _resolve_backend(backend):

@@ -49,8 +49,14 @@ def host_has_avx2() -> bool:
     return "+avx2" in llvm_binding.get_host_cpu_features().flatten().split(",")
 
 
+def host_has_avx512bw() -> bool:
+    """Whether this CPU has vpmaddubsw on 512-bit registers (AVX-512 BW)."""
+    return "+avx512bw" in llvm_binding.get_host_cpu_features().flatten().split(",")
+
+
 HAS_VNNI = host_has_vnni()
 HAS_AVX2 = host_has_avx2()
+HAS_AVX512BW = host_has_avx512bw()
 # The integer instructions `simd` != 0 selects on this CPU, best first; "portable" where it has neither.
 BEST = "vnni" if HAS_VNNI else "avx2" if HAS_AVX2 else "portable"
 HAS_SIMD = BEST != "portable"
@@ -304,6 +310,12 @@ def pairs_u8s8(builder, u, s):
     v16_16 = ir.VectorType(I16, 16)
     v32 = ir.VectorType(I8, 32)
     return builder.call(_declare(builder.module, "llvm.x86.avx2.pmadd.ub.sw", v16_16, [v32, v32]), [u, s])
+
+
+def pairs_u8s8_512(builder, u, s):
+    """vpmaddubsw on 512-bit registers (AVX-512 BW): <64 x i8> u, s -> <32 x i16>, pairs_u8s8 of each half."""
+    v32_16, v64 = ir.VectorType(I16, 32), ir.VectorType(I8, 64)
+    return builder.call(_declare(builder.module, "llvm.x86.avx512.pmaddubs.w.512", v32_16, [v64, v64]), [u, s])
 
 
 def madd16(builder, a, b):

@@ -107,6 +107,31 @@ def test_q4_k_8row_tile_keeps_its_sums_in_registers():
     assert len(stack) <= 6, (len(stack), len(loops[0]))
 
 
+@pytest.mark.skipif(not (ggml_simd.HAS_AVX512BW and ggml_simd.BEST == "vnni"), reason="AVX-512 BW with VNNI only")
+def test_q4_k_8row_decode_tile_takes_two_steps_a_zmm_multiply():
+    """On AVX-512 the repacked Q4_K decode tile's best code (simd 1) multiplies two steps of 4 values at once: per
+    pass (a pair of sub-blocks) 8 vpmaddubsw on zmm registers, none on ymm, nothing on the stack.
+    AVX2's code (simd 2) takes 16 on ymm (test above); in-cache 1.02-1.14x its rate on 2 threads."""
+    from numba import njit, types
+
+    from llama_ref.kernels import ggml_kquants
+
+    tile = ggml_kquants._q4x8_1
+
+    @njit
+    def run(w, x, xst, xd, bs, xds, bss, nb, out, ost):
+        tile(w, x, xst, xd, bs, xds, bss, nb, out, ost, 1)
+    run.compile((types.int64,) * 10)
+    loops = [body for body in block_loops(run.inspect_asm(run.signatures[0]))
+             if any(ins.startswith("vpmaddubsw") for ins in body)]
+    assert len(loops) == 1, [len(body) for body in loops]
+    multiplies = [ins for ins in loops[0] if ins.startswith("vpmaddubsw")]
+    n = passes(loops[0], 8)  # LLVM may unroll the 4 passes of a super-block into one body
+    assert n and all("%zmm" in ins for ins in multiplies), multiplies
+    stack = [ins for ins in loops[0] if "(%rsp)" in ins or "(%rbp)" in ins]
+    assert len(stack) <= 6, (len(stack), len(loops[0]))
+
+
 def grouped_tile_loops(tile) -> list[list[str]]:
     """The loop bodies of a K-quant prefill tile by a group of activation rows (kernels/ggml_kquants.
     _kquant_gtile's intrinsic), AVX2 branch."""

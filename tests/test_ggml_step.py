@@ -5,6 +5,8 @@ and the lines then give the answer."""
 
 from __future__ import annotations
 
+import copy
+
 import numba
 import numpy as np
 import pytest
@@ -199,7 +201,7 @@ def test_the_cache_holds_fp16_values_and_the_step_reads_it_only_then(monkeypatch
 def test_one_layer_a_call_before_vision_blocks_and_in_a_cache_of_other_arrays(monkeypatch):
     """A vision block runs before each layer (model.cross_attention), so a call stops after its layer; a cache whose
     layers are no longer views of one array (generation's batch code replaced them: KVCache.layers is None) is
-    read layer by layer where it lies. Both give the lines' bits."""
+    read layer by layer where it lies, and so is a deep copy of a cache. All give the lines' bits."""
     from llama_ref.generation.generate import _keep_rows
 
     seen = []
@@ -211,15 +213,18 @@ def test_one_layer_a_call_before_vision_blocks_and_in_a_cache_of_other_arrays(mo
     def run(model, kept):
         """decode(), the cache's rows taken anew after the prefill when kept, as generation drops finished rows."""
         out = [model.forward(TOKENS)]
-        if kept:
+        if kept == "copied":  # a deep copy: its views no longer look into its blocks
+            model.cache = copy.deepcopy(model.cache)
+        elif kept:
             _keep_rows(model.cache, [0])
+        if kept:
             assert model.cache.layers(0, model.args.n_layers) is None
         for s in range(3):
             out.append(model.forward(np.array([[7 + 3 * s]]), start_pos=5 + s))
         return np.concatenate(out, axis=1), [a[:, :8].copy() for a in model.cache.k + model.cache.v]
 
     model = model_in(Q4_K_M, seed=2)
-    for vision, kept in ((True, False), (False, True)):
+    for vision, kept in ((True, False), (False, True), (False, "copied")):
         model.cross_attention = block if vision else None
         monkeypatch.setattr(kernels(), "decode_layers", Hook(on=False))
         expected = run(model, kept)

@@ -49,11 +49,13 @@ class KVCache:
 
     def layers(self, start: int, end: int) -> Optional[tuple[np.ndarray, np.ndarray]]:
         """Keys and values of layers start .. end-1 as two arrays (end - start, B, capacity, KVH, HD) whose rows are
-        k[i], v[i]; None once the lists hold other arrays (generation's batch code replaces them)."""
-        if not all(a is b for a, b in zip(self.k[start:end] + self.v[start:end],
-                                          self._views[0][start:end] + self._views[1][start:end])):
-            return None
-        return self._blocks[0][start:end], self._blocks[1][start:end]
+        k[i], v[i]; None once the lists hold other arrays (generation's batch code replaces them) or the views
+        their own memory (a deep copy of the cache copies each view apart)."""
+        kb, vb = self._blocks
+        for arrays, views, block in ((self.k, self._views[0], kb), (self.v, self._views[1], vb)):
+            if not all(a is b and a.base is block for a, b in zip(arrays[start:end], views[start:end])):
+                return None
+        return kb[start:end], vb[start:end]
 
     def reserve(self, length: int) -> None:
         """Make room for positions 0 .. length-1."""

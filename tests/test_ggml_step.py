@@ -138,24 +138,22 @@ def test_every_format_equals_the_lines(formats, monkeypatch):
 def test_declines_float_matrices_and_batches(monkeypatch):
     """A layer with F32 matrices and a batch of 2 go to the lines (None), and the answers are the lines'."""
     mod = step()
-    for floats in (0,), (1,):  # that layer in float32: declined; the other fused (a run stops before it)
-        model = model_in("q8_0", floats=floats)
-        lines = Hook(on=False)
-        monkeypatch.setattr(kernels(), "decode_layers", lines)
-        expected = decode(model, TOKENS)
+
+    def lines_then_hook(model, tokens):
+        """decode() by the lines, then with the hook counting: (whether they agree, the hook)."""
+        monkeypatch.setattr(kernels(), "decode_layers", Hook(on=False))
+        expected = decode(model, tokens)
         hook = Hook()
         monkeypatch.setattr(kernels(), "decode_layers", hook)
-        assert same(decode(model, TOKENS), expected)
-        assert hook.done == 5 and hook.declined == 5
+        return same(decode(model, tokens), expected), hook
+
+    for floats in (0,), (1,):  # that layer in float32: declined; the other fused (a run stops before it)
+        agree, hook = lines_then_hook(model_in("q8_0", floats=floats), TOKENS)
+        assert agree and hook.done == 5 and hook.declined == 5
 
     model = model_in("q4_0")
-    batch = np.array([[3, 1, 4, 1, 5], [2, 7, 1, 8, 2]])
-    monkeypatch.setattr(kernels(), "decode_layers", lines)
-    expected = decode(model, batch)
-    hook = Hook()
-    monkeypatch.setattr(kernels(), "decode_layers", hook)
-    assert same(decode(model, batch), expected)
-    assert hook.done == 0 and hook.declined == 10
+    agree, hook = lines_then_hook(model, np.array([[3, 1, 4, 1, 5], [2, 7, 1, 8, 2]]))
+    assert agree and hook.done == 0 and hook.declined == 10
     assert mod.decode_layers(model, 0, np.zeros((1, 1, 256), np.float64), 0, model.cache, *model.ops.rope_tables(
         model.freqs, 0, 1, np.float32)) is None  # float64 activations
 

@@ -837,7 +837,7 @@ def _define_q4_kx8_tile(module, acts, isa):
     A decode's tile (acts 1) on a CPU with AVX-512 BW, best code ("vnni"), takes two steps t in one 512-bit
     vpmaddubsw (64 bytes, the activation's 4 bytes of each step broadcast to its half), then adds the two halves'
     int16 sums: the same integers (each half sums 4 steps, at most 15240), half the multiply instructions;
-    in-cache 1.1-1.24x the AVX2 code (2 threads, 2048 and 8192 rows). The prefill tiles ran 1.14-1.23x slower
+    in-cache 1.02-1.14x the AVX2 code (2 threads, 2048 and 8192 rows). The prefill tiles ran 1.14-1.23x slower
     that way (128 rows), so they and simd 2 keep AVX2's."""
     wide = isa == "vnni" and HAS_AVX512BW and acts == 1
     name = f"llama_ref_ggml_q4_kx8_8x{acts}_{isa}{'_zmm' if wide else ''}"

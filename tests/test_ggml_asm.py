@@ -10,6 +10,8 @@ body). The tests count either form (maddwd), and a loop of several passes as its
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from llama_ref.kernels import ggml_simd
@@ -33,6 +35,28 @@ def tile_asm(kind: str, rows: int, acts: int) -> str:
 def maddwd(names: list[str]) -> int:
     """vpmaddwd's in a loop body: AVX2's, or AVX-512 VNNI's vpdpwssd (the same product of words, added on)."""
     return names.count("vpmaddwd") + names.count("vpdpwssd")
+
+
+def fp16_loads(names: list[str]) -> int:
+    """fp16 to float32 conversions in a loop body: F16C's vcvtph2ps, or where the CPU has AVX512-FP16 (Sapphire
+    Rapids) the forms LLVM picks there, vcvtph2psx and the scalar vcvtsh2ss: one instruction a scale either way."""
+    return sum(names.count(name) for name in ("vcvtph2ps", "vcvtph2psx", "vcvtsh2ss"))
+
+
+def stack_traffic(body: list[str]) -> tuple[list[str], list[str]]:
+    """A loop body's stack accesses split in two: spills (slots the loop itself writes: a store and its reloads,
+    each pass) and loop invariants (slots only read in the loop, written before it: one L1 load each, mostly folded
+    into the instruction that uses them). Only %rsp counts: LLVM may use %rbp as a general register."""
+    slot = re.compile(r"(-?\d*)\(%rsp\)")
+    written = set()
+    for ins in body:
+        parts = ins.split(None, 1)
+        last = parts[1].rsplit(",", 1)[-1].strip() if len(parts) > 1 else ""
+        if slot.fullmatch(last) and not ins.startswith(("cmp", "test", "vptest", "prefetch")):
+            written.add(last)
+    spills = [ins for ins in body if any(m.group(0) in written for m in slot.finditer(ins))]
+    invariants = [ins for ins in body if slot.search(ins) and ins not in spills]
+    return spills, invariants
 
 
 def passes(body: list[str], per_pass: int) -> int:
@@ -171,8 +195,10 @@ def test_q5_k_prefill_tile_loops_over_pairs_of_sub_blocks():
     # one a row a pass; with AVX-512 the 4 passes in one body take the super-block's mins there too, at most
     # one more a row (two a row a pass, unwoven, would be 2 * n * acts)
     assert n * acts <= maddwd(names) <= (n + (n > 1)) * acts, names
-    stack = [ins for ins in loops[0] if "(%rsp)" in ins or "(%rbp)" in ins]
-    assert len(stack) <= 6, (len(stack), len(loops[0]))
+    # Few spills; on Sapphire Rapids LLVM also leaves 8 loop invariants (gf2p8affineqb's matrices, masks) on the
+    # stack, read as memory operands (2 spills and 8 such reads in 208 instructions there; 6 in all on Zen 4)
+    spills, invariants = stack_traffic(loops[0])
+    assert len(spills) <= 6 and len(invariants) <= 8, (spills, invariants, len(loops[0]))
 
 
 def test_q4_k_8row_decode_tile_asks_for_the_weights_ahead():
@@ -205,7 +231,7 @@ def test_q4_1_q5_1_decode_tiles_read_fp16_pairs(kind, prefetches):
     assert len(loops) == 1, [len(body) for body in loops]
     names = [ins.split()[0] for ins in loops[0]]
     per = 2 if kind == "q5_1c" else 1  # blocks an iteration
-    assert names.count("vcvtph2ps") == per and names.count("prefetcht0") == prefetches, names
+    assert fp16_loads(names) == per and names.count("prefetcht0") == prefetches, names
     assert names.count("vpshufb") == (per if kind == "q5_1c" else 0), names
     assert not [ins for ins in loops[0] if "(%rsp)" in ins or "(%rbp)" in ins], loops[0]
     if kind == "q5_1c":
@@ -222,9 +248,10 @@ def test_q5_0_decode_tile_reads_the_files_blocks():
     loops = block_loops(tile_asm("q5_0c", 1, 1))
     assert len(loops) == 1, [len(body) for body in loops]
     names = [ins.split()[0] for ins in loops[0]]
-    assert names.count("vcvtph2ps") == 2 and names.count("prefetcht0") == 2, names
+    assert fp16_loads(names) == 2 and names.count("prefetcht0") == 2, names
     assert names.count("vpshufb") == 2 and names.count("vpsignb") == 4, names
     assert names.count("vpmaddubsw") == 2 and names.count("vpmaddwd") == 2, names
-    assert "vpinsrw" not in names and names.count("vmovd") == 2, names
+    # vmovw (AVX512-FP16) moves the word where the CPU has it
+    assert "vpinsrw" not in names and names.count("vmovd") + names.count("vmovw") == 2, names
     # nothing on the stack (%rbp serves as a general register here: only the stack pointer's offsets count)
     assert not [ins for ins in loops[0] if "(%rsp)" in ins], loops[0]

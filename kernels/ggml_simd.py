@@ -54,25 +54,51 @@ def host_has_avx512bw() -> bool:
     return "+avx512bw" in llvm_binding.get_host_cpu_features().flatten().split(",")
 
 
+def host_prefers_512() -> bool:
+    """Whether the prefill tiles should take two activation rows in each 512-bit vector (simd=3, "vnni512"): on a
+    CPU with AVX-512 VNNI and BW whose cores run 512-bit vectors at full width. Intel's AVX-512 Xeons issue them
+    on two ports, as many a cycle as 256-bit float and VNNI ones (ports 0 and 1), so twice the lanes; AMD's Zen 4
+    splits each into two 256-bit halves, where a 512-bit prefill tile ran 1.14-1.23x slower (session 36).
+    LLAMA_REF_GGML_WIDE=0 / 1 overrides the choice (the same results either way)."""
+    feats = set(llvm_binding.get_host_cpu_features().flatten().split(","))
+    forced = os.environ.get("LLAMA_REF_GGML_WIDE", "")
+    if not {"+avx512vnni", "+avx512bw"} <= feats:
+        return False
+    return forced == "1" if forced in ("0", "1") else not llvm_binding.get_host_cpu_name().startswith("znver")
+
+
 HAS_VNNI = host_has_vnni()
 HAS_AVX2 = host_has_avx2()
 HAS_AVX512BW = host_has_avx512bw()
+# 512-bit vpdpbusd (AVX-512 VNNI): the tiles' "vnni512" form, simd=3, can run on this CPU
+HAS_VNNI512 = HAS_VNNI and HAS_AVX512BW and "+avx512vnni" in llvm_binding.get_host_cpu_features().flatten().split(",")
 # The integer instructions `simd` != 0 selects on this CPU, best first; "portable" where it has neither.
 BEST = "vnni" if HAS_VNNI else "avx2" if HAS_AVX2 else "portable"
 HAS_SIMD = BEST != "portable"
 
 
 def simd_default() -> int:
-    """The `simd` argument the kernels take by default: 1 (the best integer instructions of this CPU) unless
-    it has neither VNNI nor AVX2 or LLAMA_REF_GGML_PORTABLE=1 asks for the portable code (same results)."""
-    return int(HAS_SIMD and os.environ.get("LLAMA_REF_GGML_PORTABLE", "") != "1")
+    """The `simd` argument the kernels take by default: 1 (the best integer instructions of this CPU), or 3 (the
+    same, with the prefill tiles' 512-bit form, where host_prefers_512), unless it has neither VNNI nor AVX2 or
+    LLAMA_REF_GGML_PORTABLE=1 asks for the portable code (same results)."""
+    if not HAS_SIMD or os.environ.get("LLAMA_REF_GGML_PORTABLE", "") == "1":
+        return 0
+    return 3 if HAS_VNNI512 and host_prefers_512() else 1
 
 
-def dispatch(builder, use, emit) -> None:
+def dispatch(builder, use, emit, wide: bool = False) -> None:
     """Emit emit(isa) once for each integer instruction set this CPU has, and branch between them on `use`
-    (an i64 at run time: 0 "portable", 2 "avx2" where the CPU has it, else BEST)."""
+    (an i64 at run time: 0 "portable", 2 "avx2" where the CPU has it, else BEST). wide: the emitter also has a
+    512-bit form, "vnni512", which use 3 takes where the CPU has it (HAS_VNNI512); elsewhere 3 is 1."""
     if BEST == "portable":
         emit("portable")
+        return
+    if wide and HAS_VNNI512:
+        with builder.if_else(builder.icmp_signed("==", use, ir.Constant(I64, 3))) as (wide_, other):
+            with wide_:
+                emit("vnni512")
+            with other:
+                dispatch(builder, use, emit)
         return
     with builder.if_else(builder.icmp_signed("==", use, ir.Constant(I64, 0))) as (portable, fast):
         with portable:
@@ -349,6 +375,17 @@ def lanes_u8s8(builder, u, s, isa):
     return madd16(builder, pairs_u8s8(builder, u, s), ir.Constant(ir.VectorType(I16, 16), [1] * 16))
 
 
+def lanes_u8s8_onto(builder, acc, u, s, isa):
+    """acc (<8 x i32>) + lanes_u8s8(u, s). With VNNI the one vpdpbusd adds onto acc: a tile whose lanes start from
+    a correction (-128 sum(w) of Q8_0's (x + 128) form, -8 sum(x) of Q4_0's nibbles) then needs no zeroed register
+    and no vpsubd per pair. The same integers: nothing overflows int32 (see lanes_u8s8)."""
+    if isa == "vnni":
+        v8 = ir.VectorType(I32, 8)
+        fn = _declare(builder.module, "llvm.x86.avx512.vpdpbusd.256", v8, [v8, v8, v8])
+        return builder.call(fn, [acc, builder.bitcast(u, v8), builder.bitcast(s, v8)])
+    return builder.add(acc, lanes_u8s8(builder, u, s, isa))
+
+
 def _offset_lanes(builder, x, offset, isa):
     """offset * (the sums of x's 4-value groups) as <8 x i32>, once per activation block: with VNNI or AVX2
     the nibbles of Q4_0 enter the unsigned side (0..15) and the offset 8 is taken off afterwards, exactly,
@@ -458,9 +495,13 @@ def _define_tile(module, kind, rows, acts, isa):
     Repacked Q4_0 (rows = 8): the 8 rows' integer sums gathered into one vector, one float32 lane per row
     (on AVX2 _define_q4_0r_avx2 builds them so from the start); its scales come repacked too (REPACKED_SCALES:
     wd points at the tile's 8 fp16 scales of block 0, the next block's 16 bytes on)."""
+    if isa == "vnni512" and (kind == "q4_0r" or not KINDS[kind][4] or acts % 2 or KINDS[kind][1] == "q5"):
+        isa = "vnni"  # the 512-bit form pairs activation rows: 8-lane byte tiles of an even count only
     name = f"llama_ref_ggml_tile_{kind}_{rows}x{acts}_{isa}"
     if name in module.globals:
         return module.globals[name]
+    # "vnni512": the "vnni" tile with two activation rows in each 512-bit vector (see WIDE_DEFAULT)
+    wide, isa = isa == "vnni512", "vnni" if isa == "vnni512" else isa
     if kind == "q4_0r" and isa in ("avx2", "vnni"):
         # VNNI too: its generic 8-row tile (8 x 8-lane sums, then a tree of horizontal adds per block) ran a 1B
         # prefill at 0.5x and a decode at 0.8x this one's on an AVX-512 AMD EPYC (Zen 4, session 34: 45-48 against
@@ -478,6 +519,9 @@ def _define_tile(module, kind, rows, acts, isa):
     zero8 = ir.Constant(v8f, [0.0] * 8)
     fma_s = _declare(module, "llvm.fma.f32", F32, [F32] * 3)
     fma_v = _declare(module, "llvm.fma.v8f32", v8f, [v8f] * 3)
+    v16f, v16i = ir.VectorType(F32, 16), ir.VectorType(I32, 16)
+    fma_w = _declare(module, "llvm.fma.v16f32", v16f, [v16f] * 3) if wide else None
+    dpbusd_w = _declare(module, "llvm.x86.avx512.vpdpbusd.512", v16i, [v16i] * 3) if wide else None
     # A decode's Q5 tile (one row by one activation row) takes two blocks an iteration (then the last block of an
     # odd count alone): the loop's pointer steps and the requests ahead shared by two blocks. Each block's fma
     # follows the last in block order, as one at a time: the same sums.
@@ -490,7 +534,7 @@ def _define_tile(module, kind, rows, acts, isa):
     else:
         b.cbranch(b.icmp_signed(">", nb, c64(0)), loop, done)
 
-    n_acc = acts if not lanes8 else rows * acts  # repacked Q4_0: one vector (8 rows) per activation
+    n_acc = acts if not lanes8 else rows * acts // (2 if wide else 1)  # repacked Q4_0: one (8 rows) per activation
     n_min = rows * acts if has_min else 0
     zero = ir.Constant(F32, 0.0)
 
@@ -542,16 +586,40 @@ def _define_tile(module, kind, rows, acts, isa):
         def lanes(r, a_):
             if not fast:
                 return lanes_portable(b, wvals[r], xq[a_], signed)
-            if by_x128:
-                return b.sub(lanes_u8s8(b, x_u8[a_], wvals[r], isa), w_corr[r])
+            if by_x128:  # (VNNI only) from -128 sum(w), onto which vpdpbusd adds (x + 128) w
+                return lanes_u8s8_onto(b, b.neg(w_corr[r]), x_u8[a_], wvals[r], isa)
             if by_sign:
                 return lanes_u8s8(b, w_abs[r], sign8(b, xq[a_], wvals[r]), isa)
+            if unsigned_offset and isa == "vnni":  # from -8 sum(x), onto which vpdpbusd adds the nibbles' products
+                return lanes_u8s8_onto(b, b.neg(x_off[a_]), wvals[r], xq[a_], isa)
             if unsigned_offset:
                 return b.sub(lanes_u8s8(b, wvals[r], xq[a_], isa), x_off[a_])
             return lanes_u8s8(b, wvals[r], xq[a_], isa)  # unsigned weights as they stand
 
         new_accs, new_mins = [None] * n_acc, [None] * len(mins)
-        if lanes8:  # row by row, each row's products with every activation row
+        if wide:  # row by row, each row's products with the activation rows two at a time: lanes 0-7 the pair
+            # (r, a), lanes 8-15 (r, a + 1), each lane the 8-lane tile's same integers and the same fma chain
+            def join(u, v):  # two 8-lane (or 32-byte) vectors -> one of twice the lanes, u's first
+                return b.shuffle_vector(u, v, ir.Constant(ir.VectorType(I32, 2 * u.type.count),
+                                                          list(range(2 * u.type.count))))
+            pairs_x = [join(x_u8[a_] if by_x128 else xq[a_], x_u8[a_ + 1] if by_x128 else xq[a_ + 1])
+                       for a_ in range(0, acts, 2)]
+            xsplat = [opaque(b, join(splat(xdv[a_]), splat(xdv[a_ + 1]))) for a_ in range(0, acts, 2)]
+            for r in range(rows):
+                weight_row(r)
+                w2 = b.bitcast(join(wvals[r], wvals[r]), v16i)
+                for p in range(acts // 2):
+                    if by_x128:  # from -128 sum(w), onto which vpdpbusd adds (x + 128) w
+                        start, u, sv = b.neg(join(w_corr[r], w_corr[r])), b.bitcast(pairs_x[p], v16i), w2
+                    elif unsigned_offset:  # from -8 sum(x), onto which it adds the nibbles' products
+                        start, u, sv = b.neg(join(x_off[2 * p], x_off[2 * p + 1])), w2, b.bitcast(pairs_x[p], v16i)
+                    else:  # unsigned weights as they stand
+                        start, u, sv = ir.Constant(v16i, [0] * 16), w2, b.bitcast(pairs_x[p], v16i)
+                    lanes_w = b.call(dpbusd_w, [start, u, sv])
+                    scale = b.fmul(join(splat(wdv[r]), splat(wdv[r])), xsplat[p])  # float32 d_w * d_x
+                    k = r * (acts // 2) + p
+                    new_accs[k] = b.call(fma_w, [scale, b.sitofp(lanes_w, v16f), accs[k]])
+        elif lanes8:  # row by row, each row's products with every activation row
             # d_x as a vector LLVM cannot see is a splat: d_w * d_x then takes one vmulps of two broadcasts
             # (the same float32 product in every lane) instead of vmulss + vbroadcastss
             xsplat = [opaque(b, splat(v)) for v in xdv]
@@ -579,13 +647,13 @@ def _define_tile(module, kind, rows, acts, isa):
 
     b = ir.IRBuilder(loop)
     i = b.phi(I64)
-    accs = [b.phi(v8f) for _ in range(n_acc)]
+    accs = [b.phi(v16f if wide else v8f) for _ in range(n_acc)]
     mins = [b.phi(F32) for _ in range(n_min)]
     if acts == 1:
         _prefetch_ahead(b, w, ws, wd, wds, wm if has_min and not scales else None, i, rows, block, ahead,
                         16 if kind == "q4_0r" else 2 * rows if scales == "half" else 4 * rows)
     new_accs, new_mins = block_step(b, i, accs, mins)
-    zeros = [zero8] * n_acc + [zero] * n_min
+    zeros = [ir.Constant(v16f, [0.0] * 16) if wide else zero8] * n_acc + [zero] * n_min
     if pairs:
         b, ends = _close_pair_loop(b, i, nb, (entry, loop, after, tail, done), accs + mins, block_step,
                                    (new_accs, new_mins), zeros)
@@ -599,7 +667,11 @@ def _define_tile(module, kind, rows, acts, isa):
             continue
         for r in range(rows):
             k = r * acts + a_
-            total = _hsum8(b, finals[k])
+            if wide:  # the pair's half of its vector
+                half = list(range(8 * (a_ % 2), 8 * (a_ % 2) + 8))
+                total = _hsum8(b, _shuffle(b, finals[r * (acts // 2) + a_ // 2], half))
+            else:
+                total = _hsum8(b, finals[k])
             if has_min:
                 total = b.fadd(total, final_mins[k])  # the offsets' float32 sum, added last
             b.store(total, _ptr(b, b.add(row_out, c64(4 * r)), F32), align=4)
@@ -749,7 +821,7 @@ def make_dot(kind: str, rows: int, acts: int):
         def codegen(context, builder, signature, args):
             def emit(isa):
                 builder.call(_define_tile(builder.module, kind, rows, acts, isa), args[:13])
-            dispatch(builder, args[13], emit)
+            dispatch(builder, args[13], emit, wide=True)
             return context.get_dummy_value()
         return sig, codegen
     return dot

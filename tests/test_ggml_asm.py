@@ -255,3 +255,27 @@ def test_q5_0_decode_tile_reads_the_files_blocks():
     assert "vpinsrw" not in names and names.count("vmovd") + names.count("vmovw") == 2, names
     # nothing on the stack (%rbp serves as a general register here: only the stack pointer's offsets count)
     assert not [ins for ins in loops[0] if "(%rsp)" in ins], loops[0]
+
+
+def test_wide_tile_takes_two_activation_rows_a_zmm_vector():
+    """simd=3 on a CPU with AVX-512 VNNI (ggml_simd.HAS_VNNI512): the 4 x 4 prefill tile of Q8_0 holds the pairs
+    (row, activation a) and (row, a + 1) in one 512-bit vector: 8 zmm vpdpbusd, vcvtdq2ps, vmulps and vfmadd a block
+    (and 4 for the rows' -128 sum(w)), where the 8-lane tile takes 16 ymm of each; nothing on the stack. Measured on
+    a Sapphire Rapids Xeon (session 37, one thread, in process): 1.19-1.43x the 8-lane tile's rate on the default
+    model's and the 1B shape's products by 128-512 rows."""
+    from numba import njit, types
+
+    if not ggml_simd.HAS_VNNI512:
+        pytest.skip("the CPU has no AVX-512 VNNI")
+    tile = ggml_simd.make_dot("q8_0", 4, 4)
+
+    @njit
+    def run(w, ws, wd, wm, wds, x, xst, xd, xs, xds, nb, out, ost):
+        tile(w, ws, wd, wm, wds, x, xst, xd, xs, xds, nb, out, ost, 3)  # a constant: one branch remains
+    run.compile((types.int64,) * 13)
+    loops = block_loops(run.inspect_asm(run.signatures[0]))
+    assert len(loops) == 1, [len(body) for body in loops]
+    zmm = [ins.split()[0] for ins in loops[0] if "%zmm" in ins]
+    for name, count in (("vpdpbusd", 8), ("vcvtdq2ps", 8), ("vmulps", 8), ("vfmadd231ps", 8)):
+        assert zmm.count(name) == count, (name, loops[0])
+    assert not [ins for ins in loops[0] if "(%rsp)" in ins], loops[0]

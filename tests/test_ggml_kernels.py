@@ -22,6 +22,9 @@ from hypothesis import given, settings, strategies as st
 from llama_ref.model import ggml
 from llama_ref.weights.packed import Q4_0Weight, Q4_1Weight, Q5_0Weight, Q5_1Weight, Q8_0Weight
 
+# use_simd: 0 portable, 1 the CPU's best (VNNI or AVX2), 2 AVX2, 3 the prefill tiles' 512-bit VNNI form
+# (ggml_simd.HAS_VNNI512; elsewhere 3 runs as 1)
+SIMDS = [0, 1, 2, 3]
 TYPES = {"q8_0": Q8_0Weight, "q4_0": Q4_0Weight, "q4_1": Q4_1Weight, "q5_0": Q5_0Weight, "q5_1": Q5_1Weight}
 
 
@@ -139,7 +142,7 @@ def test_quantize_q8_equals_specification(data, n, nb, scale):
 
 
 @pytest.mark.parametrize("kind", sorted(TYPES))
-@pytest.mark.parametrize("use_simd", [0, 1, 2])
+@pytest.mark.parametrize("use_simd", SIMDS)
 def test_linear_every_integer_path_equals_specification(kind, use_simd):
     """Rows in groups of 4 and 8 and not, one block and many, activation rows one, several, and in tiles of 4
     with a remainder."""
@@ -152,7 +155,7 @@ def test_linear_every_integer_path_equals_specification(kind, use_simd):
 
 
 @pytest.mark.parametrize("kind", sorted(TYPES))
-@pytest.mark.parametrize("use_simd", [0, 1, 2])
+@pytest.mark.parametrize("use_simd", SIMDS)
 def test_decode_one_thread_equals_specification(kind, use_simd, monkeypatch):
     """One activation row on one thread takes its own compiled path (quantize and every row in one call);
     on more threads the parallel one. Both equal the specification, rows in groups of 8 (repacked Q4_0) and
@@ -379,7 +382,7 @@ def extreme_activations(n, k, seed, scale=1.0):
 
 
 @pytest.mark.parametrize("kind", sorted(TYPES))
-@pytest.mark.parametrize("use_simd", [0, 1, 2])
+@pytest.mark.parametrize("use_simd", SIMDS)
 def test_linear_extreme_values_equal_specification(kind, use_simd):
     """Blocks at the ends of each format's range by activations of magnitude 127: AVX2's pair sums
     (vpmaddubsw, saturating int16) come within 255 of their limit (Q8_0: 2 * 128 * 127 = 32512), and would
@@ -394,7 +397,7 @@ def test_linear_extreme_values_equal_specification(kind, use_simd):
                 assert same_bits(kernels().quantized_linear(x, w, use_simd), ggml.linear(x, w))
 
 
-@pytest.mark.parametrize("use_simd", [0, 1, 2])
+@pytest.mark.parametrize("use_simd", SIMDS)
 def test_repacked_q4_0_extreme_sums_equal_specification(use_simd):
     """Repacked Q4_0 (rows in groups of 8) on AVX2 adds a block's 16 int16 pair sums of nibble products per
     row before one vpmaddwd: nibbles 15 by activations all 127 (or all -127) take them to +-30480, 2287 short of
@@ -412,7 +415,7 @@ def test_repacked_q4_0_extreme_sums_equal_specification(use_simd):
 @settings(max_examples=25, deadline=None)
 @given(data=st.data(), kind=st.sampled_from(sorted(TYPES)), n=st.integers(1, 6), rows=st.integers(1, 20),
        nb=st.integers(1, 5), pattern=st.sampled_from(["random", "min", "max", "q8_edges"]),
-       extreme=st.booleans(), use_simd=st.sampled_from([0, 1, 2]))
+       extreme=st.booleans(), use_simd=st.sampled_from(SIMDS))
 def test_linear_raw_blocks_equal_specification_hypothesis(data, kind, n, rows, nb, pattern, extreme, use_simd):
     """Blocks of any bytes (not only what the quantizer writes), odd shapes, activations at the extremes or
     drawn as above."""
@@ -425,7 +428,7 @@ def test_linear_raw_blocks_equal_specification_hypothesis(data, kind, n, rows, n
 @pytest.mark.slow
 @settings(max_examples=30, deadline=None)
 @given(data=st.data(), kind=st.sampled_from(sorted(TYPES)), n=st.integers(1, 6), rows=st.integers(1, 37),
-       nb=st.integers(1, 9), scale=st.sampled_from([1e-3, 1.0, 50.0]), use_simd=st.sampled_from([0, 1, 2]))
+       nb=st.integers(1, 9), scale=st.sampled_from([1e-3, 1.0, 50.0]), use_simd=st.sampled_from(SIMDS))
 def test_linear_equals_specification_hypothesis(data, kind, n, rows, nb, scale, use_simd):
     w = TYPES[kind].quantize(data.draw(f32_rows(rows, 32 * nb)))
     x = data.draw(f32_rows(n, 32 * nb, scale))

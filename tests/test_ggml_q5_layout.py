@@ -97,7 +97,7 @@ def test_unpack_row_is_one_byte_per_value(kind):
 
 
 @pytest.mark.parametrize("kind", sorted(TYPES))
-@pytest.mark.parametrize("use_simd", [0, 1, 2])
+@pytest.mark.parametrize("use_simd", [0, 1, 2, 3])  # 3: the 512-bit prefill tiles
 def test_products_on_the_files_form_equal_specification(kind, use_simd, monkeypatch):
     """Decode (one row, on the calling thread and in parallel) and prefill (activation rows in ACTS and not, row
     tiles of ROWS and not) from the file's form, blocks at the ends of the range by activations of magnitude 127, bit

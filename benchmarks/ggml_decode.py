@@ -210,10 +210,12 @@ def main(argv=None) -> None:
 
 
 def integer_code() -> str:
-    """The integer instructions arithmetic="ggml" runs here (kernels/ggml_simd.py): vnni, avx2 or portable."""
+    """The integer instructions arithmetic="ggml" runs here (kernels/ggml_simd.py): vnni, avx2 or portable, and
+    "+ 512-bit prefill tiles" where simd_default() takes them (simd=3)."""
     from llama_ref.kernels import ggml_simd
 
-    return ggml_simd.BEST if ggml_simd.simd_default() else "portable"
+    simd = ggml_simd.simd_default()
+    return ("portable" if not simd else ggml_simd.BEST) + (" + 512-bit prefill tiles" if simd == 3 else "")
 
 
 

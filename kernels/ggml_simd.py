@@ -18,8 +18,11 @@ LLVM's vector IR, one function per weight format and row count, and called from 
   summed into int16, then pairs of those into int32; see lanes_u8s8 for why nothing saturates), and
   portable IR (widen and multiply; on x86 LLVM makes vpmovsxbd + vpmulld of it, not vpmaddwd, so it is the
   slow one). simd = 0 takes the portable code, 2 AVX2 where the CPU has it (so that a VNNI machine tests
-  that branch too), any other value the best this CPU has: VNNI, then AVX2, then portable. A branch is only
-  emitted when the host CPU has its instructions (Numba compiles for the host).
+  that branch too), 3 the prefill tiles' 512-bit VNNI form where the CPU has AVX-512 VNNI (two activation rows
+  in each vector: lanes 0-7 one (row, activation) pair, lanes 8-15 the next, each lane the same integers and
+  fma chain as the 8-lane tile; host_prefers_512 makes it the default on Intel's AVX-512 Xeons), any other
+  value the best this CPU has: VNNI, then AVX2, then portable. A branch is only emitted when the host CPU has
+  its instructions (Numba compiles for the host).
 
 Numba's on-disk cache checks a kernel against its own file only: after editing this file delete
 kernels/__pycache__/ggml*.nbi and *.nbc (see _common.py).

@@ -63,11 +63,9 @@ def host_prefers_512() -> bool:
     on two ports, as many a cycle as 256-bit float and VNNI ones (ports 0 and 1), so twice the lanes; AMD's Zen 4
     splits each into two 256-bit halves, where a 512-bit prefill tile ran 1.14-1.23x slower (session 36).
     LLAMA_REF_GGML_WIDE=0 / 1 overrides the choice (the same results either way)."""
-    feats = set(llvm_binding.get_host_cpu_features().flatten().split(","))
     forced = os.environ.get("LLAMA_REF_GGML_WIDE", "")
-    if not {"+avx512vnni", "+avx512bw"} <= feats:
-        return False
-    return forced == "1" if forced in ("0", "1") else not llvm_binding.get_host_cpu_name().startswith("znver")
+    return HAS_VNNI512 and (forced == "1" if forced in ("0", "1")
+                            else not llvm_binding.get_host_cpu_name().startswith("znver"))
 
 
 HAS_VNNI = host_has_vnni()
@@ -86,7 +84,7 @@ def simd_default() -> int:
     LLAMA_REF_GGML_PORTABLE=1 asks for the portable code (same results)."""
     if not HAS_SIMD or os.environ.get("LLAMA_REF_GGML_PORTABLE", "") == "1":
         return 0
-    return 3 if HAS_VNNI512 and host_prefers_512() else 1
+    return 3 if host_prefers_512() else 1
 
 
 def dispatch(builder, use, emit, wide: bool = False) -> None:
@@ -371,10 +369,8 @@ def lanes_u8s8(builder, u, s, isa):
     (3810), Q8_0 / Q5_0's signed values by ggml's sign trick, |w| <= 128 times x with w's sign (32512), and
     the ones that sum the activations (254); the K-quants (kernels/ggml_kquants.py) Q4_K 0..15, Q5_K 0..31,
     Q6_K 0..63 (16002). All under 32767: the int16 sums are exact, and so the int32 lanes."""
-    v8 = ir.VectorType(I32, 8)
     if isa == "vnni":
-        fn = _declare(builder.module, "llvm.x86.avx512.vpdpbusd.256", v8, [v8, v8, v8])
-        return builder.call(fn, [ir.Constant(v8, [0] * 8), builder.bitcast(u, v8), builder.bitcast(s, v8)])
+        return lanes_u8s8_onto(builder, ir.Constant(ir.VectorType(I32, 8), [0] * 8), u, s, isa)
     return madd16(builder, pairs_u8s8(builder, u, s), ir.Constant(ir.VectorType(I16, 16), [1] * 16))
 
 
@@ -503,7 +499,7 @@ def _define_tile(module, kind, rows, acts, isa):
     name = f"llama_ref_ggml_tile_{kind}_{rows}x{acts}_{isa}"
     if name in module.globals:
         return module.globals[name]
-    # "vnni512": the "vnni" tile with two activation rows in each 512-bit vector (see WIDE_DEFAULT)
+    # "vnni512": the "vnni" tile with two activation rows in each 512-bit vector (see host_prefers_512)
     wide, isa = isa == "vnni512", "vnni" if isa == "vnni512" else isa
     if kind == "q4_0r" and isa in ("avx2", "vnni"):
         # VNNI too: its generic 8-row tile (8 x 8-lane sums, then a tree of horizontal adds per block) ran a 1B
@@ -611,6 +607,7 @@ def _define_tile(module, kind, rows, acts, isa):
             for r in range(rows):
                 weight_row(r)
                 w2 = b.bitcast(join(wvals[r], wvals[r]), v16i)
+                dw2 = join(splat(wdv[r]), splat(wdv[r]))
                 for p in range(acts // 2):
                     if by_x128:  # from -128 sum(w), onto which vpdpbusd adds (x + 128) w
                         start, u, sv = b.neg(join(w_corr[r], w_corr[r])), b.bitcast(pairs_x[p], v16i), w2
@@ -619,7 +616,7 @@ def _define_tile(module, kind, rows, acts, isa):
                     else:  # unsigned weights as they stand
                         start, u, sv = ir.Constant(v16i, [0] * 16), w2, b.bitcast(pairs_x[p], v16i)
                     lanes_w = b.call(dpbusd_w, [start, u, sv])
-                    scale = b.fmul(join(splat(wdv[r]), splat(wdv[r])), xsplat[p])  # float32 d_w * d_x
+                    scale = b.fmul(dw2, xsplat[p])  # float32 d_w * d_x
                     k = r * (acts // 2) + p
                     new_accs[k] = b.call(fma_w, [scale, b.sitofp(lanes_w, v16f), accs[k]])
         elif lanes8:  # row by row, each row's products with every activation row

@@ -78,13 +78,17 @@ def prefetch(typingctx, ary, r, k):
 # ---- rows of 16-bit weights by a float32 vector ---------------------------------------------------------------
 
 # The sums' order, fixed by the IR whatever the CPU (LLVM splits a 16-lane vector in two on AVX2): a row's
-# accumulators are A = SHAPES[rows] vectors of LANES float32 lanes; the row's first K // LANES * LANES values go
-# in groups of LANES, group g to accumulator g % A (value k to lane k % LANES), each lane one fused multiply-add
-# chain (llvm.fma) in increasing k; then the accumulators pairwise ((a0 + a1) + (a2 + a3), or a0 + a1) lane by
-# lane, then the lanes by halves (16 -> 8 -> 4 -> 2 -> 1). The caller adds the last K % LANES values one by one.
-# One row: 4 accumulators (4 chains in flight); 4 rows at once: 2 each, x's values loaded once for the 4.
+# accumulators are ACCUMULATORS vectors of LANES float32 lanes; the row's first K // LANES * LANES values go in
+# groups of LANES, group g to accumulator g % ACCUMULATORS (value k to lane k % LANES), each lane one fused
+# multiply-add chain (llvm.fma) in increasing k; then the accumulators lane by lane (a0 + a1), then the lanes by
+# halves (16 -> 8 -> 4 -> 2 -> 1). The caller adds the last K % LANES values one by one. The same order for a
+# row alone and for 4 rows at once (x's values loaded once for the 4), so a row's sum does not depend on which
+# of the two computed it. Two chains a row keep enough fused multiply-adds in flight for a loop bound by memory
+# (one row alone, session 38, Xeon: the same GB/s with 2 accumulators as with the 4 it had before).
+# 4 rows at once also ask, each iteration, for the cache line of the next 4 rows at the same column
+# (llvm.prefetch): see kernels/linear.py ONE_ROW_MAX_K for why and where.
 LANES = 16
-SHAPES = {1: 4, 4: 2}  # rows at once: accumulators a row
+ACCUMULATORS = 2
 
 
 def _define_row_dots(module, fmt: str, rows: int):
@@ -94,13 +98,14 @@ def _define_row_dots(module, fmt: str, rows: int):
     name = f"llama_ref_row_dots_{fmt}_{rows}"
     if name in module.globals:
         return module.globals[name]
-    A = SHAPES[rows]
-    f32, i16, i32, i64 = ir.FloatType(), ir.IntType(16), ir.IntType(32), ir.IntType(64)
+    A = ACCUMULATORS
+    f32, i8, i16, i32, i64 = ir.FloatType(), ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
     vf, vh = ir.VectorType(f32, LANES), ir.VectorType(i16, LANES)
     fn = ir.Function(module, ir.FunctionType(ir.VoidType(), [i64] * 5), name)
     fn.linkage = "internal"
     x, w, ws, ng, sums = fn.args
     fma = _declare(module, f"llvm.fma.v{LANES}f32", vf, [vf] * 3)
+    hint = _declare(module, "llvm.prefetch.p0", ir.VoidType(), [i8.as_pointer(), i32, i32, i32])
     c64 = lambda v: ir.Constant(i64, v)  # noqa: E731
     zero = ir.Constant(vf, [0.0] * LANES)
     entry, loop, done = (fn.append_basic_block(n) for n in ("entry", "loop", "done"))
@@ -127,6 +132,10 @@ def _define_row_dots(module, fmt: str, rows: int):
     b = ir.IRBuilder(loop)
     i = b.phi(i64)
     accs = [[b.phi(vf) for _ in range(A)] for _ in range(rows)]
+    if rows > 1:  # the next `rows` rows, same columns: one line each (A LANES 16-bit values are 64 bytes)
+        at = b.add(w, b.add(b.mul(ws, c64(rows)), b.mul(i, c64(2 * LANES * A))))
+        for r in range(rows):  # (address, 0: a read, 3: kept in every cache level, 1: data)
+            b.call(hint, [b.inttoptr(b.add(at, b.mul(ws, c64(r))), i8.as_pointer()), i32(0), i32(3), i32(1)])
     new = [list(row) for row in accs]
     for j in range(A):
         for r, v in enumerate(group(b, b.add(b.mul(i, c64(A)), c64(j)), j, accs)):
@@ -165,7 +174,7 @@ def _define_row_dots(module, fmt: str, rows: int):
             cur[r][j] = acc
     for r in range(rows):
         vs = cur[r]
-        while len(vs) > 1:  # pairwise: (a0 + a1) + (a2 + a3)
+        while len(vs) > 1:  # pairwise (with two: a0 + a1)
             vs = [b.fadd(vs[j], vs[j + 1]) for j in range(0, len(vs), 2)]
         v, n = vs[0], LANES
         while n > 1:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import threading
 
 import numpy as np
+from llvmlite import binding as llvm_binding
 from numba import njit, prange
 
 from llama_ref.model import ops
@@ -145,14 +146,19 @@ def _slot(item, ca, cb, wa, wb, wc, oa, ob, oc):
 
 
 # The 16-bit decode kernels' rows of x (float32) at most this wide go one weight row at a time, wider ones 4 rows
-# at once. One row at a time, a thread's rows are one sequential stream the hardware prefetchers follow; but x
-# is read again for every row, and once x passes ~12 KiB (3072 values) it no longer stays in L1 (32 KiB) beside
-# the weights streaming through, and 4 rows at once, x read once for the 4, streamed faster. Measured on an
-# AVX-512 AMD EPYC (Zen 4), 2 threads, matrices cycled over 512 MiB, the two kernels alternated in one process
-# (medians, GB/s of weights): K = 2048: 30 against 25 (8192 rows), 25 against 18 (2048 rows); K = 3072: 27
-# against 23; K = 4096: 18-20 against 22; K = 8192: 17 against 29; K = 14336: 16 against 23. Two rows at once was
-# slower than both everywhere.
-ONE_ROW_MAX_K = 3072
+# at once; both sum a row in the same order (kernels/halfbits.py), so the choice changes the speed, not the bits.
+# One row at a time, a thread's rows are one sequential stream; 4 at once, x is read once for the 4 and the
+# next 4 rows are prefetched. Which is faster depends on the CPU's hardware prefetchers:
+# - AMD Zen 4 (AVX-512 EPYC, session 34, 2 threads, matrices cycled over 512 MiB, the two kernels alternated in
+#   one process, medians, GB/s of weights): one row at a time followed the stream best while x stayed in L1,
+#   K = 2048: 30 against 25 (8192 rows), 25 against 18 (2048 rows); K = 3072: 27 against 23; but K = 4096: 18-20
+#   against 22; K = 8192: 17 against 29; K = 14336: 16 against 23 (x no longer in L1 beside the weights).
+# - Intel (Sapphire Rapids-class Xeon, session 38, the same method, bf16, 1B-shape matrices): 4 rows with the
+#   next 4 prefetched won at every width. K = 2048 (8192 rows): 20 against 13 GB/s; K = 8192: 21 against 20
+#   (4 rows unprefetched: 18-20); K = 576 (1536 rows): 16 against 13; K = 1536 (576 rows): 19 against 13. Its
+#   prefetcher stops at each 4 KiB page, and a 1B-shape row is one page: one stream keeps too few reads in
+#   flight, and 4 streams plus the hints keep more.
+ONE_ROW_MAX_K = 3072 if llvm_binding.get_host_cpu_name().startswith("znver") else 0
 
 
 @njit(inline="always", **JIT)
@@ -210,14 +216,15 @@ def _mv_f16(x, wa, wb, wc, oa, ob, oc):
     """w* (R*, K) uint16 IEEE half bits, widened in registers (vcvtph2ps); o* (N, R*) = x (N, K) @ w*.T.
 
     Each row's dot product is kernels.halfbits' LLVM vector IR (16-lane vectors, fused multiply-add chains, its
-    order fixed whatever the CPU), one row at a time for rows up to ONE_ROW_MAX_K values and 4 at once for wider
-    ones; the last K % LANES values of a row are added after it, one at a time. Until session 34 each pass
-    read 4 rows at once with 128-value chunks and asked for the next 4 rows' (the quantized kernels still do,
-    see PREFETCH), in a loop LLVM vectorized itself: with AVX-512's 16-lane vectors it reduced 16 vectors every
-    128 values. On an AVX-512 AMD EPYC (Zen 4), 8192 x 2048 matrices cycled over 512 MiB, medians of rounds: 14
-    GB/s on one thread and 24 on two, where these read 25 and 37 (30 against 19 GB/s a thread in L2); llama.cpp's
-    F16 decode of the 1B shape streams 31 GB/s there. Prefetching, ahead in the stream or the next rows,
-    measured no faster with these."""
+    order fixed whatever the CPU), 4 rows at once with the next 4 prefetched, or on AMD Zen one row at a time
+    for rows up to ONE_ROW_MAX_K values (the same bits either way); the last K % LANES values of a row are
+    added after it, one at a time. Until session 34 each pass read 4 rows at once with 128-value chunks and
+    asked for the next 4 rows' (the quantized kernels still do, see PREFETCH), in a loop LLVM vectorized itself:
+    with AVX-512's 16-lane vectors it reduced 16 vectors every 128 values. On an AVX-512 AMD EPYC (Zen 4), 8192 x
+    2048 matrices cycled over 512 MiB, medians of rounds: 14 GB/s on one thread and 24 on two, where the IR's
+    rows read 25 and 37 (30 against 19 GB/s a thread in L2); llama.cpp's F16 decode of the 1B shape streams 31
+    GB/s there. Prefetching measured no faster there; on an Intel Xeon it is what 4 rows at once gain by
+    (ONE_ROW_MAX_K)."""
     _mv16(x, wa, wb, wc, oa, ob, oc, False)
 
 

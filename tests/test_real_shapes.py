@@ -88,12 +88,13 @@ def _fma32(a, b, c):
 @pytest.mark.parametrize("fmt", ["f16", "bf16"])
 def test_row_dots_sum_in_their_documented_order(fmt, four, K):
     """halfbits' row dot products: the first K // LANES groups of LANES values, group g into accumulator g % A
-    (A = SHAPES[rows]), value k into lane k % LANES, one fused multiply-add chain each in increasing k (the groups
+    (A = ACCUMULATORS), value k into lane k % LANES, one fused multiply-add chain each in increasing k (the groups
     past the last whole A too); then the accumulators pairwise and the lanes by halves. The same bits on every
-    x86 CPU (LLVM splits the 16-lane vectors on AVX2, and no step is reordered), for a row alone or among 4."""
-    from llama_ref.kernels.halfbits import SHAPES
+    x86 CPU (LLVM splits the 16-lane vectors on AVX2, and no step is reordered), for a row alone or among 4 (the
+    same reference for both)."""
+    from llama_ref.kernels.halfbits import ACCUMULATORS
 
-    A = SHAPES[4 if four else 1]
+    A = ACCUMULATORS
     rng = np.random.default_rng(K)
     x = rng.standard_normal(K, dtype=np.float32)
     w32 = rng.standard_normal((8, K), dtype=np.float32)
@@ -118,8 +119,8 @@ def test_row_dots_sum_in_their_documented_order(fmt, four, K):
 def test_16bit_decode_kernels_any_width_and_strides(fmt, K):
     """The 16-bit matrix-vector kernels (kernels/linear.py _mv_f16 / _mv_bf16, three weights at once as linears
     calls them): within float32 rounding of the float64 product for K not a multiple of LANES (the rest of a
-    row added one value at a time), one row at a time or (K > ONE_ROW_MAX_K) 4 at once with a remainder of rows,
-    and the same values, summed one value at a time, from a strided x or w."""
+    row added one value at a time), 4 rows at once with a remainder of rows (or, on AMD Zen, one row at a time
+    while K <= ONE_ROW_MAX_K), and the same values, summed one value at a time, from a strided x or w."""
     lin = importlib.import_module("llama_ref.kernels.linear")  # (kernels.linear is its function)
     rng = np.random.default_rng(K)
     mv = lin._mv_f16 if fmt == "f16" else lin._mv_bf16

@@ -62,6 +62,8 @@ def host_prefers_512() -> bool:
     CPU with AVX-512 VNNI and BW whose cores run 512-bit vectors at full width. Intel's AVX-512 Xeons issue them
     on two ports, as many a cycle as 256-bit float and VNNI ones (ports 0 and 1), so twice the lanes; AMD's Zen 4
     splits each into two 256-bit halves, where a 512-bit prefill tile ran 1.14-1.23x slower (session 36).
+    The same choice (simd=3) also gives repacked Q4_0's and Q4_K's 8-row tiles their vpdpbusd forms, measured
+    faster on an Intel core only (_define_q4_0r, ggml_kquants._define_q4_kx8_tile).
     LLAMA_REF_GGML_WIDE=0 / 1 overrides the choice (the same results either way)."""
     forced = os.environ.get("LLAMA_REF_GGML_WIDE", "")
     return HAS_VNNI512 and (forced == "1" if forced in ("0", "1")
@@ -494,18 +496,18 @@ def _define_tile(module, kind, rows, acts, isa):
     Repacked Q4_0 (rows = 8): the 8 rows' integer sums gathered into one vector, one float32 lane per row
     (with VNNI or AVX2 _define_q4_0r builds them so from the start); its scales come repacked too (REPACKED_SCALES:
     wd points at the tile's 8 fp16 scales of block 0, the next block's 16 bytes on)."""
-    if isa == "vnni512" and (kind == "q4_0r" or not KINDS[kind][4] or acts % 2 or KINDS[kind][1] == "q5"):
+    if isa == "vnni512" and (not KINDS[kind][4] or acts % 2 or KINDS[kind][1] == "q5") and kind != "q4_0r":
         isa = "vnni"  # the 512-bit form pairs activation rows: 8-lane byte tiles of an even count only
     name = f"llama_ref_ggml_tile_{kind}_{rows}x{acts}_{isa}"
     if name in module.globals:
         return module.globals[name]
-    # "vnni512": the "vnni" tile with two activation rows in each 512-bit vector (see host_prefers_512)
-    wide, isa = isa == "vnni512", "vnni" if isa == "vnni512" else isa
-    if kind == "q4_0r" and isa in ("avx2", "vnni"):
+    if kind == "q4_0r" and isa in ("avx2", "vnni", "vnni512"):
         # VNNI too: its generic 8-row tile (8 x 8-lane sums, then a tree of horizontal adds per block) ran a 1B
         # prefill at 0.5x and a decode at 0.8x this one's on an AVX-512 AMD EPYC (Zen 4, session 34: 45-48 against
         # 94-97 tok/s at 128 tokens, 18-20 against 22-28 tok/s decoding). The integers are the same either way.
         return _define_q4_0r(module, name, acts, isa)
+    # "vnni512": the "vnni" tile with two activation rows in each 512-bit vector (see host_prefers_512)
+    wide, isa = isa == "vnni512", "vnni" if isa == "vnni512" else isa
     block, nibbles, signed, offset, lanes8, has_min, scales = KINDS[kind]
     if lanes8 and isa == "avx2" and acts > SPLIT_ACTS and acts % SPLIT_ACTS == 0:
         return _define_split(module, name, kind, rows, acts, isa)
@@ -746,12 +748,13 @@ def _define_q4_0r(module, name, acts, isa):
     each nibble vector meets the activation's 4 matching values broadcast to every lane (nibbles 0..15
     unsigned), and 8 sum(x) is taken off (the offset 8 of the nibbles). AVX2: vpmaddubsw, the 8 products of
     pairs summed in int16 stay exact (8 * 2 * 15 * 127 = 30480 < 32767), one vpmaddwd by ones makes each lane
-    the row's sum of 32 products. VNNI: vpdpbusd adds each vector's products onto its lanes, in two chains of
-    4 (one starting from -8 sum(x), one from 0) added at the end: one chain of 8 kept 8 x 5 cycles of latency
-    per activation row and block waiting in the scheduler, and the tile ran 1.07-1.09x the AVX2 one's speed,
-    the two chains 1.18-1.27x (8 x 4 tile in L1, Sapphire Rapids-class Xeon, session 38; 4 chains 1.08-1.23x,
-    8 0.85-1.05x). The same integers every way. Then, as every path: fma(d_w d_x, sumi, acc) with one float32
-    lane per row.
+    the row's sum of 32 products; "vnni" (Zen 4) takes these too. "vnni512" (Intel's AVX-512 VNNI cores,
+    host_prefers_512; 256-bit vectors all the same): vpdpbusd adds each vector's products onto its lanes, in two
+    chains of 4 (one starting from -8 sum(x), one from 0) added at the end. One chain of 8 kept 8 x 5 cycles of
+    latency per activation row and block waiting in the scheduler and ran 1.07-1.09x the AVX2 tile's speed, two
+    chains 1.18-1.27x (8 x 4 tile in L1, Sapphire Rapids-class Xeon, session 38; 4 chains 1.08-1.23x, 8
+    0.85-1.05x); Zen 4 is not measured with them. The same integers every way. Then, as every path:
+    fma(d_w d_x, sumi, acc) with one float32 lane per row.
 
     The scales come repacked, the tile's 8 fp16 of a block side by side (_repacked_scales: one load and a
     vcvtph2ps, where gathering 8 float32 from 8 rows took 8 loads, 7 inserts and spilled row pointers).
@@ -798,16 +801,16 @@ def _define_q4_0r(module, name, acts, isa):
         xq = b.bitcast(_gep_load(b, b.add(x, b.mul(c64(a_), xstride)), b.mul(i, c64(32)), v32, 1), v8i)
         xs_a = _gep_load(b, b.add(xs, b.mul(c64(a_), xds)), four, I32, 4)  # 8 sum(x), made beforehand
         off = _shuffle(b, b.insert_element(ir.Constant(v8i, ir.Undefined), xs_a, ir.Constant(I32, 0)), [0] * 8)
-        chains = [b.sub(ir.Constant(v8i, [0] * 8), off), ir.Constant(v8i, [0] * 8)]  # VNNI's two
+        chains = [b.sub(ir.Constant(v8i, [0] * 8), off), ir.Constant(v8i, [0] * 8)]  # vnni512's two
         pairs = None
         for j, (vals, word) in enumerate((v, k + 4 * h) for k in range(4) for h, v in enumerate((lows[k], highs[k]))):
             xk = b.bitcast(_shuffle(b, xq, [word] * 8), v32)  # activation values 4 word .. 4 word + 3
-            if isa == "vnni":
-                chains[j % 2] = lanes_u8s8_onto(b, chains[j % 2], vals, xk, isa)
+            if isa == "vnni512":
+                chains[j % 2] = lanes_u8s8_onto(b, chains[j % 2], vals, xk, "vnni")
             else:
                 p = pairs_u8s8(b, vals, xk)
                 pairs = p if pairs is None else b.add(pairs, p)
-        sumi = b.add(*chains) if isa == "vnni" else b.sub(madd16(b, pairs, ones16), off)
+        sumi = b.add(*chains) if isa == "vnni512" else b.sub(madd16(b, pairs, ones16), off)
         xdv = _gep_load(b, b.add(xd, b.mul(c64(a_), xds)), four, F32, 4)
         xsplat = _shuffle(b, b.insert_element(ir.Constant(v8f, ir.Undefined), xdv, ir.Constant(I32, 0)), [0] * 8)
         new_accs.append(b.call(fma_v, [b.fmul(scales, xsplat), b.sitofp(sumi, v8f), accs[a_]]))

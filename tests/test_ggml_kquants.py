@@ -25,6 +25,9 @@ from llama_ref.model import ggml, ggml_kquants as gk
 from llama_ref.weights.packed import Q4_KWeight, Q5_KWeight, Q6_KWeight
 
 TYPES = {"q4_k": Q4_KWeight, "q5_k": Q5_KWeight, "q6_k": Q6_KWeight}
+# use_simd: 0 portable, 1 the CPU's best (VNNI or AVX2), 2 AVX2, 3 the Intel AVX-512 VNNI form
+# (ggml_simd.host_prefers_512: repacked Q4_K's prefill tile in vpdpbusd chains; elsewhere 3 runs as 1)
+SIMDS = [0, 1, 2, 3]
 FIXTURE = Path(__file__).parent / "data" / "llamacpp_kquant_logits.npz"
 FIXTURES = {"avx512": FIXTURE, "avx2": Path(__file__).parent / "data" / "llamacpp_kquant_logits_avx2.npz"}
 
@@ -211,10 +214,10 @@ def test_dot_products_equal_llamacpp(kind, dots):
         assert np.array_equal(gk.ggml_gemv_q4_K_8x8_q8_K(wb, *q8), dots["q4_k_gemv"])
         expected = dots["q4_k_gemv"]
         w13 = TYPES[kind](raw[:13], (13, x.shape[1]))  # 13 rows: not repacked, the vec_dot order
-        for simd in (0, 1, 2):
+        for simd in SIMDS:
             got = compiled().quantized_linear(x, w13, simd=simd)
             assert np.array_equal(got.view(np.uint32), dots["q4_k_vec_dot"][:, :13].view(np.uint32))
-    for simd in (0, 1, 2):
+    for simd in SIMDS:
         assert np.array_equal(compiled().quantized_linear(x, w, simd=simd).view(np.uint32), expected.view(np.uint32))
     assert np.array_equal(gk.quantized_linear(x, w).view(np.uint32), expected.view(np.uint32))
 
@@ -246,7 +249,7 @@ def test_rope_tables_take_the_c_library_cosf():
 
 # ---- Numba equals NumPy ---------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("simd", [0, 1, 2])
+@pytest.mark.parametrize("simd", SIMDS)
 @pytest.mark.parametrize("kind", sorted(TYPES))
 def test_numba_equals_numpy_fixed_shapes(kind, simd):
     """The fast tier's copy of the hypothesis test: rows in groups of 8 and not, one and three rows of x;
@@ -259,7 +262,7 @@ def test_numba_equals_numpy_fixed_shapes(kind, simd):
         assert np.array_equal(got.view(np.uint32), expected.view(np.uint32))
 
 
-@pytest.mark.parametrize("simd", [0, 1, 2])
+@pytest.mark.parametrize("simd", SIMDS)
 @pytest.mark.parametrize("kind", sorted(TYPES))
 def test_decode_one_thread_equals_numpy(kind, simd, monkeypatch):
     """One activation row on one thread takes Q6_K's serial decode (no parallel region, the weights asked for
@@ -288,7 +291,7 @@ def test_decode_one_thread_equals_numpy(kind, simd, monkeypatch):
         numba.set_num_threads(before)
 
 
-@pytest.mark.parametrize("simd", [0, 1, 2])
+@pytest.mark.parametrize("simd", SIMDS)
 @pytest.mark.parametrize("cls", [Q4_KWeight, Q5_KWeight, Q6_KWeight], ids=lambda c: c.format)
 def test_kquant_prefill_tiles_equal_numpy(cls, simd):
     """The prefill tiles (one weight row by ACTS activation rows, kernels/ggml_kquants._define_q4_k_tile; Q5_K
@@ -391,7 +394,7 @@ def test_repack_q4_k_compiled_equals_numpy():
         assert np.array_equal(k.q4_kx8(w), k.repack_q4_k(w.qs, w.head))
 
 
-@pytest.mark.parametrize("simd", [0, 1, 2])
+@pytest.mark.parametrize("simd", SIMDS)
 def test_q4_k_8row_prefill_tile_equals_numpy(simd):
     """Repacked Q4_K's prefill (rows % 8 == 0, more than one activation row): tiles of 8 rows by ACTS8
     activation rows (kernels/ggml_kquants._define_q4_kx8_tile, llama.cpp's ggml_gemm_q4_K_8x8_q8_K) and the
@@ -457,7 +460,7 @@ def extreme_kquant(cls, rows: int, cols: int, fill: int, d: float):
     return cls(raw.reshape(rows, -1), (rows, cols))
 
 
-@pytest.mark.parametrize("simd", [0, 1, 2])
+@pytest.mark.parametrize("simd", SIMDS)
 @pytest.mark.parametrize("kind", sorted(TYPES))
 def test_numba_equals_numpy_extreme_values(kind, simd):
     """The largest quants by activations of magnitude 127, where AVX2's int16 pair sums (vpmaddubsw) come

@@ -66,10 +66,12 @@ def host_prefers_512() -> bool:
     faster on an Intel core only (_define_q4_0r, ggml_kquants._define_q4_kx8_tile).
     LLAMA_REF_GGML_WIDE=0 / 1 overrides the choice (the same results either way)."""
     forced = os.environ.get("LLAMA_REF_GGML_WIDE", "")
-    return HAS_VNNI512 and (forced == "1" if forced in ("0", "1")
-                            else not llvm_binding.get_host_cpu_name().startswith("znver"))
+    return HAS_VNNI512 and (forced == "1" if forced in ("0", "1") else not HOST_IS_ZEN)
 
 
+# An AMD Zen core (LLVM's host name znver*): where measured kernel choices differ from Intel's (host_prefers_512,
+# kernels/linear.py ONE_ROW_MAX_K)
+HOST_IS_ZEN = llvm_binding.get_host_cpu_name().startswith("znver")
 HAS_VNNI = host_has_vnni()
 HAS_AVX2 = host_has_avx2()
 HAS_AVX512BW = host_has_avx512bw()
@@ -801,7 +803,8 @@ def _define_q4_0r(module, name, acts, isa):
         xq = b.bitcast(_gep_load(b, b.add(x, b.mul(c64(a_), xstride)), b.mul(i, c64(32)), v32, 1), v8i)
         xs_a = _gep_load(b, b.add(xs, b.mul(c64(a_), xds)), four, I32, 4)  # 8 sum(x), made beforehand
         off = _shuffle(b, b.insert_element(ir.Constant(v8i, ir.Undefined), xs_a, ir.Constant(I32, 0)), [0] * 8)
-        chains = [b.sub(ir.Constant(v8i, [0] * 8), off), ir.Constant(v8i, [0] * 8)]  # vnni512's two
+        if isa == "vnni512":  # its two chains, the first from -8 sum(x)
+            chains = [b.sub(ir.Constant(v8i, [0] * 8), off), ir.Constant(v8i, [0] * 8)]
         pairs = None
         for j, (vals, word) in enumerate((v, k + 4 * h) for k in range(4) for h, v in enumerate((lows[k], highs[k]))):
             xk = b.bitcast(_shuffle(b, xq, [word] * 8), v32)  # activation values 4 word .. 4 word + 3

@@ -21,12 +21,12 @@ from __future__ import annotations
 import threading
 
 import numpy as np
-from llvmlite import binding as llvm_binding
 from numba import njit, prange
 
 from llama_ref.model import ops
 from llama_ref.runtime import threads
 from ._common import FAST, JIT, as_f32_rows, readonly
+from .ggml_simd import HOST_IS_ZEN
 from .halfbits import (LANES, bf16_row_dot, bf16_row_dots4, bf16_to_f32, f16_row_dot, f16_row_dots4, f16_to_f32,
                        prefetch)
 
@@ -158,7 +158,7 @@ def _slot(item, ca, cb, wa, wb, wc, oa, ob, oc):
 #   (4 rows unprefetched: 18-20); K = 576 (1536 rows): 16 against 13; K = 1536 (576 rows): 19 against 13. Its
 #   prefetcher stops at each 4 KiB page, and a 1B-shape row is one page: one stream keeps too few reads in
 #   flight, and 4 streams plus the hints keep more.
-ONE_ROW_MAX_K = 3072 if llvm_binding.get_host_cpu_name().startswith("znver") else 0
+ONE_ROW_MAX_K = 3072 if HOST_IS_ZEN else 0
 
 
 @njit(inline="always", **JIT)

@@ -62,8 +62,9 @@ def host_prefers_512() -> bool:
     CPU with AVX-512 VNNI and BW whose cores run 512-bit vectors at full width. Intel's AVX-512 Xeons issue them
     on two ports, as many a cycle as 256-bit float and VNNI ones (ports 0 and 1), so twice the lanes; AMD's Zen 4
     splits each into two 256-bit halves, where a 512-bit prefill tile ran 1.14-1.23x slower (session 36).
-    The same choice (simd=3) also gives repacked Q4_0's and Q4_K's 8-row tiles their vpdpbusd forms, measured
-    faster on an Intel core only (_define_q4_0r, ggml_kquants._define_q4_kx8_tile).
+    The same choice (simd=3) also gives repacked Q4_0's and Q4_K's 8-row tiles their vpdpbusd forms, and a Q4_K
+    prefill two groups of 8 rows in 512-bit vectors, measured faster on an Intel core only (_define_q4_0r,
+    ggml_kquants._define_q4_kx8_tile and _define_q4_kx16_tile).
     LLAMA_REF_GGML_WIDE=0 / 1 overrides the choice (the same results either way)."""
     forced = os.environ.get("LLAMA_REF_GGML_WIDE", "")
     return HAS_VNNI512 and (forced == "1" if forced in ("0", "1") else not HOST_IS_ZEN)

@@ -966,19 +966,7 @@ def _define_q4_kx8_tile(module, acts, isa):
 
     b = ir.IRBuilder(tail)
     new = _q4_kx8_tail(b, blk, i, new_iacc, accs, bs, bss, xd, xds, isa)
-    i1 = b.add(i, c64(1))
-    b.cbranch(b.icmp_signed("<", i1, nb), outer, done)
-    i.add_incoming(c64(0), entry)
-    i.add_incoming(i1, tail)
-    for phi, v in zip(accs, new):
-        phi.add_incoming(zero8, entry)
-        phi.add_incoming(v, tail)
-
-    b = ir.IRBuilder(done)
-    finals = [b.phi(v8f) for _ in new]  # the phis first, as LLVM requires
-    for phi, v in zip(finals, new):
-        phi.add_incoming(zero8, entry)
-        phi.add_incoming(v, tail)
+    b, finals = _close_loop(b, i, nb, entry, tail, done, [(phi, v, zero8) for phi, v in zip(accs, new)], outer)
     for a in range(acts):
         b.store(b.fsub(finals[2 * a], finals[2 * a + 1]), _ptr(b, b.add(out, b.mul(c64(a), ostride)), v8f), align=4)
     b.ret_void()
@@ -1072,24 +1060,12 @@ def _define_q4_kx16_tile(module, acts):
     b = ir.IRBuilder(tail)
     new = [_q4_kx8_tail(b, blks[h], i, [_shuffle(b, v, list(range(8 * h, 8 * h + 8))) for v in new_iacc],
                         accs[h], bs, bss, xd, xds, "vnni") for h in range(2)]
-    i1 = b.add(i, c64(1))
-    b.cbranch(b.icmp_signed("<", i1, nb), outer, done)
-    i.add_incoming(c64(0), entry)
-    i.add_incoming(i1, tail)
-    for h in range(2):
-        for phi, v in zip(accs[h], new[h]):
-            phi.add_incoming(zero8, entry)
-            phi.add_incoming(v, tail)
-
-    b = ir.IRBuilder(done)
-    finals = [[b.phi(v8f) for _ in new[h]] for h in range(2)]  # the phis first, as LLVM requires
-    for h in range(2):
-        for phi, v in zip(finals[h], new[h]):
-            phi.add_incoming(zero8, entry)
-            phi.add_incoming(v, tail)
+    carried = [(phi, v, zero8) for h in range(2) for phi, v in zip(accs[h], new[h])]
+    b, finals = _close_loop(b, i, nb, entry, tail, done, carried, outer)
     for a in range(acts):
         for h in range(2):
-            b.store(b.fsub(finals[h][2 * a], finals[h][2 * a + 1]),
+            f = finals[2 * acts * h:2 * acts * (h + 1)]  # group h's, in accs' order
+            b.store(b.fsub(f[2 * a], f[2 * a + 1]),
                     _ptr(b, b.add(b.add(out, b.mul(c64(a), ostride)), c64(32 * h)), v8f), align=4)
     b.ret_void()
     return fn

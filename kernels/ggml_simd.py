@@ -421,12 +421,14 @@ def opaque(builder, v):
     return builder.asm(ir.FunctionType(v.type, [v.type]), "", "=x,0", [v], False)
 
 
-def _close_loop(b, i, nb, entry, loop, done, carried):
+def _close_loop(b, i, nb, entry, loop, done, carried, head=None):
     """End a loop over blocks i = 0 .. nb - 1: i + 1, back to `loop` while below nb, else on to `done`. Each
     (phi, next value, zero) in `carried` gets its incomings (zero from entry, the next value from the loop).
+    A loop of several blocks (an inner loop inside it) goes back to `head`, its first block, from `loop`, its
+    last (the one b is in), where i and the carried phis live in head.
     -> a builder in `done` and the values leaving the loop, in carried's order (phis first, as LLVM requires)."""
     i1 = b.add(i, ir.Constant(I64, 1))
-    b.cbranch(b.icmp_signed("<", i1, nb), loop, done)
+    b.cbranch(b.icmp_signed("<", i1, nb), head or loop, done)
     i.add_incoming(ir.Constant(I64, 0), entry)
     i.add_incoming(i1, loop)
     for phi, val, zero in carried:

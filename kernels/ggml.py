@@ -57,6 +57,16 @@ _q8_RA, _q8_R1, _q8_1A, _q8_11 = _tiles("q8_0")
 # a decode's (a prefill unpacks to one byte per value: Q5_1_BYTES and Q8_0's tiles)
 _q5_1_11 = simd.make_dot("q5_1c", 1, 1)
 _q5_0_11 = simd.make_dot("q5_0c", 1, 1)
+# A decode's rows 4 at a time (1 or 4: the 4-row tiles; repacked Q4_0 keeps its 8), each row's sums in its own order,
+# as alone: the activation's loads, the offset (Q5_0) and the loop shared, and four fma chains at once where one row
+# waits on its own chain, 4 cycles a block (Q4_1 and Q5_1 two chains, the mins'). Sapphire Rapids-class Xeon, session
+# 39, one thread, alternated in one process: the default model's 1536 x 576 in cache 1.1-1.3x the one-row tile's rate
+# (Q8_0 1.25x, Q4_1 1.2-1.3x), 1B's 8192 x 2048 streamed from memory the same (Q5_0 7-9 GB/s, Q8_0 11 GB/s either
+# way); model decode (Q5_0) 94 against 74 tok/s. AMD Zen keeps one row at a time, as measured there (rows 4 at a time
+# took 1.3-2.4x longer out of cache on an AVX2 EPYC, see _linear); the 4-row tiles are not measured there since.
+DECODE_ROWS = 1 if simd.HOST_IS_ZEN else 4
+_q5_1_R1 = simd.make_dot("q5_1c", 4, 1)
+_q5_0_R1 = simd.make_dot("q5_0c", 4, 1)
 _q5_1x_RA, _q5_1x_R1, _q5_1x_1A, _q5_1x_11 = _tiles("q5_1")  # one byte per value: a prefill's
 _q4_0_RA, _q4_0_R1, _q4_0_1A, _q4_0_11 = _tiles("q4_0")
 _q4_0r_RA, _q4_0r_R1, _, _ = _tiles("q4_0r")
@@ -77,10 +87,16 @@ def _dot(kind, many_rows, many_acts, w, ws, wd, wm, wds, x, xst, xd, xs, xds, nb
             _q8_1A(w, ws, wd, wm, wds, x, xst, xd, xs, xds, nb, out, ost, use_simd)
         else:
             _q8_11(w, ws, wd, wm, wds, x, xst, xd, xs, xds, nb, out, ost, use_simd)
-    elif kind == 1:  # Q5_1's file blocks: one row by one activation row (a decode's)
-        _q5_1_11(w, ws, wd, wm, wds, x, xst, xd, xs, xds, nb, out, ost, use_simd)
+    elif kind == 1:  # Q5_1's file blocks: 4 rows or one by one activation row (a decode's)
+        if many_rows:
+            _q5_1_R1(w, ws, wd, wm, wds, x, xst, xd, xs, xds, nb, out, ost, use_simd)
+        else:
+            _q5_1_11(w, ws, wd, wm, wds, x, xst, xd, xs, xds, nb, out, ost, use_simd)
     elif kind == 5:  # Q5_0's, the same
-        _q5_0_11(w, ws, wd, wm, wds, x, xst, xd, xs, xds, nb, out, ost, use_simd)
+        if many_rows:
+            _q5_0_R1(w, ws, wd, wm, wds, x, xst, xd, xs, xds, nb, out, ost, use_simd)
+        else:
+            _q5_0_11(w, ws, wd, wm, wds, x, xst, xd, xs, xds, nb, out, ost, use_simd)
     elif kind == 2:
         if many_rows:
             if many_acts:
@@ -130,11 +146,11 @@ def _linear(kind, xq, xd, xs, qs, d, m, out, use_simd):
     every tile call instead cost a prefill ~1.25x the time (the 4 x 4 tile runs as two passes on AVX2, each
     spreading them again).
 
-    A decode (N = 1) walks the rows one at a time instead (repacked Q4_0: 8 at a time, see _decode_rows),
-    asking for the weights ~4 KB ahead: a weight read once streams from memory, and one row after another
-    is what the CPU's prefetchers follow. Rows 4 at a time are as fast in cache but took 1.3-2.4x longer out
-    of it on an AVX2 EPYC (Q8_0 and Q4_1, 576 and 1536 columns, one thread). Every row's sums are the same
-    either way, bit for bit."""
+    A decode (N = 1) walks the rows DECODE_ROWS at a time instead (repacked Q4_0: 8 at a time, see _decode_rows),
+    asking for the weights ~4 KB ahead: a weight read once streams from memory. On an AVX2 EPYC one row after
+    another, what its prefetchers follow: rows 4 at a time were as fast in cache there but took 1.3-2.4x longer
+    out of it (Q8_0 and Q4_1, 576 and 1536 columns, one thread); on an Intel Xeon 4 at a time are faster in
+    cache and as fast streamed (DECODE_ROWS). Every row's sums are the same either way, bit for bit."""
     N, K = xq.shape
     R, nb = d.shape
     # wds: bytes between the scales of two weight rows (float32, or the fp16 scales and pairs)
@@ -199,7 +215,7 @@ def _q5_tile(kind, w, ws, wd, wds, nb, K, r0, r1, x0, xd0, xs0, o0, N, R, use_si
 @njit(inline="always", **JIT)
 def _decode_rows(kind, xq, xd, xs, off, qs, d, m, out, use_simd, r0, r1):
     """Rows r0 .. r1 - 1 of a decode (one activation row xq (1, K), its scales xd and Q8_1 sums xs; repacked
-    Q4_0 takes off, its _x_offsets, for xs), one at a time (repacked Q4_0 8 at a time), each tile asking for
+    Q4_0 takes off, its _x_offsets, for xs), DECODE_ROWS at a time (repacked Q4_0 8), each tile asking for
     the weights ~4 KB ahead block by block (ggml_simd._prefetch_ahead)."""
     R, nb = d.shape
     ws, wds = np.int64(qs.shape[1]), np.int64(nb * d.itemsize)
@@ -215,11 +231,18 @@ def _rows_at(kind, w0, ws, d0, wds, m0, nb, x0, K, xd0, xs0, o0, ost, use_simd, 
     w0, ws apart; scales d0 and mins m0, wds apart; nb blocks) by one quantized activation row (x0, K values;
     scales xd0; Q8_1 sums or repacked Q4_0's offsets xs0) into out at o0 (ost bytes a row)."""
     # Repacked Q4_0 keeps its 8-row tile: one row at a time it must sum each block's lanes into one integer
-    # before its fma, and took 1.6x longer (model, one thread); rows r0, r1 are multiples of 8 there.
-    step = 8 if kind == 3 else 1
-    for r in range(r0, r1, step):
-        _dot(kind, kind == 3, False, w0 + r * ws, ws, d0 + r * wds, m0 + r * wds, wds, x0, K, xd0, xs0,
+    # before its fma, and took 1.6x longer (model, one thread); rows r0, r1 are multiples of 8 there. The other
+    # kinds go DECODE_ROWS at a time, the last few one at a time.
+    step = 8 if kind == 3 else DECODE_ROWS
+    r = r0
+    while r + step <= r1:
+        _dot(kind, step > 1, False, w0 + r * ws, ws, d0 + r * wds, m0 + r * wds, wds, x0, K, xd0, xs0,
              np.int64(4 * nb), nb, o0 + 4 * r, ost, use_simd)
+        r += step
+    while r < r1:  # a Q5 weight's last rows (repacked Q4_0's r0, r1 are multiples of 8)
+        _dot(kind, False, False, w0 + r * ws, ws, d0 + r * wds, m0 + r * wds, wds, x0, K, xd0, xs0,
+             np.int64(4 * nb), nb, o0 + 4 * r, ost, use_simd)
+        r += 1
 
 
 @njit(inline="always", **JIT)

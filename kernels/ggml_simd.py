@@ -213,14 +213,31 @@ def _shuffle(builder, v, idx):
     return builder.shuffle_vector(v, ir.Constant(v.type, ir.Undefined), ir.Constant(ir.VectorType(I32, len(idx)), idx))
 
 
-def _weight_values(builder, raw, nibbles, offset):
-    """A weight block's raw bytes -> <32 x i8> values in value order."""
+# gf2p8affineqb's matrices (one per 64-bit lane; output bit i is the parity of x and byte 7 - i): x & 15 and x >> 4
+_LOW_NIBBLE, _HIGH_NIBBLE = 0x0102040800000000, 0x1020408000000000
+# GFNI's affine byte transform and AVX-512 BW's byte masks: the host's own features, as Numba compiles for it
+HAS_GFNI_MASKS = {"+gfni", "+avx512bw", "+avx512vl"} <= set(llvm_binding.get_host_cpu_features().flatten().split(","))
+
+
+def _weight_values(builder, raw, nibbles, offset, portable=False):
+    """A weight block's raw bytes -> <32 x i8> values in value order. Nibbles (16 bytes: values 0..15 low, 16..31
+    high): where the CPU has GFNI and AVX-512 BW (HAS_GFNI_MASKS), unless portable (plain IR, no x86 intrinsics),
+    the 16 bytes in both halves of a vector (a vbroadcasti128 from memory) and one vgf2p8affineqb that keeps the low
+    nibbles in the lower half and takes the high ones in the upper (a matrix per 64-bit lane), where an and, a
+    shift and an insert took three vector instructions. The same bytes either way."""
     if not nibbles:
         return raw
     v16 = ir.VectorType(I8, 16)
-    lo = builder.and_(raw, ir.Constant(v16, [15] * 16))
-    hi = builder.lshr(raw, ir.Constant(v16, [4] * 16))
-    vals = builder.shuffle_vector(lo, hi, ir.Constant(ir.VectorType(I32, 32), list(range(32))))
+    if HAS_GFNI_MASKS and not portable:
+        v32 = ir.VectorType(I8, 32)
+        matrix = ir.Constant(ir.VectorType(I64, 4), [_LOW_NIBBLE] * 2 + [_HIGH_NIBBLE] * 2)
+        affine = _declare(builder.module, "llvm.x86.vgf2p8affineqb.256", v32, [v32, v32, I8])
+        vals = builder.call(affine, [_shuffle(builder, raw, list(range(16)) * 2), builder.bitcast(matrix, v32),
+                                     ir.Constant(I8, 0)])
+    else:
+        lo = builder.and_(raw, ir.Constant(v16, [15] * 16))
+        hi = builder.lshr(raw, ir.Constant(v16, [4] * 16))
+        vals = builder.shuffle_vector(lo, hi, ir.Constant(ir.VectorType(I32, 32), list(range(32))))
     if offset:
         vals = builder.sub(vals, ir.Constant(ir.VectorType(I8, 32), [offset] * 32))
     return vals
@@ -241,12 +258,25 @@ def _fifth_bits(builder, qh, signed=False):
     return builder.select(is_set, ir.Constant(v32, [on] * 32), ir.Constant(v32, [off] * 32))
 
 
-def q5_values(builder, block, signed):
+def q5_values(builder, block, signed, portable=False):
     """A Q5 block without its header (4 bytes of fifth bits, then 16 of nibbles, at byte address block, i64) ->
-    its 32 values as <32 x i8>: q 0..31 (Q5_1), or signed the int8 q - 16 (Q5_0)."""
-    raw = _gep_load(builder, block, ir.Constant(I64, 4), ir.VectorType(I8, 16), 1)
+    its 32 values as <32 x i8>: q 0..31 (Q5_1), or signed the int8 q - 16 (Q5_0).
+
+    Where the CPU has GFNI and AVX-512 BW (HAS_GFNI_MASKS), in two vector instructions and two loads: the nibbles
+    as _weight_values takes them (a vbroadcasti128 and one vgf2p8affineqb), the 32 fifth bits loaded as a mask
+    (kmovd) and 16 added where set (a masked vpaddb); signed, 16 taken off where clear. Elsewhere llama.cpp's AVX2
+    form (_weight_values, _fifth_bits: seven), and in the portable tiles (portable: plain IR, no x86 intrinsics).
+    The same bytes every way."""
+    v16, v32 = ir.VectorType(I8, 16), ir.VectorType(I8, 32)
+    raw = _gep_load(builder, block, ir.Constant(I64, 4), v16, 1)
     qh = _gep_load(builder, block, ir.Constant(I64, 0), I32, 1)
-    return builder.or_(_weight_values(builder, raw, True, 0), _fifth_bits(builder, qh, signed))
+    if portable or not HAS_GFNI_MASKS:
+        return builder.or_(_weight_values(builder, raw, True, 0, portable), _fifth_bits(builder, qh, signed))
+    nib = _weight_values(builder, raw, True, 0)
+    is_set = builder.bitcast(qh, ir.VectorType(ir.IntType(1), 32))
+    if signed:
+        return builder.select(is_set, nib, builder.sub(nib, ir.Constant(v32, [16] * 32)))
+    return builder.select(is_set, builder.add(nib, ir.Constant(v32, [16] * 32)), nib)
 
 
 def _scale_pair(builder, addr):
@@ -254,6 +284,24 @@ def _scale_pair(builder, addr):
     pair = builder.fpext(_gep_load(builder, addr, ir.Constant(I64, 0), ir.VectorType(ir.HalfType(), 2), 2),
                          ir.VectorType(F32, 2))
     return tuple(builder.extract_element(pair, ir.Constant(I32, k)) for k in (0, 1))
+
+
+def _pair_scales(b, wd, xd, i, scales):
+    """A decode tile's scales of blocks i and i + 1 (one row, one activation row), for both at once: the two
+    fp16 d (Q5_0, "half") or fp16 pairs d, m (Q5_1, Q4_1: "pair") in one load and one conversion, times the two
+    activation scales (float32 at xd) in one vmulps. -> ((d_w d_x, m_w) of block i, the same of i + 1), m_w None
+    for Q5_0. The same float32 products as one block at a time (each lane rounded alone)."""
+    c64 = lambda v: ir.Constant(I64, v)  # noqa: E731
+    per = 2 if scales == "half" else 4  # bytes of scales a block
+    wbits = _gep_load(b, wd, b.mul(i, c64(per)), I32 if per == 2 else I64, per)
+    # through a general register and moved over whole (see _scale_half)
+    wbits = b.asm(ir.FunctionType(wbits.type, [wbits.type]), "", "=r,0", [wbits], False)
+    halves = b.fpext(b.bitcast(wbits, ir.VectorType(ir.HalfType(), 2 * per // 2)), ir.VectorType(F32, per))
+    dw = halves if per == 2 else _shuffle(b, halves, [0, 2])
+    dx = _gep_load(b, xd, b.mul(i, c64(4)), ir.VectorType(F32, 2), 4)
+    prod = b.fmul(dw, dx)
+    return tuple((b.extract_element(prod, ir.Constant(I32, k)),
+                  None if per == 2 else b.extract_element(halves, ir.Constant(I32, 2 * k + 1))) for k in (0, 1))
 
 
 def _scale_half(builder, addr):
@@ -444,16 +492,17 @@ def _close_loop(b, i, nb, entry, loop, done, carried, head=None):
     return b, finals
 
 
-def _close_pair_loop(b, i, nb, blocks, carried, step, first, zeros):
+def _close_pair_loop(b, i, nb, blocks, carried, second, step, first, zeros):
     """End a loop that takes blocks i and i + 1 an iteration (the builder b in `loop`, block i's products made:
     first = (accs, mins)), then block nb - 1 alone where nb is odd. blocks: (entry, loop, after, tail, done); the
     entry branches to `loop` when nb > 1, else to `after`. carried: the loop's phis (accs, then mins), zeros their
-    values before any block. step(b, i, accs, mins) -> (accs, mins) emits one block's products.
+    values before any block. second(b, accs, mins) -> (accs, mins) emits block i + 1's products, step(b, i, accs,
+    mins) -> (accs, mins) any one block's (the odd last).
     -> a builder in `done` and the values leaving, in carried's order."""
     entry, loop, after, tail, done = blocks
     c64 = lambda v: ir.Constant(I64, v)  # noqa: E731
     n_acc = len(first[0])
-    accs2, mins2 = step(b, b.add(i, c64(1)), list(first[0]), list(first[1]))
+    accs2, mins2 = second(b, list(first[0]), list(first[1]))
     vals = list(accs2) + list(mins2)
     i2 = b.add(i, c64(2))
     b.cbranch(b.icmp_signed("<", b.add(i2, c64(1)), nb), loop, after)  # two more blocks to go
@@ -528,10 +577,11 @@ def _define_tile(module, kind, rows, acts, isa):
     v16f, v16i = ir.VectorType(F32, 16), ir.VectorType(I32, 16)
     fma_w = _declare(module, "llvm.fma.v16f32", v16f, [v16f] * 3) if wide else None
     dpbusd_w = _declare(module, "llvm.x86.avx512.vpdpbusd.512", v16i, [v16i] * 3) if wide else None
-    # A decode's Q5 tile (one row by one activation row) takes two blocks an iteration (then the last block of an
-    # odd count alone): the loop's pointer steps and the requests ahead shared by two blocks. Each block's fma
-    # follows the last in block order, as one at a time: the same sums.
-    pairs = rows == 1 and acts == 1 and nibbles == "q5"
+    # A decode's tile of fp16 scales (Q5_0, Q5_1, Q4_1; rows by one activation row) takes two blocks an iteration
+    # (then the last block of an odd count alone): the loop's pointer steps, the requests ahead and the scales'
+    # load and conversion (_pair_scales) shared by two blocks. Each block's fma follows the last in block order, as
+    # one at a time: the same sums.
+    pairs = acts == 1 and scales in ("pair", "half")
     after, tail = (fn.append_basic_block("after"), fn.append_basic_block("tail")) if pairs else (None, None)
     b = ir.IRBuilder(entry)
     ahead = _rows_ahead(b, ws, rows)
@@ -544,8 +594,9 @@ def _define_tile(module, kind, rows, acts, isa):
     n_min = rows * acts if has_min else 0
     zero = ir.Constant(F32, 0.0)
 
-    def block_step(b, i, accs, mins):
-        """Block i's products added to accs (and mins): -> the new accs, mins."""
+    def block_step(b, i, accs, mins, given=None):
+        """Block i's products added to accs (and mins): -> the new accs, mins. given (a decode's tile): each
+        row's float32 d_w d_x and m_w of the block, from _pair_scales, instead of loading them here."""
         four = b.mul(i, c64(4))
 
         def splat(v):
@@ -553,10 +604,14 @@ def _define_tile(module, kind, rows, acts, isa):
 
         # Signed 8-bit weights (Q8_0, Q5_0): VNNI takes (x + 128) as unsigned bytes times w, less 128 sum(w) per
         # lane; AVX2 cannot (255 * 128 twice saturates int16) and takes ggml's sign trick, |w| times x with w's
-        # sign. Q4_0's nibbles enter both unsigned, less 8 sum(x).
+        # sign. Q4_0's nibbles enter both unsigned, less 8 sum(x). A decode's Q5_0 with VNNI (q5_off): its q 0..31
+        # unsigned times x, less a second vpdpbusd of 16 times x (-16 sum(x), no shift, both independent of each
+        # other), where the x + 128 form took four vector instructions more a block (an xor, a vpdpbusd for sum(w),
+        # a shift, a subtraction).
         fast = isa != "portable"
         signed_bytes = signed and nibbles is not True  # Q8_0's bytes, Q5_0's q - 16; not Q4_0's nibbles
-        by_x128 = isa == "vnni" and signed_bytes
+        q5_off = isa == "vnni" and signed and nibbles == "q5"
+        by_x128 = isa == "vnni" and signed_bytes and not q5_off
         by_sign = isa == "avx2" and signed_bytes
         unsigned_offset = fast and offset
         # the activation side, once per block: quants, scale, sum, and what the integer instructions need of x alone
@@ -575,14 +630,16 @@ def _define_tile(module, kind, rows, acts, isa):
         def weight_row(r):
             row, at = b.add(w, b.mul(c64(r), ws)), b.mul(i, c64(block))
             if nibbles == "q5":  # 4 bytes of fifth bits, then 16 of nibbles
-                wvals[r] = q5_values(b, b.add(row, at), signed)
+                wvals[r] = q5_values(b, b.add(row, at), signed and not q5_off, portable=not fast)
             else:
                 raw = _gep_load(b, row, at, ir.VectorType(I8, block), 1)
-                wvals[r] = _weight_values(b, raw, nibbles, 0 if unsigned_offset else offset)
+                wvals[r] = _weight_values(b, raw, nibbles, 0 if unsigned_offset else offset, portable=not fast)
             ones = ir.Constant(v32, [1] * 32)
             w_corr[r] = b.shl(lanes_u8s8(b, ones, wvals[r], isa), ir.Constant(v8i, [7] * 8)) if by_x128 else None
             w_abs[r] = sign8(b, wvals[r], wvals[r]) if by_sign else None
-            if scales == "pair":
+            if given is not None:
+                wmv[r] = given[r][1]
+            elif scales == "pair":
                 wdv[r], wmv[r] = _scale_pair(b, b.add(b.add(wd, b.mul(c64(r), wds)), four))
             elif scales == "half":
                 wdv[r] = _scale_half(b, b.add(b.add(wd, b.mul(c64(r), wds)), b.mul(i, c64(2))))
@@ -592,6 +649,9 @@ def _define_tile(module, kind, rows, acts, isa):
         def lanes(r, a_):
             if not fast:
                 return lanes_portable(b, wvals[r], xq[a_], signed)
+            if q5_off:  # sum (q - 16) x = sum q x - sum 16 x, lane by lane: the same integers
+                sixteen = ir.Constant(v32, [16] * 32)
+                return b.sub(lanes_u8s8(b, wvals[r], xq[a_], isa), lanes_u8s8(b, sixteen, xq[a_], isa))
             if by_x128:  # (VNNI only) from -128 sum(w), onto which vpdpbusd adds (x + 128) w
                 return lanes_u8s8_onto(b, b.neg(w_corr[r]), x_u8[a_], wvals[r], isa)
             if by_sign:
@@ -633,7 +693,8 @@ def _define_tile(module, kind, rows, acts, isa):
             for r in range(rows):
                 weight_row(r)
                 for a_ in range(acts):
-                    scale = b.fmul(splat(wdv[r]), xsplat[a_])  # float32 d_w * d_x
+                    # float32 d_w * d_x
+                    scale = splat(given[r][0]) if given is not None else b.fmul(splat(wdv[r]), xsplat[a_])
                     k = r * acts + a_
                     new_accs[k] = b.call(fma_v, [scale, b.sitofp(lanes(r, a_), v8f), accs[k]])
         else:
@@ -659,11 +720,15 @@ def _define_tile(module, kind, rows, acts, isa):
     if acts == 1:
         _prefetch_ahead(b, w, ws, wd, wds, wm if has_min and not scales else None, i, rows, block, ahead,
                         16 if kind == "q4_0r" else 2 * rows if scales == "half" else 4 * rows)
-    new_accs, new_mins = block_step(b, i, accs, mins)
+    # each row's (block i's, block i + 1's) scales
+    given = [_pair_scales(b, b.add(wd, b.mul(c64(r), wds)), xd, i, scales) for r in range(rows)] if pairs else None
+    new_accs, new_mins = block_step(b, i, accs, mins, [g[0] for g in given] if pairs else None)
     zeros = [ir.Constant(v16f, [0.0] * 16) if wide else zero8] * n_acc + [zero] * n_min
     if pairs:
-        b, ends = _close_pair_loop(b, i, nb, (entry, loop, after, tail, done), accs + mins, block_step,
-                                   (new_accs, new_mins), zeros)
+        b, ends = _close_pair_loop(b, i, nb, (entry, loop, after, tail, done), accs + mins,
+                                   lambda b, accs, mins: block_step(b, b.add(i, c64(1)), accs, mins,
+                                                                    [g[1] for g in given]),
+                                   block_step, (new_accs, new_mins), zeros)
     else:
         b, ends = _close_loop(b, i, nb, entry, loop, done, list(zip(accs + mins, new_accs + new_mins, zeros)))
     finals, final_mins = ends[:len(accs)], ends[len(accs):]

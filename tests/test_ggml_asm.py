@@ -19,15 +19,15 @@ from llama_ref.kernels import ggml_simd
 pytestmark = pytest.mark.skipif(not ggml_simd.HAS_AVX2, reason="the AVX2 tiles are emitted only on an AVX2 CPU")
 
 
-def tile_asm(kind: str, rows: int, acts: int) -> str:
-    """The assembly of one call of ggml_simd's `kind` tile of rows x acts, AVX2 branch (simd=2)."""
+def tile_asm(kind: str, rows: int, acts: int, simd: int = 2) -> str:
+    """The assembly of one call of ggml_simd's `kind` tile of rows x acts, AVX2 branch (simd=2; 1 the VNNI one)."""
     from numba import njit, types
 
     tile = ggml_simd.make_dot(kind, rows, acts)
 
     @njit
     def run(w, ws, wd, wm, wds, x, xst, xd, xs, xds, nb, out, ost):
-        tile(w, ws, wd, wm, wds, x, xst, xd, xs, xds, nb, out, ost, 2)
+        tile(w, ws, wd, wm, wds, x, xst, xd, xs, xds, nb, out, ost, simd)
     run.compile((types.int64,) * 13)
     return run.inspect_asm(run.signatures[0])
 
@@ -224,37 +224,62 @@ def test_q4_k_8row_decode_tile_asks_for_the_weights_ahead():
 def test_q4_1_q5_1_decode_tiles_read_fp16_pairs(kind, prefetches):
     """The decode tiles of Q4_1 / Q5_1 (one row by one activation row) read a block's d and m as one fp16 pair
     (vcvtph2ps, the 4 bytes llama.cpp streams; float32 d and m took 8) and ask for two streams ahead, the quants and
-    the pairs (the old tile asked for three: quants, d, m). Q5_1's fifth bits are spread to bytes by one vpshufb a
-    block; its loop takes two blocks an iteration (ggml_simd._close_pair_loop), the two streams asked for once: 52
-    instructions, where one block at a time took 30 a block."""
+    the pairs (the old tile asked for three: quants, d, m). Their loops take two blocks an iteration
+    (ggml_simd._close_pair_loop): the two streams asked for once, the two blocks' pairs in one load and one
+    conversion (ggml_simd._pair_scales); nothing on the stack. Q5_1's fifth bits are spread to bytes as
+    q5_fifth_bits_instructions says."""
     loops = block_loops(tile_asm(kind, 1, 1))
     assert len(loops) == 1, [len(body) for body in loops]
     names = [ins.split()[0] for ins in loops[0]]
-    per = 2 if kind == "q5_1c" else 1  # blocks an iteration
-    assert fp16_loads(names) == per and names.count("prefetcht0") == prefetches, names
-    assert names.count("vpshufb") == (per if kind == "q5_1c" else 0), names
-    assert not [ins for ins in loops[0] if "(%rsp)" in ins or "(%rbp)" in ins], loops[0]
+    assert fp16_loads(names) == 1 and names.count("prefetcht0") == prefetches, names
+    # only the stack pointer's offsets count: LLVM may use %rbp as a general register
+    assert not [ins for ins in loops[0] if "(%rsp)" in ins], loops[0]
     if kind == "q5_1c":
-        assert len(loops[0]) <= 27 * per, len(loops[0])
+        q5_fifth_bits_instructions(names, 2)
+        # 52 with one conversion a block and the AVX2 spread of the fifth bits; 39 with GFNI and masks
+        assert len(loops[0]) <= (42 if ggml_simd.HAS_GFNI_MASKS else 50), len(loops[0])
+
+
+def q5_fifth_bits_instructions(names: list[str], blocks: int) -> None:
+    """A Q5 decode loop's spread of the nibbles and fifth bits of `blocks` blocks (ggml_simd.q5_values): with GFNI
+    and AVX-512 BW (ggml_simd.HAS_GFNI_MASKS) a vgf2p8affineqb a block for both nibble halves, the fifth bits as a
+    mask (kmovd) and one masked vpaddb; else llama.cpp's AVX2 form, one vpshufb a block to spread the bits."""
+    if ggml_simd.HAS_GFNI_MASKS:
+        for name in ("vgf2p8affineqb", "kmovd", "vpaddb", "vbroadcasti128"):
+            assert names.count(name) == blocks, (name, names)
+        assert "vpshufb" not in names and "vinserti128" not in names, names
+    else:
+        assert names.count("vpshufb") == blocks, names
 
 
 def test_q5_0_decode_tile_reads_the_files_blocks():
-    """The Q5_0 decode tile (one row by one activation row, kind "q5_0c") reads a block as the file holds it: one fp16
-    d (vcvtph2ps), the fifth bits spread to bytes by one vpshufb and ORed into the nibbles as 0xF0 where clear (the
-    int8 q - 16), then ggml's sign trick (two vpsignb) before vpmaddubsw + vpmaddwd, as llama.cpp's AVX2
-    ggml_vec_dot_q5_0_q8_0; two blocks an iteration, two streams asked for ahead (the blocks, the scales), nothing
-    on the stack. The fp16 d comes through a general register (movzwl, vmovd), not vpinsrw: that one keeps the
-    rest of its vector register, which LLVM chose to be the accumulator, chaining every block to the last."""
+    """The Q5_0 decode tile (one row by one activation row, kind "q5_0c") reads a block as the file holds it, two
+    blocks an iteration: the two fp16 d in one load (through a general register, then vmovd: a 2-byte load into a
+    vector register is vpinsrw, which keeps the rest of its register, and LLVM once chose the accumulator for it,
+    chaining every block to the last) and one conversion, the fifth bits spread as q5_fifth_bits_instructions says,
+    two streams asked for ahead (the blocks, the scales), nothing on the stack. The AVX2 branch (simd=2) then
+    takes ggml's sign trick (two vpsignb) before vpmaddubsw + vpmaddwd, as llama.cpp's AVX2
+    ggml_vec_dot_q5_0_q8_0; the VNNI one (simd=1) the values q 0..31 unsigned into vpdpbusd, less a second
+    vpdpbusd of 16 times x (-16 sum(x), the same integers), where x + 128 against the signed q - 16 took an xor, a
+    vpdpbusd, a shift and a subtraction."""
     loops = block_loops(tile_asm("q5_0c", 1, 1))
     assert len(loops) == 1, [len(body) for body in loops]
     names = [ins.split()[0] for ins in loops[0]]
-    assert fp16_loads(names) == 2 and names.count("prefetcht0") == 2, names
-    assert names.count("vpshufb") == 2 and names.count("vpsignb") == 4, names
-    assert names.count("vpmaddubsw") == 2 and names.count("vpmaddwd") == 2, names
-    # vmovw (AVX512-FP16) moves the word where the CPU has it
-    assert "vpinsrw" not in names and names.count("vmovd") + names.count("vmovw") == 2, names
+    assert fp16_loads(names) == 1 and names.count("prefetcht0") == 2, names
+    q5_fifth_bits_instructions(names, 2)
+    assert names.count("vpsignb") == 4, names
+    assert names.count("vpmaddubsw") == 2 and maddwd(names) == 2, names
+    assert "vpinsrw" not in names and names.count("vmovd") + names.count("vmovw") == 1, names
     # nothing on the stack (%rbp serves as a general register here: only the stack pointer's offsets count)
     assert not [ins for ins in loops[0] if "(%rsp)" in ins], loops[0]
+    if ggml_simd.HAS_VNNI:
+        loops = block_loops(tile_asm("q5_0c", 1, 1, simd=1))
+        assert len(loops) == 1, [len(body) for body in loops]
+        names = [ins.split()[0] for ins in loops[0]]
+        dp = [ins for ins in loops[0] if "vpdpbusd" in ins]  # "{vex} vpdpbusd" on AVX-512 CPUs
+        assert len(dp) == 4 and "vpslld" not in names, loops[0]
+        q5_fifth_bits_instructions(names, 2)
+        assert len(loops[0]) <= (45 if ggml_simd.HAS_GFNI_MASKS else 57), len(loops[0])
 
 
 def test_wide_tile_takes_two_activation_rows_a_zmm_vector():

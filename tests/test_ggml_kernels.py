@@ -461,7 +461,7 @@ def test_simd_path_is_vpdpbusd_where_the_cpu_has_it():
 
 
 @pytest.mark.parametrize("tile", ["_q8_RA", "_q8_R1", "_q4_0_R1", "_q4_0r_R1", "_q4_1_RA", "_q5_1_11", "_q5_0_11",
-                                  "_q5_1x_RA"])
+                                  "_q5_1_R1", "_q5_0_R1", "_q5_1x_RA"])
 def test_avx2_path_is_vpmaddubsw(tile):
     """On an AVX2 CPU, use_simd=2 (and, without VNNI, the default 1) builds the tile's integers from
     vpmaddubsw + vpmaddwd, as llama.cpp does, and not from 32-bit multiplies (vpmulld, vpmovsxbd: the

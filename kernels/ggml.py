@@ -239,7 +239,7 @@ def _rows_at(kind, w0, ws, d0, wds, m0, nb, x0, K, xd0, xs0, o0, ost, use_simd, 
         _dot(kind, step > 1, False, w0 + r * ws, ws, d0 + r * wds, m0 + r * wds, wds, x0, K, xd0, xs0,
              np.int64(4 * nb), nb, o0 + 4 * r, ost, use_simd)
         r += step
-    while r < r1:  # a Q5 weight's last rows (repacked Q4_0's r0, r1 are multiples of 8)
+    while r < r1:  # the last rows, fewer than DECODE_ROWS (repacked Q4_0's r0, r1 are multiples of 8)
         _dot(kind, False, False, w0 + r * ws, ws, d0 + r * wds, m0 + r * wds, wds, x0, K, xd0, xs0,
              np.int64(4 * nb), nb, o0 + 4 * r, ost, use_simd)
         r += 1

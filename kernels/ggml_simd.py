@@ -287,7 +287,7 @@ def _scale_pair(builder, addr):
 
 
 def _pair_scales(b, wd, xd, i, scales):
-    """A decode tile's scales of blocks i and i + 1 (one row, one activation row), for both at once: the two
+    """A decode tile's scales of blocks i and i + 1 of one row (wd: its scales), for both at once: the two
     fp16 d (Q5_0, "half") or fp16 pairs d, m (Q5_1, Q4_1: "pair") in one load and one conversion, times the two
     activation scales (float32 at xd) in one vmulps. -> ((d_w d_x, m_w) of block i, the same of i + 1), m_w None
     for Q5_0. The same float32 products as one block at a time (each lane rounded alone)."""
@@ -296,7 +296,7 @@ def _pair_scales(b, wd, xd, i, scales):
     wbits = _gep_load(b, wd, b.mul(i, c64(per)), I32 if per == 2 else I64, per)
     # through a general register and moved over whole (see _scale_half)
     wbits = b.asm(ir.FunctionType(wbits.type, [wbits.type]), "", "=r,0", [wbits], False)
-    halves = b.fpext(b.bitcast(wbits, ir.VectorType(ir.HalfType(), 2 * per // 2)), ir.VectorType(F32, per))
+    halves = b.fpext(b.bitcast(wbits, ir.VectorType(ir.HalfType(), per)), ir.VectorType(F32, per))  # d (m) pairs
     dw = halves if per == 2 else _shuffle(b, halves, [0, 2])
     dx = _gep_load(b, xd, b.mul(i, c64(4)), ir.VectorType(F32, 2), 4)
     prod = b.fmul(dw, dx)

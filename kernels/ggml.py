@@ -53,8 +53,8 @@ def _tiles(kind):
 
 
 _q8_RA, _q8_R1, _q8_1A, _q8_11 = _tiles("q8_0")
-# Q5_1 and Q5_0 in their file's 24 / 22 bytes a block (_weight_args): only the one row by one activation row tile,
-# a decode's (a prefill unpacks to one byte per value: Q5_1_BYTES and Q8_0's tiles)
+# Q5_1 and Q5_0 in their file's 24 / 22 bytes a block (_weight_args): only a decode's tiles, one row or 4 (_q5_1_R1,
+# _q5_0_R1 below) by one activation row (a prefill unpacks to one byte per value: Q5_1_BYTES and Q8_0's tiles)
 _q5_1_11 = simd.make_dot("q5_1c", 1, 1)
 _q5_0_11 = simd.make_dot("q5_0c", 1, 1)
 # A decode's rows 4 at a time (1 or 4: the 4-row tiles; repacked Q4_0 keeps its 8), each row's sums in its own order,

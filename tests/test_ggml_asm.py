@@ -268,7 +268,7 @@ def test_q5_0_decode_tile_reads_the_files_blocks():
     assert fp16_loads(names) == 1 and names.count("prefetcht0") == 2, names
     q5_fifth_bits_instructions(names, 2)
     assert names.count("vpsignb") == 4, names
-    assert names.count("vpmaddubsw") == 2 and maddwd(names) == 2, names
+    assert names.count("vpmaddubsw") == 2 and names.count("vpmaddwd") == 2, names
     assert "vpinsrw" not in names and names.count("vmovd") + names.count("vmovw") == 1, names
     # nothing on the stack (%rbp serves as a general register here: only the stack pointer's offsets count)
     assert not [ins for ins in loops[0] if "(%rsp)" in ins], loops[0]

@@ -25,6 +25,7 @@ from numba import njit, prange
 
 from llama_ref.model import ops
 from llama_ref.runtime import threads
+from . import amx
 from ._common import FAST, JIT, as_f32_rows, readonly
 from .ggml_simd import HOST_IS_ZEN
 from .halfbits import (LANES, bf16_row_dot, bf16_row_dots4, bf16_to_f32, f16_row_dot, f16_row_dots4, f16_to_f32,
@@ -513,6 +514,8 @@ def linear(x: np.ndarray, w) -> np.ndarray:
         return out.reshape(*x.shape[:-1], R)
     matvec, rows = KINDS[kind]
     arrays = w.kernel_args()
+    if kind == "bf16" and N >= BLAS_MIN_ROWS and amx.usable(N, K, R):
+        return _bf16_tiles(x2, amx.split_bf16x3(x2), arrays[0]).reshape(*x.shape[:-1], R)
     out = np.empty((N, R), np.float32)  # (N, R)
     if N < BLAS_MIN_ROWS:
         matvec(x2, *arrays, out)
@@ -540,6 +543,10 @@ def linears(x: np.ndarray, *ws) -> tuple:
     if x.dtype != np.float32 or kind not in SIXTEEN or not 2 <= len(ws) <= 3:
         return tuple(linear(x, w) for w in ws)
     x2 = x.reshape(-1, x.shape[-1]) if x.flags.c_contiguous else as_f32_rows(x)  # (N, K)
+    (N, K) = x2.shape
+    if kind == "bf16" and N >= BLAS_MIN_ROWS and all(w.shape[1] == K and amx.usable(N, K, w.shape[0]) for w in ws):
+        parts = amx.split_bf16x3(x2)  # once for the weights that read the same x
+        return tuple(_bf16_tiles(x2, parts, w.kernel_args()[0]).reshape(*x.shape[:-1], w.shape[0]) for w in ws)
     if x2.shape[0] >= BLAS_MIN_ROWS or any(w.shape[1] != x2.shape[1] for w in ws):
         return tuple(linear(x, w) for w in ws)  # (a weight of another width: whatever linear does with it)
     outs = [np.empty((x2.shape[0], w.shape[0]), np.float32) for w in ws]  # (N, R) each
@@ -547,6 +554,19 @@ def linears(x: np.ndarray, *ws) -> tuple:
     pad = 3 - len(ws)
     SIXTEEN[kind](x2, *arrays, *[_NO_W] * pad, *outs, *[_NO_OUT] * pad)
     return tuple(out.reshape(*x.shape[:-1], out.shape[1]) for out in outs)
+
+
+def _bf16_tiles(x2: np.ndarray, parts: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """x2 (N, K) @ w.T for bf16 bits w (R, K) on AMX tiles (kernels/amx.py; parts = amx.split_bf16x3(x2)), the
+    threads of the policy sharing its blocks of rows; the last R % 32 rows, if any, as a decoded tile through
+    BLAS. -> (N, R) float32."""
+    n = threads.count()
+    out, done = amx.product(x2, parts, w, lambda total, step, block: threads.each_block(total, step, block, n))
+    if done < w.shape[0]:
+        tail = np.empty((w.shape[0] - done, w.shape[1]), np.float32)
+        _rows_bf16(w, np.arange(done, w.shape[0]), tail)
+        out[:, done:] = x2 @ tail.T  # (N, R % 32)
+    return out
 
 
 def _by_row_blocks(x2: np.ndarray, out: np.ndarray, step: int, weight_rows) -> None:

@@ -1,0 +1,121 @@
+"""bf16 weights on AMX tiles (kernels/amx.py): the activation split is exact everywhere; the products, where this
+CPU has AMX-BF16, agree with ops.linear to float32 rounding, whatever the shape's edges and the thread count."""
+
+from __future__ import annotations
+
+import importlib
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from llama_ref import kernels
+from llama_ref.model import ops
+from llama_ref.runtime import threads
+from llama_ref.weights import packed
+
+amx = importlib.import_module("llama_ref.kernels.amx")
+LINEAR = importlib.import_module("llama_ref.kernels.linear")
+needs_amx = pytest.mark.skipif(not amx.available(), reason="this CPU (or OS, or LLAMA_REF_AMX=0) has no AMX-BF16")
+
+
+def bound(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """As tests/test_kernels.py's dot_bound: a few float32 ulps of sum_k |x_k w_k|, whatever the order."""
+    return 4 * x.shape[-1] * np.finfo(np.float32).eps * (np.abs(x).astype(np.float64) @ np.abs(w).astype(np.float64).T)
+
+
+def bf16_weight(rows: int, cols: int, rng) -> packed.BF16Weight:
+    w = rng.standard_normal((rows, cols)).astype(np.float32)
+    return packed.BF16Weight((w.view(np.uint32) >> 16).astype(np.uint16), w.shape)
+
+
+def parts_as_rows(xp: np.ndarray, n: int) -> np.ndarray:
+    """(3, NB, K/32, 16, 32) uint16 tiles -> (3, n, K) float32 values."""
+    f = (xp.astype(np.uint32) << 16).view(np.float32)
+    return f.transpose(0, 1, 3, 2, 4).reshape(3, xp.shape[1] * 16, -1)[:, :n]
+
+
+@given(x=hnp.arrays(np.float32, st.tuples(st.integers(1, 40), st.sampled_from([32, 64, 96])),
+                    elements=st.floats(width=32, allow_nan=False, allow_infinity=False, allow_subnormal=True)))
+@settings(max_examples=40, deadline=None)
+def test_split_is_exact(x):
+    # hi + mid + lo == x exactly for any finite float32 from 2**-103 up (and zeros), each part a bfloat16 (by
+    # construction: 16 bits), hi and mid the truncations the module describes; below 2**-103 what is lost lies
+    # under 2**-126; the padding tokens are zero.
+    xp = amx.split_bf16x3(x)
+    assert xp.shape == (3, -(-x.shape[0] // 32) * 2, x.shape[1] // 32, 16, 32) and xp.ctypes.data % 64 == 0
+    hi, mid, lo = parts_as_rows(xp, x.shape[0]).astype(np.float64)
+    exact = (np.abs(x) >= 2.0 ** -103) | (x == 0)
+    np.testing.assert_array_equal((hi + mid + lo)[exact], x.astype(np.float64)[exact])
+    assert np.all(np.abs(hi + mid + lo - x)[~exact] < 2.0 ** -126)
+    np.testing.assert_array_equal(hi, ((x.view(np.uint32) >> 16) << 16).view(np.float32))
+    assert np.all(np.abs(mid) <= np.abs(x) * 2.0 ** -7) and np.all(np.abs(lo) <= np.abs(x) * 2.0 ** -15)
+    assert not parts_as_rows(xp, xp.shape[1] * 16)[:, x.shape[0]:].any()
+
+
+def test_off_by_environment(monkeypatch):
+    monkeypatch.setenv("LLAMA_REF_AMX", "0")
+    assert not amx.available() and not amx.usable(64, 64, 64)
+
+
+def test_unusable_shapes():
+    assert not amx.usable(64, 48, 64)  # K not in whole tiles of 32
+    assert not amx.usable(64, 64, 31)  # fewer than 32 weight rows
+
+
+@needs_amx
+@pytest.mark.parametrize("n, k, rows", [(8, 32, 32), (9, 64, 33), (37, 224, 70), (100, 416, 300), (33, 192, 64)])
+def test_linear_on_tiles(n, k, rows, monkeypatch):
+    # Token rows that fill the 32-row tiles partly, K over one panel (KC = 192) or several, weight rows with a
+    # remainder of R % 32 (BLAS) and more than one block of ROWS: within float32 rounding of ops.linear.
+    rng = np.random.default_rng(n * 1000 + rows)
+    w = bf16_weight(rows, k, rng)
+    x = rng.standard_normal((1, n, k)).astype(np.float32)
+    calls = []
+    product = amx.product
+    monkeypatch.setattr(amx, "product", lambda *a: calls.append(1) or product(*a))
+    got, want = kernels.linear(x, w), ops.linear(x, w)
+    assert calls == [1] and got.shape == want.shape == (1, n, rows)
+    assert np.all(np.abs(got - want)[0] <= bound(x[0], w.to_float(np.float32)) + 1e-30)
+
+
+@needs_amx
+def test_linears_share_one_split_and_equal_linear(monkeypatch):
+    rng = np.random.default_rng(3)
+    ws = [bf16_weight(r, 256, rng) for r in (64, 32, 96)]
+    x = rng.standard_normal((2, 20, 256)).astype(np.float32)
+    splits = []
+    split = amx.split_bf16x3
+    monkeypatch.setattr(amx, "split_bf16x3", lambda a: splits.append(1) or split(a))
+    got = kernels.linears(x, *ws)
+    assert splits == [1]
+    for g, w in zip(got, ws):
+        np.testing.assert_array_equal(g, kernels.linear(x, w))
+
+
+@needs_amx
+def test_same_bits_whatever_the_threads():
+    # Every output's sum runs in an order set by K and KC alone: 1 or 2 threads, the same bits.
+    rng = np.random.default_rng(5)
+    w = bf16_weight(3 * amx.ROWS + 32, 448, rng).data
+    x = rng.standard_normal((50, 448)).astype(np.float32)
+    xp = amx.split_bf16x3(x)
+    one, _ = amx.product(x, xp, w, lambda total, step, block: threads.each_block(total, step, block, 1))
+    two, _ = amx.product(x, xp, w, lambda total, step, block: threads.each_block(total, step, block, 2))
+    np.testing.assert_array_equal(one, two)
+
+
+@needs_amx
+def test_float32_accuracy_as_sgemm():
+    # Against float64: the tiles' error is of the float32 path's size (every product exact, sums in float32).
+    rng = np.random.default_rng(7)
+    w = bf16_weight(256, 1024, rng)
+    x = rng.standard_normal((64, 1024)).astype(np.float32)
+    wf = w.to_float(np.float32)
+    truth = x.astype(np.float64) @ wf.astype(np.float64).T
+    got = LINEAR._bf16_tiles(x, amx.split_bf16x3(x), w.data)
+    sgemm = x @ wf.T
+    rms = lambda a: float(np.sqrt(np.mean((a - truth) ** 2)))  # noqa: E731
+    assert rms(got) <= 2 * rms(sgemm)

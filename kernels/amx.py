@@ -28,7 +28,7 @@ registers, so they keep their values between the statements). Linux lends the ti
 process that asks (arch_prctl ARCH_REQ_XCOMP_PERM): available() asks once, and says False on a CPU without
 AMX-BF16, where the kernel refuses, or with LLAMA_REF_AMX=0; kernels/linear.py then takes the sgemm path.
 
-Measured (session 40, a 2-core Sapphire Rapids-class VM; benchmarks/results/shapes-llama-3.2-1b_spr_2thread_s40*):
+Measured (session 40, a 2-core Sapphire Rapids-class VM; 1B: benchmarks/results/shapes-llama-3.2-1b_*_s40*):
 512 x 2048 x 2048, one thread 82 GMAC/s against sgemm's 49, two threads 101 against 80. A TDPBF16PS alone runs at
 17 ns here; with its operands' tile loads it averaged 27 ns in L1 (a tile register is not renamed: a load waits
 for the products reading the register before it) and 36 ns in this kernel.

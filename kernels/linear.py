@@ -8,6 +8,8 @@ decoded a tile of rows at a time into a reused float32 buffer that BLAS then mul
 never exists in float32. Every thread of the policy (llama_ref.runtime.threads.each_thread) takes tiles in
 turn, decodes one on its own core and multiplies it with a one-thread BLAS call: one pool, no hand-off
 between Numba's threads and OpenBLAS's. 16-bit tiles hold TILE_FLOATS values, quantized ones TILE_ROWS rows.
+Where the CPU has AMX-BF16, a bf16 weight's prefill runs on the tiles instead (kernels/amx.py: the activations cut
+into three exact bf16 parts, every product exact, sums in float32), the same threads sharing its blocks of rows.
 
 Every product is summed in float32 in a different order than BLAS (fast-math "reassoc"; the 16-bit decode
 kernels in an order of their own, fixed on every CPU: kernels/halfbits.py): results agree with ops.linear to a

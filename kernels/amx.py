@@ -260,6 +260,7 @@ def product(x2: np.ndarray, xp: np.ndarray, w: np.ndarray, each_block) -> np.nda
     R % 32 rows are left to the caller (returned columns not written: the second value says from where)."""
     N = x2.shape[0]
     R = w.shape[0]
+    w = np.ascontiguousarray(w)  # _rows steps through rows by address (a copy only for a strided view)
     Rt = R - R % 32
     Rp = -(-R // 16) * 16  # output rows 64-byte aligned
     out = _aligned((xp.shape[1] * 16, Rp), np.float32)  # (NB * 16, Rp): token rows padded to whole tiles

@@ -158,7 +158,8 @@ def _split(x, xp):
     """xp (3, NB, K / 32, 16, 32) uint16 = the bf16 parts of x (N, K) (split_bf16x3), tokens beyond N zero."""
     N, K = x.shape
     mask, sixteen = np.uint32(0xFFFF0000), np.uint32(16)
-    xp[:] = 0
+    for n in range(N, xp.shape[1] * 16):  # the padding token rows
+        xp[:, n // 16, :, n % 16, :] = 0
     for n in range(N):
         jb, t = n // 16, n % 16
         for c in range(K // 32):
@@ -248,9 +249,9 @@ def _rows(xp, w, r0, r1, out, cfg, bpanel):
     _release()
 
 
-def usable(N: int, K: int, R: int) -> bool:
-    """Whether a product of N activation rows by a bf16 weight (R, K) goes to the tiles: AMX here, K in whole
-    tiles, at least one 32-row block of weights."""
+def usable(K: int, R: int) -> bool:
+    """Whether a product by a bf16 weight (R, K) goes to the tiles: AMX here, K in whole tiles, at least one
+    32-row block of weights."""
     return K % 32 == 0 and R >= 32 and available()
 
 

@@ -516,7 +516,7 @@ def linear(x: np.ndarray, w) -> np.ndarray:
         return out.reshape(*x.shape[:-1], R)
     matvec, rows = KINDS[kind]
     arrays = w.kernel_args()
-    if kind == "bf16" and N >= BLAS_MIN_ROWS and amx.usable(N, K, R):
+    if _on_tiles(kind, N, K, R):
         return _bf16_tiles(x2, amx.split_bf16x3(x2), arrays[0]).reshape(*x.shape[:-1], R)
     out = np.empty((N, R), np.float32)  # (N, R)
     if N < BLAS_MIN_ROWS:
@@ -546,7 +546,7 @@ def linears(x: np.ndarray, *ws) -> tuple:
         return tuple(linear(x, w) for w in ws)
     x2 = x.reshape(-1, x.shape[-1]) if x.flags.c_contiguous else as_f32_rows(x)  # (N, K)
     (N, K) = x2.shape
-    if kind == "bf16" and N >= BLAS_MIN_ROWS and all(w.shape[1] == K and amx.usable(N, K, w.shape[0]) for w in ws):
+    if all(w.shape[1] == K and _on_tiles(kind, N, K, w.shape[0]) for w in ws):
         parts = amx.split_bf16x3(x2)  # once for the weights that read the same x
         return tuple(_bf16_tiles(x2, parts, w.kernel_args()[0]).reshape(*x.shape[:-1], w.shape[0]) for w in ws)
     if x2.shape[0] >= BLAS_MIN_ROWS or any(w.shape[1] != x2.shape[1] for w in ws):
@@ -556,6 +556,12 @@ def linears(x: np.ndarray, *ws) -> tuple:
     pad = 3 - len(ws)
     SIXTEEN[kind](x2, *arrays, *[_NO_W] * pad, *outs, *[_NO_OUT] * pad)
     return tuple(out.reshape(*x.shape[:-1], out.shape[1]) for out in outs)
+
+
+def _on_tiles(kind: "str | None", N: int, K: int, R: int) -> bool:
+    """Whether N rows of x times a weight (R, K) of this format run on AMX tiles (a bf16 prefill where
+    kernels/amx.py can take it)."""
+    return kind == "bf16" and N >= BLAS_MIN_ROWS and amx.usable(K, R)
 
 
 def _bf16_tiles(x2: np.ndarray, parts: np.ndarray, w: np.ndarray) -> np.ndarray:

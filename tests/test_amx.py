@@ -57,12 +57,12 @@ def test_split_is_exact(x):
 
 def test_off_by_environment(monkeypatch):
     monkeypatch.setenv("LLAMA_REF_AMX", "0")
-    assert not amx.available() and not amx.usable(64, 64, 64)
+    assert not amx.available() and not amx.usable(64, 64)
 
 
 def test_unusable_shapes():
-    assert not amx.usable(64, 48, 64)  # K not in whole tiles of 32
-    assert not amx.usable(64, 64, 31)  # fewer than 32 weight rows
+    assert not amx.usable(48, 64)  # K not in whole tiles of 32
+    assert not amx.usable(64, 31)  # fewer than 32 weight rows
 
 
 @needs_amx

@@ -154,32 +154,41 @@ def _transpose16(typingctx, src, stride, dst):
 # ---- the activations' three parts ------------------------------------------------------------------------------
 
 @njit(**JIT)
-def _split(x, xp):
-    """xp (3, NB, K / 32, 16, 32) uint16 = the bf16 parts of x (N, K) (split_bf16x3), tokens beyond N zero."""
+def _split(x, xp, b0, b1):
+    """xp[:, b0:b1] = the bf16 parts of x (N, K) (split_bf16x3) for the token blocks b0 .. b1 - 1 (16 tokens each),
+    tokens beyond N zero. xp (3, NB, K / 32, 16, 32) uint16. One tile (16 tokens x 32 k's) at a time, each part's
+    1 KiB written in order, and the 32 k's of a token in one vectorized step."""
     N, K = x.shape
     mask, sixteen = np.uint32(0xFFFF0000), np.uint32(16)
-    for n in range(N, xp.shape[1] * 16):  # the padding token rows
-        xp[:, n // 16, :, n % 16, :] = 0
-    for n in range(N):
-        jb, t = n // 16, n % 16
+    for jb in range(b0, b1):
         for c in range(K // 32):
-            for k in range(32):
-                v = np.float32(x[n, c * 32 + k])
-                hi = np.uint32(v.view(np.uint32) & mask)  # v's top 16 bits
-                r1 = np.float32(v - hi.view(np.float32))  # exact: v and hi share their leading bits
-                mid = np.uint32(r1.view(np.uint32) & mask)
-                lo = np.float32(r1 - mid.view(np.float32))  # exact, and at most 8 significant bits: a bf16
-                xp[0, jb, c, t, k] = np.uint16(hi >> sixteen)
-                xp[1, jb, c, t, k] = np.uint16(mid >> sixteen)
-                xp[2, jb, c, t, k] = np.uint16(lo.view(np.uint32) >> sixteen)
+            for t in range(16):
+                n = jb * 16 + t
+                if n >= N:  # a padding token row
+                    xp[:, jb, c, t, :] = 0
+                    continue
+                for k in range(32):
+                    v = np.float32(x[n, c * 32 + k])
+                    hi = np.uint32(v.view(np.uint32) & mask)  # v's top 16 bits
+                    r1 = np.float32(v - hi.view(np.float32))  # exact: v and hi share their leading bits
+                    mid = np.uint32(r1.view(np.uint32) & mask)
+                    lo = np.float32(r1 - mid.view(np.float32))  # exact, and at most 8 significant bits: a bf16
+                    xp[0, jb, c, t, k] = np.uint16(hi >> sixteen)
+                    xp[1, jb, c, t, k] = np.uint16(mid >> sixteen)
+                    xp[2, jb, c, t, k] = np.uint16(lo.view(np.uint32) >> sixteen)
 
 
-def split_bf16x3(x: np.ndarray) -> np.ndarray:
+def split_bf16x3(x: np.ndarray, each_block=None) -> np.ndarray:
     """x (N, K) float32, K a multiple of 32 -> (3, ceil(N / 32) * 2, K / 32, 16, 32) uint16: the bfloat16
-    parts hi, mid, lo with hi + mid + lo == x exactly, in A tiles (16 tokens x 32 k's), 64-byte aligned."""
+    parts hi, mid, lo with hi + mid + lo == x exactly, in A tiles (16 tokens x 32 k's), 64-byte aligned.
+    each_block(total, step, block), as product's, shares the token blocks out to threads (else one thread)."""
     N, K = x.shape
     xp = _aligned((3, -(-N // TOKENS) * 2, K // 32, 16, 32), np.uint16)  # (3, NB, K/32, 16, 32)
-    _split(np.ascontiguousarray(x, dtype=np.float32), xp)
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if each_block is None:
+        _split(x, xp, 0, xp.shape[1])
+    else:
+        each_block(xp.shape[1], 4, lambda b0, b1: _split(x, xp, b0, b1))  # 64 tokens a work item
     return xp
 
 
@@ -259,6 +268,8 @@ def product(x2: np.ndarray, xp: np.ndarray, w: np.ndarray, each_block) -> np.nda
     """out (N, R) = x2 (N, K) @ w.T for w (R, K) bf16 bits (uint16), with xp = split_bf16x3(x2): rows in blocks of
     32 on the tiles, shared by each_block(total, step, block) (block(r0, r1) runs on some thread); a last
     R % 32 rows are left to the caller (returned columns not written: the second value says from where)."""
+    if not available():  # without the permission (and the asm parser) the first tile instruction kills the process
+        raise RuntimeError("kernels.amx.product: no AMX-BF16 tiles here (amx.available() is False)")
     N = x2.shape[0]
     R = w.shape[0]
     w = np.ascontiguousarray(w)  # _rows steps through rows by address (a copy only for a strided view)

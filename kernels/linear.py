@@ -517,7 +517,7 @@ def linear(x: np.ndarray, w) -> np.ndarray:
     matvec, rows = KINDS[kind]
     arrays = w.kernel_args()
     if _on_tiles(kind, N, K, R):
-        return _bf16_tiles(x2, amx.split_bf16x3(x2), arrays[0]).reshape(*x.shape[:-1], R)
+        return _bf16_tiles(x2, amx.split_bf16x3(x2, _shared), arrays[0]).reshape(*x.shape[:-1], R)
     out = np.empty((N, R), np.float32)  # (N, R)
     if N < BLAS_MIN_ROWS:
         matvec(x2, *arrays, out)
@@ -547,7 +547,7 @@ def linears(x: np.ndarray, *ws) -> tuple:
     x2 = x.reshape(-1, x.shape[-1]) if x.flags.c_contiguous else as_f32_rows(x)  # (N, K)
     (N, K) = x2.shape
     if all(w.shape[1] == K and _on_tiles(kind, N, K, w.shape[0]) for w in ws):
-        parts = amx.split_bf16x3(x2)  # once for the weights that read the same x
+        parts = amx.split_bf16x3(x2, _shared)  # once for the weights that read the same x
         return tuple(_bf16_tiles(x2, parts, w.kernel_args()[0]).reshape(*x.shape[:-1], w.shape[0]) for w in ws)
     if x2.shape[0] >= BLAS_MIN_ROWS or any(w.shape[1] != x2.shape[1] for w in ws):
         return tuple(linear(x, w) for w in ws)  # (a weight of another width: whatever linear does with it)
@@ -568,13 +568,17 @@ def _bf16_tiles(x2: np.ndarray, parts: np.ndarray, w: np.ndarray) -> np.ndarray:
     """x2 (N, K) @ w.T for bf16 bits w (R, K) on AMX tiles (kernels/amx.py; parts = amx.split_bf16x3(x2)), the
     threads of the policy sharing its blocks of rows; the last R % 32 rows, if any, as a decoded tile through
     BLAS. -> (N, R) float32."""
-    n = threads.count()
-    out, done = amx.product(x2, parts, w, lambda total, step, block: threads.each_block(total, step, block, n))
+    out, done = amx.product(x2, parts, w, _shared)
     if done < w.shape[0]:
         tail = np.empty((w.shape[0] - done, w.shape[1]), np.float32)
         _rows_bf16(w, np.arange(done, w.shape[0]), tail)
         out[:, done:] = x2 @ tail.T  # (N, R % 32)
     return out
+
+
+def _shared(total: int, step: int, block) -> None:
+    """block(i0, i1) over range(total), step at a time, on the policy's threads (runtime.threads.each_block)."""
+    threads.each_block(total, step, block, threads.count())
 
 
 def _by_row_blocks(x2: np.ndarray, out: np.ndarray, step: int, weight_rows) -> None:

@@ -55,6 +55,13 @@ def test_split_is_exact(x):
     assert not parts_as_rows(xp, xp.shape[1] * 16)[:, x.shape[0]:].any()
 
 
+def test_split_on_threads_is_the_same():
+    # The token blocks shared out to two threads (four blocks of 16 tokens a work item): the same tiles.
+    x = np.random.default_rng(2).standard_normal((150, 96)).astype(np.float32)
+    two = amx.split_bf16x3(x, lambda total, step, block: threads.each_block(total, step, block, 2))
+    np.testing.assert_array_equal(two, amx.split_bf16x3(x))
+
+
 def test_off_by_environment(monkeypatch):
     monkeypatch.setenv("LLAMA_REF_AMX", "0")
     assert not amx.available() and not amx.usable(64, 64)
@@ -88,7 +95,7 @@ def test_linears_share_one_split_and_equal_linear(monkeypatch):
     x = rng.standard_normal((2, 20, 256)).astype(np.float32)
     splits = []
     split = amx.split_bf16x3
-    monkeypatch.setattr(amx, "split_bf16x3", lambda a: splits.append(1) or split(a))
+    monkeypatch.setattr(amx, "split_bf16x3", lambda *a: splits.append(1) or split(*a))
     got = kernels.linears(x, *ws)
     assert splits == [1]
     for g, w in zip(got, ws):
@@ -119,3 +126,12 @@ def test_float32_accuracy_as_sgemm():
     sgemm = x @ wf.T
     rms = lambda a: float(np.sqrt(np.mean((a - truth) ** 2)))  # noqa: E731
     assert rms(got) <= 2 * rms(sgemm)
+
+
+def test_product_refused_without_tiles(monkeypatch):
+    # Called directly where the tiles are not lent (here: switched off), product refuses in Python rather than
+    # reaching a tile instruction, which would end the process.
+    monkeypatch.setenv("LLAMA_REF_AMX", "0")
+    x = np.ones((32, 32), np.float32)
+    with pytest.raises(RuntimeError, match="AMX"):
+        amx.product(x, amx.split_bf16x3(x), np.zeros((32, 32), np.uint16), lambda *a: None)

@@ -19,6 +19,7 @@ from llama_ref import kernels
 from llama_ref.model import ops
 from llama_ref.weights import packed
 from llama_ref.model.config import ModelArgs
+from llama_ref.runtime import threads
 
 FEW = settings(max_examples=12, deadline=None)
 
@@ -254,6 +255,23 @@ def test_swiglu_prefill_sized():
     rng = np.random.default_rng(6)
     gate, up = rng.standard_normal((2, 40000)).astype(np.float32), rng.standard_normal((2, 40000)).astype(np.float32)
     np.testing.assert_allclose(kernels.swiglu(gate, up), ops.swiglu(gate, up), rtol=3e-6, atol=1e-30)
+
+
+def test_swiglu_shared_by_threads_is_the_one_loop(monkeypatch):
+    # A prefill's gate, cut into pieces for the pool's threads (with a last partial piece): the same bits as the
+    # one serial loop, every element computed alone.
+    EL = importlib.import_module("llama_ref.kernels.elementwise")
+    rng = np.random.default_rng(8)
+    shape = (3, EL.SWIGLU_STEP - 7)
+    gate, up = (8 * rng.standard_normal(shape)).astype(np.float32), rng.standard_normal(shape).astype(np.float32)
+    one = np.empty(gate.size, np.float32)
+    EL._swiglu(gate.reshape(-1), up.reshape(-1), one)
+    monkeypatch.setattr(threads, "count", lambda: 2)
+    shared, each_block = [], threads.each_block
+    monkeypatch.setattr(threads, "each_block", lambda *a: shared.append(a[:2]) or each_block(*a))
+    got = kernels.swiglu(gate, up)
+    assert shared == [(gate.size, EL.SWIGLU_STEP)]
+    np.testing.assert_array_equal(got.reshape(-1), one)
 
 
 def ulps_apart(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -416,3 +417,36 @@ def test_gguf_writer_holds_one_tensor_at_a_time(tmp_path):
     for name, w in weights.items():
         kept = w if name.endswith("norm.weight") else w.astype(np.float16)  # norms stay float32 in the file
         np.testing.assert_array_equal(np.asarray(back[name], dtype=np.float32), kept.astype(np.float32))
+
+
+# ---- memory: one tensor at a time ---------------------------------------------------------------------------
+
+class _Counted(dict):
+    """Weights that hand out a fresh array on each lookup, counting how many of those are still alive."""
+
+    def __init__(self, weights):
+        super().__init__(weights)
+        self.live = self.most = 0
+
+    def _gone(self):
+        self.live -= 1
+
+    def __getitem__(self, name):
+        fresh = np.array(super().__getitem__(name))
+        weakref.finalize(fresh, self._gone)
+        self.live += 1
+        self.most = max(self.most, self.live)
+        return fresh
+
+
+@pytest.mark.parametrize("out", ["f32", "bf16"])
+def test_hf_writer_holds_one_tensor_at_a_time(tmp_path, out):
+    # The safetensors header needs every shape first; the tensors themselves are made one by one as they are
+    # written (an 8B checkpoint would otherwise sit whole in memory: 16 GB in bf16). The file is the same.
+    args = tiny_args()
+    weights = _Counted(random_weights(args, seed=4))
+    writers.write_hf(tmp_path / "hf", args, weights, out)
+    assert weights.most == 1
+    plain = tmp_path / "plain"
+    writers.write_hf(plain, args, dict(random_weights(args, seed=4)), out)
+    assert (tmp_path / "hf" / "model.safetensors").read_bytes() == (plain / "model.safetensors").read_bytes()

@@ -52,21 +52,27 @@ def raw_elements(w, out: str) -> np.ndarray:
 
 
 class _LazyRaw:
-    """raw_elements(weights[name], out), made only when gguf's writer copies it to the file: the writer keeps
-    every tensor it is given until the end, so a whole model converted (16 GB at 8B in F16) would sit in memory
-    at once. The tensor is looked up then too: a mapping may make its values on access."""
+    """raw_elements(weights[name], out), made only when a writer copies it to the file: gguf's writer keeps every
+    tensor it is given until the end, and a safetensors header needs every shape before the first byte, so a
+    whole model made up front (16 GB at 8B in 16 bits) would sit in memory at once. The tensor is looked up
+    then too: a mapping may make its values on access. heads: wq / wk go to HF's half-split RoPE row order."""
 
-    def __init__(self, weights, name: str, shape: tuple, out: str):
-        self.weights, self.name, self.out = weights, name, out
+    def __init__(self, weights, name: str, shape: tuple, out: str, heads: "int | None" = None):
+        self.weights, self.name, self.out, self.heads = weights, name, out, heads
         self.shape = tuple(shape)
         self.dtype = np.dtype(OUT_DTYPES[out][0])
         self.nbytes = int(np.prod(self.shape)) * self.dtype.itemsize
 
-    def tofile(self, f) -> None:
+    def array(self) -> np.ndarray:
         raw = raw_elements(self.weights[self.name], self.out)
         if raw.shape != self.shape:
             raise WeightsError(f"cannot write: tensor {self.name} has shape {raw.shape}, expected {self.shape}")
-        raw.tofile(f)
+        if self.heads is not None:
+            raw = permute_meta_to_hf(raw, self.heads)
+        return np.ascontiguousarray(raw)
+
+    def tofile(self, f) -> None:
+        self.array().tofile(f)
 
 
 def canonical_items(args: ModelArgs, weights: dict) -> list[str]:
@@ -274,7 +280,9 @@ def write_safetensors(path: Path, tensors: list[tuple[str, np.ndarray, str]], me
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(blob)) + blob)
         for _, raw, _ in tensors:
-            f.write(memoryview(np.ascontiguousarray(raw)).cast("B"))
+            data = raw.array() if isinstance(raw, _LazyRaw) else np.ascontiguousarray(raw)
+            f.write(memoryview(data).cast("B"))
+            del data  # before the next tensor is made
             if on_tensor:
                 on_tensor()
 
@@ -294,13 +302,13 @@ def write_hf(dst: Path, args: ModelArgs, weights: dict, out: str, on_tensor=None
         items = writers_llama4.hf_tensors(args, weights, out, raw_elements)
     else:
         config = hf_config(args, out)
+        shapes = expected_shapes(args)
         items = []
-        for name in canonical_items(args, weights):
-            raw = raw_elements(weights[name], out)  # norms included, as HF's own files do
-            if name.endswith(("attention.wq.weight", "attention.wk.weight")):
-                # Back to HF's half-split RoPE row order (q with n_heads, k with n_kv_heads).
-                raw = permute_meta_to_hf(raw, args.n_heads if ".wq." in name else args.kv_heads).copy()
-            items.append((meta_name_to_hf(name), raw))
+        for name in canonical_items(args, weights):  # norms included, as HF's own files do
+            # Back to HF's half-split RoPE row order (q with n_heads, k with n_kv_heads).
+            heads = ((args.n_heads if ".wq." in name else args.kv_heads)
+                     if name.endswith(("attention.wq.weight", "attention.wk.weight")) else None)
+            items.append((meta_name_to_hf(name), _LazyRaw(weights, name, shapes[name], out, heads)))
     (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     shards: list[list] = [[]]
     size = 0

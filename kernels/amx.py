@@ -28,10 +28,13 @@ registers, so they keep their values between the statements). Linux lends the ti
 process that asks (arch_prctl ARCH_REQ_XCOMP_PERM): available() asks once, and says False on a CPU without
 AMX-BF16, where the kernel refuses, or with LLAMA_REF_AMX=0; kernels/linear.py then takes the sgemm path.
 
-Measured (session 40, a 2-core Sapphire Rapids-class VM; 1B: benchmarks/results/shapes-llama-3.2-1b_*_s40*):
-512 x 2048 x 2048, one thread 82 GMAC/s against sgemm's 49, two threads 101 against 80. A TDPBF16PS alone runs at
-17 ns here; with its operands' tile loads it averaged 27 ns in L1 (a tile register is not renamed: a load waits
-for the products reading the register before it) and 36 ns in this kernel.
+Measured (sessions 40-41, a 2-core Sapphire Rapids-class VM; 1B: benchmarks/results/shapes-llama-3.2-1b_*_s4*):
+a TDPBF16PS alone runs at 17 ns here; with its operands' tile loads it averaged 27 ns in L1 (a tile register is
+not renamed: a load waits for the products reading the register before it). This kernel, 512 x 2048 x 2048 on one
+thread pinned to a core (sgemm: 49 GMAC/s): 17 ns a TDPBF16PS, 154-166 GMAC/s of exact float32 products, at
+moments when the core's AMX unit is free, 40-45 ns (61-69 GMAC/s) at others; a thread pinned to each vCPU at once
+summed 151-183 GMAC/s, about one free unit's rate, and the two threads of one product reach 154-204: the VM's two
+vCPUs behave as if they shared one AMX unit, which then bounds a prefill on both.
 """
 
 from __future__ import annotations

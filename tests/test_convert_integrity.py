@@ -11,7 +11,6 @@ import signal
 import socket
 import subprocess
 import sys
-import weakref
 from pathlib import Path
 
 import numpy as np
@@ -419,34 +418,33 @@ def test_gguf_writer_holds_one_tensor_at_a_time(tmp_path):
         np.testing.assert_array_equal(np.asarray(back[name], dtype=np.float32), kept.astype(np.float32))
 
 
-# ---- memory: one tensor at a time ---------------------------------------------------------------------------
+def test_hf_writer_holds_one_tensor_at_a_time(tmp_path):
+    """A safetensors header needs every shape before the first byte; the HF writer takes them from the config and
+    makes each tensor (bf16, wq / wk back in HF's row order) only as it copies it to the file, as the GGUF writer
+    above: writing an 8B model held all of it (15 GB) before."""
+    import tracemalloc
 
-class _Counted(dict):
-    """Weights that hand out a fresh array on each lookup, counting how many of those are still alive."""
+    class MadeOnAccess(dict):  # as benchmarks/shapes.py's RandomWeights: a new array at every lookup
+        def __getitem__(self, name):
+            return dict.__getitem__(self, name).copy()
 
-    def __init__(self, weights):
-        super().__init__(weights)
-        self.live = self.most = 0
+    args = tiny_args(dim=256, n_layers=8, n_heads=4, n_kv_heads=2, vocab_size=256)
+    weights = MadeOnAccess(random_weights(args, seed=6))
+    total_bf16 = sum(w.size * 2 for w in weights.values())
+    writers.write_hf(tmp_path / "warm", tiny_args(), random_weights(tiny_args(), seed=6), "bf16")  # imports
+    tracemalloc.start()
+    try:
+        writers.write_hf(tmp_path / "hf", args, weights, "bf16")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    # a float32 tensor: room for one conversion at a time (the lookup's copy, rounding's uint32 temporaries, bf16)
+    largest = max(w.size * 4 for w in weights.values())
+    assert peak < total_bf16 / 4 and peak < 4 * largest, (peak, total_bf16, largest)
+    from llama_ref.weights.bf16 import float32_to_bf16_bits
+    from llama_ref.weights.hf import load_hf
 
-    def _gone(self):
-        self.live -= 1
-
-    def __getitem__(self, name):
-        fresh = np.array(super().__getitem__(name))
-        weakref.finalize(fresh, self._gone)
-        self.live += 1
-        self.most = max(self.most, self.live)
-        return fresh
-
-
-@pytest.mark.parametrize("out", ["f32", "bf16"])
-def test_hf_writer_holds_one_tensor_at_a_time(tmp_path, out):
-    # The safetensors header needs every shape first; the tensors themselves are made one by one as they are
-    # written (an 8B checkpoint would otherwise sit whole in memory: 16 GB in bf16). The file is the same.
-    args = tiny_args()
-    weights = _Counted(random_weights(args, seed=4))
-    writers.write_hf(tmp_path / "hf", args, weights, out)
-    assert weights.most == 1
-    plain = tmp_path / "plain"
-    writers.write_hf(plain, args, dict(random_weights(args, seed=4)), out)
-    assert (tmp_path / "hf" / "model.safetensors").read_bytes() == (plain / "model.safetensors").read_bytes()
+    back = load_hf(tmp_path / "hf", keep="float32")[1]  # every weight under its name, in Meta's row order again
+    for name, w in weights.items():
+        want = (float32_to_bf16_bits(w).astype(np.uint32) << 16).view(np.float32)
+        np.testing.assert_array_equal(np.asarray(back[name], dtype=np.float32), want)

@@ -388,26 +388,34 @@ def test_a_fetched_model_is_checked_against_its_pinned_sha256(tmp_path, monkeypa
         checksums.verify(other)
 
 
+class MadeOnAccess(dict):
+    """Weights made at every lookup, as benchmarks/shapes.py's RandomWeights: a new array each time."""
+
+    def __getitem__(self, name):
+        return dict.__getitem__(self, name).copy()
+
+
+def peak_bytes(write) -> int:
+    """The most memory Python's allocators held at once while write() ran (tracemalloc)."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        write()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
 def test_gguf_writer_holds_one_tensor_at_a_time(tmp_path):
     """gguf's writer keeps every tensor handed to it until the end: a model converted whole would sit in memory
     (16 GB for an 8B model in F16). The dense writer hands it lazy tensors, looked up and made as each is copied
     to the file."""
-    import tracemalloc
-
-    class MadeOnAccess(dict):  # as benchmarks/shapes.py's RandomWeights: a new array at every lookup
-        def __getitem__(self, name):
-            return dict.__getitem__(self, name).copy()
-
     args = tiny_args(dim=256, n_layers=8, n_heads=4, n_kv_heads=2, vocab_size=256)
     weights = MadeOnAccess(random_weights(args, seed=5))
     total_f16 = sum(w.size * 2 for w in weights.values())
     writers.write_gguf(tmp_path / "warm.gguf", tiny_args(), random_weights(tiny_args(), seed=5), "f16")  # imports
-    tracemalloc.start()
-    try:
-        writers.write_gguf(tmp_path / "m.gguf", args, weights, "f16")
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    peak = peak_bytes(lambda: writers.write_gguf(tmp_path / "m.gguf", args, weights, "f16"))
     largest = max(w.size * 4 for w in weights.values())  # a float32 tensor: room for one conversion at a time
     assert peak < total_f16 / 4 and peak < 3 * largest, (peak, total_f16, largest)
     from llama_ref.weights.gguf import load_gguf
@@ -422,22 +430,11 @@ def test_hf_writer_holds_one_tensor_at_a_time(tmp_path):
     """A safetensors header needs every shape before the first byte; the HF writer takes them from the config and
     makes each tensor (bf16, wq / wk back in HF's row order) only as it copies it to the file, as the GGUF writer
     above: writing an 8B model held all of it (15 GB) before."""
-    import tracemalloc
-
-    class MadeOnAccess(dict):  # as benchmarks/shapes.py's RandomWeights: a new array at every lookup
-        def __getitem__(self, name):
-            return dict.__getitem__(self, name).copy()
-
     args = tiny_args(dim=256, n_layers=8, n_heads=4, n_kv_heads=2, vocab_size=256)
     weights = MadeOnAccess(random_weights(args, seed=6))
     total_bf16 = sum(w.size * 2 for w in weights.values())
     writers.write_hf(tmp_path / "warm", tiny_args(), random_weights(tiny_args(), seed=6), "bf16")  # imports
-    tracemalloc.start()
-    try:
-        writers.write_hf(tmp_path / "hf", args, weights, "bf16")
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    peak = peak_bytes(lambda: writers.write_hf(tmp_path / "hf", args, weights, "bf16"))
     # a float32 tensor: room for one conversion at a time (the lookup's copy, rounding's uint32 temporaries, bf16)
     largest = max(w.size * 4 for w in weights.values())
     assert peak < total_bf16 / 4 and peak < 4 * largest, (peak, total_bf16, largest)

@@ -104,7 +104,7 @@ def test_linears_share_one_split_and_equal_linear(monkeypatch):
 
 @needs_amx
 def test_same_bits_whatever_the_threads():
-    # Every output's sum runs in an order set by K and KC alone: 1 or 2 threads, the same bits.
+    # Every output's sum runs k by k in order: 1 or 2 threads, the same bits.
     rng = np.random.default_rng(5)
     w = bf16_weight(3 * amx.ROWS + 32, 448, rng).data
     x = rng.standard_normal((50, 448)).astype(np.float32)

@@ -304,6 +304,51 @@ def _pair_scales(b, wd, xd, i, scales):
                   None if per == 2 else b.extract_element(halves, ir.Constant(I32, 2 * k + 1))) for k in (0, 1))
 
 
+def splat8(b, v):
+    """A float32 in all 8 lanes of a vector."""
+    v8f = ir.VectorType(F32, 8)
+    return _shuffle(b, b.insert_element(ir.Constant(v8f, ir.Undefined), v, ir.Constant(I32, 0)), [0] * 8)
+
+
+def _tile_scales(b, wd, wds, xd, i, rows, scales, buf):
+    """A decode tile's scales of blocks i and i + 1 for all its rows (rows > 1; one row keeps _pair_scales'
+    registers): each row's two fp16 d (Q5_0, "half") or fp16 pairs d, m (Q5_1, Q4_1: "pair") gathered 8 fp16 to a
+    vector (4 rows, or 2), converted in one vcvtph2ps and multiplied in one vmulps by the activation scales (d_x of
+    block i, i + 1 at each d_w; 1.0 at each m_w, which leaves it as it is), then stored to `buf` (4 float32 a row,
+    on the stack) and read back through an address LLVM cannot see into, so that each block's fma takes its
+    d_w d_x as a broadcast from memory (a load) where a vbroadcastss or vpermps of a register took a shuffle each.
+    Only 256-bit vectors: one 512-bit conversion in the loop (LLVM's choice for 16 fp16) shut half the vector
+    ports and made the Q5_1 tile 1.2x slower. -> per row ((d_w d_x, m_w) of block i, the same of i + 1), d_w d_x
+    as an 8-lane splat, m_w a float32 load (None for Q5_0). The same float32 products as one block at a time
+    (each lane rounded alone)."""
+    c64 = lambda v: ir.Constant(I64, v)  # noqa: E731
+    per = 2 if scales == "half" else 4  # fp16 values a row for two blocks
+    word = I32 if per == 2 else I64
+    dx = _gep_load(b, xd, b.mul(i, c64(4)), ir.VectorType(F32, 2), 4)
+    with_one = b.shuffle_vector(dx, ir.Constant(dx.type, [1.0, 1.0]), ir.Constant(ir.VectorType(I32, 4), [0, 1, 2, 3]))
+    chunk = 8 // per
+    for r0 in range(0, rows, chunk):
+        n = min(chunk, rows - r0)
+        vec = ir.Constant(ir.VectorType(word, n), ir.Undefined)
+        for r in range(n):
+            at = b.add(b.add(wd, b.mul(c64(r0 + r), wds)), b.mul(i, c64(per)))
+            vec = b.insert_element(vec, _gep_load(b, at, c64(0), word, per), ir.Constant(I32, r))
+        halves = b.fpext(b.bitcast(vec, ir.VectorType(ir.HalfType(), n * per)), ir.VectorType(F32, n * per))
+        mult = _shuffle(b, with_one, ([0, 1] if per == 2 else [0, 2, 1, 2]) * n)  # d_x at each d_w, 1.0 at each m_w
+        prod = b.fmul(halves, mult)
+        b.store(prod, b.bitcast(b.gep(buf, [ir.Constant(I32, r0 * per)]), ir.PointerType(prod.type)), align=4)
+    # the buffer's address through an empty asm that may have written memory: the loads below cannot be forwarded
+    # from the stores above (they would become shuffles of prod again)
+    addr = b.asm(ir.FunctionType(I64, [I64]), "", "=r,0,~{memory}", [b.ptrtoint(buf, I64)], True)
+
+    def at(k):  # float k of the buffer
+        return b.load(_ptr(b, b.add(addr, c64(4 * k)), F32), align=4)
+
+    step = per // 2  # a block's floats in the buffer: d_w d_x (and m_w)
+    return [tuple((splat8(b, at(per * r + step * k)), at(per * r + step * k + 1) if per == 4 else None)
+                  for k in (0, 1)) for r in range(rows)]
+
+
 def _scale_half(builder, addr):
     """An fp16 at byte address addr -> float32 (exact). Loaded into a general register (movzwl) and moved over
     whole (vmovd): a 2-byte load into a vector register is vpinsrw, which keeps the rest of its destination, and
@@ -579,12 +624,13 @@ def _define_tile(module, kind, rows, acts, isa):
     dpbusd_w = _declare(module, "llvm.x86.avx512.vpdpbusd.512", v16i, [v16i] * 3) if wide else None
     # A decode's tile of fp16 scales (Q5_0, Q5_1, Q4_1; rows by one activation row) takes two blocks an iteration
     # (then the last block of an odd count alone): the loop's pointer steps, the requests ahead and the scales'
-    # load and conversion (_pair_scales) shared by two blocks. Each block's fma follows the last in block order, as
+    # load and conversion (_tile_scales) shared by two blocks. Each block's fma follows the last in block order, as
     # one at a time: the same sums.
     pairs = acts == 1 and scales in ("pair", "half")
     after, tail = (fn.append_basic_block("after"), fn.append_basic_block("tail")) if pairs else (None, None)
     b = ir.IRBuilder(entry)
     ahead = _rows_ahead(b, ws, rows)
+    scale_buf = b.alloca(F32, size=4 * rows) if pairs and rows > 1 else None
     if pairs:  # into the loop with two blocks to go, else to the last one alone (or none)
         b.cbranch(b.icmp_signed(">", nb, c64(1)), loop, after)
     else:
@@ -596,18 +642,18 @@ def _define_tile(module, kind, rows, acts, isa):
 
     def block_step(b, i, accs, mins, given=None):
         """Block i's products added to accs (and mins): -> the new accs, mins. given (a decode's tile): each
-        row's float32 d_w d_x and m_w of the block, from _pair_scales, instead of loading them here."""
+        row's d_w d_x (an 8-lane splat) and m_w of the block, from _tile_scales, instead of loading them here."""
         four = b.mul(i, c64(4))
 
         def splat(v):
-            return _shuffle(b, b.insert_element(ir.Constant(v8f, ir.Undefined), v, ir.Constant(I32, 0)), [0] * 8)
+            return splat8(b, v)
 
         # Signed 8-bit weights (Q8_0, Q5_0): VNNI takes (x + 128) as unsigned bytes times w, less 128 sum(w) per
         # lane; AVX2 cannot (255 * 128 twice saturates int16) and takes ggml's sign trick, |w| times x with w's
         # sign. Q4_0's nibbles enter both unsigned, less 8 sum(x). A decode's Q5_0 with VNNI (q5_off): its q 0..31
-        # unsigned times x, less a second vpdpbusd of 16 times x (-16 sum(x), no shift, both independent of each
-        # other), where the x + 128 form took four vector instructions more a block (an xor, a vpdpbusd for sum(w),
-        # a shift, a subtraction).
+        # unsigned times x, added by vpdpbusd onto -16 sum(x) (a vpdpbusd of 16 times x, once a block for all
+        # rows), where the x + 128 form took four vector instructions more a block (an xor, a vpdpbusd for sum(w),
+        # a shift, a subtraction) and a subtraction after the products one more a row (in cache 1.05-1.1x).
         fast = isa != "portable"
         signed_bytes = signed and nibbles is not True  # Q8_0's bytes, Q5_0's q - 16; not Q4_0's nibbles
         q5_off = isa == "vnni" and signed and nibbles == "q5"
@@ -649,9 +695,9 @@ def _define_tile(module, kind, rows, acts, isa):
         def lanes(r, a_):
             if not fast:
                 return lanes_portable(b, wvals[r], xq[a_], signed)
-            if q5_off:  # sum (q - 16) x = sum q x - sum 16 x, lane by lane: the same integers
+            if q5_off:  # sum (q - 16) x = -sum 16 x + sum q x, lane by lane: the same integers
                 sixteen = ir.Constant(v32, [16] * 32)
-                return b.sub(lanes_u8s8(b, wvals[r], xq[a_], isa), lanes_u8s8(b, sixteen, xq[a_], isa))
+                return lanes_u8s8_onto(b, b.neg(lanes_u8s8(b, sixteen, xq[a_], isa)), wvals[r], xq[a_], isa)
             if by_x128:  # (VNNI only) from -128 sum(w), onto which vpdpbusd adds (x + 128) w
                 return lanes_u8s8_onto(b, b.neg(w_corr[r]), x_u8[a_], wvals[r], isa)
             if by_sign:
@@ -694,7 +740,7 @@ def _define_tile(module, kind, rows, acts, isa):
                 weight_row(r)
                 for a_ in range(acts):
                     # float32 d_w * d_x
-                    scale = splat(given[r][0]) if given is not None else b.fmul(splat(wdv[r]), xsplat[a_])
+                    scale = given[r][0] if given is not None else b.fmul(splat(wdv[r]), xsplat[a_])
                     k = r * acts + a_
                     new_accs[k] = b.call(fma_v, [scale, b.sitofp(lanes(r, a_), v8f), accs[k]])
         else:
@@ -722,7 +768,13 @@ def _define_tile(module, kind, rows, acts, isa):
                         16 if kind == "q4_0r" else 2 * rows if scales == "half" else 4 * rows,
                         2 if pairs else 1)
     # each row's (block i's, block i + 1's) scales
-    given = [_pair_scales(b, b.add(wd, b.mul(c64(r), wds)), xd, i, scales) for r in range(rows)] if pairs else None
+    if pairs and rows > 1:
+        given = _tile_scales(b, wd, wds, xd, i, rows, scales, scale_buf)
+    elif pairs:  # one row: its pair of scales stays in registers (two broadcasts; no stack)
+        g = _pair_scales(b, wd, xd, i, scales)
+        given = [tuple((splat8(b, s), m) for s, m in g)]
+    else:
+        given = None
     new_accs, new_mins = block_step(b, i, accs, mins, [g[0] for g in given] if pairs else None)
     zeros = [ir.Constant(v16f, [0.0] * 16) if wide else zero8] * n_acc + [zero] * n_min
     if pairs:

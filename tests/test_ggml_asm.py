@@ -282,6 +282,27 @@ def test_q5_0_decode_tile_reads_the_files_blocks():
         assert len(loops[0]) <= (45 if ggml_simd.HAS_GFNI_MASKS else 57), len(loops[0])
 
 
+
+@pytest.mark.parametrize("kind, conversions", [("q5_0c", 1), ("q5_1c", 2), ("q4_1h", 2)])
+def test_4row_decode_tile_takes_its_scales_as_broadcasts_from_memory(kind, conversions):
+    """A decode's 4-row tile of fp16 scales (Q5_0, Q5_1, Q4_1; ggml_simd._tile_scales) converts the 4 rows' scales of
+    its two blocks 8 fp16 at a time (Q5_0's 8 d in one vcvtph2ps, the d, m pairs in two), multiplies and stores them
+    on the stack once, and each of the 8 fma (4 rows, 2 blocks) takes its d_w d_x from there as a broadcast (AVX-512's
+    {1to8} operand, or a vbroadcastss load): none broadcast from a register (a shuffle each, where the products
+    stayed in registers), and no 512-bit register in the loop (LLVM's one zmm conversion of 16 fp16 shut half the
+    vector ports and made the Q5_1 tile 1.2x slower)."""
+    loops = block_loops(tile_asm(kind, 4, 1, simd=1 if ggml_simd.HAS_VNNI else 2))
+    assert len(loops) == 1, [len(body) for body in loops]
+    body = loops[0]
+    names = [ins.split()[0] for ins in body]
+    assert fp16_loads(names) == conversions, body
+    from_memory = [ins for ins in body if ins.startswith("vfmadd") and "{1to8}" in ins]
+    loaded = [ins for ins in body if ins.startswith("vbroadcastss") and "(" in ins]
+    assert len(from_memory) + len(loaded) == 8, body
+    from_registers = [ins for ins in body if ins.startswith(("vbroadcastss", "vpermps")) and "(" not in ins]
+    assert not from_registers, from_registers
+    assert not [ins for ins in body if "zmm" in ins], body
+
 def test_wide_tile_takes_two_activation_rows_a_zmm_vector():
     """simd=3 on a CPU with AVX-512 VNNI (ggml_simd.HAS_VNNI512): the 4 x 4 prefill tile of Q8_0 holds the pairs
     (row, activation a) and (row, a + 1) in one 512-bit vector: 8 zmm vpdpbusd, vcvtdq2ps, vmulps and vfmadd a block

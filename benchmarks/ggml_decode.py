@@ -298,8 +298,9 @@ def table(report: dict) -> str:
         return "\n".join(lines + prefill_rows(report))
     pre = [k for k in report["rounds"][0].get(f"{next(iter(report['formats']))} ggml", {})
            if k.startswith("prefill_") and not k.endswith("_cpu")]
-    head = "| format | decode ggml | exact | llama.cpp | ggml / llama.cpp | exact / llama.cpp | ggml % of roofline |"
-    sep = "|---|---|---|---|---|---|---|"
+    head = ("| format | decode ggml | exact | llama.cpp | ggml / llama.cpp | exact / llama.cpp | ggml % of roofline "
+            "| each round's % of its own probe |")
+    sep = "|---|---|---|---|---|---|---|---|"
     for key in pre:
         head += f" {key.replace('_', ' ')} ggml | exact | llama.cpp | ggml / llama.cpp | exact / llama.cpp |"
         sep += "---|---|---|---|---|"
@@ -310,7 +311,7 @@ def table(report: dict) -> str:
         row = (f"| {kind} | {_cell(best['ggml'], '.1f')} | {_cell(best['exact'], '.1f')} | {best['llama.cpp']:.1f} "
                f"| {_cell(_best_ratio(report, kind, 'ggml', 'decode'), '.2f', 'x')} "
                f"| {_cell(_best_ratio(report, kind, 'exact', 'decode'), '.2f', 'x')} "
-               f"| {_cell(100 * best['ggml'] / roof, '.0f', '%')} |")
+               f"| {_cell(100 * best['ggml'] / roof, '.0f', '%')} | {_round_roofline(report, kind, f['bytes'])} |")
         for key in pre:
             row += (f" {_cell(_best(report, kind, 'ggml', key), '.0f')} "
                     f"| {_cell(_best(report, kind, 'exact', key), '.0f')} "
@@ -343,9 +344,21 @@ def table(report: dict) -> str:
     if report.get("compare_threads") or report.get("variants"):
         lines += threads_rows(report)
     lines += ["", "Speeds in tokens/s. Roofline: the GGUF's bytes read once per token at the read bandwidth "
-              "measured in the same run (best round). Ratios: the best round's; with one thread, also the range "
-              "over rounds."]
+              "measured in the same run (best round); each round's: that round's decode against that round's probe "
+              "(on a shared machine the probe itself moves from round to round). Ratios: the best round's; with one "
+              "thread, also the range over rounds."]
     return "\n".join(lines + [""] + report.get("notes", []))  # notes: what a person adds to the .json by hand
+
+
+
+def _round_roofline(report: dict, kind: str, nbytes: int) -> str:
+    """Each round's ggml decode as a percentage of the roofline of the bandwidth probe of the same round, in round
+    order ("-" where a round has no decode or no probe)."""
+    cells = []
+    for r in report["rounds"]:
+        decode, probe = r.get(f"{kind} ggml", {}).get("decode"), r.get("bandwidth", {}).get("read_gb_s")
+        cells.append(f"{100 * decode * nbytes / (probe * 1e9):.0f}%" if decode and probe else "-")
+    return " / ".join(cells)
 
 
 if __name__ == "__main__":

@@ -12,9 +12,6 @@ import os
 from pathlib import Path
 
 import numpy as np
-from llvmlite import ir
-from numba import types
-from numba.extending import intrinsic
 
 # Importing the thread policy sets GOMP_SPINCOUNT (how long Numba's OpenMP threads spin between kernels)
 # before Numba can start its threads.
@@ -126,22 +123,3 @@ def layer_matrix_shapes(args, w1) -> tuple:
     D, H, KVH, HD = args.dim, args.n_heads, args.kv_heads, args.head_dim
     F = w1.shape[0] if getattr(w1, "ndim", 0) == 2 else -1
     return ((H * HD, D), (KVH * HD, D), (KVH * HD, D), (D, H * HD), (F, D), (F, D), (D, F))
-
-
-# Runs of work items a thread of a decode's parallel region claims on average (claim): a static share each (prange's
-# schedule) made a 2-thread step as slow as its slower thread, half a step behind when another tenant took a core.
-RUNS_PER_THREAD = 8
-
-
-@intrinsic
-def claim(typingctx, counter):
-    """counter[0] += 1 as one atomic instruction (lock xadd), -> its value before: the next work item for the thread
-    that asks (counter: an int64 array the threads share). A parallel region whose threads claim their items this
-    way finishes with the slowest thread's last item, not with its whole static share: on a machine whose other
-    tenants take a core now and then, the thread that keeps its core does the rest."""
-    sig = types.int64(counter)
-
-    def codegen(context, builder, signature, args):
-        data = context.make_array(signature.args[0])(context, builder, args[0]).data
-        return builder.atomic_rmw("add", data, ir.Constant(ir.IntType(64), 1), "monotonic")
-    return sig, codegen

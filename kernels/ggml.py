@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import weakref
 
-import numba
 import numpy as np
 from numba import njit, prange
 
@@ -26,7 +25,7 @@ from llama_ref.model import ggml as spec
 from llama_ref.model.ggml import embedding, rope_frequencies  # noqa: F401  (the specification's own)
 
 from . import ggml_simd as simd
-from ._common import JIT, RUNS_PER_THREAD, claim, readonly
+from ._common import JIT, readonly
 from .ggml_ops import apply_rope, attention, rms_norm, rope_tables, serial_product, swiglu  # noqa: F401
 
 ROWS = 16  # weight rows per parallel work item: their bytes stay in cache while every activation row passes
@@ -136,7 +135,7 @@ def _dot(kind, many_rows, many_acts, w, ws, wd, wm, wds, x, xst, xd, xs, xds, nb
 
 
 @njit(parallel=True, **JIT)
-def _linear(kind, xq, xd, xs, qs, d, m, out, use_simd, threads):
+def _linear(kind, xq, xd, xs, qs, d, m, out, use_simd):
     """out (N, R) = ggml's dot product of every weight row (qs (R, bytes) with scales d, mins m (R, nb);
     repacked Q4_0: d = m its fp16 scales in tiles; Q4_1, Q5_1: d = m their fp16 pairs; Q5_0: d = m its fp16 d;
     see _weight_args) with every quantized activation row
@@ -151,8 +150,7 @@ def _linear(kind, xq, xd, xs, qs, d, m, out, use_simd, threads):
     asking for the weights ~4 KB ahead: a weight read once streams from memory. On an AVX2 EPYC one row after
     another, what its prefetchers follow: rows 4 at a time were as fast in cache there but took 1.3-2.4x longer
     out of it (Q8_0 and Q4_1, 576 and 1536 columns, one thread); on an Intel Xeon 4 at a time are faster in
-    cache and as fast streamed (DECODE_ROWS). Every row's sums are the same either way, bit for bit. Its tiles
-    go to the threads in runs that each claims when it is free (_common.claim), not in static shares."""
+    cache and as fast streamed (DECODE_ROWS). Every row's sums are the same either way, bit for bit."""
     N, K = xq.shape
     R, nb = d.shape
     # wds: bytes between the scales of two weight rows (float32, or the fp16 scales and pairs)
@@ -163,22 +161,11 @@ def _linear(kind, xq, xd, xs, qs, d, m, out, use_simd, threads):
     off = _x_offsets(xq, kind == 3)  # repacked Q4_0's tiles take 8 sum(x) per block from here, not xs
     if kind == 3:
         xs0 = np.int64(off.ctypes.data)
-    tiles = (R + ROWS - 1) // ROWS
-    if N == 1:  # a decode: each thread claims runs of tiles until none are left (ggml_step's _products)
-        runs = min(tiles, RUNS_PER_THREAD * threads)
-        counter = np.empty(1, np.int64)  # (np.zeros would be a parallel region of its own)
-        counter[0] = 0
-        for p in prange(threads):
-            c = claim(counter)
-            while c < runs:
-                for tile in range(tiles * c // runs, tiles * (c + 1) // runs):
-                    _decode_rows(kind, xq, xd, xs, off, qs, d, m, out, use_simd, np.int64(tile * ROWS),
-                                 min(R, (tile + 1) * ROWS))
-                c = claim(counter)
-        return
-    for c in prange(tiles):
+    for c in prange((R + ROWS - 1) // ROWS):
         r0, r1 = np.int64(c * ROWS), min(R, (c + 1) * ROWS)
-        if kind == 1 or kind == 5:
+        if N == 1:
+            _decode_rows(kind, xq, xd, xs, off, qs, d, m, out, use_simd, r0, r1)
+        elif kind == 1 or kind == 5:
             _q5_tile(kind, w0 + r0 * ws, ws, d0 + r0 * wds, wds, nb, K, r0, r1, x0, xd0, xs0, o0, N, R, use_simd,
                      np.empty(ROWS * K, np.uint8), np.empty(2 * ROWS * nb, np.float32))
         else:
@@ -431,7 +418,7 @@ def quantized_linear(x2: np.ndarray, w, use_simd: "int | None" = None, acts: "tu
         _decode_serial(kind, x2, qs, d, m, out, use)
         return out
     xq, xd, xs = quantize_q8(x2) if acts is None else acts
-    _linear(kind, xq, xd, xs, qs, d, m, out, use, numba.get_num_threads())
+    _linear(kind, xq, xd, xs, qs, d, m, out, use)
     return out
 
 

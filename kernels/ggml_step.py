@@ -39,7 +39,7 @@ from llama_ref.model import ggml as spec
 
 from . import ggml as legacy
 from . import ggml_linears as gl
-from ._common import JIT, RUNS_PER_THREAD, claim, layer_matrix_shapes, layer_tensor_names
+from ._common import JIT, layer_matrix_shapes, layer_tensor_names
 from .ggml_ops import _attention_item, _rms_norm_row, _rope_row, _swiglu_row
 from .ggml_simd import fp16_round
 
@@ -82,19 +82,12 @@ def _products(g, x, table, groups, out, use_simd, serial, threads):
     tiles = groups[g, TILES]
     if serial:
         _tiles(0, tiles, t, xq, xd, xs, off, kq8, kd, kbs, out, use_simd)
-    else:  # one loop per thread, each claiming runs of tiles (claim) until none are left, RUNS_PER_THREAD runs a
-        # thread, a call each (a call per tile, with its table walk and its arrays' reference counts, cost ~0.1 us,
-        # 8-10 % of a 1B Q4_K product). The thread count comes from Python: numba.get_num_threads() here is a
-        # ctypes call, which Numba's disk cache refuses
+    else:  # one call per thread, its share of the tiles as prange's static schedule would give it: a call per
+        # tile (its table walk, its arrays' reference counts) cost ~0.1 us, 8-10 % of a 1B Q4_K product. The
+        # count comes from Python: numba.get_num_threads() here is a ctypes call, which Numba's disk cache refuses
         n = threads
-        runs = min(tiles, RUNS_PER_THREAD * n)
-        counter = np.empty(1, np.int64)  # (np.zeros would be a parallel region of its own)
-        counter[0] = 0
         for p in prange(n):
-            c = claim(counter)
-            while c < runs:
-                _tiles(tiles * c // runs, tiles * (c + 1) // runs, t, xq, xd, xs, off, kq8, kd, kbs, out, use_simd)
-                c = claim(counter)
+            _tiles(tiles * p // n, tiles * (p + 1) // n, t, xq, xd, xs, off, kq8, kd, kbs, out, use_simd)
 
 
 @njit(**JIT)

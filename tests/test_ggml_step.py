@@ -251,29 +251,3 @@ def test_the_compiled_step_can_be_kept_in_numbas_disk_cache():
         numba.set_num_threads(before)
     compiled = [c for f in (mod._layers_serial, mod._layers_parallel) for c in f.overloads.values()]
     assert compiled and not any(c.library.has_dynamic_globals for c in compiled)
-
-
-def test_threads_claim_every_run_of_tiles_once():
-    """The decode's parallel regions (_products here, ggml._linear's decode) hand out runs of tiles with
-    _common.claim, one atomic add a claim: whatever the threads' pace, every run goes to exactly one thread, and
-    each thread stops at its first claim past the end (the counter ends at runs + threads)."""
-    from numba import njit, prange
-
-    from llama_ref.kernels._common import claim
-
-    @njit(parallel=True)
-    def hand_out(runs, threads):
-        counter = np.empty(1, np.int64)
-        counter[0] = 0
-        taken = np.zeros(runs, np.int64)
-        for p in prange(threads):
-            c = claim(counter)
-            while c < runs:
-                taken[c] += 1
-                c = claim(counter)
-        return taken, counter  # (read here, counter[0] may be taken before the loop: Numba cannot see claim write it)
-
-    threads = numba.get_num_threads()
-    for runs in (1, 7, 5000):
-        taken, counter = hand_out(runs, threads)
-        assert (taken == 1).all() and counter[0] == runs + threads, (runs, np.unique(taken), counter)

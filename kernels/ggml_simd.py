@@ -316,8 +316,9 @@ def _tile_scales(b, wd, wds, xd, i, rows, scales, buf):
     vector (4 rows, or 2), converted in one vcvtph2ps and multiplied in one vmulps by the activation scales (d_x of
     block i, i + 1 at each d_w; 1.0 at each m_w, which leaves it as it is), then stored to `buf` (4 float32 a row,
     on the stack) and read back through an address LLVM cannot see into, so that each block's fma takes its
-    d_w d_x as a broadcast from memory (a load) where a vbroadcastss or vpermps of a register took a shuffle each.
-    Only 256-bit vectors: one 512-bit conversion in the loop (LLVM's choice for 16 fp16) shut half the vector
+    d_w d_x as a broadcast from memory (a load) where a vbroadcastss or vpermps of a register took a shuffle each
+    (one thread in cache: Q5_0 1.09-1.37x, Q5_1 1.13-1.18x; streamed, where memory bounds it, the same). Only
+    256-bit vectors: one 512-bit conversion in the loop (LLVM's choice for 16 fp16) shut half the vector
     ports and made the Q5_1 tile 1.2x slower. -> per row ((d_w d_x, m_w) of block i, the same of i + 1), d_w d_x
     as an 8-lane splat, m_w a float32 load (None for Q5_0). The same float32 products as one block at a time
     (each lane rounded alone)."""
@@ -653,7 +654,7 @@ def _define_tile(module, kind, rows, acts, isa):
         # sign. Q4_0's nibbles enter both unsigned, less 8 sum(x). A decode's Q5_0 with VNNI (q5_off): its q 0..31
         # unsigned times x, added by vpdpbusd onto -16 sum(x) (a vpdpbusd of 16 times x, once a block for all
         # rows), where the x + 128 form took four vector instructions more a block (an xor, a vpdpbusd for sum(w),
-        # a shift, a subtraction) and a subtraction after the products one more a row (in cache 1.05-1.1x).
+        # a shift, a subtraction) and a subtraction after the products one more a row (in cache 1.04-1.11x).
         fast = isa != "portable"
         signed_bytes = signed and nibbles is not True  # Q8_0's bytes, Q5_0's q - 16; not Q4_0's nibbles
         q5_off = isa == "vnni" and signed and nibbles == "q5"

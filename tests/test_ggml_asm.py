@@ -282,7 +282,6 @@ def test_q5_0_decode_tile_reads_the_files_blocks():
         assert len(loops[0]) <= (45 if ggml_simd.HAS_GFNI_MASKS else 57), len(loops[0])
 
 
-
 @pytest.mark.parametrize("kind, conversions", [("q5_0c", 1), ("q5_1c", 2), ("q4_1h", 2)])
 def test_4row_decode_tile_takes_its_scales_as_broadcasts_from_memory(kind, conversions):
     """A decode's 4-row tile of fp16 scales (Q5_0, Q5_1, Q4_1; ggml_simd._tile_scales) converts the 4 rows' scales of
@@ -302,6 +301,7 @@ def test_4row_decode_tile_takes_its_scales_as_broadcasts_from_memory(kind, conve
     from_registers = [ins for ins in body if ins.startswith(("vbroadcastss", "vpermps")) and "(" not in ins]
     assert not from_registers, from_registers
     assert not [ins for ins in body if "zmm" in ins], body
+
 
 def test_wide_tile_takes_two_activation_rows_a_zmm_vector():
     """simd=3 on a CPU with AVX-512 VNNI (ggml_simd.HAS_VNNI512): the 4 x 4 prefill tile of Q8_0 holds the pairs

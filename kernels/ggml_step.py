@@ -22,8 +22,9 @@ the one-row products do not take (F32 / F16), a head size that is no multiple of
 cache not known to hold fp16 values (one made without Transformer.new_cache).
 
 The two compiled layers inline code of ggml_linears, ggml.py, ggml_kquants, ggml_ops, ggml_vec and ggml_simd, and
-Numba's on-disk cache checks a kernel against its own file only: after editing any of those delete
-kernels/__pycache__/ggml_step*.nbi and *.nbc too. A first compile of both takes ~1-4 minutes (2-core EPYC).
+Numba's on-disk cache checks a kernel against its own file only; _common.drop_stale_cache drops every cached
+kernel when any of the sources changed, so an edit of one of those recompiles these too. A first compile of both
+takes ~1-4 minutes (2-core EPYC).
 """
 
 from __future__ import annotations

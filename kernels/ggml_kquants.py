@@ -55,7 +55,7 @@ from ._common import JIT, readonly
 from .ggml_ops import serial_product
 from .ggml_simd import (HAS_AVX512BW, HAS_VNNI512, _close_loop, _declare, _gep_load, _hsum8, _prefetch, _ptr,
                         _rows_ahead, _shuffle, dispatch, lanes_portable, lanes_u8s8, lanes_u8s8_onto, madd16,
-                        pairs_u8s8, pairs_u8s8_512, roundeven32, simd_default)
+                        pairs_u8s8, pairs_u8s8_512, roundeven32, simd_default, splat8)
 
 ROWS = 16  # weight rows per parallel work item
 
@@ -178,9 +178,6 @@ def _define_q6_k_tile(module, rows, acts, isa):
         for off in range(0, rows * Q6_BYTES, 64):
             _prefetch(b, b.add(pa, c64(off)))
 
-    def splat(v):
-        return _shuffle(b, b.insert_element(ir.Constant(v8f, ir.Undefined), v, ir.Constant(I32, 0)), [0] * 8)
-
     # Emitted chunk by chunk (32 values), in the order the registers allow: each row's chunk is unpacked
     # from its bytes and meets each activation's chunk, into the (row, activation) pair's integer lanes. A loop
     # over the two 128-value halves (the integer lanes carried), so that LLVM keeps one half's chunks in
@@ -244,7 +241,7 @@ def _define_q6_k_tile(module, rows, acts, isa):
                 offset = b.add(_shuffle(b, prod, even), _shuffle(b, prod, odd))
             t = r * acts + a
             d = b.fmul(xdv, dw[r])  # float32 d_x * d_w
-            new_accs[t] = b.call(fma_v, [splat(d), b.sitofp(b.sub(totals[t], offset), v8f), accs[t]])
+            new_accs[t] = b.call(fma_v, [splat8(b, d), b.sitofp(b.sub(totals[t], offset), v8f), accs[t]])
     i1 = b.add(i, c64(1))  # the super-block loop closes in `tail`
     b.cbranch(b.icmp_signed("<", i1, nb), outer, done)
     i.add_incoming(c64(0), entry)
@@ -369,7 +366,7 @@ def _define_q6_k_gtile(module, acts, isa):
             prod = b.mul(sc32, b.sext(bsum, v16_32))
             offset = b.add(_shuffle(b, prod, even), _shuffle(b, prod, odd))
         d = b.fmul(_gep_load(b, xr, c64(xdo + 4 * a), F32, 4), dw)  # float32 d_x * d_w
-        d8 = _shuffle(b, b.insert_element(ir.Constant(v8f, ir.Undefined), d, ir.Constant(I32, 0)), [0] * 8)
+        d8 = splat8(b, d)
         new_accs.append(b.call(fma_v, [d8, b.sitofp(b.sub(totals[a], offset), v8f), accs[a]]))
     i1 = b.add(i, c64(1))
     b.cbranch(b.icmp_signed("<", i1, nb), loop, done)
@@ -484,13 +481,11 @@ def _define_q5_k_gtile(module, acts, isa):
                       isa)
         imin = part_ if imin is None else b.add(imin, part_)
     xd8 = _gep_load(b, xr, c64(xdo), v8f, 4)  # the rows' d_x (zeros past the last row)
-    dmin = b.fneg(b.fmul(xd8, _shuffle(b, b.insert_element(ir.Constant(v8f, ir.Undefined), dminw,
-                                                           ir.Constant(I32, 0)), [0] * 8)))  # -(d_x * dmin_w)
+    dmin = b.fneg(b.fmul(xd8, splat8(b, dminw)))  # -(d_x * dmin_w)
     new = []
     for a in range(acts):
         xdv = _gep_load(b, xr, c64(xdo + 4 * a), F32, 4)
-        d8 = _shuffle(b, b.insert_element(ir.Constant(v8f, ir.Undefined), b.fmul(xdv, dw), ir.Constant(I32, 0)),
-                      [0] * 8)
+        d8 = splat8(b, b.fmul(xdv, dw))
         new.append(b.call(fma_v, [d8, b.sitofp(totals[a], v8f), accs[a]]))
     new.append(b.call(fma_v, [dmin, b.sitofp(imin, v8f), accs[acts]]))
     i1 = b.add(i, c64(1))
@@ -557,9 +552,6 @@ def _define_q5_k_tile(module, acts, isa):
         for off in range(0, Q5_BYTES, 64):
             _prefetch(b, b.add(b.add(wb, b.mul(ws, ahead)), c64(off)))
 
-    def splat(v):
-        return _shuffle(b, b.insert_element(ir.Constant(v8f, ir.Undefined), v, ir.Constant(I32, 0)), [0] * 8)
-
     dw, dminw, scales, mn8 = _kquant_header(b, wb, isa)  # the block's 16 header bytes
 
     xa = [b.add(b.add(x, b.mul(c64(a), xstride)), b.mul(i, c64(256))) for a in range(acts)]
@@ -588,7 +580,7 @@ def _define_q5_k_tile(module, acts, isa):
         prod = b.add(_shuffle(b, prod, [0, 1]), _shuffle(b, prod, [2, 3]))
         imin = b.add(b.extract_element(prod, ir.Constant(I32, 0)), b.extract_element(prod, ir.Constant(I32, 1)))
         xdv = _gep_load(b, b.add(xd, b.mul(c64(a), xds)), b.mul(i, c64(4)), F32, 4)
-        new_accs.append(b.call(fma_v, [splat(b.fmul(xdv, dw)), b.sitofp(totals[a], v8f), accs[a]]))
+        new_accs.append(b.call(fma_v, [splat8(b, b.fmul(xdv, dw)), b.sitofp(totals[a], v8f), accs[a]]))
         dmin = b.fneg(b.fmul(xdv, dminw))  # -(d_x * dmin_w)
         new_summs.append(b.call(fma_s, [dmin, b.sitofp(imin, F32), summs[a]]))
     zero = ir.Constant(F32, 0.0)
@@ -841,7 +833,7 @@ def _q4_kx8_tail(b, blk, i, iacc, accs, bs, bss, xd, xds, isa):
             part = _madd(b, mins[p], b.bitcast(_shuffle(b, s, [p] * 8), v16_16), isa)
             imin = part if imin is None else b.add(imin, part)
         xdv = _gep_load(b, b.add(xd, b.mul(c64(a), xds)), b.mul(i, c64(4)), F32, 4)
-        xs = _shuffle(b, b.insert_element(ir.Constant(v8f, ir.Undefined), xdv, ir.Constant(I32, 0)), [0] * 8)
+        xs = splat8(b, xdv)
         new.append(b.call(fma_v, [b.sitofp(iacc[a], v8f), b.fmul(dw, xs), accs[2 * a]]))
         new.append(b.call(fma_v, [b.sitofp(imin, v8f), b.fmul(dminw, xs), accs[2 * a + 1]]))
     return new

@@ -646,9 +646,6 @@ def _define_tile(module, kind, rows, acts, isa):
         row's d_w d_x (an 8-lane splat) and m_w of the block, from _tile_scales, instead of loading them here."""
         four = b.mul(i, c64(4))
 
-        def splat(v):
-            return splat8(b, v)
-
         # Signed 8-bit weights (Q8_0, Q5_0): VNNI takes (x + 128) as unsigned bytes times w, less 128 sum(w) per
         # lane; AVX2 cannot (255 * 128 twice saturates int16) and takes ggml's sign trick, |w| times x with w's
         # sign. Q4_0's nibbles enter both unsigned, less 8 sum(x). A decode's Q5_0 with VNNI (q5_off): its q 0..31
@@ -717,11 +714,11 @@ def _define_tile(module, kind, rows, acts, isa):
                                                           list(range(2 * u.type.count))))
             pairs_x = [join(x_u8[a_] if by_x128 else xq[a_], x_u8[a_ + 1] if by_x128 else xq[a_ + 1])
                        for a_ in range(0, acts, 2)]
-            xsplat = [opaque(b, join(splat(xdv[a_]), splat(xdv[a_ + 1]))) for a_ in range(0, acts, 2)]
+            xsplat = [opaque(b, join(splat8(b, xdv[a_]), splat8(b, xdv[a_ + 1]))) for a_ in range(0, acts, 2)]
             for r in range(rows):
                 weight_row(r)
                 w2 = b.bitcast(join(wvals[r], wvals[r]), v16i)
-                dw2 = join(splat(wdv[r]), splat(wdv[r]))
+                dw2 = join(splat8(b, wdv[r]), splat8(b, wdv[r]))
                 for p in range(acts // 2):
                     if by_x128:  # from -128 sum(w), onto which vpdpbusd adds (x + 128) w
                         start, u, sv = b.neg(join(w_corr[r], w_corr[r])), b.bitcast(pairs_x[p], v16i), w2
@@ -736,12 +733,12 @@ def _define_tile(module, kind, rows, acts, isa):
         elif lanes8:  # row by row, each row's products with every activation row
             # d_x as a vector LLVM cannot see is a splat: d_w * d_x then takes one vmulps of two broadcasts
             # (the same float32 product in every lane) instead of vmulss + vbroadcastss
-            xsplat = [opaque(b, splat(v)) for v in xdv]
+            xsplat = [opaque(b, splat8(b, v)) for v in xdv]
             for r in range(rows):
                 weight_row(r)
                 for a_ in range(acts):
                     # float32 d_w * d_x
-                    scale = given[r][0] if given is not None else b.fmul(splat(wdv[r]), xsplat[a_])
+                    scale = given[r][0] if given is not None else b.fmul(splat8(b, wdv[r]), xsplat[a_])
                     k = r * acts + a_
                     new_accs[k] = b.call(fma_v, [scale, b.sitofp(lanes(r, a_), v8f), accs[k]])
         else:
@@ -752,7 +749,7 @@ def _define_tile(module, kind, rows, acts, isa):
                 while len(sums) > 1:  # 8 vectors of 8 lanes -> one vector of the 8 rows' sums (exact integers)
                     sums = [_combine(b, sums[j], sums[j + 1]) for j in range(0, len(sums), 2)]
                 rscales = _repacked_scales(b, wd, i)
-                new_accs[a_] = b.call(fma_v, [b.fmul(rscales, splat(xdv[a_])), b.sitofp(sums[0], v8f), accs[a_]])
+                new_accs[a_] = b.call(fma_v, [b.fmul(rscales, splat8(b, xdv[a_])), b.sitofp(sums[0], v8f), accs[a_]])
         for a_ in range(acts if has_min else 0):
             for r in range(rows):
                 m = wmv[r] if scales == "pair" else _gep_load(b, b.add(wm, b.mul(c64(r), wds)), four, F32, 4)
@@ -939,7 +936,7 @@ def _define_q4_0r(module, name, acts, isa):
                 pairs = p if pairs is None else b.add(pairs, p)
         sumi = b.add(*chains) if isa == "vnni512" else b.sub(madd16(b, pairs, ones16), off)
         xdv = _gep_load(b, b.add(xd, b.mul(c64(a_), xds)), four, F32, 4)
-        xsplat = _shuffle(b, b.insert_element(ir.Constant(v8f, ir.Undefined), xdv, ir.Constant(I32, 0)), [0] * 8)
+        xsplat = splat8(b, xdv)
         new_accs.append(b.call(fma_v, [b.fmul(scales, xsplat), b.sitofp(sumi, v8f), accs[a_]]))
     b, finals = _close_loop(b, i, nb, entry, loop, done, [(p, v, zero8) for p, v in zip(accs, new_accs)])
     for a_ in range(acts):

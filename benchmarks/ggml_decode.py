@@ -272,6 +272,22 @@ def threads_rows(report: dict) -> list[str]:
     return lines
 
 
+def fewer_threads_rows(report: dict) -> list[str]:
+    """The rounds whose llama_ref decode ran some steps on fewer threads than given (llama_ref/runtime/threads.py,
+    StepThreads: a step runs on fewer while fewer have been faster), with their steps per count."""
+    lines = []
+    for i, r in enumerate(report["rounds"]):
+        for key, result in r.items():
+            used = result.get("decode_threads") if isinstance(result, dict) else None
+            if used and any(int(n) < report["threads"] for n in used):
+                counts = ", ".join(f"{k} on {n}" for n, k in sorted(used.items(), key=lambda x: -int(x[0])))
+                lines.append(f"- round {i}, {key}: decode steps {counts} thread(s)")
+    if lines:
+        lines = ["", "Decode steps that ran on fewer threads than given (StepThreads, llama_ref/runtime/threads.py):",
+                 ""] + lines
+    return lines
+
+
 def prefill_rows(report: dict) -> list[str]:
     """--prefill-only: each prefill length's speed, wall and per CPU second (one thread), ggml / llama.cpp."""
     lines = []
@@ -341,6 +357,7 @@ def table(report: dict) -> str:
                              f"| {_best_ratio(report, kind, 'ggml', key):.2f}x "
                              f"| {_ratio_range(report, kind, 'ggml', key)} "
                              f"| {_cell(_best_ratio(report, kind, 'exact', key), '.2f', 'x')} |" + cell)
+    lines += fewer_threads_rows(report)
     if report.get("compare_threads") or report.get("variants"):
         lines += threads_rows(report)
     lines += ["", "Speeds in tokens/s. Roofline: the GGUF's bytes read once per token at the read bandwidth "

@@ -103,6 +103,7 @@ def load_llama_ref(path: str, **options):
 
     def step(token, pos):
         return model.forward([token], pos, last_only=True)
+    step.model = model  # _measure reports the thread counts its steps ran on (model.step_threads)
     return load_s, prefill, step
 
 
@@ -195,6 +196,8 @@ def _measure(spec: dict, ids: np.ndarray, prefill, step) -> dict:
     start = spec.get("decode_prompt", 128)
     logits = prefill(ids[:start])
     token, steps = int(np.argmax(logits)), []
+    chooser = getattr(getattr(step, "model", None), "step_threads", None)
+    before = dict(chooser.steps) if chooser is not None else {}
     cpu0 = time.process_time()
     for i in range(spec["decode"]):
         t0 = time.perf_counter()
@@ -206,6 +209,9 @@ def _measure(spec: dict, ids: np.ndarray, prefill, step) -> dict:
     # rate it would have on a core of its own (time waiting for a core is not counted; a slower memory is).
     out["decode_cpu"] = len(steps) / max(time.process_time() - cpu0, 1e-9)
     out["decode_median_step"] = 1 / float(np.median(steps))
+    if chooser is not None:  # steps per Numba thread count (runtime/threads.StepThreads: fewer while faster)
+        out["decode_threads"] = {str(n): k - before.get(n, 0) for n, k in sorted(chooser.steps.items())
+                                 if k > before.get(n, 0)}
     out["peak_rss_mib"] = peak_rss_mib()
     return out
 

@@ -55,7 +55,9 @@ def load(path_or_name: "str | Path", *, backend: str = "numpy", arithmetic: str 
         implemented (arithmetic="ggml", parallel, vision checkpoints), which refuse "apart" and "blocked".
     threads: threads for BLAS and the Numba kernels alike, for the whole process (runtime.threads). None:
         the count set earlier in this process, else $LLAMA_REF_THREADS (or OMP_/OPENBLAS_/NUMBA_NUM_THREADS),
-        else the physical cores.
+        else the physical cores. On the numba backend it is the most a one-token step uses: the step moves to
+        fewer while fewer have been faster (another process holding a core; runtime.threads.StepThreads, off
+        with $LLAMA_REF_ADAPT_THREADS=0), which changes no value.
     """
     if parallel is None or threads is not None:  # MPI ranks keep the count their launcher gave each
         from .runtime.threads import apply_threads

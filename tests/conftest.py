@@ -38,6 +38,9 @@ def _share_cores_between_workers() -> None:
 
 
 _share_cores_between_workers()
+# Tests that set a thread count mean it: a one-token step on the numba backend must not move to fewer threads
+# because a busy test machine made it slow (runtime/threads.StepThreads). tests/test_step_threads.py turns it on.
+os.environ["LLAMA_REF_ADAPT_THREADS"] = "0"
 
 # Imported after the thread limits, so that a first import of BLAS already sees them.
 import numpy  # noqa: E402, F401

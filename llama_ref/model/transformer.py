@@ -19,6 +19,7 @@ from .config import ModelArgs
 from ..errors import InputError
 from ..generation.generate import GenerationMixin
 from ..runtime.parallel import SINGLE
+from ..runtime.threads import StepThreads, adapts_threads
 
 
 class Transformer(GenerationMixin):
@@ -46,8 +47,12 @@ class Transformer(GenerationMixin):
         # The ranks this model's matrices are split across (llama_ref.runtime.parallel); in one process SINGLE, whose
         # all_reduce and all_gather return their argument.
         self.parallel = SINGLE
+        # How many threads the numba backend's one-token steps run on (runtime/threads.py: fewer while fewer are
+        # faster, as when another process holds a core; the values are the same at any count).
+        self.step_threads = StepThreads()
 
     # ---- the forward pass ----------------------------------------------------------------------------
+    @adapts_threads  # a one-token call on the numba backend runs on StepThreads' count of threads (same values)
     def forward(self, tokens, start_pos: int = 0, *, cache: Optional[KVCache] = None,
                 key_mask: Optional[np.ndarray] = None, last_only: bool = False) -> np.ndarray:
         """Logits for a chunk of tokens placed at positions start_pos .. start_pos+T-1.

@@ -18,11 +18,16 @@ idle pool's threads spin (OpenBLAS's for up to ~0.1 s after a call) on the cores
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import threading
+import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
+
+import numpy as np
 
 from ..errors import InputError
 
@@ -95,8 +100,10 @@ def describe() -> str:
         numba_part = f"Numba {numba.get_num_threads()} ({layer})"
     else:
         numba_part = f"Numba {os.environ.get('NUMBA_NUM_THREADS', 'not imported')}"
+    steps = "fewer while faster" if adapting() else "fixed"
     return (f"{n} thread{'s' if n != 1 else ''} ({physical_cores()} physical cores, {len(_cpus())} logical "
-            f"CPUs); BLAS {blas}; {numba_part}; GOMP_SPINCOUNT {os.environ.get('GOMP_SPINCOUNT', 'unset')}")
+            f"CPUs); BLAS {blas}; {numba_part}; decode steps' Numba threads: {steps}; "
+            f"GOMP_SPINCOUNT {os.environ.get('GOMP_SPINCOUNT', 'unset')}")
 
 
 def set_threads(n: int) -> int:
@@ -104,7 +111,7 @@ def set_threads(n: int) -> int:
 
     Without a call, load() sets default_threads() (the physical cores, or the environment's count). On a
     machine busy with other work fewer threads can be faster: BLAS threads spin while they wait for a core
-    another process holds.
+    another process holds. (The numba backend's one-token steps find that out themselves: StepThreads below.)
     Returns the number of Numba threads set (at most the cores Numba was started with).
     """
     global _chosen
@@ -122,6 +129,12 @@ def set_threads(n: int) -> int:
     else:  # read by Numba when it is first imported (the numba backend imports it lazily)
         os.environ["NUMBA_NUM_THREADS"] = str(n)
     return n
+
+
+def adapting() -> bool:
+    """Whether the numba backend's one-token steps may run on fewer threads than set (StepThreads below): yes,
+    unless $LLAMA_REF_ADAPT_THREADS is 0."""
+    return os.environ.get("LLAMA_REF_ADAPT_THREADS", "1").strip() != "0"
 
 
 def count() -> int:
@@ -208,3 +221,126 @@ def compile_notice() -> "str | None":
     if any(any(p.rglob("*.nbi")) for p in places if p.is_dir()):
         return None
     return "[numba: compiling the kernels for this machine (once, about 10 s; cached afterwards)]"
+
+
+class StepThreads:
+    """How many of Numba's threads a model's one-token steps run on: the count in force, or fewer while fewer
+    have been faster.
+
+    A decode step is a few parallel regions a layer (kernels/ggml_step.py: 5; 150 a token on the default model),
+    each ending at a barrier where the threads wait for the last one. While something else holds one of the
+    cores, the thread that shares it runs in turns with it, and each barrier waits for its turn. Here (2 vCPUs):
+    the 1B shape's Q5_0 decode (arithmetic="ggml", 24 steps) ran at 17.8 tokens/s on 2 threads on a quiet
+    machine; beside one busy process at 4.8 on 2 threads and 7.0 on 1 (llama.cpp, same file: 9.0 quiet, 2.9 and
+    4.6); in a spell when the host gave the two vCPUs' time to other guests (17-32% steal), the default model's
+    Q4_0 decode ran at 26-35 tokens/s on 2 threads and 44-78 on 1, alternated. The count is a matter of speed
+    only: every kernel computes the same values at any count (tests/test_ggml_step.py, test_exact_step.py, and
+    test_threads.py for whole steps at changing counts).
+
+    So each step is timed, with the CPU time the process got meanwhile. Two steps in a row whose threads held
+    their cores for less than HELD of their time (quiet: 0.9-1.0 here; 0.3-0.55 in the cases above) say that
+    something else holds one: the next step runs on one thread fewer, and if it took at most MARGIN of the
+    recent steps' time, the steps go on at that count. Below the count in force, UP steps in a row at one
+    thread more are tried every so often, as the core may be free again; they must each win, with their
+    threads holding their cores. A probe that loses doubles the wait before the next in its direction (FIRST
+    to LAST steps; a win resets it): a quiet machine pays for next to none, a busy one for a few. A count's
+    first step is not judged (it may load that count's compiled code). NumPy's BLAS threads keep set_threads'
+    count: the numpy backend's steps are not timed.
+    """
+
+    HELD = 0.75
+    MARGIN = 0.9
+    UP = 3
+    FIRST, LAST = 8, 128
+
+    def __init__(self):
+        self._start(0)
+        self.steps = Counter()  # steps run at each count
+
+    def _start(self, most: int) -> None:
+        self.most = most  # the count in force when the steps began; a new one starts afresh
+        self.count = most  # what the steps run on
+        self.recent = None  # seconds of a step at `count`, smoothed
+        self.slow = 0  # steps in a row at `count` whose threads held their cores less than HELD of the time
+        self.probe = 0  # -1 or +1 while steps try count + probe; the steps of it still to win
+        self.left = 0
+        self.wait = {-1: 0, 1: 0}  # steps at `count` before the next probe in each direction ...
+        self.interval = {-1: self.FIRST, 1: self.FIRST}  # ... and after the next loss
+        self.seen = set()
+
+    def choose(self, most: int) -> int:
+        """The thread count for the next step, `most` being the count in force."""
+        if most != self.most:
+            self._start(most)
+        if not self.probe and self.recent is not None:
+            if self.count < most and self.wait[1] <= 0:
+                self.probe, self.left = 1, self.UP
+            elif self.count > 1 and self.slow >= 2 and self.wait[-1] <= 0:
+                self.probe, self.left = -1, 1
+        return self.count + self.probe
+
+    def record(self, n: int, seconds: float, cpu_seconds: float) -> None:
+        """A step ran on n threads for `seconds`, and the process got `cpu_seconds` of CPU time meanwhile."""
+        self.steps[n] += 1
+        held = cpu_seconds / (seconds * n) if seconds > 0 else 1.0
+        first, d = n not in self.seen, self.probe
+        self.seen.add(n)
+        if first:
+            return  # not judged; a probe runs again
+        if n == self.count:
+            self.recent = seconds if self.recent is None else 0.75 * self.recent + 0.25 * seconds
+            self.slow = self.slow + 1 if held < self.HELD else 0
+            self.wait = {k: w - 1 for k, w in self.wait.items()}
+        elif not d or n != self.count + d or self.recent is None:
+            return  # not a count this chooser picked (another thread's step, or a count set meanwhile)
+        elif seconds <= self.MARGIN * self.recent and (d < 0 or held >= self.HELD):
+            self.left -= 1
+            if self.left == 0:  # won: go on at n
+                self.count, self.recent, self.slow, self.probe = n, seconds, 0, 0
+                self.interval[d], self.wait[d], self.wait[-d] = self.FIRST, self.FIRST, self.interval[-d]
+        else:  # lost
+            self.interval[d] = min(2 * self.interval[d], self.LAST)
+            self.wait[d], self.probe = self.interval[d], 0
+
+
+_stepping = threading.local()  # .on while this thread runs a timed step (a step inside one is not timed again)
+
+
+def adapts_threads(forward):
+    """Transformer.forward, with its one-token calls on the numba backend run on the thread count the model's
+    StepThreads chooses (the count in force is restored after the call)."""
+
+    @functools.wraps(forward)
+    def run(model, tokens, *args, **kwargs):
+        if (not getattr(model.ops, "__name__", "").startswith("llama_ref.kernels")  # the numba backend, any variant
+                or getattr(_stepping, "on", False)
+                or _last_length(tokens) != 1 or not adapting()):
+            return forward(model, tokens, *args, **kwargs)
+        import numba
+
+        most = numba.get_num_threads()
+        if most == 1:
+            return forward(model, tokens, *args, **kwargs)
+        choice = model.step_threads
+        n = choice.choose(most)
+        numba.set_num_threads(n)
+        _stepping.on = True
+        t0, c0 = time.perf_counter(), time.process_time()
+        try:
+            out = forward(model, tokens, *args, **kwargs)
+        finally:
+            _stepping.on = False
+            numba.set_num_threads(most)
+        choice.record(n, time.perf_counter() - t0, time.process_time() - c0)
+        return out
+
+    return run
+
+
+def _last_length(tokens) -> int:
+    """T of a call's (T,) or (B, T) tokens; -1 for anything else (forward() then says what is wrong)."""
+    try:
+        shape = np.shape(tokens)
+    except ValueError:  # ragged lists
+        return -1
+    return shape[-1] if len(shape) in (1, 2) else -1

@@ -106,7 +106,9 @@ def _model_options(p) -> None:
                         "(instant load; decode measured ~20%% slower for float32)")
     p.add_argument("-t", "--threads", type=int, default=None, metavar="N",
                    help="threads for the matrix products and kernels (default: every core this process may "
-                        "use; on a machine busy with other work, fewer can be much faster)")
+                        "use; on a machine busy with other work, fewer can be much faster: the numba backend's "
+                        "decode steps move to fewer by themselves while fewer are faster, unless "
+                        "LLAMA_REF_ADAPT_THREADS=0)")
     p.add_argument("-c", "--ctx-size", type=int, default=None, metavar="N",
                    help="context window in tokens, at most the model's (default: the model's)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or speed line on stderr")

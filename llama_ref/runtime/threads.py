@@ -235,7 +235,7 @@ class StepThreads:
     4.6); in a spell when the host gave the two vCPUs' time to other guests (17-32% steal), the default model's
     Q4_0 decode ran at 26-35 tokens/s on 2 threads and 44-78 on 1, alternated. The count is a matter of speed
     only: every kernel computes the same values at any count (tests/test_ggml_step.py, test_exact_step.py, and
-    test_threads.py for whole steps at changing counts).
+    test_step_threads.py for whole steps at changing counts).
 
     So each step is timed, with the CPU time the process got meanwhile. Two steps in a row whose threads held
     their cores for less than HELD of their time (quiet: 0.9-1.0 here; 0.3-0.55 in the cases above) say that
@@ -262,8 +262,8 @@ class StepThreads:
         self.count = most  # what the steps run on
         self.recent = None  # seconds of a step at `count`, smoothed
         self.slow = 0  # steps in a row at `count` whose threads held their cores less than HELD of the time
-        self.probe = 0  # -1 or +1 while steps try count + probe; the steps of it still to win
-        self.left = 0
+        self.probe = 0  # -1 or +1 while steps try count + probe ...
+        self.left = 0  # ... and how many more of them must win
         self.wait = {-1: 0, 1: 0}  # steps at `count` before the next probe in each direction ...
         self.interval = {-1: self.FIRST, 1: self.FIRST}  # ... and after the next loss
         self.seen = set()
@@ -321,7 +321,9 @@ def adapts_threads(forward):
         most = numba.get_num_threads()
         if most == 1:
             return forward(model, tokens, *args, **kwargs)
-        choice = model.step_threads
+        choice = getattr(model, "step_threads", None)
+        if choice is None:  # an object made without Transformer.__init__
+            return forward(model, tokens, *args, **kwargs)
         n = choice.choose(most)
         numba.set_num_threads(n)
         _stepping.on = True

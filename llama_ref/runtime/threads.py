@@ -241,17 +241,18 @@ class StepThreads:
     their cores for less than HELD of their time (quiet: 0.9-1.0 here; 0.3-0.55 in the cases above) say that
     something else holds one: the next step runs on one thread fewer, and if it took at most MARGIN of the
     recent steps' time, the steps go on at that count. Below the count in force, UP steps in a row at one
-    thread more are tried every so often, as the core may be free again; they must each win, with their
-    threads holding their cores. A probe that loses doubles the wait before the next in its direction (FIRST
-    to LAST steps; a win resets it): a quiet machine pays for next to none, a busy one for a few. A count's
-    first step is not judged (it may load that count's compiled code). NumPy's BLAS threads keep set_threads'
-    count: the numpy backend's steps are not timed.
+    thread more are tried every so often, as the core may be free again; each must win. A probe that loses
+    doubles the wait before the next in its direction (FIRST to LAST steps; a win resets it): a quiet machine
+    pays for next to none, a busy one for a few. Tries of more threads wait longer: while the host was busy, a
+    step on two threads after a run on one took 0.2-0.34 s here (the idle vCPU woken), 20 steps' time. A
+    count's first step is not judged (it may load that count's compiled code). NumPy's BLAS threads keep
+    set_threads' count: the numpy backend's steps are not timed.
     """
 
     HELD = 0.75
     MARGIN = 0.9
     UP = 3
-    FIRST, LAST = 8, 128
+    FIRST, LAST = {-1: 8, 1: 16}, {-1: 64, 1: 256}  # steps between tries of fewer (-1) and more (+1) threads
 
     def __init__(self):
         self._start(0)
@@ -265,7 +266,7 @@ class StepThreads:
         self.probe = 0  # -1 or +1 while steps try count + probe ...
         self.left = 0  # ... and how many more of them must win
         self.wait = {-1: 0, 1: 0}  # steps at `count` before the next probe in each direction ...
-        self.interval = {-1: self.FIRST, 1: self.FIRST}  # ... and after the next loss
+        self.interval = dict(self.FIRST)  # ... and after the next loss
         self.seen = set()
 
     def choose(self, most: int) -> int:
@@ -293,13 +294,14 @@ class StepThreads:
             self.wait = {k: w - 1 for k, w in self.wait.items()}
         elif not d or n != self.count + d or self.recent is None:
             return  # not a count this chooser picked (another thread's step, or a count set meanwhile)
-        elif seconds <= self.MARGIN * self.recent and (d < 0 or held >= self.HELD):
+        elif seconds <= self.MARGIN * self.recent:
             self.left -= 1
             if self.left == 0:  # won: go on at n
                 self.count, self.recent, self.slow, self.probe = n, seconds, 0, 0
-                self.interval[d], self.wait[d], self.wait[-d] = self.FIRST, self.FIRST, self.interval[-d]
+                self.interval[d] = self.wait[d] = self.FIRST[d]
+                self.wait[-d] = self.interval[-d]
         else:  # lost
-            self.interval[d] = min(2 * self.interval[d], self.LAST)
+            self.interval[d] = min(2 * self.interval[d], self.LAST[d])
             self.wait[d], self.probe = self.interval[d], 0
 
 

@@ -152,10 +152,10 @@ def child() -> None:
 
 @pytest.mark.slow
 def test_values_do_not_depend_on_the_count_a_step_ran_on():
-    env = dict(os.environ, NUMBA_NUM_THREADS="2", LLAMA_REF_THREADS="2", OMP_NUM_THREADS="2",
-               PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, "-c", "import test_step_threads as t; t.child()"], cwd=HERE, env=env,
-                          capture_output=True, text=True, timeout=1200)
+    from test_two_threads import two_threads_env
+
+    proc = subprocess.run([sys.executable, "-c", "import test_step_threads as t; t.child()"], cwd=HERE,
+                          env=two_threads_env(), capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     for name, r in out.items():

@@ -24,10 +24,18 @@ TWO_THREAD_TESTS = [
 ]
 
 
+def two_threads_env() -> dict:
+    """This process's environment for a child on two Numba threads: not an xdist worker (whose conftest would share
+    the cores out again), the tests folder importable."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
+    env.update(NUMBA_NUM_THREADS="2", OMP_NUM_THREADS="2", LLAMA_REF_THREADS="2",
+               PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]))
+    return env
+
+
 @pytest.mark.slow
 def test_the_one_and_two_thread_comparisons_on_two_threads():
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
-    env.update(NUMBA_NUM_THREADS="2", OMP_NUM_THREADS="2", LLAMA_REF_THREADS="2")
+    env = two_threads_env()
     check = subprocess.run([sys.executable, "-c", "import numba; print(numba.config.NUMBA_NUM_THREADS)"],
                            env=env, capture_output=True, text=True, timeout=300)
     assert check.stdout.strip() == "2", check.stderr

@@ -153,6 +153,9 @@ def main(argv=None) -> None:
         spec = json.loads(a.child)
         print(json.dumps(CHILDREN[spec["kind"]](spec)))
         return
+    # set on the project's machines, they slow NumPy's BLAS (the exact prefill's products): gone from every child,
+    # as benchmarks/run.py and shapes.py do, and the report says which were set
+    unset = [k for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE") if os.environ.pop(k, None) is not None]
     cpp = bench.find_python("llama_cpp", [sys.executable, os.environ.get("LLAMA_CPP_PYTHON"),
                                           "/tmp/llamacpp-venv/bin/python"])
     files = shape_ggufs(a.shape, a.formats) if a.shape else ggufs(a.work, a.formats, cpp)
@@ -200,7 +203,7 @@ def main(argv=None) -> None:
                   "variants": {e[0]: e[3] for e in engines if e[3]},
                   "ggml_integer_code": integer_code(),
                   "formats": {k: {"path": str(p), "bytes": p.stat().st_size} for k, p in files.items()},
-                  "settings": common, "load_average": os.getloadavg()}
+                  "settings": common, "load_average": os.getloadavg(), "unset_env": unset}
         a.out.parent.mkdir(parents=True, exist_ok=True)
         a.out.write_text(json.dumps(report, indent=1))
         a.out.with_suffix(".md").write_text(table(report) + "\n")
@@ -310,7 +313,9 @@ def table(report: dict) -> str:
     model = f"{model} shape (seeded random weights, benchmarks/shapes.py)" if model else "the default model"
     lines = [f"{model} on {m.get('cpu', '?')}, {report['threads']} threads per engine, numba {m.get('numba', '?')}, "
              f"ggml integer code {report.get('ggml_integer_code', '?')}; load average before each round: "
-             f"{loads or '?'}; {len(report['rounds'])} rounds, best of each.", ""]
+             f"{loads or '?'}; {len(report['rounds'])} rounds, best of each."
+             + (f" OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE unset by the script: {report['unset_env'] or 'none were set'}."
+                if "unset_env" in report else ""), ""]
     if report["settings"].get("prefill_only"):
         return "\n".join(lines + prefill_rows(report))
     pre = [k for k in report["rounds"][0].get(f"{next(iter(report['formats']))} ggml", {})

@@ -158,6 +158,11 @@ XDIST_GROUPS = {
     "test_server.py": "server",
     "test_llama4_server.py": "server",  # the openai client, and the Llama 4 tokenizer of test_llama4_tokenizer
     "test_llama4_tokenizer.py": "server",
+    # Both start a child on two Numba threads, which compiles the parallel twins of the fused steps (ggml_step,
+    # exact_step) that the one-thread workers never run: 90-105 s each with a cold cache. On one worker the second
+    # finds them in Numba's disk cache, where two workers running them at once would both compile them.
+    "test_step_threads.py": "two Numba threads",
+    "test_two_threads.py": "two Numba threads",
 }
 
 

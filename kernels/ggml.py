@@ -316,6 +316,7 @@ def _fp16_values(x, out):
 
 # Below this many values the cache's rounding stays NumPy's (a decode step's few keys: no parallel region).
 FP16_MIN_VALUES = 1 << 14
+cache_storage = spec.cache_storage  # the cache's fp16 values in float16 arrays, as the specification keeps them
 
 
 def cache_values(x: np.ndarray) -> np.ndarray:

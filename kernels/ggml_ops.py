@@ -25,7 +25,9 @@ from ._common import JIT
 from .ggml_simd import fma32, fp16_round
 from .ggml_vec import (expf_array8, expf_array16, f16_columns8_1, f16_columns8_2, f16_columns8_3, f16_columns16_1,
                        f16_columns16_2, f16_columns16_3, f16_scores8_1, f16_scores8_2, f16_scores8_3, f16_scores16_1,
-                       f16_scores16_2, f16_scores16_3, soft_max_row8, soft_max_row16, swiglu_row_avx2,
+                       f16_scores16_2, f16_scores16_3, h16_columns8_1, h16_columns8_2, h16_columns8_3,
+                       h16_columns16_1, h16_columns16_2, h16_columns16_3, h16_scores8_1, h16_scores8_2, h16_scores8_3,
+                       h16_scores16_1, h16_scores16_2, h16_scores16_3, soft_max_row8, soft_max_row16, swiglu_row_avx2,
                        swiglu_row_avx512)
 
 PARALLEL_ROWS = 16  # fewer rows than this (a decode step): one thread, no parallel region to start
@@ -44,10 +46,25 @@ def _fp16_heads(x, out):
 
 
 @njit(inline="always", **JIT)
-def _scores(wide, rows, q, keys, row, visible, HD, scale, w, w_stride):
-    """kernels/ggml_vec.f16_scores for `rows` (1 to 3) query heads in the build's lane order."""
+def _scores(wide, half, rows, q, keys, row, visible, HD, scale, w, w_stride):
+    """kernels/ggml_vec.f16_scores for `rows` (1 to 3) query heads in the build's lane order; half: the keys are
+    stored as fp16 (the cache), else as float32."""
     args = (q, keys, row, np.int64(visible), np.int64(HD), scale, w, w_stride)
-    if wide:
+    if half:
+        if wide:
+            if rows == 3:
+                h16_scores16_3(*args)
+            elif rows == 2:
+                h16_scores16_2(*args)
+            else:
+                h16_scores16_1(*args)
+        elif rows == 3:
+            h16_scores8_3(*args)
+        elif rows == 2:
+            h16_scores8_2(*args)
+        else:
+            h16_scores8_1(*args)
+    elif wide:
         if rows == 3:
             f16_scores16_3(*args)
         elif rows == 2:
@@ -63,10 +80,25 @@ def _scores(wide, rows, q, keys, row, visible, HD, scale, w, w_stride):
 
 
 @njit(inline="always", **JIT)
-def _columns(wide, rows, w, w_stride, values, row, visible, HD, acc, out):
-    """kernels/ggml_vec.f16_columns for `rows` (1 to 3) probability rows in the build's lane order."""
+def _columns(wide, half, rows, w, w_stride, values, row, visible, HD, acc, out):
+    """kernels/ggml_vec.f16_columns for `rows` (1 to 3) probability rows in the build's lane order; half: the
+    values are stored as fp16, else as float32."""
     args = (w, w_stride, values, row, np.int64(visible), np.int64(HD), acc, out)
-    if wide:
+    if half:
+        if wide:
+            if rows == 3:
+                h16_columns16_3(*args)
+            elif rows == 2:
+                h16_columns16_2(*args)
+            else:
+                h16_columns16_1(*args)
+        elif rows == 3:
+            h16_columns8_3(*args)
+        elif rows == 2:
+            h16_columns8_2(*args)
+        else:
+            h16_columns8_1(*args)
+    elif wide:
         if rows == 3:
             f16_columns16_3(*args)
         elif rows == 2:
@@ -106,7 +138,8 @@ def serial_product(n_rows: int, n_weights: int) -> bool:
 
 @njit(inline="always", **JIT)
 def _attention_item(q, k, v, start_pos, scale, wide, out, item):
-    """One work item of _attention: QUERIES positions of one KV head (item over B x KVH x position blocks)."""
+    """One work item of _attention: QUERIES positions of one KV head (item over B x KVH x position blocks). k, v:
+    float32 (fp16 values), or the cache's fp16 bits as uint16 (ggml_step's decode reads the cache in place)."""
     B, T, H, HD = q.shape
     KVH, S = k.shape[1], k.shape[2]
     G = H // KVH
@@ -115,6 +148,7 @@ def _attention_item(q, k, v, start_pos, scale, wide, out, item):
     step = 64 if wide else 32  # GGML_F16_STEP: 4 accumulators of 16 or 8 lanes
     width = 16 if wide else 8  # the lanes of one softmax vector
     row = np.int64(k.strides[2])  # bytes from one key (value) row to the next: 4 * HD, or more in a cache's view
+    half = k.itemsize == 2  # fp16 bits: the same values, half the bytes to read
     blocks = (T + QUERIES - 1) // QUERIES
     b, kvh, t0 = item // (KVH * blocks), item // blocks % KVH, item % blocks * QUERIES
     qh = np.empty((R, HD), np.float32)
@@ -130,7 +164,7 @@ def _attention_item(q, k, v, start_pos, scale, wide, out, item):
                 for d in range(HD):
                     qh[r, d] = fp16_round(q[b, t, h0 + r, d])
             # scores: ggml_vec_dot_f16(q, k_p) * scale for every visible key
-            _scores(wide, R, qp, keys, row, visible, HD, scale, wp, np.int64(4 * P))
+            _scores(wide, half, R, qp, keys, row, visible, HD, scale, wp, np.int64(4 * P))
             # softmax with the causal mask, the probabilities rounded to fp16
             for r in range(R):
                 if wide:
@@ -140,7 +174,7 @@ def _attention_item(q, k, v, start_pos, scale, wide, out, item):
             # the probabilities times each column of V (transposed in llama.cpp); masked keys' zero
             # probabilities add +0 to V's accumulators: nothing, so the products stop at `visible`
             op = np.int64(out.ctypes.data) + 4 * (((b * T + t) * H + h0) * HD)
-            _columns(wide, R, wp, np.int64(4 * P), values, row, visible, HD, ap, op)
+            _columns(wide, half, R, wp, np.int64(4 * P), values, row, visible, HD, ap, op)
 
 
 @njit(parallel=True, **JIT)

@@ -143,6 +143,17 @@ def fp16_round(typingctx, x):
 
 
 @intrinsic
+def fp16_bits(typingctx, x):
+    """float32 -> the bits of the nearest fp16 (ties to even; inf past 65504), as uint16: what a float16 array
+    holds for fp16_round(x)."""
+    sig = types.uint16(types.float32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
+    return sig, codegen
+
+
+@intrinsic
 def roundeven32(typingctx, x):
     """float32 rounded to the nearest integer, ties to even (llvm.roundeven.f32)."""
     sig = types.float32(types.float32)

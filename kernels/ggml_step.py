@@ -2,16 +2,16 @@
 `decode_layers`, which the forward pass (llama_ref/model/transformer.py) calls in place of the layers' lines.
 
 Per op, a decode step of the default model (30 layers) makes ~14 compiled calls a layer, each a few to tens of
-microseconds of work behind Python's dispatch, allocations and wrappers; on two threads each product also starts
-a parallel region after the threads may have gone back to sleep. Here one call does what the lines do, in their
-order: RMSNorm; x quantized; wq, wk, wv (kernels/ggml_linears.py's work items: the same tiles, so the same bits);
-RoPE of q and k; k, v rounded to fp16 and stored into the cache at start_pos (model/cache.py: the cache of
-arithmetic="ggml" holds fp16 values, as cache.store rounds them); the attention of the one query row (ggml_ops'
-_attention_item per KV head, reading the head's keys and values where they lie in the cache: no copy, unlike
-the lines' attention, which rounds and gathers every head's rows each call); wo; the residual add; RMSNorm;
-w1, w3; SwiGLU; w2; the residual add. The products and the attention run in parallel regions (prange) that
-follow each other closely, so the threads stay awake in between; at one Numba thread the same function compiled
-without them runs. One call runs every layer of the step (the cache's layers are views of one array,
+microseconds of work behind Python's dispatch, allocations and wrappers; on two threads each product also starts a
+parallel region after the threads may have gone back to sleep. Here one call does what the lines do, in their order:
+RMSNorm; x quantized; wq, wk, wv (kernels/ggml_linears.py's work items: the same tiles, so the same bits); RoPE of q
+and k; k, v rounded to fp16 and stored into the cache at start_pos (model/cache.py: the cache of arithmetic="ggml"
+holds fp16 values in float16 arrays, as cache.store rounds them; here taken as their bits, uint16); the attention of
+the one query row (ggml_ops' _attention_item per KV head, reading the head's fp16 keys and values where they lie in
+the cache: no copy, unlike the lines' attention, which widens and gathers every head's rows each call); wo; the
+residual add; RMSNorm; w1, w3; SwiGLU; w2; the residual add. The products and the attention run in parallel regions
+(prange) that follow each other closely, so the threads stay awake in between; at one Numba thread the same function
+compiled without them runs. One call runs every layer of the step (the cache's layers are views of one array,
 KVCache.layers): a call per layer returned to Python between layers, ~15 us each with its checks, and the threads
 could fall asleep meanwhile (measured 1.06-1.3x on a 1B Q4_K step, ~1.1x on the default model's Q4_0).
 
@@ -19,7 +19,7 @@ Every value is computed by the same code as the per-op lines (the same float32 o
 the layer's output and the cache are the lines', bit for bit (tests/test_ggml_step.py). Where that cannot be
 promised the call declines (returns None) and the lines run: a batch, anything other than float32, a matrix
 the one-row products do not take (F32 / F16), a head size that is no multiple of 8, shapes that disagree, a
-cache not known to hold fp16 values (one made without Transformer.new_cache).
+cache not known to hold fp16 values in float16 arrays (one made without Transformer.new_cache).
 
 The two compiled layers inline code of ggml_linears, ggml.py, ggml_kquants, ggml_ops, ggml_vec and ggml_simd, and
 Numba's on-disk cache checks a kernel against its own file only; _common.drop_stale_cache drops every cached
@@ -42,7 +42,7 @@ from . import ggml as legacy
 from . import ggml_linears as gl
 from ._common import JIT, layer_matrix_shapes, layer_tensor_names
 from .ggml_ops import _attention_item, _rms_norm_row, _rope_row, _swiglu_row
-from .ggml_simd import fp16_round
+from .ggml_simd import fp16_bits
 
 # The products of a layer, in the order the lines make them: (wq, wk, wv), (wo,), (w1, w3), (w2,).
 QKV, WO, W13, W2 = range(4)
@@ -102,8 +102,9 @@ def _attend_head(kc, vc, S, q, pos, scale, wide, attn, j):
 @njit(inline="always", **JIT)
 def _layer(h, kc, vc, pos, cos, sin, table, groups, norms, use_simd, wide, serial, threads):
     """The layer's lines for h (1, 1, D) at position pos -> the new h (1, 1, D); k, v stored into kc, vc (1,
-    capacity, KVH, HD). norms: (2, D + 2) float32, the attention and feed-forward norms' weights, each row
-    followed by eps and attention's scale. The regions are prange loops: parallel in _layers_parallel."""
+    capacity, KVH, HD) uint16: the bits of the cache's fp16 values. norms: (2, D + 2) float32, the attention and
+    feed-forward norms' weights, each row followed by eps and attention's scale. The regions are prange loops:
+    parallel in _layers_parallel."""
     D = h.shape[2]
     KVH, HD = kc.shape[2], kc.shape[3]
     H = (groups[QKV, TOTAL] - 2 * KVH * HD) // HD
@@ -118,12 +119,13 @@ def _layer(h, kc, vc, pos, cos, sin, table, groups, norms, use_simd, wide, seria
     _products(QKV, x, table, groups, qkv, use_simd, serial & 1, threads)
     q = np.empty((1, 1, H, HD), np.float32)
     _rope_row(qkv[:H * HD].reshape((1, 1, H, HD)), cos, sin, q, 0)
-    _rope_row(qkv[H * HD:(H + KVH) * HD].reshape((1, 1, KVH, HD)), cos, sin, kc[:, pos:pos + 1], 0)
+    k = np.empty((1, 1, KVH, HD), np.float32)
+    _rope_row(qkv[H * HD:(H + KVH) * HD].reshape((1, 1, KVH, HD)), cos, sin, k, 0)
     v = qkv[(H + KVH) * HD:].reshape((KVH, HD))
     for j in range(KVH):  # stored as the cache's values: fp16 (cache.store)
         for d in range(HD):
-            kc[0, pos, j, d] = fp16_round(kc[0, pos, j, d])
-            vc[0, pos, j, d] = fp16_round(v[j, d])
+            kc[0, pos, j, d] = fp16_bits(k[0, 0, j, d])
+            vc[0, pos, j, d] = fp16_bits(v[j, d])
     S = pos + 1
     attn = np.empty((1, 1, H, HD), np.float32)
     if serial & (1 << ATTENTION):
@@ -153,8 +155,8 @@ def _layer(h, kc, vc, pos, cos, sin, table, groups, norms, use_simd, wide, seria
 
 @njit(inline="always", **JIT)
 def _layers(h, kb, vb, pos, cos, sin, table, groups, norms, use_simd, wide, serial, threads):
-    """Consecutive layers, the first from h (1, 1, D): layer j's cache kb[j], vb[j] (1, capacity, KVH, HD), its
-    product groups groups[j] (4, 7; rows of the joined table), its norms norms[j] (2, D + 2)."""
+    """Consecutive layers, the first from h (1, 1, D): layer j's cache kb[j], vb[j] (1, capacity, KVH, HD; fp16
+    bits), its product groups groups[j] (4, 7; rows of the joined table), its norms norms[j] (2, D + 2)."""
     for j in range(kb.shape[0]):
         h = _layer(h, kb[j], vb[j], pos, cos, sin, table, groups[j], norms[j], use_simd, wide, serial, threads)
     return h
@@ -282,7 +284,7 @@ def decode_layers(model, i: int, h: np.ndarray, start_pos: int, cache, cos: np.n
     if blocks is None:  # this layer alone, its cache as it lies
         n, blocks = 1, (cache.k[i][None], cache.v[i][None])
     kb, vb = blocks  # (n, 1, capacity, KVH, HD) each
-    if (kb.dtype != np.float32 or vb.dtype != np.float32 or kb.shape != vb.shape or kb.shape[1] != 1
+    if (kb.dtype != np.float16 or vb.dtype != np.float16 or kb.shape != vb.shape or kb.shape[1] != 1
             or start_pos >= kb.shape[2] or kb.shape[3:] != (KVH, HD) or not kb.flags.c_contiguous
             or not vb.flags.c_contiguous):
         return None
@@ -294,7 +296,7 @@ def decode_layers(model, i: int, h: np.ndarray, start_pos: int, cache, cos: np.n
         serial = sum(1 << g for g in range(4) if weights[g] < SERIAL_WEIGHTS)
         if (groups[0, QKV, TOTAL] - 2 * KVH * HD) * (start_pos + 1) < SERIAL_WORK:  # heads x keys x head size
             serial |= 1 << ATTENTION
-    out = step(h, kb, vb, start_pos, cos, sin, table, groups[:n], norms[:n], legacy.SIMD,
-               spec._isa(None) == "avx512", serial, threads)
+    out = step(h, kb.view(np.uint16), vb.view(np.uint16), start_pos, cos, sin, table, groups[:n], norms[:n],
+               legacy.SIMD, spec._isa(None) == "avx512", serial, threads)
     cache.length = start_pos + 1  # as cache.update: a rewind drops the later positions
     return out, i + n

@@ -8,13 +8,15 @@ one <L x float> per ggml register, llvm.fma where ggml fuses, shuffles for its h
 Where ggml multiplies fp16 values and adds the product (GGML_F16_VEC_FMA), fma(a, b, acc) and acc + a * b
 are the same number: the product of two fp16 values is exact in float32, so either rounds once.
 
-- f16_scores(lanes): one query (fp16 values as float32) against a run of key rows: ggml_vec_dot_f16
-  (4 accumulators of `lanes` lanes over the first HD - HD % 4L values, (0 + 2) + (1 + 3), the lanes summed
-  by reduce_add_16 / GGML_F32x8_REDUCE, then the leftovers one by one in float64), times the softmax scale.
-- f16_columns(lanes): probabilities (fp16 values) times V (transposed in llama.cpp): ggml_vec_dot_f16 of
-  the probability row with every column of V, key p into accumulator lane p % 4L. Each accumulator lane of
-  each column is a chain over the keys p = a, a + 4L, ...; the chains of 8 columns share a vector, up to 8
-  vectors in flight, then the lanes of every column are reduced as ggml_vec_dot_f16 does.
+- f16_scores(lanes): one query (fp16 values as float32) against a run of key rows (fp16 values as float32; the
+  h16_ twins read the cache's fp16 values themselves and widen them, as ggml does: the same numbers, half the
+  bytes): ggml_vec_dot_f16 (4 accumulators of `lanes` lanes over the first HD - HD % 4L values, (0 + 2) +
+  (1 + 3), the lanes summed by reduce_add_16 / GGML_F32x8_REDUCE, then the leftovers one by one in float64),
+  times the softmax scale.
+- f16_columns(lanes) (h16_: on fp16 values): probabilities (fp16 values) times V (transposed in llama.cpp):
+  ggml_vec_dot_f16 of the probability row with every column of V, key p into accumulator lane p % 4L. Each
+  accumulator lane of each column is a chain over the keys p = a, a + 4L, ...; the chains of 8 columns share a
+  vector, up to 8 vectors in flight, then the lanes of every column are reduced as ggml_vec_dot_f16 does.
 - soft_max_row(lanes): a row of ggml's softmax in place: the mask, the maximum, e = ggml_v_expf(x - max), the
   float64 sum of its vectors' float32 sums (hsum_float_8 on AVX2, _mm512_reduce_add_ps on AVX-512), vector
   after vector, and the probabilities e * float32(1 / sum) rounded to fp16.
@@ -36,6 +38,16 @@ from numba.extending import intrinsic
 from .ggml_simd import F32, I32, I64, _declare, _gep_load, _ptr, _shuffle
 
 F64 = ir.DoubleType()
+
+
+def _cache_load(builder, base, index, n, half):
+    """n values (n > 1: a vector) of a cache row at value index `index` (i64) from byte address base, as float32:
+    float32 values, or (half) fp16 values widened (vcvtph2ps), the same numbers the float32 copy held."""
+    if not half:
+        return _gep_load(builder, base, builder.mul(index, _c64(4)), ir.VectorType(F32, n) if n > 1 else F32, 4)
+    h = ir.VectorType(ir.HalfType(), n) if n > 1 else ir.HalfType()
+    return builder.fpext(_gep_load(builder, base, builder.mul(index, _c64(2)), h, 2),
+                         ir.VectorType(F32, n) if n > 1 else F32)
 
 
 def _c64(v):
@@ -266,17 +278,17 @@ def _key_sums8(builder, t):
     return pair(v[0], v[1], evens, odds)  # (0 + 1) + (2 + 3), keys 0 .. 7
 
 
-def _make_scores(lanes, rows):
+def _make_scores(lanes, rows, half=False):
     @intrinsic
     def f16_scores(typingctx, q, k, k_stride, nkeys, hd, scale, out, out_stride):
-        """out[r, j] = ggml_vec_dot_f16(q[r], key row j) * scale for r < `rows`, j < nkeys, float32: q rows
-        of hd float32 holding fp16 values, one after the other; key row j at byte address k + j * k_stride
-        (fp16 values as float32); out row r at out + r * out_stride, room for nkeys rounded up to 8 (the
-        values past nkeys are left undefined). Per dot product: 4 accumulators of `lanes` over the first
-        hd - hd % (4 lanes) values, (0 + 2) + (1 + 3), reduce_add_16 (16 lanes) or GGML_F32x8_REDUCE's end
-        (8), then the leftovers q[i] k[i] (float32 products) added one by one in float64, rounded to float32,
-        times scale (ggml_soft_max_ext's). Each key vector is loaded once for the `rows` queries; keys go 8 at
-        a time, their lanes summed together (_key_sums8 with 8 lanes). Addresses and strides in bytes."""
+        """out[r, j] = ggml_vec_dot_f16(q[r], key row j) * scale for r < `rows`, j < nkeys, float32: q rows of hd
+        float32 holding fp16 values, one after the other; key row j at byte address k + j * k_stride (fp16 values as
+        float32, or with `half` as fp16); out row r at out + r * out_stride, room for nkeys rounded up to 8 (the
+        values past nkeys are left undefined). Per dot product: 4 accumulators of `lanes` over the first hd - hd %
+        (4 lanes) values, (0 + 2) + (1 + 3), reduce_add_16 (16 lanes) or GGML_F32x8_REDUCE's end (8), then the
+        leftovers q[i] k[i] (float32 products) added one by one in float64, rounded to float32, times scale
+        (ggml_soft_max_ext's). Each key vector is loaded once for the `rows` queries; keys go 8 at a time, their
+        lanes summed together (_key_sums8 with 8 lanes). Addresses and strides in bytes."""
         sig = types.void(types.int64, types.int64, types.int64, types.int64, types.int64, types.float32,
                          types.int64, types.int64)
 
@@ -305,7 +317,7 @@ def _make_scores(lanes, rows):
                     with cgutils.for_range_slice(b, _c64(0), m, _c64(step), intp=I64) as (s, _):
                         for c in range(4):
                             off = b.mul(b.add(s, _c64(lanes * c)), _c64(4))
-                            kv = _gep_load(b, row, off, vt, 4)
+                            kv = _cache_load(b, row, b.add(s, _c64(lanes * c)), lanes, half)
                             for r in range(rows):
                                 qv = _gep_load(b, b.add(qp, b.mul(_c64(r), qs)), off, vt, 4)
                                 b.store(_fma(b, qv, kv, b.load(accs[r][c])), accs[r][c])
@@ -326,7 +338,7 @@ def _make_scores(lanes, rows):
                             b.store(b.fpext(b.load(b.gep(scores, [jj])), F64), total)
                             with cgutils.for_range_slice(b, m, hd, _c64(1), intp=I64) as (i, _):
                                 off = b.mul(i, _c64(4))
-                                prod = b.fmul(_gep_load(b, qr, off, F32, 4), _gep_load(b, row, off, F32, 4))
+                                prod = b.fmul(_gep_load(b, qr, off, F32, 4), _cache_load(b, row, i, 1, half))
                                 b.store(b.fadd(b.load(total), b.fpext(prod, F64)), total)
                             b.store(b.fptrunc(b.load(total), F32), b.gep(scores, [jj]))
                     res = b.fmul(b.load(b.bitcast(scores, ir.PointerType(v8)), align=4), _splat(b, scale, 8))
@@ -339,11 +351,14 @@ def _make_scores(lanes, rows):
 
 f16_scores8_1, f16_scores8_2, f16_scores8_3 = (_make_scores(8, r) for r in ROWS)
 f16_scores16_1, f16_scores16_2, f16_scores16_3 = (_make_scores(16, r) for r in ROWS)
+# the same on keys stored as fp16 (the ggml cache: model/cache.py's storage)
+h16_scores8_1, h16_scores8_2, h16_scores8_3 = (_make_scores(8, r, True) for r in ROWS)
+h16_scores16_1, h16_scores16_2, h16_scores16_3 = (_make_scores(16, r, True) for r in ROWS)
 
 
 # ---- probabilities . V --------------------------------------------------------------------------------------------
 
-def _chains(builder, w, ws, v, v_stride, nkeys, step, a, col, width, rows, acc_out, hd):
+def _chains(builder, w, ws, v, v_stride, nkeys, step, a, col, width, rows, acc_out, hd, half):
     """The accumulator-lane chains of lane a, for `rows` probability rows (w + r ws) and `width` vectors of
     8 columns from column col: acc = fma(w[r, p], v[p, col ..], acc) over p = a, a + step, ... < nkeys,
     each (row, vector) its own chain, each value vector loaded once for the rows; stored at acc_out +
@@ -354,9 +369,9 @@ def _chains(builder, w, ws, v, v_stride, nkeys, step, a, col, width, rows, acc_o
     with cgutils.for_range_slice(b, a, nkeys, _c64(step), intp=I64) as (p, _):
         wps = [_splat(b, _gep_load(b, b.add(w, b.mul(_c64(r), ws)), b.mul(p, _c64(4)), F32, 4), 8)
                for r in range(rows)]
-        row = b.add(v, b.add(b.mul(p, v_stride), b.mul(col, _c64(4))))
+        row = b.add(v, b.mul(p, v_stride))
         for x in range(width):
-            vv = _gep_load(b, row, _c64(32 * x), v8, 4)
+            vv = _cache_load(b, row, b.add(col, _c64(8 * x)), 8, half)
             for r in range(rows):
                 b.store(_fma(b, wps[r], vv, b.load(accs[r][x])), accs[r][x])
     for r in range(rows):
@@ -365,14 +380,15 @@ def _chains(builder, w, ws, v, v_stride, nkeys, step, a, col, width, rows, acc_o
             b.store(b.load(accs[r][x]), _ptr(b, b.add(base, _c64(32 * x)), v8), align=4)
 
 
-def _make_columns(lanes, rows):
+def _make_columns(lanes, rows, half=False):
     @intrinsic
     def f16_columns(typingctx, w, w_stride, v, v_stride, nkeys, hd, acc, out):
         """out[r, d] = ggml_vec_dot_f16(w[r], column d of V) for r < `rows`, d < hd (a multiple of 8), over
         nkeys keys (the rest of ggml's padded row is zero probabilities): key p into lane p % 4L (L =
         `lanes`); the 4L lanes of each column summed as ggml_vec_dot_f16 sums its accumulators' lanes.
         w rows (w + r w_stride) of float32 fp16 values; V row p at byte address v + p * v_stride; acc
-        scratch of rows * 4L * hd float32; out rows of hd float32, one after the other. Addresses in bytes."""
+        scratch of rows * 4L * hd float32; out rows of hd float32, one after the other. Addresses in bytes.
+        V's values are float32 (fp16 values), or with `half` fp16."""
         sig = types.void(*([types.int64] * 8))
 
         def codegen(context, builder, signature, args):
@@ -391,7 +407,7 @@ def _make_columns(lanes, rows):
                     c = b.load(col)
                     b.cbranch(b.icmp_signed("<=", b.add(c, _c64(8 * width)), hd), body, done)
                     b.position_at_end(body)
-                    _chains(b, wp, ws, vp, vs, nkeys, step, a, c, width, rows, accp, hd)
+                    _chains(b, wp, ws, vp, vs, nkeys, step, a, c, width, rows, accp, hd, half)
                     b.store(b.add(c, _c64(8 * width)), col)
                     b.branch(cond)
                     b.position_at_end(done)
@@ -409,8 +425,8 @@ def _make_columns(lanes, rows):
                         t = [b.fadd(b.fadd(lane(i), lane(32 + i)), b.fadd(lane(16 + i), lane(48 + i)))
                              for i in range(16)]
                         while len(t) > 1:
-                            half = len(t) // 2
-                            t = [b.fadd(t[i], t[i + half]) for i in range(half)]
+                            n2 = len(t) // 2
+                            t = [b.fadd(t[i], t[i + n2]) for i in range(n2)]
                         res = t[0]
                     dst = b.add(outp, b.mul(b.add(b.mul(_c64(r), hd), col), _c64(4)))
                     b.store(res, _ptr(b, dst, v8), align=4)
@@ -421,3 +437,5 @@ def _make_columns(lanes, rows):
 
 f16_columns8_1, f16_columns8_2, f16_columns8_3 = (_make_columns(8, r) for r in ROWS)
 f16_columns16_1, f16_columns16_2, f16_columns16_3 = (_make_columns(16, r) for r in ROWS)
+h16_columns8_1, h16_columns8_2, h16_columns8_3 = (_make_columns(8, r, True) for r in ROWS)
+h16_columns16_1, h16_columns16_2, h16_columns16_3 = (_make_columns(16, r, True) for r in ROWS)

@@ -265,7 +265,9 @@ def test_numba_ops_equal_numpy_for_both_isas(isa):
 @pytest.mark.parametrize("isa", ggml.ISAS)
 def test_numba_attention_serial_and_parallel_kernels_agree(isa):
     """A decode's attention runs on one thread (ggml_ops.SERIAL_WORK: no parallel region for ~0.1 ms of work),
-    a long one on all: both kernels give the specification's bits, and the dispatch picks each where meant."""
+    a long one on all: both kernels give the specification's bits, and the dispatch picks each where meant. Both
+    also read keys and values as the cache holds them, fp16 bits (uint16; kernels/ggml_step.py's decode): the same
+    bits out."""
     from llama_ref.kernels import ggml_ops
 
     rng = np.random.default_rng(7)
@@ -277,10 +279,12 @@ def test_numba_attention_serial_and_parallel_kernels_agree(isa):
         kh, vh = (np.empty((B, KVH, S, HD), np.float32) for _ in range(2))
         ggml_ops._fp16_heads(k, kh)
         ggml_ops._fp16_heads(v, vh)
+        bits = [a.astype(np.float16).view(np.uint16) for a in (kh, vh)]  # exact: kh, vh hold fp16 values
         for kernel in (ggml_ops._attention, ggml_ops._attention_serial):
-            out = np.full(q.shape, np.nan, np.float32)
-            kernel(q, kh, vh, S - T, np.float32(1 / np.sqrt(HD)), isa == "avx512", out)
-            assert np.array_equal(out.view(np.uint32), expected), kernel
+            for keys, values in ((kh, vh), bits):
+                out = np.full(q.shape, np.nan, np.float32)
+                kernel(q, keys, values, S - T, np.float32(1 / np.sqrt(HD)), isa == "avx512", out)
+                assert np.array_equal(out.view(np.uint32), expected), (kernel, keys.dtype)
     assert 1 * 1 * 32 * 4096 * 64 >= ggml_ops.SERIAL_WORK > 1 * 1 * 32 * 256 * 64  # 1B decode: serial to 256 keys
 
 
@@ -304,6 +308,11 @@ def test_numba_attention_equals_numpy_hypothesis(isa, B, T, start, heads, HD, sc
     v = rng.standard_normal((B, start + T, KVH, HD)).astype(np.float32)
     got, expected = ggml_ops.attention(q, k, v, start, isa=isa), ggml.attention(q, k, v, start, isa=isa)
     assert np.array_equal(got.view(np.uint32), expected.view(np.uint32))
+    # read from fp16 bits, as the decode step reads the cache (uint16, each head's rows S apart): the same bits
+    kh, vh = (ggml.fp16(a).astype(np.float16).transpose(0, 2, 1, 3).copy().view(np.uint16) for a in (k, v))
+    out = np.full(q.shape, np.nan, np.float32)
+    ggml_ops._attention_serial(q, kh, vh, start, np.float32(1 / np.sqrt(HD)), isa == "avx512", out)
+    assert np.array_equal(out.view(np.uint32), expected.view(np.uint32))
 
 
 @settings(max_examples=30, deadline=None)

@@ -159,10 +159,11 @@ def test_declines_float_matrices_and_batches(monkeypatch):
 
 
 def test_the_cache_holds_fp16_values_and_the_step_reads_it_only_then(monkeypatch):
-    """arithmetic="ggml" stores keys and values rounded to fp16 (llama.cpp's F16 cache; Transformer.new_cache), in
-    both backends, and an exact model's cache stores them as computed. The step reads the cache's older positions
-    as they are, so a cache made without new_cache (no fp16 promise) makes it decline; the lines then answer
-    alike, since their attention rounds whatever it is handed."""
+    """arithmetic="ggml" stores keys and values rounded to fp16 (llama.cpp's F16 cache; Transformer.new_cache) in
+    float16 arrays, in both backends, and an exact model's cache stores them as computed, in float32. The step reads
+    the cache's older positions as they are, so a cache made without new_cache (no fp16 promise) or one that holds
+    the fp16 values in float32 makes it decline; the lines then answer alike, since their attention rounds
+    whatever it is handed."""
     from llama_ref.model.cache import KVCache
 
     model = model_in("q8_0")
@@ -170,15 +171,17 @@ def test_the_cache_holds_fp16_values_and_the_step_reads_it_only_then(monkeypatch
     model.forward(tokens)
     stored = [a[:, :model.cache.length] for a in model.cache.k + model.cache.v]
     assert model.cache.values is kernels().cache_values  # the specification's rounding, compiled
+    assert all(a.dtype == np.float16 for a in model.cache.k + model.cache.v)  # fp16 values, exactly, in 2 bytes
     assert all(np.array_equal(a, ggml.fp16(a)) for a in stored)
     assert all(np.abs(a).max() > 0 for a in stored)
     spec = Transformer(model.args, model.weights, backend=ggml.backend_for("numpy", model.weights, "tiny"))
     spec.forward(tokens)
-    assert spec.cache.values is ggml.cache_values
+    assert spec.cache.values is ggml.cache_values and spec.cache.k[0].dtype == np.float16
     assert all(np.array_equal(a, b[:, :7]) for a, b in zip(stored, spec.cache.k + spec.cache.v))
     exact = Transformer(model.args, random_weights(model.args, 0))
     exact.forward(tokens)
-    assert exact.cache.values is None
+    assert exact.cache.values is None and exact.cache.k[0].dtype == np.float32
+    assert model.cache.nbytes * 2 == exact.cache.nbytes
     assert not all(np.array_equal(a, ggml.fp16(a)) for a in exact.cache.k[0][:, :7])
 
     lines = Hook(on=False)
@@ -189,6 +192,12 @@ def test_the_cache_holds_fp16_values_and_the_step_reads_it_only_then(monkeypatch
     hook = Hook()
     monkeypatch.setattr(kernels(), "decode_layers", hook)
     assert np.array_equal(model.forward(np.array([[6]]), start_pos=7, cache=plain), expected)
+    assert hook.done == 0 and hook.declined == model.args.n_layers
+    wide = KVCache(model.args, 1, model.dtype, values=model.cache_values)  # fp16 values, held in float32
+    model.forward(tokens, cache=wide)
+    hook = Hook()
+    monkeypatch.setattr(kernels(), "decode_layers", hook)
+    assert np.array_equal(model.forward(np.array([[6]]), start_pos=7, cache=wide), expected)
     assert hook.done == 0 and hook.declined == model.args.n_layers
     hook = Hook()
     monkeypatch.setattr(kernels(), "decode_layers", hook)

@@ -21,14 +21,19 @@ class KVCache:
     llama.cpp's F16 cache its fp16 rounding here (model/ggml.cache_values), so the cache holds what llama.cpp's
     holds and a reader (kernels/ggml_step.py) can take it as it is.
 
+    storage: the arrays' dtype, when it is not `dtype`. arithmetic="ggml" stores its fp16 values in float16
+    (model/ggml.cache_storage), exactly, in half the memory, and a long context's attention reads half the bytes;
+    `update` then returns float16 views, which every attention widens to float32 (the same values).
+
     ids: for a batch of one, the token id at each position 0 .. len(ids)-1 whose keys and values every layer
     holds; generation compares a new prompt with it to prefill only what is new. None when unknown (a
     batch, or a key mask hid positions).
     """
 
     def __init__(self, args: ModelArgs, batch_size: int = 1, dtype=np.float32, capacity: int = 256,
-                 values: Optional[Callable[[np.ndarray], np.ndarray]] = None):
+                 values: Optional[Callable[[np.ndarray], np.ndarray]] = None, storage=None):
         self.args, self.batch_size, self.dtype, self.values = args, batch_size, np.dtype(dtype), values
+        self.storage = np.dtype(dtype if storage is None else storage)
         self.max_seq_len = args.max_seq_len
         self.capacity = 0
         self.length = 0  # positions 0 .. length-1 hold keys and values
@@ -40,7 +45,7 @@ class KVCache:
     def _grow(self, capacity: int) -> None:
         shape = (self.args.n_layers, self.batch_size, capacity, self.args.kv_heads, self.args.head_dim)
         old_k, old_v, n = self.k, self.v, self.capacity
-        self._blocks = np.zeros(shape, self.dtype), np.zeros(shape, self.dtype)  # (L, B, cap, KVH, HD) each
+        self._blocks = np.zeros(shape, self.storage), np.zeros(shape, self.storage)  # (L, B, cap, KVH, HD) each
         self.k, self.v = list(self._blocks[0]), list(self._blocks[1])  # layer i: (B, cap, KVH, HD), a view
         self._views = tuple(self.k), tuple(self.v)
         for new, old in zip(self.k + self.v, old_k + old_v):

@@ -508,6 +508,10 @@ def soft_max(scores: np.ndarray, scale: np.float32, visible: np.ndarray, isa: "s
 # and values are rounded to fp16 as they are stored. attention() below rounds them again, which changes nothing
 # for them (fp16 values are their own rounding) and keeps it right for any k, v it is handed.
 cache_values = fp16
+# ... held in float16 arrays (KVCache's storage): an fp16 value is a float16 number, so nothing is lost, the cache
+# takes half the memory, and a decode at a long context reads half the bytes (kernels/ggml_step.py reads them in
+# place). attention() widens them to float32 first, as ggml_vec_dot_f16 does.
+cache_storage = np.float16
 
 
 def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start_pos: int,
@@ -584,4 +588,4 @@ def backend_for(backend: str, weights: dict, where: str):
 
 
 __all__ = ["rms_norm", "linear", "embedding", "apply_rope", "attention", "swiglu", "rope_frequencies",
-           "rope_tables", "cache_values"]
+           "rope_tables", "cache_values", "cache_storage"]

@@ -182,8 +182,10 @@ class Transformer(GenerationMixin):
         return getattr(self.ops, "cache_values", None)
 
     def new_cache(self, batch_size: int = 1, capacity: int = 256) -> KVCache:
-        """An empty KV cache for this model: its dtype, and what its arithmetic stores (cache_values)."""
-        return KVCache(self.args, batch_size, self.dtype, capacity, values=self.cache_values)
+        """An empty KV cache for this model: its dtype, and what its arithmetic stores (cache_values), in the
+        arithmetic's own storage type where it has one (cache_storage: ggml's fp16 values in float16)."""
+        return KVCache(self.args, batch_size, self.dtype, capacity, values=self.cache_values,
+                       storage=getattr(self.ops, "cache_storage", None))
 
 
 def linears(op, x: np.ndarray, *ws) -> tuple:

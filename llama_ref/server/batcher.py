@@ -329,7 +329,7 @@ class Batcher:
         llama4 = self.model.args.llama4
         unrotated = set(llama4.nope_layers) if llama4 is not None else set()  # Llama 4's NoPE layers' keys
         for layer in range(self.model.args.n_layers):
-            keys = best.k[layer][:, :shared]
+            keys = best.k[layer][:, :shared].astype(cache.dtype, copy=False)  # rotated in the model's dtype, not fp16
             rotate = shift and layer not in unrotated
             cache.store(layer, start, ops.apply_rope(keys, cos, sin) if rotate else keys, best.v[layer][:, :shared])
         cache.length = start + shared

@@ -19,7 +19,7 @@ Every value is computed by the same code as the per-op lines (the same float32 o
 the layer's output and the cache are the lines', bit for bit (tests/test_ggml_step.py). Where that cannot be
 promised the call declines (returns None) and the lines run: a batch, anything other than float32, a matrix
 the one-row products do not take (F32 / F16), a head size that is no multiple of 8, shapes that disagree, a
-cache not known to hold fp16 values in float16 arrays (one made without Transformer.new_cache).
+cache that does not hold its keys and values in float16 arrays (in this arithmetic Transformer.new_cache's do).
 
 The two compiled layers inline code of ggml_linears, ggml.py, ggml_kquants, ggml_ops, ggml_vec and ggml_simd, and
 Numba's on-disk cache checks a kernel against its own file only; _common.drop_stale_cache drops every cached
@@ -276,7 +276,6 @@ def decode_layers(model, i: int, h: np.ndarray, start_pos: int, cache, cos: np.n
     if run is None:
         run = _run(model, tensors, key)
     if (not run or h.shape[:2] != (1, 1) or h.dtype != np.float32 or not h.flags.c_contiguous
-            or cache.values not in (legacy.cache_values, spec.cache_values)  # its older positions hold fp16 values
             or cos.dtype != np.float32 or not cos.flags.c_contiguous or not sin.flags.c_contiguous):
         return None
     n, table, groups, norms, weights, (KVH, HD), _ = run
@@ -284,6 +283,7 @@ def decode_layers(model, i: int, h: np.ndarray, start_pos: int, cache, cos: np.n
     if blocks is None:  # this layer alone, its cache as it lies
         n, blocks = 1, (cache.k[i][None], cache.v[i][None])
     kb, vb = blocks  # (n, 1, capacity, KVH, HD) each
+    # float16 arrays: their older positions hold fp16 values, whoever made the cache, as the step reads them
     if (kb.dtype != np.float16 or vb.dtype != np.float16 or kb.shape != vb.shape or kb.shape[1] != 1
             or start_pos >= kb.shape[2] or kb.shape[3:] != (KVH, HD) or not kb.flags.c_contiguous
             or not vb.flags.c_contiguous):

@@ -161,9 +161,9 @@ def test_declines_float_matrices_and_batches(monkeypatch):
 def test_the_cache_holds_fp16_values_and_the_step_reads_it_only_then(monkeypatch):
     """arithmetic="ggml" stores keys and values rounded to fp16 (llama.cpp's F16 cache; Transformer.new_cache) in
     float16 arrays, in both backends, and an exact model's cache stores them as computed, in float32. The step reads
-    the cache's older positions as they are, so a cache made without new_cache (no fp16 promise) or one that holds
-    the fp16 values in float32 makes it decline; the lines then answer alike, since their attention rounds
-    whatever it is handed."""
+    the cache's older positions as they are, so a cache that is not float16 (its values as computed, or fp16 values
+    held in float32) makes it decline, and the lines then answer alike, since their attention rounds whatever it is
+    handed; a float16 cache made by hand holds fp16 values too, and the step takes it."""
     from llama_ref.model.cache import KVCache
 
     model = model_in("q8_0")
@@ -187,18 +187,14 @@ def test_the_cache_holds_fp16_values_and_the_step_reads_it_only_then(monkeypatch
     lines = Hook(on=False)
     monkeypatch.setattr(kernels(), "decode_layers", lines)
     expected = model.forward(np.array([[6]]), start_pos=7)
-    plain = KVCache(model.args, 1, model.dtype)  # float32 as computed: the step must not trust it
-    model.forward(tokens, cache=plain)
-    hook = Hook()
-    monkeypatch.setattr(kernels(), "decode_layers", hook)
-    assert np.array_equal(model.forward(np.array([[6]]), start_pos=7, cache=plain), expected)
-    assert hook.done == 0 and hook.declined == model.args.n_layers
-    wide = KVCache(model.args, 1, model.dtype, values=model.cache_values)  # fp16 values, held in float32
-    model.forward(tokens, cache=wide)
-    hook = Hook()
-    monkeypatch.setattr(kernels(), "decode_layers", hook)
-    assert np.array_equal(model.forward(np.array([[6]]), start_pos=7, cache=wide), expected)
-    assert hook.done == 0 and hook.declined == model.args.n_layers
+    for cache, fused in ((KVCache(model.args, 1, model.dtype), False),  # float32 as computed: not trusted
+                         (KVCache(model.args, 1, model.dtype, values=model.cache_values), False),  # fp16 in float32
+                         (KVCache(model.args, 1, model.dtype, storage=np.float16), True)):  # made by hand, float16
+        model.forward(tokens, cache=cache)
+        hook = Hook()
+        monkeypatch.setattr(kernels(), "decode_layers", hook)
+        assert np.array_equal(model.forward(np.array([[6]]), start_pos=7, cache=cache), expected)
+        assert (hook.done, hook.declined) == ((model.args.n_layers, 0) if fused else (0, model.args.n_layers))
     hook = Hook()
     monkeypatch.setattr(kernels(), "decode_layers", hook)
     assert np.array_equal(model.forward(np.array([[6]]), start_pos=7), expected)

@@ -4,8 +4,9 @@
         [--sums blas apart blocked] [--checkpoint DIR --layers 4 --tokens 128 512]
 
 The 200-token prompt of issue 21 (tests/data/float64_distance.json): its prefill (logits of the last
-position, as generation asks for them, and of every position, as the float64-distance test does), and one
-decode step after it (best of 3 steps). Every configuration runs once per round, interleaved with the
+position, as generation asks for them, and of every position, as the float64-distance test does), one
+decode step after it (best of 3 steps), and the prefill of its first 5, 8 and 15 tokens (--short: products
+of fewer than 16 rows, which "apart" sums in float64). Every configuration runs once per round, interleaved with the
 others; the report gives each one's best and median time over the rounds, and the ratios of both to the
 first --sums, in the same run (the median is steadier under load: one quiet round makes a best). Wall
 time (or --clock cpu); the BLAS library and thread counts (threadpoolctl) and the load average before and
@@ -64,6 +65,8 @@ def main() -> None:
     ap.add_argument("--checkpoint", help="a checkpoint whose first --layers layers are measured instead")
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--tokens", type=int, nargs="+", default=[128, 512], help="prompt lengths (--checkpoint)")
+    ap.add_argument("--short", type=int, nargs="*", default=[5, 8, 15],
+                    help="short prompts' lengths (the first tokens of the 200): products of fewer than 16 rows")
     ap.add_argument("--products", action="store_true", help="the products alone: kernels/sgemm against OpenBLAS")
     ap.add_argument("--products-apart", action="store_true", help="with --products: ours with apart columns too")
     ap.add_argument("--shapes", nargs="+", help="N,K,R of --products (default: the two models' shapes)")
@@ -99,9 +102,18 @@ def main() -> None:
             best = min(best, clock() - t)
         return best
 
+    def short(T):  # a prompt of T tokens (the first of the 200): its products of T rows, summed in float64
+        def run(model):
+            cache = KVCache(model.args, 1, np.float32, capacity=T)
+            t = clock()
+            model.forward(ids[:T], 0, cache=cache)
+            return clock() - t
+        return run
+
     measures = {"prefill 200, last logits": lambda m: prefill(m, True)[0],
                 "prefill 200, all logits": lambda m: prefill(m, False)[0],
                 "decode step after 200": decode}
+    measures.update({f"prefill {T}, all logits": short(T) for T in a.short})
     if a.checkpoint:
         rng = np.random.default_rng(0)
         prompts = {T: rng.integers(0, 512, T).tolist() for T in a.tokens}

@@ -1,5 +1,6 @@
 """The column choice and products of load(..., sums="apart") for the Numba backend: apart_rows, the twin of
-llama_ref.model.ops._apart_rows, and apart_product, its products by kernels/sgemm.py.
+llama_ref.model.ops._apart_rows, apart_product, its products by kernels/sgemm.py, and float64_sums, the twin
+of ops.linear_float64_sums (products of a few rows).
 
 linear_apart (model/ops.py) sums the columns of x holding its largest entries by themselves: it needs those
 columns, x with them zeroed, and x's values in them. NumPy writes |x| to a new array, reads it for the
@@ -10,9 +11,9 @@ taking the maximum of |x| per column on the way, then zero and gather the chosen
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
-from ._common import JIT, as_f32_rows
+from ._common import FAST, JIT, as_f32_rows, readonly
 
 
 @njit(**JIT)
@@ -109,3 +110,48 @@ def apart_product(rest: np.ndarray, x_apart: np.ndarray, cols: np.ndarray, w: np
         return None
     rest, x_apart, w = (np.ascontiguousarray(a) for a in (rest, x_apart, w))
     return sgemm(rest, w, np.ascontiguousarray(cols, dtype=np.int64), x_apart, threads=max(1, threads.count()))
+
+
+@njit(parallel=True, fastmath=FAST, **JIT)
+def _float64_sums(x, w, out):
+    """out (N, R) = x (N, K) float64 @ w (R, K) float32 .T, each sum in float64, rounded once to float32.
+
+    As kernels/linear._mv_f32, 4 weight rows and 2 rows of x a pass over k (8 sums, w read from memory once
+    whatever N is), on float64 sums: each w value widened as it is loaded. In any order the sums stay within
+    ~K float64 ulps of the exact ones, so they round to the same float32 as NumPy's but for a sum that falls
+    that close to a halfway point. A weight with R % 4 != 0 repeats its last row in the last block."""
+    N, K = x.shape
+    R = w.shape[0]
+    for c in prange((R + 3) // 4):
+        r0 = 4 * c
+        r1, r2, r3 = min(r0 + 1, R - 1), min(r0 + 2, R - 1), min(r0 + 3, R - 1)
+        for n in range(0, N, 2):
+            m = min(n + 1, N - 1)  # N odd: the last row twice, the same value written twice
+            a00 = a01 = a10 = a11 = a20 = a21 = a30 = a31 = 0.0
+            for k in range(K):
+                x0, x1 = x[n, k], x[m, k]
+                w0, w1 = np.float64(w[r0, k]), np.float64(w[r1, k])
+                w2, w3 = np.float64(w[r2, k]), np.float64(w[r3, k])
+                a00 += x0 * w0
+                a01 += x1 * w0
+                a10 += x0 * w1
+                a11 += x1 * w1
+                a20 += x0 * w2
+                a21 += x1 * w2
+                a30 += x0 * w3
+                a31 += x1 * w3
+            out[n, r0], out[m, r0], out[n, r1], out[m, r1] = a00, a01, a10, a11
+            out[n, r2], out[m, r2], out[n, r3], out[m, r3] = a20, a21, a30, a31
+
+
+def float64_sums(x: np.ndarray, w) -> np.ndarray:
+    """ops.linear_float64_sums: x @ w.T (x (..., K) float32, w (R, K)), each output summed in float64 and
+    rounded once, in one parallel pass over w's rows. Other than a float32 x and a float32 array w: the twin's."""
+    from llama_ref.model import ops
+
+    if x.dtype != np.float32 or not isinstance(w, np.ndarray) or w.dtype != np.float32 or w.ndim != 2:
+        return ops.linear_float64_sums(x, w)
+    x64 = np.ascontiguousarray(x.reshape(-1, x.shape[-1]), dtype=np.float64)  # (N, K), exact
+    out = np.empty((x64.shape[0], w.shape[0]), np.float32)  # (N, R)
+    _float64_sums(x64, readonly(w), out)
+    return out.reshape(*x.shape[:-1], w.shape[0])  # (..., out)

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import llama_ref
 from llama_ref.model import ops
@@ -266,12 +268,73 @@ def test_apart_rest_is_summed_in_chains_added_in_order():
         assert np.array_equal(ops._product_in_chains(a, np.asfortranarray(b)), expected)
 
 
+def _one_rounding_from_exact(got: np.ndarray, x: np.ndarray, w: np.ndarray) -> None:
+    """Each output of got (N, R) float32 lies within one float32 rounding of the exact x @ w.T: math.fsum of the
+    products (each exact in float64) is the exact sum rounded once to float64; a float64 sum in another order
+    may be off it by K float64 ulps of sum |x w|, which can move a value lying that close to a halfway point."""
+    import math
+
+    x64, w64 = x.astype(np.float64), w.astype(np.float64)
+    exact = np.array([[math.fsum(x64[n] * w64[r]) for r in range(w.shape[0])] for n in range(x.shape[0])])
+    spread = x.shape[1] * 2.0 ** -52 * (np.abs(x64) @ np.abs(w64).T)  # (N, R)
+    half_ulp = np.spacing(np.abs(got)).astype(np.float64) / 2
+    assert got.dtype == np.float32
+    assert np.all(np.abs(got.astype(np.float64) - exact) <= half_ulp + spread)
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 17), k=st.integers(1, 200), r=st.integers(1, 23), seed=st.integers(0, 2**32 - 1))
+def test_float64_sums_round_once(n, k, r, seed):
+    """ops.linear_float64_sums and its Numba twin (kernels/sums.float64_sums): every output within one float32
+    rounding of the exact sum, whatever the shapes (R % 4 != 0, odd N, K = 1); x with a few entries 10^3 times
+    the rest (massive activations); a (B, T, K) input keeps its shape; the twins agree bit for bit but where a
+    sum lies within the float64 spread of a halfway point (not met on these seeds)."""
+    from llama_ref.kernels.sums import float64_sums
+
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, k), dtype=np.float32)
+    x[:, rng.integers(0, k, 2)] *= 1000
+    w = rng.standard_normal((r, k), dtype=np.float32)
+    got = ops.linear_float64_sums(x, w)
+    _one_rounding_from_exact(got, x, w)
+    _one_rounding_from_exact(float64_sums(x, w), x, w)
+    assert np.array_equal(float64_sums(x[None], w), got[None])  # (1, N, K) -> (1, N, R)
+    assert np.array_equal(ops.linear_float64_sums(x[None], w), got[None])
+
+
+def test_float64_sums_blocks_and_inputs(monkeypatch):
+    """linear_float64_sums widens w a block of rows at a time (FLOAT64_BLOCK bytes): blocks of one row and of
+    every row give the same bits; a packed weight is widened as linear widens it; the Numba twin takes strided
+    and read-only inputs, and other dtypes or packed weights fall back to NumPy's."""
+    from llama_ref.kernels.sums import float64_sums
+    from llama_ref.weights.packed import Q8_0Weight
+
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((6, 96), dtype=np.float32)
+    w = rng.standard_normal((37, 96), dtype=np.float32)
+    want = ops.linear_float64_sums(x, w)
+    for block in (8 * 96, 1 << 30):  # one row a block, all rows in one
+        monkeypatch.setattr(ops, "FLOAT64_BLOCK", block)
+        assert np.array_equal(ops.linear_float64_sums(x, w), want)
+    assert np.array_equal(float64_sums(np.asfortranarray(x), w[:, :]), want)
+    frozen = w.copy()
+    frozen.flags.writeable = False
+    assert np.array_equal(float64_sums(x, frozen), want)
+    packed = Q8_0Weight.quantize(w)
+    assert np.array_equal(ops.linear_float64_sums(x, packed), ops.linear_float64_sums(x, packed.to_float(np.float32)))
+    assert np.array_equal(float64_sums(x, packed), ops.linear_float64_sums(x, packed))
+    assert float64_sums(x.astype(np.float64), w).dtype == np.float64  # NumPy's, in x's dtype
+
+
 def test_sums_keep_what_is_already_summed_in_short_chains(monkeypatch):
-    """Products over fewer than two blocks stay linear's; the Numba backend keeps its own SIMD-lane kernels
-    for a few rows and packed weights, either backend its own product for one row (decode: BLAS's sgemv),
-    "apart" for fewer than 16 rows, and both sum longer float32 products alike."""
+    """Products over fewer than two blocks stay linear's; the Numba backend keeps its own kernels for packed
+    weights, either backend its own product for a decode step (one position a sequence, a batch of them too:
+    BLAS's sgemv, the Numba kernels' SIMD lanes); a few positions' products are summed in float64 (NumPy
+    "apart": fewer than 16 rows, the Numba backend: fewer than its F32_BLAS_MIN_ROWS), and both sum longer
+    float32 products alike."""
     from llama_ref import kernels
     from llama_ref.kernels.linear import F32_BLAS_MIN_ROWS
+    from llama_ref.kernels.sums import float64_sums
     from llama_ref.weights.packed import Q8_0Weight
 
     rng = np.random.default_rng(0)
@@ -294,7 +357,11 @@ def test_sums_keep_what_is_already_summed_in_short_chains(monkeypatch):
     for sums, product in ops.SUMS.items():
         numba, numpy = ops.with_sums(kernels, sums), ops.with_sums(ops, sums)
         assert numba.attention is kernels.attention and numba.linear is not kernels.linear
-        assert np.array_equal(numba.linear(few, w), kernels.linear(few, w))
+        assert np.array_equal(numba.linear(few, w), float64_sums(few, w))  # 15 positions
+        steps = few[:, None, :]  # (15, 1, K): a batch of decode steps
+        assert np.array_equal(numba.linear(steps, w), kernels.linear(steps, w))
+        if sums == "apart":  # ("blocked" sums NumPy's products from 2 rows)
+            assert np.array_equal(numpy.linear(steps, w), ops.linear(steps, w))
         if sums == "apart":  # the Numba backend's own chains (kernels/sgemm.py), its apart terms added in registers
             assert np.array_equal(numba.linear(many, w), _numba_apart_twin(many, w))
             assert np.all(np.abs(numba.linear(many, w) - product(many, w, by_rows=True)) <= bound)
@@ -306,7 +373,7 @@ def test_sums_keep_what_is_already_summed_in_short_chains(monkeypatch):
         assert np.array_equal(numpy.linear(few[:1], w), ops.linear(few[:1], w))  # decode
         assert not np.array_equal(product(many, w), ops.linear(many, w))  # summed otherwise
     assert np.array_equal(ops.with_sums(ops, "blocked").linear(few, w), ops.linear_blocked(few, w))
-    assert np.array_equal(ops.with_sums(ops, "apart").linear(few, w), ops.linear(few, w))
+    assert np.array_equal(ops.with_sums(ops, "apart").linear(few, w), ops.linear_float64_sums(few, w))
     with pytest.raises(llama_ref.LlamaRefError, match="sums must be 'apart', 'blocked' or 'blas'"):
         llama_ref.load("no-such-model", sums="kahan")
     for sums in ops.SUMS:
@@ -318,8 +385,8 @@ def test_sums_keep_what_is_already_summed_in_short_chains(monkeypatch):
 def test_apart_linears_share_one_column_choice(backend, monkeypatch):
     """with_sums(backend, "apart").linears(x, *ws), the products that read the same x (wq, wk, wv; w1, w3):
     x's columns chosen once, each weight's product the bits of .linear(x, w) (the choice depends on x only);
-    packed weights in the Numba backend, a decode row and float64 take the backend's own product as before,
-    and "blocked" takes them one by one."""
+    packed weights in the Numba backend, decode rows and float64 take the backend's own product as before,
+    and "blocked" and a prompt of fewer than 16 positions (float64 sums) take them one by one."""
     from llama_ref import kernels
     from llama_ref.kernels import sums as numba_sums
     from llama_ref.weights.packed import Q8_0Weight
@@ -344,8 +411,11 @@ def test_apart_linears_share_one_column_choice(backend, monkeypatch):
     packed = Q8_0Weight.quantize(ws[1])
     mixed = summed.linears(x, ws[0], packed, ws[2])
     assert all(np.array_equal(a, summed.linear(x, w)) for a, w in zip(mixed, (ws[0], packed, ws[2])))
-    for few in (x[:1, :1], x[:1, :15], x.astype(np.float64)):  # a decode row, under 16 rows, float64
+    for few in (x[:1, :1], x[:, :1], x.astype(np.float64)):  # a decode row, a batch of two, float64
         assert all(np.array_equal(a, own.linear(few, w)) for a, w in zip(summed.linears(few, *ws), ws))
+    few = x[:1, :15]  # a prompt of 15 positions: float64 sums, one weight at a time
+    float64_sums = numba_sums.float64_sums if backend == "numba" else ops.linear_float64_sums
+    assert all(np.array_equal(a, float64_sums(few, w)) for a, w in zip(summed.linears(few, *ws), ws))
     blocked = ops.with_sums(own, "blocked")
     assert all(np.array_equal(a, blocked.linear(x, w)) for a, w in zip(blocked.linears(x, *ws), ws))
 
@@ -452,13 +522,16 @@ def test_apart_sums_closer_to_float64_than_transformers(default_model_path, reco
     On an AVX-512 AMD EPYC (OpenBLAS's SkylakeX kernels) NumPy's apart sums with BLAS's own chains were 1.25x
     (closer on 2: failed here), Numba's 0.62x (closer on 6); since session 34 NumPy sums the rest in the
     Numba backend's chains of 64 (ops.CHAIN) and rms_norm's squares in float64: 0.91x, closer on 4 (the two
-    prompts of fewer than 16 tokens keep BLAS's product: 2.9x and 3.0x transformers' there)."""
+    prompts of fewer than 16 tokens kept BLAS's product: 2.9x and 3.0x transformers' there). Since session 45
+    a prompt's products of fewer than 16 rows are summed in float64 (ops.linear_float64_sums; Numba: 1.15x and
+    0.91x with its own kernels' lanes before): those two at 0.39x and 0.79x (NumPy), 0.32x and 0.63x (Numba);
+    closer on every prompt, means 0.46x and 0.55x (Intel Sapphire Rapids; the furthest 0.79x and 0.76x)."""
     ours = _distances(llama_ref.load(default_model_path, backend=backend, sums="apart"), recorded, truth)
     hf = _hf(recorded)
     print(f"\n{backend} apart sums vs float64: " + " ".join(f"{ours[n]:.2e} (HF {hf[n]:.2e})" for n in hf))
     assert all(0 < d < 2e-4 for d in ours.values())
     assert np.mean(list(ours.values())) <= 1.0 * np.mean(list(hf.values()))
-    assert sum(ours[n] < hf[n] for n in hf) >= 3
+    assert all(ours[n] < hf[n] for n in hf), [n for n in hf if ours[n] >= hf[n]]
 
 
 @pytest.mark.slow  # as above

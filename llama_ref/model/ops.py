@@ -233,6 +233,36 @@ def linears_apart(x: np.ndarray, *ws, by_rows: bool = False, apart=_apart_rows, 
     return tuple(linear_apart(rows, w, by_rows, apart, chosen, products).reshape(*x.shape[:-1], -1) for w in ws)
 
 
+# A product of a few rows of x (a short prompt) reads each of w's values for a few multiply-adds; its sums in
+# float64 put the default model's 5- and 8-token prompts at 0.39x and 0.79x transformers' float32 distance from
+# float64 (NumPy; the Numba backend 0.32x and 0.63x), against 2.9x and 3.0x with BLAS's product and 1.3x and
+# 1.2x with apart sums (with_sums says where they are used and what they cost). FLOAT64_BLOCK: bytes of w
+# widened to float64 at a time, which stay in L2.
+FLOAT64_BLOCK = 1 << 18
+
+
+def linear_float64_sums(x: np.ndarray, w) -> np.ndarray:
+    """linear(x, w) with each output summed in float64 and rounded once to x's dtype (float32).
+
+    Every product of two float32 values is exact in float64 (24 + 24 significant bits of 53), so an output
+    lies within a float32 rounding of the exact sum unless the sum falls within ~K float64 ulps of a halfway
+    point between two float32 values. w's rows are widened a block at a time into one reused buffer (the
+    whole of w in float64 would be twice its size, written and read again). The Numba twin:
+    kernels/sums.float64_sums."""
+    w = _float_weight(w, x.dtype)
+    rows = x.reshape(-1, x.shape[-1])  # (N, K)
+    R, K = w.shape
+    x64 = rows.astype(np.float64)  # (N, K)
+    out = np.empty((rows.shape[0], R), x.dtype)  # (N, R)
+    step = min(R, max(1, FLOAT64_BLOCK // (8 * K)))  # rows of w per block
+    w64 = np.empty((step, K), np.float64)  # (step, K), reused
+    for r0 in range(0, R, step):
+        r1 = min(R, r0 + step)
+        w64[: r1 - r0] = w[r0:r1]
+        out[:, r0:r1] = x64 @ w64[: r1 - r0].T  # (N, r1 - r0) float64 sums, rounded once
+    return out.reshape(*x.shape[:-1], R)  # (..., out)
+
+
 def linear_blocked(x: np.ndarray, w) -> np.ndarray:
     """linear(x, w) with each output summed in chains of SUM_BLOCK inputs, the largest terms added last.
 
@@ -277,19 +307,25 @@ def linear_blocked(x: np.ndarray, w) -> np.ndarray:
 
 
 SUMS = {"apart": linear_apart, "blocked": linear_blocked}  # load(..., sums=...) other than "blas"
-SUMS_MIN_ROWS = {"apart": 16, "blocked": 2}  # fewer rows of x keep the backend's own product (see with_sums)
+SUMS_MIN_ROWS = {"apart": 16, "blocked": 2}  # fewer rows of x: float64 sums, a decode step's the backend's own
 
 
 def with_sums(backend, sums: str):
     """A copy of a backend (ops, or llama_ref.kernels) whose float32 matrix products are summed as
     SUMS[sums] sums them ("apart": linear_apart, "blocked": linear_blocked).
 
-    Products of fewer than SUMS_MIN_ROWS[sums] rows of x (one row: a decode step; "apart": up to 15, a few
-    prompt tokens or a batch of decode rows), fewer than the Numba backend's F32_BLAS_MIN_ROWS (its own
-    kernels), and packed weights in the Numba kernels keep the backend's own product: the weights' memory
-    traffic, not arithmetic, bounds those (blocks added 44 % to a NumPy decode step; gathering APART columns
-    of the output matrix reads up to 16 of the 36 cache lines of each of its rows again), and the Numba
-    kernels sum them in SIMD lanes already (OpenBLAS's sgemv in 8 partial sums of 72 of 576 inputs).
+    Products of fewer than SUMS_MIN_ROWS[sums] rows of x, or than the Numba backend's F32_BLAS_MIN_ROWS (its
+    own kernels), read each weight for a few multiply-adds. Over a prompt's positions (x (..., T, K), T >= 2:
+    a short prompt, whose first token holds the massive activations) they are summed in float64
+    (linear_float64_sums, or the Numba backend's twin): every output within a rounding of the exact sum,
+    where the backends' own sums put the default model's 5- and 8-token prompts at 2.9x and 3.0x
+    transformers' distance from float64 (NumPy; Numba 1.15x and 0.91x), and apart sums at 1.3x and 1.2x.
+    It costs: float64 multiply-adds run at half float32's rate, and NumPy widens w a block at a time on one
+    thread (issue 21: the prefill of a 5-15-token prompt 1.5-1.8x (Numba) and 1.7-2.3x (NumPy) the time of
+    the backend's own product at two threads). A decode step (one position a sequence: x (..., 1, K), a batch
+    of them too; the fused steps) and packed weights in the Numba kernels keep the backend's own product,
+    summed in short chains already (the Numba kernels' SIMD lanes, OpenBLAS's sgemv's 8 partial sums of 72 of
+    576 inputs): the model's most repeated products, where float64 would cost the most.
     A backend other than ops (the Numba backend) gets linear_apart's output in its rows' layout (by_rows),
     as its own linear gives it, the columns chosen by its kernel and both products made by its own float32
     gemm in one pass (kernels/sums.py, kernels/sgemm.py).
@@ -299,12 +335,14 @@ def with_sums(backend, sums: str):
     import sys
     import types
 
-    product, together = SUMS[sums], linears_apart if sums == "apart" else None
-    if sums == "apart" and backend.linear is not linear:
-        from llama_ref.kernels.sums import apart_product, apart_rows  # its column choice; products on its threads
+    product, together, few = SUMS[sums], linears_apart if sums == "apart" else None, linear_float64_sums
+    if backend.linear is not linear:
+        from llama_ref.kernels.sums import apart_product, apart_rows, float64_sums  # on the backend's threads
 
-        product = functools.partial(linear_apart, by_rows=True, apart=apart_rows, products=apart_product)
-        together = functools.partial(linears_apart, by_rows=True, apart=apart_rows, products=apart_product)
+        few = float64_sums
+        if sums == "apart":  # its column choice, and its products
+            product = functools.partial(linear_apart, by_rows=True, apart=apart_rows, products=apart_product)
+            together = functools.partial(linears_apart, by_rows=True, apart=apart_rows, products=apart_product)
     copy = types.ModuleType(f"{backend.__name__}+{sums}_sums")
     copy.__dict__.update({k: v for k, v in vars(backend).items() if not k.startswith("__")})
     own, own_together = backend.linear, getattr(backend, "linears", None)
@@ -313,17 +351,20 @@ def with_sums(backend, sums: str):
     def own_product(x, w) -> bool:
         """Whether summed_linear leaves this product to the backend's own linear."""
         packed_kernel = own is not linear and not isinstance(w, np.ndarray)
-        return x.dtype != np.float32 or packed_kernel or x.size // x.shape[-1] < small
+        decode = x.ndim < 2 or x.shape[-2] == 1  # one position a sequence
+        return x.dtype != np.float32 or packed_kernel or (decode and x.size // x.shape[-1] < small)
 
     def summed_linear(x, w):
-        return own(x, w) if own_product(x, w) else product(x, w)
+        if own_product(x, w):
+            return own(x, w)
+        return few(x, w) if x.size // x.shape[-1] < small else product(x, w)
 
     def summed_linears(x, *ws):
         """summed_linear(x, w) for each w, with one choice of x's columns for those summed apart."""
         mine = [w for w in ws if not own_product(x, w)]
         if not mine and own_together is not None:  # all the backend's own (decode): its own together, if any
             return own_together(x, *ws)
-        if together is None or len(mine) < 2:
+        if together is None or len(mine) < 2 or x.size // x.shape[-1] < small:
             return tuple(summed_linear(x, w) for w in ws)
         summed = iter(together(x, *mine))  # in ws' order
         return tuple(own(x, w) if own_product(x, w) else next(summed) for w in ws)

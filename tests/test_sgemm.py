@@ -1,7 +1,8 @@
 """kernels/sgemm.py, the Numba backend's float32 matrix product for sums="apart", against its NumPy twin here:
 every output the sum of fused multiply-add chains over blocks of KB k's (llama_ref.model.ggml.fma rounds
 exactly as vfmadd does), then the apart terms in fused pairs added as a tree, added last. Bit for bit, at any
-shape (odd N, R, K, several blocks, K panels and row blocks), blocking and thread count."""
+shape (odd N, R, K, several blocks, K panels and row blocks), blocking and thread count, with the 256-bit tiles
+(6 x 16) and, where the CPU has AVX-512F, the 512-bit ones (8 x 32)."""
 
 from __future__ import annotations
 
@@ -50,26 +51,29 @@ def apart_of(x, seed):
     return cols, np.ascontiguousarray(x[:, cols])
 
 
-# Blockings that cut these shapes into several K panels, x blocks and w blocks, with and without `part`
+# Blockings that cut these shapes into several K panels, x blocks and w blocks, with and without `part` (x blocks
+# of 12 and 18 rows: not whole 8-row wide tiles, which the kernel rounds them to)
 BLOCKINGS = [None, (16, 12, 32, 1, 4 << 20), (24, 6, 16, 0, 0), (8, 18, 48, 1, 1024)]
+# The tiles this CPU runs: 256-bit everywhere, 512-bit with AVX-512F
+WIDES = [False, True] if sgemm_mod.HAS_AVX512 else [False]
 
 
 @settings(max_examples=40, deadline=None)
 @given(N=st.integers(1, 40), K=st.integers(1, 200), R=st.integers(1, 70), seed=st.integers(0, 2**16),
-       blocking=st.sampled_from(BLOCKINGS), threads=st.sampled_from([1, 2, 3]))
-def test_sgemm_is_one_fma_chain_per_output(N, K, R, seed, blocking, threads):
+       blocking=st.sampled_from(BLOCKINGS), threads=st.sampled_from([1, 2, 3]), wide=st.sampled_from(WIDES))
+def test_sgemm_is_one_fma_chain_per_output(N, K, R, seed, blocking, threads, wide):
     x, w = operands(seed, N, K, R)
-    got = sgemm_mod.sgemm(x, w, threads=threads, blocking=blocking)
+    got = sgemm_mod.sgemm(x, w, threads=threads, blocking=blocking, wide=wide)
     np.testing.assert_array_equal(got, chain(x, w))
 
 
 @settings(max_examples=40, deadline=None)
 @given(N=st.integers(1, 40), K=st.integers(8, 200), R=st.integers(1, 70), seed=st.integers(0, 2**16),
-       blocking=st.sampled_from(BLOCKINGS), threads=st.sampled_from([1, 2]))
-def test_sgemm_apart_leaves_the_columns_out_and_adds_them_last(N, K, R, seed, blocking, threads):
+       blocking=st.sampled_from(BLOCKINGS), threads=st.sampled_from([1, 2]), wide=st.sampled_from(WIDES))
+def test_sgemm_apart_leaves_the_columns_out_and_adds_them_last(N, K, R, seed, blocking, threads, wide):
     x, w = operands(seed, N, K, R)
     cols, x_apart = apart_of(x, seed)
-    got = sgemm_mod.sgemm(x, w, cols, x_apart, threads=threads, blocking=blocking)
+    got = sgemm_mod.sgemm(x, w, cols, x_apart, threads=threads, blocking=blocking, wide=wide)
     np.testing.assert_array_equal(got, chain(x, w, cols, x_apart))
 
 
@@ -82,7 +86,8 @@ def test_sgemm_bits_do_not_depend_on_blocking_or_threads(N, K, R):
     ref = sgemm_mod.sgemm(x, w, cols, x_apart)
     for blocking in BLOCKINGS[1:]:
         for threads in (1, 2):
-            np.testing.assert_array_equal(sgemm_mod.sgemm(x, w, cols, x_apart, threads, blocking), ref)
+            for wide in WIDES:
+                np.testing.assert_array_equal(sgemm_mod.sgemm(x, w, cols, x_apart, threads, blocking, wide), ref)
     rows = np.arange(0, N, 7)
     np.testing.assert_array_equal(ref[rows], chain(x[rows], w, cols, x_apart[rows]))
 
@@ -105,8 +110,29 @@ def test_sgemm_special_values():
     w[3, 7] = np.inf
     x[2, 11] = np.nan
     cols, x_apart = apart_of(x, 2)
-    got = sgemm_mod.sgemm(x, w, cols, x_apart)
     with np.errstate(invalid="ignore"):
         want = chain(x, w, cols, x_apart)
-    np.testing.assert_array_equal(got, want)
-    assert np.isnan(got[2]).all()
+    for wide in WIDES:
+        got = sgemm_mod.sgemm(x, w, cols, x_apart, wide=wide)
+        np.testing.assert_array_equal(got, want)
+        assert np.isnan(got[2]).all()
+
+
+def test_sgemm_wide_choice(monkeypatch):
+    """The 512-bit tiles are taken by default on an AVX-512 CPU other than AMD's Zen (LLAMA_REF_SGEMM_WIDE=0 / 1
+    overrides), never where AVX-512F is missing, and asking for them there is refused by name."""
+    import llvmlite.binding as binding
+
+    for forced, name, feats, want in [("", "sapphirerapids", "+avx512f,+avx2", (True, True)),
+                                      ("", "znver4", "+avx512f,+avx2", (True, False)),
+                                      ("0", "sapphirerapids", "+avx512f", (True, False)),
+                                      ("1", "znver4", "+avx512f", (True, True)),
+                                      ("1", "znver3", "+avx2,-avx512f", (False, False))]:
+        monkeypatch.setenv("LLAMA_REF_SGEMM_WIDE", forced)
+        monkeypatch.setattr(binding, "get_host_cpu_name", lambda n=name: n)
+        monkeypatch.setattr(binding, "get_host_cpu_features", lambda f=feats: type("F", (), {"flatten": lambda s: f})())
+        assert sgemm_mod._host_wide() == want, (forced, name)
+    monkeypatch.setattr(sgemm_mod, "HAS_AVX512", False)
+    x, w = operands(1, 4, 16, 8)
+    with pytest.raises(ValueError, match="AVX-512F"):
+        sgemm_mod.sgemm(x, w, wide=True)

@@ -14,6 +14,9 @@ after are printed, since this machine is shared. OPENBLAS_CORETYPE and OPENBLAS_
 environment before NumPy loads, so OpenBLAS picks its kernels for the real CPU (the report says whether they
 were set).
 
+--packed: no model; the Numba backend's products on packed weights (F16, Q8_0, Q4_0 at the 1B shape), its own
+against sums="apart" (which decodes them a tile at a time for kernels/sgemm.py with the apart columns).
+
 --products: no model; kernels/sgemm.py's float32 product (the Numba backend's sums="apart" product) against
 NumPy's OpenBLAS `x @ w.T` on the default model's and the Llama 3.2 1B shape's (N, K, R) (random float32), at
 --threads (BLAS by threadpoolctl, ours on runtime.threads' pool); w cold from memory as in a forward pass
@@ -67,12 +70,16 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, nargs="+", default=[128, 512], help="prompt lengths (--checkpoint)")
     ap.add_argument("--short", type=int, nargs="*", default=[5, 8, 15],
                     help="short prompts' lengths (the first tokens of the 200): products of fewer than 16 rows")
+    ap.add_argument("--packed", action="store_true",
+                    help="no model: the Numba backend's packed-weight products, its own against sums='apart'")
     ap.add_argument("--products", action="store_true", help="the products alone: kernels/sgemm against OpenBLAS")
     ap.add_argument("--products-apart", action="store_true", help="with --products: ours with apart columns too")
     ap.add_argument("--shapes", nargs="+", help="N,K,R of --products (default: the two models' shapes)")
     a = ap.parse_args()
     if a.products:
         return products(a)
+    if a.packed:
+        return packed(a)
     if a.checkpoint and "apart-layers" in a.sums:
         ap.error("--sums apart-layers is for the default model (--checkpoint cuts the output head to 512 rows)")
 
@@ -164,6 +171,50 @@ def main() -> None:
 SHAPES = [(n, k, r) for n in (64, 200, 512) for k, r in ((576, 192), (576, 576), (576, 1536), (1536, 576))]
 SHAPES += [(200, 576, 49152)]
 SHAPES += [(n, k, r) for n in (200, 512) for k, r in ((2048, 512), (2048, 2048), (2048, 8192), (8192, 2048))]
+
+
+def packed(a) -> None:
+    """--packed: the Numba backend's products on packed weights (F16, Q8_0, Q4_0 of random float32 values, the
+    1B shape's 2048 x 8192, 8192 x 2048, 2048 x 2048) at 128 and 512 rows, its own (tiles decoded for
+    OpenBLAS) against sums="apart" (tiles decoded for kernels/sgemm.py with the apart columns), at --threads;
+    each configuration's best of --rounds calls, interleaved (order reversed every other round); --clock."""
+    from threadpoolctl import threadpool_info
+
+    from llama_ref import kernels
+    from llama_ref.model import ops
+    from llama_ref.runtime import threads
+    from llama_ref.weights.packed import F16Weight, Q4_0Weight, Q8_0Weight
+
+    threads.apply_threads(a.threads)
+    clock = time.perf_counter if a.clock == "wall" else time.process_time
+    rng = np.random.default_rng(0)
+    summed = ops.with_sums(kernels, "apart")
+    confs = {"own": kernels.linear, "apart": summed.linear}
+    load_before = os.getloadavg()
+    print(f"{'R x K, rows':>18s} " + " ".join(f"{f + ' own ms':>12s} {f + ' apart':>10s} {'ratio':>6s}"
+                                               for f in ("f16", "q8_0", "q4_0")))
+    for R, K in ((8192, 2048), (2048, 8192), (2048, 2048)):
+        w = rng.standard_normal((R, K), dtype=np.float32) * np.float32(0.02)
+        formats = {"f16": F16Weight(w.astype(np.float16).view(np.uint16), (R, K)), "q8_0": Q8_0Weight.quantize(w),
+                   "q4_0": Q4_0Weight.quantize(w)}
+        for N in (128, 512):
+            x = rng.standard_normal((1, N, K), dtype=np.float32)
+            x[..., 5] *= 30  # one column 30x the rest, as a prefill's activations hold
+            cells = []
+            for wq in formats.values():
+                best = dict.fromkeys(confs, float("inf"))
+                for r in range(a.rounds):
+                    for name, f in (list(confs.items()) if r % 2 == 0 else list(confs.items())[::-1]):
+                        t = clock()
+                        f(x, wq)
+                        best[name] = min(best[name], clock() - t)
+                own, apart = best["own"], best["apart"]
+                cells.append(f"{own * 1e3:12.1f} {apart * 1e3:10.1f} {apart / own:6.2f}")
+            print(f"{f'{R} x {K}, {N}':>18s} " + " ".join(cells), flush=True)
+    blas = [(i["internal_api"], i["version"], i.get("architecture"), i["num_threads"]) for i in threadpool_info()]
+    print(f"BLAS / thread pools: {blas}; threads {a.threads}; rounds {a.rounds} (best); {a.clock} time; "
+          f"load average before {load_before[0]:.2f}, after {os.getloadavg()[0]:.2f} (1 min); "
+          f"OPENBLAS_CORETYPE/L2_SIZE unset here: {UNSET or 'none were set'}")
 
 
 def products(a) -> None:

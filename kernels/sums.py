@@ -106,10 +106,52 @@ def apart_product(rest: np.ndarray, x_apart: np.ndarray, cols: np.ndarray, w: np
 
     from .sgemm import APART, sgemm
 
-    if not all(a.dtype == np.float32 for a in (rest, x_apart, w)) or len(cols) != APART:
+    if not all(a.dtype == np.float32 for a in (rest, x_apart)) or len(cols) != APART:
+        return None
+    if not isinstance(w, np.ndarray):
+        return _packed_apart(*(np.ascontiguousarray(a) for a in (rest, x_apart)), cols, w) if packed_apart(w) else None
+    if w.dtype != np.float32:
         return None
     rest, x_apart, w = (np.ascontiguousarray(a) for a in (rest, x_apart, w))
     return sgemm(rest, w, np.ascontiguousarray(cols, dtype=np.int64), x_apart, threads=max(1, threads.count()))
+
+
+def packed_apart(w, rows: int = 0) -> bool:
+    """Whether apart_product takes this packed weight (a 16-bit or quantized format kernels/linear.py decodes)
+    for `rows` rows of x: not a bf16 weight that linear's prefill multiplies on AMX tiles (exact products,
+    float32 sums in the tiles' order, at 2-3x the speed of float32 products)."""
+    from .linear import _kind, _on_tiles
+
+    kind = _kind(w)
+    return kind is not None and not (rows and _on_tiles(kind, rows, w.shape[1], w.shape[0]))
+
+
+def _packed_apart(rest: np.ndarray, x_apart: np.ndarray, cols: np.ndarray, w) -> np.ndarray:
+    """apart_product for a packed weight: w decoded a tile of rows at a time into each thread's buffer, as
+    kernels/linear.py's prefill decodes it for BLAS, and each tile multiplied by sgemm on one thread with the
+    apart columns; sgemm's bits do not depend on which rows a call gets, so they are those of sgemm on the
+    whole decoded matrix, at any tile size and thread count. -> (N, R)."""
+    from llama_ref.runtime import threads
+
+    from .linear import KINDS, TILE_FLOATS, TILE_ROWS, _kind, _tile
+    from .sgemm import sgemm
+
+    kind = _kind(w)
+    _, decode = KINDS[kind]
+    arrays = w.kernel_args()
+    (N, K), R = rest.shape, w.shape[0]
+    n = max(1, threads.count())
+    step = min(R, max(1, TILE_FLOATS // K), -(-R // n)) if kind in ("bf16", "f16") else min(R, TILE_ROWS)
+    cols = np.ascontiguousarray(cols, dtype=np.int64)
+    out = np.empty((N, R), np.float32)
+
+    def block(r0, r1):
+        tile = _tile(step, K)[: r1 - r0]  # (r1 - r0, K) this thread's buffer
+        decode(*arrays, np.arange(r0, r1), tile)
+        out[:, r0:r1] = sgemm(rest, tile, cols, x_apart)
+
+    threads.each_block(R, step, block, n)
+    return out
 
 
 @njit(parallel=True, fastmath=FAST, **JIT)

@@ -48,10 +48,11 @@ def load(path_or_name: "str | Path", *, backend: str = "numpy", arithmetic: str 
         entries summed by themselves and added last (model.ops.linear_apart), for products of 16 rows or
         more, and a prompt's products of fewer rows summed in float64 (model.ops.linear_float64_sums):
         float32 logits closer to float64 than transformers' float32 on every prompt of the default model
-        measured, prefill 200 at 0.96-1.30x the time of "blas" (Numba: its own float32 product,
-        kernels/sgemm.py) and 1.03-1.35x (NumPy), and of a 5-15-token prompt 1.5-2.3x (benchmarks/
-        float32_sums.py); decode steps keep the backend's own product. "blas": as NumPy's BLAS sums them,
-        in chains of up to a few hundred inputs (OpenBLAS: 288 of 576). "blocked": the 8 largest columns
+        measured, prefill 200 at 0.93-1.03x the time of "blas" (Numba: its own float32 product,
+        kernels/sgemm.py, on AVX-512; 0.96-1.03x on AVX2) and 1.03-1.35x (NumPy), and of a 5-15-token
+        prompt 1.5-2.3x (benchmarks/float32_sums.py); decode steps keep the backend's own product.
+        "blas": as NumPy's BLAS sums them, in chains of up to a few hundred inputs (OpenBLAS: 288 of 576).
+        "blocked": the 8 largest columns
         apart and chains of 96 inputs added pairwise (model.ops.linear_blocked): closer still, prefill
         1.2-1.55x slower (docs/verification.md, 2b). None (default): "apart" for arithmetic="exact" in one
         process, "blas" where "apart" is not implemented (arithmetic="ggml", parallel, vision checkpoints),

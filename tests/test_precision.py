@@ -328,7 +328,8 @@ def test_float64_sums_blocks_and_inputs(monkeypatch):
 
 def test_sums_keep_what_is_already_summed_in_short_chains(monkeypatch):
     """Products over fewer than two blocks stay linear's; the Numba backend keeps its own kernels for packed
-    weights, either backend its own product for a decode step (one position a sequence, a batch of them too:
+    weights under 16 rows (from 16, "apart" decodes them a tile at a time), either backend its own product for a
+    decode step (one position a sequence, a batch of them too:
     BLAS's sgemv, the Numba kernels' SIMD lanes); a few positions' products are summed in float64 (NumPy
     "apart": fewer than 16 rows, the Numba backend: fewer than its F32_BLAS_MIN_ROWS), and both sum longer
     float32 products alike."""
@@ -367,7 +368,11 @@ def test_sums_keep_what_is_already_summed_in_short_chains(monkeypatch):
             assert np.all(np.abs(numba.linear(many, w) - product(many, w, by_rows=True)) <= bound)
         else:
             assert np.array_equal(numba.linear(many, w), product(many, w))
-        assert np.array_equal(numba.linear(many, packed), kernels.linear(many, packed))
+        if sums == "apart":  # a packed weight decoded a tile at a time, each tile by sgemm: the whole's bits
+            assert np.array_equal(numba.linear(many, packed), _numba_apart_twin(many, packed.to_float(np.float32)))
+        else:
+            assert np.array_equal(numba.linear(many, packed), kernels.linear(many, packed))
+        assert np.array_equal(numba.linear(few, packed), kernels.linear(few, packed))  # under 16 rows: its own
         assert np.array_equal(numpy.linear(many, w), product(many, w))
         assert np.array_equal(numpy.linear(many, packed), product(many, packed))
         assert np.array_equal(numpy.linear(few[:1], w), ops.linear(few[:1], w))  # decode
@@ -379,6 +384,39 @@ def test_sums_keep_what_is_already_summed_in_short_chains(monkeypatch):
     for sums in ops.SUMS:
         with pytest.raises(llama_ref.LlamaRefError, match="arithmetic='exact' in one process"):
             llama_ref.load("no-such-model", sums=sums, arithmetic="ggml")
+
+
+@pytest.mark.parametrize("threads_n", [1, 2])
+def test_numba_apart_packed_weights_by_tiles(threads_n, monkeypatch):
+    """The Numba backend's sums="apart" on packed weights (kernels/sums._packed_apart): w decoded a tile of rows at
+    a time (tiles cut small here, so there are several, the last one short), each multiplied by sgemm with the apart
+    columns: the bits of the whole decoded matrix's product, at one and two threads, for 16-bit and quantized
+    formats; bf16 weights that linear multiplies on AMX tiles keep its own product (kernels/sums.packed_apart)."""
+    import sys
+
+    from llama_ref import kernels
+    from llama_ref.runtime import threads
+    from llama_ref.weights.packed import BF16Weight, F16Weight, Q4_0Weight, Q8_0Weight
+
+    lin = sys.modules["llama_ref.kernels.linear"]  # the module (the package's `linear` is its function)
+    monkeypatch.setattr(lin, "TILE_FLOATS", 20 * 256)  # 20 rows of 256 a 16-bit tile
+    monkeypatch.setattr(lin, "TILE_ROWS", 24)
+    monkeypatch.setattr(threads, "count", lambda: threads_n)
+    rng = np.random.default_rng(threads_n)
+    w = rng.standard_normal((70, 256), dtype=np.float32)
+    x = rng.standard_normal((1, 19, 256), dtype=np.float32)
+    x[..., 9] *= 40
+    summed = ops.with_sums(kernels, "apart")
+    for packed in (F16Weight(w.astype(np.float16).view(np.uint16), w.shape), Q8_0Weight.quantize(w),
+                   Q4_0Weight.quantize(w)):
+        want = _numba_apart_twin(x, packed.to_float(np.float32)).reshape(1, 19, 70)
+        assert np.array_equal(summed.linear(x, packed), want), packed.format
+        assert not np.array_equal(want, kernels.linear(x, packed))  # not the backend's own sums
+    bf16 = BF16Weight((w.view(np.uint32) >> 16).astype(np.uint16), w.shape)
+    monkeypatch.setattr(lin, "_on_tiles", lambda kind, N, K, R: kind == "bf16")  # as where AMX takes it
+    assert np.array_equal(summed.linear(x, bf16), kernels.linear(x, bf16))
+    monkeypatch.setattr(lin, "_on_tiles", lambda kind, N, K, R: False)
+    assert np.array_equal(summed.linear(x, bf16), _numba_apart_twin(x, bf16.to_float(np.float32)).reshape(1, 19, 70))
 
 
 @pytest.mark.parametrize("backend", ["numpy", "numba"])

@@ -196,16 +196,17 @@ def linear_apart(x: np.ndarray, w, by_rows: bool = False, apart=_apart_rows, cho
     (kernels/sums.apart_product; by_rows): kernels/sgemm.py's own float32 product on runtime.threads' pool,
     the rest's sums in chains of 64 k's added in order and the apart terms summed by themselves and added in
     registers before each tile is stored (the same bits at any thread count), or None (other than float32
-    or APART columns) to make them here, by BLAS.
+    or APART columns) to make them here, by BLAS. A packed w (16-bit or quantized) is widened to float32 here,
+    a whole matrix, unless the products take it (the Numba backend decodes it a tile at a time).
     """
-    w = _float_weight(w, x.dtype)
     rows = x.reshape(-1, x.shape[-1])  # (N, K)
     if not _apart_fits(rows):
         return linear(x, w)
     cols, rest, x_apart = apart(rows, APART) if chosen is None else chosen  # (APART,), (N, K), (N, APART)
     done = products(rest, x_apart, cols, w) if by_rows and products is not None else None  # (N, R) or None
-    if done is not None:
+    if done is not None:  # (a packed w decoded by the products, a tile at a time)
         return done.reshape(*x.shape[:-1], w.shape[0])  # (..., out)
+    w = _float_weight(w, x.dtype)
     out = _product_in_chains(rest, w) if by_rows else _product_in_chains(w, rest)  # (N, R), or (R, N) like linear's
     # w's columns gathered after its product, which left them in cache (before it: APART scattered reads per
     # row from memory, which cost more than the product of APART inputs itself)
@@ -323,9 +324,11 @@ def with_sums(backend, sums: str):
     It costs: float64 multiply-adds run at half float32's rate, and NumPy widens w a block at a time on one
     thread (issue 21: the prefill of a 5-15-token prompt 1.5-1.8x (Numba) and 1.7-2.3x (NumPy) the time of
     the backend's own product at two threads). A decode step (one position a sequence: x (..., 1, K), a batch
-    of them too; the fused steps) and packed weights in the Numba kernels keep the backend's own product,
-    summed in short chains already (the Numba kernels' SIMD lanes, OpenBLAS's sgemv's 8 partial sums of 72 of
-    576 inputs): the model's most repeated products, where float64 would cost the most.
+    of them too; the fused steps) keeps the backend's own product, summed in short chains already (the Numba
+    kernels' SIMD lanes, OpenBLAS's sgemv's 8 partial sums of 72 of 576 inputs): the model's most repeated
+    products, where float64 would cost the most. So do packed weights (16-bit, quantized) in the Numba kernels
+    under 16 rows; from 16 rows "apart" takes them (decoded a tile at a time: kernels/sums._packed_apart), but
+    bf16 on AMX tiles (kernels/sums.packed_apart).
     A backend other than ops (the Numba backend) gets linear_apart's output in its rows' layout (by_rows),
     as its own linear gives it, the columns chosen by its kernel and both products made by its own float32
     gemm in one pass (kernels/sums.py, kernels/sgemm.py).
@@ -336,8 +339,9 @@ def with_sums(backend, sums: str):
     import types
 
     product, together, few = SUMS[sums], linears_apart if sums == "apart" else None, linear_float64_sums
+    packed_apart = None  # the Numba backend's packed weights it sums apart (kernels/sums.packed_apart)
     if backend.linear is not linear:
-        from llama_ref.kernels.sums import apart_product, apart_rows, float64_sums  # on the backend's threads
+        from llama_ref.kernels.sums import apart_product, apart_rows, float64_sums, packed_apart
 
         few = float64_sums
         if sums == "apart":  # its column choice, and its products
@@ -350,9 +354,11 @@ def with_sums(backend, sums: str):
 
     def own_product(x, w) -> bool:
         """Whether summed_linear leaves this product to the backend's own linear."""
-        packed_kernel = own is not linear and not isinstance(w, np.ndarray)
+        rows = x.size // x.shape[-1]
+        packed_kernel = own is not linear and not isinstance(w, np.ndarray) and not (
+            sums == "apart" and rows >= small and packed_apart(w, rows))
         decode = x.ndim < 2 or x.shape[-2] == 1  # one position a sequence
-        return x.dtype != np.float32 or packed_kernel or (decode and x.size // x.shape[-1] < small)
+        return x.dtype != np.float32 or packed_kernel or (decode and rows < small)
 
     def summed_linear(x, w):
         if own_product(x, w):

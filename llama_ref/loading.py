@@ -52,11 +52,10 @@ def load(path_or_name: "str | Path", *, backend: str = "numpy", arithmetic: str 
         kernels/sgemm.py, on AVX-512; 0.96-1.03x on AVX2) and 1.03-1.35x (NumPy), and of a 5-15-token
         prompt 1.5-2.3x (benchmarks/float32_sums.py); decode steps keep the backend's own product.
         "blas": as NumPy's BLAS sums them, in chains of up to a few hundred inputs (OpenBLAS: 288 of 576).
-        "blocked": the 8 largest columns
-        apart and chains of 96 inputs added pairwise (model.ops.linear_blocked): closer still, prefill
-        1.2-1.55x slower (docs/verification.md, 2b). None (default): "apart" for arithmetic="exact" in one
-        process, "blas" where "apart" is not implemented (arithmetic="ggml", parallel, vision checkpoints),
-        which refuse "apart" and "blocked".
+        "blocked": the 8 largest columns apart and chains of 96 inputs added pairwise
+        (model.ops.linear_blocked): closer still, prefill 1.2-1.55x slower (docs/verification.md, 2b).
+        None (default): "apart" for arithmetic="exact" in one process, "blas" where "apart" is not
+        implemented (arithmetic="ggml", parallel, vision checkpoints), which refuse "apart" and "blocked".
     threads: threads for BLAS and the Numba kernels alike, for the whole process (runtime.threads). None:
         the count set earlier in this process, else $LLAMA_REF_THREADS (or OMP_/OPENBLAS_/NUMBA_NUM_THREADS),
         else the physical cores. On the numba backend it is the most a one-token step uses: the step moves to

@@ -26,7 +26,7 @@ registers, w packed 32 rows side by side and x 8: twice the multiply-adds a cycl
 512-bit ones on two ports. Each output's chain is the same either way (one lane of one register), so are
 the bits. On an Intel Sapphire Rapids (2 threads, session 45) the default model's products went from 0.37x
 OpenBLAS's speed to 0.64x, the 1B shape's to 0.74-1.0x, and the Numba backend's sums="apart" prefill of 200
-tokens from 1.11-1.23x the time of sums="blas" to 0.95-1.00x (benchmarks/results/float32_sums_spr_s45.txt).
+tokens from 1.11-1.23x the time of sums="blas" to 0.93-1.03x (benchmarks/results/float32_sums_spr_s45.txt).
 Its w micro-panel (kc x 16) stays in L1/L2 while it runs down the x block (MC x kc, in L2). Each micro-panel
 of w is packed right before its first use (in cache then) and the next one's cache lines prefetched; packing
 transposes 8 x 8 blocks in registers. Edges: x's last rows take a tile of fewer rows (1-5), w's last rows go
@@ -90,12 +90,13 @@ def _declare(module, name, ret, args):
 
 
 def _define_tile(module, mr, lanes=8):
-    """void f(ap, bp, kc, cin, ldin, load, c, ldc, xa, wa, apart, pc, pld): the mr x 16 tile at byte address c
-    (rows ldc bytes apart) = the sums of the module docstring over kc k's of ap (kc, 6; its first mr columns)
-    and bp (kc, 16), in blocks of KB k's (kc: a multiple of KB but for K's last panel), each block's chain
-    added to the total; the total before them: the tile at cin (rows ldin apart) if load, else the first
-    block's chain; then, if apart, + the 8 apart terms of xa (mr, 8) and wa (8, 16). pc: the tile the next
-    call reads or writes (rows pld apart), prefetched. All i64 (addresses and strides in bytes)."""
+    """void f(ap, bp, kc, cin, ldin, load, c, ldc, xa, wa, apart, pc, pld): the mr x nr tile (nr = 2 lanes: 16,
+    or 32 wide) at byte address c (rows ldc bytes apart) = the sums of the module docstring over kc k's of ap
+    (kc, MR or MR_WIDE; its first mr columns) and bp (kc, nr), in blocks of KB k's (kc: a multiple of KB but
+    for K's last panel), each block's chain added to the total; the total before them: the tile at cin (rows
+    ldin apart) if load, else the first block's chain; then, if apart, + the 8 apart terms of xa (mr, 8) and
+    wa (8, nr). pc: the tile the next call reads or writes (rows pld apart), prefetched. All i64 (addresses
+    and strides in bytes)."""
     nr, mrp = 2 * lanes, MR_WIDE if lanes == 16 else MR  # the tile's w rows; x's packed rows a k (ap's stride)
     name = f"llama_ref_sgemm_{mr}x{nr}"
     fn = module.globals.get(name)

@@ -514,7 +514,7 @@ def linear(x: np.ndarray, w) -> np.ndarray:
         else:
             _mv_f32(x2, w, out)
         return out.reshape(*x.shape[:-1], R)
-    matvec, rows = KINDS[kind]
+    matvec = KINDS[kind][0]
     arrays = w.kernel_args()
     if _on_tiles(kind, N, K, R):
         return _bf16_tiles(x2, amx.split_bf16x3(x2, _shared), arrays[0]).reshape(*x.shape[:-1], R)
@@ -522,8 +522,18 @@ def linear(x: np.ndarray, w) -> np.ndarray:
     if N < BLAS_MIN_ROWS:
         matvec(x2, *arrays, out)
         return out.reshape(*x.shape[:-1], R)
-    # Tiles of weight rows decoded to float32 into each thread's reused buffer. 16-bit tiles are cut smaller
-    # when the weight has fewer than one per thread; quantized ones are the same whatever the thread count.
+    _by_row_blocks(x2, out, *decoded_tiles(w, n))
+    return out.reshape(*x.shape[:-1], R)
+
+
+def decoded_tiles(w, n: int) -> tuple:
+    """(step, decoded) for a prefill on a packed weight w (R, K) of a format in KINDS at n threads: tiles of
+    `step` rows, decoded(r0, r1) -> rows r0 .. r1 - 1 of w in float32 (r1 - r0, K), in the calling thread's
+    reused buffer (valid until its next call). 16-bit tiles are cut smaller when the weight has fewer than
+    one per thread; quantized ones are the same whatever the thread count."""
+    (R, K), kind = w.shape, _kind(w)
+    _, rows = KINDS[kind]
+    arrays = w.kernel_args()
     step = min(R, max(1, TILE_FLOATS // K), -(-R // n)) if kind in ("bf16", "f16") else min(R, TILE_ROWS)
 
     def decoded(r0, r1):
@@ -531,8 +541,7 @@ def linear(x: np.ndarray, w) -> np.ndarray:
         rows(*arrays, np.arange(r0, r1), tile)
         return tile
 
-    _by_row_blocks(x2, out, step, decoded)
-    return out.reshape(*x.shape[:-1], R)
+    return step, decoded
 
 
 def linears(x: np.ndarray, *ws) -> tuple:

@@ -133,24 +133,18 @@ def _packed_apart(rest: np.ndarray, x_apart: np.ndarray, cols: np.ndarray, w) ->
     whole decoded matrix, at any tile size and thread count. -> (N, R)."""
     from llama_ref.runtime import threads
 
-    from .linear import KINDS, TILE_FLOATS, TILE_ROWS, _kind, _tile
+    from .linear import decoded_tiles
     from .sgemm import sgemm
 
-    kind = _kind(w)
-    _, decode = KINDS[kind]
-    arrays = w.kernel_args()
-    (N, K), R = rest.shape, w.shape[0]
     n = max(1, threads.count())
-    step = min(R, max(1, TILE_FLOATS // K), -(-R // n)) if kind in ("bf16", "f16") else min(R, TILE_ROWS)
+    step, decoded = decoded_tiles(w, n)
     cols = np.ascontiguousarray(cols, dtype=np.int64)
-    out = np.empty((N, R), np.float32)
+    out = np.empty((rest.shape[0], w.shape[0]), np.float32)  # (N, R)
 
     def block(r0, r1):
-        tile = _tile(step, K)[: r1 - r0]  # (r1 - r0, K) this thread's buffer
-        decode(*arrays, np.arange(r0, r1), tile)
-        out[:, r0:r1] = sgemm(rest, tile, cols, x_apart)
+        out[:, r0:r1] = sgemm(rest, decoded(r0, r1), cols, x_apart)
 
-    threads.each_block(R, step, block, n)
+    threads.each_block(w.shape[0], step, block, n)
     return out
 
 

@@ -47,7 +47,7 @@ from numba import njit, types
 from numba.extending import intrinsic
 
 from ._common import JIT
-from .ggml_simd import prefetch
+from .ggml_simd import HOST_IS_ZEN, prefetch
 
 F32, I64 = ir.FloatType(), ir.IntType(64)
 MR, NR = 6, 16  # the register tile: 6 rows of x by 16 rows of w (two 8-lane vectors)
@@ -78,7 +78,7 @@ def _host_wide() -> "tuple[bool, bool]":
     forced = os.environ.get("LLAMA_REF_SGEMM_WIDE", "")
     if forced in ("0", "1"):
         return has, has and forced == "1"
-    return has, has and not binding.get_host_cpu_name().startswith("znver")
+    return has, has and not HOST_IS_ZEN
 
 
 HAS_AVX512, WIDE = _host_wide()

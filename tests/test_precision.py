@@ -326,6 +326,25 @@ def test_float64_sums_blocks_and_inputs(monkeypatch):
     assert float64_sums(x.astype(np.float64), w).dtype == np.float64  # NumPy's, in x's dtype
 
 
+def test_float64_sums_kernel_takes_the_vectors_it_asks_for():
+    """kernels/sums._float64_sums asks LLVM for 512-bit vectors where WIDE_FLOAT64 (an Intel AVX-512 core):
+    its float64 multiply-adds are then in zmm registers, elsewhere in 256-bit ones or narrower; and it
+    prefetches the next rows of w."""
+    import numba
+
+    from llama_ref.kernels import sums
+    from llama_ref.kernels._common import FAST
+
+    # compiled afresh: Numba shows no code of a kernel loaded from its cache
+    kernel = numba.njit(parallel=True, fastmath=FAST)(sums._float64_sums.py_func)
+    kernel(np.ones((5, 64)), np.ones((9, 64), np.float32), np.empty((5, 9), np.float32))
+    asm = "\n".join(kernel.inspect_asm().values())
+    fmas = [line for line in asm.splitlines() if "vfmadd" in line and "pd" in line.split()[0]]
+    assert fmas, "no vectorized float64 multiply-adds"
+    assert any("zmm" in line for line in fmas) == sums.WIDE_FLOAT64
+    assert "prefetch" in asm
+
+
 def test_sums_keep_what_is_already_summed_in_short_chains(monkeypatch):
     """Products over fewer than two blocks stay linear's; the Numba backend keeps its own kernels for packed
     weights under 16 rows (from 16, "apart" decodes them a tile at a time), either backend its own product for a

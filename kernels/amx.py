@@ -50,7 +50,7 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
 
-from ._common import JIT
+from ._common import JIT, aligned
 
 I32, I64 = ir.IntType(32), ir.IntType(64)
 KC = 192  # k's a panel: a 32-token block's three parts of it (36 KiB) stay in L1 (48 KiB here) over the rows
@@ -187,22 +187,13 @@ def split_bf16x3(x: np.ndarray, each_block=None) -> np.ndarray:
     parts hi, mid, lo with hi + mid + lo == x exactly, in A tiles (16 tokens x 32 k's), 64-byte aligned.
     each_block(total, step, block), as product's, shares the token blocks out to threads (else one thread)."""
     N, K = x.shape
-    xp = _aligned((3, -(-N // TOKENS) * 2, K // 32, 16, 32), np.uint16)  # (3, NB, K/32, 16, 32)
+    xp = aligned((3, -(-N // TOKENS) * 2, K // 32, 16, 32), np.uint16)  # (3, NB, K/32, 16, 32)
     x = np.ascontiguousarray(x, dtype=np.float32)
     if each_block is None:
         _split(x, xp, 0, xp.shape[1])
     else:
         each_block(xp.shape[1], 4, lambda b0, b1: _split(x, xp, b0, b1))  # 64 tokens a work item
     return xp
-
-
-def _aligned(shape, dtype) -> np.ndarray:
-    """An empty array whose data starts on a 64-byte boundary (a tile row split over two cache lines loads at
-    half speed)."""
-    n = int(np.prod(shape)) * np.dtype(dtype).itemsize
-    raw = np.empty(n + 64, np.uint8)
-    off = (-raw.ctypes.data) % 64
-    return raw[off:off + n].view(dtype).reshape(shape)
 
 
 # ---- the product -------------------------------------------------------------------------------------------------
@@ -279,7 +270,7 @@ def product(x2: np.ndarray, xp: np.ndarray, w: np.ndarray, each_block) -> tuple:
     w = np.ascontiguousarray(w)  # _rows steps through rows by address (a copy only for a strided view)
     Rt = R - R % 32
     Rp = -(-R // 16) * 16  # output rows 64-byte aligned
-    out = _aligned((xp.shape[1] * 16, Rp), np.float32)  # (NB * 16, Rp): token rows padded to whole tiles
+    out = aligned((xp.shape[1] * 16, Rp), np.float32)  # (NB * 16, Rp): token rows padded to whole tiles
 
     def block(r0, r1):
         _rows(xp, w, r0, r1, out, _CONFIG, _panel())
@@ -295,5 +286,5 @@ def _panel() -> np.ndarray:
     """This thread's buffer for a block's B panel, kept between calls."""
     buf = getattr(_scratch, "panel", None)
     if buf is None:
-        buf = _scratch.panel = _aligned((ROWS // 32, KC // 32, 2, 16, 32), np.uint16)
+        buf = _scratch.panel = aligned((ROWS // 32, KC // 32, 2, 16, 32), np.uint16)
     return buf

@@ -17,7 +17,7 @@ from llvmlite import binding
 from numba import types
 from numba.extending import intrinsic
 
-from ._common import FAST, JIT, as_f32_rows, readonly
+from ._common import FAST, JIT, aligned, as_f32_rows, readonly
 from .ggml_simd import HOST_IS_ZEN
 from .halfbits import prefetch
 
@@ -253,7 +253,9 @@ def float64_sums(x: np.ndarray, w) -> np.ndarray:
 
     if x.dtype != np.float32 or not isinstance(w, np.ndarray) or w.dtype != np.float32 or w.ndim != 2:
         return ops.linear_float64_sums(x, w)
-    x64 = np.ascontiguousarray(x.reshape(-1, x.shape[-1]), dtype=np.float64)  # (N, K), exact
+    rows = x.reshape(-1, x.shape[-1])
+    x64 = aligned(rows.shape, np.float64)  # (N, K), each row's vectors within cache lines where K % 8 == 0
+    x64[...] = rows  # exact
     out = np.empty((x64.shape[0], w.shape[0]), np.float32)  # (N, R)
     _float64_sums(x64, readonly(w), out)
     return out.reshape(*x.shape[:-1], w.shape[0])  # (..., out)

@@ -322,7 +322,7 @@ def with_sums(backend, sums: str):
     where the backends' own sums put the default model's 5- and 8-token prompts at 2.9x and 3.0x
     transformers' distance from float64 (NumPy; Numba 1.15x and 0.91x), and apart sums at 1.3x and 1.2x.
     It costs: float64 multiply-adds run at half float32's rate, and NumPy widens w a block at a time on one
-    thread (issue 21: the prefill of a 5-15-token prompt 1.3-1.5x (Numba) and 1.7-2.3x (NumPy) the time of
+    thread (issue 21: the prefill of a 5-15-token prompt 1.3-1.4x (Numba) and 1.7-2.3x (NumPy) the time of
     the backend's own product at two threads). A decode step (one position a sequence: x (..., 1, K), a batch
     of them too; the fused steps) keeps the backend's own product, summed in short chains already (the Numba
     kernels' SIMD lanes, OpenBLAS's sgemv's 8 partial sums of 72 of 576 inputs): the model's most repeated

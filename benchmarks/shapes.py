@@ -456,8 +456,8 @@ def merge_rounds(kept: "dict | None", row: dict) -> dict:
     if "decode" not in row:
         return kept
     merged = dict(row if row["decode"] > kept["decode"] else kept)
-    for key in set(kept) | set(row):
-        if key == "decode" or key.startswith(("prefill_", "decode_")):
+    for key in set(kept) | set(row):  # the rates (a child's decode_threads, a dict, stays its round's)
+        if (key == "decode" or key.startswith(("prefill_", "decode_"))) and not isinstance(row.get(key), dict):
             merged[key] = max(kept.get(key, 0), row.get(key, 0))
     merged["rounds"] = kept.get("rounds", 1) + 1
     return merged

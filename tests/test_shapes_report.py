@@ -23,6 +23,10 @@ def test_rounds_keep_the_best_rate_of_each_measure():
     assert kept["load_s"] == 5.0 and kept["rounds"] == 2  # the rest from the round with the best decode
     assert shapes.merge_rounds(kept, failed) is kept  # a later failure does not replace a result
     assert shapes.merge_rounds(None, failed)["error"] == failed["error"]
+    # a child's decode_threads (steps per thread count, a dict) is its round's, not a rate to take the best of
+    ours = [{"engine": "llama_ref numba", "format": "f16", "decode": d, "decode_threads": {"2": n}} for d, n in
+            ((12.0, 128), (12.5, 120))]
+    assert shapes.merge_rounds(shapes.merge_rounds(None, ours[0]), ours[1])["decode_threads"] == {"2": 120}
 
 
 def test_a_merged_report_divides_by_the_peer_of_the_same_run(tmp_path, monkeypatch):

@@ -13,13 +13,13 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from llvmlite import binding
 from numba import types
 from numba.extending import intrinsic
 
 from ._common import FAST, JIT, aligned, as_f32_rows, readonly
 from .ggml_simd import HOST_IS_ZEN
 from .halfbits import prefetch
+from .sgemm import HAS_AVX512
 
 
 @njit(**JIT)
@@ -157,8 +157,9 @@ def _packed_apart(rest: np.ndarray, x_apart: np.ndarray, cols: np.ndarray, w) ->
 # LLVM's loop vectorizer takes 256-bit vectors on Intel's AVX-512 cores unless a function asks for wider ones.
 # Float64 multiply-adds are half as many lanes as float32's, so _float64_sums asks: 512-bit vectors issue on two
 # ports there, as many a cycle as 256-bit ones (sgemm._host_wide). AMD's Zen 4 splits each into two halves.
-# (The CPU's name and features are part of Numba's cache key, so a cached kernel follows this choice.)
-WIDE_FLOAT64 = "+avx512f" in binding.get_host_cpu_features().flatten().split(",") and not HOST_IS_ZEN
+# (The CPU's name and features are part of Numba's cache key, so a cached kernel follows this choice; for that
+# reason no environment variable overrides it, unlike sgemm's WIDE, which its kernels take at run time.)
+WIDE_FLOAT64 = HAS_AVX512 and not HOST_IS_ZEN
 
 
 @intrinsic

@@ -11,14 +11,12 @@ taking the maximum of |x| per column on the way, then zero and gather the chosen
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
-
-from numba import types
+from numba import njit, prange, types
 from numba.extending import intrinsic
 
 from ._common import FAST, JIT, aligned, as_f32_rows, readonly
 from .ggml_simd import HOST_IS_ZEN
-from .halfbits import prefetch
+from .linear import _prefetch_rows
 from .sgemm import HAS_AVX512
 
 
@@ -196,9 +194,7 @@ def _float64_sums(x, w, out):
         _prefer_wide_vectors()
         r0 = 4 * c
         r1, r2, r3 = min(r0 + 1, R - 1), min(r0 + 2, R - 1), min(r0 + 3, R - 1)
-        for p in range(min(r0 + 4, R), min(r0 + 8, R)):  # the next block's rows, while this one sums
-            for k in range(0, K, 16):  # 16 float32 values: a cache line
-                prefetch(w, p, k)
+        _prefetch_rows(w, min(r0 + 4, R), min(r0 + 7, R - 1), 0, K, 16)  # the next block's rows (16 float32: a line)
         n = 0
         while n + 4 <= N:
             a00 = a01 = a02 = a03 = a10 = a11 = a12 = a13 = 0.0

@@ -1416,6 +1416,10 @@ def quantized_linear(x2: np.ndarray, w, simd: "int | None" = None, acts: "tuple 
     out = np.empty((N, R), np.float32)
     use = SIMD if simd is None else int(simd)
     one = serial_product(N, R * x2.shape[1])  # a decode on the calling thread
+    if w.format in ("q5_k", "q6_k") and not one:
+        from . import ggml_kquants16  # imports this module
+        if ggml_kquants16.usable(N, use):  # a prefill on 16-bit integers (512-bit vpdpwssd)
+            return ggml_kquants16.quantized_linear(w.format == "q5_k", readonly(w.blocks), xq, xd, xbs)
     if w.format in ("q5_k", "q6_k") and not one:  # a prefill: the activations in groups (group_acts)
         five = w.format == "q5_k"
         _dot_groups(five, group_acts(xq, xd, xbs, woven=five), xq, xd, xbs, readonly(w.blocks), use, out)

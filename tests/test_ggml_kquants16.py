@@ -1,0 +1,149 @@
+"""The Q5_K and Q6_K prefills on 16-bit integers (kernels/ggml_kquants16.py): the same bits as the NumPy
+specification (llama_ref/model/ggml_kquants.py), their layouts by hand, and the dispatch that sends a prefill there."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from llama_ref.model import ggml_kquants as gk
+from llama_ref.weights.packed import Q5_KWeight, Q6_KWeight
+from test_ggml_kquants import activations, extreme_kquant, random_kquant
+
+k16 = pytest.importorskip("llama_ref.kernels.ggml_kquants16")
+from llama_ref.kernels import ggml_kquants as kk  # noqa: E402
+
+needs_vnni512 = pytest.mark.skipif(not k16.HAS_VNNI512, reason="no 512-bit VNNI (vpdpwssd) on this CPU")
+
+
+KINDS = [Q5_KWeight, Q6_KWeight]
+
+
+def product(w, x):
+    """The path's product of x (N, K) float32 by the Q5_K or Q6_K weight w, through its own entry point."""
+    xd, xq, xbs = kk.quantize_q8_K(x)
+    return k16.quantized_linear(w.format == "q5_k", np.asarray(w.blocks), xq, xd, xbs)
+
+
+def same_bits(got, expected) -> bool:
+    return got.shape == expected.shape and np.array_equal(got.view(np.uint32), expected.view(np.uint32))
+
+
+@pytest.mark.parametrize("cls", KINDS, ids=lambda c: c.format)
+def test_weight_layout_by_hand(cls):
+    """A row pair's super-block: piece 2c + t2 holds the scaled value 32c + 4u + 2 t2 + s of row h at int16 16 h +
+    2u + s (Q6_K: sc[2c + u // 4] q, Q5_K: sc[c] q); then Q6_K's -32 sc[j] of row h at int16 512 + 16 h + j, or
+    Q5_K's mn[j] of row h at int16 512 + 8 h + j and its dmin_w at float32 264 + h; then d_w of row h in float32
+    lanes 272 + 8 h .. 272 + 8 h + 7; a lone last row is paired with itself."""
+    five = cls is Q5_KWeight
+    w = random_kquant(cls, 3, 512, 11)
+    wb = gk.weight_superblocks(w, slice(0, 3))  # q, sc (Q5_K: per 32 values; Q6_K: per 16), d (, mn, dmin)
+    nb = 2
+    blocks = np.ascontiguousarray(w.blocks)
+    for a, b in ((0, 1), (2, 2)):
+        buf = np.zeros(nb * k16.W16_BYTES, np.uint8)
+        k16._w16_rows_py(five, blocks[a], blocks[b], buf, nb)
+        for i in range(nb):
+            rec = buf[i * k16.W16_BYTES:(i + 1) * k16.W16_BYTES]
+            i16, f32 = rec.view(np.int16), rec.view(np.float32)
+            for h, row in enumerate((a, b)):
+                q, sc = wb["q"][row, i].reshape(256).astype(np.int32), wb["sc"][row, i]
+                for c in range(8):
+                    for t2 in range(2):
+                        for u in range(8):
+                            for s in range(2):
+                                v = 32 * c + 4 * u + 2 * t2 + s
+                                scale = sc[c] if five else sc[2 * c + u // 4]
+                                assert i16[32 * (2 * c + t2) + 16 * h + 2 * u + s] == scale * q[v]
+                if five:
+                    assert i16[512 + 8 * h:520 + 8 * h].tolist() == wb["mn"][row, i].tolist()
+                    assert f32[264 + h] == wb["dmin"][row, i]
+                else:
+                    assert i16[512 + 16 * h:528 + 16 * h].tolist() == (-32 * sc).tolist()
+                assert f32[272 + 8 * h:280 + 8 * h].tolist() == [wb["d"][row, i]] * 8
+
+
+def test_mins_layout_by_hand():
+    """Q5_K's group records: lane a of vector m holds (S[2m], S[2m + 1]) of the group's row a as two int16, S[j]
+    = bsum[2j] + bsum[2j + 1]; lanes past the group's rows zero; then d_x of row a at float32 lane 64 + a."""
+    n = k16.ACTS16 + 2  # a whole group and a part one
+    x = activations(n, 512, 4)
+    xd, xq, xbs = kk.quantize_q8_K(x)
+    out = np.zeros((2, 2 * k16.MINS_BYTES // 4), np.int32)
+    k16._mins16(xd, xbs, out)
+    for row in range(n):
+        g, a = divmod(row, k16.ACTS16)
+        for i in range(2):
+            rec = out[g, i * 80:(i + 1) * 80]
+            for m in range(4):
+                pair = rec[16 * m + a:16 * m + a + 1].view(np.int16)
+                S = [xbs[row, i, 4 * m] + xbs[row, i, 4 * m + 1], xbs[row, i, 4 * m + 2] + xbs[row, i, 4 * m + 3]]
+                assert pair.tolist() == S
+            assert rec[64 + a:65 + a].view(np.float32)[0] == xd[row, i]
+    assert not out[1].reshape(2, 80)[:, [16 * m + a for m in range(4) for a in range(2, 16)]].any()
+
+
+def test_activation_layout_by_hand():
+    """An activation row's super-block: q_x[32c + 4u + 2 t2 + s] at int16 16 (2c + t2) + 2u + s, its 16 bsums,
+    d_x's float32 bits, zeros to the record's end."""
+    x = activations(2, 512, 3)
+    xd, xq, xbs = kk.quantize_q8_K(x)
+    out = np.full((2, 2 * k16.A16_BYTES // 2), 7, np.int16)
+    k16._acts16(xq, xd.view(np.uint32), xbs, out)
+    for n in range(2):
+        for i in range(2):
+            rec = out[n, i * 288:(i + 1) * 288]
+            for c in range(8):
+                for t2 in range(2):
+                    for u in range(8):
+                        for s in range(2):
+                            assert rec[16 * (2 * c + t2) + 2 * u + s] == xq[n, 256 * i + 32 * c + 4 * u + 2 * t2 + s]
+            assert rec[256:272].tolist() == xbs[n, i].tolist()
+            assert rec[272:274].view(np.float32)[0] == xd[n, i]
+            assert not rec[274:].any()
+
+
+@needs_vnni512
+@pytest.mark.parametrize("cls", KINDS, ids=lambda c: c.format)
+def test_equals_numpy_fixed_shapes(cls):
+    """The fast tier's shapes: activation rows at, past and between multiples of the tile's ACTS16 (padded with zero
+    rows), row pairs past the tile's PAIRS and a lone last row, rows over several work items of ROWS16,
+    super-blocks in one segment of SEG16, several and a part one; random blocks and the extremes (the largest q
+    by the largest scales and mins; Q6_K's by scales -128 and 127, and by -1)."""
+    seg = 256 * k16.SEG16
+    for n, rows, cols in ((16, 13, 256), (17, 32, seg), (23, 70, 2 * seg + 512), (20, 3, 256), (18, 1, seg + 256),
+                             (19, 8, seg + 256)):
+        for w in (random_kquant(cls, rows, cols, n), extreme_kquant(cls, rows, cols, 0x80, 0.01),
+                  extreme_kquant(cls, rows, cols, 0xFF, 0.01)):
+            signs = np.random.default_rng(n).choice([-1, 1], (n, cols)).astype(np.float32)
+            for x in (activations(n, cols, rows + n), signs):
+                assert same_bits(product(w, x), gk.quantized_linear(x, w)), (n, rows, cols)
+
+
+@needs_vnni512
+@pytest.mark.slow
+@settings(max_examples=25, deadline=None)
+@given(five=st.booleans(), n=st.integers(16, 41), rows=st.integers(1, 75), nb=st.integers(1, 11),
+       wseed=st.integers(0, 2**16), xseed=st.integers(0, 2**16))
+def test_equals_numpy_bit_for_bit(five, n, rows, nb, wseed, xseed):
+    w = random_kquant(Q5_KWeight if five else Q6_KWeight, rows, 256 * nb, wseed)
+    x = activations(n, 256 * nb, xseed)
+    assert same_bits(product(w, x), gk.quantized_linear(x, w))
+
+
+@pytest.mark.parametrize("cls", KINDS, ids=lambda c: c.format)
+def test_dispatch(cls, monkeypatch):
+    """quantized_linear sends a Q5_K or Q6_K prefill of at least MIN_ROWS rows here with simd 3 on a CPU with
+    512-bit VNNI, and nothing else: fewer rows, another simd."""
+    calls = []
+    real = k16.quantized_linear
+    monkeypatch.setattr(k16, "quantized_linear", lambda *a: calls.append(1) or real(*a))
+    w = random_kquant(cls, 16, 512, 1)
+    for n, simd, taken in ((k16.MIN_ROWS, 3, k16.HAS_VNNI512), (k16.MIN_ROWS - 1, 3, False), (k16.MIN_ROWS, 1, False),
+                           (k16.MIN_ROWS, 0, False)):
+        calls.clear()
+        x = activations(n, 512, n)
+        assert same_bits(kk.quantized_linear(x, w, simd=simd), gk.quantized_linear(x, w))
+        assert bool(calls) == taken, (n, simd)
+    assert not k16.usable(64, 2) and not k16.usable(1, 3)

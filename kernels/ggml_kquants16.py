@@ -26,13 +26,13 @@ The layouts, per super-block:
   and at byte 1056 + 4 h its dmin_w (float32); then at byte 1088 16 float32, d_w of row h at lanes 8 h .. 8 h + 7.
 - an activation row (A16_BYTES): the Q8_K quants as int16, 16 per piece k at 16 k + 2u + s (the same values as
   one row's half of a weights' piece: one 32-byte load broadcast to both halves); then its 16 bsums as int16; then
-  d_x (float32).
-- Q5_K's mins, per group of ACTS16 activation rows (MINS_BYTES): 4 vectors of 16 int32 lanes, lane a of vector m
-  holding (S[2m], S[2m + 1]) of the group's row a as two int16; then 16 float32, d_x of row a at lane a.
+  d_x (float32); then (S[2m], S[2m + 1]) as two int16, m = 0..3, S[j] = bsum[2j] + bsum[2j + 1].
+- Q5_K's mins, per 16 weight rows of a work item (MINS_BYTES): 4 vectors of 16 int32 lanes, lane r of vector m
+  holding (mn[2m], mn[2m + 1]) of row r as two int16; then 16 float32, dmin_w of row r at lane r.
 Q6_K's -32: vpdpwssd of the row pair's -32 sc[j] by the broadcast bsums adds, to lane 8 h + u, -32 (sc[2u] bsum[2u]
 + sc[2u + 1] bsum[2u + 1]) of row h: the offset of the specification's lane u, as the same integer. Q5_K's mins: for
-one weight row, vpdpwssd of its (mn[2m], mn[2m + 1]) broadcast by the group's vector m, m = 0..3, puts M of the
-group's row a in lane a (_define_w16_mins).
+16 weight rows and one activation row, vpdpwssd of their vector m by the activation's (S[2m], S[2m + 1]) broadcast,
+m = 0..3, puts M of row r in lane r (_define_w16_mins).
 
 The activation rows are padded with zero rows to a whole number of groups of ACTS16 (their outputs dropped), and a
 last odd weight row is paired with itself (its twin's output dropped).
@@ -52,8 +52,8 @@ from .ggml_simd import HAS_VNNI512, _declare, _gep_load, _hsum8, _ptr, _shuffle
 
 I8, I16, I32, I64, F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64), ir.FloatType()
 W16_BYTES = 1152  # a row pair's super-block: 16 pieces x 64 bytes | 64 bytes of offsets or mins | 16 float32 d_w
-A16_BYTES = 576  # an activation row's super-block: 256 int16 quants | 16 int16 bsums | d_x | padding
-MINS_BYTES = 320  # a group's super-block, Q5_K's mins: 4 x 64 bytes of (S[2m], S[2m + 1]) pairs | 16 float32 d_x
+A16_BYTES = 576  # an activation row's super-block: 256 int16 quants | 16 int16 bsums | d_x | 8 int16 S | padding
+MINS_BYTES = 320  # 16 rows' super-block, Q5_K's mins: 4 x 64 bytes of (mn[2m], mn[2m + 1]) pairs | 16 float32 dmin_w
 ROWS16 = 32  # weight rows per work item (16 pairs: 16 x 36 KiB at K = 8192, in L2)
 # The tile: row pairs by activation rows. Measured (Q6_K, 8192 x 2048 and 2048 x 8192 by 512 rows, one thread,
 # GMAC/s): 2 x 6 131-137, 4 x 3 124-127, 3 x 4 130-135, 2 x 4 89-97, 2 x 5 88-93, 1 x 8 92, 3 x 5 72-74,
@@ -90,14 +90,15 @@ def _splat(b, v, n):
 
 
 def _define_w16_rows(module, five):
-    """void f(a, b, out, nb): rows a and b (the file's Q5_K (five) or Q6_K bytes from addresses a, b; b = a for a
-    last odd row) -> nb super-blocks of a row pair in the W16 layout at out."""
+    """void f(a, b, out, nb, ma, mb): rows a and b (the file's Q5_K (five) or Q6_K bytes from addresses a, b; b = a
+    for a last odd row) -> nb super-blocks of a row pair in the W16 layout at out; Q5_K also each row's mins in its
+    lane of the MINS layout: row a's at address ma (its lane's first int32), row b's at mb (unless mb = ma)."""
     name = f"llama_ref_q{5 if five else 6}_k_w16_rows"
     if name in module.globals:
         return module.globals[name]
-    fn = ir.Function(module, ir.FunctionType(ir.VoidType(), [I64] * 4), name)
+    fn = ir.Function(module, ir.FunctionType(ir.VoidType(), [I64] * 6), name)
     fn.linkage = "internal"
-    a, b_, out, nb = fn.args
+    a, b_, out, nb, ma, mb = fn.args
     entry, loop, done = (fn.append_basic_block(n) for n in ("entry", "loop", "done"))
     c64 = lambda v: ir.Constant(I64, v)  # noqa: E731
     v32, v16, v16_16, v8f = ir.VectorType(I8, 32), ir.VectorType(I8, 16), ir.VectorType(I16, 16), ir.VectorType(F32, 8)
@@ -117,9 +118,14 @@ def _define_w16_rows(module, five):
                 bit = b.and_(b.lshr(qh, ir.Constant(v32, [j] * 32)) if j else qh, ir.Constant(v32, [1] * 32))
                 vals = b.or_(low, b.shl(bit, ir.Constant(v32, [4] * 32)))
                 _store_pieces(b, dst, h, j, vals, _shuffle(b, sc8, [j] * 32))
-            b.store(b.trunc(mn8, ir.VectorType(I16, 8)), _ptr(b, b.add(dst, c64(1024 + 16 * h)), ir.VectorType(I16, 8)),
-                    align=1)
+            mn16 = b.trunc(mn8, ir.VectorType(I16, 8))
+            b.store(mn16, _ptr(b, b.add(dst, c64(1024 + 16 * h)), ir.VectorType(I16, 8)), align=1)
             b.store(dminw, _ptr(b, b.add(dst, c64(1056 + 4 * h)), F32), align=4)
+            lane = b.add([ma, mb][h], b.mul(i, c64(MINS_BYTES)))  # this row's lane of the MINS record
+            mn32 = b.bitcast(mn16, ir.VectorType(I32, 4))  # (mn[2m], mn[2m + 1]) at m
+            for m in range(4):
+                b.store(b.extract_element(mn32, ir.Constant(I32, m)), _ptr(b, b.add(lane, c64(64 * m)), I32), align=4)
+            b.store(dminw, _ptr(b, b.add(lane, c64(256)), F32), align=4)
         else:  # 128 bytes ql | 64 bytes qh | 16 int8 scales | d fp16
             blk = b.add(row, b.mul(i, c64(Q6_BYTES)))
             sc = b.sext(_gep_load(b, blk, c64(192), v16, 1), v16_16)
@@ -144,9 +150,9 @@ def _define_w16_rows(module, five):
 
 def _rows_intrinsic(five):
     @intrinsic
-    def rows(typingctx, a, b, out, nb):
+    def rows(typingctx, a, b, out, nb, ma, mb):
         """The intrinsic of _define_w16_rows (byte addresses, int64)."""
-        sig = types.void(types.int64, types.int64, types.int64, types.int64)
+        sig = types.void(*([types.int64] * 6))
 
         def codegen(context, builder, signature, args):
             builder.call(_define_w16_rows(builder.module, five), args)
@@ -159,12 +165,14 @@ _rows5, _rows6 = _rows_intrinsic(True), _rows_intrinsic(False)
 
 
 @njit(**JIT)
-def _w16_rows_py(five, a, b, out, nb):
-    """The rewrite on arrays (the tests' view of it): rows a, b (the file's bytes, 1-D) -> out (uint8)."""
+def _w16_rows_py(five, a, b, out, nb, mins):
+    """The rewrite on arrays (the tests' view of it): rows a, b (the file's bytes, 1-D) -> out (uint8); Q5_K also
+    their mins in lanes 0 and 1 of mins (uint8, nb MINS records)."""
+    ma = np.int64(mins.ctypes.data)
     if five:
-        _rows5(np.int64(a.ctypes.data), np.int64(b.ctypes.data), np.int64(out.ctypes.data), np.int64(nb))
+        _rows5(np.int64(a.ctypes.data), np.int64(b.ctypes.data), np.int64(out.ctypes.data), np.int64(nb), ma, ma + 4)
     else:
-        _rows6(np.int64(a.ctypes.data), np.int64(b.ctypes.data), np.int64(out.ctypes.data), np.int64(nb))
+        _rows6(np.int64(a.ctypes.data), np.int64(b.ctypes.data), np.int64(out.ctypes.data), np.int64(nb), ma, ma + 4)
 
 
 @njit(parallel=True, **JIT)
@@ -184,37 +192,24 @@ def _acts16(xq, xdbits, xbs, out):
             bits = xdbits[n, i]
             out[n, o + 272] = np.int16(np.uint16(bits & np.uint32(0xFFFF)))
             out[n, o + 273] = np.int16(np.uint16(bits >> np.uint32(16)))
-            for j in range(274, A16_BYTES // 2):
+            for j in range(8):  # S[j] = bsum[2j] + bsum[2j + 1] (|S| <= 32 x 127)
+                out[n, o + 274 + j] = np.int16(xbs[n, i, 2 * j] + xbs[n, i, 2 * j + 1])
+            for j in range(282, A16_BYTES // 2):
                 out[n, o + j] = 0
-
-
-@njit(**JIT)
-def _mins16(xd, xbs, out):
-    """Q5_K's group records (MINS_BYTES each) from the activation rows' bsums and d_x (rows 0 .. N - 1; out
-    (G, nb * MINS_BYTES / 4) int32, zeros beyond): lane a of vector m = S[2m] | S[2m + 1] << 16 of the group's row
-    a (two int16), S[j] = bsum[2j] + bsum[2j + 1]; then d_x of row a (float32 bits) at lane a of the 16 after."""
-    N, nb = xd.shape
-    xbits = xd.view(np.int32)
-    for n in range(N):
-        g, a = n // ACTS16, n % ACTS16
-        for i in range(nb):
-            o = i * (MINS_BYTES // 4)
-            for m in range(4):
-                lo = np.int32(xbs[n, i, 4 * m] + xbs[n, i, 4 * m + 1])
-                hi = np.int32(xbs[n, i, 4 * m + 2] + xbs[n, i, 4 * m + 3])
-                out[g, o + 16 * m + a] = (lo & np.int32(0xFFFF)) | (hi << np.int32(16))
-            out[g, o + 64 + a] = xbits[n, i]
 
 
 # ---- the tiles ------------------------------------------------------------------------------------------------
 
-def _dpwssd(b, acc, p, q):
-    """acc + vpdpwssd(p, q) (<16 x i32> each: p, q as 32 int16, neighbouring products summed onto each lane), as one
-    instruction in inline assembly. Through the intrinsic (llvm.x86.avx512.vpdpwssd.512), LLVM 22's machine
-    combiner split a chain of them into vpmaddwd and vpaddd (twice the instructions) in the Q5_K tile: 93-98
-    GMAC/s against 117-124 for the Q6_K tile, which it left whole."""
+def _dpwssd(b, acc, p, q, whole):
+    """acc + vpdpwssd(p, q) (<16 x i32> each: p, q as 32 int16, neighbouring products summed onto each lane).
+    whole: as one instruction in inline assembly. Through the intrinsic (llvm.x86.avx512.vpdpwssd.512), LLVM 22's
+    machine combiner split the Q5_K tile's chains into vpmaddwd and vpaddd (twice the instructions: 93-98 GMAC/s,
+    one thread), and left the Q6_K tile's whole; the assembly is slower in the Q6_K tile (118-125 GMAC/s against
+    130-136: LLVM no longer folds the loads), faster in the Q5_K tile (128-133)."""
     v16i = ir.VectorType(I32, 16)
-    return b.asm(ir.FunctionType(v16i, [v16i] * 3), "vpdpwssd $3, $2, $0", "=v,0,v,v", [acc, p, q], False)
+    if whole:
+        return b.asm(ir.FunctionType(v16i, [v16i] * 3), "vpdpwssd $3, $2, $0", "=v,0,v,v", [acc, p, q], False)
+    return b.call(_declare(b.module, "llvm.x86.avx512.vpdpwssd.512", v16i, [v16i] * 3), [acc, p, q])
 
 
 def _define_w16_tile(module, five, pairs, acts):
@@ -258,7 +253,7 @@ def _define_w16_tile(module, five, pairs, acts):
             xv = _shuffle(b, _gep_load(b, xi[a], c64(32 * k), v8i, 32), both)
             for r in range(pairs):
                 t = r * acts + a
-                lanes[t] = _dpwssd(b, lanes[t], wv[r], xv)
+                lanes[t] = _dpwssd(b, lanes[t], wv[r], xv, five)
     new = [None] * (pairs * acts)
     for r in range(pairs):
         nsc = None if five else _gep_load(b, wi[r], c64(1024), v16i, 64)  # -32 sc[j] of each row
@@ -267,7 +262,7 @@ def _define_w16_tile(module, five, pairs, acts):
             t = r * acts + a
             total = lanes[t]
             if not five:  # the lanes less their offsets
-                total = _dpwssd(b, total, nsc, _shuffle(b, _gep_load(b, xi[a], c64(512), v8i, 32), both))
+                total = _dpwssd(b, total, nsc, _shuffle(b, _gep_load(b, xi[a], c64(512), v8i, 32), both), False)
             dx = _splat(b, _gep_load(b, xi[a], c64(544), F32, 4), 16)
             new[t] = b.call(fma16, [b.fmul(dw, dx), b.sitofp(total, v16f), accs[t]])  # d_w d_x (float32)
     i1 = b.add(i, c64(1))
@@ -299,51 +294,55 @@ def _define_w16_tile(module, five, pairs, acts):
     return fn
 
 
-def _define_w16_mins(module):
-    """void f(mn_at, dmin_at, xg, nb, out, ostride): Q5_K's mins of one weight row by one group of ACTS16
-    activation rows, nb super-blocks: the row's mn[j] (8 int16) at mn_at and its dmin_w at dmin_at in its pair's
-    W16 records (W16_BYTES apart), the group's MINS records from xg. summs (lane a: the group's row a) = fma(-(d_x
-    dmin_w), float32(M), summs) super-block after super-block, M = the sum over m of vpdpwssd of the row's (mn[2m],
-    mn[2m + 1]) broadcast by the group's vector m; then out[a * ostride] += summs[a]: the specification's
-    hsum_float_8(acc) + summs, the first term stored there by the tile."""
-    name = "llama_ref_q5_k_w16_mins"
+def _define_w16_mins(module, acts):
+    """void f(mt, x, xs, nb, out, ostride): Q5_K's mins of 16 weight rows (their MINS records from mt) by `acts`
+    activation rows (A16 records from x, xs bytes apart), nb super-blocks. Per activation row a, lane r: summs =
+    fma(-(d_x dmin_w), float32(M), summs) super-block after super-block, M = the sum over m of vpdpwssd of the rows'
+    vector m by the activation's (S[2m], S[2m + 1]) broadcast; then out[a * ostride + 4r] += summs[r]: the
+    specification's hsum_float_8(acc) + summs, whose first term the tile stored there."""
+    name = f"llama_ref_q5_k_w16_mins_{acts}"
     if name in module.globals:
         return module.globals[name]
     fn = ir.Function(module, ir.FunctionType(ir.VoidType(), [I64] * 6), name)
     fn.linkage = "internal"
-    mn_at, dmin_at, xg, nb, out, ostride = fn.args
+    mt, x, xs, nb, out, ostride = fn.args
     v16i, v16f = ir.VectorType(I32, 16), ir.VectorType(F32, 16)
     c64 = lambda v: ir.Constant(I64, v)  # noqa: E731
     zero16f, zero16i = ir.Constant(v16f, [0.0] * 16), ir.Constant(v16i, [0] * 16)
-    dpwssd = _declare(module, "llvm.x86.avx512.vpdpwssd.512", v16i, [v16i] * 3)
     fma16 = _declare(module, "llvm.fma.v16f32", v16f, [v16f] * 3)
     entry, loop, done = (fn.append_basic_block(n) for n in ("entry", "loop", "done"))
     b = ir.IRBuilder(entry)
+    acts_at = [b.add(x, b.mul(c64(a), xs)) for a in range(acts)]
     b.cbranch(b.icmp_signed(">", nb, c64(0)), loop, done)
     b = ir.IRBuilder(loop)
     i = b.phi(I64)
-    summs = b.phi(v16f)
-    wi, xi = b.mul(i, c64(W16_BYTES)), b.add(xg, b.mul(i, c64(MINS_BYTES)))
-    m = zero16i
-    for k in range(4):  # (mn[2k], mn[2k + 1]) of the row: one int32, broadcast
-        pair = _splat(b, _gep_load(b, b.add(mn_at, wi), c64(4 * k), I32, 4), 16)
-        m = b.call(dpwssd, [m, pair, _gep_load(b, xi, c64(64 * k), v16i, 64)])
-    dx = _gep_load(b, xi, c64(256), v16f, 64)
-    dmin = b.fneg(b.fmul(dx, _splat(b, _gep_load(b, b.add(dmin_at, wi), c64(0), F32, 4), 16)))  # -(d_x dmin_w)
-    new = b.call(fma16, [dmin, b.sitofp(m, v16f), summs])
+    summs = [b.phi(v16f) for _ in range(acts)]
+    mi = b.add(mt, b.mul(i, c64(MINS_BYTES)))
+    mn = [_gep_load(b, mi, c64(64 * m), v16i, 64) for m in range(4)]
+    dminw = _gep_load(b, mi, c64(256), v16f, 64)
+    new = []
+    for a in range(acts):
+        xi = b.add(acts_at[a], b.mul(i, c64(A16_BYTES)))
+        m = zero16i
+        for k in range(4):
+            m = _dpwssd(b, m, mn[k], _splat(b, _gep_load(b, xi, c64(548 + 4 * k), I32, 4), 16), True)
+        dmin = b.fneg(b.fmul(_splat(b, _gep_load(b, xi, c64(544), F32, 4), 16), dminw))  # -(d_x dmin_w)
+        new.append(b.call(fma16, [dmin, b.sitofp(m, v16f), summs[a]]))
     i1 = b.add(i, c64(1))
     b.cbranch(b.icmp_signed("<", i1, nb), loop, done)
     i.add_incoming(c64(0), entry)
     i.add_incoming(i1, loop)
-    summs.add_incoming(zero16f, entry)
-    summs.add_incoming(new, loop)
+    for phi, v in zip(summs, new):
+        phi.add_incoming(zero16f, entry)
+        phi.add_incoming(v, loop)
     b = ir.IRBuilder(done)
-    final = b.phi(v16f)
-    final.add_incoming(zero16f, entry)
-    final.add_incoming(new, loop)
-    for a in range(ACTS16):
-        at = _ptr(b, b.add(out, b.mul(c64(a), ostride)), F32)
-        b.store(b.fadd(b.load(at, align=4), b.extract_element(final, ir.Constant(I32, a))), at, align=4)
+    finals = [b.phi(v16f) for _ in new]
+    for phi, v in zip(finals, new):
+        phi.add_incoming(zero16f, entry)
+        phi.add_incoming(v, loop)
+    for a, final in enumerate(finals):
+        at = _ptr(b, b.add(out, b.mul(c64(a), ostride)), v16f)
+        b.store(b.fadd(b.load(at, align=4), final), at, align=4)
     b.ret_void()
     return fn
 
@@ -362,12 +361,12 @@ def _w16_tile(five, pairs, acts):
 
 
 @intrinsic
-def _mins(typingctx, mn_at, dmin_at, xg, nb, out, ostride):
-    """The intrinsic of _define_w16_mins."""
+def _mins(typingctx, mt, x, xs, nb, out, ostride):
+    """The intrinsic of _define_w16_mins for a group of ACTS16 activation rows."""
     sig = types.void(*([types.int64] * 6))
 
     def codegen(context, builder, signature, args):
-        builder.call(_define_w16_mins(builder.module), args)
+        builder.call(_define_w16_mins(builder.module, ACTS16), args)
         return context.get_dummy_value()
     return sig, codegen
 
@@ -377,13 +376,16 @@ _tile6, _tile6_1 = _w16_tile(False, PAIRS, ACTS16), _w16_tile(False, 1, ACTS16)
 
 
 @njit(parallel=True, **JIT)
-def _dot_w16(five, blocks, xa, xg, out):
+def _dot_w16(five, blocks, xa, mins, out):
     """ggml_vec_dot_q5_K_q8_K (five) or ggml_vec_dot_q6_K_q8_K of every weight row (blocks (R, nb * 176 or 210),
-    the file's bytes) with every activation row (xa (N', nb * A16_BYTES / 2) int16, N' a multiple of ACTS16;
-    Q5_K: xg, the groups' mins records) -> out (N', R') float32, R' = R rounded up to even. Parallel over work
-    items of ROWS16 rows: each rewrites its rows (W16 layout) into a buffer of its own, then each group of ACTS16
-    activation rows meets them SEG16 super-blocks at a time (the float lanes carried in acc), PAIRS row pairs a
-    tile, a last odd pair alone; Q5_K's mins row by row after.
+    the file's bytes) with every activation row (xa (N', nb * A16_BYTES / 2) int16, N' a multiple of ACTS16) -> out
+    (N', R') float32, R' = R rounded up to a multiple of ROWS16 (a last odd row is paired with itself; the columns
+    past R hold nothing). mins: zeros, Q5_K's MINS records, ROWS16 / 16 x nb per work item.
+
+    Parallel over work items of ROWS16 rows: each rewrites its rows (W16 layout) into a buffer of its own (Q5_K
+    also their MINS records, into its part of mins), then each group of ACTS16 activation rows meets them SEG16
+    super-blocks at a time (the float lanes carried in acc), PAIRS row pairs a tile, a last odd pair alone; Q5_K's
+    mins after, 16 rows at a time.
 
     Measured (Sapphire Rapids-class Xeon, session 47, 512 activation rows, against ggml_kquants' grouped tiles in
     the same process): Q6_K 8192 x 2048 and 2048 x 8192 one thread 134-137 GMAC/s (1.99-2.09x), two threads
@@ -394,8 +396,8 @@ def _dot_w16(five, blocks, xa, xg, out):
     nb = blocks.shape[1] // size
     ws, xs, ost = np.int64(nb * W16_BYTES), np.int64(xa.shape[1] * 2), np.int64(out.shape[1] * 4)
     w0, x0, o0 = np.int64(blocks.ctypes.data), np.int64(xa.ctypes.data), np.int64(out.ctypes.data)
-    g0, gs = np.int64(xg.ctypes.data), np.int64(xg.shape[1] * 4)
-    bst = np.int64(blocks.shape[1])
+    bst, mst = np.int64(blocks.shape[1]), np.int64(nb * MINS_BYTES)
+    m0, mis = np.int64(mins.ctypes.data), np.int64(mins.shape[1])
     for item in prange((R + ROWS16 - 1) // ROWS16):
         r0 = item * ROWS16
         r1 = min(R, r0 + ROWS16)
@@ -403,16 +405,18 @@ def _dot_w16(five, blocks, xa, xg, out):
         raw = np.empty(npairs * ws + 64, np.uint8)
         buf = np.int64(raw.ctypes.data)
         buf += (64 - buf % 64) % 64  # 64-byte aligned: every piece on one cache line
+        mt = m0 + item * mis  # this item's MINS records (Q5_K)
         rawacc = np.empty(npairs * ACTS16 * 16 + 16, np.float32)  # each (pair, activation)'s float lanes
         acc = np.int64(rawacc.ctypes.data)
         acc += (64 - acc % 64) % 64
         for p in range(npairs):
             ra = r0 + 2 * p
             rb = ra + 1 if ra + 1 < r1 else ra
+            ma = mt + ((2 * p) // 16) * mst + 4 * ((2 * p) % 16)  # row 2p's lane of the MINS records, 2p + 1's next
             if five:
-                _rows5(w0 + ra * bst, w0 + rb * bst, buf + p * ws, nb)
+                _rows5(w0 + ra * bst, w0 + rb * bst, buf + p * ws, nb, ma, ma + 4 if rb > ra else ma)
             else:
-                _rows6(w0 + ra * bst, w0 + rb * bst, buf + p * ws, nb)
+                _rows6(w0 + ra * bst, w0 + rb * bst, buf + p * ws, nb, ma, ma)
         full = npairs - npairs % PAIRS
         for n in range(0, N, ACTS16):
             x, on = x0 + n * xs, o0 + n * ost + 4 * r0
@@ -431,10 +435,8 @@ def _dot_w16(five, blocks, xa, xg, out):
                 else:
                     _tile6_1(buf + full * ws, ws, x, xs, nb, acc, 3, on + 8 * full, ost)
             if five:
-                for r in range(2 * npairs):
-                    pw = buf + (r // 2) * ws
-                    _mins(pw + 1024 + 16 * (r % 2), pw + 1056 + 4 * (r % 2), g0 + (n // ACTS16) * gs, nb,
-                          on + 4 * r, ost)
+                for blk in range((2 * npairs + 15) // 16):
+                    _mins(mt + blk * mst, x, xs, nb, on + 64 * blk, ost)
 
 
 def quantized_linear(five: bool, blocks: np.ndarray, xq, xd, xbs) -> np.ndarray:
@@ -446,12 +448,12 @@ def quantized_linear(five: bool, blocks: np.ndarray, xq, xd, xbs) -> np.ndarray:
     n_pad = -(-N // ACTS16) * ACTS16
     xa = aligned((n_pad, nb * A16_BYTES // 2), np.int16)  # 64-byte aligned, as the tile's loads say
     xa[N:] = 0  # padding rows: d_x = 0, quants 0
-    xd = np.ascontiguousarray(xd)
-    _acts16(xq, xd.view(np.uint32), xbs, xa)
-    xg = aligned((n_pad // ACTS16, nb * MINS_BYTES // 4 if five else 16), np.int32)
-    if five:
-        xg[:] = 0
-        _mins16(xd, xbs, xg)
-    out = np.empty((n_pad, R + R % 2), np.float32)
-    _dot_w16(five, blocks, xa, xg, out)
-    return out[:N] if R % 2 == 0 else np.ascontiguousarray(out[:N, :R])
+    _acts16(xq, np.ascontiguousarray(xd).view(np.uint32), xbs, xa)
+    items = -(-R // ROWS16)
+    # Q5_K's mins records (zeros past the last row), allocated here: an np.zeros of them in _dot_w16's parallel loop
+    # corrupted the heap on 2 threads (Numba 0.68; its size the same for every item, or not)
+    mins = aligned((items, ROWS16 // 16 * nb * MINS_BYTES if five else 64), np.uint8)  # 64-byte aligned loads
+    mins[:] = 0
+    out = np.empty((n_pad, items * ROWS16), np.float32)
+    _dot_w16(five, blocks, xa, mins, out)
+    return out[:N] if out.shape[1] == R else np.ascontiguousarray(out[:N, :R])

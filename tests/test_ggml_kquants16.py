@@ -34,16 +34,17 @@ def same_bits(got, expected) -> bool:
 def test_weight_layout_by_hand(cls):
     """A row pair's super-block: piece 2c + t2 holds the scaled value 32c + 4u + 2 t2 + s of row h at int16 16 h +
     2u + s (Q6_K: sc[2c + u // 4] q, Q5_K: sc[c] q); then Q6_K's -32 sc[j] of row h at int16 512 + 16 h + j, or
-    Q5_K's mn[j] of row h at int16 512 + 8 h + j and its dmin_w at float32 264 + h; then d_w of row h in float32
-    lanes 272 + 8 h .. 272 + 8 h + 7; a lone last row is paired with itself."""
+    Q5_K's mn[j] of row h at int16 512 + 8 h + j and its dmin_w at float32 264 + h (and both in lane h of the
+    MINS records); then d_w of row h in float32 lanes 272 + 8 h .. 272 + 8 h + 7; a lone last row is paired with
+    itself."""
     five = cls is Q5_KWeight
     w = random_kquant(cls, 3, 512, 11)
     wb = gk.weight_superblocks(w, slice(0, 3))  # q, sc (Q5_K: per 32 values; Q6_K: per 16), d (, mn, dmin)
     nb = 2
     blocks = np.ascontiguousarray(w.blocks)
     for a, b in ((0, 1), (2, 2)):
-        buf = np.zeros(nb * k16.W16_BYTES, np.uint8)
-        k16._w16_rows_py(five, blocks[a], blocks[b], buf, nb)
+        buf, mins = np.zeros(nb * k16.W16_BYTES, np.uint8), np.zeros(nb * k16.MINS_BYTES, np.uint8)
+        k16._w16_rows_py(five, blocks[a], blocks[b], buf, nb, mins)
         for i in range(nb):
             rec = buf[i * k16.W16_BYTES:(i + 1) * k16.W16_BYTES]
             i16, f32 = rec.view(np.int16), rec.view(np.float32)
@@ -56,52 +57,28 @@ def test_weight_layout_by_hand(cls):
                                 v = 32 * c + 4 * u + 2 * t2 + s
                                 scale = sc[c] if five else sc[2 * c + u // 4]
                                 assert i16[32 * (2 * c + t2) + 16 * h + 2 * u + s] == scale * q[v]
-                if five:
+                if five:  # and in lane h of the MINS record: (mn[2m], mn[2m + 1]) at int32 16 m + h, dmin_w at 64 + h
                     assert i16[512 + 8 * h:520 + 8 * h].tolist() == wb["mn"][row, i].tolist()
                     assert f32[264 + h] == wb["dmin"][row, i]
+                    lanes = mins[i * k16.MINS_BYTES:(i + 1) * k16.MINS_BYTES]
+                    for m in range(4):
+                        assert lanes.view(np.int16)[2 * (16 * m + h):2 * (16 * m + h) + 2].tolist() == \
+                            wb["mn"][row, i, 2 * m:2 * m + 2].tolist()
+                    assert lanes.view(np.float32)[64 + h] == wb["dmin"][row, i]
                 else:
                     assert i16[512 + 16 * h:528 + 16 * h].tolist() == (-32 * sc).tolist()
                 assert f32[272 + 8 * h:280 + 8 * h].tolist() == [wb["d"][row, i]] * 8
 
 
-def test_mins_layout_by_hand():
-    """Q5_K's group records: lane a of vector m holds (S[2m], S[2m + 1]) of the group's row a as two int16, S[j]
-    = bsum[2j] + bsum[2j + 1]; lanes past the group's rows zero; then d_x of row a at float32 lane 64 + a."""
-    n = k16.ACTS16 + 2  # a whole group and a part one
-    x = activations(n, 512, 4)
+def test_activation_sub_block_sums_by_hand():
+    """Q5_K's mins read S[j] = bsum[2j] + bsum[2j + 1] from each activation row's record: int16 274 + j."""
+    x = activations(3, 512, 4)
     xd, xq, xbs = kk.quantize_q8_K(x)
-    out = np.zeros((2, 2 * k16.MINS_BYTES // 4), np.int32)
-    k16._mins16(xd, xbs, out)
-    for row in range(n):
-        g, a = divmod(row, k16.ACTS16)
-        for i in range(2):
-            rec = out[g, i * 80:(i + 1) * 80]
-            for m in range(4):
-                pair = rec[16 * m + a:16 * m + a + 1].view(np.int16)
-                S = [xbs[row, i, 4 * m] + xbs[row, i, 4 * m + 1], xbs[row, i, 4 * m + 2] + xbs[row, i, 4 * m + 3]]
-                assert pair.tolist() == S
-            assert rec[64 + a:65 + a].view(np.float32)[0] == xd[row, i]
-    assert not out[1].reshape(2, 80)[:, [16 * m + a for m in range(4) for a in range(2, 16)]].any()
-
-
-def test_activation_layout_by_hand():
-    """An activation row's super-block: q_x[32c + 4u + 2 t2 + s] at int16 16 (2c + t2) + 2u + s, its 16 bsums,
-    d_x's float32 bits, zeros to the record's end."""
-    x = activations(2, 512, 3)
-    xd, xq, xbs = kk.quantize_q8_K(x)
-    out = np.full((2, 2 * k16.A16_BYTES // 2), 7, np.int16)
+    out = np.zeros((3, 2 * k16.A16_BYTES // 2), np.int16)
     k16._acts16(xq, xd.view(np.uint32), xbs, out)
-    for n in range(2):
+    for n in range(3):
         for i in range(2):
-            rec = out[n, i * 288:(i + 1) * 288]
-            for c in range(8):
-                for t2 in range(2):
-                    for u in range(8):
-                        for s in range(2):
-                            assert rec[16 * (2 * c + t2) + 2 * u + s] == xq[n, 256 * i + 32 * c + 4 * u + 2 * t2 + s]
-            assert rec[256:272].tolist() == xbs[n, i].tolist()
-            assert rec[272:274].view(np.float32)[0] == xd[n, i]
-            assert not rec[274:].any()
+            assert out[n, 288 * i + 274:288 * i + 282].tolist() == (xbs[n, i, 0::2] + xbs[n, i, 1::2]).tolist()
 
 
 @needs_vnni512

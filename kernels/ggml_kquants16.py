@@ -58,7 +58,9 @@ ROWS16 = 32  # weight rows per work item (16 pairs: 16 x 36 KiB at K = 8192, in 
 # The tile: row pairs by activation rows. Measured (Q6_K, 8192 x 2048 and 2048 x 8192 by 512 rows, one thread,
 # GMAC/s): 2 x 6 131-137, 4 x 3 124-127, 3 x 4 130-135, 2 x 4 89-97, 2 x 5 88-93, 1 x 8 92, 3 x 5 72-74,
 # 2 x 8 48-49, 4 x 4 51-52 (LLVM spills the lanes past 24 or so to the stack); SEG16 2, 4, 8 the same within 4%,
-# ROWS16 64 the same as 32.
+# ROWS16 64 the same as 32. Two integer chains per (pair, activation) (k even and odd: half the dependent vpdpwssd
+# a super-block) with the float lanes kept in memory between super-blocks, to give the chains the registers:
+# 2 x 6 0.85-0.95x of this, 2 x 5 0.93-0.97x, 3 x 4, 3 x 3, 2 x 4, 4 x 2 slower still (Q5_K and Q6_K, 1B shapes).
 PAIRS, ACTS16 = 2, 6
 SEG16 = 4  # super-blocks a tile takes at a time (the activation rows' share, 14 KiB, stays in L1)
 MIN_ROWS = 16  # activation rows from which a prefill takes this path (the weights' rewrite costs ~2 rows' products)
@@ -175,6 +177,23 @@ def _w16_rows_py(five, a, b, out, nb, mins):
         _rows6(np.int64(a.ctypes.data), np.int64(b.ctypes.data), np.int64(out.ctypes.data), np.int64(nb), ma, ma + 4)
 
 
+@intrinsic
+def _acts_quants(typingctx, src, dst):
+    """The 256 quants of one activation super-block (int8 at src) -> the A16 layout's 256 int16 at dst: per piece c
+    of 32 values, widened (vpmovsxbw) and put in _W_ORDER (one vpermw), as one row's half of the weights' pieces."""
+    sig = types.void(types.int64, types.int64)
+
+    def codegen(context, builder, signature, args):
+        src_, dst_ = args
+        for c in range(8):
+            q = _gep_load(builder, src_, ir.Constant(I64, 32 * c), ir.VectorType(I8, 32), 1)
+            wide = builder.sext(q, ir.VectorType(I16, 32))
+            builder.store(_shuffle(builder, wide, _W_ORDER),
+                          _ptr(builder, builder.add(dst_, ir.Constant(I64, 64 * c)), ir.VectorType(I16, 32)), align=2)
+        return context.get_dummy_value()
+    return sig, codegen
+
+
 @njit(parallel=True, **JIT)
 def _acts16(xq, xdbits, xbs, out):
     """The activation rows (Q8_K: xq (N, K) int8, xdbits (N, nb) the bits of d_x as uint32, xbs (N, nb, 16)
@@ -183,10 +202,7 @@ def _acts16(xq, xdbits, xbs, out):
     for n in prange(N):
         for i in range(nb):
             o = i * (A16_BYTES // 2)
-            for c in range(8):
-                for j in range(32):  # piece 2c + t2, place 2u + s: value 4u + 2 t2 + s of piece c
-                    t2, u, s = j // 16, (j % 16) // 2, j % 2
-                    out[n, o + 32 * c + j] = xq[n, 256 * i + 32 * c + 4 * u + 2 * t2 + s]
+            _acts_quants(np.int64(xq[n].ctypes.data) + 256 * i, np.int64(out[n].ctypes.data) + 2 * o)
             for j in range(16):
                 out[n, o + 256 + j] = np.int16(xbs[n, i, j])
             bits = xdbits[n, i]

@@ -418,11 +418,14 @@ def _dot_w16(five, blocks, xa, mins, out):
         r0 = item * ROWS16
         r1 = min(R, r0 + ROWS16)
         npairs = (r1 - r0 + 1) // 2
-        raw = np.empty(npairs * ws + 64, np.uint8)
+        # Scratch of the largest item's size, the same for every item: Numba hoists an allocation in a prange body out
+        # of the loop it runs on each thread ("allocation hoisting": one buffer a thread, reused from item to item),
+        # which its parallel diagnostics also reported for sizes that depend on the item (see quantized_linear's mins)
+        raw = np.empty(ROWS16 // 2 * ws + 64, np.uint8)
         buf = np.int64(raw.ctypes.data)
         buf += (64 - buf % 64) % 64  # 64-byte aligned: every piece on one cache line
         mt = m0 + item * mis  # this item's MINS records (Q5_K)
-        rawacc = np.empty(npairs * ACTS16 * 16 + 16, np.float32)  # each (pair, activation)'s float lanes
+        rawacc = np.empty(ROWS16 // 2 * ACTS16 * 16 + 16, np.float32)  # each (pair, activation)'s float lanes
         acc = np.int64(rawacc.ctypes.data)
         acc += (64 - acc % 64) % 64
         for p in range(npairs):
@@ -467,7 +470,8 @@ def quantized_linear(five: bool, blocks: np.ndarray, xq, xd, xbs) -> np.ndarray:
     _acts16(xq, np.ascontiguousarray(xd).view(np.uint32), xbs, xa)
     items = -(-R // ROWS16)
     # Q5_K's mins records (zeros past the last row), allocated here: an np.zeros of them in _dot_w16's parallel loop
-    # corrupted the heap on 2 threads (Numba 0.68; its size the same for every item, or not)
+    # corrupted the heap and the results on 2 threads (Numba 0.68: its "allocation hoisting" makes an allocation in a
+    # prange body one buffer for every iteration where it can; numba/numba issue 9529)
     mins = aligned((items, ROWS16 // 16 * nb * MINS_BYTES if five else 64), np.uint8)  # 64-byte aligned loads
     mins[:] = 0
     out = np.empty((n_pad, items * ROWS16), np.float32)

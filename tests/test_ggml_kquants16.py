@@ -124,3 +124,63 @@ def test_dispatch(cls, monkeypatch):
         assert same_bits(kk.quantized_linear(x, w, simd=simd), gk.quantized_linear(x, w))
         assert bool(calls) == taken, (n, simd)
     assert not k16.usable(64, 2) and not k16.usable(1, 3)
+
+
+@needs_vnni512
+@pytest.mark.parametrize("cls", KINDS, ids=lambda c: c.format)
+def test_whole_prompt_equals_llamacpp(cls, monkeypatch):
+    """A prompt of 20 tokens in one forward call, whose Q5_K / Q6_K products take this path (simd 3, 20 >= MIN_ROWS),
+    gives llama.cpp's logits bit for bit at every position: its token-at-a-time logits on the pure K-quant GGUFs
+    (tests/data/llamacpp_kquant_logits.npz, llama.cpp's AVX-512 build), which ggml mode gives for a prompt in one
+    call as well."""
+    import llama_ref
+    from llama_ref.kernels import ggml_simd
+    from llama_ref.model import ggml
+    import test_ggml_kquants as kq_tests
+
+    if ggml_simd.simd_default() != 3:
+        pytest.skip("this CPU's default integer code is not simd 3 (host_prefers_512)")
+    calls = []
+    real = k16.quantized_linear
+    monkeypatch.setattr(k16, "quantized_linear", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(ggml, "ISA", "avx512")
+    script = kq_tests._fixture_script()
+    fixture = np.load(kq_tests.FIXTURES["avx512"])
+    model = llama_ref.load(script.gguf_path(cls.format), arithmetic="ggml", backend="numba")
+    ids = fixture["prompt_ids_1"]
+    assert len(ids) >= k16.MIN_ROWS
+    logits = model.forward(ids, start_pos=0)
+    assert calls, "no product took the 16-bit path"
+    assert np.array_equal(logits, fixture[f"{cls.format}_p1_logits"])
+
+
+def _tile_loops(five: bool) -> list:
+    """The loop bodies of the compiled 2 x 6 tile (PAIRS x ACTS16), from a function that calls only it."""
+    from numba import njit, types
+    from test_ggml_asm import block_loops
+
+    tile = k16._tile5 if five else k16._tile6
+
+    @njit
+    def run(w, ws, x, xs, nb, acc, part, out, ost):
+        tile(w, ws, x, xs, nb, acc, part, out, ost)
+    run.compile((types.int64,) * 9)
+    return block_loops(run.inspect_asm(run.signatures[0]))
+
+
+@needs_vnni512
+@pytest.mark.parametrize("five", [True, False], ids=["q5_k", "q6_k"])
+def test_tile_machine_code(five):
+    """The super-block loop of the 2 x 6 tile: one vpdpwssd per piece, pair and activation row (16 x 2 x 6 = 192;
+    Q6_K's -32 one more each, 204), none split into vpmaddwd and vpaddd (LLVM's machine combiner did that to the
+    Q5_K tile's chains of the intrinsic: 0.75x the speed; _dpwssd), and its 24 accumulators in registers: at most
+    one vector stored and reloaded a super-block (the Q5_K tile spills one now; 2 x 8 tiles spilled dozens)."""
+    from test_ggml_asm import stack_traffic
+
+    loops = [body for body in _tile_loops(five) if any(ins.startswith("vpdpwssd") for ins in body)]
+    assert len(loops) == 1, len(loops)
+    names = [ins.split()[0] for ins in loops[0]]
+    assert names.count("vpdpwssd") == (192 if five else 204), names.count("vpdpwssd")
+    assert "vpmaddwd" not in names
+    spills, _ = stack_traffic(loops[0])
+    assert len(spills) <= 2, spills

@@ -184,3 +184,16 @@ def test_tile_machine_code(five):
     assert "vpmaddwd" not in names
     spills, _ = stack_traffic(loops[0])
     assert len(spills) <= 2, spills
+
+
+def test_scratch_kept_up_to_its_limit(monkeypatch):
+    """The activation records' buffer is kept between calls (64-byte aligned, grown when a call needs more), but
+    not one larger than KEEP_BYTES: a long prompt's does not stay behind."""
+    monkeypatch.setattr(k16, "_SCRATCH", __import__("threading").local())
+    monkeypatch.setattr(k16, "KEEP_BYTES", 4096)
+    a = k16._scratch("t", 1000)
+    b = k16._scratch("t", 2000)  # grown
+    c = k16._scratch("t", 1500)  # kept
+    assert a.ctypes.data % 64 == 0 and b.ctypes.data % 64 == 0 and c.ctypes.data == b.ctypes.data
+    big = k16._scratch("t", 8192)
+    assert big.size == 8192 and k16._scratch("t", 100).ctypes.data == b.ctypes.data

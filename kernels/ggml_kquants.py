@@ -142,6 +142,20 @@ def _q6_k_value_chunk(b, ql, qh, k):
     return b.or_(low, high)
 
 
+def _q5_k_value_chunk(b, blk, qh, j):
+    """Sub-block j (32 values) of a Q5_K super-block from the file's bytes at byte address blk (qh: its 32 bytes of
+    high bits) -> <32 x i8> values 0..31 in value order: the low (even j) or high nibbles of ql bytes 48 + 32 (j // 2)
+    .. and bit j of qh as bit 4."""
+    v32 = ir.VectorType(I8, 32)
+
+    def const(v):
+        return ir.Constant(v32, [v] * 32)
+    ql = _gep_load(b, blk, ir.Constant(I64, 48 + 32 * (j // 2)), v32, 1)
+    low = b.and_(ql, const(15)) if j % 2 == 0 else b.lshr(ql, const(4))
+    bit = b.and_(b.lshr(qh, const(j)) if j else qh, const(1))
+    return b.or_(low, b.shl(bit, const(4)))
+
+
 def _define_q6_k_tile(module, rows, acts, isa):
     """void f(w, ws, x, xstride, xd, bs, xds, bss, nb, out, ostride): ggml_vec_dot_q6_K_q8_K of `rows` weight
     rows (the file's Q6_K blocks from byte address w, rows ws bytes apart) with `acts` activation rows (Q8_K:
@@ -560,11 +574,8 @@ def _define_q5_k_tile(module, acts, isa):
     xa = [b.add(b.add(x, b.mul(c64(a), xstride)), b.mul(i, c64(256))) for a in range(acts)]
     totals = [None] * acts
     qh = _gep_load(b, wb, c64(16), v32, 1)
-    for j in range(8):  # sub-block j: nibbles of ql bytes 32 (j // 2) .., low for even j; bit j of qh
-        ql = _gep_load(b, wb, c64(48 + 32 * (j // 2)), v32, 1)
-        low = b.and_(ql, ir.Constant(v32, [15] * 32)) if j % 2 == 0 else b.lshr(ql, ir.Constant(v32, [4] * 32))
-        bit = b.and_(b.lshr(qh, ir.Constant(v32, [j] * 32)) if j else qh, ir.Constant(v32, [1] * 32))
-        vals = b.or_(low, b.shl(bit, ir.Constant(v32, [4] * 32)))
+    for j in range(8):
+        vals = _q5_k_value_chunk(b, wb, qh, j)
         for a in range(acts):
             xv = _gep_load(b, xa[a], c64(32 * j), v32, 1)
             if isa == "avx2":

@@ -49,8 +49,8 @@ from numba import njit, prange, types
 from numba.extending import intrinsic
 
 from ._common import JIT, aligned
-from .ggml_kquants import Q5_BYTES, Q6_BYTES, _kquant_header, _q6_k_value_chunk
-from .ggml_simd import HAS_VNNI512, _declare, _gep_load, _hsum8, _ptr, _shuffle, prefetch
+from .ggml_kquants import Q5_BYTES, Q6_BYTES, _kquant_header, _q5_k_value_chunk, _q6_k_value_chunk
+from .ggml_simd import HAS_VNNI512, _close_loop, _declare, _gep_load, _hsum8, _ptr, _shuffle, prefetch
 
 I8, I16, I32, I64, F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64), ir.FloatType()
 W16_BYTES = 1152  # a row pair's super-block: 16 pieces x 64 bytes | 64 bytes of offsets or mins | 16 float32 d_w
@@ -117,12 +117,8 @@ def _define_w16_rows(module, five):
             blk = b.add(row, b.mul(i, c64(Q5_BYTES)))
             dw, dminw, sc8, mn8 = _kquant_header(b, blk, "avx2", whole=True)  # sc <8 x i16>, mn <8 x i32>
             qh = _gep_load(b, blk, c64(16), v32, 1)
-            for j in range(8):  # sub-block j: nibbles of ql bytes 32 (j // 2) .., low for even j; bit j of qh
-                ql = _gep_load(b, blk, c64(48 + 32 * (j // 2)), v32, 1)
-                low = b.and_(ql, ir.Constant(v32, [15] * 32)) if j % 2 == 0 else b.lshr(ql, ir.Constant(v32, [4] * 32))
-                bit = b.and_(b.lshr(qh, ir.Constant(v32, [j] * 32)) if j else qh, ir.Constant(v32, [1] * 32))
-                vals = b.or_(low, b.shl(bit, ir.Constant(v32, [4] * 32)))
-                _store_pieces(b, dst, h, j, vals, _shuffle(b, sc8, [j] * 32))
+            for j in range(8):
+                _store_pieces(b, dst, h, j, _q5_k_value_chunk(b, blk, qh, j), _shuffle(b, sc8, [j] * 32))
             mn16 = b.trunc(mn8, ir.VectorType(I16, 8))
             b.store(mn16, _ptr(b, b.add(dst, c64(1024 + 16 * h)), ir.VectorType(I16, 8)), align=1)
             b.store(dminw, _ptr(b, b.add(dst, c64(1056 + 4 * h)), F32), align=4)
@@ -144,11 +140,7 @@ def _define_w16_rows(module, five):
                     align=1)
             dw = b.fpext(_gep_load(b, blk, c64(208), ir.HalfType(), 1), F32)
         b.store(_splat(b, dw, 8), _ptr(b, b.add(dst, c64(1088 + 32 * h)), v8f), align=1)
-    i1 = b.add(i, c64(1))
-    b.cbranch(b.icmp_signed("<", i1, nb), loop, done)
-    i.add_incoming(c64(0), entry)
-    i.add_incoming(i1, loop)
-    b = ir.IRBuilder(done)
+    b, _ = _close_loop(b, i, nb, entry, loop, done, [])
     b.ret_void()
     return fn
 
@@ -284,19 +276,7 @@ def _define_w16_tile(module, five, pairs, acts):
                 total = _dpwssd(b, total, nsc, _shuffle(b, _gep_load(b, xi[a], c64(512), v8i, 32), both), False)
             dx = _splat(b, _gep_load(b, xi[a], c64(544), F32, 4), 16)
             new[t] = b.call(fma16, [b.fmul(dw, dx), b.sitofp(total, v16f), accs[t]])  # d_w d_x (float32)
-    i1 = b.add(i, c64(1))
-    b.cbranch(b.icmp_signed("<", i1, nb), loop, done)
-    i.add_incoming(c64(0), entry)
-    i.add_incoming(i1, loop)
-    for phi, v0, v in zip(accs, init, new):
-        phi.add_incoming(v0, entry)
-        phi.add_incoming(v, loop)
-
-    b = ir.IRBuilder(done)
-    finals = [b.phi(v16f) for _ in new]
-    for phi, v0, v in zip(finals, init, new):
-        phi.add_incoming(v0, entry)
-        phi.add_incoming(v, loop)
+    b, finals = _close_loop(b, i, nb, entry, loop, done, [(phi, v, v0) for phi, v0, v in zip(accs, init, new)])
     b.cbranch(b.icmp_signed("!=", b.and_(part, c64(2)), c64(0)), last, keep)
     b = ir.IRBuilder(last)
     for r in range(pairs):
@@ -347,18 +327,7 @@ def _define_w16_mins(module, acts):
             m = _dpwssd(b, m, mn[k], _splat(b, _gep_load(b, xi, c64(548 + 4 * k), I32, 4), 16), True)
         dmin = b.fneg(b.fmul(_splat(b, _gep_load(b, xi, c64(544), F32, 4), 16), dminw))  # -(d_x dmin_w)
         new.append(b.call(fma16, [dmin, b.sitofp(m, v16f), summs[a]]))
-    i1 = b.add(i, c64(1))
-    b.cbranch(b.icmp_signed("<", i1, nb), loop, done)
-    i.add_incoming(c64(0), entry)
-    i.add_incoming(i1, loop)
-    for phi, v in zip(summs, new):
-        phi.add_incoming(zero16f, entry)
-        phi.add_incoming(v, loop)
-    b = ir.IRBuilder(done)
-    finals = [b.phi(v16f) for _ in new]
-    for phi, v in zip(finals, new):
-        phi.add_incoming(zero16f, entry)
-        phi.add_incoming(v, loop)
+    b, finals = _close_loop(b, i, nb, entry, loop, done, [(phi, v, zero16f) for phi, v in zip(summs, new)])
     for a, final in enumerate(finals):
         at = _ptr(b, b.add(out, b.mul(c64(a), ostride)), v16f)
         b.store(b.fadd(b.load(at, align=4), final), at, align=4)

@@ -66,7 +66,7 @@ ROWS16 = 32  # weight rows per work item (16 pairs: 16 x 36 KiB at K = 8192, in 
 PAIRS, ACTS16 = 2, 6
 PREFETCH_GROUPS = 16  # groups of activation rows over which the next work item's rows are asked for
 SEG16 = 4  # super-blocks a tile takes at a time (the activation rows' share, 14 KiB, stays in L1)
-MIN_ROWS = 16  # activation rows from which a prefill takes this path (the weights' rewrite costs ~2 rows' products)
+MIN_ROWS = 16  # activation rows from which a prefill takes this path (the weights' rewrite costs ~5 rows' products)
 llvm_binding.initialize_native_asmparser()  # _dpwssd's inline assembly
 _W_ORDER = [v for t2 in (0, 1) for v in (4 * u + 2 * t2 + s for u in range(8) for s in (0, 1))]  # piece order
 
@@ -378,9 +378,9 @@ def _dot_w16(five, blocks, xa, mins, out):
     The next item's rows are asked for (prefetch) while this one runs: in a model its weights come from memory,
     and its rewrite waited for them (a 1B Q5_K_M prefill's products 4-7% faster, 3 alternated pairs).
 
-    Measured (Sapphire Rapids-class Xeon, session 47, 512 activation rows, against ggml_kquants' grouped tiles in
-    the same process): Q6_K 8192 x 2048 and 2048 x 8192 one thread 134-137 GMAC/s (1.99-2.09x), two threads
-    267-273 (2.00-2.12x)."""
+    Measured (Sapphire Rapids-class Xeon, session 47, 8192 x 2048, 2048 x 8192 and 512 x 2048 by 512 activation
+    rows, against ggml_kquants' grouped tiles in the same process): one thread Q6_K 123-137 GMAC/s (1.7-2.1x), Q5_K
+    121-132 (1.6-1.9x); two threads 233-271 (varying with the host's load over the day)."""
     R = blocks.shape[0]
     N = xa.shape[0]
     size = Q5_BYTES if five else Q6_BYTES

@@ -51,6 +51,7 @@ from numba.extending import intrinsic
 from ._common import JIT, aligned
 from .ggml_kquants import Q5_BYTES, Q6_BYTES, _kquant_header, _q5_k_value_chunk, _q6_k_value_chunk
 from .ggml_simd import HAS_VNNI512, _close_loop, _declare, _gep_load, _hsum8, _ptr, _shuffle, prefetch
+from .ggml_vec import _splat
 
 I8, I16, I32, I64, F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64), ir.FloatType()
 W16_BYTES = 1152  # a row pair's super-block: 16 pieces x 64 bytes | 64 bytes of offsets or mins | 16 float32 d_w
@@ -86,12 +87,6 @@ def _store_pieces(b, dst, h, c, vals, scale):
         piece = _shuffle(b, w, _W_ORDER[16 * t2:16 * t2 + 16])
         b.store(piece, _ptr(b, b.add(dst, ir.Constant(I64, 64 * (2 * c + t2) + 32 * h)), ir.VectorType(I16, 16)),
                 align=1)
-
-
-def _splat(b, v, n):
-    """A scalar in all n lanes of a vector."""
-    vec = ir.VectorType(v.type, n)
-    return _shuffle(b, b.insert_element(ir.Constant(vec, ir.Undefined), v, ir.Constant(I32, 0)), [0] * n)
 
 
 def _define_w16_rows(module, five):

@@ -193,7 +193,7 @@ def _define_q6_k_tile(module, rows, acts, isa):
     if acts == 1:  # a decode: this super-block's share of the rows `ahead` on (210 bytes: 4 lines)
         pa = b.add(b.add(w, b.mul(ws, ahead)), b.mul(blk, c64(rows)))
         for off in range(0, rows * Q6_BYTES, 64):
-            _prefetch(b, b.add(pa, c64(off)))
+            _prefetch(b, b.add(pa, c64(off)), into="l2")
 
     # Emitted chunk by chunk (32 values), in the order the registers allow: each row's chunk is unpacked
     # from its bytes and meets each activation's chunk, into the (row, activation) pair's integer lanes. A loop
@@ -567,7 +567,7 @@ def _define_q5_k_tile(module, acts, isa):
     wb = b.add(w, b.mul(i, c64(Q5_BYTES)))
     if acts == 1:  # a decode: this super-block of the row `ahead` on (176 bytes: 3-4 lines)
         for off in range(0, Q5_BYTES, 64):
-            _prefetch(b, b.add(b.add(wb, b.mul(ws, ahead)), c64(off)))
+            _prefetch(b, b.add(b.add(wb, b.mul(ws, ahead)), c64(off)), into="l2")
 
     dw, dminw, scales, mn8 = _kquant_header(b, wb, isa)  # the block's 16 header bytes
 

@@ -220,6 +220,29 @@ def test_q4_k_8row_decode_tile_asks_for_the_weights_ahead():
         assert names.count("prefetcht0") == wanted, (names.count("prefetcht0"), wanted)
 
 
+@pytest.mark.parametrize("five", [True, False], ids=["q5_k", "q6_k"])
+def test_q5_k_q6_k_decode_tiles_ask_for_the_weights_into_l2(five):
+    """The Q5_K / Q6_K tiles of one activation row (a decode) ask for each super-block of the row ahead into L2
+    (prefetcht1: a line a prefetch, 176 / 210 bytes -> 3 / 4 of them); into L1 (prefetcht0) the lines in flight
+    were fewer and the 1B shape's Q5_K_M decode read 58% of the roofline where it reads 67-68% so
+    (benchmarks/results/ggml_decode_1b_k_spr_2thread_s48_decode.md). The tiles of several activation rows (a
+    prefill's) ask for none."""
+    from numba import njit, types
+
+    from llama_ref.kernels import ggml_kquants as kq
+
+    lines = -(-(kq.Q5_BYTES if five else kq.Q6_BYTES) // 64)
+    tiles = ((kq._q5_11, lines), (kq._q5_1A, 0)) if five else ((kq._q6_11, lines), (kq._q6_1A, 0))
+    for tile, wanted in tiles:
+        @njit
+        def run(w, ws, x, xst, xd, bs, xds, bss, nb, out, ost):
+            tile(w, ws, x, xst, xd, bs, xds, bss, nb, out, ost, 1)
+        run.compile((types.int64,) * 11)
+        asm = run.inspect_asm(run.signatures[0])
+        names = [line.split()[0] for line in asm.splitlines() if line.startswith("\t") and not line.startswith("\t.")]
+        assert (names.count("prefetcht1"), names.count("prefetcht0")) == (wanted, 0), names
+
+
 @pytest.mark.parametrize("kind, prefetches", [("q4_1h", 2), ("q5_1c", 2)])
 def test_q4_1_q5_1_decode_tiles_read_fp16_pairs(kind, prefetches):
     """The decode tiles of Q4_1 / Q5_1 (one row by one activation row) read a block's d and m as one fp16 pair

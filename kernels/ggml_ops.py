@@ -27,8 +27,9 @@ from .ggml_vec import (expf_array8, expf_array16, f16_columns8_1, f16_columns8_2
                        f16_columns16_2, f16_columns16_3, f16_scores8_1, f16_scores8_2, f16_scores8_3, f16_scores16_1,
                        f16_scores16_2, f16_scores16_3, h16_columns8_1, h16_columns8_2, h16_columns8_3,
                        h16_columns16_1, h16_columns16_2, h16_columns16_3, h16_scores8_1, h16_scores8_2, h16_scores8_3,
-                       h16_scores16_1, h16_scores16_2, h16_scores16_3, soft_max_row8, soft_max_row16, swiglu_row_avx2,
-                       swiglu_row_avx512)
+                       h16_scores16_1, h16_scores16_2, h16_scores16_3, kt_scores8_1, kt_scores8_2,
+                       kt_scores8_3, kt_scores16_1, kt_scores16_2, kt_scores16_3, soft_max_row8, soft_max_row16,
+                       swiglu_row_avx2, swiglu_row_avx512)
 
 PARALLEL_ROWS = 16  # fewer rows than this (a decode step): one thread, no parallel region to start
 
@@ -80,10 +81,30 @@ def _scores(wide, half, rows, q, keys, row, visible, HD, scale, w, w_stride):
 
 
 @njit(inline="always", **JIT)
-def _columns(wide, half, rows, w, w_stride, values, row, visible, HD, acc, out):
+def _key_scores(wide, rows, q, kt, visible, HD, scale, w, w_stride):
+    """kernels/ggml_vec.kt_scores (the keys transposed in blocks, in vector lanes) for `rows` (1 to 3) query
+    heads in the build's lane order: f16_scores' numbers."""
+    args = (q, kt, np.int64(visible), np.int64(HD), scale, w, w_stride)
+    if wide:
+        if rows == 3:
+            kt_scores16_3(*args)
+        elif rows == 2:
+            kt_scores16_2(*args)
+        else:
+            kt_scores16_1(*args)
+    elif rows == 3:
+        kt_scores8_3(*args)
+    elif rows == 2:
+        kt_scores8_2(*args)
+    else:
+        kt_scores8_1(*args)
+
+
+@njit(inline="always", **JIT)
+def _columns(wide, half, rows, w, w_stride, values, row, visible, HD, out):
     """kernels/ggml_vec.f16_columns for `rows` (1 to 3) probability rows in the build's lane order; half: the
     values are stored as fp16, else as float32."""
-    args = (w, w_stride, values, row, np.int64(visible), np.int64(HD), acc, out)
+    args = (w, w_stride, values, row, np.int64(visible), np.int64(HD), out)
     if half:
         if wide:
             if rows == 3:
@@ -137,15 +158,17 @@ def serial_product(n_rows: int, n_weights: int) -> bool:
 
 
 @njit(inline="always", **JIT)
-def _attention_item(q, k, v, start_pos, scale, wide, out, item):
+def _attention_item(q, k, v, start_pos, scale, wide, out, item, kt):
     """One work item of _attention: QUERIES positions of one KV head (item over B x KVH x position blocks). k, v:
-    float32 (fp16 values), or the cache's fp16 bits as uint16 (ggml_step's decode reads the cache in place)."""
+    float32 (fp16 values), or the cache's fp16 bits as uint16 (ggml_step's decode reads the cache in place).
+    kt: the keys' fp16 bits in blocks of KW keys, each block transposed, (B, KVH, P / KW, HD, KW) (P: S rounded up
+    to 64, zeros past S; KW 16 keys where wide, else 8), for the scores with the keys in vector lanes (made once for
+    a prefill's many queries); empty (a decode's one query): the scores from k's rows."""
     B, T, H, HD = q.shape
     KVH, S = k.shape[1], k.shape[2]
     G = H // KVH
     R = 3 if G % 3 == 0 else 2 if G % 2 == 0 else 1
     P = (S + 63) // 64 * 64  # ggml's cache view, padded
-    step = 64 if wide else 32  # GGML_F16_STEP: 4 accumulators of 16 or 8 lanes
     width = 16 if wide else 8  # the lanes of one softmax vector
     row = np.int64(k.strides[2])  # bytes from one key (value) row to the next: 4 * HD, or more in a cache's view
     half = k.itemsize == 2  # fp16 bits: the same values, half the bytes to read
@@ -153,9 +176,8 @@ def _attention_item(q, k, v, start_pos, scale, wide, out, item):
     b, kvh, t0 = item // (KVH * blocks), item // blocks % KVH, item % blocks * QUERIES
     qh = np.empty((R, HD), np.float32)
     w = np.empty((R, P), np.float32)
-    acc = np.empty((R, step, HD), np.float32)
     keys, values = np.int64(k[b, kvh].ctypes.data), np.int64(v[b, kvh].ctypes.data)
-    wp, qp, ap = np.int64(w.ctypes.data), np.int64(qh.ctypes.data), np.int64(acc.ctypes.data)
+    wp, qp = np.int64(w.ctypes.data), np.int64(qh.ctypes.data)
     for t in range(t0, min(T, t0 + QUERIES)):
         visible = min(S, start_pos + t + 1)  # keys up to the query's own position
         used = min(P, (visible + width - 1) // width * width)  # whole softmax vectors (zeros past P)
@@ -164,7 +186,10 @@ def _attention_item(q, k, v, start_pos, scale, wide, out, item):
                 for d in range(HD):
                     qh[r, d] = fp16_round(q[b, t, h0 + r, d])
             # scores: ggml_vec_dot_f16(q, k_p) * scale for every visible key
-            _scores(wide, half, R, qp, keys, row, visible, HD, scale, wp, np.int64(4 * P))
+            if kt.shape[0] > 0:
+                _key_scores(wide, R, qp, np.int64(kt[b, kvh].ctypes.data), visible, HD, scale, wp, np.int64(4 * P))
+            else:
+                _scores(wide, half, R, qp, keys, row, visible, HD, scale, wp, np.int64(4 * P))
             # softmax with the causal mask, the probabilities rounded to fp16
             for r in range(R):
                 if wide:
@@ -174,26 +199,37 @@ def _attention_item(q, k, v, start_pos, scale, wide, out, item):
             # the probabilities times each column of V (transposed in llama.cpp); masked keys' zero
             # probabilities add +0 to V's accumulators: nothing, so the products stop at `visible`
             op = np.int64(out.ctypes.data) + 4 * (((b * T + t) * H + h0) * HD)
-            _columns(wide, half, R, wp, np.int64(4 * P), values, row, visible, HD, ap, op)
+            _columns(wide, half, R, wp, np.int64(4 * P), values, row, visible, HD, op)
+
+
+def key_blocks(kh: np.ndarray, wide: bool) -> np.ndarray:
+    """kh (B, KVH, S, HD): fp16 bits (uint16) or fp16 values as float32 -> (B, KVH, P / KW, HD, KW) uint16, the
+    keys in blocks of KW (16 where wide, else 8), each block transposed; zeros past S up to P, S rounded up to
+    64 (ggml's padded cache view): _attention_item's kt."""
+    B, KVH, S, HD = kh.shape
+    kw, P = (16 if wide else 8), -(-S // 64) * 64
+    bits = np.zeros((B, KVH, P, HD), np.uint16)
+    bits[:, :, :S] = kh if kh.dtype == np.uint16 else kh.astype(np.float16).view(np.uint16)
+    return np.ascontiguousarray(bits.reshape(B, KVH, P // kw, kw, HD).transpose(0, 1, 2, 4, 3))
 
 
 @njit(parallel=True, **JIT)
-def _attention(q, k, v, start_pos, scale, wide, out):
+def _attention(q, k, v, start_pos, scale, wide, out, kt):
     """q (B, T, H, HD) float32, k, v (B, KVH, S, HD) fp16 values as float32 (HD a multiple of 8) -> out
     (B, T, H, HD): llama_ref.model.ggml.attention without a key mask, in the AVX-512 build's order (wide) or
     the AVX2 build's, by kernels/ggml_vec.py's vectors. A work item is QUERIES positions of one KV head;
     its G query heads go in groups of R (3, 2 or 1) that share every key and value row loaded."""
     B, T = q.shape[0], q.shape[1]
     for item in prange(B * k.shape[1] * ((T + QUERIES - 1) // QUERIES)):
-        _attention_item(q, k, v, start_pos, scale, wide, out, item)
+        _attention_item(q, k, v, start_pos, scale, wide, out, item, kt)
 
 
 @njit(**JIT)
-def _attention_serial(q, k, v, start_pos, scale, wide, out):
+def _attention_serial(q, k, v, start_pos, scale, wide, out, kt):
     """_attention on the calling thread: the same items, so the same bits (SERIAL_WORK)."""
     B, T = q.shape[0], q.shape[1]
     for item in range(B * k.shape[1] * ((T + QUERIES - 1) // QUERIES)):
-        _attention_item(q, k, v, start_pos, scale, wide, out, item)
+        _attention_item(q, k, v, start_pos, scale, wide, out, item, kt)
 
 
 def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start_pos: int,
@@ -205,14 +241,23 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start_pos: int,
     if key_mask is not None or q.dtype != np.float32 or HD % 8:
         return spec.attention(q, k, v, start_pos, key_mask, isa)
     B, S, KVH = k.shape[:3]
-    kh = np.empty((B, KVH, S, HD), np.float32)  # the F16 cache: rounded once, each head's rows together
-    vh = np.empty((B, KVH, S, HD), np.float32)
-    _fp16_heads(np.ascontiguousarray(k, np.float32), kh)
-    _fp16_heads(np.ascontiguousarray(v, np.float32), vh)
+    if k.dtype == np.float16 and v.dtype == np.float16:  # the F16 cache (model.ggml.cache_storage): its values'
+        # bits, each head's rows together (the items widen them as ggml does: the same numbers, half the bytes;
+        # a 512-token prefill's attention took 0.8x the time of the float32 copies' at the 1B shape)
+        kh = np.ascontiguousarray(k.view(np.uint16).transpose(0, 2, 1, 3))  # (B, KVH, S, HD)
+        vh = np.ascontiguousarray(v.view(np.uint16).transpose(0, 2, 1, 3))
+    else:
+        kh = np.empty((B, KVH, S, HD), np.float32)  # rounded to fp16 once, each head's rows together
+        vh = np.empty((B, KVH, S, HD), np.float32)
+        _fp16_heads(np.ascontiguousarray(k, np.float32), kh)
+        _fp16_heads(np.ascontiguousarray(v, np.float32), vh)
     out = np.empty(q.shape, np.float32)
     B, T, H = q.shape[:3]
+    kt = np.empty((0, 0, 0, 0, 0), np.uint16)
+    if T > 1:  # the keys transposed once for every query row: the scores with keys in vector lanes (kt_scores)
+        kt = key_blocks(kh, isa == "avx512")
     kernel = _attention_serial if B * T * H * S * HD < SERIAL_WORK else _attention
-    kernel(np.ascontiguousarray(q), kh, vh, start_pos, np.float32(1 / np.sqrt(HD)), isa == "avx512", out)
+    kernel(np.ascontiguousarray(q), kh, vh, start_pos, np.float32(1 / np.sqrt(HD)), isa == "avx512", out, kt)
     return out
 
 
@@ -228,10 +273,36 @@ def _rms_norm_row(x, weight, eps, out, n):
         out[n, i] = (x[n, i] * scale) * weight[i]
 
 
+@njit(inline="always", **JIT)
+def _rms_norm_rows4(x, weight, eps, out, n):
+    """_rms_norm_row of rows n .. n + 3 at once: each row's float64 sum still in order, the four chains side by
+    side, so that the CPU overlaps their additions (one chain waits ~4 cycles an addition: a prefill's norms of
+    512 x 2048 took ~1 ms so)."""
+    D = x.shape[1]
+    t0 = t1 = t2 = t3 = np.float64(0)
+    for i in range(D):
+        a0, a1, a2, a3 = x[n, i], x[n + 1, i], x[n + 2, i], x[n + 3, i]
+        t0 += np.float64(a0 * a0)
+        t1 += np.float64(a1 * a1)
+        t2 += np.float64(a2 * a2)
+        t3 += np.float64(a3 * a3)
+    for r, total in enumerate((t0, t1, t2, t3)):
+        mean = np.float32(total / D)
+        scale = np.float32(1) / np.sqrt(mean + eps)
+        for i in range(D):
+            out[n + r, i] = (x[n + r, i] * scale) * weight[i]
+
+
 @njit(parallel=True, **JIT)
 def _rms_norm(x, weight, eps, out):
-    for n in prange(x.shape[0]):
-        _rms_norm_row(x, weight, eps, out, n)
+    N = x.shape[0]
+    for c in prange((N + 3) // 4):
+        n = 4 * c
+        if n + 4 <= N:
+            _rms_norm_rows4(x, weight, eps, out, n)
+        else:
+            for m in range(n, N):
+                _rms_norm_row(x, weight, eps, out, m)
 
 
 @njit(**JIT)

@@ -356,80 +356,176 @@ h16_scores8_1, h16_scores8_2, h16_scores8_3 = (_make_scores(8, r, True) for r in
 h16_scores16_1, h16_scores16_2, h16_scores16_3 = (_make_scores(16, r, True) for r in ROWS)
 
 
+def _make_key_scores(lanes, rows):
+    @intrinsic
+    def kt_scores(typingctx, q, kt, nkeys, hd, scale, out, out_stride):
+        """f16_scores (the same numbers: ggml_vec_dot_f16(q[r], key j) * scale for r < `rows`, j < nkeys) with
+        the keys in vector lanes: kt holds them transposed in blocks of KW keys (16; the AVX2 build's order 8),
+        (blocks, hd, KW) fp16 bits from byte address kt, zeros past nkeys. Each product q[d] k[d] is exact in
+        float32, so a dot product's value is fixed by its additions alone; here every addition ggml makes in one
+        dot product's accumulator lanes (4 accumulators of `lanes`, fused over the steps of 4L values, (0 + 2) +
+        (1 + 3), then the lanes' tree: reduce_add_16's halves or reduce_add_8's (i + i+4), (0 + 1) + (2 + 3);
+        then the float64 leftovers) is made once for KW keys, lane j of each vector being key j's: vertical
+        arithmetic, no shuffles, each key vector loaded once for the `rows` queries. The tree goes depth first
+        (few partial sums live); a head size of one or two steps (64, 128 on AVX-512) is unrolled whole. out row
+        r at out + r * out_stride, room for nkeys rounded up to KW (past nkeys: the padding's scores). Addresses
+        and strides in bytes."""
+        sig = types.void(types.int64, types.int64, types.int64, types.int64, types.float32, types.int64,
+                         types.int64)
+
+        def codegen(context, builder, signature, args):
+            qp, kp, nkeys, hd, scale, outp, os_ = args
+            b = builder
+            kw = 16 if lanes == 16 else 8
+            vk, vd = ir.VectorType(F32, kw), ir.VectorType(F64, kw)
+            h = ir.VectorType(ir.HalfType(), kw)
+            step = 4 * lanes
+            m = b.sub(hd, b.srem(hd, _c64(step)))
+            qs = b.mul(hd, _c64(4))  # bytes from one query row to the next
+            block = b.mul(hd, _c64(2 * kw))  # bytes from one block of keys to the next
+            zero = ir.Constant(vk, [0.0] * kw)
+
+            def key_values(base, i):  # value i (i64) of the block's KW keys: widened as ggml does
+                return b.fpext(_gep_load(b, base, b.mul(i, _c64(2 * kw)), h, 2), vk)
+
+            def query(r, i):  # q[r, i] (i64), splat over the keys
+                return _splat(b, _gep_load(b, b.add(qp, b.mul(_c64(r), qs)), b.mul(i, _c64(4)), F32, 4), kw)
+
+            def scores(base, steps):  # every row's tree over the block's keys; steps: the loop unrolled, or None
+                def leaf(lane):  # every row's (acc0 + acc2) + (acc1 + acc3) at this lane
+                    if steps is not None:
+                        accs = [[zero] * 4 for _ in range(rows)]
+                        for st in range(steps):
+                            for c in range(4):
+                                i = _c64(step * st + lanes * c + lane)
+                                kv = key_values(base, i)
+                                for r in range(rows):
+                                    accs[r][c] = _fma(b, query(r, i), kv, accs[r][c])
+                    else:
+                        slots = [[cgutils.alloca_once_value(b, zero) for _ in range(4)] for _ in range(rows)]
+                        with cgutils.for_range_slice(b, _c64(0), m, _c64(step), intp=I64) as (s, _):
+                            for c in range(4):
+                                i = b.add(s, _c64(lanes * c + lane))
+                                kv = key_values(base, i)
+                                for r in range(rows):
+                                    b.store(_fma(b, query(r, i), kv, b.load(slots[r][c])), slots[r][c])
+                        accs = [[b.load(x) for x in row] for row in slots]
+                    return [b.fadd(b.fadd(a[0], a[2]), b.fadd(a[1], a[3])) for a in accs]
+
+                if lanes == 8:
+                    hs = [[b.fadd(x, y) for x, y in zip(leaf(i), leaf(i + 4))] for i in range(4)]
+                    return [b.fadd(b.fadd(hs[0][r], hs[1][r]), b.fadd(hs[2][r], hs[3][r])) for r in range(rows)]
+
+                def node(n, i):  # lane i of the level of n lanes: lane i + lane i + n of the level above
+                    return leaf(i) if n == 16 else [b.fadd(x, y) for x, y in zip(node(2 * n, i), node(2 * n, i + n))]
+                return node(1, 0)
+
+            with cgutils.for_range_slice(b, _c64(0), nkeys, _c64(kw), intp=I64) as (j0, _):
+                base = b.add(kp, b.mul(b.sdiv(j0, _c64(kw)), block))
+                totals = [cgutils.alloca_once(b, vk) for _ in range(rows)]
+                one, two = b.icmp_signed("==", m, _c64(step)), b.icmp_signed("==", m, _c64(2 * step))
+                with b.if_else(one) as (then, other):
+                    with then:
+                        for r, x in enumerate(scores(base, 1)):
+                            b.store(x, totals[r])
+                    with other:
+                        with b.if_else(two) as (then2, other2):
+                            with then2:
+                                for r, x in enumerate(scores(base, 2)):
+                                    b.store(x, totals[r])
+                            with other2:
+                                for r, x in enumerate(scores(base, None)):
+                                    b.store(x, totals[r])
+                for r in range(rows):
+                    with b.if_then(b.icmp_signed("<", m, hd), likely=False):  # leftovers, in float64
+                        wide = cgutils.alloca_once_value(b, b.fpext(b.load(totals[r]), vd))
+                        with cgutils.for_range_slice(b, m, hd, _c64(1), intp=I64) as (i, _):
+                            prod = b.fmul(query(r, i), key_values(base, i))
+                            b.store(b.fadd(b.load(wide), b.fpext(prod, vd)), wide)
+                        b.store(b.fptrunc(b.load(wide), vk), totals[r])
+                    res = b.fmul(b.load(totals[r]), _splat(b, scale, kw))
+                    dst = b.add(b.add(outp, b.mul(_c64(r), os_)), b.mul(j0, _c64(4)))
+                    b.store(res, _ptr(b, dst, vk), align=4)
+            return context.get_dummy_value()
+        return sig, codegen
+    return kt_scores
+
+
+# keys transposed (fp16 bits), keys in lanes: a prefill's scores (kernels/ggml_ops.attention)
+kt_scores8_1, kt_scores8_2, kt_scores8_3 = (_make_key_scores(8, r) for r in ROWS)
+kt_scores16_1, kt_scores16_2, kt_scores16_3 = (_make_key_scores(16, r) for r in ROWS)
+
+
 # ---- probabilities . V --------------------------------------------------------------------------------------------
-
-def _chains(builder, w, ws, v, v_stride, nkeys, step, a, col, width, rows, acc_out, hd, half):
-    """The accumulator-lane chains of lane a, for `rows` probability rows (w + r ws) and `width` vectors of
-    8 columns from column col: acc = fma(w[r, p], v[p, col ..], acc) over p = a, a + step, ... < nkeys,
-    each (row, vector) its own chain, each value vector loaded once for the rows; stored at acc_out +
-    4 ((r step + a) hd + col)."""
-    b = builder
-    v8 = ir.VectorType(F32, 8)
-    accs = [[cgutils.alloca_once_value(b, ir.Constant(v8, [0.0] * 8)) for _ in range(width)] for _ in range(rows)]
-    with cgutils.for_range_slice(b, a, nkeys, _c64(step), intp=I64) as (p, _):
-        wps = [_splat(b, _gep_load(b, b.add(w, b.mul(_c64(r), ws)), b.mul(p, _c64(4)), F32, 4), 8)
-               for r in range(rows)]
-        row = b.add(v, b.mul(p, v_stride))
-        for x in range(width):
-            vv = _cache_load(b, row, b.add(col, _c64(8 * x)), 8, half)
-            for r in range(rows):
-                b.store(_fma(b, wps[r], vv, b.load(accs[r][x])), accs[r][x])
-    for r in range(rows):
-        base = b.add(acc_out, b.mul(b.add(b.mul(b.add(_c64(r * step), a), hd), col), _c64(4)))
-        for x in range(width):
-            b.store(b.load(accs[r][x]), _ptr(b, b.add(base, _c64(32 * x)), v8), align=4)
-
 
 def _make_columns(lanes, rows, half=False):
     @intrinsic
-    def f16_columns(typingctx, w, w_stride, v, v_stride, nkeys, hd, acc, out):
+    def f16_columns(typingctx, w, w_stride, v, v_stride, nkeys, hd, out):
         """out[r, d] = ggml_vec_dot_f16(w[r], column d of V) for r < `rows`, d < hd (a multiple of 8), over
-        nkeys keys (the rest of ggml's padded row is zero probabilities): key p into lane p % 4L (L =
-        `lanes`); the 4L lanes of each column summed as ggml_vec_dot_f16 sums its accumulators' lanes.
-        w rows (w + r w_stride) of float32 fp16 values; V row p at byte address v + p * v_stride; acc
-        scratch of rows * 4L * hd float32; out rows of hd float32, one after the other. Addresses in bytes.
-        V's values are float32 (fp16 values), or with `half` fp16."""
-        sig = types.void(*([types.int64] * 8))
+        nkeys keys (the rest of ggml's padded row is zero probabilities): key p into accumulator lane p % 4L (L =
+        `lanes`), each lane a chain acc = fma(w[r, p], v[p, d], acc) over p = a, a + 4L, ...; the 4L lanes of
+        each column summed as ggml_vec_dot_f16 sums its accumulators' lanes ((0 + 2) + (1 + 3), then
+        reduce_add_16's halves or reduce_add_8's (i + i+4), (0 + 1) + (2 + 3)). Columns are independent, so they
+        go a vector at a time (16 where L = 16, else 8; then 8 for a head size that is an odd multiple of 8), and
+        for each the chains are made in the order of that sum's tree, each added in as soon as its partner is
+        there: depth first, every partial sum in registers (storing the 4L chains of every column and summing
+        them after took ~2.5x the multiply-adds' time at the 1B shape). Each value vector is loaded once for the
+        rows. w rows (w + r w_stride) of float32 fp16 values; V row p at byte address v + p * v_stride
+        (float32 values, or with `half` fp16); out rows of hd float32, one after the other. Addresses in
+        bytes."""
+        sig = types.void(*([types.int64] * 7))
 
         def codegen(context, builder, signature, args):
-            wp, ws, vp, vs, nkeys, hd, accp, outp = args
+            wp, ws, vp, vs, nkeys, hd, outp = args
             b = builder
             step = 4 * lanes
-            wide = min(8, 12 // rows)  # vectors of 8 columns per pass: up to 12 chains in registers
-            with cgutils.for_range_slice(b, _c64(0), _c64(step), _c64(1), intp=I64) as (a, _):
-                col = cgutils.alloca_once_value(b, _c64(0))
-                for width in (wide, 1):  # `wide` vectors at a time, then single ones
-                    cond = b.append_basic_block("cols_cond")
-                    body = b.append_basic_block("cols_body")
-                    done = b.append_basic_block("cols_done")
-                    b.branch(cond)
-                    b.position_at_end(cond)
-                    c = b.load(col)
-                    b.cbranch(b.icmp_signed("<=", b.add(c, _c64(8 * width)), hd), body, done)
-                    b.position_at_end(body)
-                    _chains(b, wp, ws, vp, vs, nkeys, step, a, c, width, rows, accp, hd, half)
-                    b.store(b.add(c, _c64(8 * width)), col)
-                    b.branch(cond)
-                    b.position_at_end(done)
-            # each column's lanes, 8 columns at a time: lane i of accumulator c is row c L + i of acc
-            v8 = ir.VectorType(F32, 8)
-            for r in range(rows):
-                with cgutils.for_range_slice(b, _c64(0), hd, _c64(8), intp=I64) as (col, _):
-                    def lane(i):
-                        return _gep_load(b, accp, b.mul(b.add(b.mul(_c64(r * step + i), hd), col), _c64(4)), v8, 4)
-                    if lanes == 8:  # lane i = (acc0 + acc2) + (acc1 + acc3); then (i + i+4), (0 + 1) + (2 + 3)
-                        t = [b.fadd(b.fadd(lane(i), lane(16 + i)), b.fadd(lane(8 + i), lane(24 + i))) for i in range(8)]
-                        h = [b.fadd(t[i], t[i + 4]) for i in range(4)]
-                        res = b.fadd(b.fadd(h[0], h[1]), b.fadd(h[2], h[3]))
-                    else:  # lane i = (acc0 + acc2) + (acc1 + acc3); then halves 16 -> 8 -> 4 -> 2 -> 1
-                        t = [b.fadd(b.fadd(lane(i), lane(32 + i)), b.fadd(lane(16 + i), lane(48 + i)))
-                             for i in range(16)]
-                        while len(t) > 1:
-                            n2 = len(t) // 2
-                            t = [b.fadd(t[i], t[i + n2]) for i in range(n2)]
-                        res = t[0]
+            cw = 16 if lanes == 16 else 8
+
+            def column_sums(col, n):  # columns col .. col + n - 1 of every row -> out
+                vn = ir.VectorType(F32, n)
+                zero = ir.Constant(vn, [0.0] * n)
+
+                def chain(a):  # lane a's chain of every row
+                    accs = [cgutils.alloca_once_value(b, zero) for _ in range(rows)]
+                    with cgutils.for_range_slice(b, _c64(a), nkeys, _c64(step), intp=I64) as (p, _):
+                        vv = _cache_load(b, b.add(vp, b.mul(p, vs)), col, n, half)
+                        for r in range(rows):
+                            wv = _splat(b, _gep_load(b, b.add(wp, b.mul(_c64(r), ws)), b.mul(p, _c64(4)), F32, 4), n)
+                            b.store(_fma(b, wv, vv, b.load(accs[r])), accs[r])
+                    return [b.load(acc) for acc in accs]
+
+                def add(x, y):
+                    return [b.fadd(p, q) for p, q in zip(x, y)]
+
+                def leaf(i):  # lane i of (acc0 + acc2) + (acc1 + acc3): chains i, i + 2L, then i + L, i + 3L
+                    left = add(chain(i), chain(2 * lanes + i))
+                    return add(left, add(chain(lanes + i), chain(3 * lanes + i)))
+
+                if lanes == 8:
+                    h = [add(leaf(i), leaf(i + 4)) for i in range(4)]
+                    sums = add(add(h[0], h[1]), add(h[2], h[3]))
+                else:
+                    def node(m, i):  # lane i of the level of m lanes: lane i + lane i + m of the level above
+                        return leaf(i) if m == 16 else add(node(2 * m, i), node(2 * m, i + m))
+                    sums = node(1, 0)
+                for r in range(rows):
                     dst = b.add(outp, b.mul(b.add(b.mul(_c64(r), hd), col), _c64(4)))
-                    b.store(res, _ptr(b, dst, v8), align=4)
+                    b.store(sums[r], _ptr(b, dst, vn), align=4)
+
+            col = cgutils.alloca_once_value(b, _c64(0))
+            for n in ([cw, 8] if cw == 16 else [8]):
+                cond = b.append_basic_block("cols_cond")
+                body = b.append_basic_block("cols_body")
+                done = b.append_basic_block("cols_done")
+                b.branch(cond)
+                b.position_at_end(cond)
+                c = b.load(col)
+                b.cbranch(b.icmp_signed("<=", b.add(c, _c64(n)), hd), body, done)
+                b.position_at_end(body)
+                column_sums(c, n)
+                b.store(b.add(c, _c64(n)), col)
+                b.branch(cond)
+                b.position_at_end(done)
             return context.get_dummy_value()
         return sig, codegen
     return f16_columns

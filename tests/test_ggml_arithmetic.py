@@ -280,11 +280,14 @@ def test_numba_attention_serial_and_parallel_kernels_agree(isa):
         ggml_ops._fp16_heads(k, kh)
         ggml_ops._fp16_heads(v, vh)
         bits = [a.astype(np.float16).view(np.uint16) for a in (kh, vh)]  # exact: kh, vh hold fp16 values
+        # the scores from the keys' rows (kt empty, a decode's), or with the keys transposed (a prefill's)
+        kt = ggml_ops.key_blocks(bits[0], isa == "avx512")
         for kernel in (ggml_ops._attention, ggml_ops._attention_serial):
             for keys, values in ((kh, vh), bits):
-                out = np.full(q.shape, np.nan, np.float32)
-                kernel(q, keys, values, S - T, np.float32(1 / np.sqrt(HD)), isa == "avx512", out)
-                assert np.array_equal(out.view(np.uint32), expected), (kernel, keys.dtype)
+                for transposed in (np.empty((0, 0, 0, 0, 0), np.uint16), kt):
+                    out = np.full(q.shape, np.nan, np.float32)
+                    kernel(q, keys, values, S - T, np.float32(1 / np.sqrt(HD)), isa == "avx512", out, transposed)
+                    assert np.array_equal(out.view(np.uint32), expected), (kernel, keys.dtype, transposed.shape)
     assert 1 * 1 * 32 * 4096 * 64 >= ggml_ops.SERIAL_WORK > 1 * 1 * 32 * 256 * 64  # 1B decode: serial to 256 keys
 
 
@@ -308,10 +311,14 @@ def test_numba_attention_equals_numpy_hypothesis(isa, B, T, start, heads, HD, sc
     v = rng.standard_normal((B, start + T, KVH, HD)).astype(np.float32)
     got, expected = ggml_ops.attention(q, k, v, start, isa=isa), ggml.attention(q, k, v, start, isa=isa)
     assert np.array_equal(got.view(np.uint32), expected.view(np.uint32))
+    # handed the cache's float16 arrays (a prefill: model/cache.py's storage), read as their bits: the same bits
+    k16, v16 = (ggml.fp16(a).astype(np.float16) for a in (k, v))
+    assert np.array_equal(ggml_ops.attention(q, k16, v16, start, isa=isa).view(np.uint32), expected.view(np.uint32))
     # read from fp16 bits, as the decode step reads the cache (uint16, each head's rows S apart): the same bits
     kh, vh = (ggml.fp16(a).astype(np.float16).transpose(0, 2, 1, 3).copy().view(np.uint16) for a in (k, v))
     out = np.full(q.shape, np.nan, np.float32)
-    ggml_ops._attention_serial(q, kh, vh, start, np.float32(1 / np.sqrt(HD)), isa == "avx512", out)
+    ggml_ops._attention_serial(q, kh, vh, start, np.float32(1 / np.sqrt(HD)), isa == "avx512", out,
+                               np.empty((0, 0, 0, 0, 0), np.uint16))
     assert np.array_equal(out.view(np.uint32), expected.view(np.uint32))
 
 

@@ -23,13 +23,13 @@ from llama_ref.model import ggml as spec
 
 from ._common import JIT
 from .ggml_simd import fma32, fp16_round
-from .ggml_vec import (expf_array8, expf_array16, f16_columns8_1, f16_columns8_2, f16_columns8_3, f16_columns16_1,
-                       f16_columns16_2, f16_columns16_3, f16_scores8_1, f16_scores8_2, f16_scores8_3, f16_scores16_1,
-                       f16_scores16_2, f16_scores16_3, h16_columns8_1, h16_columns8_2, h16_columns8_3,
-                       h16_columns16_1, h16_columns16_2, h16_columns16_3, h16_scores8_1, h16_scores8_2, h16_scores8_3,
-                       h16_scores16_1, h16_scores16_2, h16_scores16_3, kt_scores8_1, kt_scores8_2,
-                       kt_scores8_3, kt_scores16_1, kt_scores16_2, kt_scores16_3, soft_max_row8, soft_max_row16,
-                       swiglu_row_avx2, swiglu_row_avx512)
+from .ggml_vec import (expf_array8, expf_array16, f16_columns8_1, f16_columns8_2, f16_columns8_3, f16_columns8_4,
+                       f16_columns16_1, f16_columns16_2, f16_columns16_3, f16_columns16_4, f16_scores8_1,
+                       f16_scores8_2, f16_scores8_3, f16_scores16_1, f16_scores16_2, f16_scores16_3, h16_columns8_1,
+                       h16_columns8_2, h16_columns8_3, h16_columns8_4, h16_columns16_1, h16_columns16_2,
+                       h16_columns16_3, h16_columns16_4, h16_scores8_1, h16_scores8_2, h16_scores8_3, h16_scores16_1,
+                       h16_scores16_2, h16_scores16_3, kt_scores8_1, kt_scores8_2, kt_scores8_3, kt_scores16_1,
+                       kt_scores16_2, kt_scores16_3, soft_max_row8, soft_max_row16, swiglu_row_avx2, swiglu_row_avx512)
 
 PARALLEL_ROWS = 16  # fewer rows than this (a decode step): one thread, no parallel region to start
 
@@ -102,17 +102,21 @@ def _key_scores(wide, rows, q, kt, visible, HD, scale, w, w_stride):
 
 @njit(inline="always", **JIT)
 def _columns(wide, half, rows, w, w_stride, values, row, visible, HD, out):
-    """kernels/ggml_vec.f16_columns for `rows` (1 to 3) probability rows in the build's lane order; half: the
+    """kernels/ggml_vec.f16_columns for `rows` (1 to 4) probability rows in the build's lane order; half: the
     values are stored as fp16, else as float32."""
     args = (w, w_stride, values, row, np.int64(visible), np.int64(HD), out)
     if half:
         if wide:
-            if rows == 3:
+            if rows == 4:
+                h16_columns16_4(*args)
+            elif rows == 3:
                 h16_columns16_3(*args)
             elif rows == 2:
                 h16_columns16_2(*args)
             else:
                 h16_columns16_1(*args)
+        elif rows == 4:
+            h16_columns8_4(*args)
         elif rows == 3:
             h16_columns8_3(*args)
         elif rows == 2:
@@ -120,12 +124,16 @@ def _columns(wide, half, rows, w, w_stride, values, row, visible, HD, out):
         else:
             h16_columns8_1(*args)
     elif wide:
-        if rows == 3:
+        if rows == 4:
+            f16_columns16_4(*args)
+        elif rows == 3:
             f16_columns16_3(*args)
         elif rows == 2:
             f16_columns16_2(*args)
         else:
             f16_columns16_1(*args)
+    elif rows == 4:
+        f16_columns8_4(*args)
     elif rows == 3:
         f16_columns8_3(*args)
     elif rows == 2:
@@ -167,31 +175,35 @@ def _attention_item(q, k, v, start_pos, scale, wide, out, item, kt):
     B, T, H, HD = q.shape
     KVH, S = k.shape[1], k.shape[2]
     G = H // KVH
-    R = 3 if G % 3 == 0 else 2 if G % 2 == 0 else 1
+    R = 3 if G % 3 == 0 else 2 if G % 2 == 0 else 1  # query heads per scores call
+    C = 4 if R == 2 and G % 4 == 0 else R  # ... per columns call: the scores of two calls (more rows, fewer loads)
     P = (S + 63) // 64 * 64  # ggml's cache view, padded
     width = 16 if wide else 8  # the lanes of one softmax vector
     row = np.int64(k.strides[2])  # bytes from one key (value) row to the next: 4 * HD, or more in a cache's view
     half = k.itemsize == 2  # fp16 bits: the same values, half the bytes to read
     blocks = (T + QUERIES - 1) // QUERIES
     b, kvh, t0 = item // (KVH * blocks), item // blocks % KVH, item % blocks * QUERIES
-    qh = np.empty((R, HD), np.float32)
-    w = np.empty((R, P), np.float32)
+    qh = np.empty((C, HD), np.float32)
+    w = np.empty((C, P), np.float32)
     keys, values = np.int64(k[b, kvh].ctypes.data), np.int64(v[b, kvh].ctypes.data)
     wp, qp = np.int64(w.ctypes.data), np.int64(qh.ctypes.data)
     for t in range(t0, min(T, t0 + QUERIES)):
         visible = min(S, start_pos + t + 1)  # keys up to the query's own position
         used = min(P, (visible + width - 1) // width * width)  # whole softmax vectors (zeros past P)
-        for h0 in range(kvh * G, kvh * G + G, R):
-            for r in range(R):
+        for h0 in range(kvh * G, kvh * G + G, C):
+            for r in range(C):
                 for d in range(HD):
                     qh[r, d] = fp16_round(q[b, t, h0 + r, d])
-            # scores: ggml_vec_dot_f16(q, k_p) * scale for every visible key
-            if kt.shape[0] > 0:
-                _key_scores(wide, R, qp, np.int64(kt[b, kvh].ctypes.data), visible, HD, scale, wp, np.int64(4 * P))
-            else:
-                _scores(wide, half, R, qp, keys, row, visible, HD, scale, wp, np.int64(4 * P))
+            # scores: ggml_vec_dot_f16(q, k_p) * scale for every visible key, R query heads a call
+            for r0 in range(0, C, R):
+                qr, wr = qp + 4 * HD * r0, wp + 4 * P * r0
+                if kt.shape[0] > 0:
+                    _key_scores(wide, R, qr, np.int64(kt[b, kvh].ctypes.data), visible, HD, scale, wr,
+                                np.int64(4 * P))
+                else:
+                    _scores(wide, half, R, qr, keys, row, visible, HD, scale, wr, np.int64(4 * P))
             # softmax with the causal mask, the probabilities rounded to fp16
-            for r in range(R):
+            for r in range(C):
                 if wide:
                     soft_max_row16(wp + 4 * P * r, np.int64(visible), np.int64(used))
                 else:
@@ -199,7 +211,7 @@ def _attention_item(q, k, v, start_pos, scale, wide, out, item, kt):
             # the probabilities times each column of V (transposed in llama.cpp); masked keys' zero
             # probabilities add +0 to V's accumulators: nothing, so the products stop at `visible`
             op = np.int64(out.ctypes.data) + 4 * (((b * T + t) * H + h0) * HD)
-            _columns(wide, half, R, wp, np.int64(4 * P), values, row, visible, HD, op)
+            _columns(wide, half, C, wp, np.int64(4 * P), values, row, visible, HD, op)
 
 
 def key_blocks(kh: np.ndarray, wide: bool) -> np.ndarray:

@@ -531,7 +531,10 @@ def _make_columns(lanes, rows, half=False):
     return f16_columns
 
 
-f16_columns8_1, f16_columns8_2, f16_columns8_3 = (_make_columns(8, r) for r in ROWS)
-f16_columns16_1, f16_columns16_2, f16_columns16_3 = (_make_columns(16, r) for r in ROWS)
-h16_columns8_1, h16_columns8_2, h16_columns8_3 = (_make_columns(8, r, True) for r in ROWS)
-h16_columns16_1, h16_columns16_2, h16_columns16_3 = (_make_columns(16, r, True) for r in ROWS)
+# probability rows per call: up to 4 (two calls of the scores' 2 rows: each value vector loaded once for 4 rows)
+COLUMN_ROWS = (1, 2, 3, 4)
+f16_columns8_1, f16_columns8_2, f16_columns8_3, f16_columns8_4 = (_make_columns(8, r) for r in COLUMN_ROWS)
+f16_columns16_1, f16_columns16_2, f16_columns16_3, f16_columns16_4 = (_make_columns(16, r) for r in COLUMN_ROWS)
+h16_columns8_1, h16_columns8_2, h16_columns8_3, h16_columns8_4 = (_make_columns(8, r, True) for r in COLUMN_ROWS)
+h16_columns16_1, h16_columns16_2, h16_columns16_3, h16_columns16_4 = (_make_columns(16, r, True)
+                                                                      for r in COLUMN_ROWS)

@@ -168,7 +168,7 @@ def _prefetch(builder, addr, into="l1"):
     into="l2": into L2 and below (prefetcht1). On Intel a prefetch into L1 holds one of its ~16 fill buffers
     until the line arrives; one into L2 gives its buffer back sooner and waits in L2's longer queue, so more
     lines are in flight: the K-quant decode tiles streamed from memory (8192 x 2048 .. 2048 x 8192, two
-    threads, Sapphire Rapids) went from 19-24 to 24-26 GB/s (Q5_K) and 20-27 to 26-27 GB/s (Q6_K) so, the
+    threads, Sapphire Rapids) went from 19-25 to 23-26 GB/s (Q5_K) and 20-27 to 26-32 GB/s (Q6_K) so, the
     same in cache; Q4_K's repacked tile and the 512 MiB bandwidth probe read no faster (30 and 32.5 GB/s)."""
     i8p = ir.PointerType(I8)
     fn = _declare(builder.module, "llvm.prefetch.p0", ir.VoidType(), [i8p, I32, I32, I32])

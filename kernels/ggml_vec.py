@@ -22,7 +22,7 @@ are the same number: the product of two fp16 values is exact in float32, so eith
   accumulator lane of each column is a chain over the keys p = a, a + 4L, ...; a vector of columns (16 in the
   AVX-512 build's order, else 8) at a time, its chains made in the order of ggml's sum over the lanes and
   added at once, every partial sum in registers (up to 4 probability rows: each value vector loaded once for
-  them). Storing every lane's chain and summing after took ~1.8x as long (1B shape, 512 tokens).
+  them). Storing every lane's chain and summing after took 1.4-1.8x as long (1B shape, 512 tokens).
 - soft_max_row(lanes): a row of ggml's softmax in place: the mask, the maximum, e = ggml_v_expf(x - max), the
   float64 sum of its vectors' float32 sums (hsum_float_8 on AVX2, _mm512_reduce_add_ps on AVX-512), vector
   after vector, and the probabilities e * float32(1 / sum) rounded to fp16.
@@ -475,7 +475,7 @@ def _make_columns(lanes, rows, half=False):
         go a vector at a time (16 where L = 16, else 8; then 8 for a head size that is an odd multiple of 8), and
         for each the chains are made in the order of that sum's tree, each added in as soon as its partner is
         there: depth first, every partial sum in registers (storing the 4L chains of every column and summing
-        them after took ~2.5x the multiply-adds' time at the 1B shape). Each value vector is loaded once for the
+        them after took 1.4-1.8x as long at the 1B shape). Each value vector is loaded once for the
         rows. w rows (w + r w_stride) of float32 fp16 values; V row p at byte address v + p * v_stride
         (float32 values, or with `half` fp16); out rows of hd float32, one after the other. Addresses in
         bytes."""

@@ -224,7 +224,7 @@ def test_q4_k_8row_decode_tile_asks_for_the_weights_ahead():
 def test_q5_k_q6_k_decode_tiles_ask_for_the_weights_into_l2(five):
     """The Q5_K / Q6_K tiles of one activation row (a decode) ask for each super-block of the row ahead into L2
     (prefetcht1: a line a prefetch, 176 / 210 bytes -> 3 / 4 of them); into L1 (prefetcht0) the lines in flight
-    were fewer and the 1B shape's Q5_K_M decode read 58% of the roofline where it reads 67-68% so
+    were fewer and the 1B shape's Q5_K_M decode read 58% of the roofline where it reads 62-68% so
     (benchmarks/results/ggml_decode_1b_k_spr_2thread_s48_decode.md). The tiles of several activation rows (a
     prefill's) ask for none."""
     from numba import njit, types

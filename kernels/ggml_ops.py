@@ -18,72 +18,45 @@ import math
 import numba
 import numpy as np
 from numba import njit, prange
+from numba.extending import overload
 
 from llama_ref.model import ggml as spec
 
 from ._common import JIT
 from .ggml_simd import fma32, fp16_round
-from .ggml_vec import (expf_array8, expf_array16, f16_columns8_1, f16_columns8_2, f16_columns8_3, f16_columns8_4,
-                       f16_columns16_1, f16_columns16_2, f16_columns16_3, f16_columns16_4, f16_scores8_1,
-                       f16_scores8_2, f16_scores8_3, f16_scores16_1, f16_scores16_2, f16_scores16_3, h16_columns8_1,
-                       h16_columns8_2, h16_columns8_3, h16_columns8_4, h16_columns16_1, h16_columns16_2,
-                       h16_columns16_3, h16_columns16_4, h16_scores8_1, h16_scores8_2, h16_scores8_3, h16_scores16_1,
-                       h16_scores16_2, h16_scores16_3, kt_scores8_1, kt_scores8_2, kt_scores8_3, kt_scores16_1,
-                       kt_scores16_2, kt_scores16_3, soft_max_row8, soft_max_row16, swiglu_row_avx2, swiglu_row_avx512)
+from .ggml_vec import (expf_array8, expf_array16, h16_columns8_1, h16_columns8_2, h16_columns8_3, h16_columns8_4,
+                       h16_columns16_1, h16_columns16_2, h16_columns16_3, h16_columns16_4, h16_scores8_1,
+                       h16_scores8_2, h16_scores8_3, h16_scores16_1, h16_scores16_2, h16_scores16_3, kt_scores8_1,
+                       kt_scores8_2, kt_scores8_3, kt_scores16_1, kt_scores16_2, kt_scores16_3, soft_max_row8,
+                       soft_max_row16, swiglu_row_avx2, swiglu_row_avx512)
 
 PARALLEL_ROWS = 16  # fewer rows than this (a decode step): one thread, no parallel region to start
 
 
-@njit(**JIT)
-def _fp16_heads(x, out):
-    """out (B, KVH, S, HD) = x (B, S, KVH, HD) rounded to fp16 (as float32): the F16 cache's values, each
-    head's rows contiguous (vcvtps2ph, vcvtph2ps)."""
-    B, S, KVH, HD = x.shape
-    for b in range(B):
-        for s in range(S):
-            for h in range(KVH):
-                for d in range(HD):
-                    out[b, h, s, d] = fp16_round(x[b, s, h, d])
-
-
 @njit(inline="always", **JIT)
-def _scores(wide, half, rows, q, keys, row, visible, HD, scale, w, w_stride):
-    """kernels/ggml_vec.f16_scores for `rows` (1 to 3) query heads in the build's lane order; half: the keys are
-    stored as fp16 (the cache), else as float32."""
+def _scores(wide, rows, q, keys, row, visible, HD, scale, w, w_stride):
+    """kernels/ggml_vec.h16_scores (the keys' rows, fp16 bits) for `rows` (1 to 3) query heads in the build's lane
+    order: a decode's one query."""
     args = (q, keys, row, np.int64(visible), np.int64(HD), scale, w, w_stride)
-    if half:
-        if wide:
-            if rows == 3:
-                h16_scores16_3(*args)
-            elif rows == 2:
-                h16_scores16_2(*args)
-            else:
-                h16_scores16_1(*args)
-        elif rows == 3:
-            h16_scores8_3(*args)
-        elif rows == 2:
-            h16_scores8_2(*args)
-        else:
-            h16_scores8_1(*args)
-    elif wide:
+    if wide:
         if rows == 3:
-            f16_scores16_3(*args)
+            h16_scores16_3(*args)
         elif rows == 2:
-            f16_scores16_2(*args)
+            h16_scores16_2(*args)
         else:
-            f16_scores16_1(*args)
+            h16_scores16_1(*args)
     elif rows == 3:
-        f16_scores8_3(*args)
+        h16_scores8_3(*args)
     elif rows == 2:
-        f16_scores8_2(*args)
+        h16_scores8_2(*args)
     else:
-        f16_scores8_1(*args)
+        h16_scores8_1(*args)
 
 
 @njit(inline="always", **JIT)
 def _key_scores(wide, rows, q, kt, visible, HD, scale, w, w_stride):
     """kernels/ggml_vec.kt_scores (the keys transposed in blocks, in vector lanes) for `rows` (1 to 3) query
-    heads in the build's lane order: f16_scores' numbers."""
+    heads in the build's lane order: h16_scores' numbers."""
     args = (q, kt, np.int64(visible), np.int64(HD), scale, w, w_stride)
     if wide:
         if rows == 3:
@@ -100,46 +73,45 @@ def _key_scores(wide, rows, q, kt, visible, HD, scale, w, w_stride):
         kt_scores8_1(*args)
 
 
-@njit(inline="always", **JIT)
-def _columns(wide, half, rows, w, w_stride, values, row, visible, HD, out):
-    """kernels/ggml_vec.f16_columns for `rows` (1 to 4) probability rows in the build's lane order; half: the
-    values are stored as fp16, else as float32."""
-    args = (w, w_stride, values, row, np.int64(visible), np.int64(HD), out)
-    if half:
-        if wide:
-            if rows == 4:
-                h16_columns16_4(*args)
-            elif rows == 3:
-                h16_columns16_3(*args)
-            elif rows == 2:
-                h16_columns16_2(*args)
-            else:
-                h16_columns16_1(*args)
-        elif rows == 4:
-            h16_columns8_4(*args)
-        elif rows == 3:
-            h16_columns8_3(*args)
-        elif rows == 2:
-            h16_columns8_2(*args)
-        else:
-            h16_columns8_1(*args)
-    elif wide:
-        if rows == 4:
-            f16_columns16_4(*args)
-        elif rows == 3:
-            f16_columns16_3(*args)
-        elif rows == 2:
-            f16_columns16_2(*args)
-        else:
-            f16_columns16_1(*args)
-    elif rows == 4:
-        f16_columns8_4(*args)
-    elif rows == 3:
-        f16_columns8_3(*args)
-    elif rows == 2:
-        f16_columns8_2(*args)
+def _item_scores(kt, wide, rows, q, keys, row, b, kvh, visible, HD, scale, w, w_stride):
+    """The scores of one call of _attention_item: _key_scores where kt holds the keys in blocks (5-D: a prefill's),
+    _scores from the keys' rows where it is a 1-D placeholder (kernels/ggml_step.py's decode). Chosen when Numba
+    types the call, so that each caller compiles only its own path."""
+
+
+@overload(_item_scores, inline="always", jit_options=JIT)
+def _item_scores_impl(kt, wide, rows, q, keys, row, b, kvh, visible, HD, scale, w, w_stride):
+    if kt.ndim == 5:
+        def impl(kt, wide, rows, q, keys, row, b, kvh, visible, HD, scale, w, w_stride):
+            _key_scores(wide, rows, q, np.int64(kt[b, kvh].ctypes.data), visible, HD, scale, w, w_stride)
     else:
-        f16_columns8_1(*args)
+        def impl(kt, wide, rows, q, keys, row, b, kvh, visible, HD, scale, w, w_stride):
+            _scores(wide, rows, q, keys, row, visible, HD, scale, w, w_stride)
+    return impl
+
+
+@njit(inline="always", **JIT)
+def _columns(wide, rows, w, w_stride, values, row, visible, HD, out):
+    """kernels/ggml_vec.h16_columns (V's fp16 bits) for `rows` (1 to 4) probability rows in the build's lane
+    order."""
+    args = (w, w_stride, values, row, np.int64(visible), np.int64(HD), out)
+    if wide:
+        if rows == 4:
+            h16_columns16_4(*args)
+        elif rows == 3:
+            h16_columns16_3(*args)
+        elif rows == 2:
+            h16_columns16_2(*args)
+        else:
+            h16_columns16_1(*args)
+    elif rows == 4:
+        h16_columns8_4(*args)
+    elif rows == 3:
+        h16_columns8_3(*args)
+    elif rows == 2:
+        h16_columns8_2(*args)
+    else:
+        h16_columns8_1(*args)
 
 
 QUERIES = 16  # positions per work item
@@ -168,10 +140,10 @@ def serial_product(n_rows: int, n_weights: int) -> bool:
 @njit(inline="always", **JIT)
 def _attention_item(q, k, v, start_pos, scale, wide, out, item, kt):
     """One work item of _attention: QUERIES positions of one KV head (item over B x KVH x position blocks). k, v:
-    float32 (fp16 values), or the cache's fp16 bits as uint16 (ggml_step's decode reads the cache in place).
-    kt: the keys' fp16 bits in blocks of KW keys, each block transposed, (B, KVH, P / KW, HD, KW) (P: S rounded up
-    to 64, zeros past S; KW 16 keys where wide, else 8), for the scores with the keys in vector lanes (made once for
-    a prefill's many queries); empty (a decode's one query): the scores from k's rows."""
+    the cache's fp16 bits as uint16 (B, KVH, S, HD), or a view of them (ggml_step's decode reads the cache in
+    place). kt: the keys' fp16 bits in blocks of KW keys, each block transposed, (B, KVH, P / KW, HD, KW) (P: S
+    rounded up to 64, zeros past S; KW 16 keys where wide, else 8; key_blocks), for the scores with the keys in
+    vector lanes; or a 1-D placeholder (a decode step's one query): the scores from k's rows (_item_scores)."""
     B, T, H, HD = q.shape
     KVH, S = k.shape[1], k.shape[2]
     G = H // KVH
@@ -179,8 +151,7 @@ def _attention_item(q, k, v, start_pos, scale, wide, out, item, kt):
     C = 4 if R == 2 and G % 4 == 0 else R  # ... per columns call: the scores of two calls (more rows, fewer loads)
     P = (S + 63) // 64 * 64  # ggml's cache view, padded
     width = 16 if wide else 8  # the lanes of one softmax vector
-    row = np.int64(k.strides[2])  # bytes from one key (value) row to the next: 4 * HD, or more in a cache's view
-    half = k.itemsize == 2  # fp16 bits: the same values, half the bytes to read
+    row = np.int64(k.strides[2])  # bytes from one key (value) row to the next: 2 * HD, or more in a cache's view
     blocks = (T + QUERIES - 1) // QUERIES
     b, kvh, t0 = item // (KVH * blocks), item // blocks % KVH, item % blocks * QUERIES
     qh = np.empty((C, HD), np.float32)
@@ -197,11 +168,7 @@ def _attention_item(q, k, v, start_pos, scale, wide, out, item, kt):
             # scores: ggml_vec_dot_f16(q, k_p) * scale for every visible key, R query heads a call
             for r0 in range(0, C, R):
                 qr, wr = qp + 4 * HD * r0, wp + 4 * P * r0
-                if kt.shape[0] > 0:
-                    _key_scores(wide, R, qr, np.int64(kt[b, kvh].ctypes.data), visible, HD, scale, wr,
-                                np.int64(4 * P))
-                else:
-                    _scores(wide, half, R, qr, keys, row, visible, HD, scale, wr, np.int64(4 * P))
+                _item_scores(kt, wide, R, qr, keys, row, b, kvh, visible, HD, scale, wr, np.int64(4 * P))
             # softmax with the causal mask, the probabilities rounded to fp16
             for r in range(C):
                 if wide:
@@ -211,17 +178,17 @@ def _attention_item(q, k, v, start_pos, scale, wide, out, item, kt):
             # the probabilities times each column of V (transposed in llama.cpp); masked keys' zero
             # probabilities add +0 to V's accumulators: nothing, so the products stop at `visible`
             op = np.int64(out.ctypes.data) + 4 * (((b * T + t) * H + h0) * HD)
-            _columns(wide, half, C, wp, np.int64(4 * P), values, row, visible, HD, op)
+            _columns(wide, C, wp, np.int64(4 * P), values, row, visible, HD, op)
 
 
 def key_blocks(kh: np.ndarray, wide: bool) -> np.ndarray:
-    """kh (B, KVH, S, HD): fp16 bits (uint16) or fp16 values as float32 -> (B, KVH, P / KW, HD, KW) uint16, the
-    keys in blocks of KW (16 where wide, else 8), each block transposed; zeros past S up to P, S rounded up to
-    64 (ggml's padded cache view): _attention_item's kt."""
+    """kh (B, KVH, S, HD) fp16 bits (uint16) -> (B, KVH, P / KW, HD, KW) uint16, the keys in blocks of KW (16 where
+    wide, else 8), each block transposed; zeros past S up to P, S rounded up to 64 (ggml's padded cache view):
+    _attention_item's kt."""
     B, KVH, S, HD = kh.shape
     kw, P = (16 if wide else 8), -(-S // 64) * 64
     bits = np.zeros((B, KVH, P, HD), np.uint16)
-    bits[:, :, :S] = kh if kh.dtype == np.uint16 else kh.astype(np.float16).view(np.uint16)
+    bits[:, :, :S] = kh
     return np.ascontiguousarray(bits.reshape(B, KVH, P // kw, kw, HD).transpose(0, 1, 2, 4, 3))
 
 
@@ -253,21 +220,15 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start_pos: int,
     if key_mask is not None or q.dtype != np.float32 or HD % 8:
         return spec.attention(q, k, v, start_pos, key_mask, isa)
     B, S, KVH = k.shape[:3]
-    if k.dtype == np.float16 and v.dtype == np.float16:  # the F16 cache (model.ggml.cache_storage): its values'
-        # bits, each head's rows together (the items widen them as ggml does: the same numbers, half the bytes;
-        # a 512-token prefill's attention took 0.8x the time of the float32 copies' at the 1B shape)
-        kh = np.ascontiguousarray(k.view(np.uint16).transpose(0, 2, 1, 3))  # (B, KVH, S, HD)
-        vh = np.ascontiguousarray(v.view(np.uint16).transpose(0, 2, 1, 3))
-    else:
-        kh = np.empty((B, KVH, S, HD), np.float32)  # rounded to fp16 once, each head's rows together
-        vh = np.empty((B, KVH, S, HD), np.float32)
-        _fp16_heads(np.ascontiguousarray(k, np.float32), kh)
-        _fp16_heads(np.ascontiguousarray(v, np.float32), vh)
+    # the F16 cache's values (model.ggml.cache_storage) as their bits, each head's rows together: the items widen
+    # them as ggml does (float32 k, v are rounded to fp16 first, as ggml's cache would: the cast rounds to nearest
+    # even, as vcvtps2ph does); half the bytes of float32 copies (a 512-token prefill's attention took 0.8x the time)
+    with np.errstate(over="ignore"):  # past 65504 fp16 is inf, as in ggml
+        kh, vh = (np.ascontiguousarray((a if a.dtype == np.float16 else np.asarray(a, np.float32).astype(np.float16))
+                                       .view(np.uint16).transpose(0, 2, 1, 3)) for a in (k, v))  # (B, KVH, S, HD)
     out = np.empty(q.shape, np.float32)
     B, T, H = q.shape[:3]
-    kt = np.empty((0, 0, 0, 0, 0), np.uint16)
-    if T > 1:  # the keys transposed once for every query row: the scores with keys in vector lanes (kt_scores)
-        kt = key_blocks(kh, isa == "avx512")
+    kt = key_blocks(kh, isa == "avx512")  # the keys transposed once for every query row (kt_scores)
     kernel = _attention_serial if B * T * H * S * HD < SERIAL_WORK else _attention
     kernel(np.ascontiguousarray(q), kh, vh, start_pos, np.float32(1 / np.sqrt(HD)), isa == "avx512", out, kt)
     return out

@@ -96,7 +96,7 @@ def _attend_head(kc, vc, S, q, pos, scale, wide, attn, j):
     """KV head j of the one query row: ggml_ops' work item for it (T = 1: item j is head j) on the cache's first S
     positions seen as (1, KVH, S, HD), the layout it takes (a view: one key row to the next is KVH * HD floats)."""
     _attention_item(q, kc[:, :S].transpose((0, 2, 1, 3)), vc[:, :S].transpose((0, 2, 1, 3)), pos, scale, wide,
-                    attn, j, np.empty((0, 0, 0, 0, 0), np.uint16))  # one query: the scores from the keys' rows
+                    attn, j, np.empty(0, np.uint16))  # one query: the scores from the keys' rows
 
 
 @njit(inline="always", **JIT)

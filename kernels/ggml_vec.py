@@ -8,16 +8,16 @@ one <L x float> per ggml register, llvm.fma where ggml fuses, shuffles for its h
 Where ggml multiplies fp16 values and adds the product (GGML_F16_VEC_FMA), fma(a, b, acc) and acc + a * b
 are the same number: the product of two fp16 values is exact in float32, so either rounds once.
 
-- f16_scores(lanes): one query (fp16 values as float32) against a run of key rows (fp16 values as float32; the
-  h16_ twins read the cache's fp16 values themselves and widen them, as ggml does: the same numbers, half the
-  bytes): ggml_vec_dot_f16 (4 accumulators of `lanes` lanes over the first HD - HD % 4L values, (0 + 2) +
-  (1 + 3), the lanes summed by reduce_add_16 / GGML_F32x8_REDUCE, then the leftovers one by one in float64),
+- f16_scores(lanes): one query (fp16 values as float32) against a run of key rows (made as h16_: they read the
+  cache's fp16 values themselves and widen them, as ggml does; the maker also takes float32 key rows):
+  ggml_vec_dot_f16 (4 accumulators of `lanes` lanes over the first HD - HD % 4L values, (0 + 2) + (1 + 3), the
+  lanes summed by reduce_add_16 / GGML_F32x8_REDUCE, then the leftovers one by one in float64),
   times the softmax scale. A decode's: its one query meets each key row once.
 - kt_scores(lanes): the same numbers with the keys in vector lanes (a prefill's: the keys transposed once, in
   blocks of 16, for its many queries): since every product is exact, a dot product's value is fixed by its
   additions, and each addition ggml makes inside one dot product is made here for 16 keys at once, vertically
   (no shuffles). At the 1B shape's 512-token prefill: 3.8 ms a layer against f16_scores' 5.5-6.3 (2 threads).
-- f16_columns(lanes) (h16_: on fp16 values): probabilities (fp16 values) times V (transposed in llama.cpp):
+- f16_columns(lanes) (made as h16_, on fp16 values): probabilities (fp16 values) times V (transposed in llama.cpp):
   ggml_vec_dot_f16 of the probability row with every column of V, key p into accumulator lane p % 4L. Each
   accumulator lane of each column is a chain over the keys p = a, a + 4L, ...; a vector of columns (16 in the
   AVX-512 build's order, else 8) at a time, its chains made in the order of ggml's sum over the lanes and
@@ -355,9 +355,7 @@ def _make_scores(lanes, rows, half=False):
     return f16_scores
 
 
-f16_scores8_1, f16_scores8_2, f16_scores8_3 = (_make_scores(8, r) for r in ROWS)
-f16_scores16_1, f16_scores16_2, f16_scores16_3 = (_make_scores(16, r) for r in ROWS)
-# the same on keys stored as fp16 (the ggml cache: model/cache.py's storage)
+# on keys stored as fp16 (the ggml cache: model/cache.py's storage), the only form kernels/ggml_ops.py hands them in
 h16_scores8_1, h16_scores8_2, h16_scores8_3 = (_make_scores(8, r, True) for r in ROWS)
 h16_scores16_1, h16_scores16_2, h16_scores16_3 = (_make_scores(16, r, True) for r in ROWS)
 
@@ -539,8 +537,6 @@ def _make_columns(lanes, rows, half=False):
 
 # probability rows per call: up to 4 (two calls of the scores' 2 rows: each value vector loaded once for 4 rows)
 COLUMN_ROWS = (1, 2, 3, 4)
-f16_columns8_1, f16_columns8_2, f16_columns8_3, f16_columns8_4 = (_make_columns(8, r) for r in COLUMN_ROWS)
-f16_columns16_1, f16_columns16_2, f16_columns16_3, f16_columns16_4 = (_make_columns(16, r) for r in COLUMN_ROWS)
 h16_columns8_1, h16_columns8_2, h16_columns8_3, h16_columns8_4 = (_make_columns(8, r, True) for r in COLUMN_ROWS)
 h16_columns16_1, h16_columns16_2, h16_columns16_3, h16_columns16_4 = (_make_columns(16, r, True)
                                                                       for r in COLUMN_ROWS)

@@ -266,8 +266,8 @@ def test_numba_ops_equal_numpy_for_both_isas(isa):
 def test_numba_attention_serial_and_parallel_kernels_agree(isa):
     """A decode's attention runs on one thread (ggml_ops.SERIAL_WORK: no parallel region for ~0.1 ms of work),
     a long one on all: both kernels give the specification's bits, and the dispatch picks each where meant. Both
-    also read keys and values as the cache holds them, fp16 bits (uint16; kernels/ggml_step.py's decode): the same
-    bits out."""
+    read keys and values as the cache holds them, fp16 bits (uint16), the keys also in transposed blocks
+    (ggml_ops.key_blocks)."""
     from llama_ref.kernels import ggml_ops
 
     rng = np.random.default_rng(7)
@@ -276,18 +276,12 @@ def test_numba_attention_serial_and_parallel_kernels_agree(isa):
         k = rng.standard_normal((B, S, KVH, HD)).astype(np.float32) * 3
         v = rng.standard_normal((B, S, KVH, HD)).astype(np.float32)
         expected = ggml.attention(q, k, v, S - T, isa=isa).view(np.uint32)
-        kh, vh = (np.empty((B, KVH, S, HD), np.float32) for _ in range(2))
-        ggml_ops._fp16_heads(k, kh)
-        ggml_ops._fp16_heads(v, vh)
-        bits = [a.astype(np.float16).view(np.uint16) for a in (kh, vh)]  # exact: kh, vh hold fp16 values
-        # the scores from the keys' rows (kt empty, a decode's), or with the keys transposed (a prefill's)
-        kt = ggml_ops.key_blocks(bits[0], isa == "avx512")
+        kh, vh = (ggml.fp16(a).astype(np.float16).transpose(0, 2, 1, 3).copy().view(np.uint16) for a in (k, v))
+        kt = ggml_ops.key_blocks(kh, isa == "avx512")  # the keys transposed in blocks (a prefill's scores)
         for kernel in (ggml_ops._attention, ggml_ops._attention_serial):
-            for keys, values in ((kh, vh), bits):
-                for transposed in (np.empty((0, 0, 0, 0, 0), np.uint16), kt):
-                    out = np.full(q.shape, np.nan, np.float32)
-                    kernel(q, keys, values, S - T, np.float32(1 / np.sqrt(HD)), isa == "avx512", out, transposed)
-                    assert np.array_equal(out.view(np.uint32), expected), (kernel, keys.dtype, transposed.shape)
+            out = np.full(q.shape, np.nan, np.float32)
+            kernel(q, kh, vh, S - T, np.float32(1 / np.sqrt(HD)), isa == "avx512", out, kt)
+            assert np.array_equal(out.view(np.uint32), expected), kernel
     assert 1 * 1 * 32 * 4096 * 64 >= ggml_ops.SERIAL_WORK > 1 * 1 * 32 * 256 * 64  # 1B decode: serial to 256 keys
 
 
@@ -314,12 +308,17 @@ def test_numba_attention_equals_numpy_hypothesis(isa, B, T, start, heads, HD, sc
     # handed the cache's float16 arrays (a prefill: model/cache.py's storage), read as their bits: the same bits
     k16, v16 = (ggml.fp16(a).astype(np.float16) for a in (k, v))
     assert np.array_equal(ggml_ops.attention(q, k16, v16, start, isa=isa).view(np.uint32), expected.view(np.uint32))
-    # read from fp16 bits, as the decode step reads the cache (uint16, each head's rows S apart): the same bits
-    kh, vh = (ggml.fp16(a).astype(np.float16).transpose(0, 2, 1, 3).copy().view(np.uint16) for a in (k, v))
-    out = np.full(q.shape, np.nan, np.float32)
-    ggml_ops._attention_serial(q, kh, vh, start, np.float32(1 / np.sqrt(HD)), isa == "avx512", out,
-                               np.empty((0, 0, 0, 0, 0), np.uint16))
-    assert np.array_equal(out.view(np.uint32), expected.view(np.uint32))
+    # the decode step's path (kernels/ggml_step.py): the last query's scores from the keys' rows, read where they lie
+    # in the cache as fp16 bits (uint16, one key row to the next KVH * HD apart): the same bits
+    from llama_ref.kernels import ggml_step
+
+    S = start + T
+    kc, vc = (ggml.fp16(a[:1]).astype(np.float16).view(np.uint16) for a in (k, v))  # (1, S, KVH, HD), the cache's
+    out = np.full((1, 1, H, HD), np.nan, np.float32)
+    for j in range(KVH):
+        ggml_step._attend_head(kc, vc, S, q[:1, T - 1:T].copy(), S - 1, np.float32(1 / np.sqrt(HD)), isa == "avx512",
+                               out, j)
+    assert np.array_equal(out.view(np.uint32), expected[:1, T - 1:T].view(np.uint32))
 
 
 @settings(max_examples=30, deadline=None)

@@ -240,9 +240,16 @@ def _rms_norm_row(x, weight, eps, out, n):
     total = np.float64(0)
     for i in range(D):
         total += np.float64(x[n, i] * x[n, i])  # float32 products, summed in order in float64
-    mean = np.float32(total / D)
+    _rms_scale_row(x, weight, eps, out, n, total)
+
+
+@njit(inline="always", **JIT)
+def _rms_scale_row(x, weight, eps, out, n, total):
+    """Row n of out: x's row times 1 / sqrt(mean + eps) (mean: float32 of the row's float64 sum of squares over
+    D), times the weight."""
+    mean = np.float32(total / x.shape[1])
     scale = np.float32(1) / np.sqrt(mean + eps)
-    for i in range(D):
+    for i in range(x.shape[1]):
         out[n, i] = (x[n, i] * scale) * weight[i]
 
 
@@ -260,10 +267,7 @@ def _rms_norm_rows4(x, weight, eps, out, n):
         t2 += np.float64(a2 * a2)
         t3 += np.float64(a3 * a3)
     for r, total in enumerate((t0, t1, t2, t3)):
-        mean = np.float32(total / D)
-        scale = np.float32(1) / np.sqrt(mean + eps)
-        for i in range(D):
-            out[n + r, i] = (x[n + r, i] * scale) * weight[i]
+        _rms_scale_row(x, weight, eps, out, n + r, total)
 
 
 @njit(parallel=True, **JIT)

@@ -9,7 +9,7 @@ Where ggml multiplies fp16 values and adds the product (GGML_F16_VEC_FMA), fma(a
 are the same number: the product of two fp16 values is exact in float32, so either rounds once.
 
 - f16_scores(lanes): one query (fp16 values as float32) against a run of key rows (made as h16_: they read the
-  cache's fp16 values themselves and widen them, as ggml does; the maker also takes float32 key rows):
+  cache's fp16 values themselves and widen them, as ggml does):
   ggml_vec_dot_f16 (4 accumulators of `lanes` lanes over the first HD - HD % 4L values, (0 + 2) + (1 + 3), the
   lanes summed by reduce_add_16 / GGML_F32x8_REDUCE, then the leftovers one by one in float64),
   times the softmax scale. A decode's: its one query meets each key row once.
@@ -46,11 +46,9 @@ from .ggml_simd import F32, I32, I64, _declare, _gep_load, _ptr, _shuffle
 F64 = ir.DoubleType()
 
 
-def _cache_load(builder, base, index, n, half):
-    """n values (n > 1: a vector) of a cache row at value index `index` (i64) from byte address base, as float32:
-    float32 values, or (half) fp16 values widened (vcvtph2ps), the same numbers the float32 copy held."""
-    if not half:
-        return _gep_load(builder, base, builder.mul(index, _c64(4)), ir.VectorType(F32, n) if n > 1 else F32, 4)
+def _cache_load(builder, base, index, n):
+    """n values (n > 1: a vector) of a cache row at value index `index` (i64) from byte address base: fp16 values,
+    widened to float32 (vcvtph2ps) as ggml_vec_dot_f16 widens them."""
     h = ir.VectorType(ir.HalfType(), n) if n > 1 else ir.HalfType()
     return builder.fpext(_gep_load(builder, base, builder.mul(index, _c64(2)), h, 2),
                          ir.VectorType(F32, n) if n > 1 else F32)
@@ -284,12 +282,12 @@ def _key_sums8(builder, t):
     return pair(v[0], v[1], evens, odds)  # (0 + 1) + (2 + 3), keys 0 .. 7
 
 
-def _make_scores(lanes, rows, half=False):
+def _make_scores(lanes, rows):
     @intrinsic
     def f16_scores(typingctx, q, k, k_stride, nkeys, hd, scale, out, out_stride):
         """out[r, j] = ggml_vec_dot_f16(q[r], key row j) * scale for r < `rows`, j < nkeys, float32: q rows of hd
-        float32 holding fp16 values, one after the other; key row j at byte address k + j * k_stride (fp16 values as
-        float32, or with `half` as fp16); out row r at out + r * out_stride, room for nkeys rounded up to 8 (the
+        float32 holding fp16 values, one after the other; key row j at byte address k + j * k_stride (fp16 values:
+        the cache's bits); out row r at out + r * out_stride, room for nkeys rounded up to 8 (the
         values past nkeys are left undefined). Per dot product: 4 accumulators of `lanes` over the first hd - hd %
         (4 lanes) values, (0 + 2) + (1 + 3), reduce_add_16 (16 lanes) or GGML_F32x8_REDUCE's end (8), then the
         leftovers q[i] k[i] (float32 products) added one by one in float64, rounded to float32, times scale
@@ -323,7 +321,7 @@ def _make_scores(lanes, rows, half=False):
                     with cgutils.for_range_slice(b, _c64(0), m, _c64(step), intp=I64) as (s, _):
                         for c in range(4):
                             off = b.mul(b.add(s, _c64(lanes * c)), _c64(4))
-                            kv = _cache_load(b, row, b.add(s, _c64(lanes * c)), lanes, half)
+                            kv = _cache_load(b, row, b.add(s, _c64(lanes * c)), lanes)
                             for r in range(rows):
                                 qv = _gep_load(b, b.add(qp, b.mul(_c64(r), qs)), off, vt, 4)
                                 b.store(_fma(b, qv, kv, b.load(accs[r][c])), accs[r][c])
@@ -344,7 +342,7 @@ def _make_scores(lanes, rows, half=False):
                             b.store(b.fpext(b.load(b.gep(scores, [jj])), F64), total)
                             with cgutils.for_range_slice(b, m, hd, _c64(1), intp=I64) as (i, _):
                                 off = b.mul(i, _c64(4))
-                                prod = b.fmul(_gep_load(b, qr, off, F32, 4), _cache_load(b, row, i, 1, half))
+                                prod = b.fmul(_gep_load(b, qr, off, F32, 4), _cache_load(b, row, i, 1))
                                 b.store(b.fadd(b.load(total), b.fpext(prod, F64)), total)
                             b.store(b.fptrunc(b.load(total), F32), b.gep(scores, [jj]))
                     res = b.fmul(b.load(b.bitcast(scores, ir.PointerType(v8)), align=4), _splat(b, scale, 8))
@@ -356,8 +354,8 @@ def _make_scores(lanes, rows, half=False):
 
 
 # on keys stored as fp16 (the ggml cache: model/cache.py's storage), the only form kernels/ggml_ops.py hands them in
-h16_scores8_1, h16_scores8_2, h16_scores8_3 = (_make_scores(8, r, True) for r in ROWS)
-h16_scores16_1, h16_scores16_2, h16_scores16_3 = (_make_scores(16, r, True) for r in ROWS)
+h16_scores8_1, h16_scores8_2, h16_scores8_3 = (_make_scores(8, r) for r in ROWS)
+h16_scores16_1, h16_scores16_2, h16_scores16_3 = (_make_scores(16, r) for r in ROWS)
 
 
 def _make_key_scores(lanes, rows):
@@ -462,7 +460,7 @@ kt_scores16_1, kt_scores16_2, kt_scores16_3 = (_make_key_scores(16, r) for r in 
 
 # ---- probabilities . V --------------------------------------------------------------------------------------------
 
-def _make_columns(lanes, rows, half=False):
+def _make_columns(lanes, rows):
     @intrinsic
     def f16_columns(typingctx, w, w_stride, v, v_stride, nkeys, hd, out):
         """out[r, d] = ggml_vec_dot_f16(w[r], column d of V) for r < `rows`, d < hd (a multiple of 8), over
@@ -475,7 +473,7 @@ def _make_columns(lanes, rows, half=False):
         there: depth first, every partial sum in registers (storing the 4L chains of every column and summing
         them after took 1.4-1.8x as long at the 1B shape). Each value vector is loaded once for the
         rows. w rows (w + r w_stride) of float32 fp16 values; V row p at byte address v + p * v_stride
-        (float32 values, or with `half` fp16); out rows of hd float32, one after the other. Addresses in
+        (fp16 values: the cache's bits); out rows of hd float32, one after the other. Addresses in
         bytes."""
         sig = types.void(*([types.int64] * 7))
 
@@ -492,7 +490,7 @@ def _make_columns(lanes, rows, half=False):
                 def chain(a):  # lane a's chain of every row
                     accs = [cgutils.alloca_once_value(b, zero) for _ in range(rows)]
                     with cgutils.for_range_slice(b, _c64(a), nkeys, _c64(step), intp=I64) as (p, _):
-                        vv = _cache_load(b, b.add(vp, b.mul(p, vs)), col, n, half)
+                        vv = _cache_load(b, b.add(vp, b.mul(p, vs)), col, n)
                         for r in range(rows):
                             wv = _splat(b, _gep_load(b, b.add(wp, b.mul(_c64(r), ws)), b.mul(p, _c64(4)), F32, 4), n)
                             b.store(_fma(b, wv, vv, b.load(accs[r])), accs[r])
@@ -537,6 +535,5 @@ def _make_columns(lanes, rows, half=False):
 
 # probability rows per call: up to 4 (two calls of the scores' 2 rows: each value vector loaded once for 4 rows)
 COLUMN_ROWS = (1, 2, 3, 4)
-h16_columns8_1, h16_columns8_2, h16_columns8_3, h16_columns8_4 = (_make_columns(8, r, True) for r in COLUMN_ROWS)
-h16_columns16_1, h16_columns16_2, h16_columns16_3, h16_columns16_4 = (_make_columns(16, r, True)
-                                                                      for r in COLUMN_ROWS)
+h16_columns8_1, h16_columns8_2, h16_columns8_3, h16_columns8_4 = (_make_columns(8, r) for r in COLUMN_ROWS)
+h16_columns16_1, h16_columns16_2, h16_columns16_3, h16_columns16_4 = (_make_columns(16, r) for r in COLUMN_ROWS)

@@ -194,10 +194,11 @@ def key_blocks(kh: np.ndarray, wide: bool) -> np.ndarray:
 
 @njit(parallel=True, **JIT)
 def _attention(q, k, v, start_pos, scale, wide, out, kt):
-    """q (B, T, H, HD) float32, k, v (B, KVH, S, HD) fp16 values as float32 (HD a multiple of 8) -> out
-    (B, T, H, HD): llama_ref.model.ggml.attention without a key mask, in the AVX-512 build's order (wide) or
-    the AVX2 build's, by kernels/ggml_vec.py's vectors. A work item is QUERIES positions of one KV head;
-    its G query heads go in groups of R (3, 2 or 1) that share every key and value row loaded."""
+    """q (B, T, H, HD) float32, k, v (B, KVH, S, HD) fp16 bits (uint16; HD a multiple of 8), kt the keys in
+    blocks (key_blocks) -> out (B, T, H, HD): llama_ref.model.ggml.attention without a key mask, in the AVX-512
+    build's order (wide) or the AVX2 build's, by kernels/ggml_vec.py's vectors. A work item is QUERIES positions of
+    one KV head; its G query heads go in groups (_attention_item's R for the scores, C for the value columns) that
+    share every key and value vector loaded."""
     B, T = q.shape[0], q.shape[1]
     for item in prange(B * k.shape[1] * ((T + QUERIES - 1) // QUERIES)):
         _attention_item(q, k, v, start_pos, scale, wide, out, item, kt)

@@ -358,6 +358,23 @@ h16_scores8_1, h16_scores8_2, h16_scores8_3 = (_make_scores(8, r) for r in ROWS)
 h16_scores16_1, h16_scores16_2, h16_scores16_3 = (_make_scores(16, r) for r in ROWS)
 
 
+def _lane_tree(builder, lanes, leaf):
+    """ggml_vec_dot_f16's sum over its accumulator lanes, made vertically for several dot products at once: leaf(i)
+    (i < lanes) -> a list of vectors (one a row, each lane its own dot product) holding lane i's (acc0 + acc2) +
+    (acc1 + acc3); summed as reduce_add_16 halves its lanes (16 -> 8 -> 4 -> 2 -> 1) or as reduce_add_8 ends
+    ((i + i+4), then (0 + 1) + (2 + 3)). Depth first: leaf(i) is called when its partner's sum is there, so few
+    partial sums are live at once. -> the list of sums."""
+    def add(x, y):
+        return [builder.fadd(p, q) for p, q in zip(x, y)]
+    if lanes == 8:
+        h = [add(leaf(i), leaf(i + 4)) for i in range(4)]
+        return add(add(h[0], h[1]), add(h[2], h[3]))
+
+    def node(n, i):  # lane i of the level of n lanes: lane i + lane i + n of the level above
+        return leaf(i) if n == 16 else add(node(2 * n, i), node(2 * n, i + n))
+    return node(1, 0)
+
+
 def _make_key_scores(lanes, rows):
     @intrinsic
     def kt_scores(typingctx, q, kt, nkeys, hd, scale, out, out_stride):
@@ -413,14 +430,7 @@ def _make_key_scores(lanes, rows):
                                     b.store(_fma(b, query(r, i), kv, b.load(slots[r][c])), slots[r][c])
                         accs = [[b.load(x) for x in row] for row in slots]
                     return [b.fadd(b.fadd(a[0], a[2]), b.fadd(a[1], a[3])) for a in accs]
-
-                if lanes == 8:
-                    hs = [[b.fadd(x, y) for x, y in zip(leaf(i), leaf(i + 4))] for i in range(4)]
-                    return [b.fadd(b.fadd(hs[0][r], hs[1][r]), b.fadd(hs[2][r], hs[3][r])) for r in range(rows)]
-
-                def node(n, i):  # lane i of the level of n lanes: lane i + lane i + n of the level above
-                    return leaf(i) if n == 16 else [b.fadd(x, y) for x, y in zip(node(2 * n, i), node(2 * n, i + n))]
-                return node(1, 0)
+                return _lane_tree(b, lanes, leaf)
 
             with cgutils.for_range_slice(b, _c64(0), nkeys, _c64(kw), intp=I64) as (j0, _):
                 base = b.add(kp, b.mul(b.sdiv(j0, _c64(kw)), block))
@@ -503,13 +513,7 @@ def _make_columns(lanes, rows):
                     left = add(chain(i), chain(2 * lanes + i))
                     return add(left, add(chain(lanes + i), chain(3 * lanes + i)))
 
-                if lanes == 8:
-                    h = [add(leaf(i), leaf(i + 4)) for i in range(4)]
-                    sums = add(add(h[0], h[1]), add(h[2], h[3]))
-                else:
-                    def node(m, i):  # lane i of the level of m lanes: lane i + lane i + m of the level above
-                        return leaf(i) if m == 16 else add(node(2 * m, i), node(2 * m, i + m))
-                    sums = node(1, 0)
+                sums = _lane_tree(b, lanes, leaf)
                 for r in range(rows):
                     dst = b.add(outp, b.mul(b.add(b.mul(_c64(r), hd), col), _c64(4)))
                     b.store(sums[r], _ptr(b, dst, vn), align=4)

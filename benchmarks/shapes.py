@@ -58,6 +58,7 @@ SHAPES = ("llama-3.2-1b", "llama-3.2-3b", "llama-3.1-8b")
 GGUF_FORMATS = ("F16", "BF16", "Q8_0", "Q4_0", "Q4_K")
 LLAMA_REF_FORMATS = ("bf16", "f16", "q8_0", "q4_0")
 PEER_FORMATS = ("f16", "bf16", "q8_0", "q4_0", "q4_k")
+BF16_ARITHMETIC = "llama_ref numba, arithmetic=bf16"  # the engine name of --bf16-arithmetic's row
 MAX_CONTEXT = 4096  # the context every engine is given: enough for the longest prefill measured
 LLAMA_CPP_PYTHON = ["/tmp/llamacpp-venv/bin/python"]
 HF_PYTHON = ["/tmp/oracle/bin/python", "/tmp/oracle-venv/bin/python"]
@@ -219,7 +220,8 @@ def build(shape: str, formats=GGUF_FORMATS) -> "dict[str, Path] | str":
 
 def child_llama_ref(spec: dict) -> dict:
     load_s, prefill, step = bench.load_llama_ref(spec["path"], backend=spec["backend"], weights="packed",
-                                                 max_seq_len=MAX_CONTEXT, threads=spec["threads"])
+                                                 max_seq_len=MAX_CONTEXT, threads=spec["threads"],
+                                                 arithmetic=spec.get("arithmetic", "exact"))
     ids = np.load(spec["ids"])
     prefill(ids[:16])  # compiles (or loads from Numba's cache) every kernel
     step(1, 16)
@@ -326,6 +328,9 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--rounds", type=int, default=1, help="run every configuration this many times, interleaved")
     p.add_argument("--numpy", action="store_true", help="also llama_ref numpy (bf16): the reference's prefill")
+    p.add_argument("--bf16-arithmetic", action="store_true",
+                   help='also llama_ref numba on the bf16 checkpoint in arithmetic="bf16" (activations rounded '
+                        'to bf16 in the products: one AMX pass where exact mode takes three)')
     p.add_argument("--sweep", action="store_true", help="thread sweep of decode and prefill")
     p.add_argument("--sweep-only", action="store_true", help="the thread sweep without the main table")
     p.add_argument("--sweep-prefill", type=int, nargs="+", default=[128], help="prefill lengths of the sweep")
@@ -389,6 +394,9 @@ def measure(shape: str, files: dict, a, threads: int, unset: list) -> dict:
         path = files["hf"] if fmt == "bf16" else files.get(gguf[fmt])
         if path is not None:
             configs.append(("llama_ref numba", fmt, {"kind": "llama_ref", "backend": "numba", "path": str(path)}))
+    if a.bf16_arithmetic:  # the bf16 checkpoint once more in arithmetic="bf16" (model/bf16.py)
+        configs.append((BF16_ARITHMETIC, "bf16", {"kind": "llama_ref", "backend": "numba", "arithmetic": "bf16",
+                                                  "path": str(files["hf"])}))
     if a.numpy:
         # The reference converts each 16-bit matrix whole per call: a decode step takes seconds; 4 are enough.
         configs.append(("llama_ref numpy", "bf16", {"kind": "llama_ref", "backend": "numpy", "decode": 4,
@@ -612,10 +620,24 @@ def prefill_notes(rows: list, lengths: list, prefix: str) -> list[str]:
     """Notes on one run's rows: llama_ref numba's prefill against each peer's (wall clock, and per CPU s
     where the run has it), and the NumPy reference's longest prefill against its 512."""
     by = {(r["engine"], r["format"]): r for r in rows}
-    ours = by.get(("llama_ref numba", "bf16")) or by.get(("llama_ref numba", "f16"))
+    notes = []
+    for ours in (by.get(("llama_ref numba", "bf16")) or by.get(("llama_ref numba", "f16")),
+                 by.get((BF16_ARITHMETIC, "bf16"))):
+        if ours:
+            notes += _prefill_ratios(ours, rows, by, lengths, prefix)
+    npy = by.get(("llama_ref numpy", "bf16"))
+    if npy and f"prefill_{max(lengths)}" in npy and "prefill_512" in npy:
+        notes.append(f"{prefix}llama_ref numpy prefill {max(lengths)} / prefill 512: "
+                     f"{npy[f'prefill_{max(lengths)}'] / npy['prefill_512']:.2f}x.")
+    return notes
+
+
+def _prefill_ratios(ours: dict, rows: list, by: dict, lengths: list, prefix: str) -> list[str]:
+    """prefill_notes' lines for one of our rows: its prefill rate over each peer's, wall clock and per CPU s."""
+    label = f"{ours['engine']} {ours['format']}"
     notes = []
     for n in lengths:
-        if ours and f"prefill_{n}" in ours:
+        if f"prefill_{n}" in ours:
             peers = [(name, by.get(key)) for name, key in (("llama.cpp F16", ("llama.cpp", "f16")),
                                                            ("llama.cpp BF16", ("llama.cpp", "bf16")),
                                                            ("HF bf16", ("HF transformers", "bf16")),
@@ -623,7 +645,7 @@ def prefill_notes(rows: list, lengths: list, prefix: str) -> list[str]:
             got = [f"{ours[f'prefill_{n}'] / peer[f'prefill_{n}']:.2f}x {name}" for name, peer in peers
                    if peer and f"prefill_{n}" in peer]
             if got:
-                notes.append(f"{prefix}Prefill {n}, llama_ref numba {ours['format']}: " + ", ".join(got) + ".")
+                notes.append(f"{prefix}Prefill {n}, {label}: " + ", ".join(got) + ".")
             # Per CPU second (run.py's prefill_N_cpu): on a loaded machine the wall-clock ratios above swing
             # with other work; with one thread these are the rates on a core of one's own.
             key = f"prefill_{n}_cpu"
@@ -631,11 +653,7 @@ def prefill_notes(rows: list, lengths: list, prefix: str) -> list[str]:
             got = [f"{ours[key] / peer[key]:.2f}x {name}" for name, peer in peers if peer and key in peer]
             if key in ours and rates:
                 notes.append(f"{prefix}Prefill {n} per CPU s (tok per CPU s): " + ", ".join(rates)
-                             + f"; llama_ref numba {ours['format']}: " + (", ".join(got) or "no peer") + ".")
-    npy = by.get(("llama_ref numpy", "bf16"))
-    if npy and f"prefill_{max(lengths)}" in npy and "prefill_512" in npy:
-        notes.append(f"{prefix}llama_ref numpy prefill {max(lengths)} / prefill 512: "
-                     f"{npy[f'prefill_{max(lengths)}'] / npy['prefill_512']:.2f}x.")
+                             + f"; {label}: " + (", ".join(got) or "no peer") + ".")
     return notes
 
 

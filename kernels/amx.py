@@ -54,6 +54,10 @@ from ._common import JIT, aligned
 
 I32, I64 = ir.IntType(32), ir.IntType(64)
 KC = 192  # k's a panel: a 32-token block's three parts of it (36 KiB) stay in L1 (48 KiB here) over the rows
+# ... and with one part (arithmetic="bf16"), whose 4 products per 4 tile loads made the C tiles' store and reload
+# between panels the cost: 512 x 2048 by 2048 x 8192 on two threads ran 674 GMAC/s with panels of 192 k's, 800
+# (384), 893 (1024), 1147 (2048, one panel: no reload), against exact mode's 369 (three parts, KC).
+KC1 = 2048
 ROWS = 256  # weight rows a work item (a thread's B panel: 96 KiB, in L2)
 TOKENS = 32  # token rows are padded to a multiple of this (two 16-row tiles)
 
@@ -160,9 +164,11 @@ def _transpose16(typingctx, src, stride, dst):
 @njit(**JIT)
 def _split(x, xp, b0, b1):
     """xp[:, b0:b1] = the bf16 parts of x (N, K) (split_bf16x3) for the token blocks b0 .. b1 - 1 (16 tokens each),
-    tokens beyond N zero. xp (3, NB, K / 32, 16, 32) uint16. One tile (16 tokens x 32 k's) at a time, each part's
-    1 KiB written in order, and the 32 k's of a token in one vectorized step."""
+    tokens beyond N zero. xp (P, NB, K / 32, 16, 32) uint16: P = 3 parts, or P = 1, hi alone (x already bf16
+    values: arithmetic="bf16"). One tile (16 tokens x 32 k's) at a time, each part's 1 KiB written in order, and
+    the 32 k's of a token in one vectorized step."""
     N, K = x.shape
+    P = xp.shape[0]
     mask, sixteen = np.uint32(0xFFFF0000), np.uint32(16)
     for jb in range(b0, b1):
         for c in range(K // 32):
@@ -178,16 +184,21 @@ def _split(x, xp, b0, b1):
                     mid = np.uint32(r1.view(np.uint32) & mask)
                     lo = np.float32(r1 - mid.view(np.float32))  # exact, and at most 8 significant bits: a bf16
                     xp[0, jb, c, t, k] = np.uint16(hi >> sixteen)
-                    xp[1, jb, c, t, k] = np.uint16(mid >> sixteen)
-                    xp[2, jb, c, t, k] = np.uint16(lo.view(np.uint32) >> sixteen)
+                    if P == 3:
+                        xp[1, jb, c, t, k] = np.uint16(mid >> sixteen)
+                        xp[2, jb, c, t, k] = np.uint16(lo.view(np.uint32) >> sixteen)
 
 
-def split_bf16x3(x: np.ndarray, each_block=None) -> np.ndarray:
+def split_bf16x3(x: np.ndarray, each_block=None, parts: int = 3) -> np.ndarray:
     """x (N, K) float32, K a multiple of 32 -> (3, ceil(N / 32) * 2, K / 32, 16, 32) uint16: the bfloat16
     parts hi, mid, lo with hi + mid + lo == x exactly, in A tiles (16 tokens x 32 k's), 64-byte aligned.
-    each_block(total, step, block), as product's, shares the token blocks out to threads (else one thread)."""
+    each_block(total, step, block), as product's, shares the token blocks out to threads (else one thread).
+    parts=1: hi alone, (1, ...), for an x whose values are bf16 already (mid and lo would be zero; the
+    caller rounds: arithmetic="bf16", kernels/linear.linear_bf16), and then the product takes one pass."""
+    if parts not in (1, 3):
+        raise ValueError(f"kernels.amx.split_bf16x3: parts must be 1 or 3, got {parts!r}")
     N, K = x.shape
-    xp = aligned((3, -(-N // TOKENS) * 2, K // 32, 16, 32), np.uint16)  # (3, NB, K/32, 16, 32)
+    xp = aligned((parts, -(-N // TOKENS) * 2, K // 32, 16, 32), np.uint16)  # (parts, NB, K/32, 16, 32)
     x = np.ascontiguousarray(x, dtype=np.float32)
     if each_block is None:
         _split(x, xp, 0, xp.shape[1])
@@ -200,25 +211,26 @@ def split_bf16x3(x: np.ndarray, each_block=None) -> np.ndarray:
 
 @njit(**JIT)
 def _rows(xp, w, r0, r1, out, cfg, bpanel):
-    """out[:, r0:r1] = the products of xp's parts with w[r0:r1] (the module docstring's loops). xp (3, NB, K/32,
-    16, 32) uint16, w (R, K) uint16 bf16 with K % 32 == 0, r1 - r0 a multiple of 32 and at most ROWS, out
-    (NB * 16, R') float32 with R' >= R, R' % 16 == 0 and 64-byte aligned (every tile row on a cache line),
-    bpanel (ROWS / 32, KC / 32, 2, 16, 32) uint16."""
-    NB = xp.shape[1]
+    """out[:, r0:r1] = the products of xp's parts with w[r0:r1] (the module docstring's loops). xp (P, NB, K/32,
+    16, 32) uint16 (P = 3 parts, or 1), w (R, K) uint16 bf16 with K % 32 == 0, r1 - r0 a multiple of 32 and at
+    most ROWS, out (NB * 16, R') float32 with R' >= R, R' % 16 == 0 and 64-byte aligned (every tile row on a cache
+    line), bpanel (ROWS / 32, kc / 32, 2, 16, 32) uint16: the panel of kc k's (KC, or KC1 for one part)."""
+    P, NB = xp.shape[0], xp.shape[1]
     R, K = w.shape
     kt = K // 32  # tiles per token block and part
     ost, wst = out.shape[1] * 4, K * 2  # row strides in bytes
     xa, wa, oa, ba = xp.ctypes.data, w.ctypes.data, out.ctypes.data, bpanel.ctypes.data
     part = NB * kt * 1024  # bytes between the parts of one tile
+    kc = bpanel.shape[1] * 32  # k's a panel
     _config(cfg.ctypes.data)
-    for k0 in range(0, K, KC):
-        nk = (min(K, k0 + KC) - k0) // 32
+    for k0 in range(0, K, kc):
+        nk = (min(K, k0 + kc) - k0) // 32
         # this panel of the block's weights as B tiles: (row pair, 32 k's, half, 16 pairs of k, 16 rows x 2)
         for r in range(r0, r1, 32):
             for h in range(2):
                 for c in range(nk):
                     _transpose16(wa + (r + h * 16) * wst + (k0 + c * 32) * 2, wst,
-                                 ba + ((((r - r0) >> 5) * (KC // 32) + c) * 2 + h) * 1024)
+                                 ba + ((((r - r0) >> 5) * (kc // 32) + c) * 2 + h) * 1024)
         for j in range(0, NB, 2):
             xq = xa + (j * kt + k0 // 32) * 1024  # part 0 of the first 32 k's of tokens j*16 ..
             for r in range(r0, r1, 32):
@@ -234,18 +246,40 @@ def _rows(xp, w, r0, r1, out, cfg, bpanel):
                     _load1(c0 + 64, ost)
                     _load2(c2, ost)
                     _load3(c2 + 64, ost)
-                bq = ba + ((r - r0) >> 5) * (KC // 32) * 2048
-                for c in range(nk):
-                    _load6(bq + c * 2048, 64)
-                    _load7(bq + c * 2048 + 1024, 64)
-                    for p in range(3):  # hi, mid, lo
-                        a = xq + p * part + c * 1024
-                        _load4(a, 64)
-                        _load5(a + kt * 1024, 64)
+                bq = ba + ((r - r0) >> 5) * (kc // 32) * 2048
+                if P == 1:
+                    # One part: 4 tile loads for 4 products, so each load is issued as soon as the products
+                    # reading its register are (a tile register is not renamed): the next 32 k's load under
+                    # the last products of these.
+                    _load4(xq, 64)
+                    _load6(bq, 64)
+                    _load7(bq + 1024, 64)
+                    _load5(xq + kt * 1024, 64)
+                    for c in range(nk):
+                        more = c + 1 < nk
                         _dot046()
                         _dot147()
+                        if more:
+                            _load4(xq + (c + 1) * 1024, 64)
                         _dot256()
+                        if more:
+                            _load6(bq + (c + 1) * 2048, 64)
                         _dot357()
+                        if more:
+                            _load5(xq + kt * 1024 + (c + 1) * 1024, 64)
+                            _load7(bq + (c + 1) * 2048 + 1024, 64)
+                else:
+                    for c in range(nk):
+                        _load6(bq + c * 2048, 64)
+                        _load7(bq + c * 2048 + 1024, 64)
+                        for p in range(P):  # hi, mid, lo
+                            a = xq + p * part + c * 1024
+                            _load4(a, 64)
+                            _load5(a + kt * 1024, 64)
+                            _dot046()
+                            _dot147()
+                            _dot256()
+                            _dot357()
                 _store0(c0, ost)
                 _store1(c0 + 64, ost)
                 _store2(c2, ost)
@@ -260,9 +294,10 @@ def usable(K: int, R: int) -> bool:
 
 
 def product(x2: np.ndarray, xp: np.ndarray, w: np.ndarray, each_block) -> tuple:
-    """out (N, R) = x2 (N, K) @ w.T for w (R, K) bf16 bits (uint16), with xp = split_bf16x3(x2): rows in blocks of
-    32 on the tiles, shared by each_block(total, step, block) (block(r0, r1) runs on some thread); a last
-    R % 32 rows are left to the caller (returned columns not written: the second value says from where)."""
+    """out (N, R) = x2 (N, K) @ w.T for w (R, K) bf16 bits (uint16), with xp = split_bf16x3(x2) (3 parts, or 1):
+    rows in blocks of 32 on the tiles, shared by each_block(total, step, block) (block(r0, r1) runs on some
+    thread); a last R % 32 rows are left to the caller (returned columns not written: the second value says
+    from where)."""
     if not available():  # without the permission (and the asm parser) the first tile instruction kills the process
         raise RuntimeError("kernels.amx.product: no AMX-BF16 tiles here (amx.available() is False)")
     N = x2.shape[0]
@@ -272,8 +307,10 @@ def product(x2: np.ndarray, xp: np.ndarray, w: np.ndarray, each_block) -> tuple:
     Rp = -(-R // 16) * 16  # output rows 64-byte aligned
     out = aligned((xp.shape[1] * 16, Rp), np.float32)  # (NB * 16, Rp): token rows padded to whole tiles
 
+    kc = KC if xp.shape[0] == 3 else KC1
+
     def block(r0, r1):
-        _rows(xp, w, r0, r1, out, _CONFIG, _panel())
+        _rows(xp, w, r0, r1, out, _CONFIG, _panel(kc))
 
     each_block(Rt, ROWS, block)
     return out[:N, :R], Rt
@@ -282,9 +319,11 @@ def product(x2: np.ndarray, xp: np.ndarray, w: np.ndarray, each_block) -> tuple:
 _scratch = threading.local()
 
 
-def _panel() -> np.ndarray:
-    """This thread's buffer for a block's B panel, kept between calls."""
-    buf = getattr(_scratch, "panel", None)
-    if buf is None:
-        buf = _scratch.panel = aligned((ROWS // 32, KC // 32, 2, 16, 32), np.uint16)
-    return buf
+def _panel(kc: int) -> np.ndarray:
+    """This thread's buffer for a block's B panel of kc k's, kept between calls."""
+    panels = getattr(_scratch, "panels", None)
+    if panels is None:
+        panels = _scratch.panels = {}
+    if kc not in panels:
+        panels[kc] = aligned((ROWS // 32, kc // 32, 2, 16, 32), np.uint16)
+    return panels[kc]

@@ -499,6 +499,12 @@ def linear(x: np.ndarray, w) -> np.ndarray:
         return ops.linear(x, w)
     # (N, K): a plain reshape (a view) when x is contiguous, which costs less per decode call.
     x2 = x.reshape(-1, x.shape[-1]) if x.flags.c_contiguous else as_f32_rows(x)
+    return _product(x2, w, 3).reshape(*x.shape[:-1], w.shape[0])
+
+
+def _product(x2: np.ndarray, w, parts: int) -> np.ndarray:
+    """linear's x2 (N, K) @ w.T -> (N, R); parts: 3 for any float32 x2, 1 when x2 holds bf16 values (then a bf16
+    weight's product on AMX tiles takes one pass: amx.split_bf16x3)."""
     (N, K), R = x2.shape, w.shape[0]
     kind = None if isinstance(w, np.ndarray) else _kind(w)
     if kind is None and not isinstance(w, np.ndarray):
@@ -507,23 +513,23 @@ def linear(x: np.ndarray, w) -> np.ndarray:
     if kind is None:
         w = readonly(np.asarray(w, dtype=np.float32))  # (R, K)
         if N >= F32_BLAS_MIN_ROWS and n == 1:
-            return (x2 @ w.T).reshape(*x.shape[:-1], R)  # (N, R) BLAS; the reference's w @ rows.T, transposed
+            return x2 @ w.T  # (N, R) BLAS; the reference's w @ rows.T, transposed
         out = np.empty((N, R), np.float32)
         if N >= F32_BLAS_MIN_ROWS:
             _by_row_blocks(x2, out, -(-R // n), lambda r0, r1: w[r0:r1])  # one block of w's rows per thread
         else:
             _mv_f32(x2, w, out)
-        return out.reshape(*x.shape[:-1], R)
+        return out
     matvec = KINDS[kind][0]
     arrays = w.kernel_args()
     if _on_tiles(kind, N, K, R):
-        return _bf16_tiles(x2, amx.split_bf16x3(x2, _shared), arrays[0]).reshape(*x.shape[:-1], R)
+        return _bf16_tiles(x2, amx.split_bf16x3(x2, _shared, parts), arrays[0])
     out = np.empty((N, R), np.float32)  # (N, R)
     if N < BLAS_MIN_ROWS:
         matvec(x2, *arrays, out)
-        return out.reshape(*x.shape[:-1], R)
+        return out
     _by_row_blocks(x2, out, *decoded_tiles(w, n))
-    return out.reshape(*x.shape[:-1], R)
+    return out
 
 
 def decoded_tiles(w, n: int) -> tuple:
@@ -554,16 +560,61 @@ def linears(x: np.ndarray, *ws) -> tuple:
     if x.dtype != np.float32 or kind not in SIXTEEN or not 2 <= len(ws) <= 3:
         return tuple(linear(x, w) for w in ws)
     x2 = x.reshape(-1, x.shape[-1]) if x.flags.c_contiguous else as_f32_rows(x)  # (N, K)
+    return tuple(out.reshape(*x.shape[:-1], out.shape[1]) for out in _products(x2, ws, kind, 3))
+
+
+def _products(x2: np.ndarray, ws: tuple, kind: str, parts: int) -> list:
+    """linears' products of x2 (N, K) by two or three 16-bit weights of one format -> [(N, R) for each w];
+    parts as _product's."""
     (N, K) = x2.shape
     if all(w.shape[1] == K and _on_tiles(kind, N, K, w.shape[0]) for w in ws):
-        parts = amx.split_bf16x3(x2, _shared)  # once for the weights that read the same x
-        return tuple(_bf16_tiles(x2, parts, w.kernel_args()[0]).reshape(*x.shape[:-1], w.shape[0]) for w in ws)
+        xp = amx.split_bf16x3(x2, _shared, parts)  # once for the weights that read the same x
+        return [_bf16_tiles(x2, xp, w.kernel_args()[0]) for w in ws]
     if x2.shape[0] >= BLAS_MIN_ROWS or any(w.shape[1] != x2.shape[1] for w in ws):
-        return tuple(linear(x, w) for w in ws)  # (a weight of another width: whatever linear does with it)
+        return [_product(x2, w, parts) for w in ws]  # (a weight of another width: whatever linear does with it)
     outs = [np.empty((x2.shape[0], w.shape[0]), np.float32) for w in ws]  # (N, R) each
     arrays = [w.kernel_args()[0] for w in ws]
     pad = 3 - len(ws)
     SIXTEEN[kind](x2, *arrays, *[_NO_W] * pad, *outs, *[_NO_OUT] * pad)
+    return outs
+
+
+# ---- arithmetic="bf16": the same products of the activations rounded to bfloat16 (model/bf16.py) --------------
+
+@njit(parallel=True, **JIT)
+def _round_bf16(bits, out):
+    """out = the bits (N, K) uint32 of float32 values rounded to bfloat16: model/bf16.round_bf16's (nearest, ties
+    to even; a NaN, whose magnitude's bits exceed inf's, keeps its top half with the quiet bit set)."""
+    N, K = bits.shape
+    keep, one, sixteen, quiet = np.uint32(0xFFFF0000), np.uint32(1), np.uint32(16), np.uint32(0x00400000)
+    for n in prange(N):
+        for k in range(K):
+            b = bits[n, k]
+            r = (b + np.uint32(0x7FFF) + ((b >> sixteen) & one)) & keep
+            out[n, k] = (b & keep) | quiet if b & np.uint32(0x7FFFFFFF) > np.uint32(0x7F800000) else r
+
+
+def round_bf16(x2: np.ndarray) -> np.ndarray:
+    """x2 (N, K) float32 -> a new (N, K) array of its values rounded to bfloat16 (model/bf16.round_bf16)."""
+    out = np.empty(x2.shape, np.float32)
+    _round_bf16(np.ascontiguousarray(x2, dtype=np.float32).view(np.uint32), out.view(np.uint32))
+    return out
+
+
+def linear_bf16(x: np.ndarray, w) -> np.ndarray:
+    """model/bf16.linear's twin: x (..., K) float32 rounded to bfloat16, then linear's product of the rounded
+    rows -> (..., R). On AMX tiles that is one pass (a bf16 value's mid and lo parts are zero), not three."""
+    xr = round_bf16(as_f32_rows(x))  # (N, K)
+    return _product(xr, w, 1).reshape(*x.shape[:-1], w.shape[0])
+
+
+def linears_bf16(x: np.ndarray, *ws) -> tuple:
+    """model/bf16.linears' twin: linear_bf16(x, w) for each w, x rounded once (and on AMX tiles cut once)."""
+    xr = round_bf16(as_f32_rows(x))  # (N, K)
+    kinds = {None if isinstance(w, np.ndarray) else _kind(w) for w in ws}
+    kind = kinds.pop() if len(kinds) == 1 else None
+    outs = (_products(xr, ws, kind, 1) if kind in SIXTEEN and 2 <= len(ws) <= 3
+            else [_product(xr, w, 1) for w in ws])
     return tuple(out.reshape(*x.shape[:-1], out.shape[1]) for out in outs)
 
 

@@ -24,6 +24,10 @@ def load(path_or_name: "str | Path", *, backend: str = "numpy", arithmetic: str 
         activations are quantized to 8-bit blocks and multiplied in integers, with an fp16 KV cache and
         ggml's own softmax, RMSNorm, RoPE and SiLU; logits equal llama.cpp's token-at-a-time decode bit for
         bit on Q8_0/Q4_0/Q4_1/Q5_0/Q5_1 GGUFs (docs/verification.md). Keeps weights packed; float32 only.
+        "bf16": a bf16 engine's matrix products (llama_ref.model.bf16, the specification): each product's
+        activations rounded to bfloat16, times the bf16 weights exactly, summed in float32; all else as
+        "exact". Where the CPU has AMX, a bf16 prefill then takes one pass over the tiles instead of exact
+        mode's three. Needs every matrix stored bf16 (kept packed); float32 only; sums "blas".
     dtype: the computation dtype, float32 (default) or float64 (to measure rounding error).
     weights: "float32" dequantizes every matrix at load; "packed" keeps 16-bit and quantized GGUF matrices
         in their stored blocks (llama_ref.weights.packed), converted one matrix at a time or in the kernels.
@@ -71,8 +75,8 @@ def load(path_or_name: "str | Path", *, backend: str = "numpy", arithmetic: str 
         raise WeightsError(f"max_seq_len must be a positive integer, got {max_seq_len!r}")
     if weights is not None and weights not in ("float32", "packed"):
         raise WeightsError(f"weights must be 'float32' or 'packed', got {weights!r}")
-    if arithmetic not in ("exact", "ggml"):
-        raise WeightsError(f"arithmetic must be 'exact' or 'ggml', got {arithmetic!r}")
+    if arithmetic not in ("exact", "ggml", "bf16"):
+        raise WeightsError(f"arithmetic must be 'exact', 'ggml' or 'bf16', got {arithmetic!r}")
     if sums is not None and sums not in ("blas", "apart", "blocked"):
         raise WeightsError(f"sums must be 'apart', 'blocked' or 'blas', got {sums!r}")
     if sums in ("apart", "blocked") and (arithmetic == "ggml" or parallel is not None):
@@ -80,6 +84,9 @@ def load(path_or_name: "str | Path", *, backend: str = "numpy", arithmetic: str 
     if arithmetic == "ggml":
         from .model.ggml import check_options
         weights = check_options(weights=weights, dtype=dtype, parallel=parallel)
+    if arithmetic == "bf16":
+        from .model.bf16 import check_options
+        weights = check_options(weights=weights, dtype=dtype, parallel=parallel, sums=sums)
     if quantize is not None:
         from .weights.packed import QUANTIZERS
         if quantize not in QUANTIZERS:
@@ -102,6 +109,8 @@ def load(path_or_name: "str | Path", *, backend: str = "numpy", arithmetic: str 
     if path.is_dir():
         from .vision.load import is_vision_checkpoint, load_vision
         if is_vision_checkpoint(path):  # Llama 3.2 Vision: an image encoder and cross-attention (llama_ref.vision)
+            if arithmetic != "exact":
+                raise WeightsError(f"{path}: arithmetic={arithmetic!r} is not implemented for vision checkpoints")
             if sums not in (None, "blas"):
                 raise WeightsError(f"{path}: sums={sums!r} is not implemented for vision checkpoints")
             return load_vision(path, backend=backend, dtype=dtype, progress=progress, weights=weights,
@@ -144,6 +153,9 @@ def load(path_or_name: "str | Path", *, backend: str = "numpy", arithmetic: str 
     if arithmetic == "ggml":
         from .model.ggml import backend_for
         backend = backend_for(backend, tensors, where=str(path))
+    if arithmetic == "bf16":
+        from .model.bf16 import backend_for
+        backend = backend_for(backend, tensors, where=str(path), n_layers=args.n_layers)
     if sums is None:  # the default: the closest float32 sums where they are implemented
         sums = "apart" if arithmetic == "exact" else "blas"
     if sums != "blas":

@@ -87,9 +87,11 @@ def _model_options(p) -> None:
                    help=f"GGUF file, model directory or fetchable name (default: {DEFAULT_MODEL})")
     p.add_argument("--backend", choices=["numpy", "numba"], default="numpy",
                    help="numpy (the reference, default) or numba (compiled kernels)")
-    p.add_argument("--arithmetic", choices=["exact", "ggml"], default="exact",
+    p.add_argument("--arithmetic", choices=["exact", "ggml", "bf16"], default="exact",
                    help="exact (default): quantized weights widened to float32; ggml: llama.cpp's CPU "
-                        "arithmetic, 8-bit activations and integer products (llama_ref/model/ggml.py)")
+                        "arithmetic, 8-bit activations and integer products (llama_ref/model/ggml.py); bf16: "
+                        "bf16 weights times activations rounded to bf16, as bf16 hardware multiplies "
+                        "(llama_ref/model/bf16.py)")
     p.add_argument("--dtype", choices=["float32", "float64"], default="float32",
                    help="computation dtype (default float32)")
     p.add_argument("--sums", choices=["blas", "apart", "blocked"], default=None,

@@ -1,0 +1,120 @@
+"""A bf16 engine's matrix products, written out in NumPy: the specification of `arithmetic="bf16"`.
+
+In the default ("exact") arithmetic a bf16 weight is widened to float32 and multiplied with the float32
+activations: every product w * x is exact in float64 terms only after float32 rounding of the product, and
+the hardware that multiplies bf16 (AMX's TDPBF16PS, AVX-512 BF16's VDPBF16PS, oneDNN under PyTorch) cannot
+take a float32 x. It takes x rounded to bfloat16. This mode computes what such an engine computes in its
+matrix products, and nothing else changes:
+
+1. Before each product of the forward pass (wq, wk, wv, wo, w1, w3, w2 and the output head), the activation
+   row is rounded to bfloat16: float32 -> bf16 to nearest, ties to even (round_bf16; torch's
+   `.to(torch.bfloat16)`, gguf's BF16 quantizer), NaN kept NaN. It stays a float32 array, its low 16 bits zero.
+2. Each product of a bf16 x by a bf16 weight has at most 16 significant bits: exact in float32.
+3. The products are summed in float32 (the order is the backend's: BLAS's here, the AMX tiles' k by k in the
+   Numba backend; the two agree within the float32 sums' rounding, as in exact mode).
+
+Everything else (RMSNorm, RoPE, attention with its float32 KV cache, softmax, SwiGLU, the residual stream) is
+exact mode's, in float32. So this is not a copy of a bf16 model, which also rounds the residual stream, the
+norms' outputs, the cache and every elementwise result to bf16 (transformers' torch_dtype=bfloat16): it isolates
+the one rounding that buys the hardware's speed. What it costs in accuracy, against float64 and against
+transformers' bf16, is measured in docs/verification.md (section 2c).
+
+Why have it: a bf16 prefill on AMX tiles takes one pass over the weights this way, where exact mode cuts
+every x into three bf16 parts and takes three (kernels/amx.py). Decode is bound by reading the weights and
+gains nothing; it runs the same matrix-vector kernels on the rounded x.
+
+Weights: every matrix of the forward pass must be stored bf16 and kept 16-bit (the default for Meta and
+Hugging Face directories, `weights="packed"` for a GGUF BF16 file); float32 computation only; one process.
+This module is used by llama_ref.load(..., arithmetic="bf16"): backend_for() gives the NumPy backend
+(llama_ref.model.ops with linear and linears below) or its Numba twin (kernels/linear.linear_bf16).
+"""
+
+from __future__ import annotations
+
+import types
+
+import numpy as np
+
+from ..errors import InputError
+from . import ops
+
+# The matrices whose products this mode rounds: a layer's seven and the output head (model/transformer.py).
+PRODUCTS = ("attention.wq.weight", "attention.wk.weight", "attention.wv.weight", "attention.wo.weight",
+            "feed_forward.w1.weight", "feed_forward.w2.weight", "feed_forward.w3.weight")
+
+
+def round_bf16(x: np.ndarray) -> np.ndarray:
+    """x (float32, any shape) rounded to the nearest bfloat16, ties to even, kept as float32 (low 16 bits zero).
+
+    On the bits: adding 0x7FFF plus the lowest kept bit carries into the kept half exactly when the dropped
+    half is above one half, or equal to it with the kept half odd. A finite x beyond bf16's largest value
+    carries into the exponent and becomes inf, as it should. A NaN could carry into inf (or wrap), so a NaN
+    keeps its top half with the quiet bit set, still a NaN (as gguf's BF16 quantizer does)."""
+    x = np.asarray(x, dtype=np.float32)
+    bits = x.view(np.uint32)
+    up = np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))  # 0x7FFF, or 0x8000 for an odd kept half
+    rounded = (bits + up) & np.uint32(0xFFFF0000)
+    nan = (bits & np.uint32(0xFFFF0000)) | np.uint32(0x00400000)
+    return np.where(np.isnan(x), nan, rounded).view(np.float32)
+
+
+def linear(x: np.ndarray, w) -> np.ndarray:
+    """x @ w.T with x rounded to bfloat16 first (rule 1); w a bf16 weight stored (out, in). x (..., in) ->
+    (..., out). The products of bf16 values are exact in float32 (rule 2), so the rest is exact mode's product."""
+    return ops.linear(round_bf16(x), w)
+
+
+def linears(x: np.ndarray, *ws) -> tuple:
+    """linear(x, w) for each w that reads the same x (wq, wk, wv; w1, w3): x rounded once."""
+    xr = round_bf16(x)
+    return tuple(ops.linear(xr, w) for w in ws)
+
+
+# ---- choosing this arithmetic at load (llama_ref.load(..., arithmetic="bf16")) -------------------------------
+
+def check_options(*, weights, dtype, parallel, sums) -> str:
+    """The `weights` choice for bf16 mode, or an InputError for a load option it cannot honour."""
+    if parallel is not None:
+        raise InputError("arithmetic='bf16' runs in one process (parallel must be None)")
+    if np.dtype(dtype) != np.float32:
+        raise InputError(f"arithmetic='bf16' computes in float32, got dtype {np.dtype(dtype)}")
+    if weights == "float32":
+        raise InputError("arithmetic='bf16' multiplies the stored bf16 weights: weights must be 'packed' "
+                         "(the default in this mode), not 'float32'")
+    if sums not in (None, "blas"):
+        raise InputError(f"sums={sums!r} is implemented for arithmetic='exact' only; arithmetic='bf16' sums "
+                         f"its exact products as the backend's product does (sums='blas')")
+    return "packed"
+
+
+def _format(w) -> str:
+    if isinstance(w, np.ndarray):
+        return str(w.dtype)
+    return getattr(w, "format", None) or type(w).__name__
+
+
+def backend_for(backend: str, weights: dict, where: str, n_layers: int) -> types.ModuleType:
+    """The backend computing bf16 mode for `backend` ("numpy": ops with this module's products; "numba": the
+    kernels with kernels/linear.py's bf16 products), once every matrix the products read is bf16 (else an
+    InputError naming the tensor and its type)."""
+    names = [f"layers.{i}.{p}" for i in range(n_layers) for p in PRODUCTS] + ["output.weight"]
+    for name in names:
+        w = weights.get(name)
+        if w is None:
+            continue  # a checkpoint without it is refused by the model itself, naming what is missing
+        if _format(w) != "bf16":
+            raise InputError(f"{where}: tensor {name} is {_format(w)}; arithmetic='bf16' multiplies bf16 "
+                             f"weights (load with arithmetic='exact', or convert the checkpoint to bf16)")
+    if backend == "numpy":
+        base, product, together = ops, linear, linears
+    elif backend == "numba":
+        from .. import kernels  # imported lazily, like the exact Numba backend
+        from ..kernels.linear import linear_bf16, linears_bf16
+        base, product, together = kernels, linear_bf16, linears_bf16
+    else:
+        raise InputError(f"backend must be 'numpy' or 'numba', got {backend!r}")
+    copy = types.ModuleType(f"{base.__name__}+bf16")
+    copy.__dict__.update({k: v for k, v in vars(base).items() if not k.startswith("__")})
+    copy.linear, copy.linears = product, together
+    copy.__dict__.pop("decode_layers", None)  # the fused exact step multiplies unrounded rows
+    return copy

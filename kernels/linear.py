@@ -584,14 +584,14 @@ def _products(x2: np.ndarray, ws: tuple, kind: str, parts: int) -> list:
 @njit(parallel=True, **JIT)
 def _round_bf16(bits, out):
     """out = the bits (N, K) uint32 of float32 values rounded to bfloat16: model/bf16.round_bf16's (nearest, ties
-    to even; a NaN, whose magnitude's bits exceed inf's, keeps its top half with the quiet bit set)."""
+    to even; a NaN, whose magnitude's bits exceed inf's, becomes the quiet NaN 0x7FC00000)."""
     N, K = bits.shape
-    keep, one, sixteen, quiet = np.uint32(0xFFFF0000), np.uint32(1), np.uint32(16), np.uint32(0x00400000)
+    keep, one, sixteen, nan = np.uint32(0xFFFF0000), np.uint32(1), np.uint32(16), np.uint32(0x7FC00000)
     for n in prange(N):
         for k in range(K):
             b = bits[n, k]
             r = (b + np.uint32(0x7FFF) + ((b >> sixteen) & one)) & keep
-            out[n, k] = (b & keep) | quiet if b & np.uint32(0x7FFFFFFF) > np.uint32(0x7F800000) else r
+            out[n, k] = nan if b & np.uint32(0x7FFFFFFF) > np.uint32(0x7F800000) else r
 
 
 def round_bf16(x2: np.ndarray) -> np.ndarray:

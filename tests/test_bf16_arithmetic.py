@@ -6,6 +6,8 @@ mode cannot compute."""
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import json
 from pathlib import Path
 
 import gguf
@@ -41,10 +43,13 @@ def gguf_bf16(x: np.ndarray) -> np.ndarray:
 @given(x=ANY_FLOAT32)
 @settings(max_examples=60, deadline=None)
 def test_rounding_is_gguf_bf16(x):
-    # Nearest, ties to even, overflow to inf, subnormals, NaN kept NaN: bit for bit gguf's; and the Numba twin's.
-    want = gguf_bf16(x)
-    np.testing.assert_array_equal(bf16.round_bf16(x).view(np.uint32), want)
-    np.testing.assert_array_equal(LINEAR.round_bf16(x[None]).view(np.uint32)[0], want)
+    # Nearest, ties to even, overflow to inf, subnormals: bit for bit gguf's; a NaN the quiet NaN torch gives
+    # (gguf keeps a NaN's sign); and the Numba twin's bits are the specification's.
+    got = bf16.round_bf16(x).view(np.uint32)
+    nan = np.isnan(x)
+    np.testing.assert_array_equal(got[~nan], gguf_bf16(x)[~nan])
+    assert np.all(got[nan] == 0x7FC00000)
+    np.testing.assert_array_equal(LINEAR.round_bf16(x[None]).view(np.uint32)[0], got)
 
 
 def test_rounding_by_hand():
@@ -123,10 +128,13 @@ def test_split_of_one_part_is_the_first_of_three():
 
 # ---- the mode, loaded ----------------------------------------------------------------------------------------
 
-def test_model_numba_equals_numpy_and_gguf_equals_hf():
-    # The fixture's bf16 model (Meta's tiny Llama 3.1): numba within float32 rounding of numpy over a prompt
-    # (9 tokens: the tiles take wq, w1, w3 and the output head) and decode steps; the same weights from the GGUF
-    # BF16 file give the same logits; and the mode really rounds (exact mode's logits differ, a little).
+def test_model_numba_near_numpy_and_gguf_equals_hf():
+    # The fixture's bf16 model (Meta's tiny Llama 3.1) over a prompt (9 tokens: the tiles take wq, w1, w3 and the
+    # output head) and decode steps. The backends sum in different float32 orders, and a sum that lands on the
+    # other side of a bf16 rounding boundary moves the next product's input by a bf16 step (2**-8 of it): so
+    # numba is held to 2e-3 of numpy here (on this CPU they agree to 1e-6), where a numba path that skipped the
+    # rounding would be exact mode, 6e-3 away. The same weights from the GGUF BF16 file give the same logits on
+    # each backend; and the mode really rounds (exact mode's logits differ, a little).
     tokens, decode = REF["tokens"], REF["decode_tokens"]
     models = {}
     for b in ("numpy", "numba"):
@@ -142,12 +150,12 @@ def test_model_numba_equals_numpy_and_gguf_equals_hf():
         for i, t in enumerate(decode):
             logits.append(m.forward([int(t)], len(tokens) + i))
         outs[key] = np.concatenate(logits)
-    np.testing.assert_allclose(outs["numba", "_hf"], outs["numpy", "_hf"], atol=1e-4, rtol=0)
+    np.testing.assert_allclose(outs["numba", "_hf"], outs["numpy", "_hf"], atol=2e-3, rtol=0)
     np.testing.assert_array_equal(outs["numpy", ".gguf"], outs["numpy", "_hf"])
     np.testing.assert_array_equal(outs["numba", ".gguf"], outs["numba", "_hf"])
     exact = llama_ref.load(DATA / "llama31_bf16_hf").forward(tokens, 0)
     d = np.abs(exact - outs["numpy", "_hf"][: len(tokens)]).max()
-    assert 1e-6 < d < 0.02 * np.abs(exact).max()
+    assert 4e-3 < d < 0.02 * np.abs(exact).max()
 
 
 def test_refusals(tmp_path):
@@ -168,3 +176,37 @@ def test_refusals(tmp_path):
         llama_ref.load(DATA / "llama31_bf16_hf", arithmetic="bf16", parallel="mpi")
     with pytest.raises(ValueError, match="'exact', 'ggml' or 'bf16'"):
         llama_ref.load(DATA / "llama31_bf16_hf", arithmetic="fp8")
+
+
+# ---- what the mode costs, on real weights (tests/fixtures/make_bf16_distance.py) -----------------------------
+
+def _fixture_module(name: str):
+    """A script of tests/fixtures as a module (its helpers are the ones that made the recorded numbers)."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parent / "fixtures" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_closer_to_float64_than_transformers_bf16():
+    # The default model's weights rounded to bf16, the six prompts of tests/data/float64_distance.json: bf16
+    # mode (both backends) is nearer llama_ref's float64 logits of the same weights than transformers' bfloat16
+    # model was (recorded), on every prompt, in max and in mean |dlogit|; exact mode is nearer still, by far.
+    maker = _fixture_module("make_bf16_distance")
+    bf16_weights, distance = maker.bf16_weights, maker.distance
+    recorded = json.loads((Path(__file__).parent / "data" / "bf16_distance.json").read_text())["engines"]
+    prompts = json.loads((Path(__file__).parent / "data" / "float64_distance.json").read_text())["prompts"]
+    model = llama_ref.load(llama_ref.DEFAULT_MODEL)
+    args, weights = model.args, bf16_weights(model)
+    truth = Transformer(args, weights, dtype=np.float64)
+    runs = {b: Transformer(args, weights, backend=bf16.backend_for(b, weights, "bf16 weights", args.n_layers))
+            for b in ("numpy", "numba")}
+    exact = Transformer(args, weights)
+    for name, ids in prompts.items():
+        want = truth.forward(ids)
+        hf = recorded["hf_bf16"]["distance"][name]
+        for backend, m in runs.items():
+            got = distance(m.forward(ids), want)
+            assert got["max_abs"] < hf["max_abs"] and got["mean_abs"] < hf["mean_abs"], (name, backend, got, hf)
+        assert distance(exact.forward(ids), want)["max_abs"] < 1e-3

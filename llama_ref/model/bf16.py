@@ -8,7 +8,7 @@ matrix products, and nothing else changes:
 
 1. Before each product of the forward pass (wq, wk, wv, wo, w1, w3, w2 and the output head), the activation
    row is rounded to bfloat16: float32 -> bf16 to nearest, ties to even (round_bf16; torch's
-   `.to(torch.bfloat16)`, gguf's BF16 quantizer), NaN kept NaN. It stays a float32 array, its low 16 bits zero.
+   `.to(torch.bfloat16)`, gguf's BF16 quantizer), a NaN to the quiet NaN. It stays a float32 array, its low 16 bits zero.
 2. Each product of a bf16 x by a bf16 weight has at most 16 significant bits: exact in float32.
 3. The products are summed in float32 (the order is the backend's: BLAS's here, the AMX tiles' k by k in the
    Numba backend; the two agree within the float32 sums' rounding, as in exact mode).
@@ -36,6 +36,7 @@ import types
 import numpy as np
 
 from ..errors import InputError
+from ..weights.bf16 import bf16_bits_to_float32, float32_to_bf16_bits
 from . import ops
 
 # The matrices whose products this mode rounds: a layer's seven and the output head (model/transformer.py).
@@ -44,18 +45,10 @@ PRODUCTS = ("attention.wq.weight", "attention.wk.weight", "attention.wv.weight",
 
 
 def round_bf16(x: np.ndarray) -> np.ndarray:
-    """x (float32, any shape) rounded to the nearest bfloat16, ties to even, kept as float32 (low 16 bits zero).
-
-    On the bits: adding 0x7FFF plus the lowest kept bit carries into the kept half exactly when the dropped
-    half is above one half, or equal to it with the kept half odd. A finite x beyond bf16's largest value
-    carries into the exponent and becomes inf, as it should. A NaN could carry into inf (or wrap), so a NaN
-    keeps its top half with the quiet bit set, still a NaN (as gguf's BF16 quantizer does)."""
-    x = np.asarray(x, dtype=np.float32)
-    bits = x.view(np.uint32)
-    up = np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))  # 0x7FFF, or 0x8000 for an odd kept half
-    rounded = (bits + up) & np.uint32(0xFFFF0000)
-    nan = (bits & np.uint32(0xFFFF0000)) | np.uint32(0x00400000)
-    return np.where(np.isnan(x), nan, rounded).view(np.float32)
+    """x (float32, any shape) rounded to the nearest bfloat16, ties to even, as torch's .to(torch.bfloat16) rounds
+    (weights/bf16.py: a finite x beyond bf16's range becomes inf, a NaN the quiet NaN 0x7FC0), kept as float32
+    values with their low 16 bits zero."""
+    return bf16_bits_to_float32(float32_to_bf16_bits(x))
 
 
 def linear(x: np.ndarray, w) -> np.ndarray:

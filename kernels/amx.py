@@ -24,6 +24,8 @@ weight rows of its block):
   tiles (hi, mid, lo, then the next 32 k's), stored to the output after each panel and loaded back for the next.
   Every output's sum runs k by k in order (a panel's C tile stored and reloaded is exact), so its bits depend on K
   only: not on KC, the blocks or the thread count (KC 64 to 2048: the same bits on a 512 x 2048 x 2048 product).
+arithmetic="bf16" (model/bf16.py) rounds x to bf16 before the product: its mid and lo parts are zero, so the
+split keeps hi alone and the product takes one pass (split_bf16x3(..., parts=1)), in panels of KC1 k's.
 AMX is reached through inline assembly (one instruction per Numba intrinsic; LLVM itself never uses the tile
 registers, so they keep their values between the statements). Linux lends the tile registers' state only to a
 process that asks (arch_prctl ARCH_REQ_XCOMP_PERM): available() asks once, and says False on a CPU without

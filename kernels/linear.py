@@ -10,6 +10,8 @@ turn, decodes one on its own core and multiplies it with a one-thread BLAS call:
 between Numba's threads and OpenBLAS's. 16-bit tiles hold TILE_FLOATS values, quantized ones TILE_ROWS rows.
 Where the CPU has AMX-BF16, a bf16 weight's prefill runs on the tiles instead (kernels/amx.py: the activations cut
 into three exact bf16 parts, every product exact, sums in float32), the same threads sharing its blocks of rows.
+arithmetic="bf16" (model/bf16.py) rounds the activations to bf16 first (linear_bf16, linears_bf16): the same
+kernels on the rounded rows, and on the tiles one part, one pass.
 
 Every product is summed in float32 in a different order than BLAS (fast-math "reassoc"; the 16-bit decode
 kernels in an order of their own, fixed on every CPU: kernels/halfbits.py): results agree with ops.linear to a

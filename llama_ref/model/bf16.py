@@ -1,32 +1,38 @@
 """A bf16 engine's matrix products, written out in NumPy: the specification of `arithmetic="bf16"`.
 
 In the default ("exact") arithmetic a bf16 weight is widened to float32 and multiplied with the float32
-activations: every product w * x is exact in float64 terms only after float32 rounding of the product, and
-the hardware that multiplies bf16 (AMX's TDPBF16PS, AVX-512 BF16's VDPBF16PS, oneDNN under PyTorch) cannot
-take a float32 x. It takes x rounded to bfloat16. This mode computes what such an engine computes in its
-matrix products, and nothing else changes:
+activations. The hardware that multiplies bf16 (AMX's TDPBF16PS, AVX-512 BF16's VDPBF16PS, oneDNN under
+PyTorch) cannot take a float32 x: it takes x rounded to bfloat16. This mode computes what such an engine
+computes in its matrix products, and nothing else changes:
 
-1. Before each product of the forward pass (wq, wk, wv, wo, w1, w3, w2 and the output head), the activation
-   row is rounded to bfloat16: float32 -> bf16 to nearest, ties to even (round_bf16; torch's
-   `.to(torch.bfloat16)`, gguf's BF16 quantizer), a NaN to the quiet NaN. It stays a float32 array, its low 16 bits zero.
-2. Each product of a bf16 x by a bf16 weight has at most 16 significant bits: exact in float32.
-3. The products are summed in float32 (the order is the backend's: BLAS's here, the AMX tiles' k by k in the
-   Numba backend; the two agree within the float32 sums' rounding, as in exact mode).
+1. Before each product of the forward pass (wq, wk, wv, wo, w1, w3, w2 and the output head), the activation row
+   is rounded to bfloat16: to nearest, ties to even (round_bf16: torch's `.to(torch.bfloat16)`, gguf's BF16
+   quantizer), a NaN to the quiet NaN. It stays a float32 array whose low 16 bits are zero.
+2. The product of a bf16 x and a bf16 weight has at most 16 significant bits: exact in float32.
+3. The products are summed in float32, in the backend's order: BLAS's here, the AMX tiles' in the Numba
+   backend (kernels/amx.py, one pass), the matrix-vector kernels' in a decode step.
 
 Everything else (RMSNorm, RoPE, attention with its float32 KV cache, softmax, SwiGLU, the residual stream) is
 exact mode's, in float32. So this is not a copy of a bf16 model, which also rounds the residual stream, the
-norms' outputs, the cache and every elementwise result to bf16 (transformers' torch_dtype=bfloat16): it isolates
-the one rounding that buys the hardware's speed. What it costs in accuracy, against float64 and against
-transformers' bf16, is measured in docs/verification.md (section 2c).
+norms' outputs, the cache and every elementwise result to bf16 (transformers' dtype=torch.bfloat16): it keeps
+the one rounding that buys the hardware's speed. Why have it: on AMX tiles a bf16 prefill takes one pass this
+way, where exact mode cuts every x into three bf16 parts and takes three (at the 1B shape, 1.6-2.0x exact mode's
+prefill). Decode is bound by reading the weights and gains nothing.
 
-Why have it: a bf16 prefill on AMX tiles takes one pass over the weights this way, where exact mode cuts
-every x into three bf16 parts and takes three (kernels/amx.py). Decode is bound by reading the weights and
-gains nothing; it runs the same matrix-vector kernels on the rounded x.
+What it costs, measured (docs/verification.md, 2c; tests/data/bf16_distance.json): on the default model's
+weights rounded to bf16, logits 0.19-0.44 from the float64 truth at most (mean 0.035-0.06), against exact mode's
+2e-5-8e-5 and transformers' bf16 model's 0.62-2.6 (mean 0.10-0.21).
 
-Weights: every matrix of the forward pass must be stored bf16 and kept 16-bit (the default for Meta and
-Hugging Face directories, `weights="packed"` for a GGUF BF16 file); float32 computation only; one process.
-This module is used by llama_ref.load(..., arithmetic="bf16"): backend_for() gives the NumPy backend
-(llama_ref.model.ops with linear and linears below) or its Numba twin (kernels/linear.linear_bf16).
+The backends agree as in exact mode only product by product (tests/test_bf16_arithmetic.py). Over a model they
+do not, and cannot without one summation order: a float32 sum that lands on the other side of a bf16 rounding
+boundary moves the next product's input by a whole bf16 step, and over 30 layers such flips make the Numba and
+NumPy logits as far apart as each is from float64. A bit-for-bit oracle of quantized arithmetic is
+arithmetic="ggml"; this mode measures what bf16 activations cost, and runs fast.
+
+Weights: every matrix the products read must be stored bf16 and kept 16-bit (the default for Meta and Hugging
+Face directories, packed for a GGUF BF16 file); float32 computation only; one process. llama_ref.load(...,
+arithmetic="bf16") takes its backend from backend_for(): llama_ref.model.ops with linear and linears below, or
+the Numba kernels with kernels/linear.linear_bf16 and linears_bf16.
 """
 
 from __future__ import annotations

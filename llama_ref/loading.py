@@ -70,6 +70,9 @@ def load(path_or_name: "str | Path", *, backend: str = "numpy", arithmetic: str 
         from .runtime.threads import apply_threads
 
         apply_threads(threads)
+    from .runtime.memory import keep_freed_memory
+
+    keep_freed_memory()  # a forward pass's temporaries reuse freed memory (runtime/memory.py)
     if max_seq_len is not None and (isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int)
                                     or max_seq_len < 1):
         raise WeightsError(f"max_seq_len must be a positive integer, got {max_seq_len!r}")

@@ -158,7 +158,7 @@ def load(path_or_name: "str | Path", *, backend: str = "numpy", arithmetic: str 
         backend = backend_for(backend, tensors, where=str(path))
     if arithmetic == "bf16":
         from .model.bf16 import backend_for
-        backend = backend_for(backend, tensors, where=str(path), n_layers=args.n_layers)
+        backend = backend_for(backend, tensors, where=str(path), n_layers=args.n_layers, llama4=args.llama4)
     if sums is None:  # the default: the closest float32 sums where they are implemented
         sums = "apart" if arithmetic == "exact" else "blas"
     if sums != "blas":

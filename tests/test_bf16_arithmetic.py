@@ -174,6 +174,10 @@ def test_refusals(tmp_path):
         llama_ref.load(DATA / "llama31_bf16_hf", arithmetic="bf16", sums="apart")
     with pytest.raises(InputError, match="one process"):
         llama_ref.load(DATA / "llama31_bf16_hf", arithmetic="bf16", parallel="mpi")
+    with pytest.raises(ValueError, match="vision"):  # also arithmetic='ggml': vision loads only exact mode
+        llama_ref.load(DATA / "vision_hf", arithmetic="bf16")
+    with pytest.raises(InputError, match="not Llama 4"):
+        llama_ref.load(DATA / "llama4_hf", arithmetic="bf16")
     with pytest.raises(ValueError, match="'exact', 'ggml' or 'bf16'"):
         llama_ref.load(DATA / "llama31_bf16_hf", arithmetic="fp8")
 

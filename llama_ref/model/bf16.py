@@ -92,10 +92,13 @@ def _format(w) -> str:
     return getattr(w, "format", None) or type(w).__name__
 
 
-def backend_for(backend: str, weights: dict, where: str, n_layers: int) -> types.ModuleType:
+def backend_for(backend: str, weights: dict, where: str, n_layers: int, llama4=None) -> types.ModuleType:
     """The backend computing bf16 mode for `backend` ("numpy": ops with this module's products; "numba": the
     kernels with kernels/linear.py's bf16 products), once every matrix the products read is bf16 (else an
-    InputError naming the tensor and its type)."""
+    InputError naming the tensor and its type). Llama 4 (args.llama4), whose experts multiply through
+    model/llama4.py's own products, is refused."""
+    if llama4 is not None:
+        raise InputError(f"{where}: arithmetic='bf16' is implemented for the dense Llama models, not Llama 4")
     names = [f"layers.{i}.{p}" for i in range(n_layers) for p in PRODUCTS] + ["output.weight"]
     for name in names:
         w = weights.get(name)

@@ -192,10 +192,10 @@ def _split(x, xp, b0, b1):
 
 
 def split_bf16x3(x: np.ndarray, each_block=None, parts: int = 3) -> np.ndarray:
-    """x (N, K) float32, K a multiple of 32 -> (3, ceil(N / 32) * 2, K / 32, 16, 32) uint16: the bfloat16
+    """x (N, K) float32, K a multiple of 32 -> (parts, ceil(N / 32) * 2, K / 32, 16, 32) uint16: the bfloat16
     parts hi, mid, lo with hi + mid + lo == x exactly, in A tiles (16 tokens x 32 k's), 64-byte aligned.
     each_block(total, step, block), as product's, shares the token blocks out to threads (else one thread).
-    parts=1: hi alone, (1, ...), for an x whose values are bf16 already (mid and lo would be zero; the
+    parts=1: hi alone, for an x whose values are bf16 already (mid and lo would be zero; the
     caller rounds: arithmetic="bf16", kernels/linear.linear_bf16), and then the product takes one pass."""
     if parts not in (1, 3):
         raise ValueError(f"kernels.amx.split_bf16x3: parts must be 1 or 3, got {parts!r}")
@@ -249,39 +249,17 @@ def _rows(xp, w, r0, r1, out, cfg, bpanel):
                     _load2(c2, ost)
                     _load3(c2 + 64, ost)
                 bq = ba + ((r - r0) >> 5) * (kc // 32) * 2048
-                if P == 1:
-                    # One part: 4 tile loads for 4 products, so each load is issued as soon as the products
-                    # reading its register are (a tile register is not renamed): the next 32 k's load under
-                    # the last products of these.
-                    _load4(xq, 64)
-                    _load6(bq, 64)
-                    _load7(bq + 1024, 64)
-                    _load5(xq + kt * 1024, 64)
-                    for c in range(nk):
-                        more = c + 1 < nk
+                for c in range(nk):
+                    _load6(bq + c * 2048, 64)
+                    _load7(bq + c * 2048 + 1024, 64)
+                    for p in range(P):  # hi, mid, lo (hi alone for one part)
+                        a = xq + p * part + c * 1024
+                        _load4(a, 64)
+                        _load5(a + kt * 1024, 64)
                         _dot046()
                         _dot147()
-                        if more:
-                            _load4(xq + (c + 1) * 1024, 64)
                         _dot256()
-                        if more:
-                            _load6(bq + (c + 1) * 2048, 64)
                         _dot357()
-                        if more:
-                            _load5(xq + kt * 1024 + (c + 1) * 1024, 64)
-                            _load7(bq + (c + 1) * 2048 + 1024, 64)
-                else:
-                    for c in range(nk):
-                        _load6(bq + c * 2048, 64)
-                        _load7(bq + c * 2048 + 1024, 64)
-                        for p in range(P):  # hi, mid, lo
-                            a = xq + p * part + c * 1024
-                            _load4(a, 64)
-                            _load5(a + kt * 1024, 64)
-                            _dot046()
-                            _dot147()
-                            _dot256()
-                            _dot357()
                 _store0(c0, ost)
                 _store1(c0 + 64, ost)
                 _store2(c2, ost)

@@ -12,8 +12,8 @@ part can hold bits under 2**-126, which a bf16 part cannot keep and TDPBF16PS wo
 subnormal input as zero): what an activation loses there is under 2**-125 (after an RMSNorm, activations are
 near 1); and an infinite activation gives NaN (inf - inf in the split) where the float32 path gives inf.
 
-The layout (one K panel of KC values at a time, so that a thread's activations stay in L1 while it runs over the
-weight rows of its block):
+The layout (one K panel of KC values at a time: a block's weights transposed once per panel into a per-thread
+buffer that stays in L2 while the thread runs every token block over them):
 - activations: split once per product into xp (3 parts, N / 16 token blocks, K / 32, 16 tokens, 32 values):
   one 1 KiB tile (16 rows of 64 bytes) per part, token block and 32 k's, the A operand;
 - weights: each 32-row block's panel transposed into TDPBF16PS's B layout (pairs of k side by side: row kk of
@@ -25,7 +25,7 @@ weight rows of its block):
   Every output's sum runs k by k in order (a panel's C tile stored and reloaded is exact), so its bits depend on K
   only: not on KC, the blocks or the thread count (KC 64 to 2048: the same bits on a 512 x 2048 x 2048 product).
 arithmetic="bf16" (model/bf16.py) rounds x to bf16 before the product: its mid and lo parts are zero, so the
-split keeps hi alone and the product takes one pass (split_bf16x3(..., parts=1)), in panels of KC1 k's.
+split keeps hi alone and the product takes one pass (split_bf16x3(..., parts=1)).
 AMX is reached through inline assembly (one instruction per Numba intrinsic; LLVM itself never uses the tile
 registers, so they keep their values between the statements). Linux lends the tile registers' state only to a
 process that asks (arch_prctl ARCH_REQ_XCOMP_PERM): available() asks once, and says False on a CPU without
@@ -55,12 +55,13 @@ from numba.extending import intrinsic
 from ._common import JIT, aligned
 
 I32, I64 = ir.IntType(32), ir.IntType(64)
-KC = 192  # k's a panel: a 32-token block's three parts of it (36 KiB) stay in L1 (48 KiB here) over the rows
-# ... and with one part (arithmetic="bf16"), whose 4 products per 4 tile loads made the C tiles' store and reload
-# between panels the cost: 512 x 2048 by 2048 x 8192 on two threads ran 674 GMAC/s with panels of 192 k's, 800
-# (384), 893 (1024), 1147 (2048, one panel: no reload), against exact mode's 369 (three parts, KC).
-KC1 = 2048
-ROWS = 256  # weight rows a work item (a thread's B panel: 96 KiB, in L2)
+# k's a panel. Between panels the C tiles are stored and loaded back, and that cost more than the activations'
+# leaving L1: the 1B shape's products (512 rows by 2048 x 8192, 8192 x 2048, 2048 x 2048; two threads, session 49)
+# ran 326-376 GMAC/s of exact products with panels of 192 k's (a 32-token block's three parts in L1), 338-355 with
+# 384, 395-426 with 768, 413-470 with 1024, 428-480 with 2048; with one part (arithmetic="bf16") 572-674, 641-809
+# (384), 696-906 (1024), 844-1147 (2048). A thread's B panel is then 1 MiB (ROWS x 2048 bf16), in L2.
+KC = 2048
+ROWS = 256  # weight rows a work item
 TOKENS = 32  # token rows are padded to a multiple of this (two 16-row tiles)
 
 _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA, _SYS_ARCH_PRCTL = 0x1023, 18, 158
@@ -216,7 +217,7 @@ def _rows(xp, w, r0, r1, out, cfg, bpanel):
     """out[:, r0:r1] = the products of xp's parts with w[r0:r1] (the module docstring's loops). xp (P, NB, K/32,
     16, 32) uint16 (P = 3 parts, or 1), w (R, K) uint16 bf16 with K % 32 == 0, r1 - r0 a multiple of 32 and at
     most ROWS, out (NB * 16, R') float32 with R' >= R, R' % 16 == 0 and 64-byte aligned (every tile row on a cache
-    line), bpanel (ROWS / 32, kc / 32, 2, 16, 32) uint16: the panel of kc k's (KC, or KC1 for one part)."""
+    line), bpanel (ROWS / 32, kc / 32, 2, 16, 32) uint16: a panel of kc k's (KC; the tests take others)."""
     P, NB = xp.shape[0], xp.shape[1]
     R, K = w.shape
     kt = K // 32  # tiles per token block and part
@@ -287,10 +288,8 @@ def product(x2: np.ndarray, xp: np.ndarray, w: np.ndarray, each_block) -> tuple:
     Rp = -(-R // 16) * 16  # output rows 64-byte aligned
     out = aligned((xp.shape[1] * 16, Rp), np.float32)  # (NB * 16, Rp): token rows padded to whole tiles
 
-    kc = KC if xp.shape[0] == 3 else KC1
-
     def block(r0, r1):
-        _rows(xp, w, r0, r1, out, _CONFIG, _panel(kc))
+        _rows(xp, w, r0, r1, out, _CONFIG, _panel())
 
     each_block(Rt, ROWS, block)
     return out[:N, :R], Rt
@@ -299,11 +298,9 @@ def product(x2: np.ndarray, xp: np.ndarray, w: np.ndarray, each_block) -> tuple:
 _scratch = threading.local()
 
 
-def _panel(kc: int) -> np.ndarray:
-    """This thread's buffer for a block's B panel of kc k's, kept between calls."""
-    panels = getattr(_scratch, "panels", None)
-    if panels is None:
-        panels = _scratch.panels = {}
-    if kc not in panels:
-        panels[kc] = aligned((ROWS // 32, kc // 32, 2, 16, 32), np.uint16)
-    return panels[kc]
+def _panel() -> np.ndarray:
+    """This thread's buffer for a block's B panel, kept between calls."""
+    buf = getattr(_scratch, "panel", None)
+    if buf is None:
+        buf = _scratch.panel = aligned((ROWS // 32, KC // 32, 2, 16, 32), np.uint16)
+    return buf

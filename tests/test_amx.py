@@ -75,7 +75,7 @@ def test_unusable_shapes():
 @needs_amx
 @pytest.mark.parametrize("n, k, rows", [(8, 32, 32), (9, 64, 33), (37, 224, 70), (100, 416, 300), (33, 192, 64)])
 def test_linear_on_tiles(n, k, rows, monkeypatch):
-    # Token rows that fill the 32-row tiles partly, K over one panel (KC = 192) or several, weight rows with a
+    # Token rows that fill the 32-row tiles partly, K of one tile or several, weight rows with a
     # remainder of R % 32 (BLAS) and more than one block of ROWS: within float32 rounding of ops.linear.
     rng = np.random.default_rng(n * 1000 + rows)
     w = bf16_weight(rows, k, rng)
@@ -135,3 +135,28 @@ def test_product_refused_without_tiles(monkeypatch):
     x = np.ones((32, 32), np.float32)
     with pytest.raises(RuntimeError, match="AMX"):
         amx.product(x, amx.split_bf16x3(x), np.zeros((32, 32), np.uint16), lambda *a: None)
+
+
+@needs_amx
+@pytest.mark.parametrize("parts", [3, 1])
+def test_same_bits_whatever_the_panel(parts):
+    # A C tile stored after a panel and loaded back for the next is exact: panels of 64, 192 or KC k's (one K of
+    # 2112 in 33, 11 or 2 panels, the last one short) give the same bits; so do the tiles' one pass on rounded
+    # rows (parts=1).
+    rng = np.random.default_rng(11)
+    K, rows = 2112, 64
+    w = bf16_weight(rows, K, rng).data
+    x = rng.standard_normal((40, K)).astype(np.float32)
+    if parts == 1:
+        x = ((x.view(np.uint32) >> 16) << 16).view(np.float32)  # bf16 values: mid and lo are zero
+    xp = amx.split_bf16x3(x, parts=parts)
+    outs = []
+    for kc in (64, 192, amx.KC):
+        out = amx.aligned((xp.shape[1] * 16, rows), np.float32)
+        panel = amx.aligned((amx.ROWS // 32, kc // 32, 2, 16, 32), np.uint16)
+        amx._rows(xp, w, 0, rows, out, amx._CONFIG, panel)
+        outs.append(out)
+    np.testing.assert_array_equal(outs[0], outs[2])
+    np.testing.assert_array_equal(outs[1], outs[2])
+    got, _ = amx.product(x, xp, w, lambda total, step, block: threads.each_block(total, step, block, 1))
+    np.testing.assert_array_equal(got, outs[2][:40])

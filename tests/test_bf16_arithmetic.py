@@ -104,8 +104,8 @@ def test_linears_round_once_and_equal_linear():
 @needs_amx
 @pytest.mark.parametrize("n, k, rows", [(8, 32, 32), (50, 448, 3 * 256 + 32), (33, 4160, 64)])
 def test_one_pass_is_three_passes_of_rounded_rows(n, k, rows):
-    # A bf16 value's mid and lo parts are zero, so the tiles' one pass (panels of KC1 k's) gives the bits of
-    # exact mode's three (panels of KC) on the same rounded rows.
+    # A bf16 value's mid and lo parts are zero, so the tiles' one pass gives the bits of exact mode's three on the
+    # same rounded rows (K of 4160: panels of KC k's and a short last one).
     rng = np.random.default_rng(n + k)
     w = bf16_weight(rows, k, rng).data
     xr = bf16.round_bf16(rng.standard_normal((n, k)).astype(np.float32))

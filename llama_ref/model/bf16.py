@@ -16,7 +16,7 @@ Everything else (RMSNorm, RoPE, attention with its float32 KV cache, softmax, Sw
 exact mode's, in float32. So this is not a copy of a bf16 model, which also rounds the residual stream, the
 norms' outputs, the cache and every elementwise result to bf16 (transformers' dtype=torch.bfloat16): it keeps
 the one rounding that buys the hardware's speed. Why have it: on AMX tiles a bf16 prefill takes one pass this
-way, where exact mode cuts every x into three bf16 parts and takes three (at the 1B shape, 1.6-2.0x exact mode's
+way, where exact mode cuts every x into three bf16 parts and takes three (at the 1B shape, 1.44-1.48x exact mode's
 prefill). Decode is bound by reading the weights and gains nothing.
 
 What it costs, measured (docs/verification.md, 2c; tests/data/bf16_distance.json): on the default model's

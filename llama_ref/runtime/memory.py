@@ -11,9 +11,9 @@ mapped (M_TRIM_THRESHOLD). What the process holds is then at most its peak, kept
 Measured at the 1B shape (2 threads, Intel Sapphire Rapids; the first 512-token prefill after a 128-token one,
 then two more; three alternated pairs of processes): arithmetic="bf16" 438-470 against 362-430 tok/s on the
 first, 531-549 against 449-516 later; exact mode the same within the host's noise (248-256 against 246-256 on
-the first, with the AMX panels of 192 k's it had then). arithmetic="ggml", in benchmarks/ggml_decode.py's rounds (best of two calls, results/
-ggml_prefill_1b_k_keep_memory_s49.md): Q5_K_M 182-188 against 174-175 tok/s, Q6_K 186-192 against 172-183.
-Peak RSS the same (2670 and 2690 MiB in bf16 and exact mode).
+the first, with the AMX panels of 192 k's it had then). arithmetic="ggml", in benchmarks/ggml_decode.py's
+rounds (best of two calls, results/ggml_prefill_1b_k_keep_memory_s49.md): Q5_K_M 182-188 against 174-175
+tok/s, Q6_K 186-192 against 172-183. Peak RSS the same (2670 and 2690 MiB in bf16 and exact mode).
 
 Process-wide: set once, at the first llama_ref.load(), on Linux with glibc only; LLAMA_REF_KEEP_MEMORY=0 leaves
 the allocator as it was.

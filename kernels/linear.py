@@ -557,17 +557,19 @@ def linears(x: np.ndarray, *ws) -> tuple:
     (wq, wk, wv; w1, w3; model/transformer.linears). A decode step (fewer than BLAS_MIN_ROWS rows of x) on
     two or three 16-bit weights of one format runs their rows in one parallel region (_mv_bf16, _mv_f16);
     anything else takes them one by one."""
-    kinds = {None if isinstance(w, np.ndarray) else _kind(w) for w in ws}
-    kind = kinds.pop() if len(kinds) == 1 else None
-    if x.dtype != np.float32 or kind not in SIXTEEN or not 2 <= len(ws) <= 3:
+    if x.dtype != np.float32:
         return tuple(linear(x, w) for w in ws)
     x2 = x.reshape(-1, x.shape[-1]) if x.flags.c_contiguous else as_f32_rows(x)  # (N, K)
-    return tuple(out.reshape(*x.shape[:-1], out.shape[1]) for out in _products(x2, ws, kind, 3))
+    return tuple(out.reshape(*x.shape[:-1], out.shape[1]) for out in _products(x2, ws, 3))
 
 
-def _products(x2: np.ndarray, ws: tuple, kind: str, parts: int) -> list:
-    """linears' products of x2 (N, K) by two or three 16-bit weights of one format -> [(N, R) for each w];
-    parts as _product's."""
+def _products(x2: np.ndarray, ws: tuple, parts: int) -> list:
+    """linears' products of x2 (N, K) by each w -> [(N, R) for each w]; parts as _product's. Two or three 16-bit
+    weights of one format share a split of x2 (AMX tiles) or a parallel region (decode); others go one by one."""
+    kinds = {None if isinstance(w, np.ndarray) else _kind(w) for w in ws}
+    kind = kinds.pop() if len(kinds) == 1 else None
+    if kind not in SIXTEEN or not 2 <= len(ws) <= 3:
+        return [_product(x2, w, parts) for w in ws]
     (N, K) = x2.shape
     if all(w.shape[1] == K and _on_tiles(kind, N, K, w.shape[0]) for w in ws):
         xp = amx.split_bf16x3(x2, _shared, parts)  # once for the weights that read the same x
@@ -613,11 +615,7 @@ def linear_bf16(x: np.ndarray, w) -> np.ndarray:
 def linears_bf16(x: np.ndarray, *ws) -> tuple:
     """model/bf16.linears' twin: linear_bf16(x, w) for each w, x rounded once (and on AMX tiles cut once)."""
     xr = round_bf16(as_f32_rows(x))  # (N, K)
-    kinds = {None if isinstance(w, np.ndarray) else _kind(w) for w in ws}
-    kind = kinds.pop() if len(kinds) == 1 else None
-    outs = (_products(xr, ws, kind, 1) if kind in SIXTEEN and 2 <= len(ws) <= 3
-            else [_product(xr, w, 1) for w in ws])
-    return tuple(out.reshape(*x.shape[:-1], out.shape[1]) for out in outs)
+    return tuple(out.reshape(*x.shape[:-1], out.shape[1]) for out in _products(xr, ws, 1))
 
 
 def _on_tiles(kind: "str | None", N: int, K: int, R: int) -> bool:

@@ -27,7 +27,8 @@ from .ggml_simd import fma32, fp16_round
 from .ggml_vec import (expf_array8, expf_array16, h16_columns8_1, h16_columns8_2, h16_columns8_3, h16_columns8_4,
                        h16_columns16_1, h16_columns16_2, h16_columns16_3, h16_columns16_4, h16_scores8_1,
                        h16_scores8_2, h16_scores8_3, h16_scores16_1, h16_scores16_2, h16_scores16_3, kt_scores8_1,
-                       kt_scores8_2, kt_scores8_3, kt_scores16_1, kt_scores16_2, kt_scores16_3, soft_max_row8,
+                       kt_scores8_2, kt_scores8_3, kt_scores16_1, kt_scores16_2, kt_scores16_3, kt_scores16_4,
+                       soft_max_row8,
                        soft_max_row16, swiglu_row_avx2, swiglu_row_avx512)
 
 PARALLEL_ROWS = 16  # fewer rows than this (a decode step): one thread, no parallel region to start
@@ -55,11 +56,13 @@ def _scores(wide, rows, q, keys, row, visible, HD, scale, w, w_stride):
 
 @njit(inline="always", **JIT)
 def _key_scores(wide, rows, q, kt, visible, HD, scale, w, w_stride):
-    """kernels/ggml_vec.kt_scores (the keys transposed in blocks, in vector lanes) for `rows` (1 to 3) query
-    heads in the build's lane order: h16_scores' numbers."""
+    """kernels/ggml_vec.kt_scores (the keys transposed in blocks, in vector lanes) for `rows` (1 to 3; 4 in the
+    AVX-512 build's order) query heads in the build's lane order: h16_scores' numbers."""
     args = (q, kt, np.int64(visible), np.int64(HD), scale, w, w_stride)
     if wide:
-        if rows == 3:
+        if rows == 4:
+            kt_scores16_4(*args)
+        elif rows == 3:
             kt_scores16_3(*args)
         elif rows == 2:
             kt_scores16_2(*args)
@@ -148,6 +151,8 @@ def _attention_item(q, k, v, start_pos, scale, wide, out, item, kt):
     KVH, S = k.shape[1], k.shape[2]
     G = H // KVH
     R = 3 if G % 3 == 0 else 2 if G % 2 == 0 else 1  # query heads per scores call
+    if wide and kt.ndim == 5 and G % 4 == 0:  # a prefill's keys in lanes: 4 heads a call (kt_scores16_4)
+        R = 4
     C = 4 if R == 2 and G % 4 == 0 else R  # ... per columns call: the scores of two calls (more rows, fewer loads)
     P = (S + 63) // 64 * 64  # ggml's cache view, padded
     width = 16 if wide else 8  # the lanes of one softmax vector

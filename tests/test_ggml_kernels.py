@@ -503,7 +503,8 @@ def test_expf_equals_specification():
     assert same_bits(ops().expf(x), ggml.ggml_v_expf(x))
 
 
-attention_shapes = st.tuples(st.integers(1, 2), st.integers(1, 5), st.sampled_from([(1, 1), (4, 2), (9, 3), (6, 6)]),
+attention_shapes = st.tuples(st.integers(1, 2), st.integers(1, 5),
+                             st.sampled_from([(1, 1), (4, 2), (9, 3), (6, 6), (8, 2)]),
                              st.sampled_from([32, 64, 80, 128]), st.integers(0, 140), st.integers(0, 2**32 - 1))
 
 
@@ -517,7 +518,9 @@ def _attention_case(shape):
 
 
 @pytest.mark.parametrize("shape", [(1, 1, (9, 3), 64, 127, 0), (1, 1, (9, 3), 64, 0, 1), (2, 4, (4, 2), 80, 61, 2),
-                                   (1, 3, (6, 6), 128, 64, 3)])
+                                   (1, 3, (6, 6), 128, 64, 3),
+                                   # 4 query heads a KV head (Llama 3.2 1B, 3.1 8B): a prefill's scores 4 heads a call
+                                   (1, 21, (8, 2), 64, 40, 4), (2, 18, (8, 2), 128, 3, 5), (1, 2, (8, 2), 32, 70, 6)])
 def test_attention_equals_specification(shape):
     q, k, v, start = _attention_case(shape)
     assert same_bits(ops().attention(q, k, v, start), ggml.attention(q, k, v, start))

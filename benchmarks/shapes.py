@@ -60,8 +60,10 @@ LLAMA_REF_FORMATS = ("bf16", "f16", "q8_0", "q4_0")
 PEER_FORMATS = ("f16", "bf16", "q8_0", "q4_0", "q4_k")
 BF16_ARITHMETIC = "llama_ref numba, arithmetic=bf16"  # the engine name of --bf16-arithmetic's row
 MAX_CONTEXT = 4096  # the context every engine is given: enough for the longest prefill measured
-LLAMA_CPP_PYTHON = ["/tmp/llamacpp-venv/bin/python"]
-HF_PYTHON = ["/tmp/oracle/bin/python", "/tmp/oracle-venv/bin/python"]
+# The peers' interpreters: the first that imports the package (LLAMA_REF_LLAMA_CPP_PYTHON / LLAMA_REF_HF_PYTHON name
+# another, e.g. benchmarks/device_threads.sh's python3, which holds both there).
+LLAMA_CPP_PYTHON = [os.environ.get("LLAMA_REF_LLAMA_CPP_PYTHON"), "/tmp/llamacpp-venv/bin/python"]
+HF_PYTHON = [os.environ.get("LLAMA_REF_HF_PYTHON"), "/tmp/oracle/bin/python", "/tmp/oracle-venv/bin/python"]
 
 
 # ---- the checkpoint -----------------------------------------------------------------------------------------

@@ -4,8 +4,13 @@
 #
 #   here, once:   bash benchmarks/device_threads.sh prepare
 #                 -> .device/site (git-ignored): gguf and diskcache (pure Python) and llama-cpp-python's package as
-#                    built in /tmp/llamacpp-venv (README, "llama-cpp-python peer"; ctypes over its own .so files, so
-#                    any Python 3 can import it). ~30 MB: the device carries 64 MiB.
+#                    built in /tmp/llamacpp-venv (ctypes over its own .so files, so any Python 3 can import it). 25 MB:
+#                    the device carries 64 MiB. That venv, where it is missing (this CPU's flags named, not native:
+#                    a native build crashed on AMX machines):
+#                      python -m venv /tmp/llamacpp-venv && /tmp/llamacpp-venv/bin/pip install numpy
+#                      CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
+#                        -DGGML_BMI2=ON -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON
+#                        -DGGML_AVX512_BF16=ON" /tmp/llamacpp-venv/bin/pip install --no-cache-dir llama-cpp-python==0.3.36
 #   there:        run(command="bash benchmarks/device_threads.sh run", carry=[".device"], timeout_s=590)
 #                 -> $OUT/shapes-llama-3.2-1b.md, .json, -threads.png and the log
 #

@@ -28,8 +28,7 @@ from .ggml_vec import (expf_array8, expf_array16, h16_columns8_1, h16_columns8_2
                        h16_columns16_1, h16_columns16_2, h16_columns16_3, h16_columns16_4, h16_scores8_1,
                        h16_scores8_2, h16_scores8_3, h16_scores16_1, h16_scores16_2, h16_scores16_3, kt_scores8_1,
                        kt_scores8_2, kt_scores8_3, kt_scores16_1, kt_scores16_2, kt_scores16_3, kt_scores16_4,
-                       soft_max_row8,
-                       soft_max_row16, swiglu_row_avx2, swiglu_row_avx512)
+                       soft_max_row8, soft_max_row16, swiglu_row_avx2, swiglu_row_avx512)
 
 PARALLEL_ROWS = 16  # fewer rows than this (a decode step): one thread, no parallel region to start
 

@@ -337,6 +337,7 @@ def main(argv=None) -> None:
     p.add_argument("--sweep-only", action="store_true", help="the thread sweep without the main table")
     p.add_argument("--sweep-prefill", type=int, nargs="+", default=[128], help="prefill lengths of the sweep")
     p.add_argument("--sweep-decode", type=int, default=32, help="decode steps of the sweep")
+    p.add_argument("--sweep-rounds", type=int, default=None, help="rounds of the sweep (default: --rounds)")
     p.add_argument("--skip-peers", action="store_true")
     p.add_argument("--skip-hf", action="store_true")
     p.add_argument("--hf-dtypes", nargs="*", default=["bf16", "f32"], choices=["bf16", "f32"])
@@ -442,7 +443,7 @@ def measure(shape: str, files: dict, a, threads: int, unset: list) -> dict:
         swept = {}  # (engine, format, threads) -> the best of rounds
         # Rounds, and in each every thread count of every configuration: a burst of other work slows one
         # round of a configuration rather than one of its thread counts.
-        for rnd in range(max(1, a.rounds)):
+        for rnd in range(max(1, a.sweep_rounds or a.rounds)):
             for n in counts:
                 for engine, fmt, spec in sweep_configs:
                     spec_n = {**base, **spec, "threads": n, "prefill": a.sweep_prefill, "decode": a.sweep_decode,
@@ -583,7 +584,7 @@ def sweep_table(report: dict, files: dict, args) -> list[str]:
     a = report["args"]
     lengths = a.get("sweep_prefill", [128])
     steps = a.get("sweep_decode", 32)
-    rounds = max(1, a.get("rounds", 1)) if "sweep_prefill" in a else 1  # earlier sweeps ran once
+    rounds = max(1, a.get("sweep_rounds") or a.get("rounds", 1)) if "sweep_prefill" in a else 1  # earlier: once
     bw = report.get("bandwidth_gb_s")
     lines = ["", f"Thread sweep (decode {steps} steps after {a['decode_prompt']} tokens; best of {rounds} "
              "interleaved round(s)). Scaling: rate / (threads x the 1-thread rate); decode's divides by the smaller "

@@ -274,11 +274,19 @@ def usable(K: int, R: int) -> bool:
     return K % 32 == 0 and R >= 32 and available()
 
 
-def product(x2: np.ndarray, xp: np.ndarray, w: np.ndarray, each_block) -> tuple:
+def rows_per_item(rows: int, workers: int) -> int:
+    """Weight rows a work item of product: ROWS, or fewer (a multiple of 32, at least 32) where that leaves some of
+    `workers` threads with fewer than two items. On 16 threads the 1B shape's wq and wo (2048 rows) made 8 items
+    of 256 and wk, wv 2; its prefill 128 on AMX ran at 2.8x its one-thread rate (device run, session 51). The
+    items' sizes do not change a product's bits: every output's sum runs over k in order whoever computes it."""
+    return max(32, min(ROWS, rows // (2 * max(1, workers)) // 32 * 32))
+
+
+def product(x2: np.ndarray, xp: np.ndarray, w: np.ndarray, each_block, workers: int = 1) -> tuple:
     """out (N, R) = x2 (N, K) @ w.T for w (R, K) bf16 bits (uint16), with xp = split_bf16x3(x2) (3 parts, or 1):
     rows in blocks of 32 on the tiles, shared by each_block(total, step, block) (block(r0, r1) runs on some
-    thread); a last R % 32 rows are left to the caller (returned columns not written: the second value says
-    from where)."""
+    thread) in items of rows_per_item(R, workers) rows; a last R % 32 rows are left to the caller (returned
+    columns not written: the second value says from where)."""
     if not available():  # without the permission (and the asm parser) the first tile instruction kills the process
         raise RuntimeError("kernels.amx.product: no AMX-BF16 tiles here (amx.available() is False)")
     N = x2.shape[0]
@@ -291,7 +299,7 @@ def product(x2: np.ndarray, xp: np.ndarray, w: np.ndarray, each_block) -> tuple:
     def block(r0, r1):
         _rows(xp, w, r0, r1, out, _CONFIG, _panel())
 
-    each_block(Rt, ROWS, block)
+    each_block(Rt, rows_per_item(Rt, workers), block)
     return out[:N, :R], Rt
 
 

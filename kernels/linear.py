@@ -628,7 +628,7 @@ def _bf16_tiles(x2: np.ndarray, parts: np.ndarray, w: np.ndarray) -> np.ndarray:
     """x2 (N, K) @ w.T for bf16 bits w (R, K) on AMX tiles (kernels/amx.py; parts = amx.split_bf16x3(x2)), the
     threads of the policy sharing its blocks of rows; the last R % 32 rows, if any, as a decoded tile through
     BLAS. -> (N, R) float32."""
-    out, done = amx.product(x2, parts, w, _shared)
+    out, done = amx.product(x2, parts, w, _shared, threads.count())
     if done < w.shape[0]:
         tail = np.empty((w.shape[0] - done, w.shape[1]), np.float32)
         _rows_bf16(w, np.arange(done, w.shape[0]), tail)

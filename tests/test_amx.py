@@ -112,6 +112,23 @@ def test_same_bits_whatever_the_threads():
     one, _ = amx.product(x, xp, w, lambda total, step, block: threads.each_block(total, step, block, 1))
     two, _ = amx.product(x, xp, w, lambda total, step, block: threads.each_block(total, step, block, 2))
     np.testing.assert_array_equal(one, two)
+    # items of 32 rows (as on many threads: rows_per_item), shared by 3 threads: the same bits again
+    small, _ = amx.product(x, xp, w, lambda total, step, block: threads.each_block(total, step, block, 3), 64)
+    np.testing.assert_array_equal(one, small)
+
+
+def test_rows_per_item():
+    """ROWS rows an item while every thread gets two; fewer, in whole pairs of tiles (32 rows), where not."""
+    assert amx.rows_per_item(2048, 2) == amx.ROWS
+    assert amx.rows_per_item(2048, 16) == 64
+    assert amx.rows_per_item(512, 16) == amx.rows_per_item(32, 1) == 32
+    assert amx.rows_per_item(8192, 16) == 256
+    assert amx.rows_per_item(2048, 6) == 160
+    for rows in range(32, 4096, 32):
+        for workers in (1, 2, 3, 5, 8, 16, 64):
+            step = amx.rows_per_item(rows, workers)
+            assert step % 32 == 0 and 32 <= step <= amx.ROWS
+            assert step == 32 or -(-rows // step) >= 2 * workers or step == amx.ROWS
 
 
 @needs_amx

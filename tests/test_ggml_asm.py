@@ -128,7 +128,10 @@ def test_q4_k_8row_tile_keeps_its_sums_in_registers():
     assert maddwd(names) == 2 * acts, names
     assert not any(name.startswith(("vpmovwb", "vpackuswb")) for name in names), names
     stack = [ins for ins in loops[0] if "(%rsp)" in ins or "(%rbp)" in ins]
-    assert len(stack) <= 6, (len(stack), len(loops[0]))
+    # 32 vector registers (AVX-512) hold it all; AVX2's 16 do not: 18 stack refs of 251 instructions on Zen 3,
+    # and still the fastest count of activation rows there (one thread, 2048 x 8192 by 128 rows, ns per block
+    # pair: 4 rows 0.376-0.387, 3 rows 0.404-0.406, 2 rows 0.433-0.443; session 51)
+    assert len(stack) <= (6 if ggml_simd.HAS_AVX512BW else 20), (len(stack), len(loops[0]))
 
 
 @pytest.mark.skipif(not (ggml_simd.HAS_AVX512BW and ggml_simd.BEST == "vnni"), reason="AVX-512 BW with VNNI only")
@@ -153,7 +156,10 @@ def test_q4_k_8row_decode_tile_takes_two_steps_a_zmm_multiply():
     n = passes(loops[0], 8)  # LLVM may unroll the 4 passes of a super-block into one body
     assert n and all("%zmm" in ins for ins in multiplies), multiplies
     stack = [ins for ins in loops[0] if "(%rsp)" in ins or "(%rbp)" in ins]
-    assert len(stack) <= 6, (len(stack), len(loops[0]))
+    # 32 vector registers (AVX-512) hold it all; AVX2's 16 do not: 18 stack refs of 251 instructions on Zen 3,
+    # and still the fastest count of activation rows there (one thread, 2048 x 8192 by 128 rows, ns per block
+    # pair: 4 rows 0.376-0.387, 3 rows 0.404-0.406, 2 rows 0.433-0.443; session 51)
+    assert len(stack) <= (6 if ggml_simd.HAS_AVX512BW else 20), (len(stack), len(loops[0]))
 
 
 def grouped_tile_loops(tile) -> list[list[str]]:
@@ -259,8 +265,9 @@ def test_q4_1_q5_1_decode_tiles_read_fp16_pairs(kind, prefetches):
     assert not [ins for ins in loops[0] if "(%rsp)" in ins], loops[0]
     if kind == "q5_1c":
         q5_fifth_bits_instructions(names, 2)
-        # 52 with one conversion a block and the AVX2 spread of the fifth bits; 39 with GFNI and masks
-        assert len(loops[0]) <= (42 if ggml_simd.HAS_GFNI_MASKS else 50), len(loops[0])
+        # 39 with GFNI and masks; 52 with one conversion for the two blocks and AVX2's spread of the fifth bits
+        # (Zen 3, session 51: two register copies of LLVM's loop rotation among them)
+        assert len(loops[0]) <= (42 if ggml_simd.HAS_GFNI_MASKS else 52), len(loops[0])
 
 
 def q5_fifth_bits_instructions(names: list[str], blocks: int) -> None:

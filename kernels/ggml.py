@@ -62,9 +62,12 @@ _q5_0_11 = simd.make_dot("q5_0c", 1, 1)
 # waits on its own chain, 4 cycles a block (Q4_1 and Q5_1 two chains, the mins'). Sapphire Rapids-class Xeon, session
 # 39, one thread, alternated in one process: the default model's 1536 x 576 in cache 1.1-1.3x the one-row tile's rate
 # (Q8_0 1.25x, Q4_1 1.2-1.3x), 1B's 8192 x 2048 streamed from memory the same (Q5_0 7-9 GB/s, Q8_0 11 GB/s either
-# way); model decode (Q5_0) 94 against 74 tok/s. AMD Zen keeps one row at a time, as measured there (rows 4 at a time
-# took 1.3-2.4x longer out of cache on an AVX2 EPYC, see _linear); the 4-row tiles are not measured there since.
-DECODE_ROWS = 1 if simd.HOST_IS_ZEN else 4
+# way); model decode (Q5_0) 94 against 74 tok/s. On an AVX2 EPYC (Zen 3, session 51; 2 threads, model decodes
+# alternated, 3 rounds, 4 rows against 1) too: the default model Q4_1 1.18-1.22x, Q5_0 1.07-1.32x, Q5_1 1.18-1.33x,
+# Q8_0 0.95-1.17x, Q4_K_M 0.99-1.14x, Q5_K_M 0.94-1.08x; the 1B shape Q4_1 1.09-1.19x, Q5_0 1.06-1.17x, Q8_0
+# 0.98-1.11x, Q5_1 0.97-1.00x. (Zen kept one row at a time from the Zen 3 sessions, when the 4-row tiles of that
+# time took 1.3-2.4x longer out of cache there.) Zen 4 is not measured with them.
+DECODE_ROWS = 4
 _q5_1_R1 = simd.make_dot("q5_1c", 4, 1)
 _q5_0_R1 = simd.make_dot("q5_0c", 4, 1)
 _q5_1x_RA, _q5_1x_R1, _q5_1x_1A, _q5_1x_11 = _tiles("q5_1")  # one byte per value: a prefill's
@@ -147,10 +150,9 @@ def _linear(kind, xq, xd, xs, qs, d, m, out, use_simd):
     spreading them again).
 
     A decode (N = 1) walks the rows DECODE_ROWS at a time instead (repacked Q4_0: 8 at a time, see _decode_rows),
-    asking for the weights ~4 KB ahead: a weight read once streams from memory. On an AVX2 EPYC one row after
-    another, what its prefetchers follow: rows 4 at a time were as fast in cache there but took 1.3-2.4x longer
-    out of it (Q8_0 and Q4_1, 576 and 1536 columns, one thread); on an Intel Xeon 4 at a time are faster in
-    cache and as fast streamed (DECODE_ROWS). Every row's sums are the same either way, bit for bit."""
+    asking for the weights ~4 KB ahead: a weight read once streams from memory. 4 at a time are faster in cache
+    and as fast or faster streamed, on an Intel Xeon and on an AVX2 EPYC (DECODE_ROWS). Every row's sums are the
+    same either way, bit for bit."""
     N, K = xq.shape
     R, nb = d.shape
     # wds: bytes between the scales of two weight rows (float32, or the fp16 scales and pairs)

@@ -156,10 +156,7 @@ def test_q4_k_8row_decode_tile_takes_two_steps_a_zmm_multiply():
     n = passes(loops[0], 8)  # LLVM may unroll the 4 passes of a super-block into one body
     assert n and all("%zmm" in ins for ins in multiplies), multiplies
     stack = [ins for ins in loops[0] if "(%rsp)" in ins or "(%rbp)" in ins]
-    # 32 vector registers (AVX-512) hold it all; AVX2's 16 do not: 18 stack refs of 251 instructions on Zen 3,
-    # and still the fastest count of activation rows there (one thread, 2048 x 8192 by 128 rows, ns per block
-    # pair: 4 rows 0.376-0.387, 3 rows 0.404-0.406, 2 rows 0.433-0.443; session 51)
-    assert len(stack) <= (6 if ggml_simd.HAS_AVX512BW else 20), (len(stack), len(loops[0]))
+    assert len(stack) <= 6, (len(stack), len(loops[0]))
 
 
 def grouped_tile_loops(tile) -> list[list[str]]:

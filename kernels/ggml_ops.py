@@ -204,8 +204,20 @@ def _attention(q, k, v, start_pos, scale, wide, out, kt):
     one KV head; its G query heads go in groups (_attention_item's R for the scores, C for the value columns) that
     share every key and value vector loaded."""
     B, T = q.shape[0], q.shape[1]
-    for item in prange(B * k.shape[1] * ((T + QUERIES - 1) // QUERIES)):
-        _attention_item(q, k, v, start_pos, scale, wide, out, item, kt)
+    blocks = (T + QUERIES - 1) // QUERIES
+    for i in prange(B * k.shape[1] * blocks):
+        _attention_item(q, k, v, start_pos, scale, wide, out, _balanced(i, blocks), kt)
+
+
+@njit(inline="always", **JIT)
+def _balanced(i, blocks):
+    """prange's i -> a work item of _attention. A causal query block's keys grow with its position, and prange hands
+    each thread one contiguous run of i: in the items' own order a 2-thread prefill gave one thread 1.4x the other's
+    keys (default model, 512 tokens: 32 blocks of 3 KV heads). Here each KV head's blocks go first, last, second,
+    second-to-last, ..., so that every two neighbouring i hold as many keys as any other two (within a block's
+    queries): the threads' runs hold about the same work. Items write apart, so the order changes no value."""
+    head, j = i // blocks, i % blocks
+    return head * blocks + (j // 2 if j % 2 == 0 else blocks - 1 - j // 2)
 
 
 @njit(**JIT)

@@ -41,7 +41,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .ggml_simd import F32, I32, I64, _declare, _gep_load, _ptr, _shuffle
+from .ggml_simd import F32, I32, I64, _declare, _gep_load, _ptr, _shuffle, opaque
 
 F64 = ir.DoubleType()
 
@@ -155,7 +155,12 @@ def expf_vector(builder, x, wide):
         out = _fma(b, k, j, k)
         out = b.select(b.fcmp_ordered(">", a, _vconst(F32, 126.0, n_l)), b.fmul(_fma(b, s2, j, s2), s1), out)
         out = b.select(b.fcmp_ordered(">", a, _vconst(F32, 192.0, n_l)), b.fmul(s1, s1), out)
-    return b.select(b.fcmp_unordered("uno", x, x), x, out)
+    out = b.select(b.fcmp_unordered("uno", x, x), x, out)
+    # A caller that stores the result where x came from (the softmax, in place) had this select made a masked store
+    # of the non-NaN lanes (vmaskmovps), microcoded on AMD Zen: an expf vector took ~18 cycles (AVX2 EPYC, Zen 3).
+    # Hidden from LLVM, the select is a blend and the store a plain one. (8 lanes: a 16-lane vector fits no AVX2
+    # register, and on AVX-512 a masked store is one instruction.)
+    return opaque(b, out) if n_l == 8 else out
 
 
 def _make_expf_array(lanes):
@@ -482,7 +487,7 @@ kt_scores16_1, kt_scores16_2, kt_scores16_3, kt_scores16_4 = (_make_key_scores(1
 
 # ---- probabilities . V --------------------------------------------------------------------------------------------
 
-def _make_columns(lanes, rows):
+def _make_columns(lanes, rows, cols=None):
     @intrinsic
     def f16_columns(typingctx, w, w_stride, v, v_stride, nkeys, hd, out):
         """out[r, d] = ggml_vec_dot_f16(w[r], column d of V) for r < `rows`, d < hd (a multiple of 8), over
@@ -490,7 +495,10 @@ def _make_columns(lanes, rows):
         `lanes`), each lane a chain acc = fma(w[r, p], v[p, d], acc) over p = a, a + 4L, ...; the 4L lanes of
         each column summed as ggml_vec_dot_f16 sums its accumulators' lanes ((0 + 2) + (1 + 3), then
         reduce_add_16's halves or reduce_add_8's (i + i+4), (0 + 1) + (2 + 3)). Columns are independent, so they
-        go a vector at a time (16 where L = 16, else 8; then 8 for a head size that is an odd multiple of 8), and
+        go 16 at a time (then 8 for a head size that is an odd multiple of 8; `cols` other than 16 for
+        measurements): in the 8-lane build two vectors a row, so that each chain's loop has two fused multiply-adds
+        a row in flight, not one behind the last's latency (default model, 512 tokens, 3 rows, one thread on an
+        AVX2 EPYC: 2.90 ms a layer against 4.63 with 8 columns; 32 columns 4.42, register spills), and
         for each the chains are made in the order of that sum's tree, each added in as soon as its partner is
         there: depth first, every partial sum in registers (storing the 4L chains of every column and summing
         them after took 1.4-1.8x as long at the 1B shape). Each value vector is loaded once for the
@@ -503,7 +511,7 @@ def _make_columns(lanes, rows):
             wp, ws, vp, vs, nkeys, hd, outp = args
             b = builder
             step = 4 * lanes
-            cw = 16 if lanes == 16 else 8
+            cw = cols or 16
 
             def column_sums(col, n):  # columns col .. col + n - 1 of every row -> out
                 vn = ir.VectorType(F32, n)
@@ -531,7 +539,7 @@ def _make_columns(lanes, rows):
                     b.store(sums[r], _ptr(b, dst, vn), align=4)
 
             col = cgutils.alloca_once_value(b, _c64(0))
-            for n in ([cw, 8] if cw == 16 else [8]):
+            for n in ([cw, 8] if cw > 8 else [8]):
                 cond = b.append_basic_block("cols_cond")
                 body = b.append_basic_block("cols_body")
                 done = b.append_basic_block("cols_done")

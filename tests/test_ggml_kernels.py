@@ -526,6 +526,30 @@ def test_attention_equals_specification(shape):
     assert same_bits(ops().attention(q, k, v, start), ggml.attention(q, k, v, start))
 
 
+@pytest.mark.parametrize("isa", ggml.ISAS)
+def test_attention_parallel_odd_head_size_equals_specification(isa):
+    """Enough work for the parallel region (prange over _balanced's order) and a head size that is an odd multiple
+    of 8 (the value columns 16 at a time, then 8), in each build's order."""
+    q, k, v, start = _attention_case((1, 70, (9, 3), 40, 90, 8))
+    assert 70 * 9 * 160 * 40 >= ops().SERIAL_WORK
+    assert same_bits(ops().attention(q, k, v, start, isa=isa), ggml.attention(q, k, v, start, isa=isa))
+
+
+@pytest.mark.parametrize("blocks", [1, 2, 3, 7, 32, 33])
+def test_attention_items_balanced(blocks):
+    """_balanced is a permutation of the work items, and the prange indices of a KV head, two by two from its
+    first, hold query blocks whose positions sum to the same (so each thread's contiguous run holds about the same
+    keys)."""
+    heads = 3
+    order = [ops()._balanced(i, blocks) for i in range(heads * blocks)]
+    assert sorted(order) == list(range(heads * blocks))
+    for head in range(heads):
+        for j in range(0, blocks - 1, 2):
+            first, second = order[head * blocks + j], order[head * blocks + j + 1]
+            assert first // blocks == second // blocks == head
+            assert first % blocks + second % blocks == blocks - 1
+
+
 @pytest.mark.slow
 @settings(max_examples=30, deadline=None)
 @given(shape=attention_shapes)

@@ -22,9 +22,12 @@ import numpy as np
 from numba import njit, prange
 
 from llama_ref.model import ggml as spec
-from llama_ref.model.ggml import embedding, rope_frequencies  # noqa: F401  (the specification's own)
+from llama_ref.model.ggml import rope_frequencies  # noqa: F401  (the specification's own)
 
 from . import ggml_simd as simd
+# ggml_get_rows: the specification's embedding is exact mode's (model/ops.py), so its compiled twin here (the same
+# values, tests/test_kernels.py): a decode step's one row took 16-63 us in NumPy, 3.5 us so (default model)
+from .linear import embedding  # noqa: F401
 from ._common import JIT, readonly
 from .ggml_ops import apply_rope, attention, rms_norm, rope_tables, serial_product, swiglu  # noqa: F401
 

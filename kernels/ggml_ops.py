@@ -329,9 +329,19 @@ def _rope_tables(theta_scale, factor, start_pos, cos, sin):
             theta = theta * theta_scale
 
 
+# spec.rope_scale_factors of each table of frequencies seen (its bytes -> (theta_scale, factor)): ~7 us of NumPy that a
+# decode step paid every token for the same model's same numbers (nothing writes into factor)
+_SCALE_FACTORS: dict = {}
+
+
 def rope_tables(freqs: np.ndarray, start_pos: int, length: int, dtype) -> tuple[np.ndarray, np.ndarray]:
     """llama_ref.model.ggml.rope_tables, compiled: cos, sin (T, HD/2)."""
-    theta_scale, factor = spec.rope_scale_factors(freqs)
+    key = np.ascontiguousarray(freqs).tobytes()
+    if key not in _SCALE_FACTORS:
+        if len(_SCALE_FACTORS) >= 64:  # models come and go in one process: keep it bounded
+            _SCALE_FACTORS.clear()
+        _SCALE_FACTORS[key] = spec.rope_scale_factors(freqs)
+    theta_scale, factor = _SCALE_FACTORS[key]
     cos = np.empty((length, freqs.shape[0]), np.float32)
     sin = np.empty((length, freqs.shape[0]), np.float32)
     _rope_tables(theta_scale, factor, start_pos, cos, sin)

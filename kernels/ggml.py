@@ -22,12 +22,11 @@ import numpy as np
 from numba import njit, prange
 
 from llama_ref.model import ggml as spec
+from llama_ref.weights.packed import Q4_0Weight, Q4_1Weight, Q8_0Weight
 from llama_ref.model.ggml import rope_frequencies  # noqa: F401  (the specification's own)
 
 from . import ggml_simd as simd
-# ggml_get_rows: the specification's embedding is exact mode's (model/ops.py), so its compiled twin here (the same
-# values, tests/test_kernels.py): a decode step's one row took 16-63 us in NumPy, 3.5 us so (default model)
-from .linear import embedding  # noqa: F401
+from .linear import embedding as _compiled_rows
 from ._common import JIT, readonly
 from .ggml_ops import apply_rope, attention, rms_norm, rope_tables, serial_product, swiglu  # noqa: F401
 
@@ -321,6 +320,21 @@ def _fp16_values(x, out):
 
 # Below this many values the cache's rounding stays NumPy's (a decode step's few keys: no parallel region).
 FP16_MIN_VALUES = 1 << 14
+# The tables whose arrays exact mode's compiled embedding reads as this arithmetic holds them (embedding below)
+_ROWS_AS_HELD = (np.ndarray, Q8_0Weight, Q4_0Weight, Q4_1Weight)
+
+
+def embedding(tokens: np.ndarray, table, dtype) -> np.ndarray:
+    """ggml_get_rows: the specification's embedding, which is exact mode's (model/ops.py). Compiled (exact mode's
+    twin: the same values, tests/test_kernels.py) for a float array and the formats whose arrays it reads as they
+    are held (Q8_0, Q4_0, Q4_1): a decode step's one row took 16-24 us in NumPy, 3.5 us so (default model). For the
+    others it would first unpack the whole table beside the form this arithmetic keeps (Q5_0 / Q5_1 one byte a
+    value; the K-quants' originals, which Q4_K drops for its repacked copy), so they keep the specification's rows."""
+    if isinstance(table, _ROWS_AS_HELD):
+        return _compiled_rows(tokens, table, dtype)
+    return spec.embedding(tokens, table, dtype)
+
+
 cache_storage = spec.cache_storage  # the cache's fp16 values in float16 arrays, as the specification keeps them
 
 

@@ -496,6 +496,18 @@ def test_portable_environment_variable():
 
 # ---- the other operations -----------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("fmt", sorted(TYPES))
+def test_embedding_equals_specification_and_unpacks_nothing(fmt):
+    """The rows of a packed table as the specification gives them, and the table holds no more bytes afterwards
+    (Q5_0 / Q5_1 keep their file's blocks: exact mode's compiled rows would unpack the whole table first)."""
+    rng = np.random.default_rng(21)
+    table = TYPES[fmt].quantize(rng.standard_normal((40, 96)).astype(np.float32))
+    held = table.nbytes
+    tokens = rng.integers(0, 40, (2, 5))
+    assert same_bits(kernels().embedding(tokens, table, np.float32), ggml.embedding(tokens, table, np.float32))
+    assert table.nbytes == held
+
+
 def test_expf_equals_specification():
     x = np.concatenate([np.linspace(-120, 100, 40001, dtype=np.float32),
                         np.array([-np.inf, np.inf, np.nan, 0, -0.0, 88.7, 88.8, -103.9, -87.4], np.float32),

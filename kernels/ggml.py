@@ -22,8 +22,8 @@ import numpy as np
 from numba import njit, prange
 
 from llama_ref.model import ggml as spec
-from llama_ref.weights.packed import Q4_0Weight, Q4_1Weight, Q8_0Weight
 from llama_ref.model.ggml import rope_frequencies  # noqa: F401  (the specification's own)
+from llama_ref.weights.packed import Q4_0Weight, Q4_1Weight, Q8_0Weight
 
 from . import ggml_simd as simd
 from .linear import embedding as _compiled_rows

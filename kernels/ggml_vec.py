@@ -487,7 +487,7 @@ kt_scores16_1, kt_scores16_2, kt_scores16_3, kt_scores16_4 = (_make_key_scores(1
 
 # ---- probabilities . V --------------------------------------------------------------------------------------------
 
-def _make_columns(lanes, rows, cols=None):
+def _make_columns(lanes, rows):
     @intrinsic
     def f16_columns(typingctx, w, w_stride, v, v_stride, nkeys, hd, out):
         """out[r, d] = ggml_vec_dot_f16(w[r], column d of V) for r < `rows`, d < hd (a multiple of 8), over
@@ -495,8 +495,8 @@ def _make_columns(lanes, rows, cols=None):
         `lanes`), each lane a chain acc = fma(w[r, p], v[p, d], acc) over p = a, a + 4L, ...; the 4L lanes of
         each column summed as ggml_vec_dot_f16 sums its accumulators' lanes ((0 + 2) + (1 + 3), then
         reduce_add_16's halves or reduce_add_8's (i + i+4), (0 + 1) + (2 + 3)). Columns are independent, so they
-        go 16 at a time (then 8 for a head size that is an odd multiple of 8; `cols` other than 16 for
-        measurements): in the 8-lane build two vectors a row, so that each chain's loop has two fused multiply-adds
+        go 16 at a time (then 8 for a head size that is an odd multiple of 8): in the 8-lane build two
+        vectors a row, so that each chain's loop has two fused multiply-adds
         a row in flight, not one behind the last's latency (default model, 512 tokens, 3 rows, one thread on an
         AVX2 EPYC: 2.90 ms a layer against 4.63 with 8 columns; 32 columns 4.42, register spills), and
         for each the chains are made in the order of that sum's tree, each added in as soon as its partner is
@@ -511,7 +511,6 @@ def _make_columns(lanes, rows, cols=None):
             wp, ws, vp, vs, nkeys, hd, outp = args
             b = builder
             step = 4 * lanes
-            cw = cols or 16
 
             def column_sums(col, n):  # columns col .. col + n - 1 of every row -> out
                 vn = ir.VectorType(F32, n)
@@ -539,7 +538,7 @@ def _make_columns(lanes, rows, cols=None):
                     b.store(sums[r], _ptr(b, dst, vn), align=4)
 
             col = cgutils.alloca_once_value(b, _c64(0))
-            for n in ([cw, 8] if cw > 8 else [8]):
+            for n in (16, 8):
                 cond = b.append_basic_block("cols_cond")
                 body = b.append_basic_block("cols_body")
                 done = b.append_basic_block("cols_done")

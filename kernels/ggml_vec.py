@@ -490,21 +490,19 @@ kt_scores16_1, kt_scores16_2, kt_scores16_3, kt_scores16_4 = (_make_key_scores(1
 def _make_columns(lanes, rows):
     @intrinsic
     def f16_columns(typingctx, w, w_stride, v, v_stride, nkeys, hd, out):
-        """out[r, d] = ggml_vec_dot_f16(w[r], column d of V) for r < `rows`, d < hd (a multiple of 8), over
-        nkeys keys (the rest of ggml's padded row is zero probabilities): key p into accumulator lane p % 4L (L =
-        `lanes`), each lane a chain acc = fma(w[r, p], v[p, d], acc) over p = a, a + 4L, ...; the 4L lanes of
-        each column summed as ggml_vec_dot_f16 sums its accumulators' lanes ((0 + 2) + (1 + 3), then
-        reduce_add_16's halves or reduce_add_8's (i + i+4), (0 + 1) + (2 + 3)). Columns are independent, so they
-        go 16 at a time (then 8 for a head size that is an odd multiple of 8): in the 8-lane build two
-        vectors a row, so that each chain's loop has two fused multiply-adds
-        a row in flight, not one behind the last's latency (default model, 512 tokens, 3 rows, one thread on an
-        AVX2 EPYC: 2.90 ms a layer against 4.63 with 8 columns; 32 columns 4.42, register spills), and
-        for each the chains are made in the order of that sum's tree, each added in as soon as its partner is
-        there: depth first, every partial sum in registers (storing the 4L chains of every column and summing
-        them after took 1.4-1.8x as long at the 1B shape). Each value vector is loaded once for the
-        rows. w rows (w + r w_stride) of float32 fp16 values; V row p at byte address v + p * v_stride
-        (fp16 values: the cache's bits); out rows of hd float32, one after the other. Addresses in
-        bytes."""
+        """out[r, d] = ggml_vec_dot_f16(w[r], column d of V) for r < `rows`, d < hd (a multiple of 8), over nkeys keys
+        (the rest of ggml's padded row is zero probabilities): key p into accumulator lane p % 4L (L = `lanes`), each
+        lane a chain acc = fma(w[r, p], v[p, d], acc) over p = a, a + 4L, ...; the 4L lanes of each column summed as
+        ggml_vec_dot_f16 sums its accumulators' lanes ((0 + 2) + (1 + 3), then reduce_add_16's halves or reduce_add_8's
+        (i + i+4), (0 + 1) + (2 + 3)). Columns are independent, so they go 16 at a time (then 8 for a head size that is
+        an odd multiple of 8): in the 8-lane build two vectors a row, so that each chain's loop has two fused
+        multiply-adds a row in flight, not one behind the last's latency (default model, 512 tokens, 3 rows, one thread
+        on an AVX2 EPYC: 2.90 ms a layer against 4.63 with 8 columns; 32 columns 4.42, register spills), and for each
+        the chains are made in the order of that sum's tree, each added in as soon as its partner is there: depth first,
+        every partial sum in registers (storing the 4L chains of every column and summing them after took 1.4-1.8x as
+        long at the 1B shape). Each value vector is loaded once for the rows. w rows (w + r w_stride) of float32 fp16
+        values; V row p at byte address v + p * v_stride (fp16 values: the cache's bits); out rows of hd float32, one
+        after the other. Addresses in bytes."""
         sig = types.void(*([types.int64] * 7))
 
         def codegen(context, builder, signature, args):

@@ -267,6 +267,20 @@ def test_q4_1_q5_1_decode_tiles_read_fp16_pairs(kind, prefetches):
         assert len(loops[0]) <= (42 if ggml_simd.HAS_GFNI_MASKS else 52), len(loops[0])
 
 
+@pytest.mark.parametrize("kind", ["q4_1h", "q5_1c", "q5_0c"])
+def test_avx2_nibbles_take_a_broadcast_and_a_variable_shift(kind):
+    """Without GFNI (ggml_simd.HAS_GFNI_MASKS false), the AVX2 decode tiles spread a block's 16 nibble bytes by a
+    vbroadcasti128 from memory, one vpsrlvd (the upper half's words shifted by 4) and an and: no vpsrlw and no
+    vinserti128, which Zen 3 runs on one pipe only (ggml_simd._weight_values). Two blocks an iteration."""
+    if ggml_simd.HAS_GFNI_MASKS:
+        pytest.skip("this CPU spreads nibbles with GFNI (vgf2p8affineqb)")
+    loops = block_loops(tile_asm(kind, 4, 1))
+    assert len(loops) == 1, [len(body) for body in loops]
+    names = [ins.split()[0] for ins in loops[0]]
+    assert names.count("vpsrlvd") == 8 and names.count("vbroadcasti128") == 8, names
+    assert "vinserti128" not in names and "vpsrlw" not in names, names
+
+
 def q5_fifth_bits_instructions(names: list[str], blocks: int) -> None:
     """A Q5 decode loop's spread of the nibbles and fifth bits of `blocks` blocks (ggml_simd.q5_values): with GFNI
     and AVX-512 BW (ggml_simd.HAS_GFNI_MASKS) a vgf2p8affineqb a block for both nibble halves, the fifth bits as a

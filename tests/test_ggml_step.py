@@ -256,3 +256,32 @@ def test_the_compiled_step_can_be_kept_in_numbas_disk_cache():
         numba.set_num_threads(before)
     compiled = [c for f in (mod._layers_serial, mod._layers_parallel) for c in f.overloads.values()]
     assert compiled and not any(c.library.has_dynamic_globals for c in compiled)
+
+
+@pytest.mark.parametrize("formats", [MIXED, "q4_k"])
+def test_the_next_groups_prefetch_asks_for_each_items_own_rows(formats):
+    """_share_start (the lines each thread asks for before the next region) gives every work item of every product
+    group the address its first tile reads: a weight's first item its first row (the weight's own array for the
+    legacy formats), each later item ROWS rows on (a repacked Q4_K's groups of 8 rows counted as such), never past
+    the weight's bytes."""
+    from llama_ref.kernels import ggml_linears as gl
+    mod = step()
+    model = model_in(formats)
+    decode(model, TOKENS, steps=1)  # the run and its tables are made on the first step
+    ((n, table, groups, *_),) = [run for run in mod._RUNS.values() if run]
+    legacy = {kernels()._weight_args(w)[1].ctypes.data for w in model.weights.values() if hasattr(w, "format")
+              and w.format in ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1")}
+    for layer in range(n):
+        for g in range(4):
+            t = table[groups[layer, g, mod.T0]:groups[layer, g, mod.T1]]
+            for i in range(t.shape[0]):
+                repacked = t[i, gl.KINDF] == gl.Q4_KR
+                rows = t[i, gl.RF] // 8 if repacked else t[i, gl.RF]
+                end = t[i + 1, gl.TILEF] if i + 1 < t.shape[0] else groups[layer, g, mod.TILES]
+                assert t[i, gl.KINDF] >= gl.Q4_K or t[i, gl.WF] in legacy
+                for c in range(t[i, gl.TILEF], end):
+                    at, scales = mod._share_start(t, c)
+                    step_rows = (c - t[i, gl.TILEF]) * (gl.ROWS // 8 if repacked else gl.ROWS)
+                    assert at == t[i, gl.WF] + step_rows * t[i, gl.WSF] < t[i, gl.WF] + rows * t[i, gl.WSF]
+                    if c == t[i, gl.TILEF]:
+                        assert scales == t[i, gl.DF]

@@ -66,8 +66,8 @@ SERIAL_WORK = 1 << 14
 # their shares cold from memory, and the lines between regions (RoPE, the cache, attention, norms) leave the time
 # for them to arrive. Hints only: no value depends on them. AMD EPYC Zen 3, 2 threads, the default model's decode
 # alternated with the step without them (session 53): Q4_0 median 266 against 250 tok/s and 244 against 206 in a
-# busier spell, 8192 bytes over 16384; Q8_0 and Q5_0 (bound by the tiles' arithmetic there) within the noise.
-PREFETCH_NEXT = 8192
+# busier spell, 8 KiB over 16; Q8_0 and Q5_0 (bound by the tiles' arithmetic there) within the noise.
+PREFETCH_NEXT = 8 << 10  # bytes (8 KiB)
 
 
 @njit(inline="always", **JIT)

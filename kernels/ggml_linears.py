@@ -37,12 +37,19 @@ KINDF, RF, NBF, WF, WSF, DF, DSF, MF, OUTF, TILEF = range(10)
 
 
 @njit(inline="always", **JIT)
-def _item(c, table, xq, xd, xs, off, kq8, kd, kbs, out, use_simd):
-    """Work item c: tile c of the weights' tiles taken in order (the weight whose tiles hold c, then its rows
-    c0 .. c0 + ROWS - 1), each row as its own product computes it, into out at the weight's offset."""
+def weight_of(table, c):
+    """The row of the work table whose weight holds work item c (its tiles are TILEF .. the next row's TILEF - 1)."""
     i = 0
     while i + 1 < table.shape[0] and table[i + 1, TILEF] <= c:
         i += 1
+    return i
+
+
+@njit(inline="always", **JIT)
+def _item(c, table, xq, xd, xs, off, kq8, kd, kbs, out, use_simd):
+    """Work item c: tile c of the weights' tiles taken in order (the weight whose tiles hold c, then its rows
+    c0 .. c0 + ROWS - 1), each row as its own product computes it, into out at the weight's offset."""
+    i = weight_of(table, c)
     kind, R, nb = table[i, KINDF], table[i, RF], table[i, NBF]
     w0, ws, d0, wds, m0 = table[i, WF], table[i, WSF], table[i, DF], table[i, DSF], table[i, MF]
     o0 = np.int64(out.ctypes.data) + 4 * table[i, OUTF]

@@ -74,9 +74,7 @@ PREFETCH_NEXT = 8 << 10  # bytes (8 KiB)
 def _share_start(t, c):
     """The byte addresses where work item c of the work table t starts reading: its first weight row (a repacked
     Q4_K's group of 8 rows) and that row's scales (ggml_linears' columns)."""
-    i = 0
-    while i + 1 < t.shape[0] and t[i + 1, gl.TILEF] <= c:
-        i += 1
+    i = gl.weight_of(t, c)
     r0 = (c - t[i, gl.TILEF]) * gl.ROWS
     rows = t[i, gl.WF] + (r0 // 8 if t[i, gl.KINDF] == gl.Q4_KR else r0) * t[i, gl.WSF]
     return rows, t[i, gl.DF] + r0 * t[i, gl.DSF]

@@ -379,8 +379,9 @@ def _weight_args(w) -> tuple:
             # As llama.cpp streams them and the weight holds them (weights/packed.py file_form): each block's 20
             # bytes of fifth bits and nibbles, and its fp16 d (Q5_0) or fp16 pair d, m (Q5_1; d = m: the tiles
             # read both from d). 22 / 24 bytes a block, the file's, where one byte per value and float32 scales
-            # took 36 / 40; and the weight holds no other copy.
-            qs, d = w.file_form()
+            # took 36 / 40; and the weight holds no other copy. The fifth bits in the order this host's tiles read
+            # (ggml_simd.Q5_BIT_ORDER; the weight then holds them so).
+            qs, d = w.file_form(simd.Q5_BIT_ORDER)
             qs, d = readonly(qs), readonly(d)
             m = d
         elif fmt == "q4_1":

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from llama_ref.model import ggml
-from llama_ref.weights.packed import Q5_0Weight, Q5_1Weight
+from llama_ref.weights.packed import Q5_BIT_ORDERS, Q5_0Weight, Q5_1Weight, q5_bits_in_order
 from test_ggml_kernels import extreme_activations, raw_blocks, same_bits
 
 TYPES = {"q5_0": Q5_0Weight, "q5_1": Q5_1Weight}
@@ -30,8 +30,9 @@ def kernels():
 @pytest.mark.parametrize("kind", sorted(TYPES))
 def test_weight_holds_the_files_form_until_exact_mode_asks(kind):
     """As loaded, the weight holds the file's bytes split in two (its nbytes is the file's size) and the ggml
-    kernels read exactly those arrays; exact mode's qs, d (m) unpack on first use, equal to gguf's values, and the
-    file's form is let go; raw_blocks() gives the file's bytes from either form, and file_form() makes it again."""
+    kernels read exactly those arrays, the fifth bits put in the order this host's tiles read (ggml_simd.Q5_BIT_ORDER;
+    still one copy); exact mode's qs, d (m) unpack on first use, equal to gguf's values, and the file's form is let
+    go; raw_blocks() gives the file's bytes from either form, and file_form() makes it again."""
     cls = TYPES[kind]
     w = raw_blocks(kind, 13, 5, seed=3)
     raw = w.raw_blocks().reshape(13, 5, cls.type_size)
@@ -41,7 +42,11 @@ def test_weight_holds_the_files_form_until_exact_mode_asks(kind):
     assert np.array_equal(blocks.reshape(13, 5, 20), raw[:, :, h:])
     assert np.array_equal(scales.reshape(13, 5, 1).view(np.uint8), raw[:, :, :h])
     k, qs, d, m = kernels()._weight_args(w)
-    assert k == kernels().KIND[kind] and qs is blocks and d is scales and m is d
+    order = kernels().simd.Q5_BIT_ORDER
+    held, held_scales = w.file_form(order)
+    assert k == kernels().KIND[kind] and qs is held and d is held_scales is scales and m is d
+    assert np.array_equal(qs, q5_bits_in_order(blocks, order)) and w.nbytes == 13 * 5 * cls.type_size
+    assert np.array_equal(w.raw_blocks().reshape(13, 5, cls.type_size), raw)  # the file's bytes, either order
     x = np.random.default_rng(4).standard_normal((5, 160)).astype(np.float32)
     kernels().quantized_linear(x, w)  # a prefill
     kernels().quantized_linear(x[:1], w)  # a decode
@@ -72,10 +77,52 @@ def raw_values(b):
     return nib | (high.astype(np.int64) << 4)
 
 
+def test_shifted_fifth_bits_put_each_values_bit_at_its_bytes_top():
+    """Q5_BIT_ORDERS "shifted" as the AVX2 tiles read it (ggml_simd._shifted_fifth_bits), in NumPy: the word copied into
+    8 lanes of 32 bits, lane j shifted left by j, has at the top of byte v (lane v // 4, byte v % 4) bit v of the file's
+    word, for every v; going back gives the file's bytes, the nibbles untouched; another order is refused by name."""
+    rng = np.random.default_rng(5)
+    blocks = rng.integers(0, 256, (3, 7, 20), dtype=np.uint8)  # (rows, blocks, fifth bits | nibbles)
+    blocks[0, 0, :4], blocks[0, 1, :4] = 0, 255
+    shifted = q5_bits_in_order(blocks, "shifted")
+    assert np.array_equal(shifted[..., 4:], blocks[..., 4:]) and not np.array_equal(shifted, blocks)
+    word = shifted[..., :4].copy().view("<u4")[..., 0].astype(np.uint64)  # (3, 7)
+    lanes = (word[..., None] << np.arange(8, dtype=np.uint64)) & np.uint64(0xFFFFFFFF)  # (3, 7, 8) vpsllvd
+    top = (lanes[..., None] >> (8 * np.arange(4, dtype=np.uint64) + 7)) & np.uint64(1)  # (3, 7, 8, 4) bit 7 of byte
+    bits = np.unpackbits(blocks[..., :4], axis=-1, bitorder="little")  # (3, 7, 32): bit v of the file's word
+    assert np.array_equal(top.reshape(3, 7, 32), bits)
+    assert np.array_equal(q5_bits_in_order(shifted, "file", "shifted"), blocks)
+    assert np.array_equal(q5_bits_in_order(blocks, "file"), blocks) and Q5_BIT_ORDERS == ("file", "shifted")
+    with pytest.raises(ValueError, match="'spread'"):
+        q5_bits_in_order(blocks, "spread")
+
+
+@pytest.mark.parametrize("kind", sorted(TYPES))
+def test_weight_held_shifted_keeps_the_files_values(kind):
+    """A weight whose blocks the kernels asked for in "shifted" order (any host: file_form("shifted")) holds one copy,
+    gives the file's bytes (raw_blocks), rows and exact mode's values as before, and the file's order back on asking."""
+    cls = TYPES[kind]
+    w = raw_blocks(kind, 9, 4, seed=6)
+    raw = w.raw_blocks().reshape(9, 4, cls.type_size)
+    dense = gguf.quants.dequantize(raw.reshape(9, -1), gguf.GGMLQuantizationType[cls.ggml_type]).reshape(9, 128)
+    blocks, _ = w.file_form()
+    blocks = blocks.copy()
+    shifted, _ = w.file_form("shifted")
+    assert np.array_equal(shifted, q5_bits_in_order(blocks, "shifted")) and w.nbytes == 9 * 4 * cls.type_size
+    assert np.array_equal(w.raw_blocks().reshape(9, 4, -1), raw)
+    assert np.array_equal(w.raw_blocks(np.array([7, 2])).reshape(2, 4, -1), raw[[7, 2]])
+    assert same_bits(w.rows(np.array([[8, 1]])), dense[[[8, 1]]])
+    assert np.array_equal(w.file_form()[0], blocks)
+    w.file_form("shifted")
+    assert same_bits(w.to_float(), dense)  # exact mode's form, unpacked from the shifted blocks
+    assert np.array_equal(w.qs.reshape(9, 4, 32), (raw_values(raw[:, :, 2 * len(cls.fields):])
+                                                   - (16 if kind == "q5_0" else 0)).astype(np.uint8))
+
+
 @pytest.mark.parametrize("kind", sorted(TYPES))
 def test_unpack_row_is_one_byte_per_value(kind):
-    """ggml_simd.unpack_q5_row: a row of file blocks -> the values a prefill's byte tiles read (Q5_0 int8 q - 16,
-    Q5_1 q) and the fp16 scales as float32, exactly."""
+    """ggml_simd.unpack_q5_row: a row of file blocks (fifth bits in the host's Q5_BIT_ORDER) -> the values a
+    prefill's byte tiles read (Q5_0 int8 q - 16, Q5_1 q) and the fp16 scales as float32, exactly."""
     from numba import njit
 
     from llama_ref.kernels import ggml_simd
@@ -88,7 +135,7 @@ def test_unpack_row_is_one_byte_per_value(kind):
 
     for pattern in ("random", "min", "max"):
         w = raw_blocks(kind, 7, 9, seed=8, pattern=pattern)
-        blocks, scales = w.file_form()
+        blocks, scales = w.file_form(ggml_simd.Q5_BIT_ORDER)
         qs = np.zeros((7, 9 * 32), np.uint8)
         d, m = np.zeros((7, 9), np.float32), np.zeros((7, 9), np.float32)
         unpack(blocks, scales, int(kind == "q5_0"), qs, d, m)

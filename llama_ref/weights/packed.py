@@ -246,6 +246,41 @@ class Q4_1Weight(GGUFBlockWeight):
 
 BLOCKS_PER_PIECE = 1 << 14  # blocks unpacked at a time on load (Q5_0 / Q5_1): 512 KiB of values
 
+# The orders a Q5 block's 32 fifth bits can be held in (the 4 bytes before its nibbles, a little-endian word):
+# "file": value v's bit at bit v, as GGUF stores them; "shifted": value 4j + b's bit at bit 8b + 7 - j, so that the word
+# copied into 8 lanes of 32 bits, lane j shifted left by j (one AVX2 vpsllvd), has each value's bit at the top of that
+# value's byte, where one vpblendvb reads it (kernels/ggml_simd.q5_values; llama.cpp's bytes_from_bits_32 takes a
+# vpshufb, an and, a compare and an andnot). The same 32 bits in another order: the same 4 bytes a block.
+Q5_BIT_ORDERS = ("file", "shifted")
+_SHIFTED_AT = np.array([8 * (v % 4) + 7 - v // 4 for v in range(32)])  # value v's bit -> its place in "shifted"
+
+
+def _bit_tables(dest: np.ndarray) -> np.ndarray:
+    """(4, 256) uint32: for byte k of a word and each of its values, its bits 8k + i moved to bits dest[8k + i]."""
+    bits = ((np.arange(256)[:, None] >> np.arange(8)) & 1).astype(np.uint32)  # (256, 8): byte value -> its bits
+    return np.stack([(bits << dest[8 * k:8 * k + 8].astype(np.uint32)).sum(axis=1, dtype=np.uint32)
+                     for k in range(4)])
+
+
+_TO_SHIFTED, _TO_FILE = _bit_tables(_SHIFTED_AT), _bit_tables(np.argsort(_SHIFTED_AT))
+
+
+def q5_bits_in_order(blocks: np.ndarray, order: str, was: str = "file") -> np.ndarray:
+    """Q5 blocks without their header (..., 20) uint8 (fifth bits, then nibbles), fifth bits held in order `was` ->
+    a copy with them in `order` (Q5_BIT_ORDERS); the nibbles as they were. In pieces of BLOCKS_PER_PIECE blocks."""
+    if order not in Q5_BIT_ORDERS or was not in Q5_BIT_ORDERS:
+        raise ValueError(f"Q5 fifth-bit order must be one of {Q5_BIT_ORDERS}, not {order!r} / {was!r}")
+    out = np.array(blocks, copy=True)
+    if order == was:
+        return out
+    tables = _TO_SHIFTED if order == "shifted" else _TO_FILE
+    flat = out.reshape(-1, 20)  # (n, 20), a view of out
+    for s in range(0, flat.shape[0], BLOCKS_PER_PIECE):
+        head = flat[s:s + BLOCKS_PER_PIECE, :4]  # (p, 4) the word's bytes, little-endian
+        word = tables[0][head[:, 0]] | tables[1][head[:, 1]] | tables[2][head[:, 2]] | tables[3][head[:, 3]]
+        flat[s:s + BLOCKS_PER_PIECE, :4] = word.astype("<u4")[:, None].view(np.uint8)
+    return out
+
 
 class _Q5Weight(GGUFBlockWeight):
     """Q5_0 and Q5_1: the fields (d; Q5_1 also m, fp16) | qh, 4 bytes | 16 bytes of nibbles laid out as Q4_0's.
@@ -256,7 +291,8 @@ class _Q5Weight(GGUFBlockWeight):
     - as loaded, the file's: file_form() = (blocks (rows, nb * 20), each block's qh then nibbles; scales (rows,
       nb), its fp16 d as uint16 bits (Q5_0) or its fp16 pair d | m << 16 as uint32 (Q5_1), the block's first bytes
       read little-endian). 22 / 24 bytes a block, as the file; arithmetic="ggml"'s kernels read these (kernels/
-      ggml.py _weight_args), as llama.cpp does.
+      ggml.py _weight_args), as llama.cpp does. file_form(order) gives qh's bits in another order
+      (Q5_BIT_ORDERS: the AVX2 tiles read "shifted"): the blocks held are then put in that order, not copied.
     - exact mode's: `qs` one byte per value in value order (Q5_0: the int8 bytes of q - 16; Q5_1: q), read as the Q8
       kernels read Q8_0 (Q5_0) or Q5_K (Q5_1), and float32 `d` (and `m`): 36 / 40 bytes a block, the price of
       reading 5-bit values without shuffling bits there. Made on first use (qs, d, m, kernel_args(), data), and the
@@ -281,12 +317,21 @@ class _Q5Weight(GGUFBlockWeight):
         scale_type = np.uint16 if h == 2 else np.uint32
         self._scales16 = _readonly(np.ascontiguousarray(raw[:, :, :h]).view(scale_type).reshape(rows, nb))
         self._blocks = _readonly(np.ascontiguousarray(raw[:, :, h:]).reshape(rows, nb * 20))
+        self._order = "file"  # of the fifth bits in _blocks (Q5_BIT_ORDERS)
 
-    def file_form(self) -> tuple:
-        """(blocks (rows, nb * 20) uint8, scales (rows, nb) uint16 / uint32): see the class."""
+    def file_form(self, order: str = "file") -> tuple:
+        """(blocks (rows, nb * 20) uint8, scales (rows, nb) uint16 / uint32): see the class. order: of each block's
+        fifth bits (Q5_BIT_ORDERS); the blocks held are put in it (one copy held either way)."""
         if self._blocks is None:
             self._hold_file_form(self.raw_blocks().reshape(self.shape[0], -1, self.type_size))
+        if order != self._order:
+            self._blocks, self._order = _readonly(q5_bits_in_order(self._blocks, order, self._order)), order
         return self._blocks, self._scales16
+
+    def _file_blocks(self, sel=slice(None)) -> np.ndarray:
+        """The blocks held, rows sel, with their fifth bits in the file's order."""
+        blocks = self._blocks[sel]
+        return blocks if self._order == "file" else q5_bits_in_order(blocks, "file", self._order)
 
     def _unpacked(self) -> tuple:
         """(qs, d, m or None): exact mode's form, made from the file's on first use, which is then let go."""
@@ -295,7 +340,7 @@ class _Q5Weight(GGUFBlockWeight):
             nb, h = cols // 32, 2 * len(self.fields)
             head = self._scales16.reshape(rows, nb, 1).view(np.uint8)  # (rows, nb, h): the file's fp16 fields
             fields = [_readonly(_fp16(head[:, :, 2 * i:2 * i + 2])) for i in range(len(self.fields))]
-            qs = _readonly(self._values(self._blocks.reshape(rows * nb, 20)).reshape(rows, cols))
+            qs = _readonly(self._values(self._file_blocks().reshape(rows * nb, 20)).reshape(rows, cols))
             self._exact = (qs, fields[0], fields[1] if h == 4 else None)
             self._blocks = self._scales16 = None
         return self._exact
@@ -329,7 +374,7 @@ class _Q5Weight(GGUFBlockWeight):
         sel = slice(None) if ids is None else ids
         h = 2 * len(self.fields)
         if self._blocks is not None:  # the file's form: its bytes as they are
-            blocks = self._blocks[sel]
+            blocks = self._file_blocks(sel)
             n = blocks.shape[0]
             head = self._scales16[sel].reshape(n, -1, 1).view(np.uint8)  # (n, nb, h)
             return np.concatenate([head, blocks.reshape(n, -1, 20)], axis=2).reshape(n, -1)

@@ -361,13 +361,21 @@ def _pair_scales(b, wd, xd, i, scales):
                   None if per == 2 else b.extract_element(halves, ir.Constant(I32, 2 * k + 1))) for k in (0, 1))
 
 
+def _vector(b, values):
+    """Scalars of one type -> a vector of them, in order."""
+    vec = ir.Constant(ir.VectorType(values[0].type, len(values)), ir.Undefined)
+    for k, v in enumerate(values):
+        vec = b.insert_element(vec, v, ir.Constant(I32, k))
+    return vec
+
+
 def splat8(b, v):
     """A float32 in all 8 lanes of a vector."""
     v8f = ir.VectorType(F32, 8)
     return _shuffle(b, b.insert_element(ir.Constant(v8f, ir.Undefined), v, ir.Constant(I32, 0)), [0] * 8)
 
 
-def _tile_scales(b, wd, wds, xd, i, rows, scales, buf):
+def _tile_scales(b, wd, wds, xd, i, rows, scales, buf, m_lanes=False):
     """A decode tile's scales of blocks i and i + 1 for all its rows (rows > 1; one row keeps _pair_scales'
     registers): each row's two fp16 d (Q5_0, "half") or fp16 pairs d, m (Q5_1, Q4_1: "pair") gathered 8 fp16 to a
     vector (4 rows, or 2), converted in one vcvtph2ps and multiplied in one vmulps by the activation scales (d_x of
@@ -377,14 +385,16 @@ def _tile_scales(b, wd, wds, xd, i, rows, scales, buf):
     (one thread in cache: Q5_0 1.09-1.37x, Q5_1 1.13-1.18x; streamed, where memory bounds it, the same). Only
     256-bit vectors: one 512-bit conversion in the loop (LLVM's choice for 16 fp16) shut half the vector
     ports and made the Q5_1 tile 1.2x slower. -> per row ((d_w d_x, m_w) of block i, the same of i + 1), d_w d_x
-    as an 8-lane splat, m_w a float32 load (None for Q5_0). The same float32 products as one block at a time
-    (each lane rounded alone)."""
+    as an 8-lane splat, m_w a float32 load (None for Q5_0); m_lanes (pairs, 4 rows): m_w instead the 4 rows' m_w of
+    the block side by side, <4 x float>, shuffled out of the conversions (the same vector for every row). The same
+    float32 products as one block at a time (each lane rounded alone)."""
     c64 = lambda v: ir.Constant(I64, v)  # noqa: E731
     per = 2 if scales == "half" else 4  # fp16 values a row for two blocks
     word = I32 if per == 2 else I64
     dx = _gep_load(b, xd, b.mul(i, c64(4)), ir.VectorType(F32, 2), 4)
     with_one = b.shuffle_vector(dx, ir.Constant(dx.type, [1.0, 1.0]), ir.Constant(ir.VectorType(I32, 4), [0, 1, 2, 3]))
     chunk = 8 // per
+    converted = []
     for r0 in range(0, rows, chunk):
         n = min(chunk, rows - r0)
         vec = ir.Constant(ir.VectorType(word, n), ir.Undefined)
@@ -392,6 +402,7 @@ def _tile_scales(b, wd, wds, xd, i, rows, scales, buf):
             at = b.add(b.add(wd, b.mul(c64(r0 + r), wds)), b.mul(i, c64(per)))
             vec = b.insert_element(vec, _gep_load(b, at, c64(0), word, per), ir.Constant(I32, r))
         halves = b.fpext(b.bitcast(vec, ir.VectorType(ir.HalfType(), n * per)), ir.VectorType(F32, n * per))
+        converted.append(halves)
         mult = _shuffle(b, with_one, ([0, 1] if per == 2 else [0, 2, 1, 2]) * n)  # d_x at each d_w, 1.0 at each m_w
         prod = b.fmul(halves, mult)
         b.store(prod, b.bitcast(b.gep(buf, [ir.Constant(I32, r0 * per)]), ir.PointerType(prod.type)), align=4)
@@ -403,6 +414,11 @@ def _tile_scales(b, wd, wds, xd, i, rows, scales, buf):
         return b.load(_ptr(b, b.add(addr, c64(4 * k)), F32), align=4)
 
     step = per // 2  # a block's floats in the buffer: d_w d_x (and m_w)
+    if m_lanes:  # rows 0, 1 in converted[0] and 2, 3 in [1], each row d, m of block i, then of i + 1
+        ms = b.shuffle_vector(converted[0], converted[1],
+                              ir.Constant(ir.VectorType(I32, 8), [1, 5, 9, 13, 3, 7, 11, 15]))
+        m4 = [_shuffle(b, ms, [0, 1, 2, 3]), _shuffle(b, ms, [4, 5, 6, 7])]
+        return [tuple((splat8(b, at(per * r + step * k)), m4[k]) for k in (0, 1)) for r in range(rows)]
     return [tuple((splat8(b, at(per * r + step * k)), at(per * r + step * k + 1) if per == 4 else None)
                   for k in (0, 1)) for r in range(rows)]
 
@@ -695,7 +711,14 @@ def _define_tile(module, kind, rows, acts, isa):
         b.cbranch(b.icmp_signed(">", nb, c64(0)), loop, done)
 
     n_acc = acts if not lanes8 else rows * acts // (2 if wide else 1)  # repacked Q4_0: one (8 rows) per activation
-    n_min = rows * acts if has_min else 0
+    # A decode's 4-row tile of fp16 pairs (Q4_1, Q5_1): the four rows' mins in the lanes of one <4 x float>, one fma
+    # of 4 lanes a block, each lane its row's own chain (the same float32 sums), where four scalar fmas and four
+    # loads of m_w took longer than the rest of the mins' work (a timing probe without them: Zen 3, one thread, in
+    # cache, Q5_1 1.81 -> 1.54 ns a block and row, Q4_1 1.45 -> 1.20)
+    vec_mins = has_min and pairs and rows == 4
+    v4f = ir.VectorType(F32, 4)
+    fma_4 = _declare(module, "llvm.fma.v4f32", v4f, [v4f] * 3) if vec_mins else None
+    n_min = 1 if vec_mins else rows * acts if has_min else 0
     zero = ir.Constant(F32, 0.0)
 
     def block_step(b, i, accs, mins, given=None):
@@ -808,6 +831,10 @@ def _define_tile(module, kind, rows, acts, isa):
                 rscales = _repacked_scales(b, wd, i)
                 new_accs[a_] = b.call(fma_v, [b.fmul(rscales, splat8(b, xdv[a_])), b.sitofp(sums[0], v8f), accs[a_]])
         for a_ in range(acts if has_min else 0):
+            if vec_mins:  # m_w of the 4 rows from _tile_scales, or gathered here (the odd last block's own loads)
+                m4 = given[0][1] if given is not None else _vector(b, wmv)
+                new_mins[0] = b.call(fma_4, [m4, _vector(b, [xsv[a_]] * 4), mins[0]])
+                continue
             for r in range(rows):
                 m = wmv[r] if scales == "pair" else _gep_load(b, b.add(wm, b.mul(c64(r), wds)), four, F32, 4)
                 k = r * acts + a_
@@ -817,21 +844,22 @@ def _define_tile(module, kind, rows, acts, isa):
     b = ir.IRBuilder(loop)
     i = b.phi(I64)
     accs = [b.phi(v16f if wide else v8f) for _ in range(n_acc)]
-    mins = [b.phi(F32) for _ in range(n_min)]
+    mins = [b.phi(v4f if vec_mins else F32) for _ in range(n_min)]
     if acts == 1:
         _prefetch_ahead(b, w, ws, wd, wds, wm if has_min and not scales else None, i, rows, block, ahead,
                         16 if kind == "q4_0r" else 2 * rows if scales == "half" else 4 * rows,
                         2 if pairs else 1, PREFETCH_INTO.get(kind, "l1"))
     # each row's (block i's, block i + 1's) scales
     if pairs and rows > 1:
-        given = _tile_scales(b, wd, wds, xd, i, rows, scales, scale_buf)
+        given = _tile_scales(b, wd, wds, xd, i, rows, scales, scale_buf, m_lanes=vec_mins)
     elif pairs:  # one row: its pair of scales stays in registers (two broadcasts; no stack)
         g = _pair_scales(b, wd, xd, i, scales)
         given = [tuple((splat8(b, s), m) for s, m in g)]
     else:
         given = None
     new_accs, new_mins = block_step(b, i, accs, mins, [g[0] for g in given] if pairs else None)
-    zeros = [ir.Constant(v16f, [0.0] * 16) if wide else zero8] * n_acc + [zero] * n_min
+    zeros = [ir.Constant(v16f, [0.0] * 16) if wide else zero8] * n_acc + \
+        [ir.Constant(v4f, [0.0] * 4) if vec_mins else zero] * n_min
     if pairs:
         b, ends = _close_pair_loop(b, i, nb, (entry, loop, after, tail, done), accs + mins,
                                    lambda b, accs, mins: block_step(b, b.add(i, c64(1)), accs, mins,
@@ -853,7 +881,8 @@ def _define_tile(module, kind, rows, acts, isa):
             else:
                 total = _hsum8(b, finals[k])
             if has_min:
-                total = b.fadd(total, final_mins[k])  # the offsets' float32 sum, added last
+                m_sum = b.extract_element(final_mins[0], ir.Constant(I32, r)) if vec_mins else final_mins[k]
+                total = b.fadd(total, m_sum)  # the offsets' float32 sum, added last
             b.store(total, _ptr(b, b.add(row_out, c64(4 * r)), F32), align=4)
     b.ret_void()
     return fn

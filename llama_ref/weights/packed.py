@@ -292,7 +292,7 @@ class _Q5Weight(GGUFBlockWeight):
       nb), its fp16 d as uint16 bits (Q5_0) or its fp16 pair d | m << 16 as uint32 (Q5_1), the block's first bytes
       read little-endian). 22 / 24 bytes a block, as the file; arithmetic="ggml"'s kernels read these (kernels/
       ggml.py _weight_args), as llama.cpp does. file_form(order) gives qh's bits in another order
-      (Q5_BIT_ORDERS: the AVX2 tiles read "shifted"): the blocks held are then put in that order, not copied.
+      (Q5_BIT_ORDERS: the AVX2 tiles read "shifted"): the blocks held are then replaced by that order's, still one copy.
     - exact mode's: `qs` one byte per value in value order (Q5_0: the int8 bytes of q - 16; Q5_1: q), read as the Q8
       kernels read Q8_0 (Q5_0) or Q5_K (Q5_1), and float32 `d` (and `m`): 36 / 40 bytes a block, the price of
       reading 5-bit values without shuffling bits there. Made on first use (qs, d, m, kernel_args(), data), and the

@@ -23,7 +23,7 @@ from numba import njit, prange
 
 from llama_ref.model import ggml as spec
 from llama_ref.model.ggml import rope_frequencies  # noqa: F401  (the specification's own)
-from llama_ref.weights.packed import Q4_0Weight, Q4_1Weight, Q8_0Weight
+from llama_ref.weights.packed import Q4_0Weight, Q4_1Weight, Q5_0Weight, Q5_1Weight, Q8_0Weight
 
 from . import ggml_simd as simd
 from .linear import embedding as _compiled_rows
@@ -327,12 +327,39 @@ _ROWS_AS_HELD = (np.ndarray, Q8_0Weight, Q4_0Weight, Q4_1Weight)
 def embedding(tokens: np.ndarray, table, dtype) -> np.ndarray:
     """ggml_get_rows: the specification's embedding, which is exact mode's (model/ops.py). Compiled (exact mode's
     twin: the same values, tests/test_kernels.py) for a float array and the formats whose arrays it reads as they
-    are held (Q8_0, Q4_0, Q4_1): a decode step's one row took 16-24 us in NumPy, 3.5 us so (default model). For the
-    others it would first unpack the whole table beside the form this arithmetic keeps (Q5_0 / Q5_1 one byte a
-    value; the K-quants' originals, which Q4_K drops for its repacked copy), so they keep the specification's rows."""
+    are held (Q8_0, Q4_0, Q4_1): a decode step's one row took 16-24 us in NumPy, 3.5 us so (default model); Q5_0 /
+    Q5_1 from the blocks this arithmetic holds (_q5_rows: the NumPy rows took ~90 us, a Q5 decode step's 2 %). For
+    the K-quants it would first unpack the whole table beside the form this arithmetic keeps (the originals, which
+    Q4_K drops for its repacked copy), so they keep the specification's rows."""
     if isinstance(table, _ROWS_AS_HELD):
         return _compiled_rows(tokens, table, dtype)
+    if isinstance(table, (Q5_0Weight, Q5_1Weight)) and np.dtype(dtype) == np.float32:
+        tokens = np.asarray(tokens)
+        ids = np.ascontiguousarray(tokens.reshape(-1), dtype=np.int64)  # (N,)
+        out = np.empty((ids.shape[0], table.shape[1]), np.float32)  # (N, D)
+        kind, blocks, scales, _ = _weight_args(table)
+        _q5_rows(blocks, scales, np.int64(kind == KIND["q5_0"]), ids, out)
+        return out.reshape(*tokens.shape, table.shape[1])
     return spec.embedding(tokens, table, dtype)
+
+
+@njit(**JIT)
+def _q5_rows(blocks, scales, signed, ids, out):
+    """out (N, K) = rows ids of a Q5_0 (signed) or Q5_1 weight from the blocks ggml mode holds (_weight_args: the
+    fifth bits in ggml_simd.Q5_BIT_ORDER, the fp16 scales apart), as the specification's rows (weights/packed.py
+    _dequantize_blocks): each row unpacked by ggml_simd.unpack_q5_row (a prefill's own), then d * (q - 16) or d * q + m
+    in float32, one rounding each."""
+    K = out.shape[1]
+    q, d, m = np.empty(K, np.uint8), np.empty(K // 32, np.float32), np.empty(K // 32, np.float32)
+    for i in range(ids.shape[0]):
+        r = ids[i]
+        simd.unpack_q5_row(blocks[r].ctypes.data, scales[r].ctypes.data, K // 32, signed, q.ctypes.data,
+                           d.ctypes.data, m.ctypes.data)
+        for k in range(K):
+            if signed:
+                out[i, k] = np.float32(np.int8(q[k])) * d[k >> 5]
+            else:
+                out[i, k] = np.float32(q[k]) * d[k >> 5] + m[k >> 5]
 
 
 cache_storage = spec.cache_storage  # the cache's fp16 values in float16 arrays, as the specification keeps them

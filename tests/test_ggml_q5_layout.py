@@ -120,6 +120,21 @@ def test_weight_held_shifted_keeps_the_files_values(kind):
 
 
 @pytest.mark.parametrize("kind", sorted(TYPES))
+def test_compiled_embedding_reads_the_held_blocks(kind):
+    """kernels/ggml.embedding of a Q5 table (_q5_rows): the specification's rows bit for bit, any id shape, from the
+    blocks ggml mode holds (the exact form never made), extreme blocks too; another dtype keeps the specification's."""
+    for pattern in ("random", "min", "max"):
+        w = raw_blocks(kind, 11, 6, seed=9, pattern=pattern)
+        spec_w = TYPES[kind](w.raw_blocks(), w.shape)
+        for ids in (np.array([4]), np.array([[3, 0, 10], [7, 7, 1]])):
+            got = kernels().embedding(ids, w, np.float32)
+            assert got.shape == ids.shape + (192,) and same_bits(got, ggml.embedding(ids, spec_w, np.float32))
+        assert w._exact is None
+    wide = kernels().embedding(np.array([2]), w, np.float64)
+    assert wide.dtype == np.float64 and same_bits(wide, ggml.embedding(np.array([2]), spec_w, np.float64))
+
+
+@pytest.mark.parametrize("kind", sorted(TYPES))
 def test_unpack_row_is_one_byte_per_value(kind):
     """ggml_simd.unpack_q5_row: a row of file blocks (fifth bits in the host's Q5_BIT_ORDER) -> the values a
     prefill's byte tiles read (Q5_0 int8 q - 16, Q5_1 q) and the fp16 scales as float32, exactly."""

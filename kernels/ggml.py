@@ -26,6 +26,7 @@ from llama_ref.model.ggml import rope_frequencies  # noqa: F401  (the specificat
 from llama_ref.weights.packed import Q4_0Weight, Q4_1Weight, Q5_0Weight, Q5_1Weight, Q8_0Weight
 
 from . import ggml_simd as simd
+from .linear import _rows_q8
 from .linear import embedding as _compiled_rows
 from ._common import JIT, readonly
 from .ggml_ops import apply_rope, attention, rms_norm, rope_tables, serial_product, swiglu  # noqa: F401
@@ -347,19 +348,17 @@ def embedding(tokens: np.ndarray, table, dtype) -> np.ndarray:
 def _q5_rows(blocks, scales, signed, ids, out):
     """out (N, K) = rows ids of a Q5_0 (signed) or Q5_1 weight from the blocks ggml mode holds (_weight_args: the
     fifth bits in ggml_simd.Q5_BIT_ORDER, the fp16 scales apart), as the specification's rows (weights/packed.py
-    _dequantize_blocks): each row unpacked by ggml_simd.unpack_q5_row (a prefill's own), then d * (q - 16) or d * q + m
-    in float32, one rounding each."""
+    _dequantize_blocks): each row unpacked by ggml_simd.unpack_q5_row (a prefill's own) to one byte per value and
+    float32 d (and m), then read as exact mode reads such a row (kernels/linear._rows_q8: d * (q - 16), or d * q + m
+    in float32, one rounding each)."""
     K = out.shape[1]
-    q, d, m = np.empty(K, np.uint8), np.empty(K // 32, np.float32), np.empty(K // 32, np.float32)
+    q, d, m = np.empty((1, K), np.uint8), np.empty((1, K // 32), np.float32), np.empty((1, K // 32), np.float32)
+    first = np.zeros(1, np.int64)  # the one unpacked row
     for i in range(ids.shape[0]):
         r = ids[i]
         simd.unpack_q5_row(blocks[r].ctypes.data, scales[r].ctypes.data, K // 32, signed, q.ctypes.data,
                            d.ctypes.data, m.ctypes.data)
-        for k in range(K):
-            if signed:
-                out[i, k] = np.float32(np.int8(q[k])) * d[k >> 5]
-            else:
-                out[i, k] = np.float32(q[k]) * d[k >> 5] + m[k >> 5]
+        _rows_q8(q, d, m, signed == 0, first, out[i:i + 1])
 
 
 cache_storage = spec.cache_storage  # the cache's fp16 values in float16 arrays, as the specification keeps them

@@ -340,7 +340,7 @@ class _Q5Weight(GGUFBlockWeight):
             nb, h = cols // 32, 2 * len(self.fields)
             head = self._scales16.reshape(rows, nb, 1).view(np.uint8)  # (rows, nb, h): the file's fp16 fields
             fields = [_readonly(_fp16(head[:, :, 2 * i:2 * i + 2])) for i in range(len(self.fields))]
-            qs = _readonly(self._values(self._file_blocks().reshape(rows * nb, 20)).reshape(rows, cols))
+            qs = _readonly(self._values(self._blocks.reshape(rows * nb, 20), self._order).reshape(rows, cols))
             self._exact = (qs, fields[0], fields[1] if h == 4 else None)
             self._blocks = self._scales16 = None
         return self._exact
@@ -349,14 +349,15 @@ class _Q5Weight(GGUFBlockWeight):
     data = qs
     d = property(lambda self: self._unpacked()[1], doc="(rows, blocks) float32: each block's d")
 
-    def _values(self, b):
-        """(n, 20) bytes qh | nibbles -> (n, 32) uint8: q, or for Q5_0 the int8 bytes of q - 16 (q - 16 mod 256).
+    def _values(self, b, order="file"):
+        """(n, 20) bytes qh | nibbles, qh's bits in `order` (Q5_BIT_ORDERS) -> (n, 32) uint8: q, or for Q5_0 the int8
+        bytes of q - 16 (q - 16 mod 256).
 
         In pieces of BLOCKS_PER_PIECE blocks, so that the temporaries stay small (whole, a 1B model's embedding
-        made 1 GB of them)."""
+        made 1 GB of them): a piece's bits are put in the file's order on its own."""
         out = np.empty((b.shape[0], 32), np.uint8)
         for s in range(0, b.shape[0], BLOCKS_PER_PIECE):
-            piece = b[s:s + BLOCKS_PER_PIECE]  # (p, 20)
+            piece = q5_bits_in_order(b[s:s + BLOCKS_PER_PIECE], "file", order)  # (p, 20)
             high = np.unpackbits(np.ascontiguousarray(piece[:, :4]), axis=1, bitorder="little")  # (p, 32): bit j
             out[s:s + BLOCKS_PER_PIECE] = (_nibbles(piece[:, 4:]) | (high << np.uint8(4))) - np.uint8(self.offset)
         return out

@@ -118,8 +118,9 @@ def expf_vector(builder, x, wide):
     """ggml_v_expf of the float vector x, every lane as llama_ref.model.ggml.ggml_v_expf(isa) computes it:
     wide, the AVX-512 build's (j = 1 + b c1 + ..., j * 2^n rounded once: here in float64, where it is
     exact); else the AVX2 build's (j without its 1, fma(k, j, k) with k = 2^n from z's bits; past |n| = 126
-    the power split as s2 * s1; past 192, s1 * s1). Both branches of every select are computed, as in the C
-    code; a NaN lane comes back as itself."""
+    the power split as s2 * s1, past 192 s1 * s1, computed only when some lane needs them, as the C code
+    branches on its movemask). Both sides of every select are computed, as in the C code; a NaN lane comes back
+    as itself."""
     n_l = x.type.count
     b = builder
 
@@ -149,12 +150,25 @@ def expf_vector(builder, x, wide):
         j = _fma(b, p, u, b.fmul(c("c8"), red))  # c8 * b: its own rounding
         e = b.shl(b.bitcast(z, i32v), _vconst(I32, 23, n_l))  # n in the exponent field
         k = b.bitcast(b.add(e, _vconst(I32, 0x3F800000, n_l)), x.type)  # 2^n for |n| <= 126
-        g = b.select(n_le_0, _vconst(I32, 0x82000000 - 2**32, n_l), _vconst(I32, 0, n_l))
-        s1 = b.bitcast(b.add(g, _vconst(I32, 0x7F000000, n_l)), x.type)  # 2^-125 (n <= 0) or 2^127
-        s2 = b.bitcast(b.sub(e, g), x.type)
         out = _fma(b, k, j, k)
-        out = b.select(b.fcmp_ordered(">", a, _vconst(F32, 126.0, n_l)), b.fmul(_fma(b, s2, j, s2), s1), out)
-        out = b.select(b.fcmp_ordered(">", a, _vconst(F32, 192.0, n_l)), b.fmul(s1, s1), out)
+        # As the C code, the split powers only when some lane needs them (|n| > 126; a NaN lane does not): computed
+        # for every vector, s1 * s1 (2^-250 where n <= 0, kept only past |n| = 192) underflowed in most of them,
+        # and the underflow made an AVX2 EPYC (Zen 3) take ~2.3x the time of the vector (silu's expf(-g) for
+        # g >= 0, every softmax vector). Skipped, those lanes were not taken anyway: the same values.
+        big = b.fcmp_ordered(">", a, _vconst(F32, 126.0, n_l))
+        fast_block = b.block
+        with b.if_then(b.icmp_unsigned("!=", b.bitcast(big, ir.IntType(n_l)), ir.Constant(ir.IntType(n_l), 0)),
+                       likely=False):
+            g = b.select(n_le_0, _vconst(I32, 0x82000000 - 2**32, n_l), _vconst(I32, 0, n_l))
+            s1 = b.bitcast(b.add(g, _vconst(I32, 0x7F000000, n_l)), x.type)  # 2^-125 (n <= 0) or 2^127
+            s2 = b.bitcast(b.sub(e, g), x.type)
+            split = b.select(big, b.fmul(_fma(b, s2, j, s2), s1), out)
+            split = b.select(b.fcmp_ordered(">", a, _vconst(F32, 192.0, n_l)), b.fmul(s1, s1), split)
+            split_block = b.block
+        joined = b.phi(x.type)
+        joined.add_incoming(out, fast_block)
+        joined.add_incoming(split, split_block)
+        out = joined
     out = b.select(b.fcmp_unordered("uno", x, x), x, out)
     # A caller that stores the result where x came from (the softmax, in place) had this select made a masked store
     # of the non-NaN lanes (vmaskmovps), microcoded on AMD Zen: an expf vector took ~18 cycles (AVX2 EPYC, Zen 3).

@@ -9,11 +9,12 @@ and k; k, v rounded to fp16 and stored into the cache at start_pos (model/cache.
 holds fp16 values in float16 arrays, as cache.store rounds them; here taken as their bits, uint16); the attention of
 the one query row (ggml_ops' _attention_item per KV head, reading the head's fp16 keys and values where they lie in
 the cache: no copy, unlike the lines' attention, which widens and gathers every head's rows each call); wo; the
-residual add; RMSNorm; w1, w3; SwiGLU; w2; the residual add. The products and the attention run in parallel regions
-(prange) that follow each other closely, so the threads stay awake in between; at one Numba thread the same function
-compiled without them runs. One call runs every layer of the step (the cache's layers are views of one array,
-KVCache.layers): a call per layer returned to Python between layers, ~15 us each with its checks, and the threads
-could fall asleep meanwhile (measured 1.06-1.3x on a 1B Q4_K step, ~1.1x on the default model's Q4_0).
+residual add; RMSNorm; w1, w3; SwiGLU; w2; the residual add. One parallel region runs the whole step: every thread
+runs the lines, and the threads share the products' tiles and the attention's heads, each phase's outputs read only
+once its count says all are done (PHASES below); at one Numba thread the same function compiled without the region
+runs. One call runs every layer of the step (the cache's layers are views of one array, KVCache.layers): a call per
+layer returned to Python between layers, ~15 us each with its checks, and the threads could fall asleep meanwhile
+(measured 1.06-1.3x on a 1B Q4_K step, ~1.1x on the default model's Q4_0).
 
 Every value is computed by the same code as the per-op lines (the same float32 operations in the same order), so
 the layer's output and the cache are the lines', bit for bit (tests/test_ggml_step.py). Where that cannot be
@@ -42,6 +43,7 @@ from . import ggml as legacy
 from . import ggml_linears as gl
 from ._common import JIT, layer_matrix_shapes, layer_tensor_names
 from .ggml_ops import _attention_item, _rms_norm_row, _rope_row, _swiglu_row
+from .atomics import fetch_add, load_acquire, spin_pause
 from .ggml_simd import fp16_bits, prefetch
 
 # The products of a layer, in the order the lines make them: (wq, wk, wv), (wo,), (w1, w3), (w2,).
@@ -49,25 +51,41 @@ QKV, WO, W13, W2 = range(4)
 # The columns of a plan's `groups` (int64, one row per product group): its rows in the joined work table, its
 # work items (tiles), which activations it quantizes x to (ggml_linears._quantize), its outputs.
 T0, T1, TILES, LEGACY, KACTS, REPACKED, TOTAL = range(7)
-# `serial` bits: group g's products run on the calling thread when bit g is set, the attention when bit 4 is.
+# `serial` bits: group g's products run on one thread (one share, taken whole by the first to claim it) when bit g
+# is set, the attention when bit 4 is.
 ATTENTION = 4
 
-# Below these a region's work runs on the calling thread, as kernels/ggml_ops' SERIAL_WEIGHTS / SERIAL_WORK do for
-# the lines: weights of a product group (rows x columns), attention's heads x visible keys x head size. Within one
-# call the threads stay hot between regions (each ~4 us on a quiet machine, not the ~15-20 us of a region after
-# Python), so the limits are far lower than the lines'. Measured under other helpers' load (benchmarks/results/
-# ggml_decode_fused_layer_s31.md) neither 0 nor the lines' 2^20 won in every format; 0, as the lead's quiet
-# measurement of the lines favoured (every product in a region). The rows are the same work items either way:
-# the same bits.
+# Below these a phase's work runs on one thread, as kernels/ggml_ops' SERIAL_WEIGHTS / SERIAL_WORK do for the lines:
+# weights of a product group (rows x columns), attention's heads x visible keys x head size. Within one call the
+# threads stay hot between phases (when each phase was a region of its own, ~4 us on a quiet machine, not the
+# ~15-20 us of a region after Python), so the limits are far lower than the lines'. Measured under other helpers'
+# load (benchmarks/results/ggml_decode_fused_layer_s31.md) neither 0 nor the lines' 2^20 won in every format; 0, as
+# the lead's quiet measurement of the lines favoured (every product shared). The rows are the same work items either
+# way: the same bits.
 SERIAL_WEIGHTS = 0
 SERIAL_WORK = 1 << 14
 # Each thread, its share of a product group done, asks for the first PREFETCH_NEXT bytes of its share of the layer's
-# next group (q, k, v -> wo -> w1, w3 -> w2) and the first lines of their scales: a region's threads otherwise start
-# their shares cold from memory, and the lines between regions (RoPE, the cache, attention, norms) leave the time
+# next group (q, k, v -> wo -> w1, w3 -> w2) and the first lines of their scales: a phase's threads otherwise start
+# their shares cold from memory, and the lines between phases (RoPE, the cache, attention, norms) leave the time
 # for them to arrive. Hints only: no value depends on them. AMD EPYC Zen 3, 2 threads, the default model's decode
 # alternated with the step without them (session 53): Q4_0 median 266 against 250 tok/s and 244 against 206 in a
 # busier spell, 8 KiB over 16; Q8_0 and Q5_0 (bound by the tiles' arithmetic there) within the noise.
 PREFETCH_NEXT = 8 << 10  # bytes (8 KiB)
+
+# The phases of a layer whose work the threads share: its four product groups (QKV, WO, W13, W2: their tiles) and
+# the attention (ATTENTION: its KV heads). One parallel region runs all of a step's layers (_layers_parallel): each
+# thread runs the lines between the phases on its own (the same bits: norms, quantizing x, RoPE, SwiGLU, residuals;
+# a few microseconds a layer) and takes its part of each phase, then waits until the phase's count says every item
+# is done, where a region a phase cost ~1.5 us to start and end (an empty one, 2 threads), and a thread that ended
+# its share early waited there. A thread takes its own share first (as prange split it: the same streams, and
+# PREFETCH_NEXT asks for the right bytes), CHUNKS chunks a share, then what is left of the others' shares, so a
+# thread that runs late (a descheduled vCPU) leaves its chunks to the others. Each chunk goes to the thread whose
+# atomic add claimed it (kernels/atomics.py); a thread waits only on chunks others have claimed and are computing,
+# so whatever order the threads run in (even one after the other) the step ends. Every item is the same tile or
+# head whoever takes it: the same bits.
+PHASES = 5
+CHUNKS = 4
+LINE_BYTES = 64  # each counter on a cache line of its own
 
 
 @njit(inline="always", **JIT)
@@ -101,24 +119,53 @@ def _tiles(c0, c1, t, xq, xd, xs, off, kq8, kd, kbs, out, use_simd):
 
 
 @njit(inline="always", **JIT)
-def _products(g, x, table, groups, out, use_simd, serial, threads):
-    """Product group g of the layer by the one row x (1, K) into out (its total,): x quantized as its weights ask
-    (ggml_linears._quantize), then ggml_linears' work items over the group's own rows of the joined table, split
-    in `threads` shares."""
+def _share(total, s, shares):
+    """Share s of `shares` of a phase's `total` items -> (its first item, its end, the items a chunk of it takes:
+    CHUNKS chunks a share)."""
+    lo, hi = total * s // shares, total * (s + 1) // shares
+    return lo, hi, max(1, (hi - lo + CHUNKS - 1) // CHUNKS)
+
+
+@njit(inline="always", **JIT)
+def _claim(base, s, lo, hi, size):
+    """The next chunk of share s (items lo .. hi - 1, `size` a chunk; its counter on line s + 1 of the phase's
+    counters at base) -> (c0, c1); c0 >= hi when none is left. Each chunk goes to exactly one thread."""
+    c0 = lo + fetch_add(base + LINE_BYTES * (s + 1), 1) * size
+    return c0, min(hi, c0 + size)
+
+
+@njit(inline="always", **JIT)
+def _wait(base, total):
+    """Until the phase's `total` items are done (its count, line 0 of its counters at base): every thread's
+    writes of them are then visible to this one."""
+    while load_acquire(base) < total:
+        spin_pause()
+
+
+@njit(inline="always", **JIT)
+def _products(g, x, table, groups, out, use_simd, serial, p, n, base):
+    """Product group g of the layer by the one row x (1, K) into out (its total,), thread p's part of it: x quantized
+    as its weights ask (ggml_linears._quantize; every thread quantizes its own copy, the same bits), then
+    ggml_linears' work items over the group's own rows of the joined table, claimed a chunk at a time (_claim)
+    from thread p's own share first, then from what is left of the others' (serial: one share, taken by whoever
+    comes first), until every item is done."""
     t = table[groups[g, T0]:groups[g, T1]]
     xq, xd, xs, off, kq8, kd, kbs = gl._quantize(x, groups[g, LEGACY] != 0, groups[g, KACTS] != 0,
                                                  groups[g, REPACKED] != 0)
     tiles = groups[g, TILES]
-    if serial:
-        _tiles(0, tiles, t, xq, xd, xs, off, kq8, kd, kbs, out, use_simd)
-    else:  # one call per thread, its share of the tiles as prange's static schedule would give it: a call per
-        # tile (its table walk, its arrays' reference counts) cost ~0.1 us, 8-10 % of a 1B Q4_K product. The
-        # count comes from Python: numba.get_num_threads() here is a ctypes call, which Numba's disk cache refuses
-        n = threads
-        for p in prange(n):
-            _tiles(tiles * p // n, tiles * (p + 1) // n, t, xq, xd, xs, off, kq8, kd, kbs, out, use_simd)
-            if g < W2:  # this thread's first bytes of the next group, as the next region will split it
-                _prefetch_share(table[groups[g + 1, T0]:groups[g + 1, T1]], groups[g + 1, TILES] * p // n)
+    shares = 1 if serial else n
+    for k in range(shares):
+        s = (p + k) % shares
+        lo, hi, size = _share(tiles, s, shares)
+        while True:
+            c0, c1 = _claim(base, s, lo, hi, size)
+            if c0 >= hi:
+                break
+            _tiles(c0, c1, t, xq, xd, xs, off, kq8, kd, kbs, out, use_simd)
+            fetch_add(base, c1 - c0)
+        if k == 0 and g < W2:  # the first bytes of this thread's share of the next group, as it will split them
+            _prefetch_share(table[groups[g + 1, T0]:groups[g + 1, T1]], groups[g + 1, TILES] * p // n)
+    _wait(base, tiles)
 
 
 @njit(**JIT)
@@ -130,79 +177,116 @@ def _attend_head(kc, vc, S, q, pos, scale, wide, attn, j):
 
 
 @njit(inline="always", **JIT)
-def _layer(h, kc, vc, pos, cos, sin, table, groups, norms, use_simd, wide, serial, threads):
-    """The layer's lines for h (1, 1, D) at position pos -> the new h (1, 1, D); k, v stored into kc, vc (1,
-    capacity, KVH, HD) uint16: the bits of the cache's fp16 values. norms: (2, D + 2) float32, the attention and
-    feed-forward norms' weights, each row followed by eps and attention's scale. The regions are prange loops:
-    parallel in _layers_parallel."""
+def _attention(kc, vc, k, v, pos, q, scale, wide, attn, serial, p, n, base):
+    """The attention of the one query row, thread p's part of it: KV heads claimed one at a time, as _products
+    claims tiles; each claimed head's key and value stored into the cache at pos as its values (fp16, cache.store;
+    kc, vc their bits), then its attention (_attend_head) on the cache's first pos + 1 positions."""
+    KVH, HD = kc.shape[2], kc.shape[3]
+    shares = 1 if serial else n
+    for i in range(shares):
+        s = (p + i) % shares
+        lo, hi, _ = _share(KVH, s, shares)
+        while True:
+            j, _ = _claim(base, s, lo, hi, 1)
+            if j >= hi:
+                break
+            for d in range(HD):
+                kc[0, pos, j, d] = fp16_bits(k[0, 0, j, d])
+                vc[0, pos, j, d] = fp16_bits(v[j, d])
+            _attend_head(kc, vc, pos + 1, q, pos, scale, wide, attn, j)
+            fetch_add(base, 1)
+    _wait(base, KVH)
+
+
+@njit(inline="always", **JIT)
+def _layer(h, kc, vc, pos, cos, sin, table, groups, norms, use_simd, wide, serial, p, n, base, shared):
+    """The layer's lines for h (1, 1, D) at position pos, thread p of n's part of them -> the new h (1, 1, D); k, v
+    stored into kc, vc (1, capacity, KVH, HD) uint16: the bits of the cache's fp16 values. norms: (2, D + 2)
+    float32, the attention and feed-forward norms' weights, each row followed by eps and attention's scale. Every
+    thread runs the lines between the phases on its own copies (the same bits); the phases' outputs are the
+    layer's row of `shared`; phase f's counters at base + f (n + 1) LINE_BYTES."""
     D = h.shape[2]
     KVH, HD = kc.shape[2], kc.shape[3]
-    H = (groups[QKV, TOTAL] - 2 * KVH * HD) // HD
+    Q = groups[QKV, TOTAL]
+    H = (Q - 2 * KVH * HD) // HD
     F = groups[W13, TOTAL] // 2
     eps, scale = norms[0, D], norms[0, D + 1]
+    at = (n + 1) * LINE_BYTES  # bytes of a phase's counters
     h2 = h.reshape((1, D))
+    qkv, attn = shared[:Q], shared[Q:Q + H * HD].reshape((1, 1, H, HD))
+    o, gu, o2 = shared[Q + H * HD:Q + H * HD + D], shared[Q + H * HD + D:Q + H * HD + D + 2 * F], shared[-D:]
 
-    # attention block: norm, q k v, RoPE, the cache, attention, wo, residual
+    # attention block: norm, q k v, RoPE, the cache and attention, wo, residual
     x = np.empty((1, D), np.float32)
     _rms_norm_row(h2, norms[0, :D], eps, x, 0)
-    qkv = np.empty(groups[QKV, TOTAL], np.float32)
-    _products(QKV, x, table, groups, qkv, use_simd, serial & 1, threads)
+    _products(QKV, x, table, groups, qkv, use_simd, serial & 1, p, n, base + QKV * at)
     q = np.empty((1, 1, H, HD), np.float32)
     _rope_row(qkv[:H * HD].reshape((1, 1, H, HD)), cos, sin, q, 0)
     k = np.empty((1, 1, KVH, HD), np.float32)
     _rope_row(qkv[H * HD:(H + KVH) * HD].reshape((1, 1, KVH, HD)), cos, sin, k, 0)
     v = qkv[(H + KVH) * HD:].reshape((KVH, HD))
-    for j in range(KVH):  # stored as the cache's values: fp16 (cache.store)
-        for d in range(HD):
-            kc[0, pos, j, d] = fp16_bits(k[0, 0, j, d])
-            vc[0, pos, j, d] = fp16_bits(v[j, d])
-    S = pos + 1
-    attn = np.empty((1, 1, H, HD), np.float32)
-    if serial & (1 << ATTENTION):
-        for j in range(KVH):
-            _attend_head(kc, vc, S, q, pos, scale, wide, attn, j)
-    else:
-        for j in prange(KVH):
-            _attend_head(kc, vc, S, q, pos, scale, wide, attn, j)
-    o = np.empty(D, np.float32)
-    _products(WO, attn.reshape((1, H * HD)), table, groups, o, use_simd, serial & 2, threads)
+    _attention(kc, vc, k, v, pos, q, scale, wide, attn, serial & (1 << ATTENTION), p, n, base + ATTENTION * at)
+    _products(WO, attn.reshape((1, H * HD)), table, groups, o, use_simd, serial & 2, p, n, base + WO * at)
     h1 = np.empty((1, D), np.float32)
     for d in range(D):
         h1[0, d] = h2[0, d] + o[d]
 
     # feed-forward block: norm, w1 w3, SwiGLU, w2, residual
     _rms_norm_row(h1, norms[1, :D], eps, x, 0)
-    gu = np.empty(2 * F, np.float32)
-    _products(W13, x, table, groups, gu, use_simd, serial & 4, threads)
+    _products(W13, x, table, groups, gu, use_simd, serial & 4, p, n, base + W13 * at)
     act = np.empty((1, F), np.float32)
     _swiglu_row(gu[:F].reshape((1, F)), gu[F:].reshape((1, F)), wide, act, 0)
-    _products(W2, act, table, groups, o, use_simd, serial & 8, threads)
+    _products(W2, act, table, groups, o2, use_simd, serial & 8, p, n, base + W2 * at)
     out = np.empty((1, 1, D), np.float32)
     for d in range(D):
-        out[0, 0, d] = h1[0, d] + o[d]
+        out[0, 0, d] = h1[0, d] + o2[d]
     return out
 
 
 @njit(inline="always", **JIT)
-def _layers(h, kb, vb, pos, cos, sin, table, groups, norms, use_simd, wide, serial, threads):
-    """Consecutive layers, the first from h (1, 1, D): layer j's cache kb[j], vb[j] (1, capacity, KVH, HD; fp16
-    bits), its product groups groups[j] (4, 7; rows of the joined table), its norms norms[j] (2, D + 2)."""
+def _layers(h, kb, vb, pos, cos, sin, table, groups, norms, use_simd, wide, serial, p, n, sync, shared):
+    """Consecutive layers, the first from h (1, 1, D), thread p of n's part of them: layer j's cache kb[j], vb[j]
+    (1, capacity, KVH, HD; fp16 bits), its product groups groups[j] (4, 7; rows of the joined table), its norms
+    norms[j] (2, D + 2), its phases' outputs shared[j] and counters (zeros at the start) from byte j PHASES
+    (n + 1) LINE_BYTES of sync on."""
     for j in range(kb.shape[0]):
-        h = _layer(h, kb[j], vb[j], pos, cos, sin, table, groups[j], norms[j], use_simd, wide, serial, threads)
+        h = _layer(h, kb[j], vb[j], pos, cos, sin, table, groups[j], norms[j], use_simd, wide, serial, p, n,
+                   np.int64(sync.ctypes.data) + j * PHASES * (n + 1) * LINE_BYTES, shared[j])
     return h
+
+
+@njit(inline="always", **JIT)
+def _scratch(h, kb, groups, n):
+    """The counters of every layer's phases (zeros; n + 1 lines a phase: its count of items done, then a claim
+    counter per share) and the phases' outputs (a row a layer: q k v, attention, wo, w1 w3, w2)."""
+    D, KVH, HD = h.shape[2], kb.shape[3], kb.shape[4]
+    Q = groups[0, QKV, TOTAL]
+    sync = np.zeros(kb.shape[0] * PHASES * (n + 1) * LINE_BYTES // 8, np.int64)
+    shared = np.empty((kb.shape[0], 2 * Q - 2 * KVH * HD + 2 * D + groups[0, W13, TOTAL]), np.float32)
+    return sync, shared
 
 
 @njit(parallel=True, **JIT)
 def _layers_parallel(h, kb, vb, pos, cos, sin, table, groups, norms, use_simd, wide, serial, threads):
-    return _layers(h, kb, vb, pos, cos, sin, table, groups, norms, use_simd, wide, serial, threads)
+    """_layers on `threads` threads in one parallel region: each runs every layer's lines and takes its part of
+    each phase (_claim), waiting on a phase's count only for the outputs it reads next."""
+    n = threads
+    sync, shared = _scratch(h, kb, groups, n)
+    out = np.empty(h.shape, np.float32)
+    for p in prange(n):
+        hp = _layers(h, kb, vb, pos, cos, sin, table, groups, norms, use_simd, wide, serial, p, n, sync, shared)
+        if p == 0:
+            out[:] = hp
+    return out
 
 
 @njit(**JIT)
 def _layers_serial(h, kb, vb, pos, cos, sin, table, groups, norms, use_simd, wide, serial, threads):
-    """_layers on the calling thread (prange is range without parallel=True): the same items in order. A function
-    of its own, not _layers_parallel's Python function compiled again: Numba's on-disk cache keys a kernel by its
-    Python function and signature, not its flags, so a twin would load the other's machine code."""
-    return _layers(h, kb, vb, pos, cos, sin, table, groups, norms, use_simd, wide, serial, threads)
+    """_layers on the calling thread alone (thread 0 of 1: every chunk its own, in order). A function of its own,
+    not _layers_parallel's compiled again: Numba's on-disk cache keys a kernel by its Python function and
+    signature, not its flags, so a twin would load the other's machine code."""
+    sync, shared = _scratch(h, kb, groups, 1)
+    return _layers(h, kb, vb, pos, cos, sin, table, groups, norms, use_simd, wide, serial, 0, 1, sync, shared)
 
 
 # tuple of ids of a layer's 9 tensors (7 matrices, 2 norms) -> its plan (table, groups, norms, the groups of

@@ -135,6 +135,30 @@ def test_every_format_equals_the_lines(formats, monkeypatch):
     check(model_in(formats, seed=1), TOKENS, monkeypatch, ALL)
 
 
+def test_more_shares_than_threads_ends_and_equals_the_lines(monkeypatch):
+    """The one-region step split in more shares than Numba runs threads (3 and 5 on CI's one thread a worker, or on
+    two in test_two_threads' child): prange then runs some shares' loops one after another on one thread, which find
+    every chunk claimed and done by the loops before. A thread waits only on chunks that another is computing, so
+    the step ends (a watchdog ends the process if it does not), and its logits and cache are the lines'."""
+    import faulthandler
+    import types
+
+    mod = step()
+    model = model_in(MIXED)
+    monkeypatch.setattr(kernels(), "decode_layers", Hook(on=False))
+    expected = decode(model, TOKENS)
+    faulthandler.dump_traceback_later(600, exit=True)
+    try:
+        for claimed in (3, 5):
+            monkeypatch.setattr(mod, "numba", types.SimpleNamespace(get_num_threads=lambda: claimed))
+            hook = Hook()
+            monkeypatch.setattr(kernels(), "decode_layers", hook)
+            assert same(decode(model, TOKENS), expected), claimed
+            assert hook.done == 5 * model.args.n_layers and hook.calls == 5
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+
+
 def test_declines_float_matrices_and_batches(monkeypatch):
     """A layer with F32 matrices and a batch of 2 go to the lines (None), and the answers are the lines'."""
     mod = step()

@@ -18,6 +18,7 @@ HERE = Path(__file__).resolve().parent
 
 TWO_THREAD_TESTS = [
     "test_ggml_step.py::test_q8_0_and_q4_k_m_equal_the_lines",
+    "test_ggml_step.py::test_more_shares_than_threads_ends_and_equals_the_lines",
     "test_ggml_step.py::test_the_compiled_step_can_be_kept_in_numbas_disk_cache",
     "test_exact_step.py::test_equals_the_lines",
     "test_ggml_q4k_decode.py::test_q4_k_model_decode_equals_numpy_backend",

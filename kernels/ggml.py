@@ -283,19 +283,26 @@ def _decode_serial(kind, x, qs, d, m, out, use_simd):
 @njit(inline="always", **JIT)
 def _quantize_q8_row(x, xq, xd, xs, n):
     """x86 quantize_row_q8_0 (xd, xq) and quantize_row_q8_1's sums (xs) of row n of x (N, K) float32, as
-    llama_ref.model.ggml computes them: d = amax / 127, q = roundeven(x * (127 / amax)), fp16(d), fp16(d sum q)."""
+    llama_ref.model.ggml computes them: d = amax / 127, q = roundeven(x * (127 / amax)), fp16(d), fp16(d sum q).
+
+    amax from the bits of |x|, as ggml_kquants._quantize_q8_K_row (non-negative floats order as their bits; a NaN,
+    above infinity's, wins, as in np.max, where a loop that kept the largest value as it went lost a NaN to any
+    value after it): an integer max without a branch, 576 values 0.73 -> 0.61 us (Zen 3). LLVM unrolls both 32-value
+    loops and leaves them scalar (32 vroundss a block): a vector form is left to do."""
+    xr, xb, qr = x[n], x[n].view(np.uint32), xq[n]
+    magnitude = np.uint32(0x7FFFFFFF)
     for b in range(x.shape[1] // 32):
-        amax = np.float32(0)
-        for j in range(b * 32, b * 32 + 32):
-            a = abs(x[n, j])
-            if not a <= amax:
-                amax = a
+        o = b * 32
+        top = np.uint32(0)
+        for j in range(o, o + 32):
+            top = max(top, xb[j] & magnitude)
+        amax = simd.f32_from_bits(top)
         d = amax / np.float32(127)
         inv = np.float32(127) / amax if amax != 0 else np.float32(0)
-        s = 0
-        for j in range(b * 32, b * 32 + 32):
-            q = np.int32(simd.roundeven32(x[n, j] * inv))
-            xq[n, j] = q
+        s = np.int32(0)
+        for j in range(o, o + 32):
+            q = np.int32(simd.roundeven32(xr[j] * inv))
+            qr[j] = np.int8(q)
             s += q
         xd[n, b] = simd.fp16_round(d)
         xs[n, b] = simd.fp16_round(d * np.float32(s))

@@ -269,7 +269,8 @@ def _scratch(h, kb, groups, n):
 @njit(parallel=True, **JIT)
 def _layers_parallel(h, kb, vb, pos, cos, sin, table, groups, norms, use_simd, wide, serial, threads):
     """_layers on `threads` threads in one parallel region: each runs every layer's lines and takes its part of
-    each phase (_claim), waiting on a phase's count only for the outputs it reads next."""
+    each phase (_claim), waiting on a phase's count only for the outputs it reads next. The count comes from
+    Python: numba.get_num_threads() here is a ctypes call, which Numba's disk cache refuses."""
     n = threads
     sync, shared = _scratch(h, kb, groups, n)
     out = np.empty(h.shape, np.float32)

@@ -35,6 +35,7 @@ import os
 import llvmlite.binding as llvm_binding
 from llvmlite import ir
 from numba import types
+from numba.core import cgutils
 from numba.extending import intrinsic
 
 F32 = ir.FloatType()
@@ -170,6 +171,55 @@ def roundeven32(typingctx, x):
 
     def codegen(context, builder, signature, args):
         return builder.call(_declare(builder.module, "llvm.roundeven.f32", F32, [F32]), args)
+    return sig, codegen
+
+
+@intrinsic
+def quantize_q8_0_blocks(typingctx, x, nb, q, d, sums, offsets):
+    """quantize_row_q8_0 (and quantize_row_q8_1's sums) of nb blocks of 32 float32 at byte address x, as
+    kernels/ggml._quantize_q8_row's loops compute them, one block's 32 values as four 8-lane vectors: amax the
+    unsigned max of the bits of |x| (a NaN's bits, above infinity's, win), d = amax / 127, inv = 127 / amax (0 where
+    amax == 0), q = int8(roundeven(x inv)), s = the sum of q; -> q (int8, 32 a block), d as fp16_round(d) and sums
+    as fp16_round(d s) (float32, one a block), and offsets (int32 8 s, repacked Q4_0's: kernels/ggml._x_offsets)
+    where that address is not 0. The scalar loops took 0.55 us for 576 values (Zen 3: LLVM left them scalar)."""
+    sig = types.void(types.int64, types.int64, types.int64, types.int64, types.int64, types.int64)
+
+    def codegen(context, builder, signature, args):
+        b = builder
+        xp, nb, qp, dp, sp, op = args
+        v8f, v8i = ir.VectorType(F32, 8), ir.VectorType(I32, 8)
+        umax = _declare(b.module, "llvm.umax.v8i32", v8i, [v8i, v8i])
+        top_of = _declare(b.module, "llvm.vector.reduce.umax.v8i32", I32, [v8i])
+        add_of = _declare(b.module, "llvm.vector.reduce.add.v8i32", I32, [v8i])
+        rnd = _declare(b.module, "llvm.roundeven.v8f32", v8f, [v8f])
+        magnitude = ir.Constant(v8i, [0x7FFFFFFF] * 8)
+        zero, c127 = ir.Constant(F32, 0.0), ir.Constant(F32, 127.0)
+        with cgutils.for_range(b, nb, intp=I64) as loop:
+            i = loop.index
+            base = b.add(xp, b.mul(i, ir.Constant(I64, 128)))
+            xs = [_gep_load(b, base, ir.Constant(I64, 32 * k), v8f, 4) for k in range(4)]
+            bits = [b.and_(b.bitcast(v, v8i), magnitude) for v in xs]
+            amax = b.bitcast(b.call(top_of, [b.call(umax, [b.call(umax, bits[:2]), b.call(umax, bits[2:])])]), F32)
+            dv = b.fdiv(amax, c127)
+            inv = b.select(b.fcmp_unordered("!=", amax, zero), b.fdiv(c127, amax), zero)
+            splat = _shuffle(b, b.insert_element(ir.Constant(v8f, ir.Undefined), inv, ir.Constant(I32, 0)), [0] * 8)
+            qs = [b.fptosi(b.call(rnd, [b.fmul(v, splat)]), v8i) for v in xs]
+            qbase = b.add(qp, b.mul(i, ir.Constant(I64, 32)))
+            # int8(q) of the 32 at once: their low bytes (a NaN's q keeps its 0, as the scalar int8() cast), which x86
+            # makes with two unsigned packs and a permute, where a trunc per vector took ~20 shuffles
+            def join(u, v):
+                return b.shuffle_vector(u, v, ir.Constant(ir.VectorType(I32, 2 * u.type.count), list(range(2 * u.type.count))))
+            q32 = join(join(qs[0], qs[1]), join(qs[2], qs[3]))
+            low = b.trunc(b.and_(q32, ir.Constant(ir.VectorType(I32, 32), [255] * 32)), ir.VectorType(I8, 32))
+            b.store(low, _ptr(b, qbase, ir.VectorType(I8, 32)), align=1)
+            s = b.call(add_of, [b.add(b.add(qs[0], qs[1]), b.add(qs[2], qs[3]))])
+            at = b.mul(i, ir.Constant(I64, 4))
+            half = ir.HalfType()
+            b.store(b.fpext(b.fptrunc(dv, half), F32), _ptr(b, b.add(dp, at), F32))
+            b.store(b.fpext(b.fptrunc(b.fmul(dv, b.sitofp(s, F32)), half), F32), _ptr(b, b.add(sp, at), F32))
+            with b.if_then(b.icmp_unsigned("!=", op, ir.Constant(I64, 0))):
+                b.store(b.mul(s, ir.Constant(I32, 8)), _ptr(b, b.add(op, at), I32))
+        return context.get_dummy_value()
     return sig, codegen
 
 

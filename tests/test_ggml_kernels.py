@@ -141,6 +141,27 @@ def test_quantize_q8_equals_specification(data, n, nb, scale):
     assert same_bits(xd, d0) and same_bits(xd, d1) and same_bits(xs, s1)
 
 
+def test_quantize_q8_special_values_offsets_and_strides_equal_specification():
+    """The vector blocks (ggml_simd.quantize_q8_0_blocks) on NaN, infinities, the largest floats and a subnormal
+    as the specification computes them; repacked Q4_0's offsets (8 sum q a block) from the same pass; a row that is
+    not C-ordered (copied first)."""
+    import warnings
+
+    from llama_ref.kernels import ggml_linears as gl
+    x = np.random.default_rng(5).standard_normal((5, 96)).astype(np.float32)
+    x[0, 3], x[1, 5], x[2, 40], x[3, :32], x[3, 40], x[4, 64:] = np.nan, np.inf, -np.inf, 3e38, 1e-45, 0
+    with warnings.catch_warnings():  # the specification's casts of NaN
+        warnings.simplefilter("ignore", RuntimeWarning)
+        d1, q1, s1 = ggml.quantize_row_q8_1(x)
+    for rows in (x, np.asfortranarray(x)):
+        xq, xd, xs = kernels().quantize_q8(rows)
+        assert np.array_equal(xq, q1.reshape(5, -1)) and same_bits(xd, d1) and same_bits(xs, s1)
+    for n in range(5):
+        xq, xd, xs, off, *_ = gl._quantize(x[n:n + 1], True, False, True)
+        assert np.array_equal(xq[0], q1[n].reshape(-1)) and same_bits(xd[0], d1[n]) and same_bits(xs[0], s1[n])
+        assert np.array_equal(off[0], 8 * q1[n].astype(np.int32).sum(axis=1))
+
+
 @pytest.mark.parametrize("kind", sorted(TYPES))
 @pytest.mark.parametrize("use_simd", SIMDS)
 def test_linear_every_integer_path_equals_specification(kind, use_simd):

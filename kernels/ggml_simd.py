@@ -9,6 +9,7 @@ LLVM's vector IR, one function per weight format and row count, and called from 
   llama_ref.model.ggml.fma computes the same rounding exactly in NumPy (round to odd).
 - fp16_round(x): float32 -> fp16 (round to nearest even, vcvtps2ph) -> float32.
 - roundeven32(x): float32 rounded to the nearest integer, ties to even (_mm256_round_ps).
+- quantize_q8_0_blocks: a row's Q8_0 / Q8_1 activation blocks (quantize_row_q8_0 / q8_1), 8 lanes at a time.
 - dot_rows(kind, rows): ggml's dot product of `rows` weight rows with one quantized activation row:
   per 32-value block, the 8 int32 lanes of 4 products each (or, for repacked Q4_0, their sum), then
   acc = fma(d_w * d_x, lanes, acc) block after block in float32, then hsum_float_8 (see model/ggml.py).
@@ -174,14 +175,20 @@ def roundeven32(typingctx, x):
     return sig, codegen
 
 
+def _join(builder, u, v):
+    """<2n x T>: the lanes of u then those of v (two <n x T>)."""
+    n = 2 * u.type.count
+    return builder.shuffle_vector(u, v, ir.Constant(ir.VectorType(I32, n), list(range(n))))
+
+
 @intrinsic
 def quantize_q8_0_blocks(typingctx, x, nb, q, d, sums, offsets):
     """quantize_row_q8_0 (and quantize_row_q8_1's sums) of nb blocks of 32 float32 at byte address x, as
-    kernels/ggml._quantize_q8_row's loops compute them, one block's 32 values as four 8-lane vectors: amax the
+    llama_ref.model.ggml.quantize_row_q8_1 computes them, one block's 32 values as four 8-lane vectors: amax the
     unsigned max of the bits of |x| (a NaN's bits, above infinity's, win), d = amax / 127, inv = 127 / amax (0 where
     amax == 0), q = int8(roundeven(x inv)), s = the sum of q; -> q (int8, 32 a block), d as fp16_round(d) and sums
     as fp16_round(d s) (float32, one a block), and offsets (int32 8 s, repacked Q4_0's: kernels/ggml._x_offsets)
-    where that address is not 0. The scalar loops took 0.55 us for 576 values (Zen 3: LLVM left them scalar)."""
+    where that address is not 0. 576 values in 0.21 us (Zen 3), where Numba's scalar loops took 0.55."""
     sig = types.void(types.int64, types.int64, types.int64, types.int64, types.int64, types.int64)
 
     def codegen(context, builder, signature, args):
@@ -207,9 +214,7 @@ def quantize_q8_0_blocks(typingctx, x, nb, q, d, sums, offsets):
             qbase = b.add(qp, b.mul(i, ir.Constant(I64, 32)))
             # int8(q) of the 32 at once: their low bytes (a NaN's q keeps its 0, as the scalar int8() cast), which x86
             # makes with two unsigned packs and a permute, where a trunc per vector took ~20 shuffles
-            def join(u, v):
-                return b.shuffle_vector(u, v, ir.Constant(ir.VectorType(I32, 2 * u.type.count), list(range(2 * u.type.count))))
-            q32 = join(join(qs[0], qs[1]), join(qs[2], qs[3]))
+            q32 = _join(b, _join(b, qs[0], qs[1]), _join(b, qs[2], qs[3]))
             low = b.trunc(b.and_(q32, ir.Constant(ir.VectorType(I32, 32), [255] * 32)), ir.VectorType(I8, 32))
             b.store(low, _ptr(b, qbase, ir.VectorType(I8, 32)), align=1)
             s = b.call(add_of, [b.add(b.add(qs[0], qs[1]), b.add(qs[2], qs[3]))])

@@ -286,7 +286,7 @@ def _quantize_q8_row(x, xq, xd, xs, n, off=None):
     llama_ref.model.ggml computes them: d = amax / 127, q = roundeven(x * (127 / amax)), fp16(d), fp16(d sum q);
     and, given off (N, K // 32) int32, 8 sum q (repacked Q4_0's offsets, _x_offsets). ggml_simd.quantize_q8_0_blocks
     makes each block's 32 values in four 8-lane vectors, its amax an integer max of the bits of |x| (non-negative
-    floats order as their bits; a NaN, above infinity's, wins, as in np.max): 576 values 0.55 -> 0.05 us (Zen 3),
+    floats order as their bits; a NaN, above infinity's, wins, as in np.max): 576 values 0.55 -> 0.21 us (Zen 3),
     where LLVM left the scalar loops scalar."""
     xr = np.ascontiguousarray(x[n])  # the row itself where x is C-ordered (every caller's)
     qr, dr, sr = xq[n], xd[n], xs[n]

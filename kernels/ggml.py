@@ -276,22 +276,27 @@ def _decode_serial(kind, x, qs, d, m, out, use_simd):
     xq = np.empty((1, K), np.int8)
     xd = np.empty((1, K // 32), np.float32)
     xs = np.empty((1, K // 32), np.float32)
-    _quantize_q8_row(x, xq, xd, xs, 0)
-    _decode_rows(kind, xq, xd, xs, _x_offsets(xq, kind == 3), qs, d, m, out, use_simd, 0, d.shape[0])
+    off = np.empty((1 if kind == 3 else 0, K // 32), np.int32)  # repacked Q4_0's offsets, from the same pass
+    _quantize_q8_row(x, xq, xd, xs, 0, off)
+    _decode_rows(kind, xq, xd, xs, off, qs, d, m, out, use_simd, 0, d.shape[0])
 
 
 @njit(inline="always", **JIT)
 def _quantize_q8_row(x, xq, xd, xs, n, off=None):
     """x86 quantize_row_q8_0 (xd, xq) and quantize_row_q8_1's sums (xs) of row n of x (N, K) float32, as
     llama_ref.model.ggml computes them: d = amax / 127, q = roundeven(x * (127 / amax)), fp16(d), fp16(d sum q);
-    and, given off (N, K // 32) int32, 8 sum q (repacked Q4_0's offsets, _x_offsets). ggml_simd.quantize_q8_0_blocks
-    makes each block's 32 values in four 8-lane vectors, its amax an integer max of the bits of |x| (non-negative
-    floats order as their bits; a NaN, above infinity's, wins, as in np.max): 576 values 0.55 -> 0.21 us (Zen 3),
-    where LLVM left the scalar loops scalar."""
+    and 8 sum q into row n of off (N, K // 32) int32 where it has that row (repacked Q4_0's offsets, _x_offsets).
+    ggml_simd.quantize_q8_0_blocks makes each block's 32 values in four 8-lane vectors, its amax an integer max of
+    the bits of |x| (non-negative floats order as their bits; a NaN, above infinity's, wins, as in np.max): 576
+    values 0.55 -> 0.21 us (Zen 3), where LLVM left the scalar loops scalar."""
     xr = np.ascontiguousarray(x[n])  # the row itself where x is C-ordered (every caller's)
     qr, dr, sr = xq[n], xd[n], xs[n]
+    offsets = np.int64(0)  # no address: no offsets written
+    if off is not None:
+        if n < off.shape[0]:
+            offsets = np.int64(off[n].ctypes.data)
     simd.quantize_q8_0_blocks(xr.ctypes.data, x.shape[1] // 32, qr.ctypes.data, dr.ctypes.data, sr.ctypes.data,
-                              0 if off is None else off[n].ctypes.data)
+                              offsets)
 
 
 @njit(parallel=True, **JIT)

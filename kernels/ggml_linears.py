@@ -88,11 +88,9 @@ def _quantize(x, legacy_acts, k_acts, repacked):
     xq = np.empty((nl, K), np.int8)
     xd = np.empty((nl, K // 32), np.float32)
     xs = np.empty((nl, K // 32), np.float32)
-    off = np.empty((nl if repacked else 0, K // 32), np.int32)
-    if legacy_acts and repacked:
+    off = np.empty((nl if repacked else 0, K // 32), np.int32)  # repacked Q4_0's, made in the same pass
+    if legacy_acts:
         legacy._quantize_q8_row(x, xq, xd, xs, 0, off)
-    elif legacy_acts:
-        legacy._quantize_q8_row(x, xq, xd, xs, 0)
     kq8 = np.empty((nk, K), np.int8)
     kd = np.empty((nk, K // 256), np.float32)
     kbs = np.empty((nk, K // 256, 16), np.int32)

@@ -156,16 +156,6 @@ def fp16_bits(typingctx, x):
 
 
 @intrinsic
-def f32_from_bits(typingctx, u):
-    """The float32 whose bits are the uint32 u."""
-    sig = types.float32(types.uint32)
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], F32)
-    return sig, codegen
-
-
-@intrinsic
 def roundeven32(typingctx, x):
     """float32 rounded to the nearest integer, ties to even (llvm.roundeven.f32)."""
     sig = types.float32(types.float32)

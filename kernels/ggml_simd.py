@@ -758,6 +758,13 @@ def _define_tile(module, kind, rows, acts, isa):
     pairs = acts == 1 and scales in ("pair", "half")
     after, tail = (fn.append_basic_block("after"), fn.append_basic_block("tail")) if pairs else (None, None)
     b = ir.IRBuilder(entry)
+    # An AVX2 prefill tile of float32 scales takes each pair's d_w d_x from a table made before its loop (one
+    # vmulps for 8 blocks of a pair), not a vmulps a block and pair in the loop: vpsignb, vmulps and the fma share
+    # Zen 3's two pipes FP0 / FP1, where 12 + 8 + 8 of them a block bound the 4 x 2 tile.
+    table = None
+    if lanes8 and not wide and acts > 1 and not scales and isa == "avx2":
+        b, table = _pair_products(b, fn, wd, wds, xd, xds, nb, rows, acts)
+        entry = b.block  # the loop's way in
     ahead = _rows_ahead(b, ws, rows)
     scale_buf = b.alloca(F32, size=4 * rows) if pairs and rows > 1 else None
     if pairs:  # into the loop with two blocks to go, else to the last one alone (or none)
@@ -873,7 +880,11 @@ def _define_tile(module, kind, rows, acts, isa):
                 weight_row(r)
                 for a_ in range(acts):
                     # float32 d_w * d_x
-                    scale = given[r][0] if given is not None else b.fmul(splat8(b, wdv[r]), xsplat[a_])
+                    if table is not None:
+                        at = b.add(b.mul(c64(4 * (r * acts + a_)), nb), four)
+                        scale = splat8(b, _gep_load(b, table, at, F32, 4))
+                    else:
+                        scale = given[r][0] if given is not None else b.fmul(splat8(b, wdv[r]), xsplat[a_])
                     k = r * acts + a_
                     new_accs[k] = b.call(fma_v, [scale, b.sitofp(lanes(r, a_), v8f), accs[k]])
         else:
@@ -941,6 +952,47 @@ def _define_tile(module, kind, rows, acts, isa):
             b.store(total, _ptr(b, b.add(row_out, c64(4 * r)), F32), align=4)
     b.ret_void()
     return fn
+
+
+def _pair_products(b, fn, wd, wds, xd, xds, nb, rows, acts):
+    """The float32 d_w d_x of every (row, activation row) pair and block of a tile, in a table on the stack:
+    pair (r, a)'s nb products from byte 4 nb (r acts + a) on, 8 blocks a vmulps, then the last nb % 8 one by one
+    (the same products: one rounding each). b: a builder in the tile's entry.
+    -> (a builder in a new block after the table's loops, the table's address as an i64)."""
+    v8f = ir.VectorType(F32, 8)
+    c64 = lambda v: ir.Constant(I64, v)  # noqa: E731
+    table = b.ptrtoint(b.alloca(F32, size=b.mul(nb, c64(rows * acts))), I64)
+    whole = b.sub(nb, b.and_(nb, c64(7)))
+    start = b.block
+    vec, tail, scal, out = (fn.append_basic_block(n) for n in ("table8", "table_tail", "table1", "tabled"))
+    b.cbranch(b.icmp_signed(">", whole, c64(0)), vec, tail)
+
+    def products(b, i, ty):
+        four = b.mul(i, c64(4))
+        for r in range(rows):
+            dw = _gep_load(b, b.add(wd, b.mul(c64(r), wds)), four, ty, 4)
+            for a_ in range(acts):
+                dx = _gep_load(b, b.add(xd, b.mul(c64(a_), xds)), four, ty, 4)
+                at = b.add(b.mul(c64(4 * (r * acts + a_)), nb), four)
+                b.store(b.fmul(dw, dx), _ptr(b, b.add(table, at), ty), align=4)
+
+    b = ir.IRBuilder(vec)
+    i = b.phi(I64)
+    products(b, i, v8f)
+    i8 = b.add(i, c64(8))
+    b.cbranch(b.icmp_signed("<", i8, whole), vec, tail)
+    i.add_incoming(c64(0), start)
+    i.add_incoming(i8, vec)
+    b = ir.IRBuilder(tail)
+    b.cbranch(b.icmp_signed("<", whole, nb), scal, out)
+    b = ir.IRBuilder(scal)
+    j = b.phi(I64)
+    products(b, j, F32)
+    j1 = b.add(j, c64(1))
+    b.cbranch(b.icmp_signed("<", j1, nb), scal, out)
+    j.add_incoming(whole, tail)
+    j.add_incoming(j1, scal)
+    return ir.IRBuilder(out), table
 
 
 # Activation rows per pass of an 8-lane AVX2 tile. 16 ymm registers: a 4 x 4 tile's 16 accumulators alone

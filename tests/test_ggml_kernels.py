@@ -442,6 +442,22 @@ def test_repacked_q4_0_extreme_sums_equal_specification(use_simd):
                 assert same_bits(kernels().quantized_linear(row[None], w, use_simd), ggml.linear(row[None], w))
 
 
+@pytest.mark.parametrize("kind", sorted(TYPES))
+@pytest.mark.parametrize("nb", [8, 19])
+def test_prefill_scale_table_equals_specification(kind, nb):
+    """An AVX2 prefill tile of float32 scales takes each pair's d_w d_x from a table it makes before its loop, 8
+    blocks a vmulps, then the rest one at a time: nb = 8 (vectors only) and 19 (two vectors and 3 alone); 13 rows
+    (4-row tiles and single rows) by 6 activation rows (4 at a time and single ones); scales from fp16's subnormals
+    to its largest, where d_w d_x underflows or overflows as the specification's does."""
+    rng = np.random.default_rng(nb)
+    for scale in ((6e-8, 1e-6), (1e-3, 1.0), (1e3, 65504.0)):
+        w = raw_blocks(kind, 13, nb, seed=nb, scale=scale)
+        x = (rng.standard_normal((6, 32 * nb)) * rng.uniform(1e-3, 1e3, (6, 1))).astype(np.float32)
+        want = ggml.linear(x, w)
+        for use_simd in SIMDS:
+            assert same_bits(kernels().quantized_linear(x, w, use_simd), want), (scale, use_simd)
+
+
 @settings(max_examples=25, deadline=None)
 @given(data=st.data(), kind=st.sampled_from(sorted(TYPES)), n=st.integers(1, 6), rows=st.integers(1, 20),
        nb=st.integers(1, 5), pattern=st.sampled_from(["random", "min", "max", "q8_edges"]),

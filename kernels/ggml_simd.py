@@ -489,49 +489,64 @@ def _scale_half(builder, addr):
     return builder.extract_element(pair, ir.Constant(I32, 0))
 
 
+# The weight forms unpack_row takes (its `form`)
+UNPACK_Q5_1, UNPACK_Q5_0, UNPACK_Q4_1 = 0, 1, 2
+
+
 @intrinsic
-def unpack_q5_row(typingctx, src, scales, nb, signed, qs, d, m):
-    """One row of a Q5 weight in its file's form (kernels/ggml.py _weight_args) unpacked as the prefill tiles of one
-    byte per value read it: nb blocks of 20 bytes at src (fifth bits, nibbles) -> 32 nb bytes at qs (q 0..31, or
-    for signed != 0 (Q5_0) the int8 q - 16), and the block scales at `scales` (signed: one fp16 d a block; else
-    Q5_1's fp16 pair d, m) -> float32 at d (and m), exactly. All addresses int64."""
+def unpack_row(typingctx, src, scales, nb, form, qs, d, m):
+    """One row of a Q5 or Q4_1 weight in its form for a decode (kernels/ggml.py _weight_args) unpacked as the
+    prefill tiles of one byte per value read it: nb blocks at src -> 32 nb bytes at qs, and the block scales at
+    `scales` -> float32 at d (and m), exactly. form: UNPACK_Q5_1 (20-byte blocks of fifth bits and nibbles, q
+    0..31; fp16 pairs d, m), UNPACK_Q5_0 (the same blocks, the int8 q - 16; one fp16 d a block) or UNPACK_Q4_1
+    (16 bytes of nibbles, q 0..15; fp16 pairs d, m). All addresses int64."""
     sig = types.void(*([types.int64] * 7))
 
     def codegen(context, builder, signature, args):
-        src_, sc, nb_, signed_, qs_, d_, m_ = args
-        fn = _define_unpack_q5(builder.module)
-        builder.call(fn, [src_, sc, nb_, signed_, qs_, d_, m_])
+        src_, sc, nb_, form_, qs_, d_, m_ = args
+        fn = _define_unpack(builder.module)
+        builder.call(fn, [src_, sc, nb_, form_, qs_, d_, m_])
         return context.get_dummy_value()
     return sig, codegen
 
 
-def _define_unpack_q5(module):
-    """void f(src, scales, nb, signed, qs, d, m): unpack_q5_row's loop over the blocks."""
-    name = "llama_ref_ggml_unpack_q5"
+def _define_unpack(module):
+    """void f(src, scales, nb, form, qs, d, m): unpack_row's loop over the blocks."""
+    name = "llama_ref_ggml_unpack_row"
     if name in module.globals:
         return module.globals[name]
     fn = ir.Function(module, ir.FunctionType(ir.VoidType(), [I64] * 7), name)
     fn.linkage = "internal"
-    src, sc, nb, signed, qs, d, m = fn.args
+    src, sc, nb, form, qs, d, m = fn.args
     entry, loop, done = (fn.append_basic_block(n) for n in ("entry", "loop", "done"))
     c64 = lambda v: ir.Constant(I64, v)  # noqa: E731
+    v32 = ir.VectorType(I8, 32)
     b = ir.IRBuilder(entry)
     b.cbranch(b.icmp_signed(">", nb, c64(0)), loop, done)
     b = ir.IRBuilder(loop)
     i = b.phi(I64)
     four = b.mul(i, c64(4))
-    block = b.add(src, b.mul(i, c64(20)))
-    is_signed = b.icmp_signed("!=", signed, c64(0))
-    with b.if_else(is_signed) as (q5_0, q5_1):
-        with q5_0:
-            b.store(q5_values(b, block, True), _ptr(b, b.add(qs, b.mul(i, c64(32))), ir.VectorType(I8, 32)), align=1)
-            b.store(_scale_half(b, b.add(sc, b.mul(i, c64(2)))), _ptr(b, b.add(d, four), F32), align=4)
-        with q5_1:
-            b.store(q5_values(b, block, False), _ptr(b, b.add(qs, b.mul(i, c64(32))), ir.VectorType(I8, 32)),
-                    align=1)
-            dm = _scale_pair(b, b.add(sc, four))
-            b.store(dm[0], _ptr(b, b.add(d, four), F32), align=4)
-            b.store(dm[1], _ptr(b, b.add(m, four), F32), align=4)
+    out = _ptr(b, b.add(qs, b.mul(i, c64(32))), v32)
+
+    def pair(b):  # an fp16 pair d, m -> float32 at d and m
+        dm = _scale_pair(b, b.add(sc, four))
+        b.store(dm[0], _ptr(b, b.add(d, four), F32), align=4)
+        b.store(dm[1], _ptr(b, b.add(m, four), F32), align=4)
+
+    with b.if_else(b.icmp_signed("==", form, c64(UNPACK_Q4_1))) as (q4_1, q5):
+        with q4_1:
+            raw = _gep_load(b, src, b.mul(i, c64(16)), ir.VectorType(I8, 16), 1)
+            b.store(_weight_values(b, raw, True, 0), out, align=1)
+            pair(b)
+        with q5:
+            block = b.add(src, b.mul(i, c64(20)))
+            with b.if_else(b.icmp_signed("==", form, c64(UNPACK_Q5_0))) as (q5_0, q5_1):
+                with q5_0:
+                    b.store(q5_values(b, block, True), out, align=1)
+                    b.store(_scale_half(b, b.add(sc, b.mul(i, c64(2)))), _ptr(b, b.add(d, four), F32), align=4)
+                with q5_1:
+                    b.store(q5_values(b, block, False), out, align=1)
+                    pair(b)
     body_end = b.block
     i1 = b.add(i, c64(1))
     b.cbranch(b.icmp_signed("<", i1, nb), loop, done)

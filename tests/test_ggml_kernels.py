@@ -442,6 +442,32 @@ def test_repacked_q4_0_extreme_sums_equal_specification(use_simd):
                 assert same_bits(kernels().quantized_linear(row[None], w, use_simd), ggml.linear(row[None], w))
 
 
+def test_unpack_row_q4_1_is_one_byte_per_value():
+    """ggml_simd.unpack_row's UNPACK_Q4_1 (a prefill's Q4_1, for Q5_1's byte tiles): a row of nibbles and fp16
+    pairs (_scale_pairs) -> the values 0..15 one byte each, in value order (a block's low nibbles, then its high
+    ones), and d, m as float32, exactly (fp16 subnormals to the largest, NaN and infinities in random bytes)."""
+    from numba import njit
+
+    from llama_ref.kernels import ggml_simd
+
+    @njit
+    def unpack(blocks, pairs, qs, d, m):
+        for r in range(blocks.shape[0]):
+            ggml_simd.unpack_row(blocks[r].ctypes.data, pairs[r].ctypes.data, pairs.shape[1],
+                                 np.int64(ggml_simd.UNPACK_Q4_1), qs[r].ctypes.data, d[r].ctypes.data,
+                                 m[r].ctypes.data)
+
+    for pattern, scale in (("random", (6e-8, 65504.0)), ("min", (1e-3, 1.0)), ("max", (1e3, 65504.0))):
+        w = raw_blocks("q4_1", 7, 9, seed=8, pattern=pattern, scale=scale)
+        raw = np.ascontiguousarray(w.qs).reshape(7, 9, 16)
+        want = np.concatenate([raw & 15, raw >> 4], axis=2).reshape(7, 9 * 32)
+        pairs = np.ascontiguousarray(kernels()._scale_pairs(w.d, w.m))
+        qs = np.zeros((7, 9 * 32), np.uint8)
+        d, m = np.zeros((7, 9), np.float32), np.zeros((7, 9), np.float32)
+        unpack(np.ascontiguousarray(w.qs), pairs, qs, d, m)
+        assert np.array_equal(qs, want) and same_bits(d, w.d) and same_bits(m, w.m)
+
+
 @pytest.mark.parametrize("kind", sorted(TYPES))
 @pytest.mark.parametrize("nb", [8, 19])
 def test_prefill_scale_table_equals_specification(kind, nb):
@@ -506,7 +532,7 @@ def test_simd_path_is_vpdpbusd_where_the_cpu_has_it():
     assert any(m.startswith("vfmadd") for m in found)  # the float part: true fused multiply-adds
 
 
-@pytest.mark.parametrize("tile", ["_q8_RA", "_q8_R1", "_q4_0_R1", "_q4_0r_R1", "_q4_1_RA", "_q5_1_11", "_q5_0_11",
+@pytest.mark.parametrize("tile", ["_q8_RA", "_q8_R1", "_q4_0_R1", "_q4_0r_R1", "_q4_1_R1", "_q5_1_11", "_q5_0_11",
                                   "_q5_1_R1", "_q5_0_R1", "_q5_1x_RA"])
 def test_avx2_path_is_vpmaddubsw(tile):
     """On an AVX2 CPU, use_simd=2 (and, without VNNI, the default 1) builds the tile's integers from

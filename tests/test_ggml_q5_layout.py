@@ -1,6 +1,6 @@
 """Q5_0 / Q5_1 held in their file's 5 bits (weights/packed.py _Q5Weight) and arithmetic="ggml"'s products on them
 (kernels/ggml.py: a decode's tiles spread the bits in registers, a prefill unpacks each tile's rows once to one byte
-per value, ggml_simd.unpack_q5_row), bit for bit against the NumPy specification (llama_ref/model/ggml.py) on every
+per value, ggml_simd.unpack_row), bit for bit against the NumPy specification (llama_ref/model/ggml.py) on every
 integer path (use_simd 0 is the portable code; the portable default is also checked with LLAMA_REF_GGML_PORTABLE=1).
 A weight that only ggml mode reads keeps no second copy; exact mode's one byte per value is made on demand.
 """
@@ -136,7 +136,7 @@ def test_compiled_embedding_reads_the_held_blocks(kind):
 
 @pytest.mark.parametrize("kind", sorted(TYPES))
 def test_unpack_row_is_one_byte_per_value(kind):
-    """ggml_simd.unpack_q5_row: a row of file blocks (fifth bits in the host's Q5_BIT_ORDER) -> the values a
+    """ggml_simd.unpack_row: a row of file blocks (fifth bits in the host's Q5_BIT_ORDER) -> the values a
     prefill's byte tiles read (Q5_0 int8 q - 16, Q5_1 q) and the fp16 scales as float32, exactly."""
     from numba import njit
 
@@ -145,8 +145,8 @@ def test_unpack_row_is_one_byte_per_value(kind):
     @njit
     def unpack(blocks, scales, signed, qs, d, m):
         for r in range(blocks.shape[0]):
-            ggml_simd.unpack_q5_row(blocks[r].ctypes.data, scales[r].ctypes.data, scales.shape[1], signed,
-                                    qs[r].ctypes.data, d[r].ctypes.data, m[r].ctypes.data)
+            ggml_simd.unpack_row(blocks[r].ctypes.data, scales[r].ctypes.data, scales.shape[1], signed,
+                                 qs[r].ctypes.data, d[r].ctypes.data, m[r].ctypes.data)
 
     for pattern in ("random", "min", "max"):
         w = raw_blocks(kind, 7, 9, seed=8, pattern=pattern)

@@ -210,9 +210,10 @@ def _q5_tile(kind, w, ws, wd, wds, nb, K, r0, r1, x0, xd0, xs0, o0, N, R, use_si
     those tiles read from a byte layout, so the same bits. A function of its own, not inlined: sq and sdm are its
     arguments, so they live until it returns (only their addresses are used)."""
     q, dm, sds = np.int64(sq.ctypes.data), np.int64(sdm.ctypes.data), np.int64(4 * nb)
+    form = np.int64(simd.UNPACK_Q5_0 if kind == 5 else simd.UNPACK_Q5_1)
     for r in range(r0, r1):
-        simd.unpack_row(w + (r - r0) * ws, wd + (r - r0) * wds, nb, np.int64(kind == 5), q + (r - r0) * K,
-                           dm + (r - r0) * sds, dm + (ROWS + r - r0) * sds)
+        simd.unpack_row(w + (r - r0) * ws, wd + (r - r0) * wds, nb, form, q + (r - r0) * K, dm + (r - r0) * sds,
+                        dm + (ROWS + r - r0) * sds)
     _tile(Q5_1_BYTES if kind == 1 else 0, q, np.int64(K), dm, dm + ROWS * sds, sds, nb, K, r0, r1, x0, xd0, xs0, o0,
           N, R, use_simd)
 
@@ -367,10 +368,11 @@ def _q5_rows(blocks, scales, signed, ids, out):
     K = out.shape[1]
     q, d, m = np.empty((1, K), np.uint8), np.empty((1, K // 32), np.float32), np.empty((1, K // 32), np.float32)
     first = np.zeros(1, np.int64)  # the one unpacked row
+    form = np.int64(simd.UNPACK_Q5_0 if signed else simd.UNPACK_Q5_1)
     for i in range(ids.shape[0]):
         r = ids[i]
-        simd.unpack_row(blocks[r].ctypes.data, scales[r].ctypes.data, K // 32, signed, q.ctypes.data,
-                           d.ctypes.data, m.ctypes.data)
+        simd.unpack_row(blocks[r].ctypes.data, scales[r].ctypes.data, K // 32, form, q.ctypes.data, d.ctypes.data,
+                        m.ctypes.data)
         _rows_q8(q, d, m, signed == 0, first, out[i:i + 1])
 
 

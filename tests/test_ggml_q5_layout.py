@@ -153,7 +153,7 @@ def test_unpack_row_is_one_byte_per_value(kind):
         blocks, scales = w.file_form(ggml_simd.Q5_BIT_ORDER)
         qs = np.zeros((7, 9 * 32), np.uint8)
         d, m = np.zeros((7, 9), np.float32), np.zeros((7, 9), np.float32)
-        unpack(blocks, scales, int(kind == "q5_0"), qs, d, m)
+        unpack(blocks, scales, ggml_simd.UNPACK_Q5_0 if kind == "q5_0" else ggml_simd.UNPACK_Q5_1, qs, d, m)
         assert np.array_equal(qs, w.qs) and same_bits(d, w.d)
         assert same_bits(m, w.m) if kind == "q5_1" else not m.any()
 

@@ -37,7 +37,7 @@ ROWS = 16  # weight rows per parallel work item: their bytes stay in cache while
 KIND = {"q8_0": 0, "q5_1": 1, "q4_0": 2, "q4_0r": 3, "q4_1": 4, "q5_0": 5}
 Q5 = (1, 5)
 # A prefill (more than one activation row) first unpacks each tile's ROWS rows of a Q5 or Q4_1 weight to one byte per
-# value (ggml_simd.unpack_row, _q4_1_tile; a scratch of the thread's own), then runs the byte tiles on them: Q5_1
+# value (ggml_simd.unpack_row, _unpacked_tile; a scratch of the thread's own), then runs the byte tiles on them: Q5_1
 # and Q4_1 this kind, Q5_0 Q8_0's (its int8 values q - 16). Only _linear sees this kind, never
 # kernels/ggml_linears.py's work list.
 Q5_1_BYTES = 6
@@ -77,7 +77,7 @@ _q5_0_R1 = simd.make_dot("q5_0c", 4, 1)
 _q5_1x_RA, _q5_1x_R1, _q5_1x_1A, _q5_1x_11 = _tiles("q5_1")  # one byte per value: a prefill's
 _q4_0_RA, _q4_0_R1, _q4_0_1A, _q4_0_11 = _tiles("q4_0")
 _q4_0r_RA, _q4_0r_R1, _, _ = _tiles("q4_0r")
-# Q4_1 with fp16 d, m pairs (_weight_args): only a decode's tiles (a prefill unpacks it to Q5_1_BYTES: _q4_1_tile)
+# Q4_1 with fp16 d, m pairs (_weight_args): only a decode's tiles (a prefill unpacks it to Q5_1_BYTES: _unpacked_tile)
 _q4_1_R1, _q4_1_11 = simd.make_dot("q4_1h", 4, 1), simd.make_dot("q4_1h", 1, 1)
 
 
@@ -145,7 +145,7 @@ def _linear(kind, xq, xd, xs, qs, d, m, out, use_simd):
     (xq (N, K) int8, scales xd, Q8_1 sums xs (N, nb)). Parallel over tiles of
     ROWS weight rows; within a tile, the activation rows pass ACTS at a time, meeting the tile's rows 4
     (repacked Q4_0: 8) at a time while their bytes are in cache. A Q5 or Q4_1 tile is unpacked first, once, to one
-    byte per value and float32 scales in a scratch of its own (_q5_tile, _q4_1_tile), for the byte tiles: spreading
+    byte per value and float32 scales in a scratch of its own (_unpacked_tile), for the byte tiles: spreading
     the bits in every tile call instead cost a prefill ~1.25x the time (the 4 x 4 tile runs as two passes on AVX2,
     each spreading them again; Q4_1 ~1.3x).
 
@@ -167,12 +167,9 @@ def _linear(kind, xq, xd, xs, qs, d, m, out, use_simd):
         r0, r1 = np.int64(c * ROWS), min(R, (c + 1) * ROWS)
         if N == 1:
             _decode_rows(kind, xq, xd, xs, off, qs, d, m, out, use_simd, r0, r1)
-        elif kind == 4:
-            _q4_1_tile(w0 + r0 * ws, ws, d0 + r0 * wds, wds, nb, K, r0, r1, x0, xd0, xs0, o0, N, R, use_simd,
-                       np.empty(ROWS * K, np.uint8), np.empty(2 * ROWS * nb, np.float32))
-        elif kind == 1 or kind == 5:
-            _q5_tile(kind, w0 + r0 * ws, ws, d0 + r0 * wds, wds, nb, K, r0, r1, x0, xd0, xs0, o0, N, R, use_simd,
-                     np.empty(ROWS * K, np.uint8), np.empty(2 * ROWS * nb, np.float32))
+        elif kind == 1 or kind == 5 or kind == 4:
+            _unpacked_tile(kind, w0 + r0 * ws, ws, d0 + r0 * wds, wds, nb, K, r0, r1, x0, xd0, xs0, o0, N, R,
+                           use_simd, np.empty(ROWS * K, np.uint8), np.empty(2 * ROWS * nb, np.float32))
         else:
             _tile(kind, w0 + r0 * ws, ws, d0 + r0 * wds, m0 + r0 * wds, wds, nb, K, r0, r1, x0, xd0, xs0, o0, N, R,
                   use_simd)
@@ -203,34 +200,23 @@ def _tile(kind, w, ws, wd, wm, wds, nb, K, r0, r1, x0, xd0, xs0, o0, N, R, use_s
 
 
 @njit(**JIT)
-def _q5_tile(kind, w, ws, wd, wds, nb, K, r0, r1, x0, xd0, xs0, o0, N, R, use_simd, sq, sdm):
-    """_tile for a Q5 weight in its file's blocks (kind 1 or 5; its fp16 scales, or pairs, at wd, wds apart): rows
-    r0 .. r1 - 1 unpacked once into sq (ROWS K bytes: one byte per value) and sdm (float32 d, then m, ROWS nb
-    each), then the byte tiles on them (Q5_1_BYTES, or Q8_0's for Q5_0's int8 q - 16): the integers and scales
-    those tiles read from a byte layout, so the same bits. A function of its own, not inlined: sq and sdm are its
+def _unpacked_tile(kind, w, ws, wd, wds, nb, K, r0, r1, x0, xd0, xs0, o0, N, R, use_simd, sq, sdm):
+    """_tile for a Q5 weight in its file's blocks (kind 1 or 5; its fp16 scales, or pairs, at wd, wds apart) or a
+    Q4_1 weight (kind 4; its nibbles, its fp16 pairs d, m at wd: _scale_pairs): rows r0 .. r1 - 1 unpacked once
+    into sq (ROWS K bytes: one byte per value) and sdm (float32 d, then m, ROWS nb each), then the byte tiles on
+    them (Q5_1_BYTES for Q5_1 and Q4_1, Q8_0's for Q5_0's int8 q - 16): the integers and scales those tiles read
+    from a byte layout, so the same bits. ggml_vec_dot_q4_1_q8_1 and ggml_vec_dot_q5_1_q8_1 differ only in how a
+    block's values come apart (the same integer lanes, d_w d_x fma, then m_w s_x); Q4_1's own 4 x 4 tile spread
+    its nibbles in every call (on AVX2 two passes, each spreading them again): Zen 3, one thread, 2048 x 2048 by
+    256 activation rows 39.5 -> ~30 ms this way. A function of its own, not inlined: sq and sdm are its
     arguments, so they live until it returns (only their addresses are used)."""
     q, dm, sds = np.int64(sq.ctypes.data), np.int64(sdm.ctypes.data), np.int64(4 * nb)
-    form = np.int64(simd.UNPACK_Q5_0 if kind == 5 else simd.UNPACK_Q5_1)
+    form = np.int64(simd.UNPACK_Q5_0 if kind == 5 else simd.UNPACK_Q4_1 if kind == 4 else simd.UNPACK_Q5_1)
     for r in range(r0, r1):
         simd.unpack_row(w + (r - r0) * ws, wd + (r - r0) * wds, nb, form, q + (r - r0) * K, dm + (r - r0) * sds,
                         dm + (ROWS + r - r0) * sds)
-    _tile(Q5_1_BYTES if kind == 1 else 0, q, np.int64(K), dm, dm + ROWS * sds, sds, nb, K, r0, r1, x0, xd0, xs0, o0,
+    _tile(0 if kind == 5 else Q5_1_BYTES, q, np.int64(K), dm, dm + ROWS * sds, sds, nb, K, r0, r1, x0, xd0, xs0, o0,
           N, R, use_simd)
-
-
-@njit(**JIT)
-def _q4_1_tile(w, ws, wd, wds, nb, K, r0, r1, x0, xd0, xs0, o0, N, R, use_simd, sq, sdm):
-    """_tile for Q4_1 (its nibbles at w, ws bytes a row; its fp16 pairs d, m at wd, wds apart: _scale_pairs): rows
-    r0 .. r1 - 1 unpacked once into sq (one byte per value, 0..15) and sdm (float32 d, then m, ROWS nb each), then
-    Q5_1's byte tiles on them: ggml_vec_dot_q4_1_q8_1 and ggml_vec_dot_q5_1_q8_1 differ only in how a block's values
-    are unpacked (the same integer lanes, d_w d_x fma, then m_w s_x), so the same bits as Q4_1's own 4 x 4 tile,
-    which spread the nibbles in every call (on AVX2 two passes, each spreading them again). Zen 3, one thread,
-    2048 x 2048 by 256 activation rows: 38.7 -> ~30 ms. Arguments as _q5_tile's."""
-    q, dm, sds = np.int64(sq.ctypes.data), np.int64(sdm.ctypes.data), np.int64(4 * nb)
-    for r in range(r0, r1):
-        simd.unpack_row(w + (r - r0) * ws, wd + (r - r0) * wds, nb, np.int64(simd.UNPACK_Q4_1), q + (r - r0) * K,
-                        dm + (r - r0) * sds, dm + (ROWS + r - r0) * sds)
-    _tile(Q5_1_BYTES, q, np.int64(K), dm, dm + ROWS * sds, sds, nb, K, r0, r1, x0, xd0, xs0, o0, N, R, use_simd)
 
 
 @njit(inline="always", **JIT)

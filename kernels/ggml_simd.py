@@ -896,8 +896,7 @@ def _define_tile(module, kind, rows, acts, isa):
                 for a_ in range(acts):
                     # float32 d_w * d_x
                     if table is not None:
-                        at = b.add(b.mul(c64(4 * (r * acts + a_)), nb), four)
-                        scale = splat8(b, _gep_load(b, table, at, F32, 4))
+                        scale = splat8(b, _gep_load(b, table, _pair_at(b, r, a_, acts, nb, four), F32, 4))
                     else:
                         scale = given[r][0] if given is not None else b.fmul(splat8(b, wdv[r]), xsplat[a_])
                     k = r * acts + a_
@@ -969,6 +968,11 @@ def _define_tile(module, kind, rows, acts, isa):
     return fn
 
 
+def _pair_at(b, r, a_, acts, nb, four):
+    """The byte offset of block i's product (four: 4 i) of pair (r, a_) in _pair_products' table."""
+    return b.add(b.mul(ir.Constant(I64, 4 * (r * acts + a_)), nb), four)
+
+
 def _pair_products(b, fn, wd, wds, xd, xds, nb, rows, acts):
     """The float32 d_w d_x of every (row, activation row) pair and block of a tile, in a table on the stack:
     pair (r, a)'s nb products from byte 4 nb (r acts + a) on, 8 blocks a vmulps, then the last nb % 8 one by one
@@ -988,8 +992,7 @@ def _pair_products(b, fn, wd, wds, xd, xds, nb, rows, acts):
             dw = _gep_load(b, b.add(wd, b.mul(c64(r), wds)), four, ty, 4)
             for a_ in range(acts):
                 dx = _gep_load(b, b.add(xd, b.mul(c64(a_), xds)), four, ty, 4)
-                at = b.add(b.mul(c64(4 * (r * acts + a_)), nb), four)
-                b.store(b.fmul(dw, dx), _ptr(b, b.add(table, at), ty), align=4)
+                b.store(b.fmul(dw, dx), _ptr(b, b.add(table, _pair_at(b, r, a_, acts, nb, four)), ty), align=4)
 
     b = ir.IRBuilder(vec)
     i = b.phi(I64)

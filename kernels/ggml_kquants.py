@@ -26,10 +26,14 @@ portable code) Q5_K and Q6_K prefill with their activations in groups (group_act
 and scales in one record per super-block), a tile of one weight row by a group (_define_q5_k_gtile, _define_q6_k_gtile),
 SEG super-blocks at a time so that the group's bytes stay in L1 while the rows pass; kernel level (Q6_K 8192 x
 2048 and 2048 x 8192 by 120 rows, one thread) 1.10-1.20x the 1 x ACTS tile on the plain arrays, Q5_K 1.86-1.93x.
-Q5_K's records are woven (group_acts woven=True) so that two sub-blocks share one vpmaddwd (_weave, _woven_lanes:
-3 multiplies per 64 values and activation row instead of 4; the multiplies bound these tiles on AVX2) and carry
-the sub-block sums for the group's mins in one vector; 1.16-1.29x the tile before (1B shapes by 512 rows, one
-thread, best of 3 interleaved rounds). The same weave on Q6_K's tile measured 0.87-0.96x: not taken.
+The records are woven (group_acts) so that two 32-value pieces share one vpmaddwd (_weave, _woven_lanes: 3
+multiplies per 64 values and activation row instead of 4; the multiplies bound these tiles on AVX2) and carry
+the sub-block sums for Q5_K's mins in one vector; Q5_K 1.16-1.29x the tile before (1B shapes by 512 rows, one
+thread, best of 3 interleaved rounds). Each work item first unpacks its weight rows once (unpack_q5_k,
+unpack_q6_k: values as bytes, woven the same way, and the decoded scales), so that the tiles' loops only load
+and multiply: in registers, the unpacking was done again for every group that passed a row (Zen 3, one
+thread, 2048 x 2048 by 256 rows: Q5_K 21.8 -> ~17 ms; in L1, cycles a super-block of 6 rows, Q5_K 87 -> 57,
+Q6_K 83 -> 59, where weaving in registers had cost Q6_K more than it saved, 0.87-0.96x).
 
 Every other inner loop is one LLVM vector-IR function per tile of one weight row by ACTS activation rows (a
 decode: by one), over the whole row (_define_q4_k_tile, _define_q5_k_tile, _define_q6_k_tile): per super-block
@@ -104,9 +108,16 @@ def _weave(b, c, c_):
 def _woven_lanes(b, v1, v2, x1, x2, scale, isa):
     """The int32 lanes of two woven pieces by one activation row: vpmaddubsw(V1, X1) + vpmaddubsw(V2, X2) holds
     the 4-product sums P of the first piece at int16 2u and of the second at 2u + 1 (exact where |P| <= 32767:
-    Q5_K 4 x 31 x 127 = 15748), then one vpmaddwd by their scales (16 x i16, the first piece's at 2u, the
-    second's at 2u + 1): lane u = s P + s' P', the sum of the two pieces' own lanes."""
+    Q5_K 4 x 31 x 127 = 15748, Q6_K 4 x 63 x 127 = 32004; Q8_K's quants are within +-127), then one vpmaddwd
+    by their scales (16 x i16, the first piece's at 2u, the second's at 2u + 1): lane u = s P + s' P', the sum
+    of the two pieces' own lanes."""
     return _madd(b, b.add(_pairs(b, v1, x1, isa), _pairs(b, v2, x2, isa)), scale, isa)
+
+
+def _unseen(b, n):
+    """The int64 n through an empty inline asm: a loop to it that LLVM cannot count, so does not unroll whole
+    (the grouped tiles' loops over a super-block's pieces, unrolled, kept 20-70 vectors on the stack)."""
+    return b.asm(ir.FunctionType(I64, [I64]), "", "=r,0", [ir.Constant(I64, n)], False)
 
 
 # A Q6_K prefill tile: one weight row by ACTS activation rows, each super-block of the row unpacked once for
@@ -294,27 +305,97 @@ SEG = 8
 GROUP = 6
 
 
-def act_record(acts: int, woven: bool = False) -> int:
-    """The bytes of one super-block of a group of `acts` Q8_K activation rows (group_acts; woven: with the
-    sub-block sums for Q5_K's mins at pair_sums(acts))."""
-    return -(-(pair_sums(acts) + 128 if woven else acts * 292) // 64) * 64
+def act_record(acts: int) -> int:
+    """The bytes of one super-block of a group of `acts` Q8_K activation rows (group_acts), with the sub-block
+    sums for Q5_K's mins at pair_sums(acts)."""
+    return -(-(pair_sums(acts) + 128) // 64) * 64
 
 
 def pair_sums(acts: int) -> int:
-    """Where a woven record (group_acts) keeps its sub-block sums: after the scales, 32-byte aligned."""
+    """Where a record (group_acts) keeps its sub-block sums: after the scales, 32-byte aligned."""
     return -(-acts * 292 // 32) * 32
 
 
-GROUP_RECORD, GROUP_RECORD5 = act_record(GROUP), act_record(GROUP, True)  # Q6_K's plain, Q5_K's woven
+GROUP_RECORD = act_record(GROUP)
+
+
+# A Q6_K row as its prefill tile reads it (unpack_q6_k, once per work item; _define_q6_k_gtile), per super-block:
+# the 256 values 0..63 as bytes, per pair p of 32-value chunks c = 2p, 2p + 1 (64 bytes from 64 p) woven by 16-bit
+# words into V1, V2 (_weave) | per pair p the scales its vpmaddwd takes (<16 x i16>: words 2u, 2u + 1 the scales of
+# lane u's values in chunk 2p, in chunk 2p + 1: sc[4p + (u >= 4)], sc[4p + 2 + (u >= 4)]) | the 16 scales times 32
+# as int16 (the -32 of every value, by the bsums) | d as float32 | zeros to a whole number of lines
+Q6U_BYTES = 448
+Q6U_SC, Q6U_SC32, Q6U_D = 256, 384, 416
+
+
+def _define_q6_k_unpack(module):
+    """void f(w, nb, out): nb Q6_K super-blocks of the file (210 bytes each from byte address w) -> their
+    Q6U_BYTES records at out: the values, scales and fp16 -> float32 d as _define_q6_k_tile decodes them in
+    registers, written out once for every group of activation rows that passes the row."""
+    name = "llama_ref_ggml_q6_k_unpack"
+    if name in module.globals:
+        return module.globals[name]
+    fn = ir.Function(module, ir.FunctionType(ir.VoidType(), [I64] * 3), name)
+    fn.linkage = "internal"
+    w, nb, out = fn.args
+    entry, loop, done = (fn.append_basic_block(n) for n in ("entry", "loop", "done"))
+    v32, v16_16 = ir.VectorType(I8, 32), ir.VectorType(I16, 16)
+    c64 = lambda v: ir.Constant(I64, v)  # noqa: E731
+    b = ir.IRBuilder(entry)
+    b.cbranch(b.icmp_signed(">", nb, c64(0)), loop, done)
+    b = ir.IRBuilder(loop)
+    i = b.phi(I64)
+    blk, o = b.add(w, b.mul(i, c64(Q6_BYTES))), b.add(out, b.mul(i, c64(Q6U_BYTES)))
+    sc = b.sext(_gep_load(b, blk, c64(192), ir.VectorType(I8, 16), 1), v16_16)
+    chunks = []  # the 8 chunks of 32 values, in value order
+    for h in range(2):
+        qh = _gep_load(b, blk, c64(128 + 32 * h), v32, 1)
+        chunks += [_q6_k_value_chunk(b, _gep_load(b, blk, c64(64 * h + 32 * (k % 2)), v32, 1), qh, k) for k in range(4)]
+    for p in range(4):
+        for k, v in enumerate(_weave(b, chunks[2 * p], chunks[2 * p + 1])):
+            b.store(v, _ptr(b, b.add(o, c64(64 * p + 32 * k)), v32), align=1)
+        scale = _shuffle(b, sc, [4 * p, 4 * p + 2] * 4 + [4 * p + 1, 4 * p + 3] * 4)
+        b.store(scale, _ptr(b, b.add(o, c64(Q6U_SC + 32 * p)), v16_16), align=1)
+    b.store(b.shl(sc, ir.Constant(v16_16, [5] * 16)), _ptr(b, b.add(o, c64(Q6U_SC32)), v16_16), align=1)
+    b.store(b.fpext(_gep_load(b, blk, c64(208), ir.HalfType(), 1), F32), _ptr(b, b.add(o, c64(Q6U_D)), F32), align=4)
+    for z in range(Q6U_D + 4, Q6U_BYTES, 4):
+        b.store(ir.Constant(I32, 0), _ptr(b, b.add(o, c64(z)), I32), align=4)
+    i1 = b.add(i, c64(1))
+    b.cbranch(b.icmp_signed("<", i1, nb), loop, done)
+    i.add_incoming(c64(0), entry)
+    i.add_incoming(i1, loop)
+    b = ir.IRBuilder(done)
+    b.ret_void()
+    return fn
+
+
+@intrinsic
+def unpack_q6_k(typingctx, w, nb, out):
+    """unpack_q6_k(w, nb, out): nb Q6_K super-blocks (the file's bytes at byte address w) -> Q6U_BYTES records at
+    out (_define_q6_k_unpack)."""
+    sig = types.void(types.int64, types.int64, types.int64)
+
+    def codegen(context, builder, signature, args):
+        builder.call(_define_q6_k_unpack(builder.module), args)
+        return context.get_dummy_value()
+    return sig, codegen
 
 
 def _define_q6_k_gtile(module, acts, isa):
-    """void f(w, x, nb, out, ostride, acc, part): ggml_vec_dot_q6_K_q8_K of one weight row (the file's Q6_K
-    blocks from byte address w) with a group of `acts` activation rows (group_acts' records from byte address
-    x), nb super-blocks, in _define_q6_k_tile's order (the same lanes, the same float steps). A row may come in
+    """void f(w, x, nb, out, ostride, acc, part): ggml_vec_dot_q6_K_q8_K of one weight row (its unpack_q6_k
+    records from byte address w) with a group of `acts` activation rows (group_acts' woven records from byte
+    address x), nb super-blocks, with _define_q6_k_tile's lanes and float steps. A row may come in
     segments of super-blocks: part & 1, its first (the float32 lanes start at zero, else from acc: 8 per
     activation row, 32 bytes apart); part & 2, its last (hsum_float_8 of the lanes -> out[a * ostride], else
-    the lanes -> acc). Stored and loaded whole, the lanes carry the same chain of fma's as one call."""
+    the lanes -> acc). Stored and loaded whole, the lanes carry the same chain of fma's as one call.
+
+    Two chunks of 32 values share one vpmaddwd, as Q5_K's sub-blocks (_define_q5_k_gtile, _woven_lanes): lane u
+    of the specification is the sum over the chunks c of sc[2c + (u >= 4)] times the products 4u .. 4u + 3 of c,
+    and the woven pair (2p, 2p + 1) adds both chunks' terms of lane u in one vpmaddwd, exact in int32, so the same
+    lanes (the same integers in each), with 3 multiplies per 64 values and activation row instead of 4. Weaving
+    in registers cost more than it saved (0.87-0.96x, session 33); the row comes unpacked and woven
+    (unpack_q6_k, once per work item), so the loop only loads: Zen 3, in L1, 83 -> ~55 cycles a super-block of 6
+    activation rows."""
     isa = _q6_isa(isa)
     name = f"llama_ref_ggml_q6_k_g{acts}_{isa}"
     if name in module.globals:
@@ -322,9 +403,9 @@ def _define_q6_k_gtile(module, acts, isa):
     fn = ir.Function(module, ir.FunctionType(ir.VoidType(), [I64] * 7), name)
     fn.linkage = "internal"
     w, x, nb, out, ostride, acc, part = fn.args
-    entry, loop, half, tail, done, last, keep = (fn.append_basic_block(n) for n in (
-        "entry", "loop", "half", "tail", "done", "last", "keep"))
-    v8f, v32, v16 = ir.VectorType(F32, 8), ir.VectorType(I8, 32), ir.VectorType(I8, 16)
+    entry, loop, pairs_, tail, done, last, keep = (fn.append_basic_block(n) for n in (
+        "entry", "loop", "pairs", "tail", "done", "last", "keep"))
+    v8f, v32 = ir.VectorType(F32, 8), ir.VectorType(I8, 32)
     v8i, v16_16, v16_32 = ir.VectorType(I32, 8), ir.VectorType(I16, 16), ir.VectorType(I32, 16)
     c64 = lambda v: ir.Constant(I64, v)  # noqa: E731
     zero8 = ir.Constant(v8f, [0.0] * 8)
@@ -332,47 +413,41 @@ def _define_q6_k_gtile(module, acts, isa):
     rec, bso, xdo = act_record(acts), 256 * acts, 288 * acts  # a record; its bsums, its scales
     b = ir.IRBuilder(entry)
     first = b.icmp_signed("!=", b.and_(part, c64(1)), c64(0))
+    pairs_n = _unseen(b, 4)  # a loop LLVM keeps (unrolled whole, its values spilled to the stack)
     init = [b.select(first, zero8, _gep_load(b, acc, c64(32 * a), v8f, 4)) for a in range(acts)]
     b.cbranch(b.icmp_signed(">", nb, c64(0)), loop, done)
 
     b = ir.IRBuilder(loop)
     i = b.phi(I64)
     accs = [b.phi(v8f) for _ in range(acts)]
-    blk, xr = b.add(w, b.mul(i, c64(Q6_BYTES))), b.add(x, b.mul(i, c64(rec)))
-    b.branch(half)
+    blk, xr = b.add(w, b.mul(i, c64(Q6U_BYTES))), b.add(x, b.mul(i, c64(rec)))
+    b.branch(pairs_)
 
-    # the two 128-value halves in a loop, as _define_q6_k_tile's, the integer lanes carried
-    b = ir.IRBuilder(half)
-    h = b.phi(I64)
+    # the 4 pairs of chunks in a loop, the integer lanes carried
+    b = ir.IRBuilder(pairs_)
+    p = b.phi(I64)
     lanes_in = [b.phi(v8i) for _ in range(acts)]
     totals = list(lanes_in)
-    wh, xh = b.add(blk, b.mul(h, c64(64))), b.add(xr, b.mul(h, c64(128)))  # the half's ql bytes, its x
-    qh = _gep_load(b, b.add(blk, b.mul(h, c64(32))), c64(128), v32, 1)
-    sch = b.sext(_gep_load(b, b.add(blk, b.mul(h, c64(8))), c64(192), ir.VectorType(I8, 8), 1),
-                 ir.VectorType(I16, 8) if isa == "avx2" else ir.VectorType(I32, 8))
-    for k in range(4):
-        vals = _q6_k_value_chunk(b, _gep_load(b, wh, c64(32 * (k % 2)), v32, 1), qh, k)
-        scale = _shuffle(b, sch, [2 * k] * 8 + [2 * k + 1] * 8 if isa == "avx2" else [2 * k] * 4 + [2 * k + 1] * 4)
-        for a in range(acts):
-            xv = _gep_load(b, xh, c64(256 * a + 32 * k), v32, 1)
-            if isa == "avx2":
-                p = madd16(b, pairs_u8s8(b, vals, xv), scale)
-            else:
-                p = b.mul(lanes_u8s8(b, vals, xv, isa) if isa == "vnni" else lanes_portable(b, vals, xv, False), scale)
-            totals[a] = b.add(totals[a], p)
-    h1 = b.add(h, c64(1))
-    b.cbranch(b.icmp_signed("<", h1, c64(2)), half, tail)
-    h.add_incoming(c64(0), loop)
-    h.add_incoming(h1, half)
+    wp, xp = b.add(blk, b.mul(p, c64(64))), b.add(xr, b.mul(p, c64(64)))
+    v1, v2 = (_gep_load(b, wp, c64(32 * k), v32, 1) for k in range(2))
+    scale = _gep_load(b, b.add(blk, b.mul(p, c64(32))), c64(Q6U_SC), v16_16, 2)
+    for a in range(acts):
+        x1, x2 = (_gep_load(b, xp, c64(256 * a + 32 * k), v32, 1) for k in range(2))
+        totals[a] = b.add(totals[a], _woven_lanes(b, v1, v2, x1, x2, scale, isa))
+    p1 = b.add(p, c64(1))
+    b.cbranch(b.icmp_signed("<", p1, pairs_n), pairs_, tail)
+    p.add_incoming(c64(0), loop)
+    p.add_incoming(p1, pairs_)
     for phi, v in zip(lanes_in, totals):
         phi.add_incoming(ir.Constant(v8i, [0] * 8), loop)
-        phi.add_incoming(v, half)
+        phi.add_incoming(v, pairs_)
 
     # the -32 of every value (as _define_q6_k_tile's), then the float lanes
     b = ir.IRBuilder(tail)
-    sc = b.sext(_gep_load(b, blk, c64(192), v16, 1), v16_16 if isa == "avx2" else v16_32)
-    sc32 = b.shl(sc, ir.Constant(sc.type, [5] * 16))
-    dw = b.fpext(_gep_load(b, blk, c64(208), ir.HalfType(), 1), F32)
+    sc32 = _gep_load(b, blk, c64(Q6U_SC32), v16_16, 2)
+    if isa != "avx2":
+        sc32 = b.sext(sc32, v16_32)
+    dw = _gep_load(b, blk, c64(Q6U_D), F32, 4)
     even, odd = list(range(0, 16, 2)), list(range(1, 16, 2))
     new_accs = []
     for a in range(acts):
@@ -410,23 +485,91 @@ def _define_q6_k_gtile(module, acts, isa):
     return fn
 
 
+# A Q5_K row as its prefill tile reads it (unpack_q5_k, once per work item; _define_q5_k_gtile), per super-block:
+# the 256 values 0..31 as bytes, per pair p of sub-blocks (64 bytes from 64 p) woven by 16-bit words into V1, V2
+# (_weave) | 8 int16 scales sc[j] | 8 int16 mins mn[j] | d, dmin as float32 | zeros to a whole number of lines
+Q5U_BYTES = 320
+Q5U_SC, Q5U_MN, Q5U_D = 256, 272, 288
+
+
+def _define_q5_k_unpack(module):
+    """void f(w, nb, out): nb Q5_K super-blocks of the file (176 bytes each from byte address w) -> their
+    Q5U_BYTES records at out. The values, scales and mins as _define_q5_k_tile decodes them in registers
+    (the same integers, the same fp16 -> float32 d, dmin), written out once for every group of activation rows
+    that passes the row."""
+    name = "llama_ref_ggml_q5_k_unpack"
+    if name in module.globals:
+        return module.globals[name]
+    fn = ir.Function(module, ir.FunctionType(ir.VoidType(), [I64] * 3), name)
+    fn.linkage = "internal"
+    w, nb, out = fn.args
+    entry, loop, done = (fn.append_basic_block(n) for n in ("entry", "loop", "done"))
+    v32 = ir.VectorType(I8, 32)
+    c64 = lambda v: ir.Constant(I64, v)  # noqa: E731
+
+    def const(v):
+        return ir.Constant(v32, [v] * 32)
+    b = ir.IRBuilder(entry)
+    b.cbranch(b.icmp_signed(">", nb, c64(0)), loop, done)
+    b = ir.IRBuilder(loop)
+    i = b.phi(I64)
+    blk, o = b.add(w, b.mul(i, c64(Q5_BYTES))), b.add(out, b.mul(i, c64(Q5U_BYTES)))
+    dw, dminw, sc8, mn8 = _kquant_header(b, blk, "avx2", whole=True)  # sc8 <8 x i16>, mn8 <8 x i32>
+    b.store(sc8, _ptr(b, b.add(o, c64(Q5U_SC)), sc8.type), align=1)
+    mn16 = b.trunc(mn8, ir.VectorType(I16, 8))
+    b.store(mn16, _ptr(b, b.add(o, c64(Q5U_MN)), mn16.type), align=1)
+    b.store(dw, _ptr(b, b.add(o, c64(Q5U_D)), F32), align=4)
+    b.store(dminw, _ptr(b, b.add(o, c64(Q5U_D + 4)), F32), align=4)
+    for z in range(Q5U_D + 8, Q5U_BYTES, 8):
+        b.store(c64(0), _ptr(b, b.add(o, c64(z)), I64), align=1)
+    qh = _gep_load(b, blk, c64(16), v32, 1)
+    for p in range(4):
+        ql = _gep_load(b, blk, c64(48 + 32 * p), v32, 1)
+        qhp = b.lshr(qh, const(2 * p)) if p else qh
+        # the two sub-blocks' values in value order: low / high nibbles of ql, bits 2p / 2p + 1 of qh as bit 4
+        c = b.or_(b.and_(ql, const(15)), b.and_(b.shl(qhp, const(4)), const(16)))
+        c_ = b.or_(b.and_(b.lshr(ql, const(4)), const(15)), b.and_(b.shl(qhp, const(3)), const(16)))
+        for k, v in enumerate(_weave(b, c, c_)):
+            b.store(v, _ptr(b, b.add(o, c64(64 * p + 32 * k)), v32), align=1)
+    i1 = b.add(i, c64(1))
+    b.cbranch(b.icmp_signed("<", i1, nb), loop, done)
+    i.add_incoming(c64(0), entry)
+    i.add_incoming(i1, loop)
+    b = ir.IRBuilder(done)
+    b.ret_void()
+    return fn
+
+
+@intrinsic
+def unpack_q5_k(typingctx, w, nb, out):
+    """unpack_q5_k(w, nb, out): nb Q5_K super-blocks (the file's bytes at byte address w) -> Q5U_BYTES records at
+    out (_define_q5_k_unpack)."""
+    sig = types.void(types.int64, types.int64, types.int64)
+
+    def codegen(context, builder, signature, args):
+        builder.call(_define_q5_k_unpack(builder.module), args)
+        return context.get_dummy_value()
+    return sig, codegen
+
+
 def _define_q5_k_gtile(module, acts, isa):
-    """void f(w, x, nb, out, ostride, acc, part): ggml_vec_dot_q5_K_q8_K of one weight row (the file's Q5_K
-    blocks from byte address w) with a group of `acts` activation rows (group_acts' woven records from byte
+    """void f(w, x, nb, out, ostride, acc, part): ggml_vec_dot_q5_K_q8_K of one weight row (its unpack_q5_k
+    records from byte address w) with a group of `acts` activation rows (group_acts' woven records from byte
     address x), in _define_q5_k_tile's order; segments and acc (per activation row 64
     bytes: the 8 float32 lanes, then summs) as _define_q6_k_gtile's.
 
-    Two sub-blocks j = 2p, j' = 2p + 1 share one vpmaddwd: their values are unpacked in value order (c, c'),
-    then woven by 16-bit words into V1 (dword u: word 2u of c, word 2u of c') and V2 (words 2u + 1), the
-    activations stored woven the same way (X1, X2); vpmaddubsw(V1, X1) + vpmaddubsw(V2, X2) holds P[j, u] at
-    int16 2u and P[j', u] at 2u + 1 (P: the 4 products 4u .. 4u + 3 of a sub-block, |P| <= 4 x 31 x 127 =
-    15748: exact), and vpmaddwd by (sc[j], sc[j']) gives lane u = sc[j] P[j, u] + sc[j'] P[j', u], exact in
-    int32: the same lanes as one vpmaddubsw and one vpmaddwd per sub-block, with 3 multiplies per activation
-    row and pair of sub-blocks instead of 4 (the multiplies bound this loop). Per super-block a loop over the 4
-    pairs (the lanes, qh shifted on by 2 and the scales on by 2 carried), so that LLVM keeps one pair's values
-    in registers while the activation rows pass them. The mins: one vpmaddwd of (mn[j], mn[j]) by the int16
-    bsums per activation row, its 8 int32 summed (exact in any order). The portable code computes the same
-    int16 and int32 sums in plain IR."""
+    Two sub-blocks j = 2p, j' = 2p + 1 share one vpmaddwd: their values (c, c' in value order) are woven by 16-bit
+    words into V1 (dword u: word 2u of c, word 2u of c') and V2 (words 2u + 1), the activations the same way (X1,
+    X2); vpmaddubsw(V1, X1) + vpmaddubsw(V2, X2) holds P[j, u] at int16 2u and P[j', u] at 2u + 1 (P: the 4
+    products 4u .. 4u + 3 of a sub-block, |P| <= 4 x 31 x 127 = 15748: exact), and vpmaddwd by (sc[j], sc[j'])
+    gives lane u = sc[j] P[j, u] + sc[j'] P[j', u], exact in int32: the same lanes as one vpmaddubsw and one
+    vpmaddwd per sub-block, with 3 multiplies per activation row and pair of sub-blocks instead of 4 (the
+    multiplies bound this loop). Per super-block a loop over the 4 pairs, each pair's V1, V2 and scales loaded
+    once for all the activation rows. The row comes unpacked (unpack_q5_k): in registers, the unpacking and
+    weave took 16 of the loop's 47 vector instructions and the header ~25 more a super-block, for every group
+    that passed the row (Zen 3, in L1: 86 -> 60 cycles a super-block of 6 activation rows). The mins: one
+    vpmaddwd of (mn[j], mn[j]) by the int16 bsums per activation row, its 8 int32 summed (exact in any order).
+    The portable code computes the same int16 and int32 sums in plain IR."""
     name = f"llama_ref_ggml_q5_k_g{acts}_{isa}"
     if name in module.globals:
         return module.globals[name]
@@ -440,10 +583,15 @@ def _define_q5_k_gtile(module, acts, isa):
     c64 = lambda v: ir.Constant(I64, v)  # noqa: E731
     zero8 = ir.Constant(v8f, [0.0] * 8)
     fma_v = _declare(module, "llvm.fma.v8f32", v8f, [v8f] * 3)
-    rec, xdo, spo = act_record(acts, True), 288 * acts, pair_sums(acts)
+    rec, xdo, spo = act_record(acts), 288 * acts, pair_sums(acts)
     assert acts <= 8  # the mins and summs: one int32 / float32 lane per activation row
+
+    def pair_splat(b, at):  # the two int16 at byte address `at` in every dword: <16 x i16>
+        one = b.insert_element(ir.Constant(v8i, ir.Undefined), _gep_load(b, at, c64(0), I32, 4), ir.Constant(I32, 0))
+        return b.bitcast(_shuffle(b, one, [0] * 8), v16_16)
     b = ir.IRBuilder(entry)
     first = b.icmp_signed("!=", b.and_(part, c64(1)), c64(0))
+    pairs_n = _unseen(b, 4)  # a loop LLVM keeps (unrolled whole, its values spilled to the stack)
     init = [b.select(first, zero8, _gep_load(b, acc, c64(64 * a), v8f, 4)) for a in range(acts)]
     init.append(b.select(first, zero8, _gep_load(b, acc, c64(32), v8f, 4)))  # summs, activation row a in lane a
     b.cbranch(b.icmp_signed(">", nb, c64(0)), loop, done)
@@ -451,38 +599,24 @@ def _define_q5_k_gtile(module, acts, isa):
     b = ir.IRBuilder(loop)
     i = b.phi(I64)
     accs = [b.phi(v8f) for _ in range(acts + 1)]  # each activation row's 8 lanes, then the summs of all
-    blk, xr = b.add(w, b.mul(i, c64(Q5_BYTES))), b.add(x, b.mul(i, c64(rec)))
-    dw, dminw, sc8, mn8 = _kquant_header(b, blk, "avx2", whole=True)  # sc8 <8 x i16>, mn8 <8 x i32>
-    qh0 = _gep_load(b, blk, c64(16), v32, 1)
+    blk, xr = b.add(w, b.mul(i, c64(Q5U_BYTES))), b.add(x, b.mul(i, c64(rec)))
     b.branch(pairs_)
 
     b = ir.IRBuilder(pairs_)
     p = b.phi(I64)
-    qh, scs = b.phi(v32), b.phi(sc8.type)
     lanes_in = [b.phi(v8i) for _ in range(acts)]
     totals = list(lanes_in)
-    ql = _gep_load(b, b.add(blk, b.mul(p, c64(32))), c64(48), v32, 1)
-
-    def const(v):
-        return ir.Constant(v32, [v] * 32)
-    # the two sub-blocks' values in value order: low / high nibbles of ql, bits 2p / 2p + 1 of qh (qh >> 2p)
-    c = b.or_(b.and_(ql, const(15)), b.and_(b.shl(qh, const(4)), const(16)))
-    c_ = b.or_(b.and_(b.lshr(ql, const(4)), const(15)), b.and_(b.shl(qh, const(3)), const(16)))
-    v1, v2 = _weave(b, c, c_)
-    scale = _shuffle(b, scs, [0, 1] * 8)  # (sc[2p], sc[2p + 1]) in every dword
+    wp = b.add(blk, b.mul(p, c64(64)))
+    v1, v2 = (_gep_load(b, wp, c64(32 * k), v32, 1) for k in range(2))
+    scale = pair_splat(b, b.add(b.add(blk, c64(Q5U_SC)), b.mul(p, c64(4))))  # (sc[2p], sc[2p + 1]) in every dword
     xp = b.add(xr, b.mul(p, c64(64)))
     for a in range(acts):
         x1, x2 = (_gep_load(b, xp, c64(256 * a + 32 * k), v32, 1) for k in range(2))
         totals[a] = b.add(totals[a], _woven_lanes(b, v1, v2, x1, x2, scale, isa))
     p1 = b.add(p, c64(1))
-    qh1, scs1 = b.lshr(qh, const(2)), _shuffle(b, scs, [2, 3, 4, 5, 6, 7, 0, 1])
-    b.cbranch(b.icmp_signed("<", p1, c64(4)), pairs_, tail)
+    b.cbranch(b.icmp_signed("<", p1, pairs_n), pairs_, tail)
     p.add_incoming(c64(0), loop)
     p.add_incoming(p1, pairs_)
-    qh.add_incoming(qh0, loop)
-    qh.add_incoming(qh1, pairs_)
-    scs.add_incoming(sc8, loop)
-    scs.add_incoming(scs1, pairs_)
     for phi, v in zip(lanes_in, totals):
         phi.add_incoming(ir.Constant(v8i, [0] * 8), loop)
         phi.add_incoming(v, pairs_)
@@ -491,12 +625,12 @@ def _define_q5_k_gtile(module, acts, isa):
     # four vpmaddwd of (mn[2p], mn[2p+1]) by the record's (S[2p], S[2p+1]) of each row (exact in any order:
     # |mn| <= 63, |S| <= 32 x 127); summs = fma(-(d_x dmin_w), that, summs) lane by lane, as ggml's scalar
     b = ir.IRBuilder(tail)
-    mn16 = b.bitcast(b.trunc(mn8, ir.VectorType(I16, 8)), ir.VectorType(I32, 4))  # (mn[2p], mn[2p+1]) at p
     imin = None
     for q in range(4):
-        part_ = _madd(b, b.bitcast(_shuffle(b, mn16, [q] * 8), v16_16), _gep_load(b, xr, c64(spo + 32 * q), v16_16, 2),
+        part_ = _madd(b, pair_splat(b, b.add(blk, c64(Q5U_MN + 4 * q))), _gep_load(b, xr, c64(spo + 32 * q), v16_16, 2),
                       isa)
         imin = part_ if imin is None else b.add(imin, part_)
+    dw, dminw = (_gep_load(b, blk, c64(Q5U_D + 4 * k), F32, 4) for k in range(2))
     xd8 = _gep_load(b, xr, c64(xdo), v8f, 4)  # the rows' d_x (zeros past the last row)
     dmin = b.fneg(b.fmul(xd8, splat8(b, dminw)))  # -(d_x * dmin_w)
     new = []
@@ -1280,16 +1414,26 @@ def _decode_q56_k(five, xq, xd, xbs, blocks, simd, out):
 
 
 @njit(inline="always", **JIT)
-def _group_rows(five, xg, xq, xd, xbs, blocks, simd, out, acc, r0, r1):
+def _group_rows(five, xg, xq, xd, xbs, blocks, simd, out, acc, wu, r0, r1):
     """Rows r0 .. r1 - 1 of a Q5_K (five) or Q6_K prefill: each group of GROUP activation rows (xg: group_acts'
     records) meets the rows SEG super-blocks at a time, the group's segment in L1 while they pass it, each
     row's float sums carried in acc (64 bytes per activation row) from segment to segment; the activation rows
-    left over one by one (_define_q5_k_tile / _define_q6_k_tile on the plain arrays)."""
+    left over one by one (_define_q5_k_tile / _define_q6_k_tile on the plain arrays). The rows are unpacked
+    first, once, into wu (ROWS rows of nb Q5U_BYTES / Q6U_BYTES records, from its first cache line:
+    unpack_q5_k, unpack_q6_k)."""
     N, G = xq.shape[0], xg.shape[0]
     nb, xst, xds, bss, ost, x0, xd0, bs0, o0 = _act_addresses(xq, xd, xbs, out)
     ws, w0 = np.int64(blocks.shape[1]), np.int64(blocks.ctypes.data)
     gs, g0, a0 = np.int64(xg.shape[1]), np.int64(xg.ctypes.data), np.int64(acc.ctypes.data)
-    rec, size = np.int64(GROUP_RECORD5 if five else GROUP_RECORD), np.int64(Q5_BYTES if five else Q6_BYTES)
+    rec, size = np.int64(GROUP_RECORD), np.int64(Q5U_BYTES if five else Q6U_BYTES)
+    if G > 0:
+        u0 = (np.int64(wu.ctypes.data) + 63) // 64 * 64
+        for r in range(r0, r1):
+            if five:
+                unpack_q5_k(w0 + r * ws, nb, u0 + (r - r0) * nb * size)
+            else:
+                unpack_q6_k(w0 + r * ws, nb, u0 + (r - r0) * nb * size)
+        w0, ws = u0 - r0 * nb * size, nb * size  # row r's records at w0 + r ws
     for g in range(G):
         on = o0 + g * GROUP * ost
         for s in range(0, nb, SEG):
@@ -1301,6 +1445,7 @@ def _group_rows(five, xg, xq, xd, xbs, blocks, simd, out, acc, r0, r1):
                     _q5_G(w, x, m, on + 4 * r, ost, a, part, simd)
                 else:
                     _q6_G(w, x, m, on + 4 * r, ost, a, part, simd)
+    ws, w0 = np.int64(blocks.shape[1]), np.int64(blocks.ctypes.data)
     for n in range(G * GROUP, N):
         x, xdn, bsn, on = x0 + n * xst, xd0 + n * xds, bs0 + n * bss, o0 + n * ost
         for r in range(r0, r1):
@@ -1310,25 +1455,47 @@ def _group_rows(five, xg, xq, xd, xbs, blocks, simd, out, acc, r0, r1):
                 _q6_11(w0 + r * ws, ws, x, xst, xdn, bsn, xds, bss, nb, on + 4 * r, ost, simd)
 
 
+@njit(**JIT)
+def _unpack_rows(five, blocks, out):
+    nb = np.int64(out.shape[1]) // (Q5U_BYTES if five else Q6U_BYTES)
+    for r in range(blocks.shape[0]):
+        w, o = np.int64(blocks[r].ctypes.data), np.int64(out[r].ctypes.data)
+        if five:
+            unpack_q5_k(w, nb, o)
+        else:
+            unpack_q6_k(w, nb, o)
+
+
+def unpacked_rows(w) -> np.ndarray:
+    """A Q5_K / Q6_K weight's rows as the prefill tiles read them (unpack_q5_k, unpack_q6_k): (R, nb records of
+    Q5U_BYTES / Q6U_BYTES) uint8. The prefill unpacks each work item's rows into a scratch of its own; this
+    whole copy is for looking at them."""
+    five = w.format == "q5_k"
+    out = np.empty((w.shape[0], w.shape[1] // 256 * (Q5U_BYTES if five else Q6U_BYTES)), np.uint8)
+    _unpack_rows(five, readonly(w.blocks), out)
+    return out
+
+
 @njit(parallel=True, **JIT)
 def _dot_groups(five, xg, xq, xd, xbs, blocks, simd, out):
     """ggml_vec_dot_q5_K_q8_K (five) or ggml_vec_dot_q6_K_q8_K of every weight row (blocks, the file's bytes)
     with every Q8_K activation row (xg, group_acts' records of its groups; xq, xd, xbs, the rows) -> out
     (N, R), parallel over tiles of ROWS rows (_define_q5_k_gtile, _define_q6_k_gtile)."""
-    R = blocks.shape[0]
+    R, nb = blocks.shape[0], xq.shape[1] // 256
     for c in prange((R + ROWS - 1) // ROWS):
         acc = np.empty(ROWS * GROUP * 16, np.float32)  # each (row, activation row)'s float sums between segments
-        _group_rows(five, xg, xq, xd, xbs, blocks, simd, out, acc, c * ROWS, min(R, (c + 1) * ROWS))
+        wu = np.empty(ROWS * nb * (Q5U_BYTES if five else Q6U_BYTES) + 64, np.uint8)  # the rows unpacked
+        _group_rows(five, xg, xq, xd, xbs, blocks, simd, out, acc, wu, c * ROWS, min(R, (c + 1) * ROWS))
 
 
 @njit(parallel=True, **JIT)
-def _group_acts(xq, xq16, xd, xbs, acts, woven, q, b16, d):
-    """group_acts' records from the Q8_K rows (xq, and xq16 its bytes as int16): q, b16 and d view the same bytes
-    as int8, int16 and float32. The groups in parallel (each writes its own records), the weave by 16-bit words: a
+def _group_acts(xq, xq16, xd, xbs, acts, b16, d):
+    """group_acts' records from the Q8_K rows (xq, and xq16 its bytes as int16): b16 and d view the same bytes
+    as int16 and float32. The groups in parallel (each writes its own records), the weave by 16-bit words: a
     serial loop by bytes took 1.3 ms for 512 rows of 2048 values (3.3 for 8192; ~0.4 now) before every Q5_K / Q6_K
     product of a prefill."""
     nb = xq.shape[1] // 256
-    rec = q.shape[0] // max(1, (xq.shape[0] // acts) * nb)
+    rec = 2 * b16.shape[0] // max(1, (xq.shape[0] // acts) * nb)
     spo = -(-acts * 292 // 32) * 32  # pair_sums(acts)
     for g in prange(xq.shape[0] // acts):
         for i in range(nb):
@@ -1336,37 +1503,35 @@ def _group_acts(xq, xq16, xd, xbs, acts, woven, q, b16, d):
             for a in range(acts):
                 n = g * acts + a
                 src, dst = 256 * i, o + 256 * a
-                if woven:  # per pair of 32-value pieces P, P' (64 values), X1 then X2 (see group_acts), by words:
-                    for p in range(4):  # X1's dword u = (word 2u of P, of P'), X2's = (word 2u + 1 of P, of P')
-                        at, to = (src + 64 * p) // 2, (dst + 64 * p) // 2
-                        for u in range(8):
-                            b16[to + 2 * u] = xq16[n, at + 2 * u]
-                            b16[to + 2 * u + 1] = xq16[n, at + 16 + 2 * u]
-                            b16[to + 16 + 2 * u] = xq16[n, at + 2 * u + 1]
-                            b16[to + 17 + 2 * u] = xq16[n, at + 17 + 2 * u]
-                else:
-                    q[dst:dst + 256] = xq[n, src:src + 256]
+                # per pair of 32-value pieces P, P' (64 values), X1 then X2 (see group_acts), by words:
+                for p in range(4):  # X1's dword u = (word 2u of P, of P'), X2's = (word 2u + 1 of P, of P')
+                    at, to = (src + 64 * p) // 2, (dst + 64 * p) // 2
+                    for u in range(8):
+                        b16[to + 2 * u] = xq16[n, at + 2 * u]
+                        b16[to + 2 * u + 1] = xq16[n, at + 16 + 2 * u]
+                        b16[to + 16 + 2 * u] = xq16[n, at + 2 * u + 1]
+                        b16[to + 17 + 2 * u] = xq16[n, at + 17 + 2 * u]
                 for j in range(16):
                     b16[(o + 256 * acts + 32 * a) // 2 + j] = xbs[n, i, j]
                 d[(o + 288 * acts + 4 * a) // 4] = xd[n, i]
-                if woven:  # (S[2p], S[2p + 1]) of row a at dword a of 32 bytes p, S[j] = bsum[2j] + bsum[2j + 1]
-                    for j in range(8):
-                        b16[(o + spo + 32 * (j // 2) + 4 * a) // 2 + j % 2] = xbs[n, i, 2 * j] + xbs[n, i, 2 * j + 1]
+                # (S[2p], S[2p + 1]) of row a at dword a of 32 bytes p, S[j] = bsum[2j] + bsum[2j + 1]
+                for j in range(8):
+                    b16[(o + spo + 32 * (j // 2) + 4 * a) // 2 + j % 2] = xbs[n, i, 2 * j] + xbs[n, i, 2 * j + 1]
 
 
-def group_acts(xq, xd, xbs, acts: int = GROUP, woven: bool = False) -> np.ndarray:
-    """Q8_K activation rows (quantize_q8_K's) -> (N // acts, nb * act_record(acts, woven)) int8: per group of
-    `acts` rows and super-block i, at (g, i * act_record(acts, woven)): the rows' quants (256 bytes each), their
-    16 bsums as int16 (32 bytes each), their scales (float32), zeros to the record's end. The rows past the last
-    whole group are not in it. The quants in value order (_define_q6_k_gtile's), or woven (_define_q5_k_gtile's):
-    per pair of 32-value pieces j = 2p, j' = 2p + 1 (64 bytes from 64 p), woven by 16-bit
-    words, X1 (32 bytes: dword u = values 4u, 4u + 1 of j, then of j') and X2 (dword u = values 4u + 2, 4u + 3
-    of j, then of j'); and after the scales (pair_sums) per pair p 32 bytes of (S[2p], S[2p + 1]) of each row
-    (int16, row a at dword a, zeros past the last), S[j] = bsum[2j] + bsum[2j + 1] (Q5_K's mins)."""
+def group_acts(xq, xd, xbs, acts: int = GROUP) -> np.ndarray:
+    """Q8_K activation rows (quantize_q8_K's) -> (N // acts, nb * act_record(acts)) int8: per group of `acts`
+    rows and super-block i, at (g, i * act_record(acts)): the rows' quants (256 bytes each), their 16 bsums as
+    int16 (32 bytes each), their scales (float32), then (pair_sums) per pair p 32 bytes of (S[2p], S[2p + 1]) of
+    each row (int16, row a at dword a, zeros past the last), S[j] = bsum[2j] + bsum[2j + 1] (Q5_K's mins), zeros
+    to the record's end. The rows past the last whole group are not in it. The quants woven as the rows'
+    values (_define_q5_k_gtile, _define_q6_k_gtile): per pair of 32-value pieces j = 2p, j' = 2p + 1 (64 bytes
+    from 64 p), by 16-bit words, X1 (32 bytes: dword u = values 4u, 4u + 1 of j, then of j') and X2 (dword u =
+    values 4u + 2, 4u + 3 of j, then of j')."""
     N, K = xq.shape
-    G, nb, rec = N // acts, K // 256, act_record(acts, woven)
+    G, nb, rec = N // acts, K // 256, act_record(acts)
     buf = np.zeros(G * nb * rec, np.int8)
-    _group_acts(xq, xq.view(np.int16), xd, xbs, acts, woven, buf, buf.view(np.int16), buf.view(np.float32))
+    _group_acts(xq, xq.view(np.int16), xd, xbs, acts, buf.view(np.int16), buf.view(np.float32))
     return buf.reshape(G, nb * rec)
 
 
@@ -1450,7 +1615,7 @@ def quantized_linear(x2: np.ndarray, w, simd: "int | None" = None, acts: "tuple 
             return ggml_kquants16.quantized_linear(w.format == "q5_k", readonly(w.blocks), xq, xd, xbs)
     if w.format in ("q5_k", "q6_k") and not one:  # a prefill: the activations in groups (group_acts)
         five = w.format == "q5_k"
-        _dot_groups(five, group_acts(xq, xd, xbs, woven=five), xq, xd, xbs, readonly(w.blocks), use, out)
+        _dot_groups(five, group_acts(xq, xd, xbs), xq, xd, xbs, readonly(w.blocks), use, out)
         return out
     if w.format in ("q5_k", "q6_k"):  # a decode, on the calling thread
         _decode_q56_k(w.format == "q5_k", xq, xd, xbs, readonly(w.blocks), use, out)

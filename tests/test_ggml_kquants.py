@@ -312,40 +312,19 @@ def test_kquant_prefill_tiles_equal_numpy(cls, simd):
 
 
 def test_group_acts_layout_by_hand():
-    """group_acts' plain records (woven=False) read back as the Q8_K rows: per group of GROUP rows and
-    super-block, each row's 256 quants, its 16 bsums as int16, its scale as float32, zeros to the record's end (a
-    whole number of cache lines); the rows past the last whole group left out."""
-    k = compiled()
-    g, nb = k.GROUP, 3
-    x = activations(2 * g + 1, 256 * nb, 7)
-    xd, xq, xbs = k.quantize_q8_K(x)
-    rec = k.act_record(g)
-    assert rec % 64 == 0 and rec >= g * (256 + 32 + 4)
-    got = k.group_acts(xq, xd, xbs, woven=False)
-    assert got.shape == (2, nb * rec) and got.dtype == np.int8
-    for grp in range(2):
-        for i in range(nb):
-            r = got[grp, i * rec:(i + 1) * rec]
-            for a in range(g):
-                n = grp * g + a
-                assert np.array_equal(r[256 * a:256 * a + 256], xq[n, 256 * i:256 * i + 256])
-                assert np.array_equal(r[256 * g + 32 * a:256 * g + 32 * a + 32].view(np.int16), xbs[n, i])
-                assert r[288 * g + 4 * a:288 * g + 4 * a + 4].view(np.float32)[0] == xd[n, i]
-            assert not r[292 * g:].any()
-
-
-def test_group_acts_woven_layout_by_hand():
-    """Q5_K's prefill records (group_acts woven=True, _define_q5_k_gtile): per pair p of sub-blocks, 32 bytes
-    X1 (dword u: values 4u, 4u + 1 of sub-block 2p, then of 2p + 1) and 32 bytes X2 (values 4u + 2, 4u + 3);
-    the bsums and scales where the plain record has them; after them (pair_sums, 32-byte aligned) per pair p 32 bytes of
-    (S[2p], S[2p + 1]) of each row (int16, row a at dword a, zeros past the last), S[j] = bsum[2j] + bsum[2j + 1]."""
+    """The grouped prefill tiles' records (group_acts; _define_q5_k_gtile, _define_q6_k_gtile): per group of GROUP
+    rows and super-block, per row and pair p of 32-value pieces 32 bytes X1 (dword u: values 4u, 4u + 1 of piece
+    2p, then of 2p + 1) and 32 bytes X2 (values 4u + 2, 4u + 3); each row's 16 bsums as int16 and its scale as
+    float32; after them (pair_sums, 32-byte aligned) per pair p 32 bytes of (S[2p], S[2p + 1]) of each row
+    (int16, row a at dword a, zeros past the last), S[j] = bsum[2j] + bsum[2j + 1]; the rows past the last
+    whole group left out."""
     k = compiled()
     g, nb = k.GROUP, 2
     x = activations(2 * g + 3, 256 * nb, 9)
     xd, xq, xbs = k.quantize_q8_K(x)
-    rec, spo = k.act_record(g, True), k.pair_sums(g)
+    rec, spo = k.act_record(g), k.pair_sums(g)
     assert rec % 64 == 0 and spo % 32 == 0 and spo >= 292 * g and rec >= spo + 128
-    got = k.group_acts(xq, xd, xbs, woven=True)
+    got = k.group_acts(xq, xd, xbs)
     assert got.shape == (2, nb * rec) and got.dtype == np.int8
     for grp in range(2):
         for i in range(nb):
@@ -363,6 +342,61 @@ def test_group_acts_woven_layout_by_hand():
                 assert r[288 * g + 4 * a:288 * g + 4 * a + 4].view(np.float32)[0] == xd[n, i]
                 assert np.array_equal(sums[:, a].reshape(8), xbs[n, i, 0::2] + xbs[n, i, 1::2])
             assert not sums[:, g:].any() and not r[292 * g:spo].any() and not r[spo + 128:].any()
+
+
+def test_unpacked_q5_k_rows_by_hand():
+    """Q5_K's rows as its prefill tile reads them (kernels/ggml_kquants.unpack_q5_k): per super-block, per pair p
+    of sub-blocks 32 bytes V1 (dword u: values 4u, 4u + 1 of sub-block 2p, then of 2p + 1) and 32 bytes V2 (values
+    4u + 2, 4u + 3), the weight's own integers (weight_superblocks); then sc[j] and mn[j] as int16, d and dmin
+    as float32, zeros to the record's end. Random blocks and every byte 0xff."""
+    k = compiled()
+    rec = k.Q5U_BYTES
+    for w in (random_kquant(Q5_KWeight, 5, 768, 11), extreme_kquant(Q5_KWeight, 2, 512, 0xFF, 65504.0)):
+        R, nb = w.shape[0], w.shape[1] // 256
+        got = k.unpacked_rows(w).reshape(R, nb, rec)
+        wb = gk.weight_superblocks(w, slice(None))
+        for r in range(R):
+            for i in range(nb):
+                blk, q = got[r, i], wb["q"][r, i].reshape(8, 8, 4)  # (sub-block j, u, value 4u + t)
+                woven = blk[:256].reshape(4, 2, 8, 2, 2)  # (p, V1 / V2, u, sub-block 2p / 2p + 1, 2 values)
+                for p in range(4):
+                    for h in range(2):
+                        for j in range(2):
+                            assert np.array_equal(woven[p, h, :, j], q[2 * p + j, :, 2 * h:2 * h + 2])
+                assert np.array_equal(blk[k.Q5U_SC:k.Q5U_SC + 16].view(np.int16), wb["sc"][r, i])
+                assert np.array_equal(blk[k.Q5U_MN:k.Q5U_MN + 16].view(np.int16), wb["mn"][r, i])
+                d, dmin = blk[k.Q5U_D:k.Q5U_D + 8].view(np.float32)
+                assert d == wb["d"][r, i] and dmin == wb["dmin"][r, i]
+                assert not blk[k.Q5U_D + 8:].any()
+
+
+def test_unpacked_q6_k_rows_by_hand():
+    """Q6_K's rows as its prefill tile reads them (kernels/ggml_kquants.unpack_q6_k): per super-block, per pair p
+    of 32-value chunks 32 bytes V1 (dword u: values 4u, 4u + 1 of chunk 2p, then of 2p + 1) and 32 bytes V2
+    (values 4u + 2, 4u + 3), the six-bit values 0..63 (weight_superblocks); per pair p the int16 scales of lane
+    u's values, sc[4p + (u >= 4)] at word 2u and sc[4p + 2 + (u >= 4)] at 2u + 1; the 16 scales times 32 as
+    int16; d as float32; zeros to the record's end. Random blocks and the extremes (extreme_kquant 0x80: values
+    63, scales -128 and 127, times 32 -4096 and 4064)."""
+    k = compiled()
+    rec = k.Q6U_BYTES
+    for w in (random_kquant(Q6_KWeight, 5, 768, 12), extreme_kquant(Q6_KWeight, 2, 512, 0x80, 65504.0)):
+        R, nb = w.shape[0], w.shape[1] // 256
+        got = k.unpacked_rows(w).reshape(R, nb, rec)
+        wb = gk.weight_superblocks(w, slice(None))
+        for r in range(R):
+            for i in range(nb):
+                blk, sc, q = got[r, i], wb["sc"][r, i], wb["q"][r, i].reshape(8, 8, 4)  # (chunk, u, value 4u + t)
+                woven = blk[:256].reshape(4, 2, 8, 2, 2)  # (p, V1 / V2, u, chunk 2p / 2p + 1, 2 values)
+                scales = blk[k.Q6U_SC:k.Q6U_SC + 128].view(np.int16).reshape(4, 8, 2)  # (p, u, chunk 2p / 2p + 1)
+                for p in range(4):
+                    for j in range(2):
+                        for h in range(2):
+                            assert np.array_equal(woven[p, h, :, j], q[2 * p + j, :, 2 * h:2 * h + 2])
+                        for u in range(8):
+                            assert scales[p, u, j] == sc[2 * (2 * p + j) + (u >= 4)]
+                assert np.array_equal(blk[k.Q6U_SC32:k.Q6U_SC32 + 32].view(np.int16), 32 * sc)
+                assert blk[k.Q6U_D:k.Q6U_D + 4].view(np.float32)[0] == wb["d"][r, i]
+                assert not blk[k.Q6U_D + 4:].any()
 
 
 def test_repack_q4_k_layout_by_hand():
@@ -478,7 +512,8 @@ def test_numba_equals_numpy_extreme_values(kind, simd):
 
 def test_kquant_avx2_path_is_vpmaddubsw():
     """On an AVX2 CPU, simd=2 builds each sub-block from vpmaddubsw and vpmaddwd by the scales (as llama.cpp
-    does), the file's bits unpacked by shifts, ands and ors, with no byte widening (vpmovsxbd) left. (On an
+    does), the file's bits unpacked by shifts, ands and ors (in the tiles; for the grouped tiles, once per work
+    item: unpack_q5_k, unpack_q6_k), with no byte widening (vpmovsxbd) left. (On an
     AVX-512 VNNI host LLVM fuses vpmaddwd and the add after it into vpdpwssd; it never makes vpdpbusd of
     vpmaddubsw, whose int16 sums saturate.)"""
     from numba import njit, types
@@ -506,9 +541,18 @@ def test_kquant_avx2_path_is_vpmaddubsw():
         asm = run.inspect_asm(run.signatures[0])
         found = {line.split()[0] for line in asm.splitlines() if line.startswith("\t") and not line.startswith("\t.")}
         assert "vpmaddubsw" in found and found & {"vpmaddwd", "vpdpwssd"}, found
-        # the bits unpacked by shifts; with GFNI (AVX-512 hosts) LLVM shifts and masks bytes in one vgf2p8affineqb
-        assert found & {"vpsrlw", "vpsrld", "vpsrlq", "vgf2p8affineqb"}, found
+        # the bits unpacked by shifts (the grouped tiles' rows come unpacked: below); with GFNI (AVX-512 hosts)
+        # LLVM shifts and masks bytes in one vgf2p8affineqb
+        assert nargs == 7 or found & {"vpsrlw", "vpsrld", "vpsrlq", "vgf2p8affineqb"}, found
         assert not found & {"vpmovsxbd", "vpdpbusd"}, found  # (the 8 mins of Q4_K / Q5_K by vpmulld, once a block)
+    for unpack in (k.unpack_q5_k, k.unpack_q6_k):  # the grouped tiles' rows, unpacked once per work item
+        @njit
+        def run(w, nb, out):
+            unpack(w, nb, out)
+        run.compile((types.int64,) * 3)
+        asm = run.inspect_asm(run.signatures[0])
+        found = {line.split()[0] for line in asm.splitlines() if line.startswith("\t") and not line.startswith("\t.")}
+        assert found & {"vpsrlw", "vpsrld", "vpsrlq", "vgf2p8affineqb"}, found
 
 
 @pytest.mark.slow

@@ -1426,26 +1426,23 @@ def _group_rows(five, xg, xq, xd, xbs, blocks, simd, out, acc, wu, r0, r1):
     ws, w0 = np.int64(blocks.shape[1]), np.int64(blocks.ctypes.data)
     gs, g0, a0 = np.int64(xg.shape[1]), np.int64(xg.ctypes.data), np.int64(acc.ctypes.data)
     rec, size = np.int64(GROUP_RECORD), np.int64(Q5U_BYTES if five else Q6U_BYTES)
-    if G > 0:
-        u0 = (np.int64(wu.ctypes.data) + 63) // 64 * 64
-        for r in range(r0, r1):
-            if five:
-                unpack_q5_k(w0 + r * ws, nb, u0 + (r - r0) * nb * size)
-            else:
-                unpack_q6_k(w0 + r * ws, nb, u0 + (r - r0) * nb * size)
-        w0, ws = u0 - r0 * nb * size, nb * size  # row r's records at w0 + r ws
+    u0, us = (np.int64(wu.ctypes.data) + 63) // 64 * 64, nb * size  # the unpacked rows, us bytes apart
+    for r in range(r0, r1 if G > 0 else r0):
+        if five:
+            unpack_q5_k(w0 + r * ws, nb, u0 + (r - r0) * us)
+        else:
+            unpack_q6_k(w0 + r * ws, nb, u0 + (r - r0) * us)
     for g in range(G):
         on = o0 + g * GROUP * ost
         for s in range(0, nb, SEG):
             m = min(SEG, nb - s)
             part = (1 if s == 0 else 0) | (2 if s + m == nb else 0)
             for r in range(r0, r1):
-                w, x, a = w0 + r * ws + s * size, g0 + g * gs + s * rec, a0 + (r - r0) * (64 * GROUP)
+                w, x, a = u0 + (r - r0) * us + s * size, g0 + g * gs + s * rec, a0 + (r - r0) * (64 * GROUP)
                 if five:
                     _q5_G(w, x, m, on + 4 * r, ost, a, part, simd)
                 else:
                     _q6_G(w, x, m, on + 4 * r, ost, a, part, simd)
-    ws, w0 = np.int64(blocks.shape[1]), np.int64(blocks.ctypes.data)
     for n in range(G * GROUP, N):
         x, xdn, bsn, on = x0 + n * xst, xd0 + n * xds, bs0 + n * bss, o0 + n * ost
         for r in range(r0, r1):

@@ -32,8 +32,8 @@ the sub-block sums for Q5_K's mins in one vector; Q5_K 1.16-1.29x the tile befor
 thread, best of 3 interleaved rounds). Each work item first unpacks its weight rows once (unpack_q5_k,
 unpack_q6_k: values as bytes, woven the same way, and the decoded scales), so that the tiles' loops only load
 and multiply: in registers, the unpacking was done again for every group that passed a row (Zen 3, one
-thread, 2048 x 2048 by 256 rows: Q5_K 21.8 -> ~17 ms; in L1, cycles a super-block of 6 rows, Q5_K 87 -> 57,
-Q6_K 83 -> 59, where weaving in registers had cost Q6_K more than it saved, 0.87-0.96x).
+thread, 2048 x 2048 by 256 rows: Q5_K 21.4 -> 14-17 ms, Q6_K 22 -> 14-15.5; in L1, cycles a super-block of 6
+rows, Q5_K 87 -> 57, Q6_K 83 -> 59, where weaving in registers had cost Q6_K more than it saved, 0.87-0.96x).
 
 Every other inner loop is one LLVM vector-IR function per tile of one weight row by ACTS activation rows (a
 decode: by one), over the whole row (_define_q4_k_tile, _define_q5_k_tile, _define_q6_k_tile): per super-block
@@ -394,7 +394,7 @@ def _define_q6_k_gtile(module, acts, isa):
     and the woven pair (2p, 2p + 1) adds both chunks' terms of lane u in one vpmaddwd, exact in int32, so the same
     lanes (the same integers in each), with 3 multiplies per 64 values and activation row instead of 4. Weaving
     in registers cost more than it saved (0.87-0.96x, session 33); the row comes unpacked and woven
-    (unpack_q6_k, once per work item), so the loop only loads: Zen 3, in L1, 83 -> ~55 cycles a super-block of 6
+    (unpack_q6_k, once per work item), so the loop only loads: Zen 3, in L1, 83 -> 59 cycles a super-block of 6
     activation rows."""
     isa = _q6_isa(isa)
     name = f"llama_ref_ggml_q6_k_g{acts}_{isa}"
@@ -567,7 +567,7 @@ def _define_q5_k_gtile(module, acts, isa):
     multiplies bound this loop). Per super-block a loop over the 4 pairs, each pair's V1, V2 and scales loaded
     once for all the activation rows. The row comes unpacked (unpack_q5_k): in registers, the unpacking and
     weave took 16 of the loop's 47 vector instructions and the header ~25 more a super-block, for every group
-    that passed the row (Zen 3, in L1: 86 -> 60 cycles a super-block of 6 activation rows). The mins: one
+    that passed the row (Zen 3, in L1: 87 -> 57 cycles a super-block of 6 activation rows). The mins: one
     vpmaddwd of (mn[j], mn[j]) by the int16 bsums per activation row, its 8 int32 summed (exact in any order).
     The portable code computes the same int16 and int32 sums in plain IR."""
     name = f"llama_ref_ggml_q5_k_g{acts}_{isa}"

@@ -820,7 +820,7 @@ def _define_tile(module, kind, rows, acts, isa):
         for a_ in range(acts):
             xa = b.add(x, b.mul(c64(a_), xstride))
             xq.append(_gep_load(b, xa, b.mul(i, c64(32)), v32, 1))
-            xdv.append(_gep_load(b, b.add(xd, b.mul(c64(a_), xds)), four, F32, 4))
+            xdv.append(_gep_load(b, b.add(xd, b.mul(c64(a_), xds)), four, F32, 4) if table is None else None)
             xsv.append(_gep_load(b, b.add(xs, b.mul(c64(a_), xds)), four, F32, 4) if has_min else None)
             x_off.append(_offset_lanes(b, xq[a_], offset, isa) if unsigned_offset else None)
             x_u8.append(b.xor(xq[a_], ir.Constant(v32, [-128] * 32)) if by_x128 else None)
@@ -844,7 +844,7 @@ def _define_tile(module, kind, rows, acts, isa):
                 wdv[r], wmv[r] = _scale_pair(b, b.add(b.add(wd, b.mul(c64(r), wds)), four))
             elif scales == "half":
                 wdv[r] = _scale_half(b, b.add(b.add(wd, b.mul(c64(r), wds)), b.mul(i, c64(2))))
-            elif lanes8:
+            elif lanes8 and table is None:
                 wdv[r] = _gep_load(b, b.add(wd, b.mul(c64(r), wds)), four, F32, 4)
 
         def lanes(r, a_):
@@ -890,7 +890,7 @@ def _define_tile(module, kind, rows, acts, isa):
         elif lanes8:  # row by row, each row's products with every activation row
             # d_x as a vector LLVM cannot see is a splat: d_w * d_x then takes one vmulps of two broadcasts
             # (the same float32 product in every lane) instead of vmulss + vbroadcastss
-            xsplat = [opaque(b, splat8(b, v)) for v in xdv]
+            xsplat = [opaque(b, splat8(b, v)) for v in xdv] if table is None else None
             for r in range(rows):
                 weight_row(r)
                 for a_ in range(acts):

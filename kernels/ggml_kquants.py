@@ -114,6 +114,33 @@ def _woven_lanes(b, v1, v2, x1, x2, scale, isa):
     return _madd(b, b.add(_pairs(b, v1, x1, isa), _pairs(b, v2, x2, isa)), scale, isa)
 
 
+def _woven_pairs(b, loop, tail, blk, xr, acts, isa, pairs_n, scale):
+    """The loop over a super-block's pairs p of 32-value pieces in a grouped tile (b in its block, entered from
+    `loop`, on to `tail` after pairs_n): pair p's V1, V2 (64 bytes from blk + 64 p, an unpacked row's record) by
+    each activation row's X1, X2 (from xr + 256 a + 64 p, group_acts' record), scale(b, p) their vpmaddwd's
+    scales. -> each activation row's int32 lanes, summed over the pairs (exact in any order)."""
+    c64 = lambda v: ir.Constant(I64, v)  # noqa: E731
+    v32, v8i = ir.VectorType(I8, 32), ir.VectorType(I32, 8)
+    pairs_ = b.block
+    p = b.phi(I64)
+    lanes_in = [b.phi(v8i) for _ in range(acts)]
+    totals = list(lanes_in)
+    wp, xp = b.add(blk, b.mul(p, c64(64))), b.add(xr, b.mul(p, c64(64)))
+    v1, v2 = (_gep_load(b, wp, c64(32 * k), v32, 1) for k in range(2))
+    sc = scale(b, p)
+    for a in range(acts):
+        x1, x2 = (_gep_load(b, xp, c64(256 * a + 32 * k), v32, 1) for k in range(2))
+        totals[a] = b.add(totals[a], _woven_lanes(b, v1, v2, x1, x2, sc, isa))
+    p1 = b.add(p, c64(1))
+    b.cbranch(b.icmp_signed("<", p1, pairs_n), pairs_, tail)
+    p.add_incoming(c64(0), loop)
+    p.add_incoming(p1, pairs_)
+    for phi, v in zip(lanes_in, totals):
+        phi.add_incoming(ir.Constant(v8i, [0] * 8), loop)
+        phi.add_incoming(v, pairs_)
+    return totals
+
+
 def _unseen(b, n):
     """The int64 n through an empty inline asm: a loop to it that LLVM cannot count, so does not unroll whole
     (the grouped tiles' loops over a super-block's pieces, unrolled, kept 20-70 vectors on the stack)."""
@@ -328,24 +355,11 @@ Q6U_BYTES = 448
 Q6U_SC, Q6U_SC32, Q6U_D = 256, 384, 416
 
 
-def _define_q6_k_unpack(module):
-    """void f(w, nb, out): nb Q6_K super-blocks of the file (210 bytes each from byte address w) -> their
-    Q6U_BYTES records at out: the values, scales and fp16 -> float32 d as _define_q6_k_tile decodes them in
-    registers, written out once for every group of activation rows that passes the row."""
-    name = "llama_ref_ggml_q6_k_unpack"
-    if name in module.globals:
-        return module.globals[name]
-    fn = ir.Function(module, ir.FunctionType(ir.VoidType(), [I64] * 3), name)
-    fn.linkage = "internal"
-    w, nb, out = fn.args
-    entry, loop, done = (fn.append_basic_block(n) for n in ("entry", "loop", "done"))
+def _q6_k_record(b, blk, o):
+    """One Q6_K super-block of the file (210 bytes at byte address blk) -> its Q6U_BYTES record at byte address o:
+    the values, scales and fp16 -> float32 d as _define_q6_k_tile decodes them in registers (unpack_q6_k)."""
     v32, v16_16 = ir.VectorType(I8, 32), ir.VectorType(I16, 16)
     c64 = lambda v: ir.Constant(I64, v)  # noqa: E731
-    b = ir.IRBuilder(entry)
-    b.cbranch(b.icmp_signed(">", nb, c64(0)), loop, done)
-    b = ir.IRBuilder(loop)
-    i = b.phi(I64)
-    blk, o = b.add(w, b.mul(i, c64(Q6_BYTES))), b.add(out, b.mul(i, c64(Q6U_BYTES)))
     sc = b.sext(_gep_load(b, blk, c64(192), ir.VectorType(I8, 16), 1), v16_16)
     chunks = []  # the 8 chunks of 32 values, in value order
     for h in range(2):
@@ -358,27 +372,7 @@ def _define_q6_k_unpack(module):
         b.store(scale, _ptr(b, b.add(o, c64(Q6U_SC + 32 * p)), v16_16), align=1)
     b.store(b.shl(sc, ir.Constant(v16_16, [5] * 16)), _ptr(b, b.add(o, c64(Q6U_SC32)), v16_16), align=1)
     b.store(b.fpext(_gep_load(b, blk, c64(208), ir.HalfType(), 1), F32), _ptr(b, b.add(o, c64(Q6U_D)), F32), align=4)
-    for z in range(Q6U_D + 4, Q6U_BYTES, 4):
-        b.store(ir.Constant(I32, 0), _ptr(b, b.add(o, c64(z)), I32), align=4)
-    i1 = b.add(i, c64(1))
-    b.cbranch(b.icmp_signed("<", i1, nb), loop, done)
-    i.add_incoming(c64(0), entry)
-    i.add_incoming(i1, loop)
-    b = ir.IRBuilder(done)
-    b.ret_void()
-    return fn
-
-
-@intrinsic
-def unpack_q6_k(typingctx, w, nb, out):
-    """unpack_q6_k(w, nb, out): nb Q6_K super-blocks (the file's bytes at byte address w) -> Q6U_BYTES records at
-    out (_define_q6_k_unpack)."""
-    sig = types.void(types.int64, types.int64, types.int64)
-
-    def codegen(context, builder, signature, args):
-        builder.call(_define_q6_k_unpack(builder.module), args)
-        return context.get_dummy_value()
-    return sig, codegen
+    return Q6U_D + 4  # where the record's zeros start
 
 
 def _define_q6_k_gtile(module, acts, isa):
@@ -405,8 +399,8 @@ def _define_q6_k_gtile(module, acts, isa):
     w, x, nb, out, ostride, acc, part = fn.args
     entry, loop, pairs_, tail, done, last, keep = (fn.append_basic_block(n) for n in (
         "entry", "loop", "pairs", "tail", "done", "last", "keep"))
-    v8f, v32 = ir.VectorType(F32, 8), ir.VectorType(I8, 32)
-    v8i, v16_16, v16_32 = ir.VectorType(I32, 8), ir.VectorType(I16, 16), ir.VectorType(I32, 16)
+    v8f = ir.VectorType(F32, 8)
+    v16_16, v16_32 = ir.VectorType(I16, 16), ir.VectorType(I32, 16)
     c64 = lambda v: ir.Constant(I64, v)  # noqa: E731
     zero8 = ir.Constant(v8f, [0.0] * 8)
     fma_v = _declare(module, "llvm.fma.v8f32", v8f, [v8f] * 3)
@@ -423,24 +417,9 @@ def _define_q6_k_gtile(module, acts, isa):
     blk, xr = b.add(w, b.mul(i, c64(Q6U_BYTES))), b.add(x, b.mul(i, c64(rec)))
     b.branch(pairs_)
 
-    # the 4 pairs of chunks in a loop, the integer lanes carried
-    b = ir.IRBuilder(pairs_)
-    p = b.phi(I64)
-    lanes_in = [b.phi(v8i) for _ in range(acts)]
-    totals = list(lanes_in)
-    wp, xp = b.add(blk, b.mul(p, c64(64))), b.add(xr, b.mul(p, c64(64)))
-    v1, v2 = (_gep_load(b, wp, c64(32 * k), v32, 1) for k in range(2))
-    scale = _gep_load(b, b.add(blk, b.mul(p, c64(32))), c64(Q6U_SC), v16_16, 2)
-    for a in range(acts):
-        x1, x2 = (_gep_load(b, xp, c64(256 * a + 32 * k), v32, 1) for k in range(2))
-        totals[a] = b.add(totals[a], _woven_lanes(b, v1, v2, x1, x2, scale, isa))
-    p1 = b.add(p, c64(1))
-    b.cbranch(b.icmp_signed("<", p1, pairs_n), pairs_, tail)
-    p.add_incoming(c64(0), loop)
-    p.add_incoming(p1, pairs_)
-    for phi, v in zip(lanes_in, totals):
-        phi.add_incoming(ir.Constant(v8i, [0] * 8), loop)
-        phi.add_incoming(v, pairs_)
+    # the 4 pairs of chunks in a loop, the integer lanes carried; pair p's scales: 32 bytes from Q6U_SC + 32 p
+    totals = _woven_pairs(ir.IRBuilder(pairs_), loop, tail, blk, xr, acts, isa, pairs_n,
+                          lambda b, p: _gep_load(b, b.add(blk, b.mul(p, c64(32))), c64(Q6U_SC), v16_16, 2))
 
     # the -32 of every value (as _define_q6_k_tile's), then the float lanes
     b = ir.IRBuilder(tail)
@@ -492,36 +471,21 @@ Q5U_BYTES = 320
 Q5U_SC, Q5U_MN, Q5U_D = 256, 272, 288
 
 
-def _define_q5_k_unpack(module):
-    """void f(w, nb, out): nb Q5_K super-blocks of the file (176 bytes each from byte address w) -> their
-    Q5U_BYTES records at out. The values, scales and mins as _define_q5_k_tile decodes them in registers
-    (the same integers, the same fp16 -> float32 d, dmin), written out once for every group of activation rows
-    that passes the row."""
-    name = "llama_ref_ggml_q5_k_unpack"
-    if name in module.globals:
-        return module.globals[name]
-    fn = ir.Function(module, ir.FunctionType(ir.VoidType(), [I64] * 3), name)
-    fn.linkage = "internal"
-    w, nb, out = fn.args
-    entry, loop, done = (fn.append_basic_block(n) for n in ("entry", "loop", "done"))
+def _q5_k_record(b, blk, o):
+    """One Q5_K super-block of the file (176 bytes at byte address blk) -> its Q5U_BYTES record at byte address o:
+    the values, scales and mins as _define_q5_k_tile decodes them in registers (the same integers, the same fp16
+    -> float32 d, dmin; unpack_q5_k)."""
     v32 = ir.VectorType(I8, 32)
     c64 = lambda v: ir.Constant(I64, v)  # noqa: E731
 
     def const(v):
         return ir.Constant(v32, [v] * 32)
-    b = ir.IRBuilder(entry)
-    b.cbranch(b.icmp_signed(">", nb, c64(0)), loop, done)
-    b = ir.IRBuilder(loop)
-    i = b.phi(I64)
-    blk, o = b.add(w, b.mul(i, c64(Q5_BYTES))), b.add(out, b.mul(i, c64(Q5U_BYTES)))
     dw, dminw, sc8, mn8 = _kquant_header(b, blk, "avx2", whole=True)  # sc8 <8 x i16>, mn8 <8 x i32>
     b.store(sc8, _ptr(b, b.add(o, c64(Q5U_SC)), sc8.type), align=1)
     mn16 = b.trunc(mn8, ir.VectorType(I16, 8))
     b.store(mn16, _ptr(b, b.add(o, c64(Q5U_MN)), mn16.type), align=1)
     b.store(dw, _ptr(b, b.add(o, c64(Q5U_D)), F32), align=4)
     b.store(dminw, _ptr(b, b.add(o, c64(Q5U_D + 4)), F32), align=4)
-    for z in range(Q5U_D + 8, Q5U_BYTES, 8):
-        b.store(c64(0), _ptr(b, b.add(o, c64(z)), I64), align=1)
     qh = _gep_load(b, blk, c64(16), v32, 1)
     for p in range(4):
         ql = _gep_load(b, blk, c64(48 + 32 * p), v32, 1)
@@ -531,6 +495,29 @@ def _define_q5_k_unpack(module):
         c_ = b.or_(b.and_(b.lshr(ql, const(4)), const(15)), b.and_(b.shl(qhp, const(3)), const(16)))
         for k, v in enumerate(_weave(b, c, c_)):
             b.store(v, _ptr(b, b.add(o, c64(64 * p + 32 * k)), v32), align=1)
+    return Q5U_D + 8  # where the record's zeros start
+
+
+def _define_unpack(module, five):
+    """void f(w, nb, out): nb Q5_K (five) or Q6_K super-blocks of the file (from byte address w) -> their records
+    at out (_q5_k_record / _q6_k_record, then zeros to the record's end), written once for every group of
+    activation rows that passes the row."""
+    name = f"llama_ref_ggml_unpack_q{5 if five else 6}_k"
+    if name in module.globals:
+        return module.globals[name]
+    fn = ir.Function(module, ir.FunctionType(ir.VoidType(), [I64] * 3), name)
+    fn.linkage = "internal"
+    w, nb, out = fn.args
+    entry, loop, done = (fn.append_basic_block(n) for n in ("entry", "loop", "done"))
+    c64 = lambda v: ir.Constant(I64, v)  # noqa: E731
+    size, record, fill = (Q5_BYTES, Q5U_BYTES, _q5_k_record) if five else (Q6_BYTES, Q6U_BYTES, _q6_k_record)
+    b = ir.IRBuilder(entry)
+    b.cbranch(b.icmp_signed(">", nb, c64(0)), loop, done)
+    b = ir.IRBuilder(loop)
+    i = b.phi(I64)
+    o = b.add(out, b.mul(i, c64(record)))
+    for z in range(fill(b, b.add(w, b.mul(i, c64(size))), o), record, 4):
+        b.store(ir.Constant(I32, 0), _ptr(b, b.add(o, c64(z)), I32), align=4)
     i1 = b.add(i, c64(1))
     b.cbranch(b.icmp_signed("<", i1, nb), loop, done)
     i.add_incoming(c64(0), entry)
@@ -540,16 +527,21 @@ def _define_q5_k_unpack(module):
     return fn
 
 
-@intrinsic
-def unpack_q5_k(typingctx, w, nb, out):
-    """unpack_q5_k(w, nb, out): nb Q5_K super-blocks (the file's bytes at byte address w) -> Q5U_BYTES records at
-    out (_define_q5_k_unpack)."""
-    sig = types.void(types.int64, types.int64, types.int64)
+def _unpack(five):
+    """The intrinsic unpack(w, nb, out) of _define_unpack: nb Q5_K (five) or Q6_K super-blocks (the file's bytes at
+    byte address w) -> Q5U_BYTES / Q6U_BYTES records at out."""
+    @intrinsic
+    def unpack(typingctx, w, nb, out):
+        sig = types.void(types.int64, types.int64, types.int64)
 
-    def codegen(context, builder, signature, args):
-        builder.call(_define_q5_k_unpack(builder.module), args)
-        return context.get_dummy_value()
-    return sig, codegen
+        def codegen(context, builder, signature, args):
+            builder.call(_define_unpack(builder.module, five), args)
+            return context.get_dummy_value()
+        return sig, codegen
+    return unpack
+
+
+unpack_q5_k, unpack_q6_k = _unpack(True), _unpack(False)
 
 
 def _define_q5_k_gtile(module, acts, isa):
@@ -578,7 +570,7 @@ def _define_q5_k_gtile(module, acts, isa):
     w, x, nb, out, ostride, acc, part = fn.args
     entry, loop, pairs_, tail, done, last, keep = (fn.append_basic_block(n) for n in (
         "entry", "loop", "pairs", "tail", "done", "last", "keep"))
-    v8f, v32, v8i = ir.VectorType(F32, 8), ir.VectorType(I8, 32), ir.VectorType(I32, 8)
+    v8f, v8i = ir.VectorType(F32, 8), ir.VectorType(I32, 8)
     v16_16 = ir.VectorType(I16, 16)
     c64 = lambda v: ir.Constant(I64, v)  # noqa: E731
     zero8 = ir.Constant(v8f, [0.0] * 8)
@@ -602,24 +594,10 @@ def _define_q5_k_gtile(module, acts, isa):
     blk, xr = b.add(w, b.mul(i, c64(Q5U_BYTES))), b.add(x, b.mul(i, c64(rec)))
     b.branch(pairs_)
 
-    b = ir.IRBuilder(pairs_)
-    p = b.phi(I64)
-    lanes_in = [b.phi(v8i) for _ in range(acts)]
-    totals = list(lanes_in)
-    wp = b.add(blk, b.mul(p, c64(64)))
-    v1, v2 = (_gep_load(b, wp, c64(32 * k), v32, 1) for k in range(2))
-    scale = pair_splat(b, b.add(b.add(blk, c64(Q5U_SC)), b.mul(p, c64(4))))  # (sc[2p], sc[2p + 1]) in every dword
-    xp = b.add(xr, b.mul(p, c64(64)))
-    for a in range(acts):
-        x1, x2 = (_gep_load(b, xp, c64(256 * a + 32 * k), v32, 1) for k in range(2))
-        totals[a] = b.add(totals[a], _woven_lanes(b, v1, v2, x1, x2, scale, isa))
-    p1 = b.add(p, c64(1))
-    b.cbranch(b.icmp_signed("<", p1, pairs_n), pairs_, tail)
-    p.add_incoming(c64(0), loop)
-    p.add_incoming(p1, pairs_)
-    for phi, v in zip(lanes_in, totals):
-        phi.add_incoming(ir.Constant(v8i, [0] * 8), loop)
-        phi.add_incoming(v, pairs_)
+    # the 4 pairs of sub-blocks in a loop, the integer lanes carried; pair p's scales: (sc[2p], sc[2p + 1]) in
+    # every dword
+    totals = _woven_pairs(ir.IRBuilder(pairs_), loop, tail, blk, xr, acts, isa, pairs_n,
+                          lambda b, p: pair_splat(b, b.add(b.add(blk, c64(Q5U_SC)), b.mul(p, c64(4)))))
 
     # the mins of all the activation rows at once, lane a for row a: sum_p (mn[2p] S[2p] + mn[2p+1] S[2p+1]),
     # four vpmaddwd of (mn[2p], mn[2p+1]) by the record's (S[2p], S[2p+1]) of each row (exact in any order:

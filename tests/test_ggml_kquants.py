@@ -311,6 +311,17 @@ def test_kquant_prefill_tiles_equal_numpy(cls, simd):
             assert np.array_equal(got.view(np.uint32), expected.view(np.uint32)), (n, rows, cols)
 
 
+def assert_woven(got: np.ndarray, values: np.ndarray):
+    """256 bytes woven by 16-bit words (ggml_kquants._weave; group_acts' X1, X2; the unpacked rows' V1, V2) against
+    the values in value order, (8 pieces j, 8 u, 4 values 4u + t): per pair p of pieces, 32 bytes whose dword u
+    holds values 4u, 4u + 1 of piece 2p, then of 2p + 1, and 32 bytes with values 4u + 2, 4u + 3."""
+    woven = got.reshape(4, 2, 8, 2, 2)  # (p, first / second 32 bytes, u, piece 2p / 2p + 1, 2 values)
+    for p in range(4):
+        for h in range(2):
+            for j in range(2):
+                assert np.array_equal(woven[p, h, :, j], values[2 * p + j, :, 2 * h:2 * h + 2])
+
+
 def test_group_acts_layout_by_hand():
     """The grouped prefill tiles' records (group_acts; _define_q5_k_gtile, _define_q6_k_gtile): per group of GROUP
     rows and super-block, per row and pair p of 32-value pieces 32 bytes X1 (dword u: values 4u, 4u + 1 of piece
@@ -333,11 +344,7 @@ def test_group_acts_layout_by_hand():
             for a in range(g):
                 n = grp * g + a
                 v = xq[n, 256 * i:256 * i + 256].reshape(8, 8, 4)  # (sub-block j, u, value 4u + t)
-                woven = r[256 * a:256 * a + 256].reshape(4, 2, 8, 2, 2)  # (p, X1 / X2, u, j = 2p / 2p + 1, 2)
-                for p in range(4):
-                    for h in range(2):
-                        for j in range(2):
-                            assert np.array_equal(woven[p, h, :, j], v[2 * p + j, :, 2 * h:2 * h + 2])
+                assert_woven(r[256 * a:256 * a + 256], v)
                 assert np.array_equal(r[256 * g + 32 * a:256 * g + 32 * a + 32].view(np.int16), xbs[n, i])
                 assert r[288 * g + 4 * a:288 * g + 4 * a + 4].view(np.float32)[0] == xd[n, i]
                 assert np.array_equal(sums[:, a].reshape(8), xbs[n, i, 0::2] + xbs[n, i, 1::2])
@@ -358,11 +365,7 @@ def test_unpacked_q5_k_rows_by_hand():
         for r in range(R):
             for i in range(nb):
                 blk, q = got[r, i], wb["q"][r, i].reshape(8, 8, 4)  # (sub-block j, u, value 4u + t)
-                woven = blk[:256].reshape(4, 2, 8, 2, 2)  # (p, V1 / V2, u, sub-block 2p / 2p + 1, 2 values)
-                for p in range(4):
-                    for h in range(2):
-                        for j in range(2):
-                            assert np.array_equal(woven[p, h, :, j], q[2 * p + j, :, 2 * h:2 * h + 2])
+                assert_woven(blk[:256], q)
                 assert np.array_equal(blk[k.Q5U_SC:k.Q5U_SC + 16].view(np.int16), wb["sc"][r, i])
                 assert np.array_equal(blk[k.Q5U_MN:k.Q5U_MN + 16].view(np.int16), wb["mn"][r, i])
                 d, dmin = blk[k.Q5U_D:k.Q5U_D + 8].view(np.float32)
@@ -386,12 +389,10 @@ def test_unpacked_q6_k_rows_by_hand():
         for r in range(R):
             for i in range(nb):
                 blk, sc, q = got[r, i], wb["sc"][r, i], wb["q"][r, i].reshape(8, 8, 4)  # (chunk, u, value 4u + t)
-                woven = blk[:256].reshape(4, 2, 8, 2, 2)  # (p, V1 / V2, u, chunk 2p / 2p + 1, 2 values)
+                assert_woven(blk[:256], q)
                 scales = blk[k.Q6U_SC:k.Q6U_SC + 128].view(np.int16).reshape(4, 8, 2)  # (p, u, chunk 2p / 2p + 1)
                 for p in range(4):
                     for j in range(2):
-                        for h in range(2):
-                            assert np.array_equal(woven[p, h, :, j], q[2 * p + j, :, 2 * h:2 * h + 2])
                         for u in range(8):
                             assert scales[p, u, j] == sc[2 * (2 * p + j) + (u >= 4)]
                 assert np.array_equal(blk[k.Q6U_SC32:k.Q6U_SC32 + 32].view(np.int16), 32 * sc)

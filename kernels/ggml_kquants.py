@@ -477,9 +477,6 @@ def _q5_k_record(b, blk, o):
     -> float32 d, dmin; unpack_q5_k)."""
     v32 = ir.VectorType(I8, 32)
     c64 = lambda v: ir.Constant(I64, v)  # noqa: E731
-
-    def const(v):
-        return ir.Constant(v32, [v] * 32)
     dw, dminw, sc8, mn8 = _kquant_header(b, blk, "avx2", whole=True)  # sc8 <8 x i16>, mn8 <8 x i32>
     b.store(sc8, _ptr(b, b.add(o, c64(Q5U_SC)), sc8.type), align=1)
     mn16 = b.trunc(mn8, ir.VectorType(I16, 8))
@@ -488,12 +485,8 @@ def _q5_k_record(b, blk, o):
     b.store(dminw, _ptr(b, b.add(o, c64(Q5U_D + 4)), F32), align=4)
     qh = _gep_load(b, blk, c64(16), v32, 1)
     for p in range(4):
-        ql = _gep_load(b, blk, c64(48 + 32 * p), v32, 1)
-        qhp = b.lshr(qh, const(2 * p)) if p else qh
-        # the two sub-blocks' values in value order: low / high nibbles of ql, bits 2p / 2p + 1 of qh as bit 4
-        c = b.or_(b.and_(ql, const(15)), b.and_(b.shl(qhp, const(4)), const(16)))
-        c_ = b.or_(b.and_(b.lshr(ql, const(4)), const(15)), b.and_(b.shl(qhp, const(3)), const(16)))
-        for k, v in enumerate(_weave(b, c, c_)):
+        pieces = (_q5_k_value_chunk(b, blk, qh, j) for j in (2 * p, 2 * p + 1))
+        for k, v in enumerate(_weave(b, *pieces)):
             b.store(v, _ptr(b, b.add(o, c64(64 * p + 32 * k)), v32), align=1)
     return Q5U_D + 8  # where the record's zeros start
 
@@ -1392,6 +1385,17 @@ def _decode_q56_k(five, xq, xd, xbs, blocks, simd, out):
 
 
 @njit(inline="always", **JIT)
+def _unpack_rows(five, w, ws, nb, u, us, n):
+    """n rows of a Q5_K (five) or Q6_K weight (the file's bytes from byte address w, ws apart) -> their records
+    (unpack_q5_k, unpack_q6_k) from byte address u, us apart."""
+    for r in range(n):
+        if five:
+            unpack_q5_k(w + r * ws, nb, u + r * us)
+        else:
+            unpack_q6_k(w + r * ws, nb, u + r * us)
+
+
+@njit(inline="always", **JIT)
 def _group_rows(five, xg, xq, xd, xbs, blocks, simd, out, acc, wu, r0, r1):
     """Rows r0 .. r1 - 1 of a Q5_K (five) or Q6_K prefill: each group of GROUP activation rows (xg: group_acts'
     records) meets the rows SEG super-blocks at a time, the group's segment in L1 while they pass it, each
@@ -1405,11 +1409,8 @@ def _group_rows(five, xg, xq, xd, xbs, blocks, simd, out, acc, wu, r0, r1):
     gs, g0, a0 = np.int64(xg.shape[1]), np.int64(xg.ctypes.data), np.int64(acc.ctypes.data)
     rec, size = np.int64(GROUP_RECORD), np.int64(Q5U_BYTES if five else Q6U_BYTES)
     u0, us = (np.int64(wu.ctypes.data) + 63) // 64 * 64, nb * size  # the unpacked rows, us bytes apart
-    for r in range(r0, r1 if G > 0 else r0):
-        if five:
-            unpack_q5_k(w0 + r * ws, nb, u0 + (r - r0) * us)
-        else:
-            unpack_q6_k(w0 + r * ws, nb, u0 + (r - r0) * us)
+    if G > 0:
+        _unpack_rows(five, w0 + r0 * ws, ws, nb, u0, us, r1 - r0)
     for g in range(G):
         on = o0 + g * GROUP * ost
         for s in range(0, nb, SEG):
@@ -1431,14 +1432,10 @@ def _group_rows(five, xg, xq, xd, xbs, blocks, simd, out, acc, wu, r0, r1):
 
 
 @njit(**JIT)
-def _unpack_rows(five, blocks, out):
-    nb = np.int64(out.shape[1]) // (Q5U_BYTES if five else Q6U_BYTES)
-    for r in range(blocks.shape[0]):
-        w, o = np.int64(blocks[r].ctypes.data), np.int64(out[r].ctypes.data)
-        if five:
-            unpack_q5_k(w, nb, o)
-        else:
-            unpack_q6_k(w, nb, o)
+def _unpack_all(five, blocks, out):
+    _unpack_rows(five, np.int64(blocks.ctypes.data), np.int64(blocks.shape[1]),
+                 np.int64(out.shape[1]) // (Q5U_BYTES if five else Q6U_BYTES), np.int64(out.ctypes.data),
+                 np.int64(out.shape[1]), blocks.shape[0])
 
 
 def unpacked_rows(w) -> np.ndarray:
@@ -1447,7 +1444,7 @@ def unpacked_rows(w) -> np.ndarray:
     whole copy is for looking at them."""
     five = w.format == "q5_k"
     out = np.empty((w.shape[0], w.shape[1] // 256 * (Q5U_BYTES if five else Q6U_BYTES)), np.uint8)
-    _unpack_rows(five, readonly(w.blocks), out)
+    _unpack_all(five, readonly(w.blocks), out)
     return out
 
 

@@ -1453,10 +1453,10 @@ def _dot_groups(five, xg, xq, xd, xbs, blocks, simd, out):
     """ggml_vec_dot_q5_K_q8_K (five) or ggml_vec_dot_q6_K_q8_K of every weight row (blocks, the file's bytes)
     with every Q8_K activation row (xg, group_acts' records of its groups; xq, xd, xbs, the rows) -> out
     (N, R), parallel over tiles of ROWS rows (_define_q5_k_gtile, _define_q6_k_gtile)."""
-    R, nb = blocks.shape[0], xq.shape[1] // 256
+    R, nb, G = blocks.shape[0], xq.shape[1] // 256, xg.shape[0]
     for c in prange((R + ROWS - 1) // ROWS):
         acc = np.empty(ROWS * GROUP * 16, np.float32)  # each (row, activation row)'s float sums between segments
-        wu = np.empty(ROWS * nb * (Q5U_BYTES if five else Q6U_BYTES) + 64, np.uint8)  # the rows unpacked
+        wu = np.empty(ROWS * nb * (Q5U_BYTES if five else Q6U_BYTES) + 64 if G else 0, np.uint8)  # the rows unpacked
         _group_rows(five, xg, xq, xd, xbs, blocks, simd, out, acc, wu, c * ROWS, min(R, (c + 1) * ROWS))
 
 

@@ -63,6 +63,7 @@ from .ggml_ops import serial_product
 from .ggml_simd import (HAS_AVX512BW, HAS_VNNI512, _close_loop, _declare, _gep_load, _hsum8, _prefetch, _ptr,
                         _rows_ahead, _shuffle, dispatch, lanes_portable, lanes_u8s8, lanes_u8s8_onto, madd16,
                         pairs_u8s8, pairs_u8s8_512, roundeven32, simd_default, splat8)
+from .ggml_vec import _splat
 
 ROWS = 16  # weight rows per parallel work item
 
@@ -563,8 +564,7 @@ def _define_q5_k_gtile(module, acts, isa):
     w, x, nb, out, ostride, acc, part = fn.args
     entry, loop, pairs_, tail, done, last, keep = (fn.append_basic_block(n) for n in (
         "entry", "loop", "pairs", "tail", "done", "last", "keep"))
-    v8f, v8i = ir.VectorType(F32, 8), ir.VectorType(I32, 8)
-    v16_16 = ir.VectorType(I16, 16)
+    v8f, v16_16 = ir.VectorType(F32, 8), ir.VectorType(I16, 16)
     c64 = lambda v: ir.Constant(I64, v)  # noqa: E731
     zero8 = ir.Constant(v8f, [0.0] * 8)
     fma_v = _declare(module, "llvm.fma.v8f32", v8f, [v8f] * 3)
@@ -572,8 +572,7 @@ def _define_q5_k_gtile(module, acts, isa):
     assert acts <= 8  # the mins and summs: one int32 / float32 lane per activation row
 
     def pair_splat(b, at):  # the two int16 at byte address `at` in every dword: <16 x i16>
-        one = b.insert_element(ir.Constant(v8i, ir.Undefined), _gep_load(b, at, c64(0), I32, 4), ir.Constant(I32, 0))
-        return b.bitcast(_shuffle(b, one, [0] * 8), v16_16)
+        return b.bitcast(_splat(b, _gep_load(b, at, c64(0), I32, 4), 8), v16_16)
     b = ir.IRBuilder(entry)
     first = b.icmp_signed("!=", b.and_(part, c64(1)), c64(0))
     pairs_n = _unseen(b, 4)  # a loop LLVM keeps (unrolled whole, its values spilled to the stack)

@@ -23,7 +23,7 @@ from numba import njit, prange
 
 from llama_ref.model import ggml as spec
 from llama_ref.model.ggml import rope_frequencies  # noqa: F401  (the specification's own)
-from llama_ref.weights.packed import Q4_0Weight, Q4_1Weight, Q5_0Weight, Q5_1Weight, Q8_0Weight
+from llama_ref.weights.packed import Q4_0Weight, Q4_1Weight, Q5_0Weight, Q5_1Weight, Q8_0Weight, q5_scales_in_order
 
 from . import ggml_simd as simd
 from .linear import _rows_q8
@@ -34,8 +34,13 @@ from .ggml_ops import apply_rope, attention, rms_norm, rope_tables, serial_produ
 ROWS = 16  # weight rows per parallel work item: their bytes stay in cache while every activation row passes
 # Q5_0 (kind 5) and Q5_1 (kind 1) in their file's blocks (_weight_args): a decode's tile spreads the fifth bits
 # and nibbles in registers, as llama.cpp's does.
-KIND = {"q8_0": 0, "q5_1": 1, "q4_0": 2, "q4_0r": 3, "q4_1": 4, "q5_0": 5}
-Q5 = (1, 5)
+KIND = {"q8_0": 0, "q5_1": 1, "q4_0": 2, "q4_0r": 3, "q4_1": 4, "q5_0": 5, "q5_1x8": 7, "q5_0x8": 8, "q4_1x8": 9}
+# Q5_1 (kind 7), Q5_0 (8) and Q4_1 (9) in the "x8" form (weights/packed.py Q5_BIT_ORDERS, Q4_1Weight: each 8 rows'
+# blocks side by side), where this host's tiles read Q5's fifth bits "shifted" (AVX2 without GFNI: X8_HOST, where it
+# was measured) and the rows come in groups of 8: a decode's 8-row tile (ggml_simd._define_x8) turns the 8 rows'
+# lanes on their side, the same sums. One weight form a host and shape (the file's bytes moved, not changed).
+X8 = (7, 8, 9)
+X8_HOST = simd.Q5_BIT_ORDER == "shifted"
 # A prefill (more than one activation row) first unpacks each tile's ROWS rows of a Q5 or Q4_1 weight to one byte per
 # value (ggml_simd.unpack_row, _unpacked_tile; a scratch of the thread's own), then runs the byte tiles on them: Q5_1
 # and Q4_1 this kind, Q5_0 Q8_0's (its int8 values q - 16). Only _linear sees this kind, never
@@ -74,6 +79,8 @@ _q5_0_11 = simd.make_dot("q5_0c", 1, 1)
 DECODE_ROWS = 4
 _q5_1_R1 = simd.make_dot("q5_1c", 4, 1)
 _q5_0_R1 = simd.make_dot("q5_0c", 4, 1)
+_q5_1x8_R1, _q5_0x8_R1 = simd.make_dot("q5_1x8", 8, 1), simd.make_dot("q5_0x8", 8, 1)  # decode, 8 rows
+_q4_1x8_R1 = simd.make_dot("q4_1x8", 8, 1)
 _q5_1x_RA, _q5_1x_R1, _q5_1x_1A, _q5_1x_11 = _tiles("q5_1")  # one byte per value: a prefill's
 _q4_0_RA, _q4_0_R1, _q4_0_1A, _q4_0_11 = _tiles("q4_0")
 _q4_0r_RA, _q4_0r_R1, _, _ = _tiles("q4_0r")
@@ -125,6 +132,12 @@ def _dot(kind, many_rows, many_acts, w, ws, wd, wm, wds, x, xst, xd, xs, xds, nb
             _q5_1x_1A(w, ws, wd, wm, wds, x, xst, xd, xs, xds, nb, out, ost, use_simd)
         else:
             _q5_1x_11(w, ws, wd, wm, wds, x, xst, xd, xs, xds, nb, out, ost, use_simd)
+    elif kind == 7:  # Q5_1 in the "x8" form: 8 rows by one activation row (a decode's; R % 8 == 0)
+        _q5_1x8_R1(w, ws, wd, wm, wds, x, xst, xd, xs, xds, nb, out, ost, use_simd)
+    elif kind == 8:  # Q5_0's, the same
+        _q5_0x8_R1(w, ws, wd, wm, wds, x, xst, xd, xs, xds, nb, out, ost, use_simd)
+    elif kind == 9:  # Q4_1's, the same
+        _q4_1x8_R1(w, ws, wd, wm, wds, x, xst, xd, xs, xds, nb, out, ost, use_simd)
     elif kind == 3:  # repacked Q4_0: always 8 rows (R % 8 == 0)
         if many_acts:
             _q4_0r_RA(w, ws, wd, wm, wds, x, xst, xd, xs, xds, nb, out, ost, use_simd)
@@ -167,7 +180,7 @@ def _linear(kind, xq, xd, xs, qs, d, m, out, use_simd):
         r0, r1 = np.int64(c * ROWS), min(R, (c + 1) * ROWS)
         if N == 1:
             _decode_rows(kind, xq, xd, xs, off, qs, d, m, out, use_simd, r0, r1)
-        elif kind == 1 or kind == 5 or kind == 4:
+        elif kind == 1 or kind == 5 or kind == 4 or kind == 7 or kind == 8 or kind == 9:
             _unpacked_tile(kind, w0 + r0 * ws, ws, d0 + r0 * wds, wds, nb, K, r0, r1, x0, xd0, xs0, o0, N, R,
                            use_simd, np.empty(ROWS * K, np.uint8), np.empty(2 * ROWS * nb, np.float32))
         else:
@@ -211,12 +224,39 @@ def _unpacked_tile(kind, w, ws, wd, wds, nb, K, r0, r1, x0, xd0, xs0, o0, N, R, 
     256 activation rows 39.5 -> ~30 ms this way. A function of its own, not inlined: sq and sdm are its
     arguments, so they live until it returns (only their addresses are used)."""
     q, dm, sds = np.int64(sq.ctypes.data), np.int64(sdm.ctypes.data), np.int64(4 * nb)
-    form = np.int64(simd.UNPACK_Q5_0 if kind == 5 else simd.UNPACK_Q4_1 if kind == 4 else simd.UNPACK_Q5_1)
+    form = _unpack_form(kind)
     for r in range(r0, r1):
-        simd.unpack_row(w + (r - r0) * ws, wd + (r - r0) * wds, nb, form, q + (r - r0) * K, dm + (r - r0) * sds,
-                        dm + (ROWS + r - r0) * sds)
-    _tile(0 if kind == 5 else Q5_1_BYTES, q, np.int64(K), dm, dm + ROWS * sds, sds, nb, K, r0, r1, x0, xd0, xs0, o0,
-          N, R, use_simd)
+        src, sc = _row_start(kind, w, ws, wd, wds, nb, r - r0)
+        simd.unpack_row(src, sc, nb, form, q + (r - r0) * K, dm + (r - r0) * sds, dm + (ROWS + r - r0) * sds)
+    _tile(0 if kind == 5 or kind == 8 else Q5_1_BYTES, q, np.int64(K), dm, dm + ROWS * sds, sds, nb, K, r0, r1, x0,
+          xd0, xs0, o0, N, R, use_simd)
+
+
+@njit(inline="always", **JIT)
+def _unpack_form(kind):
+    """ggml_simd.unpack_row's form for a weight of this KIND (Q5_1, Q4_1, Q5_0, or one of them in the "x8" form)."""
+    if kind == 1:
+        return np.int64(simd.UNPACK_Q5_1)
+    if kind == 4:
+        return np.int64(simd.UNPACK_Q4_1)
+    if kind == 5:
+        return np.int64(simd.UNPACK_Q5_0)
+    if kind == 7:
+        return np.int64(simd.UNPACK_Q5_1X8)
+    if kind == 8:
+        return np.int64(simd.UNPACK_Q5_0X8)
+    return np.int64(simd.UNPACK_Q4_1X8)
+
+
+@njit(inline="always", **JIT)
+def _row_start(kind, w, ws, wd, wds, nb, r):
+    """Where row r of a weight (bytes at w, ws a row; scales at wd, wds a row) starts, as unpack_row takes it: the
+    row itself, or in the "x8" form (kinds X8) its group of 8 rows' start + 4 (r % 8) bytes, and its scales + r % 8
+    (each of 2 bytes, Q5_0, or 4, Q5_1 and Q4_1's pairs)."""
+    if kind == 7 or kind == 8 or kind == 9:
+        g, k = r // 8 * 8, r % 8
+        return w + g * ws + 4 * k, wd + g * wds + k * (2 if kind == 8 else 4)
+    return w + r * ws, wd + r * wds
 
 
 @njit(inline="always", **JIT)
@@ -238,9 +278,10 @@ def _rows_at(kind, w0, ws, d0, wds, m0, nb, x0, K, xd0, xs0, o0, ost, use_simd, 
     w0, ws apart; scales d0 and mins m0, wds apart; nb blocks) by one quantized activation row (x0, K values;
     scales xd0; Q8_1 sums or repacked Q4_0's offsets xs0) into out at o0 (ost bytes a row)."""
     # Repacked Q4_0 keeps its 8-row tile: one row at a time it must sum each block's lanes into one integer
-    # before its fma, and took 1.6x longer (model, one thread); rows r0, r1 are multiples of 8 there. The other
-    # kinds go DECODE_ROWS at a time, the last few one at a time.
-    step = 8 if kind == 3 else DECODE_ROWS
+    # before its fma, and took 1.6x longer (model, one thread); rows r0, r1 are multiples of 8 there, as in the
+    # "x8" form (X8), whose rows exist only as groups of 8. The other kinds go DECODE_ROWS at a time, the last few
+    # one at a time.
+    step = 8 if kind == 3 or kind == 7 or kind == 8 or kind == 9 else DECODE_ROWS
     r = r0
     while r + step <= r1:
         _dot(kind, step > 1, False, w0 + r * ws, ws, d0 + r * wds, m0 + r * wds, wds, x0, K, xd0, xs0,
@@ -329,37 +370,41 @@ def embedding(tokens: np.ndarray, table, dtype) -> np.ndarray:
     """ggml_get_rows: the specification's embedding, which is exact mode's (model/ops.py). Compiled (exact mode's
     twin: the same values, tests/test_kernels.py) for a float array and the formats whose arrays it reads as they
     are held (Q8_0, Q4_0, Q4_1): a decode step's one row took 16-24 us in NumPy, 3.5 us so (default model); Q5_0 /
-    Q5_1 from the blocks this arithmetic holds (_q5_rows: the NumPy rows took ~90 us, a Q5 decode step's 2 %). For
-    the K-quants it would first unpack the whole table beside the form this arithmetic keeps (the originals, which
-    Q4_K drops for its repacked copy), so they keep the specification's rows."""
-    if isinstance(table, _ROWS_AS_HELD):
+    Q5_1, and Q4_1 held in the "x8" form, from the blocks this arithmetic holds (_unpacked_rows: the NumPy rows took
+    ~90 us, a Q5 decode step's 2 %). For the K-quants it would first unpack the whole table beside the form this
+    arithmetic keeps (the originals, which Q4_K drops for its repacked copy), so they keep the specification's rows."""
+    x8 = isinstance(table, Q4_1Weight) and _held_x8(table)  # its nibbles in the "x8" form: not rows to read
+    if isinstance(table, _ROWS_AS_HELD) and not x8:
         return _compiled_rows(tokens, table, dtype)
-    if isinstance(table, (Q5_0Weight, Q5_1Weight)) and np.dtype(dtype) == np.float32:
+    if isinstance(table, (Q5_0Weight, Q5_1Weight, Q4_1Weight)) and np.dtype(dtype) == np.float32:
         tokens = np.asarray(tokens)
         ids = np.ascontiguousarray(tokens.reshape(-1), dtype=np.int64)  # (N,)
         out = np.empty((ids.shape[0], table.shape[1]), np.float32)  # (N, D)
         kind, blocks, scales, _ = _weight_args(table)
-        _q5_rows(blocks, scales, np.int64(kind == KIND["q5_0"]), ids, out)
+        _unpacked_rows(blocks, scales, np.int64(kind), ids, out)
         return out.reshape(*tokens.shape, table.shape[1])
     return spec.embedding(tokens, table, dtype)
 
 
 @njit(**JIT)
-def _q5_rows(blocks, scales, signed, ids, out):
-    """out (N, K) = rows ids of a Q5_0 (signed) or Q5_1 weight from the blocks ggml mode holds (_weight_args: the
-    fifth bits in ggml_simd.Q5_BIT_ORDER, the fp16 scales apart), as the specification's rows (weights/packed.py
-    _dequantize_blocks): each row unpacked by ggml_simd.unpack_row (a prefill's own) to one byte per value and
-    float32 d (and m), then read as exact mode reads such a row (kernels/linear._rows_q8: d * (q - 16), or d * q + m
-    in float32, one rounding each)."""
+def _unpacked_rows(blocks, scales, kind, ids, out):
+    """out (N, K) = rows ids of a Q5_0 or Q5_1 weight (its KIND; or Q4_1 in the "x8" form) from the blocks ggml mode
+    holds (_weight_args: Q5's fifth bits in ggml_simd.Q5_BIT_ORDER, or the "x8" form; the fp16 scales apart), as the
+    specification's rows
+    (weights/packed.py _dequantize_blocks): each row unpacked by ggml_simd.unpack_row (a prefill's own) to one byte
+    per value and float32 d (and m), then read as exact mode reads such a row (kernels/linear._rows_q8: d * (q - 16),
+    or d * q + m in float32, one rounding each)."""
     K = out.shape[1]
     q, d, m = np.empty((1, K), np.uint8), np.empty((1, K // 32), np.float32), np.empty((1, K // 32), np.float32)
     first = np.zeros(1, np.int64)  # the one unpacked row
-    form = np.int64(simd.UNPACK_Q5_0 if signed else simd.UNPACK_Q5_1)
+    signed = kind == 5 or kind == 8
+    form = _unpack_form(kind)
+    w, ws, wd, wds = (np.int64(blocks.ctypes.data), np.int64(blocks.shape[1]), np.int64(scales.ctypes.data),
+                      np.int64(scales.shape[1] * scales.itemsize))
     for i in range(ids.shape[0]):
-        r = ids[i]
-        simd.unpack_row(blocks[r].ctypes.data, scales[r].ctypes.data, K // 32, form, q.ctypes.data, d.ctypes.data,
-                        m.ctypes.data)
-        _rows_q8(q, d, m, signed == 0, first, out[i:i + 1])
+        src, sc = _row_start(kind, w, ws, wd, wds, K // 32, ids[i])
+        simd.unpack_row(src, sc, K // 32, form, q.ctypes.data, d.ctypes.data, m.ctypes.data)
+        _rows_q8(q, d, m, not signed, first, out[i:i + 1])
 
 
 cache_storage = spec.cache_storage  # the cache's fp16 values in float16 arrays, as the specification keeps them
@@ -408,20 +453,34 @@ def _weight_args(w) -> tuple:
             # read both from d). 22 / 24 bytes a block, the file's, where one byte per value and float32 scales
             # took 36 / 40; and the weight holds no other copy. The fifth bits in the order this host's tiles read
             # (ggml_simd.Q5_BIT_ORDER; the weight then holds them so).
-            qs, d = w.file_form(simd.Q5_BIT_ORDER)
+            if _held_x8(w):
+                fmt += "x8"
+            qs, d = w.file_form("x8" if fmt.endswith("x8") else simd.Q5_BIT_ORDER)
             qs, d = readonly(qs), readonly(d)
             m = d
         elif fmt == "q4_1":
             # As llama.cpp streams it: d and m as one fp16 pair per block (d = m: the tiles read both from d). A
-            # decode streams its weights from memory once a token: 20 bytes a block instead of 24.
-            qs = readonly(w.qs)
+            # decode streams its weights from memory once a token: 20 bytes a block instead of 24. Rows in groups
+            # of 8 on an X8_HOST: the nibbles in the "x8" form (the weight then holds them so), the pairs too.
             d = m = _scale_pairs(w.d, w.m)
+            if _held_x8(w):
+                fmt += "x8"
+                qs, d = readonly(w.x8_form()), readonly(q5_scales_in_order(d, "x8", "file"))
+                m = d
+            else:
+                qs = readonly(w.qs)
         else:
             qs = readonly(w.qs)
             d = m = _repack_scales(w.d) if fmt == "q4_0r" else readonly(w.d)
         args = _ARGS[id(w)] = (KIND[fmt], qs, d, m)
         weakref.finalize(w, _ARGS.pop, id(w), None)
     return args
+
+
+def _held_x8(w) -> bool:
+    """Whether ggml mode holds weight w in the "x8" form (X8): a Q5_0, Q5_1 or Q4_1 weight whose rows come in
+    groups of 8, on an X8_HOST."""
+    return X8_HOST and w.format in ("q5_0", "q5_1", "q4_1") and w.shape[0] % 8 == 0
 
 
 def _repack_scales(d: np.ndarray) -> np.ndarray:

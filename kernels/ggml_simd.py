@@ -368,20 +368,18 @@ def q5_values(builder, block, signed, portable=False):
     the decode tiles in cache (session 54): Q5_0 1.86 -> 1.62 ns a block and row, Q5_1 1.94 -> 1.81. The portable
     tiles (portable: plain IR, no x86 intrinsics) read the host's order with a compare and a select. The same bytes
     every way."""
-    v16, v32 = ir.VectorType(I8, 16), ir.VectorType(I8, 32)
+    v16 = ir.VectorType(I8, 16)
     raw = _gep_load(builder, block, ir.Constant(I64, 4), v16, 1)
     qh = _gep_load(builder, block, ir.Constant(I64, 0), I32, 1)
+    return q5_values_of(builder, raw, qh, signed, portable)
+
+
+def q5_values_of(builder, raw, qh, signed, portable=False):
+    """q5_values of a block's 16 bytes of nibbles raw (<16 x i8>) and its fifth bits qh (i32), in Q5_BIT_ORDER."""
+    v32 = ir.VectorType(I8, 32)
     if Q5_BIT_ORDER == "shifted":
-        nib = _weight_values(builder, raw, True, 0, portable)
-        top = _shifted_fifth_bits(builder, qh)
-        if signed:  # where the bit is set q - 16 = n, else n - 16 = n | 0xF0 as int8
-            when_set, when_clear = nib, builder.or_(nib, ir.Constant(v32, [-16] * 32))
-        else:
-            when_set, when_clear = builder.or_(nib, ir.Constant(v32, [16] * 32)), nib
-        if portable:
-            return builder.select(builder.icmp_signed("<", top, ir.Constant(v32, [0] * 32)), when_set, when_clear)
-        blend = _declare(builder.module, "llvm.x86.avx2.pblendvb", v32, [v32, v32, v32])  # top bit set: the second
-        return builder.call(blend, [when_clear, when_set, top])
+        return _blend_fifth(builder, _weight_values(builder, raw, True, 0, portable), _shifted_fifth_bits(builder, qh),
+                            signed, portable)
     if portable or not HAS_GFNI_MASKS:
         return builder.or_(_weight_values(builder, raw, True, 0, portable), _fifth_bits(builder, qh, signed))
     nib = _weight_values(builder, raw, True, 0)
@@ -389,6 +387,21 @@ def q5_values(builder, block, signed, portable=False):
     if signed:
         return builder.select(is_set, nib, builder.sub(nib, ir.Constant(v32, [16] * 32)))
     return builder.select(is_set, builder.add(nib, ir.Constant(v32, [16] * 32)), nib)
+
+
+def _blend_fifth(builder, nib, top, signed, portable):
+    """<32 x i8> nibbles n and `top` (each value's fifth bit at the top of its byte) -> q 0..31 (n | 16 where the
+    bit is set), or signed the int8 q - 16 (n where set, else n - 16 = n | 0xF0): one vpblendvb, asked for by its
+    intrinsic (written as a select, LLVM made a vpcmpgtb, an and and an or of it); portable, that select."""
+    v32 = ir.VectorType(I8, 32)
+    if signed:  # where the bit is set q - 16 = n, else n - 16 = n | 0xF0 as int8
+        when_set, when_clear = nib, builder.or_(nib, ir.Constant(v32, [-16] * 32))
+    else:
+        when_set, when_clear = builder.or_(nib, ir.Constant(v32, [16] * 32)), nib
+    if portable:
+        return builder.select(builder.icmp_signed("<", top, ir.Constant(v32, [0] * 32)), when_set, when_clear)
+    blend = _declare(builder.module, "llvm.x86.avx2.pblendvb", v32, [v32, v32, v32])  # top bit set: the second
+    return builder.call(blend, [when_clear, when_set, top])
 
 
 def _scale_pair(builder, addr):
@@ -490,7 +503,7 @@ def _scale_half(builder, addr):
 
 
 # The weight forms unpack_row takes (its `form`)
-UNPACK_Q5_1, UNPACK_Q5_0, UNPACK_Q4_1 = 0, 1, 2
+UNPACK_Q5_1, UNPACK_Q5_0, UNPACK_Q4_1, UNPACK_Q5_1X8, UNPACK_Q5_0X8, UNPACK_Q4_1X8 = 0, 1, 2, 3, 4, 5
 
 
 @intrinsic
@@ -499,7 +512,11 @@ def unpack_row(typingctx, src, scales, nb, form, qs, d, m):
     prefill tiles of one byte per value read it: nb blocks at src -> 32 nb bytes at qs, and the block scales at
     `scales` -> float32 at d (and m), exactly. form: UNPACK_Q5_1 (20-byte blocks of fifth bits and nibbles, q
     0..31; fp16 pairs d, m), UNPACK_Q5_0 (the same blocks, the int8 q - 16; one fp16 d a block) or UNPACK_Q4_1
-    (16 bytes of nibbles, q 0..15; fp16 pairs d, m). All addresses int64."""
+    (16 bytes of nibbles, q 0..15; fp16 pairs d, m); UNPACK_Q5_1X8 / UNPACK_Q5_0X8 / UNPACK_Q4_1X8: row r of a
+    group of 8 in the "x8" form (weights/packed.py Q5_BIT_ORDERS, Q4_1Weight; src and scales at the group's start
+    + 4 r bytes and + r scales: the row's 4 words of nibbles 32 bytes apart in each 160-byte block (Q4_1: 128), Q5's
+    fifth bits 128 on, its scales 8 apart).
+    All addresses int64."""
     sig = types.void(*([types.int64] * 7))
 
     def codegen(context, builder, signature, args):
@@ -528,25 +545,49 @@ def _define_unpack(module):
     four = b.mul(i, c64(4))
     out = _ptr(b, b.add(qs, b.mul(i, c64(32))), v32)
 
-    def pair(b):  # an fp16 pair d, m -> float32 at d and m
-        dm = _scale_pair(b, b.add(sc, four))
+    def pair(b, per=4):  # an fp16 pair d, m (per bytes a block) -> float32 at d and m
+        dm = _scale_pair(b, b.add(sc, b.mul(i, c64(per))))
         b.store(dm[0], _ptr(b, b.add(d, four), F32), align=4)
         b.store(dm[1], _ptr(b, b.add(m, four), F32), align=4)
 
-    with b.if_else(b.icmp_signed("==", form, c64(UNPACK_Q4_1))) as (q4_1, q5):
+    is_q4_1 = b.or_(b.icmp_signed("==", form, c64(UNPACK_Q4_1)), b.icmp_signed("==", form, c64(UNPACK_Q4_1X8)))
+    with b.if_else(is_q4_1) as (q4_1, q5):
         with q4_1:
-            raw = _gep_load(b, src, b.mul(i, c64(16)), ir.VectorType(I8, 16), 1)
-            b.store(_weight_values(b, raw, True, 0), out, align=1)
-            pair(b)
-        with q5:
-            block = b.add(src, b.mul(i, c64(20)))
-            with b.if_else(b.icmp_signed("==", form, c64(UNPACK_Q5_0))) as (q5_0, q5_1):
-                with q5_0:
-                    b.store(q5_values(b, block, True), out, align=1)
-                    b.store(_scale_half(b, b.add(sc, b.mul(i, c64(2)))), _ptr(b, b.add(d, four), F32), align=4)
-                with q5_1:
-                    b.store(q5_values(b, block, False), out, align=1)
+            with b.if_else(b.icmp_signed("==", form, c64(UNPACK_Q4_1X8))) as (x8, rows):
+                with x8:  # the row's 4 words of nibbles from its group's 128-byte block
+                    block = b.add(src, b.mul(i, c64(128)))
+                    raw = b.bitcast(_vector(b, [_gep_load(b, block, c64(32 * j), I32, 1) for j in range(4)]),
+                                    ir.VectorType(I8, 16))
+                    b.store(_weight_values(b, raw, True, 0), out, align=1)
+                    pair(b, 32)
+                with rows:
+                    raw = _gep_load(b, src, b.mul(i, c64(16)), ir.VectorType(I8, 16), 1)
+                    b.store(_weight_values(b, raw, True, 0), out, align=1)
                     pair(b)
+        with q5:
+            x8 = b.icmp_signed(">=", form, c64(UNPACK_Q5_1X8))
+            with b.if_then(x8):  # the row's words from its group's block: then as one row's block
+                block = b.add(src, b.mul(i, c64(160)))
+                raw = b.bitcast(_vector(b, [_gep_load(b, block, c64(32 * j), I32, 1) for j in range(4)]),
+                                ir.VectorType(I8, 16))
+                qh = _gep_load(b, block, c64(128), I32, 1)
+                with b.if_else(b.icmp_signed("==", form, c64(UNPACK_Q5_0X8))) as (q5_0, q5_1):
+                    with q5_0:
+                        b.store(q5_values_of(b, raw, qh, True), out, align=1)
+                        b.store(_scale_half(b, b.add(sc, b.mul(i, c64(16)))), _ptr(b, b.add(d, four), F32),
+                                align=4)
+                    with q5_1:
+                        b.store(q5_values_of(b, raw, qh, False), out, align=1)
+                        pair(b, 32)
+            with b.if_then(b.icmp_signed("<", form, c64(UNPACK_Q5_1X8))):  # a row's own blocks
+                block = b.add(src, b.mul(i, c64(20)))
+                with b.if_else(b.icmp_signed("==", form, c64(UNPACK_Q5_0))) as (q5_0, q5_1):
+                    with q5_0:
+                        b.store(q5_values(b, block, True), out, align=1)
+                        b.store(_scale_half(b, b.add(sc, b.mul(i, c64(2)))), _ptr(b, b.add(d, four), F32), align=4)
+                    with q5_1:
+                        b.store(q5_values(b, block, False), out, align=1)
+                        pair(b)
     body_end = b.block
     i1 = b.add(i, c64(1))
     b.cbranch(b.icmp_signed("<", i1, nb), loop, done)
@@ -739,6 +780,9 @@ def _define_tile(module, kind, rows, acts, isa):
     Repacked Q4_0 (rows = 8): the 8 rows' integer sums gathered into one vector, one float32 lane per row
     (with VNNI or AVX2 _define_q4_0r builds them so from the start); its scales come repacked too (REPACKED_SCALES:
     wd points at the tile's 8 fp16 scales of block 0, the next block's 16 bytes on)."""
+    if kind in X8_KINDS:  # 8 rows in the "x8" form, one activation row (a decode's)
+        name = f"llama_ref_ggml_tile_{kind}_{isa if isa == 'portable' else 'avx2'}"
+        return module.globals.get(name) or _define_x8(module, name, kind, isa == "portable")
     if isa == "vnni512" and (not KINDS[kind][4] or acts % 2 or KINDS[kind][1] == "q5") and kind != "q4_0r":
         isa = "vnni"  # the 512-bit form pairs activation rows: 8-lane byte tiles of an even count only
     name = f"llama_ref_ggml_tile_{kind}_{rows}x{acts}_{isa}"
@@ -1159,6 +1203,94 @@ def _define_q4_0r(module, name, acts, isa):
     b, finals = _close_loop(b, i, nb, entry, loop, done, [(p, v, zero8) for p, v in zip(accs, new_accs)])
     for a_ in range(acts):
         b.store(finals[a_], _ptr(b, b.add(out, b.mul(c64(a_), ostride)), v8f), align=4)
+    b.ret_void()
+    return fn
+
+
+# The kinds of 8 rows in the "x8" form (weights/packed.py): Q5_0, Q5_1 (Q5_BIT_ORDERS), Q4_1 (Q4_1Weight)
+X8_KINDS = ("q5_0x8", "q5_1x8", "q4_1x8")
+
+
+def _define_x8(module, name, kind, portable):
+    """Q5_0, Q5_1 or Q4_1 (kind: X8_KINDS), 8 rows in the "x8" form (weights/packed.py Q5_BIT_ORDERS, Q4_1Weight),
+    by one activation row: ggml_vec_dot_q5_0_q8_0 / ggml_vec_dot_q5_1_q8_1 / ggml_vec_dot_q4_1_q8_1 of each row, its
+    8 float32 lanes turned on their side.
+
+    Row r's sums are kept in lane r of 8 accumulators, accumulator l holding what the row's lane l holds in ggml's
+    AVX2 loop: the int32 sum of its products 4l .. 4l+3 times d_w d_x, fma'd on block after block. The blocks are
+    stored so (packed.py "x8") that each 32-byte vector of nibbles holds, for the 8 rows, the 4 values of one lane
+    (its low nibbles lane j, its high ones lane j + 4), the activation's 4 values of that lane are one broadcast,
+    the 8 rows' scales of a block one load and one vcvtph2ps (a vector, where a row at a time takes a splat of
+    each), and the rows' fifth-bit words (shifted) one vector Q, whose Q << l puts each value of lane l's bit at
+    the top of its byte (one vpslld; _blend_fifth; Q4_1 has none: 128 bytes a block). At the end hsum_float_8's
+    order, ((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7)), is 7 vector adds for the 8 rows (Q5_1, Q4_1: + the
+    mins' sum, lane by lane). The same integers, products and sums as the 4-row tile: the same bits. In C models of
+    both (gcc -march=znver3, one thread, in L1, session 59) Q5_0 5.6 -> 3.9 cycles a block and row, Q4_1 4.6-5.4 ->
+    2.2.
+
+    Q5_0's signed q - 16 meets x by ggml's sign trick (vpsignb, as the 4-row tile); Q5_1's q 0..31 and Q4_1's 0..15
+    as they stand, the mins m_w s_x (the 8 rows' m_w a vector) one fma a block. portable: the same IR without x86
+    intrinsics."""
+    signed, fifth = kind == "q5_0x8", kind != "q4_1x8"
+    block_bytes = 160 if fifth else 128
+    fn = ir.Function(module, ir.FunctionType(ir.VoidType(), [I64] * 13), name)
+    fn.linkage = "internal"
+    w, ws, wd, wm, wds, x, xstride, xd, xs, xds, nb, out, ostride = fn.args
+    entry, loop, done = (fn.append_basic_block(n) for n in ("entry", "loop", "done"))
+    v8f, v8i, v32 = ir.VectorType(F32, 8), ir.VectorType(I32, 8), ir.VectorType(I8, 32)
+    v8h = ir.VectorType(ir.HalfType(), 8)
+    c64 = lambda v: ir.Constant(I64, v)  # noqa: E731
+    zero8 = ir.Constant(v8f, [0.0] * 8)
+    fma_v = _declare(module, "llvm.fma.v8f32", v8f, [v8f] * 3)
+    per = 2 if signed else 4  # scale bytes a row and block: fp16 d, or the fp16 pair d, m
+    b = ir.IRBuilder(entry)
+    ahead = _rows_ahead(b, ws, 8)
+    b.cbranch(b.icmp_signed(">", nb, c64(0)), loop, done)
+
+    b = ir.IRBuilder(loop)
+    i = b.phi(I64)
+    accs = [b.phi(v8f) for _ in range(8)]
+    mins = None if signed else b.phi(v8f)
+    _prefetch_ahead(b, w, ws, wd, wds, None, i, 8, block_bytes // 8, ahead, 8 * per)
+    block = b.add(w, b.mul(i, c64(block_bytes)))
+    # the 8 rows' scales of block i: d_w d_x (and m_w) as vectors, lane r row r
+    if signed:
+        dw = b.fpext(_gep_load(b, wd, b.mul(i, c64(16)), v8h, 2), v8f)
+    else:  # 8 pairs d | m << 16: the d's and the m's apart, each 8 fp16 converted alone (256-bit vectors only)
+        pairs = _gep_load(b, wd, b.mul(i, c64(32)), ir.VectorType(I16, 16), 4)
+        dw, mw = (b.fpext(b.bitcast(_shuffle(b, pairs, list(range(k, 16, 2))), v8h), v8f) for k in (0, 1))
+        mins_next = b.call(fma_v, [mw, splat8(b, _gep_load(b, xs, b.mul(i, c64(4)), F32, 4)), mins])
+    scale = b.fmul(dw, splat8(b, _gep_load(b, xd, b.mul(i, c64(4)), F32, 4)))  # float32 d_w * d_x, lane by lane
+    q = _gep_load(b, block, c64(128), v8i, 4) if fifth else None  # row r's fifth bits (shifted) in lane r
+    xblock = b.add(x, b.mul(i, c64(32)))
+    low4 = ir.Constant(v32, [15] * 32)
+    new_accs = [None] * 8
+    for j in range(4):
+        nib = _gep_load(b, block, c64(32 * j), v32, 1)
+        high = b.bitcast(b.lshr(b.bitcast(nib, ir.VectorType(I16, 16)), ir.Constant(ir.VectorType(I16, 16), [4] * 16)),
+                         v32)
+        for lane, n in ((j, b.and_(nib, low4)), (j + 4, b.and_(high, low4))):
+            if fifth:
+                vals = _blend_fifth(b, n, b.bitcast(b.shl(q, ir.Constant(v8i, [lane] * 8)), v32), signed, portable)
+            else:
+                vals = n
+            xl = b.bitcast(_shuffle(b, b.insert_element(ir.Constant(v8i, ir.Undefined),
+                                                        _gep_load(b, xblock, c64(4 * lane), I32, 1),
+                                                        ir.Constant(I32, 0)), [0] * 8), v32)  # its 4 values, 8 times
+            if portable:
+                lanes = lanes_portable(b, vals, xl, signed)
+            elif signed:  # ggml's sign trick: |w| times x with w's sign
+                lanes = lanes_u8s8(b, sign8(b, vals, vals), sign8(b, xl, vals), "avx2")
+            else:
+                lanes = lanes_u8s8(b, vals, xl, "avx2")
+            new_accs[lane] = b.call(fma_v, [scale, b.sitofp(lanes, v8f), accs[lane]])
+    carried = list(zip(accs, new_accs, [zero8] * 8)) + ([] if signed else [(mins, mins_next, zero8)])
+    b, finals = _close_loop(b, i, nb, entry, loop, done, carried)
+    t = [b.fadd(finals[k], finals[k + 4]) for k in range(4)]
+    total = b.fadd(b.fadd(t[0], t[2]), b.fadd(t[1], t[3]))
+    if not signed:
+        total = b.fadd(total, finals[8])  # the mins' float32 sum, added last
+    b.store(total, _ptr(b, out, v8f), align=4)
     b.ret_void()
     return fn
 

@@ -399,7 +399,7 @@ def _mv_q4(x, qs, d, m, has_min, out):
 @njit(**JIT)
 def _rows_q8(qs, d, m, has_min, ids, out):
     """out (len(ids), K) = rows ids of a Q8_0 (or, with has_min, Q5_K) matrix; qs holds int8 as uint8. Also a Q5_0 /
-    Q5_1 row unpacked to one byte per value (kernels/ggml._q5_rows)."""
+    Q5_1 row unpacked to one byte per value (kernels/ggml._unpacked_rows)."""
     for i in range(ids.shape[0]):
         r = ids[i]
         for k in range(out.shape[1]):

@@ -388,3 +388,32 @@ def test_wide_tile_takes_two_activation_rows_a_zmm_vector():
     for name, count in (("vpdpbusd", 8), ("vcvtdq2ps", 8), ("vmulps", 8), ("vfmadd231ps", 8)):
         assert zmm.count(name) == count, (name, loops[0])
     assert not [ins for ins in loops[0] if "(%rsp)" in ins], loops[0]
+
+
+@pytest.mark.parametrize("kind", ["q5_0x8", "q5_1x8", "q4_1x8"])
+def test_x8_decode_tile_reads_8_rows_on_their_side(kind):
+    """The 8-row decode tile of the "x8" form (ggml_simd._define_x8), AVX2 branch: one loop over the blocks; per
+    block the 8 rows' scales in one load and conversion (Q5_1: the d's and m's apart, two), multiplied by d_x in one
+    vmulps, and no broadcast of a scale (the scales are a vector, lane r row r); the 8 lanes' products (8 vpmaddubsw,
+    8 vpmaddwd, 8 conversions, 8 fmas, Q5_1 one more for the mins) on values from four 32-byte loads of nibbles (no
+    vbroadcasti128 and no variable shift: a vpsrlw each) and the fifth bits of one vector shifted by an immediate per
+    lane (7 vpslld, or a vpaddd for the shift by one) and read by 8 vpblendvb; the activation's 4 values of each lane a
+    vpbroadcastd from memory. Q5_0 keeps ggml's sign trick (16 vpsignb). Q4_1: no fifth bits (no shift or blend
+    for them), otherwise as Q5_1."""
+    loops = block_loops(tile_asm(kind, 8, 1))
+    assert len(loops) == 1, [len(body) for body in loops]
+    body = loops[0]
+    names = [ins.split()[0] for ins in body]
+    signed = kind == "q5_0x8"
+    assert fp16_loads(names) == (1 if signed else 2) and names.count("vmulps") == 1, body
+    assert names.count("vpmaddubsw") == 8 and maddwd(names) == 8 and names.count("vcvtdq2ps") == 8, body
+    assert len([n for n in names if n.startswith("vfmadd")]) == (8 if signed else 9), body
+    fifth = kind != "q4_1x8"
+    assert names.count("vpblendvb") == (8 if fifth else 0) and names.count("vpsrlw") == 4, body
+    assert names.count("vpslld") + names.count("vpaddd") == (7 if fifth else 0), body
+    assert not {"vbroadcasti128", "vpsllvd", "vpsrlvd", "vpshufb", "vpermps"} & set(names), body
+    x_loads = [ins for ins in body if ins.startswith("vpbroadcastd") and "(" in ins]
+    scale_splats = [ins for ins in body if ins.startswith("vbroadcastss") or "{1to8}" in ins]  # AVX-512's operand
+    assert len(x_loads) == 8 and len(scale_splats) == (1 if signed else 2), body  # d_x (and s_x) of the block
+    assert names.count("vpsignb") == (16 if signed else 0), body
+    assert not [ins for ins in body if "zmm" in ins], body

@@ -442,6 +442,83 @@ def test_repacked_q4_0_extreme_sums_equal_specification(use_simd):
                 assert same_bits(kernels().quantized_linear(row[None], w, use_simd), ggml.linear(row[None], w))
 
 
+def test_q4_1_x8_form_by_hand(monkeypatch):
+    """Q4_1Weight's "x8" form (the 8-row decode tiles', kernels/ggml_simd._define_x8), byte by byte from its
+    definition: block b of rows 8g .. 8g + 7 the 128 bytes at (g nb + b) 128, byte 32j + 4r + k row r's nibble byte
+    4j + k. One copy either way (nbytes the same); raw_blocks (whole, by rows) and the specification's rows read it
+    without moving it; qs moves it back to rows, the file's bytes; the same in pieces of one group; rows not in
+    groups of 8 refused by name."""
+    from llama_ref.weights import packed
+
+    w = raw_blocks("q4_1", 24, 3, seed=31)
+    raw = w.raw_blocks().reshape(24, 3, 20)
+    dense = w.to_float()
+    rows_qs = np.array(w.qs)
+    nbytes = w.nbytes
+    held = w.x8_form().reshape(3, 3, 128)
+    for g, b, r in np.ndindex(3, 3, 8):
+        for j, k in np.ndindex(4, 4):
+            assert held[g, b, 32 * j + 4 * r + k] == rows_qs[8 * g + r, 16 * b + 4 * j + k]
+    assert w.nbytes == nbytes and w.x8_form() is w.x8_form()
+    assert np.array_equal(w.raw_blocks().reshape(24, 3, 20), raw)
+    assert np.array_equal(w.raw_blocks(np.array([17, 2, 3])).reshape(3, 3, 20), raw[[17, 2, 3]])
+    assert same_bits(w.rows(np.array([[23, 0], [9, 9]])), dense[[[23, 0], [9, 9]]])
+    assert w._x8 is not None  # still held so
+    assert np.array_equal(w.qs, rows_qs) and w._x8 is None and w.nbytes == nbytes
+    monkeypatch.setattr(packed, "BLOCKS_PER_PIECE", 1)
+    assert np.array_equal(w.x8_form(), held.reshape(24, -1)) and np.array_equal(w.qs, rows_qs)
+    with pytest.raises(ValueError, match="groups of 8"):
+        raw_blocks("q4_1", 12, 3, seed=31).x8_form()
+
+
+@pytest.mark.parametrize("use_simd", [0, 1, 2])
+def test_q4_1_x8_products_and_rows_equal_specification(use_simd):
+    """A Q4_1 weight of rows in groups of 8, held in the "x8" form where the host's tiles read it (kernels/ggml.py
+    _held_x8): decode (the 8-row tile) and prefill (rows unpacked from their groups), blocks at the ends of the range
+    by activations of magnitude 127, and the compiled embedding, bit for bit the specification's (on a second weight
+    of the same bytes), the weight still held in the "x8" form after all of them."""
+    for pattern, rows, nb in (("random", 16, 5), ("max", 24, 3), ("min", 8, 2), ("random", 40, 18)):
+        w = raw_blocks("q4_1", rows, nb, seed=rows, pattern=pattern)
+        spec_w = TYPES["q4_1"](w.raw_blocks(), w.shape)
+        assert (kernels()._weight_args(w)[0] == kernels().KIND["q4_1x8"]) == kernels().X8_HOST
+        for n in (1, 2, 5):
+            x = extreme_activations(n, 32 * nb, n) if pattern != "random" else \
+                np.random.default_rng(n).standard_normal((n, 32 * nb)).astype(np.float32)
+            assert same_bits(kernels().quantized_linear(x, w, use_simd), ggml.linear(x, spec_w)), (pattern, n)
+        ids = np.array([[rows - 1, 0], [3, 8 % rows]])
+        assert same_bits(kernels().embedding(ids, w, np.float32), ggml.embedding(ids, spec_w, np.float32))
+        assert (w._x8 is not None) == kernels().X8_HOST
+
+
+def test_unpack_row_q4_1_x8_reads_the_groups():
+    """ggml_simd.unpack_row's UNPACK_Q4_1X8 at kernels/ggml._row_start's addresses (the row's words in its group's
+    blocks, its pair 8 pairs apart): the same bytes and scales as UNPACK_Q4_1 of the row itself."""
+    from numba import njit
+
+    from llama_ref.kernels import ggml_simd
+    from llama_ref.kernels.ggml import _row_start
+
+    @njit
+    def unpack(k, blocks, pairs, form, qs, d, m):
+        w, wd = blocks.ctypes.data, pairs.ctypes.data
+        ws, wds, nb = blocks.shape[1], pairs.shape[1] * pairs.itemsize, pairs.shape[1]
+        for r in range(blocks.shape[0]):
+            src, sc = _row_start(k, w, ws, wd, wds, nb, r)
+            ggml_simd.unpack_row(src, sc, nb, form, qs[r].ctypes.data, d[r].ctypes.data, m[r].ctypes.data)
+
+    from llama_ref.weights.packed import q5_scales_in_order
+
+    for pattern in ("random", "max"):
+        w = raw_blocks("q4_1", 16, 9, seed=8, pattern=pattern)
+        pairs = np.ascontiguousarray(kernels()._scale_pairs(w.d, w.m))
+        want = [np.zeros((16, 9 * 32), np.uint8), np.zeros((16, 9), np.float32), np.zeros((16, 9), np.float32)]
+        got = [np.zeros_like(a) for a in want]
+        unpack(kernels().KIND["q4_1"], np.ascontiguousarray(w.qs), pairs, np.int64(ggml_simd.UNPACK_Q4_1), *want)
+        unpack(kernels().KIND["q4_1x8"], w.x8_form(), q5_scales_in_order(pairs, "x8", "file"),
+               np.int64(ggml_simd.UNPACK_Q4_1X8), *got)
+        assert np.array_equal(got[0], want[0]) and same_bits(got[1], want[1]) and same_bits(got[2], want[2])
+
+
 def test_unpack_row_q4_1_is_one_byte_per_value():
     """ggml_simd.unpack_row's UNPACK_Q4_1 (a prefill's Q4_1, for Q5_1's byte tiles): a row of nibbles and fp16
     pairs (_scale_pairs) -> the values 0..15 one byte each, in value order (a block's low nibbles, then its high
@@ -533,7 +610,7 @@ def test_simd_path_is_vpdpbusd_where_the_cpu_has_it():
 
 
 @pytest.mark.parametrize("tile", ["_q8_RA", "_q8_R1", "_q4_0_R1", "_q4_0r_R1", "_q4_1_R1", "_q5_1_11", "_q5_0_11",
-                                  "_q5_1_R1", "_q5_0_R1", "_q5_1x_RA"])
+                                  "_q5_1_R1", "_q5_0_R1", "_q5_1x_RA", "_q5_1x8_R1", "_q5_0x8_R1", "_q4_1x8_R1"])
 def test_avx2_path_is_vpmaddubsw(tile):
     """On an AVX2 CPU, use_simd=2 (and, without VNNI, the default 1) builds the tile's integers from
     vpmaddubsw + vpmaddwd, as llama.cpp does, and not from 32-bit multiplies (vpmulld, vpmovsxbd: the

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 from llama_ref.model import ggml
-from llama_ref.weights.packed import Q5_BIT_ORDERS, Q5_0Weight, Q5_1Weight, q5_bits_in_order
+from llama_ref.weights import packed
+from llama_ref.weights.packed import Q5_BIT_ORDERS, Q5_0Weight, Q5_1Weight, q5_bits_in_order, q5_scales_in_order
 from test_ggml_kernels import extreme_activations, raw_blocks, same_bits
 
 TYPES = {"q5_0": Q5_0Weight, "q5_1": Q5_1Weight}
@@ -92,9 +93,69 @@ def test_shifted_fifth_bits_put_each_values_bit_at_its_bytes_top():
     bits = np.unpackbits(blocks[..., :4], axis=-1, bitorder="little")  # (3, 7, 32): bit v of the file's word
     assert np.array_equal(top.reshape(3, 7, 32), bits)
     assert np.array_equal(q5_bits_in_order(shifted, "file", "shifted"), blocks)
-    assert np.array_equal(q5_bits_in_order(blocks, "file"), blocks) and Q5_BIT_ORDERS == ("file", "shifted")
+    assert np.array_equal(q5_bits_in_order(blocks, "file"), blocks) and Q5_BIT_ORDERS == ("file", "shifted", "x8")
     with pytest.raises(ValueError, match="'spread'"):
         q5_bits_in_order(blocks, "spread")
+
+
+def test_x8_form_by_hand(monkeypatch):
+    """Q5_BIT_ORDERS "x8" as the 8-row decode tiles read it (ggml_simd._define_x8), byte by byte from its
+    definition: block b of rows 8g .. 8g + 7 is the 160 bytes at (g nb + b) 160, byte 32j + 4r + k row r's nibble
+    byte 4j + k, then row r's "shifted" word at 128 + 4r; the 8 rows' scales of a block side by side; back to the
+    file's bytes and to "shifted"; the same in pieces of one group; rows not in groups of 8 refused by name."""
+    rng = np.random.default_rng(7)
+    rows, nb = 16, 3
+    blocks = rng.integers(0, 256, (rows, nb * 20), dtype=np.uint8)
+    x8 = q5_bits_in_order(blocks, "x8")
+    shifted = q5_bits_in_order(blocks, "shifted").reshape(rows, nb, 20)
+    held = x8.reshape(rows // 8, nb, 160)
+    for g, b, r in np.ndindex(rows // 8, nb, 8):
+        for j, k in np.ndindex(4, 4):
+            assert held[g, b, 32 * j + 4 * r + k] == shifted[8 * g + r, b, 4 + 4 * j + k]
+        assert np.array_equal(held[g, b, 128 + 4 * r:132 + 4 * r], shifted[8 * g + r, b, :4])
+    assert np.array_equal(q5_bits_in_order(x8, "file", "x8"), blocks)
+    assert np.array_equal(q5_bits_in_order(x8, "shifted", "x8"), shifted.reshape(rows, -1))
+    scales = rng.integers(0, 1 << 16, (rows, nb), dtype=np.uint16)
+    side = q5_scales_in_order(scales, "x8", "file").reshape(rows // 8, nb, 8)
+    for g, b, r in np.ndindex(rows // 8, nb, 8):
+        assert side[g, b, r] == scales[8 * g + r, b]
+    assert np.array_equal(q5_scales_in_order(side.reshape(rows, nb), "file", "x8"), scales)
+    assert q5_scales_in_order(scales, "shifted", "file") is scales  # rows stay where they are
+    monkeypatch.setattr(packed, "BLOCKS_PER_PIECE", 1)
+    assert np.array_equal(q5_bits_in_order(blocks, "x8"), x8)
+    assert np.array_equal(q5_bits_in_order(x8, "file", "x8"), blocks)
+    with pytest.raises(ValueError, match="groups of 8"):
+        q5_bits_in_order(blocks[:12], "x8")
+
+
+@pytest.mark.parametrize("kind", sorted(TYPES))
+def test_weight_held_x8_keeps_the_files_values(kind):
+    """A weight whose blocks are held in the "x8" form (what the kernels ask for where the tiles read "shifted" bits
+    and the rows come in groups of 8; any host can ask): one copy, the file's bytes (raw_blocks, whole and by rows),
+    rows, the file's form back on asking, and exact mode's values made from it. The kernels read exactly the arrays
+    held, and on an AVX2 host without GFNI a 16-row weight is held so (its 8-row tiles' KIND)."""
+    cls = TYPES[kind]
+    w = raw_blocks(kind, 24, 5, seed=10)
+    raw = w.raw_blocks().reshape(24, 5, cls.type_size)
+    dense = gguf.quants.dequantize(raw.reshape(24, -1), gguf.GGMLQuantizationType[cls.ggml_type]).reshape(24, 160)
+    blocks, scales = (a.copy() for a in w.file_form())
+    held, side = w.file_form("x8")
+    assert np.array_equal(held, q5_bits_in_order(blocks, "x8"))
+    assert np.array_equal(side, q5_scales_in_order(scales, "x8", "file")) and w.nbytes == 24 * 5 * cls.type_size
+    assert np.array_equal(w.raw_blocks().reshape(24, 5, -1), raw)
+    assert np.array_equal(w.raw_blocks(np.array([17, 2, 3])).reshape(3, 5, -1), raw[[17, 2, 3]])
+    assert same_bits(w.rows(np.array([[23, 0], [9, 9]])), dense[[[23, 0], [9, 9]]])
+    back, back_scales = w.file_form()
+    assert np.array_equal(back, blocks) and np.array_equal(back_scales, scales)
+    w.file_form("x8")
+    assert same_bits(w.to_float(), dense)  # exact mode's form, unpacked from the x8 blocks
+    assert np.array_equal(w.qs.reshape(24, 5, 32), (raw_values(raw[:, :, 2 * len(cls.fields):])
+                                                    - (16 if kind == "q5_0" else 0)).astype(np.uint8))
+    w = raw_blocks(kind, 16, 2, seed=11)
+    k, qs, d, _ = kernels()._weight_args(w)
+    order = "x8" if kernels().simd.Q5_BIT_ORDER == "shifted" else kernels().simd.Q5_BIT_ORDER
+    held, side = w.file_form(order)
+    assert qs is held and d is side and (k == kernels().KIND[kind + "x8"]) == (order == "x8")
 
 
 @pytest.mark.parametrize("kind", sorted(TYPES))
@@ -121,12 +182,13 @@ def test_weight_held_shifted_keeps_the_files_values(kind):
 
 @pytest.mark.parametrize("kind", sorted(TYPES))
 def test_compiled_embedding_reads_the_held_blocks(kind):
-    """kernels/ggml.embedding of a Q5 table (_q5_rows): the specification's rows bit for bit, any id shape, from the
-    blocks ggml mode holds (the exact form never made), extreme blocks too; another dtype keeps the specification's."""
-    for pattern in ("random", "min", "max"):
-        w = raw_blocks(kind, 11, 6, seed=9, pattern=pattern)
+    """kernels/ggml.embedding of a Q5 table (_unpacked_rows): the specification's rows bit for bit, any id shape,
+    from the blocks ggml mode holds (the exact form never made), extreme blocks too; another dtype keeps the
+    specification's."""
+    for pattern, rows in (("random", 11), ("min", 11), ("max", 11), ("random", 16), ("max", 24)):  # 16, 24: "x8"
+        w = raw_blocks(kind, rows, 6, seed=9, pattern=pattern)
         spec_w = TYPES[kind](w.raw_blocks(), w.shape)
-        for ids in (np.array([4]), np.array([[3, 0, 10], [7, 7, 1]])):
+        for ids in (np.array([4]), np.array([[3, 0, 10], [7, 7, 1]]), np.array([rows - 1, 8 % rows])):
             got = kernels().embedding(ids, w, np.float32)
             assert got.shape == ids.shape + (192,) and same_bits(got, ggml.embedding(ids, spec_w, np.float32))
         assert w._exact is None
@@ -159,12 +221,44 @@ def test_unpack_row_is_one_byte_per_value(kind):
 
 
 @pytest.mark.parametrize("kind", sorted(TYPES))
+def test_unpack_row_reads_the_x8_form(kind):
+    """ggml_simd.unpack_row of a row in the "x8" form (UNPACK_Q5_0X8 / UNPACK_Q5_1X8, at kernels/ggml._row_start's
+    addresses: the row's words in its group's blocks) -> the same bytes and scales as the row itself, on any host."""
+    from numba import njit
+
+    from llama_ref.kernels import ggml_simd
+    from llama_ref.kernels.ggml import _row_start
+
+    @njit
+    def unpack(k, blocks, scales, form, qs, d, m):
+        w, wd = blocks.ctypes.data, scales.ctypes.data
+        ws, wds, nb = blocks.shape[1], scales.shape[1] * scales.itemsize, scales.shape[1]
+        for r in range(blocks.shape[0]):
+            src, sc = _row_start(k, w, ws, wd, wds, nb, r)
+            ggml_simd.unpack_row(src, sc, nb, form, qs[r].ctypes.data, d[r].ctypes.data, m[r].ctypes.data)
+
+    signed = kind == "q5_0"
+    for pattern in ("random", "min", "max"):
+        w = raw_blocks(kind, 16, 9, seed=12, pattern=pattern)
+        blocks, scales = w.file_form("x8")
+        qs = np.zeros((16, 9 * 32), np.uint8)
+        d, m = np.zeros((16, 9), np.float32), np.zeros((16, 9), np.float32)
+        unpack(kernels().KIND[kind + "x8"], blocks, scales,
+               ggml_simd.UNPACK_Q5_0X8 if signed else ggml_simd.UNPACK_Q5_1X8, qs, d, m)
+        if ggml_simd.Q5_BIT_ORDER != "shifted":  # the x8 form's bits are "shifted": only such a host reads them
+            continue
+        assert np.array_equal(qs, w.qs) and same_bits(d, w.d)
+        assert same_bits(m, w.m) if not signed else not m.any()
+
+
+@pytest.mark.parametrize("kind", sorted(TYPES))
 @pytest.mark.parametrize("use_simd", [0, 1, 2, 3])  # 3: the 512-bit prefill tiles
 def test_products_on_the_files_form_equal_specification(kind, use_simd, monkeypatch):
     """Decode (one row, on the calling thread and in parallel) and prefill (activation rows in ACTS and not, row
     tiles of ROWS and not) from the file's form, blocks at the ends of the range by activations of magnitude 127, bit
     for bit the specification's. The specification runs first on a second weight of the same bytes, so the kernels'
-    weight keeps only the file's form throughout."""
+    weight keeps only the file's form throughout. Where this host's tiles read "shifted" bits, the weights of 16 and
+    40 rows are held in the "x8" form and run the 8-row decode tiles."""
     import numba
 
     from llama_ref.kernels import ggml_ops
@@ -174,6 +268,8 @@ def test_products_on_the_files_form_equal_specification(kind, use_simd, monkeypa
         for pattern, rows, nb in (("random", 37, 5), ("max", 16, 3), ("min", 13, 2), ("random", 40, 48)):
             w = raw_blocks(kind, rows, nb, seed=rows, pattern=pattern)
             spec_w = TYPES[kind](w.raw_blocks(), w.shape)
+            x8 = kernels()._weight_args(w)[0] in kernels().X8
+            assert x8 == (rows % 8 == 0 and kernels().simd.Q5_BIT_ORDER == "shifted"), (rows, x8)
             for n in (1, 2, 5, 9):
                 x = extreme_activations(n, 32 * nb, n) if pattern != "random" else \
                     np.random.default_rng(n).standard_normal((n, 32 * nb)).astype(np.float32)
@@ -199,8 +295,9 @@ from llama_ref.kernels import ggml as k
 from llama_ref.model import ggml
 from llama_ref.weights.packed import Q5_0Weight, Q5_1Weight
 assert k.SIMD == 0
-for kind, cls in (("q5_0", Q5_0Weight), ("q5_1", Q5_1Weight)):
-    w = raw_blocks(kind, 21, 4, seed=2)
+for kind, cls, rows in (("q5_0", Q5_0Weight, 21), ("q5_1", Q5_1Weight, 21), ("q5_0", Q5_0Weight, 24),
+                        ("q5_1", Q5_1Weight, 24)):  # 24 rows: the "x8" form where the host reads "shifted" bits
+    w = raw_blocks(kind, rows, 4, seed=2)
     s = cls(w.raw_blocks(), w.shape)
     for n in (1, 6):
         x = np.random.default_rng(n).standard_normal((n, 128)).astype(np.float32)

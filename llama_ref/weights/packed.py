@@ -231,8 +231,43 @@ class Q4_0Weight(GGUFBlockWeight):
 
 
 class Q4_1Weight(GGUFBlockWeight):
+    """Q4_1: fp16 d, m | 16 bytes of nibbles; value j = d * q + m. The nibbles are held row by row (qs, as exact mode
+    and the specification read them), or for arithmetic="ggml"'s 8-row decode tiles (kernels/ggml_simd._define_x8)
+    in the "x8" form (x8_form(); the rows in groups of 8): block b of rows 8g .. 8g + 7 is the 128 bytes at
+    (g nb + b) 128, 4 vectors of 32 bytes, byte 32j + 4r + k row r's nibble byte 4j + k (its values 4j + k and
+    16 + 4j + k). One copy: asking for qs (or x8_form()) moves the nibbles held into that form; raw_blocks() reads
+    either without moving them."""
     format, ggml_type, block_size, type_size, bits_per_weight = "q4_1", "Q4_1", 32, 20, 5.0
     fields = ("d", "m")
+    _x8 = None  # the nibbles in the "x8" form while they are held so (then _row_qs is None)
+
+    def _row_nibbles(self):
+        if self._x8 is not None:  # back to rows: the x8 form let go (what a kernel holds of it stays its)
+            self._row_qs, self._x8 = _readonly(_x8_nibbles(self._x8, False)), None
+        return self._row_qs
+
+    def _hold_rows(self, value):
+        self._row_qs, self._x8 = value, None
+
+    qs = property(_row_nibbles, _hold_rows, doc="(rows, nb * 16) uint8: each row's nibbles, the file's bytes")
+    data = property(lambda self: self._row_qs if self._x8 is None else self._x8, _hold_rows)
+
+    def x8_form(self) -> np.ndarray:
+        """The nibbles (rows, nb * 16) in the "x8" form (see the class), held so from now on."""
+        if self._x8 is None:
+            self._x8, self._row_qs = _readonly(_x8_nibbles(self._row_qs, True)), None
+        return self._x8
+
+    def raw_blocks(self, ids=None) -> np.ndarray:
+        if self._x8 is None:
+            return super().raw_blocks(ids)
+        rows = np.arange(self.shape[0])[slice(None) if ids is None else ids].reshape(-1)
+        groups = np.unique(rows // 8)  # only the groups of 8 rows that hold them come out of "x8"
+        qs = _x8_nibbles(self._x8.reshape(-1, 8, self._x8.shape[1])[groups].reshape(8 * groups.size, -1), False)
+        qs = qs[8 * np.searchsorted(groups, rows // 8) + rows % 8]
+        parts = [getattr(self, name)[rows].astype(np.float16)[:, :, None].view(np.uint8) for name in self.fields]
+        parts.append(qs.reshape(rows.size, -1, 16))
+        return np.concatenate(parts, axis=2).reshape(rows.size, -1)
 
     def kernel_args(self):
         return self.qs, self.d, self.m, True  # (qs, d, m, has_min)
@@ -251,7 +286,12 @@ BLOCKS_PER_PIECE = 1 << 14  # blocks unpacked at a time on load (Q5_0 / Q5_1): 5
 # copied into 8 lanes of 32 bits, lane j shifted left by j (one AVX2 vpsllvd), has each value's bit at the top of that
 # value's byte, where one vpblendvb reads it (kernels/ggml_simd.q5_values; llama.cpp's bytes_from_bits_32 takes a
 # vpshufb, an and, a compare and an andnot). The same 32 bits in another order: the same 4 bytes a block.
-Q5_BIT_ORDERS = ("file", "shifted")
+# "x8" (a weight whose rows come in groups of 8): the "shifted" bits, and each 8 rows' blocks side by side, as the AVX2
+# 8-row decode tiles read them (kernels/ggml_simd._define_x8): block b of rows 8g .. 8g + 7 is the 160 bytes at
+# (g nb + b) 160 (so rows 8g .. still start at byte 8g nb 20), 4 vectors of 32 bytes of nibbles (byte 32j + 4r + k is
+# row r's nibble byte 4j + k: its values 4j + k and 16 + 4j + k), then the 8 rows' words of fifth bits. The 8 rows'
+# scales of block b side by side too (q5_scales_in_order). The same bytes, moved.
+Q5_BIT_ORDERS = ("file", "shifted", "x8")
 _SHIFTED_AT = np.array([8 * (v % 4) + 7 - v // 4 for v in range(32)])  # value v's bit -> its place in "shifted"
 
 
@@ -265,11 +305,75 @@ def _bit_tables(dest: np.ndarray) -> np.ndarray:
 _TO_SHIFTED, _TO_FILE = _bit_tables(_SHIFTED_AT), _bit_tables(np.argsort(_SHIFTED_AT))
 
 
+def _x8_groups(a: np.ndarray, per_row: int) -> int:
+    """Groups of 8 rows of a (rows, ...) array of per_row bytes a row, taken at a time: ~BLOCKS_PER_PIECE blocks."""
+    if a.ndim != 2 or a.shape[0] % 8:
+        raise ValueError(f"the form 'x8' needs (rows, blocks) with rows in groups of 8, not {a.shape}")
+    return max(1, BLOCKS_PER_PIECE * 20 // (8 * per_row))
+
+
+def _x8_nibbles(qs: np.ndarray, into: bool) -> np.ndarray:
+    """Q4_1's nibbles (rows, nb * 16), rows in groups of 8, into (True) or out of (False) the "x8" form (Q4_1Weight).
+    In pieces of ~BLOCKS_PER_PIECE blocks."""
+    rows, width = qs.shape
+    nb, at = width // 16, _x8_groups(qs, width)
+    out = np.empty_like(qs)
+    src, dst = qs.reshape(rows // 8, 8 * width), out.reshape(rows // 8, 8 * width)  # one row per group
+    for g in range(0, rows // 8, at):
+        piece = src[g:g + at]
+        n = piece.shape[0]
+        if into:  # (n, 8 r, nb, 4 j, 4 k) -> (n, nb, 4 j, 8 r, 4 k)
+            dst[g:g + n] = piece.reshape(n, 8, nb, 4, 4).transpose(0, 2, 3, 1, 4).reshape(n, -1)
+        else:
+            dst[g:g + n] = piece.reshape(n, nb, 4, 8, 4).transpose(0, 3, 1, 2, 4).reshape(n, -1)
+    return out
+
+
+def _x8_blocks(blocks: np.ndarray, into: bool) -> np.ndarray:
+    """Q5 blocks (rows, nb * 20) without their header, rows in groups of 8: into (True) or out of (False) the "x8"
+    form (Q5_BIT_ORDERS), the bits "shifted" either way. In pieces of ~BLOCKS_PER_PIECE blocks."""
+    rows, width = blocks.shape
+    nb, at = width // 20, _x8_groups(blocks, width)
+    out = np.empty_like(blocks)
+    src, dst = blocks.reshape(rows // 8, 8 * width), out.reshape(rows // 8, 8 * width)  # one row per group
+    for g in range(0, rows // 8, at):
+        piece = src[g:g + at]
+        n = piece.shape[0]
+        if into:  # (n, 8 r, nb, 20) -> (n, nb, [4 j, 8 r, 4 k] nibbles | [8 r, 4] fifth bits)
+            p = piece.reshape(n, 8, nb, 20)
+            nib = p[..., 4:].reshape(n, 8, nb, 4, 4).transpose(0, 2, 3, 1, 4).reshape(n, nb, 128)
+            dst[g:g + n] = np.concatenate([nib, p[..., :4].transpose(0, 2, 1, 3).reshape(n, nb, 32)], 2).reshape(n, -1)
+        else:
+            p = piece.reshape(n, nb, 160)
+            nib = p[..., :128].reshape(n, nb, 4, 8, 4).transpose(0, 3, 1, 2, 4).reshape(n, 8, nb, 16)
+            head = p[..., 128:].reshape(n, nb, 8, 4).transpose(0, 2, 1, 3)  # (n, 8, nb, 4)
+            dst[g:g + n] = np.concatenate([head, nib], 3).reshape(n, -1)
+    return out
+
+
+def q5_scales_in_order(scales: np.ndarray, order: str, was: str) -> np.ndarray:
+    """A Q5 weight's scales (rows, nb) (fp16 bits, or fp16 pairs as uint32) as the blocks in `order` want them (a
+    copy where they move; else scales itself): "x8" has the 8 scales of rows 8g .. 8g + 7 of block b side by side,
+    (rows / 8, nb, 8) viewed as (rows, nb); the other orders row by row."""
+    if (order == "x8") == (was == "x8"):
+        return scales
+    rows, nb = scales.shape
+    _x8_groups(scales, nb)
+    if order == "x8":
+        return np.ascontiguousarray(scales.reshape(rows // 8, 8, nb).transpose(0, 2, 1)).reshape(rows, nb)
+    return np.ascontiguousarray(scales.reshape(rows // 8, nb, 8).transpose(0, 2, 1)).reshape(rows, nb)
+
+
 def q5_bits_in_order(blocks: np.ndarray, order: str, was: str = "file") -> np.ndarray:
     """Q5 blocks without their header (..., 20) uint8 (fifth bits, then nibbles), fifth bits held in order `was` ->
-    a copy with them in `order` (Q5_BIT_ORDERS); the nibbles as they were. In pieces of BLOCKS_PER_PIECE blocks."""
+    a copy with them in `order` (Q5_BIT_ORDERS); the nibbles as they were. In pieces of BLOCKS_PER_PIECE blocks.
+    "x8" (from or to) takes (rows, nb * 20) with rows in groups of 8 and moves the nibbles too."""
     if order not in Q5_BIT_ORDERS or was not in Q5_BIT_ORDERS:
         raise ValueError(f"Q5 fifth-bit order must be one of {Q5_BIT_ORDERS}, not {order!r} / {was!r}")
+    if order == "x8" and was != "x8":
+        return _x8_blocks(q5_bits_in_order(blocks, "shifted", was), True)
+    if was == "x8" and order != "x8":
+        return q5_bits_in_order(_x8_blocks(blocks, False), order, "shifted")
     out = np.array(blocks, copy=True)
     if order == was:
         return out
@@ -292,7 +396,8 @@ class _Q5Weight(GGUFBlockWeight):
       nb), its fp16 d as uint16 bits (Q5_0) or its fp16 pair d | m << 16 as uint32 (Q5_1), the block's first bytes
       read little-endian). 22 / 24 bytes a block, as the file; arithmetic="ggml"'s kernels read these (kernels/
       ggml.py _weight_args), as llama.cpp does. file_form(order) gives qh's bits in another order
-      (Q5_BIT_ORDERS: the AVX2 tiles read "shifted"): the blocks held are then replaced by that order's, still one copy.
+      (Q5_BIT_ORDERS: the AVX2 tiles read "shifted"), or "x8", each 8 rows' blocks (and scales) side by side for
+      the 8-row decode tiles: the blocks held are then replaced by that order's, still one copy.
     - exact mode's: `qs` one byte per value in value order (Q5_0: the int8 bytes of q - 16; Q5_1: q), read as the Q8
       kernels read Q8_0 (Q5_0) or Q5_K (Q5_1), and float32 `d` (and `m`): 36 / 40 bytes a block, the price of
       reading 5-bit values without shuffling bits there. Made on first use (qs, d, m, kernel_args(), data), and the
@@ -325,17 +430,30 @@ class _Q5Weight(GGUFBlockWeight):
         if self._blocks is None:
             self._hold_file_form(self.raw_blocks().reshape(self.shape[0], -1, self.type_size))
         if order != self._order:
-            self._blocks, self._order = _readonly(q5_bits_in_order(self._blocks, order, self._order)), order
+            blocks = _readonly(q5_bits_in_order(self._blocks, order, self._order))
+            if "x8" in (order, self._order):  # the scales move with the rows
+                self._scales16 = _readonly(q5_scales_in_order(self._scales16, order, self._order))
+            self._blocks, self._order = blocks, order
         return self._blocks, self._scales16
 
-    def _file_blocks(self, sel=slice(None)) -> np.ndarray:
-        """The blocks held, rows sel, with their fifth bits in the file's order."""
-        blocks = self._blocks[sel]
-        return blocks if self._order == "file" else q5_bits_in_order(blocks, "file", self._order)
+    def _file_blocks(self, sel=slice(None)) -> tuple:
+        """(blocks, scales) held, rows sel, as the file has them (the fifth bits in its order, row by row)."""
+        if self._order != "x8":
+            blocks = self._blocks[sel]
+            return (blocks if self._order == "file" else q5_bits_in_order(blocks, "file", self._order),
+                    self._scales16[sel])
+        rows = np.arange(self.shape[0])[sel].reshape(-1)  # only the groups of 8 rows that hold them come out of "x8"
+        groups = np.unique(rows // 8)
+        blocks = self._blocks.reshape(-1, 8, self._blocks.shape[1])[groups].reshape(8 * groups.size, -1)
+        scales = self._scales16.reshape(-1, 8, self._scales16.shape[1])[groups].reshape(8 * groups.size, -1)
+        at = 8 * np.searchsorted(groups, rows // 8) + rows % 8
+        return (q5_bits_in_order(blocks, "file", "x8")[at], q5_scales_in_order(scales, "file", "x8")[at])
 
     def _unpacked(self) -> tuple:
         """(qs, d, m or None): exact mode's form, made from the file's on first use, which is then let go."""
         if self._exact is None:
+            if self._order == "x8":
+                self.file_form("shifted")  # row by row again
             rows, cols = self.shape
             nb, h = cols // 32, 2 * len(self.fields)
             head = self._scales16.reshape(rows, nb, 1).view(np.uint8)  # (rows, nb, h): the file's fp16 fields
@@ -375,9 +493,9 @@ class _Q5Weight(GGUFBlockWeight):
         sel = slice(None) if ids is None else ids
         h = 2 * len(self.fields)
         if self._blocks is not None:  # the file's form: its bytes as they are
-            blocks = self._file_blocks(sel)
+            blocks, scales = self._file_blocks(sel)
             n = blocks.shape[0]
-            head = self._scales16[sel].reshape(n, -1, 1).view(np.uint8)  # (n, nb, h)
+            head = scales.reshape(n, -1, 1).view(np.uint8)  # (n, nb, h)
             return np.concatenate([head, blocks.reshape(n, -1, 20)], axis=2).reshape(n, -1)
         qs = self.qs[sel]
         n, nb = qs.shape[0], self.shape[1] // 32

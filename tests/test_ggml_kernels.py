@@ -493,30 +493,42 @@ def test_q4_1_x8_products_and_rows_equal_specification(use_simd):
 def test_unpack_row_q4_1_x8_reads_the_groups():
     """ggml_simd.unpack_row's UNPACK_Q4_1X8 at kernels/ggml._row_start's addresses (the row's words in its group's
     blocks, its pair 8 pairs apart): the same bytes and scales as UNPACK_Q4_1 of the row itself."""
+    from llama_ref.kernels import ggml_simd
+    from llama_ref.weights.packed import q5_scales_in_order
+
+    for pattern in ("random", "max"):
+        w = raw_blocks("q4_1", 16, 9, seed=8, pattern=pattern)
+        pairs = np.ascontiguousarray(kernels()._scale_pairs(w.d, w.m))
+        want = unpacked_rows("q4_1", np.ascontiguousarray(w.qs), pairs, ggml_simd.UNPACK_Q4_1)
+        got = unpacked_rows("q4_1x8", w.x8_form(), q5_scales_in_order(pairs, "x8", "file"), ggml_simd.UNPACK_Q4_1X8)
+        assert np.array_equal(got[0], want[0]) and same_bits(got[1], want[1]) and same_bits(got[2], want[2])
+
+
+@functools.cache
+def _unpack_rows_at():
     from numba import njit
 
     from llama_ref.kernels import ggml_simd
     from llama_ref.kernels.ggml import _row_start
 
     @njit
-    def unpack(k, blocks, pairs, form, qs, d, m):
-        w, wd = blocks.ctypes.data, pairs.ctypes.data
-        ws, wds, nb = blocks.shape[1], pairs.shape[1] * pairs.itemsize, pairs.shape[1]
+    def unpack(k, blocks, scales, form, qs, d, m):
+        w, wd = blocks.ctypes.data, scales.ctypes.data
+        ws, wds, nb = blocks.shape[1], scales.shape[1] * scales.itemsize, scales.shape[1]
         for r in range(blocks.shape[0]):
             src, sc = _row_start(k, w, ws, wd, wds, nb, r)
             ggml_simd.unpack_row(src, sc, nb, form, qs[r].ctypes.data, d[r].ctypes.data, m[r].ctypes.data)
+    return unpack
 
-    from llama_ref.weights.packed import q5_scales_in_order
 
-    for pattern in ("random", "max"):
-        w = raw_blocks("q4_1", 16, 9, seed=8, pattern=pattern)
-        pairs = np.ascontiguousarray(kernels()._scale_pairs(w.d, w.m))
-        want = [np.zeros((16, 9 * 32), np.uint8), np.zeros((16, 9), np.float32), np.zeros((16, 9), np.float32)]
-        got = [np.zeros_like(a) for a in want]
-        unpack(kernels().KIND["q4_1"], np.ascontiguousarray(w.qs), pairs, np.int64(ggml_simd.UNPACK_Q4_1), *want)
-        unpack(kernels().KIND["q4_1x8"], w.x8_form(), q5_scales_in_order(pairs, "x8", "file"),
-               np.int64(ggml_simd.UNPACK_Q4_1X8), *got)
-        assert np.array_equal(got[0], want[0]) and same_bits(got[1], want[1]) and same_bits(got[2], want[2])
+def unpacked_rows(kind, blocks, scales, form):
+    """ggml_simd.unpack_row of every row of a weight's arrays as kernels/ggml.py holds them for `kind` (a KIND name),
+    at _row_start's addresses (a row of its own, or its words in its group of 8: the "x8" forms) -> (qs one byte per
+    value, d, m float32)."""
+    rows, nb = scales.shape
+    out = (np.zeros((rows, nb * 32), np.uint8), np.zeros((rows, nb), np.float32), np.zeros((rows, nb), np.float32))
+    _unpack_rows_at()(kernels().KIND[kind], blocks, scales, np.int64(form), *out)
+    return out
 
 
 def test_unpack_row_q4_1_is_one_byte_per_value():

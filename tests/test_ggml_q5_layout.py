@@ -18,7 +18,7 @@ import pytest
 from llama_ref.model import ggml
 from llama_ref.weights import packed
 from llama_ref.weights.packed import Q5_BIT_ORDERS, Q5_0Weight, Q5_1Weight, q5_bits_in_order, q5_scales_in_order
-from test_ggml_kernels import extreme_activations, raw_blocks, same_bits
+from test_ggml_kernels import extreme_activations, raw_blocks, same_bits, unpacked_rows
 
 TYPES = {"q5_0": Q5_0Weight, "q5_1": Q5_1Weight}
 
@@ -224,27 +224,14 @@ def test_unpack_row_is_one_byte_per_value(kind):
 def test_unpack_row_reads_the_x8_form(kind):
     """ggml_simd.unpack_row of a row in the "x8" form (UNPACK_Q5_0X8 / UNPACK_Q5_1X8, at kernels/ggml._row_start's
     addresses: the row's words in its group's blocks) -> the same bytes and scales as the row itself, on any host."""
-    from numba import njit
-
     from llama_ref.kernels import ggml_simd
-    from llama_ref.kernels.ggml import _row_start
-
-    @njit
-    def unpack(k, blocks, scales, form, qs, d, m):
-        w, wd = blocks.ctypes.data, scales.ctypes.data
-        ws, wds, nb = blocks.shape[1], scales.shape[1] * scales.itemsize, scales.shape[1]
-        for r in range(blocks.shape[0]):
-            src, sc = _row_start(k, w, ws, wd, wds, nb, r)
-            ggml_simd.unpack_row(src, sc, nb, form, qs[r].ctypes.data, d[r].ctypes.data, m[r].ctypes.data)
 
     signed = kind == "q5_0"
     for pattern in ("random", "min", "max"):
         w = raw_blocks(kind, 16, 9, seed=12, pattern=pattern)
         blocks, scales = w.file_form("x8")
-        qs = np.zeros((16, 9 * 32), np.uint8)
-        d, m = np.zeros((16, 9), np.float32), np.zeros((16, 9), np.float32)
-        unpack(kernels().KIND[kind + "x8"], blocks, scales,
-               ggml_simd.UNPACK_Q5_0X8 if signed else ggml_simd.UNPACK_Q5_1X8, qs, d, m)
+        qs, d, m = unpacked_rows(kind + "x8", blocks, scales,
+                                 ggml_simd.UNPACK_Q5_0X8 if signed else ggml_simd.UNPACK_Q5_1X8)
         if ggml_simd.Q5_BIT_ORDER != "shifted":  # the x8 form's bits are "shifted": only such a host reads them
             continue
         assert np.array_equal(qs, w.qs) and same_bits(d, w.d)

@@ -243,7 +243,7 @@ class Q4_1Weight(GGUFBlockWeight):
 
     def _row_nibbles(self):
         if self._x8 is not None:  # back to rows: the x8 form let go (what a kernel holds of it stays its)
-            self._row_qs, self._x8 = _readonly(_x8_nibbles(self._x8, False)), None
+            self._row_qs, self._x8 = _readonly(_x8_rows(self._x8, 0, False)), None
         return self._row_qs
 
     def _hold_rows(self, value):
@@ -255,7 +255,7 @@ class Q4_1Weight(GGUFBlockWeight):
     def x8_form(self) -> np.ndarray:
         """The nibbles (rows, nb * 16) in the "x8" form (see the class), held so from now on."""
         if self._x8 is None:
-            self._x8, self._row_qs = _readonly(_x8_nibbles(self._row_qs, True)), None
+            self._x8, self._row_qs = _readonly(_x8_rows(self._row_qs, 0, True)), None
         return self._x8
 
     def raw_blocks(self, ids=None) -> np.ndarray:
@@ -263,7 +263,7 @@ class Q4_1Weight(GGUFBlockWeight):
             return super().raw_blocks(ids)
         rows = np.arange(self.shape[0])[slice(None) if ids is None else ids].reshape(-1)
         groups = np.unique(rows // 8)  # only the groups of 8 rows that hold them come out of "x8"
-        qs = _x8_nibbles(self._x8.reshape(-1, 8, self._x8.shape[1])[groups].reshape(8 * groups.size, -1), False)
+        qs = _x8_rows(self._x8.reshape(-1, 8, self._x8.shape[1])[groups].reshape(8 * groups.size, -1), 0, False)
         qs = qs[8 * np.searchsorted(groups, rows // 8) + rows % 8]
         parts = [getattr(self, name)[rows].astype(np.float16)[:, :, None].view(np.uint8) for name in self.fields]
         parts.append(qs.reshape(rows.size, -1, 16))
@@ -312,42 +312,27 @@ def _x8_groups(a: np.ndarray, per_row: int) -> int:
     return max(1, BLOCKS_PER_PIECE * 20 // (8 * per_row))
 
 
-def _x8_nibbles(qs: np.ndarray, into: bool) -> np.ndarray:
-    """Q4_1's nibbles (rows, nb * 16), rows in groups of 8, into (True) or out of (False) the "x8" form (Q4_1Weight).
-    In pieces of ~BLOCKS_PER_PIECE blocks."""
-    rows, width = qs.shape
-    nb, at = width // 16, _x8_groups(qs, width)
-    out = np.empty_like(qs)
-    src, dst = qs.reshape(rows // 8, 8 * width), out.reshape(rows // 8, 8 * width)  # one row per group
-    for g in range(0, rows // 8, at):
-        piece = src[g:g + at]
-        n = piece.shape[0]
-        if into:  # (n, 8 r, nb, 4 j, 4 k) -> (n, nb, 4 j, 8 r, 4 k)
-            dst[g:g + n] = piece.reshape(n, 8, nb, 4, 4).transpose(0, 2, 3, 1, 4).reshape(n, -1)
-        else:
-            dst[g:g + n] = piece.reshape(n, nb, 4, 8, 4).transpose(0, 3, 1, 2, 4).reshape(n, -1)
-    return out
-
-
-def _x8_blocks(blocks: np.ndarray, into: bool) -> np.ndarray:
-    """Q5 blocks (rows, nb * 20) without their header, rows in groups of 8: into (True) or out of (False) the "x8"
-    form (Q5_BIT_ORDERS), the bits "shifted" either way. In pieces of ~BLOCKS_PER_PIECE blocks."""
+def _x8_rows(blocks: np.ndarray, head: int, into: bool) -> np.ndarray:
+    """Blocks (rows, nb * (head + 16)) of `head` bytes of fifth bits (Q5: 4; Q4_1: 0) and 16 of nibbles, rows in
+    groups of 8, into (True) or out of (False) the "x8" form (Q5_BIT_ORDERS, Q4_1Weight): a group's block the 8 rows'
+    nibbles as 4 vectors of 32 bytes, then their heads. In pieces of ~BLOCKS_PER_PIECE blocks."""
     rows, width = blocks.shape
-    nb, at = width // 20, _x8_groups(blocks, width)
+    nb, at, size = width // (head + 16), _x8_groups(blocks, width), head + 16
     out = np.empty_like(blocks)
     src, dst = blocks.reshape(rows // 8, 8 * width), out.reshape(rows // 8, 8 * width)  # one row per group
     for g in range(0, rows // 8, at):
         piece = src[g:g + at]
         n = piece.shape[0]
-        if into:  # (n, 8 r, nb, 20) -> (n, nb, [4 j, 8 r, 4 k] nibbles | [8 r, 4] fifth bits)
-            p = piece.reshape(n, 8, nb, 20)
-            nib = p[..., 4:].reshape(n, 8, nb, 4, 4).transpose(0, 2, 3, 1, 4).reshape(n, nb, 128)
-            dst[g:g + n] = np.concatenate([nib, p[..., :4].transpose(0, 2, 1, 3).reshape(n, nb, 32)], 2).reshape(n, -1)
+        if into:  # (n, 8 r, nb, head | 16) -> (n, nb, [4 j, 8 r, 4 k] nibbles | [8 r, head] heads)
+            p = piece.reshape(n, 8, nb, size)
+            parts = [p[..., head:].reshape(n, 8, nb, 4, 4).transpose(0, 2, 3, 1, 4).reshape(n, nb, 128),
+                     p[..., :head].transpose(0, 2, 1, 3).reshape(n, nb, 8 * head)]
+            dst[g:g + n] = np.concatenate(parts, 2).reshape(n, -1)
         else:
-            p = piece.reshape(n, nb, 160)
-            nib = p[..., :128].reshape(n, nb, 4, 8, 4).transpose(0, 3, 1, 2, 4).reshape(n, 8, nb, 16)
-            head = p[..., 128:].reshape(n, nb, 8, 4).transpose(0, 2, 1, 3)  # (n, 8, nb, 4)
-            dst[g:g + n] = np.concatenate([head, nib], 3).reshape(n, -1)
+            p = piece.reshape(n, nb, 8 * size)
+            parts = [p[..., 128:].reshape(n, nb, 8, head).transpose(0, 2, 1, 3),
+                     p[..., :128].reshape(n, nb, 4, 8, 4).transpose(0, 3, 1, 2, 4).reshape(n, 8, nb, 16)]
+            dst[g:g + n] = np.concatenate(parts, 3).reshape(n, -1)
     return out
 
 
@@ -371,9 +356,9 @@ def q5_bits_in_order(blocks: np.ndarray, order: str, was: str = "file") -> np.nd
     if order not in Q5_BIT_ORDERS or was not in Q5_BIT_ORDERS:
         raise ValueError(f"Q5 fifth-bit order must be one of {Q5_BIT_ORDERS}, not {order!r} / {was!r}")
     if order == "x8" and was != "x8":
-        return _x8_blocks(q5_bits_in_order(blocks, "shifted", was), True)
+        return _x8_rows(q5_bits_in_order(blocks, "shifted", was), 4, True)
     if was == "x8" and order != "x8":
-        return q5_bits_in_order(_x8_blocks(blocks, False), order, "shifted")
+        return q5_bits_in_order(_x8_rows(blocks, 4, False), order, "shifted")
     out = np.array(blocks, copy=True)
     if order == was:
         return out

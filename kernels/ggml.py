@@ -180,7 +180,7 @@ def _linear(kind, xq, xd, xs, qs, d, m, out, use_simd):
         r0, r1 = np.int64(c * ROWS), min(R, (c + 1) * ROWS)
         if N == 1:
             _decode_rows(kind, xq, xd, xs, off, qs, d, m, out, use_simd, r0, r1)
-        elif kind == 1 or kind == 5 or kind == 4 or kind == 7 or kind == 8 or kind == 9:
+        elif kind == 1 or kind == 5 or kind == 4 or _is_x8(kind):
             _unpacked_tile(kind, w0 + r0 * ws, ws, d0 + r0 * wds, wds, nb, K, r0, r1, x0, xd0, xs0, o0, N, R,
                            use_simd, np.empty(ROWS * K, np.uint8), np.empty(2 * ROWS * nb, np.float32))
         else:
@@ -233,6 +233,12 @@ def _unpacked_tile(kind, w, ws, wd, wds, nb, K, r0, r1, x0, xd0, xs0, o0, N, R, 
 
 
 @njit(inline="always", **JIT)
+def _is_x8(kind):
+    """Whether a KIND is one of the "x8" forms (X8): rows only in groups of 8."""
+    return kind == 7 or kind == 8 or kind == 9
+
+
+@njit(inline="always", **JIT)
 def _unpack_form(kind):
     """ggml_simd.unpack_row's form for a weight of this KIND (Q5_1, Q4_1, Q5_0, or one of them in the "x8" form)."""
     if kind == 1:
@@ -253,7 +259,7 @@ def _row_start(kind, w, ws, wd, wds, nb, r):
     """Where row r of a weight (bytes at w, ws a row; scales at wd, wds a row) starts, as unpack_row takes it: the
     row itself, or in the "x8" form (kinds X8) its group of 8 rows' start + 4 (r % 8) bytes, and its scales + r % 8
     (each of 2 bytes, Q5_0, or 4, Q5_1 and Q4_1's pairs)."""
-    if kind == 7 or kind == 8 or kind == 9:
+    if _is_x8(kind):
         g, k = r // 8 * 8, r % 8
         return w + g * ws + 4 * k, wd + g * wds + k * (2 if kind == 8 else 4)
     return w + r * ws, wd + r * wds
@@ -281,7 +287,7 @@ def _rows_at(kind, w0, ws, d0, wds, m0, nb, x0, K, xd0, xs0, o0, ost, use_simd, 
     # before its fma, and took 1.6x longer (model, one thread); rows r0, r1 are multiples of 8 there, as in the
     # "x8" form (X8), whose rows exist only as groups of 8. The other kinds go DECODE_ROWS at a time, the last few
     # one at a time.
-    step = 8 if kind == 3 or kind == 7 or kind == 8 or kind == 9 else DECODE_ROWS
+    step = 8 if kind == 3 or _is_x8(kind) else DECODE_ROWS
     r = r0
     while r + step <= r1:
         _dot(kind, step > 1, False, w0 + r * ws, ws, d0 + r * wds, m0 + r * wds, wds, x0, K, xd0, xs0,
@@ -390,10 +396,9 @@ def embedding(tokens: np.ndarray, table, dtype) -> np.ndarray:
 def _unpacked_rows(blocks, scales, kind, ids, out):
     """out (N, K) = rows ids of a Q5_0 or Q5_1 weight (its KIND; or Q4_1 in the "x8" form) from the blocks ggml mode
     holds (_weight_args: Q5's fifth bits in ggml_simd.Q5_BIT_ORDER, or the "x8" form; the fp16 scales apart), as the
-    specification's rows
-    (weights/packed.py _dequantize_blocks): each row unpacked by ggml_simd.unpack_row (a prefill's own) to one byte
-    per value and float32 d (and m), then read as exact mode reads such a row (kernels/linear._rows_q8: d * (q - 16),
-    or d * q + m in float32, one rounding each)."""
+    specification's rows (weights/packed.py _dequantize_blocks): each row unpacked by ggml_simd.unpack_row (a
+    prefill's own) to one byte per value and float32 d (and m), then read as exact mode reads such a row
+    (kernels/linear._rows_q8: d * (q - 16), or d * q + m in float32, one rounding each)."""
     K = out.shape[1]
     q, d, m = np.empty((1, K), np.uint8), np.empty((1, K // 32), np.float32), np.empty((1, K // 32), np.float32)
     first = np.zeros(1, np.int64)  # the one unpacked row

@@ -545,6 +545,10 @@ def _define_unpack(module):
     four = b.mul(i, c64(4))
     out = _ptr(b, b.add(qs, b.mul(i, c64(32))), v32)
 
+    def x8_row_nibbles(block):  # the row's 16 bytes of nibbles: its 4 words, 32 bytes apart in its group's block
+        return b.bitcast(_vector(b, [_gep_load(b, block, c64(32 * j), I32, 1) for j in range(4)]),
+                         ir.VectorType(I8, 16))
+
     def pair(b, per=4):  # an fp16 pair d, m (per bytes a block) -> float32 at d and m
         dm = _scale_pair(b, b.add(sc, b.mul(i, c64(per))))
         b.store(dm[0], _ptr(b, b.add(d, four), F32), align=4)
@@ -554,40 +558,36 @@ def _define_unpack(module):
     with b.if_else(is_q4_1) as (q4_1, q5):
         with q4_1:
             with b.if_else(b.icmp_signed("==", form, c64(UNPACK_Q4_1X8))) as (x8, rows):
-                with x8:  # the row's 4 words of nibbles from its group's 128-byte block
-                    block = b.add(src, b.mul(i, c64(128)))
-                    raw = b.bitcast(_vector(b, [_gep_load(b, block, c64(32 * j), I32, 1) for j in range(4)]),
-                                    ir.VectorType(I8, 16))
-                    b.store(_weight_values(b, raw, True, 0), out, align=1)
+                with x8:  # the row's nibbles from its group's 128-byte block
+                    b.store(_weight_values(b, x8_row_nibbles(b.add(src, b.mul(i, c64(128)))), True, 0), out, align=1)
                     pair(b, 32)
                 with rows:
                     raw = _gep_load(b, src, b.mul(i, c64(16)), ir.VectorType(I8, 16), 1)
                     b.store(_weight_values(b, raw, True, 0), out, align=1)
                     pair(b)
         with q5:
-            x8 = b.icmp_signed(">=", form, c64(UNPACK_Q5_1X8))
-            with b.if_then(x8):  # the row's words from its group's block: then as one row's block
-                block = b.add(src, b.mul(i, c64(160)))
-                raw = b.bitcast(_vector(b, [_gep_load(b, block, c64(32 * j), I32, 1) for j in range(4)]),
-                                ir.VectorType(I8, 16))
-                qh = _gep_load(b, block, c64(128), I32, 1)
-                with b.if_else(b.icmp_signed("==", form, c64(UNPACK_Q5_0X8))) as (q5_0, q5_1):
-                    with q5_0:
-                        b.store(q5_values_of(b, raw, qh, True), out, align=1)
-                        b.store(_scale_half(b, b.add(sc, b.mul(i, c64(16)))), _ptr(b, b.add(d, four), F32),
-                                align=4)
-                    with q5_1:
-                        b.store(q5_values_of(b, raw, qh, False), out, align=1)
-                        pair(b, 32)
-            with b.if_then(b.icmp_signed("<", form, c64(UNPACK_Q5_1X8))):  # a row's own blocks
-                block = b.add(src, b.mul(i, c64(20)))
-                with b.if_else(b.icmp_signed("==", form, c64(UNPACK_Q5_0))) as (q5_0, q5_1):
-                    with q5_0:
-                        b.store(q5_values(b, block, True), out, align=1)
-                        b.store(_scale_half(b, b.add(sc, b.mul(i, c64(2)))), _ptr(b, b.add(d, four), F32), align=4)
-                    with q5_1:
-                        b.store(q5_values(b, block, False), out, align=1)
-                        pair(b)
+            with b.if_else(b.icmp_signed(">=", form, c64(UNPACK_Q5_1X8))) as (x8, rows):
+                with x8:  # the row's nibbles and fifth bits from its group's 160-byte block
+                    block = b.add(src, b.mul(i, c64(160)))
+                    raw, qh = x8_row_nibbles(block), _gep_load(b, block, c64(128), I32, 1)
+                    with b.if_else(b.icmp_signed("==", form, c64(UNPACK_Q5_0X8))) as (q5_0, q5_1):
+                        with q5_0:
+                            b.store(q5_values_of(b, raw, qh, True), out, align=1)
+                            b.store(_scale_half(b, b.add(sc, b.mul(i, c64(16)))), _ptr(b, b.add(d, four), F32),
+                                    align=4)
+                        with q5_1:
+                            b.store(q5_values_of(b, raw, qh, False), out, align=1)
+                            pair(b, 32)
+                with rows:  # a row's own blocks
+                    block = b.add(src, b.mul(i, c64(20)))
+                    with b.if_else(b.icmp_signed("==", form, c64(UNPACK_Q5_0))) as (q5_0, q5_1):
+                        with q5_0:
+                            b.store(q5_values(b, block, True), out, align=1)
+                            b.store(_scale_half(b, b.add(sc, b.mul(i, c64(2)))), _ptr(b, b.add(d, four), F32),
+                                    align=4)
+                        with q5_1:
+                            b.store(q5_values(b, block, False), out, align=1)
+                            pair(b)
     body_end = b.block
     i1 = b.add(i, c64(1))
     b.cbranch(b.icmp_signed("<", i1, nb), loop, done)

@@ -262,9 +262,7 @@ class Q4_1Weight(GGUFBlockWeight):
         if self._x8 is None:
             return super().raw_blocks(ids)
         rows = np.arange(self.shape[0])[slice(None) if ids is None else ids].reshape(-1)
-        groups = np.unique(rows // 8)  # only the groups of 8 rows that hold them come out of "x8"
-        qs = _x8_rows(self._x8.reshape(-1, 8, self._x8.shape[1])[groups].reshape(8 * groups.size, -1), 0, False)
-        qs = qs[8 * np.searchsorted(groups, rows // 8) + rows % 8]
+        qs = _x8_pick(self._x8, rows, lambda a: _x8_rows(a, 0, False))
         parts = [getattr(self, name)[rows].astype(np.float16)[:, :, None].view(np.uint8) for name in self.fields]
         parts.append(qs.reshape(rows.size, -1, 16))
         return np.concatenate(parts, axis=2).reshape(rows.size, -1)
@@ -310,6 +308,14 @@ def _x8_groups(a: np.ndarray, per_row: int) -> int:
     if a.ndim != 2 or a.shape[0] % 8:
         raise ValueError(f"the form 'x8' needs (rows, blocks) with rows in groups of 8, not {a.shape}")
     return max(1, BLOCKS_PER_PIECE * 20 // (8 * per_row))
+
+
+def _x8_pick(held: np.ndarray, rows: np.ndarray, back) -> np.ndarray:
+    """Rows `rows` (1-D) of an array (rows, width) held in the "x8" form: only the groups of 8 rows that hold them
+    are taken out of it, by back (the groups' array -> row by row). -> (len(rows), width)."""
+    groups = np.unique(rows // 8)
+    part = held.reshape(-1, 8, held.shape[1])[groups].reshape(8 * groups.size, -1)
+    return back(part)[8 * np.searchsorted(groups, rows // 8) + rows % 8]
 
 
 def _x8_rows(blocks: np.ndarray, head: int, into: bool) -> np.ndarray:
@@ -427,12 +433,9 @@ class _Q5Weight(GGUFBlockWeight):
             blocks = self._blocks[sel]
             return (blocks if self._order == "file" else q5_bits_in_order(blocks, "file", self._order),
                     self._scales16[sel])
-        rows = np.arange(self.shape[0])[sel].reshape(-1)  # only the groups of 8 rows that hold them come out of "x8"
-        groups = np.unique(rows // 8)
-        blocks = self._blocks.reshape(-1, 8, self._blocks.shape[1])[groups].reshape(8 * groups.size, -1)
-        scales = self._scales16.reshape(-1, 8, self._scales16.shape[1])[groups].reshape(8 * groups.size, -1)
-        at = 8 * np.searchsorted(groups, rows // 8) + rows % 8
-        return (q5_bits_in_order(blocks, "file", "x8")[at], q5_scales_in_order(scales, "file", "x8")[at])
+        rows = np.arange(self.shape[0])[sel].reshape(-1)
+        return (_x8_pick(self._blocks, rows, lambda a: q5_bits_in_order(a, "file", "x8")),
+                _x8_pick(self._scales16, rows, lambda a: q5_scales_in_order(a, "file", "x8")))
 
     def _unpacked(self) -> tuple:
         """(qs, d, m or None): exact mode's form, made from the file's on first use, which is then let go."""

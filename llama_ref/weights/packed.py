@@ -343,7 +343,8 @@ def _x8_rows(blocks: np.ndarray, head: int, into: bool) -> np.ndarray:
 
 
 def q5_scales_in_order(scales: np.ndarray, order: str, was: str) -> np.ndarray:
-    """A Q5 weight's scales (rows, nb) (fp16 bits, or fp16 pairs as uint32) as the blocks in `order` want them (a
+    """A Q5 weight's scales (rows, nb) (fp16 bits, or fp16 pairs as uint32; kernels/ggml.py also puts Q4_1's fp16
+    pairs in "x8" order with it) as the blocks in `order` want them (a
     copy where they move; else scales itself): "x8" has the 8 scales of rows 8g .. 8g + 7 of block b side by side,
     (rows / 8, nb, 8) viewed as (rows, nb); the other orders row by row."""
     if (order == "x8") == (was == "x8"):

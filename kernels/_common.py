@@ -12,6 +12,9 @@ import os
 from pathlib import Path
 
 import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic
 
 # Importing the thread policy sets GOMP_SPINCOUNT (how long Numba's OpenMP threads spin between kernels)
 # before Numba can start its threads.
@@ -133,3 +136,17 @@ def layer_matrix_shapes(args, w1) -> tuple:
     D, H, KVH, HD = args.dim, args.n_heads, args.kv_heads, args.head_dim
     F = w1.shape[0] if getattr(w1, "ndim", 0) == 2 else -1
     return ((H * HD, D), (KVH * HD, D), (KVH * HD, D), (D, H * HD), (F, D), (F, D), (D, F))
+
+
+@intrinsic
+def address(typingctx, arr):
+    """The byte address of an array's first element, as int64. `arr.ctypes.data` gives the same number, but makes
+    an object holding a reference to the array: an atomic increment and decrement of its count, which a work item
+    called ~13 000 times a decode step (kernels/ggml_linears.py) paid for each of its arrays."""
+    if not isinstance(arr, types.Array):
+        return None
+
+    def codegen(context, builder, signature, args):
+        data = context.make_array(signature.args[0])(context, builder, args[0]).data
+        return builder.ptrtoint(data, ir.IntType(64))
+    return types.int64(arr), codegen

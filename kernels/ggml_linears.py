@@ -22,7 +22,7 @@ from numba import njit, prange
 
 from . import ggml as legacy
 from . import ggml_kquants as kq
-from ._common import JIT, readonly
+from ._common import JIT, address, readonly
 from .ggml_ops import serial_product
 
 ROWS = 16  # weight rows per work item, as both modules' products split them
@@ -46,24 +46,32 @@ def weight_of(table, c):
 
 
 @njit(inline="always", **JIT)
-def _item(c, table, xq, xd, xs, off, kq8, kd, kbs, out, use_simd):
+def _acts(xq, xd, xs, off, kq8, kd, kbs):
+    """What a work item reads of x, from _quantize's arrays: (Q8_0 / Q8_1 quants' address and columns, scales, sums,
+    repacked Q4_0's offsets; Q8_K quants' address and columns, scales, block sums), as int64."""
+    return (address(xq), np.int64(xq.shape[1]), address(xd), address(xs), address(off), address(kq8),
+            np.int64(kq8.shape[1]), address(kd), address(kbs))
+
+
+@njit(inline="always", **JIT)
+def _item(c, table, acts, out0, use_simd):
     """Work item c: tile c of the weights' tiles taken in order (the weight whose tiles hold c, then its rows
-    c0 .. c0 + ROWS - 1), each row as its own product computes it, into out at the weight's offset."""
+    c0 .. c0 + ROWS - 1), each row as its own product computes it, into out (at out0) at the weight's offset; x
+    by address (acts: _acts)."""
+    x0, xK, xd0, xs0, off0, k0, kK, kd0, kbs0 = acts
     i = weight_of(table, c)
     kind, R, nb = table[i, KINDF], table[i, RF], table[i, NBF]
     w0, ws, d0, wds, m0 = table[i, WF], table[i, WSF], table[i, DF], table[i, DSF], table[i, MF]
-    o0 = np.int64(out.ctypes.data) + 4 * table[i, OUTF]
+    o0 = out0 + 4 * table[i, OUTF]
     r0 = (c - table[i, TILEF]) * ROWS
     r1 = min(R, r0 + ROWS)
     ost = np.int64(4 * R)
     if kind < Q4_K:  # kernels/ggml.py's decode rows: Q8_0 / Q8_1 activations
-        xs0 = np.int64(off.ctypes.data) if kind == 3 else np.int64(xs.ctypes.data)
-        legacy._rows_at(kind, w0, ws, d0, wds, m0, nb, np.int64(xq.ctypes.data), np.int64(xq.shape[1]),
-                        np.int64(xd.ctypes.data), xs0, o0, ost, use_simd, r0, r1)
+        legacy._rows_at(kind, w0, ws, d0, wds, m0, nb, x0, xK, xd0, off0 if kind == 3 else xs0, o0, ost, use_simd,
+                        r0, r1)
         return
     # ggml_kquants' tile rows with one activation row: Q8_K activations
-    K = np.int64(kq8.shape[1])
-    x0, xd0, bs0 = np.int64(kq8.ctypes.data), np.int64(kd.ctypes.data), np.int64(kbs.ctypes.data)
+    K, x0, xd0, bs0 = kK, k0, kd0, kbs0
     xds, bss = np.int64(4 * nb), np.int64(64 * nb)
     if kind == Q4_KR:  # the repacked copy: groups of 8 rows (ROWS is a multiple of 8, and so is R)
         for g in range(r0 // 8, r1 // 8):
@@ -77,6 +85,19 @@ def _item(c, table, xq, xd, xs, off, kq8, kd, kbs, out, use_simd):
             kq._q5_11(w, ws, x0, K, xd0, bs0, xds, bss, nb, o0 + 4 * r, ost, use_simd)
         else:
             kq._q6_11(w, ws, x0, K, xd0, bs0, xds, bss, nb, o0 + 4 * r, ost, use_simd)
+
+
+@njit(**JIT)
+def _items(c0, c1, table, xq, xd, xs, off, kq8, kd, kbs, out, use_simd):
+    """Work items c0 .. c1 - 1 of the work table, x quantized into xq .. kbs (_quantize) and out the products'.
+    A function of its own, called, not inlined: its arguments live until it returns, so the addresses taken once
+    here stay valid for every item; and _item inlines every kind's tiles, which compiled into each caller took
+    minutes (kernels/ggml_step.py's four product groups). The items take x and out by address: passing the arrays
+    into the inlined _item cost an atomic increment and decrement of five of their counts per item (~5% of a
+    decode step of the default model, one thread)."""
+    acts, out0 = _acts(xq, xd, xs, off, kq8, kd, kbs), address(out)
+    for c in range(c0, c1):
+        _item(c, table, acts, out0, use_simd)
 
 
 @njit(inline="always", **JIT)
@@ -99,21 +120,30 @@ def _quantize(x, legacy_acts, k_acts, repacked):
     return xq, xd, xs, off, kq8, kd, kbs
 
 
-@njit(parallel=True, **JIT)
+@njit(**JIT)
 def _linears_parallel(x, table, tiles, legacy_acts, k_acts, repacked, out, use_simd):
     """Every weight of table by the one row x (1, K) into out (sum of R,): x quantized on the calling thread,
-    then one parallel region over all the tiles."""
+    then one parallel region over all the tiles (_items_parallel)."""
     xq, xd, xs, off, kq8, kd, kbs = _quantize(x, legacy_acts, k_acts, repacked)
+    _items_parallel(tiles, table, xq, xd, xs, off, kq8, kd, kbs, out, use_simd)
+
+
+@njit(parallel=True, **JIT)
+def _items_parallel(tiles, table, xq, xd, xs, off, kq8, kd, kbs, out, use_simd):
+    """_items over all the tiles, shared by the threads. The addresses are taken before the region (the arrays are
+    arguments: they live until it returns); a region that called _items once per item took each array's count up
+    and down from both threads, the same cache lines bouncing between the cores: the output head of the default
+    model 0.62 -> 1.13 ms (2 threads)."""
+    acts, out0 = _acts(xq, xd, xs, off, kq8, kd, kbs), address(out)
     for c in prange(tiles):
-        _item(c, table, xq, xd, xs, off, kq8, kd, kbs, out, use_simd)
+        _item(c, table, acts, out0, use_simd)
 
 
 @njit(**JIT)
 def _linears_serial(x, table, tiles, legacy_acts, k_acts, repacked, out, use_simd):
     """_linears_parallel on the calling thread: the same work items in order, no parallel region."""
     xq, xd, xs, off, kq8, kd, kbs = _quantize(x, legacy_acts, k_acts, repacked)
-    for c in range(tiles):
-        _item(c, table, xq, xd, xs, off, kq8, kd, kbs, out, use_simd)
+    _items(0, tiles, table, xq, xd, xs, off, kq8, kd, kbs, out, use_simd)
 
 
 # tuple(id(w) for w in ws) -> (table, tiles, legacy_acts, k_acts, repacked, offsets, weights' rows, the weights'

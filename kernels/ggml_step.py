@@ -109,15 +109,6 @@ def _prefetch_share(t, c):
         prefetch(scales + off)
 
 
-@njit(**JIT)
-def _tiles(c0, c1, t, xq, xd, xs, off, kq8, kd, kbs, out, use_simd):
-    """ggml_linears' work items c0 .. c1 - 1 of the work table t. A function of its own, called, not inlined:
-    _item inlines every kind's tiles, and four product groups, each a serial and a parallel loop, took minutes
-    to compile with it inlined in each."""
-    for c in range(c0, c1):
-        gl._item(c, t, xq, xd, xs, off, kq8, kd, kbs, out, use_simd)
-
-
 @njit(inline="always", **JIT)
 def _share(total, s, shares):
     """Share s of `shares` of a phase's `total` items -> (its first item, its end, the items a chunk of it takes:
@@ -161,7 +152,7 @@ def _products(g, x, table, groups, out, use_simd, serial, p, n, base):
             c0, c1 = _claim(base, s, lo, hi, size)
             if c0 >= hi:
                 break
-            _tiles(c0, c1, t, xq, xd, xs, off, kq8, kd, kbs, out, use_simd)
+            gl._items(c0, c1, t, xq, xd, xs, off, kq8, kd, kbs, out, use_simd)
             fetch_add(base, c1 - c0)
         if k == 0 and g < W2:  # the first bytes of this thread's share of the next group, as it will split them
             _prefetch_share(table[groups[g + 1, T0]:groups[g + 1, T1]], groups[g + 1, TILES] * p // n)

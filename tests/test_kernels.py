@@ -420,3 +420,20 @@ def test_a_cache_of_other_sources_is_dropped(tmp_path):
     compiled()
     sources[1].unlink()  # a source gone counts as a change too
     assert drop_stale_cache(cache, sources) and not list(cache.glob("*.nb?"))
+
+
+def test_address_is_the_arrays_data_pointer():
+    """kernels/_common.address, which the work items take their activations by (kernels/ggml_linears.py): the same
+    number as .ctypes.data, for whole arrays, views that start inside another and empty ones, every dtype."""
+    from numba import njit
+
+    from llama_ref.kernels._common import address
+
+    @njit
+    def of(a):
+        return address(a)
+
+    base = np.arange(48, dtype=np.float32).reshape(6, 8)
+    for a in (base, base[2:], base[1, 3:], np.empty((0, 5), np.int32), np.zeros(7, np.int8),
+              np.zeros((2, 3), np.uint16)[1:]):
+        assert of(a) == a.ctypes.data, a.shape

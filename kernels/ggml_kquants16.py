@@ -206,16 +206,16 @@ def _acts16(xq, xdbits, xbs, out):
 
 # ---- the tiles ------------------------------------------------------------------------------------------------
 
-def _dpwssd(b, acc, p, q, whole):
-    """acc + vpdpwssd(p, q) (<16 x i32> each: p, q as 32 int16, neighbouring products summed onto each lane).
-    whole: as one instruction in inline assembly. Through the intrinsic (llvm.x86.avx512.vpdpwssd.512), LLVM 22's
-    machine combiner split the Q5_K tile's chains into vpmaddwd and vpaddd (twice the instructions: 93-98 GMAC/s,
-    one thread), and left the Q6_K tile's whole; the assembly is slower in the Q6_K tile (118-125 GMAC/s against
-    130-136: LLVM no longer folds the loads), faster in the Q5_K tile (128-133)."""
+def _dpwssd(b, acc, p, q):
+    """acc + vpdpwssd(p, q) (<16 x i32> each: p, q as 32 int16, neighbouring products summed onto each lane), as
+    one instruction in inline assembly. Through the intrinsic (llvm.x86.avx512.vpdpwssd.512) LLVM 22's machine
+    combiner may split a tile's chains into vpmaddwd and vpaddd, twice the instructions, and which chains it
+    splits depends on the CPU it schedules for: on Sapphire Rapids the Q5_K tile's (93-98 GMAC/s against 128-133,
+    one thread) and not the Q6_K tile's, whose intrinsic was there 130-136 against the assembly's 118-125 (LLVM
+    folds the loads into the intrinsic); on Emerald Rapids (session 61) the Q6_K tile's too, with spills: 43-50
+    GMAC/s against the assembly's 124-131 (8192 x 2048 and 2048 x 8192 by 512 rows). The assembly is never split."""
     v16i = ir.VectorType(I32, 16)
-    if whole:
-        return b.asm(ir.FunctionType(v16i, [v16i] * 3), "vpdpwssd $3, $2, $0", "=v,0,v,v", [acc, p, q], False)
-    return b.call(_declare(b.module, "llvm.x86.avx512.vpdpwssd.512", v16i, [v16i] * 3), [acc, p, q])
+    return b.asm(ir.FunctionType(v16i, [v16i] * 3), "vpdpwssd $3, $2, $0", "=v,0,v,v", [acc, p, q], False)
 
 
 def _define_w16_tile(module, five, pairs, acts):
@@ -259,7 +259,7 @@ def _define_w16_tile(module, five, pairs, acts):
             xv = _shuffle(b, _gep_load(b, xi[a], c64(32 * k), v8i, 32), both)
             for r in range(pairs):
                 t = r * acts + a
-                lanes[t] = _dpwssd(b, lanes[t], wv[r], xv, five)
+                lanes[t] = _dpwssd(b, lanes[t], wv[r], xv)
     new = [None] * (pairs * acts)
     for r in range(pairs):
         nsc = None if five else _gep_load(b, wi[r], c64(1024), v16i, 64)  # -32 sc[j] of each row
@@ -268,7 +268,7 @@ def _define_w16_tile(module, five, pairs, acts):
             t = r * acts + a
             total = lanes[t]
             if not five:  # the lanes less their offsets
-                total = _dpwssd(b, total, nsc, _shuffle(b, _gep_load(b, xi[a], c64(512), v8i, 32), both), False)
+                total = _dpwssd(b, total, nsc, _shuffle(b, _gep_load(b, xi[a], c64(512), v8i, 32), both))
             dx = _splat(b, _gep_load(b, xi[a], c64(544), F32, 4), 16)
             new[t] = b.call(fma16, [b.fmul(dw, dx), b.sitofp(total, v16f), accs[t]])  # d_w d_x (float32)
     b, finals = _close_loop(b, i, nb, entry, loop, done, [(phi, v, v0) for phi, v0, v in zip(accs, init, new)])
@@ -319,7 +319,7 @@ def _define_w16_mins(module, acts):
         xi = b.add(acts_at[a], b.mul(i, c64(A16_BYTES)))
         m = zero16i
         for k in range(4):
-            m = _dpwssd(b, m, mn[k], _splat(b, _gep_load(b, xi, c64(548 + 4 * k), I32, 4), 16), True)
+            m = _dpwssd(b, m, mn[k], _splat(b, _gep_load(b, xi, c64(548 + 4 * k), I32, 4), 16))
         dmin = b.fneg(b.fmul(_splat(b, _gep_load(b, xi, c64(544), F32, 4), 16), dminw))  # -(d_x dmin_w)
         new.append(b.call(fma16, [dmin, b.sitofp(m, v16f), summs[a]]))
     b, finals = _close_loop(b, i, nb, entry, loop, done, [(phi, v, zero16f) for phi, v in zip(summs, new)])

@@ -15,12 +15,13 @@ q4_k / q5_k llama.cpp's Q4_K_M / Q5_K_M mixtures, q6_k llama.cpp's Q6_K.
 Each configuration runs in a fresh process (benchmarks/run.py's children: one llama_ref load + measure,
 or llama-cpp-python with use_mmap=False), all with the same thread count; every round runs every
 configuration once, so each round's ratios compare runs made minutes apart on this shared machine, and the
-table keeps each configuration's best round. Roofline: the weights' bytes read once per token at the read
-bandwidth measured in the same round (run.py's bandwidth child). With one thread, the table also gives
-decode and prefill per CPU second of the process (run._measure: on a shared machine, the rate on a core of
-its own, time spent waiting for a core not counted). Writes the JSON (--out) and a Markdown table beside
-it (.md), with the load average before each round: on a shared machine the ratios of one round are what can
-be compared.
+table keeps each configuration's best round. Roofline: the weights' bytes read once per token at the read bandwidth
+measured in the same round (run.py's bandwidth child) over as many bytes as the file holds: a file that fits the
+last-level cache stays there between steps, and a probe of 512 MiB alone put the default model's decode at 88-138%
+of its "roofline" on an Emerald Rapids guest with 300 MiB of L3 (session 61). With one thread, the table also gives
+decode and prefill per CPU second of the process (run._measure: on a shared machine, the rate on a core of its own,
+time spent waiting for a core not counted). Writes the JSON (--out) and a Markdown table beside it (.md), with the
+load average before each round: on a shared machine the ratios of one round are what can be compared.
 """
 
 from __future__ import annotations
@@ -184,7 +185,10 @@ def main(argv=None) -> None:
     counts = [a.threads] + ([a.compare_threads] if a.compare_threads else [])
     rounds = []
     for r in range(a.rounds):
-        result = {"load_average": os.getloadavg(), "bandwidth": run_child(sys.executable, {"kind": "bandwidth"}, env)}
+        # the 512 MiB probe, and one over each file's own size (run.child_bandwidth): its roofline
+        sizes = sorted({probe_mib(p) for p in files.values()})
+        result = {"load_average": os.getloadavg(),
+                  "bandwidth": run_child(sys.executable, {"kind": "bandwidth", "sizes_mib": sizes}, env)}
         for kind, path in files.items():
             for name, spec, python, extra in engines:
                 # --compare-threads: the same configuration again at that count right after (same round, the
@@ -328,7 +332,7 @@ def table(report: dict) -> str:
         sep += "---|---|---|---|---|"
     lines += [head, sep]
     for kind, f in report["formats"].items():
-        roof = max(r["bandwidth"].get("read_gb_s", 0) * 1e9 / f["bytes"] for r in report["rounds"])
+        roof = max((read_rate(r["bandwidth"], f["bytes"]) or 0) * 1e9 / f["bytes"] for r in report["rounds"])
         best = {n: _best(report, kind, n, "decode") for n in ("ggml", "exact", "llama.cpp")}
         row = (f"| {kind} | {_cell(best['ggml'], '.1f')} | {_cell(best['exact'], '.1f')} | {best['llama.cpp']:.1f} "
                f"| {_cell(_best_ratio(report, kind, 'ggml', 'decode'), '.2f', 'x')} "
@@ -367,11 +371,31 @@ def table(report: dict) -> str:
     if report.get("compare_threads") or report.get("variants"):
         lines += threads_rows(report)
     lines += ["", "Speeds in tokens/s. Roofline: the GGUF's bytes read once per token at the read bandwidth "
-              "measured in the same run (best round); each round's: that round's decode against that round's probe "
+              "measured in the same run (best round) over the file's own size (where the run has that probe, "
+              "else over 512 MiB); each round's: that round's decode against that round's probe "
               "(on a shared machine the probe itself moves from round to round). Ratios: the best round's; with one "
               "thread, also the range over rounds."]
+    probes = [r.get("bandwidth", {}) for r in report["rounds"]]
+    if any(p.get("at_size_gb_s") for p in probes):
+        lines += ["", "Read probes per round (GB/s, all threads): " + "; ".join(
+            f"round {i}: 512 MiB {p.get('read_gb_s', 0):.1f}, " + ", ".join(
+                f"{mib} MiB {v:.1f}" for mib, v in sorted(p.get("at_size_gb_s", {}).items(), key=lambda kv: int(kv[0])))
+            for i, p in enumerate(probes)) + "."]
     return "\n".join(lines + [""] + report.get("notes", []))  # notes: what a person adds to the .json by hand
 
+
+
+def probe_mib(path) -> int:
+    """The size (MiB, rounded up) over which a file's read bandwidth is probed: its own."""
+    return -(-Path(path).stat().st_size // 2**20)
+
+
+def read_rate(bandwidth: dict, nbytes: int) -> "float | None":
+    """A round's read bandwidth (GB/s) for a file of nbytes: the probe over the file's own size where the round
+    has one (a working set that fits the last-level cache is read from there, step after step), else the 512 MiB
+    probe (reports from before session 61)."""
+    at = bandwidth.get("at_size_gb_s", {}).get(str(-(-nbytes // 2**20)))
+    return at if at else bandwidth.get("read_gb_s")
 
 
 def _round_roofline(report: dict, kind: str, nbytes: int) -> str:
@@ -379,7 +403,7 @@ def _round_roofline(report: dict, kind: str, nbytes: int) -> str:
     order ("-" where a round has no decode or no probe)."""
     cells = []
     for r in report["rounds"]:
-        decode, probe = r.get(f"{kind} ggml", {}).get("decode"), r.get("bandwidth", {}).get("read_gb_s")
+        decode, probe = r.get(f"{kind} ggml", {}).get("decode"), read_rate(r.get("bandwidth", {}), nbytes)
         cells.append(f"{100 * decode * nbytes / (probe * 1e9):.0f}%" if decode and probe else "-")
     return " / ".join(cells)
 

@@ -252,12 +252,15 @@ def _timed(fn, arg) -> float:
 
 
 def child_bandwidth(spec: dict) -> dict:
-    """Read bandwidth with all threads over 512 MiB (far beyond any cache): the best of two parallel float32
-    sums, best of 10 each. One reads a row of 4096 values at a time; the other reads 4 rows at once and asks
-    for the next 4 ahead (kernels.halfbits.prefetch), as the 16-bit decode kernels do: one core alone keeps
-    too few reads in flight to reach its bandwidth otherwise. The earlier probe (one float64 sum over the
-    flat array) read 9.5 GB/s where these read 12.9 / 13.9 (1 thread, CPU time, this 2-core Xeon), and
-    put llama.cpp's BF16 decode at 106% of the roofline."""
+    """Read bandwidth with all threads over 512 MiB (beyond the caches of most machines): the best of two parallel
+    float32 sums, best of 10 each; with spec["sizes_mib"], also over arrays of those sizes (at_size_gb_s, by size),
+    the rate at which this machine reads a model's weights of that size once it has read them before: a working set
+    that fits the last-level cache (the default model's 74-138 MiB files in the 300 MiB of an Emerald Rapids guest)
+    is read from there at each decode step, ~1.7x the 512 MiB probe's rate there. One reads a row of 4096 values at
+    a time; the other reads 4 rows at once and asks for the next 4 ahead (kernels.halfbits.prefetch), as the 16-bit
+    decode kernels do: one core alone keeps too few reads in flight to reach its bandwidth otherwise. The earlier
+    probe (one float64 sum over the flat array) read 9.5 GB/s where these read 12.9 / 13.9 (1 thread, CPU time,
+    this 2-core Xeon), and put llama.cpp's BF16 decode at 106% of the roofline."""
     from numba import njit, prange
 
     from llama_ref.kernels.halfbits import prefetch
@@ -293,20 +296,32 @@ def child_bandwidth(spec: dict) -> dict:
             t[r] = s0 + s1 + s2 + s3
         return t.sum()
 
-    a = np.ones((32768, 4096), np.float32)  # 512 MiB
-    rates, cpu_rates = {}, {}
-    for name, fn in (("rows", rows), ("rows_ahead", rows_ahead)):
-        fn(a[:8])
-        walls, cpus = [], []
-        for _ in range(10):
-            cpu0 = time.process_time()
-            walls.append(_timed(fn, a))
-            cpus.append(time.process_time() - cpu0)
-        rates[name] = a.nbytes / min(walls) / 1e9
-        cpu_rates[name] = a.nbytes / max(min(cpus), 1e-9) / 1e9
+    def probe(a):  # -> ({probe: GB/s}, {probe: GB/s per CPU second})
+        rates, cpu_rates = {}, {}
+        for name, fn in (("rows", rows), ("rows_ahead", rows_ahead)):
+            fn(a[:8])
+            walls, cpus = [], []
+            for _ in range(10):
+                cpu0 = time.process_time()
+                walls.append(_timed(fn, a))
+                cpus.append(time.process_time() - cpu0)
+            rates[name] = a.nbytes / min(walls) / 1e9
+            cpu_rates[name] = a.nbytes / max(min(cpus), 1e-9) / 1e9
+        return rates, cpu_rates
+
+    rates, cpu_rates = probe(np.ones((32768, 4096), np.float32))  # 512 MiB
     # Also per second of CPU time (all threads): on a loaded machine, with one thread, what a core reads when
     # it runs, the bound for a decode rate per CPU second (decode_cpu).
-    return {"read_gb_s": max(rates.values()), "probes_gb_s": rates, "read_gb_s_cpu": max(cpu_rates.values())}
+    out = {"read_gb_s": max(rates.values()), "probes_gb_s": rates, "read_gb_s_cpu": max(cpu_rates.values())}
+    at_size = {}
+    for mib in spec.get("sizes_mib", ()):
+        a = np.ones((max(4, int(mib * 64) // 4 * 4), 4096), np.float32)  # rows of 16 KiB, a multiple of 4
+        a_rates, _ = probe(a)
+        at_size[str(mib)] = max(a_rates.values())
+        del a
+    if at_size:
+        out["at_size_gb_s"] = at_size
+    return out
 
 
 CHILDREN = {"llama_ref": child_llama_ref, "llama_cpp": child_llama_cpp, "hf": child_hf, "bandwidth": child_bandwidth}

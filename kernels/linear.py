@@ -9,7 +9,8 @@ never exists in float32. Every thread of the policy (llama_ref.runtime.threads.e
 turn, decodes one on its own core and multiplies it with a one-thread BLAS call: one pool, no hand-off
 between Numba's threads and OpenBLAS's. 16-bit tiles hold TILE_FLOATS values, quantized ones TILE_ROWS rows.
 Where the CPU has AMX-BF16, a bf16 weight's prefill runs on the tiles instead (kernels/amx.py: the activations cut
-into three exact bf16 parts, every product exact, sums in float32), the same threads sharing its blocks of rows.
+into three exact bf16 parts, every product exact, sums in float32), Numba's threads sharing its blocks of rows in
+one parallel region (no BLAS call there, so no pool to hand work to under the GIL).
 arithmetic="bf16" (model/bf16.py) rounds the activations to bf16 first (linear_bf16, linears_bf16): the same
 kernels on the rounded rows, and on the tiles one part, one pass.
 
@@ -526,7 +527,7 @@ def _product(x2: np.ndarray, w, parts: int) -> np.ndarray:
     matvec = KINDS[kind][0]
     arrays = w.kernel_args()
     if _on_tiles(kind, N, K, R):
-        return _bf16_tiles(x2, amx.split_bf16x3(x2, _shared, parts), arrays[0])
+        return _bf16_tiles(x2, amx.split_bf16x3(x2, parts), arrays[0])
     out = np.empty((N, R), np.float32)  # (N, R)
     if N < BLAS_MIN_ROWS:
         matvec(x2, *arrays, out)
@@ -573,7 +574,7 @@ def _products(x2: np.ndarray, ws: tuple, parts: int) -> list:
         return [_product(x2, w, parts) for w in ws]
     (N, K) = x2.shape
     if all(w.shape[1] == K and _on_tiles(kind, N, K, w.shape[0]) for w in ws):
-        xp = amx.split_bf16x3(x2, _shared, parts)  # once for the weights that read the same x
+        xp = amx.split_bf16x3(x2, parts)  # once for the weights that read the same x
         return [_bf16_tiles(x2, xp, w.kernel_args()[0]) for w in ws]
     if x2.shape[0] >= BLAS_MIN_ROWS or any(w.shape[1] != x2.shape[1] for w in ws):
         return [_product(x2, w, parts) for w in ws]  # (a weight of another width: whatever linear does with it)
@@ -626,20 +627,15 @@ def _on_tiles(kind: "str | None", N: int, K: int, R: int) -> bool:
 
 
 def _bf16_tiles(x2: np.ndarray, parts: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """x2 (N, K) @ w.T for bf16 bits w (R, K) on AMX tiles (kernels/amx.py; parts = amx.split_bf16x3(x2)), the
-    threads of the policy sharing its blocks of rows; the last R % 32 rows, if any, as a decoded tile through
-    BLAS. -> (N, R) float32."""
-    out, done = amx.product(x2, parts, w, _shared, threads.count())
+    """x2 (N, K) @ w.T for bf16 bits w (R, K) on AMX tiles (kernels/amx.py; parts = amx.split_bf16x3(x2)), Numba's
+    threads (the policy's count) sharing its blocks of rows; the last R % 32 rows, if any, as a decoded tile
+    through BLAS. -> (N, R) float32."""
+    out, done = amx.product(x2, parts, w)
     if done < w.shape[0]:
         tail = np.empty((w.shape[0] - done, w.shape[1]), np.float32)
         _rows_bf16(w, np.arange(done, w.shape[0]), tail)
         out[:, done:] = x2 @ tail.T  # (N, R % 32)
     return out
-
-
-def _shared(total: int, step: int, block) -> None:
-    """block(i0, i1) over range(total), step at a time, on the policy's threads (runtime.threads.each_block)."""
-    threads.each_block(total, step, block, threads.count())
 
 
 def _by_row_blocks(x2: np.ndarray, out: np.ndarray, step: int, weight_rows) -> None:

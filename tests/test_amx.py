@@ -3,6 +3,7 @@ CPU has AMX-BF16, agree with ops.linear to float32 rounding, whatever the shape'
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 
 import numpy as np
@@ -13,12 +14,24 @@ from hypothesis.extra import numpy as hnp
 
 from llama_ref import kernels
 from llama_ref.model import ops
-from llama_ref.runtime import threads
 from llama_ref.weights import packed
 
 amx = importlib.import_module("llama_ref.kernels.amx")
 LINEAR = importlib.import_module("llama_ref.kernels.linear")
 needs_amx = pytest.mark.skipif(not amx.available(), reason="this CPU (or OS, or LLAMA_REF_AMX=0) has no AMX-BF16")
+
+
+@contextlib.contextmanager
+def numba_threads(n: int):
+    """Numba's thread count n (at most what it started with) inside the block, the count before it after."""
+    import numba
+
+    before = numba.get_num_threads()
+    numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+    try:
+        yield
+    finally:
+        numba.set_num_threads(before)
 
 
 def bound(x: np.ndarray, w: np.ndarray) -> np.ndarray:
@@ -56,10 +69,12 @@ def test_split_is_exact(x):
 
 
 def test_split_on_threads_is_the_same():
-    # The token blocks shared out to two threads (four blocks of 16 tokens a work item): the same tiles.
+    # The token blocks shared out to one thread or two: the same tiles.
     x = np.random.default_rng(2).standard_normal((150, 96)).astype(np.float32)
-    two = amx.split_bf16x3(x, lambda total, step, block: threads.each_block(total, step, block, 2))
-    np.testing.assert_array_equal(two, amx.split_bf16x3(x))
+    with numba_threads(1):
+        one = amx.split_bf16x3(x)
+    with numba_threads(2):
+        np.testing.assert_array_equal(amx.split_bf16x3(x), one)
 
 
 def test_off_by_environment(monkeypatch):
@@ -109,11 +124,13 @@ def test_same_bits_whatever_the_threads():
     w = bf16_weight(3 * amx.ROWS + 32, 448, rng).data
     x = rng.standard_normal((50, 448)).astype(np.float32)
     xp = amx.split_bf16x3(x)
-    one, _ = amx.product(x, xp, w, lambda total, step, block: threads.each_block(total, step, block, 1))
-    two, _ = amx.product(x, xp, w, lambda total, step, block: threads.each_block(total, step, block, 2))
+    with numba_threads(1):
+        one, _ = amx.product(x, xp, w)
+    with numba_threads(2):
+        two, _ = amx.product(x, xp, w)
+        # items of 32 rows (as on many threads: rows_per_item) shared by the 2 threads: the same bits again
+        small, _ = amx.product(x, xp, w, workers=64)
     np.testing.assert_array_equal(one, two)
-    # items of 32 rows (as on many threads: rows_per_item), shared by 3 threads: the same bits again
-    small, _ = amx.product(x, xp, w, lambda total, step, block: threads.each_block(total, step, block, 3), 64)
     np.testing.assert_array_equal(one, small)
 
 
@@ -151,7 +168,7 @@ def test_product_refused_without_tiles(monkeypatch):
     monkeypatch.setenv("LLAMA_REF_AMX", "0")
     x = np.ones((32, 32), np.float32)
     with pytest.raises(RuntimeError, match="AMX"):
-        amx.product(x, amx.split_bf16x3(x), np.zeros((32, 32), np.uint16), lambda *a: None)
+        amx.product(x, amx.split_bf16x3(x), np.zeros((32, 32), np.uint16))
 
 
 @needs_amx
@@ -175,5 +192,5 @@ def test_same_bits_whatever_the_panel(parts):
         outs.append(out)
     np.testing.assert_array_equal(outs[0], outs[2])
     np.testing.assert_array_equal(outs[1], outs[2])
-    got, _ = amx.product(x, xp, w, lambda total, step, block: threads.each_block(total, step, block, 1))
+    got, _ = amx.product(x, xp, w)
     np.testing.assert_array_equal(got, outs[2][:40])

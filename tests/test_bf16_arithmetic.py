@@ -109,9 +109,8 @@ def test_one_pass_is_three_passes_of_rounded_rows(n, k, rows):
     rng = np.random.default_rng(n + k)
     w = bf16_weight(rows, k, rng).data
     xr = bf16.round_bf16(rng.standard_normal((n, k)).astype(np.float32))
-    each = LINEAR._shared
-    one, d1 = amx.product(xr, amx.split_bf16x3(xr, each, 1), w, each)
-    three, d3 = amx.product(xr, amx.split_bf16x3(xr, each, 3), w, each)
+    one, d1 = amx.product(xr, amx.split_bf16x3(xr, 1), w)
+    three, d3 = amx.product(xr, amx.split_bf16x3(xr, 3), w)
     assert d1 == d3 == rows - rows % 32
     np.testing.assert_array_equal(one[:, :d1], three[:, :d3])
 

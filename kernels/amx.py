@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import threading
 
 import llvmlite.binding as llvm_binding
 import numba
@@ -316,12 +317,14 @@ def product(x2: np.ndarray, xp: np.ndarray, w: np.ndarray, workers: "int | None"
     return out[:N, :R], Rt
 
 
-_kept = {}
+_kept = threading.local()
 
 
 def _panels(n: int) -> np.ndarray:
-    """A buffer for a block's B panel for each of n threads (1 MiB each), kept between calls (grown for more)."""
-    buf = _kept.get("panels")
+    """A buffer for a block's B panel for each of the n threads of a parallel region (1 MiB each), kept between
+    calls (grown for more). One set per Python thread that starts regions: two threads' products at once (two
+    models on two threads) run as two teams whose thread ids both start at 0."""
+    buf = getattr(_kept, "panels", None)
     if buf is None or buf.shape[0] < n:
-        buf = _kept["panels"] = aligned((n, ROWS // 32, KC // 32, 2, 16, 32), np.uint16)
+        buf = _kept.panels = aligned((n, ROWS // 32, KC // 32, 2, 16, 32), np.uint16)
     return buf

@@ -134,6 +134,33 @@ def test_same_bits_whatever_the_threads():
     np.testing.assert_array_equal(one, small)
 
 
+@needs_amx
+def test_products_on_two_python_threads_at_once():
+    # Two Python threads' products at once (two models on two threads) run as two teams of Numba's threads whose
+    # ids both start at 0: each Python thread has its own B panels (amx._panels), so each gets its own bits.
+    import numba
+    from concurrent.futures import ThreadPoolExecutor
+
+    numba_threads_at_most = numba.config.NUMBA_NUM_THREADS
+    rng = np.random.default_rng(13)
+    jobs = []
+    for rows, k in ((2 * amx.ROWS, 1024), (3 * amx.ROWS, 512)):
+        w = bf16_weight(rows, k, rng).data
+        x = rng.standard_normal((64, k)).astype(np.float32)
+        xp = amx.split_bf16x3(x)
+        jobs.append((x, xp, w, amx.product(x, xp, w)[0].copy()))
+    if numba.threading_layer() not in ("omp", "tbb"):  # workqueue: no parallel regions from two threads at once
+        pytest.skip(f"Numba's {numba.threading_layer()} threading layer runs one parallel region at a time")
+
+    def run(job):
+        x, xp, w, want = job
+        with numba_threads(min(2, numba_threads_at_most)):
+            return all(np.array_equal(amx.product(x, xp, w)[0], want) for _ in range(20))
+
+    with ThreadPoolExecutor(2) as pool:
+        assert all(pool.map(run, jobs * 2))
+
+
 def test_rows_per_item():
     """ROWS rows an item while every thread gets two; fewer, in whole pairs of tiles (32 rows), where not."""
     assert amx.rows_per_item(2048, 2) == amx.ROWS

@@ -387,14 +387,18 @@ def table(report: dict) -> str:
 
 def probe_mib(path) -> int:
     """The size (MiB, rounded up) over which a file's read bandwidth is probed: its own."""
-    return -(-Path(path).stat().st_size // 2**20)
+    return _mib(Path(path).stat().st_size)
+
+
+def _mib(nbytes: int) -> int:
+    return -(-nbytes // 2**20)
 
 
 def read_rate(bandwidth: dict, nbytes: int) -> "float | None":
     """A round's read bandwidth (GB/s) for a file of nbytes: the probe over the file's own size where the round
     has one (a working set that fits the last-level cache is read from there, step after step), else the 512 MiB
     probe (reports from before session 61)."""
-    at = bandwidth.get("at_size_gb_s", {}).get(str(-(-nbytes // 2**20)))
+    at = bandwidth.get("at_size_gb_s", {}).get(str(_mib(nbytes)))
     return at if at else bandwidth.get("read_gb_s")
 
 

@@ -141,7 +141,6 @@ def test_products_on_two_python_threads_at_once():
     import numba
     from concurrent.futures import ThreadPoolExecutor
 
-    numba_threads_at_most = numba.config.NUMBA_NUM_THREADS
     rng = np.random.default_rng(13)
     jobs = []
     for rows, k in ((2 * amx.ROWS, 1024), (3 * amx.ROWS, 512)):
@@ -154,7 +153,7 @@ def test_products_on_two_python_threads_at_once():
 
     def run(job):
         x, xp, w, want = job
-        with numba_threads(min(2, numba_threads_at_most)):
+        with numba_threads(2):
             return all(np.array_equal(amx.product(x, xp, w)[0], want) for _ in range(20))
 
     with ThreadPoolExecutor(2) as pool:

@@ -74,7 +74,7 @@ def block_loops(asm: str) -> list[list[str]]:
         elif line.startswith("\t") and not line.startswith("\t.") and not line.startswith("\t#"):
             # an encoding pseudo-prefix is not the instruction: LLVM writes "{vex} vpdpwssd" where a CPU with
             # AVX-VNNI takes the VEX form of AVX-512 VNNI's instruction (Emerald Rapids, registers below 16)
-            body.append(re.sub(r"^\{v?e?x\}\s*", "", line.strip()))
+            body.append(re.sub(r"^\{e?vex\}\s*", "", line.strip()))
             parts = line.split()
             if parts[0].startswith("j") and len(parts) > 1 and parts[1] == label:
                 loops.append(list(body))  # a copy: code after the loop's jump is not the loop's
@@ -102,10 +102,11 @@ def test_q8_0_prefill_takes_its_scales_from_a_table():
     loop takes each as one broadcast from memory, with no multiply: there vpsignb, vmulps and the fma share Zen 3's
     pipes FP0 / FP1 (2048 x 2048 by 512 rows, one thread: 1.10x)."""
     loops = block_loops(tile_asm("q8_0", 4, 4))
-    products = [[ins.split()[0] for ins in body] for body in loops if "vpmaddubsw" in " ".join(body)]
+    products = [body for body in loops if "vpmaddubsw" in " ".join(body)]
     tables = [[ins.split()[0] for ins in body] for body in loops if "vpmaddubsw" not in " ".join(body)]
     assert products and tables
-    for body, names in zip([b for b in loops if "vpmaddubsw" in " ".join(b)], products):
+    for body in products:
+        names = [ins.split()[0] for ins in body]
         # a broadcast load, or with AVX-512 the same load folded into the fma as an embedded broadcast ({1to8})
         broadcasts = names.count("vbroadcastss") + sum("{1to8}" in ins for ins in body if ins.startswith("vfmadd"))
         assert "vmulps" not in names and "vmulss" not in names and broadcasts == 8, names

@@ -237,19 +237,26 @@ class StepThreads:
     only: every kernel computes the same values at any count (tests/test_ggml_step.py, test_exact_step.py, and
     test_step_threads.py for whole steps at changing counts).
 
-    So each step is timed, with the CPU time the process got meanwhile. Two steps in a row whose threads held
-    their cores for less than HELD of their time (quiet: 0.9-1.0 here; 0.3-0.55 in the cases above) say that
-    something else holds one: the next step runs on one thread fewer, and if it took at most MARGIN of the
-    recent steps' time, the steps go on at that count. Below the count in force, UP steps in a row at one
-    thread more are tried every so often, as the core may be free again; each must win. A probe that loses
-    doubles the wait before the next in its direction (FIRST to LAST steps; a win resets it): a quiet machine
-    pays for next to none, a busy one for a few. Tries of more threads wait longer: while the host was busy, a
-    step on two threads after a run on one took 0.2-0.34 s here (the idle vCPU woken), 20 steps' time. A
-    count's first step is not judged (it may load that count's compiled code). NumPy's BLAS threads keep
-    set_threads' count: the numpy backend's steps are not timed.
+    So each step is timed, with the CPU time the process got meanwhile. Two windows in a row (steps at the count
+    adding up to WINDOW seconds each) whose threads held their cores for less than HELD of their time (quiet:
+    0.9-1.0 here; 0.3-0.55 in the cases above) say that something else holds one: the next step runs on one thread
+    fewer, and if it took at most MARGIN of the recent steps' time, the steps go on at that count. Windows, not
+    steps: the process's CPU time holds another thread's running time only as of that thread's last scheduler
+    tick (Linux brings only the calling thread's up to date), so over one 2.3 ms step of the default model (2
+    threads, Emerald Rapids guest, session 62) the hold read 0.50 and ~1.35 in turns on a quiet machine; two 0.50s
+    in a row sent the steps to one thread, whose first step loads that count's compiled code (~70-80 ms): in 6 of
+    24 decode runs of session 61's benchmark. Over a window the error is a tick or so in WINDOW.
+
+    Below the count in force, UP steps in a row at one thread more are tried every so often, as the core may be free
+    again; each must win. A probe that loses doubles the wait before the next in its direction (FIRST to LAST steps;
+    a win resets it): a quiet machine pays for next to none, a busy one for a few. Tries of more threads wait
+    longer: while the host was busy, a step on two threads after a run on one took 0.2-0.34 s here (the idle vCPU
+    woken), 20 steps' time. A count's first step is not judged (it may load that count's compiled code). NumPy's
+    BLAS threads keep set_threads' count: the numpy backend's steps are not timed.
     """
 
     HELD = 0.75
+    WINDOW = 0.05  # seconds: a tick (1-10 ms: Linux's HZ 1000 .. 100) off the other threads' time is <= 10%
     MARGIN = 0.9
     UP = 3
     FIRST, LAST = {-1: 8, 1: 16}, {-1: 64, 1: 256}  # steps between tries of fewer (-1) and more (+1) threads
@@ -262,7 +269,8 @@ class StepThreads:
         self.most = most  # the count in force when the steps began; a new one starts afresh
         self.count = most  # what the steps run on
         self.recent = None  # seconds of a step at `count`, smoothed
-        self.slow = 0  # steps in a row at `count` whose threads held their cores less than HELD of the time
+        self.slow = 0  # windows in a row at `count` whose threads held their cores less than HELD of the time
+        self.window = [0.0, 0.0]  # seconds and CPU seconds of the steps at `count` since the last window closed
         self.probe = 0  # -1 or +1 while steps try count + probe ...
         self.left = 0  # ... and how many more of them must win
         self.wait = {-1: 0, 1: 0}  # steps at `count` before the next probe in each direction ...
@@ -283,21 +291,24 @@ class StepThreads:
     def record(self, n: int, seconds: float, cpu_seconds: float) -> None:
         """A step ran on n threads for `seconds`, and the process got `cpu_seconds` of CPU time meanwhile."""
         self.steps[n] += 1
-        held = cpu_seconds / (seconds * n) if seconds > 0 else 1.0
         first, d = n not in self.seen, self.probe
         self.seen.add(n)
         if first:
             return  # not judged; a probe runs again
         if n == self.count:
             self.recent = seconds if self.recent is None else 0.75 * self.recent + 0.25 * seconds
-            self.slow = self.slow + 1 if held < self.HELD else 0
+            self.window = [self.window[0] + seconds, self.window[1] + cpu_seconds]
+            if self.window[0] >= self.WINDOW:
+                held = self.window[1] / (self.window[0] * n)
+                self.slow = self.slow + 1 if held < self.HELD else 0
+                self.window = [0.0, 0.0]
             self.wait = {k: w - 1 for k, w in self.wait.items()}
         elif not d or n != self.count + d or self.recent is None:
             return  # not a count this chooser picked (another thread's step, or a count set meanwhile)
         elif seconds <= self.MARGIN * self.recent:
             self.left -= 1
             if self.left == 0:  # won: go on at n
-                self.count, self.recent, self.slow, self.probe = n, seconds, 0, 0
+                self.count, self.recent, self.slow, self.probe, self.window = n, seconds, 0, 0, [0.0, 0.0]
                 self.interval[d] = self.wait[d] = self.FIRST[d]
                 self.wait[-d] = self.interval[-d]
         else:  # lost

@@ -151,11 +151,14 @@ def _dot(kind, many_rows, many_acts, w, ws, wd, wm, wds, x, xst, xd, xs, xds, nb
 
 
 @njit(parallel=True, **JIT)
-def _linear(kind, xq, xd, xs, qs, d, m, out, use_simd):
+def _linear(kind, xq, xd, xs, off, qs, d, m, out, use_simd):
     """out (N, R) = ggml's dot product of every weight row (qs (R, bytes) with scales d, mins m (R, nb);
     repacked Q4_0: d = m its fp16 scales in tiles; Q4_1, Q5_1: d = m their fp16 pairs; Q5_0: d = m its fp16 d;
     see _weight_args) with every quantized activation row
-    (xq (N, K) int8, scales xd, Q8_1 sums xs (N, nb)). Parallel over tiles of
+    (xq (N, K) int8, scales xd, Q8_1 sums xs (N, nb); repacked Q4_0's tiles take off, its _x_offsets, in place of
+    xs). Every work item takes the arrays by address: arguments, they live until the call returns (an array made
+    here would be freed after its last use by name), and an array handed into the inlined tiles cost an atomic
+    increment and decrement of its count per item from every thread. Parallel over tiles of
     ROWS weight rows; within a tile, the activation rows pass ACTS at a time, meeting the tile's rows 4
     (repacked Q4_0: 8) at a time while their bytes are in cache. A Q5 or Q4_1 tile is unpacked first, once, to one
     byte per value and float32 scales in a scratch of its own (_unpacked_tile), for the byte tiles: spreading
@@ -171,15 +174,12 @@ def _linear(kind, xq, xd, xs, qs, d, m, out, use_simd):
     # wds: bytes between the scales of two weight rows (float32, or the fp16 scales and pairs)
     ws, wds = np.int64(qs.shape[1]), np.int64(nb * d.itemsize)
     w0, d0, m0 = np.int64(qs.ctypes.data), np.int64(d.ctypes.data), np.int64(m.ctypes.data)
-    x0, xd0, xs0, o0 = (np.int64(xq.ctypes.data), np.int64(xd.ctypes.data), np.int64(xs.ctypes.data),
-                        np.int64(out.ctypes.data))
-    off = _x_offsets(xq, kind == 3)  # repacked Q4_0's tiles take 8 sum(x) per block from here, not xs
-    if kind == 3:
-        xs0 = np.int64(off.ctypes.data)
+    x0, xd0, o0 = np.int64(xq.ctypes.data), np.int64(xd.ctypes.data), np.int64(out.ctypes.data)
+    xs0 = np.int64(off.ctypes.data) if kind == 3 else np.int64(xs.ctypes.data)  # repacked Q4_0: 8 sum(x) per block
     for c in prange((R + ROWS - 1) // ROWS):
         r0, r1 = np.int64(c * ROWS), min(R, (c + 1) * ROWS)
         if N == 1:
-            _decode_rows(kind, xq, xd, xs, off, qs, d, m, out, use_simd, r0, r1)
+            _rows_at(kind, w0, ws, d0, wds, m0, nb, x0, np.int64(K), xd0, xs0, o0, np.int64(4 * R), use_simd, r0, r1)
         elif kind == 1 or kind == 5 or kind == 4 or _is_x8(kind):
             _unpacked_tile(kind, w0 + r0 * ws, ws, d0 + r0 * wds, wds, nb, K, r0, r1, x0, xd0, xs0, o0, N, R,
                            use_simd, np.empty(ROWS * K, np.uint8), np.empty(2 * ROWS * nb, np.float32))
@@ -530,7 +530,7 @@ def quantized_linear(x2: np.ndarray, w, use_simd: "int | None" = None, acts: "tu
         _decode_serial(kind, x2, qs, d, m, out, use)
         return out
     xq, xd, xs = quantize_q8(x2) if acts is None else acts
-    _linear(kind, xq, xd, xs, qs, d, m, out, use)
+    _linear(kind, xq, xd, xs, _x_offsets(xq, kind == 3), qs, d, m, out, use)
     return out
 
 

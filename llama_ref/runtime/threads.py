@@ -338,14 +338,16 @@ def adapts_threads(forward):
         if choice is None:  # an object made without Transformer.__init__
             return forward(model, tokens, *args, **kwargs)
         n = choice.choose(most)
-        numba.set_num_threads(n)
+        if n != most:  # (a set_num_threads costs ~10 us in a decode step, its code and data cold after the step)
+            numba.set_num_threads(n)
         _stepping.on = True
         t0, c0 = time.perf_counter(), time.process_time()
         try:
             out = forward(model, tokens, *args, **kwargs)
         finally:
             _stepping.on = False
-            numba.set_num_threads(most)
+            if n != most:
+                numba.set_num_threads(most)
         choice.record(n, time.perf_counter() - t0, time.process_time() - c0)
         return out
 

@@ -270,7 +270,7 @@ class StepThreads:
         self.count = most  # what the steps run on
         self.recent = None  # seconds of a step at `count`, smoothed
         self.slow = 0  # windows in a row at `count` whose threads held their cores less than HELD of the time
-        self.window = [0.0, 0.0]  # seconds and CPU seconds of the steps at `count` since the last window closed
+        self.window, self.window_cpu = 0.0, 0.0  # seconds and CPU seconds of the steps at `count` since a window closed
         self.probe = 0  # -1 or +1 while steps try count + probe ...
         self.left = 0  # ... and how many more of them must win
         self.wait = {-1: 0, 1: 0}  # steps at `count` before the next probe in each direction ...
@@ -297,18 +297,18 @@ class StepThreads:
             return  # not judged; a probe runs again
         if n == self.count:
             self.recent = seconds if self.recent is None else 0.75 * self.recent + 0.25 * seconds
-            self.window = [self.window[0] + seconds, self.window[1] + cpu_seconds]
-            if self.window[0] >= self.WINDOW:
-                held = self.window[1] / (self.window[0] * n)
-                self.slow = self.slow + 1 if held < self.HELD else 0
-                self.window = [0.0, 0.0]
+            self.window, self.window_cpu = self.window + seconds, self.window_cpu + cpu_seconds
+            if self.window >= self.WINDOW:  # a window closes: did the threads hold their cores?
+                self.slow = self.slow + 1 if self.window_cpu / (self.window * n) < self.HELD else 0
+                self.window, self.window_cpu = 0.0, 0.0
             self.wait = {k: w - 1 for k, w in self.wait.items()}
         elif not d or n != self.count + d or self.recent is None:
             return  # not a count this chooser picked (another thread's step, or a count set meanwhile)
         elif seconds <= self.MARGIN * self.recent:
             self.left -= 1
             if self.left == 0:  # won: go on at n
-                self.count, self.recent, self.slow, self.probe, self.window = n, seconds, 0, 0, [0.0, 0.0]
+                self.count, self.recent, self.slow, self.probe = n, seconds, 0, 0
+                self.window, self.window_cpu = 0.0, 0.0
                 self.interval[d] = self.wait[d] = self.FIRST[d]
                 self.wait[-d] = self.interval[-d]
         else:  # lost

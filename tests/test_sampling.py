@@ -13,7 +13,7 @@ from hypothesis.extra.numpy import arrays
 
 from llama_ref.errors import InputError
 from llama_ref.generation.sampling import (SamplingParams, allowed_tokens, apply_repetition_penalty, draw,
-                                next_token_distribution, sample, softmax)
+                                log_prob, log_softmax, next_token_distribution, sample, softmax)
 
 logits_strategy = arrays(np.float32, st.integers(2, 40),
                          elements=st.floats(-20, 20, width=32, allow_nan=False, allow_infinity=False))
@@ -88,6 +88,51 @@ def test_same_seed_same_draws(logits, seed):
     r1, r2 = np.random.default_rng(seed), np.random.default_rng(seed)
     assert [sample(logits, params, r1) for _ in range(10)] == [sample(logits, params, r2) for _ in range(10)]
     assert len(set(a)) == 1
+
+
+def allowed_by_ranking_all(probs, top_k, top_p, min_p):
+    """allowed_tokens as it was before session 62, every token ranked (one lexsort of all V): the sets and
+    the float steps that the seeds' draws followed."""
+    V = probs.size
+    order = np.lexsort((np.arange(V), -probs))
+    keep_ranked = np.ones(V, dtype=bool)
+    if top_k > 0:
+        keep_ranked[top_k:] = False
+    if top_p < 1.0:
+        ranked = np.where(keep_ranked, probs[order], 0.0)
+        ranked = ranked / ranked.sum()
+        keep_ranked &= (np.cumsum(ranked) - ranked) < top_p
+    keep = np.zeros(V, dtype=bool)
+    keep[order] = keep_ranked
+    if min_p > 0:
+        keep &= probs >= min_p * probs[order[0]]
+    keep[order[0]] = True
+    return keep
+
+
+@fast
+@given(st.integers(2, 400), st.integers(1, 6), st.integers(0, 2**32 - 1), st.integers(0, 12), st.floats(0.05, 1.0),
+       st.sampled_from([0.0, 0.05, 0.3]), st.booleans())
+def test_ranking_only_the_ranks_a_filter_reads_keeps_every_set(V, levels, seed, top_k, top_p, min_p, float32):
+    """allowed_tokens sorts only the first top_k ranks (none without top-k and top-p): the same sets, bit for bit,
+    as ranking every token, ties at the k-th rank included (few distinct probabilities: many ties)."""
+    rng = np.random.default_rng(seed)
+    logits = rng.integers(0, levels, V) + (rng.standard_normal(V) if levels == 6 else 0)
+    probs = softmax(logits)
+    probs = probs.astype(np.float32) if float32 else probs
+    for k in (top_k, V - 1, V, V + 3):
+        for p in (top_p, 1.0):
+            assert np.array_equal(allowed_tokens(probs, k, p, min_p), allowed_by_ranking_all(probs, k, p, min_p))
+
+
+@fast
+@given(logits_strategy, st.booleans(), st.data())
+def test_log_prob_is_log_softmax_of_the_token_bit_for_bit(logits, wide, data):
+    """Generation's logprobs take one token's log-softmax without the row (log_prob): the same float64."""
+    z = logits.astype(np.float64) * 7 if wide else logits
+    token, before = data.draw(st.integers(0, z.size - 1)), z.copy()
+    assert log_prob(z, token) == log_softmax(z)[token]
+    assert np.array_equal(z, before)  # shifted and exponentiated in a copy, not in the caller's logits
 
 
 def test_draw_frequencies_follow_the_probabilities():

@@ -20,7 +20,7 @@ import numpy as np
 from ..errors import InputError
 from ..model.cache import KVCache
 from ..runtime.parallel import SINGLE
-from .sampling import SamplingParams, log_softmax, sample
+from .sampling import SamplingParams, log_prob, log_softmax, sample
 
 if TYPE_CHECKING:
     from ..model.transformer import Transformer
@@ -123,10 +123,12 @@ class _Row:
             self.stop = token
             return self.finish("stop")
         # The model's own log-probabilities, before temperature or filtering: what scoring needs.
-        logp = log_softmax(logits)
         self.ids.append(token)
-        self.logprobs.append(float(logp[token]))
-        if self.top is not None:
+        if self.top is None:
+            self.logprobs.append(log_prob(logits, token))  # log_softmax(logits)[token], without the whole row
+        else:
+            logp = log_softmax(logits)
+            self.logprobs.append(float(logp[token]))
             best = np.argsort(-logp, kind="stable")[: self.top_n]
             self.top.append([(int(i), float(logp[i])) for i in best])
         if self.decoder is not None:

@@ -86,31 +86,62 @@ def log_softmax(z: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
 
+def log_prob(z: np.ndarray, token: int) -> float:
+    """log_softmax(z)[token] for one row z (V,): the same float64, without making the whole row of them (one
+    copy, shifted and exponentiated in place)."""
+    shifted = np.array(z, dtype=np.float64)
+    shifted -= shifted.max(axis=-1, keepdims=True)
+    at = shifted[token]
+    np.exp(shifted, out=shifted)
+    return float(at - np.log(shifted.sum(axis=-1, keepdims=True))[0])
+
+
 def allowed_tokens(probs: np.ndarray, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0) -> np.ndarray:
     """The tokens that survive top-k, then top-p, then min-p, as a boolean mask (V,).
 
     probs: the softmax after temperature. Ties are broken by token id (the lower id ranks first), so the
     set is a pure function of probs. The most likely token always survives.
+
+    Only the ranks a filter reads are sorted: none without top-k and top-p, the first top_k with top-k (a sort
+    of all V took 4.4 ms a token at V = 49152, two decode steps of the default model, and 12.6 ms at 128256).
+    Top-p alone reads every rank: its renormalising sum adds all V probabilities in rank order, as it always has,
+    so that a seed keeps drawing the same tokens.
     """
     V = probs.size
-    order = np.lexsort((np.arange(V), -probs))  # most likely first; equal probabilities by id
-    keep_ranked = np.ones(V, dtype=bool)  # over ranks, not ids
-    # top-k: only the k best ranks.
-    if top_k > 0:
-        keep_ranked[top_k:] = False
-    # top-p (nucleus) over the survivors, renormalised: keep a rank while the mass before it is < top_p.
-    if top_p < 1.0:
-        ranked = np.where(keep_ranked, probs[order], 0.0)
-        ranked = ranked / ranked.sum()
-        mass_before = np.cumsum(ranked) - ranked
-        keep_ranked &= mass_before < top_p
-    keep = np.zeros(V, dtype=bool)
-    keep[order] = keep_ranked
+    k = top_k if 0 < top_k < V else V
+    if k == V and top_p >= 1.0:  # nothing ranked: every token survives top-k and top-p
+        keep = np.ones(V, dtype=bool)
+        best = int(np.argmax(probs))  # the first of the most likely: rank 0
+    else:
+        order = _best_ranks(probs, k)  # the first k ranks, most likely first; equal probabilities by id
+        keep_ranked = np.ones(k, dtype=bool)
+        # top-p (nucleus) over the survivors of top-k, renormalised: keep a rank while the mass before it is < top_p.
+        if top_p < 1.0:
+            ranked = np.zeros(V, np.result_type(probs.dtype, 0.0))  # every rank, past k zero: the sum as over all
+            ranked[:k] = probs[order]
+            ranked = ranked / ranked.sum()
+            mass_before = (np.cumsum(ranked) - ranked)[:k]
+            keep_ranked &= mass_before < top_p
+        keep = np.zeros(V, dtype=bool)
+        keep[order] = keep_ranked
+        best = int(order[0])
     # min-p: a token must be at least min_p times as likely as the best one (a ratio, so no renormalising).
     if min_p > 0:
-        keep &= probs >= min_p * probs[order[0]]
-    keep[order[0]] = True
+        keep &= probs >= min_p * probs[best]
+    keep[best] = True
     return keep
+
+
+def _best_ranks(probs: np.ndarray, k: int) -> np.ndarray:
+    """The ids of the k most likely tokens, most likely first, equal probabilities by id (lower first): the first
+    k of the whole ranking. Below V, only the tokens at least as likely as the k-th best are sorted (every other
+    one ranks after all of them)."""
+    V = probs.size
+    if k >= V:
+        return np.lexsort((np.arange(V), -probs))
+    threshold = np.partition(probs, V - k)[V - k]  # the k-th largest probability
+    candidates = np.flatnonzero(probs >= threshold)  # k of them, or more where several equal the threshold
+    return candidates[np.lexsort((candidates, -probs[candidates]))][:k]
 
 
 def next_token_distribution(logits: np.ndarray, params: SamplingParams,

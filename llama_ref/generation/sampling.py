@@ -102,10 +102,11 @@ def allowed_tokens(probs: np.ndarray, top_k: int = 0, top_p: float = 1.0, min_p:
     probs: the softmax after temperature. Ties are broken by token id (the lower id ranks first), so the
     set is a pure function of probs. The most likely token always survives.
 
-    Only the ranks a filter reads are sorted: none without top-k and top-p, the first top_k with top-k (a sort
-    of all V took 4.4 ms a token at V = 49152, two decode steps of the default model, and 12.6 ms at 128256).
-    Top-p alone reads every rank: its renormalising sum adds all V probabilities in rank order, as it always has,
-    so that a seed keeps drawing the same tokens.
+    Only the ids at the ranks a filter keeps are sorted: none without top-k and top-p; else those of the first
+    top_k ranks, or of the ranks top-p keeps, from the tokens at least as likely as the last of them (a sort of all
+    V by probability and id took 4.4 ms a token at V = 49152, two decode steps of the default model, and 11-12.6
+    ms at 128256). Top-p's renormalising sum still adds the probabilities of every rank in rank order, as it always
+    has (their values, sorted alone: 0.5 ms at V = 49152), so that a seed keeps drawing the same tokens.
     """
     V = probs.size
     k = top_k if 0 < top_k < V else V
@@ -113,17 +114,19 @@ def allowed_tokens(probs: np.ndarray, top_k: int = 0, top_p: float = 1.0, min_p:
         keep = np.ones(V, dtype=bool)
         best = int(np.argmax(probs))  # the first of the most likely: rank 0
     else:
-        order = _best_ranks(probs, k)  # the first k ranks, most likely first; equal probabilities by id
+        order = _best_ranks(probs, k) if k < V else None  # the first k ranks' ids, most likely first; ties by id
         keep_ranked = np.ones(k, dtype=bool)
         # top-p (nucleus) over the survivors of top-k, renormalised: keep a rank while the mass before it is < top_p.
         if top_p < 1.0:
-            ranked = np.zeros(V, np.result_type(probs.dtype, 0.0))  # every rank, past k zero: the sum as over all
-            ranked[:k] = probs[order]
+            ranked = np.zeros(V, np.result_type(probs.dtype, 0.0))  # every rank's probability, past k zero
+            ranked[:k] = probs[order] if order is not None else -np.sort(-probs)  # (equal values: either order)
             ranked = ranked / ranked.sum()
-            mass_before = (np.cumsum(ranked) - ranked)[:k]
-            keep_ranked &= mass_before < top_p
+            keep_ranked &= (np.cumsum(ranked) - ranked)[:k] < top_p
+            keep_ranked = keep_ranked[:np.flatnonzero(keep_ranked)[-1] + 1]  # up to the last rank kept (rank 0 is)
+        if order is None:
+            order = _best_ranks(probs, keep_ranked.size)
         keep = np.zeros(V, dtype=bool)
-        keep[order] = keep_ranked
+        keep[order[:keep_ranked.size]] = keep_ranked
         best = int(order[0])
     # min-p: a token must be at least min_p times as likely as the best one (a ratio, so no renormalising).
     if min_p > 0:

@@ -59,8 +59,10 @@ THREAD_ENV = ("LLAMA_REF_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "N
 KQUANTS = ("q4_k_m", "q5_k_m", "q6_k")  # made by llama.cpp's quantizer (make_llamacpp_kquant_logits.py)
 
 
-def run_child(python: str, spec: dict, env: dict) -> dict:
-    cmd = [python, str(Path(__file__).resolve()), "--child", json.dumps(spec)]
+def run_child(python: str, spec: dict, env: dict, script: "Path | None" = None) -> dict:
+    """One configuration in a fresh process: `script` (this one by default) --child spec; its last stdout line is
+    the JSON result, or {"error": the end of what it printed}."""
+    cmd = [python, str(script or Path(__file__).resolve()), "--child", json.dumps(spec)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
     if proc.returncode != 0 or not proc.stdout.strip():
         return {"error": " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-3:])}

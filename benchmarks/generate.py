@@ -93,15 +93,16 @@ def table(report: dict) -> str:
             cpp = [r[kind]["llama.cpp"].get(preset) for r in report["rounds"]
                    if "llama.cpp" in r[kind] and "error" not in r[kind]["llama.cpp"]]
             fwd = [r[kind]["llama_ref"]["forward"] for r in report["rounds"] if "forward" in r[kind]["llama_ref"]]
-            errors = {e: r[kind][e]["error"] for r in report["rounds"] for e in r[kind] if "error" in r[kind][e]}
+            cpp_failed = any("error" in r[kind].get("llama.cpp", {}) for r in report["rounds"])
             best, peer = max(ours, default=None), max(cpp, default=None)
             lines.append(f"| {kind} | {preset} | {f'{best:.1f}' if best else 'crashed'} "
-                         f"| {f'{peer:.1f}' if peer else ('crashed' if 'llama.cpp' in errors else '-')} "
+                         f"| {f'{peer:.1f}' if peer else ('crashed' if cpp_failed else '-')} "
                          f"| {f'{best / peer:.2f}x' if best and peer else '-'} "
                          f"| {f'{max(fwd):.1f}' if fwd else '-'} "
                          f"| {f'{100 * (1 - best / max(fwd)):.0f}%' if best and fwd else '-'} |")
-            for engine, error in errors.items():
-                lines.append(f"|  | {engine} failed: {error} | | | | | |")
+        errors = {e: r[kind][e]["error"] for r in report["rounds"] for e in r[kind] if "error" in r[kind][e]}
+        for engine, error in errors.items():  # (run_child joins the lines of what it printed with " | ")
+            lines.append(f"| {kind} | {engine} failed: {error.replace('|', '/')} | | | | | |")
     return "\n".join(lines) + "\n"
 
 

@@ -45,3 +45,20 @@ def test_report_columns_and_notes_follow_the_arguments(tmp_path, monkeypatch, pl
 def test_ad_hoc_runs_do_not_overwrite_the_cited_results():
     assert run.output_folder(False) == BENCH / "results" / "scratch"
     assert run.output_folder(True) == BENCH / "results"
+
+
+def test_generate_report_shows_a_crashed_peer_as_crashed():
+    """benchmarks/generate.py's table from the committed results, llama.cpp failing in every round of one format:
+    its cells say so, every row keeps the header's columns (the error's own " | " included)."""
+    import generate  # noqa: E402  (benchmarks/generate.py)
+
+    report = json.loads((BENCH / "results" / "generate_emr_2thread_s62.json").read_text())
+    for r in report["rounds"]:
+        r["q8_0"]["llama.cpp"] = {"error": "Traceback | Segmentation fault"}
+    table = [line for line in generate.table(report).splitlines() if line.startswith("|")]
+    assert len({line.count("|") for line in table}) == 1
+    q8 = next(line for line in table if line.startswith("| q8_0 | greedy |"))
+    assert q8.split("|")[4].strip() == "crashed"
+    assert sum("| q8_0 | llama.cpp failed: Traceback / Segmentation fault |" in line for line in table) == 1
+    q4 = next(line for line in table if line.startswith("| q4_1 | cli |"))
+    assert q4.split("|")[5].strip().endswith("x")  # both engines ran: their ratio

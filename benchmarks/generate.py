@@ -81,7 +81,10 @@ CHILDREN = {"llama_ref": child_llama_ref, "llama_cpp": child_llama_cpp}
 
 def table(report: dict) -> str:
     m = report["machine"]
-    lines = [f"{report['what']} on {m['cpu']}, {report['threads']} threads per engine, numba {m['numba']}; "
+    blas = ", ".join(f"{b['internal_api']} {b['version']} ({b['threading_layer']}, {b['num_threads']} threads)"
+                     for b in m.get("blas", [])) or "none found"
+    lines = [f"{report['what']} on {m['cpu']}, {report['threads']} threads per engine, numba {m['numba']}, "
+             f"BLAS {blas}; "
              f"{report['tokens']} tokens after a {report['prompt']}-token prompt; best of {len(report['rounds'])} "
              f"rounds; load average before each round: "
              + ", ".join(f"{r['load_average'][0]:.1f}" for r in report["rounds"]) + ".", "",
@@ -122,6 +125,8 @@ def main(argv=None) -> None:
         spec = json.loads(a.child)
         print(json.dumps(CHILDREN[spec["kind"]](spec)))
         return
+    for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE"):  # as the other benchmarks: they slow NumPy's BLAS here
+        os.environ.pop(k, None)
     cpp = bench.find_python("llama_cpp", [sys.executable, os.environ.get("LLAMA_CPP_PYTHON"),
                                           "/tmp/llamacpp-venv/bin/python"])
     files = ggml_decode.shape_ggufs(a.shape, a.formats) if a.shape else ggml_decode.ggufs(a.work, a.formats, cpp)

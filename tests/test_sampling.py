@@ -135,6 +135,19 @@ def test_log_prob_is_log_softmax_of_the_token_bit_for_bit(logits, wide, data):
     assert np.array_equal(z, before)  # shifted and exponentiated in a copy, not in the caller's logits
 
 
+@pytest.mark.parametrize("params", [SamplingParams(), SamplingParams(temperature=0.8),
+                                    SamplingParams(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05),
+                                    SamplingParams(temperature=0.6, top_p=0.9)], ids=["greedy", "t", "cli", "top-p"])
+def test_nan_logits_are_refused_clearly(params):
+    """A NaN logit ranks against nothing: greedy took it and a draw picked garbage; now a clear error."""
+    logits = np.zeros(100, np.float32)
+    logits[5] = np.nan
+    with pytest.raises(InputError, match="logits hold NaN .1 of 100, the first at token 5"):
+        sample(logits, params, np.random.default_rng(0))
+    with pytest.raises(InputError, match="logits hold NaN"):
+        next_token_distribution(logits, params)
+
+
 def test_draw_frequencies_follow_the_probabilities():
     probs = np.array([0.5, 0.0, 0.3, 0.15, 0.05])
     rng = np.random.default_rng(1234)

@@ -153,7 +153,7 @@ def next_token_distribution(logits: np.ndarray, params: SamplingParams,
 
     At temperature 0 this is a one-hot on the greedy token.
     """
-    z = apply_repetition_penalty(logits, previous_ids, params.repetition_penalty)
+    z = _no_nan(apply_repetition_penalty(logits, previous_ids, params.repetition_penalty))
     scaled = None if params.greedy else scale_by_temperature(z, params.temperature)
     if scaled is None:
         p = np.zeros(z.size)
@@ -162,6 +162,16 @@ def next_token_distribution(logits: np.ndarray, params: SamplingParams,
     probs = softmax(scaled)
     probs = np.where(allowed_tokens(probs, params.top_k, params.top_p, params.min_p), probs, 0.0)
     return probs / probs.sum()
+
+
+def _no_nan(z: np.ndarray) -> np.ndarray:
+    """z, or a clear error where a logit is NaN: no token can be ranked against it (np.argmax took the NaN, a
+    draw picked garbage, the filters failed deep inside)."""
+    nan = np.flatnonzero(np.isnan(z))
+    if nan.size:
+        raise InputError(f"the logits hold NaN ({nan.size} of {z.size}, the first at token {int(nan[0])}): nothing "
+                         f"to choose a token from; the model's forward pass overflowed or its weights hold NaN")
+    return z
 
 
 def scale_by_temperature(z: np.ndarray, temperature: float) -> Optional[np.ndarray]:
@@ -201,7 +211,7 @@ def sample(logits: np.ndarray, params: SamplingParams, rng: Optional[np.random.G
            previous_ids: Iterable[int] = ()) -> int:
     """The next token: greedy at temperature 0, or at one too small to divide by (scale_by_temperature),
     with no random number used; else one draw."""
-    z = apply_repetition_penalty(logits, previous_ids, params.repetition_penalty)
+    z = _no_nan(apply_repetition_penalty(logits, previous_ids, params.repetition_penalty))
     scaled = None if params.greedy else scale_by_temperature(z, params.temperature)
     if scaled is None:
         return int(np.argmax(z))

@@ -75,8 +75,10 @@ def apply_repetition_penalty(logits: np.ndarray, previous_ids: Iterable[int], pe
 def softmax(z: np.ndarray) -> np.ndarray:
     """exp(z) normalised, shifted by the maximum so nothing overflows. (V,) float64; -inf gives 0."""
     z = np.asarray(z, dtype=np.float64)
-    p = np.exp(z - z.max())
-    return p / p.sum()
+    p = z - z.max()
+    np.exp(p, out=p)  # (in place, as below: a sampled token's passes over V made fresh 393 KB arrays at V = 49152)
+    p /= p.sum()
+    return p
 
 
 def log_softmax(z: np.ndarray) -> np.ndarray:
@@ -120,8 +122,10 @@ def allowed_tokens(probs: np.ndarray, top_k: int = 0, top_p: float = 1.0, min_p:
         if top_p < 1.0:
             ranked = np.zeros(V, np.result_type(probs.dtype, 0.0))  # every rank's probability, past k zero
             ranked[:k] = probs[order] if order is not None else -np.sort(-probs)  # (equal values: either order)
-            ranked = ranked / ranked.sum()
-            keep_ranked &= (np.cumsum(ranked) - ranked)[:k] < top_p
+            ranked /= ranked.sum()
+            mass_before = np.cumsum(ranked)
+            mass_before -= ranked
+            keep_ranked &= mass_before[:k] < top_p
             keep_ranked = keep_ranked[:np.flatnonzero(keep_ranked)[-1] + 1]  # up to the last rank kept (rank 0 is)
         if order is None:
             order = _best_ranks(probs, keep_ranked.size)
@@ -160,8 +164,9 @@ def next_token_distribution(logits: np.ndarray, params: SamplingParams,
         p[int(np.argmax(z))] = 1.0
         return p
     probs = softmax(scaled)
-    probs = np.where(allowed_tokens(probs, params.top_k, params.top_p, params.min_p), probs, 0.0)
-    return probs / probs.sum()
+    probs[~allowed_tokens(probs, params.top_k, params.top_p, params.min_p)] = 0.0
+    probs /= probs.sum()
+    return probs
 
 
 def _no_nan(z: np.ndarray) -> np.ndarray:
@@ -187,8 +192,9 @@ def scale_by_temperature(z: np.ndarray, temperature: float) -> Optional[np.ndarr
     """
     shifted = z - z.max()
     with np.errstate(over="ignore"):
-        scaled = shifted / temperature
-    if np.isinf(scaled[np.isfinite(shifted)]).any():
+        finite = np.isfinite(shifted)
+        scaled = np.divide(shifted, temperature, out=shifted)  # in place: the same values
+    if np.isinf(scaled[finite]).any():
         return None
     return scaled
 
@@ -216,5 +222,6 @@ def sample(logits: np.ndarray, params: SamplingParams, rng: Optional[np.random.G
     if scaled is None:
         return int(np.argmax(z))
     probs = softmax(scaled)
-    probs = np.where(allowed_tokens(probs, params.top_k, params.top_p, params.min_p), probs, 0.0)
-    return draw(probs / probs.sum(), rng if rng is not None else np.random.default_rng())
+    probs[~allowed_tokens(probs, params.top_k, params.top_p, params.min_p)] = 0.0
+    probs /= probs.sum()
+    return draw(probs, rng if rng is not None else np.random.default_rng())

@@ -157,12 +157,21 @@ def next_token_distribution(logits: np.ndarray, params: SamplingParams,
 
     At temperature 0 this is a one-hot on the greedy token.
     """
+    choice = _greedy_or_probs(logits, params, previous_ids)
+    if isinstance(choice, int):
+        p = np.zeros(np.size(logits))
+        p[choice] = 1.0
+        return p
+    return choice
+
+
+def _greedy_or_probs(logits: np.ndarray, params: SamplingParams, previous_ids: Iterable[int]) -> "int | np.ndarray":
+    """The steps sample() and next_token_distribution() share: the greedy token (temperature 0, or one too small to
+    divide by), or the probabilities to draw from (V,) float64, zero outside the allowed set, sum 1."""
     z = _no_nan(apply_repetition_penalty(logits, previous_ids, params.repetition_penalty))
     scaled = None if params.greedy else scale_by_temperature(z, params.temperature)
     if scaled is None:
-        p = np.zeros(z.size)
-        p[int(np.argmax(z))] = 1.0
-        return p
+        return int(np.argmax(z))
     probs = softmax(scaled)
     probs[~allowed_tokens(probs, params.top_k, params.top_p, params.min_p)] = 0.0
     probs /= probs.sum()
@@ -217,11 +226,7 @@ def sample(logits: np.ndarray, params: SamplingParams, rng: Optional[np.random.G
            previous_ids: Iterable[int] = ()) -> int:
     """The next token: greedy at temperature 0, or at one too small to divide by (scale_by_temperature),
     with no random number used; else one draw."""
-    z = _no_nan(apply_repetition_penalty(logits, previous_ids, params.repetition_penalty))
-    scaled = None if params.greedy else scale_by_temperature(z, params.temperature)
-    if scaled is None:
-        return int(np.argmax(z))
-    probs = softmax(scaled)
-    probs[~allowed_tokens(probs, params.top_k, params.top_p, params.min_p)] = 0.0
-    probs /= probs.sum()
-    return draw(probs, rng if rng is not None else np.random.default_rng())
+    choice = _greedy_or_probs(logits, params, previous_ids)
+    if isinstance(choice, int):
+        return choice
+    return draw(choice, rng if rng is not None else np.random.default_rng())

@@ -203,6 +203,9 @@ def test_scale_by_temperature_says_when_it_overflows():
     scaled = scale_by_temperature(z, 1e-300)  # 2e300: finite, and exp of it underflows to exactly 0
     assert scaled is not None and scaled.tolist() == [0.0, -2.0 / 1e-300, -np.inf]
     assert scale_by_temperature(z, 0.5).tolist() == [0.0, -4.0, -np.inf]
+    # float32 logits are scaled in float64, as every step of the sampler: in float32 1e-300 is 0, and 0 / 0 was NaN
+    assert scale_by_temperature(z.astype(np.float32), 1e-308) is None
+    assert scale_by_temperature(z.astype(np.float32), 1e-300).tolist() == [0.0, -2.0 / 1e-300, -np.inf]
 
 
 def test_tiny_temperature_generation_equals_greedy(model):

@@ -126,6 +126,44 @@ def test_ranking_only_the_ranks_a_filter_reads_keeps_every_set(V, levels, seed, 
 
 
 @fast
+@given(st.sampled_from([70, 300, 2000, 5000]), st.sampled_from([0.01, 0.3, 3.0]), st.integers(0, 2**32 - 1),
+       st.sampled_from([0, 40, 1500]), st.integers(1, 10**6), st.booleans())
+def test_top_p_weighs_a_prefix_of_the_ranks_and_keeps_every_set(V, spread, seed, top_k, at, float32):
+    """Top-p sums its ranks' probabilities in sequence only as far as it could keep one (a prefix growing from 64
+    ranks): the same sets as the sum over every rank, with top_p on the very edge of a rank's mass (that mass, and
+    the floats either side of it), far down the ranking too (flat distributions keep thousands of ranks)."""
+    rng = np.random.default_rng(seed)
+    probs = softmax(rng.standard_normal(V) * spread)
+    probs = probs.astype(np.float32) if float32 else probs
+    k = top_k if 0 < top_k < V else V
+    order = np.lexsort((np.arange(V), -probs))
+    ranked = np.where(np.arange(V) < k, probs[order], 0.0)
+    ranked = ranked / ranked.sum()
+    edge = (np.cumsum(ranked) - ranked)[1 + at % (k - 1)]  # the mass before a rank past the first
+    for top_p in (edge, np.nextafter(edge, 0), np.nextafter(edge, 2)):
+        if 0 < top_p < 1:
+            assert np.array_equal(allowed_tokens(probs, top_k, float(top_p)),
+                                  allowed_by_ranking_all(probs, top_k, float(top_p), 0.0))
+
+
+@fast
+@given(st.integers(1, 3000), st.integers(0, 2**32 - 1), st.sampled_from([0.0, 0.5, 0.99]))
+def test_a_draw_sums_the_live_ids_only_and_picks_the_same_token(V, seed, dead):
+    """draw adds up the probabilities of the live ids only: the same token as the cumulative sum over all V (its
+    first bucket past u is always a live id's), for the same random number."""
+    rng = np.random.default_rng(seed)
+    probs = rng.random(V) ** 4 * (rng.random(V) >= dead)
+    probs[rng.integers(V)] = 0.5  # at least one live id
+    for s in range(5):
+        cumulative = np.cumsum(probs)
+        u = np.random.default_rng(seed + s).random() * cumulative[-1]
+        index = int(np.searchsorted(cumulative, u, side="right"))
+        if index >= V or probs[index] == 0:
+            index = int(np.flatnonzero(probs)[-1])
+        assert draw(probs, np.random.default_rng(seed + s)) == index
+
+
+@fast
 @given(logits_strategy, st.booleans(), st.data())
 def test_log_prob_is_log_softmax_of_the_token_bit_for_bit(logits, wide, data):
     """Generation's logprobs take one token's log-softmax without the row (log_prob): the same float64."""

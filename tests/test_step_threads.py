@@ -88,6 +88,57 @@ def test_cpu_time_counted_at_the_scheduler_s_ticks_is_no_sign_of_a_taken_core():
     assert counts == [2] * steps
 
 
+class SteppedClock:
+    """time's clocks for adapts_threads: the calling thread's and the other thread's CPU time as Linux's process total
+    has it when the other thread sleeps between steps (its time in a step comes in when it stops running, after it)."""
+
+    def __init__(self, busy_share=1.0):
+        self.now = self.own = self.others = 0.0
+        self.busy_share = busy_share  # of a step, the time the other thread gets its core
+
+    perf_counter = property(lambda self: lambda: self.now)
+    thread_time = property(lambda self: lambda: self.own)
+    process_time = property(lambda self: lambda: self.own + self.others)
+
+    def step(self, seconds, n):
+        self.now, self.own = self.now + seconds, self.own + seconds
+        return seconds * self.busy_share * (n - 1)  # the other thread's, not yet in the total
+
+    def pause(self, seconds, owed):  # a sampler between steps; the other thread sleeps, its time comes in
+        self.now, self.own, self.others = self.now + seconds, self.own + seconds, self.others + owed
+
+
+@pytest.mark.parametrize("share", [1.0, 0.3])
+def test_the_other_threads_time_in_a_step_counts_when_it_comes_in(monkeypatch, share):
+    """Between steps a sampler runs (~0.5 ms a token) and Numba's other thread goes to sleep, its time in the step
+    added to the process's total only then: judged at the step's end, a quiet machine's hold read ~0.5 and the steps
+    tried one thread (measured: 0.55-0.77 a window, the CLI's sampling preset). Counted to the next step's start, a
+    quiet machine keeps two threads; a core held by another process (the other thread running 30% of each step,
+    whose steps then take 6 ms, one thread's 2.3) still sends the steps to one."""
+    import numba
+    from types import SimpleNamespace
+
+    clock, counts, threads_now = SteppedClock(share), [], [2]
+    monkeypatch.setattr(threads, "time", clock)
+    monkeypatch.setattr(numba, "get_num_threads", lambda: 2)
+    monkeypatch.setattr(numba, "set_num_threads", lambda n: threads_now.__setitem__(0, n))
+    monkeypatch.setenv("LLAMA_REF_ADAPT_THREADS", "1")
+    model = SimpleNamespace(ops=SimpleNamespace(__name__="llama_ref.kernels"), step_threads=StepThreads())
+
+    @threads.adapts_threads
+    def forward(model, tokens):
+        n = threads_now[0]
+        counts.append(n)
+        return clock.step(0.006 if share < 1 and n == 2 else 0.0023, n)
+
+    for _ in range(1500):
+        clock.pause(0.0005, forward(model, [1]))
+    if share == 1.0:
+        assert counts == [2] * 1500
+    else:
+        assert counts[-100:].count(1) >= 90
+
+
 def test_steps_go_back_to_every_thread_when_the_core_is_free():
     chooser = StepThreads()
     drive(chooser, busy, 300)

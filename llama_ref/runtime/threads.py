@@ -237,8 +237,10 @@ class StepThreads:
     only: every kernel computes the same values at any count (tests/test_ggml_step.py, test_exact_step.py, and
     test_step_threads.py for whole steps at changing counts).
 
-    So each step is timed, with the CPU time the process got meanwhile. Two windows in a row (steps at the count
-    adding up to WINDOW seconds each) whose threads held their cores for less than HELD of their time (quiet:
+    So each step is timed, with the CPU time its calling thread got and the process's other threads' from its
+    start to the next step's (see started: their time in a step may reach the total only after it). Two windows
+    in a row (steps at the count adding up to WINDOW seconds each) whose threads held their cores for less than
+    HELD of their time (quiet:
     0.9-1.0 here; 0.3-0.55 in the cases above) say that something else holds one: the next step runs on one thread
     fewer, and if it took at most MARGIN of the recent steps' time, the steps go on at that count. Windows, not
     steps: the process's CPU time holds another thread's running time only as of that thread's last scheduler
@@ -264,6 +266,20 @@ class StepThreads:
     def __init__(self):
         self._start(0)
         self.steps = Counter()  # steps run at each count
+        self.pending = None  # the last step (n, seconds, its caller's CPU seconds, the other threads' before it)
+
+    def started(self, others: float) -> None:
+        """A step begins, the process's other threads having had `others` CPU seconds so far: the step before it
+        is recorded now, with its calling thread's CPU time and the other threads' from its start to this one's.
+        Linux adds a running thread's time to the process total at its scheduler ticks and when it stops running:
+        after a step Numba's threads spin a while, then sleep, so with a pause between steps (a sampler: ~0.5 ms
+        a token) their time in the step came in only after it ended. Counted at the step's end, the hold read
+        0.55-0.77 a window on a quiet machine (the default model, the CLI's sampling preset, 2 threads) and the
+        steps tried one thread, its first step loading that count's code (~70-80 ms)."""
+        if self.pending is not None:
+            n, seconds, own, before = self.pending
+            self.pending = None
+            self.record(n, seconds, own + max(0.0, others - before))
 
     def _start(self, most: int) -> None:
         self.most = most  # the count in force when the steps began; a new one starts afresh
@@ -337,18 +353,21 @@ def adapts_threads(forward):
         choice = getattr(model, "step_threads", None)
         if choice is None:  # an object made without Transformer.__init__
             return forward(model, tokens, *args, **kwargs)
+        own0 = time.thread_time()
+        others = time.process_time() - own0  # the other threads' CPU time so far
+        choice.started(others)
         n = choice.choose(most)
         if n != most:  # (a set_num_threads costs ~10 us in a decode step, its code and data cold after the step)
             numba.set_num_threads(n)
         _stepping.on = True
-        t0, c0 = time.perf_counter(), time.process_time()
+        t0 = time.perf_counter()
         try:
             out = forward(model, tokens, *args, **kwargs)
         finally:
             _stepping.on = False
             if n != most:
                 numba.set_num_threads(most)
-        choice.record(n, time.perf_counter() - t0, time.process_time() - c0)
+        choice.pending = (n, time.perf_counter() - t0, time.thread_time() - own0, others)
         return out
 
     return run

@@ -34,13 +34,19 @@ from .ggml_ops import apply_rope, attention, rms_norm, rope_tables, serial_produ
 ROWS = 16  # weight rows per parallel work item: their bytes stay in cache while every activation row passes
 # Q5_0 (kind 5) and Q5_1 (kind 1) in their file's blocks (_weight_args): a decode's tile spreads the fifth bits
 # and nibbles in registers, as llama.cpp's does.
-KIND = {"q8_0": 0, "q5_1": 1, "q4_0": 2, "q4_0r": 3, "q4_1": 4, "q5_0": 5, "q5_1x8": 7, "q5_0x8": 8, "q4_1x8": 9}
+KIND = {"q8_0": 0, "q5_1": 1, "q4_0": 2, "q4_0r": 3, "q4_1": 4, "q5_0": 5, "q5_1x8": 7, "q5_0x8": 8, "q4_1x8": 9,
+        "q4_1x16": 10}
 # Q5_1 (kind 7), Q5_0 (8) and Q4_1 (9) in the "x8" form (weights/packed.py Q5_BIT_ORDERS, Q4_1Weight: each 8 rows'
 # blocks side by side), where this host's tiles read Q5's fifth bits "shifted" (AVX2 without GFNI: X8_HOST, where it
 # was measured) and the rows come in groups of 8: a decode's 8-row tile (ggml_simd._define_x8) turns the 8 rows'
 # lanes on their side, the same sums. One weight form a host and shape (the file's bytes moved, not changed).
 X8 = (7, 8, 9)
 X8_HOST = simd.Q5_BIT_ORDER == "shifted"
+# Q4_1 (kind 10) in the "x16" form (Q4_1Weight.x8_form(16): each 16 rows' blocks side by side) where the host runs
+# 512-bit VNNI at full width (ggml_simd.host_prefers_512: Intel's AVX-512 Xeons) and the rows come in groups of 16: a
+# decode's 16-row tile (ggml_simd._define_x16), 16 rows' lanes on their side in each 512-bit vector. The default
+# model's Q4_1 decode on an Emerald Rapids guest, 2 threads, alternated: see sessions.md, session 63.
+X16_HOST = simd.HAS_VNNI512 and simd.host_prefers_512()
 # A prefill (more than one activation row) first unpacks each tile's ROWS rows of a Q5 or Q4_1 weight to one byte per
 # value (ggml_simd.unpack_row, _unpacked_tile; a scratch of the thread's own), then runs the byte tiles on them: Q5_1
 # and Q4_1 this kind, Q5_0 Q8_0's (its int8 values q - 16). Only _linear sees this kind, never
@@ -81,6 +87,7 @@ _q5_1_R1 = simd.make_dot("q5_1c", 4, 1)
 _q5_0_R1 = simd.make_dot("q5_0c", 4, 1)
 _q5_1x8_R1, _q5_0x8_R1 = simd.make_dot("q5_1x8", 8, 1), simd.make_dot("q5_0x8", 8, 1)  # decode, 8 rows
 _q4_1x8_R1 = simd.make_dot("q4_1x8", 8, 1)
+_q4_1x16_R1 = simd.make_dot("q4_1x16", 16, 1)  # decode, 16 rows
 _q5_1x_RA, _q5_1x_R1, _q5_1x_1A, _q5_1x_11 = _tiles("q5_1")  # one byte per value: a prefill's
 _q4_0_RA, _q4_0_R1, _q4_0_1A, _q4_0_11 = _tiles("q4_0")
 _q4_0r_RA, _q4_0r_R1, _, _ = _tiles("q4_0r")
@@ -138,6 +145,8 @@ def _dot(kind, many_rows, many_acts, w, ws, wd, wm, wds, x, xst, xd, xs, xds, nb
         _q5_0x8_R1(w, ws, wd, wm, wds, x, xst, xd, xs, xds, nb, out, ost, use_simd)
     elif kind == 9:  # Q4_1's, the same
         _q4_1x8_R1(w, ws, wd, wm, wds, x, xst, xd, xs, xds, nb, out, ost, use_simd)
+    elif kind == 10:  # Q4_1 in the "x16" form: 16 rows by one activation row (a decode's; R % 16 == 0)
+        _q4_1x16_R1(w, ws, wd, wm, wds, x, xst, xd, xs, xds, nb, out, ost, use_simd)
     elif kind == 3:  # repacked Q4_0: always 8 rows (R % 8 == 0)
         if many_acts:
             _q4_0r_RA(w, ws, wd, wm, wds, x, xst, xd, xs, xds, nb, out, ost, use_simd)
@@ -234,8 +243,14 @@ def _unpacked_tile(kind, w, ws, wd, wds, nb, K, r0, r1, x0, xd0, xs0, o0, N, R, 
 
 @njit(inline="always", **JIT)
 def _is_x8(kind):
-    """Whether a KIND is one of the "x8" forms (X8): rows only in groups of 8."""
-    return kind == 7 or kind == 8 or kind == 9
+    """Whether a KIND is one of the "x8" forms (X8) or Q4_1's "x16": rows only in groups (_group)."""
+    return kind == 7 or kind == 8 or kind == 9 or kind == 10
+
+
+@njit(inline="always", **JIT)
+def _group(kind):
+    """The rows of a group in the form of this KIND (_is_x8): 16 for "x16", else 8."""
+    return 16 if kind == 10 else 8
 
 
 @njit(inline="always", **JIT)
@@ -251,6 +266,8 @@ def _unpack_form(kind):
         return np.int64(simd.UNPACK_Q5_1X8)
     if kind == 8:
         return np.int64(simd.UNPACK_Q5_0X8)
+    if kind == 10:
+        return np.int64(simd.UNPACK_Q4_1X16)
     return np.int64(simd.UNPACK_Q4_1X8)
 
 
@@ -258,9 +275,10 @@ def _unpack_form(kind):
 def _row_start(kind, w, ws, wd, wds, nb, r):
     """Where row r of a weight (bytes at w, ws a row; scales at wd, wds a row) starts, as unpack_row takes it: the
     row itself, or in the "x8" form (kinds X8) its group of 8 rows' start + 4 (r % 8) bytes, and its scales + r % 8
-    (each of 2 bytes, Q5_0, or 4, Q5_1 and Q4_1's pairs)."""
+    (each of 2 bytes, Q5_0, or 4, Q5_1 and Q4_1's pairs); in Q4_1's "x16" the same for groups of 16."""
     if _is_x8(kind):
-        g, k = r // 8 * 8, r % 8
+        n = _group(kind)
+        g, k = r // n * n, r % n
         return w + g * ws + 4 * k, wd + g * wds + k * (2 if kind == 8 else 4)
     return w + r * ws, wd + r * wds
 
@@ -287,7 +305,7 @@ def _rows_at(kind, w0, ws, d0, wds, m0, nb, x0, K, xd0, xs0, o0, ost, use_simd, 
     # before its fma, and took 1.6x longer (model, one thread); rows r0, r1 are multiples of 8 there, as in the
     # "x8" form (X8), whose rows exist only as groups of 8. The other kinds go DECODE_ROWS at a time, the last few
     # one at a time.
-    step = 8 if kind == 3 or _is_x8(kind) else DECODE_ROWS
+    step = _group(kind) if _is_x8(kind) else 8 if kind == 3 else DECODE_ROWS
     r = r0
     while r + step <= r1:
         _dot(kind, step > 1, False, w0 + r * ws, ws, d0 + r * wds, m0 + r * wds, wds, x0, K, xd0, xs0,
@@ -379,7 +397,7 @@ def embedding(tokens: np.ndarray, table, dtype) -> np.ndarray:
     Q5_1, and Q4_1 held in the "x8" form, from the blocks this arithmetic holds (_unpacked_rows: the NumPy rows took
     ~90 us, a Q5 decode step's 2 %). For the K-quants it would first unpack the whole table beside the form this
     arithmetic keeps (the originals, which Q4_K drops for its repacked copy), so they keep the specification's rows."""
-    x8 = isinstance(table, Q4_1Weight) and _held_x8(table)  # its nibbles in the "x8" form: not rows to read
+    x8 = isinstance(table, Q4_1Weight) and _held_x8(table)  # its nibbles in the "x8" / "x16" form: not rows to read
     if isinstance(table, _ROWS_AS_HELD) and not x8:
         return _compiled_rows(tokens, table, dtype)
     if isinstance(table, (Q5_0Weight, Q5_1Weight, Q4_1Weight)) and np.dtype(dtype) == np.float32:
@@ -469,8 +487,8 @@ def _weight_args(w) -> tuple:
             # of 8 on an X8_HOST: the nibbles in the "x8" form (the weight then holds them so), the pairs too.
             d = m = _scale_pairs(w.d, w.m)
             if _held_x8(w):
-                fmt += "x8"
-                qs, d = readonly(w.x8_form()), readonly(q5_scales_in_order(d, "x8", "file"))
+                fmt += "x16" if _held_x16(w) else "x8"
+                qs, d = readonly(w.x8_form(16 if _held_x16(w) else 8)), readonly(q5_scales_in_order(d, fmt[4:], "file"))
                 m = d
             else:
                 qs = readonly(w.qs)
@@ -484,8 +502,14 @@ def _weight_args(w) -> tuple:
 
 def _held_x8(w) -> bool:
     """Whether ggml mode holds weight w in the "x8" form (X8): a Q5_0, Q5_1 or Q4_1 weight whose rows come in
-    groups of 8, on an X8_HOST."""
-    return X8_HOST and w.format in ("q5_0", "q5_1", "q4_1") and w.shape[0] % 8 == 0
+    groups of 8, on an X8_HOST; or in Q4_1's "x16" (_held_x16)."""
+    return (X8_HOST and w.format in ("q5_0", "q5_1", "q4_1") and w.shape[0] % 8 == 0) or _held_x16(w)
+
+
+def _held_x16(w) -> bool:
+    """Whether ggml mode holds weight w in the "x16" form: a Q4_1 weight whose rows come in groups of 16, on an
+    X16_HOST."""
+    return X16_HOST and w.format == "q4_1" and w.shape[0] % 16 == 0
 
 
 def _repack_scales(d: np.ndarray) -> np.ndarray:

@@ -26,9 +26,9 @@ from ._common import JIT, address, readonly
 from .ggml_ops import serial_product
 
 ROWS = 16  # weight rows per work item, as both modules' products split them
-# The kinds of the work list: kernels/ggml.py's KIND (0-9: Q8_0, Q5_1, Q4_0, repacked Q4_0, Q4_1, Q5_0; Q5_1 and
-# Q5_0 in their file's blocks; 7, 8, 9 Q5_1, Q5_0 and Q4_1 in the "x8" form), then the K-quants, whose activations
-# are Q8_K; Q4_KR, Q4_K with rows in groups of 8, read from its repacked copy (ggml_kquants.q4_kx8).
+# The kinds of the work list: kernels/ggml.py's KIND (0-10: Q8_0, Q5_1, Q4_0, repacked Q4_0, Q4_1, Q5_0; Q5_1 and
+# Q5_0 in their file's blocks; 7, 8, 9 Q5_1, Q5_0 and Q4_1 in the "x8" form; 10 Q4_1 in "x16"), then the K-quants,
+# whose activations are Q8_K; Q4_KR, Q4_K with rows in groups of 8, read from its repacked copy (ggml_kquants.q4_kx8).
 Q4_K, Q4_KR, Q5_K, Q6_K = 16, 17, 18, 19
 # The columns of the work list (one int64 row per weight): its kind, rows, blocks per row, the addresses and row
 # strides of its bytes (qs / blocks; Q4_KR: the repacked copy and its stride per group of 8 rows), scales (d, or

@@ -487,7 +487,7 @@ def test_q4_1_x8_products_and_rows_equal_specification(use_simd):
             assert same_bits(kernels().quantized_linear(x, w, use_simd), ggml.linear(x, spec_w)), (pattern, n)
         ids = np.array([[rows - 1, 0], [3, 8 % rows]])
         assert same_bits(kernels().embedding(ids, w, np.float32), ggml.embedding(ids, spec_w, np.float32))
-        assert (w._x8 is not None) == kernels().X8_HOST
+        assert (w._x8 is not None) == (kernels().X8_HOST or (kernels().X16_HOST and rows % 16 == 0))  # or "x16"
 
 
 def test_unpack_row_q4_1_x8_reads_the_groups():
@@ -501,6 +501,61 @@ def test_unpack_row_q4_1_x8_reads_the_groups():
         pairs = np.ascontiguousarray(kernels()._scale_pairs(w.d, w.m))
         want = unpacked_rows("q4_1", np.ascontiguousarray(w.qs), pairs, ggml_simd.UNPACK_Q4_1)
         got = unpacked_rows("q4_1x8", w.x8_form(), q5_scales_in_order(pairs, "x8", "file"), ggml_simd.UNPACK_Q4_1X8)
+        assert np.array_equal(got[0], want[0]) and same_bits(got[1], want[1]) and same_bits(got[2], want[2])
+
+
+def test_q4_1_x16_form_by_hand():
+    """Q4_1Weight's "x16" form (x8_form(16): the 16-row decode tiles', kernels/ggml_simd._define_x16), byte by byte
+    from its definition: block b of rows 16g .. 16g + 15 the 256 bytes at (g nb + b) 256, byte 64j + 4r + k row r's
+    nibble byte 4j + k; from the "x8" form and back to rows, the file's bytes; rows not in groups of 16 refused."""
+    w = raw_blocks("q4_1", 32, 3, seed=32)
+    raw = w.raw_blocks().reshape(32, 3, 20)
+    rows_qs = np.array(w.qs)
+    w.x8_form()
+    held = w.x8_form(16).reshape(2, 3, 256)
+    for g, b, r in np.ndindex(2, 3, 16):
+        for j, k in np.ndindex(4, 4):
+            assert held[g, b, 64 * j + 4 * r + k] == rows_qs[16 * g + r, 16 * b + 4 * j + k]
+    assert np.array_equal(w.raw_blocks().reshape(32, 3, 20), raw)
+    assert np.array_equal(w.raw_blocks(np.array([31, 2, 17])).reshape(3, 3, 20), raw[[31, 2, 17]])
+    assert np.array_equal(w.qs, rows_qs) and w._x8 is None
+    with pytest.raises(ValueError, match="groups of 16"):
+        raw_blocks("q4_1", 24, 3, seed=31).x8_form(16)
+
+
+@pytest.mark.parametrize("use_simd", [0, 1, 2, 3])
+def test_q4_1_x16_products_and_rows_equal_specification(monkeypatch, use_simd):
+    """A Q4_1 weight of rows in groups of 16 in the "x16" form (kernels/ggml.py _held_x16: AVX-512 VNNI hosts that run
+    512-bit vectors at full width; here on any host, every integer path): decode (the 16-row tile), prefill (rows
+    unpacked from their groups), blocks at the ends of the range by activations of magnitude 127, and the compiled
+    embedding, bit for bit the specification's (on a second weight of the same bytes)."""
+    ggml_kernels = kernels()
+    monkeypatch.setattr(ggml_kernels, "X16_HOST", True)
+    for pattern, rows, nb in (("random", 16, 5), ("max", 32, 3), ("min", 16, 2), ("random", 48, 18)):
+        w = raw_blocks("q4_1", rows, nb, seed=rows + nb, pattern=pattern)
+        spec_w = TYPES["q4_1"](w.raw_blocks(), w.shape)
+        assert ggml_kernels._weight_args(w)[0] == ggml_kernels.KIND["q4_1x16"]
+        for n in (1, 2, 5):
+            x = extreme_activations(n, 32 * nb, n) if pattern != "random" else \
+                np.random.default_rng(n).standard_normal((n, 32 * nb)).astype(np.float32)
+            assert same_bits(ggml_kernels.quantized_linear(x, w, use_simd), ggml.linear(x, spec_w)), (pattern, n)
+        ids = np.array([[rows - 1, 0], [3, 17 % rows]])
+        assert same_bits(ggml_kernels.embedding(ids, w, np.float32), ggml.embedding(ids, spec_w, np.float32))
+        assert w._x8 is not None and w._group == 16
+
+
+def test_unpack_row_q4_1_x16_reads_the_groups():
+    """ggml_simd.unpack_row's UNPACK_Q4_1X16 at kernels/ggml._row_start's addresses (the row's words in its group's
+    256-byte blocks, its pair 16 pairs apart): the same bytes and scales as UNPACK_Q4_1 of the row itself."""
+    from llama_ref.kernels import ggml_simd
+    from llama_ref.weights.packed import q5_scales_in_order
+
+    for pattern in ("random", "max"):
+        w = raw_blocks("q4_1", 32, 9, seed=9, pattern=pattern)
+        pairs = np.ascontiguousarray(kernels()._scale_pairs(w.d, w.m))
+        want = unpacked_rows("q4_1", np.ascontiguousarray(w.qs), pairs, ggml_simd.UNPACK_Q4_1)
+        got = unpacked_rows("q4_1x16", w.x8_form(16), q5_scales_in_order(pairs, "x16", "file"),
+                            ggml_simd.UNPACK_Q4_1X16)
         assert np.array_equal(got[0], want[0]) and same_bits(got[1], want[1]) and same_bits(got[2], want[2])
 
 

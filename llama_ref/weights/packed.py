@@ -235,15 +235,18 @@ class Q4_1Weight(GGUFBlockWeight):
     and the specification read them), or for arithmetic="ggml"'s 8-row decode tiles (kernels/ggml_simd._define_x8)
     in the "x8" form (x8_form(); the rows in groups of 8): block b of rows 8g .. 8g + 7 is the 128 bytes at
     (g nb + b) 128, 4 vectors of 32 bytes, byte 32j + 4r + k row r's nibble byte 4j + k (its values 4j + k and
-    16 + 4j + k). One copy: asking for qs (or x8_form()) moves the nibbles held into that form; raw_blocks() reads
-    either without moving them."""
+    16 + 4j + k). Or in the "x16" form (x8_form(16)), the same for groups of 16 rows (AVX-512 VNNI's 16-row decode
+    tiles, kernels/ggml_simd._define_x16): block b of rows 16g .. 16g + 15 the 256 bytes at (g nb + b) 256, byte
+    64j + 4r + k row r's nibble byte 4j + k. One copy: asking for qs (or x8_form()) moves the nibbles held into that
+    form; raw_blocks() reads either without moving them."""
     format, ggml_type, block_size, type_size, bits_per_weight = "q4_1", "Q4_1", 32, 20, 5.0
     fields = ("d", "m")
-    _x8 = None  # the nibbles in the "x8" form while they are held so (then _row_qs is None)
+    _x8 = None  # the nibbles in the "x8" (or "x16") form while they are held so (then _row_qs is None) ...
+    _group = 8  # ... in groups of this many rows
 
     def _row_nibbles(self):
         if self._x8 is not None:  # back to rows: the x8 form let go (what a kernel holds of it stays its)
-            self._row_qs, self._x8 = _readonly(_x8_rows(self._x8, 0, False)), None
+            self._row_qs, self._x8 = _readonly(_x8_rows(self._x8, 0, False, self._group)), None
         return self._row_qs
 
     def _hold_rows(self, value):
@@ -252,17 +255,21 @@ class Q4_1Weight(GGUFBlockWeight):
     qs = property(_row_nibbles, _hold_rows, doc="(rows, nb * 16) uint8: each row's nibbles, the file's bytes")
     data = property(lambda self: self._row_qs if self._x8 is None else self._x8, _hold_rows)
 
-    def x8_form(self) -> np.ndarray:
-        """The nibbles (rows, nb * 16) in the "x8" form (see the class), held so from now on."""
+    def x8_form(self, group: int = 8) -> np.ndarray:
+        """The nibbles (rows, nb * 16) in the "x8" form, or with group=16 the "x16" form (see the class), held so
+        from now on."""
+        if self._x8 is not None and self._group != group:
+            self._row_nibbles()
         if self._x8 is None:
-            self._x8, self._row_qs = _readonly(_x8_rows(self._row_qs, 0, True)), None
+            self._x8, self._row_qs = _readonly(_x8_rows(self._row_qs, 0, True, group)), None
+            self._group = group
         return self._x8
 
     def raw_blocks(self, ids=None) -> np.ndarray:
         if self._x8 is None:
             return super().raw_blocks(ids)
         rows = np.arange(self.shape[0])[slice(None) if ids is None else ids].reshape(-1)
-        qs = _x8_pick(self._x8, rows, lambda a: _x8_rows(a, 0, False))
+        qs = _x8_pick(self._x8, rows, lambda a: _x8_rows(a, 0, False, self._group), self._group)
         parts = [getattr(self, name)[rows].astype(np.float16)[:, :, None].view(np.uint8) for name in self.fields]
         parts.append(qs.reshape(rows.size, -1, 16))
         return np.concatenate(parts, axis=2).reshape(rows.size, -1)
@@ -303,57 +310,64 @@ def _bit_tables(dest: np.ndarray) -> np.ndarray:
 _TO_SHIFTED, _TO_FILE = _bit_tables(_SHIFTED_AT), _bit_tables(np.argsort(_SHIFTED_AT))
 
 
-def _x8_groups(a: np.ndarray, per_row: int) -> int:
-    """Groups of 8 rows of a (rows, ...) array of per_row bytes a row, taken at a time: ~BLOCKS_PER_PIECE blocks."""
-    if a.ndim != 2 or a.shape[0] % 8:
-        raise ValueError(f"the form 'x8' needs (rows, blocks) with rows in groups of 8, not {a.shape}")
-    return max(1, BLOCKS_PER_PIECE * 20 // (8 * per_row))
+def _x8_groups(a: np.ndarray, per_row: int, group: int = 8) -> int:
+    """Groups of `group` rows of a (rows, ...) array of per_row bytes a row, taken at a time: ~BLOCKS_PER_PIECE
+    blocks."""
+    if a.ndim != 2 or a.shape[0] % group:
+        raise ValueError(f"the form 'x{group}' needs (rows, blocks) with rows in groups of {group}, not {a.shape}")
+    return max(1, BLOCKS_PER_PIECE * 20 // (group * per_row))
 
 
-def _x8_pick(held: np.ndarray, rows: np.ndarray, back) -> np.ndarray:
-    """Rows `rows` (1-D) of an array (rows, width) held in the "x8" form: only the groups of 8 rows that hold them
-    are taken out of it, by back (the groups' array -> row by row). -> (len(rows), width)."""
-    groups = np.unique(rows // 8)
-    part = held.reshape(-1, 8, held.shape[1])[groups].reshape(8 * groups.size, -1)
-    return back(part)[8 * np.searchsorted(groups, rows // 8) + rows % 8]
+def _x8_pick(held: np.ndarray, rows: np.ndarray, back, group: int = 8) -> np.ndarray:
+    """Rows `rows` (1-D) of an array (rows, width) held in the "x8" form (or "x16": group 16): only the groups of
+    rows that hold them are taken out of it, by back (the groups' array -> row by row). -> (len(rows), width)."""
+    groups = np.unique(rows // group)
+    part = held.reshape(-1, group, held.shape[1])[groups].reshape(group * groups.size, -1)
+    return back(part)[group * np.searchsorted(groups, rows // group) + rows % group]
 
 
-def _x8_rows(blocks: np.ndarray, head: int, into: bool) -> np.ndarray:
+def _x8_rows(blocks: np.ndarray, head: int, into: bool, group: int = 8) -> np.ndarray:
     """Blocks (rows, nb * (head + 16)) of `head` bytes of fifth bits (Q5: 4; Q4_1: 0) and 16 of nibbles, rows in
-    groups of 8, into (True) or out of (False) the "x8" form (Q5_BIT_ORDERS, Q4_1Weight): a group's block the 8 rows'
-    nibbles as 4 vectors of 32 bytes, then their heads. In pieces of ~BLOCKS_PER_PIECE blocks."""
+    groups of 8 (or 16), into (True) or out of (False) the "x8" form (Q5_BIT_ORDERS, Q4_1Weight; "x16"): a group's
+    block the rows' nibbles as 4 vectors of 4 * group bytes, then their heads. In pieces of ~BLOCKS_PER_PIECE
+    blocks."""
     rows, width = blocks.shape
-    nb, at, size = width // (head + 16), _x8_groups(blocks, width), head + 16
+    g_, nib = group, 16 * group  # rows a group, nibble bytes a group's block
+    nb, at, size = width // (head + 16), _x8_groups(blocks, width, g_), head + 16
     out = np.empty_like(blocks)
-    src, dst = blocks.reshape(rows // 8, 8 * width), out.reshape(rows // 8, 8 * width)  # one row per group
-    for g in range(0, rows // 8, at):
+    src, dst = blocks.reshape(rows // g_, g_ * width), out.reshape(rows // g_, g_ * width)  # one row per group
+    for g in range(0, rows // g_, at):
         piece = src[g:g + at]
         n = piece.shape[0]
-        if into:  # (n, 8 r, nb, head | 16) -> (n, nb, [4 j, 8 r, 4 k] nibbles | [8 r, head] heads)
-            p = piece.reshape(n, 8, nb, size)
-            parts = [p[..., head:].reshape(n, 8, nb, 4, 4).transpose(0, 2, 3, 1, 4).reshape(n, nb, 128),
-                     p[..., :head].transpose(0, 2, 1, 3).reshape(n, nb, 8 * head)]
+        if into:  # (n, G r, nb, head | 16) -> (n, nb, [4 j, G r, 4 k] nibbles | [G r, head] heads)
+            p = piece.reshape(n, g_, nb, size)
+            parts = [p[..., head:].reshape(n, g_, nb, 4, 4).transpose(0, 2, 3, 1, 4).reshape(n, nb, nib),
+                     p[..., :head].transpose(0, 2, 1, 3).reshape(n, nb, g_ * head)]
             dst[g:g + n] = np.concatenate(parts, 2).reshape(n, -1)
         else:
-            p = piece.reshape(n, nb, 8 * size)
-            parts = [p[..., 128:].reshape(n, nb, 8, head).transpose(0, 2, 1, 3),
-                     p[..., :128].reshape(n, nb, 4, 8, 4).transpose(0, 3, 1, 2, 4).reshape(n, 8, nb, 16)]
+            p = piece.reshape(n, nb, g_ * size)
+            parts = [p[..., nib:].reshape(n, nb, g_, head).transpose(0, 2, 1, 3),
+                     p[..., :nib].reshape(n, nb, 4, g_, 4).transpose(0, 3, 1, 2, 4).reshape(n, g_, nb, 16)]
             dst[g:g + n] = np.concatenate(parts, 3).reshape(n, -1)
     return out
 
 
 def q5_scales_in_order(scales: np.ndarray, order: str, was: str) -> np.ndarray:
     """A Q5 weight's scales (rows, nb) (fp16 bits, or fp16 pairs as uint32; kernels/ggml.py also puts Q4_1's fp16
-    pairs in "x8" order with it) as the blocks in `order` want them (a
-    copy where they move; else scales itself): "x8" has the 8 scales of rows 8g .. 8g + 7 of block b side by side,
-    (rows / 8, nb, 8) viewed as (rows, nb); the other orders row by row."""
-    if (order == "x8") == (was == "x8"):
+    pairs in "x8" or "x16" order with it) as the blocks in `order` want them (a copy where they move; else scales
+    itself): "x8" has the 8 scales of rows 8g .. 8g + 7 of block b side by side, (rows / 8, nb, 8) viewed as
+    (rows, nb), "x16" the 16 of rows 16g .. 16g + 15; the other orders row by row."""
+    groups = {"x8": 8, "x16": 16}
+    if groups.get(order) == groups.get(was):
         return scales
+    if order in groups and was in groups:
+        return q5_scales_in_order(q5_scales_in_order(scales, "file", was), order, "file")
     rows, nb = scales.shape
-    _x8_groups(scales, nb)
-    if order == "x8":
-        return np.ascontiguousarray(scales.reshape(rows // 8, 8, nb).transpose(0, 2, 1)).reshape(rows, nb)
-    return np.ascontiguousarray(scales.reshape(rows // 8, nb, 8).transpose(0, 2, 1)).reshape(rows, nb)
+    g = groups.get(order) or groups[was]
+    _x8_groups(scales, nb, g)
+    if order in groups:
+        return np.ascontiguousarray(scales.reshape(rows // g, g, nb).transpose(0, 2, 1)).reshape(rows, nb)
+    return np.ascontiguousarray(scales.reshape(rows // g, nb, g).transpose(0, 2, 1)).reshape(rows, nb)
 
 
 def q5_bits_in_order(blocks: np.ndarray, order: str, was: str = "file") -> np.ndarray:

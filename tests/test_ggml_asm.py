@@ -422,3 +422,20 @@ def test_x8_decode_tile_reads_8_rows_on_their_side(kind):
     assert len(x_loads) == 8 and len(scale_splats) == (1 if signed else 2), body  # d_x (and s_x) of the block
     assert names.count("vpsignb") == (16 if signed else 0), body
     assert not [ins for ins in body if "zmm" in ins], body
+
+
+@pytest.mark.skipif(not ggml_simd.HAS_VNNI512, reason="the CPU has no AVX-512 VNNI")
+def test_x16_decode_tile_reads_16_rows_a_zmm_vector():
+    """The 16-row decode tile of Q4_1's "x16" form (ggml_simd._define_x16), 512-bit branch: one loop over the blocks,
+    every vector op on zmm registers; per block the 8 lanes' products of 16 rows, 8 vpdpbusd (the activation's 4
+    values of a lane broadcast), 8 conversions and 9 fmas (8 lanes, the mins), on four 64-byte loads of nibbles (a
+    vpsrlw each for the high ones) and one load of the 16 rows' fp16 pairs; nothing on the stack."""
+    loops = block_loops(tile_asm("q4_1x16", 16, 1, 3))
+    assert len(loops) == 1, [len(body) for body in loops]
+    body = loops[0]
+    zmm = [ins.split()[0] for ins in body if "%zmm" in ins]
+    for name, count in (("vpdpbusd", 8), ("vcvtdq2ps", 8), ("vfmadd231ps", 9), ("vpsrlw", 4)):
+        assert zmm.count(name) == count, (name, body)
+    halves = ("vpmovdw", "vcvtph2ps", "vcvtph2psx")  # the 16 rows' fp16 d's (and m's): a ymm between the two
+    assert not [ins for ins in body if "%ymm" in ins and ins.split()[0] not in halves], body
+    assert not [ins for ins in body if "(%rsp)" in ins], body

@@ -35,17 +35,17 @@ ROWS = 16  # weight rows per parallel work item: their bytes stay in cache while
 # Q5_0 (kind 5) and Q5_1 (kind 1) in their file's blocks (_weight_args): a decode's tile spreads the fifth bits
 # and nibbles in registers, as llama.cpp's does.
 KIND = {"q8_0": 0, "q5_1": 1, "q4_0": 2, "q4_0r": 3, "q4_1": 4, "q5_0": 5, "q5_1x8": 7, "q5_0x8": 8, "q4_1x8": 9,
-        "q4_1x16": 10}
+        "q4_1x16": 10, "q5_0x16": 11, "q5_1x16": 12}
 # Q5_1 (kind 7), Q5_0 (8) and Q4_1 (9) in the "x8" form (weights/packed.py Q5_BIT_ORDERS, Q4_1Weight: each 8 rows'
 # blocks side by side), where this host's tiles read Q5's fifth bits "shifted" (AVX2 without GFNI: X8_HOST, where it
 # was measured) and the rows come in groups of 8: a decode's 8-row tile (ggml_simd._define_x8) turns the 8 rows'
 # lanes on their side, the same sums. One weight form a host and shape (the file's bytes moved, not changed).
 X8 = (7, 8, 9)
 X8_HOST = simd.Q5_BIT_ORDER == "shifted"
-# Q4_1 (kind 10) in the "x16" form (Q4_1Weight.x8_form(16): each 16 rows' blocks side by side) where the host runs
-# 512-bit VNNI at full width (ggml_simd.host_prefers_512: Intel's AVX-512 Xeons) and the rows come in groups of 16: a
-# decode's 16-row tile (ggml_simd._define_x16), 16 rows' lanes on their side in each 512-bit vector. The default
-# model's Q4_1 decode on an Emerald Rapids guest, 2 threads, alternated: see sessions.md, session 63.
+# Q4_1 (kind 10), Q5_0 (11) and Q5_1 (12) in the "x16" form (Q4_1Weight.x8_form(16), Q5_BIT_ORDERS: each 16 rows'
+# blocks side by side) where the host runs 512-bit VNNI at full width (ggml_simd.host_prefers_512: Intel's AVX-512
+# Xeons) and the rows come in groups of 16: a decode's 16-row tile (ggml_simd._define_x16), 16 rows' lanes on their
+# side in each 512-bit vector. The default model's decode on an Emerald Rapids guest: sessions.md, session 63.
 X16_HOST = simd.HAS_VNNI512 and simd.host_prefers_512()
 # A prefill (more than one activation row) first unpacks each tile's ROWS rows of a Q5 or Q4_1 weight to one byte per
 # value (ggml_simd.unpack_row, _unpacked_tile; a scratch of the thread's own), then runs the byte tiles on them: Q5_1
@@ -88,6 +88,7 @@ _q5_0_R1 = simd.make_dot("q5_0c", 4, 1)
 _q5_1x8_R1, _q5_0x8_R1 = simd.make_dot("q5_1x8", 8, 1), simd.make_dot("q5_0x8", 8, 1)  # decode, 8 rows
 _q4_1x8_R1 = simd.make_dot("q4_1x8", 8, 1)
 _q4_1x16_R1 = simd.make_dot("q4_1x16", 16, 1)  # decode, 16 rows
+_q5_0x16_R1, _q5_1x16_R1 = simd.make_dot("q5_0x16", 16, 1), simd.make_dot("q5_1x16", 16, 1)
 _q5_1x_RA, _q5_1x_R1, _q5_1x_1A, _q5_1x_11 = _tiles("q5_1")  # one byte per value: a prefill's
 _q4_0_RA, _q4_0_R1, _q4_0_1A, _q4_0_11 = _tiles("q4_0")
 _q4_0r_RA, _q4_0r_R1, _, _ = _tiles("q4_0r")
@@ -147,6 +148,10 @@ def _dot(kind, many_rows, many_acts, w, ws, wd, wm, wds, x, xst, xd, xs, xds, nb
         _q4_1x8_R1(w, ws, wd, wm, wds, x, xst, xd, xs, xds, nb, out, ost, use_simd)
     elif kind == 10:  # Q4_1 in the "x16" form: 16 rows by one activation row (a decode's; R % 16 == 0)
         _q4_1x16_R1(w, ws, wd, wm, wds, x, xst, xd, xs, xds, nb, out, ost, use_simd)
+    elif kind == 11:  # Q5_0's, the same
+        _q5_0x16_R1(w, ws, wd, wm, wds, x, xst, xd, xs, xds, nb, out, ost, use_simd)
+    elif kind == 12:  # Q5_1's, the same
+        _q5_1x16_R1(w, ws, wd, wm, wds, x, xst, xd, xs, xds, nb, out, ost, use_simd)
     elif kind == 3:  # repacked Q4_0: always 8 rows (R % 8 == 0)
         if many_acts:
             _q4_0r_RA(w, ws, wd, wm, wds, x, xst, xd, xs, xds, nb, out, ost, use_simd)
@@ -237,20 +242,27 @@ def _unpacked_tile(kind, w, ws, wd, wds, nb, K, r0, r1, x0, xd0, xs0, o0, N, R, 
     for r in range(r0, r1):
         src, sc = _row_start(kind, w, ws, wd, wds, nb, r - r0)
         simd.unpack_row(src, sc, nb, form, q + (r - r0) * K, dm + (r - r0) * sds, dm + (ROWS + r - r0) * sds)
-    _tile(0 if kind == 5 or kind == 8 else Q5_1_BYTES, q, np.int64(K), dm, dm + ROWS * sds, sds, nb, K, r0, r1, x0,
+    signed = kind == 5 or kind == 8 or kind == 11  # Q5_0: Q8_0's tiles on its int8 q - 16
+    _tile(0 if signed else Q5_1_BYTES, q, np.int64(K), dm, dm + ROWS * sds, sds, nb, K, r0, r1, x0,
           xd0, xs0, o0, N, R, use_simd)
 
 
 @njit(inline="always", **JIT)
 def _is_x8(kind):
     """Whether a KIND is one of the "x8" forms (X8) or Q4_1's "x16": rows only in groups (_group)."""
-    return kind == 7 or kind == 8 or kind == 9 or kind == 10
+    return kind == 7 or kind == 8 or kind == 9 or _is_x16(kind)
+
+
+@njit(inline="always", **JIT)
+def _is_x16(kind):
+    """Whether a KIND is one of the "x16" forms: rows only in groups of 16."""
+    return kind == 10 or kind == 11 or kind == 12
 
 
 @njit(inline="always", **JIT)
 def _group(kind):
     """The rows of a group in the form of this KIND (_is_x8): 16 for "x16", else 8."""
-    return 16 if kind == 10 else 8
+    return 16 if _is_x16(kind) else 8
 
 
 @njit(inline="always", **JIT)
@@ -268,6 +280,10 @@ def _unpack_form(kind):
         return np.int64(simd.UNPACK_Q5_0X8)
     if kind == 10:
         return np.int64(simd.UNPACK_Q4_1X16)
+    if kind == 11:
+        return np.int64(simd.UNPACK_Q5_0X16)
+    if kind == 12:
+        return np.int64(simd.UNPACK_Q5_1X16)
     return np.int64(simd.UNPACK_Q4_1X8)
 
 
@@ -279,7 +295,7 @@ def _row_start(kind, w, ws, wd, wds, nb, r):
     if _is_x8(kind):
         n = _group(kind)
         g, k = r // n * n, r % n
-        return w + g * ws + 4 * k, wd + g * wds + k * (2 if kind == 8 else 4)
+        return w + g * ws + 4 * k, wd + g * wds + k * (2 if kind == 8 or kind == 11 else 4)
     return w + r * ws, wd + r * wds
 
 
@@ -420,7 +436,7 @@ def _unpacked_rows(blocks, scales, kind, ids, out):
     K = out.shape[1]
     q, d, m = np.empty((1, K), np.uint8), np.empty((1, K // 32), np.float32), np.empty((1, K // 32), np.float32)
     first = np.zeros(1, np.int64)  # the one unpacked row
-    signed = kind == 5 or kind == 8
+    signed = kind == 5 or kind == 8 or kind == 11
     form = _unpack_form(kind)
     w, ws, wd, wds = (np.int64(blocks.ctypes.data), np.int64(blocks.shape[1]), np.int64(scales.ctypes.data),
                       np.int64(scales.shape[1] * scales.itemsize))
@@ -477,8 +493,8 @@ def _weight_args(w) -> tuple:
             # took 36 / 40; and the weight holds no other copy. The fifth bits in the order this host's tiles read
             # (ggml_simd.Q5_BIT_ORDER; the weight then holds them so).
             if _held_x8(w):
-                fmt += "x8"
-            qs, d = w.file_form("x8" if fmt.endswith("x8") else simd.Q5_BIT_ORDER)
+                fmt += "x16" if _held_x16(w) else "x8"
+            qs, d = w.file_form(fmt[4:] if _held_x8(w) else simd.Q5_BIT_ORDER)
             qs, d = readonly(qs), readonly(d)
             m = d
         elif fmt == "q4_1":
@@ -507,9 +523,9 @@ def _held_x8(w) -> bool:
 
 
 def _held_x16(w) -> bool:
-    """Whether ggml mode holds weight w in the "x16" form: a Q4_1 weight whose rows come in groups of 16, on an
-    X16_HOST."""
-    return X16_HOST and w.format == "q4_1" and w.shape[0] % 16 == 0
+    """Whether ggml mode holds weight w in the "x16" form: a Q4_1, Q5_0 or Q5_1 weight whose rows come in groups of
+    16, on an X16_HOST."""
+    return X16_HOST and w.format in ("q4_1", "q5_0", "q5_1") and w.shape[0] % 16 == 0
 
 
 def _repack_scales(d: np.ndarray) -> np.ndarray:

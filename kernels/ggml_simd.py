@@ -503,7 +503,8 @@ def _scale_half(builder, addr):
 
 
 # The weight forms unpack_row takes (its `form`)
-UNPACK_Q5_1, UNPACK_Q5_0, UNPACK_Q4_1, UNPACK_Q5_1X8, UNPACK_Q5_0X8, UNPACK_Q4_1X8, UNPACK_Q4_1X16 = range(7)
+UNPACK_Q5_1, UNPACK_Q5_0, UNPACK_Q4_1, UNPACK_Q5_1X8, UNPACK_Q5_0X8, UNPACK_Q4_1X8 = range(6)
+UNPACK_Q4_1X16, UNPACK_Q5_1X16, UNPACK_Q5_0X16 = range(6, 9)
 
 
 @intrinsic
@@ -515,8 +516,9 @@ def unpack_row(typingctx, src, scales, nb, form, qs, d, m):
     (16 bytes of nibbles, q 0..15; fp16 pairs d, m); UNPACK_Q5_1X8 / UNPACK_Q5_0X8 / UNPACK_Q4_1X8: row r of a
     group of 8 in the "x8" form (weights/packed.py Q5_BIT_ORDERS, Q4_1Weight; src and scales at the group's start
     + 4 r bytes and + r scales: the row's 4 words of nibbles 32 bytes apart in each 160-byte block (Q4_1: 128), Q5's
-    fifth bits 128 on, its scales 8 apart); UNPACK_Q4_1X16: row r of a group of 16 in the "x16" form (its words 64
-    bytes apart in each 256-byte block, its pairs 16 apart).
+    fifth bits 128 on, its scales 8 apart); UNPACK_Q4_1X16 / UNPACK_Q5_1X16 / UNPACK_Q5_0X16: row r of a group of 16
+    in the "x16" form (its words 64 bytes apart in each 256-byte block, Q5's 320 with its fifth bits, "shifted",
+    256 on; its scales 16 apart).
     All addresses int64."""
     sig = types.void(*([types.int64] * 7))
 
@@ -555,7 +557,9 @@ def _define_unpack(module):
         b.store(dm[0], _ptr(b, b.add(d, four), F32), align=4)
         b.store(dm[1], _ptr(b, b.add(m, four), F32), align=4)
 
-    is_q4_1 = b.or_(b.icmp_signed("==", form, c64(UNPACK_Q4_1)), b.icmp_signed(">=", form, c64(UNPACK_Q4_1X8)))
+    is_q4_1 = b.icmp_signed("==", form, c64(UNPACK_Q4_1))
+    for f in (UNPACK_Q4_1X8, UNPACK_Q4_1X16):
+        is_q4_1 = b.or_(is_q4_1, b.icmp_signed("==", form, c64(f)))
     with b.if_else(is_q4_1) as (q4_1, q5):
         with q4_1:
             with b.if_else(b.icmp_signed("==", form, c64(UNPACK_Q4_1X8))) as (x8, other):
@@ -573,28 +577,42 @@ def _define_unpack(module):
                             b.store(_weight_values(b, raw, True, 0), out, align=1)
                             pair(b)
         with q5:
-            with b.if_else(b.icmp_signed(">=", form, c64(UNPACK_Q5_1X8))) as (x8, rows):
-                with x8:  # the row's nibbles and fifth bits from its group's 160-byte block
-                    block = b.add(src, b.mul(i, c64(160)))
-                    raw, qh = x8_row_nibbles(block), _gep_load(b, block, c64(128), I32, 1)
-                    with b.if_else(b.icmp_signed("==", form, c64(UNPACK_Q5_0X8))) as (q5_0, q5_1):
+            with b.if_else(b.icmp_signed(">=", form, c64(UNPACK_Q5_1X16))) as (x16, other):
+                with x16:  # the row's nibbles and fifth bits ("shifted", whatever the host) from its 320-byte block
+                    block = b.add(src, b.mul(i, c64(320)))
+                    raw, qh = x8_row_nibbles(block, 64), _gep_load(b, block, c64(256), I32, 1)
+                    nib, top = _weight_values(b, raw, True, 0, True), _shifted_fifth_bits(b, qh)
+                    with b.if_else(b.icmp_signed("==", form, c64(UNPACK_Q5_0X16))) as (q5_0, q5_1):
                         with q5_0:
-                            b.store(q5_values_of(b, raw, qh, True), out, align=1)
-                            b.store(_scale_half(b, b.add(sc, b.mul(i, c64(16)))), _ptr(b, b.add(d, four), F32),
+                            b.store(_blend_fifth(b, nib, top, True, True), out, align=1)
+                            b.store(_scale_half(b, b.add(sc, b.mul(i, c64(32)))), _ptr(b, b.add(d, four), F32),
                                     align=4)
                         with q5_1:
-                            b.store(q5_values_of(b, raw, qh, False), out, align=1)
-                            pair(b, 32)
-                with rows:  # a row's own blocks
-                    block = b.add(src, b.mul(i, c64(20)))
-                    with b.if_else(b.icmp_signed("==", form, c64(UNPACK_Q5_0))) as (q5_0, q5_1):
-                        with q5_0:
-                            b.store(q5_values(b, block, True), out, align=1)
-                            b.store(_scale_half(b, b.add(sc, b.mul(i, c64(2)))), _ptr(b, b.add(d, four), F32),
-                                    align=4)
-                        with q5_1:
-                            b.store(q5_values(b, block, False), out, align=1)
-                            pair(b)
+                            b.store(_blend_fifth(b, nib, top, False, True), out, align=1)
+                            pair(b, 64)
+                with other:
+                    with b.if_else(b.icmp_signed(">=", form, c64(UNPACK_Q5_1X8))) as (x8, rows):
+                        with x8:  # the row's nibbles and fifth bits from its group's 160-byte block
+                            block = b.add(src, b.mul(i, c64(160)))
+                            raw, qh = x8_row_nibbles(block), _gep_load(b, block, c64(128), I32, 1)
+                            with b.if_else(b.icmp_signed("==", form, c64(UNPACK_Q5_0X8))) as (q5_0, q5_1):
+                                with q5_0:
+                                    b.store(q5_values_of(b, raw, qh, True), out, align=1)
+                                    b.store(_scale_half(b, b.add(sc, b.mul(i, c64(16)))),
+                                            _ptr(b, b.add(d, four), F32), align=4)
+                                with q5_1:
+                                    b.store(q5_values_of(b, raw, qh, False), out, align=1)
+                                    pair(b, 32)
+                        with rows:  # a row's own blocks
+                            block = b.add(src, b.mul(i, c64(20)))
+                            with b.if_else(b.icmp_signed("==", form, c64(UNPACK_Q5_0))) as (q5_0, q5_1):
+                                with q5_0:
+                                    b.store(q5_values(b, block, True), out, align=1)
+                                    b.store(_scale_half(b, b.add(sc, b.mul(i, c64(2)))),
+                                            _ptr(b, b.add(d, four), F32), align=4)
+                                with q5_1:
+                                    b.store(q5_values(b, block, False), out, align=1)
+                                    pair(b)
     body_end = b.block
     i1 = b.add(i, c64(1))
     b.cbranch(b.icmp_signed("<", i1, nb), loop, done)
@@ -790,9 +808,9 @@ def _define_tile(module, kind, rows, acts, isa):
     if kind in X8_KINDS:  # 8 rows in the "x8" form, one activation row (a decode's)
         name = f"llama_ref_ggml_tile_{kind}_{isa if isa == 'portable' else 'avx2'}"
         return module.globals.get(name) or _define_x8(module, name, kind, isa == "portable")
-    if kind == "q4_1x16":  # 16 rows in the "x16" form, one activation row
+    if kind in X16_KINDS:  # 16 rows in the "x16" form, one activation row
         name = f"llama_ref_ggml_tile_{kind}_{isa}"
-        return module.globals.get(name) or _define_x16(module, name, isa)
+        return module.globals.get(name) or _define_x16(module, name, isa, kind)
     if isa == "vnni512" and (not KINDS[kind][4] or acts % 2 or KINDS[kind][1] == "q5") and kind != "q4_0r":
         isa = "vnni"  # the 512-bit form pairs activation rows: 8-lane byte tiles of an even count only
     name = f"llama_ref_ggml_tile_{kind}_{rows}x{acts}_{isa}"
@@ -1325,23 +1343,35 @@ def _shuffle2(builder, u, v, idx):
     return builder.shuffle_vector(u, v, ir.Constant(ir.VectorType(I32, len(idx)), idx))
 
 
-def _define_x16(module, name, isa):
-    """Q4_1, 16 rows in the "x16" form (weights/packed.py Q4_1Weight.x8_form(16)) by one activation row:
-    ggml_vec_dot_q4_1_q8_1 of each row, its 8 float32 lanes turned on their side as in _define_x8, 16 rows to a
-    512-bit vector: accumulator l holds in lane r what row r's lane l holds in ggml's AVX2 loop (the int32 sum of
-    its products 4l .. 4l + 3 times d_w d_x, fma'd block after block), each 64-byte vector of nibbles the 4 values
-    of lanes j (low nibbles) and j + 4 (high ones) for the 16 rows, the activation's 4 values of a lane one
-    broadcast, the 16 rows' fp16 pairs of a block one load; the mins m_w s_x one fma a block; at the end
+# The kinds of 16 rows in the "x16" form (weights/packed.py): Q4_1 (Q4_1Weight.x8_form(16)), Q5_1, Q5_0 (Q5_BIT_ORDERS)
+X16_KINDS = ("q4_1x16", "q5_1x16", "q5_0x16")
+
+
+def _define_x16(module, name, isa, kind):
+    """Q4_1, Q5_1 or Q5_0 (kind: X16_KINDS), 16 rows in the "x16" form (weights/packed.py) by one activation row:
+    ggml_vec_dot_q4_1_q8_1 (q5_1_q8_1, q5_0_q8_0) of each row, its 8 lanes turned on their side as in _define_x8,
+    16 rows to a 512-bit vector: accumulator l holds in lane r what row r's lane l holds in ggml's AVX2 loop (the
+    int32 sum of its products 4l .. 4l + 3 times d_w d_x, fma'd block after block), each 64-byte vector of nibbles
+    the 4 values of lanes j (low nibbles) and j + 4 (high ones) for the 16 rows, the activation's 4 values of a
+    lane one broadcast, the 16 rows' fp16 pairs (Q5_0: d's) of a block one load; the mins m_w s_x one fma a block
+    (Q4_1, Q5_1); at the end
     hsum_float_8's order, ((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7)), then the mins' sum. The same
     integers, products and sums as the 4-row and 8-row tiles: the same bits. On an Emerald Rapids core (C model
     of this loop, one thread, 1536 x 576): 0.52-0.58 ns a block and row in L2, 0.64-0.70 from L3, where the
     4-row tile takes 0.8 and 0.87. isa "vnni512": 512-bit vpdpbusd; any other: _lanes16's halves (the portable
-    code and AVX2's, so that every path is tested on a VNNI host)."""
+    code and AVX2's, so that every path is tested on a VNNI host).
+
+    Q5: the 16 rows' words of fifth bits ("shifted") one vector Q, whose Q << l puts each value of lane l's bit at
+    the top of its byte; the values q 0..31 are the nibble, or the nibble | 16 where that bit is set (a vpmovb2m and
+    a masked or). Q5_0's q - 16 meets x as q times x less 16 sum(x) of the lane (a vpdpbusd of 16s for all 16 rows):
+    the same integers as ggml's sign trick."""
+    signed, fifth = kind == "q5_0x16", kind != "q4_1x16"
+    block_bytes = 320 if fifth else 256
     fn = ir.Function(module, ir.FunctionType(ir.VoidType(), [I64] * 13), name)
     fn.linkage = "internal"
     w, ws, wd, wm, wds, x, xstride, xd, xs, xds, nb, out, ostride = fn.args
     entry, loop, done = (fn.append_basic_block(n) for n in ("entry", "loop", "done"))
-    v16f, v64 = ir.VectorType(F32, 16), ir.VectorType(I8, 64)
+    v16f, v64, v16i = ir.VectorType(F32, 16), ir.VectorType(I8, 64), ir.VectorType(I32, 16)
     v16h, v32s = ir.VectorType(ir.HalfType(), 16), ir.VectorType(I16, 32)
     c64 = lambda v: ir.Constant(I64, v)  # noqa: E731
     zero16 = ir.Constant(v16f, [0.0] * 16)
@@ -1357,28 +1387,38 @@ def _define_x16(module, name, isa):
     b = ir.IRBuilder(loop)
     i = b.phi(I64)
     accs = [b.phi(v16f) for _ in range(8)]
-    mins = b.phi(v16f)
-    _prefetch_ahead(b, w, ws, wd, wds, None, i, 16, 16, ahead, 64)
-    block = b.add(w, b.mul(i, c64(256)))
-    # the 16 rows' pairs d | m << 16 of block i: the d's and the m's apart, each 16 fp16 converted at once
-    pairs = _gep_load(b, wd, b.mul(i, c64(64)), v32s, 4)
-    dw, mw = (b.fpext(b.bitcast(_shuffle(b, pairs, list(range(k, 32, 2))), v16h), v16f) for k in (0, 1))
-    mins_next = b.call(fma_v, [mw, splat16(b, _gep_load(b, xs, b.mul(i, c64(4)), F32, 4)), mins])
+    mins = None if signed else b.phi(v16f)
+    _prefetch_ahead(b, w, ws, wd, wds, None, i, 16, block_bytes // 16, ahead, 32 if signed else 64)
+    block = b.add(w, b.mul(i, c64(block_bytes)))
+    if signed:  # the 16 rows' fp16 d of block i
+        dw = b.fpext(_gep_load(b, wd, b.mul(i, c64(32)), v16h, 2), v16f)
+    else:  # the 16 rows' pairs d | m << 16 of block i: the d's and the m's apart, each 16 fp16 converted at once
+        pairs = _gep_load(b, wd, b.mul(i, c64(64)), v32s, 4)
+        dw, mw = (b.fpext(b.bitcast(_shuffle(b, pairs, list(range(k, 32, 2))), v16h), v16f) for k in (0, 1))
+        mins_next = b.call(fma_v, [mw, splat16(b, _gep_load(b, xs, b.mul(i, c64(4)), F32, 4)), mins])
     scale = b.fmul(dw, splat16(b, _gep_load(b, xd, b.mul(i, c64(4)), F32, 4)))  # float32 d_w * d_x, lane by lane
+    q = _gep_load(b, block, c64(256), v16i, 4) if fifth else None  # row r's fifth bits (shifted) in lane r
     xblock = b.add(x, b.mul(i, c64(32)))
-    low4 = ir.Constant(v64, [15] * 64)
+    low4, sixteen = ir.Constant(v64, [15] * 64), ir.Constant(v64, [16] * 64)
     new_accs = [None] * 8
     for j in range(4):
         nib = _gep_load(b, block, c64(64 * j), v64, 1)
         high = b.bitcast(b.lshr(b.bitcast(nib, v32s), ir.Constant(v32s, [4] * 32)), v64)
         for lane, n in ((j, b.and_(nib, low4)), (j + 4, b.and_(high, low4))):
+            if fifth:  # q = n | 16 where lane `lane`'s bit of the value is set: at the top of its byte in Q << lane
+                top = b.bitcast(b.shl(q, ir.Constant(v16i, [lane] * 16)), v64)
+                n = b.select(b.icmp_signed("<", top, ir.Constant(v64, [0] * 64)), b.or_(n, sixteen), n)
             xl = b.bitcast(splat16(b, _gep_load(b, xblock, c64(4 * lane), I32, 1)), v64)  # its 4 values, 16 times
             lanes = _lanes16(b, n, xl, isa)
+            if signed:  # (q - 16) x = q x - 16 x, summed over the lane's 4 values
+                lanes = b.sub(lanes, _lanes16(b, sixteen, xl, isa))
             new_accs[lane] = b.call(fma_v, [scale, b.sitofp(lanes, v16f), accs[lane]])
-    carried = list(zip(accs, new_accs, [zero16] * 8)) + [(mins, mins_next, zero16)]
+    carried = list(zip(accs, new_accs, [zero16] * 8)) + ([] if signed else [(mins, mins_next, zero16)])
     b, finals = _close_loop(b, i, nb, entry, loop, done, carried)
     t = [b.fadd(finals[k], finals[k + 4]) for k in range(4)]
-    total = b.fadd(b.fadd(b.fadd(t[0], t[2]), b.fadd(t[1], t[3])), finals[8])  # the mins' float32 sum, added last
+    total = b.fadd(b.fadd(t[0], t[2]), b.fadd(t[1], t[3]))
+    if not signed:
+        total = b.fadd(total, finals[8])  # the mins' float32 sum, added last
     b.store(total, _ptr(b, out, v16f), align=4)
     b.ret_void()
     return fn

@@ -523,25 +523,50 @@ def test_q4_1_x16_form_by_hand():
         raw_blocks("q4_1", 24, 3, seed=31).x8_form(16)
 
 
+@pytest.mark.parametrize("fmt", ["q4_1", "q5_0", "q5_1"])
 @pytest.mark.parametrize("use_simd", [0, 1, 2, 3])
-def test_q4_1_x16_products_and_rows_equal_specification(monkeypatch, use_simd):
-    """A Q4_1 weight of rows in groups of 16 in the "x16" form (kernels/ggml.py _held_x16: AVX-512 VNNI hosts that run
-    512-bit vectors at full width; here on any host, every integer path): decode (the 16-row tile), prefill (rows
-    unpacked from their groups), blocks at the ends of the range by activations of magnitude 127, and the compiled
-    embedding, bit for bit the specification's (on a second weight of the same bytes)."""
+def test_x16_products_and_rows_equal_specification(monkeypatch, use_simd, fmt):
+    """A Q4_1, Q5_0 or Q5_1 weight of rows in groups of 16 in the "x16" form (kernels/ggml.py _held_x16: AVX-512 VNNI
+    hosts that run 512-bit vectors at full width; here on any host, every integer path): decode (the 16-row tile),
+    prefill (rows unpacked from their groups), blocks at the ends of the range by activations of magnitude 127, and
+    the compiled embedding, bit for bit the specification's (on a second weight of the same bytes)."""
     ggml_kernels = kernels()
     monkeypatch.setattr(ggml_kernels, "X16_HOST", True)
     for pattern, rows, nb in (("random", 16, 5), ("max", 32, 3), ("min", 16, 2), ("random", 48, 18)):
-        w = raw_blocks("q4_1", rows, nb, seed=rows + nb, pattern=pattern)
-        spec_w = TYPES["q4_1"](w.raw_blocks(), w.shape)
-        assert ggml_kernels._weight_args(w)[0] == ggml_kernels.KIND["q4_1x16"]
+        w = raw_blocks(fmt, rows, nb, seed=rows + nb, pattern=pattern)
+        spec_w = TYPES[fmt](w.raw_blocks(), w.shape)
+        assert ggml_kernels._weight_args(w)[0] == ggml_kernels.KIND[fmt + "x16"]
         for n in (1, 2, 5):
             x = extreme_activations(n, 32 * nb, n) if pattern != "random" else \
                 np.random.default_rng(n).standard_normal((n, 32 * nb)).astype(np.float32)
             assert same_bits(ggml_kernels.quantized_linear(x, w, use_simd), ggml.linear(x, spec_w)), (pattern, n)
         ids = np.array([[rows - 1, 0], [3, 17 % rows]])
         assert same_bits(ggml_kernels.embedding(ids, w, np.float32), ggml.embedding(ids, spec_w, np.float32))
-        assert w._x8 is not None and w._group == 16
+        assert (w._x8 is not None and w._group == 16) if fmt == "q4_1" else w._order == "x16"
+        assert np.array_equal(w.raw_blocks(), spec_w.raw_blocks())  # the file's bytes, moved back
+
+
+@pytest.mark.parametrize("fmt", ["q5_0", "q5_1"])
+def test_unpack_row_q5_x16_reads_the_groups(fmt):
+    """ggml_simd.unpack_row's UNPACK_Q5_0X16 / UNPACK_Q5_1X16 at kernels/ggml._row_start's addresses (the row's words
+    in its group's 320-byte blocks, its fifth bits "shifted" 256 bytes on, its scales 16 apart): the same values and
+    scales as the rows unpacked from the file's blocks; the form back to the file's bytes."""
+    from llama_ref.kernels import ggml_simd
+    from llama_ref.weights.packed import q5_bits_in_order, q5_scales_in_order
+
+    form_rows, form_x16 = {"q5_0": (ggml_simd.UNPACK_Q5_0, ggml_simd.UNPACK_Q5_0X16),
+                           "q5_1": (ggml_simd.UNPACK_Q5_1, ggml_simd.UNPACK_Q5_1X16)}[fmt]
+    for pattern in ("random", "max", "min"):
+        w = raw_blocks(fmt, 32, 7, seed=7, pattern=pattern)
+        blocks, scales = w.file_form("file")
+        blocks, scales = np.array(blocks), np.array(scales)
+        want = unpacked_rows(fmt, q5_bits_in_order(blocks, ggml_simd.Q5_BIT_ORDER), scales, form_rows)
+        got = unpacked_rows(fmt + "x16", q5_bits_in_order(blocks, "x16"), q5_scales_in_order(scales, "x16", "file"),
+                            form_x16)
+        assert np.array_equal(got[0], want[0]) and same_bits(got[1], want[1]) and same_bits(got[2], want[2])
+        assert np.array_equal(q5_bits_in_order(q5_bits_in_order(blocks, "x16"), "file", "x16"), blocks)
+        assert np.array_equal(q5_bits_in_order(q5_bits_in_order(blocks, "x8"), "x16", "x8"),
+                              q5_bits_in_order(blocks, "x16"))
 
 
 def test_unpack_row_q4_1_x16_reads_the_groups():

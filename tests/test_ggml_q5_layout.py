@@ -93,7 +93,8 @@ def test_shifted_fifth_bits_put_each_values_bit_at_its_bytes_top():
     bits = np.unpackbits(blocks[..., :4], axis=-1, bitorder="little")  # (3, 7, 32): bit v of the file's word
     assert np.array_equal(top.reshape(3, 7, 32), bits)
     assert np.array_equal(q5_bits_in_order(shifted, "file", "shifted"), blocks)
-    assert np.array_equal(q5_bits_in_order(blocks, "file"), blocks) and Q5_BIT_ORDERS == ("file", "shifted", "x8")
+    assert np.array_equal(q5_bits_in_order(blocks, "file"), blocks)
+    assert Q5_BIT_ORDERS == ("file", "shifted", "x8", "x16")
     with pytest.raises(ValueError, match="'spread'"):
         q5_bits_in_order(blocks, "spread")
 
@@ -128,6 +129,34 @@ def test_x8_form_by_hand(monkeypatch):
         q5_bits_in_order(blocks[:12], "x8")
 
 
+def test_x16_form_by_hand():
+    """Q5_BIT_ORDERS "x16" as the 16-row decode tiles read it (ggml_simd._define_x16), byte by byte from its
+    definition: block b of rows 16g .. 16g + 15 is the 320 bytes at (g nb + b) 320, byte 64j + 4r + k row r's nibble
+    byte 4j + k, then row r's "shifted" word at 256 + 4r; the 16 rows' scales of a block side by side; back to the
+    file's bytes, and from "x8"; rows not in groups of 16 refused by name."""
+    rng = np.random.default_rng(8)
+    rows, nb = 32, 3
+    blocks = rng.integers(0, 256, (rows, nb * 20), dtype=np.uint8)
+    x16 = q5_bits_in_order(blocks, "x16")
+    shifted = q5_bits_in_order(blocks, "shifted").reshape(rows, nb, 20)
+    held = x16.reshape(rows // 16, nb, 320)
+    for g, b, r in np.ndindex(rows // 16, nb, 16):
+        for j, k in np.ndindex(4, 4):
+            assert held[g, b, 64 * j + 4 * r + k] == shifted[16 * g + r, b, 4 + 4 * j + k]
+        assert np.array_equal(held[g, b, 256 + 4 * r:260 + 4 * r], shifted[16 * g + r, b, :4])
+    assert np.array_equal(q5_bits_in_order(x16, "file", "x16"), blocks)
+    assert np.array_equal(q5_bits_in_order(q5_bits_in_order(blocks, "x8"), "x16", "x8"), x16)
+    scales = rng.integers(0, 1 << 16, (rows, nb), dtype=np.uint16)
+    side = q5_scales_in_order(scales, "x16", "file").reshape(rows // 16, nb, 16)
+    for g, b, r in np.ndindex(rows // 16, nb, 16):
+        assert side[g, b, r] == scales[16 * g + r, b]
+    assert np.array_equal(q5_scales_in_order(side.reshape(rows, nb), "file", "x16"), scales)
+    assert np.array_equal(q5_scales_in_order(q5_scales_in_order(scales, "x8", "file"), "x16", "x8"),
+                          side.reshape(rows, nb))
+    with pytest.raises(ValueError, match="groups of 16"):
+        q5_bits_in_order(blocks[:24], "x16")
+
+
 @pytest.mark.parametrize("kind", sorted(TYPES))
 def test_weight_held_x8_keeps_the_files_values(kind):
     """A weight whose blocks are held in the "x8" form (what the kernels ask for where the tiles read "shifted" bits
@@ -153,9 +182,10 @@ def test_weight_held_x8_keeps_the_files_values(kind):
                                                     - (16 if kind == "q5_0" else 0)).astype(np.uint8))
     w = raw_blocks(kind, 16, 2, seed=11)
     k, qs, d, _ = kernels()._weight_args(w)
-    order = "x8" if kernels().simd.Q5_BIT_ORDER == "shifted" else kernels().simd.Q5_BIT_ORDER
+    order = "x16" if kernels().X16_HOST else "x8" if kernels().simd.Q5_BIT_ORDER == "shifted" else \
+        kernels().simd.Q5_BIT_ORDER  # (AVX-512 VNNI hosts with full-width vectors: the 16-row tiles' "x16")
     held, side = w.file_form(order)
-    assert qs is held and d is side and (k == kernels().KIND[kind + "x8"]) == (order == "x8")
+    assert qs is held and d is side and k == kernels().KIND[kind + order if order in ("x8", "x16") else kind]
 
 
 @pytest.mark.parametrize("kind", sorted(TYPES))

@@ -296,7 +296,11 @@ BLOCKS_PER_PIECE = 1 << 14  # blocks unpacked at a time on load (Q5_0 / Q5_1): 5
 # (g nb + b) 160 (so rows 8g .. still start at byte 8g nb 20), 4 vectors of 32 bytes of nibbles (byte 32j + 4r + k is
 # row r's nibble byte 4j + k: its values 4j + k and 16 + 4j + k), then the 8 rows' words of fifth bits. The 8 rows'
 # scales of block b side by side too (q5_scales_in_order). The same bytes, moved.
-Q5_BIT_ORDERS = ("file", "shifted", "x8")
+# "x16" (rows in groups of 16): the same for 16 rows, as AVX-512 VNNI's 16-row decode tiles read them
+# (kernels/ggml_simd._define_x16): block b of rows 16g .. 16g + 15 the 320 bytes at (g nb + b) 320, 4 vectors of 64
+# bytes of nibbles (byte 64j + 4r + k row r's nibble byte 4j + k), then the 16 rows' words of fifth bits (shifted).
+Q5_BIT_ORDERS = ("file", "shifted", "x8", "x16")
+_GROUPS = {"x8": 8, "x16": 16}  # the orders that group rows, and how many
 _SHIFTED_AT = np.array([8 * (v % 4) + 7 - v // 4 for v in range(32)])  # value v's bit -> its place in "shifted"
 
 
@@ -357,15 +361,14 @@ def q5_scales_in_order(scales: np.ndarray, order: str, was: str) -> np.ndarray:
     pairs in "x8" or "x16" order with it) as the blocks in `order` want them (a copy where they move; else scales
     itself): "x8" has the 8 scales of rows 8g .. 8g + 7 of block b side by side, (rows / 8, nb, 8) viewed as
     (rows, nb), "x16" the 16 of rows 16g .. 16g + 15; the other orders row by row."""
-    groups = {"x8": 8, "x16": 16}
-    if groups.get(order) == groups.get(was):
+    if _GROUPS.get(order) == _GROUPS.get(was):
         return scales
-    if order in groups and was in groups:
+    if order in _GROUPS and was in _GROUPS:
         return q5_scales_in_order(q5_scales_in_order(scales, "file", was), order, "file")
     rows, nb = scales.shape
-    g = groups.get(order) or groups[was]
+    g = _GROUPS.get(order) or _GROUPS[was]
     _x8_groups(scales, nb, g)
-    if order in groups:
+    if order in _GROUPS:
         return np.ascontiguousarray(scales.reshape(rows // g, g, nb).transpose(0, 2, 1)).reshape(rows, nb)
     return np.ascontiguousarray(scales.reshape(rows // g, nb, g).transpose(0, 2, 1)).reshape(rows, nb)
 
@@ -373,13 +376,13 @@ def q5_scales_in_order(scales: np.ndarray, order: str, was: str) -> np.ndarray:
 def q5_bits_in_order(blocks: np.ndarray, order: str, was: str = "file") -> np.ndarray:
     """Q5 blocks without their header (..., 20) uint8 (fifth bits, then nibbles), fifth bits held in order `was` ->
     a copy with them in `order` (Q5_BIT_ORDERS); the nibbles as they were. In pieces of BLOCKS_PER_PIECE blocks.
-    "x8" (from or to) takes (rows, nb * 20) with rows in groups of 8 and moves the nibbles too."""
+    "x8" and "x16" (from or to) take (rows, nb * 20) with rows in groups of 8 (16) and move the nibbles too."""
     if order not in Q5_BIT_ORDERS or was not in Q5_BIT_ORDERS:
         raise ValueError(f"Q5 fifth-bit order must be one of {Q5_BIT_ORDERS}, not {order!r} / {was!r}")
-    if order == "x8" and was != "x8":
-        return _x8_rows(q5_bits_in_order(blocks, "shifted", was), 4, True)
-    if was == "x8" and order != "x8":
-        return q5_bits_in_order(_x8_rows(blocks, 4, False), order, "shifted")
+    if was in _GROUPS and order != was:
+        return q5_bits_in_order(_x8_rows(blocks, 4, False, _GROUPS[was]), order, "shifted")
+    if order in _GROUPS and was != order:
+        return _x8_rows(q5_bits_in_order(blocks, "shifted", was), 4, True, _GROUPS[order])
     out = np.array(blocks, copy=True)
     if order == was:
         return out
@@ -437,25 +440,25 @@ class _Q5Weight(GGUFBlockWeight):
             self._hold_file_form(self.raw_blocks().reshape(self.shape[0], -1, self.type_size))
         if order != self._order:
             blocks = _readonly(q5_bits_in_order(self._blocks, order, self._order))
-            if "x8" in (order, self._order):  # the scales move with the rows
+            if order in _GROUPS or self._order in _GROUPS:  # the scales move with the rows
                 self._scales16 = _readonly(q5_scales_in_order(self._scales16, order, self._order))
             self._blocks, self._order = blocks, order
         return self._blocks, self._scales16
 
     def _file_blocks(self, sel=slice(None)) -> tuple:
         """(blocks, scales) held, rows sel, as the file has them (the fifth bits in its order, row by row)."""
-        if self._order != "x8":
+        if self._order not in _GROUPS:
             blocks = self._blocks[sel]
             return (blocks if self._order == "file" else q5_bits_in_order(blocks, "file", self._order),
                     self._scales16[sel])
-        rows = np.arange(self.shape[0])[sel].reshape(-1)
-        return (_x8_pick(self._blocks, rows, lambda a: q5_bits_in_order(a, "file", "x8")),
-                _x8_pick(self._scales16, rows, lambda a: q5_scales_in_order(a, "file", "x8")))
+        rows, order = np.arange(self.shape[0])[sel].reshape(-1), self._order
+        return (_x8_pick(self._blocks, rows, lambda a: q5_bits_in_order(a, "file", order), _GROUPS[order]),
+                _x8_pick(self._scales16, rows, lambda a: q5_scales_in_order(a, "file", order), _GROUPS[order]))
 
     def _unpacked(self) -> tuple:
         """(qs, d, m or None): exact mode's form, made from the file's on first use, which is then let go."""
         if self._exact is None:
-            if self._order == "x8":
+            if self._order in _GROUPS:
                 self.file_form("shifted")  # row by row again
             rows, cols = self.shape
             nb, h = cols // 32, 2 * len(self.fields)

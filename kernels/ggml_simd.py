@@ -581,14 +581,14 @@ def _define_unpack(module):
                 with x16:  # the row's nibbles and fifth bits ("shifted", whatever the host) from its 320-byte block
                     block = b.add(src, b.mul(i, c64(320)))
                     raw, qh = x8_row_nibbles(block, 64), _gep_load(b, block, c64(256), I32, 1)
-                    nib, top = _weight_values(b, raw, True, 0, True), _shifted_fifth_bits(b, qh)
+                    nib, top = _weight_values(b, raw, True, 0), _shifted_fifth_bits(b, qh)
                     with b.if_else(b.icmp_signed("==", form, c64(UNPACK_Q5_0X16))) as (q5_0, q5_1):
                         with q5_0:
-                            b.store(_blend_fifth(b, nib, top, True, True), out, align=1)
+                            b.store(_blend_fifth(b, nib, top, True, not HAS_AVX2), out, align=1)
                             b.store(_scale_half(b, b.add(sc, b.mul(i, c64(32)))), _ptr(b, b.add(d, four), F32),
                                     align=4)
                         with q5_1:
-                            b.store(_blend_fifth(b, nib, top, False, True), out, align=1)
+                            b.store(_blend_fifth(b, nib, top, False, not HAS_AVX2), out, align=1)
                             pair(b, 64)
                 with other:
                     with b.if_else(b.icmp_signed(">=", form, c64(UNPACK_Q5_1X8))) as (x8, rows):

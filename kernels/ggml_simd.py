@@ -1268,7 +1268,6 @@ def _define_x8(module, name, kind, portable):
     v8f, v8i, v32 = ir.VectorType(F32, 8), ir.VectorType(I32, 8), ir.VectorType(I8, 32)
     v8h = ir.VectorType(ir.HalfType(), 8)
     c64 = lambda v: ir.Constant(I64, v)  # noqa: E731
-    zero8 = ir.Constant(v8f, [0.0] * 8)
     fma_v = _declare(module, "llvm.fma.v8f32", v8f, [v8f] * 3)
     per = 2 if signed else 4  # scale bytes a row and block: fp16 d, or the fp16 pair d, m
     b = ir.IRBuilder(entry)
@@ -1312,15 +1311,23 @@ def _define_x8(module, name, kind, portable):
             else:
                 lanes = lanes_u8s8(b, vals, xl, "avx2")
             new_accs[lane] = b.call(fma_v, [scale, b.sitofp(lanes, v8f), accs[lane]])
-    carried = list(zip(accs, new_accs, [zero8] * 8)) + ([] if signed else [(mins, mins_next, zero8)])
+    _end_sideways(b, i, nb, entry, loop, done, accs, new_accs, None if signed else (mins, mins_next), out)
+    return fn
+
+
+def _end_sideways(b, i, nb, entry, loop, done, accs, new_accs, mins, out):
+    """Close the block loop of a tile whose 8 accumulators hold ggml's 8 lanes on their side (lane r: row r; the
+    "x8" and "x16" tiles) and store each row's hsum_float_8, ((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7)), as
+    vector adds for all rows, plus the mins' float32 sum where the format has them (mins: (phi, next) or None)."""
+    zero = ir.Constant(accs[0].type, [0.0] * accs[0].type.count)
+    carried = list(zip(accs, new_accs, [zero] * 8)) + ([] if mins is None else [(*mins, zero)])
     b, finals = _close_loop(b, i, nb, entry, loop, done, carried)
     t = [b.fadd(finals[k], finals[k + 4]) for k in range(4)]
     total = b.fadd(b.fadd(t[0], t[2]), b.fadd(t[1], t[3]))
-    if not signed:
+    if mins is not None:
         total = b.fadd(total, finals[8])  # the mins' float32 sum, added last
-    b.store(total, _ptr(b, out, v8f), align=4)
+    b.store(total, _ptr(b, out, accs[0].type), align=4)
     b.ret_void()
-    return fn
 
 
 def _lanes16(b, vals, xl, isa):
@@ -1374,7 +1381,6 @@ def _define_x16(module, name, isa, kind):
     v16f, v64, v16i = ir.VectorType(F32, 16), ir.VectorType(I8, 64), ir.VectorType(I32, 16)
     v16h, v32s = ir.VectorType(ir.HalfType(), 16), ir.VectorType(I16, 32)
     c64 = lambda v: ir.Constant(I64, v)  # noqa: E731
-    zero16 = ir.Constant(v16f, [0.0] * 16)
     fma_v = _declare(module, "llvm.fma.v16f32", v16f, [v16f] * 3)
 
     def splat16(b, value):  # <16 x value's type>, every lane value
@@ -1413,14 +1419,7 @@ def _define_x16(module, name, isa, kind):
             if signed:  # (q - 16) x = q x - 16 x, summed over the lane's 4 values
                 lanes = b.sub(lanes, _lanes16(b, sixteen, xl, isa))
             new_accs[lane] = b.call(fma_v, [scale, b.sitofp(lanes, v16f), accs[lane]])
-    carried = list(zip(accs, new_accs, [zero16] * 8)) + ([] if signed else [(mins, mins_next, zero16)])
-    b, finals = _close_loop(b, i, nb, entry, loop, done, carried)
-    t = [b.fadd(finals[k], finals[k + 4]) for k in range(4)]
-    total = b.fadd(b.fadd(t[0], t[2]), b.fadd(t[1], t[3]))
-    if not signed:
-        total = b.fadd(total, finals[8])  # the mins' float32 sum, added last
-    b.store(total, _ptr(b, out, v16f), align=4)
-    b.ret_void()
+    _end_sideways(b, i, nb, entry, loop, done, accs, new_accs, None if signed else (mins, mins_next), out)
     return fn
 
 

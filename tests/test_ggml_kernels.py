@@ -490,6 +490,23 @@ def test_q4_1_x8_products_and_rows_equal_specification(use_simd):
         assert (w._x8 is not None) == (kernels().X8_HOST or (kernels().X16_HOST and rows % 16 == 0))  # or "x16"
 
 
+@pytest.mark.parametrize("use_simd", [0, 1, 2])
+def test_q4_1_x8_tile_on_any_host(monkeypatch, use_simd):
+    """The 8-row tile of Q4_1's "x8" form (held so on AVX2 hosts without GFNI only) forced on this host, "x16" off:
+    decode and prefill bit for bit the specification's (the tiles of both forms end in one shared epilogue)."""
+    ggml_kernels = kernels()
+    monkeypatch.setattr(ggml_kernels, "X8_HOST", True)
+    monkeypatch.setattr(ggml_kernels, "X16_HOST", False)
+    for pattern, rows, nb in (("random", 16, 5), ("max", 24, 3), ("random", 40, 18)):
+        w = raw_blocks("q4_1", rows, nb, seed=rows + 1, pattern=pattern)
+        spec_w = TYPES["q4_1"](w.raw_blocks(), w.shape)
+        assert ggml_kernels._weight_args(w)[0] == ggml_kernels.KIND["q4_1x8"]
+        for n in (1, 3):
+            x = extreme_activations(n, 32 * nb, n) if pattern != "random" else \
+                np.random.default_rng(n).standard_normal((n, 32 * nb)).astype(np.float32)
+            assert same_bits(ggml_kernels.quantized_linear(x, w, use_simd), ggml.linear(x, spec_w)), (pattern, n)
+
+
 def test_unpack_row_q4_1_x8_reads_the_groups():
     """ggml_simd.unpack_row's UNPACK_Q4_1X8 at kernels/ggml._row_start's addresses (the row's words in its group's
     blocks, its pair 8 pairs apart): the same bytes and scales as UNPACK_Q4_1 of the row itself."""

@@ -249,7 +249,7 @@ def _unpacked_tile(kind, w, ws, wd, wds, nb, K, r0, r1, x0, xd0, xs0, o0, N, R, 
 
 @njit(inline="always", **JIT)
 def _is_x8(kind):
-    """Whether a KIND is one of the "x8" forms (X8) or Q4_1's "x16": rows only in groups (_group)."""
+    """Whether a KIND is one of the "x8" forms (X8) or the "x16" ones: rows only in groups (_group)."""
     return kind == 7 or kind == 8 or kind == 9 or _is_x16(kind)
 
 
@@ -291,7 +291,7 @@ def _unpack_form(kind):
 def _row_start(kind, w, ws, wd, wds, nb, r):
     """Where row r of a weight (bytes at w, ws a row; scales at wd, wds a row) starts, as unpack_row takes it: the
     row itself, or in the "x8" form (kinds X8) its group of 8 rows' start + 4 (r % 8) bytes, and its scales + r % 8
-    (each of 2 bytes, Q5_0, or 4, Q5_1 and Q4_1's pairs); in Q4_1's "x16" the same for groups of 16."""
+    (each of 2 bytes, Q5_0, or 4, Q5_1 and Q4_1's pairs); in the "x16" forms the same for groups of 16."""
     if _is_x8(kind):
         n = _group(kind)
         g, k = r // n * n, r % n

@@ -413,7 +413,7 @@ def embedding(tokens: np.ndarray, table, dtype) -> np.ndarray:
     Q5_1, and Q4_1 held in the "x8" form, from the blocks this arithmetic holds (_unpacked_rows: the NumPy rows took
     ~90 us, a Q5 decode step's 2 %). For the K-quants it would first unpack the whole table beside the form this
     arithmetic keeps (the originals, which Q4_K drops for its repacked copy), so they keep the specification's rows."""
-    x8 = isinstance(table, Q4_1Weight) and _held_x8(table)  # its nibbles in the "x8" / "x16" form: not rows to read
+    x8 = isinstance(table, Q4_1Weight) and _held_group(table)  # its nibbles in the "x8" / "x16" form: no rows to read
     if isinstance(table, _ROWS_AS_HELD) and not x8:
         return _compiled_rows(tokens, table, dtype)
     if isinstance(table, (Q5_0Weight, Q5_1Weight, Q4_1Weight)) and np.dtype(dtype) == np.float32:
@@ -492,9 +492,9 @@ def _weight_args(w) -> tuple:
             # read both from d). 22 / 24 bytes a block, the file's, where one byte per value and float32 scales
             # took 36 / 40; and the weight holds no other copy. The fifth bits in the order this host's tiles read
             # (ggml_simd.Q5_BIT_ORDER; the weight then holds them so).
-            if _held_x8(w):
-                fmt += "x16" if _held_x16(w) else "x8"
-            qs, d = w.file_form(fmt[4:] if _held_x8(w) else simd.Q5_BIT_ORDER)
+            group = _held_group(w)
+            fmt += f"x{group}" if group else ""
+            qs, d = w.file_form(f"x{group}" if group else simd.Q5_BIT_ORDER)
             qs, d = readonly(qs), readonly(d)
             m = d
         elif fmt == "q4_1":
@@ -502,9 +502,10 @@ def _weight_args(w) -> tuple:
             # decode streams its weights from memory once a token: 20 bytes a block instead of 24. Rows in groups
             # of 8 on an X8_HOST: the nibbles in the "x8" form (the weight then holds them so), the pairs too.
             d = m = _scale_pairs(w.d, w.m)
-            if _held_x8(w):
-                fmt += "x16" if _held_x16(w) else "x8"
-                qs, d = readonly(w.x8_form(16 if _held_x16(w) else 8)), readonly(q5_scales_in_order(d, fmt[4:], "file"))
+            group = _held_group(w)
+            if group:
+                fmt += f"x{group}"
+                qs, d = readonly(w.x8_form(group)), readonly(q5_scales_in_order(d, f"x{group}", "file"))
                 m = d
             else:
                 qs = readonly(w.qs)
@@ -516,16 +517,13 @@ def _weight_args(w) -> tuple:
     return args
 
 
-def _held_x8(w) -> bool:
-    """Whether ggml mode holds weight w in the "x8" form (X8): a Q5_0, Q5_1 or Q4_1 weight whose rows come in
-    groups of 8, on an X8_HOST; or in Q4_1's "x16" (_held_x16)."""
-    return (X8_HOST and w.format in ("q5_0", "q5_1", "q4_1") and w.shape[0] % 8 == 0) or _held_x16(w)
-
-
-def _held_x16(w) -> bool:
-    """Whether ggml mode holds weight w in the "x16" form: a Q4_1, Q5_0 or Q5_1 weight whose rows come in groups of
-    16, on an X16_HOST."""
-    return X16_HOST and w.format in ("q4_1", "q5_0", "q5_1") and w.shape[0] % 16 == 0
+def _held_group(w) -> int:
+    """The rows of a group of the form ggml mode holds weight w in: 16, the "x16" form (a Q4_1, Q5_0 or Q5_1 weight
+    whose rows come in groups of 16, on an X16_HOST); 8, the "x8" form (the same in groups of 8, on an X8_HOST); or
+    0, its rows as they are."""
+    if w.format not in ("q4_1", "q5_0", "q5_1"):
+        return 0
+    return 16 if X16_HOST and w.shape[0] % 16 == 0 else 8 if X8_HOST and w.shape[0] % 8 == 0 else 0
 
 
 def _repack_scales(d: np.ndarray) -> np.ndarray:

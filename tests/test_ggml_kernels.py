@@ -474,7 +474,7 @@ def test_q4_1_x8_form_by_hand(monkeypatch):
 @pytest.mark.parametrize("use_simd", [0, 1, 2])
 def test_q4_1_x8_products_and_rows_equal_specification(use_simd):
     """A Q4_1 weight of rows in groups of 8, held in the "x8" form where the host's tiles read it (kernels/ggml.py
-    _held_x8): decode (the 8-row tile) and prefill (rows unpacked from their groups), blocks at the ends of the range
+    _held_group): decode (the 8-row tile) and prefill (rows unpacked from their groups), blocks at the ends of the range
     by activations of magnitude 127, and the compiled embedding, bit for bit the specification's (on a second weight
     of the same bytes), the weight still held in the "x8" form after all of them."""
     for pattern, rows, nb in (("random", 16, 5), ("max", 24, 3), ("min", 8, 2), ("random", 40, 18)):
@@ -543,7 +543,7 @@ def test_q4_1_x16_form_by_hand():
 @pytest.mark.parametrize("fmt", ["q4_1", "q5_0", "q5_1"])
 @pytest.mark.parametrize("use_simd", [0, 1, 2, 3])
 def test_x16_products_and_rows_equal_specification(monkeypatch, use_simd, fmt):
-    """A Q4_1, Q5_0 or Q5_1 weight of rows in groups of 16 in the "x16" form (kernels/ggml.py _held_x16: AVX-512 VNNI
+    """A Q4_1, Q5_0 or Q5_1 weight of rows in groups of 16 in the "x16" form (kernels/ggml.py _held_group: AVX-512 VNNI
     hosts that run 512-bit vectors at full width; here on any host, every integer path): decode (the 16-row tile),
     prefill (rows unpacked from their groups), blocks at the ends of the range by activations of magnitude 127, and
     the compiled embedding, bit for bit the specification's (on a second weight of the same bytes)."""

@@ -237,17 +237,16 @@ class StepThreads:
     only: every kernel computes the same values at any count (tests/test_ggml_step.py, test_exact_step.py, and
     test_step_threads.py for whole steps at changing counts).
 
-    So each step is timed, with the CPU time its calling thread got and the process's other threads' from its
-    start to the next step's (see started: their time in a step may reach the total only after it). Two windows
-    in a row (steps at the count adding up to WINDOW seconds each) whose threads held their cores for less than
-    HELD of their time (quiet:
-    0.9-1.0 here; 0.3-0.55 in the cases above) say that something else holds one: the next step runs on one thread
-    fewer, and if it took at most MARGIN of the recent steps' time, the steps go on at that count. Windows, not
-    steps: the process's CPU time holds another thread's running time only as of that thread's last scheduler
-    tick (Linux brings only the calling thread's up to date), so over one 2.3 ms step of the default model (2
-    threads, Emerald Rapids guest, session 62) the hold read 0.50 and ~1.35 in turns on a quiet machine; two 0.50s
-    in a row sent the steps to one thread, whose first step loads that count's compiled code (~70-80 ms): in 6 of
-    24 decode runs of session 61's benchmark. Over a window the error is a tick or so in WINDOW.
+    So each step is timed, with the CPU time its calling thread got and the process's other threads' from its start
+    to the next step's (see started: their time in a step may reach the total only after it). Two windows in a row
+    (steps at the count adding up to WINDOW seconds each) whose threads held their cores for less than HELD of their
+    time (quiet: 0.9-1.0 here; 0.3-0.55 in the cases above) say that something else holds one: the next step runs on
+    one thread fewer, and if it took at most MARGIN of the recent steps' time, the steps go on at that count.
+    Windows, not steps: the process's CPU time holds another thread's running time only as of that thread's last
+    scheduler tick (Linux brings only the calling thread's up to date), so over one 2.3 ms step of the default model
+    (2 threads, Emerald Rapids guest, session 62) the hold read 0.50 and ~1.35 in turns on a quiet machine; two
+    0.50s in a row sent the steps to one thread, whose first step loads that count's compiled code (~70-80 ms): in 6
+    of 24 decode runs of session 61's benchmark. Over a window the error is a tick or so in WINDOW.
 
     Below the count in force, UP steps in a row at one thread more are tried every so often, as the core may be free
     again; each must win. A probe that loses doubles the wait before the next in its direction (FIRST to LAST steps;

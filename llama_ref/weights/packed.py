@@ -336,22 +336,22 @@ def _x8_rows(blocks: np.ndarray, head: int, into: bool, group: int = 8) -> np.nd
     block the rows' nibbles as 4 vectors of 4 * group bytes, then their heads. In pieces of ~BLOCKS_PER_PIECE
     blocks."""
     rows, width = blocks.shape
-    g_, nib = group, 16 * group  # rows a group, nibble bytes a group's block
-    nb, at, size = width // (head + 16), _x8_groups(blocks, width, g_), head + 16
+    nib = 16 * group  # nibble bytes a group's block
+    nb, at, size = width // (head + 16), _x8_groups(blocks, width, group), head + 16
     out = np.empty_like(blocks)
-    src, dst = blocks.reshape(rows // g_, g_ * width), out.reshape(rows // g_, g_ * width)  # one row per group
-    for g in range(0, rows // g_, at):
+    src, dst = (a.reshape(rows // group, group * width) for a in (blocks, out))  # one row per group
+    for g in range(0, rows // group, at):
         piece = src[g:g + at]
         n = piece.shape[0]
         if into:  # (n, G r, nb, head | 16) -> (n, nb, [4 j, G r, 4 k] nibbles | [G r, head] heads)
-            p = piece.reshape(n, g_, nb, size)
-            parts = [p[..., head:].reshape(n, g_, nb, 4, 4).transpose(0, 2, 3, 1, 4).reshape(n, nb, nib),
-                     p[..., :head].transpose(0, 2, 1, 3).reshape(n, nb, g_ * head)]
+            p = piece.reshape(n, group, nb, size)
+            parts = [p[..., head:].reshape(n, group, nb, 4, 4).transpose(0, 2, 3, 1, 4).reshape(n, nb, nib),
+                     p[..., :head].transpose(0, 2, 1, 3).reshape(n, nb, group * head)]
             dst[g:g + n] = np.concatenate(parts, 2).reshape(n, -1)
         else:
-            p = piece.reshape(n, nb, g_ * size)
-            parts = [p[..., nib:].reshape(n, nb, g_, head).transpose(0, 2, 1, 3),
-                     p[..., :nib].reshape(n, nb, 4, g_, 4).transpose(0, 3, 1, 2, 4).reshape(n, g_, nb, 16)]
+            p = piece.reshape(n, nb, group * size)
+            parts = [p[..., nib:].reshape(n, nb, group, head).transpose(0, 2, 1, 3),
+                     p[..., :nib].reshape(n, nb, 4, group, 4).transpose(0, 3, 1, 2, 4).reshape(n, group, nb, 16)]
             dst[g:g + n] = np.concatenate(parts, 3).reshape(n, -1)
     return out
 

@@ -35,17 +35,18 @@ ROWS = 16  # weight rows per parallel work item: their bytes stay in cache while
 # Q5_0 (kind 5) and Q5_1 (kind 1) in their file's blocks (_weight_args): a decode's tile spreads the fifth bits
 # and nibbles in registers, as llama.cpp's does.
 KIND = {"q8_0": 0, "q5_1": 1, "q4_0": 2, "q4_0r": 3, "q4_1": 4, "q5_0": 5, "q5_1x8": 7, "q5_0x8": 8, "q4_1x8": 9,
-        "q4_1x16": 10, "q5_0x16": 11, "q5_1x16": 12}
+        "q4_1x16": 10, "q5_0x16": 11, "q5_1x16": 12, "q8_0x16": 13}
 # Q5_1 (kind 7), Q5_0 (8) and Q4_1 (9) in the "x8" form (weights/packed.py Q5_BIT_ORDERS, Q4_1Weight: each 8 rows'
 # blocks side by side), where this host's tiles read Q5's fifth bits "shifted" (AVX2 without GFNI: X8_HOST, where it
 # was measured) and the rows come in groups of 8: a decode's 8-row tile (ggml_simd._define_x8) turns the 8 rows'
 # lanes on their side, the same sums. One weight form a host and shape (the file's bytes moved, not changed).
 X8 = (7, 8, 9)
 X8_HOST = simd.Q5_BIT_ORDER == "shifted"
-# Q4_1 (kind 10), Q5_0 (11) and Q5_1 (12) in the "x16" form (Q4_1Weight.x8_form(16), Q5_BIT_ORDERS: each 16 rows'
-# blocks side by side) where the host runs 512-bit VNNI at full width (ggml_simd.host_prefers_512: Intel's AVX-512
-# Xeons) and the rows come in groups of 16: a decode's 16-row tile (ggml_simd._define_x16), 16 rows' lanes on their
-# side in each 512-bit vector. The default model's decode on an Emerald Rapids guest: sessions.md, session 63.
+# Q4_1 (kind 10), Q5_0 (11), Q5_1 (12) and Q8_0 (13) in the "x16" form (Q4_1Weight.x8_form(16), Q5_BIT_ORDERS,
+# Q8_0Weight.x8_form(16): each 16 rows' blocks side by side) where the host runs 512-bit VNNI at full width
+# (ggml_simd.host_prefers_512: Intel's AVX-512 Xeons) and the rows come in groups of 16: a decode's 16-row tile
+# (ggml_simd._define_x16), 16 rows' lanes on their side in each 512-bit vector. The default model's decode on an
+# Emerald Rapids guest: sessions.md, sessions 63, 64.
 X16_HOST = simd.HAS_VNNI512 and simd.host_prefers_512()
 # A prefill (more than one activation row) first unpacks each tile's ROWS rows of a Q5 or Q4_1 weight to one byte per
 # value (ggml_simd.unpack_row, _unpacked_tile; a scratch of the thread's own), then runs the byte tiles on them: Q5_1
@@ -89,6 +90,7 @@ _q5_1x8_R1, _q5_0x8_R1 = simd.make_dot("q5_1x8", 8, 1), simd.make_dot("q5_0x8", 
 _q4_1x8_R1 = simd.make_dot("q4_1x8", 8, 1)
 _q4_1x16_R1 = simd.make_dot("q4_1x16", 16, 1)  # decode, 16 rows
 _q5_0x16_R1, _q5_1x16_R1 = simd.make_dot("q5_0x16", 16, 1), simd.make_dot("q5_1x16", 16, 1)
+_q8_0x16_R1 = simd.make_dot("q8_0x16", 16, 1)
 _q5_1x_RA, _q5_1x_R1, _q5_1x_1A, _q5_1x_11 = _tiles("q5_1")  # one byte per value: a prefill's
 _q4_0_RA, _q4_0_R1, _q4_0_1A, _q4_0_11 = _tiles("q4_0")
 _q4_0r_RA, _q4_0r_R1, _, _ = _tiles("q4_0r")
@@ -152,6 +154,8 @@ def _dot(kind, many_rows, many_acts, w, ws, wd, wm, wds, x, xst, xd, xs, xds, nb
         _q5_0x16_R1(w, ws, wd, wm, wds, x, xst, xd, xs, xds, nb, out, ost, use_simd)
     elif kind == 12:  # Q5_1's, the same
         _q5_1x16_R1(w, ws, wd, wm, wds, x, xst, xd, xs, xds, nb, out, ost, use_simd)
+    elif kind == 13:  # Q8_0's, the same
+        _q8_0x16_R1(w, ws, wd, wm, wds, x, xst, xd, xs, xds, nb, out, ost, use_simd)
     elif kind == 3:  # repacked Q4_0: always 8 rows (R % 8 == 0)
         if many_acts:
             _q4_0r_RA(w, ws, wd, wm, wds, x, xst, xd, xs, xds, nb, out, ost, use_simd)
@@ -242,7 +246,7 @@ def _unpacked_tile(kind, w, ws, wd, wds, nb, K, r0, r1, x0, xd0, xs0, o0, N, R, 
     for r in range(r0, r1):
         src, sc = _row_start(kind, w, ws, wd, wds, nb, r - r0)
         simd.unpack_row(src, sc, nb, form, q + (r - r0) * K, dm + (r - r0) * sds, dm + (ROWS + r - r0) * sds)
-    signed = kind == 5 or kind == 8 or kind == 11  # Q5_0: Q8_0's tiles on its int8 q - 16
+    signed = kind == 5 or _half_scales(kind)  # Q5_0: Q8_0's tiles on its int8 q - 16 (Q8_0: its q)
     _tile(0 if signed else Q5_1_BYTES, q, np.int64(K), dm, dm + ROWS * sds, sds, nb, K, r0, r1, x0,
           xd0, xs0, o0, N, R, use_simd)
 
@@ -256,7 +260,7 @@ def _is_x8(kind):
 @njit(inline="always", **JIT)
 def _is_x16(kind):
     """Whether a KIND is one of the "x16" forms: rows only in groups of 16."""
-    return kind == 10 or kind == 11 or kind == 12
+    return kind == 10 or kind == 11 or kind == 12 or kind == 13
 
 
 @njit(inline="always", **JIT)
@@ -284,6 +288,8 @@ def _unpack_form(kind):
         return np.int64(simd.UNPACK_Q5_0X16)
     if kind == 12:
         return np.int64(simd.UNPACK_Q5_1X16)
+    if kind == 13:
+        return np.int64(simd.UNPACK_Q8_0X16)
     return np.int64(simd.UNPACK_Q4_1X8)
 
 
@@ -295,8 +301,14 @@ def _row_start(kind, w, ws, wd, wds, nb, r):
     if _is_x8(kind):
         n = _group(kind)
         g, k = r // n * n, r % n
-        return w + g * ws + 4 * k, wd + g * wds + k * (2 if kind == 8 or kind == 11 else 4)
+        return w + g * ws + 4 * k, wd + g * wds + k * (2 if _half_scales(kind) else 4)
     return w + r * ws, wd + r * wds
+
+
+@njit(inline="always", **JIT)
+def _half_scales(kind):
+    """Whether a grouped KIND (_is_x8) has one fp16 d a block (Q5_0, Q8_0; int8 values once unpacked), not a pair."""
+    return kind == 8 or kind == 11 or kind == 13
 
 
 @njit(inline="always", **JIT)
@@ -413,10 +425,10 @@ def embedding(tokens: np.ndarray, table, dtype) -> np.ndarray:
     Q5_1, and Q4_1 held in the "x8" form, from the blocks this arithmetic holds (_unpacked_rows: the NumPy rows took
     ~90 us, a Q5 decode step's 2 %). For the K-quants it would first unpack the whole table beside the form this
     arithmetic keeps (the originals, which Q4_K drops for its repacked copy), so they keep the specification's rows."""
-    x8 = isinstance(table, Q4_1Weight) and _held_group(table)  # its nibbles in the "x8" / "x16" form: no rows to read
+    x8 = isinstance(table, (Q4_1Weight, Q8_0Weight)) and _held_group(table)  # held in the "x8" / "x16" form
     if isinstance(table, _ROWS_AS_HELD) and not x8:
         return _compiled_rows(tokens, table, dtype)
-    if isinstance(table, (Q5_0Weight, Q5_1Weight, Q4_1Weight)) and np.dtype(dtype) == np.float32:
+    if isinstance(table, (Q5_0Weight, Q5_1Weight, Q4_1Weight, Q8_0Weight)) and np.dtype(dtype) == np.float32:
         tokens = np.asarray(tokens)
         ids = np.ascontiguousarray(tokens.reshape(-1), dtype=np.int64)  # (N,)
         out = np.empty((ids.shape[0], table.shape[1]), np.float32)  # (N, D)
@@ -436,7 +448,7 @@ def _unpacked_rows(blocks, scales, kind, ids, out):
     K = out.shape[1]
     q, d, m = np.empty((1, K), np.uint8), np.empty((1, K // 32), np.float32), np.empty((1, K // 32), np.float32)
     first = np.zeros(1, np.int64)  # the one unpacked row
-    signed = kind == 5 or kind == 8 or kind == 11
+    signed = kind == 5 or _half_scales(kind)
     form = _unpack_form(kind)
     w, ws, wd, wds = (np.int64(blocks.ctypes.data), np.int64(blocks.shape[1]), np.int64(scales.ctypes.data),
                       np.int64(scales.shape[1] * scales.itemsize))
@@ -509,6 +521,13 @@ def _weight_args(w) -> tuple:
                 m = d
             else:
                 qs = readonly(w.qs)
+        elif fmt == "q8_0" and _held_group(w):
+            # In the "x16" form (Q8_0Weight.x8_form(16): q + 128, each 16 rows' blocks side by side) with the 16
+            # rows' fp16 d of a block side by side (34 bytes a block streamed, as the file's, where float32 d
+            # took 36)
+            fmt += "x16"
+            qs = readonly(w.x8_form(16))
+            d = m = readonly(q5_scales_in_order(_fp16_bits(w.d, "Q8_0"), "x16", "file"))
         else:
             qs = readonly(w.qs)
             d = m = _repack_scales(w.d) if fmt == "q4_0r" else readonly(w.d)
@@ -521,6 +540,8 @@ def _held_group(w) -> int:
     """The rows of a group of the form ggml mode holds weight w in: 16, the "x16" form (a Q4_1, Q5_0 or Q5_1 weight
     whose rows come in groups of 16, on an X16_HOST); 8, the "x8" form (the same in groups of 8, on an X8_HOST); or
     0, its rows as they are."""
+    if w.format == "q8_0":  # only where vpdpbusd takes its q + 128 (AVX2's int16 pairs would saturate)
+        return 16 if X16_HOST and w.shape[0] % 16 == 0 else 0
     if w.format not in ("q4_1", "q5_0", "q5_1"):
         return 0
     return 16 if X16_HOST and w.shape[0] % 16 == 0 else 8 if X8_HOST and w.shape[0] % 8 == 0 else 0
@@ -540,15 +561,20 @@ def _repack_scales(d: np.ndarray) -> np.ndarray:
     return readonly(d16.view(np.uint16).reshape(R, nb))  # the fp16 bits: Numba's arrays have no float16
 
 
+def _fp16_bits(a: np.ndarray, fmt: str) -> np.ndarray:
+    """The fp16 bits (uint16) of float32 scales a, each of which is an fp16 value (every GGUF scale is: checked)."""
+    a16 = a.astype(np.float16)
+    if not np.array_equal(a16.astype(np.float32), a, equal_nan=True):
+        raise ValueError(f"{fmt} scales that are not fp16 values")
+    return a16.view(np.uint16)
+
+
 def _scale_pairs(d: np.ndarray, m: np.ndarray) -> np.ndarray:
     """Q4_1's d and m (R, nb) float32 as the tiles read them (kernels/ggml_simd.py's fp16 pairs): one
     uint32 per block, fp16 d in its low half (its lower address) and fp16 m in its high half, as a block of the
     file begins. Exact: every GGUF d and m is an fp16 (checked, as _repack_scales)."""
-    d16, m16 = d.astype(np.float16), m.astype(np.float16)
-    for a, a16 in ((d, d16), (m, m16)):
-        if not np.array_equal(a16.astype(np.float32), a, equal_nan=True):
-            raise ValueError("Q4_1 scales that are not fp16 values")
-    pairs = d16.view(np.uint16).astype(np.uint32) | (m16.view(np.uint16).astype(np.uint32) << np.uint32(16))
+    d16, m16 = _fp16_bits(d, "Q4_1"), _fp16_bits(m, "Q4_1")
+    pairs = d16.astype(np.uint32) | (m16.astype(np.uint32) << np.uint32(16))
     return readonly(pairs)  # (R, nb)
 
 

@@ -504,7 +504,7 @@ def _scale_half(builder, addr):
 
 # The weight forms unpack_row takes (its `form`)
 UNPACK_Q5_1, UNPACK_Q5_0, UNPACK_Q4_1, UNPACK_Q5_1X8, UNPACK_Q5_0X8, UNPACK_Q4_1X8 = range(6)
-UNPACK_Q4_1X16, UNPACK_Q5_1X16, UNPACK_Q5_0X16 = range(6, 9)
+UNPACK_Q4_1X16, UNPACK_Q5_1X16, UNPACK_Q5_0X16, UNPACK_Q8_0X16 = range(6, 10)
 
 
 @intrinsic
@@ -518,7 +518,8 @@ def unpack_row(typingctx, src, scales, nb, form, qs, d, m):
     + 4 r bytes and + r scales: the row's 4 words of nibbles 32 bytes apart in each 160-byte block (Q4_1: 128), Q5's
     fifth bits 128 on, its scales 8 apart); UNPACK_Q4_1X16 / UNPACK_Q5_1X16 / UNPACK_Q5_0X16: row r of a group of 16
     in the "x16" form (its words 64 bytes apart in each 256-byte block, Q5's 320 with its fifth bits, "shifted",
-    256 on; its scales 16 apart).
+    256 on; its scales 16 apart); UNPACK_Q8_0X16: row r of a group of 16 of Q8_0 in the "x16" form (its 8 words
+    of q + 128, 64 bytes apart in each 512-byte block; fp16 d 16 apart) -> its int8 q and d.
     All addresses int64."""
     sig = types.void(*([types.int64] * 7))
 
@@ -547,6 +548,15 @@ def _define_unpack(module):
     i = b.phi(I64)
     four = b.mul(i, c64(4))
     out = _ptr(b, b.add(qs, b.mul(i, c64(32))), v32)
+    q8_0, rest, latch = (fn.append_basic_block(n) for n in ("q8_0x16", "rest", "latch"))
+    b.cbranch(b.icmp_signed("==", form, c64(UNPACK_Q8_0X16)), q8_0, rest)
+    b = ir.IRBuilder(q8_0)  # Q8_0's row: its 8 words from its group's 512-byte block, back to int8 q
+    block = b.add(src, b.mul(i, c64(512)))
+    words = b.bitcast(_vector(b, [_gep_load(b, block, c64(64 * j), I32, 1) for j in range(8)]), v32)
+    b.store(b.xor(words, ir.Constant(v32, [-128] * 32)), out, align=1)
+    b.store(_scale_half(b, b.add(sc, b.mul(i, c64(32)))), _ptr(b, b.add(d, four), F32), align=4)
+    b.branch(latch)
+    b = ir.IRBuilder(rest)
 
     def x8_row_nibbles(block, apart=32):  # the row's 16 bytes of nibbles: its 4 words in its group's block
         return b.bitcast(_vector(b, [_gep_load(b, block, c64(apart * j), I32, 1) for j in range(4)]),
@@ -613,6 +623,8 @@ def _define_unpack(module):
                                 with q5_1:
                                     b.store(q5_values(b, block, False), out, align=1)
                                     pair(b)
+    b.branch(latch)
+    b = ir.IRBuilder(latch)
     body_end = b.block
     i1 = b.add(i, c64(1))
     b.cbranch(b.icmp_signed("<", i1, nb), loop, done)
@@ -1330,11 +1342,23 @@ def _end_sideways(b, i, nb, entry, loop, done, accs, new_accs, mins, out):
     b.ret_void()
 
 
-def _lanes16(b, vals, xl, isa):
-    """<64 x i8> vals (unsigned) and xl (signed) -> <16 x i32>, lane j the sum of products 4j .. 4j + 3: one 512-bit
-    vpdpbusd (isa "vnni512"), else each 32-byte half by lanes_u8s8 ("vnni", "avx2") or lanes_portable. The same
-    integers every way."""
+def _lanes16(b, vals, xl, isa, offset=0):
+    """<64 x i8> vals (unsigned: q + offset) and xl (signed) -> <16 x i32>, lane j the sum of products q x over values
+    4j .. 4j + 3: one 512-bit vpdpbusd (isa "vnni512"), else each 32-byte half by lanes_u8s8 ("vnni", "avx2") or
+    lanes_portable, less offset times the lane's sum of x by the same instructions. Offset 128 (Q8_0's x16 form, q
+    -128..127) without VNNI: q itself (vals XOR 0x80) by ggml's sign trick (AVX2's int16 pairs would saturate on
+    (q + 128) x) or as signed bytes (portable). The same integers every way."""
     v16i = ir.VectorType(I32, 16)
+    if offset == 128 and isa in ("avx2", "portable"):
+        q = b.xor(vals, ir.Constant(vals.type, [-128] * 64))
+        halves = []
+        for h in (0, 1):
+            v, xv = (_shuffle(b, a, list(range(32 * h, 32 * h + 32))) for a in (q, xl))
+            halves.append(lanes_portable(b, v, xv, True) if isa == "portable" else
+                          lanes_u8s8(b, sign8(b, v, v), sign8(b, xv, v), isa))
+        return _shuffle2(b, halves[0], halves[1], list(range(16)))
+    if offset:
+        return b.sub(_lanes16(b, vals, xl, isa), _lanes16(b, ir.Constant(vals.type, [offset] * 64), xl, isa))
     if isa == "vnni512":
         fn = _declare(b.module, "llvm.x86.avx512.vpdpbusd.512", v16i, [v16i] * 3)
         return b.call(fn, [ir.Constant(v16i, [0] * 16), b.bitcast(vals, v16i), b.bitcast(xl, v16i)])
@@ -1350,8 +1374,9 @@ def _shuffle2(builder, u, v, idx):
     return builder.shuffle_vector(u, v, ir.Constant(ir.VectorType(I32, len(idx)), idx))
 
 
-# The kinds of 16 rows in the "x16" form (weights/packed.py): Q4_1 (Q4_1Weight.x8_form(16)), Q5_1, Q5_0 (Q5_BIT_ORDERS)
-X16_KINDS = ("q4_1x16", "q5_1x16", "q5_0x16")
+# The kinds of 16 rows in the "x16" form (weights/packed.py): Q4_1 (Q4_1Weight.x8_form(16)), Q5_1, Q5_0 (Q5_BIT_ORDERS),
+# Q8_0 (Q8_0Weight.x8_form(16))
+X16_KINDS = ("q4_1x16", "q5_1x16", "q5_0x16", "q8_0x16")
 
 
 def _define_x16(module, name, isa, kind):
@@ -1371,9 +1396,13 @@ def _define_x16(module, name, isa, kind):
     Q5: the 16 rows' words of fifth bits ("shifted") one vector Q, whose Q << l puts each value of lane l's bit at
     the top of its byte; the values q 0..31 are the nibble, or the nibble | 16 where that bit is set (a vpmovb2m and
     a masked or). Q5_0's q - 16 meets x as q times x less 16 sum(x) of the lane (a vpdpbusd of 16s for all 16 rows):
-    the same integers as ggml's sign trick."""
-    signed, fifth = kind == "q5_0x16", kind != "q4_1x16"
-    block_bytes = 320 if fifth else 256
+    the same integers as ggml's sign trick.
+
+    Q8_0: each 64-byte vector of the block's 8 holds lane j's 4 values for the 16 rows, q + 128 (unsigned), and
+    meets x less 128 sum(x) of the lane (_lanes16's offset), the same integers as ggml_vec_dot_q8_0_q8_0's sign
+    trick; its 16 fp16 d one load, as Q5_0's."""
+    q8, signed, fifth = kind == "q8_0x16", kind in ("q5_0x16", "q8_0x16"), kind in ("q5_0x16", "q5_1x16")
+    block_bytes = 512 if q8 else 320 if fifth else 256
     fn = ir.Function(module, ir.FunctionType(ir.VoidType(), [I64] * 13), name)
     fn.linkage = "internal"
     w, ws, wd, wm, wds, x, xstride, xd, xs, xds, nb, out, ostride = fn.args
@@ -1407,18 +1436,33 @@ def _define_x16(module, name, isa, kind):
     xblock = b.add(x, b.mul(i, c64(32)))
     low4, sixteen = ir.Constant(v64, [15] * 64), ir.Constant(v64, [16] * 64)
     new_accs = [None] * 8
-    for j in range(4):
-        nib = _gep_load(b, block, c64(64 * j), v64, 1)
-        high = b.bitcast(b.lshr(b.bitcast(nib, v32s), ir.Constant(v32s, [4] * 32)), v64)
-        for lane, n in ((j, b.and_(nib, low4)), (j + 4, b.and_(high, low4))):
-            if fifth:  # q = n | 16 where lane `lane`'s bit of the value is set: at the top of its byte in Q << lane
-                top = b.bitcast(b.shl(q, ir.Constant(v16i, [lane] * 16)), v64)
-                n = b.select(b.icmp_signed("<", top, ir.Constant(v64, [0] * 64)), b.or_(n, sixteen), n)
-            xl = b.bitcast(splat16(b, _gep_load(b, xblock, c64(4 * lane), I32, 1)), v64)  # its 4 values, 16 times
-            lanes = _lanes16(b, n, xl, isa)
-            if signed:  # (q - 16) x = q x - 16 x, summed over the lane's 4 values
-                lanes = b.sub(lanes, _lanes16(b, sixteen, xl, isa))
-            new_accs[lane] = b.call(fma_v, [scale, b.sitofp(lanes, v16f), accs[lane]])
+
+    def values():  # (lane, its 16 rows' 4 values as unsigned bytes) of block i
+        if q8:
+            for lane in range(8):
+                yield lane, _gep_load(b, block, c64(64 * lane), v64, 1)
+            return
+        for j in range(4):
+            nib = _gep_load(b, block, c64(64 * j), v64, 1)
+            high = b.bitcast(b.lshr(b.bitcast(nib, v32s), ir.Constant(v32s, [4] * 32)), v64)
+            for lane, n in ((j, b.and_(nib, low4)), (j + 4, b.and_(high, low4))):
+                if fifth:  # q = n | 16 where lane `lane`'s bit of the value is set: at the top of its byte in Q << lane
+                    top = b.bitcast(b.shl(q, ir.Constant(v16i, [lane] * 16)), v64)
+                    n = b.select(b.icmp_signed("<", top, ir.Constant(v64, [0] * 64)), b.or_(n, sixteen), n)
+                yield lane, n
+    offset = 128 if q8 else 16 if signed else 0
+    if offset and isa == "vnni512":  # -offset sum(x) of every lane of the block: where each lane's vpdpbusd starts
+        xv = _gep_load(b, xblock, c64(0), ir.VectorType(I8, 32), 1)
+        starts = b.neg(lanes_u8s8(b, ir.Constant(ir.VectorType(I8, 32), [offset] * 32), xv, "vnni"))
+        vpdpbusd = _declare(b.module, "llvm.x86.avx512.vpdpbusd.512", v16i, [v16i] * 3)
+    for lane, n in values():
+        xl = b.bitcast(splat16(b, _gep_load(b, xblock, c64(4 * lane), I32, 1)), v64)  # its 4 values, 16 times
+        if offset and isa == "vnni512":
+            start = _shuffle(b, starts, [lane] * 16)
+            lanes = b.call(vpdpbusd, [start, b.bitcast(n, v16i), b.bitcast(xl, v16i)])
+        else:  # Q5_0: (q - 16) x = q x - 16 x, summed over the lane's 4 values; Q8_0 (q + 128) x - 128 x
+            lanes = _lanes16(b, n, xl, isa, offset)
+        new_accs[lane] = b.call(fma_v, [scale, b.sitofp(lanes, v16f), accs[lane]])
     _end_sideways(b, i, nb, entry, loop, done, accs, new_accs, None if signed else (mins, mins_next), out)
     return fn
 

@@ -439,3 +439,20 @@ def test_x16_decode_tile_reads_16_rows_a_zmm_vector():
     halves = ("vpmovdw", "vcvtph2ps", "vcvtph2psx")  # the 16 rows' fp16 d's (and m's): a ymm between the two
     assert not [ins for ins in body if "%ymm" in ins and ins.split()[0] not in halves], body
     assert not [ins for ins in body if "(%rsp)" in ins], body
+
+
+@pytest.mark.skipif(not ggml_simd.HAS_VNNI512, reason="the CPU has no AVX-512 VNNI")
+def test_q8_0_x16_decode_tile_starts_each_lane_from_its_offset():
+    """The 16-row decode tile of Q8_0's "x16" form (q + 128, ggml_simd._define_x16), 512-bit branch: one loop over
+    the blocks; per block 8 zmm vpdpbusd of the 16 rows' values (the activation's 4 values of a lane broadcast from
+    memory), each starting from -128 sum(x) of its lane (one ymm vpdpbusd of the block's 32 values, a vpermd or
+    broadcast a lane: no second vpdpbusd and vpsubd a lane), then 8 conversions and 8 fmas; nothing on the stack."""
+    loops = block_loops(tile_asm("q8_0x16", 16, 1, 3))
+    assert len(loops) == 1, [len(body) for body in loops]
+    body = loops[0]
+    zmm = [ins.split()[0] for ins in body if "%zmm" in ins]
+    for name, count in (("vpdpbusd", 8), ("vcvtdq2ps", 8), ("vfmadd231ps", 8), ("vmovdqu64", 8)):
+        assert zmm.count(name) == count, (name, body)
+    assert [ins.split()[0] for ins in body if "%ymm" in ins].count("vpdpbusd") == 1, body
+    assert not [ins for ins in body if ins.split()[0] == "vpsubd" and "%zmm" in ins], body
+    assert not [ins for ins in body if "(%rsp)" in ins], body

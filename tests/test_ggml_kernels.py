@@ -540,16 +540,18 @@ def test_q4_1_x16_form_by_hand():
         raw_blocks("q4_1", 24, 3, seed=31).x8_form(16)
 
 
-@pytest.mark.parametrize("fmt", ["q4_1", "q5_0", "q5_1"])
+@pytest.mark.parametrize("fmt", ["q4_1", "q5_0", "q5_1", "q8_0"])
 @pytest.mark.parametrize("use_simd", [0, 1, 2, 3])
 def test_x16_products_and_rows_equal_specification(monkeypatch, use_simd, fmt):
-    """A Q4_1, Q5_0 or Q5_1 weight of rows in groups of 16 in the "x16" form (kernels/ggml.py _held_group: AVX-512 VNNI
-    hosts that run 512-bit vectors at full width; here on any host, every integer path): decode (the 16-row tile),
-    prefill (rows unpacked from their groups), blocks at the ends of the range by activations of magnitude 127, and
-    the compiled embedding, bit for bit the specification's (on a second weight of the same bytes)."""
+    """A Q4_1, Q5_0, Q5_1 or Q8_0 weight of rows in groups of 16 in the "x16" form (kernels/ggml.py _held_group:
+    AVX-512 VNNI hosts that run 512-bit vectors at full width; here on any host, every integer path): decode (the
+    16-row tile), prefill (rows unpacked from their groups), blocks at the ends of the range by activations of
+    magnitude 127 (Q8_0 also -128 and 127 alternating), and the compiled embedding, bit for bit the specification's
+    (on a second weight of the same bytes)."""
     ggml_kernels = kernels()
     monkeypatch.setattr(ggml_kernels, "X16_HOST", True)
-    for pattern, rows, nb in (("random", 16, 5), ("max", 32, 3), ("min", 16, 2), ("random", 48, 18)):
+    cases = (("random", 16, 5), ("max", 32, 3), ("min", 16, 2), ("random", 48, 18))
+    for pattern, rows, nb in cases + ((("q8_edges", 16, 4),) if fmt == "q8_0" else ()):
         w = raw_blocks(fmt, rows, nb, seed=rows + nb, pattern=pattern)
         spec_w = TYPES[fmt](w.raw_blocks(), w.shape)
         assert ggml_kernels._weight_args(w)[0] == ggml_kernels.KIND[fmt + "x16"]
@@ -559,8 +561,48 @@ def test_x16_products_and_rows_equal_specification(monkeypatch, use_simd, fmt):
             assert same_bits(ggml_kernels.quantized_linear(x, w, use_simd), ggml.linear(x, spec_w)), (pattern, n)
         ids = np.array([[rows - 1, 0], [3, 17 % rows]])
         assert same_bits(ggml_kernels.embedding(ids, w, np.float32), ggml.embedding(ids, spec_w, np.float32))
-        assert (w._x8 is not None and w._group == 16) if fmt == "q4_1" else w._order == "x16"
+        assert (w._x8 is not None and w._group == 16) if fmt in ("q4_1", "q8_0") else w._order == "x16"
         assert np.array_equal(w.raw_blocks(), spec_w.raw_blocks())  # the file's bytes, moved back
+
+
+def test_q8_0_x16_form_by_hand():
+    """Q8_0Weight's "x16" form (x8_form(16): the 16-row decode tiles', kernels/ggml_simd._define_x16), byte by byte
+    from its definition: block b of rows 16g .. 16g + 15 the 512 bytes at (g nb + b) 512, byte 64j + 4r + k row r's
+    q of value 4j + k plus 128; one copy (nbytes the same); raw_blocks and the specification's rows read it without
+    moving it; qs moves it back to rows, the file's bytes; rows not in groups of 16 refused; a Q8_0 weight is held
+    so only on an X16_HOST, in groups of 16 (AVX2's int16 pairs would saturate on q + 128)."""
+    w = raw_blocks("q8_0", 32, 3, seed=33)
+    raw = w.raw_blocks().reshape(32, 3, 34)
+    dense = w.to_float()
+    q = np.array(w.qs).view(np.int8)
+    nbytes = w.nbytes
+    held = w.x8_form(16).reshape(2, 3, 512)
+    for g, b, r in np.ndindex(2, 3, 16):
+        for j, k in np.ndindex(8, 4):
+            assert int(held[g, b, 64 * j + 4 * r + k]) == int(q[16 * g + r, 32 * b + 4 * j + k]) + 128
+    assert w.nbytes == nbytes and w.x8_form(16) is w.x8_form(16)
+    assert np.array_equal(w.raw_blocks().reshape(32, 3, 34), raw)
+    assert np.array_equal(w.raw_blocks(np.array([31, 2, 17])).reshape(3, 3, 34), raw[[31, 2, 17]])
+    assert same_bits(w.rows(np.array([[31, 0], [9, 9]])), dense[[[31, 0], [9, 9]]])
+    assert np.array_equal(w.qs.view(np.int8), q) and w._x8 is None
+    with pytest.raises(ValueError, match="groups of 16"):
+        raw_blocks("q8_0", 24, 3, seed=31).x8_form(16)
+    group = kernels()._held_group
+    assert group(w) == (16 if kernels().X16_HOST else 0) and group(raw_blocks("q8_0", 24, 1, seed=1)) == 0
+
+
+def test_unpack_row_q8_0_x16_reads_the_groups():
+    """ggml_simd.unpack_row's UNPACK_Q8_0X16 at kernels/ggml._row_start's addresses (the row's 8 words of q + 128 in its
+    group's 512-byte blocks, its fp16 d 16 apart): each row's int8 q and its d as float32, exactly."""
+    from llama_ref.kernels import ggml_simd
+    from llama_ref.weights.packed import q5_scales_in_order
+
+    for pattern in ("random", "q8_edges", "max"):
+        w = raw_blocks("q8_0", 32, 9, seed=10, pattern=pattern)
+        q, d = np.array(w.qs), np.array(w.d)
+        half = q5_scales_in_order(d.astype(np.float16).view(np.uint16), "x16", "file")
+        got = unpacked_rows("q8_0x16", w.x8_form(16), half, ggml_simd.UNPACK_Q8_0X16)
+        assert np.array_equal(got[0], q) and same_bits(got[1], d)
 
 
 @pytest.mark.parametrize("fmt", ["q5_0", "q5_1"])

@@ -204,9 +204,60 @@ class GGUFBlockWeight(PackedWeight):
         return cls(gguf.quants.quantize(w, qtype), w.shape)
 
 
-class Q8_0Weight(GGUFBlockWeight):
+class _HeldInGroups(GGUFBlockWeight):
+    """A block weight whose quant bytes arithmetic="ggml" may hold in a form for its decode tiles that sees 8 or 16
+    rows at once (x8_form(group)): block b of rows G g .. G g + G - 1 (G = group) is the G Q bytes at (g nb + b) G Q (Q:
+    the quant bytes of a row's block), byte 4 G j + 4 r + k row r's quant byte 4 j + k, XOR _flip. One copy: asking
+    for qs (or x8_form()) moves the bytes held into that form; raw_blocks() reads either without moving them."""
+    _x8 = None  # the quant bytes in the "x8" (or "x16") form while they are held so (then _row_qs is None) ...
+    _group = 8  # ... in groups of this many rows
+    _flip = 0  # ... each byte XOR this
+
+    def _grouped(self, a: np.ndarray, into: bool, group: int) -> np.ndarray:
+        out = _x8_rows(a, 0, into, group, self.type_size - 2 * len(self.fields))
+        if self._flip:
+            np.bitwise_xor(out, np.uint8(self._flip), out=out)
+        return out
+
+    def _row_bytes(self):
+        if self._x8 is not None:  # back to rows: the x8 form let go (what a kernel holds of it stays its)
+            self._row_qs, self._x8 = _readonly(self._grouped(self._x8, False, self._group)), None
+        return self._row_qs
+
+    def _hold_rows(self, value):
+        self._row_qs, self._x8 = value, None
+
+    qs = property(_row_bytes, _hold_rows, doc="(rows, quant bytes of a row) uint8: each row's, the file's bytes")
+    data = property(lambda self: self._row_qs if self._x8 is None else self._x8, _hold_rows)
+
+    def x8_form(self, group: int = 8) -> np.ndarray:
+        """The quant bytes (rows, quant bytes of a row) in the "x8" form, or with group=16 the "x16" form (see the
+        class), held so from now on."""
+        if self._x8 is not None and self._group != group:
+            self._row_bytes()
+        if self._x8 is None:
+            self._x8, self._row_qs = _readonly(self._grouped(self._row_qs, True, group)), None
+            self._group = group
+        return self._x8
+
+    def raw_blocks(self, ids=None) -> np.ndarray:
+        if self._x8 is None:
+            return super().raw_blocks(ids)
+        rows = np.arange(self.shape[0])[slice(None) if ids is None else ids].reshape(-1)
+        qs = _x8_pick(self._x8, rows, lambda a: self._grouped(a, False, self._group), self._group)
+        parts = [getattr(self, name)[rows].astype(np.float16)[:, :, None].view(np.uint8) for name in self.fields]
+        parts.append(qs.reshape(rows.size, -1, self.type_size - 2 * len(self.fields)))
+        return np.concatenate(parts, axis=2).reshape(rows.size, -1)
+
+
+class Q8_0Weight(_HeldInGroups):
+    """Q8_0: fp16 d | 32 int8 q; value j = d * q. The quants are held row by row (qs), or for arithmetic="ggml"'s
+    16-row decode tiles on AVX-512 VNNI hosts (kernels/ggml_simd._define_x16) in the "x16" form (x8_form(16);
+    _HeldInGroups): block b of rows 16g .. 16g + 15 the 512 bytes at (g nb + b) 512, byte 64j + 4r + k row r's
+    q of value 4j + k plus 128 (its bits XOR 0x80: the unsigned side of vpdpbusd)."""
     format, ggml_type, block_size, type_size, bits_per_weight = "q8_0", "Q8_0", 32, 34, 8.5
     fields = ("d",)
+    _flip = 0x80
 
     def kernel_args(self):
         return self.qs, self.d, self.d, False  # the Q8/Q4 kernels' (qs, d, m, has_min): no offsets here
@@ -230,49 +281,16 @@ class Q4_0Weight(GGUFBlockWeight):
         return d * q.astype(np.float32)
 
 
-class Q4_1Weight(GGUFBlockWeight):
+class Q4_1Weight(_HeldInGroups):
     """Q4_1: fp16 d, m | 16 bytes of nibbles; value j = d * q + m. The nibbles are held row by row (qs, as exact mode
     and the specification read them), or for arithmetic="ggml"'s 8-row decode tiles (kernels/ggml_simd._define_x8)
-    in the "x8" form (x8_form(); the rows in groups of 8): block b of rows 8g .. 8g + 7 is the 128 bytes at
-    (g nb + b) 128, 4 vectors of 32 bytes, byte 32j + 4r + k row r's nibble byte 4j + k (its values 4j + k and
-    16 + 4j + k). Or in the "x16" form (x8_form(16)), the same for groups of 16 rows (AVX-512 VNNI's 16-row decode
-    tiles, kernels/ggml_simd._define_x16): block b of rows 16g .. 16g + 15 the 256 bytes at (g nb + b) 256, byte
-    64j + 4r + k row r's nibble byte 4j + k. One copy: asking for qs (or x8_form()) moves the nibbles held into that
-    form; raw_blocks() reads either without moving them."""
+    in the "x8" form (x8_form(); the rows in groups of 8; _HeldInGroups): block b of rows 8g .. 8g + 7 is the 128
+    bytes at (g nb + b) 128, 4 vectors of 32 bytes, byte 32j + 4r + k row r's nibble byte 4j + k (its values 4j + k
+    and 16 + 4j + k). Or in the "x16" form (x8_form(16)), the same for groups of 16 rows (AVX-512 VNNI's 16-row
+    decode tiles, kernels/ggml_simd._define_x16): block b of rows 16g .. 16g + 15 the 256 bytes at (g nb + b) 256,
+    byte 64j + 4r + k row r's nibble byte 4j + k."""
     format, ggml_type, block_size, type_size, bits_per_weight = "q4_1", "Q4_1", 32, 20, 5.0
     fields = ("d", "m")
-    _x8 = None  # the nibbles in the "x8" (or "x16") form while they are held so (then _row_qs is None) ...
-    _group = 8  # ... in groups of this many rows
-
-    def _row_nibbles(self):
-        if self._x8 is not None:  # back to rows: the x8 form let go (what a kernel holds of it stays its)
-            self._row_qs, self._x8 = _readonly(_x8_rows(self._x8, 0, False, self._group)), None
-        return self._row_qs
-
-    def _hold_rows(self, value):
-        self._row_qs, self._x8 = value, None
-
-    qs = property(_row_nibbles, _hold_rows, doc="(rows, nb * 16) uint8: each row's nibbles, the file's bytes")
-    data = property(lambda self: self._row_qs if self._x8 is None else self._x8, _hold_rows)
-
-    def x8_form(self, group: int = 8) -> np.ndarray:
-        """The nibbles (rows, nb * 16) in the "x8" form, or with group=16 the "x16" form (see the class), held so
-        from now on."""
-        if self._x8 is not None and self._group != group:
-            self._row_nibbles()
-        if self._x8 is None:
-            self._x8, self._row_qs = _readonly(_x8_rows(self._row_qs, 0, True, group)), None
-            self._group = group
-        return self._x8
-
-    def raw_blocks(self, ids=None) -> np.ndarray:
-        if self._x8 is None:
-            return super().raw_blocks(ids)
-        rows = np.arange(self.shape[0])[slice(None) if ids is None else ids].reshape(-1)
-        qs = _x8_pick(self._x8, rows, lambda a: _x8_rows(a, 0, False, self._group), self._group)
-        parts = [getattr(self, name)[rows].astype(np.float16)[:, :, None].view(np.uint8) for name in self.fields]
-        parts.append(qs.reshape(rows.size, -1, 16))
-        return np.concatenate(parts, axis=2).reshape(rows.size, -1)
 
     def kernel_args(self):
         return self.qs, self.d, self.m, True  # (qs, d, m, has_min)
@@ -330,28 +348,29 @@ def _x8_pick(held: np.ndarray, rows: np.ndarray, back, group: int = 8) -> np.nda
     return back(part)[group * np.searchsorted(groups, rows // group) + rows % group]
 
 
-def _x8_rows(blocks: np.ndarray, head: int, into: bool, group: int = 8) -> np.ndarray:
-    """Blocks (rows, nb * (head + 16)) of `head` bytes of fifth bits (Q5: 4; Q4_1: 0) and 16 of nibbles, rows in
-    groups of 8 (or 16), into (True) or out of (False) the "x8" form (Q5_BIT_ORDERS, Q4_1Weight; "x16"): a group's
-    block the rows' nibbles as 4 vectors of 4 * group bytes, then their heads. In pieces of ~BLOCKS_PER_PIECE
-    blocks."""
+def _x8_rows(blocks: np.ndarray, head: int, into: bool, group: int = 8, body: int = 16) -> np.ndarray:
+    """Blocks (rows, nb * (head + body)) of `head` bytes of fifth bits (Q5: 4; Q4_1, Q8_0: 0) and `body` of quants
+    (16 of nibbles; Q8_0 32), rows in groups of 8 (or 16), into (True) or out of (False) the "x8" form
+    (Q5_BIT_ORDERS, _HeldInGroups; "x16"): a group's block the rows' quants as body / 4 vectors of 4 * group bytes,
+    then their heads. In pieces of ~BLOCKS_PER_PIECE blocks."""
     rows, width = blocks.shape
-    nib = 16 * group  # nibble bytes a group's block
-    nb, at, size = width // (head + 16), _x8_groups(blocks, width, group), head + 16
+    quants, words = body * group, body // 4  # quant bytes a group's block; words a row's block
+    nb, at, size = width // (head + body), _x8_groups(blocks, width, group), head + body
     out = np.empty_like(blocks)
     src, dst = (a.reshape(rows // group, group * width) for a in (blocks, out))  # one row per group
     for g in range(0, rows // group, at):
         piece = src[g:g + at]
         n = piece.shape[0]
-        if into:  # (n, G r, nb, head | 16) -> (n, nb, [4 j, G r, 4 k] nibbles | [G r, head] heads)
+        if into:  # (n, G r, nb, head | body) -> (n, nb, [words j, G r, 4 k] quants | [G r, head] heads)
             p = piece.reshape(n, group, nb, size)
-            parts = [p[..., head:].reshape(n, group, nb, 4, 4).transpose(0, 2, 3, 1, 4).reshape(n, nb, nib),
+            parts = [p[..., head:].reshape(n, group, nb, words, 4).transpose(0, 2, 3, 1, 4).reshape(n, nb, quants),
                      p[..., :head].transpose(0, 2, 1, 3).reshape(n, nb, group * head)]
             dst[g:g + n] = np.concatenate(parts, 2).reshape(n, -1)
         else:
             p = piece.reshape(n, nb, group * size)
-            parts = [p[..., nib:].reshape(n, nb, group, head).transpose(0, 2, 1, 3),
-                     p[..., :nib].reshape(n, nb, 4, group, 4).transpose(0, 3, 1, 2, 4).reshape(n, group, nb, 16)]
+            parts = [p[..., quants:].reshape(n, nb, group, head).transpose(0, 2, 1, 3),
+                     p[..., :quants].reshape(n, nb, words, group, 4).transpose(0, 3, 1, 2, 4).reshape(n, group, nb,
+                                                                                                        body)]
             dst[g:g + n] = np.concatenate(parts, 3).reshape(n, -1)
     return out
 

@@ -35,7 +35,7 @@ ROWS = 16  # weight rows per parallel work item: their bytes stay in cache while
 # Q5_0 (kind 5) and Q5_1 (kind 1) in their file's blocks (_weight_args): a decode's tile spreads the fifth bits
 # and nibbles in registers, as llama.cpp's does.
 KIND = {"q8_0": 0, "q5_1": 1, "q4_0": 2, "q4_0r": 3, "q4_1": 4, "q5_0": 5, "q5_1x8": 7, "q5_0x8": 8, "q4_1x8": 9,
-        "q4_1x16": 10, "q5_0x16": 11, "q5_1x16": 12, "q8_0x16": 13}
+        "q4_1x16": 10, "q5_0x16": 11, "q5_1x16": 12, "q8_0x16": 13, "q4_0x16": 14}
 # Q5_1 (kind 7), Q5_0 (8) and Q4_1 (9) in the "x8" form (weights/packed.py Q5_BIT_ORDERS, Q4_1Weight: each 8 rows'
 # blocks side by side), where this host's tiles read Q5's fifth bits "shifted" (AVX2 without GFNI: X8_HOST, where it
 # was measured) and the rows come in groups of 8: a decode's 8-row tile (ggml_simd._define_x8) turns the 8 rows'
@@ -46,7 +46,9 @@ X8_HOST = simd.Q5_BIT_ORDER == "shifted"
 # Q8_0Weight.x8_form(16): each 16 rows' blocks side by side) where the host runs 512-bit VNNI at full width
 # (ggml_simd.host_prefers_512: Intel's AVX-512 Xeons) and the rows come in groups of 16: a decode's 16-row tile
 # (ggml_simd._define_x16), 16 rows' lanes on their side in each 512-bit vector. The default model's decode on an
-# Emerald Rapids guest: sessions.md, sessions 63, 64.
+# Emerald Rapids guest: sessions.md, sessions 63, 64. Q4_0 (14) in the same form (Q4_0Weight.x8_form(16)) keeps
+# repacked Q4_0's arithmetic (one integer a block and row): ggml_simd._define_q4_0x16's tiles of 16 rows by one
+# activation row or ACTS, a prefill's too (no unpacking: the form is the one those tiles read).
 X16_HOST = simd.HAS_VNNI512 and simd.host_prefers_512()
 # A prefill (more than one activation row) first unpacks each tile's ROWS rows of a Q5 or Q4_1 weight to one byte per
 # value (ggml_simd.unpack_row, _unpacked_tile; a scratch of the thread's own), then runs the byte tiles on them: Q5_1
@@ -91,6 +93,7 @@ _q4_1x8_R1 = simd.make_dot("q4_1x8", 8, 1)
 _q4_1x16_R1 = simd.make_dot("q4_1x16", 16, 1)  # decode, 16 rows
 _q5_0x16_R1, _q5_1x16_R1 = simd.make_dot("q5_0x16", 16, 1), simd.make_dot("q5_1x16", 16, 1)
 _q8_0x16_R1 = simd.make_dot("q8_0x16", 16, 1)
+_q4_0x16_RA, _q4_0x16_R1 = simd.make_dot("q4_0x16", 16, ACTS), simd.make_dot("q4_0x16", 16, 1)
 _q5_1x_RA, _q5_1x_R1, _q5_1x_1A, _q5_1x_11 = _tiles("q5_1")  # one byte per value: a prefill's
 _q4_0_RA, _q4_0_R1, _q4_0_1A, _q4_0_11 = _tiles("q4_0")
 _q4_0r_RA, _q4_0r_R1, _, _ = _tiles("q4_0r")
@@ -156,6 +159,11 @@ def _dot(kind, many_rows, many_acts, w, ws, wd, wm, wds, x, xst, xd, xs, xds, nb
         _q5_1x16_R1(w, ws, wd, wm, wds, x, xst, xd, xs, xds, nb, out, ost, use_simd)
     elif kind == 13:  # Q8_0's, the same
         _q8_0x16_R1(w, ws, wd, wm, wds, x, xst, xd, xs, xds, nb, out, ost, use_simd)
+    elif kind == 14:  # Q4_0 in the "x16" form: always 16 rows (R % 16 == 0)
+        if many_acts:
+            _q4_0x16_RA(w, ws, wd, wm, wds, x, xst, xd, xs, xds, nb, out, ost, use_simd)
+        else:
+            _q4_0x16_R1(w, ws, wd, wm, wds, x, xst, xd, xs, xds, nb, out, ost, use_simd)
     elif kind == 3:  # repacked Q4_0: always 8 rows (R % 8 == 0)
         if many_acts:
             _q4_0r_RA(w, ws, wd, wm, wds, x, xst, xd, xs, xds, nb, out, ost, use_simd)
@@ -193,12 +201,12 @@ def _linear(kind, xq, xd, xs, off, qs, d, m, out, use_simd):
     ws, wds = np.int64(qs.shape[1]), np.int64(nb * d.itemsize)
     w0, d0, m0 = np.int64(qs.ctypes.data), np.int64(d.ctypes.data), np.int64(m.ctypes.data)
     x0, xd0, o0 = np.int64(xq.ctypes.data), np.int64(xd.ctypes.data), np.int64(out.ctypes.data)
-    xs0 = np.int64(off.ctypes.data) if kind == 3 else np.int64(xs.ctypes.data)  # repacked Q4_0: 8 sum(x) per block
+    xs0 = np.int64(off.ctypes.data) if _takes_offsets(kind) else np.int64(xs.ctypes.data)  # Q4_0: 8 sum(x) a block
     for c in prange((R + ROWS - 1) // ROWS):
         r0, r1 = np.int64(c * ROWS), min(R, (c + 1) * ROWS)
         if N == 1:
             _rows_at(kind, w0, ws, d0, wds, m0, nb, x0, np.int64(K), xd0, xs0, o0, np.int64(4 * R), use_simd, r0, r1)
-        elif kind == 1 or kind == 5 or kind == 4 or _is_x8(kind):
+        elif kind == 1 or kind == 5 or kind == 4 or (_is_x8(kind) and kind != 14):
             _unpacked_tile(kind, w0 + r0 * ws, ws, d0 + r0 * wds, wds, nb, K, r0, r1, x0, xd0, xs0, o0, N, R,
                            use_simd, np.empty(ROWS * K, np.uint8), np.empty(2 * ROWS * nb, np.float32))
         else:
@@ -213,7 +221,7 @@ def _tile(kind, w, ws, wd, wm, wds, nb, K, r0, r1, x0, xd0, xs0, o0, N, R, use_s
     4 nb bytes apart) into out at o0 (R float32 a row), ACTS activation rows at a time meeting the rows 4
     (repacked Q4_0: 8) at a time."""
     xst, xds, ost = np.int64(K), np.int64(4 * nb), np.int64(4 * R)
-    step = 8 if kind == 3 else 4  # repacked Q4_0: R % 8 == 0, so every tile is whole groups of 8
+    step = 8 if kind == 3 else 16 if kind == 14 else 4  # Q4_0: R % 8 (16) == 0, so every tile is whole groups
     n = np.int64(0)
     while n < N:
         many = n + ACTS <= N
@@ -260,7 +268,13 @@ def _is_x8(kind):
 @njit(inline="always", **JIT)
 def _is_x16(kind):
     """Whether a KIND is one of the "x16" forms: rows only in groups of 16."""
-    return kind == 10 or kind == 11 or kind == 12 or kind == 13
+    return kind == 10 or kind == 11 or kind == 12 or kind == 13 or kind == 14
+
+
+@njit(inline="always", **JIT)
+def _takes_offsets(kind):
+    """Whether a KIND's tiles take _x_offsets (8 sum(x) a block) for xs: Q4_0, repacked or in the "x16" form."""
+    return kind == 3 or kind == 14
 
 
 @njit(inline="always", **JIT)
@@ -290,6 +304,8 @@ def _unpack_form(kind):
         return np.int64(simd.UNPACK_Q5_1X16)
     if kind == 13:
         return np.int64(simd.UNPACK_Q8_0X16)
+    if kind == 14:
+        return np.int64(simd.UNPACK_Q4_0X16)
     return np.int64(simd.UNPACK_Q4_1X8)
 
 
@@ -307,8 +323,9 @@ def _row_start(kind, w, ws, wd, wds, nb, r):
 
 @njit(inline="always", **JIT)
 def _half_scales(kind):
-    """Whether a grouped KIND (_is_x8) has one fp16 d a block (Q5_0, Q8_0; int8 values once unpacked), not a pair."""
-    return kind == 8 or kind == 11 or kind == 13
+    """Whether a grouped KIND (_is_x8) has one fp16 d a block (Q5_0, Q8_0, Q4_0; int8 values once unpacked), not a
+    pair."""
+    return kind == 8 or kind == 11 or kind == 13 or kind == 14
 
 
 @njit(inline="always", **JIT)
@@ -320,7 +337,7 @@ def _decode_rows(kind, xq, xd, xs, off, qs, d, m, out, use_simd, r0, r1):
     ws, wds = np.int64(qs.shape[1]), np.int64(nb * d.itemsize)
     w0, d0, m0 = np.int64(qs.ctypes.data), np.int64(d.ctypes.data), np.int64(m.ctypes.data)
     x0, xd0, o0 = np.int64(xq.ctypes.data), np.int64(xd.ctypes.data), np.int64(out.ctypes.data)
-    xs0 = np.int64(off.ctypes.data) if kind == 3 else np.int64(xs.ctypes.data)
+    xs0 = np.int64(off.ctypes.data) if _takes_offsets(kind) else np.int64(xs.ctypes.data)
     _rows_at(kind, w0, ws, d0, wds, m0, nb, x0, np.int64(xq.shape[1]), xd0, xs0, o0, np.int64(4 * R), use_simd, r0, r1)
 
 
@@ -371,7 +388,7 @@ def _decode_serial(kind, x, qs, d, m, out, use_simd):
     xq = np.empty((1, K), np.int8)
     xd = np.empty((1, K // 32), np.float32)
     xs = np.empty((1, K // 32), np.float32)
-    off = np.empty((1 if kind == 3 else 0, K // 32), np.int32)  # repacked Q4_0's offsets, from the same pass
+    off = np.empty((1 if _takes_offsets(kind) else 0, K // 32), np.int32)  # Q4_0's offsets, from the same pass
     _quantize_q8_row(x, xq, xd, xs, 0, off)
     _decode_rows(kind, xq, xd, xs, off, qs, d, m, out, use_simd, 0, d.shape[0])
 
@@ -425,10 +442,11 @@ def embedding(tokens: np.ndarray, table, dtype) -> np.ndarray:
     Q5_1, and Q4_1 held in the "x8" form, from the blocks this arithmetic holds (_unpacked_rows: the NumPy rows took
     ~90 us, a Q5 decode step's 2 %). For the K-quants it would first unpack the whole table beside the form this
     arithmetic keeps (the originals, which Q4_K drops for its repacked copy), so they keep the specification's rows."""
-    x8 = isinstance(table, (Q4_1Weight, Q8_0Weight)) and _held_group(table)  # held in the "x8" / "x16" form
+    x8 = isinstance(table, (Q4_1Weight, Q8_0Weight, Q4_0Weight)) and _held_group(table)  # in the "x8" / "x16" form
     if isinstance(table, _ROWS_AS_HELD) and not x8:
         return _compiled_rows(tokens, table, dtype)
-    if isinstance(table, (Q5_0Weight, Q5_1Weight, Q4_1Weight, Q8_0Weight)) and np.dtype(dtype) == np.float32:
+    if isinstance(table, (Q5_0Weight, Q5_1Weight, Q4_1Weight, Q8_0Weight, Q4_0Weight)) and \
+            np.dtype(dtype) == np.float32:
         tokens = np.asarray(tokens)
         ids = np.ascontiguousarray(tokens.reshape(-1), dtype=np.int64)  # (N,)
         out = np.empty((ids.shape[0], table.shape[1]), np.float32)  # (N, D)
@@ -498,6 +516,8 @@ def _weight_args(w) -> tuple:
         fmt = w.format
         if fmt == "q4_0" and w.shape[0] % 8 == 0:  # llama.cpp repacks Q4_0 matrices whose rows come in groups of 8
             fmt = "q4_0r"
+        if fmt == "q4_0r" and _held_group(w):  # its arithmetic in the "x16" form (16 rows' nibbles side by side)
+            fmt = "q4_0x16"
         if fmt in ("q5_0", "q5_1"):
             # As llama.cpp streams them and the weight holds them (weights/packed.py file_form): each block's 20
             # bytes of fifth bits and nibbles, and its fp16 d (Q5_0) or fp16 pair d, m (Q5_1; d = m: the tiles
@@ -521,11 +541,11 @@ def _weight_args(w) -> tuple:
                 m = d
             else:
                 qs = readonly(w.qs)
-        elif fmt == "q8_0" and _held_group(w):
-            # In the "x16" form (Q8_0Weight.x8_form(16): q + 128, each 16 rows' blocks side by side) with the 16
-            # rows' fp16 d of a block side by side (34 bytes a block streamed, as the file's, where float32 d
-            # took 36)
-            fmt += "x16"
+        elif fmt in ("q8_0", "q4_0x16") and _held_group(w):
+            # In the "x16" form (Q8_0Weight.x8_form(16): q + 128, each 16 rows' blocks side by side; Q4_0's nibbles
+            # as Q4_1's) with the 16 rows' fp16 d of a block side by side (34 / 18 bytes a block streamed, as the
+            # file's, where float32 d took 36 / 20)
+            fmt = fmt.replace("x16", "") + "x16"
             qs = readonly(w.x8_form(16))
             d = m = readonly(q5_scales_in_order(_fp16_bits(w.d, "Q8_0"), "x16", "file"))
         else:
@@ -540,7 +560,7 @@ def _held_group(w) -> int:
     """The rows of a group of the form ggml mode holds weight w in: 16, the "x16" form (a Q4_1, Q5_0 or Q5_1 weight
     whose rows come in groups of 16, on an X16_HOST); 8, the "x8" form (the same in groups of 8, on an X8_HOST); or
     0, its rows as they are."""
-    if w.format == "q8_0":  # only where vpdpbusd takes its q + 128 (AVX2's int16 pairs would saturate)
+    if w.format in ("q8_0", "q4_0"):  # Q8_0 only where vpdpbusd takes its q + 128 (AVX2's int16 pairs saturate)
         return 16 if X16_HOST and w.shape[0] % 16 == 0 else 0
     if w.format not in ("q4_1", "q5_0", "q5_1"):
         return 0
@@ -594,7 +614,7 @@ def quantized_linear(x2: np.ndarray, w, use_simd: "int | None" = None, acts: "tu
         _decode_serial(kind, x2, qs, d, m, out, use)
         return out
     xq, xd, xs = quantize_q8(x2) if acts is None else acts
-    _linear(kind, xq, xd, xs, _x_offsets(xq, kind == 3), qs, d, m, out, use)
+    _linear(kind, xq, xd, xs, _x_offsets(xq, _takes_offsets(kind)), qs, d, m, out, use)
     return out
 
 

@@ -26,8 +26,9 @@ from ._common import JIT, address, readonly
 from .ggml_ops import serial_product
 
 ROWS = 16  # weight rows per work item, as both modules' products split them
-# The kinds of the work list: kernels/ggml.py's KIND (0-10: Q8_0, Q5_1, Q4_0, repacked Q4_0, Q4_1, Q5_0; Q5_1 and
-# Q5_0 in their file's blocks; 7, 8, 9 Q5_1, Q5_0 and Q4_1 in the "x8" form; 10 Q4_1 in "x16"), then the K-quants,
+# The kinds of the work list: kernels/ggml.py's KIND (0-14: Q8_0, Q5_1, Q4_0, repacked Q4_0, Q4_1, Q5_0; Q5_1 and
+# Q5_0 in their file's blocks; 7, 8, 9 Q5_1, Q5_0 and Q4_1 in the "x8" form; 10-14 Q4_1, Q5_0, Q5_1, Q8_0 and Q4_0
+# in "x16"), then the K-quants,
 # whose activations are Q8_K; Q4_KR, Q4_K with rows in groups of 8, read from its repacked copy (ggml_kquants.q4_kx8).
 Q4_K, Q4_KR, Q5_K, Q6_K = 16, 17, 18, 19
 # The columns of the work list (one int64 row per weight): its kind, rows, blocks per row, the addresses and row
@@ -67,8 +68,8 @@ def _item(c, table, acts, out0, use_simd):
     r1 = min(R, r0 + ROWS)
     ost = np.int64(4 * R)
     if kind < Q4_K:  # kernels/ggml.py's decode rows: Q8_0 / Q8_1 activations
-        legacy._rows_at(kind, w0, ws, d0, wds, m0, nb, x0, xK, xd0, off0 if kind == 3 else xs0, o0, ost, use_simd,
-                        r0, r1)
+        xs = off0 if legacy._takes_offsets(kind) else xs0  # Q4_0's 8 sum(x) a block, or the Q8_1 sums
+        legacy._rows_at(kind, w0, ws, d0, wds, m0, nb, x0, xK, xd0, xs, o0, ost, use_simd, r0, r1)
         return
     # ggml_kquants' tile rows with one activation row: Q8_K activations
     K, x0, xd0, bs0 = kK, k0, kd0, kbs0
@@ -170,7 +171,7 @@ def _row(w) -> "tuple[list, bool, bool, tuple]":
     kind, qs, d, m = legacy._weight_args(w)
     nb = d.shape[1]
     return [kind, R, nb, qs.ctypes.data, qs.shape[1], d.ctypes.data, nb * d.itemsize, m.ctypes.data], False, \
-        kind == 3, (qs, d, m)
+        legacy._takes_offsets(kind), (qs, d, m)
 
 
 def _group(ws) -> tuple:

@@ -504,7 +504,7 @@ def _scale_half(builder, addr):
 
 # The weight forms unpack_row takes (its `form`)
 UNPACK_Q5_1, UNPACK_Q5_0, UNPACK_Q4_1, UNPACK_Q5_1X8, UNPACK_Q5_0X8, UNPACK_Q4_1X8 = range(6)
-UNPACK_Q4_1X16, UNPACK_Q5_1X16, UNPACK_Q5_0X16, UNPACK_Q8_0X16 = range(6, 10)
+UNPACK_Q4_1X16, UNPACK_Q5_1X16, UNPACK_Q5_0X16, UNPACK_Q8_0X16, UNPACK_Q4_0X16 = range(6, 11)
 
 
 @intrinsic
@@ -519,7 +519,9 @@ def unpack_row(typingctx, src, scales, nb, form, qs, d, m):
     fifth bits 128 on, its scales 8 apart); UNPACK_Q4_1X16 / UNPACK_Q5_1X16 / UNPACK_Q5_0X16: row r of a group of 16
     in the "x16" form (its words 64 bytes apart in each 256-byte block, Q5's 320 with its fifth bits, "shifted",
     256 on; its scales 16 apart); UNPACK_Q8_0X16: row r of a group of 16 of Q8_0 in the "x16" form (its 8 words
-    of q + 128, 64 bytes apart in each 512-byte block; fp16 d 16 apart) -> its int8 q and d.
+    of q + 128, 64 bytes apart in each 512-byte block; fp16 d 16 apart) -> its int8 q and d; UNPACK_Q4_0X16: row r
+    of a group of 16 of Q4_0 in the "x16" form (its words 64 bytes apart in each 256-byte block, as Q4_1's; fp16 d
+    16 apart) -> its int8 q - 8 and d.
     All addresses int64."""
     sig = types.void(*([types.int64] * 7))
 
@@ -548,12 +550,21 @@ def _define_unpack(module):
     i = b.phi(I64)
     four = b.mul(i, c64(4))
     out = _ptr(b, b.add(qs, b.mul(i, c64(32))), v32)
-    q8_0, rest, latch = (fn.append_basic_block(n) for n in ("q8_0x16", "rest", "latch"))
-    b.cbranch(b.icmp_signed("==", form, c64(UNPACK_Q8_0X16)), q8_0, rest)
+    q8_0, q4_0, rest, latch = (fn.append_basic_block(n) for n in ("q8_0x16", "q4_0x16", "rest", "latch"))
+    other = fn.append_basic_block("other")
+    b.cbranch(b.icmp_signed("==", form, c64(UNPACK_Q8_0X16)), q8_0, other)
+    b = ir.IRBuilder(other)
+    b.cbranch(b.icmp_signed("==", form, c64(UNPACK_Q4_0X16)), q4_0, rest)
     b = ir.IRBuilder(q8_0)  # Q8_0's row: its 8 words from its group's 512-byte block, back to int8 q
     block = b.add(src, b.mul(i, c64(512)))
     words = b.bitcast(_vector(b, [_gep_load(b, block, c64(64 * j), I32, 1) for j in range(8)]), v32)
     b.store(b.xor(words, ir.Constant(v32, [-128] * 32)), out, align=1)
+    b.store(_scale_half(b, b.add(sc, b.mul(i, c64(32)))), _ptr(b, b.add(d, four), F32), align=4)
+    b.branch(latch)
+    b = ir.IRBuilder(q4_0)  # Q4_0's row: its 4 words of nibbles from its group's 256-byte block, int8 q - 8
+    raw = b.bitcast(_vector(b, [_gep_load(b, b.add(src, b.mul(i, c64(256))), c64(64 * j), I32, 1) for j in range(4)]),
+                    ir.VectorType(I8, 16))
+    b.store(_weight_values(b, raw, True, 8), out, align=1)
     b.store(_scale_half(b, b.add(sc, b.mul(i, c64(32)))), _ptr(b, b.add(d, four), F32), align=4)
     b.branch(latch)
     b = ir.IRBuilder(rest)
@@ -823,6 +834,9 @@ def _define_tile(module, kind, rows, acts, isa):
     if kind in X16_KINDS:  # 16 rows in the "x16" form, one activation row
         name = f"llama_ref_ggml_tile_{kind}_{isa}"
         return module.globals.get(name) or _define_x16(module, name, isa, kind)
+    if kind == "q4_0x16":  # Q4_0's 16 rows in the "x16" form, by 1 or ACTS activation rows
+        name = f"llama_ref_ggml_tile_{kind}_{acts}_{isa}"
+        return module.globals.get(name) or _define_q4_0x16(module, name, acts, isa)
     if isa == "vnni512" and (not KINDS[kind][4] or acts % 2 or KINDS[kind][1] == "q5") and kind != "q4_0r":
         isa = "vnni"  # the 512-bit form pairs activation rows: 8-lane byte tiles of an even count only
     name = f"llama_ref_ggml_tile_{kind}_{rows}x{acts}_{isa}"
@@ -1464,6 +1478,69 @@ def _define_x16(module, name, isa, kind):
             lanes = _lanes16(b, n, xl, isa, offset)
         new_accs[lane] = b.call(fma_v, [scale, b.sitofp(lanes, v16f), accs[lane]])
     _end_sideways(b, i, nb, entry, loop, done, accs, new_accs, None if signed else (mins, mins_next), out)
+    return fn
+
+
+def _define_q4_0x16(module, name, acts, isa):
+    """Q4_0, 16 rows in the "x16" form (Q4_0Weight.x8_form(16): each 64-byte vector of a block's 256 the 4 nibble
+    bytes 4j .. 4j + 3 of the 16 rows, as Q4_1's), by `acts` activation rows (a decode's 1, a prefill's ACTS):
+    repacked Q4_0's arithmetic (_define_q4_0r, ggml_gemv_q4_0_8x8_q8_0), one int32 lane per row from the start. The
+    form needs no transpose: vector j's low nibbles are values 4j .. 4j + 3 of every row (lane r row r), its high ones
+    16 + 4j ..; each meets the activation's 4 matching values broadcast, and 8 sum(x) (xs: _x_offsets) is taken off,
+    as the 8-row tile does. "vnni512": vpdpbusd onto two chains, the first starting from -8 sum(x); other isas
+    _lanes16's halves summed. Then fma(d_w d_x, sumi, acc), one float32 lane per row, the 16 rows' fp16 d of a block
+    one load: the same integers and the same float steps as the 8-row tile, so the same bits."""
+    fn = ir.Function(module, ir.FunctionType(ir.VoidType(), [I64] * 13), name)
+    fn.linkage = "internal"
+    w, ws, wd, wm, wds, x, xstride, xd, xs, xds, nb, out, ostride = fn.args
+    entry, loop, done = (fn.append_basic_block(n) for n in ("entry", "loop", "done"))
+    v16f, v64, v16i = ir.VectorType(F32, 16), ir.VectorType(I8, 64), ir.VectorType(I32, 16)
+    v16h, v32s = ir.VectorType(ir.HalfType(), 16), ir.VectorType(I16, 32)
+    c64 = lambda v: ir.Constant(I64, v)  # noqa: E731
+    fma_v = _declare(module, "llvm.fma.v16f32", v16f, [v16f] * 3)
+    vpdpbusd = _declare(module, "llvm.x86.avx512.vpdpbusd.512", v16i, [v16i] * 3)
+
+    def splat16(b, value):  # <16 x value's type>, every lane value
+        undef = ir.Constant(ir.VectorType(value.type, 16), ir.Undefined)
+        return _shuffle(b, b.insert_element(undef, value, ir.Constant(I32, 0)), [0] * 16)
+    b = ir.IRBuilder(entry)
+    ahead = _rows_ahead(b, ws, 16)
+    b.cbranch(b.icmp_signed(">", nb, c64(0)), loop, done)
+
+    b = ir.IRBuilder(loop)
+    i = b.phi(I64)
+    accs = [b.phi(v16f) for _ in range(acts)]
+    four = b.mul(i, c64(4))
+    if acts == 1:
+        _prefetch_ahead(b, w, ws, wd, wds, None, i, 16, 16, ahead, 32)
+    block = b.add(w, b.mul(i, c64(256)))
+    dw = b.fpext(_gep_load(b, wd, b.mul(i, c64(32)), v16h, 2), v16f)  # the 16 rows' fp16 d of block i
+    low4 = ir.Constant(v64, [15] * 64)
+    vals = [None] * 8  # lane l: values 4l .. 4l + 3 (l < 4: low nibbles of vector l; else high ones of l - 4)
+    for j in range(4):
+        nib = _gep_load(b, block, c64(64 * j), v64, 1)
+        vals[j] = b.and_(nib, low4)
+        vals[j + 4] = b.and_(b.bitcast(b.lshr(b.bitcast(nib, v32s), ir.Constant(v32s, [4] * 32)), v64), low4)
+    new_accs = []
+    for a_ in range(acts):
+        xblock = b.add(b.add(x, b.mul(c64(a_), xstride)), b.mul(i, c64(32)))
+        off = _gep_load(b, b.add(xs, b.mul(c64(a_), xds)), four, I32, 4)  # 8 sum(x), made beforehand
+        chains = [b.sub(ir.Constant(v16i, [0] * 16), splat16(b, off)), ir.Constant(v16i, [0] * 16)]
+        for lane in range(8):
+            xl = b.bitcast(splat16(b, _gep_load(b, xblock, c64(4 * lane), I32, 1)), v64)  # its 4 values, 16 times
+            if isa == "vnni512":
+                chains[lane % 2] = b.call(vpdpbusd, [chains[lane % 2], b.bitcast(vals[lane], v16i),
+                                                     b.bitcast(xl, v16i)])
+            else:
+                chains[lane % 2] = b.add(chains[lane % 2], _lanes16(b, vals[lane], xl, isa))
+        sumi = b.add(chains[0], chains[1])
+        xdv = _gep_load(b, b.add(xd, b.mul(c64(a_), xds)), four, F32, 4)
+        new_accs.append(b.call(fma_v, [b.fmul(dw, splat16(b, xdv)), b.sitofp(sumi, v16f), accs[a_]]))
+    zero = ir.Constant(v16f, [0.0] * 16)
+    b, finals = _close_loop(b, i, nb, entry, loop, done, [(p, v, zero) for p, v in zip(accs, new_accs)])
+    for a_ in range(acts):
+        b.store(finals[a_], _ptr(b, b.add(out, b.mul(c64(a_), ostride)), v16f), align=4)
+    b.ret_void()
     return fn
 
 

@@ -456,3 +456,20 @@ def test_q8_0_x16_decode_tile_starts_each_lane_from_its_offset():
     assert [ins.split()[0] for ins in body if "%ymm" in ins].count("vpdpbusd") == 1, body
     assert not [ins for ins in body if ins.split()[0] == "vpsubd" and "%zmm" in ins], body
     assert not [ins for ins in body if "(%rsp)" in ins], body
+
+
+@pytest.mark.skipif(not ggml_simd.HAS_VNNI512, reason="the CPU has no AVX-512 VNNI")
+def test_q4_0_x16_tiles_need_no_transpose():
+    """Q4_0's 16-row tiles on its "x16" form (ggml_simd._define_q4_0x16), 512-bit branch: one loop over the blocks;
+    per block and activation row 8 zmm vpdpbusd (two chains, the activation's 4 values of a lane broadcast from
+    memory), one conversion and one fma for all 16 rows; the nibbles apart once a block (4 vpsrlw) for every
+    activation row; no shuffles (the form is already the lanes' order); nothing on the stack."""
+    for acts in (1, 4):
+        loops = block_loops(tile_asm("q4_0x16", 16, acts, 3))
+        assert len(loops) == 1, [len(body) for body in loops]
+        body = loops[0]
+        zmm = [ins.split()[0] for ins in body if "%zmm" in ins]
+        for name, count in (("vpdpbusd", 8 * acts), ("vcvtdq2ps", acts), ("vfmadd231ps", acts), ("vpsrlw", 4)):
+            assert zmm.count(name) == count, (acts, name, body)
+        assert not [ins for ins in body if ins.split()[0].startswith(("vperm", "vpshuf", "vshuf"))], body
+        assert not [ins for ins in body if "(%rsp)" in ins], body

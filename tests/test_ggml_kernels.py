@@ -540,12 +540,13 @@ def test_q4_1_x16_form_by_hand():
         raw_blocks("q4_1", 24, 3, seed=31).x8_form(16)
 
 
-@pytest.mark.parametrize("fmt", ["q4_1", "q5_0", "q5_1", "q8_0"])
+@pytest.mark.parametrize("fmt", ["q4_1", "q5_0", "q5_1", "q8_0", "q4_0"])
 @pytest.mark.parametrize("use_simd", [0, 1, 2, 3])
 def test_x16_products_and_rows_equal_specification(monkeypatch, use_simd, fmt):
-    """A Q4_1, Q5_0, Q5_1 or Q8_0 weight of rows in groups of 16 in the "x16" form (kernels/ggml.py _held_group:
+    """A Q4_1, Q5_0, Q5_1, Q8_0 or Q4_0 weight of rows in groups of 16 in the "x16" form (kernels/ggml.py _held_group:
     AVX-512 VNNI hosts that run 512-bit vectors at full width; here on any host, every integer path): decode (the
-    16-row tile), prefill (rows unpacked from their groups), blocks at the ends of the range by activations of
+    16-row tile), prefill (rows unpacked from their groups; Q4_0's 16-row tiles by 4 activation rows and by one, on
+    the form itself), blocks at the ends of the range by activations of
     magnitude 127 (Q8_0 also -128 and 127 alternating), and the compiled embedding, bit for bit the specification's
     (on a second weight of the same bytes)."""
     ggml_kernels = kernels()
@@ -561,7 +562,7 @@ def test_x16_products_and_rows_equal_specification(monkeypatch, use_simd, fmt):
             assert same_bits(ggml_kernels.quantized_linear(x, w, use_simd), ggml.linear(x, spec_w)), (pattern, n)
         ids = np.array([[rows - 1, 0], [3, 17 % rows]])
         assert same_bits(ggml_kernels.embedding(ids, w, np.float32), ggml.embedding(ids, spec_w, np.float32))
-        assert (w._x8 is not None and w._group == 16) if fmt in ("q4_1", "q8_0") else w._order == "x16"
+        assert (w._x8 is not None and w._group == 16) if fmt in ("q4_1", "q8_0", "q4_0") else w._order == "x16"
         assert np.array_equal(w.raw_blocks(), spec_w.raw_blocks())  # the file's bytes, moved back
 
 
@@ -591,6 +592,27 @@ def test_q8_0_x16_form_by_hand():
     assert group(w) == (16 if kernels().X16_HOST else 0) and group(raw_blocks("q8_0", 24, 1, seed=1)) == 0
 
 
+def test_q4_0_x16_form_by_hand():
+    """Q4_0Weight's "x16" form (x8_form(16): kernels/ggml_simd._define_q4_0x16's), byte by byte from its definition,
+    Q4_1's layout: block b of rows 16g .. 16g + 15 the 256 bytes at (g nb + b) 256, byte 64j + 4r + k row r's nibble
+    byte 4j + k; the file's bytes read back without moving it, and moved back by qs; held so for ggml mode only on an
+    X16_HOST with rows in groups of 16 (else repacked Q4_0's 8-row tiles, rows as they are)."""
+    w = raw_blocks("q4_0", 32, 3, seed=34)
+    raw = w.raw_blocks().reshape(32, 3, 18)
+    rows_qs = np.array(w.qs)
+    held = w.x8_form(16).reshape(2, 3, 256)
+    for g, b, r in np.ndindex(2, 3, 16):
+        for j, k in np.ndindex(4, 4):
+            assert held[g, b, 64 * j + 4 * r + k] == rows_qs[16 * g + r, 16 * b + 4 * j + k]
+    assert np.array_equal(w.raw_blocks().reshape(32, 3, 18), raw)
+    assert np.array_equal(w.raw_blocks(np.array([30, 1])).reshape(2, 3, 18), raw[[30, 1]])
+    assert np.array_equal(w.qs, rows_qs) and w._x8 is None
+    ggml_kernels = kernels()
+    want = "q4_0x16" if ggml_kernels.X16_HOST else "q4_0r"
+    assert ggml_kernels._weight_args(raw_blocks("q4_0", 32, 1, seed=1))[0] == ggml_kernels.KIND[want]
+    assert ggml_kernels._weight_args(raw_blocks("q4_0", 24, 1, seed=1))[0] == ggml_kernels.KIND["q4_0r"]
+
+
 def test_unpack_row_q8_0_x16_reads_the_groups():
     """ggml_simd.unpack_row's UNPACK_Q8_0X16 at kernels/ggml._row_start's addresses (the row's 8 words of q + 128 in its
     group's 512-byte blocks, its fp16 d 16 apart): each row's int8 q and its d as float32, exactly."""
@@ -603,6 +625,22 @@ def test_unpack_row_q8_0_x16_reads_the_groups():
         half = q5_scales_in_order(d.astype(np.float16).view(np.uint16), "x16", "file")
         got = unpacked_rows("q8_0x16", w.x8_form(16), half, ggml_simd.UNPACK_Q8_0X16)
         assert np.array_equal(got[0], q) and same_bits(got[1], d)
+
+
+def test_unpack_row_q4_0_x16_reads_the_groups():
+    """ggml_simd.unpack_row's UNPACK_Q4_0X16 (the compiled embedding's, kernels/ggml._unpacked_rows) at _row_start's
+    addresses: each row's values as int8 q - 8 in value order (a block's low nibbles, then its high ones) and its d
+    as float32, exactly."""
+    from llama_ref.kernels import ggml_simd
+    from llama_ref.weights.packed import q5_scales_in_order
+
+    for pattern in ("random", "max", "min"):
+        w = raw_blocks("q4_0", 32, 9, seed=11, pattern=pattern)
+        qs, d = np.array(w.qs).reshape(32, 9, 16), np.array(w.d)
+        values = np.concatenate([qs & 15, qs >> 4], axis=2).astype(np.int16) - 8  # (rows, nb, 32)
+        half = q5_scales_in_order(d.astype(np.float16).view(np.uint16), "x16", "file")
+        got = unpacked_rows("q4_0x16", w.x8_form(16), half, ggml_simd.UNPACK_Q4_0X16)
+        assert np.array_equal(got[0].view(np.int8), values.reshape(32, -1)) and same_bits(got[1], d)
 
 
 @pytest.mark.parametrize("fmt", ["q5_0", "q5_1"])

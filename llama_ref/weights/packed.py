@@ -268,7 +268,11 @@ class Q8_0Weight(_HeldInGroups):
         return q * d
 
 
-class Q4_0Weight(GGUFBlockWeight):
+class Q4_0Weight(_HeldInGroups):
+    """Q4_0: fp16 d | 16 bytes of nibbles; value j = d * (q - 8). The nibbles are held row by row (qs), or for
+    arithmetic="ggml"'s 16-row tiles on AVX-512 VNNI hosts (kernels/ggml_simd._define_q4_0x16) in the "x16" form
+    (x8_form(16); _HeldInGroups), as Q4_1's: block b of rows 16g .. 16g + 15 the 256 bytes at (g nb + b) 256, byte
+    64j + 4r + k row r's nibble byte 4j + k."""
     format, ggml_type, block_size, type_size, bits_per_weight = "q4_0", "Q4_0", 32, 18, 4.5
     fields = ("d",)
 

@@ -557,9 +557,9 @@ def _weight_args(w) -> tuple:
 
 
 def _held_group(w) -> int:
-    """The rows of a group of the form ggml mode holds weight w in: 16, the "x16" form (a Q4_1, Q5_0 or Q5_1 weight
-    whose rows come in groups of 16, on an X16_HOST); 8, the "x8" form (the same in groups of 8, on an X8_HOST); or
-    0, its rows as they are."""
+    """The rows of a group of the form ggml mode holds weight w in: 16, the "x16" form (a Q4_1, Q5_0, Q5_1, Q8_0 or
+    Q4_0 weight whose rows come in groups of 16, on an X16_HOST); 8, the "x8" form (Q4_1, Q5_0 or Q5_1 in groups of
+    8, on an X8_HOST); or 0, its rows as they are (Q4_0 then repacked by 8 where its rows allow)."""
     if w.format in ("q8_0", "q4_0"):  # Q8_0 only where vpdpbusd takes its q + 128 (AVX2's int16 pairs saturate)
         return 16 if X16_HOST and w.shape[0] % 16 == 0 else 0
     if w.format not in ("q4_1", "q5_0", "q5_1"):

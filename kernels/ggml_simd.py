@@ -1388,6 +1388,24 @@ def _shuffle2(builder, u, v, idx):
     return builder.shuffle_vector(u, v, ir.Constant(ir.VectorType(I32, len(idx)), idx))
 
 
+def _splat16(b, value):
+    """<16 x value's type>, every lane value."""
+    undef = ir.Constant(ir.VectorType(value.type, 16), ir.Undefined)
+    return _shuffle(b, b.insert_element(undef, value, ir.Constant(I32, 0)), [0] * 16)
+
+
+def _tile16_function(module, name):
+    """A 16-row tile's function (the 13 i64 arguments of every tile), its arguments, its blocks (entry, loop, done)
+    with entry built (the rows ahead to prefetch, then the loop unless nb <= 0), and those rows ahead."""
+    fn = ir.Function(module, ir.FunctionType(ir.VoidType(), [I64] * 13), name)
+    fn.linkage = "internal"
+    blocks = tuple(fn.append_basic_block(n) for n in ("entry", "loop", "done"))
+    b = ir.IRBuilder(blocks[0])
+    ahead = _rows_ahead(b, fn.args[1], 16)
+    b.cbranch(b.icmp_signed(">", fn.args[10], ir.Constant(I64, 0)), blocks[1], blocks[2])
+    return fn, fn.args, blocks, ahead
+
+
 # The kinds of 16 rows in the "x16" form (weights/packed.py): Q4_1 (Q4_1Weight.x8_form(16)), Q5_1, Q5_0 (Q5_BIT_ORDERS),
 # Q8_0 (Q8_0Weight.x8_form(16))
 X16_KINDS = ("q4_1x16", "q5_1x16", "q5_0x16", "q8_0x16")
@@ -1417,21 +1435,12 @@ def _define_x16(module, name, isa, kind):
     trick; its 16 fp16 d one load, as Q5_0's."""
     q8, signed, fifth = kind == "q8_0x16", kind in ("q5_0x16", "q8_0x16"), kind in ("q5_0x16", "q5_1x16")
     block_bytes = 512 if q8 else 320 if fifth else 256
-    fn = ir.Function(module, ir.FunctionType(ir.VoidType(), [I64] * 13), name)
-    fn.linkage = "internal"
-    w, ws, wd, wm, wds, x, xstride, xd, xs, xds, nb, out, ostride = fn.args
-    entry, loop, done = (fn.append_basic_block(n) for n in ("entry", "loop", "done"))
+    fn, (w, ws, wd, wm, wds, x, xstride, xd, xs, xds, nb, out, ostride), (entry, loop, done), ahead = \
+        _tile16_function(module, name)
     v16f, v64, v16i = ir.VectorType(F32, 16), ir.VectorType(I8, 64), ir.VectorType(I32, 16)
     v16h, v32s = ir.VectorType(ir.HalfType(), 16), ir.VectorType(I16, 32)
     c64 = lambda v: ir.Constant(I64, v)  # noqa: E731
     fma_v = _declare(module, "llvm.fma.v16f32", v16f, [v16f] * 3)
-
-    def splat16(b, value):  # <16 x value's type>, every lane value
-        undef = ir.Constant(ir.VectorType(value.type, 16), ir.Undefined)
-        return _shuffle(b, b.insert_element(undef, value, ir.Constant(I32, 0)), [0] * 16)
-    b = ir.IRBuilder(entry)
-    ahead = _rows_ahead(b, ws, 16)
-    b.cbranch(b.icmp_signed(">", nb, c64(0)), loop, done)
 
     b = ir.IRBuilder(loop)
     i = b.phi(I64)
@@ -1444,8 +1453,8 @@ def _define_x16(module, name, isa, kind):
     else:  # the 16 rows' pairs d | m << 16 of block i: the d's and the m's apart, each 16 fp16 converted at once
         pairs = _gep_load(b, wd, b.mul(i, c64(64)), v32s, 4)
         dw, mw = (b.fpext(b.bitcast(_shuffle(b, pairs, list(range(k, 32, 2))), v16h), v16f) for k in (0, 1))
-        mins_next = b.call(fma_v, [mw, splat16(b, _gep_load(b, xs, b.mul(i, c64(4)), F32, 4)), mins])
-    scale = b.fmul(dw, splat16(b, _gep_load(b, xd, b.mul(i, c64(4)), F32, 4)))  # float32 d_w * d_x, lane by lane
+        mins_next = b.call(fma_v, [mw, _splat16(b, _gep_load(b, xs, b.mul(i, c64(4)), F32, 4)), mins])
+    scale = b.fmul(dw, _splat16(b, _gep_load(b, xd, b.mul(i, c64(4)), F32, 4)))  # float32 d_w * d_x, lane by lane
     q = _gep_load(b, block, c64(256), v16i, 4) if fifth else None  # row r's fifth bits (shifted) in lane r
     xblock = b.add(x, b.mul(i, c64(32)))
     low4, sixteen = ir.Constant(v64, [15] * 64), ir.Constant(v64, [16] * 64)
@@ -1470,7 +1479,7 @@ def _define_x16(module, name, isa, kind):
         starts = b.neg(lanes_u8s8(b, ir.Constant(ir.VectorType(I8, 32), [offset] * 32), xv, "vnni"))
         vpdpbusd = _declare(b.module, "llvm.x86.avx512.vpdpbusd.512", v16i, [v16i] * 3)
     for lane, n in values():
-        xl = b.bitcast(splat16(b, _gep_load(b, xblock, c64(4 * lane), I32, 1)), v64)  # its 4 values, 16 times
+        xl = b.bitcast(_splat16(b, _gep_load(b, xblock, c64(4 * lane), I32, 1)), v64)  # its 4 values, 16 times
         if offset and isa == "vnni512":
             start = _shuffle(b, starts, [lane] * 16)
             lanes = b.call(vpdpbusd, [start, b.bitcast(n, v16i), b.bitcast(xl, v16i)])
@@ -1490,22 +1499,13 @@ def _define_q4_0x16(module, name, acts, isa):
     as the 8-row tile does. "vnni512": vpdpbusd onto two chains, the first starting from -8 sum(x); other isas
     _lanes16's halves summed. Then fma(d_w d_x, sumi, acc), one float32 lane per row, the 16 rows' fp16 d of a block
     one load: the same integers and the same float steps as the 8-row tile, so the same bits."""
-    fn = ir.Function(module, ir.FunctionType(ir.VoidType(), [I64] * 13), name)
-    fn.linkage = "internal"
-    w, ws, wd, wm, wds, x, xstride, xd, xs, xds, nb, out, ostride = fn.args
-    entry, loop, done = (fn.append_basic_block(n) for n in ("entry", "loop", "done"))
+    fn, (w, ws, wd, wm, wds, x, xstride, xd, xs, xds, nb, out, ostride), (entry, loop, done), ahead = \
+        _tile16_function(module, name)
     v16f, v64, v16i = ir.VectorType(F32, 16), ir.VectorType(I8, 64), ir.VectorType(I32, 16)
     v16h, v32s = ir.VectorType(ir.HalfType(), 16), ir.VectorType(I16, 32)
     c64 = lambda v: ir.Constant(I64, v)  # noqa: E731
     fma_v = _declare(module, "llvm.fma.v16f32", v16f, [v16f] * 3)
     vpdpbusd = _declare(module, "llvm.x86.avx512.vpdpbusd.512", v16i, [v16i] * 3)
-
-    def splat16(b, value):  # <16 x value's type>, every lane value
-        undef = ir.Constant(ir.VectorType(value.type, 16), ir.Undefined)
-        return _shuffle(b, b.insert_element(undef, value, ir.Constant(I32, 0)), [0] * 16)
-    b = ir.IRBuilder(entry)
-    ahead = _rows_ahead(b, ws, 16)
-    b.cbranch(b.icmp_signed(">", nb, c64(0)), loop, done)
 
     b = ir.IRBuilder(loop)
     i = b.phi(I64)
@@ -1525,9 +1525,9 @@ def _define_q4_0x16(module, name, acts, isa):
     for a_ in range(acts):
         xblock = b.add(b.add(x, b.mul(c64(a_), xstride)), b.mul(i, c64(32)))
         off = _gep_load(b, b.add(xs, b.mul(c64(a_), xds)), four, I32, 4)  # 8 sum(x), made beforehand
-        chains = [b.sub(ir.Constant(v16i, [0] * 16), splat16(b, off)), ir.Constant(v16i, [0] * 16)]
+        chains = [b.sub(ir.Constant(v16i, [0] * 16), _splat16(b, off)), ir.Constant(v16i, [0] * 16)]
         for lane in range(8):
-            xl = b.bitcast(splat16(b, _gep_load(b, xblock, c64(4 * lane), I32, 1)), v64)  # its 4 values, 16 times
+            xl = b.bitcast(_splat16(b, _gep_load(b, xblock, c64(4 * lane), I32, 1)), v64)  # its 4 values, 16 times
             if isa == "vnni512":
                 chains[lane % 2] = b.call(vpdpbusd, [chains[lane % 2], b.bitcast(vals[lane], v16i),
                                                      b.bitcast(xl, v16i)])
@@ -1535,7 +1535,7 @@ def _define_q4_0x16(module, name, acts, isa):
                 chains[lane % 2] = b.add(chains[lane % 2], _lanes16(b, vals[lane], xl, isa))
         sumi = b.add(chains[0], chains[1])
         xdv = _gep_load(b, b.add(xd, b.mul(c64(a_), xds)), four, F32, 4)
-        new_accs.append(b.call(fma_v, [b.fmul(dw, splat16(b, xdv)), b.sitofp(sumi, v16f), accs[a_]]))
+        new_accs.append(b.call(fma_v, [b.fmul(dw, _splat16(b, xdv)), b.sitofp(sumi, v16f), accs[a_]]))
     zero = ir.Constant(v16f, [0.0] * 16)
     b, finals = _close_loop(b, i, nb, entry, loop, done, [(p, v, zero) for p, v in zip(accs, new_accs)])
     for a_ in range(acts):

@@ -251,13 +251,37 @@ def test_q5_k_q6_k_decode_tiles_ask_for_the_weights_into_l2(five):
     lines = -(-(kq.Q5_BYTES if five else kq.Q6_BYTES) // 64)
     tiles = ((kq._q5_11, lines), (kq._q5_1A, 0)) if five else ((kq._q6_11, lines), (kq._q6_1A, 0))
     for tile, wanted in tiles:
-        @njit
-        def run(w, ws, x, xst, xd, bs, xds, bss, nb, out, ost):
-            tile(w, ws, x, xst, xd, bs, xds, bss, nb, out, ost, 1)
-        run.compile((types.int64,) * 11)
-        asm = run.inspect_asm(run.signatures[0])
-        names = [line.split()[0] for line in asm.splitlines() if line.startswith("\t") and not line.startswith("\t.")]
-        assert (names.count("prefetcht1"), names.count("prefetcht0")) == (wanted, 0), names
+        for simd in (1, 3):  # 3: Q6_K's 512-bit decode tile on an AVX-512 VNNI CPU (elsewhere the same as 1)
+            @njit
+            def run(w, ws, x, xst, xd, bs, xds, bss, nb, out, ost):
+                tile(w, ws, x, xst, xd, bs, xds, bss, nb, out, ost, simd)
+            run.compile((types.int64,) * 11)
+            asm = run.inspect_asm(run.signatures[0])
+            names = [line.split()[0] for line in asm.splitlines()
+                     if line.startswith("\t") and not line.startswith("\t.")]
+            assert (names.count("prefetcht1"), names.count("prefetcht0")) == (wanted, 0), (simd, names)
+
+
+@pytest.mark.skipif(not ggml_simd.HAS_VNNI512, reason="the CPU has no AVX-512 VNNI")
+def test_q6_k_decode_tile_takes_two_chunks_a_zmm_vector():
+    """Q6_K's decode tile on 512-bit registers (kernels/ggml_kquants._define_q6_k_decode512, simd 3): one loop over the
+    super-blocks, 4 zmm vpmaddubsw a super-block and 4 zmm multiplies by the scales (vpmaddwd, or vpdpwssd where
+    LLVM folds the add into it) (two 32-value chunks each, where the AVX2 tile takes 8 of each on ymm), one float fma
+    a super-block; nothing on the stack."""
+    from numba import njit, types
+
+    from llama_ref.kernels import ggml_kquants as kq
+
+    @njit
+    def run(w, ws, x, xst, xd, bs, xds, bss, nb, out, ost):
+        kq._q6_11(w, ws, x, xst, xd, bs, xds, bss, nb, out, ost, 3)
+    run.compile((types.int64,) * 11)
+    loops = block_loops(run.inspect_asm(run.signatures[0]))
+    assert len(loops) == 1, [len(body) for body in loops]
+    zmm = [ins.split()[0] for ins in loops[0] if "%zmm" in ins]
+    assert zmm.count("vpmaddubsw") == 4 and zmm.count("vpmaddwd") + zmm.count("vpdpwssd") == 4, loops[0]
+    assert [ins.split()[0] for ins in loops[0]].count("vfmadd231ps") == 1, loops[0]
+    assert not [ins for ins in loops[0] if "(%rsp)" in ins], loops[0]
 
 
 @pytest.mark.parametrize("kind, prefetches", [("q4_1h", 2), ("q5_1c", 2)])

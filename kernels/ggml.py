@@ -545,9 +545,9 @@ def _weight_args(w) -> tuple:
             # In the "x16" form (Q8_0Weight.x8_form(16): q + 128, each 16 rows' blocks side by side; Q4_0's nibbles
             # as Q4_1's) with the 16 rows' fp16 d of a block side by side (34 / 18 bytes a block streamed, as the
             # file's, where float32 d took 36 / 20)
-            fmt = fmt.replace("x16", "") + "x16"
+            fmt = w.format + "x16"
             qs = readonly(w.x8_form(16))
-            d = m = readonly(q5_scales_in_order(_fp16_bits(w.d, "Q8_0"), "x16", "file"))
+            d = m = readonly(q5_scales_in_order(_fp16_bits(w.d, w.ggml_type), "x16", "file"))
         else:
             qs = readonly(w.qs)
             d = m = _repack_scales(w.d) if fmt == "q4_0r" else readonly(w.d)

@@ -172,12 +172,16 @@ class GGUFBlockWeight(PackedWeight):
     def _extra_arrays(self):
         return [getattr(self, name) for name in self.fields]
 
+    def _quants(self, sel) -> np.ndarray:
+        """The quant bytes of rows sel, row by row, as the file has them (raw_blocks)."""
+        return self.qs[sel]
+
     def raw_blocks(self, ids=None) -> np.ndarray:
         """The blocks of rows `ids` (all rows if None) exactly as the GGUF file stores them. (n, row bytes)."""
         sel = slice(None) if ids is None else ids
         parts = [getattr(self, name)[sel].astype(np.float16)[:, :, None].view(np.uint8)  # (n, nb, 2) exact
                  for name in self.fields]
-        qs = self.qs[sel]
+        qs = self._quants(sel)
         parts.append(qs.reshape(qs.shape[0], -1, self.type_size - 2 * len(self.fields)))  # (n, nb, quant bytes)
         return np.concatenate(parts, axis=2).reshape(qs.shape[0], -1)
 
@@ -208,7 +212,8 @@ class _HeldInGroups(GGUFBlockWeight):
     """A block weight whose quant bytes arithmetic="ggml" may hold in a form for its decode tiles that sees 8 or 16
     rows at once (x8_form(group)): block b of rows G g .. G g + G - 1 (G = group) is the G Q bytes at (g nb + b) G Q (Q:
     the quant bytes of a row's block), byte 4 G j + 4 r + k row r's quant byte 4 j + k, XOR _flip. One copy: asking
-    for qs (or x8_form()) moves the bytes held into that form; raw_blocks() reads either without moving them."""
+    for qs (or x8_form()) moves the bytes held into that form; raw_blocks() reads either without moving them
+    (_quants)."""
     _x8 = None  # the quant bytes in the "x8" (or "x16") form while they are held so (then _row_qs is None) ...
     _group = 8  # ... in groups of this many rows
     _flip = 0  # ... each byte XOR this
@@ -240,14 +245,11 @@ class _HeldInGroups(GGUFBlockWeight):
             self._group = group
         return self._x8
 
-    def raw_blocks(self, ids=None) -> np.ndarray:
+    def _quants(self, sel) -> np.ndarray:
         if self._x8 is None:
-            return super().raw_blocks(ids)
-        rows = np.arange(self.shape[0])[slice(None) if ids is None else ids].reshape(-1)
-        qs = _x8_pick(self._x8, rows, lambda a: self._grouped(a, False, self._group), self._group)
-        parts = [getattr(self, name)[rows].astype(np.float16)[:, :, None].view(np.uint8) for name in self.fields]
-        parts.append(qs.reshape(rows.size, -1, self.type_size - 2 * len(self.fields)))
-        return np.concatenate(parts, axis=2).reshape(rows.size, -1)
+            return self._row_qs[sel]
+        rows = np.arange(self.shape[0])[sel].reshape(-1)  # only the groups that hold them, back to rows
+        return _x8_pick(self._x8, rows, lambda a: self._grouped(a, False, self._group), self._group)
 
 
 class Q8_0Weight(_HeldInGroups):

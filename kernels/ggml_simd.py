@@ -1425,10 +1425,14 @@ def _define_x16(module, name, isa, kind):
     4-row tile takes 0.8 and 0.87. isa "vnni512": 512-bit vpdpbusd; any other: _lanes16's halves (the portable
     code and AVX2's, so that every path is tested on a VNNI host).
 
-    Q5: the 16 rows' words of fifth bits ("shifted") one vector Q, whose Q << l puts each value of lane l's bit at
-    the top of its byte; the values q 0..31 are the nibble, or the nibble | 16 where that bit is set (a vpmovb2m and
-    a masked or). Q5_0's q - 16 meets x as q times x less 16 sum(x) of the lane (a vpdpbusd of 16s for all 16 rows):
-    the same integers as ggml's sign trick.
+    Q5: the 16 rows' words of fifth bits ("shifted") one vector Q, each value of lane l's bit at bit 7 - l of its
+    byte; the values q 0..31 are the nibble, or the nibble | 16 where that bit is set (LLVM: one gf2p8affineqb moves
+    the bit to bit 4 and a vpternlogq puts it in). Q5_0's q - 16 meets x as q times x less 16 sum(x) of the lane: each
+    lane's vpdpbusd starts from it (one ymm vpdpbusd of 16s for the block, each lane's start a broadcast from the
+    stack), the same integers as ggml's sign trick. The loop is bound by the one vector port that multiplies and
+    converts on 512-bit registers: a shift and a vpmovb2m a lane for the bit, and a vpermd a lane for the start,
+    took it from 0.83 to 0.67 ns a block and row (Q5_0, 576 x 576 in L2, one thread; Q5_1 0.80-0.83 to 0.70-0.72;
+    sessions.md, session 65).
 
     Q8_0: each 64-byte vector of the block's 8 holds lane j's 4 values for the 16 rows, q + 128 (unsigned), and
     meets x less 128 sum(x) of the lane (_lanes16's offset), the same integers as ggml_vec_dot_q8_0_q8_0's sign
@@ -1455,7 +1459,7 @@ def _define_x16(module, name, isa, kind):
         dw, mw = (b.fpext(b.bitcast(_shuffle(b, pairs, list(range(k, 32, 2))), v16h), v16f) for k in (0, 1))
         mins_next = b.call(fma_v, [mw, _splat16(b, _gep_load(b, xs, b.mul(i, c64(4)), F32, 4)), mins])
     scale = b.fmul(dw, _splat16(b, _gep_load(b, xd, b.mul(i, c64(4)), F32, 4)))  # float32 d_w * d_x, lane by lane
-    q = _gep_load(b, block, c64(256), v16i, 4) if fifth else None  # row r's fifth bits (shifted) in lane r
+    qb = _gep_load(b, block, c64(256), v64, 4) if fifth else None  # row r's fifth bits (shifted) in dword r
     xblock = b.add(x, b.mul(i, c64(32)))
     low4, sixteen = ir.Constant(v64, [15] * 64), ir.Constant(v64, [16] * 64)
     new_accs = [None] * 8
@@ -1469,19 +1473,27 @@ def _define_x16(module, name, isa, kind):
             nib = _gep_load(b, block, c64(64 * j), v64, 1)
             high = b.bitcast(b.lshr(b.bitcast(nib, v32s), ir.Constant(v32s, [4] * 32)), v64)
             for lane, n in ((j, b.and_(nib, low4)), (j + 4, b.and_(high, low4))):
-                if fifth:  # q = n | 16 where lane `lane`'s bit of the value is set: at the top of its byte in Q << lane
-                    top = b.bitcast(b.shl(q, ir.Constant(v16i, [lane] * 16)), v64)
-                    n = b.select(b.icmp_signed("<", top, ir.Constant(v64, [0] * 64)), b.or_(n, sixteen), n)
+                if fifth:  # q = n | 16 where lane `lane`'s bit of the value is set: bit 7 - lane of its byte in Q
+                    bit = b.and_(qb, ir.Constant(v64, [1 << (7 - lane)] * 64))
+                    n = b.select(b.icmp_unsigned("!=", bit, ir.Constant(v64, [0] * 64)), b.or_(n, sixteen), n)
                 yield lane, n
     offset = 128 if q8 else 16 if signed else 0
     if offset and isa == "vnni512":  # -offset sum(x) of every lane of the block: where each lane's vpdpbusd starts
         xv = _gep_load(b, xblock, c64(0), ir.VectorType(I8, 32), 1)
         starts = b.neg(lanes_u8s8(b, ir.Constant(ir.VectorType(I8, 32), [offset] * 32), xv, "vnni"))
         vpdpbusd = _declare(b.module, "llvm.x86.avx512.vpdpbusd.512", v16i, [v16i] * 3)
+        # each lane's start as a broadcast from memory (a load) where a vpermd of the register took a shuffle each (the
+        # vector ports' second, beside the multiplies): stored to the stack and read back through an address LLVM
+        # cannot see into (_tile_scales), so that the loads are not forwarded into shuffles again
+        at_entry = ir.IRBuilder(entry)
+        at_entry.position_at_start(entry)
+        sbuf = at_entry.alloca(ir.VectorType(I32, 8))
+        b.store(starts, sbuf, align=32)
+        saddr = b.asm(ir.FunctionType(I64, [I64]), "", "=r,0,~{memory}", [b.ptrtoint(sbuf, I64)], True)
     for lane, n in values():
         xl = b.bitcast(_splat16(b, _gep_load(b, xblock, c64(4 * lane), I32, 1)), v64)  # its 4 values, 16 times
         if offset and isa == "vnni512":
-            start = _shuffle(b, starts, [lane] * 16)
+            start = _splat16(b, b.load(_ptr(b, b.add(saddr, c64(4 * lane)), I32), align=4))
             lanes = b.call(vpdpbusd, [start, b.bitcast(n, v16i), b.bitcast(xl, v16i)])
         else:  # Q5_0: (q - 16) x = q x - 16 x, summed over the lane's 4 values; Q8_0 (q + 128) x - 128 x
             lanes = _lanes16(b, n, xl, isa, offset)

@@ -466,20 +466,28 @@ def test_x16_decode_tile_reads_16_rows_a_zmm_vector():
 
 
 @pytest.mark.skipif(not ggml_simd.HAS_VNNI512, reason="the CPU has no AVX-512 VNNI")
-def test_q8_0_x16_decode_tile_starts_each_lane_from_its_offset():
-    """The 16-row decode tile of Q8_0's "x16" form (q + 128, ggml_simd._define_x16), 512-bit branch: one loop over
-    the blocks; per block 8 zmm vpdpbusd of the 16 rows' values (the activation's 4 values of a lane broadcast from
-    memory), each starting from -128 sum(x) of its lane (one ymm vpdpbusd of the block's 32 values, a vpermd or
-    broadcast a lane: no second vpdpbusd and vpsubd a lane), then 8 conversions and 8 fmas; nothing on the stack."""
-    loops = block_loops(tile_asm("q8_0x16", 16, 1, 3))
+@pytest.mark.parametrize("kind", ["q8_0x16", "q5_0x16"])
+def test_x16_decode_tile_starts_each_lane_from_its_offset(kind):
+    """The 16-row decode tiles of Q8_0's "x16" form (q + 128) and Q5_0's (q 0..31), 512-bit branch: one loop over the
+    blocks; per block 8 zmm vpdpbusd of the 16 rows' values (the activation's 4 values of a lane broadcast from
+    memory), each starting from -128 (-16) sum(x) of its lane: one ymm vpdpbusd of the block's 32 values, stored once
+    to the stack and each lane's start a vpbroadcastd from there (no vpermd a lane, no second vpdpbusd and vpsubd a
+    lane); then 8 conversions and 8 fmas. Q5_0's fifth bits with no shift or vpmovb2m a lane (ggml_simd._define_x16:
+    those and the vpermd took the one port that multiplies); nothing else on the stack."""
+    loops = block_loops(tile_asm(kind, 16, 1, 3))
     assert len(loops) == 1, [len(body) for body in loops]
     body = loops[0]
     zmm = [ins.split()[0] for ins in body if "%zmm" in ins]
-    for name, count in (("vpdpbusd", 8), ("vcvtdq2ps", 8), ("vfmadd231ps", 8), ("vmovdqu64", 8)):
+    for name, count in (("vpdpbusd", 8), ("vcvtdq2ps", 8), ("vfmadd231ps", 8)):
         assert zmm.count(name) == count, (name, body)
+    assert zmm.count("vmovdqu64") == (8 if kind == "q8_0x16" else 5), body  # the values (Q5_0: nibbles, fifth bits)
     assert [ins.split()[0] for ins in body if "%ymm" in ins].count("vpdpbusd") == 1, body
     assert not [ins for ins in body if ins.split()[0] == "vpsubd" and "%zmm" in ins], body
-    assert not [ins for ins in body if "(%rsp)" in ins], body
+    starts = [ins for ins in body if ins.startswith("vpbroadcastd") and "(" in ins]
+    assert len(starts) == 8, body
+    assert not {"vpermd", "vpmovb2m", "vpslld", "vpsllvd"} & set(zmm), body
+    on_stack = [ins for ins in body if "(%rsp)" in ins]
+    assert len(on_stack) == 1 and on_stack[0].startswith(("vmovdqa", "vmovdqu")) and "%ymm" in on_stack[0], body
 
 
 @pytest.mark.skipif(not ggml_simd.HAS_VNNI512, reason="the CPU has no AVX-512 VNNI")

@@ -1426,13 +1426,14 @@ def _define_x16(module, name, isa, kind):
     code and AVX2's, so that every path is tested on a VNNI host).
 
     Q5: the 16 rows' words of fifth bits ("shifted") one vector Q, each value of lane l's bit at bit 7 - l of its
-    byte; the values q 0..31 are the nibble, or the nibble | 16 where that bit is set (LLVM: one gf2p8affineqb moves
-    the bit to bit 4 and a vpternlogq puts it in). Q5_0's q - 16 meets x as q times x less 16 sum(x) of the lane: each
+    byte; the values q 0..31 are the nibble, or the nibble | 16 where that bit is set ("vnni512" with GFNI: one
+    vgf2p8affineqb moves the bit to bit 4, one vpternlogd takes the nibble's low 4 bits and puts it in; elsewhere
+    plain IR). Q5_0's q - 16 meets x as q times x less 16 sum(x) of the lane: each
     lane's vpdpbusd starts from it (one ymm vpdpbusd of 16s for the block, each lane's start a broadcast from the
     stack), the same integers as ggml's sign trick. The loop is bound by the one vector port that multiplies and
-    converts on 512-bit registers: a shift and a vpmovb2m a lane for the bit, and a vpermd a lane for the start,
-    took it from 0.83 to 0.67 ns a block and row (Q5_0, 576 x 576 in L2, one thread; Q5_1 0.80-0.83 to 0.70-0.72;
-    sessions.md, session 65).
+    converts on 512-bit registers: a shift, a vpmovb2m and an and a lane for the bit, and a vpermd a lane for the
+    start, took it from 0.83 to 0.62 ns a block and row (Q5_0, 576 x 576 in L2, one thread; Q5_1 0.80-0.83 to
+    0.63-0.66; sessions.md, session 65).
 
     Q8_0: each 64-byte vector of the block's 8 holds lane j's 4 values for the 16 rows, q + 128 (unsigned), and
     meets x less 128 sum(x) of the lane (_lanes16's offset), the same integers as ggml_vec_dot_q8_0_q8_0's sign
@@ -1463,6 +1464,10 @@ def _define_x16(module, name, isa, kind):
     xblock = b.add(x, b.mul(i, c64(32)))
     low4, sixteen = ir.Constant(v64, [15] * 64), ir.Constant(v64, [16] * 64)
     new_accs = [None] * 8
+    gfni = isa == "vnni512" and HAS_GFNI_MASKS
+    if fifth and gfni:
+        affine = _declare(module, "llvm.x86.vgf2p8affineqb.512", v64, [v64, v64, I8])
+        ternlog = _declare(module, "llvm.x86.avx512.pternlog.d.512", v16i, [v16i, v16i, v16i, I32])
 
     def values():  # (lane, its 16 rows' 4 values as unsigned bytes) of block i
         if q8:
@@ -1472,10 +1477,18 @@ def _define_x16(module, name, isa, kind):
         for j in range(4):
             nib = _gep_load(b, block, c64(64 * j), v64, 1)
             high = b.bitcast(b.lshr(b.bitcast(nib, v32s), ir.Constant(v32s, [4] * 32)), v64)
-            for lane, n in ((j, b.and_(nib, low4)), (j + 4, b.and_(high, low4))):
-                if fifth:  # q = n | 16 where lane `lane`'s bit of the value is set: bit 7 - lane of its byte in Q
+            for lane, n in ((j, nib), (j + 4, high)):
+                if fifth and gfni:  # (n & 15) | the bit moved to bit 4: a vgf2p8affineqb and one vpternlogd
+                    matrix = b.bitcast(ir.Constant(ir.VectorType(I64, 8), [(1 << (7 - lane)) << 24] * 8), v64)
+                    bit = b.bitcast(b.call(affine, [qb, matrix, ir.Constant(I8, 0)]), v16i)
+                    n = b.bitcast(b.call(ternlog, [b.bitcast(n, v16i), bit, ir.Constant(v16i, [0x0F0F0F0F] * 16),
+                                                   ir.Constant(I32, 0xEC)]), v64)  # (A & C) | B
+                elif fifth:  # q = n | 16 where lane `lane`'s bit of the value is set: bit 7 - lane of its byte in Q
+                    n = b.and_(n, low4)
                     bit = b.and_(qb, ir.Constant(v64, [1 << (7 - lane)] * 64))
                     n = b.select(b.icmp_unsigned("!=", bit, ir.Constant(v64, [0] * 64)), b.or_(n, sixteen), n)
+                else:
+                    n = b.and_(n, low4)
                 yield lane, n
     offset = 128 if q8 else 16 if signed else 0
     if offset and isa == "vnni512":  # -offset sum(x) of every lane of the block: where each lane's vpdpbusd starts

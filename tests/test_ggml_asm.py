@@ -472,8 +472,8 @@ def test_x16_decode_tile_starts_each_lane_from_its_offset(kind):
     blocks; per block 8 zmm vpdpbusd of the 16 rows' values (the activation's 4 values of a lane broadcast from
     memory), each starting from -128 (-16) sum(x) of its lane: one ymm vpdpbusd of the block's 32 values, stored once
     to the stack and each lane's start a vpbroadcastd from there (no vpermd a lane, no second vpdpbusd and vpsubd a
-    lane); then 8 conversions and 8 fmas. Q5_0's fifth bits with no shift or vpmovb2m a lane (ggml_simd._define_x16:
-    those and the vpermd took the one port that multiplies); nothing else on the stack."""
+    lane); then 8 conversions and 8 fmas. Q5_0's fifth bits with no shift, vpmovb2m or and a lane
+    (ggml_simd._define_x16: those and the vpermd took the one port that multiplies); nothing else on the stack."""
     loops = block_loops(tile_asm(kind, 16, 1, 3))
     assert len(loops) == 1, [len(body) for body in loops]
     body = loops[0]
@@ -485,7 +485,9 @@ def test_x16_decode_tile_starts_each_lane_from_its_offset(kind):
     assert not [ins for ins in body if ins.split()[0] == "vpsubd" and "%zmm" in ins], body
     starts = [ins for ins in body if ins.startswith("vpbroadcastd") and "(" in ins]
     assert len(starts) == 8, body
-    assert not {"vpermd", "vpmovb2m", "vpslld", "vpsllvd"} & set(zmm), body
+    assert not {"vpermd", "vpmovb2m", "vpslld", "vpsllvd", "vpandq", "vpandd"} & set(zmm), body
+    if kind == "q5_0x16" and ggml_simd.HAS_GFNI_MASKS:  # a lane's bit: one affine, then one ternlog with the nibble
+        assert zmm.count("vgf2p8affineqb") == 8 and zmm.count("vpternlogd") == 8, body
     on_stack = [ins for ins in body if "(%rsp)" in ins]
     assert len(on_stack) == 1 and on_stack[0].startswith(("vmovdqa", "vmovdqu")) and "%ymm" in on_stack[0], body
 

@@ -17,7 +17,8 @@ the weight then keeps only that copy (weights.packed.Q4_KWeight.hold_x8). A pref
 ggml_gemm_q4_K_8x8_q8_K, a tile of 8 rows by ACTS8 activation rows keeping the rows in the 8 lanes
 (_define_q4_kx8_tile; kernel level, 8192 x 2048 by 128-512 rows, one thread, 2.7-3.2x the 1 x 6 tile it
 replaced); a decode as its gemv, a tile of 8 rows by one activation row that asks for the weights ahead
-(1.14-1.35x the one-row tile on qs / head, kernel level); kernels/ggml_linears.py's work items use it too.
+(1.14-1.35x the one-row tile on qs / head, kernel level), or with simd 3 on an AVX-512 VNNI CPU two groups at
+once (_define_q4_kx16_tile by one activation row); kernels/ggml_linears.py's work items use them too.
 
 On an Intel CPU with AVX-512 VNNI (simd 3, ggml_simd.host_prefers_512) a Q5_K or Q6_K prefill of 16 rows or more
 goes to kernels/ggml_kquants16.py instead: each value times its scale in 16-bit integers, 512-bit vpdpwssd, the
@@ -1374,14 +1375,16 @@ def _decode_q4_k_tiles(xq, xd, xbs, qs, head, simd, out):
 
 
 _q4x8_A, _q4x8_1 = _q4_kx8_tile(ACTS8), _q4_kx8_tile(1)
-_q4x16_A = _q4_kx16_tile(ACTS8)
+_q4x16_A, _q4x16_1 = _q4_kx16_tile(ACTS8), _q4_kx16_tile(1)
 
 
 @njit(inline="always", **JIT)
 def _q4_kx8_groups(xq, xd, xbs, packed, simd, out, g0, g1):
     """Groups g0 .. g1 - 1 of 8 rows of a repacked Q4_K weight (packed, repack_q4_k's) by every activation row:
     ACTS8 activation rows at a time (the rest one by one) meet each group while its bytes are in cache; with
-    simd 3 on an AVX-512 VNNI CPU, two groups at a time (_define_q4_kx16_tile; a last odd group alone)."""
+    simd 3 on an AVX-512 VNNI CPU, two groups at a time (_define_q4_kx16_tile; a last odd group alone), a decode's
+    too (576 x 1536 in L2, one thread: 5.1-5.5 against 5.9-6.8 ns a row's super-block; 2048 x 8192 from L3 5.7-5.9
+    against 5.8-6.3; the 8-row tile's prefetch made it slower from L3: session 65)."""
     N = xq.shape[0]
     nb, xst, xds, bss, ost, x0, xd0, bs0, o0 = _act_addresses(xq, xd, xbs, out)
     gs, w0 = np.int64(packed.shape[1]), np.int64(packed.ctypes.data)
@@ -1392,8 +1395,11 @@ def _q4_kx8_groups(xq, xd, xbs, packed, simd, out, g0, g1):
         x, xdn, bsn, on = x0 + n * xst, xd0 + n * xds, bs0 + n * bss, o0 + n * ost
         g = g0
         while g < g1:
-            if many and two and g + 1 < g1:
-                _q4x16_A(w0 + g * gs, x, xst, xdn, bsn, xds, bss, nb, on + 32 * g, ost)
+            if two and g + 1 < g1:
+                if many:
+                    _q4x16_A(w0 + g * gs, x, xst, xdn, bsn, xds, bss, nb, on + 32 * g, ost)
+                else:
+                    _q4x16_1(w0 + g * gs, x, xst, xdn, bsn, xds, bss, nb, on + 32 * g, ost)
                 g += 2
                 continue
             if many:

@@ -75,8 +75,14 @@ def _item(c, table, acts, out0, use_simd):
     K, x0, xd0, bs0 = kK, k0, kd0, kbs0
     xds, bss = np.int64(4 * nb), np.int64(64 * nb)
     if kind == Q4_KR:  # the repacked copy: groups of 8 rows (ROWS is a multiple of 8, and so is R)
-        for g in range(r0 // 8, r1 // 8):
-            kq._q4x8_1(w0 + g * ws, x0, K, xd0, bs0, xds, bss, nb, o0 + 32 * g, ost, use_simd)
+        g, g1 = r0 // 8, r1 // 8
+        while g < g1:  # two groups at once where the 16 rows fill a 512-bit vector (as kq._q4_kx8_groups)
+            if use_simd == 3 and kq.HAS_VNNI512 and g + 1 < g1:
+                kq._q4x16_1(w0 + g * ws, x0, K, xd0, bs0, xds, bss, nb, o0 + 32 * g, ost)
+                g += 2
+            else:
+                kq._q4x8_1(w0 + g * ws, x0, K, xd0, bs0, xds, bss, nb, o0 + 32 * g, ost, use_simd)
+                g += 1
         return
     for r in range(r0, r1):
         w = w0 + r * ws

@@ -289,7 +289,7 @@ def _check_linears(ws, x, monkeypatch, use_simd=None):
     ("q4_k", "q5_0", "q6_k", "q8_0"),  # Q8_K and Q8_0 / Q8_1 activations in one call
     ("q4_0", "q4_k", "q5_1", "q5_k", "q4_1"),
 ])
-@pytest.mark.parametrize("use_simd", [0, 1])
+@pytest.mark.parametrize("use_simd", [0, 1, 3])
 def test_linears_equal_linear_weight_by_weight(formats, use_simd, monkeypatch):
     """Rows that fill ROWS-row tiles and not, in groups of 8 and not (repacked Q4_0 and Q4_K), x (1, 1, K) and
     (1, K)."""

@@ -92,11 +92,12 @@ def test_the_weight_keeps_only_the_copy():
 
 # ---- products: one row (a decode), several, and ggml_linears' work lists -----------------------------------------
 
-@pytest.mark.parametrize("simd", [0, 1, 2])
+@pytest.mark.parametrize("simd", [0, 1, 2, 3])
 def test_repacked_decode_equals_numpy(simd, monkeypatch):
     """One activation row by repacked Q4_K on the calling thread (_decode_q4_kx8) and in a parallel region
     (_dot_q4_kx8), on 1 thread and more: bit for bit the specification (the gemv's order), random blocks and the
-    extremes (the largest int16 sums), weights of one group, of groups splitting unevenly over work items."""
+    extremes (the largest int16 sums), weights of one group, of groups splitting unevenly over work items (simd 3
+    on an AVX-512 VNNI CPU: two groups at a time, a last odd group alone)."""
     k = kernels()
     before = numba.get_num_threads()
     try:

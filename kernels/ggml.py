@@ -206,7 +206,7 @@ def _linear(kind, xq, xd, xs, off, qs, d, m, out, use_simd):
         r0, r1 = np.int64(c * ROWS), min(R, (c + 1) * ROWS)
         if N == 1:
             _rows_at(kind, w0, ws, d0, wds, m0, nb, x0, np.int64(K), xd0, xs0, o0, np.int64(4 * R), use_simd, r0, r1)
-        elif kind == 1 or kind == 5 or kind == 4 or (_is_x8(kind) and kind != 14):
+        elif _prefill_unpacks(kind):
             _unpacked_tile(kind, w0 + r0 * ws, ws, d0 + r0 * wds, wds, nb, K, r0, r1, x0, xd0, xs0, o0, N, R,
                            use_simd, np.empty(ROWS * K, np.uint8), np.empty(2 * ROWS * nb, np.float32))
         else:
@@ -269,6 +269,13 @@ def _is_x8(kind):
 def _is_x16(kind):
     """Whether a KIND is one of the "x16" forms: rows only in groups of 16."""
     return kind == 10 or kind == 11 or kind == 12 or kind == 13 or kind == 14
+
+
+@njit(inline="always", **JIT)
+def _prefill_unpacks(kind):
+    """Whether a KIND's prefill tiles read its rows unpacked to one byte per value (_unpacked_tile): Q5_1, Q4_1, Q5_0
+    and the grouped forms, but for Q4_0's "x16" form, whose 16-row tiles read the form as it is."""
+    return kind == 1 or kind == 5 or kind == 4 or (_is_x8(kind) and kind != 14)
 
 
 @njit(inline="always", **JIT)
@@ -575,10 +582,8 @@ def _repack_scales(d: np.ndarray) -> np.ndarray:
     the other paths keep using); 18 bytes a block streamed, as llama.cpp's, instead of 20. Exact: every GGUF
     scale is an fp16 (checked)."""
     R, nb = d.shape
-    d16 = np.ascontiguousarray(d.reshape(R // 8, 8, nb).transpose(0, 2, 1)).astype(np.float16)  # (R/8, nb, 8)
-    if not np.array_equal(d16.astype(np.float32), d.reshape(R // 8, 8, nb).transpose(0, 2, 1), equal_nan=True):
-        raise ValueError("Q4_0 scales that are not fp16 values")
-    return readonly(d16.view(np.uint16).reshape(R, nb))  # the fp16 bits: Numba's arrays have no float16
+    side_by_side = np.ascontiguousarray(d.reshape(R // 8, 8, nb).transpose(0, 2, 1))  # (R/8, nb, 8)
+    return readonly(_fp16_bits(side_by_side, "Q4_0").reshape(R, nb))  # the fp16 bits: Numba's arrays have no float16
 
 
 def _fp16_bits(a: np.ndarray, fmt: str) -> np.ndarray:

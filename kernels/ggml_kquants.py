@@ -1174,7 +1174,8 @@ def _define_q4_kx16_tile(module, acts):
     two chains, then vpmulld by the 16 rows' sc[r, j] onto iacc; each group's float steps as the 8-row tile's
     (_q4_kx8_tail on each half). The same integers and float steps lane by lane, so the same bits as two 8-row
     tiles. An Intel core issues 512-bit VNNI on two ports at twice the lanes of 256-bit ones: 1.24x the two
-    8-row tiles' rate (4 activation rows, in L1, Sapphire Rapids-class Xeon, session 38)."""
+    8-row tiles' rate (4 activation rows, in L1, Sapphire Rapids-class Xeon, session 38). By one activation row (a
+    decode) each group's bytes are asked for Q4X8_AHEAD on, as the 8-row tile's."""
     name = f"llama_ref_ggml_q4_kx16_16x{acts}"
     if name in module.globals:
         return module.globals[name]
@@ -1202,6 +1203,10 @@ def _define_q4_kx16_tile(module, acts):
     accs = [[b.phi(v8f) for _ in range(2 * acts)] for _ in range(2)]  # per group, as the 8-row tile's
     blks = [b.add(w, b.mul(i, c64(Q4X8_BYTES)))]
     blks.append(b.add(blks[0], group))
+    if acts == 1:  # a decode streams the rows once: each group's super-block Q4X8_AHEAD on, as the 8-row tile
+        for blk in blks:
+            for off in range(0, Q4X8_BYTES, 64):
+                _prefetch(b, b.add(blk, c64(Q4X8_AHEAD + off)))
     xa = [b.add(b.add(x, b.mul(c64(a), xstride)), b.mul(i, c64(256))) for a in range(acts)]
     b.branch(inner)
 
@@ -1383,8 +1388,9 @@ def _q4_kx8_groups(xq, xd, xbs, packed, simd, out, g0, g1):
     """Groups g0 .. g1 - 1 of 8 rows of a repacked Q4_K weight (packed, repack_q4_k's) by every activation row:
     ACTS8 activation rows at a time (the rest one by one) meet each group while its bytes are in cache; with
     simd 3 on an AVX-512 VNNI CPU, two groups at a time (_define_q4_kx16_tile; a last odd group alone), a decode's
-    too (576 x 1536 in L2, one thread: 5.1-5.5 against 5.9-6.8 ns a row's super-block; 2048 x 8192 from L3 5.7-5.9
-    against 5.8-6.3; the 8-row tile's prefetch made it slower from L3: session 65)."""
+    too, asking for the weights ahead as the 8-row tile does (one thread, session 65: 64 matrices of 8192 x 2048
+    streamed from memory 12.9-13.7 GB/s against 11.7-12.5, and 10.5-11.2 without the prefetch; 2048 x 8192 from L3
+    5.5-6.1 ns a row's super-block either way)."""
     N = xq.shape[0]
     nb, xst, xds, bss, ost, x0, xd0, bs0, o0 = _act_addresses(xq, xd, xbs, out)
     gs, w0 = np.int64(packed.shape[1]), np.int64(packed.ctypes.data)

@@ -550,97 +550,82 @@ def _define_unpack(module):
     i = b.phi(I64)
     four = b.mul(i, c64(4))
     out = _ptr(b, b.add(qs, b.mul(i, c64(32))), v32)
-    q8_0, q4_0, rest, latch = (fn.append_basic_block(n) for n in ("q8_0x16", "q4_0x16", "rest", "latch"))
-    other = fn.append_basic_block("other")
-    b.cbranch(b.icmp_signed("==", form, c64(UNPACK_Q8_0X16)), q8_0, other)
-    b = ir.IRBuilder(other)
-    b.cbranch(b.icmp_signed("==", form, c64(UNPACK_Q4_0X16)), q4_0, rest)
-    b = ir.IRBuilder(q8_0)  # Q8_0's row: its 8 words from its group's 512-byte block, back to int8 q
-    block = b.add(src, b.mul(i, c64(512)))
-    words = b.bitcast(_vector(b, [_gep_load(b, block, c64(64 * j), I32, 1) for j in range(8)]), v32)
-    b.store(b.xor(words, ir.Constant(v32, [-128] * 32)), out, align=1)
-    b.store(_scale_half(b, b.add(sc, b.mul(i, c64(32)))), _ptr(b, b.add(d, four), F32), align=4)
-    b.branch(latch)
-    b = ir.IRBuilder(q4_0)  # Q4_0's row: its 4 words of nibbles from its group's 256-byte block, int8 q - 8
-    raw = b.bitcast(_vector(b, [_gep_load(b, b.add(src, b.mul(i, c64(256))), c64(64 * j), I32, 1) for j in range(4)]),
-                    ir.VectorType(I8, 16))
-    b.store(_weight_values(b, raw, True, 8), out, align=1)
-    b.store(_scale_half(b, b.add(sc, b.mul(i, c64(32)))), _ptr(b, b.add(d, four), F32), align=4)
-    b.branch(latch)
-    b = ir.IRBuilder(rest)
+    latch = fn.append_basic_block("latch")
+    switch = b.switch(form, latch)  # one case per form, each on to the latch
 
-    def x8_row_nibbles(block, apart=32):  # the row's 16 bytes of nibbles: its 4 words in its group's block
+    def case(f):
+        block = fn.append_basic_block(f"form{f}")
+        switch.add_case(ir.Constant(I64, f), block)
+        return ir.IRBuilder(block)
+
+    def block_at(b, size):  # the address of block i of `size` bytes (a row's own, or its group's)
+        return b.add(src, b.mul(i, c64(size)))
+
+    def row_nibbles(b, block, apart):  # the row's 16 bytes of nibbles: its 4 words in its group's block
         return b.bitcast(_vector(b, [_gep_load(b, block, c64(apart * j), I32, 1) for j in range(4)]),
                          ir.VectorType(I8, 16))
+
+    def half(b, per):  # an fp16 d (per bytes a block) -> float32 at d
+        b.store(_scale_half(b, b.add(sc, b.mul(i, c64(per)))), _ptr(b, b.add(d, four), F32), align=4)
 
     def pair(b, per=4):  # an fp16 pair d, m (per bytes a block) -> float32 at d and m
         dm = _scale_pair(b, b.add(sc, b.mul(i, c64(per))))
         b.store(dm[0], _ptr(b, b.add(d, four), F32), align=4)
         b.store(dm[1], _ptr(b, b.add(m, four), F32), align=4)
 
-    is_q4_1 = b.icmp_signed("==", form, c64(UNPACK_Q4_1))
-    for f in (UNPACK_Q4_1X8, UNPACK_Q4_1X16):
-        is_q4_1 = b.or_(is_q4_1, b.icmp_signed("==", form, c64(f)))
-    with b.if_else(is_q4_1) as (q4_1, q5):
-        with q4_1:
-            with b.if_else(b.icmp_signed("==", form, c64(UNPACK_Q4_1X8))) as (x8, other):
-                with x8:  # the row's nibbles from its group's 128-byte block
-                    b.store(_weight_values(b, x8_row_nibbles(b.add(src, b.mul(i, c64(128)))), True, 0), out, align=1)
-                    pair(b, 32)
-                with other:
-                    with b.if_else(b.icmp_signed("==", form, c64(UNPACK_Q4_1X16))) as (x16, rows):
-                        with x16:  # from its group's 256-byte block
-                            raw = x8_row_nibbles(b.add(src, b.mul(i, c64(256))), 64)
-                            b.store(_weight_values(b, raw, True, 0), out, align=1)
-                            pair(b, 64)
-                        with rows:
-                            raw = _gep_load(b, src, b.mul(i, c64(16)), ir.VectorType(I8, 16), 1)
-                            b.store(_weight_values(b, raw, True, 0), out, align=1)
-                            pair(b)
-        with q5:
-            with b.if_else(b.icmp_signed(">=", form, c64(UNPACK_Q5_1X16))) as (x16, other):
-                with x16:  # the row's nibbles and fifth bits ("shifted", whatever the host) from its 320-byte block
-                    block = b.add(src, b.mul(i, c64(320)))
-                    raw, qh = x8_row_nibbles(block, 64), _gep_load(b, block, c64(256), I32, 1)
-                    nib, top = _weight_values(b, raw, True, 0), _shifted_fifth_bits(b, qh)
-                    with b.if_else(b.icmp_signed("==", form, c64(UNPACK_Q5_0X16))) as (q5_0, q5_1):
-                        with q5_0:
-                            b.store(_blend_fifth(b, nib, top, True, not HAS_AVX2), out, align=1)
-                            b.store(_scale_half(b, b.add(sc, b.mul(i, c64(32)))), _ptr(b, b.add(d, four), F32),
-                                    align=4)
-                        with q5_1:
-                            b.store(_blend_fifth(b, nib, top, False, not HAS_AVX2), out, align=1)
-                            pair(b, 64)
-                with other:
-                    with b.if_else(b.icmp_signed(">=", form, c64(UNPACK_Q5_1X8))) as (x8, rows):
-                        with x8:  # the row's nibbles and fifth bits from its group's 160-byte block
-                            block = b.add(src, b.mul(i, c64(160)))
-                            raw, qh = x8_row_nibbles(block), _gep_load(b, block, c64(128), I32, 1)
-                            with b.if_else(b.icmp_signed("==", form, c64(UNPACK_Q5_0X8))) as (q5_0, q5_1):
-                                with q5_0:
-                                    b.store(q5_values_of(b, raw, qh, True), out, align=1)
-                                    b.store(_scale_half(b, b.add(sc, b.mul(i, c64(16)))),
-                                            _ptr(b, b.add(d, four), F32), align=4)
-                                with q5_1:
-                                    b.store(q5_values_of(b, raw, qh, False), out, align=1)
-                                    pair(b, 32)
-                        with rows:  # a row's own blocks
-                            block = b.add(src, b.mul(i, c64(20)))
-                            with b.if_else(b.icmp_signed("==", form, c64(UNPACK_Q5_0))) as (q5_0, q5_1):
-                                with q5_0:
-                                    b.store(q5_values(b, block, True), out, align=1)
-                                    b.store(_scale_half(b, b.add(sc, b.mul(i, c64(2)))),
-                                            _ptr(b, b.add(d, four), F32), align=4)
-                                with q5_1:
-                                    b.store(q5_values(b, block, False), out, align=1)
-                                    pair(b)
+    b = case(UNPACK_Q8_0X16)  # Q8_0's row: its 8 words from its group's 512-byte block, back to int8 q
+    words = b.bitcast(_vector(b, [_gep_load(b, block_at(b, 512), c64(64 * j), I32, 1) for j in range(8)]), v32)
+    b.store(b.xor(words, ir.Constant(v32, [-128] * 32)), out, align=1)
+    half(b, 32)
     b.branch(latch)
+    b = case(UNPACK_Q4_0X16)  # Q4_0's row: its 4 words of nibbles from its group's 256-byte block, int8 q - 8
+    b.store(_weight_values(b, row_nibbles(b, block_at(b, 256), 64), True, 8), out, align=1)
+    half(b, 32)
+    b.branch(latch)
+    b = case(UNPACK_Q4_1)  # a row's own 16 bytes of nibbles
+    b.store(_weight_values(b, _gep_load(b, src, b.mul(i, c64(16)), ir.VectorType(I8, 16), 1), True, 0), out,
+            align=1)
+    pair(b)
+    b.branch(latch)
+    for f, size, apart, per in ((UNPACK_Q4_1X8, 128, 32, 32), (UNPACK_Q4_1X16, 256, 64, 64)):
+        b = case(f)  # the row's nibbles from its group's block
+        b.store(_weight_values(b, row_nibbles(b, block_at(b, size), apart), True, 0), out, align=1)
+        pair(b, per)
+        b.branch(latch)
+    for f, signed in ((UNPACK_Q5_0X16, True), (UNPACK_Q5_1X16, False)):
+        b = case(f)  # the row's nibbles and fifth bits ("shifted", whatever the host) from its group's 320-byte block
+        block = block_at(b, 320)
+        nib = _weight_values(b, row_nibbles(b, block, 64), True, 0)
+        top = _shifted_fifth_bits(b, _gep_load(b, block, c64(256), I32, 1))
+        b.store(_blend_fifth(b, nib, top, signed, not HAS_AVX2), out, align=1)
+        if signed:
+            half(b, 32)
+        else:
+            pair(b, 64)
+        b.branch(latch)
+    for f, signed in ((UNPACK_Q5_0X8, True), (UNPACK_Q5_1X8, False)):
+        b = case(f)  # the row's nibbles and fifth bits from its group's 160-byte block
+        block = block_at(b, 160)
+        b.store(q5_values_of(b, row_nibbles(b, block, 32), _gep_load(b, block, c64(128), I32, 1), signed), out,
+                align=1)
+        if signed:
+            half(b, 16)
+        else:
+            pair(b, 32)
+        b.branch(latch)
+    for f, signed in ((UNPACK_Q5_0, True), (UNPACK_Q5_1, False)):
+        b = case(f)  # a row's own 20-byte blocks
+        b.store(q5_values(b, block_at(b, 20), signed), out, align=1)
+        if signed:
+            half(b, 2)
+        else:
+            pair(b)
+        b.branch(latch)
     b = ir.IRBuilder(latch)
-    body_end = b.block
     i1 = b.add(i, c64(1))
     b.cbranch(b.icmp_signed("<", i1, nb), loop, done)
     i.add_incoming(c64(0), entry)
-    i.add_incoming(i1, body_end)
+    i.add_incoming(i1, latch)
     b = ir.IRBuilder(done)
     b.ret_void()
     return fn
@@ -1406,6 +1391,15 @@ def _tile16_function(module, name):
     return fn, fn.args, blocks, ahead
 
 
+def _x16_nibbles(b, block, j):
+    """Vector j (64 bytes at block + 64 j) of a block of 16 rows' nibbles in the "x16" form -> (the bytes, the bytes
+    shifted right by 4 as 16-bit words): lane j's 4 values of each row in the low 4 bits of the first, lane j + 4's
+    in the low 4 bits of the second; their upper 4 bits hold other values (an and with 15 takes them off)."""
+    v64, v32s = ir.VectorType(I8, 64), ir.VectorType(I16, 32)
+    nib = _gep_load(b, block, ir.Constant(I64, 64 * j), v64, 1)
+    return nib, b.bitcast(b.lshr(b.bitcast(nib, v32s), ir.Constant(v32s, [4] * 32)), v64)
+
+
 # The kinds of 16 rows in the "x16" form (weights/packed.py): Q4_1 (Q4_1Weight.x8_form(16)), Q5_1, Q5_0 (Q5_BIT_ORDERS),
 # Q8_0 (Q8_0Weight.x8_form(16))
 X16_KINDS = ("q4_1x16", "q5_1x16", "q5_0x16", "q8_0x16")
@@ -1475,9 +1469,7 @@ def _define_x16(module, name, isa, kind):
                 yield lane, _gep_load(b, block, c64(64 * lane), v64, 1)
             return
         for j in range(4):
-            nib = _gep_load(b, block, c64(64 * j), v64, 1)
-            high = b.bitcast(b.lshr(b.bitcast(nib, v32s), ir.Constant(v32s, [4] * 32)), v64)
-            for lane, n in ((j, nib), (j + 4, high)):
+            for lane, n in zip((j, j + 4), _x16_nibbles(b, block, j)):
                 if fifth and gfni:  # (n & 15) | the bit moved to bit 4: a vgf2p8affineqb and one vpternlogd
                     matrix = b.bitcast(ir.Constant(ir.VectorType(I64, 8), [(1 << (7 - lane)) << 24] * 8), v64)
                     bit = b.bitcast(b.call(affine, [qb, matrix, ir.Constant(I8, 0)]), v16i)
@@ -1527,7 +1519,7 @@ def _define_q4_0x16(module, name, acts, isa):
     fn, (w, ws, wd, wm, wds, x, xstride, xd, xs, xds, nb, out, ostride), (entry, loop, done), ahead = \
         _tile16_function(module, name)
     v16f, v64, v16i = ir.VectorType(F32, 16), ir.VectorType(I8, 64), ir.VectorType(I32, 16)
-    v16h, v32s = ir.VectorType(ir.HalfType(), 16), ir.VectorType(I16, 32)
+    v16h = ir.VectorType(ir.HalfType(), 16)
     c64 = lambda v: ir.Constant(I64, v)  # noqa: E731
     fma_v = _declare(module, "llvm.fma.v16f32", v16f, [v16f] * 3)
     vpdpbusd = _declare(module, "llvm.x86.avx512.vpdpbusd.512", v16i, [v16i] * 3)
@@ -1543,9 +1535,7 @@ def _define_q4_0x16(module, name, acts, isa):
     low4 = ir.Constant(v64, [15] * 64)
     vals = [None] * 8  # lane l: values 4l .. 4l + 3 (l < 4: low nibbles of vector l; else high ones of l - 4)
     for j in range(4):
-        nib = _gep_load(b, block, c64(64 * j), v64, 1)
-        vals[j] = b.and_(nib, low4)
-        vals[j + 4] = b.and_(b.bitcast(b.lshr(b.bitcast(nib, v32s), ir.Constant(v32s, [4] * 32)), v64), low4)
+        vals[j], vals[j + 4] = (b.and_(n, low4) for n in _x16_nibbles(b, block, j))
     new_accs = []
     for a_ in range(acts):
         xblock = b.add(b.add(x, b.mul(c64(a_), xstride)), b.mul(i, c64(32)))

@@ -237,6 +237,26 @@ def test_q4_k_8row_decode_tile_asks_for_the_weights_ahead():
         assert names.count("prefetcht0") == wanted, (names.count("prefetcht0"), wanted)
 
 
+@pytest.mark.skipif(not ggml_simd.HAS_VNNI512, reason="the CPU has no AVX-512 VNNI")
+def test_q4_k_16row_decode_tile_asks_for_both_groups_ahead():
+    """The repacked Q4_K tile of two groups (16 rows, kernels/ggml_kquants._q4x16_1: a decode with simd 3) asks for
+    each group's super-block Q4X8_AHEAD on, as the 8-row tile does (40 prefetches a super-block, in its outer loop):
+    streamed from memory it read 12.9-13.7 GB/s with them and 10.5-11.2 without (one thread, session 65). The
+    prefill's 16-row tile (ACTS8 rows) asks for none."""
+    from numba import njit, types
+
+    from llama_ref.kernels import ggml_kquants
+
+    for tile, wanted in ((ggml_kquants._q4x16_1, 2 * -(-ggml_kquants.Q4X8_BYTES // 64)), (ggml_kquants._q4x16_A, 0)):
+        @njit
+        def run(w, x, xst, xd, bs, xds, bss, nb, out, ost):
+            tile(w, x, xst, xd, bs, xds, bss, nb, out, ost)
+        run.compile((types.int64,) * 10)
+        asm = run.inspect_asm(run.signatures[0])
+        names = [line.split()[0] for line in asm.splitlines() if line.startswith("\t") and not line.startswith("\t.")]
+        assert names.count("prefetcht0") == wanted, (names.count("prefetcht0"), wanted)
+
+
 @pytest.mark.parametrize("five", [True, False], ids=["q5_k", "q6_k"])
 def test_q5_k_q6_k_decode_tiles_ask_for_the_weights_into_l2(five):
     """The Q5_K / Q6_K tiles of one activation row (a decode) ask for each super-block of the row ahead into L2

@@ -573,6 +573,12 @@ def _define_unpack(module):
         b.store(dm[0], _ptr(b, b.add(d, four), F32), align=4)
         b.store(dm[1], _ptr(b, b.add(m, four), F32), align=4)
 
+    def q5_scales(b, signed, per):  # Q5_0's fp16 d (per bytes a block), or Q5_1's pair d, m (2 per)
+        if signed:
+            half(b, per)
+        else:
+            pair(b, 2 * per)
+
     b = case(UNPACK_Q8_0X16)  # Q8_0's row: its 8 words from its group's 512-byte block, back to int8 q
     words = b.bitcast(_vector(b, [_gep_load(b, block_at(b, 512), c64(64 * j), I32, 1) for j in range(8)]), v32)
     b.store(b.xor(words, ir.Constant(v32, [-128] * 32)), out, align=1)
@@ -598,28 +604,19 @@ def _define_unpack(module):
         nib = _weight_values(b, row_nibbles(b, block, 64), True, 0)
         top = _shifted_fifth_bits(b, _gep_load(b, block, c64(256), I32, 1))
         b.store(_blend_fifth(b, nib, top, signed, not HAS_AVX2), out, align=1)
-        if signed:
-            half(b, 32)
-        else:
-            pair(b, 64)
+        q5_scales(b, signed, 32)
         b.branch(latch)
     for f, signed in ((UNPACK_Q5_0X8, True), (UNPACK_Q5_1X8, False)):
         b = case(f)  # the row's nibbles and fifth bits from its group's 160-byte block
         block = block_at(b, 160)
         b.store(q5_values_of(b, row_nibbles(b, block, 32), _gep_load(b, block, c64(128), I32, 1), signed), out,
                 align=1)
-        if signed:
-            half(b, 16)
-        else:
-            pair(b, 32)
+        q5_scales(b, signed, 16)
         b.branch(latch)
     for f, signed in ((UNPACK_Q5_0, True), (UNPACK_Q5_1, False)):
         b = case(f)  # a row's own 20-byte blocks
         b.store(q5_values(b, block_at(b, 20), signed), out, align=1)
-        if signed:
-            half(b, 2)
-        else:
-            pair(b)
+        q5_scales(b, signed, 2)
         b.branch(latch)
     b = ir.IRBuilder(latch)
     i1 = b.add(i, c64(1))

@@ -1384,6 +1384,13 @@ _q4x16_A, _q4x16_1 = _q4_kx16_tile(ACTS8), _q4_kx16_tile(1)
 
 
 @njit(inline="always", **JIT)
+def two_groups(simd):
+    """Whether repacked Q4_K's tiles take two groups of 8 rows at once (_define_q4_kx16_tile): simd 3 on a CPU with
+    AVX-512 VNNI."""
+    return simd == 3 and HAS_VNNI512
+
+
+@njit(inline="always", **JIT)
 def _q4_kx8_groups(xq, xd, xbs, packed, simd, out, g0, g1):
     """Groups g0 .. g1 - 1 of 8 rows of a repacked Q4_K weight (packed, repack_q4_k's) by every activation row:
     ACTS8 activation rows at a time (the rest one by one) meet each group while its bytes are in cache; with
@@ -1394,7 +1401,7 @@ def _q4_kx8_groups(xq, xd, xbs, packed, simd, out, g0, g1):
     N = xq.shape[0]
     nb, xst, xds, bss, ost, x0, xd0, bs0, o0 = _act_addresses(xq, xd, xbs, out)
     gs, w0 = np.int64(packed.shape[1]), np.int64(packed.ctypes.data)
-    two = simd == 3 and HAS_VNNI512
+    two = two_groups(simd)
     n = np.int64(0)
     while n < N:
         many = n + ACTS8 <= N

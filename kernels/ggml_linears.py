@@ -77,7 +77,7 @@ def _item(c, table, acts, out0, use_simd):
     if kind == Q4_KR:  # the repacked copy: groups of 8 rows (ROWS is a multiple of 8, and so is R)
         g, g1 = r0 // 8, r1 // 8
         while g < g1:  # two groups at once where the 16 rows fill a 512-bit vector (as kq._q4_kx8_groups)
-            if use_simd == 3 and kq.HAS_VNNI512 and g + 1 < g1:
+            if kq.two_groups(use_simd) and g + 1 < g1:
                 kq._q4x16_1(w0 + g * ws, x0, K, xd0, bs0, xds, bss, nb, o0 + 32 * g, ost)
                 g += 2
             else:
